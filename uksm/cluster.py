@@ -1,0 +1,246 @@
+"""A cluster's shared state as one process sees it: segments, locks, rows.
+
+``Cluster.create`` (the supervisor, at boot) makes the control segment, the
+frame table, the frame pool and the global semaphores; every other process
+``Cluster.attach``-es to them and gets a ``Task`` on the row the supervisor
+gave it.  Address spaces and their semaphores are opened lazily and cached:
+an mm's objects are unlinked at its last ``mmdrop``, but a process that
+has them open keeps valid handles, as a kernel thread keeps a pointer to an
+mm_struct it holds a count on.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import posix_ipc
+
+from . import shm
+from .layout import (A_FREE_TOP, C_ALLOC, C_DAEMON, C_MMAP, C_MMLIST, C_PTL, C_WMUTEX,
+                     CTL_FIXED_END, CS_STARTING, EXIT_POLICIES, FRAME_SIZE, H_CREATED_NS,
+                     H_EXIT_POLICY, H_HAZARDS, H_HUNG_TIMEOUT_MS, H_KSMD_POINT,
+                     H_LOCK_WAIT_MS, H_MAGIC, H_MAX_MMS, H_MAX_TASKS, H_NEXT_MM_ID,
+                     H_NFRAMES, H_RWSEM_N, H_STATE, H_VA_PAGES, H_VERSION, HAZARDS,
+                     K_PAGES_TO_SCAN, K_RUN, K_SLEEP_MS, L_HEAD_NEXT, L_HEAD_PREV,
+                     L_SCAN_SLOT, MAGIC, MM_SIZE, PAGE_SIZE, T_PID, T_STATE, TASK_SIZE,
+                     TS_ALIVE, TS_REAPING, VERSION, M_ID)
+from .locks import Lock, Task, holders_of
+
+
+@dataclass
+class Config:
+    """What a cluster is booted with (``uksm run`` / ``uksm up`` options)."""
+    frames: int = 4096
+    max_tasks: int = 64
+    max_mms: int = 64
+    rwsem_n: int = 32
+    va_pages: int = 4096
+    exit_policy: str = "seed"
+    hazards: list[str] = field(default_factory=list)
+    hung_timeout_ms: int = 5000
+    lock_wait_ms: int = 100
+    run: int = 1
+    pages_to_scan: int = 100
+    sleep_ms: int = 20
+
+
+def _sizes(cfg: Config) -> tuple[int, int, int]:
+    ctl = (CTL_FIXED_END + cfg.max_tasks * TASK_SIZE + cfg.max_mms * MM_SIZE) * 8
+    frames = cfg.frames * (FRAME_SIZE + 1) * 8
+    return ctl, frames, cfg.frames * PAGE_SIZE
+
+
+class Cluster:
+    def __init__(self, name: str) -> None:
+        self.name = shm.check_cluster_name(name)
+        self.ctl: shm.Segment
+        self.frames_seg: shm.Segment
+        self.pool: shm.Segment
+        self.task: Task
+        self._mm_locks: dict[int, tuple[Lock, Lock, Lock]] = {}
+
+    # -- boot / attach ------------------------------------------------------
+    @classmethod
+    def create(cls, name: str, cfg: Config) -> "Cluster":
+        self = cls(name)
+        if shm.leftovers(name):
+            raise shm.UksmError(f"cluster {name!r} already exists (or a dead one left objects); "
+                                f"'uksm down --cluster {name}' or 'uksm cleanup --cluster {name}'", 2)
+        ctl_size, fr_size, pool_size = _sizes(cfg)
+        made: list[tuple[str, str]] = []
+        try:
+            self.ctl = shm.create_segment(name, "ctl", ctl_size); made.append(("shm", "ctl"))
+            self.frames_seg = shm.create_segment(name, "frames", fr_size); made.append(("shm", "frames"))
+            self.pool = shm.create_segment(name, "pool", pool_size); made.append(("shm", "pool"))
+            for what in ("daemon", "mmlist", "zone"):
+                shm.create_sem(name, what, 1); made.append(("sem", what))
+        except BaseException:
+            for kind, what in made:
+                (shm.unlink_shm if kind == "shm" else shm.unlink_sem)(name, what)
+            raise
+        q = self.ctl.q
+        q[H_VERSION] = VERSION
+        q[H_NFRAMES] = cfg.frames
+        q[H_MAX_TASKS] = cfg.max_tasks
+        q[H_MAX_MMS] = cfg.max_mms
+        q[H_RWSEM_N] = cfg.rwsem_n
+        q[H_VA_PAGES] = cfg.va_pages
+        q[H_STATE] = CS_STARTING
+        q[H_CREATED_NS] = time.time_ns()
+        q[H_NEXT_MM_ID] = 1
+        q[H_EXIT_POLICY] = EXIT_POLICIES.index(cfg.exit_policy)
+        q[H_HAZARDS] = sum(HAZARDS[h] for h in cfg.hazards)
+        q[H_HUNG_TIMEOUT_MS] = cfg.hung_timeout_ms
+        q[H_LOCK_WAIT_MS] = cfg.lock_wait_ms
+        q[H_KSMD_POINT] = -1
+        q[K_RUN] = cfg.run
+        q[K_PAGES_TO_SCAN] = cfg.pages_to_scan
+        q[K_SLEEP_MS] = cfg.sleep_ms
+        head = cfg.max_mms
+        q[L_HEAD_NEXT] = q[L_HEAD_PREV] = q[L_SCAN_SLOT] = head
+        # every frame free: the free stack holds them all, lowest on top
+        fq = self.frames_seg.q
+        sb = cfg.frames * FRAME_SIZE
+        for i in range(cfg.frames):
+            fq[sb + i] = cfg.frames - 1 - i
+        q[A_FREE_TOP] = cfg.frames
+        self._open_globals()
+        q[H_MAGIC] = MAGIC
+        return self
+
+    @classmethod
+    def attach(cls, name: str) -> "Cluster":
+        self = cls(name)
+        self.ctl = shm.attach_segment(name, "ctl")
+        if self.ctl.q[H_MAGIC] != MAGIC:
+            raise shm.UksmError(f"cluster {name!r} is not initialised (booting, or a dead one: "
+                                f"'uksm cleanup --cluster {name}')", 1)
+        self.frames_seg = shm.attach_segment(name, "frames")
+        self.pool = shm.attach_segment(name, "pool")
+        self._open_globals()
+        return self
+
+    def _open_globals(self) -> None:
+        q = self.ctl.q
+        self.q = q
+        self.fq = self.frames_seg.q
+        self.nframes = q[H_NFRAMES]
+        self.max_tasks = q[H_MAX_TASKS]
+        self.max_mms = q[H_MAX_MMS]
+        self.rwsem_n = q[H_RWSEM_N]
+        self.va_pages = q[H_VA_PAGES]
+        self.head = self.max_mms
+        self.task_off = CTL_FIXED_END
+        self.mm_off = CTL_FIXED_END + self.max_tasks * TASK_SIZE
+        self.stack_off = self.nframes * FRAME_SIZE
+        self.daemon = Lock(shm.open_sem(self.name, "daemon"), 1, C_DAEMON)
+        self.mmlist = Lock(shm.open_sem(self.name, "mmlist"), 1, C_MMLIST)
+        self.zone = Lock(shm.open_sem(self.name, "zone"), 1, C_ALLOC)
+
+    def bind(self, row: int) -> Task:
+        """Use task row ``row`` for this process's (or thread's) locking."""
+        task = Task(self.q, self.tbase(row), row, holders=self.holders,
+                    wait_log_ms=self.q[H_LOCK_WAIT_MS])
+        self.task = task
+        return task
+
+    def new_task(self, row: int) -> Task:
+        """Another Task handle (a supervisor thread) on ``row``."""
+        return Task(self.q, self.tbase(row), row, holders=self.holders,
+                    wait_log_ms=self.q[H_LOCK_WAIT_MS])
+
+    def thread_view(self, row: int) -> "Cluster":
+        """The same cluster for another thread of this process, locking as
+        task ``row`` (a supervisor thread acting as a reaper)."""
+        view = Cluster.__new__(Cluster)
+        view.__dict__.update(self.__dict__)
+        view._mm_locks = {}
+        view.bind(row)
+        return view
+
+    # -- rows ---------------------------------------------------------------
+    def tbase(self, row: int) -> int:
+        return self.task_off + row * TASK_SIZE
+
+    def mbase(self, row: int) -> int:
+        return self.mm_off + row * MM_SIZE
+
+    def live_rows(self, exclude: tuple[int, ...] = ()) -> list[tuple[int, int]]:
+        """Rows of live tasks (alive, or a reaper acting for a dead one)."""
+        q = self.q
+        out = []
+        for r in range(self.max_tasks):
+            b = self.tbase(r)
+            if q[b + T_STATE] in (TS_ALIVE, TS_REAPING) and r not in exclude:
+                out.append((r, b))
+        return out
+
+    def holders(self, lid: int) -> list[int]:
+        return holders_of(self.q, self.live_rows(), lid)
+
+    def mm_row(self, mm_id: int) -> int:
+        """Row of address space ``mm_id``, or -1 once it is freed."""
+        q = self.q
+        for r in range(self.max_mms):
+            if q[self.mm_off + r * MM_SIZE + M_ID] == mm_id:
+                return r
+        return -1
+
+    # -- per-mm semaphores ---------------------------------------------------
+    def mm_locks(self, mm_id: int) -> tuple[Lock, Lock, Lock]:
+        """(mmap_sem, mmap_wmutex, pte_lock) of an address space."""
+        lk = self._mm_locks.get(mm_id)
+        if lk is None:
+            lk = (Lock(shm.open_sem(self.name, f"mm{mm_id}.sem"), self.rwsem_n, C_MMAP, mm_id),
+                  Lock(shm.open_sem(self.name, f"mm{mm_id}.wmx"), 1, C_WMUTEX, mm_id),
+                  Lock(shm.open_sem(self.name, f"mm{mm_id}.ptl"), 1, C_PTL, mm_id))
+            self._mm_locks[mm_id] = lk
+        return lk
+
+    def forget_mm(self, mm_id: int) -> None:
+        lk = self._mm_locks.pop(mm_id, None)
+        if lk is not None:
+            for x in lk:
+                try:
+                    x.sem.close()
+                except posix_ipc.Error:
+                    pass
+
+    def pool_resident_bytes(self) -> int:
+        return self.pool.resident_bytes()
+
+    def close(self) -> None:
+        for mm_id in list(self._mm_locks):
+            self.forget_mm(mm_id)
+        for lk in (self.daemon, self.mmlist, self.zone):
+            try:
+                lk.sem.close()
+            except posix_ipc.Error:
+                pass
+        for seg in (self.pool, self.frames_seg, self.ctl):
+            seg.close()
+
+
+def destroy(name: str) -> list[str]:
+    """Unlink every object of the cluster (teardown, or cleanup)."""
+    return shm.remove_all(name)
+
+
+def pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+__all__ = ["Cluster", "Config", "destroy", "pid_alive", "T_PID"]

@@ -1,0 +1,110 @@
+"""Process exit: mmput -> exit_mmap with ksm_exit, by exit policy.
+
+``seed`` (the default; "ksm: fix oom deadlock"):
+    mm_users = 0 (ksm_test_exit true from here) -> exit_mmap's first half,
+    unmap every page and free the frames, without mmap_sem -> __ksm_exit
+    (fast or slow path, never ksm_thread_mutex) -> free page tables and
+    VMAs -> mmdrop.  Freeing the pages before __ksm_exit is what lets an OOM
+    victim give its memory back even while ksmd (or run=2) is busy in its mm.
+``shipped`` (2.6.32 as released, after the move into exit_mmap was reverted):
+    mm_users = 0 -> __ksm_exit (same fast/slow paths) -> exit_mmap -> mmdrop.
+    The slow path's down_write waits for ksmd's mmap_sem *before* the pages
+    are freed: an OOM victim that ksmd is unmerging waits for ksmd, which
+    waits for memory the victim has not freed (the 2015 race).
+``legacy`` (before the seed):
+    mm_users = 0 -> __ksm_exit taking ksm_thread_mutex -> exit_mmap -> mmdrop.
+    Deadlocks when ksmd holds the mutex while waiting for memory.
+
+Every step is recorded in M_EXIT_STAGE, so the supervisor's reaper can
+finish the exit of a task SIGKILLed half-way, doing only what is left.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from . import killpoints
+from .ksm import ksm_exit
+from .layout import (EXIT_POLICIES, H_EXIT_POLICY, M_EXIT_STAGE, M_REFS, M_SLOT_USED, M_STATE,
+                     M_USERS, MAX_VMAS, MS_EXITING, MS_ZOMBIE, PAGE_SIZE, PT_OFF, REF_KSM,
+                     REF_USERS, VMA_OFF, VMA_SIZE, V_END, XS_KSM_EXIT, XS_MMDROP, XS_PGTABLES,
+                     XS_USERS0, XS_ZAPPED, M_OOM_VICTIM)
+from .memory import Allocator
+from .mm import MM, mmdrop
+from .mmu import zap_range
+
+if TYPE_CHECKING:
+    from .cluster import Cluster
+
+
+def _mark(cl: "Cluster", mm: MM, bit: int) -> None:
+    cl.q[mm.base + M_EXIT_STAGE] |= bit
+
+
+def mmput(cl: "Cluster", mm: MM, alloc: Allocator, log: Any) -> int:
+    """Drop the last mm_users and tear the address space down.
+    Returns the __ksm_exit path taken (layout.P_*), 0 if none."""
+    q, b = cl.q, mm.base
+    policy = EXIT_POLICIES[q[H_EXIT_POLICY]]
+    if not q[b + M_EXIT_STAGE] & XS_USERS0:
+        cl.task.lock(cl.mmlist)
+        q[b + M_USERS] = 0
+        q[b + M_STATE] = MS_EXITING
+        q[b + M_EXIT_STAGE] |= XS_USERS0
+        cl.task.unlock(cl.mmlist)
+        log.info("mm_exit_begin", mm=mm.id)
+    path = 0
+    if policy != "seed":
+        path = _ksm_exit(cl, mm, policy, log)
+    if not q[b + M_EXIT_STAGE] & XS_ZAPPED:
+        exit_mmap_unmap(cl, mm, alloc, log)
+    if policy == "seed":
+        path = _ksm_exit(cl, mm, policy, log)
+    if not q[b + M_EXIT_STAGE] & XS_PGTABLES:
+        free_pgtables(cl, mm)
+    if not q[b + M_EXIT_STAGE] & XS_MMDROP:
+        if q[b + M_REFS] & REF_KSM:
+            q[b + M_STATE] = MS_ZOMBIE  # waiting for ksmd to free the slot
+        _mark(cl, mm, XS_MMDROP)
+        mmdrop(cl, mm.row, mm.id, REF_USERS, log)
+    return path
+
+
+def _ksm_exit(cl: "Cluster", mm: MM, policy: str, log: Any) -> int:
+    """ksm_exit: call __ksm_exit if the mm has a slot (MMF_VM_MERGEABLE)."""
+    q, b = cl.q, mm.base
+    if q[b + M_EXIT_STAGE] & XS_KSM_EXIT:
+        return 0
+    path = 0
+    if q[b + M_SLOT_USED]:
+        path = ksm_exit(cl, mm, policy == "legacy", log, policy)
+    _mark(cl, mm, XS_KSM_EXIT)
+    return path
+
+
+def exit_mmap_unmap(cl: "Cluster", mm: MM, alloc: Allocator, log: Any) -> None:
+    """exit_mmap, first half: unmap every page and free its frame (no
+    mmap_sem, as the kernel's).  Then the memory an OOM kill was for is
+    back, and the OOM killer may pick another victim if need be."""
+    half = cl.va_pages // 2
+    zap_range(cl, alloc, mm, 0, half)
+    killpoints.hit(cl, "exit_mid_zap", log)
+    zap_range(cl, alloc, mm, half, cl.va_pages)
+    _mark(cl, mm, XS_ZAPPED)
+    cl.q[mm.base + M_OOM_VICTIM] = 0
+
+
+def free_pgtables(cl: "Cluster", mm: MM) -> None:
+    """exit_mmap, second half: free page tables and VMAs.  Page-table pages
+    are dropped whole; a PTE still present here (installed after the unmap
+    by a COW break that did not check ksm_test_exit) loses its frame for
+    good: the leak the seed's checks prevent, and fsck reports."""
+    pq = mm.pq
+    for i in range(MAX_VMAS):
+        pq[VMA_OFF + i * VMA_SIZE + V_END] = 0
+    start = PT_OFF * 8
+    first = (start + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
+    for i in range(PT_OFF, min(first // 8, len(pq))):
+        pq[i] = 0
+    if mm.seg.size > first:
+        mm.seg.punch(first, mm.seg.size - first)
+    _mark(cl, mm, XS_PGTABLES)

@@ -1,0 +1,264 @@
+"""fsck: the invariants of the emulated machine, checked and (for recovery)
+rebuilt.
+
+With every pte lock and zone_lock held ("the world stopped") a frame's
+count must equal the PTEs that map it plus the frames live tasks hold in
+flight; the free stack must be exactly the free frames; a KSM frame is
+mapped read-only everywhere and still holds the bytes its stable-tree key
+was computed from; every mm's rss and KSM mappings match its page table;
+mm_count (the reference bits) matches the references that exist; the slot
+list is well formed; ksmd's counters add up (read under ksm_thread_mutex,
+which ksmd publishes them under).
+
+``rebuild`` is the repair the supervisor runs after a SIGKILL: recompute
+every count from the page tables, free what nothing references (a frame a
+dead task had in flight, or was half-way through freeing), fix rss.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Callable, Iterator
+
+import mmh3
+import posix_ipc
+
+from .ksm import slot_next, slot_prev, slots
+from .layout import (A_FREE_TOP, F_FREEING, F_KSM, FR_AUX, FR_COUNT, FR_FLAGS, FR_KEY0,
+                     FR_KEY1, FRAME_SIZE, K_PAGES_SHARED, K_PAGES_SHARING, K_PAGES_UNSHARED,
+                     K_RMAP_ITEMS, M_ID, M_KSM_MAPPED, M_REFS, M_RMAP_ITEMS, M_RSS,
+                     M_SLOT_USED, M_STATE, M_USERS, MS_FREEING, PAGE_SIZE, PT_OFF, PTE_PRESENT,
+                     PTE_WRITE, REF_KSM, REF_USERS, T_FLIGHT_MM, T_FLIGHT_PFN, T_FLIGHT_VPN,
+                     T_STATE, TS_ALIVE, TS_REAPING)
+
+if TYPE_CHECKING:
+    from .cluster import Cluster
+    from .mm import MM
+
+
+class Retry(Exception):
+    """A lock needed to stop the world is held by a task that just died."""
+
+
+def _take(sem: posix_ipc.Semaphore, abort: Callable[[], bool] | None) -> None:
+    while True:
+        try:
+            sem.acquire(0.05)
+            return
+        except (posix_ipc.BusyError, posix_ipc.SignalError):
+            if abort is not None and abort():
+                raise Retry()
+
+
+@contextmanager
+def world_stopped(cl: "Cluster", mms: dict[int, "MM"], owned_ptl: set[int] = frozenset(),
+                  own_zone: bool = False, abort: Callable[[], bool] | None = None) -> Iterator[None]:
+    """Hold every pte lock (in mm id order) and then zone_lock.  The
+    caller is the supervisor (trusted, never killed), so these raw
+    acquisitions are not recorded.  ``owned_*``: already held (taken over
+    from a dead task).  ``abort()`` is polled while blocked: it raises
+    Retry if a holder died, so that its recovery can come first."""
+    taken: list[posix_ipc.Semaphore] = []
+    try:
+        for mm_id in sorted(mms):
+            if mm_id in owned_ptl:
+                continue
+            sem = mms[mm_id].ptl.sem
+            _take(sem, abort)
+            taken.append(sem)
+        if not own_zone:
+            _take(cl.zone.sem, abort)
+            taken.append(cl.zone.sem)
+        yield
+    finally:
+        for sem in reversed(taken):
+            sem.release()
+
+
+def live_task_rows(cl: "Cluster") -> set[int]:
+    q = cl.q
+    return {r for r in range(cl.max_tasks) if q[cl.tbase(r) + T_STATE] in (TS_ALIVE, TS_REAPING)}
+
+
+def references(cl: "Cluster", mms: dict[int, "MM"]) -> tuple[list[int], dict[int, tuple[int, int]]]:
+    """Per frame: PTEs mapping it + live in-flight holds; per mm: (rss, ksm)."""
+    q, fq = cl.q, cl.fq
+    refs = [0] * cl.nframes
+    per_mm: dict[int, tuple[int, int]] = {}
+    for mm_id, mm in mms.items():
+        pq = mm.pq
+        rss = ksm = 0
+        for slot in range(PT_OFF, PT_OFF + cl.va_pages):
+            pte = pq[slot]
+            if pte:
+                pfn = pte >> 2
+                if 0 <= pfn < cl.nframes:
+                    refs[pfn] += 1
+                    if fq[pfn * FRAME_SIZE + FR_FLAGS] & F_KSM:
+                        ksm += 1
+                rss += 1
+        per_mm[mm_id] = (rss, ksm)
+    live = live_task_rows(cl)
+    for r in live:
+        b = cl.tbase(r)
+        pfn = q[b + T_FLIGHT_PFN]
+        if 0 <= pfn < cl.nframes and not _mapped_at(cl, mms, q[b + T_FLIGHT_MM], q[b + T_FLIGHT_VPN], pfn):
+            refs[pfn] += 1
+    return refs, per_mm
+
+
+def _mapped_at(cl: "Cluster", mms: dict[int, "MM"], mm_id: int, vpn: int, pfn: int) -> bool:
+    mm = mms.get(mm_id)
+    if mm is None or not 0 <= vpn < cl.va_pages:
+        return False
+    pte = mm.pq[PT_OFF + vpn]
+    return bool(pte) and pte >> 2 == pfn
+
+
+def check(cl: "Cluster", mms: dict[int, "MM"], counters: bool = True) -> list[str]:
+    """Every invariant; the caller holds the world stopped (and
+    ksm_thread_mutex when ``counters``).  Returns the errors found."""
+    q, fq = cl.q, cl.fq
+    errs: list[str] = []
+    refs, per_mm = references(cl, mms)
+    live = live_task_rows(cl)
+    # frames
+    on_stack = set()
+    top = q[A_FREE_TOP]
+    for i in range(top):
+        pfn = fq[cl.stack_off + i]
+        if not 0 <= pfn < cl.nframes:
+            errs.append(f"free stack[{i}] holds invalid frame {pfn}")
+        elif pfn in on_stack:
+            errs.append(f"frame {pfn} is on the free stack twice")
+        else:
+            on_stack.add(pfn)
+    for pfn in range(cl.nframes):
+        b = pfn * FRAME_SIZE
+        count, flags = fq[b + FR_COUNT], fq[b + FR_FLAGS]
+        if pfn in on_stack:
+            if count or flags:
+                errs.append(f"frame {pfn} is free but has count {count} flags {flags}")
+            if refs[pfn]:
+                errs.append(f"frame {pfn} is free but mapped {refs[pfn]} times")
+            continue
+        if count == 0:
+            if flags & F_FREEING and fq[b + FR_AUX] - 1 in live:
+                continue  # being freed by a live task
+            errs.append(f"frame {pfn} leaked: count 0, not on the free stack (flags {flags})")
+            continue
+        if count != refs[pfn]:
+            what = "leaked (nothing maps it)" if refs[pfn] == 0 else "miscounted"
+            errs.append(f"frame {pfn} {what}: count {count}, references {refs[pfn]}")
+        if flags & F_KSM and count:
+            p = pfn * PAGE_SIZE
+            d = mmh3.mmh3_x64_128_digest(cl.pool.mv[p:p + PAGE_SIZE])
+            if (int.from_bytes(d[:8], "little", signed=True) != fq[b + FR_KEY0]
+                    or int.from_bytes(d[8:], "little", signed=True) != fq[b + FR_KEY1]):
+                errs.append(f"KSM frame {pfn} no longer matches its stable-tree key")
+    # page tables and mm rows
+    for mm_id, mm in mms.items():
+        pq = mm.pq
+        for slot in range(PT_OFF, PT_OFF + cl.va_pages):
+            pte = pq[slot]
+            if not pte:
+                continue
+            pfn = pte >> 2
+            vpn = slot - PT_OFF
+            if not pte & PTE_PRESENT or not 0 <= pfn < cl.nframes:
+                errs.append(f"mm{mm_id} vpn {vpn:#x}: invalid PTE {pte:#x}")
+            elif pfn in on_stack:
+                errs.append(f"mm{mm_id} vpn {vpn:#x} maps free frame {pfn}")
+            elif pte & PTE_WRITE and fq[pfn * FRAME_SIZE + FR_FLAGS] & F_KSM:
+                errs.append(f"mm{mm_id} vpn {vpn:#x} maps KSM frame {pfn} writable")
+        b = mm.base
+        if q[b + M_ID] != mm_id:
+            continue
+        rss, ksm = per_mm[mm_id]
+        if q[b + M_RSS] != rss or q[b + M_KSM_MAPPED] != ksm:
+            errs.append(f"mm{mm_id}: rss {q[b + M_RSS]} / ksm-mapped {q[b + M_KSM_MAPPED]} "
+                        f"but the page table says {rss} / {ksm}")
+    errs += check_mm_rows(cl)
+    if counters:
+        rmap = q[K_RMAP_ITEMS]
+        per = sum(q[cl.mbase(r) + M_RMAP_ITEMS] for r in range(cl.max_mms)
+                  if q[cl.mbase(r) + M_ID] and q[cl.mbase(r) + M_SLOT_USED])
+        if q[K_PAGES_SHARED] + q[K_PAGES_SHARING] + q[K_PAGES_UNSHARED] > rmap:
+            errs.append(f"counters: shared+sharing+unshared "
+                        f"{q[K_PAGES_SHARED] + q[K_PAGES_SHARING] + q[K_PAGES_UNSHARED]} > rmap_items {rmap}")
+        if per != rmap:
+            errs.append(f"counters: rmap_items {rmap} but the mms' ksm_rmap_items add up to {per}")
+    return errs
+
+
+def check_mm_rows(cl: "Cluster") -> list[str]:
+    """mm_count against the references that exist; the slot list."""
+    q = cl.q
+    errs = []
+    linked = slots(cl)
+    if len(linked) > cl.max_mms:
+        errs.append("mm_slot list does not end (a cycle)")
+    prev = cl.head
+    for s in linked[:cl.max_mms]:
+        if slot_prev(cl, s) != prev:
+            errs.append(f"mm_slot list: slot {s} has a wrong back link")
+        prev = s
+    if slot_prev(cl, cl.head) != prev:
+        errs.append("mm_slot list: ksm_mm_head has a wrong back link")
+    for r in range(cl.max_mms):
+        b = cl.mbase(r)
+        mm_id = q[b + M_ID]
+        if not mm_id or q[b + M_STATE] == MS_FREEING:
+            continue
+        refs = q[b + M_REFS]
+        if bool(refs & REF_USERS) != (q[b + M_USERS] > 0):
+            errs.append(f"mm{mm_id}: mm_users {q[b + M_USERS]} but the users' mm_count reference "
+                        f"is {'held' if refs & REF_USERS else 'dropped'}")
+        if bool(refs & REF_KSM) != bool(q[b + M_SLOT_USED]):
+            errs.append(f"mm{mm_id}: mm_slot {'present' if q[b + M_SLOT_USED] else 'absent'} but "
+                        f"the slot's mm_count reference is {'held' if refs & REF_KSM else 'dropped'}")
+        if q[b + M_SLOT_USED] and r not in linked:
+            errs.append(f"mm{mm_id}: has an mm_slot that is not on the list")
+        if not q[b + M_SLOT_USED] and r in linked:
+            errs.append(f"mm{mm_id}: a freed mm_slot is still on the list")
+        if not refs:
+            errs.append(f"mm{mm_id}: mm_count is 0 but the mm is not freed")
+    ids = [q[cl.mbase(r) + M_ID] for r in range(cl.max_mms) if q[cl.mbase(r) + M_ID]]
+    if len(ids) != len(set(ids)):
+        errs.append("an mm id appears in two rows")
+    return errs
+
+
+def rebuild(cl: "Cluster", mms: dict[int, "MM"]) -> int:
+    """After a death: make every count equal its references, free every
+    frame nothing references, fix rss; the world is stopped.
+    Returns the number of frames whose count was changed."""
+    from .memory import rebuild_free_stack
+    q, fq = cl.q, cl.fq
+    refs, per_mm = references(cl, mms)
+    live = live_task_rows(cl)
+    fixed = 0
+    for pfn in range(cl.nframes):
+        b = pfn * FRAME_SIZE
+        if fq[b + FR_COUNT] != refs[pfn]:
+            if not (refs[pfn] == 0 and fq[b + FR_FLAGS] & F_FREEING and fq[b + FR_AUX] - 1 in live):
+                fixed += 1
+            fq[b + FR_COUNT] = refs[pfn]
+    for r in range(cl.max_tasks):
+        if r not in live:
+            q[cl.tbase(r) + T_FLIGHT_PFN] = -1
+    for mm_id, mm in mms.items():
+        b = mm.base
+        if q[b + M_ID] == mm_id:
+            q[b + M_RSS], q[b + M_KSM_MAPPED] = per_mm[mm_id]
+    rebuild_free_stack(cl, live)
+    return fixed
+
+
+def wait_settled(pred: Callable[[], bool], timeout: float, step: float = 0.02) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(step)
+    return pred()

@@ -1,0 +1,85 @@
+"""Named kill points: places where a worker dies on request.
+
+A *worker* point is armed in the worker's task row (T_KILL_POINT, T_KILL_SIG);
+when the worker reaches it, it sends itself the signal (SIGKILL: it vanishes
+right there, possibly holding locks; SIGTERM: it notices at its next safe
+point and exits through its own exit path) and disarms it, so it fires once.
+
+A *ksmd* point is armed in the control block (H_KSMD_POINT): when ksmd
+reaches it while working inside some mm, it sends the signal to that mm's
+owner -- "kill the worker while ksmd scans it" -- and carries on.
+"""
+from __future__ import annotations
+
+import os
+import signal
+from typing import TYPE_CHECKING
+
+from .layout import H_KSMD_POINT, H_KSMD_POINT_SIG, M_OWNER_PID, S_KILL_POINTS, T_KILL_POINT, T_KILL_SIG
+
+if TYPE_CHECKING:
+    from .cluster import Cluster
+
+POINTS: dict[str, tuple[str, str]] = {
+    "fault_after_alloc": ("worker", "page fault: frame allocated, not yet installed in the PTE"),
+    "cow_after_copy": ("worker", "COW fault: page copied to the new frame, PTE not yet replaced"),
+    "zone_lock_held": ("worker", "holding zone_lock while freeing frames (DONTNEED)"),
+    "pte_lock_held": ("worker", "holding the pte lock in the middle of a user write"),
+    "madvise_mmap_sem_write": ("worker", "madvise: holding mmap_sem for write, VMA split done"),
+    "ksm_enter_locked": ("worker", "__ksm_enter: holding ksm_mmlist_lock, mm_count raised, slot not linked"),
+    "ksm_exit_before_down_write": ("worker", "__ksm_exit slow path: list updated, before down_write(mmap_sem)"),
+    "ksm_exit_mmap_sem_write": ("worker", "__ksm_exit slow path: holding mmap_sem for write"),
+    "exit_mid_zap": ("worker", "exit_mmap: half of the pages zapped"),
+    "ksmd_scan_mmap_sem": ("ksmd", "ksmd holds the mm's mmap_sem for read in scan_get_next_rmap_item: owner killed"),
+    "ksmd_between_wp_and_replace": ("ksmd", "ksmd has write-protected a page of the mm, not yet replaced it: owner killed"),
+    "ksmd_break_cow": ("ksmd", "ksmd is breaking COW in the mm (unmerge / unshared KSM page): owner killed"),
+}
+NAMES = list(POINTS)
+INDEX = {n: i for i, n in enumerate(NAMES)}
+WORKER_POINTS = [n for n, (who, _d) in POINTS.items() if who == "worker"]
+KSMD_POINTS = [n for n, (who, _d) in POINTS.items() if who == "ksmd"]
+
+
+def arm_worker(cl: "Cluster", row: int, name: str, sig: int) -> None:
+    b = cl.tbase(row)
+    cl.q[b + T_KILL_SIG] = sig
+    cl.q[b + T_KILL_POINT] = INDEX[name]
+
+
+def arm_ksmd(cl: "Cluster", name: str, sig: int) -> None:
+    cl.q[H_KSMD_POINT_SIG] = sig
+    cl.q[H_KSMD_POINT] = INDEX[name]
+
+
+def hit(cl: "Cluster", name: str, log=None) -> None:
+    """A worker passes point ``name``: die here if it is armed."""
+    q, b = cl.q, cl.task.base
+    if q[b + T_KILL_POINT] != INDEX[name]:
+        return
+    q[b + T_KILL_POINT] = -1
+    sig = q[b + T_KILL_SIG] or signal.SIGKILL
+    q[S_KILL_POINTS] += 1  # a racy count: exact in the logs
+    if log is not None:
+        log.info("kill_point", point=name, action="kill" if sig == signal.SIGKILL else "term",
+                 victim_pid=os.getpid())
+    os.kill(os.getpid(), sig)
+
+
+def hit_ksmd(cl: "Cluster", name: str, mm_base: int, log=None) -> None:
+    """ksmd passes point ``name`` inside the mm at row base ``mm_base``."""
+    q = cl.q
+    if q[H_KSMD_POINT] != INDEX[name]:
+        return
+    pid = q[mm_base + M_OWNER_PID]
+    if pid <= 0:
+        return
+    q[H_KSMD_POINT] = -1
+    sig = q[H_KSMD_POINT_SIG] or signal.SIGKILL
+    q[S_KILL_POINTS] += 1
+    if log is not None:
+        log.info("kill_point", point=name, action="kill" if sig == signal.SIGKILL else "term",
+                 victim_pid=pid)
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass

@@ -1,0 +1,644 @@
+"""ksmd: the scanner (mm/ksm.c: ksm_scan_thread, ksm_do_scan,
+scan_get_next_rmap_item, cmp_and_merge_page, try_to_merge_*,
+unmerge_and_remove_all_rmap_items).
+
+Private to this process, as in the kernel only ksmd (and run=2, which ksmd
+runs here) touches them: the rmap_items of each mm_slot, the stable tree
+and the unstable tree.  The trees are hash maps keyed by a 128-bit mmh3
+digest of the page; every merge still confirms the bytes are equal
+(``pages_identical``) under the protocol of the kernel's
+``write_protect_page`` / ``replace_page``, so a hash collision can never merge
+different pages.  The digest doubles as ``oldchecksum``: a page must keep
+the same content for one full scan before it may enter the unstable tree.
+
+A new KSM page is made in place, as since 2.6.33 (``try_to_merge_two_pages``
+with ``kpage == NULL``): the first page is write-protected and marked KSM,
+the second is merged into it; ksmd never allocates to merge.  (2.6.32
+allocated a fresh page there.)
+
+Locking, per batch: ksm_thread_mutex for the whole batch; the scanned mm's
+mmap_sem for read across a run of its pages (dropped to let a waiting
+writer in, and dropped before another mm's is taken: ksmd never holds two);
+the pte lock per page operation; zone_lock inside it for counts.  Every
+time mmap_sem is (re)taken, ksm_test_exit(mm) is checked before VMAs or
+PTEs are touched (the seed, and the 2023 fix).
+"""
+from __future__ import annotations
+
+import signal
+import time
+from typing import Any
+
+import mmh3
+
+from . import killpoints
+from .cluster import Cluster
+from .ksm import break_ksm, list_del, slot_next, unmerge_ksm_pages
+from .layout import (F_KSM, FR_COUNT, FR_FLAGS, FR_KEY0, FR_KEY1, FRAME_SIZE, K_FULL_SCANS,
+                     K_PAGES_SCANNED, K_PAGES_SHARED, K_PAGES_SHARING, K_PAGES_TO_SCAN,
+                     K_PAGES_UNSHARED, K_PAGES_VOLATILE, K_RMAP_ITEMS, K_RUN, K_RUN_DONE,
+                     K_RUN_SEQ, K_SLEEP_MS, K_STABLE_NODES, L_HEAD_NEXT, L_SCAN_ADDR,
+                     L_SCAN_SLOT, L_SEQNR, M_FLAGS, M_ID, M_KSM_MAPPED, M_MERGING,
+                     M_RMAP_ITEMS, M_SLOT_RMAP, M_SLOT_USED, M_WRITER_WAITING, MMF_VM_MERGEABLE,
+                     PAGE_SIZE, PT_OFF, PTE_PRESENT, PTE_WRITE, REF_KSM, S_COW_KSMD,
+                     S_MERGES, S_SLOTS_FREED, VM_MERGEABLE, H_SHUTDOWN)
+from .memory import Allocator
+from .mm import MM, mm_attach, mmdrop
+from .mmu import ksm_test_exit
+
+digest = mmh3.mmh3_x64_128_digest
+
+
+def key_ints(key: bytes) -> tuple[int, int]:
+    return (int.from_bytes(key[:8], "little", signed=True),
+            int.from_bytes(key[8:], "little", signed=True))
+
+
+class StableNode:
+    """A KSM page in the stable tree: its frame and the rmap_items mapping it."""
+    __slots__ = ("kpfn", "key", "k0", "k1", "items")
+
+    def __init__(self, kpfn: int, key: bytes) -> None:
+        self.kpfn = kpfn
+        self.key = key
+        self.k0, self.k1 = key_ints(key)
+        self.items: set[RmapItem] = set()
+
+
+class RmapItem:
+    """One scanned page address of one mm (struct rmap_item)."""
+    __slots__ = ("slot", "vpn", "oldchecksum", "node", "ukey", "seen")
+
+    def __init__(self, slot: "SlotState", vpn: int) -> None:
+        self.slot = slot
+        self.vpn = vpn
+        self.oldchecksum = b""
+        self.node: StableNode | None = None   # in the stable tree
+        self.ukey: bytes | None = None        # in the unstable tree, under this key
+        self.seen = -1                        # seqnr of the last scan that met it
+
+
+class SlotState:
+    """ksmd's private half of an mm_slot: the rmap_list, as a dict by vpn."""
+    __slots__ = ("row", "mm_id", "mm", "items", "merging", "merges", "t_merge",
+                 "cows", "t_cow")
+
+    def __init__(self, row: int, mm: MM) -> None:
+        self.row = row
+        self.mm_id = mm.id
+        self.mm = mm
+        self.items: dict[int, RmapItem] = {}
+        self.merging = 0
+        self.merges = 0
+        self.t_merge = 0
+        self.cows = 0
+        self.t_cow = 0
+
+
+class Ksmd:
+    def __init__(self, cl: Cluster, log: Any) -> None:
+        self.cl = cl
+        self.q = cl.q
+        self.fq = cl.fq
+        self.pool = cl.pool.mv
+        self.log = log
+        self.alloc = Allocator(cl)
+        self.stable: dict[bytes, StableNode] = {}
+        self.unstable: dict[bytes, RmapItem] = {}
+        self.slots: dict[int, SlotState] = {}
+        self.pages_shared = 0
+        self.pages_sharing = 0
+        self.pages_unshared = 0
+        self.rmap_items = 0
+        self.pages_scanned = 0
+        self.stop = False
+        self.last_run = -1
+
+    # ---- the daemon loop (ksm_scan_thread) ---------------------------------
+    def run(self) -> None:
+        signal.signal(signal.SIGTERM, self._sigterm)
+        signal.signal(signal.SIGINT, self._sigterm)
+        cl, q, task = self.cl, self.q, self.cl.task
+        while not self.stop and not q[H_SHUTDOWN]:
+            scanned = 0
+            t0 = time.monotonic_ns()
+            task.lock(cl.daemon)
+            try:
+                self.reconcile()
+                run = q[K_RUN]
+                if run != self.last_run:
+                    self.log.info("ksm_run", run=run, previous=self.last_run)
+                    self.last_run = run
+                seq = q[K_RUN_SEQ]
+                if run == 2 and q[K_RUN_DONE] != seq:
+                    self.unmerge_and_remove_all_rmap_items()
+                elif run == 1 and q[L_HEAD_NEXT] != cl.head:
+                    n = q[K_PAGES_TO_SCAN]
+                    self.log.info("scan_batch_start", seqnr=q[L_SEQNR], pages_to_scan=n)
+                    scanned = self.ksm_do_scan(n)
+                self.publish()
+                q[K_RUN_DONE] = seq
+            finally:
+                task.unlock(cl.daemon)
+            self.alloc.flush()
+            if scanned:
+                self.log.info("scan_batch_end", pages=scanned, ms=(time.monotonic_ns() - t0) / 1e6,
+                              seqnr=q[L_SEQNR], pages_shared=q[K_PAGES_SHARED],
+                              pages_sharing=q[K_PAGES_SHARING], pages_unshared=q[K_PAGES_UNSHARED],
+                              pages_volatile=q[K_PAGES_VOLATILE], full_scans=q[K_FULL_SCANS])
+            self.log_activity()
+            if run == 1 and q[L_HEAD_NEXT] != cl.head:
+                ms = q[K_SLEEP_MS]
+                time.sleep(ms / 1000.0 if ms > 0 else 0)
+            else:
+                time.sleep(0.01)  # wait_event_interruptible(ksmd_should_run)
+        self.alloc.flush()
+
+    def _sigterm(self, _signo: int, _frame: Any) -> None:
+        self.stop = True
+
+    def log_activity(self) -> None:
+        for st in self.slots.values():
+            if st.merges:
+                self.log.info("merge", mm=st.mm_id, count=st.merges, t_last_ns=st.t_merge)
+                st.merges = 0
+            if st.cows:
+                self.log.info("cow_break", mm=st.mm_id, count=st.cows, by="ksmd", t_last_ns=st.t_cow)
+                st.cows = 0
+
+    def publish(self) -> None:
+        """The /sys/kernel/mm/ksm counters and per-mm ksm_stat, as one
+        consistent snapshot (written under ksm_thread_mutex)."""
+        q = self.q
+        q[K_PAGES_SHARED] = self.pages_shared
+        q[K_PAGES_SHARING] = self.pages_sharing
+        q[K_PAGES_UNSHARED] = self.pages_unshared
+        q[K_PAGES_VOLATILE] = max(0, self.rmap_items - self.pages_shared
+                                  - self.pages_sharing - self.pages_unshared)
+        q[K_RMAP_ITEMS] = self.rmap_items
+        q[K_PAGES_SCANNED] = self.pages_scanned
+        q[K_STABLE_NODES] = len(self.stable)
+        for row, st in self.slots.items():
+            b = self.cl.mbase(row)
+            if q[b + M_ID] == st.mm_id:
+                q[b + M_RMAP_ITEMS] = len(st.items)
+                q[b + M_MERGING] = st.merging
+
+    # ---- slots -----------------------------------------------------------
+    def slot_state(self, row: int) -> SlotState:
+        st = self.slots.get(row)
+        mm_id = self.q[self.cl.mbase(row) + M_ID]
+        if st is not None and st.mm_id == mm_id:
+            return st
+        if st is not None:
+            self.drop_slot(st)
+        st = SlotState(row, mm_attach(self.cl, mm_id))
+        self.slots[row] = st
+        return st
+
+    def drop_slot(self, st: SlotState) -> None:
+        """Forget a slot: remove its rmap_items from the trees, unmap the mm."""
+        for item in st.items.values():
+            self.remove_rmap_item_from_tree(item)
+        self.rmap_items -= len(st.items)
+        st.items.clear()
+        if self.slots.get(st.row) is st:
+            del self.slots[st.row]
+        if st.merges or st.cows:
+            self.log_activity()
+        st.mm.seg.close()
+        self.cl.forget_mm(st.mm_id)
+
+    def reconcile(self) -> None:
+        """Drop the private state of slots freed behind ksmd's back: the
+        legacy __ksm_exit removes the slot itself (under this mutex), and a
+        killed task's slot may be freed by its reaper on the fast path."""
+        q = self.q
+        for row, st in list(self.slots.items()):
+            b = self.cl.mbase(row)
+            if q[b + M_ID] != st.mm_id or not q[b + M_SLOT_USED]:
+                self.drop_slot(st)
+
+    # ---- trees -------------------------------------------------------------
+    def remove_rmap_item_from_tree(self, item: RmapItem) -> None:
+        node = item.node
+        if node is not None:
+            node.items.discard(item)
+            if node.items:
+                self.pages_sharing -= 1
+            else:
+                self.pages_shared -= 1
+            item.slot.merging -= 1
+            item.node = None
+        elif item.ukey is not None:
+            if self.unstable.get(item.ukey) is item:
+                del self.unstable[item.ukey]
+            self.pages_unshared -= 1
+            item.ukey = None
+
+    def stable_tree_append(self, item: RmapItem, node: StableNode) -> None:
+        if node.items:
+            self.pages_sharing += 1
+        else:
+            self.pages_shared += 1
+        node.items.add(item)
+        item.node = node
+        item.slot.merging += 1
+
+    def remove_node_from_stable_tree(self, node: StableNode) -> None:
+        for item in list(node.items):
+            self.remove_rmap_item_from_tree(item)
+        if self.stable.get(node.key) is node:
+            del self.stable[node.key]
+
+    def get_ksm_page(self, node: StableNode) -> bool:
+        """The node's frame is still that KSM page (not freed, not reused)."""
+        b = node.kpfn * FRAME_SIZE
+        fq = self.fq
+        return bool(fq[b + FR_FLAGS] & F_KSM and fq[b + FR_COUNT] > 0
+                    and fq[b + FR_KEY0] == node.k0 and fq[b + FR_KEY1] == node.k1)
+
+    # ---- the scan (ksm_do_scan + scan_get_next_rmap_item) --------------------
+    def ksm_do_scan(self, budget: int) -> int:
+        cl, q, task = self.cl, self.q, self.cl.task
+        head = cl.head
+        scanned = 0
+        while budget > 0:
+            slot = q[L_SCAN_SLOT]
+            if slot == head:
+                self.unstable.clear()  # root_unstable_tree = RB_ROOT
+                task.lock(cl.mmlist)
+                slot = slot_next(cl, head)
+                q[L_SCAN_SLOT] = slot
+                q[L_SCAN_ADDR] = 0
+                task.unlock(cl.mmlist)
+                if slot == head:  # CVE-2011-2183: the last mm left meanwhile
+                    break
+            st = self.slot_state(slot)
+            n, done = self.scan_mm(st, budget)
+            scanned += n
+            budget -= n
+            if not done:
+                break
+        self.pages_scanned += scanned
+        return scanned
+
+    def scan_mm(self, st: SlotState, budget: int) -> tuple[int, bool]:
+        """Scan pages of the mm at the cursor from ksm_scan.address, at most
+        ``budget``.  Returns (pages scanned, whether the mm is finished:
+        then the cursor has moved on)."""
+        cl, q, task = self.cl, self.q, self.cl.task
+        mm = st.mm
+        pq, fq, items = mm.pq, self.fq, st.items
+        seqnr = q[L_SEQNR]
+        task.lock(mm.sem)
+        killpoints.hit_ksmd(cl, "ksmd_scan_mmap_sem", mm.base, self.log)
+        exiting = ksm_test_exit(cl, mm)
+        ranges = [] if exiting else mm.mergeable_ranges()
+        addr = q[L_SCAN_ADDR]
+        n = 0
+        wait_flag = mm.base + M_WRITER_WAITING
+        for (start, end) in ranges:
+            if addr >= end:
+                continue
+            v = max(addr, start)
+            while v < end:
+                if n >= budget:
+                    break
+                if not n & 63 and q[wait_flag]:
+                    # a writer (madvise, exit) waits: let it in, then re-check
+                    task.unlock(mm.sem)
+                    time.sleep(0.0005)
+                    task.lock(mm.sem)
+                    if ksm_test_exit(cl, mm):
+                        exiting = True
+                        break
+                    if (start, end) not in mm.mergeable_ranges():
+                        break
+                if ksm_test_exit(cl, mm):
+                    exiting = True
+                    break
+                pte = pq[PT_OFF + v]
+                if not pte & PTE_PRESENT:
+                    v += 1
+                    continue
+                pfn = pte >> 2
+                item = items.get(v)
+                if item is None:
+                    item = items[v] = RmapItem(st, v)
+                    self.rmap_items += 1
+                item.seen = seqnr
+                n += 1
+                v += 1
+                node = item.node
+                if node is not None and node.kpfn == pfn and fq[pfn * FRAME_SIZE + FR_FLAGS] & F_KSM:
+                    if fq[pfn * FRAME_SIZE + FR_COUNT] == 1:
+                        # a now-unshared KSM page: replace it by an ordinary page
+                        killpoints.hit_ksmd(cl, "ksmd_break_cow", mm.base, self.log)
+                        break_ksm(cl, self.alloc, mm, item.vpn, True)
+                        self._cow(st)
+                        self.remove_rmap_item_from_tree(item)
+                        npte = pq[PT_OFF + item.vpn]
+                        if npte & PTE_PRESENT:
+                            p = (npte >> 2) * PAGE_SIZE
+                            item.oldchecksum = digest(self.pool[p:p + PAGE_SIZE])
+                    continue
+                if not self.cmp_and_merge_page(st, item, pfn):
+                    # mmap_sem was dropped (merge with another mm): re-check
+                    if ksm_test_exit(cl, mm):
+                        exiting = True
+                        break
+                    ranges_now = mm.mergeable_ranges()
+                    if (start, end) not in ranges_now:
+                        break
+            addr = v
+            if n >= budget or exiting:
+                break
+        if exiting:
+            addr = 0
+        if not exiting and n >= budget and addr < (ranges[-1][1] if ranges else 0):
+            q[L_SCAN_ADDR] = addr
+            task.unlock(mm.sem)
+            return n, False
+        # end of this mm: remove_trailing_rmap_items (every item this pass did
+        # not meet: its page went away or its area is no longer mergeable)
+        stale = [it for it in items.values() if it.seen != seqnr] if not exiting else list(items.values())
+        for it in stale:
+            self.remove_rmap_item_from_tree(it)
+            del items[it.vpn]
+        self.rmap_items -= len(stale)
+        task.lock(cl.mmlist)
+        nxt = slot_next(cl, st.row)
+        q[L_SCAN_SLOT] = nxt
+        q[L_SCAN_ADDR] = 0
+        b = mm.base
+        q[b + M_SLOT_RMAP] = len(items)
+        if exiting or not ranges:
+            # no VM_MERGEABLE area left (exit, or all unmapped): do what
+            # __ksm_exit would, holding mmap_sem throughout.  up_read
+            # before the list lock is dropped (the 2016 fix): once the slot
+            # is off the list, nothing keeps the mm alive for us.
+            list_del(cl, st.row)
+            q[b + M_SLOT_USED] = 0
+            q[b + M_SLOT_RMAP] = 0
+            q[b + M_FLAGS] &= ~MMF_VM_MERGEABLE
+            q[S_SLOTS_FREED] += 1
+            task.unlock(mm.sem)
+            task.unlock(cl.mmlist)
+            self.log.info("slot_freed", mm=st.mm_id, by="ksmd")
+            self.drop_slot(st)
+            mmdrop(cl, st.row, st.mm_id, REF_KSM, self.log)
+        else:
+            task.unlock(mm.sem)
+            task.unlock(cl.mmlist)
+        if nxt == cl.head:
+            q[L_SEQNR] = seqnr + 1
+            q[K_FULL_SCANS] += 1
+            self.log.info("full_scan", seqnr=seqnr + 1)
+        return n, True
+
+    def _cow(self, st: SlotState) -> None:
+        st.cows += 1
+        st.t_cow = time.monotonic_ns()
+        self.q[S_COW_KSMD] += 1
+
+    # ---- cmp_and_merge_page ---------------------------------------------------
+    def cmp_and_merge_page(self, st: SlotState, item: RmapItem, pfn: int) -> bool:
+        """Returns False if it had to drop the scanned mm's mmap_sem."""
+        self.remove_rmap_item_from_tree(item)
+        p = pfn * PAGE_SIZE
+        key = digest(self.pool[p:p + PAGE_SIZE])
+        node = self.stable.get(key)
+        if node is not None:
+            if self.get_ksm_page(node):
+                if node.kpfn == pfn or self.try_to_merge_one_page(st.mm, item.vpn, pfn, node):
+                    self.stable_tree_append(item, node)
+                    self._merged(st)
+                return True
+            self.remove_node_from_stable_tree(node)
+        if item.oldchecksum != key:
+            item.oldchecksum = key  # volatile: changed since the last pass
+            return True
+        tree_item = self.unstable.get(key)
+        if tree_item is None or tree_item is item or not self.get_mergeable_page(tree_item, key):
+            if tree_item is not None and tree_item is not item:
+                self.remove_rmap_item_from_tree(tree_item)
+            self.unstable[key] = item
+            item.ukey = key
+            self.pages_unshared += 1
+            return True
+        return self.try_to_merge_two_pages(st, item, pfn, tree_item)
+
+    def _merged(self, st: SlotState) -> None:
+        st.merges += 1
+        st.t_merge = time.monotonic_ns()
+        self.q[S_MERGES] += 1
+
+    def get_mergeable_page(self, item: RmapItem, key: bytes) -> bool:
+        """The unstable-tree item's page is still there, anonymous, not KSM,
+        in a live mm, with the content it was filed under (racy read: the
+        merge confirms under the pte lock)."""
+        mm = item.slot.mm
+        if self.slots.get(item.slot.row) is not item.slot or ksm_test_exit(self.cl, mm):
+            return False
+        pte = mm.pq[PT_OFF + item.vpn]
+        if not pte & PTE_PRESENT:
+            return False
+        pfn = pte >> 2
+        if self.fq[pfn * FRAME_SIZE + FR_FLAGS] & F_KSM:
+            return False
+        p = pfn * PAGE_SIZE
+        return digest(self.pool[p:p + PAGE_SIZE]) == key
+
+    def try_to_merge_two_pages(self, st: SlotState, item: RmapItem, pfn: int,
+                               tree_item: RmapItem) -> bool:
+        """Make this page a KSM page in place, then merge the tree item's
+        page into it; on failure, break COW on this one again."""
+        cl, task = self.cl, self.cl.task
+        mm = st.mm
+        node = self.make_ksm_page(mm, item.vpn, pfn)
+        if node is None:
+            return True
+        tmm = tree_item.slot.mm
+        other = tmm is not mm
+        if other:
+            task.unlock(mm.sem)  # ksmd never holds two mm's mmap_sem
+            task.lock(tmm.sem)
+        tpte = tmm.pq[PT_OFF + tree_item.vpn]
+        ok = (not ksm_test_exit(cl, tmm) and bool(tpte & PTE_PRESENT)
+              and self.vma_mergeable(tmm, tree_item.vpn)
+              and self.try_to_merge_one_page(tmm, tree_item.vpn, tpte >> 2, node))
+        if other:
+            task.unlock(tmm.sem)
+            task.lock(mm.sem)
+        if ok:
+            self.remove_rmap_item_from_tree(tree_item)
+            self.stable[node.key] = node
+            self.stable_tree_append(item, node)
+            self.stable_tree_append(tree_item, node)
+            self._merged(tree_item.slot)
+        elif not ksm_test_exit(cl, mm):
+            # the KSM page has one mapping: give it back as an ordinary page
+            break_ksm(cl, self.alloc, mm, item.vpn, True)
+            self._cow(st)
+        return not other
+
+    def vma_mergeable(self, mm: MM, vpn: int) -> bool:
+        vma = mm.find_vma(vpn)
+        return vma is not None and bool(vma[3] & VM_MERGEABLE)
+
+    def make_ksm_page(self, mm: MM, vpn: int, pfn: int) -> StableNode | None:
+        """write_protect_page + set_page_stable_node on the page itself.
+        Caller holds mmap_sem (read) and has checked ksm_test_exit."""
+        cl, task, fq, pq = self.cl, self.cl.task, self.fq, mm.pq
+        task.lock(mm.ptl)
+        try:
+            pte = pq[PT_OFF + vpn]
+            b = pfn * FRAME_SIZE
+            if pte >> 2 != pfn or not pte & PTE_PRESENT or fq[b + FR_COUNT] != 1 \
+                    or fq[b + FR_FLAGS] & F_KSM:
+                return None
+            if pte & PTE_WRITE:
+                pq[PT_OFF + vpn] = pte & ~PTE_WRITE
+            p = pfn * PAGE_SIZE
+            key = digest(self.pool[p:p + PAGE_SIZE])  # stable from here on
+            node = StableNode(pfn, key)
+            old = self.stable.get(key)
+            if old is not None and self.get_ksm_page(old):
+                return None  # raced with an equal KSM page: next pass merges it
+            fq[b + FR_KEY0] = node.k0
+            fq[b + FR_KEY1] = node.k1
+            task.lock(cl.zone)
+            fq[b + FR_FLAGS] |= F_KSM
+            task.unlock(cl.zone)
+            self.q[mm.base + M_KSM_MAPPED] += 1
+            return node
+        finally:
+            task.unlock(mm.ptl)
+
+    def try_to_merge_one_page(self, mm: MM, vpn: int, pfn: int, node: StableNode) -> bool:
+        """write_protect_page, pages_identical, replace_page.
+        Caller holds mm's mmap_sem (read) and has checked ksm_test_exit."""
+        cl, task, fq, pq = self.cl, self.cl.task, self.fq, mm.pq
+        kpfn = node.kpfn
+        if pfn == kpfn:
+            return True
+        slot = PT_OFF + vpn
+        b = pfn * FRAME_SIZE
+        task.lock(mm.ptl)
+        pte = pq[slot]
+        if pte >> 2 != pfn or not pte & PTE_PRESENT or fq[b + FR_COUNT] != 1 \
+                or fq[b + FR_FLAGS] & F_KSM:
+            task.unlock(mm.ptl)
+            return False
+        if pte & PTE_WRITE:  # write_protect_page
+            pte &= ~PTE_WRITE
+            pq[slot] = pte
+        task.unlock(mm.ptl)
+        killpoints.hit_ksmd(cl, "ksmd_between_wp_and_replace", mm.base, self.log)
+        pool = self.pool
+        if pool[pfn * PAGE_SIZE:(pfn + 1) * PAGE_SIZE].tobytes() != \
+                pool[kpfn * PAGE_SIZE:(kpfn + 1) * PAGE_SIZE].tobytes():
+            return False
+        task.lock(mm.ptl)
+        try:
+            if pq[slot] != pte:  # replace_page: !pte_same
+                return False
+            task.lock(cl.zone)
+            try:
+                if not self.get_ksm_page(node):  # freed meanwhile (get_page_unless_zero)
+                    return False
+                fq[kpfn * FRAME_SIZE + FR_COUNT] += 1
+                pq[slot] = (kpfn << 2) | PTE_PRESENT
+                self.alloc.put_frame(pfn)
+            finally:
+                task.unlock(cl.zone)
+            self.q[mm.base + M_KSM_MAPPED] += 1
+            return True
+        finally:
+            task.unlock(mm.ptl)
+
+    # ---- run=2 ----------------------------------------------------------------
+    def unmerge_and_remove_all_rmap_items(self) -> None:
+        """KSM_RUN_UNMERGE: with ksm_thread_mutex held, walk every mm with
+        the cursor (so an exiting mm sees it and takes the slow path), break
+        every KSM page, drop every rmap_item, free the slots of exiting mms.
+        The registrations (slots of live mms) stay."""
+        cl, q, task = self.cl, self.q, self.cl.task
+        task.lock(cl.mmlist)
+        s = slot_next(cl, cl.head)
+        q[L_SCAN_SLOT] = s
+        q[L_SCAN_ADDR] = 0
+        task.unlock(cl.mmlist)
+        while s != cl.head:
+            st = self.slot_state(s)
+            mm = st.mm
+            task.lock(mm.sem)
+            pages = 0
+            if not ksm_test_exit(cl, mm):
+                for (start, end) in mm.mergeable_ranges():
+                    if ksm_test_exit(cl, mm):
+                        break
+                    killpoints.hit_ksmd(cl, "ksmd_break_cow", mm.base, self.log)
+                    pages += unmerge_ksm_pages(cl, self.alloc, mm, start, end, True)
+            for it in st.items.values():
+                self.remove_rmap_item_from_tree(it)
+            self.rmap_items -= len(st.items)
+            st.items.clear()
+            st.cows += pages
+            st.t_cow = time.monotonic_ns()
+            q[S_COW_KSMD] += pages
+            task.lock(cl.mmlist)
+            nxt = slot_next(cl, s)
+            q[L_SCAN_SLOT] = nxt
+            q[mm.base + M_SLOT_RMAP] = 0
+            if ksm_test_exit(cl, mm):
+                list_del(cl, s)
+                q[mm.base + M_SLOT_USED] = 0
+                q[mm.base + M_FLAGS] &= ~MMF_VM_MERGEABLE
+                q[S_SLOTS_FREED] += 1
+                task.unlock(mm.sem)
+                task.unlock(cl.mmlist)
+                self.log.info("unmerge", mm=st.mm_id, pages=pages, reason="run2")
+                self.log.info("slot_freed", mm=st.mm_id, by="unmerge")
+                self.drop_slot(st)
+                mmdrop(cl, s, st.mm_id, REF_KSM, self.log)
+            else:
+                task.unlock(mm.sem)
+                task.unlock(cl.mmlist)
+                self.log.info("unmerge", mm=st.mm_id, pages=pages, reason="run2")
+            s = nxt
+        self.alloc.flush()
+        for node in list(self.stable.values()):
+            self.remove_node_from_stable_tree(node)
+        self.unstable.clear()
+        q[L_SEQNR] = 0
+        self.log_activity()
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from . import log as ulog
+    from .layout import T_PID
+    ap = argparse.ArgumentParser(prog="uksm-ksmd", description="the ksmd process of a cluster")
+    ap.add_argument("--cluster", required=True)
+    ap.add_argument("--task", type=int, required=True)
+    ap.add_argument("--log-dir")
+    a = ap.parse_args(argv)
+    cl = Cluster.attach(a.cluster)
+    cl.bind(a.task)
+    import os
+    cl.q[cl.tbase(a.task) + T_PID] = os.getpid()
+    log = ulog.setup("ksmd", a.cluster, a.log_dir)
+    cl.task.on_wait = lambda name, ms, holders: log.info("lock_wait", lock=name, holders=holders,
+                                                          waited_ms=round(ms, 3))
+    try:
+        Ksmd(cl, log).run()
+    finally:
+        ulog.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,219 @@
+"""Layout of the shared memory: every structure is a run of int64 fields.
+
+Each process maps the segments and reads/writes fields by index through a
+``memoryview.cast('q')``: an aligned 8-byte store is one instruction, so a
+single field update is atomic with respect to a SIGKILL and to readers in
+other processes.  Multi-field updates are ordered so that one store commits
+them (see the modules that own each structure).
+
+Segments of a cluster ``C``:
+
+- ``/uksm.C.ctl``: header, the /sys/kernel/mm/ksm block, stats, the
+  ``ksm_mm_head`` list head and the ``ksm_scan`` cursor, the task table and
+  the mm table (``mm_struct`` fused with its ``mm_slot``);
+- ``/uksm.C.frames``: the frame table (``struct page``) and the free stack;
+- ``/uksm.C.pool``: the frames themselves (physical memory);
+- ``/uksm.C.mmN``: address space N: VMA table and page table.
+"""
+from __future__ import annotations
+
+PAGE_SIZE = 4096
+PAGE_SHIFT = 12
+MAGIC = 0x75_6B_73_6D_00_01  # "uksm" v1
+VERSION = 1
+
+# ---- control segment: header
+H_MAGIC = 0
+H_VERSION = 1
+H_NFRAMES = 2
+H_MAX_TASKS = 3
+H_MAX_MMS = 4
+H_RWSEM_N = 5
+H_VA_PAGES = 6
+H_SUPERVISOR_PID = 7
+H_STATE = 8
+H_CREATED_NS = 9
+H_NEXT_MM_ID = 10
+H_EXIT_POLICY = 11
+H_HAZARDS = 12
+H_HUNG_TIMEOUT_MS = 13
+H_LOCK_WAIT_MS = 14
+H_KSMD_TASK = 15
+H_KSMD_PID = 16
+H_KSMD_POINT = 17
+H_KSMD_POINT_SIG = 18
+H_SHUTDOWN = 19
+H_NEXT_WORKER = 20
+H_CMD_SEQ = 21
+H_FRAMES_FREED = 22
+H_MEM_LIMIT = 23
+HDR_END = 24
+
+# ---- /sys/kernel/mm/ksm: knobs (written by ctl) and counters (written by ksmd)
+K_RUN = HDR_END + 0
+K_PAGES_TO_SCAN = HDR_END + 1
+K_SLEEP_MS = HDR_END + 2
+K_PAGES_SHARED = HDR_END + 3
+K_PAGES_SHARING = HDR_END + 4
+K_PAGES_UNSHARED = HDR_END + 5
+K_PAGES_VOLATILE = HDR_END + 6
+K_FULL_SCANS = HDR_END + 7
+K_PAGES_SCANNED = HDR_END + 8
+K_RMAP_ITEMS = HDR_END + 9
+K_RUN_SEQ = HDR_END + 10
+K_RUN_DONE = HDR_END + 11
+K_STABLE_NODES = HDR_END + 12
+KSM_END = HDR_END + 13
+
+# ---- stats: updated under ksm_mmlist_lock (or by their single writer)
+S_STARTED = KSM_END + 0
+S_EXITED = KSM_END + 1
+S_EXIT_FAST = KSM_END + 2
+S_EXIT_SLOW = KSM_END + 3
+S_EXIT_LEGACY = KSM_END + 4
+S_KILLED = KSM_END + 5
+S_OOM_KILLED = KSM_END + 6
+S_REAPED = KSM_END + 7
+S_LOCK_RECOVERIES = KSM_END + 8
+S_RECOVERIES = KSM_END + 9
+S_KILL_POINTS = KSM_END + 10
+S_PAGES_VERIFIED = KSM_END + 11
+S_MISMATCHES = KSM_END + 12
+S_MERGES = KSM_END + 13
+S_COW_WORKER = KSM_END + 14
+S_COW_KSMD = KSM_END + 15
+S_SLOTS_FREED = KSM_END + 16
+S_MM_FREED = KSM_END + 17
+S_SIGNALS = KSM_END + 18
+STATS_END = KSM_END + 19
+
+# ---- ksm_mm_head, ksm_scan (under ksm_mmlist_lock) and the free-stack top (under zone_lock)
+L_HEAD_NEXT = STATS_END + 0
+L_HEAD_PREV = STATS_END + 1
+L_SCAN_SLOT = STATS_END + 2
+L_SCAN_ADDR = STATS_END + 3
+L_SEQNR = STATS_END + 4
+A_FREE_TOP = STATS_END + 5
+CTL_FIXED_END = STATS_END + 6
+
+# ---- task table row: one per process (or supervisor thread); lock entries follow
+T_PID = 0
+T_ROLE = 1
+T_STATE = 2
+T_MM = 3
+T_START_NS = 4
+T_WORKER_NO = 5
+T_PAGES = 6
+T_VERIFIED = 7
+T_MISMATCHES = 8
+T_EXIT_REASON = 9
+T_KILL_POINT = 10
+T_KILL_SIG = 11
+T_FLIGHT_PFN = 12
+T_FLIGHT_MM = 13
+T_FLIGHT_VPN = 14
+T_FATAL = 15
+T_READY = 16
+T_COW = 17
+T_FAULTS = 18
+T_FOR_ROW = 19
+T_WORKLOAD = 20
+T_SEED = 21
+T_FIXED = 22
+
+# ---- mm table row: mm_struct fused with its mm_slot (slot index == row index)
+M_ID = 0
+M_STATE = 1
+M_OWNER_PID = 2
+M_OWNER_TASK = 3
+M_USERS = 4
+M_REFS = 5
+M_FLAGS = 6
+M_RSS = 7
+M_KSM_MAPPED = 8
+M_RMAP_ITEMS = 9
+M_MERGING = 10
+M_EXIT_STAGE = 11
+M_EXIT_PATH = 12
+M_OOM_VICTIM = 13
+M_WRITER_WAITING = 14
+M_SLOT_USED = 15
+M_SLOT_NEXT = 16
+M_SLOT_PREV = 17
+M_SLOT_RMAP = 18
+M_PAGES = 19
+M_CREATED_NS = 20
+M_FREER_TASK = 21
+M_WORKER_NO = 22
+MM_SIZE = 23
+
+STATS_NAMES = {
+    "started": S_STARTED, "exited": S_EXITED, "exit_fast": S_EXIT_FAST,
+    "exit_slow": S_EXIT_SLOW, "exit_legacy": S_EXIT_LEGACY, "killed": S_KILLED,
+    "oom_killed": S_OOM_KILLED, "reaped": S_REAPED,
+}
+
+# lock classes: the index of the lock entry in a task row.  A task holds at
+# most one lock of each class at a time (ksmd drops one mm's mmap_sem before
+# it takes another's, as the kernel does).  "frames" is not a lock: it is
+# the allocator's wait for free frames, recorded the same way so that the
+# hung-task watchdog can follow a chain through it.
+LOCK_CLASSES = ("ksm_thread_mutex", "mmap_wmutex", "mmap_sem", "pte_lock",
+                "zone_lock", "ksm_mmlist_lock", "frames")
+C_DAEMON, C_WMUTEX, C_MMAP, C_PTL, C_ALLOC, C_MMLIST, C_FRAMES = range(7)
+NCLASS = len(LOCK_CLASSES)
+# a lock entry: which lock; word = seq << 3 | writer << 2 | state; units a
+# writer holds; timeouts spent waiting; when the wait began (ns)
+E_LOCK, E_WORD, E_HELD, E_SPINS, E_SINCE = range(5)
+ESIZE = 5
+T_LOCKS = T_FIXED
+TASK_SIZE = T_LOCKS + NCLASS * ESIZE
+
+ROLES = ("none", "supervisor", "ksmd", "worker", "reaper", "ctl")
+R_NONE, R_SUPERVISOR, R_KSMD, R_WORKER, R_REAPER, R_CTL = range(6)
+# task states
+TS_FREE, TS_ALIVE, TS_DEAD, TS_REAPING = range(4)
+# why a worker exited (T_EXIT_REASON)
+EXIT_REASONS = ("none", "exit", "signal", "oom", "sigkill")
+X_NONE, X_EXIT, X_SIGNAL, X_OOM, X_SIGKILL = range(5)
+
+# M_STATE
+MM_STATES = ("free", "live", "exiting", "waiting-ksmd", "freeing")
+MS_FREE, MS_LIVE, MS_EXITING, MS_ZOMBIE, MS_FREEING = range(5)
+# M_REFS: mm_count as a set of references, so that dropping one is an
+# idempotent single store (a reaper may redo the drop of a killed task):
+# REF_USERS is the one count all mm_users hold together, REF_KSM the mm_slot's
+# (raised by __ksm_enter, dropped by whoever frees the slot).
+REF_USERS, REF_KSM = 1, 2
+MMF_VM_MERGEABLE = 1
+# M_EXIT_STAGE: the exit steps done, as bits; each step is idempotent, so a
+# reaper finishing a SIGKILLed task's exit does only the steps not marked.
+XS_USERS0, XS_ZAPPED, XS_KSM_EXIT, XS_PGTABLES, XS_MMDROP = 1, 2, 4, 8, 16
+EXIT_PATHS = ("none", "fast", "slow", "legacy")
+P_NONE, P_FAST, P_SLOW, P_LEGACY = range(4)
+
+# ---- frame table (struct page) and free stack
+FR_COUNT, FR_FLAGS, FR_AUX, FR_KEY0, FR_KEY1 = range(5)
+FRAME_SIZE = 5
+F_ANON, F_KSM, F_FREEING = 1, 2, 4
+
+# ---- address-space segment: header, VMA table, page table
+MS_MAGIC, MS_ID, MS_OWNER_PID, MS_NVMA = range(4)
+MAX_VMAS = 64
+V_START, V_END, V_FLAGS = range(3)
+VMA_SIZE = 3
+VMA_OFF = 8
+PT_OFF = VMA_OFF + MAX_VMAS * VMA_SIZE
+VM_READ, VM_WRITE, VM_MERGEABLE = 1, 2, 4
+# PTE: pfn << 2 | write << 1 | present; 0 is pte_none
+PTE_PRESENT, PTE_WRITE = 1, 2
+FIRST_VPN = 16  # the first pages of every address space stay unmapped (NULL)
+
+# ---- exit policies and hazards
+EXIT_POLICIES = ("seed", "shipped", "legacy")
+POL_SEED, POL_SHIPPED, POL_LEGACY = range(3)
+HAZARDS = {"no-fast-path": 1, "no-exit-checks": 2}
+HZ_NO_FAST_PATH, HZ_NO_EXIT_CHECKS = 1, 2
+
+# cluster states
+CS_STARTING, CS_RUNNING, CS_STOPPING, CS_STOPPED = range(4)

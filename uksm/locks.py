@@ -1,0 +1,363 @@
+"""Cross-process locks on POSIX semaphores that survive a SIGKILLed holder.
+
+A POSIX semaphore has no owner: when its holder dies it stays taken.  So every
+task (process, or supervisor thread) has a row in the shared task table, with
+one *lock entry* per lock class (see ``layout.LOCK_CLASSES``), and follows
+this protocol around every semaphore operation::
+
+    acquire:  E_LOCK = lock; word -> WAITING      (before sem_wait)
+              sem_wait ... [window A] ...
+              word -> HELD                        (writer: E_HELD += 1 per unit)
+    release:  word -> RELEASING
+              sem_post ... [window B] ...
+              word -> IDLE                        (writer: E_HELD -= 1 per unit)
+
+A waiter that must block waits in slices of ``WAIT_SLICE`` and bumps
+``E_SPINS`` after every slice that timed out, so that "blocked" is visible
+from outside.  ``word`` is ``seq << 3 | writer << 2 | state`` and ``seq`` grows
+at every transition, so two equal words mean "no transition in between".
+
+After a task died, ``recover()`` works out exactly how many units of each
+lock the dead held -- including a death inside window A (taken, not yet
+recorded) or window B (posted, not yet recorded) -- without ever guessing:
+
+1. drain: take every free unit of the lock (trywait until it fails);
+2. snapshot the live entries on the lock; repeat drain/snapshot;
+3. decide on three consecutive snapshots S1, S2, S3 where every live entry
+   kept its word (no transition, so nobody posted: the value stayed 0 after
+   the first drain), no live entry is RELEASING, and every live WAITING
+   entry bumped E_SPINS between S2 and S3 with E_HELD unchanged (it was
+   blocked then, and with no free unit since, it cannot have taken one);
+4. then ``N = drained + sum(live holdings) + dead holdings`` exactly, and the
+   dead's units are the remainder.  They become the recoverer's: it repairs
+   what the lock protects, then posts them.
+
+A read/write ``mmap_sem`` is one semaphore of N units: a reader takes one, a
+writer takes all N one at a time under a writer mutex (``mmap_wmutex``), so
+``N - value`` is what the holders hold and the arithmetic above is unchanged.
+
+Lock order (as mm/ksm.c's): ksm_thread_mutex -> mmap_wmutex -> mmap_sem ->
+pte_lock -> zone_lock; ksm_mmlist_lock is a leaf, taken with no other lock
+of the list below it held... except mmap_sem / ksm_thread_mutex.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterable
+
+import posix_ipc
+
+from .layout import (C_FRAMES, C_MMAP, C_WMUTEX, E_HELD, E_LOCK, E_SINCE, E_SPINS,
+                     E_WORD, ESIZE, LOCK_CLASSES, NCLASS, T_LOCKS, T_PID, T_STATE,
+                     TS_ALIVE)
+
+IDLE, WAITING, HELD, RELEASING = 0, 1, 2, 3
+STATE_NAMES = ("idle", "waiting", "held", "releasing")
+WRITER = 4
+WAIT_SLICE = 0.02  # seconds a blocked waiter sleeps before it bumps E_SPINS
+
+
+def lock_id(cls: int, mm: int = 0) -> int:
+    return (cls << 40) | mm
+
+
+def lock_name(lid: int) -> str:
+    cls, mm = lid >> 40, lid & ((1 << 40) - 1)
+    name = LOCK_CLASSES[cls] if 0 <= cls < NCLASS else f"class{cls}"
+    return f"{name}:mm{mm}" if mm else name
+
+
+class Lock:
+    """One semaphore of ``units`` units (1: a mutex; N: an rw semaphore)."""
+
+    __slots__ = ("sem", "units", "cls", "lid", "name")
+
+    def __init__(self, sem: posix_ipc.Semaphore, units: int, cls: int, mm: int = 0) -> None:
+        self.sem = sem
+        self.units = units
+        self.cls = cls
+        self.lid = lock_id(cls, mm)
+        self.name = lock_name(self.lid)
+
+
+class Task:
+    """This task's row in the task table, and the lock protocol on it.
+
+    ``on_wait(lock_name, waited_s)`` is called once a wait passes the
+    lock-wait threshold (for the ``lock_wait`` event) and ``on_spin`` at
+    every slice of a blocked wait (kill points, fatal-signal checks).
+    """
+
+    def __init__(self, q: memoryview, row_base: int, row: int,
+                 holders: Callable[[int], list[int]] | None = None,
+                 wait_log_ms: int = 100) -> None:
+        self.q = q
+        self.row = row
+        self.base = row_base
+        self.ebase = [row_base + T_LOCKS + c * ESIZE for c in range(NCLASS)]
+        self.holders = holders
+        self.wait_log_ns = wait_log_ms * 1_000_000
+        self.on_wait: Callable[[str, float, list[int]], None] | None = None
+
+    # -- the protocol -----------------------------------------------------
+    def _set(self, e: int, state: int) -> None:
+        q = self.q
+        w = q[e + E_WORD]
+        q[e + E_WORD] = (w & ~7) + 8 + (w & WRITER) + state
+
+    def _block(self, lk: Lock, e: int) -> None:
+        """Wait for one unit of ``lk`` (the entry says WAITING)."""
+        q = self.q
+        t0 = time.monotonic_ns()
+        q[e + E_SINCE] = t0
+        acquire = lk.sem.acquire
+        while True:
+            try:
+                acquire(WAIT_SLICE)
+                break
+            except (posix_ipc.BusyError, posix_ipc.SignalError):
+                q[e + E_SPINS] += 1
+        q[e + E_SINCE] = 0
+        waited = time.monotonic_ns() - t0
+        if waited >= self.wait_log_ns and self.on_wait is not None:
+            holders = self.holders(lk.lid) if self.holders else []
+            self.on_wait(lk.name, waited / 1e6, holders)
+
+    def lock(self, lk: Lock) -> None:
+        """mutex_lock / down_read: take one unit."""
+        q = self.q
+        e = self.ebase[lk.cls]
+        q[e + E_LOCK] = lk.lid
+        w = q[e + E_WORD]
+        q[e + E_WORD] = (w & ~7) + 8 + WAITING
+        try:
+            lk.sem.acquire(0)
+        except posix_ipc.BusyError:
+            self._block(lk, e)
+        q[e + E_WORD] = (w & ~7) + 16 + HELD
+
+    def trylock(self, lk: Lock) -> bool:
+        """mutex_trylock / down_read_trylock."""
+        q = self.q
+        e = self.ebase[lk.cls]
+        q[e + E_LOCK] = lk.lid
+        w = q[e + E_WORD]
+        q[e + E_WORD] = (w & ~7) + 8 + WAITING
+        try:
+            lk.sem.acquire(0)
+        except posix_ipc.BusyError:
+            q[e + E_WORD] = (w & ~7) + 16 + IDLE
+            return False
+        q[e + E_WORD] = (w & ~7) + 16 + HELD
+        return True
+
+    def unlock(self, lk: Lock) -> None:
+        """mutex_unlock / up_read."""
+        q = self.q
+        e = self.ebase[lk.cls]
+        w = q[e + E_WORD]
+        q[e + E_WORD] = (w & ~7) + 8 + RELEASING
+        lk.sem.release()
+        q[e + E_WORD] = (w & ~7) + 16 + IDLE
+
+    def down_write(self, sem: Lock, wmutex: Lock) -> None:
+        """down_write: the writer mutex, then every unit of ``sem``."""
+        self.lock(wmutex)
+        q = self.q
+        e = self.ebase[sem.cls]
+        q[e + E_LOCK] = sem.lid
+        q[e + E_HELD] = 0
+        w = q[e + E_WORD]
+        q[e + E_WORD] = (w & ~7) + 8 + WRITER + WAITING
+        acquire = sem.sem.acquire
+        for i in range(sem.units):
+            try:
+                acquire(0)
+            except posix_ipc.BusyError:
+                self._block(sem, e)
+            q[e + E_HELD] = i + 1
+        q[e + E_WORD] = (w & ~7) + 16 + WRITER + HELD
+
+    def up_write(self, sem: Lock, wmutex: Lock) -> None:
+        q = self.q
+        e = self.ebase[sem.cls]
+        w = q[e + E_WORD]
+        q[e + E_WORD] = (w & ~7) + 8 + WRITER + RELEASING
+        release = sem.sem.release
+        for i in range(sem.units - 1, -1, -1):
+            release()
+            q[e + E_HELD] = i
+        q[e + E_WORD] = (w & ~7) + 16 + IDLE
+        self.unlock(wmutex)
+
+    def holds(self, lk: Lock) -> bool:
+        e = self.ebase[lk.cls]
+        return self.q[e + E_LOCK] == lk.lid and (self.q[e + E_WORD] & 3) == HELD
+
+    # -- waits that are not on a semaphore (the allocator's) ---------------
+    def wait_begin(self, cls: int = C_FRAMES, what: int = 0) -> None:
+        e = self.ebase[cls]
+        self.q[e + E_LOCK] = lock_id(cls, what)
+        self.q[e + E_SINCE] = time.monotonic_ns()
+        self._set(e, WAITING)
+
+    def wait_spin(self, cls: int = C_FRAMES) -> None:
+        self.q[self.ebase[cls] + E_SPINS] += 1
+
+    def wait_end(self, cls: int = C_FRAMES) -> None:
+        e = self.ebase[cls]
+        self.q[e + E_SINCE] = 0
+        self._set(e, IDLE)
+
+    def clear_entries(self) -> None:
+        """Forget every entry (after recovery took over what they held)."""
+        for e in self.ebase:
+            self._set(e, IDLE)
+            self.q[e + E_HELD] = 0
+            self.q[e + E_SINCE] = 0
+
+
+# ---- reading entries from outside (recovery, watchdog, fsck) --------------
+
+class Entry:
+    """A snapshot of one task's entry on one lock."""
+
+    __slots__ = ("row", "pid", "lid", "word", "held", "spins", "since")
+
+    def __init__(self, row: int, pid: int, lid: int, word: int, held: int,
+                 spins: int, since: int) -> None:
+        self.row, self.pid, self.lid = row, pid, lid
+        self.word, self.held, self.spins, self.since = word, held, spins, since
+
+    @property
+    def state(self) -> int:
+        return self.word & 3
+
+    @property
+    def writer(self) -> bool:
+        return bool(self.word & WRITER)
+
+    def units(self) -> int:
+        """What a live entry holds on a stable snapshot (no window)."""
+        st = self.state
+        if self.writer:
+            return self.held if st in (WAITING, HELD) else 0
+        return 1 if st == HELD else 0
+
+
+def read_entries(q: memoryview, rows: Iterable[tuple[int, int]], cls: int) -> list[Entry]:
+    """Entries of class ``cls`` that are not idle, for (row, row_base) pairs."""
+    out = []
+    for row, base in rows:
+        e = base + T_LOCKS + cls * ESIZE
+        word = q[e + E_WORD]
+        if word & 3 == IDLE:
+            continue
+        out.append(Entry(row, q[base + T_PID], q[e + E_LOCK], word, q[e + E_HELD],
+                         q[e + E_SPINS], q[e + E_SINCE]))
+    return out
+
+
+def recover(q: memoryview, locks: dict[int, Lock], live_rows: list[tuple[int, int]],
+            dead_rows: list[tuple[int, int]], owned: dict[int, int] | None = None,
+            deadline_s: float = 30.0) -> dict[int, int]:
+    """Take over the units that dead tasks hold of each lock in ``locks``.
+
+    ``owned``: units the caller already holds (taken over from earlier
+    deaths), which no entry records.  Returns {lock id: units now owned by
+    the caller on the dead's behalf}; the caller repairs what each lock
+    protects and then posts them.  The free units drained on the way are
+    posted back before returning.
+    """
+    owned = owned or {}
+    drained = {lid: 0 for lid in locks}
+    hist: dict[int, list[dict[int, tuple[int, int, int]]]] = {lid: [] for lid in locks}
+    result: dict[int, int] = {}
+    pending = set(locks)
+    t_end = time.monotonic() + deadline_s
+    while pending:
+        for lid in list(pending):
+            lk = locks[lid]
+            cls = lid >> 40
+            snap = {en.row: (en.word, en.held, en.spins)
+                    for en in read_entries(q, live_rows, cls) if en.lid == lid}
+            while True:
+                try:
+                    lk.sem.acquire(0)
+                    drained[lid] += 1
+                except posix_ipc.BusyError:
+                    break
+            h = hist[lid]
+            h.append(snap)
+            if len(h) >= 3 and _stable(h[-3], h[-2], h[-1]):
+                live = sum(_units(w, held) for (w, held, _s) in h[-1].values())
+                dead = lk.units - drained[lid] - live - owned.get(lid, 0)
+                if dead < 0:  # cannot happen if every task follows the protocol
+                    raise RuntimeError(f"lock recovery of {lk.name}: negative remainder {dead}")
+                result[lid] = dead
+                pending.discard(lid)
+        if pending:
+            if time.monotonic() > t_end:
+                raise TimeoutError("lock recovery did not settle: "
+                                   + ", ".join(locks[lid].name for lid in pending))
+            waiting = any(w & 3 == WAITING for lid in pending for (w, _h, _s) in hist[lid][-1].values())
+            time.sleep(WAIT_SLICE * 1.5 if waiting else 0.001)
+    for lid, n in drained.items():
+        for _ in range(n):
+            locks[lid].sem.release()
+    for _row, base in dead_rows:
+        for c in range(NCLASS):
+            e = base + T_LOCKS + c * ESIZE
+            if (q[e + E_LOCK] in locks) or c == C_FRAMES:
+                w = q[e + E_WORD]
+                q[e + E_WORD] = (w & ~7) + 8
+                q[e + E_HELD] = 0
+                q[e + E_SINCE] = 0
+    return result
+
+
+def _units(word: int, held: int) -> int:
+    st = word & 3
+    if word & WRITER:
+        return held if st in (WAITING, HELD) else 0
+    return 1 if st == HELD else 0
+
+
+def _stable(s1: dict, s2: dict, s3: dict) -> bool:
+    if not (s1.keys() == s2.keys() == s3.keys()):
+        return False
+    for row, (w3, h3, sp3) in s3.items():
+        w1, _h1, _sp1 = s1[row]
+        w2, h2, sp2 = s2[row]
+        if not (w1 == w2 == w3) or w3 & 3 == RELEASING:
+            return False
+        if w3 & 3 == WAITING and not (sp3 > sp2 and h3 == h2):
+            return False
+    return True
+
+
+def dead_locks(q: memoryview, base: int) -> list[int]:
+    """Lock ids a dead task's entries mention (not idle; not the frames wait)."""
+    out = []
+    for c in range(NCLASS):
+        if c == C_FRAMES:
+            continue
+        e = base + T_LOCKS + c * ESIZE
+        if q[e + E_WORD] & 3 != IDLE:
+            out.append(q[e + E_LOCK])
+    return out
+
+
+def holders_of(q: memoryview, rows: Iterable[tuple[int, int]], lid: int) -> list[int]:
+    """PIDs of live tasks holding (part of) ``lid``: for lock_wait and the
+    hung-task chain."""
+    cls = lid >> 40
+    return [en.pid for en in read_entries(q, rows, cls)
+            if en.lid == lid and (en.state in (HELD, RELEASING)
+                                  or (en.writer and en.held > 0))]
+
+
+__all__ = ["Lock", "Task", "Entry", "recover", "read_entries", "dead_locks",
+           "holders_of", "lock_id", "lock_name", "IDLE", "WAITING", "HELD",
+           "RELEASING", "STATE_NAMES", "WAIT_SLICE", "C_MMAP", "C_WMUTEX",
+           "T_STATE", "TS_ALIVE"]

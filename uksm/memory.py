@@ -1,0 +1,200 @@
+"""Physical memory: the frame pool, the frame table and the allocator.
+
+Emulates ``struct page`` (``_count``, ``PageAnon``, ``PageKsm``) and the buddy
+allocator's order-0 path with its ``__alloc_pages_slowpath`` retry loop.
+
+``zone_lock`` protects the free stack and every frame's count and flags.  A
+frame's count is the number of PTEs that map it, plus one while a task has
+it "in flight" (allocated, not yet installed: recorded in the task row's
+T_FLIGHT_*, so that a SIGKILL there does not leak it).  Nobody takes a
+reference without holding the pte lock of the mapping or zone_lock, so a
+task holding every pte lock and zone_lock sees counts that equal the PTEs
+(``fsck`` and the recovery rebuild rely on it).
+
+Freeing gives the frame's memory back to the host: the frame is marked
+FREEING (owner in FR_AUX), collected, its range punched out of the pool
+(``MADV_REMOVE``) in runs, then pushed on the free stack.  A punched frame
+reads back as zeros, so a new anonymous page needs no clearing.
+"""
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from .layout import (A_FREE_TOP, C_FRAMES, F_ANON, F_FREEING, FR_AUX, FR_COUNT, FR_FLAGS,
+                     FRAME_SIZE, H_FRAMES_FREED, H_MEM_LIMIT, PAGE_SIZE, T_FATAL, T_FLIGHT_MM,
+                     T_FLIGHT_PFN, T_FLIGHT_VPN)
+
+if TYPE_CHECKING:
+    from .cluster import Cluster
+
+FLUSH_AT = 256
+
+
+class OutOfMemory(Exception):
+    """VM_FAULT_OOM: the allocating task was chosen or told to die."""
+
+
+class Allocator:
+    """One per task: its pending frees and its in-flight frame."""
+
+    def __init__(self, cl: "Cluster") -> None:
+        self.cl = cl
+        self.q = cl.q
+        self.fq = cl.fq
+        self.pending: list[int] = []
+        self.oom_killer = None  # set by uksm.oom: callable(cl, task) -> None
+
+    # -- allocation -------------------------------------------------------
+    def _pop(self, mm: int, vpn: int) -> int:
+        """Take a frame off the free stack (caller holds zone_lock)."""
+        q, fq = self.q, self.fq
+        top = q[A_FREE_TOP]
+        limit = q[H_MEM_LIMIT]  # mem=: frames beyond it do not exist
+        if top == 0 or (limit and self.cl.nframes - top >= limit):
+            return -1
+        pfn = fq[self.cl.stack_off + top - 1]
+        t = self.cl.task.base
+        q[t + T_FLIGHT_MM] = mm
+        q[t + T_FLIGHT_VPN] = vpn
+        q[t + T_FLIGHT_PFN] = pfn
+        b = pfn * FRAME_SIZE
+        fq[b + FR_COUNT] = 1
+        fq[b + FR_FLAGS] = F_ANON
+        fq[b + FR_AUX] = 0
+        q[A_FREE_TOP] = top - 1  # commit
+        return pfn
+
+    def alloc_frame(self, mm: int, vpn: int, fatal_ok: bool = True) -> int:
+        """alloc_page(GFP_HIGHUSER_MOVABLE): a zero-filled frame with count 1,
+        in flight for (mm, vpn) until ``installed``.
+
+        When the pool is empty: free our own pending frames, invoke the OOM
+        killer (at most one victim on its way out at a time, as
+        out_of_memory does), wait for frames and retry -- never giving up on
+        our own.  Only a task that is itself dying (a fatal signal pending:
+        the OOM victim, say) gets OutOfMemory, as VM_FAULT_OOM.
+        """
+        cl, task = self.cl, self.cl.task
+        task.lock(cl.zone)
+        pfn = self._pop(mm, vpn)
+        task.unlock(cl.zone)
+        if pfn >= 0:
+            return pfn
+        waiting = False
+        try:
+            while True:
+                if self.pending:
+                    self.flush()
+                elif fatal_ok and self.q[task.base + T_FATAL]:
+                    raise OutOfMemory()
+                else:
+                    if not waiting:
+                        task.wait_begin(C_FRAMES)
+                        waiting = True
+                    if self.oom_killer is not None:
+                        self.oom_killer(cl, task)
+                    seq = self.q[H_FRAMES_FREED]
+                    for _ in range(50):
+                        if self.q[H_FRAMES_FREED] != seq or self.q[A_FREE_TOP]:
+                            break
+                        time.sleep(0.002)
+                    task.wait_spin(C_FRAMES)
+                task.lock(cl.zone)
+                pfn = self._pop(mm, vpn)
+                task.unlock(cl.zone)
+                if pfn >= 0:
+                    return pfn
+        finally:
+            if waiting:
+                task.wait_end(C_FRAMES)
+
+    def installed(self) -> None:
+        """The in-flight frame is in a PTE now (caller holds the pte lock)."""
+        self.q[self.cl.task.base + T_FLIGHT_PFN] = -1
+
+    # -- references ---------------------------------------------------------
+    def get_frame(self, pfn: int) -> None:
+        """get_page (caller holds zone_lock)."""
+        self.fq[pfn * FRAME_SIZE + FR_COUNT] += 1
+
+    def put_frame(self, pfn: int) -> bool:
+        """put_page (caller holds zone_lock): True when the frame is freed."""
+        fq = self.fq
+        b = pfn * FRAME_SIZE
+        c = fq[b + FR_COUNT] - 1
+        fq[b + FR_COUNT] = c
+        if c:
+            return False
+        fq[b + FR_AUX] = self.cl.task.row + 1
+        fq[b + FR_FLAGS] = F_FREEING
+        self.pending.append(pfn)
+        return True
+
+    def put_frames(self, pfns: list[int]) -> None:
+        """put_page on each (takes zone_lock), then flush if many are pending."""
+        if not pfns:
+            return
+        task, zone = self.cl.task, self.cl.zone
+        task.lock(zone)
+        for pfn in pfns:
+            self.put_frame(pfn)
+        task.unlock(zone)
+        if len(self.pending) >= FLUSH_AT:
+            self.flush()
+
+    def flush(self) -> None:
+        """Punch the pending frames out of the pool and free them."""
+        pend = self.pending
+        if not pend:
+            return
+        pend.sort()
+        pool = self.cl.pool
+        start = prev = pend[0]
+        for pfn in pend[1:]:
+            if pfn != prev + 1:
+                pool.punch(start * PAGE_SIZE, (prev - start + 1) * PAGE_SIZE)
+                start = pfn
+            prev = pfn
+        pool.punch(start * PAGE_SIZE, (prev - start + 1) * PAGE_SIZE)
+        q, fq, sb = self.q, self.fq, self.cl.stack_off
+        task = self.cl.task
+        task.lock(self.cl.zone)
+        top = q[A_FREE_TOP]
+        for pfn in pend:
+            b = pfn * FRAME_SIZE
+            fq[b + FR_FLAGS] = 0
+            fq[b + FR_AUX] = 0
+            fq[sb + top] = pfn
+            top += 1
+        q[A_FREE_TOP] = top  # commit
+        q[H_FRAMES_FREED] += 1
+        task.unlock(self.cl.zone)
+        self.pending = []
+
+
+def frame_stats(cl: "Cluster") -> dict[str, int]:
+    free = cl.q[A_FREE_TOP]
+    return {"total": cl.nframes, "used": cl.nframes - free, "free": free}
+
+
+def rebuild_free_stack(cl: "Cluster", live_freeing: set[int]) -> int:
+    """zone_lock repair after its holder died: the free stack becomes
+    exactly the frames with count 0 that no live task is freeing.
+    Caller owns zone_lock.  Returns the number of free frames."""
+    fq, sb = cl.fq, cl.stack_off
+    top = 0
+    for pfn in range(cl.nframes):
+        b = pfn * FRAME_SIZE
+        if fq[b + FR_COUNT] == 0:
+            if fq[b + FR_FLAGS] & F_FREEING and fq[b + FR_AUX] - 1 in live_freeing:
+                continue
+            if fq[b + FR_FLAGS]:
+                cl.pool.punch(pfn * PAGE_SIZE, PAGE_SIZE)
+            fq[b + FR_FLAGS] = 0
+            fq[b + FR_AUX] = 0
+            fq[sb + top] = pfn
+            top += 1
+    cl.q[A_FREE_TOP] = top
+    cl.q[H_FRAMES_FREED] += 1
+    return top

@@ -1,0 +1,301 @@
+"""Address spaces: mm_struct rows, VMA tables, page tables, mmap/madvise.
+
+An address space is a row of the mm table (``mm_struct``: ``mm_users``,
+``mm_count`` as reference bits, flags, rss) plus a segment ``/uksm.C.mmN``
+holding its VMA table and its page table, plus three semaphores: ``mmap_sem``
+(N units, rw), its writer mutex, and the pte lock.
+
+Who protects what:
+- VMA table: ``mmap_sem`` (write to change, read to walk);
+- page table entries, M_RSS, M_KSM_MAPPED: the pte lock;
+- M_USERS, M_REFS, M_STATE, M_FLAGS, the slot fields: ``ksm_mmlist_lock``
+  (the kernel uses atomics and bit ops for the first ones; one leaf lock
+  keeps the exit protocol's tests consistent here).
+
+VMA changes are crash-safe without a journal: a split first writes the new
+row, then shrinks the old one (for an instant both cover the tail, which a
+walker tolerates), so a writer SIGKILLed mid-way leaves a usable table.
+"""
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from . import shm
+from .layout import (FIRST_VPN, M_CREATED_NS, M_EXIT_STAGE, M_FLAGS, M_ID, M_OWNER_PID,
+                     M_OWNER_TASK, M_PAGES, M_REFS, M_RSS, M_STATE, M_USERS,
+                     M_WORKER_NO, MAX_VMAS, MM_SIZE, MS_FREE, MS_FREEING, MS_ID, MS_LIVE,
+                     MS_MAGIC, MAGIC, PAGE_SIZE, PT_OFF, REF_USERS, V_END, V_FLAGS,
+                     V_START, VM_MERGEABLE, VMA_OFF, VMA_SIZE, H_NEXT_MM_ID, M_FREER_TASK,
+                     S_MM_FREED, M_SLOT_USED, M_KSM_MAPPED, M_OOM_VICTIM, M_EXIT_PATH,
+                     M_RMAP_ITEMS, M_MERGING, M_WRITER_WAITING, M_SLOT_RMAP)
+from .locks import Lock
+
+if TYPE_CHECKING:
+    from .cluster import Cluster
+
+
+class SegFault(Exception):
+    """Access outside any VMA, or a write to a read-only one."""
+
+
+class MM:
+    """An address space as one process sees it."""
+
+    __slots__ = ("cl", "id", "row", "base", "seg", "pq", "sem", "wmx", "ptl")
+
+    def __init__(self, cl: "Cluster", mm_id: int, row: int, seg: shm.Segment) -> None:
+        self.cl = cl
+        self.id = mm_id
+        self.row = row
+        self.base = cl.mbase(row)
+        self.seg = seg
+        self.pq = seg.q
+        self.sem, self.wmx, self.ptl = cl.mm_locks(mm_id)
+
+    # ---- mm_struct fields -------------------------------------------------
+    def users(self) -> int:
+        return self.cl.q[self.base + M_USERS]
+
+    def down_write(self) -> None:
+        """down_write(&mm->mmap_sem), flagging the wait so that ksmd, which
+        holds mmap_sem for read across a run of pages, steps aside."""
+        q = self.cl.q
+        q[self.base + M_WRITER_WAITING] = 1
+        self.cl.task.down_write(self.sem, self.wmx)
+        q[self.base + M_WRITER_WAITING] = 0
+
+    def up_write(self) -> None:
+        self.cl.task.up_write(self.sem, self.wmx)
+
+    def alive(self) -> bool:
+        """The row still describes this mm (not freed and reused)."""
+        return self.cl.q[self.base + M_ID] == self.id
+
+    # ---- VMAs (caller holds mmap_sem) --------------------------------------
+    def vmas(self) -> list[tuple[int, int, int, int]]:
+        """(index, start vpn, end vpn, flags), sorted by start."""
+        pq = self.pq
+        out = []
+        for i in range(MAX_VMAS):
+            b = VMA_OFF + i * VMA_SIZE
+            end = pq[b + V_END]
+            if end:
+                out.append((pq[b + V_START], end, pq[b + V_FLAGS], i))
+        out.sort()
+        return [(i, s, e, f) for (s, e, f, i) in out]
+
+    def find_vma(self, vpn: int) -> tuple[int, int, int, int] | None:
+        pq = self.pq
+        for i in range(MAX_VMAS):
+            b = VMA_OFF + i * VMA_SIZE
+            if pq[b + V_START] <= vpn < pq[b + V_END]:
+                return (i, pq[b + V_START], pq[b + V_END], pq[b + V_FLAGS])
+        return None
+
+    def _free_vma_slot(self) -> int:
+        for i in range(MAX_VMAS):
+            if self.pq[VMA_OFF + i * VMA_SIZE + V_END] == 0:
+                return i
+        raise MemoryError("too many VMAs (ENOMEM)")
+
+    def _set_vma(self, i: int, start: int, end: int, flags: int) -> None:
+        b = VMA_OFF + i * VMA_SIZE
+        pq = self.pq
+        pq[b + V_END] = 0
+        pq[b + V_START] = start
+        pq[b + V_FLAGS] = flags
+        pq[b + V_END] = end  # commit
+
+    def get_unmapped_area(self, npages: int) -> int:
+        vs = self.vmas()
+        start = FIRST_VPN
+        for (_i, s, e, _f) in vs:
+            if s - start >= npages:
+                break
+            start = max(start, e)
+        if start + npages > self.cl.va_pages:
+            raise MemoryError(f"address space full: {npages} pages do not fit (ENOMEM)")
+        return start
+
+    def insert_vma(self, start: int, npages: int, flags: int) -> None:
+        self._set_vma(self._free_vma_slot(), start, start + npages, flags)
+
+    def split_range(self, start: int, end: int) -> list[int]:
+        """Split VMAs so that [start, end) is covered by whole VMAs; return
+        their indexes (split_vma).  Raises SegFault for a hole (ENOMEM)."""
+        pq = self.pq
+        for (i, s, e, f) in self.vmas():
+            if s < start < e:
+                self._set_vma(self._free_vma_slot(), start, e, f)
+                pq[VMA_OFF + i * VMA_SIZE + V_END] = start
+        for (i, s, e, f) in self.vmas():
+            if s < end < e:
+                self._set_vma(self._free_vma_slot(), end, e, f)
+                pq[VMA_OFF + i * VMA_SIZE + V_END] = end
+        covered = [(s, e, i) for (i, s, e, _f) in self.vmas() if start <= s and e <= end]
+        pos = start
+        for (s, e, _i) in sorted(covered):
+            if s != pos:
+                break
+            pos = e
+        if pos != end:
+            raise SegFault(f"range {start << 12:#x}-{end << 12:#x} is not fully mapped (ENOMEM)")
+        return [i for (_s, _e, i) in covered]
+
+    def vma_at(self, i: int) -> tuple[int, int, int]:
+        b = VMA_OFF + i * VMA_SIZE
+        return self.pq[b + V_START], self.pq[b + V_END], self.pq[b + V_FLAGS]
+
+    def set_vma_flags(self, i: int, flags: int) -> None:
+        self.pq[VMA_OFF + i * VMA_SIZE + V_FLAGS] = flags
+
+    def remove_vma(self, i: int) -> None:
+        self.pq[VMA_OFF + i * VMA_SIZE + V_END] = 0
+
+    def merge_vmas(self) -> None:
+        """vma_merge: join neighbours with equal flags (keeps the table small)."""
+        vs = self.vmas()
+        for a, b in zip(vs, vs[1:]):
+            if a[2] == b[1] and a[3] == b[3]:
+                self.pq[VMA_OFF + a[0] * VMA_SIZE + V_END] = b[2]
+                self.remove_vma(b[0])
+                return self.merge_vmas()
+        return None
+
+    def mergeable_ranges(self) -> list[tuple[int, int]]:
+        return [(s, e) for (_i, s, e, f) in self.vmas() if f & VM_MERGEABLE]
+
+    # ---- page table ---------------------------------------------------------
+    def pte(self, vpn: int) -> int:
+        return self.pq[PT_OFF + vpn]
+
+
+# ---- creation and the last mmdrop ----------------------------------------------
+
+def mm_create(cl: "Cluster", owner_row: int, worker_no: int) -> MM:
+    """mm_alloc + mm_init, done by the supervisor as fork/exec would: the
+    row, the segment and the semaphores exist before the worker runs, so a
+    worker killed at any instant leaves nothing half-made."""
+    task, q = cl.task, cl.q
+    task.lock(cl.mmlist)
+    try:
+        row = next((r for r in range(cl.max_mms) if q[cl.mbase(r) + M_ID] == 0), -1)
+        if row < 0:
+            raise shm.UksmError(f"too many address spaces (max {cl.max_mms})", 2)
+        mm_id = q[H_NEXT_MM_ID]
+        q[H_NEXT_MM_ID] = mm_id + 1
+        b = cl.mbase(row)
+        for f in range(MM_SIZE):
+            q[b + f] = 0
+        q[b + M_STATE] = MS_FREEING  # reserved; made live below
+        q[b + M_ID] = mm_id
+    finally:
+        task.unlock(cl.mmlist)
+    size = (PT_OFF + cl.va_pages) * 8
+    seg = shm.create_segment(cl.name, f"mm{mm_id}", size)
+    shm.create_sem(cl.name, f"mm{mm_id}.sem", cl.rwsem_n)
+    shm.create_sem(cl.name, f"mm{mm_id}.wmx", 1)
+    shm.create_sem(cl.name, f"mm{mm_id}.ptl", 1)
+    seg.q[MS_ID] = mm_id
+    seg.q[MS_MAGIC] = MAGIC
+    b = cl.mbase(row)
+    q[b + M_USERS] = 1
+    q[b + M_REFS] = REF_USERS
+    q[b + M_OWNER_TASK] = owner_row
+    q[b + M_WORKER_NO] = worker_no
+    q[b + M_CREATED_NS] = time.time_ns()
+    q[b + M_STATE] = MS_LIVE
+    return MM(cl, mm_id, row, seg)
+
+
+def mm_attach(cl: "Cluster", mm_id: int) -> MM:
+    row = cl.mm_row(mm_id)
+    if row < 0:
+        raise shm.UksmError(f"address space mm{mm_id} does not exist", 1)
+    return MM(cl, mm_id, row, shm.attach_segment(cl.name, f"mm{mm_id}"))
+
+
+def mm_objects(mm_id: int) -> list[tuple[str, str]]:
+    return [("shm", f"mm{mm_id}"), ("sem", f"mm{mm_id}.sem"),
+            ("sem", f"mm{mm_id}.wmx"), ("sem", f"mm{mm_id}.ptl")]
+
+
+def mmdrop(cl: "Cluster", row: int, mm_id: int, ref: int, log=None) -> bool:
+    """mmdrop: drop one reference of mm_count (REF_USERS or REF_KSM).
+
+    Idempotent: dropping a reference already dropped does nothing, so the
+    reaper may redo a killed task's drop.  The last drop frees the mm:
+    its row goes FREEING under ksm_mmlist_lock, its segment and semaphores
+    are unlinked, then the row is released.  Returns True if this call freed
+    it.  Caller must not hold ksm_mmlist_lock.
+    """
+    task, q = cl.task, cl.q
+    b = cl.mbase(row)
+    task.lock(cl.mmlist)
+    try:
+        if q[b + M_ID] != mm_id:
+            return False
+        refs = q[b + M_REFS]
+        if not refs & ref:
+            return False
+        refs &= ~ref
+        q[b + M_REFS] = refs
+        if log is not None:
+            log.info("mmdrop", mm=mm_id, ref="users" if ref == REF_USERS else "ksm",
+                     mm_count=bin(refs).count("1"))
+        if refs:
+            return False
+        q[b + M_FREER_TASK] = task.row + 1
+        q[b + M_STATE] = MS_FREEING
+    finally:
+        task.unlock(cl.mmlist)
+    free_mm_objects(cl, row, mm_id, log)
+    return True
+
+
+def free_mm_objects(cl: "Cluster", row: int, mm_id: int, log=None) -> None:
+    """__mmdrop's tail: unlink what the mm owned and release its row.
+    Also run by the supervisor for a row left FREEING by a killed task."""
+    for kind, what in mm_objects(mm_id):
+        (shm.unlink_shm if kind == "shm" else shm.unlink_sem)(cl.name, what)
+    cl.forget_mm(mm_id)
+    task, q = cl.task, cl.q
+    b = cl.mbase(row)
+    task.lock(cl.mmlist)
+    if q[b + M_ID] == mm_id:
+        q[S_MM_FREED] += 1
+        q[b + M_STATE] = MS_FREE
+        q[b + M_ID] = 0
+    task.unlock(cl.mmlist)
+    if log is not None:
+        log.info("mm_freed", mm=mm_id)
+
+
+def mm_fields(cl: "Cluster", row: int) -> dict[str, int]:
+    """The row as a dict (status, report, fsck)."""
+    q, b = cl.q, cl.mbase(row)
+    names = {"id": M_ID, "state": M_STATE, "owner_pid": M_OWNER_PID, "owner_task": M_OWNER_TASK,
+             "mm_users": M_USERS, "refs": M_REFS, "flags": M_FLAGS, "rss": M_RSS,
+             "ksm_mapped": M_KSM_MAPPED, "ksm_rmap_items": M_RMAP_ITEMS,
+             "ksm_merging_pages": M_MERGING, "exit_stage": M_EXIT_STAGE,
+             "exit_path": M_EXIT_PATH, "oom_victim": M_OOM_VICTIM,
+             "writer_waiting": M_WRITER_WAITING, "slot_used": M_SLOT_USED,
+             "slot_rmap": M_SLOT_RMAP, "pages": M_PAGES, "worker_no": M_WORKER_NO}
+    d = {k: q[b + f] for k, f in names.items()}
+    d["mm_count"] = bin(d["refs"]).count("1")
+    d["row"] = row
+    return d
+
+
+def live_mm_rows(cl: "Cluster") -> list[int]:
+    q = cl.q
+    return [r for r in range(cl.max_mms) if q[cl.mbase(r) + M_ID] and q[cl.mbase(r) + M_STATE] != MS_FREE]
+
+
+def pages_of(npages_or_bytes: int) -> int:
+    return (npages_or_bytes + PAGE_SIZE - 1) // PAGE_SIZE
+
+
+__all__ = ["MM", "SegFault", "mm_create", "mm_attach", "mmdrop", "free_mm_objects",
+           "mm_fields", "live_mm_rows", "Lock"]

@@ -1,0 +1,229 @@
+"""The emulated MMU: user reads and writes by virtual address, page faults.
+
+``handle_mm_fault`` emulates ``do_anonymous_page`` (first touch: a fresh
+zero-filled frame) and ``do_wp_page`` (write to a write-protected PTE: reuse
+the page if it is an ordinary anonymous page mapped once, else copy it to a
+new frame -- a KSM page is always copied, as in 2.6.32).  As in the kernel,
+the frame is allocated with the pte lock dropped, and installed only if the
+PTE is still what the fault saw (``pte_same``).
+
+The seed's check: a fault run for ``break_ksm`` must not reinstate a PTE in
+an mm whose pages ``exit_mmap`` has already zapped (``ksm_test_exit``), or
+the new frame would be leaked when the page tables are freed.  The hazard
+``no-exit-checks`` removes that check, to show the leak.
+
+User access is serialised with page-table changes by the pte lock: a write
+holds it across the copy, so ksmd's ``write_protect_page``/``replace_page``
+(which take it too) can never lose a write into a frame being replaced.
+Reads are optimistic: read the PTE, the bytes, the PTE again, and retry if
+it changed (a replaced frame may be freed and reused at any time).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .layout import (F_KSM, FR_COUNT, FR_FLAGS, FRAME_SIZE, HZ_NO_EXIT_CHECKS, H_HAZARDS,
+                     M_KSM_MAPPED, M_RSS, M_USERS, PAGE_SHIFT, PAGE_SIZE, PT_OFF,
+                     PTE_PRESENT, PTE_WRITE, T_COW, T_FAULTS, VM_WRITE)
+from . import killpoints
+from .memory import Allocator, OutOfMemory
+from .mm import MM, SegFault
+
+if TYPE_CHECKING:
+    from .cluster import Cluster
+
+PW = PTE_PRESENT | PTE_WRITE
+ZERO_PAGE = bytes(PAGE_SIZE)
+
+FAULT_OK, FAULT_EXITING = 0, 1
+
+
+def ksm_test_exit(cl: "Cluster", mm: MM) -> bool:
+    """ksm_test_exit(mm): mm_users is 0, exit_mmap may be tearing it down.
+    The hazard ``no-exit-checks`` makes every such check answer False."""
+    if cl.q[H_HAZARDS] & HZ_NO_EXIT_CHECKS:
+        return False
+    return cl.q[mm.base + M_USERS] == 0
+
+
+def handle_mm_fault(cl: "Cluster", alloc: Allocator, mm: MM, vpn: int, write: bool,
+                    for_ksmd: bool = False) -> int:
+    """Fault page ``vpn`` of ``mm`` in (for write: make it writable).
+
+    Caller holds ``mm``'s mmap_sem (read or write).  Raises SegFault outside
+    a VMA, OutOfMemory when the faulting task is dying.  Returns
+    FAULT_EXITING when the mm is exiting and nothing was installed.
+    """
+    vma = mm.find_vma(vpn)
+    if vma is None:
+        raise SegFault(f"segfault at {vpn << PAGE_SHIFT:#x} (mm{mm.id}): no VMA")
+    if write and not vma[3] & VM_WRITE:
+        raise SegFault(f"segfault at {vpn << PAGE_SHIFT:#x} (mm{mm.id}): VMA is read-only")
+    task, q, fq, pq = cl.task, cl.q, cl.fq, mm.pq
+    slot = PT_OFF + vpn
+    task.lock(mm.ptl)
+    pte = pq[slot]
+    if pte & PTE_PRESENT and (not write or pte & PTE_WRITE):
+        task.unlock(mm.ptl)
+        return FAULT_OK  # raced with another fault: nothing to do
+    old = pte >> 2
+    if pte and write and not fq[old * FRAME_SIZE + FR_FLAGS] & F_KSM \
+            and fq[old * FRAME_SIZE + FR_COUNT] == 1:
+        # do_wp_page, reuse: ours alone (ksmd write-protected it for a merge
+        # that has not replaced it yet): make it writable again; ksmd's
+        # replace_page will see the PTE changed and back out.
+        pq[slot] = pte | PTE_WRITE
+        task.unlock(mm.ptl)
+        return FAULT_OK
+    task.unlock(mm.ptl)
+    q[task.base + T_FAULTS] += 1
+    new = alloc.alloc_frame(mm.id, vpn, fatal_ok=not for_ksmd)
+    if not for_ksmd:
+        killpoints.hit(cl, "fault_after_alloc")
+    if pte:
+        # copy before installing: the old frame is write-protected (a KSM
+        # page's content never changes), the new one still private to us
+        pool = cl.pool.mv
+        pool[new * PAGE_SIZE:(new + 1) * PAGE_SIZE] = pool[old * PAGE_SIZE:(old + 1) * PAGE_SIZE]
+        if not for_ksmd:
+            killpoints.hit(cl, "cow_after_copy")
+    task.lock(mm.ptl)
+    if pq[slot] != pte or ksm_test_exit(cl, mm):
+        # pte_same failed, or (the seed's check) exit_mmap zapped this mm:
+        # never reinstate a page there
+        exiting = pq[slot] == pte
+        alloc.installed()
+        task.lock(cl.zone)
+        alloc.put_frame(new)
+        task.unlock(cl.zone)
+        task.unlock(mm.ptl)
+        alloc.flush()
+        return FAULT_EXITING if exiting else FAULT_OK
+    pq[slot] = (new << 2) | PW
+    alloc.installed()
+    b = mm.base
+    if pte:
+        task.lock(cl.zone)
+        if fq[old * FRAME_SIZE + FR_FLAGS] & F_KSM:
+            q[b + M_KSM_MAPPED] -= 1
+        alloc.put_frame(old)
+        task.unlock(cl.zone)
+        q[task.base + T_COW] += 1
+    else:
+        q[b + M_RSS] += 1
+    task.unlock(mm.ptl)
+    return FAULT_OK
+
+
+def zap_range(cl: "Cluster", alloc: Allocator, mm: MM, start: int, end: int) -> int:
+    """zap_page_range: unmap [start, end) and drop the frames' counts.
+    Caller holds mmap_sem, or is exit_mmap.  Returns pages unmapped."""
+    task, q, fq, pq = cl.task, cl.q, cl.fq, mm.pq
+    n = 0
+    step = 512  # hold the pte lock for a bounded run of PTEs
+    for lo in range(start, end, step):
+        hi = min(end, lo + step)
+        task.lock(mm.ptl)
+        task.lock(cl.zone)
+        for slot in range(PT_OFF + lo, PT_OFF + hi):
+            pte = pq[slot]
+            if not pte:
+                continue
+            pq[slot] = 0
+            pfn = pte >> 2
+            if fq[pfn * FRAME_SIZE + FR_FLAGS] & F_KSM:
+                q[mm.base + M_KSM_MAPPED] -= 1
+            q[mm.base + M_RSS] -= 1
+            alloc.put_frame(pfn)
+            n += 1
+            if n == 1:
+                killpoints.hit(cl, "zone_lock_held")
+        task.unlock(cl.zone)
+        task.unlock(mm.ptl)
+    alloc.flush()
+    return n
+
+
+class MMU:
+    """A user process's view of its own address space."""
+
+    def __init__(self, cl: "Cluster", mm: MM, alloc: Allocator) -> None:
+        self.cl = cl
+        self.mm = mm
+        self.alloc = alloc
+        self.pool = cl.pool.mv
+        self.pq = mm.pq
+
+    def fault(self, vpn: int, write: bool) -> None:
+        cl, mm = self.cl, self.mm
+        cl.task.lock(mm.sem)
+        try:
+            handle_mm_fault(cl, self.alloc, mm, vpn, write)
+        finally:
+            cl.task.unlock(mm.sem)
+
+    def write(self, addr: int, data: bytes | memoryview) -> None:
+        """Store ``data`` at virtual address ``addr`` (may cross pages)."""
+        if addr < 0:
+            raise SegFault(f"segfault at {addr:#x}")
+        task, ptl, pq, pool = self.cl.task, self.mm.ptl, self.pq, self.pool
+        mv = memoryview(data)
+        done, n = 0, len(mv)
+        task.lock(ptl)
+        try:
+            while done < n:
+                a = addr + done
+                vpn = a >> PAGE_SHIFT
+                off = a & (PAGE_SIZE - 1)
+                chunk = min(n - done, PAGE_SIZE - off)
+                pte = pq[PT_OFF + vpn] if vpn < self.cl.va_pages else 0
+                if pte & PW == PW:
+                    p = (pte >> 2) * PAGE_SIZE + off
+                    pool[p:p + chunk] = mv[done:done + chunk]
+                    done += chunk
+                    if done < n:
+                        killpoints.hit(self.cl, "pte_lock_held")
+                    continue
+                task.unlock(ptl)
+                try:
+                    if vpn >= self.cl.va_pages:
+                        raise SegFault(f"segfault at {a:#x}: beyond the address space")
+                    self.fault(vpn, True)
+                finally:
+                    task.lock(ptl)
+        finally:
+            task.unlock(ptl)
+
+    def read(self, addr: int, n: int) -> bytes:
+        """Load ``n`` bytes from virtual address ``addr``.  A page never
+        touched reads as zeros (the zero page) and is not allocated."""
+        if addr < 0:
+            raise SegFault(f"segfault at {addr:#x}")
+        pq, pool, out = self.pq, self.pool, []
+        done = 0
+        while done < n:
+            a = addr + done
+            vpn = a >> PAGE_SHIFT
+            off = a & (PAGE_SIZE - 1)
+            chunk = min(n - done, PAGE_SIZE - off)
+            if vpn >= self.cl.va_pages:
+                raise SegFault(f"segfault at {a:#x}: beyond the address space")
+            slot = PT_OFF + vpn
+            pte = pq[slot]
+            if not pte & PTE_PRESENT:
+                if self.mm.find_vma(vpn) is None:
+                    raise SegFault(f"segfault at {a:#x} (mm{self.mm.id}): no VMA")
+                out.append(ZERO_PAGE[:chunk])
+                done += chunk
+                continue
+            p = (pte >> 2) * PAGE_SIZE + off
+            data = pool[p:p + chunk].tobytes()
+            if pq[slot] != pte:
+                continue  # the frame was replaced under us: read again
+            out.append(data)
+            done += chunk
+        return b"".join(out)
+
+
+__all__ = ["MMU", "handle_mm_fault", "zap_range", "ksm_test_exit", "SegFault", "OutOfMemory",
+           "FAULT_OK", "FAULT_EXITING"]

@@ -1,0 +1,238 @@
+"""``uksm run``: boot a cluster in the foreground, run workers, stop, report.
+
+The report (``--json``) is one object; its exit status: 0 all good,
+2 bad usage, 3 a hung task was detected, 4 an integrity or fsck failure,
+1 anything else.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import shm
+from .cluster import Config
+from .layout import (A_FREE_TOP, EXIT_POLICIES, H_MEM_LIMIT, HAZARDS, K_FULL_SCANS,
+                     K_PAGES_SHARED, K_PAGES_SHARING, K_RMAP_ITEMS, K_RUN, K_RUN_DONE,
+                     K_RUN_SEQ, PAGE_SIZE, S_MISMATCHES, S_PAGES_VERIFIED)
+from .supervisor import Supervisor
+
+EXIT_OK, EXIT_ERR, EXIT_USAGE, EXIT_HUNG, EXIT_INTEGRITY = 0, 1, 2, 3, 4
+SCENARIOS = ("oom-unmerge",)
+
+
+@dataclass
+class RunOptions:
+    workers: int = 4
+    pages: int = 1024
+    frames: int = 0          # 0: every page unmerged, plus slack
+    workload: str = "vm"
+    seed: int = 0
+    duration: float | None = None
+    until_merged: bool = False
+    max_duration: float = 60.0
+    log_dir: str | None = None
+    cluster: str = ""
+    run: int = 1
+    pages_to_scan: int = 100
+    sleep_ms: int = 20
+    exit_policy: str = "seed"
+    hazards: list[str] = field(default_factory=list)
+    hung_task_timeout: float = 5.0
+    scenario: str | None = None
+    churn_ms: int = 0
+    quiet: bool = False
+
+
+def validate(o: RunOptions) -> None:
+    """Bad input: a one-line error (UksmError, status 2), nothing created."""
+    from uksm.workers.workloads import validate as wl_validate
+
+    def bad(msg: str) -> None:
+        raise shm.UksmError(msg, EXIT_USAGE)
+    if o.workers < 1:
+        bad(f"--workers must be at least 1 (got {o.workers})")
+    if o.pages < 1:
+        bad(f"--pages must be at least 1 (got {o.pages})")
+    if o.frames < 0:
+        bad(f"--frames must be positive (got {o.frames})")
+    if o.pages_to_scan < 1:
+        bad(f"--pages-to-scan must be at least 1 (got {o.pages_to_scan})")
+    if o.sleep_ms < 0:
+        bad(f"--sleep-ms must be >= 0 (got {o.sleep_ms})")
+    if o.run not in (0, 1, 2):
+        bad(f"--run must be 0, 1 or 2 (got {o.run}): invalid argument, as /sys/kernel/mm/ksm/run")
+    if o.duration is not None and o.duration <= 0:
+        bad(f"--duration must be positive (got {o.duration})")
+    if o.hung_task_timeout <= 0:
+        bad("--hung-task-timeout must be positive")
+    if o.exit_policy not in EXIT_POLICIES:
+        bad(f"unknown --exit-policy {o.exit_policy!r} (one of: {', '.join(EXIT_POLICIES)})")
+    for h in o.hazards:
+        if h not in HAZARDS:
+            bad(f"unknown --hazard {h!r} (one of: {', '.join(HAZARDS)})")
+    if o.scenario is not None and o.scenario not in SCENARIOS:
+        bad(f"unknown --scenario {o.scenario!r} (one of: {', '.join(SCENARIOS)})")
+    wl_validate(o.workload)
+    total = o.workers * o.pages
+    frames = o.frames or default_frames(o)
+    if frames * PAGE_SIZE > 16 << 30:
+        bad(f"--frames {frames} is {frames * PAGE_SIZE >> 30} GiB of emulated memory: at most 16 GiB")
+    if frames < total and (o.run != 1 or o.workload.split(":")[0] in ("unique", "volatile")):
+        bad(f"{total} pages cannot fit in {frames} frames: nothing would merge them "
+            f"(raise --frames, or use --run 1 with a mergeable workload)")
+    if o.log_dir is not None and not os.path.isdir(o.log_dir):
+        bad(f"--log-dir {o.log_dir}: no such directory")
+    if o.cluster:
+        shm.check_cluster_name(o.cluster)
+        if shm.leftovers(o.cluster):
+            bad(f"cluster {o.cluster!r} is already in use ('uksm down' or 'uksm cleanup --cluster {o.cluster}')")
+
+
+def default_frames(o: RunOptions) -> int:
+    return o.workers * o.pages + max(64, o.workers * o.pages // 16)
+
+
+def make_config(o: RunOptions) -> Config:
+    n = o.workers
+    return Config(frames=o.frames or default_frames(o), max_tasks=n * 2 + 32, max_mms=n * 3 + 32,
+                  va_pages=o.pages + 80, exit_policy=o.exit_policy, hazards=list(o.hazards),
+                  hung_timeout_ms=int(o.hung_task_timeout * 1000), run=o.run,
+                  pages_to_scan=o.pages_to_scan, sleep_ms=o.sleep_ms)
+
+
+class Progress:
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.last = 0.0
+
+    def __call__(self, sup: Supervisor, t: float, what: str = "") -> None:
+        if self.quiet or time.monotonic() - self.last < 1.0:
+            return
+        self.last = time.monotonic()
+        k = sup.ksm_block()
+        fr = sup.snapshot()["frames"]
+        print(f"uksm: {t:6.1f}s {what}workers {sup.workers_alive()}  shared {k['pages_shared']} "
+              f"sharing {k['pages_sharing']} unshared {k['pages_unshared']} volatile "
+              f"{k['pages_volatile']}  full_scans {k['full_scans']}  frames {fr['used']}/{fr['total']}",
+              file=sys.stderr)
+
+
+def run_cluster(o: RunOptions) -> tuple[dict[str, Any], int]:
+    validate(o)
+    if o.scenario == "oom-unmerge":
+        o.until_merged = True
+    name = o.cluster or f"run{os.getpid()}"
+    log_dir = o.log_dir
+    if log_dir is None:
+        log_dir = os.path.abspath(f"uksm-logs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.makedirs(log_dir, exist_ok=True)
+    if not o.quiet:
+        print(f"uksm: cluster {name}: logs in {log_dir}", file=sys.stderr)
+    sup = Supervisor(name, make_config(o), log_dir, quiet=o.quiet)
+    status = EXIT_OK
+    t0 = time.monotonic()
+    progress = Progress(o.quiet)
+    interrupted = False
+
+    def on_int(_s: int, _f: Any) -> None:
+        nonlocal interrupted
+        interrupted = True
+    old = signal.signal(signal.SIGINT, on_int)
+    snap: dict[str, Any] = {}
+    try:
+        sup.boot()
+        sup.log.info("run_options", workers=o.workers, pages=o.pages, workload=o.workload,
+                     seed=o.seed, scenario=o.scenario)
+        for _ in range(o.workers):
+            sup.spawn_worker(o.pages, o.workload, o.seed, o.churn_ms)
+        hung = drive(sup, o, t0, progress, lambda: interrupted)
+        snap = sup.snapshot()
+        if hung:
+            status = EXIT_HUNG
+            sup.kill_all()
+            fs = {"ok": False, "errors": ["not checked: the cluster was stopped after a hung task"]}
+        else:
+            if not sup.stop_workers():
+                if sup.hung:
+                    status = EXIT_HUNG
+                    sup.kill_all()
+                else:
+                    sup.errors.append("workers did not exit in time")
+                    sup.kill_all()
+            if status != EXIT_HUNG:
+                sup.wait_ksmd_frees()
+                sup.stop_ksmd()
+                fs = sup.final_fsck()
+            else:
+                fs = {"ok": False, "errors": ["not checked: the cluster was stopped after a hung task"]}
+        workers = sup.workers_block()
+        integrity = {"pages_verified": sup.cl.q[S_PAGES_VERIFIED],
+                     "mismatches": sup.cl.q[S_MISMATCHES]}
+    except BaseException:
+        if sup.booted:
+            sup.kill_all()
+            sup.teardown()
+        raise
+    finally:
+        signal.signal(signal.SIGINT, old)
+    leftovers = sup.teardown()
+    if status == EXIT_OK:
+        if integrity["mismatches"] or not fs["ok"]:
+            status = EXIT_INTEGRITY
+        elif leftovers or sup.errors:
+            status = EXIT_ERR
+    report = {"cluster": name, "workload": o.workload, "duration_s": round(time.monotonic() - t0, 3),
+              **snap, "workers": workers, "integrity": integrity, "fsck": fs,
+              "hung_tasks": sup.hung, "ipc_leftovers": leftovers, "log_dir": log_dir,
+              "exit_policy": o.exit_policy, "hazards": o.hazards, "scenario": o.scenario,
+              "errors": sup.errors, "status": status}
+    sup.log_stop(status)
+    return report, status
+
+
+def drive(sup: Supervisor, o: RunOptions, t0: float, progress: Progress, interrupted) -> bool:
+    """The foreground loop: until the duration, convergence, or the
+    scenario's end.  Returns True if a hung task was reported."""
+    q = sup.cl.q
+    samples: list[tuple[int, int, int]] = []
+    last_scan = -1
+    phase = "merge"
+    deadline = t0 + (o.duration if o.duration is not None else o.max_duration)
+    while time.monotonic() < deadline and not interrupted():
+        sup.poll()
+        sup.sweep()
+        if sup.hung:
+            return True
+        t = time.monotonic() - t0
+        progress(sup, t, f"[{phase}] " if o.scenario else "")
+        if sup.workers_alive() == 0 and sup.dead_q.empty():
+            break
+        if o.duration is None:
+            if phase == "unmerge":
+                if q[K_RUN_DONE] == q[K_RUN_SEQ]:
+                    break
+            elif q[K_RUN] != 1:
+                if sup.workers_ready():
+                    break
+            elif q[K_FULL_SCANS] != last_scan:
+                last_scan = q[K_FULL_SCANS]
+                if sup.workers_ready():
+                    samples.append((q[K_PAGES_SHARED], q[K_PAGES_SHARING], q[K_RMAP_ITEMS]))
+                converged = len(samples) >= 3 and samples[-1] == samples[-2] == samples[-3]
+                if converged and o.scenario == "oom-unmerge" and phase == "merge":
+                    phase = "unmerge"
+                    used = sup.cl.nframes - q[A_FREE_TOP]
+                    q[H_MEM_LIMIT] = used + max(8, o.pages // 2)
+                    sup.log.info("ksm_knob", name="mem_limit", value=q[H_MEM_LIMIT])
+                    q[K_RUN] = 2
+                    q[K_RUN_SEQ] += 1
+                    sup.log.info("ksm_knob", name="run", value=2)
+                    samples.clear()
+                elif converged and not o.scenario:
+                    break
+        time.sleep(0.02)
+    return bool(sup.hung)

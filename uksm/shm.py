@@ -1,0 +1,157 @@
+"""POSIX objects of a cluster: names, creation, attachment, removal.
+
+Every shared-memory segment and named semaphore of a cluster carries the
+cluster's name in its own name, ``/uksm.<cluster>.<what>``, so several
+clusters live side by side and a crashed one's leftovers are found by a
+glob on /dev/shm (shared memory appears there as ``uksm.<cluster>.<what>``,
+semaphores as ``sem.uksm.<cluster>.<what>``).
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import re
+
+import posix_ipc
+
+SHM_DIR = "/dev/shm"
+CLUSTER_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+
+
+class UksmError(Exception):
+    """A user-facing error: printed as one line, never as a traceback."""
+
+    def __init__(self, msg: str, status: int = 1) -> None:
+        super().__init__(msg)
+        self.status = status
+
+
+def check_cluster_name(name: str) -> str:
+    if not CLUSTER_RE.match(name):
+        raise UksmError(f"invalid cluster name {name!r}: use 1-32 of [A-Za-z0-9_-]", 2)
+    return name
+
+
+def obj_name(cluster: str, what: str) -> str:
+    return f"/uksm.{cluster}.{what}"
+
+
+class Segment:
+    """A mapped POSIX shared-memory segment, viewed as an int64 array ``q``
+    (and as bytes ``mv``)."""
+
+    __slots__ = ("name", "size", "map", "mv", "q", "path")
+
+    def __init__(self, name: str, size: int, create: bool) -> None:
+        flags = posix_ipc.O_CREX if create else 0
+        shm = posix_ipc.SharedMemory(name, flags, mode=0o600, size=size if create else 0)
+        try:
+            self.size = size if create else shm.size
+            self.map = mmap.mmap(shm.fd, self.size)
+        finally:
+            shm.close_fd()
+        self.name = name
+        self.path = os.path.join(SHM_DIR, name.lstrip("/"))
+        self.mv = memoryview(self.map)
+        self.q = self.mv.cast("q")
+
+    def resident_bytes(self) -> int:
+        """Host memory the segment really uses (tmpfs blocks allocated)."""
+        try:
+            return os.stat(self.path).st_blocks * 512
+        except FileNotFoundError:
+            return 0
+
+    def punch(self, offset: int, length: int) -> None:
+        """Give the range's memory back to the host (a hole in the tmpfs
+        file, as MADV_REMOVE does); it reads back as zeros."""
+        self.map.madvise(mmap.MADV_REMOVE, offset, length)
+
+    def close(self) -> None:
+        try:
+            self.q.release()
+            self.mv.release()
+            self.map.close()
+        except (BufferError, ValueError):
+            pass  # a view still exported; the mapping goes with the process
+
+
+def create_segment(cluster: str, what: str, size: int) -> Segment:
+    try:
+        return Segment(obj_name(cluster, what), size, True)
+    except posix_ipc.ExistentialError:
+        raise UksmError(f"cluster {cluster!r} already exists ({what}); "
+                        f"use another --cluster or 'uksm cleanup --cluster {cluster}'", 2)
+
+
+def attach_segment(cluster: str, what: str) -> Segment:
+    try:
+        return Segment(obj_name(cluster, what), 0, False)
+    except posix_ipc.ExistentialError:
+        raise UksmError(f"cluster {cluster!r} is not running (no {what}); "
+                        f"'uksm cleanup --cluster {cluster}' removes a dead one's leftovers", 1)
+
+
+def create_sem(cluster: str, what: str, value: int) -> posix_ipc.Semaphore:
+    try:
+        return posix_ipc.Semaphore(obj_name(cluster, what), posix_ipc.O_CREX,
+                                   mode=0o600, initial_value=value)
+    except posix_ipc.ExistentialError:
+        raise UksmError(f"cluster {cluster!r} already exists (semaphore {what})", 2)
+
+
+def open_sem(cluster: str, what: str) -> posix_ipc.Semaphore:
+    return posix_ipc.Semaphore(obj_name(cluster, what))
+
+
+def unlink_shm(cluster: str, what: str) -> bool:
+    try:
+        posix_ipc.unlink_shared_memory(obj_name(cluster, what))
+        return True
+    except posix_ipc.ExistentialError:
+        return False
+
+
+def unlink_sem(cluster: str, what: str) -> bool:
+    try:
+        posix_ipc.unlink_semaphore(obj_name(cluster, what))
+        return True
+    except posix_ipc.ExistentialError:
+        return False
+
+
+def leftovers(cluster: str | None = None) -> list[str]:
+    """The cluster's (or every cluster's) POSIX objects present in /dev/shm."""
+    out = []
+    try:
+        names = sorted(os.listdir(SHM_DIR))
+    except FileNotFoundError:
+        return out
+    for n in names:
+        base = n[4:] if n.startswith("sem.") else n
+        if not base.startswith("uksm."):
+            continue
+        if cluster is not None and base.split(".")[1] != cluster:
+            continue
+        out.append(n)
+    return out
+
+
+def clusters_present() -> list[str]:
+    return sorted({(n[4:] if n.startswith("sem.") else n).split(".")[1] for n in leftovers()})
+
+
+def remove_all(cluster: str | None) -> list[str]:
+    """Unlink every POSIX object of the cluster (all clusters when None)."""
+    removed = []
+    for n in leftovers(cluster):
+        base = n[4:] if n.startswith("sem.") else n
+        try:
+            if n.startswith("sem."):
+                posix_ipc.unlink_semaphore("/" + base)
+            else:
+                posix_ipc.unlink_shared_memory("/" + base)
+            removed.append(n)
+        except posix_ipc.ExistentialError:
+            pass
+    return removed

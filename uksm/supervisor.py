@@ -1,0 +1,562 @@
+"""The supervisor: the emulated kernel's process-management side.
+
+It boots a cluster (creates the shared objects), starts ksmd and the
+workers (creating each worker's address space first, as fork/exec would),
+reaps the dead, and for a task that died without running its exit (SIGKILL)
+it recovers the locks it held, repairs the frame table, and runs the exit
+on its behalf (a *reaper* thread using the dead task's row).  It also runs
+khungtaskd (``uksm.watchdog``) and tears the cluster down.
+
+Threads: the main loop (reap, sweep, progress), one recovery thread (deaths
+are recovered one batch at a time, in order), a reaper thread per
+SIGKILLed worker (its exit may block in the slow path's down_write), the
+watchdog.  Each thread that takes cluster locks has its own task row.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import fsck, killpoints, oom, shm
+from . import log as ulog
+from .cluster import Cluster, Config, destroy, pid_alive
+from .exit import mmput
+from .ksm import repair_list
+from .layout import (A_FREE_TOP, C_ALLOC, C_DAEMON, C_MMAP, C_MMLIST, C_PTL, C_WMUTEX,
+                     CS_RUNNING, CS_STOPPING, EXIT_PATHS, EXIT_REASONS, H_KSMD_PID,
+                     H_KSMD_TASK, H_NEXT_WORKER, H_SHUTDOWN, H_STATE, H_SUPERVISOR_PID,
+                     K_FULL_SCANS, K_PAGES_SCANNED, K_PAGES_SHARED, K_PAGES_SHARING,
+                     K_PAGES_TO_SCAN, K_PAGES_UNSHARED, K_PAGES_VOLATILE, K_RUN, K_SLEEP_MS,
+                     M_EXIT_PATH, M_EXIT_STAGE, M_FREER_TASK, M_ID, M_OWNER_PID, M_SLOT_USED,
+                     M_STATE, M_USERS, M_WRITER_WAITING, MS_EXITING, MS_FREEING, MS_ZOMBIE,
+                     R_KSMD, R_REAPER, R_SUPERVISOR, R_WORKER, S_EXIT_FAST, S_EXIT_LEGACY,
+                     S_EXIT_SLOW, S_EXITED, S_KILLED, S_LOCK_RECOVERIES, S_MISMATCHES,
+                     S_OOM_KILLED, S_PAGES_VERIFIED, S_REAPED, S_RECOVERIES, S_STARTED,
+                     T_EXIT_REASON, T_FLIGHT_PFN, T_FOR_ROW, T_KILL_POINT, T_MISMATCHES, T_MM,
+                     T_PAGES, T_PID, T_READY, T_ROLE, T_START_NS, T_STATE, T_VERIFIED,
+                     T_WORKER_NO, TASK_SIZE, TS_ALIVE, TS_DEAD, TS_FREE, TS_REAPING,
+                     X_SIGKILL, XS_MMDROP, XS_USERS0)
+from .locks import Lock, dead_locks, lock_name, recover
+from .memory import Allocator, frame_stats, rebuild_free_stack
+from .mm import MM, free_mm_objects, mm_create
+from .watchdog import Watchdog
+
+
+@dataclass
+class Child:
+    row: int
+    proc: subprocess.Popen
+    role: str
+    mm: int = 0
+    worker_no: int = 0
+    pages: int = 0
+    workload: str = ""
+    signalled: int = 0
+
+
+@dataclass
+class RunStats:
+    hung: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Supervisor:
+    def __init__(self, name: str, cfg: Config, log_dir: str | None, quiet: bool = False) -> None:
+        self.name = name
+        self.cfg = cfg
+        self.log_dir = log_dir
+        self.quiet = quiet
+        self.cl: Cluster
+        self.children: dict[int, Child] = {}
+        self.mms: dict[int, MM] = {}
+        self.dead_q: queue.Queue[tuple[int, Child, int]] = queue.Queue()
+        self.stop_ev = threading.Event()
+        self.lock = threading.RLock()   # children/mms maps, row allocation
+        self.hung: list[dict[str, Any]] = []
+        self.threads: list[threading.Thread] = []
+        self.reapers: list[threading.Thread] = []
+        self.ksmd: Child | None = None
+        self.errors: list[str] = []
+        self.booted = False
+        self.t0 = time.monotonic()
+
+    # ---- boot ---------------------------------------------------------------
+    def boot(self) -> None:
+        self.cl = Cluster.create(self.name, self.cfg)
+        self.booted = True
+        q = self.cl.q
+        q[H_SUPERVISOR_PID] = os.getpid()
+        row = self._alloc_row(R_SUPERVISOR, os.getpid())
+        self.cl.bind(row)
+        self.log = ulog.setup("supervisor", self.name, self.log_dir)
+        oom.set_logger(self.log)
+        self.cl.task.on_wait = self._on_wait(self.log)
+        self.log.info("cluster_start", workers=0, pages=0, frames=self.cfg.frames,
+                      workload="", exit_policy=self.cfg.exit_policy, hazards=self.cfg.hazards,
+                      log_dir=self.log_dir or "")
+        self.start_ksmd()
+        q[H_STATE] = CS_RUNNING
+        rec_row = self._alloc_row(R_SUPERVISOR, os.getpid())
+        self.rec_cl = self.cl.thread_view(rec_row)
+        self.rec_cl.task.on_wait = self._on_wait(self.log)
+        self.wd = Watchdog(self.cl, self.cfg.hung_timeout_ms / 1000.0, self._on_hung)
+        for fn in (self._recovery_loop, self.wd.run_until(self.stop_ev)):
+            t = threading.Thread(target=fn, daemon=True)
+            t.start()
+            self.threads.append(t)
+
+    def _on_wait(self, log: Any):
+        return lambda name, ms, holders: log.info("lock_wait", lock=name, holders=holders,
+                                                  waited_ms=round(ms, 3))
+
+    def _alloc_row(self, role: int, pid: int = 0) -> int:
+        q, cl = self.cl.q, self.cl
+        with self.lock:
+            for r in range(cl.max_tasks):
+                b = cl.tbase(r)
+                if q[b + T_STATE] == TS_FREE:
+                    for f in range(TASK_SIZE):
+                        q[b + f] = 0
+                    q[b + T_FLIGHT_PFN] = -1
+                    q[b + T_KILL_POINT] = -1
+                    q[b + T_ROLE] = role
+                    q[b + T_PID] = pid
+                    q[b + T_START_NS] = time.monotonic_ns()
+                    q[b + T_STATE] = TS_ALIVE
+                    return r
+        raise shm.UksmError(f"too many tasks (max {cl.max_tasks})", 2)
+
+    def _free_row(self, row: int) -> None:
+        b = self.cl.tbase(row)
+        self.cl.q[b + T_PID] = 0
+        self.cl.q[b + T_STATE] = TS_FREE
+
+    def _popen(self, args: list[str]) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", *args], stdin=subprocess.DEVNULL,
+                                start_new_session=False)
+
+    def start_ksmd(self) -> None:
+        row = self._alloc_row(R_KSMD)
+        args = ["uksm.ksmd", "--cluster", self.name, "--task", str(row)]
+        if self.log_dir:
+            args += ["--log-dir", self.log_dir]
+        p = self._popen(args)
+        self.cl.q[self.cl.tbase(row) + T_PID] = p.pid
+        self.cl.q[H_KSMD_TASK] = row
+        self.cl.q[H_KSMD_PID] = p.pid
+        self.ksmd = Child(row, p, "ksmd")
+
+    def spawn_worker(self, pages: int, workload: str, seed: int, churn_ms: int = 0,
+                     kill_point: str | None = None, kill_sig: int = signal.SIGKILL,
+                     exit_after_write: bool = False) -> Child:
+        """fork + exec a worker: its row and address space first."""
+        cl, q = self.cl, self.cl.q
+        row = self._alloc_row(R_WORKER)
+        with self.lock:
+            wno = q[H_NEXT_WORKER] = q[H_NEXT_WORKER] + 1
+        try:
+            mm = mm_create(cl, row, wno)
+        except BaseException:
+            self._free_row(row)
+            raise
+        b = cl.tbase(row)
+        q[b + T_MM] = mm.id
+        q[b + T_WORKER_NO] = wno
+        q[b + T_PAGES] = pages
+        if kill_point:
+            killpoints.arm_worker(cl, row, kill_point, kill_sig)
+        args = ["uksm.workers.worker", "--cluster", self.name, "--task", str(row),
+                "--mm", str(mm.id), "--pages", str(pages), "--workload", workload,
+                "--seed", str(seed), "--worker-no", str(wno), "--churn-ms", str(churn_ms)]
+        if exit_after_write:
+            args.append("--exit-after-write")
+        if self.log_dir:
+            args += ["--log-dir", self.log_dir]
+        p = self._popen(args)
+        q[b + T_PID] = p.pid
+        q[mm.base + M_OWNER_PID] = p.pid
+        child = Child(row, p, "worker", mm.id, wno, pages, workload)
+        with self.lock:
+            self.children[row] = child
+            self.mms[mm.id] = mm
+        cl.task.lock(cl.mmlist)
+        q[S_STARTED] += 1
+        cl.task.unlock(cl.mmlist)
+        self.log.info("worker_spawn", worker=f"w{wno}", worker_pid=p.pid, mm=mm.id, pages=pages,
+                      workload=workload)
+        return child
+
+    # ---- reaping ---------------------------------------------------------------
+    def poll(self) -> None:
+        """Reap exited children; send the unclean ones to recovery."""
+        with self.lock:
+            items = list(self.children.items())
+        for row, ch in items:
+            rc = ch.proc.poll()
+            if rc is None:
+                continue
+            with self.lock:
+                self.children.pop(row, None)
+            self._on_exit(row, ch, rc)
+        if self.ksmd is not None and self.ksmd.proc.poll() is not None and not self.stop_ev.is_set():
+            self.errors.append(f"ksmd died (status {self.ksmd.proc.returncode})")
+            self.log.error("ksmd_died", status=self.ksmd.proc.returncode)
+            self.cl.q[self.cl.tbase(self.ksmd.row) + T_STATE] = TS_DEAD
+            self.ksmd = None
+
+    def _on_exit(self, row: int, ch: Child, rc: int) -> None:
+        cl, q = self.cl, self.cl.q
+        mm = self.mms.get(ch.mm)
+        mb = mm.base if mm is not None else -1
+        done = mm is None or q[mb + M_ID] != ch.mm or q[mb + M_EXIT_STAGE] & XS_MMDROP
+        if rc == 0 and done:
+            self._account_exit(row, ch, reaped=False)
+            return
+        q[cl.tbase(row) + T_STATE] = TS_DEAD
+        self.dead_q.put((row, ch, rc))
+
+    def _account_exit(self, row: int, ch: Child, reaped: bool, how: str | None = None,
+                      view: Cluster | None = None) -> None:
+        cl = view or self.cl
+        q = cl.q
+        b = cl.tbase(row)
+        reason = EXIT_REASONS[q[b + T_EXIT_REASON]] if how is None else how
+        mm = self.mms.get(ch.mm)
+        path = EXIT_PATHS[q[mm.base + M_EXIT_PATH]] if mm is not None and q[mm.base + M_ID] == ch.mm \
+            else "none"
+        t = cl.task
+        t.lock(cl.mmlist)
+        q[S_EXITED] += 1
+        q[S_PAGES_VERIFIED] += q[b + T_VERIFIED]
+        q[S_MISMATCHES] += q[b + T_MISMATCHES]
+        if reaped:
+            q[S_REAPED] += 1
+        t.unlock(cl.mmlist)
+        self.log.info("worker_exit", worker=f"w{ch.worker_no}", worker_pid=ch.proc.pid, mm=ch.mm,
+                      how=reason, path=path, reaped=reaped)
+        self._free_row(row)
+
+    # ---- recovery after a death ---------------------------------------------------
+    def _recovery_loop(self) -> None:
+        while True:
+            try:
+                first = self.dead_q.get(timeout=0.1)
+            except queue.Empty:
+                if self.stop_ev.is_set() and self.dead_q.empty():
+                    return
+                continue
+            batch = [first]
+            while True:
+                try:
+                    batch.append(self.dead_q.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                self.recover(batch)
+            except Exception as e:  # a bug: say it loudly, keep the cluster going
+                import traceback
+                self.errors.append(f"recovery failed: {e!r}")
+                self.log.error("recovery_failed", error=repr(e), tb=traceback.format_exc())
+
+    def lock_for(self, cl: Cluster, lid: int) -> Lock:
+        cls, mm = lid >> 40, lid & ((1 << 40) - 1)
+        if cls == C_DAEMON:
+            return cl.daemon
+        if cls == C_MMLIST:
+            return cl.mmlist
+        if cls == C_ALLOC:
+            return cl.zone
+        sem, wmx, ptl = cl.mm_locks(mm)
+        return {C_MMAP: sem, C_WMUTEX: wmx, C_PTL: ptl}[cls]
+
+    def recover(self, batch: list[tuple[int, Child, int]]) -> None:
+        """Take over what the dead held, repair, release; then reap them."""
+        cl, q = self.rec_cl, self.rec_cl.q
+        t0 = time.monotonic_ns()
+        owned: dict[int, int] = {}
+        locks: dict[int, Lock] = {}
+        done_rows: set[int] = set()
+        nrec = 0
+        while True:
+            new = [(r, cl.tbase(r)) for (r, _c, _rc) in batch if r not in done_rows]
+            if new:
+                lids = {lid for (_r, b) in new for lid in dead_locks(q, b)}
+                these = {lid: self.lock_for(cl, lid) for lid in lids}
+                took = recover(q, these, cl.live_rows(), new, owned)
+                for lid, n in took.items():
+                    if n:
+                        self.log.warning("lock_recovery", lock=lock_name(lid), units=n,
+                                         dead_pid=[q[b + T_PID] for (_r, b) in new],
+                                         state="taken over")
+                        owned[lid] = owned.get(lid, 0) + n
+                        locks[lid] = these[lid]
+                        nrec += 1
+                done_rows |= {r for (r, _b) in new}
+                # leaf locks first: repair what they protect and let them go
+                if owned.get(cl.mmlist.lid):
+                    repair_list(cl)
+                    self._post(cl.mmlist, owned.pop(cl.mmlist.lid))
+                if owned.get(cl.zone.lid):
+                    rebuild_free_stack(cl, fsck.live_task_rows(cl))
+                    self._post(cl.zone, owned.pop(cl.zone.lid))
+                # ksm_test_exit must hold before anyone else can take their mmap_sem
+                for (r, ch, _rc) in batch:
+                    mm = self.mms.get(ch.mm)
+                    if mm is None:
+                        continue
+                    cl.task.lock(cl.mmlist)
+                    if q[mm.base + M_ID] == ch.mm and not q[mm.base + M_EXIT_STAGE] & XS_USERS0:
+                        q[mm.base + M_USERS] = 0
+                        q[mm.base + M_STATE] = MS_EXITING
+                        q[mm.base + M_EXIT_STAGE] |= XS_USERS0
+                        cl.task.unlock(cl.mmlist)
+                        self.log.info("mm_exit_begin", mm=ch.mm)
+                    else:
+                        cl.task.unlock(cl.mmlist)
+            owned_ptl = {lid & ((1 << 40) - 1) for lid in owned if lid >> 40 == C_PTL}
+            with self.lock:
+                mms = {i: m for i, m in self.mms.items() if q[m.base + M_ID] == i}
+            try:
+                with fsck.world_stopped(cl, mms, owned_ptl, abort=lambda: self._more_dead(batch)):
+                    fixed = fsck.rebuild(cl, mms)
+                break
+            except fsck.Retry:
+                continue
+        for lid in owned:
+            row = cl.mm_row(lid & ((1 << 40) - 1)) if lid >> 40 == C_MMAP else -1
+            if row >= 0:  # a writer died waiting or holding: nobody waits now
+                q[cl.mbase(row) + M_WRITER_WAITING] = 0
+        for cls in (C_PTL, C_MMAP, C_WMUTEX, C_DAEMON):
+            for lid, n in list(owned.items()):
+                if lid >> 40 == cls:
+                    self._post(locks[lid], n)
+        ms = (time.monotonic_ns() - t0) / 1e6
+        cl.task.lock(cl.mmlist)
+        q[S_RECOVERIES] += 1
+        q[S_LOCK_RECOVERIES] += nrec
+        cl.task.unlock(cl.mmlist)
+        for (r, ch, rc) in batch:
+            self.log.warning("recovery", dead_pid=ch.proc.pid, mm=ch.mm, ms=round(ms, 3),
+                             frames_fixed=fixed, status=rc)
+            th = threading.Thread(target=self._reap, args=(r, ch), daemon=True)
+            th.start()
+            with self.lock:
+                self.reapers.append(th)
+
+    def _more_dead(self, batch: list[tuple[int, Child, int]]) -> bool:
+        """Called while stopping the world: pull in deaths that happened
+        since (a dead task may hold a pte lock we wait for; the main loop
+        reaps it within a few ms)."""
+        got = False
+        while True:
+            try:
+                batch.append(self.dead_q.get_nowait())
+                got = True
+            except queue.Empty:
+                return got
+
+    @staticmethod
+    def _post(lk: Lock, n: int) -> None:
+        for _ in range(n):
+            lk.sem.release()
+
+    def _reap(self, row: int, ch: Child) -> None:
+        """Run the dead worker's exit on its behalf, on its own row."""
+        q = self.cl.q
+        b = self.cl.tbase(row)
+        q[b + T_KILL_POINT] = -1
+        q[b + T_FOR_ROW] = row
+        q[b + T_ROLE] = R_REAPER
+        q[b + T_PID] = os.getpid()
+        q[b + T_STATE] = TS_REAPING
+        view = self.cl.thread_view(row)
+        log = ulog.thread_logger("reaper", self.name, self.log_dir, f"r{row}-{ch.proc.pid}")
+        view.task.on_wait = self._on_wait(log)
+        mm0 = self.mms.get(ch.mm)
+        try:
+            if mm0 is not None and q[mm0.base + M_ID] == ch.mm:
+                mm = MM(view, ch.mm, mm0.row, mm0.seg)
+                alloc = Allocator(view)
+                alloc.oom_killer = oom.out_of_memory
+                mmput(view, mm, alloc, log)
+                alloc.flush()
+            view.task.lock(view.mmlist)
+            q[S_KILLED] += 1
+            view.task.unlock(view.mmlist)
+            self._account_exit(row, ch, reaped=True, view=view,
+                               how="sigkill" if ch.proc.returncode == -signal.SIGKILL
+                               else EXIT_REASONS[q[b + T_EXIT_REASON]])
+        except Exception as e:
+            import traceback
+            self.errors.append(f"reaper of pid {ch.proc.pid} failed: {e!r}")
+            log.error("reaper_failed", error=repr(e), tb=traceback.format_exc())
+
+    # ---- mm rows left FREEING by a task that died in __mmdrop ---------------------
+    def sweep(self) -> None:
+        cl, q = self.cl, self.cl.q
+        for r in range(cl.max_mms):
+            b = cl.mbase(r)
+            mm_id = q[b + M_ID]
+            if not mm_id or q[b + M_STATE] != MS_FREEING or not q[b + M_FREER_TASK]:
+                continue
+            freer = q[b + M_FREER_TASK] - 1
+            if q[cl.tbase(freer) + T_STATE] in (TS_ALIVE, TS_REAPING):
+                continue
+            free_mm_objects(cl, r, mm_id, self.log)
+        with self.lock:
+            for mm_id in [i for i, m in self.mms.items() if q[m.base + M_ID] != i]:
+                m = self.mms.pop(mm_id)
+                m.seg.close()
+
+    # ---- the watchdog's report ------------------------------------------------------
+    def _on_hung(self, report: dict[str, Any]) -> None:
+        self.hung.append(report)
+        self.log.error("hung_task", task_pid=report["pid"], task_role=report["role"],
+                       lock=report["lock"], waited_s=report["waited_s"], chain=report["chain"])
+        if not self.quiet:
+            print(f"uksm: INFO: task {report['role']} pid {report['pid']} blocked for more than "
+                  f"{report['waited_s']:.1f} seconds", file=sys.stderr)
+            for line in report["chain"]:
+                print(f"uksm:   {line}", file=sys.stderr)
+
+    # ---- state -----------------------------------------------------------------------
+    def workers_alive(self) -> int:
+        with self.lock:
+            return len(self.children)
+
+    def workers_ready(self) -> bool:
+        q = self.cl.q
+        with self.lock:
+            return all(q[self.cl.tbase(r) + T_READY] for r in self.children)
+
+    def ksm_block(self) -> dict[str, int]:
+        q = self.cl.q
+        return {"run": q[K_RUN], "pages_to_scan": q[K_PAGES_TO_SCAN], "sleep_millisecs": q[K_SLEEP_MS],
+                "pages_shared": q[K_PAGES_SHARED], "pages_sharing": q[K_PAGES_SHARING],
+                "pages_unshared": q[K_PAGES_UNSHARED], "pages_volatile": q[K_PAGES_VOLATILE],
+                "full_scans": q[K_FULL_SCANS], "pages_scanned": q[K_PAGES_SCANNED]}
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"ksm": self.ksm_block(), "frames": frame_stats(self.cl),
+                "memory": {"host_bytes_resident": self.cl.pool_resident_bytes()}}
+
+    def workers_block(self) -> dict[str, int]:
+        q = self.cl.q
+        return {"started": q[S_STARTED], "exited": q[S_EXITED], "exit_fast": q[S_EXIT_FAST],
+                "exit_slow": q[S_EXIT_SLOW], "exit_legacy": q[S_EXIT_LEGACY],
+                "killed": q[S_KILLED], "oom_killed": q[S_OOM_KILLED], "reaped": q[S_REAPED]}
+
+    # ---- teardown ------------------------------------------------------------------------
+    def kill_all(self) -> None:
+        """A hung cluster: SIGKILL every process (the reboot button)."""
+        self.stop_ev.set()
+        with self.lock:
+            procs = [c.proc for c in self.children.values()]
+        if self.ksmd is not None:
+            procs.append(self.ksmd.proc)
+        for p in procs:
+            try:
+                p.kill()
+            except ProcessLookupError:
+                pass
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+
+    def stop_workers(self, timeout: float = 60.0, sig: int = signal.SIGTERM) -> bool:
+        """Tell every worker to exit and wait for their exits (and reapers)."""
+        with self.lock:
+            kids = list(self.children.values())
+        for ch in kids:
+            try:
+                ch.proc.send_signal(sig)
+            except ProcessLookupError:
+                pass
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            self.poll()
+            self.sweep()
+            if self.hung:
+                return False
+            with self.lock:
+                busy = bool(self.children) or any(t.is_alive() for t in self.reapers)
+            if not busy and self.dead_q.empty():
+                return True
+            time.sleep(0.02)
+        return False
+
+    def wait_ksmd_frees(self, timeout: float = 20.0) -> None:
+        """Let ksmd free the slots that slow-path exits left it (run=1)."""
+        cl, q = self.cl, self.cl.q
+        if q[K_RUN] != 1 or self.ksmd is None:
+            return
+
+        def none_left() -> bool:
+            self.sweep()
+            return not any(q[cl.mbase(r) + M_ID] and q[cl.mbase(r) + M_SLOT_USED]
+                           and q[cl.mbase(r) + M_USERS] == 0 for r in range(cl.max_mms))
+        fsck.wait_settled(none_left, timeout, 0.02)
+
+    def stop_ksmd(self) -> None:
+        if self.ksmd is None:
+            return
+        self.cl.q[H_SHUTDOWN] = 1
+        p = self.ksmd.proc
+        try:
+            p.send_signal(signal.SIGTERM)
+            p.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(timeout=10)
+        self._free_row(self.ksmd.row)
+        self.ksmd = None
+
+    def final_fsck(self) -> dict[str, Any]:
+        """After every task has gone: the invariants, and the leak report
+        (an mm never freed, a frame still in use)."""
+        cl, q = self.cl, self.cl.q
+        self.sweep()
+        with self.lock:
+            mms = {i: m for i, m in self.mms.items() if q[m.base + M_ID] == i}
+        errs = fsck.check(cl, mms, counters=False)
+        for r in range(cl.max_mms):
+            b = cl.mbase(r)
+            if q[b + M_ID]:
+                st = q[b + M_STATE]
+                why = "held by its mm_slot, ksmd not running" if st == MS_ZOMBIE else f"state {st}"
+                errs.append(f"leak: mm{q[b + M_ID]} never freed ({why}; mm_count "
+                            f"{bin(q[b + 5]).count('1')})")
+        used = cl.nframes - q[A_FREE_TOP]
+        if used:
+            errs.append(f"leak: {used} frames still in use after every task exited")
+        ok = not errs
+        self.log.info("fsck", ok=ok, errors=len(errs), first=errs[:5])
+        return {"ok": ok, "errors": errs}
+
+    def teardown(self) -> list[str]:
+        """Unlink every object; return what is still there."""
+        self.stop_ev.set()
+        for t in self.threads:
+            t.join(timeout=5)
+        try:
+            self.cl.close()
+        except Exception:
+            pass
+        destroy(self.name)
+        return shm.leftovers(self.name)
+
+    def log_stop(self, status: int) -> None:
+        self.log.info("cluster_stop", duration_s=round(time.monotonic() - self.t0, 3), status=status)
+        ulog.close()
+
+
+__all__ = ["Supervisor", "Child", "Config", "pid_alive", "CS_STOPPING", "MS_ZOMBIE", "MS_EXITING",
+           "X_SIGKILL", "frame_stats"]

@@ -1,0 +1,99 @@
+"""The system calls a worker makes on its address space: mmap, munmap,
+madvise (MADV_MERGEABLE, MADV_UNMERGEABLE, MADV_DONTNEED).
+
+mmap/munmap/madvise(MERGEABLE|UNMERGEABLE) take mmap_sem for write, as
+``madvise_need_mmap_write`` says; DONTNEED takes it for read.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+from . import killpoints
+from .ksm import ksm_enter, unmerge_ksm_pages
+from .layout import (M_FLAGS, M_PAGES, MMF_VM_MERGEABLE, PAGE_SHIFT, PAGE_SIZE, VM_MERGEABLE,
+                     VM_READ, VM_WRITE)
+from .memory import Allocator
+from .mm import MM, SegFault
+from .mmu import zap_range
+
+if TYPE_CHECKING:
+    from .cluster import Cluster
+
+MADV_DONTNEED = 4
+MADV_MERGEABLE = 12
+MADV_UNMERGEABLE = 13
+
+
+def _range(addr: int, length: int) -> tuple[int, int]:
+    if addr & (PAGE_SIZE - 1) or length <= 0:
+        raise SegFault(f"invalid range {addr:#x}+{length} (EINVAL)")
+    return addr >> PAGE_SHIFT, (addr + length + PAGE_SIZE - 1) >> PAGE_SHIFT
+
+
+def sys_mmap(cl: "Cluster", mm: MM, length: int) -> int:
+    """mmap(NULL, length, PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS)."""
+    npages = (length + PAGE_SIZE - 1) // PAGE_SIZE
+    if npages <= 0:
+        raise SegFault("mmap of zero length (EINVAL)")
+    mm.down_write()
+    try:
+        start = mm.get_unmapped_area(npages)
+        mm.insert_vma(start, npages, VM_READ | VM_WRITE)
+        cl.q[mm.base + M_PAGES] += npages
+    finally:
+        mm.up_write()
+    return start << PAGE_SHIFT
+
+
+def sys_munmap(cl: "Cluster", mm: MM, alloc: Allocator, addr: int, length: int) -> None:
+    start, end = _range(addr, length)
+    mm.down_write()
+    try:
+        idx = mm.split_range(start, end)
+        zap_range(cl, alloc, mm, start, end)
+        for i in idx:
+            mm.remove_vma(i)
+        cl.q[mm.base + M_PAGES] -= end - start
+    finally:
+        mm.up_write()
+
+
+def sys_madvise(cl: "Cluster", mm: MM, alloc: Allocator, addr: int, length: int, advice: int,
+                log: Any = None, stop: Callable[[], bool] | None = None) -> int:
+    """madvise; returns pages unmerged for MADV_UNMERGEABLE, else 0."""
+    start, end = _range(addr, length)
+    if advice == MADV_DONTNEED:
+        cl.task.lock(mm.sem)
+        try:
+            if mm.find_vma(start) is None:
+                raise SegFault(f"madvise on unmapped {addr:#x} (ENOMEM)")
+            zap_range(cl, alloc, mm, start, end)
+        finally:
+            cl.task.unlock(mm.sem)
+        return 0
+    if advice not in (MADV_MERGEABLE, MADV_UNMERGEABLE):
+        raise SegFault(f"madvise advice {advice} (EINVAL)")
+    mm.down_write()
+    n = 0
+    try:
+        idx = mm.split_range(start, end)
+        killpoints.hit(cl, "madvise_mmap_sem_write", log)
+        if advice == MADV_MERGEABLE:
+            # ksm_madvise: __ksm_enter the first time, then VM_MERGEABLE
+            if not cl.q[mm.base + M_FLAGS] & MMF_VM_MERGEABLE:
+                ksm_enter(cl, mm, log)
+            for i in idx:
+                mm.set_vma_flags(i, mm.vma_at(i)[2] | VM_MERGEABLE)
+        else:
+            for i in idx:
+                s, e, _f = mm.vma_at(i)
+                n += unmerge_ksm_pages(cl, alloc, mm, s, e, False, stop)
+            for i in idx:
+                mm.set_vma_flags(i, mm.vma_at(i)[2] & ~VM_MERGEABLE)
+        mm.merge_vmas()
+    finally:
+        mm.up_write()
+    if advice == MADV_UNMERGEABLE and log is not None:
+        log.info("unmerge", mm=mm.id, pages=n, reason="madvise")
+    return n
+

@@ -1,0 +1,121 @@
+"""khungtaskd: report a task blocked on one lock for too long, with the
+wait-for chain.
+
+Every blocked wait is visible in the task table: the entry of the lock
+waited for is WAITING with E_SINCE set (the allocator's wait for frames is
+recorded the same way, as the pseudo-lock "frames").  Holders are the
+entries HELD on the same lock (or a writer's partial units).  From the
+blocked task the chain follows: the lock, its holder, what that holder
+waits for, ... until a task that waits for nothing, or a cycle: a deadlock.
+For "frames", the holder is the OOM victim still on its way out.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+from .layout import (A_FREE_TOP, C_FRAMES, E_LOCK, E_SINCE, E_WORD, ESIZE, M_EXIT_STAGE, M_ID,
+                     M_OOM_VICTIM, M_OWNER_PID, NCLASS, ROLES, T_LOCKS, T_MM, T_PID, T_ROLE,
+                     T_WORKER_NO, XS_ZAPPED)
+from .locks import WAITING, holders_of, lock_name
+
+if TYPE_CHECKING:
+    from .cluster import Cluster
+
+
+class Watchdog:
+    def __init__(self, cl: "Cluster", timeout_s: float, report: Callable[[dict[str, Any]], None],
+                 period_s: float = 0.2) -> None:
+        self.cl = cl
+        self.timeout_ns = int(timeout_s * 1e9)
+        self.report = report
+        self.period = period_s
+        self.seen: set[tuple[int, int, int]] = set()
+
+    def run_until(self, stop: threading.Event) -> Callable[[], None]:
+        def loop() -> None:
+            while not stop.wait(self.period):
+                try:
+                    self.check()
+                except Exception:  # the cluster may be going away under us
+                    pass
+        return loop
+
+    def describe(self, row: int) -> str:
+        q, b = self.cl.q, self.cl.tbase(row)
+        role = ROLES[q[b + T_ROLE]] if 0 <= q[b + T_ROLE] < len(ROLES) else "?"
+        if role == "worker":
+            return f"worker w{q[b + T_WORKER_NO]} (pid {q[b + T_PID]}, mm{q[b + T_MM]})"
+        if role == "reaper":
+            return f"reaper for mm{q[b + T_MM]} (pid {q[b + T_PID]})"
+        return f"{role} (pid {q[b + T_PID]})"
+
+    def waiting_on(self, row: int, now: int) -> tuple[int, int, float] | None:
+        """(class, lock id, seconds) of a blocked wait of this task."""
+        q, b = self.cl.q, self.cl.tbase(row)
+        for c in range(NCLASS):
+            e = b + T_LOCKS + c * ESIZE
+            if q[e + E_WORD] & 3 == WAITING and q[e + E_SINCE]:
+                return c, q[e + E_LOCK], (now - q[e + E_SINCE]) / 1e9
+        return None
+
+    def holder_rows(self, cls: int, lid: int) -> list[int]:
+        cl, q = self.cl, self.cl.q
+        rows = cl.live_rows()
+        if cls == C_FRAMES:
+            pids = [q[cl.mbase(r) + M_OWNER_PID] for r in range(cl.max_mms)
+                    if q[cl.mbase(r) + M_ID] and q[cl.mbase(r) + M_OOM_VICTIM]
+                    and not q[cl.mbase(r) + M_EXIT_STAGE] & XS_ZAPPED]
+        else:
+            pids = holders_of(q, rows, lid)
+        return [r for (r, b) in rows if q[b + T_PID] in pids and q[b + T_PID] > 0]
+
+    def chain(self, row: int, now: int) -> tuple[list[str], bool]:
+        lines: list[str] = []
+        seen = {row}
+        cur = row
+        cycle = False
+        while len(lines) < 10:
+            w = self.waiting_on(cur, now)
+            if w is None:
+                lines.append(f"{self.describe(cur)} is running (not blocked)")
+                break
+            cls, lid, secs = w
+            holders = self.holder_rows(cls, lid)
+            if cls == C_FRAMES:
+                what = f"free frames ({self.cl.q[A_FREE_TOP]} free) for {secs:.1f}s"
+                by = "the OOM victim, which has not freed its memory: " if holders else "no OOM victim: "
+            else:
+                what = f"{lock_name(lid)} for {secs:.1f}s"
+                by = "held by "
+            hd = ", ".join(self.describe(h) for h in holders) or "nobody alive"
+            lines.append(f"{self.describe(cur)} waits for {what}, {by}{hd}")
+            nxt = holders[0] if holders else None
+            if nxt is None:
+                break
+            if nxt in seen:
+                lines.append(f"deadlock: {self.describe(nxt)} is already in this chain")
+                cycle = True
+                break
+            seen.add(nxt)
+            cur = nxt
+        return lines, cycle
+
+    def check(self) -> None:
+        now = time.monotonic_ns()
+        for (row, b) in self.cl.live_rows():
+            w = self.waiting_on(row, now)
+            if w is None:
+                continue
+            cls, lid, secs = w
+            if secs * 1e9 < self.timeout_ns:
+                continue
+            key = (row, lid, self.cl.q[b + T_LOCKS + cls * ESIZE + E_SINCE])
+            if key in self.seen:
+                continue
+            self.seen.add(key)
+            lines, cycle = self.chain(row, now)
+            self.report({"pid": self.cl.q[b + T_PID], "role": ROLES[self.cl.q[b + T_ROLE]],
+                         "lock": "frames" if cls == C_FRAMES else lock_name(lid),
+                         "waited_s": round(secs, 3), "deadlock": cycle, "chain": lines})

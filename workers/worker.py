@@ -1,0 +1,172 @@
+"""A worker: a user task living in its own emulated address space.
+
+It maps ``--pages`` pages, marks them MADV_MERGEABLE, writes its workload
+through the MMU, then keeps living (rewriting its volatile pages, and with
+``--churn-ms`` also dropping and refaulting pages, writing merged pages and
+re-advising, so that faults, COW breaks and mmap_sem writers keep coming)
+until a fatal signal: SIGTERM/SIGINT (exit normally: verify every page
+against what it wrote, then the exit path) or the OOM killer's signal
+(exit at once).  SIGKILL leaves the exit to the supervisor's reaper.
+
+Fatal signals are noticed at safe points (between page operations, and in
+the allocator's wait), as a killed task notices TIF_SIGPENDING.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import signal
+import sys
+import time
+
+from uksm import log as ulog
+from uksm import oom
+from uksm.cluster import Cluster
+from uksm.exit import mmput
+from uksm.layout import (M_OWNER_PID, PAGE_SIZE, S_SIGNALS, T_EXIT_REASON, T_FATAL,
+                         T_MISMATCHES, T_PID, T_READY, T_VERIFIED, X_EXIT, X_OOM, X_SIGNAL)
+from uksm.memory import Allocator, OutOfMemory
+from uksm.mm import mm_attach
+from uksm.mmu import MMU
+from uksm.shm import UksmError
+from uksm.syscalls import MADV_DONTNEED, MADV_MERGEABLE, sys_madvise, sys_mmap
+from uksm.workers.workloads import Workload
+
+
+class Worker:
+    def __init__(self, a: argparse.Namespace) -> None:
+        self.a = a
+        self.cl = Cluster.attach(a.cluster)
+        self.task = self.cl.bind(a.task)
+        self.q = self.cl.q
+        self.tb = self.task.base
+        self.q[self.tb + T_PID] = os.getpid()
+        self.log = ulog.setup("worker", a.cluster, a.log_dir, mm=a.mm)
+        oom.set_logger(self.log)
+        self.task.on_wait = lambda name, ms, holders: self.log.info(
+            "lock_wait", lock=name, holders=holders, waited_ms=round(ms, 3))
+        self.mm = mm_attach(self.cl, a.mm)
+        self.q[self.mm.base + M_OWNER_PID] = os.getpid()
+        self.alloc = Allocator(self.cl)
+        self.alloc.oom_killer = oom.out_of_memory
+        self.mmu = MMU(self.cl, self.mm, self.alloc)
+        self.wl = Workload(a.workload, a.seed, a.worker_no)
+        self.version = [0] * a.pages
+        self.base = 0
+        self.cows_logged = 0
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, self._fatal)
+        signal.signal(oom.OOM_SIGNAL, self._fatal)
+
+    def _fatal(self, signo: int, _frame: object) -> None:
+        if not self.q[self.tb + T_FATAL]:
+            self.q[self.tb + T_FATAL] = X_OOM if signo == oom.OOM_SIGNAL else X_SIGNAL
+
+    def dying(self) -> bool:
+        return bool(self.q[self.tb + T_FATAL])
+
+    def write_page(self, i: int) -> None:
+        self.mmu.write(self.base + i * PAGE_SIZE, self.wl.content(i, self.version[i]))
+
+    def run(self) -> int:
+        a = self.a
+        try:
+            self.base = sys_mmap(self.cl, self.mm, a.pages * PAGE_SIZE)
+            sys_madvise(self.cl, self.mm, self.alloc, self.base, a.pages * PAGE_SIZE,
+                        MADV_MERGEABLE, self.log)
+            for i in range(a.pages):
+                if self.dying():
+                    break
+                self.write_page(i)
+            self.q[self.tb + T_READY] = 1
+            vol = [i for i in range(a.pages) if self.wl.volatile(i)]
+            rng = random.Random(a.seed * 7919 + a.worker_no)
+            next_churn = time.monotonic()
+            while not self.dying():
+                for i in vol:
+                    if self.dying():
+                        break
+                    self.version[i] += 1
+                    self.write_page(i)
+                if a.churn_ms and time.monotonic() >= next_churn:
+                    self.churn(rng)
+                    next_churn = time.monotonic() + a.churn_ms / 1000.0
+                if a.exit_after_write:
+                    break
+                time.sleep(0.002 if vol else 0.02)
+        except OutOfMemory:
+            self._fatal(oom.OOM_SIGNAL, None)
+        reason = self.q[self.tb + T_FATAL] or X_EXIT
+        if reason != X_OOM:
+            self.verify()
+        self.q[self.tb + T_EXIT_REASON] = reason
+        if reason == X_SIGNAL:
+            self.cl.task.lock(self.cl.mmlist)
+            self.q[S_SIGNALS] += 1
+            self.cl.task.unlock(self.cl.mmlist)
+        self.log_cows()
+        mmput(self.cl, self.mm, self.alloc, self.log)
+        return 0
+
+    def churn(self, rng: random.Random) -> None:
+        """Keep the kernel busy: refault a page, write a (maybe merged)
+        page with its own content (a COW break), re-advise the range."""
+        a = self.a
+        i = rng.randrange(a.pages)
+        addr = self.base + i * PAGE_SIZE
+        sys_madvise(self.cl, self.mm, self.alloc, addr, PAGE_SIZE, MADV_DONTNEED, self.log)
+        self.write_page(i)
+        j = rng.randrange(a.pages)
+        if not self.wl.volatile(j):
+            self.write_page(j)
+        if rng.random() < 0.2:
+            sys_madvise(self.cl, self.mm, self.alloc, self.base, a.pages * PAGE_SIZE,
+                        MADV_MERGEABLE, self.log)
+        self.log_cows()
+
+    def log_cows(self) -> None:
+        from uksm.layout import T_COW
+        n = self.q[self.tb + T_COW]
+        if n > self.cows_logged:
+            self.log.info("cow_break", mm=self.mm.id, count=n - self.cows_logged, by="worker",
+                          t_last_ns=time.monotonic_ns())
+            self.cows_logged = n
+
+    def verify(self) -> None:
+        """Read back every page and compare with what was written."""
+        bad = 0
+        for i in range(self.a.pages):
+            if self.mmu.read(self.base + i * PAGE_SIZE, PAGE_SIZE) != self.wl.content(i, self.version[i]):
+                bad += 1
+        self.q[self.tb + T_VERIFIED] = self.a.pages
+        self.q[self.tb + T_MISMATCHES] = bad
+        self.log.info("worker_verify", mm=self.mm.id, pages_verified=self.a.pages, mismatches=bad)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="uksm-worker",
+                                 description="a worker process (started by the supervisor)")
+    ap.add_argument("--cluster", required=True)
+    ap.add_argument("--task", type=int, required=True)
+    ap.add_argument("--mm", type=int, required=True)
+    ap.add_argument("--pages", type=int, required=True)
+    ap.add_argument("--workload", default="vm")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--worker-no", type=int, default=0)
+    ap.add_argument("--churn-ms", type=int, default=0)
+    ap.add_argument("--exit-after-write", action="store_true")
+    ap.add_argument("--log-dir")
+    a = ap.parse_args(argv)
+    try:
+        w = Worker(a)
+        return w.run()
+    except UksmError as e:
+        print(f"uksm-worker: {e}", file=sys.stderr)
+        return 1
+    finally:
+        ulog.close()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
