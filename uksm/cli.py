@@ -78,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cluster", default="default")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("inject", help="fault injection: kill workers while ksmd scans them, then check",
+                       description="Run a cluster and kill workers mid-scan (at random, at ksmd's "
+                                   "cursor, or at a named kill point), respawning replacements; "
+                                   "then stop, check and report.", epilog=EPILOG)
+    from uksm.tools.inject import add_arguments
+    add_arguments(p)
+
     sub.add_parser("logs", help="analyse a run's logs: uksm logs DIR {summary,timeline,check,locks,plot}",
                    add_help=False)
     from . import control
@@ -110,6 +117,9 @@ def dispatch(a: argparse.Namespace) -> int:
         return cmd_run(a)
     if a.cmd == "cleanup":
         return cmd_cleanup(a)
+    if a.cmd == "inject":
+        from uksm.tools.inject import run as inject_run
+        return inject_run(a)
     if a.cmd == "fsck":
         from . import control
         return control.cmd_fsck(a)

@@ -46,6 +46,10 @@ def arm_worker(cl: "Cluster", row: int, name: str, sig: int) -> None:
     cl.q[b + T_KILL_POINT] = INDEX[name]
 
 
+def disarm_worker(cl: "Cluster", row: int) -> None:
+    cl.q[cl.tbase(row) + T_KILL_POINT] = -1
+
+
 def arm_ksmd(cl: "Cluster", name: str, sig: int) -> None:
     cl.q[H_KSMD_POINT_SIG] = sig
     cl.q[H_KSMD_POINT] = INDEX[name]

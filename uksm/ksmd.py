@@ -31,7 +31,7 @@ from typing import Any
 
 import mmh3
 
-from . import killpoints
+from . import killpoints, oom
 from .cluster import Cluster
 from .ksm import break_ksm, list_del, slot_next, unmerge_ksm_pages
 from .layout import (F_KSM, FR_COUNT, FR_FLAGS, FR_KEY0, FR_KEY1, FRAME_SIZE, K_FULL_SCANS,
@@ -103,6 +103,7 @@ class Ksmd:
         self.pool = cl.pool.mv
         self.log = log
         self.alloc = Allocator(cl)
+        self.alloc.oom_killer = oom.out_of_memory
         self.stable: dict[bytes, StableNode] = {}
         self.unstable: dict[bytes, RmapItem] = {}
         self.slots: dict[int, SlotState] = {}
@@ -631,6 +632,7 @@ def main(argv: list[str] | None = None) -> int:
     import os
     cl.q[cl.tbase(a.task) + T_PID] = os.getpid()
     log = ulog.setup("ksmd", a.cluster, a.log_dir)
+    oom.set_logger(log)
     cl.task.on_wait = lambda name, ms, holders: log.info("lock_wait", lock=name, holders=holders,
                                                           waited_ms=round(ms, 3))
     try:

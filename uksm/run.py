@@ -11,7 +11,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from . import shm
 from .cluster import Config
@@ -122,10 +122,22 @@ class Progress:
 
 
 def run_cluster(o: RunOptions) -> tuple[dict[str, Any], int]:
-    validate(o)
+    """``uksm run``: the foreground loop is ``drive``."""
     if o.scenario == "oom-unmerge":
         o.until_merged = True
-    name = o.cluster or f"run{os.getpid()}"
+    return run_with(o, lambda sup, t0, progress, interrupted: (drive(sup, o, t0, progress, interrupted), {}))
+
+
+Driver = Callable[[Supervisor, float, "Progress", Callable[[], bool]], tuple[bool, dict[str, Any]]]
+
+
+def run_with(o: RunOptions, driver: Driver, prefix: str = "run") -> tuple[dict[str, Any], int]:
+    """Boot a cluster with ``o``'s workers, let ``driver`` run it (it
+    returns whether a task hung, and extra report blocks), then stop the
+    workers through their exit paths, let ksmd free what they left, stop
+    ksmd, fsck, tear down, and build the report.  Shared by run and inject."""
+    validate(o)
+    name = o.cluster or f"{prefix}{os.getpid()}"
     log_dir = o.log_dir
     if log_dir is None:
         log_dir = os.path.abspath(f"uksm-logs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -143,35 +155,32 @@ def run_cluster(o: RunOptions) -> tuple[dict[str, Any], int]:
         interrupted = True
     old = signal.signal(signal.SIGINT, on_int)
     snap: dict[str, Any] = {}
+    not_checked = {"ok": False, "errors": ["not checked: the cluster was stopped after a hung task"]}
     try:
         sup.boot()
         sup.log.info("run_options", workers=o.workers, pages=o.pages, workload=o.workload,
                      seed=o.seed, scenario=o.scenario)
         for _ in range(o.workers):
             sup.spawn_worker(o.pages, o.workload, o.seed, o.churn_ms)
-        hung = drive(sup, o, t0, progress, lambda: interrupted)
+        hung, extra = driver(sup, t0, progress, lambda: interrupted)
         snap = sup.snapshot()
+        fs = not_checked
         if hung:
             status = EXIT_HUNG
             sup.kill_all()
-            fs = {"ok": False, "errors": ["not checked: the cluster was stopped after a hung task"]}
+        elif not sup.stop_workers():
+            status = EXIT_HUNG if sup.hung else EXIT_ERR
+            if not sup.hung:
+                sup.errors.append("workers did not exit in time")
+            sup.kill_all()
         else:
-            if not sup.stop_workers():
-                if sup.hung:
-                    status = EXIT_HUNG
-                    sup.kill_all()
-                else:
-                    sup.errors.append("workers did not exit in time")
-                    sup.kill_all()
-            if status != EXIT_HUNG:
-                sup.wait_ksmd_frees()
-                sup.stop_ksmd()
-                fs = sup.final_fsck()
-            else:
-                fs = {"ok": False, "errors": ["not checked: the cluster was stopped after a hung task"]}
+            sup.wait_ksmd_frees()
+            sup.stop_ksmd()
+            fs = sup.final_fsck()
         workers = sup.workers_block()
         integrity = {"pages_verified": sup.cl.q[S_PAGES_VERIFIED],
                      "mismatches": sup.cl.q[S_MISMATCHES]}
+        extra = {k: (v() if callable(v) else v) for k, v in extra.items()}
     except BaseException:
         if sup.booted:
             sup.kill_all()
@@ -189,7 +198,7 @@ def run_cluster(o: RunOptions) -> tuple[dict[str, Any], int]:
               **snap, "workers": workers, "integrity": integrity, "fsck": fs,
               "hung_tasks": sup.hung, "ipc_leftovers": leftovers, "log_dir": log_dir,
               "exit_policy": o.exit_policy, "hazards": o.hazards, "scenario": o.scenario,
-              "errors": sup.errors, "status": status}
+              **extra, "errors": sup.errors, "status": status}
     sup.log_stop(status)
     return report, status
 

@@ -215,7 +215,8 @@ class Supervisor:
         mm = self.mms.get(ch.mm)
         mb = mm.base if mm is not None else -1
         done = mm is None or q[mb + M_ID] != ch.mm or q[mb + M_EXIT_STAGE] & XS_MMDROP
-        if rc == 0 and done:
+        if done and not any(dead_locks(q, cl.tbase(row))):
+            # it ran its whole exit (a signal after that changes nothing)
             self._account_exit(row, ch, reaped=False)
             return
         q[cl.tbase(row) + T_STATE] = TS_DEAD

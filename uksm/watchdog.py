@@ -82,7 +82,7 @@ class Watchdog:
                 lines.append(f"{self.describe(cur)} is running (not blocked)")
                 break
             cls, lid, secs = w
-            holders = self.holder_rows(cls, lid)
+            holders = [h for h in self.holder_rows(cls, lid) if h != cur]
             if cls == C_FRAMES:
                 what = f"free frames ({self.cl.q[A_FREE_TOP]} free) for {secs:.1f}s"
                 by = "the OOM victim, which has not freed its memory: " if holders else "no OOM victim: "

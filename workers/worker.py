@@ -31,7 +31,7 @@ from uksm.mm import mm_attach
 from uksm.mmu import MMU
 from uksm.shm import UksmError
 from uksm.syscalls import MADV_DONTNEED, MADV_MERGEABLE, sys_madvise, sys_mmap
-from uksm.workers.workloads import Workload
+from uksm.workers.workloads import ZERO, Workload
 
 
 class Worker:
@@ -52,7 +52,7 @@ class Worker:
         self.alloc.oom_killer = oom.out_of_memory
         self.mmu = MMU(self.cl, self.mm, self.alloc)
         self.wl = Workload(a.workload, a.seed, a.worker_no)
-        self.version = [0] * a.pages
+        self.version = [-1] * a.pages  # -1: never written, reads as zeros
         self.base = 0
         self.cows_logged = 0
         for s in (signal.SIGTERM, signal.SIGINT):
@@ -66,8 +66,15 @@ class Worker:
     def dying(self) -> bool:
         return bool(self.q[self.tb + T_FATAL])
 
-    def write_page(self, i: int) -> None:
-        self.mmu.write(self.base + i * PAGE_SIZE, self.wl.content(i, self.version[i]))
+    def expected(self, i: int) -> bytes:
+        v = self.version[i]
+        return ZERO if v < 0 else self.wl.content(i, v)
+
+    def write_page(self, i: int, n: int = 1) -> None:
+        """Write pages i..i+n-1 (one MMU write: it may span pages)."""
+        for j in range(i, i + n):
+            self.version[j] = max(self.version[j], 0)
+        self.mmu.write(self.base + i * PAGE_SIZE, b"".join(self.expected(j) for j in range(i, i + n)))
 
     def run(self) -> int:
         a = self.a
@@ -87,7 +94,7 @@ class Worker:
                 for i in vol:
                     if self.dying():
                         break
-                    self.version[i] += 1
+                    self.version[i] = max(self.version[i], 0) + 1
                     self.write_page(i)
                 if a.churn_ms and time.monotonic() >= next_churn:
                     self.churn(rng)
@@ -107,6 +114,8 @@ class Worker:
             self.cl.task.unlock(self.cl.mmlist)
         self.log_cows()
         mmput(self.cl, self.mm, self.alloc, self.log)
+        for s in (signal.SIGTERM, signal.SIGINT, oom.OOM_SIGNAL):
+            signal.signal(s, signal.SIG_IGN)  # exited: nothing left to kill
         return 0
 
     def churn(self, rng: random.Random) -> None:
@@ -117,9 +126,9 @@ class Worker:
         addr = self.base + i * PAGE_SIZE
         sys_madvise(self.cl, self.mm, self.alloc, addr, PAGE_SIZE, MADV_DONTNEED, self.log)
         self.write_page(i)
-        j = rng.randrange(a.pages)
-        if not self.wl.volatile(j):
-            self.write_page(j)
+        j = rng.randrange(a.pages - 1) if a.pages > 1 else 0
+        if not self.wl.volatile(j) and (a.pages == 1 or not self.wl.volatile(j + 1)):
+            self.write_page(j, min(2, a.pages - j))  # a write across two (maybe merged) pages
         if rng.random() < 0.2:
             sys_madvise(self.cl, self.mm, self.alloc, self.base, a.pages * PAGE_SIZE,
                         MADV_MERGEABLE, self.log)
@@ -137,7 +146,7 @@ class Worker:
         """Read back every page and compare with what was written."""
         bad = 0
         for i in range(self.a.pages):
-            if self.mmu.read(self.base + i * PAGE_SIZE, PAGE_SIZE) != self.wl.content(i, self.version[i]):
+            if self.mmu.read(self.base + i * PAGE_SIZE, PAGE_SIZE) != self.expected(i):
                 bad += 1
         self.q[self.tb + T_VERIFIED] = self.a.pages
         self.q[self.tb + T_MISMATCHES] = bad

@@ -1,0 +1,67 @@
+"""Helpers shared by the tests: run the CLI, boot a cluster in-process."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+from uksm.cluster import Config
+from uksm.supervisor import Supervisor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def uksm(*args: str, timeout: float = 120, check: bool = False) -> subprocess.CompletedProcess:
+    """Run ``uksm ARGS`` as a user would (python -m uksm), capture output."""
+    p = subprocess.run([sys.executable, "-m", "uksm", *args], capture_output=True, text=True,
+                       timeout=timeout, cwd=ROOT)
+    if check and p.returncode != 0:
+        raise AssertionError(f"uksm {' '.join(args)} -> {p.returncode}\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def run_json(*args: str, timeout: float = 120) -> tuple[dict[str, Any], int]:
+    p = uksm("run", "--json", *args, timeout=timeout)
+    try:
+        return json.loads(p.stdout), p.returncode
+    except json.JSONDecodeError:
+        raise AssertionError(f"no JSON on stdout (status {p.returncode}):\n{p.stdout}\n{p.stderr}")
+
+
+def wait_for(pred: Callable[[], Any], timeout: float = 30.0, step: float = 0.02, what: str = "") -> Any:
+    """Wait for a condition (never a bare sleep): returns its value."""
+    end = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or pred}")
+        time.sleep(step)
+
+
+@contextmanager
+def booted(name: str, log_dir: str | None = None, **cfg: Any) -> Iterator[Supervisor]:
+    """A cluster booted in this process (supervisor + ksmd), torn down
+    after the test whatever happens."""
+    sup = Supervisor(name, Config(**cfg), log_dir, quiet=True)
+    try:
+        sup.boot()
+        yield sup
+    finally:
+        if sup.booted:
+            sup.kill_all()
+            sup.teardown()
+
+
+def pump(sup: Supervisor, pred: Callable[[], Any], timeout: float = 30.0, what: str = "") -> Any:
+    """wait_for, running the supervisor's main-loop duties meanwhile."""
+    def step() -> Any:
+        sup.poll()
+        sup.sweep()
+        return pred()
+    return wait_for(step, timeout, what=what)

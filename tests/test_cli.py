@@ -1,0 +1,215 @@
+"""``uksm run`` and ``uksm cleanup`` as a user runs them (issue 2): every
+workload with 1 and 16 workers, the JSON report's keys, bad input, cleanup
+after a crashed run, the default demonstration."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers import ROOT, booted, run_json, uksm, wait_for
+from uksm import shm
+
+WORKLOADS = ["identical", "unique", "zero", "dup:3", "volatile", "vm"]
+
+# issue 2: the report has (at least) these keys
+REPORT_KEYS = {
+    "cluster": None, "workload": None, "duration_s": None,
+    "ksm": {"run", "pages_to_scan", "sleep_millisecs", "pages_shared", "pages_sharing",
+            "pages_unshared", "pages_volatile", "full_scans", "pages_scanned"},
+    "frames": {"total", "used", "free"},
+    "memory": {"host_bytes_resident"},
+    "workers": {"started", "exited", "exit_fast", "exit_slow", "killed", "oom_killed"},
+    "integrity": {"pages_verified", "mismatches"},
+    "fsck": {"ok", "errors"},
+    "hung_tasks": None, "ipc_leftovers": None,
+}
+
+
+def name(tag: str) -> str:
+    return f"tcli{tag}{os.getpid() % 100000}"
+
+
+def check_keys(r: dict) -> None:
+    missing = sorted(set(REPORT_KEYS) - set(r))
+    assert not missing, f"report lacks {missing}"
+    for k, sub in REPORT_KEYS.items():
+        if sub is not None:
+            assert isinstance(r[k], dict), k
+            lacks = sorted(sub - set(r[k]))
+            assert not lacks, f"report[{k!r}] lacks {lacks}"
+    for k in ("ksm", "frames", "memory", "workers", "integrity"):
+        for f, v in r[k].items():
+            assert isinstance(v, int) and not isinstance(v, bool) and v >= 0, (k, f, v)
+    assert isinstance(r["fsck"]["ok"], bool) and isinstance(r["fsck"]["errors"], list)
+    assert isinstance(r["hung_tasks"], list) and isinstance(r["ipc_leftovers"], list)
+    assert isinstance(r["duration_s"], (int, float)) and r["duration_s"] >= 0
+
+
+def assert_clean_run(r: dict, status: int, workers: int, pages: int) -> None:
+    assert status == 0, r
+    check_keys(r)
+    assert r["integrity"]["mismatches"] == 0
+    assert r["integrity"]["pages_verified"] == workers * pages
+    assert r["fsck"]["ok"] is True and r["fsck"]["errors"] == []
+    assert r["ipc_leftovers"] == []
+    assert r["hung_tasks"] == []
+    w = r["workers"]
+    assert w["started"] == w["exited"] == workers
+    assert w["killed"] == w["oom_killed"] == 0
+    fr = r["frames"]
+    assert fr["used"] + fr["free"] == fr["total"]
+    assert shm.leftovers(r["cluster"]) == []
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("workers", [1, 16])
+@pytest.mark.parametrize("workload", WORKLOADS)
+def test_run_every_workload(tmp_path, workload: str, workers: int) -> None:
+    pages = 64
+    r, status = run_json("--workload", workload, "--workers", str(workers), "--pages", str(pages),
+                         "--pages-to-scan", "2000", "--sleep-ms", "0", "--log-dir", str(tmp_path),
+                         "--cluster", name(f"w{workers}{workload.replace(':', '')}"), timeout=80)
+    assert_clean_run(r, status, workers, pages)
+    assert r["workload"] == workload
+    k = r["ksm"]
+    assert k["run"] == 1 and k["pages_to_scan"] == 2000 and k["sleep_millisecs"] == 0
+    assert k["full_scans"] >= 2 and k["pages_scanned"] >= workers * pages
+    if workload in ("identical", "zero", "dup:3", "vm"):
+        assert k["pages_sharing"] > 0
+    if workload in ("unique", "volatile"):
+        assert k["pages_shared"] == k["pages_sharing"] == 0
+    assert r["memory"]["host_bytes_resident"] >= r["frames"]["used"] * 4096 * 0.9
+
+
+BAD = [
+    (["--workload", "nope"], "workload"),
+    (["--workload", "dup:x"], "dup"),
+    (["--workers", "0"], "--workers"),
+    (["--pages", "-1"], "--pages"),
+    (["--workload", "unique", "--workers", "2", "--pages", "64", "--frames", "100"], "frames"),
+    (["--workload", "volatile", "--workers", "1", "--pages", "64", "--frames", "63"], "frames"),
+]
+
+
+def assert_usage_error(p: subprocess.CompletedProcess, word: str) -> None:
+    lines = p.stderr.splitlines()
+    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
+    assert "Traceback" not in p.stderr
+    assert len(lines) == 1 and lines[0].strip(), p.stderr
+    assert word in lines[0], lines[0]
+    assert p.stdout == ""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("args,word", BAD, ids=[" ".join(a) for a, _w in BAD])
+def test_bad_input_is_one_line_and_status_2(tmp_path, args: list[str], word: str) -> None:
+    cl = name("bad")
+    p = uksm("run", "--cluster", cl, "--log-dir", str(tmp_path), *args, timeout=50)
+    assert_usage_error(p, word)
+    assert shm.leftovers(cl) == []
+    assert os.listdir(tmp_path) == []  # no logs either: nothing started
+
+
+@pytest.mark.timeout(60)
+def test_bad_input_missing_log_dir(tmp_path) -> None:
+    cl = name("nolog")
+    missing = tmp_path / "not" / "there"
+    p = uksm("run", "--cluster", cl, "--log-dir", str(missing), "--workers", "1", "--pages", "8",
+             timeout=50)
+    assert_usage_error(p, str(missing))
+    assert shm.leftovers(cl) == [] and not missing.exists()
+
+
+@pytest.mark.timeout(60)
+def test_bad_input_cluster_name_in_use(tmp_path) -> None:
+    cl = name("busy")
+    with booted(cl, run=0, frames=16) as sup:
+        mine = shm.leftovers(cl)
+        assert mine
+        p = uksm("run", "--cluster", cl, "--log-dir", str(tmp_path), "--workers", "1",
+                 "--pages", "8", "--duration", "1", timeout=50)
+        assert_usage_error(p, cl)
+        # the running cluster is untouched
+        assert shm.leftovers(cl) == mine
+        assert sup.ksmd is not None and sup.ksmd.proc.poll() is None
+    assert shm.leftovers(cl) == []
+    p = uksm("run", "--cluster", "bad/name", "--log-dir", str(tmp_path), timeout=50)
+    assert_usage_error(p, "cluster name")
+
+
+def group_alive(pgid: int) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                rest = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if rest[0] != "Z" and int(rest[2]) == pgid:
+            out.append(int(d))
+    return out
+
+
+@pytest.mark.timeout(90)
+def test_cleanup_after_a_crashed_run(tmp_path) -> None:
+    cl = name("crash")
+    p = subprocess.Popen([sys.executable, "-m", "uksm", "run", "--cluster", cl, "--duration", "60",
+                          "--workers", "2", "--pages", "64", "--log-dir", str(tmp_path), "--quiet"],
+                         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         start_new_session=True)
+    try:
+        # up and running: the workers' address spaces exist
+        wait_for(lambda: {f"uksm.{cl}.mm1", f"uksm.{cl}.mm2"} <= set(shm.leftovers(cl))
+                 or p.poll() is not None, 60, what="the cluster's objects")
+        assert p.poll() is None, p.stderr.read().decode() if p.stderr else ""
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)  # the crash: supervisor, ksmd, workers
+        p.wait(timeout=30)
+        wait_for(lambda: not group_alive(p.pid), 30, what="the killed processes to go")
+        if p.stderr:
+            p.stderr.close()
+    left = shm.leftovers(cl)
+    assert f"uksm.{cl}.ctl" in left and f"sem.uksm.{cl}.daemon" in left
+    r = uksm("cleanup", "--cluster", cl, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    said = sorted(line.split("/dev/shm/", 1)[1] for line in r.stdout.splitlines()
+                  if line.startswith("removed /dev/shm/"))
+    assert said == sorted(left), r.stdout
+    assert shm.leftovers(cl) == []
+    # again: nothing left to remove
+    r = uksm("cleanup", "--cluster", cl, timeout=60)
+    assert r.returncode == 0 and "removed" not in r.stdout and r.stdout.strip(), r.stdout
+
+
+@pytest.mark.timeout(60)
+def test_run_help() -> None:
+    p = uksm("run", "--help", timeout=50)
+    assert p.returncode == 0
+    for opt in ("--workers", "--pages", "--workload", "--json", "--duration", "--pages-to-scan",
+                "--sleep-ms", "--log-dir", "--cluster", "--frames"):
+        assert opt in p.stdout, opt
+    assert p.stderr == ""
+
+
+@pytest.mark.timeout(100)
+def test_default_run_ends_by_itself_and_saves_memory(tmp_path) -> None:
+    t0 = time.monotonic()
+    r, status = run_json("--log-dir", str(tmp_path), timeout=90)
+    took = time.monotonic() - t0
+    assert took < 60 + 15, took  # --max-duration 60, plus stopping
+    assert status == 0, r
+    check_keys(r)
+    assert r["duration_s"] <= 60 + 15
+    assert r["workload"] == "vm"
+    assert r["ksm"]["pages_sharing"] > 0
+    assert r["frames"]["used"] < r["workers"]["started"] * 1024  # memory saved
+    assert r["integrity"]["mismatches"] == 0 and r["fsck"]["ok"] and r["ipc_leftovers"] == []
+    assert shm.leftovers(r["cluster"]) == []

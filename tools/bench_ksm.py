@@ -1,0 +1,511 @@
+#!/usr/bin/env python3
+"""bench_ksm: how fast uksm's ksmd merges a layout, next to this machine's real KSM.
+
+What it measures
+----------------
+The same layout -- N pages holding K distinct contents in total (page i
+holds content i mod K) -- is merged twice, from scratch, with the same
+``pages_to_scan`` and ``sleep_millisecs``:
+
+- **uksm**: a cluster is booted in this process (``uksm.supervisor``) with
+  ksmd stopped (run=0); W worker processes each map N/W pages with the
+  ``dup:K`` workload (page i of every worker holds content i mod K) and mark
+  them mergeable.  Once every worker is ready, run=1 is set and the clock
+  runs until ``pages_shared == K`` and ``pages_sharing == N - K``.
+- **kernel**: one anonymous private mapping of N pages is filled the same way
+  (K distinct non-zero contents), ``madvise(MADV_MERGEABLE)``-ed, and
+  /sys/kernel/mm/ksm/run=1 is written; the clock runs until every page of the
+  mapping is merged (``pages_shared + pages_sharing == N``).  The kernel caps
+  a KSM page at ``max_page_sharing`` mappings (256 by default), so it shows
+  more ``pages_shared`` than K (about K * ceil(N/K/256)): the saving is the
+  same bar those few pages.  Afterwards the kernel is ALWAYS put back to
+  run=2 (unmerge) then run=0, pages_to_scan=100, sleep_millisecs=20 -- also
+  after an error or Ctrl-C.  Without a writable /sys/kernel/mm/ksm (no
+  CONFIG_KSM, a read-only /sys in a container, not root) that half is skipped.
+
+How to read it
+--------------
+- ``merge_s``: seconds from run=1 to fully merged.  Both need two full
+  scans: the first records each page's checksum, the second merges (a page
+  must keep its checksum for one scan before it enters the unstable tree).
+- ``pages_per_s``: ``pages_scanned`` (the counter, uksm's and the kernel's)
+  over ``merge_s``: the scanner's throughput while merging, about 2N / merge_s.
+- ``steady_pages_per_s`` (with ``--after S``): the scan rate over S more
+  seconds once all is merged (every page a stable-tree hit: the cheap path).
+- ``ratio``: uksm / kernel, per metric.  A time ratio of 50 means uksm
+  takes 50 times as long; a rate ratio of 0.02 means it scans at 2% of the
+  kernel's speed.  uksm is pure Python on POSIX shared memory: per-page cost
+  of a few microseconds is expected, against well under one for the kernel.
+
+The numbers depend on the machine's load: the uksm half runs ksmd as a
+process competing with the workers' idle loops and this process's polling
+(every ~2 ms) on the same cores; run it on a quiet machine.
+
+Usage::
+
+    python3 tools/bench_ksm.py                       # 200,000 pages, 50 contents
+    python3 tools/bench_ksm.py --pages 20000 --json  # smaller, one JSON object
+    python3 -m uksm.tools.bench_ksm --skip-kernel
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import mmap
+import os
+import platform
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+PAGE = 4096
+KSM_DIR = "/sys/kernel/mm/ksm"
+KERNEL_DEFAULTS = (("run", "0"), ("pages_to_scan", "100"), ("sleep_millisecs", "20"))
+
+
+# ---- signals: Ctrl-C / SIGTERM end the run, never the clean-up -------------------
+
+def _sigterm(_s: int, _f: Any) -> None:
+    raise KeyboardInterrupt("SIGTERM")
+
+
+@contextmanager
+def shielded() -> Iterator[None]:
+    """Clean-up that a second Ctrl-C / SIGTERM must not cut short: the
+    signal is remembered and raised once the block is done."""
+    got: list[int] = []
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in old:
+        signal.signal(s, lambda signo, _f: got.append(signo))
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        if got:
+            raise KeyboardInterrupt("interrupted during clean-up (clean-up completed)")
+
+
+# ---- machine ----------------------------------------------------------------------
+
+def machine() -> dict[str, Any]:
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem = 0
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    mem = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    return {"nproc": os.cpu_count(), "cpu_model": model, "mem_gib": round(mem / 2**30, 1),
+            "kernel": platform.release(), "python": platform.python_version(),
+            "loadavg_1m": os.getloadavg()[0]}
+
+
+def expected_counts(pages: int, distinct: int, per_region: list[int]) -> tuple[int, int]:
+    """(pages_shared, pages_sharing) when fully merged, no sharing cap:
+    one KSM page per content present."""
+    contents = min(distinct, max(per_region))
+    return contents, pages - contents
+
+
+# ---- uksm -------------------------------------------------------------------------
+
+def split_pages(pages: int, workers: int) -> list[int]:
+    base, extra = divmod(pages, workers)
+    return [base + (1 if i < extra else 0) for i in range(workers)]
+
+
+def uksm_config(pages: int, workers: int, pages_to_scan: int, sleep_ms: int, run: int = 0):
+    from uksm.cluster import Config
+    per = split_pages(pages, workers)
+    return Config(frames=pages + max(64, pages // 16), max_tasks=workers * 2 + 32,
+                  max_mms=workers * 3 + 32, va_pages=max(per) + 80, run=run,
+                  pages_to_scan=pages_to_scan, sleep_ms=sleep_ms, hung_timeout_ms=30_000)
+
+
+def start_workers(sup: Any, pages: int, distinct: int, workers: int, seed: int,
+                  timeout: float, say: Any) -> float:
+    """Spawn the workers and wait until every one has written its pages.
+    Returns the seconds it took."""
+    t0 = time.monotonic()
+    for n in split_pages(pages, workers):
+        sup.spawn_worker(n, f"dup:{distinct}", seed)
+    last = 0.0
+    while True:
+        sup.poll()
+        if sup.errors:
+            raise RuntimeError("; ".join(sup.errors))
+        if sup.workers_alive() < workers:
+            raise RuntimeError("a worker exited before it was ready")
+        if sup.workers_ready():
+            return time.monotonic() - t0
+        if time.monotonic() - t0 > timeout:
+            raise RuntimeError(f"workers not ready after {timeout:.0f}s")
+        if time.monotonic() - last > 5:
+            last = time.monotonic()
+            say(f"  uksm: waiting for {workers} workers to write {pages} pages "
+                f"({time.monotonic() - t0:.0f}s)")
+        time.sleep(0.02)
+
+
+def run_uksm(pages: int, distinct: int, workers: int, pages_to_scan: int, sleep_ms: int,
+             after: float, timeout: float, seed: int, log_dir: str | None, say: Any) -> dict[str, Any]:
+    from uksm import log as ulog
+    from uksm import shm
+    from uksm.layout import (K_FULL_SCANS, K_PAGES_SCANNED, K_PAGES_SHARED, K_PAGES_SHARING,
+                             K_RUN)
+    from uksm.supervisor import Supervisor
+
+    name = f"bench{os.getpid()}"
+    per = split_pages(pages, workers)
+    exp_shared, exp_sharing = expected_counts(pages, distinct, per)
+    sup = Supervisor(name, uksm_config(pages, workers, pages_to_scan, sleep_ms), log_dir, quiet=True)
+    res: dict[str, Any] = {"cluster": name, "workers": workers, "pages_per_worker": per[0],
+                           "expected_shared": exp_shared, "expected_sharing": exp_sharing}
+    clean = False
+    try:
+        sup.boot()
+        q = sup.cl.q
+        res["workers_ready_s"] = round(start_workers(sup, pages, distinct, workers, seed, timeout,
+                                                     say), 3)
+        say(f"  uksm: {workers} workers ready ({res['workers_ready_s']}s); run=1")
+        scanned0, scans0 = q[K_PAGES_SCANNED], q[K_FULL_SCANS]
+        t0 = time.monotonic()
+        q[K_RUN] = 1
+        last = t0
+        while True:
+            sup.poll()
+            now = time.monotonic()
+            if q[K_PAGES_SHARED] == exp_shared and q[K_PAGES_SHARING] == exp_sharing:
+                break
+            if sup.errors:
+                raise RuntimeError("; ".join(sup.errors))
+            if now - t0 > timeout:
+                raise RuntimeError(f"uksm not merged after {timeout:.0f}s: shared "
+                                   f"{q[K_PAGES_SHARED]} sharing {q[K_PAGES_SHARING]}")
+            if now - last > 5:
+                last = now
+                say(f"  uksm: {now - t0:.0f}s shared {q[K_PAGES_SHARED]} sharing "
+                    f"{q[K_PAGES_SHARING]} scanned {q[K_PAGES_SCANNED] - scanned0}")
+            time.sleep(0.002)
+        dt = now - t0
+        scanned = q[K_PAGES_SCANNED] - scanned0
+        res.update(merge_s=round(dt, 4), pages_scanned=scanned,
+                   pages_per_s=round(scanned / dt) if dt else None,
+                   full_scans=q[K_FULL_SCANS] - scans0,
+                   pages_shared=q[K_PAGES_SHARED], pages_sharing=q[K_PAGES_SHARING])
+        if after > 0:
+            s0, t1 = q[K_PAGES_SCANNED], time.monotonic()
+            while time.monotonic() - t1 < after:
+                sup.poll()
+                time.sleep(0.01)
+            s1, t2 = q[K_PAGES_SCANNED], time.monotonic()
+            res["steady_pages_per_s"] = round((s1 - s0) / (t2 - t1))
+        with shielded():
+            q[K_RUN] = 0
+            clean = sup.stop_workers(timeout=120)
+            sup.stop_ksmd()
+    finally:
+        with shielded():
+            if sup.booted:
+                sup.kill_all()
+                res["leftovers"] = sup.teardown()
+            ulog.close()
+            res["leftovers"] = res.get("leftovers", []) + [
+                x for x in shm.leftovers(name) if x not in res.get("leftovers", [])]
+    res["clean_stop"] = clean
+    return res
+
+
+# ---- the kernel ---------------------------------------------------------------------
+
+def kread(name: str) -> str | None:
+    try:
+        with open(os.path.join(KSM_DIR, name)) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def kint(name: str) -> int | None:
+    v = kread(name)
+    try:
+        return int(v) if v is not None else None
+    except ValueError:
+        return None
+
+
+def kwrite(name: str, value: str) -> None:
+    with open(os.path.join(KSM_DIR, name), "w") as f:
+        f.write(value)
+
+
+def kernel_unavailable() -> str | None:
+    if not os.path.isdir(KSM_DIR):
+        return f"{KSM_DIR} is missing (kernel without CONFIG_KSM?)"
+    for n in ("run", "pages_to_scan", "sleep_millisecs"):
+        if not os.access(os.path.join(KSM_DIR, n), os.W_OK):
+            return f"{KSM_DIR}/{n} is not writable (not root, or a read-only /sys)"
+    if not hasattr(mmap, "MADV_MERGEABLE"):
+        return "this Python's mmap has no MADV_MERGEABLE"
+    return None
+
+
+def restore_kernel() -> dict[str, Any]:
+    """run=2 (unmerge everything), then run=0, pages_to_scan=100,
+    sleep_millisecs=20.  Each step is tried even if one before failed."""
+    errors = []
+    for attempt in range(3):
+        try:
+            kwrite("run", "2")
+            break
+        except OSError as e:  # EINTR / ENOMEM from the unmerge: try again
+            errors.append(f"run=2: {e}")
+            time.sleep(0.1 * (attempt + 1))
+    for name, value in KERNEL_DEFAULTS:
+        try:
+            kwrite(name, value)
+        except OSError as e:
+            errors.append(f"{name}={value}: {e}")
+    now = {n: kread(n) for n, _v in KERNEL_DEFAULTS}
+    ok = all(now[n] == v for n, v in KERNEL_DEFAULTS)
+    return {"restored": ok, "now": now, "errors": errors}
+
+
+def fill_region(m: mmap.mmap, pages: int, distinct: int) -> None:
+    """Page i holds content i mod distinct: distinct pages of non-zero bytes."""
+    pats = []
+    for c in range(distinct):
+        d = hashlib.blake2b(c.to_bytes(8, "little"), digest_size=64).digest()
+        d = bytes(b or 1 for b in d)
+        pats.append(d * (PAGE // len(d)))
+    block = b"".join(pats)  # `distinct` consecutive pages
+    off, end = 0, pages * PAGE
+    while off < end:
+        n = min(len(block), end - off)
+        m[off:off + n] = block[:n]
+        off += n
+
+
+def run_kernel(pages: int, distinct: int, pages_to_scan: int, sleep_ms: int, after: float,
+               timeout: float, say: Any) -> dict[str, Any]:
+    why = kernel_unavailable()
+    if why:
+        return {"skipped": why}
+    before = {n: kread(n) for n in ("run", "pages_to_scan", "sleep_millisecs", "pages_shared",
+                                    "pages_sharing", "max_page_sharing", "advisor_mode",
+                                    "smart_scan", "use_zero_pages")}
+    res: dict[str, Any] = {"before": before}
+    warnings = []
+    if before["run"] != "0":
+        warnings.append(f"KSM was running (run={before['run']}); it is left at run=0")
+    if kint("pages_shared") or kint("pages_sharing"):
+        warnings.append("other KSM pages existed before (counts below are deltas)")
+    adv = before.get("advisor_mode") or ""
+    if adv and "[none]" not in adv:
+        warnings.append(f"advisor_mode is {adv}: it overrides pages_to_scan")
+    mps = kint("max_page_sharing") or 0
+    per_content = -(-pages // distinct)
+    res["max_page_sharing"] = mps
+    res["expected_shared"] = min(distinct, pages) * (-(-per_content // mps) if mps else 1)
+    res["expected_sharing"] = pages - res["expected_shared"]
+    m = mmap.mmap(-1, pages * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        t = time.monotonic()
+        fill_region(m, pages, distinct)
+        res["fill_s"] = round(time.monotonic() - t, 3)
+        try:
+            m.madvise(mmap.MADV_MERGEABLE)
+        except OSError as e:
+            return {**res, "skipped": f"madvise(MADV_MERGEABLE) failed: {e}"}
+        shared0, sharing0 = kint("pages_shared") or 0, kint("pages_sharing") or 0
+        scanned0, scans0 = kint("pages_scanned"), kint("full_scans") or 0
+        try:
+            kwrite("pages_to_scan", str(pages_to_scan))
+            kwrite("sleep_millisecs", str(sleep_ms))
+            say("  kernel: run=1")
+            t0 = time.monotonic()
+            kwrite("run", "1")
+            last = t0
+            while True:
+                sh = (kint("pages_shared") or 0) - shared0
+                sg = (kint("pages_sharing") or 0) - sharing0
+                now = time.monotonic()
+                if sh + sg >= pages:
+                    break
+                if now - t0 > timeout:
+                    raise RuntimeError(f"kernel not merged after {timeout:.0f}s: shared {sh} "
+                                       f"sharing {sg}")
+                if now - last > 5:
+                    last = now
+                    say(f"  kernel: {now - t0:.0f}s shared {sh} sharing {sg}")
+                time.sleep(0.0005)
+            dt = now - t0
+            scans = (kint("full_scans") or 0) - scans0
+            if scanned0 is not None:
+                scanned = (kint("pages_scanned") or 0) - scanned0
+                res["pages_scanned_source"] = "pages_scanned"
+            else:  # older kernels: no counter; full scans done, times the pages
+                scanned = scans * pages
+                res["pages_scanned_source"] = "full_scans * pages (lower bound)"
+            res.update(merge_s=round(dt, 4), pages_scanned=scanned,
+                       pages_per_s=round(scanned / dt) if dt else None, full_scans=scans,
+                       pages_shared=sh, pages_sharing=sg)
+            if after > 0 and scanned0 is not None:
+                s0, t1 = kint("pages_scanned") or 0, time.monotonic()
+                time.sleep(after)
+                s1, t2 = kint("pages_scanned") or 0, time.monotonic()
+                res["steady_pages_per_s"] = round((s1 - s0) / (t2 - t1))
+        finally:
+            with shielded():
+                res["restore"] = restore_kernel()
+    finally:
+        m.close()
+    if warnings:
+        res["warnings"] = warnings
+    return res
+
+
+# ---- report -------------------------------------------------------------------------
+
+def ratios(u: dict[str, Any], k: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in ("merge_s", "pages_per_s", "steady_pages_per_s"):
+        if u.get(key) and k.get(key):
+            out[key] = round(u[key] / k[key], 4)
+    return out
+
+
+def table(r: dict[str, Any]) -> str:
+    u, k, ra = r.get("uksm") or {}, r.get("kernel") or {}, r.get("ratio") or {}
+    rows = [("time to full merge (s)", "merge_s", "{:.3f}"),
+            ("pages scanned per second", "pages_per_s", "{:,.0f}"),
+            ("steady scan rate (pages/s)", "steady_pages_per_s", "{:,.0f}"),
+            ("pages scanned to merge", "pages_scanned", "{:,}"),
+            ("full scans to merge", "full_scans", "{}"),
+            ("pages_shared", "pages_shared", "{:,}"),
+            ("pages_sharing", "pages_sharing", "{:,}")]
+
+    def cell(d: dict[str, Any], key: str, fmt: str) -> str:
+        if "skipped" in d or d.get("error"):
+            return "-"
+        v = d.get(key)
+        return "-" if v is None else fmt.format(v)
+    lines = [f"{'':28} {'uksm':>14} {'kernel':>14} {'uksm/kernel':>12}"]
+    for label, key, fmt in rows:
+        rv = ra.get(key)
+        lines.append(f"{label:28} {cell(u, key, fmt):>14} {cell(k, key, fmt):>14} "
+                     f"{('%.4g' % rv) if rv is not None else '':>12}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="bench_ksm", description=(__doc__ or "").split("\n\n")[0],
+        epilog="See the module docstring (python3 -c 'import uksm.tools.bench_ksm as b; "
+               "help(b)') for how to read the numbers.")
+    ap.add_argument("--pages", type=int, default=200_000, help="pages in total (default 200000)")
+    ap.add_argument("--distinct", type=int, default=50,
+                    help="distinct page contents in total (default 50)")
+    ap.add_argument("--workers", type=int, default=4, help="uksm worker processes (default 4)")
+    ap.add_argument("--pages-to-scan", type=int, default=10_000, help="default 10000")
+    ap.add_argument("--sleep-ms", type=int, default=0, help="sleep_millisecs (default 0)")
+    ap.add_argument("--after", type=float, default=0.0,
+                    help="also measure the steady scan rate for this many seconds once merged")
+    ap.add_argument("--timeout", type=float, default=600.0,
+                    help="give up on a side after this many seconds (default 600)")
+    ap.add_argument("--seed", type=int, default=0, help="uksm workload seed")
+    ap.add_argument("--log-dir", help="uksm JSON logs here (default: none, as fast as possible)")
+    ap.add_argument("--skip-uksm", action="store_true")
+    ap.add_argument("--skip-kernel", action="store_true")
+    ap.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    a = ap.parse_args(argv)
+    if a.pages < 1 or a.distinct < 1 or a.workers < 1 or a.pages_to_scan < 1 or a.sleep_ms < 0:
+        ap.error("--pages, --distinct, --workers, --pages-to-scan must be >= 1, --sleep-ms >= 0")
+    if a.workers > a.pages:
+        ap.error("--workers must not exceed --pages")
+
+    def say(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    signal.signal(signal.SIGTERM, _sigterm)
+    report: dict[str, Any] = {
+        "machine": machine(),
+        "layout": {"pages": a.pages, "distinct": a.distinct, "workers": a.workers,
+                   "pages_to_scan": a.pages_to_scan, "sleep_millisecs": a.sleep_ms},
+    }
+    status = 0
+    try:
+        if not a.skip_uksm:
+            say(f"uksm: {a.pages} pages, {a.distinct} contents, {a.workers} workers")
+            try:
+                report["uksm"] = run_uksm(a.pages, a.distinct, a.workers, a.pages_to_scan,
+                                          a.sleep_ms, a.after, a.timeout, a.seed, a.log_dir, say)
+            except (RuntimeError, OSError) as e:
+                report["uksm"] = {"error": str(e)}
+                status = 1
+        if not a.skip_kernel:
+            say(f"kernel: {a.pages} pages, {a.distinct} contents")
+            try:
+                report["kernel"] = run_kernel(a.pages, a.distinct, a.pages_to_scan, a.sleep_ms,
+                                              a.after, a.timeout, say)
+            except (RuntimeError, OSError) as e:
+                report["kernel"] = {"error": str(e)}
+                status = 1
+            k = report["kernel"]
+            if "skipped" in k:
+                say(f"kernel: skipped: {k['skipped']}")
+            if k.get("restore") and not k["restore"]["restored"]:
+                say(f"kernel: WARNING: settings not restored: {k['restore']}")
+                status = 1
+    except KeyboardInterrupt:
+        say("interrupted: cleaned up")
+        return 130
+    report["ratio"] = ratios(report.get("uksm") or {}, report.get("kernel") or {})
+    if a.json:
+        print(json.dumps(report, indent=None))
+    else:
+        mc = report["machine"]
+        print(f"machine: {mc['nproc']} cpus, {mc['cpu_model']}, {mc['mem_gib']} GiB, "
+              f"Linux {mc['kernel']}, Python {mc['python']}, load {mc['loadavg_1m']:.2f}")
+        lay = report["layout"]
+        print(f"layout: {lay['pages']:,} pages, {lay['distinct']} distinct contents, "
+              f"pages_to_scan {lay['pages_to_scan']}, sleep_millisecs {lay['sleep_millisecs']} "
+              f"(uksm: {lay['workers']} workers)")
+        print(table(report))
+        for side in ("uksm", "kernel"):
+            d = report.get(side) or {}
+            if "error" in d:
+                print(f"{side}: ERROR: {d['error']}")
+            if "skipped" in d:
+                print(f"{side}: skipped: {d['skipped']}")
+            for w in d.get("warnings", []):
+                print(f"{side}: warning: {w}")
+        k = report.get("kernel") or {}
+        if k.get("max_page_sharing"):
+            print(f"kernel: max_page_sharing {k['max_page_sharing']}: expect pages_shared "
+                  f"{k['expected_shared']:,} (uksm has no cap: {(report.get('uksm') or {}).get('expected_shared', '-')})")
+        if k.get("restore"):
+            print(f"kernel settings after: {k['restore']['now']}")
+        u = report.get("uksm") or {}
+        if "leftovers" in u:
+            print(f"uksm: /dev/shm leftovers: {u['leftovers'] or 'none'}")
+    return status
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
