@@ -128,6 +128,16 @@ def frames_used(cl: Any) -> int:
     return cl.nframes - cl.q[A_FREE_TOP]
 
 
+def wait_frames_used(sup: Any, n: int, timeout: float = 30.0) -> None:
+    """Wait until exactly ``n`` frames are in use: a task (ksmd after a
+    merge) batches its frees and gives them back at its next flush."""
+    import helpers
+    try:
+        helpers.pump(sup, lambda: frames_used(sup.cl) == n, timeout)
+    except AssertionError:
+        raise AssertionError(f"frames in use: {frames_used(sup.cl)}, expected {n}") from None
+
+
 def live_mms(sup: Any, spaces: Iterable[Space] = ()) -> dict[int, Any]:
     """Every address space still in the mm table: the supervisor's
     workers' and the test's own."""

@@ -134,7 +134,7 @@ class Injector:
             self.respawned += 1
         elif name in killpoints.KSMD_POINTS:
             killpoints.arm_ksmd(cl, name, self.sig)
-            if name == "ksmd_break_cow":  # reached when breaking COW: unmerge, then merge again
+            if name in ("ksmd_break_cow", "ksmd_break_ksm_window"):  # reached breaking COW: run=2, then 1
                 q[K_RUN] = 2
                 q[K_RUN_SEQ] += 1
                 self.wait(sup, lambda: q[K_RUN_DONE] == q[K_RUN_SEQ], 30)

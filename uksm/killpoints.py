@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from typing import TYPE_CHECKING
 
 from .layout import H_KSMD_POINT, H_KSMD_POINT_SIG, M_OWNER_PID, S_KILL_POINTS, T_KILL_POINT, T_KILL_SIG
@@ -33,6 +34,8 @@ POINTS: dict[str, tuple[str, str]] = {
     "ksmd_scan_mmap_sem": ("ksmd", "ksmd holds the mm's mmap_sem for read in scan_get_next_rmap_item: owner killed"),
     "ksmd_between_wp_and_replace": ("ksmd", "ksmd has write-protected a page of the mm, not yet replaced it: owner killed"),
     "ksmd_break_cow": ("ksmd", "ksmd is breaking COW in the mm (unmerge / unshared KSM page): owner killed"),
+    "ksmd_break_ksm_window": ("ksmd", "break_ksm saw a KSM page and is about to fault it for write "
+                                      "(arm with a delay to widen the window the seed closed)"),
 }
 NAMES = list(POINTS)
 INDEX = {n: i for i, n in enumerate(NAMES)}
@@ -69,10 +72,23 @@ def hit(cl: "Cluster", name: str, log=None) -> None:
     os.kill(os.getpid(), sig)
 
 
+def arm_ksmd_delay(cl: "Cluster", name: str, ms: int) -> None:
+    """Make ksmd stop ``ms`` milliseconds at point ``name`` (once), to open a
+    race window wide enough to hit every time."""
+    cl.q[H_KSMD_POINT_SIG] = -ms
+    cl.q[H_KSMD_POINT] = INDEX[name]
+
+
 def hit_ksmd(cl: "Cluster", name: str, mm_base: int, log=None) -> None:
     """ksmd passes point ``name`` inside the mm at row base ``mm_base``."""
     q = cl.q
     if q[H_KSMD_POINT] != INDEX[name]:
+        return
+    if q[H_KSMD_POINT_SIG] < 0:  # a delay point
+        q[H_KSMD_POINT] = -1
+        if log is not None:
+            log.info("kill_point", point=name, action="delay", victim_pid=0)
+        time.sleep(-q[H_KSMD_POINT_SIG] / 1000.0)
         return
     pid = q[mm_base + M_OWNER_PID]
     if pid <= 0:

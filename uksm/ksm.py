@@ -216,6 +216,8 @@ def break_ksm(cl: "Cluster", alloc: Allocator, mm: MM, vpn: int, for_ksmd: bool)
         pte = pq[PT_OFF + vpn]
         if not pte & PTE_PRESENT or not fq[(pte >> 2) * FRAME_SIZE + FR_FLAGS] & F_KSM:
             return 0
+        if for_ksmd:  # the window: exit_mmap may zap the page table right here
+            killpoints.hit_ksmd(cl, "ksmd_break_ksm_window", mm.base)
         if handle_mm_fault(cl, alloc, mm, vpn, True, for_ksmd) == FAULT_EXITING:
             return FAULT_EXITING
 

@@ -1,0 +1,210 @@
+"""Exit, OOM and the seed's deadlock (issue 4).
+
+The fast and slow paths of __ksm_exit, ksmd finishing a slow-path exit,
+exits while ksmd is inside the mm, the oom-unmerge scenario under each exit
+policy, and each hazard caught by fsck or the leak report while the default
+policy stays clean under the same test.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+
+import pytest
+
+from helpers import booted, pump, run_json
+from uksm import fsck, killpoints, shm
+from uksm.layout import (H_KSMD_POINT, K_FULL_SCANS, K_RUN, K_RUN_DONE, K_RUN_SEQ, L_SCAN_SLOT, M_ID,
+                         M_RMAP_ITEMS, M_SLOT_RMAP, M_SLOT_USED, S_EXIT_FAST, S_EXIT_SLOW,
+                         S_MISMATCHES, T_READY)
+
+
+def mm_objects(name: str, mm_id: int) -> list[str]:
+    return [o for o in shm.leftovers(name) if f".mm{mm_id}" in o]
+
+
+def ready(sup, ch) -> bool:
+    return bool(sup.cl.q[sup.cl.tbase(ch.row) + T_READY])
+
+
+def set_run(sup, value: int) -> None:
+    q = sup.cl.q
+    q[K_RUN] = value
+    q[K_RUN_SEQ] += 1
+    pump(sup, lambda: q[K_RUN_DONE] == q[K_RUN_SEQ], what=f"ksmd to take run={value}")
+
+
+def finish(sup) -> dict:
+    """Stop every worker through its exit path, let ksmd free what is left,
+    stop ksmd, fsck."""
+    assert sup.stop_workers(timeout=60), f"workers did not exit: hung={sup.hung}"
+    sup.wait_ksmd_frees()
+    sup.stop_ksmd()
+    return sup.final_fsck()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("rep", range(5))
+def test_fast_path_when_ksmd_is_stopped(rep):
+    """run=0: no rmap_items, not at the cursor: the exiting task frees its
+    slot itself (fast path) and its address space is gone at once."""
+    name = f"tfast{rep}"
+    with booted(name, run=0, frames=1024, va_pages=256) as sup:
+        ch = sup.spawn_worker(64, "identical", rep)
+        pump(sup, lambda: ready(sup, ch), what="worker ready")
+        assert mm_objects(name, ch.mm), "the address space exists while the worker lives"
+        ch.proc.terminate()
+        pump(sup, lambda: ch.row not in sup.children, what="worker reaped")
+        q = sup.cl.q
+        assert q[S_EXIT_FAST] == 1 and q[S_EXIT_SLOW] == 0
+        assert mm_objects(name, ch.mm) == [], "fast path: segment and semaphores unlinked at once"
+        fs = finish(sup)
+        assert fs["ok"], fs["errors"]
+        assert q[S_MISMATCHES] == 0
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("rep", range(5))
+def test_slow_path_leaves_the_slot_to_ksmd(rep, tmp_path):
+    """ksmd holds rmap_items for the mm: slow path; the mm outlives its task
+    until ksmd frees the slot and drops the last mm_count."""
+    name = f"tslow{rep}"
+    with booted(name, str(tmp_path), run=1, frames=1024, va_pages=256, pages_to_scan=1000,
+                sleep_ms=1) as sup:
+        q = sup.cl.q
+        ch = sup.spawn_worker(64, "dup:4", rep)
+        pump(sup, lambda: ready(sup, ch), what="worker ready")
+        mm = sup.mms[ch.mm]
+        pump(sup, lambda: q[mm.base + M_RMAP_ITEMS] > 0 and q[K_FULL_SCANS] >= 2, what="rmap_items")
+        set_run(sup, 0)      # ksmd keeps its rmap_items but stops scanning
+        assert q[mm.base + M_SLOT_RMAP] > 0
+        ch.proc.terminate()
+        pump(sup, lambda: ch.row not in sup.children, what="worker reaped")
+        assert q[S_EXIT_SLOW] == 1 and q[S_EXIT_FAST] == 0
+        assert q[mm.base + M_ID] == ch.mm and q[mm.base + M_SLOT_USED], "slot left for ksmd"
+        assert mm_objects(name, ch.mm), "the mm outlives its task while ksmd holds mm_count"
+        set_run(sup, 1)
+        pump(sup, lambda: not mm_objects(name, ch.mm), what="ksmd to free the slot (last mmdrop)")
+        fs = finish(sup)
+        assert fs["ok"], fs["errors"]
+    events = sorted((json.loads(line) for f in glob.glob(str(tmp_path / "*.jsonl")) for line in open(f)),
+                    key=lambda e: e["mono_ns"])
+    freed = [e for e in events if e["event"] == "slot_freed" and e["mm"] == ch.mm]
+    assert [e["role"] for e in freed] == ["ksmd"]
+    gone = [e for e in events if e["event"] == "mm_freed" and e["mm"] == ch.mm]
+    drops = [e for e in events if e["event"] == "mmdrop" and e["mm"] == ch.mm]
+    assert len(gone) == 1 and drops[-1]["mm_count"] == 0 and drops[-1]["ref"] == "ksm"
+    assert drops[-1]["role"] == "ksmd"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("point,sig", [
+    ("ksmd_scan_mmap_sem", signal.SIGTERM), ("ksmd_between_wp_and_replace", signal.SIGTERM),
+    ("ksmd_break_cow", signal.SIGTERM), ("ksmd_break_ksm_window", signal.SIGTERM),
+    ("ksmd_between_wp_and_replace", signal.SIGKILL), ("ksmd_break_cow", signal.SIGKILL)])
+def test_exit_while_ksmd_is_inside_the_mm(point, sig):
+    """ksmd signals the owner while it is merging or breaking COW in its mm:
+    no deadlock, no leak, the other workers' data intact."""
+    name = "tinside"
+    with booted(name, run=1, frames=2048, va_pages=300, pages_to_scan=500, sleep_ms=2) as sup:
+        q = sup.cl.q
+        kids = [sup.spawn_worker(128, "dup:8", 1, churn_ms=5) for _ in range(3)]
+        pump(sup, lambda: all(ready(sup, c) for c in kids) and q[K_FULL_SCANS] >= 2, what="merged")
+        killpoints.arm_ksmd(sup.cl, point, sig)
+        if point in ("ksmd_break_cow", "ksmd_break_ksm_window"):
+            set_run(sup, 2)
+        pump(sup, lambda: len(sup.children) < 3, what="ksmd to signal a worker at " + point)
+        fs = finish(sup)
+        assert fs["ok"], fs["errors"]
+        assert q[S_MISMATCHES] == 0 and not sup.hung
+
+
+def _oom(policy: str, tmp_path, *extra: str) -> tuple[dict, int]:
+    return run_json("--scenario", "oom-unmerge", "--workers", "4", "--pages", "256",
+                    "--pages-to-scan", "1000", "--sleep-ms", "5", "--exit-policy", policy,
+                    "--hung-task-timeout", "2", "--log-dir", str(tmp_path), *extra, timeout=120)
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("rep", range(3))
+def test_oom_unmerge_seed_completes(rep, tmp_path):
+    r, status = _oom("seed", tmp_path, "--seed", str(rep))
+    assert status == 0, r
+    assert r["workers"]["oom_killed"] >= 1
+    assert r["hung_tasks"] == [] and r["fsck"]["ok"] and r["ipc_leftovers"] == []
+    assert r["integrity"]["mismatches"] == 0
+    assert r["ksm"]["pages_shared"] == r["ksm"]["pages_sharing"] == 0, "unmerging completed"
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("rep", range(3))
+def test_oom_unmerge_legacy_deadlocks_and_is_reported(rep, tmp_path):
+    r, status = _oom("legacy", tmp_path, "--seed", str(rep))
+    assert status == 3, r
+    assert r["ipc_leftovers"] == []
+    assert r["hung_tasks"], "the watchdog reported the deadlock"
+    chains = " / ".join(line for h in r["hung_tasks"] for line in h["chain"])
+    assert "ksm_thread_mutex" in chains and "free frames" in chains
+    assert any(h["deadlock"] for h in r["hung_tasks"])
+    assert all(h["waited_s"] < 10 for h in r["hung_tasks"])
+
+
+@pytest.mark.timeout(150)
+def test_oom_unmerge_shipped_deadlocks_on_mmap_sem(tmp_path):
+    """2.6.32 as shipped: the victim's slow path waits for mmap_sem before
+    it frees its pages; ksmd holds mmap_sem while it waits for those pages."""
+    r, status = _oom("shipped", tmp_path)
+    assert status == 3, r
+    chains = " / ".join(line for h in r["hung_tasks"] for line in h["chain"])
+    assert "mmap_sem" in chains and "free frames" in chains
+    assert r["ipc_leftovers"] == []
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("hazard,expect_ok", [(None, True), ("no-fast-path", False)])
+def test_hazard_no_fast_path_leaks_the_mm(hazard, expect_ok, tmp_path):
+    """Without the fast path an exit while ksmd is stopped never frees the
+    address space: the leak report catches it; the seed is clean."""
+    args = ["--run", "0", "--workers", "2", "--pages", "32", "--log-dir", str(tmp_path)]
+    if hazard:
+        args += ["--hazard", hazard]
+    r, status = run_json(*args)
+    assert r["ipc_leftovers"] == []
+    if expect_ok:
+        assert status == 0 and r["fsck"]["ok"] and r["workers"]["exit_fast"] == 2
+    else:
+        assert status == 4 and not r["fsck"]["ok"]
+        assert sum("never freed" in e for e in r["fsck"]["errors"]) == 2
+        assert r["workers"]["exit_slow"] == 2
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("hazards,leak", [([], False), (["no-exit-checks"], True)])
+@pytest.mark.parametrize("rep", range(3))
+def test_hazard_no_exit_checks_leaks_a_frame(hazards, leak, rep):
+    """ksmd's break_ksm sees a KSM page; before it faults, exit_mmap zaps the
+    page table (the window is held open with a delay point).  With the
+    seed's ksm_test_exit check the fault installs nothing; without it, it
+    reinstates a page that the page-table teardown then loses: fsck finds
+    the leaked frame."""
+    name = f"thz{rep}"
+    with booted(name, run=1, frames=1024, va_pages=256, pages_to_scan=1000, sleep_ms=1,
+                hazards=hazards) as sup:
+        q = sup.cl.q
+        ch = sup.spawn_worker(64, "identical", rep)
+        pump(sup, lambda: ready(sup, ch) and q[K_FULL_SCANS] >= 3, what="merged")
+        killpoints.arm_ksmd_delay(sup.cl, "ksmd_break_ksm_window", 400)
+        q[K_RUN] = 2
+        q[K_RUN_SEQ] += 1
+        pump(sup, lambda: q[H_KSMD_POINT] == -1, what="ksmd in the window")
+        ch.proc.terminate()   # exit_mmap zaps while ksmd sleeps in the window
+        pump(sup, lambda: ch.row not in sup.children, what="worker exit")
+        pump(sup, lambda: q[K_RUN_DONE] == q[K_RUN_SEQ], what="unmerge done")
+        fs = finish(sup)
+        leaked = [e for e in fs["errors"] if "leaked" in e]
+        if leak:
+            assert leaked, fs["errors"]
+        else:
+            assert fs["ok"], fs["errors"]
