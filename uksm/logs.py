@@ -479,7 +479,7 @@ class _Checker:
         chain_s = " -> ".join(map(str, chain)) if isinstance(chain, list) else "?"
         self._violation(
             5, None,
-            f"hung task: {ev.get('role', '?')} pid {ev.get('pid', '?')} blocked on "
+            f"hung task: {ev.get('task_role', '?')} pid {ev.get('task_pid', '?')} blocked on "
             f"{ev.get('lock', '?')} for {ev.get('waited_s', '?')} s "
             f"(reported at {self._t(ev['mono_ns'])}); chain: {chain_s}",
         )

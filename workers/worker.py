@@ -55,6 +55,7 @@ class Worker:
         self.version = [-1] * a.pages  # -1: never written, reads as zeros
         self.base = 0
         self.cows_logged = 0
+        self.signo = 0
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, self._fatal)
         signal.signal(oom.OOM_SIGNAL, self._fatal)
@@ -62,6 +63,7 @@ class Worker:
     def _fatal(self, signo: int, _frame: object) -> None:
         if not self.q[self.tb + T_FATAL]:
             self.q[self.tb + T_FATAL] = X_OOM if signo == oom.OOM_SIGNAL else X_SIGNAL
+            self.signo = signo
 
     def dying(self) -> bool:
         return bool(self.q[self.tb + T_FATAL])
@@ -105,6 +107,8 @@ class Worker:
         except OutOfMemory:
             self._fatal(oom.OOM_SIGNAL, None)
         reason = self.q[self.tb + T_FATAL] or X_EXIT
+        if self.signo:  # noticed at this safe point, as TIF_SIGPENDING would be
+            self.log.info("signal", signo=self.signo, name=signal.Signals(self.signo).name)
         if reason != X_OOM:
             self.verify()
         self.q[self.tb + T_EXIT_REASON] = reason

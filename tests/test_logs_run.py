@@ -1,0 +1,99 @@
+"""The log analysis against real runs (issue 6): the counts of
+`uksm logs DIR summary --json` agree with the report of the run that wrote
+the logs, `check` passes on them, and catches a violation planted in a copy."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from helpers import run_json, uksm
+
+
+def summary(d) -> dict:
+    p = uksm("logs", str(d), "summary", "--json", check=True)
+    return json.loads(p.stdout)
+
+
+def check(d) -> tuple[int, str]:
+    p = uksm("logs", str(d), "check")
+    return p.returncode, p.stdout + p.stderr
+
+
+def agree(r: dict, s: dict) -> None:
+    w = r["workers"]
+    assert s["exits"]["fast"] == w["exit_fast"]
+    assert s["exits"]["slow"] == w["exit_slow"]
+    assert s["exits"]["reaped"] == w["reaped"]
+    assert s["oom_kills"] == w["oom_killed"]
+    assert s["events"].get("worker_exit", 0) == w["exited"]
+    assert s["events"].get("worker_spawn", 0) == w["started"]
+    assert s["hung_tasks"] == len(r["hung_tasks"])
+
+
+@pytest.mark.timeout(120)
+def test_summary_agrees_with_run(tmp_path):
+    r, status = run_json("--workers", "3", "--pages", "128", "--pages-to-scan", "1000",
+                         "--sleep-ms", "2", "--log-dir", str(tmp_path))
+    assert status == 0
+    s = summary(tmp_path)
+    agree(r, s)
+    assert s["merges"] > 0 and s["invalid_lines"] == 0
+    assert check(tmp_path)[0] == 0
+
+
+@pytest.mark.timeout(180)
+def test_summary_agrees_with_inject_and_oom(tmp_path):
+    (tmp_path / "inj").mkdir()
+    p = uksm("inject", "--json", "--quiet", "--kills", "10", "--signal", "KILL",
+             "--log-dir", str(tmp_path / "inj"), timeout=150)
+    r = json.loads(p.stdout)
+    assert r["status"] == 0
+    s = summary(tmp_path / "inj")
+    agree(r, s)
+    assert s["kills"] == r["inject"]["kills"] + r["inject"]["kill_points_hit"]
+    assert s["lock_recoveries"] == r["inject"]["lock_recoveries"]
+    assert check(tmp_path / "inj")[0] == 0
+    (tmp_path / "oom").mkdir()
+    r, status = run_json("--scenario", "oom-unmerge", "--workers", "4", "--pages", "256",
+                         "--pages-to-scan", "1000", "--sleep-ms", "5", "--log-dir", str(tmp_path / "oom"))
+    assert status == 0 and r["workers"]["oom_killed"] >= 1
+    agree(r, summary(tmp_path / "oom"))
+    assert check(tmp_path / "oom")[0] == 0
+
+
+@pytest.mark.timeout(120)
+def test_check_catches_violations_planted_in_a_real_log(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    r, status = run_json("--workers", "2", "--pages", "64", "--workload", "identical",
+                         "--pages-to-scan", "1000", "--sleep-ms", "2", "--log-dir", str(run_dir))
+    assert status == 0 and check(run_dir)[0] == 0
+    events = [json.loads(line) for f in run_dir.glob("*.jsonl") for line in f.open()]
+    begin = next(e for e in events if e["event"] == "mm_exit_begin")
+    mm = begin["mm"]
+    # a merge into the mm after its exit began
+    bad = tmp_path / "bad_merge"
+    shutil.copytree(run_dir, bad)
+    late = dict(begin, event="merge", role="ksmd", count=1, t_last_ns=begin["mono_ns"] + 1,
+                mono_ns=begin["mono_ns"] + 2)
+    ksmd_file = next(bad.glob("ksmd-*.jsonl"))
+    lines = ksmd_file.read_text().splitlines()
+    lines.append(json.dumps(late))
+    lines.sort(key=lambda line: json.loads(line)["mono_ns"])
+    ksmd_file.write_text("\n".join(lines) + "\n")
+    rc, out = check(bad)
+    assert rc == 4, out
+    assert any("merge" in line and f"mm {mm}" in line for line in out.splitlines()), out
+    # a slot freed twice
+    twice = tmp_path / "twice"
+    shutil.copytree(run_dir, twice)
+    freed = [e for e in events if e["event"] in ("slot_freed", "ksm_exit") and e["mm"] == mm]
+    last = max(e["mono_ns"] for e in events)
+    dup = dict(freed[-1], event="slot_freed", role="ksmd", by="ksmd", mono_ns=last + 10)
+    dup.pop("path", None)
+    with next(twice.glob("ksmd-*.jsonl")).open("a") as f:
+        f.write(json.dumps(dup) + "\n")
+    rc, out = check(twice)
+    assert rc == 4, out

@@ -1,0 +1,205 @@
+"""MMU throughput: what a user access through the emulated MMU costs.
+
+Boots a cluster (ksmd idle, run=0), then for 1, 2 and 4 concurrent worker
+processes (``--procs``) each with its own address space of ``--pages``
+pages measures, in each process, over the same wall-clock windows:
+
+- faults/s: first touch of every page (``do_anonymous_page``: allocate a
+  zero-filled frame, install the PTE), one page-sized write each;
+- MMU page writes/s: ``MMU.write`` of one whole 4 KiB page at a time,
+  cycling over the (already faulted, writable) pages: the pte lock, the
+  PTE lookup and the copy into the frame pool;
+- MMU page reads/s: ``MMU.read`` of one whole page at a time (optimistic:
+  PTE, copy out, PTE again);
+- plain writes/s and reads/s: the same loops on a plain ``memoryview`` of
+  a private ``bytearray`` (``buf[p:p+4096] = data`` and
+  ``buf[p:p+4096].tobytes()``), the floor any Python emulation pays.
+
+It prints, per process count, the aggregate rate (all processes together)
+and the per-process mean for each loop, and the ratio plain / MMU (how many
+times slower the MMU is).  With more processes than cores the aggregate
+stops growing; the per-process rate shows the contention on top (the pool,
+zone_lock for faults; each address space has its own pte lock).
+
+Usage: ``python tools/bench_mmu.py [--pages 256] [--seconds 1] [--procs 1,2,4] [--json]``
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+PAGE = 4096
+PHASES = ("mmu_write", "mmu_read", "plain_write", "plain_read")
+
+
+# ---- the child: one worker process --------------------------------------------------
+
+def _loop_until(end: float, body) -> int:
+    """Run body(i) until perf_counter() passes ``end``; return iterations."""
+    n = 0
+    clock = time.perf_counter
+    while True:
+        for _ in range(64):
+            body(n)
+            n += 1
+        if clock() >= end:
+            return n
+
+
+def child(a: argparse.Namespace) -> dict:
+    from uksm.cluster import Cluster
+    from uksm.exit import mmput
+    from uksm.layout import T_PID
+    from uksm.log import _Null
+    from uksm.memory import Allocator
+    from uksm.mm import mm_attach
+    from uksm.mmu import MMU
+    from uksm.syscalls import sys_mmap
+
+    cl = Cluster.attach(a.cluster)
+    cl.bind(a.row)
+    cl.q[cl.task.base + T_PID] = os.getpid()
+    mm = mm_attach(cl, a.mm)
+    alloc = Allocator(cl)
+    mmu = MMU(cl, mm, alloc)
+    P = a.pages
+    base = sys_mmap(cl, mm, P * PAGE)
+    data = bytes(range(256)) * (PAGE // 256)
+    plain = memoryview(bytearray(P * PAGE))
+    out: dict = {"pid": os.getpid()}
+
+    def wait_until(t_ns: int) -> None:
+        while time.monotonic_ns() < t_ns:
+            time.sleep(0.0005)
+
+    t0 = a.start_at
+    step_ns = int((a.seconds + 0.3) * 1e9)
+    # faults: first touch of every page
+    wait_until(t0)
+    t = time.perf_counter()
+    for i in range(P):
+        mmu.write(base + i * PAGE, data)
+    out["faults_per_s"] = P / (time.perf_counter() - t)
+    mask = P - 1 if P & (P - 1) == 0 else None
+
+    def idx(n: int) -> int:
+        return n & mask if mask is not None else n % P
+
+    bodies = {
+        "mmu_write": lambda n: mmu.write(base + idx(n) * PAGE, data),
+        "mmu_read": lambda n: mmu.read(base + idx(n) * PAGE, PAGE),
+        "plain_write": lambda n: plain.__setitem__(slice(idx(n) * PAGE, idx(n) * PAGE + PAGE), data),
+        "plain_read": lambda n: plain[idx(n) * PAGE:idx(n) * PAGE + PAGE].tobytes(),
+    }
+    for k, name in enumerate(PHASES):
+        wait_until(t0 + (k + 1) * step_ns)
+        t = time.perf_counter()
+        n = _loop_until(t + a.seconds, bodies[name])
+        out[name + "_per_s"] = n / (time.perf_counter() - t)
+    # sanity: what the MMU holds is what was written
+    assert mmu.read(base, PAGE) == data and mmu.read(base + (P - 1) * PAGE, PAGE) == data
+    mmput(cl, mm, alloc, _Null())
+    alloc.flush()
+    cl.close()
+    return out
+
+
+# ---- the parent ---------------------------------------------------------------------------
+
+def run(pages: int, seconds: float, procs: list[int]) -> list[dict]:
+    from uksm.cluster import Config
+    from uksm.layout import R_WORKER
+    from uksm.mm import mm_create
+    from uksm.supervisor import Supervisor
+
+    most = max(procs)
+    name = f"tbench{os.getpid()}"
+    sup = Supervisor(name, Config(frames=most * pages + 64, va_pages=pages + 64, run=0,
+                                  max_tasks=most + 16, max_mms=most + 16), None, quiet=True)
+    results = []
+    try:
+        sup.boot()
+        for n in procs:
+            rows = [sup._alloc_row(R_WORKER) for _ in range(n)]
+            mms = [mm_create(sup.cl, r, 1000 + i) for i, r in enumerate(rows)]
+            start_at = time.monotonic_ns() + int(2e9)  # after every child has started
+            ps = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child",
+                                    "--cluster", name, "--row", str(r), "--mm", str(m.id),
+                                    "--pages", str(pages), "--seconds", str(seconds),
+                                    "--start-at", str(start_at)],
+                                   stdout=subprocess.PIPE, text=True) for r, m in zip(rows, mms)]
+            outs = []
+            try:
+                for p in ps:
+                    o, _e = p.communicate(timeout=60 + 10 * seconds)
+                    if p.returncode != 0:
+                        raise SystemExit(f"bench child failed with status {p.returncode}")
+                    outs.append(json.loads(o))
+            finally:
+                for p in ps:
+                    if p.poll() is None:
+                        p.kill()
+                        p.wait()
+                for r in rows:
+                    sup._free_row(r)
+            row = {"procs": n, "pages": pages}
+            for key in ("faults_per_s",) + tuple(p + "_per_s" for p in PHASES):
+                vals = [o[key] for o in outs]
+                row[key] = {"total": sum(vals), "per_proc": sum(vals) / n}
+            for op in ("write", "read"):
+                row[f"ratio_{op}"] = row[f"plain_{op}_per_s"]["total"] / row[f"mmu_{op}_per_s"]["total"]
+            results.append(row)
+    finally:
+        if sup.booted:
+            sup.kill_all()
+            sup.teardown()
+    return results
+
+
+def fmt(v: float) -> str:
+    return f"{v / 1e6:.2f}M" if v >= 1e6 else f"{v / 1e3:.0f}k"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pages", type=int, default=256, help="pages per process (default 256)")
+    ap.add_argument("--seconds", type=float, default=1.0, help="length of each timed loop (default 1)")
+    ap.add_argument("--procs", default="1,2,4", help="process counts (default 1,2,4)")
+    ap.add_argument("--json", action="store_true", help="print the results as JSON")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--cluster", help=argparse.SUPPRESS)
+    ap.add_argument("--row", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--mm", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--start-at", type=int, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.child:
+        print(json.dumps(child(a)))
+        return 0
+    procs = [int(x) for x in a.procs.split(",") if x]
+    res = run(a.pages, a.seconds, procs)
+    if a.json:
+        print(json.dumps(res, indent=1))
+        return 0
+    print(f"MMU benchmark: {a.pages} pages of 4 KiB per process, {a.seconds:g} s per loop, "
+          f"{os.cpu_count()} CPUs")
+    print(f"{'procs':>5}  {'loop':<6} {'MMU total':>10} {'MMU/proc':>9} {'plain total':>11} "
+          f"{'plain/proc':>10} {'plain/MMU':>9}")
+    for r in res:
+        for op in ("write", "read"):
+            m, p = r[f"mmu_{op}_per_s"], r[f"plain_{op}_per_s"]
+            print(f"{r['procs']:>5}  {op:<6} {fmt(m['total']):>10} {fmt(m['per_proc']):>9} "
+                  f"{fmt(p['total']):>11} {fmt(p['per_proc']):>10} {r[f'ratio_{op}']:>8.1f}x")
+        f = r["faults_per_s"]
+        print(f"{r['procs']:>5}  {'fault':<6} {fmt(f['total']):>10} {fmt(f['per_proc']):>9}"
+              f"   (first touch: allocate + zero frame + install PTE)")
+    print("rates are pages/s; total = all processes together")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
