@@ -31,6 +31,7 @@ def assert_clean(r: dict, status: int, kills: int) -> None:
     assert r["hung_tasks"] == []
     assert r["integrity"]["mismatches"] == 0 and r["integrity"]["pages_verified"] > 0
     assert i["merges_after_kills"] > 0, "ksmd still merges new work after the kills"
+    assert i["live_fsck"]["ok"], i["live_fsck"]["errors"]
 
 
 @pytest.mark.timeout(240)

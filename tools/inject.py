@@ -62,6 +62,7 @@ class Injector:
         self.respawned = 0
         self.merges_at_last = 0
         self.scans_at_last = 0
+        self.live: dict[str, Any] = {"ok": False, "errors": ["not run"]}
 
     # -- helpers ---------------------------------------------------------------
     def ready_workers(self, sup: Supervisor) -> list[Child]:
@@ -201,6 +202,8 @@ class Injector:
         # ksmd still merging: new work merged after the last kill
         self.wait(sup, lambda: q[S_MERGES] > self.merges_at_last
                   and q[K_FULL_SCANS] >= self.scans_at_last + 2 and sup.workers_ready(), 60)
+        if not sup.hung:
+            self.live = sup.live_fsck()  # the running cluster, counters included
         return bool(sup.hung), self.block(sup)
 
     def block(self, sup: Supervisor) -> dict[str, Any]:
@@ -214,6 +217,7 @@ class Injector:
                       "reaped": q[S_REAPED]},
             "lock_recoveries": q[S_LOCK_RECOVERIES], "recoveries": q[S_RECOVERIES],
             "merges_after_kills": q[S_MERGES] - self.merges_at_last,
+            "live_fsck": self.live,
             "full_scans_after_kills": q[K_FULL_SCANS] - self.scans_at_last}}
 
 
@@ -261,6 +265,8 @@ def run(a: argparse.Namespace) -> int:
                    quiet=a.quiet or a.json)
     inj = Injector(o, a.kills, a.signal, a.point, a.seed)
     report, status = run_with(o, inj.drive, prefix="inject")
+    if status == 0 and not report["inject"]["live_fsck"]["ok"]:
+        status = report["status"] = 4  # the running cluster failed fsck
     if a.json:
         print(json.dumps(report))
     else:

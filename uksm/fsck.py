@@ -26,7 +26,7 @@ import posix_ipc
 from .ksm import slot_next, slot_prev, slots
 from .layout import (A_FREE_TOP, F_FREEING, F_KSM, FR_AUX, FR_COUNT, FR_FLAGS, FR_KEY0,
                      FR_KEY1, FRAME_SIZE, K_PAGES_SHARED, K_PAGES_SHARING, K_PAGES_UNSHARED,
-                     K_RMAP_ITEMS, M_ID, M_KSM_MAPPED, M_REFS, M_RMAP_ITEMS, M_RSS,
+                     K_PAGES_VOLATILE, K_RMAP_ITEMS, M_ID, M_KSM_MAPPED, M_MERGING, M_REFS, M_RMAP_ITEMS, M_RSS,
                      M_SLOT_USED, M_STATE, M_USERS, MS_FREEING, PAGE_SIZE, PT_OFF, PTE_PRESENT,
                      PTE_WRITE, REF_KSM, REF_USERS, T_FLIGHT_MM, T_FLIGHT_PFN, T_FLIGHT_VPN,
                      T_STATE, TS_ALIVE, TS_REAPING)
@@ -180,14 +180,29 @@ def check(cl: "Cluster", mms: dict[int, "MM"], counters: bool = True) -> list[st
                         f"but the page table says {rss} / {ksm}")
     errs += check_mm_rows(cl)
     if counters:
-        rmap = q[K_RMAP_ITEMS]
-        per = sum(q[cl.mbase(r) + M_RMAP_ITEMS] for r in range(cl.max_mms)
-                  if q[cl.mbase(r) + M_ID] and q[cl.mbase(r) + M_SLOT_USED])
-        if q[K_PAGES_SHARED] + q[K_PAGES_SHARING] + q[K_PAGES_UNSHARED] > rmap:
-            errs.append(f"counters: shared+sharing+unshared "
-                        f"{q[K_PAGES_SHARED] + q[K_PAGES_SHARING] + q[K_PAGES_UNSHARED]} > rmap_items {rmap}")
-        if per != rmap:
-            errs.append(f"counters: rmap_items {rmap} but the mms' ksm_rmap_items add up to {per}")
+        errs += check_counters(cl)
+    return errs
+
+
+def check_counters(cl: "Cluster") -> list[str]:
+    """ksmd's counters add up.  They are published together under
+    ksm_thread_mutex, which the caller holds: a consistent snapshot."""
+    q = cl.q
+    errs = []
+    rmap = q[K_RMAP_ITEMS]
+    shared, sharing, unshared = q[K_PAGES_SHARED], q[K_PAGES_SHARING], q[K_PAGES_UNSHARED]
+    volatile = q[K_PAGES_VOLATILE]
+    if shared + sharing + unshared + volatile != rmap or volatile < 0:
+        errs.append(f"counters: shared {shared} + sharing {sharing} + unshared {unshared} + "
+                    f"volatile {volatile} != rmap_items {rmap}")
+    rows = [cl.mbase(r) for r in range(cl.max_mms) if q[cl.mbase(r) + M_ID] and q[cl.mbase(r) + M_SLOT_USED]]
+    per = sum(q[b + M_RMAP_ITEMS] for b in rows)
+    if per != rmap:
+        errs.append(f"counters: rmap_items {rmap} but the mms' ksm_rmap_items add up to {per}")
+    merging = sum(q[b + M_MERGING] for b in rows)
+    if merging != shared + sharing:
+        errs.append(f"counters: shared + sharing = {shared + sharing} but the mms' "
+                    f"ksm_merging_pages add up to {merging}")
     return errs
 
 

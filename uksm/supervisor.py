@@ -520,6 +520,22 @@ class Supervisor:
         self._free_row(self.ksmd.row)
         self.ksmd = None
 
+    def live_fsck(self) -> dict[str, Any]:
+        """fsck on the running cluster: ksm_thread_mutex (ksmd between
+        batches, its counters a consistent snapshot), then the world
+        stopped.  Called from the main loop's thread."""
+        cl, q = self.cl, self.cl.q
+        cl.task.lock(cl.daemon)
+        try:
+            with self.lock:
+                mms = {i: m for i, m in self.mms.items() if q[m.base + M_ID] == i}
+            with fsck.world_stopped(cl, mms):
+                errs = fsck.check(cl, mms, counters=True)
+        finally:
+            cl.task.unlock(cl.daemon)
+        self.log.info("fsck", ok=not errs, errors=len(errs), first=errs[:5])
+        return {"ok": not errs, "errors": errs}
+
     def final_fsck(self) -> dict[str, Any]:
         """After every task has gone: the invariants, and the leak report
         (an mm never freed, a frame still in use)."""
