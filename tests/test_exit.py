@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import glob
 import json
-import os
 import signal
 
 import pytest
 
 from helpers import booted, pump, run_json
-from uksm import fsck, killpoints, shm
-from uksm.layout import (H_KSMD_POINT, K_FULL_SCANS, K_RUN, K_RUN_DONE, K_RUN_SEQ, L_SCAN_SLOT, M_ID,
+from uksm import killpoints, shm
+from uksm.layout import (H_KSMD_POINT, K_FULL_SCANS, K_RUN, K_RUN_DONE, K_RUN_SEQ, M_ID,
                          M_RMAP_ITEMS, M_SLOT_RMAP, M_SLOT_USED, S_EXIT_FAST, S_EXIT_SLOW,
                          S_MISMATCHES, T_READY)
 

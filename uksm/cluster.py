@@ -23,7 +23,7 @@ from .layout import (A_FREE_TOP, C_ALLOC, C_DAEMON, C_MMAP, C_MMLIST, C_PTL, C_W
                      H_LOCK_WAIT_MS, H_MAGIC, H_MAX_MMS, H_MAX_TASKS, H_NEXT_MM_ID,
                      H_NFRAMES, H_RWSEM_N, H_STATE, H_VA_PAGES, H_VERSION, HAZARDS,
                      K_PAGES_TO_SCAN, K_RUN, K_SLEEP_MS, L_HEAD_NEXT, L_HEAD_PREV,
-                     L_SCAN_SLOT, MAGIC, MM_SIZE, PAGE_SIZE, T_PID, T_STATE, TASK_SIZE,
+                     L_SCAN_SLOT, MAGIC, MM_SIZE, PAGE_SIZE, T_STATE, TASK_SIZE,
                      TS_ALIVE, TS_REAPING, VERSION, M_ID)
 from .locks import Lock, Task, holders_of
 
@@ -243,4 +243,4 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-__all__ = ["Cluster", "Config", "destroy", "pid_alive", "T_PID"]
+__all__ = ["Cluster", "Config", "destroy", "pid_alive"]

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 import mmh3
 import posix_ipc
 
-from .ksm import slot_next, slot_prev, slots
+from .ksm import slot_prev, slots
 from .layout import (A_FREE_TOP, F_FREEING, F_KSM, FR_AUX, FR_COUNT, FR_FLAGS, FR_KEY0,
                      FR_KEY1, FRAME_SIZE, K_PAGES_SHARED, K_PAGES_SHARING, K_PAGES_UNSHARED,
                      K_PAGES_VOLATILE, K_RMAP_ITEMS, M_ID, M_KSM_MAPPED, M_MERGING, M_REFS, M_RMAP_ITEMS, M_RSS,

@@ -47,9 +47,8 @@ from typing import Callable, Iterable
 
 import posix_ipc
 
-from .layout import (C_FRAMES, C_MMAP, C_WMUTEX, E_HELD, E_LOCK, E_SINCE, E_SPINS,
-                     E_WORD, ESIZE, LOCK_CLASSES, NCLASS, T_LOCKS, T_PID, T_STATE,
-                     TS_ALIVE)
+from .layout import (C_FRAMES, E_HELD, E_LOCK, E_SINCE, E_SPINS,
+                     E_WORD, ESIZE, LOCK_CLASSES, NCLASS, T_LOCKS, T_PID)
 
 IDLE, WAITING, HELD, RELEASING = 0, 1, 2, 3
 STATE_NAMES = ("idle", "waiting", "held", "releasing")
@@ -359,5 +358,4 @@ def holders_of(q: memoryview, rows: Iterable[tuple[int, int]], lid: int) -> list
 
 __all__ = ["Lock", "Task", "Entry", "recover", "read_entries", "dead_locks",
            "holders_of", "lock_id", "lock_name", "IDLE", "WAITING", "HELD",
-           "RELEASING", "STATE_NAMES", "WAIT_SLICE", "C_MMAP", "C_WMUTEX",
-           "T_STATE", "TS_ALIVE"]
+           "RELEASING", "STATE_NAMES", "WAIT_SLICE"]

@@ -29,7 +29,6 @@ from .layout import (FIRST_VPN, M_CREATED_NS, M_EXIT_STAGE, M_FLAGS, M_ID, M_OWN
                      V_START, VM_MERGEABLE, VMA_OFF, VMA_SIZE, H_NEXT_MM_ID, M_FREER_TASK,
                      S_MM_FREED, M_SLOT_USED, M_KSM_MAPPED, M_OOM_VICTIM, M_EXIT_PATH,
                      M_RMAP_ITEMS, M_MERGING, M_WRITER_WAITING, M_SLOT_RMAP)
-from .locks import Lock
 
 if TYPE_CHECKING:
     from .cluster import Cluster
@@ -298,4 +297,4 @@ def pages_of(npages_or_bytes: int) -> int:
 
 
 __all__ = ["MM", "SegFault", "mm_create", "mm_attach", "mmdrop", "free_mm_objects",
-           "mm_fields", "live_mm_rows", "Lock"]
+           "mm_fields", "live_mm_rows"]

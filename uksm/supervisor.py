@@ -26,11 +26,11 @@ from typing import Any
 
 from . import fsck, killpoints, oom, shm
 from . import log as ulog
-from .cluster import Cluster, Config, destroy, pid_alive
+from .cluster import Cluster, Config, destroy
 from .exit import mmput
 from .ksm import repair_list
 from .layout import (A_FREE_TOP, C_ALLOC, C_DAEMON, C_MMAP, C_MMLIST, C_PTL, C_WMUTEX,
-                     CS_RUNNING, CS_STOPPING, EXIT_PATHS, EXIT_REASONS, H_KSMD_PID,
+                     CS_RUNNING, EXIT_PATHS, EXIT_REASONS, H_KSMD_PID,
                      H_KSMD_TASK, H_NEXT_WORKER, H_SHUTDOWN, H_STATE, H_SUPERVISOR_PID,
                      K_FULL_SCANS, K_PAGES_SCANNED, K_PAGES_SHARED, K_PAGES_SHARING,
                      K_PAGES_TO_SCAN, K_PAGES_UNSHARED, K_PAGES_VOLATILE, K_RUN, K_SLEEP_MS,
@@ -42,7 +42,7 @@ from .layout import (A_FREE_TOP, C_ALLOC, C_DAEMON, C_MMAP, C_MMLIST, C_PTL, C_W
                      T_EXIT_REASON, T_FLIGHT_PFN, T_FOR_ROW, T_KILL_POINT, T_MISMATCHES, T_MM,
                      T_PAGES, T_PID, T_READY, T_ROLE, T_START_NS, T_STATE, T_VERIFIED,
                      T_WORKER_NO, TASK_SIZE, TS_ALIVE, TS_DEAD, TS_FREE, TS_REAPING,
-                     X_SIGKILL, XS_MMDROP, XS_USERS0)
+                     XS_MMDROP, XS_USERS0)
 from .locks import Lock, dead_locks, lock_name, recover
 from .memory import Allocator, frame_stats, rebuild_free_stack
 from .mm import MM, free_mm_objects, mm_create
@@ -575,5 +575,4 @@ class Supervisor:
         ulog.close()
 
 
-__all__ = ["Supervisor", "Child", "Config", "pid_alive", "CS_STOPPING", "MS_ZOMBIE", "MS_EXITING",
-           "X_SIGKILL", "frame_stats"]
+__all__ = ["Supervisor", "Child", "Config"]
