@@ -9,16 +9,25 @@ out reads as zeros, and in the end every frame is free and fsck is clean.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
 import sys
 
 import pytest
-
 from helpers import booted, wait_for
 from util_machine import Space, assert_fsck, frames_used
-from uksm.layout import A_FREE_TOP, PAGE_SIZE, R_WORKER, T_PID, T_READY, T_STATE, TS_FREE
+
+from uksm.layout import (
+    A_FREE_TOP,
+    PAGE_SIZE,
+    R_WORKER,
+    T_PID,
+    T_READY,
+    T_STATE,
+    TS_FREE,
+)
 from uksm.memory import Allocator
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -33,7 +42,7 @@ def overlaps(results: list[dict]) -> list[str]:
     bad = []
     for pfn, iv in by_pfn.items():
         iv.sort()
-        for (a0, f0, c0), (a1, f1, c1) in zip(iv, iv[1:]):
+        for (_a0, f0, c0), (a1, _f1, c1) in itertools.pairwise(iv):
             if a1 < f0:
                 bad.append(f"frame {pfn}: child {c0} held it until {f0}, child {c1} got it at {a1}")
     return bad
@@ -63,7 +72,8 @@ def test_concurrent_alloc_free_never_hands_out_a_frame_twice(tmp_path, children,
                 procs.append((out, subprocess.Popen(
                     [sys.executable, os.path.join(HERE, "util_machine.py"), "alloc-child",
                      "--cluster", name, "--row", str(row), "--child", str(i), "--ops", str(ops),
-                     "--hold", str(hold), "--seed", str(1000 + i), *child_opts, "--out", str(out)],
+                     "--hold", str(hold), "--seed", str(1000 + i), *child_opts,
+                     "--peers", ",".join(map(str, rows)), "--out", str(out)],
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
             # a common start line: every child attached before any begins
             wait_for(lambda: all(cl.q[cl.tbase(r) + T_PID] for r in rows)
@@ -89,6 +99,7 @@ def test_concurrent_alloc_free_never_hands_out_a_frame_twice(tmp_path, children,
             assert sum(r["frame_waits"] for r in results) > 0
         allocs = sum(r["allocs"] for r in results)
         assert allocs >= children * ops // 3, allocs
+        assert all(r["allocs"] for r in results)
         assert sum(len(r["holds"]) for r in results) == allocs
         assert [r["not_zero"] for r in results] == [[]] * children, "frames handed out dirty"
         assert [r["clobbered"] for r in results] == [[]] * children, \

@@ -10,8 +10,8 @@ import sys
 import time
 
 import pytest
-
 from helpers import ROOT, booted, run_json, uksm, wait_for
+
 from uksm import shm
 
 WORKLOADS = ["identical", "unique", "zero", "dup:3", "volatile", "vm"]
@@ -204,10 +204,10 @@ def test_default_run_ends_by_itself_and_saves_memory(tmp_path) -> None:
     t0 = time.monotonic()
     r, status = run_json("--log-dir", str(tmp_path), timeout=90)
     took = time.monotonic() - t0
-    assert took < 60 + 15, took  # --max-duration 60, plus stopping
+    assert took < 60, took
     assert status == 0, r
     check_keys(r)
-    assert r["duration_s"] <= 60 + 15
+    assert r["duration_s"] < 60
     assert r["workload"] == "vm"
     assert r["ksm"]["pages_sharing"] > 0
     assert r["frames"]["used"] < r["workers"]["started"] * 1024  # memory saved

@@ -11,30 +11,44 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from helpers import booted, pump, run_json
-from util_machine import (PAGE, Space, assert_fsck, frame, is_ksm, ksm_stats,
-                          maps_duplicates, set_run, wait_counts, wait_frames_used,
-                          wait_full_scans)
+from util_machine import (
+    PAGE,
+    Space,
+    assert_fsck,
+    frame,
+    frames_used,
+    is_ksm,
+    ksm_stats,
+    maps_duplicates,
+    set_run,
+    wait_counts,
+    wait_frames_used,
+    wait_full_scans,
+)
+
 from uksm.layout import M_FLAGS, M_SLOT_USED, MMF_VM_MERGEABLE, VM_MERGEABLE
-from uksm.syscalls import MADV_DONTNEED, MADV_MERGEABLE, MADV_UNMERGEABLE
+from uksm.syscalls import MADV_DONTNEED, MADV_UNMERGEABLE
 
 
 def cname(tag: str) -> str:
     return f"tmerge{tag}{os.getpid() % 100000}"
 
 
-def merged_run(tmp_path, workload: str, workers: int, pages: int) -> dict:
+def merged_run(tmp_path, workload: str, workers: int, pages: int) -> tuple[dict, dict]:
+    """uksm run until merged; returns the report's ksm and frames blocks."""
     r, status = run_json("--workload", workload, "--workers", str(workers), "--pages", str(pages),
                          "--pages-to-scan", "5000", "--sleep-ms", "0", "--log-dir", str(tmp_path),
                          "--cluster", cname(f"{workload.replace(':', '')}{workers}"), timeout=100)
     assert status == 0, r
     assert r["integrity"]["mismatches"] == 0 and r["fsck"]["ok"] and r["ipc_leftovers"] == []
-    k, fr = r["ksm"], r["frames"]
-    # every frame in use is a KSM page, a page checked and unique, or a page
-    # still volatile: nothing else holds memory
+    return r["ksm"], r["frames"]
+
+
+def assert_frames_add_up(k: dict, fr: dict) -> None:
+    """Every frame in use is a KSM page, a page checked and unique, or a
+    page still volatile: nothing else holds memory."""
     assert fr["used"] == k["pages_shared"] + k["pages_unshared"] + k["pages_volatile"], (k, fr)
-    return k
 
 
 # ---- exact counts, through uksm run --------------------------------------------------
@@ -46,17 +60,19 @@ SIZES = [(1, 64), (4, 48), (16, 32)]
 @pytest.mark.parametrize("workers,pages", SIZES, ids=[f"{w}x{p}" for w, p in SIZES])
 @pytest.mark.parametrize("workload", ["identical", "zero"])
 def test_identical_pages_merge_into_one(tmp_path, workload: str, workers: int, pages: int) -> None:
-    k = merged_run(tmp_path, workload, workers, pages)
+    k, fr = merged_run(tmp_path, workload, workers, pages)
     assert (k["pages_shared"], k["pages_sharing"]) == (1, workers * pages - 1), k
     assert k["pages_unshared"] == 0 and k["pages_volatile"] == 0
+    assert_frames_add_up(k, fr)
 
 
 @pytest.mark.timeout(110)
 @pytest.mark.parametrize("workers,pages", SIZES, ids=[f"{w}x{p}" for w, p in SIZES])
 def test_unique_pages_never_merge(tmp_path, workers: int, pages: int) -> None:
-    k = merged_run(tmp_path, "unique", workers, pages)
+    k, fr = merged_run(tmp_path, "unique", workers, pages)
     assert (k["pages_shared"], k["pages_sharing"]) == (0, 0), k
     assert k["pages_unshared"] == workers * pages and k["pages_volatile"] == 0
+    assert_frames_add_up(k, fr)
 
 
 @pytest.mark.timeout(110)
@@ -64,9 +80,25 @@ def test_unique_pages_never_merge(tmp_path, workers: int, pages: int) -> None:
                                                (1, 64, 32)])
 def test_dup_k_merges_into_k(tmp_path, workers: int, pages: int, dup: int) -> None:
     assert dup <= pages and workers * pages >= 2 * dup
-    k = merged_run(tmp_path, f"dup:{dup}", workers, pages)
+    k, fr = merged_run(tmp_path, f"dup:{dup}", workers, pages)
     assert (k["pages_shared"], k["pages_sharing"]) == (dup, workers * pages - dup), k
     assert k["pages_unshared"] == 0 and k["pages_volatile"] == 0
+    assert_frames_add_up(k, fr)
+
+
+TINY = [("unique", 1, (0, 0, 1)), ("identical", 2, (1, 1, 0)), ("dup:1", 3, (1, 2, 0))]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("workload,pages,expect", TINY, ids=[f"{w}-{p}" for w, p, _e in TINY])
+def test_tiny_address_space(tmp_path, workload: str, pages: int, expect: tuple) -> None:
+    """One worker with 1 to 3 pages: a batch of 5000 pages is then a
+    couple of thousand full scans, and "until merged" must still wait for
+    the counters ksmd publishes, not stop on the ones before it."""
+    k, fr = merged_run(tmp_path, workload, 1, pages)
+    assert (k["pages_shared"], k["pages_sharing"], k["pages_unshared"]) == expect, k
+    assert k["pages_scanned"] >= pages, k
+    assert_frames_add_up(k, fr)
 
 
 @pytest.mark.timeout(60)
@@ -103,7 +135,7 @@ def test_merge_within_and_across_address_spaces() -> None:
         a1, a2 = s1.mmap(20), s2.mmap(12)
         s1.fill(a1, [content(0xCF)] * 20)
         s2.fill(a2, [content(0xCF)] * 12)
-        wait_frames_used(sup, 32)
+        assert frames_used(cl) == 32
         s1.mergeable(a1, 20)
         s2.mergeable(a2, 12)
         k = wait_counts(sup, pages_shared=1, pages_sharing=31)
@@ -185,7 +217,7 @@ def test_unmerge_all_with_run_2() -> None:
         k = ksm_stats(cl)
         assert (k["pages_shared"], k["pages_sharing"], k["pages_unshared"],
                 k["pages_volatile"], k["rmap_items"]) == (0, 0, 0, 0, 0), k
-        wait_frames_used(sup, 48)
+        assert frames_used(cl) == 48  # run=2 gave back its frees before it was done
         assert [s1.read(a1 + i * PAGE, PAGE) for i in range(24)] == pages1
         assert [s2.read(a2 + i * PAGE, PAGE) for i in range(24)] == pages2
         # still registered: the slots and VM_MERGEABLE stay
@@ -219,6 +251,8 @@ def test_unmerge_discarded() -> None:
         assert all(s.pfn(a + i * PAGE) is None for i in range(n // 2))
         assert frame(cl, kpfn)[0] == n // 2 and is_ksm(cl, kpfn)
         wait_frames_used(sup, 1)
+        # ksmd's next pass drops the discarded pages' rmap_items
+        wait_counts(sup, pages_shared=1, pages_sharing=n // 2 - 1, rmap_items=n // 2)
         broken = s.madvise(a, n, MADV_UNMERGEABLE)
         assert broken == n // 2
         assert maps_duplicates([(s, a, n)]) == []

@@ -10,10 +10,19 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from helpers import booted
-from util_machine import PAGE, Space, assert_fsck, frame, frames_used, is_ksm, set_run, wait_counts
-from uksm.layout import (FIRST_VPN, M_KSM_MAPPED, M_RSS, PT_OFF, T_COW, T_FAULTS)
+from util_machine import (
+    PAGE,
+    Space,
+    assert_fsck,
+    frame,
+    frames_used,
+    is_ksm,
+    set_run,
+    wait_counts,
+)
+
+from uksm.layout import FIRST_VPN, M_KSM_MAPPED, M_RSS, PT_OFF, T_COW, T_FAULTS
 from uksm.mm import SegFault
 from uksm.syscalls import MADV_DONTNEED, MADV_MERGEABLE
 
@@ -211,6 +220,33 @@ def test_access_outside_any_vma_segfaults_and_changes_nothing(how: str) -> None:
         assert_fsck(sup, [s])
         s.exit()
         assert frames_used(cl) == 0
+        assert_fsck(sup)
+
+
+def test_madvise_past_the_end_of_the_address_space_fails_cleanly() -> None:
+    """madvise/munmap of a range running past the last page of the address
+    space: an error (SegFault, as ENOMEM/EINVAL), no lock left held,
+    nothing unmapped."""
+    from uksm.syscalls import MADV_UNMERGEABLE
+    with booted(cname("i"), run=0, frames=64, va_pages=64) as sup:
+        cl = sup.cl
+        s = Space(sup)
+        n = cl.va_pages - FIRST_VPN
+        a = s.mmap(n)  # the whole address space
+        s.write(a, b"keep")
+        s.write(a + (n - 1) * PAGE, b"last")
+        for advice in (MADV_DONTNEED, MADV_MERGEABLE, MADV_UNMERGEABLE):
+            with pytest.raises(SegFault):
+                s.madvise(a, n + 8, advice)
+            held = [lk.name for lk in (s.mm.sem, s.mm.wmx, s.mm.ptl, cl.zone, cl.mmlist)
+                    if cl.task.holds(lk)]
+            assert held == [], f"madvise({advice}) failed holding {held}"
+        with pytest.raises(SegFault):
+            s.munmap(a, n + 8)
+        assert s.read(a, 4) == b"keep" and s.read(a + (n - 1) * PAGE, 4) == b"last"
+        assert s.rss() == 2
+        assert_fsck(sup, [s])
+        s.exit()
         assert_fsck(sup)
 
 

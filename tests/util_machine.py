@@ -16,7 +16,8 @@ import json
 import os
 import random
 import sys
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 PAGE = 4096
 
@@ -97,6 +98,7 @@ class Space:
         which ksmd does when the slow path left it the slot.  Returns the
         __ksm_exit path taken."""
         import helpers
+
         from uksm.exit import mmput
         from uksm.log import _Null
         path = 0
@@ -190,8 +192,15 @@ def maps_duplicates(spaces: Iterable[tuple[Space, int, int]]) -> list[tuple[int,
 def ksm_stats(cl: Any) -> dict[str, int]:
     """The counters as one consistent snapshot (read under
     ksm_thread_mutex, which ksmd publishes them under)."""
-    from uksm.layout import (K_FULL_SCANS, K_PAGES_SCANNED, K_PAGES_SHARED, K_PAGES_SHARING,
-                             K_PAGES_UNSHARED, K_PAGES_VOLATILE, K_RMAP_ITEMS)
+    from uksm.layout import (
+        K_FULL_SCANS,
+        K_PAGES_SCANNED,
+        K_PAGES_SHARED,
+        K_PAGES_SHARING,
+        K_PAGES_UNSHARED,
+        K_PAGES_VOLATILE,
+        K_RMAP_ITEMS,
+    )
     q = cl.q
     cl.task.lock(cl.daemon)
     try:
@@ -208,6 +217,7 @@ def set_run(sup: Any, run: int, timeout: float = 30.0) -> None:
     (as run_store does), then wait until ksmd has acted on it (for 2: the
     unmerge is complete)."""
     import helpers
+
     from uksm.layout import K_RUN, K_RUN_DONE, K_RUN_SEQ
     cl, q = sup.cl, sup.cl.q
     cl.task.lock(cl.daemon)
@@ -248,7 +258,8 @@ def wait_full_scans(sup: Any, n: int, timeout: float = 30.0) -> dict[str, int]:
 # ---- the allocator's child process ---------------------------------------------------
 
 def alloc_child(cluster: str, row: int, child: int, ops: int, hold: int, seed: int,
-                flush_p: float = 0.1, alloc_p: float = 0.55, free_max: int = 16) -> dict:
+                flush_p: float = 0.1, alloc_p: float = 0.55, free_max: int = 16,
+                peers: list[int] | None = None) -> dict:
     """Attach, bind ``row``, and allocate/free ``ops`` frames at random,
     holding at most ``hold`` at a time: each step allocates
     with probability ``alloc_p`` (while under ``hold``), else frees 1 to
@@ -258,8 +269,8 @@ def alloc_child(cluster: str, row: int, child: int, ops: int, hold: int, seed: i
     while held, and must still carry the stamp when freed: another holder
     would have overwritten it.  Returns the holds as (pfn, t_alloc_ns,
     t_free_ns) -- the interval is inside the true ownership, so two
-    overlapping intervals of one frame are a double allocation -- and the
-    faults seen."""
+    overlapping intervals of one frame are a double allocation -- and how
+    often it had to wait for free frames."""
     import time
 
     from uksm.cluster import Cluster
@@ -271,6 +282,9 @@ def alloc_child(cluster: str, row: int, child: int, ops: int, hold: int, seed: i
     while not cl.q[task.base + T_READY]:  # the start line: every child attached
         time.sleep(0.001)
     t_start = time.monotonic_ns()
+    cl.q[task.base + T_READY] = 2
+    peers = peers or []
+    give_up = t_start + 60 * 10**9
     alloc = Allocator(cl)
     pool = cl.pool.mv
     rng = random.Random(seed)
@@ -290,7 +304,12 @@ def alloc_child(cluster: str, row: int, child: int, ops: int, hold: int, seed: i
             holds.append((pfn, t_a, now()))
         alloc.put_frames(pfns)
 
-    for _ in range(ops):
+    n, all_started = 0, False
+    while n < ops or not all_started:
+        n += 1
+        if not all_started and not n & 63:
+            all_started = all(cl.q[cl.tbase(p) + T_READY] == 2 for p in peers) \
+                or time.monotonic_ns() > give_up
         if len(held) < hold and (not held or rng.random() < alloc_p):
             pfn = alloc.alloc_frame(0, seq)
             t_a = now()
@@ -329,10 +348,11 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--flush-p", type=float, default=0.1)
     ap.add_argument("--alloc-p", type=float, default=0.55)
     ap.add_argument("--free-max", type=int, default=16)
+    ap.add_argument("--peers", default="", help="rows of the sibling children")
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
     res = alloc_child(a.cluster, a.row, a.child, a.ops, a.hold, a.seed, a.flush_p, a.alloc_p,
-                      a.free_max)
+                      a.free_max, [int(p) for p in a.peers.split(",") if p])
     with open(a.out, "w") as f:
         json.dump(res, f)
     return 0

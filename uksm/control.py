@@ -28,6 +28,8 @@ import sys
 import time
 from typing import Any, Callable
 
+import posix_ipc
+
 from . import shm
 from .layout import (CS_RUNNING, CS_STARTING, CS_STOPPED, CS_STOPPING, EXIT_PATHS, EXIT_POLICIES,
                      H_CREATED_NS, H_EXIT_POLICY, H_HAZARDS, H_KSMD_PID, H_MAGIC, H_MEM_LIMIT,
@@ -37,7 +39,8 @@ from .layout import (CS_RUNNING, CS_STARTING, CS_STOPPED, CS_STOPPING, EXIT_PATH
                      K_STABLE_NODES, MAGIC, MM_STATES, PAGE_SIZE, STATS_NAMES)
 
 EXIT_OK, EXIT_ERR, EXIT_USAGE, EXIT_HUNG, EXIT_INTEGRITY = 0, 1, 2, 3, 4
-DEFAULT_CLUSTER = "default"
+#: the cluster a command acts on without --cluster: $UKSM_CLUSTER, else "default"
+DEFAULT_CLUSTER = os.environ.get("UKSM_CLUSTER") or "default"
 CLUSTER_STATES = {CS_STARTING: "starting", CS_RUNNING: "running", CS_STOPPING: "stopping",
                   CS_STOPPED: "stopped"}
 
@@ -120,7 +123,7 @@ def read_state(cl: Any) -> dict[str, Any]:
     from .mm import live_mm_rows, mm_fields
     q = cl.q
     sup_pid, ksmd_pid = q[H_SUPERVISOR_PID], q[H_KSMD_PID]
-    mms = []
+    mms: list[dict[str, Any]] = []
     for r in live_mm_rows(cl):
         f = mm_fields(cl, r)
         st = f["state"]
@@ -264,7 +267,7 @@ def attach(name: str) -> Any:
         return Cluster.attach(name)
     except shm.UksmError:
         raise not_running(name)
-    except OSError as e:  # a semaphore unlinked under us: going down
+    except (OSError, posix_ipc.Error) as e:  # unlinked under us: going down
         raise shm.UksmError(f"cluster {name!r} is going down ({e})", EXIT_ERR)
 
 
@@ -272,13 +275,17 @@ def attach(name: str) -> Any:
 
 def _cluster_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cluster", default=DEFAULT_CLUSTER,
-                   help=f"cluster name (default {DEFAULT_CLUSTER!r})")
+                   help=f"cluster name (default: $UKSM_CLUSTER, else 'default'; now "
+                        f"{DEFAULT_CLUSTER!r})")
 
 
 def add_parsers(sub: Any, run_args: Callable[..., None]) -> None:
     """The subcommands of issue 7 (``uksm.cli`` calls this)."""
     from .cli import EPILOG
     fmt = argparse.RawDescriptionHelpFormatter
+    fsck = getattr(sub, "choices", {}).get("fsck")
+    if fsck is not None:  # cli.py's own 'fsck' parser: the same default cluster as ours
+        fsck.set_defaults(cluster=DEFAULT_CLUSTER)
 
     p = sub.add_parser("up", help="start a cluster in the background, driven by the other commands",
                        description="Start a cluster served by a detached supervisor (the daemon): "
@@ -360,7 +367,12 @@ def dispatch(a: argparse.Namespace) -> int:
     if fn is None:
         print(f"uksm: unknown command {a.cmd!r}", file=sys.stderr)
         return EXIT_USAGE
-    return fn(a)
+    try:
+        return fn(a)
+    except BrokenPipeError:  # 'uksm status | head': the reader left, not an error of ours
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_ERR
 
 
 # ---- up -----------------------------------------------------------------------------------
@@ -686,16 +698,37 @@ def format_status(st: dict[str, Any]) -> list[str]:
     return out
 
 
+def daemon_info(name: str, timeout: float = 1.0) -> dict[str, Any] | None:
+    """The daemon's ping answer (its pid, hung tasks), None when there is no
+    daemon (a 'uksm run' cluster) or it is busy serving a long request."""
+    try:
+        ans = call(name, {"op": "ping"}, timeout=timeout)
+    except (NotUp, shm.UksmError, OSError):
+        return None
+    return ans if ans.get("ok") else None
+
+
 def cmd_status(a: argparse.Namespace) -> int:
     cl = attach(a.cluster)
     try:
         st = read_state(cl)
     finally:
         cl.close()
+    d = daemon_info(a.cluster)
+    st["daemon"] = None if d is None else {"pid": d["pid"], "log_dir": d["log_dir"],
+                                           "hung_tasks": d.get("hung_tasks", [])}
     if a.json:
         print(json.dumps(st))
     else:
         print("\n".join(format_status(st)))
+        if d is None:
+            print("daemon: not answering (busy with a request, or a 'uksm run' cluster)")
+        else:
+            print(f"daemon pid {d['pid']}  logs {d['log_dir']}")
+            for h in d.get("hung_tasks", []):
+                print(f"HUNG  {h['role']} pid {h['pid']} blocked on {h['lock']} for {h['waited_s']}s")
+                for line in h.get("chain", []):
+                    print(f"      {line}")
         if any(not m["owner_alive"] for m in st["mms"]):
             print("(PID-: the owner has exited; the address space waits for ksmd or its reaper)")
     return EXIT_OK

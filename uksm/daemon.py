@@ -78,7 +78,7 @@ class DaemonSupervisor(Supervisor):
         super().__init__(*args, **kw)
         self.own_groups = own_groups
 
-    def _popen(self, args: list[str]) -> subprocess.Popen:
+    def _popen(self, args: list[str]) -> "subprocess.Popen[bytes]":
         if not self.own_groups:
             return super()._popen(args)
         return subprocess.Popen([sys.executable, "-m", *args], stdin=subprocess.DEVNULL,
@@ -125,7 +125,7 @@ class Daemon:
         self.log_dir: str = spec["log_dir"]
         self.sock: socket.socket | None = None
         self.sup: DaemonSupervisor | None = None
-        self.clog: Any = None
+        self._log: Any = None
         self.stop_signal = 0
         self.done = False
         self.hung_seen = 0
@@ -155,7 +155,7 @@ class Daemon:
         self.sup = DaemonSupervisor(self.name, make_config(spec), self.log_dir, quiet=False,
                                     own_groups=self.foreground)
         self.sup.boot()
-        self.clog = ulog.thread_logger("ctl", self.name, self.log_dir, "daemon")
+        self._log = ulog.thread_logger("ctl", self.name, self.log_dir, "daemon")
         for _ in range(spec["workers"]):
             self.sup.spawn_worker(spec["pages"], spec["workload"], spec["seed"], spec["churn_ms"])
         assert self.sock is not None
@@ -259,7 +259,7 @@ class Daemon:
     def _peer_uid(conn: socket.socket) -> int:
         creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         _pid, uid, _gid = struct.unpack("3i", creds)
-        return uid
+        return int(uid)
 
     def handle(self, conn: socket.socket, req: dict[str, Any]) -> dict[str, Any]:
         op = req["op"]
@@ -290,12 +290,23 @@ class Daemon:
         return ans
 
     # ---- waiting while the main loop's duties go on -------------------------------------
-    def wait_until(self, pred: Callable[[], bool], timeout: float) -> bool:
+    def wait_until(self, pred: Callable[[], bool], timeout: float, what: str = "") -> bool:
+        """Wait for ``pred`` doing the main loop's duties; False after
+        ``timeout``.  A hung task reported meanwhile ends the wait with a
+        RequestError (status 3) naming it: waiting on would wait forever."""
+        assert self.sup is not None
         end = time.monotonic() + timeout
+        hung0 = len(self.sup.hung)
         while True:
             self.pump()
             if pred():
                 return True
+            if len(self.sup.hung) > hung0:
+                h = self.sup.hung[hung0]
+                raise RequestError(f"{what or 'request'}: a hung task was reported while waiting: "
+                                   f"{h['role']} pid {h['pid']} blocked on {h['lock']} for "
+                                   f"{h['waited_s']}s ('uksm down' stops the cluster; the chain is "
+                                   f"in the logs)", EXIT_HUNG)
             if time.monotonic() > end:
                 return False
             time.sleep(ROUND_S / 2)
@@ -317,6 +328,7 @@ class Daemon:
         q[e + E_WORD] = (w & ~7) + 8 + WAITING
         q[e + E_SINCE] = time.monotonic_ns()
         end = time.monotonic() + timeout
+        hung0 = len(self.sup.hung)
         while True:
             try:
                 lk.sem.acquire(WAIT_SLICE)
@@ -324,13 +336,15 @@ class Daemon:
             except (posix_ipc.BusyError, posix_ipc.SignalError):
                 q[e + E_SPINS] += 1
                 self.pump()
-                if time.monotonic() > end:
+                hung = len(self.sup.hung) > hung0
+                if hung or time.monotonic() > end:
                     q[e + E_SINCE] = 0
                     q[e + E_WORD] = (w & ~7) + 16 + IDLE
                     holders = self.sup.cl.holders(lk.lid)
-                    raise RequestError(f"{why}: {lk.name} still held after {timeout:.0f}s "
-                                       f"(holders: pids {holders or '?'}); nothing was changed",
-                                       EXIT_ERR)
+                    why_not = "a hung task was reported" if hung else f"still held after {timeout:.0f}s"
+                    raise RequestError(f"{why}: {lk.name} {why_not} (holders: pids "
+                                       f"{holders or '?'}); nothing was changed",
+                                       EXIT_HUNG if hung else EXIT_ERR)
         q[e + E_SINCE] = 0
         q[e + E_WORD] = (w & ~7) + 16 + HELD
 
@@ -342,7 +356,7 @@ class Daemon:
             workers = sorted(f"w{c.worker_no}" for c in sup.children.values())
         return {"cluster": self.name, "pid": os.getpid(), "log_dir": self.log_dir,
                 "ksmd_pid": sup.ksmd.proc.pid if sup.ksmd is not None else 0,
-                "workers": workers, "hung": len(sup.hung),
+                "workers": workers, "hung": len(sup.hung), "hung_tasks": list(sup.hung),
                 "uptime_s": round(time.monotonic() - self.t0, 3)}
 
     def do_spawn(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -381,7 +395,8 @@ class Daemon:
             return not gone(c) and q[b + T_PID] == c.proc.pid and bool(q[b + T_READY])
         note = ""
         if req.get("wait"):
-            if not self.wait_until(lambda: all(ready(c) or gone(c) for c in kids), READY_WAIT_S):
+            if not self.wait_until(lambda: all(ready(c) or gone(c) for c in kids), READY_WAIT_S,
+                                   "spawn"):
                 note = f"not all ready after {READY_WAIT_S:.0f}s"
         out = [{"worker": f"w{c.worker_no}", "pid": c.proc.pid, "mm": c.mm, "pages": pages,
                 "workload": workload, "ready": ready(c), "exited": gone(c)} for c in kids]
@@ -419,15 +434,18 @@ class Daemon:
                 c.proc.send_signal(signo)
             except ProcessLookupError:
                 pass
-            self.clog.info("inject_kill", target_pid=c.proc.pid, mm=c.mm, signal=signame,
+            self._log.info("inject_kill", target_pid=c.proc.pid, mm=c.mm, signal=signame,
                            mode="command")
 
         def finished(c: Child) -> bool:
+            """Reaped, and its exit accounted (by itself or by its reaper,
+            which runs on the dead task's row): the row is free again.  Only
+            this thread allocates rows, so it cannot be reused meanwhile."""
             with sup.lock:
                 if sup.children.get(c.row) is c:
                     return False
-            return q[cl.tbase(c.row) + T_STATE] == TS_FREE or q[cl.tbase(c.row) + T_PID] != c.proc.pid
-        all_done = self.wait_until(lambda: all(finished(c) for c in targets), KILL_WAIT_S)
+            return q[cl.tbase(c.row) + T_STATE] == TS_FREE
+        all_done = self.wait_until(lambda: all(finished(c) for c in targets), KILL_WAIT_S, "kill")
         killed = []
         for c in targets:
             rc = c.proc.returncode
@@ -484,7 +502,7 @@ class Daemon:
                 ent["previous"] = q[H_MEM_LIMIT]
                 q[H_MEM_LIMIT] = int(value)
             if name != "run":  # write_run logs its own, at the write
-                self.clog.info("ksm_knob", name=name, value=EXIT_POLICIES.index(str(value))
+                self._log.info("ksm_knob", name=name, value=EXIT_POLICIES.index(str(value))
                                if name == "exit_policy" else value)
             applied.append(ent)
         return {"applied": applied}
@@ -509,8 +527,9 @@ class Daemon:
             q[K_RUN_SEQ] = seq
         finally:
             cl.task.unlock(cl.daemon)
-        self.clog.info("ksm_knob", name="run", value=value)
-        if not self.wait_until(lambda: q[K_RUN_DONE] >= seq or sup.ksmd is None, RUN_WAIT_S):
+        self._log.info("ksm_knob", name="run", value=value)
+        if not self.wait_until(lambda: q[K_RUN_DONE] >= seq or sup.ksmd is None, RUN_WAIT_S,
+                               f"run={value}"):
             raise RequestError(f"run={value} written, but ksmd has not finished acting on it "
                                f"after {RUN_WAIT_S:.0f}s", EXIT_ERR)
         if q[K_RUN_DONE] < seq:
@@ -575,7 +594,7 @@ class Daemon:
         if errs and exiting:
             note = (f"{len(exiting)} exits still in flight after {FSCK_WAIT_S:.0f}s "
                     f"(mm{', mm'.join(map(str, exiting))}): some errors may be their intermediate state")
-        self.clog.info("fsck", ok=not errs, errors=len(errs), first=errs[:5])
+        self._log.info("fsck", ok=not errs, errors=len(errs), first=errs[:5])
         return {"clean": not errs, "errors": errs, "mms": len(mms), "frames_used": used,
                 "ms": round(ms, 3), "note": note}
 
@@ -661,7 +680,7 @@ def run_daemon(name: str, spec: dict[str, Any], foreground: bool = False,
     if on_ready is not None:
         on_ready(ready)
         sys.stdout.flush()
-    sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=cluster {name} up")
+    sd_notify(f"READY=1\nSTATUS=cluster {name} up")
     try:
         return d.serve()
     except BaseException as e:

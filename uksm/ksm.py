@@ -27,7 +27,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from . import killpoints
-from .layout import (F_KSM, FRAME_SIZE, FR_FLAGS, H_HAZARDS, HZ_NO_FAST_PATH, L_HEAD_NEXT,
+from .layout import (K_RUN, K_RUN_SEQ, F_KSM, FRAME_SIZE, FR_FLAGS, H_HAZARDS, HZ_NO_FAST_PATH, L_HEAD_NEXT,
                      L_HEAD_PREV, L_SCAN_ADDR, L_SCAN_SLOT, M_EXIT_PATH, M_FLAGS, M_ID,
                      M_SLOT_NEXT, M_SLOT_PREV, M_SLOT_RMAP, M_SLOT_USED, M_REFS,
                      MMF_VM_MERGEABLE, P_FAST, P_LEGACY, P_SLOW, PT_OFF, PTE_PRESENT,
@@ -204,6 +204,25 @@ def ksm_exit(cl: "Cluster", mm: MM, legacy: bool, log=None, policy: str = "seed"
         killpoints.hit(cl, "ksm_exit_mmap_sem_write", log)
         mm.up_write()
     return path
+
+
+# ---- /sys/kernel/mm/ksm/run ---------------------------------------------------
+
+def ksm_run_store(cl: "Cluster", value: int) -> int:
+    """run_store: set ``run`` and bump the request sequence under
+    ksm_thread_mutex, as the kernel does, so ksmd (which reads both at the
+    start of a batch, under the mutex) sees them together.  Returns the
+    sequence number; ksmd sets K_RUN_DONE to it once it has acted (for
+    run=2: once every KSM page is unmerged).  May block while ksmd holds
+    the mutex, like a write to /sys/kernel/mm/ksm/run."""
+    cl.task.lock(cl.daemon)
+    try:
+        cl.q[K_RUN] = value
+        seq = cl.q[K_RUN_SEQ] + 1
+        cl.q[K_RUN_SEQ] = seq
+    finally:
+        cl.task.unlock(cl.daemon)
+    return seq
 
 
 # ---- breaking COW on KSM pages ----------------------------------------------------

@@ -112,6 +112,7 @@ class Ksmd:
         self.pages_unshared = 0
         self.rmap_items = 0
         self.pages_scanned = 0
+        self.full_scans = 0
         self.stop = False
         self.last_run = -1
 
@@ -126,11 +127,11 @@ class Ksmd:
             task.lock(cl.daemon)
             try:
                 self.reconcile()
+                seq = q[K_RUN_SEQ]  # before run: a writer stores run, then seq
                 run = q[K_RUN]
                 if run != self.last_run:
                     self.log.info("ksm_run", run=run, previous=self.last_run)
                     self.last_run = run
-                seq = q[K_RUN_SEQ]
                 if run == 2 and q[K_RUN_DONE] != seq:
                     self.unmerge_and_remove_all_rmap_items()
                 elif run == 1 and q[L_HEAD_NEXT] != cl.head:
@@ -178,6 +179,7 @@ class Ksmd:
                                   - self.pages_sharing - self.pages_unshared)
         q[K_RMAP_ITEMS] = self.rmap_items
         q[K_PAGES_SCANNED] = self.pages_scanned
+        q[K_FULL_SCANS] = self.full_scans
         q[K_STABLE_NODES] = len(self.stable)
         for row, st in self.slots.items():
             b = self.cl.mbase(row)
@@ -394,7 +396,7 @@ class Ksmd:
             task.unlock(cl.mmlist)
         if nxt == cl.head:
             q[L_SEQNR] = seqnr + 1
-            q[K_FULL_SCANS] += 1
+            self.full_scans += 1  # published with the other counters, at batch end
             self.log.info("full_scan", seqnr=seqnr + 1)
         return n, True
 

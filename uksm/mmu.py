@@ -121,6 +121,8 @@ def zap_range(cl: "Cluster", alloc: Allocator, mm: MM, start: int, end: int) -> 
     task, q, fq, pq = cl.task, cl.q, cl.fq, mm.pq
     n = 0
     step = 512  # hold the pte lock for a bounded run of PTEs
+    if not 0 <= start <= end <= cl.va_pages:
+        raise SegFault(f"zap of pages {start:#x}-{end:#x} outside the address space")
     for lo in range(start, end, step):
         hi = min(end, lo + step)
         task.lock(mm.ptl)

@@ -18,6 +18,7 @@ from .cluster import Config
 from .layout import (A_FREE_TOP, EXIT_POLICIES, H_MEM_LIMIT, HAZARDS, K_FULL_SCANS,
                      K_PAGES_SHARED, K_PAGES_SHARING, K_RMAP_ITEMS, K_RUN, K_RUN_DONE,
                      K_RUN_SEQ, PAGE_SIZE, S_MISMATCHES, S_PAGES_VERIFIED)
+from .ksm import ksm_run_store
 from .supervisor import Supervisor
 
 EXIT_OK, EXIT_ERR, EXIT_USAGE, EXIT_HUNG, EXIT_INTEGRITY = 0, 1, 2, 3, 4
@@ -237,8 +238,7 @@ def drive(sup: Supervisor, o: RunOptions, t0: float, progress: Progress, interru
                     used = sup.cl.nframes - q[A_FREE_TOP]
                     q[H_MEM_LIMIT] = used + max(8, o.pages // 2)
                     sup.log.info("ksm_knob", name="mem_limit", value=q[H_MEM_LIMIT])
-                    q[K_RUN] = 2
-                    q[K_RUN_SEQ] += 1
+                    ksm_run_store(sup.cl, 2)
                     sup.log.info("ksm_knob", name="run", value=2)
                     samples.clear()
                 elif converged and not o.scenario:

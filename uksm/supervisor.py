@@ -444,8 +444,24 @@ class Supervisor:
                 "full_scans": q[K_FULL_SCANS], "pages_scanned": q[K_PAGES_SCANNED]}
 
     def snapshot(self) -> dict[str, Any]:
-        return {"ksm": self.ksm_block(), "frames": frame_stats(self.cl),
-                "memory": {"host_bytes_resident": self.cl.pool_resident_bytes()}}
+        """Counters, frames, host memory.  The counters are read under
+        ksm_thread_mutex (a consistent publish) unless ksmd keeps it for
+        more than a second (a deadlocked cluster): then as they are."""
+        cl = self.cl
+        locked = False
+        end = time.monotonic() + 1.0
+        while self.ksmd is not None and time.monotonic() < end:
+            if cl.task.trylock(cl.daemon):
+                locked = True
+                break
+            time.sleep(0.005)
+        try:
+            ksm = self.ksm_block()
+        finally:
+            if locked:
+                cl.task.unlock(cl.daemon)
+        return {"ksm": ksm, "frames": frame_stats(cl),
+                "memory": {"host_bytes_resident": cl.pool_resident_bytes()}}
 
     def workers_block(self) -> dict[str, int]:
         q = self.cl.q

@@ -24,10 +24,24 @@ MADV_MERGEABLE = 12
 MADV_UNMERGEABLE = 13
 
 
-def _range(addr: int, length: int) -> tuple[int, int]:
-    if addr & (PAGE_SIZE - 1) or length <= 0:
+def _range(cl: "Cluster", addr: int, length: int) -> tuple[int, int]:
+    if addr & (PAGE_SIZE - 1) or length <= 0 or addr < 0:
         raise SegFault(f"invalid range {addr:#x}+{length} (EINVAL)")
-    return addr >> PAGE_SHIFT, (addr + length + PAGE_SIZE - 1) >> PAGE_SHIFT
+    start, end = addr >> PAGE_SHIFT, (addr + length + PAGE_SIZE - 1) >> PAGE_SHIFT
+    if end > cl.va_pages:
+        raise SegFault(f"range {addr:#x}+{length} is beyond the address space (ENOMEM)")
+    return start, end
+
+
+def _mapped(mm: MM, start: int, end: int, addr: int) -> None:
+    """madvise's ENOMEM: every page of the range must be in a VMA."""
+    pos = start
+    for (_i, s, e, _f) in mm.vmas():
+        if s <= pos < e:
+            pos = e
+        if pos >= end:
+            return
+    raise SegFault(f"madvise range from {addr:#x} is not fully mapped (ENOMEM)")
 
 
 def sys_mmap(cl: "Cluster", mm: MM, length: int) -> int:
@@ -46,7 +60,7 @@ def sys_mmap(cl: "Cluster", mm: MM, length: int) -> int:
 
 
 def sys_munmap(cl: "Cluster", mm: MM, alloc: Allocator, addr: int, length: int) -> None:
-    start, end = _range(addr, length)
+    start, end = _range(cl, addr, length)
     mm.down_write()
     try:
         idx = mm.split_range(start, end)
@@ -61,12 +75,11 @@ def sys_munmap(cl: "Cluster", mm: MM, alloc: Allocator, addr: int, length: int) 
 def sys_madvise(cl: "Cluster", mm: MM, alloc: Allocator, addr: int, length: int, advice: int,
                 log: Any = None, stop: Callable[[], bool] | None = None) -> int:
     """madvise; returns pages unmerged for MADV_UNMERGEABLE, else 0."""
-    start, end = _range(addr, length)
+    start, end = _range(cl, addr, length)
     if advice == MADV_DONTNEED:
         cl.task.lock(mm.sem)
         try:
-            if mm.find_vma(start) is None:
-                raise SegFault(f"madvise on unmapped {addr:#x} (ENOMEM)")
+            _mapped(mm, start, end, addr)
             zap_range(cl, alloc, mm, start, end)
         finally:
             cl.task.unlock(mm.sem)
