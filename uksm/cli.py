@@ -74,8 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      "live supervisor)")
     p.add_argument("--force", action="store_true", help="also remove a cluster that looks alive")
 
+    from .control import DEFAULT_CLUSTER
     p = sub.add_parser("fsck", help="check the invariants of a live cluster")
-    p.add_argument("--cluster", default="default")
+    p.add_argument("--cluster", default=DEFAULT_CLUSTER,
+                   help=f"cluster name (default $UKSM_CLUSTER or {DEFAULT_CLUSTER!r})")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("inject", help="fault injection: kill workers while ksmd scans them, then check",
@@ -109,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
         return e.status
     except KeyboardInterrupt:
         print("uksm: interrupted", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # uksm ... | head
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
 
 

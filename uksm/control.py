@@ -296,6 +296,14 @@ def add_parsers(sub: Any, run_args: Callable[..., None]) -> None:
     _cluster_arg(p)
     run_args(p)
     p.set_defaults(workers=0)
+    up_help = {"workers": "workers to start with (default 0; 'uksm spawn' adds more)",
+               "pages": "pages per worker, also spawn's default (default 1024)",
+               "frames": "frame pool size (default: every page of max(--workers, 4) workers "
+                         "unmerged, plus 1/16 slack)",
+               "churn_ms": "workers also refault, COW and re-advise a page every this many ms "
+                           "(also spawn's default)"}
+    for act in p._actions:  # run's help, where up differs
+        act.help = up_help.get(act.dest, act.help)
     p.add_argument("--max-workers", type=int, default=0,
                    help="address spaces the cluster has room for (default: max(--workers, 32))")
     p.add_argument("--max-pages", type=int, default=0,

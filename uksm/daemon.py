@@ -118,6 +118,8 @@ def sd_notify(state: str) -> None:
 
 
 class Daemon:
+    """One cluster's daemon: its control socket, its supervisor, the loop."""
+
     def __init__(self, name: str, spec: dict[str, Any], foreground: bool) -> None:
         self.name = name
         self.spec = spec

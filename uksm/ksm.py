@@ -27,7 +27,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from . import killpoints
-from .layout import (K_RUN, K_RUN_SEQ, F_KSM, FRAME_SIZE, FR_FLAGS, H_HAZARDS, HZ_NO_FAST_PATH, L_HEAD_NEXT,
+from .layout import (K_RUN, K_RUN_SEQ, T_EXIT_PATH, F_KSM, FRAME_SIZE, FR_FLAGS, H_HAZARDS, HZ_NO_FAST_PATH, L_HEAD_NEXT,
                      L_HEAD_PREV, L_SCAN_ADDR, L_SCAN_SLOT, M_EXIT_PATH, M_FLAGS, M_ID,
                      M_SLOT_NEXT, M_SLOT_PREV, M_SLOT_RMAP, M_SLOT_USED, M_REFS,
                      MMF_VM_MERGEABLE, P_FAST, P_LEGACY, P_SLOW, PT_OFF, PTE_PRESENT,
@@ -167,6 +167,7 @@ def ksm_exit(cl: "Cluster", mm: MM, legacy: bool, log=None, policy: str = "seed"
             q[b + M_SLOT_RMAP] = 0
             q[b + M_FLAGS] &= ~MMF_VM_MERGEABLE
             q[b + M_EXIT_PATH] = P_LEGACY
+            q[task.base + T_EXIT_PATH] = P_LEGACY
             q[S_EXIT_LEGACY] += 1
             task.unlock(cl.mmlist)
         finally:
@@ -193,6 +194,7 @@ def ksm_exit(cl: "Cluster", mm: MM, legacy: bool, log=None, policy: str = "seed"
             path = P_SLOW
             q[S_EXIT_SLOW] += 1
         q[b + M_EXIT_PATH] = path
+        q[task.base + T_EXIT_PATH] = path  # the task's own record: the mm may go first
         if log is not None:  # logged under the lock: ordered before ksmd's slot_freed
             log.info("ksm_exit", mm=mm.id, path="fast" if path == P_FAST else "slow", policy=policy)
     task.unlock(cl.mmlist)

@@ -119,7 +119,8 @@ T_FAULTS = 18
 T_FOR_ROW = 19
 T_WORKLOAD = 20
 T_SEED = 21
-T_FIXED = 22
+T_EXIT_PATH = 22
+T_FIXED = 23
 
 # ---- mm table row: mm_struct fused with its mm_slot (slot index == row index)
 M_ID = 0

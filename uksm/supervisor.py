@@ -34,12 +34,12 @@ from .layout import (A_FREE_TOP, C_ALLOC, C_DAEMON, C_MMAP, C_MMLIST, C_PTL, C_W
                      H_KSMD_TASK, H_NEXT_WORKER, H_SHUTDOWN, H_STATE, H_SUPERVISOR_PID,
                      K_FULL_SCANS, K_PAGES_SCANNED, K_PAGES_SHARED, K_PAGES_SHARING,
                      K_PAGES_TO_SCAN, K_PAGES_UNSHARED, K_PAGES_VOLATILE, K_RUN, K_SLEEP_MS,
-                     M_EXIT_PATH, M_EXIT_STAGE, M_FREER_TASK, M_ID, M_OWNER_PID, M_SLOT_USED,
+                     M_EXIT_STAGE, M_FREER_TASK, M_ID, M_OWNER_PID, M_SLOT_USED,
                      M_STATE, M_USERS, M_WRITER_WAITING, MS_EXITING, MS_FREEING, MS_ZOMBIE,
                      R_KSMD, R_REAPER, R_SUPERVISOR, R_WORKER, S_EXIT_FAST, S_EXIT_LEGACY,
                      S_EXIT_SLOW, S_EXITED, S_KILLED, S_LOCK_RECOVERIES, S_MISMATCHES,
                      S_OOM_KILLED, S_PAGES_VERIFIED, S_REAPED, S_RECOVERIES, S_STARTED,
-                     T_EXIT_REASON, T_FLIGHT_PFN, T_FOR_ROW, T_KILL_POINT, T_MISMATCHES, T_MM,
+                     T_EXIT_PATH, T_EXIT_REASON, T_FLIGHT_PFN, T_FOR_ROW, T_KILL_POINT, T_MISMATCHES, T_MM,
                      T_PAGES, T_PID, T_READY, T_ROLE, T_START_NS, T_STATE, T_VERIFIED,
                      T_WORKER_NO, TASK_SIZE, TS_ALIVE, TS_DEAD, TS_FREE, TS_REAPING,
                      XS_MMDROP, XS_USERS0)
@@ -228,9 +228,7 @@ class Supervisor:
         q = cl.q
         b = cl.tbase(row)
         reason = EXIT_REASONS[q[b + T_EXIT_REASON]] if how is None else how
-        mm = self.mms.get(ch.mm)
-        path = EXIT_PATHS[q[mm.base + M_EXIT_PATH]] if mm is not None and q[mm.base + M_ID] == ch.mm \
-            else "none"
+        path = EXIT_PATHS[q[b + T_EXIT_PATH]]
         t = cl.task
         t.lock(cl.mmlist)
         q[S_EXITED] += 1

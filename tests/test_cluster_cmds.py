@@ -1,0 +1,375 @@
+"""The cluster commands (issue 7): ``up`` starts a daemon, the other
+commands drive it from separate processes, ``down`` leaves nothing.
+
+Every test starts its own cluster (a unique name) with ``uksm up`` and
+drives it only through the CLI (``python -m uksm ...`` subprocesses); the
+shared state is read back directly (``Cluster.attach``) to check what the
+commands report.  The ``cluster`` fixture always takes the cluster down --
+``uksm down``, and if that fails, SIGKILL of every process of the cluster
+and removal of its POSIX objects -- so a failing test leaks nothing (the
+autouse leak checker of conftest.py would fail it otherwise).
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pty
+import select
+import signal
+import struct
+import subprocess
+import sys
+import termios
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from helpers import ROOT, uksm, wait_for
+from uksm import shm
+from uksm.cluster import Cluster, pid_alive
+from uksm.layout import (A_FREE_TOP, EXIT_POLICIES, H_EXIT_POLICY, H_MEM_LIMIT, K_FULL_SCANS,
+                         K_PAGES_SCANNED, K_PAGES_SHARED, K_PAGES_SHARING, K_PAGES_TO_SCAN,
+                         K_PAGES_UNSHARED, K_PAGES_VOLATILE, K_RUN, K_RUN_DONE, K_RUN_SEQ,
+                         K_SLEEP_MS, MM_STATES)
+from uksm.mm import live_mm_rows, mm_fields
+
+KSM = {"run": K_RUN, "pages_to_scan": K_PAGES_TO_SCAN, "sleep_millisecs": K_SLEEP_MS,
+       "pages_shared": K_PAGES_SHARED, "pages_sharing": K_PAGES_SHARING,
+       "pages_unshared": K_PAGES_UNSHARED, "pages_volatile": K_PAGES_VOLATILE,
+       "full_scans": K_FULL_SCANS, "pages_scanned": K_PAGES_SCANNED}
+
+
+def cluster_pids(name: str) -> list[int]:
+    """Every live process of cluster ``name`` (daemon, ksmd, workers)."""
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit() or int(d) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"--cluster" in argv:
+            i = argv.index(b"--cluster")
+            if i + 1 < len(argv) and argv[i + 1] == name.encode() and pid_alive(int(d)):
+                out.append(int(d))
+    return out
+
+
+class Up:
+    """A cluster started with ``uksm up`` for one test."""
+
+    def __init__(self, name: str, log_dir: Path) -> None:
+        self.name = name
+        self.log_dir = log_dir
+        self.info: dict[str, Any] = {}
+
+    def __call__(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        """``uksm ARGS --cluster NAME`` (the cluster option appended)."""
+        return uksm(*args, "--cluster", self.name, timeout=timeout)
+
+    def up(self, *args: str) -> dict[str, Any]:
+        p = self("up", "--json", "--log-dir", str(self.log_dir), *args)
+        assert p.returncode == 0, p.stderr
+        self.info = json.loads(p.stdout)
+        return self.info
+
+    def json(self, *args: str, status: int = 0) -> dict[str, Any]:
+        p = self(*args, "--json")
+        assert p.returncode == status, f"{args}: {p.returncode}\n{p.stdout}\n{p.stderr}"
+        return json.loads(p.stdout)
+
+    def attach(self) -> Cluster:
+        return Cluster.attach(self.name)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Up]:
+    name = f"tc{os.getpid() % 10000}{request.node.name[5:11].replace('_', '')}{time.monotonic_ns() % 1000}"
+    c = Up(name[:32], tmp_path)
+    try:
+        yield c
+    finally:
+        if shm.leftovers(c.name) or cluster_pids(c.name):
+            try:
+                uksm("down", "--cluster", c.name, timeout=120)
+            except subprocess.TimeoutExpired:
+                pass
+        for _ in range(3):
+            pids = cluster_pids(c.name)
+            if not pids:
+                break
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            wait_for(lambda: not any(pid_alive(p) for p in pids), 10, what="SIGKILLed processes")
+        shm.remove_all(c.name)
+
+
+@pytest.mark.timeout(90)
+def test_up_drive_down(cluster: Up) -> None:
+    info = cluster.up("--workers", "2", "--pages", "64", "--workload", "identical",
+                      "--frames", "1024", "--sleep-ms", "5")
+    assert info["cluster"] == cluster.name and info["log_dir"] == str(cluster.log_dir)
+    daemon = info["pid"]
+    assert pid_alive(daemon) and info["workers"] == ["w1", "w2"]
+    # the name is taken: status 2, one line
+    p = cluster("up", "--log-dir", str(cluster.log_dir))
+    assert p.returncode == 2 and "already up" in p.stderr and p.stderr.count("\n") == 1
+
+    sp = cluster.json("spawn", "--count", "2", "--pages", "48", "--workload", "identical", "--wait")
+    assert [w["worker"] for w in sp["spawned"]] == ["w3", "w4"]
+    assert all(w["ready"] and w["pages"] == 48 for w in sp["spawned"])
+
+    cl = cluster.attach()
+    try:
+        q = cl.q
+        wait_for(lambda: q[K_PAGES_SHARING] >= 200, 30, what="merging")
+        # ctl reads straight from the shared memory
+        p = cluster("ctl")
+        assert p.returncode == 0
+        lines = dict(ln.split(" ", 1) for ln in p.stdout.splitlines())
+        assert list(lines)[:9] == list(KSM)
+        assert {"exit_policy", "mem_limit", "frames_total", "frames_used", "frames_free"} <= set(lines)
+        assert lines["frames_total"] == "1024" and lines["exit_policy"] == "seed"
+
+        # run=2: returns once ksmd has unmerged everything
+        p = cluster("ctl", "run=2")
+        assert p.returncode == 0, p.stderr
+        assert q[K_RUN] == 2 and q[K_RUN_DONE] == q[K_RUN_SEQ]
+        for k in ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile"):
+            assert q[KSM[k]] == 0, k
+        st = cluster.json("status")
+        assert st["ksm"] == {k: q[i] for k, i in KSM.items()}
+        assert st["frames"] == {"total": 1024, "used": 1024 - q[A_FREE_TOP], "free": q[A_FREE_TOP]}
+        assert st["frames"]["used"] == 2 * 64 + 2 * 48  # every page unmerged again
+        assert st["memory"]["host_bytes_resident"] > 0
+        rows = {mm_fields(cl, r)["id"]: mm_fields(cl, r) for r in live_mm_rows(cl)}
+        assert {m["mm"] for m in st["mms"]} == set(rows)
+        for m in st["mms"]:
+            f = rows[m["mm"]]
+            assert m["worker"] == f"w{f['worker_no']}" and m["owner_pid"] == f["owner_pid"]
+            assert m["state"] == MM_STATES[f["state"]] == "live"
+            for k in ("pages", "rss", "ksm_rmap_items", "ksm_merging_pages", "mm_users", "mm_count"):
+                assert m[k] == f[k], k
+            assert m["ksm_merging_pages"] == 0 and m["rss"] == m["pages"]
+
+        # invalid values: refused with the kernel's reasoning, nothing written
+        p = cluster("ctl", "run=3")
+        assert p.returncode == 2
+        assert p.stderr.strip() == "uksm: run: invalid argument (EINVAL): must be 0, 1 or 2"
+        for bad in ("pages_to_scan=0", "sleep_millisecs=-1", "exit_policy=none", "mem_limit=99999",
+                    "nosuch=1", "pages_shared=0", "run=", "nosuch"):
+            p = cluster("ctl", bad)
+            assert p.returncode == 2, (bad, p.stderr)
+            assert p.stderr.startswith("uksm: ") and p.stderr.count("\n") == 1, p.stderr
+        assert q[K_RUN] == 2 and q[K_PAGES_TO_SCAN] == 100 and q[H_MEM_LIMIT] == 0
+
+        p = cluster("ctl", "run=1", "pages_to_scan=50", "sleep_millisecs=3", "exit_policy=shipped",
+                    "mem_limit=1000")
+        assert p.returncode == 0, p.stderr
+        assert (q[K_RUN], q[K_PAGES_TO_SCAN], q[K_SLEEP_MS], q[H_MEM_LIMIT]) == (1, 50, 3, 1000)
+        assert EXIT_POLICIES[q[H_EXIT_POLICY]] == "shipped"
+        assert cluster("ctl", "pages_to_scan").stdout == "pages_to_scan 50\n"
+        assert cluster("ctl", "exit_policy=seed", "mem_limit=0").returncode == 0
+        wait_for(lambda: q[K_PAGES_SHARING] >= 200, 30, what="merging again")
+
+        # kill: TERM runs the worker's own exit, KILL leaves it to the reaper
+        kt = cluster.json("kill", "w1")
+        assert kt["killed"][0]["worker"] == "w1" and kt["killed"][0]["returncode"] == 0
+        kk = cluster.json("kill", "w3", "--signal", "KILL")
+        assert kk["killed"][0]["returncode"] == -signal.SIGKILL and kk["exit_paths"]["reaped"] == 1
+        p = cluster("kill", "w1")
+        assert p.returncode == 1 and "no worker 'w1'" in p.stderr
+        assert cluster("kill").returncode == 2
+        st = cluster.json("status")
+        live = {m["worker"] for m in st["mms"] if m["state"] == "live"}
+        assert live == {"w2", "w4"}
+        assert st["workers"]["killed"] == 1 and st["workers"]["exited"] == 2
+
+        f = cluster.json("fsck")
+        assert f["clean"], f["errors"]
+    finally:
+        cl.close()
+
+    d = cluster.json("down")
+    assert d["status"] == 0 and d["fsck"]["ok"] and d["ipc_leftovers"] == []
+    assert d["stopped"] == 2 and d["workers"]["started"] == 4 and d["workers"]["exited"] == 4
+    assert d["integrity"]["mismatches"] == 0
+    assert not pid_alive(daemon) and not cluster_pids(cluster.name)
+    assert shm.leftovers(cluster.name) == []
+    # the logs say what the daemon did
+    ctl_log = [json.loads(ln) for f in cluster.log_dir.glob("ctl-*.jsonl") for ln in f.read_text().splitlines()]
+    knobs = [(e["name"], e["value"]) for e in ctl_log if e["event"] == "ksm_knob"]
+    assert ("run", 2) in knobs and ("pages_to_scan", 50) in knobs
+    assert [e["signal"] for e in ctl_log if e["event"] == "inject_kill"] == ["TERM", "KILL"]
+    # gone: said plainly
+    p = cluster("status")
+    assert p.returncode == 1 and "does not exist" in p.stderr
+
+
+@pytest.mark.timeout(90)
+def test_races_stay_consistent(cluster: Up) -> None:
+    """Two ctl at once, then down while a spawn is in progress: both are
+    served whole, one after the other; the cluster stays consistent."""
+    cluster.up("--workers", "3", "--pages", "64", "--workload", "dup:8", "--frames", "4096")
+    base = [sys.executable, "-m", "uksm"]
+    a = subprocess.Popen(base + ["ctl", "--cluster", cluster.name, "run=2"], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    b = subprocess.Popen(base + ["ctl", "--cluster", cluster.name, "run=1", "pages_to_scan=64"],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for p in (a, b):
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err
+    cl = cluster.attach()
+    try:
+        q = cl.q
+        assert q[K_RUN] in (1, 2) and q[K_PAGES_TO_SCAN] == 64
+        assert q[K_RUN_DONE] == q[K_RUN_SEQ] and q[K_RUN_SEQ] == 2
+    finally:
+        cl.close()
+    f = cluster.json("fsck")
+    assert f["clean"], f["errors"]
+    assert cluster("ctl", "run=1").returncode == 0
+
+    sp = subprocess.Popen(base + ["spawn", "--cluster", cluster.name, "--count", "3", "--pages",
+                                  "512", "--workload", "vm", "--wait"],
+                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cl = cluster.attach()
+    try:  # the spawn request is being served: its first worker exists
+        wait_for(lambda: any(mm_fields(cl, r)["worker_no"] >= 4 for r in live_mm_rows(cl)), 30,
+                 what="the spawn to start")
+    finally:
+        cl.close()
+    d = cluster.json("down")
+    out, err = sp.communicate(timeout=60)
+    assert sp.returncode == 0, err  # served whole, before the down
+    assert [ln.split()[0] for ln in out.splitlines()] == ["w4", "w5", "w6"]
+    assert d["status"] == 0, d
+    assert d["fsck"]["ok"] and d["ipc_leftovers"] == [] and d["integrity"]["mismatches"] == 0
+    assert d["workers"]["started"] == d["workers"]["exited"] == 6 and d["stopped"] == 6
+    wait_for(lambda: not cluster_pids(cluster.name), 10, what="every process gone")
+    assert shm.leftovers(cluster.name) == []
+
+
+def _read_pty(fd: int, until: bytes, timeout: float) -> bytes:
+    buf = b""
+    end = time.monotonic() + timeout
+    while until not in buf and time.monotonic() < end:
+        r, _, _ = select.select([fd], [], [], 0.1)
+        if r:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            buf += chunk
+    return buf
+
+
+@pytest.mark.timeout(60)
+def test_top_in_a_terminal(cluster: Up) -> None:
+    cluster.up("--workers", "2", "--pages", "64", "--workload", "identical", "--frames", "512")
+    env = dict(os.environ, TERM="xterm", LINES="40", COLUMNS="120")
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: uksm top on the pty
+        try:
+            os.chdir(ROOT)
+            os.execvpe(sys.executable, [sys.executable, "-m", "uksm", "top", "--cluster",
+                                        cluster.name, "--interval", "0.2"], env)
+        finally:
+            os._exit(127)
+    try:
+        fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+        screen = _read_pty(fd, b"pages_sharing", 20)
+        assert b"pages_sharing" in screen, screen[-2000:]
+        assert cluster.name.encode() in screen
+        screen += _read_pty(fd, b"w2", 5)  # the address-space table
+        assert b"w2" in screen
+        os.write(fd, b"q")
+        rest = _read_pty(fd, b"\0never", 10)  # until EOF: top ended
+        _pid, st = os.waitpid(pid, 0)
+        pid = 0
+        assert os.WIFEXITED(st) and os.WEXITSTATUS(st) == 0, (st, rest[-500:])
+        # curses.wrapper put the terminal back: xterm's rmcup (leave the alternate screen)
+        assert b"\x1b[?1049l" in rest, rest[-200:]
+    finally:
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(fd)
+    assert cluster("down").returncode == 0
+
+
+@pytest.mark.timeout(60)
+def test_missing_and_dead_clusters(cluster: Up) -> None:
+    # never started: every command says so, and where to look
+    for args in (("status",), ("ctl",), ("ctl", "run=1"), ("spawn",), ("kill", "--all"),
+                 ("fsck",), ("down",), ("top",)):
+        p = cluster(*args)
+        assert p.returncode == 1, (args, p.stderr)
+        assert "does not exist" in p.stderr and f"uksm cleanup --cluster {cluster.name}" in p.stderr
+        assert p.stderr.count("\n") == 1
+    # bad usage of up: status 2, nothing started
+    for args in (("--run", "3"), ("--workload", "nope"), ("--pages", "0"), ("--workers", "-1")):
+        p = cluster("up", "--log-dir", str(cluster.log_dir), *args)
+        assert p.returncode == 2, (args, p.stderr)
+    assert uksm("up", "--cluster", "bad name!").returncode == 2
+    assert shm.leftovers(cluster.name) == [] and not cluster_pids(cluster.name)
+
+    # died: SIGKILL the daemon and everything of it; the objects stay behind
+    info = cluster.up("--workers", "1", "--pages", "16")
+    pids = cluster_pids(cluster.name)
+    assert info["pid"] in pids and len(pids) == 3
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not any(pid_alive(p) for p in pids), 10, what="the processes to die")
+    assert shm.leftovers(cluster.name)
+    for args in (("status",), ("fsck",), ("ctl",), ("down",)):
+        p = cluster(*args)
+        assert p.returncode == 1, (args, p.stderr)
+        assert "is dead" in p.stderr and f"uksm cleanup --cluster {cluster.name}" in p.stderr
+    p = cluster("up", "--log-dir", str(cluster.log_dir))
+    assert p.returncode == 2 and "uksm cleanup" in p.stderr
+    assert cluster("cleanup").returncode == 0
+    assert shm.leftovers(cluster.name) == []
+
+
+@pytest.mark.timeout(60)
+def test_foreground_for_a_service_manager(cluster: Up, tmp_path: Path) -> None:
+    """``up --foreground`` (the systemd unit's ExecStart): READY=1 over
+    NOTIFY_SOCKET once it serves, SIGTERM takes the cluster down in order."""
+    import socket
+    ns = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    addr = f"\0uksm-test-notify-{os.getpid()}"
+    ns.bind(addr)
+    ns.settimeout(30)
+    env = dict(os.environ, NOTIFY_SOCKET="@" + addr[1:])
+    p = subprocess.Popen([sys.executable, "-m", "uksm", "up", "--cluster", cluster.name,
+                          "--foreground", "--workers", "2", "--pages", "32", "--log-dir",
+                          str(tmp_path)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        msg = ns.recv(4096).decode()
+        assert msg.startswith("READY=1"), msg
+        st = cluster.json("status")
+        assert st["supervisor_pid"] == p.pid and len(st["mms"]) == 2
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err
+        assert f"cluster {cluster.name} up" in out and "SIGTERM: taking the cluster down" in err
+        assert "fsck clean, 0 objects left" in err
+        assert ns.recv(4096).decode() == "STOPPING=1"
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        ns.close()
+    assert shm.leftovers(cluster.name) == [] and not cluster_pids(cluster.name)
