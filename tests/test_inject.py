@@ -24,7 +24,7 @@ def inject(*args: str, timeout: float = 240) -> tuple[dict, int]:
 
 def assert_clean(r: dict, status: int, kills: int) -> None:
     i = r["inject"]
-    assert status == 0, (r["fsck"], r["errors"], r["hung_tasks"])
+    assert status == 0, (r["fsck"], r["inject"]["live_fsck"], r["errors"], r["hung_tasks"])
     assert i["kills"] == kills
     assert r["fsck"]["ok"], r["fsck"]["errors"]
     assert r["ipc_leftovers"] == []

@@ -201,8 +201,12 @@ class Injector:
         # ksmd still merging: new work merged after the last kill
         self.wait(sup, lambda: q[S_MERGES] > self.merges_at_last
                   and q[K_FULL_SCANS] >= self.scans_at_last + 2 and sup.workers_ready(), 60)
+        # no exit in flight (a reaper finishing a killed worker's), then fsck
+        # the running cluster, counters included
+        self.wait(sup, lambda: sup.dead_q.empty()
+                  and not any(t.is_alive() for t in sup.reapers), 60)
         if not sup.hung:
-            self.live = sup.live_fsck()  # the running cluster, counters included
+            self.live = sup.live_fsck()
         return bool(sup.hung), self.block(sup)
 
     def block(self, sup: Supervisor) -> dict[str, Any]:

@@ -26,10 +26,10 @@ import posix_ipc
 from .ksm import slot_prev, slots
 from .layout import (A_FREE_TOP, F_FREEING, F_KSM, FR_AUX, FR_COUNT, FR_FLAGS, FR_KEY0,
                      FR_KEY1, FRAME_SIZE, K_PAGES_SHARED, K_PAGES_SHARING, K_PAGES_UNSHARED,
-                     K_PAGES_VOLATILE, K_RMAP_ITEMS, M_ID, M_KSM_MAPPED, M_MERGING, M_REFS, M_RMAP_ITEMS, M_RSS,
+                     K_PAGES_VOLATILE, K_RMAP_ITEMS, M_EXIT_STAGE, M_ID, M_KSM_MAPPED, M_MERGING, M_REFS, M_RMAP_ITEMS, M_RSS,
                      M_SLOT_USED, M_STATE, M_USERS, MS_FREEING, PAGE_SIZE, PT_OFF, PTE_PRESENT,
                      PTE_WRITE, REF_KSM, REF_USERS, T_FLIGHT_MM, T_FLIGHT_PFN, T_FLIGHT_VPN,
-                     T_STATE, TS_ALIVE, TS_REAPING)
+                     T_STATE, TS_ALIVE, TS_REAPING, XS_MMDROP, XS_USERS0)
 
 if TYPE_CHECKING:
     from .cluster import Cluster
@@ -226,6 +226,9 @@ def check_mm_rows(cl: "Cluster") -> list[str]:
         if not mm_id or q[b + M_STATE] == MS_FREEING:
             continue
         refs = q[b + M_REFS]
+        stage = q[b + M_EXIT_STAGE]
+        if stage & XS_USERS0 and not stage & XS_MMDROP:
+            continue  # an exit in flight (maybe a reaper finishing a killed task's): not yet settled
         if bool(refs & REF_USERS) != (q[b + M_USERS] > 0):
             errs.append(f"mm{mm_id}: mm_users {q[b + M_USERS]} but the users' mm_count reference "
                         f"is {'held' if refs & REF_USERS else 'dropped'}")
