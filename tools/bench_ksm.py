@@ -30,6 +30,11 @@ How to read it
   must keep its checksum for one scan before it enters the unstable tree).
 - ``pages_per_s``: ``pages_scanned`` (the counter, uksm's and the kernel's)
   over ``merge_s``: the scanner's throughput while merging, about 2N / merge_s.
+- ``ksmd_cpu_s`` / ``pages_per_cpu_s``: the CPU time (user + system, from
+  /proc/PID/stat, 10 ms ticks) the scanner used meanwhile -- uksm's ksmd
+  process, the kernel's ksmd thread -- and pages scanned per CPU-second.
+  Wall times swing with the machine's load; CPU time much less: on a busy
+  machine compare these.
 - ``steady_pages_per_s`` (with ``--after S``): the scan rate over S more
   seconds once all is merged (every page a stable-tree hit: the cheap path).
 - ``ratio``: uksm / kernel, per metric.  A time ratio of 50 means uksm
@@ -58,8 +63,9 @@ import platform
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 PAGE = 4096
 KSM_DIR = "/sys/kernel/mm/ksm"
@@ -115,6 +121,31 @@ def machine() -> dict[str, Any]:
             "loadavg_1m": os.getloadavg()[0]}
 
 
+def proc_cpu_s(pid: int | None) -> float | None:
+    """CPU seconds (user + system) a process or kernel thread has used."""
+    if not pid:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def kernel_ksmd_pid() -> int | None:
+    """The pid of the kernel's ksmd thread (its comm is "ksmd")."""
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/comm") as f:
+                    if f.read().strip() == "ksmd":
+                        return int(d)
+            except OSError:
+                continue
+    return None
+
+
 def expected_counts(pages: int, distinct: int, per_region: list[int]) -> tuple[int, int]:
     """(pages_shared, pages_sharing) when fully merged, no sharing cap:
     one KSM page per content present."""
@@ -166,8 +197,13 @@ def run_uksm(pages: int, distinct: int, workers: int, pages_to_scan: int, sleep_
              after: float, timeout: float, seed: int, log_dir: str | None, say: Any) -> dict[str, Any]:
     from uksm import log as ulog
     from uksm import shm
-    from uksm.layout import (K_FULL_SCANS, K_PAGES_SCANNED, K_PAGES_SHARED, K_PAGES_SHARING,
-                             K_RUN)
+    from uksm.layout import (
+        K_FULL_SCANS,
+        K_PAGES_SCANNED,
+        K_PAGES_SHARED,
+        K_PAGES_SHARING,
+        K_RUN,
+    )
     from uksm.supervisor import Supervisor
 
     name = f"bench{os.getpid()}"
@@ -184,6 +220,8 @@ def run_uksm(pages: int, distinct: int, workers: int, pages_to_scan: int, sleep_
                                                      say), 3)
         say(f"  uksm: {workers} workers ready ({res['workers_ready_s']}s); run=1")
         scanned0, scans0 = q[K_PAGES_SCANNED], q[K_FULL_SCANS]
+        kpid = sup.ksmd.proc.pid if sup.ksmd is not None else None
+        cpu0 = proc_cpu_s(kpid)
         t0 = time.monotonic()
         q[K_RUN] = 1
         last = t0
@@ -203,7 +241,11 @@ def run_uksm(pages: int, distinct: int, workers: int, pages_to_scan: int, sleep_
                     f"{q[K_PAGES_SHARING]} scanned {q[K_PAGES_SCANNED] - scanned0}")
             time.sleep(0.002)
         dt = now - t0
+        cpu1 = proc_cpu_s(kpid)
         scanned = q[K_PAGES_SCANNED] - scanned0
+        if cpu0 is not None and cpu1 is not None:
+            res["ksmd_cpu_s"] = round(cpu1 - cpu0, 3)
+            res["pages_per_cpu_s"] = round(scanned / (cpu1 - cpu0)) if cpu1 > cpu0 else None
         res.update(merge_s=round(dt, 4), pages_scanned=scanned,
                    pages_per_s=round(scanned / dt) if dt else None,
                    full_scans=q[K_FULL_SCANS] - scans0,
@@ -338,6 +380,8 @@ def run_kernel(pages: int, distinct: int, pages_to_scan: int, sleep_ms: int, aft
             kwrite("pages_to_scan", str(pages_to_scan))
             kwrite("sleep_millisecs", str(sleep_ms))
             say("  kernel: run=1")
+            kpid = kernel_ksmd_pid()
+            cpu0 = proc_cpu_s(kpid)
             t0 = time.monotonic()
             kwrite("run", "1")
             last = t0
@@ -355,6 +399,7 @@ def run_kernel(pages: int, distinct: int, pages_to_scan: int, sleep_ms: int, aft
                     say(f"  kernel: {now - t0:.0f}s shared {sh} sharing {sg}")
                 time.sleep(0.0005)
             dt = now - t0
+            cpu1 = proc_cpu_s(kpid)
             scans = (kint("full_scans") or 0) - scans0
             if scanned0 is not None:
                 scanned = (kint("pages_scanned") or 0) - scanned0
@@ -362,6 +407,9 @@ def run_kernel(pages: int, distinct: int, pages_to_scan: int, sleep_ms: int, aft
             else:  # older kernels: no counter; full scans done, times the pages
                 scanned = scans * pages
                 res["pages_scanned_source"] = "full_scans * pages (lower bound)"
+            if cpu0 is not None and cpu1 is not None:
+                res["ksmd_cpu_s"] = round(cpu1 - cpu0, 3)
+                res["pages_per_cpu_s"] = round(scanned / (cpu1 - cpu0)) if cpu1 > cpu0 else None
             res.update(merge_s=round(dt, 4), pages_scanned=scanned,
                        pages_per_s=round(scanned / dt) if dt else None, full_scans=scans,
                        pages_shared=sh, pages_sharing=sg)
@@ -382,9 +430,24 @@ def run_kernel(pages: int, distinct: int, pages_to_scan: int, sleep_ms: int, aft
 
 # ---- report -------------------------------------------------------------------------
 
+def median_run(rs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median merge_s (of those that merged), with every
+    run's merge_s / ksmd_cpu_s listed; an error if none merged."""
+    ok = sorted((r for r in rs if "merge_s" in r), key=lambda r: r["merge_s"])
+    if not ok:
+        return rs[-1]
+    med = dict(ok[(len(ok) - 1) // 2])
+    if len(rs) > 1:
+        med["runs_merge_s"] = [r.get("merge_s") for r in rs]
+        med["runs_ksmd_cpu_s"] = [r.get("ksmd_cpu_s") for r in rs]
+        med["runs_failed"] = len(rs) - len(ok)
+    if any("leftovers" in r for r in rs):
+        med["leftovers"] = sorted({x for r in rs for x in r.get("leftovers", [])})
+    return med
+
 def ratios(u: dict[str, Any], k: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for key in ("merge_s", "pages_per_s", "steady_pages_per_s"):
+    for key in ("merge_s", "pages_per_s", "ksmd_cpu_s", "pages_per_cpu_s", "steady_pages_per_s"):
         if u.get(key) and k.get(key):
             out[key] = round(u[key] / k[key], 4)
     return out
@@ -394,6 +457,8 @@ def table(r: dict[str, Any]) -> str:
     u, k, ra = r.get("uksm") or {}, r.get("kernel") or {}, r.get("ratio") or {}
     rows = [("time to full merge (s)", "merge_s", "{:.3f}"),
             ("pages scanned per second", "pages_per_s", "{:,.0f}"),
+            ("ksmd CPU seconds to merge", "ksmd_cpu_s", "{:.2f}"),
+            ("pages per ksmd CPU-second", "pages_per_cpu_s", "{:,.0f}"),
             ("steady scan rate (pages/s)", "steady_pages_per_s", "{:,.0f}"),
             ("pages scanned to merge", "pages_scanned", "{:,}"),
             ("full scans to merge", "full_scans", "{}"),
@@ -409,7 +474,7 @@ def table(r: dict[str, Any]) -> str:
     for label, key, fmt in rows:
         rv = ra.get(key)
         lines.append(f"{label:28} {cell(u, key, fmt):>14} {cell(k, key, fmt):>14} "
-                     f"{('%.4g' % rv) if rv is not None else '':>12}")
+                     f"{format(rv, '.4g') if rv is not None else '':>12}")
     return "\n".join(lines)
 
 
@@ -428,6 +493,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="also measure the steady scan rate for this many seconds once merged")
     ap.add_argument("--timeout", type=float, default=600.0,
                     help="give up on a side after this many seconds (default 600)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run each side this many times and report the median run (by merge_s)")
     ap.add_argument("--seed", type=int, default=0, help="uksm workload seed")
     ap.add_argument("--log-dir", help="uksm JSON logs here (default: none, as fast as possible)")
     ap.add_argument("--skip-uksm", action="store_true")
@@ -436,6 +503,8 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.pages < 1 or a.distinct < 1 or a.workers < 1 or a.pages_to_scan < 1 or a.sleep_ms < 0:
         ap.error("--pages, --distinct, --workers, --pages-to-scan must be >= 1, --sleep-ms >= 0")
+    if a.repeat < 1:
+        ap.error("--repeat must be at least 1")
     if a.workers > a.pages:
         ap.error("--workers must not exceed --pages")
 
@@ -449,28 +518,37 @@ def main(argv: list[str] | None = None) -> int:
                    "pages_to_scan": a.pages_to_scan, "sleep_millisecs": a.sleep_ms},
     }
     status = 0
+    runs: dict[str, list[dict[str, Any]]] = {}
     try:
-        if not a.skip_uksm:
-            say(f"uksm: {a.pages} pages, {a.distinct} contents, {a.workers} workers")
-            try:
-                report["uksm"] = run_uksm(a.pages, a.distinct, a.workers, a.pages_to_scan,
-                                          a.sleep_ms, a.after, a.timeout, a.seed, a.log_dir, say)
-            except (RuntimeError, OSError) as e:
-                report["uksm"] = {"error": str(e)}
-                status = 1
+        for rnd in range(a.repeat):
+            tag = f" (run {rnd + 1}/{a.repeat})" if a.repeat > 1 else ""
+            if not a.skip_uksm:
+                say(f"uksm{tag}: {a.pages} pages, {a.distinct} contents, {a.workers} workers")
+                try:
+                    runs.setdefault("uksm", []).append(run_uksm(
+                        a.pages, a.distinct, a.workers, a.pages_to_scan, a.sleep_ms, a.after,
+                        a.timeout, a.seed, a.log_dir, say))
+                except (RuntimeError, OSError) as e:
+                    runs.setdefault("uksm", []).append({"error": str(e)})
+                    status = 1
+            if not a.skip_kernel and "skipped" not in (runs.get("kernel") or [{}])[-1]:
+                say(f"kernel{tag}: {a.pages} pages, {a.distinct} contents")
+                try:
+                    runs.setdefault("kernel", []).append(run_kernel(
+                        a.pages, a.distinct, a.pages_to_scan, a.sleep_ms, a.after, a.timeout,
+                        say))
+                except (RuntimeError, OSError) as e:
+                    runs.setdefault("kernel", []).append({"error": str(e)})
+                    status = 1
+        for side, rs in runs.items():
+            report[side] = median_run(rs)
         if not a.skip_kernel:
-            say(f"kernel: {a.pages} pages, {a.distinct} contents")
-            try:
-                report["kernel"] = run_kernel(a.pages, a.distinct, a.pages_to_scan, a.sleep_ms,
-                                              a.after, a.timeout, say)
-            except (RuntimeError, OSError) as e:
-                report["kernel"] = {"error": str(e)}
-                status = 1
             k = report["kernel"]
             if "skipped" in k:
                 say(f"kernel: skipped: {k['skipped']}")
-            if k.get("restore") and not k["restore"]["restored"]:
-                say(f"kernel: WARNING: settings not restored: {k['restore']}")
+            if any(r.get("restore") and not r["restore"]["restored"] for r in runs["kernel"]):
+                say("kernel: WARNING: settings not restored: "
+                    f"{[r['restore'] for r in runs['kernel'] if r.get('restore')]}")
                 status = 1
     except KeyboardInterrupt:
         say("interrupted: cleaned up")
@@ -489,6 +567,9 @@ def main(argv: list[str] | None = None) -> int:
         print(table(report))
         for side in ("uksm", "kernel"):
             d = report.get(side) or {}
+            if "runs_merge_s" in d:
+                print(f"{side}: median of {len(d['runs_merge_s'])} runs; merge_s "
+                      f"{d['runs_merge_s']}, ksmd_cpu_s {d['runs_ksmd_cpu_s']}")
             if "error" in d:
                 print(f"{side}: ERROR: {d['error']}")
             if "skipped" in d:

@@ -35,15 +35,32 @@ import threading
 import time
 from typing import Any
 
+from uksm.tools.bench_ksm import (
+    expected_counts,
+    machine,
+    shielded,
+    split_pages,
+    start_workers,
+    uksm_config,
+)
+
 from uksm import log as ulog
 from uksm import shm
 from uksm.cluster import Cluster
 from uksm.ksmd import Ksmd
-from uksm.layout import (H_KSMD_PID, H_KSMD_TASK, K_FULL_SCANS, K_PAGES_SCANNED,
-                         K_PAGES_SHARED, K_PAGES_SHARING, K_RUN, L_SEQNR, R_KSMD, T_PID)
+from uksm.layout import (
+    H_KSMD_PID,
+    H_KSMD_TASK,
+    K_FULL_SCANS,
+    K_PAGES_SCANNED,
+    K_PAGES_SHARED,
+    K_PAGES_SHARING,
+    K_RUN,
+    L_SEQNR,
+    R_KSMD,
+    T_PID,
+)
 from uksm.supervisor import Supervisor
-from uksm.tools.bench_ksm import (expected_counts, machine, shielded, split_pages,
-                                  start_workers, uksm_config)
 
 
 class InProcessKsmdSupervisor(Supervisor):

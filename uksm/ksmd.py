@@ -37,12 +37,12 @@ from .ksm import break_ksm, list_del, slot_next, unmerge_ksm_pages
 from .layout import (F_KSM, FR_COUNT, FR_FLAGS, FR_KEY0, FR_KEY1, FRAME_SIZE, K_FULL_SCANS,
                      K_PAGES_SCANNED, K_PAGES_SHARED, K_PAGES_SHARING, K_PAGES_TO_SCAN,
                      K_PAGES_UNSHARED, K_PAGES_VOLATILE, K_RMAP_ITEMS, K_RUN, K_RUN_DONE,
-                     K_RUN_SEQ, K_SLEEP_MS, K_STABLE_NODES, L_HEAD_NEXT, L_SCAN_ADDR,
+                     K_RUN_SEQ, K_SLEEP_MS, K_STABLE_NODES, H_KSMD_POINT, L_HEAD_NEXT, L_SCAN_ADDR,
                      L_SCAN_SLOT, L_SEQNR, M_FLAGS, M_ID, M_KSM_MAPPED, M_MERGING,
                      M_RMAP_ITEMS, M_SLOT_RMAP, M_SLOT_USED, M_WRITER_WAITING, MMF_VM_MERGEABLE,
                      PAGE_SIZE, PT_OFF, PTE_PRESENT, PTE_WRITE, REF_KSM, S_COW_KSMD,
                      S_MERGES, S_SLOTS_FREED, VM_MERGEABLE, H_SHUTDOWN)
-from .memory import Allocator
+from .memory import Allocator, free_frames
 from .mm import MM, mm_attach, mmdrop
 from .mmu import ksm_test_exit
 
@@ -101,6 +101,7 @@ class Ksmd:
         self.q = cl.q
         self.fq = cl.fq
         self.pool = cl.pool.mv
+        self.poolmap = cl.pool.map  # slicing the mmap: one copy per page, cheapest compare
         self.log = log
         self.alloc = Allocator(cl)
         self.alloc.oom_killer = oom.out_of_memory
@@ -113,6 +114,7 @@ class Ksmd:
         self.rmap_items = 0
         self.pages_scanned = 0
         self.full_scans = 0
+        self.merges = 0
         self.stop = False
         self.last_run = -1
 
@@ -124,6 +126,7 @@ class Ksmd:
         while not self.stop and not q[H_SHUTDOWN]:
             scanned = 0
             t0 = time.monotonic_ns()
+            scans_before = q[K_FULL_SCANS]
             task.lock(cl.daemon)
             try:
                 self.reconcile()
@@ -142,7 +145,8 @@ class Ksmd:
                 q[K_RUN_DONE] = seq
             finally:
                 task.unlock(cl.daemon)
-            self.alloc.flush()
+            if self.should_flush(run, q[K_FULL_SCANS] != scans_before):
+                self.alloc.flush()
             if scanned:
                 self.log.info("scan_batch_end", pages=scanned, ms=(time.monotonic_ns() - t0) / 1e6,
                               seqnr=q[L_SEQNR], pages_shared=q[K_PAGES_SHARED],
@@ -155,6 +159,19 @@ class Ksmd:
             else:
                 time.sleep(0.01)  # wait_event_interruptible(ksmd_should_run)
         self.alloc.flush()
+
+    def should_flush(self, run: int, full_scan_done: bool) -> bool:
+        """Give merged-away frames back (punch them out of the pool) in big
+        runs rather than after every batch: at the end of a full scan, when
+        many are pending, when memory runs low, or when ksmd goes idle.
+        Until then they are counted in H_PENDING_FREE, which keeps the OOM
+        killer from firing for memory that is on its way back."""
+        n = len(self.alloc.pending)
+        if not n:
+            return False
+        cl = self.cl
+        return (full_scan_done or run != 1 or n >= cl.nframes // 16
+                or free_frames(cl) < cl.nframes // 16 or self.q[K_SLEEP_MS] >= 20)
 
     def _sigterm(self, _signo: int, _frame: Any) -> None:
         self.stop = True
@@ -180,6 +197,7 @@ class Ksmd:
         q[K_RMAP_ITEMS] = self.rmap_items
         q[K_PAGES_SCANNED] = self.pages_scanned
         q[K_FULL_SCANS] = self.full_scans
+        q[S_MERGES] = self.merges
         q[K_STABLE_NODES] = len(self.stable)
         for row, st in self.slots.items():
             b = self.cl.mbase(row)
@@ -408,7 +426,8 @@ class Ksmd:
     # ---- cmp_and_merge_page ---------------------------------------------------
     def cmp_and_merge_page(self, st: SlotState, item: RmapItem, pfn: int) -> bool:
         """Returns False if it had to drop the scanned mm's mmap_sem."""
-        self.remove_rmap_item_from_tree(item)
+        if item.node is not None or item.ukey is not None:
+            self.remove_rmap_item_from_tree(item)
         p = pfn * PAGE_SIZE
         key = digest(self.pool[p:p + PAGE_SIZE])
         node = self.stable.get(key)
@@ -435,7 +454,7 @@ class Ksmd:
     def _merged(self, st: SlotState) -> None:
         st.merges += 1
         st.t_merge = time.monotonic_ns()
-        self.q[S_MERGES] += 1
+        self.merges += 1  # S_MERGES is published at batch end
 
     def get_mergeable_page(self, item: RmapItem, key: bytes) -> bool:
         """The unstable-tree item's page is still there, anonymous, not KSM,
@@ -521,7 +540,14 @@ class Ksmd:
 
     def try_to_merge_one_page(self, mm: MM, vpn: int, pfn: int, node: StableNode) -> bool:
         """write_protect_page, pages_identical, replace_page.
-        Caller holds mm's mmap_sem (read) and has checked ksm_test_exit."""
+        Caller holds mm's mmap_sem (read) and has checked ksm_test_exit.
+
+        The kernel drops the pte lock between write_protect_page and
+        replace_page (the page lock and ksmd's reference keep the page).
+        Here one hold of the pte lock covers the three steps -- the byte
+        compare costs less than a lock round trip -- except when the kill
+        point there is armed: then the window is open as in the kernel, and
+        replace_page's pte_same check is what saves the merge."""
         cl, task, fq, pq = self.cl, self.cl.task, self.fq, mm.pq
         kpfn = node.kpfn
         if pfn == kpfn:
@@ -529,22 +555,23 @@ class Ksmd:
         slot = PT_OFF + vpn
         b = pfn * FRAME_SIZE
         task.lock(mm.ptl)
-        pte = pq[slot]
-        if pte >> 2 != pfn or not pte & PTE_PRESENT or fq[b + FR_COUNT] != 1 \
-                or fq[b + FR_FLAGS] & F_KSM:
-            task.unlock(mm.ptl)
-            return False
-        if pte & PTE_WRITE:  # write_protect_page
-            pte &= ~PTE_WRITE
-            pq[slot] = pte
-        task.unlock(mm.ptl)
-        killpoints.hit_ksmd(cl, "ksmd_between_wp_and_replace", mm.base, self.log)
-        pool = self.pool
-        if pool[pfn * PAGE_SIZE:(pfn + 1) * PAGE_SIZE].tobytes() != \
-                pool[kpfn * PAGE_SIZE:(kpfn + 1) * PAGE_SIZE].tobytes():
-            return False
-        task.lock(mm.ptl)
         try:
+            pte = pq[slot]
+            if pte >> 2 != pfn or not pte & PTE_PRESENT or fq[b + FR_COUNT] != 1 \
+                    or fq[b + FR_FLAGS] & F_KSM:
+                return False
+            if pte & PTE_WRITE:  # write_protect_page
+                pte &= ~PTE_WRITE
+                pq[slot] = pte
+            if self.q[H_KSMD_POINT] >= 0:
+                task.unlock(mm.ptl)
+                try:
+                    killpoints.hit_ksmd(cl, "ksmd_between_wp_and_replace", mm.base, self.log)
+                finally:
+                    task.lock(mm.ptl)
+            pool = self.poolmap  # pages_identical
+            if pool[pfn * PAGE_SIZE:(pfn + 1) * PAGE_SIZE] != pool[kpfn * PAGE_SIZE:(kpfn + 1) * PAGE_SIZE]:
+                return False
             if pq[slot] != pte:  # replace_page: !pte_same
                 return False
             task.lock(cl.zone)

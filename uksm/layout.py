@@ -47,7 +47,8 @@ H_NEXT_WORKER = 20
 H_CMD_SEQ = 21
 H_FRAMES_FREED = 22
 H_MEM_LIMIT = 23
-HDR_END = 24
+H_PENDING_FREE = 24
+HDR_END = 25
 
 # ---- /sys/kernel/mm/ksm: knobs (written by ctl) and counters (written by ksmd)
 K_RUN = HDR_END + 0

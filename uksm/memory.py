@@ -22,7 +22,7 @@ import time
 from typing import TYPE_CHECKING
 
 from .layout import (A_FREE_TOP, C_FRAMES, F_ANON, F_FREEING, FR_AUX, FR_COUNT, FR_FLAGS,
-                     FRAME_SIZE, H_FRAMES_FREED, H_MEM_LIMIT, PAGE_SIZE, T_FATAL, T_FLIGHT_MM,
+                     FRAME_SIZE, H_FRAMES_FREED, H_MEM_LIMIT, H_PENDING_FREE, PAGE_SIZE, T_FATAL, T_FLIGHT_MM,
                      T_FLIGHT_PFN, T_FLIGHT_VPN)
 
 if TYPE_CHECKING:
@@ -92,7 +92,9 @@ class Allocator:
                     if not waiting:
                         task.wait_begin(C_FRAMES)
                         waiting = True
-                    if self.oom_killer is not None:
+                    if self.oom_killer is not None and not self.q[H_PENDING_FREE]:
+                        # frames on their way back (another task's pending
+                        # frees) are not an OOM: wait for them
                         self.oom_killer(cl, task)
                     seq = self.q[H_FRAMES_FREED]
                     for _ in range(50):
@@ -129,6 +131,7 @@ class Allocator:
         fq[b + FR_AUX] = self.cl.task.row + 1
         fq[b + FR_FLAGS] = F_FREEING
         self.pending.append(pfn)
+        self.q[H_PENDING_FREE] += 1
         return True
 
     def put_frames(self, pfns: list[int]) -> None:
@@ -168,14 +171,21 @@ class Allocator:
             fq[sb + top] = pfn
             top += 1
         q[A_FREE_TOP] = top  # commit
+        q[H_PENDING_FREE] -= len(pend)
         q[H_FRAMES_FREED] += 1
         task.unlock(self.cl.zone)
         self.pending = []
 
 
+def free_frames(cl: "Cluster") -> int:
+    """Frames an allocation could get now (the mem= limit counts)."""
+    top, limit = cl.q[A_FREE_TOP], cl.q[H_MEM_LIMIT]
+    return max(0, min(top, limit - (cl.nframes - top))) if limit else top
+
+
 def frame_stats(cl: "Cluster") -> dict[str, int]:
-    free = cl.q[A_FREE_TOP]
-    return {"total": cl.nframes, "used": cl.nframes - free, "free": free}
+    top = cl.q[A_FREE_TOP]
+    return {"total": cl.nframes, "used": cl.nframes - top, "free": free_frames(cl)}
 
 
 def rebuild_free_stack(cl: "Cluster", live_freeing: set[int]) -> int:
@@ -196,5 +206,7 @@ def rebuild_free_stack(cl: "Cluster", live_freeing: set[int]) -> int:
             fq[sb + top] = pfn
             top += 1
     cl.q[A_FREE_TOP] = top
+    cl.q[H_PENDING_FREE] = sum(1 for pfn in range(cl.nframes)
+                               if cl.fq[pfn * FRAME_SIZE + FR_FLAGS] & F_FREEING)
     cl.q[H_FRAMES_FREED] += 1
     return top

@@ -112,6 +112,8 @@ def handle_mm_fault(cl: "Cluster", alloc: Allocator, mm: MM, vpn: int, write: bo
     else:
         q[b + M_RSS] += 1
     task.unlock(mm.ptl)
+    if alloc.pending and not for_ksmd:
+        alloc.flush()  # a freed KSM page: give it back now (ksmd flushes in runs)
     return FAULT_OK
 
 
