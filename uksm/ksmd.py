@@ -170,7 +170,7 @@ class Ksmd:
         if not n:
             return False
         cl = self.cl
-        return (full_scan_done or run != 1 or n >= cl.nframes // 16
+        return (full_scan_done or run != 1 or n >= cl.nframes // 2
                 or free_frames(cl) < cl.nframes // 16 or self.q[K_SLEEP_MS] >= 20)
 
     def _sigterm(self, _signo: int, _frame: Any) -> None:
