@@ -31,6 +31,7 @@ import os
 import subprocess
 import sys
 import time
+from typing import Any
 
 PAGE = 4096
 PHASES = ("mmu_write", "mmu_read", "plain_write", "plain_read")
@@ -147,7 +148,7 @@ def run(pages: int, seconds: float, procs: list[int]) -> list[dict]:
                         p.wait()
                 for r in rows:
                     sup._free_row(r)
-            row = {"procs": n, "pages": pages}
+            row: dict[str, Any] = {"procs": n, "pages": pages}
             for key in ("faults",) + PHASES:
                 runs = [o[key] for o in outs]  # (pages, begin ns, end ns) per process
                 # total: every page of every process over the union of the

@@ -51,7 +51,7 @@ def _take(sem: posix_ipc.Semaphore, abort: Callable[[], bool] | None) -> None:
 
 
 @contextmanager
-def world_stopped(cl: "Cluster", mms: dict[int, "MM"], owned_ptl: set[int] = frozenset(),
+def world_stopped(cl: "Cluster", mms: dict[int, "MM"], owned_ptl: frozenset[int] | set[int] = frozenset(),
                   own_zone: bool = False, abort: Callable[[], bool] | None = None) -> Iterator[None]:
     """Hold every pte lock (in mm id order) and then zone_lock.  The
     caller is the supervisor (trusted, never killed), so these raw

@@ -66,7 +66,8 @@ def slot_prev(cl: "Cluster", s: int) -> int:
 
 def slots(cl: "Cluster") -> list[int]:
     """The list in order, from ksm_mm_head (bounded: a corrupt list ends)."""
-    out, s = [], slot_next(cl, cl.head)
+    out: list[int] = []
+    s = slot_next(cl, cl.head)
     while s != cl.head and len(out) <= cl.max_mms:
         out.append(s)
         s = slot_next(cl, s)

@@ -16,14 +16,14 @@ import datetime as _dt
 import logging
 import os
 import time
-from typing import Any, TextIO
+from typing import Any, MutableMapping, TextIO
 
 import structlog
 
 _files: list[TextIO] = []
 
 
-def _stamp(_logger: Any, method: str, ev: dict[str, Any]) -> dict[str, Any]:
+def _stamp(_logger: Any, method: str, ev: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     ev["timestamp"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds")[:-6] + "Z"
     ev["mono_ns"] = time.monotonic_ns()
     ev["level"] = method

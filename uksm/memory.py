@@ -19,7 +19,7 @@ reads back as zeros, so a new anonymous page needs no clearing.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from .layout import (A_FREE_TOP, C_FRAMES, F_ANON, F_FREEING, FR_AUX, FR_COUNT, FR_FLAGS,
                      FRAME_SIZE, H_FRAMES_FREED, H_MEM_LIMIT, H_PENDING_FREE, PAGE_SIZE, T_FATAL, T_FLIGHT_MM,
@@ -27,6 +27,7 @@ from .layout import (A_FREE_TOP, C_FRAMES, F_ANON, F_FREEING, FR_AUX, FR_COUNT, 
 
 if TYPE_CHECKING:
     from .cluster import Cluster
+    from .locks import Task
 
 FLUSH_AT = 256
 
@@ -43,7 +44,8 @@ class Allocator:
         self.q = cl.q
         self.fq = cl.fq
         self.pending: list[int] = []
-        self.oom_killer = None  # set by uksm.oom: callable(cl, task) -> None
+        # out_of_memory(cl, task), invoked when the pool is empty (uksm.oom)
+        self.oom_killer: Callable[["Cluster", "Task"], int] | None = None
 
     # -- allocation -------------------------------------------------------
     def _pop(self, mm: int, vpn: int) -> int:

@@ -122,7 +122,7 @@ def unlink_sem(cluster: str, what: str) -> bool:
 
 def leftovers(cluster: str | None = None) -> list[str]:
     """The cluster's (or every cluster's) POSIX objects present in /dev/shm."""
-    out = []
+    out: list[str] = []
     try:
         names = sorted(os.listdir(SHM_DIR))
     except FileNotFoundError:

@@ -34,7 +34,7 @@ from .layout import (A_FREE_TOP, C_ALLOC, C_DAEMON, C_MMAP, C_MMLIST, C_PTL, C_W
                      H_KSMD_TASK, H_NEXT_WORKER, H_SHUTDOWN, H_STATE, H_SUPERVISOR_PID,
                      K_FULL_SCANS, K_PAGES_SCANNED, K_PAGES_SHARED, K_PAGES_SHARING,
                      K_PAGES_TO_SCAN, K_PAGES_UNSHARED, K_PAGES_VOLATILE, K_RUN, K_SLEEP_MS,
-                     M_EXIT_STAGE, M_FREER_TASK, M_ID, M_OWNER_PID, M_SLOT_USED,
+                     M_EXIT_STAGE, M_FREER_TASK, M_ID, M_OWNER_PID, M_REFS, M_SLOT_USED,
                      M_STATE, M_USERS, M_WRITER_WAITING, MS_EXITING, MS_FREEING, MS_ZOMBIE,
                      R_KSMD, R_REAPER, R_SUPERVISOR, R_WORKER, S_EXIT_FAST, S_EXIT_LEGACY,
                      S_EXIT_SLOW, S_EXITED, S_KILLED, S_LOCK_RECOVERIES, S_MISMATCHES,
@@ -564,7 +564,7 @@ class Supervisor:
                 st = q[b + M_STATE]
                 why = "held by its mm_slot, ksmd not running" if st == MS_ZOMBIE else f"state {st}"
                 errs.append(f"leak: mm{q[b + M_ID]} never freed ({why}; mm_count "
-                            f"{bin(q[b + 5]).count('1')})")
+                            f"{bin(q[b + M_REFS]).count('1')})")
         used = cl.nframes - q[A_FREE_TOP]
         if used:
             errs.append(f"leak: {used} frames still in use after every task exited")
