@@ -34,7 +34,7 @@ from .layout import (A_FREE_TOP, C_ALLOC, C_DAEMON, C_MMAP, C_MMLIST, C_PTL, C_W
                      H_KSMD_TASK, H_NEXT_WORKER, H_SHUTDOWN, H_STATE, H_SUPERVISOR_PID,
                      K_FULL_SCANS, K_PAGES_SCANNED, K_PAGES_SHARED, K_PAGES_SHARING,
                      K_PAGES_TO_SCAN, K_PAGES_UNSHARED, K_PAGES_VOLATILE, K_RUN, K_SLEEP_MS,
-                     M_EXIT_STAGE, M_FREER_TASK, M_ID, M_OWNER_PID, M_REFS, M_SLOT_USED,
+                     M_EXIT_STAGE, M_FREER_TASK, M_ID, M_OWNER_PID, M_REFS, M_SLOT_RMAP, M_SLOT_USED,
                      M_STATE, M_USERS, M_WRITER_WAITING, MS_EXITING, MS_FREEING, MS_ZOMBIE,
                      R_KSMD, R_REAPER, R_SUPERVISOR, R_WORKER, S_EXIT_FAST, S_EXIT_LEGACY,
                      S_EXIT_SLOW, S_EXITED, S_KILLED, S_LOCK_RECOVERIES, S_MISMATCHES,
@@ -84,6 +84,7 @@ class Supervisor:
         self.ksmd: Child | None = None
         self.errors: list[str] = []
         self.booted = False
+        self.restart_ksmd = False
         self.t0 = time.monotonic()
 
     # ---- boot ---------------------------------------------------------------
@@ -195,6 +196,9 @@ class Supervisor:
     # ---- reaping ---------------------------------------------------------------
     def poll(self) -> None:
         """Reap exited children; send the unclean ones to recovery."""
+        if self.restart_ksmd:
+            self.restart_ksmd = False
+            self.start_ksmd()
         with self.lock:
             items = list(self.children.items())
         for row, ch in items:
@@ -207,7 +211,11 @@ class Supervisor:
         if self.ksmd is not None and self.ksmd.proc.poll() is not None and not self.stop_ev.is_set():
             self.errors.append(f"ksmd died (status {self.ksmd.proc.returncode})")
             self.log.error("ksmd_died", status=self.ksmd.proc.returncode)
+            # out of scope for the kernel (ksmd does not die), but the machine
+            # must not hang: recover the locks it held like a worker's, then
+            # start a fresh ksmd (its rmap_items and trees are gone)
             self.cl.q[self.cl.tbase(self.ksmd.row) + T_STATE] = TS_DEAD
+            self.dead_q.put((self.ksmd.row, self.ksmd, self.ksmd.proc.returncode))
             self.ksmd = None
 
     def _on_exit(self, row: int, ch: Child, rc: int) -> None:
@@ -343,10 +351,27 @@ class Supervisor:
         for (r, ch, rc) in batch:
             self.log.warning("recovery", dead_pid=ch.proc.pid, mm=ch.mm, ms=round(ms, 3),
                              frames_fixed=fixed, status=rc)
+            if ch.role == "ksmd":
+                self._ksmd_lost(r)
+                continue
             th = threading.Thread(target=self._reap, args=(r, ch), daemon=True)
             th.start()
             with self.lock:
                 self.reapers.append(th)
+
+    def _ksmd_lost(self, row: int) -> None:
+        """After a dead ksmd's locks are recovered: no slot has rmap_items
+        any more (they died with it), and a new ksmd takes over the list --
+        including the slots that slow-path exits left it to free."""
+        cl, q = self.rec_cl, self.rec_cl.q
+        cl.task.lock(cl.mmlist)
+        for r in range(cl.max_mms):
+            q[cl.mbase(r) + M_SLOT_RMAP] = 0
+        cl.task.unlock(cl.mmlist)
+        self._free_row(row)
+        if not self.stop_ev.is_set():
+            with self.lock:
+                self.restart_ksmd = True  # the main loop starts it (it owns the children)
 
     def _more_dead(self, batch: list[tuple[int, Child, int]]) -> bool:
         """Called while stopping the world: pull in deaths that happened
