@@ -265,7 +265,7 @@ def run(a: argparse.Namespace) -> int:
                    log_dir=a.log_dir, cluster=a.cluster, pages_to_scan=a.pages_to_scan,
                    sleep_ms=a.sleep_ms, exit_policy=a.exit_policy,
                    hung_task_timeout=a.hung_task_timeout, churn_ms=a.churn_ms,
-                   quiet=a.quiet or a.json)
+                   quiet=a.quiet)
     inj = Injector(o, a.kills, a.signal, a.point, a.seed)
     report, status = run_with(o, inj.drive, prefix="inject")
     if status == 0 and not report["inject"]["live_fsck"]["ok"]:

@@ -140,7 +140,7 @@ def cmd_run(a: argparse.Namespace) -> int:
                    max_duration=a.max_duration, log_dir=a.log_dir, cluster=a.cluster, run=a.run,
                    pages_to_scan=a.pages_to_scan, sleep_ms=a.sleep_ms, exit_policy=a.exit_policy,
                    hazards=a.hazard, hung_task_timeout=a.hung_task_timeout, scenario=a.scenario,
-                   churn_ms=a.churn_ms, quiet=a.quiet or a.json)
+                   churn_ms=a.churn_ms, quiet=a.quiet)
     report, status = run_cluster(o)
     if a.json:
         print(json.dumps(report))
