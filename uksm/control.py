@@ -388,28 +388,9 @@ def dispatch(a: argparse.Namespace) -> int:
 def up_spec(a: argparse.Namespace) -> dict[str, Any]:
     """Validate ``up``'s options (status 2, nothing started) and return the
     spec the daemon boots from."""
-    from uksm.workers.workloads import validate as wl_validate
-
-    def bad(msg: str) -> None:
-        raise shm.UksmError(msg, EXIT_USAGE)
+    from .run import check_cluster_options, check_frames, usage_error as bad
     shm.check_cluster_name(a.cluster)
-    if a.workers < 0:
-        bad(f"--workers must be >= 0 (got {a.workers})")
-    if a.pages < 1:
-        bad(f"--pages must be at least 1 (got {a.pages})")
-    if a.frames < 0:
-        bad(f"--frames must be >= 0 (got {a.frames})")
-    if a.pages_to_scan < 1:
-        bad(f"--pages-to-scan must be at least 1 (got {a.pages_to_scan})")
-    if a.sleep_ms < 0:
-        bad(f"--sleep-ms must be >= 0 (got {a.sleep_ms})")
-    if a.run not in (0, 1, 2):
-        bad(f"--run must be 0, 1 or 2 (got {a.run}): invalid argument, as /sys/kernel/mm/ksm/run")
-    if a.hung_task_timeout <= 0:
-        bad("--hung-task-timeout must be positive")
-    if a.churn_ms < 0:
-        bad(f"--churn-ms must be >= 0 (got {a.churn_ms})")
-    wl_validate(a.workload)
+    check_cluster_options(a, min_workers=0)
     max_workers = a.max_workers or max(a.workers, 32)
     max_pages = a.max_pages or max(a.pages, 1024)
     if max_workers < max(a.workers, 1):
@@ -422,12 +403,7 @@ def up_spec(a: argparse.Namespace) -> dict[str, Any]:
         bad("--max-pages: at most 1048576 (4 GiB per address space)")
     base = max(a.workers, 4) * a.pages
     frames = a.frames or base + max(64, base // 16)
-    if frames * PAGE_SIZE > 16 << 30:
-        bad(f"--frames {frames} is {frames * PAGE_SIZE >> 30} GiB of emulated memory: at most 16 GiB")
-    total = a.workers * a.pages
-    if frames < total and (a.run != 1 or a.workload.split(":")[0] in ("unique", "volatile")):
-        bad(f"{total} pages cannot fit in {frames} frames: nothing would merge them "
-            f"(raise --frames, or use --run 1 with a mergeable workload)")
+    check_frames(frames, a.workers * a.pages, a)
     log_dir = a.log_dir
     if log_dir is not None and not os.path.isdir(log_dir):
         bad(f"--log-dir {log_dir}: no such directory")

@@ -48,13 +48,12 @@ import posix_ipc
 
 from . import fsck, shm
 from . import log as ulog
-from .control import (EXIT_ERR, EXIT_HUNG, EXIT_INTEGRITY, EXIT_OK, EXIT_USAGE, WRITABLE,
+from .control import (EXIT_ERR, EXIT_HUNG, EXIT_OK, EXIT_USAGE, WRITABLE,
                       not_running, sock_address, validate_knob)
 from .layout import (A_FREE_TOP, CS_STOPPING, E_LOCK, E_SINCE, E_SPINS, E_WORD, EXIT_POLICIES, H_EXIT_POLICY,
                      H_KSMD_TASK, H_MEM_LIMIT, H_STATE, K_PAGES_TO_SCAN, K_RUN, K_RUN_DONE,
                      K_RUN_SEQ, K_SLEEP_MS, M_EXIT_PATH, M_ID, M_STATE, MM_STATES, MS_EXITING,
-                     MS_FREEING, S_EXIT_FAST, S_EXIT_LEGACY, S_EXIT_SLOW, S_MISMATCHES,
-                     S_PAGES_VERIFIED, S_REAPED, T_PID, T_READY, T_STATE, TS_DEAD, TS_FREE,
+                     MS_FREEING, S_EXIT_FAST, S_EXIT_LEGACY, S_EXIT_SLOW, S_REAPED, T_PID, T_READY, T_STATE, TS_DEAD, TS_FREE,
                      EXIT_PATHS)
 from .locks import HELD, IDLE, WAIT_SLICE, WAITING, Lock
 from .supervisor import Child, Supervisor
@@ -613,40 +612,12 @@ class Daemon:
         sd_notify("STOPPING=1")
         q = sup.cl.q
         q[H_STATE] = CS_STOPPING
-        status = EXIT_OK
-        not_checked = {"ok": False, "errors": ["not checked: the cluster was stopped after a hung task"]}
         self.pump()
         stopped = sup.workers_alive()
-        try:
-            if sup.hung:
-                status = EXIT_HUNG
-                sup.kill_all()
-                fs = not_checked
-            else:
-                if not sup.stop_workers():
-                    if sup.hung:
-                        status = EXIT_HUNG
-                    else:
-                        sup.errors.append("workers did not exit in time")
-                    sup.kill_all()
-                if status != EXIT_HUNG:
-                    sup.wait_ksmd_frees()
-                    sup.stop_ksmd()
-                    fs = sup.final_fsck()
-                else:
-                    fs = not_checked
-            workers = sup.workers_block()
-            integrity = {"pages_verified": q[S_PAGES_VERIFIED], "mismatches": q[S_MISMATCHES]}
-        except BaseException:
-            sup.kill_all()
-            sup.teardown()
-            raise
-        leftovers = sup.teardown()
-        if status == EXIT_OK:
-            if integrity["mismatches"] or not fs["ok"]:
-                status = EXIT_INTEGRITY
-            elif leftovers or sup.errors:
-                status = EXIT_ERR
+        end = sup.shutdown()
+        status = end["status"]
+        workers, integrity, fs, leftovers = (end["workers"], end["integrity"], end["fsck"],
+                                             end["ipc_leftovers"])
         sup.log_stop(status)
         print(f"uksm: cluster {self.name} down: status {status}, fsck "
               f"{'clean' if fs['ok'] else 'FAILED'}, {len(leftovers)} objects left", file=sys.stderr,

@@ -17,7 +17,7 @@ from . import shm
 from .cluster import Config
 from .layout import (A_FREE_TOP, EXIT_POLICIES, H_MEM_LIMIT, HAZARDS, K_FULL_SCANS,
                      K_PAGES_SHARED, K_PAGES_SHARING, K_RMAP_ITEMS, K_RUN, K_RUN_DONE,
-                     K_RUN_SEQ, PAGE_SIZE, S_MISMATCHES, S_PAGES_VERIFIED)
+                     K_RUN_SEQ, PAGE_SIZE)
 from .ksm import ksm_run_store
 from .supervisor import Supervisor
 
@@ -48,14 +48,17 @@ class RunOptions:
     quiet: bool = False
 
 
-def validate(o: RunOptions) -> None:
-    """Bad input: a one-line error (UksmError, status 2), nothing created."""
-    from uksm.workers.workloads import validate as wl_validate
+def usage_error(msg: str) -> None:
+    raise shm.UksmError(msg, EXIT_USAGE)
 
-    def bad(msg: str) -> None:
-        raise shm.UksmError(msg, EXIT_USAGE)
-    if o.workers < 1:
-        bad(f"--workers must be at least 1 (got {o.workers})")
+
+def check_cluster_options(o: Any, min_workers: int = 1) -> None:
+    """The options ``run``, ``inject`` and ``up`` share (any object with
+    those attribute names): a one-line error (status 2), nothing created."""
+    from uksm.workers.workloads import validate as wl_validate
+    bad = usage_error
+    if o.workers < min_workers:
+        bad(f"--workers must be at least {min_workers} (got {o.workers})")
     if o.pages < 1:
         bad(f"--pages must be at least 1 (got {o.pages})")
     if o.frames < 0:
@@ -66,10 +69,29 @@ def validate(o: RunOptions) -> None:
         bad(f"--sleep-ms must be >= 0 (got {o.sleep_ms})")
     if o.run not in (0, 1, 2):
         bad(f"--run must be 0, 1 or 2 (got {o.run}): invalid argument, as /sys/kernel/mm/ksm/run")
-    if o.duration is not None and o.duration <= 0:
-        bad(f"--duration must be positive (got {o.duration})")
     if o.hung_task_timeout <= 0:
         bad("--hung-task-timeout must be positive")
+    if o.churn_ms < 0:
+        bad(f"--churn-ms must be >= 0 (got {o.churn_ms})")
+    wl_validate(o.workload)
+
+
+def check_frames(frames: int, total: int, o: Any) -> None:
+    """The pool: at most 16 GiB, and big enough unless ksmd can merge."""
+    if frames * PAGE_SIZE > 16 << 30:
+        usage_error(f"--frames {frames} is {frames * PAGE_SIZE >> 30} GiB of emulated memory: "
+                    f"at most 16 GiB")
+    if frames < total and (o.run != 1 or o.workload.split(":")[0] in ("unique", "volatile")):
+        usage_error(f"{total} pages cannot fit in {frames} frames: nothing would merge them "
+                    f"(raise --frames, or use --run 1 with a mergeable workload)")
+
+
+def validate(o: RunOptions) -> None:
+    """Bad input: a one-line error (UksmError, status 2), nothing created."""
+    bad = usage_error
+    check_cluster_options(o)
+    if o.duration is not None and o.duration <= 0:
+        bad(f"--duration must be positive (got {o.duration})")
     if o.exit_policy not in EXIT_POLICIES:
         bad(f"unknown --exit-policy {o.exit_policy!r} (one of: {', '.join(EXIT_POLICIES)})")
     for h in o.hazards:
@@ -77,14 +99,7 @@ def validate(o: RunOptions) -> None:
             bad(f"unknown --hazard {h!r} (one of: {', '.join(HAZARDS)})")
     if o.scenario is not None and o.scenario not in SCENARIOS:
         bad(f"unknown --scenario {o.scenario!r} (one of: {', '.join(SCENARIOS)})")
-    wl_validate(o.workload)
-    total = o.workers * o.pages
-    frames = o.frames or default_frames(o)
-    if frames * PAGE_SIZE > 16 << 30:
-        bad(f"--frames {frames} is {frames * PAGE_SIZE >> 30} GiB of emulated memory: at most 16 GiB")
-    if frames < total and (o.run != 1 or o.workload.split(":")[0] in ("unique", "volatile")):
-        bad(f"{total} pages cannot fit in {frames} frames: nothing would merge them "
-            f"(raise --frames, or use --run 1 with a mergeable workload)")
+    check_frames(o.frames or default_frames(o), o.workers * o.pages, o)
     if o.log_dir is not None and not os.path.isdir(o.log_dir):
         bad(f"--log-dir {o.log_dir}: no such directory")
     if o.cluster:
@@ -146,7 +161,6 @@ def run_with(o: RunOptions, driver: Driver, prefix: str = "run") -> tuple[dict[s
     if not o.quiet:
         print(f"uksm: cluster {name}: logs in {log_dir}", file=sys.stderr)
     sup = Supervisor(name, make_config(o), log_dir, quiet=o.quiet)
-    status = EXIT_OK
     t0 = time.monotonic()
     progress = Progress(o.quiet)
     interrupted = False
@@ -156,32 +170,16 @@ def run_with(o: RunOptions, driver: Driver, prefix: str = "run") -> tuple[dict[s
         interrupted = True
     old = signal.signal(signal.SIGINT, on_int)
     snap: dict[str, Any] = {}
-    not_checked = {"ok": False, "errors": ["not checked: the cluster was stopped after a hung task"]}
     try:
         sup.boot()
         sup.log.info("run_options", workers=o.workers, pages=o.pages, workload=o.workload,
                      seed=o.seed, scenario=o.scenario)
         for _ in range(o.workers):
             sup.spawn_worker(o.pages, o.workload, o.seed, o.churn_ms)
-        hung, extra = driver(sup, t0, progress, lambda: interrupted)
+        _hung, extra = driver(sup, t0, progress, lambda: interrupted)
         snap = sup.snapshot()
-        fs = not_checked
-        if hung:
-            status = EXIT_HUNG
-            sup.kill_all()
-        elif not sup.stop_workers():
-            status = EXIT_HUNG if sup.hung else EXIT_ERR
-            if not sup.hung:
-                sup.errors.append("workers did not exit in time")
-            sup.kill_all()
-        else:
-            sup.wait_ksmd_frees()
-            sup.stop_ksmd()
-            fs = sup.final_fsck()
-        workers = sup.workers_block()
-        integrity = {"pages_verified": sup.cl.q[S_PAGES_VERIFIED],
-                     "mismatches": sup.cl.q[S_MISMATCHES]}
         extra = {k: (v() if callable(v) else v) for k, v in extra.items()}
+        end = sup.shutdown()
     except BaseException:
         if sup.booted:
             sup.kill_all()
@@ -189,17 +187,12 @@ def run_with(o: RunOptions, driver: Driver, prefix: str = "run") -> tuple[dict[s
         raise
     finally:
         signal.signal(signal.SIGINT, old)
-    leftovers = sup.teardown()
-    if status == EXIT_OK:
-        if integrity["mismatches"] or not fs["ok"]:
-            status = EXIT_INTEGRITY
-        elif leftovers or sup.errors:
-            status = EXIT_ERR
+    status = end["status"]
     report = {"cluster": name, "workload": o.workload, "duration_s": round(time.monotonic() - t0, 3),
-              **snap, "workers": workers, "integrity": integrity, "fsck": fs,
-              "hung_tasks": sup.hung, "ipc_leftovers": leftovers, "log_dir": log_dir,
-              "exit_policy": o.exit_policy, "hazards": o.hazards, "scenario": o.scenario,
-              **extra, "errors": sup.errors, "status": status}
+              **snap, "workers": end["workers"], "integrity": end["integrity"], "fsck": end["fsck"],
+              "hung_tasks": end["hung_tasks"], "ipc_leftovers": end["ipc_leftovers"],
+              "log_dir": log_dir, "exit_policy": o.exit_policy, "hazards": o.hazards,
+              "scenario": o.scenario, **extra, "errors": end["errors"], "status": status}
     sup.log_stop(status)
     return report, status
 

@@ -597,6 +597,45 @@ class Supervisor:
         self.log.info("fsck", ok=ok, errors=len(errs), first=errs[:5])
         return {"ok": ok, "errors": errs}
 
+    def shutdown(self) -> dict[str, Any]:
+        """What every cluster does at its end (``uksm run``, ``inject``,
+        ``down``): workers out through their own exit paths, ksmd frees what
+        the slow paths left it, ksmd stops, the final fsck, teardown; or, if
+        a task hung, SIGKILL everything (the reboot button) and tear down.
+        Returns the report's blocks and the exit status (0 all good, 3 a
+        hung task, 4 an integrity or fsck failure, 1 anything else)."""
+        q = self.cl.q
+        status = 0
+        fs: dict[str, Any] = {"ok": False,
+                              "errors": ["not checked: the cluster was stopped after a hung task"]}
+        try:
+            if self.hung:
+                status = 3
+                self.kill_all()
+            elif not self.stop_workers():
+                status = 3 if self.hung else 1
+                if not self.hung:
+                    self.errors.append("workers did not exit in time")
+                self.kill_all()
+            else:
+                self.wait_ksmd_frees()
+                self.stop_ksmd()
+                fs = self.final_fsck()
+            workers = self.workers_block()
+            integrity = {"pages_verified": q[S_PAGES_VERIFIED], "mismatches": q[S_MISMATCHES]}
+        except BaseException:
+            self.kill_all()
+            self.teardown()
+            raise
+        leftovers = self.teardown()
+        if status == 0:
+            if integrity["mismatches"] or not fs["ok"]:
+                status = 4
+            elif leftovers or self.errors:
+                status = 1
+        return {"workers": workers, "integrity": integrity, "fsck": fs, "hung_tasks": self.hung,
+                "ipc_leftovers": leftovers, "errors": self.errors, "status": status}
+
     def teardown(self) -> list[str]:
         """Unlink every object; return what is still there."""
         self.stop_ev.set()
