@@ -37,8 +37,9 @@ writer takes all N one at a time under a writer mutex (``mmap_wmutex``), so
 ``N - value`` is what the holders hold and the arithmetic above is unchanged.
 
 Lock order (as mm/ksm.c's): ksm_thread_mutex -> mmap_wmutex -> mmap_sem ->
-pte_lock -> zone_lock; ksm_mmlist_lock is a leaf, taken with no other lock
-of the list below it held... except mmap_sem / ksm_thread_mutex.
+pte_lock -> zone_lock.  ksm_mmlist_lock is a leaf: it may be taken under
+ksm_thread_mutex and mmap_sem, never under a pte lock or zone_lock, and
+nothing is taken under it.  What each lock protects: docs/DESIGN.md.
 """
 from __future__ import annotations
 
