@@ -38,8 +38,9 @@ writer takes all N one at a time under a writer mutex (``mmap_wmutex``), so
 
 Lock order (as mm/ksm.c's): ksm_thread_mutex -> mmap_wmutex -> mmap_sem ->
 pte_lock -> zone_lock.  ksm_mmlist_lock is a leaf: it may be taken under
-ksm_thread_mutex and mmap_sem, never under a pte lock or zone_lock, and
-nothing is taken under it.  What each lock protects: docs/DESIGN.md.
+ksm_thread_mutex and mmap_sem, and nothing is taken under it -- which is
+why fsck, stopping the world, may take it last, after every pte lock and
+zone_lock.  What each lock protects: docs/DESIGN.md.
 """
 from __future__ import annotations
 

@@ -569,7 +569,13 @@ class Supervisor:
             with self.lock:
                 mms = {i: m for i, m in self.mms.items() if q[m.base + M_ID] == i}
             with fsck.world_stopped(cl, mms):
-                errs = fsck.check(cl, mms, counters=True)
+                # the list lock last: nothing is ever taken under it, so
+                # holding pte locks and zone_lock here cannot deadlock
+                cl.task.lock(cl.mmlist)
+                try:
+                    errs = fsck.check(cl, mms, counters=True)
+                finally:
+                    cl.task.unlock(cl.mmlist)
         finally:
             cl.task.unlock(cl.daemon)
         self.log.info("fsck", ok=not errs, errors=len(errs), first=errs[:5])
