@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import killpoints
 from .ksm import ksm_exit
-from .layout import (EXIT_POLICIES, H_EXIT_POLICY, M_EXIT_STAGE, M_REFS, M_SLOT_USED, M_STATE,
+from .layout import (EXIT_POLICIES, H_EXIT_POLICY, M_EXIT_STAGE, M_ID, M_REFS, M_SLOT_USED, M_STATE,
                      M_USERS, MAX_VMAS, MS_EXITING, MS_ZOMBIE, PAGE_SIZE, PT_OFF, REF_KSM,
                      REF_USERS, VMA_OFF, VMA_SIZE, V_END, XS_KSM_EXIT, XS_MMDROP, XS_PGTABLES,
                      XS_USERS0, XS_ZAPPED, M_OOM_VICTIM)
@@ -45,13 +45,7 @@ def mmput(cl: "Cluster", mm: MM, alloc: Allocator, log: Any) -> int:
     Returns the __ksm_exit path taken (layout.P_*), 0 if none."""
     q, b = cl.q, mm.base
     policy = EXIT_POLICIES[q[H_EXIT_POLICY]]
-    if not q[b + M_EXIT_STAGE] & XS_USERS0:
-        cl.task.lock(cl.mmlist)
-        q[b + M_USERS] = 0
-        q[b + M_STATE] = MS_EXITING
-        q[b + M_EXIT_STAGE] |= XS_USERS0
-        cl.task.unlock(cl.mmlist)
-        log.info("mm_exit_begin", mm=mm.id)
+    mm_users_zero(cl, mm, log)
     path = 0
     if policy != "seed":
         path = _ksm_exit(cl, mm, policy, log)
@@ -67,6 +61,35 @@ def mmput(cl: "Cluster", mm: MM, alloc: Allocator, log: Any) -> int:
         _mark(cl, mm, XS_MMDROP)
         mmdrop(cl, mm.row, mm.id, REF_USERS, log)
     return path
+
+
+def mm_users_zero(cl: "Cluster", mm: MM, log: Any, ptl_held: bool = False) -> bool:
+    """atomic_dec_and_test(&mm->mm_users) reaching 0: from here
+    ksm_test_exit(mm) is true.  Done under the mm's pte lock (and the list
+    lock, which guards mm_users here): ksmd re-checks ksm_test_exit under the
+    pte lock before it replaces a page, so every merge into this mm is
+    ordered before this point or not done at all -- and the event is logged
+    inside, so the logs' order is the real one.  Returns False if already
+    done (idempotent: a reaper may repeat it)."""
+    q, b, task = cl.q, mm.base, cl.task
+    if q[b + M_EXIT_STAGE] & XS_USERS0:
+        return False
+    if not ptl_held:
+        task.lock(mm.ptl)
+    try:
+        task.lock(cl.mmlist)
+        done = not q[b + M_EXIT_STAGE] & XS_USERS0 and q[b + M_ID] == mm.id
+        if done:
+            q[b + M_USERS] = 0
+            q[b + M_STATE] = MS_EXITING
+            q[b + M_EXIT_STAGE] |= XS_USERS0
+        task.unlock(cl.mmlist)
+        if done:
+            log.info("mm_exit_begin", mm=mm.id)
+    finally:
+        if not ptl_held:
+            task.unlock(mm.ptl)
+    return done
 
 
 def _ksm_exit(cl: "Cluster", mm: MM, policy: str, log: Any) -> int:

@@ -115,6 +115,7 @@ class Ksmd:
         self.pages_scanned = 0
         self.full_scans = 0
         self.merges = 0
+        self.t_last_merge = 0
         self.stop = False
         self.last_run = -1
 
@@ -453,7 +454,7 @@ class Ksmd:
 
     def _merged(self, st: SlotState) -> None:
         st.merges += 1
-        st.t_merge = time.monotonic_ns()
+        st.t_merge = self.t_last_merge
         self.merges += 1  # S_MERGES is published at batch end
 
     def get_mergeable_page(self, item: RmapItem, key: bytes) -> bool:
@@ -518,7 +519,7 @@ class Ksmd:
             pte = pq[PT_OFF + vpn]
             b = pfn * FRAME_SIZE
             if pte >> 2 != pfn or not pte & PTE_PRESENT or fq[b + FR_COUNT] != 1 \
-                    or fq[b + FR_FLAGS] & F_KSM:
+                    or fq[b + FR_FLAGS] & F_KSM or ksm_test_exit(cl, mm):
                 return None
             if pte & PTE_WRITE:
                 pq[PT_OFF + vpn] = pte & ~PTE_WRITE
@@ -574,6 +575,8 @@ class Ksmd:
                 return False
             if pq[slot] != pte:  # replace_page: !pte_same
                 return False
+            if ksm_test_exit(cl, mm):  # exit began since the caller's check
+                return False
             task.lock(cl.zone)
             try:
                 if not self.get_ksm_page(node):  # freed meanwhile (get_page_unless_zero)
@@ -581,6 +584,7 @@ class Ksmd:
                 fq[kpfn * FRAME_SIZE + FR_COUNT] += 1
                 pq[slot] = (kpfn << 2) | PTE_PRESENT
                 self.alloc.put_frame(pfn)
+                self.t_last_merge = time.monotonic_ns()  # under the pte lock: see mm_users_zero
             finally:
                 task.unlock(cl.zone)
             self.q[mm.base + M_KSM_MAPPED] += 1

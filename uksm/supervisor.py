@@ -27,7 +27,7 @@ from typing import Any
 from . import fsck, killpoints, oom, shm
 from . import log as ulog
 from .cluster import Cluster, Config, destroy
-from .exit import mmput
+from .exit import mm_users_zero, mmput
 from .ksm import repair_list
 from .layout import (A_FREE_TOP, C_ALLOC, C_DAEMON, C_MMAP, C_MMLIST, C_PTL, C_WMUTEX,
                      CS_RUNNING, EXIT_PATHS, EXIT_REASONS, H_KSMD_PID,
@@ -35,14 +35,14 @@ from .layout import (A_FREE_TOP, C_ALLOC, C_DAEMON, C_MMAP, C_MMLIST, C_PTL, C_W
                      K_FULL_SCANS, K_PAGES_SCANNED, K_PAGES_SHARED, K_PAGES_SHARING,
                      K_PAGES_TO_SCAN, K_PAGES_UNSHARED, K_PAGES_VOLATILE, K_RUN, K_SLEEP_MS,
                      M_EXIT_STAGE, M_FREER_TASK, M_ID, M_OWNER_PID, M_REFS, M_SLOT_RMAP, M_SLOT_USED,
-                     M_STATE, M_USERS, M_WRITER_WAITING, MS_EXITING, MS_FREEING, MS_ZOMBIE,
+                     M_STATE, M_USERS, M_WRITER_WAITING, MS_FREEING, MS_ZOMBIE,
                      R_KSMD, R_REAPER, R_SUPERVISOR, R_WORKER, S_EXIT_FAST, S_EXIT_LEGACY,
                      S_EXIT_SLOW, S_EXITED, S_KILLED, S_LOCK_RECOVERIES, S_MISMATCHES,
                      S_OOM_KILLED, S_PAGES_VERIFIED, S_REAPED, S_RECOVERIES, S_STARTED,
                      T_EXIT_PATH, T_EXIT_REASON, T_FLIGHT_PFN, T_FOR_ROW, T_KILL_POINT, T_MISMATCHES, T_MM,
                      T_PAGES, T_PID, T_READY, T_ROLE, T_START_NS, T_STATE, T_VERIFIED,
                      T_WORKER_NO, TASK_SIZE, TS_ALIVE, TS_DEAD, TS_FREE, TS_REAPING,
-                     XS_MMDROP, XS_USERS0)
+                     XS_MMDROP)
 from .locks import Lock, dead_locks, lock_name, recover
 from .memory import Allocator, frame_stats, rebuild_free_stack
 from .mm import MM, free_mm_objects, mm_create
@@ -312,21 +312,13 @@ class Supervisor:
                 if owned.get(cl.zone.lid):
                     rebuild_free_stack(cl, fsck.live_task_rows(cl))
                     self._post(cl.zone, owned.pop(cl.zone.lid))
-                # ksm_test_exit must hold before anyone else can take their mmap_sem
-                for (r, ch, _rc) in batch:
-                    mm = self.mms.get(ch.mm)
-                    if mm is None:
-                        continue
-                    cl.task.lock(cl.mmlist)
-                    if q[mm.base + M_ID] == ch.mm and not q[mm.base + M_EXIT_STAGE] & XS_USERS0:
-                        q[mm.base + M_USERS] = 0
-                        q[mm.base + M_STATE] = MS_EXITING
-                        q[mm.base + M_EXIT_STAGE] |= XS_USERS0
-                        cl.task.unlock(cl.mmlist)
-                        self.log.info("mm_exit_begin", mm=ch.mm)
-                    else:
-                        cl.task.unlock(cl.mmlist)
             owned_ptl = {lid & ((1 << 40) - 1) for lid in owned if lid >> 40 == C_PTL}
+            # ksm_test_exit must hold before anyone else can take their mmap_sem
+            for (r, ch, _rc) in batch:
+                mm0 = self.mms.get(ch.mm)
+                if mm0 is not None and q[mm0.base + M_ID] == ch.mm:
+                    mm_users_zero(cl, MM(cl, ch.mm, mm0.row, mm0.seg), self.log,
+                                  ptl_held=ch.mm in owned_ptl)
             with self.lock:
                 mms = {i: m for i, m in self.mms.items() if q[m.base + M_ID] == i}
             try:
