@@ -68,6 +68,11 @@ def lock_name(lid: int) -> str:
     return f"{name}:mm{mm}" if mm else name
 
 
+class LockAbort(Exception):
+    """A blocked wait was abandoned by the task's ``abort`` hook (the
+    supervisor's recovery thread, when the holder it waits for has died)."""
+
+
 class Lock:
     """One semaphore of ``units`` units (1: a mutex; N: an rw semaphore)."""
 
@@ -99,6 +104,9 @@ class Task:
         self.holders = holders
         self.wait_log_ns = wait_log_ms * 1_000_000
         self.on_wait: Callable[[str, float, list[int]], None] | None = None
+        # polled at every slice of a blocked wait; True abandons the wait
+        # (the entry goes back to IDLE: no unit was taken) with LockAbort
+        self.abort: Callable[[], bool] | None = None
 
     # -- the protocol -----------------------------------------------------
     def _set(self, e: int, state: int) -> None:
@@ -118,6 +126,11 @@ class Task:
                 break
             except (posix_ipc.BusyError, posix_ipc.SignalError):
                 q[e + E_SPINS] += 1
+                if self.abort is not None and self.abort():
+                    q[e + E_SINCE] = 0
+                    w = q[e + E_WORD]
+                    q[e + E_WORD] = (w & ~7) + 8 + IDLE
+                    raise LockAbort(lk.name)
         q[e + E_SINCE] = 0
         waited = time.monotonic_ns() - t0
         if waited >= self.wait_log_ns and self.on_wait is not None:
@@ -358,6 +371,6 @@ def holders_of(q: memoryview, rows: Iterable[tuple[int, int]], lid: int) -> list
                                   or (en.writer and en.held > 0))]
 
 
-__all__ = ["Lock", "Task", "Entry", "recover", "read_entries", "dead_locks",
+__all__ = ["Lock", "LockAbort", "Task", "Entry", "recover", "read_entries", "dead_locks",
            "holders_of", "lock_id", "lock_name", "IDLE", "WAITING", "HELD",
            "RELEASING", "STATE_NAMES", "WAIT_SLICE"]

@@ -43,7 +43,7 @@ from .layout import (A_FREE_TOP, C_ALLOC, C_DAEMON, C_MMAP, C_MMLIST, C_PTL, C_W
                      T_PAGES, T_PID, T_READY, T_ROLE, T_START_NS, T_STATE, T_VERIFIED,
                      T_WORKER_NO, TASK_SIZE, TS_ALIVE, TS_DEAD, TS_FREE, TS_REAPING,
                      XS_MMDROP)
-from .locks import Lock, dead_locks, lock_name, recover
+from .locks import Lock, LockAbort, dead_locks, lock_name, recover
 from .memory import Allocator, frame_stats, rebuild_free_stack
 from .mm import MM, free_mm_objects, mm_create
 from .watchdog import Watchdog
@@ -107,7 +107,7 @@ class Supervisor:
         self.rec_cl = self.cl.thread_view(rec_row)
         self.rec_cl.task.on_wait = self._on_wait(self.log)
         self.wd = Watchdog(self.cl, self.cfg.hung_timeout_ms / 1000.0, self._on_hung)
-        for fn in (self._recovery_loop, self.wd.run_until(self.stop_ev)):
+        for fn in (self._recovery_loop, self._detector_loop, self.wd.run_until(self.stop_ev)):
             t = threading.Thread(target=fn, daemon=True)
             t.start()
             self.threads.append(t)
@@ -206,17 +206,9 @@ class Supervisor:
             if rc is None:
                 continue
             with self.lock:
-                self.children.pop(row, None)
+                if self.children.pop(row, None) is None:
+                    continue  # detect_deaths sent it to recovery
             self._on_exit(row, ch, rc)
-        if self.ksmd is not None and self.ksmd.proc.poll() is not None and not self.stop_ev.is_set():
-            self.errors.append(f"ksmd died (status {self.ksmd.proc.returncode})")
-            self.log.error("ksmd_died", status=self.ksmd.proc.returncode)
-            # out of scope for the kernel (ksmd does not die), but the machine
-            # must not hang: recover the locks it held like a worker's, then
-            # start a fresh ksmd (its rmap_items and trees are gone)
-            self.cl.q[self.cl.tbase(self.ksmd.row) + T_STATE] = TS_DEAD
-            self.dead_q.put((self.ksmd.row, self.ksmd, self.ksmd.proc.returncode))
-            self.ksmd = None
 
     def _on_exit(self, row: int, ch: Child, rc: int) -> None:
         cl, q = self.cl, self.cl.q
@@ -313,20 +305,30 @@ class Supervisor:
                     rebuild_free_stack(cl, fsck.live_task_rows(cl))
                     self._post(cl.zone, owned.pop(cl.zone.lid))
             owned_ptl = {lid & ((1 << 40) - 1) for lid in owned if lid >> 40 == C_PTL}
-            # ksm_test_exit must hold before anyone else can take their mmap_sem
-            for (r, ch, _rc) in batch:
-                mm0 = self.mms.get(ch.mm)
-                if mm0 is not None and q[mm0.base + M_ID] == ch.mm:
-                    mm_users_zero(cl, MM(cl, ch.mm, mm0.row, mm0.seg), self.log,
-                                  ptl_held=ch.mm in owned_ptl)
-            with self.lock:
-                mms = {i: m for i, m in self.mms.items() if q[m.base + M_ID] == i}
+            # every wait from here on gives up if its holder died meanwhile:
+            # that death joins the batch and the loop goes round again
+            cl.task.abort = lambda: self._more_dead(batch)
             try:
+                # ksm_test_exit must hold before anyone else can take their mmap_sem
+                for (r, ch, _rc) in batch:
+                    mm0 = self.mms.get(ch.mm)
+                    if mm0 is not None and q[mm0.base + M_ID] == ch.mm:
+                        mm_users_zero(cl, MM(cl, ch.mm, mm0.row, mm0.seg), self.log,
+                                      ptl_held=ch.mm in owned_ptl)
+                    if ch.role == "ksmd":  # its rmap_items died with it
+                        cl.task.lock(cl.mmlist)
+                        for s in range(cl.max_mms):
+                            q[cl.mbase(s) + M_SLOT_RMAP] = 0
+                        cl.task.unlock(cl.mmlist)
+                with self.lock:
+                    mms = {i: m for i, m in self.mms.items() if q[m.base + M_ID] == i}
                 with fsck.world_stopped(cl, mms, owned_ptl, abort=lambda: self._more_dead(batch)):
                     fixed = fsck.rebuild(cl, mms)
                 break
-            except fsck.Retry:
+            except (fsck.Retry, LockAbort):
                 continue
+            finally:
+                cl.task.abort = None
         for lid in owned:
             row = cl.mm_row(lid & ((1 << 40) - 1)) if lid >> 40 == C_MMAP else -1
             if row >= 0:  # a writer died waiting or holding: nobody waits now
@@ -336,10 +338,8 @@ class Supervisor:
                 if lid >> 40 == cls:
                     self._post(locks[lid], n)
         ms = (time.monotonic_ns() - t0) / 1e6
-        cl.task.lock(cl.mmlist)
-        q[S_RECOVERIES] += 1
+        q[S_RECOVERIES] += 1          # single writer: this thread
         q[S_LOCK_RECOVERIES] += nrec
-        cl.task.unlock(cl.mmlist)
         for (r, ch, rc) in batch:
             self.log.warning("recovery", dead_pid=ch.proc.pid, mm=ch.mm, ms=round(ms, 3),
                              frames_fixed=fixed, status=rc)
@@ -352,23 +352,59 @@ class Supervisor:
                 self.reapers.append(th)
 
     def _ksmd_lost(self, row: int) -> None:
-        """After a dead ksmd's locks are recovered: no slot has rmap_items
-        any more (they died with it), and a new ksmd takes over the list --
+        """After a dead ksmd's locks are recovered (and the slots' rmap_item
+        counts cleared: they died with it), a new ksmd takes over the list --
         including the slots that slow-path exits left it to free."""
-        cl, q = self.rec_cl, self.rec_cl.q
-        cl.task.lock(cl.mmlist)
-        for r in range(cl.max_mms):
-            q[cl.mbase(r) + M_SLOT_RMAP] = 0
-        cl.task.unlock(cl.mmlist)
         self._free_row(row)
         if not self.stop_ev.is_set():
             with self.lock:
                 self.restart_ksmd = True  # the main loop starts it (it owns the children)
 
+    def detect_deaths(self) -> None:
+        """Send every child that died without finishing its exit to
+        recovery.  Runs in its own thread, so that a death is noticed even
+        while the main loop (or anybody) is blocked on a lock the dead
+        holds.  Clean exits are left to poll(), which accounts them."""
+        cl, q = self.cl, self.cl.q
+        with self.lock:
+            items = list(self.children.items())
+        for row, ch in items:
+            rc = ch.proc.poll()
+            if rc is None:
+                continue
+            mm = self.mms.get(ch.mm)
+            done = mm is None or q[mm.base + M_ID] != ch.mm or q[mm.base + M_EXIT_STAGE] & XS_MMDROP
+            if done and not any(dead_locks(q, cl.tbase(row))):
+                continue
+            with self.lock:
+                if self.children.pop(row, None) is None:
+                    continue  # poll() got it first
+            q[cl.tbase(row) + T_STATE] = TS_DEAD
+            self.dead_q.put((row, ch, rc))
+        k = self.ksmd
+        if k is not None and k.proc.poll() is not None and not q[H_SHUTDOWN]:
+            with self.lock:
+                if self.ksmd is not k:
+                    return
+                self.ksmd = None
+            self.errors.append(f"ksmd died (status {k.proc.returncode})")
+            self.log.error("ksmd_died", status=k.proc.returncode)
+            # out of scope for the kernel (ksmd does not die), but the machine
+            # must not hang: recover the locks it held like a worker's, then
+            # start a fresh ksmd (its rmap_items and trees are gone)
+            q[cl.tbase(k.row) + T_STATE] = TS_DEAD
+            self.dead_q.put((k.row, k, k.proc.returncode))
+
+    def _detector_loop(self) -> None:
+        while not self.stop_ev.wait(0.01):
+            try:
+                self.detect_deaths()
+            except Exception as e:  # the cluster may be going away
+                self.log.error("recovery_failed", error=repr(e), tb="detector")
+
     def _more_dead(self, batch: list[tuple[int, Child, int]]) -> bool:
-        """Called while stopping the world: pull in deaths that happened
-        since (a dead task may hold a pte lock we wait for; the main loop
-        reaps it within a few ms)."""
+        """Called while the recovery waits for a lock: pull in deaths that
+        happened since (a dead task may hold the lock we wait for)."""
         got = False
         while True:
             try:
