@@ -207,3 +207,21 @@ def test_hazard_no_exit_checks_leaks_a_frame(hazards, leak, rep):
             assert leaked, fs["errors"]
         else:
             assert fs["ok"], fs["errors"]
+
+
+@pytest.mark.timeout(60)
+def test_main_loop_blocked_on_a_dead_tasks_lock_recovers():
+    """A worker dies holding ksm_mmlist_lock (SIGKILL inside __ksm_enter),
+    and the supervisor's main thread then needs that lock (creating the
+    next address space) without ever polling: the death must still be
+    noticed and recovered, or this deadlocks."""
+    name = "tdeadlist"
+    with booted(name, run=1, frames=1024, va_pages=256, pages_to_scan=500, sleep_ms=2) as sup:
+        ch = sup.spawn_worker(32, "dup:4", 1, kill_point="ksm_enter_locked",
+                              kill_sig=signal.SIGKILL)
+        ch.proc.wait(timeout=30)            # dead, holding the list lock; nobody polled
+        other = sup.spawn_worker(32, "dup:4", 2)   # mm_create takes ksm_mmlist_lock
+        pump(sup, lambda: ready(sup, other), what="the next worker")
+        fs = finish(sup)
+        assert fs["ok"], fs["errors"]
+        assert sup.cl.q[S_MISMATCHES] == 0
