@@ -37,7 +37,7 @@ from uksm import killpoints
 from uksm.ksm import ksm_run_store
 from uksm.layout import (H_KSMD_POINT, K_FULL_SCANS, K_RUN_DONE, L_SCAN_SLOT,
                          M_ID, M_OWNER_PID, S_EXIT_FAST, S_EXIT_LEGACY, S_EXIT_SLOW,
-                         S_KILL_POINTS, S_LOCK_RECOVERIES, S_MERGES, S_RECOVERIES, S_REAPED,
+                         S_LOCK_RECOVERIES, S_MERGES, S_RECOVERIES, S_REAPED,
                          T_READY)
 from uksm.run import EXIT_USAGE, Progress, RunOptions, run_with
 from uksm.shm import UksmError
@@ -129,7 +129,7 @@ class Injector:
 
     def kill_at_point(self, sup: Supervisor, name: str) -> bool:
         cl, q = sup.cl, sup.cl.q
-        before = q[S_KILL_POINTS]
+        before = cl.kill_points_hit()
         if name in SPAWN_POINTS:
             ch = sup.spawn_worker(self.o.pages, self.o.workload, self.o.seed, self.o.churn_ms,
                                   kill_point=name, kill_sig=self.sig)
@@ -157,8 +157,8 @@ class Injector:
                     ch.proc.send_signal(signal.SIGTERM)
                 except ProcessLookupError:
                     return False
-        ok = self.wait(sup, lambda: q[S_KILL_POINTS] != before or ch.proc.poll() is not None, 10)
-        if not ok or q[S_KILL_POINTS] == before:
+        ok = self.wait(sup, lambda: cl.kill_points_hit() != before or ch.proc.poll() is not None, 10)
+        if not ok or cl.kill_points_hit() == before:
             if ch.proc.poll() is None:
                 killpoints.disarm_worker(cl, ch.row)
             return False
@@ -203,8 +203,7 @@ class Injector:
                   and q[K_FULL_SCANS] >= self.scans_at_last + 2 and sup.workers_ready(), 60)
         # no exit in flight (a reaper finishing a killed worker's), then fsck
         # the running cluster, counters included
-        self.wait(sup, lambda: sup.dead_q.empty()
-                  and not any(t.is_alive() for t in sup.reapers), 60)
+        self.wait(sup, sup.settled, 60)
         if not sup.hung:
             self.live = sup.live_fsck()
         return bool(sup.hung), self.block(sup)
@@ -215,7 +214,7 @@ class Injector:
             "kills": self.delivered, "requested": self.kills, "signal": self.signame,
             "mode": self.point, "by_signal": {self.signame: self.delivered},
             "by_point": dict(self.by_point), "missed_attempts": self.missed,
-            "kill_points_hit": q[S_KILL_POINTS], "respawned": self.respawned,
+            "kill_points_hit": sup.cl.kill_points_hit(), "respawned": self.respawned,
             "exits": {"fast": q[S_EXIT_FAST], "slow": q[S_EXIT_SLOW], "legacy": q[S_EXIT_LEGACY],
                       "reaped": q[S_REAPED]},
             "lock_recoveries": q[S_LOCK_RECOVERIES], "recoveries": q[S_RECOVERIES],

@@ -75,6 +75,7 @@ class Cluster:
             self.pool = shm.create_segment(name, "pool", pool_size); made.append(("shm", "pool"))
             for what in ("daemon", "mmlist", "zone"):
                 shm.create_sem(name, what, 1); made.append(("sem", what))
+            shm.create_sem(name, "killpoints", 0); made.append(("sem", "killpoints"))
         except BaseException:
             for kind, what in made:
                 (shm.unlink_shm if kind == "shm" else shm.unlink_sem)(name, what)
@@ -137,6 +138,12 @@ class Cluster:
         self.daemon = Lock(shm.open_sem(self.name, "daemon"), 1, C_DAEMON)
         self.mmlist = Lock(shm.open_sem(self.name, "mmlist"), 1, C_MMLIST)
         self.zone = Lock(shm.open_sem(self.name, "zone"), 1, C_ALLOC)
+        # kill points hit: a semaphore used as a counter, since sem_post is
+        # the one atomic increment every process here has
+        self.kill_points_sem = shm.open_sem(self.name, "killpoints")
+
+    def kill_points_hit(self) -> int:
+        return int(self.kill_points_sem.value)
 
     def bind(self, row: int) -> Task:
         """Use task row ``row`` for this process's (or thread's) locking."""
@@ -213,9 +220,9 @@ class Cluster:
     def close(self) -> None:
         for mm_id in list(self._mm_locks):
             self.forget_mm(mm_id)
-        for lk in (self.daemon, self.mmlist, self.zone):
+        for sem in (self.daemon.sem, self.mmlist.sem, self.zone.sem, self.kill_points_sem):
             try:
-                lk.sem.close()
+                sem.close()
             except posix_ipc.Error:
                 pass
         for seg in (self.pool, self.frames_seg, self.ctl):

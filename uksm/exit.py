@@ -58,8 +58,7 @@ def mmput(cl: "Cluster", mm: MM, alloc: Allocator, log: Any) -> int:
     if not q[b + M_EXIT_STAGE] & XS_MMDROP:
         if q[b + M_REFS] & REF_KSM:
             q[b + M_STATE] = MS_ZOMBIE  # waiting for ksmd to free the slot
-        _mark(cl, mm, XS_MMDROP)
-        mmdrop(cl, mm.row, mm.id, REF_USERS, log)
+        mmdrop(cl, mm.row, mm.id, REF_USERS, log)  # marks XS_MMDROP with the drop
     return path
 
 

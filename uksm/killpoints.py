@@ -16,7 +16,7 @@ import signal
 import time
 from typing import TYPE_CHECKING
 
-from .layout import H_KSMD_POINT, H_KSMD_POINT_SIG, M_OWNER_PID, S_KILL_POINTS, T_KILL_POINT, T_KILL_SIG
+from .layout import H_KSMD_POINT, H_KSMD_POINT_SIG, M_OWNER_PID, T_KILL_POINT, T_KILL_SIG
 
 if TYPE_CHECKING:
     from .cluster import Cluster
@@ -65,7 +65,7 @@ def hit(cl: "Cluster", name: str, log=None) -> None:
         return
     q[b + T_KILL_POINT] = -1
     sig = q[b + T_KILL_SIG] or signal.SIGKILL
-    q[S_KILL_POINTS] += 1  # a racy count: exact in the logs
+    cl.kill_points_sem.release()  # counted atomically
     if log is not None:
         log.info("kill_point", point=name, action="kill" if sig == signal.SIGKILL else "term",
                  victim_pid=os.getpid())
@@ -95,7 +95,7 @@ def hit_ksmd(cl: "Cluster", name: str, mm_base: int, log=None) -> None:
         return
     q[H_KSMD_POINT] = -1
     sig = q[H_KSMD_POINT_SIG] or signal.SIGKILL
-    q[S_KILL_POINTS] += 1
+    cl.kill_points_sem.release()
     if log is not None:
         log.info("kill_point", point=name, action="kill" if sig == signal.SIGKILL else "term",
                  victim_pid=pid)

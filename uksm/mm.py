@@ -28,7 +28,7 @@ from .layout import (FIRST_VPN, M_CREATED_NS, M_EXIT_STAGE, M_FLAGS, M_ID, M_OWN
                      MS_MAGIC, MAGIC, PAGE_SIZE, PT_OFF, REF_USERS, V_END, V_FLAGS,
                      V_START, VM_MERGEABLE, VMA_OFF, VMA_SIZE, H_NEXT_MM_ID, M_FREER_TASK,
                      S_MM_FREED, M_SLOT_USED, M_KSM_MAPPED, M_OOM_VICTIM, M_EXIT_PATH,
-                     M_RMAP_ITEMS, M_MERGING, M_WRITER_WAITING, M_SLOT_RMAP)
+                     M_RMAP_ITEMS, M_MERGING, M_WRITER_WAITING, M_SLOT_RMAP, XS_MMDROP)
 
 if TYPE_CHECKING:
     from .cluster import Cluster
@@ -240,6 +240,8 @@ def mmdrop(cl: "Cluster", row: int, mm_id: int, ref: int, log=None) -> bool:
             return False
         refs &= ~ref
         q[b + M_REFS] = refs
+        if ref == REF_USERS:  # the exit's last step, in the same critical section
+            q[b + M_EXIT_STAGE] |= XS_MMDROP
         if log is not None:
             log.info("mmdrop", mm=mm_id, ref="users" if ref == REF_USERS else "ksm",
                      mm_count=bin(refs).count("1"))

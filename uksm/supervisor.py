@@ -85,6 +85,7 @@ class Supervisor:
         self.errors: list[str] = []
         self.booted = False
         self.restart_ksmd = False
+        self.pending_deaths = 0  # queued or being recovered (under self.lock)
         self.t0 = time.monotonic()
 
     # ---- boot ---------------------------------------------------------------
@@ -220,7 +221,7 @@ class Supervisor:
             self._account_exit(row, ch, reaped=False)
             return
         q[cl.tbase(row) + T_STATE] = TS_DEAD
-        self.dead_q.put((row, ch, rc))
+        self._queue_death((row, ch, rc))
 
     def _account_exit(self, row: int, ch: Child, reaped: bool, how: str | None = None,
                       view: Cluster | None = None) -> None:
@@ -262,6 +263,9 @@ class Supervisor:
                 import traceback
                 self.errors.append(f"recovery failed: {e!r}")
                 self.log.error("recovery_failed", error=repr(e), tb=traceback.format_exc())
+            finally:
+                with self.lock:
+                    self.pending_deaths -= len(batch)
 
     def lock_for(self, cl: Cluster, lid: int) -> Lock:
         cls, mm = lid >> 40, lid & ((1 << 40) - 1)
@@ -276,10 +280,20 @@ class Supervisor:
 
     def recover(self, batch: list[tuple[int, Child, int]]) -> None:
         """Take over what the dead held, repair, release; then reap them."""
-        cl, q = self.rec_cl, self.rec_cl.q
-        t0 = time.monotonic_ns()
         owned: dict[int, int] = {}
         locks: dict[int, Lock] = {}
+        try:
+            self._recover(batch, owned, locks)
+        except BaseException:
+            # a bug in the repair: do not also wedge the cluster on the locks
+            for lid, n in owned.items():
+                self._post(locks[lid], n)
+            raise
+
+    def _recover(self, batch: list[tuple[int, Child, int]], owned: dict[int, int],
+                 locks: dict[int, Lock]) -> None:
+        cl, q = self.rec_cl, self.rec_cl.q
+        t0 = time.monotonic_ns()
         done_rows: set[int] = set()
         nrec = 0
         while True:
@@ -334,9 +348,8 @@ class Supervisor:
             if row >= 0:  # a writer died waiting or holding: nobody waits now
                 q[cl.mbase(row) + M_WRITER_WAITING] = 0
         for cls in (C_PTL, C_MMAP, C_WMUTEX, C_DAEMON):
-            for lid, n in list(owned.items()):
-                if lid >> 40 == cls:
-                    self._post(locks[lid], n)
+            for lid in [x for x in owned if x >> 40 == cls]:
+                self._post(locks[lid], owned.pop(lid))
         ms = (time.monotonic_ns() - t0) / 1e6
         q[S_RECOVERIES] += 1          # single writer: this thread
         q[S_LOCK_RECOVERIES] += nrec
@@ -380,7 +393,7 @@ class Supervisor:
                 if self.children.pop(row, None) is None:
                     continue  # poll() got it first
             q[cl.tbase(row) + T_STATE] = TS_DEAD
-            self.dead_q.put((row, ch, rc))
+            self._queue_death((row, ch, rc))
         k = self.ksmd
         if k is not None and k.proc.poll() is not None and not q[H_SHUTDOWN]:
             with self.lock:
@@ -393,7 +406,7 @@ class Supervisor:
             # must not hang: recover the locks it held like a worker's, then
             # start a fresh ksmd (its rmap_items and trees are gone)
             q[cl.tbase(k.row) + T_STATE] = TS_DEAD
-            self.dead_q.put((k.row, k, k.proc.returncode))
+            self._queue_death((k.row, k, k.proc.returncode))
 
     def _detector_loop(self) -> None:
         while not self.stop_ev.wait(0.01):
@@ -401,6 +414,11 @@ class Supervisor:
                 self.detect_deaths()
             except Exception as e:  # the cluster may be going away
                 self.log.error("recovery_failed", error=repr(e), tb="detector")
+
+    def _queue_death(self, item: tuple[int, Child, int]) -> None:
+        with self.lock:
+            self.pending_deaths += 1
+        self.dead_q.put(item)
 
     def _more_dead(self, batch: list[tuple[int, Child, int]]) -> bool:
         """Called while the recovery waits for a lock: pull in deaths that
@@ -462,9 +480,10 @@ class Supervisor:
                 continue
             free_mm_objects(cl, r, mm_id, self.log)
         with self.lock:
+            # forget freed mms; their mappings go when the last user drops
+            # them (the recovery thread may still hold a snapshot: no close())
             for mm_id in [i for i, m in self.mms.items() if q[m.base + M_ID] != i]:
-                m = self.mms.pop(mm_id)
-                m.seg.close()
+                self.mms.pop(mm_id)
 
     # ---- the watchdog's report ------------------------------------------------------
     def _on_hung(self, report: dict[str, Any]) -> None:
@@ -478,6 +497,12 @@ class Supervisor:
                 print(f"uksm:   {line}", file=sys.stderr)
 
     # ---- state -----------------------------------------------------------------------
+    def settled(self) -> bool:
+        """No death waiting for recovery, none being recovered, no reaper
+        still running a dead task's exit."""
+        with self.lock:
+            return self.pending_deaths == 0 and not any(t.is_alive() for t in self.reapers)
+
     def workers_alive(self) -> int:
         with self.lock:
             return len(self.children)
@@ -555,8 +580,8 @@ class Supervisor:
             if self.hung:
                 return False
             with self.lock:
-                busy = bool(self.children) or any(t.is_alive() for t in self.reapers)
-            if not busy and self.dead_q.empty():
+                alive = bool(self.children)
+            if not alive and self.settled():
                 return True
             time.sleep(0.02)
         return False
