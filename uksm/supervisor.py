@@ -86,6 +86,8 @@ class Supervisor:
         self.booted = False
         self.restart_ksmd = False
         self.pending_deaths = 0  # queued or being recovered (under self.lock)
+        self.recovery_started = 0.0
+        self.stall_reported = 0.0
         self.t0 = time.monotonic()
 
     # ---- boot ---------------------------------------------------------------
@@ -257,6 +259,7 @@ class Supervisor:
                     batch.append(self.dead_q.get_nowait())
                 except queue.Empty:
                     break
+            self.recovery_started = time.monotonic()
             try:
                 self.recover(batch)
             except Exception as e:  # a bug: say it loudly, keep the cluster going
@@ -264,6 +267,7 @@ class Supervisor:
                 self.errors.append(f"recovery failed: {e!r}")
                 self.log.error("recovery_failed", error=repr(e), tb=traceback.format_exc())
             finally:
+                self.recovery_started = 0.0
                 with self.lock:
                     self.pending_deaths -= len(batch)
 
@@ -412,8 +416,24 @@ class Supervisor:
         while not self.stop_ev.wait(0.01):
             try:
                 self.detect_deaths()
+                self.check_recovery_stall()
             except Exception as e:  # the cluster may be going away
                 self.log.error("recovery_failed", error=repr(e), tb="detector")
+
+    def check_recovery_stall(self, after_s: float = 3.0) -> None:
+        """A recovery should take milliseconds: one that takes seconds is
+        a bug to diagnose, so say where the recovery thread is."""
+        started = self.recovery_started
+        if not started or time.monotonic() - started < after_s or self.stall_reported == started:
+            return
+        self.stall_reported = started
+        import sys as _sys
+        import traceback as _tb
+        frames = _sys._current_frames()
+        stacks = {t.name: "".join(_tb.format_stack(frames[t.ident]))
+                  for t in threading.enumerate() if t.ident in frames}
+        self.log.error("recovery_stalled", seconds=round(time.monotonic() - started, 3),
+                       pending=self.pending_deaths, stacks=stacks)
 
     def _queue_death(self, item: tuple[int, Child, int]) -> None:
         with self.lock:
