@@ -272,11 +272,14 @@ def read_entries(q: memoryview, rows: Iterable[tuple[int, int]], cls: int) -> li
     return out
 
 
-def recover(q: memoryview, locks: dict[int, Lock], live_rows: list[tuple[int, int]],
+def recover(q: memoryview, locks: dict[int, Lock],
+            live_rows: Callable[[], list[tuple[int, int]]],
             dead_rows: list[tuple[int, int]], owned: dict[int, int] | None = None,
             deadline_s: float = 30.0) -> dict[int, int]:
     """Take over the units that dead tasks hold of each lock in ``locks``.
 
+    ``live_rows()`` is asked again at every round: a task that dies while
+    we wait stops counting as live (its entry would never settle).
     ``owned``: units the caller already holds (taken over from earlier
     deaths), which no entry records.  Returns {lock id: units now owned by
     the caller on the dead's behalf}; the caller repairs what each lock
@@ -284,17 +287,19 @@ def recover(q: memoryview, locks: dict[int, Lock], live_rows: list[tuple[int, in
     posted back before returning.
     """
     owned = owned or {}
+    progress.clear()
     drained = {lid: 0 for lid in locks}
     hist: dict[int, list[dict[int, tuple[int, int, int]]]] = {lid: [] for lid in locks}
     result: dict[int, int] = {}
     pending = set(locks)
     t_end = time.monotonic() + deadline_s
     while pending:
+        rows = live_rows()
         for lid in list(pending):
             lk = locks[lid]
             cls = lid >> 40
             snap = {en.row: (en.word, en.held, en.spins)
-                    for en in read_entries(q, live_rows, cls) if en.lid == lid}
+                    for en in read_entries(q, rows, cls) if en.lid == lid}
             while True:
                 try:
                     lk.sem.acquire(0)
@@ -303,6 +308,8 @@ def recover(q: memoryview, locks: dict[int, Lock], live_rows: list[tuple[int, in
                     break
             h = hist[lid]
             h.append(snap)
+            progress[lk.name] = {"drained": drained[lid],
+                                 "snapshots": [{str(r): list(v) for r, v in x.items()} for x in h[-3:]]}
             if len(h) >= 3 and _stable(h[-3], h[-2], h[-1]):
                 live = sum(_units(w, held) for (w, held, _s) in h[-1].values())
                 dead = lk.units - drained[lid] - live - owned.get(lid, 0)
@@ -328,6 +335,10 @@ def recover(q: memoryview, locks: dict[int, Lock], live_rows: list[tuple[int, in
                 q[e + E_HELD] = 0
                 q[e + E_SINCE] = 0
     return result
+
+
+# what the last recover() saw of each lock (for a stalled recovery's report)
+progress: dict[str, dict] = {}
 
 
 def _units(word: int, held: int) -> int:

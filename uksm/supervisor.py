@@ -305,7 +305,7 @@ class Supervisor:
             if new:
                 lids = {lid for (_r, b) in new for lid in dead_locks(q, b)}
                 these = {lid: self.lock_for(cl, lid) for lid in lids}
-                took = recover(q, these, cl.live_rows(), new, owned)
+                took = recover(q, these, cl.live_rows, new, owned)
                 for lid, n in took.items():
                     if n:
                         self.log.warning("lock_recovery", lock=lock_name(lid), units=n,
@@ -432,8 +432,10 @@ class Supervisor:
         frames = _sys._current_frames()
         stacks = {t.name: "".join(_tb.format_stack(frames[t.ident]))
                   for t in threading.enumerate() if t.ident in frames}
+        from . import locks as _locks
         self.log.error("recovery_stalled", seconds=round(time.monotonic() - started, 3),
-                       pending=self.pending_deaths, stacks=stacks)
+                       pending=self.pending_deaths, stacks=stacks, locks=dict(_locks.progress),
+                       live_rows=[r for r, _b in self.cl.live_rows()])
 
     def _queue_death(self, item: tuple[int, Child, int]) -> None:
         with self.lock:
