@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -15,10 +16,23 @@ from uksm.supervisor import Supervisor
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def run_group(argv: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """Run a command in its own process group; on timeout kill the whole
+    group (a supervisor's ksmd and workers too), then fail."""
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         cwd=ROOT, start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
+        raise AssertionError(f"{' '.join(argv)}: no answer within {timeout}s (killed)")
+    return subprocess.CompletedProcess(argv, p.returncode, out, err)
+
+
 def uksm(*args: str, timeout: float = 120, check: bool = False) -> subprocess.CompletedProcess:
     """Run ``uksm ARGS`` as a user would (python -m uksm), capture output."""
-    p = subprocess.run([sys.executable, "-m", "uksm", *args], capture_output=True, text=True,
-                       timeout=timeout, cwd=ROOT)
+    p = run_group([sys.executable, "-m", "uksm", *args], timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"uksm {' '.join(args)} -> {p.returncode}\n{p.stdout}\n{p.stderr}")
     return p

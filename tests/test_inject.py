@@ -9,13 +9,12 @@ import sys
 
 import pytest
 
-from helpers import ROOT
+from helpers import ROOT, run_group
 from uksm import killpoints
 
 
 def inject(*args: str, timeout: float = 240) -> tuple[dict, int]:
-    p = subprocess.run([sys.executable, "-m", "uksm", "inject", "--json", "--quiet", *args],
-                       capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    p = run_group([sys.executable, "-m", "uksm", "inject", "--json", "--quiet", *args], timeout)
     try:
         return json.loads(p.stdout), p.returncode
     except json.JSONDecodeError:
