@@ -202,27 +202,35 @@ class Supervisor:
         if self.restart_ksmd:
             self.restart_ksmd = False
             self.start_ksmd()
+        for row, ch, rc in self._exited():
+            if self.exit_complete(row, ch):
+                # it ran its whole exit (a signal after that changes nothing)
+                if self._claim(row):
+                    self._account_exit(row, ch, reaped=False)
+            elif self._claim(row):
+                self._to_recovery(row, ch, rc)
+
+    def _exited(self) -> list[tuple[int, Child, int]]:
+        """Children that have exited, with their wait status."""
         with self.lock:
             items = list(self.children.items())
-        for row, ch in items:
-            rc = ch.proc.poll()
-            if rc is None:
-                continue
-            with self.lock:
-                if self.children.pop(row, None) is None:
-                    continue  # detect_deaths sent it to recovery
-            self._on_exit(row, ch, rc)
+        return [(row, ch, rc) for row, ch in items if (rc := ch.proc.poll()) is not None]
 
-    def _on_exit(self, row: int, ch: Child, rc: int) -> None:
-        cl, q = self.cl, self.cl.q
+    def _claim(self, row: int) -> bool:
+        """Take an exited child off the list; False if the other thread
+        (poll or detect_deaths) already did."""
+        with self.lock:
+            return self.children.pop(row, None) is not None
+
+    def exit_complete(self, row: int, ch: Child) -> bool:
+        """The child ran its whole exit (its mm dropped or gone) and holds no lock."""
+        q = self.cl.q
         mm = self.mms.get(ch.mm)
-        mb = mm.base if mm is not None else -1
-        done = mm is None or q[mb + M_ID] != ch.mm or q[mb + M_EXIT_STAGE] & XS_MMDROP
-        if done and not any(dead_locks(q, cl.tbase(row))):
-            # it ran its whole exit (a signal after that changes nothing)
-            self._account_exit(row, ch, reaped=False)
-            return
-        q[cl.tbase(row) + T_STATE] = TS_DEAD
+        done = mm is None or q[mm.base + M_ID] != ch.mm or q[mm.base + M_EXIT_STAGE] & XS_MMDROP
+        return bool(done) and not any(dead_locks(q, self.cl.tbase(row)))
+
+    def _to_recovery(self, row: int, ch: Child, rc: int) -> None:
+        self.cl.q[self.cl.tbase(row) + T_STATE] = TS_DEAD
         self._queue_death((row, ch, rc))
 
     def _account_exit(self, row: int, ch: Child, reaped: bool, how: str | None = None,
@@ -383,21 +391,9 @@ class Supervisor:
         while the main loop (or anybody) is blocked on a lock the dead
         holds.  Clean exits are left to poll(), which accounts them."""
         cl, q = self.cl, self.cl.q
-        with self.lock:
-            items = list(self.children.items())
-        for row, ch in items:
-            rc = ch.proc.poll()
-            if rc is None:
-                continue
-            mm = self.mms.get(ch.mm)
-            done = mm is None or q[mm.base + M_ID] != ch.mm or q[mm.base + M_EXIT_STAGE] & XS_MMDROP
-            if done and not any(dead_locks(q, cl.tbase(row))):
-                continue
-            with self.lock:
-                if self.children.pop(row, None) is None:
-                    continue  # poll() got it first
-            q[cl.tbase(row) + T_STATE] = TS_DEAD
-            self._queue_death((row, ch, rc))
+        for row, ch, rc in self._exited():
+            if not self.exit_complete(row, ch) and self._claim(row):
+                self._to_recovery(row, ch, rc)
         k = self.ksmd
         if k is not None and k.proc.poll() is not None and not q[H_SHUTDOWN]:
             with self.lock:
