@@ -26,7 +26,7 @@ from . import killpoints
 from .ksm import ksm_exit
 from .layout import (EXIT_POLICIES, H_EXIT_POLICY, M_EXIT_STAGE, M_ID, M_REFS, M_SLOT_USED, M_STATE,
                      M_USERS, MAX_VMAS, MS_EXITING, MS_ZOMBIE, PAGE_SIZE, PT_OFF, REF_KSM,
-                     REF_USERS, VMA_OFF, VMA_SIZE, V_END, XS_KSM_EXIT, XS_MMDROP, XS_PGTABLES,
+                     REF_USERS, MS_VMAS_FREED, VMA_OFF, VMA_SIZE, V_END, XS_KSM_EXIT, XS_MMDROP, XS_PGTABLES,
                      XS_USERS0, XS_ZAPPED, M_OOM_VICTIM)
 from .memory import Allocator
 from .mm import MM, mmdrop
@@ -121,6 +121,7 @@ def free_pgtables(cl: "Cluster", mm: MM) -> None:
     by a COW break that did not check ksm_test_exit) loses its frame for
     good: the leak the seed's checks prevent, and fsck reports."""
     pq = mm.pq
+    pq[MS_VMAS_FREED] = 1  # the VMA table is destroyed: walking it is a bug (mm.VmaTableFreed)
     for i in range(MAX_VMAS):
         pq[VMA_OFF + i * VMA_SIZE + V_END] = 0
     start = PT_OFF * 8

@@ -41,12 +41,21 @@ from .layout import (F_KSM, FR_COUNT, FR_FLAGS, FR_KEY0, FR_KEY1, FRAME_SIZE, K_
                      L_SCAN_SLOT, L_SEQNR, M_FLAGS, M_ID, M_KSM_MAPPED, M_MERGING,
                      M_RMAP_ITEMS, M_SLOT_RMAP, M_SLOT_USED, M_WRITER_WAITING, MMF_VM_MERGEABLE,
                      PAGE_SIZE, PT_OFF, PTE_PRESENT, PTE_WRITE, REF_KSM, S_COW_KSMD,
-                     S_MERGES, S_SLOTS_FREED, VM_MERGEABLE, H_SHUTDOWN)
+                     S_MERGES, S_SLOTS_FREED, VM_MERGEABLE, H_SHUTDOWN, H_HAZARDS,
+                     HZ_NO_SCAN_HEAD_CHECK, HZ_NO_UNMERGE_EXIT_CHECK, HZ_UP_READ_AFTER_UNLOCK)
 from .memory import Allocator, free_frames
 from .mm import MM, mm_attach, mmdrop
 from .mmu import ksm_test_exit
 
 digest = mmh3.mmh3_x64_128_digest
+
+# ksmd's exit status after an oops (EX_SOFTWARE): the supervisor reads the
+# traceback from the --oops-file and fails the run instead of restarting ksmd
+OOPS_STATUS = 70
+
+
+class NullPointerDereference(Exception):
+    """A dereference the kernel would have done through a NULL pointer."""
 
 
 def key_ints(key: bytes) -> tuple[int, int]:
@@ -208,6 +217,8 @@ class Ksmd:
 
     # ---- slots -----------------------------------------------------------
     def slot_state(self, row: int) -> SlotState:
+        if row == self.cl.head:  # ksm_mm_head.mm is NULL: mm = slot->mm; down_read(&mm->mmap_sem)
+            raise NullPointerDereference("mm = slot->mm: slot is ksm_mm_head, its mm is NULL")
         st = self.slots.get(row)
         mm_id = self.q[self.cl.mbase(row) + M_ID]
         if st is not None and st.mm_id == mm_id:
@@ -289,12 +300,18 @@ class Ksmd:
             slot = q[L_SCAN_SLOT]
             if slot == head:
                 self.unstable.clear()  # root_unstable_tree = RB_ROOT
+                # the window of CVE-2011-2183: ksmd_should_run saw the list
+                # non-empty, and the last mm may leave before the lock
+                killpoints.hit_ksmd(cl, "ksmd_scan_wrap", cl.mbase(q[L_HEAD_NEXT] % head), self.log)
                 task.lock(cl.mmlist)
                 slot = slot_next(cl, head)
                 q[L_SCAN_SLOT] = slot
                 q[L_SCAN_ADDR] = 0
                 task.unlock(cl.mmlist)
-                if slot == head:  # CVE-2011-2183: the last mm left meanwhile
+                # "ksm: fix NULL pointer dereference in scan_get_next_rmap_item()"
+                # (2011, CVE-2011-2183): the last mm left meanwhile, and the
+                # list head has no mm.  Hazard no-scan-head-check drops it.
+                if slot == head and not q[H_HAZARDS] & HZ_NO_SCAN_HEAD_CHECK:
                     break
             st = self.slot_state(slot)
             n, done = self.scan_mm(st, budget)
@@ -410,8 +427,20 @@ class Ksmd:
             self.log.info("slot_freed", mm=st.mm_id, by="ksmd")
             self.drop_slot(st)
             mmdrop(cl, st.row, st.mm_id, REF_KSM, self.log)
-        else:
+        elif q[H_HAZARDS] & HZ_UP_READ_AFTER_UNLOCK:
+            # before "ksm: fix conflict between mmput and scan_get_next_rmap_item"
+            # (2016): once the list lock is dropped with the cursor moved on,
+            # the task may exit by the fast path and free its mm before
+            # this up_read -- an up_read on freed memory
+            task.unlock(cl.mmlist)
+            killpoints.hit_ksmd(cl, "ksmd_between_unlocks", b, self.log)
             task.unlock(mm.sem)
+        else:
+            # up_read before the list lock is dropped (the 2016 fix): with the
+            # cursor moved on and no rmap_items, nothing else keeps the mm
+            # from __ksm_exit's fast path and the last mmdrop
+            task.unlock(mm.sem)
+            killpoints.hit_ksmd(cl, "ksmd_between_unlocks", b, self.log)
             task.unlock(cl.mmlist)
         if nxt == cl.head:
             q[L_SEQNR] = seqnr + 1
@@ -609,7 +638,12 @@ class Ksmd:
             mm = st.mm
             task.lock(mm.sem)
             pages = 0
-            if not ksm_test_exit(cl, mm):
+            # "mm/ksm: fix race with VMA iteration and mm_struct teardown"
+            # (2023): re-check ksm_test_exit after taking mmap_sem, before
+            # walking VMAs that exit_mmap may already have destroyed (the
+            # exit poisons the VMA table, mm.vmas() then oopses).  Hazard
+            # no-unmerge-exit-check drops only this check.
+            if q[H_HAZARDS] & HZ_NO_UNMERGE_EXIT_CHECK or not ksm_test_exit(cl, mm):
                 for (start, end) in mm.mergeable_ranges():
                     if ksm_test_exit(cl, mm):
                         break
@@ -659,6 +693,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cluster", required=True)
     ap.add_argument("--task", type=int, required=True)
     ap.add_argument("--log-dir")
+    ap.add_argument("--oops-file", help="where to write the traceback of an oops")
     a = ap.parse_args(argv)
     cl = Cluster.attach(a.cluster)
     cl.bind(a.task)
@@ -666,13 +701,31 @@ def main(argv: list[str] | None = None) -> int:
     cl.q[cl.tbase(a.task) + T_PID] = os.getpid()
     log = ulog.setup("ksmd", a.cluster, a.log_dir)
     oom.set_logger(log)
+    cl.watch_use_after_free(log)
     cl.task.on_wait = lambda name, ms, holders: log.info("lock_wait", lock=name, holders=holders,
                                                           waited_ms=round(ms, 3))
     try:
         Ksmd(cl, log).run()
+    except Exception as e:  # noqa: BLE001 -- every unexpected exception is an oops
+        return oops(e, log, a.oops_file)
     finally:
         ulog.close()
     return 0
+
+
+def oops(e: BaseException, log: Any, oops_file: str | None) -> int:
+    """An unexpected exception in ksmd is a kernel oops: logged once with
+    its traceback (event ``oops``), written to ``oops_file`` for the
+    supervisor's report, and ksmd exits with OOPS_STATUS.  Its locks are
+    then recovered like any dead task's; no new ksmd is started (the
+    kernel's ksmd thread does not come back either) and the run fails."""
+    import traceback
+    tb = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+    log.critical("oops", error=repr(e), tb=tb)
+    if oops_file:
+        with open(oops_file, "w") as f:
+            f.write(tb)
+    return OOPS_STATUS
 
 
 if __name__ == "__main__":

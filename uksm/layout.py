@@ -86,7 +86,10 @@ S_COW_KSMD = KSM_END + 15
 S_SLOTS_FREED = KSM_END + 16
 S_MM_FREED = KSM_END + 17
 S_SIGNALS = KSM_END + 18
-STATS_END = KSM_END + 19
+# detectors (racy increments: only "zero or not" matters)
+S_USE_AFTER_FREE = KSM_END + 19  # lock operations on a freed mm (locks.Task.uaf)
+S_LOCKDEP = KSM_END + 20         # locks taken against the order, or twice (lockdep)
+STATS_END = KSM_END + 21
 
 # ---- ksm_mm_head, ksm_scan (under ksm_mmlist_lock) and the free-stack top (under zone_lock)
 L_HEAD_NEXT = STATS_END + 0
@@ -201,6 +204,8 @@ F_ANON, F_KSM, F_FREEING = 1, 2, 4
 
 # ---- address-space segment: header, VMA table, page table
 MS_MAGIC, MS_ID, MS_OWNER_PID, MS_NVMA = range(4)
+# set by exit_mmap's free_pgtables: the VMA table is destroyed (a walk oopses)
+MS_VMAS_FREED = 4
 MAX_VMAS = 64
 V_START, V_END, V_FLAGS = range(3)
 VMA_SIZE = 3
@@ -214,8 +219,12 @@ FIRST_VPN = 16  # the first pages of every address space stay unmapped (NULL)
 # ---- exit policies and hazards
 EXIT_POLICIES = ("seed", "shipped", "legacy")
 POL_SEED, POL_SHIPPED, POL_LEGACY = range(3)
-HAZARDS = {"no-fast-path": 1, "no-exit-checks": 2}
-HZ_NO_FAST_PATH, HZ_NO_EXIT_CHECKS = 1, 2
+# Each hazard removes one later fix (or restores one early bug); README.md
+# lists them with the commit that fixed each.
+HAZARDS = {"no-fast-path": 1, "no-exit-checks": 2, "no-scan-head-check": 4,
+           "up-read-after-unlock": 8, "no-unmerge-exit-check": 16}
+HZ_NO_FAST_PATH, HZ_NO_EXIT_CHECKS, HZ_NO_SCAN_HEAD_CHECK = 1, 2, 4
+HZ_UP_READ_AFTER_UNLOCK, HZ_NO_UNMERGE_EXIT_CHECK = 8, 16
 
 # cluster states
 CS_STARTING, CS_RUNNING, CS_STOPPING, CS_STOPPED = range(4)

@@ -76,7 +76,7 @@ class LockAbort(Exception):
 class Lock:
     """One semaphore of ``units`` units (1: a mutex; N: an rw semaphore)."""
 
-    __slots__ = ("sem", "units", "cls", "lid", "name")
+    __slots__ = ("sem", "units", "cls", "lid", "name", "mm", "mmrow")
 
     def __init__(self, sem: posix_ipc.Semaphore, units: int, cls: int, mm: int = 0) -> None:
         self.sem = sem
@@ -84,6 +84,8 @@ class Lock:
         self.cls = cls
         self.lid = lock_id(cls, mm)
         self.name = lock_name(self.lid)
+        self.mm = mm          # the address space whose lock this is (0: a global lock)
+        self.mmrow = -1       # its mm-table row, for the use-after-free check
 
 
 class Task:
@@ -107,6 +109,9 @@ class Task:
         # polled at every slice of a blocked wait; True abandons the wait
         # (the entry goes back to IDLE: no unit was taken) with LockAbort
         self.abort: Callable[[], bool] | None = None
+        # called before every operation on an mm's lock (Cluster.watch_use_after_free):
+        # an operation on a freed mm's lock is a use after free
+        self.uaf: Callable[[Lock, str], None] | None = None
 
     # -- the protocol -----------------------------------------------------
     def _set(self, e: int, state: int) -> None:
@@ -139,6 +144,8 @@ class Task:
 
     def lock(self, lk: Lock) -> None:
         """mutex_lock / down_read: take one unit."""
+        if self.uaf is not None and lk.mmrow >= 0:
+            self.uaf(lk, "lock")
         q = self.q
         e = self.ebase[lk.cls]
         q[e + E_LOCK] = lk.lid
@@ -152,6 +159,8 @@ class Task:
 
     def trylock(self, lk: Lock) -> bool:
         """mutex_trylock / down_read_trylock."""
+        if self.uaf is not None and lk.mmrow >= 0:
+            self.uaf(lk, "trylock")
         q = self.q
         e = self.ebase[lk.cls]
         q[e + E_LOCK] = lk.lid
@@ -167,6 +176,8 @@ class Task:
 
     def unlock(self, lk: Lock) -> None:
         """mutex_unlock / up_read."""
+        if self.uaf is not None and lk.mmrow >= 0:
+            self.uaf(lk, "unlock")
         q = self.q
         e = self.ebase[lk.cls]
         w = q[e + E_WORD]

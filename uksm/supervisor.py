@@ -19,6 +19,7 @@ import queue
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from . import log as ulog
 from .cluster import Cluster, Config, destroy
 from .exit import mm_users_zero, mmput
 from .ksm import repair_list
+from .ksmd import OOPS_STATUS
 from .layout import (A_FREE_TOP, C_ALLOC, C_DAEMON, C_MMAP, C_MMLIST, C_PTL, C_WMUTEX,
                      CS_RUNNING, EXIT_PATHS, EXIT_REASONS, H_KSMD_PID,
                      H_KSMD_TASK, H_NEXT_WORKER, H_SHUTDOWN, H_STATE, H_SUPERVISOR_PID,
@@ -37,7 +39,7 @@ from .layout import (A_FREE_TOP, C_ALLOC, C_DAEMON, C_MMAP, C_MMLIST, C_PTL, C_W
                      M_EXIT_STAGE, M_FREER_TASK, M_ID, M_OWNER_PID, M_REFS, M_SLOT_RMAP, M_SLOT_USED,
                      M_STATE, M_USERS, M_WRITER_WAITING, MS_FREEING, MS_ZOMBIE,
                      R_KSMD, R_REAPER, R_SUPERVISOR, R_WORKER, S_EXIT_FAST, S_EXIT_LEGACY,
-                     S_EXIT_SLOW, S_EXITED, S_KILLED, S_LOCK_RECOVERIES, S_MISMATCHES,
+                     S_EXIT_SLOW, S_EXITED, S_USE_AFTER_FREE, S_KILLED, S_LOCK_RECOVERIES, S_MISMATCHES,
                      S_OOM_KILLED, S_PAGES_VERIFIED, S_REAPED, S_RECOVERIES, S_STARTED,
                      T_EXIT_PATH, T_EXIT_REASON, T_FLIGHT_PFN, T_FOR_ROW, T_KILL_POINT, T_MISMATCHES, T_MM,
                      T_PAGES, T_PID, T_READY, T_ROLE, T_START_NS, T_STATE, T_VERIFIED,
@@ -83,6 +85,7 @@ class Supervisor:
         self.reapers: list[threading.Thread] = []
         self.ksmd: Child | None = None
         self.errors: list[str] = []
+        self.oopses: list[dict[str, Any]] = []  # ksmd's oopses: error, traceback
         self.booted = False
         self.restart_ksmd = False
         self.pending_deaths = 0  # queued or being recovered (under self.lock)
@@ -147,7 +150,8 @@ class Supervisor:
 
     def start_ksmd(self) -> None:
         row = self._alloc_row(R_KSMD)
-        args = ["uksm.ksmd", "--cluster", self.name, "--task", str(row)]
+        args = ["uksm.ksmd", "--cluster", self.name, "--task", str(row),
+                "--oops-file", self._oops_file(row)]
         if self.log_dir:
             args += ["--log-dir", self.log_dir]
         p = self._popen(args)
@@ -156,9 +160,31 @@ class Supervisor:
         self.cl.q[H_KSMD_PID] = p.pid
         self.ksmd = Child(row, p, "ksmd")
 
+    def _oops_file(self, row: int) -> str:
+        return os.path.join(tempfile.gettempdir(), f"uksm-{self.name}-{os.getpid()}-ksmd{row}.oops")
+
+    def note_oops(self, k: Child) -> bool:
+        """ksmd exited with OOPS_STATUS: an unexpected exception, the
+        kernel's oops.  Record its traceback (written by ksmd) for the
+        report; the run fails and no new ksmd is started."""
+        if k.proc.returncode != OOPS_STATUS:
+            return False
+        path = self._oops_file(k.row)
+        try:
+            with open(path) as f:
+                tb = f.read()
+            os.unlink(path)
+        except OSError:
+            tb = "(ksmd left no traceback)"
+        last = tb.strip().splitlines()[-1] if tb.strip() else "?"
+        self.oopses.append({"pid": k.proc.pid, "error": last, "traceback": tb})
+        self.errors.append(f"ksmd oops: {last}")
+        self.log.error("ksmd_oops", dead_pid=k.proc.pid, error=last)
+        return True
+
     def spawn_worker(self, pages: int, workload: str, seed: int, churn_ms: int = 0,
                      kill_point: str | None = None, kill_sig: int = signal.SIGKILL,
-                     exit_after_write: bool = False) -> Child:
+                     exit_after_write: bool = False, no_touch: bool = False) -> Child:
         """fork + exec a worker: its row and address space first."""
         cl, q = self.cl, self.cl.q
         row = self._alloc_row(R_WORKER)
@@ -180,6 +206,8 @@ class Supervisor:
                 "--seed", str(seed), "--worker-no", str(wno), "--churn-ms", str(churn_ms)]
         if exit_after_write:
             args.append("--exit-after-write")
+        if no_touch:
+            args.append("--no-touch")
         if self.log_dir:
             args += ["--log-dir", self.log_dir]
         p = self._popen(args)
@@ -381,7 +409,7 @@ class Supervisor:
         counts cleared: they died with it), a new ksmd takes over the list --
         including the slots that slow-path exits left it to free."""
         self._free_row(row)
-        if not self.stop_ev.is_set():
+        if not self.stop_ev.is_set() and not self.oopses:  # after an oops ksmd stays dead
             with self.lock:
                 self.restart_ksmd = True  # the main loop starts it (it owns the children)
 
@@ -400,7 +428,8 @@ class Supervisor:
                 if self.ksmd is not k:
                     return
                 self.ksmd = None
-            self.errors.append(f"ksmd died (status {k.proc.returncode})")
+            if not self.note_oops(k):
+                self.errors.append(f"ksmd died (status {k.proc.returncode})")
             self.log.error("ksmd_died", status=k.proc.returncode)
             # out of scope for the kernel (ksmd does not die), but the machine
             # must not hang: recover the locks it held like a worker's, then
@@ -627,6 +656,7 @@ class Supervisor:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait(timeout=10)
+        self.note_oops(self.ksmd)
         self._free_row(self.ksmd.row)
         self.ksmd = None
 
@@ -680,7 +710,8 @@ class Supervisor:
         the slow paths left it, ksmd stops, the final fsck, teardown; or, if
         a task hung, SIGKILL everything (the reboot button) and tear down.
         Returns the report's blocks and the exit status (0 all good, 3 a
-        hung task, 4 an integrity or fsck failure, 1 anything else)."""
+        hung task, 4 an integrity or fsck failure, 5 a kernel oops (ksmd
+        raised), 1 anything else)."""
         q = self.cl.q
         status = 0
         fs: dict[str, Any] = {"ok": False,
@@ -700,18 +731,25 @@ class Supervisor:
                 fs = self.final_fsck()
             workers = self.workers_block()
             integrity = {"pages_verified": q[S_PAGES_VERIFIED], "mismatches": q[S_MISMATCHES]}
+            uaf = q[S_USE_AFTER_FREE]
         except BaseException:
             self.kill_all()
             self.teardown()
             raise
         leftovers = self.teardown()
+        if uaf:
+            self.errors.append(f"use after free: {uaf} lock operations on a freed mm "
+                               "(use_after_free events)")
         if status == 0:
             if integrity["mismatches"] or not fs["ok"]:
                 status = 4
             elif leftovers or self.errors:
                 status = 1
+        if self.oopses and status != 3:
+            status = 5  # the oops first: what follows from a dead ksmd is its consequence
         return {"workers": workers, "integrity": integrity, "fsck": fs, "hung_tasks": self.hung,
-                "ipc_leftovers": leftovers, "errors": self.errors, "status": status}
+                "ipc_leftovers": leftovers, "oops": self.oopses, "use_after_free": uaf,
+                "errors": self.errors, "status": status}
 
     def teardown(self) -> list[str]:
         """Unlink every object; return what is still there."""
@@ -723,6 +761,11 @@ class Supervisor:
         except Exception:
             pass
         destroy(self.name)
+        for row in range(self.cfg.max_tasks):  # tracebacks of oopses nobody read (a kill_all)
+            try:
+                os.unlink(self._oops_file(row))
+            except OSError:
+                pass
         return shm.leftovers(self.name)
 
     def log_stop(self, status: int) -> None:

@@ -44,6 +44,7 @@ class Worker:
         self.q[self.tb + T_PID] = os.getpid()
         self.log = ulog.setup("worker", a.cluster, a.log_dir, mm=a.mm)
         oom.set_logger(self.log)
+        self.cl.watch_use_after_free(self.log)
         self.task.on_wait = lambda name, ms, holders: self.log.info(
             "lock_wait", lock=name, holders=holders, waited_ms=round(ms, 3))
         self.mm = mm_attach(self.cl, a.mm)
@@ -85,7 +86,7 @@ class Worker:
             sys_madvise(self.cl, self.mm, self.alloc, self.base, a.pages * PAGE_SIZE,
                         MADV_MERGEABLE, self.log)
             for i in range(a.pages):
-                if self.dying():
+                if self.dying() or a.no_touch:
                     break
                 self.write_page(i)
             self.q[self.tb + T_READY] = 1
@@ -169,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--worker-no", type=int, default=0)
     ap.add_argument("--churn-ms", type=int, default=0)
     ap.add_argument("--exit-after-write", action="store_true")
+    ap.add_argument("--no-touch", action="store_true",
+                    help="madvise the area and never write it (LTP ksm05's task): "
+                         "ksmd finds no page, the slot has no rmap_items")
     ap.add_argument("--log-dir")
     a = ap.parse_args(argv)
     try:

@@ -1,0 +1,136 @@
+"""Later KSM races on a flag (issue 11): each hazard removes one fix, a
+detector catches the race it reopens, and the fixed code stays clean under
+the very same test.  The race windows are held open with ksmd delay points,
+so each test hits its race every time; each runs a few times.
+
+- no-scan-head-check (CVE-2011-2183): detector, the ksmd oops;
+- up-read-after-unlock (2016): detector, use_after_free;
+- no-unmerge-exit-check (2023): detector, the ksmd oops.
+"""
+from __future__ import annotations
+
+import pytest
+
+from helpers import booted, pump
+from test_exit import finish, ready, set_run
+from uksm import killpoints, logs
+from uksm.layout import (H_KSMD_POINT, K_FULL_SCANS, K_RUN, K_RUN_DONE, K_RUN_SEQ, S_EXIT_FAST,
+                         S_EXIT_SLOW)
+
+SMALL = dict(frames=512, va_pages=128, pages_to_scan=200, sleep_ms=1)
+
+
+def events(log_dir, name: str) -> list[dict]:
+    return [ev for ev in logs.iter_events(log_dir) if ev["event"] == name]
+
+
+def request_run(sup, value: int) -> int:
+    q = sup.cl.q
+    q[K_RUN] = value
+    q[K_RUN_SEQ] += 1
+    return q[K_RUN_SEQ]
+
+
+def ksm05_exit_in_window(sup, point: str, ms: int, seed: int) -> int:
+    """LTP ksm05's task (madvise, touch nothing) exits by the fast path
+    while ksmd, started by run=1, waits at delay point ``point``.  Returns
+    the run request's sequence number."""
+    q = sup.cl.q
+    ch = sup.spawn_worker(8, "identical", seed, no_touch=True)
+    pump(sup, lambda: ready(sup, ch), what="madvise done")
+    killpoints.arm_ksmd_delay(sup.cl, point, ms)
+    seq = request_run(sup, 1)
+    pump(sup, lambda: q[H_KSMD_POINT] == -1, what="ksmd in the window")
+    ch.proc.terminate()
+    pump(sup, lambda: ch.row not in sup.children, what="the task's exit")
+    return seq
+
+
+def assert_oops(sup, tmp_path, frame: str, exc: str) -> None:
+    """The detector: ksmd's exception is an oops, in the report (status 5,
+    traceback) and in the logs (``oops``, rule 6 of ``logs check``)."""
+    pump(sup, lambda: sup.oopses, what="ksmd's oops")
+    end = sup.shutdown()
+    assert end["status"] == 5, end
+    tb = end["oops"][0]["traceback"]
+    assert exc in tb and frame in tb, tb
+    assert any("ksmd oops" in e for e in end["errors"])
+    oops = events(tmp_path, "oops")
+    assert len(oops) == 1 and exc in oops[0]["tb"]
+    assert any(v.startswith("rule 6: oops") for v in logs.check(tmp_path))
+
+
+def assert_clean(sup, tmp_path) -> None:
+    end = sup.shutdown()
+    assert end["status"] == 0 and not end["oops"] and not end["use_after_free"], end
+    assert logs.check(tmp_path) == []
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("hazards", [[], ["no-scan-head-check"]], ids=["fixed", "hazard"])
+@pytest.mark.parametrize("rep", range(3))
+def test_cve_2011_2183_scan_reaches_the_list_head(hazards, rep, tmp_path):
+    """ksm05's task: it madvises and exits before any scan.  ksmd saw the
+    list non-empty (ksmd_should_run) and stops before taking the list lock;
+    the task exits by the fast path, emptying the list; ksmd steps from the
+    list head to ... the list head, whose mm is NULL."""
+    with booted(f"thead{rep}{len(hazards)}", str(tmp_path), run=0, hazards=hazards, **SMALL) as sup:
+        q = sup.cl.q
+        seq = ksm05_exit_in_window(sup, "ksmd_scan_wrap", 2000, rep)
+        assert q[S_EXIT_FAST] == 1  # the list is empty, ksmd still in the window
+        if hazards:
+            assert_oops(sup, tmp_path, "slot_state", "NullPointerDereference")
+        else:
+            pump(sup, lambda: q[K_RUN_DONE] == seq, what="ksmd's batch")
+            assert_clean(sup, tmp_path)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("hazards", [[], ["up-read-after-unlock"]], ids=["fixed", "hazard"])
+@pytest.mark.parametrize("rep", range(3))
+def test_2016_up_read_after_the_list_lock(hazards, rep, tmp_path):
+    """ksmd finishes an mm with no rmap_items and moves the cursor on under
+    the list lock.  Dropping the list lock before mmap_sem lets the task
+    exit by the fast path and free its mm first: ksmd's up_read is then on
+    a freed mm (the delay point holds the window open).  With the 2016
+    order the task's exit comes after the up_read and nothing is flagged."""
+    with booted(f"tuaf{rep}{len(hazards)}", str(tmp_path), run=0, hazards=hazards, **SMALL) as sup:
+        q = sup.cl.q
+        seq = ksm05_exit_in_window(sup, "ksmd_between_unlocks", 1500, rep)
+        pump(sup, lambda: q[K_RUN_DONE] == seq, what="ksmd past the window")
+        if hazards:
+            assert q[S_EXIT_FAST] == 1  # (fixed: the exit waits for the list lock, then
+            #                              takes the fast path or finds ksmd freed the slot)
+            pump(sup, lambda: events(tmp_path, "use_after_free"), what="the use_after_free event")
+            end = sup.shutdown()
+            assert end["status"] == 1 and end["use_after_free"] >= 1, end
+            assert any("use after free" in e for e in end["errors"])
+            ev = events(tmp_path, "use_after_free")[0]
+            assert ev["role"] == "ksmd" and ev["lock"].startswith("mmap_sem:") and ev["op"] == "unlock"
+            assert any(v.startswith("rule 7:") for v in logs.check(tmp_path))
+        else:
+            assert_clean(sup, tmp_path)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("hazards", [[], ["no-unmerge-exit-check"]], ids=["fixed", "hazard"])
+@pytest.mark.parametrize("rep", range(2))
+def test_2023_unmerge_walks_a_torn_down_mm(hazards, rep, tmp_path):
+    """A task with rmap_items exits by the slow path while ksmd is stopped:
+    its exit completes (exit_mmap destroys the VMA table) and its slot
+    waits for ksmd.  run=2 then walks it: without the ksm_test_exit
+    re-check after mmap_sem, unmerge iterates the destroyed VMAs."""
+    with booted(f"tvma{rep}{len(hazards)}", str(tmp_path), run=1, hazards=hazards, **SMALL) as sup:
+        q = sup.cl.q
+        ch = sup.spawn_worker(16, "identical", rep)
+        pump(sup, lambda: ready(sup, ch) and q[K_FULL_SCANS] >= 2, what="scanned")
+        set_run(sup, 0)
+        ch.proc.terminate()
+        pump(sup, lambda: ch.row not in sup.children, what="the task's exit")
+        assert q[S_EXIT_SLOW] == 1
+        seq = request_run(sup, 2)
+        if hazards:
+            assert_oops(sup, tmp_path, "unmerge_and_remove_all_rmap_items", "VmaTableFreed")
+        else:
+            pump(sup, lambda: q[K_RUN_DONE] == seq, what="the unmerge")
+            assert_clean(sup, tmp_path)
