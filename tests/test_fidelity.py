@@ -28,3 +28,38 @@ def test_shipped_hang_is_named_for_what_it_is(path):
     assert "2015 race" not in text and "fixed upstream in 2015" not in text
     if path != "docs/DESIGN.md":
         assert "mmap_sem instead" in text or "mmap_sem` instead" in text
+
+
+# ---- 4. the fault-path ksm_test_exit check exists under `seed` only ---------------
+
+def cname(tag: str) -> str:
+    return f"tfid{tag}{os.getpid() % 100000}"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("policy,installs", [("seed", False), ("shipped", True), ("legacy", True)])
+def test_fault_path_exit_check_only_in_the_seed(policy, installs):
+    """break_ksm faulting a zapped (pte_none) entry of an exiting mm: the
+    seed's do_anonymous_page check installs nothing; 2.6.32 as shipped
+    (Andrea's revert: no ksm_test_exit in 2.6.32.67's mm/memory.c) and the
+    code before the seed install the page -- their exit_mmap, after
+    __ksm_exit, frees it."""
+    from helpers import booted
+    from util_machine import Space, assert_fsck
+
+    from uksm.exit import mm_users_zero
+    from uksm.log import _Null
+    from uksm.mmu import FAULT_EXITING, FAULT_OK, handle_mm_fault
+    with booted(cname("f" + policy[:2]), run=0, frames=64, va_pages=128, exit_policy=policy) as sup:
+        s = Space(sup)
+        base = s.mmap(2)
+        mm_users_zero(sup.cl, s.mm, _Null())       # exit began: ksm_test_exit(mm)
+        sup.cl.task.lock(s.mm.sem)
+        try:
+            r = handle_mm_fault(sup.cl, s.alloc, s.mm, base >> 12, True, True)
+        finally:
+            sup.cl.task.unlock(s.mm.sem)
+        assert (s.pfn(base) is not None) == installs
+        assert r == (FAULT_OK if installs else FAULT_EXITING)
+        s.exit()
+        assert_fsck(sup)
