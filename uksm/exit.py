@@ -9,8 +9,13 @@
 ``shipped`` (2.6.32 as released, after the move into exit_mmap was reverted):
     mm_users = 0 -> __ksm_exit (same fast/slow paths) -> exit_mmap -> mmdrop.
     The slow path's down_write waits for ksmd's mmap_sem *before* the pages
-    are freed: an OOM victim that ksmd is unmerging waits for ksmd, which
-    waits for memory the victim has not freed (the 2015 race).
+    are freed: an OOM victim that ksmd is in waits for ksmd, which may wait
+    for memory the victim has not freed.  Hugh predicted it in the 2009
+    thread ("the deadlock comes on mmap_sem instead"); Andrea's revert
+    accepted that "its memory won't be freed until a second victim has been
+    selected"; and it was seen as a hung task on 4.1 stable in September
+    2016 ("hungtask will come up when ksm enable"), whose OOM killer waited
+    for the first victim instead of selecting a second (``uksm.oom``).
 ``legacy`` (before the seed):
     mm_users = 0 -> __ksm_exit taking ksm_thread_mutex -> exit_mmap -> mmdrop.
     Deadlocks when ksmd holds the mutex while waiting for memory.
