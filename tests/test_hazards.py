@@ -134,3 +134,31 @@ def test_2023_unmerge_walks_a_torn_down_mm(hazards, rep, tmp_path):
         else:
             pump(sup, lambda: q[K_RUN_DONE] == seq, what="the unmerge")
             assert_clean(sup, tmp_path)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("policy", ["seed", "shipped"])
+@pytest.mark.parametrize("rep", range(2))
+def test_munlock_at_exit_livelocks_under_the_seed(policy, rep, tmp_path):
+    """"ksm: fix deadlock with munlock in exit_mmap" (2009): a task with
+    mlocked areas, one of them PROT_NONE (never populated), exits.  exit_mmap
+    munlocks first, faulting the absent pages in; the seed's fault-path
+    ksm_test_exit check (mm_users is 0 by then) backs every fault out, so
+    under ``seed`` the exit faults forever -- the watchdog reports it like a
+    hung task -- and under ``shipped`` (check reverted) it exits."""
+    with booted(f"tmlock{policy}{rep}", str(tmp_path), run=0, exit_policy=policy,
+                hung_timeout_ms=1500, **SMALL) as sup:
+        ch = sup.spawn_worker(8, "identical", 1, mlock=True)
+        pump(sup, lambda: ready(sup, ch), what="mlockall done")
+        ch.proc.terminate()
+        if policy == "seed":
+            pump(sup, lambda: sup.hung, what="the livelock report")
+            end = sup.shutdown()
+            assert end["status"] == 3, end
+            h = end["hung_tasks"][0]
+            assert h["lock"] == "none (livelock)" and h["pid"] == ch.proc.pid
+            assert "keeps faulting in its exit without progress" in h["chain"][0]
+            assert any(v.startswith("rule 5: hung task") for v in logs.check(tmp_path))
+        else:
+            pump(sup, lambda: ch.row not in sup.children, what="the task's exit")
+            assert_clean(sup, tmp_path)

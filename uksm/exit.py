@@ -31,11 +31,12 @@ from . import killpoints
 from .ksm import ksm_exit
 from .layout import (EXIT_POLICIES, H_EXIT_POLICY, M_EXIT_STAGE, M_ID, M_REFS, M_SLOT_USED, M_STATE,
                      M_USERS, MAX_VMAS, MS_EXITING, MS_ZOMBIE, PAGE_SIZE, PT_OFF, REF_KSM,
-                     REF_USERS, MS_VMAS_FREED, VMA_OFF, VMA_SIZE, V_END, XS_KSM_EXIT, XS_MMDROP, XS_PGTABLES,
+                     REF_USERS, MS_VMAS_FREED, H_SHUTDOWN, PTE_PRESENT, T_EXIT_PROGRESS,
+                     VM_LOCKED, VMA_OFF, VMA_SIZE, V_END, XS_KSM_EXIT, XS_MMDROP, XS_PGTABLES,
                      XS_USERS0, XS_ZAPPED, M_OOM_VICTIM)
 from .memory import Allocator
 from .mm import MM, mmdrop
-from .mmu import zap_range
+from .mmu import handle_mm_fault, zap_range
 
 if TYPE_CHECKING:
     from .cluster import Cluster
@@ -108,10 +109,37 @@ def _ksm_exit(cl: "Cluster", mm: MM, policy: str, log: Any) -> int:
     return path
 
 
+def munlock_vma_pages_all(cl: "Cluster", mm: MM, alloc: Allocator) -> None:
+    """exit_mmap's first step when the mm has VM_LOCKED areas: munlock each.
+    2.6.32's munlock goes through get_user_pages, which (as "ksm: fix
+    deadlock with munlock in exit_mmap", Andrea Arcangeli, 2009, says:
+    "stupidly") faults in the absent pages of the area -- a PROT_NONE
+    area that mlock could not populate, say -- and retries until each page
+    is there.  With the seed's ksm_test_exit check in the fault path
+    (mm_users is 0 by now) the fault backs out without installing
+    anything, and this loop never ends: the livelock that made Andrea
+    revert the seed's placement and its fault-path checks.  ``shipped``
+    faults without the check and goes on.  Each page done bumps
+    T_EXIT_PROGRESS; a retry that installs nothing does not, so the
+    watchdog sees faults without progress.  (H_SHUTDOWN ends the loop:
+    the machine is being torn down, the livelock already reported.)"""
+    q, task = cl.q, cl.task
+    for (i, s, e, f) in mm.vmas():
+        if not f & VM_LOCKED:
+            continue
+        for vpn in range(s, e):
+            while not mm.pq[PT_OFF + vpn] & PTE_PRESENT and not q[H_SHUTDOWN]:
+                handle_mm_fault(cl, alloc, mm, vpn, False)  # follow_page failed: fault, retry
+            q[task.base + T_EXIT_PROGRESS] += 1
+        mm.set_vma_flags(i, f & ~VM_LOCKED)
+
+
 def exit_mmap_unmap(cl: "Cluster", mm: MM, alloc: Allocator, log: Any) -> None:
-    """exit_mmap, first half: unmap every page and free its frame (no
-    mmap_sem, as the kernel's).  Then the memory an OOM kill was for is
-    back, and the OOM killer may pick another victim if need be."""
+    """exit_mmap, first half: munlock the VM_LOCKED areas, unmap every
+    page and free its frame (no mmap_sem, as the kernel's).  Then the memory
+    an OOM kill was for is back, and the OOM killer may pick another victim
+    if need be."""
+    munlock_vma_pages_all(cl, mm, alloc)
     half = cl.va_pages // 2
     zap_range(cl, alloc, mm, 0, half)
     killpoints.hit(cl, "exit_mid_zap", log)

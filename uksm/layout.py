@@ -124,7 +124,8 @@ T_FOR_ROW = 19
 T_WORKLOAD = 20
 T_SEED = 21
 T_EXIT_PATH = 22
-T_FIXED = 23
+T_EXIT_PROGRESS = 23  # bumped at every step of this task's exit (the livelock watchdog's clock)
+T_FIXED = 24
 
 # ---- mm table row: mm_struct fused with its mm_slot (slot index == row index)
 M_ID = 0
@@ -211,7 +212,7 @@ V_START, V_END, V_FLAGS = range(3)
 VMA_SIZE = 3
 VMA_OFF = 8
 PT_OFF = VMA_OFF + MAX_VMAS * VMA_SIZE
-VM_READ, VM_WRITE, VM_MERGEABLE = 1, 2, 4
+VM_READ, VM_WRITE, VM_MERGEABLE, VM_LOCKED = 1, 2, 4, 8
 # PTE: pfn << 2 | write << 1 | present; 0 is pte_none
 PTE_PRESENT, PTE_WRITE = 1, 2
 FIRST_VPN = 16  # the first pages of every address space stay unmapped (NULL)

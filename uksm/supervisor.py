@@ -184,7 +184,8 @@ class Supervisor:
 
     def spawn_worker(self, pages: int, workload: str, seed: int, churn_ms: int = 0,
                      kill_point: str | None = None, kill_sig: int = signal.SIGKILL,
-                     exit_after_write: bool = False, no_touch: bool = False) -> Child:
+                     exit_after_write: bool = False, no_touch: bool = False,
+                     mlock: bool = False) -> Child:
         """fork + exec a worker: its row and address space first."""
         cl, q = self.cl, self.cl.q
         row = self._alloc_row(R_WORKER)
@@ -208,6 +209,8 @@ class Supervisor:
             args.append("--exit-after-write")
         if no_touch:
             args.append("--no-touch")
+        if mlock:
+            args.append("--mlock")
         if self.log_dir:
             args += ["--log-dir", self.log_dir]
         p = self._popen(args)
