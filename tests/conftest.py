@@ -19,6 +19,8 @@ from uksm import shm
 
 MARK = f"UKSM_TEST_SESSION={os.getpid()}"
 os.environ["UKSM_TEST_SESSION"] = str(os.getpid())
+# lockdep on in every process the suite starts (uksm.cluster.LOCKDEP)
+os.environ["UKSM_LOCKDEP"] = "1"
 MARKERS = ("uksm.ksmd", "uksm.workers.worker", "uksm.daemon", "-m uksm", "bin/uksm")
 
 

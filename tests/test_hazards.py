@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import booted, pump
+from helpers import booted, pump, run_json
 from test_exit import finish, ready, set_run
 from uksm import killpoints, logs
 from uksm.layout import (H_KSMD_POINT, K_FULL_SCANS, K_RUN, K_RUN_DONE, K_RUN_SEQ, S_EXIT_FAST,
@@ -162,3 +162,57 @@ def test_munlock_at_exit_livelocks_under_the_seed(policy, rep, tmp_path):
         else:
             pump(sup, lambda: ch.row not in sup.children, what="the task's exit")
             assert_clean(sup, tmp_path)
+
+
+@pytest.mark.timeout(60)
+def test_lockdep_names_a_lock_taken_against_the_order(tmp_path):
+    """The checker is on in the suite (conftest sets UKSM_LOCKDEP=1): zone_lock
+    under ksm_mmlist_lock (a leaf) is against the order, a trylock of a
+    mutex the task holds is recursive; both are counted and logged, and
+    the run fails."""
+    with booted("tlockdep", str(tmp_path), run=0, **SMALL) as sup:
+        cl = sup.cl
+        cl.task.lock(cl.mmlist)
+        cl.task.lock(cl.zone)
+        cl.task.unlock(cl.zone)
+        cl.task.unlock(cl.mmlist)
+        cl.task.lock(cl.daemon)
+        assert not cl.task.trylock(cl.daemon)
+        cl.task.unlock(cl.daemon)
+        cl.task.lock(cl.daemon)  # in order, released in order: not reported
+        cl.task.lock(cl.mmlist)
+        cl.task.unlock(cl.mmlist)
+        cl.task.unlock(cl.daemon)
+        end = sup.shutdown()
+        assert end["lockdep"] == 2 and end["status"] == 1, end
+    evs = events(tmp_path, "lockdep")
+    assert [(e["kind"], e["lock"], e["held"]) for e in evs] == [
+        ("order", "zone_lock", "ksm_mmlist_lock"), ("recursive", "ksm_thread_mutex", "ksm_thread_mutex")]
+    assert "test_lockdep_names" in evs[0]["chain"]
+    assert sum(v.startswith("rule 8: lockdep") for v in logs.check(tmp_path)) == 2
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("hazards", [[], ["oom-mmput-in-task"]], ids=["fixed", "hazard"])
+def test_2015_oom_mmput_in_the_unmerging_task(hazards, tmp_path):
+    """The 2015 linux-next self-deadlock, in the oom-unmerge scenario: the
+    unmerger (ksmd here) holds the victim's mmap_sem for read; its
+    allocation's OOM kill runs the victim's mmput in the unmerger itself,
+    and __ksm_exit's slow path takes down_write on that same semaphore.
+    lockdep names it; the watchdog then reports the hang.  Without the
+    hazard the same scenario completes with no lockdep report."""
+    args = ["--scenario", "oom-unmerge", "--workers", "4", "--pages", "256",
+            "--pages-to-scan", "1000", "--sleep-ms", "5", "--hung-task-timeout", "2",
+            "--log-dir", str(tmp_path)]
+    for h in hazards:
+        args += ["--hazard", h]
+    r, status = run_json(*args, timeout=100)
+    if hazards:
+        assert status == 3 and r["lockdep"] >= 1 and r["hung_tasks"], r
+        ev = events(tmp_path, "lockdep")[0]
+        assert ev["role"] == "ksmd" and ev["kind"] == "recursive" and ev["op"] == "down_write"
+        assert ev["lock"] == ev["held"] and ev["lock"].startswith("mmap_sem:")
+        assert "oom_kill_and_mmput" in ev["chain"] and "ksm_exit" in ev["chain"]
+    else:
+        assert status == 0 and r["lockdep"] == 0 and r["workers"]["oom_killed"] >= 1, r
+        assert events(tmp_path, "lockdep") == []

@@ -26,8 +26,12 @@ from .layout import (A_FREE_TOP, C_ALLOC, C_DAEMON, C_MMAP, C_MMLIST, C_PTL, C_W
                      K_PAGES_TO_SCAN, K_RUN, K_SLEEP_MS, L_HEAD_NEXT, L_HEAD_PREV,
                      L_SCAN_SLOT, MAGIC, MM_SIZE, PAGE_SIZE, T_STATE, TASK_SIZE,
                      TS_ALIVE, TS_REAPING, VERSION, M_ID, M_STATE, MS_FREE, MS_FREEING,
-                     S_USE_AFTER_FREE)
-from .locks import Lock, Task, holders_of
+                     S_LOCKDEP, S_USE_AFTER_FREE)
+from .locks import Lock, Task, holders_of, lock_name
+
+# lockdep (locks.Task.lockdep_check) in every task: UKSM_LOCKDEP=1 (the
+# test suite sets it); off by default, every lock operation pays for it
+LOCKDEP = os.environ.get("UKSM_LOCKDEP") == "1"
 
 
 @dataclass
@@ -149,15 +153,32 @@ class Cluster:
 
     def bind(self, row: int) -> Task:
         """Use task row ``row`` for this process's (or thread's) locking."""
-        task = Task(self.q, self.tbase(row), row, holders=self.holders,
-                    wait_log_ms=self.q[H_LOCK_WAIT_MS])
+        task = self.new_task(row)
         self.task = task
         return task
 
     def new_task(self, row: int) -> Task:
         """Another Task handle (a supervisor thread) on ``row``."""
-        return Task(self.q, self.tbase(row), row, holders=self.holders,
+        task = Task(self.q, self.tbase(row), row, holders=self.holders,
                     wait_log_ms=self.q[H_LOCK_WAIT_MS])
+        if LOCKDEP:
+            task.lockdep = self._lockdep_report
+        return task
+
+    # what lockdep reports go to (each process sets its logger)
+    lockdep_log: Any = None
+
+    def _lockdep_report(self, kind: str, lk: Lock, held: int, op: str) -> None:
+        """A lock taken against the order (locks.Task.lockdep_check): count
+        it (S_LOCKDEP fails the run) and log ``lockdep`` with the call chain,
+        as the kernel's lockdep prints the report and carries on -- into the
+        deadlock, if it was one (the watchdog then reports the hang)."""
+        import traceback
+        self.q[S_LOCKDEP] += 1  # racy, but only zero or not matters
+        if self.lockdep_log is not None:
+            chain = " <- ".join(f.name for f in reversed(traceback.extract_stack()[-9:-2]))
+            self.lockdep_log.error("lockdep", kind=kind, lock=lk.name, held=lock_name(held), op=op,
+                                   chain=chain)
 
     def thread_view(self, row: int) -> "Cluster":
         """The same cluster for another thread of this process, locking as

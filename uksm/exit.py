@@ -27,15 +27,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from . import killpoints
+from . import killpoints, oom
 from .ksm import ksm_exit
 from .layout import (EXIT_POLICIES, H_EXIT_POLICY, M_EXIT_STAGE, M_ID, M_REFS, M_SLOT_USED, M_STATE,
                      M_USERS, MAX_VMAS, MS_EXITING, MS_ZOMBIE, PAGE_SIZE, PT_OFF, REF_KSM,
                      REF_USERS, MS_VMAS_FREED, H_SHUTDOWN, PTE_PRESENT, T_EXIT_PROGRESS,
                      VM_LOCKED, VMA_OFF, VMA_SIZE, V_END, XS_KSM_EXIT, XS_MMDROP, XS_PGTABLES,
-                     XS_USERS0, XS_ZAPPED, M_OOM_VICTIM)
+                     XS_USERS0, XS_ZAPPED, M_OOM_VICTIM, M_OWNER_PID)
 from .memory import Allocator
-from .mm import MM, mmdrop
+from .mm import MM, mm_attach, mmdrop
 from .mmu import handle_mm_fault, zap_range
 
 if TYPE_CHECKING:
@@ -66,6 +66,34 @@ def mmput(cl: "Cluster", mm: MM, alloc: Allocator, log: Any) -> int:
             q[b + M_STATE] = MS_ZOMBIE  # waiting for ksmd to free the slot
         mmdrop(cl, mm.row, mm.id, REF_USERS, log)  # marks XS_MMDROP with the drop
     return path
+
+
+def oom_kill_and_mmput(cl: "Cluster", task: Any, log: Any = None) -> int:
+    """The OOM killer as a linux-next change of 2015 made it (hazard
+    ``oom-mmput-in-task``): oom_kill_process itself ends up in mmput of the
+    victim's mm, in the allocating task.  When that task is the run=2
+    unmerger (here ksmd) holding the victim's mmap_sem for read, the mmput
+    runs __ksm_exit, whose slow path (the victim is at the unmerge cursor)
+    does down_write on that same mmap_sem: the task deadlocks on itself.
+    lockdep names it ("recursive", mmap_sem) before the hang.
+
+    Simplified: the kernel's mmput was the last one because the victim had
+    already dropped its own reference; here the killer's mmput runs the
+    whole exit and the victim's own exit later finds every step done (the
+    steps are idempotent).  The report was on linux-next and was fixed in
+    the OOM killer, never in KSM; its thread is not in the sources this
+    project can search (the issue and shared/KSM-REFERENCE.md describe it)."""
+    pid = oom.out_of_memory(cl, task)
+    if pid <= 0:
+        return pid
+    q = cl.q
+    for r in range(cl.max_mms):
+        b = cl.mbase(r)
+        if q[b + M_ID] and q[b + M_OWNER_PID] == pid and q[b + M_OOM_VICTIM]:
+            mm = mm_attach(cl, q[b + M_ID])
+            mmput(cl, mm, Allocator(cl), log)
+            break
+    return pid
 
 
 def mm_users_zero(cl: "Cluster", mm: MM, log: Any, ptl_held: bool = False) -> bool:

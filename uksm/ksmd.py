@@ -33,6 +33,7 @@ import mmh3
 
 from . import killpoints, oom
 from .cluster import Cluster
+from .exit import oom_kill_and_mmput
 from .ksm import break_ksm, list_del, slot_next, unmerge_ksm_pages
 from .layout import (F_KSM, FR_COUNT, FR_FLAGS, FR_KEY0, FR_KEY1, FRAME_SIZE, K_FULL_SCANS,
                      K_PAGES_SCANNED, K_PAGES_SHARED, K_PAGES_SHARING, K_PAGES_TO_SCAN,
@@ -42,7 +43,8 @@ from .layout import (F_KSM, FR_COUNT, FR_FLAGS, FR_KEY0, FR_KEY1, FRAME_SIZE, K_
                      M_RMAP_ITEMS, M_SLOT_RMAP, M_SLOT_USED, M_WRITER_WAITING, MMF_VM_MERGEABLE,
                      PAGE_SIZE, PT_OFF, PTE_PRESENT, PTE_WRITE, REF_KSM, S_COW_KSMD,
                      S_MERGES, S_SLOTS_FREED, VM_MERGEABLE, H_SHUTDOWN, H_HAZARDS,
-                     HZ_NO_SCAN_HEAD_CHECK, HZ_NO_UNMERGE_EXIT_CHECK, HZ_UP_READ_AFTER_UNLOCK)
+                     HZ_NO_SCAN_HEAD_CHECK, HZ_NO_UNMERGE_EXIT_CHECK, HZ_OOM_MMPUT_IN_TASK,
+                     HZ_UP_READ_AFTER_UNLOCK)
 from .memory import Allocator, free_frames
 from .mm import MM, mm_attach, mmdrop
 from .mmu import ksm_test_exit
@@ -114,6 +116,8 @@ class Ksmd:
         self.log = log
         self.alloc = Allocator(cl)
         self.alloc.oom_killer = oom.out_of_memory
+        if self.q[H_HAZARDS] & HZ_OOM_MMPUT_IN_TASK:  # the 2015 linux-next self-deadlock
+            self.alloc.oom_killer = lambda c, t: oom_kill_and_mmput(c, t, log)
         self.stable: dict[bytes, StableNode] = {}
         self.unstable: dict[bytes, RmapItem] = {}
         self.slots: dict[int, SlotState] = {}
@@ -702,6 +706,7 @@ def main(argv: list[str] | None = None) -> int:
     log = ulog.setup("ksmd", a.cluster, a.log_dir)
     oom.set_logger(log)
     cl.watch_use_after_free(log)
+    cl.lockdep_log = log
     cl.task.on_wait = lambda name, ms, holders: log.info("lock_wait", lock=name, holders=holders,
                                                           waited_ms=round(ms, 3))
     try:

@@ -223,9 +223,9 @@ POL_SEED, POL_SHIPPED, POL_LEGACY = range(3)
 # Each hazard removes one later fix (or restores one early bug); README.md
 # lists them with the commit that fixed each.
 HAZARDS = {"no-fast-path": 1, "no-exit-checks": 2, "no-scan-head-check": 4,
-           "up-read-after-unlock": 8, "no-unmerge-exit-check": 16}
+           "up-read-after-unlock": 8, "no-unmerge-exit-check": 16, "oom-mmput-in-task": 32}
 HZ_NO_FAST_PATH, HZ_NO_EXIT_CHECKS, HZ_NO_SCAN_HEAD_CHECK = 1, 2, 4
-HZ_UP_READ_AFTER_UNLOCK, HZ_NO_UNMERGE_EXIT_CHECK = 8, 16
+HZ_UP_READ_AFTER_UNLOCK, HZ_NO_UNMERGE_EXIT_CHECK, HZ_OOM_MMPUT_IN_TASK = 8, 16, 32
 
 # cluster states
 CS_STARTING, CS_RUNNING, CS_STOPPING, CS_STOPPED = range(4)

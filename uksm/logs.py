@@ -378,7 +378,7 @@ class CheckResult:
     clean_stop: bool
 
 
-N_RULES = 7
+N_RULES = 8
 
 
 class _Checker:
@@ -494,6 +494,11 @@ class _Checker:
                                  f"{ev.get('error', '?')} (at {self._t(ev['mono_ns'])}); "
                                  f"last frame: {tb[-3].strip() if len(tb) >= 3 else '?'}")
 
+    def _lockdep(self, ev: Event) -> None:
+        self._violation(8, None, f"lockdep: {ev.get('role', '?')} pid {ev.get('pid', '?')} took "
+                                 f"{ev.get('lock', '?')} ({ev.get('op', '?')}) holding {ev.get('held', '?')}: "
+                                 f"{ev.get('kind', '?')} (at {self._t(ev['mono_ns'])}); chain: {ev.get('chain', '?')}")
+
     def _use_after_free(self, ev: Event) -> None:
         self._violation(7, _int(ev.get("mm")), f"{self._desc(ev)}: operation on a freed mm's lock")
 
@@ -518,6 +523,8 @@ class _Checker:
                 self._oops(ev)
             elif name == "use_after_free":
                 self._use_after_free(ev)
+            elif name == "lockdep":
+                self._lockdep(ev)
             elif name == "cluster_stop":
                 self.clean_stop = True
 
@@ -560,7 +567,8 @@ def check(log_dir: str | Path) -> list[str]:
     4. no merge whose t_last_ns is after that mm's mm_exit_begin;
     5. no hung_task event;
     6. no oops event (an unexpected exception in ksmd);
-    7. no use_after_free event (an operation on a freed mm's lock).
+    7. no use_after_free event (an operation on a freed mm's lock);
+    8. no lockdep event (a lock taken against the lock order, or twice).
     """
     return check_events(iter_events(log_dir)).violations
 

@@ -192,7 +192,8 @@ def run_with(o: RunOptions, driver: Driver, prefix: str = "run") -> tuple[dict[s
               **snap, "workers": end["workers"], "integrity": end["integrity"], "fsck": end["fsck"],
               "hung_tasks": end["hung_tasks"], "ipc_leftovers": end["ipc_leftovers"],
               "log_dir": log_dir, "exit_policy": o.exit_policy, "hazards": o.hazards,
-              "scenario": o.scenario, **extra, "errors": end["errors"], "status": status}
+              "scenario": o.scenario, **extra, "oops": end["oops"], "use_after_free": end["use_after_free"],
+              "lockdep": end["lockdep"], "errors": end["errors"], "status": status}
     sup.log_stop(status)
     return report, status
 

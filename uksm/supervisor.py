@@ -39,7 +39,7 @@ from .layout import (A_FREE_TOP, C_ALLOC, C_DAEMON, C_MMAP, C_MMLIST, C_PTL, C_W
                      M_EXIT_STAGE, M_FREER_TASK, M_ID, M_OWNER_PID, M_REFS, M_SLOT_RMAP, M_SLOT_USED,
                      M_STATE, M_USERS, M_WRITER_WAITING, MS_FREEING, MS_ZOMBIE,
                      R_KSMD, R_REAPER, R_SUPERVISOR, R_WORKER, S_EXIT_FAST, S_EXIT_LEGACY,
-                     S_EXIT_SLOW, S_EXITED, S_USE_AFTER_FREE, S_KILLED, S_LOCK_RECOVERIES, S_MISMATCHES,
+                     S_EXIT_SLOW, S_EXITED, S_LOCKDEP, S_USE_AFTER_FREE, S_KILLED, S_LOCK_RECOVERIES, S_MISMATCHES,
                      S_OOM_KILLED, S_PAGES_VERIFIED, S_REAPED, S_RECOVERIES, S_STARTED,
                      T_EXIT_PATH, T_EXIT_REASON, T_FLIGHT_PFN, T_FOR_ROW, T_KILL_POINT, T_MISMATCHES, T_MM,
                      T_PAGES, T_PID, T_READY, T_ROLE, T_START_NS, T_STATE, T_VERIFIED,
@@ -102,6 +102,7 @@ class Supervisor:
         row = self._alloc_row(R_SUPERVISOR, os.getpid())
         self.cl.bind(row)
         self.log = ulog.setup("supervisor", self.name, self.log_dir)
+        self.cl.lockdep_log = self.log
         oom.set_logger(self.log)
         self.cl.task.on_wait = self._on_wait(self.log)
         self.log.info("cluster_start", workers=0, pages=0, frames=self.cfg.frames,
@@ -734,7 +735,7 @@ class Supervisor:
                 fs = self.final_fsck()
             workers = self.workers_block()
             integrity = {"pages_verified": q[S_PAGES_VERIFIED], "mismatches": q[S_MISMATCHES]}
-            uaf = q[S_USE_AFTER_FREE]
+            uaf, lockdep = q[S_USE_AFTER_FREE], q[S_LOCKDEP]
         except BaseException:
             self.kill_all()
             self.teardown()
@@ -743,6 +744,9 @@ class Supervisor:
         if uaf:
             self.errors.append(f"use after free: {uaf} lock operations on a freed mm "
                                "(use_after_free events)")
+        if lockdep:
+            self.errors.append(f"lockdep: {lockdep} locks taken against the lock order "
+                               "(lockdep events)")
         if status == 0:
             if integrity["mismatches"] or not fs["ok"]:
                 status = 4
@@ -752,6 +756,7 @@ class Supervisor:
             status = 5  # the oops first: what follows from a dead ksmd is its consequence
         return {"workers": workers, "integrity": integrity, "fsck": fs, "hung_tasks": self.hung,
                 "ipc_leftovers": leftovers, "oops": self.oopses, "use_after_free": uaf,
+                "lockdep": lockdep,
                 "errors": self.errors, "status": status}
 
     def teardown(self) -> list[str]:

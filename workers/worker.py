@@ -45,6 +45,7 @@ class Worker:
         self.log = ulog.setup("worker", a.cluster, a.log_dir, mm=a.mm)
         oom.set_logger(self.log)
         self.cl.watch_use_after_free(self.log)
+        self.cl.lockdep_log = self.log
         self.task.on_wait = lambda name, ms, holders: self.log.info(
             "lock_wait", lock=name, holders=holders, waited_ms=round(ms, 3))
         self.mm = mm_attach(self.cl, a.mm)
