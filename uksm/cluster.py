@@ -175,10 +175,10 @@ class Cluster:
         deadlock, if it was one (the watchdog then reports the hang)."""
         import traceback
         self.q[S_LOCKDEP] += 1  # racy, but only zero or not matters
-        if self.lockdep_log is not None:
+        log = self.lockdep_log
+        if log is not None:
             chain = " <- ".join(f.name for f in reversed(traceback.extract_stack()[-9:-2]))
-            self.lockdep_log.error("lockdep", kind=kind, lock=lk.name, held=lock_name(held), op=op,
-                                   chain=chain)
+            log.error("lockdep", kind=kind, lock=lk.name, held=lock_name(held), op=op, chain=chain)
 
     def thread_view(self, row: int) -> "Cluster":
         """The same cluster for another thread of this process, locking as
