@@ -140,11 +140,16 @@ class Injector:
                 seq = ksm_run_store(cl, 2)
                 self.wait(sup, lambda: q[K_RUN_DONE] >= seq, 30)
                 ksm_run_store(cl, 1)
+            with sup.lock:
+                kids = list(sup.children.values())
             ok = self.wait(sup, lambda: q[H_KSMD_POINT] == -1, 10)
             if not ok:
                 q[H_KSMD_POINT] = -1
                 return False
             self.log_kill(sup, None, "point")
+            # ksmd signalled the owner of the mm it was in: wait for that death
+            # (the victim may have been dead already: then this just times out)
+            self.wait(sup, lambda: any(c.proc.poll() is not None for c in kids), 5)
             return True
         else:
             kids = self.ready_workers(sup)

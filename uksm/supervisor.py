@@ -239,7 +239,7 @@ class Supervisor:
                 # it ran its whole exit (a signal after that changes nothing)
                 if self._claim(row):
                     self._account_exit(row, ch, reaped=False)
-            elif self._claim(row):
+            elif self._claim(row, dead=True):
                 self._to_recovery(row, ch, rc)
 
     def _exited(self) -> list[tuple[int, Child, int]]:
@@ -248,11 +248,16 @@ class Supervisor:
             items = list(self.children.items())
         return [(row, ch, rc) for row, ch in items if (rc := ch.proc.poll()) is not None]
 
-    def _claim(self, row: int) -> bool:
+    def _claim(self, row: int, dead: bool = False) -> bool:
         """Take an exited child off the list; False if the other thread
-        (poll or detect_deaths) already did."""
+        (poll or detect_deaths) already did.  ``dead``: it goes to recovery,
+        counted in pending_deaths in the same critical section, so that
+        settled() never sees it neither listed nor pending."""
         with self.lock:
-            return self.children.pop(row, None) is not None
+            got = self.children.pop(row, None) is not None
+            if got and dead:
+                self.pending_deaths += 1
+            return got
 
     def exit_complete(self, row: int, ch: Child) -> bool:
         """The child ran its whole exit (its mm dropped or gone) and holds no lock."""
@@ -262,8 +267,9 @@ class Supervisor:
         return bool(done) and not any(dead_locks(q, self.cl.tbase(row)))
 
     def _to_recovery(self, row: int, ch: Child, rc: int) -> None:
+        """A claimed death (already counted in pending_deaths) to recovery."""
         self.cl.q[self.cl.tbase(row) + T_STATE] = TS_DEAD
-        self._queue_death((row, ch, rc))
+        self.dead_q.put((row, ch, rc))
 
     def _account_exit(self, row: int, ch: Child, reaped: bool, how: str | None = None,
                       view: Cluster | None = None) -> None:
@@ -424,7 +430,7 @@ class Supervisor:
         holds.  Clean exits are left to poll(), which accounts them."""
         cl, q = self.cl, self.cl.q
         for row, ch, rc in self._exited():
-            if not self.exit_complete(row, ch) and self._claim(row):
+            if not self.exit_complete(row, ch) and self._claim(row, dead=True):
                 self._to_recovery(row, ch, rc)
         k = self.ksmd
         if k is not None and k.proc.poll() is not None and not q[H_SHUTDOWN]:
@@ -550,9 +556,12 @@ class Supervisor:
     # ---- state -----------------------------------------------------------------------
     def settled(self) -> bool:
         """No death waiting for recovery, none being recovered, no reaper
-        still running a dead task's exit."""
+        still running a dead task's exit -- and no exited child not yet
+        noticed (a worker ksmd has just SIGKILLed at a kill point)."""
         with self.lock:
-            return self.pending_deaths == 0 and not any(t.is_alive() for t in self.reapers)
+            if self.pending_deaths or any(t.is_alive() for t in self.reapers):
+                return False
+        return not self._exited()
 
     def workers_alive(self) -> int:
         with self.lock:
