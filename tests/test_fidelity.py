@@ -63,3 +63,138 @@ def test_fault_path_exit_check_only_in_the_seed(policy, installs):
         assert r == (FAULT_OK if installs else FAULT_EXITING)
         s.exit()
         assert_fsck(sup)
+
+
+# ---- ksmd driven from the test thread --------------------------------------------
+
+class InProcKsmd:
+    """A Ksmd run by the test thread (the supervisor's task row), one batch
+    at a time under ksm_thread_mutex, while the cluster's own ksmd idles
+    (run=0): its scans are then deterministic."""
+
+    def __init__(self, sup, monkeypatch) -> None:
+        from uksm.ksmd import Ksmd
+        from uksm.log import _Null
+        self.sup = sup
+        self.k = Ksmd(sup.cl, _Null())
+        # the test's Space shares this process's cached semaphores: a slot
+        # freed here must not close them under it
+        monkeypatch.setattr(sup.cl, "forget_mm", lambda _mm_id: None)
+
+    def scan(self, n: int = 1000, passes: int = 1) -> None:
+        cl = self.sup.cl
+        for _ in range(passes):
+            cl.task.lock(cl.daemon)
+            try:
+                self.k.ksm_do_scan(n)
+            finally:
+                cl.task.unlock(cl.daemon)
+
+
+def fill_same(s, addr: int, npages: int, byte: int = 0x42) -> None:
+    for i in range(npages):
+        s.write(addr + i * 4096, bytes([byte]) * 4096)
+
+
+# ---- 5. ksmd calls break_cow where the kernel does -----------------------------------
+
+@pytest.mark.timeout(60)
+def test_unshared_ksm_page_goes_through_break_cow(monkeypatch):
+    """ksm_do_scan replaces a now-unshared KSM page by an ordinary page with
+    break_cow (down_read, ksm_test_exit, find_vma, VM_MERGEABLE, break_ksm),
+    not with a bare break_ksm."""
+    from helpers import booted
+    from util_machine import Space, assert_fsck, is_ksm
+
+    import uksm.ksmd as ksmd_mod
+    from uksm.ksm import break_cow as real_break_cow
+    from uksm.syscalls import MADV_MERGEABLE
+    calls: list[int] = []
+
+    def spy(cl, alloc, mm, vpn, log=None):
+        calls.append(vpn)
+        return real_break_cow(cl, alloc, mm, vpn, log)
+    monkeypatch.setattr(ksmd_mod, "break_cow", spy)
+    with booted(cname("bc"), run=0, frames=64, va_pages=128) as sup:
+        k = InProcKsmd(sup, monkeypatch)
+        s = Space(sup)
+        base = s.mmap(2)
+        fill_same(s, base, 2)
+        s.madvise(base, 2, MADV_MERGEABLE)
+        k.scan(passes=3)
+        assert s.pfn(base) == s.pfn(base + 4096) and is_ksm(sup.cl, s.pfn(base)), "merged"
+        s.write(base + 4096, b"x")            # COW: the KSM page keeps one mapping
+        k.scan()
+        assert calls == [base >> 12]
+        assert not is_ksm(sup.cl, s.pfn(base)), "the unshared KSM page was broken"
+        s.exit(wait=False)
+        k.scan(passes=2)                       # ksmd frees the slot of the exiting mm
+        assert s.freed()
+        assert_fsck(sup)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("advice", ["unmergeable", "munmap"])
+def test_break_cow_leaves_an_area_no_longer_mergeable(advice):
+    """break_cow finds the VMA again under mmap_sem: an address unmapped or
+    made UNMERGEABLE since ksmd saw it is not touched."""
+    from helpers import booted
+    from util_machine import Space
+
+    from uksm.ksm import break_cow
+    from uksm.syscalls import MADV_MERGEABLE, MADV_UNMERGEABLE
+    with booted(cname("bv" + advice[:2]), run=0, frames=64, va_pages=128) as sup:
+        s = Space(sup)
+        base = s.mmap(2)
+        fill_same(s, base, 2)
+        s.madvise(base, 2, MADV_MERGEABLE)
+        assert break_cow(sup.cl, s.alloc, s.mm, base >> 12)
+        if advice == "munmap":
+            s.munmap(base, 2)
+        else:
+            s.madvise(base, 2, MADV_UNMERGEABLE)
+        assert not break_cow(sup.cl, s.alloc, s.mm, base >> 12)
+        s.exit()
+
+
+# ---- 6. never merge in an area made UNMERGEABLE or unmapped meanwhile ------------------
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("rep", range(3))
+def test_no_merge_in_an_area_made_unmergeable_while_ksmd_scans(rep):
+    """Two mergeable areas A and B of one mm, B's pages equal to A's merged
+    KSM page.  ksmd is held (delay point) at the start of scan_mm with
+    mmap_sem for read; MADV_UNMERGEABLE on B waits for it, ksmd lets the
+    writer in, re-takes mmap_sem.  The kernel's scan_get_next_rmap_item
+    does find_vma per page: B is no longer VM_MERGEABLE, nothing of it is
+    merged.  (Before: ksmd went on with the area list taken before the
+    drop and merged B's pages into the KSM page.)"""
+    from helpers import booted, pump
+    from util_machine import Space, assert_fsck, is_ksm, set_run, wait_counts, wait_full_scans
+
+    from uksm import killpoints
+    from uksm.layout import H_KSMD_POINT, K_RUN
+    from uksm.syscalls import MADV_MERGEABLE, MADV_UNMERGEABLE
+    with booted(cname(f"nm{rep}"), run=1, frames=512, va_pages=400, pages_to_scan=2000,
+                sleep_ms=2) as sup:
+        q = sup.cl.q
+        s = Space(sup)
+        a = s.mmap(128)
+        s.mmap(1)                               # a gap: A and B stay two VMAs
+        b = s.mmap(64)
+        fill_same(s, a, 128)
+        fill_same(s, b, 64)
+        s.madvise(a, 128, MADV_MERGEABLE)
+        wait_counts(sup, pages_shared=1, pages_sharing=127)
+        set_run(sup, 0)
+        s.madvise(b, 64, MADV_MERGEABLE)
+        killpoints.arm_ksmd_delay(sup.cl, "ksmd_scan_mmap_sem", 600)
+        q[K_RUN] = 1                            # ksmd's next batch: scan_mm of this mm
+        pump(sup, lambda: q[H_KSMD_POINT] == -1, what="ksmd held with mmap_sem")
+        s.madvise(b, 64, MADV_UNMERGEABLE)      # waits for ksmd to let the writer in
+        wait_full_scans(sup, 2)
+        merged_b = [i for i in range(64) if is_ksm(sup.cl, s.pfn(b + i * 4096))]
+        assert merged_b == [], f"pages of the UNMERGEABLE area merged: {merged_b[:8]}"
+        assert all(is_ksm(sup.cl, s.pfn(a + i * 4096)) for i in range(128))
+        assert_fsck(sup, [s])
+        s.exit()

@@ -262,18 +262,23 @@ def unmerge_ksm_pages(cl: "Cluster", alloc: Allocator, mm: MM, start: int, end: 
     return n
 
 
-def break_cow(cl: "Cluster", alloc: Allocator, mm: MM, vpn: int) -> None:
-    """break_cow (ksmd): down_read, ksm_test_exit, the VMA must still be
-    mergeable, break_ksm, up_read."""
+def break_cow(cl: "Cluster", alloc: Allocator, mm: MM, vpn: int, log=None) -> bool:
+    """break_cow (ksmd): down_read(mmap_sem), ksm_test_exit, find_vma: the
+    address must still be in a VM_MERGEABLE area (the application may have
+    unmapped it, or made it UNMERGEABLE, since ksmd last held mmap_sem),
+    then break_ksm, up_read.  Caller must not hold mm's mmap_sem (ksmd
+    drops it first, as scan_get_next_rmap_item had).  Returns True if it
+    got as far as break_ksm."""
     task = cl.task
     task.lock(mm.sem)
     try:
         if ksm_test_exit(cl, mm):
-            return
+            return False
         vma = mm.find_vma(vpn)
         if vma is None or not vma[3] & VM_MERGEABLE:
-            return
-        killpoints.hit_ksmd(cl, "ksmd_break_cow", mm.base)
+            return False
+        killpoints.hit_ksmd(cl, "ksmd_break_cow", mm.base, log)
         break_ksm(cl, alloc, mm, vpn, True)
+        return True
     finally:
         task.unlock(mm.sem)

@@ -33,8 +33,8 @@ import mmh3
 
 from . import killpoints, oom
 from .cluster import Cluster
-from .ksm import break_ksm, list_del, slot_next, unmerge_ksm_pages
-from .layout import (F_KSM, FR_COUNT, FR_FLAGS, FR_KEY0, FR_KEY1, FRAME_SIZE, K_FULL_SCANS,
+from .ksm import break_cow, list_del, slot_next, unmerge_ksm_pages
+from .layout import (F_ANON, F_KSM, FR_COUNT, FR_FLAGS, FR_KEY0, FR_KEY1, FRAME_SIZE, K_FULL_SCANS,
                      K_PAGES_SCANNED, K_PAGES_SHARED, K_PAGES_SHARING, K_PAGES_TO_SCAN,
                      K_PAGES_UNSHARED, K_PAGES_VOLATILE, K_RMAP_ITEMS, K_RUN, K_RUN_DONE,
                      K_RUN_SEQ, K_SLEEP_MS, K_STABLE_NODES, H_KSMD_POINT, L_HEAD_NEXT, L_SCAN_ADDR,
@@ -305,10 +305,26 @@ class Ksmd:
         self.pages_scanned += scanned
         return scanned
 
+    def next_mergeable(self, mm: MM, addr: int) -> tuple[int, int] | None:
+        """find_vma(mm, addr) and on to the first VM_MERGEABLE area: the
+        VMA table as it is now (caller holds mmap_sem)."""
+        for (start, end) in mm.mergeable_ranges():
+            if end > addr:
+                return start, end
+        return None
+
     def scan_mm(self, st: SlotState, budget: int) -> tuple[int, bool]:
         """Scan pages of the mm at the cursor from ksm_scan.address, at most
-        ``budget``.  Returns (pages scanned, whether the mm is finished:
-        then the cursor has moved on)."""
+        ``budget`` (scan_get_next_rmap_item + ksm_do_scan, for one mm).
+        Returns (pages scanned, whether the mm is finished: then the cursor
+        has moved on).
+
+        The kernel takes mmap_sem and calls find_vma(mm, ksm_scan.address)
+        for every page.  Here mmap_sem is held across a run of pages (the
+        VMA table cannot change while it is held), and the area is looked
+        up again after every re-take of mmap_sem -- a writer let in,
+        a merge into another mm, break_cow -- so ksmd never walks an area
+        that was unmapped or made UNMERGEABLE meanwhile."""
         cl, q, task = self.cl, self.q, self.cl.task
         mm = st.mm
         pq, fq, items = mm.pq, self.fq, st.items
@@ -316,27 +332,35 @@ class Ksmd:
         task.lock(mm.sem)
         killpoints.hit_ksmd(cl, "ksmd_scan_mmap_sem", mm.base, self.log)
         exiting = ksm_test_exit(cl, mm)
-        ranges = [] if exiting else mm.mergeable_ranges()
-        addr = q[L_SCAN_ADDR]
+        addr = start_addr = q[L_SCAN_ADDR]
         n = 0
+        found = False   # met a VM_MERGEABLE area (the kernel's ksm_scan.address != 0)
+        more = False    # the budget ran out with pages of this mm left
+        last_yield = -1
         wait_flag = mm.base + M_WRITER_WAITING
-        for (start, end) in ranges:
-            if addr >= end:
-                continue
+        while not exiting:
+            rng = self.next_mergeable(mm, addr)  # find_vma(mm, ksm_scan.address)
+            if rng is None:
+                break
+            start, end = rng
+            found = True
+            if n >= budget:
+                more = True
+                break
             v = max(addr, start)
+            relook = False
             while v < end:
                 if n >= budget:
+                    more = True
                     break
-                if not n & 63 and q[wait_flag]:
-                    # a writer (madvise, exit) waits: let it in, then re-check
+                if not n & 63 and n != last_yield and q[wait_flag]:
+                    # a writer (madvise, munmap, exit) waits: let it in
+                    last_yield = n
                     task.unlock(mm.sem)
                     time.sleep(0.0005)
                     task.lock(mm.sem)
-                    if ksm_test_exit(cl, mm):
-                        exiting = True
-                        break
-                    if (start, end) not in mm.mergeable_ranges():
-                        break
+                    relook = True
+                    break
                 if ksm_test_exit(cl, mm):
                     exiting = True
                     break
@@ -355,30 +379,34 @@ class Ksmd:
                 node = item.node
                 if node is not None and node.kpfn == pfn and fq[pfn * FRAME_SIZE + FR_FLAGS] & F_KSM:
                     if fq[pfn * FRAME_SIZE + FR_COUNT] == 1:
-                        # a now-unshared KSM page: replace it by an ordinary page
-                        killpoints.hit_ksmd(cl, "ksmd_break_cow", mm.base, self.log)
-                        break_ksm(cl, self.alloc, mm, item.vpn, True)
-                        self._cow(st)
+                        # ksm_do_scan: replace a now-unshared KSM page by an
+                        # ordinary page (break_cow takes mmap_sem itself)
+                        task.unlock(mm.sem)
+                        if break_cow(cl, self.alloc, mm, item.vpn, self.log):
+                            self._cow(st)
+                        task.lock(mm.sem)
                         self.remove_rmap_item_from_tree(item)
                         npte = pq[PT_OFF + item.vpn]
                         if npte & PTE_PRESENT:
                             p = (npte >> 2) * PAGE_SIZE
                             item.oldchecksum = digest(self.pool[p:p + PAGE_SIZE])
+                        relook = True
+                        break
                     continue
                 if not self.cmp_and_merge_page(st, item, pfn):
-                    # mmap_sem was dropped (merge with another mm): re-check
-                    if ksm_test_exit(cl, mm):
-                        exiting = True
-                        break
-                    ranges_now = mm.mergeable_ranges()
-                    if (start, end) not in ranges_now:
-                        break
+                    relook = True  # mmap_sem was dropped (merge with another mm)
+                    break
             addr = v
-            if n >= budget or exiting:
+            if relook and ksm_test_exit(cl, mm):  # re-check after every re-take
+                exiting = True
+            if more or exiting:
                 break
+        if not exiting and ksm_test_exit(cl, mm):
+            exiting = True  # scan_get_next_rmap_item's check after the loop
         if exiting:
             addr = 0
-        if not exiting and n >= budget and addr < (ranges[-1][1] if ranges else 0):
+            more = False
+        if more:
             q[L_SCAN_ADDR] = addr
             task.unlock(mm.sem)
             return n, False
@@ -395,7 +423,7 @@ class Ksmd:
         q[L_SCAN_ADDR] = 0
         b = mm.base
         q[b + M_SLOT_RMAP] = len(items)
-        if exiting or not ranges:
+        if exiting or (start_addr == 0 and not found):
             # no VM_MERGEABLE area left (exit, or all unmapped): do what
             # __ksm_exit would, holding mmap_sem throughout.  up_read
             # before the list lock is dropped (the 2016 fix): once the slot
@@ -439,6 +467,15 @@ class Ksmd:
                     self._merged(st)
                 return True
             self.remove_node_from_stable_tree(node)
+        if self.fq[pfn * FRAME_SIZE + FR_FLAGS] & F_KSM:
+            # a KSM page outside the stable tree (its node went, or a break
+            # failed earlier): cmp_and_merge_page's break_cow, "try again now"
+            cl, task = self.cl, self.cl.task
+            task.unlock(st.mm.sem)
+            if break_cow(cl, self.alloc, st.mm, item.vpn, self.log):
+                self._cow(st)
+            task.lock(st.mm.sem)
+            return False
         if item.oldchecksum != key:
             item.oldchecksum = key  # volatile: changed since the last pass
             return True
@@ -489,7 +526,6 @@ class Ksmd:
             task.lock(tmm.sem)
         tpte = tmm.pq[PT_OFF + tree_item.vpn]
         ok = (not ksm_test_exit(cl, tmm) and bool(tpte & PTE_PRESENT)
-              and self.vma_mergeable(tmm, tree_item.vpn)
               and self.try_to_merge_one_page(tmm, tree_item.vpn, tpte >> 2, node))
         if other:
             task.unlock(tmm.sem)
@@ -500,13 +536,19 @@ class Ksmd:
             self.stable_tree_append(item, node)
             self.stable_tree_append(tree_item, node)
             self._merged(tree_item.slot)
-        elif not ksm_test_exit(cl, mm):
-            # the KSM page has one mapping: give it back as an ordinary page
-            break_ksm(cl, self.alloc, mm, item.vpn, True)
+            return not other
+        # the KSM page has one mapping: give it back as an ordinary page
+        # (try_to_merge_two_pages: up_read, then break_cow, since 2.6.33)
+        task.unlock(mm.sem)
+        if break_cow(cl, self.alloc, mm, item.vpn, self.log):
             self._cow(st)
-        return not other
+        task.lock(mm.sem)
+        return False
 
-    def vma_mergeable(self, mm: MM, vpn: int) -> bool:
+    @staticmethod
+    def vma_mergeable(mm: MM, vpn: int) -> bool:
+        """try_to_merge_one_page's first test: the page's area is still
+        VM_MERGEABLE (find_vma under the mmap_sem the caller holds)."""
         vma = mm.find_vma(vpn)
         return vma is not None and bool(vma[3] & VM_MERGEABLE)
 
@@ -514,12 +556,14 @@ class Ksmd:
         """write_protect_page + set_page_stable_node on the page itself.
         Caller holds mmap_sem (read) and has checked ksm_test_exit."""
         cl, task, fq, pq = self.cl, self.cl.task, self.fq, mm.pq
+        if not self.vma_mergeable(mm, vpn):  # try_to_merge_one_page(vma, page, NULL)
+            return None
         task.lock(mm.ptl)
         try:
             pte = pq[PT_OFF + vpn]
             b = pfn * FRAME_SIZE
             if pte >> 2 != pfn or not pte & PTE_PRESENT or fq[b + FR_COUNT] != 1 \
-                    or fq[b + FR_FLAGS] & F_KSM or ksm_test_exit(cl, mm):
+                    or fq[b + FR_FLAGS] & F_KSM or not fq[b + FR_FLAGS] & F_ANON or ksm_test_exit(cl, mm):
                 return None
             if pte & PTE_WRITE:
                 pq[PT_OFF + vpn] = pte & ~PTE_WRITE
@@ -540,7 +584,9 @@ class Ksmd:
             task.unlock(mm.ptl)
 
     def try_to_merge_one_page(self, mm: MM, vpn: int, pfn: int, node: StableNode) -> bool:
-        """write_protect_page, pages_identical, replace_page.
+        """try_to_merge_one_page: the area must still be VM_MERGEABLE and
+        the page anonymous (the kernel's first two tests), then
+        write_protect_page, pages_identical, replace_page.
         Caller holds mm's mmap_sem (read) and has checked ksm_test_exit.
 
         The kernel drops the pte lock between write_protect_page and
@@ -553,13 +599,15 @@ class Ksmd:
         kpfn = node.kpfn
         if pfn == kpfn:
             return True
+        if not self.vma_mergeable(mm, vpn):  # !(vma->vm_flags & VM_MERGEABLE)
+            return False
         slot = PT_OFF + vpn
         b = pfn * FRAME_SIZE
         task.lock(mm.ptl)
         try:
             pte = pq[slot]
             if pte >> 2 != pfn or not pte & PTE_PRESENT or fq[b + FR_COUNT] != 1 \
-                    or fq[b + FR_FLAGS] & F_KSM:
+                    or fq[b + FR_FLAGS] & (F_KSM | F_ANON) != F_ANON:  # !PageAnon, or KSM already
                 return False
             if pte & PTE_WRITE:  # write_protect_page
                 pte &= ~PTE_WRITE
