@@ -198,3 +198,168 @@ def test_no_merge_in_an_area_made_unmergeable_while_ksmd_scans(rep):
         assert all(is_ksm(sup.cl, s.pfn(a + i * 4096)) for i in range(128))
         assert_fsck(sup, [s])
         s.exit()
+
+
+# ---- 7. the smaller ones ------------------------------------------------------------------
+
+@pytest.mark.timeout(60)
+def test_madv_unmergeable_interrupted_keeps_vm_mergeable(monkeypatch):
+    """ksm_madvise: unmerge_ksm_pages stopped by a signal (-ERESTARTSYS)
+    returns the error before "*vm_flags &= ~VM_MERGEABLE": the area keeps
+    the flag (KSM pages remain in it) and madvise fails."""
+    from helpers import booted
+    from util_machine import Space, assert_fsck, is_ksm
+
+    from uksm.ksm import ERESTARTSYS
+    from uksm.layout import VM_MERGEABLE
+    from uksm.syscalls import MADV_MERGEABLE, MADV_UNMERGEABLE, KsmInterrupted, sys_madvise
+    with booted(cname("mi"), run=0, frames=64, va_pages=128) as sup:
+        k = InProcKsmd(sup, monkeypatch)
+        s = Space(sup)
+        base = s.mmap(8)
+        fill_same(s, base, 8)
+        s.madvise(base, 8, MADV_MERGEABLE)
+        k.scan(passes=3)
+        assert all(is_ksm(sup.cl, s.pfn(base + i * 4096)) for i in range(8))
+        calls = []
+
+        def signal_pending() -> bool:
+            calls.append(1)
+            return len(calls) > 3              # a signal arrives after 3 pages
+        with pytest.raises(KsmInterrupted) as ei:
+            sys_madvise(sup.cl, s.mm, s.alloc, base, 8 * 4096, MADV_UNMERGEABLE, None, signal_pending)
+        assert ei.value.err == -ERESTARTSYS and ei.value.pages == 3
+        vma = s.mm.find_vma(base >> 12)
+        assert vma is not None and vma[3] & VM_MERGEABLE, "VM_MERGEABLE kept: KSM pages remain"
+        assert is_ksm(sup.cl, s.pfn(base + 7 * 4096))
+        s.madvise(base, 8, MADV_UNMERGEABLE)  # not interrupted: done, flag cleared
+        assert not s.mm.find_vma(base >> 12)[3] & VM_MERGEABLE
+        k.scan(passes=2)
+        s.exit(wait=False)
+        k.scan(passes=2)
+        assert s.freed()
+        assert_fsck(sup)
+
+
+@pytest.mark.timeout(60)
+def test_exit_noticed_after_the_loop_frees_the_slot_now(monkeypatch):
+    """scan_get_next_rmap_item checks ksm_test_exit once more after its VMA
+    loop: an exit that began during the walk of the last page is treated
+    as no area at all -- rmap_items removed, slot freed in this pass."""
+    from helpers import booted
+    from util_machine import Space, assert_fsck
+
+    from uksm.exit import mm_users_zero
+    from uksm.ksmd import Ksmd
+    from uksm.layout import M_SLOT_USED
+    from uksm.log import _Null
+    from uksm.syscalls import MADV_MERGEABLE
+    with booted(cname("al"), run=0, frames=64, va_pages=128) as sup:
+        k = InProcKsmd(sup, monkeypatch)
+        s = Space(sup)
+        base = s.mmap(4)
+        for i in range(4):
+            s.write(base + i * 4096, bytes([i + 1]) * 4096)
+        s.madvise(base, 4, MADV_MERGEABLE)
+        k.scan(passes=2)
+        real = Ksmd.cmp_and_merge_page
+        last = (base >> 12) + 3
+
+        def cmp_then_exit(self, st, item, pfn):
+            r = real(self, st, item, pfn)
+            if item.vpn == last:               # the exit begins after the last page's checks
+                mm_users_zero(sup.cl, s.mm, _Null())
+            return r
+        monkeypatch.setattr(Ksmd, "cmp_and_merge_page", cmp_then_exit)
+        k.scan(n=4)                            # this mm's 4 pages: the batch ends with it
+        assert not sup.cl.q[s.mm.base + M_SLOT_USED], "slot freed in this pass"
+        assert k.k.rmap_items == 0
+        s.exit()
+        assert_fsck(sup)
+
+
+@pytest.mark.timeout(60)
+def test_full_scans_is_seqnr_and_run2_resets_it():
+    """full_scans_show prints ksm_scan.seqnr, which
+    unmerge_and_remove_all_rmap_items sets to 0."""
+    from helpers import booted
+    from util_machine import Space, ksm_stats, set_run, wait_full_scans
+
+    from uksm.layout import L_SEQNR
+    from uksm.syscalls import MADV_MERGEABLE
+    with booted(cname("fs"), run=1, frames=64, va_pages=128, pages_to_scan=100, sleep_ms=1) as sup:
+        s = Space(sup)
+        base = s.mmap(4)
+        fill_same(s, base, 4)
+        s.madvise(base, 4, MADV_MERGEABLE)
+        st = wait_full_scans(sup, 3)
+        assert st["full_scans"] >= 3
+        set_run(sup, 2)
+        assert ksm_stats(sup.cl)["full_scans"] == 0 == sup.cl.q[L_SEQNR]
+        s.exit(wait=False)
+        set_run(sup, 1)
+        from helpers import pump
+        pump(sup, s.freed, what="slot freed")
+
+
+@pytest.mark.timeout(60)
+def test_writing_the_same_run_twice_does_nothing():
+    """run_store: "if (ksm_run != flags)": a second run=2 is not a second
+    unmerge (no new request for ksmd)."""
+    from helpers import booted
+    from util_machine import set_run
+
+    from uksm.ksm import ksm_run_store
+    from uksm.layout import K_RUN_DONE, K_RUN_SEQ
+    with booted(cname("r2"), run=1, frames=64, va_pages=128) as sup:
+        q = sup.cl.q
+        set_run(sup, 2)
+        seq = q[K_RUN_SEQ]
+        assert ksm_run_store(sup.cl, 2) == seq == q[K_RUN_SEQ] == q[K_RUN_DONE]
+        set_run(sup, 1)
+        assert q[K_RUN_SEQ] == seq + 1
+
+
+@pytest.mark.timeout(60)
+def test_legacy_cursor_step_to_the_head_bumps_seqnr():
+    """The pre-seed __ksm_exit (removed by the seed's diff): when the cursor
+    steps off the exiting mm onto ksm_mm_head, "ksm_scan.seqnr++"."""
+    from helpers import booted
+    from util_machine import Space
+
+    from uksm.layout import L_SCAN_SLOT, L_SEQNR
+    from uksm.syscalls import MADV_MERGEABLE
+    with booted(cname("lc"), run=0, frames=64, va_pages=128, exit_policy="legacy") as sup:
+        q = sup.cl.q
+        s = Space(sup)
+        base = s.mmap(2)
+        s.madvise(base, 2, MADV_MERGEABLE)
+        sup.cl.task.lock(sup.cl.mmlist)
+        q[L_SCAN_SLOT] = s.mm.row                # ksmd's cursor on the only mm
+        sup.cl.task.unlock(sup.cl.mmlist)
+        before = q[L_SEQNR]
+        s.exit()
+        assert q[L_SCAN_SLOT] == sup.cl.head and q[L_SEQNR] == before + 1
+
+
+@pytest.mark.timeout(60)
+def test_live_fsck_under_legacy_after_exit_freed_a_slot():
+    """Legacy __ksm_exit frees the slot (and, in the kernel, its rmap_items)
+    under ksm_thread_mutex; ksmd's published counters catch up at its next
+    batch.  A live fsck in between is not an rmap_items mismatch."""
+    from helpers import booted, pump
+    from util_machine import Space, fsck_errors
+
+    from uksm.layout import M_RMAP_ITEMS
+    from uksm.syscalls import MADV_MERGEABLE
+    with booted(cname("lf"), run=1, frames=64, va_pages=128, pages_to_scan=100, sleep_ms=1,
+                exit_policy="legacy") as sup:
+        s = Space(sup)
+        base = s.mmap(4)
+        for i in range(4):
+            s.write(base + i * 4096, bytes([i + 1]) * 4096)
+        s.madvise(base, 4, MADV_MERGEABLE)
+        pump(sup, lambda: sup.cl.q[s.mm.base + M_RMAP_ITEMS] == 4, what="rmap_items published")
+        sup.stop_ksmd()                           # the window stays open
+        s.exit(wait=False)
+        assert fsck_errors(sup, [s]) == []

@@ -56,6 +56,7 @@ from .layout import (A_FREE_TOP, CS_STOPPING, E_LOCK, E_SINCE, E_SPINS, E_WORD, 
                      MS_FREEING, S_EXIT_FAST, S_EXIT_LEGACY, S_EXIT_SLOW, S_REAPED, T_PID, T_READY, T_STATE, TS_DEAD, TS_FREE,
                      EXIT_PATHS)
 from .locks import HELD, IDLE, WAIT_SLICE, WAITING, Lock
+from .ksm import ksm_run_store
 from .supervisor import Child, Supervisor
 
 ROUND_S = 0.02            # the main loop's period (uksm run's)
@@ -521,13 +522,7 @@ class Daemon:
             raise RequestError("run: ksmd is not running (it died: see 'uksm status' and the "
                                "logs); nothing was changed", EXIT_ERR)
         t0 = time.monotonic()
-        self.lock_pumped(cl.daemon, LOCK_TIMEOUT_S, "run")
-        try:
-            q[K_RUN] = value
-            seq = q[K_RUN_SEQ] + 1
-            q[K_RUN_SEQ] = seq
-        finally:
-            cl.task.unlock(cl.daemon)
+        seq = ksm_run_store(cl, value, lambda: self.lock_pumped(cl.daemon, LOCK_TIMEOUT_S, "run"))
         self._log.info("ksm_knob", name="run", value=value)
         if not self.wait_until(lambda: q[K_RUN_DONE] >= seq or sup.ksmd is None, RUN_WAIT_S,
                                f"run={value}"):

@@ -24,11 +24,11 @@ Lock order: ksm_thread_mutex -> mmap_sem -> ksm_mmlist_lock.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from . import killpoints
-from .layout import (K_RUN, K_RUN_SEQ, T_EXIT_PATH, F_KSM, FRAME_SIZE, FR_FLAGS, H_HAZARDS, HZ_NO_FAST_PATH, L_HEAD_NEXT,
-                     L_HEAD_PREV, L_SCAN_ADDR, L_SCAN_SLOT, M_EXIT_PATH, M_FLAGS, M_ID,
+from .layout import (H_KSM_UNSYNCED, K_RUN, K_RUN_SEQ, T_EXIT_PATH, F_KSM, FRAME_SIZE, FR_FLAGS, H_HAZARDS, HZ_NO_FAST_PATH, L_HEAD_NEXT,
+                     L_HEAD_PREV, L_SCAN_ADDR, L_SCAN_SLOT, L_SEQNR, M_EXIT_PATH, M_FLAGS, M_ID,
                      M_SLOT_NEXT, M_SLOT_PREV, M_SLOT_RMAP, M_SLOT_USED, M_REFS,
                      MMF_VM_MERGEABLE, P_FAST, P_LEGACY, P_SLOW, PT_OFF, PTE_PRESENT,
                      REF_KSM, S_EXIT_FAST, S_EXIT_LEGACY, S_EXIT_SLOW, VM_MERGEABLE)
@@ -160,9 +160,11 @@ def ksm_exit(cl: "Cluster", mm: MM, legacy: bool, log=None, policy: str = "seed"
             if not q[b + M_SLOT_USED] or q[b + M_ID] != mm.id:
                 task.unlock(cl.mmlist)
                 return 0
-            if q[L_SCAN_SLOT] == s:  # remove_mm_from_lists: step the cursor off
+            if q[L_SCAN_SLOT] == s:  # step the cursor off, as the pre-seed __ksm_exit did
                 q[L_SCAN_SLOT] = slot_next(cl, s)
                 q[L_SCAN_ADDR] = 0
+                if q[L_SCAN_SLOT] == cl.head:  # "if (ksm_scan.mm_slot == &ksm_mm_head)
+                    q[L_SEQNR] += 1            #      ksm_scan.seqnr++;" (removed by the seed)
             list_del(cl, s)
             q[b + M_SLOT_USED] = 0
             q[b + M_SLOT_RMAP] = 0
@@ -170,6 +172,10 @@ def ksm_exit(cl: "Cluster", mm: MM, legacy: bool, log=None, policy: str = "seed"
             q[b + M_EXIT_PATH] = P_LEGACY
             q[task.base + T_EXIT_PATH] = P_LEGACY
             q[S_EXIT_LEGACY] += 1
+            # the kernel's legacy exit removed the rmap_items here and
+            # updated the counters; ksmd's are private to it, so they stay
+            # as last published until its next batch: say so to fsck
+            q[H_KSM_UNSYNCED] += 1
             task.unlock(cl.mmlist)
         finally:
             task.unlock(cl.daemon)
@@ -211,18 +217,27 @@ def ksm_exit(cl: "Cluster", mm: MM, legacy: bool, log=None, policy: str = "seed"
 
 # ---- /sys/kernel/mm/ksm/run ---------------------------------------------------
 
-def ksm_run_store(cl: "Cluster", value: int) -> int:
-    """run_store: set ``run`` and bump the request sequence under
-    ksm_thread_mutex, as the kernel does, so ksmd (which reads both at the
-    start of a batch, under the mutex) sees them together.  Returns the
-    sequence number; ksmd sets K_RUN_DONE to it once it has acted (for
-    run=2: once every KSM page is unmerged).  May block while ksmd holds
-    the mutex, like a write to /sys/kernel/mm/ksm/run."""
-    cl.task.lock(cl.daemon)
+def ksm_run_store(cl: "Cluster", value: int, acquire: "Callable[[], None] | None" = None) -> int:
+    """run_store: under ksm_thread_mutex, set ``run`` and bump the request
+    sequence, so ksmd (which reads both at the start of a batch, under the
+    mutex) sees them together -- only if ``run`` changes: the kernel acts
+    on a change only ("if (ksm_run != flags)"), so writing 2 twice does not
+    unmerge twice.  Returns the sequence number to wait for; ksmd sets
+    K_RUN_DONE to it once it has acted (for run=2: once every KSM page is
+    unmerged).  May block while ksmd holds the mutex, like a write to
+    /sys/kernel/mm/ksm/run (``acquire`` takes the mutex another way, e.g.
+    the daemon's, which keeps serving its cluster while it waits)."""
+    if acquire is None:
+        cl.task.lock(cl.daemon)
+    else:
+        acquire()
     try:
-        cl.q[K_RUN] = value
-        seq = cl.q[K_RUN_SEQ] + 1
-        cl.q[K_RUN_SEQ] = seq
+        q = cl.q
+        if q[K_RUN] == value:
+            return q[K_RUN_SEQ]
+        q[K_RUN] = value
+        seq = q[K_RUN_SEQ] + 1
+        q[K_RUN_SEQ] = seq
     finally:
         cl.task.unlock(cl.daemon)
     return seq
@@ -244,22 +259,31 @@ def break_ksm(cl: "Cluster", alloc: Allocator, mm: MM, vpn: int, for_ksmd: bool)
             return FAULT_EXITING
 
 
+ERESTARTSYS = 512
+ENOMEM = 12
+
+
 def unmerge_ksm_pages(cl: "Cluster", alloc: Allocator, mm: MM, start: int, end: int,
-                      for_ksmd: bool, stop=None) -> int:
-    """unmerge_ksm_pages: break every KSM page in [start, end), stopping when
-    the mm exits (ksm_test_exit, checked per page) or ``stop()`` says so
-    (signal_pending).  Caller holds mmap_sem.  Returns pages broken."""
+                      for_ksmd: bool, stop=None) -> tuple[int, int]:
+    """unmerge_ksm_pages: break every KSM page in [start, end), stopping
+    when the mm exits (ksm_test_exit, checked per page: not an error) or
+    ``stop()`` says a signal is pending (-ERESTARTSYS).  Caller holds
+    mmap_sem.  Returns (pages broken, 0 or -errno).  A task whose own fault
+    finds no memory (it was OOM-killed: TIF_MEMDIE allocations fail) gets
+    OutOfMemory raised through here, the kernel's -ENOMEM."""
     n = 0
     pq, fq = mm.pq, cl.fq
     for vpn in range(start, end):
-        if ksm_test_exit(cl, mm) or (stop is not None and stop()):
+        if ksm_test_exit(cl, mm):
             break
+        if stop is not None and stop():
+            return n, -ERESTARTSYS
         pte = pq[PT_OFF + vpn]
         if pte & PTE_PRESENT and fq[(pte >> 2) * FRAME_SIZE + FR_FLAGS] & F_KSM:
             if break_ksm(cl, alloc, mm, vpn, for_ksmd) == FAULT_EXITING:
                 break
             n += 1
-    return n
+    return n, 0
 
 
 def break_cow(cl: "Cluster", alloc: Allocator, mm: MM, vpn: int, log=None) -> bool:

@@ -37,7 +37,7 @@ from .ksm import break_cow, list_del, slot_next, unmerge_ksm_pages
 from .layout import (F_ANON, F_KSM, FR_COUNT, FR_FLAGS, FR_KEY0, FR_KEY1, FRAME_SIZE, K_FULL_SCANS,
                      K_PAGES_SCANNED, K_PAGES_SHARED, K_PAGES_SHARING, K_PAGES_TO_SCAN,
                      K_PAGES_UNSHARED, K_PAGES_VOLATILE, K_RMAP_ITEMS, K_RUN, K_RUN_DONE,
-                     K_RUN_SEQ, K_SLEEP_MS, K_STABLE_NODES, H_KSMD_POINT, L_HEAD_NEXT, L_SCAN_ADDR,
+                     K_RUN_SEQ, K_SLEEP_MS, K_STABLE_NODES, H_KSM_UNSYNCED, H_KSMD_POINT, L_HEAD_NEXT, L_SCAN_ADDR,
                      L_SCAN_SLOT, L_SEQNR, M_FLAGS, M_ID, M_KSM_MAPPED, M_MERGING,
                      M_RMAP_ITEMS, M_SLOT_RMAP, M_SLOT_USED, M_WRITER_WAITING, MMF_VM_MERGEABLE,
                      PAGE_SIZE, PT_OFF, PTE_PRESENT, PTE_WRITE, REF_KSM, S_COW_KSMD,
@@ -113,7 +113,6 @@ class Ksmd:
         self.pages_unshared = 0
         self.rmap_items = 0
         self.pages_scanned = 0
-        self.full_scans = 0
         self.merges = 0
         self.t_last_merge = 0
         self.stop = False
@@ -197,8 +196,9 @@ class Ksmd:
                                   - self.pages_sharing - self.pages_unshared)
         q[K_RMAP_ITEMS] = self.rmap_items
         q[K_PAGES_SCANNED] = self.pages_scanned
-        q[K_FULL_SCANS] = self.full_scans
+        q[K_FULL_SCANS] = q[L_SEQNR]  # full_scans_show: "ksm_scan.seqnr" (so run=2 resets it)
         q[S_MERGES] = self.merges
+        q[H_KSM_UNSYNCED] = 0  # reconcile() dropped the slots legacy exits freed
         q[K_STABLE_NODES] = len(self.stable)
         for row, st in self.slots.items():
             b = self.cl.mbase(row)
@@ -425,9 +425,9 @@ class Ksmd:
         q[b + M_SLOT_RMAP] = len(items)
         if exiting or (start_addr == 0 and not found):
             # no VM_MERGEABLE area left (exit, or all unmapped): do what
-            # __ksm_exit would, holding mmap_sem throughout.  up_read
-            # before the list lock is dropped (the 2016 fix): once the slot
-            # is off the list, nothing keeps the mm alive for us.
+            # __ksm_exit would, holding mmap_sem throughout.  The slot's
+            # mm_count reference (dropped by our mmdrop below) keeps the mm
+            # alive, so the order of the two unlocks does not matter here.
             list_del(cl, st.row)
             q[b + M_SLOT_USED] = 0
             q[b + M_SLOT_RMAP] = 0
@@ -439,11 +439,14 @@ class Ksmd:
             self.drop_slot(st)
             mmdrop(cl, st.row, st.mm_id, REF_KSM, self.log)
         else:
+            # up_read before the list lock is dropped (the 2016 fix of the
+            # use-after-free in ksm_scan_thread): the cursor has left this
+            # slot, so once the list lock is free its __ksm_exit may take
+            # the fast path and free the mm under our up_read.
             task.unlock(mm.sem)
             task.unlock(cl.mmlist)
         if nxt == cl.head:
-            q[L_SEQNR] = seqnr + 1
-            self.full_scans += 1  # published with the other counters, at batch end
+            q[L_SEQNR] = seqnr + 1  # published as full_scans at batch end
             self.log.info("full_scan", seqnr=seqnr + 1)
         return n, True
 
@@ -662,7 +665,7 @@ class Ksmd:
                     if ksm_test_exit(cl, mm):
                         break
                     killpoints.hit_ksmd(cl, "ksmd_break_cow", mm.base, self.log)
-                    pages += unmerge_ksm_pages(cl, self.alloc, mm, start, end, True)
+                    pages += unmerge_ksm_pages(cl, self.alloc, mm, start, end, True)[0]
             for it in st.items.values():
                 self.remove_rmap_item_from_tree(it)
             self.rmap_items -= len(st.items)

@@ -48,7 +48,8 @@ H_CMD_SEQ = 21
 H_FRAMES_FREED = 22
 H_MEM_LIMIT = 23
 H_PENDING_FREE = 24
-HDR_END = 25
+H_KSM_UNSYNCED = 25   # slots a legacy __ksm_exit freed since ksmd last published (under ksm_thread_mutex)
+HDR_END = 26
 
 # ---- /sys/kernel/mm/ksm: knobs (written by ctl) and counters (written by ksmd)
 K_RUN = HDR_END + 0
