@@ -315,7 +315,7 @@ def test_writing_the_same_run_twice_does_nothing():
         q = sup.cl.q
         set_run(sup, 2)
         seq = q[K_RUN_SEQ]
-        assert ksm_run_store(sup.cl, 2) == seq == q[K_RUN_SEQ] == q[K_RUN_DONE]
+        assert ksm_run_store(sup.cl, 2) == (seq, 0) and seq == q[K_RUN_SEQ] == q[K_RUN_DONE]
         set_run(sup, 1)
         assert q[K_RUN_SEQ] == seq + 1
 
@@ -363,3 +363,80 @@ def test_live_fsck_under_legacy_after_exit_freed_a_slot():
         sup.stop_ksmd()                           # the window stays open
         s.exit(wait=False)
         assert fsck_errors(sup, [s]) == []
+
+
+# ---- 2. the OOM killer's victim choice, by version ---------------------------------------
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("rule,second_kill", [("2.6.32", True), ("4.1", False)])
+def test_oom_victim_stuck_in_mmput_by_rule(rule, second_kill, monkeypatch):
+    """A victim whose exit has begun (mm released: 2.6.32's exit_mm set
+    tsk->mm = NULL before mmput) but has not freed its pages, stuck as in
+    __ksm_exit.  2.6.32's select_bad_process skips it ("if (!p->mm)
+    continue;" before the TIF_MEMDIE test) and kills another task; 4.1's
+    oom_scan_process_thread sees TIF_MEMDIE first and kills nobody."""
+    from helpers import booted
+    from util_machine import Space
+
+    from uksm import oom
+    from uksm.exit import mm_users_zero
+    from uksm.layout import M_OOM_VICTIM, M_OWNER_PID, S_OOM_KILLED
+    from uksm.log import _Null
+    sent: list[int] = []
+    from types import SimpleNamespace
+    monkeypatch.setattr(oom, "os", SimpleNamespace(kill=lambda pid, sig: sent.append(pid)))
+    with booted(cname("oo" + rule[0]), run=0, frames=64, va_pages=128, oom_rule=rule) as sup:
+        q = sup.cl.q
+        stuck, other = Space(sup), Space(sup)
+        for s, n in ((stuck, 6), (other, 2)):
+            base = s.mmap(n)
+            for i in range(n):
+                s.write(base + i * 4096, b"\x01")
+        q[stuck.mm.base + M_OWNER_PID] = 999_001
+        q[other.mm.base + M_OWNER_PID] = 999_002
+        assert oom.out_of_memory(sup.cl, sup.cl.task) == 999_001   # the biggest first
+        assert q[stuck.mm.base + M_OOM_VICTIM]
+        mm_users_zero(sup.cl, stuck.mm, _Null())                   # its exit began, pages not freed
+        got = oom.out_of_memory(sup.cl, sup.cl.task)
+        assert got == (999_002 if second_kill else 0)
+        assert sent == ([999_001, 999_002] if second_kill else [999_001])
+        assert q[S_OOM_KILLED] == (2 if second_kill else 1)
+        for s in (stuck, other):
+            q[s.mm.base + M_OWNER_PID] = 0
+            s.exit()
+
+
+# ---- 3. the writer of run unmerges, and can be interrupted -------------------------------
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("rep", range(2))
+def test_run2_writer_interrupted_sets_run_back(rep):
+    """run_store in the writer's context: a signal while it unmerges makes
+    unmerge_ksm_pages return -ERESTARTSYS; run goes back to 0 and the
+    write fails ("interrupted")."""
+    from helpers import booted, pump
+    from util_machine import Space, assert_fsck, wait_counts
+
+    from uksm import killpoints
+    from uksm.layout import H_KSMD_POINT, K_RUN
+    from uksm.syscalls import MADV_MERGEABLE
+    from uksm.writer import result_of
+    with booted(cname(f"wi{rep}"), run=1, frames=128, va_pages=128, pages_to_scan=500,
+                sleep_ms=1) as sup:
+        q = sup.cl.q
+        s = Space(sup)
+        base = s.mmap(16)
+        fill_same(s, base, 16)
+        s.madvise(base, 16, MADV_MERGEABLE)
+        wait_counts(sup, pages_shared=1, pages_sharing=15)
+        killpoints.arm_ksmd_delay(sup.cl, "ksmd_break_ksm_window", 500)
+        w = sup.start_run_writer(2)
+        pump(sup, lambda: q[H_KSMD_POINT] == -1, what="the writer unmerging")
+        w.proc.terminate()                      # a signal for the writer (SIGTERM)
+        rc = pump(sup, lambda: sup.run_writer_status(w) is not None and [sup.run_writer_status(w)],
+                  what="the write to return")[0]
+        assert result_of(rc) == "interrupted" and q[K_RUN] == 0
+        assert_fsck(sup, [s], counters=False)
+        s.exit(wait=False)
+        assert sup.write_run(1)["result"] == "done"
+        pump(sup, s.freed, what="ksmd frees the slot")

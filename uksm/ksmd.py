@@ -37,7 +37,7 @@ from .ksm import break_cow, list_del, slot_next, unmerge_ksm_pages
 from .layout import (F_ANON, F_KSM, FR_COUNT, FR_FLAGS, FR_KEY0, FR_KEY1, FRAME_SIZE, K_FULL_SCANS,
                      K_PAGES_SCANNED, K_PAGES_SHARED, K_PAGES_SHARING, K_PAGES_TO_SCAN,
                      K_PAGES_UNSHARED, K_PAGES_VOLATILE, K_RMAP_ITEMS, K_RUN, K_RUN_DONE,
-                     K_RUN_SEQ, K_SLEEP_MS, K_STABLE_NODES, H_KSM_UNSYNCED, H_KSMD_POINT, L_HEAD_NEXT, L_SCAN_ADDR,
+                     K_RUN_SEQ, K_SLEEP_MS, K_STABLE_NODES, H_KSM_UNSYNCED, H_UNMERGE_GEN, H_KSMD_POINT, L_HEAD_NEXT, L_SCAN_ADDR,
                      L_SCAN_SLOT, L_SEQNR, M_FLAGS, M_ID, M_KSM_MAPPED, M_MERGING,
                      M_RMAP_ITEMS, M_SLOT_RMAP, M_SLOT_USED, M_WRITER_WAITING, MMF_VM_MERGEABLE,
                      PAGE_SIZE, PT_OFF, PTE_PRESENT, PTE_WRITE, REF_KSM, S_COW_KSMD,
@@ -117,6 +117,7 @@ class Ksmd:
         self.t_last_merge = 0
         self.stop = False
         self.last_run = -1
+        self.unmerge_gen = cl.q[H_UNMERGE_GEN]
 
     # ---- the daemon loop (ksm_scan_thread) ---------------------------------
     def run(self) -> None:
@@ -130,19 +131,15 @@ class Ksmd:
             task.lock(cl.daemon)
             try:
                 self.reconcile()
-                seq = q[K_RUN_SEQ]  # before run: a writer stores run, then seq
-                run = q[K_RUN]
+                run = q[K_RUN]  # run_store (the writer) sets it, and unmerges, under this mutex
                 if run != self.last_run:
                     self.log.info("ksm_run", run=run, previous=self.last_run)
                     self.last_run = run
-                if run == 2 and q[K_RUN_DONE] != seq:
-                    self.unmerge_and_remove_all_rmap_items()
-                elif run == 1 and q[L_HEAD_NEXT] != cl.head:
+                if run == 1 and q[L_HEAD_NEXT] != cl.head:
                     n = q[K_PAGES_TO_SCAN]
                     self.log.info("scan_batch_start", seqnr=q[L_SEQNR], pages_to_scan=n)
                     scanned = self.ksm_do_scan(n)
                 self.publish()
-                q[K_RUN_DONE] = seq
             finally:
                 task.unlock(cl.daemon)
             if self.should_flush(run, q[K_FULL_SCANS] != scans_before):
@@ -234,8 +231,20 @@ class Ksmd:
     def reconcile(self) -> None:
         """Drop the private state of slots freed behind ksmd's back: the
         legacy __ksm_exit removes the slot itself (under this mutex), and a
-        killed task's slot may be freed by its reaper on the fast path."""
+        killed task's slot may be freed by its reaper on the fast path.
+        After run_store's unmerge (H_UNMERGE_GEN moved: the writer removed
+        every rmap_item, under this mutex), drop them all, and the trees."""
         q = self.q
+        if q[H_UNMERGE_GEN] != self.unmerge_gen:
+            self.unmerge_gen = q[H_UNMERGE_GEN]
+            for st in self.slots.values():
+                for it in st.items.values():
+                    self.remove_rmap_item_from_tree(it)
+                self.rmap_items -= len(st.items)
+                st.items.clear()
+            for node in list(self.stable.values()):
+                self.remove_node_from_stable_tree(node)
+            self.unstable.clear()
         for row, st in list(self.slots.items()):
             b = self.cl.mbase(row)
             if q[b + M_ID] != st.mm_id or not q[b + M_SLOT_USED]:
@@ -642,63 +651,6 @@ class Ksmd:
             return True
         finally:
             task.unlock(mm.ptl)
-
-    # ---- run=2 ----------------------------------------------------------------
-    def unmerge_and_remove_all_rmap_items(self) -> None:
-        """KSM_RUN_UNMERGE: with ksm_thread_mutex held, walk every mm with
-        the cursor (so an exiting mm sees it and takes the slow path), break
-        every KSM page, drop every rmap_item, free the slots of exiting mms.
-        The registrations (slots of live mms) stay."""
-        cl, q, task = self.cl, self.q, self.cl.task
-        task.lock(cl.mmlist)
-        s = slot_next(cl, cl.head)
-        q[L_SCAN_SLOT] = s
-        q[L_SCAN_ADDR] = 0
-        task.unlock(cl.mmlist)
-        while s != cl.head:
-            st = self.slot_state(s)
-            mm = st.mm
-            task.lock(mm.sem)
-            pages = 0
-            if not ksm_test_exit(cl, mm):
-                for (start, end) in mm.mergeable_ranges():
-                    if ksm_test_exit(cl, mm):
-                        break
-                    killpoints.hit_ksmd(cl, "ksmd_break_cow", mm.base, self.log)
-                    pages += unmerge_ksm_pages(cl, self.alloc, mm, start, end, True)[0]
-            for it in st.items.values():
-                self.remove_rmap_item_from_tree(it)
-            self.rmap_items -= len(st.items)
-            st.items.clear()
-            st.cows += pages
-            st.t_cow = time.monotonic_ns()
-            q[S_COW_KSMD] += pages
-            task.lock(cl.mmlist)
-            nxt = slot_next(cl, s)
-            q[L_SCAN_SLOT] = nxt
-            q[mm.base + M_SLOT_RMAP] = 0
-            if ksm_test_exit(cl, mm):
-                list_del(cl, s)
-                q[mm.base + M_SLOT_USED] = 0
-                q[mm.base + M_FLAGS] &= ~MMF_VM_MERGEABLE
-                q[S_SLOTS_FREED] += 1
-                task.unlock(mm.sem)
-                task.unlock(cl.mmlist)
-                self.log.info("unmerge", mm=st.mm_id, pages=pages, reason="run2")
-                self.log.info("slot_freed", mm=st.mm_id, by="unmerge")
-                self.drop_slot(st)
-                mmdrop(cl, s, st.mm_id, REF_KSM, self.log)
-            else:
-                task.unlock(mm.sem)
-                task.unlock(cl.mmlist)
-                self.log.info("unmerge", mm=st.mm_id, pages=pages, reason="run2")
-            s = nxt
-        self.alloc.flush()
-        for node in list(self.stable.values()):
-            self.remove_node_from_stable_tree(node)
-        self.unstable.clear()
-        q[L_SEQNR] = 0
-        self.log_activity()
 
 
 def main(argv: list[str] | None = None) -> int:
