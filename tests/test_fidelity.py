@@ -309,13 +309,13 @@ def test_writing_the_same_run_twice_does_nothing():
     from helpers import booted
     from util_machine import set_run
 
-    from uksm.ksm import ksm_run_store
+    from uksm.ksm import run_store
     from uksm.layout import K_RUN_DONE, K_RUN_SEQ
     with booted(cname("r2"), run=1, frames=64, va_pages=128) as sup:
         q = sup.cl.q
         set_run(sup, 2)
         seq = q[K_RUN_SEQ]
-        assert ksm_run_store(sup.cl, 2) == (seq, 0) and seq == q[K_RUN_SEQ] == q[K_RUN_DONE]
+        assert run_store(sup.cl, 2) == (seq, 0) and seq == q[K_RUN_SEQ] == q[K_RUN_DONE]
         set_run(sup, 1)
         assert q[K_RUN_SEQ] == seq + 1
 

@@ -48,7 +48,7 @@ from uksm import log as ulog
 from uksm import shm
 from uksm.cluster import Cluster
 from uksm.ksmd import Ksmd
-from uksm.ksm import ksm_run_store
+from uksm.ksm import run_store
 from uksm.layout import (
     H_KSMD_PID,
     H_KSMD_TASK,
@@ -137,7 +137,7 @@ def one_run(a: argparse.Namespace, profile: bool, say: Any) -> dict[str, Any]:
         say(f"  {res['mode']}: workers ready ({res['workers_ready_s']}s); run=1, ksmd in-process")
         scanned0 = q[K_PAGES_SCANNED]
         done["t0"] = time.monotonic()
-        ksm_run_store(sup.cl, 1)
+        run_store(sup.cl, 1)
         th = threading.Thread(target=watch, daemon=True)
         th.start()
         prof = cProfile.Profile() if profile else None
@@ -152,7 +152,7 @@ def one_run(a: argparse.Namespace, profile: bool, say: Any) -> dict[str, Any]:
         th.join(timeout=10)
         if "error" in done:
             raise RuntimeError(done["error"])
-        ksm_run_store(sup.cl, 0)
+        run_store(sup.cl, 0)
         scanned = q[K_PAGES_SCANNED] - scanned0
         res.update(merge_s=round(done.get("t", wall), 4), ksmd_run_s=round(wall, 4),
                    pages_scanned=scanned, full_scans=q[K_FULL_SCANS])

@@ -170,6 +170,9 @@ def print_report(r: dict[str, Any]) -> None:
           f"slow {w['exit_slow']}" + (f"  legacy {w['exit_legacy']}" if w.get("exit_legacy") else "")
           + (f"  no slot left {noslot} (ksmd freed it first)" if noslot > 0 else "")
           + f"  killed {w['killed']}  oom_killed {w['oom_killed']}")
+    print("           (fast: no rmap_items, not at ksmd's cursor, the task freed its slot itself; "
+          "slow: slot moved behind the cursor, down_write/up_write of mmap_sem, ksmd frees it; "
+          "no slot: ksmd saw ksm_test_exit first and freed the slot)")
     i = r["integrity"]
     print(f"  data     {i['pages_verified']} pages verified, {i['mismatches']} mismatches")
     print(f"  fsck     {'clean' if r['fsck']['ok'] else 'FAILED'}")

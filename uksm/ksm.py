@@ -116,7 +116,7 @@ def repair_list(cl: "Cluster") -> list[int]:
 
 # ---- __ksm_enter / __ksm_exit --------------------------------------------------
 
-def ksm_enter(cl: "Cluster", mm: MM, log=None) -> None:
+def __ksm_enter(cl: "Cluster", mm: MM, log=None) -> None:
     """__ksm_enter: give the mm a slot, just behind the scan cursor (to let
     the area settle a little before ksmd looks at it), set
     MMF_VM_MERGEABLE and raise mm_count.  Caller holds mmap_sem for write."""
@@ -137,7 +137,7 @@ def ksm_enter(cl: "Cluster", mm: MM, log=None) -> None:
         log.info("ksm_enter", mm=mm.id)
 
 
-def ksm_exit(cl: "Cluster", mm: MM, legacy: bool, log=None, policy: str = "seed") -> int:
+def __ksm_exit(cl: "Cluster", mm: MM, legacy: bool, log=None, policy: str = "seed") -> int:
     """__ksm_exit.  Returns the path taken (P_FAST, P_SLOW, P_LEGACY) or 0
     when there was no slot (ksmd had already noticed and freed it).
 
@@ -219,7 +219,7 @@ def ksm_exit(cl: "Cluster", mm: MM, legacy: bool, log=None, policy: str = "seed"
 
 # ---- /sys/kernel/mm/ksm/run ---------------------------------------------------
 
-def ksm_run_store(cl: "Cluster", value: int, alloc: "Allocator | None" = None, log=None,
+def run_store(cl: "Cluster", value: int, alloc: "Allocator | None" = None, log=None,
                   stop: "Callable[[], bool] | None" = None, oom_origin: bool = False,
                   acquire: "Callable[[], None] | None" = None) -> tuple[int, int]:
     """run_store (echo VALUE > /sys/kernel/mm/ksm/run), in the writing

@@ -16,8 +16,9 @@ from typing import Any, Callable
 from . import shm
 from .cluster import Config
 from .layout import (A_FREE_TOP, EXIT_POLICIES, H_MEM_LIMIT, HAZARDS, OOM_RULES, K_FULL_SCANS,
-                     K_PAGES_SHARED, K_PAGES_SHARING, K_RMAP_ITEMS, K_RUN,
+                     K_PAGES_SHARED, K_PAGES_SHARING, K_RMAP_ITEMS, K_RUN, L_SCAN_SLOT, M_ID,
                      PAGE_SIZE)
+from .ksm import slot_next, slots
 from .supervisor import Supervisor
 
 EXIT_OK, EXIT_ERR, EXIT_USAGE, EXIT_HUNG, EXIT_INTEGRITY = 0, 1, 2, 3, 4
@@ -46,6 +47,7 @@ class RunOptions:
     scenario: str | None = None
     churn_ms: int = 0
     quiet: bool = False
+    demo_exits: bool = False  # set by run_cluster for the plain demo: see demo_exit_away_from_cursor
 
 
 def usage_error(msg: str) -> None:
@@ -144,6 +146,17 @@ def run_cluster(o: RunOptions) -> tuple[dict[str, Any], int]:
     """``uksm run``: the foreground loop is ``drive``."""
     if o.scenario == "oom-unmerge":
         o.until_merged = True
+    # the plain demo shows every __ksm_exit path: the last worker starts
+    # after ksmd's first full scan, so its slot goes just behind the cursor
+    # (a whole pass away), writes its pages and exits before ksmd reaches
+    # it: fast path; at convergence one worker away from the
+    # cursor exits alone: slow path (ksmd has its rmap_items); the rest exit
+    # together at the end, and ksmd, freeing exiting slots without spending
+    # its batch on them, often frees theirs before their __ksm_exit: no slot
+    # (the default workload only: runs of the other workloads keep exact
+    # end-of-run counters, all workers present)
+    o.demo_exits = (o.workload == "vm" and o.scenario is None and o.duration is None and o.run == 1
+                    and o.workers >= 3)
     return run_with(o, lambda sup, t0, progress, interrupted: drive(sup, o, t0, progress, interrupted))
 
 
@@ -177,7 +190,7 @@ def run_with(o: RunOptions, driver: Driver, prefix: str = "run") -> tuple[dict[s
         sup.boot()
         sup.log.info("run_options", workers=o.workers, pages=o.pages, workload=o.workload,
                      seed=o.seed, scenario=o.scenario)
-        for _ in range(o.workers):
+        for _ in range(o.workers - 1 if o.demo_exits else o.workers):
             sup.spawn_worker(o.pages, o.workload, o.seed, o.churn_ms)
         _hung, extra = driver(sup, t0, progress, lambda: interrupted)
         snap = sup.snapshot()
@@ -200,6 +213,34 @@ def run_with(o: RunOptions, driver: Driver, prefix: str = "run") -> tuple[dict[s
     return report, status
 
 
+def demo_exit_away_from_cursor(sup: Supervisor, timeout: float = 20.0) -> None:
+    """SIGTERM one worker whose slot is neither at ksmd's cursor nor next
+    after it, and wait until it has exited: ksmd holds rmap_items of it and
+    is busy elsewhere, so its __ksm_exit takes the slow path."""
+    cl, q = sup.cl, sup.cl.q
+    cl.task.lock(cl.mmlist)
+    try:
+        cur = q[L_SCAN_SLOT]
+        near = {cur, slot_next(cl, cur)}
+        rows = [s for s in slots(cl) if s not in near]
+        mm_ids = {q[cl.mbase(s) + M_ID] for s in rows}
+    finally:
+        cl.task.unlock(cl.mmlist)
+    with sup.lock:
+        ch = next((c for c in sup.children.values() if c.mm in mm_ids), None)
+    if ch is None:
+        return
+    ch.proc.terminate()
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and not sup.hung:
+        sup.poll()
+        sup.sweep()
+        with sup.lock:
+            if ch.row not in sup.children:
+                return
+        time.sleep(0.01)
+
+
 def drive(sup: Supervisor, o: RunOptions, t0: float, progress: Progress,
           interrupted) -> tuple[bool, dict[str, Any]]:
     """The foreground loop: until the duration, convergence, or the
@@ -209,6 +250,7 @@ def drive(sup: Supervisor, o: RunOptions, t0: float, progress: Progress,
     q = sup.cl.q
     writer = None
     extra: dict[str, Any] = {}
+    late = o.demo_exits  # the demo's last worker is still to start
     samples: list[tuple[int, int, int]] = []
     last_scan = -1
     phase = "merge"
@@ -231,6 +273,9 @@ def drive(sup: Supervisor, o: RunOptions, t0: float, progress: Progress,
             elif q[K_RUN] != 1:
                 if sup.workers_ready():
                     break
+            elif late and q[K_FULL_SCANS] >= 1 and sup.workers_ready():
+                sup.spawn_worker(o.pages, o.workload, o.seed, o.churn_ms, exit_after_write=True)
+                late = False
             elif q[K_FULL_SCANS] != last_scan:
                 last_scan = q[K_FULL_SCANS]
                 if sup.workers_ready():
@@ -244,6 +289,8 @@ def drive(sup: Supervisor, o: RunOptions, t0: float, progress: Progress,
                     writer = sup.start_run_writer(2)  # echo 2 > run, PF_OOM_ORIGIN as the policy's kernel
                     samples.clear()
                 elif converged and not o.scenario:
+                    if o.demo_exits:
+                        demo_exit_away_from_cursor(sup)
                     break
         time.sleep(0.02)
     if writer is not None and "run_store" not in extra:

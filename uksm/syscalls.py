@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable
 
 from . import killpoints
-from .ksm import ERESTARTSYS, ksm_enter, unmerge_ksm_pages
+from .ksm import ERESTARTSYS, __ksm_enter, unmerge_ksm_pages
 from .layout import (M_FLAGS, M_PAGES, MMF_VM_MERGEABLE, PAGE_SHIFT, PAGE_SIZE, VM_MERGEABLE,
                      VM_READ, VM_WRITE)
 from .memory import Allocator
@@ -105,7 +105,7 @@ def sys_madvise(cl: "Cluster", mm: MM, alloc: Allocator, addr: int, length: int,
         if advice == MADV_MERGEABLE:
             # ksm_madvise: __ksm_enter the first time, then VM_MERGEABLE
             if not cl.q[mm.base + M_FLAGS] & MMF_VM_MERGEABLE:
-                ksm_enter(cl, mm, log)
+                __ksm_enter(cl, mm, log)
             for i in idx:
                 mm.set_vma_flags(i, mm.vma_at(i)[2] | VM_MERGEABLE)
         else:

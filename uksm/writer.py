@@ -26,7 +26,7 @@ from typing import Any
 from . import log as ulog
 from . import oom
 from .cluster import Cluster
-from .ksm import ENOMEM, ksm_run_store
+from .ksm import ENOMEM, run_store
 from .layout import T_FATAL, T_PID, X_OOM, X_SIGNAL
 from .memory import Allocator
 
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     alloc = Allocator(cl)
     alloc.oom_killer = oom.out_of_memory
     try:
-        _seq, err = ksm_run_store(cl, a.value, alloc, log, stop=lambda: bool(pending["signo"]),
+        _seq, err = run_store(cl, a.value, alloc, log, stop=lambda: bool(pending["signo"]),
                                   oom_origin=a.oom_origin)
         status = (EXIT_DONE if not err else EXIT_OOM_KILLED
                   if err == -ENOMEM or q[task.base + T_FATAL] == X_OOM else EXIT_INTERRUPTED)
