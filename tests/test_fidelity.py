@@ -81,6 +81,19 @@ class InProcKsmd:
         # freed here must not close them under it
         monkeypatch.setattr(sup.cl, "forget_mm", lambda _mm_id: None)
 
+    def merged_space(self, npages: int):
+        """A Space with ``npages`` equal pages, MADV_MERGEABLE, merged by
+        three passes: (space, base address)."""
+        from util_machine import Space
+
+        from uksm.syscalls import MADV_MERGEABLE
+        s = Space(self.sup)
+        base = s.mmap(npages)
+        fill_same(s, base, npages)
+        s.madvise(base, npages, MADV_MERGEABLE)
+        self.scan(passes=3)
+        return s, base
+
     def scan(self, n: int = 1000, passes: int = 1) -> None:
         cl = self.sup.cl
         for _ in range(passes):
@@ -117,11 +130,7 @@ def test_unshared_ksm_page_goes_through_break_cow(monkeypatch):
     monkeypatch.setattr(ksmd_mod, "break_cow", spy)
     with booted(cname("bc"), run=0, frames=64, va_pages=128) as sup:
         k = InProcKsmd(sup, monkeypatch)
-        s = Space(sup)
-        base = s.mmap(2)
-        fill_same(s, base, 2)
-        s.madvise(base, 2, MADV_MERGEABLE)
-        k.scan(passes=3)
+        s, base = k.merged_space(2)
         assert s.pfn(base) == s.pfn(base + 4096) and is_ksm(sup.cl, s.pfn(base)), "merged"
         s.write(base + 4096, b"x")            # COW: the KSM page keeps one mapping
         k.scan()
@@ -215,11 +224,7 @@ def test_madv_unmergeable_interrupted_keeps_vm_mergeable(monkeypatch):
     from uksm.syscalls import MADV_MERGEABLE, MADV_UNMERGEABLE, KsmInterrupted, sys_madvise
     with booted(cname("mi"), run=0, frames=64, va_pages=128) as sup:
         k = InProcKsmd(sup, monkeypatch)
-        s = Space(sup)
-        base = s.mmap(8)
-        fill_same(s, base, 8)
-        s.madvise(base, 8, MADV_MERGEABLE)
-        k.scan(passes=3)
+        s, base = k.merged_space(8)
         assert all(is_ksm(sup.cl, s.pfn(base + i * 4096)) for i in range(8))
         calls = []
 

@@ -351,7 +351,8 @@ def add_parsers(sub: Any, run_args: Callable[..., None]) -> None:
     p = sub.add_parser("ctl", help="read or write the knobs, as /sys/kernel/mm/ksm",
                        description="With no argument: every knob and counter, 'name value' per "
                                    "line. KEY: one value. KEY=VALUE ...: write knobs (run 0/1/2 "
-                                   "waits for ksmd as writing /sys/kernel/mm/ksm/run does; "
+                                   "is written by a writer task running run_store, and returns when "
+                                   "its write does (for 2: the unmerge done, or failed); "
                                    "pages_to_scan > 0; sleep_millisecs >= 0; exit_policy "
                                    "seed|shipped|legacy; mem_limit frames, 0 = none).",
                        epilog=EPILOG, formatter_class=fmt)

@@ -61,7 +61,7 @@ from .supervisor import Child, Supervisor
 
 ROUND_S = 0.02            # the main loop's period (uksm run's)
 LOCK_TIMEOUT_S = 30.0     # ksm_thread_mutex, for ctl run= and fsck
-RUN_WAIT_S = 120.0        # ksmd acting on a run= write (run=2: the unmerge)
+RUN_WAIT_S = 120.0        # the writer's run= write returning (run=2: the unmerge)
 KILL_WAIT_S = 60.0        # killed workers' exits
 READY_WAIT_S = 120.0      # spawn --wait
 FSCK_WAIT_S = 20.0        # fsck: stopping the world, exits in flight to settle

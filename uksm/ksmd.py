@@ -1,10 +1,12 @@
 """ksmd: the scanner (mm/ksm.c: ksm_scan_thread, ksm_do_scan,
-scan_get_next_rmap_item, cmp_and_merge_page, try_to_merge_*,
-unmerge_and_remove_all_rmap_items).
+scan_get_next_rmap_item, cmp_and_merge_page, try_to_merge_*).
 
-Private to this process, as in the kernel only ksmd (and run=2, which ksmd
-runs here) touches them: the rmap_items of each mm_slot, the stable tree
-and the unstable tree.  The trees are hash maps keyed by a 128-bit mmh3
+Private to this process: the rmap_items of each mm_slot, the stable tree
+and the unstable tree.  In the kernel the writer of run=2 removes them too
+(unmerge_and_remove_all_rmap_items, in its own context, under
+ksm_thread_mutex); here that writer (``uksm.writer``) unmerges the pages and
+zeroes what the rmap_items publish, and ksmd drops its copies at its next
+batch (``reconcile``, H_UNMERGE_GEN).  The trees are hash maps keyed by a 128-bit mmh3
 digest of the page; every merge still confirms the bytes are equal
 (``pages_identical``) under the protocol of the kernel's
 ``write_protect_page`` / ``replace_page``, so a hash collision can never merge
