@@ -51,8 +51,7 @@ from . import log as ulog
 from .control import (EXIT_ERR, EXIT_HUNG, EXIT_OK, EXIT_USAGE, WRITABLE,
                       not_running, sock_address, validate_knob)
 from .layout import (A_FREE_TOP, CS_STOPPING, E_LOCK, E_SINCE, E_SPINS, E_WORD, EXIT_POLICIES, H_EXIT_POLICY,
-                     H_KSMD_TASK, H_MEM_LIMIT, H_STATE, K_PAGES_TO_SCAN, K_RUN, K_RUN_DONE,
-                     K_RUN_SEQ, K_SLEEP_MS, M_EXIT_PATH, M_ID, M_STATE, MM_STATES, MS_EXITING,
+                     H_KSMD_TASK, H_MEM_LIMIT, H_STATE, K_PAGES_TO_SCAN, K_RUN, K_SLEEP_MS, M_EXIT_PATH, M_ID, M_STATE, MM_STATES, MS_EXITING,
                      MS_FREEING, S_EXIT_FAST, S_EXIT_LEGACY, S_EXIT_SLOW, S_REAPED, T_PID, T_READY, T_STATE, TS_DEAD, TS_FREE,
                      EXIT_PATHS)
 from .locks import HELD, IDLE, WAIT_SLICE, WAITING, Lock

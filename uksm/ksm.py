@@ -1,6 +1,8 @@
 """mm/ksm.c, the part shared by every task: mm_slots, __ksm_enter, __ksm_exit,
-break_ksm, unmerge_ksm_pages.  ksmd itself (the scan, the trees, the
-rmap_items) is ``uksm.ksmd``.
+break_ksm, break_cow, unmerge_ksm_pages, and run_store with
+unmerge_and_remove_all_rmap_items (run by the task writing ``run``:
+``uksm.writer``).  ksmd itself (the scan, the trees, the rmap_items) is
+``uksm.ksmd``; docs/KERNEL-MAP.md maps every kernel function.
 
 The mm_slot list and the ksm_scan cursor live in shared memory under
 ``ksm_mmlist_lock`` (a leaf lock), with each slot's rmap_item count

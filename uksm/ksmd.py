@@ -35,11 +35,10 @@ import mmh3
 
 from . import killpoints, oom
 from .cluster import Cluster
-from .ksm import break_cow, list_del, slot_next, unmerge_ksm_pages
+from .ksm import break_cow, list_del, slot_next
 from .layout import (F_ANON, F_KSM, FR_COUNT, FR_FLAGS, FR_KEY0, FR_KEY1, FRAME_SIZE, K_FULL_SCANS,
                      K_PAGES_SCANNED, K_PAGES_SHARED, K_PAGES_SHARING, K_PAGES_TO_SCAN,
-                     K_PAGES_UNSHARED, K_PAGES_VOLATILE, K_RMAP_ITEMS, K_RUN, K_RUN_DONE,
-                     K_RUN_SEQ, K_SLEEP_MS, K_STABLE_NODES, H_KSM_UNSYNCED, H_UNMERGE_GEN, H_KSMD_POINT, L_HEAD_NEXT, L_SCAN_ADDR,
+                     K_PAGES_UNSHARED, K_PAGES_VOLATILE, K_RMAP_ITEMS, K_RUN, K_SLEEP_MS, K_STABLE_NODES, H_KSM_UNSYNCED, H_UNMERGE_GEN, H_KSMD_POINT, L_HEAD_NEXT, L_SCAN_ADDR,
                      L_SCAN_SLOT, L_SEQNR, M_FLAGS, M_ID, M_KSM_MAPPED, M_MERGING,
                      M_RMAP_ITEMS, M_SLOT_RMAP, M_SLOT_USED, M_WRITER_WAITING, MMF_VM_MERGEABLE,
                      PAGE_SIZE, PT_OFF, PTE_PRESENT, PTE_WRITE, REF_KSM, S_COW_KSMD,
