@@ -14,8 +14,7 @@ import pytest
 from helpers import booted, pump, run_json
 from test_exit import finish, ready, set_run
 from uksm import killpoints, logs
-from uksm.layout import (H_KSMD_POINT, K_FULL_SCANS, K_RUN, K_RUN_DONE, K_RUN_SEQ, S_EXIT_FAST,
-                         S_EXIT_SLOW)
+from uksm.layout import H_KSMD_POINT, K_FULL_SCANS, S_EXIT_FAST, S_EXIT_SLOW
 
 SMALL = dict(frames=512, va_pages=128, pages_to_scan=200, sleep_ms=1)
 
@@ -24,29 +23,26 @@ def events(log_dir, name: str) -> list[dict]:
     return [ev for ev in logs.iter_events(log_dir) if ev["event"] == name]
 
 
-def request_run(sup, value: int) -> int:
-    q = sup.cl.q
-    q[K_RUN] = value
-    q[K_RUN_SEQ] += 1
-    return q[K_RUN_SEQ]
-
-
-def ksm05_exit_in_window(sup, point: str, ms: int, seed: int) -> int:
+def ksm05_exit_in_window(sup, point: str, ms: int, seed: int) -> None:
     """LTP ksm05's task (madvise, touch nothing) exits by the fast path
-    while ksmd, started by run=1, waits at delay point ``point``.  Returns
-    the run request's sequence number."""
+    while ksmd, started by run=1, waits at delay point ``point``."""
     q = sup.cl.q
     ch = sup.spawn_worker(8, "identical", seed, no_touch=True)
     pump(sup, lambda: ready(sup, ch), what="madvise done")
     killpoints.arm_ksmd_delay(sup.cl, point, ms)
-    seq = request_run(sup, 1)
+    set_run(sup, 1)
     pump(sup, lambda: q[H_KSMD_POINT] == -1, what="ksmd in the window")
     ch.proc.terminate()
     pump(sup, lambda: ch.row not in sup.children, what="the task's exit")
-    return seq
 
 
-def assert_oops(sup, tmp_path, frame: str, exc: str) -> None:
+def ksmd_batch_over(sup) -> None:
+    """run=0 through a writer: it takes ksm_thread_mutex, which ksmd holds
+    for its whole batch (the delay included)."""
+    sup.write_run(0, timeout=30)
+
+
+def assert_oops(sup, tmp_path, frame: str, exc: str, task: str) -> None:
     """The detector: ksmd's exception is an oops, in the report (status 5,
     traceback) and in the logs (``oops``, rule 6 of ``logs check``)."""
     pump(sup, lambda: sup.oopses, what="ksmd's oops")
@@ -54,7 +50,7 @@ def assert_oops(sup, tmp_path, frame: str, exc: str) -> None:
     assert end["status"] == 5, end
     tb = end["oops"][0]["traceback"]
     assert exc in tb and frame in tb, tb
-    assert any("ksmd oops" in e for e in end["errors"])
+    assert end["oops"][0]["task"] == task and any(f"{task} oops" in e for e in end["errors"])
     oops = events(tmp_path, "oops")
     assert len(oops) == 1 and exc in oops[0]["tb"]
     assert any(v.startswith("rule 6: oops") for v in logs.check(tmp_path))
@@ -76,12 +72,12 @@ def test_cve_2011_2183_scan_reaches_the_list_head(hazards, rep, tmp_path):
     list head to ... the list head, whose mm is NULL."""
     with booted(f"thead{rep}{len(hazards)}", str(tmp_path), run=0, hazards=hazards, **SMALL) as sup:
         q = sup.cl.q
-        seq = ksm05_exit_in_window(sup, "ksmd_scan_wrap", 2000, rep)
+        ksm05_exit_in_window(sup, "ksmd_scan_wrap", 2000, rep)
         assert q[S_EXIT_FAST] == 1  # the list is empty, ksmd still in the window
         if hazards:
-            assert_oops(sup, tmp_path, "slot_state", "NullPointerDereference")
+            assert_oops(sup, tmp_path, "slot_state", "NullPointerDereference", "ksmd")
         else:
-            pump(sup, lambda: q[K_RUN_DONE] == seq, what="ksmd's batch")
+            ksmd_batch_over(sup)
             assert_clean(sup, tmp_path)
 
 
@@ -96,8 +92,8 @@ def test_2016_up_read_after_the_list_lock(hazards, rep, tmp_path):
     order the task's exit comes after the up_read and nothing is flagged."""
     with booted(f"tuaf{rep}{len(hazards)}", str(tmp_path), run=0, hazards=hazards, **SMALL) as sup:
         q = sup.cl.q
-        seq = ksm05_exit_in_window(sup, "ksmd_between_unlocks", 1500, rep)
-        pump(sup, lambda: q[K_RUN_DONE] == seq, what="ksmd past the window")
+        ksm05_exit_in_window(sup, "ksmd_between_unlocks", 1500, rep)
+        ksmd_batch_over(sup)
         if hazards:
             assert q[S_EXIT_FAST] == 1  # (fixed: the exit waits for the list lock, then
             #                              takes the fast path or finds ksmd freed the slot)
@@ -128,11 +124,12 @@ def test_2023_unmerge_walks_a_torn_down_mm(hazards, rep, tmp_path):
         ch.proc.terminate()
         pump(sup, lambda: ch.row not in sup.children, what="the task's exit")
         assert q[S_EXIT_SLOW] == 1
-        seq = request_run(sup, 2)
+        r = sup.write_run(2, timeout=30)   # the writer unmerges (run_store)
         if hazards:
-            assert_oops(sup, tmp_path, "unmerge_and_remove_all_rmap_items", "VmaTableFreed")
+            assert r["status"] == 70, r
+            assert_oops(sup, tmp_path, "unmerge_and_remove_all_rmap_items", "VmaTableFreed", "writer")
         else:
-            pump(sup, lambda: q[K_RUN_DONE] == seq, what="the unmerge")
+            assert r["result"] == "done", r
             assert_clean(sup, tmp_path)
 
 
@@ -196,7 +193,7 @@ def test_lockdep_names_a_lock_taken_against_the_order(tmp_path):
 @pytest.mark.parametrize("hazards", [[], ["oom-mmput-in-task"]], ids=["fixed", "hazard"])
 def test_2015_oom_mmput_in_the_unmerging_task(hazards, tmp_path):
     """The 2015 linux-next self-deadlock, in the oom-unmerge scenario: the
-    unmerger (ksmd here) holds the victim's mmap_sem for read; its
+    unmerger (the run=2 writer) holds the victim's mmap_sem for read; its
     allocation's OOM kill runs the victim's mmput in the unmerger itself,
     and __ksm_exit's slow path takes down_write on that same semaphore.
     lockdep names it; the watchdog then reports the hang.  Without the
@@ -210,7 +207,7 @@ def test_2015_oom_mmput_in_the_unmerging_task(hazards, tmp_path):
     if hazards:
         assert status == 3 and r["lockdep"] >= 1 and r["hung_tasks"], r
         ev = events(tmp_path, "lockdep")[0]
-        assert ev["role"] == "ksmd" and ev["kind"] == "recursive" and ev["op"] == "down_write"
+        assert ev["role"] == "writer" and ev["kind"] == "recursive" and ev["op"] == "down_write"
         assert ev["lock"] == ev["held"] and ev["lock"].startswith("mmap_sem:")
         assert "oom_kill_and_mmput" in ev["chain"] and "ksm_exit" in ev["chain"]
     else:

@@ -28,7 +28,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from . import killpoints, oom
-from .ksm import ksm_exit
+from .ksm import __ksm_exit
 from .layout import (EXIT_POLICIES, H_EXIT_POLICY, M_EXIT_STAGE, M_ID, M_REFS, M_SLOT_USED, M_STATE,
                      M_USERS, MAX_VMAS, MS_EXITING, MS_ZOMBIE, PAGE_SIZE, PT_OFF, REF_KSM,
                      REF_USERS, MS_VMAS_FREED, H_SHUTDOWN, PTE_PRESENT, T_EXIT_PROGRESS,
@@ -54,11 +54,11 @@ def mmput(cl: "Cluster", mm: MM, alloc: Allocator, log: Any) -> int:
     mm_users_zero(cl, mm, log)
     path = 0
     if policy != "seed":
-        path = _ksm_exit(cl, mm, policy, log)
+        path = ksm_exit(cl, mm, policy, log)
     if not q[b + M_EXIT_STAGE] & XS_ZAPPED:
         exit_mmap_unmap(cl, mm, alloc, log)
     if policy == "seed":
-        path = _ksm_exit(cl, mm, policy, log)
+        path = ksm_exit(cl, mm, policy, log)
     if not q[b + M_EXIT_STAGE] & XS_PGTABLES:
         free_pgtables(cl, mm)
     if not q[b + M_EXIT_STAGE] & XS_MMDROP:
@@ -125,14 +125,14 @@ def mm_users_zero(cl: "Cluster", mm: MM, log: Any, ptl_held: bool = False) -> bo
     return done
 
 
-def _ksm_exit(cl: "Cluster", mm: MM, policy: str, log: Any) -> int:
+def ksm_exit(cl: "Cluster", mm: MM, policy: str, log: Any) -> int:
     """ksm_exit: call __ksm_exit if the mm has a slot (MMF_VM_MERGEABLE)."""
     q, b = cl.q, mm.base
     if q[b + M_EXIT_STAGE] & XS_KSM_EXIT:
         return 0
     path = 0
     if q[b + M_SLOT_USED]:
-        path = ksm_exit(cl, mm, policy == "legacy", log, policy)
+        path = __ksm_exit(cl, mm, policy == "legacy", log, policy)
     _mark(cl, mm, XS_KSM_EXIT)
     return path
 

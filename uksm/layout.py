@@ -48,7 +48,10 @@ H_CMD_SEQ = 21
 H_FRAMES_FREED = 22
 H_MEM_LIMIT = 23
 H_PENDING_FREE = 24
-HDR_END = 25
+H_KSM_UNSYNCED = 25   # slots a legacy __ksm_exit freed since ksmd last published (under ksm_thread_mutex)
+H_OOM_RULE = 26       # index in OOM_RULES: the OOM killer's victim choice, by kernel version
+H_UNMERGE_GEN = 27    # bumped by run_store's unmerge: ksmd drops its private rmap_items and trees
+HDR_END = 28
 
 # ---- /sys/kernel/mm/ksm: knobs (written by ctl) and counters (written by ksmd)
 K_RUN = HDR_END + 0
@@ -124,8 +127,9 @@ T_FOR_ROW = 19
 T_WORKLOAD = 20
 T_SEED = 21
 T_EXIT_PATH = 22
-T_EXIT_PROGRESS = 23  # bumped at every step of this task's exit (the livelock watchdog's clock)
-T_FIXED = 24
+T_OOM_ORIGIN = 23    # PF_OOM_ORIGIN: the run=2 writer while it unmerges (the OOM killer's first choice)
+T_EXIT_PROGRESS = 24  # bumped at every step of this task's exit (the livelock watchdog's clock)
+T_FIXED = 25
 
 # ---- mm table row: mm_struct fused with its mm_slot (slot index == row index)
 M_ID = 0
@@ -175,8 +179,8 @@ ESIZE = 5
 T_LOCKS = T_FIXED
 TASK_SIZE = T_LOCKS + NCLASS * ESIZE
 
-ROLES = ("none", "supervisor", "ksmd", "worker", "reaper", "ctl")
-R_NONE, R_SUPERVISOR, R_KSMD, R_WORKER, R_REAPER, R_CTL = range(6)
+ROLES = ("none", "supervisor", "ksmd", "worker", "reaper", "ctl", "writer")
+R_NONE, R_SUPERVISOR, R_KSMD, R_WORKER, R_REAPER, R_CTL, R_WRITER = range(7)
 # task states
 TS_FREE, TS_ALIVE, TS_DEAD, TS_REAPING = range(4)
 # why a worker exited (T_EXIT_REASON)
@@ -226,6 +230,11 @@ HAZARDS = {"no-fast-path": 1, "no-exit-checks": 2, "no-scan-head-check": 4,
            "up-read-after-unlock": 8, "no-unmerge-exit-check": 16, "oom-mmput-in-task": 32}
 HZ_NO_FAST_PATH, HZ_NO_EXIT_CHECKS, HZ_NO_SCAN_HEAD_CHECK = 1, 2, 4
 HZ_UP_READ_AFTER_UNLOCK, HZ_NO_UNMERGE_EXIT_CHECK, HZ_OOM_MMPUT_IN_TASK = 8, 16, 32
+# the OOM killer of: 2.6.32 (select_bad_process skips a task without an mm
+# before it looks at TIF_MEMDIE) or 4.1 (oom_scan_process_thread: TIF_MEMDIE
+# first, so a victim stuck in its exit blocks every further kill)
+OOM_RULES = ("2.6.32", "4.1")
+OOM_2632, OOM_41 = range(2)
 
 # cluster states
 CS_STARTING, CS_RUNNING, CS_STOPPING, CS_STOPPED = range(4)
