@@ -170,9 +170,16 @@ class Supervisor:
         exception in kernel code, the kernel's oops.  Record its traceback
         (written by the task) for the report; the run fails and no new
         ksmd is started."""
-        if k.proc.returncode != OOPS_STATUS:
-            return False
         path = self._oops_file(k.row)
+        # the file is the evidence: a stop signal may end the task after it
+        # wrote it, in interpreter shutdown (status -15 instead of 70)
+        if k.proc.returncode != OOPS_STATUS and not os.path.exists(path):
+            return False
+        with self.lock:
+            if any(o["pid"] == k.proc.pid for o in self.oopses):
+                return True  # noted already (the detector and stop_ksmd both look)
+            self.oopses.append({"pid": k.proc.pid, "task": k.role, "error": "", "traceback": ""})
+            entry = self.oopses[-1]
         try:
             with open(path) as f:
                 tb = f.read()
@@ -180,7 +187,7 @@ class Supervisor:
         except OSError:
             tb = "(ksmd left no traceback)"
         last = tb.strip().splitlines()[-1] if tb.strip() else "?"
-        self.oopses.append({"pid": k.proc.pid, "task": k.role, "error": last, "traceback": tb})
+        entry.update(error=last, traceback=tb)
         self.errors.append(f"{k.role} oops: {last}")
         self.log.error("ksmd_oops", dead_pid=k.proc.pid, error=last)
         return True
@@ -515,11 +522,12 @@ class Supervisor:
         self._writers_exited()
         k = self.ksmd
         if k is not None and k.proc.poll() is not None and not q[H_SHUTDOWN]:
+            oopsed = self.note_oops(k)  # before ksmd is None: shutdown's stop_ksmd may look next
             with self.lock:
                 if self.ksmd is not k:
                     return
                 self.ksmd = None
-            if not self.note_oops(k):
+            if not oopsed:
                 self.errors.append(f"ksmd died (status {k.proc.returncode})")
             self.log.error("ksmd_died", status=k.proc.returncode)
             # out of scope for the kernel (ksmd does not die), but the machine
