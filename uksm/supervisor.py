@@ -645,12 +645,13 @@ class Supervisor:
     # ---- state -----------------------------------------------------------------------
     def settled(self) -> bool:
         """No death waiting for recovery, none being recovered, no reaper
-        still running a dead task's exit -- and no exited child not yet
-        noticed (a worker ksmd has just SIGKILLed at a kill point)."""
+        still running a dead task's exit -- and no unclean death not yet
+        noticed (a worker ksmd has just SIGKILLed at a kill point).  A clean
+        exit not yet accounted by poll() does not count: nothing to recover."""
         with self.lock:
             if self.pending_deaths or any(t.is_alive() for t in self.reapers):
                 return False
-        return not self._exited()
+        return all(self.exit_complete(row, ch) for row, ch, _rc in self._exited())
 
     def workers_alive(self) -> int:
         with self.lock:
