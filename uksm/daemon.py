@@ -55,7 +55,9 @@ from .layout import (A_FREE_TOP, CS_STOPPING, E_LOCK, E_SINCE, E_SPINS, E_WORD, 
                      K_RUN_SEQ, K_SLEEP_MS, M_EXIT_PATH, M_ID, M_STATE, MM_STATES, MS_EXITING,
                      MS_FREEING, S_EXIT_FAST, S_EXIT_LEGACY, S_EXIT_SLOW, S_REAPED, T_PID, T_READY, T_STATE, TS_DEAD, TS_FREE,
                      EXIT_PATHS)
+from .ksm import ksm_run_store
 from .locks import HELD, IDLE, WAIT_SLICE, WAITING, Lock
+from .scripting import ScriptOps
 from .supervisor import Child, Supervisor
 
 ROUND_S = 0.02            # the main loop's period (uksm run's)
@@ -77,11 +79,11 @@ class DaemonSupervisor(Supervisor):
         super().__init__(*args, **kw)
         self.own_groups = own_groups
 
-    def _popen(self, args: list[str]) -> "subprocess.Popen[bytes]":
+    def _popen(self, args: list[str], pass_fds: tuple[int, ...] = ()) -> "subprocess.Popen[bytes]":
         if not self.own_groups:
-            return super()._popen(args)
+            return super()._popen(args, pass_fds)
         return subprocess.Popen([sys.executable, "-m", *args], stdin=subprocess.DEVNULL,
-                                process_group=0)
+                                process_group=0, pass_fds=pass_fds)
 
 
 class RequestError(shm.UksmError):
@@ -116,8 +118,10 @@ def sd_notify(state: str) -> None:
         pass
 
 
-class Daemon:
-    """One cluster's daemon: its control socket, its supervisor, the loop."""
+class Daemon(ScriptOps):
+    """One cluster's daemon: its control socket, its supervisor, the loop.
+    Without a socket (``reserve`` not called) it serves ``uksm.Machine``
+    in-process: ``run_request`` is then called directly."""
 
     def __init__(self, name: str, spec: dict[str, Any], foreground: bool) -> None:
         self.name = name
@@ -159,9 +163,9 @@ class Daemon:
         self._log = ulog.thread_logger("ctl", self.name, self.log_dir, "daemon")
         for _ in range(spec["workers"]):
             self.sup.spawn_worker(spec["pages"], spec["workload"], spec["seed"], spec["churn_ms"])
-        assert self.sock is not None
-        self.sock.listen(128)
-        self.sock.setblocking(False)
+        if self.sock is not None:
+            self.sock.listen(128)
+            self.sock.setblocking(False)
 
     # ---- the main loop ------------------------------------------------------------------
     def pump(self) -> None:
@@ -263,13 +267,6 @@ class Daemon:
         return int(uid)
 
     def handle(self, conn: socket.socket, req: dict[str, Any]) -> dict[str, Any]:
-        op = req["op"]
-        handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
-            "ping": self.do_ping, "spawn": self.do_spawn, "kill": self.do_kill,
-            "ctl": self.do_ctl, "fsck": self.do_fsck, "down": self.do_down}
-        fn = handlers.get(op)
-        if fn is None:
-            return {"ok": False, "error": f"unknown request {op!r}", "status": EXIT_USAGE}
         try:
             uid = self._peer_uid(conn)
         except OSError:
@@ -278,10 +275,23 @@ class Daemon:
             return {"ok": False, "status": EXIT_ERR,
                     "error": f"cluster {self.name!r}: permission denied (EPERM): uid {uid} is not "
                              f"the cluster's owner"}
+        return self.run_request(req)
+
+    def run_request(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Serve one request (from the socket, or from an in-process Machine)."""
+        op = req["op"]
+        handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+            "ping": self.do_ping, "spawn": self.do_spawn, "kill": self.do_kill,
+            "ctl": self.do_ctl, "fsck": self.do_fsck, "down": self.do_down,
+            **self.script_handlers()}
+        fn = handlers.get(op)
+        if fn is None:
+            return {"ok": False, "error": f"unknown request {op!r}", "status": EXIT_USAGE}
         try:
             ans = fn(req)
         except shm.UksmError as e:
-            return {"ok": False, "error": str(e), "status": e.status}
+            return {"ok": False, "error": str(e), "status": e.status,
+                    "kind": getattr(e, "kind", "hung" if e.status == EXIT_HUNG else "")}
         except Exception as e:  # a bug: say so, keep serving
             print(f"uksm: request {op!r} failed:\n{traceback.format_exc()}", file=sys.stderr,
                   flush=True)
@@ -438,14 +448,7 @@ class Daemon:
             self._log.info("inject_kill", target_pid=c.proc.pid, mm=c.mm, signal=signame,
                            mode="command")
 
-        def finished(c: Child) -> bool:
-            """Reaped, and its exit accounted (by itself or by its reaper,
-            which runs on the dead task's row): the row is free again.  Only
-            this thread allocates rows, so it cannot be reused meanwhile."""
-            with sup.lock:
-                if sup.children.get(c.row) is c:
-                    return False
-            return q[cl.tbase(c.row) + T_STATE] == TS_FREE
+        finished = self.finished
         all_done = self.wait_until(lambda: all(finished(c) for c in targets), KILL_WAIT_S, "kill")
         killed = []
         for c in targets:
@@ -471,6 +474,17 @@ class Daemon:
                  "exit_legacy": q[S_EXIT_LEGACY], "reaped": q[S_REAPED]}
         return {"killed": killed, "exit_paths": {k: after[k] - before[k] for k in before},
                 "status": EXIT_OK if all_done else EXIT_ERR}
+
+    def finished(self, c: Child) -> bool:
+        """Reaped, and its exit accounted (by itself or by its reaper,
+        which runs on the dead task's row): the row is free again.  Only
+        this thread allocates rows, so it cannot be reused meanwhile."""
+        sup = self.sup
+        assert sup is not None
+        with sup.lock:
+            if sup.children.get(c.row) is c:
+                return False
+        return bool(sup.cl.q[sup.cl.tbase(c.row) + T_STATE] == TS_FREE)
 
     def do_ctl(self, req: dict[str, Any]) -> dict[str, Any]:
         sup = self.sup
@@ -521,13 +535,9 @@ class Daemon:
             raise RequestError("run: ksmd is not running (it died: see 'uksm status' and the "
                                "logs); nothing was changed", EXIT_ERR)
         t0 = time.monotonic()
-        self.lock_pumped(cl.daemon, LOCK_TIMEOUT_S, "run")
-        try:
-            q[K_RUN] = value
-            seq = q[K_RUN_SEQ] + 1
-            q[K_RUN_SEQ] = seq
-        finally:
-            cl.task.unlock(cl.daemon)
+        # the one run_store (uksm.ksm), ksm_thread_mutex taken without
+        # blocking the daemon's duties
+        seq = ksm_run_store(cl, value, lock=lambda lk: self.lock_pumped(lk, LOCK_TIMEOUT_S, "run"))
         self._log.info("ksm_knob", name="run", value=value)
         if not self.wait_until(lambda: q[K_RUN_DONE] >= seq or sup.ksmd is None, RUN_WAIT_S,
                                f"run={value}"):

@@ -24,7 +24,7 @@ Lock order: ksm_thread_mutex -> mmap_sem -> ksm_mmlist_lock.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from . import killpoints
 from .layout import (K_RUN, K_RUN_SEQ, T_EXIT_PATH, F_KSM, FRAME_SIZE, FR_FLAGS, H_HAZARDS, HZ_NO_FAST_PATH, L_HEAD_NEXT,
@@ -38,6 +38,7 @@ from .mmu import FAULT_EXITING, handle_mm_fault, ksm_test_exit
 
 if TYPE_CHECKING:
     from .cluster import Cluster
+    from .locks import Lock
 
 
 # ---- the mm_slot list (caller holds ksm_mmlist_lock) ----------------------------
@@ -211,14 +212,17 @@ def ksm_exit(cl: "Cluster", mm: MM, legacy: bool, log=None, policy: str = "seed"
 
 # ---- /sys/kernel/mm/ksm/run ---------------------------------------------------
 
-def ksm_run_store(cl: "Cluster", value: int) -> int:
+def ksm_run_store(cl: "Cluster", value: int, lock: Callable[[Lock], None] | None = None) -> int:
     """run_store: set ``run`` and bump the request sequence under
     ksm_thread_mutex, as the kernel does, so ksmd (which reads both at the
     start of a batch, under the mutex) sees them together.  Returns the
     sequence number; ksmd sets K_RUN_DONE to it once it has acted (for
     run=2: once every KSM page is unmerged).  May block while ksmd holds
-    the mutex, like a write to /sys/kernel/mm/ksm/run."""
-    cl.task.lock(cl.daemon)
+    the mutex, like a write to /sys/kernel/mm/ksm/run.  Every write of
+    ``run`` (uksm run, inject, the daemon's ctl, the API, the tests) comes
+    here; ``lock`` takes the mutex another way (the daemon's bounded wait
+    that keeps reaping), default ``cl.task.lock``."""
+    (lock or cl.task.lock)(cl.daemon)
     try:
         cl.q[K_RUN] = value
         seq = cl.q[K_RUN_SEQ] + 1
