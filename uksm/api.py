@@ -539,7 +539,8 @@ class Machine:
                                f"scanning (set m.ksm['run'] = 1)")
 
     # -- fault injection
-    def kill_points(self) -> list[KillPoint]:
+    @staticmethod
+    def kill_points() -> list[KillPoint]:
         """Every named kill point, with where it is (worker or ksmd)."""
         return [KillPoint(n, who, desc) for n, (who, desc) in killpoints.POINTS.items()]
 
