@@ -52,3 +52,16 @@ def test_pytest_plugin_fixture(tmp_path):
     out = p.stdout + p.stderr
     assert "2 passed, 1 error" in out, out  # the leak fails at teardown
     assert "test_leaks_an_mm" in out and "never freed" in out, out
+
+
+def _python_blocks(path: str) -> list[str]:
+    text = open(os.path.join(ROOT, path)).read()
+    return [b.split("```", 1)[0] for b in text.split("```python\n")[1:]]
+
+
+@pytest.mark.parametrize("path", ["README.md", "docs/API.md"])
+def test_documented_example_runs(path):
+    """The first Python example of the README and of docs/API.md runs as written."""
+    code = next(b for b in _python_blocks(path) if "uksm.Machine(" in b)
+    p = run_group([sys.executable, "-c", code], 100)
+    assert p.returncode == 0, p.stdout + p.stderr
