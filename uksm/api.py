@@ -258,9 +258,11 @@ class Task:
     the emulated MMU and system calls, and returns when done.  Addresses
     are byte offsets into its pages (page i at ``i * 4096``)."""
 
-    def __init__(self, m: "Machine", tid: str, pid: int = 0, pages: int = 0, mm: int = 0) -> None:
+    def __init__(self, m: "Machine", tid: str, pid: int = 0, pages: int = 0, mm: int = 0,
+                 programmable: bool = True) -> None:
         self._m = m
         self.id = tid
+        self.programmable = programmable    # False: a built-in worker (m.spawn)
         self.pid = pid
         self.pages = pages
         self.mm = mm
@@ -271,6 +273,9 @@ class Task:
         return f"<uksm.Task {self.id} pid {self.pid} {self.pages} pages {state}>"
 
     def _cmd(self, cmd: str, what: str, **kw: Any) -> dict[str, Any]:
+        if not self.programmable:
+            raise TypeError(f"{self.id}.{what}: {self.id} is a built-in worker (m.spawn): it takes "
+                            f"no commands, only kill, arm and stat")
         return self._m._request({"op": "task", "task": self.id, "cmd": cmd, **kw},
                                 f"{self.id}.{what}")
 
@@ -476,9 +481,66 @@ class Machine:
         self.pids.append(t.pid)
         return t
 
+    def spawn(self, count: int = 1, pages: int = 64, workload: str = "vm", seed: int = 0,
+              churn_ms: int = 0, wait: bool = True) -> list[Task]:
+        """Start built-in workers (``uksm spawn``): each writes its workload
+        (``identical``, ``unique``, ``zero``, ``dup:K``, ``volatile``, ``vm``)
+        and keeps it alive, churning every ``churn_ms`` (refault, COW,
+        re-advise).  They take no commands; ``kill`` (also ``at`` a point
+        their work passes), ``arm`` and ``stat`` work.  Returns once they
+        have written their pages (``wait=False``: at once)."""
+        from uksm.workers.workloads import validate as wl_validate
+        if type(count) is not int or count < 1:
+            raise ValueError(f"count must be a whole number >= 1 (got {count!r})")
+        if type(pages) is not int or type(seed) is not int or type(churn_ms) is not int:
+            raise TypeError("pages, seed and churn_ms must be ints")
+        if not isinstance(workload, str):
+            raise TypeError("workload must be a string")
+        try:
+            wl_validate(workload)
+        except shm.UksmError as e:
+            raise ValueError(str(e)) from None
+        if churn_ms < 0:
+            raise ValueError(f"churn_ms must be >= 0 (got {churn_ms})")
+        ans = self._request({"op": "spawn", "count": count, "pages": pages, "workload": workload,
+                             "seed": seed, "churn_ms": churn_ms, "wait": bool(wait)}, "spawn")
+        out = [Task(self, w["worker"], int(w["pid"]), int(w["pages"]), int(w["mm"]),
+                    programmable=False) for w in ans["spawned"]]
+        for t in out:
+            self._tasks[t.id] = t
+            self.pids.append(t.pid)
+        return out
+
+    def tasks(self) -> list[Task]:
+        """The live tasks and workers (programmable or built-in)."""
+        ids = self._request({"op": "ping"}, "tasks")["workers"]
+        return [self._handle(str(i)) for i in ids]
+
+    def stats(self) -> dict[str, int]:
+        """The machine's event counts (uksm's /proc/vmstat): tasks started
+        and exited, by __ksm_exit path, killed, OOM-killed, reaped; deaths
+        recovered (and locks taken over), merges, kill points hit."""
+        from .layout import (S_EXIT_FAST, S_EXIT_LEGACY, S_EXIT_SLOW, S_EXITED, S_KILLED,
+                             S_LOCK_RECOVERIES, S_MERGES, S_OOM_KILLED, S_REAPED, S_RECOVERIES,
+                             S_STARTED)
+        cl = self._t().cl
+        names = {"started": S_STARTED, "exited": S_EXITED, "exit_fast": S_EXIT_FAST,
+                 "exit_slow": S_EXIT_SLOW, "exit_legacy": S_EXIT_LEGACY, "killed": S_KILLED,
+                 "oom_killed": S_OOM_KILLED, "reaped": S_REAPED, "recoveries": S_RECOVERIES,
+                 "lock_recoveries": S_LOCK_RECOVERIES, "merges": S_MERGES}
+        out = {k: int(cl.q[i]) for k, i in names.items()}
+        out["kill_points_hit"] = cl.kill_points_hit()
+        return out
+
+    def armed(self) -> str | None:
+        """The ksmd point armed now (None once it has fired, or none armed)."""
+        from .layout import H_KSMD_POINT
+        i = self._t().cl.q[H_KSMD_POINT]
+        return killpoints.NAMES[i] if 0 <= i < len(killpoints.NAMES) else None
+
     def _handle(self, tid: str) -> Task:
         """The Task for an id (one started by the shell, on an attached machine)."""
-        return self._tasks.get(tid) or Task(self, tid)
+        return self._tasks.get(tid) or Task(self, tid)  # the daemon refuses what does not fit
 
     # -- waits
     def wait(self, predicate: Callable[[], Any], timeout: float = DEFAULT_WAIT_S,

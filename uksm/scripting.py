@@ -37,9 +37,11 @@ if TYPE_CHECKING:
 
 TASK_PROGRAM = "uksm.workers.scripted"
 ADVICE = ("MERGEABLE", "UNMERGEABLE", "DONTNEED")
+EXIT_POINTS = ("ksm_exit_before_down_write", "ksm_exit_mmap_sem_write", "exit_mid_zap")
 SIGNALS = {"KILL": signal.SIGKILL, "TERM": signal.SIGTERM}
 COMMAND_WAIT_S = 120.0   # one command (it may wait for locks, memory, ksmd)
 EXIT_WAIT_S = 60.0       # a task's exit, or its reaper's
+POINT_WAIT_S = 10.0      # a built-in worker passing an armed kill point
 READY_WAIT_S = 60.0      # a new task through __ksm_enter
 
 
@@ -110,6 +112,9 @@ class ScriptOps:
             raise ScriptError(f"task id must be a string like 'w3' (got {tid!r})", "type", EXIT_USAGE)
         tc = self.tasks.get(tid)
         if tc is None:
+            if self._builtin(req) is not None:
+                raise ScriptError(f"{tid} is a built-in worker ('uksm spawn', m.spawn): it takes "
+                                  f"no commands, only kill, arm and stat", "value", EXIT_USAGE)
             known = " ".join(sorted(self.tasks)) or "none"
             raise ScriptError(f"no programmable task {tid!r} in cluster {self.name!r} (tasks: "
                               f"{known})", "unknown", EXIT_ERR)
@@ -117,6 +122,11 @@ class ScriptOps:
         if alive and tc.gone:
             raise ScriptError(f"task {tid} {tc.gone}: it can take no more commands", "exited")
         return tc
+
+    def _any_worker(self, req: dict[str, Any]) -> "Child":
+        """A live worker, programmable or built-in."""
+        ch = self._builtin(req)
+        return ch if ch is not None else self._task(req).child
 
     def _check_gone(self, tc: TaskChan) -> None:
         """Notice a task that died or exited between two requests."""
@@ -315,14 +325,14 @@ class ScriptOps:
     def do_task_stat(self, req: dict[str, Any]) -> dict[str, Any]:
         """/proc/PID/ksm_stat (and rss): read from the task's mm row."""
         from .mm import mm_fields
-        tc = self._task(req)
+        ch = self._any_worker(req)
         cl = self._sup().cl
-        row = cl.mm_row(tc.child.mm)
+        row = cl.mm_row(ch.mm)
         if row < 0:
-            raise ScriptError(f"task {tc.tid}: its address space is gone", "exited")
+            raise ScriptError(f"task w{ch.worker_no}: its address space is gone", "exited")
         f = mm_fields(cl, row)
         return {"ksm_rmap_items": f["ksm_rmap_items"], "ksm_merging_pages": f["ksm_merging_pages"],
-                "rss": f["rss"], "pid": tc.child.proc.pid, "mm": tc.child.mm}
+                "rss": f["rss"], "pid": ch.proc.pid, "mm": ch.mm}
 
     def _signal(self, req: dict[str, Any]) -> str:
         s = req.get("signal", "KILL")
@@ -330,24 +340,45 @@ class ScriptOps:
             raise ScriptError(f"signal must be KILL or TERM (got {s!r})", "value", EXIT_USAGE)
         return s.upper()
 
+    def _builtin(self, req: dict[str, Any]) -> "Child | None":
+        """A built-in worker (``spawn``) named by the request, None when
+        the id names a programmable task."""
+        tid = req.get("task")
+        if not isinstance(tid, str) or tid in self.tasks:
+            return None
+        sup = self._sup()
+        self.pump()
+        with sup.lock:
+            kids = {f"w{c.worker_no}": c for c in sup.children.values()}
+        return kids.get(tid)
+
+    def _point(self, req: dict[str, Any]) -> str | None:
+        at = req.get("at")
+        if at is None:
+            return None
+        if not isinstance(at, str) or at not in killpoints.POINTS:
+            raise ScriptError(f"unknown kill point {at!r} (m.kill_points() / 'uksm task points' "
+                              f"list them)", "value", EXIT_USAGE)
+        if at in killpoints.KSMD_POINTS:
+            raise ScriptError(f"{at} is a point in ksmd, not in a task: arm it with "
+                              f"m.arm({at!r}) (ksmd then kills the owner of the mm it is in)",
+                              "value", EXIT_USAGE)
+        return at
+
     def do_task_kill(self, req: dict[str, Any]) -> dict[str, Any]:
         """Kill a task now, or (``at``) drive it to a kill point and let it
         die there; answer once its death is recovered and its exit run."""
-        tc = self._task(req)
         signame = self._signal(req)
-        at = req.get("at")
+        at = self._point(req)
+        ch = self._builtin(req)
+        if ch is not None:
+            return self._kill_builtin(ch, signame, at)
+        tc = self._task(req)
         sup = self._sup()
         cl, q = sup.cl, sup.cl.q
         if at is None:
             self.do_kill({"workers": [tc.tid], "signal": signame})
         else:
-            if not isinstance(at, str) or at not in killpoints.POINTS:
-                raise ScriptError(f"unknown kill point {at!r} (m.kill_points() / 'uksm task points' "
-                                  f"list them)", "value", EXIT_USAGE)
-            if at in killpoints.KSMD_POINTS:
-                raise ScriptError(f"{at} is a point in ksmd, not in a task: arm it with "
-                                  f"m.arm({at!r}) (ksmd then kills the owner of the mm it is in)",
-                                  "value", EXIT_USAGE)
             tb = cl.tbase(tc.child.row)
             killpoints.arm_worker(cl, tc.child.row, at, SIGNALS[signame])
             self._log.info("inject_kill", target_pid=tc.child.proc.pid, mm=tc.child.mm,
@@ -377,6 +408,40 @@ class ScriptOps:
         return {"task": tc.tid, "signal": signame, "at": at, "returncode": tc.child.proc.returncode,
                 "path": tc.extra["path"], "result": tc.gone}
 
+    def _kill_builtin(self, ch: "Child", signame: str, at: str | None) -> dict[str, Any]:
+        """A built-in worker (it takes no commands): killed now, or at a
+        point its own work (churn) or its exit (a SIGTERM first) passes."""
+        sup = self._sup()
+        cl, q = sup.cl, sup.cl.q
+        tid, tb = f"w{ch.worker_no}", cl.tbase(ch.row)
+        if at is None:
+            self.do_kill({"workers": [tid], "signal": signame})
+        else:
+            if at == "ksm_enter_locked":
+                raise ScriptError(f"kill point {at} was not reached: worker {tid} is past its "
+                                  f"__ksm_enter (use a task made with mergeable=False)", "not_reached")
+            killpoints.arm_worker(cl, ch.row, at, SIGNALS[signame])
+            self._log.info("inject_kill", target_pid=ch.proc.pid, mm=ch.mm, signal=signame,
+                           mode="point")
+            if at in EXIT_POINTS:
+                try:
+                    ch.proc.send_signal(signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+            idx = killpoints.INDEX[at]
+            self.wait_until(lambda: q[tb + T_KILL_POINT] != idx or ch.proc.poll() is not None,
+                            POINT_WAIT_S, f"worker {tid} to reach {at}")
+            if q[tb + T_KILL_POINT] == idx and ch.proc.poll() is None:
+                killpoints.disarm_worker(cl, ch.row)
+                raise ScriptError(f"kill point {at} was not reached: worker {tid} did not pass "
+                                  f"it within {POINT_WAIT_S:.0f}s (is it churning? --churn-ms)",
+                                  "not_reached")
+        if not self.wait_until(lambda: self.finished(ch), EXIT_WAIT_S, f"worker {tid}'s exit"):
+            raise ScriptError(f"worker {tid}: its exit did not finish within {EXIT_WAIT_S:.0f}s",
+                              "timeout")
+        return {"task": tid, "signal": signame, "at": at, "returncode": ch.proc.returncode,
+                "path": EXIT_PATHS[q[tb + T_EXIT_PATH]], "result": "killed"}
+
     def do_arm(self, req: dict[str, Any]) -> dict[str, Any]:
         """Arm a kill point: in ksmd (kills the owner of the mm it is in, or
         with delay_ms stops there that long), or in a task's row."""
@@ -398,16 +463,16 @@ class ScriptOps:
         if req.get("task") is None:
             raise ScriptError(f"{point} is a task point: say which task (t.arm(...))", "value",
                               EXIT_USAGE)
-        tc = self._task(req)
-        killpoints.arm_worker(cl, tc.child.row, point, SIGNALS[self._signal(req)])
-        return {"armed": point, "where": tc.tid}
+        ch = self._any_worker(req)
+        killpoints.arm_worker(cl, ch.row, point, SIGNALS[self._signal(req)])
+        return {"armed": point, "where": f"w{ch.worker_no}"}
 
     def do_disarm(self, req: dict[str, Any]) -> dict[str, Any]:
         cl = self._sup().cl
         if req.get("task") is not None:
-            tc = self._task(req)
-            killpoints.disarm_worker(cl, tc.child.row)
-            return {"disarmed": tc.tid}
+            ch = self._any_worker(req)
+            killpoints.disarm_worker(cl, ch.row)
+            return {"disarmed": f"w{ch.worker_no}"}
         cl.q[H_KSMD_POINT] = -1
         return {"disarmed": "ksmd"}
 
