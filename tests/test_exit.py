@@ -15,7 +15,8 @@ import pytest
 
 from helpers import booted, pump, run_json
 from uksm import killpoints, shm
-from uksm.layout import (H_KSMD_POINT, K_FULL_SCANS, K_RUN, K_RUN_DONE, K_RUN_SEQ, M_ID,
+from uksm.ksm import ksm_run_store
+from uksm.layout import (H_KSMD_POINT, K_FULL_SCANS, K_RUN_DONE, M_ID,
                          M_RMAP_ITEMS, M_SLOT_RMAP, M_SLOT_USED, S_EXIT_FAST, S_EXIT_SLOW,
                          S_MISMATCHES, T_READY)
 
@@ -30,9 +31,8 @@ def ready(sup, ch) -> bool:
 
 def set_run(sup, value: int) -> None:
     q = sup.cl.q
-    q[K_RUN] = value
-    q[K_RUN_SEQ] += 1
-    pump(sup, lambda: q[K_RUN_DONE] == q[K_RUN_SEQ], what=f"ksmd to take run={value}")
+    seq = ksm_run_store(sup.cl, value)  # the one run_store
+    pump(sup, lambda: q[K_RUN_DONE] >= seq, what=f"ksmd to take run={value}")
 
 
 def finish(sup) -> dict:
@@ -195,12 +195,11 @@ def test_hazard_no_exit_checks_leaks_a_frame(hazards, leak, rep):
         ch = sup.spawn_worker(64, "identical", rep)
         pump(sup, lambda: ready(sup, ch) and q[K_FULL_SCANS] >= 3, what="merged")
         killpoints.arm_ksmd_delay(sup.cl, "ksmd_break_ksm_window", 400)
-        q[K_RUN] = 2
-        q[K_RUN_SEQ] += 1
+        seq = ksm_run_store(sup.cl, 2)
         pump(sup, lambda: q[H_KSMD_POINT] == -1, what="ksmd in the window")
         ch.proc.terminate()   # exit_mmap zaps while ksmd sleeps in the window
         pump(sup, lambda: ch.row not in sup.children, what="worker exit")
-        pump(sup, lambda: q[K_RUN_DONE] == q[K_RUN_SEQ], what="unmerge done")
+        pump(sup, lambda: q[K_RUN_DONE] >= seq, what="unmerge done")
         fs = finish(sup)
         leaked = [e for e in fs["errors"] if "leaked" in e]
         if leak:

@@ -218,14 +218,10 @@ def set_run(sup: Any, run: int, timeout: float = 30.0) -> None:
     unmerge is complete)."""
     import helpers
 
-    from uksm.layout import K_RUN, K_RUN_DONE, K_RUN_SEQ
-    cl, q = sup.cl, sup.cl.q
-    cl.task.lock(cl.daemon)
-    q[K_RUN] = run
-    q[K_RUN_SEQ] += 1
-    seq = q[K_RUN_SEQ]
-    cl.task.unlock(cl.daemon)
-    helpers.pump(sup, lambda: q[K_RUN_DONE] == seq, timeout, what=f"ksmd to act on run={run}")
+    from uksm.ksm import ksm_run_store
+    from uksm.layout import K_RUN_DONE
+    seq = ksm_run_store(sup.cl, run)
+    helpers.pump(sup, lambda: sup.cl.q[K_RUN_DONE] >= seq, timeout, what=f"ksmd to act on run={run}")
 
 
 def wait_counts(sup: Any, timeout: float = 30.0, **want: int) -> dict[str, int]:

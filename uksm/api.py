@@ -414,7 +414,11 @@ class Machine:
         if self._tr.sup.ksmd is not None:
             self.pids.append(self._tr.sup.ksmd.proc.pid)
         if mem_limit:
-            self.ksm["mem_limit"] = mem_limit
+            try:
+                self.ksm["mem_limit"] = mem_limit
+            except BaseException:
+                self.close()
+                raise
 
     def _init(self) -> None:
         self.report: dict[str, Any] | None = None
@@ -457,7 +461,9 @@ class Machine:
             return ans
         kind, msg = str(ans.get("kind", "")), str(ans.get("error", "request failed"))
         if kind == "hung":
-            raise HungTask(f"{what}: {msg}", self._t().hung())
+            reports = self._t().hung()
+            self._hung_raised = len(reports)  # raised here: a later wait does not raise it again
+            raise HungTask(f"{what}: {msg}", reports)
         exc = _KINDS.get(kind) or (ValueError if ans.get("status") == 2 else MachineError)
         raise exc(f"{what}: {msg}")
 

@@ -431,11 +431,15 @@ class ScriptOps:
             idx = killpoints.INDEX[at]
             self.wait_until(lambda: q[tb + T_KILL_POINT] != idx or ch.proc.poll() is not None,
                             POINT_WAIT_S, f"worker {tid} to reach {at}")
-            if q[tb + T_KILL_POINT] == idx and ch.proc.poll() is None:
-                killpoints.disarm_worker(cl, ch.row)
-                raise ScriptError(f"kill point {at} was not reached: worker {tid} did not pass "
-                                  f"it within {POINT_WAIT_S:.0f}s (is it churning? --churn-ms)",
-                                  "not_reached")
+            if q[tb + T_KILL_POINT] == idx:  # hit() disarms the point as it fires
+                if ch.proc.poll() is None:
+                    killpoints.disarm_worker(cl, ch.row)
+                    raise ScriptError(f"kill point {at} was not reached: worker {tid} did not "
+                                      f"pass it within {POINT_WAIT_S:.0f}s (is it churning? "
+                                      f"--churn-ms)", "not_reached")
+                self.wait_until(lambda: self.finished(ch), EXIT_WAIT_S, f"worker {tid}'s exit")
+                raise ScriptError(f"kill point {at} was not reached: worker {tid} exited without "
+                                  f"passing it (its exit went another way)", "not_reached")
         if not self.wait_until(lambda: self.finished(ch), EXIT_WAIT_S, f"worker {tid}'s exit"):
             raise ScriptError(f"worker {tid}: its exit did not finish within {EXIT_WAIT_S:.0f}s",
                               "timeout")
