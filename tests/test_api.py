@@ -226,3 +226,14 @@ def test_attach_to_a_cluster_started_with_up():
         run_group([sys.executable, "-m", "uksm", "down", "--cluster", name], 60)
     with pytest.raises(uksm.MachineError, match="does not exist"):
         uksm.Machine.attach(name)
+
+
+def test_a_forgotten_machine_is_closed_at_exit():
+    name = _name()
+    code = (f"import uksm\nm = uksm.Machine(name={name!r}, frames=64)\nt = m.task(pages=2)\n"
+            f"t.fill(3)\nprint(' '.join(map(str, m.pids)))\n")
+    p = run_group([sys.executable, "-c", code], 60)
+    assert p.returncode == 0, p.stderr
+    pids = [int(x) for x in p.stdout.split()]
+    assert len(pids) == 2 and not [x for x in pids if pid_alive(x)]
+    assert shm.leftovers(name) == []

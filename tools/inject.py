@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import signal
 import sys
@@ -180,7 +181,7 @@ class Injector:
             m = uksm.Machine(frames=default_frames(o), max_pages=o.pages,
                              max_tasks=o.workers + 8, exit_policy=o.exit_policy,
                              pages_to_scan=o.pages_to_scan, sleep_millisecs=o.sleep_ms,
-                             name=o.cluster or None, log_dir=o.log_dir,
+                             name=o.cluster or f"inject{os.getpid()}", log_dir=o.log_dir,
                              hung_task_timeout=o.hung_task_timeout)
             if not o.quiet:
                 print(f"uksm: cluster {m.name}: logs in {m.log_dir}", file=sys.stderr)

@@ -28,12 +28,14 @@ needs nothing in the background.  A Machine is not thread-safe.
 """
 from __future__ import annotations
 
+import atexit
 import base64
 import itertools
 import os
 import signal as _signal
 import tempfile
 import time
+import weakref
 from collections.abc import Iterator, MutableMapping
 from typing import Any, Callable, NamedTuple
 
@@ -44,6 +46,18 @@ from .layout import EXIT_POLICIES, HAZARDS, PAGE_SIZE
 DEFAULT_WAIT_S = 60.0
 _POLL_S = 0.01
 _names = itertools.count(1)
+# machines of this process still open: closed at interpreter exit, so that a
+# script that forgets close() leaves no ksmd or task behind
+_open: "weakref.WeakSet[Machine]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_forgotten() -> None:
+    for m in list(_open):
+        try:
+            m.close()
+        except Exception:
+            pass
 
 
 # ---- exceptions --------------------------------------------------------------------------
@@ -411,6 +425,7 @@ class Machine:
         self._init()
         self._t0 = time.monotonic()
         self._tr: _Local | _Remote | None = _Local(self.name, spec)
+        _open.add(self)
         if self._tr.sup.ksmd is not None:
             self.pids.append(self._tr.sup.ksmd.proc.pid)
         if mem_limit:
@@ -645,6 +660,7 @@ class Machine:
         if t is None:
             return self.report
         self._tr = None
+        _open.discard(self)
         if isinstance(t, _Remote):
             t.abandon()
             return self.report
