@@ -46,7 +46,8 @@ def test_tasks_merge_counters_exit_and_report():
         b.fill(7, first=0, count=2)
         b.fill(bytes(range(256)) * 16, first=2)
         c = m.wait_full_scans(2)
-        # 5 pages of 7s: one KSM page, 4 sharing it; b's last page unique
+        # 5 pages of 7s: one KSM page, 4 sharing it (the selftests' assert_ksm_pages_count(5):
+        # pages_shared 1, pages_sharing 5 - 1); b's last page unique
         assert c == {"pages_shared": 1, "pages_sharing": 4, "pages_unshared": 1, "pages_volatile": 0}
         assert a.stat() == {"ksm_rmap_items": 3, "ksm_merging_pages": 3, "rss": 3}
         assert b.read(2 * 4096 + 250, 8) == bytes([250, 251, 252, 253, 254, 255, 0, 1])

@@ -1,5 +1,6 @@
 """A KSM test program's counter walk, as LTP's ksm01 does it
-(testcases/kernel/mem/lib/mem.c, create_same_memory(): three children,
+(linux-test-project/ltp, testcases/kernel/mem/lib/mem.c at 35b846dd,
+create_same_memory() and ksm_group_check(): three children,
 their contents changed step by step, the counters checked after two full
 scans each time with ksmd stopped for the reading, then run=2 and run=0).
 The numbers are the ones LTP expects of the kernel."""
