@@ -238,3 +238,17 @@ def test_a_forgotten_machine_is_closed_at_exit():
     pids = [int(x) for x in p.stdout.split()]
     assert len(pids) == 2 and not [x for x in pids if pid_alive(x)]
     assert shm.leftovers(name) == []
+
+
+def test_two_machines_in_one_process():
+    with machine() as a:
+        with machine() as b:
+            t, u = a.task(pages=2), b.task(pages=2)
+            t.fill(1)
+            u.fill(1)
+            assert b.wait_full_scans(2)["pages_sharing"] == 1
+        t.fill(3)                        # a still runs (and logs) after b closed
+        assert a.wait_full_scans(2)["pages_sharing"] == 1 and t.verify() == 2
+    assert a.report["status"] == 0 and b.report["status"] == 0
+    assert_gone(a)
+    assert_gone(b)

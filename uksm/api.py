@@ -676,7 +676,12 @@ class Machine:
         finally:
             t.d.close_tasks()
         self.report = build_report(self.name, self._o, self._t0, snap, end, self.log_dir)
-        sup.log_stop(end["status"])
+        if any(isinstance(x._tr, _Local) for x in _open):
+            # another machine of this process still logs: the log files are
+            # the process's (uksm.log), closed with the last one
+            sup.log.info("cluster_stop", duration_s=self.report["duration_s"], status=end["status"])
+        else:
+            sup.log_stop(end["status"])
         return self.report
 
     def down(self) -> dict[str, Any]:
