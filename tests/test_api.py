@@ -204,10 +204,10 @@ def test_hung_task_raises_from_a_wait_with_the_chain():
     assert_gone(m)
 
 
-def test_attach_to_a_cluster_started_with_up():
+def test_attach_to_a_cluster_started_with_up(tmp_path):
     name = _name()
     up = run_group([sys.executable, "-m", "uksm", "up", "--cluster", name, "--pages", "4",
-                    "--frames", "256", "--sleep-ms", "5"], 60)
+                    "--frames", "256", "--sleep-ms", "5", "--log-dir", str(tmp_path)], 60)
     assert up.returncode == 0, up.stderr
     try:
         m = uksm.Machine.attach(name)

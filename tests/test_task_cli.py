@@ -7,10 +7,11 @@ import os
 from helpers import uksm
 
 
-def test_shell_verbs_drive_tasks_like_the_api():
+def test_shell_verbs_drive_tasks_like_the_api(tmp_path):
     name = f"tcli{os.getpid()}"
     c = ("--cluster", name)
-    up = uksm("up", *c, "--pages", "4", "--frames", "256", "--sleep-ms", "5", timeout=60)
+    up = uksm("up", *c, "--pages", "4", "--frames", "256", "--sleep-ms", "5", "--log-dir",
+              str(tmp_path), timeout=60)
     assert up.returncode == 0, up.stderr
     try:
         a = uksm("task", "new", "--pages", "4", *c, check=True).stdout.strip()
