@@ -79,7 +79,7 @@ class Injector:
 
     # -- one kill ----------------------------------------------------------------
     def kill_random(self, m: uksm.Machine) -> bool:
-        kids = m.tasks()
+        kids = m.tasks(ready=True)
         if not kids:
             return False
         victim = self.rng.choice(kids)
@@ -110,7 +110,7 @@ class Injector:
                 m.disarm()
                 return False
             return True
-        kids = m.tasks()
+        kids = m.tasks(ready=True)
         if not kids:
             return False
         self.rng.choice(kids).kill(self.sig, at=name)

@@ -532,9 +532,11 @@ class Machine:
             self.pids.append(t.pid)
         return out
 
-    def tasks(self) -> list[Task]:
-        """The live tasks and workers (programmable or built-in)."""
-        ids = self._request({"op": "ping"}, "tasks")["workers"]
+    def tasks(self, ready: bool = False) -> list[Task]:
+        """The live tasks and workers (programmable or built-in); with
+        ``ready``, only those done starting (a built-in worker: its pages
+        written)."""
+        ids = self._request({"op": "ping"}, "tasks")["ready" if ready else "workers"]
         return [self._handle(str(i)) for i in ids]
 
     def stats(self) -> dict[str, int]:

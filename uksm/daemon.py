@@ -365,9 +365,11 @@ class Daemon(ScriptOps):
         assert sup is not None
         with sup.lock:
             workers = sorted(f"w{c.worker_no}" for c in sup.children.values())
+            ready = sorted(f"w{c.worker_no}" for c in sup.children.values()
+                           if sup.cl.q[sup.cl.tbase(c.row) + T_READY])
         return {"cluster": self.name, "pid": os.getpid(), "log_dir": self.log_dir,
                 "ksmd_pid": sup.ksmd.proc.pid if sup.ksmd is not None else 0,
-                "workers": workers, "hung": len(sup.hung), "hung_tasks": list(sup.hung),
+                "workers": workers, "ready": ready, "hung": len(sup.hung), "hung_tasks": list(sup.hung),
                 "uptime_s": round(time.monotonic() - self.t0, 3)}
 
     def do_spawn(self, req: dict[str, Any]) -> dict[str, Any]:

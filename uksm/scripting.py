@@ -420,6 +420,7 @@ class ScriptOps:
             if at == "ksm_enter_locked":
                 raise ScriptError(f"kill point {at} was not reached: worker {tid} is past its "
                                   f"__ksm_enter (use a task made with mergeable=False)", "not_reached")
+            hits = cl.kill_points_hit()
             killpoints.arm_worker(cl, ch.row, at, SIGNALS[signame])
             self._log.info("inject_kill", target_pid=ch.proc.pid, mm=ch.mm, signal=signame,
                            mode="point")
@@ -428,10 +429,11 @@ class ScriptOps:
                     ch.proc.send_signal(signal.SIGTERM)
                 except ProcessLookupError:
                     pass
-            idx = killpoints.INDEX[at]
-            self.wait_until(lambda: q[tb + T_KILL_POINT] != idx or ch.proc.poll() is not None,
+            self.wait_until(lambda: cl.kill_points_hit() != hits or ch.proc.poll() is not None,
                             POINT_WAIT_S, f"worker {tid} to reach {at}")
-            if q[tb + T_KILL_POINT] == idx:  # hit() disarms the point as it fires
+            # hit() disarms the point and counts it as it fires (a reaper
+            # also clears the row's point: the count says whether it fired)
+            if cl.kill_points_hit() == hits:
                 if ch.proc.poll() is None:
                     killpoints.disarm_worker(cl, ch.row)
                     raise ScriptError(f"kill point {at} was not reached: worker {tid} did not "
