@@ -218,10 +218,12 @@ def set_run(sup: Any, run: int, timeout: float = 30.0) -> None:
     unmerge is complete)."""
     import helpers
 
-    from uksm.ksm import ksm_run_store
+    from uksm.ksm import run_store
     from uksm.layout import K_RUN_DONE
-    seq = ksm_run_store(sup.cl, run)
-    helpers.pump(sup, lambda: sup.cl.q[K_RUN_DONE] >= seq, timeout, what=f"ksmd to act on run={run}")
+    cl, q = sup.cl, sup.cl.q
+    seq, err = run_store(cl, run)   # this thread is the writer: for 2 it unmerges
+    assert err == 0, f"run={run}: error {err}"
+    helpers.pump(sup, lambda: q[K_RUN_DONE] == seq, timeout, what=f"ksmd to act on run={run}")
 
 
 def wait_counts(sup: Any, timeout: float = 30.0, **want: int) -> dict[str, int]:
