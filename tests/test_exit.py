@@ -13,6 +13,7 @@ import signal
 
 import pytest
 
+import uksm
 from helpers import booted, pump, run_json
 from uksm import killpoints, shm
 from uksm.layout import (H_KSMD_POINT, K_FULL_SCANS, M_ID,
@@ -49,18 +50,15 @@ def test_fast_path_when_ksmd_is_stopped(rep):
     """run=0: no rmap_items, not at the cursor: the exiting task frees its
     slot itself (fast path) and its address space is gone at once."""
     name = f"tfast{rep}"
-    with booted(name, run=0, frames=1024, va_pages=256) as sup:
-        ch = sup.spawn_worker(64, "identical", rep)
-        pump(sup, lambda: ready(sup, ch), what="worker ready")
-        assert mm_objects(name, ch.mm), "the address space exists while the worker lives"
-        ch.proc.terminate()
-        pump(sup, lambda: ch.row not in sup.children, what="worker reaped")
-        q = sup.cl.q
-        assert q[S_EXIT_FAST] == 1 and q[S_EXIT_SLOW] == 0
-        assert mm_objects(name, ch.mm) == [], "fast path: segment and semaphores unlinked at once"
-        fs = finish(sup)
-        assert fs["ok"], fs["errors"]
-        assert q[S_MISMATCHES] == 0
+    with uksm.Machine(name=name, run=0, frames=1024, max_pages=64) as m:
+        t = m.task(pages=64)
+        t.fill(0x40 + rep)
+        assert mm_objects(name, t.mm), "the address space exists while the task lives"
+        assert t.exit() == "fast"
+        assert m.stats()["exit_fast"] == 1 and m.stats()["exit_slow"] == 0
+        assert mm_objects(name, t.mm) == [], "fast path: segment and semaphores unlinked at once"
+    assert m.report["status"] == 0 and m.report["fsck"]["ok"], m.report["fsck"]["errors"]
+    assert m.report["integrity"] == {"pages_verified": 64, "mismatches": 0}
 
 
 @pytest.mark.timeout(90)

@@ -93,8 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("logs", help="analyse a run's logs: uksm logs DIR {summary,timeline,check,locks,plot}",
                    add_help=False)
-    from . import control
+    from . import control, task_cli
     control.add_parsers(sub, _run_args)
+    task_cli.add_parsers(sub)
     return ap
 
 
@@ -133,6 +134,9 @@ def dispatch(a: argparse.Namespace) -> int:
     if a.cmd == "fsck":
         from . import control
         return control.cmd_fsck(a)
+    if a.cmd in ("task", "wait") or (a.cmd == "kill" and getattr(a, "at", None)):
+        from . import task_cli
+        return task_cli.run_verb(a)
     from . import control
     return control.dispatch(a)
 

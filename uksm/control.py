@@ -346,6 +346,10 @@ def add_parsers(sub: Any, run_args: Callable[..., None]) -> None:
     p.add_argument("--all", action="store_true", help="every worker")
     p.add_argument("--signal", default="TERM", type=str.upper, choices=["TERM", "KILL"],
                    help="TERM (default) or KILL")
+    p.add_argument("--at", metavar="POINT",
+                   help="one programmable task ('uksm task new'): drive it to this kill point "
+                        "and signal it there (with --signal: KILL dies there holding what it "
+                        "holds, TERM exits at its next safe point)")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("ctl", help="read or write the knobs, as /sys/kernel/mm/ksm",

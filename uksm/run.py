@@ -204,13 +204,20 @@ def run_with(o: RunOptions, driver: Driver, prefix: str = "run") -> tuple[dict[s
     finally:
         signal.signal(signal.SIGINT, old)
     status = end["status"]
-    report = {"cluster": name, "workload": o.workload, "duration_s": round(time.monotonic() - t0, 3),
-              **snap, "workers": end["workers"], "integrity": end["integrity"], "fsck": end["fsck"],
-              "hung_tasks": end["hung_tasks"], "ipc_leftovers": end["ipc_leftovers"],
-              "log_dir": log_dir, "exit_policy": o.exit_policy, "oom_rule": o.oom_rule, "hazards": o.hazards,
-              "scenario": o.scenario, **extra, "errors": end["errors"], "status": status}
+    report = build_report(name, o, t0, snap, end, log_dir, extra)
     sup.log_stop(status)
     return report, status
+
+
+def build_report(name: str, o: RunOptions, t0: float, snap: dict[str, Any], end: dict[str, Any],
+                 log_dir: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``uksm run --json``'s object (also ``uksm.Machine.report``): the
+    snapshot taken before shutdown, and shutdown's blocks."""
+    return {"cluster": name, "workload": o.workload, "duration_s": round(time.monotonic() - t0, 3),
+            **snap, "workers": end["workers"], "integrity": end["integrity"], "fsck": end["fsck"],
+            "hung_tasks": end["hung_tasks"], "ipc_leftovers": end["ipc_leftovers"],
+            "log_dir": log_dir, "exit_policy": o.exit_policy, "oom_rule": o.oom_rule, "hazards": o.hazards,
+            "scenario": o.scenario, **(extra or {}), "errors": end["errors"], "status": end["status"]}
 
 
 def demo_exit_away_from_cursor(sup: Supervisor, timeout: float = 20.0) -> None:

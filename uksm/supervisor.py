@@ -142,9 +142,9 @@ class Supervisor:
         self.cl.q[b + T_PID] = 0
         self.cl.q[b + T_STATE] = TS_FREE
 
-    def _popen(self, args: list[str]) -> subprocess.Popen:
+    def _popen(self, args: list[str], pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-m", *args], stdin=subprocess.DEVNULL,
-                                start_new_session=False)
+                                start_new_session=False, pass_fds=pass_fds)
 
     def start_ksmd(self) -> None:
         row = self._alloc_row(R_KSMD)
@@ -159,8 +159,11 @@ class Supervisor:
 
     def spawn_worker(self, pages: int, workload: str, seed: int, churn_ms: int = 0,
                      kill_point: str | None = None, kill_sig: int = signal.SIGKILL,
-                     exit_after_write: bool = False) -> Child:
-        """fork + exec a worker: its row and address space first."""
+                     exit_after_write: bool = False, program: str = "uksm.workers.worker",
+                     extra_args: tuple[str, ...] = (), pass_fds: tuple[int, ...] = ()) -> Child:
+        """fork + exec a worker: its row and address space first.
+        ``program``: another worker program taking the same options and
+        ``extra_args`` (a programmable task: uksm.workers.scripted)."""
         cl, q = self.cl, self.cl.q
         row = self._alloc_row(R_WORKER)
         with self.lock:
@@ -176,14 +179,14 @@ class Supervisor:
         q[b + T_PAGES] = pages
         if kill_point:
             killpoints.arm_worker(cl, row, kill_point, kill_sig)
-        args = ["uksm.workers.worker", "--cluster", self.name, "--task", str(row),
+        args = [program, "--cluster", self.name, "--task", str(row),
                 "--mm", str(mm.id), "--pages", str(pages), "--workload", workload,
                 "--seed", str(seed), "--worker-no", str(wno), "--churn-ms", str(churn_ms)]
         if exit_after_write:
             args.append("--exit-after-write")
         if self.log_dir:
             args += ["--log-dir", self.log_dir]
-        p = self._popen(args)
+        p = self._popen(args + list(extra_args), pass_fds)
         q[b + T_PID] = p.pid
         q[mm.base + M_OWNER_PID] = p.pid
         child = Child(row, p, "worker", mm.id, wno, pages, workload)

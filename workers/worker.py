@@ -106,6 +106,12 @@ class Worker:
                 time.sleep(0.002 if vol else 0.02)
         except OutOfMemory:
             self._fatal(oom.OOM_SIGNAL, None)
+        return self.exit_task()
+
+    def exit_task(self) -> int:
+        """do_exit: note the fatal signal, verify the data (unless OOM
+        killed: it exits at once), then exit_mm (mmput).  Every worker,
+        built-in or programmable, leaves through here."""
         reason = self.q[self.tb + T_FATAL] or X_EXIT
         if self.signo:  # noticed at this safe point, as TIF_SIGPENDING would be
             self.log.info("signal", signo=self.signo, name=signal.Signals(self.signo).name)
@@ -157,9 +163,10 @@ class Worker:
         self.log.info("worker_verify", mm=self.mm.id, pages_verified=self.a.pages, mismatches=bad)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="uksm-worker",
-                                 description="a worker process (started by the supervisor)")
+def parser(prog: str = "uksm-worker",
+           description: str = "a worker process (started by the supervisor)") -> argparse.ArgumentParser:
+    """The worker's command line (the supervisor's spawn_worker writes it)."""
+    ap = argparse.ArgumentParser(prog=prog, description=description)
     ap.add_argument("--cluster", required=True)
     ap.add_argument("--task", type=int, required=True)
     ap.add_argument("--mm", type=int, required=True)
@@ -170,7 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--churn-ms", type=int, default=0)
     ap.add_argument("--exit-after-write", action="store_true")
     ap.add_argument("--log-dir")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
     try:
         w = Worker(a)
         return w.run()
