@@ -64,6 +64,7 @@ class Injector:
         self.merges_at_last = 0
         self.scans_at_last = 0
         self.live: dict[str, Any] = {"ok": False, "errors": ["not run"]}
+        self.interrupted: Callable[[], bool] = lambda: False  # a stop signal (uksm.lifeline)
 
     # -- helpers ---------------------------------------------------------------
     def ready_workers(self, sup: Supervisor) -> list[Child]:
@@ -83,7 +84,7 @@ class Injector:
         while time.monotonic() < end:
             sup.poll()
             sup.sweep()
-            if sup.hung:
+            if sup.hung or self.interrupted():
                 return None
             v = pred()
             if v:
@@ -170,6 +171,7 @@ class Injector:
     def drive(self, sup: Supervisor, t0: float, progress: Progress,
               interrupted: Callable[[], bool]) -> tuple[bool, dict[str, Any]]:
         q = sup.cl.q
+        self.interrupted = interrupted
         if not self.wait(sup, lambda: sup.workers_ready() and q[K_FULL_SCANS] >= 2, 120):
             return bool(sup.hung), self.block(sup)
         points = killpoints.NAMES if self.point == "all" else [self.point]
@@ -197,14 +199,15 @@ class Injector:
             progress(sup, time.monotonic() - t0, f"[kills {self.delivered}/{self.kills}] ")
         self.merges_at_last = q[S_MERGES]
         self.scans_at_last = q[K_FULL_SCANS]
-        self.top_up(sup)
+        if not interrupted():
+            self.top_up(sup)
         # ksmd still merging: new work merged after the last kill
         self.wait(sup, lambda: q[S_MERGES] > self.merges_at_last
                   and q[K_FULL_SCANS] >= self.scans_at_last + 2 and sup.workers_ready(), 60)
         # no exit in flight (a reaper finishing a killed worker's), then fsck
         # the running cluster, counters included
         self.wait(sup, sup.settled, 60)
-        if not sup.hung:
+        if not sup.hung and not interrupted():
             self.live = sup.live_fsck()
         return bool(sup.hung), self.block(sup)
 
@@ -267,7 +270,7 @@ def run(a: argparse.Namespace) -> int:
                    quiet=a.quiet)
     inj = Injector(o, a.kills, a.signal, a.point, a.seed)
     report, status = run_with(o, inj.drive, prefix="inject")
-    if status == 0 and not report["inject"]["live_fsck"]["ok"]:
+    if status == 0 and not report["inject"]["live_fsck"]["ok"] and not report["interrupted"]:
         status = report["status"] = 4  # the running cluster failed fsck
     if a.json:
         print(json.dumps(report))

@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from typing import Any
 
 from . import shm
 from .layout import EXIT_POLICIES, HAZARDS
 
-EPILOG = """exit status: 0 all good, 2 bad usage, 3 a hung task was detected,
-4 an integrity or fsck failure, 1 anything else."""
+from .exitcodes import EPILOG, signalled
+from .lifeline import SecondSignal
 
 
 def _run_args(p: argparse.ArgumentParser, defaults_for_run: bool = True) -> None:
@@ -69,10 +70,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
-    p = sub.add_parser("cleanup", help="remove the POSIX objects a dead cluster left behind")
+    p = sub.add_parser("cleanup", help="end a dead cluster's processes, remove its POSIX objects",
+                       description="For a cluster whose supervisor is dead: end its ksmd and "
+                                   "workers still alive (found in its task table, each checked "
+                                   "against its command line, so a reused pid is never hit), then "
+                                   "remove every object it left in /dev/shm. A live cluster is "
+                                   "refused (status 1; 'uksm down' or stop its 'uksm run') unless "
+                                   "--force; another user's cluster is always refused.",
+                       epilog=EPILOG)
     p.add_argument("--cluster", help="only this cluster (default: every uksm cluster with no "
                                      "live supervisor)")
-    p.add_argument("--force", action="store_true", help="also remove a cluster that looks alive")
+    p.add_argument("--force", action="store_true",
+                   help="a live cluster too: SIGKILL its supervisor (no orderly shutdown, no "
+                        "report), its ksmd and workers, then remove its objects")
 
     from .control import DEFAULT_CLUSTER
     p = sub.add_parser("fsck", help="check the invariants of a live cluster")
@@ -109,9 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     except shm.UksmError as e:
         print(f"uksm: {e}", file=sys.stderr)
         return e.status
+    except SecondSignal as e:  # uksm run/inject: killed at once, every object removed
+        print(f"uksm: {e}: a second stop signal: every process of the cluster killed, its "
+              f"objects removed, no report", file=sys.stderr)
+        return signalled(e.signo)
     except KeyboardInterrupt:
         print("uksm: interrupted", file=sys.stderr)
-        return 1
+        return signalled(signal.SIGINT)
     except BrokenPipeError:  # uksm ... | head
         import os
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -178,27 +192,30 @@ def print_report(r: dict[str, Any]) -> None:
     print(f"  leftover POSIX objects: {len(r['ipc_leftovers'])}  logs: {r['log_dir']}")
     for e in r.get("errors", []):
         print(f"  error    {e}")
+    if r.get("interrupted"):
+        print(f"  INTERRUPTED by {r['interrupted']}: stopped early, in order (status {r['status']})")
 
 
 def cmd_cleanup(a: argparse.Namespace) -> int:
-    from .cluster import pid_alive
-    names = [a.cluster] if a.cluster else shm.clusters_present()
+    """End a dead cluster's processes, then remove its objects (uksm.cleanup)."""
+    from .cleanup import cleanup
     if a.cluster:
         shm.check_cluster_name(a.cluster)
-    removed_any = False
+    names = [a.cluster] if a.cluster else shm.clusters_present()
+    removed_any, status = False, 0
     for name in names:
-        sup = supervisor_pid(name)
-        if sup and pid_alive(sup) and not a.force:
-            print(f"uksm: cluster {name!r} is alive (supervisor pid {sup}): 'uksm down --cluster "
-                  f"{name}', or --force", file=sys.stderr)
-            continue
-        removed = shm.remove_all(name)
+        removed, ended, refused = cleanup(name, a.force)
+        if ended:
+            print(f"ended cluster {name}'s processes: {' '.join(map(str, ended))}")
+        if refused:
+            print(f"uksm: {refused}", file=sys.stderr)
+            status = 1
         removed_any = removed_any or bool(removed)
         for n in removed:
             print(f"removed /dev/shm/{n}")
-    if not removed_any:
+    if not removed_any and not status:
         print("nothing to remove")
-    return 0
+    return status
 
 
 def supervisor_pid(name: str) -> int:

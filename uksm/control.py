@@ -38,7 +38,7 @@ from .layout import (CS_RUNNING, CS_STARTING, CS_STOPPED, CS_STOPPING, EXIT_PATH
                      K_PAGES_VOLATILE, K_RMAP_ITEMS, K_RUN, K_RUN_DONE, K_RUN_SEQ, K_SLEEP_MS,
                      K_STABLE_NODES, MAGIC, MM_STATES, PAGE_SIZE, STATS_NAMES)
 
-EXIT_OK, EXIT_ERR, EXIT_USAGE, EXIT_HUNG, EXIT_INTEGRITY = 0, 1, 2, 3, 4
+from .exitcodes import EXIT_ERR, EXIT_HUNG, EXIT_INTEGRITY, EXIT_OK, EXIT_USAGE  # noqa: F401
 #: the cluster a command acts on without --cluster: $UKSM_CLUSTER, else "default"
 DEFAULT_CLUSTER = os.environ.get("UKSM_CLUSTER") or "default"
 CLUSTER_STATES = {CS_STARTING: "starting", CS_RUNNING: "running", CS_STOPPING: "stopping",

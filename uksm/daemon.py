@@ -68,20 +68,15 @@ MAX_REQUEST = 1 << 20
 
 
 class DaemonSupervisor(Supervisor):
-    """The Supervisor, and in the foreground each child in its own process
-    group: a Ctrl-C at the terminal then reaches the daemon only (which
-    takes it as ``down``), not ksmd and the workers (ksmd stopping on its
-    own would leave the slow-path exits' slots unfreed)."""
+    """The Supervisor.  Each child runs in its own process group
+    (``Supervisor._popen``): a Ctrl-C at the terminal of ``up --foreground``
+    then reaches the daemon only (which takes it as ``down``), not ksmd and
+    the workers (ksmd stopping on its own would leave the slow-path exits'
+    slots unfreed); and each is on the lifeline (``uksm.lifeline``)."""
 
     def __init__(self, *args: Any, own_groups: bool = False, **kw: Any) -> None:
         super().__init__(*args, **kw)
         self.own_groups = own_groups
-
-    def _popen(self, args: list[str]) -> "subprocess.Popen[bytes]":
-        if not self.own_groups:
-            return super()._popen(args)
-        return subprocess.Popen([sys.executable, "-m", *args], stdin=subprocess.DEVNULL,
-                                process_group=0)
 
 
 class RequestError(shm.UksmError):

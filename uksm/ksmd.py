@@ -660,6 +660,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--task", type=int, required=True)
     ap.add_argument("--log-dir")
     a = ap.parse_args(argv)
+    from .lifeline import arm
+    arm()  # die with the supervisor
     cl = Cluster.attach(a.cluster)
     cl.bind(a.task)
     import os

@@ -1,13 +1,11 @@
 """``uksm run``: boot a cluster in the foreground, run workers, stop, report.
 
-The report (``--json``) is one object; its exit status: 0 all good,
-2 bad usage, 3 a hung task was detected, 4 an integrity or fsck failure,
-1 anything else.
+The report (``--json``) is one object; its exit status is one of
+``uksm.exitcodes`` (0 all good, 128+N stopped by signal N).
 """
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -18,10 +16,12 @@ from .cluster import Config
 from .layout import (A_FREE_TOP, EXIT_POLICIES, H_MEM_LIMIT, HAZARDS, K_FULL_SCANS,
                      K_PAGES_SHARED, K_PAGES_SHARING, K_RMAP_ITEMS, K_RUN, K_RUN_DONE,
                      K_RUN_SEQ, PAGE_SIZE)
+from .exitcodes import interrupted as interrupted_status
 from .ksm import ksm_run_store
+from .lifeline import StopSignals
 from .supervisor import Supervisor
 
-EXIT_OK, EXIT_ERR, EXIT_USAGE, EXIT_HUNG, EXIT_INTEGRITY = 0, 1, 2, 3, 4
+from .exitcodes import EXIT_ERR, EXIT_HUNG, EXIT_INTEGRITY, EXIT_OK, EXIT_USAGE  # noqa: F401
 SCENARIOS = ("oom-unmerge",)
 
 
@@ -163,36 +163,41 @@ def run_with(o: RunOptions, driver: Driver, prefix: str = "run") -> tuple[dict[s
     sup = Supervisor(name, make_config(o), log_dir, quiet=o.quiet)
     t0 = time.monotonic()
     progress = Progress(o.quiet)
-    interrupted = False
-
-    def on_int(_s: int, _f: Any) -> None:
-        nonlocal interrupted
-        interrupted = True
-    old = signal.signal(signal.SIGINT, on_int)
     snap: dict[str, Any] = {}
-    try:
-        sup.boot()
-        sup.log.info("run_options", workers=o.workers, pages=o.pages, workload=o.workload,
-                     seed=o.seed, scenario=o.scenario)
-        for _ in range(o.workers):
-            sup.spawn_worker(o.pages, o.workload, o.seed, o.churn_ms)
-        _hung, extra = driver(sup, t0, progress, lambda: interrupted)
-        snap = sup.snapshot()
-        extra = {k: (v() if callable(v) else v) for k, v in extra.items()}
-        end = sup.shutdown()
-    except BaseException:
-        if sup.booted:
-            sup.kill_all()
-            sup.teardown()
-        raise
-    finally:
-        signal.signal(signal.SIGINT, old)
+    # SIGTERM/SIGHUP/SIGINT: the loop ends, the shutdown below runs in order;
+    # a second one raises SecondSignal: kill at once, remove every object
+    with StopSignals() as stop:
+        try:
+            sup.boot()
+            sup.log.info("run_options", workers=o.workers, pages=o.pages, workload=o.workload,
+                         seed=o.seed, scenario=o.scenario)
+            for _ in range(o.workers):
+                if stop():
+                    break
+                sup.spawn_worker(o.pages, o.workload, o.seed, o.churn_ms)
+            _hung, extra = driver(sup, t0, progress, stop)
+            if stop():
+                sup.log.warning("interrupted", signal=stop.name)
+                if not o.quiet:
+                    print(f"uksm: {stop.name}: stopping cluster {name} in order (workers exit, "
+                          f"ksmd frees, fsck, teardown); again to kill it at once", file=sys.stderr)
+            snap = sup.snapshot()
+            extra = {k: (v() if callable(v) else v) for k, v in extra.items()}
+            end = sup.shutdown()
+        except BaseException:
+            if sup.booted:
+                sup.kill_all()
+                sup.teardown()
+            raise
     status = end["status"]
+    if stop():
+        status = interrupted_status(status, stop.signo)
     report = {"cluster": name, "workload": o.workload, "duration_s": round(time.monotonic() - t0, 3),
               **snap, "workers": end["workers"], "integrity": end["integrity"], "fsck": end["fsck"],
               "hung_tasks": end["hung_tasks"], "ipc_leftovers": end["ipc_leftovers"],
               "log_dir": log_dir, "exit_policy": o.exit_policy, "hazards": o.hazards,
-              "scenario": o.scenario, **extra, "errors": end["errors"], "status": status}
+              "scenario": o.scenario, **extra, "errors": end["errors"],
+              "interrupted": stop.name or None, "status": status}
     sup.log_stop(status)
     return report, status
 

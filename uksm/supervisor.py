@@ -24,10 +24,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import fsck, killpoints, oom, shm
+from . import fsck, killpoints, lifeline, oom, shm
 from . import log as ulog
 from .cluster import Cluster, Config, destroy
 from .exit import mm_users_zero, mmput
+from .exitcodes import EXIT_ERR, EXIT_HUNG, EXIT_INTEGRITY, EXIT_OK
 from .ksm import repair_list
 from .layout import (A_FREE_TOP, C_ALLOC, C_DAEMON, C_MMAP, C_MMLIST, C_PTL, C_WMUTEX,
                      CS_RUNNING, EXIT_PATHS, EXIT_REASONS, H_KSMD_PID,
@@ -142,8 +143,11 @@ class Supervisor:
         self.cl.q[b + T_STATE] = TS_FREE
 
     def _popen(self, args: list[str]) -> subprocess.Popen:
+        """fork + exec a child on the lifeline (``uksm.lifeline``: it dies
+        with this process), in its own process group (a Ctrl-C at the
+        terminal is the supervisor's to handle, not ksmd's)."""
         return subprocess.Popen([sys.executable, "-m", *args], stdin=subprocess.DEVNULL,
-                                start_new_session=False)
+                                env=lifeline.child_env(), process_group=0)
 
     def start_ksmd(self) -> None:
         row = self._alloc_row(R_KSMD)
@@ -682,15 +686,15 @@ class Supervisor:
         Returns the report's blocks and the exit status (0 all good, 3 a
         hung task, 4 an integrity or fsck failure, 1 anything else)."""
         q = self.cl.q
-        status = 0
+        status = EXIT_OK
         fs: dict[str, Any] = {"ok": False,
                               "errors": ["not checked: the cluster was stopped after a hung task"]}
         try:
             if self.hung:
-                status = 3
+                status = EXIT_HUNG
                 self.kill_all()
             elif not self.stop_workers():
-                status = 3 if self.hung else 1
+                status = EXIT_HUNG if self.hung else EXIT_ERR
                 if not self.hung:
                     self.errors.append("workers did not exit in time")
                 self.kill_all()
@@ -705,11 +709,11 @@ class Supervisor:
             self.teardown()
             raise
         leftovers = self.teardown()
-        if status == 0:
+        if status == EXIT_OK:
             if integrity["mismatches"] or not fs["ok"]:
-                status = 4
+                status = EXIT_INTEGRITY
             elif leftovers or self.errors:
-                status = 1
+                status = EXIT_ERR
         return {"workers": workers, "integrity": integrity, "fsck": fs, "hung_tasks": self.hung,
                 "ipc_leftovers": leftovers, "errors": self.errors, "status": status}
 

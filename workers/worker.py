@@ -24,6 +24,7 @@ from uksm import log as ulog
 from uksm import oom
 from uksm.cluster import Cluster
 from uksm.exit import mmput
+from uksm.lifeline import arm
 from uksm.layout import (M_OWNER_PID, PAGE_SIZE, S_SIGNALS, T_EXIT_REASON, T_FATAL,
                          T_MISMATCHES, T_PID, T_READY, T_VERIFIED, X_EXIT, X_OOM, X_SIGNAL)
 from uksm.memory import Allocator, OutOfMemory
@@ -171,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--exit-after-write", action="store_true")
     ap.add_argument("--log-dir")
     a = ap.parse_args(argv)
+    arm()  # die with the supervisor
     try:
         w = Worker(a)
         return w.run()

@@ -1,0 +1,310 @@
+"""Nothing outlives its cluster (issue 12), with real signals to real
+processes: SIGTERM/SIGHUP/SIGINT stop ``uksm run`` and ``uksm inject`` in
+order, a second one kills at once; SIGKILL to a supervisor takes its ksmd
+and workers along (the lifeline); ``uksm cleanup`` ends what is left of a
+dead cluster -- never a reused pid -- and refuses a live one unless
+``--force``.  Each test ends with no process of its cluster alive and
+nothing of it in /dev/shm."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from typing import Any
+
+import pytest
+
+from helpers import ROOT, uksm, wait_for
+from uksm import shm
+from uksm.cluster import Cluster, pid_alive
+from uksm.layout import R_WORKER, T_READY, T_ROLE
+from uksm.exitcodes import EXIT_ERR, signalled
+
+SMALL = ("--workers", "2", "--pages", "32", "--quiet")
+
+
+def name(tag: str) -> str:
+    return f"tlc{tag}{os.getpid() % 100000}"
+
+
+def cluster_pids(cluster: str) -> list[int]:
+    """Live processes whose command line names ``cluster`` (``--cluster NAME``)."""
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit() or int(d) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"--cluster" in argv[:-1] and argv[argv.index(b"--cluster") + 1] == cluster.encode() \
+                and pid_alive(int(d)):
+            out.append(int(d))
+    return out
+
+
+def start(*argv: str) -> subprocess.Popen:
+    """A foreground command in its own session (a terminal's job)."""
+    return subprocess.Popen([sys.executable, "-m", "uksm", *argv], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def workers_ready(cluster: str) -> int:
+    """Workers of ``cluster`` that have written their pages (their signal
+    handlers are in place: a SIGTERM before that kills them outright)."""
+    try:
+        cl = Cluster.attach(cluster)
+    except shm.UksmError:
+        return 0
+    try:
+        q = cl.q
+        return sum(1 for r, b in cl.live_rows() if q[b + T_ROLE] == R_WORKER and q[b + T_READY])
+    finally:
+        cl.close()
+
+
+def wait_up(p: subprocess.Popen, cluster: str, workers: int = 2) -> list[int]:
+    """Until ksmd and ``workers`` workers of ``cluster`` run; their pids."""
+    wait_for(lambda: len([x for x in cluster_pids(cluster) if x != p.pid]) >= workers + 1
+             and workers_ready(cluster) >= workers or p.poll() is not None, 60,
+             what=f"cluster {cluster} up")
+    assert p.poll() is None, p.communicate()
+    return [x for x in cluster_pids(cluster) if x != p.pid]
+
+
+def finish(p: subprocess.Popen, cluster: str, timeout: float = 60) -> tuple[str, str]:
+    """The command's output; whatever happens, nothing of ``cluster`` left."""
+    try:
+        return p.communicate(timeout=timeout)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.communicate()
+        for pid in cluster_pids(cluster):
+            os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not cluster_pids(cluster), 10, what="the cluster's processes to go")
+        shm.remove_all(cluster)
+
+
+def report(out: str, err: str) -> dict[str, Any]:
+    try:
+        return json.loads(out)
+    except json.JSONDecodeError:
+        raise AssertionError(f"no JSON report:\n{out}\n{err}")
+
+
+def nothing_left(cluster: str, pids: list[int]) -> None:
+    wait_for(lambda: not any(pid_alive(x) for x in pids), 10, what="the cluster's processes to go")
+    assert not cluster_pids(cluster)
+    assert shm.leftovers(cluster) == []
+
+
+# ---- 1. stop signals -----------------------------------------------------------------------
+
+@pytest.mark.timeout(100)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_stop_signal_to_run_stops_in_order(sig: int, tmp_path) -> None:
+    cl = name(f"run{sig}")
+    p = start("run", "--cluster", cl, "--duration", "80", "--json", "--log-dir", str(tmp_path), *SMALL)
+    try:
+        kids = wait_up(p, cl)
+        p.send_signal(sig)
+    finally:
+        out, err = finish(p, cl)
+    r = report(out, err)
+    assert p.returncode == signalled(sig) == r["status"], err
+    assert r["interrupted"] == signal.Signals(sig).name
+    # in order: every worker out through its exit path, ksmd freed, fsck clean
+    w = r["workers"]
+    assert w["started"] == w["exited"] == 2 and w["killed"] == 0, w
+    assert r["fsck"]["ok"] and r["integrity"]["mismatches"] == 0 and r["ipc_leftovers"] == [], r
+    assert r["duration_s"] < 80
+    nothing_left(cl, kids)
+    events = [json.loads(ln)["event"] for f in os.listdir(tmp_path) if f.startswith("supervisor")
+              for ln in open(tmp_path / f)]
+    assert "interrupted" in events and events[-1] == "cluster_stop"
+
+
+@pytest.mark.timeout(100)
+def test_stop_signal_text_report_says_interrupted(tmp_path) -> None:
+    cl = name("text")
+    p = start("run", "--cluster", cl, "--duration", "80", "--log-dir", str(tmp_path), *SMALL)
+    try:
+        kids = wait_up(p, cl)
+        p.send_signal(signal.SIGTERM)
+    finally:
+        out, err = finish(p, cl)
+    assert p.returncode == signalled(signal.SIGTERM), err
+    assert "INTERRUPTED by SIGTERM" in out and "fsck     clean" in out, out
+    assert "Traceback" not in err
+    nothing_left(cl, kids)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_stop_signal_to_inject_mid_run(sig: int, tmp_path) -> None:
+    cl = name(f"inj{sig}")
+    p = start("inject", "--cluster", cl, "--kills", "100000", "--workers", "2", "--pages", "32",
+              "--json", "--quiet", "--log-dir", str(tmp_path))
+    try:
+        wait_up(p, cl)
+        # mid-run: kills delivered, replacements spawned (mm3 and on)
+        wait_for(lambda: f"uksm.{cl}.mm4" in shm.leftovers(cl) or p.poll() is not None, 60,
+                 what="kills and respawns")
+        kids = [x for x in cluster_pids(cl) if x != p.pid]
+        p.send_signal(sig)
+    finally:
+        out, err = finish(p, cl, 90)
+    r = report(out, err)
+    assert p.returncode == signalled(sig) == r["status"], err
+    assert r["interrupted"] == signal.Signals(sig).name
+    assert r["inject"]["kills"] < 100000
+    assert r["fsck"]["ok"] and r["ipc_leftovers"] == [], r
+    assert r["workers"]["started"] == r["workers"]["exited"]
+    nothing_left(cl, kids)
+
+
+@pytest.mark.timeout(100)
+def test_second_signal_kills_at_once_and_removes_everything(tmp_path) -> None:
+    cl = name("twice")
+    p = start("run", "--cluster", cl, "--duration", "80", "--log-dir", str(tmp_path), *SMALL)
+    try:
+        kids = wait_up(p, cl)
+        # two different signals back to back: python runs both handlers
+        # (two of the same may coalesce into one)
+        p.send_signal(signal.SIGTERM)
+        p.send_signal(signal.SIGHUP)
+    finally:
+        out, err = finish(p, cl)
+    # python runs pending handlers in signal-number order: either is "second"
+    assert p.returncode in (signalled(signal.SIGHUP), signalled(signal.SIGTERM)), (out, err)
+    assert "second stop signal" in err and "Traceback" not in err, err
+    nothing_left(cl, kids)
+
+
+# ---- 2. the lifeline -----------------------------------------------------------------------
+
+@pytest.mark.timeout(100)
+def test_sigkill_to_run_supervisor_takes_its_children_along(tmp_path) -> None:
+    cl = name("kill")
+    p = start("run", "--cluster", cl, "--duration", "80", "--log-dir", str(tmp_path), *SMALL)
+    try:
+        kids = wait_up(p, cl)
+        p.kill()  # the supervisor only: its ksmd and workers are in their own groups
+        p.wait(timeout=30)
+        # "within a second or two": generous here, the machine is shared
+        wait_for(lambda: not any(pid_alive(x) for x in kids), 10, what="ksmd and workers to die")
+        assert shm.leftovers(cl)  # a SIGKILLed supervisor removes nothing...
+        r = uksm("cleanup", "--cluster", cl, timeout=60)
+        assert r.returncode == 0 and "ended" not in r.stdout, (r.stdout, r.stderr)  # ...found dead
+        assert f"removed /dev/shm/uksm.{cl}.ctl" in r.stdout
+    finally:
+        finish(p, cl)
+    nothing_left(cl, kids)
+
+
+@pytest.mark.timeout(100)
+def test_sigkill_to_daemon_takes_its_children_along(tmp_path) -> None:
+    cl = name("up")
+    r = uksm("up", "--cluster", cl, "--workers", "2", "--pages", "16", "--json", "--log-dir",
+             str(tmp_path), timeout=60)
+    try:
+        assert r.returncode == 0, r.stderr
+        daemon = json.loads(r.stdout)["pid"]
+        kids = [x for x in cluster_pids(cl) if x != daemon]
+        assert len(kids) == 3, kids  # ksmd, two workers
+        os.kill(daemon, signal.SIGKILL)
+        wait_for(lambda: not any(pid_alive(x) for x in kids), 10, what="ksmd and workers to die")
+        c = uksm("cleanup", "--cluster", cl, timeout=60)
+        assert c.returncode == 0 and "ended" not in c.stdout, (c.stdout, c.stderr)
+    finally:
+        for pid in cluster_pids(cl):
+            os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not cluster_pids(cl), 10)
+        shm.remove_all(cl)
+    nothing_left(cl, kids)
+
+
+# ---- 3. cleanup ----------------------------------------------------------------------------
+
+# A supervisor as uksm had them before the lifeline: its children outlive it.
+ORPHANING_SUPERVISOR = textwrap.dedent("""
+    import subprocess, sys, time
+    from uksm.cluster import Config
+    from uksm.layout import T_PID, T_STATE, TS_ALIVE
+    from uksm.supervisor import Supervisor
+
+    class NoLifeline(Supervisor):
+        def _popen(self, args):
+            return subprocess.Popen([sys.executable, "-m", *args], stdin=subprocess.DEVNULL,
+                                    start_new_session=True)
+
+    sup = NoLifeline(sys.argv[1], Config(frames=256, va_pages=64, max_tasks=16, max_mms=8), None,
+                     quiet=True)
+    sup.boot()
+    for _ in range(2):
+        sup.spawn_worker(16, "dup:2", 1)
+    # a row whose pid was reused by an unrelated process (the decoy): never to be hit
+    row = sup._alloc_row(3, int(sys.argv[2]))
+    print("up", flush=True)
+    time.sleep(120)
+""")
+
+
+@pytest.mark.timeout(100)
+def test_cleanup_ends_orphans_never_a_reused_pid(tmp_path) -> None:
+    cl = name("orph")
+    decoy = subprocess.Popen(["sleep", "90"])
+    p = subprocess.Popen([sys.executable, "-c", ORPHANING_SUPERVISOR, cl, str(decoy.pid)], cwd=ROOT,
+                         stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert p.stdout is not None and p.stdout.readline() == "up\n"
+        kids = wait_for(lambda: [x for x in cluster_pids(cl) if x != p.pid]
+                        if len(cluster_pids(cl)) >= 3 else None, 30, what="ksmd and workers")
+        p.kill()
+        p.wait(timeout=30)
+        assert all(pid_alive(x) for x in kids)  # orphans: no lifeline
+        r = uksm("cleanup", "--cluster", cl, timeout=60)
+        assert r.returncode == 0, r.stderr
+        ended = r.stdout.split("processes:", 1)[1].split("\n", 1)[0].split()
+        assert sorted(map(int, ended)) == sorted(kids), r.stdout
+        assert not any(pid_alive(x) for x in kids)
+        assert decoy.poll() is None  # the reused pid in the table was left alone
+    finally:
+        decoy.kill()
+        decoy.wait()
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        if p.stdout:
+            p.stdout.close()
+        finish_pids = cluster_pids(cl)
+        for pid in finish_pids:
+            os.kill(pid, signal.SIGKILL)
+        shm.remove_all(cl)
+    nothing_left(cl, kids)
+
+
+@pytest.mark.timeout(100)
+def test_cleanup_refuses_a_live_cluster_unless_force(tmp_path) -> None:
+    cl = name("live")
+    p = start("run", "--cluster", cl, "--duration", "80", "--log-dir", str(tmp_path), *SMALL)
+    try:
+        kids = wait_up(p, cl)
+        before = shm.leftovers(cl)
+        r = uksm("cleanup", "--cluster", cl, timeout=60)
+        assert r.returncode == EXIT_ERR and "is alive" in r.stderr and "--force" in r.stderr, r
+        assert r.stderr.count("\n") == 1 and shm.leftovers(cl) == before
+        assert all(pid_alive(x) for x in kids + [p.pid])
+        r = uksm("cleanup", "--cluster", cl, "--force", timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert str(p.pid) in r.stdout.split("processes:", 1)[1].split("\n", 1)[0].split()
+        p.wait(timeout=30)
+        assert p.returncode == -signal.SIGKILL
+    finally:
+        finish(p, cl)
+    nothing_left(cl, kids)
