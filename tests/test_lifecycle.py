@@ -21,7 +21,8 @@ from helpers import ROOT, uksm, wait_for
 from uksm import shm
 from uksm.cluster import Cluster, pid_alive
 from uksm.layout import R_WORKER, T_READY, T_ROLE
-from uksm.exitcodes import EXIT_ERR, signalled
+from uksm.exitcodes import EXIT_ERR, EXIT_OOPS, signalled
+from uksm.oops import OOPS_LIMIT
 
 SMALL = ("--workers", "2", "--pages", "32", "--quiet")
 
@@ -308,3 +309,53 @@ def test_cleanup_refuses_a_live_cluster_unless_force(tmp_path) -> None:
     finally:
         finish(p, cl)
     nothing_left(cl, kids)
+
+
+# ---- 4. a ksmd oops ------------------------------------------------------------------------
+
+def run_env(env: dict[str, str], *argv: str, timeout: float = 90) -> tuple[dict[str, Any], int, str]:
+    p = subprocess.Popen([sys.executable, "-m", "uksm", "run", "--json", *argv], cwd=ROOT, text=True,
+                         env=dict(os.environ, **env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         start_new_session=True)
+    cl = argv[argv.index("--cluster") + 1]
+    out, err = finish(p, cl, timeout)
+    return report(out, err), p.returncode, err
+
+
+def log_events(log_dir, role: str) -> list[dict[str, Any]]:
+    return [json.loads(ln) for f in sorted(os.listdir(log_dir)) if f.startswith(role)
+            for ln in open(os.path.join(log_dir, f))]
+
+
+@pytest.mark.timeout(100)
+def test_ksmd_oopsing_every_batch_ends_the_run(tmp_path) -> None:
+    cl = name("oopsloop")
+    r, status, err = run_env({"UKSM_TEST_KSMD_OOPS": "every"}, "--cluster", cl, "--duration", "60",
+                             "--log-dir", str(tmp_path), "--workers", "1", "--pages", "16")
+    assert status == r["status"] == EXIT_OOPS, err
+    assert r["duration_s"] < 60  # ended by the oopses, not by --duration
+    assert r["oops"] == [{"error": "RuntimeError: test oops (UKSM_TEST_KSMD_OOPS=every)",
+                          "where": r["oops"][0]["where"], "count": OOPS_LIMIT}], r["oops"]
+    assert r["ksmd_restarts"] == OOPS_LIMIT - 1
+    assert any("oopsed 3 times in a row" in e for e in r["errors"])
+    assert r["ipc_leftovers"] == [] and "Traceback" not in err
+    assert err.count("ksmd oops:") == 2  # the first of its kind, and the giving up
+    # each oops logged once, with its traceback, by the ksmd that raised it
+    oopses = [e for e in log_events(tmp_path, "ksmd") if e["event"] == "oops"]
+    assert len(oopses) == OOPS_LIMIT and all("Traceback" in e["tb"] for e in oopses)
+    sup = [e["event"] for e in log_events(tmp_path, "supervisor")]
+    assert sup.count("ksmd_restart") == OOPS_LIMIT - 1 and sup.count("oops_loop") == 1
+    assert shm.leftovers(cl) == [] and not cluster_pids(cl)
+
+
+@pytest.mark.timeout(100)
+def test_a_single_ksmd_oops_fails_the_run(tmp_path) -> None:
+    cl = name("oops1")
+    r, status, err = run_env({"UKSM_TEST_KSMD_OOPS": f"once:{tmp_path}/oopsed"}, "--cluster", cl,
+                             "--log-dir", str(tmp_path), "--workers", "2", "--pages", "32",
+                             "--workload", "identical", "--max-duration", "60")
+    # ksmd restarted and merged after it; the run still fails, by the rule
+    assert status == r["status"] == EXIT_OOPS, err
+    assert [o["count"] for o in r["oops"]] == [1] and r["ksmd_restarts"] == 1
+    assert r["ksm"]["pages_sharing"] > 0 and r["fsck"]["ok"], r
+    assert r["ipc_leftovers"] == [] and not cluster_pids(cl)

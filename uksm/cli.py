@@ -192,6 +192,8 @@ def print_report(r: dict[str, Any]) -> None:
     print(f"  leftover POSIX objects: {len(r['ipc_leftovers'])}  logs: {r['log_dir']}")
     for e in r.get("errors", []):
         print(f"  error    {e}")
+    for o in r.get("oops", []):
+        print(f"  OOPS     ksmd: {o['error']} at {o['where']}  x{o['count']}")
     if r.get("interrupted"):
         print(f"  INTERRUPTED by {r['interrupted']}: stopped early, in order (status {r['status']})")
 

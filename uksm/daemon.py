@@ -172,8 +172,9 @@ class Daemon:
         assert self.sock is not None
         status = EXIT_OK
         while not self.done:
-            if self.stop_signal:
-                name = signal.Signals(self.stop_signal).name
+            if self.stop_signal or (self.sup is not None and self.sup.given_up):
+                name = (signal.Signals(self.stop_signal).name if self.stop_signal
+                        else self.sup.given_up if self.sup is not None else "")
                 print(f"uksm: {name}: taking the cluster down", file=sys.stderr, flush=True)
                 report = self.down()
                 status = report["status"]
@@ -621,6 +622,7 @@ class Daemon:
                 "uptime_s": round(time.monotonic() - self.t0, 3), "stopped": stopped,
                 "workers": workers, "integrity": integrity, "fsck": fs,
                 "hung_tasks": sup.hung, "ipc_leftovers": leftovers, "errors": sup.errors,
+                "oops": end["oops"], "ksmd_restarts": end["ksmd_restarts"],
                 "log_dir": self.log_dir}
 
 

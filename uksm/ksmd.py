@@ -670,8 +670,13 @@ def main(argv: list[str] | None = None) -> int:
     oom.set_logger(log)
     cl.task.on_wait = lambda name, ms, holders: log.info("lock_wait", lock=name, holders=holders,
                                                           waited_ms=round(ms, 3))
+    from . import oops
     try:
-        Ksmd(cl, log).run()
+        ksmd = Ksmd(cl, log)
+        oops.install_test_hook(ksmd)
+        ksmd.run()
+    except Exception as e:  # a bug: an oops, logged once, not a traceback loop (uksm.oops)
+        return oops.report(log, e)
     finally:
         ulog.close()
     return 0

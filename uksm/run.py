@@ -175,7 +175,8 @@ def run_with(o: RunOptions, driver: Driver, prefix: str = "run") -> tuple[dict[s
                 if stop():
                     break
                 sup.spawn_worker(o.pages, o.workload, o.seed, o.churn_ms)
-            _hung, extra = driver(sup, t0, progress, stop)
+            # the loop ends on a stop signal, or when ksmd oopsed in a row (uksm.oops)
+            _hung, extra = driver(sup, t0, progress, lambda: stop() or bool(sup.given_up))
             if stop():
                 sup.log.warning("interrupted", signal=stop.name)
                 if not o.quiet:
@@ -197,6 +198,7 @@ def run_with(o: RunOptions, driver: Driver, prefix: str = "run") -> tuple[dict[s
               "hung_tasks": end["hung_tasks"], "ipc_leftovers": end["ipc_leftovers"],
               "log_dir": log_dir, "exit_policy": o.exit_policy, "hazards": o.hazards,
               "scenario": o.scenario, **extra, "errors": end["errors"],
+              "oops": end["oops"], "ksmd_restarts": end["ksmd_restarts"],
               "interrupted": stop.name or None, "status": status}
     sup.log_stop(status)
     return report, status
