@@ -359,3 +359,25 @@ def test_a_single_ksmd_oops_fails_the_run(tmp_path) -> None:
     assert [o["count"] for o in r["oops"]] == [1] and r["ksmd_restarts"] == 1
     assert r["ksm"]["pages_sharing"] > 0 and r["fsck"]["ok"], r
     assert r["ipc_leftovers"] == [] and not cluster_pids(cl)
+
+
+# ---- 5. --duration caps --until-merged -------------------------------------------------------
+
+@pytest.mark.timeout(100)
+def test_duration_caps_until_merged(tmp_path) -> None:
+    # converges long before the cap: ends there (before issue 12, --duration
+    # switched --until-merged off and this ran the full 60 s)
+    cl = name("um")
+    r, status, err = run_env({}, "--cluster", cl, "--until-merged", "--duration", "60", "--log-dir",
+                             str(tmp_path), "--workers", "1", "--pages", "16", "--workload", "identical")
+    assert status == 0, err
+    assert r["duration_s"] < 60 and r["ksm"]["pages_sharing"] == 15, r
+    # cannot converge in 2 s (a full scan takes 16 batches of one page, 0.3 s
+    # apart; convergence needs three full scans alike): the cap ends it
+    cl = name("cap")
+    r, status, err = run_env({}, "--cluster", cl, "--until-merged", "--duration", "2", "--log-dir",
+                             str(tmp_path), "--workers", "1", "--pages", "16", "--pages-to-scan", "1",
+                             "--sleep-ms", "300")
+    assert status == 0, err
+    assert 2 <= r["duration_s"] < 60 and r["ksm"]["full_scans"] < 3, r
+    assert shm.leftovers(cl) == [] and not cluster_pids(cl)

@@ -59,12 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
                                    "that ends by itself within a minute.", epilog=EPILOG)
     _run_args(p)
     p.add_argument("--cluster", default="", help="cluster name (default run<pid>)")
-    p.add_argument("--duration", type=float, help="run this many seconds (default: until merged)")
+    p.add_argument("--duration", type=float,
+                   help="run this many seconds (default: until merged); with --until-merged, "
+                        "at most this many: whichever comes first")
     p.add_argument("--until-merged", action="store_true",
                    help="stop once the counters have not changed for two full scans (the default "
-                        "when --duration is not given)")
+                        "when --duration is not given; --duration caps it)")
     p.add_argument("--max-duration", type=float, default=60.0,
-                   help="give up waiting for convergence after this many seconds (default 60)")
+                   help="without --duration: give up waiting for convergence after this many "
+                        "seconds (default 60)")
     p.add_argument("--scenario", choices=["oom-unmerge"],
                    help="oom-unmerge: merge, shrink memory to the merged state, run=2 (the seed's deadlock)")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")

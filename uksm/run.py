@@ -211,6 +211,8 @@ def drive(sup: Supervisor, o: RunOptions, t0: float, progress: Progress, interru
     samples: list[tuple[int, int, int]] = []
     last_scan = -1
     phase = "merge"
+    # --duration caps --until-merged (it does not switch it off): whichever comes first
+    until_merged = o.until_merged or o.duration is None
     deadline = t0 + (o.duration if o.duration is not None else o.max_duration)
     while time.monotonic() < deadline and not interrupted():
         sup.poll()
@@ -221,7 +223,7 @@ def drive(sup: Supervisor, o: RunOptions, t0: float, progress: Progress, interru
         progress(sup, t, f"[{phase}] " if o.scenario else "")
         if sup.workers_alive() == 0 and sup.dead_q.empty():
             break
-        if o.duration is None:
+        if until_merged:
             if phase == "unmerge":
                 if q[K_RUN_DONE] == q[K_RUN_SEQ]:
                     break
