@@ -122,6 +122,7 @@ def test_stop_signal_to_run_stops_in_order(sig: int, tmp_path) -> None:
     # in order: every worker out through its exit path, ksmd freed, fsck clean
     w = r["workers"]
     assert w["started"] == w["exited"] == 2 and w["killed"] == 0, w
+    assert w["exit_fast"] + w["exit_slow"] + w["exit_legacy"] + w["exit_noslot"] == 2, w
     assert r["fsck"]["ok"] and r["integrity"]["mismatches"] == 0 and r["ipc_leftovers"] == [], r
     assert r["duration_s"] < 80
     nothing_left(cl, kids)
@@ -165,7 +166,10 @@ def test_stop_signal_to_inject_mid_run(sig: int, tmp_path) -> None:
     assert r["interrupted"] == signal.Signals(sig).name
     assert r["inject"]["kills"] < 100000
     assert r["fsck"]["ok"] and r["ipc_leftovers"] == [], r
-    assert r["workers"]["started"] == r["workers"]["exited"]
+    w = r["workers"]
+    assert w["started"] == w["exited"]
+    # every exit path named, SIGKILLed workers' (run by their reapers) too
+    assert w["exit_fast"] + w["exit_slow"] + w["exit_legacy"] + w["exit_noslot"] == w["exited"], w
     nothing_left(cl, kids)
 
 
@@ -381,3 +385,93 @@ def test_duration_caps_until_merged(tmp_path) -> None:
     assert status == 0, err
     assert 2 <= r["duration_s"] < 60 and r["ksm"]["full_scans"] < 3, r
     assert shm.leftovers(cl) == [] and not cluster_pids(cl)
+
+
+# ---- 7. out of room, bad environment -------------------------------------------------------
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounts a private /dev/shm: needs root")
+
+
+def in_private_shm(script: str, size: str = "8m", timeout: float = 80) -> subprocess.CompletedProcess:
+    """Run ``script`` (sh) in a private mount namespace with a small tmpfs
+    on /dev/shm: POSIX shm always lives there, so this is how a cluster
+    meets a full /dev/shm without filling the machine's.  Everything of it
+    (objects, processes) goes with the namespace; the script prints what
+    is left in its /dev/shm on its last line."""
+    body = (f"mount -t tmpfs -o size={size} tmpfs /dev/shm || exit 99\n"
+            f"PY={sys.executable}\n{script}\necho left $(ls -A /dev/shm | wc -l)\n")
+    return subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", body],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+@needs_root
+@pytest.mark.timeout(100)
+def test_cluster_too_big_for_dev_shm_fails_in_one_line(tmp_path) -> None:
+    p = in_private_shm(f'$PY -m uksm run --cluster tlcbig --workload unique --workers 1 --pages 4096 '
+                       f'--log-dir {tmp_path} --quiet; echo status $?')
+    assert "status 1" in p.stdout and p.stdout.endswith("left 0\n"), (p.stdout, p.stderr)
+    err = [ln for ln in p.stderr.splitlines() if ln]
+    assert len(err) == 1 and "does not fit in /dev/shm" in err[0] and "MiB are free" in err[0], err
+
+
+@needs_root
+@pytest.mark.timeout(100)
+def test_dev_shm_filling_up_mid_run_is_an_oom_not_a_sigbus(tmp_path) -> None:
+    # the cluster fits at boot; then something else takes every free byte of
+    # /dev/shm, and the churning workers keep allocating frames: without the
+    # MADV_POPULATE_WRITE check their next write to a new frame is a SIGBUS
+    p = in_private_shm(textwrap.dedent(f"""
+        $PY -m uksm run --cluster tlcfill --workload unique --workers 2 --pages 256 --churn-ms 1 \\
+            --duration 4 --json --log-dir {tmp_path} --quiet > {tmp_path}/r.json &
+        P=$!
+        while [ ! -e /dev/shm/uksm.tlcfill.mm2 ]; do sleep 0.01; done
+        fallocate -l $(df -B1 --output=avail /dev/shm | tail -1) /dev/shm/filler
+        sleep 2
+        rm /dev/shm/filler
+        wait $P; echo status $?"""))
+    assert p.stdout.endswith("left 0\n"), (p.stdout, p.stderr)
+    r = json.loads(open(tmp_path / "r.json").read())
+    w = r["workers"]
+    assert w["oom_killed"] >= 1 and w["started"] == w["exited"], w  # the host's memory ran out
+    assert r["fsck"]["ok"] and r["integrity"]["mismatches"] == 0 and r["ipc_leftovers"] == [], r
+    assert "SIGBUS" not in p.stderr and f"status {r['status']}" in p.stdout
+    assert r["status"] == 0, (r["errors"], p.stderr)
+
+
+@needs_root
+@pytest.mark.timeout(60)
+def test_unwritable_log_dir_fails_in_one_line(tmp_path) -> None:
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    p = in_private_shm(f"mount -t tmpfs -o ro tmpfs {ro}\n"
+                       f"$PY -m uksm run --cluster tlcro --log-dir {ro} --quiet; echo status $?")
+    assert "status 2" in p.stdout and p.stdout.endswith("left 0\n"), (p.stdout, p.stderr)
+    assert p.stderr.strip().count("\n") == 0 and "cannot write there" in p.stderr, p.stderr
+
+
+@pytest.mark.timeout(120)
+def test_two_runs_side_by_side_and_the_same_name_refused(tmp_path) -> None:
+    a, b = name("sideA"), name("sideB")
+    # slow scans (a full scan ~1.6 s, convergence takes three): A still runs
+    # when the same name is tried
+    argv = ("--until-merged", "--duration", "60", "--workers", "2", "--pages", "32", "--json",
+            "--quiet", "--workload", "dup:4", "--pages-to-scan", "8", "--sleep-ms", "200")
+    pa = start("run", "--cluster", a, "--log-dir", str(tmp_path), "--seed", "1", *argv)
+    pb = start("run", "--cluster", b, "--log-dir", str(tmp_path), "--seed", "2", *argv)
+    try:
+        wait_up(pa, a)
+        # the same name while A runs: refused in one line, A undisturbed
+        r = uksm("run", "--cluster", a, "--workers", "1", "--pages", "8", "--quiet", "--log-dir",
+                 str(tmp_path), timeout=60)
+        assert pa.poll() is None, "A ended before its name was tried again: make it slower"
+        assert r.returncode == 2 and "already in use" in r.stderr, r
+        assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    finally:
+        outs = [finish(pa, a, 90), finish(pb, b, 90)]
+    for (out, err), cl, seed in zip(outs, (a, b), (1, 2)):
+        r = report(out, err)
+        assert r["status"] == 0 and r["cluster"] == cl, (r, err)
+        assert r["workers"]["started"] == r["workers"]["exited"] == 2  # its own two, no more
+        assert r["fsck"]["ok"] and r["integrity"]["pages_verified"] == 64
+        assert r["integrity"]["mismatches"] == 0 and r["ksm"]["pages_sharing"] > 0
+        assert r["ipc_leftovers"] == [] and not cluster_pids(cl)

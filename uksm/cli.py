@@ -178,10 +178,9 @@ def print_report(r: dict[str, Any]) -> None:
           f"pages_unshared {k['pages_unshared']}  pages_volatile {k['pages_volatile']}")
     print(f"  memory   frames used {fr['used']} of {total_pages}; pool resident "
           f"{mem / 2**20:.1f} MiB; saved by merging {saved} pages = {saved * 4096 / 2**20:.1f} MiB")
-    noslot = w["exited"] - w["exit_fast"] - w["exit_slow"] - w.get("exit_legacy", 0)
     print(f"  workers  started {w['started']}  exited {w['exited']}  __ksm_exit: fast {w['exit_fast']}  "
           f"slow {w['exit_slow']}" + (f"  legacy {w['exit_legacy']}" if w.get("exit_legacy") else "")
-          + (f"  no slot left {noslot} (ksmd freed it first)" if noslot > 0 else "")
+          + f"  no slot {w['exit_noslot']} (ksmd freed it first, or none)"
           + f"  killed {w['killed']}  oom_killed {w['oom_killed']}")
     i = r["integrity"]
     print(f"  data     {i['pages_verified']} pages verified, {i['mismatches']} mismatches")

@@ -388,7 +388,7 @@ def dispatch(a: argparse.Namespace) -> int:
 def up_spec(a: argparse.Namespace) -> dict[str, Any]:
     """Validate ``up``'s options (status 2, nothing started) and return the
     spec the daemon boots from."""
-    from .run import check_cluster_options, check_frames, usage_error as bad
+    from .run import check_cluster_options, check_frames, check_log_dir, usage_error as bad
     shm.check_cluster_name(a.cluster)
     check_cluster_options(a, min_workers=0)
     max_workers = a.max_workers or max(a.workers, 32)
@@ -405,8 +405,8 @@ def up_spec(a: argparse.Namespace) -> dict[str, Any]:
     frames = a.frames or base + max(64, base // 16)
     check_frames(frames, a.workers * a.pages, a)
     log_dir = a.log_dir
-    if log_dir is not None and not os.path.isdir(log_dir):
-        bad(f"--log-dir {log_dir}: no such directory")
+    if log_dir is not None:
+        check_log_dir(log_dir)
     return {"workers": a.workers, "pages": a.pages, "frames": frames, "workload": a.workload,
             "seed": a.seed, "log_dir": os.path.abspath(log_dir) if log_dir else None,
             "exit_policy": a.exit_policy, "hazards": list(a.hazard),
@@ -432,12 +432,6 @@ def name_in_use(name: str) -> shm.UksmError | None:
     return None
 
 
-def _default_log_dir(name: str) -> str:
-    d = os.path.abspath(f"uksm-logs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    os.makedirs(d, exist_ok=True)
-    return d
-
-
 def _print_up(ans: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print(json.dumps({"cluster": ans["cluster"], "pid": ans["pid"], "log_dir": ans["log_dir"],
@@ -454,7 +448,8 @@ def cmd_up(a: argparse.Namespace) -> int:
     err = name_in_use(name)
     if err is not None:
         raise err
-    spec["log_dir"] = spec["log_dir"] or _default_log_dir(name)
+    from .run import make_log_dir
+    spec["log_dir"] = make_log_dir(name, spec["log_dir"])
     if a.foreground:
         from .daemon import run_daemon
         return run_daemon(name, spec, foreground=True,
@@ -532,7 +527,8 @@ def print_down(r: dict[str, Any]) -> None:
     print(f"cluster {r['cluster']} down after {r['uptime_s']:.1f}s")
     print(f"  workers  {r['stopped']} stopped now; over the cluster's life: started "
           f"{w['started']}, exited {w['exited']} (ksm_exit fast {w['exit_fast']}, slow "
-          f"{w['exit_slow']}, legacy {w['exit_legacy']}), killed {w['killed']}, oom_killed "
+          f"{w['exit_slow']}, legacy {w['exit_legacy']}, no slot {w['exit_noslot']}), killed "
+          f"{w['killed']}, oom_killed "
           f"{w['oom_killed']}, reaped {w['reaped']}")
     i = r["integrity"]
     print(f"  data     {i['pages_verified']} pages verified, {i['mismatches']} mismatches")
@@ -666,7 +662,8 @@ def format_status(st: dict[str, Any]) -> list[str]:
         f"{_mib(st['memory']['host_bytes_resident'])}  saved by merging "
         f"{_mib(k['pages_sharing'] * PAGE_SIZE)}",
         f"workers  started {w['started']}  exited {w['exited']} (fast {w['exit_fast']} slow "
-        f"{w['exit_slow']} legacy {w['exit_legacy']})  killed {w['killed']}  oom_killed "
+        f"{w['exit_slow']} legacy {w['exit_legacy']} noslot {w['exit_noslot']})  killed "
+        f"{w['killed']}  oom_killed "
         f"{w['oom_killed']}  reaped {w['reaped']}",
         "",
         f"{'WORKER':<7} {'PID':>8} {'MM':>5} {'STATE':<13} {'PAGES':>6} {'RSS':>6} {'RMAP':>6} "

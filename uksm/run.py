@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -100,12 +101,37 @@ def validate(o: RunOptions) -> None:
     if o.scenario is not None and o.scenario not in SCENARIOS:
         bad(f"unknown --scenario {o.scenario!r} (one of: {', '.join(SCENARIOS)})")
     check_frames(o.frames or default_frames(o), o.workers * o.pages, o)
-    if o.log_dir is not None and not os.path.isdir(o.log_dir):
-        bad(f"--log-dir {o.log_dir}: no such directory")
+    if o.log_dir is not None:
+        check_log_dir(o.log_dir)
     if o.cluster:
         shm.check_cluster_name(o.cluster)
         if shm.leftovers(o.cluster):
             bad(f"cluster {o.cluster!r} is already in use ('uksm down' or 'uksm cleanup --cluster {o.cluster}')")
+
+
+def check_log_dir(path: str) -> None:
+    """--log-dir: an existing folder we can write in (checked by writing:
+    root's access() says yes to a read-only file system)."""
+    if not os.path.isdir(path):
+        usage_error(f"--log-dir {path}: no such directory")
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        usage_error(f"--log-dir {path}: cannot write there ({e.strerror})")
+
+
+def make_log_dir(name: str, given: str | None) -> str:
+    """The run's log folder: --log-dir, else a new one under ./uksm-logs."""
+    if given:
+        return os.path.abspath(given)
+    d = os.path.abspath(f"uksm-logs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    try:
+        os.makedirs(d, exist_ok=True)
+    except OSError as e:
+        raise shm.UksmError(f"cannot create the log folder {d} ({e.strerror}): run from a "
+                            f"writable folder, or give --log-dir", EXIT_ERR)
+    return d
 
 
 def default_frames(o: RunOptions) -> int:
@@ -154,10 +180,7 @@ def run_with(o: RunOptions, driver: Driver, prefix: str = "run") -> tuple[dict[s
     ksmd, fsck, tear down, and build the report.  Shared by run and inject."""
     validate(o)
     name = o.cluster or f"{prefix}{os.getpid()}"
-    log_dir = o.log_dir
-    if log_dir is None:
-        log_dir = os.path.abspath(f"uksm-logs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
-        os.makedirs(log_dir, exist_ok=True)
+    log_dir = make_log_dir(name, o.log_dir)
     if not o.quiet:
         print(f"uksm: cluster {name}: logs in {log_dir}", file=sys.stderr)
     sup = Supervisor(name, make_config(o), log_dir, quiet=o.quiet)

@@ -39,7 +39,7 @@ from .layout import (A_FREE_TOP, C_ALLOC, C_DAEMON, C_MMAP, C_MMLIST, C_PTL, C_W
                      M_EXIT_STAGE, M_FREER_TASK, M_ID, M_OWNER_PID, M_REFS, M_SLOT_RMAP, M_SLOT_USED,
                      M_STATE, M_USERS, M_WRITER_WAITING, MS_FREEING, MS_ZOMBIE,
                      R_KSMD, R_REAPER, R_SUPERVISOR, R_WORKER, S_EXIT_FAST, S_EXIT_LEGACY,
-                     S_EXIT_SLOW, S_EXITED, S_KILLED, S_LOCK_RECOVERIES, S_MISMATCHES,
+                     S_EXIT_NOSLOT, S_EXIT_SLOW, S_EXITED, S_KILLED, S_LOCK_RECOVERIES, S_MISMATCHES,
                      S_OOM_KILLED, S_PAGES_VERIFIED, S_REAPED, S_RECOVERIES, S_STARTED,
                      T_EXIT_PATH, T_EXIT_REASON, T_FLIGHT_PFN, T_FOR_ROW, T_KILL_POINT, T_MISMATCHES, T_MM,
                      T_PAGES, T_PID, T_READY, T_ROLE, T_START_NS, T_STATE, T_VERIFIED,
@@ -277,6 +277,8 @@ class Supervisor:
         t = cl.task
         t.lock(cl.mmlist)
         q[S_EXITED] += 1
+        if path == "none":  # __ksm_exit found no slot: so that the paths add up to exited
+            q[S_EXIT_NOSLOT] += 1
         q[S_PAGES_VERIFIED] += q[b + T_VERIFIED]
         q[S_MISMATCHES] += q[b + T_MISMATCHES]
         if reaped:
@@ -618,6 +620,7 @@ class Supervisor:
         q = self.cl.q
         return {"started": q[S_STARTED], "exited": q[S_EXITED], "exit_fast": q[S_EXIT_FAST],
                 "exit_slow": q[S_EXIT_SLOW], "exit_legacy": q[S_EXIT_LEGACY],
+                "exit_noslot": q[S_EXIT_NOSLOT],
                 "killed": q[S_KILLED], "oom_killed": q[S_OOM_KILLED], "reaped": q[S_REAPED]}
 
     # ---- teardown ------------------------------------------------------------------------
