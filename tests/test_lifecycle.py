@@ -475,3 +475,41 @@ def test_two_runs_side_by_side_and_the_same_name_refused(tmp_path) -> None:
         assert r["fsck"]["ok"] and r["integrity"]["pages_verified"] == 64
         assert r["integrity"]["mismatches"] == 0 and r["ksm"]["pages_sharing"] > 0
         assert r["ipc_leftovers"] == [] and not cluster_pids(cl)
+
+
+# ---- 8. other users stay out ---------------------------------------------------------------
+
+@needs_root
+@pytest.mark.timeout(120)
+def test_another_user_is_refused_and_changes_nothing(tmp_path) -> None:
+    """As ``nobody``: every command on root's cluster is refused in one
+    clear line, and the cluster is exactly as it was.  (The Python API's
+    Machine.attach is another branch's: not covered here.)"""
+    cl = name("user")
+    r = uksm("up", "--cluster", cl, "--workers", "1", "--pages", "16", "--json", "--log-dir",
+             str(tmp_path), timeout=60)
+    try:
+        assert r.returncode == 0, r.stderr
+        daemon = json.loads(r.stdout)["pid"]
+
+        def state() -> tuple[Any, ...]:
+            st = json.loads(uksm("status", "--cluster", cl, "--json", timeout=30, check=True).stdout)
+            return (st["ksm"]["run"], st["ksm"]["pages_to_scan"], st["workers"]["started"],
+                    st["workers"]["exited"], sorted(m["mm"] for m in st["mms"]),
+                    sorted(cluster_pids(cl)), shm.leftovers(cl))
+        before = state()
+        for args in (("status",), ("ctl",), ("ctl", "run=0"), ("ctl", "pages_to_scan=7"),
+                     ("kill", "--all"), ("kill", "w1", "--signal", "KILL"), ("spawn",), ("fsck",),
+                     ("down",), ("cleanup",), ("cleanup", "--force"), ("top",), ("run", "--quiet")):
+            p = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                                sys.executable, "-m", "uksm", *args, "--cluster", cl], cwd="/",
+                               capture_output=True, text=True, timeout=60)
+            assert p.returncode in (1, 2), (args, p.returncode, p.stdout, p.stderr)
+            assert p.stderr.count("\n") == 1 and "Traceback" not in p.stderr, (args, p.stderr)
+            assert any(w in p.stderr for w in ("belongs to user root", "not the cluster's owner",
+                                               "already in use")), (args, p.stderr)
+        assert state() == before and pid_alive(daemon)
+    finally:
+        d = uksm("down", "--cluster", cl, timeout=90)
+    assert d.returncode == 0, d.stderr
+    assert shm.leftovers(cl) == [] and not cluster_pids(cl)

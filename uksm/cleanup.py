@@ -20,7 +20,6 @@ its first owner died.
 from __future__ import annotations
 
 import os
-import pwd
 import signal
 import time
 
@@ -121,23 +120,6 @@ def cluster_children(cluster: str, table: Table) -> set[int]:
     return pids
 
 
-def owner(cluster: str) -> int | None:
-    """The uid owning the cluster's control segment (None: no such object)."""
-    for n in shm.leftovers(cluster):
-        try:
-            return os.stat(os.path.join(shm.SHM_DIR, n)).st_uid
-        except OSError:
-            continue
-    return None
-
-
-def user_name(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
-
-
 def end_processes(pids: set[int], timeout: float = GONE_WAIT_S) -> set[int]:
     """SIGKILL ``pids`` and wait for them to go; those still alive."""
     from .cluster import pid_alive
@@ -156,9 +138,9 @@ def cleanup(cluster: str, force: bool) -> tuple[list[str], list[int], str]:
     """End the cluster's processes, remove its objects.  Returns (objects
     removed, pids ended, why refused: '' if done)."""
     from .cluster import pid_alive
-    uid = owner(cluster)
+    uid = shm.owner(cluster)
     if uid is not None and os.geteuid() not in (0, uid):
-        return [], [], (f"cluster {cluster!r} belongs to user {user_name(uid)}: not yours to clean "
+        return [], [], (f"cluster {cluster!r} belongs to {shm.user_name(uid)}: not yours to clean "
                         f"up (nothing done)")
     table = Table(cluster)
     sup = table.supervisor

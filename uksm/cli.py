@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from typing import Any
@@ -130,7 +131,6 @@ def main(argv: list[str] | None = None) -> int:
         print("uksm: interrupted", file=sys.stderr)
         return signalled(signal.SIGINT)
     except BrokenPipeError:  # uksm ... | head
-        import os
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
 
@@ -208,6 +208,8 @@ def cmd_cleanup(a: argparse.Namespace) -> int:
     names = [a.cluster] if a.cluster else shm.clusters_present()
     removed_any, status = False, 0
     for name in names:
+        if not a.cluster and shm.owner(name) not in (None, os.geteuid()) and os.geteuid() != 0:
+            continue  # every cluster: every cluster of ours
         removed, ended, refused = cleanup(name, a.force)
         if ended:
             print(f"ended cluster {name}'s processes: {' '.join(map(str, ended))}")

@@ -260,6 +260,8 @@ def attach(name: str) -> Any:
     shm.check_cluster_name(name)
     if not shm.leftovers(name):
         raise not_running(name)
+    if shm.owner(name) not in (None, os.geteuid()) and os.geteuid() != 0:
+        raise shm.not_yours(name)  # its objects are 0600: say so, not "dead"
     sup = recorded_supervisor(name)
     if not sup or not pid_alive(sup):
         raise not_running(name)

@@ -130,9 +130,35 @@ def check_room(cluster: str, need: int) -> None:
                         f"(docker --shm-size)", 1)
 
 
+def owner(cluster: str) -> int | None:
+    """The uid owning the cluster's objects (None: it has none)."""
+    for n in leftovers(cluster):
+        try:
+            return os.stat(os.path.join(SHM_DIR, n)).st_uid
+        except OSError:
+            continue
+    return None
+
+
+def user_name(uid: int | None) -> str:
+    import pwd
+    try:
+        return "user " + pwd.getpwuid(uid).pw_name if uid is not None else "another user"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def not_yours(cluster: str) -> UksmError:
+    """Another user's cluster: every object is created 0600."""
+    return UksmError(f"cluster {cluster!r} belongs to {user_name(owner(cluster))}: permission "
+                     f"denied (EACCES); only its owner (or root) may look at it or drive it", 1)
+
+
 def attach_segment(cluster: str, what: str) -> Segment:
     try:
         return Segment(obj_name(cluster, what), 0, False)
+    except posix_ipc.PermissionsError:
+        raise not_yours(cluster)
     except posix_ipc.ExistentialError:
         raise UksmError(f"cluster {cluster!r} is not running (no {what}); "
                         f"'uksm cleanup --cluster {cluster}' removes a dead one's leftovers", 1)
@@ -151,7 +177,10 @@ def create_sem(cluster: str, what: str, value: int) -> posix_ipc.Semaphore:
 
 
 def open_sem(cluster: str, what: str) -> posix_ipc.Semaphore:
-    return posix_ipc.Semaphore(obj_name(cluster, what))
+    try:
+        return posix_ipc.Semaphore(obj_name(cluster, what))
+    except posix_ipc.PermissionsError:
+        raise not_yours(cluster)
 
 
 def unlink_shm(cluster: str, what: str) -> bool:
