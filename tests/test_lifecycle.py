@@ -191,6 +191,22 @@ def test_second_signal_kills_at_once_and_removes_everything(tmp_path) -> None:
     nothing_left(cl, kids)
 
 
+@pytest.mark.timeout(100)
+def test_second_signal_to_a_foreground_daemon_kills_at_once(tmp_path) -> None:
+    cl = name("fgtwice")
+    p = start("up", "--cluster", cl, "--foreground", "--workers", "2", "--pages", "16",
+              "--log-dir", str(tmp_path))
+    try:
+        kids = wait_up(p, cl)
+        p.send_signal(signal.SIGTERM)  # down...
+        p.send_signal(signal.SIGHUP)   # ...and at once
+    finally:
+        out, err = finish(p, cl)
+    assert p.returncode in (signalled(signal.SIGHUP), signalled(signal.SIGTERM)), (out, err)
+    assert "second stop signal" in err and "Traceback" not in err, err
+    nothing_left(cl, kids)
+
+
 # ---- 2. the lifeline -----------------------------------------------------------------------
 
 @pytest.mark.timeout(100)
@@ -244,9 +260,10 @@ ORPHANING_SUPERVISOR = textwrap.dedent("""
     from uksm.supervisor import Supervisor
 
     class NoLifeline(Supervisor):
-        def _popen(self, args):
+        def _popen(self, args, pass_fd=-1):
             return subprocess.Popen([sys.executable, "-m", *args], stdin=subprocess.DEVNULL,
-                                    start_new_session=True)
+                                    start_new_session=True,
+                                    pass_fds=(pass_fd,) if pass_fd >= 0 else ())
 
     sup = NoLifeline(sys.argv[1], Config(frames=256, va_pages=64, max_tasks=16, max_mms=8), None,
                      quiet=True)

@@ -56,6 +56,8 @@ from .layout import (A_FREE_TOP, CS_STOPPING, E_LOCK, E_SINCE, E_SPINS, E_WORD, 
                      MS_FREEING, S_EXIT_FAST, S_EXIT_LEGACY, S_EXIT_SLOW, S_REAPED, T_PID, T_READY, T_STATE, TS_DEAD, TS_FREE,
                      EXIT_PATHS)
 from .locks import HELD, IDLE, WAIT_SLICE, WAITING, Lock
+from .exitcodes import signalled
+from .lifeline import STOP_SIGNALS, SecondSignal
 from .supervisor import Child, Supervisor
 
 ROUND_S = 0.02            # the main loop's period (uksm run's)
@@ -144,6 +146,12 @@ class Daemon:
                                 EXIT_USAGE)
 
     def _on_signal(self, signo: int, _frame: Any) -> None:
+        """The first stop signal: ``down``; a second one while that runs:
+        kill everything at once, remove every object (``_abandon``)."""
+        if self.stop_signal:
+            for s in STOP_SIGNALS:
+                signal.signal(s, signal.SIG_IGN)
+            raise SecondSignal(signo)
         self.stop_signal = signo
 
     def start(self) -> None:
@@ -630,11 +638,13 @@ def run_daemon(name: str, spec: dict[str, Any], foreground: bool = False,
                on_ready: Callable[[dict[str, Any]], None] | None = None) -> int:
     """Reserve the name, boot, serve until down; the exit status."""
     d = Daemon(name, spec, foreground)
-    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for s in STOP_SIGNALS:
         signal.signal(s, d._on_signal)
     try:
         d.reserve()
         d.start()
+    except SecondSignal as e:
+        return _killed(d, e)
     except shm.UksmError as e:
         print(f"uksm: {e}", file=sys.stderr, flush=True)
         _abandon(d)
@@ -653,11 +663,20 @@ def run_daemon(name: str, spec: dict[str, Any], foreground: bool = False,
     sd_notify(f"READY=1\nSTATUS=cluster {name} up")
     try:
         return d.serve()
+    except SecondSignal as e:
+        return _killed(d, e)
     except BaseException as e:
         print(f"uksm: cluster {name}: daemon failed: {e!r}\n{traceback.format_exc()}",
               file=sys.stderr, flush=True)
         _abandon(d)
         return EXIT_ERR
+
+
+def _killed(d: Daemon, e: SecondSignal) -> int:
+    _abandon(d)
+    print(f"uksm: cluster {d.name}: {e}: a second stop signal: every process killed, every "
+          f"object removed", file=sys.stderr, flush=True)
+    return signalled(e.signo)
 
 
 def _abandon(d: Daemon) -> None:
