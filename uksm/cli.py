@@ -19,6 +19,12 @@ from .exitcodes import EPILOG, signalled
 from .lifeline import SecondSignal
 
 
+STOP_HELP = ("SIGTERM, SIGHUP or SIGINT stops it in order (workers exit, ksmd frees, fsck, "
+             "teardown; the report says 'interrupted', status 128+N); a second one kills every "
+             "process at once and still removes every object. Its ksmd and workers die with it, "
+             "whatever kills it.")
+
+
 def _run_args(p: argparse.ArgumentParser, defaults_for_run: bool = True) -> None:
     g = p.add_argument_group("cluster")
     g.add_argument("--workers", type=int, default=4, help="worker processes (default 4)")
@@ -57,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a cluster in the foreground and print a report",
                        description="Boot a cluster, run workers (and ksmd), stop them, check, "
                                    "tear down and report. With no options: a small demonstration "
-                                   "that ends by itself within a minute.", epilog=EPILOG)
+                                   "that ends by itself within a minute. " + STOP_HELP, epilog=EPILOG)
     _run_args(p)
     p.add_argument("--cluster", default="", help="cluster name (default run<pid>)")
     p.add_argument("--duration", type=float,
@@ -97,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inject", help="fault injection: kill workers while ksmd scans them, then check",
                        description="Run a cluster and kill workers mid-scan (at random, at ksmd's "
                                    "cursor, or at a named kill point), respawning replacements; "
-                                   "then stop, check and report.", epilog=EPILOG)
+                                   "then stop, check and report. " + STOP_HELP, epilog=EPILOG)
     from uksm.tools.inject import add_arguments
     add_arguments(p)
 
