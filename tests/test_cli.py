@@ -216,3 +216,8 @@ def test_default_run_ends_by_itself_and_saves_memory(tmp_path) -> None:
     assert r["frames"]["used"] < r["workers"]["started"] * 1024  # memory saved
     assert r["integrity"]["mismatches"] == 0 and r["fsck"]["ok"] and r["ipc_leftovers"] == []
     assert shm.leftovers(r["cluster"]) == []
+    # the demo shows the seed's exit paths (issue 11): one task exits before
+    # ksmd reaches it (fast), one away from the cursor while ksmd holds its
+    # rmap_items (slow); the rest at the end (slow, or no slot left)
+    w = r["workers"]
+    assert w["exit_fast"] >= 1 and w["exit_slow"] >= 1, w

@@ -15,7 +15,7 @@ import pytest
 
 from helpers import booted, pump, run_json
 from uksm import killpoints, shm
-from uksm.layout import (H_KSMD_POINT, K_FULL_SCANS, K_RUN, K_RUN_DONE, K_RUN_SEQ, M_ID,
+from uksm.layout import (H_KSMD_POINT, K_FULL_SCANS, M_ID,
                          M_RMAP_ITEMS, M_SLOT_RMAP, M_SLOT_USED, S_EXIT_FAST, S_EXIT_SLOW,
                          S_MISMATCHES, T_READY)
 
@@ -29,10 +29,9 @@ def ready(sup, ch) -> bool:
 
 
 def set_run(sup, value: int) -> None:
-    q = sup.cl.q
-    q[K_RUN] = value
-    q[K_RUN_SEQ] += 1
-    pump(sup, lambda: q[K_RUN_DONE] == q[K_RUN_SEQ], what=f"ksmd to take run={value}")
+    """echo VALUE > run, by a writer task (for 2: it unmerges)."""
+    r = sup.write_run(value, timeout=60)
+    assert r["result"] == "done", r
 
 
 def finish(sup) -> dict:
@@ -135,6 +134,8 @@ def test_oom_unmerge_seed_completes(rep, tmp_path):
     assert r["hung_tasks"] == [] and r["fsck"]["ok"] and r["ipc_leftovers"] == []
     assert r["integrity"]["mismatches"] == 0
     assert r["ksm"]["pages_shared"] == r["ksm"]["pages_sharing"] == 0, "unmerging completed"
+    # the seed's writer has no PF_OOM_ORIGIN: the victims are workers, the write completes
+    assert r["run_store"] == {"value": 2, "result": "done", "run": 2}
 
 
 @pytest.mark.timeout(150)
@@ -148,17 +149,26 @@ def test_oom_unmerge_legacy_deadlocks_and_is_reported(rep, tmp_path):
     assert "ksm_thread_mutex" in chains and "free frames" in chains
     assert any(h["deadlock"] for h in r["hung_tasks"])
     assert all(h["waited_s"] < 10 for h in r["hung_tasks"])
+    assert r["run_store"]["result"] == "hung"
 
 
 @pytest.mark.timeout(150)
-def test_oom_unmerge_shipped_deadlocks_on_mmap_sem(tmp_path):
-    """2.6.32 as shipped: the victim's slow path waits for mmap_sem before
-    it frees its pages; ksmd holds mmap_sem while it waits for those pages."""
-    r, status = _oom("shipped", tmp_path)
-    assert status == 3, r
-    chains = " / ".join(line for h in r["hung_tasks"] for line in h["chain"])
-    assert "mmap_sem" in chains and "free frames" in chains
-    assert r["ipc_leftovers"] == []
+@pytest.mark.parametrize("rule", ["2.6.32", "4.1"])
+def test_oom_unmerge_shipped_kills_the_writer(rule, tmp_path):
+    """2.6.32 as released: run_store sets PF_OOM_ORIGIN on the writer of
+    run=2, so the OOM killer picks the writer itself, under either OOM
+    rule: its fault fails (-ENOMEM), run goes back to 0, the write fails;
+    no worker is killed and nothing hangs.  The mms it did not reach keep
+    their rmap_items: their exits leave the slots to a ksmd that no longer
+    runs, and fsck reports those mm_structs pinned (as the kernel leaves
+    them until run=1)."""
+    r, status = _oom("shipped", tmp_path, "--oom-rule", rule)
+    assert r["run_store"] == {"value": 2, "result": "oom-killed", "run": 0}, r["run_store"]
+    assert r["hung_tasks"] == [] and r["ipc_leftovers"] == []
+    assert r["workers"]["oom_killed"] == 1 and r["workers"]["exited"] == 4
+    assert r["integrity"]["mismatches"] == 0
+    assert status == 4 and r["fsck"]["errors"], r["fsck"]
+    assert all("never freed" in e and "ksmd not running" in e for e in r["fsck"]["errors"])
 
 
 @pytest.mark.timeout(90)
@@ -195,12 +205,11 @@ def test_hazard_no_exit_checks_leaks_a_frame(hazards, leak, rep):
         ch = sup.spawn_worker(64, "identical", rep)
         pump(sup, lambda: ready(sup, ch) and q[K_FULL_SCANS] >= 3, what="merged")
         killpoints.arm_ksmd_delay(sup.cl, "ksmd_break_ksm_window", 400)
-        q[K_RUN] = 2
-        q[K_RUN_SEQ] += 1
-        pump(sup, lambda: q[H_KSMD_POINT] == -1, what="ksmd in the window")
-        ch.proc.terminate()   # exit_mmap zaps while ksmd sleeps in the window
+        w = sup.start_run_writer(2)   # the run=2 writer unmerges
+        pump(sup, lambda: q[H_KSMD_POINT] == -1, what="the unmerger in the window")
+        ch.proc.terminate()   # exit_mmap zaps while the unmerger sleeps in the window
         pump(sup, lambda: ch.row not in sup.children, what="worker exit")
-        pump(sup, lambda: q[K_RUN_DONE] == q[K_RUN_SEQ], what="unmerge done")
+        pump(sup, lambda: sup.run_writer_status(w) is not None, what="unmerge done")
         fs = finish(sup)
         leaked = [e for e in fs["errors"] if "leaked" in e]
         if leak:

@@ -218,13 +218,11 @@ def set_run(sup: Any, run: int, timeout: float = 30.0) -> None:
     unmerge is complete)."""
     import helpers
 
-    from uksm.layout import K_RUN, K_RUN_DONE, K_RUN_SEQ
+    from uksm.ksm import run_store
+    from uksm.layout import K_RUN_DONE
     cl, q = sup.cl, sup.cl.q
-    cl.task.lock(cl.daemon)
-    q[K_RUN] = run
-    q[K_RUN_SEQ] += 1
-    seq = q[K_RUN_SEQ]
-    cl.task.unlock(cl.daemon)
+    seq, err = run_store(cl, run)   # this thread is the writer: for 2 it unmerges
+    assert err == 0, f"run={run}: error {err}"
     helpers.pump(sup, lambda: q[K_RUN_DONE] == seq, timeout, what=f"ksmd to act on run={run}")
 
 

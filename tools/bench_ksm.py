@@ -202,9 +202,9 @@ def run_uksm(pages: int, distinct: int, workers: int, pages_to_scan: int, sleep_
         K_PAGES_SCANNED,
         K_PAGES_SHARED,
         K_PAGES_SHARING,
-        K_RUN,
-    )
+        )
     from uksm.supervisor import Supervisor
+    from uksm.ksm import run_store
 
     name = f"bench{os.getpid()}"
     per = split_pages(pages, workers)
@@ -223,7 +223,7 @@ def run_uksm(pages: int, distinct: int, workers: int, pages_to_scan: int, sleep_
         kpid = sup.ksmd.proc.pid if sup.ksmd is not None else None
         cpu0 = proc_cpu_s(kpid)
         t0 = time.monotonic()
-        q[K_RUN] = 1
+        run_store(sup.cl, 1)
         last = t0
         while True:
             sup.poll()
@@ -258,7 +258,7 @@ def run_uksm(pages: int, distinct: int, workers: int, pages_to_scan: int, sleep_
             s1, t2 = q[K_PAGES_SCANNED], time.monotonic()
             res["steady_pages_per_s"] = round((s1 - s0) / (t2 - t1))
         with shielded():
-            q[K_RUN] = 0
+            run_store(sup.cl, 0)
             clean = sup.stop_workers(timeout=120)
             sup.stop_ksmd()
     finally:

@@ -34,8 +34,7 @@ import time
 from typing import Any, Callable
 
 from uksm import killpoints
-from uksm.ksm import ksm_run_store
-from uksm.layout import (H_KSMD_POINT, K_FULL_SCANS, K_RUN_DONE, L_SCAN_SLOT,
+from uksm.layout import (H_KSMD_POINT, K_FULL_SCANS, L_SCAN_SLOT,
                          M_ID, M_OWNER_PID, S_EXIT_FAST, S_EXIT_LEGACY, S_EXIT_SLOW,
                          S_LOCK_RECOVERIES, S_MERGES, S_RECOVERIES, S_REAPED,
                          T_READY)
@@ -138,9 +137,8 @@ class Injector:
         elif name in killpoints.KSMD_POINTS:
             killpoints.arm_ksmd(cl, name, self.sig)
             if name in ("ksmd_break_cow", "ksmd_break_ksm_window"):  # reached breaking COW: run=2, then 1
-                seq = ksm_run_store(cl, 2)
-                self.wait(sup, lambda: q[K_RUN_DONE] >= seq, 30)
-                ksm_run_store(cl, 1)
+                sup.write_run(2, timeout=30)   # the unmerger (the writer task) passes the point
+                sup.write_run(1, timeout=30)
             ok = self.wait(sup, lambda: q[H_KSMD_POINT] == -1, 10)
             if not ok:
                 q[H_KSMD_POINT] = -1

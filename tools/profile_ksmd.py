@@ -48,6 +48,7 @@ from uksm import log as ulog
 from uksm import shm
 from uksm.cluster import Cluster
 from uksm.ksmd import Ksmd
+from uksm.ksm import run_store
 from uksm.layout import (
     H_KSMD_PID,
     H_KSMD_TASK,
@@ -55,7 +56,6 @@ from uksm.layout import (
     K_PAGES_SCANNED,
     K_PAGES_SHARED,
     K_PAGES_SHARING,
-    K_RUN,
     L_SEQNR,
     R_KSMD,
     T_PID,
@@ -137,7 +137,7 @@ def one_run(a: argparse.Namespace, profile: bool, say: Any) -> dict[str, Any]:
         say(f"  {res['mode']}: workers ready ({res['workers_ready_s']}s); run=1, ksmd in-process")
         scanned0 = q[K_PAGES_SCANNED]
         done["t0"] = time.monotonic()
-        q[K_RUN] = 1
+        run_store(sup.cl, 1)
         th = threading.Thread(target=watch, daemon=True)
         th.start()
         prof = cProfile.Profile() if profile else None
@@ -152,7 +152,7 @@ def one_run(a: argparse.Namespace, profile: bool, say: Any) -> dict[str, Any]:
         th.join(timeout=10)
         if "error" in done:
             raise RuntimeError(done["error"])
-        q[K_RUN] = 0
+        run_store(sup.cl, 0)
         scanned = q[K_PAGES_SCANNED] - scanned0
         res.update(merge_s=round(done.get("t", wall), 4), ksmd_run_s=round(wall, 4),
                    pages_scanned=scanned, full_scans=q[K_FULL_SCANS])

@@ -7,10 +7,10 @@ objects we are about to unlink, so cleanup ends the cluster's processes
 first, then removes every object.
 
 Which processes: the ones the cluster's own task table names (ksmd, the
-workers), plus any ksmd or worker whose command line names the cluster.
-A pid from the table is only signalled if its command line still is that
-process's (``-m uksm.ksmd`` or ``-m uksm.workers.worker``, ``--cluster
-NAME``, ``--task ROW``): the process may have died long ago and its pid
+workers, a run= writer), plus any of those whose command line names the
+cluster.  A pid from the table is only signalled if its command line still
+is that process's (``-m uksm.ksmd``, ``uksm.workers.worker`` or
+``uksm.writer``, ``--cluster NAME``, ``--task ROW``): the process may have died long ago and its pid
 gone to an unrelated one.  The supervisor itself (``--force`` on a live
 cluster) must have started before the cluster was created
 (``/proc/PID/stat`` start time against H_CREATED_NS), whatever its
@@ -27,7 +27,7 @@ from . import shm
 from .layout import (CTL_FIXED_END, H_CREATED_NS, H_MAGIC, H_MAX_TASKS, H_SUPERVISOR_PID, MAGIC,
                      T_PID, T_STATE, TASK_SIZE, TS_FREE)
 
-CHILD_MODULES = ("uksm.ksmd", "uksm.workers.worker")
+CHILD_MODULES = ("uksm.ksmd", "uksm.workers.worker", "uksm.writer")
 GONE_WAIT_S = 10.0
 
 

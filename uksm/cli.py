@@ -13,7 +13,7 @@ import sys
 from typing import Any
 
 from . import shm
-from .layout import EXIT_POLICIES, HAZARDS
+from .layout import EXIT_POLICIES, HAZARDS, OOM_RULES
 
 from .exitcodes import EPILOG, signalled
 from .lifeline import SecondSignal
@@ -40,6 +40,10 @@ def _run_args(p: argparse.ArgumentParser, defaults_for_run: bool = True) -> None
     g.add_argument("--exit-policy", default="seed", choices=EXIT_POLICIES,
                    help="__ksm_exit as in the seed fix (default), 2.6.32 as shipped, or legacy "
                         "(before the fix: takes ksm_thread_mutex)")
+    g.add_argument("--oom-rule", default="2.6.32", choices=OOM_RULES,
+                   help="the OOM killer's victim choice: 2.6.32 (default: a task whose mm is "
+                        "released, e.g. stuck in __ksm_exit, is passed over and another killed) "
+                        "or 4.1 (a victim not yet exited blocks every further kill)")
     g.add_argument("--hazard", action="append", default=[], choices=list(HAZARDS),
                    help="switch off one part of the fix (repeatable)")
     g.add_argument("--hung-task-timeout", type=float, default=5.0,
@@ -162,7 +166,7 @@ def cmd_run(a: argparse.Namespace) -> int:
                    seed=a.seed, duration=a.duration, until_merged=a.until_merged,
                    max_duration=a.max_duration, log_dir=a.log_dir, cluster=a.cluster, run=a.run,
                    pages_to_scan=a.pages_to_scan, sleep_ms=a.sleep_ms, exit_policy=a.exit_policy,
-                   hazards=a.hazard, hung_task_timeout=a.hung_task_timeout, scenario=a.scenario,
+                   oom_rule=a.oom_rule, hazards=a.hazard, hung_task_timeout=a.hung_task_timeout, scenario=a.scenario,
                    churn_ms=a.churn_ms, quiet=a.quiet)
     report, status = run_cluster(o)
     if a.json:
@@ -178,7 +182,7 @@ def print_report(r: dict[str, Any]) -> None:
     total_pages = fr["total"]
     saved = k["pages_sharing"]
     print(f"cluster {r['cluster']}  workload {r['workload']}  {r['duration_s']:.1f}s  "
-          f"exit policy {r['exit_policy']}")
+          f"exit policy {r['exit_policy']}  oom rule {r.get('oom_rule', '2.6.32')}")
     print(f"  ksm      run {k['run']}  full_scans {k['full_scans']}  pages_scanned {k['pages_scanned']}")
     print(f"           pages_shared {k['pages_shared']}  pages_sharing {k['pages_sharing']}  "
           f"pages_unshared {k['pages_unshared']}  pages_volatile {k['pages_volatile']}")
@@ -188,6 +192,9 @@ def print_report(r: dict[str, Any]) -> None:
           f"slow {w['exit_slow']}" + (f"  legacy {w['exit_legacy']}" if w.get("exit_legacy") else "")
           + f"  no slot {w['exit_noslot']} (ksmd freed it first, or none)"
           + f"  killed {w['killed']}  oom_killed {w['oom_killed']}")
+    print("           (fast: no rmap_items, not at ksmd's cursor, the task freed its slot itself; "
+          "slow: slot moved behind the cursor, down_write/up_write of mmap_sem, ksmd frees it; "
+          "no slot: ksmd saw ksm_test_exit first and freed the slot)")
     i = r["integrity"]
     print(f"  data     {i['pages_verified']} pages verified, {i['mismatches']} mismatches")
     print(f"  fsck     {'clean' if r['fsck']['ok'] else 'FAILED'}")

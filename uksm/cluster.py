@@ -19,7 +19,7 @@ import posix_ipc
 from . import shm
 from .layout import (A_FREE_TOP, C_ALLOC, C_DAEMON, C_MMAP, C_MMLIST, C_PTL, C_WMUTEX,
                      CTL_FIXED_END, CS_STARTING, EXIT_POLICIES, FRAME_SIZE, H_CREATED_NS,
-                     H_EXIT_POLICY, H_HAZARDS, H_HUNG_TIMEOUT_MS, H_KSMD_POINT,
+                     H_EXIT_POLICY, H_HAZARDS, H_HUNG_TIMEOUT_MS, H_KSMD_POINT, H_OOM_RULE, OOM_RULES,
                      H_LOCK_WAIT_MS, H_MAGIC, H_MAX_MMS, H_MAX_TASKS, H_NEXT_MM_ID,
                      H_NFRAMES, H_RWSEM_N, H_STATE, H_VA_PAGES, H_VERSION, HAZARDS,
                      K_PAGES_TO_SCAN, K_RUN, K_SLEEP_MS, L_HEAD_NEXT, L_HEAD_PREV,
@@ -37,6 +37,7 @@ class Config:
     rwsem_n: int = 32
     va_pages: int = 4096
     exit_policy: str = "seed"
+    oom_rule: str = "2.6.32"
     hazards: list[str] = field(default_factory=list)
     hung_timeout_ms: int = 5000
     lock_wait_ms: int = 100
@@ -92,6 +93,7 @@ class Cluster:
         q[H_CREATED_NS] = time.time_ns()
         q[H_NEXT_MM_ID] = 1
         q[H_EXIT_POLICY] = EXIT_POLICIES.index(cfg.exit_policy)
+        q[H_OOM_RULE] = OOM_RULES.index(cfg.oom_rule)
         q[H_HAZARDS] = sum(HAZARDS[h] for h in cfg.hazards)
         q[H_HUNG_TIMEOUT_MS] = cfg.hung_timeout_ms
         q[H_LOCK_WAIT_MS] = cfg.lock_wait_ms

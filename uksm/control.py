@@ -353,7 +353,8 @@ def add_parsers(sub: Any, run_args: Callable[..., None]) -> None:
     p = sub.add_parser("ctl", help="read or write the knobs, as /sys/kernel/mm/ksm",
                        description="With no argument: every knob and counter, 'name value' per "
                                    "line. KEY: one value. KEY=VALUE ...: write knobs (run 0/1/2 "
-                                   "waits for ksmd as writing /sys/kernel/mm/ksm/run does; "
+                                   "is written by a writer task running run_store, and returns when "
+                                   "its write does (for 2: the unmerge done, or failed); "
                                    "pages_to_scan > 0; sleep_millisecs >= 0; exit_policy "
                                    "seed|shipped|legacy; mem_limit frames, 0 = none).",
                        epilog=EPILOG, formatter_class=fmt)
@@ -411,7 +412,7 @@ def up_spec(a: argparse.Namespace) -> dict[str, Any]:
         check_log_dir(log_dir)
     return {"workers": a.workers, "pages": a.pages, "frames": frames, "workload": a.workload,
             "seed": a.seed, "log_dir": os.path.abspath(log_dir) if log_dir else None,
-            "exit_policy": a.exit_policy, "hazards": list(a.hazard),
+            "exit_policy": a.exit_policy, "oom_rule": a.oom_rule, "hazards": list(a.hazard),
             "hung_task_timeout": a.hung_task_timeout, "churn_ms": a.churn_ms, "run": a.run,
             "pages_to_scan": a.pages_to_scan, "sleep_ms": a.sleep_ms,
             "max_workers": max_workers, "max_pages": max_pages}

@@ -51,18 +51,18 @@ from . import log as ulog
 from .control import (EXIT_ERR, EXIT_HUNG, EXIT_OK, EXIT_USAGE, WRITABLE,
                       not_running, sock_address, validate_knob)
 from .layout import (A_FREE_TOP, CS_STOPPING, E_LOCK, E_SINCE, E_SPINS, E_WORD, EXIT_POLICIES, H_EXIT_POLICY,
-                     H_KSMD_TASK, H_MEM_LIMIT, H_STATE, K_PAGES_TO_SCAN, K_RUN, K_RUN_DONE,
-                     K_RUN_SEQ, K_SLEEP_MS, M_EXIT_PATH, M_ID, M_STATE, MM_STATES, MS_EXITING,
+                     H_KSMD_TASK, H_MEM_LIMIT, H_STATE, K_PAGES_TO_SCAN, K_RUN, K_SLEEP_MS, M_EXIT_PATH, M_ID, M_STATE, MM_STATES, MS_EXITING,
                      MS_FREEING, S_EXIT_FAST, S_EXIT_LEGACY, S_EXIT_SLOW, S_REAPED, T_PID, T_READY, T_STATE, TS_DEAD, TS_FREE,
                      EXIT_PATHS)
 from .locks import HELD, IDLE, WAIT_SLICE, WAITING, Lock
 from .exitcodes import signalled
 from .lifeline import STOP_SIGNALS, SecondSignal
+from .writer import result_of
 from .supervisor import Child, Supervisor
 
 ROUND_S = 0.02            # the main loop's period (uksm run's)
 LOCK_TIMEOUT_S = 30.0     # ksm_thread_mutex, for ctl run= and fsck
-RUN_WAIT_S = 120.0        # ksmd acting on a run= write (run=2: the unmerge)
+RUN_WAIT_S = 120.0        # the writer's run= write returning (run=2: the unmerge)
 KILL_WAIT_S = 60.0        # killed workers' exits
 READY_WAIT_S = 120.0      # spawn --wait
 FSCK_WAIT_S = 20.0        # fsck: stopping the world, exits in flight to settle
@@ -93,7 +93,8 @@ def make_config(spec: dict[str, Any]) -> Any:
     o = RunOptions(workers=spec["max_workers"], pages=spec["max_pages"], frames=spec["frames"],
                    workload=spec["workload"], seed=spec["seed"], log_dir=spec["log_dir"],
                    run=spec["run"], pages_to_scan=spec["pages_to_scan"], sleep_ms=spec["sleep_ms"],
-                   exit_policy=spec["exit_policy"], hazards=list(spec["hazards"]),
+                   exit_policy=spec["exit_policy"], oom_rule=spec.get("oom_rule", "2.6.32"),
+                   hazards=list(spec["hazards"]),
                    hung_task_timeout=spec["hung_task_timeout"], churn_ms=spec["churn_ms"])
     return run_make_config(o)
 
@@ -513,32 +514,24 @@ class Daemon:
         return {"applied": applied}
 
     def write_run(self, value: int) -> float:
-        """run_store: under ksm_thread_mutex set run and bump the request
-        sequence (ksmd reads both under it, so it sees them together), then
-        wait until ksmd has acted on it -- for run=2, until every KSM page
-        is unmerged, as a write to /sys/kernel/mm/ksm/run returns then."""
+        """echo VALUE > /sys/kernel/mm/ksm/run: a writer task runs run_store
+        (for 2, the whole unmerge, in its own context, as in 2.6.32); wait
+        for it as the shell waits for its write, serving meanwhile.  A
+        write that fails (the writer interrupted or OOM-killed: run is back
+        to 0) is an error, as the shell's."""
         sup = self.sup
         assert sup is not None
-        cl, q = sup.cl, sup.cl.q
+        q = sup.cl.q
         self.pump()
-        if sup.ksmd is None:
-            raise RequestError("run: ksmd is not running (it died: see 'uksm status' and the "
-                               "logs); nothing was changed", EXIT_ERR)
         t0 = time.monotonic()
-        self.lock_pumped(cl.daemon, LOCK_TIMEOUT_S, "run")
-        try:
-            q[K_RUN] = value
-            seq = q[K_RUN_SEQ] + 1
-            q[K_RUN_SEQ] = seq
-        finally:
-            cl.task.unlock(cl.daemon)
-        self._log.info("ksm_knob", name="run", value=value)
-        if not self.wait_until(lambda: q[K_RUN_DONE] >= seq or sup.ksmd is None, RUN_WAIT_S,
-                               f"run={value}"):
-            raise RequestError(f"run={value} written, but ksmd has not finished acting on it "
-                               f"after {RUN_WAIT_S:.0f}s", EXIT_ERR)
-        if q[K_RUN_DONE] < seq:
-            raise RequestError(f"run={value} written, but ksmd died before acting on it", EXIT_ERR)
+        ch = sup.start_run_writer(value)
+        if not self.wait_until(lambda: sup.run_writer_status(ch) is not None or bool(sup.hung),
+                               RUN_WAIT_S, f"run={value}"):
+            raise RequestError(f"run={value} written, but the write has not returned after "
+                               f"{RUN_WAIT_S:.0f}s", EXIT_ERR)
+        res = result_of(sup.run_writer_status(ch)) if not sup.hung else "hung"
+        if res != "done":
+            raise RequestError(f"run={value}: the write failed ({res}); run is {q[K_RUN]}", EXIT_ERR)
         return round(time.monotonic() - t0, 3)
 
     def do_fsck(self, _req: dict[str, Any]) -> dict[str, Any]:

@@ -9,8 +9,13 @@
 ``shipped`` (2.6.32 as released, after the move into exit_mmap was reverted):
     mm_users = 0 -> __ksm_exit (same fast/slow paths) -> exit_mmap -> mmdrop.
     The slow path's down_write waits for ksmd's mmap_sem *before* the pages
-    are freed: an OOM victim that ksmd is unmerging waits for ksmd, which
-    waits for memory the victim has not freed (the 2015 race).
+    are freed: an OOM victim that ksmd is in waits for ksmd, which may wait
+    for memory the victim has not freed.  Hugh predicted it in the 2009
+    thread ("the deadlock comes on mmap_sem instead"); Andrea's revert
+    accepted that "its memory won't be freed until a second victim has been
+    selected"; and it was seen as a hung task on 4.1 stable in September
+    2016 ("hungtask will come up when ksm enable"), whose OOM killer waited
+    for the first victim instead of selecting a second (``uksm.oom``).
 ``legacy`` (before the seed):
     mm_users = 0 -> __ksm_exit taking ksm_thread_mutex -> exit_mmap -> mmdrop.
     Deadlocks when ksmd holds the mutex while waiting for memory.
@@ -23,7 +28,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from . import killpoints
-from .ksm import ksm_exit
+from .ksm import __ksm_exit
 from .layout import (EXIT_POLICIES, H_EXIT_POLICY, M_EXIT_STAGE, M_ID, M_REFS, M_SLOT_USED, M_STATE,
                      M_USERS, MAX_VMAS, MS_EXITING, MS_ZOMBIE, PAGE_SIZE, PT_OFF, REF_KSM,
                      REF_USERS, VMA_OFF, VMA_SIZE, V_END, XS_KSM_EXIT, XS_MMDROP, XS_PGTABLES,
@@ -48,11 +53,11 @@ def mmput(cl: "Cluster", mm: MM, alloc: Allocator, log: Any) -> int:
     mm_users_zero(cl, mm, log)
     path = 0
     if policy != "seed":
-        path = _ksm_exit(cl, mm, policy, log)
+        path = ksm_exit(cl, mm, policy, log)
     if not q[b + M_EXIT_STAGE] & XS_ZAPPED:
         exit_mmap_unmap(cl, mm, alloc, log)
     if policy == "seed":
-        path = _ksm_exit(cl, mm, policy, log)
+        path = ksm_exit(cl, mm, policy, log)
     if not q[b + M_EXIT_STAGE] & XS_PGTABLES:
         free_pgtables(cl, mm)
     if not q[b + M_EXIT_STAGE] & XS_MMDROP:
@@ -91,14 +96,14 @@ def mm_users_zero(cl: "Cluster", mm: MM, log: Any, ptl_held: bool = False) -> bo
     return done
 
 
-def _ksm_exit(cl: "Cluster", mm: MM, policy: str, log: Any) -> int:
+def ksm_exit(cl: "Cluster", mm: MM, policy: str, log: Any) -> int:
     """ksm_exit: call __ksm_exit if the mm has a slot (MMF_VM_MERGEABLE)."""
     q, b = cl.q, mm.base
     if q[b + M_EXIT_STAGE] & XS_KSM_EXIT:
         return 0
     path = 0
     if q[b + M_SLOT_USED]:
-        path = ksm_exit(cl, mm, policy == "legacy", log, policy)
+        path = __ksm_exit(cl, mm, policy == "legacy", log, policy)
     _mark(cl, mm, XS_KSM_EXIT)
     return path
 

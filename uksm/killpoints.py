@@ -6,7 +6,8 @@ right there, possibly holding locks; SIGTERM: it notices at its next safe
 point and exits through its own exit path) and disarms it, so it fires once.
 
 A *ksmd* point is armed in the control block (H_KSMD_POINT): when ksmd
-reaches it while working inside some mm, it sends the signal to that mm's
+(or, for the unmerge points, the run=2 writer doing ksmd's kernel-side
+work) reaches it while working inside some mm, it sends the signal to that mm's
 owner -- "kill the worker while ksmd scans it" -- and carries on.
 """
 from __future__ import annotations
@@ -33,8 +34,10 @@ POINTS: dict[str, tuple[str, str]] = {
     "exit_mid_zap": ("worker", "exit_mmap: half of the pages zapped"),
     "ksmd_scan_mmap_sem": ("ksmd", "ksmd holds the mm's mmap_sem for read in scan_get_next_rmap_item: owner killed"),
     "ksmd_between_wp_and_replace": ("ksmd", "ksmd has write-protected a page of the mm, not yet replaced it: owner killed"),
-    "ksmd_break_cow": ("ksmd", "ksmd is breaking COW in the mm (unmerge / unshared KSM page): owner killed"),
-    "ksmd_break_ksm_window": ("ksmd", "break_ksm saw a KSM page and is about to fault it for write "
+    "ksmd_break_cow": ("ksmd", "ksmd (unshared KSM page) or the run=2 writer (unmerge) is breaking COW "
+                               "in the mm: owner killed"),
+    "ksmd_break_ksm_window": ("ksmd", "break_ksm (ksmd or the run=2 writer) saw a KSM page and is about "
+                                      "to fault it for write "
                                       "(arm with a delay to widen the window the seed closed)"),
 }
 NAMES = list(POINTS)

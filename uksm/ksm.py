@@ -1,6 +1,8 @@
 """mm/ksm.c, the part shared by every task: mm_slots, __ksm_enter, __ksm_exit,
-break_ksm, unmerge_ksm_pages.  ksmd itself (the scan, the trees, the
-rmap_items) is ``uksm.ksmd``.
+break_ksm, break_cow, unmerge_ksm_pages, and run_store with
+unmerge_and_remove_all_rmap_items (run by the task writing ``run``:
+``uksm.writer``).  ksmd itself (the scan, the trees, the rmap_items) is
+``uksm.ksmd``; docs/KERNEL-MAP.md maps every kernel function.
 
 The mm_slot list and the ksm_scan cursor live in shared memory under
 ``ksm_mmlist_lock`` (a leaf lock), with each slot's rmap_item count
@@ -24,16 +26,18 @@ Lock order: ksm_thread_mutex -> mmap_sem -> ksm_mmlist_lock.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from . import killpoints
-from .layout import (K_RUN, K_RUN_SEQ, T_EXIT_PATH, F_KSM, FRAME_SIZE, FR_FLAGS, H_HAZARDS, HZ_NO_FAST_PATH, L_HEAD_NEXT,
-                     L_HEAD_PREV, L_SCAN_ADDR, L_SCAN_SLOT, M_EXIT_PATH, M_FLAGS, M_ID,
+from .layout import (H_KSM_UNSYNCED, H_UNMERGE_GEN, K_FULL_SCANS, K_PAGES_SHARED, K_PAGES_SHARING,
+                     K_PAGES_UNSHARED, K_PAGES_VOLATILE, K_RMAP_ITEMS, K_RUN, K_RUN_DONE, K_RUN_SEQ,
+                     K_STABLE_NODES, M_MERGING, M_RMAP_ITEMS, S_SLOTS_FREED, T_OOM_ORIGIN, T_EXIT_PATH, F_KSM, FRAME_SIZE, FR_FLAGS, H_HAZARDS, HZ_NO_FAST_PATH, L_HEAD_NEXT,
+                     L_HEAD_PREV, L_SCAN_ADDR, L_SCAN_SLOT, L_SEQNR, M_EXIT_PATH, M_FLAGS, M_ID,
                      M_SLOT_NEXT, M_SLOT_PREV, M_SLOT_RMAP, M_SLOT_USED, M_REFS,
                      MMF_VM_MERGEABLE, P_FAST, P_LEGACY, P_SLOW, PT_OFF, PTE_PRESENT,
                      REF_KSM, S_EXIT_FAST, S_EXIT_LEGACY, S_EXIT_SLOW, VM_MERGEABLE)
-from .memory import Allocator
-from .mm import MM, mmdrop
+from .memory import Allocator, OutOfMemory
+from .mm import MM, mm_attach, mmdrop
 from .mmu import FAULT_EXITING, handle_mm_fault, ksm_test_exit
 
 if TYPE_CHECKING:
@@ -114,7 +118,7 @@ def repair_list(cl: "Cluster") -> list[int]:
 
 # ---- __ksm_enter / __ksm_exit --------------------------------------------------
 
-def ksm_enter(cl: "Cluster", mm: MM, log=None) -> None:
+def __ksm_enter(cl: "Cluster", mm: MM, log=None) -> None:
     """__ksm_enter: give the mm a slot, just behind the scan cursor (to let
     the area settle a little before ksmd looks at it), set
     MMF_VM_MERGEABLE and raise mm_count.  Caller holds mmap_sem for write."""
@@ -135,7 +139,7 @@ def ksm_enter(cl: "Cluster", mm: MM, log=None) -> None:
         log.info("ksm_enter", mm=mm.id)
 
 
-def ksm_exit(cl: "Cluster", mm: MM, legacy: bool, log=None, policy: str = "seed") -> int:
+def __ksm_exit(cl: "Cluster", mm: MM, legacy: bool, log=None, policy: str = "seed") -> int:
     """__ksm_exit.  Returns the path taken (P_FAST, P_SLOW, P_LEGACY) or 0
     when there was no slot (ksmd had already noticed and freed it).
 
@@ -160,9 +164,11 @@ def ksm_exit(cl: "Cluster", mm: MM, legacy: bool, log=None, policy: str = "seed"
             if not q[b + M_SLOT_USED] or q[b + M_ID] != mm.id:
                 task.unlock(cl.mmlist)
                 return 0
-            if q[L_SCAN_SLOT] == s:  # remove_mm_from_lists: step the cursor off
+            if q[L_SCAN_SLOT] == s:  # step the cursor off, as the pre-seed __ksm_exit did
                 q[L_SCAN_SLOT] = slot_next(cl, s)
                 q[L_SCAN_ADDR] = 0
+                if q[L_SCAN_SLOT] == cl.head:  # "if (ksm_scan.mm_slot == &ksm_mm_head)
+                    q[L_SEQNR] += 1            #      ksm_scan.seqnr++;" (removed by the seed)
             list_del(cl, s)
             q[b + M_SLOT_USED] = 0
             q[b + M_SLOT_RMAP] = 0
@@ -170,6 +176,10 @@ def ksm_exit(cl: "Cluster", mm: MM, legacy: bool, log=None, policy: str = "seed"
             q[b + M_EXIT_PATH] = P_LEGACY
             q[task.base + T_EXIT_PATH] = P_LEGACY
             q[S_EXIT_LEGACY] += 1
+            # the kernel's legacy exit removed the rmap_items here and
+            # updated the counters; ksmd's are private to it, so they stay
+            # as last published until its next batch: say so to fsck
+            q[H_KSM_UNSYNCED] += 1
             task.unlock(cl.mmlist)
         finally:
             task.unlock(cl.daemon)
@@ -211,69 +221,193 @@ def ksm_exit(cl: "Cluster", mm: MM, legacy: bool, log=None, policy: str = "seed"
 
 # ---- /sys/kernel/mm/ksm/run ---------------------------------------------------
 
-def ksm_run_store(cl: "Cluster", value: int) -> int:
-    """run_store: set ``run`` and bump the request sequence under
-    ksm_thread_mutex, as the kernel does, so ksmd (which reads both at the
-    start of a batch, under the mutex) sees them together.  Returns the
-    sequence number; ksmd sets K_RUN_DONE to it once it has acted (for
-    run=2: once every KSM page is unmerged).  May block while ksmd holds
-    the mutex, like a write to /sys/kernel/mm/ksm/run."""
-    cl.task.lock(cl.daemon)
+def run_store(cl: "Cluster", value: int, alloc: "Allocator | None" = None, log=None,
+                  stop: "Callable[[], bool] | None" = None, oom_origin: bool = False,
+                  acquire: "Callable[[], None] | None" = None) -> tuple[int, int]:
+    """run_store (echo VALUE > /sys/kernel/mm/ksm/run), in the writing
+    task's own context -- the one place ``run`` is written.
+
+    Under ksm_thread_mutex, and only if ``run`` changes ("if (ksm_run !=
+    flags)": writing 2 twice does not unmerge twice): set run, bump the
+    request sequence; for 2, unmerge everything *here*, in the writer, with
+    PF_OOM_ORIGIN set when ``oom_origin`` (2.6.32's run_store: the OOM
+    killer's first choice; the seed's code had no such flag).  An error
+    (-ERESTARTSYS: ``stop()`` says a signal is pending; -ENOMEM: this task
+    was OOM-killed) sets run back to 0 ("ksm_run = KSM_RUN_STOP") and is
+    returned.  K_RUN_DONE is set to the sequence when the write returns.
+    Returns (sequence, 0 or -errno).  May block while ksmd holds the mutex,
+    as the write does (``acquire`` takes it another way)."""
+    q, task = cl.q, cl.task
+    if acquire is None:
+        task.lock(cl.daemon)
+    else:
+        acquire()
+    err = 0
     try:
-        cl.q[K_RUN] = value
-        seq = cl.q[K_RUN_SEQ] + 1
-        cl.q[K_RUN_SEQ] = seq
+        if q[K_RUN] == value:
+            return q[K_RUN_SEQ], 0
+        q[K_RUN] = value
+        seq = q[K_RUN_SEQ] + 1
+        q[K_RUN_SEQ] = seq
+        if log is not None:
+            log.info("ksm_knob", name="run", value=value)
+        if value == 2:
+            a = Allocator(cl) if alloc is None else alloc
+            if oom_origin:
+                q[task.base + T_OOM_ORIGIN] = 1   # current->flags |= PF_OOM_ORIGIN
+            try:
+                err = unmerge_and_remove_all_rmap_items(cl, a, log, stop)
+            finally:
+                q[task.base + T_OOM_ORIGIN] = 0   # current->flags &= ~PF_OOM_ORIGIN
+                a.flush()
+            if err:
+                q[K_RUN] = 0                      # ksm_run = KSM_RUN_STOP
+        q[K_RUN_DONE] = seq
     finally:
-        cl.task.unlock(cl.daemon)
-    return seq
+        task.unlock(cl.daemon)
+    return seq, err
+
+
+def unmerge_and_remove_all_rmap_items(cl: "Cluster", alloc: Allocator, log=None,
+                                      stop: "Callable[[], bool] | None" = None) -> int:
+    """KSM_RUN_UNMERGE, by the writer of run (caller holds ksm_thread_mutex):
+    walk every mm with the cursor (so an exiting mm sees it and takes the
+    slow path), under its mmap_sem for read break every KSM page of its
+    VM_MERGEABLE areas (stopping at ksm_test_exit), remove its rmap_items,
+    free the slot of an exiting mm.  The registrations stay.
+
+    rmap_items and the trees are ksmd's private state here: the writer
+    zeroes what they publish (per-slot counts, the counters) and bumps
+    H_UNMERGE_GEN; ksmd, next holding the mutex, drops its copies.
+    Returns 0 or -errno; on an error the cursor goes back to the head."""
+    q, task = cl.q, cl.task
+    task.lock(cl.mmlist)
+    s = slot_next(cl, cl.head)
+    q[L_SCAN_SLOT] = s
+    q[L_SCAN_ADDR] = 0
+    task.unlock(cl.mmlist)
+    err = 0
+    q[H_UNMERGE_GEN] += 1   # ksmd's rmap_items go, whatever happens below
+    q[H_KSM_UNSYNCED] += 1
+    for f in (K_PAGES_SHARED, K_PAGES_SHARING, K_PAGES_UNSHARED, K_PAGES_VOLATILE, K_RMAP_ITEMS,
+              K_STABLE_NODES):
+        q[f] = 0
+    while s != cl.head:
+        mm = mm_attach(cl, q[cl.mbase(s) + M_ID])
+        try:
+            task.lock(mm.sem)
+            pages = 0
+            try:
+                for (start, end) in ([] if ksm_test_exit(cl, mm) else mm.mergeable_ranges()):
+                    if ksm_test_exit(cl, mm):
+                        break
+                    killpoints.hit_ksmd(cl, "ksmd_break_cow", mm.base, log)
+                    k, err = unmerge_ksm_pages(cl, alloc, mm, start, end, False, stop, points=True)
+                    pages += k
+                    if err:
+                        break
+            except OutOfMemory:
+                err = -ENOMEM   # break_ksm: VM_FAULT_OOM -> -ENOMEM (this task is the victim)
+            if log is not None:
+                log.info("unmerge", mm=mm.id, pages=pages, reason="run2")
+            if err:
+                task.unlock(mm.sem)
+                task.lock(cl.mmlist)
+                q[L_SCAN_SLOT] = cl.head   # error: ksm_scan.mm_slot = &ksm_mm_head
+                q[L_SCAN_ADDR] = 0
+                task.unlock(cl.mmlist)
+                break
+            task.lock(cl.mmlist)
+            nxt = slot_next(cl, s)
+            q[L_SCAN_SLOT] = nxt
+            q[mm.base + M_SLOT_RMAP] = 0          # remove_trailing_rmap_items
+            q[mm.base + M_RMAP_ITEMS] = 0
+            q[mm.base + M_MERGING] = 0
+            if ksm_test_exit(cl, mm):
+                list_del(cl, s)
+                q[mm.base + M_SLOT_USED] = 0
+                q[mm.base + M_FLAGS] &= ~MMF_VM_MERGEABLE
+                q[S_SLOTS_FREED] += 1
+                task.unlock(cl.mmlist)
+                task.unlock(mm.sem)
+                if log is not None:
+                    log.info("slot_freed", mm=mm.id, by="unmerge")
+                mmdrop(cl, s, mm.id, REF_KSM, log)
+            else:
+                task.unlock(mm.sem)   # before the list lock: the 2016 order
+                task.unlock(cl.mmlist)
+            s = nxt
+        finally:
+            mm.seg.close()
+    if not err:
+        q[L_SEQNR] = 0            # ksm_scan.seqnr = 0
+        q[K_FULL_SCANS] = 0       # full_scans_show prints seqnr
+    return err
 
 
 # ---- breaking COW on KSM pages ----------------------------------------------------
 
-def break_ksm(cl: "Cluster", alloc: Allocator, mm: MM, vpn: int, for_ksmd: bool) -> int:
+def break_ksm(cl: "Cluster", alloc: Allocator, mm: MM, vpn: int, for_ksmd: bool,
+              points: bool | None = None) -> int:
     """break_ksm: fault the page for write while it is still a KSM page.
-    Caller holds mmap_sem.  Returns FAULT_EXITING when the mm exits."""
+    Caller holds mmap_sem.  Returns FAULT_EXITING when the mm exits.
+    ``points``: the unmerger's kill points (ksmd, or the run=2 writer:
+    default ``for_ksmd``); a killable writer faults with for_ksmd False."""
     pq, fq = mm.pq, cl.fq
     while True:
         pte = pq[PT_OFF + vpn]
         if not pte & PTE_PRESENT or not fq[(pte >> 2) * FRAME_SIZE + FR_FLAGS] & F_KSM:
             return 0
-        if for_ksmd:  # the window: exit_mmap may zap the page table right here
+        if for_ksmd if points is None else points:  # the window: exit_mmap may zap the page table here
             killpoints.hit_ksmd(cl, "ksmd_break_ksm_window", mm.base)
         if handle_mm_fault(cl, alloc, mm, vpn, True, for_ksmd) == FAULT_EXITING:
             return FAULT_EXITING
 
 
+ERESTARTSYS = 512
+ENOMEM = 12
+
+
 def unmerge_ksm_pages(cl: "Cluster", alloc: Allocator, mm: MM, start: int, end: int,
-                      for_ksmd: bool, stop=None) -> int:
-    """unmerge_ksm_pages: break every KSM page in [start, end), stopping when
-    the mm exits (ksm_test_exit, checked per page) or ``stop()`` says so
-    (signal_pending).  Caller holds mmap_sem.  Returns pages broken."""
+                      for_ksmd: bool, stop=None, points: bool | None = None) -> tuple[int, int]:
+    """unmerge_ksm_pages: break every KSM page in [start, end), stopping
+    when the mm exits (ksm_test_exit, checked per page: not an error) or
+    ``stop()`` says a signal is pending (-ERESTARTSYS).  Caller holds
+    mmap_sem.  Returns (pages broken, 0 or -errno).  A task whose own fault
+    finds no memory (it was OOM-killed: TIF_MEMDIE allocations fail) gets
+    OutOfMemory raised through here, the kernel's -ENOMEM."""
     n = 0
     pq, fq = mm.pq, cl.fq
     for vpn in range(start, end):
-        if ksm_test_exit(cl, mm) or (stop is not None and stop()):
+        if ksm_test_exit(cl, mm):
             break
+        if stop is not None and stop():
+            return n, -ERESTARTSYS
         pte = pq[PT_OFF + vpn]
         if pte & PTE_PRESENT and fq[(pte >> 2) * FRAME_SIZE + FR_FLAGS] & F_KSM:
-            if break_ksm(cl, alloc, mm, vpn, for_ksmd) == FAULT_EXITING:
+            if break_ksm(cl, alloc, mm, vpn, for_ksmd, points) == FAULT_EXITING:
                 break
             n += 1
-    return n
+    return n, 0
 
 
-def break_cow(cl: "Cluster", alloc: Allocator, mm: MM, vpn: int) -> None:
-    """break_cow (ksmd): down_read, ksm_test_exit, the VMA must still be
-    mergeable, break_ksm, up_read."""
+def break_cow(cl: "Cluster", alloc: Allocator, mm: MM, vpn: int, log=None) -> bool:
+    """break_cow (ksmd): down_read(mmap_sem), ksm_test_exit, find_vma: the
+    address must still be in a VM_MERGEABLE area (the application may have
+    unmapped it, or made it UNMERGEABLE, since ksmd last held mmap_sem),
+    then break_ksm, up_read.  Caller must not hold mm's mmap_sem (ksmd
+    drops it first, as scan_get_next_rmap_item had).  Returns True if it
+    got as far as break_ksm."""
     task = cl.task
     task.lock(mm.sem)
     try:
         if ksm_test_exit(cl, mm):
-            return
+            return False
         vma = mm.find_vma(vpn)
         if vma is None or not vma[3] & VM_MERGEABLE:
-            return
-        killpoints.hit_ksmd(cl, "ksmd_break_cow", mm.base)
+            return False
+        killpoints.hit_ksmd(cl, "ksmd_break_cow", mm.base, log)
         break_ksm(cl, alloc, mm, vpn, True)
+        return True
     finally:
         task.unlock(mm.sem)

@@ -1,10 +1,12 @@
 """ksmd: the scanner (mm/ksm.c: ksm_scan_thread, ksm_do_scan,
-scan_get_next_rmap_item, cmp_and_merge_page, try_to_merge_*,
-unmerge_and_remove_all_rmap_items).
+scan_get_next_rmap_item, cmp_and_merge_page, try_to_merge_*).
 
-Private to this process, as in the kernel only ksmd (and run=2, which ksmd
-runs here) touches them: the rmap_items of each mm_slot, the stable tree
-and the unstable tree.  The trees are hash maps keyed by a 128-bit mmh3
+Private to this process: the rmap_items of each mm_slot, the stable tree
+and the unstable tree.  In the kernel the writer of run=2 removes them too
+(unmerge_and_remove_all_rmap_items, in its own context, under
+ksm_thread_mutex); here that writer (``uksm.writer``) unmerges the pages and
+zeroes what the rmap_items publish, and ksmd drops its copies at its next
+batch (``reconcile``, H_UNMERGE_GEN).  The trees are hash maps keyed by a 128-bit mmh3
 digest of the page; every merge still confirms the bytes are equal
 (``pages_identical``) under the protocol of the kernel's
 ``write_protect_page`` / ``replace_page``, so a hash collision can never merge
@@ -33,11 +35,10 @@ import mmh3
 
 from . import killpoints, oom
 from .cluster import Cluster
-from .ksm import break_ksm, list_del, slot_next, unmerge_ksm_pages
-from .layout import (F_KSM, FR_COUNT, FR_FLAGS, FR_KEY0, FR_KEY1, FRAME_SIZE, K_FULL_SCANS,
+from .ksm import break_cow, list_del, slot_next
+from .layout import (F_ANON, F_KSM, FR_COUNT, FR_FLAGS, FR_KEY0, FR_KEY1, FRAME_SIZE, K_FULL_SCANS,
                      K_PAGES_SCANNED, K_PAGES_SHARED, K_PAGES_SHARING, K_PAGES_TO_SCAN,
-                     K_PAGES_UNSHARED, K_PAGES_VOLATILE, K_RMAP_ITEMS, K_RUN, K_RUN_DONE,
-                     K_RUN_SEQ, K_SLEEP_MS, K_STABLE_NODES, H_KSMD_POINT, L_HEAD_NEXT, L_SCAN_ADDR,
+                     K_PAGES_UNSHARED, K_PAGES_VOLATILE, K_RMAP_ITEMS, K_RUN, K_SLEEP_MS, K_STABLE_NODES, H_KSM_UNSYNCED, H_UNMERGE_GEN, H_KSMD_POINT, L_HEAD_NEXT, L_SCAN_ADDR,
                      L_SCAN_SLOT, L_SEQNR, M_FLAGS, M_ID, M_KSM_MAPPED, M_MERGING,
                      M_RMAP_ITEMS, M_SLOT_RMAP, M_SLOT_USED, M_WRITER_WAITING, MMF_VM_MERGEABLE,
                      PAGE_SIZE, PT_OFF, PTE_PRESENT, PTE_WRITE, REF_KSM, S_COW_KSMD,
@@ -113,11 +114,11 @@ class Ksmd:
         self.pages_unshared = 0
         self.rmap_items = 0
         self.pages_scanned = 0
-        self.full_scans = 0
         self.merges = 0
         self.t_last_merge = 0
         self.stop = False
         self.last_run = -1
+        self.unmerge_gen = cl.q[H_UNMERGE_GEN]
 
     # ---- the daemon loop (ksm_scan_thread) ---------------------------------
     def run(self) -> None:
@@ -131,19 +132,15 @@ class Ksmd:
             task.lock(cl.daemon)
             try:
                 self.reconcile()
-                seq = q[K_RUN_SEQ]  # before run: a writer stores run, then seq
-                run = q[K_RUN]
+                run = q[K_RUN]  # run_store (the writer) sets it, and unmerges, under this mutex
                 if run != self.last_run:
                     self.log.info("ksm_run", run=run, previous=self.last_run)
                     self.last_run = run
-                if run == 2 and q[K_RUN_DONE] != seq:
-                    self.unmerge_and_remove_all_rmap_items()
-                elif run == 1 and q[L_HEAD_NEXT] != cl.head:
+                if run == 1 and q[L_HEAD_NEXT] != cl.head:
                     n = q[K_PAGES_TO_SCAN]
                     self.log.info("scan_batch_start", seqnr=q[L_SEQNR], pages_to_scan=n)
                     scanned = self.ksm_do_scan(n)
                 self.publish()
-                q[K_RUN_DONE] = seq
             finally:
                 task.unlock(cl.daemon)
             if self.should_flush(run, q[K_FULL_SCANS] != scans_before):
@@ -197,8 +194,9 @@ class Ksmd:
                                   - self.pages_sharing - self.pages_unshared)
         q[K_RMAP_ITEMS] = self.rmap_items
         q[K_PAGES_SCANNED] = self.pages_scanned
-        q[K_FULL_SCANS] = self.full_scans
+        q[K_FULL_SCANS] = q[L_SEQNR]  # full_scans_show: "ksm_scan.seqnr" (so run=2 resets it)
         q[S_MERGES] = self.merges
+        q[H_KSM_UNSYNCED] = 0  # reconcile() dropped the slots legacy exits freed
         q[K_STABLE_NODES] = len(self.stable)
         for row, st in self.slots.items():
             b = self.cl.mbase(row)
@@ -234,8 +232,20 @@ class Ksmd:
     def reconcile(self) -> None:
         """Drop the private state of slots freed behind ksmd's back: the
         legacy __ksm_exit removes the slot itself (under this mutex), and a
-        killed task's slot may be freed by its reaper on the fast path."""
+        killed task's slot may be freed by its reaper on the fast path.
+        After run_store's unmerge (H_UNMERGE_GEN moved: the writer removed
+        every rmap_item, under this mutex), drop them all, and the trees."""
         q = self.q
+        if q[H_UNMERGE_GEN] != self.unmerge_gen:
+            self.unmerge_gen = q[H_UNMERGE_GEN]
+            for st in self.slots.values():
+                for it in st.items.values():
+                    self.remove_rmap_item_from_tree(it)
+                self.rmap_items -= len(st.items)
+                st.items.clear()
+            for node in list(self.stable.values()):
+                self.remove_node_from_stable_tree(node)
+            self.unstable.clear()
         for row, st in list(self.slots.items()):
             b = self.cl.mbase(row)
             if q[b + M_ID] != st.mm_id or not q[b + M_SLOT_USED]:
@@ -305,10 +315,26 @@ class Ksmd:
         self.pages_scanned += scanned
         return scanned
 
+    def next_mergeable(self, mm: MM, addr: int) -> tuple[int, int] | None:
+        """find_vma(mm, addr) and on to the first VM_MERGEABLE area: the
+        VMA table as it is now (caller holds mmap_sem)."""
+        for (start, end) in mm.mergeable_ranges():
+            if end > addr:
+                return start, end
+        return None
+
     def scan_mm(self, st: SlotState, budget: int) -> tuple[int, bool]:
         """Scan pages of the mm at the cursor from ksm_scan.address, at most
-        ``budget``.  Returns (pages scanned, whether the mm is finished:
-        then the cursor has moved on)."""
+        ``budget`` (scan_get_next_rmap_item + ksm_do_scan, for one mm).
+        Returns (pages scanned, whether the mm is finished: then the cursor
+        has moved on).
+
+        The kernel takes mmap_sem and calls find_vma(mm, ksm_scan.address)
+        for every page.  Here mmap_sem is held across a run of pages (the
+        VMA table cannot change while it is held), and the area is looked
+        up again after every re-take of mmap_sem -- a writer let in,
+        a merge into another mm, break_cow -- so ksmd never walks an area
+        that was unmapped or made UNMERGEABLE meanwhile."""
         cl, q, task = self.cl, self.q, self.cl.task
         mm = st.mm
         pq, fq, items = mm.pq, self.fq, st.items
@@ -316,27 +342,35 @@ class Ksmd:
         task.lock(mm.sem)
         killpoints.hit_ksmd(cl, "ksmd_scan_mmap_sem", mm.base, self.log)
         exiting = ksm_test_exit(cl, mm)
-        ranges = [] if exiting else mm.mergeable_ranges()
-        addr = q[L_SCAN_ADDR]
+        addr = start_addr = q[L_SCAN_ADDR]
         n = 0
+        found = False   # met a VM_MERGEABLE area (the kernel's ksm_scan.address != 0)
+        more = False    # the budget ran out with pages of this mm left
+        last_yield = -1
         wait_flag = mm.base + M_WRITER_WAITING
-        for (start, end) in ranges:
-            if addr >= end:
-                continue
+        while not exiting:
+            rng = self.next_mergeable(mm, addr)  # find_vma(mm, ksm_scan.address)
+            if rng is None:
+                break
+            start, end = rng
+            found = True
+            if n >= budget:
+                more = True
+                break
             v = max(addr, start)
+            relook = False
             while v < end:
                 if n >= budget:
+                    more = True
                     break
-                if not n & 63 and q[wait_flag]:
-                    # a writer (madvise, exit) waits: let it in, then re-check
+                if not n & 63 and n != last_yield and q[wait_flag]:
+                    # a writer (madvise, munmap, exit) waits: let it in
+                    last_yield = n
                     task.unlock(mm.sem)
                     time.sleep(0.0005)
                     task.lock(mm.sem)
-                    if ksm_test_exit(cl, mm):
-                        exiting = True
-                        break
-                    if (start, end) not in mm.mergeable_ranges():
-                        break
+                    relook = True
+                    break
                 if ksm_test_exit(cl, mm):
                     exiting = True
                     break
@@ -355,30 +389,34 @@ class Ksmd:
                 node = item.node
                 if node is not None and node.kpfn == pfn and fq[pfn * FRAME_SIZE + FR_FLAGS] & F_KSM:
                     if fq[pfn * FRAME_SIZE + FR_COUNT] == 1:
-                        # a now-unshared KSM page: replace it by an ordinary page
-                        killpoints.hit_ksmd(cl, "ksmd_break_cow", mm.base, self.log)
-                        break_ksm(cl, self.alloc, mm, item.vpn, True)
-                        self._cow(st)
+                        # ksm_do_scan: replace a now-unshared KSM page by an
+                        # ordinary page (break_cow takes mmap_sem itself)
+                        task.unlock(mm.sem)
+                        if break_cow(cl, self.alloc, mm, item.vpn, self.log):
+                            self._cow(st)
+                        task.lock(mm.sem)
                         self.remove_rmap_item_from_tree(item)
                         npte = pq[PT_OFF + item.vpn]
                         if npte & PTE_PRESENT:
                             p = (npte >> 2) * PAGE_SIZE
                             item.oldchecksum = digest(self.pool[p:p + PAGE_SIZE])
+                        relook = True
+                        break
                     continue
                 if not self.cmp_and_merge_page(st, item, pfn):
-                    # mmap_sem was dropped (merge with another mm): re-check
-                    if ksm_test_exit(cl, mm):
-                        exiting = True
-                        break
-                    ranges_now = mm.mergeable_ranges()
-                    if (start, end) not in ranges_now:
-                        break
+                    relook = True  # mmap_sem was dropped (merge with another mm)
+                    break
             addr = v
-            if n >= budget or exiting:
+            if relook and ksm_test_exit(cl, mm):  # re-check after every re-take
+                exiting = True
+            if more or exiting:
                 break
+        if not exiting and ksm_test_exit(cl, mm):
+            exiting = True  # scan_get_next_rmap_item's check after the loop
         if exiting:
             addr = 0
-        if not exiting and n >= budget and addr < (ranges[-1][1] if ranges else 0):
+            more = False
+        if more:
             q[L_SCAN_ADDR] = addr
             task.unlock(mm.sem)
             return n, False
@@ -395,11 +433,11 @@ class Ksmd:
         q[L_SCAN_ADDR] = 0
         b = mm.base
         q[b + M_SLOT_RMAP] = len(items)
-        if exiting or not ranges:
+        if exiting or (start_addr == 0 and not found):
             # no VM_MERGEABLE area left (exit, or all unmapped): do what
-            # __ksm_exit would, holding mmap_sem throughout.  up_read
-            # before the list lock is dropped (the 2016 fix): once the slot
-            # is off the list, nothing keeps the mm alive for us.
+            # __ksm_exit would, holding mmap_sem throughout.  The slot's
+            # mm_count reference (dropped by our mmdrop below) keeps the mm
+            # alive, so the order of the two unlocks does not matter here.
             list_del(cl, st.row)
             q[b + M_SLOT_USED] = 0
             q[b + M_SLOT_RMAP] = 0
@@ -411,11 +449,14 @@ class Ksmd:
             self.drop_slot(st)
             mmdrop(cl, st.row, st.mm_id, REF_KSM, self.log)
         else:
+            # up_read before the list lock is dropped (the 2016 fix of the
+            # use-after-free in ksm_scan_thread): the cursor has left this
+            # slot, so once the list lock is free its __ksm_exit may take
+            # the fast path and free the mm under our up_read.
             task.unlock(mm.sem)
             task.unlock(cl.mmlist)
         if nxt == cl.head:
-            q[L_SEQNR] = seqnr + 1
-            self.full_scans += 1  # published with the other counters, at batch end
+            q[L_SEQNR] = seqnr + 1  # published as full_scans at batch end
             self.log.info("full_scan", seqnr=seqnr + 1)
         return n, True
 
@@ -439,6 +480,15 @@ class Ksmd:
                     self._merged(st)
                 return True
             self.remove_node_from_stable_tree(node)
+        if self.fq[pfn * FRAME_SIZE + FR_FLAGS] & F_KSM:
+            # a KSM page outside the stable tree (its node went, or a break
+            # failed earlier): cmp_and_merge_page's break_cow, "try again now"
+            cl, task = self.cl, self.cl.task
+            task.unlock(st.mm.sem)
+            if break_cow(cl, self.alloc, st.mm, item.vpn, self.log):
+                self._cow(st)
+            task.lock(st.mm.sem)
+            return False
         if item.oldchecksum != key:
             item.oldchecksum = key  # volatile: changed since the last pass
             return True
@@ -489,7 +539,6 @@ class Ksmd:
             task.lock(tmm.sem)
         tpte = tmm.pq[PT_OFF + tree_item.vpn]
         ok = (not ksm_test_exit(cl, tmm) and bool(tpte & PTE_PRESENT)
-              and self.vma_mergeable(tmm, tree_item.vpn)
               and self.try_to_merge_one_page(tmm, tree_item.vpn, tpte >> 2, node))
         if other:
             task.unlock(tmm.sem)
@@ -500,13 +549,19 @@ class Ksmd:
             self.stable_tree_append(item, node)
             self.stable_tree_append(tree_item, node)
             self._merged(tree_item.slot)
-        elif not ksm_test_exit(cl, mm):
-            # the KSM page has one mapping: give it back as an ordinary page
-            break_ksm(cl, self.alloc, mm, item.vpn, True)
+            return not other
+        # the KSM page has one mapping: give it back as an ordinary page
+        # (try_to_merge_two_pages: up_read, then break_cow, since 2.6.33)
+        task.unlock(mm.sem)
+        if break_cow(cl, self.alloc, mm, item.vpn, self.log):
             self._cow(st)
-        return not other
+        task.lock(mm.sem)
+        return False
 
-    def vma_mergeable(self, mm: MM, vpn: int) -> bool:
+    @staticmethod
+    def vma_mergeable(mm: MM, vpn: int) -> bool:
+        """try_to_merge_one_page's first test: the page's area is still
+        VM_MERGEABLE (find_vma under the mmap_sem the caller holds)."""
         vma = mm.find_vma(vpn)
         return vma is not None and bool(vma[3] & VM_MERGEABLE)
 
@@ -514,12 +569,14 @@ class Ksmd:
         """write_protect_page + set_page_stable_node on the page itself.
         Caller holds mmap_sem (read) and has checked ksm_test_exit."""
         cl, task, fq, pq = self.cl, self.cl.task, self.fq, mm.pq
+        if not self.vma_mergeable(mm, vpn):  # try_to_merge_one_page(vma, page, NULL)
+            return None
         task.lock(mm.ptl)
         try:
             pte = pq[PT_OFF + vpn]
             b = pfn * FRAME_SIZE
             if pte >> 2 != pfn or not pte & PTE_PRESENT or fq[b + FR_COUNT] != 1 \
-                    or fq[b + FR_FLAGS] & F_KSM or ksm_test_exit(cl, mm):
+                    or fq[b + FR_FLAGS] & F_KSM or not fq[b + FR_FLAGS] & F_ANON or ksm_test_exit(cl, mm):
                 return None
             if pte & PTE_WRITE:
                 pq[PT_OFF + vpn] = pte & ~PTE_WRITE
@@ -540,7 +597,9 @@ class Ksmd:
             task.unlock(mm.ptl)
 
     def try_to_merge_one_page(self, mm: MM, vpn: int, pfn: int, node: StableNode) -> bool:
-        """write_protect_page, pages_identical, replace_page.
+        """try_to_merge_one_page: the area must still be VM_MERGEABLE and
+        the page anonymous (the kernel's first two tests), then
+        write_protect_page, pages_identical, replace_page.
         Caller holds mm's mmap_sem (read) and has checked ksm_test_exit.
 
         The kernel drops the pte lock between write_protect_page and
@@ -553,13 +612,15 @@ class Ksmd:
         kpfn = node.kpfn
         if pfn == kpfn:
             return True
+        if not self.vma_mergeable(mm, vpn):  # !(vma->vm_flags & VM_MERGEABLE)
+            return False
         slot = PT_OFF + vpn
         b = pfn * FRAME_SIZE
         task.lock(mm.ptl)
         try:
             pte = pq[slot]
             if pte >> 2 != pfn or not pte & PTE_PRESENT or fq[b + FR_COUNT] != 1 \
-                    or fq[b + FR_FLAGS] & F_KSM:
+                    or fq[b + FR_FLAGS] & (F_KSM | F_ANON) != F_ANON:  # !PageAnon, or KSM already
                 return False
             if pte & PTE_WRITE:  # write_protect_page
                 pte &= ~PTE_WRITE
@@ -591,63 +652,6 @@ class Ksmd:
             return True
         finally:
             task.unlock(mm.ptl)
-
-    # ---- run=2 ----------------------------------------------------------------
-    def unmerge_and_remove_all_rmap_items(self) -> None:
-        """KSM_RUN_UNMERGE: with ksm_thread_mutex held, walk every mm with
-        the cursor (so an exiting mm sees it and takes the slow path), break
-        every KSM page, drop every rmap_item, free the slots of exiting mms.
-        The registrations (slots of live mms) stay."""
-        cl, q, task = self.cl, self.q, self.cl.task
-        task.lock(cl.mmlist)
-        s = slot_next(cl, cl.head)
-        q[L_SCAN_SLOT] = s
-        q[L_SCAN_ADDR] = 0
-        task.unlock(cl.mmlist)
-        while s != cl.head:
-            st = self.slot_state(s)
-            mm = st.mm
-            task.lock(mm.sem)
-            pages = 0
-            if not ksm_test_exit(cl, mm):
-                for (start, end) in mm.mergeable_ranges():
-                    if ksm_test_exit(cl, mm):
-                        break
-                    killpoints.hit_ksmd(cl, "ksmd_break_cow", mm.base, self.log)
-                    pages += unmerge_ksm_pages(cl, self.alloc, mm, start, end, True)
-            for it in st.items.values():
-                self.remove_rmap_item_from_tree(it)
-            self.rmap_items -= len(st.items)
-            st.items.clear()
-            st.cows += pages
-            st.t_cow = time.monotonic_ns()
-            q[S_COW_KSMD] += pages
-            task.lock(cl.mmlist)
-            nxt = slot_next(cl, s)
-            q[L_SCAN_SLOT] = nxt
-            q[mm.base + M_SLOT_RMAP] = 0
-            if ksm_test_exit(cl, mm):
-                list_del(cl, s)
-                q[mm.base + M_SLOT_USED] = 0
-                q[mm.base + M_FLAGS] &= ~MMF_VM_MERGEABLE
-                q[S_SLOTS_FREED] += 1
-                task.unlock(mm.sem)
-                task.unlock(cl.mmlist)
-                self.log.info("unmerge", mm=st.mm_id, pages=pages, reason="run2")
-                self.log.info("slot_freed", mm=st.mm_id, by="unmerge")
-                self.drop_slot(st)
-                mmdrop(cl, s, st.mm_id, REF_KSM, self.log)
-            else:
-                task.unlock(mm.sem)
-                task.unlock(cl.mmlist)
-                self.log.info("unmerge", mm=st.mm_id, pages=pages, reason="run2")
-            s = nxt
-        self.alloc.flush()
-        for node in list(self.stable.values()):
-            self.remove_node_from_stable_tree(node)
-        self.unstable.clear()
-        q[L_SEQNR] = 0
-        self.log_activity()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,7 +48,10 @@ H_CMD_SEQ = 21
 H_FRAMES_FREED = 22
 H_MEM_LIMIT = 23
 H_PENDING_FREE = 24
-HDR_END = 25
+H_KSM_UNSYNCED = 25   # slots a legacy __ksm_exit freed since ksmd last published (under ksm_thread_mutex)
+H_OOM_RULE = 26       # index in OOM_RULES: the OOM killer's victim choice, by kernel version
+H_UNMERGE_GEN = 27    # bumped by run_store's unmerge: ksmd drops its private rmap_items and trees
+HDR_END = 28
 
 # ---- /sys/kernel/mm/ksm: knobs (written by ctl) and counters (written by ksmd)
 K_RUN = HDR_END + 0
@@ -122,7 +125,8 @@ T_FOR_ROW = 19
 T_WORKLOAD = 20
 T_SEED = 21
 T_EXIT_PATH = 22
-T_FIXED = 23
+T_OOM_ORIGIN = 23    # PF_OOM_ORIGIN: the run=2 writer while it unmerges (the OOM killer's first choice)
+T_FIXED = 24
 
 # ---- mm table row: mm_struct fused with its mm_slot (slot index == row index)
 M_ID = 0
@@ -173,8 +177,8 @@ ESIZE = 5
 T_LOCKS = T_FIXED
 TASK_SIZE = T_LOCKS + NCLASS * ESIZE
 
-ROLES = ("none", "supervisor", "ksmd", "worker", "reaper", "ctl")
-R_NONE, R_SUPERVISOR, R_KSMD, R_WORKER, R_REAPER, R_CTL = range(6)
+ROLES = ("none", "supervisor", "ksmd", "worker", "reaper", "ctl", "writer")
+R_NONE, R_SUPERVISOR, R_KSMD, R_WORKER, R_REAPER, R_CTL, R_WRITER = range(7)
 # task states
 TS_FREE, TS_ALIVE, TS_DEAD, TS_REAPING = range(4)
 # why a worker exited (T_EXIT_REASON)
@@ -217,6 +221,11 @@ FIRST_VPN = 16  # the first pages of every address space stay unmapped (NULL)
 EXIT_POLICIES = ("seed", "shipped", "legacy")
 POL_SEED, POL_SHIPPED, POL_LEGACY = range(3)
 HAZARDS = {"no-fast-path": 1, "no-exit-checks": 2}
+# the OOM killer of: 2.6.32 (select_bad_process skips a task without an mm
+# before it looks at TIF_MEMDIE) or 4.1 (oom_scan_process_thread: TIF_MEMDIE
+# first, so a victim stuck in its exit blocks every further kill)
+OOM_RULES = ("2.6.32", "4.1")
+OOM_2632, OOM_41 = range(2)
 HZ_NO_FAST_PATH, HZ_NO_EXIT_CHECKS = 1, 2
 
 # cluster states

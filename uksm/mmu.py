@@ -7,10 +7,18 @@ new frame -- a KSM page is always copied, as in 2.6.32).  As in the kernel,
 the frame is allocated with the pte lock dropped, and installed only if the
 PTE is still what the fault saw (``pte_same``).
 
-The seed's check: a fault run for ``break_ksm`` must not reinstate a PTE in
-an mm whose pages ``exit_mmap`` has already zapped (``ksm_test_exit``), or
-the new frame would be leaked when the page tables are freed.  The hazard
-``no-exit-checks`` removes that check, to show the leak.
+The seed's check, under the ``seed`` exit policy only: a fault run for
+``break_ksm`` must not reinstate a PTE in an mm whose pages ``exit_mmap``
+has already zapped (``ksm_test_exit``), or the new frame would be leaked
+when the page tables are freed.  The seed put it in ``do_anonymous_page``
+and ``__do_fault`` -- the paths of a fault on a zapped (pte_none) entry --
+not in ``do_wp_page``, where ``pte_same`` already fails if the zap came
+first.  Andrea's "ksm: fix deadlock with munlock in exit_mmap" removed both
+checks with the move of ksm_exit back before exit_mmap (2.6.32.67's
+mm/memory.c has no ksm_test_exit), so ``shipped`` and ``legacy`` fault
+without it: their __ksm_exit slow path, before exit_mmap, is what keeps
+ksmd out.  The hazard ``no-exit-checks`` removes it under ``seed``, to show
+the leak.
 
 User access is serialised with page-table changes by the pte lock: a write
 holds it across the copy, so ksmd's ``write_protect_page``/``replace_page``
@@ -22,7 +30,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .layout import (F_KSM, FR_COUNT, FR_FLAGS, FRAME_SIZE, HZ_NO_EXIT_CHECKS, H_HAZARDS,
+from .layout import (F_KSM, FR_COUNT, FR_FLAGS, FRAME_SIZE, HZ_NO_EXIT_CHECKS, H_EXIT_POLICY, H_HAZARDS, POL_SEED,
                      M_KSM_MAPPED, M_RSS, M_USERS, PAGE_SHIFT, PAGE_SIZE, PT_OFF,
                      PTE_PRESENT, PTE_WRITE, T_COW, T_FAULTS, VM_WRITE)
 from . import killpoints
@@ -88,9 +96,9 @@ def handle_mm_fault(cl: "Cluster", alloc: Allocator, mm: MM, vpn: int, write: bo
         if not for_ksmd:
             killpoints.hit(cl, "cow_after_copy")
     task.lock(mm.ptl)
-    if pq[slot] != pte or ksm_test_exit(cl, mm):
-        # pte_same failed, or (the seed's check) exit_mmap zapped this mm:
-        # never reinstate a page there
+    if pq[slot] != pte or (not pte and q[H_EXIT_POLICY] == POL_SEED and ksm_test_exit(cl, mm)):
+        # pte_same failed, or (the seed's check in do_anonymous_page)
+        # exit_mmap zapped this mm: never reinstate a page there
         exiting = pq[slot] == pte
         alloc.installed()
         task.lock(cl.zone)

@@ -1,11 +1,25 @@
 """The OOM killer (mm/oom_kill.c: out_of_memory, select_bad_process).
 
 Invoked by an allocating context that found no free frame.  Like the
-kernel's, it kills at most one victim at a time: while a chosen victim has
-not yet freed its memory (TIF_MEMDIE; here M_OOM_VICTIM until its exit has
-unmapped its pages), it returns without killing, and the allocator keeps
-waiting and retrying.  That is exactly why the legacy exit deadlocks: the
-victim never frees, nobody else is killed, the allocator waits forever.
+kernel's, it kills at most one victim at a time: while a chosen victim that
+still has its mm has not freed its memory (TIF_MEMDIE; here M_OOM_VICTIM
+until its exit has unmapped its pages), it returns without killing, and the
+allocator keeps waiting and retrying.
+
+Which victims block a new choice depends on the kernel (``--oom-rule``):
+
+- ``2.6.32``: exit_mm sets ``tsk->mm = NULL`` *before* mmput (kernel/exit.c),
+  and select_bad_process skips "tasks which have already released their
+  mm" (``if (!p->mm) continue;``) before it tests TIF_MEMDIE
+  (2.6.32.67 mm/oom_kill.c).  A victim stuck inside mmput -- in
+  __ksm_exit, say -- is passed over and another task is killed.  That is
+  what Andrea's revert of the seed's placement counted on: "its memory
+  won't be freed until a second victim has been selected".
+- ``4.1``: oom_scan_process_thread (3.x to 4.1) tests TIF_MEMDIE first
+  ("if (test_tsk_thread_flag(task, TIF_MEMDIE)) ... return OOM_SCAN_ABORT")
+  and only then ``if (!task->mm) return OOM_SCAN_CONTINUE``; TIF_MEMDIE is
+  cleared only after mmput returns.  A victim stuck in __ksm_exit blocks
+  every further kill: the 4.1-stable hang of 2016.
 
 Badness is the victim's *private* resident frames (RSS minus PTEs mapping
 KSM pages): what killing it gives back.  A task being unmerged by run=2
@@ -17,7 +31,8 @@ import os
 import signal
 from typing import TYPE_CHECKING, Any
 
-from .layout import (A_FREE_TOP, M_EXIT_STAGE, M_ID, M_KSM_MAPPED, M_OOM_VICTIM, M_OWNER_PID,
+from .layout import (A_FREE_TOP, H_OOM_RULE, OOM_2632, R_WRITER, T_FATAL, T_OOM_ORIGIN, T_PID,
+                     T_ROLE, T_STATE, TS_ALIVE, X_OOM, M_EXIT_STAGE, M_ID, M_KSM_MAPPED, M_OOM_VICTIM, M_OWNER_PID,
                      M_RSS, M_STATE, M_USERS, MS_LIVE, S_OOM_KILLED, XS_ZAPPED)
 
 if TYPE_CHECKING:
@@ -39,6 +54,7 @@ def out_of_memory(cl: "Cluster", task: "Task") -> int:
     Returns the victim's pid, or 0."""
     q = cl.q
     victim = None
+    rule = q[H_OOM_RULE]
     task.lock(cl.mmlist)
     try:
         best = -1
@@ -46,19 +62,48 @@ def out_of_memory(cl: "Cluster", task: "Task") -> int:
             b = cl.mbase(r)
             if not q[b + M_ID]:
                 continue
-            if q[b + M_OOM_VICTIM] and not q[b + M_EXIT_STAGE] & XS_ZAPPED:
-                return 0  # a victim is still freeing its memory: wait for it
-            if q[b + M_STATE] != MS_LIVE or q[b + M_USERS] == 0 or q[b + M_OWNER_PID] <= 0:
+            memdie = q[b + M_OOM_VICTIM] and not q[b + M_EXIT_STAGE] & XS_ZAPPED
+            released = q[b + M_STATE] != MS_LIVE or q[b + M_USERS] == 0  # tsk->mm == NULL
+            if rule == OOM_2632:
+                if released:
+                    continue  # "if (!p->mm) continue;" comes first
+                if memdie:
+                    return 0  # a victim is still freeing its memory: wait for it
+            else:
+                if memdie:
+                    return 0  # TIF_MEMDIE -> OOM_SCAN_ABORT, mm or not
+                if released:
+                    continue
+            if q[b + M_OWNER_PID] <= 0:
                 continue
             score = q[b + M_RSS] - q[b + M_KSM_MAPPED]
             if score > best:
                 best, victim = score, r
-        if victim is None:
+        # the writer of run=2 (uksm.writer): a user task with an mm, so a
+        # candidate under both rules; TIF_MEMDIE on it blocks new kills
+        # while it lives; with PF_OOM_ORIGIN it is chosen before anyone
+        # (2.6.32 badness(): ULONG_MAX; 4.1: oom_task_origin -> SELECT)
+        origin = -1
+        for r in range(cl.max_tasks):
+            t = cl.tbase(r)
+            if q[t + T_ROLE] != R_WRITER or q[t + T_STATE] != TS_ALIVE or q[t + T_PID] <= 0:
+                continue
+            if q[t + T_FATAL] == X_OOM:
+                return 0
+            if q[t + T_OOM_ORIGIN]:
+                origin = r
+        if origin >= 0:
+            t = cl.tbase(origin)
+            q[t + T_FATAL] = X_OOM  # TIF_MEMDIE: its own allocations now fail
+            q[S_OOM_KILLED] += 1
+            pid, mm_id, rss = q[t + T_PID], 0, 0
+        elif victim is None:
             return 0
-        b = cl.mbase(victim)
-        q[b + M_OOM_VICTIM] = 1
-        q[S_OOM_KILLED] += 1
-        pid, mm_id, rss = q[b + M_OWNER_PID], q[b + M_ID], q[b + M_RSS]
+        else:
+            b = cl.mbase(victim)
+            q[b + M_OOM_VICTIM] = 1
+            q[S_OOM_KILLED] += 1
+            pid, mm_id, rss = q[b + M_OWNER_PID], q[b + M_ID], q[b + M_RSS]
     finally:
         task.unlock(cl.mmlist)
     if _log is not None:

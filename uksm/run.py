@@ -14,11 +14,11 @@ from typing import Any, Callable
 
 from . import shm
 from .cluster import Config
-from .layout import (A_FREE_TOP, EXIT_POLICIES, H_MEM_LIMIT, HAZARDS, K_FULL_SCANS,
-                     K_PAGES_SHARED, K_PAGES_SHARING, K_RMAP_ITEMS, K_RUN, K_RUN_DONE,
-                     K_RUN_SEQ, PAGE_SIZE)
+from .layout import (A_FREE_TOP, EXIT_POLICIES, H_MEM_LIMIT, HAZARDS, OOM_RULES, K_FULL_SCANS,
+                     K_PAGES_SHARED, K_PAGES_SHARING, K_RMAP_ITEMS, K_RUN, L_SCAN_SLOT, M_ID,
+                     PAGE_SIZE)
 from .exitcodes import interrupted as interrupted_status
-from .ksm import ksm_run_store
+from .ksm import slot_next, slots
 from .lifeline import StopSignals
 from .supervisor import Supervisor
 
@@ -42,11 +42,13 @@ class RunOptions:
     pages_to_scan: int = 100
     sleep_ms: int = 20
     exit_policy: str = "seed"
+    oom_rule: str = "2.6.32"
     hazards: list[str] = field(default_factory=list)
     hung_task_timeout: float = 5.0
     scenario: str | None = None
     churn_ms: int = 0
     quiet: bool = False
+    demo_exits: bool = False  # set by run_cluster for the plain demo: see demo_exit_away_from_cursor
 
 
 def usage_error(msg: str) -> None:
@@ -95,6 +97,8 @@ def validate(o: RunOptions) -> None:
         bad(f"--duration must be positive (got {o.duration})")
     if o.exit_policy not in EXIT_POLICIES:
         bad(f"unknown --exit-policy {o.exit_policy!r} (one of: {', '.join(EXIT_POLICIES)})")
+    if o.oom_rule not in OOM_RULES:
+        bad(f"unknown --oom-rule {o.oom_rule!r} (one of: {', '.join(OOM_RULES)})")
     for h in o.hazards:
         if h not in HAZARDS:
             bad(f"unknown --hazard {h!r} (one of: {', '.join(HAZARDS)})")
@@ -141,7 +145,8 @@ def default_frames(o: RunOptions) -> int:
 def make_config(o: RunOptions) -> Config:
     n = o.workers
     return Config(frames=o.frames or default_frames(o), max_tasks=n * 2 + 32, max_mms=n * 3 + 32,
-                  va_pages=o.pages + 80, exit_policy=o.exit_policy, hazards=list(o.hazards),
+                  va_pages=o.pages + 80, exit_policy=o.exit_policy, oom_rule=o.oom_rule,
+                  hazards=list(o.hazards),
                   hung_timeout_ms=int(o.hung_task_timeout * 1000), run=o.run,
                   pages_to_scan=o.pages_to_scan, sleep_ms=o.sleep_ms)
 
@@ -167,7 +172,18 @@ def run_cluster(o: RunOptions) -> tuple[dict[str, Any], int]:
     """``uksm run``: the foreground loop is ``drive``."""
     if o.scenario == "oom-unmerge":
         o.until_merged = True
-    return run_with(o, lambda sup, t0, progress, interrupted: (drive(sup, o, t0, progress, interrupted), {}))
+    # the plain demo shows every __ksm_exit path: the last worker starts
+    # after ksmd's first full scan, so its slot goes just behind the cursor
+    # (a whole pass away), writes its pages and exits before ksmd reaches
+    # it: fast path; at convergence one worker away from the
+    # cursor exits alone: slow path (ksmd has its rmap_items); the rest exit
+    # together at the end, and ksmd, freeing exiting slots without spending
+    # its batch on them, often frees theirs before their __ksm_exit: no slot
+    # (the default workload only: runs of the other workloads keep exact
+    # end-of-run counters, all workers present)
+    o.demo_exits = (o.workload == "vm" and o.scenario is None and o.duration is None and o.run == 1
+                    and o.workers >= 3)
+    return run_with(o, lambda sup, t0, progress, interrupted: drive(sup, o, t0, progress, interrupted))
 
 
 Driver = Callable[[Supervisor, float, "Progress", Callable[[], bool]], tuple[bool, dict[str, Any]]]
@@ -194,7 +210,7 @@ def run_with(o: RunOptions, driver: Driver, prefix: str = "run") -> tuple[dict[s
             sup.boot()
             sup.log.info("run_options", workers=o.workers, pages=o.pages, workload=o.workload,
                          seed=o.seed, scenario=o.scenario)
-            for _ in range(o.workers):
+            for _ in range(o.workers - 1 if o.demo_exits else o.workers):
                 if stop():
                     break
                 sup.spawn_worker(o.pages, o.workload, o.seed, o.churn_ms)
@@ -219,7 +235,7 @@ def run_with(o: RunOptions, driver: Driver, prefix: str = "run") -> tuple[dict[s
     report = {"cluster": name, "workload": o.workload, "duration_s": round(time.monotonic() - t0, 3),
               **snap, "workers": end["workers"], "integrity": end["integrity"], "fsck": end["fsck"],
               "hung_tasks": end["hung_tasks"], "ipc_leftovers": end["ipc_leftovers"],
-              "log_dir": log_dir, "exit_policy": o.exit_policy, "hazards": o.hazards,
+              "log_dir": log_dir, "exit_policy": o.exit_policy, "oom_rule": o.oom_rule, "hazards": o.hazards,
               "scenario": o.scenario, **extra, "errors": end["errors"],
               "oops": end["oops"], "ksmd_restarts": end["ksmd_restarts"],
               "interrupted": stop.name or None, "status": status}
@@ -227,10 +243,44 @@ def run_with(o: RunOptions, driver: Driver, prefix: str = "run") -> tuple[dict[s
     return report, status
 
 
-def drive(sup: Supervisor, o: RunOptions, t0: float, progress: Progress, interrupted) -> bool:
+def demo_exit_away_from_cursor(sup: Supervisor, timeout: float = 20.0) -> None:
+    """SIGTERM one worker whose slot is neither at ksmd's cursor nor next
+    after it, and wait until it has exited: ksmd holds rmap_items of it and
+    is busy elsewhere, so its __ksm_exit takes the slow path."""
+    cl, q = sup.cl, sup.cl.q
+    cl.task.lock(cl.mmlist)
+    try:
+        cur = q[L_SCAN_SLOT]
+        near = {cur, slot_next(cl, cur)}
+        rows = [s for s in slots(cl) if s not in near]
+        mm_ids = {q[cl.mbase(s) + M_ID] for s in rows}
+    finally:
+        cl.task.unlock(cl.mmlist)
+    with sup.lock:
+        ch = next((c for c in sup.children.values() if c.mm in mm_ids), None)
+    if ch is None:
+        return
+    ch.proc.terminate()
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and not sup.hung:
+        sup.poll()
+        sup.sweep()
+        with sup.lock:
+            if ch.row not in sup.children:
+                return
+        time.sleep(0.01)
+
+
+def drive(sup: Supervisor, o: RunOptions, t0: float, progress: Progress,
+          interrupted) -> tuple[bool, dict[str, Any]]:
     """The foreground loop: until the duration, convergence, or the
-    scenario's end.  Returns True if a hung task was reported."""
+    scenario's end.  Returns whether a hung task was reported, and the
+    scenario's report block (the run=2 write's result)."""
+    from .writer import result_of
     q = sup.cl.q
+    writer = None
+    extra: dict[str, Any] = {}
+    late = o.demo_exits  # the demo's last worker is still to start
     samples: list[tuple[int, int, int]] = []
     last_scan = -1
     phase = "merge"
@@ -241,18 +291,23 @@ def drive(sup: Supervisor, o: RunOptions, t0: float, progress: Progress, interru
         sup.poll()
         sup.sweep()
         if sup.hung:
-            return True
+            break
         t = time.monotonic() - t0
         progress(sup, t, f"[{phase}] " if o.scenario else "")
         if sup.workers_alive() == 0 and sup.dead_q.empty():
             break
         if until_merged:
             if phase == "unmerge":
-                if q[K_RUN_DONE] == q[K_RUN_SEQ]:
+                rc = sup.run_writer_status(writer) if writer is not None else 0
+                if rc is not None:
+                    extra["run_store"] = {"value": 2, "result": result_of(rc), "run": q[K_RUN]}
                     break
             elif q[K_RUN] != 1:
                 if sup.workers_ready():
                     break
+            elif late and q[K_FULL_SCANS] >= 1 and sup.workers_ready():
+                sup.spawn_worker(o.pages, o.workload, o.seed, o.churn_ms, exit_after_write=True)
+                late = False
             elif q[K_FULL_SCANS] != last_scan:
                 last_scan = q[K_FULL_SCANS]
                 if sup.workers_ready():
@@ -263,10 +318,13 @@ def drive(sup: Supervisor, o: RunOptions, t0: float, progress: Progress, interru
                     used = sup.cl.nframes - q[A_FREE_TOP]
                     q[H_MEM_LIMIT] = used + max(8, o.pages // 2)
                     sup.log.info("ksm_knob", name="mem_limit", value=q[H_MEM_LIMIT])
-                    ksm_run_store(sup.cl, 2)
-                    sup.log.info("ksm_knob", name="run", value=2)
+                    writer = sup.start_run_writer(2)  # echo 2 > run, PF_OOM_ORIGIN as the policy's kernel
                     samples.clear()
                 elif converged and not o.scenario:
+                    if o.demo_exits:
+                        demo_exit_away_from_cursor(sup)
                     break
         time.sleep(0.02)
-    return bool(sup.hung)
+    if writer is not None and "run_store" not in extra:
+        extra["run_store"] = {"value": 2, "result": "hung" if sup.hung else "running", "run": q[K_RUN]}
+    return bool(sup.hung), extra

@@ -38,7 +38,7 @@ from .layout import (A_FREE_TOP, C_ALLOC, C_DAEMON, C_MMAP, C_MMLIST, C_PTL, C_W
                      K_PAGES_TO_SCAN, K_PAGES_UNSHARED, K_PAGES_VOLATILE, K_RUN, K_SLEEP_MS,
                      M_EXIT_STAGE, M_FREER_TASK, M_ID, M_OWNER_PID, M_REFS, M_SLOT_RMAP, M_SLOT_USED,
                      M_STATE, M_USERS, M_WRITER_WAITING, MS_FREEING, MS_ZOMBIE,
-                     R_KSMD, R_REAPER, R_SUPERVISOR, R_WORKER, S_EXIT_FAST, S_EXIT_LEGACY,
+                     R_KSMD, R_REAPER, R_SUPERVISOR, R_WORKER, R_WRITER, EXIT_POLICIES, H_EXIT_POLICY, S_EXIT_FAST, S_EXIT_LEGACY,
                      S_EXIT_NOSLOT, S_EXIT_SLOW, S_EXITED, S_KILLED, S_LOCK_RECOVERIES, S_MISMATCHES,
                      S_OOM_KILLED, S_PAGES_VERIFIED, S_REAPED, S_RECOVERIES, S_STARTED,
                      T_EXIT_PATH, T_EXIT_REASON, T_FLIGHT_PFN, T_FOR_ROW, T_KILL_POINT, T_MISMATCHES, T_MM,
@@ -76,6 +76,7 @@ class Supervisor:
         self.quiet = quiet
         self.cl: Cluster
         self.children: dict[int, Child] = {}
+        self.writers: dict[int, Child] = {}  # run_store tasks (uksm.writer) not yet settled
         self.mms: dict[int, MM] = {}
         self.dead_q: queue.Queue[tuple[int, Child, int]] = queue.Queue()
         self.stop_ev = threading.Event()
@@ -230,12 +231,68 @@ class Supervisor:
                       workload=workload)
         return child
 
+    # ---- the writer of /sys/kernel/mm/ksm/run ---------------------------------------
+    def start_run_writer(self, value: int, oom_origin: bool | None = None) -> Child:
+        """``echo VALUE > /sys/kernel/mm/ksm/run``: a short-lived task
+        (uksm.writer) runs run_store -- for 2, the whole unmerge -- in its
+        own context.  ``oom_origin`` (PF_OOM_ORIGIN while unmerging):
+        by default as the exit policy's kernel had it -- 2.6.32 as released
+        (``shipped``) did; the seed (and ``legacy``, before it) did not."""
+        cl, q = self.cl, self.cl.q
+        if oom_origin is None:
+            oom_origin = EXIT_POLICIES[q[H_EXIT_POLICY]] == "shipped"
+        row = self._alloc_row(R_WRITER)
+        args = ["uksm.writer", "--cluster", self.name, "--task", str(row), "--value", str(value)]
+        if oom_origin:
+            args.append("--oom-origin")
+        if self.log_dir:
+            args += ["--log-dir", self.log_dir]
+        p = self._popen(args)
+        q[cl.tbase(row) + T_PID] = p.pid
+        ch = Child(row, p, "writer")
+        with self.lock:
+            self.writers[row] = ch
+        return ch
+
+    def run_writer_status(self, ch: Child) -> int | None:
+        """The writer's wait status once it has exited and its row is
+        settled (its locks recovered if it died holding one), else None."""
+        rc = ch.proc.poll()
+        if rc is None:
+            return None
+        self._writers_exited()
+        with self.lock:
+            if ch.row in self.writers:
+                return None
+        return rc if self.settled() else None
+
+    def write_run(self, value: int, oom_origin: bool | None = None,
+                  timeout: float = 120.0) -> dict[str, Any]:
+        """Write ``run`` through a writer task and wait for the write to
+        return, as the shell would: {"value", "status", "result"}, the
+        result "done", "interrupted" (-ERESTARTSYS), "oom-killed", "killed
+        by SIG..." or "hung" (the watchdog reported a hung task meanwhile)."""
+        from .writer import result_of
+        ch = self.start_run_writer(value, oom_origin)
+        end = time.monotonic() + timeout
+        while True:
+            rc = self.run_writer_status(ch)
+            if rc is not None:
+                return {"value": value, "status": rc, "result": result_of(rc)}
+            self.sweep()
+            if self.hung:
+                return {"value": value, "status": None, "result": "hung"}
+            if time.monotonic() > end:
+                raise shm.UksmError(f"run={value}: the writer did not return within {timeout:.0f}s", 1)
+            time.sleep(0.01)
+
     # ---- reaping ---------------------------------------------------------------
     def poll(self) -> None:
         """Reap exited children; send the unclean ones to recovery."""
         if self.restart_at and time.monotonic() >= self.restart_at:
             self.restart_at = 0.0
             self.start_ksmd()
+        self._writers_exited()
         for row, ch, rc in self._exited():
             if self.exit_complete(row, ch):
                 # it ran its whole exit (a signal after that changes nothing)
@@ -243,6 +300,20 @@ class Supervisor:
                     self._account_exit(row, ch, reaped=False)
             elif self._claim(row):
                 self._to_recovery(row, ch, rc)
+
+    def _writers_exited(self) -> None:
+        """A writer that returned holds no lock: its row is free.  One that
+        died holding a lock (SIGKILL) goes to recovery like a worker."""
+        with self.lock:
+            done = [(r, ch, rc) for r, ch in self.writers.items() if (rc := ch.proc.poll()) is not None]
+        for row, ch, rc in done:
+            with self.lock:
+                if self.writers.pop(row, None) is None:
+                    continue
+            if any(dead_locks(self.cl.q, self.cl.tbase(row))):
+                self._to_recovery(row, ch, rc)
+            else:
+                self._free_row(row)
 
     def _exited(self) -> list[tuple[int, Child, int]]:
         """Children that have exited, with their wait status."""
@@ -407,6 +478,9 @@ class Supervisor:
             if ch.role == "ksmd":
                 self._ksmd_lost(r)
                 continue
+            if ch.role == "writer":  # no mm, no exit to run
+                self._free_row(r)
+                continue
             th = threading.Thread(target=self._reap, args=(r, ch), daemon=True)
             th.start()
             with self.lock:
@@ -430,6 +504,7 @@ class Supervisor:
         for row, ch, rc in self._exited():
             if not self.exit_complete(row, ch) and self._claim(row):
                 self._to_recovery(row, ch, rc)
+        self._writers_exited()
         k = self.ksmd
         if k is not None and k.proc.poll() is not None and not q[H_SHUTDOWN]:
             with self.lock:
@@ -628,7 +703,7 @@ class Supervisor:
         """A hung cluster: SIGKILL every process (the reboot button)."""
         self.stop_ev.set()
         with self.lock:
-            procs = [c.proc for c in self.children.values()]
+            procs = [c.proc for c in self.children.values()] + [c.proc for c in self.writers.values()]
         if self.ksmd is not None:
             procs.append(self.ksmd.proc)
         for p in procs:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable
 
 from . import killpoints
-from .ksm import ksm_enter, unmerge_ksm_pages
+from .ksm import ERESTARTSYS, __ksm_enter, unmerge_ksm_pages
 from .layout import (M_FLAGS, M_PAGES, MMF_VM_MERGEABLE, PAGE_SHIFT, PAGE_SIZE, VM_MERGEABLE,
                      VM_READ, VM_WRITE)
 from .memory import Allocator
@@ -18,6 +18,17 @@ from .mmu import zap_range
 
 if TYPE_CHECKING:
     from .cluster import Cluster
+
+class KsmInterrupted(Exception):
+    """madvise(MADV_UNMERGEABLE) stopped by a pending signal (-ERESTARTSYS):
+    the areas not fully unmerged keep VM_MERGEABLE."""
+
+    def __init__(self, err: int, pages: int) -> None:
+        super().__init__(f"unmerge interrupted after {pages} pages "
+                         f"({'ERESTARTSYS' if err == -ERESTARTSYS else err})")
+        self.err = err
+        self.pages = pages
+
 
 MADV_DONTNEED = 4
 MADV_MERGEABLE = 12
@@ -87,26 +98,37 @@ def sys_madvise(cl: "Cluster", mm: MM, alloc: Allocator, addr: int, length: int,
     if advice not in (MADV_MERGEABLE, MADV_UNMERGEABLE):
         raise SegFault(f"madvise advice {advice} (EINVAL)")
     mm.down_write()
-    n = 0
+    n = err = 0
     try:
         idx = mm.split_range(start, end)
         killpoints.hit(cl, "madvise_mmap_sem_write", log)
         if advice == MADV_MERGEABLE:
             # ksm_madvise: __ksm_enter the first time, then VM_MERGEABLE
             if not cl.q[mm.base + M_FLAGS] & MMF_VM_MERGEABLE:
-                ksm_enter(cl, mm, log)
+                __ksm_enter(cl, mm, log)
             for i in idx:
                 mm.set_vma_flags(i, mm.vma_at(i)[2] | VM_MERGEABLE)
         else:
-            for i in idx:
-                s, e, _f = mm.vma_at(i)
-                n += unmerge_ksm_pages(cl, alloc, mm, s, e, False, stop)
-            for i in idx:
-                mm.set_vma_flags(i, mm.vma_at(i)[2] & ~VM_MERGEABLE)
+            # ksm_madvise, per VMA in address order: an area is cleared of
+            # VM_MERGEABLE only once unmerge_ksm_pages finished it; on an
+            # error it keeps the flag (KSM pages may remain there: "the
+            # important thing is to not let VM_MERGEABLE be cleared while
+            # any such pages might remain", break_ksm) and madvise fails
+            for i in sorted(idx, key=lambda j: mm.vma_at(j)[0]):
+                s, e, f = mm.vma_at(i)
+                if not f & VM_MERGEABLE:
+                    continue  # "just ignore the advice"
+                k, err = unmerge_ksm_pages(cl, alloc, mm, s, e, False, stop)
+                n += k
+                if err:
+                    break
+                mm.set_vma_flags(i, f & ~VM_MERGEABLE)
         mm.merge_vmas()
     finally:
         mm.up_write()
     if advice == MADV_UNMERGEABLE and log is not None:
         log.info("unmerge", mm=mm.id, pages=n, reason="madvise")
+    if err:
+        raise KsmInterrupted(err, n)
     return n
 

@@ -1,0 +1,447 @@
+"""Fidelity to 2.6.32 (issue 11, "Corrections"): each test pins one thing
+the kernel did, checked against 2.6.32.67's mm/ksm.c, mm/memory.c,
+mm/oom_kill.c, kernel/exit.c and the 2009 mail thread (citations in
+docs/KERNEL-MAP.md and the README)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def read(*path: str) -> str:
+    with open(os.path.join(ROOT, *path)) as f:
+        return f.read()
+
+
+# ---- 1. shipped's hang is Hugh's 2009 prediction, not "the 2015 race" ---------
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("path", ["README.md", "uksm/exit.py", "docs/DESIGN.md"])
+def test_shipped_hang_is_named_for_what_it_is(path):
+    """The 2015 report (linux-next only) was one task deadlocking on itself
+    through the OOM path; the shipped placement's hang is the one Hugh
+    predicted in 2009 and seen on 4.1 stable in 2016."""
+    text = read(path)
+    assert "2015 race" not in text and "fixed upstream in 2015" not in text
+    if path != "docs/DESIGN.md":
+        assert "mmap_sem instead" in text or "mmap_sem` instead" in text
+
+
+# ---- 4. the fault-path ksm_test_exit check exists under `seed` only ---------------
+
+def cname(tag: str) -> str:
+    return f"tfid{tag}{os.getpid() % 100000}"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("policy,installs", [("seed", False), ("shipped", True), ("legacy", True)])
+def test_fault_path_exit_check_only_in_the_seed(policy, installs):
+    """break_ksm faulting a zapped (pte_none) entry of an exiting mm: the
+    seed's do_anonymous_page check installs nothing; 2.6.32 as shipped
+    (Andrea's revert: no ksm_test_exit in 2.6.32.67's mm/memory.c) and the
+    code before the seed install the page -- their exit_mmap, after
+    __ksm_exit, frees it."""
+    from helpers import booted
+    from util_machine import Space, assert_fsck
+
+    from uksm.exit import mm_users_zero
+    from uksm.log import _Null
+    from uksm.mmu import FAULT_EXITING, FAULT_OK, handle_mm_fault
+    with booted(cname("f" + policy[:2]), run=0, frames=64, va_pages=128, exit_policy=policy) as sup:
+        s = Space(sup)
+        base = s.mmap(2)
+        mm_users_zero(sup.cl, s.mm, _Null())       # exit began: ksm_test_exit(mm)
+        sup.cl.task.lock(s.mm.sem)
+        try:
+            r = handle_mm_fault(sup.cl, s.alloc, s.mm, base >> 12, True, True)
+        finally:
+            sup.cl.task.unlock(s.mm.sem)
+        assert (s.pfn(base) is not None) == installs
+        assert r == (FAULT_OK if installs else FAULT_EXITING)
+        s.exit()
+        assert_fsck(sup)
+
+
+# ---- ksmd driven from the test thread --------------------------------------------
+
+class InProcKsmd:
+    """A Ksmd run by the test thread (the supervisor's task row), one batch
+    at a time under ksm_thread_mutex, while the cluster's own ksmd idles
+    (run=0): its scans are then deterministic."""
+
+    def __init__(self, sup, monkeypatch) -> None:
+        from uksm.ksmd import Ksmd
+        from uksm.log import _Null
+        self.sup = sup
+        self.k = Ksmd(sup.cl, _Null())
+        # the test's Space shares this process's cached semaphores: a slot
+        # freed here must not close them under it
+        monkeypatch.setattr(sup.cl, "forget_mm", lambda _mm_id: None)
+
+    def merged_space(self, npages: int):
+        """A Space with ``npages`` equal pages, MADV_MERGEABLE, merged by
+        three passes: (space, base address)."""
+        from util_machine import Space
+
+        from uksm.syscalls import MADV_MERGEABLE
+        s = Space(self.sup)
+        base = s.mmap(npages)
+        fill_same(s, base, npages)
+        s.madvise(base, npages, MADV_MERGEABLE)
+        self.scan(passes=3)
+        return s, base
+
+    def scan(self, n: int = 1000, passes: int = 1) -> None:
+        cl = self.sup.cl
+        for _ in range(passes):
+            cl.task.lock(cl.daemon)
+            try:
+                self.k.ksm_do_scan(n)
+            finally:
+                cl.task.unlock(cl.daemon)
+
+
+def fill_same(s, addr: int, npages: int, byte: int = 0x42) -> None:
+    for i in range(npages):
+        s.write(addr + i * 4096, bytes([byte]) * 4096)
+
+
+# ---- 5. ksmd calls break_cow where the kernel does -----------------------------------
+
+@pytest.mark.timeout(60)
+def test_unshared_ksm_page_goes_through_break_cow(monkeypatch):
+    """ksm_do_scan replaces a now-unshared KSM page by an ordinary page with
+    break_cow (down_read, ksm_test_exit, find_vma, VM_MERGEABLE, break_ksm),
+    not with a bare break_ksm."""
+    from helpers import booted
+    from util_machine import Space, assert_fsck, is_ksm
+
+    import uksm.ksmd as ksmd_mod
+    from uksm.ksm import break_cow as real_break_cow
+    from uksm.syscalls import MADV_MERGEABLE
+    calls: list[int] = []
+
+    def spy(cl, alloc, mm, vpn, log=None):
+        calls.append(vpn)
+        return real_break_cow(cl, alloc, mm, vpn, log)
+    monkeypatch.setattr(ksmd_mod, "break_cow", spy)
+    with booted(cname("bc"), run=0, frames=64, va_pages=128) as sup:
+        k = InProcKsmd(sup, monkeypatch)
+        s, base = k.merged_space(2)
+        assert s.pfn(base) == s.pfn(base + 4096) and is_ksm(sup.cl, s.pfn(base)), "merged"
+        s.write(base + 4096, b"x")            # COW: the KSM page keeps one mapping
+        k.scan()
+        assert calls == [base >> 12]
+        assert not is_ksm(sup.cl, s.pfn(base)), "the unshared KSM page was broken"
+        s.exit(wait=False)
+        k.scan(passes=2)                       # ksmd frees the slot of the exiting mm
+        assert s.freed()
+        assert_fsck(sup)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("advice", ["unmergeable", "munmap"])
+def test_break_cow_leaves_an_area_no_longer_mergeable(advice):
+    """break_cow finds the VMA again under mmap_sem: an address unmapped or
+    made UNMERGEABLE since ksmd saw it is not touched."""
+    from helpers import booted
+    from util_machine import Space
+
+    from uksm.ksm import break_cow
+    from uksm.syscalls import MADV_MERGEABLE, MADV_UNMERGEABLE
+    with booted(cname("bv" + advice[:2]), run=0, frames=64, va_pages=128) as sup:
+        s = Space(sup)
+        base = s.mmap(2)
+        fill_same(s, base, 2)
+        s.madvise(base, 2, MADV_MERGEABLE)
+        assert break_cow(sup.cl, s.alloc, s.mm, base >> 12)
+        if advice == "munmap":
+            s.munmap(base, 2)
+        else:
+            s.madvise(base, 2, MADV_UNMERGEABLE)
+        assert not break_cow(sup.cl, s.alloc, s.mm, base >> 12)
+        s.exit()
+
+
+# ---- 6. never merge in an area made UNMERGEABLE or unmapped meanwhile ------------------
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("rep", range(3))
+def test_no_merge_in_an_area_made_unmergeable_while_ksmd_scans(rep):
+    """Two mergeable areas A and B of one mm, B's pages equal to A's merged
+    KSM page.  ksmd is held (delay point) at the start of scan_mm with
+    mmap_sem for read; MADV_UNMERGEABLE on B waits for it, ksmd lets the
+    writer in, re-takes mmap_sem.  The kernel's scan_get_next_rmap_item
+    does find_vma per page: B is no longer VM_MERGEABLE, nothing of it is
+    merged.  (Before: ksmd went on with the area list taken before the
+    drop and merged B's pages into the KSM page.)"""
+    from helpers import booted, pump
+    from util_machine import Space, assert_fsck, is_ksm, set_run, wait_counts, wait_full_scans
+
+    from uksm import killpoints
+    from uksm.layout import H_KSMD_POINT, K_RUN
+    from uksm.syscalls import MADV_MERGEABLE, MADV_UNMERGEABLE
+    with booted(cname(f"nm{rep}"), run=1, frames=512, va_pages=400, pages_to_scan=2000,
+                sleep_ms=2) as sup:
+        q = sup.cl.q
+        s = Space(sup)
+        a = s.mmap(128)
+        s.mmap(1)                               # a gap: A and B stay two VMAs
+        b = s.mmap(64)
+        fill_same(s, a, 128)
+        fill_same(s, b, 64)
+        s.madvise(a, 128, MADV_MERGEABLE)
+        wait_counts(sup, pages_shared=1, pages_sharing=127)
+        set_run(sup, 0)
+        s.madvise(b, 64, MADV_MERGEABLE)
+        killpoints.arm_ksmd_delay(sup.cl, "ksmd_scan_mmap_sem", 600)
+        q[K_RUN] = 1                            # ksmd's next batch: scan_mm of this mm
+        pump(sup, lambda: q[H_KSMD_POINT] == -1, what="ksmd held with mmap_sem")
+        s.madvise(b, 64, MADV_UNMERGEABLE)      # waits for ksmd to let the writer in
+        wait_full_scans(sup, 2)
+        merged_b = [i for i in range(64) if is_ksm(sup.cl, s.pfn(b + i * 4096))]
+        assert merged_b == [], f"pages of the UNMERGEABLE area merged: {merged_b[:8]}"
+        assert all(is_ksm(sup.cl, s.pfn(a + i * 4096)) for i in range(128))
+        assert_fsck(sup, [s])
+        s.exit()
+
+
+# ---- 7. the smaller ones ------------------------------------------------------------------
+
+@pytest.mark.timeout(60)
+def test_madv_unmergeable_interrupted_keeps_vm_mergeable(monkeypatch):
+    """ksm_madvise: unmerge_ksm_pages stopped by a signal (-ERESTARTSYS)
+    returns the error before "*vm_flags &= ~VM_MERGEABLE": the area keeps
+    the flag (KSM pages remain in it) and madvise fails."""
+    from helpers import booted
+    from util_machine import Space, assert_fsck, is_ksm
+
+    from uksm.ksm import ERESTARTSYS
+    from uksm.layout import VM_MERGEABLE
+    from uksm.syscalls import MADV_MERGEABLE, MADV_UNMERGEABLE, KsmInterrupted, sys_madvise
+    with booted(cname("mi"), run=0, frames=64, va_pages=128) as sup:
+        k = InProcKsmd(sup, monkeypatch)
+        s, base = k.merged_space(8)
+        assert all(is_ksm(sup.cl, s.pfn(base + i * 4096)) for i in range(8))
+        calls = []
+
+        def signal_pending() -> bool:
+            calls.append(1)
+            return len(calls) > 3              # a signal arrives after 3 pages
+        with pytest.raises(KsmInterrupted) as ei:
+            sys_madvise(sup.cl, s.mm, s.alloc, base, 8 * 4096, MADV_UNMERGEABLE, None, signal_pending)
+        assert ei.value.err == -ERESTARTSYS and ei.value.pages == 3
+        vma = s.mm.find_vma(base >> 12)
+        assert vma is not None and vma[3] & VM_MERGEABLE, "VM_MERGEABLE kept: KSM pages remain"
+        assert is_ksm(sup.cl, s.pfn(base + 7 * 4096))
+        s.madvise(base, 8, MADV_UNMERGEABLE)  # not interrupted: done, flag cleared
+        assert not s.mm.find_vma(base >> 12)[3] & VM_MERGEABLE
+        k.scan(passes=2)
+        s.exit(wait=False)
+        k.scan(passes=2)
+        assert s.freed()
+        assert_fsck(sup)
+
+
+@pytest.mark.timeout(60)
+def test_exit_noticed_after_the_loop_frees_the_slot_now(monkeypatch):
+    """scan_get_next_rmap_item checks ksm_test_exit once more after its VMA
+    loop: an exit that began during the walk of the last page is treated
+    as no area at all -- rmap_items removed, slot freed in this pass."""
+    from helpers import booted
+    from util_machine import Space, assert_fsck
+
+    from uksm.exit import mm_users_zero
+    from uksm.ksmd import Ksmd
+    from uksm.layout import M_SLOT_USED
+    from uksm.log import _Null
+    from uksm.syscalls import MADV_MERGEABLE
+    with booted(cname("al"), run=0, frames=64, va_pages=128) as sup:
+        k = InProcKsmd(sup, monkeypatch)
+        s = Space(sup)
+        base = s.mmap(4)
+        for i in range(4):
+            s.write(base + i * 4096, bytes([i + 1]) * 4096)
+        s.madvise(base, 4, MADV_MERGEABLE)
+        k.scan(passes=2)
+        real = Ksmd.cmp_and_merge_page
+        last = (base >> 12) + 3
+
+        def cmp_then_exit(self, st, item, pfn):
+            r = real(self, st, item, pfn)
+            if item.vpn == last:               # the exit begins after the last page's checks
+                mm_users_zero(sup.cl, s.mm, _Null())
+            return r
+        monkeypatch.setattr(Ksmd, "cmp_and_merge_page", cmp_then_exit)
+        k.scan(n=4)                            # this mm's 4 pages: the batch ends with it
+        assert not sup.cl.q[s.mm.base + M_SLOT_USED], "slot freed in this pass"
+        assert k.k.rmap_items == 0
+        s.exit()
+        assert_fsck(sup)
+
+
+@pytest.mark.timeout(60)
+def test_full_scans_is_seqnr_and_run2_resets_it():
+    """full_scans_show prints ksm_scan.seqnr, which
+    unmerge_and_remove_all_rmap_items sets to 0."""
+    from helpers import booted
+    from util_machine import Space, ksm_stats, set_run, wait_full_scans
+
+    from uksm.layout import L_SEQNR
+    from uksm.syscalls import MADV_MERGEABLE
+    with booted(cname("fs"), run=1, frames=64, va_pages=128, pages_to_scan=100, sleep_ms=1) as sup:
+        s = Space(sup)
+        base = s.mmap(4)
+        fill_same(s, base, 4)
+        s.madvise(base, 4, MADV_MERGEABLE)
+        st = wait_full_scans(sup, 3)
+        assert st["full_scans"] >= 3
+        set_run(sup, 2)
+        assert ksm_stats(sup.cl)["full_scans"] == 0 == sup.cl.q[L_SEQNR]
+        s.exit(wait=False)
+        set_run(sup, 1)
+        from helpers import pump
+        pump(sup, s.freed, what="slot freed")
+
+
+@pytest.mark.timeout(60)
+def test_writing_the_same_run_twice_does_nothing():
+    """run_store: "if (ksm_run != flags)": a second run=2 is not a second
+    unmerge (no new request for ksmd)."""
+    from helpers import booted
+    from util_machine import set_run
+
+    from uksm.ksm import run_store
+    from uksm.layout import K_RUN_DONE, K_RUN_SEQ
+    with booted(cname("r2"), run=1, frames=64, va_pages=128) as sup:
+        q = sup.cl.q
+        set_run(sup, 2)
+        seq = q[K_RUN_SEQ]
+        assert run_store(sup.cl, 2) == (seq, 0) and seq == q[K_RUN_SEQ] == q[K_RUN_DONE]
+        set_run(sup, 1)
+        assert q[K_RUN_SEQ] == seq + 1
+
+
+@pytest.mark.timeout(60)
+def test_legacy_cursor_step_to_the_head_bumps_seqnr():
+    """The pre-seed __ksm_exit (removed by the seed's diff): when the cursor
+    steps off the exiting mm onto ksm_mm_head, "ksm_scan.seqnr++"."""
+    from helpers import booted
+    from util_machine import Space
+
+    from uksm.layout import L_SCAN_SLOT, L_SEQNR
+    from uksm.syscalls import MADV_MERGEABLE
+    with booted(cname("lc"), run=0, frames=64, va_pages=128, exit_policy="legacy") as sup:
+        q = sup.cl.q
+        s = Space(sup)
+        base = s.mmap(2)
+        s.madvise(base, 2, MADV_MERGEABLE)
+        sup.cl.task.lock(sup.cl.mmlist)
+        q[L_SCAN_SLOT] = s.mm.row                # ksmd's cursor on the only mm
+        sup.cl.task.unlock(sup.cl.mmlist)
+        before = q[L_SEQNR]
+        s.exit()
+        assert q[L_SCAN_SLOT] == sup.cl.head and q[L_SEQNR] == before + 1
+
+
+@pytest.mark.timeout(60)
+def test_live_fsck_under_legacy_after_exit_freed_a_slot():
+    """Legacy __ksm_exit frees the slot (and, in the kernel, its rmap_items)
+    under ksm_thread_mutex; ksmd's published counters catch up at its next
+    batch.  A live fsck in between is not an rmap_items mismatch."""
+    from helpers import booted, pump
+    from util_machine import Space, fsck_errors
+
+    from uksm.layout import M_RMAP_ITEMS
+    from uksm.syscalls import MADV_MERGEABLE
+    with booted(cname("lf"), run=1, frames=64, va_pages=128, pages_to_scan=100, sleep_ms=1,
+                exit_policy="legacy") as sup:
+        s = Space(sup)
+        base = s.mmap(4)
+        for i in range(4):
+            s.write(base + i * 4096, bytes([i + 1]) * 4096)
+        s.madvise(base, 4, MADV_MERGEABLE)
+        pump(sup, lambda: sup.cl.q[s.mm.base + M_RMAP_ITEMS] == 4, what="rmap_items published")
+        sup.stop_ksmd()                           # the window stays open
+        s.exit(wait=False)
+        assert fsck_errors(sup, [s]) == []
+
+
+# ---- 2. the OOM killer's victim choice, by version ---------------------------------------
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("rule,second_kill", [("2.6.32", True), ("4.1", False)])
+def test_oom_victim_stuck_in_mmput_by_rule(rule, second_kill, monkeypatch):
+    """A victim whose exit has begun (mm released: 2.6.32's exit_mm set
+    tsk->mm = NULL before mmput) but has not freed its pages, stuck as in
+    __ksm_exit.  2.6.32's select_bad_process skips it ("if (!p->mm)
+    continue;" before the TIF_MEMDIE test) and kills another task; 4.1's
+    oom_scan_process_thread sees TIF_MEMDIE first and kills nobody."""
+    from helpers import booted
+    from util_machine import Space
+
+    from uksm import oom
+    from uksm.exit import mm_users_zero
+    from uksm.layout import M_OOM_VICTIM, M_OWNER_PID, S_OOM_KILLED
+    from uksm.log import _Null
+    sent: list[int] = []
+    from types import SimpleNamespace
+    monkeypatch.setattr(oom, "os", SimpleNamespace(kill=lambda pid, sig: sent.append(pid)))
+    with booted(cname("oo" + rule[0]), run=0, frames=64, va_pages=128, oom_rule=rule) as sup:
+        q = sup.cl.q
+        stuck, other = Space(sup), Space(sup)
+        for s, n in ((stuck, 6), (other, 2)):
+            base = s.mmap(n)
+            for i in range(n):
+                s.write(base + i * 4096, b"\x01")
+        q[stuck.mm.base + M_OWNER_PID] = 999_001
+        q[other.mm.base + M_OWNER_PID] = 999_002
+        assert oom.out_of_memory(sup.cl, sup.cl.task) == 999_001   # the biggest first
+        assert q[stuck.mm.base + M_OOM_VICTIM]
+        mm_users_zero(sup.cl, stuck.mm, _Null())                   # its exit began, pages not freed
+        got = oom.out_of_memory(sup.cl, sup.cl.task)
+        assert got == (999_002 if second_kill else 0)
+        assert sent == ([999_001, 999_002] if second_kill else [999_001])
+        assert q[S_OOM_KILLED] == (2 if second_kill else 1)
+        for s in (stuck, other):
+            q[s.mm.base + M_OWNER_PID] = 0
+            s.exit()
+
+
+# ---- 3. the writer of run unmerges, and can be interrupted -------------------------------
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("rep", range(2))
+def test_run2_writer_interrupted_sets_run_back(rep):
+    """run_store in the writer's context: a signal while it unmerges makes
+    unmerge_ksm_pages return -ERESTARTSYS; run goes back to 0 and the
+    write fails ("interrupted")."""
+    from helpers import booted, pump
+    from util_machine import Space, assert_fsck, wait_counts
+
+    from uksm import killpoints
+    from uksm.layout import H_KSMD_POINT, K_RUN
+    from uksm.syscalls import MADV_MERGEABLE
+    from uksm.writer import result_of
+    with booted(cname(f"wi{rep}"), run=1, frames=128, va_pages=128, pages_to_scan=500,
+                sleep_ms=1) as sup:
+        q = sup.cl.q
+        s = Space(sup)
+        base = s.mmap(16)
+        fill_same(s, base, 16)
+        s.madvise(base, 16, MADV_MERGEABLE)
+        wait_counts(sup, pages_shared=1, pages_sharing=15)
+        killpoints.arm_ksmd_delay(sup.cl, "ksmd_break_ksm_window", 500)
+        w = sup.start_run_writer(2)
+        pump(sup, lambda: q[H_KSMD_POINT] == -1, what="the writer unmerging")
+        w.proc.terminate()                      # a signal for the writer (SIGTERM)
+        rc = pump(sup, lambda: sup.run_writer_status(w) is not None and [sup.run_writer_status(w)],
+                  what="the write to return")[0]
+        assert result_of(rc) == "interrupted" and q[K_RUN] == 0
+        assert_fsck(sup, [s], counters=False)
+        s.exit(wait=False)
+        assert sup.write_run(1)["result"] == "done"
+        pump(sup, s.freed, what="ksmd frees the slot")

@@ -1,0 +1,89 @@
+"""The writer of /sys/kernel/mm/ksm/run: ``echo VALUE > run`` as a task.
+
+In 2.6.32 the task that writes ``run`` runs run_store itself: it takes
+ksm_thread_mutex and, for 2, does the whole unmerge in its own context
+(unmerge_and_remove_all_rmap_items), with PF_OOM_ORIGIN set so that the
+OOM killer, if its own COW breaks exhaust memory, picks *it* first
+(badness() returns ULONG_MAX for PF_OOM_ORIGIN, "swapoff can easily use up
+all memory, so kill those first").  A fatal signal makes unmerge_ksm_pages
+stop with -ERESTARTSYS; an OOM kill of the writer makes its own fault fail
+(-ENOMEM); either way run_store sets ``run`` back to 0 and the write fails.
+
+This process is that task: short-lived, started by the supervisor for
+``uksm ctl run=N``, the oom-unmerge scenario and the API, with
+``--oom-origin`` where the kernel had PF_OOM_ORIGIN (2.6.32 as released:
+the ``shipped`` policy) and without it for the seed's own code.  Its exit
+status is the result the caller gets: EXIT_DONE, EXIT_INTERRUPTED
+(-ERESTARTSYS), EXIT_OOM_KILLED (-ENOMEM: chosen by the OOM killer).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+from typing import Any
+
+from . import log as ulog
+from . import oom
+from .cluster import Cluster
+from .ksm import ENOMEM, run_store
+from .layout import T_FATAL, T_PID, X_OOM, X_SIGNAL
+from .memory import Allocator
+
+EXIT_DONE, EXIT_INTERRUPTED, EXIT_OOM_KILLED = 0, 5, 6
+RESULTS = {EXIT_DONE: "done", EXIT_INTERRUPTED: "interrupted", EXIT_OOM_KILLED: "oom-killed"}
+
+
+def result_of(status: int | None) -> str:
+    """What the caller of a write gets from the writer's wait status."""
+    if status is None:
+        return "running"
+    if status < 0:
+        return f"killed by {signal.Signals(-status).name}"
+    return RESULTS.get(status, f"failed (status {status})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="uksm-writer",
+                                 description="write /sys/kernel/mm/ksm/run of a cluster (run_store)")
+    ap.add_argument("--cluster", required=True)
+    ap.add_argument("--task", type=int, required=True)
+    ap.add_argument("--value", type=int, required=True, choices=(0, 1, 2))
+    ap.add_argument("--oom-origin", action="store_true",
+                    help="PF_OOM_ORIGIN while unmerging (2.6.32 as released)")
+    ap.add_argument("--log-dir")
+    a = ap.parse_args(argv)
+    from .lifeline import arm
+    arm()  # die with the supervisor
+    cl = Cluster.attach(a.cluster)
+    task = cl.bind(a.task)
+    q = cl.q
+    q[task.base + T_PID] = os.getpid()
+    log = ulog.setup("writer", a.cluster, a.log_dir)
+    oom.set_logger(log)
+    task.on_wait = lambda name, ms, holders: log.info("lock_wait", lock=name, holders=holders,
+                                                       waited_ms=round(ms, 3))
+    pending = {"signo": 0}
+
+    def on_signal(signo: int, _frame: Any) -> None:  # signal_pending(current)
+        pending["signo"] = signo
+        if not q[task.base + T_FATAL]:
+            q[task.base + T_FATAL] = X_OOM if signo == oom.OOM_SIGNAL else X_SIGNAL
+    for s in (signal.SIGTERM, signal.SIGINT, oom.OOM_SIGNAL):
+        signal.signal(s, on_signal)
+    alloc = Allocator(cl)
+    alloc.oom_killer = oom.out_of_memory
+    try:
+        _seq, err = run_store(cl, a.value, alloc, log, stop=lambda: bool(pending["signo"]),
+                                  oom_origin=a.oom_origin)
+        status = (EXIT_DONE if not err else EXIT_OOM_KILLED
+                  if err == -ENOMEM or q[task.base + T_FATAL] == X_OOM else EXIT_INTERRUPTED)
+        log.info("run_store", value=a.value, err=err, result=RESULTS[status],
+                 oom_origin=a.oom_origin)
+        return status
+    finally:
+        ulog.close()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
