@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from helpers import ROOT, uksm, wait_for
+from helpers import ROOT, cluster_pids, uksm, wait_for
 from uksm import shm
 from uksm.cluster import Cluster, pid_alive
 from uksm.layout import R_WORKER, T_READY, T_ROLE
@@ -29,23 +29,6 @@ SMALL = ("--workers", "2", "--pages", "32", "--quiet")
 
 def name(tag: str) -> str:
     return f"tlc{tag}{os.getpid() % 100000}"
-
-
-def cluster_pids(cluster: str) -> list[int]:
-    """Live processes whose command line names ``cluster`` (``--cluster NAME``)."""
-    out = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit() or int(d) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{d}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if b"--cluster" in argv[:-1] and argv[argv.index(b"--cluster") + 1] == cluster.encode() \
-                and pid_alive(int(d)):
-            out.append(int(d))
-    return out
 
 
 def start(*argv: str) -> subprocess.Popen:
@@ -174,9 +157,14 @@ def test_stop_signal_to_inject_mid_run(sig: int, tmp_path) -> None:
 
 
 @pytest.mark.timeout(100)
-def test_second_signal_kills_at_once_and_removes_everything(tmp_path) -> None:
-    cl = name("twice")
-    p = start("run", "--cluster", cl, "--duration", "80", "--log-dir", str(tmp_path), *SMALL)
+@pytest.mark.parametrize("cmd", ["run", "up"])
+def test_second_signal_kills_at_once_and_removes_everything(cmd: str, tmp_path) -> None:
+    """``uksm run``, and the daemon of ``up --foreground`` (a service being
+    stopped twice)."""
+    cl = name(f"twice{cmd}")
+    argv = (("run", "--duration", "80", *SMALL) if cmd == "run" else
+            ("up", "--foreground", "--workers", "2", "--pages", "16"))
+    p = start(*argv, "--cluster", cl, "--log-dir", str(tmp_path))
     try:
         kids = wait_up(p, cl)
         # two different signals back to back: python runs both handlers
@@ -186,22 +174,6 @@ def test_second_signal_kills_at_once_and_removes_everything(tmp_path) -> None:
     finally:
         out, err = finish(p, cl)
     # python runs pending handlers in signal-number order: either is "second"
-    assert p.returncode in (signalled(signal.SIGHUP), signalled(signal.SIGTERM)), (out, err)
-    assert "second stop signal" in err and "Traceback" not in err, err
-    nothing_left(cl, kids)
-
-
-@pytest.mark.timeout(100)
-def test_second_signal_to_a_foreground_daemon_kills_at_once(tmp_path) -> None:
-    cl = name("fgtwice")
-    p = start("up", "--cluster", cl, "--foreground", "--workers", "2", "--pages", "16",
-              "--log-dir", str(tmp_path))
-    try:
-        kids = wait_up(p, cl)
-        p.send_signal(signal.SIGTERM)  # down...
-        p.send_signal(signal.SIGHUP)   # ...and at once
-    finally:
-        out, err = finish(p, cl)
     assert p.returncode in (signalled(signal.SIGHUP), signalled(signal.SIGTERM)), (out, err)
     assert "second stop signal" in err and "Traceback" not in err, err
     nothing_left(cl, kids)
