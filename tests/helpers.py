@@ -10,7 +10,7 @@ import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
-from uksm.cluster import Config
+from uksm.cluster import Config, pid_alive
 from uksm.supervisor import Supervisor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,3 +79,21 @@ def pump(sup: Supervisor, pred: Callable[[], Any], timeout: float = 30.0, what: 
         sup.sweep()
         return pred()
     return wait_for(step, timeout, what=what)
+
+
+def cluster_pids(name: str) -> list[int]:
+    """Every live process of cluster ``name`` (daemon, ksmd, workers)."""
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit() or int(d) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"--cluster" in argv:
+            i = argv.index(b"--cluster")
+            if i + 1 < len(argv) and argv[i + 1] == name.encode() and pid_alive(int(d)):
+                out.append(int(d))
+    return out

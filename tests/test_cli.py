@@ -23,7 +23,8 @@ REPORT_KEYS = {
             "pages_unshared", "pages_volatile", "full_scans", "pages_scanned"},
     "frames": {"total", "used", "free"},
     "memory": {"host_bytes_resident"},
-    "workers": {"started", "exited", "exit_fast", "exit_slow", "killed", "oom_killed"},
+    "workers": {"started", "exited", "exit_fast", "exit_slow", "exit_legacy", "exit_noslot", "killed",
+                "oom_killed"},
     "integrity": {"pages_verified", "mismatches"},
     "fsck": {"ok", "errors"},
     "hung_tasks": None, "ipc_leftovers": None,
@@ -60,6 +61,8 @@ def assert_clean_run(r: dict, status: int, workers: int, pages: int) -> None:
     assert r["hung_tasks"] == []
     w = r["workers"]
     assert w["started"] == w["exited"] == workers
+    # every exit path named: they add up (issue 12)
+    assert w["exit_fast"] + w["exit_slow"] + w["exit_legacy"] + w["exit_noslot"] == w["exited"], w
     assert w["killed"] == w["oom_killed"] == 0
     fr = r["frames"]
     assert fr["used"] + fr["free"] == fr["total"]

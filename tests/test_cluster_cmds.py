@@ -27,7 +27,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from helpers import ROOT, uksm, wait_for
+from helpers import ROOT, cluster_pids, uksm, wait_for
 from uksm import shm
 from uksm.cluster import Cluster, pid_alive
 from uksm.layout import (A_FREE_TOP, EXIT_POLICIES, H_EXIT_POLICY, H_MEM_LIMIT, K_FULL_SCANS,
@@ -40,24 +40,6 @@ KSM = {"run": K_RUN, "pages_to_scan": K_PAGES_TO_SCAN, "sleep_millisecs": K_SLEE
        "pages_shared": K_PAGES_SHARED, "pages_sharing": K_PAGES_SHARING,
        "pages_unshared": K_PAGES_UNSHARED, "pages_volatile": K_PAGES_VOLATILE,
        "full_scans": K_FULL_SCANS, "pages_scanned": K_PAGES_SCANNED}
-
-
-def cluster_pids(name: str) -> list[int]:
-    """Every live process of cluster ``name`` (daemon, ksmd, workers)."""
-    out = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit() or int(d) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{d}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if b"--cluster" in argv:
-            i = argv.index(b"--cluster")
-            if i + 1 < len(argv) and argv[i + 1] == name.encode() and pid_alive(int(d)):
-                out.append(int(d))
-    return out
 
 
 class Up:

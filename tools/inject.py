@@ -32,10 +32,12 @@ import random
 import signal
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import uksm
 from uksm import killpoints
+from uksm.exitcodes import interrupted as interrupted_status
+from uksm.lifeline import StopSignals
 from uksm.run import EXIT_USAGE, RunOptions, default_frames, validate
 from uksm.shm import UksmError
 
@@ -65,7 +67,7 @@ class Injector:
         self.respawned = 0
         self.at_last: dict[str, int] = {"merges": 0, "full_scans": 0}
         self.live: dict[str, Any] = {"ok": False, "errors": ["not run"]}
-        self.interrupted = False
+        self.interrupted: Callable[[], bool] = lambda: False  # a stop signal (uksm.lifeline)
         self.hung = False
 
     # -- helpers ---------------------------------------------------------------
@@ -123,7 +125,7 @@ class Injector:
         m.wait_full_scans(2, timeout=120)
         points = killpoints.NAMES if self.point == "all" else [self.point]
         i = 0
-        while self.delivered < self.kills and not self.interrupted:
+        while self.delivered < self.kills and not self.interrupted():
             self.top_up(m)
             mode = points[i % len(points)]
             try:
@@ -150,6 +152,8 @@ class Injector:
                       f"{m.ksm.counters()}", file=sys.stderr)
         st = m.stats()
         self.at_last = {"merges": st["merges"], "full_scans": m.ksm["full_scans"]}
+        if self.interrupted():
+            return  # a stop signal: straight to the orderly close
         self.top_up(m)
         # ksmd still merging: new work merged after the last kill
         try:
@@ -176,8 +180,10 @@ class Injector:
         """Boot a Machine, drive the kills, close it; the report (uksm
         run's, with an ``inject`` block)."""
         o = self.o
-        old = signal.signal(signal.SIGINT, self._on_int)
-        try:
+        # SIGTERM/SIGHUP/SIGINT: the kills end, the machine closes in order;
+        # a second one raises SecondSignal: killed at once, every object removed
+        with StopSignals() as stop:
+            self.interrupted = stop
             m = uksm.Machine(frames=default_frames(o), max_pages=o.pages,
                              max_tasks=o.workers + 8, exit_policy=o.exit_policy,
                              pages_to_scan=o.pages_to_scan, sleep_millisecs=o.sleep_ms,
@@ -191,15 +197,13 @@ class Injector:
                 except uksm.HungTask:
                     self.hung = True
                 st, fs = m.stats(), m.ksm["full_scans"]
-        finally:
-            signal.signal(signal.SIGINT, old)
         report = dict(m.report or {})
+        if stop():
+            report["interrupted"] = stop.name
+            report["status"] = interrupted_status(report["status"], stop.signo)
         report["workload"] = o.workload
         report["inject"] = self.block(m, st, fs)
         return report
-
-    def _on_int(self, _s: int, _f: Any) -> None:
-        self.interrupted = True
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -247,7 +251,7 @@ def run(a: argparse.Namespace) -> int:
     validate(o)
     report = Injector(o, a.kills, a.signal, a.point, a.seed).run()
     status = report["status"]
-    if status == 0 and not report["inject"]["live_fsck"]["ok"]:
+    if status == 0 and not report["inject"]["live_fsck"]["ok"] and not report["interrupted"]:
         status = report["status"] = 4  # the running cluster failed fsck
     if a.json:
         print(json.dumps(report))

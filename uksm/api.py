@@ -703,7 +703,14 @@ class Machine:
         self._t()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, exc_type: Any, *_exc: Any) -> None:
+        from .lifeline import SecondSignal
+        if exc_type is not None and issubclass(exc_type, SecondSignal) and self._tr is not None:
+            # a second stop signal (uksm.lifeline): kill at once, remove every object
+            t, self._tr = self._tr, None
+            _open.discard(self)
+            t.abandon()
+            return
         self.close()
 
     def __repr__(self) -> str:

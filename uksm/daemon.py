@@ -55,6 +55,8 @@ from .layout import (A_FREE_TOP, CS_STOPPING, E_LOCK, E_SINCE, E_SPINS, E_WORD, 
                      MS_FREEING, S_EXIT_FAST, S_EXIT_LEGACY, S_EXIT_SLOW, S_REAPED, T_PID, T_READY, T_STATE, TS_DEAD, TS_FREE,
                      EXIT_PATHS)
 from .locks import HELD, IDLE, WAIT_SLICE, WAITING, Lock
+from .exitcodes import signalled
+from .lifeline import STOP_SIGNALS, SecondSignal
 from .scripting import ScriptOps
 from .writer import result_of
 from .supervisor import Child, Supervisor
@@ -69,20 +71,15 @@ MAX_REQUEST = 1 << 20
 
 
 class DaemonSupervisor(Supervisor):
-    """The Supervisor, and in the foreground each child in its own process
-    group: a Ctrl-C at the terminal then reaches the daemon only (which
-    takes it as ``down``), not ksmd and the workers (ksmd stopping on its
-    own would leave the slow-path exits' slots unfreed)."""
+    """The Supervisor.  Each child runs in its own process group
+    (``Supervisor._popen``): a Ctrl-C at the terminal of ``up --foreground``
+    then reaches the daemon only (which takes it as ``down``), not ksmd and
+    the workers (ksmd stopping on its own would leave the slow-path exits'
+    slots unfreed); and each is on the lifeline (``uksm.lifeline``)."""
 
     def __init__(self, *args: Any, own_groups: bool = False, **kw: Any) -> None:
         super().__init__(*args, **kw)
         self.own_groups = own_groups
-
-    def _popen(self, args: list[str], pass_fds: tuple[int, ...] = ()) -> "subprocess.Popen[bytes]":
-        if not self.own_groups:
-            return super()._popen(args, pass_fds)
-        return subprocess.Popen([sys.executable, "-m", *args], stdin=subprocess.DEVNULL,
-                                process_group=0, pass_fds=pass_fds)
 
 
 class RequestError(shm.UksmError):
@@ -153,6 +150,12 @@ class Daemon(ScriptOps):
                                 EXIT_USAGE)
 
     def _on_signal(self, signo: int, _frame: Any) -> None:
+        """The first stop signal: ``down``; a second one while that runs:
+        kill everything at once, remove every object (``_abandon``)."""
+        if self.stop_signal:
+            for s in STOP_SIGNALS:
+                signal.signal(s, signal.SIG_IGN)
+            raise SecondSignal(signo)
         self.stop_signal = signo
 
     def start(self) -> None:
@@ -181,8 +184,9 @@ class Daemon(ScriptOps):
         assert self.sock is not None
         status = EXIT_OK
         while not self.done:
-            if self.stop_signal:
-                name = signal.Signals(self.stop_signal).name
+            if self.stop_signal or (self.sup is not None and self.sup.given_up):
+                name = (signal.Signals(self.stop_signal).name if self.stop_signal
+                        else self.sup.given_up if self.sup is not None else "")
                 print(f"uksm: {name}: taking the cluster down", file=sys.stderr, flush=True)
                 report = self.down()
                 status = report["status"]
@@ -635,6 +639,7 @@ class Daemon(ScriptOps):
                 "uptime_s": round(time.monotonic() - self.t0, 3), "stopped": stopped,
                 "workers": workers, "integrity": integrity, "fsck": fs,
                 "hung_tasks": sup.hung, "ipc_leftovers": leftovers, "errors": sup.errors,
+                "oops": end["oops"], "ksmd_restarts": end["ksmd_restarts"],
                 "log_dir": self.log_dir}
 
 
@@ -642,11 +647,13 @@ def run_daemon(name: str, spec: dict[str, Any], foreground: bool = False,
                on_ready: Callable[[dict[str, Any]], None] | None = None) -> int:
     """Reserve the name, boot, serve until down; the exit status."""
     d = Daemon(name, spec, foreground)
-    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for s in STOP_SIGNALS:
         signal.signal(s, d._on_signal)
     try:
         d.reserve()
         d.start()
+    except SecondSignal as e:
+        return _killed(d, e)
     except shm.UksmError as e:
         print(f"uksm: {e}", file=sys.stderr, flush=True)
         _abandon(d)
@@ -665,11 +672,20 @@ def run_daemon(name: str, spec: dict[str, Any], foreground: bool = False,
     sd_notify(f"READY=1\nSTATUS=cluster {name} up")
     try:
         return d.serve()
+    except SecondSignal as e:
+        return _killed(d, e)
     except BaseException as e:
         print(f"uksm: cluster {name}: daemon failed: {e!r}\n{traceback.format_exc()}",
               file=sys.stderr, flush=True)
         _abandon(d)
         return EXIT_ERR
+
+
+def _killed(d: Daemon, e: SecondSignal) -> int:
+    _abandon(d)
+    print(f"uksm: cluster {d.name}: {e}: a second stop signal: every process killed, every "
+          f"object removed", file=sys.stderr, flush=True)
+    return signalled(e.signo)
 
 
 def _abandon(d: Daemon) -> None:

@@ -664,6 +664,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--task", type=int, required=True)
     ap.add_argument("--log-dir")
     a = ap.parse_args(argv)
+    from .lifeline import arm
+    arm()  # die with the supervisor
     cl = Cluster.attach(a.cluster)
     cl.bind(a.task)
     import os
@@ -672,8 +674,13 @@ def main(argv: list[str] | None = None) -> int:
     oom.set_logger(log)
     cl.task.on_wait = lambda name, ms, holders: log.info("lock_wait", lock=name, holders=holders,
                                                           waited_ms=round(ms, 3))
+    from . import oops
     try:
-        Ksmd(cl, log).run()
+        ksmd = Ksmd(cl, log)
+        oops.install_test_hook(ksmd)
+        ksmd.run()
+    except Exception as e:  # a bug: an oops, logged once, not a traceback loop (uksm.oops)
+        return oops.report(log, e)
     finally:
         ulog.close()
     return 0

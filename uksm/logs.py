@@ -59,9 +59,8 @@ __all__ = [
 
 Event = dict[str, Any]
 
-EXIT_OK = 0
-EXIT_USAGE = 2
-EXIT_VIOLATIONS = 4
+from .exitcodes import EXIT_INTEGRITY, EXIT_OK, EXIT_USAGE
+EXIT_VIOLATIONS = EXIT_INTEGRITY  # the rules a log breaks: an integrity failure
 
 #: Keys present on every line; left out when the "other fields" of an event
 #: are shown (timeline, check messages).

@@ -24,10 +24,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import fsck, killpoints, oom, shm
+from . import fsck, killpoints, lifeline, oom, shm
+from .oops import FD_ENV, Oopses
 from . import log as ulog
 from .cluster import Cluster, Config, destroy
 from .exit import mm_users_zero, mmput
+from .exitcodes import EXIT_ERR, EXIT_HUNG, EXIT_INTEGRITY, EXIT_OK, EXIT_OOPS
 from .ksm import repair_list
 from .layout import (A_FREE_TOP, C_ALLOC, C_DAEMON, C_MMAP, C_MMLIST, C_PTL, C_WMUTEX,
                      CS_RUNNING, EXIT_PATHS, EXIT_REASONS, H_KSMD_PID,
@@ -37,7 +39,7 @@ from .layout import (A_FREE_TOP, C_ALLOC, C_DAEMON, C_MMAP, C_MMLIST, C_PTL, C_W
                      M_EXIT_STAGE, M_FREER_TASK, M_ID, M_OWNER_PID, M_REFS, M_SLOT_RMAP, M_SLOT_USED,
                      M_STATE, M_USERS, M_WRITER_WAITING, MS_FREEING, MS_ZOMBIE,
                      R_KSMD, R_REAPER, R_SUPERVISOR, R_WORKER, R_WRITER, EXIT_POLICIES, H_EXIT_POLICY, S_EXIT_FAST, S_EXIT_LEGACY,
-                     S_EXIT_SLOW, S_EXITED, S_KILLED, S_LOCK_RECOVERIES, S_MISMATCHES,
+                     S_EXIT_NOSLOT, S_EXIT_SLOW, S_EXITED, S_KILLED, S_LOCK_RECOVERIES, S_MISMATCHES,
                      S_OOM_KILLED, S_PAGES_VERIFIED, S_REAPED, S_RECOVERIES, S_STARTED,
                      T_EXIT_PATH, T_EXIT_REASON, T_FLIGHT_PFN, T_FOR_ROW, T_KILL_POINT, T_MISMATCHES, T_MM,
                      T_PAGES, T_PID, T_READY, T_ROLE, T_START_NS, T_STATE, T_VERIFIED,
@@ -85,10 +87,13 @@ class Supervisor:
         self.ksmd: Child | None = None
         self.errors: list[str] = []
         self.booted = False
-        self.restart_ksmd = False
+        self.restart_at = 0.0    # when the main loop starts a new ksmd (0: no restart due)
+        self.oopses = Oopses()
+        self.oops_fd = -1        # the read end of ksmd's oops channel
         self.pending_deaths = 0  # queued or being recovered (under self.lock)
         self.recovery_started = 0.0
         self.stall_reported = 0.0
+        self.ksmd_delay = 0.0      # the backoff before the next ksmd restart
         self.t0 = time.monotonic()
 
     # ---- boot ---------------------------------------------------------------
@@ -142,20 +147,51 @@ class Supervisor:
         self.cl.q[b + T_PID] = 0
         self.cl.q[b + T_STATE] = TS_FREE
 
-    def _popen(self, args: list[str], pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
+    def _popen(self, args: list[str], pass_fds: tuple[int, ...] = (),
+               oops_fd: int = -1) -> subprocess.Popen:
+        """fork + exec a child on the lifeline (``uksm.lifeline``: it dies
+        with this process), in its own process group (a Ctrl-C at the
+        terminal is the supervisor's to handle, not ksmd's).  ``pass_fds``:
+        descriptors the child inherits (a scripted task's command socket);
+        ``oops_fd``: ksmd's end of its oops channel (``uksm.oops``)."""
+        env = lifeline.child_env()
+        if oops_fd >= 0:
+            env[FD_ENV] = str(oops_fd)
+            pass_fds = (*pass_fds, oops_fd)
         return subprocess.Popen([sys.executable, "-m", *args], stdin=subprocess.DEVNULL,
-                                start_new_session=False, pass_fds=pass_fds)
+                                env=env, process_group=0, pass_fds=pass_fds)
 
     def start_ksmd(self) -> None:
         row = self._alloc_row(R_KSMD)
         args = ["uksm.ksmd", "--cluster", self.name, "--task", str(row)]
         if self.log_dir:
             args += ["--log-dir", self.log_dir]
-        p = self._popen(args)
+        r, w = Oopses.channel()
+        try:
+            p = self._popen(args, oops_fd=w)
+        finally:
+            os.close(w)
+        self._close_oops_fd()
+        self.oops_fd = r
+        self.oopses.restarted(self._ksmd_progress())
         self.cl.q[self.cl.tbase(row) + T_PID] = p.pid
         self.cl.q[H_KSMD_TASK] = row
         self.cl.q[H_KSMD_PID] = p.pid
         self.ksmd = Child(row, p, "ksmd")
+
+    def _ksmd_progress(self) -> tuple[int, int]:
+        """What ksmd has published (a batch since a restart changes it)."""
+        return self.cl.q[K_PAGES_SCANNED], self.cl.q[K_FULL_SCANS]
+
+    def _close_oops_fd(self) -> None:
+        if self.oops_fd >= 0:
+            os.close(self.oops_fd)
+            self.oops_fd = -1
+
+    @property
+    def given_up(self) -> str:
+        """Why the cluster cannot go on ('' if it can): ksmd oopsed in a row."""
+        return self.oopses.given_up
 
     def spawn_worker(self, pages: int, workload: str, seed: int, churn_ms: int = 0,
                      kill_point: str | None = None, kill_sig: int = signal.SIGKILL,
@@ -258,8 +294,8 @@ class Supervisor:
     # ---- reaping ---------------------------------------------------------------
     def poll(self) -> None:
         """Reap exited children; send the unclean ones to recovery."""
-        if self.restart_ksmd:
-            self.restart_ksmd = False
+        if self.restart_at and time.monotonic() >= self.restart_at:
+            self.restart_at = 0.0
             self.start_ksmd()
         self._writers_exited()
         for row, ch, rc in self._exited():
@@ -317,6 +353,8 @@ class Supervisor:
         t = cl.task
         t.lock(cl.mmlist)
         q[S_EXITED] += 1
+        if path == "none":  # __ksm_exit found no slot: so that the paths add up to exited
+            q[S_EXIT_NOSLOT] += 1
         q[S_PAGES_VERIFIED] += q[b + T_VERIFIED]
         q[S_MISMATCHES] += q[b + T_MISMATCHES]
         if reaped:
@@ -458,9 +496,9 @@ class Supervisor:
         counts cleared: they died with it), a new ksmd takes over the list --
         including the slots that slow-path exits left it to free."""
         self._free_row(row)
-        if not self.stop_ev.is_set():
-            with self.lock:
-                self.restart_ksmd = True  # the main loop starts it (it owns the children)
+        if not self.stop_ev.is_set() and not self.given_up:
+            with self.lock:  # the main loop starts it (it owns the children), after the backoff
+                self.restart_at = time.monotonic() + self.ksmd_delay
 
     def detect_deaths(self) -> None:
         """Send every child that died without finishing its exit to
@@ -478,13 +516,36 @@ class Supervisor:
                 if self.ksmd is not k:
                     return
                 self.ksmd = None
-            self.errors.append(f"ksmd died (status {k.proc.returncode})")
             self.log.error("ksmd_died", status=k.proc.returncode)
+            self.ksmd_oopsed(k.proc.returncode)
             # out of scope for the kernel (ksmd does not die), but the machine
             # must not hang: recover the locks it held like a worker's, then
             # start a fresh ksmd (its rmap_items and trees are gone)
             q[cl.tbase(k.row) + T_STATE] = TS_DEAD
             self._queue_death((k.row, k, k.proc.returncode))
+
+    def ksmd_oopsed(self, status: int) -> None:
+        """ksmd died: an oops (it sent what it raised down its channel) is
+        counted and restarted after a backoff, or given up after a few in
+        a row (``uksm.oops``); any other death is an error, restarted at
+        once."""
+        fd, self.oops_fd = self.oops_fd, -1
+        sig = Oopses.read(fd) if fd >= 0 else None
+        self.ksmd_delay = 0.0
+        if sig is None:
+            self.errors.append(f"ksmd died (status {status})")
+            return
+        first, self.ksmd_delay = self.oopses.count(sig, self._ksmd_progress())
+        if self.given_up:
+            self.errors.append(self.given_up)
+            self.log.error("oops_loop", in_row=self.oopses.in_row, error=sig[0], where=sig[1])
+        else:
+            self.log.warning("ksmd_restart", delay_s=self.ksmd_delay, in_row=self.oopses.in_row,
+                             error=sig[0], where=sig[1])
+        if not self.quiet and (first or self.given_up):
+            print(f"uksm: ksmd oops: {sig[0]} at {sig[1]} (traceback in its log); "
+                  + (self.given_up if self.given_up else f"restarting ksmd in {self.ksmd_delay:.1f}s"),
+                  file=sys.stderr, flush=True)
 
     def _detector_loop(self) -> None:
         while not self.stop_ev.wait(0.01):
@@ -639,6 +700,7 @@ class Supervisor:
         q = self.cl.q
         return {"started": q[S_STARTED], "exited": q[S_EXITED], "exit_fast": q[S_EXIT_FAST],
                 "exit_slow": q[S_EXIT_SLOW], "exit_legacy": q[S_EXIT_LEGACY],
+                "exit_noslot": q[S_EXIT_NOSLOT],
                 "killed": q[S_KILLED], "oom_killed": q[S_OOM_KILLED], "reaped": q[S_REAPED]}
 
     # ---- teardown ------------------------------------------------------------------------
@@ -757,18 +819,19 @@ class Supervisor:
         ``down``): workers out through their own exit paths, ksmd frees what
         the slow paths left it, ksmd stops, the final fsck, teardown; or, if
         a task hung, SIGKILL everything (the reboot button) and tear down.
-        Returns the report's blocks and the exit status (0 all good, 3 a
-        hung task, 4 an integrity or fsck failure, 1 anything else)."""
+        Returns the report's blocks and the exit status (``uksm.exitcodes``:
+        3 a hung task, 5 a ksmd oops, 4 an integrity or fsck failure, 1
+        anything else)."""
         q = self.cl.q
-        status = 0
+        status = EXIT_OK
         fs: dict[str, Any] = {"ok": False,
                               "errors": ["not checked: the cluster was stopped after a hung task"]}
         try:
             if self.hung:
-                status = 3
+                status = EXIT_HUNG
                 self.kill_all()
             elif not self.stop_workers():
-                status = 3 if self.hung else 1
+                status = EXIT_HUNG if self.hung else EXIT_ERR
                 if not self.hung:
                     self.errors.append("workers did not exit in time")
                 self.kill_all()
@@ -783,13 +846,16 @@ class Supervisor:
             self.teardown()
             raise
         leftovers = self.teardown()
-        if status == 0:
-            if integrity["mismatches"] or not fs["ok"]:
-                status = 4
+        if status == EXIT_OK:
+            if self.oopses.seen:  # the rule: any ksmd oops fails the run (uksm.oops)
+                status = EXIT_OOPS
+            elif integrity["mismatches"] or not fs["ok"]:
+                status = EXIT_INTEGRITY
             elif leftovers or self.errors:
-                status = 1
+                status = EXIT_ERR
         return {"workers": workers, "integrity": integrity, "fsck": fs, "hung_tasks": self.hung,
-                "ipc_leftovers": leftovers, "errors": self.errors, "status": status}
+                "ipc_leftovers": leftovers, "errors": self.errors, "oops": self.oopses.block(),
+                "ksmd_restarts": self.oopses.restarts, "status": status}
 
     def teardown(self) -> list[str]:
         """Unlink every object; return what is still there."""
@@ -800,6 +866,7 @@ class Supervisor:
             self.cl.close()
         except Exception:
             pass
+        self._close_oops_fd()
         destroy(self.name)
         return shm.leftovers(self.name)
 

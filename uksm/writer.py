@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="PF_OOM_ORIGIN while unmerging (2.6.32 as released)")
     ap.add_argument("--log-dir")
     a = ap.parse_args(argv)
+    from .lifeline import arm
+    arm()  # die with the supervisor
     cl = Cluster.attach(a.cluster)
     task = cl.bind(a.task)
     q = cl.q

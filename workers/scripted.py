@@ -29,6 +29,7 @@ import sys
 from typing import Any
 
 from uksm import log as ulog
+from uksm.lifeline import arm
 from uksm.layout import (EXIT_PATHS, M_FLAGS, MMF_VM_MERGEABLE, PAGE_SIZE, PT_OFF, PTE_PRESENT,
                          PTE_WRITE, T_EXIT_PATH, T_MISMATCHES, T_READY, VM_MERGEABLE)
 from uksm.memory import OutOfMemory
@@ -218,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cmd-fd", type=int, required=True, help="the command socket")
     ap.add_argument("--no-mergeable", dest="mergeable", action="store_false")
     a = ap.parse_args(argv)
+    arm()  # die with the supervisor
     chan = socket.socket(fileno=a.cmd_fd)
     try:
         return ScriptedTask(a, chan).run()

@@ -24,6 +24,7 @@ from uksm import log as ulog
 from uksm import oom
 from uksm.cluster import Cluster
 from uksm.exit import mmput
+from uksm.lifeline import arm
 from uksm.layout import (M_OWNER_PID, PAGE_SIZE, S_SIGNALS, T_EXIT_REASON, T_FATAL,
                          T_MISMATCHES, T_PID, T_READY, T_VERIFIED, X_EXIT, X_OOM, X_SIGNAL)
 from uksm.memory import Allocator, OutOfMemory
@@ -182,6 +183,7 @@ def parser(prog: str = "uksm-worker",
 
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
+    arm()  # die with the supervisor
     try:
         w = Worker(a)
         return w.run()
