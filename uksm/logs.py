@@ -806,7 +806,8 @@ def _dump_json(obj: Any, out: TextIO) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from .cli import OneLineParser
+    parser = OneLineParser(
         prog="uksm logs",
         description=(
             "Read a uksm run's log folder (one <role>-<pid>.jsonl file per process, "
