@@ -50,7 +50,7 @@ def recovered_locks(log_dir) -> dict[int, set[str]]:
     return victims
 
 
-def inject(*args: str, timeout: float = 240) -> tuple[dict, int]:
+def inject(*args: str, timeout: float = 200) -> tuple[dict, int]:
     p = run_group([sys.executable, "-m", "uksm", "inject", "--json", "--quiet", *args], timeout)
     try:
         return json.loads(p.stdout), p.returncode
