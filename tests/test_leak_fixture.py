@@ -22,7 +22,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 LEAKY = '''
 import json, os, signal, subprocess, sys
-from helpers import booted
+from helpers import booted, wait_for
 from uksm.cluster import Config
 from uksm.supervisor import Supervisor
 from uksm import shm
@@ -48,6 +48,7 @@ def test_leaks_an_orphaned_worker(tmp_path):
     name = "lk" + TAG + "w"
     with booted(name, str(tmp_path), run=0, frames=128, va_pages=64) as sup:
         ch = sup.spawn_worker(16, "identical", 1)
+        wait_for(lambda: sup.cl.q[sup.cl.tbase(ch.row) + T_READY], 60, what="worker ready")
         record("worker", [name, ch.proc.pid])
         sup.children.clear()    # the supervisor forgets it: teardown leaves it running
         sup.kill_all = lambda: None
