@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from uksm.ksm import slot_next, slot_prev, slots
-from uksm.layout import (A_FREE_TOP, F_KSM, FR_COUNT, FR_FLAGS, FRAME_SIZE, K_PAGES_UNSHARED,
-                         L_HEAD_NEXT, L_HEAD_PREV, M_ID, M_KSM_MAPPED, M_MERGING, M_REFS,
-                         M_RMAP_ITEMS, M_RSS, M_SLOT_NEXT, M_SLOT_PREV, M_SLOT_USED, M_USERS,
-                         PAGE_SIZE, PT_OFF, PTE_PRESENT, PTE_WRITE, REF_KSM)
+from uksm.layout import (A_FREE_TOP, F_ANON, F_FREEING, F_KSM, FR_AUX, FR_COUNT, FR_FLAGS,
+                         FRAME_SIZE, K_PAGES_UNSHARED, L_HEAD_NEXT, L_HEAD_PREV, M_ID, M_KSM_MAPPED,
+                         M_MERGING, M_OWNER_TASK, M_REFS, M_RMAP_ITEMS, M_RSS, M_SLOT_NEXT,
+                         M_SLOT_PREV, M_SLOT_USED, M_USERS, PAGE_SIZE, PT_OFF, PTE_PRESENT,
+                         PTE_WRITE, REF_KSM, T_FLIGHT_MM, T_FLIGHT_PFN, T_FLIGHT_VPN)
 
 if TYPE_CHECKING:
     from uksm.cluster import Cluster
@@ -91,11 +92,12 @@ def _vpn(s: int) -> str:
 # ---- the free stack and the frames ----------------------------------------------------------
 
 def plant_stack_invalid(cl: "Cluster", mms: dict[int, "MM"]) -> Fault:
-    """A free-stack entry past the top that holds no frame, then pushed."""
+    """A free-stack entry past the top that holds no frame (the first
+    number past the pool: the bound itself), then pushed."""
     st, top = Store(), cl.q[A_FREE_TOP]
-    st.set(cl.fq, cl.stack_off + top, cl.nframes + 7)
+    st.set(cl.fq, cl.stack_off + top, cl.nframes)
     st.set(cl.q, A_FREE_TOP, top + 1)
-    return Fault("free-stack entry invalid", [rf"free stack\[{top}\] holds invalid frame {cl.nframes + 7}$"],
+    return Fault("free-stack entry invalid", [rf"free stack\[{top}\] holds invalid frame {cl.nframes}$"],
                  st.undo)
 
 
@@ -334,6 +336,51 @@ def plant_mm_id_twice(cl: "Cluster", mms: dict[int, "MM"]) -> Fault:
                                  r"an mm id appears in two rows$"], st.undo)
 
 
+# ---- legal states fsck must accept (no error): what a live task has in flight -------------------
+
+def _owner_row(cl: "Cluster", mms: dict[int, "MM"]) -> tuple[int, int]:
+    """(mm id, task row) of a live worker."""
+    mm = min(mms)
+    return mm, cl.q[mms[mm].base + M_OWNER_TASK]
+
+
+def plant_in_flight(cl: "Cluster", mms: dict[int, "MM"], installed: bool) -> Fault:
+    """A frame a live task holds in flight (T_FLIGHT_*, as Allocator._pop
+    leaves it): allocated, count 1, not yet in a PTE (``installed`` False:
+    the hold is the frame's one reference), or already installed and the
+    hold not yet cleared (the PTE is the one reference: not counted twice)."""
+    st = Store()
+    mm, row = _owner_row(cl, mms)
+    t = cl.tbase(row)
+    if installed:
+        m, s, pfn = next(x for x in ptes(cl, mms, False) if x[0] == mm)
+        vpn = s - PT_OFF
+    else:
+        top = cl.q[A_FREE_TOP]
+        pfn = cl.fq[cl.stack_off + top - 1]
+        st.set(cl.fq, pfn * FRAME_SIZE + FR_COUNT, 1)
+        st.set(cl.fq, pfn * FRAME_SIZE + FR_FLAGS, F_ANON)
+        st.set(cl.q, A_FREE_TOP, top - 1)
+        vpn = next(s for s in range(PT_OFF, PT_OFF + cl.va_pages) if not mms[mm].pq[s]) - PT_OFF
+    st.set(cl.q, t + T_FLIGHT_MM, mm)
+    st.set(cl.q, t + T_FLIGHT_VPN, vpn)
+    st.set(cl.q, t + T_FLIGHT_PFN, pfn)
+    return Fault("in flight" + (", installed" if installed else ""), [], st.undo)
+
+
+def plant_being_freed(cl: "Cluster", mms: dict[int, "MM"]) -> Fault:
+    """A frame a live task is freeing (put_frame: count 0, F_FREEING, its
+    row + 1 in FR_AUX, not yet pushed back): not a leak."""
+    st = Store()
+    _mm, row = _owner_row(cl, mms)
+    top = cl.q[A_FREE_TOP]
+    pfn = cl.fq[cl.stack_off + top - 1]
+    st.set(cl.fq, pfn * FRAME_SIZE + FR_FLAGS, F_FREEING)
+    st.set(cl.fq, pfn * FRAME_SIZE + FR_AUX, row + 1)
+    st.set(cl.q, A_FREE_TOP, top - 1)
+    return Fault("being freed", [], st.undo)
+
+
 # every fsck invariant: (name, planter); the counters ones need counters=True
 FSCK_PLANTS: list[tuple[str, Callable[["Cluster", dict[int, "MM"]], Fault]]] = [
     ("stack_invalid", plant_stack_invalid),
@@ -360,4 +407,8 @@ FSCK_PLANTS: list[tuple[str, Callable[["Cluster", dict[int, "MM"]], Fault]]] = [
     ("mm_count_zero", plant_mm_count_zero),
     ("slot_freed_listed", plant_slot_freed_listed),
     ("mm_id_twice", plant_mm_id_twice),
+    # legal: no error
+    ("ok_in_flight", lambda cl, mms: plant_in_flight(cl, mms, False)),
+    ("ok_in_flight_installed", lambda cl, mms: plant_in_flight(cl, mms, True)),
+    ("ok_being_freed", plant_being_freed),
 ]

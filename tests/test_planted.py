@@ -59,9 +59,10 @@ def mms_of(sup):
         return {i: m for i, m in sup.mms.items() if q[m.base + M_ID] == i}
 
 
-def offline_fsck(sup) -> list[str]:
-    """Freeze every task of the cluster (SIGSTOP), read it through a fresh
-    attach with no lock taken (a post-mortem), thaw it."""
+def offline_fsck(sup, plant) -> tuple[planter.Fault, list[str]]:
+    """Freeze every task of the cluster (SIGSTOP), plant the fault, read the
+    cluster through a fresh attach with no lock taken (a post-mortem), undo
+    the fault, thaw: no task ever runs on the corrupted state."""
     pids = [sup.ksmd.proc.pid] + [c.proc.pid for c in sup.children.values()]
     for p in pids:
         os.kill(p, signal.SIGSTOP)
@@ -70,7 +71,11 @@ def offline_fsck(sup) -> list[str]:
         cl = Cluster.attach(sup.name)
         try:
             mms = {i: mm_attach(cl, i) for i in mms_of(sup)}
-            return fsck.check(cl, mms, counters=True)
+            fault = plant(cl, mms)
+            try:
+                return fault, fsck.check(cl, mms, counters=True)
+            finally:
+                fault.undo()
         finally:
             for m in mms.values():
                 m.seg.close()
@@ -94,10 +99,13 @@ def assert_reports(errs: list[str], fault: planter.Fault) -> None:
 def test_fsck_reports_each_planted_fault(merged, name, plant, where):
     sup = merged
     assert sup.live_fsck()["errors"] == []
-    fault = plant(sup.cl, mms_of(sup))
-    try:
-        errs = sup.live_fsck()["errors"] if where == "live" else offline_fsck(sup)
-    finally:
-        fault.undo()
+    if where == "live":
+        fault = plant(sup.cl, mms_of(sup))
+        try:
+            errs = sup.live_fsck()["errors"]
+        finally:
+            fault.undo()
+    else:
+        fault, errs = offline_fsck(sup, plant)
     assert_reports(errs, fault)
     assert sup.live_fsck()["errors"] == [], "the fault was undone"
