@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING, Any, Callable
 from uksm.ksm import slot_next, slot_prev, slots
 from uksm.layout import (A_FREE_TOP, F_ANON, F_FREEING, F_KSM, FR_AUX, FR_COUNT, FR_FLAGS,
                          FRAME_SIZE, K_PAGES_UNSHARED, L_HEAD_NEXT, L_HEAD_PREV, M_ID, M_KSM_MAPPED,
-                         M_MERGING, M_OWNER_TASK, M_REFS, M_RMAP_ITEMS, M_RSS, M_SLOT_NEXT,
-                         M_SLOT_PREV, M_SLOT_USED, M_USERS, PAGE_SIZE, PT_OFF, PTE_PRESENT,
-                         PTE_WRITE, REF_KSM, T_FLIGHT_MM, T_FLIGHT_PFN, T_FLIGHT_VPN)
+                         M_EXIT_STAGE, M_MERGING, M_OWNER_TASK, M_REFS, M_RMAP_ITEMS, M_RSS,
+                         M_SLOT_NEXT, M_SLOT_PREV, M_SLOT_USED, M_STATE, M_USERS, MS_FREEING,
+                         PAGE_SIZE, PT_OFF, PTE_PRESENT, PTE_WRITE, REF_KSM, T_FLIGHT_MM,
+                         T_FLIGHT_PFN, T_FLIGHT_VPN, XS_USERS0)
 
 if TYPE_CHECKING:
     from uksm.cluster import Cluster
@@ -180,6 +181,20 @@ def plant_pte_not_present(cl: "Cluster", mms: dict[int, "MM"]) -> Fault:
     return Fault("PTE not present", [rf"mm{mm} vpn {_vpn(s)}: invalid PTE {v:#x}$"], st.undo)
 
 
+def plant_pte_past_pool(cl: "Cluster", mms: dict[int, "MM"]) -> Fault:
+    """A present PTE whose frame number is the first past the pool (the
+    bound itself): invalid, and its old frame lost a reference."""
+    st = Store()
+    mm, s, old = pte(cl, mms, False)
+    p = mms[mm].pq[s]
+    v = cl.nframes << 2 | (p & 3)
+    st.set(mms[mm].pq, s, v)
+    c = cl.fq[old * FRAME_SIZE + FR_COUNT]
+    return Fault("PTE past the pool", [
+        rf"frame {old} (miscounted|leaked \(nothing maps it\)): count {c}, references {c - 1}$",
+        rf"mm{mm} vpn {_vpn(s)}: invalid PTE {v:#x}$"], st.undo)
+
+
 def plant_ksm_writable(cl: "Cluster", mms: dict[int, "MM"]) -> Fault:
     """The write bit set on a PTE that maps a KSM frame (write_protect_page
     undone)."""
@@ -208,9 +223,12 @@ def plant_rss(cl: "Cluster", mms: dict[int, "MM"], field_: int = M_RSS) -> Fault
     st = Store()
     mm = min(mms)
     b = mms[mm].base
+    rss, ksm = cl.q[b + M_RSS], cl.q[b + M_KSM_MAPPED]
     st.set(cl.q, b + field_, cl.q[b + field_] + 1)
+    now = (rss + 1, ksm) if field_ == M_RSS else (rss, ksm + 1)
     return Fault("rss" if field_ == M_RSS else "ksm-mapped",
-                 [rf"mm{mm}: rss \d+ / ksm-mapped \d+ but the page table says \d+ / \d+$"], st.undo)
+                 [rf"mm{mm}: rss {now[0]} / ksm-mapped {now[1]} but the page table says {rss} / {ksm}$"],
+                 st.undo)
 
 
 # ---- ksmd's counters ----------------------------------------------------------------------------
@@ -302,7 +320,7 @@ def plant_mm_count_zero(cl: "Cluster", mms: dict[int, "MM"]) -> Fault:
     b = cl.mbase(_row_of(cl, mm))
     st.set(cl.q, b + M_REFS, 0)
     return Fault("mm_count 0", [
-        rf"mm{mm}: mm_users \d+ but the users' mm_count reference is dropped$",
+        rf"mm{mm}: mm_users {cl.q[b + M_USERS]} but the users' mm_count reference is dropped$",
         rf"mm{mm}: mm_slot present but the slot's mm_count reference is dropped$",
         rf"mm{mm}: mm_count is 0 but the mm is not freed$"], st.undo)
 
@@ -350,10 +368,10 @@ def plant_in_flight(cl: "Cluster", mms: dict[int, "MM"], installed: bool) -> Fau
     the hold is the frame's one reference), or already installed and the
     hold not yet cleared (the PTE is the one reference: not counted twice)."""
     st = Store()
-    mm, row = _owner_row(cl, mms)
+    mm, s, pfn = pte(cl, mms, False)
+    row = cl.q[mms[mm].base + M_OWNER_TASK]
     t = cl.tbase(row)
     if installed:
-        m, s, pfn = next(x for x in ptes(cl, mms, False) if x[0] == mm)
         vpn = s - PT_OFF
     else:
         top = cl.q[A_FREE_TOP]
@@ -381,6 +399,27 @@ def plant_being_freed(cl: "Cluster", mms: dict[int, "MM"]) -> Fault:
     return Fault("being freed", [], st.undo)
 
 
+def plant_exit_in_flight(cl: "Cluster", mms: dict[int, "MM"]) -> Fault:
+    """An exit in flight: mm_users dropped to 0 (XS_USERS0 marked), the
+    users' mm_count reference not yet (mmdrop comes later, or a reaper
+    finishes a killed task's exit): not settled, not an error."""
+    st = Store()
+    b = mms[min(mms)].base
+    st.set(cl.q, b + M_USERS, 0)
+    st.set(cl.q, b + M_EXIT_STAGE, cl.q[b + M_EXIT_STAGE] | XS_USERS0)
+    return Fault("exit in flight", [], st.undo)
+
+
+def plant_mm_freeing(cl: "Cluster", mms: dict[int, "MM"]) -> Fault:
+    """An mm row being freed (MS_FREEING: mm_count 0, its objects going):
+    not a live mm with a zero mm_count."""
+    st = Store()
+    free = next(r for r in range(cl.max_mms) if not cl.q[cl.mbase(r) + M_ID])
+    st.set(cl.q, cl.mbase(free) + M_STATE, MS_FREEING)
+    st.set(cl.q, cl.mbase(free) + M_ID, 999)
+    return Fault("mm being freed", [], st.undo)
+
+
 # every fsck invariant: (name, planter); the counters ones need counters=True
 FSCK_PLANTS: list[tuple[str, Callable[["Cluster", dict[int, "MM"]], Fault]]] = [
     ("stack_invalid", plant_stack_invalid),
@@ -392,6 +431,7 @@ FSCK_PLANTS: list[tuple[str, Callable[["Cluster", dict[int, "MM"]], Fault]]] = [
     ("ksm_bytes", plant_ksm_bytes),
     ("pte_not_present", plant_pte_not_present),
     ("pte_free_frame", plant_pte_free_frame),
+    ("pte_past_pool", plant_pte_past_pool),
     ("ksm_writable", plant_ksm_writable),
     ("rss", plant_rss),
     ("ksm_mapped", lambda cl, mms: plant_rss(cl, mms, M_KSM_MAPPED)),
@@ -411,4 +451,6 @@ FSCK_PLANTS: list[tuple[str, Callable[["Cluster", dict[int, "MM"]], Fault]]] = [
     ("ok_in_flight", lambda cl, mms: plant_in_flight(cl, mms, False)),
     ("ok_in_flight_installed", lambda cl, mms: plant_in_flight(cl, mms, True)),
     ("ok_being_freed", plant_being_freed),
+    ("ok_exit_in_flight", plant_exit_in_flight),
+    ("ok_mm_freeing", plant_mm_freeing),
 ]
