@@ -216,8 +216,9 @@ def check_mm_rows(cl: "Cluster") -> list[str]:
     errs = []
     linked = slots(cl)
     # the back links along the list, each slot once: a cycle is one error
-    # (not one per turn of the walk), and has no last slot for the head
-    cycle = len(linked) > cl.max_mms or len(set(linked)) != len(linked)
+    # (not one per turn of the walk), and has no last slot for the head.
+    # slots() stops after max_mms + 1 steps, so a cycle repeats a slot.
+    cycle = len(set(linked)) != len(linked)
     if cycle:
         errs.append("mm_slot list does not end (a cycle)")
     prev = cl.head
