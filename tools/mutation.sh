@@ -36,7 +36,23 @@ pytest_add_cli_args_test_selection = [${sel%, }]
 pytest_add_cli_args = ["-p", "no:cacheprovider", "-x", "-q"]
 EOF
 cd "$WORK"
-nice -n 19 "$MUTMUT" run --max-children 1 >"$WORK/run.log" 2>&1 || { tail -20 "$WORK/run.log"; exit 1; }
+# every process of the run carries this marker (tests/conftest.py extends
+# it): a mutant's test killed on timeout leaves its cluster's ksmd and
+# workers behind, which reap() kills and cleans up at the end
+MARK="mutation$$"
+reap() {
+    names=""
+    for d in /proc/[0-9]*; do
+        { tr '\0' '\n' <"$d/environ"; } 2>/dev/null | grep -q "^UKSM_TEST_SESSION=$MARK" || continue
+        n=$({ tr '\0' ' ' <"$d/cmdline"; } 2>/dev/null | sed -n 's/.*--cluster \([A-Za-z0-9_-]*\).*/\1/p')
+        names="$names $n"
+        kill -9 "${d#/proc/}" 2>/dev/null || true
+    done
+    sleep 1
+    for n in $(echo $names | tr ' ' '\n' | sort -u); do "$PY" -m uksm cleanup --cluster "$n" >/dev/null 2>&1 || true; done
+}
+UKSM_TEST_SESSION=$MARK nice -n 19 "$MUTMUT" run --max-children 1 >"$WORK/run.log" 2>&1 || { tail -20 "$WORK/run.log"; reap; exit 1; }
+reap
 "$MUTMUT" results --all true >"$WORK/results.txt" 2>&1 || true
 grep -v ": killed$" "$WORK/results.txt" || true
 "$PY" - "$WORK/results.txt" "$MODULE" <<'EOF'
