@@ -181,7 +181,7 @@ def test_hazard_no_fast_path_leaks_the_mm(hazard, expect_ok, tmp_path):
     args = ["--run", "0", "--workers", "2", "--pages", "32", "--log-dir", str(tmp_path)]
     if hazard:
         args += ["--hazard", hazard]
-    r, status = run_json(*args)
+    r, status = run_json(*args, timeout=80)
     assert r["ipc_leftovers"] == []
     if expect_ok:
         assert status == 0 and r["fsck"]["ok"] and r["workers"]["exit_fast"] == 2
