@@ -127,7 +127,7 @@ def test_the_reading_finds_budgets() -> None:
     on nothing)."""
     found = inner_budgets(os.path.join(HERE, "test_inject.py"))
     assert any(c == "inject" and b == 200 for (_t, _l, c, b, _lim) in found), found
-    assert HELPERS["uksm"] == 120 and HELPERS["wait_for"] == 30
+    assert HELPERS["uksm"] == 100 and HELPERS["wait_for"] == 30
     assert "Up" in CLASSES
     found = inner_budgets(os.path.join(HERE, "test_cluster_cmds.py"))
     assert any(c == "cluster" and b == CLASSES["Up"] for (_t, _l, c, b, _lim) in found), found
