@@ -35,18 +35,20 @@ HELD_AT = {
 
 
 def recovered_locks(log_dir) -> dict[int, set[str]]:
-    """Per dead process (its ``recovery`` event): the lock classes the
+    """Per SIGKILLed process (its ``recovery`` event, status -9; a task that
+    ended on SIGTERM at shutdown is recovered too): the lock classes the
     supervisor recovered from it (``lock_recovery`` events)."""
     victims: dict[int, set[str]] = {}
     recs: list[tuple[list[int], str]] = []
     for e in iter_events(log_dir):
-        if e["event"] == "recovery":
+        if e["event"] == "recovery" and e.get("status") == -9:
             victims.setdefault(e["dead_pid"], set())
         elif e["event"] == "lock_recovery":
             recs.append((e["dead_pid"], e["lock"].split(":")[0]))
     for pids, lock in recs:
         for p in pids:
-            victims.setdefault(p, set()).add(lock)
+            if p in victims:
+                victims[p].add(lock)
     return victims
 
 
