@@ -35,7 +35,7 @@ from typing import Any, Callable
 
 from uksm import killpoints
 from uksm.ksm import ksm_run_store
-from uksm.layout import (H_KSMD_POINT, K_FULL_SCANS, K_RUN_DONE, L_SCAN_SLOT,
+from uksm.layout import (HAZARDS, H_KSMD_POINT, K_FULL_SCANS, K_RUN_DONE, L_SCAN_SLOT,
                          M_ID, M_OWNER_PID, S_EXIT_FAST, S_EXIT_LEGACY, S_EXIT_SLOW,
                          S_LOCK_RECOVERIES, S_MERGES, S_RECOVERIES, S_REAPED,
                          T_READY)
@@ -239,6 +239,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pages-to-scan", type=int, default=500)
     p.add_argument("--sleep-ms", type=int, default=5)
     p.add_argument("--exit-policy", default="seed", choices=["seed", "shipped", "legacy"])
+    p.add_argument("--hazard", action="append", default=[], choices=list(HAZARDS),
+                   help="switch off one part of the fix (repeatable)")
     p.add_argument("--hung-task-timeout", type=float, default=10.0)
     p.add_argument("--cluster", default="")
     p.add_argument("--log-dir")
@@ -262,7 +264,7 @@ def run(a: argparse.Namespace) -> int:
         raise UksmError("--kills must be >= 0", EXIT_USAGE)
     o = RunOptions(workers=a.workers, pages=a.pages, workload=a.workload, seed=a.seed,
                    log_dir=a.log_dir, cluster=a.cluster, pages_to_scan=a.pages_to_scan,
-                   sleep_ms=a.sleep_ms, exit_policy=a.exit_policy,
+                   sleep_ms=a.sleep_ms, exit_policy=a.exit_policy, hazards=a.hazard,
                    hung_task_timeout=a.hung_task_timeout, churn_ms=a.churn_ms,
                    quiet=a.quiet)
     inj = Injector(o, a.kills, a.signal, a.point, a.seed)
