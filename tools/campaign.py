@@ -279,8 +279,8 @@ def run_local(todo: list[dict[str, Any]], a: argparse.Namespace, sink: Sink, sto
             done, running = wait(running, timeout=1.0, return_when=FIRST_COMPLETED)
             for fut in done:
                 r = fut.result()
-                if r["status"] != "aborted":
-                    sink.add(r)
+                if r["status"] == "clean" or (r["status"] != "aborted" and not stop):
+                    sink.add(r)  # a failure while stopping may be the stop's doing: not recorded
             sink.progress(len(running))
 
 
@@ -329,7 +329,7 @@ def run_ray(todo: list[dict[str, Any]], a: argparse.Namespace, sink: Sink, stop:
                         print(f"campaign: run {run_id(p)} lost ({type(e).__name__}), "
                               f"not recorded", file=sys.stderr)
                     continue
-                if r["status"] != "aborted":
+                if r["status"] == "clean" or (r["status"] != "aborted" and not stop):
                     sink.add(r)
             sink.progress(len(pending))
     finally:

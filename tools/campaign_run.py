@@ -151,7 +151,8 @@ def execute_run(params: dict[str, Any], log_root: str, keep_logs: str,
     t0 = time.monotonic()
     g = subprocess.Popen([sys.executable, "-m", "uksm.tools.campaign_run", "--guard",
                           str(os.getpid()), cluster, log_dir, str(timeout), "--", *argv],
-                         stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+                         stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+                         start_new_session=True)  # a terminal's Ctrl-C is the campaign's to handle
     with _lock:
         _guards.add(g.pid)
     try:
@@ -164,8 +165,9 @@ def execute_run(params: dict[str, Any], log_root: str, keep_logs: str,
         report: dict[str, Any] = json.loads(out)
     except json.JSONDecodeError:
         report = {}
-    res = result_line(params, g.returncode, report, duration)
-    res["node"] = socket.gethostname()
+    # the guard killed by a signal: the run was stopped from outside, not a result
+    res = result_line(params, EXIT_ABORTED if g.returncode < 0 else g.returncode, report, duration)
+    res["node"], res["cluster"] = socket.gethostname(), cluster
     if res["status"] != "clean":
         try:
             with open(os.path.join(log_dir, "stderr.txt"), errors="replace") as f:
