@@ -292,9 +292,11 @@ def run_ray(todo: list[dict[str, Any]], a: argparse.Namespace, sink: Sink, stop:
     except ImportError:
         bad("--engine ray needs Ray: pip install 'uksm[ray]'")
     from ray.exceptions import RayError, TaskCancelledError
-    started = not a.address
-    if a.address:
-        ray.init(address=a.address, log_to_driver=False)
+    # a Ray job's driver (ray job submit, a KubeRay RayJob) finds its cluster in RAY_ADDRESS
+    address = a.address or os.environ.get("RAY_ADDRESS")
+    started = not address
+    if address:
+        ray.init(address=address, log_to_driver=False)
     else:
         ray.init(num_cpus=a.parallel, include_dashboard=False, log_to_driver=False,
                  object_store_memory=128 << 20)
@@ -419,7 +421,7 @@ def add_parser(sub: Any) -> None:
     o.add_argument("--keep-logs", choices=KEEP_LOGS, default="failed",
                    help="which runs keep their logs (default failed)")
     o.add_argument("--resume", action="store_true",
-                   help="OUT exists: run only the runs it does not record yet")
+                   help="run only the runs OUT does not record yet (OUT may not exist yet)")
     o.add_argument("--dry-run", action="store_true", help="print the runs' commands, run nothing")
     o.add_argument("--quiet", action="store_true", help="no progress on stderr")
     e = p.add_argument_group("engine")
@@ -427,7 +429,8 @@ def add_parser(sub: Any) -> None:
                    help="local: a pool of processes here (default); ray: one Ray task per run")
     e.add_argument("--parallel", type=int, default=os.cpu_count() or 1,
                    help="runs at once (local; for a local Ray, its CPUs) (default: CPUs)")
-    e.add_argument("--address", help="ray: the cluster to join (default: start a local Ray)")
+    e.add_argument("--address", help="ray: the cluster to join, e.g. auto or HOST:6379 (default: "
+                                     "$RAY_ADDRESS, else start a local Ray for the campaign)")
     e.add_argument("--num-cpus", type=float, default=1.0, help="ray: CPUs per run (default 1)")
     e.add_argument("--memory-mib", type=int, default=0,
                    help="ray: memory per run in MiB (default: estimated from workers and pages)")
@@ -454,8 +457,6 @@ def cmd_campaign(a: argparse.Namespace) -> int:
     out = a.out
     if os.path.exists(out) and not a.resume:
         bad(f"{out} exists: --resume to complete that campaign, or another --out")
-    if a.resume and not os.path.exists(out):
-        bad(f"--resume: {out} does not exist")
     out_dir = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(out_dir):
         bad(f"--out {out}: no such directory {out_dir}")
