@@ -146,11 +146,39 @@ def test_ray_worker_killed_mid_campaign(tmp_path):
     assert [r["run_id"] for r in rows].count(killed) == 1
 
 
-@pytest.mark.timeout(100)
-@pytest.mark.parametrize("how", ["SIGINT-group", "SIGTERM"])
+@pytest.mark.timeout(110)
+@pytest.mark.parametrize("how", ["SIGINT-group", "SIGTERM", "ray-SIGINT"])
 def test_resume_runs_only_what_is_missing(tmp_path, how):
+    """Interrupted, a campaign records what ended, aborts what runs (no
+    cluster, no process, no logs left), exits 130; --resume then runs only
+    the missing runs.  On Ray, the running tasks are cancelled: their
+    guards clean up the same way."""
     out = tmp_path / "c.jsonl"
+    engine = ["--engine", "ray"] if how.startswith("ray") else []
+    if engine:
+        pytest.importorskip("ray")
     args = ["--seeds", "1-6", *TINY, "--parallel", "1", "--out", str(out)]
+    with NoRayLeft():
+        _interrupt(args + engine, out, how)
+    first = lines(out)
+    assert 1 <= len(first) < 6, "interrupted mid-campaign"
+    assert all(r["status"] == "clean" for r in first), [(r["status"], r.get("stderr_tail")) for r in first]
+    # nothing unfinished was recorded, and no aborted run left its logs
+    assert os.listdir(tmp_path / "c.logs") == []
+    p = campaign(*args, "--resume", timeout=80)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert f"{len(first)} already recorded, {6 - len(first)} to run" in p.stderr
+    rows = lines(out)
+    assert len(rows) == 6 and sorted(r["run_id"] for r in rows) == sorted(dry_ids(*args[:-2]))
+    assert rows[:len(first)] == first
+    assert os.listdir(tmp_path / "c.logs") == []
+    # nothing left to do: a second --resume runs nothing
+    p = campaign(*args, "--resume", timeout=30)
+    assert p.returncode == 0 and "6 already recorded, 0 to run" in p.stderr
+    assert len(lines(out)) == 6
+
+
+def _interrupt(args: list[str], out, how: str) -> None:
     camp = subprocess.Popen([sys.executable, "-m", "uksm", "campaign", *args], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -167,21 +195,6 @@ def test_resume_runs_only_what_is_missing(tmp_path, how):
             os.killpg(camp.pid, signal.SIGKILL)
             camp.communicate()
     assert camp.returncode == 130, err
-    first = lines(out)
-    assert 1 <= len(first) < 6, "interrupted mid-campaign"
-    assert all(r["status"] == "clean" for r in first), [(r["status"], r.get("stderr_tail")) for r in first]
-    # the aborted run left no logs behind, and nothing unfinished was recorded
-    assert os.listdir(tmp_path / "c.logs") == []
-    p = campaign(*args, "--resume", timeout=80)
-    assert p.returncode == 0, p.stdout + p.stderr
-    assert f"{len(first)} already recorded, {6 - len(first)} to run" in p.stderr
-    rows = lines(out)
-    assert len(rows) == 6 and sorted(r["run_id"] for r in rows) == sorted(dry_ids(*args[:-2]))
-    assert rows[:len(first)] == first
-    # nothing left to do: a second --resume runs nothing
-    p = campaign(*args, "--resume", timeout=30)
-    assert p.returncode == 0 and "6 already recorded, 0 to run" in p.stderr
-    assert len(lines(out)) == 6
 
 
 def test_failing_run_is_reported_with_its_command(tmp_path):

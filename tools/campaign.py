@@ -307,7 +307,11 @@ def run_ray(todo: list[dict[str, Any]], a: argparse.Namespace, sink: Sink, stop:
                                             max_retries=a.max_retries, retry_exceptions=False)
         window = max(a.parallel, 2 * int(ray.cluster_resources().get("CPU", 1) / a.num_cpus))
         it = iter(todo)
+        cancelled: set[Any] = set()
+        stopped_at = 0.0
         while True:
+            if stop and not stopped_at:
+                stopped_at = time.monotonic()
             while not stop and len(pending) < window:
                 p = next(it, None)
                 if p is None:
@@ -316,8 +320,14 @@ def run_ray(todo: list[dict[str, Any]], a: argparse.Namespace, sink: Sink, stop:
             if not pending:
                 break
             if stop:
+                # a cancelled task's guard aborts its run (removes its cluster
+                # and logs); force (the worker killed, the guard's stub with
+                # it: the same clean-up) if that takes too long
+                force = time.monotonic() - stopped_at > 30
                 for ref in pending:
-                    ray.cancel(ref, force=True)  # the worker dies: its guard aborts the run
+                    if force or ref not in cancelled:
+                        ray.cancel(ref, force=force)
+                        cancelled.add(ref)
             done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
             for ref in done:
                 p = pending.pop(ref)
@@ -462,11 +472,14 @@ def cmd_campaign(a: argparse.Namespace) -> int:
         bad(f"--out {out}: no such directory {out_dir}")
     a.logs = os.path.abspath(a.logs or (out[:-6] if out.endswith(".jsonl") else out) + ".logs")
     os.makedirs(a.logs, exist_ok=True)
-    done = recorded(out) if a.resume else {}
+    ids = {run_id(p) for p in runs}
+    done = {k: v for k, v in recorded(out).items() if k in ids} if a.resume else {}
     todo = [p for p in runs if run_id(p) not in done]
     if not a.quiet:
         print(f"campaign: {len(runs)} runs, {len(runs) - len(todo)} already recorded, "
-              f"{len(todo)} to run on {a.engine} ({a.parallel} at once); results in {out}, "
+              f"{len(todo)} to run on {a.engine}"
+              + (f" ({a.parallel} at once)" if a.engine == "local" or not a.address else "")
+              + f"; results in {out}, "
               f"logs under {a.logs}", file=sys.stderr)
     sink = Sink(out, len(runs), {k: v for k, v in done.items()}, a.quiet)
     t0 = time.monotonic()

@@ -78,9 +78,35 @@ def reproduce(params: dict[str, Any]) -> str:
 def guard_main(argv: list[str]) -> int:
     """``--guard PARENT_PID CLUSTER LOG_DIR TIMEOUT -- uksm ARGS...``:
     run ``uksm ARGS`` in a new session, stdout passed through, stderr into
-    LOG_DIR/stderr.txt; see the module docstring."""
+    LOG_DIR/stderr.txt; see the module docstring.
+
+    Two processes: a *stub*, the child of whoever started the guard, that
+    only waits, and the guard proper, its child.  Ray SIGKILLs a worker's
+    direct children when the worker exits (``kill_child_processes_on_
+    worker_exit``, on by default): that kills the stub, which cannot clean
+    up, and its death is the guard's signal to.  The stub dies with its
+    parent (PDEATHSIG SIGKILL) and passes SIGTERM/SIGINT on to the guard."""
     parent, cluster, log_dir, timeout = int(argv[0]), argv[1], argv[2], float(argv[3])
     cmd = argv[argv.index("--") + 1:]
+    libc = ctypes.CDLL(None, use_errno=True)
+    stub = os.getpid()
+    child = os.fork()
+    if child:  # the stub
+        def forward(signum: int, _f: Any) -> None:
+            try:
+                os.kill(child, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(s, forward)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # it died before the prctl
+            os.kill(child, signal.SIGTERM)
+        while True:
+            try:
+                return os.waitstatus_to_exitcode(os.waitpid(child, 0)[1])
+            except InterruptedError:  # pragma: no cover (PEP 475 retries)
+                continue
     aborted = False
 
     def on_term(_s: int, _f: Any) -> None:
@@ -88,9 +114,8 @@ def guard_main(argv: list[str]) -> int:
         aborted = True
     for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(s, on_term)
-    libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    if os.getppid() != parent:  # it died before the prctl
+    if os.getppid() != stub:  # the stub died before the prctl
         aborted = True
     with open(os.path.join(log_dir, "stderr.txt"), "wb") as err:
         proc = subprocess.Popen([sys.executable, "-m", "uksm", *cmd], stdout=sys.stdout.fileno(),
@@ -156,17 +181,41 @@ def execute_run(params: dict[str, Any], log_root: str, keep_logs: str,
     with _lock:
         _guards.add(g.pid)
     try:
-        out, _ = g.communicate()
+        out = _wait(g)
+        res = _result(params, g.returncode, out, time.monotonic() - t0, cluster, log_dir, keep_logs)
+    except KeyboardInterrupt:
+        # ray.cancel() raises KeyboardInterrupt in the task (between bytecodes:
+        # hence _wait's short waits): the guard aborts the run (its cluster,
+        # its logs); the run is not a result, whatever point it had reached
+        g.send_signal(signal.SIGTERM)
+        g.communicate()
+        shutil.rmtree(log_dir, ignore_errors=True)
+        res = result_line(params, EXIT_ABORTED, {}, time.monotonic() - t0)
     finally:
         with _lock:
             _guards.discard(g.pid)
-    duration = time.monotonic() - t0
+    return res
+
+
+def _wait(g: subprocess.Popen[str]) -> str:
+    """The guard's stdout, once it exits; in short waits, so that an
+    asynchronous exception (a cancel) is seen while the run goes on."""
+    while True:
+        try:
+            out, _ = g.communicate(timeout=0.5)
+            return out
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _result(params: dict[str, Any], code: int, out: str, duration: float, cluster: str,
+            log_dir: str, keep_logs: str) -> dict[str, Any]:
     try:
         report: dict[str, Any] = json.loads(out)
     except json.JSONDecodeError:
         report = {}
     # the guard killed by a signal: the run was stopped from outside, not a result
-    res = result_line(params, EXIT_ABORTED if g.returncode < 0 else g.returncode, report, duration)
+    res = result_line(params, EXIT_ABORTED if code < 0 else code, report, duration)
     res["node"], res["cluster"] = socket.gethostname(), cluster
     if res["status"] != "clean":
         try:
