@@ -198,8 +198,11 @@ class Sink:
 
     def __init__(self, path: str, total: int, done: dict[str, dict[str, Any]], quiet: bool) -> None:
         self.f = open(path, "a")
-        if self.f.tell() and not open(path, "rb").read()[-1:] == b"\n":
-            self.f.write("\n")  # a torn last line stays alone on its line
+        if self.f.tell():
+            with open(path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    self.f.write("\n")  # a torn last line stays alone on its line
         self.total, self.quiet = total, quiet
         self.results = dict(done)
         self.new = 0
