@@ -368,7 +368,8 @@ def _ray_run(params: dict[str, Any], log_root: str, keep_logs: str, timeout: flo
 def run_timeout(a: argparse.Namespace, p: dict[str, Any]) -> float:
     if a.run_timeout:
         return float(a.run_timeout)
-    return 120.0 + 3.0 * p["kills"] + p["workers"] * p["pages"] / 100
+    # generous: a hang is the watchdog's to report (status hung); this is the last resort
+    return 300.0 + 6.0 * p["kills"] + p["workers"] * p["pages"] / 100
 
 
 def default_memory_mib(runs: list[dict[str, Any]]) -> int:
@@ -456,7 +457,7 @@ def add_parser(sub: Any) -> None:
                    help="ray: retries of a run whose worker or node is lost (default 3)")
     e.add_argument("--run-timeout", type=float, default=0.0,
                    help="kill a run after this many seconds: status timeout "
-                        "(default 120 + 3 per kill)")
+                        "(default 300 s + 6 s per kill)")
 
 
 def cmd_campaign(a: argparse.Namespace) -> int:
