@@ -33,11 +33,10 @@ import json
 import os
 import signal
 import sys
-import threading
 import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from uksm.layout import EXIT_POLICIES, HAZARDS
 from uksm.shm import UksmError
