@@ -83,9 +83,10 @@ def guard_main(argv: list[str]) -> int:
     Two processes: a *stub*, the child of whoever started the guard, that
     only waits, and the guard proper, its child.  Ray SIGKILLs a worker's
     direct children when the worker exits (``kill_child_processes_on_
-    worker_exit``, on by default): that kills the stub, which cannot clean
-    up, and its death is the guard's signal to.  The stub dies with its
-    parent (PDEATHSIG SIGKILL) and passes SIGTERM/SIGINT on to the guard."""
+    worker_exit``, on by default): that kills the stub, and the stub's
+    death (PDEATHSIG SIGTERM) tells the guard to abort the run and clean
+    up.  The stub dies with its own parent (PDEATHSIG SIGKILL) and passes
+    SIGTERM/SIGINT/SIGHUP on to the guard."""
     parent, cluster, log_dir, timeout = int(argv[0]), argv[1], argv[2], float(argv[3])
     cmd = argv[argv.index("--") + 1:]
     libc = ctypes.CDLL(None, use_errno=True)
