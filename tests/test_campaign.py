@@ -233,3 +233,17 @@ def test_config_file_and_existing_out(tmp_path):
     (tmp_path / "o.jsonl").write_text("")
     p = uksm("campaign", "--out", str(tmp_path / "o.jsonl"), timeout=60)
     assert p.returncode == 2 and "--resume" in p.stderr
+
+
+def test_torn_last_line_is_ignored_and_isolated(tmp_path):
+    """A campaign killed mid-write leaves a torn last line: --resume ignores
+    it, and the next line starts on a line of its own."""
+    from uksm.tools.campaign import Sink, recorded
+    out = tmp_path / "t.jsonl"
+    out.write_text('{"run_id": "a", "status": "clean", "kills": 1}\n{"run_id": "b", "sta')
+    assert set(recorded(str(out))) == {"a"}
+    sink = Sink(str(out), 2, recorded(str(out)), quiet=True)
+    sink.add({"run_id": "b", "status": "clean", "kills": 2, "command": "uksm inject"})
+    sink.close()
+    assert set(recorded(str(out))) == {"a", "b"}
+    assert out.read_text().splitlines()[1] == '{"run_id": "b", "sta'
