@@ -10,7 +10,7 @@ import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
-from uksm.cluster import Config
+from uksm.cluster import Config, pid_alive
 from uksm.supervisor import Supervisor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,7 +30,7 @@ def run_group(argv: list[str], timeout: float) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(argv, p.returncode, out, err)
 
 
-def uksm(*args: str, timeout: float = 120, check: bool = False) -> subprocess.CompletedProcess:
+def uksm(*args: str, timeout: float = 100, check: bool = False) -> subprocess.CompletedProcess:
     """Run ``uksm ARGS`` as a user would (python -m uksm), capture output."""
     p = run_group([sys.executable, "-m", "uksm", *args], timeout)
     if check and p.returncode != 0:
@@ -38,7 +38,7 @@ def uksm(*args: str, timeout: float = 120, check: bool = False) -> subprocess.Co
     return p
 
 
-def run_json(*args: str, timeout: float = 120) -> tuple[dict[str, Any], int]:
+def run_json(*args: str, timeout: float = 100) -> tuple[dict[str, Any], int]:
     p = uksm("run", "--json", *args, timeout=timeout)
     try:
         return json.loads(p.stdout), p.returncode
@@ -79,3 +79,21 @@ def pump(sup: Supervisor, pred: Callable[[], Any], timeout: float = 30.0, what: 
         sup.sweep()
         return pred()
     return wait_for(step, timeout, what=what)
+
+
+def cluster_pids(name: str) -> list[int]:
+    """Every live process of cluster ``name`` (daemon, ksmd, workers)."""
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit() or int(d) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"--cluster" in argv:
+            i = argv.index(b"--cluster")
+            if i + 1 < len(argv) and argv[i + 1] == name.encode() and pid_alive(int(d)):
+                out.append(int(d))
+    return out

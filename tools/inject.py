@@ -27,208 +27,199 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import signal
 import sys
 import time
 from typing import Any, Callable
 
+import uksm
 from uksm import killpoints
-from uksm.layout import (H_KSMD_POINT, K_FULL_SCANS, L_SCAN_SLOT,
-                         M_ID, M_OWNER_PID, S_EXIT_FAST, S_EXIT_LEGACY, S_EXIT_SLOW,
-                         S_LOCK_RECOVERIES, S_MERGES, S_RECOVERIES, S_REAPED,
-                         T_READY)
-from uksm.run import EXIT_USAGE, Progress, RunOptions, run_with
+from uksm.layout import HAZARDS
+from uksm.exitcodes import interrupted as interrupted_status
+from uksm.lifeline import StopSignals
+from uksm.run import EXIT_USAGE, RunOptions, default_frames, validate
 from uksm.shm import UksmError
-from uksm.supervisor import Child, Supervisor
 
-SIGNALS = {"KILL": signal.SIGKILL, "TERM": signal.SIGTERM}
-# worker points reached only while the worker exits: arm, then SIGTERM it
-EXIT_POINTS = ("ksm_exit_before_down_write", "ksm_exit_mmap_sem_write", "exit_mid_zap")
+SIGNALS = ("KILL", "TERM")
+# a worker point reached only by a task still to go through __ksm_enter:
+# a programmable task made with mergeable=False takes it
 SPAWN_POINTS = ("ksm_enter_locked",)
+# ksmd points reached while ksmd breaks COW: run=2, then back to 1
+COW_POINTS = ("ksmd_break_cow", "ksmd_break_ksm_window")
+# a kill that did not happen (the victim exited meanwhile, the point was not
+# on its way): counted as missed; a hung task or a closed machine ends the run
+FATAL = (uksm.HungTask, uksm.MachineClosed)
 
 
 class Injector:
+    """The kills, one at a time, on a uksm.Machine: a script among others."""
+
     def __init__(self, o: RunOptions, kills: int, sig: str, point: str, seed: int) -> None:
         self.o = o
         self.kills = kills
-        self.signame = sig
-        self.sig = SIGNALS[sig]
+        self.sig = sig
         self.point = point
         self.rng = random.Random(seed)
         self.delivered = 0
         self.by_point: dict[str, int] = {}
         self.missed = 0
         self.respawned = 0
-        self.merges_at_last = 0
-        self.scans_at_last = 0
+        self.at_last: dict[str, int] = {"merges": 0, "full_scans": 0}
         self.live: dict[str, Any] = {"ok": False, "errors": ["not run"]}
+        self.interrupted: Callable[[], bool] = lambda: False  # a stop signal (uksm.lifeline)
+        self.hung = False
 
     # -- helpers ---------------------------------------------------------------
-    def ready_workers(self, sup: Supervisor) -> list[Child]:
-        q = sup.cl.q
-        with sup.lock:
-            kids = list(sup.children.values())
-        return [c for c in kids if q[sup.cl.tbase(c.row) + T_READY] and c.proc.poll() is None]
-
-    def top_up(self, sup: Supervisor) -> None:
+    def top_up(self, m: uksm.Machine) -> None:
         """Respawn replacements so that --workers stay alive and scanned."""
-        while sup.workers_alive() < self.o.workers:
-            sup.spawn_worker(self.o.pages, self.o.workload, self.o.seed, self.o.churn_ms)
-            self.respawned += 1
-
-    def wait(self, sup: Supervisor, pred: Callable[[], Any], timeout: float) -> Any:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            sup.poll()
-            sup.sweep()
-            if sup.hung:
-                return None
-            v = pred()
-            if v:
-                return v
-            time.sleep(0.005)
-        return None
-
-    def log_kill(self, sup: Supervisor, ch: Child | None, mode: str, pid: int = 0, mm: int = 0) -> None:
-        sup.log.info("inject_kill", target_pid=ch.proc.pid if ch else pid, mm=ch.mm if ch else mm,
-                     signal=self.signame, mode=mode)
+        missing = self.o.workers - len(m.tasks())
+        if missing > 0:
+            o = self.o
+            m.spawn(missing, o.pages, o.workload, o.seed, o.churn_ms, wait=False)
+            self.respawned += missing
 
     # -- one kill ----------------------------------------------------------------
-    def send(self, sup: Supervisor, ch: Child, mode: str) -> bool:
-        """Deliver the signal and wait until the supervisor has reaped the
-        victim, so that every kill lands on a distinct live worker."""
-        self.log_kill(sup, ch, mode)
-        try:
-            ch.proc.send_signal(self.sig)
-        except ProcessLookupError:
-            return False
-        self.wait(sup, lambda: ch.row not in sup.children, 30)
-        return True
-
-    def kill_random(self, sup: Supervisor) -> bool:
-        kids = self.ready_workers(sup)
+    def kill_random(self, m: uksm.Machine) -> bool:
+        kids = m.tasks(ready=True)
         if not kids:
             return False
-        ch = self.rng.choice(kids)
+        victim = self.rng.choice(kids)
         time.sleep(self.rng.random() * 0.03)
-        return self.send(sup, ch, "random")
+        victim.kill(self.sig)
+        return True
 
-    def kill_cursor(self, sup: Supervisor) -> bool:
-        cl, q = sup.cl, sup.cl.q
-        slot = q[L_SCAN_SLOT]
-        if slot == cl.head:
+    def kill_cursor(self, m: uksm.Machine) -> bool:
+        victim = m.scan_cursor()
+        if victim is None:
             return False
-        mm_id, pid = q[cl.mbase(slot) + M_ID], q[cl.mbase(slot) + M_OWNER_PID]
-        with sup.lock:
-            ch = next((c for c in sup.children.values() if c.mm == mm_id), None)
-        if ch is None or ch.proc.poll() is not None or pid != ch.proc.pid:
-            return False
-        return self.send(sup, ch, "cursor")
+        victim.kill(self.sig)
+        return True
 
-    def kill_at_point(self, sup: Supervisor, name: str) -> bool:
-        cl, q = sup.cl, sup.cl.q
-        before = cl.kill_points_hit()
+    def kill_at_point(self, m: uksm.Machine, name: str) -> bool:
         if name in SPAWN_POINTS:
-            ch = sup.spawn_worker(self.o.pages, self.o.workload, self.o.seed, self.o.churn_ms,
-                                  kill_point=name, kill_sig=self.sig)
+            m.task(pages=min(self.o.pages, 16), mergeable=False).kill(self.sig, at=name)
             self.respawned += 1
-        elif name in killpoints.KSMD_POINTS:
-            killpoints.arm_ksmd(cl, name, self.sig)
-            if name in ("ksmd_break_cow", "ksmd_break_ksm_window"):  # reached breaking COW: run=2, then 1
-                sup.write_run(2, timeout=30)   # the unmerger (the writer task) passes the point
-                sup.write_run(1, timeout=30)
-            with sup.lock:
-                kids = list(sup.children.values())
-            ok = self.wait(sup, lambda: q[H_KSMD_POINT] == -1, 10)
-            if not ok:
-                q[H_KSMD_POINT] = -1
-                return False
-            self.log_kill(sup, None, "point")
-            # ksmd signalled the owner of the mm it was in: wait for that death
-            # (the victim may have been dead already: then this just times out)
-            self.wait(sup, lambda: any(c.proc.poll() is not None for c in kids), 5)
             return True
-        else:
-            kids = self.ready_workers(sup)
-            if not kids:
+        if name in killpoints.KSMD_POINTS:
+            exited = m.stats()["exited"]
+            m.arm(name, self.sig)
+            if name in COW_POINTS:
+                m.ksm["run"] = 2
+                m.ksm["run"] = 1
+            try:
+                m.wait(lambda: m.armed() is None, 10, f"ksmd to pass {name}")
+            except uksm.WaitTimeout:
+                m.disarm()
                 return False
-            ch = self.rng.choice(kids)
-            killpoints.arm_worker(cl, ch.row, name, self.sig)
-            if name in EXIT_POINTS:
-                try:
-                    ch.proc.send_signal(signal.SIGTERM)
-                except ProcessLookupError:
-                    return False
-        ok = self.wait(sup, lambda: cl.kill_points_hit() != before or ch.proc.poll() is not None, 10)
-        if not ok or cl.kill_points_hit() == before:
-            if ch.proc.poll() is None:
-                killpoints.disarm_worker(cl, ch.row)
+            # ksmd signalled the owner of the mm it was in: wait until that
+            # exit is accounted (recovered, if SIGKILLed), so that the
+            # counters read after the last kill include it (under load they
+            # did not, 1 run in 12); the owner may have been dead already:
+            # then this just times out
+            try:
+                m.wait(lambda: m.stats()["exited"] > exited, 5, f"the death at {name}")
+            except uksm.WaitTimeout:
+                pass
+            return True
+        kids = m.tasks(ready=True)
+        if not kids:
             return False
-        self.log_kill(sup, ch, "point")
-        self.wait(sup, lambda: ch.row not in sup.children, 30)
+        self.rng.choice(kids).kill(self.sig, at=name)
         return True
 
     # -- the drive loop ---------------------------------------------------------------
-    def drive(self, sup: Supervisor, t0: float, progress: Progress,
-              interrupted: Callable[[], bool]) -> tuple[bool, dict[str, Any]]:
-        q = sup.cl.q
-        if not self.wait(sup, lambda: sup.workers_ready() and q[K_FULL_SCANS] >= 2, 120):
-            return bool(sup.hung), self.block(sup)
+    def drive(self, m: uksm.Machine, quiet: bool) -> None:
+        t0 = last = time.monotonic()
+        m.spawn(self.o.workers, self.o.pages, self.o.workload, self.o.seed, self.o.churn_ms)
+        m.wait_full_scans(2, timeout=120)
         points = killpoints.NAMES if self.point == "all" else [self.point]
         i = 0
-        while self.delivered < self.kills and not interrupted():
-            sup.poll()
-            sup.sweep()
-            if sup.hung:
-                return True, self.block(sup)
-            self.top_up(sup)
+        while self.delivered < self.kills and not self.interrupted():
+            self.top_up(m)
             mode = points[i % len(points)]
-            if mode == "random":
-                done = self.kill_random(sup)
-            elif mode == "cursor":
-                done = self.kill_cursor(sup)
-            else:
-                done = self.kill_at_point(sup, mode)
+            try:
+                if mode == "random":
+                    done = self.kill_random(m)
+                elif mode == "cursor":
+                    done = self.kill_cursor(m)
+                else:
+                    done = self.kill_at_point(m, mode)
+            except uksm.MachineError as e:
+                if isinstance(e, FATAL):
+                    raise
+                done = False
             if done:
                 self.delivered += 1
                 self.by_point[mode] = self.by_point.get(mode, 0) + 1
                 i += 1
             else:
                 self.missed += 1
-                time.sleep(0.005)
-            progress(sup, time.monotonic() - t0, f"[kills {self.delivered}/{self.kills}] ")
-        self.merges_at_last = q[S_MERGES]
-        self.scans_at_last = q[K_FULL_SCANS]
-        self.top_up(sup)
+                m.wait(lambda: True, 1)  # reap meanwhile, and hear about a hung task
+            if not quiet and time.monotonic() - last >= 1.0:
+                last = time.monotonic()
+                print(f"uksm: {last - t0:6.1f}s [kills {self.delivered}/{self.kills}] "
+                      f"{m.ksm.counters()}", file=sys.stderr)
+        st = m.stats()
+        self.at_last = {"merges": st["merges"], "full_scans": m.ksm["full_scans"]}
+        if self.interrupted():
+            return  # a stop signal: straight to the orderly close
+        self.top_up(m)
         # ksmd still merging: new work merged after the last kill
-        self.wait(sup, lambda: q[S_MERGES] > self.merges_at_last
-                  and q[K_FULL_SCANS] >= self.scans_at_last + 2 and sup.workers_ready(), 60)
-        # no exit in flight (a reaper finishing a killed worker's), then fsck
-        # the running cluster, counters included
-        self.wait(sup, sup.settled, 60)
-        if not sup.hung:
-            self.live = sup.live_fsck()
-        return bool(sup.hung), self.block(sup)
+        try:
+            m.wait(lambda: m.stats()["merges"] > self.at_last["merges"]
+                   and m.ksm["full_scans"] >= self.at_last["full_scans"] + 2, 60,
+                   "ksmd to merge new work after the kills")
+        except uksm.WaitTimeout:
+            pass  # reported: merges_after_kills 0
+        self.live = m.fsck()
 
-    def block(self, sup: Supervisor) -> dict[str, Any]:
-        q = sup.cl.q
-        return {"inject": lambda: {
-            "kills": self.delivered, "requested": self.kills, "signal": self.signame,
-            "mode": self.point, "by_signal": {self.signame: self.delivered},
-            "by_point": dict(self.by_point), "missed_attempts": self.missed,
-            "kill_points_hit": sup.cl.kill_points_hit(), "respawned": self.respawned,
-            "exits": {"fast": q[S_EXIT_FAST], "slow": q[S_EXIT_SLOW], "legacy": q[S_EXIT_LEGACY],
-                      "reaped": q[S_REAPED]},
-            "lock_recoveries": q[S_LOCK_RECOVERIES], "recoveries": q[S_RECOVERIES],
-            "merges_after_kills": q[S_MERGES] - self.merges_at_last,
-            "live_fsck": self.live,
-            "full_scans_after_kills": q[K_FULL_SCANS] - self.scans_at_last}}
+    def block(self, m: uksm.Machine, st: dict[str, int], full_scans: int) -> dict[str, Any]:
+        return {"kills": self.delivered, "requested": self.kills, "signal": self.sig,
+                "mode": self.point, "by_signal": {self.sig: self.delivered},
+                "by_point": dict(self.by_point), "missed_attempts": self.missed,
+                "kill_points_hit": st["kill_points_hit"], "respawned": self.respawned,
+                "exits": {"fast": st["exit_fast"], "slow": st["exit_slow"],
+                          "legacy": st["exit_legacy"], "reaped": st["reaped"]},
+                "lock_recoveries": st["lock_recoveries"], "recoveries": st["recoveries"],
+                "merges_after_kills": st["merges"] - self.at_last["merges"],
+                "live_fsck": self.live,
+                "full_scans_after_kills": full_scans - self.at_last["full_scans"]}
+
+    def run(self) -> dict[str, Any]:
+        """Boot a Machine, drive the kills, close it; the report (uksm
+        run's, with an ``inject`` block)."""
+        o = self.o
+        # SIGTERM/SIGHUP/SIGINT: the kills end, the machine closes in order;
+        # a second one raises SecondSignal: killed at once, every object removed
+        with StopSignals() as stop:
+            self.interrupted = stop
+            m = uksm.Machine(frames=default_frames(o), max_pages=o.pages,
+                             max_tasks=o.workers + 8, exit_policy=o.exit_policy, hazards=o.hazards,
+                             pages_to_scan=o.pages_to_scan, sleep_millisecs=o.sleep_ms,
+                             name=o.cluster or f"inject{os.getpid()}", log_dir=o.log_dir,
+                             hung_task_timeout=o.hung_task_timeout)
+            if not o.quiet:
+                print(f"uksm: cluster {m.name}: logs in {m.log_dir}", file=sys.stderr)
+            with m:
+                try:
+                    self.drive(m, o.quiet)
+                except uksm.HungTask:
+                    self.hung = True
+                st, fs = m.stats(), m.ksm["full_scans"]
+        report = dict(m.report or {})
+        if stop():
+            report["interrupted"] = stop.name
+            report["status"] = interrupted_status(report["status"], stop.signo)
+        report["workload"] = o.workload
+        report["inject"] = self.block(m, st, fs)
+        return report
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kills", type=int, default=20, help="kills to deliver (default 20)")
-    p.add_argument("--signal", default="KILL", choices=list(SIGNALS),
+    p.add_argument("--signal", default="KILL", choices=SIGNALS,
                    help="KILL: vanish (the supervisor recovers); TERM: exit at the next safe point")
     p.add_argument("--point", default="random",
                    help="random, cursor, a kill point name, or all (cycle through every point); "
@@ -242,6 +233,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pages-to-scan", type=int, default=500)
     p.add_argument("--sleep-ms", type=int, default=5)
     p.add_argument("--exit-policy", default="seed", choices=["seed", "shipped", "legacy"])
+    p.add_argument("--hazard", action="append", default=[], choices=list(HAZARDS),
+                   help="switch off one part of the fix (repeatable)")
     p.add_argument("--hung-task-timeout", type=float, default=10.0)
     p.add_argument("--cluster", default="")
     p.add_argument("--log-dir")
@@ -265,12 +258,13 @@ def run(a: argparse.Namespace) -> int:
         raise UksmError("--kills must be >= 0", EXIT_USAGE)
     o = RunOptions(workers=a.workers, pages=a.pages, workload=a.workload, seed=a.seed,
                    log_dir=a.log_dir, cluster=a.cluster, pages_to_scan=a.pages_to_scan,
-                   sleep_ms=a.sleep_ms, exit_policy=a.exit_policy,
+                   sleep_ms=a.sleep_ms, exit_policy=a.exit_policy, hazards=a.hazard,
                    hung_task_timeout=a.hung_task_timeout, churn_ms=a.churn_ms,
                    quiet=a.quiet)
-    inj = Injector(o, a.kills, a.signal, a.point, a.seed)
-    report, status = run_with(o, inj.drive, prefix="inject")
-    if status == 0 and not report["inject"]["live_fsck"]["ok"]:
+    validate(o)
+    report = Injector(o, a.kills, a.signal, a.point, a.seed).run()
+    status = report["status"]
+    if status == 0 and not report["inject"]["live_fsck"]["ok"] and not report["interrupted"]:
         status = report["status"] = 4  # the running cluster failed fsck
     if a.json:
         print(json.dumps(report))

@@ -1,0 +1,23 @@
+"""uksm: a userspace emulator of Linux KSM (mm/ksm.c).
+
+The public API is ``uksm.Machine`` (``docs/API.md``); every other module
+is the emulator's inside and may change.  The API is imported on first
+use, so that the emulator's own processes (ksmd, workers), which import
+``uksm.*`` modules, do not pay for it.
+"""
+from typing import TYPE_CHECKING, Any
+
+__all__ = ["Machine", "Task", "KillPoint", "MachineError", "MachineClosed", "WaitTimeout",
+           "HungTask", "TaskExited", "TaskDied", "SegFault", "IntegrityError", "KillPointMissed"]
+
+if TYPE_CHECKING:
+    from .api import (HungTask, IntegrityError, KillPoint, KillPointMissed, Machine,
+                      MachineClosed, MachineError, SegFault, Task, TaskDied, TaskExited,
+                      WaitTimeout)
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from . import api
+        return getattr(api, name)
+    raise AttributeError(f"module 'uksm' has no attribute {name!r}")

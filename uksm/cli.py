@@ -7,14 +7,32 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from . import shm
 from .layout import EXIT_POLICIES, HAZARDS, OOM_RULES
 
-EPILOG = """exit status: 0 all good, 2 bad usage, 3 a hung task was detected,
-4 an integrity or fsck failure, 1 anything else."""
+from .exitcodes import EPILOG, signalled
+from .lifeline import SecondSignal
+
+
+STOP_HELP = ("SIGTERM, SIGHUP or SIGINT stops it in order (workers exit, ksmd frees, fsck, "
+             "teardown; the report says 'interrupted', status 128+N); a second one kills every "
+             "process at once and still removes every object. Its ksmd and workers die with it, "
+             "whatever kills it.")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's own usage errors as the CLI promises them: one line,
+    ``uksm CMD: error: ...`` and where to read more, status 2 (argparse's
+    default prints the whole usage block first).  Subparsers inherit the
+    class (add_subparsers' parser_class defaults to the parent's type)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
 def _run_args(p: argparse.ArgumentParser, defaults_for_run: bool = True) -> None:
@@ -49,7 +67,7 @@ def _run_args(p: argparse.ArgumentParser, defaults_for_run: bool = True) -> None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = OneLineParser(
         prog="uksm",
         description="uksm: a userspace emulator of Linux KSM (mm/ksm.c). Worker processes live in "
                     "POSIX shared memory through an emulated MMU; ksmd merges their identical pages.",
@@ -59,24 +77,36 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a cluster in the foreground and print a report",
                        description="Boot a cluster, run workers (and ksmd), stop them, check, "
                                    "tear down and report. With no options: a small demonstration "
-                                   "that ends by itself within a minute.", epilog=EPILOG)
+                                   "that ends by itself within a minute. " + STOP_HELP, epilog=EPILOG)
     _run_args(p)
     p.add_argument("--cluster", default="", help="cluster name (default run<pid>)")
-    p.add_argument("--duration", type=float, help="run this many seconds (default: until merged)")
+    p.add_argument("--duration", type=float,
+                   help="run this many seconds (default: until merged); with --until-merged, "
+                        "at most this many: whichever comes first")
     p.add_argument("--until-merged", action="store_true",
                    help="stop once the counters have not changed for two full scans (the default "
-                        "when --duration is not given)")
+                        "when --duration is not given; --duration caps it)")
     p.add_argument("--max-duration", type=float, default=60.0,
-                   help="give up waiting for convergence after this many seconds (default 60)")
+                   help="without --duration: give up waiting for convergence after this many "
+                        "seconds (default 60)")
     p.add_argument("--scenario", choices=["oom-unmerge"],
                    help="oom-unmerge: merge, shrink memory to the merged state, run=2 (the seed's deadlock)")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
-    p = sub.add_parser("cleanup", help="remove the POSIX objects a dead cluster left behind")
+    p = sub.add_parser("cleanup", help="end a dead cluster's processes, remove its POSIX objects",
+                       description="For a cluster whose supervisor is dead: end its ksmd and "
+                                   "workers still alive (found in its task table, each checked "
+                                   "against its command line, so a reused pid is never hit), then "
+                                   "remove every object it left in /dev/shm. A live cluster is "
+                                   "refused (status 1; 'uksm down' or stop its 'uksm run') unless "
+                                   "--force; another user's cluster is always refused.",
+                       epilog=EPILOG)
     p.add_argument("--cluster", help="only this cluster (default: every uksm cluster with no "
                                      "live supervisor)")
-    p.add_argument("--force", action="store_true", help="also remove a cluster that looks alive")
+    p.add_argument("--force", action="store_true",
+                   help="a live cluster too: SIGKILL its supervisor (no orderly shutdown, no "
+                        "report), its ksmd and workers, then remove its objects")
 
     from .control import DEFAULT_CLUSTER
     p = sub.add_parser("fsck", help="check the invariants of a live cluster")
@@ -87,14 +117,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inject", help="fault injection: kill workers while ksmd scans them, then check",
                        description="Run a cluster and kill workers mid-scan (at random, at ksmd's "
                                    "cursor, or at a named kill point), respawning replacements; "
-                                   "then stop, check and report.", epilog=EPILOG)
+                                   "then stop, check and report. " + STOP_HELP, epilog=EPILOG)
     from uksm.tools.inject import add_arguments
     add_arguments(p)
 
+    from uksm.tools.campaign import add_parser as add_campaign
+    add_campaign(sub)
+
     sub.add_parser("logs", help="analyse a run's logs: uksm logs DIR {summary,timeline,check,locks,plot}",
                    add_help=False)
-    from . import control
+    from . import control, task_cli
     control.add_parsers(sub, _run_args)
+    task_cli.add_parsers(sub)
     return ap
 
 
@@ -113,11 +147,14 @@ def main(argv: list[str] | None = None) -> int:
     except shm.UksmError as e:
         print(f"uksm: {e}", file=sys.stderr)
         return e.status
+    except SecondSignal as e:  # uksm run/inject: killed at once, every object removed
+        print(f"uksm: {e}: a second stop signal: every process of the cluster killed, its "
+              f"objects removed, no report", file=sys.stderr)
+        return signalled(e.signo)
     except KeyboardInterrupt:
         print("uksm: interrupted", file=sys.stderr)
-        return 1
+        return signalled(signal.SIGINT)
     except BrokenPipeError:  # uksm ... | head
-        import os
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
 
@@ -130,9 +167,15 @@ def dispatch(a: argparse.Namespace) -> int:
     if a.cmd == "inject":
         from uksm.tools.inject import run as inject_run
         return inject_run(a)
+    if a.cmd == "campaign":
+        from uksm.tools.campaign import cmd_campaign
+        return cmd_campaign(a)
     if a.cmd == "fsck":
         from . import control
         return control.cmd_fsck(a)
+    if a.cmd in ("task", "wait") or (a.cmd == "kill" and getattr(a, "at", None)):
+        from . import task_cli
+        return task_cli.run_verb(a)
     from . import control
     return control.dispatch(a)
 
@@ -165,10 +208,9 @@ def print_report(r: dict[str, Any]) -> None:
           f"pages_unshared {k['pages_unshared']}  pages_volatile {k['pages_volatile']}")
     print(f"  memory   frames used {fr['used']} of {total_pages}; pool resident "
           f"{mem / 2**20:.1f} MiB; saved by merging {saved} pages = {saved * 4096 / 2**20:.1f} MiB")
-    noslot = w["exited"] - w["exit_fast"] - w["exit_slow"] - w.get("exit_legacy", 0)
     print(f"  workers  started {w['started']}  exited {w['exited']}  __ksm_exit: fast {w['exit_fast']}  "
           f"slow {w['exit_slow']}" + (f"  legacy {w['exit_legacy']}" if w.get("exit_legacy") else "")
-          + (f"  no slot left {noslot} (ksmd freed it first)" if noslot > 0 else "")
+          + f"  no slot {w['exit_noslot']} (ksmd freed it first, or none)"
           + f"  killed {w['killed']}  oom_killed {w['oom_killed']}")
     print("           (fast: no rmap_items, not at ksmd's cursor, the task freed its slot itself; "
           "slow: slot moved behind the cursor, down_write/up_write of mmap_sem, ksmd frees it; "
@@ -189,27 +231,34 @@ def print_report(r: dict[str, Any]) -> None:
     print(f"  leftover POSIX objects: {len(r['ipc_leftovers'])}  logs: {r['log_dir']}")
     for e in r.get("errors", []):
         print(f"  error    {e}")
+    for o in r.get("oops", []):
+        print(f"  OOPS     ksmd: {o['error']} at {o['where']}  x{o['count']}")
+    if r.get("interrupted"):
+        print(f"  INTERRUPTED by {r['interrupted']}: stopped early, in order (status {r['status']})")
 
 
 def cmd_cleanup(a: argparse.Namespace) -> int:
-    from .cluster import pid_alive
-    names = [a.cluster] if a.cluster else shm.clusters_present()
+    """End a dead cluster's processes, then remove its objects (uksm.cleanup)."""
+    from .cleanup import cleanup
     if a.cluster:
         shm.check_cluster_name(a.cluster)
-    removed_any = False
+    names = [a.cluster] if a.cluster else shm.clusters_present()
+    removed_any, status = False, 0
     for name in names:
-        sup = supervisor_pid(name)
-        if sup and pid_alive(sup) and not a.force:
-            print(f"uksm: cluster {name!r} is alive (supervisor pid {sup}): 'uksm down --cluster "
-                  f"{name}', or --force", file=sys.stderr)
-            continue
-        removed = shm.remove_all(name)
+        if not a.cluster and shm.owner(name) not in (None, os.geteuid()) and os.geteuid() != 0:
+            continue  # every cluster: every cluster of ours
+        removed, ended, refused = cleanup(name, a.force)
+        if ended:
+            print(f"ended cluster {name}'s processes: {' '.join(map(str, ended))}")
+        if refused:
+            print(f"uksm: {refused}", file=sys.stderr)
+            status = 1
         removed_any = removed_any or bool(removed)
         for n in removed:
             print(f"removed /dev/shm/{n}")
-    if not removed_any:
+    if not removed_any and not status:
         print("nothing to remove")
-    return 0
+    return status
 
 
 def supervisor_pid(name: str) -> int:

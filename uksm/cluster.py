@@ -75,11 +75,12 @@ class Cluster:
             raise shm.UksmError(f"cluster {name!r} already exists (or a dead one left objects); "
                                 f"'uksm down --cluster {name}' or 'uksm cleanup --cluster {name}'", 2)
         ctl_size, fr_size, pool_size = _sizes(cfg)
+        shm.check_room(name, ctl_size + fr_size + pool_size)
         made: list[tuple[str, str]] = []
         try:
             self.ctl = shm.create_segment(name, "ctl", ctl_size); made.append(("shm", "ctl"))
             self.frames_seg = shm.create_segment(name, "frames", fr_size); made.append(("shm", "frames"))
-            self.pool = shm.create_segment(name, "pool", pool_size); made.append(("shm", "pool"))
+            self.pool = shm.create_segment(name, "pool", pool_size, sparse=True); made.append(("shm", "pool"))
             for what in ("daemon", "mmlist", "zone"):
                 shm.create_sem(name, what, 1); made.append(("sem", what))
             shm.create_sem(name, "killpoints", 0); made.append(("sem", "killpoints"))

@@ -38,7 +38,7 @@ from .layout import (CS_RUNNING, CS_STARTING, CS_STOPPED, CS_STOPPING, EXIT_PATH
                      K_PAGES_VOLATILE, K_RMAP_ITEMS, K_RUN, K_RUN_DONE, K_RUN_SEQ, K_SLEEP_MS,
                      K_STABLE_NODES, MAGIC, MM_STATES, PAGE_SIZE, STATS_NAMES)
 
-EXIT_OK, EXIT_ERR, EXIT_USAGE, EXIT_HUNG, EXIT_INTEGRITY = 0, 1, 2, 3, 4
+from .exitcodes import EXIT_ERR, EXIT_HUNG, EXIT_INTEGRITY, EXIT_OK, EXIT_USAGE  # noqa: F401
 #: the cluster a command acts on without --cluster: $UKSM_CLUSTER, else "default"
 DEFAULT_CLUSTER = os.environ.get("UKSM_CLUSTER") or "default"
 CLUSTER_STATES = {CS_STARTING: "starting", CS_RUNNING: "running", CS_STOPPING: "stopping",
@@ -260,6 +260,8 @@ def attach(name: str) -> Any:
     shm.check_cluster_name(name)
     if not shm.leftovers(name):
         raise not_running(name)
+    if shm.owner(name) not in (None, os.geteuid()) and os.geteuid() != 0:
+        raise shm.not_yours(name)  # its objects are 0600: say so, not "dead"
     sup = recorded_supervisor(name)
     if not sup or not pid_alive(sup):
         raise not_running(name)
@@ -346,6 +348,10 @@ def add_parsers(sub: Any, run_args: Callable[..., None]) -> None:
     p.add_argument("--all", action="store_true", help="every worker")
     p.add_argument("--signal", default="TERM", type=str.upper, choices=["TERM", "KILL"],
                    help="TERM (default) or KILL")
+    p.add_argument("--at", metavar="POINT",
+                   help="one programmable task ('uksm task new'): drive it to this kill point "
+                        "and signal it there (with --signal: KILL dies there holding what it "
+                        "holds, TERM exits at its next safe point)")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("ctl", help="read or write the knobs, as /sys/kernel/mm/ksm",
@@ -389,7 +395,7 @@ def dispatch(a: argparse.Namespace) -> int:
 def up_spec(a: argparse.Namespace) -> dict[str, Any]:
     """Validate ``up``'s options (status 2, nothing started) and return the
     spec the daemon boots from."""
-    from .run import check_cluster_options, check_frames, usage_error as bad
+    from .run import check_cluster_options, check_frames, check_log_dir, usage_error as bad
     shm.check_cluster_name(a.cluster)
     check_cluster_options(a, min_workers=0)
     max_workers = a.max_workers or max(a.workers, 32)
@@ -406,8 +412,8 @@ def up_spec(a: argparse.Namespace) -> dict[str, Any]:
     frames = a.frames or base + max(64, base // 16)
     check_frames(frames, a.workers * a.pages, a)
     log_dir = a.log_dir
-    if log_dir is not None and not os.path.isdir(log_dir):
-        bad(f"--log-dir {log_dir}: no such directory")
+    if log_dir is not None:
+        check_log_dir(log_dir)
     return {"workers": a.workers, "pages": a.pages, "frames": frames, "workload": a.workload,
             "seed": a.seed, "log_dir": os.path.abspath(log_dir) if log_dir else None,
             "exit_policy": a.exit_policy, "oom_rule": a.oom_rule, "hazards": list(a.hazard),
@@ -433,12 +439,6 @@ def name_in_use(name: str) -> shm.UksmError | None:
     return None
 
 
-def _default_log_dir(name: str) -> str:
-    d = os.path.abspath(f"uksm-logs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    os.makedirs(d, exist_ok=True)
-    return d
-
-
 def _print_up(ans: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print(json.dumps({"cluster": ans["cluster"], "pid": ans["pid"], "log_dir": ans["log_dir"],
@@ -455,7 +455,8 @@ def cmd_up(a: argparse.Namespace) -> int:
     err = name_in_use(name)
     if err is not None:
         raise err
-    spec["log_dir"] = spec["log_dir"] or _default_log_dir(name)
+    from .run import make_log_dir
+    spec["log_dir"] = make_log_dir(name, spec["log_dir"])
     if a.foreground:
         from .daemon import run_daemon
         return run_daemon(name, spec, foreground=True,
@@ -533,7 +534,8 @@ def print_down(r: dict[str, Any]) -> None:
     print(f"cluster {r['cluster']} down after {r['uptime_s']:.1f}s")
     print(f"  workers  {r['stopped']} stopped now; over the cluster's life: started "
           f"{w['started']}, exited {w['exited']} (ksm_exit fast {w['exit_fast']}, slow "
-          f"{w['exit_slow']}, legacy {w['exit_legacy']}), killed {w['killed']}, oom_killed "
+          f"{w['exit_slow']}, legacy {w['exit_legacy']}, no slot {w['exit_noslot']}), killed "
+          f"{w['killed']}, oom_killed "
           f"{w['oom_killed']}, reaped {w['reaped']}")
     i = r["integrity"]
     print(f"  data     {i['pages_verified']} pages verified, {i['mismatches']} mismatches")
@@ -667,7 +669,8 @@ def format_status(st: dict[str, Any]) -> list[str]:
         f"{_mib(st['memory']['host_bytes_resident'])}  saved by merging "
         f"{_mib(k['pages_sharing'] * PAGE_SIZE)}",
         f"workers  started {w['started']}  exited {w['exited']} (fast {w['exit_fast']} slow "
-        f"{w['exit_slow']} legacy {w['exit_legacy']})  killed {w['killed']}  oom_killed "
+        f"{w['exit_slow']} legacy {w['exit_legacy']} noslot {w['exit_noslot']})  killed "
+        f"{w['killed']}  oom_killed "
         f"{w['oom_killed']}  reaped {w['reaped']}",
         "",
         f"{'WORKER':<7} {'PID':>8} {'MM':>5} {'STATE':<13} {'PAGES':>6} {'RSS':>6} {'RMAP':>6} "

@@ -55,6 +55,9 @@ from .layout import (A_FREE_TOP, CS_STOPPING, E_LOCK, E_SINCE, E_SPINS, E_WORD, 
                      MS_FREEING, S_EXIT_FAST, S_EXIT_LEGACY, S_EXIT_SLOW, S_REAPED, T_PID, T_READY, T_STATE, TS_DEAD, TS_FREE,
                      EXIT_PATHS)
 from .locks import HELD, IDLE, WAIT_SLICE, WAITING, Lock
+from .exitcodes import signalled
+from .lifeline import STOP_SIGNALS, SecondSignal
+from .scripting import ScriptOps
 from .writer import result_of
 from .supervisor import Child, Supervisor
 
@@ -68,20 +71,15 @@ MAX_REQUEST = 1 << 20
 
 
 class DaemonSupervisor(Supervisor):
-    """The Supervisor, and in the foreground each child in its own process
-    group: a Ctrl-C at the terminal then reaches the daemon only (which
-    takes it as ``down``), not ksmd and the workers (ksmd stopping on its
-    own would leave the slow-path exits' slots unfreed)."""
+    """The Supervisor.  Each child runs in its own process group
+    (``Supervisor._popen``): a Ctrl-C at the terminal of ``up --foreground``
+    then reaches the daemon only (which takes it as ``down``), not ksmd and
+    the workers (ksmd stopping on its own would leave the slow-path exits'
+    slots unfreed); and each is on the lifeline (``uksm.lifeline``)."""
 
     def __init__(self, *args: Any, own_groups: bool = False, **kw: Any) -> None:
         super().__init__(*args, **kw)
         self.own_groups = own_groups
-
-    def _popen(self, args: list[str]) -> "subprocess.Popen[bytes]":
-        if not self.own_groups:
-            return super()._popen(args)
-        return subprocess.Popen([sys.executable, "-m", *args], stdin=subprocess.DEVNULL,
-                                process_group=0)
 
 
 class RequestError(shm.UksmError):
@@ -117,8 +115,10 @@ def sd_notify(state: str) -> None:
         pass
 
 
-class Daemon:
-    """One cluster's daemon: its control socket, its supervisor, the loop."""
+class Daemon(ScriptOps):
+    """One cluster's daemon: its control socket, its supervisor, the loop.
+    Without a socket (``reserve`` not called) it serves ``uksm.Machine``
+    in-process: ``run_request`` is then called directly."""
 
     def __init__(self, name: str, spec: dict[str, Any], foreground: bool) -> None:
         self.name = name
@@ -150,6 +150,12 @@ class Daemon:
                                 EXIT_USAGE)
 
     def _on_signal(self, signo: int, _frame: Any) -> None:
+        """The first stop signal: ``down``; a second one while that runs:
+        kill everything at once, remove every object (``_abandon``)."""
+        if self.stop_signal:
+            for s in STOP_SIGNALS:
+                signal.signal(s, signal.SIG_IGN)
+            raise SecondSignal(signo)
         self.stop_signal = signo
 
     def start(self) -> None:
@@ -160,9 +166,9 @@ class Daemon:
         self._log = ulog.thread_logger("ctl", self.name, self.log_dir, "daemon")
         for _ in range(spec["workers"]):
             self.sup.spawn_worker(spec["pages"], spec["workload"], spec["seed"], spec["churn_ms"])
-        assert self.sock is not None
-        self.sock.listen(128)
-        self.sock.setblocking(False)
+        if self.sock is not None:
+            self.sock.listen(128)
+            self.sock.setblocking(False)
 
     # ---- the main loop ------------------------------------------------------------------
     def pump(self) -> None:
@@ -178,8 +184,9 @@ class Daemon:
         assert self.sock is not None
         status = EXIT_OK
         while not self.done:
-            if self.stop_signal:
-                name = signal.Signals(self.stop_signal).name
+            if self.stop_signal or (self.sup is not None and self.sup.given_up):
+                name = (signal.Signals(self.stop_signal).name if self.stop_signal
+                        else self.sup.given_up if self.sup is not None else "")
                 print(f"uksm: {name}: taking the cluster down", file=sys.stderr, flush=True)
                 report = self.down()
                 status = report["status"]
@@ -264,13 +271,6 @@ class Daemon:
         return int(uid)
 
     def handle(self, conn: socket.socket, req: dict[str, Any]) -> dict[str, Any]:
-        op = req["op"]
-        handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
-            "ping": self.do_ping, "spawn": self.do_spawn, "kill": self.do_kill,
-            "ctl": self.do_ctl, "fsck": self.do_fsck, "down": self.do_down}
-        fn = handlers.get(op)
-        if fn is None:
-            return {"ok": False, "error": f"unknown request {op!r}", "status": EXIT_USAGE}
         try:
             uid = self._peer_uid(conn)
         except OSError:
@@ -279,10 +279,23 @@ class Daemon:
             return {"ok": False, "status": EXIT_ERR,
                     "error": f"cluster {self.name!r}: permission denied (EPERM): uid {uid} is not "
                              f"the cluster's owner"}
+        return self.run_request(req)
+
+    def run_request(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Serve one request (from the socket, or from an in-process Machine)."""
+        op = req["op"]
+        handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+            "ping": self.do_ping, "spawn": self.do_spawn, "kill": self.do_kill,
+            "ctl": self.do_ctl, "fsck": self.do_fsck, "down": self.do_down,
+            **self.script_handlers()}
+        fn = handlers.get(op)
+        if fn is None:
+            return {"ok": False, "error": f"unknown request {op!r}", "status": EXIT_USAGE}
         try:
             ans = fn(req)
         except shm.UksmError as e:
-            return {"ok": False, "error": str(e), "status": e.status}
+            return {"ok": False, "error": str(e), "status": e.status,
+                    "kind": getattr(e, "kind", "hung" if e.status == EXIT_HUNG else "")}
         except Exception as e:  # a bug: say so, keep serving
             print(f"uksm: request {op!r} failed:\n{traceback.format_exc()}", file=sys.stderr,
                   flush=True)
@@ -356,9 +369,11 @@ class Daemon:
         assert sup is not None
         with sup.lock:
             workers = sorted(f"w{c.worker_no}" for c in sup.children.values())
+            ready = sorted(f"w{c.worker_no}" for c in sup.children.values()
+                           if sup.cl.q[sup.cl.tbase(c.row) + T_READY])
         return {"cluster": self.name, "pid": os.getpid(), "log_dir": self.log_dir,
                 "ksmd_pid": sup.ksmd.proc.pid if sup.ksmd is not None else 0,
-                "workers": workers, "hung": len(sup.hung), "hung_tasks": list(sup.hung),
+                "workers": workers, "ready": ready, "hung": len(sup.hung), "hung_tasks": list(sup.hung),
                 "uptime_s": round(time.monotonic() - self.t0, 3)}
 
     def do_spawn(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -439,14 +454,7 @@ class Daemon:
             self._log.info("inject_kill", target_pid=c.proc.pid, mm=c.mm, signal=signame,
                            mode="command")
 
-        def finished(c: Child) -> bool:
-            """Reaped, and its exit accounted (by itself or by its reaper,
-            which runs on the dead task's row): the row is free again.  Only
-            this thread allocates rows, so it cannot be reused meanwhile."""
-            with sup.lock:
-                if sup.children.get(c.row) is c:
-                    return False
-            return q[cl.tbase(c.row) + T_STATE] == TS_FREE
+        finished = self.finished
         all_done = self.wait_until(lambda: all(finished(c) for c in targets), KILL_WAIT_S, "kill")
         killed = []
         for c in targets:
@@ -472,6 +480,17 @@ class Daemon:
                  "exit_legacy": q[S_EXIT_LEGACY], "reaped": q[S_REAPED]}
         return {"killed": killed, "exit_paths": {k: after[k] - before[k] for k in before},
                 "status": EXIT_OK if all_done else EXIT_ERR}
+
+    def finished(self, c: Child) -> bool:
+        """Reaped, and its exit accounted (by itself or by its reaper,
+        which runs on the dead task's row): the row is free again.  Only
+        this thread allocates rows, so it cannot be reused meanwhile."""
+        sup = self.sup
+        assert sup is not None
+        with sup.lock:
+            if sup.children.get(c.row) is c:
+                return False
+        return bool(sup.cl.q[sup.cl.tbase(c.row) + T_STATE] == TS_FREE)
 
     def do_ctl(self, req: dict[str, Any]) -> dict[str, Any]:
         sup = self.sup
@@ -527,7 +546,8 @@ class Daemon:
                                f"{RUN_WAIT_S:.0f}s", EXIT_ERR)
         res = result_of(sup.run_writer_status(ch)) if not sup.hung else "hung"
         if res != "done":
-            raise RequestError(f"run={value}: the write failed ({res}); run is {q[K_RUN]}", EXIT_ERR)
+            raise RequestError(f"run={value}: the write failed ({res}); run is {q[K_RUN]}",
+                               EXIT_HUNG if res == "hung" else EXIT_ERR)
         return round(time.monotonic() - t0, 3)
 
     def do_fsck(self, _req: dict[str, Any]) -> dict[str, Any]:
@@ -619,6 +639,8 @@ class Daemon:
                 "uptime_s": round(time.monotonic() - self.t0, 3), "stopped": stopped,
                 "workers": workers, "integrity": integrity, "fsck": fs,
                 "hung_tasks": sup.hung, "ipc_leftovers": leftovers, "errors": sup.errors,
+                "oops": end["oops"], "ksmd_restarts": end["ksmd_restarts"],
+                "use_after_free": end["use_after_free"], "lockdep": end["lockdep"],
                 "log_dir": self.log_dir}
 
 
@@ -626,11 +648,13 @@ def run_daemon(name: str, spec: dict[str, Any], foreground: bool = False,
                on_ready: Callable[[dict[str, Any]], None] | None = None) -> int:
     """Reserve the name, boot, serve until down; the exit status."""
     d = Daemon(name, spec, foreground)
-    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for s in STOP_SIGNALS:
         signal.signal(s, d._on_signal)
     try:
         d.reserve()
         d.start()
+    except SecondSignal as e:
+        return _killed(d, e)
     except shm.UksmError as e:
         print(f"uksm: {e}", file=sys.stderr, flush=True)
         _abandon(d)
@@ -649,11 +673,20 @@ def run_daemon(name: str, spec: dict[str, Any], foreground: bool = False,
     sd_notify(f"READY=1\nSTATUS=cluster {name} up")
     try:
         return d.serve()
+    except SecondSignal as e:
+        return _killed(d, e)
     except BaseException as e:
         print(f"uksm: cluster {name}: daemon failed: {e!r}\n{traceback.format_exc()}",
               file=sys.stderr, flush=True)
         _abandon(d)
         return EXIT_ERR
+
+
+def _killed(d: Daemon, e: SecondSignal) -> int:
+    _abandon(d)
+    print(f"uksm: cluster {d.name}: {e}: a second stop signal: every process killed, every "
+          f"object removed", file=sys.stderr, flush=True)
+    return signalled(e.signo)
 
 
 def _abandon(d: Daemon) -> None:

@@ -89,10 +89,11 @@ S_COW_KSMD = KSM_END + 15
 S_SLOTS_FREED = KSM_END + 16
 S_MM_FREED = KSM_END + 17
 S_SIGNALS = KSM_END + 18
+S_EXIT_NOSLOT = KSM_END + 19   # exits that found no mm_slot: ksmd freed it first, or none was made
 # detectors (racy increments: only "zero or not" matters)
-S_USE_AFTER_FREE = KSM_END + 19  # lock operations on a freed mm (locks.Task.uaf)
-S_LOCKDEP = KSM_END + 20         # locks taken against the order, or twice (lockdep)
-STATS_END = KSM_END + 21
+S_USE_AFTER_FREE = KSM_END + 20  # lock operations on a freed mm (locks.Task.uaf)
+S_LOCKDEP = KSM_END + 21         # locks taken against the order, or twice (lockdep)
+STATS_END = KSM_END + 22
 
 # ---- ksm_mm_head, ksm_scan (under ksm_mmlist_lock) and the free-stack top (under zone_lock)
 L_HEAD_NEXT = STATS_END + 0
@@ -159,7 +160,8 @@ MM_SIZE = 23
 
 STATS_NAMES = {
     "started": S_STARTED, "exited": S_EXITED, "exit_fast": S_EXIT_FAST,
-    "exit_slow": S_EXIT_SLOW, "exit_legacy": S_EXIT_LEGACY, "killed": S_KILLED,
+    "exit_slow": S_EXIT_SLOW, "exit_legacy": S_EXIT_LEGACY, "exit_noslot": S_EXIT_NOSLOT,
+    "killed": S_KILLED,
     "oom_killed": S_OOM_KILLED, "reaped": S_REAPED,
 }
 

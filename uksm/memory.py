@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from .locks import Task
 
 FLUSH_AT = 256
+NO_ROOM = -2  # _take: /dev/shm could not back the frame
 
 
 class OutOfMemory(Exception):
@@ -78,9 +79,7 @@ class Allocator:
         the OOM victim, say) gets OutOfMemory, as VM_FAULT_OOM.
         """
         cl, task = self.cl, self.cl.task
-        task.lock(cl.zone)
-        pfn = self._pop(mm, vpn)
-        task.unlock(cl.zone)
+        pfn = self._take(mm, vpn)
         if pfn >= 0:
             return pfn
         waiting = False
@@ -104,14 +103,33 @@ class Allocator:
                             break
                         time.sleep(0.002)
                     task.wait_spin(C_FRAMES)
-                task.lock(cl.zone)
-                pfn = self._pop(mm, vpn)
-                task.unlock(cl.zone)
+                    if pfn == NO_ROOM:  # the host's memory, not the pool's: no hurry
+                        time.sleep(0.01)
+                pfn = self._take(mm, vpn)
                 if pfn >= 0:
                     return pfn
         finally:
             if waiting:
                 task.wait_end(C_FRAMES)
+
+    def _take(self, mm: int, vpn: int) -> int:
+        """A frame off the free stack, its page backed by /dev/shm; -1 if
+        the pool is empty, NO_ROOM if /dev/shm is full (another cluster's,
+        or anyone's, use of the host's memory): then it is given back and
+        the allocation goes the way of an empty pool -- the OOM killer --
+        rather than a SIGBUS at the first write to it."""
+        cl, task = self.cl, self.cl.task
+        task.lock(cl.zone)
+        pfn = self._pop(mm, vpn)
+        task.unlock(cl.zone)
+        if pfn < 0 or cl.pool.populate(pfn * PAGE_SIZE, PAGE_SIZE):
+            return pfn
+        task.lock(cl.zone)
+        self.q[task.base + T_FLIGHT_PFN] = -1  # not in flight any more: on our pending list
+        self.put_frame(pfn)
+        task.unlock(cl.zone)
+        self.flush()
+        return NO_ROOM
 
     def installed(self) -> None:
         """The in-flight frame is in a PTE now (caller holds the pte lock)."""

@@ -1,14 +1,13 @@
 """``uksm run``: boot a cluster in the foreground, run workers, stop, report.
 
-The report (``--json``) is one object; its exit status: 0 all good,
-2 bad usage, 3 a hung task was detected, 4 an integrity or fsck failure,
-1 anything else.
+The report (``--json``) is one object; its exit status is one of
+``uksm.exitcodes`` (0 all good, 128+N stopped by signal N).
 """
 from __future__ import annotations
 
 import os
-import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -18,10 +17,12 @@ from .cluster import Config
 from .layout import (A_FREE_TOP, EXIT_POLICIES, H_MEM_LIMIT, HAZARDS, OOM_RULES, K_FULL_SCANS,
                      K_PAGES_SHARED, K_PAGES_SHARING, K_RMAP_ITEMS, K_RUN, L_SCAN_SLOT, M_ID,
                      PAGE_SIZE)
+from .exitcodes import interrupted as interrupted_status
 from .ksm import slot_next, slots
+from .lifeline import StopSignals
 from .supervisor import Supervisor
 
-EXIT_OK, EXIT_ERR, EXIT_USAGE, EXIT_HUNG, EXIT_INTEGRITY = 0, 1, 2, 3, 4
+from .exitcodes import EXIT_ERR, EXIT_HUNG, EXIT_INTEGRITY, EXIT_OK, EXIT_USAGE  # noqa: F401
 SCENARIOS = ("oom-unmerge",)
 
 
@@ -104,12 +105,37 @@ def validate(o: RunOptions) -> None:
     if o.scenario is not None and o.scenario not in SCENARIOS:
         bad(f"unknown --scenario {o.scenario!r} (one of: {', '.join(SCENARIOS)})")
     check_frames(o.frames or default_frames(o), o.workers * o.pages, o)
-    if o.log_dir is not None and not os.path.isdir(o.log_dir):
-        bad(f"--log-dir {o.log_dir}: no such directory")
+    if o.log_dir is not None:
+        check_log_dir(o.log_dir)
     if o.cluster:
         shm.check_cluster_name(o.cluster)
         if shm.leftovers(o.cluster):
             bad(f"cluster {o.cluster!r} is already in use ('uksm down' or 'uksm cleanup --cluster {o.cluster}')")
+
+
+def check_log_dir(path: str) -> None:
+    """--log-dir: an existing folder we can write in (checked by writing:
+    root's access() says yes to a read-only file system)."""
+    if not os.path.isdir(path):
+        usage_error(f"--log-dir {path}: no such directory")
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        usage_error(f"--log-dir {path}: cannot write there ({e.strerror})")
+
+
+def make_log_dir(name: str, given: str | None) -> str:
+    """The run's log folder: --log-dir, else a new one under ./uksm-logs."""
+    if given:
+        return os.path.abspath(given)
+    d = os.path.abspath(f"uksm-logs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    try:
+        os.makedirs(d, exist_ok=True)
+    except OSError as e:
+        raise shm.UksmError(f"cannot create the log folder {d} ({e.strerror}): run from a "
+                            f"writable folder, or give --log-dir", EXIT_ERR)
+    return d
 
 
 def default_frames(o: RunOptions) -> int:
@@ -170,48 +196,63 @@ def run_with(o: RunOptions, driver: Driver, prefix: str = "run") -> tuple[dict[s
     ksmd, fsck, tear down, and build the report.  Shared by run and inject."""
     validate(o)
     name = o.cluster or f"{prefix}{os.getpid()}"
-    log_dir = o.log_dir
-    if log_dir is None:
-        log_dir = os.path.abspath(f"uksm-logs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
-        os.makedirs(log_dir, exist_ok=True)
+    log_dir = make_log_dir(name, o.log_dir)
     if not o.quiet:
         print(f"uksm: cluster {name}: logs in {log_dir}", file=sys.stderr)
     sup = Supervisor(name, make_config(o), log_dir, quiet=o.quiet)
     t0 = time.monotonic()
     progress = Progress(o.quiet)
-    interrupted = False
-
-    def on_int(_s: int, _f: Any) -> None:
-        nonlocal interrupted
-        interrupted = True
-    old = signal.signal(signal.SIGINT, on_int)
     snap: dict[str, Any] = {}
-    try:
-        sup.boot()
-        sup.log.info("run_options", workers=o.workers, pages=o.pages, workload=o.workload,
-                     seed=o.seed, scenario=o.scenario)
-        for _ in range(o.workers - 1 if o.demo_exits else o.workers):
-            sup.spawn_worker(o.pages, o.workload, o.seed, o.churn_ms)
-        _hung, extra = driver(sup, t0, progress, lambda: interrupted)
-        snap = sup.snapshot()
-        extra = {k: (v() if callable(v) else v) for k, v in extra.items()}
-        end = sup.shutdown()
-    except BaseException:
-        if sup.booted:
-            sup.kill_all()
-            sup.teardown()
-        raise
-    finally:
-        signal.signal(signal.SIGINT, old)
+    # SIGTERM/SIGHUP/SIGINT: the loop ends, the shutdown below runs in order;
+    # a second one raises SecondSignal: kill at once, remove every object
+    with StopSignals() as stop:
+        try:
+            sup.boot()
+            sup.log.info("run_options", workers=o.workers, pages=o.pages, workload=o.workload,
+                         seed=o.seed, scenario=o.scenario)
+            for _ in range(o.workers - 1 if o.demo_exits else o.workers):
+                if stop():
+                    break
+                sup.spawn_worker(o.pages, o.workload, o.seed, o.churn_ms)
+            # the loop ends on a stop signal, or when ksmd oopsed in a row (uksm.oops)
+            _hung, extra = driver(sup, t0, progress, lambda: stop() or bool(sup.given_up))
+            if stop():
+                sup.log.warning("interrupted", signal=stop.name)
+                if not o.quiet:
+                    print(f"uksm: {stop.name}: stopping cluster {name} in order (workers exit, "
+                          f"ksmd frees, fsck, teardown); again to kill it at once", file=sys.stderr)
+            snap = sup.snapshot()
+            extra = {k: (v() if callable(v) else v) for k, v in extra.items()}
+            end = sup.shutdown()
+        except BaseException:
+            if sup.booted:
+                sup.kill_all()
+                sup.teardown()
+            raise
     status = end["status"]
-    report = {"cluster": name, "workload": o.workload, "duration_s": round(time.monotonic() - t0, 3),
-              **snap, "workers": end["workers"], "integrity": end["integrity"], "fsck": end["fsck"],
-              "hung_tasks": end["hung_tasks"], "ipc_leftovers": end["ipc_leftovers"],
-              "log_dir": log_dir, "exit_policy": o.exit_policy, "oom_rule": o.oom_rule, "hazards": o.hazards,
-              "scenario": o.scenario, **extra, "oops": end["oops"], "use_after_free": end["use_after_free"],
-              "lockdep": end["lockdep"], "errors": end["errors"], "status": status}
+    if stop():
+        status = interrupted_status(status, stop.signo)
+    report = build_report(name, o, t0, snap, end, log_dir, extra, interrupted=stop.name or None,
+                          status=status)
     sup.log_stop(status)
     return report, status
+
+
+def build_report(name: str, o: RunOptions, t0: float, snap: dict[str, Any], end: dict[str, Any],
+                 log_dir: str, extra: dict[str, Any] | None = None, interrupted: str | None = None,
+                 status: int | None = None) -> dict[str, Any]:
+    """``uksm run --json``'s object (also ``uksm.Machine.report``): the
+    snapshot taken before shutdown, and shutdown's blocks.  ``interrupted``:
+    the stop signal's name, if one ended the run; ``status``: the run's
+    (default: shutdown's)."""
+    return {"cluster": name, "workload": o.workload, "duration_s": round(time.monotonic() - t0, 3),
+            **snap, "workers": end["workers"], "integrity": end["integrity"], "fsck": end["fsck"],
+            "hung_tasks": end["hung_tasks"], "ipc_leftovers": end["ipc_leftovers"],
+            "log_dir": log_dir, "exit_policy": o.exit_policy, "oom_rule": o.oom_rule, "hazards": o.hazards,
+            "scenario": o.scenario, **(extra or {}), "errors": end["errors"],
+            "oops": end["oops"], "ksmd_restarts": end["ksmd_restarts"],
+            "use_after_free": end["use_after_free"], "lockdep": end["lockdep"], "interrupted": interrupted,
+            "status": end["status"] if status is None else status}
 
 
 def demo_exit_away_from_cursor(sup: Supervisor, timeout: float = 20.0) -> None:
@@ -255,6 +296,8 @@ def drive(sup: Supervisor, o: RunOptions, t0: float, progress: Progress,
     samples: list[tuple[int, int, int]] = []
     last_scan = -1
     phase = "merge"
+    # --duration caps --until-merged (it does not switch it off): whichever comes first
+    until_merged = o.until_merged or o.duration is None
     deadline = t0 + (o.duration if o.duration is not None else o.max_duration)
     while time.monotonic() < deadline and not interrupted():
         sup.poll()
@@ -263,9 +306,9 @@ def drive(sup: Supervisor, o: RunOptions, t0: float, progress: Progress,
             break
         t = time.monotonic() - t0
         progress(sup, t, f"[{phase}] " if o.scenario else "")
-        if sup.workers_alive() == 0 and sup.dead_q.empty():
-            break
-        if o.duration is None:
+        if sup.workers_alive() == 0 and sup.dead_q.empty() and writer is None:
+            break  # (a run=2 writer still unmerging is waited for below: its result is the report's)
+        if until_merged:
             if phase == "unmerge":
                 rc = sup.run_writer_status(writer) if writer is not None else 0
                 if rc is not None:

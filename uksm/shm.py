@@ -8,6 +8,7 @@ semaphores as ``sem.uksm.<cluster>.<what>``).
 """
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import re
@@ -15,6 +16,9 @@ import re
 import posix_ipc
 
 SHM_DIR = "/dev/shm"
+# back a range with tmpfs pages now, failing (EFAULT/ENOMEM) where a write
+# would have raised SIGBUS (Linux 5.14; python's mmap knows it from 3.13)
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 CLUSTER_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 
 
@@ -62,6 +66,19 @@ class Segment:
         except FileNotFoundError:
             return 0
 
+    def populate(self, offset: int, length: int) -> bool:
+        """Back the range with tmpfs pages now: False if /dev/shm has no
+        room for them.  A write to a page tmpfs cannot back kills the
+        writer with SIGBUS, which python cannot survive (its handler runs
+        after the faulting instruction, which faults again); asking first
+        turns a full /dev/shm into an error we can handle.  A kernel
+        without MADV_POPULATE_WRITE (EINVAL) is not checked."""
+        try:
+            self.map.madvise(MADV_POPULATE_WRITE, offset, length)
+        except OSError as e:
+            return e.errno == errno.EINVAL
+        return True
+
     def punch(self, offset: int, length: int) -> None:
         """Give the range's memory back to the host (a hole in the tmpfs
         file, as MADV_REMOVE does); it reads back as zeros."""
@@ -76,17 +93,72 @@ class Segment:
             pass  # a view still exported; the mapping goes with the process
 
 
-def create_segment(cluster: str, what: str, size: int) -> Segment:
+def create_segment(cluster: str, what: str, size: int, sparse: bool = False) -> Segment:
+    """A new segment; backed by tmpfs pages at once unless ``sparse`` (the
+    frame pool: its pages are backed as frames are allocated), so that no
+    write to it can SIGBUS later."""
     try:
-        return Segment(obj_name(cluster, what), size, True)
+        seg = Segment(obj_name(cluster, what), size, True)
     except posix_ipc.ExistentialError:
         raise UksmError(f"cluster {cluster!r} already exists ({what}); "
                         f"use another --cluster or 'uksm cleanup --cluster {cluster}'", 2)
+    if not sparse and not seg.populate(0, size):
+        seg.close()
+        unlink_shm(cluster, what)
+        raise no_room(f"cluster {cluster!r}: {what} ({size >> 10} KiB)")
+    return seg
+
+
+def no_room(what: str) -> UksmError:
+    free = shm_free_bytes()
+    return UksmError(f"{SHM_DIR} is full: no room for {what} ({free >> 20} MiB free); use fewer "
+                     f"or smaller workers, or a bigger {SHM_DIR} (docker --shm-size)", 1)
+
+
+def shm_free_bytes() -> int:
+    st = os.statvfs(SHM_DIR)
+    return st.f_bavail * st.f_frsize
+
+
+def check_room(cluster: str, need: int) -> None:
+    """At boot: the cluster's objects, every frame backed, fit in /dev/shm."""
+    free = shm_free_bytes()
+    if need > free:
+        raise UksmError(f"cluster {cluster!r} does not fit in {SHM_DIR}: it needs {need >> 20} MiB "
+                        f"(every frame of the pool backed), {free >> 20} MiB are free; use fewer or "
+                        f"smaller workers (--workers, --pages, --frames), or a bigger {SHM_DIR} "
+                        f"(docker --shm-size)", 1)
+
+
+def owner(cluster: str) -> int | None:
+    """The uid owning the cluster's objects (None: it has none)."""
+    for n in leftovers(cluster):
+        try:
+            return os.stat(os.path.join(SHM_DIR, n)).st_uid
+        except OSError:
+            continue
+    return None
+
+
+def user_name(uid: int | None) -> str:
+    import pwd
+    try:
+        return "user " + pwd.getpwuid(uid).pw_name if uid is not None else "another user"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def not_yours(cluster: str) -> UksmError:
+    """Another user's cluster: every object is created 0600."""
+    return UksmError(f"cluster {cluster!r} belongs to {user_name(owner(cluster))}: permission "
+                     f"denied (EACCES); only its owner (or root) may look at it or drive it", 1)
 
 
 def attach_segment(cluster: str, what: str) -> Segment:
     try:
         return Segment(obj_name(cluster, what), 0, False)
+    except posix_ipc.PermissionsError:
+        raise not_yours(cluster)
     except posix_ipc.ExistentialError:
         raise UksmError(f"cluster {cluster!r} is not running (no {what}); "
                         f"'uksm cleanup --cluster {cluster}' removes a dead one's leftovers", 1)
@@ -98,10 +170,17 @@ def create_sem(cluster: str, what: str, value: int) -> posix_ipc.Semaphore:
                                    mode=0o600, initial_value=value)
     except posix_ipc.ExistentialError:
         raise UksmError(f"cluster {cluster!r} already exists (semaphore {what})", 2)
+    except OSError as e:  # a named semaphore is a file in /dev/shm too
+        if e.errno == errno.ENOSPC:
+            raise no_room(f"cluster {cluster!r}: semaphore {what}")
+        raise
 
 
 def open_sem(cluster: str, what: str) -> posix_ipc.Semaphore:
-    return posix_ipc.Semaphore(obj_name(cluster, what))
+    try:
+        return posix_ipc.Semaphore(obj_name(cluster, what))
+    except posix_ipc.PermissionsError:
+        raise not_yours(cluster)
 
 
 def unlink_shm(cluster: str, what: str) -> bool:

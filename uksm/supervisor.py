@@ -19,18 +19,18 @@ import queue
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import fsck, killpoints, oom, shm
+from . import fsck, killpoints, lifeline, oom, shm
+from .oops import FD_ENV, Oopses
 from . import log as ulog
 from .cluster import Cluster, Config, destroy
 from .exit import mm_users_zero, mmput
+from .exitcodes import EXIT_ERR, EXIT_HUNG, EXIT_INTEGRITY, EXIT_OK, EXIT_OOPS
 from .ksm import repair_list
-from .oops import OOPS_STATUS
 from .layout import (A_FREE_TOP, C_ALLOC, C_DAEMON, C_MMAP, C_MMLIST, C_PTL, C_WMUTEX,
                      CS_RUNNING, EXIT_PATHS, EXIT_REASONS, H_KSMD_PID,
                      H_KSMD_TASK, H_NEXT_WORKER, H_SHUTDOWN, H_STATE, H_SUPERVISOR_PID,
@@ -39,7 +39,8 @@ from .layout import (A_FREE_TOP, C_ALLOC, C_DAEMON, C_MMAP, C_MMLIST, C_PTL, C_W
                      M_EXIT_STAGE, M_FREER_TASK, M_ID, M_OWNER_PID, M_REFS, M_SLOT_RMAP, M_SLOT_USED,
                      M_STATE, M_USERS, M_WRITER_WAITING, MS_FREEING, MS_ZOMBIE,
                      R_KSMD, R_REAPER, R_SUPERVISOR, R_WORKER, R_WRITER, EXIT_POLICIES, H_EXIT_POLICY, S_EXIT_FAST, S_EXIT_LEGACY,
-                     S_EXIT_SLOW, S_EXITED, S_LOCKDEP, S_USE_AFTER_FREE, S_KILLED, S_LOCK_RECOVERIES, S_MISMATCHES,
+                     S_EXIT_NOSLOT, S_EXIT_SLOW, S_EXITED, S_LOCKDEP, S_USE_AFTER_FREE, S_KILLED,
+                     S_LOCK_RECOVERIES, S_MISMATCHES,
                      S_OOM_KILLED, S_PAGES_VERIFIED, S_REAPED, S_RECOVERIES, S_STARTED,
                      T_EXIT_PATH, T_EXIT_REASON, T_FLIGHT_PFN, T_FOR_ROW, T_KILL_POINT, T_MISMATCHES, T_MM,
                      T_PAGES, T_PID, T_READY, T_ROLE, T_START_NS, T_STATE, T_VERIFIED,
@@ -61,6 +62,7 @@ class Child:
     pages: int = 0
     workload: str = ""
     signalled: int = 0
+    oops_fd: int = -1   # a writer's oops channel, read end (ksmd's is Supervisor.oops_fd)
 
 
 @dataclass
@@ -86,12 +88,14 @@ class Supervisor:
         self.reapers: list[threading.Thread] = []
         self.ksmd: Child | None = None
         self.errors: list[str] = []
-        self.oopses: list[dict[str, Any]] = []  # ksmd's oopses: error, traceback
         self.booted = False
-        self.restart_ksmd = False
+        self.restart_at = 0.0    # when the main loop starts a new ksmd (0: no restart due)
+        self.oopses = Oopses()
+        self.oops_fd = -1        # the read end of ksmd's oops channel
         self.pending_deaths = 0  # queued or being recovered (under self.lock)
         self.recovery_started = 0.0
         self.stall_reported = 0.0
+        self.ksmd_delay = 0.0      # the backoff before the next ksmd restart
         self.t0 = time.monotonic()
 
     # ---- boot ---------------------------------------------------------------
@@ -146,57 +150,89 @@ class Supervisor:
         self.cl.q[b + T_PID] = 0
         self.cl.q[b + T_STATE] = TS_FREE
 
-    def _popen(self, args: list[str]) -> subprocess.Popen:
+    def _popen(self, args: list[str], pass_fds: tuple[int, ...] = (),
+               oops_fd: int = -1) -> subprocess.Popen:
+        """fork + exec a child on the lifeline (``uksm.lifeline``: it dies
+        with this process), in its own process group (a Ctrl-C at the
+        terminal is the supervisor's to handle, not ksmd's).  ``pass_fds``:
+        descriptors the child inherits (a scripted task's command socket);
+        ``oops_fd``: ksmd's end of its oops channel (``uksm.oops``)."""
+        env = lifeline.child_env()
+        if oops_fd >= 0:
+            env[FD_ENV] = str(oops_fd)
+            pass_fds = (*pass_fds, oops_fd)
         return subprocess.Popen([sys.executable, "-m", *args], stdin=subprocess.DEVNULL,
-                                start_new_session=False)
+                                env=env, process_group=0, pass_fds=pass_fds)
 
     def start_ksmd(self) -> None:
         row = self._alloc_row(R_KSMD)
-        args = ["uksm.ksmd", "--cluster", self.name, "--task", str(row),
-                "--oops-file", self._oops_file(row)]
+        args = ["uksm.ksmd", "--cluster", self.name, "--task", str(row)]
         if self.log_dir:
             args += ["--log-dir", self.log_dir]
-        p = self._popen(args)
+        r, w = Oopses.channel()
+        try:
+            p = self._popen(args, oops_fd=w)
+        finally:
+            os.close(w)
+        self._close_oops_fd()
+        self.oops_fd = r
+        self.oopses.restarted(self._ksmd_progress())
         self.cl.q[self.cl.tbase(row) + T_PID] = p.pid
         self.cl.q[H_KSMD_TASK] = row
         self.cl.q[H_KSMD_PID] = p.pid
         self.ksmd = Child(row, p, "ksmd")
 
-    def _oops_file(self, row: int) -> str:
-        return os.path.join(tempfile.gettempdir(), f"uksm-{self.name}-{os.getpid()}-ksmd{row}.oops")
+    def _ksmd_progress(self) -> tuple[int, int]:
+        """What ksmd has published (a batch since a restart changes it)."""
+        return self.cl.q[K_PAGES_SCANNED], self.cl.q[K_FULL_SCANS]
 
-    def note_oops(self, k: Child) -> bool:
-        """ksmd (or the run=2 writer) exited with OOPS_STATUS: an unexpected
-        exception in kernel code, the kernel's oops.  Record its traceback
-        (written by the task) for the report; the run fails and no new
-        ksmd is started."""
-        path = self._oops_file(k.row)
-        # the file is the evidence: a stop signal may end the task after it
-        # wrote it, in interpreter shutdown (status -15 instead of 70)
-        if k.proc.returncode != OOPS_STATUS and not os.path.exists(path):
-            return False
+    def _close_oops_fd(self) -> None:
+        if self.oops_fd >= 0:
+            os.close(self.oops_fd)
+            self.oops_fd = -1
+
+    def _take_oops_fd(self, ch: Child | None = None) -> int:
+        """The read end of a dead task's oops channel, taken once (the
+        detector thread and stop_ksmd may both look): ksmd's, or writer
+        ``ch``'s; -1 if taken already."""
         with self.lock:
-            if any(o["pid"] == k.proc.pid for o in self.oopses):
-                return True  # noted already (the detector and stop_ksmd both look)
-            self.oopses.append({"pid": k.proc.pid, "task": k.role, "error": "", "traceback": ""})
-            entry = self.oopses[-1]
-        try:
-            with open(path) as f:
-                tb = f.read()
-            os.unlink(path)
-        except OSError:
-            tb = "(ksmd left no traceback)"
-        last = tb.strip().splitlines()[-1] if tb.strip() else "?"
-        entry.update(error=last, traceback=tb)
-        self.errors.append(f"{k.role} oops: {last}")
-        self.log.error("ksmd_oops", dead_pid=k.proc.pid, error=last)
-        return True
+            if ch is None:
+                fd, self.oops_fd = self.oops_fd, -1
+            else:
+                fd, ch.oops_fd = ch.oops_fd, -1
+        return fd
+
+    def _oops_note(self, role: str, sig: tuple[str, str], first: bool, then: str) -> None:
+        if not self.quiet and (first or self.given_up):
+            print(f"uksm: {role} oops: {sig[0]} at {sig[1]} (traceback in its log); {then}",
+                  file=sys.stderr, flush=True)
+
+    def note_oops(self, ch: Child | None, then: str) -> None:
+        """A task exited that is not restarted: the writer of run (``ch``;
+        the write's caller gets its status), or ksmd as shutdown stopped it
+        (None).  If it oopsed (it sent what it raised down its channel --
+        the evidence, whatever its status), count the oops: the run fails
+        with EXIT_OOPS."""
+        fd = self._take_oops_fd(ch)
+        sig = Oopses.read(fd) if fd >= 0 else None
+        if sig is not None:
+            with self.lock:
+                first = self.oopses.note(sig)
+            self._oops_note(ch.role if ch else "ksmd", sig, first, then)
+
+    @property
+    def given_up(self) -> str:
+        """Why the cluster cannot go on ('' if it can): ksmd oopsed in a row."""
+        return self.oopses.given_up
 
     def spawn_worker(self, pages: int, workload: str, seed: int, churn_ms: int = 0,
                      kill_point: str | None = None, kill_sig: int = signal.SIGKILL,
-                     exit_after_write: bool = False, no_touch: bool = False,
-                     mlock: bool = False) -> Child:
-        """fork + exec a worker: its row and address space first."""
+                     exit_after_write: bool = False, no_touch: bool = False, mlock: bool = False,
+                     program: str = "uksm.workers.worker", extra_args: tuple[str, ...] = (),
+                     pass_fds: tuple[int, ...] = ()) -> Child:
+        """fork + exec a worker: its row and address space first.
+        ``program``: another worker program taking the same options and
+        ``extra_args`` (a programmable task: uksm.workers.scripted)."""
         cl, q = self.cl, self.cl.q
         row = self._alloc_row(R_WORKER)
         with self.lock:
@@ -212,7 +248,7 @@ class Supervisor:
         q[b + T_PAGES] = pages
         if kill_point:
             killpoints.arm_worker(cl, row, kill_point, kill_sig)
-        args = ["uksm.workers.worker", "--cluster", self.name, "--task", str(row),
+        args = [program, "--cluster", self.name, "--task", str(row),
                 "--mm", str(mm.id), "--pages", str(pages), "--workload", workload,
                 "--seed", str(seed), "--worker-no", str(wno), "--churn-ms", str(churn_ms)]
         if exit_after_write:
@@ -223,7 +259,7 @@ class Supervisor:
             args.append("--mlock")
         if self.log_dir:
             args += ["--log-dir", self.log_dir]
-        p = self._popen(args)
+        p = self._popen(args + list(extra_args), pass_fds)
         q[b + T_PID] = p.pid
         q[mm.base + M_OWNER_PID] = p.pid
         child = Child(row, p, "worker", mm.id, wno, pages, workload)
@@ -248,15 +284,21 @@ class Supervisor:
         if oom_origin is None:
             oom_origin = EXIT_POLICIES[q[H_EXIT_POLICY]] == "shipped"
         row = self._alloc_row(R_WRITER)
-        args = ["uksm.writer", "--cluster", self.name, "--task", str(row), "--value", str(value),
-                "--oops-file", self._oops_file(row)]
+        args = ["uksm.writer", "--cluster", self.name, "--task", str(row), "--value", str(value)]
         if oom_origin:
             args.append("--oom-origin")
         if self.log_dir:
             args += ["--log-dir", self.log_dir]
-        p = self._popen(args)
+        r, w = Oopses.channel()
+        try:
+            p = self._popen(args, oops_fd=w)
+        except BaseException:
+            os.close(r)
+            raise
+        finally:
+            os.close(w)
         q[cl.tbase(row) + T_PID] = p.pid
-        ch = Child(row, p, "writer")
+        ch = Child(row, p, "writer", oops_fd=r)
         with self.lock:
             self.writers[row] = ch
         return ch
@@ -296,8 +338,8 @@ class Supervisor:
     # ---- reaping ---------------------------------------------------------------
     def poll(self) -> None:
         """Reap exited children; send the unclean ones to recovery."""
-        if self.restart_ksmd:
-            self.restart_ksmd = False
+        if self.restart_at and time.monotonic() >= self.restart_at:
+            self.restart_at = 0.0
             self.start_ksmd()
         self._writers_exited()
         for row, ch, rc in self._exited():
@@ -320,7 +362,7 @@ class Supervisor:
                 dead = any(dead_locks(self.cl.q, self.cl.tbase(row)))
                 if dead:
                     self.pending_deaths += 1  # counted with the claim (see _claim)
-            self.note_oops(ch)
+            self.note_oops(ch, "the write failed")
             if dead:
                 self._to_recovery(row, ch, rc)
             else:
@@ -365,6 +407,8 @@ class Supervisor:
         t = cl.task
         t.lock(cl.mmlist)
         q[S_EXITED] += 1
+        if path == "none":  # __ksm_exit found no slot: so that the paths add up to exited
+            q[S_EXIT_NOSLOT] += 1
         q[S_PAGES_VERIFIED] += q[b + T_VERIFIED]
         q[S_MISMATCHES] += q[b + T_MISMATCHES]
         if reaped:
@@ -506,9 +550,9 @@ class Supervisor:
         counts cleared: they died with it), a new ksmd takes over the list --
         including the slots that slow-path exits left it to free."""
         self._free_row(row)
-        if not self.stop_ev.is_set() and not self.oopses:  # after an oops ksmd stays dead
-            with self.lock:
-                self.restart_ksmd = True  # the main loop starts it (it owns the children)
+        if not self.stop_ev.is_set() and not self.given_up:
+            with self.lock:  # the main loop starts it (it owns the children), after the backoff
+                self.restart_at = time.monotonic() + self.ksmd_delay
 
     def detect_deaths(self) -> None:
         """Send every child that died without finishing its exit to
@@ -522,19 +566,40 @@ class Supervisor:
         self._writers_exited()
         k = self.ksmd
         if k is not None and k.proc.poll() is not None and not q[H_SHUTDOWN]:
-            oopsed = self.note_oops(k)  # before ksmd is None: shutdown's stop_ksmd may look next
             with self.lock:
                 if self.ksmd is not k:
                     return
+                self.log.error("ksmd_died", status=k.proc.returncode)
+                # counted before ksmd is None (under the lock, as stop_ksmd
+                # takes the channel): shutdown's report never misses it
+                self.ksmd_oopsed(k.proc.returncode)
                 self.ksmd = None
-            if not oopsed:
-                self.errors.append(f"ksmd died (status {k.proc.returncode})")
-            self.log.error("ksmd_died", status=k.proc.returncode)
             # out of scope for the kernel (ksmd does not die), but the machine
             # must not hang: recover the locks it held like a worker's, then
             # start a fresh ksmd (its rmap_items and trees are gone)
             q[cl.tbase(k.row) + T_STATE] = TS_DEAD
             self._queue_death((k.row, k, k.proc.returncode))
+
+    def ksmd_oopsed(self, status: int) -> None:
+        """ksmd died: an oops (it sent what it raised down its channel) is
+        counted and restarted after a backoff, or given up after a few in
+        a row (``uksm.oops``); any other death is an error, restarted at
+        once."""
+        fd = self._take_oops_fd()
+        sig = Oopses.read(fd) if fd >= 0 else None
+        self.ksmd_delay = 0.0
+        if sig is None:
+            self.errors.append(f"ksmd died (status {status})")
+            return
+        first, self.ksmd_delay = self.oopses.count(sig, self._ksmd_progress())
+        if self.given_up:
+            self.errors.append(self.given_up)
+            self.log.error("oops_loop", in_row=self.oopses.in_row, error=sig[0], where=sig[1])
+        else:
+            self.log.warning("ksmd_restart", delay_s=self.ksmd_delay, in_row=self.oopses.in_row,
+                             error=sig[0], where=sig[1])
+        self._oops_note("ksmd", sig, first,
+                        self.given_up or f"restarting ksmd in {self.ksmd_delay:.1f}s")
 
     def _detector_loop(self) -> None:
         while not self.stop_ev.wait(0.01):
@@ -693,6 +758,7 @@ class Supervisor:
         q = self.cl.q
         return {"started": q[S_STARTED], "exited": q[S_EXITED], "exit_fast": q[S_EXIT_FAST],
                 "exit_slow": q[S_EXIT_SLOW], "exit_legacy": q[S_EXIT_LEGACY],
+                "exit_noslot": q[S_EXIT_NOSLOT],
                 "killed": q[S_KILLED], "oom_killed": q[S_OOM_KILLED], "reaped": q[S_REAPED]}
 
     # ---- teardown ------------------------------------------------------------------------
@@ -759,7 +825,7 @@ class Supervisor:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait(timeout=10)
-        self.note_oops(self.ksmd)
+        self.note_oops(None, "ksmd stopped")  # an oops in flight as it was stopped
         self._free_row(self.ksmd.row)
         self.ksmd = None
 
@@ -812,19 +878,19 @@ class Supervisor:
         ``down``): workers out through their own exit paths, ksmd frees what
         the slow paths left it, ksmd stops, the final fsck, teardown; or, if
         a task hung, SIGKILL everything (the reboot button) and tear down.
-        Returns the report's blocks and the exit status (0 all good, 3 a
-        hung task, 4 an integrity or fsck failure, 5 a kernel oops (ksmd
-        raised), 1 anything else)."""
+        Returns the report's blocks and the exit status (``uksm.exitcodes``:
+        3 a hung task, 5 a ksmd oops, 4 an integrity or fsck failure, 1
+        anything else)."""
         q = self.cl.q
-        status = 0
+        status = EXIT_OK
         fs: dict[str, Any] = {"ok": False,
                               "errors": ["not checked: the cluster was stopped after a hung task"]}
         try:
             if self.hung:
-                status = 3
+                status = EXIT_HUNG
                 self.kill_all()
             elif not self.stop_workers():
-                status = 3 if self.hung else 1
+                status = EXIT_HUNG if self.hung else EXIT_ERR
                 if not self.hung:
                     self.errors.append("workers did not exit in time")
                 self.kill_all()
@@ -846,17 +912,17 @@ class Supervisor:
         if lockdep:
             self.errors.append(f"lockdep: {lockdep} locks taken against the lock order "
                                "(lockdep events)")
-        if status == 0:
-            if integrity["mismatches"] or not fs["ok"]:
-                status = 4
+        if status == EXIT_OK:
+            if self.oopses.seen:  # the rule: any oops fails the run (uksm.oops)
+                status = EXIT_OOPS
+            elif integrity["mismatches"] or not fs["ok"]:
+                status = EXIT_INTEGRITY
             elif leftovers or self.errors:
-                status = 1
-        if self.oopses and status != 3:
-            status = 5  # the oops first: what follows from a dead ksmd is its consequence
+                status = EXIT_ERR
         return {"workers": workers, "integrity": integrity, "fsck": fs, "hung_tasks": self.hung,
-                "ipc_leftovers": leftovers, "oops": self.oopses, "use_after_free": uaf,
-                "lockdep": lockdep,
-                "errors": self.errors, "status": status}
+                "ipc_leftovers": leftovers, "errors": self.errors, "oops": self.oopses.block(),
+                "ksmd_restarts": self.oopses.restarts, "use_after_free": uaf, "lockdep": lockdep,
+                "status": status}
 
     def teardown(self) -> list[str]:
         """Unlink every object; return what is still there."""
@@ -867,12 +933,14 @@ class Supervisor:
             self.cl.close()
         except Exception:
             pass
+        self._close_oops_fd()
         destroy(self.name)
-        for row in range(self.cfg.max_tasks):  # tracebacks of oopses nobody read (a kill_all)
-            try:
-                os.unlink(self._oops_file(row))
-            except OSError:
-                pass
+        with self.lock:
+            writers = list(self.writers.values())
+        for ch in writers:  # writers nobody polled (a kill_all)
+            fd = self._take_oops_fd(ch)
+            if fd >= 0:
+                os.close(fd)
         return shm.leftovers(self.name)
 
     def log_stop(self, status: int) -> None:

@@ -27,7 +27,7 @@ from . import log as ulog
 from . import oom
 from .cluster import Cluster
 from .exit import oom_kill_and_mmput
-from .oops import oops
+from . import oops
 from .ksm import ENOMEM, run_store
 from .layout import H_HAZARDS, HZ_OOM_MMPUT_IN_TASK, T_FATAL, T_PID, X_OOM, X_SIGNAL
 from .memory import Allocator
@@ -54,8 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--oom-origin", action="store_true",
                     help="PF_OOM_ORIGIN while unmerging (2.6.32 as released)")
     ap.add_argument("--log-dir")
-    ap.add_argument("--oops-file", help="where to write the traceback of an oops")
     a = ap.parse_args(argv)
+    from .lifeline import arm
+    arm()  # die with the supervisor
     cl = Cluster.attach(a.cluster)
     task = cl.bind(a.task)
     q = cl.q
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             _seq, err = run_store(cl, a.value, alloc, log, stop=lambda: bool(pending["signo"]),
                                   oom_origin=a.oom_origin)
         except Exception as e:  # noqa: BLE001 -- an unexpected exception in kernel code: an oops
-            return oops(e, log, a.oops_file)
+            return oops.report(log, e)  # the supervisor reads its channel
         status = (EXIT_DONE if not err else EXIT_OOM_KILLED
                   if err == -ENOMEM or q[task.base + T_FATAL] == X_OOM else EXIT_INTERRUPTED)
         log.info("run_store", value=a.value, err=err, result=RESULTS[status],

@@ -24,6 +24,7 @@ from uksm import log as ulog
 from uksm import oom
 from uksm.cluster import Cluster
 from uksm.exit import mmput
+from uksm.lifeline import arm
 from uksm.layout import (M_OWNER_PID, PAGE_SIZE, S_SIGNALS, T_EXIT_REASON, T_FATAL,
                          T_MISMATCHES, T_PID, T_READY, T_VERIFIED, X_EXIT, X_OOM, X_SIGNAL)
 from uksm.memory import Allocator, OutOfMemory
@@ -111,6 +112,12 @@ class Worker:
                 time.sleep(0.002 if vol else 0.02)
         except OutOfMemory:
             self._fatal(oom.OOM_SIGNAL, None)
+        return self.exit_task()
+
+    def exit_task(self) -> int:
+        """do_exit: note the fatal signal, verify the data (unless OOM
+        killed: it exits at once), then exit_mm (mmput).  Every worker,
+        built-in or programmable, leaves through here."""
         reason = self.q[self.tb + T_FATAL] or X_EXIT
         if self.signo:  # noticed at this safe point, as TIF_SIGPENDING would be
             self.log.info("signal", signo=self.signo, name=signal.Signals(self.signo).name)
@@ -162,9 +169,10 @@ class Worker:
         self.log.info("worker_verify", mm=self.mm.id, pages_verified=self.a.pages, mismatches=bad)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="uksm-worker",
-                                 description="a worker process (started by the supervisor)")
+def parser(prog: str = "uksm-worker",
+           description: str = "a worker process (started by the supervisor)") -> argparse.ArgumentParser:
+    """The worker's command line (the supervisor's spawn_worker writes it)."""
+    ap = argparse.ArgumentParser(prog=prog, description=description)
     ap.add_argument("--cluster", required=True)
     ap.add_argument("--task", type=int, required=True)
     ap.add_argument("--mm", type=int, required=True)
@@ -181,7 +189,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="madvise the area and never write it (LTP ksm05's task): "
                          "ksmd finds no page, the slot has no rmap_items")
     ap.add_argument("--log-dir")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    arm()  # die with the supervisor
     try:
         w = Worker(a)
         return w.run()

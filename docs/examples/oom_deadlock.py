@@ -1,0 +1,36 @@
+"""The seed's deadlock ("ksm: fix oom deadlock"): run=2 unmerges while
+memory is short; the OOM killer picks the task being unmerged.  Under
+``legacy`` its __ksm_exit waits for ksm_thread_mutex, which ksmd holds
+while it waits for the memory only that exit would free: the watchdog
+reports the cycle.  Under ``seed`` the victim frees its pages first and
+the unmerge completes.  Usage: python oom_deadlock.py [legacy|seed]"""
+import sys
+
+import uksm
+
+
+def unmerge_under_pressure(policy: str) -> str:
+    with uksm.Machine(exit_policy=policy, frames=256, hung_task_timeout=1.0) as m:
+        tasks = [m.task(pages=32) for _ in range(3)]
+        for t in tasks:
+            t.fill(0x5A)                                   # 96 identical pages
+        m.wait_merged()                                    # 1 KSM page left
+        m.ksm["mem_limit"] = m.ksm["frames_used"] + 8      # then memory runs short
+        try:
+            m.ksm["run"] = 2                               # ksmd breaks COW on all
+            outcome = f"unmerged; OOM kills: {m.ksm['pages_shared']} pages still shared"
+        except uksm.HungTask as e:
+            outcome = "deadlock: " + " / ".join(e.chain)
+    assert m.report is not None
+    print(f"{policy}: {outcome}; report status {m.report['status']}, oom_killed "
+          f"{m.report['workers']['oom_killed']}, fsck {'clean' if m.report['fsck']['ok'] else 'FAILED'}")
+    return outcome
+
+
+if __name__ == "__main__":
+    policies = sys.argv[1:] or ["legacy", "seed"]
+    results = {p: unmerge_under_pressure(p) for p in policies}
+    if "legacy" in results:
+        assert results["legacy"].startswith("deadlock"), results
+    if "seed" in results:
+        assert results["seed"].startswith("unmerged"), results

@@ -1,0 +1,254 @@
+"""uksm.Machine (issue 10): tasks, knobs, waits, kills, bad input.
+
+Small machines (a few pages), every test under its own cluster name."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+import uksm
+from uksm import shm
+from uksm.cluster import pid_alive
+
+from helpers import ROOT, run_group
+
+_n = [0]
+
+
+def _name() -> str:
+    _n[0] += 1
+    return f"tapi{os.getpid()}x{_n[0]}"
+
+
+def machine(**kw):
+    return uksm.Machine(name=_name(), frames=kw.pop("frames", 128), **kw)
+
+
+def assert_gone(m: uksm.Machine) -> None:
+    assert shm.leftovers(m.name) == []
+    assert [p for p in m.pids if pid_alive(p)] == []
+
+
+def test_public_names_are_curated():
+    assert sorted(uksm.__all__) == sorted(
+        ["Machine", "Task", "KillPoint", "MachineError", "MachineClosed", "WaitTimeout",
+         "HungTask", "TaskExited", "TaskDied", "SegFault", "IntegrityError", "KillPointMissed"])
+
+
+def test_tasks_merge_counters_exit_and_report():
+    with machine(sleep_millisecs=5) as m:
+        a, b = m.task(pages=3), m.task(pages=3)
+        a.fill(7)
+        b.fill(7, first=0, count=2)
+        b.fill(bytes(range(256)) * 16, first=2)
+        c = m.wait_full_scans(2)
+        # 5 pages of 7s: one KSM page, 4 sharing it (the selftests' assert_ksm_pages_count(5):
+        # pages_shared 1, pages_sharing 5 - 1); b's last page unique
+        assert c == {"pages_shared": 1, "pages_sharing": 4, "pages_unshared": 1, "pages_volatile": 0}
+        assert a.stat() == {"ksm_rmap_items": 3, "ksm_merging_pages": 3, "rss": 3}
+        assert b.read(2 * 4096 + 250, 8) == bytes([250, 251, 252, 253, 254, 255, 0, 1])
+        a.write(4096 + 10, b"xyz")                      # a COW break
+        assert a.read(4096 + 9, 5) == b"\x07xyz\x07"
+        assert a.verify() == 3 and b.verify() == 3
+        assert m.fsck() == {"ok": True, "errors": []}
+        m.ksm["run"] = 2                               # returns when all is unmerged
+        assert m.ksm["pages_shared"] == 0 and m.ksm["pages_sharing"] == 0
+        assert b.madvise(0, 3, "UNMERGEABLE") == 0
+        assert a.exit() in ("fast", "slow", "none")
+        with pytest.raises(uksm.TaskExited, match="has exited"):
+            a.fill(1)
+    rep = m.report
+    assert rep is not None and rep["status"] == 0, rep
+    assert rep["workers"]["started"] == 2 and rep["workers"]["exited"] == 2
+    assert rep["integrity"] == {"pages_verified": 6, "mismatches": 0}
+    # uksm run --json's keys, exactly
+    assert set(rep) >= {"cluster", "workload", "duration_s", "ksm", "frames", "memory", "workers",
+                        "integrity", "fsck", "hung_tasks", "ipc_leftovers", "log_dir",
+                        "exit_policy", "hazards", "scenario", "errors", "status"}
+    assert_gone(m)
+    with pytest.raises(uksm.MachineClosed):
+        m.task(pages=1)
+    with pytest.raises(uksm.MachineClosed):
+        m.ksm["run"]
+    assert m.close() is rep  # closing twice is harmless
+
+
+def test_block_that_raises_still_cleans_up():
+    with pytest.raises(RuntimeError, match="boom"):
+        with machine() as m:
+            t = m.task(pages=2)
+            t.fill(3)
+            raise RuntimeError("boom")
+    assert m.report is not None and m.report["status"] == 0
+    assert m.report["workers"]["exited"] == 1  # through its own exit path (SIGTERM)
+    assert m.report["integrity"]["pages_verified"] == 2
+    assert_gone(m)
+
+
+def test_ksm_mapping_like_sysfs():
+    with machine(run=0) as m:
+        assert m.ksm["run"] == 0 and set(m.ksm) >= {"pages_shared", "full_scans", "mem_limit"}
+        assert len(dict(m.ksm)) == len(m.ksm)
+        with pytest.raises(ValueError, match="EINVAL"):
+            m.ksm["run"] = 3
+        with pytest.raises(ValueError, match="EINVAL"):
+            m.ksm["pages_to_scan"] = 0
+        with pytest.raises(PermissionError, match="read-only"):
+            m.ksm["pages_shared"] = 1
+        with pytest.raises(KeyError, match="no such knob"):
+            m.ksm["nonsense"] = 1
+        with pytest.raises(KeyError):
+            m.ksm["nonsense"]
+        with pytest.raises(TypeError):
+            m.ksm["run"] = 1.0
+        with pytest.raises(PermissionError):
+            del m.ksm["run"]
+        assert m.ksm["run"] == 0 and m.ksm["pages_to_scan"] == 100   # nothing half-written
+        m.ksm["pages_to_scan"] = 7
+        m.ksm["sleep_millisecs"] = "3\n"                 # as echo writes it
+        assert (m.ksm["pages_to_scan"], m.ksm["sleep_millisecs"]) == (7, 3)
+        with pytest.raises(uksm.MachineError, match="run=0"):
+            m.wait_full_scans(1, timeout=1)
+        m.ksm["run"] = 1
+        m.task(pages=1).fill(1)      # (uksm's ksmd counts no full scan of untouched pages)
+        m.wait_full_scans(1, timeout=30)
+    assert m.report is not None and m.report["status"] == 0
+
+
+def test_bad_input_names_the_problem_and_changes_nothing():
+    with machine() as m:
+        t = m.task(pages=2)
+        t.fill(9)
+        bad = [
+            (lambda: m.task(pages=0), ValueError, "pages 0 is out of range"),
+            (lambda: m.task(pages="2"), TypeError, "pages must be an int"),
+            (lambda: m.task(pages=2, mergeable="yes"), TypeError, "mergeable"),
+            (lambda: t.fill(256), ValueError, "fill value 256"),
+            (lambda: t.fill(1.5), TypeError, "fill value must be an int"),
+            (lambda: t.fill(b"short"), ValueError, "not 4096"),
+            (lambda: t.fill(1, first=2), ValueError, "first page 2 is out of range"),
+            (lambda: t.fill(1, first=1, count=2), ValueError, "count"),
+            (lambda: t.write(2 * 4096 - 1, b"ab"), uksm.SegFault, "beyond the task's 2 pages"),
+            (lambda: t.write(-1, b"a"), uksm.SegFault, "segfault"),
+            (lambda: t.write(0, "text"), TypeError, "data must be bytes"),
+            (lambda: t.read(0, 3 * 4096), uksm.SegFault, "beyond"),
+            (lambda: t.read("0", 1), TypeError, "addr must be an int"),
+            (lambda: t.madvise(0, 1, "HUGEPAGE"), ValueError, "unknown advice 'HUGEPAGE'"),
+            (lambda: t.madvise(0, 3, "DONTNEED"), ValueError, "count"),
+            (lambda: t.madvise(0, 1, 12), TypeError, "advice must be a string"),
+            (lambda: t.kill("HUP"), ValueError, "KILL"),
+            (lambda: t.kill(signal.SIGHUP), ValueError, "only SIGKILL"),
+            (lambda: t.kill("KILL", at="nowhere"), ValueError, "unknown kill point 'nowhere'"),
+            (lambda: t.kill("KILL", at="ksmd_break_cow"), ValueError, "a point in ksmd"),
+            (lambda: m.arm("exit_mid_zap"), ValueError, "task point"),
+            (lambda: m.wait(lambda: False, timeout=0), ValueError, "timeout"),
+            (lambda: m.wait(42), TypeError, "callable"),
+            (lambda: m.wait_full_scans(0), ValueError, "n must be"),
+        ]
+        for fn, exc, text in bad:
+            with pytest.raises(exc, match=text):
+                fn()
+        assert t.read(0, 4) == b"\t\t\t\t" and t.verify() == 2   # the task lives on, unchanged
+        assert m.fsck()["ok"]
+        with pytest.raises(uksm.WaitTimeout, match="waiting for nothing ever"):
+            m.wait(lambda: False, timeout=0.2, what="nothing ever")
+    for kw, exc in (({"frames": "x"}, TypeError), ({"exit_policy": "new"}, ValueError),
+                    ({"hazards": ["bogus"]}, ValueError), ({"run": 5}, ValueError),
+                    ({"mem_limit": 10**6}, ValueError), ({"name": "a/b"}, ValueError)):
+        with pytest.raises(exc):
+            uksm.Machine(**kw)
+    assert m.report is not None and m.report["status"] == 0
+
+
+def test_kill_at_points_recovered_and_exited():
+    with machine(sleep_millisecs=5) as m:
+        ts = [m.task(pages=3) for _ in range(3)]
+        for t in ts:
+            t.fill(5)
+        m.wait_full_scans(2)
+        assert {p.name for p in m.kill_points()} >= {"cow_after_copy", "ksmd_break_cow"}
+        assert ts[0].kill("KILL", at="cow_after_copy") in ("slow", "none")
+        assert ts[1].kill("TERM", at="pte_lock_held") in ("fast", "slow", "none")
+        with pytest.raises(uksm.KillPointMissed, match="__ksm_enter already"):
+            ts[2].kill("KILL", at="ksm_enter_locked")
+        ts[2].verify()                                   # still alive and whole
+        fresh = m.task(pages=2, mergeable=False)
+        assert fresh.kill(9, at="ksm_enter_locked") in ("fast", "none")
+        ts[2].arm("pte_lock_held")
+        with pytest.raises(uksm.TaskDied, match="SIGKILL"):
+            ts[2].write(0, b"z" * 8192)                  # passes the armed point
+        assert m.fsck()["ok"]
+    rep = m.report
+    assert rep is not None and rep["status"] == 0, rep
+    assert rep["workers"]["killed"] == 3 and rep["workers"]["reaped"] == 3
+
+
+def test_hung_task_raises_from_a_wait_with_the_chain():
+    from uksm.layout import H_KSMD_POINT
+    with machine(exit_policy="legacy", hung_task_timeout=0.5, sleep_millisecs=5) as m:
+        t = m.task(pages=2)
+        t.fill(1)
+        m.wait_full_scans(1)
+        m.arm("ksmd_scan_mmap_sem", delay_ms=4000)      # ksmd stops there, holding the mutex
+        m.wait(lambda: m._t().cl.q[H_KSMD_POINT] == -1, timeout=30, what="ksmd at the point")
+        os.kill(t.pid, signal.SIGTERM)                  # its legacy __ksm_exit takes the mutex
+        with pytest.raises(uksm.HungTask) as ei:
+            m.wait(lambda: False, timeout=30, what="forever")
+        assert "ksm_thread_mutex" in str(ei.value)
+        assert any("ksm_thread_mutex" in line for line in ei.value.chain)
+    assert m.report is not None and m.report["status"] == 3 and m.report["hung_tasks"]
+    assert_gone(m)
+
+
+def test_attach_to_a_cluster_started_with_up(tmp_path):
+    name = _name()
+    up = run_group([sys.executable, "-m", "uksm", "up", "--cluster", name, "--pages", "4",
+                    "--frames", "256", "--sleep-ms", "5", "--log-dir", str(tmp_path)], 60)
+    assert up.returncode == 0, up.stderr
+    try:
+        m = uksm.Machine.attach(name)
+        t = m.task(pages=2)
+        t.fill(4)
+        u = m.task(pages=2)
+        u.fill(4)
+        assert m.wait_merged(timeout=30)["pages_sharing"] == 3
+        assert m.scan_cursor() in (t, u, None)
+        assert t.kill("KILL") in ("slow", "none")
+        m.close()                                        # detaches; the cluster stays up
+        m2 = uksm.Machine.attach(name)
+        assert m2.ksm["pages_shared"] >= 0
+        rep = m2.down()
+        assert rep["status"] == 0 and rep["fsck"]["ok"], rep
+    finally:
+        run_group([sys.executable, "-m", "uksm", "down", "--cluster", name], 60)
+    with pytest.raises(uksm.MachineError, match="does not exist"):
+        uksm.Machine.attach(name)
+
+
+def test_a_forgotten_machine_is_closed_at_exit():
+    name = _name()
+    code = (f"import uksm\nm = uksm.Machine(name={name!r}, frames=64)\nt = m.task(pages=2)\n"
+            f"t.fill(3)\nprint(' '.join(map(str, m.pids)))\n")
+    p = run_group([sys.executable, "-c", code], 60)
+    assert p.returncode == 0, p.stderr
+    pids = [int(x) for x in p.stdout.split()]
+    assert len(pids) == 2 and not [x for x in pids if pid_alive(x)]
+    assert shm.leftovers(name) == []
+
+
+def test_two_machines_in_one_process():
+    with machine() as a:
+        with machine() as b:
+            t, u = a.task(pages=2), b.task(pages=2)
+            t.fill(1)
+            u.fill(1)
+            assert b.wait_full_scans(2)["pages_sharing"] == 1
+        t.fill(3)                        # a still runs (and logs) after b closed
+        assert a.wait_full_scans(2)["pages_sharing"] == 1 and t.verify() == 2
+    assert a.report["status"] == 0 and b.report["status"] == 0
+    assert_gone(a)
+    assert_gone(b)

@@ -1,0 +1,721 @@
+"""``uksm.Machine``: program tasks, knobs, waits and kills from Python.
+
+The public API of uksm (issue 10); ``docs/API.md`` is its manual.
+
+::
+
+    import uksm
+    with uksm.Machine(frames=256) as m:
+        a, b = m.task(pages=4), m.task(pages=4)
+        a.fill(7); b.fill(7)
+        m.wait_full_scans(2)
+        assert m.ksm["pages_shared"] == 4 and m.ksm["pages_sharing"] == 4
+        m.ksm["run"] = 2                   # returns once everything is unmerged
+    print(m.report["fsck"])                # uksm run --json's report
+
+Layers: a Machine is a client of the cluster daemon's requests
+(``uksm.daemon.Daemon.run_request``, with the script requests of
+``uksm.scripting``).  ``Machine(...)`` boots a cluster in this process and
+calls the same Daemon object directly (this process is the supervisor);
+``Machine.attach(name)`` sends the same requests over the socket of a
+cluster started with ``uksm up``.  Reads of the knobs and counters come
+straight from the cluster's shared memory, as reading /sys/kernel/mm/ksm
+does not go through ksmd; everything else is a request.
+
+Every call returns when it is done; waits pump the supervisor's duties
+(reaping, recovering the locks of the dead), so a script is one thread and
+needs nothing in the background.  A Machine is not thread-safe.
+"""
+from __future__ import annotations
+
+import atexit
+import base64
+import itertools
+import os
+import signal as _signal
+import tempfile
+import time
+import weakref
+from collections.abc import Iterator, MutableMapping
+from typing import Any, Callable, NamedTuple
+
+from . import killpoints, shm
+from .control import CTL_NAMES, KSM_FIELDS, WRITABLE, KnobError, ctl_values, read_state, validate_knob
+from .layout import EXIT_POLICIES, HAZARDS, PAGE_SIZE
+
+DEFAULT_WAIT_S = 60.0
+_POLL_S = 0.01
+_names = itertools.count(1)
+# machines of this process still open: closed at interpreter exit, so that a
+# script that forgets close() leaves no ksmd or task behind
+_open: "weakref.WeakSet[Machine]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_forgotten() -> None:
+    for m in list(_open):
+        try:
+            m.close()
+        except Exception:
+            pass
+
+
+# ---- exceptions --------------------------------------------------------------------------
+
+class MachineError(Exception):
+    """Something a Machine could not do (the base of uksm's exceptions).
+    Bad arguments raise the built-in TypeError, ValueError, KeyError or
+    PermissionError instead, and change nothing."""
+
+
+class MachineClosed(MachineError):
+    """The Machine was closed (or its cluster went down)."""
+
+
+class WaitTimeout(MachineError, TimeoutError):
+    """A wait ran out of time; the message names what it waited for."""
+
+
+class HungTask(MachineError):
+    """The hung-task watchdog reported a task blocked too long.
+    ``reports``: the watchdog's reports (role, pid, lock, waited_s, and the
+    wait-for ``chain``, one line per link)."""
+
+    def __init__(self, msg: str, reports: list[dict[str, Any]]) -> None:
+        chain = [line for r in reports[:1] for line in r.get("chain", [])]
+        super().__init__(msg + ("\n  " + "\n  ".join(chain) if chain else ""))
+        self.reports = reports
+        self.chain = chain
+
+
+class TaskExited(MachineError):
+    """The task has exited (or was killed): it takes no more commands."""
+
+
+class TaskDied(TaskExited):
+    """The task died while running the command (a kill point, the OOM
+    killer, a signal); its death was recovered and its exit run."""
+
+
+class SegFault(MachineError):
+    """An access outside the task's pages.  Nothing was done and the task
+    lives on (uksm reports a segfault to the script instead of killing the
+    task, so the script can go on with it)."""
+
+
+class IntegrityError(MachineError):
+    """A task's pages do not hold what it wrote (verify, exit)."""
+
+
+class KillPointMissed(MachineError):
+    """A task was driven towards a kill point and got through without
+    passing it (the point is disarmed again; see the message for why)."""
+
+
+class KillPoint(NamedTuple):
+    """A named kill point: ``where`` is ``"worker"`` (in a task) or
+    ``"ksmd"``."""
+    name: str
+    where: str
+    description: str
+
+
+_KINDS: dict[str, type[Exception]] = {
+    "type": TypeError, "value": ValueError, "segfault": SegFault, "unknown": KeyError,
+    "exited": TaskExited, "died": TaskDied, "oom": TaskDied, "not_reached": KillPointMissed,
+    "timeout": WaitTimeout,
+}
+
+
+def _signame(sig: Any) -> str:
+    if isinstance(sig, bool):
+        raise TypeError(f"signal must be 'KILL', 'TERM' or a signal number (got {sig!r})")
+    if isinstance(sig, int):
+        names = {int(_signal.SIGKILL): "KILL", int(_signal.SIGTERM): "TERM"}
+        if int(sig) not in names:
+            raise ValueError(f"signal {int(sig)}: only SIGKILL (9) and SIGTERM (15) are modelled")
+        return names[int(sig)]
+    if not isinstance(sig, str):
+        raise TypeError(f"signal must be 'KILL', 'TERM' or a signal number (got {type(sig).__name__})")
+    s = sig.upper().removeprefix("SIG")
+    if s not in ("KILL", "TERM"):
+        raise ValueError(f"signal {sig!r}: one of 'KILL', 'TERM'")
+    return s
+
+
+# ---- transports: the same requests, in-process or over the daemon's socket ------------------
+
+class _Local:
+    """This process is the cluster's supervisor: an in-process Daemon
+    (no socket) serves the requests."""
+
+    def __init__(self, name: str, spec: dict[str, Any]) -> None:
+        from .daemon import Daemon
+        self.d = Daemon(name, spec, foreground=False)
+        try:
+            self.d.start()
+        except BaseException:
+            self.abandon()
+            raise
+        assert self.d.sup is not None
+        self.sup = self.d.sup
+        self.cl = self.sup.cl
+
+    def request(self, req: dict[str, Any]) -> dict[str, Any]:
+        return self.d.run_request(req)
+
+    def tick(self) -> None:
+        self.d.pump()
+
+    def hung(self) -> list[dict[str, Any]]:
+        return list(self.sup.hung)
+
+    def abandon(self) -> None:
+        from .daemon import _abandon
+        self.d.close_tasks()
+        _abandon(self.d)
+
+
+class _Remote:
+    """A cluster started by ``uksm up``: requests over its socket."""
+
+    def __init__(self, name: str) -> None:
+        from .control import attach
+        self.name = name
+        self.request({"op": "ping"})  # a daemon answers, or a plain error
+        self.cl = attach(name)
+
+    def request(self, req: dict[str, Any]) -> dict[str, Any]:
+        from .control import NotUp, call, not_running
+        try:
+            return call(self.name, req)
+        except NotUp:
+            raise MachineClosed(str(not_running(self.name)))
+        except shm.UksmError as e:
+            raise MachineError(str(e))
+
+    def tick(self) -> None:
+        pass
+
+    def hung(self) -> list[dict[str, Any]]:
+        ans = self.request({"op": "ping"})
+        return list(ans.get("hung_tasks", [])) if ans.get("ok") else []
+
+    def abandon(self) -> None:
+        self.cl.close()
+
+
+# ---- /sys/kernel/mm/ksm ---------------------------------------------------------------------
+
+class Ksm(MutableMapping[str, Any]):
+    """``m.ksm``: the names of /sys/kernel/mm/ksm (and ``uksm ctl``).
+    Reads come from the cluster's memory; a write is ``uksm ctl
+    KEY=VALUE``: checked first (ValueError for EINVAL, PermissionError for
+    a read-only counter, KeyError for an unknown name: nothing written),
+    and ``run`` returns once ksmd has acted on it (run=2: all unmerged)."""
+
+    _FIELDS = dict(KSM_FIELDS)
+
+    def __init__(self, m: "Machine") -> None:
+        self._m = m
+
+    def _name(self, key: Any) -> str:
+        if not isinstance(key, str):
+            raise TypeError(f"ksm knob names are strings (got {type(key).__name__})")
+        if key not in CTL_NAMES:
+            raise KeyError(f"{key!r}: no such knob or counter (one of: {', '.join(CTL_NAMES)})")
+        return key
+
+    def __getitem__(self, key: str) -> Any:
+        key = self._name(key)
+        cl = self._m._t().cl
+        idx = self._FIELDS.get(key)
+        if idx is not None:
+            return int(cl.q[idx])
+        return dict(ctl_values(read_state(cl)))[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        key = self._name(key)
+        if key not in WRITABLE:
+            raise PermissionError(f"{key}: a read-only counter (EACCES); writable: {', '.join(WRITABLE)}")
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise TypeError(f"{key}: the value must be an int or a string (got {type(value).__name__})")
+        try:
+            validate_knob(key, value, self._m._t().cl.nframes)
+        except KnobError as e:
+            raise ValueError(str(e)) from None
+        self._m._request({"op": "ctl", "knobs": [[key, value]]}, f"ksm[{key!r}] = {value!r}")
+
+    def __delitem__(self, key: str) -> None:
+        raise PermissionError(f"{self._name(key)}: knobs cannot be deleted")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(CTL_NAMES)
+
+    def __len__(self) -> int:
+        return len(CTL_NAMES)
+
+    def counters(self) -> dict[str, int]:
+        """The four counters the KSM tests check, read together."""
+        return {k: self[k] for k in ("pages_shared", "pages_sharing", "pages_unshared",
+                                     "pages_volatile")}
+
+    def __repr__(self) -> str:
+        return f"Ksm({dict(self)!r})"
+
+
+# ---- tasks ------------------------------------------------------------------------------------
+
+class Task:
+    """A programmable task (``m.task(...)``): a worker process with one
+    address space of ``pages`` pages; each method runs inside it, through
+    the emulated MMU and system calls, and returns when done.  Addresses
+    are byte offsets into its pages (page i at ``i * 4096``)."""
+
+    def __init__(self, m: "Machine", tid: str, pid: int = 0, pages: int = 0, mm: int = 0,
+                 programmable: bool = True) -> None:
+        self._m = m
+        self.id = tid
+        self.programmable = programmable    # False: a built-in worker (m.spawn)
+        self.pid = pid
+        self.pages = pages
+        self.mm = mm
+        self.path: str | None = None    # __ksm_exit path, once exited or killed
+
+    def __repr__(self) -> str:
+        state = f"exited ({self.path})" if self.path is not None else "alive"
+        return f"<uksm.Task {self.id} pid {self.pid} {self.pages} pages {state}>"
+
+    def _cmd(self, cmd: str, what: str, **kw: Any) -> dict[str, Any]:
+        if not self.programmable:
+            raise TypeError(f"{self.id}.{what}: {self.id} is a built-in worker (m.spawn): it takes "
+                            f"no commands, only kill, arm and stat")
+        return self._m._request({"op": "task", "task": self.id, "cmd": cmd, **kw},
+                                f"{self.id}.{what}")
+
+    @staticmethod
+    def _b64(data: Any, what: str) -> str:
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"{what} must be bytes (got {type(data).__name__})")
+        return base64.b64encode(bytes(data)).decode()
+
+    def fill(self, value: int | bytes, first: int = 0, count: int | None = None) -> None:
+        """Write pages first..first+count-1 (default: to the end): ``value``
+        an int 0..255 (every byte) or 4096 bytes (each page)."""
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            self._cmd("fill", "fill", page=self._b64(value, "value"), first=first, count=count)
+        else:
+            self._cmd("fill", "fill", value=value, first=first, count=count)
+
+    def write(self, addr: int, data: bytes) -> None:
+        """Store ``data`` at byte offset ``addr`` (faults, COW breaks)."""
+        self._cmd("write", "write", addr=addr, data=self._b64(data, "data"))
+
+    def read(self, addr: int, n: int) -> bytes:
+        """Load ``n`` bytes at byte offset ``addr``."""
+        return base64.b64decode(self._cmd("read", "read", addr=addr, n=n)["data"])
+
+    def madvise(self, first: int, count: int, advice: str) -> int:
+        """madvise(pages first..first+count-1, MERGEABLE | UNMERGEABLE |
+        DONTNEED); returns the pages unmerged (UNMERGEABLE), else 0."""
+        return int(self._cmd("madvise", "madvise", first=first, count=count, advice=advice)["unmerged"])
+
+    def stat(self) -> dict[str, int]:
+        """/proc/PID/ksm_stat: ksm_rmap_items, ksm_merging_pages; and rss."""
+        ans = self._m._request({"op": "task_stat", "task": self.id}, f"{self.id}.stat")
+        return {k: int(ans[k]) for k in ("ksm_rmap_items", "ksm_merging_pages", "rss")}
+
+    def verify(self) -> int:
+        """Read back every page; IntegrityError if one does not hold what
+        was written.  Returns the pages checked."""
+        ans = self._cmd("verify", "verify")
+        if ans["mismatches"]:
+            raise IntegrityError(f"task {self.id}: {ans['mismatches']} of {ans['pages']} pages do "
+                                 f"not hold what was written")
+        return int(ans["pages"])
+
+    def exit(self) -> str:
+        """Exit (verify, then exit_mm through the exit policy's path).
+        Returns the __ksm_exit path: "fast", "slow", "legacy", or "none"
+        (ksmd had already freed its slot)."""
+        ans = self._cmd("exit", "exit")
+        self.path = str(ans["path"])
+        if ans["mismatches"]:
+            raise IntegrityError(f"task {self.id}: {ans['mismatches']} pages did not hold what "
+                                 f"was written at its exit")
+        return self.path
+
+    def kill(self, sig: int | str = "KILL", at: str | None = None) -> str:
+        """Kill the task (SIGKILL: the supervisor recovers its locks and
+        runs its exit; SIGTERM: it exits through its own path), at once or,
+        with ``at``, after driving it to that kill point.  Returns once its
+        exit is done, with the __ksm_exit path it took."""
+        if at is not None and not isinstance(at, str):
+            raise TypeError(f"at must be a kill point name (got {type(at).__name__})")
+        ans = self._m._request({"op": "task_kill", "task": self.id, "signal": _signame(sig), "at": at},
+                               f"{self.id}.kill")
+        self.path = str(ans["path"])
+        return self.path
+
+    def arm(self, point: str, sig: int | str = "KILL") -> None:
+        """Arm a task kill point without driving it there: the task dies
+        when a later command passes it (that command raises TaskDied)."""
+        self._m._request({"op": "arm", "point": point, "task": self.id, "signal": _signame(sig)},
+                         f"{self.id}.arm")
+
+    def disarm(self) -> None:
+        self._m._request({"op": "disarm", "task": self.id}, f"{self.id}.disarm")
+
+
+# ---- the machine ---------------------------------------------------------------------------------
+
+class Machine:
+    """A uksm cluster driven from a script.  ``Machine(...)`` boots one in
+    this process (the options of ``uksm run``); leaving the ``with`` block
+    (or ``close()``) stops every task through its own exit path, lets ksmd
+    free what the slow paths left it, runs fsck and tears down, leaving
+    nothing in /dev/shm and no process behind, also when the block
+    raises.  ``m.report`` is then ``uksm run --json``'s object."""
+
+    def __init__(self, *, frames: int = 1024, max_pages: int = 1024, max_tasks: int = 16,
+                 exit_policy: str = "seed", hazards: list[str] | tuple[str, ...] = (), run: int = 1,
+                 pages_to_scan: int = 100, sleep_millisecs: int = 20, mem_limit: int = 0,
+                 name: str | None = None, log_dir: str | None = None,
+                 hung_task_timeout: float = 5.0) -> None:
+        from .run import RunOptions, check_cluster_options
+        for k, v in (("frames", frames), ("max_pages", max_pages), ("max_tasks", max_tasks),
+                     ("run", run), ("pages_to_scan", pages_to_scan),
+                     ("sleep_millisecs", sleep_millisecs), ("mem_limit", mem_limit)):
+            if type(v) is not int:
+                raise TypeError(f"{k} must be an int (got {type(v).__name__} {v!r})")
+        if isinstance(hung_task_timeout, bool) or not isinstance(hung_task_timeout, (int, float)):
+            raise TypeError("hung_task_timeout must be a number of seconds")
+        if exit_policy not in EXIT_POLICIES:
+            raise ValueError(f"exit_policy {exit_policy!r}: one of {', '.join(EXIT_POLICIES)}")
+        if isinstance(hazards, str) or any(h not in HAZARDS for h in hazards):
+            raise ValueError(f"hazards {hazards!r}: a list of {', '.join(HAZARDS)}")
+        if frames < 16 or max_pages < 1 or not 1 <= max_tasks <= 4096:
+            raise ValueError("frames must be >= 16, max_pages >= 1, max_tasks 1..4096")
+        if not 0 <= mem_limit <= frames:
+            raise ValueError(f"mem_limit {mem_limit}: 0 (none) .. frames ({frames})")
+        self._o = RunOptions(workers=0, pages=max_pages, frames=frames, workload="zero",
+                             log_dir=log_dir, run=run, pages_to_scan=pages_to_scan,
+                             sleep_ms=sleep_millisecs, exit_policy=exit_policy,
+                             hazards=list(hazards), hung_task_timeout=float(hung_task_timeout))
+        try:
+            check_cluster_options(self._o, min_workers=0)
+        except shm.UksmError as e:
+            raise ValueError(str(e).replace("--", "").replace("-", "_")) from None
+        if log_dir is not None and not os.path.isdir(log_dir):
+            raise ValueError(f"log_dir {log_dir!r}: no such directory")
+        self.name = name or f"m{os.getpid()}x{next(_names)}"
+        try:
+            shm.check_cluster_name(self.name)
+        except shm.UksmError as e:
+            raise ValueError(str(e)) from None
+        if shm.leftovers(self.name):
+            raise ValueError(f"cluster name {self.name!r} is in use")
+        self.log_dir = os.path.abspath(log_dir or tempfile.mkdtemp(prefix=f"uksm-{self.name}-"))
+        self._o.workload = "script"
+        spec = {"workers": 0, "pages": max_pages, "frames": frames, "workload": "zero", "seed": 0,
+                "log_dir": self.log_dir, "exit_policy": exit_policy, "hazards": list(hazards),
+                "hung_task_timeout": float(hung_task_timeout), "churn_ms": 0, "run": run,
+                "pages_to_scan": pages_to_scan, "sleep_ms": sleep_millisecs,
+                "max_workers": max_tasks, "max_pages": max_pages}
+        self._init()
+        self._t0 = time.monotonic()
+        self._tr: _Local | _Remote | None = _Local(self.name, spec)
+        _open.add(self)
+        if self._tr.sup.ksmd is not None:
+            self.pids.append(self._tr.sup.ksmd.proc.pid)
+        if mem_limit:
+            try:
+                self.ksm["mem_limit"] = mem_limit
+            except BaseException:
+                self.close()
+                raise
+
+    def _init(self) -> None:
+        self.report: dict[str, Any] | None = None
+        self.ksm = Ksm(self)
+        self._tasks: dict[str, Task] = {}
+        self._hung_raised = 0
+        self.pids: list[int] = []
+
+    @classmethod
+    def attach(cls, name: str) -> "Machine":
+        """Drive a cluster started with ``uksm up`` (its daemon serves the
+        requests).  Closing detaches only: the cluster stays up (``down()``
+        takes it down)."""
+        if not isinstance(name, str):
+            raise TypeError("the cluster name is a string")
+        try:
+            shm.check_cluster_name(name)
+        except shm.UksmError as e:
+            raise ValueError(str(e)) from None
+        m = cls.__new__(cls)
+        m.name = name
+        m._init()
+        m.log_dir = ""
+        m._tr = None
+        try:
+            m._tr = _Remote(name)
+        except shm.UksmError as e:
+            raise MachineError(str(e)) from None
+        return m
+
+    # -- plumbing
+    def _t(self) -> _Local | _Remote:
+        if self._tr is None:
+            raise MachineClosed(f"machine {self.name!r} is closed")
+        return self._tr
+
+    def _request(self, req: dict[str, Any], what: str) -> dict[str, Any]:
+        ans = self._t().request(req)
+        if ans.get("ok"):
+            return ans
+        kind, msg = str(ans.get("kind", "")), str(ans.get("error", "request failed"))
+        if kind == "hung":
+            reports = self._t().hung()
+            self._hung_raised = len(reports)  # raised here: a later wait does not raise it again
+            raise HungTask(f"{what}: {msg}", reports)
+        exc = _KINDS.get(kind) or (ValueError if ans.get("status") == 2 else MachineError)
+        raise exc(f"{what}: {msg}")
+
+    def _check_hung(self, what: str) -> None:
+        hung = self._t().hung()
+        if len(hung) > self._hung_raised:
+            new = hung[self._hung_raised:]
+            self._hung_raised = len(hung)
+            h = new[0]
+            raise HungTask(f"while waiting for {what}: task {h['role']} pid {h['pid']} blocked on "
+                           f"{h['lock']} for {h['waited_s']}s", new)
+
+    # -- tasks
+    def task(self, pages: int, mergeable: bool = True) -> Task:
+        """Start a task with one address space of ``pages`` pages,
+        MADV_MERGEABLE unless ``mergeable=False``; returns once its
+        __ksm_enter is done."""
+        ans = self._request({"op": "task_new", "pages": pages, "mergeable": mergeable}, "task")
+        t = Task(self, ans["task"], int(ans["pid"]), int(ans["pages"]), int(ans["mm"]))
+        self._tasks[t.id] = t
+        self.pids.append(t.pid)
+        return t
+
+    def spawn(self, count: int = 1, pages: int = 64, workload: str = "vm", seed: int = 0,
+              churn_ms: int = 0, wait: bool = True) -> list[Task]:
+        """Start built-in workers (``uksm spawn``): each writes its workload
+        (``identical``, ``unique``, ``zero``, ``dup:K``, ``volatile``, ``vm``)
+        and keeps it alive, churning every ``churn_ms`` (refault, COW,
+        re-advise).  They take no commands; ``kill`` (also ``at`` a point
+        their work passes), ``arm`` and ``stat`` work.  Returns once they
+        have written their pages (``wait=False``: at once)."""
+        from uksm.workers.workloads import validate as wl_validate
+        if type(count) is not int or count < 1:
+            raise ValueError(f"count must be a whole number >= 1 (got {count!r})")
+        if type(pages) is not int or type(seed) is not int or type(churn_ms) is not int:
+            raise TypeError("pages, seed and churn_ms must be ints")
+        if not isinstance(workload, str):
+            raise TypeError("workload must be a string")
+        try:
+            wl_validate(workload)
+        except shm.UksmError as e:
+            raise ValueError(str(e)) from None
+        if churn_ms < 0:
+            raise ValueError(f"churn_ms must be >= 0 (got {churn_ms})")
+        ans = self._request({"op": "spawn", "count": count, "pages": pages, "workload": workload,
+                             "seed": seed, "churn_ms": churn_ms, "wait": bool(wait)}, "spawn")
+        out = [Task(self, w["worker"], int(w["pid"]), int(w["pages"]), int(w["mm"]),
+                    programmable=False) for w in ans["spawned"]]
+        for t in out:
+            self._tasks[t.id] = t
+            self.pids.append(t.pid)
+        return out
+
+    def tasks(self, ready: bool = False) -> list[Task]:
+        """The live tasks and workers (programmable or built-in); with
+        ``ready``, only those done starting (a built-in worker: its pages
+        written)."""
+        ids = self._request({"op": "ping"}, "tasks")["ready" if ready else "workers"]
+        return [self._handle(str(i)) for i in ids]
+
+    def stats(self) -> dict[str, int]:
+        """The machine's event counts (uksm's /proc/vmstat): tasks started
+        and exited, by __ksm_exit path, killed, OOM-killed, reaped; deaths
+        recovered (and locks taken over), merges, kill points hit."""
+        from .layout import (S_EXIT_FAST, S_EXIT_LEGACY, S_EXIT_SLOW, S_EXITED, S_KILLED,
+                             S_LOCK_RECOVERIES, S_MERGES, S_OOM_KILLED, S_REAPED, S_RECOVERIES,
+                             S_STARTED)
+        cl = self._t().cl
+        names = {"started": S_STARTED, "exited": S_EXITED, "exit_fast": S_EXIT_FAST,
+                 "exit_slow": S_EXIT_SLOW, "exit_legacy": S_EXIT_LEGACY, "killed": S_KILLED,
+                 "oom_killed": S_OOM_KILLED, "reaped": S_REAPED, "recoveries": S_RECOVERIES,
+                 "lock_recoveries": S_LOCK_RECOVERIES, "merges": S_MERGES}
+        out = {k: int(cl.q[i]) for k, i in names.items()}
+        out["kill_points_hit"] = cl.kill_points_hit()
+        return out
+
+    def armed(self) -> str | None:
+        """The ksmd point armed now (None once it has fired, or none armed)."""
+        from .layout import H_KSMD_POINT
+        i = self._t().cl.q[H_KSMD_POINT]
+        return killpoints.NAMES[i] if 0 <= i < len(killpoints.NAMES) else None
+
+    def _handle(self, tid: str) -> Task:
+        """The Task for an id (one started by the shell, on an attached machine)."""
+        return self._tasks.get(tid) or Task(self, tid)  # the daemon refuses what does not fit
+
+    # -- waits
+    def wait(self, predicate: Callable[[], Any], timeout: float = DEFAULT_WAIT_S,
+             what: str | Callable[[], str] | None = None) -> Any:
+        """Call ``predicate()`` until it returns something true, and return
+        that.  WaitTimeout after ``timeout`` seconds (naming ``what``);
+        HungTask at once if the watchdog reports a hung task meanwhile."""
+        if not callable(predicate):
+            raise TypeError("predicate must be callable (with no arguments)")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+            raise ValueError(f"timeout must be a positive number of seconds (got {timeout!r})")
+        t = self._t()
+        label = what if isinstance(what, str) else getattr(predicate, "__name__", "a condition")
+        end = time.monotonic() + timeout
+        while True:
+            t.tick()
+            self._check_hung(label)
+            v = predicate()
+            if v:
+                return v
+            if time.monotonic() > end:
+                detail = what() if callable(what) else label
+                raise WaitTimeout(f"timed out after {timeout}s waiting for {detail}")
+            time.sleep(_POLL_S)
+
+    def wait_full_scans(self, n: int = 2, timeout: float = DEFAULT_WAIT_S) -> dict[str, int]:
+        """Return once ``full_scans`` has advanced by ``n`` (what KSM test
+        programs wait for), with the four counters then."""
+        if type(n) is not int or n < 1:
+            raise ValueError(f"n must be a whole number >= 1 (got {n!r})")
+        self._needs_ksmd("full scans")
+        start = self.ksm["full_scans"]
+        self.wait(lambda: self.ksm["full_scans"] >= start + n, timeout,
+                  lambda: f"{n} full scans (full_scans was {start}, is {self.ksm['full_scans']}; "
+                          f"run {self.ksm['run']})")
+        return self.ksm.counters()
+
+    def wait_merged(self, timeout: float = DEFAULT_WAIT_S) -> dict[str, int]:
+        """Return once the four counters have not changed over two full
+        scans (merging has settled), with the counters."""
+        self._needs_ksmd("merging to settle")
+        samples: list[dict[str, int]] = []
+        last = [-1]
+
+        def settled() -> bool:
+            fs = self.ksm["full_scans"]
+            if fs != last[0]:
+                last[0] = fs
+                samples.append(self.ksm.counters())
+            return len(samples) >= 3 and samples[-1] == samples[-2] == samples[-3]
+        self.wait(settled, timeout, lambda: f"merging to settle (counters over the last full scans: "
+                                            f"{samples[-3:]})")
+        return samples[-1]
+
+    def _needs_ksmd(self, what: str) -> None:
+        if self.ksm["run"] != 1:
+            raise MachineError(f"waiting for {what} with run={self.ksm['run']}: ksmd is not "
+                               f"scanning (set m.ksm['run'] = 1)")
+
+    # -- fault injection
+    @staticmethod
+    def kill_points() -> list[KillPoint]:
+        """Every named kill point, with where it is (worker or ksmd)."""
+        return [KillPoint(n, who, desc) for n, (who, desc) in killpoints.POINTS.items()]
+
+    def arm(self, point: str, sig: int | str = "KILL", delay_ms: int | None = None) -> None:
+        """Arm a ksmd point: when ksmd passes it inside some mm it kills
+        that mm's owner (``sig``), or with ``delay_ms`` stops there that long
+        (once).  Task points are armed with ``Task.arm`` or ``Task.kill(at=)``."""
+        req: dict[str, Any] = {"op": "arm", "point": point, "signal": _signame(sig)}
+        if delay_ms is not None:
+            req["delay_ms"] = delay_ms
+        self._request(req, f"arm {point}")
+
+    def disarm(self) -> None:
+        """Disarm the ksmd point."""
+        self._request({"op": "disarm"}, "disarm")
+
+    def scan_cursor(self) -> Task | None:
+        """The task whose mm ksmd's scan cursor (ksm_scan.mm_slot) is in."""
+        ans = self._request({"op": "cursor"}, "scan_cursor")
+        return None if ans["task"] is None else self._handle(str(ans["task"]))
+
+    def fsck(self) -> dict[str, Any]:
+        """Every invariant of the live machine (ksm_thread_mutex held, the
+        world stopped): ``{"ok": bool, "errors": [...]}``."""
+        ans = self._request({"op": "fsck"}, "fsck")
+        return {"ok": bool(ans["clean"]), "errors": list(ans["errors"])}
+
+    # -- the end
+    def close(self) -> dict[str, Any] | None:
+        """Stop every task through its exit path, let ksmd free the slow
+        paths' slots, fsck, tear down (attached: just detach).  Returns
+        ``m.report``.  Closing twice is harmless."""
+        t = self._tr
+        if t is None:
+            return self.report
+        self._tr = None
+        _open.discard(self)
+        if isinstance(t, _Remote):
+            t.abandon()
+            return self.report
+        from .run import build_report
+        sup = t.sup
+        try:
+            t.tick()
+            snap = sup.snapshot()
+            end = sup.shutdown()
+        except BaseException:
+            t.abandon()
+            raise
+        finally:
+            t.d.close_tasks()
+        self.report = build_report(self.name, self._o, self._t0, snap, end, self.log_dir)
+        if any(isinstance(x._tr, _Local) for x in _open):
+            # another machine of this process still logs: the log files are
+            # the process's (uksm.log), closed with the last one
+            sup.log.info("cluster_stop", duration_s=self.report["duration_s"], status=end["status"])
+        else:
+            sup.log_stop(end["status"])
+        return self.report
+
+    def down(self) -> dict[str, Any]:
+        """Attached machines: take the cluster down (``uksm down``); returns
+        its report.  A machine of this process: close()."""
+        t = self._t()
+        if isinstance(t, _Local):
+            rep = self.close()
+            assert rep is not None
+            return rep
+        self.report = self._request({"op": "down"}, "down")
+        self._tr = None
+        t.abandon()
+        return self.report
+
+    def __enter__(self) -> "Machine":
+        self._t()
+        return self
+
+    def __exit__(self, exc_type: Any, *_exc: Any) -> None:
+        from .lifeline import SecondSignal
+        if exc_type is not None and issubclass(exc_type, SecondSignal) and self._tr is not None:
+            # a second stop signal (uksm.lifeline): kill at once, remove every object
+            t, self._tr = self._tr, None
+            _open.discard(self)
+            t.abandon()
+            return
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<uksm.Machine {self.name} {'closed' if self._tr is None else 'running'}>"
+
+
+__all__ = ["Machine", "Task", "KillPoint", "MachineError", "MachineClosed", "WaitTimeout",
+           "HungTask", "TaskExited", "TaskDied", "SegFault", "IntegrityError", "KillPointMissed"]

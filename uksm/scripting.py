@@ -1,0 +1,505 @@
+"""The supervisor's side of scripts: programmable tasks, kill points, the
+scan cursor (issue 10).
+
+``ScriptOps`` is mixed into ``uksm.daemon.Daemon``: its ``do_*`` methods
+are requests like ``spawn`` or ``ctl``, served one at a time by the
+daemon's main thread, every wait bounded and pumping the main loop's
+duties (reaping, recovery, the watchdog's reports).  The same Daemon
+object serves a ``uksm up`` cluster over its socket and, in-process, a
+``uksm.Machine`` (``uksm.api``): one set of handlers for both.
+
+A programmable task is a worker process running ``uksm.workers.scripted``;
+the daemon holds one end of a socketpair to it (``TaskChan``) and forwards
+each command, after checking it here (types, ranges, the task's state):
+bad input is refused before it reaches the task, so it changes nothing.
+
+Failures carry a ``kind`` (``ScriptError.kind``), which the API turns into
+its exception classes: ``type``, ``value``, ``segfault``, ``unknown``,
+``exited``, ``died``, ``not_reached``, ``timeout``, ``oom``.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import select
+import signal
+import socket
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+from . import killpoints
+from .control import EXIT_ERR, EXIT_USAGE
+from .layout import EXIT_PATHS, H_KSMD_POINT, L_SCAN_SLOT, M_ID, PAGE_SIZE, T_EXIT_PATH, T_KILL_POINT
+from .shm import UksmError
+
+if TYPE_CHECKING:
+    from .supervisor import Child, Supervisor
+
+TASK_PROGRAM = "uksm.workers.scripted"
+ADVICE = ("MERGEABLE", "UNMERGEABLE", "DONTNEED")
+EXIT_POINTS = ("ksm_exit_before_down_write", "ksm_exit_mmap_sem_write", "exit_mid_zap")
+SIGNALS = {"KILL": signal.SIGKILL, "TERM": signal.SIGTERM}
+COMMAND_WAIT_S = 120.0   # one command (it may wait for locks, memory, ksmd)
+EXIT_WAIT_S = 60.0       # a task's exit, or its reaper's
+POINT_WAIT_S = 10.0      # a built-in worker passing an armed kill point
+READY_WAIT_S = 60.0      # a new task through __ksm_enter
+
+
+class ScriptError(UksmError):
+    """A request of a script refused or failed; ``kind`` says how."""
+
+    def __init__(self, msg: str, kind: str, status: int = EXIT_ERR) -> None:
+        super().__init__(msg, status)
+        self.kind = kind
+
+
+@dataclass
+class TaskChan:
+    """The supervisor's end of a programmable task."""
+    tid: str
+    child: "Child"
+    sock: socket.socket
+    pages: int
+    base: int = 0
+    buf: bytes = b""
+    eof: bool = False
+    gone: str = ""            # why it is no longer usable ("" while alive)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _int(req: dict[str, Any], key: str, lo: int, hi: int, what: str) -> int:
+    v = req.get(key)
+    if type(v) is not int:
+        raise ScriptError(f"{what} must be an int (got {type(v).__name__} {v!r})", "type", EXIT_USAGE)
+    if not lo <= v <= hi:
+        raise ScriptError(f"{what} {v} is out of range ({lo}..{hi})", "value", EXIT_USAGE)
+    return v
+
+
+class ScriptOps:
+    """Requests of scripts; mixed into the Daemon (which provides sup,
+    name, pump, wait_until, finished, do_kill and _log)."""
+
+    sup: "Supervisor | None"
+    name: str
+    spec: dict[str, Any]
+    _log: Any
+    pump: Callable[[], None]
+    wait_until: Callable[..., bool]
+    finished: Callable[["Child"], bool]
+    do_kill: Callable[[dict[str, Any]], dict[str, Any]]
+
+    def script_handlers(self) -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:
+        return {"task_new": self.do_task_new, "task": self.do_task, "task_kill": self.do_task_kill,
+                "task_stat": self.do_task_stat, "arm": self.do_arm, "disarm": self.do_disarm,
+                "cursor": self.do_cursor}
+
+    @property
+    def tasks(self) -> dict[str, TaskChan]:
+        t: dict[str, TaskChan] | None = self.__dict__.get("_tasks")
+        if t is None:
+            t = self.__dict__["_tasks"] = {}
+        return t
+
+    # ---- a task's channel ------------------------------------------------------------------
+    def _sup(self) -> "Supervisor":
+        assert self.sup is not None
+        return self.sup
+
+    def _task(self, req: dict[str, Any], alive: bool = True) -> TaskChan:
+        tid = req.get("task")
+        if not isinstance(tid, str):
+            raise ScriptError(f"task id must be a string like 'w3' (got {tid!r})", "type", EXIT_USAGE)
+        tc = self.tasks.get(tid)
+        if tc is None:
+            if self._builtin(req) is not None:
+                raise ScriptError(f"{tid} is a built-in worker ('uksm spawn', m.spawn): it takes "
+                                  f"no commands, only kill, arm and stat", "value", EXIT_USAGE)
+            known = " ".join(sorted(self.tasks)) or "none"
+            raise ScriptError(f"no programmable task {tid!r} in cluster {self.name!r} (tasks: "
+                              f"{known})", "unknown", EXIT_ERR)
+        self._check_gone(tc)
+        if alive and tc.gone:
+            raise ScriptError(f"task {tid} {tc.gone}: it can take no more commands", "exited")
+        return tc
+
+    def _any_worker(self, req: dict[str, Any]) -> "Child":
+        """A live worker, programmable or built-in."""
+        ch = self._builtin(req)
+        return ch if ch is not None else self._task(req).child
+
+    def _check_gone(self, tc: TaskChan) -> None:
+        """Notice a task that died or exited between two requests."""
+        if tc.gone:
+            return
+        sup = self._sup()
+        self.pump()
+        with sup.lock:
+            running = sup.children.get(tc.child.row) is tc.child
+        if not running or tc.child.proc.poll() is not None:
+            self._wait_finished(tc, "its death")
+            tc.gone = self._how(tc)
+
+    def _how(self, tc: TaskChan) -> str:
+        rc = tc.child.proc.returncode
+        path = tc.extra.get("path") or EXIT_PATHS[self._sup().cl.q[self._sup().cl.tbase(tc.child.row)
+                                                                    + T_EXIT_PATH]]
+        tc.extra["path"] = path
+        if rc == -signal.SIGKILL:
+            return f"was killed (SIGKILL); its exit was run by the supervisor (ksm_exit {path})"
+        if tc.extra.get("exited"):
+            return f"has exited (ksm_exit {path})"
+        return f"has exited on a fatal signal or the OOM killer (status {rc}, ksm_exit {path})"
+
+    def _wait_finished(self, tc: TaskChan, what: str) -> None:
+        if not self.wait_until(lambda: self.finished(tc.child), EXIT_WAIT_S, what):
+            raise ScriptError(f"task {tc.tid}: its exit did not finish within {EXIT_WAIT_S:.0f}s",
+                              "timeout")
+        try:
+            tc.sock.close()
+        except OSError:
+            pass
+
+    def _readable(self, tc: TaskChan) -> bool:
+        if b"\n" in tc.buf:
+            return True
+        try:
+            r, _, _ = select.select([tc.sock], [], [], 0)
+        except (OSError, ValueError):
+            r = [tc.sock]
+        if r:
+            try:
+                chunk = tc.sock.recv(1 << 20)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                tc.eof = True
+                return True
+            tc.buf += chunk
+            return b"\n" in tc.buf
+        return False
+
+    def _answer(self, tc: TaskChan, what: str, timeout: float = COMMAND_WAIT_S) -> dict[str, Any]:
+        """The task's answer to a command, pumping meanwhile; ScriptError
+        (died) if the task died instead of answering."""
+        if not self.wait_until(lambda: self._readable(tc), timeout, f"task {tc.tid}: {what}"):
+            raise ScriptError(f"task {tc.tid}: no answer to {what} within {timeout:.0f}s", "timeout")
+        if b"\n" not in tc.buf:  # EOF: the task is gone
+            self._wait_finished(tc, f"task {tc.tid}'s death")
+            tc.gone = self._how(tc)
+            raise ScriptError(f"task {tc.tid} died during {what}: it {tc.gone}", "died")
+        line, tc.buf = tc.buf.split(b"\n", 1)
+        ans: dict[str, Any] = json.loads(line)
+        return ans
+
+    def _command(self, tc: TaskChan, cmd: dict[str, Any], what: str) -> dict[str, Any]:
+        try:
+            tc.sock.sendall(json.dumps(cmd).encode() + b"\n")
+        except OSError:
+            pass  # it died: _answer finds the EOF
+        ans = self._answer(tc, what)
+        if not ans.get("ok"):
+            kind = str(ans.get("kind", "value"))
+            if kind == "oom":  # it is exiting: let it finish
+                self._wait_finished(tc, f"task {tc.tid}'s exit")
+                tc.gone = self._how(tc)
+            raise ScriptError(f"task {tc.tid}: {what}: {ans.get('error')}", kind,
+                              EXIT_USAGE if kind in ("value", "segfault") else EXIT_ERR)
+        return ans
+
+    # ---- requests ----------------------------------------------------------------------------
+    def do_task_new(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Start a programmable task; answer once its mmap and (unless
+        mergeable is false) its MADV_MERGEABLE, i.e. __ksm_enter, are done."""
+        sup = self._sup()
+        pages = _int(req, "pages", 1, int(self.spec["max_pages"]), "pages")
+        mergeable = req.get("mergeable", True)
+        if not isinstance(mergeable, bool):
+            raise ScriptError(f"mergeable must be True or False (got {mergeable!r})", "type", EXIT_USAGE)
+        mine, theirs = socket.socketpair()
+        try:
+            extra = ("--cmd-fd", str(theirs.fileno())) + (() if mergeable else ("--no-mergeable",))
+            try:
+                ch = sup.spawn_worker(pages, "zero", 0, program=TASK_PROGRAM, extra_args=extra,
+                                      pass_fds=(theirs.fileno(),))
+            except UksmError as e:
+                mine.close()
+                raise ScriptError(str(e), "value", e.status)
+        finally:
+            theirs.close()
+        tc = TaskChan(f"w{ch.worker_no}", ch, mine, pages)
+        self.tasks[tc.tid] = tc
+        ans = self._answer(tc, "start", READY_WAIT_S)
+        if not ans.get("ok"):
+            self._wait_finished(tc, f"task {tc.tid}'s exit")
+            tc.gone = self._how(tc)
+            raise ScriptError(f"task {tc.tid} could not start: {ans.get('error')}",
+                              str(ans.get("kind", "died")))
+        tc.base = int(ans["base"])
+        self._log.info("task_new", worker=tc.tid, worker_pid=ch.proc.pid, mm=ch.mm, pages=pages)
+        return {"task": tc.tid, "pid": ch.proc.pid, "mm": ch.mm, "pages": pages, "base": tc.base}
+
+    def do_task(self, req: dict[str, Any]) -> dict[str, Any]:
+        """One command for a task: fill, write, read, madvise, verify, exit."""
+        tc = self._task(req)
+        size = tc.pages * PAGE_SIZE
+        cmd = req.get("cmd")
+        if cmd == "fill":
+            first = _int(req, "first", 0, tc.pages - 1, "first page")
+            count = req.get("count")
+            if count is None:
+                count = tc.pages - first
+            else:
+                count = _int(req, "count", 0, tc.pages - first, f"count (from page {first})")
+            if "page" in req:
+                page = self._bytes(req, "page", "page")
+                if len(page) != PAGE_SIZE:
+                    raise ScriptError(f"fill value: {len(page)} bytes, not {PAGE_SIZE} (one page)",
+                                      "value", EXIT_USAGE)
+            else:
+                page = bytes([_int(req, "value", 0, 255, "fill value")]) * PAGE_SIZE
+            out: dict[str, Any] = {}
+            if count:
+                self._command(tc, {"cmd": "fill", "first": first, "count": count,
+                                   "page": base64.b64encode(page).decode()}, "fill")
+            return out
+        if cmd in ("write", "read"):
+            addr = req.get("addr")
+            if type(addr) is not int:
+                raise ScriptError(f"addr must be an int (got {type(addr).__name__} {addr!r})", "type",
+                                  EXIT_USAGE)
+            if cmd == "write":
+                data = self._bytes(req, "data", "data")
+                n = len(data)
+            else:
+                n = _int(req, "n", 0, 1 << 30, "n (bytes to read)")
+            if addr < 0 or addr + n > size:
+                raise ScriptError(f"{cmd} of {n} bytes at {addr:#x}: beyond the task's {tc.pages} "
+                                  f"pages ({size:#x} bytes): segfault (nothing done, the task lives on)",
+                                  "segfault", EXIT_USAGE)
+            if cmd == "write":
+                if n:
+                    self._command(tc, {"cmd": "write", "addr": addr,
+                                       "data": base64.b64encode(data).decode()}, "write")
+                return {}
+            if not n:
+                return {"data": ""}
+            return {"data": self._command(tc, {"cmd": "read", "addr": addr, "n": n}, "read")["data"]}
+        if cmd == "madvise":
+            first = _int(req, "first", 0, tc.pages - 1, "first page")
+            count = _int(req, "count", 1, tc.pages - first, f"count (from page {first})")
+            advice = req.get("advice")
+            if not isinstance(advice, str):
+                raise ScriptError(f"advice must be a string, one of {', '.join(ADVICE)} "
+                                  f"(got {advice!r})", "type", EXIT_USAGE)
+            if advice.upper() not in ADVICE:
+                raise ScriptError(f"unknown advice {advice!r} (one of: {', '.join(ADVICE)})",
+                                  "value", EXIT_USAGE)
+            ans = self._command(tc, {"cmd": "madvise", "first": first, "count": count,
+                                     "advice": advice.upper()}, f"madvise {advice.upper()}")
+            return {"unmerged": ans.get("unmerged", 0)}
+        if cmd == "verify":
+            ans = self._command(tc, {"cmd": "verify"}, "verify")
+            return {"pages": ans["pages"], "mismatches": ans["mismatches"]}
+        if cmd == "exit":
+            ans = self._command(tc, {"cmd": "exit"}, "exit")
+            tc.extra.update(exited=True, path=ans["path"])
+            self._wait_finished(tc, f"task {tc.tid}'s exit")
+            tc.gone = self._how(tc)
+            self._log.info("task_exit", worker=tc.tid, path=ans["path"], mismatches=ans["mismatches"])
+            return {"path": ans["path"], "mismatches": ans["mismatches"]}
+        raise ScriptError(f"unknown task command {cmd!r} (fill, write, read, madvise, verify, exit)",
+                          "value", EXIT_USAGE)
+
+    @staticmethod
+    def _bytes(req: dict[str, Any], key: str, what: str) -> bytes:
+        v = req.get(key)
+        if not isinstance(v, str):
+            raise ScriptError(f"{what} must be bytes (base64 on the wire; got {type(v).__name__})",
+                              "type", EXIT_USAGE)
+        try:
+            return base64.b64decode(v, validate=True)
+        except ValueError:
+            raise ScriptError(f"{what}: not valid base64", "value", EXIT_USAGE)
+
+    def do_task_stat(self, req: dict[str, Any]) -> dict[str, Any]:
+        """/proc/PID/ksm_stat (and rss): read from the task's mm row."""
+        from .mm import mm_fields
+        ch = self._any_worker(req)
+        cl = self._sup().cl
+        row = cl.mm_row(ch.mm)
+        if row < 0:
+            raise ScriptError(f"task w{ch.worker_no}: its address space is gone", "exited")
+        f = mm_fields(cl, row)
+        return {"ksm_rmap_items": f["ksm_rmap_items"], "ksm_merging_pages": f["ksm_merging_pages"],
+                "rss": f["rss"], "pid": ch.proc.pid, "mm": ch.mm}
+
+    def _signal(self, req: dict[str, Any]) -> str:
+        s = req.get("signal", "KILL")
+        if not isinstance(s, str) or s.upper() not in SIGNALS:
+            raise ScriptError(f"signal must be KILL or TERM (got {s!r})", "value", EXIT_USAGE)
+        return s.upper()
+
+    def _builtin(self, req: dict[str, Any]) -> "Child | None":
+        """A built-in worker (``spawn``) named by the request, None when
+        the id names a programmable task."""
+        tid = req.get("task")
+        if not isinstance(tid, str) or tid in self.tasks:
+            return None
+        sup = self._sup()
+        self.pump()
+        with sup.lock:
+            kids = {f"w{c.worker_no}": c for c in sup.children.values()}
+        return kids.get(tid)
+
+    def _point(self, req: dict[str, Any]) -> str | None:
+        at = req.get("at")
+        if at is None:
+            return None
+        if not isinstance(at, str) or at not in killpoints.POINTS:
+            raise ScriptError(f"unknown kill point {at!r} (m.kill_points() / 'uksm task points' "
+                              f"list them)", "value", EXIT_USAGE)
+        if at in killpoints.KSMD_POINTS:
+            raise ScriptError(f"{at} is a point in ksmd, not in a task: arm it with "
+                              f"m.arm({at!r}) (ksmd then kills the owner of the mm it is in)",
+                              "value", EXIT_USAGE)
+        return at
+
+    def do_task_kill(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Kill a task now, or (``at``) drive it to a kill point and let it
+        die there; answer once its death is recovered and its exit run."""
+        signame = self._signal(req)
+        at = self._point(req)
+        ch = self._builtin(req)
+        if ch is not None:
+            return self._kill_builtin(ch, signame, at)
+        tc = self._task(req)
+        sup = self._sup()
+        cl, q = sup.cl, sup.cl.q
+        if at is None:
+            self.do_kill({"workers": [tc.tid], "signal": signame})
+        else:
+            tb = cl.tbase(tc.child.row)
+            killpoints.arm_worker(cl, tc.child.row, at, SIGNALS[signame])
+            self._log.info("inject_kill", target_pid=tc.child.proc.pid, mm=tc.child.mm,
+                           signal=signame, mode="point")
+            try:
+                ans = self._command(tc, {"cmd": "drive", "point": at}, f"drive to {at}")
+            except ScriptError as e:
+                if e.kind != "died":
+                    if not tc.gone:
+                        killpoints.disarm_worker(cl, tc.child.row)
+                    raise ScriptError(f"kill point {at} was not reached: {e}",
+                                      "not_reached" if e.kind == "not_reached" else e.kind, e.status)
+                ans = {"died": True}
+            if ans.get("exited"):  # an exit point, but the exit went another way
+                tc.extra.update(exited=True, path=ans["path"])
+                self._wait_finished(tc, f"task {tc.tid}'s exit")
+                tc.gone = self._how(tc)
+                raise ScriptError(f"kill point {at} was not reached: the task exited through "
+                                  f"the {ans['path']} path of __ksm_exit instead (it is gone)",
+                                  "not_reached")
+            if not ans.get("died"):
+                if q[tb + T_KILL_POINT] == killpoints.INDEX[at]:
+                    killpoints.disarm_worker(cl, tc.child.row)
+                    raise ScriptError(f"kill point {at} was not reached", "not_reached")
+        self._wait_finished(tc, f"task {tc.tid}'s death")
+        tc.gone = self._how(tc)
+        return {"task": tc.tid, "signal": signame, "at": at, "returncode": tc.child.proc.returncode,
+                "path": tc.extra["path"], "result": tc.gone}
+
+    def _kill_builtin(self, ch: "Child", signame: str, at: str | None) -> dict[str, Any]:
+        """A built-in worker (it takes no commands): killed now, or at a
+        point its own work (churn) or its exit (a SIGTERM first) passes."""
+        sup = self._sup()
+        cl, q = sup.cl, sup.cl.q
+        tid, tb = f"w{ch.worker_no}", cl.tbase(ch.row)
+        if at is None:
+            self.do_kill({"workers": [tid], "signal": signame})
+        else:
+            if at == "ksm_enter_locked":
+                raise ScriptError(f"kill point {at} was not reached: worker {tid} is past its "
+                                  f"__ksm_enter (use a task made with mergeable=False)", "not_reached")
+            hits = cl.kill_points_hit()
+            killpoints.arm_worker(cl, ch.row, at, SIGNALS[signame])
+            self._log.info("inject_kill", target_pid=ch.proc.pid, mm=ch.mm, signal=signame,
+                           mode="point")
+            if at in EXIT_POINTS:
+                try:
+                    ch.proc.send_signal(signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+            self.wait_until(lambda: cl.kill_points_hit() != hits or ch.proc.poll() is not None,
+                            POINT_WAIT_S, f"worker {tid} to reach {at}")
+            # hit() disarms the point and counts it as it fires (a reaper
+            # also clears the row's point: the count says whether it fired)
+            if cl.kill_points_hit() == hits:
+                if ch.proc.poll() is None:
+                    killpoints.disarm_worker(cl, ch.row)
+                    raise ScriptError(f"kill point {at} was not reached: worker {tid} did not "
+                                      f"pass it within {POINT_WAIT_S:.0f}s (is it churning? "
+                                      f"--churn-ms)", "not_reached")
+                self.wait_until(lambda: self.finished(ch), EXIT_WAIT_S, f"worker {tid}'s exit")
+                raise ScriptError(f"kill point {at} was not reached: worker {tid} exited without "
+                                  f"passing it (its exit went another way)", "not_reached")
+        if not self.wait_until(lambda: self.finished(ch), EXIT_WAIT_S, f"worker {tid}'s exit"):
+            raise ScriptError(f"worker {tid}: its exit did not finish within {EXIT_WAIT_S:.0f}s",
+                              "timeout")
+        return {"task": tid, "signal": signame, "at": at, "returncode": ch.proc.returncode,
+                "path": EXIT_PATHS[q[tb + T_EXIT_PATH]], "result": "killed"}
+
+    def do_arm(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Arm a kill point: in ksmd (kills the owner of the mm it is in, or
+        with delay_ms stops there that long), or in a task's row."""
+        point = req.get("point")
+        if not isinstance(point, str) or point not in killpoints.POINTS:
+            raise ScriptError(f"unknown kill point {point!r}", "value", EXIT_USAGE)
+        cl = self._sup().cl
+        delay = req.get("delay_ms")
+        if point in killpoints.KSMD_POINTS:
+            if req.get("task") is not None:
+                raise ScriptError(f"{point} is a ksmd point: it takes no task", "value", EXIT_USAGE)
+            if delay is not None:
+                killpoints.arm_ksmd_delay(cl, point, _int(req, "delay_ms", 1, 60_000, "delay_ms"))
+            else:
+                killpoints.arm_ksmd(cl, point, SIGNALS[self._signal(req)])
+            return {"armed": point, "where": "ksmd"}
+        if delay is not None:
+            raise ScriptError(f"{point}: delays exist only at ksmd points", "value", EXIT_USAGE)
+        if req.get("task") is None:
+            raise ScriptError(f"{point} is a task point: say which task (t.arm(...))", "value",
+                              EXIT_USAGE)
+        ch = self._any_worker(req)
+        killpoints.arm_worker(cl, ch.row, point, SIGNALS[self._signal(req)])
+        return {"armed": point, "where": f"w{ch.worker_no}"}
+
+    def do_disarm(self, req: dict[str, Any]) -> dict[str, Any]:
+        cl = self._sup().cl
+        if req.get("task") is not None:
+            ch = self._any_worker(req)
+            killpoints.disarm_worker(cl, ch.row)
+            return {"disarmed": f"w{ch.worker_no}"}
+        cl.q[H_KSMD_POINT] = -1
+        return {"disarmed": "ksmd"}
+
+    def do_cursor(self, _req: dict[str, Any]) -> dict[str, Any]:
+        """ksm_scan.mm_slot: the task whose mm ksmd's cursor is in."""
+        sup = self._sup()
+        cl, q = sup.cl, sup.cl.q
+        slot = q[L_SCAN_SLOT]
+        if slot == cl.head:
+            return {"task": None, "mm": 0}
+        mm_id = q[cl.mbase(slot) + M_ID]
+        with sup.lock:
+            ch = next((c for c in sup.children.values() if c.mm == mm_id), None)
+        return {"task": f"w{ch.worker_no}" if ch is not None else None, "mm": mm_id}
+
+    def close_tasks(self) -> None:
+        for tc in self.tasks.values():
+            try:
+                tc.sock.close()
+            except OSError:
+                pass
+
+
+__all__ = ["ScriptOps", "ScriptError", "TaskChan", "ADVICE", "SIGNALS"]
