@@ -467,9 +467,15 @@ def run_cli(pages: int, distinct: int, workers: int, pages_to_scan: int, sleep_m
     if p.returncode != 0:
         raise RuntimeError(f"uksm run exited with status {p.returncode}: "
                            f"{(p.stderr.strip().splitlines() or ['?'])[-1]}")
-    return {"e2e_s": round(dt, 3), "cli_duration_s": rep.get("duration_s"),
-            "pages_shared": rep.get("pages_shared"), "pages_sharing": rep.get("pages_sharing"),
-            "fsck": rep.get("fsck")}
+    ksm = rep.get("ksm") or {}
+    res = {"e2e_s": round(dt, 3), "cli_duration_s": rep.get("duration_s"),
+           "pages_shared": ksm.get("pages_shared"), "pages_sharing": ksm.get("pages_sharing"),
+           "fsck": rep.get("fsck")}
+    want = expected_counts(per * workers, distinct, [per])
+    if (res["pages_shared"], res["pages_sharing"]) != want:
+        raise RuntimeError(f"uksm run ended unmerged: shared {res['pages_shared']} sharing "
+                           f"{res['pages_sharing']}, expected {want[0]} and {want[1]}")
+    return res
 
 
 # ---- goals (issue 14) -------------------------------------------------------------
