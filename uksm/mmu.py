@@ -179,6 +179,24 @@ class MMU:
         if addr < 0:
             raise SegFault(f"segfault at {addr:#x}")
         task, ptl, pq, pool = self.cl.task, self.mm.ptl, self.pq, self.pool
+        n = len(data)
+        off = addr & (PAGE_SIZE - 1)
+        if 0 < n <= PAGE_SIZE - off:
+            # fast path: within one page that is mapped writable -- the same
+            # pte lock hold across the copy as the loop below, without its
+            # bookkeeping (a one-page write has no kill point inside).
+            # Anything else (a fault, the end of the address space) falls
+            # through to the loop, which looks at the PTE again.
+            vpn = addr >> PAGE_SHIFT
+            task.lock(ptl)
+            try:
+                pte = pq[PT_OFF + vpn] if vpn < self.cl.va_pages else 0
+                if pte & PW == PW:
+                    p = (pte >> 2) * PAGE_SIZE + off
+                    pool[p:p + n] = data
+                    return
+            finally:
+                task.unlock(ptl)
         mv = memoryview(data)
         done, n = 0, len(mv)
         task.lock(ptl)
