@@ -17,7 +17,7 @@ from helpers import ROOT, run_group
 from uksm import shm
 from uksm.tools import bench_ksm, bench_mmu, bench_scale
 
-GOAL = re.compile(r"^goal (\d): (.+): .*target ([<>]=) ([\d.]+): (met|NOT met|not measured)$", re.M)
+GOAL = re.compile(r"^goal (\d): (.+): .*target ([<>]=) ([\d.]+): (met|NOT met|not measured)(?:;.*)?$", re.M)
 
 
 def tool(name: str, *args: str, timeout: float = 40) -> tuple[str, str]:
@@ -109,15 +109,19 @@ def test_bench_mmu_tiny_prints_goal_3():
     out, _err = tool("bench_mmu.py", "--pages", "16", "--seconds", "0.05", "--procs", "1")
     goals = GOAL.findall(out)
     assert [(g[0], g[2], g[3]) for g in goals] == [("3", "<=", "3"), ("3", "<=", "5")], out
-    assert re.search(r"^goal 3: first-touch fault \(us, per process\): [\d.]+ \(1 process\)", out, re.M)
+    assert re.search(r"^goal 3: first-touch fault \(us, per process\): [\d.]+ \(1 process\), "
+                     r"target <= 5: (NOT )?met; the host kernel's own anonymous first write: [\d.]+ us$",
+                     out, re.M), out
+    assert re.search(r"^ +1  kfault ", out, re.M)
     assert re.search(r"^ +1  write .*x$", out, re.M)
 
 
 def test_bench_mmu_goals_pick_one_process():
-    rows = [{"procs": p, "ratio_write": 2.0 * p, "faults_per_s": {"per_proc": 1e5 / p}}
-            for p in (2, 1, 4)]
+    rows = [{"procs": p, "ratio_write": 2.0 * p, "faults_per_s": {"per_proc": 1e5 / p},
+             "anon_faults_per_s": {"per_proc": 5e5}} for p in (2, 1, 4)]
     g = bench_mmu.goals(rows)
     assert [x["value"] for x in g] == [2.0, 10.0] and [x["met"] for x in g] == [True, False]
+    assert g[1]["kernel_anon_us"] == 2.0
 
 
 @pytest.mark.timeout(60)
