@@ -129,8 +129,10 @@ def test_bench_scale_tiny_prints_goal_4():
     out, _err = tool("bench_scale.py", "--pages", "300,1500", "--workers", "2", "--distinct", "5",
                      "--sample", "0.05")
     goals = GOAL.findall(out)
-    assert [(g[0], g[2], g[3]) for g in goals] == [("4", "<=", "200"), ("4", "<=", "5.5")], out
-    rows = re.findall(r"^ +([\d,]+) +[\d.]+ +([\d.]+) +([\d.]+) +([\d.]+) +(-?\d+) ", out, re.M)
+    assert [(g[0], g[2], g[3]) for g in goals][:2] == [("4", "<=", "200"), ("4", "<=", "5.5")], out
+    assert len(goals) in (2, 3), out  # the CPU-time ratio when ksmd used measurable CPU at both sizes
+    rows = re.findall(r"^ +([\d,]+) +[\d.]+ +([\d.]+) +(?:[\d.]+|-) +([\d.]+) +([\d.]+) +(-?\d+) ",
+                      out, re.M)
     assert [r[0] for r in rows] == ["300", "1,500"], out
     for _n, merge_s, idle, peak, _bpp in rows:
         assert float(merge_s) > 0 and float(peak) >= float(idle) > 1  # an interpreter's worth
@@ -151,10 +153,11 @@ def test_bench_scale_private_bytes_of_this_process():
 
 
 def test_bench_scale_goals():
-    rs = [{"pages": 1000, "merge_s": 1.0, "bytes_per_page": 500.0},
-          {"pages": 5000, "merge_s": 5.4, "bytes_per_page": 150.0}, {"pages": 9000, "error": "x"}]
+    rs = [{"pages": 1000, "merge_s": 1.0, "bytes_per_page": 500.0, "ksmd_cpu_s": 0.5},
+          {"pages": 5000, "merge_s": 5.4, "bytes_per_page": 150.0, "ksmd_cpu_s": 3.0},
+          {"pages": 9000, "error": "x"}]
     g = bench_scale.goals(rs)
-    assert [(x["value"], x["met"]) for x in g] == [(150.0, True), (5.4, True)]
+    assert [(x["value"], x["met"]) for x in g] == [(150.0, True), (5.4, True), (6.0, False)]
     assert g[1]["target"] == "<= 5.5"
     rs[1]["merge_s"] = 6.0
     assert bench_scale.goals(rs)[1]["met"] is False
