@@ -2,11 +2,25 @@
 objects (a leak fails the test that caused it), and has a timeout
 (pytest-timeout, default in pyproject.toml) so a deadlock fails fast.
 
-Only what this test session started counts: processes carry the
-UKSM_TEST_SESSION marker in their environment (inherited from here), and a
-cluster's objects belong to the session when its supervisor is this
-process, a marked one, or dead.  So clusters other people run on the same
-machine meanwhile are not blamed on a test."""
+Only what this test session started counts, whatever its paths (a ksmd
+started with ``--log-dir`` under pytest's ``tmp_path`` has "pytest" in its
+command line and is still ours):
+
+- a process is the session's when its environment carries the
+  UKSM_TEST_SESSION marker of this session (inherited by everything a test
+  starts; a nested pytest run extends it, ``OUTER/INNER``, so its processes
+  are the outer session's too), or when its command line names
+  (``--cluster NAME``) a cluster of this session;
+- a cluster is the session's when its supervisor is this process or a
+  marked one, or a marked process names it; a cluster whose live
+  supervisor is someone else's, or that only someone else's processes
+  name, is foreign: clusters other people run on the same machine meanwhile
+  are not blamed on a test, and never touched.
+
+On a leak the fixture SIGKILLs the leaked processes first and waits until
+they are gone, then unlinks the objects of the leaking clusters (never
+those of a cluster with a process still running: it could be using them),
+then fails the test."""
 from __future__ import annotations
 
 import os
@@ -17,99 +31,133 @@ import pytest
 
 from uksm import shm
 
-MARK = f"UKSM_TEST_SESSION={os.getpid()}"
-os.environ["UKSM_TEST_SESSION"] = str(os.getpid())
-MARKERS = ("uksm.ksmd", "uksm.workers.worker", "uksm.daemon", "-m uksm", "bin/uksm")
+_OUTER = os.environ.get("UKSM_TEST_SESSION", "")
+SESSION = f"{_OUTER}/{os.getpid()}" if _OUTER else str(os.getpid())
+os.environ["UKSM_TEST_SESSION"] = SESSION
+SETTLE_S = 5.0     # processes and objects may take this long to go after a test
+KILL_WAIT_S = 5.0  # a SIGKILLed process is gone (or a zombie) within this
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _marker(pid: int) -> str | None:
+    try:
+        env = _read(f"/proc/{pid}/environ").split(b"\0")
+    except OSError:
+        return None
+    for kv in env:
+        if kv.startswith(b"UKSM_TEST_SESSION="):
+            return kv.split(b"=", 1)[1].decode(errors="replace")
+    return None
 
 
 def _mine(pid: int) -> bool:
+    """This process, or one whose environment carries this session's
+    marker (or a nested session's)."""
     if pid == os.getpid():
         return True
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            return MARK.encode() in f.read().split(b"\0")
-    except OSError:
-        return False
+    m = _marker(pid)
+    return m is not None and (m == SESSION or m.startswith(SESSION + "/"))
 
 
-def uksm_processes() -> dict[int, str]:
-    """Live uksm processes started by this test session (by command line)."""
+def _processes() -> dict[tuple[int, str], str]:
+    """Every live (not zombie) process but this one: (pid, start time) ->
+    command line.  The start time tells a reused pid from the old one."""
     out = {}
     me = os.getpid()
     for d in os.listdir("/proc"):
         if not d.isdigit() or int(d) == me:
             continue
         try:
-            with open(f"/proc/{d}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
-            with open(f"/proc/{d}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
+            cmd = _read(f"/proc/{d}/cmdline").replace(b"\0", b" ").decode(errors="replace")
+            stat = _read(f"/proc/{d}/stat").decode(errors="replace").rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if state == "Z" or "pytest" in cmd or not any(m in cmd for m in MARKERS):
+        if stat[0] in ("Z", "X"):
             continue
-        if _mine(int(d)):
-            out[int(d)] = cmd.strip()
+        out[(int(d), stat[19])] = cmd.strip()
     return out
+
+
+def _names_cluster(cmd: str, cluster: str) -> bool:
+    return f"--cluster {cluster} " in cmd + " "
 
 
 def _cluster(obj: str) -> str:
     return (obj[4:] if obj.startswith("sem.") else obj).split(".")[1]
 
 
-def _foreign(cluster: str, others: dict[int, str]) -> bool:
-    """A cluster whose live supervisor is not of this session, or that a
-    live process of someone else's names."""
+def _supervisor_pid(cluster: str) -> int:
     from uksm.cli import supervisor_pid
+    return supervisor_pid(cluster)
+
+
+def session_processes(procs: dict[tuple[int, str], str], clusters: set[str]) -> dict[tuple[int, str], str]:
+    """The session's processes among ``procs``: marked, or naming one of
+    the session's ``clusters``."""
+    return {k: c for k, c in procs.items()
+            if _mine(k[0]) or any(_names_cluster(c, n) for n in clusters)}
+
+
+def classify(clusters: set[str], procs: dict[tuple[int, str], str]) -> tuple[set[str], set[str]]:
+    """Split cluster names into (the session's, foreign)."""
     from uksm.cluster import pid_alive
-    pid = supervisor_pid(cluster)
-    if pid and pid_alive(pid):
-        return not _mine(pid)
-    return any(f"--cluster {cluster} " in cmd + " " for cmd in others.values())
+    mine, foreign = set(), set()
+    for name in clusters:
+        sup = _supervisor_pid(name)
+        naming = [k for k, c in procs.items() if _names_cluster(c, name)]
+        if sup and pid_alive(sup):
+            ours = _mine(sup)
+        elif any(_mine(k[0]) for k in naming):
+            ours = True
+        else:
+            ours = not naming   # dead supervisor, nobody at all uses it: left behind by us
+        (mine if ours else foreign).add(name)
+    return mine, foreign
 
 
-def _all_uksm_processes() -> dict[int, str]:
-    out = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
+def _kill_and_wait(keys: list[tuple[int, str]]) -> list[tuple[int, str]]:
+    """SIGKILL, then wait until each is gone or a zombie; returns those
+    still running after KILL_WAIT_S."""
+    for pid, _st in keys:
         try:
-            with open(f"/proc/{d}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if "uksm" in cmd and not _mine(int(d)):
-            out[int(d)] = cmd
-    return out
-
-
-def session_objects(before: set[str]) -> list[str]:
-    new = sorted(set(shm.leftovers()) - before)
-    others = _all_uksm_processes() if new else {}
-    foreign = {c for c in {_cluster(o) for o in new} if _foreign(c, others)}
-    return [o for o in new if _cluster(o) not in foreign]
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    end = time.monotonic() + KILL_WAIT_S
+    while True:
+        now = _processes()
+        left = [k for k in keys if k in now]
+        if not left or time.monotonic() > end:
+            return left
+        time.sleep(0.02)
 
 
 @pytest.fixture(autouse=True)
 def no_leaks():
     """Fail the test if it leaves a uksm process or a POSIX object behind."""
     shm_before = set(shm.leftovers())
-    procs_before = set(uksm_processes())
+    procs_before = set(_processes())
     yield
-    deadline = time.monotonic() + 5.0
+    deadline = time.monotonic() + SETTLE_S
     while True:
-        procs = {p: c for p, c in uksm_processes().items() if p not in procs_before}
-        objs = session_objects(shm_before)
+        objs = sorted(set(shm.leftovers()) - shm_before)
+        all_procs = {k: c for k, c in _processes().items() if k not in procs_before}
+        mine, foreign = classify({_cluster(o) for o in objs}, _processes())
+        objs = [o for o in objs if _cluster(o) not in foreign]
+        procs = session_processes(all_procs, mine)
         if (not procs and not objs) or time.monotonic() > deadline:
             break
         time.sleep(0.05)
-    for p in procs:
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    for name in {_cluster(o) for o in objs}:
+    still = _kill_and_wait(list(procs))
+    for name in sorted(mine):
+        running = [k for k, c in _processes().items() if _names_cluster(c, name)]
+        if running:   # never pull the memory from under a running process
+            continue
         shm.remove_all(name)
     if procs or objs:
-        pytest.fail(f"test leaked processes {sorted(procs.values())} and/or POSIX objects {objs}",
-                    pytrace=False)
+        pytest.fail(f"test leaked processes {sorted(procs.values())} and/or POSIX objects {objs}"
+                    + (f"; still running after SIGKILL: {still}" if still else ""), pytrace=False)

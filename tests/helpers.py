@@ -30,7 +30,7 @@ def run_group(argv: list[str], timeout: float) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(argv, p.returncode, out, err)
 
 
-def uksm(*args: str, timeout: float = 120, check: bool = False) -> subprocess.CompletedProcess:
+def uksm(*args: str, timeout: float = 100, check: bool = False) -> subprocess.CompletedProcess:
     """Run ``uksm ARGS`` as a user would (python -m uksm), capture output."""
     p = run_group([sys.executable, "-m", "uksm", *args], timeout)
     if check and p.returncode != 0:
@@ -38,7 +38,7 @@ def uksm(*args: str, timeout: float = 120, check: bool = False) -> subprocess.Co
     return p
 
 
-def run_json(*args: str, timeout: float = 120) -> tuple[dict[str, Any], int]:
+def run_json(*args: str, timeout: float = 100) -> tuple[dict[str, Any], int]:
     p = uksm("run", "--json", *args, timeout=timeout)
     try:
         return json.loads(p.stdout), p.returncode

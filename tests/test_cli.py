@@ -4,6 +4,7 @@ after a crashed run, the default demonstration."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -221,3 +222,31 @@ def test_default_run_ends_by_itself_and_saves_memory(tmp_path) -> None:
     # rmap_items (slow); the rest at the end (slow, or no slot left)
     w = r["workers"]
     assert w["exit_fast"] >= 1 and w["exit_slow"] >= 1, w
+
+
+@pytest.mark.timeout(100)
+def test_readme_first_command_prints_its_report(tmp_path) -> None:
+    """The README's first command as a user sees it: the plain-text report,
+    line by line (the JSON one: the test above)."""
+    p = uksm("run", "--log-dir", str(tmp_path), timeout=90)
+    assert p.returncode == 0, p.stdout + p.stderr
+    out = p.stdout
+    m = re.match(r"cluster (\S+)  workload vm  ([\d.]+)s  exit policy seed  oom rule \S+\n", out)
+    assert m and float(m.group(2)) < 60, out
+    ksm = dict(re.findall(r"(\w+) (\d+)", "".join(out.splitlines(True)[1:3])))
+    assert set(ksm) == {"run", "full_scans", "pages_scanned", "pages_shared", "pages_sharing",
+                        "pages_unshared", "pages_volatile"}, out
+    assert ksm["run"] == "1" and int(ksm["pages_sharing"]) > 0 and int(ksm["full_scans"]) >= 2
+    mem = re.search(r"^  memory   frames used (\d+) of (\d+); pool resident [\d.]+ MiB; saved by merging "
+                    r"(\d+) pages = [\d.]+ MiB$", out, re.M)
+    assert mem and int(mem.group(3)) == int(ksm["pages_sharing"]), out
+    w = re.search(r"^  workers  started (\d+)  exited (\d+)  __ksm_exit: fast (\d+)  slow (\d+)"
+                  r"(  no slot (left )?\d+ \([^)]*\))?  killed 0  oom_killed 0$", out, re.M)
+    assert w and w.group(1) == w.group(2) and int(w.group(3)) >= 1 and int(w.group(4)) >= 1, out
+    assert re.search(r"^           \(fast: .*slow: .*no slot: .*\)$", out, re.M), out
+    assert int(mem.group(1)) < int(w.group(1)) * 1024  # memory saved
+    assert re.search(rf"^  data     {int(w.group(1)) * 1024} pages verified, 0 mismatches$", out, re.M), out
+    assert re.search(r"^  fsck     clean$", out, re.M), out
+    assert re.search(rf"^  leftover POSIX objects: 0  logs: {re.escape(str(tmp_path))}$", out, re.M), out
+    assert "HUNG" not in out and "  error " not in out
+    assert shm.leftovers(m.group(1)) == []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import signal
 
 import pytest
@@ -19,6 +20,9 @@ from uksm import killpoints, shm
 from uksm.layout import (H_KSMD_POINT, K_FULL_SCANS, M_ID,
                          M_RMAP_ITEMS, M_SLOT_RMAP, M_SLOT_USED, S_EXIT_FAST, S_EXIT_SLOW,
                          S_MISMATCHES, T_READY)
+
+# cluster names are per test session: two runs of the suite at once never collide
+PID = os.getpid() % 100000
 
 
 def mm_objects(name: str, mm_id: int) -> list[str]:
@@ -49,7 +53,7 @@ def finish(sup) -> dict:
 def test_fast_path_when_ksmd_is_stopped(rep):
     """run=0: no rmap_items, not at the cursor: the exiting task frees its
     slot itself (fast path) and its address space is gone at once."""
-    name = f"tfast{rep}"
+    name = f"tfast{rep}p{PID}"
     with uksm.Machine(name=name, run=0, frames=1024, max_pages=64) as m:
         t = m.task(pages=64)
         t.fill(0x40 + rep)
@@ -66,7 +70,7 @@ def test_fast_path_when_ksmd_is_stopped(rep):
 def test_slow_path_leaves_the_slot_to_ksmd(rep, tmp_path):
     """ksmd holds rmap_items for the mm: slow path; the mm outlives its task
     until ksmd frees the slot and drops the last mm_count."""
-    name = f"tslow{rep}"
+    name = f"tslow{rep}p{PID}"
     with booted(name, str(tmp_path), run=1, frames=1024, va_pages=256, pages_to_scan=1000,
                 sleep_ms=1) as sup:
         q = sup.cl.q
@@ -103,7 +107,7 @@ def test_slow_path_leaves_the_slot_to_ksmd(rep, tmp_path):
 def test_exit_while_ksmd_is_inside_the_mm(point, sig):
     """ksmd signals the owner while it is merging or breaking COW in its mm:
     no deadlock, no leak, the other workers' data intact."""
-    name = "tinside"
+    name = f"tinside{PID}"
     with booted(name, run=1, frames=2048, va_pages=300, pages_to_scan=500, sleep_ms=2) as sup:
         q = sup.cl.q
         kids = [sup.spawn_worker(128, "dup:8", 1, churn_ms=5) for _ in range(3)]
@@ -177,7 +181,7 @@ def test_hazard_no_fast_path_leaks_the_mm(hazard, expect_ok, tmp_path):
     args = ["--run", "0", "--workers", "2", "--pages", "32", "--log-dir", str(tmp_path)]
     if hazard:
         args += ["--hazard", hazard]
-    r, status = run_json(*args)
+    r, status = run_json(*args, timeout=80)
     assert r["ipc_leftovers"] == []
     if expect_ok:
         assert status == 0 and r["fsck"]["ok"] and r["workers"]["exit_fast"] == 2
@@ -196,7 +200,7 @@ def test_hazard_no_exit_checks_leaks_a_frame(hazards, leak, rep):
     seed's ksm_test_exit check the fault installs nothing; without it, it
     reinstates a page that the page-table teardown then loses: fsck finds
     the leaked frame."""
-    name = f"thz{rep}"
+    name = f"thz{rep}p{PID}"
     with booted(name, run=1, frames=1024, va_pages=256, pages_to_scan=1000, sleep_ms=1,
                 hazards=hazards) as sup:
         q = sup.cl.q
@@ -222,7 +226,7 @@ def test_main_loop_blocked_on_a_dead_tasks_lock_recovers():
     and the supervisor's main thread then needs that lock (creating the
     next address space) without ever polling: the death must still be
     noticed and recovered, or this deadlocks."""
-    name = "tdeadlist"
+    name = f"tdeadlist{PID}"
     with booted(name, run=1, frames=1024, va_pages=256, pages_to_scan=500, sleep_ms=2) as sup:
         ch = sup.spawn_worker(32, "dup:4", 1, kill_point="ksm_enter_locked",
                               kill_sig=signal.SIGKILL)

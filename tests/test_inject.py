@@ -11,9 +11,48 @@ import pytest
 
 from helpers import ROOT, run_group
 from uksm import killpoints
+from uksm.logs import iter_events
+
+# The locks a worker holds at each of its kill points (lock classes, as in
+# uksm.layout.LOCK_CLASSES): a SIGKILL there must be followed by the lock
+# recovery of exactly these, and none for a point outside every lock -- a
+# point moved out of (or into) a lock would no longer test what its
+# description claims.  A page fault runs under mmap_sem for read (as
+# do_page_fault's down_read), so does MADV_DONTNEED (madvise_need_mmap_write
+# is false for it); a writer of mmap_sem holds mmap_wmutex too.
+W = {"mmap_wmutex", "mmap_sem"}
+HELD_AT = {
+    "fault_after_alloc": {"mmap_sem"},
+    "cow_after_copy": {"mmap_sem"},
+    "zone_lock_held": {"mmap_sem", "pte_lock", "zone_lock"},
+    "pte_lock_held": {"pte_lock"},
+    "madvise_mmap_sem_write": W,
+    "ksm_enter_locked": W | {"ksm_mmlist_lock"},
+    "ksm_exit_before_down_write": set(),
+    "ksm_exit_mmap_sem_write": W,
+    "exit_mid_zap": set(),
+}
 
 
-def inject(*args: str, timeout: float = 240) -> tuple[dict, int]:
+def recovered_locks(log_dir) -> dict[int, set[str]]:
+    """Per SIGKILLed process (its ``recovery`` event, status -9; a task that
+    ended on SIGTERM at shutdown is recovered too): the lock classes the
+    supervisor recovered from it (``lock_recovery`` events)."""
+    victims: dict[int, set[str]] = {}
+    recs: list[tuple[list[int], str]] = []
+    for e in iter_events(log_dir):
+        if e["event"] == "recovery" and e.get("status") == -9:
+            victims.setdefault(e["dead_pid"], set())
+        elif e["event"] == "lock_recovery":
+            recs.append((e["dead_pid"], e["lock"].split(":")[0]))
+    for pids, lock in recs:
+        for p in pids:
+            if p in victims:
+                victims[p].add(lock)
+    return victims
+
+
+def inject(*args: str, timeout: float = 200) -> tuple[dict, int]:
     p = run_group([sys.executable, "-m", "uksm", "inject", "--json", "--quiet", *args], timeout)
     try:
         return json.loads(p.stdout), p.returncode
@@ -43,6 +82,13 @@ def test_every_kill_point(point, sig, tmp_path):
     assert r["inject"]["kill_points_hit"] >= 2
     if sig == "KILL":
         assert r["workers"]["reaped"] >= 1 and r["inject"]["recoveries"] >= 1
+    else:   # each victim exits through its own exit path, releasing what it holds
+        assert r["inject"]["lock_recoveries"] == 0, r["inject"]
+    if sig == "KILL" and point in HELD_AT:
+        victims = recovered_locks(tmp_path)
+        assert len(victims) >= 2, victims
+        for pid, locks in victims.items():
+            assert locks == HELD_AT[point], (point, pid, locks)
 
 
 @pytest.mark.timeout(300)

@@ -4,6 +4,7 @@ and the cluster still stops cleanly and leaves nothing behind; the report
 says what happened."""
 from __future__ import annotations
 
+import os
 import signal
 
 import pytest
@@ -12,11 +13,14 @@ from helpers import booted, pump
 from uksm import shm
 from uksm.layout import T_READY
 
+# cluster names are per test session: two runs of the suite at once never collide
+PID = os.getpid() % 100000
+
 
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("rep", range(3))
 def test_ksmd_killed_cluster_still_tears_down(rep):
-    name = f"tksmdkill{rep}"
+    name = f"tksmdkill{rep}p{PID}"
     with booted(name, run=1, frames=1024, va_pages=256, pages_to_scan=1000, sleep_ms=1) as sup:
         kids = [sup.spawn_worker(64, "dup:4", 1) for _ in range(2)]
         pump(sup, lambda: all(sup.cl.q[sup.cl.tbase(c.row) + T_READY] for c in kids), what="ready")

@@ -434,7 +434,7 @@ def test_unwritable_log_dir_fails_in_one_line(tmp_path) -> None:
     ro = tmp_path / "ro"
     ro.mkdir()
     p = in_private_shm(f"mount -t tmpfs -o ro tmpfs {ro}\n"
-                       f"$PY -m uksm run --cluster tlcro --log-dir {ro} --quiet; echo status $?")
+                       f"$PY -m uksm run --cluster tlcro --log-dir {ro} --quiet; echo status $?", timeout=50)
     assert "status 2" in p.stdout and p.stdout.endswith("left 0\n"), (p.stdout, p.stderr)
     assert p.stderr.strip().count("\n") == 0 and "cannot write there" in p.stderr, p.stderr
 

@@ -35,7 +35,7 @@ def agree(r: dict, s: dict) -> None:
 @pytest.mark.timeout(120)
 def test_summary_agrees_with_run(tmp_path):
     r, status = run_json("--workers", "3", "--pages", "128", "--pages-to-scan", "1000",
-                         "--sleep-ms", "2", "--log-dir", str(tmp_path))
+                         "--sleep-ms", "2", "--log-dir", str(tmp_path), timeout=100)
     assert status == 0
     s = summary(tmp_path)
     agree(r, s)
@@ -68,7 +68,8 @@ def test_check_catches_violations_planted_in_a_real_log(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     r, status = run_json("--workers", "2", "--pages", "64", "--workload", "identical",
-                         "--pages-to-scan", "1000", "--sleep-ms", "2", "--log-dir", str(run_dir))
+                         "--pages-to-scan", "1000", "--sleep-ms", "2", "--log-dir", str(run_dir),
+                         timeout=100)
     assert status == 0 and check(run_dir)[0] == 0
     events = [json.loads(line) for f in run_dir.glob("*.jsonl") for line in f.open()]
     begin = next(e for e in events if e["event"] == "mm_exit_begin")

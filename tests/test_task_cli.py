@@ -44,6 +44,6 @@ def test_shell_verbs_drive_tasks_like_the_api(tmp_path):
         assert p.returncode == 1 and "timed out after 0.5s waiting for merging" in p.stderr
         assert "cow_after_copy" in uksm("task", "points", check=True).stdout
     finally:
-        down = uksm("down", *c, timeout=120)
+        down = uksm("down", *c, timeout=100)
     assert down.returncode == 0, down.stdout + down.stderr
     assert "0 mismatches" in down.stdout

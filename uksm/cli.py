@@ -10,7 +10,7 @@ import json
 import os
 import signal
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from . import shm
 from .layout import EXIT_POLICIES, HAZARDS, OOM_RULES
@@ -23,6 +23,16 @@ STOP_HELP = ("SIGTERM, SIGHUP or SIGINT stops it in order (workers exit, ksmd fr
              "teardown; the report says 'interrupted', status 128+N); a second one kills every "
              "process at once and still removes every object. Its ksmd and workers die with it, "
              "whatever kills it.")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's own usage errors as the CLI promises them: one line,
+    ``uksm CMD: error: ...`` and where to read more, status 2 (argparse's
+    default prints the whole usage block first).  Subparsers inherit the
+    class (add_subparsers' parser_class defaults to the parent's type)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
 def _run_args(p: argparse.ArgumentParser, defaults_for_run: bool = True) -> None:
@@ -57,7 +67,7 @@ def _run_args(p: argparse.ArgumentParser, defaults_for_run: bool = True) -> None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = OneLineParser(
         prog="uksm",
         description="uksm: a userspace emulator of Linux KSM (mm/ksm.c). Worker processes live in "
                     "POSIX shared memory through an emulated MMU; ksmd merges their identical pages.",

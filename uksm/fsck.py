@@ -215,14 +215,22 @@ def check_mm_rows(cl: "Cluster") -> list[str]:
     q = cl.q
     errs = []
     linked = slots(cl)
-    if len(linked) > cl.max_mms:
+    # the back links along the list, each slot once: a cycle is one error
+    # (not one per turn of the walk), and has no last slot for the head.
+    # slots() stops after max_mms + 1 steps, so a cycle repeats a slot.
+    cycle = len(set(linked)) != len(linked)
+    if cycle:
         errs.append("mm_slot list does not end (a cycle)")
     prev = cl.head
-    for s in linked[:cl.max_mms]:
+    seen: set[int] = set()
+    for s in linked:
+        if s in seen:
+            break
+        seen.add(s)
         if slot_prev(cl, s) != prev:
             errs.append(f"mm_slot list: slot {s} has a wrong back link")
         prev = s
-    if slot_prev(cl, cl.head) != prev:
+    if not cycle and slot_prev(cl, cl.head) != prev:
         errs.append("mm_slot list: ksm_mm_head has a wrong back link")
     for r in range(cl.max_mms):
         b = cl.mbase(r)

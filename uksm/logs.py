@@ -806,7 +806,8 @@ def _dump_json(obj: Any, out: TextIO) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from .cli import OneLineParser
+    parser = OneLineParser(
         prog="uksm logs",
         description=(
             "Read a uksm run's log folder (one <role>-<pid>.jsonl file per process, "
@@ -817,7 +818,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Event names and fields: docs/EVENTS.md. Examples with jq and DuckDB: docs/LOGS.md.",
     )
     parser.add_argument("dir", metavar="DIR", help="the run's log folder (holds *.jsonl files)")
-    json_opt = argparse.ArgumentParser(add_help=False)
+    json_opt = OneLineParser(add_help=False)
     json_opt.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     sub.add_parser(

@@ -1,0 +1,115 @@
+"""Every checker can fail (issue 16): for each fsck invariant a fault is
+planted in a merged cluster (tests/planter.py) and fsck must report exactly
+the errors that fault breaks -- live (the supervisor's fsck, with the world
+stopped) and offline (a frozen cluster read by a fresh attach, as a
+post-mortem) -- and nothing once the fault is undone.  Verify, the
+watchdog and `uksm run`'s statuses: tests/test_planted_run.py.
+
+One merged cluster serves every invariant (booted once per module, ksmd
+idle at run=0 so that nothing moves while a fault is in place); nothing
+else in this module boots a supervisor (one per process: the log is
+process-wide)."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+
+import pytest
+
+import planter
+from helpers import booted, pump, wait_for
+from uksm import fsck
+from uksm.cluster import Cluster
+from uksm.layout import K_FULL_SCANS, K_PAGES_SHARED, K_PAGES_SHARING, M_ID, T_READY
+from uksm.mm import mm_attach
+from util_machine import set_run
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+@pytest.fixture(scope="module")
+def merged(tmp_path_factory):
+    name = f"tplant{os.getpid() % 100000}"
+    log_dir = str(tmp_path_factory.mktemp("plant"))
+    with booted(name, log_dir, run=1, frames=256, va_pages=96, max_mms=8, max_tasks=16,
+                pages_to_scan=1000, sleep_ms=2) as sup:
+        # twelve KSM frames (dup:12), and ordinary anonymous pages (unique)
+        chs = [sup.spawn_worker(24, "dup:12", 1), sup.spawn_worker(24, "unique", 2)]
+        pump(sup, lambda: all(sup.cl.q[sup.cl.tbase(c.row) + T_READY] for c in chs), what="workers ready")
+        q = sup.cl.q
+        start = q[K_FULL_SCANS]
+        pump(sup, lambda: q[K_FULL_SCANS] >= start + 3 and q[K_PAGES_SHARING] > 0, what="merged")
+        # many KSM frames: each stable-tree key is checked (half of the keys'
+        # first words are negative int64s, a sign mix-up shows on them)
+        assert q[K_PAGES_SHARED] >= 8, q[K_PAGES_SHARED]
+        set_run(sup, 0)   # ksmd idle: nothing moves while a fault is in place
+        yield sup
+        set_run(sup, 1)
+        assert sup.stop_workers(timeout=40), sup.hung
+        sup.wait_ksmd_frees()
+        sup.stop_ksmd()
+        fs = sup.final_fsck()
+        assert fs["ok"], fs["errors"]
+
+
+def mms_of(sup):
+    q = sup.cl.q
+    with sup.lock:
+        return {i: m for i, m in sup.mms.items() if q[m.base + M_ID] == i}
+
+
+def offline_fsck(sup, plant) -> tuple[planter.Fault, list[str]]:
+    """Freeze every task of the cluster (SIGSTOP), plant the fault, read the
+    cluster through a fresh attach with no lock taken (a post-mortem), undo
+    the fault, thaw: no task ever runs on the corrupted state."""
+    pids = [sup.ksmd.proc.pid] + [c.proc.pid for c in sup.children.values()]
+    for p in pids:
+        os.kill(p, signal.SIGSTOP)
+    try:
+        wait_for(lambda: all(_state(p) == "T" for p in pids), 10, what="tasks stopped")
+        cl = Cluster.attach(sup.name)
+        try:
+            mms = {i: mm_attach(cl, i) for i in mms_of(sup)}
+            fault = plant(cl, mms)
+            try:
+                return fault, fsck.check(cl, mms, counters=True)
+            finally:
+                fault.undo()
+        finally:
+            for m in mms.values():
+                m.seg.close()
+            cl.close()
+    finally:
+        for p in pids:
+            os.kill(p, signal.SIGCONT)
+
+
+def assert_reports(errs: list[str], fault: planter.Fault) -> None:
+    """fsck reported exactly the fault's errors: each expected message
+    once, nothing else."""
+    assert len(errs) == len(fault.expect), (fault.what, errs)
+    for pat in fault.expect:
+        assert len([e for e in errs if re.search(pat, e)]) == 1, (fault.what, pat, errs)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("where", ["live", "offline"])
+@pytest.mark.parametrize("name,plant", planter.FSCK_PLANTS, ids=[n for n, _p in planter.FSCK_PLANTS])
+def test_fsck_reports_each_planted_fault(merged, name, plant, where):
+    sup = merged
+    assert sup.live_fsck()["errors"] == []
+    if where == "live":
+        fault = plant(sup.cl, mms_of(sup))
+        try:
+            errs = sup.live_fsck()["errors"]
+        finally:
+            fault.undo()
+    else:
+        fault, errs = offline_fsck(sup, plant)
+    assert_reports(errs, fault)
+    assert sup.live_fsck()["errors"] == [], "the fault was undone"
