@@ -161,3 +161,32 @@ def test_bench_scale_goals():
     assert g[1]["target"] == "<= 5.5"
     rs[1]["merge_s"] = 6.0
     assert bench_scale.goals(rs)[1]["met"] is False
+
+
+def test_uksm_run_is_cleaned_up_after_a_timeout(monkeypatch):
+    """When `uksm run` overruns (or bench_ksm is interrupted), what it left
+    is removed by its cluster name: `uksm cleanup --cluster benchrunPID`."""
+    import subprocess
+    calls: list[list[str]] = []
+
+    def fake_run(cmd, **kw):
+        calls.append(list(cmd))
+        if "run" in cmd[3:4]:
+            raise subprocess.TimeoutExpired(cmd, kw.get("timeout", 0))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    with pytest.raises(RuntimeError, match="did not finish"):
+        bench_ksm.run_cli(40, 4, 2, 100, 0, 1.0, lambda _m: None)
+    assert calls[0][3] == "run" and calls[0][calls[0].index("--cluster") + 1] == f"benchrun{os.getpid()}"
+    assert calls[1][3:] == ["cleanup", "--cluster", f"benchrun{os.getpid()}"]
+    calls.clear()
+
+    def interrupted(cmd, **kw):
+        calls.append(list(cmd))
+        if "run" in cmd[3:4]:
+            raise KeyboardInterrupt
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+    monkeypatch.setattr(subprocess, "run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        bench_ksm.run_cli(40, 4, 2, 100, 0, 1.0, lambda _m: None)
+    assert calls[1][3:5] == ["cleanup", "--cluster"]

@@ -453,12 +453,16 @@ def run_cli(pages: int, distinct: int, workers: int, pages_to_scan: int, sleep_m
         try:
             p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                timeout=timeout + 60)
-        except subprocess.TimeoutExpired:
-            # its lifeline takes its ksmd and workers down with it; the
+        except BaseException as e:
+            # timeout, Ctrl-C, SIGTERM: subprocess.run has SIGKILLed it; its
+            # lifeline takes its ksmd and workers down with it, and the
             # objects it leaves are removed by name (ours alone)
-            subprocess.run([sys.executable, "-m", "uksm", "cleanup", "--cluster", name],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
-            raise RuntimeError(f"uksm run did not finish in {timeout + 60:.0f}s")
+            with shielded():
+                subprocess.run([sys.executable, "-m", "uksm", "cleanup", "--cluster", name],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+            if isinstance(e, subprocess.TimeoutExpired):
+                raise RuntimeError(f"uksm run did not finish in {timeout + 60:.0f}s") from None
+            raise
         dt = time.monotonic() - t0
     try:
         rep = json.loads(p.stdout)
