@@ -193,6 +193,33 @@ def start_workers(sup: Any, pages: int, distinct: int, workers: int, seed: int,
         time.sleep(0.02)
 
 
+def wait_merged(sup: Any, t0: float, shared: int, sharing: int, timeout: float, say: Any,
+                label: str, tick: Any = None) -> float:
+    """Poll the cluster (every ~2 ms) until ``pages_shared == shared`` and
+    ``pages_sharing == sharing``; ``tick(now)`` at every poll.  Returns the
+    seconds since ``t0``; RuntimeError on a cluster error or the timeout."""
+    from uksm.layout import K_PAGES_SCANNED, K_PAGES_SHARED, K_PAGES_SHARING
+    q = sup.cl.q
+    scanned0, last = q[K_PAGES_SCANNED], t0
+    while True:
+        sup.poll()
+        now = time.monotonic()
+        if q[K_PAGES_SHARED] == shared and q[K_PAGES_SHARING] == sharing:
+            return now - t0
+        if sup.errors:
+            raise RuntimeError("; ".join(sup.errors))
+        if now - t0 > timeout:
+            raise RuntimeError(f"{label} not merged after {timeout:.0f}s: shared "
+                               f"{q[K_PAGES_SHARED]} sharing {q[K_PAGES_SHARING]}")
+        if tick is not None:
+            tick(now)
+        if now - last > 5:
+            last = now
+            say(f"  {label}: {now - t0:.0f}s shared {q[K_PAGES_SHARED]} sharing "
+                f"{q[K_PAGES_SHARING]} scanned {q[K_PAGES_SCANNED] - scanned0}")
+        time.sleep(0.002)
+
+
 def run_uksm(pages: int, distinct: int, workers: int, pages_to_scan: int, sleep_ms: int,
              after: float, timeout: float, seed: int, log_dir: str | None, say: Any) -> dict[str, Any]:
     from uksm import log as ulog
@@ -224,23 +251,7 @@ def run_uksm(pages: int, distinct: int, workers: int, pages_to_scan: int, sleep_
         cpu0 = proc_cpu_s(kpid)
         t0 = time.monotonic()
         run_store(sup.cl, 1)
-        last = t0
-        while True:
-            sup.poll()
-            now = time.monotonic()
-            if q[K_PAGES_SHARED] == exp_shared and q[K_PAGES_SHARING] == exp_sharing:
-                break
-            if sup.errors:
-                raise RuntimeError("; ".join(sup.errors))
-            if now - t0 > timeout:
-                raise RuntimeError(f"uksm not merged after {timeout:.0f}s: shared "
-                                   f"{q[K_PAGES_SHARED]} sharing {q[K_PAGES_SHARING]}")
-            if now - last > 5:
-                last = now
-                say(f"  uksm: {now - t0:.0f}s shared {q[K_PAGES_SHARED]} sharing "
-                    f"{q[K_PAGES_SHARING]} scanned {q[K_PAGES_SCANNED] - scanned0}")
-            time.sleep(0.002)
-        dt = now - t0
+        dt = wait_merged(sup, t0, exp_shared, exp_sharing, timeout, say, "uksm")
         cpu1 = proc_cpu_s(kpid)
         scanned = q[K_PAGES_SCANNED] - scanned0
         if cpu0 is not None and cpu1 is not None:
@@ -625,32 +636,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for rnd in range(a.repeat):
             tag = f" (run {rnd + 1}/{a.repeat})" if a.repeat > 1 else ""
+            sides = []
             if not a.skip_uksm:
-                say(f"uksm{tag}: {a.pages} pages, {a.distinct} contents, {a.workers} workers")
-                try:
-                    runs.setdefault("uksm", []).append(run_uksm(
-                        a.pages, a.distinct, a.workers, a.pages_to_scan, a.sleep_ms, a.after,
-                        a.timeout, a.seed, a.log_dir, say))
-                except (RuntimeError, OSError) as e:
-                    runs.setdefault("uksm", []).append({"error": str(e)})
-                    status = 1
+                sides.append(("uksm", lambda: run_uksm(
+                    a.pages, a.distinct, a.workers, a.pages_to_scan, a.sleep_ms, a.after,
+                    a.timeout, a.seed, a.log_dir, say)))
             if not a.skip_run:
-                say(f"uksm run{tag}: {a.pages} pages, {a.distinct} contents, {a.workers} workers")
-                try:
-                    runs.setdefault("uksm_run", []).append(run_cli(
-                        a.pages, a.distinct, a.workers, a.pages_to_scan, a.sleep_ms, a.timeout,
-                        say))
-                except (RuntimeError, OSError) as e:
-                    runs.setdefault("uksm_run", []).append({"error": str(e)})
-                    status = 1
+                sides.append(("uksm_run", lambda: run_cli(
+                    a.pages, a.distinct, a.workers, a.pages_to_scan, a.sleep_ms, a.timeout, say)))
             if not a.skip_kernel and "skipped" not in (runs.get("kernel") or [{}])[-1]:
-                say(f"kernel{tag}: {a.pages} pages, {a.distinct} contents")
+                sides.append(("kernel", lambda: run_kernel(
+                    a.pages, a.distinct, a.pages_to_scan, a.sleep_ms, a.after, a.timeout, say)))
+            for side, fn in sides:
+                who = {"uksm": "uksm", "uksm_run": "uksm run", "kernel": "kernel"}[side]
+                say(f"{who}{tag}: {a.pages} pages, {a.distinct} contents"
+                    + ("" if side == "kernel" else f", {a.workers} workers"))
                 try:
-                    runs.setdefault("kernel", []).append(run_kernel(
-                        a.pages, a.distinct, a.pages_to_scan, a.sleep_ms, a.after, a.timeout,
-                        say))
+                    runs.setdefault(side, []).append(fn())
                 except (RuntimeError, OSError) as e:
-                    runs.setdefault("kernel", []).append({"error": str(e)})
+                    runs.setdefault(side, []).append({"error": str(e)})
                     status = 1
         for side, rs in runs.items():
             report[side] = median_run(rs, "e2e_s" if side == "uksm_run" else "merge_s")

@@ -47,6 +47,7 @@ from uksm.tools.bench_ksm import (
     split_pages,
     start_workers,
     uksm_config,
+    wait_merged,
 )
 
 MEM_TARGET = 200  # bytes of ksmd's private memory per tracked page
@@ -84,7 +85,7 @@ def run_size(pages: int, distinct: int, workers: int, pages_to_scan: int, sleep_
     from uksm import log as ulog
     from uksm import shm
     from uksm.ksm import run_store
-    from uksm.layout import K_PAGES_SCANNED, K_PAGES_SHARED, K_PAGES_SHARING
+    from uksm.layout import K_PAGES_SCANNED
     from uksm.supervisor import Supervisor
 
     name = f"bscale{os.getpid()}"
@@ -108,29 +109,19 @@ def run_size(pages: int, distinct: int, workers: int, pages_to_scan: int, sleep_
         peak = dict(idle)
         scanned0 = q[K_PAGES_SCANNED]
         cpu0 = proc_cpu_s(kpid)
-        t0 = last_sample = last_say = time.monotonic()
-        run_store(sup.cl, 1)
-        while True:
-            sup.poll()
-            now = time.monotonic()
-            if q[K_PAGES_SHARED] == exp_shared and q[K_PAGES_SHARING] == exp_sharing:
-                break
-            if sup.errors:
-                raise RuntimeError("; ".join(sup.errors))
-            if now - t0 > timeout:
-                raise RuntimeError(f"not merged after {timeout:.0f}s: shared {q[K_PAGES_SHARED]} "
-                                   f"sharing {q[K_PAGES_SHARING]}")
-            if now - last_sample >= sample_s:
-                last_sample = now
+        last_sample = [0.0]
+
+        def sample(now: float) -> None:
+            if now - last_sample[0] >= sample_s:
+                last_sample[0] = now
                 m = private_bytes(kpid)
                 if m is not None:
-                    peak = {k: max(peak[k], m[k]) for k in peak}
-            if now - last_say > 5:
-                last_say = now
-                say(f"  {pages} pages: {now - t0:.0f}s shared {q[K_PAGES_SHARED]} sharing "
-                    f"{q[K_PAGES_SHARING]}")
-            time.sleep(0.002)
-        merge_s = now - t0
+                    for k in peak:
+                        peak[k] = max(peak[k], m[k])
+        t0 = time.monotonic()
+        run_store(sup.cl, 1)
+        merge_s = wait_merged(sup, t0, exp_shared, exp_sharing, timeout, say, f"{pages} pages",
+                              sample)
         cpu1 = proc_cpu_s(kpid)
         if cpu0 is not None and cpu1 is not None:
             res["ksmd_cpu_s"] = round(cpu1 - cpu0, 2)
