@@ -36,6 +36,7 @@ from typing import Any, Callable
 
 import uksm
 from uksm import killpoints
+from uksm.layout import HAZARDS
 from uksm.exitcodes import interrupted as interrupted_status
 from uksm.lifeline import StopSignals
 from uksm.run import EXIT_USAGE, RunOptions, default_frames, validate
@@ -185,7 +186,7 @@ class Injector:
         with StopSignals() as stop:
             self.interrupted = stop
             m = uksm.Machine(frames=default_frames(o), max_pages=o.pages,
-                             max_tasks=o.workers + 8, exit_policy=o.exit_policy,
+                             max_tasks=o.workers + 8, exit_policy=o.exit_policy, hazards=o.hazards,
                              pages_to_scan=o.pages_to_scan, sleep_millisecs=o.sleep_ms,
                              name=o.cluster or f"inject{os.getpid()}", log_dir=o.log_dir,
                              hung_task_timeout=o.hung_task_timeout)
@@ -222,6 +223,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pages-to-scan", type=int, default=500)
     p.add_argument("--sleep-ms", type=int, default=5)
     p.add_argument("--exit-policy", default="seed", choices=["seed", "shipped", "legacy"])
+    p.add_argument("--hazard", action="append", default=[], choices=list(HAZARDS),
+                   help="switch off one part of the fix (repeatable)")
     p.add_argument("--hung-task-timeout", type=float, default=10.0)
     p.add_argument("--cluster", default="")
     p.add_argument("--log-dir")
@@ -245,7 +248,7 @@ def run(a: argparse.Namespace) -> int:
         raise UksmError("--kills must be >= 0", EXIT_USAGE)
     o = RunOptions(workers=a.workers, pages=a.pages, workload=a.workload, seed=a.seed,
                    log_dir=a.log_dir, cluster=a.cluster, pages_to_scan=a.pages_to_scan,
-                   sleep_ms=a.sleep_ms, exit_policy=a.exit_policy,
+                   sleep_ms=a.sleep_ms, exit_policy=a.exit_policy, hazards=a.hazard,
                    hung_task_timeout=a.hung_task_timeout, churn_ms=a.churn_ms,
                    quiet=a.quiet)
     validate(o)

@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     from uksm.tools.inject import add_arguments
     add_arguments(p)
 
+    from uksm.tools.campaign import add_parser as add_campaign
+    add_campaign(sub)
+
     sub.add_parser("logs", help="analyse a run's logs: uksm logs DIR {summary,timeline,check,locks,plot}",
                    add_help=False)
     from . import control, task_cli
@@ -164,6 +167,9 @@ def dispatch(a: argparse.Namespace) -> int:
     if a.cmd == "inject":
         from uksm.tools.inject import run as inject_run
         return inject_run(a)
+    if a.cmd == "campaign":
+        from uksm.tools.campaign import cmd_campaign
+        return cmd_campaign(a)
     if a.cmd == "fsck":
         from . import control
         return control.cmd_fsck(a)

@@ -305,8 +305,8 @@ def drive(sup: Supervisor, o: RunOptions, t0: float, progress: Progress,
             break
         t = time.monotonic() - t0
         progress(sup, t, f"[{phase}] " if o.scenario else "")
-        if sup.workers_alive() == 0 and sup.dead_q.empty():
-            break
+        if sup.workers_alive() == 0 and sup.dead_q.empty() and writer is None:
+            break  # (a run=2 writer still unmerging is waited for below: its result is the report's)
         if until_merged:
             if phase == "unmerge":
                 rc = sup.run_writer_status(writer) if writer is not None else 0
