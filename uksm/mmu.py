@@ -182,21 +182,25 @@ class MMU:
         n = len(data)
         off = addr & (PAGE_SIZE - 1)
         if 0 < n <= PAGE_SIZE - off:
-            # fast path: within one page that is mapped writable -- the same
-            # pte lock hold across the copy as the loop below, without its
-            # bookkeeping (a one-page write has no kill point inside).
-            # Anything else (a fault, the end of the address space) falls
-            # through to the loop, which looks at the PTE again.
+            # fast path: a write within one page, without the loop's
+            # bookkeeping (a one-page write has no kill point inside).  The
+            # same steps as the loop: the pte lock held across the copy; a
+            # PTE not writable: drop it, fault, take it, look again.
             vpn = addr >> PAGE_SHIFT
-            task.lock(ptl)
-            try:
-                pte = pq[PT_OFF + vpn] if vpn < self.cl.va_pages else 0
-                if pte & PW == PW:
-                    p = (pte >> 2) * PAGE_SIZE + off
-                    pool[p:p + n] = data
-                    return
-            finally:
-                task.unlock(ptl)
+            if vpn >= self.cl.va_pages:
+                raise SegFault(f"segfault at {addr:#x}: beyond the address space")
+            slot = PT_OFF + vpn
+            while True:
+                task.lock(ptl)
+                try:
+                    pte = pq[slot]
+                    if pte & PW == PW:
+                        p = (pte >> 2) * PAGE_SIZE + off
+                        pool[p:p + n] = data
+                        return
+                finally:
+                    task.unlock(ptl)
+                self.fault(vpn, True)
         mv = memoryview(data)
         done, n = 0, len(mv)
         task.lock(ptl)
