@@ -473,8 +473,8 @@ def test_two_runs_side_by_side_and_the_same_name_refused(tmp_path) -> None:
 @pytest.mark.timeout(120)
 def test_another_user_is_refused_and_changes_nothing(tmp_path) -> None:
     """As ``nobody``: every command on root's cluster is refused in one
-    clear line, and the cluster is exactly as it was.  (The Python API's
-    Machine.attach is another branch's: not covered here.)"""
+    clear line, and so is the Python API's ``Machine.attach``; the cluster
+    is exactly as it was."""
     cl = name("user")
     r = uksm("up", "--cluster", cl, "--workers", "1", "--pages", "16", "--json", "--log-dir",
              str(tmp_path), timeout=60)
@@ -498,6 +498,14 @@ def test_another_user_is_refused_and_changes_nothing(tmp_path) -> None:
             assert p.stderr.count("\n") == 1 and "Traceback" not in p.stderr, (args, p.stderr)
             assert any(w in p.stderr for w in ("belongs to user root", "not the cluster's owner",
                                                "already in use")), (args, p.stderr)
+        # the Python API: Machine.attach raises MachineError naming the owner
+        attach = ("import sys, uksm\n"
+                  "try:\n    uksm.Machine.attach(sys.argv[1])\n"
+                  "except uksm.MachineError as e:\n    print(e, file=sys.stderr); sys.exit(1)\n")
+        p = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                            sys.executable, "-c", attach, cl], cwd="/",
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 1 and "belongs to user root" in p.stderr, (p.returncode, p.stderr)
         assert state() == before and pid_alive(daemon)
     finally:
         d = uksm("down", "--cluster", cl, timeout=90)

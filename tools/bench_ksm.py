@@ -193,6 +193,33 @@ def start_workers(sup: Any, pages: int, distinct: int, workers: int, seed: int,
         time.sleep(0.02)
 
 
+def wait_merged(sup: Any, t0: float, shared: int, sharing: int, timeout: float, say: Any,
+                label: str, tick: Any = None) -> float:
+    """Poll the cluster (every ~2 ms) until ``pages_shared == shared`` and
+    ``pages_sharing == sharing``; ``tick(now)`` at every poll.  Returns the
+    seconds since ``t0``; RuntimeError on a cluster error or the timeout."""
+    from uksm.layout import K_PAGES_SCANNED, K_PAGES_SHARED, K_PAGES_SHARING
+    q = sup.cl.q
+    scanned0, last = q[K_PAGES_SCANNED], t0
+    while True:
+        sup.poll()
+        now = time.monotonic()
+        if q[K_PAGES_SHARED] == shared and q[K_PAGES_SHARING] == sharing:
+            return now - t0
+        if sup.errors:
+            raise RuntimeError("; ".join(sup.errors))
+        if now - t0 > timeout:
+            raise RuntimeError(f"{label} not merged after {timeout:.0f}s: shared "
+                               f"{q[K_PAGES_SHARED]} sharing {q[K_PAGES_SHARING]}")
+        if tick is not None:
+            tick(now)
+        if now - last > 5:
+            last = now
+            say(f"  {label}: {now - t0:.0f}s shared {q[K_PAGES_SHARED]} sharing "
+                f"{q[K_PAGES_SHARING]} scanned {q[K_PAGES_SCANNED] - scanned0}")
+        time.sleep(0.002)
+
+
 def run_uksm(pages: int, distinct: int, workers: int, pages_to_scan: int, sleep_ms: int,
              after: float, timeout: float, seed: int, log_dir: str | None, say: Any) -> dict[str, Any]:
     from uksm import log as ulog
@@ -224,23 +251,7 @@ def run_uksm(pages: int, distinct: int, workers: int, pages_to_scan: int, sleep_
         cpu0 = proc_cpu_s(kpid)
         t0 = time.monotonic()
         run_store(sup.cl, 1)
-        last = t0
-        while True:
-            sup.poll()
-            now = time.monotonic()
-            if q[K_PAGES_SHARED] == exp_shared and q[K_PAGES_SHARING] == exp_sharing:
-                break
-            if sup.errors:
-                raise RuntimeError("; ".join(sup.errors))
-            if now - t0 > timeout:
-                raise RuntimeError(f"uksm not merged after {timeout:.0f}s: shared "
-                                   f"{q[K_PAGES_SHARED]} sharing {q[K_PAGES_SHARING]}")
-            if now - last > 5:
-                last = now
-                say(f"  uksm: {now - t0:.0f}s shared {q[K_PAGES_SHARED]} sharing "
-                    f"{q[K_PAGES_SHARING]} scanned {q[K_PAGES_SCANNED] - scanned0}")
-            time.sleep(0.002)
-        dt = now - t0
+        dt = wait_merged(sup, t0, exp_shared, exp_sharing, timeout, say, "uksm")
         cpu1 = proc_cpu_s(kpid)
         scanned = q[K_PAGES_SCANNED] - scanned0
         if cpu0 is not None and cpu1 is not None:
@@ -365,6 +376,7 @@ def run_kernel(pages: int, distinct: int, pages_to_scan: int, sleep_ms: int, aft
     res["max_page_sharing"] = mps
     res["expected_shared"] = min(distinct, pages) * (-(-per_content // mps) if mps else 1)
     res["expected_sharing"] = pages - res["expected_shared"]
+    t_nothing = time.monotonic()
     m = mmap.mmap(-1, pages * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     try:
         t = time.monotonic()
@@ -410,7 +422,7 @@ def run_kernel(pages: int, distinct: int, pages_to_scan: int, sleep_ms: int, aft
             if cpu0 is not None and cpu1 is not None:
                 res["ksmd_cpu_s"] = round(cpu1 - cpu0, 3)
                 res["pages_per_cpu_s"] = round(scanned / (cpu1 - cpu0)) if cpu1 > cpu0 else None
-            res.update(merge_s=round(dt, 4), pages_scanned=scanned,
+            res.update(merge_s=round(dt, 4), e2e_s=round(now - t_nothing, 3), pages_scanned=scanned,
                        pages_per_s=round(scanned / dt) if dt else None, full_scans=scans,
                        pages_shared=sh, pages_sharing=sg)
             if after > 0 and scanned0 is not None:
@@ -428,18 +440,113 @@ def run_kernel(pages: int, distinct: int, pages_to_scan: int, sleep_ms: int, aft
     return res
 
 
+# ---- goal 2: `uksm run` from nothing ---------------------------------------------
+
+def run_cli(pages: int, distinct: int, workers: int, pages_to_scan: int, sleep_ms: int,
+            timeout: float, say: Any) -> dict[str, Any]:
+    """``uksm run --until-merged`` as a user types it, timed from the
+    command's start to its exit: boot, workers filling their pages, ksmd
+    merging, the two quiet scans that tell it the counters converged,
+    shutdown, fsck and teardown -- everything the kernel's side needs none
+    of, and that the issue's goal 2 counts.  Needs ``pages`` divisible by
+    ``workers`` (``--pages`` is per worker)."""
+    import subprocess
+    import tempfile
+    name = f"benchrun{os.getpid()}"
+    per = pages // workers
+    with tempfile.TemporaryDirectory(prefix="bench_ksm_") as logs:
+        cmd = [sys.executable, "-m", "uksm", "run", "--cluster", name, "--workers", str(workers),
+               "--pages", str(per), "--workload", f"dup:{distinct}", "--pages-to-scan",
+               str(pages_to_scan), "--sleep-ms", str(sleep_ms), "--until-merged",
+               "--max-duration", str(int(timeout)), "--log-dir", logs, "--json", "--quiet"]
+        say(f"  uksm run: {workers} workers x {per} pages, dup:{distinct}, until merged")
+        t0 = time.monotonic()
+        try:
+            p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               timeout=timeout + 60)
+        except BaseException as e:
+            # timeout, Ctrl-C, SIGTERM: subprocess.run has SIGKILLed it; its
+            # lifeline takes its ksmd and workers down with it, and the
+            # objects it leaves are removed by name (ours alone)
+            with shielded():
+                subprocess.run([sys.executable, "-m", "uksm", "cleanup", "--cluster", name],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+            if isinstance(e, subprocess.TimeoutExpired):
+                raise RuntimeError(f"uksm run did not finish in {timeout + 60:.0f}s") from None
+            raise
+        dt = time.monotonic() - t0
+    try:
+        rep = json.loads(p.stdout)
+    except ValueError:
+        rep = {}
+    if p.returncode != 0:
+        raise RuntimeError(f"uksm run exited with status {p.returncode}: "
+                           f"{(p.stderr.strip().splitlines() or ['?'])[-1]}")
+    ksm = rep.get("ksm") or {}
+    res = {"e2e_s": round(dt, 3), "cli_duration_s": rep.get("duration_s"),
+           "pages_shared": ksm.get("pages_shared"), "pages_sharing": ksm.get("pages_sharing"),
+           "fsck": rep.get("fsck")}
+    want = expected_counts(per * workers, distinct, [per])
+    if (res["pages_shared"], res["pages_sharing"]) != want:
+        raise RuntimeError(f"uksm run ended unmerged: shared {res['pages_shared']} sharing "
+                           f"{res['pages_sharing']}, expected {want[0]} and {want[1]}")
+    return res
+
+
+# ---- goals (issue 14) -------------------------------------------------------------
+
+# (goal, what, side's key, key in the kernel's result, target ratio, "<=" or ">=")
+GOALS = (("1", "ksmd time to full merge", "uksm", "merge_s", 2.0, "<="),
+         ("1", "pages per ksmd CPU-second", "uksm", "pages_per_cpu_s", 0.5, ">="),
+         ("2", "`uksm run` from nothing to merged (s)", "uksm_run", "e2e_s", 2.5, "<="))
+
+
+def goals(runs: dict[str, list[dict[str, Any]]], report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each goal's ratio uksm / kernel (of the median runs) against its
+    target, with the range of the per-round ratios (each round runs both
+    sides back to back, so a round's ratio sees one load)."""
+    out = []
+    k = report.get("kernel") or {}
+    for goal, what, side, key, target, op in GOALS:
+        u = report.get(side) or {}
+        uv, kv = u.get(key), k.get(key)
+        ratio = round(uv / kv, 3) if uv and kv else None
+        per_round = [round(a[key] / b[key], 3) for a, b in zip(runs.get(side, []), runs.get("kernel", []))
+                     if a.get(key) and b.get(key)]
+        met = None if ratio is None else (ratio <= target if op == "<=" else ratio >= target)
+        out.append({"goal": goal, "what": what, "uksm": uv, "kernel": kv, "ratio": ratio,
+                    "target": f"{op} {target:g}", "met": met, "ratio_per_round": per_round})
+    return out
+
+
+def goal_lines(gs: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    for g in gs:
+        def num(v: Any) -> str:
+            return "-" if v is None else (f"{v:,.0f}" if v >= 1000 else f"{v:.3f}")
+        verdict = {True: "met", False: "NOT met", None: "not measured"}[g["met"]]
+        rng = ""
+        if len(g["ratio_per_round"]) > 1:
+            rng = (f" (rounds {min(g['ratio_per_round']):.3g}-{max(g['ratio_per_round']):.3g})")
+        lines.append(f"goal {g['goal']}: {g['what']}: uksm {num(g['uksm'])}, kernel "
+                     f"{num(g['kernel'])}, ratio {'-' if g['ratio'] is None else format(g['ratio'], '.3g')}"
+                     f"{rng}, target {g['target']}: {verdict}")
+    return lines
+
+
 # ---- report -------------------------------------------------------------------------
 
-def median_run(rs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The run with the median merge_s (of those that merged), with every
-    run's merge_s / ksmd_cpu_s listed; an error if none merged."""
-    ok = sorted((r for r in rs if "merge_s" in r), key=lambda r: r["merge_s"])
+def median_run(rs: list[dict[str, Any]], key: str = "merge_s") -> dict[str, Any]:
+    """The run with the median ``key`` (of those that have it), with every
+    run's ``key`` / ksmd_cpu_s listed; the last run (an error) if none has."""
+    ok = sorted((r for r in rs if key in r), key=lambda r: r[key])
     if not ok:
         return rs[-1]
     med = dict(ok[(len(ok) - 1) // 2])
     if len(rs) > 1:
-        med["runs_merge_s"] = [r.get("merge_s") for r in rs]
-        med["runs_ksmd_cpu_s"] = [r.get("ksmd_cpu_s") for r in rs]
+        med[f"runs_{key}"] = [r.get(key) for r in rs]
+        if key == "merge_s":
+            med["runs_ksmd_cpu_s"] = [r.get("ksmd_cpu_s") for r in rs]
         med["runs_failed"] = len(rs) - len(ok)
     if any("leftovers" in r for r in rs):
         med["leftovers"] = sorted({x for r in rs for x in r.get("leftovers", [])})
@@ -447,7 +554,8 @@ def median_run(rs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def ratios(u: dict[str, Any], k: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for key in ("merge_s", "pages_per_s", "ksmd_cpu_s", "pages_per_cpu_s", "steady_pages_per_s"):
+    for key in ("merge_s", "pages_per_s", "ksmd_cpu_s", "pages_per_cpu_s", "steady_pages_per_s",
+                "e2e_s"):
         if u.get(key) and k.get(key):
             out[key] = round(u[key] / k[key], 4)
     return out
@@ -498,7 +606,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="uksm workload seed")
     ap.add_argument("--log-dir", help="uksm JSON logs here (default: none, as fast as possible)")
     ap.add_argument("--skip-uksm", action="store_true")
-    ap.add_argument("--skip-kernel", action="store_true")
+    ap.add_argument("--skip-kernel", action="store_true",
+                    help="leave /sys/kernel/mm/ksm alone (no kernel figures, no ratios)")
+    ap.add_argument("--skip-run", action="store_true",
+                    help="skip goal 2's `uksm run --until-merged` from nothing")
     ap.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     a = ap.parse_args(argv)
     if a.pages < 1 or a.distinct < 1 or a.workers < 1 or a.pages_to_scan < 1 or a.sleep_ms < 0:
@@ -507,6 +618,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--repeat must be at least 1")
     if a.workers > a.pages:
         ap.error("--workers must not exceed --pages")
+    if not a.skip_run and a.pages % a.workers:
+        ap.error("--pages must be a multiple of --workers (uksm run's --pages is per worker), "
+                 "or --skip-run")
 
     def say(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -522,26 +636,28 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for rnd in range(a.repeat):
             tag = f" (run {rnd + 1}/{a.repeat})" if a.repeat > 1 else ""
+            sides = []
             if not a.skip_uksm:
-                say(f"uksm{tag}: {a.pages} pages, {a.distinct} contents, {a.workers} workers")
-                try:
-                    runs.setdefault("uksm", []).append(run_uksm(
-                        a.pages, a.distinct, a.workers, a.pages_to_scan, a.sleep_ms, a.after,
-                        a.timeout, a.seed, a.log_dir, say))
-                except (RuntimeError, OSError) as e:
-                    runs.setdefault("uksm", []).append({"error": str(e)})
-                    status = 1
+                sides.append(("uksm", lambda: run_uksm(
+                    a.pages, a.distinct, a.workers, a.pages_to_scan, a.sleep_ms, a.after,
+                    a.timeout, a.seed, a.log_dir, say)))
+            if not a.skip_run:
+                sides.append(("uksm_run", lambda: run_cli(
+                    a.pages, a.distinct, a.workers, a.pages_to_scan, a.sleep_ms, a.timeout, say)))
             if not a.skip_kernel and "skipped" not in (runs.get("kernel") or [{}])[-1]:
-                say(f"kernel{tag}: {a.pages} pages, {a.distinct} contents")
+                sides.append(("kernel", lambda: run_kernel(
+                    a.pages, a.distinct, a.pages_to_scan, a.sleep_ms, a.after, a.timeout, say)))
+            for side, fn in sides:
+                who = {"uksm": "uksm", "uksm_run": "uksm run", "kernel": "kernel"}[side]
+                say(f"{who}{tag}: {a.pages} pages, {a.distinct} contents"
+                    + ("" if side == "kernel" else f", {a.workers} workers"))
                 try:
-                    runs.setdefault("kernel", []).append(run_kernel(
-                        a.pages, a.distinct, a.pages_to_scan, a.sleep_ms, a.after, a.timeout,
-                        say))
+                    runs.setdefault(side, []).append(fn())
                 except (RuntimeError, OSError) as e:
-                    runs.setdefault("kernel", []).append({"error": str(e)})
+                    runs.setdefault(side, []).append({"error": str(e)})
                     status = 1
         for side, rs in runs.items():
-            report[side] = median_run(rs)
+            report[side] = median_run(rs, "e2e_s" if side == "uksm_run" else "merge_s")
         if not a.skip_kernel:
             k = report["kernel"]
             if "skipped" in k:
@@ -554,6 +670,7 @@ def main(argv: list[str] | None = None) -> int:
         say("interrupted: cleaned up")
         return 130
     report["ratio"] = ratios(report.get("uksm") or {}, report.get("kernel") or {})
+    report["goals"] = goals(runs, report)
     if a.json:
         print(json.dumps(report, indent=None))
     else:
@@ -565,7 +682,16 @@ def main(argv: list[str] | None = None) -> int:
               f"pages_to_scan {lay['pages_to_scan']}, sleep_millisecs {lay['sleep_millisecs']} "
               f"(uksm: {lay['workers']} workers)")
         print(table(report))
-        for side in ("uksm", "kernel"):
+        ur = report.get("uksm_run") or {}
+        if "e2e_s" in ur:
+            print(f"uksm run from nothing to merged: {ur['e2e_s']:.2f} s (its own duration_s "
+                  f"{ur.get('cli_duration_s')}; fsck {ur.get('fsck')})"
+                  + (f"; runs {ur['runs_e2e_s']}" if "runs_e2e_s" in ur else ""))
+        if "e2e_s" in (report.get("kernel") or {}):
+            print(f"kernel from nothing (mmap, fill, madvise, merge): {report['kernel']['e2e_s']:.2f} s")
+        for line in goal_lines(report["goals"]):
+            print(line)
+        for side in ("uksm", "uksm_run", "kernel"):
             d = report.get(side) or {}
             if "runs_merge_s" in d:
                 print(f"{side}: median of {len(d['runs_merge_s'])} runs; merge_s "

@@ -31,6 +31,7 @@ import argparse
 import itertools
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -262,6 +263,16 @@ class Stop:
         return bool(self.signum)
 
 
+def record_or_drop(r: dict[str, Any], sink: "Sink", stop: Stop) -> None:
+    """Record a finished run, except a failure while stopping: it may be
+    the stop's doing (a run interrupted by its guard), so it is neither
+    recorded nor kept (its logs go too: --resume runs it again)."""
+    if r["status"] == "clean" or (r["status"] != "aborted" and not stop):
+        sink.add(r)
+    elif r.get("logs"):
+        shutil.rmtree(r["logs"], ignore_errors=True)
+
+
 def run_local(todo: list[dict[str, Any]], a: argparse.Namespace, sink: Sink, stop: Stop) -> None:
     """A pool of --parallel threads, each waiting on one run's guard."""
     from uksm.tools.campaign_run import abort_all
@@ -280,9 +291,7 @@ def run_local(todo: list[dict[str, Any]], a: argparse.Namespace, sink: Sink, sto
                 abort_all()
             done, running = wait(running, timeout=1.0, return_when=FIRST_COMPLETED)
             for fut in done:
-                r = fut.result()
-                if r["status"] == "clean" or (r["status"] != "aborted" and not stop):
-                    sink.add(r)  # a failure while stopping may be the stop's doing: not recorded
+                record_or_drop(fut.result(), sink, stop)
             sink.progress(len(running))
 
 
@@ -343,8 +352,7 @@ def run_ray(todo: list[dict[str, Any]], a: argparse.Namespace, sink: Sink, stop:
                         print(f"campaign: run {run_id(p)} lost ({type(e).__name__}), "
                               f"not recorded", file=sys.stderr)
                     continue
-                if r["status"] == "clean" or (r["status"] != "aborted" and not stop):
-                    sink.add(r)
+                record_or_drop(r, sink, stop)
             sink.progress(len(pending))
     finally:
         if started:

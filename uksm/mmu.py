@@ -179,6 +179,28 @@ class MMU:
         if addr < 0:
             raise SegFault(f"segfault at {addr:#x}")
         task, ptl, pq, pool = self.cl.task, self.mm.ptl, self.pq, self.pool
+        n = len(data)
+        off = addr & (PAGE_SIZE - 1)
+        if 0 < n <= PAGE_SIZE - off:
+            # fast path: a write within one page, without the loop's
+            # bookkeeping (a one-page write has no kill point inside).  The
+            # same steps as the loop: the pte lock held across the copy; a
+            # PTE not writable: drop it, fault, take it, look again.
+            vpn = addr >> PAGE_SHIFT
+            if vpn >= self.cl.va_pages:
+                raise SegFault(f"segfault at {addr:#x}: beyond the address space")
+            slot = PT_OFF + vpn
+            while True:
+                task.lock(ptl)
+                try:
+                    pte = pq[slot]
+                    if pte & PW == PW:
+                        p = (pte >> 2) * PAGE_SIZE + off
+                        pool[p:p + n] = data
+                        return
+                finally:
+                    task.unlock(ptl)
+                self.fault(vpn, True)
         mv = memoryview(data)
         done, n = 0, len(mv)
         task.lock(ptl)
