@@ -34,6 +34,8 @@ from uksm import shm
 _OUTER = os.environ.get("UKSM_TEST_SESSION", "")
 SESSION = f"{_OUTER}/{os.getpid()}" if _OUTER else str(os.getpid())
 os.environ["UKSM_TEST_SESSION"] = SESSION
+# lockdep on in every process the suite starts (uksm.cluster.LOCKDEP)
+os.environ["UKSM_LOCKDEP"] = "1"
 SETTLE_S = 5.0     # processes and objects may take this long to go after a test
 KILL_WAIT_S = 5.0  # a SIGKILLed process is gone (or a zombie) within this
 

@@ -404,6 +404,24 @@ def _plant_rule5_hung_task(evs):
         chain=["worker 202 waits ksm_thread_mutex", "held by ksmd 101", "ksmd 101 waits frames"]))
 
 
+def _plant_rule6_oops(evs):
+    return _insert_after(evs, ("oom_kill", {}), ev(
+        KSMD, "oops", error="NullPointerDereference('mm = slot->mm')",
+        tb="Traceback (most recent call last):\n  File \"ksmd.py\", line 1, in slot_state\n"
+           "    raise NullPointerDereference\nNullPointerDereference: mm = slot->mm"))
+
+
+def _plant_rule7_use_after_free(evs):
+    return _insert_after(evs, ("mm_freed", {"mm": 4}),
+                         ev(KSMD, "use_after_free", mm=4, lock="mmap_sem:mm4", op="unlock"))
+
+
+def _plant_rule8_lockdep(evs):
+    return _insert_after(evs, ("oom_kill", {}), ev(
+        KSMD, "lockdep", kind="recursive", lock="mmap_sem:mm1", held="mmap_sem:mm1",
+        op="down_write", chain="down_write <- ksm_exit <- mmput <- oom_kill_and_mmput"))
+
+
 PLANTS = [
     ("rule 1", "mm 1", "never freed", _plant_rule1_not_freed),
     ("rule 1", "mm 1", "freed twice", _plant_rule1_freed_twice),
@@ -415,6 +433,9 @@ PLANTS = [
     ("rule 3", "mm 4", "no mmdrop", _plant_rule3_no_mmdrop),
     ("rule 4", "mm 2", "after mm_exit_begin", _plant_rule4_merge_after_exit),
     ("rule 5", "ksm_thread_mutex", "hung task", _plant_rule5_hung_task),
+    ("rule 6", "oops", "NullPointerDereference", _plant_rule6_oops),
+    ("rule 7", "mm 4", "freed mm's lock", _plant_rule7_use_after_free),
+    ("rule 8", "lockdep", "recursive", _plant_rule8_lockdep),
 ]
 
 

@@ -103,6 +103,7 @@ class Injector:
             self.respawned += 1
             return True
         if name in killpoints.KSMD_POINTS:
+            exited = m.stats()["exited"]
             m.arm(name, self.sig)
             if name in COW_POINTS:
                 m.ksm["run"] = 2
@@ -112,6 +113,15 @@ class Injector:
             except uksm.WaitTimeout:
                 m.disarm()
                 return False
+            # ksmd signalled the owner of the mm it was in: wait until that
+            # exit is accounted (recovered, if SIGKILLed), so that the
+            # counters read after the last kill include it (under load they
+            # did not, 1 run in 12); the owner may have been dead already:
+            # then this just times out
+            try:
+                m.wait(lambda: m.stats()["exited"] > exited, 5, f"the death at {name}")
+            except uksm.WaitTimeout:
+                pass
             return True
         kids = m.tasks(ready=True)
         if not kids:

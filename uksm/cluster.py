@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import posix_ipc
 
@@ -24,8 +25,13 @@ from .layout import (A_FREE_TOP, C_ALLOC, C_DAEMON, C_MMAP, C_MMLIST, C_PTL, C_W
                      H_NFRAMES, H_RWSEM_N, H_STATE, H_VA_PAGES, H_VERSION, HAZARDS,
                      K_PAGES_TO_SCAN, K_RUN, K_SLEEP_MS, L_HEAD_NEXT, L_HEAD_PREV,
                      L_SCAN_SLOT, MAGIC, MM_SIZE, PAGE_SIZE, T_STATE, TASK_SIZE,
-                     TS_ALIVE, TS_REAPING, VERSION, M_ID)
-from .locks import Lock, Task, holders_of
+                     TS_ALIVE, TS_REAPING, VERSION, M_ID, M_STATE, MS_FREE, MS_FREEING,
+                     S_LOCKDEP, S_USE_AFTER_FREE)
+from .locks import Lock, Task, holders_of, lock_name
+
+# lockdep (locks.Task.lockdep_check) in every task: UKSM_LOCKDEP=1 (the
+# test suite sets it); off by default, every lock operation pays for it
+LOCKDEP = os.environ.get("UKSM_LOCKDEP") == "1"
 
 
 @dataclass
@@ -150,15 +156,32 @@ class Cluster:
 
     def bind(self, row: int) -> Task:
         """Use task row ``row`` for this process's (or thread's) locking."""
-        task = Task(self.q, self.tbase(row), row, holders=self.holders,
-                    wait_log_ms=self.q[H_LOCK_WAIT_MS])
+        task = self.new_task(row)
         self.task = task
         return task
 
     def new_task(self, row: int) -> Task:
         """Another Task handle (a supervisor thread) on ``row``."""
-        return Task(self.q, self.tbase(row), row, holders=self.holders,
+        task = Task(self.q, self.tbase(row), row, holders=self.holders,
                     wait_log_ms=self.q[H_LOCK_WAIT_MS])
+        if LOCKDEP:
+            task.lockdep = self._lockdep_report
+        return task
+
+    # what lockdep reports go to (each process sets its logger)
+    lockdep_log: Any = None
+
+    def _lockdep_report(self, kind: str, lk: Lock, held: int, op: str) -> None:
+        """A lock taken against the order (locks.Task.lockdep_check): count
+        it (S_LOCKDEP fails the run) and log ``lockdep`` with the call chain,
+        as the kernel's lockdep prints the report and carries on -- into the
+        deadlock, if it was one (the watchdog then reports the hang)."""
+        import traceback
+        self.q[S_LOCKDEP] += 1  # racy, but only zero or not matters
+        log = self.lockdep_log
+        if log is not None:
+            chain = " <- ".join(f.name for f in reversed(traceback.extract_stack()[-9:-2]))
+            log.error("lockdep", kind=kind, lock=lk.name, held=lock_name(held), op=op, chain=chain)
 
     def thread_view(self, row: int) -> "Cluster":
         """The same cluster for another thread of this process, locking as
@@ -205,8 +228,29 @@ class Cluster:
             lk = (Lock(shm.open_sem(self.name, f"mm{mm_id}.sem"), self.rwsem_n, C_MMAP, mm_id),
                   Lock(shm.open_sem(self.name, f"mm{mm_id}.wmx"), 1, C_WMUTEX, mm_id),
                   Lock(shm.open_sem(self.name, f"mm{mm_id}.ptl"), 1, C_PTL, mm_id))
+            row = self.mm_row(mm_id)
+            for x in lk:
+                x.mmrow = row
             self._mm_locks[mm_id] = lk
         return lk
+
+    def watch_use_after_free(self, log: Any) -> None:
+        """Check, before every operation on an mm's lock by this task, that
+        the mm is still alive (its row still holds it, not being freed):
+        otherwise log ``use_after_free``, count it (S_USE_AFTER_FREE, which
+        fails the run) and carry on, as KASAN reports and carries on.  The
+        kernel's up_read on a freed mm_struct (the 2016 race) lands here.
+        Reads of a freed mm's segment are not checked (every PTE read would
+        pay for it); its locks are where the known races touched it."""
+        q = self.q
+
+        def check(lk: Lock, op: str) -> None:
+            b = self.mbase(lk.mmrow)
+            if q[b + M_ID] == lk.mm and q[b + M_STATE] not in (MS_FREEING, MS_FREE):
+                return
+            q[S_USE_AFTER_FREE] += 1  # racy, but only zero or not matters
+            log.error("use_after_free", mm=lk.mm, lock=lk.name, op=op)
+        self.task.uaf = check
 
     def forget_mm(self, mm_id: int) -> None:
         lk = self._mm_locks.pop(mm_id, None)

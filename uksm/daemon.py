@@ -640,6 +640,7 @@ class Daemon(ScriptOps):
                 "workers": workers, "integrity": integrity, "fsck": fs,
                 "hung_tasks": sup.hung, "ipc_leftovers": leftovers, "errors": sup.errors,
                 "oops": end["oops"], "ksmd_restarts": end["ksmd_restarts"],
+                "use_after_free": end["use_after_free"], "lockdep": end["lockdep"],
                 "log_dir": self.log_dir}
 
 

@@ -27,15 +27,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from . import killpoints
+from . import killpoints, oom
 from .ksm import __ksm_exit
 from .layout import (EXIT_POLICIES, H_EXIT_POLICY, M_EXIT_STAGE, M_ID, M_REFS, M_SLOT_USED, M_STATE,
                      M_USERS, MAX_VMAS, MS_EXITING, MS_ZOMBIE, PAGE_SIZE, PT_OFF, REF_KSM,
-                     REF_USERS, VMA_OFF, VMA_SIZE, V_END, XS_KSM_EXIT, XS_MMDROP, XS_PGTABLES,
-                     XS_USERS0, XS_ZAPPED, M_OOM_VICTIM)
+                     REF_USERS, MS_VMAS_FREED, H_SHUTDOWN, PTE_PRESENT, T_EXIT_PROGRESS,
+                     VM_LOCKED, VMA_OFF, VMA_SIZE, V_END, XS_KSM_EXIT, XS_MMDROP, XS_PGTABLES,
+                     XS_USERS0, XS_ZAPPED, M_OOM_VICTIM, M_OWNER_PID)
 from .memory import Allocator
-from .mm import MM, mmdrop
-from .mmu import zap_range
+from .mm import MM, mm_attach, mmdrop
+from .mmu import handle_mm_fault, zap_range
 
 if TYPE_CHECKING:
     from .cluster import Cluster
@@ -65,6 +66,34 @@ def mmput(cl: "Cluster", mm: MM, alloc: Allocator, log: Any) -> int:
             q[b + M_STATE] = MS_ZOMBIE  # waiting for ksmd to free the slot
         mmdrop(cl, mm.row, mm.id, REF_USERS, log)  # marks XS_MMDROP with the drop
     return path
+
+
+def oom_kill_and_mmput(cl: "Cluster", task: Any, log: Any = None) -> int:
+    """The OOM killer as a linux-next change of 2015 made it (hazard
+    ``oom-mmput-in-task``): oom_kill_process itself ends up in mmput of the
+    victim's mm, in the allocating task.  When that task is the run=2
+    unmerger (here ksmd) holding the victim's mmap_sem for read, the mmput
+    runs __ksm_exit, whose slow path (the victim is at the unmerge cursor)
+    does down_write on that same mmap_sem: the task deadlocks on itself.
+    lockdep names it ("recursive", mmap_sem) before the hang.
+
+    Simplified: the kernel's mmput was the last one because the victim had
+    already dropped its own reference; here the killer's mmput runs the
+    whole exit and the victim's own exit later finds every step done (the
+    steps are idempotent).  The report was on linux-next and was fixed in
+    the OOM killer, never in KSM; its thread is not in the sources this
+    project can search (the issue and shared/KSM-REFERENCE.md describe it)."""
+    pid = oom.out_of_memory(cl, task)
+    if pid <= 0:
+        return pid
+    q = cl.q
+    for r in range(cl.max_mms):
+        b = cl.mbase(r)
+        if q[b + M_ID] and q[b + M_OWNER_PID] == pid and q[b + M_OOM_VICTIM]:
+            mm = mm_attach(cl, q[b + M_ID])
+            mmput(cl, mm, Allocator(cl), log)
+            break
+    return pid
 
 
 def mm_users_zero(cl: "Cluster", mm: MM, log: Any, ptl_held: bool = False) -> bool:
@@ -108,10 +137,37 @@ def ksm_exit(cl: "Cluster", mm: MM, policy: str, log: Any) -> int:
     return path
 
 
+def munlock_vma_pages_all(cl: "Cluster", mm: MM, alloc: Allocator) -> None:
+    """exit_mmap's first step when the mm has VM_LOCKED areas: munlock each.
+    2.6.32's munlock goes through get_user_pages, which (as "ksm: fix
+    deadlock with munlock in exit_mmap", Andrea Arcangeli, 2009, says:
+    "stupidly") faults in the absent pages of the area -- a PROT_NONE
+    area that mlock could not populate, say -- and retries until each page
+    is there.  With the seed's ksm_test_exit check in the fault path
+    (mm_users is 0 by now) the fault backs out without installing
+    anything, and this loop never ends: the livelock that made Andrea
+    revert the seed's placement and its fault-path checks.  ``shipped``
+    faults without the check and goes on.  Each page done bumps
+    T_EXIT_PROGRESS; a retry that installs nothing does not, so the
+    watchdog sees faults without progress.  (H_SHUTDOWN ends the loop:
+    the machine is being torn down, the livelock already reported.)"""
+    q, task = cl.q, cl.task
+    for (i, s, e, f) in mm.vmas():
+        if not f & VM_LOCKED:
+            continue
+        for vpn in range(s, e):
+            while not mm.pq[PT_OFF + vpn] & PTE_PRESENT and not q[H_SHUTDOWN]:
+                handle_mm_fault(cl, alloc, mm, vpn, False)  # follow_page failed: fault, retry
+            q[task.base + T_EXIT_PROGRESS] += 1
+        mm.set_vma_flags(i, f & ~VM_LOCKED)
+
+
 def exit_mmap_unmap(cl: "Cluster", mm: MM, alloc: Allocator, log: Any) -> None:
-    """exit_mmap, first half: unmap every page and free its frame (no
-    mmap_sem, as the kernel's).  Then the memory an OOM kill was for is
-    back, and the OOM killer may pick another victim if need be."""
+    """exit_mmap, first half: munlock the VM_LOCKED areas, unmap every
+    page and free its frame (no mmap_sem, as the kernel's).  Then the memory
+    an OOM kill was for is back, and the OOM killer may pick another victim
+    if need be."""
+    munlock_vma_pages_all(cl, mm, alloc)
     half = cl.va_pages // 2
     zap_range(cl, alloc, mm, 0, half)
     killpoints.hit(cl, "exit_mid_zap", log)
@@ -126,6 +182,7 @@ def free_pgtables(cl: "Cluster", mm: MM) -> None:
     by a COW break that did not check ksm_test_exit) loses its frame for
     good: the leak the seed's checks prevent, and fsck reports."""
     pq = mm.pq
+    pq[MS_VMAS_FREED] = 1  # the VMA table is destroyed: walking it is a bug (mm.VmaTableFreed)
     for i in range(MAX_VMAS):
         pq[VMA_OFF + i * VMA_SIZE + V_END] = 0
     start = PT_OFF * 8

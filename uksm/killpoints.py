@@ -36,6 +36,11 @@ POINTS: dict[str, tuple[str, str]] = {
     "ksmd_between_wp_and_replace": ("ksmd", "ksmd has write-protected a page of the mm, not yet replaced it: owner killed"),
     "ksmd_break_cow": ("ksmd", "ksmd (unshared KSM page) or the run=2 writer (unmerge) is breaking COW "
                                "in the mm: owner killed"),
+    "ksmd_scan_wrap": ("ksmd", "scan_get_next_rmap_item at ksm_mm_head: ksmd_should_run saw the list non-empty, "
+                               "the list lock not yet taken (arm with a delay: CVE-2011-2183's window)"),
+    "ksmd_between_unlocks": ("ksmd", "scan_get_next_rmap_item leaving an mm: between up_read and the list "
+                                     "unlock, in either order (arm with a delay: the 2016 window "
+                                     "under hazard up-read-after-unlock)"),
     "ksmd_break_ksm_window": ("ksmd", "break_ksm (ksmd or the run=2 writer) saw a KSM page and is about "
                                       "to fault it for write "
                                       "(arm with a delay to widen the window the seed closed)"),

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Callable
 from . import killpoints
 from .layout import (H_KSM_UNSYNCED, H_UNMERGE_GEN, K_FULL_SCANS, K_PAGES_SHARED, K_PAGES_SHARING,
                      K_PAGES_UNSHARED, K_PAGES_VOLATILE, K_RMAP_ITEMS, K_RUN, K_RUN_DONE, K_RUN_SEQ,
-                     K_STABLE_NODES, M_MERGING, M_RMAP_ITEMS, S_SLOTS_FREED, T_OOM_ORIGIN, T_EXIT_PATH, F_KSM, FRAME_SIZE, FR_FLAGS, H_HAZARDS, HZ_NO_FAST_PATH, L_HEAD_NEXT,
+                     K_STABLE_NODES, M_MERGING, M_RMAP_ITEMS, S_SLOTS_FREED, T_OOM_ORIGIN, T_EXIT_PATH, F_KSM, FRAME_SIZE, FR_FLAGS, H_HAZARDS, HZ_NO_FAST_PATH, HZ_NO_UNMERGE_EXIT_CHECK, L_HEAD_NEXT,
                      L_HEAD_PREV, L_SCAN_ADDR, L_SCAN_SLOT, L_SEQNR, M_EXIT_PATH, M_FLAGS, M_ID,
                      M_SLOT_NEXT, M_SLOT_PREV, M_SLOT_RMAP, M_SLOT_USED, M_REFS,
                      MMF_VM_MERGEABLE, P_FAST, P_LEGACY, P_SLOW, PT_OFF, PTE_PRESENT,
@@ -298,7 +298,13 @@ def unmerge_and_remove_all_rmap_items(cl: "Cluster", alloc: Allocator, log=None,
             task.lock(mm.sem)
             pages = 0
             try:
-                for (start, end) in ([] if ksm_test_exit(cl, mm) else mm.mergeable_ranges()):
+                # "mm/ksm: fix race with VMA iteration and mm_struct teardown"
+                # (2023): ksm_test_exit before walking the VMAs, which an
+                # exit_mmap may already have destroyed (free_pgtables marks
+                # the table; mm.vmas() then oopses).  Hazard
+                # no-unmerge-exit-check drops only this check.
+                walk = q[H_HAZARDS] & HZ_NO_UNMERGE_EXIT_CHECK or not ksm_test_exit(cl, mm)
+                for (start, end) in (mm.mergeable_ranges() if walk else []):
                     if ksm_test_exit(cl, mm):
                         break
                     killpoints.hit_ksmd(cl, "ksmd_break_cow", mm.base, log)

@@ -42,12 +42,16 @@ from .layout import (F_ANON, F_KSM, FR_COUNT, FR_FLAGS, FR_KEY0, FR_KEY1, FRAME_
                      L_SCAN_SLOT, L_SEQNR, M_FLAGS, M_ID, M_KSM_MAPPED, M_MERGING,
                      M_RMAP_ITEMS, M_SLOT_RMAP, M_SLOT_USED, M_WRITER_WAITING, MMF_VM_MERGEABLE,
                      PAGE_SIZE, PT_OFF, PTE_PRESENT, PTE_WRITE, REF_KSM, S_COW_KSMD,
-                     S_MERGES, S_SLOTS_FREED, VM_MERGEABLE, H_SHUTDOWN)
+                     S_MERGES, S_SLOTS_FREED, VM_MERGEABLE, H_SHUTDOWN, H_HAZARDS,
+                     HZ_NO_SCAN_HEAD_CHECK, HZ_UP_READ_AFTER_UNLOCK)
 from .memory import Allocator, free_frames
 from .mm import MM, mm_attach, mmdrop
 from .mmu import ksm_test_exit
 
 digest = mmh3.mmh3_x64_128_digest
+
+class NullPointerDereference(Exception):
+    """A dereference the kernel would have done through a NULL pointer."""
 
 
 def key_ints(key: bytes) -> tuple[int, int]:
@@ -206,6 +210,8 @@ class Ksmd:
 
     # ---- slots -----------------------------------------------------------
     def slot_state(self, row: int) -> SlotState:
+        if row == self.cl.head:  # ksm_mm_head.mm is NULL: mm = slot->mm; down_read(&mm->mmap_sem)
+            raise NullPointerDereference("mm = slot->mm: slot is ksm_mm_head, its mm is NULL")
         st = self.slots.get(row)
         mm_id = self.q[self.cl.mbase(row) + M_ID]
         if st is not None and st.mm_id == mm_id:
@@ -299,12 +305,18 @@ class Ksmd:
             slot = q[L_SCAN_SLOT]
             if slot == head:
                 self.unstable.clear()  # root_unstable_tree = RB_ROOT
+                # the window of CVE-2011-2183: ksmd_should_run saw the list
+                # non-empty, and the last mm may leave before the lock
+                killpoints.hit_ksmd(cl, "ksmd_scan_wrap", cl.mbase(q[L_HEAD_NEXT] % head), self.log)
                 task.lock(cl.mmlist)
                 slot = slot_next(cl, head)
                 q[L_SCAN_SLOT] = slot
                 q[L_SCAN_ADDR] = 0
                 task.unlock(cl.mmlist)
-                if slot == head:  # CVE-2011-2183: the last mm left meanwhile
+                # "ksm: fix NULL pointer dereference in scan_get_next_rmap_item()"
+                # (2011, CVE-2011-2183): the last mm left meanwhile, and the
+                # list head has no mm.  Hazard no-scan-head-check drops it.
+                if slot == head and not q[H_HAZARDS] & HZ_NO_SCAN_HEAD_CHECK:
                     break
             st = self.slot_state(slot)
             n, done = self.scan_mm(st, budget)
@@ -448,12 +460,20 @@ class Ksmd:
             self.log.info("slot_freed", mm=st.mm_id, by="ksmd")
             self.drop_slot(st)
             mmdrop(cl, st.row, st.mm_id, REF_KSM, self.log)
-        else:
-            # up_read before the list lock is dropped (the 2016 fix of the
-            # use-after-free in ksm_scan_thread): the cursor has left this
-            # slot, so once the list lock is free its __ksm_exit may take
-            # the fast path and free the mm under our up_read.
+        elif q[H_HAZARDS] & HZ_UP_READ_AFTER_UNLOCK:
+            # before "ksm: fix conflict between mmput and scan_get_next_rmap_item"
+            # (2016): once the list lock is dropped with the cursor moved on,
+            # the task may exit by the fast path and free its mm before
+            # this up_read -- an up_read on freed memory
+            task.unlock(cl.mmlist)
+            killpoints.hit_ksmd(cl, "ksmd_between_unlocks", b, self.log)
             task.unlock(mm.sem)
+        else:
+            # up_read before the list lock is dropped (the 2016 fix): with the
+            # cursor moved on and no rmap_items, nothing else keeps the mm
+            # from __ksm_exit's fast path and the last mmdrop
+            task.unlock(mm.sem)
+            killpoints.hit_ksmd(cl, "ksmd_between_unlocks", b, self.log)
             task.unlock(cl.mmlist)
         if nxt == cl.head:
             q[L_SEQNR] = seqnr + 1  # published as full_scans at batch end
@@ -672,6 +692,8 @@ def main(argv: list[str] | None = None) -> int:
     cl.q[cl.tbase(a.task) + T_PID] = os.getpid()
     log = ulog.setup("ksmd", a.cluster, a.log_dir)
     oom.set_logger(log)
+    cl.watch_use_after_free(log)
+    cl.lockdep_log = log
     cl.task.on_wait = lambda name, ms, holders: log.info("lock_wait", lock=name, holders=holders,
                                                           waited_ms=round(ms, 3))
     from . import oops

@@ -90,7 +90,10 @@ S_SLOTS_FREED = KSM_END + 16
 S_MM_FREED = KSM_END + 17
 S_SIGNALS = KSM_END + 18
 S_EXIT_NOSLOT = KSM_END + 19   # exits that found no mm_slot: ksmd freed it first, or none was made
-STATS_END = KSM_END + 20
+# detectors (racy increments: only "zero or not" matters)
+S_USE_AFTER_FREE = KSM_END + 20  # lock operations on a freed mm (locks.Task.uaf)
+S_LOCKDEP = KSM_END + 21         # locks taken against the order, or twice (lockdep)
+STATS_END = KSM_END + 22
 
 # ---- ksm_mm_head, ksm_scan (under ksm_mmlist_lock) and the free-stack top (under zone_lock)
 L_HEAD_NEXT = STATS_END + 0
@@ -126,7 +129,8 @@ T_WORKLOAD = 20
 T_SEED = 21
 T_EXIT_PATH = 22
 T_OOM_ORIGIN = 23    # PF_OOM_ORIGIN: the run=2 writer while it unmerges (the OOM killer's first choice)
-T_FIXED = 24
+T_EXIT_PROGRESS = 24  # bumped at every step of this task's exit (the livelock watchdog's clock)
+T_FIXED = 25
 
 # ---- mm table row: mm_struct fused with its mm_slot (slot index == row index)
 M_ID = 0
@@ -207,12 +211,14 @@ F_ANON, F_KSM, F_FREEING = 1, 2, 4
 
 # ---- address-space segment: header, VMA table, page table
 MS_MAGIC, MS_ID, MS_OWNER_PID, MS_NVMA = range(4)
+# set by exit_mmap's free_pgtables: the VMA table is destroyed (a walk oopses)
+MS_VMAS_FREED = 4
 MAX_VMAS = 64
 V_START, V_END, V_FLAGS = range(3)
 VMA_SIZE = 3
 VMA_OFF = 8
 PT_OFF = VMA_OFF + MAX_VMAS * VMA_SIZE
-VM_READ, VM_WRITE, VM_MERGEABLE = 1, 2, 4
+VM_READ, VM_WRITE, VM_MERGEABLE, VM_LOCKED = 1, 2, 4, 8
 # PTE: pfn << 2 | write << 1 | present; 0 is pte_none
 PTE_PRESENT, PTE_WRITE = 1, 2
 FIRST_VPN = 16  # the first pages of every address space stay unmapped (NULL)
@@ -220,13 +226,17 @@ FIRST_VPN = 16  # the first pages of every address space stay unmapped (NULL)
 # ---- exit policies and hazards
 EXIT_POLICIES = ("seed", "shipped", "legacy")
 POL_SEED, POL_SHIPPED, POL_LEGACY = range(3)
-HAZARDS = {"no-fast-path": 1, "no-exit-checks": 2}
+# Each hazard removes one later fix (or restores one early bug); README.md
+# lists them with the commit that fixed each.
+HAZARDS = {"no-fast-path": 1, "no-exit-checks": 2, "no-scan-head-check": 4,
+           "up-read-after-unlock": 8, "no-unmerge-exit-check": 16, "oom-mmput-in-task": 32}
+HZ_NO_FAST_PATH, HZ_NO_EXIT_CHECKS, HZ_NO_SCAN_HEAD_CHECK = 1, 2, 4
+HZ_UP_READ_AFTER_UNLOCK, HZ_NO_UNMERGE_EXIT_CHECK, HZ_OOM_MMPUT_IN_TASK = 8, 16, 32
 # the OOM killer of: 2.6.32 (select_bad_process skips a task without an mm
 # before it looks at TIF_MEMDIE) or 4.1 (oom_scan_process_thread: TIF_MEMDIE
 # first, so a victim stuck in its exit blocks every further kill)
 OOM_RULES = ("2.6.32", "4.1")
 OOM_2632, OOM_41 = range(2)
-HZ_NO_FAST_PATH, HZ_NO_EXIT_CHECKS = 1, 2
 
 # cluster states
 CS_STARTING, CS_RUNNING, CS_STOPPING, CS_STOPPED = range(4)

@@ -76,7 +76,7 @@ class LockAbort(Exception):
 class Lock:
     """One semaphore of ``units`` units (1: a mutex; N: an rw semaphore)."""
 
-    __slots__ = ("sem", "units", "cls", "lid", "name")
+    __slots__ = ("sem", "units", "cls", "lid", "name", "mm", "mmrow")
 
     def __init__(self, sem: posix_ipc.Semaphore, units: int, cls: int, mm: int = 0) -> None:
         self.sem = sem
@@ -84,6 +84,8 @@ class Lock:
         self.cls = cls
         self.lid = lock_id(cls, mm)
         self.name = lock_name(self.lid)
+        self.mm = mm          # the address space whose lock this is (0: a global lock)
+        self.mmrow = -1       # its mm-table row, for the use-after-free check
 
 
 class Task:
@@ -107,6 +109,37 @@ class Task:
         # polled at every slice of a blocked wait; True abandons the wait
         # (the entry goes back to IDLE: no unit was taken) with LockAbort
         self.abort: Callable[[], bool] | None = None
+        # called before every operation on an mm's lock (Cluster.watch_use_after_free):
+        # an operation on a freed mm's lock is a use after free
+        self.uaf: Callable[[Lock, str], None] | None = None
+        # lockdep (Cluster.watch_lock_order): called with (kind, lock taken,
+        # lock id held, operation) for every lock taken against the order
+        self.lockdep: Callable[[str, Lock, int, str], None] | None = None
+
+    # -- lockdep ----------------------------------------------------------
+    def lockdep_check(self, lk: Lock, op: str, from_cls: int = -1) -> None:
+        """The lock order is the class order (layout.LOCK_CLASSES):
+        ksm_thread_mutex -> mmap_wmutex -> mmap_sem -> pte_lock -> zone_lock
+        -> ksm_mmlist_lock (a leaf).  Taking ``lk`` while this task holds a
+        lock of its class or a later one is reported: ``recursive`` (that
+        very lock: a self-deadlock for anything but a second reader),
+        ``same_class`` (two locks of one class: also beyond what a task
+        row records), ``order`` (against the order: an ABBA deadlock
+        waiting for a partner).  ``from_cls``: check from that class on
+        (down_write: from the writer mutex, for the semaphore's identity).
+        A check of this task's own entries only: cheap, no global graph."""
+        if self.lockdep is None:
+            return
+        q = self.q
+        for c in range(lk.cls if from_cls < 0 else from_cls, C_FRAMES):
+            e = self.ebase[c]
+            w = q[e + E_WORD]
+            st = w & 3
+            if not (st == HELD or (w & WRITER and st == WAITING and q[e + E_HELD] > 0)):
+                continue
+            held = q[e + E_LOCK]
+            kind = "recursive" if held == lk.lid else "same_class" if c == lk.cls else "order"
+            self.lockdep(kind, lk, held, op)
 
     # -- the protocol -----------------------------------------------------
     def _set(self, e: int, state: int) -> None:
@@ -137,8 +170,12 @@ class Task:
             holders = self.holders(lk.lid) if self.holders else []
             self.on_wait(lk.name, waited / 1e6, holders)
 
-    def lock(self, lk: Lock) -> None:
+    def lock(self, lk: Lock, check: bool = True) -> None:
         """mutex_lock / down_read: take one unit."""
+        if self.uaf is not None and lk.mmrow >= 0:
+            self.uaf(lk, "lock")
+        if check and self.lockdep is not None:
+            self.lockdep_check(lk, "lock")
         q = self.q
         e = self.ebase[lk.cls]
         q[e + E_LOCK] = lk.lid
@@ -151,7 +188,12 @@ class Task:
         q[e + E_WORD] = (w & ~7) + 16 + HELD
 
     def trylock(self, lk: Lock) -> bool:
-        """mutex_trylock / down_read_trylock."""
+        """mutex_trylock / down_read_trylock (cannot deadlock: only a
+        recursive trylock is reported)."""
+        if self.uaf is not None and lk.mmrow >= 0:
+            self.uaf(lk, "trylock")
+        if self.lockdep is not None and self.holds(lk):
+            self.lockdep("recursive", lk, lk.lid, "trylock")
         q = self.q
         e = self.ebase[lk.cls]
         q[e + E_LOCK] = lk.lid
@@ -167,6 +209,8 @@ class Task:
 
     def unlock(self, lk: Lock) -> None:
         """mutex_unlock / up_read."""
+        if self.uaf is not None and lk.mmrow >= 0:
+            self.uaf(lk, "unlock")
         q = self.q
         e = self.ebase[lk.cls]
         w = q[e + E_WORD]
@@ -176,7 +220,9 @@ class Task:
 
     def down_write(self, sem: Lock, wmutex: Lock) -> None:
         """down_write: the writer mutex, then every unit of ``sem``."""
-        self.lock(wmutex)
+        if self.lockdep is not None:
+            self.lockdep_check(sem, "down_write", from_cls=wmutex.cls)
+        self.lock(wmutex, check=False)
         q = self.q
         e = self.ebase[sem.cls]
         q[e + E_LOCK] = sem.lid

@@ -377,6 +377,9 @@ class CheckResult:
     clean_stop: bool
 
 
+N_RULES = 8
+
+
 class _Checker:
     """Protocol rules over one event stream; see :func:`check`."""
 
@@ -483,6 +486,21 @@ class _Checker:
             f"(reported at {self._t(ev['mono_ns'])}); chain: {chain_s}",
         )
 
+    # -- rule 6: no oops; rule 7: no use after free
+    def _oops(self, ev: Event) -> None:
+        tb = str(ev.get("tb", "")).strip().splitlines()
+        self._violation(6, None, f"oops: {ev.get('role', '?')} pid {ev.get('pid', '?')} raised "
+                                 f"{ev.get('error', '?')} (at {self._t(ev['mono_ns'])}); "
+                                 f"last frame: {tb[-3].strip() if len(tb) >= 3 else '?'}")
+
+    def _lockdep(self, ev: Event) -> None:
+        self._violation(8, None, f"lockdep: {ev.get('role', '?')} pid {ev.get('pid', '?')} took "
+                                 f"{ev.get('lock', '?')} ({ev.get('op', '?')}) holding {ev.get('held', '?')}: "
+                                 f"{ev.get('kind', '?')} (at {self._t(ev['mono_ns'])}); chain: {ev.get('chain', '?')}")
+
+    def _use_after_free(self, ev: Event) -> None:
+        self._violation(7, _int(ev.get("mm")), f"{self._desc(ev)}: operation on a freed mm's lock")
+
     def feed(self, events: Iterable[Event]) -> None:
         self.origin, stream = _with_origin(events)
         handlers = self.handlers
@@ -500,6 +518,12 @@ class _Checker:
                 handler(ev, mm, st)
             elif name == "hung_task":
                 self._hung_task(ev)
+            elif name == "oops":
+                self._oops(ev)
+            elif name == "use_after_free":
+                self._use_after_free(ev)
+            elif name == "lockdep":
+                self._lockdep(ev)
             elif name == "cluster_stop":
                 self.clean_stop = True
 
@@ -540,7 +564,10 @@ def check(log_dir: str | Path) -> list[str]:
     3. mm_freed only when the latest mmdrop of that mm left mm_count 0, at
        most once per mm;
     4. no merge whose t_last_ns is after that mm's mm_exit_begin;
-    5. no hung_task event.
+    5. no hung_task event;
+    6. no oops event (an unexpected exception in ksmd);
+    7. no use_after_free event (an operation on a freed mm's lock);
+    8. no lockdep event (a lock taken against the lock order, or twice).
     """
     return check_events(iter_events(log_dir)).violations
 
@@ -922,7 +949,7 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
             for n in res.notes:
                 print(f"note: {n}", file=out)
             if not res.violations:
-                print(f"ok: all 5 rules hold ({res.mms} mms)", file=out)
+                print(f"ok: all {N_RULES} rules hold ({res.mms} mms)", file=out)
             else:
                 print(f"{len(res.violations)} violations ({res.mms} mms)", file=out)
         return EXIT_VIOLATIONS if res.violations else EXIT_OK

@@ -1,12 +1,16 @@
 """A ksmd that raises is an oops, not a loop.
 
-An exception in ksmd is a bug, as an oops in the kernel is: ksmd logs it
+An exception in kernel code is a bug, as an oops in the kernel is.  Two
+tasks run kernel code in their own context: ksmd, and the writer of
+/sys/kernel/mm/ksm/run (run_store; for run=2 the whole unmerge,
+uksm.writer).  Either one logs it
 once, with its traceback (an ``oops`` event in its log), sends a one-line
 record of it to its supervisor down a pipe (the *oops channel*: fd
 ``UKSM_OOPS_FD``), and exits with ``OOPS_STATUS``.  The supervisor
 recovers the locks the dead ksmd held (as for any death), counts the oops
 by its signature (exception type and the innermost frame), and restarts
-ksmd after a backoff (0.1 s, doubling, at most 2 s): the restart is a
+ksmd after a backoff (0.1 s, doubling, at most 2 s; the writer is not
+restarted: its caller gets the oops as the write's result): the restart is a
 feature (a killed ksmd is recovered), the tight loop of restarts is not.
 After ``OOPS_LIMIT`` oopses in a row -- no batch published by ksmd in
 between -- it gives up: no more restarts, the run ends with a clear error.
@@ -15,8 +19,12 @@ The rule (``uksm run``, ``inject``, ``down``): **any oops fails the run**,
 with status ``EXIT_OOPS`` (5) unless a hung task (3) was found first; the
 report lists each distinct oops once, with its count (``"oops"``), and how
 often ksmd was restarted after one (``"ksmd_restarts"``).  A detector for
-a hazard that makes ksmd trip (an exception on a freed mm, say) needs
-nothing more than to look at ``status`` or ``oops``.
+a hazard that makes ksmd or the writer trip (an exception on a freed mm,
+say) needs nothing more than to look at ``status`` or ``oops``.
+
+The channel, not the exit status, is the evidence: a stop signal that
+reaches a task in interpreter shutdown, after it sent the record, turns
+status 70 into -15.
 
 Test hook (not in the CLI): ``UKSM_TEST_KSMD_OOPS=every`` makes every ksmd
 raise in each batch; ``UKSM_TEST_KSMD_OOPS=once:PATH`` makes the first
@@ -44,11 +52,12 @@ def signature(e: BaseException) -> tuple[str, str]:
     return f"{type(e).__name__}: {e}", where
 
 
-# ---- in ksmd ---------------------------------------------------------------------------------
+# ---- in ksmd and the writer ---------------------------------------------------------------------
 
 def report(log: Any, e: BaseException) -> int:
-    """ksmd raised: log it once with its traceback, tell the supervisor,
-    return the exit status."""
+    """ksmd or the writer raised: log it once with its traceback (the
+    ``oops`` event; its role says which task), tell the supervisor, return
+    the exit status."""
     error, where = signature(e)
     tb = "".join(traceback.format_exception(type(e), e, e.__traceback__))
     log.error("oops", error=error, where=where, tb=tb)
@@ -85,7 +94,7 @@ def install_test_hook(ksmd: Any) -> None:
 
 @dataclass
 class Oopses:
-    """The supervisor's record of ksmd's oopses."""
+    """The supervisor's record of the oopses (ksmd's and the writers')."""
     seen: dict[tuple[str, str], int] = field(default_factory=dict)
     in_row: int = 0
     restarts: int = 0
@@ -114,12 +123,17 @@ class Oopses:
         except (ValueError, KeyError, TypeError):
             return None
 
-    def count(self, sig: tuple[str, str], progress: tuple[int, int]) -> tuple[bool, float]:
-        """One more oops.  ``progress``: ksmd's published counters now (a
-        batch published since the last restart breaks the row).  Returns
-        (first time this one is seen, the restart delay; < 0: give up)."""
+    def note(self, sig: tuple[str, str]) -> bool:
+        """One more oops for the report; True the first time it is seen."""
         first = sig not in self.seen
         self.seen[sig] = self.seen.get(sig, 0) + 1
+        return first
+
+    def count(self, sig: tuple[str, str], progress: tuple[int, int]) -> tuple[bool, float]:
+        """One more ksmd oops.  ``progress``: ksmd's published counters now
+        (a batch published since the last restart breaks the row).  Returns
+        (first time this one is seen, the restart delay; < 0: give up)."""
+        first = self.note(sig)
         self.in_row = 1 if progress != self.progress else self.in_row + 1
         if self.in_row >= OOPS_LIMIT:
             self.given_up = (f"ksmd oopsed {self.in_row} times in a row ({sig[0]} at {sig[1]}): "

@@ -250,7 +250,8 @@ def build_report(name: str, o: RunOptions, t0: float, snap: dict[str, Any], end:
             "hung_tasks": end["hung_tasks"], "ipc_leftovers": end["ipc_leftovers"],
             "log_dir": log_dir, "exit_policy": o.exit_policy, "oom_rule": o.oom_rule, "hazards": o.hazards,
             "scenario": o.scenario, **(extra or {}), "errors": end["errors"],
-            "oops": end["oops"], "ksmd_restarts": end["ksmd_restarts"], "interrupted": interrupted,
+            "oops": end["oops"], "ksmd_restarts": end["ksmd_restarts"],
+            "use_after_free": end["use_after_free"], "lockdep": end["lockdep"], "interrupted": interrupted,
             "status": end["status"] if status is None else status}
 
 

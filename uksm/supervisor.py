@@ -39,7 +39,8 @@ from .layout import (A_FREE_TOP, C_ALLOC, C_DAEMON, C_MMAP, C_MMLIST, C_PTL, C_W
                      M_EXIT_STAGE, M_FREER_TASK, M_ID, M_OWNER_PID, M_REFS, M_SLOT_RMAP, M_SLOT_USED,
                      M_STATE, M_USERS, M_WRITER_WAITING, MS_FREEING, MS_ZOMBIE,
                      R_KSMD, R_REAPER, R_SUPERVISOR, R_WORKER, R_WRITER, EXIT_POLICIES, H_EXIT_POLICY, S_EXIT_FAST, S_EXIT_LEGACY,
-                     S_EXIT_NOSLOT, S_EXIT_SLOW, S_EXITED, S_KILLED, S_LOCK_RECOVERIES, S_MISMATCHES,
+                     S_EXIT_NOSLOT, S_EXIT_SLOW, S_EXITED, S_LOCKDEP, S_USE_AFTER_FREE, S_KILLED,
+                     S_LOCK_RECOVERIES, S_MISMATCHES,
                      S_OOM_KILLED, S_PAGES_VERIFIED, S_REAPED, S_RECOVERIES, S_STARTED,
                      T_EXIT_PATH, T_EXIT_REASON, T_FLIGHT_PFN, T_FOR_ROW, T_KILL_POINT, T_MISMATCHES, T_MM,
                      T_PAGES, T_PID, T_READY, T_ROLE, T_START_NS, T_STATE, T_VERIFIED,
@@ -61,6 +62,7 @@ class Child:
     pages: int = 0
     workload: str = ""
     signalled: int = 0
+    oops_fd: int = -1   # a writer's oops channel, read end (ksmd's is Supervisor.oops_fd)
 
 
 @dataclass
@@ -105,6 +107,7 @@ class Supervisor:
         row = self._alloc_row(R_SUPERVISOR, os.getpid())
         self.cl.bind(row)
         self.log = ulog.setup("supervisor", self.name, self.log_dir)
+        self.cl.lockdep_log = self.log
         oom.set_logger(self.log)
         self.cl.task.on_wait = self._on_wait(self.log)
         self.log.info("cluster_start", workers=0, pages=0, frames=self.cfg.frames,
@@ -188,6 +191,35 @@ class Supervisor:
             os.close(self.oops_fd)
             self.oops_fd = -1
 
+    def _take_oops_fd(self, ch: Child | None = None) -> int:
+        """The read end of a dead task's oops channel, taken once (the
+        detector thread and stop_ksmd may both look): ksmd's, or writer
+        ``ch``'s; -1 if taken already."""
+        with self.lock:
+            if ch is None:
+                fd, self.oops_fd = self.oops_fd, -1
+            else:
+                fd, ch.oops_fd = ch.oops_fd, -1
+        return fd
+
+    def _oops_note(self, role: str, sig: tuple[str, str], first: bool, then: str) -> None:
+        if not self.quiet and (first or self.given_up):
+            print(f"uksm: {role} oops: {sig[0]} at {sig[1]} (traceback in its log); {then}",
+                  file=sys.stderr, flush=True)
+
+    def note_oops(self, ch: Child | None, then: str) -> None:
+        """A task exited that is not restarted: the writer of run (``ch``;
+        the write's caller gets its status), or ksmd as shutdown stopped it
+        (None).  If it oopsed (it sent what it raised down its channel --
+        the evidence, whatever its status), count the oops: the run fails
+        with EXIT_OOPS."""
+        fd = self._take_oops_fd(ch)
+        sig = Oopses.read(fd) if fd >= 0 else None
+        if sig is not None:
+            with self.lock:
+                first = self.oopses.note(sig)
+            self._oops_note(ch.role if ch else "ksmd", sig, first, then)
+
     @property
     def given_up(self) -> str:
         """Why the cluster cannot go on ('' if it can): ksmd oopsed in a row."""
@@ -195,8 +227,9 @@ class Supervisor:
 
     def spawn_worker(self, pages: int, workload: str, seed: int, churn_ms: int = 0,
                      kill_point: str | None = None, kill_sig: int = signal.SIGKILL,
-                     exit_after_write: bool = False, program: str = "uksm.workers.worker",
-                     extra_args: tuple[str, ...] = (), pass_fds: tuple[int, ...] = ()) -> Child:
+                     exit_after_write: bool = False, no_touch: bool = False, mlock: bool = False,
+                     program: str = "uksm.workers.worker", extra_args: tuple[str, ...] = (),
+                     pass_fds: tuple[int, ...] = ()) -> Child:
         """fork + exec a worker: its row and address space first.
         ``program``: another worker program taking the same options and
         ``extra_args`` (a programmable task: uksm.workers.scripted)."""
@@ -220,6 +253,10 @@ class Supervisor:
                 "--seed", str(seed), "--worker-no", str(wno), "--churn-ms", str(churn_ms)]
         if exit_after_write:
             args.append("--exit-after-write")
+        if no_touch:
+            args.append("--no-touch")
+        if mlock:
+            args.append("--mlock")
         if self.log_dir:
             args += ["--log-dir", self.log_dir]
         p = self._popen(args + list(extra_args), pass_fds)
@@ -252,9 +289,16 @@ class Supervisor:
             args.append("--oom-origin")
         if self.log_dir:
             args += ["--log-dir", self.log_dir]
-        p = self._popen(args)
+        r, w = Oopses.channel()
+        try:
+            p = self._popen(args, oops_fd=w)
+        except BaseException:
+            os.close(r)
+            raise
+        finally:
+            os.close(w)
         q[cl.tbase(row) + T_PID] = p.pid
-        ch = Child(row, p, "writer")
+        ch = Child(row, p, "writer", oops_fd=r)
         with self.lock:
             self.writers[row] = ch
         return ch
@@ -303,7 +347,7 @@ class Supervisor:
                 # it ran its whole exit (a signal after that changes nothing)
                 if self._claim(row):
                     self._account_exit(row, ch, reaped=False)
-            elif self._claim(row):
+            elif self._claim(row, dead=True):
                 self._to_recovery(row, ch, rc)
 
     def _writers_exited(self) -> None:
@@ -315,7 +359,11 @@ class Supervisor:
             with self.lock:
                 if self.writers.pop(row, None) is None:
                     continue
-            if any(dead_locks(self.cl.q, self.cl.tbase(row))):
+                dead = any(dead_locks(self.cl.q, self.cl.tbase(row)))
+                if dead:
+                    self.pending_deaths += 1  # counted with the claim (see _claim)
+            self.note_oops(ch, "the write failed")
+            if dead:
                 self._to_recovery(row, ch, rc)
             else:
                 self._free_row(row)
@@ -326,11 +374,16 @@ class Supervisor:
             items = list(self.children.items())
         return [(row, ch, rc) for row, ch in items if (rc := ch.proc.poll()) is not None]
 
-    def _claim(self, row: int) -> bool:
+    def _claim(self, row: int, dead: bool = False) -> bool:
         """Take an exited child off the list; False if the other thread
-        (poll or detect_deaths) already did."""
+        (poll or detect_deaths) already did.  ``dead``: it goes to recovery,
+        counted in pending_deaths in the same critical section, so that
+        settled() never sees it neither listed nor pending."""
         with self.lock:
-            return self.children.pop(row, None) is not None
+            got = self.children.pop(row, None) is not None
+            if got and dead:
+                self.pending_deaths += 1
+            return got
 
     def exit_complete(self, row: int, ch: Child) -> bool:
         """The child ran its whole exit (its mm dropped or gone) and holds no lock."""
@@ -340,8 +393,9 @@ class Supervisor:
         return bool(done) and not any(dead_locks(q, self.cl.tbase(row)))
 
     def _to_recovery(self, row: int, ch: Child, rc: int) -> None:
+        """A claimed death (already counted in pending_deaths) to recovery."""
         self.cl.q[self.cl.tbase(row) + T_STATE] = TS_DEAD
-        self._queue_death((row, ch, rc))
+        self.dead_q.put((row, ch, rc))
 
     def _account_exit(self, row: int, ch: Child, reaped: bool, how: str | None = None,
                       view: Cluster | None = None) -> None:
@@ -507,7 +561,7 @@ class Supervisor:
         holds.  Clean exits are left to poll(), which accounts them."""
         cl, q = self.cl, self.cl.q
         for row, ch, rc in self._exited():
-            if not self.exit_complete(row, ch) and self._claim(row):
+            if not self.exit_complete(row, ch) and self._claim(row, dead=True):
                 self._to_recovery(row, ch, rc)
         self._writers_exited()
         k = self.ksmd
@@ -515,9 +569,11 @@ class Supervisor:
             with self.lock:
                 if self.ksmd is not k:
                     return
+                self.log.error("ksmd_died", status=k.proc.returncode)
+                # counted before ksmd is None (under the lock, as stop_ksmd
+                # takes the channel): shutdown's report never misses it
+                self.ksmd_oopsed(k.proc.returncode)
                 self.ksmd = None
-            self.log.error("ksmd_died", status=k.proc.returncode)
-            self.ksmd_oopsed(k.proc.returncode)
             # out of scope for the kernel (ksmd does not die), but the machine
             # must not hang: recover the locks it held like a worker's, then
             # start a fresh ksmd (its rmap_items and trees are gone)
@@ -529,7 +585,7 @@ class Supervisor:
         counted and restarted after a backoff, or given up after a few in
         a row (``uksm.oops``); any other death is an error, restarted at
         once."""
-        fd, self.oops_fd = self.oops_fd, -1
+        fd = self._take_oops_fd()
         sig = Oopses.read(fd) if fd >= 0 else None
         self.ksmd_delay = 0.0
         if sig is None:
@@ -542,10 +598,8 @@ class Supervisor:
         else:
             self.log.warning("ksmd_restart", delay_s=self.ksmd_delay, in_row=self.oopses.in_row,
                              error=sig[0], where=sig[1])
-        if not self.quiet and (first or self.given_up):
-            print(f"uksm: ksmd oops: {sig[0]} at {sig[1]} (traceback in its log); "
-                  + (self.given_up if self.given_up else f"restarting ksmd in {self.ksmd_delay:.1f}s"),
-                  file=sys.stderr, flush=True)
+        self._oops_note("ksmd", sig, first,
+                        self.given_up or f"restarting ksmd in {self.ksmd_delay:.1f}s")
 
     def _detector_loop(self) -> None:
         while not self.stop_ev.wait(0.01):
@@ -656,9 +710,13 @@ class Supervisor:
     # ---- state -----------------------------------------------------------------------
     def settled(self) -> bool:
         """No death waiting for recovery, none being recovered, no reaper
-        still running a dead task's exit."""
+        still running a dead task's exit -- and no unclean death not yet
+        noticed (a worker ksmd has just SIGKILLed at a kill point).  A clean
+        exit not yet accounted by poll() does not count: nothing to recover."""
         with self.lock:
-            return self.pending_deaths == 0 and not any(t.is_alive() for t in self.reapers)
+            if self.pending_deaths or any(t.is_alive() for t in self.reapers):
+                return False
+        return all(self.exit_complete(row, ch) for row, ch, _rc in self._exited())
 
     def workers_alive(self) -> int:
         with self.lock:
@@ -767,6 +825,7 @@ class Supervisor:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait(timeout=10)
+        self.note_oops(None, "ksmd stopped")  # an oops in flight as it was stopped
         self._free_row(self.ksmd.row)
         self.ksmd = None
 
@@ -841,13 +900,20 @@ class Supervisor:
                 fs = self.final_fsck()
             workers = self.workers_block()
             integrity = {"pages_verified": q[S_PAGES_VERIFIED], "mismatches": q[S_MISMATCHES]}
+            uaf, lockdep = q[S_USE_AFTER_FREE], q[S_LOCKDEP]
         except BaseException:
             self.kill_all()
             self.teardown()
             raise
         leftovers = self.teardown()
+        if uaf:
+            self.errors.append(f"use after free: {uaf} lock operations on a freed mm "
+                               "(use_after_free events)")
+        if lockdep:
+            self.errors.append(f"lockdep: {lockdep} locks taken against the lock order "
+                               "(lockdep events)")
         if status == EXIT_OK:
-            if self.oopses.seen:  # the rule: any ksmd oops fails the run (uksm.oops)
+            if self.oopses.seen:  # the rule: any oops fails the run (uksm.oops)
                 status = EXIT_OOPS
             elif integrity["mismatches"] or not fs["ok"]:
                 status = EXIT_INTEGRITY
@@ -855,7 +921,8 @@ class Supervisor:
                 status = EXIT_ERR
         return {"workers": workers, "integrity": integrity, "fsck": fs, "hung_tasks": self.hung,
                 "ipc_leftovers": leftovers, "errors": self.errors, "oops": self.oopses.block(),
-                "ksmd_restarts": self.oopses.restarts, "status": status}
+                "ksmd_restarts": self.oopses.restarts, "use_after_free": uaf, "lockdep": lockdep,
+                "status": status}
 
     def teardown(self) -> list[str]:
         """Unlink every object; return what is still there."""
@@ -868,6 +935,12 @@ class Supervisor:
             pass
         self._close_oops_fd()
         destroy(self.name)
+        with self.lock:
+            writers = list(self.writers.values())
+        for ch in writers:  # writers nobody polled (a kill_all)
+            fd = self._take_oops_fd(ch)
+            if fd >= 0:
+                os.close(fd)
         return shm.leftovers(self.name)
 
     def log_stop(self, status: int) -> None:

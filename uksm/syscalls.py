@@ -1,5 +1,5 @@
 """The system calls a worker makes on its address space: mmap, munmap,
-madvise (MADV_MERGEABLE, MADV_UNMERGEABLE, MADV_DONTNEED).
+madvise (MADV_MERGEABLE, MADV_UNMERGEABLE, MADV_DONTNEED), mlock.
 
 mmap/munmap/madvise(MERGEABLE|UNMERGEABLE) take mmap_sem for write, as
 ``madvise_need_mmap_write`` says; DONTNEED takes it for read.
@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from . import killpoints
 from .ksm import ERESTARTSYS, __ksm_enter, unmerge_ksm_pages
-from .layout import (M_FLAGS, M_PAGES, MMF_VM_MERGEABLE, PAGE_SHIFT, PAGE_SIZE, VM_MERGEABLE,
-                     VM_READ, VM_WRITE)
+from .layout import (M_FLAGS, M_PAGES, MMF_VM_MERGEABLE, PAGE_SHIFT, PAGE_SIZE, PT_OFF,
+                     PTE_PRESENT, VM_LOCKED, VM_MERGEABLE, VM_READ, VM_WRITE)
 from .memory import Allocator
 from .mm import MM, SegFault
-from .mmu import zap_range
+from .mmu import handle_mm_fault, zap_range
 
 if TYPE_CHECKING:
     from .cluster import Cluster
@@ -55,19 +55,40 @@ def _mapped(mm: MM, start: int, end: int, addr: int) -> None:
     raise SegFault(f"madvise range from {addr:#x} is not fully mapped (ENOMEM)")
 
 
-def sys_mmap(cl: "Cluster", mm: MM, length: int) -> int:
-    """mmap(NULL, length, PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS)."""
+def sys_mmap(cl: "Cluster", mm: MM, length: int, prot: int = VM_READ | VM_WRITE) -> int:
+    """mmap(NULL, length, prot, MAP_PRIVATE|MAP_ANONYMOUS); ``prot`` as VMA
+    flags (0 is PROT_NONE)."""
     npages = (length + PAGE_SIZE - 1) // PAGE_SIZE
     if npages <= 0:
         raise SegFault("mmap of zero length (EINVAL)")
     mm.down_write()
     try:
         start = mm.get_unmapped_area(npages)
-        mm.insert_vma(start, npages, VM_READ | VM_WRITE)
+        mm.insert_vma(start, npages, prot)
         cl.q[mm.base + M_PAGES] += npages
     finally:
         mm.up_write()
     return start << PAGE_SHIFT
+
+
+def sys_mlockall(cl: "Cluster", mm: MM, alloc: Allocator) -> int:
+    """mlockall(MCL_CURRENT): VM_LOCKED on every VMA, and the pages of the
+    accessible ones faulted in (mlock_vma_pages_range; a PROT_NONE area
+    stays unpopulated).  Returns pages faulted in."""
+    n = 0
+    mm.down_write()
+    try:
+        for (i, s, e, f) in mm.vmas():
+            mm.set_vma_flags(i, f | VM_LOCKED)
+            if not f & (VM_READ | VM_WRITE):
+                continue
+            for vpn in range(s, e):
+                if not mm.pq[PT_OFF + vpn] & PTE_PRESENT:
+                    handle_mm_fault(cl, alloc, mm, vpn, bool(f & VM_WRITE))
+                    n += 1
+    finally:
+        mm.up_write()
+    return n
 
 
 def sys_munmap(cl: "Cluster", mm: MM, alloc: Allocator, addr: int, length: int) -> None:

@@ -1,5 +1,6 @@
 """khungtaskd: report a task blocked on one lock for too long, with the
-wait-for chain.
+wait-for chain; and a task whose exit keeps faulting without advancing (a
+livelock: it is never blocked, so only its lack of progress shows).
 
 Every blocked wait is visible in the task table: the entry of the lock
 waited for is WAITING with E_SINCE set (the allocator's wait for frames is
@@ -16,8 +17,8 @@ import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from .layout import (A_FREE_TOP, C_FRAMES, E_LOCK, E_SINCE, E_WORD, ESIZE, M_EXIT_STAGE, M_ID,
-                     M_OOM_VICTIM, M_OWNER_PID, NCLASS, ROLES, T_LOCKS, T_MM, T_PID, T_ROLE,
-                     T_WORKER_NO, XS_ZAPPED)
+                     M_OOM_VICTIM, M_OWNER_PID, NCLASS, ROLES, T_EXIT_PROGRESS, T_FAULTS,
+                     T_LOCKS, T_MM, T_PID, T_ROLE, T_WORKER_NO, XS_MMDROP, XS_USERS0, XS_ZAPPED)
 from .locks import WAITING, holders_of, lock_name
 
 if TYPE_CHECKING:
@@ -32,6 +33,9 @@ class Watchdog:
         self.report = report
         self.period = period_s
         self.seen: set[tuple[int, int, int]] = set()
+        # livelock watch: row -> (faults, exit progress, exit stage, since ns)
+        self.spin: dict[int, tuple[int, int, int, int]] = {}
+        self.spin_seen: set[tuple[int, int]] = set()
 
     def run_until(self, stop: threading.Event) -> Callable[[], None]:
         def loop() -> None:
@@ -102,8 +106,40 @@ class Watchdog:
             cur = nxt
         return lines, cycle
 
+    def check_livelock(self, now: int) -> None:
+        """A task in its exit (mm_users 0, mm not dropped) whose fault count
+        grows while its exit stage and progress counter stand still for
+        the hung-task timeout: reported like a hung task, lock "none
+        (livelock)" -- the seed's munlock at exit (exit.munlock_vma_pages_all)."""
+        cl, q = self.cl, self.cl.q
+        live = cl.live_rows()
+        for row in [r for r in self.spin if r not in {r for (r, _b) in live}]:
+            del self.spin[row]
+        for (row, b) in live:
+            mrow = cl.mm_row(q[b + T_MM]) if q[b + T_MM] else -1
+            stage = q[cl.mbase(mrow) + M_EXIT_STAGE] if mrow >= 0 else 0
+            if not stage & XS_USERS0 or stage & XS_MMDROP:
+                self.spin.pop(row, None)
+                continue
+            faults, progress = q[b + T_FAULTS], q[b + T_EXIT_PROGRESS]
+            last = self.spin.get(row)
+            if last is None or faults == last[0] or (progress, stage) != (last[1], last[2]):
+                self.spin[row] = (faults, progress, stage, now)  # idle, blocked, or advancing
+                continue
+            secs = (now - last[3]) / 1e9
+            key = (row, last[3])
+            if secs * 1e9 < self.timeout_ns or key in self.spin_seen:
+                continue
+            self.spin_seen.add(key)
+            line = (f"{self.describe(row)} keeps faulting in its exit without progress: "
+                    f"{faults - last[0]} faults in {secs:.1f}s, exit stage {stage}, "
+                    f"progress {progress} (a livelock: munlock at exit with the seed's fault-path check?)")
+            self.report({"pid": q[b + T_PID], "role": ROLES[q[b + T_ROLE]], "lock": "none (livelock)",
+                         "waited_s": round(secs, 3), "deadlock": False, "chain": [line]})
+
     def check(self) -> None:
         now = time.monotonic_ns()
+        self.check_livelock(now)
         for (row, b) in self.cl.live_rows():
             w = self.waiting_on(row, now)
             if w is None:

@@ -26,8 +26,10 @@ from typing import Any
 from . import log as ulog
 from . import oom
 from .cluster import Cluster
+from .exit import oom_kill_and_mmput
+from . import oops
 from .ksm import ENOMEM, run_store
-from .layout import T_FATAL, T_PID, X_OOM, X_SIGNAL
+from .layout import H_HAZARDS, HZ_OOM_MMPUT_IN_TASK, T_FATAL, T_PID, X_OOM, X_SIGNAL
 from .memory import Allocator
 
 EXIT_DONE, EXIT_INTERRUPTED, EXIT_OOM_KILLED = 0, 5, 6
@@ -73,9 +75,16 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(s, on_signal)
     alloc = Allocator(cl)
     alloc.oom_killer = oom.out_of_memory
+    if q[H_HAZARDS] & HZ_OOM_MMPUT_IN_TASK:  # the 2015 linux-next self-deadlock
+        alloc.oom_killer = lambda c, t: oom_kill_and_mmput(c, t, log)
+    cl.watch_use_after_free(log)
+    cl.lockdep_log = log
     try:
-        _seq, err = run_store(cl, a.value, alloc, log, stop=lambda: bool(pending["signo"]),
+        try:
+            _seq, err = run_store(cl, a.value, alloc, log, stop=lambda: bool(pending["signo"]),
                                   oom_origin=a.oom_origin)
+        except Exception as e:  # noqa: BLE001 -- an unexpected exception in kernel code: an oops
+            return oops.report(log, e)  # the supervisor reads its channel
         status = (EXIT_DONE if not err else EXIT_OOM_KILLED
                   if err == -ENOMEM or q[task.base + T_FATAL] == X_OOM else EXIT_INTERRUPTED)
         log.info("run_store", value=a.value, err=err, result=RESULTS[status],

@@ -31,7 +31,7 @@ from uksm.memory import Allocator, OutOfMemory
 from uksm.mm import mm_attach
 from uksm.mmu import MMU
 from uksm.shm import UksmError
-from uksm.syscalls import MADV_DONTNEED, MADV_MERGEABLE, sys_madvise, sys_mmap
+from uksm.syscalls import MADV_DONTNEED, MADV_MERGEABLE, sys_madvise, sys_mlockall, sys_mmap
 from uksm.workers.workloads import ZERO, Workload
 
 
@@ -45,6 +45,8 @@ class Worker:
         self.q[self.tb + T_PID] = os.getpid()
         self.log = ulog.setup("worker", a.cluster, a.log_dir, mm=a.mm)
         oom.set_logger(self.log)
+        self.cl.watch_use_after_free(self.log)
+        self.cl.lockdep_log = self.log
         self.task.on_wait = lambda name, ms, holders: self.log.info(
             "lock_wait", lock=name, holders=holders, waited_ms=round(ms, 3))
         self.mm = mm_attach(self.cl, a.mm)
@@ -86,9 +88,12 @@ class Worker:
             sys_madvise(self.cl, self.mm, self.alloc, self.base, a.pages * PAGE_SIZE,
                         MADV_MERGEABLE, self.log)
             for i in range(a.pages):
-                if self.dying():
+                if self.dying() or a.no_touch:
                     break
                 self.write_page(i)
+            if a.mlock:  # mlockall, with a PROT_NONE area mlock cannot populate
+                sys_mmap(self.cl, self.mm, 4 * PAGE_SIZE, prot=0)
+                sys_mlockall(self.cl, self.mm, self.alloc)
             self.q[self.tb + T_READY] = 1
             vol = [i for i in range(a.pages) if self.wl.volatile(i)]
             rng = random.Random(a.seed * 7919 + a.worker_no)
@@ -177,6 +182,12 @@ def parser(prog: str = "uksm-worker",
     ap.add_argument("--worker-no", type=int, default=0)
     ap.add_argument("--churn-ms", type=int, default=0)
     ap.add_argument("--exit-after-write", action="store_true")
+    ap.add_argument("--mlock", action="store_true",
+                    help="mlockall after writing, with a 4-page PROT_NONE area (which munlock "
+                         "at exit faults in)")
+    ap.add_argument("--no-touch", action="store_true",
+                    help="madvise the area and never write it (LTP ksm05's task): "
+                         "ksmd finds no page, the slot has no rmap_items")
     ap.add_argument("--log-dir")
     return ap
 
