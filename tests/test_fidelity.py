@@ -308,6 +308,42 @@ def test_full_scans_is_seqnr_and_run2_resets_it():
 
 
 @pytest.mark.timeout(60)
+def test_one_batch_never_counts_two_full_scans(tmp_path):
+    """ksm_do_scan returns when scan_get_next_rmap_item comes back to the
+    list head (seqnr++, return NULL): however large pages_to_scan, one
+    batch ends at the end of a full scan.  (uksm used to wrap on within the
+    batch: dozens of full scans in a millisecond, which made "wait for two
+    full scans" meaningless.)"""
+    import glob
+    import json
+
+    from helpers import booted
+    from util_machine import Space, wait_full_scans
+
+    from uksm.syscalls import MADV_MERGEABLE
+    with booted(cname("wrap"), str(tmp_path), run=1, frames=64, va_pages=128,
+                pages_to_scan=10000, sleep_ms=5) as sup:
+        s = Space(sup)
+        base = s.mmap(4)
+        fill_same(s, base, 4)
+        s.madvise(base, 4, MADV_MERGEABLE)
+        wait_full_scans(sup, 4)
+    per_batch, n = [], -1
+    (path,) = glob.glob(str(tmp_path / "ksmd-*.jsonl"))
+    with open(path) as f:
+        for line in f:
+            ev = json.loads(line)["event"]
+            if ev == "scan_batch_start":
+                n = 0
+            elif ev == "full_scan" and n >= 0:
+                n += 1
+            elif ev == "scan_batch_end" and n >= 0:
+                per_batch.append(n)
+                n = -1
+    assert sum(per_batch) >= 4 and max(per_batch) == 1, per_batch
+
+
+@pytest.mark.timeout(60)
 def test_writing_the_same_run_twice_does_nothing():
     """run_store: "if (ksm_run != flags)": a second run=2 is not a second
     unmerge (no new request for ksmd)."""

@@ -322,7 +322,11 @@ class Ksmd:
             n, done = self.scan_mm(st, budget)
             scanned += n
             budget -= n
-            if not done:
+            if not done or q[L_SCAN_SLOT] == head:
+                # a full scan ended: scan_get_next_rmap_item returns NULL
+                # after ksm_scan.seqnr++, and ksm_do_scan returns -- one
+                # batch never counts two full scans (full_scans is what KSM
+                # test programs wait on)
                 break
         self.pages_scanned += scanned
         return scanned
