@@ -111,3 +111,25 @@ def test_bad_point_is_usage_error():
     p = subprocess.run([sys.executable, "-m", "uksm", "inject", "--point", "nowhere"],
                        capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert p.returncode == 2 and "Traceback" not in p.stderr and "nowhere" in p.stderr
+
+
+@pytest.mark.timeout(150)
+def test_point_all_under_legacy_skips_the_slow_path_points_and_ends(tmp_path):
+    """Before the seed __ksm_exit had no slow path: --point all under legacy
+    cycles through the points a task can reach, and ends (it used to retry
+    ksm_exit_before_down_write for ever, respawning workers)."""
+    n = len(killpoints.reachable("legacy"))
+    r, status = inject("--kills", str(n + 1), "--point", "all", "--exit-policy", "legacy",
+                       "--workers", "2", "--pages", "64", "--log-dir", str(tmp_path), timeout=120)
+    assert status == 0, r
+    i = r["inject"]
+    assert i["kills"] == n + 1 and i["unreached"] == {}, i
+    assert not set(i["by_point"]) & set(killpoints.UNREACHABLE["legacy"]), i["by_point"]
+    assert r["fsck"]["ok"] and r["integrity"]["mismatches"] == 0 and r["ipc_leftovers"] == []
+
+
+def test_a_point_the_policy_never_reaches_is_a_usage_error():
+    p = run_group([sys.executable, "-m", "uksm", "inject", "--point", "ksm_exit_mmap_sem_write",
+                   "--exit-policy", "legacy"], 30)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
+    assert "never reached under --exit-policy legacy" in p.stderr

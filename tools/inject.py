@@ -51,6 +51,9 @@ COW_POINTS = ("ksmd_break_cow", "ksmd_break_ksm_window")
 # a kill that did not happen (the victim exited meanwhile, the point was not
 # on its way): counted as missed; a hung task or a closed machine ends the run
 FATAL = (uksm.HungTask, uksm.MachineClosed)
+# --point all: a point not reached for this long is skipped (counted in
+# the report's "unreached"), so that the run always ends
+POINT_BUDGET_S = 30.0
 
 
 class Injector:
@@ -69,6 +72,7 @@ class Injector:
         self.at_last: dict[str, int] = {"merges": 0, "full_scans": 0}
         self.live: dict[str, Any] = {"ok": False, "errors": ["not run"]}
         self.interrupted: Callable[[], bool] = lambda: False  # a stop signal (uksm.lifeline)
+        self.unreached: dict[str, int] = {}  # --point all: points given up after POINT_BUDGET_S
         self.hung = False
 
     # -- helpers ---------------------------------------------------------------
@@ -134,8 +138,9 @@ class Injector:
         t0 = last = time.monotonic()
         m.spawn(self.o.workers, self.o.pages, self.o.workload, self.o.seed, self.o.churn_ms)
         m.wait_full_scans(2, timeout=120)
-        points = killpoints.NAMES if self.point == "all" else [self.point]
+        points = killpoints.reachable(self.o.exit_policy) if self.point == "all" else [self.point]
         i = 0
+        since = time.monotonic()  # trying this point since
         while self.delivered < self.kills and not self.interrupted():
             self.top_up(m)
             mode = points[i % len(points)]
@@ -154,8 +159,15 @@ class Injector:
                 self.delivered += 1
                 self.by_point[mode] = self.by_point.get(mode, 0) + 1
                 i += 1
+                since = time.monotonic()
             else:
                 self.missed += 1
+                if self.point == "all" and time.monotonic() - since > POINT_BUDGET_S:
+                    # not reached (the workload does not go there): on to
+                    # the next point rather than round this one for ever
+                    self.unreached[mode] = self.unreached.get(mode, 0) + 1
+                    i += 1
+                    since = time.monotonic()
                 m.wait(lambda: True, 1)  # reap meanwhile, and hear about a hung task
             if not quiet and time.monotonic() - last >= 1.0:
                 last = time.monotonic()
@@ -179,6 +191,7 @@ class Injector:
         return {"kills": self.delivered, "requested": self.kills, "signal": self.sig,
                 "mode": self.point, "by_signal": {self.sig: self.delivered},
                 "by_point": dict(self.by_point), "missed_attempts": self.missed,
+                "unreached": dict(self.unreached),
                 "kill_points_hit": st["kill_points_hit"], "respawned": self.respawned,
                 "exits": {"fast": st["exit_fast"], "slow": st["exit_slow"],
                           "legacy": st["exit_legacy"], "reaped": st["reaped"]},
@@ -254,6 +267,9 @@ def run(a: argparse.Namespace) -> int:
     if a.point not in ("random", "cursor", "all") and a.point not in killpoints.POINTS:
         raise UksmError(f"unknown --point {a.point!r}: random, cursor, all, or one of "
                         f"{', '.join(killpoints.NAMES)}", EXIT_USAGE)
+    if a.point in killpoints.UNREACHABLE.get(a.exit_policy, ()):
+        raise UksmError(f"--point {a.point}: never reached under --exit-policy {a.exit_policy} "
+                        f"(its __ksm_exit has no slow path)", EXIT_USAGE)
     if a.kills < 0:
         raise UksmError("--kills must be >= 0", EXIT_USAGE)
     o = RunOptions(workers=a.workers, pages=a.pages, workload=a.workload, seed=a.seed,

@@ -47,6 +47,16 @@ POINTS: dict[str, tuple[str, str]] = {
 }
 NAMES = list(POINTS)
 INDEX = {n: i for i, n in enumerate(NAMES)}
+# points an exit policy never passes: before the seed, __ksm_exit took
+# ksm_thread_mutex and never mmap_sem (there was no slow path)
+UNREACHABLE: dict[str, tuple[str, ...]] = {
+    "legacy": ("ksm_exit_before_down_write", "ksm_exit_mmap_sem_write"),
+}
+
+
+def reachable(policy: str) -> list[str]:
+    """The kill points a task can reach under exit policy ``policy``."""
+    return [n for n in NAMES if n not in UNREACHABLE.get(policy, ())]
 WORKER_POINTS = [n for n, (who, _d) in POINTS.items() if who == "worker"]
 KSMD_POINTS = [n for n, (who, _d) in POINTS.items() if who == "ksmd"]
 
