@@ -10,6 +10,7 @@ so each test hits its race every time; each runs a few times.
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -17,6 +18,9 @@ from helpers import booted, pump, run_json
 from test_exit import finish, ready, set_run
 from uksm import killpoints, logs
 from uksm.layout import H_KSMD_POINT, K_FULL_SCANS, S_EXIT_FAST, S_EXIT_SLOW
+
+# cluster names carry the session's pid: two runs of the suite never collide
+PID = os.getpid() % 100000
 
 SMALL = dict(frames=512, va_pages=128, pages_to_scan=200, sleep_ms=1)
 
@@ -74,7 +78,7 @@ def test_cve_2011_2183_scan_reaches_the_list_head(hazards, rep, tmp_path):
     list non-empty (ksmd_should_run) and stops before taking the list lock;
     the task exits by the fast path, emptying the list; ksmd steps from the
     list head to ... the list head, whose mm is NULL."""
-    with booted(f"thead{rep}{len(hazards)}", str(tmp_path), run=0, hazards=hazards, **SMALL) as sup:
+    with booted(f"thead{rep}{len(hazards)}{PID}", str(tmp_path), run=0, hazards=hazards, **SMALL) as sup:
         q = sup.cl.q
         ksm05_exit_in_window(sup, "ksmd_scan_wrap", 2000, rep)
         assert q[S_EXIT_FAST] == 1  # the list is empty, ksmd still in the window
@@ -94,7 +98,7 @@ def test_2016_up_read_after_the_list_lock(hazards, rep, tmp_path):
     exit by the fast path and free its mm first: ksmd's up_read is then on
     a freed mm (the delay point holds the window open).  With the 2016
     order the task's exit comes after the up_read and nothing is flagged."""
-    with booted(f"tuaf{rep}{len(hazards)}", str(tmp_path), run=0, hazards=hazards, **SMALL) as sup:
+    with booted(f"tuaf{rep}{len(hazards)}{PID}", str(tmp_path), run=0, hazards=hazards, **SMALL) as sup:
         q = sup.cl.q
         ksm05_exit_in_window(sup, "ksmd_between_unlocks", 1500, rep)
         ksmd_batch_over(sup)
@@ -120,7 +124,7 @@ def test_2023_unmerge_walks_a_torn_down_mm(hazards, rep, tmp_path):
     its exit completes (exit_mmap destroys the VMA table) and its slot
     waits for ksmd.  run=2 then walks it: without the ksm_test_exit
     re-check after mmap_sem, unmerge iterates the destroyed VMAs."""
-    with booted(f"tvma{rep}{len(hazards)}", str(tmp_path), run=1, hazards=hazards, **SMALL) as sup:
+    with booted(f"tvma{rep}{len(hazards)}{PID}", str(tmp_path), run=1, hazards=hazards, **SMALL) as sup:
         q = sup.cl.q
         ch = sup.spawn_worker(16, "identical", rep)
         pump(sup, lambda: ready(sup, ch) and q[K_FULL_SCANS] >= 2, what="scanned")
@@ -147,7 +151,7 @@ def test_munlock_at_exit_livelocks_under_the_seed(policy, rep, tmp_path):
     ksm_test_exit check (mm_users is 0 by then) backs every fault out, so
     under ``seed`` the exit faults forever -- the watchdog reports it like a
     hung task -- and under ``shipped`` (check reverted) it exits."""
-    with booted(f"tmlock{policy}{rep}", str(tmp_path), run=0, exit_policy=policy,
+    with booted(f"tmlock{policy}{rep}{PID}", str(tmp_path), run=0, exit_policy=policy,
                 hung_timeout_ms=1500, **SMALL) as sup:
         ch = sup.spawn_worker(8, "identical", 1, mlock=True)
         pump(sup, lambda: ready(sup, ch), what="mlockall done")
@@ -171,7 +175,7 @@ def test_lockdep_names_a_lock_taken_against_the_order(tmp_path):
     under ksm_mmlist_lock (a leaf) is against the order, a trylock of a
     mutex the task holds is recursive; both are counted and logged, and
     the run fails."""
-    with booted("tlockdep", str(tmp_path), run=0, **SMALL) as sup:
+    with booted(f"tlockdep{PID}", str(tmp_path), run=0, **SMALL) as sup:
         cl = sup.cl
         cl.task.lock(cl.mmlist)
         cl.task.lock(cl.zone)
