@@ -12,8 +12,8 @@ def test_shell_verbs_drive_tasks_like_the_api(tmp_path):
     c = ("--cluster", name)
     up = uksm("up", *c, "--pages", "4", "--frames", "256", "--sleep-ms", "5", "--log-dir",
               str(tmp_path), timeout=60)
-    assert up.returncode == 0, up.stderr
     try:
+        assert up.returncode == 0, up.stderr
         a = uksm("task", "new", "--pages", "4", *c, check=True).stdout.strip()
         b = uksm("task", "new", "--pages", "4", *c, check=True).stdout.strip()
         assert a.startswith("w") and b.startswith("w") and a != b
