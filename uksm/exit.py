@@ -72,10 +72,13 @@ def oom_kill_and_mmput(cl: "Cluster", task: Any, log: Any = None) -> int:
     """The OOM killer as a linux-next change of 2015 made it (hazard
     ``oom-mmput-in-task``): oom_kill_process itself ends up in mmput of the
     victim's mm, in the allocating task.  When that task is the run=2
-    unmerger (here ksmd) holding the victim's mmap_sem for read, the mmput
+    unmerger (here the run=2 writer task, uksm.writer) holding the
+    victim's mmap_sem for read, the mmput
     runs __ksm_exit, whose slow path (the victim is at the unmerge cursor)
     does down_write on that same mmap_sem: the task deadlocks on itself.
-    lockdep names it ("recursive", mmap_sem) before the hang.
+    lockdep names it ("recursive", mmap_sem) before the hang.  (Under
+    ``legacy`` the writer's own ksm_thread_mutex, which that __ksm_exit
+    takes, comes first: lockdep names that one.)
 
     Simplified: the kernel's mmput was the last one because the victim had
     already dropped its own reference; here the killer's mmput runs the

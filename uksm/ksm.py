@@ -22,7 +22,9 @@ The list is a doubly-linked list of mm-table rows (slot == row) headed by
 an insert or a delete is committed by the one store to the predecessor's
 ``next``; ``repair_list`` rebuilds the back links after a SIGKILL.
 
-Lock order: ksm_thread_mutex -> mmap_sem -> ksm_mmlist_lock.
+Lock order (uksm/locks.py states it whole): ksm_thread_mutex ->
+mmap_wmutex -> mmap_sem -> pte lock -> zone_lock; ksm_mmlist_lock is a
+leaf, taken under any of them.
 """
 from __future__ import annotations
 
@@ -340,7 +342,12 @@ def unmerge_and_remove_all_rmap_items(cl: "Cluster", alloc: Allocator, log=None,
                     log.info("slot_freed", mm=mm.id, by="unmerge")
                 mmdrop(cl, s, mm.id, REF_KSM, log)
             else:
-                task.unlock(mm.sem)   # before the list lock: the 2016 order
+                # uksm's order: up_read before the list unlock, as the 2016
+                # fix ("ksm: fix conflict between mmput and
+                # scan_get_next_rmap_item") ordered scan_get_next_rmap_item;
+                # 2.6.32's unmerge unlocked the list first, leaving the same
+                # window (a fast-path exit freeing the mm before the up_read)
+                task.unlock(mm.sem)
                 task.unlock(cl.mmlist)
             s = nxt
         finally:

@@ -13,7 +13,8 @@ digest of the page; every merge still confirms the bytes are equal
 different pages.  The digest doubles as ``oldchecksum``: a page must keep
 the same content for one full scan before it may enter the unstable tree.
 
-A new KSM page is made in place, as since 2.6.33 (``try_to_merge_two_pages``
+A new KSM page is made in place, as since 2.6.33 (Hugh Dickins, "ksm:
+share anon page without allocating", 2009; ``try_to_merge_two_pages``
 with ``kpage == NULL``): the first page is write-protected and marked KSM,
 the second is merged into it; ksmd never allocates to merge.  (2.6.32
 allocated a fresh page there.)
@@ -575,7 +576,8 @@ class Ksmd:
             self._merged(tree_item.slot)
             return not other
         # the KSM page has one mapping: give it back as an ordinary page
-        # (try_to_merge_two_pages: up_read, then break_cow, since 2.6.33)
+        # (2.6.32's try_to_merge_two_pages: when try_to_merge_with_ksm_page
+        # fails for the second page, up_read, then break_cow of the first)
         task.unlock(mm.sem)
         if break_cow(cl, self.alloc, mm, item.vpn, self.log):
             self._cow(st)

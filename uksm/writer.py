@@ -11,8 +11,9 @@ stop with -ERESTARTSYS; an OOM kill of the writer makes its own fault fail
 
 This process is that task: short-lived, started by the supervisor for
 ``uksm ctl run=N``, the oom-unmerge scenario and the API, with
-``--oom-origin`` where the kernel had PF_OOM_ORIGIN (2.6.32 as released:
-the ``shipped`` policy) and without it for the seed's own code.  Its exit
+``--oom-origin`` where the kernel had PF_OOM_ORIGIN (2.6.32 as released,
+from Hugh Dickins' "ksm: unmerge is an origin of OOMs", posted 2009-09-05
+after the seed: the ``shipped`` policy) and without it for the seed's own code.  Its exit
 status is the result the caller gets: EXIT_DONE, EXIT_INTERRUPTED
 (-ERESTARTSYS), EXIT_OOM_KILLED (-ENOMEM: chosen by the OOM killer).
 """
