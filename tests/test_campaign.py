@@ -199,8 +199,9 @@ def _interrupt(args: list[str], out, how: str) -> None:
 
 def test_failing_run_is_reported_with_its_command(tmp_path):
     """A run that fails is a result: status, exit 1, the command that
-    reproduces it, its logs kept.  (A timeout of 0.05 s fails any run: the
-    interpreter alone takes longer to start and import uksm.)"""
+    reproduces it, its logs kept.  (A timeout of 0.05 s fails any run: a run
+    starts a guard, inject, ksmd and workers, each a Python process, and
+    waits for two full scans before its first kill.)"""
     p = campaign("--seeds", "3", *TINY, "--run-timeout", "0.05", "--out", str(tmp_path / "f.jsonl"),
                  timeout=60)
     assert p.returncode == 1, p.stdout + p.stderr
