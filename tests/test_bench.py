@@ -141,7 +141,8 @@ def test_bench_scale_tiny_prints_goal_4():
                       out, re.M)
     assert [r[0] for r in rows] == ["300", "1,500"], out
     for _n, merge_s, idle, peak, _bpp in rows:
-        assert float(merge_s) > 0 and float(peak) >= float(idle) > 1  # an interpreter's worth
+        # merge_s prints as 0.00 when a tiny size merges within 5 ms (a quiet machine)
+        assert float(merge_s) >= 0 and float(peak) >= float(idle) > 1  # an interpreter's worth
     assert "leftovers" not in out
 
 
