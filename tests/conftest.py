@@ -29,12 +29,12 @@ import time
 
 import pytest
 
-from uksm import shm
+from uksm.host import shm
 
 _OUTER = os.environ.get("UKSM_TEST_SESSION", "")
 SESSION = f"{_OUTER}/{os.getpid()}" if _OUTER else str(os.getpid())
 os.environ["UKSM_TEST_SESSION"] = SESSION
-# lockdep on in every process the suite starts (uksm.cluster.LOCKDEP)
+# lockdep on in every process the suite starts (uksm.kernel.cluster.LOCKDEP)
 os.environ["UKSM_LOCKDEP"] = "1"
 SETTLE_S = 5.0     # processes and objects may take this long to go after a test
 KILL_WAIT_S = 5.0  # a SIGKILLed process is gone (or a zombie) within this
@@ -93,7 +93,7 @@ def _cluster(obj: str) -> str:
 
 
 def _supervisor_pid(cluster: str) -> int:
-    from uksm.cli import supervisor_pid
+    from uksm.cli.main import supervisor_pid
     return supervisor_pid(cluster)
 
 
@@ -106,7 +106,7 @@ def session_processes(procs: dict[tuple[int, str], str], clusters: set[str]) -> 
 
 def classify(clusters: set[str], procs: dict[tuple[int, str], str]) -> tuple[set[str], set[str]]:
     """Split cluster names into (the session's, foreign)."""
-    from uksm.cluster import pid_alive
+    from uksm.kernel.cluster import pid_alive
     mine, foreign = set(), set()
     for name in clusters:
         sup = _supervisor_pid(name)

@@ -10,8 +10,8 @@ import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
-from uksm.cluster import Config, pid_alive
-from uksm.supervisor import Supervisor
+from uksm.kernel.cluster import Config, pid_alive
+from uksm.proc.supervisor import Supervisor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

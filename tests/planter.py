@@ -17,8 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
-from uksm.ksm import slot_next, slot_prev, slots
-from uksm.layout import (A_FREE_TOP, F_ANON, F_FREEING, F_KSM, FR_AUX, FR_COUNT, FR_FLAGS,
+from uksm.kernel.ksm import slot_next, slot_prev, slots
+from uksm.kernel.layout import (A_FREE_TOP, F_ANON, F_FREEING, F_KSM, FR_AUX, FR_COUNT, FR_FLAGS,
                          FRAME_SIZE, K_PAGES_UNSHARED, L_HEAD_NEXT, L_HEAD_PREV, M_ID, M_KSM_MAPPED,
                          M_EXIT_STAGE, M_MERGING, M_OWNER_TASK, M_REFS, M_RMAP_ITEMS, M_RSS,
                          M_SLOT_NEXT, M_SLOT_PREV, M_SLOT_USED, M_STATE, M_USERS, MS_FREEING,
@@ -26,8 +26,8 @@ from uksm.layout import (A_FREE_TOP, F_ANON, F_FREEING, F_KSM, FR_AUX, FR_COUNT,
                          T_FLIGHT_PFN, T_FLIGHT_VPN, XS_USERS0)
 
 if TYPE_CHECKING:
-    from uksm.cluster import Cluster
-    from uksm.mm import MM
+    from uksm.kernel.cluster import Cluster
+    from uksm.kernel.mm import MM
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The frame allocator (uksm/memory.py) under concurrent processes, and the
+"""The frame allocator (uksm/kernel/memory.py) under concurrent processes, and the
 host memory it gives back (issue 2).
 
 Child processes (``python tests/util_machine.py alloc-child``, each on its
@@ -19,7 +19,7 @@ import pytest
 from helpers import booted, wait_for
 from util_machine import Space, assert_fsck, frames_used
 
-from uksm.layout import (
+from uksm.kernel.layout import (
     A_FREE_TOP,
     PAGE_SIZE,
     R_WORKER,
@@ -28,7 +28,7 @@ from uksm.layout import (
     T_STATE,
     TS_FREE,
 )
-from uksm.memory import Allocator
+from uksm.kernel.memory import Allocator
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -144,7 +144,7 @@ def test_freed_frames_go_back_to_the_host(tmp_path) -> None:
         s.fill(base, [bytes([7]) * PAGE_SIZE] * 512)
         full = pool.resident_bytes()
         assert full - after >= 512 * PAGE_SIZE
-        from uksm.syscalls import MADV_DONTNEED
+        from uksm.kernel.syscalls import MADV_DONTNEED
         s.madvise(base, 256, MADV_DONTNEED)
         assert full - pool.resident_bytes() >= 0.9 * 256 * PAGE_SIZE
         s.exit()

@@ -11,8 +11,8 @@ import sys
 import pytest
 
 import uksm
-from uksm import shm
-from uksm.cluster import pid_alive
+from uksm.host import shm
+from uksm.kernel.cluster import pid_alive
 
 from helpers import ROOT, run_group
 
@@ -188,7 +188,7 @@ def test_kill_at_points_recovered_and_exited():
 
 
 def test_hung_task_raises_from_a_wait_with_the_chain():
-    from uksm.layout import H_KSMD_POINT
+    from uksm.kernel.layout import H_KSMD_POINT
     with machine(exit_policy="legacy", hung_task_timeout=0.5, sleep_millisecs=5) as m:
         t = m.task(pages=2)
         t.fill(1)

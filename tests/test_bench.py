@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from helpers import ROOT, run_group
-from uksm import shm
+from uksm.host import shm
 from uksm.tools import bench_ksm, bench_mmu, bench_scale
 
 GOAL = re.compile(r"^goal (\d): (.+): .*target ([<>]=) ([\d.]+): (met|NOT met|not measured)(?:;.*)?$", re.M)

@@ -13,7 +13,7 @@ import time
 import pytest
 from helpers import ROOT, booted, run_json, uksm, wait_for
 
-from uksm import shm
+from uksm.host import shm
 
 WORKLOADS = ["identical", "unique", "zero", "dup:3", "volatile", "vm"]
 

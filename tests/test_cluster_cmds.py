@@ -28,13 +28,13 @@ from typing import Any, Iterator
 import pytest
 
 from helpers import ROOT, cluster_pids, uksm, wait_for
-from uksm import shm
-from uksm.cluster import Cluster, pid_alive
-from uksm.layout import (A_FREE_TOP, EXIT_POLICIES, H_EXIT_POLICY, H_MEM_LIMIT, K_FULL_SCANS,
+from uksm.host import shm
+from uksm.kernel.cluster import Cluster, pid_alive
+from uksm.kernel.layout import (A_FREE_TOP, EXIT_POLICIES, H_EXIT_POLICY, H_MEM_LIMIT, K_FULL_SCANS,
                          K_PAGES_SCANNED, K_PAGES_SHARED, K_PAGES_SHARING, K_PAGES_TO_SCAN,
                          K_PAGES_UNSHARED, K_PAGES_VOLATILE, K_RUN, K_RUN_DONE, K_RUN_SEQ,
                          K_SLEEP_MS, MM_STATES)
-from uksm.mm import live_mm_rows, mm_fields
+from uksm.kernel.mm import live_mm_rows, mm_fields
 
 KSM = {"run": K_RUN, "pages_to_scan": K_PAGES_TO_SCAN, "sleep_millisecs": K_SLEEP_MS,
        "pages_shared": K_PAGES_SHARED, "pages_sharing": K_PAGES_SHARING,

@@ -16,8 +16,9 @@ import pytest
 
 import uksm
 from helpers import booted, pump, run_json
-from uksm import killpoints, shm
-from uksm.layout import (H_KSMD_POINT, K_FULL_SCANS, M_ID,
+from uksm.kernel import killpoints
+from uksm.host import shm
+from uksm.kernel.layout import (H_KSMD_POINT, K_FULL_SCANS, M_ID,
                          M_RMAP_ITEMS, M_SLOT_RMAP, M_SLOT_USED, S_EXIT_FAST, S_EXIT_SLOW,
                          S_MISMATCHES, T_READY)
 

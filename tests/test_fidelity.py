@@ -19,7 +19,7 @@ def read(*path: str) -> str:
 # ---- 1. shipped's hang is Hugh's 2009 prediction, not "the 2015 race" ---------
 
 @pytest.mark.timeout(10)
-@pytest.mark.parametrize("path", ["README.md", "uksm/exit.py", "docs/DESIGN.md"])
+@pytest.mark.parametrize("path", ["README.md", "uksm/kernel/exit.py", "docs/DESIGN.md"])
 def test_shipped_hang_is_named_for_what_it_is(path):
     """The 2015 report (linux-next only) was one task deadlocking on itself
     through the OOM path; the shipped placement's hang is the one Hugh
@@ -47,9 +47,9 @@ def test_fault_path_exit_check_only_in_the_seed(policy, installs):
     from helpers import booted
     from util_machine import Space, assert_fsck
 
-    from uksm.exit import mm_users_zero
-    from uksm.log import _Null
-    from uksm.mmu import FAULT_EXITING, FAULT_OK, handle_mm_fault
+    from uksm.kernel.exit import mm_users_zero
+    from uksm.host.log import _Null
+    from uksm.kernel.mmu import FAULT_EXITING, FAULT_OK, handle_mm_fault
     with booted(cname("f" + policy[:2]), run=0, frames=64, va_pages=128, exit_policy=policy) as sup:
         s = Space(sup)
         base = s.mmap(2)
@@ -73,8 +73,8 @@ class InProcKsmd:
     (run=0): its scans are then deterministic."""
 
     def __init__(self, sup, monkeypatch) -> None:
-        from uksm.ksmd import Ksmd
-        from uksm.log import _Null
+        from uksm.kernel.ksmd import Ksmd
+        from uksm.host.log import _Null
         self.sup = sup
         self.k = Ksmd(sup.cl, _Null())
         # the test's Space shares this process's cached semaphores: a slot
@@ -86,7 +86,7 @@ class InProcKsmd:
         three passes: (space, base address)."""
         from util_machine import Space
 
-        from uksm.syscalls import MADV_MERGEABLE
+        from uksm.kernel.syscalls import MADV_MERGEABLE
         s = Space(self.sup)
         base = s.mmap(npages)
         fill_same(s, base, npages)
@@ -119,9 +119,9 @@ def test_unshared_ksm_page_goes_through_break_cow(monkeypatch):
     from helpers import booted
     from util_machine import Space, assert_fsck, is_ksm
 
-    import uksm.ksmd as ksmd_mod
-    from uksm.ksm import break_cow as real_break_cow
-    from uksm.syscalls import MADV_MERGEABLE
+    import uksm.kernel.ksmd as ksmd_mod
+    from uksm.kernel.ksm import break_cow as real_break_cow
+    from uksm.kernel.syscalls import MADV_MERGEABLE
     calls: list[int] = []
 
     def spy(cl, alloc, mm, vpn, log=None):
@@ -150,8 +150,8 @@ def test_break_cow_leaves_an_area_no_longer_mergeable(advice):
     from helpers import booted
     from util_machine import Space
 
-    from uksm.ksm import break_cow
-    from uksm.syscalls import MADV_MERGEABLE, MADV_UNMERGEABLE
+    from uksm.kernel.ksm import break_cow
+    from uksm.kernel.syscalls import MADV_MERGEABLE, MADV_UNMERGEABLE
     with booted(cname("bv" + advice[:2]), run=0, frames=64, va_pages=128) as sup:
         s = Space(sup)
         base = s.mmap(2)
@@ -181,9 +181,9 @@ def test_no_merge_in_an_area_made_unmergeable_while_ksmd_scans(rep):
     from helpers import booted, pump
     from util_machine import Space, assert_fsck, is_ksm, set_run, wait_counts, wait_full_scans
 
-    from uksm import killpoints
-    from uksm.layout import H_KSMD_POINT, K_RUN
-    from uksm.syscalls import MADV_MERGEABLE, MADV_UNMERGEABLE
+    from uksm.kernel import killpoints
+    from uksm.kernel.layout import H_KSMD_POINT, K_RUN
+    from uksm.kernel.syscalls import MADV_MERGEABLE, MADV_UNMERGEABLE
     with booted(cname(f"nm{rep}"), run=1, frames=512, va_pages=400, pages_to_scan=2000,
                 sleep_ms=2) as sup:
         q = sup.cl.q
@@ -219,9 +219,9 @@ def test_madv_unmergeable_interrupted_keeps_vm_mergeable(monkeypatch):
     from helpers import booted
     from util_machine import Space, assert_fsck, is_ksm
 
-    from uksm.ksm import ERESTARTSYS
-    from uksm.layout import VM_MERGEABLE
-    from uksm.syscalls import MADV_MERGEABLE, MADV_UNMERGEABLE, KsmInterrupted, sys_madvise
+    from uksm.kernel.ksm import ERESTARTSYS
+    from uksm.kernel.layout import VM_MERGEABLE
+    from uksm.kernel.syscalls import MADV_MERGEABLE, MADV_UNMERGEABLE, KsmInterrupted, sys_madvise
     with booted(cname("mi"), run=0, frames=64, va_pages=128) as sup:
         k = InProcKsmd(sup, monkeypatch)
         s, base = k.merged_space(8)
@@ -254,11 +254,11 @@ def test_exit_noticed_after_the_loop_frees_the_slot_now(monkeypatch):
     from helpers import booted
     from util_machine import Space, assert_fsck
 
-    from uksm.exit import mm_users_zero
-    from uksm.ksmd import Ksmd
-    from uksm.layout import M_SLOT_USED
-    from uksm.log import _Null
-    from uksm.syscalls import MADV_MERGEABLE
+    from uksm.kernel.exit import mm_users_zero
+    from uksm.kernel.ksmd import Ksmd
+    from uksm.kernel.layout import M_SLOT_USED
+    from uksm.host.log import _Null
+    from uksm.kernel.syscalls import MADV_MERGEABLE
     with booted(cname("al"), run=0, frames=64, va_pages=128) as sup:
         k = InProcKsmd(sup, monkeypatch)
         s = Space(sup)
@@ -290,8 +290,8 @@ def test_full_scans_is_seqnr_and_run2_resets_it():
     from helpers import booted
     from util_machine import Space, ksm_stats, set_run, wait_full_scans
 
-    from uksm.layout import L_SEQNR
-    from uksm.syscalls import MADV_MERGEABLE
+    from uksm.kernel.layout import L_SEQNR
+    from uksm.kernel.syscalls import MADV_MERGEABLE
     with booted(cname("fs"), run=1, frames=64, va_pages=128, pages_to_scan=100, sleep_ms=1) as sup:
         s = Space(sup)
         base = s.mmap(4)
@@ -320,7 +320,7 @@ def test_one_batch_never_counts_two_full_scans(tmp_path):
     from helpers import booted
     from util_machine import Space, wait_full_scans
 
-    from uksm.syscalls import MADV_MERGEABLE
+    from uksm.kernel.syscalls import MADV_MERGEABLE
     with booted(cname("wrap"), str(tmp_path), run=1, frames=64, va_pages=128,
                 pages_to_scan=10000, sleep_ms=5) as sup:
         s = Space(sup)
@@ -350,8 +350,8 @@ def test_writing_the_same_run_twice_does_nothing():
     from helpers import booted
     from util_machine import set_run
 
-    from uksm.ksm import run_store
-    from uksm.layout import K_RUN_DONE, K_RUN_SEQ
+    from uksm.kernel.ksm import run_store
+    from uksm.kernel.layout import K_RUN_DONE, K_RUN_SEQ
     with booted(cname("r2"), run=1, frames=64, va_pages=128) as sup:
         q = sup.cl.q
         set_run(sup, 2)
@@ -368,8 +368,8 @@ def test_legacy_cursor_step_to_the_head_bumps_seqnr():
     from helpers import booted
     from util_machine import Space
 
-    from uksm.layout import L_SCAN_SLOT, L_SEQNR
-    from uksm.syscalls import MADV_MERGEABLE
+    from uksm.kernel.layout import L_SCAN_SLOT, L_SEQNR
+    from uksm.kernel.syscalls import MADV_MERGEABLE
     with booted(cname("lc"), run=0, frames=64, va_pages=128, exit_policy="legacy") as sup:
         q = sup.cl.q
         s = Space(sup)
@@ -391,8 +391,8 @@ def test_live_fsck_under_legacy_after_exit_freed_a_slot():
     from helpers import booted, pump
     from util_machine import Space, fsck_errors
 
-    from uksm.layout import M_RMAP_ITEMS
-    from uksm.syscalls import MADV_MERGEABLE
+    from uksm.kernel.layout import M_RMAP_ITEMS
+    from uksm.kernel.syscalls import MADV_MERGEABLE
     with booted(cname("lf"), run=1, frames=64, va_pages=128, pages_to_scan=100, sleep_ms=1,
                 exit_policy="legacy") as sup:
         s = Space(sup)
@@ -419,10 +419,10 @@ def test_oom_victim_stuck_in_mmput_by_rule(rule, second_kill, monkeypatch):
     from helpers import booted
     from util_machine import Space
 
-    from uksm import oom
-    from uksm.exit import mm_users_zero
-    from uksm.layout import M_OOM_VICTIM, M_OWNER_PID, S_OOM_KILLED
-    from uksm.log import _Null
+    from uksm.kernel import oom
+    from uksm.kernel.exit import mm_users_zero
+    from uksm.kernel.layout import M_OOM_VICTIM, M_OWNER_PID, S_OOM_KILLED
+    from uksm.host.log import _Null
     sent: list[int] = []
     from types import SimpleNamespace
     monkeypatch.setattr(oom, "os", SimpleNamespace(kill=lambda pid, sig: sent.append(pid)))
@@ -458,10 +458,10 @@ def test_run2_writer_interrupted_sets_run_back(rep):
     from helpers import booted, pump
     from util_machine import Space, assert_fsck, wait_counts
 
-    from uksm import killpoints
-    from uksm.layout import H_KSMD_POINT, K_RUN
-    from uksm.syscalls import MADV_MERGEABLE
-    from uksm.writer import result_of
+    from uksm.kernel import killpoints
+    from uksm.kernel.layout import H_KSMD_POINT, K_RUN
+    from uksm.kernel.syscalls import MADV_MERGEABLE
+    from uksm.kernel.writer import result_of
     with booted(cname(f"wi{rep}"), run=1, frames=128, va_pages=128, pages_to_scan=500,
                 sleep_ms=1) as sup:
         q = sup.cl.q

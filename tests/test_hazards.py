@@ -16,8 +16,9 @@ import pytest
 
 from helpers import booted, pump, run_json
 from test_exit import finish, ready, set_run
-from uksm import killpoints, logs
-from uksm.layout import H_KSMD_POINT, K_FULL_SCANS, S_EXIT_FAST, S_EXIT_SLOW
+from uksm.kernel import killpoints
+from uksm import logs
+from uksm.kernel.layout import H_KSMD_POINT, K_FULL_SCANS, S_EXIT_FAST, S_EXIT_SLOW
 
 # cluster names carry the session's pid: two runs of the suite never collide
 PID = os.getpid() % 100000

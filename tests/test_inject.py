@@ -10,11 +10,11 @@ import sys
 import pytest
 
 from helpers import ROOT, run_group
-from uksm import killpoints
+from uksm.kernel import killpoints
 from uksm.logs import iter_events
 
 # The locks a worker holds at each of its kill points (lock classes, as in
-# uksm.layout.LOCK_CLASSES): a SIGKILL there must be followed by the lock
+# uksm.kernel.layout.LOCK_CLASSES): a SIGKILL there must be followed by the lock
 # recovery of exactly these, and none for a point outside every lock -- a
 # point moved out of (or into) a lock would no longer test what its
 # description claims.  A page fault runs under mmap_sem for read (as

@@ -10,8 +10,8 @@ import signal
 import pytest
 
 from helpers import booted, pump
-from uksm import shm
-from uksm.layout import T_READY
+from uksm.host import shm
+from uksm.kernel.layout import T_READY
 
 # cluster names are per test session: two runs of the suite at once never collide
 PID = os.getpid() % 100000

@@ -15,18 +15,18 @@ from pathlib import Path
 import pytest
 
 from helpers import ROOT, run_group
-from uksm import shm
-from uksm.cluster import pid_alive
+from uksm.host import shm
+from uksm.kernel.cluster import pid_alive
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 LEAKY = '''
 import json, os, signal, subprocess, sys
 from helpers import booted, wait_for
-from uksm.cluster import Config
-from uksm.supervisor import Supervisor
-from uksm import shm
-from uksm.layout import T_READY
+from uksm.kernel.cluster import Config
+from uksm.proc.supervisor import Supervisor
+from uksm.host import shm
+from uksm.kernel.layout import T_READY
 
 OUT = {out!r}
 TAG = {tag!r}
@@ -79,7 +79,7 @@ def test_leak_fixture_catches_and_kills_orphans(tmp_path: Path) -> None:
     leaked = json.loads(out.read_text())
     assert p.returncode == 1, text
     assert "4 passed, 3 errors" in text, text   # a leak fails the test at its teardown
-    for test, what in [("test_leaks_an_orphaned_ksmd", "uksm.ksmd --cluster lk"),
+    for test, what in [("test_leaks_an_orphaned_ksmd", "uksm.kernel.ksmd --cluster lk"),
                        ("test_leaks_an_orphaned_worker", "uksm.workers.worker --cluster lk"),
                        ("test_leaks_an_object", f"POSIX objects ['uksm.lk{tag}o.ctl']")]:
         section = text.split(f"ERROR at teardown of {test} ", 1)[1].split("\n", 1)[1]

@@ -18,11 +18,11 @@ from typing import Any
 import pytest
 
 from helpers import ROOT, cluster_pids, uksm, wait_for
-from uksm import shm
-from uksm.cluster import Cluster, pid_alive
-from uksm.layout import R_WORKER, T_READY, T_ROLE
-from uksm.exitcodes import EXIT_ERR, EXIT_OOPS, signalled
-from uksm.oops import OOPS_LIMIT
+from uksm.host import shm
+from uksm.kernel.cluster import Cluster, pid_alive
+from uksm.kernel.layout import R_WORKER, T_READY, T_ROLE
+from uksm.host.exitcodes import EXIT_ERR, EXIT_OOPS, signalled
+from uksm.host.oops import OOPS_LIMIT
 
 SMALL = ("--workers", "2", "--pages", "32", "--quiet")
 
@@ -227,9 +227,9 @@ def test_sigkill_to_daemon_takes_its_children_along(tmp_path) -> None:
 # A supervisor as uksm had them before the lifeline: its children outlive it.
 ORPHANING_SUPERVISOR = textwrap.dedent("""
     import subprocess, sys, time
-    from uksm.cluster import Config
-    from uksm.layout import T_PID, T_STATE, TS_ALIVE
-    from uksm.supervisor import Supervisor
+    from uksm.kernel.cluster import Config
+    from uksm.kernel.layout import T_PID, T_STATE, TS_ALIVE
+    from uksm.proc.supervisor import Supervisor
 
     class NoLifeline(Supervisor):
         def _popen(self, args, pass_fds=(), oops_fd=-1):

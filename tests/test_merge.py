@@ -27,8 +27,8 @@ from util_machine import (
     wait_full_scans,
 )
 
-from uksm.layout import M_FLAGS, M_SLOT_USED, MMF_VM_MERGEABLE, VM_MERGEABLE
-from uksm.syscalls import MADV_DONTNEED, MADV_UNMERGEABLE
+from uksm.kernel.layout import M_FLAGS, M_SLOT_USED, MMF_VM_MERGEABLE, VM_MERGEABLE
+from uksm.kernel.syscalls import MADV_DONTNEED, MADV_UNMERGEABLE
 
 
 def cname(tag: str) -> str:

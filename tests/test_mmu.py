@@ -23,9 +23,9 @@ from util_machine import (
     wait_frames_used,
 )
 
-from uksm.layout import FIRST_VPN, M_KSM_MAPPED, M_RSS, PT_OFF, T_COW, T_FAULTS
-from uksm.mm import SegFault
-from uksm.syscalls import MADV_DONTNEED, MADV_MERGEABLE
+from uksm.kernel.layout import FIRST_VPN, M_KSM_MAPPED, M_RSS, PT_OFF, T_COW, T_FAULTS
+from uksm.kernel.mm import SegFault
+from uksm.kernel.syscalls import MADV_DONTNEED, MADV_MERGEABLE
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -230,7 +230,7 @@ def test_madvise_past_the_end_of_the_address_space_fails_cleanly() -> None:
     """madvise/munmap of a range running past the last page of the address
     space: an error (SegFault, as ENOMEM/EINVAL), no lock left held,
     nothing unmapped."""
-    from uksm.syscalls import MADV_UNMERGEABLE
+    from uksm.kernel.syscalls import MADV_UNMERGEABLE
     with booted(cname("i"), run=0, frames=64, va_pages=64) as sup:
         cl = sup.cl
         s = Space(sup)

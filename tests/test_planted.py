@@ -20,10 +20,10 @@ import pytest
 
 import planter
 from helpers import booted, pump, wait_for
-from uksm import fsck
-from uksm.cluster import Cluster
-from uksm.layout import K_FULL_SCANS, K_PAGES_SHARED, K_PAGES_SHARING, M_ID, T_READY
-from uksm.mm import mm_attach
+from uksm.kernel import fsck
+from uksm.kernel.cluster import Cluster
+from uksm.kernel.layout import K_FULL_SCANS, K_PAGES_SHARED, K_PAGES_SHARING, M_ID, T_READY
+from uksm.kernel.mm import mm_attach
 from util_machine import set_run
 
 

@@ -13,7 +13,7 @@ import pytest
 import planter
 from helpers import booted, pump, wait_for
 from test_planted import _state, mms_of
-from uksm.layout import T_READY
+from uksm.kernel.layout import T_READY
 
 
 @pytest.mark.timeout(60)
@@ -63,8 +63,8 @@ def test_run_exits_4_on_a_planted_fault(fault, tmp_path, monkeypatch, capsys):
     """`uksm run` (in this process, plain-text report) with a fault planted
     just before its final fsck (a free frame with a count) or before its
     workers verify (a changed byte): status 4, and the report says why."""
-    from uksm import cli
-    from uksm.supervisor import Supervisor
+    from uksm.cli.main import main as cli
+    from uksm.proc.supervisor import Supervisor
     planted: list[planter.Fault] = []
     if fault == "fsck":
         final_fsck = Supervisor.final_fsck

@@ -15,9 +15,10 @@ import pytest
 import planter
 from helpers import ROOT, run_group, wait_for
 from test_cluster_cmds import Up, cluster  # noqa: F401  (the fixture)
-from uksm import fsck, killpoints, shm
-from uksm.cluster import pid_alive
-from uksm.layout import (H_KSMD_PID, K_PAGES_TO_SCAN, K_SLEEP_MS, R_WORKER, T_PID, T_READY, T_ROLE,
+from uksm.kernel import fsck, killpoints
+from uksm.host import shm
+from uksm.kernel.cluster import pid_alive
+from uksm.kernel.layout import (H_KSMD_PID, K_PAGES_TO_SCAN, K_SLEEP_MS, R_WORKER, T_PID, T_READY, T_ROLE,
                          T_STATE, TS_ALIVE)
 
 

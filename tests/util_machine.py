@@ -30,9 +30,9 @@ class Space:
     calls on it.  ``exit()`` runs mmput and waits until the mm is freed."""
 
     def __init__(self, sup: Any, worker_no: int = 900) -> None:
-        from uksm.memory import Allocator
-        from uksm.mm import mm_create
-        from uksm.mmu import MMU
+        from uksm.kernel.memory import Allocator
+        from uksm.kernel.mm import mm_create
+        from uksm.kernel.mmu import MMU
         self.sup = sup
         self.cl = sup.cl
         self.mm = mm_create(self.cl, self.cl.task.row, worker_no)
@@ -42,19 +42,19 @@ class Space:
 
     # -- system calls
     def mmap(self, npages: int) -> int:
-        from uksm.syscalls import sys_mmap
+        from uksm.kernel.syscalls import sys_mmap
         return sys_mmap(self.cl, self.mm, npages * PAGE)
 
     def munmap(self, addr: int, npages: int) -> None:
-        from uksm.syscalls import sys_munmap
+        from uksm.kernel.syscalls import sys_munmap
         sys_munmap(self.cl, self.mm, self.alloc, addr, npages * PAGE)
 
     def madvise(self, addr: int, npages: int, advice: int) -> int:
-        from uksm.syscalls import sys_madvise
+        from uksm.kernel.syscalls import sys_madvise
         return sys_madvise(self.cl, self.mm, self.alloc, addr, npages * PAGE, advice)
 
     def mergeable(self, addr: int, npages: int) -> None:
-        from uksm.syscalls import MADV_MERGEABLE
+        from uksm.kernel.syscalls import MADV_MERGEABLE
         self.madvise(addr, npages, MADV_MERGEABLE)
 
     # -- user access
@@ -74,19 +74,19 @@ class Space:
 
     def pfn(self, addr: int) -> int | None:
         """The frame mapped at ``addr``, or None (pte_none)."""
-        from uksm.layout import PTE_PRESENT
+        from uksm.kernel.layout import PTE_PRESENT
         pte = self.pte(addr)
         return pte >> 2 if pte & PTE_PRESENT else None
 
     def writable(self, addr: int) -> bool:
-        from uksm.layout import PTE_WRITE
+        from uksm.kernel.layout import PTE_WRITE
         return bool(self.pte(addr) & PTE_WRITE)
 
     def field(self, f: int) -> int:
         return self.cl.q[self.mm.base + f]
 
     def rss(self) -> int:
-        from uksm.layout import M_RSS
+        from uksm.kernel.layout import M_RSS
         return self.field(M_RSS)
 
     def freed(self) -> bool:
@@ -99,8 +99,8 @@ class Space:
         __ksm_exit path taken."""
         import helpers
 
-        from uksm.exit import mmput
-        from uksm.log import _Null
+        from uksm.kernel.exit import mmput
+        from uksm.host.log import _Null
         path = 0
         if not self.exited:
             self.exited = True
@@ -115,18 +115,18 @@ class Space:
 
 def frame(cl: Any, pfn: int) -> tuple[int, int]:
     """(count, flags) of a frame."""
-    from uksm.layout import FR_COUNT, FR_FLAGS, FRAME_SIZE
+    from uksm.kernel.layout import FR_COUNT, FR_FLAGS, FRAME_SIZE
     b = pfn * FRAME_SIZE
     return cl.fq[b + FR_COUNT], cl.fq[b + FR_FLAGS]
 
 
 def is_ksm(cl: Any, pfn: int) -> bool:
-    from uksm.layout import F_KSM
+    from uksm.kernel.layout import F_KSM
     return bool(frame(cl, pfn)[1] & F_KSM)
 
 
 def frames_used(cl: Any) -> int:
-    from uksm.layout import A_FREE_TOP
+    from uksm.kernel.layout import A_FREE_TOP
     return cl.nframes - cl.q[A_FREE_TOP]
 
 
@@ -143,7 +143,7 @@ def wait_frames_used(sup: Any, n: int, timeout: float = 30.0) -> None:
 def live_mms(sup: Any, spaces: Iterable[Space] = ()) -> dict[int, Any]:
     """Every address space still in the mm table: the supervisor's
     workers' and the test's own."""
-    from uksm.layout import M_ID
+    from uksm.kernel.layout import M_ID
     q = sup.cl.q
     with sup.lock:
         mms = {i: m for i, m in sup.mms.items() if q[m.base + M_ID] == i}
@@ -154,10 +154,10 @@ def live_mms(sup: Any, spaces: Iterable[Space] = ()) -> dict[int, Any]:
 
 
 def fsck_errors(sup: Any, spaces: Iterable[Space] = (), counters: bool = True) -> list[str]:
-    """uksm.fsck.check with the world stopped (every pte lock, zone_lock)
+    """uksm.kernel.fsck.check with the world stopped (every pte lock, zone_lock)
     and, for the ksm counters, ksm_thread_mutex held (ksmd publishes them
     under it) -- taken first, as the lock order says."""
-    from uksm import fsck
+    from uksm.kernel import fsck
     cl = sup.cl
     mms = live_mms(sup, spaces)
     if counters:
@@ -192,7 +192,7 @@ def maps_duplicates(spaces: Iterable[tuple[Space, int, int]]) -> list[tuple[int,
 def ksm_stats(cl: Any) -> dict[str, int]:
     """The counters as one consistent snapshot (read under
     ksm_thread_mutex, which ksmd publishes them under)."""
-    from uksm.layout import (
+    from uksm.kernel.layout import (
         K_FULL_SCANS,
         K_PAGES_SCANNED,
         K_PAGES_SHARED,
@@ -218,8 +218,8 @@ def set_run(sup: Any, run: int, timeout: float = 30.0) -> None:
     unmerge is complete)."""
     import helpers
 
-    from uksm.ksm import run_store
-    from uksm.layout import K_RUN_DONE
+    from uksm.kernel.ksm import run_store
+    from uksm.kernel.layout import K_RUN_DONE
     cl, q = sup.cl, sup.cl.q
     seq, err = run_store(cl, run)   # this thread is the writer: for 2 it unmerges
     assert err == 0, f"run={run}: error {err}"
@@ -271,9 +271,9 @@ def alloc_child(cluster: str, row: int, child: int, ops: int, hold: int, seed: i
     often it had to wait for free frames."""
     import time
 
-    from uksm.cluster import Cluster
-    from uksm.layout import C_FRAMES, E_SPINS, ESIZE, T_LOCKS, T_PID, T_READY
-    from uksm.memory import Allocator
+    from uksm.kernel.cluster import Cluster
+    from uksm.kernel.layout import C_FRAMES, E_SPINS, ESIZE, T_LOCKS, T_PID, T_READY
+    from uksm.kernel.memory import Allocator
     cl = Cluster.attach(cluster)
     task = cl.bind(row)
     cl.q[task.base + T_PID] = os.getpid()

@@ -7,7 +7,7 @@ The same layout -- N pages holding K distinct contents in total (page i
 holds content i mod K) -- is merged twice, from scratch, with the same
 ``pages_to_scan`` and ``sleep_millisecs``:
 
-- **uksm**: a cluster is booted in this process (``uksm.supervisor``) with
+- **uksm**: a cluster is booted in this process (``uksm.proc.supervisor``) with
   ksmd stopped (run=0); W worker processes each map N/W pages with the
   ``dup:K`` workload (page i of every worker holds content i mod K) and mark
   them mergeable.  Once every worker is ready, run=1 is set and the clock
@@ -161,7 +161,7 @@ def split_pages(pages: int, workers: int) -> list[int]:
 
 
 def uksm_config(pages: int, workers: int, pages_to_scan: int, sleep_ms: int, run: int = 0):
-    from uksm.cluster import Config
+    from uksm.kernel.cluster import Config
     per = split_pages(pages, workers)
     return Config(frames=pages + max(64, pages // 16), max_tasks=workers * 2 + 32,
                   max_mms=workers * 3 + 32, va_pages=max(per) + 80, run=run,
@@ -198,7 +198,7 @@ def wait_merged(sup: Any, t0: float, shared: int, sharing: int, timeout: float, 
     """Poll the cluster (every ~2 ms) until ``pages_shared == shared`` and
     ``pages_sharing == sharing``; ``tick(now)`` at every poll.  Returns the
     seconds since ``t0``; RuntimeError on a cluster error or the timeout."""
-    from uksm.layout import K_PAGES_SCANNED, K_PAGES_SHARED, K_PAGES_SHARING
+    from uksm.kernel.layout import K_PAGES_SCANNED, K_PAGES_SHARED, K_PAGES_SHARING
     q = sup.cl.q
     scanned0, last = q[K_PAGES_SCANNED], t0
     while True:
@@ -222,16 +222,16 @@ def wait_merged(sup: Any, t0: float, shared: int, sharing: int, timeout: float, 
 
 def run_uksm(pages: int, distinct: int, workers: int, pages_to_scan: int, sleep_ms: int,
              after: float, timeout: float, seed: int, log_dir: str | None, say: Any) -> dict[str, Any]:
-    from uksm import log as ulog
-    from uksm import shm
-    from uksm.layout import (
+    from uksm.host import log as ulog
+    from uksm.host import shm
+    from uksm.kernel.layout import (
         K_FULL_SCANS,
         K_PAGES_SCANNED,
         K_PAGES_SHARED,
         K_PAGES_SHARING,
         )
-    from uksm.supervisor import Supervisor
-    from uksm.ksm import run_store
+    from uksm.proc.supervisor import Supervisor
+    from uksm.kernel.ksm import run_store
 
     name = f"bench{os.getpid()}"
     per = split_pages(pages, workers)

@@ -53,14 +53,14 @@ def _loop_until(end: float, body) -> int:
 
 
 def child(a: argparse.Namespace) -> dict:
-    from uksm.cluster import Cluster
-    from uksm.exit import mmput
-    from uksm.layout import T_PID
-    from uksm.log import _Null
-    from uksm.memory import Allocator
-    from uksm.mm import mm_attach
-    from uksm.mmu import MMU
-    from uksm.syscalls import sys_mmap
+    from uksm.kernel.cluster import Cluster
+    from uksm.kernel.exit import mmput
+    from uksm.kernel.layout import T_PID
+    from uksm.host.log import _Null
+    from uksm.kernel.memory import Allocator
+    from uksm.kernel.mm import mm_attach
+    from uksm.kernel.mmu import MMU
+    from uksm.kernel.syscalls import sys_mmap
 
     cl = Cluster.attach(a.cluster)
     cl.bind(a.row)
@@ -124,10 +124,10 @@ def child(a: argparse.Namespace) -> dict:
 # ---- the parent ---------------------------------------------------------------------------
 
 def run(pages: int, seconds: float, procs: list[int]) -> list[dict]:
-    from uksm.cluster import Config
-    from uksm.layout import R_WORKER
-    from uksm.mm import mm_create
-    from uksm.supervisor import Supervisor
+    from uksm.kernel.cluster import Config
+    from uksm.kernel.layout import R_WORKER
+    from uksm.kernel.mm import mm_create
+    from uksm.proc.supervisor import Supervisor
 
     most = max(procs)
     name = f"tbench{os.getpid()}"

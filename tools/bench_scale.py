@@ -82,11 +82,11 @@ def private_bytes(pid: int) -> dict[str, int] | None:
 def run_size(pages: int, distinct: int, workers: int, pages_to_scan: int, sleep_ms: int,
              timeout: float, seed: int, sample_s: float, say: Any) -> dict[str, Any]:
     """One size: boot, fill, merge, measure, tear down (always)."""
-    from uksm import log as ulog
-    from uksm import shm
-    from uksm.ksm import run_store
-    from uksm.layout import K_PAGES_SCANNED
-    from uksm.supervisor import Supervisor
+    from uksm.host import log as ulog
+    from uksm.host import shm
+    from uksm.kernel.ksm import run_store
+    from uksm.kernel.layout import K_PAGES_SCANNED
+    from uksm.proc.supervisor import Supervisor
 
     name = f"bscale{os.getpid()}"
     per = split_pages(pages, workers)

@@ -39,8 +39,8 @@ from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
-from uksm.layout import EXIT_POLICIES, HAZARDS
-from uksm.shm import UksmError
+from uksm.kernel.layout import EXIT_POLICIES, HAZARDS
+from uksm.host.shm import UksmError
 from uksm.tools.campaign_run import execute_run, reproduce, run_id
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
@@ -119,7 +119,7 @@ def sweep(spec: dict[str, Any]) -> list[dict[str, Any]]:
     """Expand a sweep into its runs (checked: a bad name is a usage error,
     before anything runs).  Hazard sets are ``none`` or names joined by
     ``+``."""
-    from uksm import killpoints
+    from uksm.kernel import killpoints
     from uksm.workers.workloads import validate as wl_validate
     seeds = parse_seeds(spec.get("seeds", AXES["seeds"]))
     ax = {k: as_list(k, spec.get(k, AXES[k])) for k in AXES if k != "seeds"}

@@ -135,7 +135,7 @@ def guard_main(argv: list[str]) -> int:
     except ProcessLookupError:
         pass
     proc.wait()
-    from uksm import shm
+    from uksm.host import shm
     shm.remove_all(cluster)
     if aborted:  # the run will be retried (or resumed) from nothing: drop what it wrote
         shutil.rmtree(log_dir, ignore_errors=True)

@@ -35,12 +35,12 @@ import time
 from typing import Any, Callable
 
 import uksm
-from uksm import killpoints
-from uksm.layout import HAZARDS
-from uksm.exitcodes import interrupted as interrupted_status
-from uksm.lifeline import StopSignals
-from uksm.run import EXIT_USAGE, RunOptions, default_frames, validate
-from uksm.shm import UksmError
+from uksm.kernel import killpoints
+from uksm.kernel.layout import HAZARDS
+from uksm.host.exitcodes import interrupted as interrupted_status
+from uksm.host.lifeline import StopSignals
+from uksm.proc.run import EXIT_USAGE, RunOptions, default_frames, validate
+from uksm.host.shm import UksmError
 
 SIGNALS = ("KILL", "TERM")
 # a worker point reached only by a task still to go through __ksm_enter:
@@ -71,7 +71,7 @@ class Injector:
         self.respawned = 0
         self.at_last: dict[str, int] = {"merges": 0, "full_scans": 0}
         self.live: dict[str, Any] = {"ok": False, "errors": ["not run"]}
-        self.interrupted: Callable[[], bool] = lambda: False  # a stop signal (uksm.lifeline)
+        self.interrupted: Callable[[], bool] = lambda: False  # a stop signal (uksm.host.lifeline)
         self.unreached: dict[str, int] = {}  # --point all: points given up after POINT_BUDGET_S
         self.hung = False
 
@@ -285,7 +285,7 @@ def run(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps(report))
     else:
-        from uksm.cli import print_report
+        from uksm.cli.main import print_report
         print_report(report)
         i = report.get("inject", {})
         print(f"  inject   {i.get('kills')} kills ({a.signal}, {a.point}); recoveries "

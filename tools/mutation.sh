@@ -4,8 +4,8 @@
 #
 #   pip install -e '.[mutation]'
 #   tools/mutation.sh [MODULE [TEST_FILE ...]]
-#   tools/mutation.sh uksm/fsck.py tests/test_planted.py          (the default)
-#   tools/mutation.sh uksm/ksm.py tests/test_exit.py tests/test_planted.py
+#   tools/mutation.sh uksm/kernel/fsck.py tests/test_planted.py          (the default)
+#   tools/mutation.sh uksm/kernel/ksm.py tests/test_exit.py tests/test_planted.py
 #
 # mutmut runs in a copy of the committed tree (git archive HEAD) under a
 # temporary folder, at nice 19, one mutant at a time (the machine is
@@ -14,7 +14,7 @@
 # its diff) and the score: killed / (killed + survived + timeouts).
 # MUTMUT_KEEP=1 keeps the copy and prints its path.
 set -eu
-MODULE=${1:-uksm/fsck.py}
+MODULE=${1:-uksm/kernel/fsck.py}
 [ $# -gt 0 ] && shift
 TESTS=${*:-tests/test_planted.py}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)

@@ -4,8 +4,8 @@
 Boots a cluster like ``tools/bench_ksm.py`` (W workers x N/W pages of the
 ``dup:K`` workload, run=0 until every worker is ready) but with no ksmd
 process: a Supervisor subclass only allocates ksmd's task row, and this
-process attaches to the cluster on that row and runs ``uksm.ksmd.Ksmd.run()``
-itself -- in the main thread, as ``uksm.ksmd.main`` does -- while a helper
+process attaches to the cluster on that row and runs ``uksm.kernel.ksmd.Ksmd.run()``
+itself -- in the main thread, as ``uksm.kernel.ksmd.main`` does -- while a helper
 thread watches the counters (and reaps children) and stops ksmd once
 ``pages_shared == K`` and ``pages_sharing == N - K``.
 
@@ -44,12 +44,12 @@ from uksm.tools.bench_ksm import (
     uksm_config,
 )
 
-from uksm import log as ulog
-from uksm import shm
-from uksm.cluster import Cluster
-from uksm.ksmd import Ksmd
-from uksm.ksm import run_store
-from uksm.layout import (
+from uksm.host import log as ulog
+from uksm.host import shm
+from uksm.kernel.cluster import Cluster
+from uksm.kernel.ksmd import Ksmd
+from uksm.kernel.ksm import run_store
+from uksm.kernel.layout import (
     H_KSMD_PID,
     H_KSMD_TASK,
     K_FULL_SCANS,
@@ -60,7 +60,7 @@ from uksm.layout import (
     R_KSMD,
     T_PID,
 )
-from uksm.supervisor import Supervisor
+from uksm.proc.supervisor import Supervisor
 
 
 class InProcessKsmdSupervisor(Supervisor):

@@ -11,13 +11,13 @@ __all__ = ["Machine", "Task", "KillPoint", "MachineError", "MachineClosed", "Wai
            "HungTask", "TaskExited", "TaskDied", "SegFault", "IntegrityError", "KillPointMissed"]
 
 if TYPE_CHECKING:
-    from .api import (HungTask, IntegrityError, KillPoint, KillPointMissed, Machine,
+    from uksm.api import (HungTask, IntegrityError, KillPoint, KillPointMissed, Machine,
                       MachineClosed, MachineError, SegFault, Task, TaskDied, TaskExited,
                       WaitTimeout)
 
 
 def __getattr__(name: str) -> Any:
     if name in __all__:
-        from . import api
+        from uksm import api
         return getattr(api, name)
     raise AttributeError(f"module 'uksm' has no attribute {name!r}")

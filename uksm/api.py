@@ -14,8 +14,8 @@ The public API of uksm (issue 10); ``docs/API.md`` is its manual.
     print(m.report["fsck"])                # uksm run --json's report
 
 Layers: a Machine is a client of the cluster daemon's requests
-(``uksm.daemon.Daemon.run_request``, with the script requests of
-``uksm.scripting``).  ``Machine(...)`` boots a cluster in this process and
+(``uksm.proc.daemon.Daemon.run_request``, with the script requests of
+``uksm.proc.scripting``).  ``Machine(...)`` boots a cluster in this process and
 calls the same Daemon object directly (this process is the supervisor);
 ``Machine.attach(name)`` sends the same requests over the socket of a
 cluster started with ``uksm up``.  Reads of the knobs and counters come
@@ -39,9 +39,10 @@ import weakref
 from collections.abc import Iterator, MutableMapping
 from typing import Any, Callable, NamedTuple
 
-from . import killpoints, shm
-from .control import CTL_NAMES, KSM_FIELDS, WRITABLE, KnobError, ctl_values, read_state, validate_knob
-from .layout import EXIT_POLICIES, HAZARDS, PAGE_SIZE
+from uksm.kernel import killpoints
+from uksm.host import shm
+from uksm.proc.control import CTL_NAMES, KSM_FIELDS, WRITABLE, KnobError, ctl_values, read_state, validate_knob
+from uksm.kernel.layout import EXIT_POLICIES, HAZARDS, PAGE_SIZE
 
 DEFAULT_WAIT_S = 60.0
 _POLL_S = 0.01
@@ -150,7 +151,7 @@ class _Local:
     (no socket) serves the requests."""
 
     def __init__(self, name: str, spec: dict[str, Any]) -> None:
-        from .daemon import Daemon
+        from uksm.proc.daemon import Daemon
         self.d = Daemon(name, spec, foreground=False)
         try:
             self.d.start()
@@ -171,7 +172,7 @@ class _Local:
         return list(self.sup.hung)
 
     def abandon(self) -> None:
-        from .daemon import _abandon
+        from uksm.proc.daemon import _abandon
         self.d.close_tasks()
         _abandon(self.d)
 
@@ -180,13 +181,13 @@ class _Remote:
     """A cluster started by ``uksm up``: requests over its socket."""
 
     def __init__(self, name: str) -> None:
-        from .control import attach
+        from uksm.proc.control import attach
         self.name = name
         self.request({"op": "ping"})  # a daemon answers, or a plain error
         self.cl = attach(name)
 
     def request(self, req: dict[str, Any]) -> dict[str, Any]:
-        from .control import NotUp, call, not_running
+        from uksm.proc.control import NotUp, call, not_running
         try:
             return call(self.name, req)
         except NotUp:
@@ -382,7 +383,7 @@ class Machine:
                  pages_to_scan: int = 100, sleep_millisecs: int = 20, mem_limit: int = 0,
                  name: str | None = None, log_dir: str | None = None,
                  hung_task_timeout: float = 5.0) -> None:
-        from .run import RunOptions, check_cluster_options
+        from uksm.proc.run import RunOptions, check_cluster_options
         for k, v in (("frames", frames), ("max_pages", max_pages), ("max_tasks", max_tasks),
                      ("run", run), ("pages_to_scan", pages_to_scan),
                      ("sleep_millisecs", sleep_millisecs), ("mem_limit", mem_limit)):
@@ -543,7 +544,7 @@ class Machine:
         """The machine's event counts (uksm's /proc/vmstat): tasks started
         and exited, by __ksm_exit path, killed, OOM-killed, reaped; deaths
         recovered (and locks taken over), merges, kill points hit."""
-        from .layout import (S_EXIT_FAST, S_EXIT_LEGACY, S_EXIT_SLOW, S_EXITED, S_KILLED,
+        from uksm.kernel.layout import (S_EXIT_FAST, S_EXIT_LEGACY, S_EXIT_SLOW, S_EXITED, S_KILLED,
                              S_LOCK_RECOVERIES, S_MERGES, S_OOM_KILLED, S_REAPED, S_RECOVERIES,
                              S_STARTED)
         cl = self._t().cl
@@ -557,7 +558,7 @@ class Machine:
 
     def armed(self) -> str | None:
         """The ksmd point armed now (None once it has fired, or none armed)."""
-        from .layout import H_KSMD_POINT
+        from uksm.kernel.layout import H_KSMD_POINT
         i = self._t().cl.q[H_KSMD_POINT]
         return killpoints.NAMES[i] if 0 <= i < len(killpoints.NAMES) else None
 
@@ -666,7 +667,7 @@ class Machine:
         if isinstance(t, _Remote):
             t.abandon()
             return self.report
-        from .run import build_report
+        from uksm.proc.run import build_report
         sup = t.sup
         try:
             t.tick()
@@ -680,7 +681,7 @@ class Machine:
         self.report = build_report(self.name, self._o, self._t0, snap, end, self.log_dir)
         if any(isinstance(x._tr, _Local) for x in _open):
             # another machine of this process still logs: the log files are
-            # the process's (uksm.log), closed with the last one
+            # the process's (uksm.host.log), closed with the last one
             sup.log.info("cluster_stop", duration_s=self.report["duration_s"], status=end["status"])
         else:
             sup.log_stop(end["status"])
@@ -704,9 +705,9 @@ class Machine:
         return self
 
     def __exit__(self, exc_type: Any, *_exc: Any) -> None:
-        from .lifeline import SecondSignal
+        from uksm.host.lifeline import SecondSignal
         if exc_type is not None and issubclass(exc_type, SecondSignal) and self._tr is not None:
-            # a second stop signal (uksm.lifeline): kill at once, remove every object
+            # a second stop signal (uksm.host.lifeline): kill at once, remove every object
             t, self._tr = self._tr, None
             _open.discard(self)
             t.abandon()

@@ -31,8 +31,8 @@ def pytest_configure(config: Any) -> None:
 
 def leftovers(m: Any) -> list[str]:
     """What a closed Machine left behind, and what went wrong at its end."""
-    from uksm import shm
-    from uksm.cluster import pid_alive
+    from uksm.host import shm
+    from uksm.kernel.cluster import pid_alive
     rep = m.report or {}
     out = [f"POSIX object /dev/shm/{o}" for o in shm.leftovers(m.name)]
     out += [f"process {p} still running" for p in m.pids if pid_alive(p)]

@@ -6,7 +6,7 @@ the system calls, the fatal-signal handling, the one exit path
 ``Worker.exit_task``), but instead of a canned workload it runs commands
 that arrive on a socket (``--cmd-fd``, one end of a socketpair its
 supervisor keeps): one JSON object per line, one answer per command.
-``uksm.scripting`` (the supervisor's side) validates every command before
+``uksm.proc.scripting`` (the supervisor's side) validates every command before
 it gets here; the API (``uksm.api``) and the shell verbs (``uksm task``)
 are its users.
 
@@ -28,14 +28,14 @@ import socket
 import sys
 from typing import Any
 
-from uksm import log as ulog
-from uksm.lifeline import arm
-from uksm.layout import (EXIT_PATHS, M_FLAGS, MMF_VM_MERGEABLE, PAGE_SIZE, PT_OFF, PTE_PRESENT,
+from uksm.host import log as ulog
+from uksm.host.lifeline import arm
+from uksm.kernel.layout import (EXIT_PATHS, M_FLAGS, MMF_VM_MERGEABLE, PAGE_SIZE, PT_OFF, PTE_PRESENT,
                          PTE_WRITE, T_EXIT_PATH, T_MISMATCHES, T_READY, VM_MERGEABLE)
-from uksm.memory import OutOfMemory
-from uksm.mm import SegFault
-from uksm.shm import UksmError
-from uksm.syscalls import MADV_DONTNEED, MADV_MERGEABLE, MADV_UNMERGEABLE, sys_madvise, sys_mmap
+from uksm.kernel.memory import OutOfMemory
+from uksm.kernel.mm import SegFault
+from uksm.host.shm import UksmError
+from uksm.kernel.syscalls import MADV_DONTNEED, MADV_MERGEABLE, MADV_UNMERGEABLE, sys_madvise, sys_mmap
 from uksm.workers.worker import Worker, parser
 
 ADVICE = {"MERGEABLE": MADV_MERGEABLE, "UNMERGEABLE": MADV_UNMERGEABLE, "DONTNEED": MADV_DONTNEED}
@@ -210,7 +210,7 @@ class ScriptedTask(Worker):
         return 0
 
     def _fatal_oom(self) -> None:
-        from uksm import oom
+        from uksm.kernel import oom
         self._fatal(oom.OOM_SIGNAL, None)
 
 

@@ -20,18 +20,18 @@ import signal
 import sys
 import time
 
-from uksm import log as ulog
-from uksm import oom
-from uksm.cluster import Cluster
-from uksm.exit import mmput
-from uksm.lifeline import arm
-from uksm.layout import (M_OWNER_PID, PAGE_SIZE, S_SIGNALS, T_EXIT_REASON, T_FATAL,
+from uksm.host import log as ulog
+from uksm.kernel import oom
+from uksm.kernel.cluster import Cluster
+from uksm.kernel.exit import mmput
+from uksm.host.lifeline import arm
+from uksm.kernel.layout import (M_OWNER_PID, PAGE_SIZE, S_SIGNALS, T_EXIT_REASON, T_FATAL,
                          T_MISMATCHES, T_PID, T_READY, T_VERIFIED, X_EXIT, X_OOM, X_SIGNAL)
-from uksm.memory import Allocator, OutOfMemory
-from uksm.mm import mm_attach
-from uksm.mmu import MMU
-from uksm.shm import UksmError
-from uksm.syscalls import MADV_DONTNEED, MADV_MERGEABLE, sys_madvise, sys_mlockall, sys_mmap
+from uksm.kernel.memory import Allocator, OutOfMemory
+from uksm.kernel.mm import mm_attach
+from uksm.kernel.mmu import MMU
+from uksm.host.shm import UksmError
+from uksm.kernel.syscalls import MADV_DONTNEED, MADV_MERGEABLE, sys_madvise, sys_mlockall, sys_mmap
 from uksm.workers.workloads import ZERO, Workload
 
 
@@ -151,7 +151,7 @@ class Worker:
         self.log_cows()
 
     def log_cows(self) -> None:
-        from uksm.layout import T_COW
+        from uksm.kernel.layout import T_COW
         n = self.q[self.tb + T_COW]
         if n > self.cows_logged:
             self.log.info("cow_break", mm=self.mm.id, count=n - self.cows_logged, by="worker",

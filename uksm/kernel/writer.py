@@ -24,14 +24,14 @@ import os
 import signal
 from typing import Any
 
-from . import log as ulog
-from . import oom
-from .cluster import Cluster
-from .exit import oom_kill_and_mmput
-from . import oops
-from .ksm import ENOMEM, run_store
-from .layout import H_HAZARDS, HZ_OOM_MMPUT_IN_TASK, T_FATAL, T_PID, X_OOM, X_SIGNAL
-from .memory import Allocator
+from uksm.host import log as ulog
+from uksm.kernel import oom
+from uksm.kernel.cluster import Cluster
+from uksm.kernel.exit import oom_kill_and_mmput
+from uksm.host import oops
+from uksm.kernel.ksm import ENOMEM, run_store
+from uksm.kernel.layout import H_HAZARDS, HZ_OOM_MMPUT_IN_TASK, T_FATAL, T_PID, X_OOM, X_SIGNAL
+from uksm.kernel.memory import Allocator
 
 EXIT_DONE, EXIT_INTERRUPTED, EXIT_OOM_KILLED = 0, 5, 6
 RESULTS = {EXIT_DONE: "done", EXIT_INTERRUPTED: "interrupted", EXIT_OOM_KILLED: "oom-killed"}
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="PF_OOM_ORIGIN while unmerging (2.6.32 as released)")
     ap.add_argument("--log-dir")
     a = ap.parse_args(argv)
-    from .lifeline import arm
+    from uksm.host.lifeline import arm
     arm()  # die with the supervisor
     cl = Cluster.attach(a.cluster)
     task = cl.bind(a.task)

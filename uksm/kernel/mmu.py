@@ -30,15 +30,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .layout import (F_KSM, FR_COUNT, FR_FLAGS, FRAME_SIZE, HZ_NO_EXIT_CHECKS, H_EXIT_POLICY, H_HAZARDS, POL_SEED,
+from uksm.kernel.layout import (F_KSM, FR_COUNT, FR_FLAGS, FRAME_SIZE, HZ_NO_EXIT_CHECKS, H_EXIT_POLICY, H_HAZARDS, POL_SEED,
                      M_KSM_MAPPED, M_RSS, M_USERS, PAGE_SHIFT, PAGE_SIZE, PT_OFF,
                      PTE_PRESENT, PTE_WRITE, T_COW, T_FAULTS, VM_WRITE)
-from . import killpoints
-from .memory import Allocator, OutOfMemory
-from .mm import MM, SegFault
+from uksm.kernel import killpoints
+from uksm.kernel.memory import Allocator, OutOfMemory
+from uksm.kernel.mm import MM, SegFault
 
 if TYPE_CHECKING:
-    from .cluster import Cluster
+    from uksm.kernel.cluster import Cluster
 
 PW = PTE_PRESENT | PTE_WRITE
 ZERO_PAGE = bytes(PAGE_SIZE)

@@ -2,7 +2,7 @@
 ``ctl``, ``status``, ``top``, ``fsck`` (issue 7).
 
 A cluster started by ``uksm up`` is served by a detached supervisor process,
-the *daemon* (``uksm.daemon``).  The commands here are its clients:
+the *daemon* (``uksm.proc.daemon``).  The commands here are its clients:
 
 - writes (spawn, kill, ctl KEY=VALUE, fsck, down) are requests over the
   daemon's control channel: a UNIX stream socket in the abstract namespace,
@@ -30,15 +30,15 @@ from typing import Any, Callable
 
 import posix_ipc
 
-from . import shm
-from .layout import (CS_RUNNING, CS_STARTING, CS_STOPPED, CS_STOPPING, EXIT_PATHS, EXIT_POLICIES,
+from uksm.host import shm
+from uksm.kernel.layout import (CS_RUNNING, CS_STARTING, CS_STOPPED, CS_STOPPING, EXIT_PATHS, EXIT_POLICIES,
                      H_CREATED_NS, H_EXIT_POLICY, H_HAZARDS, H_KSMD_PID, H_MAGIC, H_MEM_LIMIT,
                      H_STATE, H_SUPERVISOR_PID, HAZARDS, K_FULL_SCANS, K_PAGES_SCANNED,
                      K_PAGES_SHARED, K_PAGES_SHARING, K_PAGES_TO_SCAN, K_PAGES_UNSHARED,
                      K_PAGES_VOLATILE, K_RMAP_ITEMS, K_RUN, K_RUN_DONE, K_RUN_SEQ, K_SLEEP_MS,
                      K_STABLE_NODES, MAGIC, MM_STATES, PAGE_SIZE, STATS_NAMES)
 
-from .exitcodes import EXIT_ERR, EXIT_HUNG, EXIT_INTEGRITY, EXIT_OK, EXIT_USAGE  # noqa: F401
+from uksm.host.exitcodes import EXIT_ERR, EXIT_HUNG, EXIT_INTEGRITY, EXIT_OK, EXIT_USAGE  # noqa: F401
 #: the cluster a command acts on without --cluster: $UKSM_CLUSTER, else "default"
 DEFAULT_CLUSTER = os.environ.get("UKSM_CLUSTER") or "default"
 CLUSTER_STATES = {CS_STARTING: "starting", CS_RUNNING: "running", CS_STOPPING: "stopping",
@@ -118,9 +118,9 @@ def read_state(cl: Any) -> dict[str, Any]:
     """Knobs, counters, frames, host memory and one row per address space,
     read from the shared memory without any lock (a torn read between two
     fields is possible, as between two files of /sys/kernel/mm/ksm)."""
-    from .cluster import pid_alive
-    from .memory import frame_stats
-    from .mm import live_mm_rows, mm_fields
+    from uksm.kernel.cluster import pid_alive
+    from uksm.kernel.memory import frame_stats
+    from uksm.kernel.mm import live_mm_rows, mm_fields
     q = cl.q
     sup_pid, ksmd_pid = q[H_SUPERVISOR_PID], q[H_KSMD_PID]
     mms: list[dict[str, Any]] = []
@@ -185,7 +185,7 @@ def recorded_supervisor(name: str) -> int:
 
 def not_running(name: str) -> shm.UksmError:
     """The plain explanation when no daemon answers for ``name`` (status 1)."""
-    from .cluster import pid_alive
+    from uksm.kernel.cluster import pid_alive
     left = shm.leftovers(name)
     if not left:
         return shm.UksmError(f"cluster {name!r} does not exist (no daemon answers, nothing of it in "
@@ -256,7 +256,7 @@ def request(name: str, req: dict[str, Any], timeout: float = REQUEST_TIMEOUT) ->
 
 def attach(name: str) -> Any:
     """Cluster.attach for reading, with the plain explanations."""
-    from .cluster import Cluster, pid_alive
+    from uksm.kernel.cluster import Cluster, pid_alive
     shm.check_cluster_name(name)
     if not shm.leftovers(name):
         raise not_running(name)
@@ -282,8 +282,8 @@ def _cluster_arg(p: argparse.ArgumentParser) -> None:
 
 
 def add_parsers(sub: Any, run_args: Callable[..., None]) -> None:
-    """The subcommands of issue 7 (``uksm.cli`` calls this)."""
-    from .cli import EPILOG
+    """The subcommands of issue 7 (``uksm.cli.main`` calls this)."""
+    from uksm.cli.main import EPILOG
     fmt = argparse.RawDescriptionHelpFormatter
     fsck = getattr(sub, "choices", {}).get("fsck")
     if fsck is not None:  # cli.py's own 'fsck' parser: the same default cluster as ours
@@ -395,7 +395,7 @@ def dispatch(a: argparse.Namespace) -> int:
 def up_spec(a: argparse.Namespace) -> dict[str, Any]:
     """Validate ``up``'s options (status 2, nothing started) and return the
     spec the daemon boots from."""
-    from .run import check_cluster_options, check_frames, check_log_dir, usage_error as bad
+    from uksm.proc.run import check_cluster_options, check_frames, check_log_dir, usage_error as bad
     shm.check_cluster_name(a.cluster)
     check_cluster_options(a, min_workers=0)
     max_workers = a.max_workers or max(a.workers, 32)
@@ -455,15 +455,15 @@ def cmd_up(a: argparse.Namespace) -> int:
     err = name_in_use(name)
     if err is not None:
         raise err
-    from .run import make_log_dir
+    from uksm.proc.run import make_log_dir
     spec["log_dir"] = make_log_dir(name, spec["log_dir"])
     if a.foreground:
-        from .daemon import run_daemon
+        from uksm.proc.daemon import run_daemon
         return run_daemon(name, spec, foreground=True,
                           on_ready=lambda ans: _print_up(ans, a.json))
     out_path = os.path.join(spec["log_dir"], "daemon.out")
     with open(out_path, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "uksm.daemon", "--cluster", name,
+        proc = subprocess.Popen([sys.executable, "-m", "uksm.proc.daemon", "--cluster", name,
                                  "--spec", json.dumps(spec)],
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                 start_new_session=True, close_fds=True, cwd="/")
@@ -512,7 +512,7 @@ def _last_error(path: str) -> str:
 # ---- down, spawn, kill, fsck ------------------------------------------------------------------
 
 def cmd_down(a: argparse.Namespace) -> int:
-    from .cluster import pid_alive
+    from uksm.kernel.cluster import pid_alive
     ans = request(a.cluster, {"op": "down"})
     pid = int(ans.get("pid", 0))
     end = time.monotonic() + 15.0
@@ -725,7 +725,7 @@ def cmd_status(a: argparse.Namespace) -> int:
 def cmd_top(a: argparse.Namespace) -> int:
     if not a.interval > 0:
         raise shm.UksmError(f"--interval must be positive (got {a.interval})", EXIT_USAGE)
-    from .top import run_top
+    from uksm.cli.top import run_top
     return run_top(a.cluster, a.interval)
 
 

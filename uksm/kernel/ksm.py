@@ -1,8 +1,8 @@
 """mm/ksm.c, the part shared by every task: mm_slots, __ksm_enter, __ksm_exit,
 break_ksm, break_cow, unmerge_ksm_pages, and run_store with
 unmerge_and_remove_all_rmap_items (run by the task writing ``run``:
-``uksm.writer``).  ksmd itself (the scan, the trees, the rmap_items) is
-``uksm.ksmd``; docs/KERNEL-MAP.md maps every kernel function.
+``uksm.kernel.writer``).  ksmd itself (the scan, the trees, the rmap_items) is
+``uksm.kernel.ksmd``; docs/KERNEL-MAP.md maps every kernel function.
 
 The mm_slot list and the ksm_scan cursor live in shared memory under
 ``ksm_mmlist_lock`` (a leaf lock), with each slot's rmap_item count
@@ -22,7 +22,7 @@ The list is a doubly-linked list of mm-table rows (slot == row) headed by
 an insert or a delete is committed by the one store to the predecessor's
 ``next``; ``repair_list`` rebuilds the back links after a SIGKILL.
 
-Lock order (uksm/locks.py states it whole): ksm_thread_mutex ->
+Lock order (uksm/kernel/locks.py states it whole): ksm_thread_mutex ->
 mmap_wmutex -> mmap_sem -> pte lock -> zone_lock; ksm_mmlist_lock is a
 leaf, taken under any of them.
 """
@@ -30,20 +30,20 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable
 
-from . import killpoints
-from .layout import (H_KSM_UNSYNCED, H_UNMERGE_GEN, K_FULL_SCANS, K_PAGES_SHARED, K_PAGES_SHARING,
+from uksm.kernel import killpoints
+from uksm.kernel.layout import (H_KSM_UNSYNCED, H_UNMERGE_GEN, K_FULL_SCANS, K_PAGES_SHARED, K_PAGES_SHARING,
                      K_PAGES_UNSHARED, K_PAGES_VOLATILE, K_RMAP_ITEMS, K_RUN, K_RUN_DONE, K_RUN_SEQ,
                      K_STABLE_NODES, M_MERGING, M_RMAP_ITEMS, S_SLOTS_FREED, T_OOM_ORIGIN, T_EXIT_PATH, F_KSM, FRAME_SIZE, FR_FLAGS, H_HAZARDS, HZ_NO_FAST_PATH, HZ_NO_UNMERGE_EXIT_CHECK, L_HEAD_NEXT,
                      L_HEAD_PREV, L_SCAN_ADDR, L_SCAN_SLOT, L_SEQNR, M_EXIT_PATH, M_FLAGS, M_ID,
                      M_SLOT_NEXT, M_SLOT_PREV, M_SLOT_RMAP, M_SLOT_USED, M_REFS,
                      MMF_VM_MERGEABLE, P_FAST, P_LEGACY, P_SLOW, PT_OFF, PTE_PRESENT,
                      REF_KSM, S_EXIT_FAST, S_EXIT_LEGACY, S_EXIT_SLOW, VM_MERGEABLE)
-from .memory import Allocator, OutOfMemory
-from .mm import MM, mm_attach, mmdrop
-from .mmu import FAULT_EXITING, handle_mm_fault, ksm_test_exit
+from uksm.kernel.memory import Allocator, OutOfMemory
+from uksm.kernel.mm import MM, mm_attach, mmdrop
+from uksm.kernel.mmu import FAULT_EXITING, handle_mm_fault, ksm_test_exit
 
 if TYPE_CHECKING:
-    from .cluster import Cluster
+    from uksm.kernel.cluster import Cluster
 
 
 # ---- the mm_slot list (caller holds ksm_mmlist_lock) ----------------------------

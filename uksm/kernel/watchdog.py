@@ -16,13 +16,13 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
-from .layout import (A_FREE_TOP, C_FRAMES, E_LOCK, E_SINCE, E_WORD, ESIZE, M_EXIT_STAGE, M_ID,
+from uksm.kernel.layout import (A_FREE_TOP, C_FRAMES, E_LOCK, E_SINCE, E_WORD, ESIZE, M_EXIT_STAGE, M_ID,
                      M_OOM_VICTIM, M_OWNER_PID, NCLASS, ROLES, T_EXIT_PROGRESS, T_FAULTS,
                      T_LOCKS, T_MM, T_PID, T_ROLE, T_WORKER_NO, XS_MMDROP, XS_USERS0, XS_ZAPPED)
-from .locks import WAITING, holders_of, lock_name
+from uksm.kernel.locks import WAITING, holders_of, lock_name
 
 if TYPE_CHECKING:
-    from .cluster import Cluster
+    from uksm.kernel.cluster import Cluster
 
 
 class Watchdog:

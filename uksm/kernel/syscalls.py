@@ -8,16 +8,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable
 
-from . import killpoints
-from .ksm import ERESTARTSYS, __ksm_enter, unmerge_ksm_pages
-from .layout import (M_FLAGS, M_PAGES, MMF_VM_MERGEABLE, PAGE_SHIFT, PAGE_SIZE, PT_OFF,
+from uksm.kernel import killpoints
+from uksm.kernel.ksm import ERESTARTSYS, __ksm_enter, unmerge_ksm_pages
+from uksm.kernel.layout import (M_FLAGS, M_PAGES, MMF_VM_MERGEABLE, PAGE_SHIFT, PAGE_SIZE, PT_OFF,
                      PTE_PRESENT, VM_LOCKED, VM_MERGEABLE, VM_READ, VM_WRITE)
-from .memory import Allocator
-from .mm import MM, SegFault
-from .mmu import handle_mm_fault, zap_range
+from uksm.kernel.memory import Allocator
+from uksm.kernel.mm import MM, SegFault
+from uksm.kernel.mmu import handle_mm_fault, zap_range
 
 if TYPE_CHECKING:
-    from .cluster import Cluster
+    from uksm.kernel.cluster import Cluster
 
 class KsmInterrupted(Exception):
     """madvise(MADV_UNMERGEABLE) stopped by a pending signal (-ERESTARTSYS):

@@ -15,10 +15,10 @@ import sys
 import time
 from typing import Any
 
-from . import shm
-from .cluster import pid_alive
-from .control import EXIT_ERR, EXIT_OK, attach, format_status, not_running, read_state
-from .layout import PAGE_SIZE
+from uksm.host import shm
+from uksm.kernel.cluster import pid_alive
+from uksm.proc.control import EXIT_ERR, EXIT_OK, attach, format_status, not_running, read_state
+from uksm.kernel.layout import PAGE_SIZE
 
 COUNTERS = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile", "full_scans",
             "pages_scanned")

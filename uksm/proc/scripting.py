@@ -1,7 +1,7 @@
 """The supervisor's side of scripts: programmable tasks, kill points, the
 scan cursor (issue 10).
 
-``ScriptOps`` is mixed into ``uksm.daemon.Daemon``: its ``do_*`` methods
+``ScriptOps`` is mixed into ``uksm.proc.daemon.Daemon``: its ``do_*`` methods
 are requests like ``spawn`` or ``ctl``, served one at a time by the
 daemon's main thread, every wait bounded and pumping the main loop's
 duties (reaping, recovery, the watchdog's reports).  The same Daemon
@@ -27,13 +27,13 @@ import socket
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
-from . import killpoints
-from .control import EXIT_ERR, EXIT_USAGE
-from .layout import EXIT_PATHS, H_KSMD_POINT, L_SCAN_SLOT, M_ID, PAGE_SIZE, T_EXIT_PATH, T_KILL_POINT
-from .shm import UksmError
+from uksm.kernel import killpoints
+from uksm.proc.control import EXIT_ERR, EXIT_USAGE
+from uksm.kernel.layout import EXIT_PATHS, H_KSMD_POINT, L_SCAN_SLOT, M_ID, PAGE_SIZE, T_EXIT_PATH, T_KILL_POINT
+from uksm.host.shm import UksmError
 
 if TYPE_CHECKING:
-    from .supervisor import Child, Supervisor
+    from uksm.proc.supervisor import Child, Supervisor
 
 TASK_PROGRAM = "uksm.workers.scripted"
 ADVICE = ("MERGEABLE", "UNMERGEABLE", "DONTNEED")
@@ -324,7 +324,7 @@ class ScriptOps:
 
     def do_task_stat(self, req: dict[str, Any]) -> dict[str, Any]:
         """/proc/PID/ksm_stat (and rss): read from the task's mm row."""
-        from .mm import mm_fields
+        from uksm.kernel.mm import mm_fields
         ch = self._any_worker(req)
         cl = self._sup().cl
         row = cl.mm_row(ch.mm)

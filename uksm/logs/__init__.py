@@ -59,7 +59,7 @@ __all__ = [
 
 Event = dict[str, Any]
 
-from .exitcodes import EXIT_INTEGRITY, EXIT_OK, EXIT_USAGE
+from uksm.host.exitcodes import EXIT_INTEGRITY, EXIT_OK, EXIT_USAGE
 EXIT_VIOLATIONS = EXIT_INTEGRITY  # the rules a log breaks: an integrity failure
 
 #: Keys present on every line; left out when the "other fields" of an event
@@ -833,7 +833,7 @@ def _dump_json(obj: Any, out: TextIO) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cli import OneLineParser
+    from uksm.cli.main import OneLineParser
     parser = OneLineParser(
         prog="uksm logs",
         description=(

@@ -3,7 +3,7 @@
 An exception in kernel code is a bug, as an oops in the kernel is.  Two
 tasks run kernel code in their own context: ksmd, and the writer of
 /sys/kernel/mm/ksm/run (run_store; for run=2 the whole unmerge,
-uksm.writer).  Either one logs it
+uksm.kernel.writer).  Either one logs it
 once, with its traceback (an ``oops`` event in its log), sends a one-line
 record of it to its supervisor down a pipe (the *oops channel*: fd
 ``UKSM_OOPS_FD``), and exits with ``OOPS_STATUS``.  The supervisor

@@ -17,10 +17,10 @@ import signal
 import time
 from typing import TYPE_CHECKING
 
-from .layout import H_KSMD_POINT, H_KSMD_POINT_SIG, M_OWNER_PID, T_KILL_POINT, T_KILL_SIG
+from uksm.kernel.layout import H_KSMD_POINT, H_KSMD_POINT_SIG, M_OWNER_PID, T_KILL_POINT, T_KILL_SIG
 
 if TYPE_CHECKING:
-    from .cluster import Cluster
+    from uksm.kernel.cluster import Cluster
 
 POINTS: dict[str, tuple[str, str]] = {
     "fault_after_alloc": ("worker", "page fault: frame allocated, not yet installed in the PTE"),

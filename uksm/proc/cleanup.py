@@ -1,7 +1,7 @@
 """``uksm cleanup``: end what is left of a cluster, then remove its objects.
 
 A cluster whose supervisor died should have nothing alive (its children
-are on the lifeline, ``uksm.lifeline``); but a child that outlived it
+are on the lifeline, ``uksm.host.lifeline``); but a child that outlived it
 anyway (started by an older uksm, or by hand) would keep writing into
 objects we are about to unlink, so cleanup ends the cluster's processes
 first, then removes every object.
@@ -9,8 +9,8 @@ first, then removes every object.
 Which processes: the ones the cluster's own task table names (ksmd, the
 workers, a run= writer), plus any of those whose command line names the
 cluster.  A pid from the table is only signalled if its command line still
-is that process's (``-m uksm.ksmd``, ``uksm.workers.worker`` or
-``uksm.writer``, ``--cluster NAME``, ``--task ROW``): the process may have died long ago and its pid
+is that process's (``-m uksm.kernel.ksmd``, ``uksm.workers.worker`` or
+``uksm.kernel.writer``, ``--cluster NAME``, ``--task ROW``): the process may have died long ago and its pid
 gone to an unrelated one.  The supervisor itself (``--force`` on a live
 cluster) must have started before the cluster was created
 (``/proc/PID/stat`` start time against H_CREATED_NS), whatever its
@@ -23,11 +23,11 @@ import os
 import signal
 import time
 
-from . import shm
-from .layout import (CTL_FIXED_END, H_CREATED_NS, H_MAGIC, H_MAX_TASKS, H_SUPERVISOR_PID, MAGIC,
+from uksm.host import shm
+from uksm.kernel.layout import (CTL_FIXED_END, H_CREATED_NS, H_MAGIC, H_MAX_TASKS, H_SUPERVISOR_PID, MAGIC,
                      T_PID, T_STATE, TASK_SIZE, TS_FREE)
 
-CHILD_MODULES = ("uksm.ksmd", "uksm.workers.worker", "uksm.writer")
+CHILD_MODULES = ("uksm.kernel.ksmd", "uksm.workers.worker", "uksm.kernel.writer")
 GONE_WAIT_S = 10.0
 
 
@@ -122,7 +122,7 @@ def cluster_children(cluster: str, table: Table) -> set[int]:
 
 def end_processes(pids: set[int], timeout: float = GONE_WAIT_S) -> set[int]:
     """SIGKILL ``pids`` and wait for them to go; those still alive."""
-    from .cluster import pid_alive
+    from uksm.kernel.cluster import pid_alive
     for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)
@@ -137,7 +137,7 @@ def end_processes(pids: set[int], timeout: float = GONE_WAIT_S) -> set[int]:
 def cleanup(cluster: str, force: bool) -> tuple[list[str], list[int], str]:
     """End the cluster's processes, remove its objects.  Returns (objects
     removed, pids ended, why refused: '' if done)."""
-    from .cluster import pid_alive
+    from uksm.kernel.cluster import pid_alive
     uid = shm.owner(cluster)
     if uid is not None and os.geteuid() not in (0, uid):
         return [], [], (f"cluster {cluster!r} belongs to {shm.user_name(uid)}: not yours to clean "

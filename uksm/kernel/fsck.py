@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Callable, Iterator
 import mmh3
 import posix_ipc
 
-from .ksm import slot_prev, slots
-from .layout import (A_FREE_TOP, H_KSM_UNSYNCED, F_FREEING, F_KSM, FR_AUX, FR_COUNT, FR_FLAGS, FR_KEY0,
+from uksm.kernel.ksm import slot_prev, slots
+from uksm.kernel.layout import (A_FREE_TOP, H_KSM_UNSYNCED, F_FREEING, F_KSM, FR_AUX, FR_COUNT, FR_FLAGS, FR_KEY0,
                      FR_KEY1, FRAME_SIZE, K_PAGES_SHARED, K_PAGES_SHARING, K_PAGES_UNSHARED,
                      K_PAGES_VOLATILE, K_RMAP_ITEMS, M_EXIT_STAGE, M_ID, M_KSM_MAPPED, M_MERGING, M_REFS, M_RMAP_ITEMS, M_RSS,
                      M_SLOT_USED, M_STATE, M_USERS, MS_FREEING, PAGE_SIZE, PT_OFF, PTE_PRESENT,
@@ -32,8 +32,8 @@ from .layout import (A_FREE_TOP, H_KSM_UNSYNCED, F_FREEING, F_KSM, FR_AUX, FR_CO
                      T_STATE, TS_ALIVE, TS_REAPING, XS_MMDROP, XS_USERS0)
 
 if TYPE_CHECKING:
-    from .cluster import Cluster
-    from .mm import MM
+    from uksm.kernel.cluster import Cluster
+    from uksm.kernel.mm import MM
 
 
 class Retry(Exception):
@@ -263,7 +263,7 @@ def rebuild(cl: "Cluster", mms: dict[int, "MM"]) -> int:
     """After a death: make every count equal its references, free every
     frame nothing references, fix rss; the world is stopped.
     Returns the number of frames whose count was changed."""
-    from .memory import rebuild_free_stack
+    from uksm.kernel.memory import rebuild_free_stack
     q, fq = cl.q, cl.fq
     refs, per_mm = references(cl, mms)
     live = live_task_rows(cl)

@@ -20,7 +20,7 @@ import argparse
 import sys
 from typing import Any, Callable
 
-from .control import DEFAULT_CLUSTER, EXIT_ERR, EXIT_HUNG, EXIT_INTEGRITY, EXIT_OK, EXIT_USAGE
+from uksm.proc.control import DEFAULT_CLUSTER, EXIT_ERR, EXIT_HUNG, EXIT_INTEGRITY, EXIT_OK, EXIT_USAGE
 
 
 def _int(s: str) -> int:

@@ -1,7 +1,7 @@
 """``uksm run``: boot a cluster in the foreground, run workers, stop, report.
 
 The report (``--json``) is one object; its exit status is one of
-``uksm.exitcodes`` (0 all good, 128+N stopped by signal N).
+``uksm.host.exitcodes`` (0 all good, 128+N stopped by signal N).
 """
 from __future__ import annotations
 
@@ -12,17 +12,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from . import shm
-from .cluster import Config
-from .layout import (A_FREE_TOP, EXIT_POLICIES, H_MEM_LIMIT, HAZARDS, OOM_RULES, K_FULL_SCANS,
+from uksm.host import shm
+from uksm.kernel.cluster import Config
+from uksm.kernel.layout import (A_FREE_TOP, EXIT_POLICIES, H_MEM_LIMIT, HAZARDS, OOM_RULES, K_FULL_SCANS,
                      K_PAGES_SHARED, K_PAGES_SHARING, K_RMAP_ITEMS, K_RUN, L_SCAN_SLOT, M_ID,
                      PAGE_SIZE)
-from .exitcodes import interrupted as interrupted_status
-from .ksm import slot_next, slots
-from .lifeline import StopSignals
-from .supervisor import Supervisor
+from uksm.host.exitcodes import interrupted as interrupted_status
+from uksm.kernel.ksm import slot_next, slots
+from uksm.host.lifeline import StopSignals
+from uksm.proc.supervisor import Supervisor
 
-from .exitcodes import EXIT_ERR, EXIT_HUNG, EXIT_INTEGRITY, EXIT_OK, EXIT_USAGE  # noqa: F401
+from uksm.host.exitcodes import EXIT_ERR, EXIT_HUNG, EXIT_INTEGRITY, EXIT_OK, EXIT_USAGE  # noqa: F401
 SCENARIOS = ("oom-unmerge",)
 
 
@@ -214,7 +214,7 @@ def run_with(o: RunOptions, driver: Driver, prefix: str = "run") -> tuple[dict[s
                 if stop():
                     break
                 sup.spawn_worker(o.pages, o.workload, o.seed, o.churn_ms)
-            # the loop ends on a stop signal, or when ksmd oopsed in a row (uksm.oops)
+            # the loop ends on a stop signal, or when ksmd oopsed in a row (uksm.host.oops)
             _hung, extra = driver(sup, t0, progress, lambda: stop() or bool(sup.given_up))
             if stop():
                 sup.log.warning("interrupted", signal=stop.name)
@@ -288,7 +288,7 @@ def drive(sup: Supervisor, o: RunOptions, t0: float, progress: Progress,
     """The foreground loop: until the duration, convergence, or the
     scenario's end.  Returns whether a hung task was reported, and the
     scenario's report block (the run=2 write's result)."""
-    from .writer import result_of
+    from uksm.kernel.writer import result_of
     q = sup.cl.q
     writer = None
     extra: dict[str, Any] = {}

@@ -1,6 +1,6 @@
 """The cluster daemon: a supervisor that runs detached and takes requests.
 
-``uksm up`` starts ``python -m uksm.daemon --cluster NAME --spec JSON`` in a
+``uksm up`` starts ``python -m uksm.proc.daemon --cluster NAME --spec JSON`` in a
 new session (stdin from /dev/null, stdout and stderr to ``daemon.out`` in
 the run's log folder), or runs ``run_daemon`` in its own process with
 ``--foreground`` (for a service manager).  The daemon
@@ -21,7 +21,7 @@ the run's log folder), or runs ``run_daemon`` in its own process with
    removes every POSIX object, answers, and exits.
 
 Requests and answers are one JSON object per line, one request per
-connection (see ``uksm.control``).  Only the daemon's own user (or root) may
+connection (see ``uksm.proc.control``).  Only the daemon's own user (or root) may
 send requests: the peer's credentials are checked (SO_PEERCRED), since an
 abstract socket has no file permissions.
 
@@ -46,20 +46,21 @@ from typing import Any, Callable
 
 import posix_ipc
 
-from . import fsck, shm
-from . import log as ulog
-from .control import (EXIT_ERR, EXIT_HUNG, EXIT_OK, EXIT_USAGE, WRITABLE,
+from uksm.kernel import fsck
+from uksm.host import shm
+from uksm.host import log as ulog
+from uksm.proc.control import (EXIT_ERR, EXIT_HUNG, EXIT_OK, EXIT_USAGE, WRITABLE,
                       not_running, sock_address, validate_knob)
-from .layout import (A_FREE_TOP, CS_STOPPING, E_LOCK, E_SINCE, E_SPINS, E_WORD, EXIT_POLICIES, H_EXIT_POLICY,
+from uksm.kernel.layout import (A_FREE_TOP, CS_STOPPING, E_LOCK, E_SINCE, E_SPINS, E_WORD, EXIT_POLICIES, H_EXIT_POLICY,
                      H_KSMD_TASK, H_MEM_LIMIT, H_STATE, K_PAGES_TO_SCAN, K_RUN, K_SLEEP_MS, M_EXIT_PATH, M_ID, M_STATE, MM_STATES, MS_EXITING,
                      MS_FREEING, S_EXIT_FAST, S_EXIT_LEGACY, S_EXIT_SLOW, S_REAPED, T_PID, T_READY, T_STATE, TS_DEAD, TS_FREE,
                      EXIT_PATHS)
-from .locks import HELD, IDLE, WAIT_SLICE, WAITING, Lock
-from .exitcodes import signalled
-from .lifeline import STOP_SIGNALS, SecondSignal
-from .scripting import ScriptOps
-from .writer import result_of
-from .supervisor import Child, Supervisor
+from uksm.kernel.locks import HELD, IDLE, WAIT_SLICE, WAITING, Lock
+from uksm.host.exitcodes import signalled
+from uksm.host.lifeline import STOP_SIGNALS, SecondSignal
+from uksm.proc.scripting import ScriptOps
+from uksm.kernel.writer import result_of
+from uksm.proc.supervisor import Child, Supervisor
 
 ROUND_S = 0.02            # the main loop's period (uksm run's)
 LOCK_TIMEOUT_S = 30.0     # ksm_thread_mutex, for ctl run= and fsck
@@ -75,7 +76,7 @@ class DaemonSupervisor(Supervisor):
     (``Supervisor._popen``): a Ctrl-C at the terminal of ``up --foreground``
     then reaches the daemon only (which takes it as ``down``), not ksmd and
     the workers (ksmd stopping on its own would leave the slow-path exits'
-    slots unfreed); and each is on the lifeline (``uksm.lifeline``)."""
+    slots unfreed); and each is on the lifeline (``uksm.host.lifeline``)."""
 
     def __init__(self, *args: Any, own_groups: bool = False, **kw: Any) -> None:
         super().__init__(*args, **kw)
@@ -89,8 +90,8 @@ class RequestError(shm.UksmError):
 def make_config(spec: dict[str, Any]) -> Any:
     """The cluster's Config, built as ``uksm run`` builds it, sized for
     ``max_workers`` address spaces of up to ``max_pages`` pages."""
-    from .run import RunOptions
-    from .run import make_config as run_make_config
+    from uksm.proc.run import RunOptions
+    from uksm.proc.run import make_config as run_make_config
     o = RunOptions(workers=spec["max_workers"], pages=spec["max_pages"], frames=spec["frames"],
                    workload=spec["workload"], seed=spec["seed"], log_dir=spec["log_dir"],
                    run=spec["run"], pages_to_scan=spec["pages_to_scan"], sleep_ms=spec["sleep_ms"],
@@ -328,7 +329,7 @@ class Daemon(ScriptOps):
 
     def lock_pumped(self, lk: Lock, timeout: float, why: str) -> None:
         """``sup.cl.task.lock(lk)``, following the lock protocol of
-        ``uksm.locks`` (so the watchdog and recovery see this wait), but
+        ``uksm.kernel.locks`` (so the watchdog and recovery see this wait), but
         bounded, and reaping and sweeping between two slices of the wait: a
         holder that dies meanwhile is then recovered instead of blocking
         the daemon."""
@@ -703,10 +704,10 @@ def _abandon(d: Daemon) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m uksm.daemon",
+    ap = argparse.ArgumentParser(prog="python -m uksm.proc.daemon",
                                  description="The uksm cluster daemon (started by 'uksm up').")
     ap.add_argument("--cluster", required=True)
-    ap.add_argument("--spec", required=True, help="the cluster's options, as JSON (see uksm.control.up_spec)")
+    ap.add_argument("--spec", required=True, help="the cluster's options, as JSON (see uksm.proc.control.up_spec)")
     ap.add_argument("--foreground", action="store_true")
     a = ap.parse_args(argv)
     try:

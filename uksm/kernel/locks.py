@@ -49,7 +49,7 @@ from typing import Callable, Iterable
 
 import posix_ipc
 
-from .layout import (C_FRAMES, E_HELD, E_LOCK, E_SINCE, E_SPINS,
+from uksm.kernel.layout import (C_FRAMES, E_HELD, E_LOCK, E_SINCE, E_SPINS,
                      E_WORD, ESIZE, LOCK_CLASSES, NCLASS, T_LOCKS, T_PID)
 
 IDLE, WAITING, HELD, RELEASING = 0, 1, 2, 3

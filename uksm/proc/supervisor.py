@@ -5,7 +5,7 @@ workers (creating each worker's address space first, as fork/exec would),
 reaps the dead, and for a task that died without running its exit (SIGKILL)
 it recovers the locks it held, repairs the frame table, and runs the exit
 on its behalf (a *reaper* thread using the dead task's row).  It also runs
-khungtaskd (``uksm.watchdog``) and tears the cluster down.
+khungtaskd (``uksm.kernel.watchdog``) and tears the cluster down.
 
 Threads: the main loop (reap, sweep, progress), one recovery thread (deaths
 are recovered one batch at a time, in order), a reaper thread per
@@ -24,14 +24,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import fsck, killpoints, lifeline, oom, shm
-from .oops import FD_ENV, Oopses
-from . import log as ulog
-from .cluster import Cluster, Config, destroy
-from .exit import mm_users_zero, mmput
-from .exitcodes import EXIT_ERR, EXIT_HUNG, EXIT_INTEGRITY, EXIT_OK, EXIT_OOPS
-from .ksm import repair_list
-from .layout import (A_FREE_TOP, C_ALLOC, C_DAEMON, C_MMAP, C_MMLIST, C_PTL, C_WMUTEX,
+from uksm.kernel import fsck, killpoints, oom
+from uksm.host import lifeline, shm
+from uksm.host.oops import FD_ENV, Oopses
+from uksm.host import log as ulog
+from uksm.kernel.cluster import Cluster, Config, destroy
+from uksm.kernel.exit import mm_users_zero, mmput
+from uksm.host.exitcodes import EXIT_ERR, EXIT_HUNG, EXIT_INTEGRITY, EXIT_OK, EXIT_OOPS
+from uksm.kernel.ksm import repair_list
+from uksm.kernel.layout import (A_FREE_TOP, C_ALLOC, C_DAEMON, C_MMAP, C_MMLIST, C_PTL, C_WMUTEX,
                      CS_RUNNING, EXIT_PATHS, EXIT_REASONS, H_KSMD_PID,
                      H_KSMD_TASK, H_NEXT_WORKER, H_SHUTDOWN, H_STATE, H_SUPERVISOR_PID,
                      K_FULL_SCANS, K_PAGES_SCANNED, K_PAGES_SHARED, K_PAGES_SHARING,
@@ -46,10 +47,10 @@ from .layout import (A_FREE_TOP, C_ALLOC, C_DAEMON, C_MMAP, C_MMLIST, C_PTL, C_W
                      T_PAGES, T_PID, T_READY, T_ROLE, T_START_NS, T_STATE, T_VERIFIED,
                      T_WORKER_NO, TASK_SIZE, TS_ALIVE, TS_DEAD, TS_FREE, TS_REAPING,
                      XS_MMDROP)
-from .locks import Lock, LockAbort, dead_locks, lock_name, recover
-from .memory import Allocator, frame_stats, rebuild_free_stack
-from .mm import MM, free_mm_objects, mm_create
-from .watchdog import Watchdog
+from uksm.kernel.locks import Lock, LockAbort, dead_locks, lock_name, recover
+from uksm.kernel.memory import Allocator, frame_stats, rebuild_free_stack
+from uksm.kernel.mm import MM, free_mm_objects, mm_create
+from uksm.kernel.watchdog import Watchdog
 
 
 @dataclass
@@ -78,7 +79,7 @@ class Supervisor:
         self.quiet = quiet
         self.cl: Cluster
         self.children: dict[int, Child] = {}
-        self.writers: dict[int, Child] = {}  # run_store tasks (uksm.writer) not yet settled
+        self.writers: dict[int, Child] = {}  # run_store tasks (uksm.kernel.writer) not yet settled
         self.mms: dict[int, MM] = {}
         self.dead_q: queue.Queue[tuple[int, Child, int]] = queue.Queue()
         self.stop_ev = threading.Event()
@@ -152,11 +153,11 @@ class Supervisor:
 
     def _popen(self, args: list[str], pass_fds: tuple[int, ...] = (),
                oops_fd: int = -1) -> subprocess.Popen:
-        """fork + exec a child on the lifeline (``uksm.lifeline``: it dies
+        """fork + exec a child on the lifeline (``uksm.host.lifeline``: it dies
         with this process), in its own process group (a Ctrl-C at the
         terminal is the supervisor's to handle, not ksmd's).  ``pass_fds``:
         descriptors the child inherits (a scripted task's command socket);
-        ``oops_fd``: ksmd's end of its oops channel (``uksm.oops``)."""
+        ``oops_fd``: ksmd's end of its oops channel (``uksm.host.oops``)."""
         env = lifeline.child_env()
         if oops_fd >= 0:
             env[FD_ENV] = str(oops_fd)
@@ -166,7 +167,7 @@ class Supervisor:
 
     def start_ksmd(self) -> None:
         row = self._alloc_row(R_KSMD)
-        args = ["uksm.ksmd", "--cluster", self.name, "--task", str(row)]
+        args = ["uksm.kernel.ksmd", "--cluster", self.name, "--task", str(row)]
         if self.log_dir:
             args += ["--log-dir", self.log_dir]
         r, w = Oopses.channel()
@@ -276,7 +277,7 @@ class Supervisor:
     # ---- the writer of /sys/kernel/mm/ksm/run ---------------------------------------
     def start_run_writer(self, value: int, oom_origin: bool | None = None) -> Child:
         """``echo VALUE > /sys/kernel/mm/ksm/run``: a short-lived task
-        (uksm.writer) runs run_store -- for 2, the whole unmerge -- in its
+        (uksm.kernel.writer) runs run_store -- for 2, the whole unmerge -- in its
         own context.  ``oom_origin`` (PF_OOM_ORIGIN while unmerging):
         by default as the exit policy's kernel had it -- 2.6.32 as released
         (``shipped``) did; the seed (and ``legacy``, before it) did not."""
@@ -284,7 +285,7 @@ class Supervisor:
         if oom_origin is None:
             oom_origin = EXIT_POLICIES[q[H_EXIT_POLICY]] == "shipped"
         row = self._alloc_row(R_WRITER)
-        args = ["uksm.writer", "--cluster", self.name, "--task", str(row), "--value", str(value)]
+        args = ["uksm.kernel.writer", "--cluster", self.name, "--task", str(row), "--value", str(value)]
         if oom_origin:
             args.append("--oom-origin")
         if self.log_dir:
@@ -321,7 +322,7 @@ class Supervisor:
         return, as the shell would: {"value", "status", "result"}, the
         result "done", "interrupted" (-ERESTARTSYS), "oom-killed", "killed
         by SIG..." or "hung" (the watchdog reported a hung task meanwhile)."""
-        from .writer import result_of
+        from uksm.kernel.writer import result_of
         ch = self.start_run_writer(value, oom_origin)
         end = time.monotonic() + timeout
         while True:
@@ -583,7 +584,7 @@ class Supervisor:
     def ksmd_oopsed(self, status: int) -> None:
         """ksmd died: an oops (it sent what it raised down its channel) is
         counted and restarted after a backoff, or given up after a few in
-        a row (``uksm.oops``); any other death is an error, restarted at
+        a row (``uksm.host.oops``); any other death is an error, restarted at
         once."""
         fd = self._take_oops_fd()
         sig = Oopses.read(fd) if fd >= 0 else None
@@ -621,7 +622,7 @@ class Supervisor:
         frames = _sys._current_frames()
         stacks = {t.name: "".join(_tb.format_stack(frames[t.ident]))
                   for t in threading.enumerate() if t.ident in frames}
-        from . import locks as _locks
+        from uksm.kernel import locks as _locks
         self.log.error("recovery_stalled", seconds=round(time.monotonic() - started, 3),
                        pending=self.pending_deaths, stacks=stacks, locks=dict(_locks.progress),
                        live_rows=[r for r, _b in self.cl.live_rows()])
@@ -878,7 +879,7 @@ class Supervisor:
         ``down``): workers out through their own exit paths, ksmd frees what
         the slow paths left it, ksmd stops, the final fsck, teardown; or, if
         a task hung, SIGKILL everything (the reboot button) and tear down.
-        Returns the report's blocks and the exit status (``uksm.exitcodes``:
+        Returns the report's blocks and the exit status (``uksm.host.exitcodes``:
         3 a hung task, 5 a ksmd oops, 4 an integrity or fsck failure, 1
         anything else)."""
         q = self.cl.q
@@ -913,7 +914,7 @@ class Supervisor:
             self.errors.append(f"lockdep: {lockdep} locks taken against the lock order "
                                "(lockdep events)")
         if status == EXIT_OK:
-            if self.oopses.seen:  # the rule: any oops fails the run (uksm.oops)
+            if self.oopses.seen:  # the rule: any oops fails the run (uksm.host.oops)
                 status = EXIT_OOPS
             elif integrity["mismatches"] or not fs["ok"]:
                 status = EXIT_INTEGRITY

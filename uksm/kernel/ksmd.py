@@ -4,7 +4,7 @@ scan_get_next_rmap_item, cmp_and_merge_page, try_to_merge_*).
 Private to this process: the rmap_items of each mm_slot, the stable tree
 and the unstable tree.  In the kernel the writer of run=2 removes them too
 (unmerge_and_remove_all_rmap_items, in its own context, under
-ksm_thread_mutex); here that writer (``uksm.writer``) unmerges the pages and
+ksm_thread_mutex); here that writer (``uksm.kernel.writer``) unmerges the pages and
 zeroes what the rmap_items publish, and ksmd drops its copies at its next
 batch (``reconcile``, H_UNMERGE_GEN).  The trees are hash maps keyed by a 128-bit mmh3
 digest of the page; every merge still confirms the bytes are equal
@@ -34,10 +34,10 @@ from typing import Any
 
 import mmh3
 
-from . import killpoints, oom
-from .cluster import Cluster
-from .ksm import break_cow, list_del, slot_next
-from .layout import (F_ANON, F_KSM, FR_COUNT, FR_FLAGS, FR_KEY0, FR_KEY1, FRAME_SIZE, K_FULL_SCANS,
+from uksm.kernel import killpoints, oom
+from uksm.kernel.cluster import Cluster
+from uksm.kernel.ksm import break_cow, list_del, slot_next
+from uksm.kernel.layout import (F_ANON, F_KSM, FR_COUNT, FR_FLAGS, FR_KEY0, FR_KEY1, FRAME_SIZE, K_FULL_SCANS,
                      K_PAGES_SCANNED, K_PAGES_SHARED, K_PAGES_SHARING, K_PAGES_TO_SCAN,
                      K_PAGES_UNSHARED, K_PAGES_VOLATILE, K_RMAP_ITEMS, K_RUN, K_SLEEP_MS, K_STABLE_NODES, H_KSM_UNSYNCED, H_UNMERGE_GEN, H_KSMD_POINT, L_HEAD_NEXT, L_SCAN_ADDR,
                      L_SCAN_SLOT, L_SEQNR, M_FLAGS, M_ID, M_KSM_MAPPED, M_MERGING,
@@ -45,9 +45,9 @@ from .layout import (F_ANON, F_KSM, FR_COUNT, FR_FLAGS, FR_KEY0, FR_KEY1, FRAME_
                      PAGE_SIZE, PT_OFF, PTE_PRESENT, PTE_WRITE, REF_KSM, S_COW_KSMD,
                      S_MERGES, S_SLOTS_FREED, VM_MERGEABLE, H_SHUTDOWN, H_HAZARDS,
                      HZ_NO_SCAN_HEAD_CHECK, HZ_UP_READ_AFTER_UNLOCK)
-from .memory import Allocator, free_frames
-from .mm import MM, mm_attach, mmdrop
-from .mmu import ksm_test_exit
+from uksm.kernel.memory import Allocator, free_frames
+from uksm.kernel.mm import MM, mm_attach, mmdrop
+from uksm.kernel.mmu import ksm_test_exit
 
 digest = mmh3.mmh3_x64_128_digest
 
@@ -683,14 +683,14 @@ class Ksmd:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from . import log as ulog
-    from .layout import T_PID
+    from uksm.host import log as ulog
+    from uksm.kernel.layout import T_PID
     ap = argparse.ArgumentParser(prog="uksm-ksmd", description="the ksmd process of a cluster")
     ap.add_argument("--cluster", required=True)
     ap.add_argument("--task", type=int, required=True)
     ap.add_argument("--log-dir")
     a = ap.parse_args(argv)
-    from .lifeline import arm
+    from uksm.host.lifeline import arm
     arm()  # die with the supervisor
     cl = Cluster.attach(a.cluster)
     cl.bind(a.task)
@@ -702,12 +702,12 @@ def main(argv: list[str] | None = None) -> int:
     cl.lockdep_log = log
     cl.task.on_wait = lambda name, ms, holders: log.info("lock_wait", lock=name, holders=holders,
                                                           waited_ms=round(ms, 3))
-    from . import oops
+    from uksm.host import oops
     try:
         ksmd = Ksmd(cl, log)
         oops.install_test_hook(ksmd)
         ksmd.run()
-    except Exception as e:  # a bug: an oops, logged once, not a traceback loop (uksm.oops)
+    except Exception as e:  # a bug: an oops, logged once, not a traceback loop (uksm.host.oops)
         return oops.report(log, e)
     finally:
         ulog.close()

@@ -12,11 +12,11 @@ import signal
 import sys
 from typing import Any, NoReturn
 
-from . import shm
-from .layout import EXIT_POLICIES, HAZARDS, OOM_RULES
+from uksm.host import shm
+from uksm.kernel.layout import EXIT_POLICIES, HAZARDS, OOM_RULES
 
-from .exitcodes import EPILOG, signalled
-from .lifeline import SecondSignal
+from uksm.host.exitcodes import EPILOG, signalled
+from uksm.host.lifeline import SecondSignal
 
 
 STOP_HELP = ("SIGTERM, SIGHUP or SIGINT stops it in order (workers exit, ksmd frees, fsck, "
@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a live cluster too: SIGKILL its supervisor (no orderly shutdown, no "
                         "report), its ksmd and workers, then remove its objects")
 
-    from .control import DEFAULT_CLUSTER
+    from uksm.proc.control import DEFAULT_CLUSTER
     p = sub.add_parser("fsck", help="check the invariants of a live cluster")
     p.add_argument("--cluster", default=DEFAULT_CLUSTER,
                    help=f"cluster name (default $UKSM_CLUSTER or {DEFAULT_CLUSTER!r})")
@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("logs", help="analyse a run's logs: uksm logs DIR {summary,timeline,check,locks,plot}",
                    add_help=False)
-    from . import control, task_cli
+    from uksm.proc import control
+    from uksm.cli import task as task_cli
     control.add_parsers(sub, _run_args)
     task_cli.add_parsers(sub)
     return ap
@@ -135,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "logs":
-        from . import logs
+        from uksm import logs
         return logs.main(argv[1:])
     ap = build_parser()
     a = ap.parse_args(argv)
@@ -171,17 +172,17 @@ def dispatch(a: argparse.Namespace) -> int:
         from uksm.tools.campaign import cmd_campaign
         return cmd_campaign(a)
     if a.cmd == "fsck":
-        from . import control
+        from uksm.proc import control
         return control.cmd_fsck(a)
     if a.cmd in ("task", "wait") or (a.cmd == "kill" and getattr(a, "at", None)):
-        from . import task_cli
+        from uksm.cli import task as task_cli
         return task_cli.run_verb(a)
-    from . import control
+    from uksm.proc import control
     return control.dispatch(a)
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-    from .run import RunOptions, run_cluster
+    from uksm.proc.run import RunOptions, run_cluster
     o = RunOptions(workers=a.workers, pages=a.pages, frames=a.frames, workload=a.workload,
                    seed=a.seed, duration=a.duration, until_merged=a.until_merged,
                    max_duration=a.max_duration, log_dir=a.log_dir, cluster=a.cluster, run=a.run,
@@ -238,8 +239,8 @@ def print_report(r: dict[str, Any]) -> None:
 
 
 def cmd_cleanup(a: argparse.Namespace) -> int:
-    """End a dead cluster's processes, then remove its objects (uksm.cleanup)."""
-    from .cleanup import cleanup
+    """End a dead cluster's processes, then remove its objects (uksm.proc.cleanup)."""
+    from uksm.proc.cleanup import cleanup
     if a.cluster:
         shm.check_cluster_name(a.cluster)
     names = [a.cluster] if a.cluster else shm.clusters_present()
@@ -263,7 +264,7 @@ def cmd_cleanup(a: argparse.Namespace) -> int:
 
 def supervisor_pid(name: str) -> int:
     """The recorded supervisor pid of a cluster, 0 if unreadable."""
-    from .layout import H_MAGIC, H_SUPERVISOR_PID, MAGIC
+    from uksm.kernel.layout import H_MAGIC, H_SUPERVISOR_PID, MAGIC
     try:
         seg = shm.attach_segment(name, "ctl")
     except shm.UksmError:

@@ -21,8 +21,8 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from . import shm
-from .layout import (FIRST_VPN, M_CREATED_NS, M_EXIT_STAGE, M_FLAGS, M_ID, M_OWNER_PID,
+from uksm.host import shm
+from uksm.kernel.layout import (FIRST_VPN, M_CREATED_NS, M_EXIT_STAGE, M_FLAGS, M_ID, M_OWNER_PID,
                      M_OWNER_TASK, M_PAGES, M_REFS, M_RSS, M_STATE, M_USERS,
                      M_WORKER_NO, MAX_VMAS, MM_SIZE, MS_FREE, MS_FREEING, MS_ID, MS_LIVE,
                      MS_MAGIC, MS_VMAS_FREED, MAGIC, PAGE_SIZE, PT_OFF, REF_USERS, V_END, V_FLAGS,
@@ -31,7 +31,7 @@ from .layout import (FIRST_VPN, M_CREATED_NS, M_EXIT_STAGE, M_FLAGS, M_ID, M_OWN
                      M_RMAP_ITEMS, M_MERGING, M_WRITER_WAITING, M_SLOT_RMAP, XS_MMDROP)
 
 if TYPE_CHECKING:
-    from .cluster import Cluster
+    from uksm.kernel.cluster import Cluster
 
 
 class SegFault(Exception):

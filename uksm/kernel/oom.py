@@ -31,13 +31,13 @@ import os
 import signal
 from typing import TYPE_CHECKING, Any
 
-from .layout import (A_FREE_TOP, H_OOM_RULE, OOM_2632, R_WRITER, T_FATAL, T_OOM_ORIGIN, T_PID,
+from uksm.kernel.layout import (A_FREE_TOP, H_OOM_RULE, OOM_2632, R_WRITER, T_FATAL, T_OOM_ORIGIN, T_PID,
                      T_ROLE, T_STATE, TS_ALIVE, X_OOM, M_EXIT_STAGE, M_ID, M_KSM_MAPPED, M_OOM_VICTIM, M_OWNER_PID,
                      M_RSS, M_STATE, M_USERS, MS_LIVE, S_OOM_KILLED, XS_ZAPPED)
 
 if TYPE_CHECKING:
-    from .cluster import Cluster
-    from .locks import Task
+    from uksm.kernel.cluster import Cluster
+    from uksm.kernel.locks import Task
 
 OOM_SIGNAL = signal.SIGUSR1
 
@@ -79,7 +79,7 @@ def out_of_memory(cl: "Cluster", task: "Task") -> int:
             score = q[b + M_RSS] - q[b + M_KSM_MAPPED]
             if score > best:
                 best, victim = score, r
-        # the writer of run=2 (uksm.writer): a user task with an mm, so a
+        # the writer of run=2 (uksm.kernel.writer): a user task with an mm, so a
         # candidate under both rules; TIF_MEMDIE on it blocks new kills
         # while it lives; with PF_OOM_ORIGIN it is chosen before anyone
         # (2.6.32 badness(): ULONG_MAX; 4.1: oom_task_origin -> SELECT)

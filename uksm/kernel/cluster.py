@@ -17,8 +17,8 @@ from typing import Any
 
 import posix_ipc
 
-from . import shm
-from .layout import (A_FREE_TOP, C_ALLOC, C_DAEMON, C_MMAP, C_MMLIST, C_PTL, C_WMUTEX,
+from uksm.host import shm
+from uksm.kernel.layout import (A_FREE_TOP, C_ALLOC, C_DAEMON, C_MMAP, C_MMLIST, C_PTL, C_WMUTEX,
                      CTL_FIXED_END, CS_STARTING, EXIT_POLICIES, FRAME_SIZE, H_CREATED_NS,
                      H_EXIT_POLICY, H_HAZARDS, H_HUNG_TIMEOUT_MS, H_KSMD_POINT, H_OOM_RULE, OOM_RULES,
                      H_LOCK_WAIT_MS, H_MAGIC, H_MAX_MMS, H_MAX_TASKS, H_NEXT_MM_ID,
@@ -27,7 +27,7 @@ from .layout import (A_FREE_TOP, C_ALLOC, C_DAEMON, C_MMAP, C_MMLIST, C_PTL, C_W
                      L_SCAN_SLOT, MAGIC, MM_SIZE, PAGE_SIZE, T_STATE, TASK_SIZE,
                      TS_ALIVE, TS_REAPING, VERSION, M_ID, M_STATE, MS_FREE, MS_FREEING,
                      S_LOCKDEP, S_USE_AFTER_FREE)
-from .locks import Lock, Task, holders_of, lock_name
+from uksm.kernel.locks import Lock, Task, holders_of, lock_name
 
 # lockdep (locks.Task.lockdep_check) in every task: UKSM_LOCKDEP=1 (the
 # test suite sets it); off by default, every lock operation pays for it

@@ -15,7 +15,7 @@
     accepted that "its memory won't be freed until a second victim has been
     selected"; and it was seen as a hung task on 4.1 stable in September
     2016 ("hungtask will come up when ksm enable"), whose OOM killer waited
-    for the first victim instead of selecting a second (``uksm.oom``).
+    for the first victim instead of selecting a second (``uksm.kernel.oom``).
 ``legacy`` (before the seed):
     mm_users = 0 -> __ksm_exit taking ksm_thread_mutex -> exit_mmap -> mmdrop.
     Deadlocks when ksmd holds the mutex while waiting for memory.
@@ -27,19 +27,19 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from . import killpoints, oom
-from .ksm import __ksm_exit
-from .layout import (EXIT_POLICIES, H_EXIT_POLICY, M_EXIT_STAGE, M_ID, M_REFS, M_SLOT_USED, M_STATE,
+from uksm.kernel import killpoints, oom
+from uksm.kernel.ksm import __ksm_exit
+from uksm.kernel.layout import (EXIT_POLICIES, H_EXIT_POLICY, M_EXIT_STAGE, M_ID, M_REFS, M_SLOT_USED, M_STATE,
                      M_USERS, MAX_VMAS, MS_EXITING, MS_ZOMBIE, PAGE_SIZE, PT_OFF, REF_KSM,
                      REF_USERS, MS_VMAS_FREED, H_SHUTDOWN, PTE_PRESENT, T_EXIT_PROGRESS,
                      VM_LOCKED, VMA_OFF, VMA_SIZE, V_END, XS_KSM_EXIT, XS_MMDROP, XS_PGTABLES,
                      XS_USERS0, XS_ZAPPED, M_OOM_VICTIM, M_OWNER_PID)
-from .memory import Allocator
-from .mm import MM, mm_attach, mmdrop
-from .mmu import handle_mm_fault, zap_range
+from uksm.kernel.memory import Allocator
+from uksm.kernel.mm import MM, mm_attach, mmdrop
+from uksm.kernel.mmu import handle_mm_fault, zap_range
 
 if TYPE_CHECKING:
-    from .cluster import Cluster
+    from uksm.kernel.cluster import Cluster
 
 
 def _mark(cl: "Cluster", mm: MM, bit: int) -> None:
@@ -72,7 +72,7 @@ def oom_kill_and_mmput(cl: "Cluster", task: Any, log: Any = None) -> int:
     """The OOM killer as a linux-next change of 2015 made it (hazard
     ``oom-mmput-in-task``): oom_kill_process itself ends up in mmput of the
     victim's mm, in the allocating task.  When that task is the run=2
-    unmerger (here the run=2 writer task, uksm.writer) holding the
+    unmerger (here the run=2 writer task, uksm.kernel.writer) holding the
     victim's mmap_sem for read, the mmput
     runs __ksm_exit, whose slow path (the victim is at the unmerge cursor)
     does down_write on that same mmap_sem: the task deadlocks on itself.

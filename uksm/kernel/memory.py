@@ -21,13 +21,13 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Callable
 
-from .layout import (A_FREE_TOP, C_FRAMES, F_ANON, F_FREEING, FR_AUX, FR_COUNT, FR_FLAGS,
+from uksm.kernel.layout import (A_FREE_TOP, C_FRAMES, F_ANON, F_FREEING, FR_AUX, FR_COUNT, FR_FLAGS,
                      FRAME_SIZE, H_FRAMES_FREED, H_MEM_LIMIT, H_PENDING_FREE, PAGE_SIZE, T_FATAL, T_FLIGHT_MM,
                      T_FLIGHT_PFN, T_FLIGHT_VPN)
 
 if TYPE_CHECKING:
-    from .cluster import Cluster
-    from .locks import Task
+    from uksm.kernel.cluster import Cluster
+    from uksm.kernel.locks import Task
 
 FLUSH_AT = 256
 NO_ROOM = -2  # _take: /dev/shm could not back the frame
@@ -45,7 +45,7 @@ class Allocator:
         self.q = cl.q
         self.fq = cl.fq
         self.pending: list[int] = []
-        # out_of_memory(cl, task), invoked when the pool is empty (uksm.oom)
+        # out_of_memory(cl, task), invoked when the pool is empty (uksm.kernel.oom)
         self.oom_killer: Callable[["Cluster", "Task"], int] | None = None
 
     # -- allocation -------------------------------------------------------
