@@ -1,4 +1,4 @@
-"""Tests of ``uksm logs`` (uksm/logs.py) on synthetic log folders.
+"""Tests of ``uksm logs`` (uksm.logs, uksm.cli.logs) on synthetic log folders.
 
 Each test writes a run folder in tmp_path with :func:`write_run`: a list of
 events, each with its role and pid, becomes one ``<role>-<pid>.jsonl`` file
@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 
 from uksm import logs
-from uksm.logs import check, iter_events, lock_stats, main, summarize, timeline
+from uksm.cli.logs import main
+from uksm.logs import check, iter_events, lock_stats, summarize, timeline
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -13,7 +13,8 @@ from typing import Any, Callable
 import pytest
 
 from helpers import run_json
-from uksm.logs import check, main
+from uksm.cli.logs import main
+from uksm.logs import check
 
 Events = list[dict[str, Any]]
 

@@ -38,7 +38,7 @@ def test_watchdog_reports_a_task_blocked_behind_a_stopped_holder(tmp_path):
     its pte lock; ksmd, scanning that mm, blocks on it.  The watchdog
     reports ksmd with the chain to the stopped holder; the cluster's end
     status is 3, and `uksm logs check` finds the hung task in the logs."""
-    from uksm.logs import main as logs_main
+    from uksm.cli.logs import main as logs_main
     log_dir = str(tmp_path)
     with booted(f"thung{os.getpid() % 100000}", log_dir, run=1, frames=256, va_pages=64,
                 max_tasks=8, max_mms=4, pages_to_scan=500, sleep_ms=2, hung_timeout_ms=300) as sup:

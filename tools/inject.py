@@ -285,7 +285,7 @@ def run(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps(report))
     else:
-        from uksm.cli.main import print_report
+        from uksm.proc.run import print_report
         print_report(report)
         i = report.get("inject", {})
         print(f"  inject   {i.get('kills')} kills ({a.signal}, {a.point}); recoveries "

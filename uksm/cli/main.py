@@ -10,29 +10,19 @@ import json
 import os
 import signal
 import sys
-from typing import Any, NoReturn
 
 from uksm.host import shm
 from uksm.kernel.layout import EXIT_POLICIES, HAZARDS, OOM_RULES
 
 from uksm.host.exitcodes import EPILOG, signalled
 from uksm.host.lifeline import SecondSignal
+from uksm.cli.args import OneLineParser
 
 
 STOP_HELP = ("SIGTERM, SIGHUP or SIGINT stops it in order (workers exit, ksmd frees, fsck, "
              "teardown; the report says 'interrupted', status 128+N); a second one kills every "
              "process at once and still removes every object. Its ksmd and workers die with it, "
              "whatever kills it.")
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse's own usage errors as the CLI promises them: one line,
-    ``uksm CMD: error: ...`` and where to read more, status 2 (argparse's
-    default prints the whole usage block first).  Subparsers inherit the
-    class (add_subparsers' parser_class defaults to the parent's type)."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
 def _run_args(p: argparse.ArgumentParser, defaults_for_run: bool = True) -> None:
@@ -126,9 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("logs", help="analyse a run's logs: uksm logs DIR {summary,timeline,check,locks,plot}",
                    add_help=False)
-    from uksm.proc import control
+    from uksm.cli import cluster as cluster_cmds
     from uksm.cli import task as task_cli
-    control.add_parsers(sub, _run_args)
+    cluster_cmds.add_parsers(sub, _run_args)
     task_cli.add_parsers(sub)
     return ap
 
@@ -136,8 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "logs":
-        from uksm import logs
-        return logs.main(argv[1:])
+        from uksm.cli import logs as logs_cli
+        return logs_cli.main(argv[1:])
     ap = build_parser()
     a = ap.parse_args(argv)
     if a.cmd is None:
@@ -172,17 +162,17 @@ def dispatch(a: argparse.Namespace) -> int:
         from uksm.tools.campaign import cmd_campaign
         return cmd_campaign(a)
     if a.cmd == "fsck":
-        from uksm.proc import control
-        return control.cmd_fsck(a)
+        from uksm.cli import cluster as cluster_cmds
+        return cluster_cmds.cmd_fsck(a)
     if a.cmd in ("task", "wait") or (a.cmd == "kill" and getattr(a, "at", None)):
         from uksm.cli import task as task_cli
         return task_cli.run_verb(a)
-    from uksm.proc import control
-    return control.dispatch(a)
+    from uksm.cli import cluster as cluster_cmds
+    return cluster_cmds.dispatch(a)
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-    from uksm.proc.run import RunOptions, run_cluster
+    from uksm.proc.run import RunOptions, print_report, run_cluster
     o = RunOptions(workers=a.workers, pages=a.pages, frames=a.frames, workload=a.workload,
                    seed=a.seed, duration=a.duration, until_merged=a.until_merged,
                    max_duration=a.max_duration, log_dir=a.log_dir, cluster=a.cluster, run=a.run,
@@ -195,47 +185,6 @@ def cmd_run(a: argparse.Namespace) -> int:
     else:
         print_report(report)
     return status
-
-
-def print_report(r: dict[str, Any]) -> None:
-    k, fr, w = r["ksm"], r["frames"], r["workers"]
-    mem = r["memory"]["host_bytes_resident"]
-    total_pages = fr["total"]
-    saved = k["pages_sharing"]
-    print(f"cluster {r['cluster']}  workload {r['workload']}  {r['duration_s']:.1f}s  "
-          f"exit policy {r['exit_policy']}  oom rule {r.get('oom_rule', '2.6.32')}")
-    print(f"  ksm      run {k['run']}  full_scans {k['full_scans']}  pages_scanned {k['pages_scanned']}")
-    print(f"           pages_shared {k['pages_shared']}  pages_sharing {k['pages_sharing']}  "
-          f"pages_unshared {k['pages_unshared']}  pages_volatile {k['pages_volatile']}")
-    print(f"  memory   frames used {fr['used']} of {total_pages}; pool resident "
-          f"{mem / 2**20:.1f} MiB; saved by merging {saved} pages = {saved * 4096 / 2**20:.1f} MiB")
-    print(f"  workers  started {w['started']}  exited {w['exited']}  __ksm_exit: fast {w['exit_fast']}  "
-          f"slow {w['exit_slow']}" + (f"  legacy {w['exit_legacy']}" if w.get("exit_legacy") else "")
-          + f"  no slot {w['exit_noslot']} (ksmd freed it first, or none)"
-          + f"  killed {w['killed']}  oom_killed {w['oom_killed']}")
-    print("           (fast: no rmap_items, not at ksmd's cursor, the task freed its slot itself; "
-          "slow: slot moved behind the cursor, down_write/up_write of mmap_sem, ksmd frees it; "
-          "no slot: ksmd saw ksm_test_exit first and freed the slot)")
-    i = r["integrity"]
-    print(f"  data     {i['pages_verified']} pages verified, {i['mismatches']} mismatches")
-    print(f"  fsck     {'clean' if r['fsck']['ok'] else 'FAILED'}")
-    for e in r["fsck"]["errors"][:10]:
-        print(f"           {e}")
-    for h in r["hung_tasks"]:
-        print(f"  HUNG     {h['role']} pid {h['pid']} blocked on {h['lock']} for {h['waited_s']}s")
-        for line in h["chain"]:
-            print(f"           {line}")
-    for o in r.get("oops", []):
-        print(f"  OOPS     {o.get('task', 'ksmd')} pid {o['pid']}: {o['error']}")
-        for line in o["traceback"].rstrip().splitlines():
-            print(f"           {line}")
-    print(f"  leftover POSIX objects: {len(r['ipc_leftovers'])}  logs: {r['log_dir']}")
-    for e in r.get("errors", []):
-        print(f"  error    {e}")
-    for o in r.get("oops", []):
-        print(f"  OOPS     ksmd: {o['error']} at {o['where']}  x{o['count']}")
-    if r.get("interrupted"):
-        print(f"  INTERRUPTED by {r['interrupted']}: stopped early, in order (status {r['status']})")
 
 
 def cmd_cleanup(a: argparse.Namespace) -> int:

@@ -20,7 +20,8 @@ import argparse
 import sys
 from typing import Any, Callable
 
-from uksm.proc.control import DEFAULT_CLUSTER, EXIT_ERR, EXIT_HUNG, EXIT_INTEGRITY, EXIT_OK, EXIT_USAGE
+from uksm.host.exitcodes import EXIT_ERR, EXIT_HUNG, EXIT_INTEGRITY, EXIT_OK, EXIT_USAGE
+from uksm.proc.control import DEFAULT_CLUSTER
 
 
 def _int(s: str) -> int:

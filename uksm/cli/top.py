@@ -17,8 +17,49 @@ from typing import Any
 
 from uksm.host import shm
 from uksm.kernel.cluster import pid_alive
-from uksm.proc.control import EXIT_ERR, EXIT_OK, attach, format_status, not_running, read_state
+from uksm.host.exitcodes import EXIT_ERR, EXIT_OK
+from uksm.proc.control import attach, not_running, read_state
 from uksm.kernel.layout import PAGE_SIZE
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def format_status(st: dict[str, Any]) -> list[str]:
+    """status as text lines (also the body of ``top``)."""
+    k, fr, w = st["ksm"], st["frames"], st["workers"]
+    sup = f"{st['supervisor_pid']}" + ("" if st["supervisor_alive"] else " (gone)")
+    ksmd = f"{st['ksmd_pid']}" + ("" if st["ksmd_alive"] else " (not running)")
+    hz = f"  hazards {','.join(st['hazards'])}" if st["hazards"] else ""
+    out = [
+        f"cluster {st['cluster']}  {st['state']}  up {st['uptime_s']:.0f}s  supervisor {sup}  "
+        f"ksmd {ksmd}  exit_policy {st['exit_policy']}{hz}",
+        f"ksm      run {k['run']}  pages_to_scan {k['pages_to_scan']}  sleep_millisecs "
+        f"{k['sleep_millisecs']}  full_scans {k['full_scans']}  pages_scanned {k['pages_scanned']}",
+        f"         pages_shared {k['pages_shared']}  pages_sharing {k['pages_sharing']}  "
+        f"pages_unshared {k['pages_unshared']}  pages_volatile {k['pages_volatile']}",
+        f"memory   frames used {fr['used']}  free {fr['free']}  of {fr['total']}"
+        f"{'  mem_limit ' + str(st['mem_limit']) if st['mem_limit'] else ''}  pool resident "
+        f"{_mib(st['memory']['host_bytes_resident'])}  saved by merging "
+        f"{_mib(k['pages_sharing'] * PAGE_SIZE)}",
+        f"workers  started {w['started']}  exited {w['exited']} (fast {w['exit_fast']} slow "
+        f"{w['exit_slow']} legacy {w['exit_legacy']} noslot {w['exit_noslot']})  killed "
+        f"{w['killed']}  oom_killed "
+        f"{w['oom_killed']}  reaped {w['reaped']}",
+        "",
+        f"{'WORKER':<7} {'PID':>8} {'MM':>5} {'STATE':<13} {'PAGES':>6} {'RSS':>6} {'RMAP':>6} "
+        f"{'MERGING':>7} {'USERS':>5} {'COUNT':>5}",
+    ]
+    for m in st["mms"]:
+        pid = f"{m['owner_pid']}" + ("" if m["owner_alive"] else "-")
+        out.append(f"{m['worker']:<7} {pid:>8} {m['mm']:>5} {m['state']:<13} {m['pages']:>6} "
+                   f"{m['rss']:>6} {m['ksm_rmap_items']:>6} {m['ksm_merging_pages']:>7} "
+                   f"{m['mm_users']:>5} {m['mm_count']:>5}")
+    if not st["mms"]:
+        out.append("(no address spaces)")
+    return out
+
 
 COUNTERS = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile", "full_scans",
             "pages_scanned")

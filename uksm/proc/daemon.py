@@ -49,8 +49,8 @@ import posix_ipc
 from uksm.kernel import fsck
 from uksm.host import shm
 from uksm.host import log as ulog
-from uksm.proc.control import (EXIT_ERR, EXIT_HUNG, EXIT_OK, EXIT_USAGE, WRITABLE,
-                      not_running, sock_address, validate_knob)
+from uksm.host.exitcodes import EXIT_ERR, EXIT_HUNG, EXIT_OK, EXIT_USAGE
+from uksm.proc.control import WRITABLE, not_running, sock_address, validate_knob
 from uksm.kernel.layout import (A_FREE_TOP, CS_STOPPING, E_LOCK, E_SINCE, E_SPINS, E_WORD, EXIT_POLICIES, H_EXIT_POLICY,
                      H_KSMD_TASK, H_MEM_LIMIT, H_STATE, K_PAGES_TO_SCAN, K_RUN, K_SLEEP_MS, M_EXIT_PATH, M_ID, M_STATE, MM_STATES, MS_EXITING,
                      MS_FREEING, S_EXIT_FAST, S_EXIT_LEGACY, S_EXIT_SLOW, S_REAPED, T_PID, T_READY, T_STATE, TS_DEAD, TS_FREE,
@@ -707,7 +707,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m uksm.proc.daemon",
                                  description="The uksm cluster daemon (started by 'uksm up').")
     ap.add_argument("--cluster", required=True)
-    ap.add_argument("--spec", required=True, help="the cluster's options, as JSON (see uksm.proc.control.up_spec)")
+    ap.add_argument("--spec", required=True, help="the cluster's options, as JSON (see uksm.cli.cluster.up_spec)")
     ap.add_argument("--foreground", action="store_true")
     a = ap.parse_args(argv)
     try:

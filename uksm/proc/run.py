@@ -22,7 +22,7 @@ from uksm.kernel.ksm import slot_next, slots
 from uksm.host.lifeline import StopSignals
 from uksm.proc.supervisor import Supervisor
 
-from uksm.host.exitcodes import EXIT_ERR, EXIT_HUNG, EXIT_INTEGRITY, EXIT_OK, EXIT_USAGE  # noqa: F401
+from uksm.host.exitcodes import EXIT_ERR, EXIT_USAGE
 SCENARIOS = ("oom-unmerge",)
 
 
@@ -253,6 +253,48 @@ def build_report(name: str, o: RunOptions, t0: float, snap: dict[str, Any], end:
             "oops": end["oops"], "ksmd_restarts": end["ksmd_restarts"],
             "use_after_free": end["use_after_free"], "lockdep": end["lockdep"], "interrupted": interrupted,
             "status": end["status"] if status is None else status}
+
+
+def print_report(r: dict[str, Any]) -> None:
+    """build_report's dict for a human (``uksm run`` without --json, ``uksm inject``)."""
+    k, fr, w = r["ksm"], r["frames"], r["workers"]
+    mem = r["memory"]["host_bytes_resident"]
+    total_pages = fr["total"]
+    saved = k["pages_sharing"]
+    print(f"cluster {r['cluster']}  workload {r['workload']}  {r['duration_s']:.1f}s  "
+          f"exit policy {r['exit_policy']}  oom rule {r.get('oom_rule', '2.6.32')}")
+    print(f"  ksm      run {k['run']}  full_scans {k['full_scans']}  pages_scanned {k['pages_scanned']}")
+    print(f"           pages_shared {k['pages_shared']}  pages_sharing {k['pages_sharing']}  "
+          f"pages_unshared {k['pages_unshared']}  pages_volatile {k['pages_volatile']}")
+    print(f"  memory   frames used {fr['used']} of {total_pages}; pool resident "
+          f"{mem / 2**20:.1f} MiB; saved by merging {saved} pages = {saved * 4096 / 2**20:.1f} MiB")
+    print(f"  workers  started {w['started']}  exited {w['exited']}  __ksm_exit: fast {w['exit_fast']}  "
+          f"slow {w['exit_slow']}" + (f"  legacy {w['exit_legacy']}" if w.get("exit_legacy") else "")
+          + f"  no slot {w['exit_noslot']} (ksmd freed it first, or none)"
+          + f"  killed {w['killed']}  oom_killed {w['oom_killed']}")
+    print("           (fast: no rmap_items, not at ksmd's cursor, the task freed its slot itself; "
+          "slow: slot moved behind the cursor, down_write/up_write of mmap_sem, ksmd frees it; "
+          "no slot: ksmd saw ksm_test_exit first and freed the slot)")
+    i = r["integrity"]
+    print(f"  data     {i['pages_verified']} pages verified, {i['mismatches']} mismatches")
+    print(f"  fsck     {'clean' if r['fsck']['ok'] else 'FAILED'}")
+    for e in r["fsck"]["errors"][:10]:
+        print(f"           {e}")
+    for h in r["hung_tasks"]:
+        print(f"  HUNG     {h['role']} pid {h['pid']} blocked on {h['lock']} for {h['waited_s']}s")
+        for line in h["chain"]:
+            print(f"           {line}")
+    for o in r.get("oops", []):
+        print(f"  OOPS     {o.get('task', 'ksmd')} pid {o['pid']}: {o['error']}")
+        for line in o["traceback"].rstrip().splitlines():
+            print(f"           {line}")
+    print(f"  leftover POSIX objects: {len(r['ipc_leftovers'])}  logs: {r['log_dir']}")
+    for e in r.get("errors", []):
+        print(f"  error    {e}")
+    for o in r.get("oops", []):
+        print(f"  OOPS     ksmd: {o['error']} at {o['where']}  x{o['count']}")
+    if r.get("interrupted"):
+        print(f"  INTERRUPTED by {r['interrupted']}: stopped early, in order (status {r['status']})")
 
 
 def demo_exit_away_from_cursor(sup: Supervisor, timeout: float = 20.0) -> None:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from uksm.kernel import killpoints
-from uksm.proc.control import EXIT_ERR, EXIT_USAGE
+from uksm.host.exitcodes import EXIT_ERR, EXIT_USAGE
 from uksm.kernel.layout import EXIT_PATHS, H_KSMD_POINT, L_SCAN_SLOT, M_ID, PAGE_SIZE, T_EXIT_PATH, T_KILL_POINT
 from uksm.host.shm import UksmError
 

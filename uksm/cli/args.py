@@ -1,0 +1,15 @@
+"""What every ``uksm`` command line shares."""
+from __future__ import annotations
+
+import argparse
+from typing import NoReturn
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's own usage errors as the CLI promises them: one line,
+    ``uksm CMD: error: ...`` and where to read more, status 2 (argparse's
+    default prints the whole usage block first).  Subparsers inherit the
+    class (add_subparsers' parser_class defaults to the parent's type)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")

@@ -1,0 +1,285 @@
+"""``uksm logs DIR {summary,timeline,check,locks,plot}``: the command line
+over ``uksm.logs``."""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+from typing import Any, TextIO
+
+from uksm.cli.args import OneLineParser
+from uksm.host.exitcodes import EXIT_INTEGRITY, EXIT_OK, EXIT_USAGE
+from uksm.logs.read import Event, EXIT_PATHS, LogDirError, ReadStats, iter_events, format_fields
+from uksm.logs.check import N_RULES, check_events
+from uksm.logs.report import (PlotUnavailable, lock_class, lock_stats_events, plot, summarize_events, timeline_events)
+
+def _table(
+    rows: list[tuple[Any, ...]],
+    out: TextIO,
+    header: tuple[str, ...] | None = None,
+    right: bool = True,
+) -> None:
+    """Print rows as an aligned table: first column left, the others right
+    (or left too when not *right*, for key/value lists)."""
+    cells = [tuple(str(c) for c in r) for r in ([header] if header else []) + rows]
+    if not cells:
+        return
+    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
+    for r in cells:
+        line = "  ".join(
+            c.rjust(w) if i and right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))
+        )
+        print(line.rstrip(), file=out)
+
+
+def _print_summary(s: dict[str, Any], log_dir: str, out: TextIO) -> None:
+    ex = s["exits"]
+    stop = f"clean stop, status {s['status']}" if s["clean_stop"] else "no cluster_stop"
+    _table(
+        [
+            ("run", log_dir),
+            ("files", s["files"]),
+            ("lines", s["lines"]),
+            ("invalid_lines", s["invalid_lines"]),
+            ("duration_s", f"{s['duration_s']:.3f} ({stop})"),
+            ("merges", s["merges"]),
+            ("cow_breaks", s["cow_breaks"]),
+            ("oom_kills", s["oom_kills"]),
+            ("kills", s["kills"]),
+            ("hung_tasks", s["hung_tasks"]),
+            ("lock_recoveries", s["lock_recoveries"]),
+            ("exits", "  ".join(f"{k} {ex[k]}" for k in (*EXIT_PATHS, "reaped"))),
+        ],
+        out,
+        right=False,
+    )
+    print(file=out)
+    _table(list(s["roles"].items()), out, header=("role", "lines"))
+    print(file=out)
+    _table(list(s["events"].items()), out, header=("event", "count"))
+
+
+def _print_timeline(rows: list[Event], out: TextIO) -> None:
+    for ev in rows:
+        origin = ev["mono_ns"] - round(ev["t_s"] * 1e9)
+        fields = format_fields(ev, skip=("mm", "t_s"), origin=origin)
+        print(
+            f"{ev['t_s']:12.6f}  {str(ev.get('role', '?')):<10} {str(ev.get('pid', '?')):>7}  "
+            f"{ev['event']:<16} {fields}".rstrip(),
+            file=out,
+        )
+
+
+def _print_locks(ls: dict[str, Any], out: TextIO, top: int = 10) -> None:
+    header = ("lock", "count", "p50_ms", "p99_ms", "max_ms", "total_ms")
+
+    def rows(d: dict[str, dict[str, Any]]) -> list[tuple[Any, ...]]:
+        return [
+            (k, v["count"], f"{v['p50']:.3f}", f"{v['p99']:.3f}", f"{v['max']:.3f}", f"{v['total']:.3f}")
+            for k, v in d.items()
+        ]
+
+    if not ls["classes"]:
+        print("no lock_wait events", file=out)
+        return
+    print("per lock class", file=out)
+    _table(rows(ls["classes"]), out, header)
+    inst = {k: v for k, v in ls["instances"].items() if lock_class(k) != k}
+    if inst:
+        print(f"\ntop lock instances (by total wait, {min(top, len(inst))} of {len(inst)})", file=out)
+        _table(rows(dict(itertools.islice(inst.items(), top))), out, header)
+    print("\nlongest waits", file=out)
+    _table(
+        [
+            (f"{w['t_s']:.6f}", f"{w['waited_ms']:.3f}", w["lock"], f"{w['role']} {w['pid']}",
+             ",".join(map(str, w["holders"] or [])) if isinstance(w["holders"], list) else w["holders"])
+            for w in ls["longest"]
+        ],
+        out,
+        header=("t_s", "waited_ms", "lock", "waiter", "holders"),
+    )
+
+
+def _warn_invalid(stats: ReadStats, log_dir: str, invalid: bool = True) -> None:
+    """Warnings on stderr about skipped (if *invalid*) and out-of-order lines."""
+    if invalid and stats.invalid_lines:
+        ex = "; ".join(stats.invalid_examples[:3])
+        print(f"warning: skipped {stats.invalid_lines} invalid lines in {log_dir} ({ex})", file=sys.stderr)
+    if stats.out_of_order:
+        print(
+            f"warning: {stats.out_of_order} lines not in mono_ns order within their file; "
+            "event order may be inexact",
+            file=sys.stderr,
+        )
+
+
+def _dump_json(obj: Any, out: TextIO) -> None:
+    json.dump(obj, out, indent=2)
+    out.write("\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="uksm logs",
+        description=(
+            "Read a uksm run's log folder (one <role>-<pid>.jsonl file per process, "
+            "merged in mono_ns order) and answer questions about the run. "
+            "Invalid lines are skipped and counted. Exit status: 0 ok, 2 user "
+            "error, 4 check found violations."
+        ),
+        epilog="Event names and fields: docs/EVENTS.md. Examples with jq and DuckDB: docs/LOGS.md.",
+    )
+    parser.add_argument("dir", metavar="DIR", help="the run's log folder (holds *.jsonl files)")
+    json_opt = OneLineParser(add_help=False)
+    json_opt.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub.add_parser(
+        "summary", parents=[json_opt],
+        help="counts per event and role, exits by path, merges, kills, duration",
+        description=(
+            "Counts per event and per role; exits by path (one per mm: the ksm_exit path, "
+            "or the worker_exit path for mms that never reached ksm_exit) and reaped "
+            "workers; merged pages, COW breaks, OOM kills, kills, hung tasks, lock "
+            "recoveries; the run's duration (cluster_start to cluster_stop, else first "
+            "to last line); files, lines, invalid lines."
+        ),
+    )
+    tl = sub.add_parser(
+        "timeline", parents=[json_opt],
+        help="every event of one address space, in time order",
+        description=(
+            "Every event whose mm (or oom_kill victim_mm) is N, in mono_ns order: time in "
+            "seconds since the run's first event, role, pid, event, other fields."
+        ),
+    )
+    tl.add_argument("--mm", type=int, required=True, metavar="N", help="the address space id")
+    sub.add_parser(
+        "check", parents=[json_opt],
+        help="protocol checks from the logs alone (exit 4 on violations)",
+        description=(
+            "Rules: (1) every ksm_enter's slot is freed exactly once, by ksm_exit "
+            "path=fast/legacy or by slot_freed, never both nor twice (a missing free is "
+            "only a note when the run has no cluster_stop); (2) every ksm_exit path=slow is "
+            "followed by a slot_freed for that mm; (3) mm_freed only when the latest mmdrop "
+            "of the mm left mm_count 0, at most once; (4) no merge whose t_last_ns is after "
+            "the mm's mm_exit_begin; (5) no hung_task. Exit 0 when all hold, 4 otherwise, "
+            "one violation per line."
+        ),
+    )
+    sub.add_parser(
+        "locks", parents=[json_opt],
+        help="lock-wait statistics (count, p50, p99, max) and the longest waits",
+        description=(
+            "From lock_wait events: per lock class (mmap_sem:mmN grouped as mmap_sem) and "
+            "per lock instance, count and nearest-rank p50/p99/max/total of waited_ms; the "
+            "10 longest waits with waiter and holder pids."
+        ),
+    )
+    pl = sub.add_parser(
+        "plot",
+        help="PNG of pages_shared/sharing/unshared/volatile over time (needs matplotlib)",
+        description=(
+            "Plot pages_shared, pages_sharing, pages_unshared and pages_volatile from "
+            "scan_batch_end over time, with vertical lines for worker_exit (colour by how) "
+            "and dashed lines for kill_point, inject_kill and oom_kill. Needs matplotlib "
+            "(pip install 'uksm[plot]')."
+        ),
+    )
+    pl.add_argument("-o", "--output", required=True, metavar="FILE.png", help="image file to write")
+    return parser
+
+
+def _run(args: argparse.Namespace, out: TextIO) -> int:
+    log_dir: str = args.dir
+    stats = ReadStats()
+    if args.command == "plot":
+        stats = plot(log_dir, args.output)
+        _warn_invalid(stats, log_dir)
+        print(f"wrote {args.output}", file=out)
+        return EXIT_OK
+
+    events = iter_events(log_dir, stats)
+    if args.command == "summary":
+        s = summarize_events(events, stats)
+        _warn_invalid(stats, log_dir, invalid=False)  # summary shows invalid_lines itself
+        if args.json:
+            _dump_json(s, out)
+        else:
+            _print_summary(s, log_dir, out)
+        return EXIT_OK
+
+    if args.command == "timeline":
+        rows = timeline_events(events, args.mm)
+        _warn_invalid(stats, log_dir)
+        if args.json:
+            _dump_json(rows, out)
+        elif rows:
+            _print_timeline(rows, out)
+        else:
+            print(f"no events for mm {args.mm}", file=sys.stderr)
+        return EXIT_OK
+
+    if args.command == "check":
+        res = check_events(events)
+        _warn_invalid(stats, log_dir)
+        if args.json:
+            _dump_json(
+                {"ok": not res.violations, "violations": res.violations, "notes": res.notes,
+                 "mms": res.mms, "clean_stop": res.clean_stop, "invalid_lines": stats.invalid_lines},
+                out,
+            )
+        else:
+            for v in res.violations:
+                print(v, file=out)
+            for n in res.notes:
+                print(f"note: {n}", file=out)
+            if not res.violations:
+                print(f"ok: all {N_RULES} rules hold ({res.mms} mms)", file=out)
+            else:
+                print(f"{len(res.violations)} violations ({res.mms} mms)", file=out)
+        return EXIT_INTEGRITY if res.violations else EXIT_OK
+
+    if args.command == "locks":
+        ls = lock_stats_events(events)
+        _warn_invalid(stats, log_dir)
+        if args.json:
+            _dump_json(ls, out)
+        else:
+            _print_locks(ls, out)
+        return EXIT_OK
+
+    raise AssertionError(args.command)  # pragma: no cover - argparse prevents it
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``uksm logs``; *argv* is what follows ``uksm logs``."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    try:
+        return _run(args, sys.stdout)
+    except PlotUnavailable as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_USAGE
+    except LogDirError as exc:
+        print(f"uksm logs: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:  # pragma: no cover - output piped into head
+        # keep Python from complaining again when it flushes stdout at exit
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
+    except OSError as exc:  # unreadable log file, unwritable plot output
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"uksm logs: {exc.strerror or exc}{where}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:  # pragma: no cover
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main(sys.argv[1:]))

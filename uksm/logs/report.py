@@ -1,0 +1,270 @@
+"""Answers about a run: its summary, one address space's timeline, the
+lock waits, the plot (``uksm logs summary|timeline|locks|plot``)."""
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from uksm.logs.read import (Event, EXIT_PATHS, ReadStats, iter_events, select, _with_origin, _int, _num)
+
+# ---------------------------------------------------------------------------
+# summary
+# ---------------------------------------------------------------------------
+
+
+def summarize_events(events: Iterable[Event], stats: ReadStats | None = None) -> dict[str, Any]:
+    """Counts and totals over an event stream (see :func:`summarize`)."""
+    counts: dict[str, int] = {}
+    roles: dict[str, int] = {}
+    exits = dict.fromkeys(EXIT_PATHS, 0)
+    exits["reaped"] = 0
+    ksm_exit_mms: set[int | None] = set()
+    worker_exit_paths: list[tuple[int | None, str]] = []
+    merges = cow_breaks = 0
+    first_ns = last_ns = start_ns = stop_ns = None
+    status = None
+
+    for ev in events:
+        name = ev["event"]
+        counts[name] = counts.get(name, 0) + 1
+        role = ev.get("role")
+        role = role if isinstance(role, str) else "?"
+        roles[role] = roles.get(role, 0) + 1
+        mono = ev["mono_ns"]
+        if first_ns is None:
+            first_ns = mono
+        last_ns = mono
+
+        if name == "merge":
+            merges += _int(ev.get("count")) or 0
+        elif name == "cow_break":
+            cow_breaks += _int(ev.get("count")) or 0
+        elif name == "ksm_exit":
+            path = ev.get("path")
+            if path in EXIT_PATHS:
+                exits[path] += 1
+            ksm_exit_mms.add(_int(ev.get("mm")))
+        elif name == "worker_exit":
+            if ev.get("reaped") is True:
+                exits["reaped"] += 1
+            path = ev.get("path")
+            if isinstance(path, str):
+                worker_exit_paths.append((_int(ev.get("mm")), path))
+        elif name == "cluster_start":
+            if start_ns is None:
+                start_ns = mono
+        elif name == "cluster_stop":
+            stop_ns = mono
+            status = ev.get("status")
+
+    # One exit per mm: ksm_exit says how the slot went; worker_exit adds the
+    # mms that never reached ksm_exit (path "none": never entered KSM).
+    for mm, path in worker_exit_paths:
+        if mm not in ksm_exit_mms and path in EXIT_PATHS:
+            exits[path] += 1
+
+    begin = start_ns if start_ns is not None else first_ns
+    end = stop_ns if stop_ns is not None else last_ns
+    duration = (end - begin) / 1e9 if begin is not None and end is not None else 0.0
+    stats = stats or ReadStats()
+    return {
+        "events": dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "roles": dict(sorted(roles.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "exits": exits,
+        "merges": merges,
+        "cow_breaks": cow_breaks,
+        "oom_kills": counts.get("oom_kill", 0),
+        "kills": counts.get("kill_point", 0) + counts.get("inject_kill", 0),
+        "hung_tasks": counts.get("hung_task", 0),
+        "lock_recoveries": counts.get("lock_recovery", 0),
+        "duration_s": round(max(duration, 0.0), 6),
+        "clean_stop": stop_ns is not None,
+        "status": status,
+        "files": stats.files,
+        "lines": stats.lines,
+        "invalid_lines": stats.invalid_lines,
+        "out_of_order_lines": stats.out_of_order,
+    }
+
+
+def summarize(log_dir: str | Path) -> dict[str, Any]:
+    """Counts per event and role, exits by path, totals and the run's duration.
+
+    Keys: events, roles, exits {fast, slow, legacy, none, reaped}, merges,
+    cow_breaks, oom_kills, kills, hung_tasks, lock_recoveries, duration_s,
+    clean_stop, status, files, lines, invalid_lines, out_of_order_lines.
+    """
+    stats = ReadStats()
+    return summarize_events(iter_events(log_dir, stats), stats)
+
+
+# ---------------------------------------------------------------------------
+# timeline
+# ---------------------------------------------------------------------------
+
+
+def timeline_events(events: Iterable[Event], mm: int) -> list[Event]:
+    """Events concerning *mm*, each a copy with ``t_s`` (s since the run's first event)."""
+    origin, stream = _with_origin(events)
+    return [
+        {"t_s": round((ev["mono_ns"] - origin) / 1e9, 9), **ev}
+        for ev in select(stream, mm=mm)
+    ]
+
+
+def timeline(log_dir: str | Path, mm: int) -> list[Event]:
+    """Every event of address space *mm* in mono_ns order (see timeline_events)."""
+    return timeline_events(iter_events(log_dir), mm)
+
+
+# ---------------------------------------------------------------------------
+# locks
+# ---------------------------------------------------------------------------
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile of an ascending list (q in 0..100)."""
+    if not sorted_values:
+        return 0.0
+    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+def _wait_stats(values: list[float]) -> dict[str, Any]:
+    values.sort()
+    return {
+        "count": len(values),
+        "p50": percentile(values, 50),
+        "p99": percentile(values, 99),
+        "max": values[-1],
+        "total": round(sum(values), 6),
+    }
+
+
+def lock_class(name: str) -> str:
+    """"mmap_sem:mm3" -> "mmap_sem"; names without an instance stay as they are."""
+    return name.split(":", 1)[0]
+
+
+def lock_stats_events(events: Iterable[Event], top: int = 10) -> dict[str, Any]:
+    """Wait statistics from lock_wait events (see :func:`lock_stats`)."""
+    origin, stream = _with_origin(events)
+    by_instance: dict[str, list[float]] = {}
+    longest: list[tuple[float, int, Event]] = []  # min-heap of the top waits
+    for seq, ev in enumerate(select(stream, names=("lock_wait",))):
+        lock = ev.get("lock")
+        waited = _num(ev.get("waited_ms"))
+        if not isinstance(lock, str) or waited is None:
+            continue
+        by_instance.setdefault(lock, []).append(waited)
+        item = (waited, -seq, ev)
+        if len(longest) < top:
+            heapq.heappush(longest, item)
+        elif item[:2] > longest[0][:2]:
+            heapq.heapreplace(longest, item)
+
+    by_class: dict[str, list[float]] = {}
+    for lock, values in by_instance.items():
+        by_class.setdefault(lock_class(lock), []).extend(values)
+    classes = {k: _wait_stats(v) for k, v in by_class.items()}
+    instances = {k: _wait_stats(v) for k, v in by_instance.items()}
+    order = lambda kv: (-kv[1]["total"], kv[0])  # noqa: E731
+    return {
+        "classes": dict(sorted(classes.items(), key=order)),
+        "instances": dict(sorted(instances.items(), key=order)),
+        "longest": [
+            {
+                "t_s": round((ev["mono_ns"] - (origin or 0)) / 1e9, 6),
+                "lock": ev["lock"],
+                "waited_ms": waited,
+                "role": ev.get("role"),
+                "pid": ev.get("pid"),
+                "holders": ev.get("holders"),
+            }
+            for waited, _, ev in sorted(longest, key=lambda it: (-it[0], -it[1]))
+        ],
+    }
+
+
+def lock_stats(log_dir: str | Path) -> dict[str, Any]:
+    """Per lock class ("mmap_sem:mm3" counted as "mmap_sem") and per lock
+    instance: count, p50, p99, max and total waited_ms (nearest-rank
+    percentiles), sorted by total wait; plus the 10 longest waits with the
+    waiter and the holder pids. Keys: classes, instances, longest.
+    """
+    return lock_stats_events(iter_events(log_dir))
+
+
+# ---------------------------------------------------------------------------
+# plot
+# ---------------------------------------------------------------------------
+
+#: scan_batch_end counters drawn as lines, with their colours
+PLOT_SERIES = {
+    "pages_shared": "tab:blue",
+    "pages_sharing": "tab:orange",
+    "pages_unshared": "tab:green",
+    "pages_volatile": "tab:red",
+}
+#: worker_exit markers (solid vertical lines), coloured by how
+EXIT_COLOURS = {"exit": "tab:cyan", "signal": "tab:olive", "oom": "tab:purple", "sigkill": "black"}
+#: kill markers (dashed vertical lines)
+KILL_MARKERS = {"kill_point": "tab:brown", "inject_kill": "tab:pink", "oom_kill": "tab:gray"}
+
+
+class PlotUnavailable(Exception):
+    """matplotlib is not installed."""
+
+
+def plot(log_dir: str | Path, out: str | Path) -> ReadStats:
+    """Draw the KSM page counters over time with exit/kill markers into *out*."""
+    stats = ReadStats()
+    events = iter_events(log_dir, stats)  # folder errors first, then matplotlib
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise PlotUnavailable("plot needs matplotlib: pip install 'uksm[plot]'") from exc
+
+    origin, stream = _with_origin(events)
+    t: list[float] = []
+    series: dict[str, list[float]] = {k: [] for k in PLOT_SERIES}
+    marks: list[tuple[float, str, str]] = []  # (t_s, colour, label)
+    names = ("scan_batch_end", "worker_exit", *KILL_MARKERS)
+    for ev in select(stream, names=names):
+        ts = (ev["mono_ns"] - (origin or 0)) / 1e9
+        name = ev["event"]
+        if name == "scan_batch_end":
+            t.append(ts)
+            for k in PLOT_SERIES:
+                series[k].append(_num(ev.get(k)) or 0)
+        elif name == "worker_exit":
+            how = str(ev.get("how"))
+            marks.append((ts, EXIT_COLOURS.get(how, "grey"), f"worker_exit {how}"))
+        else:
+            marks.append((ts, KILL_MARKERS[name], name))
+
+    fig = Figure(figsize=(11, 5.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for k, colour in PLOT_SERIES.items():
+        ax.plot(t, series[k], label=k, color=colour, linewidth=1.2)
+    seen: set[str] = set()
+    for ts, colour, label in marks:
+        dashed = not label.startswith("worker_exit")
+        ax.axvline(
+            ts, color=colour, alpha=0.7, linewidth=0.9, linestyle="--" if dashed else "-",
+            label=None if label in seen else label,
+        )
+        seen.add(label)
+    ax.set_xlabel("time (s since the run's first event)")
+    ax.set_ylabel("pages")
+    ax.set_title(f"KSM pages: {Path(log_dir).name}")
+    ax.grid(True, alpha=0.3)
+    if t or marks:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+    fig.savefig(out, dpi=110)
+    return stats
