@@ -64,7 +64,7 @@ def test_concurrent_alloc_free_never_hands_out_a_frame_twice(tmp_path, children,
         cl = sup.cl
         free0 = cl.q[A_FREE_TOP]
         assert free0 == frames
-        rows = [sup._alloc_row(R_WORKER) for _ in range(children)]
+        rows = [sup.alloc_row(R_WORKER) for _ in range(children)]
         procs = []
         try:
             for i, row in enumerate(rows):
@@ -89,7 +89,7 @@ def test_concurrent_alloc_free_never_hands_out_a_frame_twice(tmp_path, children,
                     p.kill()
                     p.wait()
             for row in rows:
-                sup._free_row(row)
+                sup.free_row(row)
         results = [json.loads(out.read_text()) for out, _p in procs]
         # they really ran at the same time
         assert max(r["t_start"] for r in results) < min(r["t_end"] for r in results)

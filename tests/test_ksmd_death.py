@@ -11,7 +11,7 @@ import pytest
 
 from helpers import booted, pump
 from uksm.host import shm
-from uksm.kernel.layout import T_READY
+from uksm.kernel.layout import T_READY, stats_block
 
 # cluster names are per test session: two runs of the suite at once never collide
 PID = os.getpid() % 100000
@@ -33,5 +33,5 @@ def test_ksmd_killed_cluster_still_tears_down(rep):
         sup.stop_ksmd()
         fs = sup.final_fsck()
         assert fs["ok"], fs["errors"]
-        assert sup.workers_block()["exited"] == 2 and not sup.children
+        assert stats_block(sup.cl.q)["exited"] == 2 and not sup.children
     assert shm.leftovers(name) == []

@@ -63,7 +63,15 @@ def imports(mod: str, path: pathlib.Path, known: set[str]) -> set[str]:
     names the module uksm.kernel.ksm; ``from uksm.kernel.ksm import x`` too)."""
     out: set[str] = set()
     is_pkg = path.name == "__init__.py"
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    tree = ast.parse(path.read_text(), str(path))
+    # imports for annotations only (``if TYPE_CHECKING:``) never run: a
+    # component may name the class that owns it in its types
+    typing_only = {id(n) for top in ast.walk(tree) if isinstance(top, ast.If)
+                   and isinstance(top.test, ast.Name) and top.test.id == "TYPE_CHECKING"
+                   for n in ast.walk(top)}
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.Import):
             out |= {a.name for a in node.names if a.name.split(".")[0] == "uksm"}
         elif isinstance(node, ast.ImportFrom):

@@ -243,7 +243,7 @@ ORPHANING_SUPERVISOR = textwrap.dedent("""
     for _ in range(2):
         sup.spawn_worker(16, "dup:2", 1)
     # a row whose pid was reused by an unrelated process (the decoy): never to be hit
-    row = sup._alloc_row(3, int(sys.argv[2]))
+    row = sup.alloc_row(3, int(sys.argv[2]))
     print("up", flush=True)
     time.sleep(120)
 """)

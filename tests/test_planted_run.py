@@ -63,7 +63,7 @@ def test_run_exits_4_on_a_planted_fault(fault, tmp_path, monkeypatch, capsys):
     """`uksm run` (in this process, plain-text report) with a fault planted
     just before its final fsck (a free frame with a count) or before its
     workers verify (a changed byte): status 4, and the report says why."""
-    from uksm.cli.main import main as cli
+    from uksm.cli import main as cli
     from uksm.proc.supervisor import Supervisor
     planted: list[planter.Fault] = []
     if fault == "fsck":

@@ -137,7 +137,7 @@ def run(pages: int, seconds: float, procs: list[int]) -> list[dict]:
     try:
         sup.boot()
         for n in procs:
-            rows = [sup._alloc_row(R_WORKER) for _ in range(n)]
+            rows = [sup.alloc_row(R_WORKER) for _ in range(n)]
             mms = [mm_create(sup.cl, r, 1000 + i) for i, r in enumerate(rows)]
             start_at = time.monotonic_ns() + int(2e9)  # after every child has started
             ps = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child",
@@ -158,7 +158,7 @@ def run(pages: int, seconds: float, procs: list[int]) -> list[dict]:
                         p.kill()
                         p.wait()
                 for r in rows:
-                    sup._free_row(r)
+                    sup.free_row(r)
             row: dict[str, Any] = {"procs": n, "pages": pages}
             for key in ("faults", "anon_faults") + PHASES:
                 # (pages, begin ns, end ns, CPU ns) per process

@@ -69,7 +69,7 @@ class InProcessKsmdSupervisor(Supervisor):
     ksmd_row = -1
 
     def start_ksmd(self) -> None:
-        row = self._alloc_row(R_KSMD, os.getpid())
+        row = self.alloc_row(R_KSMD, os.getpid())
         self.cl.q[H_KSMD_TASK] = row
         self.cl.q[H_KSMD_PID] = os.getpid()
         self.ksmd_row = row
@@ -183,7 +183,7 @@ def one_run(a: argparse.Namespace, profile: bool, say: Any) -> dict[str, Any]:
             if sup.booted:
                 sup.kill_all()
                 if sup.ksmd_row >= 0:
-                    sup._free_row(sup.ksmd_row)
+                    sup.free_row(sup.ksmd_row)
                 if kcl is not None:
                     kcl.close()
                 res["leftovers"] = sup.teardown()

@@ -41,7 +41,8 @@ from typing import Any, Callable, NamedTuple
 
 from uksm.kernel import killpoints
 from uksm.host import shm
-from uksm.proc.control import CTL_NAMES, KSM_FIELDS, WRITABLE, KnobError, ctl_values, read_state, validate_knob
+from uksm.kernel.layout import KSM_FIELDS
+from uksm.proc.control import CTL_NAMES, WRITABLE, KnobError, ctl_values, read_state, validate_knob
 from uksm.kernel.layout import EXIT_POLICIES, HAZARDS, PAGE_SIZE
 
 DEFAULT_WAIT_S = 60.0

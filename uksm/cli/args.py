@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from typing import NoReturn
 
+from uksm.proc.control import DEFAULT_CLUSTER
+
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse's own usage errors as the CLI promises them: one line,
@@ -13,3 +15,10 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def cluster_arg(p: argparse.ArgumentParser) -> None:
+    """``--cluster NAME``, the same for every command that acts on one."""
+    p.add_argument("--cluster", default=DEFAULT_CLUSTER,
+                   help=f"cluster name (default: $UKSM_CLUSTER, else 'default'; now "
+                        f"{DEFAULT_CLUSTER!r})")

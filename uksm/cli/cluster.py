@@ -18,27 +18,19 @@ import sys
 import time
 from typing import Any, Callable
 
+from uksm.cli.args import cluster_arg
 from uksm.host import shm
 from uksm.host.exitcodes import EPILOG, EXIT_ERR, EXIT_INTEGRITY, EXIT_OK, EXIT_USAGE
 from uksm.cli.top import format_status, run_top
-from uksm.proc.control import (CTL_NAMES, DEFAULT_CLUSTER, NotUp, attach, call, ctl_values,
-                               not_running, read_state, request, validate_knob)
+from uksm.proc.control import (CTL_NAMES, NotUp, attach, call, ctl_values, not_running, read_state, request, validate_knob)
 
 
 # ---- argparse ----------------------------------------------------------------------------
-
-def _cluster_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cluster", default=DEFAULT_CLUSTER,
-                   help=f"cluster name (default: $UKSM_CLUSTER, else 'default'; now "
-                        f"{DEFAULT_CLUSTER!r})")
 
 
 def add_parsers(sub: Any, run_args: Callable[..., None]) -> None:
     """The subcommands of issue 7 (``uksm.cli.main`` calls this)."""
     fmt = argparse.RawDescriptionHelpFormatter
-    fsck = getattr(sub, "choices", {}).get("fsck")
-    if fsck is not None:  # cli.py's own 'fsck' parser: the same default cluster as ours
-        fsck.set_defaults(cluster=DEFAULT_CLUSTER)
 
     p = sub.add_parser("up", help="start a cluster in the background, driven by the other commands",
                        description="Start a cluster served by a detached supervisor (the daemon): "
@@ -46,7 +38,7 @@ def add_parsers(sub: Any, run_args: Callable[..., None]) -> None:
                                    "(default 0) and serves spawn, kill, ctl, fsck and down. Prints "
                                    "the cluster's name and log folder once it answers.",
                        epilog=EPILOG, formatter_class=fmt)
-    _cluster_arg(p)
+    cluster_arg(p)
     run_args(p)
     p.set_defaults(workers=0)
     up_help = {"workers": "workers to start with (default 0; 'uksm spawn' adds more)",
@@ -72,13 +64,13 @@ def add_parsers(sub: Any, run_args: Callable[..., None]) -> None:
                                    "object is removed, and the daemon exits. Status 4 if fsck "
                                    "found errors, 3 after a hung task, 1 if anything was left "
                                    "behind.", epilog=EPILOG, formatter_class=fmt)
-    _cluster_arg(p)
+    cluster_arg(p)
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
     p = sub.add_parser("spawn", help="start workers in a running cluster",
                        description="Start workers (each its own address space); defaults are "
                                    "the ones the cluster was started with.", epilog=EPILOG)
-    _cluster_arg(p)
+    cluster_arg(p)
     p.add_argument("--pages", type=int, help="pages per worker (default: up's --pages)")
     p.add_argument("--workload", help="identical, unique, zero, dup:K, volatile, vm "
                                       "(default: up's --workload)")
@@ -94,7 +86,7 @@ def add_parsers(sub: Any, run_args: Callable[..., None]) -> None:
                                    "point. KILL: no chance; the supervisor recovers its locks and "
                                    "runs the exit on its behalf. Returns once the exits are done.",
                        epilog=EPILOG)
-    _cluster_arg(p)
+    cluster_arg(p)
     p.add_argument("workers", nargs="*", metavar="WORKER", help="worker ids, e.g. w3")
     p.add_argument("--all", action="store_true", help="every worker")
     p.add_argument("--signal", default="TERM", type=str.upper, choices=["TERM", "KILL"],
@@ -113,15 +105,15 @@ def add_parsers(sub: Any, run_args: Callable[..., None]) -> None:
                                    "pages_to_scan > 0; sleep_millisecs >= 0; exit_policy "
                                    "seed|shipped|legacy; mem_limit frames, 0 = none).",
                        epilog=EPILOG, formatter_class=fmt)
-    _cluster_arg(p)
+    cluster_arg(p)
     p.add_argument("assign", nargs="*", metavar="KEY[=VALUE]")
 
     p = sub.add_parser("status", help="knobs, counters, memory and address spaces of a cluster")
-    _cluster_arg(p)
+    cluster_arg(p)
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("top", help="a live view of a cluster (q or Ctrl-C quits)")
-    _cluster_arg(p)
+    cluster_arg(p)
     p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
 
 

@@ -16,7 +16,7 @@ from uksm.kernel.layout import EXIT_POLICIES, HAZARDS, OOM_RULES
 
 from uksm.host.exitcodes import EPILOG, signalled
 from uksm.host.lifeline import SecondSignal
-from uksm.cli.args import OneLineParser
+from uksm.cli.args import OneLineParser, cluster_arg
 
 
 STOP_HELP = ("SIGTERM, SIGHUP or SIGINT stops it in order (workers exit, ksmd frees, fsck, "
@@ -98,10 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a live cluster too: SIGKILL its supervisor (no orderly shutdown, no "
                         "report), its ksmd and workers, then remove its objects")
 
-    from uksm.proc.control import DEFAULT_CLUSTER
     p = sub.add_parser("fsck", help="check the invariants of a live cluster")
-    p.add_argument("--cluster", default=DEFAULT_CLUSTER,
-                   help=f"cluster name (default $UKSM_CLUSTER or {DEFAULT_CLUSTER!r})")
+    cluster_arg(p)
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("inject", help="fault injection: kill workers while ksmd scans them, then check",

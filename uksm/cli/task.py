@@ -21,7 +21,7 @@ import sys
 from typing import Any, Callable
 
 from uksm.host.exitcodes import EXIT_ERR, EXIT_HUNG, EXIT_INTEGRITY, EXIT_OK, EXIT_USAGE
-from uksm.proc.control import DEFAULT_CLUSTER
+from uksm.cli.args import cluster_arg
 
 
 def _int(s: str) -> int:
@@ -31,10 +31,6 @@ def _int(s: str) -> int:
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a whole number: {s!r}")
 
-
-def _cluster(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cluster", default=DEFAULT_CLUSTER,
-                   help=f"cluster name (default: $UKSM_CLUSTER, else 'default'; now {DEFAULT_CLUSTER!r})")
 
 
 def add_parsers(sub: Any) -> None:
@@ -47,54 +43,54 @@ def add_parsers(sub: Any) -> None:
     q.add_argument("--pages", type=_int, required=True, help="pages in its address space")
     q.add_argument("--no-mergeable", dest="mergeable", action="store_false",
                    help="do not madvise(MERGEABLE) (no __ksm_enter yet)")
-    _cluster(q)
+    cluster_arg(q)
     q = ts.add_parser("fill", help="fill pages with one byte value")
     q.add_argument("task")
     q.add_argument("value", type=_int, help="byte value 0..255")
     q.add_argument("--first", type=_int, default=0)
     q.add_argument("--count", type=_int, default=None, help="default: to the last page")
-    _cluster(q)
+    cluster_arg(q)
     q = ts.add_parser("write", help="write bytes at an address")
     q.add_argument("task")
     q.add_argument("addr", type=_int)
     q.add_argument("data", help="text (UTF-8), or hex digits with --hex")
     q.add_argument("--hex", action="store_true")
-    _cluster(q)
+    cluster_arg(q)
     q = ts.add_parser("read", help="read bytes at an address (printed as hex)")
     q.add_argument("task")
     q.add_argument("addr", type=_int)
     q.add_argument("n", type=_int)
     q.add_argument("--raw", action="store_true", help="write the bytes themselves to stdout")
-    _cluster(q)
+    cluster_arg(q)
     q = ts.add_parser("madvise", help="madvise pages MERGEABLE, UNMERGEABLE or DONTNEED")
     q.add_argument("task")
     q.add_argument("first", type=_int)
     q.add_argument("count", type=_int)
     q.add_argument("advice", help="MERGEABLE, UNMERGEABLE or DONTNEED")
-    _cluster(q)
+    cluster_arg(q)
     for verb, what in (("stat", "ksm_rmap_items, ksm_merging_pages and rss, as /proc/PID/ksm_stat"),
                        ("verify", "check every page holds what was written (status 4 if not)"),
                        ("exit", "exit through the exit path; prints the __ksm_exit path")):
         q = ts.add_parser(verb, help=what)
         q.add_argument("task")
-        _cluster(q)
+        cluster_arg(q)
     q = ts.add_parser("kill", help="kill a task (or: uksm kill TASK --at POINT)")
     q.add_argument("task")
     q.add_argument("--signal", default="KILL", type=str.upper, choices=["KILL", "TERM"])
     q.add_argument("--at", metavar="POINT", help="drive it to this kill point first")
-    _cluster(q)
+    cluster_arg(q)
     q = ts.add_parser("points", help="list the kill points (name, where, what)")
     q = ts.add_parser("cursor", help="the task ksmd's scan cursor is in ('none' if none)")
-    _cluster(q)
+    cluster_arg(q)
     q = ts.add_parser("arm", help="arm a kill point in ksmd (or, with --task, in a task)")
     q.add_argument("point")
     q.add_argument("--task")
     q.add_argument("--signal", default="KILL", type=str.upper, choices=["KILL", "TERM"])
     q.add_argument("--delay-ms", type=_int, help="ksmd points: stop there this long instead")
-    _cluster(q)
+    cluster_arg(q)
     q = ts.add_parser("disarm", help="disarm the ksmd point (or, with --task, a task's)")
     q.add_argument("--task")
-    _cluster(q)
+    cluster_arg(q)
 
     p = sub.add_parser("wait", help="wait for ksmd: full-scans N, or merged",
                        description="Return once full_scans has advanced by N (full-scans N) or "
@@ -106,10 +102,10 @@ def add_parsers(sub: Any) -> None:
     q = ws.add_parser("full-scans", help="N more full scans")
     q.add_argument("n", type=_int, nargs="?", default=2)
     q.add_argument("--timeout", type=float, default=60.0)
-    _cluster(q)
+    cluster_arg(q)
     q = ws.add_parser("merged", help="the counters unchanged over two full scans")
     q.add_argument("--timeout", type=float, default=60.0)
-    _cluster(q)
+    cluster_arg(q)
 
 
 def _print_counters(c: dict[str, int]) -> None:

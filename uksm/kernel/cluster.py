@@ -28,6 +28,7 @@ from uksm.kernel.layout import (A_FREE_TOP, C_ALLOC, C_DAEMON, C_MMAP, C_MMLIST,
                      TS_ALIVE, TS_REAPING, VERSION, M_ID, M_STATE, MS_FREE, MS_FREEING,
                      S_LOCKDEP, S_USE_AFTER_FREE)
 from uksm.kernel.locks import Lock, Task, holders_of, lock_name
+from uksm.kernel.views import MmRow, TaskRow
 
 # lockdep (locks.Task.lockdep_check) in every task: UKSM_LOCKDEP=1 (the
 # test suite sets it); off by default, every lock operation pays for it
@@ -198,6 +199,14 @@ class Cluster:
 
     def mbase(self, row: int) -> int:
         return self.mm_off + row * MM_SIZE
+
+    def trow(self, row: int) -> TaskRow:
+        """Task ``row``'s words by name (``uksm.kernel.views``)."""
+        return TaskRow(self.q, self.tbase(row))
+
+    def mrow(self, row: int) -> MmRow:
+        """mm table row ``row``'s words by name (``uksm.kernel.views``)."""
+        return MmRow(self.q, self.mbase(row))
 
     def live_rows(self, exclude: tuple[int, ...] = ()) -> list[tuple[int, int]]:
         """Rows of live tasks (alive, or a reaper acting for a dead one)."""

@@ -27,7 +27,7 @@ from uksm.kernel.ksm import slot_prev, slots
 from uksm.kernel.layout import (A_FREE_TOP, H_KSM_UNSYNCED, F_FREEING, F_KSM, FR_AUX, FR_COUNT, FR_FLAGS, FR_KEY0,
                      FR_KEY1, FRAME_SIZE, K_PAGES_SHARED, K_PAGES_SHARING, K_PAGES_UNSHARED,
                      K_PAGES_VOLATILE, K_RMAP_ITEMS, M_EXIT_STAGE, M_ID, M_KSM_MAPPED, M_MERGING, M_REFS, M_RMAP_ITEMS, M_RSS,
-                     M_SLOT_USED, M_STATE, M_USERS, MS_FREEING, PAGE_SIZE, PT_OFF, PTE_PRESENT,
+                     M_SLOT_USED, M_STATE, M_USERS, MS_FREEING, MS_ZOMBIE, PAGE_SIZE, PT_OFF, PTE_PRESENT,
                      PTE_WRITE, REF_KSM, REF_USERS, T_FLIGHT_MM, T_FLIGHT_PFN, T_FLIGHT_VPN,
                      T_STATE, TS_ALIVE, TS_REAPING, XS_MMDROP, XS_USERS0)
 
@@ -181,6 +181,41 @@ def check(cl: "Cluster", mms: dict[int, "MM"], counters: bool = True) -> list[st
     errs += check_mm_rows(cl)
     if counters:
         errs += check_counters(cl)
+    return errs
+
+
+def check_live(cl: "Cluster", mms: dict[int, "MM"]) -> list[str]:
+    """fsck on a running cluster: ksm_thread_mutex first (ksmd between
+    batches, its counters a consistent snapshot), then the world stopped
+    (every pte lock, zone_lock), then ksm_mmlist_lock -- last: nothing is
+    ever taken under it, so holding the pte locks and zone_lock here
+    cannot deadlock."""
+    cl.task.lock(cl.daemon)
+    try:
+        with world_stopped(cl, mms):
+            cl.task.lock(cl.mmlist)
+            try:
+                return check(cl, mms, counters=True)
+            finally:
+                cl.task.unlock(cl.mmlist)
+    finally:
+        cl.task.unlock(cl.daemon)
+
+
+def check_leaks(cl: "Cluster") -> list[str]:
+    """After every task has gone: an mm never freed, a frame still in use."""
+    q = cl.q
+    errs = []
+    for r in range(cl.max_mms):
+        b = cl.mbase(r)
+        if q[b + M_ID]:
+            st = q[b + M_STATE]
+            why = "held by its mm_slot, ksmd not running" if st == MS_ZOMBIE else f"state {st}"
+            errs.append(f"leak: mm{q[b + M_ID]} never freed ({why}; mm_count "
+                        f"{bin(q[b + M_REFS]).count('1')})")
+    used = cl.nframes - q[A_FREE_TOP]
+    if used:
+        errs.append(f"leak: {used} frames still in use after every task exited")
     return errs
 
 

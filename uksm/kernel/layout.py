@@ -17,6 +17,8 @@ Segments of a cluster ``C``:
 """
 from __future__ import annotations
 
+from typing import Any
+
 PAGE_SIZE = 4096
 PAGE_SHIFT = 12
 MAGIC = 0x75_6B_73_6D_00_01  # "uksm" v1
@@ -164,6 +166,25 @@ STATS_NAMES = {
     "killed": S_KILLED,
     "oom_killed": S_OOM_KILLED, "reaped": S_REAPED,
 }
+
+#: /sys/kernel/mm/ksm's knobs and counters, in its order, by their word
+KSM_FIELDS: tuple[tuple[str, int], ...] = (
+    ("run", K_RUN), ("pages_to_scan", K_PAGES_TO_SCAN), ("sleep_millisecs", K_SLEEP_MS),
+    ("pages_shared", K_PAGES_SHARED), ("pages_sharing", K_PAGES_SHARING),
+    ("pages_unshared", K_PAGES_UNSHARED), ("pages_volatile", K_PAGES_VOLATILE),
+    ("full_scans", K_FULL_SCANS), ("pages_scanned", K_PAGES_SCANNED),
+)
+
+
+def ksm_block(q: Any) -> dict[str, int]:
+    """The /sys/kernel/mm/ksm block, read from the cluster's words ``q``
+    (the one place it is built: reports, ``uksm ctl``, the API)."""
+    return {n: q[i] for n, i in KSM_FIELDS}
+
+
+def stats_block(q: Any) -> dict[str, int]:
+    """The tasks' counters (started, exited, each exit path, killed, ...)."""
+    return {n: q[i] for n, i in STATS_NAMES.items()}
 
 # lock classes: the index of the lock entry in a task row.  A task holds at
 # most one lock of each class at a time (ksmd drops one mm's mmap_sem before

@@ -22,6 +22,7 @@ import time
 from typing import TYPE_CHECKING
 
 from uksm.host import shm
+from uksm.kernel.views import MmRow
 from uksm.kernel.layout import (FIRST_VPN, M_CREATED_NS, M_EXIT_STAGE, M_FLAGS, M_ID, M_OWNER_PID,
                      M_OWNER_TASK, M_PAGES, M_REFS, M_RSS, M_STATE, M_USERS,
                      M_WORKER_NO, MAX_VMAS, MM_SIZE, MS_FREE, MS_FREEING, MS_ID, MS_LIVE,
@@ -60,6 +61,11 @@ class MM:
         self.sem, self.wmx, self.ptl = cl.mm_locks(mm_id)
 
     # ---- mm_struct fields -------------------------------------------------
+    @property
+    def words(self) -> MmRow:
+        """This mm's row of the mm table by name (``uksm.kernel.views``)."""
+        return MmRow(self.cl.q, self.base)
+
     def users(self) -> int:
         return self.cl.q[self.base + M_USERS]
 

@@ -27,12 +27,7 @@ from typing import Any
 import posix_ipc
 
 from uksm.host import shm
-from uksm.kernel.layout import (CS_RUNNING, CS_STARTING, CS_STOPPED, CS_STOPPING, EXIT_PATHS, EXIT_POLICIES,
-                     H_CREATED_NS, H_EXIT_POLICY, H_HAZARDS, H_KSMD_PID, H_MAGIC, H_MEM_LIMIT,
-                     H_STATE, H_SUPERVISOR_PID, HAZARDS, K_FULL_SCANS, K_PAGES_SCANNED,
-                     K_PAGES_SHARED, K_PAGES_SHARING, K_PAGES_TO_SCAN, K_PAGES_UNSHARED,
-                     K_PAGES_VOLATILE, K_RMAP_ITEMS, K_RUN, K_RUN_DONE, K_RUN_SEQ, K_SLEEP_MS,
-                     K_STABLE_NODES, MAGIC, MM_STATES, STATS_NAMES)
+from uksm.kernel.layout import (CS_RUNNING, CS_STARTING, CS_STOPPED, CS_STOPPING, EXIT_PATHS, EXIT_POLICIES, H_CREATED_NS, H_EXIT_POLICY, H_HAZARDS, H_KSMD_PID, H_MAGIC, H_MEM_LIMIT, H_STATE, H_SUPERVISOR_PID, HAZARDS, K_RMAP_ITEMS, K_RUN_DONE, K_RUN_SEQ, K_STABLE_NODES, KSM_FIELDS, MAGIC, MM_STATES, ksm_block, stats_block)
 
 from uksm.host.exitcodes import EXIT_ERR, EXIT_USAGE
 
@@ -47,13 +42,6 @@ REQUEST_TIMEOUT = 300.0
 
 # ---- the /sys/kernel/mm/ksm block ------------------------------------------------
 
-#: counters and knobs in /sys/kernel/mm/ksm order (``uksm ctl`` prints these)
-KSM_FIELDS: tuple[tuple[str, int], ...] = (
-    ("run", K_RUN), ("pages_to_scan", K_PAGES_TO_SCAN), ("sleep_millisecs", K_SLEEP_MS),
-    ("pages_shared", K_PAGES_SHARED), ("pages_sharing", K_PAGES_SHARING),
-    ("pages_unshared", K_PAGES_UNSHARED), ("pages_volatile", K_PAGES_VOLATILE),
-    ("full_scans", K_FULL_SCANS), ("pages_scanned", K_PAGES_SCANNED),
-)
 #: every name ``uksm ctl`` prints, in order
 CTL_NAMES: tuple[str, ...] = tuple(n for n, _ in KSM_FIELDS) + (
     "exit_policy", "mem_limit", "frames_total", "frames_used", "frames_free")
@@ -141,7 +129,7 @@ def read_state(cl: Any) -> dict[str, Any]:
         "supervisor_pid": sup_pid, "supervisor_alive": pid_alive(sup_pid),
         "ksmd_pid": ksmd_pid, "ksmd_alive": pid_alive(ksmd_pid),
         "uptime_s": round(max(0, time.time_ns() - q[H_CREATED_NS]) / 1e9, 3),
-        "ksm": {n: q[i] for n, i in KSM_FIELDS},
+        "ksm": ksm_block(q),
         "ksm_internal": {"rmap_items": q[K_RMAP_ITEMS], "stable_nodes": q[K_STABLE_NODES],
                          "run_seq": q[K_RUN_SEQ], "run_done": q[K_RUN_DONE]},
         "exit_policy": EXIT_POLICIES[pol] if 0 <= pol < len(EXIT_POLICIES) else str(pol),
@@ -149,7 +137,7 @@ def read_state(cl: Any) -> dict[str, Any]:
         "mem_limit": q[H_MEM_LIMIT],
         "frames": frame_stats(cl),
         "memory": {"host_bytes_resident": cl.pool.resident_bytes()},
-        "workers": {n: q[i] for n, i in STATS_NAMES.items()},
+        "workers": stats_block(q),
         "mms": mms,
     }
 

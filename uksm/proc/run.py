@@ -16,7 +16,7 @@ from uksm.host import shm
 from uksm.kernel.cluster import Config
 from uksm.kernel.layout import (A_FREE_TOP, EXIT_POLICIES, H_MEM_LIMIT, HAZARDS, OOM_RULES, K_FULL_SCANS,
                      K_PAGES_SHARED, K_PAGES_SHARING, K_RMAP_ITEMS, K_RUN, L_SCAN_SLOT, M_ID,
-                     PAGE_SIZE)
+                     PAGE_SIZE, ksm_block)
 from uksm.host.exitcodes import interrupted as interrupted_status
 from uksm.kernel.ksm import slot_next, slots
 from uksm.host.lifeline import StopSignals
@@ -160,7 +160,7 @@ class Progress:
         if self.quiet or time.monotonic() - self.last < 1.0:
             return
         self.last = time.monotonic()
-        k = sup.ksm_block()
+        k = ksm_block(sup.cl.q)
         fr = sup.snapshot()["frames"]
         print(f"uksm: {t:6.1f}s {what}workers {sup.workers_alive()}  shared {k['pages_shared']} "
               f"sharing {k['pages_sharing']} unshared {k['pages_unshared']} volatile "
@@ -348,7 +348,7 @@ def drive(sup: Supervisor, o: RunOptions, t0: float, progress: Progress,
             break
         t = time.monotonic() - t0
         progress(sup, t, f"[{phase}] " if o.scenario else "")
-        if sup.workers_alive() == 0 and sup.dead_q.empty() and writer is None:
+        if sup.workers_alive() == 0 and sup.recovery.dead_q.empty() and writer is None:
             break  # (a run=2 writer still unmerging is waited for below: its result is the report's)
         if until_merged:
             if phase == "unmerge":
