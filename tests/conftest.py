@@ -26,16 +26,23 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
+from typing import Iterator
 
 import pytest
 
-from uksm.host import shm
+# lockdep on in every process the suite starts, this one included: set
+# before anything imports uksm.kernel.cluster, which reads it once
+os.environ["UKSM_LOCKDEP"] = "1"
+
+from helpers import Up, cluster_pids, uksm, wait_for  # noqa: E402
+from uksm.host import shm  # noqa: E402
+from uksm.kernel.cluster import pid_alive  # noqa: E402
+from uksm.proc.control import recorded_supervisor  # noqa: E402
 
 _OUTER = os.environ.get("UKSM_TEST_SESSION", "")
 SESSION = f"{_OUTER}/{os.getpid()}" if _OUTER else str(os.getpid())
 os.environ["UKSM_TEST_SESSION"] = SESSION
-# lockdep on in every process the suite starts (uksm.kernel.cluster.LOCKDEP)
-os.environ["UKSM_LOCKDEP"] = "1"
 SETTLE_S = 5.0     # processes and objects may take this long to go after a test
 KILL_WAIT_S = 5.0  # a SIGKILLed process is gone (or a zombie) within this
 
@@ -92,11 +99,6 @@ def _cluster(obj: str) -> str:
     return (obj[4:] if obj.startswith("sem.") else obj).split(".")[1]
 
 
-def _supervisor_pid(cluster: str) -> int:
-    from uksm.cli.main import supervisor_pid
-    return supervisor_pid(cluster)
-
-
 def session_processes(procs: dict[tuple[int, str], str], clusters: set[str]) -> dict[tuple[int, str], str]:
     """The session's processes among ``procs``: marked, or naming one of
     the session's ``clusters``."""
@@ -109,7 +111,7 @@ def classify(clusters: set[str], procs: dict[tuple[int, str], str]) -> tuple[set
     from uksm.kernel.cluster import pid_alive
     mine, foreign = set(), set()
     for name in clusters:
-        sup = _supervisor_pid(name)
+        sup = recorded_supervisor(name)
         naming = [k for k, c in procs.items() if _names_cluster(c, name)]
         if sup and pid_alive(sup):
             ours = _mine(sup)
@@ -163,3 +165,30 @@ def no_leaks():
     if procs or objs:
         pytest.fail(f"test leaked processes {sorted(procs.values())} and/or POSIX objects {objs}"
                     + (f"; still running after SIGKILL: {still}" if still else ""), pytrace=False)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Up]:
+    """A cluster name for one test, driven with ``uksm up`` (``helpers.Up``);
+    always taken down: ``uksm down``, else SIGKILL and removal."""
+    name = f"tc{os.getpid() % 10000}{request.node.name[5:11].replace('_', '')}{time.monotonic_ns() % 1000}"
+    c = Up(name[:32], tmp_path)
+    try:
+        yield c
+    finally:
+        if shm.leftovers(c.name) or cluster_pids(c.name):
+            try:
+                uksm("down", "--cluster", c.name, timeout=40)
+            except AssertionError:   # run_group's "no answer within 40s (killed)"
+                pass
+        for _ in range(3):
+            pids = cluster_pids(c.name)
+            if not pids:
+                break
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            wait_for(lambda: not any(pid_alive(p) for p in pids), 10, what="SIGKILLed processes")
+        shm.remove_all(c.name)

@@ -10,10 +10,14 @@ import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
-from uksm.kernel.cluster import Config, pid_alive
+from pathlib import Path
+
+from uksm.kernel.cluster import Cluster, Config, pid_alive
 from uksm.proc.supervisor import Supervisor
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: the project's root; TESTS: this folder (the tests are in its subfolders, by subsystem)
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
 
 
 def run_group(argv: list[str], timeout: float) -> subprocess.CompletedProcess:
@@ -97,3 +101,30 @@ def cluster_pids(name: str) -> list[int]:
             if i + 1 < len(argv) and argv[i + 1] == name.encode() and pid_alive(int(d)):
                 out.append(int(d))
     return out
+
+
+class Up:
+    """A cluster started with ``uksm up`` for one test."""
+
+    def __init__(self, name: str, log_dir: Path) -> None:
+        self.name = name
+        self.log_dir = log_dir
+        self.info: dict[str, Any] = {}
+
+    def __call__(self, *args: str, timeout: float = 50) -> subprocess.CompletedProcess:
+        """``uksm ARGS --cluster NAME`` (the cluster option appended)."""
+        return uksm(*args, "--cluster", self.name, timeout=timeout)
+
+    def up(self, *args: str) -> dict[str, Any]:
+        p = self("up", "--json", "--log-dir", str(self.log_dir), *args)
+        assert p.returncode == 0, p.stderr
+        self.info = json.loads(p.stdout)
+        return self.info
+
+    def json(self, *args: str, status: int = 0) -> dict[str, Any]:
+        p = self(*args, "--json")
+        assert p.returncode == status, f"{args}: {p.returncode}\n{p.stdout}\n{p.stderr}"
+        return json.loads(p.stdout)
+
+    def attach(self) -> Cluster:
+        return Cluster.attach(self.name)

@@ -4,8 +4,8 @@
 #
 #   pip install -e '.[mutation]'
 #   tools/mutation.sh [MODULE [TEST_FILE ...]]
-#   tools/mutation.sh uksm/kernel/fsck.py tests/test_planted.py          (the default)
-#   tools/mutation.sh uksm/kernel/ksm.py tests/test_exit.py tests/test_planted.py
+#   tools/mutation.sh uksm/kernel/fsck.py tests/checkers/test_planted.py          (the default)
+#   tools/mutation.sh uksm/kernel/ksm.py tests/kernel/test_exit.py tests/checkers/test_planted.py
 #
 # mutmut runs in a copy of the committed tree (git archive HEAD) under a
 # temporary folder, at nice 19, one mutant at a time (the machine is
@@ -16,7 +16,7 @@
 set -eu
 MODULE=${1:-uksm/kernel/fsck.py}
 [ $# -gt 0 ] && shift
-TESTS=${*:-tests/test_planted.py}
+TESTS=${*:-tests/checkers/test_planted.py}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-$ROOT/.venv/bin/python}
 MUTMUT=$(dirname "$PY")/mutmut

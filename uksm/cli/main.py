@@ -209,17 +209,6 @@ def cmd_cleanup(a: argparse.Namespace) -> int:
     return status
 
 
-def supervisor_pid(name: str) -> int:
-    """The recorded supervisor pid of a cluster, 0 if unreadable."""
-    from uksm.kernel.layout import H_MAGIC, H_SUPERVISOR_PID, MAGIC
-    try:
-        seg = shm.attach_segment(name, "ctl")
-    except shm.UksmError:
-        return 0
-    try:
-        return seg.q[H_SUPERVISOR_PID] if seg.q[H_MAGIC] == MAGIC else 0
-    finally:
-        seg.close()
 
 
 if __name__ == "__main__":

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, run_group
+from helpers import ROOT, TESTS, run_group
 from uksm.host import shm
 from uksm.kernel.cluster import pid_alive
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 LEAKY = '''
 import json, os, signal, subprocess, sys
@@ -70,7 +69,7 @@ def test_leak_fixture_catches_and_kills_orphans(tmp_path: Path) -> None:
     d = tmp_path / "inner"
     d.mkdir()
     for f in ("conftest.py", "helpers.py"):
-        shutil.copy(os.path.join(HERE, f), d / f)
+        shutil.copy(os.path.join(TESTS, f), d / f)
     out = tmp_path / "leaked.json"
     (d / "test_leaky.py").write_text(textwrap.dedent(LEAKY.format(out=str(out), tag=tag)))
     p = run_group([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE",

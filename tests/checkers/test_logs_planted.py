@@ -1,7 +1,7 @@
 """Every rule of `uksm logs check` fires on a REAL run's logs with one
-planted event (issue 16); tests/test_logs.py plants them in synthetic logs,
-tests/test_logs_run.py covers rules 1 (freed twice) and 4 on real ones,
-tests/test_planted.py rule 5 from a real hung task.  Here: the rest, each
+planted event (issue 16); tests/logs/test_logs.py plants them in synthetic logs,
+tests/logs/test_logs_run.py covers rules 1 (freed twice) and 4 on real ones,
+tests/checkers/test_planted.py rule 5 from a real hung task.  Here: the rest, each
 in a copy of one short run's log folder."""
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ import pytest
 
 import helpers
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = helpers.TESTS
 
 
 def _default_timeout() -> float:
@@ -42,7 +42,10 @@ def _module_helpers(tree: ast.Module) -> dict[str, float]:
     return out
 
 
-FILES = sorted(f for f in os.listdir(HERE) if f.startswith("test_") and f.endswith(".py"))
+#: every test file, by its path under tests/ (the subsystem folders included)
+PATHS = {f: os.path.join(d, f) for d, _dirs, files in os.walk(HERE) for f in files
+         if f.startswith("test_") and f.endswith(".py")}
+FILES = sorted(PATHS)
 HELPERS = {n: _defaults(getattr(helpers, n)) for n in ("uksm", "run_json", "run_group", "wait_for", "pump")}
 
 
@@ -75,7 +78,7 @@ def _callee(call: ast.Call) -> str:
     return f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ""
 
 
-CLASSES = _callable_classes([os.path.join(HERE, f) for f in FILES])
+CLASSES = _callable_classes([PATHS[f] for f in FILES] + [os.path.join(HERE, "helpers.py")])
 
 
 def inner_budgets(path: str) -> list[tuple[str, int, str, float, float]]:
@@ -118,16 +121,16 @@ def inner_budgets(path: str) -> list[tuple[str, int, str, float, float]]:
 @pytest.mark.parametrize("fname", FILES)
 def test_inner_budgets_are_shorter_than_the_test(fname: str) -> None:
     bad = [f"{fname}:{line} {test}: {callee}(timeout={b:g}) >= the test's {t:g}s"
-           for (test, line, callee, b, t) in inner_budgets(os.path.join(HERE, fname)) if b >= t]
+           for (test, line, callee, b, t) in inner_budgets(PATHS[fname]) if b >= t]
     assert not bad, "\n".join(bad)
 
 
 def test_the_reading_finds_budgets() -> None:
     """The static reading sees what it must (or the test above could pass
     on nothing)."""
-    found = inner_budgets(os.path.join(HERE, "test_inject.py"))
+    found = inner_budgets(PATHS["test_inject.py"])
     assert any(c == "inject" and b == 200 for (_t, _l, c, b, _lim) in found), found
     assert HELPERS["uksm"] == 100 and HELPERS["wait_for"] == 30
     assert "Up" in CLASSES
-    found = inner_budgets(os.path.join(HERE, "test_cluster_cmds.py"))
+    found = inner_budgets(PATHS["test_cluster_cmds.py"])
     assert any(c == "cluster" and b == CLASSES["Up"] for (_t, _l, c, b, _lim) in found), found

@@ -3,7 +3,7 @@ planted in a merged cluster (tests/planter.py) and fsck must report exactly
 the errors that fault breaks -- live (the supervisor's fsck, with the world
 stopped) and offline (a frozen cluster read by a fresh attach, as a
 post-mortem) -- and nothing once the fault is undone.  Verify, the
-watchdog and `uksm run`'s statuses: tests/test_planted_run.py.
+watchdog and `uksm run`'s statuses: tests/checkers/test_planted_run.py.
 
 One merged cluster serves every invariant (booted once per module, ksmd
 idle at run=0 so that nothing moves while a fault is in place); nothing

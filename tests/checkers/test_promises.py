@@ -14,7 +14,7 @@ import pytest
 
 import planter
 from helpers import ROOT, run_group, wait_for
-from test_cluster_cmds import Up, cluster  # noqa: F401  (the fixture)
+from helpers import Up
 from uksm.kernel import fsck, killpoints
 from uksm.host import shm
 from uksm.kernel.cluster import pid_alive
@@ -29,7 +29,7 @@ def worker_rows(cl) -> list[int]:
 
 
 @pytest.mark.timeout(100)
-def test_fsck_and_down_exit_4_on_a_planted_fault(cluster: Up) -> None:  # noqa: F811
+def test_fsck_and_down_exit_4_on_a_planted_fault(cluster: Up) -> None:
     cluster.up("--workers", "2", "--pages", "24", "--workload", "vm", "--frames", "256",
                "--sleep-ms", "5")
     cl = cluster.attach()
@@ -59,7 +59,7 @@ def test_fsck_and_down_exit_4_on_a_planted_fault(cluster: Up) -> None:  # noqa: 
 
 
 @pytest.mark.timeout(100)
-def test_down_exits_3_after_a_hung_task(cluster: Up) -> None:  # noqa: F811
+def test_down_exits_3_after_a_hung_task(cluster: Up) -> None:
     """A worker stopped (SIGSTOP at pte_lock_held) in its pte lock, ksmd
     blocked behind it: down reports the hung task and exits 3."""
     cluster.up("--workers", "1", "--pages", "16", "--workload", "dup:4", "--frames", "128",
@@ -81,7 +81,7 @@ def test_down_exits_3_after_a_hung_task(cluster: Up) -> None:  # noqa: F811
 
 
 @pytest.mark.timeout(100)
-def test_down_exits_1_after_ksmd_died(cluster: Up) -> None:  # noqa: F811
+def test_down_exits_1_after_ksmd_died(cluster: Up) -> None:
     """ksmd SIGKILLed: recovered and restarted, the cluster stays clean,
     but down reports the death ("anything else": status 1)."""
     cluster.up("--workers", "1", "--pages", "16", "--workload", "dup:4", "--frames", "128")
@@ -100,7 +100,7 @@ def test_down_exits_1_after_ksmd_died(cluster: Up) -> None:  # noqa: F811
 
 
 @pytest.mark.timeout(100)
-def test_cleanup_refuses_a_live_cluster_and_ctl_checks_all_first(cluster: Up, tmp_path,  # noqa: F811
+def test_cleanup_refuses_a_live_cluster_and_ctl_checks_all_first(cluster: Up, tmp_path,
                                                                  monkeypatch) -> None:
     cluster.up("--workers", "0", "--frames", "64", "--pages", "16")
     before = shm.leftovers(cluster.name)

@@ -4,7 +4,7 @@ commands drive it from separate processes, ``down`` leaves nothing.
 Every test starts its own cluster (a unique name) with ``uksm up`` and
 drives it only through the CLI (``python -m uksm ...`` subprocesses); the
 shared state is read back directly (``Cluster.attach``) to check what the
-commands report.  The ``cluster`` fixture always takes the cluster down --
+commands report.  The ``cluster`` fixture (conftest.py) always takes the cluster down --
 ``uksm down``, and if that fails, SIGKILL of every process of the cluster
 and removal of its POSIX objects -- so a failing test leaks nothing (the
 autouse leak checker of conftest.py would fail it otherwise).
@@ -23,75 +23,16 @@ import sys
 import termios
 import time
 from pathlib import Path
-from typing import Any, Iterator
 
 import pytest
 
-from helpers import ROOT, cluster_pids, uksm, wait_for
+from helpers import ROOT, Up, cluster_pids, uksm, wait_for
 from uksm.host import shm
-from uksm.kernel.cluster import Cluster, pid_alive
-from uksm.kernel.layout import (A_FREE_TOP, EXIT_POLICIES, H_EXIT_POLICY, H_MEM_LIMIT, K_FULL_SCANS,
-                         K_PAGES_SCANNED, K_PAGES_SHARED, K_PAGES_SHARING, K_PAGES_TO_SCAN,
-                         K_PAGES_UNSHARED, K_PAGES_VOLATILE, K_RUN, K_RUN_DONE, K_RUN_SEQ,
-                         K_SLEEP_MS, MM_STATES)
+from uksm.kernel.cluster import pid_alive
+from uksm.kernel.layout import (KSM_FIELDS, A_FREE_TOP, EXIT_POLICIES, H_EXIT_POLICY, H_MEM_LIMIT, K_PAGES_SHARING, K_PAGES_TO_SCAN, K_RUN, K_RUN_DONE, K_RUN_SEQ, K_SLEEP_MS, MM_STATES)
 from uksm.kernel.mm import live_mm_rows, mm_fields
 
-KSM = {"run": K_RUN, "pages_to_scan": K_PAGES_TO_SCAN, "sleep_millisecs": K_SLEEP_MS,
-       "pages_shared": K_PAGES_SHARED, "pages_sharing": K_PAGES_SHARING,
-       "pages_unshared": K_PAGES_UNSHARED, "pages_volatile": K_PAGES_VOLATILE,
-       "full_scans": K_FULL_SCANS, "pages_scanned": K_PAGES_SCANNED}
-
-
-class Up:
-    """A cluster started with ``uksm up`` for one test."""
-
-    def __init__(self, name: str, log_dir: Path) -> None:
-        self.name = name
-        self.log_dir = log_dir
-        self.info: dict[str, Any] = {}
-
-    def __call__(self, *args: str, timeout: float = 50) -> subprocess.CompletedProcess:
-        """``uksm ARGS --cluster NAME`` (the cluster option appended)."""
-        return uksm(*args, "--cluster", self.name, timeout=timeout)
-
-    def up(self, *args: str) -> dict[str, Any]:
-        p = self("up", "--json", "--log-dir", str(self.log_dir), *args)
-        assert p.returncode == 0, p.stderr
-        self.info = json.loads(p.stdout)
-        return self.info
-
-    def json(self, *args: str, status: int = 0) -> dict[str, Any]:
-        p = self(*args, "--json")
-        assert p.returncode == status, f"{args}: {p.returncode}\n{p.stdout}\n{p.stderr}"
-        return json.loads(p.stdout)
-
-    def attach(self) -> Cluster:
-        return Cluster.attach(self.name)
-
-
-@pytest.fixture
-def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Up]:
-    name = f"tc{os.getpid() % 10000}{request.node.name[5:11].replace('_', '')}{time.monotonic_ns() % 1000}"
-    c = Up(name[:32], tmp_path)
-    try:
-        yield c
-    finally:
-        if shm.leftovers(c.name) or cluster_pids(c.name):
-            try:
-                uksm("down", "--cluster", c.name, timeout=40)
-            except AssertionError:   # run_group's "no answer within 40s (killed)"
-                pass
-        for _ in range(3):
-            pids = cluster_pids(c.name)
-            if not pids:
-                break
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            wait_for(lambda: not any(pid_alive(p) for p in pids), 10, what="SIGKILLed processes")
-        shm.remove_all(c.name)
+KSM = dict(KSM_FIELDS)   # the /sys/kernel/mm/ksm names and their words
 
 
 @pytest.mark.timeout(90)

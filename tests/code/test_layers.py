@@ -20,7 +20,7 @@ import pathlib
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 # a package's folder in the source tree (workers/ and tools/ install as uksm.*)
 FOLDERS = {"uksm": ROOT / "uksm", "uksm.workers": ROOT / "workers", "uksm.tools": ROOT / "tools"}
 # what each layer may import, itself included

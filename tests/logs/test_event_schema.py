@@ -16,7 +16,7 @@ import pytest
 
 pytestmark = pytest.mark.timeout(60)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCANNED = ("uksm", "workers", "tools")
 EVENTS_MD = ROOT / "docs" / "EVENTS.md"
 

@@ -16,7 +16,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import booted, wait_for
+from helpers import TESTS, booted, wait_for
 from util_machine import Space, assert_fsck, frames_used
 
 from uksm.kernel.layout import (
@@ -30,7 +30,6 @@ from uksm.kernel.layout import (
 )
 from uksm.kernel.memory import Allocator
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def overlaps(results: list[dict]) -> list[str]:
@@ -70,7 +69,7 @@ def test_concurrent_alloc_free_never_hands_out_a_frame_twice(tmp_path, children,
             for i, row in enumerate(rows):
                 out = tmp_path / f"child{i}.json"
                 procs.append((out, subprocess.Popen(
-                    [sys.executable, os.path.join(HERE, "util_machine.py"), "alloc-child",
+                    [sys.executable, os.path.join(TESTS, "util_machine.py"), "alloc-child",
                      "--cluster", name, "--row", str(row), "--child", str(i), "--ops", str(ops),
                      "--hold", str(hold), "--seed", str(1000 + i), *child_opts,
                      "--peers", ",".join(map(str, rows)), "--out", str(out)],
