@@ -73,6 +73,17 @@ class LockAbort(Exception):
     supervisor's recovery thread, when the holder it waits for has died)."""
 
 
+class LockTimeout(LockAbort):
+    """A bounded wait (``Task.lock_bounded``) gave up, no unit taken:
+    ``hung`` when its ``between`` hook asked to (the daemon: a hung task
+    was reported meanwhile), else after its ``timeout``."""
+
+    def __init__(self, name: str, hung: bool, timeout: float) -> None:
+        super().__init__(name)
+        self.hung = hung
+        self.timeout = timeout
+
+
 class Lock:
     """One semaphore of ``units`` units (1: a mutex; N: an rw semaphore)."""
 
@@ -147,8 +158,11 @@ class Task:
         w = q[e + E_WORD]
         q[e + E_WORD] = (w & ~7) + 8 + (w & WRITER) + state
 
-    def _block(self, lk: Lock, e: int) -> None:
-        """Wait for one unit of ``lk`` (the entry says WAITING)."""
+    def _block(self, lk: Lock, e: int, give_up: Callable[[], LockAbort | None] | None = None) -> None:
+        """Wait for one unit of ``lk`` (the entry says WAITING).  After
+        every slice, the task's ``abort`` hook, then ``give_up``
+        (``lock_bounded``'s), may end the wait: the entry goes back to
+        IDLE (no unit was taken) and their exception is raised."""
         q = self.q
         t0 = time.monotonic_ns()
         q[e + E_SINCE] = t0
@@ -159,14 +173,16 @@ class Task:
                 break
             except (posix_ipc.BusyError, posix_ipc.SignalError):
                 q[e + E_SPINS] += 1
-                if self.abort is not None and self.abort():
+                stop = (LockAbort(lk.name) if self.abort is not None and self.abort()
+                        else give_up() if give_up is not None else None)
+                if stop is not None:
                     q[e + E_SINCE] = 0
                     w = q[e + E_WORD]
                     q[e + E_WORD] = (w & ~7) + 8 + IDLE
-                    raise LockAbort(lk.name)
+                    raise stop
         q[e + E_SINCE] = 0
         waited = time.monotonic_ns() - t0
-        if waited >= self.wait_log_ns and self.on_wait is not None:
+        if give_up is None and waited >= self.wait_log_ns and self.on_wait is not None:
             holders = self.holders(lk.lid) if self.holders else []
             self.on_wait(lk.name, waited / 1e6, holders)
 
@@ -206,6 +222,33 @@ class Task:
             return False
         q[e + E_WORD] = (w & ~7) + 16 + HELD
         return True
+
+    def lock_bounded(self, lk: Lock, timeout: float, between: Callable[[], bool]) -> None:
+        """mutex_lock for a task that has other duties while it waits (the
+        daemon's requests: its main loop reaps, recovers, reports hung
+        tasks): ``trylock``, else the protocol's WAITING entry -- so the
+        watchdog and recovery see this wait as any other -- and
+        ``between()`` after every slice of it.  A holder that dies
+        meanwhile is then recovered by ``between`` (the caller's reaping),
+        whose posting of its units ends the wait, instead of blocking the
+        caller for ever.  ``between()`` returning True (a hung task was
+        reported: waiting on would wait for ever), or ``timeout`` seconds
+        passing, gives up: the entry goes back to IDLE, no unit taken, and
+        LockTimeout says which.  Unlike ``lock``: no lockdep order check
+        (a trylock's only) and no ``lock_wait`` event (``on_wait``)."""
+        if self.trylock(lk):
+            return
+        q = self.q
+        e = self.ebase[lk.cls]
+        w = q[e + E_WORD]
+        q[e + E_WORD] = (w & ~7) + 8 + WAITING
+        end = time.monotonic() + timeout
+
+        def give_up() -> LockAbort | None:
+            hung = between()
+            return LockTimeout(lk.name, hung, timeout) if hung or time.monotonic() > end else None
+        self._block(lk, e, give_up)
+        q[e + E_WORD] = (w & ~7) + 16 + HELD
 
     def unlock(self, lk: Lock) -> None:
         """mutex_unlock / up_read."""
@@ -428,6 +471,6 @@ def holders_of(q: memoryview, rows: Iterable[tuple[int, int]], lid: int) -> list
                                   or (en.writer and en.held > 0))]
 
 
-__all__ = ["Lock", "LockAbort", "Task", "Entry", "recover", "read_entries", "dead_locks",
+__all__ = ["Lock", "LockAbort", "LockTimeout", "Task", "Entry", "recover", "read_entries", "dead_locks",
            "holders_of", "lock_id", "lock_name", "IDLE", "WAITING", "HELD",
            "RELEASING", "STATE_NAMES", "WAIT_SLICE"]

@@ -25,9 +25,12 @@ connection (see ``uksm.proc.control``).  Only the daemon's own user (or root) ma
 send requests: the peer's credentials are checked (SO_PEERCRED), since an
 abstract socket has no file permissions.
 
-Every wait inside a request is bounded and keeps the main loop's duties
-going (reaping, sweeping), so that a worker dying meanwhile is recovered
-and a stuck request becomes an error rather than a stuck daemon.
+This module is the transport (the socket, signals, the serve loop and
+``pump``, one round of the main loop's duties); what each request does is
+``uksm.proc.handlers``.  Every wait inside a request is bounded and keeps
+the main loop's duties going (reaping, sweeping), so that a worker dying
+meanwhile is recovered and a stuck request becomes an error rather than a
+stuck daemon.
 """
 from __future__ import annotations
 
@@ -38,36 +41,20 @@ import select
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import time
 import traceback
 from typing import Any, Callable
 
-import posix_ipc
-
-from uksm.kernel import fsck
 from uksm.host import shm
 from uksm.host import log as ulog
 from uksm.host.exitcodes import EXIT_ERR, EXIT_HUNG, EXIT_OK, EXIT_USAGE
-from uksm.proc.control import WRITABLE, not_running, sock_address, validate_knob
-from uksm.kernel.layout import (A_FREE_TOP, CS_STOPPING, E_LOCK, E_SINCE, E_SPINS, E_WORD, EXIT_POLICIES, H_EXIT_POLICY,
-                     H_KSMD_TASK, H_MEM_LIMIT, H_STATE, K_PAGES_TO_SCAN, K_RUN, K_SLEEP_MS, M_EXIT_PATH, M_ID, M_STATE, MM_STATES, MS_EXITING,
-                     MS_FREEING, S_EXIT_FAST, S_EXIT_LEGACY, S_EXIT_SLOW, S_REAPED, T_PID, T_READY, T_STATE, TS_DEAD, TS_FREE,
-                     EXIT_PATHS)
-from uksm.kernel.locks import HELD, IDLE, WAIT_SLICE, WAITING, Lock
+from uksm.proc.control import not_running, sock_address
 from uksm.host.exitcodes import signalled
 from uksm.host.lifeline import STOP_SIGNALS, SecondSignal
-from uksm.proc.scripting import ScriptOps
-from uksm.kernel.writer import result_of
-from uksm.proc.supervisor import Child, Supervisor
+from uksm.proc.handlers import ROUND_S, Requests
+from uksm.proc.supervisor import Supervisor
 
-ROUND_S = 0.02            # the main loop's period (uksm run's)
-LOCK_TIMEOUT_S = 30.0     # ksm_thread_mutex, for ctl run= and fsck
-RUN_WAIT_S = 120.0        # the writer's run= write returning (run=2: the unmerge)
-KILL_WAIT_S = 60.0        # killed workers' exits
-READY_WAIT_S = 120.0      # spawn --wait
-FSCK_WAIT_S = 20.0        # fsck: stopping the world, exits in flight to settle
 MAX_REQUEST = 1 << 20
 
 
@@ -81,10 +68,6 @@ class DaemonSupervisor(Supervisor):
     def __init__(self, *args: Any, own_groups: bool = False, **kw: Any) -> None:
         super().__init__(*args, **kw)
         self.own_groups = own_groups
-
-
-class RequestError(shm.UksmError):
-    """A request refused or failed: its message goes back to the client."""
 
 
 def make_config(spec: dict[str, Any]) -> Any:
@@ -116,10 +99,14 @@ def sd_notify(state: str) -> None:
         pass
 
 
-class Daemon(ScriptOps):
-    """One cluster's daemon: its control socket, its supervisor, the loop.
-    Without a socket (``reserve`` not called) it serves ``uksm.Machine``
-    in-process: ``run_request`` is then called directly."""
+class Daemon:
+    """One cluster's daemon: the transport.  Its control socket (the
+    abstract UNIX socket, the peer's credentials, a JSON line in, a JSON
+    line out), its signals, its supervisor and the main loop; what each
+    request does is ``requests`` (``uksm.proc.handlers.Requests``), made
+    once the cluster is booted.  Without a socket (``reserve`` not called)
+    it serves ``uksm.Machine`` in-process: ``run_request`` is then called
+    directly."""
 
     def __init__(self, name: str, spec: dict[str, Any], foreground: bool) -> None:
         self.name = name
@@ -128,7 +115,7 @@ class Daemon(ScriptOps):
         self.log_dir: str = spec["log_dir"]
         self.sock: socket.socket | None = None
         self.sup: DaemonSupervisor | None = None
-        self._log: Any = None
+        self.requests: Requests | None = None
         self.stop_signal = 0
         self.done = False
         self.hung_seen = 0
@@ -164,12 +151,26 @@ class Daemon(ScriptOps):
         self.sup = DaemonSupervisor(self.name, make_config(spec), self.log_dir, quiet=False,
                                     own_groups=self.foreground)
         self.sup.boot()
-        self._log = ulog.thread_logger("ctl", self.name, self.log_dir, "daemon")
+        self.requests = Requests(self.name, spec, self.sup,
+                                 ulog.thread_logger("ctl", self.name, self.log_dir, "daemon"),
+                                 pump=self.pump, on_down=self._going_down, t0=self.t0)
         for _ in range(spec["workers"]):
             self.sup.spawn_worker(spec["pages"], spec["workload"], spec["seed"], spec["churn_ms"])
         if self.sock is not None:
             self.sock.listen(128)
             self.sock.setblocking(False)
+
+    def _going_down(self) -> None:
+        """``down`` begins: serve no more requests (the rest are refused
+        by ``drain``); tell systemd."""
+        self.done = True
+        sd_notify("STOPPING=1")
+
+    def close_tasks(self) -> None:
+        """Close the programmable tasks' channels (an in-process Machine
+        given up)."""
+        if self.requests is not None:
+            self.requests.tasks.close_tasks()
 
     # ---- the main loop ------------------------------------------------------------------
     def pump(self) -> None:
@@ -189,7 +190,8 @@ class Daemon(ScriptOps):
                 name = (signal.Signals(self.stop_signal).name if self.stop_signal
                         else self.sup.given_up if self.sup is not None else "")
                 print(f"uksm: {name}: taking the cluster down", file=sys.stderr, flush=True)
-                report = self.down()
+                assert self.requests is not None
+                report = self.requests.down()
                 status = report["status"]
                 break
             self.pump()
@@ -285,11 +287,7 @@ class Daemon(ScriptOps):
     def run_request(self, req: dict[str, Any]) -> dict[str, Any]:
         """Serve one request (from the socket, or from an in-process Machine)."""
         op = req["op"]
-        handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
-            "ping": self.do_ping, "spawn": self.do_spawn, "kill": self.do_kill,
-            "ctl": self.do_ctl, "fsck": self.do_fsck, "down": self.do_down,
-            **self.script_handlers()}
-        fn = handlers.get(op)
+        fn = self.requests.handlers().get(op) if self.requests is not None else None
         if fn is None:
             return {"ok": False, "error": f"unknown request {op!r}", "status": EXIT_USAGE}
         try:
@@ -304,345 +302,6 @@ class Daemon(ScriptOps):
                                           f"{self.log_dir}/daemon.out)", "status": EXIT_ERR}
         ans.setdefault("ok", True)
         return ans
-
-    # ---- waiting while the main loop's duties go on -------------------------------------
-    def wait_until(self, pred: Callable[[], bool], timeout: float, what: str = "") -> bool:
-        """Wait for ``pred`` doing the main loop's duties; False after
-        ``timeout``.  A hung task reported meanwhile ends the wait with a
-        RequestError (status 3) naming it: waiting on would wait forever."""
-        assert self.sup is not None
-        end = time.monotonic() + timeout
-        hung0 = len(self.sup.hung)
-        while True:
-            self.pump()
-            if pred():
-                return True
-            if len(self.sup.hung) > hung0:
-                h = self.sup.hung[hung0]
-                raise RequestError(f"{what or 'request'}: a hung task was reported while waiting: "
-                                   f"{h['role']} pid {h['pid']} blocked on {h['lock']} for "
-                                   f"{h['waited_s']}s ('uksm down' stops the cluster; the chain is "
-                                   f"in the logs)", EXIT_HUNG)
-            if time.monotonic() > end:
-                return False
-            time.sleep(ROUND_S / 2)
-
-    def lock_pumped(self, lk: Lock, timeout: float, why: str) -> None:
-        """``sup.cl.task.lock(lk)``, following the lock protocol of
-        ``uksm.kernel.locks`` (so the watchdog and recovery see this wait), but
-        bounded, and reaping and sweeping between two slices of the wait: a
-        holder that dies meanwhile is then recovered instead of blocking
-        the daemon."""
-        assert self.sup is not None
-        task = self.sup.cl.task
-        if task.trylock(lk):
-            return
-        q = task.q
-        e = task.ebase[lk.cls]
-        q[e + E_LOCK] = lk.lid
-        w = q[e + E_WORD]
-        q[e + E_WORD] = (w & ~7) + 8 + WAITING
-        q[e + E_SINCE] = time.monotonic_ns()
-        end = time.monotonic() + timeout
-        hung0 = len(self.sup.hung)
-        while True:
-            try:
-                lk.sem.acquire(WAIT_SLICE)
-                break
-            except (posix_ipc.BusyError, posix_ipc.SignalError):
-                q[e + E_SPINS] += 1
-                self.pump()
-                hung = len(self.sup.hung) > hung0
-                if hung or time.monotonic() > end:
-                    q[e + E_SINCE] = 0
-                    q[e + E_WORD] = (w & ~7) + 16 + IDLE
-                    holders = self.sup.cl.holders(lk.lid)
-                    why_not = "a hung task was reported" if hung else f"still held after {timeout:.0f}s"
-                    raise RequestError(f"{why}: {lk.name} {why_not} (holders: pids "
-                                       f"{holders or '?'}); nothing was changed",
-                                       EXIT_HUNG if hung else EXIT_ERR)
-        q[e + E_SINCE] = 0
-        q[e + E_WORD] = (w & ~7) + 16 + HELD
-
-    # ---- requests ---------------------------------------------------------------------------
-    def do_ping(self, _req: dict[str, Any]) -> dict[str, Any]:
-        sup = self.sup
-        assert sup is not None
-        with sup.lock:
-            workers = sorted(f"w{c.worker_no}" for c in sup.children.values())
-            ready = sorted(f"w{c.worker_no}" for c in sup.children.values()
-                           if sup.cl.q[sup.cl.tbase(c.row) + T_READY])
-        return {"cluster": self.name, "pid": os.getpid(), "log_dir": self.log_dir,
-                "ksmd_pid": sup.ksmd.proc.pid if sup.ksmd is not None else 0,
-                "workers": workers, "ready": ready, "hung": len(sup.hung), "hung_tasks": list(sup.hung),
-                "uptime_s": round(time.monotonic() - self.t0, 3)}
-
-    def do_spawn(self, req: dict[str, Any]) -> dict[str, Any]:
-        from uksm.workers.workloads import validate as wl_validate
-        sup, spec = self.sup, self.spec
-        assert sup is not None
-        pages = int(req.get("pages") or spec["pages"])
-        workload = str(req.get("workload") or spec["workload"])
-        count = int(req.get("count", 1))
-        seed = int(spec["seed"] if req.get("seed") is None else req["seed"])
-        churn = int(spec["churn_ms"] if req.get("churn_ms") is None else req["churn_ms"])
-        if not 1 <= pages <= spec["max_pages"]:
-            raise RequestError(f"--pages must be 1..{spec['max_pages']} (the cluster was started "
-                               f"with --max-pages {spec['max_pages']})", EXIT_USAGE)
-        if count < 1:
-            raise RequestError(f"--count must be at least 1 (got {count})", EXIT_USAGE)
-        if churn < 0:
-            raise RequestError(f"--churn-ms must be >= 0 (got {churn})", EXIT_USAGE)
-        wl_validate(workload)
-        kids: list[Child] = []
-        for _ in range(count):
-            try:
-                kids.append(sup.spawn_worker(pages, workload, seed, churn))
-            except shm.UksmError as e:
-                done = " ".join(f"w{c.worker_no}" for c in kids) or "none"
-                raise RequestError(f"{e} (spawned {len(kids)} of {count}: {done})", e.status)
-            self.pump()
-        q, cl = sup.cl.q, sup.cl
-
-        def gone(c: Child) -> bool:
-            with sup.lock:
-                return sup.children.get(c.row) is not c
-
-        def ready(c: Child) -> bool:
-            b = cl.tbase(c.row)
-            return not gone(c) and q[b + T_PID] == c.proc.pid and bool(q[b + T_READY])
-        note = ""
-        if req.get("wait"):
-            if not self.wait_until(lambda: all(ready(c) or gone(c) for c in kids), READY_WAIT_S,
-                                   "spawn"):
-                note = f"not all ready after {READY_WAIT_S:.0f}s"
-        out = [{"worker": f"w{c.worker_no}", "pid": c.proc.pid, "mm": c.mm, "pages": pages,
-                "workload": workload, "ready": ready(c), "exited": gone(c)} for c in kids]
-        return {"spawned": out, "note": note}
-
-    def do_kill(self, req: dict[str, Any]) -> dict[str, Any]:
-        sup = self.sup
-        assert sup is not None
-        cl, q = sup.cl, sup.cl.q
-        signame = str(req.get("signal", "TERM")).upper()
-        if signame not in ("TERM", "KILL"):
-            raise RequestError(f"--signal must be TERM or KILL (got {signame})", EXIT_USAGE)
-        signo = signal.SIGTERM if signame == "TERM" else signal.SIGKILL
-        self.pump()
-        with sup.lock:
-            kids = {c.worker_no: c for c in sup.children.values()}
-        if req.get("all"):
-            targets = [kids[n] for n in sorted(kids)]
-        else:
-            targets = []
-            for wid in req.get("workers") or []:
-                s = str(wid)
-                n = s[1:] if s[:1] in ("w", "W") else s
-                if not n.isdigit() or int(n) not in kids:
-                    live = " ".join(f"w{n}" for n in sorted(kids)) or "none"
-                    raise RequestError(f"no worker {s!r} alive in cluster {self.name!r} "
-                                       f"(alive: {live})", EXIT_ERR)
-                if kids[int(n)] not in targets:
-                    targets.append(kids[int(n)])
-        before = {k: q[i] for k, i in (("exit_fast", S_EXIT_FAST), ("exit_slow", S_EXIT_SLOW),
-                                       ("exit_legacy", S_EXIT_LEGACY), ("reaped", S_REAPED))}
-        for c in targets:
-            c.signalled = signo
-            try:
-                c.proc.send_signal(signo)
-            except ProcessLookupError:
-                pass
-            self._log.info("inject_kill", target_pid=c.proc.pid, mm=c.mm, signal=signame,
-                           mode="command")
-
-        finished = self.finished
-        all_done = self.wait_until(lambda: all(finished(c) for c in targets), KILL_WAIT_S, "kill")
-        killed = []
-        for c in targets:
-            rc = c.proc.returncode
-            if not finished(c):
-                result = f"still exiting after {KILL_WAIT_S:.0f}s"
-            elif rc == -signal.SIGKILL:
-                result = "killed; its exit was run by the supervisor (reaped)"
-            elif rc == 0:
-                result = "exited through its own exit path"
-            else:
-                result = f"exited with status {rc}"
-            row = cl.mm_row(c.mm)
-            if row >= 0:
-                st, path = q[cl.mbase(row) + M_STATE], q[cl.mbase(row) + M_EXIT_PATH]
-                result += (f"; mm{c.mm} {MM_STATES[st] if 0 <= st < len(MM_STATES) else st} "
-                           f"(ksm_exit {EXIT_PATHS[path] if 0 <= path < len(EXIT_PATHS) else path})")
-            else:
-                result += f"; mm{c.mm} freed"
-            killed.append({"worker": f"w{c.worker_no}", "pid": c.proc.pid, "mm": c.mm,
-                           "signal": signame, "returncode": rc, "result": result})
-        after = {"exit_fast": q[S_EXIT_FAST], "exit_slow": q[S_EXIT_SLOW],
-                 "exit_legacy": q[S_EXIT_LEGACY], "reaped": q[S_REAPED]}
-        return {"killed": killed, "exit_paths": {k: after[k] - before[k] for k in before},
-                "status": EXIT_OK if all_done else EXIT_ERR}
-
-    def finished(self, c: Child) -> bool:
-        """Reaped, and its exit accounted (by itself or by its reaper,
-        which runs on the dead task's row): the row is free again.  Only
-        this thread allocates rows, so it cannot be reused meanwhile."""
-        sup = self.sup
-        assert sup is not None
-        with sup.lock:
-            if sup.children.get(c.row) is c:
-                return False
-        return bool(sup.cl.q[sup.cl.tbase(c.row) + T_STATE] == TS_FREE)
-
-    def do_ctl(self, req: dict[str, Any]) -> dict[str, Any]:
-        sup = self.sup
-        assert sup is not None
-        cl, q = sup.cl, sup.cl.q
-        knobs = req.get("knobs")
-        if not isinstance(knobs, list) or not knobs:
-            raise RequestError("ctl: no KEY=VALUE given", EXIT_USAGE)
-        todo: list[tuple[str, int | str]] = []
-        for item in knobs:  # every value is checked before any is written
-            name, raw = str(item[0]), item[1]
-            todo.append((name, validate_knob(name, raw, cl.nframes)))
-        applied = []
-        for name, value in todo:
-            assert name in WRITABLE
-            ent: dict[str, Any] = {"name": name, "value": value}
-            if name == "run":
-                ent["previous"] = q[K_RUN]
-                ent["wait_s"] = self.write_run(int(value))
-            elif name == "pages_to_scan":
-                ent["previous"] = q[K_PAGES_TO_SCAN]
-                q[K_PAGES_TO_SCAN] = int(value)
-            elif name == "sleep_millisecs":
-                ent["previous"] = q[K_SLEEP_MS]
-                q[K_SLEEP_MS] = int(value)
-            elif name == "exit_policy":
-                ent["previous"] = EXIT_POLICIES[q[H_EXIT_POLICY]]
-                q[H_EXIT_POLICY] = EXIT_POLICIES.index(str(value))
-            elif name == "mem_limit":
-                ent["previous"] = q[H_MEM_LIMIT]
-                q[H_MEM_LIMIT] = int(value)
-            if name != "run":  # write_run logs its own, at the write
-                self._log.info("ksm_knob", name=name, value=EXIT_POLICIES.index(str(value))
-                               if name == "exit_policy" else value)
-            applied.append(ent)
-        return {"applied": applied}
-
-    def write_run(self, value: int) -> float:
-        """echo VALUE > /sys/kernel/mm/ksm/run: a writer task runs run_store
-        (for 2, the whole unmerge, in its own context, as in 2.6.32); wait
-        for it as the shell waits for its write, serving meanwhile.  A
-        write that fails (the writer interrupted or OOM-killed: run is back
-        to 0) is an error, as the shell's."""
-        sup = self.sup
-        assert sup is not None
-        q = sup.cl.q
-        self.pump()
-        t0 = time.monotonic()
-        ch = sup.start_run_writer(value)
-        if not self.wait_until(lambda: sup.run_writer_status(ch) is not None or bool(sup.hung),
-                               RUN_WAIT_S, f"run={value}"):
-            raise RequestError(f"run={value} written, but the write has not returned after "
-                               f"{RUN_WAIT_S:.0f}s", EXIT_ERR)
-        res = result_of(sup.run_writer_status(ch)) if not sup.hung else "hung"
-        if res != "done":
-            raise RequestError(f"run={value}: the write failed ({res}); run is {q[K_RUN]}",
-                               EXIT_HUNG if res == "hung" else EXIT_ERR)
-        return round(time.monotonic() - t0, 3)
-
-    def do_fsck(self, _req: dict[str, Any]) -> dict[str, Any]:
-        """Every invariant of the live cluster, with ksm_thread_mutex held
-        (ksmd's counters are consistent under it), the world stopped (every
-        pte lock, zone_lock) and ksm_mmlist_lock (a leaf: taken last).  An
-        exit in flight is a legitimate intermediate state (mm_users 0 with
-        the users' mm_count reference still held, ...): while errors come
-        with exits in flight, let them finish and check again."""
-        sup = self.sup
-        assert sup is not None
-        cl, q = sup.cl, sup.cl.q
-        deadline = time.monotonic() + FSCK_WAIT_S
-        ksmd_row = q[H_KSMD_TASK]
-
-        def dead_pending() -> bool:
-            return any(q[cl.tbase(r) + T_STATE] == TS_DEAD for r in range(cl.max_tasks)
-                       if r != ksmd_row)
-
-        def abort() -> bool:  # polled while blocked on a lock of the world
-            sup.poll()        # (no sweep: it would close segments we are about to read)
-            return dead_pending() or time.monotonic() > deadline
-        while True:
-            self.wait_until(lambda: not dead_pending(), max(0.0, deadline - time.monotonic()))
-            with sup.lock:
-                mms = {i: m for i, m in sup.mms.items() if q[m.base + M_ID] == i}
-            errs: list[str] | None = None
-            exiting: list[int] = []
-            ms = 0.0
-            used = 0
-            self.lock_pumped(cl.daemon, LOCK_TIMEOUT_S, "fsck")
-            try:
-                try:
-                    with fsck.world_stopped(cl, mms, abort=abort):
-                        t0 = time.monotonic()
-                        cl.task.lock(cl.mmlist)
-                        try:
-                            errs = fsck.check(cl, mms, counters=True)
-                            exiting = [i for i, m in mms.items() if q[m.base + M_ID] == i
-                                       and q[m.base + M_STATE] in (MS_EXITING, MS_FREEING)]
-                            used = cl.nframes - q[A_FREE_TOP]
-                        finally:
-                            cl.task.unlock(cl.mmlist)
-                        ms = (time.monotonic() - t0) * 1000
-                except fsck.Retry:
-                    errs = None
-            finally:
-                cl.task.unlock(cl.daemon)
-            late = time.monotonic() > deadline
-            if errs is not None and (not errs or not exiting or late):
-                break
-            if errs is None and late:
-                raise RequestError(f"fsck: could not stop the world within {FSCK_WAIT_S:.0f}s "
-                                   f"(a task keeps a pte lock or zone_lock: busy, or blocked); "
-                                   f"try again", EXIT_ERR)
-            self.wait_until(lambda: False, 0.05)
-        note = ""
-        if errs and exiting:
-            note = (f"{len(exiting)} exits still in flight after {FSCK_WAIT_S:.0f}s "
-                    f"(mm{', mm'.join(map(str, exiting))}): some errors may be their intermediate state")
-        self._log.info("fsck", ok=not errs, errors=len(errs), first=errs[:5])
-        return {"clean": not errs, "errors": errs, "mms": len(mms), "frames_used": used,
-                "ms": round(ms, 3), "note": note}
-
-    def do_down(self, _req: dict[str, Any]) -> dict[str, Any]:
-        report = self.down()
-        return report
-
-    def down(self) -> dict[str, Any]:
-        """What ``uksm run`` does after its loop: workers out through their
-        exit paths, ksmd frees what is left, stop ksmd, final fsck, teardown."""
-        sup = self.sup
-        assert sup is not None
-        self.done = True
-        sd_notify("STOPPING=1")
-        q = sup.cl.q
-        q[H_STATE] = CS_STOPPING
-        self.pump()
-        stopped = sup.workers_alive()
-        end = sup.shutdown()
-        status = end["status"]
-        workers, integrity, fs, leftovers = (end["workers"], end["integrity"], end["fsck"],
-                                             end["ipc_leftovers"])
-        sup.log_stop(status)
-        print(f"uksm: cluster {self.name} down: status {status}, fsck "
-              f"{'clean' if fs['ok'] else 'FAILED'}, {len(leftovers)} objects left", file=sys.stderr,
-              flush=True)
-        return {"ok": True, "cluster": self.name, "pid": os.getpid(), "status": status,
-                "uptime_s": round(time.monotonic() - self.t0, 3), "stopped": stopped,
-                "workers": workers, "integrity": integrity, "fsck": fs,
-                "hung_tasks": sup.hung, "ipc_leftovers": leftovers, "errors": sup.errors,
-                "oops": end["oops"], "ksmd_restarts": end["ksmd_restarts"],
-                "use_after_free": end["use_after_free"], "lockdep": end["lockdep"],
-                "log_dir": self.log_dir}
 
 
 def run_daemon(name: str, spec: dict[str, Any], foreground: bool = False,
@@ -665,7 +324,8 @@ def run_daemon(name: str, spec: dict[str, Any], foreground: bool = False,
               file=sys.stderr, flush=True)
         _abandon(d)
         return EXIT_ERR
-    ready = d.do_ping({})
+    assert d.requests is not None
+    ready = d.requests.do_ping({})
     print(f"uksm: cluster {name} up: daemon pid {ready['pid']}, ksmd pid {ready['ksmd_pid']}, "
           f"{len(ready['workers'])} workers, logs in {d.log_dir}", file=sys.stderr, flush=True)
     if on_ready is not None:

@@ -1,12 +1,15 @@
 """The supervisor's side of scripts: programmable tasks, kill points, the
 scan cursor (issue 10).
 
-``ScriptOps`` is mixed into ``uksm.proc.daemon.Daemon``: its ``do_*`` methods
-are requests like ``spawn`` or ``ctl``, served one at a time by the
-daemon's main thread, every wait bounded and pumping the main loop's
-duties (reaping, recovery, the watchdog's reports).  The same Daemon
-object serves a ``uksm up`` cluster over its socket and, in-process, a
-``uksm.Machine`` (``uksm.api``): one set of handlers for both.
+Two owners, each with its own requests, both part of the daemon's
+``uksm.proc.handlers.Requests`` (their ``Host``): ``Tasks``, the
+programmable tasks and their commands, and ``Faults``, fault injection
+(kill a task, at a kill point or now; arm and disarm kill points; ksmd's
+scan cursor).  Their ``do_*`` methods are requests like ``spawn`` or
+``ctl``, served one at a time by the daemon's main thread, every wait
+bounded and pumping the main loop's duties (reaping, recovery, the
+watchdog's reports).  The same handlers serve a ``uksm up`` cluster over
+its socket and, in-process, a ``uksm.Machine`` (``uksm.api``).
 
 A programmable task is a worker process running ``uksm.workers.scripted``;
 the daemon holds one end of a socketpair to it (``TaskChan``) and forwards
@@ -25,7 +28,7 @@ import select
 import signal
 import socket
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from uksm.kernel import killpoints
 from uksm.host.exitcodes import EXIT_ERR, EXIT_USAGE
@@ -76,74 +79,78 @@ def _int(req: dict[str, Any], key: str, lo: int, hi: int, what: str) -> int:
     return v
 
 
-class ScriptOps:
-    """Requests of scripts; mixed into the Daemon (which provides sup,
-    name, pump, wait_until, finished, do_kill and _log)."""
+class Host(Protocol):
+    """What the scripts' requests use of the daemon's other requests
+    (``uksm.proc.handlers.Requests``)."""
 
-    sup: "Supervisor | None"
     name: str
     spec: dict[str, Any]
-    _log: Any
-    pump: Callable[[], None]
-    wait_until: Callable[..., bool]
-    finished: Callable[["Child"], bool]
-    do_kill: Callable[[dict[str, Any]], dict[str, Any]]
-
-    def script_handlers(self) -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:
-        return {"task_new": self.do_task_new, "task": self.do_task, "task_kill": self.do_task_kill,
-                "task_stat": self.do_task_stat, "arm": self.do_arm, "disarm": self.do_disarm,
-                "cursor": self.do_cursor}
+    log: Any
 
     @property
-    def tasks(self) -> dict[str, TaskChan]:
-        t: dict[str, TaskChan] | None = self.__dict__.get("_tasks")
-        if t is None:
-            t = self.__dict__["_tasks"] = {}
-        return t
+    def sup(self) -> "Supervisor": ...
+
+    def pump(self) -> None: ...
+
+    def wait_until(self, pred: Callable[[], bool], timeout: float, what: str = "") -> bool: ...
+
+    def finished(self, c: "Child") -> bool: ...
+
+    def do_kill(self, req: dict[str, Any]) -> dict[str, Any]: ...
+
+
+class Tasks:
+    """Programmable tasks: their channels, and the requests that start
+    them, command them and read their stats (``task_new``, ``task``,
+    ``task_stat``).  A task id (``w3``) names a programmable task here,
+    or a built-in worker (``builtin``), which takes no commands."""
+
+    def __init__(self, host: Host) -> None:
+        self.host = host
+        self.chans: dict[str, TaskChan] = {}
+
+    def handlers(self) -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:
+        return {"task_new": self.do_task_new, "task": self.do_task, "task_stat": self.do_task_stat}
 
     # ---- a task's channel ------------------------------------------------------------------
-    def _sup(self) -> "Supervisor":
-        assert self.sup is not None
-        return self.sup
-
-    def _task(self, req: dict[str, Any], alive: bool = True) -> TaskChan:
+    def task(self, req: dict[str, Any], alive: bool = True) -> TaskChan:
         tid = req.get("task")
         if not isinstance(tid, str):
             raise ScriptError(f"task id must be a string like 'w3' (got {tid!r})", "type", EXIT_USAGE)
-        tc = self.tasks.get(tid)
+        tc = self.chans.get(tid)
         if tc is None:
-            if self._builtin(req) is not None:
+            if self.builtin(req) is not None:
                 raise ScriptError(f"{tid} is a built-in worker ('uksm spawn', m.spawn): it takes "
                                   f"no commands, only kill, arm and stat", "value", EXIT_USAGE)
-            known = " ".join(sorted(self.tasks)) or "none"
-            raise ScriptError(f"no programmable task {tid!r} in cluster {self.name!r} (tasks: "
+            known = " ".join(sorted(self.chans)) or "none"
+            raise ScriptError(f"no programmable task {tid!r} in cluster {self.host.name!r} (tasks: "
                               f"{known})", "unknown", EXIT_ERR)
-        self._check_gone(tc)
+        self.check_gone(tc)
         if alive and tc.gone:
             raise ScriptError(f"task {tid} {tc.gone}: it can take no more commands", "exited")
         return tc
 
-    def _any_worker(self, req: dict[str, Any]) -> "Child":
+    def any_worker(self, req: dict[str, Any]) -> "Child":
         """A live worker, programmable or built-in."""
-        ch = self._builtin(req)
-        return ch if ch is not None else self._task(req).child
+        ch = self.builtin(req)
+        return ch if ch is not None else self.task(req).child
 
-    def _check_gone(self, tc: TaskChan) -> None:
+    def check_gone(self, tc: TaskChan) -> None:
         """Notice a task that died or exited between two requests."""
         if tc.gone:
             return
-        sup = self._sup()
-        self.pump()
+        sup = self.host.sup
+        self.host.pump()
         with sup.lock:
             running = sup.children.get(tc.child.row) is tc.child
         if not running or tc.child.proc.poll() is not None:
-            self._wait_finished(tc, "its death")
-            tc.gone = self._how(tc)
+            self.wait_finished(tc, "its death")
+            tc.gone = self.how(tc)
 
-    def _how(self, tc: TaskChan) -> str:
+    def how(self, tc: TaskChan) -> str:
         rc = tc.child.proc.returncode
-        path = tc.extra.get("path") or EXIT_PATHS[self._sup().cl.q[self._sup().cl.tbase(tc.child.row)
-                                                                    + T_EXIT_PATH]]
+        cl = self.host.sup.cl
+        path = tc.extra.get("path") or EXIT_PATHS[cl.q[cl.tbase(tc.child.row) + T_EXIT_PATH]]
         tc.extra["path"] = path
         if rc == -signal.SIGKILL:
             return f"was killed (SIGKILL); its exit was run by the supervisor (ksm_exit {path})"
@@ -151,8 +158,8 @@ class ScriptOps:
             return f"has exited (ksm_exit {path})"
         return f"has exited on a fatal signal or the OOM killer (status {rc}, ksm_exit {path})"
 
-    def _wait_finished(self, tc: TaskChan, what: str) -> None:
-        if not self.wait_until(lambda: self.finished(tc.child), EXIT_WAIT_S, what):
+    def wait_finished(self, tc: TaskChan, what: str) -> None:
+        if not self.host.wait_until(lambda: self.host.finished(tc.child), EXIT_WAIT_S, what):
             raise ScriptError(f"task {tc.tid}: its exit did not finish within {EXIT_WAIT_S:.0f}s",
                               "timeout")
         try:
@@ -182,17 +189,17 @@ class ScriptOps:
     def _answer(self, tc: TaskChan, what: str, timeout: float = COMMAND_WAIT_S) -> dict[str, Any]:
         """The task's answer to a command, pumping meanwhile; ScriptError
         (died) if the task died instead of answering."""
-        if not self.wait_until(lambda: self._readable(tc), timeout, f"task {tc.tid}: {what}"):
+        if not self.host.wait_until(lambda: self._readable(tc), timeout, f"task {tc.tid}: {what}"):
             raise ScriptError(f"task {tc.tid}: no answer to {what} within {timeout:.0f}s", "timeout")
         if b"\n" not in tc.buf:  # EOF: the task is gone
-            self._wait_finished(tc, f"task {tc.tid}'s death")
-            tc.gone = self._how(tc)
+            self.wait_finished(tc, f"task {tc.tid}'s death")
+            tc.gone = self.how(tc)
             raise ScriptError(f"task {tc.tid} died during {what}: it {tc.gone}", "died")
         line, tc.buf = tc.buf.split(b"\n", 1)
         ans: dict[str, Any] = json.loads(line)
         return ans
 
-    def _command(self, tc: TaskChan, cmd: dict[str, Any], what: str) -> dict[str, Any]:
+    def command(self, tc: TaskChan, cmd: dict[str, Any], what: str) -> dict[str, Any]:
         try:
             tc.sock.sendall(json.dumps(cmd).encode() + b"\n")
         except OSError:
@@ -201,8 +208,8 @@ class ScriptOps:
         if not ans.get("ok"):
             kind = str(ans.get("kind", "value"))
             if kind == "oom":  # it is exiting: let it finish
-                self._wait_finished(tc, f"task {tc.tid}'s exit")
-                tc.gone = self._how(tc)
+                self.wait_finished(tc, f"task {tc.tid}'s exit")
+                tc.gone = self.how(tc)
             raise ScriptError(f"task {tc.tid}: {what}: {ans.get('error')}", kind,
                               EXIT_USAGE if kind in ("value", "segfault") else EXIT_ERR)
         return ans
@@ -211,8 +218,8 @@ class ScriptOps:
     def do_task_new(self, req: dict[str, Any]) -> dict[str, Any]:
         """Start a programmable task; answer once its mmap and (unless
         mergeable is false) its MADV_MERGEABLE, i.e. __ksm_enter, are done."""
-        sup = self._sup()
-        pages = _int(req, "pages", 1, int(self.spec["max_pages"]), "pages")
+        sup = self.host.sup
+        pages = _int(req, "pages", 1, int(self.host.spec["max_pages"]), "pages")
         mergeable = req.get("mergeable", True)
         if not isinstance(mergeable, bool):
             raise ScriptError(f"mergeable must be True or False (got {mergeable!r})", "type", EXIT_USAGE)
@@ -228,20 +235,20 @@ class ScriptOps:
         finally:
             theirs.close()
         tc = TaskChan(f"w{ch.worker_no}", ch, mine, pages)
-        self.tasks[tc.tid] = tc
+        self.chans[tc.tid] = tc
         ans = self._answer(tc, "start", READY_WAIT_S)
         if not ans.get("ok"):
-            self._wait_finished(tc, f"task {tc.tid}'s exit")
-            tc.gone = self._how(tc)
+            self.wait_finished(tc, f"task {tc.tid}'s exit")
+            tc.gone = self.how(tc)
             raise ScriptError(f"task {tc.tid} could not start: {ans.get('error')}",
                               str(ans.get("kind", "died")))
         tc.base = int(ans["base"])
-        self._log.info("task_new", worker=tc.tid, worker_pid=ch.proc.pid, mm=ch.mm, pages=pages)
+        self.host.log.info("task_new", worker=tc.tid, worker_pid=ch.proc.pid, mm=ch.mm, pages=pages)
         return {"task": tc.tid, "pid": ch.proc.pid, "mm": ch.mm, "pages": pages, "base": tc.base}
 
     def do_task(self, req: dict[str, Any]) -> dict[str, Any]:
         """One command for a task: fill, write, read, madvise, verify, exit."""
-        tc = self._task(req)
+        tc = self.task(req)
         size = tc.pages * PAGE_SIZE
         cmd = req.get("cmd")
         if cmd == "fill":
@@ -260,7 +267,7 @@ class ScriptOps:
                 page = bytes([_int(req, "value", 0, 255, "fill value")]) * PAGE_SIZE
             out: dict[str, Any] = {}
             if count:
-                self._command(tc, {"cmd": "fill", "first": first, "count": count,
+                self.command(tc, {"cmd": "fill", "first": first, "count": count,
                                    "page": base64.b64encode(page).decode()}, "fill")
             return out
         if cmd in ("write", "read"):
@@ -279,12 +286,12 @@ class ScriptOps:
                                   "segfault", EXIT_USAGE)
             if cmd == "write":
                 if n:
-                    self._command(tc, {"cmd": "write", "addr": addr,
+                    self.command(tc, {"cmd": "write", "addr": addr,
                                        "data": base64.b64encode(data).decode()}, "write")
                 return {}
             if not n:
                 return {"data": ""}
-            return {"data": self._command(tc, {"cmd": "read", "addr": addr, "n": n}, "read")["data"]}
+            return {"data": self.command(tc, {"cmd": "read", "addr": addr, "n": n}, "read")["data"]}
         if cmd == "madvise":
             first = _int(req, "first", 0, tc.pages - 1, "first page")
             count = _int(req, "count", 1, tc.pages - first, f"count (from page {first})")
@@ -295,18 +302,18 @@ class ScriptOps:
             if advice.upper() not in ADVICE:
                 raise ScriptError(f"unknown advice {advice!r} (one of: {', '.join(ADVICE)})",
                                   "value", EXIT_USAGE)
-            ans = self._command(tc, {"cmd": "madvise", "first": first, "count": count,
+            ans = self.command(tc, {"cmd": "madvise", "first": first, "count": count,
                                      "advice": advice.upper()}, f"madvise {advice.upper()}")
             return {"unmerged": ans.get("unmerged", 0)}
         if cmd == "verify":
-            ans = self._command(tc, {"cmd": "verify"}, "verify")
+            ans = self.command(tc, {"cmd": "verify"}, "verify")
             return {"pages": ans["pages"], "mismatches": ans["mismatches"]}
         if cmd == "exit":
-            ans = self._command(tc, {"cmd": "exit"}, "exit")
+            ans = self.command(tc, {"cmd": "exit"}, "exit")
             tc.extra.update(exited=True, path=ans["path"])
-            self._wait_finished(tc, f"task {tc.tid}'s exit")
-            tc.gone = self._how(tc)
-            self._log.info("task_exit", worker=tc.tid, path=ans["path"], mismatches=ans["mismatches"])
+            self.wait_finished(tc, f"task {tc.tid}'s exit")
+            tc.gone = self.how(tc)
+            self.host.log.info("task_exit", worker=tc.tid, path=ans["path"], mismatches=ans["mismatches"])
             return {"path": ans["path"], "mismatches": ans["mismatches"]}
         raise ScriptError(f"unknown task command {cmd!r} (fill, write, read, madvise, verify, exit)",
                           "value", EXIT_USAGE)
@@ -325,8 +332,8 @@ class ScriptOps:
     def do_task_stat(self, req: dict[str, Any]) -> dict[str, Any]:
         """/proc/PID/ksm_stat (and rss): read from the task's mm row."""
         from uksm.kernel.mm import mm_fields
-        ch = self._any_worker(req)
-        cl = self._sup().cl
+        ch = self.any_worker(req)
+        cl = self.host.sup.cl
         row = cl.mm_row(ch.mm)
         if row < 0:
             raise ScriptError(f"task w{ch.worker_no}: its address space is gone", "exited")
@@ -334,23 +341,44 @@ class ScriptOps:
         return {"ksm_rmap_items": f["ksm_rmap_items"], "ksm_merging_pages": f["ksm_merging_pages"],
                 "rss": f["rss"], "pid": ch.proc.pid, "mm": ch.mm}
 
+    def builtin(self, req: dict[str, Any]) -> "Child | None":
+        """A built-in worker (``spawn``) named by the request, None when
+        the id names a programmable task."""
+        tid = req.get("task")
+        if not isinstance(tid, str) or tid in self.chans:
+            return None
+        sup = self.host.sup
+        self.host.pump()
+        with sup.lock:
+            kids = {f"w{c.worker_no}": c for c in sup.children.values()}
+        return kids.get(tid)
+
+    def close_tasks(self) -> None:
+        for tc in self.chans.values():
+            try:
+                tc.sock.close()
+            except OSError:
+                pass
+
+
+class Faults:
+    """Fault injection: kill a task (now, or at a kill point), arm and
+    disarm kill points (a task's, or ksmd's), and where ksmd's scan
+    cursor is (``task_kill``, ``arm``, ``disarm``, ``cursor``)."""
+
+    def __init__(self, host: Host, tasks: Tasks) -> None:
+        self.host = host
+        self.tasks = tasks
+
+    def handlers(self) -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:
+        return {"task_kill": self.do_task_kill, "arm": self.do_arm, "disarm": self.do_disarm,
+                "cursor": self.do_cursor}
+
     def _signal(self, req: dict[str, Any]) -> str:
         s = req.get("signal", "KILL")
         if not isinstance(s, str) or s.upper() not in SIGNALS:
             raise ScriptError(f"signal must be KILL or TERM (got {s!r})", "value", EXIT_USAGE)
         return s.upper()
-
-    def _builtin(self, req: dict[str, Any]) -> "Child | None":
-        """A built-in worker (``spawn``) named by the request, None when
-        the id names a programmable task."""
-        tid = req.get("task")
-        if not isinstance(tid, str) or tid in self.tasks:
-            return None
-        sup = self._sup()
-        self.pump()
-        with sup.lock:
-            kids = {f"w{c.worker_no}": c for c in sup.children.values()}
-        return kids.get(tid)
 
     def _point(self, req: dict[str, Any]) -> str | None:
         at = req.get("at")
@@ -370,21 +398,21 @@ class ScriptOps:
         die there; answer once its death is recovered and its exit run."""
         signame = self._signal(req)
         at = self._point(req)
-        ch = self._builtin(req)
+        ch = self.tasks.builtin(req)
         if ch is not None:
             return self._kill_builtin(ch, signame, at)
-        tc = self._task(req)
-        sup = self._sup()
+        tc = self.tasks.task(req)
+        sup = self.host.sup
         cl, q = sup.cl, sup.cl.q
         if at is None:
-            self.do_kill({"workers": [tc.tid], "signal": signame})
+            self.host.do_kill({"workers": [tc.tid], "signal": signame})
         else:
             tb = cl.tbase(tc.child.row)
             killpoints.arm_worker(cl, tc.child.row, at, SIGNALS[signame])
-            self._log.info("inject_kill", target_pid=tc.child.proc.pid, mm=tc.child.mm,
+            self.host.log.info("inject_kill", target_pid=tc.child.proc.pid, mm=tc.child.mm,
                            signal=signame, mode="point")
             try:
-                ans = self._command(tc, {"cmd": "drive", "point": at}, f"drive to {at}")
+                ans = self.tasks.command(tc, {"cmd": "drive", "point": at}, f"drive to {at}")
             except ScriptError as e:
                 if e.kind != "died":
                     if not tc.gone:
@@ -394,8 +422,8 @@ class ScriptOps:
                 ans = {"died": True}
             if ans.get("exited"):  # an exit point, but the exit went another way
                 tc.extra.update(exited=True, path=ans["path"])
-                self._wait_finished(tc, f"task {tc.tid}'s exit")
-                tc.gone = self._how(tc)
+                self.tasks.wait_finished(tc, f"task {tc.tid}'s exit")
+                tc.gone = self.tasks.how(tc)
                 raise ScriptError(f"kill point {at} was not reached: the task exited through "
                                   f"the {ans['path']} path of __ksm_exit instead (it is gone)",
                                   "not_reached")
@@ -403,33 +431,33 @@ class ScriptOps:
                 if q[tb + T_KILL_POINT] == killpoints.INDEX[at]:
                     killpoints.disarm_worker(cl, tc.child.row)
                     raise ScriptError(f"kill point {at} was not reached", "not_reached")
-        self._wait_finished(tc, f"task {tc.tid}'s death")
-        tc.gone = self._how(tc)
+        self.tasks.wait_finished(tc, f"task {tc.tid}'s death")
+        tc.gone = self.tasks.how(tc)
         return {"task": tc.tid, "signal": signame, "at": at, "returncode": tc.child.proc.returncode,
                 "path": tc.extra["path"], "result": tc.gone}
 
     def _kill_builtin(self, ch: "Child", signame: str, at: str | None) -> dict[str, Any]:
         """A built-in worker (it takes no commands): killed now, or at a
         point its own work (churn) or its exit (a SIGTERM first) passes."""
-        sup = self._sup()
+        sup = self.host.sup
         cl, q = sup.cl, sup.cl.q
         tid, tb = f"w{ch.worker_no}", cl.tbase(ch.row)
         if at is None:
-            self.do_kill({"workers": [tid], "signal": signame})
+            self.host.do_kill({"workers": [tid], "signal": signame})
         else:
             if at == "ksm_enter_locked":
                 raise ScriptError(f"kill point {at} was not reached: worker {tid} is past its "
                                   f"__ksm_enter (use a task made with mergeable=False)", "not_reached")
             hits = cl.kill_points_hit()
             killpoints.arm_worker(cl, ch.row, at, SIGNALS[signame])
-            self._log.info("inject_kill", target_pid=ch.proc.pid, mm=ch.mm, signal=signame,
+            self.host.log.info("inject_kill", target_pid=ch.proc.pid, mm=ch.mm, signal=signame,
                            mode="point")
             if at in EXIT_POINTS:
                 try:
                     ch.proc.send_signal(signal.SIGTERM)
                 except ProcessLookupError:
                     pass
-            self.wait_until(lambda: cl.kill_points_hit() != hits or ch.proc.poll() is not None,
+            self.host.wait_until(lambda: cl.kill_points_hit() != hits or ch.proc.poll() is not None,
                             POINT_WAIT_S, f"worker {tid} to reach {at}")
             # hit() disarms the point and counts it as it fires (a reaper
             # also clears the row's point: the count says whether it fired)
@@ -439,10 +467,10 @@ class ScriptOps:
                     raise ScriptError(f"kill point {at} was not reached: worker {tid} did not "
                                       f"pass it within {POINT_WAIT_S:.0f}s (is it churning? "
                                       f"--churn-ms)", "not_reached")
-                self.wait_until(lambda: self.finished(ch), EXIT_WAIT_S, f"worker {tid}'s exit")
+                self.host.wait_until(lambda: self.host.finished(ch), EXIT_WAIT_S, f"worker {tid}'s exit")
                 raise ScriptError(f"kill point {at} was not reached: worker {tid} exited without "
                                   f"passing it (its exit went another way)", "not_reached")
-        if not self.wait_until(lambda: self.finished(ch), EXIT_WAIT_S, f"worker {tid}'s exit"):
+        if not self.host.wait_until(lambda: self.host.finished(ch), EXIT_WAIT_S, f"worker {tid}'s exit"):
             raise ScriptError(f"worker {tid}: its exit did not finish within {EXIT_WAIT_S:.0f}s",
                               "timeout")
         return {"task": tid, "signal": signame, "at": at, "returncode": ch.proc.returncode,
@@ -454,7 +482,7 @@ class ScriptOps:
         point = req.get("point")
         if not isinstance(point, str) or point not in killpoints.POINTS:
             raise ScriptError(f"unknown kill point {point!r}", "value", EXIT_USAGE)
-        cl = self._sup().cl
+        cl = self.host.sup.cl
         delay = req.get("delay_ms")
         if point in killpoints.KSMD_POINTS:
             if req.get("task") is not None:
@@ -469,14 +497,14 @@ class ScriptOps:
         if req.get("task") is None:
             raise ScriptError(f"{point} is a task point: say which task (t.arm(...))", "value",
                               EXIT_USAGE)
-        ch = self._any_worker(req)
+        ch = self.tasks.any_worker(req)
         killpoints.arm_worker(cl, ch.row, point, SIGNALS[self._signal(req)])
         return {"armed": point, "where": f"w{ch.worker_no}"}
 
     def do_disarm(self, req: dict[str, Any]) -> dict[str, Any]:
-        cl = self._sup().cl
+        cl = self.host.sup.cl
         if req.get("task") is not None:
-            ch = self._any_worker(req)
+            ch = self.tasks.any_worker(req)
             killpoints.disarm_worker(cl, ch.row)
             return {"disarmed": f"w{ch.worker_no}"}
         cl.q[H_KSMD_POINT] = -1
@@ -484,7 +512,7 @@ class ScriptOps:
 
     def do_cursor(self, _req: dict[str, Any]) -> dict[str, Any]:
         """ksm_scan.mm_slot: the task whose mm ksmd's cursor is in."""
-        sup = self._sup()
+        sup = self.host.sup
         cl, q = sup.cl, sup.cl.q
         slot = q[L_SCAN_SLOT]
         if slot == cl.head:
@@ -494,12 +522,5 @@ class ScriptOps:
             ch = next((c for c in sup.children.values() if c.mm == mm_id), None)
         return {"task": f"w{ch.worker_no}" if ch is not None else None, "mm": mm_id}
 
-    def close_tasks(self) -> None:
-        for tc in self.tasks.values():
-            try:
-                tc.sock.close()
-            except OSError:
-                pass
 
-
-__all__ = ["ScriptOps", "ScriptError", "TaskChan", "ADVICE", "SIGNALS"]
+__all__ = ["Tasks", "Faults", "Host", "ScriptError", "TaskChan", "ADVICE", "SIGNALS"]
