@@ -16,9 +16,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
-from uksm.kernel.layout import (A_FREE_TOP, C_FRAMES, E_LOCK, E_SINCE, E_WORD, ESIZE, M_EXIT_STAGE, M_ID,
-                     M_OOM_VICTIM, M_OWNER_PID, NCLASS, ROLES, T_EXIT_PROGRESS, T_FAULTS,
-                     T_LOCKS, T_MM, T_PID, T_ROLE, T_WORKER_NO, XS_MMDROP, XS_USERS0, XS_ZAPPED)
+from uksm.kernel.layout import (A_FREE_TOP, C_FRAMES, E_LOCK, E_SINCE, E_WORD, ESIZE, NCLASS, ROLES, T_EXIT_PROGRESS, T_FAULTS, T_LOCKS, T_MM, T_PID, T_ROLE, XS_MMDROP, XS_USERS0, XS_ZAPPED)
 from uksm.kernel.locks import WAITING, holders_of, lock_name
 
 if TYPE_CHECKING:
@@ -47,13 +45,13 @@ class Watchdog:
         return loop
 
     def describe(self, row: int) -> str:
-        q, b = self.cl.q, self.cl.tbase(row)
-        role = ROLES[q[b + T_ROLE]] if 0 <= q[b + T_ROLE] < len(ROLES) else "?"
+        t = self.cl.trow(row)
+        role = ROLES[t.role] if 0 <= t.role < len(ROLES) else "?"
         if role == "worker":
-            return f"worker w{q[b + T_WORKER_NO]} (pid {q[b + T_PID]}, mm{q[b + T_MM]})"
+            return f"worker w{t.worker_no} (pid {t.pid}, mm{t.mm})"
         if role == "reaper":
-            return f"reaper for mm{q[b + T_MM]} (pid {q[b + T_PID]})"
-        return f"{role} (pid {q[b + T_PID]})"
+            return f"reaper for mm{t.mm} (pid {t.pid})"
+        return f"{role} (pid {t.pid})"
 
     def waiting_on(self, row: int, now: int) -> tuple[int, int, float] | None:
         """(class, lock id, seconds) of a blocked wait of this task."""
@@ -68,9 +66,8 @@ class Watchdog:
         cl, q = self.cl, self.cl.q
         rows = cl.live_rows()
         if cls == C_FRAMES:
-            pids = [q[cl.mbase(r) + M_OWNER_PID] for r in range(cl.max_mms)
-                    if q[cl.mbase(r) + M_ID] and q[cl.mbase(r) + M_OOM_VICTIM]
-                    and not q[cl.mbase(r) + M_EXIT_STAGE] & XS_ZAPPED]
+            pids = [m.owner_pid for r in range(cl.max_mms)
+                    if (m := cl.mrow(r)).id and m.oom_victim and not m.exit_stage & XS_ZAPPED]
         else:
             pids = holders_of(q, rows, lid)
         return [r for (r, b) in rows if q[b + T_PID] in pids and q[b + T_PID] > 0]
@@ -117,7 +114,7 @@ class Watchdog:
             del self.spin[row]
         for (row, b) in live:
             mrow = cl.mm_row(q[b + T_MM]) if q[b + T_MM] else -1
-            stage = q[cl.mbase(mrow) + M_EXIT_STAGE] if mrow >= 0 else 0
+            stage = cl.mrow(mrow).exit_stage if mrow >= 0 else 0
             if not stage & XS_USERS0 or stage & XS_MMDROP:
                 self.spin.pop(row, None)
                 continue

@@ -26,13 +26,8 @@ from typing import Any, Callable
 from uksm.host import shm
 from uksm.host.exitcodes import EXIT_ERR, EXIT_HUNG, EXIT_OK, EXIT_USAGE
 from uksm.kernel import fsck
-from uksm.kernel.layout import (A_FREE_TOP, CS_STOPPING, EXIT_PATHS, EXIT_POLICIES, H_EXIT_POLICY,
-                                H_KSMD_TASK, H_MEM_LIMIT, H_STATE, K_PAGES_TO_SCAN, K_RUN,
-                                K_SLEEP_MS, M_EXIT_PATH, M_ID, M_STATE, MM_STATES, MS_EXITING,
-                                MS_FREEING, S_EXIT_FAST, S_EXIT_LEGACY, S_EXIT_SLOW, S_REAPED,
-                                T_PID, T_READY, T_STATE, TS_DEAD, TS_FREE)
+from uksm.kernel.layout import (A_FREE_TOP, CS_STOPPING, EXIT_PATHS, EXIT_POLICIES, H_EXIT_POLICY, H_KSMD_TASK, H_MEM_LIMIT, H_STATE, K_PAGES_TO_SCAN, K_RUN, K_SLEEP_MS, MM_STATES, MS_EXITING, MS_FREEING, S_EXIT_FAST, S_EXIT_LEGACY, S_EXIT_SLOW, S_REAPED, TS_DEAD, TS_FREE)
 from uksm.kernel.locks import Lock, LockTimeout
-from uksm.proc import runknob
 from uksm.proc.control import WRITABLE, validate_knob
 from uksm.proc.scripting import Faults, Tasks
 from uksm.proc.supervisor import Child, Supervisor
@@ -124,7 +119,7 @@ class Requests:
         with sup.lock:
             workers = sorted(f"w{c.worker_no}" for c in sup.children.values())
             ready = sorted(f"w{c.worker_no}" for c in sup.children.values()
-                           if sup.cl.q[sup.cl.tbase(c.row) + T_READY])
+                           if sup.cl.trow(c.row).ready)
         return {"cluster": self.name, "pid": os.getpid(), "log_dir": self.log_dir,
                 "ksmd_pid": sup.ksmd.proc.pid if sup.ksmd is not None else 0,
                 "workers": workers, "ready": ready, "hung": len(sup.hung), "hung_tasks": list(sup.hung),
@@ -154,15 +149,15 @@ class Requests:
                 done = " ".join(f"w{c.worker_no}" for c in kids) or "none"
                 raise RequestError(f"{e} (spawned {len(kids)} of {count}: {done})", e.status)
             self.pump()
-        q, cl = sup.cl.q, sup.cl
+        cl = sup.cl
 
         def gone(c: Child) -> bool:
             with sup.lock:
                 return sup.children.get(c.row) is not c
 
         def ready(c: Child) -> bool:
-            b = cl.tbase(c.row)
-            return not gone(c) and q[b + T_PID] == c.proc.pid and bool(q[b + T_READY])
+            t = cl.trow(c.row)
+            return not gone(c) and t.pid == c.proc.pid and bool(t.ready)
         note = ""
         if req.get("wait"):
             if not self.wait_until(lambda: all(ready(c) or gone(c) for c in kids), READY_WAIT_S,
@@ -221,7 +216,8 @@ class Requests:
                 result = f"exited with status {rc}"
             row = cl.mm_row(c.mm)
             if row >= 0:
-                st, path = q[cl.mbase(row) + M_STATE], q[cl.mbase(row) + M_EXIT_PATH]
+                m = cl.mrow(row)
+                st, path = m.state, m.exit_path
                 result += (f"; mm{c.mm} {MM_STATES[st] if 0 <= st < len(MM_STATES) else st} "
                            f"(ksm_exit {EXIT_PATHS[path] if 0 <= path < len(EXIT_PATHS) else path})")
             else:
@@ -241,7 +237,7 @@ class Requests:
         with sup.lock:
             if sup.children.get(c.row) is c:
                 return False
-        return bool(sup.cl.q[sup.cl.tbase(c.row) + T_STATE] == TS_FREE)
+        return bool(sup.cl.trow(c.row).state == TS_FREE)
 
     def do_ctl(self, req: dict[str, Any]) -> dict[str, Any]:
         sup = self.sup
@@ -282,12 +278,12 @@ class Requests:
         """echo VALUE > /sys/kernel/mm/ksm/run: a writer task runs run_store
         (for 2, the whole unmerge, in its own context, as in 2.6.32); wait
         for it as the shell waits for its write, serving meanwhile
-        (``runknob.write_run``).  A write that fails (the writer
+        (``RunWriter.write``).  A write that fails (the writer
         interrupted or OOM-killed: run is back to 0) is an error, as the
         shell's."""
         self.pump()
         t0 = time.monotonic()
-        res = runknob.write_run(self.sup, value, lambda pred, timeout: self.wait_until(
+        res = self.sup.runwriter.write(value, lambda pred, timeout: self.wait_until(
             pred, timeout, f"run={value}"), RUN_WAIT_S)["result"]
         if res != "done":
             raise RequestError(f"run={value}: the write failed ({res}); run is {self.sup.cl.q[K_RUN]}",
@@ -307,7 +303,7 @@ class Requests:
         ksmd_row = q[H_KSMD_TASK]
 
         def dead_pending() -> bool:
-            return any(q[cl.tbase(r) + T_STATE] == TS_DEAD for r in range(cl.max_tasks)
+            return any(cl.trow(r).state == TS_DEAD for r in range(cl.max_tasks)
                        if r != ksmd_row)
 
         def abort() -> bool:  # polled while blocked on a lock of the world
@@ -316,7 +312,7 @@ class Requests:
         while True:
             self.wait_until(lambda: not dead_pending(), max(0.0, deadline - time.monotonic()))
             with sup.lock:
-                mms = {i: m for i, m in sup.mms.items() if q[m.base + M_ID] == i}
+                mms = sup.live_mms()
             errs: list[str] | None = None
             exiting: list[int] = []
             ms = 0.0
@@ -329,8 +325,8 @@ class Requests:
                         cl.task.lock(cl.mmlist)
                         try:
                             errs = fsck.check(cl, mms, counters=True)
-                            exiting = [i for i, m in mms.items() if q[m.base + M_ID] == i
-                                       and q[m.base + M_STATE] in (MS_EXITING, MS_FREEING)]
+                            exiting = [i for i, m in mms.items() if m.words.id == i
+                                       and m.words.state in (MS_EXITING, MS_FREEING)]
                             used = cl.nframes - q[A_FREE_TOP]
                         finally:
                             cl.task.unlock(cl.mmlist)

@@ -14,9 +14,7 @@ from typing import Any, Callable
 
 from uksm.host import shm
 from uksm.kernel.cluster import Config
-from uksm.kernel.layout import (A_FREE_TOP, EXIT_POLICIES, H_MEM_LIMIT, HAZARDS, OOM_RULES, K_FULL_SCANS,
-                     K_PAGES_SHARED, K_PAGES_SHARING, K_RMAP_ITEMS, K_RUN, L_SCAN_SLOT, M_ID,
-                     PAGE_SIZE, ksm_block)
+from uksm.kernel.layout import (A_FREE_TOP, EXIT_POLICIES, H_MEM_LIMIT, HAZARDS, OOM_RULES, K_FULL_SCANS, K_PAGES_SHARED, K_PAGES_SHARING, K_RMAP_ITEMS, K_RUN, L_SCAN_SLOT, PAGE_SIZE, ksm_block)
 from uksm.host.exitcodes import interrupted as interrupted_status
 from uksm.kernel.ksm import slot_next, slots
 from uksm.host.lifeline import StopSignals
@@ -307,7 +305,7 @@ def demo_exit_away_from_cursor(sup: Supervisor, timeout: float = 20.0) -> None:
         cur = q[L_SCAN_SLOT]
         near = {cur, slot_next(cl, cur)}
         rows = [s for s in slots(cl) if s not in near]
-        mm_ids = {q[cl.mbase(s) + M_ID] for s in rows}
+        mm_ids = {cl.mrow(s).id for s in rows}
     finally:
         cl.task.unlock(cl.mmlist)
     with sup.lock:

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from uksm.host import shm
+from uksm.host.exitcodes import EXIT_ERR
 from uksm.host.oops import Oopses
 from uksm.kernel.layout import EXIT_POLICIES, H_EXIT_POLICY, R_WRITER
 from uksm.kernel.writer import result_of
@@ -23,6 +24,10 @@ from uksm.proc.children import Child
 
 if TYPE_CHECKING:
     from uksm.proc.supervisor import Supervisor
+
+#: wait(pred, timeout): True once pred() holds, False after timeout seconds,
+#: doing the caller's main-loop duties in between
+Wait = Callable[[Callable[[], bool], float], bool]
 
 
 class RunWriter:
@@ -72,21 +77,37 @@ class RunWriter:
                 return None
         return rc if self.sup.settled() else None
 
-    def write(self, value: int, oom_origin: bool | None = None,
-                  timeout: float = 120.0) -> dict[str, Any]:
-        """Write ``run`` through a writer task and wait for the write to
-        return, as the shell would: {"value", "status", "result"}, the
-        result "done", "interrupted" (-ERESTARTSYS), "oom-killed", "killed
-        by SIG..." or "hung" (the watchdog reported a hung task meanwhile)."""
+    def write(self, value: int, wait: Wait | None = None, timeout: float = 120.0,
+              oom_origin: bool | None = None) -> dict[str, Any]:
+        """Start the writer of ``run=value`` and ``wait`` for its write to
+        return: {"value", "status", "result"}, the result "done",
+        "interrupted" (-ERESTARTSYS), "oom-killed", "killed by SIG..." (the
+        writer's exit status through ``writer.result_of``) or "hung" (status
+        None: the watchdog has reported a hung task, so waiting on would
+        wait for ever).  A write still not returned after ``timeout`` is an
+        UksmError (EXIT_ERR).
+
+        Whoever waits (the daemon's ``ctl run=``, ``uksm run``, the API,
+        the tests) must keep the main loop's duties going meanwhile: the
+        writer may block on a lock whose holder dies, and only reaping
+        and recovery free it.  So the waiting is the caller's ``wait``
+        (default: sweeping, as ``uksm run``'s main loop does)."""
+        sup = self.sup
         ch = self.start(value, oom_origin)
+        if not (wait or self.sweeping)(lambda: self.status(ch) is not None or bool(sup.hung), timeout):
+            raise shm.UksmError(f"run={value} written, but the write has not returned after "
+                                f"{timeout:.0f}s", EXIT_ERR)
+        if sup.hung:
+            return {"value": value, "status": None, "result": "hung"}
+        rc = self.status(ch)
+        return {"value": value, "status": rc, "result": result_of(rc)}
+
+    def sweeping(self, pred: Callable[[], bool], timeout: float) -> bool:
+        """The default wait: sweep between two looks."""
         end = time.monotonic() + timeout
-        while True:
-            rc = self.status(ch)
-            if rc is not None:
-                return {"value": value, "status": rc, "result": result_of(rc)}
-            self.sup.sweep()
-            if self.sup.hung:
-                return {"value": value, "status": None, "result": "hung"}
+        while not pred():
             if time.monotonic() > end:
-                raise shm.UksmError(f"run={value}: the writer did not return within {timeout:.0f}s", 1)
+                return False
+            self.sup.sweep()
             time.sleep(0.01)
+        return True

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from uksm.kernel import killpoints
 from uksm.host.exitcodes import EXIT_ERR, EXIT_USAGE
-from uksm.kernel.layout import EXIT_PATHS, H_KSMD_POINT, L_SCAN_SLOT, M_ID, PAGE_SIZE, T_EXIT_PATH, T_KILL_POINT
+from uksm.kernel.layout import (EXIT_PATHS, H_KSMD_POINT, L_SCAN_SLOT, PAGE_SIZE, T_EXIT_PATH, T_KILL_POINT)
 from uksm.host.shm import UksmError
 
 if TYPE_CHECKING:
@@ -150,7 +150,7 @@ class Tasks:
     def how(self, tc: TaskChan) -> str:
         rc = tc.child.proc.returncode
         cl = self.host.sup.cl
-        path = tc.extra.get("path") or EXIT_PATHS[cl.q[cl.tbase(tc.child.row) + T_EXIT_PATH]]
+        path = tc.extra.get("path") or EXIT_PATHS[cl.trow(tc.child.row).exit_path]
         tc.extra["path"] = path
         if rc == -signal.SIGKILL:
             return f"was killed (SIGKILL); its exit was run by the supervisor (ksm_exit {path})"
@@ -517,7 +517,7 @@ class Faults:
         slot = q[L_SCAN_SLOT]
         if slot == cl.head:
             return {"task": None, "mm": 0}
-        mm_id = q[cl.mbase(slot) + M_ID]
+        mm_id = cl.mrow(slot).id
         with sup.lock:
             ch = next((c for c in sup.children.values() if c.mm == mm_id), None)
         return {"task": f"w{ch.worker_no}" if ch is not None else None, "mm": mm_id}

@@ -29,6 +29,7 @@ from uksm.host.oops import FD_ENV
 from uksm.kernel import fsck, killpoints, oom
 from uksm.kernel.cluster import Cluster, Config, destroy
 from uksm.kernel.layout import (CS_RUNNING, H_NEXT_WORKER, H_STATE, H_SUPERVISOR_PID, K_RUN, R_SUPERVISOR, R_WORKER, S_LOCKDEP, S_MISMATCHES, S_PAGES_VERIFIED, S_STARTED, S_USE_AFTER_FREE, TASK_SIZE, TS_ALIVE, TS_FREE, ksm_block, stats_block)
+from uksm.kernel.locks import LockTimeout
 from uksm.kernel.memory import frame_stats
 from uksm.kernel.mm import MM, mm_create
 from uksm.kernel.watchdog import Watchdog
@@ -44,10 +45,10 @@ class Supervisor:
     loop's duties; reaping (``Reaper``), recovery (``Recovery``) and ksmd's
     restarts (``KsmdCtl``) are each their own owner.
 
-    Lock order: ``self.lock`` (a thread lock, this process only: the maps
-    below and task-row allocation) is never held while waiting for a
-    cluster lock, except for the one ``trylock``-free critical section in
-    ``spawn_worker`` that takes ksm_mmlist_lock (a leaf) after it."""
+    ``self.lock`` (a thread lock of this process only) guards the maps
+    below and task-row allocation; it is never held while waiting for a
+    cluster lock (no cluster lock is taken under it), so no cross-process
+    wait can end up behind it."""
 
     def __init__(self, name: str, cfg: Config, log_dir: str | None, quiet: bool = False) -> None:
         self.name = name
@@ -193,7 +194,7 @@ class Supervisor:
 
     def write_run(self, value: int, oom_origin: bool | None = None,
                   timeout: float = 120.0) -> dict[str, Any]:
-        return self.runwriter.write(value, oom_origin, timeout)
+        return self.runwriter.write(value, timeout=timeout, oom_origin=oom_origin)
 
     # ---- the main loop's duties: their owners do them ---------------------------------
     def poll(self) -> None:
@@ -251,12 +252,12 @@ class Supervisor:
         more than a second (a deadlocked cluster): then as they are."""
         cl = self.cl
         locked = False
-        end = time.monotonic() + 1.0
-        while self.ksmd is not None and time.monotonic() < end:
-            if cl.task.trylock(cl.daemon):
+        if self.ksmd is not None:
+            try:
+                cl.task.lock_bounded(cl.daemon, 1.0, lambda: self.ksmd is None)
                 locked = True
-                break
-            time.sleep(0.005)
+            except LockTimeout:
+                pass
         try:
             ksm = ksm_block(cl.q)
         finally:
