@@ -25,7 +25,7 @@ torn last line); blank lines are ignored. The count is reported by
 ``summary`` (``invalid_lines``) and as a warning on stderr by the other
 subcommands.
 
-The package: ``read`` (the stream), ``check`` (the rules), ``report``
+The package: ``read`` (the stream), ``rules`` (the exit protocol's rules: ``check``), ``report``
 (summary, timeline, locks, plot); ``uksm.cli.logs`` is the command line.
 
 Subcommands: ``summary``, ``timeline --mm N``, ``check``, ``locks``,
@@ -34,7 +34,7 @@ arguments, matplotlib missing for ``plot``), 4 ``check`` found violations.
 """
 from __future__ import annotations
 
-from uksm.logs.check import CheckResult, check, check_events
+from uksm.logs.rules import CheckResult, check, check_events
 from uksm.logs.read import Event, LogDirError, ReadStats, iter_events, select
 from uksm.logs.report import lock_stats, plot, summarize, timeline
 

@@ -3,7 +3,7 @@
 The files of a run are merged into one stream in ``mono_ns`` order with
 :func:`heapq.merge` over one generator per file: nothing is loaded whole, so
 a run of millions of lines is analysed in constant memory.  Every question
-(``uksm.logs.report``, ``uksm.logs.check``) is a consumer of that one stream
+(``uksm.logs.report``, ``uksm.logs.rules``) is a consumer of that one stream
 (:func:`iter_events`), narrowed when needed by the one filter (:func:`select`).
 
 Lines that are not a JSON object with a string ``event`` and an integer
