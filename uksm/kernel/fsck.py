@@ -24,6 +24,7 @@ import mmh3
 import posix_ipc
 
 from uksm.kernel.ksm import slot_prev, slots
+from uksm.kernel.locks import take_raw
 from uksm.kernel.layout import (A_FREE_TOP, H_KSM_UNSYNCED, F_FREEING, F_KSM, FR_AUX, FR_COUNT, FR_FLAGS, FR_KEY0,
                      FR_KEY1, FRAME_SIZE, K_PAGES_SHARED, K_PAGES_SHARING, K_PAGES_UNSHARED,
                      K_PAGES_VOLATILE, K_RMAP_ITEMS, M_EXIT_STAGE, M_ID, M_KSM_MAPPED, M_MERGING, M_REFS, M_RMAP_ITEMS, M_RSS,
@@ -36,38 +37,25 @@ if TYPE_CHECKING:
     from uksm.kernel.mm import MM
 
 
-class Retry(Exception):
-    """A lock needed to stop the world is held by a task that just died."""
-
-
-def _take(sem: posix_ipc.Semaphore, abort: Callable[[], bool] | None) -> None:
-    while True:
-        try:
-            sem.acquire(0.05)
-            return
-        except (posix_ipc.BusyError, posix_ipc.SignalError):
-            if abort is not None and abort():
-                raise Retry()
-
-
 @contextmanager
 def world_stopped(cl: "Cluster", mms: dict[int, "MM"], owned_ptl: frozenset[int] | set[int] = frozenset(),
                   own_zone: bool = False, abort: Callable[[], bool] | None = None) -> Iterator[None]:
     """Hold every pte lock (in mm id order) and then zone_lock.  The
     caller is the supervisor (trusted, never killed), so these raw
-    acquisitions are not recorded.  ``owned_*``: already held (taken over
-    from a dead task).  ``abort()`` is polled while blocked: it raises
-    Retry if a holder died, so that its recovery can come first."""
+    acquisitions are not recorded (``locks.take_raw``).  ``owned_*``:
+    already held (taken over from a dead task).  ``abort()`` is polled
+    while blocked: HolderDied if a holder died, so that its recovery can
+    come first."""
     taken: list[posix_ipc.Semaphore] = []
     try:
         for mm_id in sorted(mms):
             if mm_id in owned_ptl:
                 continue
             sem = mms[mm_id].ptl.sem
-            _take(sem, abort)
+            take_raw(sem, abort)
             taken.append(sem)
         if not own_zone:
-            _take(cl.zone.sem, abort)
+            take_raw(cl.zone.sem, abort)
             taken.append(cl.zone.sem)
         yield
     finally:

@@ -84,6 +84,27 @@ class LockTimeout(LockAbort):
         self.timeout = timeout
 
 
+class HolderDied(LockAbort):
+    """A raw wait (``take_raw``) given up: its ``abort()`` said a holder
+    died, so that holder's recovery must come first."""
+
+
+def take_raw(sem: posix_ipc.Semaphore, abort: Callable[[], bool] | None = None,
+             slice_s: float = 0.05) -> None:
+    """Take one unit of ``sem`` without recording it in any task row: the
+    supervisor stopping the world (``fsck.world_stopped``) is trusted --
+    never killed -- so no entry is needed for a recovery to read.  It waits
+    in slices; between two, ``abort()`` returning True (a holder it may be
+    waiting for has died) raises HolderDied, no unit taken."""
+    while True:
+        try:
+            sem.acquire(slice_s)
+            return
+        except (posix_ipc.BusyError, posix_ipc.SignalError):
+            if abort is not None and abort():
+                raise HolderDied()
+
+
 class Lock:
     """One semaphore of ``units`` units (1: a mutex; N: an rw semaphore)."""
 

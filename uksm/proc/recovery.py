@@ -175,7 +175,7 @@ class Recovery:
                 with fsck.world_stopped(cl, mms, owned_ptl, abort=lambda: self._more_dead(batch)):
                     fixed = fsck.rebuild(cl, mms)
                 break
-            except (fsck.Retry, LockAbort):
+            except LockAbort:   # HolderDied (world_stopped) too
                 continue
             finally:
                 cl.task.abort = None
