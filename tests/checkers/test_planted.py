@@ -51,7 +51,7 @@ def merged(tmp_path_factory):
         yield sup
         set_run(sup, 1)
         assert sup.stop_workers(timeout=40), sup.hung
-        sup.wait_ksmd_frees()
+        sup.ksmdctl.wait_frees()
         sup.stop_ksmd()
         fs = sup.final_fsck()
         assert fs["ok"], fs["errors"]

@@ -44,7 +44,7 @@ def finish(sup) -> dict:
     """Stop every worker through its exit path, let ksmd free what is left,
     stop ksmd, fsck."""
     assert sup.stop_workers(timeout=60), f"workers did not exit: hung={sup.hung}"
-    sup.wait_ksmd_frees()
+    sup.ksmdctl.wait_frees()
     sup.stop_ksmd()
     return sup.final_fsck()
 

@@ -29,7 +29,7 @@ def test_ksmd_killed_cluster_still_tears_down(rep):
         pump(sup, lambda: sup.ksmd is not None and sup.ksmd.proc.pid != old, what="a new ksmd")
         assert any("ksmd died" in e for e in sup.errors)
         assert sup.stop_workers(timeout=60), f"workers did not exit: hung={sup.hung}"
-        sup.wait_ksmd_frees()
+        sup.ksmdctl.wait_frees()
         sup.stop_ksmd()
         fs = sup.final_fsck()
         assert fs["ok"], fs["errors"]

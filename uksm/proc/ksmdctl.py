@@ -13,6 +13,8 @@ must not hang then, and the run must fail.  So:
   recovery calls ``lost``, which schedules a fresh ksmd after a backoff
   (``restart_if_due``, in the main loop), or gives up after a few oopses
   in a row (``given_up``: the run ends with EXIT_OOPS);
+- ``wait_frees``: before shutdown stops it, ksmd frees the slots the
+  slow-path exits left it (run=1);
 - ``stop``: shutdown's SIGTERM, and an oops in flight as it was stopped;
 - ``note_oops``: the same accounting for the run= writer (``uksm.kernel.writer``),
   the other task that runs kernel code in its own process.
@@ -31,7 +33,9 @@ import time
 from typing import TYPE_CHECKING
 
 from uksm.host.oops import Oopses
-from uksm.kernel.layout import (H_KSMD_PID, H_KSMD_TASK, H_SHUTDOWN, K_FULL_SCANS, K_PAGES_SCANNED, R_KSMD, TS_DEAD)
+from uksm.kernel import fsck
+from uksm.kernel.layout import (H_KSMD_PID, H_KSMD_TASK, H_SHUTDOWN, K_FULL_SCANS, K_PAGES_SCANNED,
+                                K_RUN, R_KSMD, TS_DEAD)
 
 from uksm.proc.children import Child
 
@@ -183,4 +187,16 @@ class KsmdCtl:
         if self.restart_at and time.monotonic() >= self.restart_at:
             self.restart_at = 0.0
             self.sup.start_ksmd()
+
+    def wait_frees(self, timeout: float = 20.0) -> None:
+        """Let ksmd free the slots that slow-path exits left it (run=1)."""
+        cl, q = self.sup.cl, self.sup.cl.q
+        if q[K_RUN] != 1 or self.sup.ksmd is None:
+            return
+
+        def none_left() -> bool:
+            self.sup.sweep()
+            return not any((m := cl.mrow(r)).id and m.slot_used and m.users == 0
+                           for r in range(cl.max_mms))
+        fsck.wait_settled(none_left, timeout, 0.02)
 

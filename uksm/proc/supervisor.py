@@ -28,7 +28,7 @@ from uksm.host.exitcodes import EXIT_ERR, EXIT_HUNG, EXIT_INTEGRITY, EXIT_OK, EX
 from uksm.host.oops import FD_ENV
 from uksm.kernel import fsck, killpoints, oom
 from uksm.kernel.cluster import Cluster, Config, destroy
-from uksm.kernel.layout import (CS_RUNNING, H_NEXT_WORKER, H_STATE, H_SUPERVISOR_PID, K_RUN, R_SUPERVISOR, R_WORKER, S_LOCKDEP, S_MISMATCHES, S_PAGES_VERIFIED, S_STARTED, S_USE_AFTER_FREE, TASK_SIZE, TS_ALIVE, TS_FREE, ksm_block, stats_block)
+from uksm.kernel.layout import (CS_RUNNING, H_NEXT_WORKER, H_STATE, H_SUPERVISOR_PID, R_SUPERVISOR, R_WORKER, S_LOCKDEP, S_MISMATCHES, S_PAGES_VERIFIED, S_STARTED, S_USE_AFTER_FREE, TASK_SIZE, TS_ALIVE, TS_FREE, ksm_block, stats_block)
 from uksm.kernel.locks import LockTimeout
 from uksm.kernel.memory import frame_stats
 from uksm.kernel.mm import MM, mm_create
@@ -307,18 +307,6 @@ class Supervisor:
             time.sleep(0.02)
         return False
 
-    def wait_ksmd_frees(self, timeout: float = 20.0) -> None:
-        """Let ksmd free the slots that slow-path exits left it (run=1)."""
-        cl, q = self.cl, self.cl.q
-        if q[K_RUN] != 1 or self.ksmd is None:
-            return
-
-        def none_left() -> bool:
-            self.sweep()
-            return not any((m := cl.mrow(r)).id and m.slot_used and m.users == 0
-                           for r in range(cl.max_mms))
-        fsck.wait_settled(none_left, timeout, 0.02)
-
     def live_fsck(self) -> dict[str, Any]:
         """fsck on the running cluster (``fsck.check_live``).  Called from
         the main loop's thread."""
@@ -355,7 +343,7 @@ class Supervisor:
                     self.errors.append("workers did not exit in time")
                 self.kill_all()
             else:
-                self.wait_ksmd_frees()
+                self.ksmdctl.wait_frees()
                 self.stop_ksmd()
                 fs = self.final_fsck()
             workers = stats_block(q)
