@@ -192,22 +192,10 @@ def maps_duplicates(spaces: Iterable[tuple[Space, int, int]]) -> list[tuple[int,
 def ksm_stats(cl: Any) -> dict[str, int]:
     """The counters as one consistent snapshot (read under
     ksm_thread_mutex, which ksmd publishes them under)."""
-    from uksm.kernel.layout import (
-        K_FULL_SCANS,
-        K_PAGES_SCANNED,
-        K_PAGES_SHARED,
-        K_PAGES_SHARING,
-        K_PAGES_UNSHARED,
-        K_PAGES_VOLATILE,
-        K_RMAP_ITEMS,
-    )
-    q = cl.q
+    from uksm.kernel.layout import K_RMAP_ITEMS, ksm_block
     cl.task.lock(cl.daemon)
     try:
-        return {"pages_shared": q[K_PAGES_SHARED], "pages_sharing": q[K_PAGES_SHARING],
-                "pages_unshared": q[K_PAGES_UNSHARED], "pages_volatile": q[K_PAGES_VOLATILE],
-                "full_scans": q[K_FULL_SCANS], "rmap_items": q[K_RMAP_ITEMS],
-                "pages_scanned": q[K_PAGES_SCANNED]}
+        return {**ksm_block(cl.q), "rmap_items": cl.q[K_RMAP_ITEMS]}
     finally:
         cl.task.unlock(cl.daemon)
 

@@ -18,9 +18,8 @@ import uksm
 from helpers import booted, pump, run_json
 from uksm.kernel import killpoints
 from uksm.host import shm
-from uksm.kernel.layout import (H_KSMD_POINT, K_FULL_SCANS, M_ID,
-                         M_RMAP_ITEMS, M_SLOT_RMAP, M_SLOT_USED, S_EXIT_FAST, S_EXIT_SLOW,
-                         S_MISMATCHES, T_READY)
+from uksm.kernel.layout import (H_KSMD_POINT, K_FULL_SCANS, M_ID, M_RMAP_ITEMS, M_SLOT_RMAP,
+                                M_SLOT_USED, S_MISMATCHES, T_READY, stats_block)
 
 # cluster names are per test session: two runs of the suite at once never collide
 PID = os.getpid() % 100000
@@ -83,7 +82,8 @@ def test_slow_path_leaves_the_slot_to_ksmd(rep, tmp_path):
         assert q[mm.base + M_SLOT_RMAP] > 0
         ch.proc.terminate()
         pump(sup, lambda: ch.row not in sup.children, what="worker reaped")
-        assert q[S_EXIT_SLOW] == 1 and q[S_EXIT_FAST] == 0
+        st = stats_block(q)
+        assert st["exit_slow"] == 1 and st["exit_fast"] == 0
         assert q[mm.base + M_ID] == ch.mm and q[mm.base + M_SLOT_USED], "slot left for ksmd"
         assert mm_objects(name, ch.mm), "the mm outlives its task while ksmd holds mm_count"
         set_run(sup, 1)

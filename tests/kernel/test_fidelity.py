@@ -182,7 +182,8 @@ def test_no_merge_in_an_area_made_unmergeable_while_ksmd_scans(rep):
     from util_machine import Space, assert_fsck, is_ksm, set_run, wait_counts, wait_full_scans
 
     from uksm.kernel import killpoints
-    from uksm.kernel.layout import H_KSMD_POINT, K_RUN
+    from uksm.kernel.ksm import run_store
+    from uksm.kernel.layout import H_KSMD_POINT
     from uksm.kernel.syscalls import MADV_MERGEABLE, MADV_UNMERGEABLE
     with booted(cname(f"nm{rep}"), run=1, frames=512, va_pages=400, pages_to_scan=2000,
                 sleep_ms=2) as sup:
@@ -198,7 +199,7 @@ def test_no_merge_in_an_area_made_unmergeable_while_ksmd_scans(rep):
         set_run(sup, 0)
         s.madvise(b, 64, MADV_MERGEABLE)
         killpoints.arm_ksmd_delay(sup.cl, "ksmd_scan_mmap_sem", 600)
-        q[K_RUN] = 1                            # ksmd's next batch: scan_mm of this mm
+        run_store(sup.cl, 1)                    # ksmd's next batch: scan_mm of this mm
         pump(sup, lambda: q[H_KSMD_POINT] == -1, what="ksmd held with mmap_sem")
         s.madvise(b, 64, MADV_UNMERGEABLE)      # waits for ksmd to let the writer in
         wait_full_scans(sup, 2)
@@ -421,7 +422,7 @@ def test_oom_victim_stuck_in_mmput_by_rule(rule, second_kill, monkeypatch):
 
     from uksm.kernel import oom
     from uksm.kernel.exit import mm_users_zero
-    from uksm.kernel.layout import M_OOM_VICTIM, M_OWNER_PID, S_OOM_KILLED
+    from uksm.kernel.layout import M_OOM_VICTIM, M_OWNER_PID, stats_block
     from uksm.host.log import _Null
     sent: list[int] = []
     from types import SimpleNamespace
@@ -441,7 +442,7 @@ def test_oom_victim_stuck_in_mmput_by_rule(rule, second_kill, monkeypatch):
         got = oom.out_of_memory(sup.cl, sup.cl.task)
         assert got == (999_002 if second_kill else 0)
         assert sent == ([999_001, 999_002] if second_kill else [999_001])
-        assert q[S_OOM_KILLED] == (2 if second_kill else 1)
+        assert stats_block(q)["oom_killed"] == (2 if second_kill else 1)
         for s in (stuck, other):
             q[s.mm.base + M_OWNER_PID] = 0
             s.exit()

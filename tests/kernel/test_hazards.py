@@ -18,7 +18,7 @@ from helpers import booted, pump, run_json
 from test_exit import finish, ready, set_run
 from uksm.kernel import killpoints
 from uksm import logs
-from uksm.kernel.layout import H_KSMD_POINT, K_FULL_SCANS, S_EXIT_FAST, S_EXIT_SLOW
+from uksm.kernel.layout import H_KSMD_POINT, K_FULL_SCANS, stats_block
 
 # cluster names carry the session's pid: two runs of the suite never collide
 PID = os.getpid() % 100000
@@ -82,7 +82,7 @@ def test_cve_2011_2183_scan_reaches_the_list_head(hazards, rep, tmp_path):
     with booted(f"thead{rep}{len(hazards)}{PID}", str(tmp_path), run=0, hazards=hazards, **SMALL) as sup:
         q = sup.cl.q
         ksm05_exit_in_window(sup, "ksmd_scan_wrap", 2000, rep)
-        assert q[S_EXIT_FAST] == 1  # the list is empty, ksmd still in the window
+        assert stats_block(q)["exit_fast"] == 1  # the list is empty, ksmd still in the window
         if hazards:
             assert_oops(sup, tmp_path, "slot_state", "NullPointerDereference", "ksmd")
         else:
@@ -104,7 +104,7 @@ def test_2016_up_read_after_the_list_lock(hazards, rep, tmp_path):
         ksm05_exit_in_window(sup, "ksmd_between_unlocks", 1500, rep)
         ksmd_batch_over(sup)
         if hazards:
-            assert q[S_EXIT_FAST] == 1  # (fixed: the exit waits for the list lock, then
+            assert stats_block(q)["exit_fast"] == 1  # (fixed: the exit waits for the list lock, then
             #                              takes the fast path or finds ksmd freed the slot)
             pump(sup, lambda: events(tmp_path, "use_after_free"), what="the use_after_free event")
             end = sup.shutdown()
@@ -132,7 +132,7 @@ def test_2023_unmerge_walks_a_torn_down_mm(hazards, rep, tmp_path):
         set_run(sup, 0)
         ch.proc.terminate()
         pump(sup, lambda: ch.row not in sup.children, what="the task's exit")
-        assert q[S_EXIT_SLOW] == 1
+        assert stats_block(q)["exit_slow"] == 1
         r = sup.write_run(2, timeout=30)   # the writer unmerges (run_store)
         if hazards:
             assert r["status"] == 70, r
