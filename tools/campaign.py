@@ -312,6 +312,7 @@ def run_ray(todo: list[dict[str, Any]], a: argparse.Namespace, sink: Sink, stop:
         ray.init(num_cpus=a.parallel, include_dashboard=False, log_to_driver=False,
                  object_store_memory=128 << 20)
     lost: list[str] = []
+    aborted: list[str] = []   # runs cancelled by the stop: their guards clean up
     pending: dict[Any, dict[str, Any]] = {}
     try:
         task = ray.remote(_ray_run).options(num_cpus=a.num_cpus, memory=a.memory_mib << 20,
@@ -345,6 +346,7 @@ def run_ray(todo: list[dict[str, Any]], a: argparse.Namespace, sink: Sink, stop:
                 try:
                     r = ray.get(ref)
                 except TaskCancelledError:
+                    aborted.append(run_id(p))
                     continue
                 except RayError as e:  # lost past its retries: no result
                     if not stop:
@@ -357,7 +359,25 @@ def run_ray(todo: list[dict[str, Any]], a: argparse.Namespace, sink: Sink, stop:
     finally:
         if started:
             ray.shutdown()
+        if stop:
+            guards_done(a.logs, aborted)
     return lost
+
+
+def guards_done(log_root: str, rids: list[str], timeout: float = 30.0) -> None:
+    """A cancelled Ray task's reference is ready as soon as the task is
+    stopped, and a Ctrl-C reaches the Ray workers too: the guard of its
+    run (``campaign_run``) may still be aborting it when the campaign is
+    about to exit -- killing its processes, removing its cluster, then, last,
+    its logs.  So wait for those logs to go (every guard done), then remove
+    what a guard that died too left."""
+    end = time.monotonic() + timeout
+    left = [d for d in (os.path.join(log_root, r) for r in rids) if os.path.exists(d)]
+    while left and time.monotonic() < end:
+        time.sleep(0.1)
+        left = [d for d in left if os.path.exists(d)]
+    for d in left:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def _ray_run(params: dict[str, Any], log_root: str, keep_logs: str, timeout: float) -> dict[str, Any]:
