@@ -24,12 +24,13 @@ import mmh3
 import posix_ipc
 
 from .ksm import slot_prev, slots
-from .layout import (A_FREE_TOP, H_KSM_UNSYNCED, F_FREEING, F_KSM, FR_AUX, FR_COUNT, FR_FLAGS, FR_KEY0,
+from .layout import (A_FREE_TOP, H_KSM_UNSYNCED, F_KSM, FR_AUX, FR_COUNT, FR_FLAGS, FR_KEY0,
                      FR_KEY1, FRAME_SIZE, K_PAGES_SHARED, K_PAGES_SHARING, K_PAGES_UNSHARED,
                      K_PAGES_VOLATILE, K_RMAP_ITEMS, M_EXIT_STAGE, M_ID, M_KSM_MAPPED, M_MERGING, M_REFS, M_RMAP_ITEMS, M_RSS,
                      M_SLOT_USED, M_STATE, M_USERS, MS_FREEING, PAGE_SIZE, PT_OFF, PTE_PRESENT,
                      PTE_WRITE, REF_KSM, REF_USERS, T_FLIGHT_MM, T_FLIGHT_PFN, T_FLIGHT_VPN,
                      T_STATE, TS_ALIVE, TS_REAPING, XS_MMDROP, XS_USERS0)
+from .memory import held_at_zero
 
 if TYPE_CHECKING:
     from .cluster import Cluster
@@ -143,8 +144,8 @@ def check(cl: "Cluster", mms: dict[int, "MM"], counters: bool = True) -> list[st
                 errs.append(f"frame {pfn} is free but mapped {refs[pfn]} times")
             continue
         if count == 0:
-            if flags & F_FREEING and fq[b + FR_AUX] - 1 in live:
-                continue  # being freed by a live task
+            if held_at_zero(flags, fq[b + FR_AUX], live):
+                continue  # being freed by a live task, or in its per-task list
             errs.append(f"frame {pfn} leaked: count 0, not on the free stack (flags {flags})")
             continue
         if count != refs[pfn]:
@@ -271,7 +272,7 @@ def rebuild(cl: "Cluster", mms: dict[int, "MM"]) -> int:
     for pfn in range(cl.nframes):
         b = pfn * FRAME_SIZE
         if fq[b + FR_COUNT] != refs[pfn]:
-            if not (refs[pfn] == 0 and fq[b + FR_FLAGS] & F_FREEING and fq[b + FR_AUX] - 1 in live):
+            if not (refs[pfn] == 0 and held_at_zero(fq[b + FR_FLAGS], fq[b + FR_AUX], live)):
                 fixed += 1
             fq[b + FR_COUNT] = refs[pfn]
     for r in range(cl.max_tasks):
