@@ -79,7 +79,8 @@ class Worker:
         """Write pages i..i+n-1 (one MMU write: it may span pages)."""
         for j in range(i, i + n):
             self.version[j] = max(self.version[j], 0)
-        self.mmu.write(self.base + i * PAGE_SIZE, b"".join(self.expected(j) for j in range(i, i + n)))
+        data = self.expected(i) if n == 1 else b"".join(self.expected(j) for j in range(i, i + n))
+        self.mmu.write(self.base + i * PAGE_SIZE, data)
 
     def run(self) -> int:
         a = self.a
