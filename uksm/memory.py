@@ -79,6 +79,14 @@ class Allocator:
         if top == 0 or (limit and self.cl.nframes - top >= limit):
             return -1
         pfn = fq[self.cl.stack_off + top - 1]
+        self._in_flight(mm, vpn, pfn)
+        q[A_FREE_TOP] = top - 1  # commit
+        return pfn
+
+    def _in_flight(self, mm: int, vpn: int, pfn: int) -> None:
+        """The task's T_FLIGHT names the frame first, then the frame gets
+        its count (the flight's reference) and its flags."""
+        q, fq = self.q, self.fq
         t = self.cl.task.base
         q[t + T_FLIGHT_MM] = mm
         q[t + T_FLIGHT_VPN] = vpn
@@ -87,8 +95,6 @@ class Allocator:
         fq[b + FR_COUNT] = 1
         fq[b + FR_FLAGS] = F_ANON
         fq[b + FR_AUX] = 0
-        q[A_FREE_TOP] = top - 1  # commit
-        return pfn
 
     def alloc_frame(self, mm: int, vpn: int, fatal_ok: bool = True) -> int:
         """alloc_page(GFP_HIGHUSER_MOVABLE): a zero-filled frame with count 1,
@@ -188,14 +194,7 @@ class Allocator:
                 # /dev/shm is full: give them all back (still zeros) and
                 # let the one-frame path meet the shortage
                 task.lock(cl.zone)
-                top = q[A_FREE_TOP]
-                for pfn in got:
-                    b = pfn * FRAME_SIZE
-                    fq[b + FR_FLAGS] = 0
-                    fq[b + FR_AUX] = 0
-                    fq[sb + top] = pfn
-                    top += 1
-                q[A_FREE_TOP] = top  # commit
+                self._push_free(got)
                 task.unlock(cl.zone)
                 return False
         got.reverse()  # popped lowest first: the task's pages in address order
@@ -210,15 +209,7 @@ class Allocator:
         once its count is 1 the flight accounts for it), then its count,
         then its flags."""
         pfn = self.pcp.pop()
-        q, fq = self.q, self.fq
-        t = self.cl.task.base
-        q[t + T_FLIGHT_MM] = mm
-        q[t + T_FLIGHT_VPN] = vpn
-        q[t + T_FLIGHT_PFN] = pfn
-        b = pfn * FRAME_SIZE
-        fq[b + FR_COUNT] = 1
-        fq[b + FR_FLAGS] = F_ANON
-        fq[b + FR_AUX] = 0
+        self._in_flight(mm, vpn, pfn)
         return pfn
 
     def drain(self) -> None:
@@ -239,6 +230,19 @@ class Allocator:
         self.pcp = []
         task.unlock(cl.zone)
         self.flush()
+
+    def _push_free(self, pfns: list[int]) -> None:
+        """Put frames (count 0, punched or never written) on the free
+        stack; caller holds zone_lock.  The top moves last: the commit."""
+        q, fq, sb = self.q, self.fq, self.cl.stack_off
+        top = q[A_FREE_TOP]
+        for pfn in pfns:
+            b = pfn * FRAME_SIZE
+            fq[b + FR_FLAGS] = 0
+            fq[b + FR_AUX] = 0
+            fq[sb + top] = pfn
+            top += 1
+        q[A_FREE_TOP] = top  # commit
 
     def installed(self) -> None:
         """The in-flight frame is in a PTE now (caller holds the pte lock)."""
@@ -284,17 +288,9 @@ class Allocator:
         pool = self.cl.pool
         for start, count in runs(pend):
             pool.punch(start * PAGE_SIZE, count * PAGE_SIZE)
-        q, fq, sb = self.q, self.fq, self.cl.stack_off
-        task = self.cl.task
+        q, task = self.q, self.cl.task
         task.lock(self.cl.zone)
-        top = q[A_FREE_TOP]
-        for pfn in pend:
-            b = pfn * FRAME_SIZE
-            fq[b + FR_FLAGS] = 0
-            fq[b + FR_AUX] = 0
-            fq[sb + top] = pfn
-            top += 1
-        q[A_FREE_TOP] = top  # commit
+        self._push_free(pend)
         q[H_PENDING_FREE] -= len(pend)
         q[H_FRAMES_FREED] += 1
         task.unlock(self.cl.zone)
