@@ -70,3 +70,34 @@ def test_a_worker_killed_holding_its_list_leaks_nothing(point, tmp_path):
         assert frames_used(sup.cl) == 0, "the recovery gave back the list and the address space"
         fs = finish(sup)
         assert fs["ok"], fs["errors"]
+
+
+@pytest.mark.timeout(60)
+def test_a_list_dev_shm_cannot_back_goes_back_whole(monkeypatch):
+    """/dev/shm full when the list is backed: every frame of the batch goes
+    back on the free stack, and the allocation takes the one-frame path."""
+    from util_machine import Space
+
+    from uksm.layout import A_FREE_TOP
+    from uksm.memory import PCP_BATCH
+    with booted(f"tpcf{PID}", run=0, frames=FRAMES, va_pages=PAGES + 64) as sup:
+        cl = sup.cl
+        s = Space(sup)
+        s.alloc.batch = PCP_BATCH
+        base = s.mmap(4)
+        calls = []
+        seg = type(cl.pool)
+        real = seg.populate
+
+        def full_once(self, offset: int, length: int) -> bool:
+            calls.append(length)
+            return real(self, offset, length) if len(calls) > 1 else False
+        monkeypatch.setattr(seg, "populate", full_once)
+        top = cl.q[A_FREE_TOP]
+        s.write(base, b"x" * 4096)
+        assert calls[0] > 4096 and calls[1:] == [4096], "the batch, then one frame"
+        assert s.alloc.pcp == [] and cl.q[A_FREE_TOP] == top - 1, "the batch is back, one frame used"
+        assert [p for p in range(cl.nframes) if cl.fq[p * FRAME_SIZE + FR_FLAGS] & F_PCP] == []
+        assert s.read(base, 4096) == b"x" * 4096
+        assert_fsck(sup, [s])
+        s.exit()
