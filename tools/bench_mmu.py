@@ -57,7 +57,7 @@ def child(a: argparse.Namespace) -> dict:
     from uksm.kernel.exit import mmput
     from uksm.kernel.layout import T_PID
     from uksm.host.log import _Null
-    from uksm.kernel.memory import Allocator
+    from uksm.kernel.memory import PCP_BATCH, Allocator
     from uksm.kernel.mm import mm_attach
     from uksm.kernel.mmu import MMU
     from uksm.kernel.syscalls import sys_mmap
@@ -66,7 +66,7 @@ def child(a: argparse.Namespace) -> dict:
     cl.bind(a.row)
     cl.q[cl.task.base + T_PID] = os.getpid()
     mm = mm_attach(cl, a.mm)
-    alloc = Allocator(cl)
+    alloc = Allocator(cl, batch=PCP_BATCH)  # as a worker's: a per-task list of frames
     mmu = MMU(cl, mm, alloc)
     P = a.pages
     base = sys_mmap(cl, mm, P * PAGE)
@@ -115,6 +115,7 @@ def child(a: argparse.Namespace) -> dict:
         out[name] = (n, b, time.monotonic_ns(), cpu() - c)
     # sanity: what the MMU holds is what was written
     assert mmu.read(base, PAGE) == data and mmu.read(base + (P - 1) * PAGE, PAGE) == data
+    alloc.drain()
     mmput(cl, mm, alloc, _Null())
     alloc.flush()
     cl.close()
@@ -131,7 +132,10 @@ def run(pages: int, seconds: float, procs: list[int]) -> list[dict]:
 
     most = max(procs)
     name = f"tbench{os.getpid()}"
-    sup = Supervisor(name, Config(frames=most * pages + 64, va_pages=pages + 64, run=0,
+    # a pool the size of a small machine's (sparse: only touched frames
+    # cost memory), so that the free frames are many enough for per-task
+    # lists, as in a worker of bench_ksm
+    sup = Supervisor(name, Config(frames=max(most * pages + 64, 1 << 16), va_pages=pages + 64, run=0,
                                   max_tasks=most + 16, max_mms=most + 16), None, quiet=True)
     results = []
     try:

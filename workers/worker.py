@@ -27,7 +27,7 @@ from uksm.kernel.exit import mmput
 from uksm.host.lifeline import arm
 from uksm.kernel.layout import (M_OWNER_PID, PAGE_SIZE, S_SIGNALS, T_EXIT_REASON, T_FATAL,
                          T_MISMATCHES, T_PID, T_READY, T_VERIFIED, X_EXIT, X_OOM, X_SIGNAL)
-from uksm.kernel.memory import Allocator, OutOfMemory
+from uksm.kernel.memory import PCP_BATCH, Allocator, OutOfMemory
 from uksm.kernel.mm import mm_attach
 from uksm.kernel.mmu import MMU
 from uksm.host.shm import UksmError
@@ -51,7 +51,7 @@ class Worker:
             "lock_wait", lock=name, holders=holders, waited_ms=round(ms, 3))
         self.mm = mm_attach(self.cl, a.mm)
         self.q[self.mm.base + M_OWNER_PID] = os.getpid()
-        self.alloc = Allocator(self.cl)
+        self.alloc = Allocator(self.cl, batch=PCP_BATCH)  # a per-task list of free frames
         self.alloc.oom_killer = oom.out_of_memory
         self.mmu = MMU(self.cl, self.mm, self.alloc)
         self.wl = Workload(a.workload, a.seed, a.worker_no)
@@ -79,7 +79,8 @@ class Worker:
         """Write pages i..i+n-1 (one MMU write: it may span pages)."""
         for j in range(i, i + n):
             self.version[j] = max(self.version[j], 0)
-        self.mmu.write(self.base + i * PAGE_SIZE, b"".join(self.expected(j) for j in range(i, i + n)))
+        data = self.expected(i) if n == 1 else b"".join(self.expected(j) for j in range(i, i + n))
+        self.mmu.write(self.base + i * PAGE_SIZE, data)
 
     def run(self) -> int:
         a = self.a
@@ -129,6 +130,7 @@ class Worker:
             self.q[S_SIGNALS] += 1
             self.cl.task.unlock(self.cl.mmlist)
         self.log_cows()
+        self.alloc.drain()  # before the exit counts as done: nothing may hold frames after it
         mmput(self.cl, self.mm, self.alloc, self.log)
         for s in (signal.SIGTERM, signal.SIGINT, oom.OOM_SIGNAL):
             signal.signal(s, signal.SIG_IGN)  # exited: nothing left to kill

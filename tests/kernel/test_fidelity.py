@@ -271,9 +271,9 @@ def test_exit_noticed_after_the_loop_frees_the_slot_now(monkeypatch):
         real = Ksmd.cmp_and_merge_page
         last = (base >> 12) + 3
 
-        def cmp_then_exit(self, st, item, pfn):
-            r = real(self, st, item, pfn)
-            if item.vpn == last:               # the exit begins after the last page's checks
+        def cmp_then_exit(self, st, vpn, pfn):
+            r = real(self, st, vpn, pfn)
+            if vpn == last:               # the exit begins after the last page's checks
                 mm_users_zero(sup.cl, s.mm, _Null())
             return r
         monkeypatch.setattr(Ksmd, "cmp_and_merge_page", cmp_then_exit)

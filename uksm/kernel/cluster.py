@@ -25,7 +25,7 @@ from uksm.kernel.layout import (A_FREE_TOP, C_ALLOC, C_DAEMON, C_MMAP, C_MMLIST,
                      H_NFRAMES, H_RWSEM_N, H_STATE, H_VA_PAGES, H_VERSION, HAZARDS,
                      K_PAGES_TO_SCAN, K_RUN, K_SLEEP_MS, L_HEAD_NEXT, L_HEAD_PREV,
                      L_SCAN_SLOT, MAGIC, MM_SIZE, PAGE_SIZE, T_STATE, TASK_SIZE,
-                     TS_ALIVE, TS_REAPING, VERSION, M_ID, M_STATE, MS_FREE, MS_FREEING,
+                     TS_ALIVE, TS_REAPING, VERSION, M_ID,
                      S_LOCKDEP, S_USE_AFTER_FREE)
 from uksm.kernel.locks import Lock, Task, holders_of, lock_name
 from uksm.kernel.views import MmRow, TaskRow
@@ -240,6 +240,7 @@ class Cluster:
             row = self.mm_row(mm_id)
             for x in lk:
                 x.mmrow = row
+                x.mmbase = self.mbase(row)
             self._mm_locks[mm_id] = lk
         return lk
 
@@ -253,13 +254,10 @@ class Cluster:
         pay for it); its locks are where the known races touched it."""
         q = self.q
 
-        def check(lk: Lock, op: str) -> None:
-            b = self.mbase(lk.mmrow)
-            if q[b + M_ID] == lk.mm and q[b + M_STATE] not in (MS_FREEING, MS_FREE):
-                return
+        def report(lk: Lock, op: str) -> None:  # the task saw mm_freed(lk)
             q[S_USE_AFTER_FREE] += 1  # racy, but only zero or not matters
             log.error("use_after_free", mm=lk.mm, lock=lk.name, op=op)
-        self.task.uaf = check
+        self.task.uaf = report
 
     def forget_mm(self, mm_id: int) -> None:
         lk = self._mm_locks.pop(mm_id, None)

@@ -31,6 +31,7 @@ from uksm.kernel.layout import (A_FREE_TOP, H_KSM_UNSYNCED, F_FREEING, F_KSM, FR
                      M_SLOT_USED, M_STATE, M_USERS, MS_FREEING, MS_ZOMBIE, PAGE_SIZE, PT_OFF, PTE_PRESENT,
                      PTE_WRITE, REF_KSM, REF_USERS, T_FLIGHT_MM, T_FLIGHT_PFN, T_FLIGHT_VPN,
                      T_STATE, TS_ALIVE, TS_REAPING, XS_MMDROP, XS_USERS0)
+from uksm.kernel.memory import held_at_zero
 
 if TYPE_CHECKING:
     from uksm.kernel.cluster import Cluster
@@ -131,8 +132,8 @@ def check(cl: "Cluster", mms: dict[int, "MM"], counters: bool = True) -> list[st
                 errs.append(f"frame {pfn} is free but mapped {refs[pfn]} times")
             continue
         if count == 0:
-            if flags & F_FREEING and fq[b + FR_AUX] - 1 in live:
-                continue  # being freed by a live task
+            if held_at_zero(flags, fq[b + FR_AUX], live):
+                continue  # being freed by a live task, or in its per-task list
             errs.append(f"frame {pfn} leaked: count 0, not on the free stack (flags {flags})")
             continue
         if count != refs[pfn]:
@@ -294,7 +295,7 @@ def rebuild(cl: "Cluster", mms: dict[int, "MM"]) -> int:
     for pfn in range(cl.nframes):
         b = pfn * FRAME_SIZE
         if fq[b + FR_COUNT] != refs[pfn]:
-            if not (refs[pfn] == 0 and fq[b + FR_FLAGS] & F_FREEING and fq[b + FR_AUX] - 1 in live):
+            if not (refs[pfn] == 0 and held_at_zero(fq[b + FR_FLAGS], fq[b + FR_AUX], live)):
                 fixed += 1
             fq[b + FR_COUNT] = refs[pfn]
     for r in range(cl.max_tasks):

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import signal
 import time
+from array import array
 from typing import Any
 
 import mmh3
@@ -60,45 +61,78 @@ def key_ints(key: bytes) -> tuple[int, int]:
             int.from_bytes(key[8:], "little", signed=True))
 
 
-class StableNode:
-    """A KSM page in the stable tree: its frame and the rmap_items mapping it."""
-    __slots__ = ("kpfn", "key", "k0", "k1", "items")
+# struct rmap_item is not an object here but a page index (vpn) into its
+# slot's arrays (SlotState): an object, a dict entry, a checksum bytes
+# object and a set membership per page cost ~250 bytes (issue 14), the
+# three arrays 28.  ``seen[vpn]`` is the seqnr of the last scan that met
+# the page, NO_ITEM when it has no rmap_item; ``tree[vpn]`` says where the
+# rmap_item is (mm/ksm.c keeps it as UNSTABLE_FLAG / STABLE_FLAG in
+# rmap_item->address): NOT_IN_TREE, IN_UNSTABLE (its key is its
+# oldchecksum), or the nid of its StableNode; ``csum[16*vpn:16*vpn+16]``
+# is its oldchecksum, all zero for none yet (grow() zeroes a new page's,
+# remove_trailing_rmap_items a freed item's).  The unstable tree names an
+# rmap_item by ``row << 32 | vpn`` (item_ref).
+NO_ITEM = -1
+NOT_IN_TREE = -1
+IN_UNSTABLE = -2
+CSUM = 16          # bytes of oldchecksum (the 128-bit mmh3 digest)
+NO_CSUM = bytes(CSUM)
+VPN_MASK = (1 << 32) - 1
 
-    def __init__(self, kpfn: int, key: bytes) -> None:
+
+def item_ref(row: int, vpn: int) -> int:
+    return row << 32 | vpn
+
+
+class StableNode:
+    """A KSM page in the stable tree: its frame, and how many rmap_items map
+    it (``mapcount``; ``rows``: how many of them are each slot's, so that
+    remove_node_from_stable_tree can count them all out at once).  Its
+    rmap_items name it by ``nid``, never reused: once the node has left the
+    tree (Ksmd.live), an rmap_item naming it is in no tree -- what the
+    kernel's remove_node_from_stable_tree does to each rmap_item on the
+    node's list, done when the rmap_item is next looked at."""
+    __slots__ = ("nid", "kpfn", "key", "k0", "k1", "mapcount", "rows")
+
+    def __init__(self, nid: int, kpfn: int, key: bytes) -> None:
+        self.nid = nid
         self.kpfn = kpfn
         self.key = key
         self.k0, self.k1 = key_ints(key)
-        self.items: set[RmapItem] = set()
-
-
-class RmapItem:
-    """One scanned page address of one mm (struct rmap_item)."""
-    __slots__ = ("slot", "vpn", "oldchecksum", "node", "ukey", "seen")
-
-    def __init__(self, slot: "SlotState", vpn: int) -> None:
-        self.slot = slot
-        self.vpn = vpn
-        self.oldchecksum = b""
-        self.node: StableNode | None = None   # in the stable tree
-        self.ukey: bytes | None = None        # in the unstable tree, under this key
-        self.seen = -1                        # seqnr of the last scan that met it
+        self.mapcount = 0
+        self.rows: dict[int, int] = {}
 
 
 class SlotState:
-    """ksmd's private half of an mm_slot: the rmap_list, as a dict by vpn."""
-    __slots__ = ("row", "mm_id", "mm", "items", "merging", "merges", "t_merge",
-                 "cows", "t_cow")
+    """ksmd's private half of an mm_slot: its rmap_list, as arrays indexed
+    by page number (in address order, as the kernel keeps rmap_list)."""
+    __slots__ = ("row", "mm_id", "mm", "seen", "tree", "csum", "nitems", "merging", "merges",
+                 "t_merge", "cows", "t_cow")
 
     def __init__(self, row: int, mm: MM) -> None:
         self.row = row
         self.mm_id = mm.id
         self.mm = mm
-        self.items: dict[int, RmapItem] = {}
+        self.seen = array("i")
+        self.tree = array("q")
+        self.csum = bytearray()
+        self.nitems = 0   # rmap_items of this slot (seen[v] != NO_ITEM)
         self.merging = 0
         self.merges = 0
         self.t_merge = 0
         self.cows = 0
         self.t_cow = 0
+
+    def grow(self, end: int) -> None:
+        """Make room for rmap_items of pages below ``end``."""
+        k = end - len(self.seen)
+        if k > 0:
+            self.seen.extend(array("i", [NO_ITEM]) * k)
+            self.tree.extend(array("q", [NOT_IN_TREE]) * k)
+            self.csum.extend(bytes(CSUM * k))
+
+    def set_csum(self, vpn: int, key: bytes) -> None:
+        self.csum[vpn * CSUM:(vpn + 1) * CSUM] = key
 
 
 class Ksmd:
@@ -112,7 +146,9 @@ class Ksmd:
         self.alloc = Allocator(cl)
         self.alloc.oom_killer = oom.out_of_memory
         self.stable: dict[bytes, StableNode] = {}
-        self.unstable: dict[bytes, RmapItem] = {}
+        self.live: dict[int, StableNode] = {}   # nid -> node, for every node in the stable tree
+        self.next_nid = 0
+        self.unstable: dict[bytes, int] = {}    # key -> item_ref
         self.slots: dict[int, SlotState] = {}
         self.pages_shared = 0
         self.pages_sharing = 0
@@ -206,7 +242,7 @@ class Ksmd:
         for row, st in self.slots.items():
             b = self.cl.mbase(row)
             if q[b + M_ID] == st.mm_id:
-                q[b + M_RMAP_ITEMS] = len(st.items)
+                q[b + M_RMAP_ITEMS] = st.nitems
                 q[b + M_MERGING] = st.merging
 
     # ---- slots -----------------------------------------------------------
@@ -225,10 +261,7 @@ class Ksmd:
 
     def drop_slot(self, st: SlotState) -> None:
         """Forget a slot: remove its rmap_items from the trees, unmap the mm."""
-        for item in st.items.values():
-            self.remove_rmap_item_from_tree(item)
-        self.rmap_items -= len(st.items)
-        st.items.clear()
+        self.remove_all_rmap_items(st)
         if self.slots.get(st.row) is st:
             del self.slots[st.row]
         if st.merges or st.cows:
@@ -246,12 +279,10 @@ class Ksmd:
         if q[H_UNMERGE_GEN] != self.unmerge_gen:
             self.unmerge_gen = q[H_UNMERGE_GEN]
             for st in self.slots.values():
-                for it in st.items.values():
-                    self.remove_rmap_item_from_tree(it)
-                self.rmap_items -= len(st.items)
-                st.items.clear()
+                self.remove_all_rmap_items(st)
             for node in list(self.stable.values()):
                 self.remove_node_from_stable_tree(node)
+            self.live.clear()
             self.unstable.clear()
         for row, st in list(self.slots.items()):
             b = self.cl.mbase(row)
@@ -259,34 +290,74 @@ class Ksmd:
                 self.drop_slot(st)
 
     # ---- trees -------------------------------------------------------------
-    def remove_rmap_item_from_tree(self, item: RmapItem) -> None:
-        node = item.node
-        if node is not None:
-            node.items.discard(item)
-            if node.items:
+    def remove_rmap_item_from_tree(self, st: SlotState, vpn: int) -> None:
+        """remove_rmap_item_from_tree: the rmap_item of page ``vpn`` of
+        ``st`` leaves the stable or the unstable tree, and the counts."""
+        tree = st.tree
+        where = tree[vpn]
+        if where == NOT_IN_TREE:
+            return
+        tree[vpn] = NOT_IN_TREE
+        if where >= 0:
+            node = self.live.get(where)
+            if node is None:
+                return  # remove_node_from_stable_tree counted it out already
+            node.mapcount -= 1
+            rows, row = node.rows, st.row
+            left = rows[row] - 1
+            if left:
+                rows[row] = left
+            else:
+                del rows[row]
+            if node.mapcount:
                 self.pages_sharing -= 1
             else:
                 self.pages_shared -= 1
-            item.slot.merging -= 1
-            item.node = None
-        elif item.ukey is not None:
-            if self.unstable.get(item.ukey) is item:
-                del self.unstable[item.ukey]
+                if self.stable.get(node.key) is not node:
+                    del self.live[where]  # replaced in the tree meanwhile: nothing maps it now
+            st.merging -= 1
+        else:
+            key = bytes(st.csum[vpn * CSUM:(vpn + 1) * CSUM])  # its key: oldchecksum
+            if self.unstable.get(key) == item_ref(st.row, vpn):  # not if the tree was reset since
+                del self.unstable[key]
             self.pages_unshared -= 1
-            item.ukey = None
 
-    def stable_tree_append(self, item: RmapItem, node: StableNode) -> None:
-        if node.items:
+    def remove_ref_from_tree(self, ref: int) -> None:
+        """remove_rmap_item_from_tree for an unstable tree entry."""
+        st = self.slots.get(ref >> 32)
+        if st is not None:
+            self.remove_rmap_item_from_tree(st, ref & VPN_MASK)
+
+    def remove_all_rmap_items(self, st: SlotState) -> None:
+        """Every rmap_item of the slot out of the trees, then freed."""
+        tree = st.tree
+        for v in [v for v, w in enumerate(tree) if w != NOT_IN_TREE]:
+            self.remove_rmap_item_from_tree(st, v)
+        self.rmap_items -= st.nitems
+        st.nitems = 0
+        del st.seen[:], st.tree[:], st.csum[:]
+
+    def stable_tree_append(self, st: SlotState, vpn: int, node: StableNode) -> None:
+        if node.mapcount:
             self.pages_sharing += 1
         else:
             self.pages_shared += 1
-        node.items.add(item)
-        item.node = node
-        item.slot.merging += 1
+        node.mapcount += 1
+        node.rows[st.row] = node.rows.get(st.row, 0) + 1
+        st.tree[vpn] = node.nid
+        st.merging += 1
 
     def remove_node_from_stable_tree(self, node: StableNode) -> None:
-        for item in list(node.items):
-            self.remove_rmap_item_from_tree(item)
+        """Every rmap_item on the node leaves the tree (counted out here;
+        each one's tree[] entry names a node no longer live), then the
+        node."""
+        if self.live.pop(node.nid, None) is not None and node.mapcount:
+            self.pages_shared -= 1
+            self.pages_sharing -= node.mapcount - 1
+            for row, k in node.rows.items():
+                self.slots[row].merging -= k
+            node.mapcount = 0
+            node.rows.clear()
         if self.stable.get(node.key) is node:
             del self.stable[node.key]
 
@@ -354,7 +425,7 @@ class Ksmd:
         that was unmapped or made UNMERGEABLE meanwhile."""
         cl, q, task = self.cl, self.q, self.cl.task
         mm = st.mm
-        pq, fq, items = mm.pq, self.fq, st.items
+        pq, fq, live = mm.pq, self.fq, self.live
         seqnr = q[L_SEQNR]
         task.lock(mm.sem)
         killpoints.hit_ksmd(cl, "ksmd_scan_mmap_sem", mm.base, self.log)
@@ -376,6 +447,8 @@ class Ksmd:
                 break
             v = max(addr, start)
             relook = False
+            st.grow(end)
+            seen, tree = st.seen, st.tree
             while v < end:
                 if n >= budget:
                     more = True
@@ -396,31 +469,32 @@ class Ksmd:
                     v += 1
                     continue
                 pfn = pte >> 2
-                item = items.get(v)
-                if item is None:
-                    item = items[v] = RmapItem(st, v)
+                vpn = v
+                if seen[vpn] == NO_ITEM:  # get_next_rmap_item: a new rmap_item (csum zero)
+                    st.nitems += 1
                     self.rmap_items += 1
-                item.seen = seqnr
+                seen[vpn] = seqnr
                 n += 1
                 v += 1
-                node = item.node
+                where = tree[vpn]
+                node = live.get(where) if where >= 0 else None
                 if node is not None and node.kpfn == pfn and fq[pfn * FRAME_SIZE + FR_FLAGS] & F_KSM:
                     if fq[pfn * FRAME_SIZE + FR_COUNT] == 1:
                         # ksm_do_scan: replace a now-unshared KSM page by an
                         # ordinary page (break_cow takes mmap_sem itself)
                         task.unlock(mm.sem)
-                        if break_cow(cl, self.alloc, mm, item.vpn, self.log):
+                        if break_cow(cl, self.alloc, mm, vpn, self.log):
                             self._cow(st)
                         task.lock(mm.sem)
-                        self.remove_rmap_item_from_tree(item)
-                        npte = pq[PT_OFF + item.vpn]
+                        self.remove_rmap_item_from_tree(st, vpn)
+                        npte = pq[PT_OFF + vpn]
                         if npte & PTE_PRESENT:
                             p = (npte >> 2) * PAGE_SIZE
-                            item.oldchecksum = digest(self.pool[p:p + PAGE_SIZE])
+                            st.set_csum(vpn, digest(self.pool[p:p + PAGE_SIZE]))
                         relook = True
                         break
                     continue
-                if not self.cmp_and_merge_page(st, item, pfn):
+                if not self.cmp_and_merge_page(st, vpn, pfn):
                     relook = True  # mmap_sem was dropped (merge with another mm)
                     break
             addr = v
@@ -439,17 +513,23 @@ class Ksmd:
             return n, False
         # end of this mm: remove_trailing_rmap_items (every item this pass did
         # not meet: its page went away or its area is no longer mergeable)
-        stale = [it for it in items.values() if it.seen != seqnr] if not exiting else list(items.values())
-        for it in stale:
-            self.remove_rmap_item_from_tree(it)
-            del items[it.vpn]
-        self.rmap_items -= len(stale)
+        seen = st.seen
+        if exiting:
+            self.remove_all_rmap_items(st)
+        else:
+            stale = [v for v, s in enumerate(seen) if s != seqnr and s != NO_ITEM]
+            for v in stale:
+                self.remove_rmap_item_from_tree(st, v)
+                seen[v] = NO_ITEM
+                st.set_csum(v, NO_CSUM)
+            st.nitems -= len(stale)
+            self.rmap_items -= len(stale)
         task.lock(cl.mmlist)
         nxt = slot_next(cl, st.row)
         q[L_SCAN_SLOT] = nxt
         q[L_SCAN_ADDR] = 0
         b = mm.base
-        q[b + M_SLOT_RMAP] = len(items)
+        q[b + M_SLOT_RMAP] = st.nitems
         if exiting or (start_addr == 0 and not found):
             # no VM_MERGEABLE area left (exit, or all unmapped): do what
             # __ksm_exit would, holding mmap_sem throughout.  The slot's
@@ -491,17 +571,18 @@ class Ksmd:
         self.q[S_COW_KSMD] += 1
 
     # ---- cmp_and_merge_page ---------------------------------------------------
-    def cmp_and_merge_page(self, st: SlotState, item: RmapItem, pfn: int) -> bool:
-        """Returns False if it had to drop the scanned mm's mmap_sem."""
-        if item.node is not None or item.ukey is not None:
-            self.remove_rmap_item_from_tree(item)
+    def cmp_and_merge_page(self, st: SlotState, vpn: int, pfn: int) -> bool:
+        """cmp_and_merge_page for the rmap_item of page ``vpn`` of ``st``.
+        Returns False if it had to drop the scanned mm's mmap_sem."""
+        if st.tree[vpn] != NOT_IN_TREE:
+            self.remove_rmap_item_from_tree(st, vpn)
         p = pfn * PAGE_SIZE
         key = digest(self.pool[p:p + PAGE_SIZE])
         node = self.stable.get(key)
         if node is not None:
             if self.get_ksm_page(node):
-                if node.kpfn == pfn or self.try_to_merge_one_page(st.mm, item.vpn, pfn, node):
-                    self.stable_tree_append(item, node)
+                if node.kpfn == pfn or self.try_to_merge_one_page(st.mm, vpn, pfn, node):
+                    self.stable_tree_append(st, vpn, node)
                     self._merged(st)
                 return True
             self.remove_node_from_stable_tree(node)
@@ -510,36 +591,38 @@ class Ksmd:
             # failed earlier): cmp_and_merge_page's break_cow, "try again now"
             cl, task = self.cl, self.cl.task
             task.unlock(st.mm.sem)
-            if break_cow(cl, self.alloc, st.mm, item.vpn, self.log):
+            if break_cow(cl, self.alloc, st.mm, vpn, self.log):
                 self._cow(st)
             task.lock(st.mm.sem)
             return False
-        if item.oldchecksum != key:
-            item.oldchecksum = key  # volatile: changed since the last pass
+        o = vpn * CSUM
+        if not st.csum.startswith(key, o):  # no copy: csum[o:o + CSUM] != key
+            st.csum[o:o + CSUM] = key  # volatile: changed since the last pass
             return True
-        tree_item = self.unstable.get(key)
-        if tree_item is None or tree_item is item or not self.get_mergeable_page(tree_item, key):
-            if tree_item is not None and tree_item is not item:
-                self.remove_rmap_item_from_tree(tree_item)
-            self.unstable[key] = item
-            item.ukey = key
+        ref = item_ref(st.row, vpn)
+        tree_ref = self.unstable.get(key)
+        if tree_ref is None or tree_ref == ref or not self.get_mergeable_page(tree_ref, key):
+            if tree_ref is not None and tree_ref != ref:
+                self.remove_ref_from_tree(tree_ref)
+            self.unstable[key] = ref
+            st.tree[vpn] = IN_UNSTABLE
             self.pages_unshared += 1
             return True
-        return self.try_to_merge_two_pages(st, item, pfn, tree_item)
+        return self.try_to_merge_two_pages(st, vpn, pfn, tree_ref)
 
     def _merged(self, st: SlotState) -> None:
         st.merges += 1
         st.t_merge = self.t_last_merge
         self.merges += 1  # S_MERGES is published at batch end
 
-    def get_mergeable_page(self, item: RmapItem, key: bytes) -> bool:
+    def get_mergeable_page(self, ref: int, key: bytes) -> bool:
         """The unstable-tree item's page is still there, anonymous, not KSM,
         in a live mm, with the content it was filed under (racy read: the
         merge confirms under the pte lock)."""
-        mm = item.slot.mm
-        if self.slots.get(item.slot.row) is not item.slot or ksm_test_exit(self.cl, mm):
+        st = self.slots.get(ref >> 32)
+        if st is None or ksm_test_exit(self.cl, st.mm):
             return False
-        pte = mm.pq[PT_OFF + item.vpn]
+        pte = st.mm.pq[PT_OFF + (ref & VPN_MASK)]
         if not pte & PTE_PRESENT:
             return False
         pfn = pte >> 2
@@ -548,38 +631,39 @@ class Ksmd:
         p = pfn * PAGE_SIZE
         return digest(self.pool[p:p + PAGE_SIZE]) == key
 
-    def try_to_merge_two_pages(self, st: SlotState, item: RmapItem, pfn: int,
-                               tree_item: RmapItem) -> bool:
-        """Make this page a KSM page in place, then merge the tree item's
-        page into it; on failure, break COW on this one again."""
+    def try_to_merge_two_pages(self, st: SlotState, vpn: int, pfn: int, tree_ref: int) -> bool:
+        """Make this page a KSM page in place, then merge the unstable tree
+        item's page into it; on failure, break COW on this one again."""
         cl, task = self.cl, self.cl.task
         mm = st.mm
-        node = self.make_ksm_page(mm, item.vpn, pfn)
+        node = self.make_ksm_page(mm, vpn, pfn)
         if node is None:
             return True
-        tmm = tree_item.slot.mm
+        tst, tvpn = self.slots[tree_ref >> 32], tree_ref & VPN_MASK  # get_mergeable_page saw it
+        tmm = tst.mm
         other = tmm is not mm
         if other:
             task.unlock(mm.sem)  # ksmd never holds two mm's mmap_sem
             task.lock(tmm.sem)
-        tpte = tmm.pq[PT_OFF + tree_item.vpn]
+        tpte = tmm.pq[PT_OFF + tvpn]
         ok = (not ksm_test_exit(cl, tmm) and bool(tpte & PTE_PRESENT)
-              and self.try_to_merge_one_page(tmm, tree_item.vpn, tpte >> 2, node))
+              and self.try_to_merge_one_page(tmm, tvpn, tpte >> 2, node))
         if other:
             task.unlock(tmm.sem)
             task.lock(mm.sem)
         if ok:
-            self.remove_rmap_item_from_tree(tree_item)
+            self.remove_rmap_item_from_tree(tst, tvpn)
             self.stable[node.key] = node
-            self.stable_tree_append(item, node)
-            self.stable_tree_append(tree_item, node)
-            self._merged(tree_item.slot)
+            self.live[node.nid] = node
+            self.stable_tree_append(st, vpn, node)
+            self.stable_tree_append(tst, tvpn, node)
+            self._merged(tst)
             return not other
         # the KSM page has one mapping: give it back as an ordinary page
         # (2.6.32's try_to_merge_two_pages: when try_to_merge_with_ksm_page
         # fails for the second page, up_read, then break_cow of the first)
         task.unlock(mm.sem)
-        if break_cow(cl, self.alloc, mm, item.vpn, self.log):
+        if break_cow(cl, self.alloc, mm, vpn, self.log):
             self._cow(st)
         task.lock(mm.sem)
         return False
@@ -608,7 +692,8 @@ class Ksmd:
                 pq[PT_OFF + vpn] = pte & ~PTE_WRITE
             p = pfn * PAGE_SIZE
             key = digest(self.pool[p:p + PAGE_SIZE])  # stable from here on
-            node = StableNode(pfn, key)
+            node = StableNode(self.next_nid, pfn, key)
+            self.next_nid += 1
             old = self.stable.get(key)
             if old is not None and self.get_ksm_page(old):
                 return None  # raced with an equal KSM page: next pass merges it

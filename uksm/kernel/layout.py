@@ -229,6 +229,7 @@ P_NONE, P_FAST, P_SLOW, P_LEGACY = range(4)
 FR_COUNT, FR_FLAGS, FR_AUX, FR_KEY0, FR_KEY1 = range(5)
 FRAME_SIZE = 5
 F_ANON, F_KSM, F_FREEING = 1, 2, 4
+F_PCP = 8  # count 0, in the per-task list of task FR_AUX - 1 (uksm.kernel.memory)
 
 # ---- address-space segment: header, VMA table, page table
 MS_MAGIC, MS_ID, MS_OWNER_PID, MS_NVMA = range(4)

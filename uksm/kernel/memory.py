@@ -11,6 +11,18 @@ reference without holding the pte lock of the mapping or zone_lock, so a
 task holding every pte lock and zone_lock sees counts that equal the PTEs
 (``fsck`` and the recovery rebuild rely on it).
 
+A task may keep a small per-task list of free frames (``Allocator(cl,
+batch=PCP_BATCH)``; the kernel's per-CPU page lists, ``rmqueue_bulk``): it
+takes up to ``batch`` frames off the free stack under one zone_lock hold,
+backs them with one MADV_POPULATE_WRITE per run, and then allocates from
+the list without zone_lock, as the kernel takes a page off its CPU's list
+without zone->lock.  A listed frame has count 0 and F_PCP, owner in FR_AUX:
+not free (the kernel's NR_FREE_PAGES does not count per-CPU pages either)
+and not leaked while its task lives; a dead task's are freed by
+``rebuild_free_stack`` like its FREEING frames (``held_at_zero``).  The
+list is drained at exit (``drain``).  Small pools get no lists (the batch
+scales with the free frames, as ``zone_batchsize`` does with the zone).
+
 Freeing gives the frame's memory back to the host: the frame is marked
 FREEING (owner in FR_AUX), collected, its range punched out of the pool
 (``MADV_REMOVE``) in runs, then pushed on the free stack.  A punched frame
@@ -21,7 +33,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Callable
 
-from uksm.kernel.layout import (A_FREE_TOP, C_FRAMES, F_ANON, F_FREEING, FR_AUX, FR_COUNT, FR_FLAGS,
+from uksm.kernel.layout import (A_FREE_TOP, C_FRAMES, F_ANON, F_FREEING, F_PCP, FR_AUX, FR_COUNT, FR_FLAGS,
                      FRAME_SIZE, H_FRAMES_FREED, H_MEM_LIMIT, H_PENDING_FREE, PAGE_SIZE, T_FATAL, T_FLIGHT_MM,
                      T_FLIGHT_PFN, T_FLIGHT_VPN)
 
@@ -31,6 +43,14 @@ if TYPE_CHECKING:
 
 FLUSH_AT = 256
 NO_ROOM = -2  # _take: /dev/shm could not back the frame
+PCP_BATCH = 32      # frames a per-task list takes off the free stack at once
+PCP_SHIFT = 12      # ... but at most 1/4096 of the free frames: none below 8192 free
+
+
+def held_at_zero(flags: int, aux: int, live: set[int]) -> bool:
+    """A frame at count 0, off the free stack, that a live task holds:
+    it is freeing it (F_FREEING) or has it in its per-task list (F_PCP)."""
+    return bool(flags & (F_FREEING | F_PCP)) and aux - 1 in live
 
 
 class OutOfMemory(Exception):
@@ -40,11 +60,13 @@ class OutOfMemory(Exception):
 class Allocator:
     """One per task: its pending frees and its in-flight frame."""
 
-    def __init__(self, cl: "Cluster") -> None:
+    def __init__(self, cl: "Cluster", batch: int = 0) -> None:
         self.cl = cl
         self.q = cl.q
         self.fq = cl.fq
         self.pending: list[int] = []
+        self.batch = batch        # per-task list size (0: none, every frame off the stack)
+        self.pcp: list[int] = []  # our per-task list: F_PCP frames, populated
         # out_of_memory(cl, task), invoked when the pool is empty (uksm.kernel.oom)
         self.oom_killer: Callable[["Cluster", "Task"], int] | None = None
 
@@ -57,6 +79,14 @@ class Allocator:
         if top == 0 or (limit and self.cl.nframes - top >= limit):
             return -1
         pfn = fq[self.cl.stack_off + top - 1]
+        self._in_flight(mm, vpn, pfn)
+        q[A_FREE_TOP] = top - 1  # commit
+        return pfn
+
+    def _in_flight(self, mm: int, vpn: int, pfn: int) -> None:
+        """The task's T_FLIGHT names the frame first, then the frame gets
+        its count (the flight's reference) and its flags."""
+        q, fq = self.q, self.fq
         t = self.cl.task.base
         q[t + T_FLIGHT_MM] = mm
         q[t + T_FLIGHT_VPN] = vpn
@@ -65,8 +95,6 @@ class Allocator:
         fq[b + FR_COUNT] = 1
         fq[b + FR_FLAGS] = F_ANON
         fq[b + FR_AUX] = 0
-        q[A_FREE_TOP] = top - 1  # commit
-        return pfn
 
     def alloc_frame(self, mm: int, vpn: int, fatal_ok: bool = True) -> int:
         """alloc_page(GFP_HIGHUSER_MOVABLE): a zero-filled frame with count 1,
@@ -113,11 +141,13 @@ class Allocator:
                 task.wait_end(C_FRAMES)
 
     def _take(self, mm: int, vpn: int) -> int:
-        """A frame off the free stack, its page backed by /dev/shm; -1 if
-        the pool is empty, NO_ROOM if /dev/shm is full (another cluster's,
-        or anyone's, use of the host's memory): then it is given back and
-        the allocation goes the way of an empty pool -- the OOM killer --
-        rather than a SIGBUS at the first write to it."""
+        """A frame off the per-task list or the free stack, its page backed
+        by /dev/shm; -1 if the pool is empty, NO_ROOM if /dev/shm is full
+        (another cluster's, or anyone's, use of the host's memory): then it
+        is given back and the allocation goes the way of an empty pool --
+        the OOM killer -- rather than a SIGBUS at the first write to it."""
+        if self.batch and (self.pcp or self.refill()):
+            return self._pop_pcp(mm, vpn)
         cl, task = self.cl, self.cl.task
         task.lock(cl.zone)
         pfn = self._pop(mm, vpn)
@@ -130,6 +160,89 @@ class Allocator:
         task.unlock(cl.zone)
         self.flush()
         return NO_ROOM
+
+    def refill(self) -> bool:
+        """rmqueue_bulk: up to ``batch`` frames off the free stack into our
+        list (none when free frames are few), backed by /dev/shm in one
+        call per run.  True if the list has frames now.
+
+        Crash consistency: a death holding zone_lock has the recovery
+        rebuild the free stack from the frame table (F_PCP frames of a dead
+        task included); after the commit the frames are F_PCP, ours, and
+        freed by the recovery if we die."""
+        cl, task, q, fq = self.cl, self.cl.task, self.q, self.fq
+        task.lock(cl.zone)
+        top = q[A_FREE_TOP]
+        limit = q[H_MEM_LIMIT]
+        room = min(top, limit - (cl.nframes - top)) if limit else top
+        n = min(self.batch, room >> PCP_SHIFT)
+        if n < 2:
+            task.unlock(cl.zone)
+            return False
+        sb, owner = cl.stack_off, task.row + 1
+        got = [fq[sb + i] for i in range(top - n, top)]
+        for pfn in got:
+            b = pfn * FRAME_SIZE
+            fq[b + FR_FLAGS] = F_PCP
+            fq[b + FR_AUX] = owner
+        q[A_FREE_TOP] = top - n  # commit
+        task.unlock(cl.zone)
+        got.sort()
+        pool = cl.pool
+        for start, count in runs(got):
+            if not pool.populate(start * PAGE_SIZE, count * PAGE_SIZE):
+                # /dev/shm is full: give them all back (still zeros) and
+                # let the one-frame path meet the shortage
+                task.lock(cl.zone)
+                self._push_free(got)
+                task.unlock(cl.zone)
+                return False
+        got.reverse()  # popped lowest first: the task's pages in address order
+        self.pcp = got
+        return True
+
+    def _pop_pcp(self, mm: int, vpn: int) -> int:
+        """A frame off our list, in flight for (mm, vpn), without zone_lock
+        (only we change an F_PCP frame of ours).  Every step leaves a
+        state fsck accepts and the recovery repairs: T_FLIGHT names the
+        frame first (a count 0 F_PCP frame of a live task is not a leak;
+        once its count is 1 the flight accounts for it), then its count,
+        then its flags."""
+        pfn = self.pcp.pop()
+        self._in_flight(mm, vpn, pfn)
+        return pfn
+
+    def drain(self) -> None:
+        """drain_local_pages: our list back to the free stack, punched as
+        any freed frame (flush).  At exit: a list left behind would be
+        frames no live task holds."""
+        if not self.pcp:
+            return
+        cl, task, fq = self.cl, self.cl.task, self.fq
+        owner = task.row + 1
+        task.lock(cl.zone)
+        for pfn in self.pcp:
+            b = pfn * FRAME_SIZE
+            fq[b + FR_AUX] = owner
+            fq[b + FR_FLAGS] = F_FREEING
+            self.pending.append(pfn)
+        self.q[H_PENDING_FREE] += len(self.pcp)
+        self.pcp = []
+        task.unlock(cl.zone)
+        self.flush()
+
+    def _push_free(self, pfns: list[int]) -> None:
+        """Put frames (count 0, punched or never written) on the free
+        stack; caller holds zone_lock.  The top moves last: the commit."""
+        q, fq, sb = self.q, self.fq, self.cl.stack_off
+        top = q[A_FREE_TOP]
+        for pfn in pfns:
+            b = pfn * FRAME_SIZE
+            fq[b + FR_FLAGS] = 0
+            fq[b + FR_AUX] = 0
+            fq[sb + top] = pfn
+            top += 1
+        q[A_FREE_TOP] = top  # commit
 
     def installed(self) -> None:
         """The in-flight frame is in a PTE now (caller holds the pte lock)."""
@@ -173,28 +286,28 @@ class Allocator:
             return
         pend.sort()
         pool = self.cl.pool
-        start = prev = pend[0]
-        for pfn in pend[1:]:
-            if pfn != prev + 1:
-                pool.punch(start * PAGE_SIZE, (prev - start + 1) * PAGE_SIZE)
-                start = pfn
-            prev = pfn
-        pool.punch(start * PAGE_SIZE, (prev - start + 1) * PAGE_SIZE)
-        q, fq, sb = self.q, self.fq, self.cl.stack_off
-        task = self.cl.task
+        for start, count in runs(pend):
+            pool.punch(start * PAGE_SIZE, count * PAGE_SIZE)
+        q, task = self.q, self.cl.task
         task.lock(self.cl.zone)
-        top = q[A_FREE_TOP]
-        for pfn in pend:
-            b = pfn * FRAME_SIZE
-            fq[b + FR_FLAGS] = 0
-            fq[b + FR_AUX] = 0
-            fq[sb + top] = pfn
-            top += 1
-        q[A_FREE_TOP] = top  # commit
+        self._push_free(pend)
         q[H_PENDING_FREE] -= len(pend)
         q[H_FRAMES_FREED] += 1
         task.unlock(self.cl.zone)
         self.pending = []
+
+
+def runs(pfns: list[int]) -> list[tuple[int, int]]:
+    """The sorted, non-empty ``pfns`` as (first, count) runs of consecutive frames."""
+    out = []
+    start = prev = pfns[0]
+    for pfn in pfns[1:]:
+        if pfn != prev + 1:
+            out.append((start, prev - start + 1))
+            start = pfn
+        prev = pfn
+    out.append((start, prev - start + 1))
+    return out
 
 
 def free_frames(cl: "Cluster") -> int:
@@ -217,7 +330,7 @@ def rebuild_free_stack(cl: "Cluster", live_freeing: set[int]) -> int:
     for pfn in range(cl.nframes):
         b = pfn * FRAME_SIZE
         if fq[b + FR_COUNT] == 0:
-            if fq[b + FR_FLAGS] & F_FREEING and fq[b + FR_AUX] - 1 in live_freeing:
+            if held_at_zero(fq[b + FR_FLAGS], fq[b + FR_AUX], live_freeing):
                 continue
             if fq[b + FR_FLAGS]:
                 cl.pool.punch(pfn * PAGE_SIZE, PAGE_SIZE)

@@ -69,21 +69,28 @@ def handle_mm_fault(cl: "Cluster", alloc: Allocator, mm: MM, vpn: int, write: bo
         raise SegFault(f"segfault at {vpn << PAGE_SHIFT:#x} (mm{mm.id}): VMA is read-only")
     task, q, fq, pq = cl.task, cl.q, cl.fq, mm.pq
     slot = PT_OFF + vpn
-    task.lock(mm.ptl)
+    # handle_pte_fault: ``entry = *pte`` without the pte lock.  An empty
+    # entry goes to do_anonymous_page, which takes the lock only to install
+    # (its pte_same check below catches a racing fault or zap); a present
+    # one is looked at again under the lock, as the kernel's pte_same does.
     pte = pq[slot]
-    if pte & PTE_PRESENT and (not write or pte & PTE_WRITE):
+    if pte:
+        task.lock(mm.ptl)
+        pte = pq[slot]
+        if pte & PTE_PRESENT and (not write or pte & PTE_WRITE):
+            task.unlock(mm.ptl)
+            return FAULT_OK  # raced with another fault: nothing to do
+        old = pte >> 2
+        if pte and write and not fq[old * FRAME_SIZE + FR_FLAGS] & F_KSM \
+                and fq[old * FRAME_SIZE + FR_COUNT] == 1:
+            # do_wp_page, reuse: ours alone (ksmd write-protected it for a merge
+            # that has not replaced it yet): make it writable again; ksmd's
+            # replace_page will see the PTE changed and back out.
+            pq[slot] = pte | PTE_WRITE
+            task.unlock(mm.ptl)
+            return FAULT_OK
         task.unlock(mm.ptl)
-        return FAULT_OK  # raced with another fault: nothing to do
     old = pte >> 2
-    if pte and write and not fq[old * FRAME_SIZE + FR_FLAGS] & F_KSM \
-            and fq[old * FRAME_SIZE + FR_COUNT] == 1:
-        # do_wp_page, reuse: ours alone (ksmd write-protected it for a merge
-        # that has not replaced it yet): make it writable again; ksmd's
-        # replace_page will see the PTE changed and back out.
-        pq[slot] = pte | PTE_WRITE
-        task.unlock(mm.ptl)
-        return FAULT_OK
-    task.unlock(mm.ptl)
     q[task.base + T_FAULTS] += 1
     new = alloc.alloc_frame(mm.id, vpn, fatal_ok=not for_ksmd)
     if not for_ksmd:
@@ -191,6 +198,11 @@ class MMU:
                 raise SegFault(f"segfault at {addr:#x}: beyond the address space")
             slot = PT_OFF + vpn
             while True:
+                if pq[slot] & PW != PW:
+                    # the hardware's page walk, without the pte lock: a
+                    # fault at once, not a lock round trip to see the PTE
+                    # empty (or read-only) first
+                    self.fault(vpn, True)
                 task.lock(ptl)
                 try:
                     pte = pq[slot]
@@ -200,7 +212,6 @@ class MMU:
                         return
                 finally:
                     task.unlock(ptl)
-                self.fault(vpn, True)
         mv = memoryview(data)
         done, n = 0, len(mv)
         task.lock(ptl)
