@@ -43,7 +43,7 @@ from uksm.kernel import killpoints
 from uksm.host import shm
 from uksm.kernel.layout import KSM_FIELDS
 from uksm.proc.control import CTL_NAMES, WRITABLE, KnobError, ctl_values, read_state, validate_knob
-from uksm.kernel.layout import EXIT_POLICIES, HAZARDS, PAGE_SIZE
+from uksm.kernel.layout import EXIT_POLICIES, HAZARDS
 
 DEFAULT_WAIT_S = 60.0
 _POLL_S = 0.01

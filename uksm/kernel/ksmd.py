@@ -423,6 +423,7 @@ class Ksmd:
         up again after every re-take of mmap_sem -- a writer let in,
         a merge into another mm, break_cow -- so ksmd never walks an area
         that was unmapped or made UNMERGEABLE meanwhile."""
+        # hot path: raw words (uksm.kernel.views: a view read is 56 ns against 20 raw)
         cl, q, task = self.cl, self.q, self.cl.task
         mm = st.mm
         pq, fq, live = mm.pq, self.fq, self.live
@@ -574,6 +575,7 @@ class Ksmd:
     def cmp_and_merge_page(self, st: SlotState, vpn: int, pfn: int) -> bool:
         """cmp_and_merge_page for the rmap_item of page ``vpn`` of ``st``.
         Returns False if it had to drop the scanned mm's mmap_sem."""
+        # hot path: raw words (uksm.kernel.views: a view read is 56 ns against 20 raw)
         if st.tree[vpn] != NOT_IN_TREE:
             self.remove_rmap_item_from_tree(st, vpn)
         p = pfn * PAGE_SIZE
@@ -634,6 +636,7 @@ class Ksmd:
     def try_to_merge_two_pages(self, st: SlotState, vpn: int, pfn: int, tree_ref: int) -> bool:
         """Make this page a KSM page in place, then merge the unstable tree
         item's page into it; on failure, break COW on this one again."""
+        # hot path: raw words (uksm.kernel.views: a view read is 56 ns against 20 raw)
         cl, task = self.cl, self.cl.task
         mm = st.mm
         node = self.make_ksm_page(mm, vpn, pfn)
@@ -719,6 +722,7 @@ class Ksmd:
         compare costs less than a lock round trip -- except when the kill
         point there is armed: then the window is open as in the kernel, and
         replace_page's pte_same check is what saves the merge."""
+        # hot path: raw words (uksm.kernel.views: a view read is 56 ns against 20 raw)
         cl, task, fq, pq = self.cl, self.cl.task, self.fq, mm.pq
         kpfn = node.kpfn
         if pfn == kpfn:

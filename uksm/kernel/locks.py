@@ -195,6 +195,7 @@ class Task:
         every slice, the task's ``abort`` hook, then ``give_up``
         (``lock_bounded``'s), may end the wait: the entry goes back to
         IDLE (no unit was taken) and their exception is raised."""
+        # hot path: raw words (uksm.kernel.views: a view read is 56 ns against 20 raw)
         q = self.q
         t0 = time.monotonic_ns()
         q[e + E_SINCE] = t0
@@ -220,6 +221,7 @@ class Task:
 
     def lock(self, lk: Lock, check: bool = True) -> None:
         """mutex_lock / down_read: take one unit."""
+        # hot path: raw words (uksm.kernel.views: a view read is 56 ns against 20 raw)
         if self.uaf is not None and lk.mmrow >= 0 and mm_freed(self.q, lk):
             self.uaf(lk, "lock")
         if check and self.lockdep is not None:
@@ -238,6 +240,7 @@ class Task:
     def trylock(self, lk: Lock) -> bool:
         """mutex_trylock / down_read_trylock (cannot deadlock: only a
         recursive trylock is reported)."""
+        # hot path: raw words (uksm.kernel.views: a view read is 56 ns against 20 raw)
         if self.uaf is not None and lk.mmrow >= 0 and mm_freed(self.q, lk):
             self.uaf(lk, "trylock")
         if self.lockdep is not None and self.holds(lk):
@@ -284,6 +287,7 @@ class Task:
 
     def unlock(self, lk: Lock) -> None:
         """mutex_unlock / up_read."""
+        # hot path: raw words (uksm.kernel.views: a view read is 56 ns against 20 raw)
         if self.uaf is not None and lk.mmrow >= 0 and mm_freed(self.q, lk):
             self.uaf(lk, "unlock")
         q = self.q

@@ -73,6 +73,7 @@ class Allocator:
     # -- allocation -------------------------------------------------------
     def _pop(self, mm: int, vpn: int) -> int:
         """Take a frame off the free stack (caller holds zone_lock)."""
+        # hot path: raw words (uksm.kernel.views: a view read is 56 ns against 20 raw)
         q, fq = self.q, self.fq
         top = q[A_FREE_TOP]
         limit = q[H_MEM_LIMIT]  # mem=: frames beyond it do not exist
@@ -106,6 +107,7 @@ class Allocator:
         our own.  Only a task that is itself dying (a fatal signal pending:
         the OOM victim, say) gets OutOfMemory, as VM_FAULT_OOM.
         """
+        # hot path: raw words (uksm.kernel.views: a view read is 56 ns against 20 raw)
         cl, task = self.cl, self.cl.task
         pfn = self._take(mm, vpn)
         if pfn >= 0:
@@ -208,6 +210,7 @@ class Allocator:
         frame first (a count 0 F_PCP frame of a live task is not a leak;
         once its count is 1 the flight accounts for it), then its count,
         then its flags."""
+        # hot path: raw words (uksm.kernel.views: a view read is 56 ns against 20 raw)
         pfn = self.pcp.pop()
         self._in_flight(mm, vpn, pfn)
         return pfn
@@ -255,6 +258,7 @@ class Allocator:
 
     def put_frame(self, pfn: int) -> bool:
         """put_page (caller holds zone_lock): True when the frame is freed."""
+        # hot path: raw words (uksm.kernel.views: a view read is 56 ns against 20 raw)
         fq = self.fq
         b = pfn * FRAME_SIZE
         c = fq[b + FR_COUNT] - 1
@@ -269,6 +273,7 @@ class Allocator:
 
     def put_frames(self, pfns: list[int]) -> None:
         """put_page on each (takes zone_lock), then flush if many are pending."""
+        # hot path: raw words (uksm.kernel.views: a view read is 56 ns against 20 raw)
         if not pfns:
             return
         task, zone = self.cl.task, self.cl.zone
@@ -281,6 +286,7 @@ class Allocator:
 
     def flush(self) -> None:
         """Punch the pending frames out of the pool and free them."""
+        # hot path: raw words (uksm.kernel.views: a view read is 56 ns against 20 raw)
         pend = self.pending
         if not pend:
             return

@@ -62,6 +62,7 @@ def handle_mm_fault(cl: "Cluster", alloc: Allocator, mm: MM, vpn: int, write: bo
     a VMA, OutOfMemory when the faulting task is dying.  Returns
     FAULT_EXITING when the mm is exiting and nothing was installed.
     """
+    # hot path: raw words (uksm.kernel.views: a view read is 56 ns against 20 raw)
     vma = mm.find_vma(vpn)
     if vma is None:
         raise SegFault(f"segfault at {vpn << PAGE_SHIFT:#x} (mm{mm.id}): no VMA")
@@ -183,6 +184,7 @@ class MMU:
 
     def write(self, addr: int, data: bytes | memoryview) -> None:
         """Store ``data`` at virtual address ``addr`` (may cross pages)."""
+        # hot path: raw words (uksm.kernel.views: a view read is 56 ns against 20 raw)
         if addr < 0:
             raise SegFault(f"segfault at {addr:#x}")
         task, ptl, pq, pool = self.cl.task, self.mm.ptl, self.pq, self.pool
@@ -242,6 +244,7 @@ class MMU:
     def read(self, addr: int, n: int) -> bytes:
         """Load ``n`` bytes from virtual address ``addr``.  A page never
         touched reads as zeros (the zero page) and is not allocated."""
+        # hot path: raw words (uksm.kernel.views: a view read is 56 ns against 20 raw)
         if addr < 0:
             raise SegFault(f"segfault at {addr:#x}")
         pq, pool, out = self.pq, self.pool, []

@@ -6,12 +6,13 @@ A view is the pair (words, base) and one property per field of the row in
 ``uksm.kernel.layout``; reading or writing through it is the same single
 aligned int64 load or store as the raw index (so every crash-consistency
 note about one store committing a change holds word for word), for the
-price of a descriptor call (~0.1 us).  That is nothing on the supervisor's
-paths (reaping, recovery, fsck, reports, the daemon) and too much on the
-hot ones, which keep raw indexing, each marked ``# hot path: raw words``:
-ksmd's scan loop (``uksm.kernel.ksmd``), the MMU's fault and access paths
-(``uksm.kernel.mmu``), the frame allocator (``uksm.kernel.memory``) and the
-lock protocol (``uksm.kernel.locks``); docs/PERF.md has their figures.
+price of a descriptor call: 56 ns a read against 20 ns raw, 148 ns with
+the view made (timeit, the 2-core dev VM, Python 3.11).  That is nothing
+on the supervisor's paths (reaping, recovery, fsck, reports, the daemon)
+and too much on the hot ones, which keep raw indexing, each marked
+``# hot path: raw words``: ksmd's scan loop (``uksm.kernel.ksmd``), the
+MMU's fault and access paths (``uksm.kernel.mmu``), the frame allocator
+(``uksm.kernel.memory``) and the lock protocol (``uksm.kernel.locks``).
 """
 from __future__ import annotations
 
