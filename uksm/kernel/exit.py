@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
 
 def _mark(cl: "Cluster", mm: MM, bit: int) -> None:
-    cl.q[mm.base + M_EXIT_STAGE] |= bit
+    mm.words.exit_stage |= bit
 
 
 def mmput(cl: "Cluster", mm: MM, alloc: Allocator, log: Any) -> int:
@@ -176,7 +176,7 @@ def exit_mmap_unmap(cl: "Cluster", mm: MM, alloc: Allocator, log: Any) -> None:
     killpoints.hit(cl, "exit_mid_zap", log)
     zap_range(cl, alloc, mm, half, cl.va_pages)
     _mark(cl, mm, XS_ZAPPED)
-    cl.q[mm.base + M_OOM_VICTIM] = 0
+    mm.words.oom_victim = 0
 
 
 def free_pgtables(cl: "Cluster", mm: MM) -> None:

@@ -25,7 +25,7 @@ import posix_ipc
 
 from uksm.kernel.ksm import slot_prev, slots
 from uksm.kernel.locks import take_raw
-from uksm.kernel.layout import (A_FREE_TOP, H_KSM_UNSYNCED, F_KSM, FR_AUX, FR_COUNT, FR_FLAGS, FR_KEY0, FR_KEY1, FRAME_SIZE, K_PAGES_SHARED, K_PAGES_SHARING, K_PAGES_UNSHARED, K_PAGES_VOLATILE, K_RMAP_ITEMS, M_EXIT_STAGE, M_ID, M_KSM_MAPPED, M_MERGING, M_REFS, M_RMAP_ITEMS, M_RSS, M_SLOT_USED, M_STATE, M_USERS, MS_FREEING, MS_ZOMBIE, PAGE_SIZE, PT_OFF, PTE_PRESENT, PTE_WRITE, REF_KSM, REF_USERS, T_FLIGHT_MM, T_FLIGHT_PFN, T_FLIGHT_VPN, T_STATE, TS_ALIVE, TS_REAPING, XS_MMDROP, XS_USERS0)
+from uksm.kernel.layout import (A_FREE_TOP, H_KSM_UNSYNCED, F_KSM, FR_AUX, FR_COUNT, FR_FLAGS, FR_KEY0, FR_KEY1, FRAME_SIZE, K_PAGES_SHARED, K_PAGES_SHARING, K_PAGES_UNSHARED, K_PAGES_VOLATILE, K_RMAP_ITEMS, M_EXIT_STAGE, M_ID, M_KSM_MAPPED, M_MERGING, M_REFS, M_RMAP_ITEMS, M_RSS, M_SLOT_USED, M_STATE, M_USERS, MS_FREEING, MS_ZOMBIE, PAGE_SIZE, PT_OFF, PTE_PRESENT, PTE_WRITE, REF_KSM, REF_USERS, T_FLIGHT_MM, T_FLIGHT_PFN, T_FLIGHT_VPN, TS_ALIVE, TS_REAPING, XS_MMDROP, XS_USERS0)
 from uksm.kernel.memory import held_at_zero
 
 if TYPE_CHECKING:
@@ -60,8 +60,7 @@ def world_stopped(cl: "Cluster", mms: dict[int, "MM"], owned_ptl: frozenset[int]
 
 
 def live_task_rows(cl: "Cluster") -> set[int]:
-    q = cl.q
-    return {r for r in range(cl.max_tasks) if q[cl.tbase(r) + T_STATE] in (TS_ALIVE, TS_REAPING)}
+    return {r for r in range(cl.max_tasks) if cl.trow(r).state in (TS_ALIVE, TS_REAPING)}
 
 
 def references(cl: "Cluster", mms: dict[int, "MM"]) -> tuple[list[int], dict[int, tuple[int, int]]]:
@@ -218,7 +217,7 @@ def check_counters(cl: "Cluster") -> list[str]:
         # a legacy __ksm_exit freed a slot since ksmd's last batch: the
         # counters still include its rmap_items until ksmd reconciles
         return errs
-    rows = [cl.mbase(r) for r in range(cl.max_mms) if q[cl.mbase(r) + M_ID] and q[cl.mbase(r) + M_SLOT_USED]]
+    rows = [cl.mbase(r) for r in range(cl.max_mms) if (m := cl.mrow(r)).id and m.slot_used]
     per = sum(q[b + M_RMAP_ITEMS] for b in rows)
     if per != rmap:
         errs.append(f"counters: rmap_items {rmap} but the mms' ksm_rmap_items add up to {per}")
@@ -272,7 +271,7 @@ def check_mm_rows(cl: "Cluster") -> list[str]:
             errs.append(f"mm{mm_id}: a freed mm_slot is still on the list")
         if not refs:
             errs.append(f"mm{mm_id}: mm_count is 0 but the mm is not freed")
-    ids = [q[cl.mbase(r) + M_ID] for r in range(cl.max_mms) if q[cl.mbase(r) + M_ID]]
+    ids = [i for r in range(cl.max_mms) if (i := cl.mrow(r).id)]
     if len(ids) != len(set(ids)):
         errs.append("an mm id appears in two rows")
     return errs
@@ -295,7 +294,7 @@ def rebuild(cl: "Cluster", mms: dict[int, "MM"]) -> int:
             fq[b + FR_COUNT] = refs[pfn]
     for r in range(cl.max_tasks):
         if r not in live:
-            q[cl.tbase(r) + T_FLIGHT_PFN] = -1
+            cl.trow(r).flight_pfn = -1
     for mm_id, mm in mms.items():
         b = mm.base
         if q[b + M_ID] == mm_id:

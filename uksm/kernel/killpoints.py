@@ -68,7 +68,7 @@ def arm_worker(cl: "Cluster", row: int, name: str, sig: int) -> None:
 
 
 def disarm_worker(cl: "Cluster", row: int) -> None:
-    cl.q[cl.tbase(row) + T_KILL_POINT] = -1
+    cl.trow(row).kill_point = -1
 
 
 def arm_ksmd(cl: "Cluster", name: str, sig: int) -> None:

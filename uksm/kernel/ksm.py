@@ -31,13 +31,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable
 
 from uksm.kernel import killpoints
-from uksm.kernel.layout import (H_KSM_UNSYNCED, H_UNMERGE_GEN, K_FULL_SCANS, K_PAGES_SHARED, K_PAGES_SHARING,
-                     K_PAGES_UNSHARED, K_PAGES_VOLATILE, K_RMAP_ITEMS, K_RUN, K_RUN_DONE, K_RUN_SEQ,
-                     K_STABLE_NODES, M_MERGING, M_RMAP_ITEMS, S_SLOTS_FREED, T_OOM_ORIGIN, T_EXIT_PATH, F_KSM, FRAME_SIZE, FR_FLAGS, H_HAZARDS, HZ_NO_FAST_PATH, HZ_NO_UNMERGE_EXIT_CHECK, L_HEAD_NEXT,
-                     L_HEAD_PREV, L_SCAN_ADDR, L_SCAN_SLOT, L_SEQNR, M_EXIT_PATH, M_FLAGS, M_ID,
-                     M_SLOT_NEXT, M_SLOT_PREV, M_SLOT_RMAP, M_SLOT_USED, M_REFS,
-                     MMF_VM_MERGEABLE, P_FAST, P_LEGACY, P_SLOW, PT_OFF, PTE_PRESENT,
-                     REF_KSM, S_EXIT_FAST, S_EXIT_LEGACY, S_EXIT_SLOW, VM_MERGEABLE)
+from uksm.kernel.layout import (H_KSM_UNSYNCED, H_UNMERGE_GEN, K_FULL_SCANS, K_PAGES_SHARED, K_PAGES_SHARING, K_PAGES_UNSHARED, K_PAGES_VOLATILE, K_RMAP_ITEMS, K_RUN, K_RUN_DONE, K_RUN_SEQ, K_STABLE_NODES, S_SLOTS_FREED, T_OOM_ORIGIN, T_EXIT_PATH, F_KSM, FRAME_SIZE, FR_FLAGS, H_HAZARDS, HZ_NO_FAST_PATH, HZ_NO_UNMERGE_EXIT_CHECK, L_HEAD_NEXT, L_HEAD_PREV, L_SCAN_ADDR, L_SCAN_SLOT, L_SEQNR, M_EXIT_PATH, M_FLAGS, M_ID, M_SLOT_RMAP, M_SLOT_USED, M_REFS, MMF_VM_MERGEABLE, P_FAST, P_LEGACY, P_SLOW, PT_OFF, PTE_PRESENT, REF_KSM, S_EXIT_FAST, S_EXIT_LEGACY, S_EXIT_SLOW, VM_MERGEABLE)
 from uksm.kernel.memory import Allocator, OutOfMemory
 from uksm.kernel.mm import MM, mm_attach, mmdrop
 from uksm.kernel.mmu import FAULT_EXITING, handle_mm_fault, ksm_test_exit
@@ -49,25 +43,25 @@ if TYPE_CHECKING:
 # ---- the mm_slot list (caller holds ksm_mmlist_lock) ----------------------------
 
 def slot_next(cl: "Cluster", s: int) -> int:
-    return cl.q[L_HEAD_NEXT] if s == cl.head else cl.q[cl.mbase(s) + M_SLOT_NEXT]
+    return cl.q[L_HEAD_NEXT] if s == cl.head else cl.mrow(s).slot_next
 
 
 def _set_next(cl: "Cluster", s: int, v: int) -> None:
     if s == cl.head:
         cl.q[L_HEAD_NEXT] = v
     else:
-        cl.q[cl.mbase(s) + M_SLOT_NEXT] = v
+        cl.mrow(s).slot_next = v
 
 
 def _set_prev(cl: "Cluster", s: int, v: int) -> None:
     if s == cl.head:
         cl.q[L_HEAD_PREV] = v
     else:
-        cl.q[cl.mbase(s) + M_SLOT_PREV] = v
+        cl.mrow(s).slot_prev = v
 
 
 def slot_prev(cl: "Cluster", s: int) -> int:
-    return cl.q[L_HEAD_PREV] if s == cl.head else cl.q[cl.mbase(s) + M_SLOT_PREV]
+    return cl.q[L_HEAD_PREV] if s == cl.head else cl.mrow(s).slot_prev
 
 
 def slots(cl: "Cluster") -> list[int]:
@@ -295,7 +289,7 @@ def unmerge_and_remove_all_rmap_items(cl: "Cluster", alloc: Allocator, log=None,
               K_STABLE_NODES):
         q[f] = 0
     while s != cl.head:
-        mm = mm_attach(cl, q[cl.mbase(s) + M_ID])
+        mm = mm_attach(cl, cl.mrow(s).id)
         try:
             task.lock(mm.sem)
             pages = 0
@@ -328,13 +322,13 @@ def unmerge_and_remove_all_rmap_items(cl: "Cluster", alloc: Allocator, log=None,
             task.lock(cl.mmlist)
             nxt = slot_next(cl, s)
             q[L_SCAN_SLOT] = nxt
-            q[mm.base + M_SLOT_RMAP] = 0          # remove_trailing_rmap_items
-            q[mm.base + M_RMAP_ITEMS] = 0
-            q[mm.base + M_MERGING] = 0
+            mm.words.slot_rmap = 0          # remove_trailing_rmap_items
+            mm.words.rmap_items = 0
+            mm.words.merging = 0
             if ksm_test_exit(cl, mm):
                 list_del(cl, s)
-                q[mm.base + M_SLOT_USED] = 0
-                q[mm.base + M_FLAGS] &= ~MMF_VM_MERGEABLE
+                mm.words.slot_used = 0
+                mm.words.flags &= ~MMF_VM_MERGEABLE
                 q[S_SLOTS_FREED] += 1
                 task.unlock(cl.mmlist)
                 task.unlock(mm.sem)

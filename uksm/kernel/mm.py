@@ -196,7 +196,7 @@ def mm_create(cl: "Cluster", owner_row: int, worker_no: int) -> MM:
     task, q = cl.task, cl.q
     task.lock(cl.mmlist)
     try:
-        row = next((r for r in range(cl.max_mms) if q[cl.mbase(r) + M_ID] == 0), -1)
+        row = next((r for r in range(cl.max_mms) if cl.mrow(r).id == 0), -1)
         if row < 0:
             raise shm.UksmError(f"too many address spaces (max {cl.max_mms})", 2)
         mm_id = q[H_NEXT_MM_ID]
@@ -307,8 +307,7 @@ def mm_fields(cl: "Cluster", row: int) -> dict[str, int]:
 
 
 def live_mm_rows(cl: "Cluster") -> list[int]:
-    q = cl.q
-    return [r for r in range(cl.max_mms) if q[cl.mbase(r) + M_ID] and q[cl.mbase(r) + M_STATE] != MS_FREE]
+    return [r for r in range(cl.max_mms) if (m := cl.mrow(r)).id and m.state != MS_FREE]
 
 
 def pages_of(npages_or_bytes: int) -> int:

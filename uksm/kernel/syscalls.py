@@ -10,8 +10,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from uksm.kernel import killpoints
 from uksm.kernel.ksm import ERESTARTSYS, __ksm_enter, unmerge_ksm_pages
-from uksm.kernel.layout import (M_FLAGS, M_PAGES, MMF_VM_MERGEABLE, PAGE_SHIFT, PAGE_SIZE, PT_OFF,
-                     PTE_PRESENT, VM_LOCKED, VM_MERGEABLE, VM_READ, VM_WRITE)
+from uksm.kernel.layout import (MMF_VM_MERGEABLE, PAGE_SHIFT, PAGE_SIZE, PT_OFF, PTE_PRESENT, VM_LOCKED, VM_MERGEABLE, VM_READ, VM_WRITE)
 from uksm.kernel.memory import Allocator
 from uksm.kernel.mm import MM, SegFault
 from uksm.kernel.mmu import handle_mm_fault, zap_range
@@ -65,7 +64,7 @@ def sys_mmap(cl: "Cluster", mm: MM, length: int, prot: int = VM_READ | VM_WRITE)
     try:
         start = mm.get_unmapped_area(npages)
         mm.insert_vma(start, npages, prot)
-        cl.q[mm.base + M_PAGES] += npages
+        mm.words.pages += npages
     finally:
         mm.up_write()
     return start << PAGE_SHIFT
@@ -99,7 +98,7 @@ def sys_munmap(cl: "Cluster", mm: MM, alloc: Allocator, addr: int, length: int) 
         zap_range(cl, alloc, mm, start, end)
         for i in idx:
             mm.remove_vma(i)
-        cl.q[mm.base + M_PAGES] -= end - start
+        mm.words.pages -= end - start
     finally:
         mm.up_write()
 
@@ -125,7 +124,7 @@ def sys_madvise(cl: "Cluster", mm: MM, alloc: Allocator, addr: int, length: int,
         killpoints.hit(cl, "madvise_mmap_sem_write", log)
         if advice == MADV_MERGEABLE:
             # ksm_madvise: __ksm_enter the first time, then VM_MERGEABLE
-            if not cl.q[mm.base + M_FLAGS] & MMF_VM_MERGEABLE:
+            if not mm.words.flags & MMF_VM_MERGEABLE:
                 __ksm_enter(cl, mm, log)
             for i in idx:
                 mm.set_vma_flags(i, mm.vma_at(i)[2] | VM_MERGEABLE)
