@@ -34,6 +34,19 @@ def run_group(argv: list[str], timeout: float) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(argv, p.returncode, out, err)
 
 
+@contextmanager
+def reaped(*procs: subprocess.Popen) -> Iterator[None]:
+    """Client processes a test started itself: whatever the test's outcome,
+    none outlives it (killed if still running, then waited for)."""
+    try:
+        yield
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.communicate()
+
+
 def uksm(*args: str, timeout: float = 100, check: bool = False) -> subprocess.CompletedProcess:
     """Run ``uksm ARGS`` as a user would (python -m uksm), capture output."""
     p = run_group([sys.executable, "-m", "uksm", *args], timeout)

@@ -265,7 +265,10 @@ def alloc_child(cluster: str, row: int, child: int, ops: int, hold: int, seed: i
     cl = Cluster.attach(cluster)
     task = cl.bind(row)
     cl.q[task.base + T_PID] = os.getpid()
+    ready_by = time.monotonic() + 60
     while not cl.q[task.base + T_READY]:  # the start line: every child attached
+        if time.monotonic() > ready_by:   # the test gave up on us (or died): do not spin on
+            raise SystemExit(f"alloc-child {child}: no start signal within 60 s")
         time.sleep(0.001)
     t_start = time.monotonic_ns()
     cl.q[task.base + T_READY] = 2

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, Up, cluster_pids, uksm, wait_for
+from helpers import ROOT, Up, cluster_pids, reaped, uksm, wait_for
 from uksm.host import shm
 from uksm.kernel.cluster import pid_alive
 from uksm.kernel.layout import (KSM_FIELDS, A_FREE_TOP, EXIT_POLICIES, H_EXIT_POLICY, H_MEM_LIMIT, K_PAGES_SHARING, K_PAGES_TO_SCAN, K_RUN, K_RUN_DONE, K_RUN_SEQ, K_SLEEP_MS, MM_STATES)
@@ -150,9 +150,10 @@ def test_races_stay_consistent(cluster: Up) -> None:
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     b = subprocess.Popen(base + ["ctl", "--cluster", cluster.name, "run=1", "pages_to_scan=64"],
                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for p in (a, b):
-        out, err = p.communicate(timeout=60)
-        assert p.returncode == 0, err
+    with reaped(a, b):
+        for p in (a, b):
+            out, err = p.communicate(timeout=60)
+            assert p.returncode == 0, err
     cl = cluster.attach()
     try:
         q = cl.q
@@ -168,14 +169,15 @@ def test_races_stay_consistent(cluster: Up) -> None:
     sp = subprocess.Popen(base + ["spawn", "--cluster", cluster.name, "--count", "3", "--pages",
                                   "512", "--workload", "vm", "--wait"],
                           cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    cl = cluster.attach()
-    try:  # the spawn request is being served: its first worker exists
-        wait_for(lambda: any(mm_fields(cl, r)["worker_no"] >= 4 for r in live_mm_rows(cl)), 30,
-                 what="the spawn to start")
-    finally:
-        cl.close()
-    d = cluster.json("down")
-    out, err = sp.communicate(timeout=60)
+    with reaped(sp):
+        cl = cluster.attach()
+        try:  # the spawn request is being served: its first worker exists
+            wait_for(lambda: any(mm_fields(cl, r)["worker_no"] >= 4 for r in live_mm_rows(cl)), 30,
+                     what="the spawn to start")
+        finally:
+            cl.close()
+        d = cluster.json("down")
+        out, err = sp.communicate(timeout=60)
     assert sp.returncode == 0, err  # served whole, before the down
     assert [ln.split()[0] for ln in out.splitlines()] == ["w4", "w5", "w6"]
     assert d["status"] == 0, d
