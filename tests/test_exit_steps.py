@@ -1,0 +1,235 @@
+"""The exit path's steps, in-process (issue 16, mutation survivors of
+exit.py): mmput runs each step of exit_mmap and ksm_exit exactly once, in
+the order of the cluster's exit policy, records each in M_EXIT_STAGE, and
+a second pass (the reaper finishing a task killed half-way) does only what
+is left.  munlock_vma_pages_all faults in the VM_LOCKED areas' absent
+pages and only those; free_pgtables destroys the VMA table and the page
+table.
+
+Each test acts from the test thread as the task (util_machine.Space), with
+ksmd stopped (run=0), and spies on the steps through the module's own
+names (``uksm.exit.free_pgtables`` ...), calling the real step each time.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from helpers import booted
+from util_machine import PAGE, Space, assert_fsck, frames_used, set_run
+
+import uksm.exit as xmod
+from uksm.layout import (EXIT_POLICIES, H_EXIT_POLICY, L_SCAN_ADDR, L_SCAN_SLOT, M_EXIT_STAGE, M_OOM_VICTIM, M_SLOT_USED,
+                         MAX_VMAS, MS_VMAS_FREED, P_FAST, P_LEGACY, P_SLOW, PT_OFF, PTE_PRESENT,
+                         T_EXIT_PROGRESS, V_END, VM_LOCKED, VMA_OFF, VMA_SIZE, XS_KSM_EXIT,
+                         XS_MMDROP, XS_PGTABLES, XS_USERS0, XS_ZAPPED)
+from uksm.log import _Null
+
+pytestmark = pytest.mark.timeout(60)
+
+ALL = XS_USERS0 | XS_ZAPPED | XS_KSM_EXIT | XS_PGTABLES
+
+
+def cname(tag: str) -> str:
+    return f"txst{tag}{os.getpid() % 100000}"
+
+
+class Steps:
+    """Spies on exit.py's steps: (step, M_EXIT_STAGE at the call, args)."""
+
+    def __init__(self, mp: pytest.MonkeyPatch, cl: Any) -> None:
+        self.calls: list[tuple[str, int, tuple]] = []
+        self.cl = cl
+        for name in ("mm_users_zero", "exit_mmap_unmap", "free_pgtables", "__ksm_exit",
+                     "mmdrop", "munlock_vma_pages_all"):
+            mp.setattr(xmod, name, self._spy(name, getattr(xmod, name)))
+
+    def _spy(self, name: str, real: Any) -> Any:
+        def spy(cl: Any, mm: Any, *a: Any, **kw: Any) -> Any:
+            stage = cl.q[cl.mbase(mm.row if hasattr(mm, "row") else mm) + M_EXIT_STAGE]
+            self.calls.append((name, stage, a))
+            return real(cl, mm, *a, **kw)
+        return spy
+
+    def names(self) -> list[str]:
+        return [c[0] for c in self.calls]
+
+
+@pytest.fixture
+def machine() -> Iterator[Any]:
+    with booted(cname(str(os.getpid() % 7)), run=0, frames=64, va_pages=64) as sup:
+        yield sup
+
+
+def _mergeable_space(sup: Any, npages: int = 3) -> tuple[Space, int]:
+    s = Space(sup)
+    a = s.mmap(npages)
+    s.fill(a, [bytes([i + 1]) * PAGE for i in range(npages)])
+    s.mergeable(a, npages)
+    assert sup.cl.q[s.mm.base + M_SLOT_USED], "MADV_MERGEABLE gave the mm a slot"
+    return s, a
+
+
+def _policy(sup: Any, policy: str) -> None:
+    sup.cl.q[H_EXIT_POLICY] = EXIT_POLICIES.index(policy)
+
+
+@pytest.mark.parametrize("policy", EXIT_POLICIES)
+def test_mmput_steps_in_the_policys_order(machine: Any, policy: str,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """seed: pages freed before __ksm_exit (the OOM fix); shipped and
+    legacy: __ksm_exit first; legacy's __ksm_exit takes ksm_thread_mutex
+    (its ``legacy`` argument).  Every step once; mmdrop last, with every
+    other step recorded."""
+    sup = machine
+    _policy(sup, policy)
+    s, a = _mergeable_space(sup)
+    used = frames_used(sup.cl)
+    st = Steps(monkeypatch, sup.cl)
+    path = s.exit()
+    ksm_first = policy != "seed"
+    order = (["mm_users_zero", "__ksm_exit", "exit_mmap_unmap", "munlock_vma_pages_all"] if ksm_first
+             else ["mm_users_zero", "exit_mmap_unmap", "munlock_vma_pages_all", "__ksm_exit"])
+    assert st.names() == order + ["free_pgtables", "mmdrop"]
+    stage = {n: sg for n, sg, _a in st.calls}
+    args = {n: a for n, _sg, a in st.calls}
+    assert stage["mm_users_zero"] == 0
+    # under the seed the pages are gone when __ksm_exit runs
+    assert stage["__ksm_exit"] == (XS_USERS0 if ksm_first else XS_USERS0 | XS_ZAPPED)
+    assert args["__ksm_exit"][0] is (policy == "legacy")
+    assert args["__ksm_exit"][2] == policy
+    assert stage["free_pgtables"] == XS_USERS0 | XS_ZAPPED | XS_KSM_EXIT
+    assert stage["mmdrop"] == ALL
+    assert path == (P_LEGACY if policy == "legacy" else P_FAST)
+    assert frames_used(sup.cl) == used - 3 and s.freed()
+    assert_fsck(sup)
+
+
+def test_ksm_exit_runs_once_and_only_with_a_slot(machine: Any,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """ksm_exit is recorded (XS_KSM_EXIT) and not repeated: after a slow
+    path the slot is still there (ksmd frees it), so a second __ksm_exit
+    would move it and take mmap_sem again."""
+    sup = machine
+    cl = sup.cl
+    s, a = _mergeable_space(sup)
+    cl.task.lock(cl.mmlist)
+    cl.q[L_SCAN_SLOT] = s.mm.row     # ksmd's cursor is on this mm: the slow path
+    cl.q[L_SCAN_ADDR] = 0
+    cl.task.unlock(cl.mmlist)
+    st = Steps(monkeypatch, cl)
+    log = _Null()
+    assert xmod.mm_users_zero(cl, s.mm, log) is True
+    assert xmod.mm_users_zero(cl, s.mm, log) is False      # idempotent
+    assert xmod.ksm_exit(cl, s.mm, "seed", log) == P_SLOW
+    assert cl.q[s.mm.base + M_EXIT_STAGE] == XS_USERS0 | XS_KSM_EXIT
+    assert cl.q[s.mm.base + M_SLOT_USED], "the slow path leaves the slot to ksmd"
+    assert xmod.ksm_exit(cl, s.mm, "seed", log) == 0        # done: not again
+    assert st.names().count("__ksm_exit") == 1
+    # the rest of the exit does only what is left
+    s.exited = True
+    assert xmod.mmput(cl, s.mm, s.alloc, log) == 0
+    s.alloc.flush()
+    assert st.names().count("__ksm_exit") == 1
+    assert st.names()[-2:] == ["free_pgtables", "mmdrop"]
+    set_run(sup, 1)                 # ksmd frees the slot, drops the last mm_count
+    s.exit()
+    set_run(sup, 0)
+    # an mm that never had a slot: ksm_exit marks the step, __ksm_exit is not called
+    t = Space(sup)
+    t.write(t.mmap(1), b"x")
+    assert not cl.q[t.mm.base + M_SLOT_USED]
+    n = st.names().count("__ksm_exit")
+    assert t.exit() == 0
+    assert st.names().count("__ksm_exit") == n
+    assert_fsck(sup)
+
+
+@pytest.mark.parametrize("done", [XS_USERS0, XS_USERS0 | XS_ZAPPED,
+                                  XS_USERS0 | XS_ZAPPED | XS_KSM_EXIT, ALL])
+def test_mmput_after_a_half_done_exit_does_only_what_is_left(machine: Any, done: int,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reaper's second pass: the steps a killed task finished are
+    recorded and skipped, the others run once."""
+    sup = machine
+    s, a = _mergeable_space(sup)
+    log = _Null()
+    cl, mm = sup.cl, s.mm
+    xmod.mm_users_zero(cl, mm, log)
+    if done & XS_ZAPPED:
+        xmod.exit_mmap_unmap(cl, mm, s.alloc, log)
+    if done & XS_KSM_EXIT:
+        xmod.ksm_exit(cl, mm, "seed", log)
+    if done & XS_PGTABLES:
+        xmod.free_pgtables(cl, mm)
+    assert cl.q[mm.base + M_EXIT_STAGE] == done
+    st = Steps(monkeypatch, cl)
+    s.exit()
+    names = st.names()
+    assert names.count("exit_mmap_unmap") == (0 if done & XS_ZAPPED else 1)
+    assert names.count("__ksm_exit") == (0 if done & XS_KSM_EXIT else 1)
+    assert names.count("free_pgtables") == (0 if done & XS_PGTABLES else 1)
+    assert names.count("mmdrop") == 1 and s.freed()
+    assert_fsck(sup)
+
+
+def test_exit_mmap_unmap_and_free_pgtables(machine: Any) -> None:
+    """The two halves of exit_mmap, each checked for what it leaves."""
+    sup = machine
+    cl = sup.cl
+    s = Space(sup)
+    a, b = s.mmap(3), s.mmap(2)
+    s.fill(a, [b"\x07" * PAGE] * 3)
+    s.write(b, b"y")
+    used = frames_used(cl)
+    cl.q[s.mm.base + M_OOM_VICTIM] = 1
+    log = _Null()
+    xmod.mm_users_zero(cl, s.mm, log)
+    xmod.exit_mmap_unmap(cl, s.mm, s.alloc, log)
+    s.alloc.flush()
+    assert cl.q[s.mm.base + M_EXIT_STAGE] == XS_USERS0 | XS_ZAPPED
+    assert cl.q[s.mm.base + M_OOM_VICTIM] == 0   # the memory it was killed for is back
+    assert frames_used(cl) == used - 4 and s.rss() == 0
+    assert not any(s.mm.pq[PT_OFF + v] & PTE_PRESENT for v in range(cl.va_pages))
+    assert len(s.mm.vmas()) == 2                 # VMAs stay until free_pgtables
+    s.mm.pq[PT_OFF + 5] = 1234                   # a stray PTE is dropped with the table
+    xmod.ksm_exit(cl, s.mm, "seed", log)
+    xmod.free_pgtables(cl, s.mm)
+    pq = s.mm.pq
+    assert cl.q[s.mm.base + M_EXIT_STAGE] == ALL
+    assert pq[MS_VMAS_FREED] == 1
+    assert all(pq[VMA_OFF + i * VMA_SIZE + V_END] == 0 for i in range(MAX_VMAS))
+    assert all(pq[PT_OFF + v] == 0 for v in range(cl.va_pages))
+    s.exit()
+    assert s.freed()
+
+
+def test_munlock_faults_in_only_the_locked_areas(machine: Any) -> None:
+    """munlock_vma_pages_all: each absent page of a VM_LOCKED area is
+    faulted in (get_user_pages), T_EXIT_PROGRESS bumped once per page, the
+    flag cleared; an area that is not locked is left alone."""
+    sup = machine
+    cl = sup.cl
+    s = Space(sup)
+    locked, plain = s.mmap(3), s.mmap(2)
+    s.write(locked + PAGE, b"z")        # one page of the locked area present already
+    vmas = {st: (i, f) for (i, st, _e, f) in s.mm.vmas()}
+    i, f = vmas[locked >> 12]
+    s.mm.set_vma_flags(i, f | VM_LOCKED)
+    prog = cl.q[cl.task.base + T_EXIT_PROGRESS]
+    used = frames_used(cl)
+    xmod.munlock_vma_pages_all(cl, s.mm, s.alloc)
+    assert [s.pfn(locked + k * PAGE) is not None for k in range(3)] == [True] * 3
+    assert [s.pfn(plain + k * PAGE) for k in range(2)] == [None, None]
+    assert cl.q[cl.task.base + T_EXIT_PROGRESS] == prog + 3
+    assert frames_used(cl) == used + 2
+    flags = {st: f for (_i, st, _e, f) in s.mm.vmas()}
+    assert not flags[locked >> 12] & VM_LOCKED and flags[locked >> 12] == f
+    assert s.read(locked + PAGE, 1) == b"z"
+    # done: a second pass has nothing locked left
+    xmod.munlock_vma_pages_all(cl, s.mm, s.alloc)
+    assert cl.q[cl.task.base + T_EXIT_PROGRESS] == prog + 3
+    s.exit()
+    assert_fsck(sup)
