@@ -6,8 +6,11 @@ says -- because recover() does its arithmetic on both, an extra post, a
 missed word transition or a wrong E_HELD would make it mis-count a dead
 holder's units.
 
-No cluster: a task table in a bytearray and semaphores of our own
-(``/uksm.<name>.<what>``, so the leak fixture would see one left behind).
+No cluster: a task table in a bytearray and semaphores of our own, named
+``/uksmtest.<name>.<what>``, outside the ``uksm.`` namespace: a concurrent
+session's leak fixture takes objects with no recorded supervisor and no
+process naming them for its own leftovers and unlinks them (seen while a
+mutation run was going).
 Contended paths are driven without threads where possible: ``Task.abort``
 is polled after every timed-out slice of a blocked wait, so the test acts
 from inside the wait (it checks the WAITING entry, then releases the holder's
@@ -49,7 +52,7 @@ class Table:
             self.q[r * ROW + T_PID] = 1000 + r
 
     def lock(self, cls: int, units: int = 1, mm: int = 0) -> Lock:
-        sem = posix_ipc.Semaphore(f"/uksm.{self.name}.s{len(self.sems)}", posix_ipc.O_CREX,
+        sem = posix_ipc.Semaphore(f"/uksmtest.{self.name}.s{len(self.sems)}", posix_ipc.O_CREX,
                                   mode=0o600, initial_value=units)
         self.sems.append(sem)
         return Lock(sem, units, cls, mm)
@@ -607,3 +610,96 @@ def test_stable_needs_three_equal_snapshots() -> None:
 def _wait(pred: Callable[[], bool], timeout: float = 20.0) -> None:
     import helpers
     helpers.wait_for(pred, timeout, what="a waiter to block")
+
+
+# ---- the entry inside each semaphore operation (windows A and B) --------------------
+
+class SemSpy:
+    """A semaphore that records the task's entry at every acquire and
+    release: what a task killed inside the call would leave for recover()."""
+
+    def __init__(self, tb: Table, lk: Lock, row: int) -> None:
+        self.real, self.tb, self.cls, self.row = lk.sem, tb, lk.cls, row
+        self.seen: list[tuple[str, int, int, int, int, int]] = []
+        lk.sem = self  # type: ignore[assignment]
+
+    def _note(self, op: str) -> None:
+        en = self.tb.entry(self.row, self.cls)
+        self.seen.append((op, en["lock"], en["seq"], en["writer"], en["state"], en["held"]))
+
+    def acquire(self, timeout: float | None = None) -> None:
+        self._note("acquire")
+        self.real.acquire(timeout)
+
+    def release(self) -> None:
+        self._note("release")
+        self.real.release()
+
+    @property
+    def value(self) -> int:
+        return int(self.real.value)
+
+
+def _others(tb: Table, row: int, *classes: int) -> list[int]:
+    """Every word of the task table but ``row``'s entries of ``classes``."""
+    skip = {row * ROW + T_LOCKS + c * ESIZE + k for c in classes for k in range(ESIZE)}
+    return [v for i, v in enumerate(tb.q) if i not in skip]
+
+
+def test_lock_unlock_entry_inside_the_semaphore_calls(tb: Table) -> None:
+    t = tb.task(1)
+    mx = tb.lock(C_PTL, mm=2)
+    spy = SemSpy(tb, mx, 1)
+    before = _others(tb, 1, C_PTL)
+    for n in range(2):   # twice: the seq goes on from the entry's own word
+        t.lock(mx)
+        t.unlock(mx)
+        s0 = 4 * n
+        assert spy.seen[-2:] == [("acquire", mx.lid, s0 + 1, 0, WAITING, 0),
+                                 ("release", mx.lid, s0 + 3, 0, RELEASING, 0)]
+        assert tb.entry(1, C_PTL)["seq"] == s0 + 4 and tb.entry(1, C_PTL)["state"] == IDLE
+    assert _others(tb, 1, C_PTL) == before   # nothing else in the table written
+    assert spy.value == 1
+
+
+def test_trylock_entry_inside_the_semaphore_call(tb: Table) -> None:
+    a, b = tb.task(1), tb.task(2)
+    mx = tb.lock(C_MMLIST)
+    spy = SemSpy(tb, mx, 1)
+    before = _others(tb, 1, C_MMLIST)
+    for n in range(2):
+        assert a.trylock(mx)
+        a.unlock(mx)
+        assert spy.seen[-2:] == [("acquire", mx.lid, 4 * n + 1, 0, WAITING, 0),
+                                 ("release", mx.lid, 4 * n + 3, 0, RELEASING, 0)]
+    assert _others(tb, 1, C_MMLIST) == before
+    assert a.trylock(mx)
+    before = _others(tb, 2, C_MMLIST)
+    spy.row = 2
+    for n in range(2):   # failing, twice
+        assert not b.trylock(mx)
+        assert spy.seen[-1] == ("acquire", mx.lid, 2 * n + 1, 0, WAITING, 0)
+        en = tb.entry(2, C_MMLIST)
+        assert (en["seq"], en["state"]) == (2 * n + 2, IDLE)
+    assert _others(tb, 2, C_MMLIST) == before
+    assert spy.value == 0
+
+
+def test_down_write_up_write_entry_inside_the_semaphore_calls(tb: Table) -> None:
+    t = tb.task(1)
+    wm, sem = tb.lock(C_WMUTEX), tb.lock(C_MMAP, UNITS, mm=3)
+    spy = SemSpy(tb, sem, 1)
+    before = _others(tb, 1, C_MMAP, C_WMUTEX)
+    for n in range(2):
+        t.down_write(sem, wm)
+        s0 = 4 * n
+        assert spy.seen[-UNITS:] == [("acquire", sem.lid, s0 + 1, WRITER, WAITING, i)
+                                     for i in range(UNITS)]
+        t.up_write(sem, wm)
+        assert spy.seen[-UNITS:] == [("release", sem.lid, s0 + 3, WRITER, RELEASING, UNITS - i)
+                                     for i in range(UNITS)]
+        en = tb.entry(1, C_MMAP)
+        assert (en["seq"], en["writer"], en["state"], en["held"]) == (s0 + 4, 0, IDLE, 0)
+        assert tb.entry(1, C_WMUTEX)["seq"] == s0 + 4
+    assert _others(tb, 1, C_MMAP, C_WMUTEX) == before
+    assert spy.value == UNITS and value(wm) == 1
