@@ -623,12 +623,15 @@ class SemSpy:
         self.seen: list[tuple[str, int, int, int, int, int]] = []
         lk.sem = self  # type: ignore[assignment]
 
+        self.timeouts: list[float | None] = []
+
     def _note(self, op: str) -> None:
         en = self.tb.entry(self.row, self.cls)
         self.seen.append((op, en["lock"], en["seq"], en["writer"], en["state"], en["held"]))
 
     def acquire(self, timeout: float | None = None) -> None:
         self._note("acquire")
+        self.timeouts.append(timeout)
         self.real.acquire(timeout)
 
     def release(self) -> None:
@@ -703,3 +706,148 @@ def test_down_write_up_write_entry_inside_the_semaphore_calls(tb: Table) -> None
         assert tb.entry(1, C_WMUTEX)["seq"] == s0 + 4
     assert _others(tb, 1, C_MMAP, C_WMUTEX) == before
     assert spy.value == UNITS and value(wm) == 1
+
+
+# ---- from any starting word; stale fields; lockdep in down_write --------------------
+
+def _junk(tb: Table, row: int, seq: int, *classes: int) -> None:
+    """Fill the table with distinct non-zero words (so that a write to the
+    wrong word shows), then give ``row``'s entries of ``classes`` an idle
+    word of sequence ``seq`` (odd: after an abandoned wait) and a stale
+    E_HELD, as an earlier aborted writer would leave them."""
+    for i in range(len(tb.q)):
+        tb.q[i] = 1_000_000 + i
+    for c in classes:
+        e = row * ROW + T_LOCKS + c * ESIZE
+        tb.q[e + E_WORD] = seq << 3
+        tb.q[e + E_HELD] = 7
+        tb.q[e + E_SPINS] = 0
+        tb.q[e + E_SINCE] = 0
+
+
+@pytest.mark.parametrize("seq", [5, 9])
+def test_every_op_from_an_odd_seq_with_stale_fields(tb: Table, seq: int) -> None:
+    t = tb.task(1)
+    wm, sem, mx = tb.lock(C_WMUTEX), tb.lock(C_MMAP, UNITS, mm=3), tb.lock(C_PTL, mm=3)
+    _junk(tb, 1, seq, C_WMUTEX, C_MMAP, C_PTL)
+    ssem, smx = SemSpy(tb, sem, 1), SemSpy(tb, mx, 1)
+    before = _others(tb, 1, C_WMUTEX, C_MMAP, C_PTL)
+    t.down_write(sem, wm)
+    assert ssem.seen == [("acquire", sem.lid, seq + 1, WRITER, WAITING, i) for i in range(UNITS)]
+    assert ssem.timeouts == [0] * UNITS       # never a blocking try outside _block
+    en = tb.entry(1, C_MMAP)
+    assert (en["seq"], en["writer"], en["state"], en["held"]) == (seq + 2, WRITER, HELD, UNITS)
+    t.up_write(sem, wm)
+    assert ssem.seen[-1] == ("release", sem.lid, seq + 3, WRITER, RELEASING, 1)
+    en = tb.entry(1, C_MMAP)
+    assert (en["seq"], en["writer"], en["state"], en["held"]) == (seq + 4, 0, IDLE, 0)
+    assert tb.entry(1, C_WMUTEX)["seq"] == seq + 4
+    t.lock(mx)
+    assert smx.seen == [("acquire", mx.lid, seq + 1, 0, WAITING, 7)]
+    assert smx.timeouts == [0]
+    t.unlock(mx)
+    assert tb.entry(1, C_PTL)["seq"] == seq + 4
+    assert t.trylock(mx)
+    assert smx.seen[-1] == ("acquire", mx.lid, seq + 5, 0, WAITING, 7)
+    assert tb.entry(1, C_PTL)["seq"] == seq + 6
+    t.unlock(mx)
+    assert _others(tb, 1, C_WMUTEX, C_MMAP, C_PTL) == before
+    assert ssem.value == UNITS and smx.value == 1 and value(wm) == 1
+
+
+def test_abort_from_an_odd_seq(tb: Table) -> None:
+    holder, waiter = tb.task(0), tb.task(1)
+    mx = tb.lock(C_DAEMON)
+    _junk(tb, 1, 5, C_DAEMON)
+    holder.lock(mx)
+    before = _others(tb, 1, C_DAEMON)
+    waiter.abort = lambda: True
+    with pytest.raises(LockAbort):
+        waiter.lock(mx)
+    en = tb.entry(1, C_DAEMON)
+    assert (en["state"], en["seq"], en["spins"], en["since"]) == (IDLE, 7, 1, 0)
+    assert _others(tb, 1, C_DAEMON) == before
+    holder.unlock(mx)
+
+
+class FakeClock:
+    """time for uksm.locks: monotonic_ns steps by ``step`` at each call."""
+
+    def __init__(self, step: int) -> None:
+        self.now, self.step = 10**12, step
+
+    def monotonic_ns(self) -> int:
+        self.now += self.step
+        return self.now
+
+    def __getattr__(self, k: str) -> Any:
+        import time
+        return getattr(time, k)
+
+
+@pytest.mark.parametrize("log_ms,reported", [(3, True), (4, False)])
+def test_lock_wait_reported_at_the_threshold_in_ms(tb: Table, monkeypatch: pytest.MonkeyPatch,
+                                                   log_ms: int, reported: bool) -> None:
+    """on_wait gets the wait in milliseconds, from the clock the wait
+    started on, once it reaches the threshold; no holders() -> []."""
+    holder = tb.task(0)
+    waiter = tb.task(1, wait_log_ms=log_ms)
+    waits: list[tuple[str, float, list[int]]] = []
+    waiter.on_wait = lambda name, ms, hs: waits.append((name, ms, hs))
+    mx = tb.lock(C_DAEMON)
+    holder.lock(mx)
+
+    def abort() -> bool:
+        holder.unlock(mx)
+        return False
+
+    waiter.abort = abort
+    monkeypatch.setattr(locks, "time", FakeClock(3_000_000))   # 3 ms between the two readings
+    waiter.lock(mx)
+    monkeypatch.undo()
+    assert waits == ([(mx.name, 3.0, [])] if reported else [])
+    waiter.unlock(mx)
+
+
+def test_lockdep_in_down_write(tb: Table) -> None:
+    """down_write checks once, as down_write, from the writer mutex's
+    class; its own mutex is then taken unchecked."""
+    t = tb.task(0)
+    seen: list[tuple[str, str, str, str]] = []
+    t.lockdep = lambda kind, lk, held, op: seen.append((kind, lk.name, lock_name(held), op))
+    wm, sem, ptl = tb.lock(C_WMUTEX, mm=1), tb.lock(C_MMAP, UNITS, mm=1), tb.lock(C_PTL, mm=1)
+    t.lock(ptl)
+    t.down_write(sem, wm)
+    assert seen == [("order", "mmap_sem:mm1", "pte_lock:mm1", "down_write")]
+    t.up_write(sem, wm)
+    t.unlock(ptl)
+    seen.clear()
+    wm2 = tb.lock(C_WMUTEX, mm=2)
+    t.lock(wm2)          # another mm's writer mutex: seen only from the mutex's class
+    t.down_write(sem, wm)
+    assert seen == [("order", "mmap_sem:mm1", "mmap_wmutex:mm2", "down_write")]
+
+
+def test_holders_of_only_that_lock_and_writers_with_units(tb: Table) -> None:
+    a = tb.task(0)
+    p1, p2 = tb.lock(C_PTL, mm=1), tb.lock(C_PTL, mm=2)
+    a.lock(p1)
+    assert locks.holders_of(tb.q, tb.rows(0, 1, 2), p1.lid) == [1000]
+    assert locks.holders_of(tb.q, tb.rows(0, 1, 2), p2.lid) == []
+    sem = tb.lock(C_MMAP, UNITS, mm=1)
+    for row, word, held in ((1, WRITER | WAITING, 0), (2, WRITER | WAITING, 1)):
+        e = row * ROW + T_LOCKS + C_MMAP * ESIZE
+        tb.q[e + E_LOCK] = sem.lid
+        tb.q[e + E_WORD] = (1 << 3) | word
+        tb.q[e + E_HELD] = held
+    # a writer waiting with nothing taken yet holds nothing; with one unit, it does
+    assert locks.holders_of(tb.q, tb.rows(0, 1, 2), sem.lid) == [1002]
+
+
+def test_wait_begin_default_is_the_frames_wait(tb: Table) -> None:
+    t = tb.task(3)
+    t.wait_begin()
+    assert tb.entry(3, C_FRAMES)["lock"] == lock_id(C_FRAMES, 0)
+    assert tb.entry(3, C_FRAMES)["state"] == WAITING
+    t.wait_end()
+    assert tb.entry(3, C_FRAMES)["state"] == IDLE
