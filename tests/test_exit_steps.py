@@ -21,8 +21,9 @@ from helpers import booted
 from util_machine import PAGE, Space, assert_fsck, frames_used, set_run
 
 import uksm.exit as xmod
-from uksm.layout import (EXIT_POLICIES, H_EXIT_POLICY, L_SCAN_ADDR, L_SCAN_SLOT, M_EXIT_STAGE, M_OOM_VICTIM, M_SLOT_USED,
-                         MAX_VMAS, MS_VMAS_FREED, P_FAST, P_LEGACY, P_SLOW, PT_OFF, PTE_PRESENT,
+from uksm.layout import (EXIT_POLICIES, H_EXIT_POLICY, L_SCAN_ADDR, L_SCAN_SLOT, M_EXIT_STAGE,
+                         M_OOM_VICTIM, M_SLOT_USED, M_STATE, M_USERS, MAX_VMAS, MS_EXITING,
+                         MS_LIVE, MS_VMAS_FREED, P_FAST, P_LEGACY, P_SLOW, PT_OFF, PTE_PRESENT,
                          T_EXIT_PROGRESS, V_END, VM_LOCKED, VMA_OFF, VMA_SIZE, XS_KSM_EXIT,
                          XS_MMDROP, XS_PGTABLES, XS_USERS0, XS_ZAPPED)
 from uksm.log import _Null
@@ -233,3 +234,89 @@ def test_munlock_faults_in_only_the_locked_areas(machine: Any) -> None:
     assert cl.q[cl.task.base + T_EXIT_PROGRESS] == prog + 3
     s.exit()
     assert_fsck(sup)
+
+
+class RecLog:
+    """A logger that keeps the events (event, fields)."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict]] = []
+
+    def info(self, event: str, **fields: Any) -> None:
+        self.events.append((event, fields))
+
+    def __getattr__(self, _name: str) -> Any:
+        return self.info
+
+
+def test_mm_users_zero(machine: Any) -> None:
+    """atomic_dec_and_test(&mm->mm_users): mm_users 0, the mm EXITING,
+    XS_USERS0, the event logged once; the pte lock and the list lock
+    given back (or the caller's pte lock kept); a freed or reused row
+    (another mm id) is not touched."""
+    sup = machine
+    cl = sup.cl
+    q = cl.q
+    s = Space(sup)
+    s.write(s.mmap(1), b"u")
+    b = s.mm.base
+    assert q[b + M_USERS] >= 1 and q[b + M_STATE] == MS_LIVE
+    log = RecLog()
+    # a stale MM whose row now holds another mm id: nothing done
+    real_id = s.mm.id
+    s.mm.id = real_id + 1000
+    try:
+        assert xmod.mm_users_zero(cl, s.mm, log) is False
+    finally:
+        s.mm.id = real_id
+    assert q[b + M_STATE] == MS_LIVE and q[b + M_EXIT_STAGE] == 0 and log.events == []
+    assert not cl.task.holds(s.mm.ptl) and not cl.task.holds(cl.mmlist)
+    ptl_value = s.mm.ptl.sem.value
+    assert xmod.mm_users_zero(cl, s.mm, log) is True
+    assert (q[b + M_USERS], q[b + M_STATE], q[b + M_EXIT_STAGE]) == (0, MS_EXITING, XS_USERS0)
+    assert log.events == [("mm_exit_begin", {"mm": real_id})]
+    assert s.mm.ptl.sem.value == ptl_value and cl.mmlist.sem.value == 1
+    assert not cl.task.holds(s.mm.ptl) and not cl.task.holds(cl.mmlist)
+    assert xmod.mm_users_zero(cl, s.mm, log) is False
+    assert len(log.events) == 1
+    s.exit()
+    # with the caller holding the pte lock (ptl_held): it stays held
+    t = Space(sup)
+    t.write(t.mmap(1), b"v")
+    cl.task.lock(t.mm.ptl)
+    try:
+        assert xmod.mm_users_zero(cl, t.mm, log, ptl_held=True) is True
+        assert cl.task.holds(t.mm.ptl) and t.mm.ptl.sem.value == 0
+    finally:
+        cl.task.unlock(t.mm.ptl)
+    assert t.mm.ptl.sem.value == 1
+    assert [e for e, _f in log.events] == ["mm_exit_begin", "mm_exit_begin"]
+    t.exit()
+    assert_fsck(sup)
+
+
+def test_free_pgtables_clears_a_multi_page_table() -> None:
+    """With 1024 pages the page table runs past the segment's first page:
+    the words up to that page are zeroed, the rest punched; every PTE
+    reads 0 after, whatever was there."""
+    with booted(cname("big"), run=0, frames=64, va_pages=1024) as sup:
+        cl = sup.cl
+        s = Space(sup)
+        a = s.mmap(8)
+        s.fill(a, [b"\x09" * PAGE] * 8)
+        log = _Null()
+        xmod.mm_users_zero(cl, s.mm, log)
+        xmod.exit_mmap_unmap(cl, s.mm, s.alloc, log)
+        s.alloc.flush()
+        xmod.ksm_exit(cl, s.mm, "seed", log)
+        pq = s.mm.pq
+        assert len(pq) == PT_OFF + 1024 and len(pq) * 8 > PAGE
+        for i in range(PT_OFF, len(pq)):   # whatever a buggy COW break left
+            pq[i] = 3 + (i << 2)
+        head = list(pq[:VMA_OFF])
+        xmod.free_pgtables(cl, s.mm)
+        assert [i for i in range(PT_OFF, len(pq)) if pq[i]] == []
+        assert list(pq[:MS_VMAS_FREED]) == head[:MS_VMAS_FREED] and pq[MS_VMAS_FREED] == 1
+        assert cl.q[s.mm.base + M_EXIT_STAGE] == ALL
+        s.exit()
+        assert_fsck(sup)
