@@ -210,3 +210,120 @@ def test_run2_frees_the_slot_of_an_exiting_mm(machine: Any) -> None:
     assert_fsck(sup, [live])
     live.exit()
     assert_fsck(sup)
+
+
+class RecLog:
+    """A logger that keeps the events (event, fields)."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict]] = []
+
+    def info(self, event: str, **fields: Any) -> None:
+        self.events.append((event, fields))
+
+    def __getattr__(self, _name: str) -> Any:
+        return self.info
+
+
+def _merged_pair(sup: Any, tag: int) -> tuple[Space, Space, dict]:
+    live, dying = Space(sup, 930 + tag), Space(sup, 940 + tag)
+    addr = {}
+    for s in (live, dying):
+        addr[s] = a = s.mmap(4)
+        s.fill(a, [b"\x44" * PAGE] * 4)
+        s.mergeable(a, 4)
+    set_run(sup, 1)
+    wait_counts(sup, pages_shared=1, pages_sharing=7)
+    set_run(sup, 0)
+    return live, dying, addr
+
+
+@pytest.mark.parametrize("how_far", ["zapped", "slow_path_and_pgtables"])
+def test_run2_unmerge_state_and_events(machine: Any, how_far: str) -> None:
+    """What KSM_RUN_UNMERGE leaves: ksmd's published state zeroed
+    (counters, per-slot rmap counts) and H_UNMERGE_GEN / H_KSM_UNSYNCED
+    bumped once for ksmd; the live mm unmerged (the event says how many
+    pages) and still registered; the exiting mm -- pages freed, or even
+    its page tables and VMAs after a slow-path __ksm_exit (the 2023 fix:
+    its VMAs are not walked) -- loses its slot and its mm_count."""
+    from uksm import exit as xmod
+    from uksm.layout import (H_KSM_UNSYNCED, H_UNMERGE_GEN, K_FULL_SCANS, K_PAGES_SHARED,
+                             K_PAGES_SHARING, K_STABLE_NODES, L_SEQNR, M_FLAGS, M_MERGING,
+                             M_RMAP_ITEMS, M_SLOT_RMAP, MMF_VM_MERGEABLE, P_SLOW)
+    sup = machine
+    cl = sup.cl
+    q = cl.q
+    live, dying, addr = _merged_pair(sup, 0 if how_far == "zapped" else 1)
+    assert q[live.mm.base + M_SLOT_RMAP] > 0 and q[K_STABLE_NODES] == 1
+    nul = _Null()
+    xmod.mm_users_zero(cl, dying.mm, nul)
+    xmod.exit_mmap_unmap(cl, dying.mm, dying.alloc, nul)
+    dying.alloc.flush()
+    dying.exited = True
+    if how_far != "zapped":
+        cl.task.lock(cl.mmlist)
+        q[L_SCAN_SLOT] = dying.mm.row    # ksmd's cursor on it: the slow path keeps the slot
+        cl.task.unlock(cl.mmlist)
+        assert xmod.ksm_exit(cl, dying.mm, "seed", nul) == P_SLOW
+        xmod.free_pgtables(cl, dying.mm)
+    gen, unsynced, freed0 = q[H_UNMERGE_GEN], q[H_KSM_UNSYNCED], q[S_SLOTS_FREED]
+    q[L_SCAN_ADDR] = 77
+    log = RecLog()
+    seq, err = kmod.run_store(cl, 2, dying.alloc, log)
+    assert err == 0
+    assert log.events == [("ksm_knob", {"name": "run", "value": 2}),
+                          ("unmerge", {"mm": live.mm.id, "pages": 4, "reason": "run2"}),
+                          ("unmerge", {"mm": dying.mm.id, "pages": 0, "reason": "run2"}),
+                          ("slot_freed", {"mm": dying.mm.id, "by": "unmerge"}),
+                          ("mmdrop", {"mm": dying.mm.id, "ref": "ksm", "mm_count": 1})]
+    assert (q[H_UNMERGE_GEN], q[H_KSM_UNSYNCED], q[S_SLOTS_FREED]) == (gen + 1, unsynced + 1, freed0 + 1)
+    assert (q[K_PAGES_SHARED], q[K_PAGES_SHARING], q[K_STABLE_NODES]) == (0, 0, 0)
+    assert (q[K_FULL_SCANS], q[L_SEQNR]) == (0, 0)
+    assert (q[L_SCAN_SLOT], q[L_SCAN_ADDR]) == (cl.head, 0)
+    lb, db = live.mm.base, dying.mm.base
+    assert (q[lb + M_SLOT_RMAP], q[lb + M_RMAP_ITEMS], q[lb + M_MERGING]) == (0, 0, 0)
+    assert q[lb + M_SLOT_USED] == 1 and q[lb + M_FLAGS] & MMF_VM_MERGEABLE
+    assert _linked(cl) == [live.mm.row]
+    pfns = [live.pfn(addr[live] + i * PAGE) for i in range(4)]
+    assert None not in pfns and len(set(pfns)) == 4
+    assert not any(is_ksm(cl, p) for p in pfns if p is not None)
+    if how_far == "zapped":
+        assert q[db + M_SLOT_USED] == 0 and not q[db + M_FLAGS] & MMF_VM_MERGEABLE
+        assert xmod.mmput(cl, dying.mm, dying.alloc, nul) == 0
+    else:
+        assert xmod.mmput(cl, dying.mm, dying.alloc, nul) == 0
+    dying.exit()     # freed: the unmerge dropped the slot's mm_count
+    assert dying.freed()
+    set_run(sup, 0)
+    assert_fsck(sup, [live])
+    live.exit()
+    assert_fsck(sup)
+
+
+def test_run2_interrupted_puts_the_cursor_back(machine: Any) -> None:
+    """A signal while run=2 unmerges (-ERESTARTSYS): the cursor goes back
+    to the head, run to 0, the counters stay zeroed for ksmd to rebuild,
+    and full_scans is left alone."""
+    from uksm.layout import H_UNMERGE_GEN, K_FULL_SCANS
+    sup = machine
+    cl = sup.cl
+    q = cl.q
+    live, other, addr = _merged_pair(sup, 2)
+    scans = q[K_FULL_SCANS]
+    gen = q[H_UNMERGE_GEN]
+    log = RecLog()
+    seq, err = kmod.run_store(cl, 2, live.alloc, log, stop=lambda: True)
+    assert err == -kmod.ERESTARTSYS
+    assert (q[K_RUN], q[L_SCAN_SLOT], q[L_SCAN_ADDR]) == (0, cl.head, 0)
+    assert q[K_FULL_SCANS] == scans and scans > 0
+    assert q[H_UNMERGE_GEN] == gen + 1
+    assert [e for e, _f in log.events] == ["ksm_knob", "unmerge"]
+    assert log.events[1][1]["mm"] == live.mm.id
+    assert q[live.mm.base + M_SLOT_USED] and q[other.mm.base + M_SLOT_USED]
+    set_run(sup, 1)       # ksmd rebuilds and merges again
+    wait_counts(sup, pages_shared=1, pages_sharing=7)
+    assert_fsck(sup, [live, other])
+    live.exit()           # slow paths: ksmd (running) frees the slots
+    other.exit()
+    set_run(sup, 0)
+    assert_fsck(sup)
