@@ -5,7 +5,8 @@
 #   pip install -e '.[mutation]'
 #   tools/mutation.sh [MODULE [TEST_FILE ...]]
 #   tools/mutation.sh uksm/fsck.py tests/test_planted.py          (the default)
-#   tools/mutation.sh uksm/ksm.py tests/test_exit.py tests/test_planted.py
+#   tools/mutation.sh uksm/locks.py tests/test_lock_protocol.py
+#   tools/mutation.sh uksm/ksm.py tests/test_ksm_run.py
 #
 # mutmut runs in a copy of the committed tree (git archive HEAD) under a
 # temporary folder, at nice 19, one mutant at a time (the machine is
@@ -13,6 +14,14 @@
 # (every surviving mutant by name: `mutmut show NAME` in the copy shows
 # its diff) and the score: killed / (killed + survived + timeouts).
 # MUTMUT_KEEP=1 keeps the copy and prints its path.
+#
+# mutmut runs a mutant against the tests that reached the mutated function
+# *in the pytest process* (its stats pass records them): code a test runs
+# in a subprocess (uksm run, a worker, ksmd) is not attributed, so choose
+# in-process tests (tests/test_lock_protocol.py, test_exit_steps.py,
+# test_ksm_run.py, the util_machine.Space tests).  Results of two runs over
+# the same source (mutant names are stable) can be united: see
+# docs/MUTATION.md.
 set -eu
 MODULE=${1:-uksm/fsck.py}
 [ $# -gt 0 ] && shift
