@@ -89,7 +89,14 @@ def test_mmput_steps_in_the_policys_order(machine: Any, policy: str,
     s, a = _mergeable_space(sup)
     used = frames_used(sup.cl)
     st = Steps(monkeypatch, sup.cl)
-    path = s.exit()
+    log = RecLog()
+    s.exited = True
+    path = xmod.mmput(sup.cl, s.mm, s.alloc, log)
+    s.alloc.flush()
+    s.exit()
+    # each step logged with this logger (mmdrop: the slot's, then the users')
+    assert [e for e, _f in log.events] == ["mm_exit_begin", "ksm_exit", "mmdrop", "mmdrop", "mm_freed"]
+    assert [f.get("ref") for _e, f in log.events[2:4]] == ["ksm", "users"]
     ksm_first = policy != "seed"
     order = (["mm_users_zero", "__ksm_exit", "exit_mmap_unmap", "munlock_vma_pages_all"] if ksm_first
              else ["mm_users_zero", "exit_mmap_unmap", "munlock_vma_pages_all", "__ksm_exit"])
@@ -209,29 +216,34 @@ def test_exit_mmap_unmap_and_free_pgtables(machine: Any) -> None:
 
 def test_munlock_faults_in_only_the_locked_areas(machine: Any) -> None:
     """munlock_vma_pages_all: each absent page of a VM_LOCKED area is
-    faulted in (get_user_pages), T_EXIT_PROGRESS bumped once per page, the
-    flag cleared; an area that is not locked is left alone."""
+    faulted in for read (get_user_pages; a read-only area too),
+    T_EXIT_PROGRESS bumped once per page, the flag cleared; an area that
+    is not locked is left alone."""
+    from uksm.layout import VM_READ
+    from uksm.syscalls import sys_mmap
     sup = machine
     cl = sup.cl
     s = Space(sup)
     locked, plain = s.mmap(3), s.mmap(2)
+    ro = sys_mmap(cl, s.mm, 2 * PAGE, VM_READ)
     s.write(locked + PAGE, b"z")        # one page of the locked area present already
     vmas = {st: (i, f) for (i, st, _e, f) in s.mm.vmas()}
-    i, f = vmas[locked >> 12]
-    s.mm.set_vma_flags(i, f | VM_LOCKED)
+    for a in (locked, ro):
+        i, f = vmas[a >> 12]
+        s.mm.set_vma_flags(i, f | VM_LOCKED)
     prog = cl.q[cl.task.base + T_EXIT_PROGRESS]
-    used = frames_used(cl)
     xmod.munlock_vma_pages_all(cl, s.mm, s.alloc)
     assert [s.pfn(locked + k * PAGE) is not None for k in range(3)] == [True] * 3
+    assert [s.pfn(ro + k * PAGE) is not None for k in range(2)] == [True] * 2
     assert [s.pfn(plain + k * PAGE) for k in range(2)] == [None, None]
-    assert cl.q[cl.task.base + T_EXIT_PROGRESS] == prog + 3
-    assert frames_used(cl) == used + 2
+    assert cl.q[cl.task.base + T_EXIT_PROGRESS] == prog + 5
     flags = {st: f for (_i, st, _e, f) in s.mm.vmas()}
-    assert not flags[locked >> 12] & VM_LOCKED and flags[locked >> 12] == f
+    for a in (locked, ro):
+        assert flags[a >> 12] == vmas[a >> 12][1]   # VM_LOCKED gone, nothing else changed
     assert s.read(locked + PAGE, 1) == b"z"
     # done: a second pass has nothing locked left
     xmod.munlock_vma_pages_all(cl, s.mm, s.alloc)
-    assert cl.q[cl.task.base + T_EXIT_PROGRESS] == prog + 3
+    assert cl.q[cl.task.base + T_EXIT_PROGRESS] == prog + 5
     s.exit()
     assert_fsck(sup)
 
