@@ -23,9 +23,9 @@ from util_machine import PAGE, Space, assert_fsck, frames_used, set_run
 import uksm.exit as xmod
 from uksm.layout import (EXIT_POLICIES, H_EXIT_POLICY, L_SCAN_ADDR, L_SCAN_SLOT, M_EXIT_STAGE,
                          M_OOM_VICTIM, M_SLOT_USED, M_STATE, M_USERS, MAX_VMAS, MS_EXITING,
-                         MS_LIVE, MS_VMAS_FREED, P_FAST, P_LEGACY, P_SLOW, PT_OFF, PTE_PRESENT,
-                         T_EXIT_PROGRESS, V_END, VM_LOCKED, VMA_OFF, VMA_SIZE, XS_KSM_EXIT,
-                         XS_MMDROP, XS_PGTABLES, XS_USERS0, XS_ZAPPED)
+                         MS_LIVE, MS_VMAS_FREED, MS_ZOMBIE, P_FAST, P_LEGACY, P_SLOW, PT_OFF,
+                         PTE_PRESENT, T_EXIT_PROGRESS, V_END, VM_LOCKED, VMA_OFF, VMA_SIZE,
+                         XS_KSM_EXIT, XS_MMDROP, XS_PGTABLES, XS_USERS0, XS_ZAPPED)
 from uksm.log import _Null
 
 pytestmark = pytest.mark.timeout(60)
@@ -142,6 +142,7 @@ def test_ksm_exit_runs_once_and_only_with_a_slot(machine: Any,
     s.alloc.flush()
     assert st.names().count("__ksm_exit") == 1
     assert st.names()[-2:] == ["free_pgtables", "mmdrop"]
+    assert cl.q[s.mm.base + M_STATE] == MS_ZOMBIE   # waiting for ksmd to free the slot
     set_run(sup, 1)                 # ksmd frees the slot, drops the last mm_count
     s.exit()
     set_run(sup, 0)
@@ -332,3 +333,22 @@ def test_free_pgtables_clears_a_multi_page_table() -> None:
         assert cl.q[s.mm.base + M_EXIT_STAGE] == ALL
         s.exit()
         assert_fsck(sup)
+
+
+def test_exit_of_a_locked_area_under_shipped(machine: Any) -> None:
+    """exit_mmap munlocks first: under ``shipped`` (no ksm_test_exit in
+    the fault path) the locked area's absent pages are faulted in with
+    the exiting task's allocator, then freed with the rest."""
+    sup = machine
+    _policy(sup, "shipped")
+    s = Space(sup)
+    a = s.mmap(2)
+    s.write(a, b"L")
+    (i, _st, _e, f), = [v for v in s.mm.vmas() if v[1] == a >> 12]
+    s.mm.set_vma_flags(i, f | VM_LOCKED)
+    used = frames_used(sup.cl)
+    prog = sup.cl.q[sup.cl.task.base + T_EXIT_PROGRESS]
+    s.exit()
+    assert sup.cl.q[sup.cl.task.base + T_EXIT_PROGRESS] == prog + 2
+    assert frames_used(sup.cl) == used - 1 and s.freed()
+    assert_fsck(sup)
