@@ -327,3 +327,48 @@ def test_run2_interrupted_puts_the_cursor_back(machine: Any) -> None:
     other.exit()
     set_run(sup, 0)
     assert_fsck(sup)
+
+
+def test_run2_counts_every_range_and_an_exiting_mm_alone(machine: Any) -> None:
+    """The unmerge event counts the pages of every mergeable range of an
+    mm (two here: a page in the middle was left unmergeable); an unmerge
+    whose only mm is exiting (nothing walked) is no error; H_UNMERGE_GEN
+    grows by one per unmerge, from wherever it was."""
+    from uksm import exit as xmod
+    from uksm.layout import H_UNMERGE_GEN
+    sup = machine
+    cl = sup.cl
+    q = cl.q
+    a_sp, b_sp = Space(sup, 950), Space(sup, 951)
+    a = a_sp.mmap(5)
+    a_sp.fill(a, [b"\x55" * PAGE] * 5)
+    a_sp.mergeable(a, 2)
+    a_sp.mergeable(a + 3 * PAGE, 2)
+    b = b_sp.mmap(1)
+    b_sp.write(b, b"\x55" * PAGE)
+    b_sp.mergeable(b, 1)
+    assert len(a_sp.mm.mergeable_ranges()) == 2
+    set_run(sup, 1)
+    wait_counts(sup, pages_shared=1, pages_sharing=4)
+    set_run(sup, 0)
+    gen = q[H_UNMERGE_GEN]
+    log = RecLog()
+    seq, err = kmod.run_store(cl, 2, a_sp.alloc, log)
+    assert err == 0 and q[H_UNMERGE_GEN] == gen + 1
+    assert ("unmerge", {"mm": a_sp.mm.id, "pages": 4, "reason": "run2"}) in log.events
+    set_run(sup, 0)
+    a_sp.exit()
+    # only an exiting mm left on the list: nothing walked, no error
+    nul = _Null()
+    xmod.mm_users_zero(cl, b_sp.mm, nul)
+    xmod.exit_mmap_unmap(cl, b_sp.mm, b_sp.alloc, nul)
+    b_sp.alloc.flush()
+    b_sp.exited = True
+    assert _linked(cl) == [b_sp.mm.row]
+    seq, err = kmod.run_store(cl, 2, b_sp.alloc, nul)
+    assert err == 0 and q[K_RUN] == 2 and q[H_UNMERGE_GEN] == gen + 2
+    assert _linked(cl) == []
+    xmod.mmput(cl, b_sp.mm, b_sp.alloc, nul)
+    b_sp.exit()
+    set_run(sup, 0)
+    assert_fsck(sup)
