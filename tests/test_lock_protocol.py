@@ -851,3 +851,25 @@ def test_wait_begin_default_is_the_frames_wait(tb: Table) -> None:
     assert tb.entry(3, C_FRAMES)["state"] == WAITING
     t.wait_end()
     assert tb.entry(3, C_FRAMES)["state"] == IDLE
+
+
+def test_recover_that_does_not_settle_gives_the_free_units_back(tb: Table) -> None:
+    """recover() drains every free unit while it decides; when it gives up
+    (TimeoutError) or finds the books do not add up (RuntimeError), those
+    units are posted back: a stalled recovery must not leave the lock
+    short of units for good (the supervisor reports it and goes on)."""
+    mx = tb.lock(C_DAEMON)
+    _die(tb, 1, mx, RELEASING, 0)        # a live entry that never settles
+    assert value(mx) == 1
+    with pytest.raises(TimeoutError):
+        locks.recover(tb.q, {mx.lid: mx}, lambda: tb.rows(1), [], deadline_s=0.2)
+    assert value(mx) == 1
+    sem = tb.lock(C_MMAP, UNITS, mm=1)
+    for row in (2, 3):                   # two live readers claiming more than was taken
+        e = row * ROW + T_LOCKS + C_MMAP * ESIZE
+        tb.q[e + E_LOCK] = sem.lid
+        tb.q[e + E_WORD] = (3 << 3) | HELD
+    sem.sem.acquire(0)
+    with pytest.raises(RuntimeError, match="negative remainder"):
+        locks.recover(tb.q, {sem.lid: sem}, lambda: tb.rows(2, 3), [], owned={sem.lid: 1})
+    assert value(sem) == UNITS - 1
