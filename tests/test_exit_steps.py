@@ -352,3 +352,63 @@ def test_exit_of_a_locked_area_under_shipped(machine: Any) -> None:
     assert sup.cl.q[sup.cl.task.base + T_EXIT_PROGRESS] == prog + 2
     assert frames_used(sup.cl) == used - 1 and s.freed()
     assert_fsck(sup)
+
+
+def test_legacy_ksm_exit_removes_the_slot_and_steps_the_cursor(machine: Any) -> None:
+    """__ksm_exit before the seed (legacy, under ksm_thread_mutex): the
+    slot is unlinked and freed there and then (M_SLOT_USED, M_SLOT_RMAP,
+    MMF_VM_MERGEABLE cleared; the path recorded in the mm and the task;
+    S_EXIT_LEGACY counted); a cursor on it steps to the next slot, and to
+    the head with ``ksm_scan.seqnr++`` when it was the last.  An mm with
+    no slot: 0, nothing changed, both locks given back."""
+    from uksm import ksm as kmod
+    from uksm.layout import (L_SEQNR, M_EXIT_PATH, M_FLAGS, M_SLOT_RMAP, MMF_VM_MERGEABLE,
+                             S_EXIT_LEGACY, T_EXIT_PATH)
+    sup = machine
+    cl = sup.cl
+    q = cl.q
+    sp = [_mergeable_space(sup, 1)[0] for _ in range(3)]
+    rows = [s.mm.row for s in sp]
+    assert kmod.slots(cl) == rows
+    nul = _Null()
+    steps = ((1, rows[2], 0, [rows[0], rows[2]]), (2, cl.head, 1, [rows[0]]))
+    for k, (victim, nxt, bump, left) in enumerate(steps):
+        s = sp[victim]
+        b = s.mm.base
+        cl.task.lock(cl.mmlist)
+        q[L_SCAN_SLOT] = s.mm.row
+        q[L_SCAN_ADDR] = 77
+        q[L_SEQNR] = 5 + k
+        q[b + M_SLOT_RMAP] = 3          # rmap_items ksmd had
+        cl.task.unlock(cl.mmlist)
+        q[b + M_FLAGS] |= 1 << 20       # another flag, kept
+        flags = q[b + M_FLAGS]
+        assert flags & MMF_VM_MERGEABLE
+        seqnr, legacy0 = q[L_SEQNR], q[S_EXIT_LEGACY]
+        q[cl.task.base + T_EXIT_PATH] = 0
+        xmod.mm_users_zero(cl, s.mm, nul)
+        assert kmod.__ksm_exit(cl, s.mm, True, nul, "legacy") == P_LEGACY
+        assert (q[L_SCAN_SLOT], q[L_SCAN_ADDR], q[L_SEQNR]) == (nxt, 0, seqnr + bump)
+        assert kmod.slots(cl) == left
+        assert (q[b + M_SLOT_USED], q[b + M_SLOT_RMAP]) == (0, 0)
+        assert q[b + M_FLAGS] == flags & ~MMF_VM_MERGEABLE
+        assert q[b + M_EXIT_PATH] == P_LEGACY and q[cl.task.base + T_EXIT_PATH] == P_LEGACY
+        assert q[S_EXIT_LEGACY] == legacy0 + 1
+        assert not cl.task.holds(cl.daemon) and not cl.task.holds(cl.mmlist)
+        q[b + M_FLAGS] &= ~(1 << 20)
+        s.exited = True
+        _policy(sup, "legacy")
+        xmod.mmput(cl, s.mm, s.alloc, nul)
+        _policy(sup, "seed")
+        s.exit()
+        assert k < 2
+    # no slot: nothing to do
+    t = Space(sup)
+    t.write(t.mmap(1), b"n")
+    legacy0 = q[S_EXIT_LEGACY]
+    assert kmod.__ksm_exit(cl, t.mm, True, nul, "legacy") == 0
+    assert q[S_EXIT_LEGACY] == legacy0
+    assert not cl.task.holds(cl.daemon) and not cl.task.holds(cl.mmlist)
+    t.exit()
+    sp[0].exit()
+    assert_fsck(sup)
