@@ -873,3 +873,79 @@ def test_recover_that_does_not_settle_gives_the_free_units_back(tb: Table) -> No
     with pytest.raises(RuntimeError, match="negative remainder"):
         locks.recover(tb.q, {sem.lid: sem}, lambda: tb.rows(2, 3), [], owned={sem.lid: 1})
     assert value(sem) == UNITS - 1
+
+
+# ---- what other modules read of a Lock, a Task, an Entry, recover()'s progress --------
+
+def test_lock_and_task_fields(tb: Table, monkeypatch: pytest.MonkeyPatch) -> None:
+    sem = posix_ipc.Semaphore(f"/uksmtest.{tb.name}.g", posix_ipc.O_CREX, mode=0o600, initial_value=1)
+    try:
+        g = Lock(sem, 1, C_DAEMON)       # a global lock: no mm
+        assert (g.mm, g.lid, g.name, g.mmrow, g.units, g.cls) == (0, lock_id(C_DAEMON), "ksm_thread_mutex", -1, 1, C_DAEMON)
+    finally:
+        sem.unlink()
+        sem.close()
+    t = Task(tb.q, 2 * ROW, 2)
+    assert (t.row, t.base, t.uaf, t.lockdep, t.abort, t.on_wait) == (2, 2 * ROW, None, None, None, None)
+    assert t.wait_log_ns == 100 * 1_000_000
+    ptl = tb.lock(C_PTL, mm=4)
+    ptl.mmrow = 3                         # an mm's lock, no uaf hook set: nothing called
+    t.lock(ptl)
+    assert t.trylock(ptl) is False
+    t.unlock(ptl)
+
+
+def test_trylock_never_blocks_and_fails_from_an_odd_seq(tb: Table) -> None:
+    a, b = tb.task(1), tb.task(2)
+    mx = tb.lock(C_PTL, mm=3)
+    _junk(tb, 2, 5, C_PTL)
+    spy = SemSpy(tb, mx, 2)
+    a.lock(mx)
+    before = _others(tb, 2, C_PTL)
+    assert b.trylock(mx) is False
+    assert spy.timeouts[-1] == 0                  # a trylock never waits
+    en = tb.entry(2, C_PTL)
+    assert (en["seq"], en["state"]) == (7, IDLE)
+    assert _others(tb, 2, C_PTL) == before
+    a.unlock(mx)
+    assert b.trylock(mx) is True
+    assert spy.timeouts[-1] == 0
+
+
+def test_read_entries_reports_every_field(tb: Table) -> None:
+    e = ROW + T_LOCKS + C_MMAP * ESIZE
+    lid = lock_id(C_MMAP, 6)
+    tb.q[e + E_LOCK], tb.q[e + E_WORD], tb.q[e + E_HELD] = lid, (4 << 3) | WRITER | WAITING, 2
+    tb.q[e + E_SPINS], tb.q[e + E_SINCE] = 11, 123456789
+    (en,) = locks.read_entries(tb.q, tb.rows(0, 1), C_MMAP)
+    assert (en.row, en.pid, en.lid, en.word, en.held, en.spins, en.since) == \
+        (1, 1001, lid, (4 << 3) | WRITER | WAITING, 2, 11, 123456789)
+
+
+def test_recover_counts_a_live_writers_units_and_reports_progress(tb: Table) -> None:
+    sem = tb.lock(C_MMAP, UNITS, mm=2)
+    wm = tb.lock(C_WMUTEX, mm=2)
+    live = tb.task(1)
+    live.down_write(sem, wm)                      # a live writer holds every unit
+    _die(tb, 0, sem, WAITING, 0)                  # the dead was waiting behind it
+    assert locks.recover(tb.q, {sem.lid: sem}, lambda: tb.rows(1), tb.rows(0)) == {sem.lid: 0}
+    p = locks.progress[sem.name]
+    assert p["drained"] == 0 and len(p["snapshots"]) == 3
+    live.up_write(sem, wm)
+    mx = tb.lock(C_DAEMON)
+    mx.sem.acquire(0)
+    assert locks.recover(tb.q, {mx.lid: mx}, lambda: [], []) == {mx.lid: 1}
+    assert locks.progress[mx.name]["drained"] == 0
+    mx.sem.release()
+    assert locks.recover(tb.q, {mx.lid: mx}, lambda: [], []) == {mx.lid: 0}
+    assert locks.progress[mx.name]["drained"] == 1 and value(mx) == 1
+
+
+def test_recover_that_does_not_settle_names_every_lock_and_keeps_three_snapshots(tb: Table) -> None:
+    a, b = tb.lock(C_DAEMON), tb.lock(C_MMLIST)
+    for lk in (a, b):
+        _die(tb, 1, lk, RELEASING, 0)
+    with pytest.raises(TimeoutError, match="did not settle: (ksm_thread_mutex, ksm_mmlist_lock"
+                                           "|ksm_mmlist_lock, ksm_thread_mutex)$"):
+        locks.recover(tb.q, {a.lid: a, b.lid: b}, lambda: tb.rows(1), [], deadline_s=0.2)
+    assert len(locks.progress[a.name]["snapshots"]) == 3
