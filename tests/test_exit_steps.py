@@ -412,3 +412,42 @@ def test_legacy_ksm_exit_removes_the_slot_and_steps_the_cursor(machine: Any) -> 
     t.exit()
     sp[0].exit()
     assert_fsck(sup)
+
+
+def test_ksm_enter_and_exit_events_and_an_mm_without_a_slot(machine: Any) -> None:
+    """__ksm_enter gives a slot once (MMF_VM_MERGEABLE added to the other
+    flags) and logs ksm_enter; __ksm_exit logs its path and the policy;
+    the seed's __ksm_exit of an mm with no slot does nothing and says 0."""
+    from uksm import ksm as kmod
+    from uksm.layout import M_FLAGS, MMF_VM_MERGEABLE, S_EXIT_FAST, S_EXIT_SLOW
+    sup = machine
+    cl = sup.cl
+    q = cl.q
+    for policy, legacy, path in (("seed", False, "fast"), ("legacy", True, "legacy")):
+        s = Space(sup)
+        s.write(s.mmap(1), b"e")
+        b = s.mm.base
+        q[b + M_FLAGS] |= 1 << 20
+        log = RecLog()
+        kmod.__ksm_enter(cl, s.mm, log)
+        kmod.__ksm_enter(cl, s.mm, log)          # already has a slot: nothing
+        assert log.events == [("ksm_enter", {"mm": s.mm.id})]
+        assert q[b + M_FLAGS] == (1 << 20) | MMF_VM_MERGEABLE and q[b + M_SLOT_USED] == 1
+        assert kmod.slots(cl) == [s.mm.row]
+        xmod.mm_users_zero(cl, s.mm, _Null())
+        log.events.clear()
+        kmod.__ksm_exit(cl, s.mm, legacy, log, policy)
+        assert log.events[0] == ("ksm_exit", {"mm": s.mm.id, "path": path, "policy": policy})
+        q[b + M_FLAGS] &= ~(1 << 20)
+        s.exited = True
+        _policy(sup, policy)
+        xmod.mmput(cl, s.mm, s.alloc, _Null())
+        _policy(sup, "seed")
+        s.exit()
+    t = Space(sup)
+    t.write(t.mmap(1), b"f")
+    fast, slow = q[S_EXIT_FAST], q[S_EXIT_SLOW]
+    assert kmod.__ksm_exit(cl, t.mm, False, None, "seed") == 0
+    assert (q[S_EXIT_FAST], q[S_EXIT_SLOW]) == (fast, slow) and not cl.task.holds(cl.mmlist)
+    t.exit()
+    assert_fsck(sup)
