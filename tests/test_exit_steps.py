@@ -438,6 +438,9 @@ def test_ksm_enter_and_exit_events_and_an_mm_without_a_slot(machine: Any) -> Non
         log.events.clear()
         kmod.__ksm_exit(cl, s.mm, legacy, log, policy)
         assert log.events[0] == ("ksm_exit", {"mm": s.mm.id, "path": path, "policy": policy})
+        # the slot is gone, the flag cleared, the other flags kept (the mm
+        # lives on: only the slot's mm_count was dropped)
+        assert q[b + M_SLOT_USED] == 0 and q[b + M_FLAGS] == 1 << 20
         q[b + M_FLAGS] &= ~(1 << 20)
         s.exited = True
         _policy(sup, policy)

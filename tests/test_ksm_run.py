@@ -266,6 +266,8 @@ def test_run2_unmerge_state_and_events(machine: Any, how_far: str) -> None:
         cl.task.unlock(cl.mmlist)
         assert xmod.ksm_exit(cl, dying.mm, "seed", nul) == P_SLOW
         xmod.free_pgtables(cl, dying.mm)
+    db_flags = dying.mm.base + M_FLAGS
+    q[db_flags] |= 1 << 20              # another flag, kept
     gen, unsynced, freed0 = q[H_UNMERGE_GEN], q[H_KSM_UNSYNCED], q[S_SLOTS_FREED]
     q[L_SCAN_ADDR] = 77
     log = RecLog()
@@ -288,7 +290,7 @@ def test_run2_unmerge_state_and_events(machine: Any, how_far: str) -> None:
     assert None not in pfns and len(set(pfns)) == 4
     assert not any(is_ksm(cl, p) for p in pfns if p is not None)
     if how_far == "zapped":
-        assert q[db + M_SLOT_USED] == 0 and not q[db + M_FLAGS] & MMF_VM_MERGEABLE
+        assert q[db + M_SLOT_USED] == 0 and q[db_flags] == 1 << 20
         assert xmod.mmput(cl, dying.mm, dying.alloc, nul) == 0
     else:
         assert xmod.mmput(cl, dying.mm, dying.alloc, nul) == 0

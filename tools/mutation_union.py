@@ -17,6 +17,7 @@ gives its diff).
 from __future__ import annotations
 
 import json
+import signal
 import sys
 
 KILLED, SURVIVED, NO_TESTS = 1, 0, 33
@@ -52,6 +53,7 @@ def main(argv: list[str]) -> int:
         print("usage: mutation_union.py MODULE COPY [COPY ...]", file=sys.stderr)
         return 2
     module, copies = argv[0], argv[1:]
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)   # `| head` ends it quietly
     try:
         res = unite([load(c, module) for c in copies])
     except (OSError, ValueError, KeyError) as e:
