@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from helpers import booted
+from util_log import RecLog
 from util_machine import PAGE, Space, assert_fsck, frames_used, set_run
 
 import uksm.exit as xmod
@@ -247,19 +248,6 @@ def test_munlock_faults_in_only_the_locked_areas(machine: Any) -> None:
     assert cl.q[cl.task.base + T_EXIT_PROGRESS] == prog + 5
     s.exit()
     assert_fsck(sup)
-
-
-class RecLog:
-    """A logger that keeps the events (event, fields)."""
-
-    def __init__(self) -> None:
-        self.events: list[tuple[str, dict]] = []
-
-    def info(self, event: str, **fields: Any) -> None:
-        self.events.append((event, fields))
-
-    def __getattr__(self, _name: str) -> Any:
-        return self.info
 
 
 def test_mm_users_zero(machine: Any) -> None:

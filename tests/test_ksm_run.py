@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 from helpers import booted
+from util_log import RecLog
 from util_machine import PAGE, Space, assert_fsck, is_ksm, ksm_stats, set_run, wait_counts
 
 import uksm.ksm as kmod
@@ -168,15 +169,7 @@ def test_run2_frees_the_slot_of_an_exiting_mm(machine: Any) -> None:
     sup = machine
     cl = sup.cl
     q = cl.q
-    live, dying = Space(sup, 920), Space(sup, 921)
-    addr = {}
-    for s in (live, dying):
-        addr[s] = a = s.mmap(4)
-        s.fill(a, [b"\x33" * PAGE] * 4)
-        s.mergeable(a, 4)
-    set_run(sup, 1)
-    wait_counts(sup, pages_shared=1, pages_sharing=7)
-    set_run(sup, 0)
+    live, dying, addr = _merged_pair(sup, 3)
     log = _Null()
     from uksm import exit as xmod
     # the dying task got as far as freeing its pages (the seed's order)
@@ -210,19 +203,6 @@ def test_run2_frees_the_slot_of_an_exiting_mm(machine: Any) -> None:
     assert_fsck(sup, [live])
     live.exit()
     assert_fsck(sup)
-
-
-class RecLog:
-    """A logger that keeps the events (event, fields)."""
-
-    def __init__(self) -> None:
-        self.events: list[tuple[str, dict]] = []
-
-    def info(self, event: str, **fields: Any) -> None:
-        self.events.append((event, fields))
-
-    def __getattr__(self, _name: str) -> Any:
-        return self.info
 
 
 def _merged_pair(sup: Any, tag: int) -> tuple[Space, Space, dict]:

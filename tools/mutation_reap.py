@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import sys
-import time
 
 KILL_WAIT_S = 5.0
 
@@ -80,18 +78,12 @@ def reap(mark: str, pidfile: str) -> list[str]:
     """Kill the run's leftover processes, unlink its dead clusters' objects;
     returns the clusters cleaned.  Records this process in ``pidfile``."""
     from uksm import shm
+    from uksm.cleanup import end_processes
     from uksm.cli import supervisor_pid
     me = _ancestors()
     left = {p: c for p, c in marked(mark).items() if p not in me}
     names = {m for c in left.values() for m in re.findall(r"--cluster ([A-Za-z0-9_-]+)", c)}
-    for pid in left:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    end = time.monotonic() + KILL_WAIT_S
-    while any(_running(p) for p in left) and time.monotonic() < end:
-        time.sleep(0.02)
+    end_processes(set(left), KILL_WAIT_S)
     with open(pidfile, "a") as f:
         f.write("".join(f"{p}\n" for p in [os.getpid(), *left]))
     known = {int(x) for x in _read(pidfile).split() if x.isdigit()} - {os.getpid()}
