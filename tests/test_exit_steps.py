@@ -273,7 +273,16 @@ def test_mm_users_zero(machine: Any) -> None:
     assert q[b + M_STATE] == MS_LIVE and q[b + M_EXIT_STAGE] == 0 and log.events == []
     assert not cl.task.holds(s.mm.ptl) and not cl.task.holds(cl.mmlist)
     ptl_value = s.mm.ptl.sem.value
+    held_inside: list[bool] = []
+
+    class PtlLog(RecLog):
+        def info(self, event: str, **fields: Any) -> None:
+            held_inside.append(cl.task.holds(s.mm.ptl))
+            super().info(event, **fields)
+
+    log = PtlLog()
     assert xmod.mm_users_zero(cl, s.mm, log) is True
+    assert held_inside == [True], "the event is logged under the mm's pte lock"
     assert (q[b + M_USERS], q[b + M_STATE], q[b + M_EXIT_STAGE]) == (0, MS_EXITING, XS_USERS0)
     assert log.events == [("mm_exit_begin", {"mm": real_id})]
     assert s.mm.ptl.sem.value == ptl_value and cl.mmlist.sem.value == 1
