@@ -78,7 +78,7 @@ class Table:
 
 @pytest.fixture
 def tb() -> Iterator[Table]:
-    t = Table(f"tlkp{os.getpid() % 100000}")
+    t = Table(f"tlkp{os.getpid()}")   # the full pid: tools/mutation_reap.py reads it
     try:
         yield t
     finally:

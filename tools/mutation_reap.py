@@ -25,6 +25,8 @@ import os
 import re
 import sys
 
+import posix_ipc
+
 KILL_WAIT_S = 5.0
 
 
@@ -96,6 +98,16 @@ def reap(mark: str, pidfile: str) -> list[str]:
             continue   # never pull the memory from under a running process
         shm.remove_all(name)
         cleaned.append(name)
+    # test_lock_protocol's own semaphores (outside the uksm. namespace, no
+    # cluster): /uksmtest.tlkp<pid>.<n>, the pid of the pytest that made them
+    for n in os.listdir(shm.SHM_DIR):
+        m = re.fullmatch(r"sem\.(uksmtest\.[a-z]+(\d+)\.\w+)", n)
+        if m and int(m.group(2)) in known and not _running(int(m.group(2))):
+            try:
+                posix_ipc.unlink_semaphore("/" + m.group(1))
+                cleaned.append(m.group(1))
+            except posix_ipc.ExistentialError:
+                pass
     return cleaned
 
 
