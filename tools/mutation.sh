@@ -5,7 +5,9 @@
 #   pip install -e '.[mutation]'
 #   tools/mutation.sh [MODULE [TEST_FILE ...]]
 #   tools/mutation.sh uksm/kernel/fsck.py tests/checkers/test_planted.py          (the default)
-#   tools/mutation.sh uksm/kernel/ksm.py tests/kernel/test_exit.py tests/checkers/test_planted.py
+#   tools/mutation.sh uksm/kernel/locks.py tests/kernel/test_lock_protocol.py
+#   tools/mutation.sh uksm/kernel/ksm.py tests/kernel/test_ksm_run.py
+#   tools/mutation.sh uksm/kernel/exit.py tests/kernel/test_exit_steps.py
 #
 # mutmut runs in a copy of the committed tree (git archive HEAD) under a
 # temporary folder, at nice 19, one mutant at a time (the machine is
@@ -13,6 +15,14 @@
 # (every surviving mutant by name: `mutmut show NAME` in the copy shows
 # its diff) and the score: killed / (killed + survived + timeouts).
 # MUTMUT_KEEP=1 keeps the copy and prints its path.
+#
+# mutmut runs a mutant against the tests that reached the mutated function
+# *in the pytest process* (its stats pass records them): code a test runs
+# in a subprocess (uksm run, a worker, ksmd) is not attributed, so choose
+# in-process tests (tests/kernel/test_lock_protocol.py, test_exit_steps.py,
+# test_ksm_run.py, the util_machine.Space tests).  Results of two runs over
+# the same source (mutant names are stable) can be united: see
+# docs/MUTATION.md.
 set -eu
 MODULE=${1:-uksm/kernel/fsck.py}
 [ $# -gt 0 ] && shift
@@ -31,27 +41,35 @@ cat >> "$WORK/pyproject.toml" <<EOF
 [tool.mutmut]
 source_paths = ["uksm/"]
 only_mutate = ["$MODULE"]
-also_copy = ["workers/", "tools/"]
+also_copy = ["workers/", "tools/", "README.md", "docs/"]
 pytest_add_cli_args_test_selection = [${sel%, }]
 pytest_add_cli_args = ["-p", "no:cacheprovider", "-x", "-q"]
 EOF
 cd "$WORK"
 # every process of the run carries this marker (tests/conftest.py extends
-# it): a mutant's test killed on timeout leaves its cluster's ksmd and
-# workers behind, which reap() kills and cleans up at the end
+# it).  A mutant's test killed on its time limit leaves its cluster's ksmd,
+# workers and supervisors behind (its cleanup never ran): before each
+# mutant's tests (pytest_sessionstart in the forked child, one mutant at a
+# time) tools/mutation_reap.py kills what carries the marker and is not an
+# ancestor, and unlinks the objects of the run's dead clusters; and once
+# more at the end.  Only in the copy: the suite's conftest is not changed.
 MARK="mutation$$"
-reap() {
-    names=""
-    for d in /proc/[0-9]*; do
-        { tr '\0' '\n' <"$d/environ"; } 2>/dev/null | grep -q "^UKSM_TEST_SESSION=$MARK" || continue
-        n=$({ tr '\0' ' ' <"$d/cmdline"; } 2>/dev/null | sed -n 's/.*--cluster \([A-Za-z0-9_-]*\).*/\1/p')
-        names="$names $n"
-        kill -9 "${d#/proc/}" 2>/dev/null || true
-    done
-    sleep 1
-    for n in $(echo $names | tr ' ' '\n' | sort -u); do "$PY" -m uksm cleanup --cluster "$n" >/dev/null 2>&1 || true; done
-}
-UKSM_TEST_SESSION=$MARK nice -n 19 "$MUTMUT" run --max-children 1 >"$WORK/run.log" 2>&1 || { tail -20 "$WORK/run.log"; reap; exit 1; }
+PIDS="$WORK/.mutation-pids"
+cat >> "$WORK/tests/conftest.py" <<EOF
+
+
+def pytest_sessionstart(session):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("mutation_reap", "$WORK/tools/mutation_reap.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.reap("$MARK", "$PIDS")
+EOF
+reap() { "$PY" "$WORK/tools/mutation_reap.py" "$MARK" "$PIDS" || true; }
+# MUTMUT_NAMES='GLOB ...' runs only those mutants (mutmut names, * allowed:
+# 'uksm.kernel.ksm.x___ksm_exit*'), e.g. to finish what a stopped run left
+# shellcheck disable=SC2086
+UKSM_TEST_SESSION=$MARK nice -n 19 "$MUTMUT" run --max-children 1 ${MUTMUT_NAMES:-} >"$WORK/run.log" 2>&1 || { tail -20 "$WORK/run.log"; reap; exit 1; }
 reap
 "$MUTMUT" results --all true >"$WORK/results.txt" 2>&1 || true
 grep -v ": killed$" "$WORK/results.txt" || true

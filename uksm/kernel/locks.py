@@ -439,18 +439,18 @@ def recover(q: memoryview, locks: dict[int, Lock],
                 live = sum(_units(w, held) for (w, held, _s) in h[-1].values())
                 dead = lk.units - drained[lid] - live - owned.get(lid, 0)
                 if dead < 0:  # cannot happen if every task follows the protocol
+                    _give_back(locks, drained)
                     raise RuntimeError(f"lock recovery of {lk.name}: negative remainder {dead}")
                 result[lid] = dead
                 pending.discard(lid)
         if pending:
             if time.monotonic() > t_end:
+                _give_back(locks, drained)
                 raise TimeoutError("lock recovery did not settle: "
                                    + ", ".join(locks[lid].name for lid in pending))
             waiting = any(w & 3 == WAITING for lid in pending for (w, _h, _s) in hist[lid][-1].values())
             time.sleep(WAIT_SLICE * 1.5 if waiting else 0.001)
-    for lid, n in drained.items():
-        for _ in range(n):
-            locks[lid].sem.release()
+    _give_back(locks, drained)
     for _row, base in dead_rows:
         for c in range(NCLASS):
             e = base + T_LOCKS + c * ESIZE
@@ -460,6 +460,16 @@ def recover(q: memoryview, locks: dict[int, Lock],
                 q[e + E_HELD] = 0
                 q[e + E_SINCE] = 0
     return result
+
+
+def _give_back(locks: dict[int, Lock], drained: dict[int, int]) -> None:
+    """Post the free units recover() drained while it decided -- also when
+    it gives up (TimeoutError) or its books do not add up (RuntimeError):
+    the supervisor reports those and goes on, and a lock left short of
+    those units would wedge every later taker."""
+    for lid, n in drained.items():
+        for _ in range(n):
+            locks[lid].sem.release()
 
 
 # what the last recover() saw of each lock (for a stalled recovery's report)

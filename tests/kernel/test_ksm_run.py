@@ -1,0 +1,356 @@
+"""ksm.py's run_store, the slot list and run=2 against an exiting mm,
+in-process (issue 16, mutation survivors of ksm.py).
+
+- run_store: ``run`` changes only when the value does (writing 2 twice
+  does not unmerge twice), K_RUN_SEQ counts the changes and K_RUN_DONE
+  says the write returned; PF_OOM_ORIGIN (T_OOM_ORIGIN) is set exactly
+  while run=2 unmerges, when asked, and cleared even on an error; an error
+  sets run back to 0 (KSM_RUN_STOP); ksm_thread_mutex is held throughout.
+- list_del: a slot whose back link a killed task left wrong is still
+  unlinked (found by walking forward); one not on the list is reported.
+- run=2 while an mm is exiting (mm_users 0, its pages already freed under
+  the seed, __ksm_exit not run yet): the unmerge does not walk it, frees
+  its slot and drops its mm_count, so the exit's ksm_exit finds no slot.
+
+The test thread is the writer task (util_machine.Space, ksmd stopped).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from helpers import booted
+from util_log import RecLog
+from util_machine import PAGE, Space, assert_fsck, is_ksm, ksm_stats, set_run, wait_counts
+
+from uksm.kernel import ksm as kmod
+from uksm.kernel.layout import (K_RUN, K_RUN_DONE, K_RUN_SEQ, L_SCAN_ADDR, L_SCAN_SLOT, M_EXIT_STAGE,
+                         M_SLOT_USED, S_SLOTS_FREED, T_OOM_ORIGIN, XS_KSM_EXIT, XS_USERS0,
+                         XS_ZAPPED)
+from uksm.host.log import _Null
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def machine() -> Iterator[Any]:
+    with booted(f"tkrun{os.getpid() % 100000}", run=0, frames=64, va_pages=64,
+                pages_to_scan=1000, sleep_ms=1) as sup:
+        yield sup
+
+
+class UnmergeSpy:
+    """Stands in for unmerge_and_remove_all_rmap_items: records what the
+    writer's context is while it runs, returns ``err``."""
+
+    def __init__(self, mp: pytest.MonkeyPatch, cl: Any, err: int = 0) -> None:
+        self.cl, self.err = cl, err
+        self.seen: list[tuple[int, bool, int]] = []
+        mp.setattr(kmod, "unmerge_and_remove_all_rmap_items", self)
+
+    def __call__(self, cl: Any, alloc: Any, log: Any = None, stop: Any = None) -> int:
+        q = cl.q
+        self.seen.append((q[cl.task.base + T_OOM_ORIGIN], cl.task.holds(cl.daemon), q[K_RUN]))
+        return self.err
+
+
+def test_run_store_changes_run_only_when_the_value_changes(machine: Any,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    cl = machine.cl
+    q = cl.q
+    spy = UnmergeSpy(monkeypatch, cl)
+    seq0 = q[K_RUN_SEQ]
+    assert kmod.run_store(cl, 0) == (seq0, 0)        # already 0: nothing
+    assert q[K_RUN_SEQ] == seq0
+    assert kmod.run_store(cl, 1) == (seq0 + 1, 0)
+    assert (q[K_RUN], q[K_RUN_SEQ], q[K_RUN_DONE]) == (1, seq0 + 1, seq0 + 1)
+    assert kmod.run_store(cl, 1) == (seq0 + 1, 0)
+    assert spy.seen == []                            # no unmerge for 0 or 1
+    assert kmod.run_store(cl, 2) == (seq0 + 2, 0)
+    assert kmod.run_store(cl, 2) == (seq0 + 2, 0)    # writing 2 twice unmerges once
+    assert spy.seen == [(0, True, 2)]                # not an OOM origin unless asked
+    assert (q[K_RUN], q[K_RUN_DONE]) == (2, seq0 + 2)
+    assert not cl.task.holds(cl.daemon)
+    assert kmod.run_store(cl, 0, oom_origin=True) == (seq0 + 3, 0)
+    assert len(spy.seen) == 1
+    assert q[cl.task.base + T_OOM_ORIGIN] == 0
+
+
+def test_run2_sets_pf_oom_origin_while_it_unmerges(machine: Any,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    cl = machine.cl
+    q = cl.q
+    spy = UnmergeSpy(monkeypatch, cl)
+    seq, err = kmod.run_store(cl, 2, oom_origin=True)
+    assert err == 0 and spy.seen == [(1, True, 2)]
+    assert q[cl.task.base + T_OOM_ORIGIN] == 0       # current->flags &= ~PF_OOM_ORIGIN
+    assert (q[K_RUN], q[K_RUN_DONE]) == (2, seq)
+
+
+@pytest.mark.parametrize("oom_origin", [False, True])
+def test_run2_error_stops_ksm_and_clears_the_flag(machine: Any, monkeypatch: pytest.MonkeyPatch,
+                                                  oom_origin: bool) -> None:
+    """-ERESTARTSYS or -ENOMEM from the unmerge: run goes back to 0
+    (ksm_run = KSM_RUN_STOP), the error is returned, the write is done."""
+    cl = machine.cl
+    q = cl.q
+    spy = UnmergeSpy(monkeypatch, cl, err=-kmod.ERESTARTSYS)
+    seq, err = kmod.run_store(cl, 2, oom_origin=oom_origin)
+    assert err == -kmod.ERESTARTSYS
+    assert spy.seen == [(int(oom_origin), True, 2)]
+    assert (q[K_RUN], q[K_RUN_SEQ], q[K_RUN_DONE]) == (0, seq, seq)
+    assert q[cl.task.base + T_OOM_ORIGIN] == 0
+    assert not cl.task.holds(cl.daemon)
+
+
+def test_run_store_takes_the_mutex_the_callers_way(machine: Any) -> None:
+    """``acquire``: the mutex taken another way (the supervisor's writer
+    thread, abortable); run_store still releases it."""
+    cl = machine.cl
+    calls: list[int] = []
+
+    def acquire() -> None:
+        calls.append(1)
+        cl.task.lock(cl.daemon)
+
+    seq, err = kmod.run_store(cl, 1, acquire=acquire)
+    assert calls == [1] and err == 0 and cl.q[K_RUN] == 1
+    assert not cl.task.holds(cl.daemon)
+    kmod.run_store(cl, 0)
+
+
+def _linked(cl: Any) -> list[int]:
+    return kmod.slots(cl)
+
+
+def test_list_del_with_a_wrong_back_link(machine: Any) -> None:
+    sup = machine
+    cl = sup.cl
+    sp = [Space(sup, 910 + i) for i in range(3)]
+    for s in sp:
+        a = s.mmap(1)
+        s.write(a, b"k")
+        s.mergeable(a, 1)
+    rows = [s.mm.row for s in sp]
+    assert _linked(cl) == rows
+    mid = rows[1]
+    cl.task.lock(cl.mmlist)
+    try:
+        kmod._set_prev(cl, mid, rows[2])         # a killed list_add left it wrong
+        assert kmod.list_del(cl, mid) is True      # found by walking forward
+        assert _linked(cl) == [rows[0], rows[2]]
+        assert kmod.slot_prev(cl, rows[2]) == rows[0]
+        assert kmod.slot_next(cl, rows[0]) == rows[2]
+        assert kmod.list_del(cl, mid) is False     # no longer linked: nothing done
+        assert _linked(cl) == [rows[0], rows[2]]
+        kmod._set_prev(cl, rows[2], cl.head + 1)   # a back link out of range
+        assert kmod.list_del(cl, rows[2]) is True
+        assert _linked(cl) == [rows[0]]
+        assert kmod.slot_prev(cl, cl.head) == rows[0] and kmod.slot_next(cl, rows[0]) == cl.head
+        kmod.list_add_after(cl, mid, rows[0])      # put both back as they were
+        kmod.list_add_after(cl, rows[2], mid)
+        kmod._set_prev(cl, rows[0], rows[2])       # the first slot: its predecessor is the head
+        assert kmod.list_del(cl, rows[0]) is True
+        assert _linked(cl) == rows[1:] and kmod.slot_prev(cl, mid) == cl.head
+        kmod.list_add_after(cl, rows[0], cl.head)
+    finally:
+        cl.task.unlock(cl.mmlist)
+    assert _linked(cl) == rows
+    assert [kmod.slot_prev(cl, r) for r in rows] == [cl.head] + rows[:2]
+    assert_fsck(sup, sp)
+    for s in sp:
+        s.exit()
+    assert_fsck(sup)
+
+
+def test_run2_frees_the_slot_of_an_exiting_mm(machine: Any) -> None:
+    sup = machine
+    cl = sup.cl
+    q = cl.q
+    live, dying, addr = _merged_pair(sup, 3)
+    log = _Null()
+    from uksm.kernel import exit as xmod
+    # the dying task got as far as freeing its pages (the seed's order)
+    xmod.mm_users_zero(cl, dying.mm, log)
+    xmod.exit_mmap_unmap(cl, dying.mm, dying.alloc, log)
+    dying.alloc.flush()
+    dying.exited = True
+    assert q[dying.mm.base + M_SLOT_USED]
+    freed0 = q[S_SLOTS_FREED]
+    seq, err = kmod.run_store(cl, 2, dying.alloc, log)
+    assert err == 0
+    assert not q[dying.mm.base + M_SLOT_USED], "run=2 frees an exiting mm's slot"
+    assert q[S_SLOTS_FREED] == freed0 + 1
+    assert _linked(cl) == [live.mm.row]
+    assert q[L_SCAN_SLOT] == cl.head and q[L_SCAN_ADDR] == 0
+    assert q[dying.mm.base + M_EXIT_STAGE] == XS_USERS0 | XS_ZAPPED
+    # the live mm was unmerged: four pages of its own again
+    pfns = [live.pfn(addr[live] + i * PAGE) for i in range(4)]
+    assert None not in pfns and len(set(pfns)) == 4
+    assert not any(is_ksm(cl, p) for p in pfns if p is not None)
+    k = ksm_stats(cl)
+    assert (k["pages_shared"], k["pages_sharing"]) == (0, 0)
+    # the exit goes on: ksm_exit finds no slot, mmput frees the mm
+    assert xmod.ksm_exit(cl, dying.mm, "seed", log) == 0
+    assert q[dying.mm.base + M_EXIT_STAGE] & XS_KSM_EXIT
+    assert xmod.mmput(cl, dying.mm, dying.alloc, log) == 0
+    dying.alloc.flush()
+    dying.exit()
+    assert dying.freed()
+    set_run(sup, 0)
+    assert_fsck(sup, [live])
+    live.exit()
+    assert_fsck(sup)
+
+
+def _merged_pair(sup: Any, tag: int) -> tuple[Space, Space, dict]:
+    live, dying = Space(sup, 930 + tag), Space(sup, 940 + tag)
+    addr = {}
+    for s in (live, dying):
+        addr[s] = a = s.mmap(4)
+        s.fill(a, [b"\x44" * PAGE] * 4)
+        s.mergeable(a, 4)
+    set_run(sup, 1)
+    wait_counts(sup, pages_shared=1, pages_sharing=7)
+    set_run(sup, 0)
+    return live, dying, addr
+
+
+@pytest.mark.parametrize("how_far", ["zapped", "slow_path_and_pgtables"])
+def test_run2_unmerge_state_and_events(machine: Any, how_far: str) -> None:
+    """What KSM_RUN_UNMERGE leaves: ksmd's published state zeroed
+    (counters, per-slot rmap counts) and H_UNMERGE_GEN / H_KSM_UNSYNCED
+    bumped once for ksmd; the live mm unmerged (the event says how many
+    pages) and still registered; the exiting mm -- pages freed, or even
+    its page tables and VMAs after a slow-path __ksm_exit (the 2023 fix:
+    its VMAs are not walked) -- loses its slot and its mm_count."""
+    from uksm.kernel import exit as xmod
+    from uksm.kernel.layout import (H_KSM_UNSYNCED, H_UNMERGE_GEN, K_FULL_SCANS, K_PAGES_SHARED,
+                             K_PAGES_SHARING, K_STABLE_NODES, L_SEQNR, M_FLAGS, M_MERGING,
+                             M_RMAP_ITEMS, M_SLOT_RMAP, MMF_VM_MERGEABLE, P_SLOW)
+    sup = machine
+    cl = sup.cl
+    q = cl.q
+    live, dying, addr = _merged_pair(sup, 0 if how_far == "zapped" else 1)
+    assert q[live.mm.base + M_SLOT_RMAP] > 0 and q[K_STABLE_NODES] == 1
+    nul = _Null()
+    xmod.mm_users_zero(cl, dying.mm, nul)
+    xmod.exit_mmap_unmap(cl, dying.mm, dying.alloc, nul)
+    dying.alloc.flush()
+    dying.exited = True
+    if how_far != "zapped":
+        cl.task.lock(cl.mmlist)
+        q[L_SCAN_SLOT] = dying.mm.row    # ksmd's cursor on it: the slow path keeps the slot
+        cl.task.unlock(cl.mmlist)
+        assert xmod.ksm_exit(cl, dying.mm, "seed", nul) == P_SLOW
+        xmod.free_pgtables(cl, dying.mm)
+    db_flags = dying.mm.base + M_FLAGS
+    q[db_flags] |= 1 << 20              # another flag, kept
+    gen, unsynced, freed0 = q[H_UNMERGE_GEN], q[H_KSM_UNSYNCED], q[S_SLOTS_FREED]
+    q[L_SCAN_ADDR] = 77
+    log = RecLog()
+    seq, err = kmod.run_store(cl, 2, dying.alloc, log)
+    assert err == 0
+    assert log.events == [("ksm_knob", {"name": "run", "value": 2}),
+                          ("unmerge", {"mm": live.mm.id, "pages": 4, "reason": "run2"}),
+                          ("unmerge", {"mm": dying.mm.id, "pages": 0, "reason": "run2"}),
+                          ("slot_freed", {"mm": dying.mm.id, "by": "unmerge"}),
+                          ("mmdrop", {"mm": dying.mm.id, "ref": "ksm", "mm_count": 1})]
+    assert (q[H_UNMERGE_GEN], q[H_KSM_UNSYNCED], q[S_SLOTS_FREED]) == (gen + 1, unsynced + 1, freed0 + 1)
+    assert (q[K_PAGES_SHARED], q[K_PAGES_SHARING], q[K_STABLE_NODES]) == (0, 0, 0)
+    assert (q[K_FULL_SCANS], q[L_SEQNR]) == (0, 0)
+    assert (q[L_SCAN_SLOT], q[L_SCAN_ADDR]) == (cl.head, 0)
+    lb, db = live.mm.base, dying.mm.base
+    assert (q[lb + M_SLOT_RMAP], q[lb + M_RMAP_ITEMS], q[lb + M_MERGING]) == (0, 0, 0)
+    assert q[lb + M_SLOT_USED] == 1 and q[lb + M_FLAGS] & MMF_VM_MERGEABLE
+    assert _linked(cl) == [live.mm.row]
+    pfns = [live.pfn(addr[live] + i * PAGE) for i in range(4)]
+    assert None not in pfns and len(set(pfns)) == 4
+    assert not any(is_ksm(cl, p) for p in pfns if p is not None)
+    if how_far == "zapped":
+        assert q[db + M_SLOT_USED] == 0 and q[db_flags] == 1 << 20
+        assert xmod.mmput(cl, dying.mm, dying.alloc, nul) == 0
+    else:
+        assert xmod.mmput(cl, dying.mm, dying.alloc, nul) == 0
+    dying.exit()     # freed: the unmerge dropped the slot's mm_count
+    assert dying.freed()
+    set_run(sup, 0)
+    assert_fsck(sup, [live])
+    live.exit()
+    assert_fsck(sup)
+
+
+def test_run2_interrupted_puts_the_cursor_back(machine: Any) -> None:
+    """A signal while run=2 unmerges (-ERESTARTSYS): the cursor goes back
+    to the head, run to 0, the counters stay zeroed for ksmd to rebuild,
+    and full_scans is left alone."""
+    from uksm.kernel.layout import H_UNMERGE_GEN, K_FULL_SCANS
+    sup = machine
+    cl = sup.cl
+    q = cl.q
+    live, other, addr = _merged_pair(sup, 2)
+    scans = q[K_FULL_SCANS]
+    gen = q[H_UNMERGE_GEN]
+    log = RecLog()
+    seq, err = kmod.run_store(cl, 2, live.alloc, log, stop=lambda: True)
+    assert err == -kmod.ERESTARTSYS
+    assert (q[K_RUN], q[L_SCAN_SLOT], q[L_SCAN_ADDR]) == (0, cl.head, 0)
+    assert q[K_FULL_SCANS] == scans and scans > 0
+    assert q[H_UNMERGE_GEN] == gen + 1
+    assert [e for e, _f in log.events] == ["ksm_knob", "unmerge"]
+    assert log.events[1][1]["mm"] == live.mm.id
+    assert q[live.mm.base + M_SLOT_USED] and q[other.mm.base + M_SLOT_USED]
+    set_run(sup, 1)       # ksmd rebuilds and merges again
+    wait_counts(sup, pages_shared=1, pages_sharing=7)
+    assert_fsck(sup, [live, other])
+    live.exit()           # slow paths: ksmd (running) frees the slots
+    other.exit()
+    set_run(sup, 0)
+    assert_fsck(sup)
+
+
+def test_run2_counts_every_range_and_an_exiting_mm_alone(machine: Any) -> None:
+    """The unmerge event counts the pages of every mergeable range of an
+    mm (two here: a page in the middle was left unmergeable); an unmerge
+    whose only mm is exiting (nothing walked) is no error; H_UNMERGE_GEN
+    grows by one per unmerge, from wherever it was."""
+    from uksm.kernel import exit as xmod
+    from uksm.kernel.layout import H_UNMERGE_GEN
+    sup = machine
+    cl = sup.cl
+    q = cl.q
+    a_sp, b_sp = Space(sup, 950), Space(sup, 951)
+    a = a_sp.mmap(5)
+    a_sp.fill(a, [b"\x55" * PAGE] * 5)
+    a_sp.mergeable(a, 2)
+    a_sp.mergeable(a + 3 * PAGE, 2)
+    b = b_sp.mmap(1)
+    b_sp.write(b, b"\x55" * PAGE)
+    b_sp.mergeable(b, 1)
+    assert len(a_sp.mm.mergeable_ranges()) == 2
+    set_run(sup, 1)
+    wait_counts(sup, pages_shared=1, pages_sharing=4)
+    set_run(sup, 0)
+    gen = q[H_UNMERGE_GEN]
+    log = RecLog()
+    seq, err = kmod.run_store(cl, 2, a_sp.alloc, log)
+    assert err == 0 and q[H_UNMERGE_GEN] == gen + 1
+    assert ("unmerge", {"mm": a_sp.mm.id, "pages": 4, "reason": "run2"}) in log.events
+    set_run(sup, 0)
+    a_sp.exit()
+    # only an exiting mm left on the list: nothing walked, no error
+    nul = _Null()
+    xmod.mm_users_zero(cl, b_sp.mm, nul)
+    xmod.exit_mmap_unmap(cl, b_sp.mm, b_sp.alloc, nul)
+    b_sp.alloc.flush()
+    b_sp.exited = True
+    assert _linked(cl) == [b_sp.mm.row]
+    seq, err = kmod.run_store(cl, 2, b_sp.alloc, nul)
+    assert err == 0 and q[K_RUN] == 2 and q[H_UNMERGE_GEN] == gen + 2
+    assert _linked(cl) == []
+    xmod.mmput(cl, b_sp.mm, b_sp.alloc, nul)
+    b_sp.exit()
+    set_run(sup, 0)
+    assert_fsck(sup)
