@@ -949,3 +949,97 @@ def test_recover_that_does_not_settle_names_every_lock_and_keeps_three_snapshots
                                            "|ksm_mmlist_lock, ksm_thread_mutex)$"):
         locks.recover(tb.q, {a.lid: a, b.lid: b}, lambda: tb.rows(1), [], deadline_s=0.2)
     assert len(locks.progress[a.name]["snapshots"]) == 3
+
+
+# ---- the bounded wait, the raw wait, the use-after-free test (this session's) ----
+
+def test_lock_bounded_takes_a_free_lock_at_once(tb: Table) -> None:
+    t = tb.task(0)
+    mx = tb.lock(C_DAEMON)
+    calls: list[int] = []
+    t.lock_bounded(mx, 1.0, lambda: bool(calls.append(1)))
+    en = tb.entry(0, C_DAEMON)
+    assert (en["state"], en["lock"], value(mx), calls) == (HELD, mx.lid, 0, [])
+    t.unlock(mx)
+
+
+def test_lock_bounded_gives_up_after_its_timeout_with_the_entry_idle(tb: Table) -> None:
+    holder, t = tb.task(1), tb.task(0)
+    mx = tb.lock(C_DAEMON)
+    holder.lock(mx)
+    calls: list[int] = []
+
+    def between() -> bool:
+        calls.append(1)
+        assert tb.entry(0, C_DAEMON)["state"] == WAITING   # seen waiting meanwhile
+        return False
+    with pytest.raises(locks.LockTimeout) as ei:
+        t.lock_bounded(mx, 0.1, between)
+    assert ei.value.hung is False and ei.value.timeout == 0.1 and calls
+    en = tb.entry(0, C_DAEMON)
+    assert en["state"] == IDLE and value(mx) == 0 and not t.holds(mx)   # no unit taken
+    holder.unlock(mx)
+    assert value(mx) == 1
+
+
+def test_lock_bounded_gives_up_at_once_when_between_says_so(tb: Table) -> None:
+    holder, t = tb.task(1), tb.task(0)
+    mx = tb.lock(C_DAEMON)
+    holder.lock(mx)
+    with pytest.raises(locks.LockTimeout) as ei:
+        t.lock_bounded(mx, 30.0, lambda: True)
+    assert ei.value.hung is True and tb.entry(0, C_DAEMON)["state"] == IDLE
+    holder.unlock(mx)
+
+
+def test_lock_bounded_gets_the_lock_its_holder_gives_back_meanwhile(tb: Table) -> None:
+    holder, t = tb.task(1), tb.task(0)
+    mx = tb.lock(C_DAEMON)
+    holder.lock(mx)
+    calls: list[int] = []
+
+    def between() -> bool:
+        calls.append(1)
+        if len(calls) == 2:
+            holder.unlock(mx)          # the daemon's pump reaping: the unit comes back
+        return False
+    t.lock_bounded(mx, 30.0, between)
+    assert len(calls) >= 2 and tb.entry(0, C_DAEMON)["state"] == HELD and value(mx) == 0
+    t.unlock(mx)
+    assert value(mx) == 1
+
+
+def test_take_raw_takes_a_unit_or_gives_up_when_a_holder_died(tb: Table) -> None:
+    zone = tb.lock(C_ALLOC)
+    locks.take_raw(zone.sem, lambda: pytest.fail("no wait for a free unit"))
+    assert value(zone) == 0                     # taken, and no task entry written
+    assert all(tb.entry(r, C_ALLOC)["seq"] == 0 for r in range(NROWS))
+    with pytest.raises(locks.HolderDied):
+        locks.take_raw(zone.sem, lambda: True, slice_s=0.01)
+    assert value(zone) == 0
+    posted: list[int] = []
+
+    def abort() -> bool:                        # a unit comes back while we wait
+        if not posted:
+            posted.append(1)
+            zone.sem.release()
+        return False
+    locks.take_raw(zone.sem, abort, slice_s=0.01)
+    assert posted and value(zone) == 0
+    zone.sem.release()
+
+
+def test_mm_freed_is_a_row_reused_or_being_freed() -> None:
+    from uksm.kernel.layout import M_ID, M_STATE, MS_EXITING, MS_FREE, MS_FREEING, MS_LIVE
+    q = memoryview(bytearray(8 * 64)).cast("q")
+    lk = Lock(None, 1, C_PTL, mm=5)            # type: ignore[arg-type]  (no semaphore needed)
+    lk.mmbase = 16
+    q[16 + M_ID], q[16 + M_STATE] = 5, MS_LIVE
+    assert not locks.mm_freed(q, lk)
+    q[16 + M_STATE] = MS_EXITING                # exiting is not freed: its locks are still used
+    assert not locks.mm_freed(q, lk)
+    for st in (MS_FREEING, MS_FREE):
+        q[16 + M_STATE] = st
+        assert locks.mm_freed(q, lk)
+    q[16 + M_ID], q[16 + M_STATE] = 6, MS_LIVE  # the row now holds another mm
+    assert locks.mm_freed(q, lk)
