@@ -959,7 +959,8 @@ def test_lock_bounded_takes_a_free_lock_at_once(tb: Table) -> None:
     calls: list[int] = []
     t.lock_bounded(mx, 1.0, lambda: bool(calls.append(1)))
     en = tb.entry(0, C_DAEMON)
-    assert (en["state"], en["lock"], value(mx), calls) == (HELD, mx.lid, 0, [])
+    # the trylock's two transitions (WAITING, HELD), nothing else
+    assert (en["seq"], en["state"], en["lock"], value(mx), calls) == (2, HELD, mx.lid, 0, [])
     t.unlock(mx)
 
 
@@ -967,17 +968,22 @@ def test_lock_bounded_gives_up_after_its_timeout_with_the_entry_idle(tb: Table) 
     holder, t = tb.task(1), tb.task(0)
     mx = tb.lock(C_DAEMON)
     holder.lock(mx)
-    calls: list[int] = []
+    seen: list[dict[str, int]] = []
 
     def between() -> bool:
-        calls.append(1)
-        assert tb.entry(0, C_DAEMON)["state"] == WAITING   # seen waiting meanwhile
+        seen.append(tb.entry(0, C_DAEMON))
         return False
     with pytest.raises(locks.LockTimeout) as ei:
         t.lock_bounded(mx, 0.1, between)
-    assert ei.value.hung is False and ei.value.timeout == 0.1 and calls
+    assert ei.value.hung is False and ei.value.timeout == 0.1 and str(ei.value) == mx.name
+    # seen waiting meanwhile, as the watchdog and recover() see any wait: the
+    # failed trylock's two transitions, then WAITING (seq 3), spinning, timed
+    w = seen[0]
+    assert (w["seq"], w["state"], w["lock"]) == (3, WAITING, mx.lid) and w["since"] > 0
+    assert w["spins"] >= 1 and seen[-1]["spins"] >= w["spins"]
     en = tb.entry(0, C_DAEMON)
-    assert en["state"] == IDLE and value(mx) == 0 and not t.holds(mx)   # no unit taken
+    assert (en["seq"], en["state"], en["since"]) == (4, IDLE, 0)
+    assert value(mx) == 0 and not t.holds(mx)   # no unit taken
     holder.unlock(mx)
     assert value(mx) == 1
 
@@ -1004,7 +1010,9 @@ def test_lock_bounded_gets_the_lock_its_holder_gives_back_meanwhile(tb: Table) -
             holder.unlock(mx)          # the daemon's pump reaping: the unit comes back
         return False
     t.lock_bounded(mx, 30.0, between)
-    assert len(calls) >= 2 and tb.entry(0, C_DAEMON)["state"] == HELD and value(mx) == 0
+    en = tb.entry(0, C_DAEMON)
+    assert len(calls) >= 2 and (en["seq"], en["state"], en["since"]) == (4, HELD, 0)
+    assert value(mx) == 0
     t.unlock(mx)
     assert value(mx) == 1
 
