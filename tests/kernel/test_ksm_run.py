@@ -248,6 +248,10 @@ def test_run2_unmerge_state_and_events(machine: Any, how_far: str) -> None:
         xmod.free_pgtables(cl, dying.mm)
     db_flags = dying.mm.base + M_FLAGS
     q[db_flags] |= 1 << 20              # another flag, kept
+    # ksmd stopped (run is 0: it had nothing to do), so that nobody else
+    # touches the counters; and not zero, so that "+= 1" is told from "= 1"
+    sup.stop_ksmd()
+    q[H_KSM_UNSYNCED], q[S_SLOTS_FREED] = 5, 40
     gen, unsynced, freed0 = q[H_UNMERGE_GEN], q[H_KSM_UNSYNCED], q[S_SLOTS_FREED]
     q[L_SCAN_ADDR] = 77
     log = RecLog()
@@ -354,3 +358,24 @@ def test_run2_counts_every_range_and_an_exiting_mm_alone(machine: Any) -> None:
     b_sp.exit()
     set_run(sup, 0)
     assert_fsck(sup)
+
+
+def test_run_store_unmerges_with_the_callers_allocator(machine: Any,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writer's own allocator (its per-task frames, its pending frees)
+    does the unmerge and is flushed at the end; a fresh one only if the
+    caller has none."""
+    from uksm.kernel.memory import Allocator
+    cl = machine.cl
+    used: list[Any] = []
+    monkeypatch.setattr(kmod, "unmerge_and_remove_all_rmap_items",
+                        lambda cl, alloc, log=None, stop=None: used.append(alloc) or 0)
+    mine = Allocator(cl)
+    flushed: list[int] = []
+    monkeypatch.setattr(mine, "flush", lambda: flushed.append(1))
+    kmod.run_store(cl, 2, mine)
+    assert used == [mine] and flushed == [1]
+    kmod.run_store(cl, 0)
+    kmod.run_store(cl, 2)
+    assert len(used) == 2 and isinstance(used[1], Allocator) and used[1] is not mine
+
