@@ -22,11 +22,7 @@ from util_log import RecLog
 from util_machine import PAGE, Space, assert_fsck, frames_used, set_run
 
 from uksm.kernel import exit as xmod
-from uksm.kernel.layout import (EXIT_POLICIES, H_EXIT_POLICY, L_SCAN_ADDR, L_SCAN_SLOT, M_EXIT_STAGE,
-                         M_OOM_VICTIM, M_SLOT_USED, M_STATE, M_USERS, MAX_VMAS, MS_EXITING,
-                         MS_LIVE, MS_VMAS_FREED, MS_ZOMBIE, P_FAST, P_LEGACY, P_SLOW, PT_OFF,
-                         PTE_PRESENT, T_EXIT_PROGRESS, V_END, VM_LOCKED, VMA_OFF, VMA_SIZE,
-                         XS_KSM_EXIT, XS_MMDROP, XS_PGTABLES, XS_USERS0, XS_ZAPPED)
+from uksm.kernel.layout import (EXIT_POLICIES, H_EXIT_POLICY, L_SCAN_ADDR, L_SCAN_SLOT, M_EXIT_STAGE, M_OOM_VICTIM, M_SLOT_USED, M_STATE, M_USERS, MAX_VMAS, MS_EXITING, MS_LIVE, MS_VMAS_FREED, MS_ZOMBIE, P_FAST, P_LEGACY, P_SLOW, PT_OFF, PTE_PRESENT, T_EXIT_PROGRESS, V_END, VM_LOCKED, VMA_OFF, VMA_SIZE, XS_KSM_EXIT, XS_PGTABLES, XS_USERS0, XS_ZAPPED)
 from uksm.host.log import _Null
 
 pytestmark = pytest.mark.timeout(60)
@@ -359,11 +355,12 @@ def test_legacy_ksm_exit_removes_the_slot_and_steps_the_cursor(machine: Any) -> 
     the head with ``ksm_scan.seqnr++`` when it was the last.  An mm with
     no slot: 0, nothing changed, both locks given back."""
     from uksm.kernel import ksm as kmod
-    from uksm.kernel.layout import (L_SEQNR, M_EXIT_PATH, M_FLAGS, M_SLOT_RMAP, MMF_VM_MERGEABLE,
-                             S_EXIT_LEGACY, T_EXIT_PATH)
+    from uksm.kernel.layout import (H_KSM_UNSYNCED, L_SEQNR, M_EXIT_PATH, M_FLAGS, M_SLOT_RMAP,
+                                    MMF_VM_MERGEABLE, S_EXIT_LEGACY, T_EXIT_PATH)
     sup = machine
     cl = sup.cl
     q = cl.q
+    sup.stop_ksmd()    # run is 0: nothing for it to do; and nobody else publishes the counters
     sp = [_mergeable_space(sup, 1)[0] for _ in range(3)]
     rows = [s.mm.row for s in sp]
     assert kmod.slots(cl) == rows
@@ -381,6 +378,7 @@ def test_legacy_ksm_exit_removes_the_slot_and_steps_the_cursor(machine: Any) -> 
         q[b + M_FLAGS] |= 1 << 20       # another flag, kept
         flags = q[b + M_FLAGS]
         assert flags & MMF_VM_MERGEABLE
+        q[H_KSM_UNSYNCED] = 7 + k       # not zero: "+= 1" is told from "= 1"
         seqnr, legacy0 = q[L_SEQNR], q[S_EXIT_LEGACY]
         q[cl.task.base + T_EXIT_PATH] = 0
         xmod.mm_users_zero(cl, s.mm, nul)
@@ -391,6 +389,8 @@ def test_legacy_ksm_exit_removes_the_slot_and_steps_the_cursor(machine: Any) -> 
         assert q[b + M_FLAGS] == flags & ~MMF_VM_MERGEABLE
         assert q[b + M_EXIT_PATH] == P_LEGACY and q[cl.task.base + T_EXIT_PATH] == P_LEGACY
         assert q[S_EXIT_LEGACY] == legacy0 + 1
+        # ksmd's published counters now miss the rmap_items the exit dropped
+        assert q[H_KSM_UNSYNCED] == 8 + k
         assert not cl.task.holds(cl.daemon) and not cl.task.holds(cl.mmlist)
         q[b + M_FLAGS] &= ~(1 << 20)
         s.exited = True

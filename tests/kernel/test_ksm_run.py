@@ -28,7 +28,7 @@ from util_machine import PAGE, Space, assert_fsck, is_ksm, ksm_stats, set_run, w
 from uksm.kernel import ksm as kmod
 from uksm.kernel.layout import (K_RUN, K_RUN_DONE, K_RUN_SEQ, L_SCAN_ADDR, L_SCAN_SLOT, M_EXIT_STAGE,
                          M_SLOT_USED, S_SLOTS_FREED, T_OOM_ORIGIN, XS_KSM_EXIT, XS_USERS0,
-                         XS_ZAPPED)
+                         XS_ZAPPED, M_ID, M_REFS, M_STATE, M_USERS)
 from uksm.host.log import _Null
 
 pytestmark = pytest.mark.timeout(60)
@@ -379,3 +379,34 @@ def test_run_store_unmerges_with_the_callers_allocator(machine: Any,
     kmod.run_store(cl, 2)
     assert len(used) == 2 and isinstance(used[1], Allocator) and used[1] is not mine
 
+
+
+def test_ksm_enter_reads_its_own_slot_word(machine: Any) -> None:
+    """__ksm_enter returns early only if *this* mm already has a slot:
+    whatever the neighbouring mm rows hold (here every word of the row
+    before set), a second MADV_MERGEABLE is a no-op and a first one links
+    the slot behind the cursor."""
+    from uksm.kernel.layout import MM_SIZE  # every word of a row
+    sup = machine
+    cl = sup.cl
+    q = cl.q
+    a, b = Space(sup, 950), Space(sup, 951)
+    assert b.mm.row == a.mm.row + 1
+    saved = [q[a.mm.base + f] for f in range(MM_SIZE)]
+    cl.task.lock(cl.mmlist)
+    for f in range(MM_SIZE):          # the row before b's: no zero word to hide behind
+        if f not in (M_ID, M_SLOT_USED, M_STATE, M_REFS, M_USERS):
+            q[a.mm.base + f] = saved[f] or 7
+    cl.task.unlock(cl.mmlist)
+    try:
+        addr = b.mmap(1)
+        b.write(addr, b"k")
+        b.mergeable(addr, 1)
+        assert q[b.mm.base + M_SLOT_USED] == 1 and b.mm.row in kmod.slots(cl)
+        b.mergeable(addr, 1)          # again: still one slot, linked once
+        assert kmod.slots(cl).count(b.mm.row) == 1
+    finally:
+        cl.task.lock(cl.mmlist)
+        for f in range(MM_SIZE):
+            q[a.mm.base + f] = saved[f]
+        cl.task.unlock(cl.mmlist)
