@@ -451,3 +451,46 @@ def test_ksm_enter_and_exit_events_and_an_mm_without_a_slot(machine: Any) -> Non
     assert (q[S_EXIT_FAST], q[S_EXIT_SLOW]) == (fast, slow) and not cl.task.holds(cl.mmlist)
     t.exit()
     assert_fsck(sup)
+
+
+def test_seed_ksm_exit_counts_and_records_its_path(machine: Any) -> None:
+    """The seed's __ksm_exit, fast then slow: each path counted once in its
+    own counter (bumped, from non-zero starts), recorded in the mm and in
+    the task's row, and named in its event.  The fast path is taken on the
+    mm's *own* rmap count, whatever the row before it holds (a live mm)."""
+    from uksm.kernel.layout import M_EXIT_PATH, S_EXIT_FAST, S_EXIT_SLOW, T_EXIT_PATH
+    sup = machine
+    cl = sup.cl
+    q = cl.q
+    before, fast = _mergeable_space(sup)[0], _mergeable_space(sup)[0]
+    assert fast.mm.row == before.mm.row + 1
+    cl.task.lock(cl.mmlist)
+    q[S_EXIT_FAST], q[S_EXIT_SLOW] = 10, 20
+    q[L_SCAN_SLOT], q[L_SCAN_ADDR] = cl.head, 0     # the cursor on neither
+    cl.task.unlock(cl.mmlist)
+    try:
+        for s, path, name in ((fast, P_FAST, "fast"), (before, P_SLOW, "slow")):
+            if path == P_SLOW:
+                cl.task.lock(cl.mmlist)
+                q[L_SCAN_SLOT] = s.mm.row           # ksmd's cursor on it: the slow path
+                cl.task.unlock(cl.mmlist)
+            q[cl.task.base + T_EXIT_PATH] = 0
+            log = RecLog()
+            xmod.mm_users_zero(cl, s.mm, log)
+            assert xmod.ksm_exit(cl, s.mm, "seed", log) == path
+            assert (q[S_EXIT_FAST], q[S_EXIT_SLOW]) == ((11, 20) if path == P_FAST else (11, 21))
+            assert q[s.mm.base + M_EXIT_PATH] == path and q[cl.task.base + T_EXIT_PATH] == path
+            assert ("ksm_exit", {"mm": s.mm.id, "path": name, "policy": "seed"}) in log.events
+            s.exited = True
+            assert xmod.mmput(cl, s.mm, s.alloc, log) == 0
+            s.alloc.flush()
+    finally:
+        cl.task.lock(cl.mmlist)
+        q[S_EXIT_FAST] -= 10
+        q[S_EXIT_SLOW] -= 20
+        cl.task.unlock(cl.mmlist)
+    set_run(sup, 1)                 # ksmd frees the slow path's slot
+    before.exit()
+    fast.exit()
+    set_run(sup, 0)
+    assert_fsck(sup)
