@@ -70,10 +70,13 @@ def handle_mm_fault(cl: "Cluster", alloc: Allocator, mm: MM, vpn: int, write: bo
         raise SegFault(f"segfault at {vpn << PAGE_SHIFT:#x} (mm{mm.id}): VMA is read-only")
     task, q, fq, pq = cl.task, cl.q, cl.fq, mm.pq
     slot = PT_OFF + vpn
-    # handle_pte_fault: ``entry = *pte`` without the pte lock.  An empty
-    # entry goes to do_anonymous_page, which takes the lock only to install
-    # (its pte_same check below catches a racing fault or zap); a present
-    # one is looked at again under the lock, as the kernel's pte_same does.
+    # handle_pte_fault: ``entry = *pte`` without the pte lock (2.6.32.67
+    # mm/memory.c, handle_pte_fault: ``entry = *pte;`` before
+    # ``spin_lock(ptl)``).  An empty entry goes to do_anonymous_page, which
+    # takes the lock only to install and looks again there (``if
+    # (!pte_none(*page_table)) goto release;``: the check below catches a
+    # racing fault or zap); a present one is looked at again under the
+    # lock, as handle_pte_fault's ``pte_same(*pte, entry)`` does.
     pte = pq[slot]
     if pte:
         task.lock(mm.ptl)
