@@ -11,6 +11,12 @@ No cluster: a task table in a bytearray and semaphores of our own, named
 session's leak fixture takes objects with no recorded supervisor and no
 process naming them for its own leftovers and unlinks them (seen while a
 mutation run was going).
+Every test runs on both implementations of the protocol's uncontended
+operations: ``PyTask`` (locks.py, the reference) and ``Task`` (lock,
+trylock and unlock in C, uksm/kernel/_lockcore.c), so the C core is held to
+every word the reference writes.  tests/kernel/test_lockcore.py runs this
+file again with the C core switched off (``UKSM_LOCKS=python``: the Python
+``Lock`` fields too).
 Contended paths are driven without threads where possible: ``Task.abort``
 is polled after every timed-out slice of a blocked wait, so the test acts
 from inside the wait (it checks the WAITING entry, then releases the holder's
@@ -31,7 +37,7 @@ from uksm.kernel.layout import (C_ALLOC, C_DAEMON, C_FRAMES, C_MMAP, C_MMLIST, C
                          C_WMUTEX, E_HELD, E_LOCK, E_SINCE, E_SPINS, E_WORD,
                          ESIZE, NCLASS, T_LOCKS, T_PID)
 from uksm.kernel.locks import (HELD, IDLE, RELEASING, WAITING, WRITER, Lock, LockAbort,
-                        Task, lock_id, lock_name)
+                        PyTask, Task, lock_id, lock_name)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -43,7 +49,8 @@ UNITS = 3          # units of the test's mmap_sem
 class Table:
     """A task table of NROWS rows and the semaphores of one test."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, task_cls: type[PyTask] = Task) -> None:
+        self.task_cls = task_cls
         self.buf = bytearray(8 * ROW * NROWS)
         self.q = memoryview(self.buf).cast("q")
         self.name = name
@@ -57,8 +64,8 @@ class Table:
         self.sems.append(sem)
         return Lock(sem, units, cls, mm)
 
-    def task(self, row: int, **kw: Any) -> Task:
-        return Task(self.q, row * ROW, row, **kw)
+    def task(self, row: int, **kw: Any) -> PyTask:
+        return self.task_cls(self.q, row * ROW, row, **kw)
 
     def entry(self, row: int, cls: int) -> dict[str, int]:
         e = row * ROW + T_LOCKS + cls * ESIZE
@@ -76,9 +83,13 @@ class Table:
             s.close()
 
 
-@pytest.fixture
-def tb() -> Iterator[Table]:
-    t = Table(f"tlkp{os.getpid()}")   # the full pid: tools/mutation_reap.py reads it
+# the C core's Task when it is built, and the reference
+IMPLS = {"python": PyTask} if Task is PyTask else {"c": Task, "python": PyTask}
+
+
+@pytest.fixture(params=list(IMPLS))
+def tb(request: pytest.FixtureRequest) -> Iterator[Table]:
+    t = Table(f"tlkp{os.getpid()}", IMPLS[request.param])   # the full pid: tools/mutation_reap.py reads it
     try:
         yield t
     finally:
@@ -333,7 +344,7 @@ def test_wait_begin_spin_end_and_clear_entries(tb: Table) -> None:
 def test_lockdep_reports_order_recursive_same_class(tb: Table) -> None:
     seen: list[tuple[str, str, str, str]] = []
 
-    def task(row: int) -> Task:
+    def task(row: int) -> PyTask:
         t = tb.task(row)
         t.lockdep = lambda kind, lk, held, op: seen.append((kind, lk.name, lock_name(held), op))
         return t
@@ -885,7 +896,7 @@ def test_lock_and_task_fields(tb: Table, monkeypatch: pytest.MonkeyPatch) -> Non
     finally:
         sem.unlink()
         sem.close()
-    t = Task(tb.q, 2 * ROW, 2)
+    t = tb.task(2)
     assert (t.row, t.base, t.uaf, t.lockdep, t.abort, t.on_wait) == (2, 2 * ROW, None, None, None, None)
     assert t.wait_log_ns == 100 * 1_000_000
     ptl = tb.lock(C_PTL, mm=4)

@@ -44,14 +44,27 @@ zone_lock.  What each lock protects: docs/DESIGN.md.
 """
 from __future__ import annotations
 
+import os
 import time
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import posix_ipc
 
 from uksm.kernel.layout import (C_FRAMES, E_HELD, E_LOCK, E_SINCE, E_SPINS, E_WORD, ESIZE,
                                 LOCK_CLASSES, M_ID, M_STATE, MS_FREE, MS_FREEING, NCLASS, T_LOCKS,
                                 T_PID)
+
+try:
+    # the uncontended path in C (uksm/kernel/_lockcore.c), unless
+    # UKSM_LOCKS=python asks for the reference (or it was not built)
+    if os.environ.get("UKSM_LOCKS") == "python":
+        raise ImportError("UKSM_LOCKS=python")
+    from uksm.kernel import _lockcore
+except ImportError:
+    _lockcore = None  # type: ignore[assignment]
+else:
+    _lockcore.layout(E_LOCK, E_WORD, M_ID, M_STATE, MS_FREEING, MS_FREE)
+IMPL = "python" if _lockcore is None else "c"   # which one Task is
 
 IDLE, WAITING, HELD, RELEASING = 0, 1, 2, 3
 STATE_NAMES = ("idle", "waiting", "held", "releasing")
@@ -106,20 +119,38 @@ def take_raw(sem: posix_ipc.Semaphore, abort: Callable[[], bool] | None = None,
                 raise HolderDied()
 
 
-class Lock:
-    """One semaphore of ``units`` units (1: a mutex; N: an rw semaphore)."""
+class _LockFields:
+    """A lock's fields, in Python (the C core's ``LockCore`` when it is
+    built: the same fields, and the semaphore mapped for the C path)."""
 
     __slots__ = ("sem", "units", "cls", "lid", "name", "mm", "mmrow", "mmbase")
 
-    def __init__(self, sem: posix_ipc.Semaphore, units: int, cls: int, mm: int = 0) -> None:
+    def __init__(self, sem: posix_ipc.Semaphore, units: int, cls: int, lid: int, name: str,
+                 mm: int = 0) -> None:
         self.sem = sem
         self.units = units
         self.cls = cls
-        self.lid = lock_id(cls, mm)
-        self.name = lock_name(self.lid)
+        self.lid = lid
+        self.name = name
         self.mm = mm          # the address space whose lock this is (0: a global lock)
         self.mmrow = -1       # its mm-table row, for the use-after-free check
         self.mmbase = -1      # that row's offset in the control block
+
+
+if TYPE_CHECKING or _lockcore is None:
+    _LockBase = _LockFields
+else:
+    _LockBase = _lockcore.LockCore
+
+
+class Lock(_LockBase):
+    """One semaphore of ``units`` units (1: a mutex; N: an rw semaphore)."""
+
+    __slots__ = ()
+
+    def __init__(self, sem: posix_ipc.Semaphore, units: int, cls: int, mm: int = 0) -> None:
+        lid = lock_id(cls, mm)
+        super().__init__(sem, units, cls, lid, lock_name(lid), mm)
 
 
 def mm_freed(q: memoryview, lk: Lock) -> bool:
@@ -131,8 +162,10 @@ def mm_freed(q: memoryview, lk: Lock) -> bool:
     return q[b + M_ID] != lk.mm or q[b + M_STATE] in (MS_FREEING, MS_FREE)
 
 
-class Task:
-    """This task's row in the task table, and the lock protocol on it.
+class PyTask:
+    """This task's row in the task table, and the lock protocol on it,
+    all in Python: the protocol's reference (``Task`` is this class with
+    lock, trylock and unlock in C when the C core is built).
 
     ``on_wait(lock_name, waited_s)`` is called once a wait passes the
     lock-wait threshold (for the ``lock_wait`` event) and ``on_spin`` at
@@ -356,6 +389,22 @@ class Task:
             self.q[e + E_SINCE] = 0
 
 
+if TYPE_CHECKING or _lockcore is None:
+    Task = PyTask
+else:
+    class Task(_lockcore.TaskCore, PyTask):
+        """PyTask with its uncontended operations (lock, trylock, unlock)
+        in C (uksm/kernel/_lockcore.c): the same word transitions in the
+        same order; a blocked wait, down_write/up_write, the hooks and
+        recover() are PyTask's."""
+
+        def __init__(self, q: memoryview, row_base: int, row: int,
+                     holders: Callable[[int], list[int]] | None = None,
+                     wait_log_ms: int = 100) -> None:
+            PyTask.__init__(self, q, row_base, row, holders, wait_log_ms)
+            self._core_bind(q, self.ebase)
+
+
 # ---- reading entries from outside (recovery, watchdog, fsck) --------------
 
 class Entry:
@@ -517,6 +566,6 @@ def holders_of(q: memoryview, rows: Iterable[tuple[int, int]], lid: int) -> list
                                   or (en.writer and en.held > 0))]
 
 
-__all__ = ["Lock", "LockAbort", "LockTimeout", "Task", "Entry", "recover", "read_entries", "dead_locks",
+__all__ = ["Lock", "LockAbort", "LockTimeout", "Task", "PyTask", "IMPL", "Entry", "recover", "read_entries", "dead_locks",
            "holders_of", "lock_id", "lock_name", "IDLE", "WAITING", "HELD",
            "RELEASING", "STATE_NAMES", "WAIT_SLICE"]

@@ -1,0 +1,195 @@
+"""The C core of the lock protocol (uksm/kernel/_lockcore.c): built and in
+use, held to the Python reference, and crash-consistent under a real
+SIGKILL.
+
+test_lock_protocol.py runs every protocol test on both ``Task`` (C) and
+``PyTask`` (the reference); here: that the C core is what ships, that the
+suite also passes with it switched off (``UKSM_LOCKS=python``, the Python
+``Lock`` fields included), what it does with bad input, and recover()'s
+count after a process running the C path is killed at random instants.
+"""
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+from collections.abc import Iterator
+
+import posix_ipc
+import pytest
+
+from uksm.kernel import locks
+from uksm.kernel.layout import C_DAEMON, C_MMAP, C_PTL, E_WORD, ESIZE, NCLASS, T_LOCKS
+from uksm.kernel.locks import IDLE, Lock, PyTask, Task
+
+pytestmark = pytest.mark.timeout(120)
+
+ROW = 100
+
+
+def _compiler() -> bool:
+    cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    return shutil.which(cc) is not None
+
+
+@pytest.fixture
+def sem() -> Iterator[posix_ipc.Semaphore]:
+    s = posix_ipc.Semaphore(f"/uksmtest.lkc{os.getpid()}", posix_ipc.O_CREX, mode=0o600,
+                            initial_value=1)
+    try:
+        yield s
+    finally:
+        s.unlink()
+        s.close()
+
+
+def test_the_c_core_is_built_and_used(sem: posix_ipc.Semaphore) -> None:
+    """Where a compiler exists the install builds the C core and Task is
+    it: a silent fall-back to the reference would cost every lock pair
+    0.5 us (the extension is optional only for machines without one)."""
+    if not _compiler() or os.environ.get("UKSM_LOCKS") == "python":
+        assert locks.IMPL == "python" and Task is PyTask
+        return
+    assert locks.IMPL == "c", "uksm/kernel/_lockcore.c was not built: pip install -e . again"
+    assert Task is not PyTask and issubclass(Task, PyTask)
+    src = os.path.join(os.path.dirname(locks.__file__), "_lockcore.c")
+    if os.path.exists(src):   # an editable install: built from the source beside it?
+        with open(src, "rb") as f:
+            sha = hashlib.sha256(f.read()).hexdigest()[:16]
+        assert locks._lockcore.source == sha, "the C core is older than _lockcore.c: pip install -e . again"
+    lk = Lock(sem, 1, C_DAEMON)
+    assert lk.fast is True          # its semaphore mapped here: sem_trywait/sem_post in C
+
+
+def test_the_protocol_tests_pass_on_the_python_reference() -> None:
+    """test_lock_protocol.py with the C core switched off: the reference
+    alone (PyTask, the Python Lock fields) passes every test too."""
+    env = dict(os.environ, UKSM_LOCKS="python")
+    here = os.path.dirname(os.path.abspath(__file__))
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        os.path.join(here, "test_lock_protocol.py")],
+                       env=env, capture_output=True, text=True, timeout=100)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
+    assert " passed" in p.stdout and "failed" not in p.stdout
+    chk = subprocess.run([sys.executable, "-c", "from uksm.kernel import locks; "
+                          "print(locks.IMPL, locks.Task is locks.PyTask, "
+                          "type(locks.Lock.__mro__[1]).__module__, locks.Lock.__mro__[1].__name__)"],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert chk.stdout.split() == ["python", "True", "builtins", "_LockFields"], chk.stderr
+
+
+def c_core() -> bool:
+    """The C core is in use; False only where it cannot be (no compiler,
+    or switched off), which the test above checks."""
+    if Task is PyTask:
+        assert not _compiler() or os.environ.get("UKSM_LOCKS") == "python"
+        return False
+    return True
+
+
+def test_c_core_bad_input(sem: posix_ipc.Semaphore) -> None:
+    if not c_core():
+        return
+    q = memoryview(bytearray(8 * ROW * 2)).cast("q")
+    t = Task(q, ROW, 1)
+    with pytest.raises(TypeError, match="expected a Lock"):
+        t.lock(object())            # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="lock"):
+        t.lock()                    # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="int64"):
+        Task(memoryview(bytearray(800)), ROW, 1)   # bytes, not int64 words
+    with pytest.raises(ValueError, match="class"):
+        Lock(sem, 1, 99)
+    short = Task(memoryview(bytearray(8 * 10)).cast("q"), 0, 0)   # the row does not fit
+    lk = Lock(sem, 1, C_PTL, mm=1)
+    with pytest.raises(IndexError):
+        short.lock(lk)
+    assert sem.value == 1           # nothing taken on the way to the error
+
+
+def test_c_core_follows_a_replaced_semaphore(sem: posix_ipc.Semaphore) -> None:
+    """``lk.sem`` set to a stand-in (a test's spy) goes through its Python
+    methods; set back, the C path maps it again."""
+    if not c_core():
+        return
+    lk = Lock(sem, 1, C_DAEMON)
+    calls: list[str] = []
+
+    class Spy:
+        def acquire(self, timeout: float | None = None) -> None:
+            calls.append(f"acquire {timeout}")
+            sem.acquire(timeout)
+
+        def release(self) -> None:
+            calls.append("release")
+            sem.release()
+
+    q = memoryview(bytearray(8 * ROW * 2)).cast("q")
+    t = Task(q, ROW, 1)
+    lk.sem = Spy()                  # type: ignore[assignment]
+    assert lk.fast is False
+    t.lock(lk)
+    assert t.trylock(lk) is False
+    t.unlock(lk)
+    assert calls == ["acquire 0", "acquire 0", "release"]
+    lk.sem = sem
+    assert lk.fast is True
+    t.lock(lk)
+    t.unlock(lk)
+    assert calls == ["acquire 0", "acquire 0", "release"] and sem.value == 1
+
+
+@pytest.mark.parametrize("impl", ["c", "python"])
+@pytest.mark.parametrize("seed", range(2))
+def test_sigkill_at_random_instants_of_the_protocol(sem: posix_ipc.Semaphore, seed: int, impl: str) -> None:
+    """A process loops lock/unlock (and a reader's down_read/up_read on an
+    rwsem of 3 units) and is SIGKILLed at a random instant, 40 times:
+    recover() must find exactly the units it died holding -- the
+    semaphores end full after the dead's units are posted, never over --
+    whichever word transition or semaphore operation the kill landed in."""
+    task_cls = PyTask if impl == "python" else Task
+    rng = random.Random(seed)
+    rw = posix_ipc.Semaphore(f"/uksmtest.lkr{os.getpid()}", posix_ipc.O_CREX, mode=0o600,
+                             initial_value=3)
+    buf = mmap.mmap(-1, 8 * ROW * 2, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+    q = memoryview(buf).cast("q")
+    try:
+        mx, rd = Lock(sem, 1, C_DAEMON), Lock(rw, 3, C_MMAP, mm=1)
+        kills = {"held": 0, "idle": 0, "window": 0}
+        for _ in range(40):
+            pid = os.fork()
+            if pid == 0:    # the child: the uncontended path, for ever
+                try:
+                    t = task_cls(q, ROW, 1)
+                    while True:
+                        t.lock(mx)
+                        t.lock(rd)
+                        t.unlock(rd)
+                        t.unlock(mx)
+                finally:
+                    os._exit(1)
+            time.sleep(rng.uniform(0.0005, 0.01))
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            for lk in (mx, rd):
+                st = q[ROW + T_LOCKS + lk.cls * ESIZE + E_WORD] & 3
+                kills["held" if st == locks.HELD else "idle" if st == IDLE else "window"] += 1
+            got = locks.recover(q, {mx.lid: mx, rd.lid: rd}, lambda: [], [(1, ROW)])
+            for lid, lk in ((mx.lid, mx), (rd.lid, rd)):
+                for _u in range(got[lid]):
+                    lk.sem.release()
+            assert (sem.value, rw.value) == (1, 3), (got, kills)
+            assert all(q[ROW + T_LOCKS + c * ESIZE + E_WORD] & 3 == IDLE for c in range(NCLASS))
+        assert kills["held"] > 0, kills   # the kills did land inside the protocol
+    finally:
+        q.release()
+        buf.close()
+        rw.unlink()
+        rw.close()
