@@ -63,7 +63,7 @@ MUTANTS: dict[str, tuple[str, str, str]] = {
     "uaf_freeing": ("mm_freed: FREEING not counted as freed",
                     "state == MS_FREEING || ", ""),
     "uaf_id": ("mm_freed: a reused row not counted as freed",
-               "ld(ws, b + M_ID) != lk->mm || ", "") ,
+               "id != lk->mm || ", ""),
     "no_lockdep": ("lock: lockdep_check never called",
                    "    if (check && self->lockdep != NULL", "    if (0 && self->lockdep != NULL"),
     "lockdep_unchecked": ("lock: check=False ignored",

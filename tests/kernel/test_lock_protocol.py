@@ -438,6 +438,30 @@ def test_uaf_hook_sees_every_operation_on_an_mm_lock(tb: Table) -> None:
                    ("pte_lock:mm3", "trylock"), ("pte_lock:mm3", "unlock")]
 
 
+
+def test_uaf_hook_fires_only_for_a_freed_mm(tb: Table) -> None:
+    """The hook is called when the lock's mm row holds another mm or is
+    being freed or free (mm_freed), never for a live or exiting mm: the
+    exit path still takes an exiting mm's locks."""
+    from uksm.kernel.layout import M_ID, M_STATE, MS_EXITING, MS_FREE, MS_FREEING, MS_LIVE
+    t = tb.task(0)
+    ops: list[str] = []
+    t.uaf = lambda lk, op: ops.append(op)
+    ptl = tb.lock(C_PTL, mm=5)
+    ptl.mmrow, ptl.mmbase = 3, 3 * ROW   # row 3's words stand for the mm row
+    for mm_id, state, calls in ((5, MS_LIVE, []), (5, MS_EXITING, []),
+                                (5, MS_FREEING, ["lock", "unlock", "trylock", "unlock"]),
+                                (5, MS_FREE, ["lock", "unlock", "trylock", "unlock"]),
+                                (6, MS_LIVE, ["lock", "unlock", "trylock", "unlock"])):
+        tb.q[3 * ROW + M_ID], tb.q[3 * ROW + M_STATE] = mm_id, state
+        ops.clear()
+        t.lock(ptl)
+        t.unlock(ptl)
+        assert t.trylock(ptl)
+        t.unlock(ptl)
+        assert ops == calls, (mm_id, state)
+    assert value(ptl) == 1
+
 # ---- reading entries from outside, and recovery -----------------------------------
 
 def test_entries_units_and_dead_locks(tb: Table) -> None:
