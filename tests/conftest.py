@@ -110,7 +110,11 @@ def session_processes(procs: dict[tuple[int, str], str], clusters: set[str]) -> 
 
 
 def classify(clusters: set[str], procs: dict[tuple[int, str], str]) -> tuple[set[str], set[str]]:
-    """Split cluster names into (the session's, foreign)."""
+    """Split cluster names into (the session's, foreign).  A cluster is
+    the session's when its recorded supervisor (its creator, while it is
+    being made: Cluster.create records it first) is a live process of this
+    session; else when a process of this session names it; else when no
+    process names it at all (left behind: its supervisor died)."""
     from uksm.kernel.cluster import pid_alive
     mine, foreign = set(), set()
     for name in clusters:

@@ -108,3 +108,31 @@ def test_session_marker_is_nested() -> None:
                        capture_output=True, text=True, timeout=30, cwd=ROOT)
     assert p.stdout.strip() == conftest.SESSION
     assert conftest._mine(os.getpid())
+
+
+def test_a_cluster_being_made_by_another_session_is_foreign() -> None:
+    """A concurrent session's cluster caught half made (no MAGIC yet, no
+    process naming it, no supervisor recorded by the boot yet) is not
+    taken for one this session left behind: Cluster.create records its
+    creator first, and the fixture asks whose that process is.  Another
+    session's creator stands in as a process without this session's
+    marker; this process, as our own creator."""
+    import conftest
+    from uksm.kernel.layout import H_MAGIC, H_SUPERVISOR_PID
+    from uksm.proc.control import recorded_supervisor
+    env = {k: v for k, v in os.environ.items() if k != "UKSM_TEST_SESSION"}
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env=env)
+    name = f"tlkf{os.getpid()}"
+    seg = shm.create_segment(name, "ctl", 4096)
+    try:
+        assert seg.q[H_MAGIC] == 0                      # being made
+        for creator, mine in ((other.pid, False), (os.getpid(), True)):
+            seg.q[H_SUPERVISOR_PID] = creator
+            assert recorded_supervisor(name) == creator
+            assert conftest.classify({name}, conftest._processes()) == \
+                (({name}, set()) if mine else (set(), {name}))
+    finally:
+        other.kill()
+        other.wait()
+        seg.close()
+        shm.remove_all(name)

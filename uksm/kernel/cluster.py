@@ -26,7 +26,7 @@ from uksm.kernel.layout import (A_FREE_TOP, C_ALLOC, C_DAEMON, C_MMAP, C_MMLIST,
                      K_PAGES_TO_SCAN, K_RUN, K_SLEEP_MS, L_HEAD_NEXT, L_HEAD_PREV,
                      L_SCAN_SLOT, MAGIC, MM_SIZE, PAGE_SIZE, T_STATE, TASK_SIZE,
                      TS_ALIVE, TS_REAPING, VERSION, M_ID,
-                     S_LOCKDEP, S_USE_AFTER_FREE)
+                     S_LOCKDEP, S_USE_AFTER_FREE, H_SUPERVISOR_PID)
 from uksm.kernel.locks import Lock, Task, holders_of, lock_name
 from uksm.kernel.views import MmRow, TaskRow
 
@@ -80,6 +80,12 @@ class Cluster:
         made: list[tuple[str, str]] = []
         try:
             self.ctl = shm.create_segment(name, "ctl", ctl_size); made.append(("shm", "ctl"))
+            # the creator first (the supervisor, or an in-process tool), before
+            # any other object exists: whoever finds this cluster's objects
+            # while it is being made can tell whose they are (a concurrent
+            # test session's leak fixture must not take a booting cluster
+            # for one left behind); the supervisor records itself again
+            self.ctl.q[H_SUPERVISOR_PID] = os.getpid()
             self.frames_seg = shm.create_segment(name, "frames", fr_size); made.append(("shm", "frames"))
             self.pool = shm.create_segment(name, "pool", pool_size, sparse=True); made.append(("shm", "pool"))
             for what in ("daemon", "mmlist", "zone"):

@@ -157,13 +157,15 @@ def sock_address(name: str) -> str:
 
 
 def recorded_supervisor(name: str) -> int:
-    """The supervisor pid the cluster's header records (0: none readable)."""
+    """The supervisor pid the cluster's header records (0: none readable).
+    While the cluster is being made (no MAGIC yet) it is the creator's,
+    which Cluster.create records first."""
     try:
         seg = shm.attach_segment(name, "ctl")
     except (shm.UksmError, OSError, ValueError):
         return 0
     try:
-        return seg.q[H_SUPERVISOR_PID] if len(seg.q) > H_MAGIC and seg.q[H_MAGIC] == MAGIC else 0
+        return seg.q[H_SUPERVISOR_PID] if len(seg.q) > H_MAGIC and seg.q[H_MAGIC] in (MAGIC, 0) else 0
     finally:
         seg.close()
 
