@@ -35,8 +35,10 @@ ROW = 100
 
 
 def _compiler() -> bool:
-    cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
-    return shutil.which(cc) is not None
+    """The install could build the core: a C compiler and Python's headers."""
+    cc = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()[0]
+    headers = os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h"))
+    return shutil.which(cc) is not None and headers
 
 
 @pytest.fixture
@@ -193,3 +195,57 @@ def test_sigkill_at_random_instants_of_the_protocol(sem: posix_ipc.Semaphore, se
         buf.close()
         rw.unlink()
         rw.close()
+
+
+def test_c_core_edges(sem: posix_ipc.Semaphore) -> None:
+    """What the review of the C core found at its edges: a Lock never
+    initialised raises instead of crashing the interpreter; a subclass of
+    posix_ipc.Semaphore keeps its own methods; a closed Lock raises as the
+    reference does (the mapping is dropped with it); lock() takes ``lk=``;
+    a cycle through a stand-in semaphore is collected."""
+    if not c_core():
+        return
+    import gc
+    import weakref
+    q = memoryview(bytearray(8 * ROW * 2)).cast("q")
+    t = Task(q, ROW, 1)
+    bare = Lock.__new__(Lock)
+    assert bare.sem is None and bare.mmrow == -1
+    with pytest.raises(AttributeError):
+        t.lock(bare)          # None has no acquire: an exception, not a crash
+
+    class Sub(posix_ipc.Semaphore):      # type: ignore[misc]
+        calls = 0
+
+        def acquire(self, timeout: float | None = None) -> None:
+            Sub.calls += 1
+            super().acquire(timeout)
+
+    sub = Sub(sem.name)
+    lk = Lock(sub, 1, C_DAEMON)
+    assert lk.fast is False
+    t.lock(lk)
+    t.unlock(lk)
+    assert Sub.calls == 1
+    sub.close()
+
+    lk = Lock(posix_ipc.Semaphore(sem.name), 1, C_DAEMON)
+    t.lock(lk=lk, check=False)
+    t.unlock(lk)
+    lk.close()
+    assert lk.fast is False
+    with pytest.raises(posix_ipc.ExistentialError):
+        t.lock(lk)
+    assert sem.value == 1
+
+    class Spy:
+        def __init__(self, lock: Lock) -> None:
+            self.lock = lock
+
+    cyc = Lock(sem, 1, C_DAEMON)
+    spy = Spy(cyc)
+    cyc.sem = spy             # type: ignore[assignment]
+    gone = weakref.ref(spy)
+    del cyc, spy
+    gc.collect()
+    assert gone() is None

@@ -25,16 +25,27 @@
  * Crash consistency is unchanged: a SIGKILL lands between any two
  * instructions here as it did between two bytecodes, and each store is a
  * single aligned 64-bit store (__atomic_store_n, release: on x86 a plain
- * mov; it keeps the compiler, and a weaker CPU, from reordering the word
- * transitions around the semaphore operation, which recover() relies on).
+ * mov).  recover() relies on the order of each word store and the
+ * semaphore operation next to it.  A release store keeps earlier accesses
+ * before it (the HELD/IDLE store after sem_trywait/sem_post); it does not
+ * keep a later operation after it, so the WAITING and RELEASING stores are
+ * followed by a full fence before the semaphore operation (order_before_sem:
+ * nothing on x86, whose sem_trywait/sem_post are locked instructions and
+ * stores are not reordered with them; a dmb on aarch64, instead of relying
+ * on glibc's CAS being acquire/release).
  * A Python signal handler can no longer run inside the operation (it runs
  * at the next bytecode, after the word is settled): one window fewer, none
  * added.
  *
  * A Lock's semaphore is used through the sem_t this process maps for the
  * semaphore's name (glibc's sem_open returns the mapping posix_ipc already
- * has); when ``sem`` is anything else (a test's spy, None) every semaphore
- * operation goes through its Python methods, exactly as in locks.py.
+ * has): the Lock is made right after posix_ipc opened that name, in the
+ * same call (Cluster), so both name one semaphore -- a uksm name is made
+ * again only by a new cluster of that name, after the old one's processes
+ * are gone.  When ``sem`` is anything but a posix_ipc.Semaphore itself (a
+ * test's spy, None), or after close(), every semaphore operation goes
+ * through its Python methods, exactly as in locks.py (a closed one raises
+ * posix_ipc's ExistentialError there, as the reference does).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -52,9 +63,10 @@ static Py_ssize_t E_LOCK = -1, E_WORD = -1, M_ID = -1, M_STATE = -1;
 static int64_t MS_FREEING = -1, MS_FREE = -1;
 
 static PyObject *SemaphoreType;   /* posix_ipc.Semaphore */
+static PyObject *s_close;
 static PyObject *BusyError;       /* posix_ipc.BusyError */
 static PyObject *s_acquire, *s_release, *s_block, *s_lockdep_check, *s_holds,
-                *s_recursive, *s_lock, *s_trylock, *s_unlock, *s_check, *s_zero;
+                *s_recursive, *s_lock, *s_trylock, *s_unlock, *s_check, *s_lk, *s_zero;
 
 /* ---- Lock ------------------------------------------------------------ */
 
@@ -80,7 +92,8 @@ static int lock_set_sem(LockObject *lk, PyObject *sem)
     lock_drop_psem(lk);
     Py_INCREF(sem);
     Py_XSETREF(lk->sem, sem);
-    if (SemaphoreType == NULL || !PyObject_TypeCheck(sem, (PyTypeObject *)SemaphoreType))
+    /* the type itself: a subclass may override acquire/release */
+    if (SemaphoreType == NULL || !Py_IS_TYPE(sem, (PyTypeObject *)SemaphoreType))
         return 0;
     PyObject *name = PyObject_GetAttrString(sem, "name");
     if (name == NULL)
@@ -119,18 +132,61 @@ static int Lock_init(LockObject *self, PyObject *args, PyObject *kw)
     return lock_set_sem(self, sem);
 }
 
-static void Lock_dealloc(LockObject *self)
+static PyObject *Lock_new(PyTypeObject *type, PyObject *args, PyObject *kw)
+{
+    LockObject *self = (LockObject *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    /* never NULL, even before __init__ */
+    self->sem = Py_NewRef(Py_None);
+    self->name = PyUnicode_FromString("");
+    self->mmrow = self->mmbase = -1;
+    if (self->name == NULL) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    return (PyObject *)self;
+}
+
+static int Lock_traverse(LockObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->sem);
+    Py_VISIT(self->name);
+    return 0;
+}
+
+static int Lock_clear(LockObject *self)
 {
     lock_drop_psem(self);
-    Py_XDECREF(self->sem);
-    Py_XDECREF(self->name);
+    Py_CLEAR(self->sem);
+    Py_CLEAR(self->name);
+    return 0;
+}
+
+static void Lock_dealloc(LockObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    Lock_clear(self);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+/* close(): this process is done with the semaphore (Cluster.forget_mm,
+ * Cluster.close): the C path's mapping dropped first, then posix_ipc's
+ * handle closed; a later operation raises as the reference's would. */
+static PyObject *Lock_close(LockObject *self, PyObject *unused)
+{
+    lock_drop_psem(self);
+    return PyObject_CallMethodNoArgs(self->sem, s_close);
+}
+
+static PyMethodDef Lock_methods[] = {
+    {"close", (PyCFunction)Lock_close, METH_NOARGS, "close the semaphore (posix_ipc's close)"},
+    {NULL}
+};
+
 static PyObject *Lock_get_sem(LockObject *self, void *closure)
 {
-    Py_INCREF(self->sem);
-    return self->sem;
+    return Py_NewRef(self->sem != NULL ? self->sem : Py_None);
 }
 
 static int Lock_set_sem(LockObject *self, PyObject *v, void *closure)
@@ -168,11 +224,14 @@ static PyTypeObject LockType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "uksm.kernel._lockcore.LockCore",
     .tp_basicsize = sizeof(LockObject),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "A lock's fields, and its semaphore mapped for the C path.",
-    .tp_new = PyType_GenericNew,
+    .tp_new = Lock_new,
     .tp_init = (initproc)Lock_init,
     .tp_dealloc = (destructor)Lock_dealloc,
+    .tp_traverse = (traverseproc)Lock_traverse,
+    .tp_clear = (inquiry)Lock_clear,
+    .tp_methods = Lock_methods,
     .tp_members = Lock_members,
     .tp_getset = Lock_getset,
 };
@@ -260,6 +319,10 @@ typedef struct {
 
 static int words_get(TaskObject *t, Words *ws)
 {
+    if (E_LOCK < 0 || E_WORD < 0 || M_ID < 0 || M_STATE < 0) {
+        PyErr_SetString(PyExc_RuntimeError, "_lockcore.layout() was not called (uksm.kernel.locks calls it)");
+        return -1;
+    }
     if (t->q == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "task not bound to a table (_core_bind)");
         return -1;
@@ -281,6 +344,17 @@ static inline void st(Words *ws, Py_ssize_t i, int64_t v)
     __atomic_store_n(&ws->w[i], v, __ATOMIC_RELEASE);
 }
 
+/* The WAITING/RELEASING store is visible before the semaphore operation
+ * that follows it (see the top comment). */
+static inline void order_before_sem(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);   /* the compiler only */
+#else
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+#endif
+}
+
 /* The lock's entry offset in this task's row, bounds-checked. */
 static Py_ssize_t entry_of(TaskObject *t, LockObject *lk, Words *ws)
 {
@@ -289,7 +363,7 @@ static Py_ssize_t entry_of(TaskObject *t, LockObject *lk, Words *ws)
         return -1;
     }
     Py_ssize_t e = t->ebase[lk->cls];
-    if (e < 0 || e + E_WORD >= ws->n || e + E_LOCK >= ws->n) {
+    if (e < 0 || e + E_WORD >= ws->n || e + E_LOCK >= ws->n || e + E_WORD < 0 || e + E_LOCK < 0) {
         PyErr_SetString(PyExc_IndexError, "lock entry outside the task table");
         return -1;
     }
@@ -315,9 +389,13 @@ static int mm_freed(LockObject *lk, Words *ws)
 {
     Py_ssize_t b = (Py_ssize_t)lk->mmbase;
     int64_t id, state;
-    if (py_load(ws, b + M_ID, &id) < 0 || py_load(ws, b + M_STATE, &state) < 0)
+    if (py_load(ws, b + M_ID, &id) < 0)
         return -1;
-    return id != lk->mm || state == MS_FREEING || state == MS_FREE;
+    if (id != lk->mm)
+        return 1;      /* the row holds another mm (M_STATE not read: as the reference) */
+    if (py_load(ws, b + M_STATE, &state) < 0)
+        return -1;
+    return state == MS_FREEING || state == MS_FREE;
 }
 
 /* A hook's or method's result, dropped: 0, or -1 when it raised. */
@@ -397,6 +475,7 @@ static int take_try(TaskObject *t, LockObject *lk, Words *ws, Py_ssize_t *e, int
     st(ws, *e + E_LOCK, lk->lid);
     *w = ld(ws, *e + E_WORD);
     st(ws, *e + E_WORD, (*w & ~7LL) + 8 + WAITING);
+    order_before_sem();
     int got = sem_try(lk);
     if (got >= 0)
         return got;
@@ -409,22 +488,31 @@ fail:
 static PyObject *Task_lock(TaskObject *self, PyObject *const *args, Py_ssize_t nargs,
                            PyObject *kwnames)
 {
+    /* lock(lk, check=True), either by position or by keyword */
+    PyObject *o = nargs > 0 ? args[0] : NULL, *chk = nargs > 1 ? args[1] : NULL;
     Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
-    if (nargs < 1 || nargs + nkw > 2 || (nkw == 1 && PyUnicode_Compare(PyTuple_GET_ITEM(kwnames, 0), s_check) != 0)) {
-        PyErr_SetString(PyExc_TypeError, "lock(lk, check=True)");
+    int bad = nargs > 2;
+    for (Py_ssize_t i = 0; i < nkw && !bad; i++) {
+        PyObject *k = PyTuple_GET_ITEM(kwnames, i), **slot = NULL;
+        if (PyUnicode_Compare(k, s_lk) == 0)
+            slot = &o;
+        else if (PyUnicode_Compare(k, s_check) == 0)
+            slot = &chk;
+        bad = slot == NULL || *slot != NULL;
+        if (!bad)
+            *slot = args[nargs + i];
+    }
+    if (bad || o == NULL) {
+        PyErr_SetString(PyExc_TypeError, "lock() takes a lock and an optional check: lock(lk, check=True)");
         return NULL;
     }
-    PyObject *o = args[0];
     if (check_lock(o) < 0)
         return NULL;
     LockObject *lk = (LockObject *)o;
-    int check = 1;
-    if (nargs + nkw == 2) {
-        check = PyObject_IsTrue(args[1]);
-        if (check < 0)
-            return NULL;
-    }
     if (call_uaf(self, lk, s_lock) < 0)
+        return NULL;
+    int check = chk == NULL ? 1 : PyObject_IsTrue(chk);
+    if (check < 0)
         return NULL;
     if (check && self->lockdep != NULL && self->lockdep != Py_None) {
         if (discard(PyObject_CallMethodObjArgs((PyObject *)self, s_lockdep_check, o, s_lock, NULL)) < 0)
@@ -508,6 +596,7 @@ static PyObject *Task_unlock(TaskObject *self, PyObject *o)
         goto fail;
     int64_t w = ld(&ws, e + E_WORD);
     st(&ws, e + E_WORD, (w & ~7LL) + 8 + RELEASING);
+    order_before_sem();
     if (sem_give(lk) < 0)
         goto fail;
     st(&ws, e + E_WORD, (w & ~7LL) + 16 + IDLE);
@@ -590,6 +679,8 @@ PyMODINIT_FUNC PyInit__lockcore(void)
     INTERN(s_trylock, "trylock");
     INTERN(s_unlock, "unlock");
     INTERN(s_check, "check");
+    INTERN(s_lk, "lk");
+    INTERN(s_close, "close");
     if ((s_zero = PyLong_FromLong(0)) == NULL)
         return NULL;
     if (PyType_Ready(&LockType) < 0 || PyType_Ready(&TaskType) < 0)
@@ -597,14 +688,14 @@ PyMODINIT_FUNC PyInit__lockcore(void)
     PyObject *m = PyModule_Create(&moduledef);
     if (m == NULL)
         return NULL;
-    Py_INCREF(&LockType);
-    Py_INCREF(&TaskType);
 #ifndef LOCKCORE_SOURCE
 #define LOCKCORE_SOURCE ""
 #endif
     if (PyModule_AddStringConstant(m, "source", LOCKCORE_SOURCE) < 0 ||
-        PyModule_AddObject(m, "LockCore", (PyObject *)&LockType) < 0 ||
-        PyModule_AddObject(m, "TaskCore", (PyObject *)&TaskType) < 0)
+        PyModule_AddObjectRef(m, "LockCore", (PyObject *)&LockType) < 0 ||
+        PyModule_AddObjectRef(m, "TaskCore", (PyObject *)&TaskType) < 0) {
+        Py_DECREF(m);
         return NULL;
+    }
     return m;
 }

@@ -16,6 +16,7 @@ class LockCore:
     mmbase: int
     fast: bool
     def __init__(self, sem: Any, units: int, cls: int, lid: int, name: str, mm: int = 0) -> None: ...
+    def close(self) -> None: ...
 
 class TaskCore:
     uaf: Callable[..., None] | None

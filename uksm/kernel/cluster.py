@@ -270,7 +270,7 @@ class Cluster:
         if lk is not None:
             for x in lk:
                 try:
-                    x.sem.close()
+                    x.close()
                 except posix_ipc.Error:
                     pass
 
@@ -280,9 +280,9 @@ class Cluster:
     def close(self) -> None:
         for mm_id in list(self._mm_locks):
             self.forget_mm(mm_id)
-        for sem in (self.daemon.sem, self.mmlist.sem, self.zone.sem, self.kill_points_sem):
+        for obj in (self.daemon, self.mmlist, self.zone, self.kill_points_sem):
             try:
-                sem.close()
+                obj.close()
             except posix_ipc.Error:
                 pass
         for seg in (self.pool, self.frames_seg, self.ctl):

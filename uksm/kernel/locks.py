@@ -136,6 +136,10 @@ class _LockFields:
         self.mmrow = -1       # its mm-table row, for the use-after-free check
         self.mmbase = -1      # that row's offset in the control block
 
+    def close(self) -> None:
+        """This process is done with the semaphore."""
+        self.sem.close()
+
 
 if TYPE_CHECKING or _lockcore is None:
     _LockBase = _LockFields
@@ -472,14 +476,19 @@ def recover(q: memoryview, locks: dict[int, Lock],
         for lid in list(pending):
             lk = locks[lid]
             cls = lid >> 40
-            snap = {en.row: (en.word, en.held, en.spins)
-                    for en in read_entries(q, rows, cls) if en.lid == lid}
+            # drain, then snapshot: every unit posted before a snapshot is
+            # drained before the next one, and a post after the last
+            # snapshot of a decision is not drained by it (snapshot, then
+            # drain, counted a live holder's unit posted between the two
+            # twice: as drained and as held in that snapshot)
             while True:
                 try:
                     lk.sem.acquire(0)
                     drained[lid] += 1
                 except posix_ipc.BusyError:
                     break
+            snap = {en.row: (en.word, en.held, en.spins)
+                    for en in read_entries(q, rows, cls) if en.lid == lid}
             h = hist[lid]
             h.append(snap)
             progress[lk.name] = {"drained": drained[lid],
