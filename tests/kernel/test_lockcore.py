@@ -158,46 +158,73 @@ def test_c_core_follows_a_replaced_semaphore(sem: posix_ipc.Semaphore) -> None:
 @pytest.mark.parametrize("impl", ["c", "python"])
 @pytest.mark.parametrize("seed", range(2))
 def test_sigkill_at_random_instants_of_the_protocol(sem: posix_ipc.Semaphore, seed: int, impl: str) -> None:
-    """A process loops lock/unlock (and a reader's down_read/up_read on an
-    rwsem of 3 units) and is SIGKILLed at a random instant, 40 times:
-    recover() must find exactly the units it died holding -- the
-    semaphores end full after the dead's units are posted, never over --
+    """A process loops over the protocol's uncontended and contended paths
+    (lock, a failing trylock, down_read, trylock, up_read, unlock) beside a
+    live partner doing the same (so that waits block: PyTask._block), and
+    is SIGKILLed at a random instant, 30 times: recover(), with the partner
+    live and running, must find exactly the units the dead held -- the
+    semaphores end full once the partner stops, never over, never short --
     whichever word transition or semaphore operation the kill landed in."""
     task_cls = PyTask if impl == "python" else Task
     rng = random.Random(seed)
     rw = posix_ipc.Semaphore(f"/uksmtest.lkr{os.getpid()}", posix_ipc.O_CREX, mode=0o600,
                              initial_value=3)
-    buf = mmap.mmap(-1, 8 * ROW * 2, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+    buf = mmap.mmap(-1, 8 * ROW * 4, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
     q = memoryview(buf).cast("q")
+    stop = 3 * ROW    # a word the partner polls
+    mx, rd = Lock(sem, 1, C_DAEMON), Lock(rw, 3, C_MMAP, mm=1)
+
+    def loop(row: int, nap: float) -> None:
+        t = task_cls(q, row * ROW, row)
+        while not q[stop]:
+            t.lock(mx)
+            t.trylock(mx)           # busy: a failed trylock's words
+            t.lock(rd)
+            if t.trylock(rd):
+                t.unlock(rd)
+            t.unlock(rd)
+            t.unlock(mx)
+            if nap:
+                time.sleep(nap)
+
+    partner = -1
     try:
-        mx, rd = Lock(sem, 1, C_DAEMON), Lock(rw, 3, C_MMAP, mm=1)
+        partner = os.fork()
+        if partner == 0:
+            try:
+                loop(2, 0.0002)
+            finally:
+                os._exit(0)
         kills = {"held": 0, "idle": 0, "window": 0}
-        for _ in range(40):
+        for _ in range(30):
             pid = os.fork()
-            if pid == 0:    # the child: the uncontended path, for ever
+            if pid == 0:
                 try:
-                    t = task_cls(q, ROW, 1)
-                    while True:
-                        t.lock(mx)
-                        t.lock(rd)
-                        t.unlock(rd)
-                        t.unlock(mx)
+                    loop(1, 0)
                 finally:
                     os._exit(1)
-            time.sleep(rng.uniform(0.0005, 0.01))
+            time.sleep(rng.uniform(0.0005, 0.008))
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
             for lk in (mx, rd):
                 st = q[ROW + T_LOCKS + lk.cls * ESIZE + E_WORD] & 3
                 kills["held" if st == locks.HELD else "idle" if st == IDLE else "window"] += 1
-            got = locks.recover(q, {mx.lid: mx, rd.lid: rd}, lambda: [], [(1, ROW)])
+            got = locks.recover(q, {mx.lid: mx, rd.lid: rd}, lambda: [(2, 2 * ROW)], [(1, ROW)])
             for lid, lk in ((mx.lid, mx), (rd.lid, rd)):
                 for _u in range(got[lid]):
                     lk.sem.release()
-            assert (sem.value, rw.value) == (1, 3), (got, kills)
             assert all(q[ROW + T_LOCKS + c * ESIZE + E_WORD] & 3 == IDLE for c in range(NCLASS))
+        q[stop] = 1
+        _pid, status = os.waitpid(partner, 0)
+        partner = -1
+        assert status == 0          # the partner never met an error or a lost unit
+        assert (sem.value, rw.value) == (1, 3), kills
         assert kills["held"] > 0, kills   # the kills did land inside the protocol
     finally:
+        q[stop] = 1
+        if partner > 0:
+            os.kill(partner, signal.SIGKILL)
+            os.waitpid(partner, 0)
         q.release()
         buf.close()
         rw.unlink()
