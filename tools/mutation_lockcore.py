@@ -128,6 +128,8 @@ def main() -> int:
     if unknown:
         ap.error(f"no such mutant: {', '.join(unknown)} (--list names them)")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True).returncode:
+        ap.error(f"{root} is not a git checkout of uksm: run this from one (it mutates a copy of HEAD)")
     tree = tempfile.mkdtemp(prefix="uksm-mutation-c.")
     try:
         arch = subprocess.run(["git", "-C", root, "archive", "HEAD"], capture_output=True, check=True)
