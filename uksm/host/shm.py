@@ -19,6 +19,8 @@ SHM_DIR = "/dev/shm"
 # back a range with tmpfs pages now, failing (EFAULT/ENOMEM) where a write
 # would have raised SIGBUS (Linux 5.14; python's mmap knows it from 3.13)
 MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+# populate: runs this long or longer are fallocated first (see there)
+FALLOCATE_MIN = 8
 CLUSTER_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 
 
@@ -44,14 +46,17 @@ class Segment:
     """A mapped POSIX shared-memory segment, viewed as an int64 array ``q``
     (and as bytes ``mv``)."""
 
-    __slots__ = ("name", "size", "map", "mv", "q", "path")
+    __slots__ = ("name", "size", "map", "mv", "q", "path", "fd")
 
-    def __init__(self, name: str, size: int, create: bool) -> None:
+    def __init__(self, name: str, size: int, create: bool, sparse: bool = False) -> None:
         flags = posix_ipc.O_CREX if create else 0
         shm = posix_ipc.SharedMemory(name, flags, mode=0o600, size=size if create else 0)
+        self.fd = -1  # kept open for a sparse segment only: populate's fallocate
         try:
             self.size = size if create else shm.size
             self.map = mmap.mmap(shm.fd, self.size)
+            if sparse:
+                self.fd = os.dup(shm.fd)
         finally:
             shm.close_fd()
         self.name = name
@@ -72,7 +77,21 @@ class Segment:
         writer with SIGBUS, which python cannot survive (its handler runs
         after the faulting instruction, which faults again); asking first
         turns a full /dev/shm into an error we can handle.  A kernel
-        without MADV_POPULATE_WRITE (EINVAL) is not checked."""
+        without MADV_POPULATE_WRITE (EINVAL) is not checked.
+
+        A run of FALLOCATE_MIN pages or more of a sparse segment (the
+        frame pool's per-task list refills) is allocated by fallocate
+        first, then mapped: 2.1 us a page against 2.4 for
+        MADV_POPULATE_WRITE alone, which allocates in its page faults
+        (tmpfs, runs of 16-32 pages; below ~4 pages the second system
+        call costs more than it saves)."""
+        if self.fd >= 0 and length >= FALLOCATE_MIN * mmap.PAGESIZE:
+            try:
+                os.posix_fallocate(self.fd, offset, length)
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.ENOMEM):
+                    return False
+                # no fallocate on this file system: the madvise alone backs it
         try:
             self.map.madvise(MADV_POPULATE_WRITE, offset, length)
         except OSError as e:
@@ -85,6 +104,9 @@ class Segment:
         self.map.madvise(mmap.MADV_REMOVE, offset, length)
 
     def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
         try:
             self.q.release()
             self.mv.release()
@@ -98,7 +120,7 @@ def create_segment(cluster: str, what: str, size: int, sparse: bool = False) -> 
     frame pool: its pages are backed as frames are allocated), so that no
     write to it can SIGBUS later."""
     try:
-        seg = Segment(obj_name(cluster, what), size, True)
+        seg = Segment(obj_name(cluster, what), size, True, sparse)
     except posix_ipc.ExistentialError:
         raise UksmError(f"cluster {cluster!r} already exists ({what}); "
                         f"use another --cluster or 'uksm cleanup --cluster {cluster}'", 2)
@@ -154,9 +176,11 @@ def not_yours(cluster: str) -> UksmError:
                      f"denied (EACCES); only its owner (or root) may look at it or drive it", 1)
 
 
-def attach_segment(cluster: str, what: str) -> Segment:
+def attach_segment(cluster: str, what: str, sparse: bool = False) -> Segment:
+    """Map an existing segment (``sparse``: the frame pool, backed as frames
+    are allocated: Segment.populate)."""
     try:
-        return Segment(obj_name(cluster, what), 0, False)
+        return Segment(obj_name(cluster, what), 0, False, sparse)
     except posix_ipc.PermissionsError:
         raise not_yours(cluster)
     except posix_ipc.ExistentialError:
