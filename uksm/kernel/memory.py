@@ -193,7 +193,7 @@ class Allocator:
             task.unlock(cl.zone)
             return False
         sb, owner = cl.stack_off, task.row + 1
-        got = [fq[sb + i] for i in range(top - n, top)]
+        got = fq[sb + top - n:sb + top].tolist()
         for pfn in got:
             b = pfn * FRAME_SIZE
             fq[b + FR_FLAGS] = F_PCP
@@ -303,7 +303,9 @@ class Allocator:
 
 
 def runs(pfns: list[int]) -> list[tuple[int, int]]:
-    """The sorted, non-empty ``pfns`` as (first, count) runs of consecutive frames."""
+    """The sorted, distinct, non-empty ``pfns`` as (first, count) runs of consecutive frames."""
+    if pfns[-1] - pfns[0] == len(pfns) - 1:
+        return [(pfns[0], len(pfns))]  # one run (a list refill off a fresh stack): no walk
     out = []
     start = prev = pfns[0]
     for pfn in pfns[1:]:

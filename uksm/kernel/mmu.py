@@ -214,12 +214,12 @@ class MMU:
             if vpn >= self.va_pages:
                 raise SegFault(f"segfault at {addr:#x}: beyond the address space")
             slot = PT_OFF + vpn
+            if pq[slot] & PW != PW:
+                # the hardware's page walk, without the pte lock: a
+                # fault at once, not a lock round trip to see the PTE
+                # empty (or read-only) first
+                self.fault(vpn, True)
             while True:
-                if pq[slot] & PW != PW:
-                    # the hardware's page walk, without the pte lock: a
-                    # fault at once, not a lock round trip to see the PTE
-                    # empty (or read-only) first
-                    self.fault(vpn, True)
                 task.lock(ptl)
                 try:
                     pte = pq[slot]
@@ -229,6 +229,7 @@ class MMU:
                         return
                 finally:
                     task.unlock(ptl)
+                self.fault(vpn, True)  # changed since the fault: again (it sees a raced one done)
         mv = memoryview(data)
         done, n = 0, len(mv)
         task.lock(ptl)
