@@ -14,14 +14,15 @@ task holding every pte lock and zone_lock sees counts that equal the PTEs
 A task may keep a small per-task list of free frames (``Allocator(cl,
 batch=PCP_BATCH)``; the kernel's per-CPU page lists, ``rmqueue_bulk``): it
 takes up to ``batch`` frames off the free stack under one zone_lock hold,
-backs them with one MADV_POPULATE_WRITE per run, and then allocates from
-the list without zone_lock, as the kernel takes a page off its CPU's list
-without zone->lock.  A listed frame has count 0 and F_PCP, owner in FR_AUX:
-not free (the kernel's NR_FREE_PAGES does not count per-CPU pages either)
-and not leaked while its task lives; a dead task's are freed by
-``rebuild_free_stack`` like its FREEING frames (``held_at_zero``).  The
-list is drained at exit (``drain``).  Small pools get no lists (the batch
-scales with the free frames, as ``zone_batchsize`` does with the zone).
+backs them with tmpfs pages in one call per run (``Segment.populate``),
+and then allocates from the list without zone_lock, as the kernel takes a
+page off its CPU's list without zone->lock.  A listed frame has count 0
+and F_PCP, owner in FR_AUX: not free (the kernel's NR_FREE_PAGES does not
+count per-CPU pages either) and not leaked while its task lives; a dead
+task's are freed by ``rebuild_free_stack`` like its FREEING frames
+(``held_at_zero``).  The list is drained at exit (``drain``).  Small
+pools get no lists (the batch scales with the free frames, as
+``zone_batchsize`` does with the zone).
 
 Freeing gives the frame's memory back to the host: the frame is marked
 FREEING (owner in FR_AUX), collected, its range punched out of the pool
