@@ -27,11 +27,14 @@ _ZEROS: list[memoryview] = []
 
 
 def _zeros() -> memoryview:
-    """128 KiB of zeros to pwrite from: an anonymous mapping never written,
-    so it costs no memory (its pages are the host's zero page)."""
+    """128 KiB of zeros to pwrite from: a private anonymous mapping never
+    written, so it costs no memory (its pages are the host's zero page)."""
     if not _ZEROS:
-        _ZEROS.append(memoryview(mmap.mmap(-1, 32 * mmap.PAGESIZE)))
+        _ZEROS.append(memoryview(mmap.mmap(-1, 32 * mmap.PAGESIZE,
+                                           flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)))
     return _ZEROS[0]
+
+
 CLUSTER_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 
 
