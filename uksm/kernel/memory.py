@@ -81,13 +81,22 @@ class Allocator:
         if top == 0 or (limit and self.cl.nframes - top >= limit):
             return -1
         pfn = fq[self.cl.stack_off + top - 1]
-        self._in_flight(mm, vpn, pfn)
+        self.in_flight(mm, vpn, pfn)
         q[A_FREE_TOP] = top - 1  # commit
         return pfn
 
-    def _in_flight(self, mm: int, vpn: int, pfn: int) -> int:
+    def in_flight(self, mm: int, vpn: int, pfn: int) -> int:
         """The task's T_FLIGHT names the frame first, then the frame gets
-        its count (the flight's reference) and its flags.  Returns ``pfn``."""
+        its count (the flight's reference) and its flags.  Returns ``pfn``.
+
+        A frame off our list goes in flight without zone_lock (only we
+        change an F_PCP frame of ours), and handle_mm_fault does it itself
+        when the list has one (a call layer less on every first touch).
+        Every step leaves a state fsck accepts and the recovery repairs:
+        T_FLIGHT names the frame first (a count 0 F_PCP frame of a live
+        task is not a leak; once its count is 1 the flight accounts for
+        it), then its count, then its flags."""
+        # hot path: raw words (uksm.kernel.views: a view read is 56 ns against 20 raw)
         q, fq = self.q, self.fq
         t = self.cl.task.base
         q[t + T_FLIGHT_MM] = mm
@@ -109,17 +118,6 @@ class Allocator:
         our own.  Only a task that is itself dying (a fatal signal pending:
         the OOM victim, say) gets OutOfMemory, as VM_FAULT_OOM.
         """
-        # hot path: raw words (uksm.kernel.views: a view read is 56 ns against 20 raw)
-        pcp = self.pcp
-        if pcp:
-            # the common case, one call deep (each call layer cost a
-            # first-touch fault ~0.05 us): a frame off our list, in flight
-            # for (mm, vpn), without zone_lock (only we change an F_PCP
-            # frame of ours).  Every step leaves a state fsck accepts and
-            # the recovery repairs: T_FLIGHT names the frame first (a count
-            # 0 F_PCP frame of a live task is not a leak; once its count is
-            # 1 the flight accounts for it), then its count, then its flags.
-            return self._in_flight(mm, vpn, pcp.pop())
         pfn = self._take(mm, vpn)
         if pfn >= 0:
             return pfn
@@ -161,7 +159,7 @@ class Allocator:
         is given back and the allocation goes the way of an empty pool --
         the OOM killer -- rather than a SIGBUS at the first write to it."""
         if self.batch and (self.pcp or self.refill()):
-            return self._in_flight(mm, vpn, self.pcp.pop())  # as alloc_frame's common case
+            return self.in_flight(mm, vpn, self.pcp.pop())  # (handle_mm_fault's common case)
         cl, task = self.cl, self.cl.task
         task.lock(cl.zone)
         pfn = self._pop(mm, vpn)

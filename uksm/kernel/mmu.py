@@ -98,7 +98,10 @@ def handle_mm_fault(cl: "Cluster", alloc: Allocator, mm: MM, vpn: int, write: bo
         task.unlock(mm.ptl)
     old = pte >> 2
     q[tb + T_FAULTS] += 1
-    new = alloc.alloc_frame(mm.id, vpn, not for_ksmd)
+    pcp = alloc.pcp
+    # the common case without alloc_frame's call layers (0.06 us of a
+    # first touch): a frame off the task's list, in flight (see in_flight)
+    new = alloc.in_flight(mm.id, vpn, pcp.pop()) if pcp else alloc.alloc_frame(mm.id, vpn, not for_ksmd)
     if not for_ksmd and q[tb + T_KILL_POINT] >= 0:  # a point armed (the call only then: 0.05 us)
         killpoints.hit(cl, "fault_after_alloc")
     if pte:
