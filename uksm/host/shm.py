@@ -28,10 +28,16 @@ _ZEROS: list[memoryview] = []
 
 def _zeros() -> memoryview:
     """128 KiB of zeros to pwrite from: a private anonymous mapping never
-    written, so it costs no memory (its pages are the host's zero page)."""
+    written, so it costs no memory (its pages are the host's zero page),
+    mapped at once by MADV_POPULATE_READ (~30 us, once per process: the
+    first pwrites' read faults cost 40-60 us)."""
     if not _ZEROS:
-        _ZEROS.append(memoryview(mmap.mmap(-1, 32 * mmap.PAGESIZE,
-                                           flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)))
+        m = mmap.mmap(-1, 32 * mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        try:
+            m.madvise(MADV_POPULATE_READ)
+        except OSError:
+            pass  # (before Linux 5.14) the pwrites fault the zero page in
+        _ZEROS.append(memoryview(m))
     return _ZEROS[0]
 
 
