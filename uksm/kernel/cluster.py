@@ -134,7 +134,7 @@ class Cluster:
             raise shm.UksmError(f"cluster {name!r} is not initialised (booting, or a dead one: "
                                 f"'uksm cleanup --cluster {name}')", 1)
         self.frames_seg = shm.attach_segment(name, "frames")
-        self.pool = shm.attach_segment(name, "pool")
+        self.pool = shm.attach_segment(name, "pool", sparse=True)
         self._open_globals()
         return self
 

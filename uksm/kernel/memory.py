@@ -14,14 +14,15 @@ task holding every pte lock and zone_lock sees counts that equal the PTEs
 A task may keep a small per-task list of free frames (``Allocator(cl,
 batch=PCP_BATCH)``; the kernel's per-CPU page lists, ``rmqueue_bulk``): it
 takes up to ``batch`` frames off the free stack under one zone_lock hold,
-backs them with one MADV_POPULATE_WRITE per run, and then allocates from
-the list without zone_lock, as the kernel takes a page off its CPU's list
-without zone->lock.  A listed frame has count 0 and F_PCP, owner in FR_AUX:
-not free (the kernel's NR_FREE_PAGES does not count per-CPU pages either)
-and not leaked while its task lives; a dead task's are freed by
-``rebuild_free_stack`` like its FREEING frames (``held_at_zero``).  The
-list is drained at exit (``drain``).  Small pools get no lists (the batch
-scales with the free frames, as ``zone_batchsize`` does with the zone).
+backs them with tmpfs pages in one call per run (``Segment.populate``),
+and then allocates from the list without zone_lock, as the kernel takes a
+page off its CPU's list without zone->lock.  A listed frame has count 0
+and F_PCP, owner in FR_AUX: not free (the kernel's NR_FREE_PAGES does not
+count per-CPU pages either) and not leaked while its task lives; a dead
+task's are freed by ``rebuild_free_stack`` like its FREEING frames
+(``held_at_zero``).  The list is drained at exit (``drain``).  Small
+pools get no lists (the batch scales with the free frames, as
+``zone_batchsize`` does with the zone).
 
 Freeing gives the frame's memory back to the host: the frame is marked
 FREEING (owner in FR_AUX), collected, its range punched out of the pool
@@ -80,13 +81,22 @@ class Allocator:
         if top == 0 or (limit and self.cl.nframes - top >= limit):
             return -1
         pfn = fq[self.cl.stack_off + top - 1]
-        self._in_flight(mm, vpn, pfn)
+        self.in_flight(mm, vpn, pfn)
         q[A_FREE_TOP] = top - 1  # commit
         return pfn
 
-    def _in_flight(self, mm: int, vpn: int, pfn: int) -> None:
+    def in_flight(self, mm: int, vpn: int, pfn: int) -> int:
         """The task's T_FLIGHT names the frame first, then the frame gets
-        its count (the flight's reference) and its flags."""
+        its count (the flight's reference) and its flags.  Returns ``pfn``.
+
+        A frame off our list goes in flight without zone_lock (only we
+        change an F_PCP frame of ours), and handle_mm_fault does it itself
+        when the list has one (a call layer less on every first touch).
+        Every step leaves a state fsck accepts and the recovery repairs:
+        T_FLIGHT names the frame first (a count 0 F_PCP frame of a live
+        task is not a leak; once its count is 1 the flight accounts for
+        it), then its count, then its flags."""
+        # hot path: raw words (uksm.kernel.views: a view read is 56 ns against 20 raw)
         q, fq = self.q, self.fq
         t = self.cl.task.base
         q[t + T_FLIGHT_MM] = mm
@@ -96,6 +106,7 @@ class Allocator:
         fq[b + FR_COUNT] = 1
         fq[b + FR_FLAGS] = F_ANON
         fq[b + FR_AUX] = 0
+        return pfn
 
     def alloc_frame(self, mm: int, vpn: int, fatal_ok: bool = True) -> int:
         """alloc_page(GFP_HIGHUSER_MOVABLE): a zero-filled frame with count 1,
@@ -107,11 +118,10 @@ class Allocator:
         our own.  Only a task that is itself dying (a fatal signal pending:
         the OOM victim, say) gets OutOfMemory, as VM_FAULT_OOM.
         """
-        # hot path: raw words (uksm.kernel.views: a view read is 56 ns against 20 raw)
-        cl, task = self.cl, self.cl.task
         pfn = self._take(mm, vpn)
         if pfn >= 0:
             return pfn
+        cl, task = self.cl, self.cl.task
         waiting = False
         try:
             while True:
@@ -149,7 +159,7 @@ class Allocator:
         is given back and the allocation goes the way of an empty pool --
         the OOM killer -- rather than a SIGBUS at the first write to it."""
         if self.batch and (self.pcp or self.refill()):
-            return self._pop_pcp(mm, vpn)
+            return self.in_flight(mm, vpn, self.pcp.pop())  # (handle_mm_fault's common case)
         cl, task = self.cl, self.cl.task
         task.lock(cl.zone)
         pfn = self._pop(mm, vpn)
@@ -182,7 +192,7 @@ class Allocator:
             task.unlock(cl.zone)
             return False
         sb, owner = cl.stack_off, task.row + 1
-        got = [fq[sb + i] for i in range(top - n, top)]
+        got = fq[sb + top - n:sb + top].tolist()
         for pfn in got:
             b = pfn * FRAME_SIZE
             fq[b + FR_FLAGS] = F_PCP
@@ -202,18 +212,6 @@ class Allocator:
         got.reverse()  # popped lowest first: the task's pages in address order
         self.pcp = got
         return True
-
-    def _pop_pcp(self, mm: int, vpn: int) -> int:
-        """A frame off our list, in flight for (mm, vpn), without zone_lock
-        (only we change an F_PCP frame of ours).  Every step leaves a
-        state fsck accepts and the recovery repairs: T_FLIGHT names the
-        frame first (a count 0 F_PCP frame of a live task is not a leak;
-        once its count is 1 the flight accounts for it), then its count,
-        then its flags."""
-        # hot path: raw words (uksm.kernel.views: a view read is 56 ns against 20 raw)
-        pfn = self.pcp.pop()
-        self._in_flight(mm, vpn, pfn)
-        return pfn
 
     def drain(self) -> None:
         """drain_local_pages: our list back to the free stack, punched as
@@ -304,7 +302,9 @@ class Allocator:
 
 
 def runs(pfns: list[int]) -> list[tuple[int, int]]:
-    """The sorted, non-empty ``pfns`` as (first, count) runs of consecutive frames."""
+    """The sorted, distinct, non-empty ``pfns`` as (first, count) runs of consecutive frames."""
+    if pfns[-1] - pfns[0] == len(pfns) - 1:
+        return [(pfns[0], len(pfns))]  # one run (a list refill off a fresh stack): no walk
     out = []
     start = prev = pfns[0]
     for pfn in pfns[1:]:

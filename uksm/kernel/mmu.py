@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 from uksm.kernel.layout import (F_KSM, FR_COUNT, FR_FLAGS, FRAME_SIZE, HZ_NO_EXIT_CHECKS, H_EXIT_POLICY, H_HAZARDS, POL_SEED,
                      M_KSM_MAPPED, M_RSS, M_USERS, PAGE_SHIFT, PAGE_SIZE, PT_OFF,
-                     PTE_PRESENT, PTE_WRITE, T_COW, T_FAULTS, VM_WRITE)
+                     PTE_PRESENT, PTE_WRITE, T_COW, T_FAULTS, T_KILL_POINT, V_FLAGS, VM_WRITE)
 from uksm.kernel import killpoints
 from uksm.kernel.memory import Allocator, OutOfMemory
 from uksm.kernel.mm import MM, SegFault
@@ -63,12 +63,14 @@ def handle_mm_fault(cl: "Cluster", alloc: Allocator, mm: MM, vpn: int, write: bo
     FAULT_EXITING when the mm is exiting and nothing was installed.
     """
     # hot path: raw words (uksm.kernel.views: a view read is 56 ns against 20 raw)
-    vma = mm.find_vma(vpn)
-    if vma is None:
+    pq = mm.pq
+    vb = mm.vma_base(vpn)  # find_vma
+    if vb < 0:
         raise SegFault(f"segfault at {vpn << PAGE_SHIFT:#x} (mm{mm.id}): no VMA")
-    if write and not vma[3] & VM_WRITE:
+    if write and not pq[vb + V_FLAGS] & VM_WRITE:
         raise SegFault(f"segfault at {vpn << PAGE_SHIFT:#x} (mm{mm.id}): VMA is read-only")
-    task, q, fq, pq = cl.task, cl.q, cl.fq, mm.pq
+    task, q, fq = cl.task, cl.q, cl.fq
+    tb = task.base
     slot = PT_OFF + vpn
     # handle_pte_fault: ``entry = *pte`` without the pte lock (2.6.32.67
     # mm/memory.c, handle_pte_fault: ``entry = *pte;`` before
@@ -95,9 +97,12 @@ def handle_mm_fault(cl: "Cluster", alloc: Allocator, mm: MM, vpn: int, write: bo
             return FAULT_OK
         task.unlock(mm.ptl)
     old = pte >> 2
-    q[task.base + T_FAULTS] += 1
-    new = alloc.alloc_frame(mm.id, vpn, fatal_ok=not for_ksmd)
-    if not for_ksmd:
+    q[tb + T_FAULTS] += 1
+    pcp = alloc.pcp
+    # the common case without alloc_frame's call layers (0.06 us of a
+    # first touch): a frame off the task's list, in flight (see in_flight)
+    new = alloc.in_flight(mm.id, vpn, pcp.pop()) if pcp else alloc.alloc_frame(mm.id, vpn, not for_ksmd)
+    if not for_ksmd and q[tb + T_KILL_POINT] >= 0:  # a point armed (the call only then: 0.05 us)
         killpoints.hit(cl, "fault_after_alloc")
     if pte:
         # copy before installing: the old frame is write-protected (a KSM
@@ -106,8 +111,12 @@ def handle_mm_fault(cl: "Cluster", alloc: Allocator, mm: MM, vpn: int, write: bo
         pool[new * PAGE_SIZE:(new + 1) * PAGE_SIZE] = pool[old * PAGE_SIZE:(old + 1) * PAGE_SIZE]
         if not for_ksmd:
             killpoints.hit(cl, "cow_after_copy")
+    b = mm.base
     task.lock(mm.ptl)
-    if pq[slot] != pte or (not pte and q[H_EXIT_POLICY] == POL_SEED and ksm_test_exit(cl, mm)):
+    # (ksm_test_exit is called only at mm_users 0, its own test: a call on
+    # every first touch cost 0.07 us)
+    if pq[slot] != pte or (not pte and q[H_EXIT_POLICY] == POL_SEED and not q[b + M_USERS]
+                           and ksm_test_exit(cl, mm)):
         # pte_same failed, or (the seed's check in do_anonymous_page)
         # exit_mmap zapped this mm: never reinstate a page there
         exiting = pq[slot] == pte
@@ -120,7 +129,6 @@ def handle_mm_fault(cl: "Cluster", alloc: Allocator, mm: MM, vpn: int, write: bo
         return FAULT_EXITING if exiting else FAULT_OK
     pq[slot] = (new << 2) | PW
     alloc.installed()
-    b = mm.base
     if pte:
         task.lock(cl.zone)
         if fq[old * FRAME_SIZE + FR_FLAGS] & F_KSM:
@@ -176,21 +184,28 @@ class MMU:
         self.alloc = alloc
         self.pool = cl.pool.mv
         self.pq = mm.pq
+        # the hot paths' objects, looked up once, not per access: the task
+        # the cluster is bound to (an MMU is made after Cluster.bind), the
+        # pte lock, the address space's size
+        self.task = cl.task
+        self.ptl = mm.ptl
+        self.va_pages = cl.va_pages
 
     def fault(self, vpn: int, write: bool) -> None:
-        cl, mm = self.cl, self.mm
-        cl.task.lock(mm.sem)
+        """The page-fault exception: down_read(mmap_sem), handle_mm_fault, up_read."""
+        task, mm = self.task, self.mm
+        task.lock(mm.sem)
         try:
-            handle_mm_fault(cl, self.alloc, mm, vpn, write)
+            handle_mm_fault(self.cl, self.alloc, mm, vpn, write)
         finally:
-            cl.task.unlock(mm.sem)
+            task.unlock(mm.sem)
 
     def write(self, addr: int, data: bytes | memoryview) -> None:
         """Store ``data`` at virtual address ``addr`` (may cross pages)."""
         # hot path: raw words (uksm.kernel.views: a view read is 56 ns against 20 raw)
         if addr < 0:
             raise SegFault(f"segfault at {addr:#x}")
-        task, ptl, pq, pool = self.cl.task, self.mm.ptl, self.pq, self.pool
+        task, ptl, pq, pool = self.task, self.ptl, self.pq, self.pool
         n = len(data)
         off = addr & (PAGE_SIZE - 1)
         if 0 < n <= PAGE_SIZE - off:
@@ -199,15 +214,15 @@ class MMU:
             # same steps as the loop: the pte lock held across the copy; a
             # PTE not writable: drop it, fault, take it, look again.
             vpn = addr >> PAGE_SHIFT
-            if vpn >= self.cl.va_pages:
+            if vpn >= self.va_pages:
                 raise SegFault(f"segfault at {addr:#x}: beyond the address space")
             slot = PT_OFF + vpn
+            if pq[slot] & PW != PW:
+                # the hardware's page walk, without the pte lock: a
+                # fault at once, not a lock round trip to see the PTE
+                # empty (or read-only) first
+                self.fault(vpn, True)
             while True:
-                if pq[slot] & PW != PW:
-                    # the hardware's page walk, without the pte lock: a
-                    # fault at once, not a lock round trip to see the PTE
-                    # empty (or read-only) first
-                    self.fault(vpn, True)
                 task.lock(ptl)
                 try:
                     pte = pq[slot]
@@ -217,6 +232,7 @@ class MMU:
                         return
                 finally:
                     task.unlock(ptl)
+                self.fault(vpn, True)  # changed since the fault: again (it sees a raced one done)
         mv = memoryview(data)
         done, n = 0, len(mv)
         task.lock(ptl)
@@ -226,7 +242,7 @@ class MMU:
                 vpn = a >> PAGE_SHIFT
                 off = a & (PAGE_SIZE - 1)
                 chunk = min(n - done, PAGE_SIZE - off)
-                pte = pq[PT_OFF + vpn] if vpn < self.cl.va_pages else 0
+                pte = pq[PT_OFF + vpn] if vpn < self.va_pages else 0
                 if pte & PW == PW:
                     p = (pte >> 2) * PAGE_SIZE + off
                     pool[p:p + chunk] = mv[done:done + chunk]
@@ -236,7 +252,7 @@ class MMU:
                     continue
                 task.unlock(ptl)
                 try:
-                    if vpn >= self.cl.va_pages:
+                    if vpn >= self.va_pages:
                         raise SegFault(f"segfault at {a:#x}: beyond the address space")
                     self.fault(vpn, True)
                 finally:
@@ -257,7 +273,7 @@ class MMU:
             vpn = a >> PAGE_SHIFT
             off = a & (PAGE_SIZE - 1)
             chunk = min(n - done, PAGE_SIZE - off)
-            if vpn >= self.cl.va_pages:
+            if vpn >= self.va_pages:
                 raise SegFault(f"segfault at {a:#x}: beyond the address space")
             slot = PT_OFF + vpn
             pte = pq[slot]
