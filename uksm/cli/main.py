@@ -74,8 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run this many seconds (default: until merged); with --until-merged, "
                         "at most this many: whichever comes first")
     p.add_argument("--until-merged", action="store_true",
-                   help="stop once the counters have not changed for two full scans (the default "
-                        "when --duration is not given; --duration caps it)")
+                   help="stop once nothing is left to merge: a full scan after every worker "
+                        "wrote its pages found every page in the stable tree, or the counters "
+                        "did not change for two full scans (the default when --duration is not "
+                        "given; --duration caps it)")
     p.add_argument("--max-duration", type=float, default=60.0,
                    help="without --duration: give up waiting for convergence after this many "
                         "seconds (default 60)")
