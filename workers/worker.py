@@ -25,7 +25,7 @@ from uksm.host import log as ulog
 from uksm.kernel import oom
 from uksm.kernel.cluster import Cluster
 from uksm.kernel.exit import mmput
-from uksm.host.lifeline import arm
+from uksm.host.lifeline import arm, exit_now
 from uksm.kernel.layout import (M_OWNER_PID, PAGE_SIZE, S_SIGNALS, T_EXIT_REASON, T_FATAL,
                          T_MISMATCHES, T_PID, T_READY, T_VERIFIED, X_EXIT, X_OOM, X_SIGNAL)
 from uksm.kernel.memory import PCP_BATCH, Allocator, OutOfMemory
@@ -226,4 +226,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_now(main())  # uksm.host.lifeline: no finalization
