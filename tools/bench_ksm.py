@@ -443,21 +443,35 @@ def run_kernel(pages: int, distinct: int, pages_to_scan: int, sleep_ms: int, aft
 # ---- goal 2: `uksm run` from nothing ---------------------------------------------
 
 def merged_at(log_dir: str, shared: int, sharing: int) -> int | None:
-    """CLOCK_MONOTONIC ns of the first ``scan_batch_end`` in the run's ksmd
-    log(s) whose published counters are ``shared`` / ``sharing``: when the
-    cluster was merged, judged as the kernel's side is (the counters at the
-    expected values), not by the command's own convergence rule."""
+    """CLOCK_MONOTONIC ns at which the run's ksmd made the last merge that
+    brought its counters to ``shared`` / ``sharing``: the ``t_last_ns`` of
+    the ``merge`` events logged for the first batch that published them
+    (that batch's ``scan_batch_end`` time if it logged none).  The moment
+    the cluster was merged, judged as the kernel's side is (its counters
+    move with each merge and are read every 0.5 ms), not by the command's
+    convergence rule -- nor at the batch's end event, which a batch ending
+    a full scan logs only after flushing the merged-away frames (~0.1 s)."""
     import glob
     best = None
     for path in glob.glob(os.path.join(log_dir, "ksmd-*.jsonl")):
+        t: int | None = None
+        merges: list[int] = []
         with open(path) as f:
             for line in f:
-                if '"scan_batch_end"' not in line:
+                if t is None:
+                    if '"scan_batch_end"' in line:
+                        ev = json.loads(line)
+                        if ev.get("pages_shared") == shared and ev.get("pages_sharing") == sharing:
+                            t = ev["mono_ns"]
                     continue
+                if '"scan_batch_' in line:
+                    break  # the next batch: that one's merges are all read
                 ev = json.loads(line)
-                if ev.get("pages_shared") == shared and ev.get("pages_sharing") == sharing:
-                    best = ev["mono_ns"] if best is None else min(best, ev["mono_ns"])
-                    break
+                if ev.get("event") == "merge" and ev.get("t_last_ns"):
+                    merges.append(ev["t_last_ns"])
+        if t is not None:
+            t = max(merges) if merges else t
+            best = t if best is None else min(best, t)
     return best
 
 

@@ -78,18 +78,26 @@ def test_goal_ratios_and_verdicts():
         "uksm": runs["uksm"][0], "kernel": runs["kernel"][0]})))
 
 
-def test_merged_at_reads_the_first_batch_at_the_expected_counters(tmp_path):
-    """uksm run's merged_s: the first scan_batch_end of any ksmd log (a
-    restarted ksmd writes a second file) publishing the expected counters."""
+def test_merged_at_reads_the_last_merge_of_the_first_batch_at_the_expected_counters(tmp_path):
+    """uksm run's merged_s: the last merge (t_last_ns) of the first batch of
+    any ksmd log (a restarted ksmd writes a second file) publishing the
+    expected counters; that batch's end if it logged no merge."""
+    def line(**ev) -> str:
+        return json.dumps({"role": "ksmd", **ev}) + "\n"
+
     def batch(ns: int, shared: int, sharing: int) -> str:
-        return json.dumps({"role": "ksmd", "event": "scan_batch_end", "pages_shared": shared,
-                           "pages_sharing": sharing, "mono_ns": ns}) + "\n"
+        return line(event="scan_batch_end", pages_shared=shared, pages_sharing=sharing, mono_ns=ns)
     (tmp_path / "ksmd-1.jsonl").write_text(
-        batch(10, 3, 5) + json.dumps({"event": "merge", "pages_shared": 3, "pages_sharing": 97,
-                                      "mono_ns": 15}) + "\n" + batch(20, 3, 97) + batch(30, 3, 97))
-    (tmp_path / "ksmd-2.jsonl").write_text(batch(25, 3, 97))
+        batch(10, 3, 5) + line(event="merge", mm=1, count=5, t_last_ns=9, mono_ns=11)
+        + batch(40, 3, 97) + line(event="merge", mm=1, count=50, t_last_ns=33, mono_ns=41)
+        + line(event="merge", mm=2, count=42, t_last_ns=36, mono_ns=41)
+        + line(event="scan_batch_start", mono_ns=42) + batch(50, 3, 97)
+        + line(event="merge", mm=3, count=1, t_last_ns=45, mono_ns=51))
+    (tmp_path / "ksmd-2.jsonl").write_text(batch(38, 3, 97))  # no merge logged: its end
     (tmp_path / "worker-3.jsonl").write_text(batch(5, 3, 97))  # not ksmd's
-    assert bench_ksm.merged_at(str(tmp_path), 3, 97) == 20
+    assert bench_ksm.merged_at(str(tmp_path), 3, 97) == 36
+    (tmp_path / "ksmd-2.jsonl").write_text(batch(35, 3, 97))
+    assert bench_ksm.merged_at(str(tmp_path), 3, 97) == 35
     assert bench_ksm.merged_at(str(tmp_path), 3, 98) is None
 
 
