@@ -484,9 +484,10 @@ def run_cli(pages: int, distinct: int, workers: int, pages_to_scan: int, sleep_m
     rmap_item stable, seen at the end of that pass, or three like samples
     of the counters), shutdown (every worker verifies its pages and exits),
     fsck and teardown -- the kernel's side has none of the shutdown.  Also
-    ``merged_s``: from the command's start to the moment its ksmd
-    published the expected counters (from its log), the kernel side's own
-    criterion, so the two "merged" can be compared like for like.  Needs
+    ``merged_s``: from the command's start to its ksmd's last merge before
+    it published the expected counters (``merged_at``, from its log), the
+    kernel side's own criterion, so the two "merged" can be compared like
+    for like.  Needs
     ``pages`` divisible by ``workers`` (``--pages`` is per worker)."""
     import subprocess
     import tempfile
