@@ -442,14 +442,53 @@ def run_kernel(pages: int, distinct: int, pages_to_scan: int, sleep_ms: int, aft
 
 # ---- goal 2: `uksm run` from nothing ---------------------------------------------
 
+def merged_at(log_dir: str, shared: int, sharing: int) -> int | None:
+    """CLOCK_MONOTONIC ns at which the run's ksmd made the last merge that
+    brought its counters to ``shared`` / ``sharing``: the ``t_last_ns`` of
+    the ``merge`` events logged for the first batch that published them
+    (that batch's ``scan_batch_end`` time if it logged none).  The moment
+    the cluster was merged, judged as the kernel's side is (its counters
+    move with each merge and are read every 0.5 ms), not by the command's
+    convergence rule -- nor at the batch's end event, which a batch ending
+    a full scan logs only after flushing the merged-away frames (~0.1 s)."""
+    import glob
+    best = None
+    for path in glob.glob(os.path.join(log_dir, "ksmd-*.jsonl")):
+        t: int | None = None
+        merges: list[int] = []
+        with open(path) as f:
+            for line in f:
+                if t is None:
+                    if '"scan_batch_end"' in line:
+                        ev = json.loads(line)
+                        if ev.get("pages_shared") == shared and ev.get("pages_sharing") == sharing:
+                            t = ev["mono_ns"]
+                    continue
+                if '"scan_batch_' in line:
+                    break  # the next batch: that one's merges are all read
+                ev = json.loads(line)
+                if ev.get("event") == "merge" and ev.get("t_last_ns"):
+                    merges.append(ev["t_last_ns"])
+        if t is not None:
+            t = max(merges) if merges else t
+            best = t if best is None else min(best, t)
+    return best
+
+
 def run_cli(pages: int, distinct: int, workers: int, pages_to_scan: int, sleep_ms: int,
             timeout: float, say: Any) -> dict[str, Any]:
     """``uksm run --until-merged`` as a user types it, timed from the
-    command's start to its exit: boot, workers filling their pages, ksmd
-    merging, the two quiet scans that tell it the counters converged,
-    shutdown, fsck and teardown -- everything the kernel's side needs none
-    of, and that the issue's goal 2 counts.  Needs ``pages`` divisible by
-    ``workers`` (``--pages`` is per worker)."""
+    command's start to its exit (``e2e_s``, goal 2): boot, workers filling
+    their pages, ksmd merging, the rule that tells it nothing is left to
+    merge (``uksm.proc.run.drive``: a pass begun after the fill with every
+    rmap_item stable, seen at the end of that pass, or three like samples
+    of the counters), shutdown (every worker verifies its pages and exits),
+    fsck and teardown -- the kernel's side has none of the shutdown.  Also
+    ``merged_s``: from the command's start to its ksmd's last merge before
+    it published the expected counters (``merged_at``, from its log), the
+    kernel side's own criterion, so the two "merged" can be compared like
+    for like.  Needs
+    ``pages`` divisible by ``workers`` (``--pages`` is per worker)."""
     import subprocess
     import tempfile
     name = f"benchrun{os.getpid()}"
@@ -460,7 +499,8 @@ def run_cli(pages: int, distinct: int, workers: int, pages_to_scan: int, sleep_m
                str(pages_to_scan), "--sleep-ms", str(sleep_ms), "--until-merged",
                "--max-duration", str(int(timeout)), "--log-dir", logs, "--json", "--quiet"]
         say(f"  uksm run: {workers} workers x {per} pages, dup:{distinct}, until merged")
-        t0 = time.monotonic()
+        t0_ns = time.monotonic_ns()
+        t0 = t0_ns / 1e9
         try:
             p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                timeout=timeout + 60)
@@ -475,6 +515,8 @@ def run_cli(pages: int, distinct: int, workers: int, pages_to_scan: int, sleep_m
                 raise RuntimeError(f"uksm run did not finish in {timeout + 60:.0f}s") from None
             raise
         dt = time.monotonic() - t0
+        want = expected_counts(per * workers, distinct, [per])
+        m_ns = merged_at(logs, *want)
     try:
         rep = json.loads(p.stdout)
     except ValueError:
@@ -484,9 +526,9 @@ def run_cli(pages: int, distinct: int, workers: int, pages_to_scan: int, sleep_m
                            f"{(p.stderr.strip().splitlines() or ['?'])[-1]}")
     ksm = rep.get("ksm") or {}
     res = {"e2e_s": round(dt, 3), "cli_duration_s": rep.get("duration_s"),
+           "merged_s": None if m_ns is None else round((m_ns - t0_ns) / 1e9, 3),
            "pages_shared": ksm.get("pages_shared"), "pages_sharing": ksm.get("pages_sharing"),
            "fsck": rep.get("fsck")}
-    want = expected_counts(per * workers, distinct, [per])
     if (res["pages_shared"], res["pages_sharing"]) != want:
         raise RuntimeError(f"uksm run ended unmerged: shared {res['pages_shared']} sharing "
                            f"{res['pages_sharing']}, expected {want[0]} and {want[1]}")
@@ -495,10 +537,15 @@ def run_cli(pages: int, distinct: int, workers: int, pages_to_scan: int, sleep_m
 
 # ---- goals (issue 14) -------------------------------------------------------------
 
-# (goal, what, side's key, key in the kernel's result, target ratio, "<=" or ">=")
-GOALS = (("1", "ksmd time to full merge", "uksm", "merge_s", 2.0, "<="),
-         ("1", "pages per ksmd CPU-second", "uksm", "pages_per_cpu_s", 0.5, ">="),
-         ("2", "`uksm run` from nothing to merged (s)", "uksm_run", "e2e_s", 2.5, "<="))
+# (goal, what, side, its key, key in the kernel's result, target ratio, "<=" or ">=")
+GOALS = (("1", "ksmd time to full merge", "uksm", "merge_s", "merge_s", 2.0, "<="),
+         ("1", "pages per ksmd CPU-second", "uksm", "pages_per_cpu_s", "pages_per_cpu_s", 0.5, ">="),
+         ("2", "`uksm run` from nothing to merged (s)", "uksm_run", "e2e_s", "e2e_s", 2.5, "<="),
+         # like for like: both sides stop at the expected counters (the
+         # kernel side's criterion); uksm run's convergence rule and its
+         # shutdown (verify, exits, fsck, teardown) left out
+         ("2*", "`uksm run` start to the expected counters (s), as the kernel's side",
+          "uksm_run", "merged_s", "e2e_s", 2.5, "<="))
 
 
 def goals(runs: dict[str, list[dict[str, Any]]], report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -507,12 +554,12 @@ def goals(runs: dict[str, list[dict[str, Any]]], report: dict[str, Any]) -> list
     sides back to back, so a round's ratio sees one load)."""
     out = []
     k = report.get("kernel") or {}
-    for goal, what, side, key, target, op in GOALS:
+    for goal, what, side, key, kkey, target, op in GOALS:
         u = report.get(side) or {}
-        uv, kv = u.get(key), k.get(key)
+        uv, kv = u.get(key), k.get(kkey)
         ratio = round(uv / kv, 3) if uv and kv else None
-        per_round = [round(a[key] / b[key], 3) for a, b in zip(runs.get(side, []), runs.get("kernel", []))
-                     if a.get(key) and b.get(key)]
+        per_round = [round(a[key] / b[kkey], 3) for a, b in zip(runs.get(side, []), runs.get("kernel", []))
+                     if a.get(key) and b.get(kkey)]
         met = None if ratio is None else (ratio <= target if op == "<=" else ratio >= target)
         out.append({"goal": goal, "what": what, "uksm": uv, "kernel": kv, "ratio": ratio,
                     "target": f"{op} {target:g}", "met": met, "ratio_per_round": per_round})
@@ -684,7 +731,8 @@ def main(argv: list[str] | None = None) -> int:
         print(table(report))
         ur = report.get("uksm_run") or {}
         if "e2e_s" in ur:
-            print(f"uksm run from nothing to merged: {ur['e2e_s']:.2f} s (its own duration_s "
+            print(f"uksm run from nothing to merged: {ur['e2e_s']:.2f} s to its exit, "
+                  f"{ur.get('merged_s')} s to the expected counters (its own duration_s "
                   f"{ur.get('cli_duration_s')}; fsck {ur.get('fsck')})"
                   + (f"; runs {ur['runs_e2e_s']}" if "runs_e2e_s" in ur else ""))
         if "e2e_s" in (report.get("kernel") or {}):

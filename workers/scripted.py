@@ -29,7 +29,7 @@ import sys
 from typing import Any
 
 from uksm.host import log as ulog
-from uksm.host.lifeline import arm
+from uksm.host.lifeline import arm, exit_now
 from uksm.kernel.layout import (EXIT_PATHS, M_FLAGS, MMF_VM_MERGEABLE, PAGE_SIZE, PT_OFF, PTE_PRESENT,
                          PTE_WRITE, T_EXIT_PATH, T_MISMATCHES, T_READY, VM_MERGEABLE)
 from uksm.kernel.memory import OutOfMemory
@@ -232,4 +232,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_now(main())  # uksm.host.lifeline: no finalization

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import select
 import signal
 import sys
 import time
@@ -24,7 +25,7 @@ from uksm.host import log as ulog
 from uksm.kernel import oom
 from uksm.kernel.cluster import Cluster
 from uksm.kernel.exit import mmput
-from uksm.host.lifeline import arm
+from uksm.host.lifeline import arm, exit_now
 from uksm.kernel.layout import (M_OWNER_PID, PAGE_SIZE, S_SIGNALS, T_EXIT_REASON, T_FATAL,
                          T_MISMATCHES, T_PID, T_READY, T_VERIFIED, X_EXIT, X_OOM, X_SIGNAL)
 from uksm.kernel.memory import PCP_BATCH, Allocator, OutOfMemory
@@ -62,14 +63,40 @@ class Worker:
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, self._fatal)
         signal.signal(oom.OOM_SIGNAL, self._fatal)
+        # ``idle`` waits on this pipe: SIGTERM/SIGINT's handler writes it
+        # (see ``idle``)
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
 
     def _fatal(self, signo: int, _frame: object) -> None:
         if not self.q[self.tb + T_FATAL]:
             self.q[self.tb + T_FATAL] = X_OOM if signo == oom.OOM_SIGNAL else X_SIGNAL
             self.signo = signo
+        if signo != oom.OOM_SIGNAL:
+            try:
+                os.write(self.wake_w, b"\0")
+            except BlockingIOError:
+                pass
 
     def dying(self) -> bool:
         return bool(self.q[self.tb + T_FATAL])
+
+    def idle(self, seconds: float) -> None:
+        """Sleep between rounds of rewrites, cut short by SIGTERM/SIGINT:
+        a plain sleep resumes after the handler ran (PEP 475), which made
+        every worker stopped at the end of a run wait out the rest of its
+        20 ms before its exit began.  The OOM killer's signal does not cut
+        it short: the victim notices it at its next safe point, after the
+        sleep, as before -- the killer's own steps that follow the kill
+        (hazard oom-mmput-in-task: its mmput of the victim's mm) keep the
+        head start the fault-injection scenarios were built on (woken at
+        once, the victim's own exit won that race one run in six)."""
+        select.select([self.wake_r], [], [], seconds)
+        try:
+            os.read(self.wake_r, 256)
+        except BlockingIOError:
+            pass
 
     def expected(self, i: int) -> bytes:
         v = self.version[i]
@@ -110,7 +137,7 @@ class Worker:
                     next_churn = time.monotonic() + a.churn_ms / 1000.0
                 if a.exit_after_write:
                     break
-                time.sleep(0.002 if vol else 0.02)
+                self.idle(0.002 if vol else 0.02)
         except OutOfMemory:
             self._fatal(oom.OOM_SIGNAL, None)
         return self.exit_task()
@@ -208,4 +235,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_now(main())  # uksm.host.lifeline: no finalization

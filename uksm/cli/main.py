@@ -56,7 +56,11 @@ def _run_args(p: argparse.ArgumentParser, defaults_for_run: bool = True) -> None
     k.add_argument("--sleep-ms", type=int, default=20, help="sleep between batches (default 20)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; ``only="run"``: the top level and ``run``
+    alone -- what ``uksm run ...`` parses with: the other commands' parsers
+    import their modules (inject, campaign, the cluster and task verbs,
+    the API: 20-35 ms), which a run would pay before it boots anything."""
     ap = OneLineParser(
         prog="uksm",
         description="uksm: a userspace emulator of Linux KSM (mm/ksm.c). Worker processes live in "
@@ -74,8 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run this many seconds (default: until merged); with --until-merged, "
                         "at most this many: whichever comes first")
     p.add_argument("--until-merged", action="store_true",
-                   help="stop once the counters have not changed for two full scans (the default "
-                        "when --duration is not given; --duration caps it)")
+                   help="stop once nothing is left to merge: a full scan after every worker "
+                        "wrote its pages found every page in the stable tree, or the counters "
+                        "did not change for two full scans (the default when --duration is not "
+                        "given; --duration caps it)")
     p.add_argument("--max-duration", type=float, default=60.0,
                    help="without --duration: give up waiting for convergence after this many "
                         "seconds (default 60)")
@@ -83,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="oom-unmerge: merge, shrink memory to the merged state, run=2 (the seed's deadlock)")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    if only == "run":
+        return ap
 
     p = sub.add_parser("cleanup", help="end a dead cluster's processes, remove its POSIX objects",
                        description="For a cluster whose supervisor is dead: end its ksmd and "
@@ -126,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "logs":
         from uksm.cli import logs as logs_cli
         return logs_cli.main(argv[1:])
-    ap = build_parser()
+    ap = build_parser("run" if argv and argv[0] == "run" else None)
     a = ap.parse_args(argv)
     if a.cmd is None:
         ap.print_help()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from array import array
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,10 +118,10 @@ class Cluster:
         head = cfg.max_mms
         q[L_HEAD_NEXT] = q[L_HEAD_PREV] = q[L_SCAN_SLOT] = head
         # every frame free: the free stack holds them all, lowest on top
-        fq = self.frames_seg.q
+        # (one slice assignment: a loop of word stores was ~20 ms of a
+        # 200k-frame boot, before any task can start)
         sb = cfg.frames * FRAME_SIZE
-        for i in range(cfg.frames):
-            fq[sb + i] = cfg.frames - 1 - i
+        self.frames_seg.q[sb:sb + cfg.frames] = array("q", range(cfg.frames - 1, -1, -1))
         q[A_FREE_TOP] = cfg.frames
         self._open_globals()
         q[H_MAGIC] = MAGIC

@@ -804,4 +804,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from uksm.host.lifeline import exit_now
+    exit_now(main())  # uksm.host.lifeline: no finalization

@@ -198,5 +198,5 @@ class KsmdCtl:
             self.sup.sweep()
             return not any((m := cl.mrow(r)).id and m.slot_used and m.users == 0
                            for r in range(cl.max_mms))
-        fsck.wait_settled(none_left, timeout, 0.02)
+        fsck.wait_settled(none_left, timeout, 0.005)
 

@@ -54,7 +54,8 @@ class Recovery:
 
     def __init__(self, sup: Supervisor) -> None:
         self.sup = sup
-        self.dead_q: queue.Queue[Death] = queue.Queue()
+        # deaths; None is teardown's wake-up call (``wake``), never recovered
+        self.dead_q: queue.Queue[Death | None] = queue.Queue()
         self.pending_deaths = 0      # queued or being recovered (under sup.lock)
         self.recovery_started = 0.0  # when the batch in hand began (0: none)
         self.stall_reported = 0.0
@@ -78,20 +79,24 @@ class Recovery:
             self.pending_deaths += 1
         self.dead_q.put(item)
 
+    def wake(self) -> None:
+        """Teardown has set ``stop_ev``: let the thread see it now rather
+        than at its next 0.1 s timeout (teardown joins it; the wait was
+        most of a clean run's teardown)."""
+        self.dead_q.put(None)
+
     def loop(self) -> None:
         while True:
             try:
                 first = self.dead_q.get(timeout=0.1)
             except queue.Empty:
+                first = None
+            if first is None:
                 if self.sup.stop_ev.is_set() and self.dead_q.empty():
                     return
                 continue
             batch = [first]
-            while True:
-                try:
-                    batch.append(self.dead_q.get_nowait())
-                except queue.Empty:
-                    break
+            self._more_dead(batch)
             self.recovery_started = time.monotonic()
             try:
                 self.recover(batch)
@@ -223,10 +228,12 @@ class Recovery:
         got = False
         while True:
             try:
-                batch.append(self.dead_q.get_nowait())
-                got = True
+                d = self.dead_q.get_nowait()
             except queue.Empty:
                 return got
+            if d is not None:  # a wake-up call: the loop sees stop_ev at its next timeout
+                batch.append(d)
+                got = True
 
     @staticmethod
     def _post(lk: Lock, n: int) -> None:

@@ -14,7 +14,8 @@ from typing import Any, Callable
 
 from uksm.host import shm
 from uksm.kernel.cluster import Config
-from uksm.kernel.layout import (A_FREE_TOP, EXIT_POLICIES, H_MEM_LIMIT, HAZARDS, OOM_RULES, K_FULL_SCANS, K_PAGES_SHARED, K_PAGES_SHARING, K_RMAP_ITEMS, K_RUN, L_SCAN_SLOT, PAGE_SIZE, ksm_block)
+from uksm.kernel.layout import (A_FREE_TOP, EXIT_POLICIES, H_MEM_LIMIT, HAZARDS, OOM_RULES, K_FULL_SCANS, K_PAGES_SHARED, K_PAGES_SHARING, K_PAGES_UNSHARED, K_RMAP_ITEMS, K_RUN, L_SCAN_SLOT, PAGE_SIZE, ksm_block)
+from uksm.kernel.locks import LockTimeout
 from uksm.host.exitcodes import interrupted as interrupted_status
 from uksm.kernel.ksm import slot_next, slots
 from uksm.host.lifeline import StopSignals
@@ -323,11 +324,51 @@ def demo_exit_away_from_cursor(sup: Supervisor, timeout: float = 20.0) -> None:
         time.sleep(0.01)
 
 
+def all_stable(q: Any) -> bool:
+    """Every rmap_item is in the stable tree: no page in the unstable tree
+    (pages_unshared), none waiting for its checksum to settle
+    (pages_volatile = rmap_items - shared - sharing - unshared)."""
+    return q[K_PAGES_UNSHARED] == 0 and q[K_PAGES_SHARED] + q[K_PAGES_SHARING] == q[K_RMAP_ITEMS]
+
+
+def merged_since(sup: Supervisor, scans: int) -> bool:
+    """``--until-merged``'s short cut: ``full_scans`` has reached ``scans``
+    (a whole pass that began after every worker had written its pages) and
+    every rmap_item is stable, so no page is left that ksmd could still
+    merge -- the counters cannot move again until a task writes.  Read
+    under ksm_thread_mutex (ksmd publishes the counters under it, one
+    batch at a time: unlocked reads could mix two batches); a ksmd that
+    keeps it more than a second, or is gone, means not yet."""
+    cl, q = sup.cl, sup.cl.q
+    if q[K_FULL_SCANS] < scans or not all_stable(q):  # the cheap look first
+        return False
+    try:
+        cl.task.lock_bounded(cl.daemon, 1.0, lambda: bool(sup.hung) or sup.ksmd is None)
+    except LockTimeout:
+        return False
+    try:
+        return q[K_FULL_SCANS] >= scans and all_stable(q)
+    finally:
+        cl.task.unlock(cl.daemon)
+
+
 def drive(sup: Supervisor, o: RunOptions, t0: float, progress: Progress,
           interrupted) -> tuple[bool, dict[str, Any]]:
     """The foreground loop: until the duration, convergence, or the
     scenario's end.  Returns whether a hung task was reported, and the
-    scenario's report block (the run=2 write's result)."""
+    scenario's report block (the run=2 write's result).
+
+    Converged (``--until-merged``) means nothing is left to merge: either
+    the counters (pages_shared, pages_sharing, rmap_items) sampled at three
+    full-scan ends in a row, every worker ready (its pages written), are
+    equal -- two quiet passes: a page rewritten just after ksmd passed it
+    keeps the counters still for one pass (its checksum is recorded) and
+    moves them in the next (it enters a tree) --; or, sooner and without
+    churn (``--churn-ms`` rewrites pages at any time), ``merged_since``:
+    a whole pass begun after every worker was ready, and every rmap_item
+    in the stable tree (nothing in the unstable tree, nothing volatile) --
+    the end of the pass that merged the last page, where the rule of three
+    waits two more passes to see nothing move."""
     from uksm.kernel.writer import result_of
     q = sup.cl.q
     writer = None
@@ -335,6 +376,10 @@ def drive(sup: Supervisor, o: RunOptions, t0: float, progress: Progress,
     late = o.demo_exits  # the demo's last worker is still to start
     samples: list[tuple[int, int, int]] = []
     last_scan = -1
+    # full_scans when every worker was first seen ready (None: one is not):
+    # the pass then in progress may have begun before the last write, the
+    # one after it (ending at ready_scan + 2) cannot have
+    ready_scan: int | None = None
     phase = "merge"
     # --duration caps --until-merged (it does not switch it off): whichever comes first
     until_merged = o.until_merged or o.duration is None
@@ -348,6 +393,11 @@ def drive(sup: Supervisor, o: RunOptions, t0: float, progress: Progress,
         progress(sup, t, f"[{phase}] " if o.scenario else "")
         if sup.workers_alive() == 0 and sup.recovery.dead_q.empty() and writer is None:
             break  # (a run=2 writer still unmerging is waited for below: its result is the report's)
+        if sup.workers_ready():
+            if ready_scan is None:
+                ready_scan = q[K_FULL_SCANS]
+        else:
+            ready_scan = None
         if until_merged:
             if phase == "unmerge":
                 rc = sup.run_writer_status(writer) if writer is not None else 0
@@ -364,7 +414,9 @@ def drive(sup: Supervisor, o: RunOptions, t0: float, progress: Progress,
                 last_scan = q[K_FULL_SCANS]
                 if sup.workers_ready():
                     samples.append((q[K_PAGES_SHARED], q[K_PAGES_SHARING], q[K_RMAP_ITEMS]))
-                converged = len(samples) >= 3 and samples[-1] == samples[-2] == samples[-3]
+                converged = ((len(samples) >= 3 and samples[-1] == samples[-2] == samples[-3])
+                             or (ready_scan is not None and not o.churn_ms
+                                 and merged_since(sup, ready_scan + 2)))
                 if converged and o.scenario == "oom-unmerge" and phase == "merge":
                     phase = "unmerge"
                     used = sup.cl.nframes - q[A_FREE_TOP]
@@ -376,7 +428,7 @@ def drive(sup: Supervisor, o: RunOptions, t0: float, progress: Progress,
                     if o.demo_exits:
                         demo_exit_away_from_cursor(sup)
                     break
-        time.sleep(0.02)
+        time.sleep(0.005)  # a few cheap looks (waitpid, the ready flags): convergence seen within 5 ms
     if writer is not None and "run_store" not in extra:
         extra["run_store"] = {"value": 2, "result": "hung" if sup.hung else "running", "run": q[K_RUN]}
     return bool(sup.hung), extra
