@@ -219,7 +219,8 @@ def test_sigkill_at_random_instants_of_the_protocol(sem: posix_ipc.Semaphore, se
         partner = -1
         assert status == 0          # the partner never met an error or a lost unit
         assert (sem.value, rw.value) == (1, 3), kills
-        assert kills["held"] > 0, kills   # the kills did land inside the protocol
+        # the kills did land inside the protocol (holding, waiting, or in a window)
+        assert kills["held"] + kills["window"] > 0, kills
     finally:
         q[stop] = 1
         if partner > 0:
