@@ -306,13 +306,19 @@ def test_cleanup_refuses_a_live_cluster_unless_force(tmp_path) -> None:
 
 # ---- 4. a ksmd oops ------------------------------------------------------------------------
 
-def run_env(env: dict[str, str], *argv: str, timeout: float = 90) -> tuple[dict[str, Any], int, str]:
-    p = subprocess.Popen([sys.executable, "-m", "uksm", "run", "--json", *argv], cwd=ROOT, text=True,
+def run_text(env: dict[str, str], *argv: str, timeout: float = 90) -> tuple[str, int, str]:
+    """``uksm run ARGV`` with ``env``: its stdout, status and stderr."""
+    p = subprocess.Popen([sys.executable, "-m", "uksm", "run", *argv], cwd=ROOT, text=True,
                          env=dict(os.environ, **env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          start_new_session=True)
     cl = argv[argv.index("--cluster") + 1]
     out, err = finish(p, cl, timeout)
-    return report(out, err), p.returncode, err
+    return out, p.returncode, err
+
+
+def run_env(env: dict[str, str], *argv: str, timeout: float = 90) -> tuple[dict[str, Any], int, str]:
+    out, status, err = run_text(env, "--json", *argv, timeout=timeout)
+    return report(out, err), status, err
 
 
 def log_events(log_dir, role: str) -> list[dict[str, Any]]:
@@ -327,7 +333,7 @@ def test_ksmd_oopsing_every_batch_ends_the_run(tmp_path) -> None:
                              "--log-dir", str(tmp_path), "--workers", "1", "--pages", "16")
     assert status == r["status"] == EXIT_OOPS, err
     assert r["duration_s"] < 60  # ended by the oopses, not by --duration
-    assert r["oops"] == [{"error": "RuntimeError: test oops (UKSM_TEST_KSMD_OOPS=every)",
+    assert r["oops"] == [{"task": "ksmd", "error": "RuntimeError: test oops (UKSM_TEST_KSMD_OOPS=every)",
                           "where": r["oops"][0]["where"], "count": OOPS_LIMIT}], r["oops"]
     assert r["ksmd_restarts"] == OOPS_LIMIT - 1
     assert any("oopsed 3 times in a row" in e for e in r["errors"])
@@ -352,6 +358,21 @@ def test_a_single_ksmd_oops_fails_the_run(tmp_path) -> None:
     assert [o["count"] for o in r["oops"]] == [1] and r["ksmd_restarts"] == 1
     assert r["ksm"]["pages_sharing"] > 0 and r["fsck"]["ok"], r
     assert r["ipc_leftovers"] == [] and not cluster_pids(cl)
+
+
+@pytest.mark.timeout(100)
+def test_an_oops_in_the_text_report(tmp_path) -> None:
+    """The text report names the oops, its task and count, and the run
+    exits 5 (a fresh user's try found the report dying on a KeyError at
+    any oops, status 1: it read fields the oops block never had)."""
+    cl = name("oopstxt")
+    out, status, err = run_text({"UKSM_TEST_KSMD_OOPS": "every"}, "--cluster", cl, "--duration", "60",
+                                "--log-dir", str(tmp_path), "--workers", "1", "--pages", "16")
+    assert status == EXIT_OOPS, out + err
+    assert "Traceback" not in out + err
+    assert f"OOPS     ksmd: RuntimeError: test oops (UKSM_TEST_KSMD_OOPS=every) at " in out, out
+    assert f"x{OOPS_LIMIT} (its traceback: the task's log)" in out, out
+    assert shm.leftovers(cl) == [] and not cluster_pids(cl)
 
 
 # ---- 5. --duration caps --until-merged -------------------------------------------------------

@@ -96,6 +96,7 @@ def install_test_hook(ksmd: Any) -> None:
 class Oopses:
     """The supervisor's record of the oopses (ksmd's and the writers')."""
     seen: dict[tuple[str, str], int] = field(default_factory=dict)
+    task: dict[tuple[str, str], str] = field(default_factory=dict)  # who oopsed so first: ksmd, writer
     in_row: int = 0
     restarts: int = 0
     progress: tuple[int, int] = (-1, -1)  # ksmd's published progress at the last restart
@@ -123,10 +124,12 @@ class Oopses:
         except (ValueError, KeyError, TypeError):
             return None
 
-    def note(self, sig: tuple[str, str]) -> bool:
-        """One more oops for the report; True the first time it is seen."""
+    def note(self, sig: tuple[str, str], task: str = "ksmd") -> bool:
+        """One more oops of ``task`` (its role) for the report; True the
+        first time it is seen."""
         first = sig not in self.seen
         self.seen[sig] = self.seen.get(sig, 0) + 1
+        self.task.setdefault(sig, task)
         return first
 
     def count(self, sig: tuple[str, str], progress: tuple[int, int]) -> tuple[bool, float]:
@@ -147,7 +150,8 @@ class Oopses:
 
     def block(self) -> list[dict[str, Any]]:
         """The report's ``oops``: each distinct oops once, with its count."""
-        return [{"error": e, "where": w, "count": n} for (e, w), n in self.seen.items()]
+        return [{"task": self.task.get((e, w), "ksmd"), "error": e, "where": w, "count": n}
+                for (e, w), n in self.seen.items()]
 
 
 __all__ = ["OOPS_LIMIT", "OOPS_STATUS", "Oopses", "install_test_hook", "report", "signature"]

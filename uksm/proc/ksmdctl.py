@@ -106,7 +106,7 @@ class KsmdCtl:
         sig = Oopses.read(fd) if fd >= 0 else None
         if sig is not None:
             with self.sup.lock:
-                first = self.oopses.note(sig)
+                first = self.oopses.note(sig, ch.role if ch else "ksmd")
             self._oops_note(ch.role if ch else "ksmd", sig, first, then)
 
     @property

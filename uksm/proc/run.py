@@ -283,15 +283,12 @@ def print_report(r: dict[str, Any]) -> None:
         print(f"  HUNG     {h['role']} pid {h['pid']} blocked on {h['lock']} for {h['waited_s']}s")
         for line in h["chain"]:
             print(f"           {line}")
-    for o in r.get("oops", []):
-        print(f"  OOPS     {o.get('task', 'ksmd')} pid {o['pid']}: {o['error']}")
-        for line in o["traceback"].rstrip().splitlines():
-            print(f"           {line}")
     print(f"  leftover POSIX objects: {len(r['ipc_leftovers'])}  logs: {r['log_dir']}")
     for e in r.get("errors", []):
         print(f"  error    {e}")
     for o in r.get("oops", []):
-        print(f"  OOPS     ksmd: {o['error']} at {o['where']}  x{o['count']}")
+        print(f"  OOPS     {o.get('task', 'ksmd')}: {o['error']} at {o['where']}  x{o['count']} "
+              f"(its traceback: the task's log)")
     if r.get("interrupted"):
         print(f"  INTERRUPTED by {r['interrupted']}: stopped early, in order (status {r['status']})")
 
