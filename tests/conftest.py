@@ -147,12 +147,33 @@ def _kill_and_wait(keys: list[tuple[int, str]]) -> list[tuple[int, str]]:
         time.sleep(0.02)
 
 
+def _own_test_objects() -> list[str]:
+    """/dev/shm entries ``uksmtest.*`` (outside the ``uksm.`` namespace, so
+    that no other session's fixture takes them) that carry this process's
+    pid in their name: a lock test's semaphores."""
+    pid = str(os.getpid())
+    try:
+        names = os.listdir("/dev/shm")
+    except OSError:
+        return []
+    return [n for n in names if n.startswith(("uksmtest.", "sem.uksmtest.")) and pid in n]
+
+
 @pytest.fixture(autouse=True)
 def no_leaks():
-    """Fail the test if it leaves a uksm process or a POSIX object behind."""
+    """Fail the test if it leaves a uksm process or a POSIX object behind
+    (the ``uksm.`` objects of its clusters, and the ``uksmtest.`` objects
+    named with this process's pid that the in-process lock tests make)."""
     shm_before = set(shm.leftovers())
+    own_before = set(_own_test_objects())
     procs_before = set(_processes())
     yield
+    own = sorted(set(_own_test_objects()) - own_before)
+    for o in own:
+        try:
+            os.unlink(os.path.join("/dev/shm", o))
+        except FileNotFoundError:
+            pass
     deadline = time.monotonic() + SETTLE_S
     while True:
         objs = sorted(set(shm.leftovers()) - shm_before)
@@ -169,6 +190,7 @@ def no_leaks():
         if running:   # never pull the memory from under a running process
             continue
         shm.remove_all(name)
+    objs += own
     if (procs or objs) and not LEAK_CHECK_OFF:
         pytest.fail(f"test leaked processes {sorted(procs.values())} and/or POSIX objects {objs}"
                     + (f"; still running after SIGKILL: {still}" if still else ""), pytrace=False)

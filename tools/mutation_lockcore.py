@@ -102,7 +102,25 @@ def compile_core(tree: str, source: str) -> str | None:
     return None if p.returncode == 0 else p.stderr[-500:]
 
 
+def _test_objects() -> set[str]:
+    return {n for n in os.listdir("/dev/shm") if n.startswith(("uksmtest.", "sem.uksmtest."))}
+
+
 def run_tests(tree: str) -> tuple[bool, str]:
+    """The protocol's tests in the copy; a mutant that crashes the test
+    process leaves its semaphores behind: removed after the run."""
+    before = _test_objects()
+    try:
+        return _run_tests(tree)
+    finally:
+        for n in _test_objects() - before:
+            try:
+                os.unlink(os.path.join("/dev/shm", n))
+            except FileNotFoundError:
+                pass
+
+
+def _run_tests(tree: str) -> tuple[bool, str]:
     env = dict(os.environ)
     env.pop("UKSM_LOCKS", None)
     env["PYTHONPATH"] = tree  # the copy's uksm, before the editable install's

@@ -136,3 +136,27 @@ def test_a_cluster_being_made_by_another_session_is_foreign() -> None:
         other.wait()
         seg.close()
         shm.remove_all(name)
+
+
+LEAKY_SEM = '''
+import os, posix_ipc
+
+def test_leaks_a_test_semaphore():
+    posix_ipc.Semaphore(f"/uksmtest.lk{os.getpid()}", posix_ipc.O_CREX, mode=0o600, initial_value=1)
+'''
+
+
+def test_leak_fixture_catches_a_lock_tests_semaphore(tmp_path: Path) -> None:
+    """The in-process lock tests name their semaphores ``uksmtest.*`` with
+    their pid: one left behind fails its test, and is removed."""
+    d = tmp_path / "inner"
+    d.mkdir()
+    for f in ("conftest.py", "helpers.py"):
+        shutil.copy(os.path.join(TESTS, f), d / f)
+    (d / "test_leaky_sem.py").write_text(LEAKY_SEM)
+    p = run_group([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE",
+                   "--timeout", "60", str(d / "test_leaky_sem.py"), "--rootdir", str(d)], timeout=90)
+    text = p.stdout + p.stderr
+    assert p.returncode == 1 and "1 passed, 1 error" in text, text
+    assert "POSIX objects ['sem.uksmtest.lk" in text, text
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith("sem.uksmtest.lk")]
