@@ -147,6 +147,26 @@ def _kill_and_wait(keys: list[tuple[int, str]]) -> list[tuple[int, str]]:
         time.sleep(0.02)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_tmpdir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The temporary directory of every process the tests start (TMPDIR)
+    and of this one (tempfile) is under pytest's basetemp, which pytest
+    rotates: a Machine's or inject's log folder made with mkdtemp does not
+    stay in /tmp after the run (a fresh user found 1,533 uksm-* folders)."""
+    import tempfile
+    d = str(tmp_path_factory.mktemp("tmp"))
+    old_env, old = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"], tempfile.tempdir = d, d
+    try:
+        yield
+    finally:
+        tempfile.tempdir = old
+        if old_env is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = old_env
+
+
 def _own_test_objects() -> list[str]:
     """/dev/shm entries ``uksmtest.*`` (outside the ``uksm.`` namespace, so
     that no other session's fixture takes them) that carry this process's
