@@ -178,6 +178,18 @@ class Injector:
         if self.interrupted():
             return  # a stop signal: straight to the orderly close
         self.top_up(m)
+        # the last replacements started and scanned (mergeable), so that
+        # every worker the close stops verifies its data -- and a worker
+        # still starting is not stopped by the close's SIGTERM, which the
+        # report would count with the kills (a fresh user saw killed 203
+        # after --kills 200, and one worker's pages verified)
+        try:
+            m.wait(lambda: len(m.tasks(ready=True)) >= self.o.workers, 60,
+                   "the last replacements to start")
+        except uksm.WaitTimeout:
+            pass  # the report's started/exited/killed say what became of them
+        st = m.stats()
+        self.at_last = {"merges": st["merges"], "full_scans": m.ksm["full_scans"]}
         # ksmd still merging: new work merged after the last kill
         try:
             m.wait(lambda: m.stats()["merges"] > self.at_last["merges"]

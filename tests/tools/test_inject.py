@@ -98,6 +98,14 @@ def test_kills_mid_scan(mode, sig, seed, tmp_path):
     r, status = inject("--point", mode, "--signal", sig, "--kills", "25", "--seed", str(seed),
                        "--log-dir", str(tmp_path))
     assert_clean(r, status, 25)
+    # every worker alive at the close verified its pages (the last
+    # replacements are waited for: inject's defaults, 4 workers x 256
+    # pages; a SIGTERM'd victim verifies its own on its way out), and none
+    # was counted killed by the close's SIGTERM
+    verifiers = 4 + (25 if sig == "TERM" else 0)
+    assert r["integrity"]["pages_verified"] == verifiers * 256, r["integrity"]
+    if sig == "KILL":
+        assert r["workers"]["killed"] == 25, r["workers"]
 
 
 def test_list_points():
