@@ -1,8 +1,8 @@
 """The seed's deadlock ("ksm: fix oom deadlock"): run=2 unmerges while
 memory is short; the OOM killer picks the task being unmerged.  Under
-``legacy`` its __ksm_exit waits for ksm_thread_mutex, which ksmd holds
-while it waits for the memory only that exit would free: the watchdog
-reports the cycle.  Under ``seed`` the victim frees its pages first and
+``legacy`` its __ksm_exit waits for ksm_thread_mutex, which the writer of
+run=2 holds (run_store unmerges under it) while it waits for the memory
+only that exit would free: the watchdog reports the cycle.  Under ``seed`` the victim frees its pages first and
 the unmerge completes.  Usage: python oom_deadlock.py [legacy|seed]"""
 import sys
 
@@ -17,8 +17,8 @@ def unmerge_under_pressure(policy: str) -> str:
         m.wait_merged()                                    # 1 KSM page left
         m.ksm["mem_limit"] = m.ksm["frames_used"] + 8      # then memory runs short
         try:
-            m.ksm["run"] = 2                               # ksmd breaks COW on all
-            outcome = f"unmerged; OOM kills: {m.ksm['pages_shared']} pages still shared"
+            m.ksm["run"] = 2                               # run_store: break_cow on every page
+            outcome = f"unmerged, {m.ksm['pages_shared']} pages still shared"
         except uksm.HungTask as e:
             outcome = "deadlock: " + " / ".join(e.chain)
     assert m.report is not None

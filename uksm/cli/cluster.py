@@ -371,7 +371,7 @@ def cmd_ctl(a: argparse.Namespace) -> int:
             knobs.append([k, v])
         ans = request(name, {"op": "ctl", "knobs": knobs})
         for ap in ans["applied"]:
-            extra = f"; ksmd done in {ap['wait_s']:.2f}s" if "wait_s" in ap else ""
+            extra = f"; run_store done in {ap['wait_s']:.2f}s" if "wait_s" in ap else ""
             print(f"{ap['name']} {ap['value']} (was {ap['previous']}{extra})")
         return EXIT_OK
     for k in reads:
