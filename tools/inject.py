@@ -250,21 +250,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="random, cursor, a kill point name, or all (cycle through every point); "
                         "see --list-points")
     p.add_argument("--list-points", action="store_true", help="list the kill points and exit")
-    p.add_argument("--workers", type=int, default=4)
-    p.add_argument("--pages", type=int, default=256)
-    p.add_argument("--workload", default="vm")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=4,
+                   help="workers kept alive: a replacement is spawned after each kill (default 4)")
+    p.add_argument("--pages", type=int, default=256, help="pages each worker maps (default 256)")
+    p.add_argument("--workload", default="vm",
+                   help="what the workers write, as for 'uksm run --workload' (default vm)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the victims' choice and the workloads: a failing run is replayed "
+                        "with the same seed (default 0)")
     p.add_argument("--churn-ms", type=int, default=5, help="worker activity period (default 5)")
-    p.add_argument("--pages-to-scan", type=int, default=500)
-    p.add_argument("--sleep-ms", type=int, default=5)
-    p.add_argument("--exit-policy", default="seed", choices=["seed", "shipped", "legacy"])
+    p.add_argument("--pages-to-scan", type=int, default=500, help="ksmd's pages_to_scan (default 500)")
+    p.add_argument("--sleep-ms", type=int, default=5, help="ksmd's sleep_millisecs (default 5)")
+    p.add_argument("--exit-policy", default="seed", choices=["seed", "shipped", "legacy"],
+                   help="which __ksm_exit the workers run: the seed's fix (default), as shipped "
+                        "in 2.6.32, or before it")
     p.add_argument("--hazard", action="append", default=[], choices=list(HAZARDS),
                    help="switch off one part of the fix (repeatable)")
-    p.add_argument("--hung-task-timeout", type=float, default=10.0)
-    p.add_argument("--cluster", default="")
-    p.add_argument("--log-dir")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--hung-task-timeout", type=float, default=10.0,
+                   help="seconds a task may wait for a lock before the watchdog reports it (default 10)")
+    p.add_argument("--cluster", default="", help="the cluster's name (default inject<pid>)")
+    p.add_argument("--log-dir", help="where every process writes its JSON log (default: a new "
+                                     "folder in the temporary directory, printed at start)")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
 
 def list_points() -> str:
