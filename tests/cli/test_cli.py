@@ -97,6 +97,7 @@ BAD = [
     (["--pages", "-1"], "--pages"),
     (["--workload", "unique", "--workers", "2", "--pages", "64", "--frames", "100"], "frames"),
     (["--workload", "volatile", "--workers", "1", "--pages", "64", "--frames", "63"], "frames"),
+    (["--max-duration", "0"], "--max-duration"),
 ]
 
 

@@ -94,6 +94,8 @@ def validate(o: RunOptions) -> None:
     check_cluster_options(o)
     if o.duration is not None and o.duration <= 0:
         bad(f"--duration must be positive (got {o.duration})")
+    if o.max_duration <= 0:
+        bad(f"--max-duration must be positive (got {o.max_duration})")
     if o.exit_policy not in EXIT_POLICIES:
         bad(f"unknown --exit-policy {o.exit_policy!r} (one of: {', '.join(EXIT_POLICIES)})")
     if o.oom_rule not in OOM_RULES:
