@@ -98,6 +98,7 @@ BAD = [
     (["--workload", "unique", "--workers", "2", "--pages", "64", "--frames", "100"], "frames"),
     (["--workload", "volatile", "--workers", "1", "--pages", "64", "--frames", "63"], "frames"),
     (["--max-duration", "0"], "--max-duration"),
+    (["--workers", "100000"], "--workers 100000 x --pages 1024 need"),
 ]
 
 

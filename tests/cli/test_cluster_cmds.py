@@ -206,6 +206,11 @@ def _read_pty(fd: int, until: bytes, timeout: float) -> bytes:
 @pytest.mark.timeout(60)
 def test_top_in_a_terminal(cluster: Up) -> None:
     cluster.up("--workers", "2", "--pages", "64", "--workload", "identical", "--frames", "512")
+    # without a terminal: one line, status 1, nothing of curses on stdout
+    # (its initscr wrote the terminal's set-up sequences first)
+    p = cluster("top")
+    assert p.returncode == 1 and p.stdout == "", (p.stdout, p.stderr)
+    assert "needs a terminal" in p.stderr and p.stderr.count("\n") == 1, p.stderr
     env = dict(os.environ, TERM="xterm", LINES="40", COLUMNS="120")
     pid, fd = pty.fork()
     if pid == 0:  # the child: uksm top on the pty

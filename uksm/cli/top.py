@@ -170,6 +170,13 @@ def _loop(win: Any, cl: Any, name: str, interval: float) -> tuple[str, int]:
 
 def run_top(name: str, interval: float = 1.0) -> int:
     cl = attach(name)  # a plain message (status 1) when there is no such cluster
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        # before curses.wrapper: its initscr writes the terminal's set-up
+        # sequences to a pipe or file before it can fail
+        cl.close()
+        print("uksm: top needs a terminal (stdin and stdout); 'uksm status' prints the same once",
+              file=sys.stderr)
+        return EXIT_ERR
     try:
         msg, status = curses.wrapper(_loop, cl, name, interval)
     except KeyboardInterrupt:

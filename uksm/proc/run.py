@@ -81,7 +81,9 @@ def check_cluster_options(o: Any, min_workers: int = 1) -> None:
 def check_frames(frames: int, total: int, o: Any) -> None:
     """The pool: at most 16 GiB, and big enough unless ksmd can merge."""
     if frames * PAGE_SIZE > 16 << 30:
-        usage_error(f"--frames {frames} is {frames * PAGE_SIZE >> 30} GiB of emulated memory: "
+        what = (f"--frames {frames}" if getattr(o, "frames", 0) else
+                f"--workers {o.workers} x --pages {o.pages} need {frames} frames, which")
+        usage_error(f"{what} is {frames * PAGE_SIZE >> 30} GiB of emulated memory: "
                     f"at most 16 GiB")
     if frames < total and (o.run != 1 or o.workload.split(":")[0] in ("unique", "volatile")):
         usage_error(f"{total} pages cannot fit in {frames} frames: nothing would merge them "
