@@ -172,7 +172,7 @@ class Injector:
             if not quiet and time.monotonic() - last >= 1.0:
                 last = time.monotonic()
                 print(f"uksm: {last - t0:6.1f}s [kills {self.delivered}/{self.kills}] "
-                      f"{m.ksm.counters()}", file=sys.stderr)
+                      + "  ".join(f"{k} {v}" for k, v in m.ksm.counters().items()), file=sys.stderr)
         st = m.stats()
         self.at_last = {"merges": st["merges"], "full_scans": m.ksm["full_scans"]}
         if self.interrupted():

@@ -375,6 +375,18 @@ def test_an_oops_in_the_text_report(tmp_path) -> None:
     assert shm.leftovers(cl) == [] and not cluster_pids(cl)
 
 
+@pytest.mark.timeout(100)
+def test_the_text_report_says_how_run_store_ended(tmp_path) -> None:
+    """A scenario's write of run=2 is in the text report too, not only in
+    --json (a fresh user looked for it there, as the README says)."""
+    cl = name("rstxt")
+    out, status, err = run_text({}, "--cluster", cl, "--scenario", "oom-unmerge",
+                                "--log-dir", str(tmp_path))
+    assert status == 0, out + err
+    assert "           run_store 2: done (run now 2)" in out, out
+    assert shm.leftovers(cl) == [] and not cluster_pids(cl)
+
+
 # ---- 5. --duration caps --until-merged -------------------------------------------------------
 
 @pytest.mark.timeout(100)

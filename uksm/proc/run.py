@@ -269,6 +269,9 @@ def print_report(r: dict[str, Any]) -> None:
     print(f"  ksm      run {k['run']}  full_scans {k['full_scans']}  pages_scanned {k['pages_scanned']}")
     print(f"           pages_shared {k['pages_shared']}  pages_sharing {k['pages_sharing']}  "
           f"pages_unshared {k['pages_unshared']}  pages_volatile {k['pages_volatile']}")
+    if "run_store" in r:   # a scenario's write of run: how it ended
+        rs = r["run_store"]
+        print(f"           run_store {rs['value']}: {rs['result']} (run now {rs['run']})")
     print(f"  memory   frames used {fr['used']} of {total_pages}; pool resident "
           f"{mem / 2**20:.1f} MiB; saved by merging {saved} pages = {saved * 4096 / 2**20:.1f} MiB")
     print(f"  workers  started {w['started']}  exited {w['exited']}  __ksm_exit: fast {w['exit_fast']}  "
