@@ -175,6 +175,16 @@ def assert_fsck(sup: Any, spaces: Iterable[Space] = (), counters: bool = True) -
     assert errs == [], "fsck: " + "; ".join(errs[:10])
 
 
+def exit_all_clean(sup: Any, *spaces: Space) -> None:
+    """fsck with ``spaces`` live, each exits, every frame comes back, fsck
+    again: the end of every in-process merge test."""
+    assert_fsck(sup, spaces)
+    for sp in spaces:
+        sp.exit()
+    wait_frames_used(sup, 0)
+    assert_fsck(sup)
+
+
 def maps_duplicates(spaces: Iterable[tuple[Space, int, int]]) -> list[tuple[int, list]]:
     """range_maps_duplicates (ksm_functional_tests.c) over several ranges
     (space, addr, npages): the frames mapped more than once."""

@@ -16,6 +16,7 @@ from util_machine import (
     PAGE,
     Space,
     assert_fsck,
+    exit_all_clean,
     frame,
     frames_used,
     is_ksm,
@@ -184,10 +185,7 @@ def test_unmerge_after_write() -> None:
         s.alloc.flush()
         assert frame(cl, kpfn) == (0, 0)  # the KSM page is gone
         wait_frames_used(sup, 2)
-        assert_fsck(sup, [s])
-        s.exit()
-        wait_frames_used(sup, 0)
-        assert_fsck(sup)
+        exit_all_clean(sup, s)
 
 
 @pytest.mark.timeout(60)
@@ -227,11 +225,7 @@ def test_unmerge_all_with_run_2() -> None:
         assert_fsck(sup, [s1, s2])
         set_run(sup, 1)
         wait_counts(sup, pages_shared=4, pages_sharing=40, pages_unshared=4)
-        assert_fsck(sup, [s1, s2])
-        s1.exit()
-        s2.exit()
-        wait_frames_used(sup, 0)
-        assert_fsck(sup)
+        exit_all_clean(sup, s1, s2)
 
 
 @pytest.mark.timeout(60)
@@ -267,10 +261,7 @@ def test_unmerge_discarded() -> None:
         wait_frames_used(sup, n // 2)
         # ksmd finds no mergeable area left: it drops the items and the slot
         wait_counts(sup, pages_shared=0, pages_sharing=0, rmap_items=0)
-        assert_fsck(sup, [s])
-        s.exit()
-        wait_frames_used(sup, 0)
-        assert_fsck(sup)
+        exit_all_clean(sup, s)
 
 
 @pytest.mark.timeout(60)
@@ -319,10 +310,7 @@ def test_merge_and_unmerge_by_madvise() -> None:
         s.mergeable(a, n)
         wait_counts(sup, pages_shared=2, pages_sharing=n - 2)
         wait_frames_used(sup, 2)
-        assert_fsck(sup, [s])
-        s.exit()
-        wait_frames_used(sup, 0)
-        assert_fsck(sup)
+        exit_all_clean(sup, s)
 
 
 @pytest.mark.timeout(60)
@@ -349,7 +337,4 @@ def test_merged_page_survives_its_mappers_leaving() -> None:
         k = wait_counts(sup, pages_shared=1, pages_sharing=3)
         assert frame(cl, kpfn)[0] == 4 and k["pages_unshared"] == 0
         assert s0.read(addrs[0], 4 * PAGE) == content(42) * 4
-        assert_fsck(sup, [s0])
-        s0.exit()
-        wait_frames_used(sup, 0)
-        assert_fsck(sup)
+        exit_all_clean(sup, s0)

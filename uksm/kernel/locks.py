@@ -263,6 +263,15 @@ class PyTask:
             self.uaf(lk, "lock")
         if check and self.lockdep is not None:
             self.lockdep_check(lk, "lock")
+        e, w, got = self._take_try(lk)
+        if not got:
+            self._block(lk, e)
+        self.q[e + E_WORD] = (w & ~7) + 16 + HELD
+
+    def _take_try(self, lk: Lock) -> tuple[int, int, bool]:
+        """The first half of lock and trylock (the C core's take_try):
+        E_LOCK, the word -> WAITING, one trywait [window A].  Returns the
+        entry's offset, its word before, and whether a unit was taken."""
         q = self.q
         e = self.ebase[lk.cls]
         q[e + E_LOCK] = lk.lid
@@ -271,8 +280,8 @@ class PyTask:
         try:
             lk.sem.acquire(0)
         except posix_ipc.BusyError:
-            self._block(lk, e)
-        q[e + E_WORD] = (w & ~7) + 16 + HELD
+            return e, w, False
+        return e, w, True
 
     def trylock(self, lk: Lock) -> bool:
         """mutex_trylock / down_read_trylock (cannot deadlock: only a
@@ -282,18 +291,9 @@ class PyTask:
             self.uaf(lk, "trylock")
         if self.lockdep is not None and self.holds(lk):
             self.lockdep("recursive", lk, lk.lid, "trylock")
-        q = self.q
-        e = self.ebase[lk.cls]
-        q[e + E_LOCK] = lk.lid
-        w = q[e + E_WORD]
-        q[e + E_WORD] = (w & ~7) + 8 + WAITING
-        try:
-            lk.sem.acquire(0)
-        except posix_ipc.BusyError:
-            q[e + E_WORD] = (w & ~7) + 16 + IDLE
-            return False
-        q[e + E_WORD] = (w & ~7) + 16 + HELD
-        return True
+        e, w, got = self._take_try(lk)
+        self.q[e + E_WORD] = (w & ~7) + 16 + (HELD if got else IDLE)
+        return got
 
     def lock_bounded(self, lk: Lock, timeout: float, between: Callable[[], bool]) -> None:
         """mutex_lock for a task that has other duties while it waits (the
