@@ -1035,6 +1035,21 @@ def test_lock_bounded_takes_a_free_lock_at_once(tb: Table) -> None:
     t.unlock(mx)
 
 
+def test_lock_bounded_checks_the_lock_order(tb: Table) -> None:
+    """The daemon's bounded wait for ksm_thread_mutex under a pte lock is an
+    order violation, reported as lock's is (its trylock checks recursion
+    only: the review of this session found the order unchecked)."""
+    t = tb.task(0)
+    seen: list[tuple[str, str, str]] = []
+    t.lockdep = lambda kind, lk, held, op: seen.append((kind, lk.name, lock_name(held)))
+    ptl, mx = tb.lock(C_PTL, mm=1), tb.lock(C_DAEMON)
+    t.lock(ptl)
+    t.lock_bounded(mx, 1.0, lambda: False)
+    assert seen == [("order", "ksm_thread_mutex", "pte_lock:mm1")]
+    t.unlock(mx)
+    t.unlock(ptl)
+
+
 def test_lock_bounded_gives_up_after_its_timeout_with_the_entry_idle(tb: Table) -> None:
     holder, t = tb.task(1), tb.task(0)
     mx = tb.lock(C_DAEMON)

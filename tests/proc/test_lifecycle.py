@@ -60,6 +60,26 @@ def wait_up(p: subprocess.Popen, cluster: str, workers: int = 2) -> list[int]:
     return [x for x in cluster_pids(cluster) if x != p.pid]
 
 
+# what each cluster had left when force_clean came to it: nothing_left
+# asserts it was nothing (the safety net must not hide what the test checks)
+LEFT: dict[str, tuple[list[int], list[str]]] = {}
+
+
+def force_clean(cluster: str) -> None:
+    """The safety net: note what of ``cluster`` is still there after a
+    bounded wait for its processes to go by themselves (LEFT), then
+    SIGKILL them and remove its objects."""
+    try:
+        wait_for(lambda: not cluster_pids(cluster), 10, what="the cluster's processes to go")
+    except AssertionError:
+        pass
+    LEFT[cluster] = (cluster_pids(cluster), shm.leftovers(cluster))
+    for pid in cluster_pids(cluster):
+        os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not cluster_pids(cluster), 10, what="the cluster's processes to die")
+    shm.remove_all(cluster)
+
+
 def finish(p: subprocess.Popen, cluster: str, timeout: float = 60) -> tuple[str, str]:
     """The command's output; whatever happens, nothing of ``cluster`` left."""
     try:
@@ -68,10 +88,7 @@ def finish(p: subprocess.Popen, cluster: str, timeout: float = 60) -> tuple[str,
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
             p.communicate()
-        for pid in cluster_pids(cluster):
-            os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: not cluster_pids(cluster), 10, what="the cluster's processes to go")
-        shm.remove_all(cluster)
+        force_clean(cluster)
 
 
 def report(out: str, err: str) -> dict[str, Any]:
@@ -82,6 +99,9 @@ def report(out: str, err: str) -> dict[str, Any]:
 
 
 def nothing_left(cluster: str, pids: list[int]) -> None:
+    """The test's cluster was gone before the safety net came (LEFT), and
+    is gone now."""
+    assert LEFT.pop(cluster, ([], [])) == ([], []), "left for the safety net (pids, objects)"
     wait_for(lambda: not any(pid_alive(x) for x in pids), 10, what="the cluster's processes to go")
     assert not cluster_pids(cluster)
     assert shm.leftovers(cluster) == []
@@ -215,10 +235,7 @@ def test_sigkill_to_daemon_takes_its_children_along(tmp_path) -> None:
         c = uksm("cleanup", "--cluster", cl, timeout=60)
         assert c.returncode == 0 and "ended" not in c.stdout, (c.stdout, c.stderr)
     finally:
-        for pid in cluster_pids(cl):
-            os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: not cluster_pids(cl), 10)
-        shm.remove_all(cl)
+        force_clean(cl)
     nothing_left(cl, kids)
 
 
@@ -276,10 +293,7 @@ def test_cleanup_ends_orphans_never_a_reused_pid(tmp_path) -> None:
             p.wait()
         if p.stdout:
             p.stdout.close()
-        finish_pids = cluster_pids(cl)
-        for pid in finish_pids:
-            os.kill(pid, signal.SIGKILL)
-        shm.remove_all(cl)
+        force_clean(cl)
     nothing_left(cl, kids)
 
 

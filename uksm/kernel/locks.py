@@ -38,7 +38,8 @@ writer takes all N one at a time under a writer mutex (``mmap_wmutex``), so
 
 Lock order (as mm/ksm.c's): ksm_thread_mutex -> mmap_wmutex -> mmap_sem ->
 pte_lock -> zone_lock.  ksm_mmlist_lock is a leaf: it may be taken under
-ksm_thread_mutex and mmap_sem, and nothing is taken under it -- which is
+any lock (ksm_thread_mutex, mmap_sem, the pte lock in mm_users_zero), and
+nothing is taken under it -- which is
 why fsck, stopping the world, may take it last, after every pte lock and
 zone_lock.  What each lock protects: docs/DESIGN.md.
 """
@@ -306,8 +307,11 @@ class PyTask:
         caller for ever.  ``between()`` returning True (a hung task was
         reported: waiting on would wait for ever), or ``timeout`` seconds
         passing, gives up: the entry goes back to IDLE, no unit taken, and
-        LockTimeout says which.  Unlike ``lock``: no lockdep order check
-        (a trylock's only) and no ``lock_wait`` event (``on_wait``)."""
+        LockTimeout says which.  Unlike ``lock``: no ``lock_wait`` event
+        (``on_wait``)."""
+        if self.lockdep is not None:
+            # its trylock checks recursion only: the order, as lock does
+            self.lockdep_check(lk, "lock")
         if self.trylock(lk):
             return
         q = self.q
