@@ -171,12 +171,13 @@ def _own_test_objects() -> list[str]:
     """/dev/shm entries ``uksmtest.*`` (outside the ``uksm.`` namespace, so
     that no other session's fixture takes them) that carry this process's
     pid in their name: a lock test's semaphores."""
-    pid = str(os.getpid())
+    import re
+    mine = re.compile(rf"(?<!\d){os.getpid()}(?!\d)")   # the whole number: not 12345 for 1234
     try:
         names = os.listdir("/dev/shm")
     except OSError:
         return []
-    return [n for n in names if n.startswith(("uksmtest.", "sem.uksmtest.")) and pid in n]
+    return [n for n in names if n.startswith(("uksmtest.", "sem.uksmtest.")) and mine.search(n)]
 
 
 @pytest.fixture(autouse=True)
