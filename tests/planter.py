@@ -129,6 +129,31 @@ def plant_free_counted(cl: "Cluster", mms: dict[int, "MM"]) -> Fault:
     return Fault("free frame with a count", [rf"frame {pfn} is free but has count 1 flags 0$"], st.undo)
 
 
+def plant_free_flagged(cl: "Cluster", mms: dict[int, "MM"]) -> Fault:
+    """A free frame's flags set (PageAnon left on a freed page)."""
+    st = Store()
+    pfn = free_stack(cl)[0]
+    st.set(cl.fq, pfn * FRAME_SIZE + FR_FLAGS, F_ANON)
+    return Fault("free frame with flags", [rf"frame {pfn} is free but has count 0 flags {F_ANON}$"],
+                 st.undo)
+
+
+def plant_stack_negative(cl: "Cluster", mms: dict[int, "MM"]) -> Fault:
+    """A free-stack entry below the pool (-1), then pushed."""
+    st, top = Store(), cl.q[A_FREE_TOP]
+    st.set(cl.fq, cl.stack_off + top, -1)
+    st.set(cl.q, A_FREE_TOP, top + 1)
+    return Fault("free-stack entry negative", [rf"free stack\[{top}\] holds invalid frame -1$"], st.undo)
+
+
+def plant_stack_top(cl: "Cluster", mms: dict[int, "MM"]) -> Fault:
+    """The free stack's top past the pool (more free frames than frames)."""
+    st = Store()
+    st.set(cl.q, A_FREE_TOP, cl.nframes + 1)
+    return Fault("free-stack top past the pool",
+                 [rf"free stack top {cl.nframes + 1} outside 0\.\.{cl.nframes}$"], st.undo)
+
+
 def plant_count(cl: "Cluster", mms: dict[int, "MM"], ksm: bool = False) -> Fault:
     """A mapped frame's count one too high (a missing put_page)."""
     st = Store()
@@ -426,6 +451,9 @@ FSCK_PLANTS: list[tuple[str, Callable[["Cluster", dict[int, "MM"]], Fault]]] = [
     ("stack_twice", plant_stack_twice),
     ("stack_lost", plant_stack_lost),
     ("free_counted", plant_free_counted),
+    ("free_flagged", plant_free_flagged),
+    ("stack_negative", plant_stack_negative),
+    ("stack_top", plant_stack_top),
     ("count_anon", lambda cl, mms: plant_count(cl, mms, False)),
     ("count_ksm", lambda cl, mms: plant_count(cl, mms, True)),
     ("ksm_bytes", plant_ksm_bytes),

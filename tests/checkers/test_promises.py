@@ -55,6 +55,8 @@ def test_fsck_and_down_exit_4_on_a_planted_fault(cluster: Up) -> None:
     assert p.returncode == 4 and r["status"] == 4, p.stdout + p.stderr
     pfn = lost.info["pfn"]
     assert f"frame {pfn} leaked: count 0, not on the free stack (flags 0)" in r["fsck"]["errors"], r["fsck"]
+    # and check_leaks' count of frames in use once every task has exited
+    assert "leak: 1 frames still in use after every task exited" in r["fsck"]["errors"], r["fsck"]
     assert not shm.leftovers(cluster.name)
 
 

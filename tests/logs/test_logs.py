@@ -364,6 +364,11 @@ def _plant_rule1_freed_twice(evs):
     return _insert_after(evs, ("ksm_exit", {"mm": 1}), ev(KSMD, "slot_freed", mm=1, by="ksmd"))
 
 
+def _plant_rule1_entered_twice(evs):
+    # a second __ksm_enter of mm 1 before its slot was freed
+    return _insert_after(evs, ("ksm_enter", {"mm": 1}), ev(W1, "ksm_enter", mm=1))
+
+
 def _plant_rule1_fast_exit_twice(evs):
     return _insert_after(evs, ("ksm_exit", {"mm": 3}),
                          ev(REAPER, "ksm_exit", mm=3, path="legacy", policy="legacy"))
@@ -427,6 +432,7 @@ PLANTS = [
     ("rule 1", "mm 1", "never freed", _plant_rule1_not_freed),
     ("rule 1", "mm 1", "freed twice", _plant_rule1_freed_twice),
     ("rule 1", "mm 3", "freed twice", _plant_rule1_fast_exit_twice),
+    ("rule 1", "mm 1", "was never freed", _plant_rule1_entered_twice),
     ("rule 2", "mm 2", "not followed by slot_freed", _plant_rule2_no_slot_freed),
     ("rule 2", "mm 2", "came before it", _plant_rule2_freed_before),
     ("rule 3", "mm 1", "mm_count=1", _plant_rule3_count_not_zero),

@@ -113,9 +113,16 @@ def check(cl: "Cluster", mms: dict[int, "MM"], counters: bool = True) -> list[st
     # them was most of the final fsck's 50 ms, which every run's end waits for.
     n = cl.nframes
     top = q[A_FREE_TOP]
-    stack = fq[cl.stack_off:cl.stack_off + top].tolist() if 0 <= top <= n else None
-    on_stack = set(stack or ())
-    if stack is None or len(on_stack) != top or (top and not (0 <= min(stack) and max(stack) < n)):
+    top_ok = 0 <= top <= n
+    if not top_ok:
+        # the stack holds at most every frame: a top outside is the fault,
+        # and with it nothing says which frames are free -- the per-frame
+        # checks below are skipped rather than report every frame
+        errs.append(f"free stack top {top} outside 0..{n}")
+        top = 0
+    stack = fq[cl.stack_off:cl.stack_off + top].tolist()
+    on_stack = set(stack)
+    if len(on_stack) != top or (top and not (0 <= min(stack) and max(stack) < n)):
         on_stack = set()  # a bad stack: name each bad entry, word by word
         for i in range(top):
             pfn = fq[cl.stack_off + i]
@@ -133,6 +140,8 @@ def check(cl: "Cluster", mms: dict[int, "MM"], counters: bool = True) -> list[st
     odd &= on_stack
     if len(on_stack) < n:
         odd |= set(range(n)).difference(on_stack)
+    if not top_ok:
+        odd = set()
     for pfn in sorted(odd):
         b = pfn * FRAME_SIZE
         count, flags = fq[b + FR_COUNT], fq[b + FR_FLAGS]
