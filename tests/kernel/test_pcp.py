@@ -66,6 +66,9 @@ def test_a_worker_killed_holding_its_list_leaks_nothing(point, tmp_path):
             assert listed(sup.cl, ch.row)
             os.kill(ch.proc.pid, signal.SIGKILL)
         pump(sup, lambda: ch.row not in sup.children and sup.settled(), what="worker dead and recovered")
+        # it died of that SIGKILL, there (not of something else before it)
+        assert ch.proc.returncode == -signal.SIGKILL, ch.proc.returncode
+        assert sup.cl.kill_points_hit() == (0 if point is None else 1)
         assert [p for p in range(sup.cl.nframes) if sup.cl.fq[p * FRAME_SIZE + FR_FLAGS] & F_PCP] == []
         assert frames_used(sup.cl) == 0, "the recovery gave back the list and the address space"
         fs = finish(sup)
