@@ -29,10 +29,11 @@ import sys
 from typing import Any
 
 from uksm.host import log as ulog
-from uksm.host.lifeline import arm, exit_now
+from uksm.host.lifeline import EXIT_ORPHAN, arm, exit_now
 from uksm.kernel.layout import (EXIT_PATHS, M_FLAGS, MMF_VM_MERGEABLE, PAGE_SIZE, PT_OFF, PTE_PRESENT,
                          PTE_WRITE, T_EXIT_PATH, T_MISMATCHES, T_READY, VM_MERGEABLE)
 from uksm.kernel.memory import OutOfMemory
+from uksm.kernel.cluster import StaleCluster
 from uksm.kernel.mm import SegFault
 from uksm.host.shm import UksmError
 from uksm.kernel.syscalls import MADV_DONTNEED, MADV_MERGEABLE, MADV_UNMERGEABLE, sys_madvise, sys_mmap
@@ -223,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     chan = socket.socket(fileno=a.cmd_fd)
     try:
         return ScriptedTask(a, chan).run()
+    except StaleCluster as e:
+        print(f"uksm-task: {e}", file=sys.stderr)
+        return EXIT_ORPHAN
     except UksmError as e:
         print(f"uksm-task: {e}", file=sys.stderr)
         return 1

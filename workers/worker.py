@@ -23,9 +23,9 @@ import time
 
 from uksm.host import log as ulog
 from uksm.kernel import oom
-from uksm.kernel.cluster import Cluster
+from uksm.kernel.cluster import Cluster, StaleCluster, add_task_args
 from uksm.kernel.exit import mmput
-from uksm.host.lifeline import arm, exit_now
+from uksm.host.lifeline import EXIT_ORPHAN, arm, exit_now
 from uksm.kernel.layout import (M_OWNER_PID, PAGE_SIZE, S_SIGNALS, T_EXIT_REASON, T_FATAL,
                          T_MISMATCHES, T_PID, T_READY, T_VERIFIED, X_EXIT, X_OOM, X_SIGNAL)
 from uksm.kernel.memory import PCP_BATCH, Allocator, OutOfMemory
@@ -39,12 +39,13 @@ from uksm.workers.workloads import ZERO, Workload
 class Worker:
     def __init__(self, a: argparse.Namespace) -> None:
         self.a = a
-        self.cl = Cluster.attach(a.cluster)
+        # the cluster instance it was started for (StaleCluster: nothing touched)
+        self.cl = Cluster.attach(a.cluster, a.boot_id)
         self.task = self.cl.bind(a.task)
         self.q = self.cl.q
         self.tb = self.task.base
         self.q[self.tb + T_PID] = os.getpid()
-        self.log = ulog.setup("worker", a.cluster, a.log_dir, mm=a.mm)
+        self.log = ulog.setup("worker", a.cluster, a.log_dir, mm=a.mm, boot_id=a.boot_id)
         oom.set_logger(self.log)
         self.cl.watch_use_after_free(self.log)
         self.cl.lockdep_log = self.log
@@ -202,8 +203,7 @@ def parser(prog: str = "uksm-worker",
            description: str = "a worker process (started by the supervisor)") -> argparse.ArgumentParser:
     """The worker's command line (the supervisor's spawn_worker writes it)."""
     ap = argparse.ArgumentParser(prog=prog, description=description)
-    ap.add_argument("--cluster", required=True)
-    ap.add_argument("--task", type=int, required=True)
+    add_task_args(ap)
     ap.add_argument("--mm", type=int, required=True)
     ap.add_argument("--pages", type=int, required=True)
     ap.add_argument("--workload", default="vm")
@@ -217,7 +217,6 @@ def parser(prog: str = "uksm-worker",
     ap.add_argument("--no-touch", action="store_true",
                     help="madvise the area and never write it (LTP ksm05's task): "
                          "ksmd finds no page, the slot has no rmap_items")
-    ap.add_argument("--log-dir")
     return ap
 
 
@@ -227,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         w = Worker(a)
         return w.run()
+    except StaleCluster as e:
+        print(f"uksm-worker: {e}", file=sys.stderr)
+        return EXIT_ORPHAN
     except UksmError as e:
         print(f"uksm-worker: {e}", file=sys.stderr)
         return 1

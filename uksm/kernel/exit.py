@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from uksm.kernel import killpoints, oom
 from uksm.kernel.ksm import __ksm_exit
 from uksm.kernel.layout import (EXIT_POLICIES, H_EXIT_POLICY, M_EXIT_STAGE, M_ID, M_REFS, M_SLOT_USED, M_STATE,
-                     M_USERS, MAX_VMAS, MS_EXITING, MS_ZOMBIE, PAGE_SIZE, PT_OFF, REF_KSM,
+                     M_USERS, MAX_VMAS, MS_EXITING, MS_ZOMBIE, PAGE_SIZE, PT_OFF, REF_KSM, FIRST_VPN,
                      REF_USERS, MS_VMAS_FREED, H_SHUTDOWN, PTE_PRESENT, T_EXIT_PROGRESS,
                      VM_LOCKED, VMA_OFF, VMA_SIZE, V_END, XS_KSM_EXIT, XS_MMDROP, XS_PGTABLES,
                      XS_USERS0, XS_ZAPPED, M_OOM_VICTIM, M_OWNER_PID)
@@ -171,10 +171,11 @@ def exit_mmap_unmap(cl: "Cluster", mm: MM, alloc: Allocator, log: Any) -> None:
     an OOM kill was for is back, and the OOM killer may pick another victim
     if need be."""
     munlock_vma_pages_all(cl, mm, alloc)
-    half = cl.va_pages // 2
+    top = mm.pt_top  # no entry is set above it (sys_mmap backs what it maps)
+    half = min(top, FIRST_VPN + mm.words.pages // 2)  # the middle of what it mapped
     zap_range(cl, alloc, mm, 0, half)
     killpoints.hit(cl, "exit_mid_zap", log)
-    zap_range(cl, alloc, mm, half, cl.va_pages)
+    zap_range(cl, alloc, mm, half, top)
     _mark(cl, mm, XS_ZAPPED)
     mm.words.oom_victim = 0
 

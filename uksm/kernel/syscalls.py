@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from uksm.kernel import killpoints
 from uksm.kernel.ksm import ERESTARTSYS, __ksm_enter, unmerge_ksm_pages
 from uksm.kernel.layout import (MMF_VM_MERGEABLE, PAGE_SHIFT, PAGE_SIZE, PT_OFF, PTE_PRESENT, VM_LOCKED, VM_MERGEABLE, VM_READ, VM_WRITE)
-from uksm.kernel.memory import Allocator
+from uksm.kernel.memory import Allocator, OutOfMemory
 from uksm.kernel.mm import MM, SegFault
 from uksm.kernel.mmu import handle_mm_fault, zap_range
 
@@ -63,6 +63,8 @@ def sys_mmap(cl: "Cluster", mm: MM, length: int, prot: int = VM_READ | VM_WRITE)
     mm.down_write()
     try:
         start = mm.get_unmapped_area(npages)
+        if not mm.back_page_table(start + npages):  # the entries it maps are backed first
+            raise OutOfMemory(f"no room in /dev/shm for the page table of {npages} pages")
         mm.insert_vma(start, npages, prot)
         mm.words.pages += npages
     finally:

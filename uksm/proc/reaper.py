@@ -163,7 +163,8 @@ class Reaper:
         t.pid = os.getpid()
         t.state = TS_REAPING
         view = self.sup.cl.thread_view(row)
-        log = ulog.thread_logger("reaper", self.sup.name, self.sup.log_dir, f"r{row}-{ch.proc.pid}")
+        log = ulog.thread_logger("reaper", self.sup.name, self.sup.log_dir, f"r{row}-{ch.proc.pid}",
+                                boot_id=self.sup.cl.boot_id)
         view.task.on_wait = self.sup.on_wait(log)
         mm0 = self.sup.mms.get(ch.mm)
         try:

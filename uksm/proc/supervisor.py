@@ -71,6 +71,11 @@ class Supervisor:
         self.ksmdctl = KsmdCtl(self)
         self.runwriter = RunWriter(self)
         self.t0 = time.monotonic()
+        # every process started (_popen), registered or not: their pids (the
+        # API's m.pids), and those not yet seen exited, which teardown makes
+        # sure are gone before it unlinks anything
+        self.started: list[int] = []
+        self.procs: list[subprocess.Popen] = []
 
     # ---- boot ---------------------------------------------------------------
     def boot(self) -> None:
@@ -80,7 +85,7 @@ class Supervisor:
         q[H_SUPERVISOR_PID] = os.getpid()
         row = self.alloc_row(R_SUPERVISOR, os.getpid())
         self.cl.bind(row)
-        self.log = ulog.setup("supervisor", self.name, self.log_dir)
+        self.log = ulog.setup("supervisor", self.name, self.log_dir, boot_id=self.cl.boot_id)
         self.cl.lockdep_log = self.log
         oom.set_logger(self.log)
         self.cl.task.on_wait = self.on_wait(self.log)
@@ -116,12 +121,20 @@ class Supervisor:
                     t.start_ns = time.monotonic_ns()
                     t.state = TS_ALIVE      # last: the row is taken
                     return r
-        raise shm.UksmError(f"too many tasks (max {cl.max_tasks})", 2)
+        raise shm.UksmError(f"the task table is full ({cl.max_tasks} rows)", EXIT_ERR)
 
     def free_row(self, row: int) -> None:
         t = self.cl.trow(row)
         t.pid = 0
         t.state = TS_FREE
+
+    def child_args(self, program: str, row: int) -> list[str]:
+        """The command line of a child task (``uksm.kernel.cluster.add_task_args``):
+        its program, the cluster and the instance it belongs to (the boot
+        id it checks before acting), its row, the log folder."""
+        args = [program, "--cluster", self.name, "--boot-id", str(self.cl.boot_id),
+                "--task", str(row)]
+        return args + (["--log-dir", self.log_dir] if self.log_dir else [])
 
     def _popen(self, args: list[str], pass_fds: tuple[int, ...] = (),
                oops_fd: int = -1) -> subprocess.Popen:
@@ -134,8 +147,11 @@ class Supervisor:
         if oops_fd >= 0:
             env[FD_ENV] = str(oops_fd)
             pass_fds = (*pass_fds, oops_fd)
-        return subprocess.Popen([sys.executable, "-m", *args], stdin=subprocess.DEVNULL,
-                                env=env, process_group=0, pass_fds=pass_fds)
+        p = subprocess.Popen([sys.executable, "-m", *args], stdin=subprocess.DEVNULL,
+                             env=env, process_group=0, pass_fds=pass_fds)
+        self.started.append(p.pid)
+        self.procs = [x for x in self.procs if x.returncode is None] + [p]
+        return p
 
     def spawn_worker(self, pages: int, workload: str, seed: int, churn_ms: int = 0,
                      kill_point: str | None = None, kill_sig: int = signal.SIGKILL,
@@ -160,17 +176,15 @@ class Supervisor:
         t.pages = pages
         if kill_point:
             killpoints.arm_worker(cl, row, kill_point, kill_sig)
-        args = [program, "--cluster", self.name, "--task", str(row),
-                "--mm", str(mm.id), "--pages", str(pages), "--workload", workload,
-                "--seed", str(seed), "--worker-no", str(wno), "--churn-ms", str(churn_ms)]
+        args = self.child_args(program, row) + [
+            "--mm", str(mm.id), "--pages", str(pages), "--workload", workload,
+            "--seed", str(seed), "--worker-no", str(wno), "--churn-ms", str(churn_ms)]
         if exit_after_write:
             args.append("--exit-after-write")
         if no_touch:
             args.append("--no-touch")
         if mlock:
             args.append("--mlock")
-        if self.log_dir:
-            args += ["--log-dir", self.log_dir]
         p = self._popen(args + list(extra_args), pass_fds)
         t.pid = p.pid
         mm.words.owner_pid = p.pid
@@ -285,6 +299,33 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 pass
 
+    def stop_writers(self, timeout: float = 60.0) -> bool:
+        """SIGTERM every run= writer still running and wait until each has
+        returned and is settled.  A write its caller gave up on (a Ctrl-C in
+        ``m.ksm["run"] = 2``) is a pending signal to the writing task:
+        run_store stops with -ERESTARTSYS and puts run back to 0, as 2.6.32's
+        does; a writer still starting dies of the SIGTERM before it attaches.
+        Either way none outlives the cluster to write into another."""
+        with self.lock:
+            writers = list(self.writers.values())
+        for ch in writers:
+            try:
+                ch.proc.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            self.poll()
+            self.sweep()
+            if self.hung:
+                return False
+            with self.lock:
+                busy = bool(self.writers)
+            if not busy and self.settled():
+                return True
+            time.sleep(0.005)
+        return False
+
     def stop_workers(self, timeout: float = 60.0, sig: int = signal.SIGTERM) -> bool:
         """Tell every worker to exit and wait for their exits (and reapers)."""
         with self.lock:
@@ -337,7 +378,7 @@ class Supervisor:
             if self.hung:
                 status = EXIT_HUNG
                 self.kill_all()
-            elif not self.stop_workers():
+            elif not self.stop_writers() or not self.stop_workers():
                 status = EXIT_HUNG if self.hung else EXIT_ERR
                 if not self.hung:
                     self.errors.append("workers did not exit in time")
@@ -373,7 +414,20 @@ class Supervisor:
                 "status": status}
 
     def teardown(self) -> list[str]:
-        """Unlink every object; return what is still there."""
+        """Unlink every object; return what is still there.  Any process
+        started and still running here (one started as its caller was
+        interrupted, before it was registered) is SIGKILLed and waited for
+        first: nothing this cluster started outlives it."""
+        for p in self.procs:
+            if p.poll() is None:
+                try:
+                    p.kill()
+                except ProcessLookupError:
+                    pass
+                try:
+                    p.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    pass
         self.stop_ev.set()
         self.recovery.wake()
         for t in self.threads:
