@@ -9,21 +9,15 @@ KillPointMissed, naming the path, although the point was hit).  Under
 untouched (it was driven into its exit and used up)."""
 from __future__ import annotations
 
-import os
-
 import pytest
 
 import uksm
+from helpers import unique_name
 
 pytestmark = pytest.mark.timeout(120)
 
-_n = [0]
-
-
 def machine(**kw):
-    _n[0] += 1
-    return uksm.Machine(name=f"texp{os.getpid() % 100000}x{_n[0]}", frames=128,
-                        sleep_millisecs=5, **kw)
+    return uksm.Machine(name=unique_name("texp"), frames=128, sleep_millisecs=5, **kw)
 
 
 def merged(m: uksm.Machine, n: int = 3) -> list[uksm.Task]:

@@ -18,16 +18,12 @@ import pytest
 import uksm
 from uksm.host import shm
 
-from helpers import run_group
+from helpers import run_group, unique_name
 
 pytestmark = pytest.mark.timeout(120)
 
-_n = [0]
-
-
 def _name() -> str:
-    _n[0] += 1
-    return f"tlim{os.getpid() % 100000}x{_n[0]}"
+    return unique_name("tlim")
 
 
 def machine(**kw):

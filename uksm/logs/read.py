@@ -19,7 +19,7 @@ import operator
 from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Protocol, TypeVar
 
 
 Event = dict[str, Any]
@@ -190,6 +190,27 @@ class Clusters:
         if len(self.seen) > 1:
             raise LogDirError(f"{what}: the folder holds {len(self.seen)} clusters "
                               f"({', '.join(self.labels())}): say which with --cluster")
+
+
+class Feedable(Protocol):
+    def feed(self, ev: Event) -> None: ...
+
+
+A = TypeVar("A", bound=Feedable)
+
+
+def by_cluster(events: Iterable[Event], make: Callable[[], A]) -> dict[Instance, A]:
+    """Route each event, in order, to its cluster's own accumulator (made by
+    ``make()`` at the cluster's first event): the one way the questions
+    that must not mix clusters (check, summary) read a stream."""
+    per: dict[Instance, A] = {}
+    for ev in events:
+        inst = instance_of(ev)
+        acc = per.get(inst)
+        if acc is None:
+            acc = per[inst] = make()
+        acc.feed(ev)
+    return per
 
 
 def only_cluster(events: Iterable[Event], want: str) -> Iterator[Event]:

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from uksm.logs.read import (Clusters, Event, EXIT_PATHS, Instance, ReadStats, only_cluster, instance_of, iter_events, label, select,
+from uksm.logs.read import (Clusters, Event, EXIT_PATHS, ReadStats, by_cluster, only_cluster, iter_events, label, select,
                             _with_origin, _int, _num)
 
 # ---------------------------------------------------------------------------
@@ -111,17 +111,9 @@ def summarize_events(events: Iterable[Event], stats: ReadStats | None = None) ->
     started.  ``clean_stop`` holds when every cluster stopped cleanly;
     ``status`` is the one cluster's, or with several the first that is not
     0 (None if one has no cluster_stop)."""
-    per: dict[Instance, _Summary] = {}
-    first_ns = last_ns = None
-    for ev in events:
-        inst = instance_of(ev)
-        acc = per.get(inst)
-        if acc is None:
-            acc = per[inst] = _Summary()
-        acc.feed(ev)
-        if first_ns is None:
-            first_ns = ev["mono_ns"]
-        last_ns = ev["mono_ns"]
+    per = by_cluster(events, _Summary)
+    first_ns = min((a.first_ns for a in per.values() if a.first_ns is not None), default=None)
+    last_ns = max((a.last_ns for a in per.values() if a.last_ns is not None), default=None)
     clusters = []
     for inst, acc in per.items():
         r = acc.result()
@@ -144,7 +136,8 @@ def summarize_events(events: Iterable[Event], stats: ReadStats | None = None) ->
     if len(clusters) == 1:
         duration, status = clusters[0]["duration_s"], clusters[0]["status"]
     else:
-        duration = round((last_ns - first_ns) / 1e9, 6) if first_ns is not None else 0.0
+        duration = (round((last_ns - first_ns) / 1e9, 6) if first_ns is not None and last_ns is not None
+                    else 0.0)
         sts = [c["status"] for c in clusters]
         status = None if None in sts else next((x for x in sts if x != 0), 0 if sts else None)
     return {

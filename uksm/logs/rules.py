@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from uksm.logs.read import Event, Instance, iter_events, format_fields, instance_of, label, _int
+from uksm.logs.read import Event, by_cluster, iter_events, format_fields, label, _int
 
 # ---------------------------------------------------------------------------
 # check
@@ -180,11 +180,7 @@ class _Checker:
     def _use_after_free(self, ev: Event) -> None:
         self._violation(7, _int(ev.get("mm")), f"{self._desc(ev)}: operation on a freed mm's lock")
 
-    def feed(self, events: Iterable[Event]) -> None:
-        for ev in events:
-            self.feed_one(ev)
-
-    def feed_one(self, ev: Event) -> None:
+    def feed(self, ev: Event) -> None:
         """One event of this cluster (in mono_ns order)."""
         if self.origin is None:
             self.origin = ev["mono_ns"]
@@ -243,15 +239,8 @@ class _Checker:
 def check_events(events: Iterable[Event]) -> CheckResult:
     """Run the protocol rules over an event stream, each cluster instance
     (``uksm.logs.read.instance_of``) alone; see :class:`CheckResult`."""
-    checkers: dict[Instance, _Checker] = {}
-    for ev in events:
-        inst = instance_of(ev)
-        c = checkers.get(inst)
-        if c is None:
-            c = checkers[inst] = _Checker()
-        c.feed_one(ev)
     results = []
-    for inst, c in checkers.items():
+    for inst, c in by_cluster(events, _Checker).items():
         r = c.finish()
         r.cluster = label(inst)
         results.append(r)

@@ -305,31 +305,73 @@ class Supervisor:
         ``m.ksm["run"] = 2``) is a pending signal to the writing task:
         run_store stops with -ERESTARTSYS and puts run back to 0, as 2.6.32's
         does; a writer still starting dies of the SIGTERM before it attaches.
-        Either way none outlives the cluster to write into another."""
+        Either way none outlives the cluster to write into another.  A
+        stray (``strays``) gets the same SIGTERM, and is waited for too."""
+        strays = self.strays()
+        self.end_strays(strays, signal.SIGTERM, 0)
+        ok = self._stop(self.writers, timeout, signal.SIGTERM)
+        return self.end_strays(strays, 0, timeout) and ok
+
+    def strays(self) -> list[int]:
+        """Children of this process started for this cluster (their command
+        line holds its boot id) that the process table does not hold: one
+        forked as its caller was interrupted -- a KeyboardInterrupt raised
+        inside Popen after the fork loses the Popen, and with it the child.
+        Found in /proc, by parent and command line."""
+        me, needle = os.getpid(), f"\0--boot-id\0{self.cl.boot_id}\0".encode()
         with self.lock:
-            writers = list(self.writers.values())
-        for ch in writers:
+            known = {c.proc.pid for c in (*self.children.values(), *self.writers.values())}
+            if self.ksmd is not None:
+                known.add(self.ksmd.proc.pid)
+        out = []
+        for pid in _children(me):
+            if pid in known:
+                continue
             try:
-                ch.proc.send_signal(signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if needle in f.read():
+                        out.append(pid)
+            except OSError:
+                continue
+        return out
+
+    def end_strays(self, pids: list[int], sig: int, timeout: float) -> bool:
+        """Signal the strays ``pids`` (``sig`` 0: none) and reap them, for up
+        to ``timeout`` seconds; True once every one is reaped.  Each is
+        added to ``started`` (m.pids): it was started."""
+        for pid in pids:
+            if pid not in self.started:
+                self.started.append(pid)
+            if sig:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+        left = list(pids)
         end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            self.poll()
-            self.sweep()
-            if self.hung:
-                return False
-            with self.lock:
-                busy = bool(self.writers)
-            if not busy and self.settled():
-                return True
+        while left:
+            for pid in list(left):
+                try:
+                    done, _status = os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    done = pid
+                if done:
+                    left.remove(pid)
+            if not left or time.monotonic() >= end:
+                break
             time.sleep(0.005)
-        return False
+        return not left
 
     def stop_workers(self, timeout: float = 60.0, sig: int = signal.SIGTERM) -> bool:
         """Tell every worker to exit and wait for their exits (and reapers)."""
+        return self._stop(self.children, timeout, sig)
+
+    def _stop(self, table: dict[int, Child], timeout: float, sig: int) -> bool:
+        """Signal every task of ``table`` (``children`` or ``writers``, under
+        ``self.lock``) and wait until reaping has emptied it and every death
+        is settled; False on a hung task or after ``timeout``."""
         with self.lock:
-            kids = list(self.children.values())
+            kids = list(table.values())
         for ch in kids:
             try:
                 ch.proc.send_signal(sig)
@@ -342,7 +384,7 @@ class Supervisor:
             if self.hung:
                 return False
             with self.lock:
-                alive = bool(self.children)
+                alive = bool(table)
             if not alive and self.settled():
                 return True
             time.sleep(0.005)  # the exits are seen within 5 ms: the run's end waits on this loop
@@ -416,8 +458,8 @@ class Supervisor:
     def teardown(self) -> list[str]:
         """Unlink every object; return what is still there.  Any process
         started and still running here (one started as its caller was
-        interrupted, before it was registered) is SIGKILLed and waited for
-        first: nothing this cluster started outlives it."""
+        interrupted, before it was registered; a stray) is SIGKILLed and
+        waited for first: nothing this cluster started outlives it."""
         for p in self.procs:
             if p.poll() is None:
                 try:
@@ -428,6 +470,8 @@ class Supervisor:
                     p.wait(timeout=10)
                 except subprocess.TimeoutExpired:
                     pass
+        if self.booted:
+            self.end_strays(self.strays(), signal.SIGKILL, 10)
         self.stop_ev.set()
         self.recovery.wake()
         for t in self.threads:
@@ -449,6 +493,28 @@ class Supervisor:
     def log_stop(self, status: int) -> None:
         self.log.info("cluster_stop", duration_s=round(time.monotonic() - self.t0, 3), status=status)
         ulog.close()
+
+
+def _children(pid: int) -> list[int]:
+    """The children of process ``pid``: each of its threads' /proc children
+    list (CONFIG_PROC_CHILDREN), else every process whose parent it is."""
+    try:
+        out: list[int] = []
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(x) for x in f.read().split()]
+        return out
+    except FileNotFoundError:
+        pass
+    out = []
+    for d in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{d}/stat", "rb") as f:
+                if d.isdigit() and int(f.read().rsplit(b")", 1)[1].split()[1]) == pid:
+                    out.append(int(d))
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
 
 
 __all__ = ["Supervisor", "Child", "Config"]
