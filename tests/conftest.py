@@ -40,7 +40,7 @@ from uksm.host import shm  # noqa: E402
 from uksm.kernel.cluster import pid_alive  # noqa: E402
 from uksm.proc.control import recorded_supervisor  # noqa: E402
 
-#: tools/checkers_off.py switches this fixture off (it then reports nothing),
+#: dev/checkers_off.py switches this fixture off (it then reports nothing),
 #: to count the tests that notice
 LEAK_CHECK_OFF = os.environ.get("UKSM_CHECKER_OFF") == "leak"
 _OUTER = os.environ.get("UKSM_TEST_SESSION", "")

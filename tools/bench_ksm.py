@@ -50,7 +50,7 @@ Usage::
 
     python3 tools/bench_ksm.py                       # 200,000 pages, 50 contents
     python3 tools/bench_ksm.py --pages 20000 --json  # smaller, one JSON object
-    python3 -m uksm.tools.bench_ksm --skip-kernel
+    python3 tools/bench_ksm.py --skip-kernel         # uksm only, /sys/kernel/mm/ksm untouched
 """
 from __future__ import annotations
 
@@ -636,8 +636,8 @@ def table(r: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="bench_ksm", description=(__doc__ or "").split("\n\n")[0],
-        epilog="See the module docstring (python3 -c 'import uksm.tools.bench_ksm as b; "
-               "help(b)') for how to read the numbers.")
+        epilog="See the module docstring (python3 -m pydoc tools/bench_ksm.py) for how to "
+               "read the numbers.")
     ap.add_argument("--pages", type=int, default=200_000, help="pages in total (default 200000)")
     ap.add_argument("--distinct", type=int, default=50,
                     help="distinct page contents in total (default 50)")

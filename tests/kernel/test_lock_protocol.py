@@ -89,7 +89,7 @@ IMPLS = {"python": PyTask} if Task is PyTask else {"c": Task, "python": PyTask}
 
 @pytest.fixture(params=list(IMPLS))
 def tb(request: pytest.FixtureRequest) -> Iterator[Table]:
-    t = Table(f"tlkp{os.getpid()}", IMPLS[request.param])   # the full pid: tools/mutation_reap.py reads it
+    t = Table(f"tlkp{os.getpid()}", IMPLS[request.param])   # the full pid: dev/mutation_reap.py reads it
     try:
         yield t
     finally:

@@ -114,10 +114,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                        description="Run a cluster and kill workers mid-scan (at random, at ksmd's "
                                    "cursor, or at a named kill point), respawning replacements; "
                                    "then stop, check and report. " + STOP_HELP, epilog=EPILOG)
-    from uksm.tools.inject import add_arguments
+    from uksm.faults.inject import add_arguments
     add_arguments(p)
 
-    from uksm.tools.campaign import add_parser as add_campaign
+    from uksm.faults.campaign import add_parser as add_campaign
     add_campaign(sub)
 
     sub.add_parser("logs", help="analyse a run's logs: uksm logs DIR {summary,timeline,check,locks,plot}",
@@ -162,10 +162,10 @@ def dispatch(a: argparse.Namespace) -> int:
     if a.cmd == "cleanup":
         return cmd_cleanup(a)
     if a.cmd == "inject":
-        from uksm.tools.inject import run as inject_run
+        from uksm.faults.inject import run as inject_run
         return inject_run(a)
     if a.cmd == "campaign":
-        from uksm.tools.campaign import cmd_campaign
+        from uksm.faults.campaign import cmd_campaign
         return cmd_campaign(a)
     if a.cmd == "fsck":
         from uksm.cli import cluster as cluster_cmds

@@ -210,7 +210,7 @@ class Supervisor:
         return self.reaper.settled()
 
     def start_ksmd(self) -> None:
-        """The hook a subclass overrides to run ksmd elsewhere (tools/profile_ksmd.py)."""
+        """The hook a subclass overrides to run ksmd elsewhere (dev/profile_ksmd.py)."""
         self.ksmdctl.start()
 
     def stop_ksmd(self) -> None:

@@ -22,7 +22,7 @@ each piece the best of ``--repeat`` rounds, in CPU microseconds per page
 The lock pairs and the copy are timed alone (timeit).  Nothing is left
 running or in /dev/shm afterwards.
 
-Usage: ``python tools/profile_fault.py [--pages 256] [--repeat 5] [--json]``
+Usage: ``python dev/profile_fault.py [--pages 256] [--repeat 5] [--json]``
 """
 from __future__ import annotations
 

@@ -35,15 +35,6 @@ import threading
 import time
 from typing import Any
 
-from uksm.tools.bench_ksm import (
-    expected_counts,
-    machine,
-    shielded,
-    split_pages,
-    start_workers,
-    uksm_config,
-)
-
 from uksm.host import log as ulog
 from uksm.host import shm
 from uksm.kernel.cluster import Cluster
@@ -61,6 +52,17 @@ from uksm.kernel.layout import (
     T_PID,
 )
 from uksm.proc.supervisor import Supervisor
+
+# the benchmark this profiles: tools/ is a folder of scripts, never installed
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+from bench_ksm import (  # noqa: E402
+    expected_counts,
+    machine,
+    shielded,
+    split_pages,
+    start_workers,
+    uksm_config,
+)
 
 
 class InProcessKsmdSupervisor(Supervisor):

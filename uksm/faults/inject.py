@@ -1,7 +1,7 @@
 """Fault injection: kill workers while ksmd scans them, and check that the
 emulated kernel survives every kill with nothing lost.
 
-``uksm inject`` (or ``python -m uksm.tools.inject``) boots a cluster whose
+``uksm inject`` (or ``python -m uksm.faults.inject``) boots a cluster whose
 workers churn (refault, COW, re-advise) so that every code path is busy,
 then delivers ``--kills`` kills, one at a time, choosing the victim by
 ``--point``:
