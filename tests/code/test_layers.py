@@ -12,6 +12,7 @@ dependency, only a later one):
     logs           uksm.logs   (reads log files: only the host below it)
     kernel         uksm.kernel (the emulated mm/ksm.c)
     host           uksm.host   (shm, lifeline, log, oops, exit codes)
+    errors         uksm.errors (the one exception hierarchy: imports nothing of uksm)
 
 tools/ (the benchmarks) and dev/ (maintainer tooling) are scripts run from
 a checkout, not installed modules: they are no layer.
@@ -28,14 +29,15 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 FOLDERS = {"uksm": ROOT / "uksm", "uksm.workers": ROOT / "workers"}
 # what each layer may import, itself included
 ALLOWED = {
-    "host": {"host"},
-    "kernel": {"host", "kernel"},
-    "logs": {"host", "logs"},
-    "workers": {"host", "kernel", "workers"},
-    "proc": {"host", "kernel", "workers", "proc"},
-    "api": {"host", "kernel", "workers", "proc", "api"},
-    "faults": {"host", "kernel", "workers", "proc", "api", "logs", "faults"},
-    "cli": {"host", "kernel", "workers", "proc", "api", "logs", "faults", "cli"},
+    "errors": {"errors"},
+    "host": {"errors", "host"},
+    "kernel": {"errors", "host", "kernel"},
+    "logs": {"errors", "host", "logs"},
+    "workers": {"errors", "host", "kernel", "workers"},
+    "proc": {"errors", "host", "kernel", "workers", "proc"},
+    "api": {"errors", "host", "kernel", "workers", "proc", "api"},
+    "faults": {"errors", "host", "kernel", "workers", "proc", "api", "logs", "faults"},
+    "cli": {"errors", "host", "kernel", "workers", "proc", "api", "logs", "faults", "cli"},
 }
 
 
@@ -150,6 +152,8 @@ def test_the_checks_can_fail() -> None:
     # the kernel's own modules are seen, with their imports
     assert "uksm.kernel.layout" in GRAPH["uksm.kernel.ksm"]
     assert "uksm.host.shm" in GRAPH["uksm.kernel.cluster"]
+    # the one exception hierarchy is below everything, the kernel's SegFault too
+    assert GRAPH["uksm.errors"] == set() and "uksm.errors" in GRAPH["uksm.kernel.mmu"]
     # fault injection is seen in its own layer, under the CLI that runs it
     assert "uksm.faults.campaign_run" in GRAPH["uksm.faults.campaign"]
     assert {"uksm.faults.inject", "uksm.faults.campaign"} <= GRAPH["uksm.cli.main"]

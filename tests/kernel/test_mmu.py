@@ -24,7 +24,7 @@ from util_machine import (
 )
 
 from uksm.kernel.layout import FIRST_VPN, M_KSM_MAPPED, M_RSS, PT_OFF, T_COW, T_FAULTS
-from uksm.kernel.mm import SegFault
+from uksm.errors import SegFault
 from uksm.kernel.syscalls import MADV_DONTNEED, MADV_MERGEABLE
 
 pytestmark = pytest.mark.timeout(60)

@@ -40,7 +40,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
 from uksm.kernel.layout import EXIT_POLICIES, HAZARDS
-from uksm.host.shm import UksmError
+from uksm.errors import UksmError
 from uksm.faults.campaign_run import execute_run, reproduce, run_id
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130

@@ -40,7 +40,7 @@ from uksm.kernel.layout import HAZARDS
 from uksm.host.exitcodes import interrupted as interrupted_status
 from uksm.host.lifeline import StopSignals
 from uksm.proc.run import EXIT_USAGE, RunOptions, default_frames, validate
-from uksm.host.shm import UksmError
+from uksm.errors import UksmError
 
 SIGNALS = ("KILL", "TERM")
 # a worker point reached only by a task still to go through __ksm_enter:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+from uksm.errors import SegFault
 from uksm.host import shm
 from uksm.kernel.views import MmRow
 from uksm.kernel.layout import (FIRST_VPN, M_CREATED_NS, M_EXIT_STAGE, M_FLAGS, M_ID, M_OWNER_PID,
@@ -37,10 +38,6 @@ if TYPE_CHECKING:
 
 # each VMA row's offset in an mm's segment, in table order (find_vma's walk)
 VMA_BASES = tuple(VMA_OFF + i * VMA_SIZE for i in range(MAX_VMAS))
-
-
-class SegFault(Exception):
-    """Access outside any VMA, or a write to a read-only one."""
 
 
 class VmaTableFreed(Exception):
@@ -329,5 +326,5 @@ def pages_of(npages_or_bytes: int) -> int:
     return (npages_or_bytes + PAGE_SIZE - 1) // PAGE_SIZE
 
 
-__all__ = ["MM", "SegFault", "mm_create", "mm_attach", "mmdrop", "free_mm_objects",
+__all__ = ["MM", "mm_create", "mm_attach", "mmdrop", "free_mm_objects",
            "mm_fields", "live_mm_rows"]

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable
 
+from uksm.errors import SegFault
 from uksm.kernel import killpoints
 from uksm.kernel.ksm import ERESTARTSYS, __ksm_enter, unmerge_ksm_pages
 from uksm.kernel.layout import (MMF_VM_MERGEABLE, PAGE_SHIFT, PAGE_SIZE, PT_OFF, PTE_PRESENT, VM_LOCKED, VM_MERGEABLE, VM_READ, VM_WRITE)
 from uksm.kernel.memory import Allocator
-from uksm.kernel.mm import MM, SegFault
+from uksm.kernel.mm import MM
 from uksm.kernel.mmu import handle_mm_fault, zap_range
 
 if TYPE_CHECKING:

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 from uksm.kernel import killpoints
 from uksm.host.exitcodes import EXIT_ERR, EXIT_USAGE
 from uksm.kernel.layout import (EXIT_PATHS, H_KSMD_POINT, L_SCAN_SLOT, PAGE_SIZE, T_EXIT_PATH, T_KILL_POINT)
-from uksm.host.shm import UksmError
+from uksm.errors import UksmError
 
 if TYPE_CHECKING:
     from uksm.proc.supervisor import Child, Supervisor
