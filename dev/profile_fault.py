@@ -39,7 +39,7 @@ PAGE = 4096
 
 def measure(pages: int, repeat: int) -> dict[str, float]:
     from uksm.host import shm
-    from uksm.host.log import _Null
+    from uksm.host.log import NULL_LOG
     from uksm.kernel.cluster import Cluster, Config
     from uksm.kernel.exit import mmput
     from uksm.kernel.layout import R_WORKER, T_PID
@@ -127,7 +127,7 @@ def measure(pages: int, repeat: int) -> dict[str, float]:
                                    - out["pair_mmap_sem"] - 2 * out["pair_pte_lock"])
         out["rest_mapped_write"] = out["mapped_write"] - out["pair_pte_lock"] - out["copy"]
         alloc.drain()
-        mmput(cl, mm, alloc, _Null())
+        mmput(cl, mm, alloc, NULL_LOG)
         alloc.flush()
     finally:
         if cl is not None:

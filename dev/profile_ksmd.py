@@ -120,7 +120,7 @@ def one_run(a: argparse.Namespace, profile: bool, say: Any) -> dict[str, Any]:
         kcl = Cluster.attach(name)
         kcl.bind(sup.ksmd_row)
         kcl.q[kcl.tbase(sup.ksmd_row) + T_PID] = os.getpid()
-        ksmd = TimedKsmd(kcl, ulog._Null())
+        ksmd = TimedKsmd(kcl, ulog.NULL_LOG)
         done: dict[str, Any] = {}
 
         def watch() -> None:

@@ -100,11 +100,11 @@ class Space:
         import helpers
 
         from uksm.kernel.exit import mmput
-        from uksm.host.log import _Null
+        from uksm.host.log import NULL_LOG
         path = 0
         if not self.exited:
             self.exited = True
-            path = mmput(self.cl, self.mm, self.alloc, _Null())
+            path = mmput(self.cl, self.mm, self.alloc, NULL_LOG)
             self.alloc.flush()
         if wait:
             helpers.pump(self.sup, self.freed, timeout, what=f"mm{self.mm.id} to be freed")

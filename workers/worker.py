@@ -45,7 +45,6 @@ class Worker:
         self.tb = self.task.base
         self.q[self.tb + T_PID] = os.getpid()
         self.log = ulog.setup("worker", a.cluster, a.log_dir, mm=a.mm)
-        oom.set_logger(self.log)
         self.cl.watch_use_after_free(self.log)
         self.cl.lockdep_log = self.log
         self.task.on_wait = lambda name, ms, holders: self.log.info(
@@ -53,7 +52,7 @@ class Worker:
         self.mm = mm_attach(self.cl, a.mm)
         self.q[self.mm.base + M_OWNER_PID] = os.getpid()
         self.alloc = Allocator(self.cl, batch=PCP_BATCH)  # a per-task list of free frames
-        self.alloc.oom_killer = oom.out_of_memory
+        self.alloc.oom_killer = oom.oom_killer(self.log)
         self.mmu = MMU(self.cl, self.mm, self.alloc)
         self.wl = Workload(a.workload, a.seed, a.worker_no)
         self.version = [-1] * a.pages  # -1: never written, reads as zeros

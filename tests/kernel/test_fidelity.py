@@ -48,12 +48,12 @@ def test_fault_path_exit_check_only_in_the_seed(policy, installs):
     from util_machine import Space, assert_fsck
 
     from uksm.kernel.exit import mm_users_zero
-    from uksm.host.log import _Null
+    from uksm.host.log import NULL_LOG
     from uksm.kernel.mmu import FAULT_EXITING, FAULT_OK, handle_mm_fault
     with booted(cname("f" + policy[:2]), run=0, frames=64, va_pages=128, exit_policy=policy) as sup:
         s = Space(sup)
         base = s.mmap(2)
-        mm_users_zero(sup.cl, s.mm, _Null())       # exit began: ksm_test_exit(mm)
+        mm_users_zero(sup.cl, s.mm, NULL_LOG)       # exit began: ksm_test_exit(mm)
         sup.cl.task.lock(s.mm.sem)
         try:
             r = handle_mm_fault(sup.cl, s.alloc, s.mm, base >> 12, True, True)
@@ -74,9 +74,9 @@ class InProcKsmd:
 
     def __init__(self, sup, monkeypatch) -> None:
         from uksm.kernel.ksmd import Ksmd
-        from uksm.host.log import _Null
+        from uksm.host.log import NULL_LOG
         self.sup = sup
-        self.k = Ksmd(sup.cl, _Null())
+        self.k = Ksmd(sup.cl, NULL_LOG)
         # the test's Space shares this process's cached semaphores: a slot
         # freed here must not close them under it
         monkeypatch.setattr(sup.cl, "forget_mm", lambda _mm_id: None)
@@ -222,6 +222,7 @@ def test_madv_unmergeable_interrupted_keeps_vm_mergeable(monkeypatch):
 
     from uksm.kernel.ksm import ERESTARTSYS
     from uksm.kernel.layout import VM_MERGEABLE
+    from uksm.host.log import NULL_LOG
     from uksm.kernel.syscalls import MADV_MERGEABLE, MADV_UNMERGEABLE, KsmInterrupted, sys_madvise
     with booted(cname("mi"), run=0, frames=64, va_pages=128) as sup:
         k = InProcKsmd(sup, monkeypatch)
@@ -233,7 +234,7 @@ def test_madv_unmergeable_interrupted_keeps_vm_mergeable(monkeypatch):
             calls.append(1)
             return len(calls) > 3              # a signal arrives after 3 pages
         with pytest.raises(KsmInterrupted) as ei:
-            sys_madvise(sup.cl, s.mm, s.alloc, base, 8 * 4096, MADV_UNMERGEABLE, None, signal_pending)
+            sys_madvise(sup.cl, s.mm, s.alloc, base, 8 * 4096, MADV_UNMERGEABLE, NULL_LOG, signal_pending)
         assert ei.value.err == -ERESTARTSYS and ei.value.pages == 3
         vma = s.mm.find_vma(base >> 12)
         assert vma is not None and vma[3] & VM_MERGEABLE, "VM_MERGEABLE kept: KSM pages remain"
@@ -258,7 +259,7 @@ def test_exit_noticed_after_the_loop_frees_the_slot_now(monkeypatch):
     from uksm.kernel.exit import mm_users_zero
     from uksm.kernel.ksmd import Ksmd
     from uksm.kernel.layout import M_SLOT_USED
-    from uksm.host.log import _Null
+    from uksm.host.log import NULL_LOG
     from uksm.kernel.syscalls import MADV_MERGEABLE
     with booted(cname("al"), run=0, frames=64, va_pages=128) as sup:
         k = InProcKsmd(sup, monkeypatch)
@@ -274,7 +275,7 @@ def test_exit_noticed_after_the_loop_frees_the_slot_now(monkeypatch):
         def cmp_then_exit(self, st, vpn, pfn):
             r = real(self, st, vpn, pfn)
             if vpn == last:               # the exit begins after the last page's checks
-                mm_users_zero(sup.cl, s.mm, _Null())
+                mm_users_zero(sup.cl, s.mm, NULL_LOG)
             return r
         monkeypatch.setattr(Ksmd, "cmp_and_merge_page", cmp_then_exit)
         k.scan(n=4)                            # this mm's 4 pages: the batch ends with it
@@ -423,7 +424,7 @@ def test_oom_victim_stuck_in_mmput_by_rule(rule, second_kill, monkeypatch):
     from uksm.kernel import oom
     from uksm.kernel.exit import mm_users_zero
     from uksm.kernel.layout import M_OOM_VICTIM, M_OWNER_PID, stats_block
-    from uksm.host.log import _Null
+    from uksm.host.log import NULL_LOG
     sent: list[int] = []
     from types import SimpleNamespace
     monkeypatch.setattr(oom, "os", SimpleNamespace(kill=lambda pid, sig: sent.append(pid)))
@@ -436,10 +437,10 @@ def test_oom_victim_stuck_in_mmput_by_rule(rule, second_kill, monkeypatch):
                 s.write(base + i * 4096, b"\x01")
         q[stuck.mm.base + M_OWNER_PID] = 999_001
         q[other.mm.base + M_OWNER_PID] = 999_002
-        assert oom.out_of_memory(sup.cl, sup.cl.task) == 999_001   # the biggest first
+        assert oom.out_of_memory(sup.cl, sup.cl.task, sup.log) == 999_001   # the biggest first
         assert q[stuck.mm.base + M_OOM_VICTIM]
-        mm_users_zero(sup.cl, stuck.mm, _Null())                   # its exit began, pages not freed
-        got = oom.out_of_memory(sup.cl, sup.cl.task)
+        mm_users_zero(sup.cl, stuck.mm, NULL_LOG)                   # its exit began, pages not freed
+        got = oom.out_of_memory(sup.cl, sup.cl.task, sup.log)
         assert got == (999_002 if second_kill else 0)
         assert sent == ([999_001, 999_002] if second_kill else [999_001])
         assert stats_block(q)["oom_killed"] == (2 if second_kill else 1)

@@ -29,7 +29,7 @@ from uksm.kernel import ksm as kmod
 from uksm.kernel.layout import (K_RUN, K_RUN_DONE, K_RUN_SEQ, L_SCAN_ADDR, L_SCAN_SLOT, M_EXIT_STAGE,
                          M_SLOT_USED, S_SLOTS_FREED, T_OOM_ORIGIN, XS_KSM_EXIT, XS_USERS0,
                          XS_ZAPPED, M_ID, M_REFS, M_STATE, M_USERS)
-from uksm.host.log import _Null
+from uksm.host.log import NULL_LOG
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -170,7 +170,7 @@ def test_run2_frees_the_slot_of_an_exiting_mm(machine: Any) -> None:
     cl = sup.cl
     q = cl.q
     live, dying, addr = _merged_pair(sup, 3)
-    log = _Null()
+    log = NULL_LOG
     from uksm.kernel import exit as xmod
     # the dying task got as far as freeing its pages (the seed's order)
     xmod.mm_users_zero(cl, dying.mm, log)
@@ -235,7 +235,7 @@ def test_run2_unmerge_state_and_events(machine: Any, how_far: str) -> None:
     q = cl.q
     live, dying, addr = _merged_pair(sup, 0 if how_far == "zapped" else 1)
     assert q[live.mm.base + M_SLOT_RMAP] > 0 and q[K_STABLE_NODES] == 1
-    nul = _Null()
+    nul = NULL_LOG
     xmod.mm_users_zero(cl, dying.mm, nul)
     xmod.exit_mmap_unmap(cl, dying.mm, dying.alloc, nul)
     dying.alloc.flush()
@@ -345,7 +345,7 @@ def test_run2_counts_every_range_and_an_exiting_mm_alone(machine: Any) -> None:
     set_run(sup, 0)
     a_sp.exit()
     # only an exiting mm left on the list: nothing walked, no error
-    nul = _Null()
+    nul = NULL_LOG
     xmod.mm_users_zero(cl, b_sp.mm, nul)
     xmod.exit_mmap_unmap(cl, b_sp.mm, b_sp.alloc, nul)
     b_sp.alloc.flush()

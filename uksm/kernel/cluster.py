@@ -19,6 +19,7 @@ from typing import Any
 import posix_ipc
 
 from uksm.host import shm
+from uksm.host.log import NULL_LOG
 from uksm.kernel.layout import (A_FREE_TOP, C_ALLOC, C_DAEMON, C_MMAP, C_MMLIST, C_PTL, C_WMUTEX,
                      CTL_FIXED_END, CS_STARTING, EXIT_POLICIES, FRAME_SIZE, H_CREATED_NS,
                      H_EXIT_POLICY, H_HAZARDS, H_HUNG_TIMEOUT_MS, H_KSMD_POINT, H_OOM_RULE, OOM_RULES,
@@ -177,7 +178,7 @@ class Cluster:
         return task
 
     # what lockdep reports go to (each process sets its logger)
-    lockdep_log: Any = None
+    lockdep_log: Any = NULL_LOG
 
     def _lockdep_report(self, kind: str, lk: Lock, held: int, op: str) -> None:
         """A lock taken against the order (locks.Task.lockdep_check): count
@@ -186,10 +187,9 @@ class Cluster:
         deadlock, if it was one (the watchdog then reports the hang)."""
         import traceback
         self.q[S_LOCKDEP] += 1  # racy, but only zero or not matters
+        chain = " <- ".join(f.name for f in reversed(traceback.extract_stack()[-9:-2]))
         log = self.lockdep_log
-        if log is not None:
-            chain = " <- ".join(f.name for f in reversed(traceback.extract_stack()[-9:-2]))
-            log.error("lockdep", kind=kind, lock=lk.name, held=lock_name(held), op=op, chain=chain)
+        log.error("lockdep", kind=kind, lock=lk.name, held=lock_name(held), op=op, chain=chain)
 
     def thread_view(self, row: int) -> "Cluster":
         """The same cluster for another thread of this process, locking as

@@ -68,7 +68,7 @@ def mmput(cl: "Cluster", mm: MM, alloc: Allocator, log: Any) -> int:
     return path
 
 
-def oom_kill_and_mmput(cl: "Cluster", task: Any, log: Any = None) -> int:
+def oom_kill_and_mmput(cl: "Cluster", task: Any, log: Any) -> int:
     """The OOM killer as a linux-next change of 2015 made it (hazard
     ``oom-mmput-in-task``): oom_kill_process itself ends up in mmput of the
     victim's mm, in the allocating task.  When that task is the run=2
@@ -86,7 +86,7 @@ def oom_kill_and_mmput(cl: "Cluster", task: Any, log: Any = None) -> int:
     steps are idempotent).  The report was on linux-next and was fixed in
     the OOM killer, never in KSM; its thread is not in the sources this
     project can search (the issue and shared/KSM-REFERENCE.md describe it)."""
-    pid = oom.out_of_memory(cl, task)
+    pid = oom.out_of_memory(cl, task, log)
     if pid <= 0:
         return pid
     q = cl.q

@@ -144,7 +144,7 @@ class Ksmd:
         self.poolmap = cl.pool.map  # slicing the mmap: one copy per page, cheapest compare
         self.log = log
         self.alloc = Allocator(cl)
-        self.alloc.oom_killer = oom.out_of_memory
+        self.alloc.oom_killer = oom.oom_killer(log)
         self.stable: dict[bytes, StableNode] = {}
         self.live: dict[int, StableNode] = {}   # nid -> node, for every node in the stable tree
         self.next_nid = 0
@@ -786,7 +786,6 @@ def main(argv: list[str] | None = None) -> int:
     import os
     cl.q[cl.tbase(a.task) + T_PID] = os.getpid()
     log = ulog.setup("ksmd", a.cluster, a.log_dir)
-    oom.set_logger(log)
     cl.watch_use_after_free(log)
     cl.lockdep_log = log
     cl.task.on_wait = lambda name, ms, holders: log.info("lock_wait", lock=name, holders=holders,

@@ -19,10 +19,11 @@ walker tolerates), so a writer SIGKILLed mid-way leaves a usable table.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from uksm.errors import SegFault
 from uksm.host import shm
+from uksm.host.log import NULL_LOG
 from uksm.kernel.views import MmRow
 from uksm.kernel.layout import (FIRST_VPN, M_CREATED_NS, M_EXIT_STAGE, M_FLAGS, M_ID, M_OWNER_PID,
                      M_OWNER_TASK, M_PAGES, M_REFS, M_RSS, M_STATE, M_USERS,
@@ -249,7 +250,7 @@ def mm_objects(mm_id: int) -> list[tuple[str, str]]:
             ("sem", f"mm{mm_id}.wmx"), ("sem", f"mm{mm_id}.ptl")]
 
 
-def mmdrop(cl: "Cluster", row: int, mm_id: int, ref: int, log=None) -> bool:
+def mmdrop(cl: "Cluster", row: int, mm_id: int, ref: int, log: Any = NULL_LOG) -> bool:
     """mmdrop: drop one reference of mm_count (REF_USERS or REF_KSM).
 
     Idempotent: dropping a reference already dropped does nothing, so the
@@ -271,9 +272,8 @@ def mmdrop(cl: "Cluster", row: int, mm_id: int, ref: int, log=None) -> bool:
         q[b + M_REFS] = refs
         if ref == REF_USERS:  # the exit's last step, in the same critical section
             q[b + M_EXIT_STAGE] |= XS_MMDROP
-        if log is not None:
-            log.info("mmdrop", mm=mm_id, ref="users" if ref == REF_USERS else "ksm",
-                     mm_count=bin(refs).count("1"))
+        log.info("mmdrop", mm=mm_id, ref="users" if ref == REF_USERS else "ksm",
+                 mm_count=bin(refs).count("1"))
         if refs:
             return False
         q[b + M_FREER_TASK] = task.row + 1
@@ -284,7 +284,7 @@ def mmdrop(cl: "Cluster", row: int, mm_id: int, ref: int, log=None) -> bool:
     return True
 
 
-def free_mm_objects(cl: "Cluster", row: int, mm_id: int, log=None) -> None:
+def free_mm_objects(cl: "Cluster", row: int, mm_id: int, log: Any = NULL_LOG) -> None:
     """__mmdrop's tail: unlink what the mm owned and release its row.
     Also run by the supervisor for a row left FREEING by a killed task."""
     for kind, what in mm_objects(mm_id):
@@ -298,8 +298,7 @@ def free_mm_objects(cl: "Cluster", row: int, mm_id: int, log=None) -> None:
         q[b + M_STATE] = MS_FREE
         q[b + M_ID] = 0
     task.unlock(cl.mmlist)
-    if log is not None:
-        log.info("mm_freed", mm=mm_id)
+    log.info("mm_freed", mm=mm_id)
 
 
 def mm_fields(cl: "Cluster", row: int) -> dict[str, int]:

@@ -63,7 +63,6 @@ def main(argv: list[str] | None = None) -> int:
     q = cl.q
     q[task.base + T_PID] = os.getpid()
     log = ulog.setup("writer", a.cluster, a.log_dir)
-    oom.set_logger(log)
     task.on_wait = lambda name, ms, holders: log.info("lock_wait", lock=name, holders=holders,
                                                        waited_ms=round(ms, 3))
     pending = {"signo": 0}
@@ -75,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     for s in (signal.SIGTERM, signal.SIGINT, oom.OOM_SIGNAL):
         signal.signal(s, on_signal)
     alloc = Allocator(cl)
-    alloc.oom_killer = oom.out_of_memory
+    alloc.oom_killer = oom.oom_killer(log)
     if q[H_HAZARDS] & HZ_OOM_MMPUT_IN_TASK:  # the 2015 linux-next self-deadlock
         alloc.oom_killer = lambda c, t: oom_kill_and_mmput(c, t, log)
     cl.watch_use_after_free(log)

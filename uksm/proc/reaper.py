@@ -170,7 +170,7 @@ class Reaper:
             if mm0 is not None and mm0.words.id == ch.mm:
                 mm = MM(view, ch.mm, mm0.row, mm0.seg)
                 alloc = Allocator(view)
-                alloc.oom_killer = oom.out_of_memory
+                alloc.oom_killer = oom.oom_killer(self.sup.log)  # the supervisor's, as ever
                 mmput(view, mm, alloc, log)
                 alloc.flush()
             view.task.lock(view.mmlist)

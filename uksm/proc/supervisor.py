@@ -26,7 +26,7 @@ from uksm.host import lifeline, shm
 from uksm.host import log as ulog
 from uksm.host.exitcodes import EXIT_ERR, EXIT_HUNG, EXIT_INTEGRITY, EXIT_OK, EXIT_OOPS
 from uksm.host.oops import FD_ENV
-from uksm.kernel import fsck, killpoints, oom
+from uksm.kernel import fsck, killpoints
 from uksm.kernel.cluster import Cluster, Config, destroy
 from uksm.kernel.layout import (CS_RUNNING, H_NEXT_WORKER, H_STATE, H_SUPERVISOR_PID, R_SUPERVISOR, R_WORKER, S_LOCKDEP, S_MISMATCHES, S_PAGES_VERIFIED, S_STARTED, S_USE_AFTER_FREE, TASK_SIZE, TS_ALIVE, TS_FREE, ksm_block, stats_block)
 from uksm.kernel.locks import LockTimeout
@@ -82,7 +82,6 @@ class Supervisor:
         self.cl.bind(row)
         self.log = ulog.setup("supervisor", self.name, self.log_dir)
         self.cl.lockdep_log = self.log
-        oom.set_logger(self.log)
         self.cl.task.on_wait = self.on_wait(self.log)
         self.log.info("cluster_start", workers=0, pages=0, frames=self.cfg.frames,
                       workload="", exit_policy=self.cfg.exit_policy, hazards=self.cfg.hazards,
