@@ -38,8 +38,8 @@ from typing import Any
 from uksm.host import log as ulog
 from uksm.host import shm
 from uksm.kernel.cluster import Cluster
-from uksm.kernel.ksmd import Ksmd
 from uksm.kernel.ksm import run_store
+from uksm.kernel.ksmd import Ksmd
 from uksm.kernel.layout import (
     H_KSMD_PID,
     H_KSMD_TASK,
@@ -55,7 +55,7 @@ from uksm.proc.supervisor import Supervisor
 
 # the benchmark this profiles: tools/ is a folder of scripts, never installed
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
-from bench_ksm import (  # noqa: E402
+from bench_ksm import (
     expected_counts,
     machine,
     shielded,

@@ -98,9 +98,8 @@ class Space:
         which ksmd does when the slow path left it the slot.  Returns the
         __ksm_exit path taken."""
         import helpers
-
-        from uksm.kernel.exit import mmput
         from uksm.host.log import NULL_LOG
+        from uksm.kernel.exit import mmput
         path = 0
         if not self.exited:
             self.exited = True
@@ -215,7 +214,6 @@ def set_run(sup: Any, run: int, timeout: float = 30.0) -> None:
     (as run_store does), then wait until ksmd has acted on it (for 2: the
     unmerge is complete)."""
     import helpers
-
     from uksm.kernel.ksm import run_store
     from uksm.kernel.layout import K_RUN_DONE
     cl, q = sup.cl, sup.cl.q

@@ -36,16 +36,24 @@ import signal as _signal
 import tempfile
 import time
 import weakref
-from collections.abc import Iterator, MutableMapping
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable, Iterator, MutableMapping
+from typing import Any, NamedTuple
 
-from uksm.errors import (HungTask, IntegrityError, KillPointMissed, MachineClosed, MachineError,
-                         SegFault, TaskDied, TaskExited, WaitTimeout)
-from uksm.kernel import killpoints
+from uksm.errors import (
+    HungTask,
+    IntegrityError,
+    KillPointMissed,
+    MachineClosed,
+    MachineError,
+    SegFault,
+    TaskDied,
+    TaskExited,
+    WaitTimeout,
+)
 from uksm.host import shm
-from uksm.kernel.layout import KSM_FIELDS
+from uksm.kernel import killpoints
+from uksm.kernel.layout import EXIT_POLICIES, HAZARDS, KSM_FIELDS
 from uksm.proc.control import CTL_NAMES, WRITABLE, KnobError, ctl_values, read_state, validate_knob
-from uksm.kernel.layout import EXIT_POLICIES, HAZARDS
 
 DEFAULT_WAIT_S = 60.0
 _POLL_S = 0.01
@@ -495,9 +503,19 @@ class Machine:
         """The machine's event counts (uksm's /proc/vmstat): tasks started
         and exited, by __ksm_exit path, killed, OOM-killed, reaped; deaths
         recovered (and locks taken over), merges, kill points hit."""
-        from uksm.kernel.layout import (S_EXIT_FAST, S_EXIT_LEGACY, S_EXIT_SLOW, S_EXITED, S_KILLED,
-                             S_LOCK_RECOVERIES, S_MERGES, S_OOM_KILLED, S_REAPED, S_RECOVERIES,
-                             S_STARTED)
+        from uksm.kernel.layout import (
+            S_EXIT_FAST,
+            S_EXIT_LEGACY,
+            S_EXIT_SLOW,
+            S_EXITED,
+            S_KILLED,
+            S_LOCK_RECOVERIES,
+            S_MERGES,
+            S_OOM_KILLED,
+            S_REAPED,
+            S_RECOVERIES,
+            S_STARTED,
+        )
         cl = self._t().cl
         names = {"started": S_STARTED, "exited": S_EXITED, "exit_fast": S_EXIT_FAST,
                  "exit_slow": S_EXIT_SLOW, "exit_legacy": S_EXIT_LEGACY, "killed": S_KILLED,

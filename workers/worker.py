@@ -21,19 +21,32 @@ import signal
 import sys
 import time
 
+from uksm.workers.workloads import ZERO, Workload
+
 from uksm.host import log as ulog
+from uksm.host.lifeline import arm, exit_now
+from uksm.host.shm import UksmError
 from uksm.kernel import oom
 from uksm.kernel.cluster import Cluster
 from uksm.kernel.exit import mmput
-from uksm.host.lifeline import arm, exit_now
-from uksm.kernel.layout import (M_OWNER_PID, PAGE_SIZE, S_SIGNALS, T_EXIT_REASON, T_FATAL,
-                         T_MISMATCHES, T_PID, T_READY, T_VERIFIED, X_EXIT, X_OOM, X_SIGNAL)
+from uksm.kernel.layout import (
+    M_OWNER_PID,
+    PAGE_SIZE,
+    S_SIGNALS,
+    T_EXIT_REASON,
+    T_FATAL,
+    T_MISMATCHES,
+    T_PID,
+    T_READY,
+    T_VERIFIED,
+    X_EXIT,
+    X_OOM,
+    X_SIGNAL,
+)
 from uksm.kernel.memory import PCP_BATCH, Allocator, OutOfMemory
 from uksm.kernel.mm import mm_attach
 from uksm.kernel.mmu import MMU
-from uksm.host.shm import UksmError
 from uksm.kernel.syscalls import MADV_DONTNEED, MADV_MERGEABLE, sys_madvise, sys_mlockall, sys_mmap
-from uksm.workers.workloads import ZERO, Workload
 
 
 class Worker:

@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 
 import pytest
 
 import uksm
+from helpers import run_group
 from uksm.host import shm
 from uksm.kernel.cluster import pid_alive
-
-from helpers import ROOT, run_group
 
 _n = [0]
 

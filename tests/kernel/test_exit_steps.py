@@ -17,13 +17,42 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+
 from helpers import booted
+from uksm.host.log import NULL_LOG
+from uksm.kernel import exit as xmod
+from uksm.kernel.layout import (
+    EXIT_POLICIES,
+    H_EXIT_POLICY,
+    L_SCAN_ADDR,
+    L_SCAN_SLOT,
+    M_EXIT_STAGE,
+    M_OOM_VICTIM,
+    M_SLOT_USED,
+    M_STATE,
+    M_USERS,
+    MAX_VMAS,
+    MS_EXITING,
+    MS_LIVE,
+    MS_VMAS_FREED,
+    MS_ZOMBIE,
+    P_FAST,
+    P_LEGACY,
+    P_SLOW,
+    PT_OFF,
+    PTE_PRESENT,
+    T_EXIT_PROGRESS,
+    V_END,
+    VM_LOCKED,
+    VMA_OFF,
+    VMA_SIZE,
+    XS_KSM_EXIT,
+    XS_PGTABLES,
+    XS_USERS0,
+    XS_ZAPPED,
+)
 from util_log import RecLog
 from util_machine import PAGE, Space, assert_fsck, frames_used, set_run
-
-from uksm.kernel import exit as xmod
-from uksm.kernel.layout import (EXIT_POLICIES, H_EXIT_POLICY, L_SCAN_ADDR, L_SCAN_SLOT, M_EXIT_STAGE, M_OOM_VICTIM, M_SLOT_USED, M_STATE, M_USERS, MAX_VMAS, MS_EXITING, MS_LIVE, MS_VMAS_FREED, MS_ZOMBIE, P_FAST, P_LEGACY, P_SLOW, PT_OFF, PTE_PRESENT, T_EXIT_PROGRESS, V_END, VM_LOCKED, VMA_OFF, VMA_SIZE, XS_KSM_EXIT, XS_PGTABLES, XS_USERS0, XS_ZAPPED)
-from uksm.host.log import NULL_LOG
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -355,8 +384,16 @@ def test_legacy_ksm_exit_removes_the_slot_and_steps_the_cursor(machine: Any) -> 
     the head with ``ksm_scan.seqnr++`` when it was the last.  An mm with
     no slot: 0, nothing changed, both locks given back."""
     from uksm.kernel import ksm as kmod
-    from uksm.kernel.layout import (H_KSM_UNSYNCED, L_SEQNR, M_EXIT_PATH, M_FLAGS, M_SLOT_RMAP,
-                                    MMF_VM_MERGEABLE, S_EXIT_LEGACY, T_EXIT_PATH)
+    from uksm.kernel.layout import (
+        H_KSM_UNSYNCED,
+        L_SEQNR,
+        M_EXIT_PATH,
+        M_FLAGS,
+        M_SLOT_RMAP,
+        MMF_VM_MERGEABLE,
+        S_EXIT_LEGACY,
+        T_EXIT_PATH,
+    )
     sup = machine
     cl = sup.cl
     q = cl.q

@@ -21,15 +21,30 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+
 from helpers import booted
+from uksm.host.log import NULL_LOG
+from uksm.kernel import ksm as kmod
+from uksm.kernel.layout import (
+    K_RUN,
+    K_RUN_DONE,
+    K_RUN_SEQ,
+    L_SCAN_ADDR,
+    L_SCAN_SLOT,
+    M_EXIT_STAGE,
+    M_ID,
+    M_REFS,
+    M_SLOT_USED,
+    M_STATE,
+    M_USERS,
+    S_SLOTS_FREED,
+    T_OOM_ORIGIN,
+    XS_KSM_EXIT,
+    XS_USERS0,
+    XS_ZAPPED,
+)
 from util_log import RecLog
 from util_machine import PAGE, Space, assert_fsck, is_ksm, ksm_stats, set_run, wait_counts
-
-from uksm.kernel import ksm as kmod
-from uksm.kernel.layout import (K_RUN, K_RUN_DONE, K_RUN_SEQ, L_SCAN_ADDR, L_SCAN_SLOT, M_EXIT_STAGE,
-                         M_SLOT_USED, S_SLOTS_FREED, T_OOM_ORIGIN, XS_KSM_EXIT, XS_USERS0,
-                         XS_ZAPPED, M_ID, M_REFS, M_STATE, M_USERS)
-from uksm.host.log import NULL_LOG
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -227,9 +242,21 @@ def test_run2_unmerge_state_and_events(machine: Any, how_far: str) -> None:
     its page tables and VMAs after a slow-path __ksm_exit (the 2023 fix:
     its VMAs are not walked) -- loses its slot and its mm_count."""
     from uksm.kernel import exit as xmod
-    from uksm.kernel.layout import (H_KSM_UNSYNCED, H_UNMERGE_GEN, K_FULL_SCANS, K_PAGES_SHARED,
-                             K_PAGES_SHARING, K_STABLE_NODES, L_SEQNR, M_FLAGS, M_MERGING,
-                             M_RMAP_ITEMS, M_SLOT_RMAP, MMF_VM_MERGEABLE, P_SLOW)
+    from uksm.kernel.layout import (
+        H_KSM_UNSYNCED,
+        H_UNMERGE_GEN,
+        K_FULL_SCANS,
+        K_PAGES_SHARED,
+        K_PAGES_SHARING,
+        K_STABLE_NODES,
+        L_SEQNR,
+        M_FLAGS,
+        M_MERGING,
+        M_RMAP_ITEMS,
+        M_SLOT_RMAP,
+        MMF_VM_MERGEABLE,
+        P_SLOW,
+    )
     sup = machine
     cl = sup.cl
     q = cl.q

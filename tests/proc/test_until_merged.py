@@ -18,8 +18,7 @@ from typing import Any
 import pytest
 
 from uksm.host.log import NULL_LOG
-from uksm.kernel.layout import (K_FULL_SCANS, K_PAGES_SHARED, K_PAGES_SHARING, K_PAGES_UNSHARED,
-                                K_RMAP_ITEMS, K_RUN)
+from uksm.kernel.layout import K_FULL_SCANS, K_PAGES_SHARED, K_PAGES_SHARING, K_PAGES_UNSHARED, K_RMAP_ITEMS, K_RUN
 from uksm.proc.run import Progress, RunOptions, drive
 
 pytestmark = pytest.mark.timeout(30)

@@ -14,13 +14,12 @@ import sys
 import pytest
 
 from helpers import ROOT, run_group
-from uksm.host import shm
 
 # the benchmarks are scripts in tools/, never installed: imported from there
 sys.path.insert(0, os.path.join(ROOT, "tools"))
-import bench_ksm  # noqa: E402
-import bench_mmu  # noqa: E402
-import bench_scale  # noqa: E402
+import bench_ksm
+import bench_mmu
+import bench_scale
 
 GOAL = re.compile(r"^goal (\d): (.+): .*target ([<>]=) ([\d.]+): (met|NOT met|not measured)(?:;.*)?$", re.M)
 

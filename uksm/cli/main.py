@@ -11,13 +11,11 @@ import os
 import signal
 import sys
 
+from uksm.cli.args import OneLineParser, cluster_arg
 from uksm.host import shm
-from uksm.kernel.layout import EXIT_POLICIES, HAZARDS, OOM_RULES
-
 from uksm.host.exitcodes import EPILOG, signalled
 from uksm.host.lifeline import SecondSignal
-from uksm.cli.args import OneLineParser, cluster_arg
-
+from uksm.kernel.layout import EXIT_POLICIES, HAZARDS, OOM_RULES
 
 STOP_HELP = ("SIGTERM, SIGHUP or SIGINT stops it in order (workers exit, ksmd frees, fsck, "
              "teardown; the report says 'interrupted', status 128+N); a second one kills every "

@@ -39,9 +39,9 @@ from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
-from uksm.kernel.layout import EXIT_POLICIES, HAZARDS
 from uksm.errors import UksmError
 from uksm.faults.campaign_run import execute_run, reproduce, run_id
+from uksm.kernel.layout import EXIT_POLICIES, HAZARDS
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 ENGINES = ("local", "ray")

@@ -29,18 +29,18 @@ import argparse
 import json
 import os
 import random
-import signal
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import uksm
-from uksm.kernel import killpoints
-from uksm.kernel.layout import HAZARDS
+from uksm.errors import UksmError
 from uksm.host.exitcodes import interrupted as interrupted_status
 from uksm.host.lifeline import StopSignals
+from uksm.kernel import killpoints
+from uksm.kernel.layout import HAZARDS
 from uksm.proc.run import EXIT_USAGE, RunOptions, default_frames, validate
-from uksm.errors import UksmError
 
 SIGNALS = ("KILL", "TERM")
 # a worker point reached only by a task still to go through __ksm_enter:

@@ -16,7 +16,8 @@ import datetime as _dt
 import logging
 import os
 import time
-from typing import Any, MutableMapping, TextIO
+from collections.abc import MutableMapping
+from typing import Any, TextIO
 
 import structlog
 
@@ -24,7 +25,7 @@ _files: list[TextIO] = []
 
 
 def _stamp(_logger: Any, method: str, ev: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    ev["timestamp"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds")[:-6] + "Z"
+    ev["timestamp"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="microseconds")[:-6] + "Z"
     ev["mono_ns"] = time.monotonic_ns()
     ev["level"] = method
     return ev

@@ -16,7 +16,7 @@ import re
 import posix_ipc
 
 # shm.UksmError, the name most of uksm raises it by: the class is uksm.errors'
-from uksm.errors import UksmError  # noqa: F401
+from uksm.errors import UksmError
 
 SHM_DIR = "/dev/shm"
 # back a range with tmpfs pages now, failing (EFAULT/ENOMEM) where a write

@@ -34,7 +34,8 @@ POINTS: dict[str, tuple[str, str]] = {
     "ksm_exit_mmap_sem_write": ("worker", "__ksm_exit slow path: holding mmap_sem for write"),
     "exit_mid_zap": ("worker", "exit_mmap: half of the pages zapped"),
     "ksmd_scan_mmap_sem": ("ksmd", "ksmd holds the mm's mmap_sem for read in scan_get_next_rmap_item: owner killed"),
-    "ksmd_between_wp_and_replace": ("ksmd", "ksmd has write-protected a page of the mm, not yet replaced it: owner killed"),
+    "ksmd_between_wp_and_replace": ("ksmd", "ksmd has write-protected a page of the mm, not yet replaced it: "
+                                            "owner killed"),
     "ksmd_break_cow": ("ksmd", "ksmd (unshared KSM page) or the run=2 writer (unmerge) is breaking COW "
                                "in the mm: owner killed"),
     "ksmd_scan_wrap": ("ksmd", "scan_get_next_rmap_item at ksm_mm_head: ksmd_should_run saw the list non-empty, "

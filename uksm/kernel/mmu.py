@@ -31,11 +31,30 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from uksm.errors import SegFault
-
-from uksm.kernel.layout import (F_KSM, FR_COUNT, FR_FLAGS, FRAME_SIZE, HZ_NO_EXIT_CHECKS, H_EXIT_POLICY, H_HAZARDS, POL_SEED,
-                     M_KSM_MAPPED, M_RSS, M_USERS, PAGE_SHIFT, PAGE_SIZE, PT_OFF,
-                     PTE_PRESENT, PTE_WRITE, T_COW, T_FAULTS, T_KILL_POINT, V_FLAGS, VM_WRITE)
 from uksm.kernel import killpoints
+from uksm.kernel.layout import (
+    F_KSM,
+    FR_COUNT,
+    FR_FLAGS,
+    FRAME_SIZE,
+    H_EXIT_POLICY,
+    H_HAZARDS,
+    HZ_NO_EXIT_CHECKS,
+    M_KSM_MAPPED,
+    M_RSS,
+    M_USERS,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    POL_SEED,
+    PT_OFF,
+    PTE_PRESENT,
+    PTE_WRITE,
+    T_COW,
+    T_FAULTS,
+    T_KILL_POINT,
+    V_FLAGS,
+    VM_WRITE,
+)
 from uksm.kernel.memory import Allocator, OutOfMemory
 from uksm.kernel.mm import MM
 

@@ -29,11 +29,33 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-from uksm.kernel.layout import (A_FREE_TOP, H_OOM_RULE, OOM_2632, R_WRITER, T_FATAL, T_OOM_ORIGIN, T_PID,
-                     T_ROLE, T_STATE, TS_ALIVE, X_OOM, M_EXIT_STAGE, M_ID, M_KSM_MAPPED, M_OOM_VICTIM, M_OWNER_PID,
-                     M_RSS, M_STATE, M_USERS, MS_LIVE, S_OOM_KILLED, XS_ZAPPED)
+from uksm.kernel.layout import (
+    A_FREE_TOP,
+    H_OOM_RULE,
+    M_EXIT_STAGE,
+    M_ID,
+    M_KSM_MAPPED,
+    M_OOM_VICTIM,
+    M_OWNER_PID,
+    M_RSS,
+    M_STATE,
+    M_USERS,
+    MS_LIVE,
+    OOM_2632,
+    R_WRITER,
+    S_OOM_KILLED,
+    T_FATAL,
+    T_OOM_ORIGIN,
+    T_PID,
+    T_ROLE,
+    T_STATE,
+    TS_ALIVE,
+    X_OOM,
+    XS_ZAPPED,
+)
 
 if TYPE_CHECKING:
     from uksm.kernel.cluster import Cluster

@@ -6,13 +6,24 @@ mmap/munmap/madvise(MERGEABLE|UNMERGEABLE) take mmap_sem for write, as
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from uksm.errors import SegFault
 from uksm.host.log import NULL_LOG
 from uksm.kernel import killpoints
 from uksm.kernel.ksm import ERESTARTSYS, __ksm_enter, unmerge_ksm_pages
-from uksm.kernel.layout import (MMF_VM_MERGEABLE, PAGE_SHIFT, PAGE_SIZE, PT_OFF, PTE_PRESENT, VM_LOCKED, VM_MERGEABLE, VM_READ, VM_WRITE)
+from uksm.kernel.layout import (
+    MMF_VM_MERGEABLE,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    PT_OFF,
+    PTE_PRESENT,
+    VM_LOCKED,
+    VM_MERGEABLE,
+    VM_READ,
+    VM_WRITE,
+)
 from uksm.kernel.memory import Allocator
 from uksm.kernel.mm import MM
 from uksm.kernel.mmu import handle_mm_fault, zap_range

@@ -25,10 +25,10 @@ import signal
 from typing import Any
 
 from uksm.host import log as ulog
+from uksm.host import oops
 from uksm.kernel import oom
 from uksm.kernel.cluster import Cluster
 from uksm.kernel.exit import oom_kill_and_mmput
-from uksm.host import oops
 from uksm.kernel.ksm import ENOMEM, run_store
 from uksm.kernel.layout import H_HAZARDS, HZ_OOM_MMPUT_IN_TASK, T_FATAL, T_PID, X_OOM, X_SIGNAL
 from uksm.kernel.memory import Allocator
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             _seq, err = run_store(cl, a.value, alloc, log, stop=lambda: bool(pending["signo"]),
                                   oom_origin=a.oom_origin)
-        except Exception as e:  # noqa: BLE001 -- an unexpected exception in kernel code: an oops
+        except Exception as e:  # an unexpected exception in kernel code: an oops
             return oops.report(log, e)  # the supervisor reads its channel
         status = (EXIT_DONE if not err else EXIT_OOM_KILLED
                   if err == -ENOMEM or q[task.base + T_FATAL] == X_OOM else EXIT_INTERRUPTED)

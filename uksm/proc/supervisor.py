@@ -20,7 +20,8 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from uksm.host import lifeline, shm
 from uksm.host import log as ulog
@@ -28,7 +29,24 @@ from uksm.host.exitcodes import EXIT_ERR, EXIT_HUNG, EXIT_INTEGRITY, EXIT_OK, EX
 from uksm.host.oops import FD_ENV
 from uksm.kernel import fsck, killpoints
 from uksm.kernel.cluster import Cluster, Config, destroy
-from uksm.kernel.layout import (CS_RUNNING, H_NEXT_WORKER, H_STATE, H_SUPERVISOR_PID, R_SUPERVISOR, R_WORKER, S_LOCKDEP, S_MISMATCHES, S_PAGES_VERIFIED, S_STARTED, S_USE_AFTER_FREE, TASK_SIZE, TS_ALIVE, TS_FREE, ksm_block, stats_block)
+from uksm.kernel.layout import (
+    CS_RUNNING,
+    H_NEXT_WORKER,
+    H_STATE,
+    H_SUPERVISOR_PID,
+    R_SUPERVISOR,
+    R_WORKER,
+    S_LOCKDEP,
+    S_MISMATCHES,
+    S_PAGES_VERIFIED,
+    S_STARTED,
+    S_USE_AFTER_FREE,
+    TASK_SIZE,
+    TS_ALIVE,
+    TS_FREE,
+    ksm_block,
+    stats_block,
+)
 from uksm.kernel.locks import LockTimeout
 from uksm.kernel.memory import frame_stats
 from uksm.kernel.mm import MM, mm_create
