@@ -15,16 +15,16 @@ import os
 import signal
 import subprocess
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
 import uksm
+from helpers import cluster_pids, run_group, unique_name
 from uksm.host import shm
 from uksm.kernel.cluster import pid_alive
 from uksm.kernel.layout import H_KSMD_POINT
-
-from helpers import cluster_pids, run_group, unique_name
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -16,9 +16,8 @@ import sys
 import pytest
 
 import uksm
-from uksm.host import shm
-
 from helpers import run_group, unique_name
+from uksm.host import shm
 
 pytestmark = pytest.mark.timeout(120)
 

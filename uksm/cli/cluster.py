@@ -16,15 +16,26 @@ import os
 import subprocess
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from uksm.cli.args import cluster_arg
+from uksm.cli.top import format_status, run_top
 from uksm.host import shm
 from uksm.host.exitcodes import EPILOG, EXIT_ERR, EXIT_INTEGRITY, EXIT_OK, EXIT_USAGE
-from uksm.cli.top import format_status, run_top
 from uksm.proc import options
-from uksm.proc.control import (CTL_NAMES, NotUp, attach, call, ctl_values, name_taken, not_running, read_state, request, validate_knob)
-
+from uksm.proc.control import (
+    CTL_NAMES,
+    NotUp,
+    attach,
+    call,
+    ctl_values,
+    name_taken,
+    not_running,
+    read_state,
+    request,
+    validate_knob,
+)
 
 # ---- argparse ----------------------------------------------------------------------------
 

@@ -7,14 +7,15 @@ import itertools
 import json
 import os
 import sys
-from typing import Any, Iterable, TextIO
+from collections.abc import Iterable
+from typing import Any, TextIO
 
 from uksm.cli.args import OneLineParser
 from uksm.host.exitcodes import EXIT_INTEGRITY, EXIT_NO_EVIDENCE, EXIT_OK, EXIT_USAGE
-from uksm.logs.read import (Clusters, Event, EXIT_PATHS, LogDirError, ReadStats, format_fields, iter_events,
-                            only_cluster)
+from uksm.logs.read import EXIT_PATHS, Clusters, Event, LogDirError, ReadStats, format_fields, iter_events, only_cluster
+from uksm.logs.report import PlotUnavailable, lock_class, lock_stats_events, plot, summarize_events, timeline_events
 from uksm.logs.rules import N_RULES, CheckResult, check_events
-from uksm.logs.report import (PlotUnavailable, lock_class, lock_stats_events, plot, summarize_events, timeline_events)
+
 
 def _table(
     rows: list[tuple[Any, ...]],

@@ -16,11 +16,10 @@ import heapq
 import itertools
 import json
 import operator
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol, TypeVar
-
+from typing import Any, Protocol, TypeVar
 
 Event = dict[str, Any]
 

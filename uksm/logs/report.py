@@ -8,8 +8,20 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from uksm.logs.read import (Clusters, Event, EXIT_PATHS, ReadStats, by_cluster, only_cluster, iter_events, label, select,
-                            _with_origin, _int, _num)
+from uksm.logs.read import (
+    EXIT_PATHS,
+    Clusters,
+    Event,
+    ReadStats,
+    _int,
+    _num,
+    _with_origin,
+    by_cluster,
+    iter_events,
+    only_cluster,
+    select,
+)
+from uksm.logs.read import label as cluster_label
 
 # ---------------------------------------------------------------------------
 # summary
@@ -117,7 +129,7 @@ def summarize_events(events: Iterable[Event], stats: ReadStats | None = None) ->
     clusters = []
     for inst, acc in per.items():
         r = acc.result()
-        clusters.append({"cluster": label(inst), "name": inst[0], "boot_id": inst[1], **r})
+        clusters.append({"cluster": cluster_label(inst), "name": inst[0], "boot_id": inst[1], **r})
     stats = stats or ReadStats()
 
     def total(key: str) -> Any:

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from uksm.logs.read import Event, by_cluster, iter_events, format_fields, label, _int
+from uksm.logs.read import Event, _int, by_cluster, format_fields, iter_events, label
 
 # ---------------------------------------------------------------------------
 # check

@@ -32,8 +32,9 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from uksm.errors import UksmError
 from uksm.host.exitcodes import EXIT_ERR, EXIT_USAGE
-from uksm.host.shm import SHM_DIR, UksmError, shm_free_bytes
+from uksm.host.shm import SHM_DIR, shm_free_bytes
 from uksm.kernel.layout import EXIT_POLICIES, HAZARDS, OOM_RULES, PAGE_SIZE
 
 Spelling = Literal["cli", "api"]

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -253,7 +252,7 @@ def test_torn_last_line_is_repaired_and_said(tmp_path):
     out.write_text(first + "\n" + second[:25])          # killed while writing the second
     p = campaign(*base, "--resume", timeout=90)
     assert p.returncode == 0, p.stdout + p.stderr
-    assert f"its last line was torn (a campaign killed while writing it): removed it (25 bytes)" \
+    assert "its last line was torn (a campaign killed while writing it): removed it (25 bytes)" \
         in p.stderr, p.stderr
     rows = lines(out)                                    # every line is JSON again
     assert len(rows) == 2 and rows[0] == json.loads(first)
