@@ -106,10 +106,10 @@ def _signame(sig: Any) -> str:
         return names[int(sig)]
     if not isinstance(sig, str):
         raise TypeError(f"signal must be 'KILL', 'TERM' or a signal number (got {type(sig).__name__})")
-    s = sig.upper().removeprefix("SIG")
-    if s not in ("KILL", "TERM"):
-        raise ValueError(f"signal {sig!r}: one of 'KILL', 'TERM'")
-    return s
+    try:
+        return opts.signal_name(opts.API, sig, "KILL")
+    except opts.OptionError as e:
+        raise _bad_option(e) from None
 
 
 # ---- transports: the same requests, in-process or over the daemon's socket ------------------

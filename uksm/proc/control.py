@@ -235,6 +235,9 @@ def name_taken(name: str, flag: str = "another name") -> shm.UksmError | None:
     names its choice of name, for the advice."""
     try:
         ans = call(name, {"op": "ping"}, timeout=10)
+        if not ans.get("ok"):  # another user's daemon: EPERM
+            return shm.UksmError(f"cluster name {name!r} is in use: {ans.get('error')}; {flag}",
+                                 EXIT_USAGE)
         return shm.UksmError(f"cluster {name!r} is already up (daemon pid {ans.get('pid')}, logs in "
                              f"{ans.get('log_dir')}): 'uksm down --cluster {name}' first, or "
                              f"{flag}", EXIT_USAGE)
@@ -244,8 +247,9 @@ def name_taken(name: str, flag: str = "another name") -> shm.UksmError | None:
         return shm.UksmError(f"cluster {name!r} is already up (its control socket is taken): "
                              f"{flag}", EXIT_USAGE)
     if shm.leftovers(name):
-        return shm.UksmError(f"cluster name {name!r} is in use: {not_running(name)}; or {flag}",
-                             EXIT_USAGE)
+        mine = shm.owner(name) in (None, os.geteuid()) or os.geteuid() == 0
+        why = not_running(name) if mine else shm.not_yours(name)
+        return shm.UksmError(f"cluster name {name!r} is in use: {why}; or {flag}", EXIT_USAGE)
     return None
 
 

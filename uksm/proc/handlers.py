@@ -198,9 +198,7 @@ class Requests:
     def do_kill(self, req: dict[str, Any]) -> dict[str, Any]:
         sup = self.sup
         cl, q = sup.cl, sup.cl.q
-        signame = str(req.get("signal", "TERM")).upper()
-        if signame not in ("TERM", "KILL"):
-            raise RequestError(f"--signal must be TERM or KILL (got {signame})", EXIT_USAGE)
+        signame = options.signal_name(options.spelling(req), req.get("signal"), "TERM")
         signo = signal.SIGTERM if signame == "TERM" else signal.SIGKILL
         self.pump()
         with sup.lock:

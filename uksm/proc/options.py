@@ -77,6 +77,7 @@ HAZARD = Option("hazards", "--hazard")
 HUNG_TIMEOUT = Option("hung_task_timeout", "--hung-task-timeout")
 MEM_LIMIT = Option("mem_limit", "mem_limit")  # a knob: uksm ctl mem_limit=N
 TIMEOUT = Option("timeout", "--timeout")       # a wait's (uksm wait, m.wait_*)
+SIGNAL = Option("signal", "--signal")          # a kill's (uksm kill, t.kill)
 
 
 class OptionError(UksmError):
@@ -254,6 +255,15 @@ def mm_segment_bytes(pages: int) -> int:
     return ((PT_OFF + FIRST_VPN + pages) * 8 + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
 
 
+def signal_name(by: Spelling, v: Any, default: str) -> str:
+    """A kill's signal: ``KILL`` or ``TERM`` (any case, ``SIG`` prefix allowed)."""
+    if v is None:
+        return default
+    if not isinstance(v, str):
+        raise OptionError(SIGNAL, by, f"must be KILL or TERM (got {v!r})", "value")
+    return one_of(SIGNAL, v.upper().removeprefix("SIG"), by, ("KILL", "TERM"))
+
+
 # ---- a task ----------------------------------------------------------------------------------
 
 def task_pages(by: Spelling, pages: Any, max_pages: int) -> int:
@@ -299,6 +309,6 @@ def live_tasks(by: Spelling, alive: int, count: int, max_tasks: int) -> None:
 
 
 __all__ = ["Option", "OptionError", "LimitError", "Spelling", "CLI", "API", "spelling", "whole",
-           "seconds", "one_of", "check_workload", "check_hazards", "cluster", "limits", "frames_fit", "room",
-           "mm_segment_bytes", "task_pages", "Spawn", "spawn", "live_tasks", "MAX_PAGES",
-           "MAX_TASKS"]
+           "seconds", "one_of", "signal_name", "check_workload", "check_hazards", "cluster", "limits",
+           "frames_fit", "room", "mm_segment_bytes", "task_pages", "Spawn", "spawn", "live_tasks",
+           "MAX_PAGES", "MAX_TASKS"]

@@ -389,10 +389,7 @@ class Faults:
                 "cursor": self.do_cursor}
 
     def _signal(self, req: dict[str, Any]) -> str:
-        s = req.get("signal", "KILL")
-        if not isinstance(s, str) or s.upper() not in SIGNALS:
-            raise ScriptError(f"signal must be KILL or TERM (got {s!r})", "value", EXIT_USAGE)
-        return s.upper()
+        return options.signal_name(options.spelling(req), req.get("signal"), "KILL")
 
     def _point(self, req: dict[str, Any]) -> str | None:
         at = req.get("at")
@@ -426,7 +423,7 @@ class Faults:
         at = self._point(req)
         ch = self.tasks.builtin(req)
         if ch is not None:
-            return self._kill_builtin(ch, signame, at)
+            return self._kill_builtin(ch, signame, at, options.spelling(req))
         tc = self.tasks.task(req)
         sup = self.host.sup
         cl, q = sup.cl, sup.cl.q
@@ -468,7 +465,8 @@ class Faults:
         return {"task": tc.tid, "signal": signame, "at": at, "returncode": tc.child.proc.returncode,
                 "path": tc.extra["path"], "result": tc.gone}
 
-    def _kill_builtin(self, ch: "Child", signame: str, at: str | None) -> dict[str, Any]:
+    def _kill_builtin(self, ch: "Child", signame: str, at: str | None,
+                      by: options.Spelling) -> dict[str, Any]:
         """A built-in worker (it takes no commands): killed now, or at a
         point its own work (churn) or its exit (a SIGTERM first) passes."""
         sup = self.host.sup
@@ -499,7 +497,7 @@ class Faults:
                     killpoints.disarm_worker(cl, ch.row)
                     raise ScriptError(f"kill point {at} was not reached: worker {tid} did not "
                                       f"pass it within {POINT_WAIT_S:.0f}s (is it churning? "
-                                      f"--churn-ms)", "not_reached")
+                                      f"{options.CHURN_MS.spelt(by)})", "not_reached")
                 self.host.wait_until(lambda: self.host.finished(ch), EXIT_WAIT_S, f"worker {tid}'s exit")
                 raise ScriptError(f"kill point {at} was not reached: worker {tid} exited without "
                                   f"passing it (its exit went another way)", "not_reached")
