@@ -1,5 +1,5 @@
-"""``uksm logs DIR {summary,timeline,check,locks,plot}``: the command line
-over ``uksm.logs``."""
+"""``uksm logs DIR {summary,timeline,check,locks,trace,plot}``: the command
+line over ``uksm.logs`` (the pictures: ``uksm.cli.pictures``)."""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +13,9 @@ from uksm.cli.args import OneLineParser
 from uksm.host.exitcodes import EXIT_INTEGRITY, EXIT_OK, EXIT_USAGE
 from uksm.logs.read import Event, EXIT_PATHS, LogDirError, ReadStats, iter_events, format_fields
 from uksm.logs.rules import N_RULES, check_events
-from uksm.logs.report import (PlotUnavailable, lock_class, lock_stats_events, plot, summarize_events, timeline_events)
+from uksm.logs.plots import PlotUnavailable
+from uksm.logs.report import (lock_class, lock_stats_events, summarize_events, timeline_events)
+from uksm.cli import pictures
 
 def _table(
     rows: list[tuple[Any, ...]],
@@ -177,28 +179,15 @@ def build_parser() -> argparse.ArgumentParser:
             "10 longest waits with waiter and holder pids."
         ),
     )
-    pl = sub.add_parser(
-        "plot",
-        help="PNG of pages_shared/sharing/unshared/volatile over time (needs matplotlib)",
-        description=(
-            "Plot pages_shared, pages_sharing, pages_unshared and pages_volatile from "
-            "scan_batch_end over time, with vertical lines for worker_exit (colour by how) "
-            "and dashed lines for kill_point, inject_kill and oom_kill. Needs matplotlib "
-            "(pip install 'uksm[plot]')."
-        ),
-    )
-    pl.add_argument("-o", "--output", required=True, metavar="FILE.png", help="image file to write")
+    pictures.add_parsers(sub)
     return parser
 
 
 def _run(args: argparse.Namespace, out: TextIO) -> int:
     log_dir: str = args.dir
     stats = ReadStats()
-    if args.command == "plot":
-        stats = plot(log_dir, args.output)
-        _warn_invalid(stats, log_dir)
-        print(f"wrote {args.output}", file=out)
-        return EXIT_OK
+    if args.command in ("trace", "plot"):
+        return pictures.run(args, out, _warn_invalid)
 
     events = iter_events(log_dir, stats)
     if args.command == "summary":

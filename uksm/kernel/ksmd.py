@@ -38,7 +38,7 @@ import mmh3
 from uksm.kernel import killpoints, oom
 from uksm.kernel.cluster import Cluster
 from uksm.kernel.ksm import break_cow, list_del, slot_next
-from uksm.kernel.layout import (F_ANON, F_KSM, FR_COUNT, FR_FLAGS, FR_KEY0, FR_KEY1, FRAME_SIZE, K_FULL_SCANS,
+from uksm.kernel.layout import (A_FREE_TOP, F_ANON, F_KSM, FR_COUNT, FR_FLAGS, FR_KEY0, FR_KEY1, FRAME_SIZE, K_FULL_SCANS,
                      K_PAGES_SCANNED, K_PAGES_SHARED, K_PAGES_SHARING, K_PAGES_TO_SCAN,
                      K_PAGES_UNSHARED, K_PAGES_VOLATILE, K_RMAP_ITEMS, K_RUN, K_SLEEP_MS, K_STABLE_NODES, H_KSM_UNSYNCED, H_UNMERGE_GEN, H_KSMD_POINT, L_HEAD_NEXT, L_SCAN_ADDR,
                      L_SCAN_SLOT, L_SEQNR, M_FLAGS, M_ID, M_KSM_MAPPED, M_MERGING,
@@ -168,6 +168,7 @@ class Ksmd:
         cl, q, task = self.cl, self.q, self.cl.task
         while not self.stop and not q[H_SHUTDOWN]:
             scanned = 0
+            batch = False
             t0 = time.monotonic_ns()
             scans_before = q[K_FULL_SCANS]
             task.lock(cl.daemon)
@@ -177,7 +178,8 @@ class Ksmd:
                 if run != self.last_run:
                     self.log.info("ksm_run", run=run, previous=self.last_run)
                     self.last_run = run
-                if run == 1 and q[L_HEAD_NEXT] != cl.head:
+                batch = run == 1 and q[L_HEAD_NEXT] != cl.head
+                if batch:
                     n = q[K_PAGES_TO_SCAN]
                     self.log.info("scan_batch_start", seqnr=q[L_SEQNR], pages_to_scan=n)
                     scanned = self.ksm_do_scan(n)
@@ -186,11 +188,12 @@ class Ksmd:
                 task.unlock(cl.daemon)
             if self.should_flush(run, q[K_FULL_SCANS] != scans_before):
                 self.alloc.flush()
-            if scanned:
+            if batch:  # every scan_batch_start has its end (a trace's batch slice), 0 pages too
                 self.log.info("scan_batch_end", pages=scanned, ms=(time.monotonic_ns() - t0) / 1e6,
                               seqnr=q[L_SEQNR], pages_shared=q[K_PAGES_SHARED],
                               pages_sharing=q[K_PAGES_SHARING], pages_unshared=q[K_PAGES_UNSHARED],
-                              pages_volatile=q[K_PAGES_VOLATILE], full_scans=q[K_FULL_SCANS])
+                              pages_volatile=q[K_PAGES_VOLATILE], full_scans=q[K_FULL_SCANS],
+                              frames_used=cl.nframes - q[A_FREE_TOP])
             self.log_activity()
             if run == 1 and q[L_HEAD_NEXT] != cl.head:
                 ms = q[K_SLEEP_MS]
@@ -391,7 +394,10 @@ class Ksmd:
                 if slot == head and not q[H_HAZARDS] & HZ_NO_SCAN_HEAD_CHECK:
                     break
             st = self.slot_state(slot)
+            t_mm = time.monotonic_ns()
             n, done = self.scan_mm(st, budget)
+            # one event per visit of an mm (its slice in a trace), not per page
+            self.log.info("scan_mm", mm=st.mm_id, pages=n, start_ns=t_mm, done=done)
             scanned += n
             budget -= n
             if not done or q[L_SCAN_SLOT] == head:

@@ -72,8 +72,13 @@ class Watchdog:
             pids = holders_of(q, rows, lid)
         return [r for (r, b) in rows if q[b + T_PID] in pids and q[b + T_PID] > 0]
 
-    def chain(self, row: int, now: int) -> tuple[list[str], bool]:
+    def chain(self, row: int, now: int) -> tuple[list[str], bool, list[dict[str, Any]]]:
+        """The wait-for chain from task ``row``: its lines for a person, whether
+        it closes a cycle (a deadlock), and each link as fields (pid, role,
+        lock, waited_s, holders' pids) for a program: ``uksm logs trace``
+        draws the waits of a hung run from them, up to its end."""
         lines: list[str] = []
+        waits: list[dict[str, Any]] = []
         seen = {row}
         cur = row
         cycle = False
@@ -92,6 +97,13 @@ class Watchdog:
                 by = "held by "
             hd = ", ".join(self.describe(h) for h in holders) or "nobody alive"
             lines.append(f"{self.describe(cur)} waits for {what}, {by}{hd}")
+            q, b = self.cl.q, self.cl.tbase(cur)
+            r = q[b + T_ROLE]
+            waits.append({"pid": q[b + T_PID], "role": ROLES[r] if 0 <= r < len(ROLES) else "?",
+                          "mm": q[b + T_MM],
+                          "lock": "frames" if cls == C_FRAMES else lock_name(lid),
+                          "waited_s": round(secs, 3),
+                          "holders": [q[self.cl.tbase(h) + T_PID] for h in holders]})
             nxt = holders[0] if holders else None
             if nxt is None:
                 break
@@ -101,7 +113,7 @@ class Watchdog:
                 break
             seen.add(nxt)
             cur = nxt
-        return lines, cycle
+        return lines, cycle, waits
 
     def check_livelock(self, now: int) -> None:
         """A task in its exit (mm_users 0, mm not dropped) whose fault count
@@ -148,7 +160,8 @@ class Watchdog:
             if key in self.seen:
                 continue
             self.seen.add(key)
-            lines, cycle = self.chain(row, now)
+            lines, cycle, waits = self.chain(row, now)
             self.report({"pid": self.cl.q[b + T_PID], "role": ROLES[self.cl.q[b + T_ROLE]],
                          "lock": "frames" if cls == C_FRAMES else lock_name(lid),
-                         "waited_s": round(secs, 3), "deadlock": cycle, "chain": lines})
+                         "waited_s": round(secs, 3), "deadlock": cycle, "chain": lines,
+                         "waits": waits})
