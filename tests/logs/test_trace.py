@@ -22,8 +22,8 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def locked_run() -> list[dict[str, Any]]:
-    """clean_run with lock events (as --trace-locks logs them) and a scan_mm
-    slice in ksmd's batch: ksmd holds ksm_thread_mutex over the batch and
+    """clean_run with lock events (as --trace-locks logs them) and ksmd's
+    visits of two mms in its batch (scan_batch_end's mms): ksmd holds ksm_thread_mutex over the batch and
     mmap_sem:mm1 over its scan of mm 1; worker 203 is SIGKILLed holding
     mmap_sem:mm3 (read), which the recovery takes over."""
     out = []
@@ -38,13 +38,17 @@ def locked_run() -> list[dict[str, Any]]:
             continue
         if e["event"] == "scan_batch_end":
             out += [ev(KSMD, "lock_release", lock="mmap_sem:mm1", mode="read", task_row=1),
-                    ev(KSMD, "scan_mm", mm=1, pages=100, start_ns=None, done=True),
-                    ev(KSMD, "lock_release", lock="ksm_thread_mutex", mode="mutex", task_row=1), e]
+                    ev(KSMD, "lock_release", lock="ksm_thread_mutex", mode="mutex", task_row=1),
+                    dict(e, mms=[])]
             continue
         out.append(e)
     out = stamp(out)
-    i = next(i for i, e in enumerate(out) if e["event"] == "scan_mm")
-    out[i]["start_ns"] = out[i - 4]["mono_ns"]  # before its mmap_sem was taken
+    i = next(i for i, e in enumerate(out) if e["event"] == "scan_batch_end")
+    # ksmd's visits: mm 1 from before its mmap_sem was taken to its release, then mm 2
+    out[i]["mms"] = [{"mm": 1, "start_ns": out[i - 8]["mono_ns"] + 10, "end_ns": out[i - 2]["mono_ns"],
+                      "pages": 80, "done": True},
+                     {"mm": 2, "start_ns": out[i - 2]["mono_ns"] + 10, "end_ns": out[i - 1]["mono_ns"],
+                      "pages": 20, "done": False}]
     return out
 
 
@@ -72,10 +76,10 @@ def test_trace_is_valid_and_matches_the_log(tmp_path: Path, capsys: pytest.Captu
     assert exits == 4 and len(of(tr, "X", cat="exit")) == exits
     assert instant_counts(tr) == {n: c for n, c in counts.items()
                                   if n not in FOLDED and n != "mm_exit_begin"}
-    # slices: a batch per batch, a scan per scan_mm, a wait per lock_wait, a hold per acquire
+    # slices: a batch per batch, a scan per visit, a wait per lock_wait, a hold per acquire
     xs = of(tr, "X")
     assert len([x for x in xs if x["name"].startswith("batch")]) == counts["scan_batch_end"]
-    assert len([x for x in xs if x["name"].startswith("scan mm")]) == counts["scan_mm"]
+    assert [x["name"] for x in xs if x["name"].startswith("scan mm")] == ["scan mm1", "scan mm2"]
     assert len([x for x in xs if x["cat"] == "wait"]) == counts["lock_wait"]
     holds = [x for x in xs if x["cat"] == "lock" and "inferred" not in x["args"]]
     assert len(holds) == counts["lock_acquire"]
@@ -164,7 +168,7 @@ def test_deadlock_is_a_ring_of_waits(tmp_path: Path, with_acquires: bool) -> Non
 
 
 @pytest.mark.parametrize("damage", ["release_without_acquire", "end_without_start", "waited_not_number",
-                                    "holders_not_pids", "scan_mm_start_after"])
+                                    "holders_not_pids", "visit_ends_before_start"])
 def test_broken_log_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str], damage: str) -> None:
     events = locked_run()
     if damage == "release_without_acquire":
@@ -180,9 +184,9 @@ def test_broken_log_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str
         next(e for e in events if e["event"] == "lock_wait")["holders"] = "201"
         why = "is not a list of pids"
     else:
-        e = next(e for e in events if e["event"] == "scan_mm")
-        e["start_ns"] = e["mono_ns"] + 1
-        why = "is not a time before the event"
+        v = next(e for e in events if e["event"] == "scan_batch_end")["mms"][0]
+        v["start_ns"] = v["end_ns"] + 1
+        why = "is not a visit"
     d = write_run(tmp_path / "run", events)
     out = tmp_path / "t.json"
     assert main([str(d), "trace", "-o", str(out)]) == 4
@@ -210,6 +214,7 @@ def test_torn_line_empty_folder_not_a_folder(tmp_path: Path, capsys: pytest.Capt
     assert [e["ph"] for e in empty["traceEvents"]] == ["M", "M"]  # the counters' name alone
     assert main([str(tmp_path / "empty"), "plot", "-o", str(tmp_path / "e.png")]) == 0
     assert (tmp_path / "e.png").read_bytes()[:4] == b"\x89PNG"
+    assert "no *.jsonl log files" in capsys.readouterr().err
     for cmd in (["trace", "-o", str(tmp_path / "x.json")], ["plot", "-o", str(tmp_path / "x.png")]):
         assert main([str(out), *cmd]) == 2
         err = capsys.readouterr().err

@@ -59,6 +59,8 @@ def validate(trace: dict[str, Any]) -> None:
                 assert e["bp"] == "e", e  # binds the slice enclosing it
             flows[e["id"]].append(e)
             used.add((e["pid"], e["tid"]))
+    for (pid, tid), name in ((k, v) for k, v in thread_names(trace).items()):
+        assert not name.endswith("(overlapping)"), f"slices that do not nest on {name}"
     for pid, tid in used:
         assert pid in named_p, f"process {pid} has no process_name"
         if tid is not None:
@@ -75,6 +77,10 @@ def validate(trace: dict[str, Any]) -> None:
         for x in ends:
             assert any(s <= x["ts"] <= f for s, f in slices[(x["pid"], x["tid"])]), \
                 f"flow {fid} {x['ph']} at {x['ts']} is in no slice of its thread"
+
+
+def thread_names(trace: dict[str, Any]) -> dict[tuple[int, int], str]:
+    return names(trace)[1]
 
 
 def names(trace: dict[str, Any]) -> tuple[dict[int, str], dict[tuple[int, int], str]]:

@@ -127,8 +127,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
     from uksm.tools.campaign import add_parser as add_campaign
     add_campaign(sub)
-    sub.choices["campaign"].epilog += ("  Its results as a picture: uksm campaign report OUT -o "
-                                       "FILE.png (--help).")
+    camp = sub.choices["campaign"]
+    camp.epilog = (camp.epilog or "") + ("  Its results as a picture: uksm campaign report OUT "
+                                         "-o FILE.png (--help).")
 
     sub.add_parser("logs", help="analyse a run's logs: uksm logs DIR "
                                 "{summary,timeline,check,locks,trace,plot}",

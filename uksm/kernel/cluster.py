@@ -171,11 +171,13 @@ class Cluster:
 
     def new_task(self, row: int) -> Task:
         """Another Task handle (a supervisor thread) on ``row``."""
+        task: Task
         if os.environ.get("UKSM_LOCKTRACE") == "1":  # uksm.kernel.locktrace: off, no cost
             from uksm.kernel.locktrace import TracedTask
-            task = TracedTask(self.q, self.tbase(row), row, holders=self.holders,
-                              wait_log_ms=self.q[H_LOCK_WAIT_MS])
-            task.on_lock = functools.partial(self._lock_event, row)
+            traced = TracedTask(self.q, self.tbase(row), row, holders=self.holders,
+                                wait_log_ms=self.q[H_LOCK_WAIT_MS])
+            traced.on_lock = functools.partial(self._lock_event, row)
+            task = traced
         else:
             task = Task(self.q, self.tbase(row), row, holders=self.holders,
                         wait_log_ms=self.q[H_LOCK_WAIT_MS])

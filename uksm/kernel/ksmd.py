@@ -160,6 +160,7 @@ class Ksmd:
         self.stop = False
         self.last_run = -1
         self.unmerge_gen = cl.q[H_UNMERGE_GEN]
+        self.visits: list[dict[str, Any]] = []  # this batch's visits of mms (scan_batch_end)
 
     # ---- the daemon loop (ksm_scan_thread) ---------------------------------
     def run(self) -> None:
@@ -182,6 +183,7 @@ class Ksmd:
                 if batch:
                     n = q[K_PAGES_TO_SCAN]
                     self.log.info("scan_batch_start", seqnr=q[L_SEQNR], pages_to_scan=n)
+                    self.visits = []
                     scanned = self.ksm_do_scan(n)
                 self.publish()
             finally:
@@ -193,7 +195,7 @@ class Ksmd:
                               seqnr=q[L_SEQNR], pages_shared=q[K_PAGES_SHARED],
                               pages_sharing=q[K_PAGES_SHARING], pages_unshared=q[K_PAGES_UNSHARED],
                               pages_volatile=q[K_PAGES_VOLATILE], full_scans=q[K_FULL_SCANS],
-                              frames_used=cl.nframes - q[A_FREE_TOP])
+                              frames_used=cl.nframes - q[A_FREE_TOP], mms=self.visits)
             self.log_activity()
             if run == 1 and q[L_HEAD_NEXT] != cl.head:
                 ms = q[K_SLEEP_MS]
@@ -396,8 +398,10 @@ class Ksmd:
             st = self.slot_state(slot)
             t_mm = time.monotonic_ns()
             n, done = self.scan_mm(st, budget)
-            # one event per visit of an mm (its slice in a trace), not per page
-            self.log.info("scan_mm", mm=st.mm_id, pages=n, start_ns=t_mm, done=done)
+            # the visit of this mm, for scan_batch_end (a trace's slice): no
+            # log line of its own, the batch's end carries them all
+            self.visits.append({"mm": st.mm_id, "start_ns": t_mm, "end_ns": time.monotonic_ns(),
+                                "pages": n, "done": done})
             scanned += n
             budget -= n
             if not done or q[L_SCAN_SLOT] == head:

@@ -53,13 +53,14 @@ class Watchdog:
             return f"reaper for mm{t.mm} (pid {t.pid})"
         return f"{role} (pid {t.pid})"
 
-    def waiting_on(self, row: int, now: int) -> tuple[int, int, float] | None:
-        """(class, lock id, seconds) of a blocked wait of this task."""
+    def waiting_on(self, row: int, now: int) -> tuple[int, int, float, int] | None:
+        """(class, lock id, seconds, since: mono_ns) of a blocked wait of this task."""
         q, b = self.cl.q, self.cl.tbase(row)
         for c in range(NCLASS):
             e = b + T_LOCKS + c * ESIZE
-            if q[e + E_WORD] & 3 == WAITING and q[e + E_SINCE]:
-                return c, q[e + E_LOCK], (now - q[e + E_SINCE]) / 1e9
+            since = q[e + E_SINCE]
+            if q[e + E_WORD] & 3 == WAITING and since:
+                return c, q[e + E_LOCK], (now - since) / 1e9, since
         return None
 
     def holder_rows(self, cls: int, lid: int) -> list[int]:
@@ -87,7 +88,7 @@ class Watchdog:
             if w is None:
                 lines.append(f"{self.describe(cur)} is running (not blocked)")
                 break
-            cls, lid, secs = w
+            cls, lid, secs, since = w
             holders = [h for h in self.holder_rows(cls, lid) if h != cur]
             if cls == C_FRAMES:
                 what = f"free frames ({self.cl.q[A_FREE_TOP]} free) for {secs:.1f}s"
@@ -102,7 +103,7 @@ class Watchdog:
             waits.append({"pid": q[b + T_PID], "role": ROLES[r] if 0 <= r < len(ROLES) else "?",
                           "mm": q[b + T_MM],
                           "lock": "frames" if cls == C_FRAMES else lock_name(lid),
-                          "waited_s": round(secs, 3),
+                          "waited_s": round(secs, 3), "since_ns": since,
                           "holders": [q[self.cl.tbase(h) + T_PID] for h in holders]})
             nxt = holders[0] if holders else None
             if nxt is None:
@@ -153,7 +154,7 @@ class Watchdog:
             w = self.waiting_on(row, now)
             if w is None:
                 continue
-            cls, lid, secs = w
+            cls, lid, secs, _since = w
             if secs * 1e9 < self.timeout_ns:
                 continue
             key = (row, lid, self.cl.q[b + T_LOCKS + cls * ESIZE + E_SINCE])

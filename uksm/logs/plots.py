@@ -107,7 +107,7 @@ def gather(events: Iterable[Event]) -> RunData:
             d.t.append(t)
             for k in COUNTERS:
                 v = ev.get(k)
-                d.counters[k].append(v if type(v) in (int, float) else float("nan"))
+                d.counters[k].append(float(v) if isinstance(v, (int, float)) else float("nan"))
         if name in ("scan_batch_end", "unmerge") and type(ev.get("frames_used")) is int:
             d.frames_t.append(t)
             d.frames.append(ev["frames_used"])
@@ -147,7 +147,8 @@ def gather(events: Iterable[Event]) -> RunData:
         elif name == "full_scan":
             d.scans.append(t)
         elif name == "hung_task":
-            tk = d.tasks.get((cl, ev.get("task_pid")))
+            tpid = ev.get("task_pid")
+            tk = d.tasks.get((cl, tpid)) if type(tpid) is int else None
             if tk is not None:
                 tk.hung.append(t)
             else:
@@ -329,7 +330,7 @@ def _draw_tasks(ax: Any, tasks: list[_Task], nlanes: int, packed: bool, end: flo
         ax.set_yticklabels([tk.name for tk in tasks], fontsize="small")
         ax.set_ylabel("tasks", rotation=0, ha="right", va="center")
     used = {s for tk in tasks for _, s in tk.marks}
-    handles = [Patch(color=ALIVE, label="alive"), Patch(color=EXITING, label="exiting")]
+    handles: list[Any] = [Patch(color=ALIVE, label="alive"), Patch(color=EXITING, label="exiting")]
     if not packed:
         handles.append(Line2D([], [], color="lightgrey", linestyle=":", label="dead"))
     handles += [Line2D([], [], color=KILL_STYLE[s][0], linewidth=1.5, label=KILL_STYLE[s][1])
@@ -403,7 +404,10 @@ def plot_trace(trace: dict[str, Any], out: str | Path, title: str, max_rows: int
     ax_c.grid(True, alpha=0.3)
     if counters:
         ax_c.legend(loc="upper left", fontsize="x-small", ncol=3, framealpha=0.8)
+    # one artist per row, depth and kind (tens of thousands of lock slices
+    # drawn one by one take minutes)
     stacks: dict[tuple[int, int], list[float]] = {}
+    bars: dict[tuple[int, int, str, bool], list[tuple[float, float]]] = {}
     for e in sorted((e for e in evs if e["ph"] == "X"), key=lambda e: (e["ts"], -e["dur"])):
         k = (e["pid"], e["tid"])
         if k not in row_of:
@@ -411,15 +415,17 @@ def plot_trace(trace: dict[str, Any], out: str | Path, title: str, max_rows: int
         st = stacks.setdefault(k, [])  # ends of the enclosing slices: a child is drawn thinner
         while st and st[-1] <= e["ts"]:
             st.pop()
-        h = 0.76 * 0.62 ** len(st)
-        st.append(e["ts"] + e["dur"])
         a = e.get("args", {})
         open_ = any(x in a for x in ("still_held_at_end", "still_waiting_at_end", "unfinished",
                                      "inferred"))
-        ax.broken_barh([(e["ts"] / 1e6, e["dur"] / 1e6)], (row_of[k] - h / 2, h),
-                       facecolor=SLICE_COLOURS.get(e["cat"], "silver"),
+        bars.setdefault((row_of[k], len(st), e["cat"], open_), []).append((e["ts"] / 1e6, e["dur"] / 1e6))
+        st.append(e["ts"] + e["dur"])
+    for (y, depth, cat, open_), ranges in bars.items():
+        h = 0.76 * 0.62 ** depth
+        ax.broken_barh(ranges, (y - h / 2, h), facecolor=SLICE_COLOURS.get(cat, "silver"),
                        edgecolor="black" if open_ else "none", hatch="///" if open_ else None,
                        linewidth=0.5)
+    imarks: dict[str, tuple[list[float], list[int]]] = {}
     for e in evs:
         k = (e.get("pid", 0), e.get("tid", 0))
         if e["ph"] == "i":
@@ -428,8 +434,11 @@ def plot_trace(trace: dict[str, Any], out: str | Path, title: str, max_rows: int
                 ax.annotate(e["name"], (e["ts"] / 1e6, -0.5), color="red", fontsize="small",
                             xytext=(3, 3), textcoords="offset points", va="bottom")
             elif k in row_of:
-                ax.plot([e["ts"] / 1e6], [row_of[k]], marker="v", markersize=4, linestyle="",
-                        color=INSTANT_COLOURS.get(e["cat"], "grey"))
+                mx, my = imarks.setdefault(e["cat"], ([], []))
+                mx.append(e["ts"] / 1e6)
+                my.append(row_of[k])
+    for cat, (mx, my) in imarks.items():
+        ax.plot(mx, my, marker="v", markersize=4, linestyle="", color=INSTANT_COLOURS.get(cat, "grey"))
     flows: dict[Any, dict[str, Any]] = {}
     for e in evs:
         if e["ph"] in ("s", "f"):
@@ -455,7 +464,7 @@ def plot_trace(trace: dict[str, Any], out: str | Path, title: str, max_rows: int
     ax.set_xlabel("time (s since the run's first event)" + (f"; {left} quieter rows not drawn" if left else ""))
     from matplotlib.patches import Patch
     from matplotlib.lines import Line2D
-    handles = [Patch(facecolor=c, label={"ksmd": "ksmd batch / scan mmN", "wait": "wait",
+    handles: list[Any] = [Patch(facecolor=c, label={"ksmd": "ksmd batch / scan mmN", "wait": "wait",
                                          "lock": "lock held", "exit": "exit"}[k])
                for k, c in SLICE_COLOURS.items()]
     handles.append(Patch(facecolor="white", edgecolor="black", hatch="///",

@@ -10,7 +10,8 @@ event by event, is docs/LOGS.md's table; in short:
   supervisor's process, named after the worker whose exit it runs; the
   counters are one process of their own (``ksm``, ``frames``);
 - on each process's main thread, complete slices (``ph: X``): ksmd's
-  batches and, nested in them, its visit of each mm; every wait (a
+  batches and, nested in them, its visit of each mm (``scan_batch_end``'s
+  ``mms``); every wait (a
   ``lock_wait``; a hung task's wait, still open at the end); a task's exit,
   from ``mm_exit_begin`` on;
 - lock holds (``lock_acquire`` .. ``lock_release``, logged with
@@ -68,7 +69,7 @@ DETAIL = {"ksm_exit": "path", "worker_exit": "how", "task_exit": "path", "inject
 #: fields naming the process an event is about (its instant goes on that track)
 SUBJECT = ("target_pid", "victim_pid", "worker_pid", "dead_pid", "task_pid")
 #: events folded into slices and counters rather than drawn as instants
-FOLDED = frozenset({"scan_batch_start", "scan_batch_end", "scan_mm", "lock_wait", "lock_acquire",
+FOLDED = frozenset({"scan_batch_start", "scan_batch_end", "lock_wait", "lock_acquire",
                     "lock_release"})
 ROLE_ORDER = {"supervisor": 1, "ctl": 2, "ksmd": 3, "writer": 4, "reaper": 5, "worker": 10}
 
@@ -103,7 +104,6 @@ class _Slice:
     end: int | None     # None: still open
     args: dict[str, Any]
     thread: "_Thread"
-    lane: int = 0       # lock lanes: which lane of the class; main thread: 0 (overlap lanes above)
 
 
 @dataclass
@@ -267,9 +267,15 @@ class _Builder:
         if b is None:
             raise self.broken(ev, "no scan_batch_start before it")
         b.end = now
-        b.args.update(self.fields(ev))
+        b.args.update({k: v for k, v in self.fields(ev).items() if k != "mms"})
         b.name = f"batch {ev.get('pages', '?')} pages"
         th.batch = None
+        for v in ev.get("mms", []):  # ksmd's visit of each mm in the batch
+            if not isinstance(v, dict) or type(v.get("start_ns")) is not int \
+                    or type(v.get("end_ns")) is not int or not ev["mono_ns"] >= v["end_ns"] >= v["start_ns"]:
+                raise self.broken(ev, f"mms: {v!r} is not a visit (start_ns <= end_ns <= the event)")
+            self.slice(th, f"scan mm{v.get('mm')}", "ksmd", v["start_ns"] - (self.origin or 0),
+                       v["end_ns"] - (self.origin or 0), dict(v))
         vals = {k: ev[k] for k in ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile")
                 if _num(ev.get(k))}
         if vals:
@@ -297,17 +303,10 @@ class _Builder:
                 self.counters.append({"name": "frames", "ts": now, "args": {"limit": limit},
                                       "cluster": ev.get("cluster")})
 
-    def on_scan_mm(self, ev: Event, th: _Thread, now: int) -> None:
-        start = ev.get("start_ns")
-        if type(start) is not int or start > ev["mono_ns"]:
-            raise self.broken(ev, f"start_ns {start!r} is not a time before the event")
-        self.slice(th, f"scan mm{ev.get('mm')}", "ksmd", start - (self.origin or 0), now,
-                   self.fields(ev))
-
     # -- waits and holds ----------------------------------------------------
     def on_lock_wait(self, ev: Event, th: _Thread, now: int) -> None:
         lock, ms, holders = ev.get("lock"), ev.get("waited_ms"), ev.get("holders", [])
-        if not isinstance(lock, str) or not _num(ms) or ms < 0:
+        if not isinstance(lock, str) or not isinstance(ms, (int, float)) or isinstance(ms, bool) or ms < 0:
             raise self.broken(ev, f"lock {lock!r} / waited_ms {ms!r}")
         if not isinstance(holders, list) or any(type(h) is not int for h in holders):
             raise self.broken(ev, f"holders {holders!r} is not a list of pids")
@@ -357,7 +356,9 @@ class _Builder:
                 raise self.broken(ev, f"a link of waits is not pid/lock/waited_s/holders: {ln!r}")
             wt = self.link_thread(cluster, ln)
             key = (wt.proc.key, wt.key, ln["lock"])
-            start = now - round(ln["waited_s"] * 1e9)
+            since = ln.get("since_ns")  # exact; waited_s is rounded to the ms
+            start = since - (self.origin or 0) if type(since) is int and since <= ev["mono_ns"] \
+                else now - round(ln["waited_s"] * 1e9)
             w = self.hung.get(key)
             if w is None:
                 w = self.slice(wt, f"wait {ln['lock']}", "wait", start, None,
@@ -462,6 +463,7 @@ class _Builder:
                 t.tid = SYNTH_TID + n
         for s in self.slices:
             th = lanes[id(s)]
+            assert s.end is not None  # closed above
             out.append({"name": s.name, "cat": s.cat, "ph": "X", "ts": _us(s.start),
                         "dur": _us(s.end - s.start), "pid": th.proc.jpid, "tid": th.tid,
                         "args": s.args})
@@ -672,7 +674,8 @@ def crop(trace: dict[str, Any], t_from: float | None, t_to: float | None) -> dic
     start."""
     lo = -float("inf") if t_from is None else t_from * 1e6
     hi = float("inf") if t_to is None else t_to * 1e6
-    out, before = [], {}
+    out: list[dict[str, Any]] = []
+    before: dict[tuple[Any, ...], dict[str, Any]] = {}
     for e in trace["traceEvents"]:
         ph = e["ph"]
         if ph == "M":
@@ -689,7 +692,7 @@ def crop(trace: dict[str, Any], t_from: float | None, t_to: float | None) -> dic
             before[(e["name"], tuple(e["args"]))] = dict(e, ts=lo)
         elif lo <= e["ts"] <= hi:
             out.append(e)
-    ids = {}
+    ids: dict[Any, int] = {}
     for e in out:
         if e["ph"] in ("s", "f"):
             ids[e["id"]] = ids.get(e["id"], 0) + 1
