@@ -9,9 +9,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-
 from test_lock_protocol import IMPLS, Table
+
 from uksm.kernel.layout import C_DAEMON, C_MMAP, C_PTL, C_WMUTEX
+from uksm.kernel.locks import LockAbort
 from uksm.kernel.locktrace import LockTracing
 
 pytestmark = pytest.mark.timeout(60)
@@ -63,7 +64,7 @@ def test_failed_trylock_and_abandoned_wait_report_nothing(tb: Table) -> None:
     holder.lock(mx)
     assert not t.trylock(mx)
     t.abort = lambda: True  # the wait is abandoned at its first slice
-    with pytest.raises(Exception):
+    with pytest.raises(LockAbort):
         t.lock(mx)
     holder.unlock(mx)
     assert seen == []

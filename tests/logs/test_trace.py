@@ -10,13 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from test_logs import CTL, KSMD, SUP, T0, W1, W2, W3, clean_run, ev, stamp, write_run
 from tracecheck import flow_edges, instant_counts, names, of, validate
+
 from uksm.cli.logs import main
 from uksm.logs import BrokenLog, trace_events
 from uksm.logs.plots import _lanes, gather, plot_events
-from uksm.logs.trace import FOLDED, TraceStats
+from uksm.logs.trace import COUNTER_PID, FOLDED, TraceStats
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -67,7 +67,7 @@ def test_trace_is_valid_and_matches_the_log(tmp_path: Path, capsys: pytest.Captu
     logged = {e["event"] for e in events}
     # a process track per process (counters aside), named after its role
     pn, tn = names(tr)
-    assert sorted(p for p in pn if p != 2**31 - 2) == sorted({e["pid"] for e in events if e["role"] != "reaper"} | {102})
+    assert sorted(p for p in pn if p != COUNTER_PID) == sorted({e["pid"] for e in events})
     assert pn[101] == "ksmd" and pn[100] == "supervisor" and pn[201] == "worker w1 mm1"
     # every event not folded into a slice is one instant; a task's (or its
     # reaper's) mm_exit_begin is the start of its exit slice

@@ -9,10 +9,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from tracecheck import flow_edges, instant_counts, names, of, validate
 
 from helpers import run_json, uksm
-from tracecheck import flow_edges, instant_counts, names, of, validate
-from uksm.logs.trace import FOLDED
+from uksm.logs.trace import COUNTER_PID, FOLDED
 
 
 def events_of(d: Path) -> list[dict]:
@@ -88,7 +88,7 @@ def test_inject_with_traced_locks(tmp_path):
     # a process per process: the cluster's, each worker, ksmd; a thread per reaper
     pn, tn = names(tr)
     pids = {e["pid"] for e in evs} | {e["worker_pid"] for e in evs if e["event"] == "worker_spawn"}
-    assert set(pn) - {2**31 - 2} == pids
+    assert set(pn) - {COUNTER_PID} == pids
     reapers = {e["dead_pid"] for e in evs if e["role"] == "reaper"}
     assert len(reapers) >= 1 and all(any(n.startswith("reaper for") and str(dp) in n
                                          for n in tn.values()) for dp in reapers)

@@ -59,7 +59,7 @@ def validate(trace: dict[str, Any]) -> None:
                 assert e["bp"] == "e", e  # binds the slice enclosing it
             flows[e["id"]].append(e)
             used.add((e["pid"], e["tid"]))
-    for (pid, tid), name in ((k, v) for k, v in thread_names(trace).items()):
+    for name in thread_names(trace).values():
         assert not name.endswith("(overlapping)"), f"slices that do not nest on {name}"
     for pid, tid in used:
         assert pid in named_p, f"process {pid} has no process_name"

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, TextIO
 
 from uksm.cli.args import OneLineParser
 from uksm.host.exitcodes import EXIT_INTEGRITY, EXIT_OK, EXIT_USAGE

@@ -22,7 +22,8 @@ row.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from uksm.kernel.locks import Lock, Task
 

@@ -37,10 +37,10 @@ error (bad folder, bad arguments, matplotlib missing for ``plot``), 4
 """
 from __future__ import annotations
 
-from uksm.logs.rules import CheckResult, check, check_events
+from uksm.logs.plots import plot
 from uksm.logs.read import Event, LogDirError, ReadStats, iter_events, select
 from uksm.logs.report import lock_stats, summarize, timeline
-from uksm.logs.plots import plot
+from uksm.logs.rules import CheckResult, check, check_events
 from uksm.logs.trace import BrokenLog, trace_events
 
 __all__ = ["Event", "LogDirError", "ReadStats", "iter_events", "select", "summarize", "check",

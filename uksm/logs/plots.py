@@ -283,8 +283,8 @@ def plot_events(events: Iterable[Event], out: str | Path, title: str,
 
 
 def _draw_tasks(ax: Any, tasks: list[_Task], nlanes: int, packed: bool, end: float) -> None:
-    from matplotlib.patches import Patch
     from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
     # one artist per lane and kind, not per task: thousands of artists take minutes to draw
     alive: dict[int, list[tuple[float, float]]] = {}
     exiting: dict[int, list[tuple[float, float]]] = {}
@@ -462,8 +462,8 @@ def plot_trace(trace: dict[str, Any], out: str | Path, title: str, max_rows: int
     ax.set_ylim(len(rows) - 0.5, -0.5)
     ax.grid(True, axis="x", alpha=0.3)
     ax.set_xlabel("time (s since the run's first event)" + (f"; {left} quieter rows not drawn" if left else ""))
-    from matplotlib.patches import Patch
     from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
     handles: list[Any] = [Patch(facecolor=c, label={"ksmd": "ksmd batch / scan mmN", "wait": "wait",
                                          "lock": "lock held", "exit": "exit"}[k])
                for k, c in SLICE_COLOURS.items()]

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from uksm.logs.read import COMMON_KEYS, Event, ReadStats, iter_events, log_files, LogDirError
+from uksm.logs.read import COMMON_KEYS, Event, ReadStats, iter_events, log_files
 
 #: the pseudo-process holding the counter tracks (no real pid is this big)
 COUNTER_PID = 2**31 - 2

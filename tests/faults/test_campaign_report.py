@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from helpers import run_group, uksm
+from uksm.faults.campaign_run import _result, run_id
 from uksm.logs.campaign import lock_recoveries_by_lock, read_results
-from uksm.tools.campaign_run import _result, run_id
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
