@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Read a uksm run's log folder (one <role>-<pid>.jsonl file per process, "
             "merged in mono_ns order) and answer questions about the run. "
             "Invalid lines are skipped and counted. Exit status: 0 ok, 2 user "
-            "error, 4 check found violations."
+            "error, 4 check found violations or trace was given a broken log."
         ),
         epilog="Event names and fields: docs/EVENTS.md. Examples with jq and DuckDB: docs/LOGS.md.",
     )

@@ -13,14 +13,11 @@ from uksm.cli.args import OneLineParser
 from uksm.host.exitcodes import EXIT_INTEGRITY, EXIT_OK, EXIT_USAGE
 from uksm.logs.read import LogDirError, ReadStats, iter_events
 
-WINDOW_HELP = "seconds since the run's first event"
-
-
 def _window_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--from", dest="t_from", type=float, metavar="S",
-                   help=f"start the picture at S ({WINDOW_HELP}; default: the start)")
+                   help="from S seconds since the run's first event (default: its start)")
     p.add_argument("--to", dest="t_to", type=float, metavar="S",
-                   help=f"end it at S ({WINDOW_HELP}; default: the end)")
+                   help="up to S seconds since the run's first event (default: its end)")
 
 
 def add_parsers(sub: Any) -> None:
