@@ -290,3 +290,21 @@ def test_trace_stats_count_what_it_holds(tmp_path: Path) -> None:
     assert st.events == len(locked_run())
     assert st.slices == len(of(tr, "X")) and st.instants == len([e for e in of(tr, "i")])
     assert st.counters == len(of(tr, "C")) and st.flows == len(of(tr, "s")) == 1
+
+
+def test_any_event_stream_renders(tmp_path: Path) -> None:
+    """An exploration's schedule (issue 21), fed as events in the log's
+    schema: unknown events are instants on their emitter's track, its
+    preemptions in category sched."""
+    steps = [{"event": "schedule_step", "mono_ns": T0 + i * 1000, "role": role, "pid": pid,
+              "cluster": "x", "step": i, "op": op}
+             for i, (role, pid, op) in enumerate([("worker", 11, "lock mmap_sem:mm1"),
+                                                   ("ksmd", 12, "lock ksm_thread_mutex"),
+                                                   ("worker", 11, "unlock mmap_sem:mm1")])]
+    steps.insert(2, {"event": "preempt", "mono_ns": T0 + 1500, "role": "ksmd", "pid": 12,
+                     "cluster": "x", "step": 2})
+    tr = trace_events(iter(steps))
+    validate(tr)
+    got = [(e["name"], e["cat"], e["pid"], e["args"]["step"]) for e in of(tr, "i")]
+    assert got == [("schedule_step", "sched", 11, 0), ("schedule_step", "sched", 12, 1),
+                   ("preempt", "sched", 12, 2), ("schedule_step", "sched", 11, 2)]

@@ -348,7 +348,7 @@ def _draw_tasks(ax: Any, tasks: list[_Task], nlanes: int, packed: bool, end: flo
 
 SLICE_COLOURS = {"ksmd": "#6fa8dc", "wait": "#e06666", "lock": "#93c47d", "exit": "#f6b26b"}
 INSTANT_COLOURS = {"kill": "crimson", "exit": "darkorange", "recovery": "teal", "bug": "red",
-                   "ksm": "steelblue", "cluster": "grey"}
+                   "ksm": "steelblue", "sched": "magenta", "cluster": "grey"}
 
 
 def plot_trace(trace: dict[str, Any], out: str | Path, title: str, max_rows: int = 40) -> int:

@@ -60,6 +60,8 @@ CATEGORY = {
                      "ksmd_restart", "fsck"), "bug"),
     **dict.fromkeys(("merge", "cow_break", "unmerge", "full_scan", "ksm_run", "ksm_knob",
                      "run_store", "ksm_enter"), "ksm"),
+    # a controlled schedule's marks (issue 21), when its steps are fed in
+    **dict.fromkeys(("preempt", "schedule_step"), "sched"),
 }
 #: the field whose value names an instant beside its event (``ksm_exit slow``)
 DETAIL = {"ksm_exit": "path", "worker_exit": "how", "task_exit": "path", "inject_kill": "signal",
