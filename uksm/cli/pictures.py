@@ -13,6 +13,7 @@ from uksm.cli.args import OneLineParser
 from uksm.host.exitcodes import EXIT_INTEGRITY, EXIT_OK, EXIT_USAGE
 from uksm.logs.read import LogDirError, ReadStats, iter_events
 
+
 def _window_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--from", dest="t_from", type=float, metavar="S",
                    help="from S seconds since the run's first event (default: its start)")
