@@ -1,5 +1,5 @@
 """``uksm logs DIR trace`` and ``uksm logs DIR plot``: a run as pictures
-(``uksm.logs.trace``, ``uksm.logs.plot``), and ``uksm campaign report``
+(``uksm.logs.trace``, ``uksm.logs.plots``), and ``uksm campaign report``
 (``uksm.logs.campaign``)."""
 from __future__ import annotations
 
