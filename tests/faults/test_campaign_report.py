@@ -46,7 +46,7 @@ def test_report_draws_a_results_file(tmp_path: Path) -> None:
     res, bad = read_results(f)
     assert len(res) == len(rows) + 1 and bad == 1
     out = tmp_path / "c.png"
-    p = uksm("campaign", "report", str(f), "-o", str(out))
+    p = uksm("campaign", "report", str(f), "-o", str(out), timeout=40)
     assert p.returncode == 0, p.stderr
     assert p.stdout == f"wrote {out}: {len(rows) + 1} runs\n"
     assert "skipped 1 lines" in p.stderr
@@ -55,12 +55,12 @@ def test_report_draws_a_results_file(tmp_path: Path) -> None:
     for args, msg in ((["report", str(tmp_path / "none.jsonl"), "-o", str(out)], "no such file"),
                       (["report", str(tmp_path), "-o", str(out)], "not a file"),
                       (["report", str(f)], "-o")):
-        p = uksm("campaign", *args)
+        p = uksm("campaign", *args, timeout=40)
         assert p.returncode == 2 and msg in p.stderr and len(p.stderr.strip().splitlines()) <= 2, p.stderr
         assert "Traceback" not in p.stderr
     empty = tmp_path / "e.jsonl"
     empty.write_text("")
-    assert uksm("campaign", "report", str(empty), "-o", str(tmp_path / "e.png")).returncode == 0
+    assert uksm("campaign", "report", str(empty), "-o", str(tmp_path / "e.png"), timeout=40).returncode == 0
     assert (tmp_path / "e.png").read_bytes()[:8] == PNG
 
 
@@ -83,12 +83,12 @@ def test_report_of_a_real_campaign(tmp_path: Path) -> None:
     out = tmp_path / "c.jsonl"
     p = run_group([sys.executable, "-m", "uksm", "campaign",
                    "--seeds", "1-2", "--kills", "3", "--workers", "2", "--pages", "32",
-                   "--parallel", "2", "--out", str(out), "--quiet"], 180)
+                   "--parallel", "2", "--out", str(out), "--quiet"], 160)
     assert p.returncode == 0, p.stdout + p.stderr
     res, bad = read_results(out)
     assert len(res) == 2 and bad == 0
     assert all(type(r["ended"]) is float and isinstance(r["lock_recoveries_by_lock"], dict) for r in res)
     assert all(sum(r["lock_recoveries_by_lock"].values()) == r["lock_recoveries"] for r in res)
     png = tmp_path / "c.png"
-    assert uksm("campaign", "report", str(out), "-o", str(png)).returncode == 0
+    assert uksm("campaign", "report", str(out), "-o", str(png), timeout=30).returncode == 0
     assert png.read_bytes()[:8] == PNG
