@@ -695,3 +695,20 @@ def test_one_kill_at_a_point_counts_once(tmp_path: Path) -> None:
                   ev(CTL, "inject_kill", target_pid=201, mm=1, signal="KILL", mode="point"))
     assert summarize(write_run(tmp_path / "r", evs))["kills"] == 2  # as before: the random one
     # and w4's kill_point; w1's point never fired
+
+
+def test_trace_and_plot_of_a_folder_of_clusters_need_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A picture of two clusters at once would draw one's mm ids and
+    counters over the other's: refused before anything is written."""
+    d = reused_folder(tmp_path)
+    out = tmp_path / "t.json"
+    for sub in (["trace", "-o", str(out)], ["plot", "-o", str(tmp_path / "p.png")]):
+        assert main([str(d), *sub]) == 2
+        err = capsys.readouterr().err
+        assert "3 clusters (a@1a, a@2b, b@3c): say which with --cluster" in err, err
+    assert not out.exists() and not (tmp_path / "p.png").exists()
+    assert main([str(d), "trace", "-o", str(out), "--cluster", "a@2b"]) == 0, capsys.readouterr()
+    capsys.readouterr()
+    assert json.loads(out.read_text())["traceEvents"]

@@ -1,5 +1,5 @@
-"""``uksm logs DIR {summary,timeline,check,locks,plot}``: the command line
-over ``uksm.logs``."""
+"""``uksm logs DIR {summary,timeline,check,locks,trace,plot}``: the command
+line over ``uksm.logs`` (the pictures: ``uksm.cli.pictures``)."""
 from __future__ import annotations
 
 import argparse
@@ -10,10 +10,21 @@ import sys
 from collections.abc import Iterable
 from typing import Any, TextIO
 
-from uksm.cli.args import OneLineParser
+from uksm.cli import pictures
+from uksm.cli.args import OneLineParser, log_cluster_arg
 from uksm.host.exitcodes import EXIT_INTEGRITY, EXIT_NO_EVIDENCE, EXIT_OK, EXIT_USAGE
-from uksm.logs.read import EXIT_PATHS, Clusters, Event, LogDirError, ReadStats, format_fields, iter_events, only_cluster
-from uksm.logs.report import PlotUnavailable, lock_class, lock_stats_events, plot, summarize_events, timeline_events
+from uksm.logs.plots import PlotUnavailable
+from uksm.logs.read import (
+    EXIT_PATHS,
+    Clusters,
+    Event,
+    LogDirError,
+    ReadStats,
+    format_fields,
+    iter_events,
+    only_cluster,
+)
+from uksm.logs.report import lock_class, lock_stats_events, summarize_events, timeline_events
 from uksm.logs.rules import N_RULES, CheckResult, check_events
 
 
@@ -144,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
             "merged in mono_ns order) and answer questions about the run. "
             "Invalid lines are skipped and counted. A folder holding several clusters "
             "(a reused log folder) is read cluster by cluster, never mixed. Exit status: 0 ok, "
-            "2 user error, 4 check found violations, 6 check found no evidence to judge."
+            "2 user error, 4 check found violations or trace was given a broken log, 6 check "
+            "found no evidence to judge."
         ),
         epilog="Event names and fields: docs/EVENTS.md. Examples with jq and DuckDB: docs/LOGS.md.",
     )
@@ -152,9 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     json_opt = OneLineParser(add_help=False)
     json_opt.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     one = OneLineParser(add_help=False)
-    one.add_argument("--cluster", metavar="NAME[@BOOT]",
-                     help="only this cluster, when the folder holds several (a reused log folder): "
-                          "NAME, or NAME@BOOT for one boot of it (summary lists them)")
+    log_cluster_arg(one)
     json_opt = OneLineParser(add_help=False, parents=[json_opt, one])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     sub.add_parser(
@@ -205,17 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
             "10 longest waits with waiter and holder pids."
         ),
     )
-    pl = sub.add_parser(
-        "plot", parents=[one],
-        help="PNG of pages_shared/sharing/unshared/volatile over time (needs matplotlib)",
-        description=(
-            "Plot pages_shared, pages_sharing, pages_unshared and pages_volatile from "
-            "scan_batch_end over time, with vertical lines for worker_exit (colour by how) "
-            "and dashed lines for kill_point, inject_kill and oom_kill. Needs matplotlib "
-            "(pip install 'uksm[plot]')."
-        ),
-    )
-    pl.add_argument("-o", "--output", required=True, metavar="FILE.png", help="image file to write")
+    pictures.add_parsers(sub)
     return parser
 
 
@@ -252,11 +252,8 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
     log_dir: str = args.dir
     stats = ReadStats()
     want = getattr(args, "cluster", None)
-    if args.command == "plot":
-        stats = plot(log_dir, args.output, want)
-        _warn_invalid(stats, log_dir)
-        print(f"wrote {args.output}", file=out)
-        return EXIT_OK
+    if args.command in ("trace", "plot"):
+        return pictures.run(args, out, _warn_invalid)
 
     events: Iterable[Event] = iter_events(log_dir, stats)
     if want:

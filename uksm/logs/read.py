@@ -183,6 +183,17 @@ class Clusters:
     def labels(self) -> list[str]:
         return [label(i) for i in self.seen]
 
+    def only_one(self, events: Iterable[Event], what: str) -> Iterator[Event]:
+        """``watch``, refusing the stream (LogDirError) at the first event of
+        a second cluster, before its consumer has written anything: the
+        rest is read to name every cluster in the message."""
+        for ev in self.watch(events):
+            if len(self.seen) > 1:
+                for _ in self.watch(events):
+                    pass
+                self.one(what)
+            yield ev
+
     def one(self, what: str) -> None:
         """``what`` mixes nothing: LogDirError if the stream held several
         clusters (the user says which with ``--cluster``)."""
