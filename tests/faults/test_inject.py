@@ -31,6 +31,12 @@ HELD_AT = {
     "ksm_exit_before_down_write": set(),
     "ksm_exit_mmap_sem_write": W,
     "exit_mid_zap": set(),
+    # dup_mmap: the parent's mmap_sem (and writer mutex) on its row, the new
+    # mm's on the new task's row (dead with it: uksm.proc.forks), and while
+    # a page table is copied that row's pte lock and zone_lock too
+    "fork_before_ksm_enter": W,
+    "fork_copy_locked": W | {"pte_lock", "zone_lock"},
+    "fork_after_copy": W,
 }
 
 

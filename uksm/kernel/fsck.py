@@ -5,7 +5,8 @@ With every pte lock and zone_lock held ("the world stopped") a frame's
 count must equal the PTEs that map it plus the frames live tasks hold in
 flight; the free stack must be exactly the free frames; a KSM frame is
 mapped read-only everywhere and still holds the bytes its stable-tree key
-was computed from; every mm's rss and KSM mappings match its page table;
+was computed from; a frame mapped more than once (a fork's copy-on-write)
+is read-only in each mapping; every mm's rss and KSM mappings match its page table;
 mm_count (the reference bits) matches the references that exist; the slot
 list is well formed; ksmd's counters add up (read under ksm_thread_mutex,
 which ksmd publishes them under).
@@ -221,6 +222,11 @@ def check(cl: "Cluster", mms: dict[int, "MM"], counters: bool = True) -> list[st
                 errs.append(f"mm{mm_id} vpn {vpn:#x} maps free frame {pfn}")
             elif pte & PTE_WRITE and fq[pfn * FRAME_SIZE + FR_FLAGS] & F_KSM:
                 errs.append(f"mm{mm_id} vpn {vpn:#x} maps KSM frame {pfn} writable")
+            elif pte & PTE_WRITE and refs[pfn] > 1:
+                # fork's copy_one_pte write-protects a page in both tasks:
+                # a writable mapping of a shared page writes into the other's
+                errs.append(f"mm{mm_id} vpn {vpn:#x} maps frame {pfn} writable, shared by "
+                            f"{refs[pfn]} mappings (copy-on-write lost)")
         b = mm.base
         if q[b + M_ID] != mm_id:
             continue

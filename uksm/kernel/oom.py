@@ -70,6 +70,25 @@ def oom_killer(log: Any) -> Callable[["Cluster", "Task"], int]:
     return lambda cl, task: out_of_memory(cl, task, log)
 
 
+def child_to_kill(cl: "Cluster", pid: int) -> int | None:
+    """oom_kill_process's "Try to kill a child first" (2.6.32.67
+    mm/oom_kill.c): the mm row of the first child of task ``pid`` (forked
+    by it, oldest first: p->children's order) with an mm of its own
+    still in use (oom_kill_task skips one without: "if (!p->mm) return
+    1"); None when it has none.  4.1 sacrifices a child too (the one of
+    highest badness): the oldest is taken under both rules.  Caller holds
+    ksm_mmlist_lock."""
+    q = cl.q
+    kids = []
+    for r in range(cl.max_tasks):
+        t = cl.trow(r)
+        if t.ppid == pid and t.state == TS_ALIVE and t.pid > 0 and t.mm:
+            row = cl.mm_row(t.mm)
+            if row >= 0 and q[cl.mbase(row) + M_USERS] and q[cl.mbase(row) + M_OWNER_PID] == t.pid:
+                kids.append((t.start_ns, row))
+    return min(kids)[1] if kids else None
+
+
 def out_of_memory(cl: "Cluster", task: "Task", log: Any) -> int:
     """Kill the worst task unless a victim is already on its way out.
     Returns the victim's pid, or 0."""
@@ -105,6 +124,7 @@ def out_of_memory(cl: "Cluster", task: "Task", log: Any) -> int:
         # while it lives; with PF_OOM_ORIGIN it is chosen before anyone
         # (2.6.32 badness(): ULONG_MAX; 4.1: oom_task_origin -> SELECT)
         origin = -1
+        chosen = 0
         for r in range(cl.max_tasks):
             t = cl.tbase(r)
             if q[t + T_ROLE] != R_WRITER or q[t + T_STATE] != TS_ALIVE or q[t + T_PID] <= 0:
@@ -121,13 +141,16 @@ def out_of_memory(cl: "Cluster", task: "Task", log: Any) -> int:
         elif victim is None:
             return 0
         else:
+            chosen = q[cl.mbase(victim) + M_OWNER_PID]
+            victim = child_to_kill(cl, chosen) or victim   # oom_kill_process: a child first
             b = cl.mbase(victim)
             q[b + M_OOM_VICTIM] = 1
             q[S_OOM_KILLED] += 1
             pid, mm_id, rss = q[b + M_OWNER_PID], q[b + M_ID], q[b + M_RSS]
     finally:
         task.unlock(cl.mmlist)
-    log.warning("oom_kill", victim_pid=pid, victim_mm=mm_id, rss=rss, free_frames=q[A_FREE_TOP])
+    log.warning("oom_kill", victim_pid=pid, victim_mm=mm_id, rss=rss, free_frames=q[A_FREE_TOP],
+                **({"child_of": chosen} if origin < 0 and pid != chosen else {}))
     try:
         os.kill(pid, OOM_SIGNAL)
     except ProcessLookupError:
