@@ -21,8 +21,8 @@ and starts the child process after.
 2. ``retval = ksm_fork(mm, oldmm)`` (line 305), *before* any VMA is
    copied: the child's mm_slot is on ksm_mm_head's list while its VMAs and
    page tables are still being copied, placed by ``__ksm_enter`` just
-   behind the scan cursor (mm/ksm.c: ``list_add_tail(&mm_slot->mm_list,
-   &ksm_scan.mm_slot->mm_list)``).  A ksmd reaching it meanwhile blocks
+   behind the scan cursor (2.6.32.67 mm/ksm.c line 1432:
+   ``list_add_tail(&mm_slot->mm_list, &ksm_scan.mm_slot->mm_list)``).  A ksmd reaching it meanwhile blocks
    in its down_read of the new mm's mmap_sem, held for write here.
 3. Per VMA, in address order: a copy with ``tmp->vm_flags &= ~VM_LOCKED``
    (mlock is not inherited), ``mm->map_count++``, then ``copy_page_range``
