@@ -116,6 +116,13 @@ def test_fork_bad_input():
                 a.pagemap(first, count)
         assert a.pagemap(4 - 1, 1)[0]["present"] and a.pagemap(2, 0) == []
         assert [p["present"] for p in w.pagemap()] == [True, True]   # a built-in worker's too
+        # a built-in worker gone since it was listed (a forked child exits on
+        # its own: uksm inject's victim): TaskExited, not "no such task"
+        w.kill()
+        with pytest.raises(uksm.TaskExited, match=f"task {w.id} has exited"):
+            w.kill()
+        with pytest.raises(uksm.TaskExited, match=f"task {w.id} has exited"):
+            w.pagemap()
     assert m.report["status"] == 0, m.report
 
 

@@ -41,6 +41,7 @@ from uksm.kernel.layout import (
     FIRST_VPN,
     H_EXIT_POLICY,
     H_KSMD_POINT,
+    H_NEXT_WORKER,
     L_SCAN_SLOT,
     PAGE_SHIFT,
     PAGE_SIZE,
@@ -139,6 +140,10 @@ class Tasks:
             if self.builtin(req) is not None:
                 raise ScriptError(f"{tid} is a built-in worker ('uksm spawn', m.spawn): it takes "
                                   f"no commands, only kill, arm, stat and pagemap", "value", EXIT_USAGE)
+            if self.was_worker(tid):
+                # a built-in worker gone since the caller listed it (a
+                # forked child exits on its own: uksm.proc.forks)
+                raise ScriptError(f"task {tid} has exited", "exited")
             known = " ".join(sorted(self.chans)) or "none"
             raise ScriptError(f"no programmable task {tid!r} in cluster {self.host.name!r} (tasks: "
                               f"{known})", "unknown", EXIT_ERR)
@@ -427,6 +432,12 @@ class Tasks:
         f = mm_fields(cl, row)
         return {"ksm_rmap_items": f["ksm_rmap_items"], "ksm_merging_pages": f["ksm_merging_pages"],
                 "rss": f["rss"], "pid": ch.proc.pid, "mm": ch.mm}
+
+    def was_worker(self, tid: str) -> bool:
+        """``tid`` names a worker this machine started (w1..w<last>)."""
+        n = tid[1:]
+        return (tid[:1] == "w" and n.isascii() and n.isdigit()
+                and 1 <= int(n) <= self.host.sup.cl.q[H_NEXT_WORKER])
 
     def builtin(self, req: dict[str, Any]) -> "Child | None":
         """A built-in worker (``spawn``) named by the request, None when
