@@ -230,10 +230,15 @@ class Ksmd:
                     self.visits = []
                     scanned = self.ksm_do_scan(n)
                 self.publish()
+                # after the publish (a lockless reader sees the merges at
+                # once) and before the unlock: whoever reads under the
+                # mutex -- a report's snapshot, a run's convergence test --
+                # finds the frames these merges freed free, as the
+                # kernel's replace_page had freed each one at once
+                if self.should_flush(run, q[K_FULL_SCANS] != scans_before):
+                    self.alloc.flush()
             finally:
                 task.unlock(cl.daemon)
-            if self.should_flush(run, q[K_FULL_SCANS] != scans_before):
-                self.alloc.flush()
             if batch:  # every scan_batch_start has its end (a trace's batch slice), 0 pages too
                 self.log.info("scan_batch_end", pages=scanned, ms=(time.monotonic_ns() - t0) / 1e6,
                               seqnr=q[L_SEQNR], pages_shared=q[K_PAGES_SHARED],
