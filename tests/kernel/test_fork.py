@@ -209,3 +209,67 @@ def test_a_signal_pending_after_the_copy_undoes_the_fork() -> None:
         assert_fsck(sup, [a])
         a.exit()
         assert_fsck(sup)
+
+
+def test_a_fork_during_run_2_is_missed_as_in_2_6_32() -> None:
+    """2.6.32's __ksm_enter puts every new slot just behind the cursor
+    (mm/ksm.c line 1432), run=2's cursor too: a child forked while
+    unmerge_and_remove_all_rmap_items walks an earlier mm lands behind the
+    walk, which never comes back to it -- the child keeps mapping KSM
+    pages after run=2 returned, its parent's unmerged.  (Later kernels
+    insert at the list's end under KSM_RUN_UNMERGE: "otherwise KSM pages
+    in newly forked mms will be missed".)  The schedule: the fork runs as
+    another task, from another thread, while the writer (this thread) is
+    inside x's walk (its signal_pending check), holding x's mmap_sem."""
+    import threading
+
+    from uksm.kernel.ksm import run_store
+    with booted(cname("r"), run=1, frames=64, va_pages=128, sleep_ms=0) as sup:
+        cl = sup.cl
+        x, p = Space(sup), Space(sup)
+        xb, pb = x.mmap(2), p.mmap(4)
+        x.mergeable(xb, 2)                       # x first on the list: run=2 walks it first
+        p.mergeable(pb, 4)
+        x.fill(xb, [page(1)] * 2)
+        p.fill(pb, [page(2)] * 4)
+        wait_counts(sup, pages_shared=2, pages_sharing=4)
+        assert ksm.slots(cl) == [x.mm.row, p.mm.row]
+        assert all(q["ksm"] for q in p.mm.pagemap(pb >> 12, 4))
+        frow, fmm, _wno = sup.new_task(1, pid=os.getpid())   # the forking task's row
+        forked: list = []
+        walked: list = []
+
+        def stop() -> bool:   # unmerge_ksm_pages' signal_pending, once per page
+            walked.append(cl.q[L_SCAN_SLOT])
+            if not forked:
+                def fork() -> None:
+                    forked.append(p.fork(view=cl.thread_view(frow)))
+                th = threading.Thread(target=fork)
+                th.start()
+                th.join(30)
+                assert not th.is_alive(), "the fork blocked on the run=2 writer"
+            return False
+
+        _seq, err = run_store(cl, 2, stop=stop)
+        assert err == 0 and forked
+        c, ferr = forked[0]
+        assert ferr == 0 and c is not None
+        # the window was reached: the fork ran while the walk was at x, and
+        # the child's slot went behind that cursor (before x), never walked
+        assert walked[0] == x.mm.row and ksm.slots(cl) == [c.mm.row, x.mm.row, p.mm.row]
+        assert set(walked) == {x.mm.row, p.mm.row}   # c's pages were never walked
+        assert not any(q["ksm"] for q in p.mm.pagemap(pb >> 12, 4))    # the parent unmerged
+        assert not any(q["ksm"] for q in x.mm.pagemap(xb >> 12, 2))
+        kids = c.mm.pagemap(pb >> 12, 4)
+        assert all(q["ksm"] and q["write_protected"] for q in kids)  # the child missed
+        assert c.read(pb, 4 * PAGE) == page(2) * 4
+        assert_fsck(sup, [x, p, c])              # consistent: only not unmerged
+        c.write(pb, b"mine")                     # COW still breaks for it alone
+        assert c.read(pb, 4) == b"mine" and p.read(pb, 4) == page(2)[:4]
+        sup.abandon_task(frow, fmm)
+        for s in (c, p, x):
+            s.exit(wait=False)
+        set_run(sup, 1)                          # ksmd frees what the slow paths left it
+        import helpers
+        helpers.pump(sup, lambda: frames_used(cl) == 0 and not ksm.slots(cl), 30)
+        assert_fsck(sup)
