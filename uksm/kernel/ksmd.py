@@ -814,7 +814,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     from uksm.host import log as ulog
-    from uksm.kernel.layout import T_PID
+    from uksm.kernel.layout import T_PID, T_READY
     ap = argparse.ArgumentParser(prog="uksm-ksmd", description="the ksmd process of a cluster")
     ap.add_argument("--cluster", required=True)
     ap.add_argument("--task", type=int, required=True)
@@ -826,6 +826,7 @@ def main(argv: list[str] | None = None) -> int:
     cl.bind(a.task)
     import os
     cl.q[cl.tbase(a.task) + T_PID] = os.getpid()
+    cl.q[cl.tbase(a.task) + T_READY] = 1   # started: a death from now on is no failure to start
     log = ulog.setup("ksmd", a.cluster, a.log_dir)
     cl.watch_use_after_free(log)
     cl.lockdep_log = log
