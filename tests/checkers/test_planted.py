@@ -18,22 +18,17 @@ import signal
 import pytest
 
 import planter
-from helpers import booted, pump, wait_for
+from helpers import booted, cname, proc_state, pump, wait_for
 from uksm.kernel import fsck
 from uksm.kernel.cluster import Cluster
-from uksm.kernel.layout import K_FULL_SCANS, K_PAGES_SHARED, K_PAGES_SHARING, M_ID, T_READY
+from uksm.kernel.layout import K_FULL_SCANS, K_PAGES_SHARED, K_PAGES_SHARING, T_READY
 from uksm.kernel.mm import mm_attach
-from util_machine import set_run
-
-
-def _state(pid: int) -> str:
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0]
+from util_machine import live_mms, set_run
 
 
 @pytest.fixture(scope="module")
 def merged(tmp_path_factory):
-    name = f"tplant{os.getpid() % 100000}"
+    name = cname("tplant")
     log_dir = str(tmp_path_factory.mktemp("plant"))
     with booted(name, log_dir, run=1, frames=256, va_pages=96, max_mms=8, max_tasks=16,
                 pages_to_scan=1000, sleep_ms=2) as sup:
@@ -56,12 +51,6 @@ def merged(tmp_path_factory):
         assert fs["ok"], fs["errors"]
 
 
-def mms_of(sup):
-    q = sup.cl.q
-    with sup.lock:
-        return {i: m for i, m in sup.mms.items() if q[m.base + M_ID] == i}
-
-
 def offline_fsck(sup, plant) -> tuple[planter.Fault, list[str]]:
     """Freeze every task of the cluster (SIGSTOP), plant the fault, read the
     cluster through a fresh attach with no lock taken (a post-mortem), undo
@@ -70,10 +59,10 @@ def offline_fsck(sup, plant) -> tuple[planter.Fault, list[str]]:
     for p in pids:
         os.kill(p, signal.SIGSTOP)
     try:
-        wait_for(lambda: all(_state(p) == "T" for p in pids), 10, what="tasks stopped")
+        wait_for(lambda: all(proc_state(p) == "T" for p in pids), 10, what="tasks stopped")
         cl = Cluster.attach(sup.name)
         try:
-            mms = {i: mm_attach(cl, i) for i in mms_of(sup)}
+            mms = {i: mm_attach(cl, i) for i in live_mms(sup)}
             fault = plant(cl, mms)
             try:
                 return fault, fsck.check(cl, mms, counters=True)
@@ -103,7 +92,7 @@ def test_fsck_reports_each_planted_fault(merged, name, plant, where):
     sup = merged
     assert sup.live_fsck()["errors"] == []
     if where == "live":
-        fault = plant(sup.cl, mms_of(sup))
+        fault = plant(sup.cl, live_mms(sup))
         try:
             errs = sup.live_fsck()["errors"]
         finally:

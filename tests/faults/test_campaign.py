@@ -1,10 +1,12 @@
-"""``uksm campaign`` (issue 13): the local and the Ray engine give the same
-per-run results; a Ray worker killed mid-campaign costs a retry, never a
-run twice or a run lost; an interrupted campaign resumes with only what is
-missing.  Runs are tiny (2 workers, 32 pages, a few kills)."""
+"""``uksm campaign`` (issue 13): the local engine's results; the Ray engine
+gives the same per-run results; a Ray worker killed mid-campaign costs a
+retry, never a run twice or a run lost; an interrupted campaign resumes
+with only what is missing.  Runs are tiny (2 workers, 32 pages, a few kills).
+
+The tests that need Ray carry the ``ray`` marker: deselected unless asked
+for (``pytest -m ray``, after ``pip install -e '.[ray]'``; the README)."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -12,16 +14,11 @@ import sys
 
 import pytest
 
-from conftest import _mine
-from helpers import ROOT, run_group, uksm, wait_for
+from helpers import ROOT, cmdline, jsonl, ppid, proc_state, run_group, uksm, wait_for
+from leakcheck import mine
 
 TINY = ["--kills", "2", "--workers", "2", "--pages", "32"]
 SWEEP = ["--seeds", "1", "--points", "random,cursor", "--signals", "KILL,TERM", *TINY]
-
-
-def lines(path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(x) for x in f if x.strip()]
 
 
 def campaign(*args: str, timeout: float = 100) -> subprocess.CompletedProcess:
@@ -30,7 +27,7 @@ def campaign(*args: str, timeout: float = 100) -> subprocess.CompletedProcess:
 
 def dry_ids(*args: str) -> set[str]:
     p = uksm("campaign", "--dry-run", *args, check=True)
-    return {x.split()[0] for x in p.stdout.splitlines()}
+    return {x.split()[0] for x in p.stdout.splitjsonl()}
 
 
 def per_run(rows: list[dict]) -> dict[str, tuple]:
@@ -43,21 +40,10 @@ def session_procs(word: str) -> dict[int, str]:
     for d in os.listdir("/proc"):
         if not d.isdigit() or int(d) == os.getpid():
             continue
-        try:
-            with open(f"/proc/{d}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
-            with open(f"/proc/{d}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if word in cmd and state != "Z" and _mine(int(d)):
+        cmd = cmdline(int(d))
+        if word in cmd and proc_state(int(d)) not in ("", "Z") and mine(int(d)):
             out[int(d)] = cmd
     return out
-
-
-def ppid(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[1])
 
 
 class NoRayLeft:
@@ -84,36 +70,54 @@ class NoRayLeft:
                     pass
 
 
-@pytest.mark.timeout(200)
-def test_local_and_ray_same_results(tmp_path):
-    pytest.importorskip("ray")
+def local_campaign(tmp_path) -> list[dict]:
+    """The sweep on the local engine (the default), two runs at a time:
+    every run recorded once, clean, with its command; passing runs' logs
+    dropped (--keep-logs failed), nothing else left there."""
     ids = dry_ids(*SWEEP)
     assert len(ids) == 4
     p = campaign(*SWEEP, "--out", str(tmp_path / "local.jsonl"), "--parallel", "2", timeout=80)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "status   clean 4" in p.stdout
-    local = lines(tmp_path / "local.jsonl")
+    local = jsonl(tmp_path / "local.jsonl")
+    assert set(per_run(local)) == ids and len(local) == 4
+    for r in local:
+        assert r["status"] == "clean" and r["kills"] == 2 and r["logs"] is None, r
+        assert r["fsck_ok"] and r["mismatches"] == 0, r
+        assert r["command"].startswith("uksm inject --kills 2 ")
+    assert os.listdir(tmp_path / "local.logs") == []
+    return local
+
+
+@pytest.mark.timeout(120)
+def test_local_engine(tmp_path):
+    local_campaign(tmp_path)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(200)
+def test_local_and_ray_same_results(tmp_path):
+    local = local_campaign(tmp_path)
+    ids = set(per_run(local))
     with NoRayLeft():
         p = campaign(*SWEEP, "--engine", "ray", "--parallel", "2", "--out",
                      str(tmp_path / "ray.jsonl"), timeout=80)
     assert p.returncode == 0, p.stdout + p.stderr
-    ray_rows = lines(tmp_path / "ray.jsonl")
-    assert len(local) == len(ray_rows) == 4
-    assert set(per_run(local)) == set(per_run(ray_rows)) == ids
+    ray_rows = jsonl(tmp_path / "ray.jsonl")
+    assert len(ray_rows) == 4 and set(per_run(ray_rows)) == ids
     assert per_run(local) == per_run(ray_rows)
-    for r in local + ray_rows:
+    for r in ray_rows:
         assert r["status"] == "clean" and r["kills"] == 2 and r["logs"] is None, r
         assert r["command"].startswith("uksm inject --kills 2 ")
-    # passing runs' logs dropped (--keep-logs failed), nothing else left there
-    assert os.listdir(tmp_path / "local.logs") == [] and os.listdir(tmp_path / "ray.logs") == []
+    assert os.listdir(tmp_path / "ray.logs") == []
 
 
+@pytest.mark.ray
 @pytest.mark.timeout(200)
 def test_ray_worker_killed_mid_campaign(tmp_path):
     """SIGKILL the Ray worker running a run: Ray retries the task, the
     killed attempt's guard removes its cluster (the leak fixture checks),
     and every run is recorded exactly once, clean."""
-    pytest.importorskip("ray")
     args = ["--seeds", "1-4", "--kills", "6", "--workers", "2", "--pages", "32", "--engine", "ray",
             "--parallel", "2", "--out", str(tmp_path / "r.jsonl"), "--quiet"]
     with NoRayLeft():
@@ -139,7 +143,7 @@ def test_ray_worker_killed_mid_campaign(tmp_path):
                 os.killpg(camp.pid, signal.SIGINT)
                 camp.communicate(timeout=20)
     assert camp.returncode == 0, out + err
-    rows = lines(tmp_path / "r.jsonl")
+    rows = jsonl(tmp_path / "r.jsonl")
     assert sorted(r["run_id"] for r in rows) == sorted(dry_ids(*args[:-7]))
     assert all(r["status"] == "clean" and r["kills"] == 6 for r in rows), rows
     assert cluster not in {r["cluster"] for r in rows}, "the killed attempt is not a result"
@@ -148,7 +152,8 @@ def test_ray_worker_killed_mid_campaign(tmp_path):
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("how", ["SIGINT-group", "SIGTERM", "ray-SIGINT"])
+@pytest.mark.parametrize("how", ["SIGINT-group", "SIGTERM",
+                                 pytest.param("ray-SIGINT", marks=pytest.mark.ray)])
 def test_resume_runs_only_what_is_missing(tmp_path, how):
     """Interrupted, a campaign records what ended, aborts what runs (no
     cluster, no process, no logs left), exits 130; --resume then runs only
@@ -156,12 +161,10 @@ def test_resume_runs_only_what_is_missing(tmp_path, how):
     guards clean up the same way."""
     out = tmp_path / "c.jsonl"
     engine = ["--engine", "ray"] if how.startswith("ray") else []
-    if engine:
-        pytest.importorskip("ray")
     args = ["--seeds", "1-4", *TINY, "--parallel", "1", "--out", str(out)]
     with NoRayLeft():
         _interrupt(args + engine, out, how)
-    first = lines(out)
+    first = jsonl(out)
     assert 1 <= len(first) < 4, "interrupted mid-campaign"
     assert all(r["status"] == "clean" for r in first), [(r["status"], r.get("stderr_tail")) for r in first]
     # nothing unfinished was recorded, and no aborted run left its logs
@@ -169,14 +172,14 @@ def test_resume_runs_only_what_is_missing(tmp_path, how):
     p = campaign(*args, "--resume", timeout=80)
     assert p.returncode == 0, p.stdout + p.stderr
     assert f"{len(first)} already recorded, {4 - len(first)} to run" in p.stderr
-    rows = lines(out)
+    rows = jsonl(out)
     assert len(rows) == 4 and sorted(r["run_id"] for r in rows) == sorted(dry_ids(*args[:-2]))
     assert rows[:len(first)] == first
     assert os.listdir(tmp_path / "c.logs") == []
     # nothing left to do: a second --resume runs nothing
     p = campaign(*args, "--resume", timeout=30)
     assert p.returncode == 0 and "4 already recorded, 0 to run" in p.stderr
-    assert len(lines(out)) == 4
+    assert len(jsonl(out)) == 4
 
 
 def _interrupt(args: list[str], out, how: str) -> None:
@@ -206,7 +209,7 @@ def test_failing_run_is_reported_with_its_command(tmp_path):
     p = campaign("--seeds", "3", *TINY, "--run-timeout", "0.05", "--out", str(tmp_path / "f.jsonl"),
                  timeout=60)
     assert p.returncode == 1, p.stdout + p.stderr
-    (r,) = lines(tmp_path / "f.jsonl")
+    (r,) = jsonl(tmp_path / "f.jsonl")
     assert r["status"] == "timeout" and r["logs"] and os.path.isdir(r["logs"])
     assert ("timeout   " + r["run_id"] + "  uksm inject --kills 2 --point random --signal KILL "
             "--seed 3") in p.stdout
@@ -230,7 +233,7 @@ def test_config_file_and_existing_out(tmp_path):
     cfg.write_text('seeds = "1-3"\npoints = ["random", "cursor"]\nhazards = ["none", '
                    '"no-fast-path+no-exit-checks"]\nkills = 5\n')
     p = uksm("campaign", "--config", str(cfg), "--dry-run", "--seeds", "7", check=True)
-    cmds = [x.split(None, 1)[1] for x in p.stdout.splitlines()]
+    cmds = [x.split(None, 1)[1] for x in p.stdout.splitjsonl()]
     assert len(cmds) == 4 and all("--seed 7 " in c and "--kills 5 " in c for c in cmds)
     assert sum("--hazard no-exit-checks --hazard no-fast-path" in c for c in cmds) == 2
     (tmp_path / "o.jsonl").write_text("")
@@ -249,4 +252,4 @@ def test_torn_last_line_is_ignored_and_isolated(tmp_path):
     sink.add({"run_id": "b", "status": "clean", "kills": 2, "command": "uksm inject"})
     sink.close()
     assert set(recorded(str(out))) == {"a", "b"}
-    assert out.read_text().splitlines()[1] == '{"run_id": "b", "sta'
+    assert out.read_text().splitjsonl()[1] == '{"run_id": "b", "sta'

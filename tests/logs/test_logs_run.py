@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 
 import pytest
 
-from helpers import run_json, uksm
+from helpers import run_group, run_json, uksm
 
 
 def summary(d) -> dict:
@@ -41,6 +42,15 @@ def test_summary_agrees_with_run(tmp_path):
     agree(r, s)
     assert s["merges"] > 0 and s["invalid_lines"] == 0
     assert check(tmp_path)[0] == 0
+    # docs/LOGS.md: `python3 -m uksm.logs DIR COMMAND` is the same as `uksm logs DIR COMMAND`
+    for cmd in (["summary"], ["summary", "--json"], ["check"]):
+        a = uksm("logs", str(tmp_path), *cmd)
+        b = run_group([sys.executable, "-m", "uksm.logs", str(tmp_path), *cmd], 60)
+        assert (b.returncode, b.stdout, b.stderr) == (a.returncode, a.stdout, a.stderr), (cmd, b)
+    assert json.loads(run_group([sys.executable, "-m", "uksm.logs", str(tmp_path), "summary", "--json"],
+                                60).stdout) == s
+    bad = run_group([sys.executable, "-m", "uksm.logs", str(tmp_path / "none"), "summary"], 60)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "not found" in bad.stderr, bad
 
 
 @pytest.mark.timeout(180)
