@@ -40,8 +40,12 @@ def _install() -> None:
         return
     path = os.path.join(where, str(os.getpid()))
     seen: set[str] = set()
+    argv = sys.orig_argv
+    main = argv[argv.index("-m") + 1] if "-m" in argv[:-1] else ""
 
     def hit(name: str, caller: str | None = None) -> None:
+        if main and name.startswith("__main__."):   # a module run with -m (before it re-imports itself)
+            name = main + name[len("__main__"):]
         if name not in seen:
             seen.add(name)
             with open(path, "a") as f:

@@ -845,5 +845,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # `python -m uksm.kernel.ksmd` runs this file as __main__: run it as the
+    # module uksm.kernel.ksmd instead, the one copy every other import sees
+    # (and the one a mutation run's mutants live in: dev/mutation.sh)
     from uksm.host.lifeline import exit_now
-    exit_now(main())  # uksm.host.lifeline: no finalization
+    from uksm.kernel import ksmd as this
+    exit_now(this.main())  # uksm.host.lifeline: no finalization
