@@ -94,7 +94,8 @@ def cluster_of(obj: str) -> str:
 
 #: the pids (as cluster names carry them: mod 100000) of this session and
 #: of the sessions it is nested in
-SESSION_PIDS = [str(int(p) % 100000) for p in SESSION.split("/")]
+SESSION_PIDS = [str(int(p) % 100000) for p in SESSION.split("/") if p.isdigit()]   # (an outer
+#: marker may be a word: dev/mutation.sh's "mutationNNN")
 
 
 def named_by_session(name: str) -> bool:
