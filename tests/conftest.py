@@ -150,9 +150,9 @@ def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Up]:
 #: Any other skip -- an importorskip, a skipif on the wrong condition -- fails
 #: the session: a skip must never make a failing test look green.
 ALLOWED_SKIPS = {
-    "no-mount-namespace": "the test mounts a small tmpfs on /dev/shm in a private mount "
-                          "namespace (unshare -m), which needs CAP_SYS_ADMIN: root on a "
-                          "host, not in an unprivileged container",
+    "no-mount-namespace": "the test mounts a small tmpfs on /dev/shm in private mount and "
+                          "network namespaces (unshare -m -n), which needs CAP_SYS_ADMIN: root "
+                          "on a host, not in an unprivileged container",
     "no-setuid": "the test runs commands as user nobody (setpriv --reuid), which needs "
                  "CAP_SETUID and CAP_SETGID and a user nobody",
     "no-c-core": "uksm was installed where no C compiler was found, so the lock protocol's "

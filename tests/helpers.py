@@ -118,8 +118,9 @@ def teardown_error(text: str, test: str) -> str:
 # ---- capabilities a test needs: probed, never assumed from the euid -----------------------
 
 PROBES = {
-    # a private mount namespace with a tmpfs on /dev/shm (test_lifecycle's in_private_shm)
-    "no-mount-namespace": ["unshare", "-m", "--propagation", "private", "sh", "-c",
+    # private mount and network namespaces, a tmpfs on /dev/shm (test_lifecycle's
+    # in_private_shm; a `default` cluster of its own: test_cluster_cmds)
+    "no-mount-namespace": ["unshare", "-m", "-n", "--propagation", "private", "sh", "-c",
                            "mount -t tmpfs -o size=1m tmpfs /dev/shm"],
     # a command as user nobody (test_lifecycle's other user)
     "no-setuid": ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "true"],

@@ -257,3 +257,41 @@ def test_readme_first_command_prints_its_report(tmp_path) -> None:
     assert re.search(rf"^  leftover POSIX objects: 0  logs: {re.escape(str(tmp_path))}$", out, re.M), out
     assert "HUNG" not in out and "  error " not in out
     assert shm.leftovers(m.group(1)) == []
+
+
+@pytest.mark.timeout(120)
+def test_default_log_folders_are_new_and_never_removed(tmp_path) -> None:
+    """README: without --log-dir, ``uksm run`` and ``uksm up`` log into a new
+    ``./uksm-logs/<cluster>-<time>`` and ``uksm inject`` into a new
+    ``uksm-<cluster>-*`` in $TMPDIR; uksm never removes a log folder (a
+    failing run's least of all)."""
+    cwd, tmp = tmp_path / "here", tmp_path / "tmp"
+    cwd.mkdir()
+    tmp.mkdir()
+    env = dict(os.environ, TMPDIR=str(tmp))
+
+    def uksm_here(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "uksm", *args], cwd=cwd, env=env,
+                              capture_output=True, text=True, timeout=80)
+
+    a, b, c, d = cname("tclilogA"), cname("tclilogB"), cname("tclilogC"), cname("tclilogD")
+    p = uksm_here("run", "--cluster", a, "--workers", "1", "--pages", "8", "--quiet")
+    assert p.returncode == 0, p.stderr
+    (da,) = (cwd / "uksm-logs").glob(f"{a}-*")
+    assert re.fullmatch(rf"{a}-\d{{8}}-\d{{6}}", da.name) and f"logs: {da}" in p.stdout, p.stdout
+    files_a = sorted(f.name for f in da.iterdir())
+    assert any(f.startswith("supervisor-") for f in files_a) and any(f.startswith("ksmd-") for f in files_a)
+    p = uksm_here("run", "--cluster", b, "--frames", "3", "--quiet")          # fails: nothing verified
+    assert p.returncode == 1, p.stdout
+    (db,) = (cwd / "uksm-logs").glob(f"{b}-*")
+    assert uksm_here("up", "--cluster", c, "--workers", "1", "--pages", "8").returncode == 0
+    assert uksm_here("down", "--cluster", c).returncode == 0
+    (dc,) = (cwd / "uksm-logs").glob(f"{c}-*")
+    p = uksm_here("inject", "--cluster", d, "--kills", "1", "--workers", "2", "--pages", "16", "--quiet")
+    assert p.returncode == 0, p.stdout + p.stderr
+    (dd,) = tmp.glob(f"uksm-{d}-*")
+    # every folder is still there, with what it held
+    assert sorted(f.name for f in da.iterdir()) == files_a
+    for folder in (db, dc, dd):
+        assert any(f.name.startswith("supervisor-") for f in folder.iterdir()), folder
+    assert sorted(x.name for x in (cwd / "uksm-logs").iterdir()) == sorted([da.name, db.name, dc.name])

@@ -8,14 +8,16 @@ for (``pytest -m ray``, after ``pip install -e '.[ray]'``; the README)."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 
 import pytest
 
-from helpers import ROOT, cmdline, jsonl, ppid, proc_state, run_group, uksm, wait_for
+from helpers import ROOT, cluster_pids, cmdline, jsonl, ppid, proc_state, reaped, run_group, uksm, wait_for
 from leakcheck import mine
+from uksm.host import shm
 
 TINY = ["--kills", "2", "--workers", "2", "--pages", "32"]
 SWEEP = ["--seeds", "1", "--points", "random,cursor", "--signals", "KILL,TERM", *TINY]
@@ -253,3 +255,148 @@ def test_torn_last_line_is_ignored_and_isolated(tmp_path):
     sink.close()
     assert set(recorded(str(out))) == {"a", "b"}
     assert out.read_text().splitjsonl()[1] == '{"run_id": "b", "sta'
+
+
+# ---- docs/CAMPAIGN.md's promises ---------------------------------------------------------------
+
+@pytest.mark.timeout(120)
+def test_kills_0_runs_uksm_run_and_keep_logs_all_keeps_a_clean_runs_logs(tmp_path):
+    """``kills = 0``: each run is a ``uksm run`` (no kills); ``--keep-logs
+    all`` keeps every run's log folder, a clean one's too."""
+    out = tmp_path / "k0.jsonl"
+    p = campaign("--seeds", "1", "--kills", "0", "--workers", "2", "--pages", "32", "--keep-logs", "all",
+                 "--out", str(out), timeout=100)
+    assert p.returncode == 0, p.stdout + p.stderr
+    (r,) = jsonl(out)
+    assert r["cmd"] == "run" and r["kills"] == 0 and r["status"] == "clean", r
+    assert r["command"] == "uksm run --seed 1 --exit-policy seed --workload vm --workers 2 --pages 32", r
+    assert r["pages_verified"] == 64 and r["fsck_ok"], r
+    assert r["logs"] == str(tmp_path / "k0.logs" / r["run_id"]) and os.listdir(r["logs"]), r
+
+
+@pytest.mark.timeout(120)
+def test_keep_logs_none_drops_even_a_failing_runs_logs(tmp_path):
+    out = tmp_path / "n.jsonl"
+    p = campaign("--seeds", "3", *TINY, "--run-timeout", "0.05", "--keep-logs", "none", "--out", str(out),
+                 timeout=100)
+    assert p.returncode == 1, p.stdout + p.stderr
+    (r,) = jsonl(out)
+    assert r["status"] == "timeout" and r["logs"] is None, r
+    assert os.listdir(tmp_path / "n.logs") == []
+
+
+@pytest.mark.timeout(200)
+def test_several_sweeps_share_one_out_and_each_counts_its_own(tmp_path):
+    """Two sweeps append to one --out (the second with --resume: the file
+    exists); each one's summary and exit status count only its own runs (a
+    failing run of the other does not fail it), and --resume of either
+    runs nothing again."""
+    out = str(tmp_path / "both.jsonl")
+    a = ["--seeds", "1", *TINY, "--points", "random", "--signals", "KILL"]
+    b = ["--seeds", "5", *TINY, "--points", "random", "--signals", "KILL", "--run-timeout", "0.05"]
+    p = campaign(*a, "--out", out, timeout=80)
+    assert p.returncode == 0 and "status   clean 1" in p.stdout, p.stdout + p.stderr
+    p = campaign(*b, "--out", out, "--resume", timeout=80)
+    assert "0 already recorded, 1 to run" in p.stderr, p.stderr
+    assert p.returncode == 1 and "status   timeout 1" in p.stdout and "clean" not in p.stdout, p.stdout
+    rows = jsonl(out)
+    assert [r["status"] for r in rows] == ["clean", "timeout"] and rows[0]["seed"] == 1, rows
+    p = campaign(*a, "--out", out, "--resume", timeout=60)
+    assert p.returncode == 0 and "1 already recorded, 0 to run" in p.stderr, p.stdout + p.stderr
+    assert "status   clean 1" in p.stdout and "timeout" not in p.stdout, p.stdout
+    assert len(jsonl(out)) == 2
+
+
+@pytest.mark.timeout(120)
+def test_a_sigkilled_local_campaign_leaves_nothing(tmp_path):
+    """The campaign itself SIGKILLed mid-run (it cannot clean up): each
+    run's guard sees its parent die, kills the run's process group, removes
+    its cluster's objects and its log folder."""
+    out = tmp_path / "k.jsonl"
+    camp = subprocess.Popen([sys.executable, "-m", "uksm", "campaign", "--seeds", "1", "--kills", "100000",
+                             "--workers", "2", "--pages", "32", "--parallel", "1", "--out", str(out),
+                             "--quiet"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    with reaped(camp):
+        def a_run() -> str | None:      # a run's cluster, its workers up
+            guards = session_procs("campaign_run --guard")
+            return next((c.split("--guard ")[1].split()[1] for c in guards.values()
+                         if f"uksm.{c.split('--guard ')[1].split()[1]}.mm2" in shm.leftovers()), None)
+        name = wait_for(a_run, 60, what="a run with its workers")
+        logs = os.path.join(str(tmp_path / "k.logs"), name[1:13])
+        assert os.path.isdir(logs)
+        camp.kill()                      # the campaign alone, by SIGKILL
+        camp.wait(timeout=30)
+        wait_for(lambda: not shm.leftovers(name) and not cluster_pids(name), 30,
+                 what="the guard to end the run and remove its cluster")
+        wait_for(lambda: not session_procs("campaign_run --guard"), 30, what="the guard to exit")
+        assert not os.path.exists(logs), "the aborted run's logs are removed"
+    assert not out.exists() or jsonl(out) == []
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(200)
+def test_ray_address_from_the_environment_is_joined(tmp_path):
+    """$RAY_ADDRESS (as set for a Ray job's driver) is the cluster to join:
+    the campaign starts no Ray of its own there."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray = os.path.join(os.path.dirname(sys.executable), "ray")
+    with NoRayLeft():
+        head = run_group([ray, "start", "--head", f"--port={port}", "--num-cpus=2",
+                          "--include-dashboard=false", "--disable-usage-stats"], 120)
+        assert head.returncode == 0, head.stdout + head.stderr
+        env = dict(os.environ, RAY_ADDRESS=f"127.0.0.1:{port}")
+        p = subprocess.run([sys.executable, "-m", "uksm", "campaign", "--seeds", "1", *TINY, "--engine",
+                            "ray", "--out", str(tmp_path / "r.jsonl")], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=150)
+        raylets = [c for c in session_procs("raylet").values() if str(port) in c or "raylet" in c]
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert f"to run on ray at 127.0.0.1:{port};" in p.stderr, p.stderr   # joined, no Ray of its own
+    assert len(raylets) == 1, raylets                    # the head's, not a second one
+    assert [r["status"] for r in jsonl(tmp_path / "r.jsonl")] == ["clean"]
+
+
+CAMPAIGN_SH = os.path.join(ROOT, "deploy", "campaign.sh")
+
+
+def campaign_sh(cwd, *args: str, opts: str = "", timeout: float = 100) -> subprocess.CompletedProcess:
+    """deploy/campaign.sh ARGS, with this checkout's uksm ($UKSM) and
+    $UKSM_CAMPAIGN_OPTS, in ``cwd``."""
+    env = dict(os.environ, UKSM=f"{sys.executable} -m uksm", UKSM_CAMPAIGN_OPTS=opts)
+    return subprocess.run(["bash", CAMPAIGN_SH, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_deploy_campaign_sh_expands_every_mode_and_signal(tmp_path):
+    """deploy/campaign.sh [OUT] [KILLS] [SEEDS...]: every mode (random,
+    cursor, all) and signal for each seed, 4 workers x 256 pages, results in
+    OUT/campaign.jsonl; by default OUT campaign-<date>-<time>, 200 kills,
+    seeds 1 2 3 ($UKSM_CAMPAIGN_OPTS --dry-run: the runs' commands only)."""
+    p = campaign_sh(tmp_path, "out", "7", "4", "5", opts="--dry-run", timeout=60)
+    assert p.returncode == 0, p.stderr
+    cmds = sorted(x.split(None, 1)[1] for x in p.stdout.splitlines())
+    assert len(cmds) == 12 and os.path.isdir(tmp_path / "out"), p.stdout
+    want = sorted(f"uksm inject --kills 7 --point {pt} --signal {sg} --seed {s} --exit-policy seed "
+                  f"--workload vm --workers 4 --pages 256"
+                  for s in (4, 5) for pt in ("random", "cursor", "all") for sg in ("KILL", "TERM"))
+    assert cmds == want
+    p = campaign_sh(tmp_path, opts="--dry-run", timeout=60)
+    assert p.returncode == 0 and len(p.stdout.splitlines()) == 18, p.stdout
+    assert all(" --kills 200 " in x for x in p.stdout.splitlines())
+    assert {x.split("--seed ")[1].split()[0] for x in p.stdout.splitlines()} == {"1", "2", "3"}
+    (default,) = [d for d in os.listdir(tmp_path) if d.startswith("campaign-")]
+    assert re.fullmatch(r"campaign-\d{8}-\d{6}", default), default
+
+
+@pytest.mark.timeout(200)
+def test_deploy_campaign_sh_fails_if_a_run_was_not_clean(tmp_path):
+    small = "--workers 2 --pages 32 --points random --signals KILL --parallel 2"
+    p = campaign_sh(tmp_path, "ok", "2", "1", opts=small, timeout=150)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert [r["status"] for r in jsonl(tmp_path / "ok" / "campaign.jsonl")] == ["clean"]
+    p = campaign_sh(tmp_path, "bad", "2", "1", opts=small + " --run-timeout 0.05", timeout=100)
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert [r["status"] for r in jsonl(tmp_path / "bad" / "campaign.jsonl")] == ["timeout"]
