@@ -273,6 +273,19 @@ def booted(name: str, log_dir: str | None = None, **cfg: Any) -> Iterator[Superv
             sup.teardown()
 
 
+def worker_ready(sup: Supervisor, ch: Any) -> bool:
+    """Worker ``ch`` of an in-process supervisor has written its pages."""
+    from uksm.kernel.layout import T_READY
+    return bool(sup.cl.q[sup.cl.tbase(ch.row) + T_READY])
+
+
+def echo_run(sup: Supervisor, value: int) -> None:
+    """echo VALUE > run, by a writer task (for 2: it unmerges), as 2.6.32's
+    run_store; the write done (util_machine.set_run: the test thread writes)."""
+    r = sup.write_run(value, timeout=60)
+    assert r["result"] == "done", r
+
+
 def pump(sup: Supervisor, pred: Callable[[], Any], timeout: float = 30.0, what: str = "") -> Any:
     """wait_for, running the supervisor's main-loop duties meanwhile."""
     def step() -> Any:
