@@ -29,7 +29,7 @@ def campaign(*args: str, timeout: float = 100) -> subprocess.CompletedProcess:
 
 def dry_ids(*args: str) -> set[str]:
     p = uksm("campaign", "--dry-run", *args, check=True)
-    return {x.split()[0] for x in p.stdout.splitjsonl()}
+    return {x.split()[0] for x in p.stdout.splitlines()}
 
 
 def per_run(rows: list[dict]) -> dict[str, tuple]:
@@ -114,14 +114,9 @@ def test_local_and_ray_same_results(tmp_path):
     assert os.listdir(tmp_path / "ray.logs") == []
 
 
-@pytest.mark.ray
-@pytest.mark.timeout(200)
-def test_ray_worker_killed_mid_campaign(tmp_path):
-    """SIGKILL the Ray worker running a run: Ray retries the task, the
-    killed attempt's guard removes its cluster (the leak fixture checks),
-    and every run is recorded exactly once, clean."""
-    args = ["--seeds", "1-4", "--kills", "6", "--workers", "2", "--pages", "32", "--engine", "ray",
-            "--parallel", "2", "--out", str(tmp_path / "r.jsonl"), "--quiet"]
+def kill_a_ray_worker(args: list[str]) -> tuple[subprocess.CompletedProcess, str]:
+    """Run ``uksm campaign ARGS`` (on Ray), SIGKILL the Ray worker running a
+    run as soon as one runs; the campaign's output and that run's cluster."""
     with NoRayLeft():
         camp = subprocess.Popen([sys.executable, "-m", "uksm", "campaign", *args], cwd=ROOT,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -144,13 +139,47 @@ def test_ray_worker_killed_mid_campaign(tmp_path):
             if camp.poll() is None:
                 os.killpg(camp.pid, signal.SIGINT)
                 camp.communicate(timeout=20)
-    assert camp.returncode == 0, out + err
+    return subprocess.CompletedProcess(args, camp.returncode, out, err), cluster
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(200)
+def test_ray_worker_killed_mid_campaign(tmp_path):
+    """SIGKILL the Ray worker running a run: Ray retries the task, the
+    killed attempt's guard removes its cluster (the leak fixture checks),
+    and every run is recorded exactly once, clean."""
+    args = ["--seeds", "1-4", "--kills", "6", "--workers", "2", "--pages", "32", "--engine", "ray",
+            "--parallel", "2", "--out", str(tmp_path / "r.jsonl"), "--quiet"]
+    p, cluster = kill_a_ray_worker(args)
+    assert p.returncode == 0, p.stdout + p.stderr
     rows = jsonl(tmp_path / "r.jsonl")
     assert sorted(r["run_id"] for r in rows) == sorted(dry_ids(*args[:-7]))
     assert all(r["status"] == "clean" and r["kills"] == 6 for r in rows), rows
     assert cluster not in {r["cluster"] for r in rows}, "the killed attempt is not a result"
     killed = cluster[1:13]
     assert [r["run_id"] for r in rows].count(killed) == 1
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(220)
+def test_a_run_lost_past_max_retries_is_not_recorded_and_resume_runs_it(tmp_path):
+    """--max-retries 0: the run whose Ray worker is killed is lost, not
+    retried -- reported as lost, not recorded, the campaign's status 1 --
+    and --resume runs it."""
+    out = str(tmp_path / "r.jsonl")
+    args = ["--seeds", "1-2", "--kills", "6", "--workers", "2", "--pages", "32", "--engine", "ray",
+            "--parallel", "1", "--max-retries", "0", "--out", out]
+    p, cluster = kill_a_ray_worker([*args, "--quiet"])
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert "  lost     1 runs (worker or node lost past --max-retries; --resume runs them)" in p.stdout, p.stdout
+    lost = cluster[1:13]
+    assert lost not in {r["run_id"] for r in jsonl(out)}
+    with NoRayLeft():
+        p = campaign(*args, "--resume", timeout=150)
+    assert p.returncode == 0, p.stdout + p.stderr
+    rows = jsonl(out)
+    assert sorted(r["run_id"] for r in rows) == sorted(dry_ids(*args[:-6])) and len(rows) == 2
+    assert [r["run_id"] for r in rows].count(lost) == 1 and all(r["status"] == "clean" for r in rows)
 
 
 @pytest.mark.timeout(240)
@@ -235,7 +264,7 @@ def test_config_file_and_existing_out(tmp_path):
     cfg.write_text('seeds = "1-3"\npoints = ["random", "cursor"]\nhazards = ["none", '
                    '"no-fast-path+no-exit-checks"]\nkills = 5\n')
     p = uksm("campaign", "--config", str(cfg), "--dry-run", "--seeds", "7", check=True)
-    cmds = [x.split(None, 1)[1] for x in p.stdout.splitjsonl()]
+    cmds = [x.split(None, 1)[1] for x in p.stdout.splitlines()]
     assert len(cmds) == 4 and all("--seed 7 " in c and "--kills 5 " in c for c in cmds)
     assert sum("--hazard no-exit-checks --hazard no-fast-path" in c for c in cmds) == 2
     (tmp_path / "o.jsonl").write_text("")
@@ -254,7 +283,7 @@ def test_torn_last_line_is_ignored_and_isolated(tmp_path):
     sink.add({"run_id": "b", "status": "clean", "kills": 2, "command": "uksm inject"})
     sink.close()
     assert set(recorded(str(out))) == {"a", "b"}
-    assert out.read_text().splitjsonl()[1] == '{"run_id": "b", "sta'
+    assert out.read_text().splitlines()[1] == '{"run_id": "b", "sta'
 
 
 # ---- docs/CAMPAIGN.md's promises ---------------------------------------------------------------
@@ -334,29 +363,60 @@ def test_a_sigkilled_local_campaign_leaves_nothing(tmp_path):
     assert not out.exists() or jsonl(out) == []
 
 
+def ray_head_processes(temp: str) -> list[int]:
+    """The processes of a Ray head started with --temp-dir ``temp``: their
+    command line names the folder, or their environment the head's raylet
+    (Ray's agents rename themselves and drop the session marker)."""
+    mine = [int(d) for d in os.listdir("/proc") if d.isdigit() and temp in cmdline(int(d))]
+    raylets = {str(p) for p in mine if "raylet" in cmdline(p) or proc_state(p) == "Z"}
+    for d in os.listdir("/proc"):
+        if d.isdigit() and int(d) not in mine:
+            try:
+                with open(f"/proc/{d}/environ", "rb") as f:
+                    env = f.read().split(b"\0")
+            except OSError:
+                continue
+            if any(kv.startswith(b"RAY_RAYLET_PID=") and kv[15:].decode() in raylets for kv in env):
+                mine.append(int(d))
+    return [p for p in mine if proc_state(p) not in ("", "Z")]
+
+
 @pytest.mark.ray
 @pytest.mark.timeout(200)
 def test_ray_address_from_the_environment_is_joined(tmp_path):
     """$RAY_ADDRESS (as set for a Ray job's driver) is the cluster to join:
-    the campaign starts no Ray of its own there."""
+    the campaign starts no Ray of its own there.  The head is this test's
+    own (a port and a temporary folder of its own; `ray stop` would stop
+    every Ray of the machine's users), ended by the test."""
+    import shutil
     import socket
+    import tempfile
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ray = os.path.join(os.path.dirname(sys.executable), "ray")
-    with NoRayLeft():
-        head = run_group([ray, "start", "--head", f"--port={port}", "--num-cpus=2",
-                          "--include-dashboard=false", "--disable-usage-stats"], 120)
+    temp = tempfile.mkdtemp(prefix="uray", dir="/tmp")   # short: Ray's socket paths live in it
+    try:
+        # the test's own throw-away head on 127.0.0.1: no token (Ray's default keeps it in ~/.ray)
+        plain = dict(os.environ, RAY_AUTH_MODE="disabled")
+        head = subprocess.run([ray, "start", "--head", f"--port={port}", "--num-cpus=2", f"--temp-dir={temp}",
+                               "--node-ip-address=127.0.0.1", "--include-dashboard=false",
+                               "--disable-usage-stats"], env=plain, capture_output=True, text=True, timeout=120)
         assert head.returncode == 0, head.stdout + head.stderr
-        env = dict(os.environ, RAY_ADDRESS=f"127.0.0.1:{port}")
+        env = dict(plain, RAY_ADDRESS=f"127.0.0.1:{port}")
         p = subprocess.run([sys.executable, "-m", "uksm", "campaign", "--seeds", "1", *TINY, "--engine",
                             "ray", "--out", str(tmp_path / "r.jsonl")], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=150)
-        raylets = [c for c in session_procs("raylet").values() if str(port) in c or "raylet" in c]
-    assert p.returncode == 0, p.stdout + p.stderr
-    assert f"to run on ray at 127.0.0.1:{port};" in p.stderr, p.stderr   # joined, no Ray of its own
-    assert len(raylets) == 1, raylets                    # the head's, not a second one
-    assert [r["status"] for r in jsonl(tmp_path / "r.jsonl")] == ["clean"]
+        raylets = [x for x in ray_head_processes(temp) if "raylet" in cmdline(x)]
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert f"to run on ray at 127.0.0.1:{port};" in p.stderr, p.stderr   # joined: no Ray of its own
+        assert len(raylets) == 1, raylets                                      # the head's only
+        assert [r["status"] for r in jsonl(tmp_path / "r.jsonl")] == ["clean"]
+    finally:
+        for pid in ray_head_processes(temp):
+            os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not ray_head_processes(temp), 30, what="the Ray head's processes gone")
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 CAMPAIGN_SH = os.path.join(ROOT, "deploy", "campaign.sh")
