@@ -161,6 +161,23 @@ def log_events(log_dir: str | Path, *names: str, role: str | None = None) -> lis
             if (not names or e["event"] in names) and (role is None or e.get("role") == role)]
 
 
+def rewrite_logs(src: str | Path, dst: str | Path, plant: Callable[[dict[str, list[dict[str, Any]]]], Any]
+                 ) -> Path:
+    """A copy of log folder ``src`` at ``dst`` in which ``plant`` edited the
+    events of each file (file name -> its events), each file written back
+    in mono_ns order, as a process writes it.  Returns ``dst``."""
+    import shutil
+    shutil.copytree(src, dst)
+    d = Path(dst)
+    files = {f.name: [json.loads(ln) for ln in f.read_text().splitlines() if ln.strip()]
+             for f in d.glob("*.jsonl")}
+    plant(files)
+    for name, evs in files.items():
+        evs.sort(key=lambda e: e["mono_ns"])
+        (d / name).write_text("".join(json.dumps(e) + "\n" for e in evs))
+    return d
+
+
 def jsonl(path: str | Path) -> list[dict[str, Any]]:
     """The JSON objects of a JSON-lines file that is not a log (a
     campaign's --out), blank lines skipped."""
