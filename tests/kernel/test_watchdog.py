@@ -151,9 +151,11 @@ def test_an_exit_faulting_without_progress_is_a_livelock(cl: Cluster) -> None:
     assert reports == []
     t.faults = 40
     wd.check_livelock(2 * s)                # past it
-    (r,) = reports
-    assert (r["pid"], r["lock"], r["deadlock"]) == (401, "none (livelock)", False), r
-    assert "keeps faulting in its exit without progress: 30 faults in 1.0s" in r["chain"][0], r["chain"]
+    assert reports == [{"pid": 401, "role": "worker", "lock": "none (livelock)", "waited_s": 1.0,
+                        "deadlock": False, "chain": [
+                            "worker w1 (pid 401, mm1) keeps faulting in its exit without progress: 30 faults "
+                            "in 1.0s, exit stage 1, progress 0 (a livelock: munlock at exit with the seed's "
+                            "fault-path check?)"]}]
     t.faults = 50
     wd.check_livelock(3 * s)
     assert len(reports) == 1                # reported once
@@ -198,3 +200,116 @@ def test_a_real_wait_reads_as_the_protocol_writes_it(cl: Cluster) -> None:
         cl.task.unlock(cl.daemon)
         th.join(10)
     assert done.is_set()
+
+
+NOW = 50 * 10**9   # the watchdog's clock in the tests below (time.monotonic_ns, given)
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The watchdog's clock, given: NOW, or what the test sets ``clock[0]`` to."""
+    import uksm.kernel.watchdog as wd
+    now = [NOW]
+    monkeypatch.setattr(wd.time, "monotonic_ns", lambda: now[0])
+    return now
+
+
+def waiting_since(cl: Cluster, row: int, cls: int, lid: int, ns: int) -> None:
+    """As ``entry``, WAITING for exactly ``ns`` nanoseconds at NOW."""
+    entry(cl, row, cls, lid, WAITING)
+    cl.q[cl.tbase(row) + T_LOCKS + cls * ESIZE + E_SINCE] = NOW - ns
+
+
+def test_the_report_exactly(cl: Cluster, clock: list[int]) -> None:
+    """The whole report, to the millisecond: who, the lock, how long
+    (rounded to 1 ms), no deadlock, the chain; a wait of exactly the
+    timeout is reported, one a nanosecond shorter is not."""
+    lid = lock_id(C_MMAP, 2)
+    task(cl, 0, 501, R_WORKER, 1, 2)
+    task(cl, 1, 502, R_WORKER, 2, 2)
+    entry(cl, 1, C_MMAP, lid, HELD)
+    waiting_since(cl, 0, C_MMAP, lid, int(TIMEOUT_S * 1e9) - 1)
+    assert check(cl) == []
+    waiting_since(cl, 0, C_MMAP, lid, int(TIMEOUT_S * 1e9))
+    assert check(cl) == [{"pid": 501, "role": "worker", "lock": "mmap_sem:mm2", "waited_s": 0.5,
+                          "deadlock": False, "chain": [
+                              "worker w1 (pid 501, mm2) waits for mmap_sem:mm2 for 0.5s, held by worker w2 "
+                              "(pid 502, mm2)",
+                              "worker w2 (pid 502, mm2) is running (not blocked)"]}]
+    waiting_since(cl, 0, C_MMAP, lid, 1_234_567_890)
+    (r,) = check(cl)
+    assert r["waited_s"] == 1.235 and "for 1.2s" in r["chain"][0], r
+
+
+def test_several_holders_a_reaper_and_an_unknown_role(cl: Cluster, clock: list[int]) -> None:
+    """Readers holding an rw lock together are all named; a reaper is named
+    for the mm it exits; a row of a role uksm does not know is '?'; a
+    holder row with no pid yet is nobody."""
+    from uksm.kernel.layout import R_REAPER
+    lid = lock_id(C_MMAP, 7)
+    task(cl, 0, 601, R_WORKER, 1, 7)
+    task(cl, 1, 602, R_WORKER, 2, 7)
+    task(cl, 2, 603, R_REAPER, 0, 7)
+    task(cl, 3, 0, R_WORKER, 4, 7)            # started, pid not yet written
+    task(cl, 4, 604, 99, 0, 0)                # a role uksm has no name for
+    for r in (1, 2, 3):
+        entry(cl, r, C_MMAP, lid, HELD)
+    waiting_since(cl, 0, C_MMAP, lid, 2 * 10**9)
+    waiting_since(cl, 4, C_MMLIST, lock_id(C_MMLIST), 2 * 10**9)
+    reports = {r["pid"]: r for r in check(cl)}
+    assert reports[601]["chain"][0] == ("worker w1 (pid 601, mm7) waits for mmap_sem:mm7 for 2.0s, held by "
+                                        "worker w2 (pid 602, mm7), reaper for mm7 (pid 603)")
+    assert reports[601]["chain"][1] == "worker w2 (pid 602, mm7) is running (not blocked)"
+    assert reports[604]["chain"] == ["? (pid 604) waits for ksm_mmlist_lock for 2.0s, held by nobody alive"]
+
+
+def test_a_chain_is_cut_at_ten_lines(clock: list[int]) -> None:
+    """Twelve tasks, each waiting for what the next holds: the chain
+    reported stops at ten lines (no end, no cycle found within them)."""
+    from uksm.kernel.cluster import destroy
+    big = Cluster.create(cname("twdog12"), Config(frames=64, max_tasks=16, max_mms=4, va_pages=64))
+    try:
+        n = 12
+        for r in range(n):
+            task(big, r, 900 + r, R_WORKER, r + 1, 0)
+        for r in range(n - 1):           # r waits for lock r, which r+1 holds (classes alternate)
+            cls = C_MMAP if r % 2 == 0 else C_MMLIST
+            waiting_since(big, r, cls, lock_id(cls, r + 1), 2 * 10**9)
+            entry(big, r + 1, cls, lock_id(cls, r + 1), HELD)
+        chain = next(r for r in check(big) if r["pid"] == 900)["chain"]
+        assert len(chain) == 10 and not chain[-1].endswith("is running (not blocked)"), chain
+        assert chain[9].startswith("worker w10 (pid 909, mm0) waits for "), chain
+    finally:
+        big.close()
+        destroy(big.name)
+
+
+def test_a_task_with_no_mm_is_never_a_livelock(cl: Cluster) -> None:
+    """ksmd (no mm of its own) faulting away while some mm is exiting:
+    the exiting mm is not ksmd's -- no livelock is reported for ksmd."""
+    task(cl, 0, 801, R_KSMD)
+    task(cl, 1, 802, R_WORKER, 1, 1)
+    m = cl.mrow(1)
+    m.id, m.exit_stage = 1, XS_USERS0      # row 1's mm exiting (its owner's is mm row 1)
+    reports: list[dict[str, Any]] = []
+    wd = Watchdog(cl, TIMEOUT_S, reports.append)
+    t = cl.trow(0)
+    for i in range(5):
+        t.faults = 10 * (i + 1)
+        wd.check_livelock(i * 10**9)
+    assert reports == []
+
+
+def test_check_watches_for_livelocks_too(cl: Cluster, clock: list[int]) -> None:
+    """check(), the watchdog's round, runs the livelock watch with its clock."""
+    task(cl, 0, 451, R_WORKER, 1, 1)
+    m = cl.mrow(0)
+    m.id, m.exit_stage = 1, XS_USERS0
+    reports: list[dict[str, Any]] = []
+    wd = Watchdog(cl, TIMEOUT_S, reports.append)
+    cl.trow(0).faults = 5
+    wd.check()
+    clock[0] += 10**9
+    cl.trow(0).faults = 9
+    wd.check()
+    assert [(r["pid"], r["lock"], r["waited_s"]) for r in reports] == [(451, "none (livelock)", 1.0)]
