@@ -20,7 +20,7 @@ import pytest
 
 from helpers import ROOT, TESTS
 
-SHARED = ("helpers", "util_machine", "planter", "leakcheck")
+SHARED = ("helpers", "util_machine", "planter", "leakcheck", "locktable", "logsynth", "tracecheck")
 #: Left to branch explore (issue 21), which is rewriting these files: they
 #: keep their own cluster-name helper and ``machine`` fixture until it
 #: lands (only a minimal change was made here).  Each entry must still be

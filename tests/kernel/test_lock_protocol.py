@@ -32,6 +32,7 @@ from typing import Any
 import posix_ipc
 import pytest
 
+from locktable import IMPLS, NROWS, ROW, UNITS, Table
 from uksm.kernel import locks
 from uksm.kernel.layout import (
     C_ALLOC,
@@ -49,57 +50,10 @@ from uksm.kernel.layout import (
     ESIZE,
     NCLASS,
     T_LOCKS,
-    T_PID,
 )
-from uksm.kernel.locks import HELD, IDLE, RELEASING, WAITING, WRITER, Lock, LockAbort, PyTask, Task, lock_id, lock_name
+from uksm.kernel.locks import HELD, IDLE, RELEASING, WAITING, WRITER, Lock, LockAbort, PyTask, lock_id, lock_name
 
 pytestmark = pytest.mark.timeout(60)
-
-ROW = 100          # words per task row in the fake task table
-NROWS = 4
-UNITS = 3          # units of the test's mmap_sem
-
-
-class Table:
-    """A task table of NROWS rows and the semaphores of one test."""
-
-    def __init__(self, name: str, task_cls: type[PyTask] = Task) -> None:
-        self.task_cls = task_cls
-        self.buf = bytearray(8 * ROW * NROWS)
-        self.q = memoryview(self.buf).cast("q")
-        self.name = name
-        self.sems: list[posix_ipc.Semaphore] = []
-        for r in range(NROWS):
-            self.q[r * ROW + T_PID] = 1000 + r
-
-    def lock(self, cls: int, units: int = 1, mm: int = 0) -> Lock:
-        sem = posix_ipc.Semaphore(f"/uksmtest.{self.name}.s{len(self.sems)}", posix_ipc.O_CREX,
-                                  mode=0o600, initial_value=units)
-        self.sems.append(sem)
-        return Lock(sem, units, cls, mm)
-
-    def task(self, row: int, **kw: Any) -> PyTask:
-        return self.task_cls(self.q, row * ROW, row, **kw)
-
-    def entry(self, row: int, cls: int) -> dict[str, int]:
-        e = row * ROW + T_LOCKS + cls * ESIZE
-        w = self.q[e + E_WORD]
-        return {"lock": self.q[e + E_LOCK], "seq": w >> 3, "writer": w & WRITER,
-                "state": w & 3, "held": self.q[e + E_HELD], "spins": self.q[e + E_SPINS],
-                "since": self.q[e + E_SINCE]}
-
-    def rows(self, *rows: int) -> list[tuple[int, int]]:
-        return [(r, r * ROW) for r in rows]
-
-    def close(self) -> None:
-        for s in self.sems:
-            s.unlink()
-            s.close()
-
-
-# the C core's Task when it is built, and the reference
-IMPLS = {"python": PyTask} if Task is PyTask else {"c": Task, "python": PyTask}
-
 
 @pytest.fixture(params=list(IMPLS))
 def tb(request: pytest.FixtureRequest) -> Iterator[Table]:
@@ -243,6 +197,7 @@ def test_blocked_lock_shows_waiting_spins_then_holds(tb: Table) -> None:
 
     def holders(lid: int) -> list[int]:
         asked.append(lid)
+        assert holder.holds(mx), "asked once the wait is over: the holder is gone by then"
         return [42]
 
     waiter = tb.task(1, holders=holders, wait_log_ms=0)
@@ -266,7 +221,7 @@ def test_blocked_lock_shows_waiting_spins_then_holds(tb: Table) -> None:
     en = tb.entry(1, C_PTL)
     assert (en["state"], en["seq"], en["spins"], en["since"]) == (HELD, 2, 2, 0)
     assert value(mx) == 0 and waiter.holds(mx) and not holder.holds(mx)
-    # the wait was reported once, with what holders() said of this lock
+    # the wait was reported once, with what holders() said of this lock while it blocked
     assert len(waits) == 1 and waits[0][0] == mx.name and waits[0][1] > 0
     assert waits[0][2] == [42] and asked == [mx.lid]
     waiter.unlock(mx)

@@ -235,7 +235,10 @@ def test_the_report_exactly(cl: Cluster, clock: list[int]) -> None:
                           "deadlock": False, "chain": [
                               "worker w1 (pid 501, mm2) waits for mmap_sem:mm2 for 0.5s, held by worker w2 "
                               "(pid 502, mm2)",
-                              "worker w2 (pid 502, mm2) is running (not blocked)"]}]
+                              "worker w2 (pid 502, mm2) is running (not blocked)"],
+                          "waits": [{"pid": 501, "role": "worker", "mm": 2, "lock": "mmap_sem:mm2",
+                                     "waited_s": 0.5, "since_ns": NOW - int(TIMEOUT_S * 1e9),
+                                     "holders": [502]}]}]
     waiting_since(cl, 0, C_MMAP, lid, 1_234_567_890)
     (r,) = check(cl)
     assert r["waited_s"] == 1.235 and "for 1.2s" in r["chain"][0], r
