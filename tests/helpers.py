@@ -4,8 +4,10 @@ booted in-process or with ``uksm up``, a run's events.
 The one place for what more than one test file needs (no test file
 imports another: tests/code/test_suite.py checks it).  The other shared
 modules beside it: ``util_machine`` (an address space driven from the
-test thread), ``planter`` (faults planted for the checkers to find) and
-``leakcheck`` (what a test left behind: the suite-wide leak fixture)."""
+test thread), ``planter`` (faults planted for the checkers to find),
+``leakcheck`` (what a test left behind: the suite-wide leak fixture),
+``locktable`` (a task table in a bytearray, for the lock protocol),
+``logsynth`` (synthetic log folders) and ``tracecheck`` (a trace's checks)."""
 from __future__ import annotations
 
 import functools
