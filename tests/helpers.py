@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -115,6 +116,16 @@ def teardown_error(text: str, test: str) -> str:
     """The message of ``test``'s error at teardown in a session's output."""
     section = text.split(f"ERROR at teardown of {test} ", 1)[1].split("\n", 1)[1]
     return section.split("\n_", 1)[0].split("\n===", 1)[0]
+
+
+def failure_section(text: str, test: str) -> str:
+    """What a session's output says under ``test``'s failure header
+    (``____ test ____``, with its captured sections), up to the next test's."""
+    head = re.search(rf"\n_+ {re.escape(test)} _+\n", text)
+    assert head, f"no failure section for {test}"
+    rest = text[head.end():]
+    nxt = re.search(r"\n_{3,} \S+ _{3,}\n|\n={3,} ", rest)
+    return rest[:nxt.start()] if nxt else rest
 
 
 # ---- capabilities a test needs: probed, never assumed from the euid -----------------------
@@ -263,6 +274,14 @@ def run_json(*args: str, timeout: float = 100) -> tuple[dict[str, Any], int]:
         return json.loads(p.stdout), p.returncode
     except json.JSONDecodeError:
         raise AssertionError(f"no JSON on stdout (status {p.returncode}):\n{p.stdout}\n{p.stderr}")
+
+
+_names = iter(range(1, 1 << 30))
+
+
+def unique_name(prefix: str) -> str:
+    """A cluster name of this test session's own: prefix, pid, a count."""
+    return f"{prefix}{os.getpid() % 100000}x{next(_names)}"
 
 
 def wait_for(pred: Callable[[], Any], timeout: float = 30.0, step: float = 0.02, what: str = "") -> Any:

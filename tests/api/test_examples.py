@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from helpers import ROOT, TESTS, run_group, teardown_error
+from helpers import ROOT, TESTS, failure_section, run_group
 
 EXAMPLES = sorted(glob.glob(os.path.join(ROOT, "docs", "examples", "*.py")))
 
@@ -81,28 +81,44 @@ def test_hangs(machine):
                           expect_hung=True)
 def test_hangs_as_expected(machine):
     _hang(machine)
+
+@pytest.mark.uksm_machine(expect_hung=True, frames=64)
+def test_expects_a_hang_that_never_comes(machine):
+    machine.task(pages=1).fill(1)
+
+@pytest.mark.uksm_machine(run=0, hazards=["no-fast-path"], frames=64)
+def test_fails_and_leaks(machine):
+    machine.task(pages=1).fill(1)
+    assert False, "the test's own failure"
 '''
 
 
 @pytest.mark.timeout(150)
 def test_pytest_plugin_fixture(tmp_path):
-    """docs/API.md's plugin: the ``machine`` fixture fails a test that
-    leaves an object behind, whose task's data does not verify at the end,
-    whose fsck fails, or in which a hung task was reported -- unless the
-    test said it expects one (``expect_hung=True``)."""
+    """docs/API.md's plugin: the ``machine`` fixture fails the test itself
+    (FAILED, not an ERROR at teardown beside a PASSED) that leaves an object
+    behind, whose task's data does not verify at the end, whose fsck fails,
+    or in which a hung task was reported -- unless the test said it expects
+    one (``expect_hung=True``), when no hang fails it; a test failing on its
+    own also shows what its machine left."""
     (tmp_path / "test_user.py").write_text(PLUGIN_TESTS)
     shutil.copy(os.path.join(TESTS, "planter.py"), tmp_path / "planter.py")
-    p = run_group([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rE",
+    p = run_group([sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider",
                    str(tmp_path / "test_user.py"), "--rootdir", str(tmp_path)], 130)
     out = p.stdout + p.stderr
-    assert "6 passed, 4 errors" in out, out  # each failure at the fixture's teardown
-    errors = {t: teardown_error(out, t) for t in ("test_leaks_an_mm", "test_bad_data",
-                                                 "test_bad_frames", "test_hangs")}
-    assert "never freed" in errors["test_leaks_an_mm"], out
-    assert "1 pages did not hold what their task wrote" in errors["test_bad_data"], out
-    assert "fsck: " in errors["test_bad_frames"] and "is free but has count 1" in errors["test_bad_frames"], out
-    assert "hung task: " in errors["test_hangs"] and "ksm_thread_mutex" in errors["test_hangs"], out
-    assert "ERROR at teardown of test_hangs_as_expected" not in out, out
+    assert "6 failed, 2 passed in" in out and "error" not in out.lower().split("passed in")[-1], out
+    # pytest adds " - <message>" after the id when the terminal is wide enough
+    failed = {ln.split(" - ", 1)[0].rsplit("::", 1)[-1] for ln in out.splitlines() if ln.startswith("FAILED ")}
+    assert failed == {"test_leaks_an_mm", "test_bad_data", "test_bad_frames", "test_hangs",
+                      "test_expects_a_hang_that_never_comes", "test_fails_and_leaks"}, out
+    why = {t: failure_section(out, t) for t in failed}
+    assert "never freed" in why["test_leaks_an_mm"], out
+    assert "1 pages did not hold what their task wrote" in why["test_bad_data"], out
+    assert "fsck: " in why["test_bad_frames"] and "is free but has count 1" in why["test_bad_frames"], out
+    assert "hung task: " in why["test_hangs"] and "ksm_thread_mutex" in why["test_hangs"], out
+    assert "no hung task was reported" in why["test_expects_a_hang_that_never_comes"], out
+    assert "the test's own failure" in why["test_fails_and_leaks"], out
+    assert "uksm machine" in why["test_fails_and_leaks"] and "never freed" in why["test_fails_and_leaks"], out
 
 
 def _python_blocks(path: str) -> list[str]:
