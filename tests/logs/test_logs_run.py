@@ -41,7 +41,8 @@ def test_summary_agrees_with_run(tmp_path):
     agree(r, s)
     assert s["merges"] > 0 and s["invalid_lines"] == 0
     assert check(tmp_path)[0] == 0
-    # docs/LOGS.md: `python3 -m uksm.logs DIR COMMAND` is the same as `uksm logs DIR COMMAND`
+    # docs/LOGS.md: `python3 -m uksm.logs DIR COMMAND` is the same as `python3 -m uksm logs
+    # DIR COMMAND` (helpers.uksm), which is `uksm logs DIR COMMAND`
     for cmd in (["summary"], ["summary", "--json"], ["check"]):
         a = uksm("logs", str(tmp_path), *cmd)
         b = run_group([sys.executable, "-m", "uksm.logs", str(tmp_path), *cmd], 60)
