@@ -281,7 +281,7 @@ def test_default_log_folders_are_new_and_never_removed(tmp_path) -> None:
     assert re.fullmatch(rf"{a}-\d{{8}}-\d{{6}}", da.name) and f"logs: {da}" in p.stdout, p.stdout
     files_a = sorted(f.name for f in da.iterdir())
     assert any(f.startswith("supervisor-") for f in files_a) and any(f.startswith("ksmd-") for f in files_a)
-    p = uksm_here("run", "--cluster", b, "--frames", "3", "--quiet")          # fails: nothing verified
+    p = uksm_here("run", "--cluster", b, "--frames", "16", "--quiet")         # fails: nothing verified
     assert p.returncode == 1, p.stdout
     (db,) = (cwd / "uksm-logs").glob(f"{b}-*")
     assert uksm_here("up", "--cluster", c, "--workers", "1", "--pages", "8").returncode == 0

@@ -442,7 +442,7 @@ def test_status_uptime_owner_alive_and_a_daemon_that_does_not_answer(cluster: Up
                       "--sleep-ms", "5")
     p = cluster("spawn", "--pages", "33")
     assert p.returncode == 2, p.stderr
-    assert p.stderr.strip() == "uksm: --pages must be 1..32 (the cluster was started with --max-pages 32)"
+    assert p.stderr.strip() == "uksm: --pages: must be 1..32 (the machine's --max-pages is 32)"
     st1 = cluster.json("status")
     assert st1["daemon"] == {"pid": info["pid"], "log_dir": str(cluster.log_dir), "hung_tasks": []}
     cl = cluster.attach()

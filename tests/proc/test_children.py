@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -167,11 +168,13 @@ def test_a_task_killed_by_its_own_fault_later_is_a_failure_not_a_kill():
 
 @pytest.mark.timeout(90)
 def test_a_run_that_verified_no_page_says_so_and_fails(tmp_path):
-    """``uksm run --frames 3``: every worker OOM-killed before it could
-    verify; the report says so plainly, and the status is 1, not 0."""
-    p = run_group([sys.executable, "-m", "uksm", "run", "--frames", "3", "--cluster", cname("tchild3"),
+    """``uksm run --frames 16`` (the least it takes; the issue's ``--frames
+    3`` is now refused as bad input): every worker OOM-killed before it
+    could verify; the report says so plainly, and the status is 1, not 0."""
+    p = run_group([sys.executable, "-m", "uksm", "run", "--frames", "16", "--cluster", cname("tchild3"),
                    "--log-dir", str(tmp_path)], 80)
     assert p.returncode == 1, p.stdout + p.stderr
     assert "  data     0 pages verified, 0 mismatches" in p.stdout, p.stdout
-    assert "  error    no page was verified: of 3 workers, 0 killed, 3 OOM-killed, none verified its pages" \
-        in p.stdout, p.stdout
+    n = re.search(r"  error    no page was verified: of (\d+) workers, 0 killed, (\d+) OOM-killed, "
+                  r"none verified its pages", p.stdout)
+    assert n and n[1] == n[2] and int(n[1]) >= 3, p.stdout   # (an OOM-killed worker may be started again)
