@@ -13,9 +13,10 @@ import json
 import os
 
 import pytest
-from test_exit import ready, set_run
 
 from helpers import booted, pump, run_json
+from helpers import echo_run as set_run
+from helpers import worker_ready as ready
 from uksm import logs
 from uksm.kernel import killpoints
 from uksm.kernel.layout import H_KSMD_POINT, K_FULL_SCANS, stats_block

@@ -99,4 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # run as the module uksm.kernel.writer, not as a second copy named
+    # __main__ (the one copy every import sees: see uksm/kernel/ksmd.py)
+    from uksm.kernel import writer as this
+    raise SystemExit(this.main())
