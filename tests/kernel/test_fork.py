@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from helpers import booted
+from helpers import booted, cname
 from uksm.kernel import ksm
 from uksm.kernel.fork import ERESTARTNOINTR
 from uksm.kernel.layout import (
@@ -35,10 +35,6 @@ from util_machine import PAGE, Space, assert_fsck, frames_used, fsck_errors, set
 pytestmark = pytest.mark.timeout(90)
 
 
-def cname(tag: str) -> str:
-    return f"tfork{tag}{os.getpid() % 100000}"
-
-
 def page(v: int) -> bytes:
     return bytes([v]) * PAGE
 
@@ -48,7 +44,7 @@ def count(cl, pfn: int) -> int:
 
 
 def test_dup_mmap_copies_vmas_and_shares_every_page_write_protected() -> None:
-    with booted(cname("a"), run=0, frames=64, va_pages=256) as sup:
+    with booted(cname("tforka"), run=0, frames=64, va_pages=256) as sup:
         cl = sup.cl
         a = Space(sup)
         base = a.mmap(6)
@@ -96,7 +92,7 @@ def test_dup_mmap_copies_vmas_and_shares_every_page_write_protected() -> None:
 
 
 def test_a_writable_shared_page_is_what_fsck_calls_copy_on_write_lost() -> None:
-    with booted(cname("w"), run=0, frames=32, va_pages=128) as sup:
+    with booted(cname("tforkw"), run=0, frames=32, va_pages=128) as sup:
         a = Space(sup)
         base = a.mmap(2)
         a.fill(base, [page(5), page(6)])
@@ -117,7 +113,7 @@ def test_ksm_fork_enters_a_mergeable_mms_child_behind_the_cursor() -> None:
     the child's slot goes just before the slot ksmd scans next, so the
     area settles a whole pass before ksmd looks at it; with the cursor at
     ksm_mm_head (between passes), at the list's end."""
-    with booted(cname("c"), run=0, frames=64, va_pages=128) as sup:
+    with booted(cname("tforkc"), run=0, frames=64, va_pages=128) as sup:
         cl, q = sup.cl, sup.cl.q
         a, x = Space(sup), Space(sup)
         for s in (a, x):
@@ -140,7 +136,7 @@ def test_ksm_fork_enters_a_mergeable_mms_child_behind_the_cursor() -> None:
 
 
 def test_a_fork_of_an_unmergeable_mm_never_enters_ksm() -> None:
-    with booted(cname("u"), run=1, frames=64, va_pages=128, sleep_ms=0) as sup:
+    with booted(cname("tforku"), run=1, frames=64, va_pages=128, sleep_ms=0) as sup:
         cl, q = sup.cl, sup.cl.q
         a = Space(sup)
         base = a.mmap(4)
@@ -166,7 +162,7 @@ def test_a_fork_that_gets_no_page_table_fails_enomem_and_leaves_the_parent(monke
     (bad_fork_cleanup_mm), the parent's pages its own again."""
     from uksm.host import shm
     from uksm.kernel.ksm import ENOMEM
-    with booted(cname("n"), run=0, frames=64, va_pages=256) as sup:
+    with booted(cname("tforkn"), run=0, frames=64, va_pages=256) as sup:
         cl = sup.cl
         a = Space(sup)
         base = a.mmap(40)
@@ -195,7 +191,7 @@ def test_a_fork_that_gets_no_page_table_fails_enomem_and_leaves_the_parent(monke
 def test_a_signal_pending_after_the_copy_undoes_the_fork() -> None:
     """copy_process after copy_mm: "if (signal_pending(current)) ...
     -ERESTARTNOINTR": the copy is thrown away (mmput), whatever it held."""
-    with booted(cname("s"), run=0, frames=32, va_pages=128) as sup:
+    with booted(cname("tforks"), run=0, frames=32, va_pages=128) as sup:
         cl = sup.cl
         a = Space(sup)
         base = a.mmap(4)
@@ -224,7 +220,7 @@ def test_a_fork_during_run_2_is_missed_as_in_2_6_32() -> None:
     import threading
 
     from uksm.kernel.ksm import run_store
-    with booted(cname("r"), run=1, frames=64, va_pages=128, sleep_ms=0) as sup:
+    with booted(cname("tforkr"), run=1, frames=64, va_pages=128, sleep_ms=0) as sup:
         cl = sup.cl
         x, p = Space(sup), Space(sup)
         xb, pb = x.mmap(2), p.mmap(4)
