@@ -35,7 +35,7 @@ from typing import Any
 
 import mmh3
 
-from uksm.kernel import killpoints, oom
+from uksm.kernel import killpoints, oom, sched
 from uksm.kernel.cluster import Cluster
 from uksm.kernel.ksm import break_cow, list_del, slot_next
 from uksm.kernel.layout import (F_ANON, F_KSM, FR_COUNT, FR_FLAGS, FR_KEY0, FR_KEY1, FRAME_SIZE, K_FULL_SCANS,
@@ -192,7 +192,14 @@ class Ksmd:
                               pages_sharing=q[K_PAGES_SHARING], pages_unshared=q[K_PAGES_UNSHARED],
                               pages_volatile=q[K_PAGES_VOLATILE], full_scans=q[K_FULL_SCANS])
             self.log_activity()
-            if run == 1 and q[L_HEAD_NEXT] != cl.head:
+            if sched.ON:
+                # a controlled run: sleep_millisecs is a yield, the idle
+                # wait (ksmd_should_run) a wait for run or the list to change
+                if run == 1 and q[L_HEAD_NEXT] != cl.head:
+                    sched.point("ksmd_batch")
+                else:
+                    sched.blocked(sched.BLK_KSMD_IDLE, run)
+            elif run == 1 and q[L_HEAD_NEXT] != cl.head:
                 ms = q[K_SLEEP_MS]
                 time.sleep(ms / 1000.0 if ms > 0 else 0)
             else:
@@ -428,6 +435,8 @@ class Ksmd:
         mm = st.mm
         pq, fq, live = mm.pq, self.fq, self.live
         seqnr = q[L_SEQNR]
+        if sched.ON:
+            sched.point("ksmd_mm", mm.id)
         task.lock(mm.sem)
         killpoints.hit_ksmd(cl, "ksmd_scan_mmap_sem", mm.base, self.log)
         exiting = ksm_test_exit(cl, mm)
@@ -458,7 +467,8 @@ class Ksmd:
                     # a writer (madvise, munmap, exit) waits: let it in
                     last_yield = n
                     task.unlock(mm.sem)
-                    time.sleep(0.0005)
+                    if not sched.ON:  # (a controlled run: the unlock's point lets it in)
+                        time.sleep(0.0005)
                     task.lock(mm.sem)
                     relook = True
                     break
@@ -469,6 +479,11 @@ class Ksmd:
                 if not pte & PTE_PRESENT:
                     v += 1
                     continue
+                if sched.ON:
+                    sched.point("ksmd_page", v)
+                    pte = pq[PT_OFF + v]  # (looked at again: others ran)
+                    if not pte & PTE_PRESENT:
+                        continue
                 pfn = pte >> 2
                 vpn = v
                 if seen[vpn] == NO_ITEM:  # get_next_rmap_item: a new rmap_item (csum zero)
@@ -786,20 +801,27 @@ def main(argv: list[str] | None = None) -> int:
     import os
     cl.q[cl.tbase(a.task) + T_PID] = os.getpid()
     log = ulog.setup("ksmd", a.cluster, a.log_dir)
+    try:
+        return run_ksmd(cl, log)
+    finally:
+        ulog.close()
+
+
+def run_ksmd(cl: Cluster, log: Any) -> int:
+    """This process, bound to ksmd's row in ``cl``, is ksmd until it is
+    stopped (0) or oopses (the oops status, uksm.host.oops)."""
+    from uksm.host import oops
     oom.set_logger(log)
     cl.watch_use_after_free(log)
     cl.lockdep_log = log
     cl.task.on_wait = lambda name, ms, holders: log.info("lock_wait", lock=name, holders=holders,
                                                           waited_ms=round(ms, 3))
-    from uksm.host import oops
     try:
         ksmd = Ksmd(cl, log)
         oops.install_test_hook(ksmd)
         ksmd.run()
     except Exception as e:  # a bug: an oops, logged once, not a traceback loop (uksm.host.oops)
         return oops.report(log, e)
-    finally:
-        ulog.close()
     return 0
 
 

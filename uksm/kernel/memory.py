@@ -34,6 +34,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Callable
 
+from uksm.kernel import sched
 from uksm.kernel.layout import (A_FREE_TOP, C_FRAMES, F_ANON, F_FREEING, F_PCP, FR_AUX, FR_COUNT, FR_FLAGS,
                      FRAME_SIZE, H_FRAMES_FREED, H_MEM_LIMIT, H_PENDING_FREE, PAGE_SIZE, T_FATAL, T_FLIGHT_MM,
                      T_FLIGHT_PFN, T_FLIGHT_VPN)
@@ -138,7 +139,11 @@ class Allocator:
                         # frees) are not an OOM: wait for them
                         self.oom_killer(cl, task)
                     seq = self.q[H_FRAMES_FREED]
-                    for _ in range(50):
+                    if sched.ON:
+                        # a controlled run: disabled until frames are freed
+                        # or what the OOM killer decides by has changed
+                        sched.blocked(sched.BLK_FRAMES, seq, int(fatal_ok))
+                    for _ in range(0 if sched.ON else 50):
                         if self.q[H_FRAMES_FREED] != seq or self.q[A_FREE_TOP]:
                             break
                         time.sleep(0.002)

@@ -31,6 +31,7 @@ import os
 import signal
 from typing import TYPE_CHECKING, Any
 
+from uksm.kernel import sched
 from uksm.kernel.layout import (A_FREE_TOP, H_OOM_RULE, OOM_2632, R_WRITER, T_FATAL, T_OOM_ORIGIN, T_PID,
                      T_ROLE, T_STATE, TS_ALIVE, X_OOM, M_EXIT_STAGE, M_ID, M_KSM_MAPPED, M_OOM_VICTIM, M_OWNER_PID,
                      M_RSS, M_STATE, M_USERS, MS_LIVE, S_OOM_KILLED, XS_ZAPPED)
@@ -109,6 +110,8 @@ def out_of_memory(cl: "Cluster", task: "Task") -> int:
     if _log is not None:
         _log.warning("oom_kill", victim_pid=pid, victim_mm=mm_id, rss=rss,
                      free_frames=q[A_FREE_TOP])
+    if sched.signal(pid, OOM_SIGNAL):  # a controlled run: delivered at this step
+        return pid
     try:
         os.kill(pid, OOM_SIGNAL)
     except ProcessLookupError:

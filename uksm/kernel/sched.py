@@ -1,0 +1,107 @@
+"""Scheduling points: where a controlled run takes the CPU away.
+
+In a normal run nothing here does anything: ``ON`` is False and every call
+site tests it first (``if sched.ON: sched.point(...)``), one module
+attribute load on the paths that have a point at all (the lock protocol's
+C core tests a pointer instead: ``Task.sched``, as it does for lockdep).
+
+In a controlled run (``uksm.explore``) every emulated process -- ksmd, a
+task, the writer of ``run``, the supervisor's recovery and reapers -- runs
+only when the scheduler says so, one at a time.  At each point the process
+publishes where it is (the point's code and an argument: a lock id, a page
+number) and parks; the scheduler resumes one of the parked processes.  The
+scheduler lives above the kernel (``uksm.explore.gate`` installs the
+hooks below); the kernel only names its points:
+
+- every lock operation of the lock protocol: before ``lock``/``trylock``
+  (the point ``lock``, ``trylock``), after ``unlock`` (``unlock``); a wait
+  that would block is not a real ``sem_wait`` but ``blocked(BLK_LOCK,
+  lock id)``: the process stays parked, disabled, until the lock has a free
+  unit (CHESS's model of a blocking primitive) -- so "every live process
+  blocked" is a deadlock the scheduler sees at once;
+- the allocator's wait for free frames (``BLK_FRAMES``) and ksmd's idle
+  wait for work (``BLK_KSMD_IDLE``): conditions on shared words;
+- ksmd's loop (``ksmd_batch``, a yield where it would sleep
+  ``sleep_millisecs``), each mm (``ksmd_mm``) and page (``ksmd_page``);
+- syscall entry and return (``syscall``, ``syscall_ret``);
+- the fault's, the COW break's and the exit's commit points
+  (``fault_commit``, ``cow_commit``, ``exit_users0``, ``exit_zapped``,
+  ``ksm_exit``, ``exit_pgtables``);
+- every kill point and delay point (``kp:<name>``): a kill point armed in a
+  controlled run is a point at which the scheduler delivers the signal,
+  and a delay point is a point, not a sleep.
+
+Wall clocks have no meaning in a controlled run: ksmd's sleep is a yield,
+a blocked wait has no slices and no deadline, and the hung-task watchdog is
+replaced by the scheduler's deadlock check (docs/EXPLORE.md).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+ON = False
+
+# the point names, by code (a schedule string and the trace carry codes)
+POINTS: tuple[str, ...] = (
+    "start", "exit",
+    "lock", "trylock", "unlock", "blocked",
+    "syscall", "syscall_ret",
+    "fault", "fault_commit", "cow_commit",
+    "exit_users0", "exit_zapped", "ksm_exit", "exit_pgtables",
+    "ksmd_batch", "ksmd_mm", "ksmd_page",
+    "run_store", "signal", "task_op", "idle", "recover", "reap",
+)
+CODE = {n: i for i, n in enumerate(POINTS)}
+
+
+def add_points(names: list[str]) -> None:
+    """More point names (``uksm.kernel.killpoints`` adds ``kp:<name>`` for
+    each of its points, at its import: codes follow the list above)."""
+    global POINTS
+    new = [n for n in names if n not in CODE]
+    for n in new:
+        CODE[n] = len(POINTS) + new.index(n)
+    POINTS = POINTS + tuple(new)
+
+# points at which switching away is no preemption (the process gives the
+# CPU up: ksmd's sleep_millisecs, an idle task)
+YIELDS = frozenset({CODE["ksmd_batch"], CODE["idle"]})
+
+# what a parked, disabled process waits for (the scheduler evaluates it)
+BLK_NONE, BLK_LOCK, BLK_FRAMES, BLK_KSMD_IDLE, BLK_COND = range(5)
+
+_point: Callable[[int, int], None] | None = None
+_blocked: Callable[[int, int, int], None] | None = None
+_signal: Callable[[int, int], bool] | None = None
+
+
+def install(point_fn: Callable[[int, int], None], blocked_fn: Callable[[int, int, int], None],
+            signal_fn: Callable[[int, int], bool]) -> None:
+    """The controller's child side: this process is scheduled from now on."""
+    global ON, _point, _blocked, _signal
+    _point, _blocked, _signal = point_fn, blocked_fn, signal_fn
+    ON = True
+
+
+def point(name: str, arg: int = 0) -> None:
+    """A scheduling point: park here until the scheduler resumes us."""
+    if ON and _point is not None:
+        _point(CODE[name], arg)
+
+
+def blocked(kind: int, a: int = 0, b: int = 0) -> None:
+    """Park disabled until the condition (kind, a, b) holds; the caller
+    looks again when resumed (a wait loop, as after a wake-up)."""
+    if ON and _blocked is not None:
+        _blocked(kind, a, b)
+
+
+def signal(pid: int, signo: int) -> bool:
+    """Deliver ``signo`` to ``pid`` at this step (a controlled run makes
+    the target's handler effect part of this step, not of whenever the host
+    runs it).  False: not controlled, the caller sends it itself."""
+    return bool(ON and _signal is not None and _signal(pid, signo))
+
+
+__all__ = ["ON", "POINTS", "CODE", "YIELDS", "BLK_NONE", "BLK_LOCK", "BLK_FRAMES",
+           "BLK_KSMD_IDLE", "BLK_COND", "add_points", "install", "point", "blocked", "signal"]
