@@ -27,21 +27,27 @@ from uksm.kernel import sched
 
 MAXP = 48           # processes of one run (tasks, ksmd and its restarts, writers, reapers)
 SLOT = 16           # words per slot
+G_FREE = MAXP * SLOT   # the global word: 1 while the run is in its setup (no choices)
 ERR = 512           # bytes of error text per slot
 
 # slot words
 S_STATE, S_CODE, S_ARG, S_BLK, S_BA, S_BB, S_K, S_PID, S_STATUS = range(9)
 # states
 FREE, RUNNING, PARKED, BLOCKED, EXITED = range(5)
+# points that park even in the setup: a choice of the default policy
+# (a yield), the explorer's own step (a signal to deliver), the start
+MUST_PARK = frozenset({sched.CODE["start"], sched.CODE["signal"], *sched.YIELDS})
+ZONE = 4   # layout.C_ALLOC: zone_lock's class
 
 
 class Gate:
     """The slots and semaphores of one explorer (reused by every run)."""
 
     def __init__(self) -> None:
-        self.mem = mmap.mmap(-1, MAXP * SLOT * 8 + MAXP * ERR)
-        self.w = memoryview(self.mem)[:MAXP * SLOT * 8].cast("q")
-        self.err = memoryview(self.mem)[MAXP * SLOT * 8:]
+        words = MAXP * SLOT + 8
+        self.mem = mmap.mmap(-1, words * 8 + MAXP * ERR)
+        self.w = memoryview(self.mem)[:words * 8].cast("q")
+        self.err = memoryview(self.mem)[words * 8:]
         tag = f"/uksm-gate.{os.getpid()}.{id(self) & 0xffffff:x}"
         self.ctl = self._sem(f"{tag}.ctl")
         self.gates = [self._sem(f"{tag}.{i}") for i in range(MAXP)]
@@ -54,7 +60,7 @@ class Gate:
 
     def reset(self) -> None:
         """Before a run: every slot free, every semaphore at 0."""
-        for i in range(MAXP * SLOT):
+        for i in range(len(self.w)):
             self.w[i] = 0
         for s in [self.ctl, *self.gates]:
             while True:
@@ -130,6 +136,11 @@ class ChildSide:
 
     def point(self, code: int, arg: int) -> None:
         w, b = self.gate.w, self.b
+        if w[G_FREE] and code not in MUST_PARK:
+            # the setup: no choice is made here, and the default goes on
+            # with the running process -- pass the point without parking
+            w[b + S_K] += 1
+            return
         w[b + S_CODE] = code
         w[b + S_ARG] = arg
         w[b + S_BLK] = sched.BLK_NONE
@@ -138,7 +149,7 @@ class ChildSide:
     def blocked(self, kind: int, a: int, bb: int) -> None:
         w, b = self.gate.w, self.b
         w[b + S_CODE] = sched.CODE["blocked"]
-        w[b + S_ARG] = a
+        w[b + S_ARG] = a if kind == sched.BLK_LOCK else -kind   # (the trace: what it waits for)
         w[b + S_BLK] = kind
         w[b + S_BA] = a
         w[b + S_BB] = bb
@@ -150,9 +161,15 @@ class ChildSide:
         return True
 
     def lock_hook(self, op: str, lk: Any) -> None:
-        """Task.sched: the lock protocol's points."""
+        """Task.sched: the lock protocol's points.  zone_lock's are passed
+        without parking: its critical sections hold no scheduling point
+        but the kill point zone_lock_held, so no process ever finds it
+        taken, and a switch just before or after one is the same as a
+        switch at the process's previous point (docs/EXPLORE.md)."""
         if op == "blocked":
             self.blocked(sched.BLK_LOCK, lk.lid, 0)
+        elif lk.cls == ZONE:
+            self.gate.w[self.b + S_K] += 1
         else:
             self.point(sched.CODE[op], lk.lid)
 

@@ -55,7 +55,7 @@ from uksm.kernel.memory import Allocator, free_frames, rebuild_free_stack
 from uksm.kernel.mm import MM, mm_create
 from uksm.kernel.watchdog import Watchdog
 
-from uksm.explore.gate import (BLOCKED, EXITED, PARKED, S_BA, S_BB, S_BLK, S_CODE, S_ARG, S_K,
+from uksm.explore.gate import (BLOCKED, EXITED, G_FREE, PARKED, S_BA, S_BB, S_BLK, S_CODE, S_ARG, S_K,
                                S_STATE, S_STATUS, Gate, fork_child)
 
 RUN, KILL = 0, 1
@@ -426,7 +426,8 @@ class World:
             killable = (tuple(p.id for p in live if p.role in ("task", "ksmd", "writer")
                               and not p.stop) if self.kills_left and self.explored else ())
             v = View(n, en, cur, cy, killable, self.explored, self.procs,
-                     {i: self.gate.word(i, S_CODE) for i in en})
+                     {p.id: self.gate.word(p.id, S_CODE) for p in live})
+            self.gate.w[G_FREE] = 0 if self.explored else 1
             a = self.chooser.choose(v) if self.explored else v.default()
             d = v.default()
             kind, pid = a
