@@ -119,6 +119,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
     from uksm.tools.campaign import add_parser as add_campaign
     add_campaign(sub)
+    from uksm.cli.explore import add_parser as add_explore
+    add_explore(sub)
 
     sub.add_parser("logs", help="analyse a run's logs: uksm logs DIR {summary,timeline,check,locks,plot}",
                    add_help=False)
@@ -167,6 +169,9 @@ def dispatch(a: argparse.Namespace) -> int:
     if a.cmd == "campaign":
         from uksm.tools.campaign import cmd_campaign
         return cmd_campaign(a)
+    if a.cmd == "explore":
+        from uksm.cli.explore import cmd_explore
+        return cmd_explore(a)
     if a.cmd == "fsck":
         from uksm.cli import cluster as cluster_cmds
         return cluster_cmds.cmd_fsck(a)

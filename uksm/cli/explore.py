@@ -1,0 +1,134 @@
+"""``uksm explore``: races on demand (docs/EXPLORE.md)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from uksm.host.exitcodes import EPILOG, EXIT_USAGE
+from uksm.kernel.layout import EXIT_POLICIES, HAZARDS, OOM_RULES
+
+
+def add_parser(sub: Any) -> None:
+    from uksm.explore.explorer import STRATEGIES
+    from uksm.explore.scenarios import SCENARIOS
+    p = sub.add_parser(
+        "explore", help="explore a scenario's schedules (controlled scheduling): find races, replay them",
+        description="Run a small scenario under a controlled scheduler: every process (tasks, ksmd, "
+                    "the writer of run, the supervisor's recovery and reapers) stops at scheduling "
+                    "points and runs only when chosen, one at a time. A strategy chooses the "
+                    "schedules; each run is checked (deadlock with its wait-for chain, hung, oops, "
+                    "use after free, lockdep, fsck, data, leaks); a failing schedule is shrunk and "
+                    "printed as a string that replays it exactly. docs/EXPLORE.md explains the points, "
+                    "the strategies and how to read a trace. Exit status: the worst finding's, as "
+                    "'uksm run' gives it; 0 when nothing was found.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scenario", choices=list(SCENARIOS), metavar="NAME",
+                   help="one of: " + ", ".join(SCENARIOS) + " (--list-scenarios says what each does)")
+    p.add_argument("--replay", metavar="SCHEDULE", help="run this schedule string exactly and report it")
+    p.add_argument("--list-scenarios", action="store_true", help="list the scenarios and exit")
+    p.add_argument("--exit-policy", default="seed", choices=EXIT_POLICIES,
+                   help="__ksm_exit as in the seed fix (default), shipped or legacy")
+    p.add_argument("--oom-rule", default="2.6.32", choices=OOM_RULES, help="the OOM killer's rule")
+    p.add_argument("--hazard", action="append", default=[], choices=list(HAZARDS), metavar="HAZARD",
+                   help="switch off one later fix (repeatable): " + ", ".join(HAZARDS))
+    p.add_argument("--strategy", default="dfs", choices=STRATEGIES,
+                   help="dfs: exhaustive within --preemptions (default); pct: probabilistic with "
+                        "--depth; random")
+    p.add_argument("--preemptions", type=int, default=2, metavar="K",
+                   help="dfs: at most K preemptions per schedule (default 2)")
+    p.add_argument("--depth", type=int, default=3, metavar="D", help="pct: bug depth d (default 3)")
+    p.add_argument("--schedules", type=int, metavar="N", help="stop after N schedules")
+    p.add_argument("--time-limit", type=float, metavar="S", help="stop after S seconds")
+    p.add_argument("--seed", type=int, default=0, help="pct and random: the seed (default 0)")
+    p.add_argument("--kills", type=int, nargs="?", const=1, default=0, metavar="N",
+                   help="also choose SIGKILLs: a task, ksmd or the writer killed at a point "
+                        "(N per schedule; --kills alone: 1)")
+    p.add_argument("--from-start", action="store_true",
+                   help="explore the scenario's setup too (default: from its race phase)")
+    p.add_argument("--keep-going", action="store_true",
+                   help="go on after a failure (one per kind of finding is reported)")
+    p.add_argument("--no-shrink", action="store_true", help="report failures as found")
+    p.add_argument("--log-dir", help="replay every reported failure with JSON logs into this folder")
+    p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+
+
+def _error(msg: str) -> int:
+    print(f"uksm explore: error: {msg}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def cmd_explore(a: argparse.Namespace) -> int:
+    from uksm.explore.explorer import explore, replay
+    from uksm.explore.scenarios import SCENARIOS
+    from uksm.explore.schedule import BadSchedule, parse
+    from uksm.explore.world import Diverged, Options
+    if a.list_scenarios:
+        for name, sc in SCENARIOS.items():
+            print(f"{name:16} {sc.doc}")
+        return 0
+    for flag, v in (("--preemptions", a.preemptions), ("--depth", a.depth)):
+        if v < 0 or (flag == "--depth" and v < 1):
+            return _error(f"{flag} must be {'at least 1' if flag == '--depth' else 'positive or 0'}")
+    if a.schedules is not None and a.schedules < 1:
+        return _error("--schedules must be at least 1")
+    if a.time_limit is not None and a.time_limit <= 0:
+        return _error("--time-limit must be positive")
+    if a.log_dir:
+        import os
+        if not os.path.isdir(a.log_dir):
+            return _error(f"--log-dir {a.log_dir}: not a folder")
+    if a.replay:
+        try:
+            s = parse(a.replay)
+        except BadSchedule as e:
+            return _error(str(e))
+        if s.scenario not in SCENARIOS:
+            return _error(f"schedule: unknown scenario {s.scenario!r}")
+        try:
+            res, _out = replay(SCENARIOS[s.scenario], s, a.log_dir)
+        except Diverged as e:
+            print(f"uksm explore: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        return _report(a, res)
+    if not a.scenario:
+        return _error("--scenario NAME, --replay SCHEDULE or --list-scenarios")
+    o = Options(scenario=a.scenario, exit_policy=a.exit_policy, oom_rule=a.oom_rule,
+                hazards=tuple(a.hazard), seed=a.seed, kills=a.kills, from_start=a.from_start)
+
+    def progress(r: Any) -> None:
+        if not a.json:
+            print(f"uksm explore: {r.explored} schedules, {r.elapsed_s:.1f}s "
+                  f"({r.schedules_per_s}/s)", file=sys.stderr)
+    res = explore(SCENARIOS[a.scenario], o, a.strategy, a.preemptions, a.depth, a.schedules,
+                  a.time_limit, a.keep_going, not a.no_shrink, progress)
+    if a.log_dir:
+        for f in res.failures:
+            replay(SCENARIOS[a.scenario], parse(f.schedule), a.log_dir)
+    return _report(a, res)
+
+
+def _report(a: argparse.Namespace, res: Any) -> int:
+    j = res.as_json()
+    if a.json:
+        print(json.dumps(j))
+        return res.status
+    what = "replayed" if res.strategy == "replay" else (
+        f"{res.explored} schedules ({res.strategy}), {res.distinct} distinct outcomes, "
+        f"{'the bound exhausted' if res.exhausted else 'not exhausted'}, {res.elapsed_s:.1f}s "
+        f"({res.schedules_per_s}/s)")
+    print(f"{res.scenario}: {what}")
+    if not res.failures:
+        print("no failure found")
+    for f in res.failures:
+        print(f"\nFOUND {f.finding} (status {f.status}) after {f.after} schedule(s): {f.detail}")
+        for line in f.chain:
+            print(f"  {line}")
+        print(f"schedule ({f.steps} steps, {f.preemptions} preemption(s), {f.kills} kill(s)):\n  {f.schedule}")
+        print(f"replay:\n  uksm explore --replay '{f.schedule}'")
+        print("trace (step, PRE: a preemption, CHO: another choice where the process gave up the "
+              "CPU, KIL: a kill; process, from point -> to point):")
+        for line in f.trace:
+            print(f"  {line}")
+    return res.status
