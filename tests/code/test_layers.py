@@ -7,6 +7,7 @@ dependency, only a later one):
     cli            uksm.cli, uksm.__main__
     tools          uksm.tools  (tools/: inject, campaign, benchmarks)
     api            uksm.api, uksm.testing, uksm (the curated __init__)
+    explore        uksm.explore (controlled schedules: the explorer, strategies, scenarios)
     proc           uksm.proc   (supervisor, recovery, reaper, daemon, run, control)
     workers        uksm.workers (workers/: the tasks' programs)
     logs           uksm.logs   (reads log files: only the host below it)
@@ -30,9 +31,10 @@ ALLOWED = {
     "logs": {"host", "logs"},
     "workers": {"host", "kernel", "workers"},
     "proc": {"host", "kernel", "workers", "proc"},
-    "api": {"host", "kernel", "workers", "proc", "api"},
-    "tools": {"host", "kernel", "workers", "proc", "api", "logs", "tools"},
-    "cli": {"host", "kernel", "workers", "proc", "api", "logs", "tools", "cli"},
+    "explore": {"host", "kernel", "workers", "proc", "explore"},
+    "api": {"host", "kernel", "workers", "proc", "explore", "api"},
+    "tools": {"host", "kernel", "workers", "proc", "explore", "api", "logs", "tools"},
+    "cli": {"host", "kernel", "workers", "proc", "explore", "api", "logs", "tools", "cli"},
 }
 
 

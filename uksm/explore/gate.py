@@ -62,6 +62,7 @@ class Gate:
         """Before a run: every slot free, every semaphore at 0."""
         for i in range(len(self.w)):
             self.w[i] = 0
+        self.err[:] = bytes(len(self.err))   # (a stale error would be read as this run's)
         for s in [self.ctl, *self.gates]:
             while True:
                 try:
@@ -209,7 +210,8 @@ def fork_child(gate: Gate, slot: int, body: Callable[[ChildSide], int]) -> int:
         status = body(side)
     except BaseException as e:  # noqa: BLE001 -- reported to the controller as this task's end
         import traceback
-        error = "".join(traceback.format_exception_only(type(e), e)).strip()
+        error = str(e) if hasattr(e, "status") else "".join(
+            traceback.format_exception_only(type(e), e)).strip()
         tb = traceback.extract_tb(e.__traceback__)
         if tb and not hasattr(e, "status"):
             error += f" (at {os.path.basename(tb[-1].filename)}:{tb[-1].lineno} in {tb[-1].name})"

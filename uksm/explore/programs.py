@@ -23,6 +23,7 @@ import os
 import signal
 from typing import Any
 
+from uksm.explore.child import COND_GO, COND_SCANS, bind
 from uksm.kernel import oom, sched
 from uksm.kernel.layout import (K_FULL_SCANS, M_OWNER_PID, PAGE_SIZE, T_EXIT_REASON, T_FATAL,
                                 T_MISMATCHES, T_READY, T_VERIFIED, X_EXIT, X_OOM, X_SIGNAL)
@@ -38,8 +39,7 @@ def content(v: int) -> bytes:
 
 
 def task_body(w: Any, p: Any, side: Any, prog: list[tuple]) -> int:
-    from uksm.explore.world import COND_GO, COND_SCANS, _bind
-    log = _bind(w, p, side, "worker")
+    log = bind(w, p, side, "worker")
     cl = w.cl
     q, tb = cl.q, cl.task.base
     oom.set_logger(log)

@@ -55,6 +55,8 @@ from uksm.kernel.memory import Allocator, free_frames, rebuild_free_stack
 from uksm.kernel.mm import MM, mm_create
 from uksm.kernel.watchdog import Watchdog
 
+from uksm.explore.programs import task_body
+from uksm.explore.child import COND_GO, COND_RUN_DONE, COND_SCANS, bind as _bind
 from uksm.explore.gate import (BLOCKED, EXITED, G_FREE, PARKED, S_BA, S_BB, S_BLK, S_CODE, S_ARG, S_K,
                                S_STATE, S_STATUS, Gate, fork_child)
 
@@ -68,8 +70,6 @@ STATUS = {"deadlock": 3, "hung": 3, "oops": 5, "fsck": 4, "mismatch": 4, "leak":
 RANK = {"deadlock": 0, "hung": 1, "oops": 2, "fsck": 3, "mismatch": 4, "leak": 5,
         "use_after_free": 6, "lockdep": 7}
 
-# a task's waits on the scenario (BLK_COND's first argument)
-COND_GO, COND_SCANS, COND_RUN_DONE = 1, 2, 3
 
 
 class Diverged(Exception):
@@ -271,7 +271,7 @@ class World:
         t.pid = 0
         t.state = TS_FREE
 
-    def _spawn(self, role: str, name: str, row: int, body: Callable[[Any], int], **kw: Any) -> Proc:
+    def _spawn(self, role: str, name: str, row: int, body: Callable[..., int], **kw: Any) -> Proc:
         pid_slot = len(self.procs)
         p = Proc(pid_slot, role, name, row, body=body, **kw)
         self.procs[p.id] = p
@@ -306,7 +306,6 @@ class World:
         t.pages = pages
         self.mms[mm.id] = mm
         q[S_STARTED] += 1
-        from uksm.explore.programs import task_body
         p = self._spawn("task", name or f"t{n}", row, lambda w, pr, side: task_body(w, pr, side, prog),
                         mm=mm.id, pages=pages)
         mm.words.owner_pid = p.pid
@@ -423,6 +422,11 @@ class World:
                 break
             cur = self.current
             cy = cur in self.procs and self.gate.word(cur, S_CODE) in sched.YIELDS
+            if cy and len(en) > 1:
+                # a yield (ksmd's sleep_millisecs, an idle task) lets every
+                # other runnable process go first: no strategy may starve
+                # the others by running a sleeper on
+                en = tuple(i for i in en if i != cur)
             killable = (tuple(p.id for p in live if p.role in ("task", "ksmd", "writer")
                               and not p.stop) if self.kills_left and self.explored else ())
             v = View(n, en, cur, cy, killable, self.explored, self.procs,
@@ -671,20 +675,6 @@ def _writer_result(status: int | None) -> str:
 
 
 # ---- the processes' bodies (in the forked child) ---------------------------------------------------
-
-def _bind(w: World, p: Proc, side: Any, role: str) -> Any:
-    """This child's own task row, its hooks, its logger."""
-    cl = w.cl
-    task = cl.bind(p.row)
-    task.sched = side.lock_hook
-    cl.q[cl.tbase(p.row) + T_PID] = os.getpid()
-    log = ulog.setup(role, w.name, w.o.log_dir, **({"mm": p.mm} if p.mm else {})) if w.o.log_dir \
-        else ulog._Null()
-    cl.lockdep_log = log
-    if task.lockdep is None:
-        task.lockdep = cl._lockdep_report
-    return log
-
 
 class _Oops(Exception):
     """ksmd or the writer oopsed (uksm.host.oops logged it): its text goes
