@@ -7,13 +7,14 @@ use, so that the emulator's own processes (ksmd, workers), which import
 """
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["Machine", "Task", "KillPoint", "MachineError", "MachineClosed", "WaitTimeout",
-           "HungTask", "TaskExited", "TaskDied", "SegFault", "IntegrityError", "KillPointMissed"]
+__all__ = ["Machine", "Task", "KillPoint", "Exploration", "explore", "replay", "MachineError",
+           "MachineClosed", "WaitTimeout", "HungTask", "TaskExited", "TaskDied", "SegFault",
+           "IntegrityError", "KillPointMissed"]
 
 if TYPE_CHECKING:
-    from uksm.api import (HungTask, IntegrityError, KillPoint, KillPointMissed, Machine,
-                      MachineClosed, MachineError, SegFault, Task, TaskDied, TaskExited,
-                      WaitTimeout)
+    from uksm.api import (Exploration, HungTask, IntegrityError, KillPoint, KillPointMissed, Machine,
+                          MachineClosed, MachineError, SegFault, Task, TaskDied, TaskExited,
+                          WaitTimeout, explore, replay)
 
 
 def __getattr__(name: str) -> Any:

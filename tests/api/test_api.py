@@ -36,7 +36,8 @@ def assert_gone(m: uksm.Machine) -> None:
 def test_public_names_are_curated():
     assert sorted(uksm.__all__) == sorted(
         ["Machine", "Task", "KillPoint", "MachineError", "MachineClosed", "WaitTimeout",
-         "HungTask", "TaskExited", "TaskDied", "SegFault", "IntegrityError", "KillPointMissed"])
+         "HungTask", "TaskExited", "TaskDied", "SegFault", "IntegrityError", "KillPointMissed",
+         "Exploration", "explore", "replay"])
 
 
 def test_tasks_merge_counters_exit_and_report():

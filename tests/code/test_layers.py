@@ -6,8 +6,8 @@ dependency, only a later one):
 
     cli            uksm.cli, uksm.__main__
     tools          uksm.tools  (tools/: inject, campaign, benchmarks)
-    api            uksm.api, uksm.testing, uksm (the curated __init__)
-    explore        uksm.explore (controlled schedules: the explorer, strategies, scenarios)
+    api            uksm.api, uksm.testing, uksm.scenarios, uksm.deterministic, uksm (the curated __init__)
+    explorer       uksm.explorer (controlled schedules: the gate, the world, the strategies)
     proc           uksm.proc   (supervisor, recovery, reaper, daemon, run, control)
     workers        uksm.workers (workers/: the tasks' programs)
     logs           uksm.logs   (reads log files: only the host below it)
@@ -31,10 +31,10 @@ ALLOWED = {
     "logs": {"host", "logs"},
     "workers": {"host", "kernel", "workers"},
     "proc": {"host", "kernel", "workers", "proc"},
-    "explore": {"host", "kernel", "workers", "proc", "explore"},
-    "api": {"host", "kernel", "workers", "proc", "explore", "api"},
-    "tools": {"host", "kernel", "workers", "proc", "explore", "api", "logs", "tools"},
-    "cli": {"host", "kernel", "workers", "proc", "explore", "api", "logs", "tools", "cli"},
+    "explorer": {"host", "kernel", "workers", "proc", "explorer"},
+    "api": {"host", "kernel", "workers", "proc", "explorer", "api"},
+    "tools": {"host", "kernel", "workers", "proc", "explorer", "api", "logs", "tools"},
+    "cli": {"host", "kernel", "workers", "proc", "explorer", "api", "logs", "tools", "cli"},
 }
 
 
@@ -53,7 +53,7 @@ def modules() -> dict[str, pathlib.Path]:
 
 def layer(mod: str) -> str:
     parts = mod.split(".")
-    if len(parts) == 1 or parts[1] in ("api", "testing"):
+    if len(parts) == 1 or parts[1] in ("api", "testing", "scenarios", "deterministic"):
         return "api"
     if parts[1] == "__main__":
         return "cli"

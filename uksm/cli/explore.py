@@ -11,8 +11,8 @@ from uksm.kernel.layout import EXIT_POLICIES, HAZARDS, OOM_RULES
 
 
 def add_parser(sub: Any) -> None:
-    from uksm.explore.explorer import STRATEGIES
-    from uksm.explore.scenarios import SCENARIOS
+    from uksm.explorer.search import STRATEGIES
+    from uksm.scenarios import SCENARIOS
     p = sub.add_parser(
         "explore", help="explore a scenario's schedules (controlled scheduling): find races, replay them",
         description="Run a small scenario under a controlled scheduler: every process (tasks, ksmd, "
@@ -60,10 +60,9 @@ def _error(msg: str) -> int:
 
 
 def cmd_explore(a: argparse.Namespace) -> int:
-    from uksm.explore.explorer import explore, replay
-    from uksm.explore.scenarios import SCENARIOS
-    from uksm.explore.schedule import BadSchedule, parse
-    from uksm.explore.world import Diverged, Options
+    from uksm.api import explore, replay
+    from uksm.explorer.schedule import BadSchedule, parse
+    from uksm.scenarios import SCENARIOS
     if a.list_scenarios:
         for name, sc in SCENARIOS.items():
             print(f"{name:16} {sc.doc}")
@@ -86,49 +85,57 @@ def cmd_explore(a: argparse.Namespace) -> int:
             return _error(str(e))
         if s.scenario not in SCENARIOS:
             return _error(f"schedule: unknown scenario {s.scenario!r}")
+        sc = SCENARIOS[s.scenario]
         try:
-            res, _out = replay(SCENARIOS[s.scenario], s, a.log_dir)
-        except Diverged as e:
+            res = replay(sc.fn, a.replay, log_dir=a.log_dir, name=sc.name, **sc.options)
+        except ValueError as e:
             print(f"uksm explore: {e}", file=sys.stderr)
             return EXIT_USAGE
         return _report(a, res)
     if not a.scenario:
         return _error("--scenario NAME, --replay SCHEDULE or --list-scenarios")
-    o = Options(scenario=a.scenario, exit_policy=a.exit_policy, oom_rule=a.oom_rule,
-                hazards=tuple(a.hazard), seed=a.seed, kills=a.kills, from_start=a.from_start)
+    sc = SCENARIOS[a.scenario]
 
     def progress(r: Any) -> None:
         if not a.json:
+            by = ", ".join(f"{k} preemption(s): {v}" for k, v in sorted(r.by_preemptions.items()))
             print(f"uksm explore: {r.explored} schedules, {r.elapsed_s:.1f}s "
-                  f"({r.schedules_per_s}/s)", file=sys.stderr)
-    res = explore(SCENARIOS[a.scenario], o, a.strategy, a.preemptions, a.depth, a.schedules,
-                  a.time_limit, a.keep_going, not a.no_shrink, progress)
+                  f"({r.schedules_per_s}/s){'; ' + by if by else ''}", file=sys.stderr)
+    res = explore(sc.fn, name=sc.name, strategy=a.strategy, preemptions=a.preemptions, depth=a.depth,
+                  seed=a.seed, kills=a.kills, schedules=a.schedules, time_limit=a.time_limit,
+                  keep_going=a.keep_going, shrink=not a.no_shrink, from_start=a.from_start,
+                  progress=progress, exit_policy=a.exit_policy, oom_rule=a.oom_rule,
+                  hazards=tuple(a.hazard), **sc.options)
     if a.log_dir:
         for f in res.failures:
-            replay(SCENARIOS[a.scenario], parse(f.schedule), a.log_dir)
+            replay(sc.fn, f["schedule"], log_dir=a.log_dir, name=sc.name, **sc.options)
     return _report(a, res)
 
 
 def _report(a: argparse.Namespace, res: Any) -> int:
-    j = res.as_json()
+    j = res.json
     if a.json:
         print(json.dumps(j))
-        return res.status
-    what = "replayed" if res.strategy == "replay" else (
-        f"{res.explored} schedules ({res.strategy}), {res.distinct} distinct outcomes, "
-        f"{'the bound exhausted' if res.exhausted else 'not exhausted'}, {res.elapsed_s:.1f}s "
-        f"({res.schedules_per_s}/s)")
-    print(f"{res.scenario}: {what}")
-    if not res.failures:
+        return int(res.status)
+    by = ", ".join(f"{v} with {k}" for k, v in sorted(j["schedules_by_preemptions"].items()))
+    what = "replayed" if j["strategy"] == "replay" else (
+        f"{j['explored']} schedules ({j['strategy']}{': ' + by + ' preemption(s)' if by else ''}), "
+        f"{j['distinct']} distinct outcomes, "
+        f"{'the bound exhausted' if j['exhausted'] else 'not exhausted'}, {j['elapsed_s']:.1f}s "
+        f"({j['schedules_per_s']}/s, {j['cpu_ms_per_schedule']} ms CPU each, load {j['load']})")
+    print(f"{j['scenario']}: {what}")
+    if not j["failures"]:
         print("no failure found")
-    for f in res.failures:
-        print(f"\nFOUND {f.finding} (status {f.status}) after {f.after} schedule(s): {f.detail}")
-        for line in f.chain:
+    for f in j["failures"]:
+        print(f"\nFOUND {f['finding']} (status {f['status']}) after {j['first_failure_after']} "
+              f"schedule(s): {f['detail']}")
+        for line in f.get("chain", []):
             print(f"  {line}")
-        print(f"schedule ({f.steps} steps, {f.preemptions} preemption(s), {f.kills} kill(s)):\n  {f.schedule}")
-        print(f"replay:\n  uksm explore --replay '{f.schedule}'")
+        print(f"schedule ({f['steps']} steps, {f['preemptions']} preemption(s), {f['kills']} kill(s)):\n"
+              f"  {f['schedule']}")
+        print(f"replay:\n  {f['replay']}")
         print("trace (step, PRE: a preemption, CHO: another choice where the process gave up the "
               "CPU, KIL: a kill; process, from point -> to point):")
-        for line in f.trace:
+        for line in f["trace"]:
             print(f"  {line}")
-    return res.status
+    return int(res.status)

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable
 
-from uksm.kernel import killpoints
+from uksm.kernel import killpoints, sched
 from uksm.kernel.layout import (H_KSM_UNSYNCED, H_UNMERGE_GEN, K_FULL_SCANS, K_PAGES_SHARED, K_PAGES_SHARING, K_PAGES_UNSHARED, K_PAGES_VOLATILE, K_RMAP_ITEMS, K_RUN, K_RUN_DONE, K_RUN_SEQ, K_STABLE_NODES, S_SLOTS_FREED, T_OOM_ORIGIN, T_EXIT_PATH, F_KSM, FRAME_SIZE, FR_FLAGS, H_HAZARDS, HZ_NO_FAST_PATH, HZ_NO_UNMERGE_EXIT_CHECK, L_HEAD_NEXT, L_HEAD_PREV, L_SCAN_ADDR, L_SCAN_SLOT, L_SEQNR, M_EXIT_PATH, M_FLAGS, M_ID, M_SLOT_RMAP, M_SLOT_USED, M_REFS, MMF_VM_MERGEABLE, P_FAST, P_LEGACY, P_SLOW, PT_OFF, PTE_PRESENT, REF_KSM, S_EXIT_FAST, S_EXIT_LEGACY, S_EXIT_SLOW, VM_MERGEABLE)
 from uksm.kernel.memory import Allocator, OutOfMemory
 from uksm.kernel.mm import MM, mm_attach, mmdrop
@@ -386,6 +386,8 @@ def unmerge_ksm_pages(cl: "Cluster", alloc: Allocator, mm: MM, start: int, end: 
     n = 0
     pq, fq = mm.pq, cl.fq
     for vpn in range(start, end):
+        if sched.ON:  # a controlled run's point per page: mm_users, the PTE are lockless here
+            sched.point("unmerge_page", vpn)
         if ksm_test_exit(cl, mm):
             break
         if stop is not None and stop():

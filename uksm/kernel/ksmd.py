@@ -193,10 +193,10 @@ class Ksmd:
                               pages_volatile=q[K_PAGES_VOLATILE], full_scans=q[K_FULL_SCANS])
             self.log_activity()
             if sched.ON:
-                # a controlled run: sleep_millisecs is a yield, the idle
+                # a controlled run: sleep_millisecs in logical time, the idle
                 # wait (ksmd_should_run) a wait for run or the list to change
                 if run == 1 and q[L_HEAD_NEXT] != cl.head:
-                    sched.point("ksmd_batch")
+                    sched.sleep(q[K_SLEEP_MS])
                 else:
                     sched.blocked(sched.BLK_KSMD_IDLE, run)
             elif run == 1 and q[L_HEAD_NEXT] != cl.head:
@@ -435,8 +435,6 @@ class Ksmd:
         mm = st.mm
         pq, fq, live = mm.pq, self.fq, self.live
         seqnr = q[L_SEQNR]
-        if sched.ON:
-            sched.point("ksmd_mm", mm.id)
         task.lock(mm.sem)
         killpoints.hit_ksmd(cl, "ksmd_scan_mmap_sem", mm.base, self.log)
         exiting = ksm_test_exit(cl, mm)
@@ -472,6 +470,11 @@ class Ksmd:
                     task.lock(mm.sem)
                     relook = True
                     break
+                if sched.ON:
+                    # a controlled run's point per page: what follows reads
+                    # words others write without a lock ksmd holds (mm_users,
+                    # the PTE, the page), so another process may go first
+                    sched.point("ksmd_page", v)
                 if ksm_test_exit(cl, mm):
                     exiting = True
                     break
@@ -479,11 +482,6 @@ class Ksmd:
                 if not pte & PTE_PRESENT:
                     v += 1
                     continue
-                if sched.ON:
-                    sched.point("ksmd_page", v)
-                    pte = pq[PT_OFF + v]  # (looked at again: others ran)
-                    if not pte & PTE_PRESENT:
-                        continue
                 pfn = pte >> 2
                 vpn = v
                 if seen[vpn] == NO_ITEM:  # get_next_rmap_item: a new rmap_item (csum zero)

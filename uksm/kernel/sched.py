@@ -10,7 +10,7 @@ task, the writer of ``run``, the supervisor's recovery and reapers -- runs
 only when the scheduler says so, one at a time.  At each point the process
 publishes where it is (the point's code and an argument: a lock id, a page
 number) and parks; the scheduler resumes one of the parked processes.  The
-scheduler lives above the kernel (``uksm.explore.gate`` installs the
+scheduler lives above the kernel (``uksm.explorer.gate`` installs the
 hooks below); the kernel only names its points:
 
 - every lock operation of the lock protocol: before ``lock``/``trylock``
@@ -50,6 +50,7 @@ POINTS: tuple[str, ...] = (
     "exit_users0", "exit_zapped", "ksm_exit", "exit_pgtables",
     "ksmd_batch", "ksmd_mm", "ksmd_page",
     "run_store", "signal", "task_op", "idle", "recover", "reap",
+    "unmerge_page", "sleep", "cmd",
 )
 CODE = {n: i for i, n in enumerate(POINTS)}
 
@@ -67,19 +68,24 @@ def add_points(names: list[str]) -> None:
 # CPU up: ksmd's sleep_millisecs, an idle task)
 YIELDS = frozenset({CODE["ksmd_batch"], CODE["idle"]})
 
-# what a parked, disabled process waits for (the scheduler evaluates it)
-BLK_NONE, BLK_LOCK, BLK_FRAMES, BLK_KSMD_IDLE, BLK_COND = range(5)
+# what a parked, disabled process waits for (the scheduler evaluates it):
+# a lock's free unit, free frames, work for ksmd, the scenario, the
+# logical clock (a sleep), a command (a scripted task)
+BLK_NONE, BLK_LOCK, BLK_FRAMES, BLK_KSMD_IDLE, BLK_COND, BLK_TIME, BLK_CMD = range(7)
 
 _point: Callable[[int, int], None] | None = None
 _blocked: Callable[[int, int, int], None] | None = None
 _signal: Callable[[int, int], bool] | None = None
+_sleep: Callable[[int], None] | None = None
+_clock: Callable[[], int] | None = None
 
 
 def install(point_fn: Callable[[int, int], None], blocked_fn: Callable[[int, int, int], None],
-            signal_fn: Callable[[int, int], bool]) -> None:
+            signal_fn: Callable[[int, int], bool], sleep_fn: Callable[[int], None],
+            clock_fn: Callable[[], int]) -> None:
     """The controller's child side: this process is scheduled from now on."""
-    global ON, _point, _blocked, _signal
-    _point, _blocked, _signal = point_fn, blocked_fn, signal_fn
+    global ON, _point, _blocked, _signal, _sleep, _clock
+    _point, _blocked, _signal, _sleep, _clock = point_fn, blocked_fn, signal_fn, sleep_fn, clock_fn
     ON = True
 
 
@@ -96,6 +102,19 @@ def blocked(kind: int, a: int = 0, b: int = 0) -> None:
         _blocked(kind, a, b)
 
 
+def sleep(ms: int) -> None:
+    """Sleep ``ms`` milliseconds of the run's logical time (ksmd's
+    sleep_millisecs, a worker's idle): others run meanwhile, and the clock
+    moves on only when nothing else can (docs/EXPLORE.md, "Time")."""
+    if ON and _sleep is not None:
+        _sleep(ms)
+
+
+def now() -> int:
+    """The run's logical clock, in milliseconds (0 when not controlled)."""
+    return _clock() if ON and _clock is not None else 0
+
+
 def signal(pid: int, signo: int) -> bool:
     """Deliver ``signo`` to ``pid`` at this step (a controlled run makes
     the target's handler effect part of this step, not of whenever the host
@@ -104,4 +123,5 @@ def signal(pid: int, signo: int) -> bool:
 
 
 __all__ = ["ON", "POINTS", "CODE", "YIELDS", "BLK_NONE", "BLK_LOCK", "BLK_FRAMES",
-           "BLK_KSMD_IDLE", "BLK_COND", "add_points", "install", "point", "blocked", "signal"]
+           "BLK_KSMD_IDLE", "BLK_COND", "BLK_TIME", "BLK_CMD", "add_points", "install", "point",
+           "blocked", "sleep", "now", "signal"]

@@ -1,26 +1,31 @@
 """The search: run schedules of a scenario, check each, shrink a failure.
 
-``explore`` runs schedules chosen by a strategy until the space within
-the bound is covered (``dfs``), a budget is spent (``--schedules``,
-``--time-limit``), or a failure is found (unless ``keep_going``).  Each
-failure is shrunk (``shrink``: delta debugging over its deviations,
-keeping the same finding) and reported with its schedule string, its
-trace, and the command that replays it.
+A scenario is a *script*: a function that drives one run's ``World`` (the
+API layer wraps a user's ``scenario_fn(m)`` on a ``uksm.Machine``:
+``uksm.explore``).  ``explore`` runs schedules chosen by a strategy until
+the space within the bound is covered (``dfs``), a budget is spent
+(``--schedules``, ``--time-limit``), or a failure is found (unless
+``keep_going``).  Each failure is shrunk (``shrink``: delta debugging over
+its deviations, keeping the same finding) and reported with its schedule
+string, its trace, and the command that replays it.
 """
 from __future__ import annotations
 
+import os
+import resource
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from uksm.kernel import sched
 from uksm.kernel.locks import lock_name
-from uksm.explore.gate import Gate
-from uksm.explore.schedule import Deviation, Replay, Schedule, recorded
-from uksm.explore.strategies import DFS, PCT, Random
-from uksm.explore.world import KILL, Default, Options, Outcome, World
+from uksm.explorer.gate import Gate
+from uksm.explorer.schedule import Replay, Schedule, recorded
+from uksm.explorer.strategies import ICB, PCT, Random
+from uksm.explorer.world import KILLED, RANK, Chooser, Default, Diverged, Options, Outcome, RunOver, World
 
 STRATEGIES = ("dfs", "pct", "random")
+Script = Callable[[World], None]
 
 
 @dataclass
@@ -55,10 +60,13 @@ class Result:
     distinct: int = 0
     exhausted: bool = False
     elapsed_s: float = 0.0
+    cpu_s: float = 0.0            # the explorer's and its processes' CPU time
     first_failure_after: int | None = None
     first_failure_s: float | None = None
     failures: list[Failure] = field(default_factory=list)
+    by_preemptions: dict[int, int] = field(default_factory=dict)   # dfs: schedules run per bound
     replayer: Callable[[str], "Result"] | None = None
+    outcome: Outcome | None = None   # a replay's run
 
     @property
     def schedules_per_s(self) -> float:
@@ -66,7 +74,6 @@ class Result:
 
     @property
     def status(self) -> int:
-        from uksm.explore.world import RANK
         if not self.failures:
             return 0
         return min(self.failures, key=lambda f: RANK[f.finding]).status
@@ -81,22 +88,69 @@ class Result:
         return {"scenario": self.scenario, "strategy": self.strategy, "explored": self.explored,
                 "distinct": self.distinct, "distinct_counts": "distinct outcomes: counters, exit paths "
                 "and findings at the end of a run", "exhausted": self.exhausted,
-                "elapsed_s": round(self.elapsed_s, 3), "schedules_per_s": self.schedules_per_s,
+                "schedules_by_preemptions": {str(k): v for k, v in sorted(self.by_preemptions.items())},
+                "elapsed_s": round(self.elapsed_s, 3), "cpu_s": round(self.cpu_s, 3),
+                "schedules_per_s": self.schedules_per_s,
+                "cpu_ms_per_schedule": round(1000 * self.cpu_s / self.explored, 2) if self.explored else 0.0,
+                "load": round(os.getloadavg()[0], 2),
                 "first_failure_after": self.first_failure_after,
                 "first_failure_s": None if self.first_failure_s is None else round(self.first_failure_s, 3),
                 "failures": [f.as_json() for f in self.failures], "status": self.status}
 
 
-def describe(p: str, code: int, arg: int) -> str:
-    """A point, readably: ``lock mmap_sem:mm1``, ``ksmd_page 16``."""
+def cpu_now() -> float:
+    """CPU seconds of this process and of the children it has reaped --
+    and of the gate's pool, which is never reaped while it runs: its
+    processes' /proc stat (utime + stime)."""
+    a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+
+
+def pool_cpu(gate: Gate) -> float:
+    from uksm.explorer.gate import S_PID
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for slot in range(len(gate.gates)):
+        pid = gate.word(slot, S_PID)
+        if pid:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    parts = f.read().rsplit(")", 1)[1].split()
+                total += (int(parts[11]) + int(parts[12])) / tick
+            except OSError:
+                pass
+    return total
+
+
+def run_once(gate: Gate, script: Script, o: Options, chooser: Chooser) -> Outcome:
+    """One run of the scenario under ``chooser``, checked."""
+    w = World(gate, o, chooser)
+    w.boot()
+    try:
+        script(w)
+    except RunOver:
+        pass
+    except Diverged:
+        w.outcome()
+        raise
+    except Exception as e:  # noqa: BLE001 -- the script's own failure: a finding
+        from uksm.explorer.gate import describe_error
+        w.find("assertion", f"the scenario raised {describe_error(e)[0]}")
+    return w.outcome()
+
+
+def describe(code: int, arg: int, names: dict[int, str]) -> str:
+    """A point, readably: ``lock mmap_sem:mm1``, ``ksmd_page 16``,
+    ``signal 10 to t1`` (no pid: a replay's differ)."""
     name = sched.POINTS[code] if 0 <= code < len(sched.POINTS) else f"point{code}"
-    if name == "blocked" and arg <= 0:
+    if name == "blocked" and arg < 0:
         return "blocked on " + {-sched.BLK_FRAMES: "free frames", -sched.BLK_KSMD_IDLE: "work (idle)",
-                                -sched.BLK_COND: "the scenario"}.get(arg, "?")
+                                -sched.BLK_COND: "a delay point", -sched.BLK_TIME: "sleep",
+                                -sched.BLK_CMD: "a command"}.get(arg, "?")
     if name in ("lock", "trylock", "unlock", "blocked"):
         return f"{name} {lock_name(arg)}"
     if name == "signal":
-        return f"signal {arg & 0xff} to pid {arg >> 8}"
+        return f"signal {arg & 0xff} to {names.get(arg >> 8, 'a process gone')}"
     return f"{name} {arg}" if arg else name
 
 
@@ -107,15 +161,16 @@ def trace(out: Outcome) -> list[str]:
     for s in out.steps:
         who = out.procs[s.proc]
         mark = "   "
-        if s.action[0] == KILL:
+        if s.action[0] == KILLED:
             mark = "KIL"
         elif s.explored and s.action != s.default:
             mark = "PRE" if s.preemption else "CHO"
-        if s.action[0] == KILL:
-            lines.append(f"{s.n:5d} {mark} {who:<14} SIGKILL at {describe(who, s.code, s.arg)}")
+        where = describe(s.code, s.arg, out.names)
+        if s.action[0] == KILLED:
+            lines.append(f"{s.n:5d} {mark} {who:<14} SIGKILL at {where}")
             continue
-        end = "exit" if s.after_code == -2 else describe(who, s.after_code, s.after_arg)
-        lines.append(f"{s.n:5d} {mark} {who:<14} {describe(who, s.code, s.arg)} -> {end}")
+        end = "exit" if s.after_code == -2 else describe(s.after_code, s.after_arg, out.names)
+        lines.append(f"{s.n:5d} {mark} {who:<14} {where} -> {end}")
     return lines
 
 
@@ -124,19 +179,17 @@ def same(a: Outcome, kind: str) -> bool:
     return w is not None and w.kind == kind
 
 
-def shrink(gate: Gate, sc: Any, o: Options, sched_: Schedule, kind: str, budget: int = 200) -> Schedule:
+def shrink(gate: Gate, script: Script, o: Options, sched_: Schedule, kind: str, budget: int = 200) -> Schedule:
     """Delta debugging (Zeller's ddmin) over the schedule's deviations:
     the smallest subset whose lenient replay still ends in the same
     finding; then the schedule that replay actually took."""
     devs = list(sched_.deviations)
     runs = 0
 
-    def fails(sub: list[Deviation]) -> bool:
+    def fails(sub: list[Any]) -> bool:
         nonlocal runs
         runs += 1
-        s = Schedule(sched_.scenario, sched_.exit_policy, sched_.oom_rule, sched_.hazards, sched_.seed,
-                     sched_.kills, sub, -1)
-        return same(World(gate, sc, o, Replay(s, strict=False)).run(), kind)
+        return same(run_once(gate, script, o, Replay(sched_.with_deviations(sub), strict=False)), kind)
 
     n = 2
     while len(devs) >= 2 and runs < budget:
@@ -154,9 +207,7 @@ def shrink(gate: Gate, sc: Any, o: Options, sched_: Schedule, kind: str, budget:
             n = min(len(devs), n * 2)
     if len(devs) == 1 and fails([]):
         devs = []
-    s = Schedule(sched_.scenario, sched_.exit_policy, sched_.oom_rule, sched_.hazards, sched_.seed,
-                 sched_.kills, devs, -1)
-    out = World(gate, sc, o, Replay(s, strict=False)).run()
+    out = run_once(gate, script, o, Replay(sched_.with_deviations(devs), strict=False))
     return recorded(o, out)
 
 
@@ -165,27 +216,34 @@ def failure_of(o: Options, out: Outcome, after: int) -> Failure:
     assert w is not None
     s = recorded(o, out)
     return Failure(str(s), w.kind, w.status, w.detail, w.chain, len(out.steps), s.preemptions,
-                   sum(1 for d in s.deviations if d.kind == KILL), trace(out), after)
+                   sum(1 for d in s.deviations if d.kind == KILLED), trace(out), after)
 
 
-def explore(sc: Any, o: Options, strategy: str = "dfs", preemptions: int = 2, depth: int = 3,
+def explore(script: Script, o: Options, strategy: str = "dfs", preemptions: int = 2, depth: int = 3,
             schedules: int | None = None, time_limit: float | None = None, keep_going: bool = False,
-            do_shrink: bool = True, progress: Callable[[Result], None] | None = None) -> Result:
-    res = Result(sc.name, strategy)
-    gate = Gate()
-    t0 = time.monotonic()
+            do_shrink: bool = True, progress: Callable[[Result], None] | None = None,
+            gate: Gate | None = None) -> Result:
+    res = Result(o.scenario, strategy)
+    own = gate is None
+    g = gate or Gate()
+    t0, c0 = time.monotonic(), cpu_now() + pool_cpu(g)
     seen: set[tuple] = set()
     kinds: set[str] = set()
     try:
-        # the default run: k for PCT and random, and the first schedule of all
-        first = World(gate, sc, o, Default()).run()
+        # the default run: does the script mark a race phase (else choices
+        # start at the first step), and k, the explored steps, for PCT and random
+        first = run_once(g, script, o, Default())
+        if not first.raced and not o.from_start:
+            o.from_start = True
+            first = run_once(g, script, o, Default())
         k = sum(1 for s in first.steps if s.explored)
         if strategy == "dfs":
-            chooser: Any = DFS(preemptions, o.kills)
+            chooser: Any = ICB(preemptions, o.kills)
         elif strategy == "pct":
             chooser = PCT(o.seed, depth, k, o.kills)
         else:
             chooser = Random(o.seed, o.kills, k)
+        last_progress = time.monotonic()
         while True:
             if schedules is not None and res.explored >= schedules:
                 break
@@ -195,9 +253,8 @@ def explore(sc: Any, o: Options, strategy: str = "dfs", preemptions: int = 2, de
             if c is None:
                 res.exhausted = True
                 break
-            out = World(gate, sc, o, c).run()
-            if strategy == "dfs":
-                chooser.backtrack()
+            out = run_once(g, script, o, c)
+            c.done()
             res.explored += 1
             seen.add(out.signature())
             w = out.worst
@@ -208,36 +265,49 @@ def explore(sc: Any, o: Options, strategy: str = "dfs", preemptions: int = 2, de
                     res.first_failure_s = time.monotonic() - t0
                 f = failure_of(o, out, res.explored)
                 if do_shrink:
-                    small = shrink(gate, sc, o, recorded(o, out), w.kind)
-                    again = World(gate, sc, o, Replay(small)).run()
+                    small = shrink(g, script, o, recorded(o, out), w.kind)
+                    again = run_once(g, script, o, Replay(small))
                     if same(again, w.kind):
                         f = failure_of(o, again, res.explored)
                 res.failures.append(f)
                 if not keep_going:
                     break
-            if progress is not None and res.explored % 50 == 0:
+            if progress is not None and time.monotonic() - last_progress >= 5.0:
+                last_progress = time.monotonic()
                 res.elapsed_s = time.monotonic() - t0
+                if isinstance(chooser, ICB):
+                    res.by_preemptions = dict(chooser.ran)
                 progress(res)
+        if isinstance(chooser, ICB):
+            res.by_preemptions = dict(chooser.ran)
+        res.cpu_s = cpu_now() + pool_cpu(g) - c0
     finally:
-        gate.close()
+        if own:
+            g.close()
     res.distinct = len(seen)
     res.elapsed_s = time.monotonic() - t0
     return res
 
 
-def replay(sc: Any, s: Schedule, log_dir: str | None = None) -> tuple[Result, Outcome]:
+def replay(script: Script, s: Schedule, log_dir: str | None = None, gate: Gate | None = None,
+           **options: Any) -> Result:
     """Run one schedule exactly (Diverged if it does not fit)."""
-    o = s.options(log_dir=log_dir)
-    gate = Gate()
+    o = s.options(log_dir=log_dir, **options)
+    g = gate or Gate()
     t0 = time.monotonic()
     try:
         r = Replay(s)
-        out = World(gate, sc, o, r).run()
+        out = run_once(g, script, o, r)
         r.check_end(out)
     finally:
-        gate.close()
-    res = Result(sc.name, "replay", explored=1, distinct=1, elapsed_s=time.monotonic() - t0)
+        if gate is None:
+            g.close()
+    res = Result(s.scenario, "replay", explored=1, distinct=1, elapsed_s=time.monotonic() - t0, outcome=out)
     if out.worst is not None:
         res.failures.append(failure_of(o, out, 1))
         res.first_failure_after = 1
-    return res, out
+    return res
+
+
+__all__ = ["explore", "replay", "run_once", "shrink", "trace", "describe", "Result", "Failure", "Script",
+           "STRATEGIES"]
