@@ -12,9 +12,23 @@ __all__ = ["Machine", "Task", "KillPoint", "Exploration", "explore", "replay", "
            "IntegrityError", "KillPointMissed"]
 
 if TYPE_CHECKING:
-    from uksm.api import (Exploration, HungTask, IntegrityError, KillPoint, KillPointMissed, Machine,
-                          MachineClosed, MachineError, SegFault, Task, TaskDied, TaskExited,
-                          WaitTimeout, explore, replay)
+    from uksm.api import (
+        Exploration,
+        HungTask,
+        IntegrityError,
+        KillPoint,
+        KillPointMissed,
+        Machine,
+        MachineClosed,
+        MachineError,
+        SegFault,
+        Task,
+        TaskDied,
+        TaskExited,
+        WaitTimeout,
+        explore,
+        replay,
+    )
 
 
 def __getattr__(name: str) -> Any:

@@ -13,7 +13,6 @@ import subprocess
 import sys
 
 import pytest
-
 from uksm.explore.explorer import explore, replay
 from uksm.explore.scenarios import SCENARIOS
 from uksm.explore.schedule import Replay, parse
@@ -81,9 +80,9 @@ def test_hazard_reached_by_a_schedule(hazard, fixed):
         s.hazards = ()
     sc = SCENARIOS[s.scenario]
     if fixed:   # the same choices on the fixed code (lenient: the fix changes what follows)
+        from uksm.explore.explorer import trace
         from uksm.explore.gate import Gate
         from uksm.explore.world import World
-        from uksm.explore.explorer import trace
         g = Gate()
         try:
             out = World(g, sc, s.options(), Replay(s, strict=False)).run()

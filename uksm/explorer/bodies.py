@@ -13,22 +13,37 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any
 
+from uksm.explorer.gate import ChildSide
 from uksm.host import log as ulog
 from uksm.host import oops as host_oops
 from uksm.kernel import fsck, oom, sched
 from uksm.kernel.cluster import Cluster
 from uksm.kernel.exit import mm_users_zero, mmput
 from uksm.kernel.ksm import repair_list
-from uksm.kernel.layout import (C_ALLOC, C_DAEMON, C_MMAP, C_MMLIST, C_PTL, C_WMUTEX, M_ID, M_STATE, MS_EXITING, MS_FREEING, R_REAPER,
-                                S_LOCK_RECOVERIES, S_RECOVERIES, T_PID, TS_REAPING)
+from uksm.kernel.layout import (
+    C_ALLOC,
+    C_DAEMON,
+    C_MMAP,
+    C_MMLIST,
+    C_PTL,
+    C_WMUTEX,
+    M_ID,
+    M_STATE,
+    MS_EXITING,
+    MS_FREEING,
+    R_REAPER,
+    S_LOCK_RECOVERIES,
+    S_RECOVERIES,
+    T_PID,
+    TS_REAPING,
+)
 from uksm.kernel.locks import Lock, dead_locks, lock_name, recover
 from uksm.kernel.memory import Allocator, rebuild_free_stack
 from uksm.kernel.mm import mm_attach
-
-from uksm.explorer.gate import ChildSide
 
 Body = Callable[[dict[str, Any], ChildSide], int]
 
@@ -200,7 +215,7 @@ def _recover_and_reap(cl: Cluster, log: Any, side: ChildSide, job: dict[str, Any
         hook(rtask, side)
         _lockdep(cl)
         alloc = Allocator(cl)
-        alloc.oom_killer = oom.out_of_memory
+        alloc.oom_killer = oom.oom_killer(log)
         mmput(cl, mm0, alloc, log)
         alloc.flush()
         return 0
@@ -210,7 +225,8 @@ def _recover_and_reap(cl: Cluster, log: Any, side: ChildSide, job: dict[str, Any
 
 
 @contextmanager
-def world_stopped(cl: Cluster, mms: dict[int, Any], owned_ptl: set[int] | frozenset[int] = frozenset()) -> Iterator[None]:
+def world_stopped(cl: Cluster, mms: dict[int, Any],
+                  owned_ptl: set[int] | frozenset[int] = frozenset()) -> Iterator[None]:
     """``fsck.world_stopped`` as a scheduled process does it: every pte
     lock in mm id order, then zone_lock, through the lock protocol -- so
     each is a point and a wait is a modelled wait (the supervisor's raw

@@ -41,7 +41,8 @@ import json
 import mmap
 import os
 import signal
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import posix_ipc
 
@@ -263,7 +264,7 @@ def _pool_main(gate: Gate, slot: int) -> None:
             status, error = 1, ""
             try:
                 status = gate.bodies[job["role"]](job, side)
-            except BaseException as e:  # noqa: BLE001 -- reported to the explorer as this run's end
+            except BaseException as e:
                 error, status = describe_error(e)
             finally:
                 side.reset()
@@ -421,7 +422,6 @@ class ChildSide:
         from uksm.kernel import oom
         for s in (signal.SIGINT, signal.SIGTERM, oom.OOM_SIGNAL):
             signal.signal(s, signal.SIG_DFL)
-        oom.set_logger(None)
         ulog.close()
 
     def exit(self, status: int, error: str = "") -> None:

@@ -20,18 +20,27 @@ they were given (its slot holds the queue).
 from __future__ import annotations
 
 import signal
-from typing import Any, Callable
-
-from uksm.host import shm
-from uksm.host.exitcodes import EXIT_ERR, EXIT_HUNG, EXIT_USAGE
-from uksm.kernel import killpoints
-from uksm.kernel.layout import (EXIT_PATHS, EXIT_POLICIES, H_EXIT_POLICY, H_KSMD_POINT, H_MEM_LIMIT,
-                                K_PAGES_TO_SCAN, K_RUN, K_SLEEP_MS, L_SCAN_SLOT, T_KILL_POINT)
-from uksm.proc.control import validate_knob
-from uksm.proc.scripting import SIGNALS, ScriptError, _int, task_answer, task_command
+from collections.abc import Callable
+from typing import Any
 
 from uksm.explorer.gate import EXITED
 from uksm.explorer.world import Proc, RunOver, World
+from uksm.host import shm
+from uksm.host.exitcodes import EXIT_ERR, EXIT_HUNG, EXIT_USAGE
+from uksm.kernel import killpoints
+from uksm.kernel.layout import (
+    EXIT_POLICIES,
+    H_EXIT_POLICY,
+    H_KSMD_POINT,
+    H_MEM_LIMIT,
+    K_PAGES_TO_SCAN,
+    K_RUN,
+    K_SLEEP_MS,
+    L_SCAN_SLOT,
+    T_KILL_POINT,
+)
+from uksm.proc.control import validate_knob
+from uksm.proc.scripting import SIGNALS, ScriptError, _int, task_answer, task_command
 
 EXIT_POINTS = ("ksm_exit_before_down_write", "ksm_exit_mmap_sem_write", "exit_mid_zap")
 POINT_WAIT_MS = 10_000   # a worker driven to a kill point (scripting.POINT_WAIT_S, logical)

@@ -22,9 +22,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from uksm.explorer.world import KILLED, RUN, Action, Diverged, Options, Outcome, View
 from uksm.kernel import sched
 from uksm.kernel.layout import EXIT_POLICIES, HAZARDS, OOM_RULES
-from uksm.explorer.world import KILLED, RUN, Action, Diverged, Options, Outcome, View
 
 VERSION = "uksm2"
 _DEV = re.compile(r"^(\d+)\.(k?)(\d+)\.(\d+)$")

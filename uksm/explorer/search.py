@@ -14,15 +14,16 @@ from __future__ import annotations
 import os
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
-from uksm.kernel import sched
-from uksm.kernel.locks import lock_name
 from uksm.explorer.gate import Gate
 from uksm.explorer.schedule import Replay, Schedule, recorded
 from uksm.explorer.strategies import ICB, PCT, Random
 from uksm.explorer.world import KILLED, RANK, Chooser, Default, Diverged, Options, Outcome, RunOver, World
+from uksm.kernel import sched
+from uksm.kernel.locks import lock_name
 
 STRATEGIES = ("dfs", "pct", "random")
 Script = Callable[[World], None]
@@ -133,7 +134,7 @@ def run_once(gate: Gate, script: Script, o: Options, chooser: Chooser) -> Outcom
     except Diverged:
         w.outcome()
         raise
-    except Exception as e:  # noqa: BLE001 -- the script's own failure: a finding
+    except Exception as e:
         from uksm.explorer.gate import describe_error
         w.find("assertion", f"the scenario raised {describe_error(e)[0]}")
     return w.outcome()
@@ -145,7 +146,7 @@ def describe(code: int, arg: int, names: dict[int, str]) -> str:
     name = sched.POINTS[code] if 0 <= code < len(sched.POINTS) else f"point{code}"
     if name == "blocked" and arg < 0:
         return "blocked on " + {-sched.BLK_FRAMES: "free frames", -sched.BLK_KSMD_IDLE: "work (idle)",
-                                -sched.BLK_COND: "a delay point", -sched.BLK_TIME: "sleep",
+                                -sched.BLK_DELAY: "a delay point", -sched.BLK_TIME: "sleep",
                                 -sched.BLK_CMD: "a command"}.get(arg, "?")
     if name in ("lock", "trylock", "unlock", "blocked"):
         return f"{name} {lock_name(arg)}"

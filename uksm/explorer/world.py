@@ -34,29 +34,90 @@ from __future__ import annotations
 import os
 import re
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
+from uksm.explorer.bodies import BODIES, lock_of
+from uksm.explorer.gate import (
+    BLOCKED,
+    EXITED,
+    G_CLOCK,
+    G_FREE,
+    G_KILLS,
+    G_NSIG,
+    G_SIGS,
+    KILL,
+    PARKED,
+    S_ARG,
+    S_BA,
+    S_BB,
+    S_BLK,
+    S_CODE,
+    S_IN,
+    S_OUT,
+    S_SIG,
+    S_STATE,
+    S_STATUS,
+    Gate,
+)
 from uksm.host import log as ulog
 from uksm.host import oops as host_oops
-from uksm.kernel import fsck, killpoints, oom, sched
+from uksm.kernel import fsck, oom, sched
 from uksm.kernel.cluster import Cluster, Config, destroy
-from uksm.kernel.layout import (CS_RUNNING, EXIT_PATHS, EXIT_POLICIES, EXIT_REASONS, H_EXIT_POLICY, H_FRAMES_FREED, H_KSMD_PID,
-                                H_KSMD_TASK, H_PENDING_FREE, H_SHUTDOWN, H_STATE, H_SUPERVISOR_PID, K_RUN,
-                                L_HEAD_NEXT, M_EXIT_STAGE, M_ID, M_OOM_VICTIM, M_OWNER_PID, M_STATE,
-                                M_USERS, R_KSMD, R_SUPERVISOR, R_WORKER, R_WRITER, S_EXIT_NOSLOT,
-                                S_EXITED, S_KILLED, S_LOCKDEP, S_MISMATCHES, S_PAGES_VERIFIED, S_REAPED,
-                                S_STARTED, S_USE_AFTER_FREE, T_FATAL, T_OOM_ORIGIN, T_PID, T_ROLE, T_STATE,
-                                TASK_SIZE, TS_ALIVE, TS_DEAD, TS_FREE, X_OOM, X_SIGNAL, XS_ZAPPED,
-                                ksm_block, stats_block)
+from uksm.kernel.layout import (
+    CS_RUNNING,
+    EXIT_PATHS,
+    EXIT_POLICIES,
+    EXIT_REASONS,
+    H_EXIT_POLICY,
+    H_FRAMES_FREED,
+    H_KSMD_PID,
+    H_KSMD_TASK,
+    H_PENDING_FREE,
+    H_SHUTDOWN,
+    H_STATE,
+    H_SUPERVISOR_PID,
+    K_RUN,
+    L_HEAD_NEXT,
+    M_EXIT_STAGE,
+    M_ID,
+    M_OOM_VICTIM,
+    M_OWNER_PID,
+    M_STATE,
+    M_USERS,
+    R_KSMD,
+    R_SUPERVISOR,
+    R_WORKER,
+    R_WRITER,
+    S_EXIT_NOSLOT,
+    S_EXITED,
+    S_KILLED,
+    S_LOCKDEP,
+    S_MISMATCHES,
+    S_PAGES_VERIFIED,
+    S_REAPED,
+    S_STARTED,
+    S_USE_AFTER_FREE,
+    T_FATAL,
+    T_OOM_ORIGIN,
+    T_PID,
+    T_ROLE,
+    T_STATE,
+    TASK_SIZE,
+    TS_ALIVE,
+    TS_DEAD,
+    TS_FREE,
+    X_OOM,
+    X_SIGNAL,
+    XS_ZAPPED,
+    ksm_block,
+    stats_block,
+)
 from uksm.kernel.locks import Lock
 from uksm.kernel.memory import free_frames
 from uksm.kernel.mm import MM, mm_create
 from uksm.kernel.watchdog import Watchdog
-
-from uksm.explorer.bodies import BODIES, lock_of
-from uksm.explorer.gate import (BLOCKED, EXITED, G_CLOCK, G_FREE, G_KILLS, G_NSIG, G_SIGS, KILL, PARKED, S_BA, S_BB,
-                               S_BLK, S_CODE, S_ARG, S_IN, S_OUT, S_SIG, S_STATE, S_STATUS, Gate)
 
 RUN, KILLED = 0, 1
 Action = tuple[int, int]          # (RUN or KILLED, process id)
@@ -69,7 +130,6 @@ STATUS = {"deadlock": 3, "hung": 3, "oops": 5, "fsck": 4, "mismatch": 4, "leak":
           "use_after_free": 1, "lockdep": 1, "assertion": 1}
 RANK = {k: i for i, k in enumerate(FINDINGS)}
 LOCK_CODES = frozenset({sched.CODE["lock"]})
-COND_DELAY = 4      # BLK_COND: a delay point, released when nothing else can run
 
 
 class Diverged(Exception):
@@ -264,7 +324,7 @@ class World:
         self.ksmd: Proc | None = None
         self.extra: dict[str, Any] = {}
         self.ended = False
-        self.log: Any = ulog._Null()
+        self.log: Any = ulog.NULL_LOG
         self.workers = 0
         self.locks: dict[int, Lock] = {}
         self.cl: Cluster
@@ -449,15 +509,14 @@ class World:
         if kind == sched.BLK_KSMD_IDLE:
             return (p.stop or bool(q[H_SHUTDOWN]) or q[K_RUN] != a
                     or (q[K_RUN] == 1 and q[L_HEAD_NEXT] != self.cl.head))
-        return False   # BLK_COND: COND_DELAY, looked at in _enabled
+        return False   # BLK_DELAY: looked at in _enabled
 
     def _enabled(self, live: list[Proc]) -> tuple[int, ...]:
         en = tuple(p.id for p in live if self.enabled(p))
         if not en:
             # a delay point is a barrier: released when nothing else can run
             en = tuple(p.id for p in live if p.state == BLOCKED
-                       and self.gate.word(p.id, S_BLK) == sched.BLK_COND
-                       and self.gate.word(p.id, S_BA) == COND_DELAY)[:1]
+                       and self.gate.word(p.id, S_BLK) == sched.BLK_DELAY)[:1]
         return en
 
     # ---- the steps -------------------------------------------------------------------------------
@@ -796,8 +855,9 @@ def _no_seconds(line: str) -> str:
 def _blk_name(kind: int) -> str:
     return {sched.BLK_NONE: "parked", sched.BLK_LOCK: "lock", sched.BLK_FRAMES: "frames",
             sched.BLK_KSMD_IDLE: "ksmd idle", sched.BLK_COND: "a delay point",
-            sched.BLK_TIME: "asleep", sched.BLK_CMD: "waits for a command"}.get(kind, "?")
+            sched.BLK_TIME: "asleep", sched.BLK_CMD: "waits for a command",
+            sched.BLK_DELAY: "a delay point"}.get(kind, "?")
 
 
 __all__ = ["World", "Options", "Outcome", "Finding", "Step", "View", "Default", "Diverged", "RunOver",
-           "RUN", "KILLED", "FINDINGS", "STATUS", "RANK", "COND_DELAY", "killpoints"]
+           "RUN", "KILLED", "FINDINGS", "STATUS", "RANK"]

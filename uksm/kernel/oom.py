@@ -29,12 +29,34 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from uksm.kernel import sched
-from uksm.kernel.layout import (A_FREE_TOP, H_OOM_RULE, OOM_2632, R_WRITER, T_FATAL, T_OOM_ORIGIN, T_PID,
-                     T_ROLE, T_STATE, TS_ALIVE, X_OOM, M_EXIT_STAGE, M_ID, M_KSM_MAPPED, M_OOM_VICTIM, M_OWNER_PID,
-                     M_RSS, M_STATE, M_USERS, MS_LIVE, S_OOM_KILLED, XS_ZAPPED)
+from uksm.kernel.layout import (
+    A_FREE_TOP,
+    H_OOM_RULE,
+    M_EXIT_STAGE,
+    M_ID,
+    M_KSM_MAPPED,
+    M_OOM_VICTIM,
+    M_OWNER_PID,
+    M_RSS,
+    M_STATE,
+    M_USERS,
+    MS_LIVE,
+    OOM_2632,
+    R_WRITER,
+    S_OOM_KILLED,
+    T_FATAL,
+    T_OOM_ORIGIN,
+    T_PID,
+    T_ROLE,
+    T_STATE,
+    TS_ALIVE,
+    X_OOM,
+    XS_ZAPPED,
+)
 
 if TYPE_CHECKING:
     from uksm.kernel.cluster import Cluster
@@ -42,15 +64,14 @@ if TYPE_CHECKING:
 
 OOM_SIGNAL = signal.SIGUSR1
 
-_log: Any = None
+
+def oom_killer(log: Any) -> Callable[["Cluster", "Task"], int]:
+    """out_of_memory as an Allocator's ``oom_killer``, its ``oom_kill``
+    event logged to ``log`` (the allocating process's logger)."""
+    return lambda cl, task: out_of_memory(cl, task, log)
 
 
-def set_logger(log: Any) -> None:
-    global _log
-    _log = log
-
-
-def out_of_memory(cl: "Cluster", task: "Task") -> int:
+def out_of_memory(cl: "Cluster", task: "Task", log: Any) -> int:
     """Kill the worst task unless a victim is already on its way out.
     Returns the victim's pid, or 0."""
     q = cl.q
@@ -107,9 +128,7 @@ def out_of_memory(cl: "Cluster", task: "Task") -> int:
             pid, mm_id, rss = q[b + M_OWNER_PID], q[b + M_ID], q[b + M_RSS]
     finally:
         task.unlock(cl.mmlist)
-    if _log is not None:
-        _log.warning("oom_kill", victim_pid=pid, victim_mm=mm_id, rss=rss,
-                     free_frames=q[A_FREE_TOP])
+    log.warning("oom_kill", victim_pid=pid, victim_mm=mm_id, rss=rss, free_frames=q[A_FREE_TOP])
     if sched.signal(pid, OOM_SIGNAL):  # a controlled run: delivered at this step
         return pid
     try:

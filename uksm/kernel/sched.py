@@ -37,7 +37,7 @@ replaced by the scheduler's deadlock check (docs/EXPLORE.md).
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 ON = False
 
@@ -70,8 +70,9 @@ YIELDS = frozenset({CODE["ksmd_batch"], CODE["idle"]})
 
 # what a parked, disabled process waits for (the scheduler evaluates it):
 # a lock's free unit, free frames, work for ksmd, the scenario, the
-# logical clock (a sleep), a command (a scripted task)
-BLK_NONE, BLK_LOCK, BLK_FRAMES, BLK_KSMD_IDLE, BLK_COND, BLK_TIME, BLK_CMD = range(7)
+# logical clock (a sleep), a command (a scripted task), and a delay
+# point's barrier (released when nothing else can run)
+BLK_NONE, BLK_LOCK, BLK_FRAMES, BLK_KSMD_IDLE, BLK_COND, BLK_TIME, BLK_CMD, BLK_DELAY = range(8)
 
 _point: Callable[[int, int], None] | None = None
 _blocked: Callable[[int, int, int], None] | None = None
@@ -123,5 +124,5 @@ def signal(pid: int, signo: int) -> bool:
 
 
 __all__ = ["ON", "POINTS", "CODE", "YIELDS", "BLK_NONE", "BLK_LOCK", "BLK_FRAMES",
-           "BLK_KSMD_IDLE", "BLK_COND", "BLK_TIME", "BLK_CMD", "add_points", "install", "point",
+           "BLK_KSMD_IDLE", "BLK_COND", "BLK_TIME", "BLK_CMD", "BLK_DELAY", "add_points", "install", "point",
            "blocked", "sleep", "now", "signal"]

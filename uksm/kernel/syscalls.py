@@ -6,13 +6,26 @@ mmap/munmap/madvise(MERGEABLE|UNMERGEABLE) take mmap_sem for write, as
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
+from uksm.errors import SegFault
+from uksm.host.log import NULL_LOG
 from uksm.kernel import killpoints, sched
 from uksm.kernel.ksm import ERESTARTSYS, __ksm_enter, unmerge_ksm_pages
-from uksm.kernel.layout import (MMF_VM_MERGEABLE, PAGE_SHIFT, PAGE_SIZE, PT_OFF, PTE_PRESENT, VM_LOCKED, VM_MERGEABLE, VM_READ, VM_WRITE)
+from uksm.kernel.layout import (
+    MMF_VM_MERGEABLE,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    PT_OFF,
+    PTE_PRESENT,
+    VM_LOCKED,
+    VM_MERGEABLE,
+    VM_READ,
+    VM_WRITE,
+)
 from uksm.kernel.memory import Allocator
-from uksm.kernel.mm import MM, SegFault
+from uksm.kernel.mm import MM
 from uksm.kernel.mmu import handle_mm_fault, zap_range
 
 if TYPE_CHECKING:
@@ -124,7 +137,7 @@ def sys_munmap(cl: "Cluster", mm: MM, alloc: Allocator, addr: int, length: int) 
 
 
 def sys_madvise(cl: "Cluster", mm: MM, alloc: Allocator, addr: int, length: int, advice: int,
-                log: Any = None, stop: Callable[[], bool] | None = None) -> int:
+                log: Any = NULL_LOG, stop: Callable[[], bool] | None = None) -> int:
     """madvise; returns pages unmerged for MADV_UNMERGEABLE, else 0."""
     start, end = _range(cl, addr, length)
     syscall_entry(NR_MADVISE)
@@ -168,7 +181,7 @@ def sys_madvise(cl: "Cluster", mm: MM, alloc: Allocator, addr: int, length: int,
         mm.merge_vmas()
     finally:
         mm.up_write()
-    if advice == MADV_UNMERGEABLE and log is not None:
+    if advice == MADV_UNMERGEABLE:
         log.info("unmerge", mm=mm.id, pages=n, reason="madvise")
     syscall_return(NR_MADVISE)
     if err:

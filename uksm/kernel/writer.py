@@ -25,10 +25,10 @@ import signal
 from typing import Any
 
 from uksm.host import log as ulog
+from uksm.host import oops
 from uksm.kernel import oom
 from uksm.kernel.cluster import Cluster
 from uksm.kernel.exit import oom_kill_and_mmput
-from uksm.host import oops
 from uksm.kernel.ksm import ENOMEM, run_store
 from uksm.kernel.layout import H_HAZARDS, HZ_OOM_MMPUT_IN_TASK, T_FATAL, T_PID, X_OOM, X_SIGNAL
 from uksm.kernel.memory import Allocator
@@ -72,9 +72,9 @@ def write_run(cl: Cluster, value: int, oom_origin: bool, log: Any) -> int:
     """This task, bound to its row in ``cl``, writes ``value`` to run:
     run_store with its signal handling and its OOM killer.  Returns the
     exit status (EXIT_DONE, EXIT_INTERRUPTED, EXIT_OOM_KILLED, or the
-    oops status)."""
+    oops status).  The writer's body in a normal run (``main``) and in a
+    controlled one (uksm.explorer)."""
     q, task = cl.q, cl.task
-    oom.set_logger(log)
     task.on_wait = lambda name, ms, holders: log.info("lock_wait", lock=name, holders=holders,
                                                        waited_ms=round(ms, 3))
     pending = {"signo": 0}
@@ -86,7 +86,7 @@ def write_run(cl: Cluster, value: int, oom_origin: bool, log: Any) -> int:
     for s in (signal.SIGTERM, signal.SIGINT, oom.OOM_SIGNAL):
         signal.signal(s, on_signal)
     alloc = Allocator(cl)
-    alloc.oom_killer = oom.out_of_memory
+    alloc.oom_killer = oom.oom_killer(log)
     if q[H_HAZARDS] & HZ_OOM_MMPUT_IN_TASK:  # the 2015 linux-next self-deadlock
         alloc.oom_killer = lambda c, t: oom_kill_and_mmput(c, t, log)
     cl.watch_use_after_free(log)
@@ -94,12 +94,13 @@ def write_run(cl: Cluster, value: int, oom_origin: bool, log: Any) -> int:
     try:
         _seq, err = run_store(cl, value, alloc, log, stop=lambda: bool(pending["signo"]),
                               oom_origin=oom_origin)
-    except Exception as e:  # noqa: BLE001 -- an unexpected exception in kernel code: an oops
+    except Exception as e:  # an unexpected exception in kernel code: an oops
         return oops.report(log, e)  # the supervisor reads its channel
     status = (EXIT_DONE if not err else EXIT_OOM_KILLED
               if err == -ENOMEM or q[task.base + T_FATAL] == X_OOM else EXIT_INTERRUPTED)
     log.info("run_store", value=value, err=err, result=RESULTS[status], oom_origin=oom_origin)
     return status
+
 
 if __name__ == "__main__":
     raise SystemExit(main())
