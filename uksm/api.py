@@ -979,6 +979,8 @@ class Exploration:
         self.failures: list[dict[str, Any]] = j["failures"]
         self.status: int = j["status"]
         self.outcome = res.outcome   # a replay's run (its steps, findings, report)
+        from uksm.explorer.search import trace
+        self.trace: list[str] = trace(res.outcome) if res.outcome is not None else []   # a replay's
 
     def replay(self, schedule: str) -> "Exploration":
         return self._replayer(schedule)
@@ -1040,10 +1042,14 @@ def explore(scenario_fn: Callable[[Machine], Any], *, strategy: str = "dfs", pre
 
 
 def replay(scenario_fn: Callable[[Machine], Any], schedule: str, *, log_dir: str | None = None,
-           name: str | None = None, mem_limit: int = 0, **machine_options: Any) -> Exploration:
+           name: str | None = None, mem_limit: int = 0, strict: bool = True,
+           hazards: tuple[str, ...] | list[str] | None = None, **machine_options: Any) -> Exploration:
     """Run ``scenario_fn`` once under ``schedule`` (a string an exploration
     printed), exactly: ValueError if it does not parse, or if the run
-    diverges from it (naming the step).  ``log_dir``: the run's JSON logs."""
+    diverges from it (naming the step).  ``log_dir``: the run's JSON logs.
+    ``strict=False``: take the schedule's choices where they fit and the
+    default elsewhere -- the same choices on changed code (``hazards``
+    given replaces the schedule's: the fixed code's control run)."""
     from uksm.explorer.schedule import BadSchedule, parse
     from uksm.explorer.search import replay as run_replay
     from uksm.explorer.world import Diverged
@@ -1051,12 +1057,14 @@ def replay(scenario_fn: Callable[[Machine], Any], schedule: str, *, log_dir: str
         s = parse(schedule)
     except BadSchedule as e:
         raise ValueError(str(e)) from None
+    if hazards is not None:
+        s.hazards = tuple(hazards)
     opts = dict(machine_options, exit_policy=s.exit_policy, hazards=s.hazards, oom_rule=s.oom_rule)
     o = controlled_options(name or s.scenario, seed=s.seed, from_start=s.from_start, kills=s.kills,
                            **opts)
     script = _script(scenario_fn, mem_limit, int(machine_options.get("max_pages", 16)))
     try:
-        res = run_replay(script, s, log_dir=log_dir, config=o.config)
+        res = run_replay(script, s, log_dir=log_dir, strict=strict, config=o.config)
     except Diverged as e:
         raise ValueError(str(e)) from None
     return Exploration(res, lambda text: replay(scenario_fn, text, log_dir=log_dir, name=name,

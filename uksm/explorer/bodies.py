@@ -23,7 +23,7 @@ from uksm.host import oops as host_oops
 from uksm.kernel import fsck, oom, sched
 from uksm.kernel.cluster import Cluster
 from uksm.kernel.exit import mm_users_zero, mmput
-from uksm.kernel.ksm import repair_list
+from uksm.kernel.ksm import drop_orphaned_refs, repair_list
 from uksm.kernel.layout import (
     C_ALLOC,
     C_DAEMON,
@@ -43,7 +43,7 @@ from uksm.kernel.layout import (
 )
 from uksm.kernel.locks import Lock, dead_locks, lock_name, recover
 from uksm.kernel.memory import Allocator, rebuild_free_stack
-from uksm.kernel.mm import mm_attach
+from uksm.kernel.mm import finish_frees, mm_attach
 
 Body = Callable[[dict[str, Any], ChildSide], int]
 
@@ -173,6 +173,8 @@ def _recover_and_reap(cl: Cluster, log: Any, side: ChildSide, job: dict[str, Any
     if owned.get(cl.mmlist.lid):
         repair_list(cl)
         _post(cl.mmlist, owned.pop(cl.mmlist.lid))
+    drop_orphaned_refs(cl, log)   # a slot freed, its mmdrop not yet done
+    finish_frees(cl, log)         # an mm the dead was freeing (the supervisor's sweep)
     if owned.get(cl.zone.lid):
         rebuild_free_stack(cl, fsck.live_task_rows(cl))
         _post(cl.zone, owned.pop(cl.zone.lid))

@@ -59,7 +59,7 @@ IO = 1 << 16        # bytes each way per slot (assignments, commands, answers)
 
 # slot words
 (S_STATE, S_CODE, S_ARG, S_BLK, S_BA, S_BB, S_K, S_PID, S_STATUS, S_IN, S_INLEN, S_OUT, S_OUTLEN,
- S_SIG) = range(14)
+ S_SIG, S_KP) = range(15)   # S_KP: the last kill point passed in this step (the trace names windows by it)
 # states: FREE (no process), IDLE (a pool process waiting for its next
 # assignment), RUNNING, PARKED, BLOCKED, EXITED (its body has returned:
 # it waits for an assignment again)
@@ -72,12 +72,12 @@ _MODE = {
     "lock": VISIBLE, "trylock": VISIBLE, "unlock": VISIBLE, "blocked": MUST,
     "syscall": PASS, "syscall_ret": PASS,
     "fault": PASS, "fault_commit": PASS, "cow_commit": PASS,
-    "exit_users0": PASS, "exit_zapped": PASS, "ksm_exit": VISIBLE, "exit_pgtables": PASS,
+    "exit_users0": PASS, "exit_zapped": PASS, "free_pgtables": VISIBLE, "exit_pgtables": PASS,
     "ksmd_batch": MUST, "ksmd_mm": PASS, "ksmd_page": VISIBLE, "unmerge_page": VISIBLE,
     "run_store": PASS, "signal": MUST, "task_op": VISIBLE, "idle": MUST, "recover": VISIBLE,
     "reap": PASS, "sleep": MUST, "cmd": MUST,
 }
-ZONE = 4   # layout.C_ALLOC: zone_lock's class
+ZONE, MMLIST = 4, 5   # layout.C_ALLOC, C_MMLIST: zone_lock's and ksm_mmlist_lock's classes
 
 
 def modes() -> bytes:
@@ -199,6 +199,7 @@ class Gate:
 
     def resume(self, slot: int) -> None:
         self.w[slot * SLOT + S_STATE] = RUNNING
+        self.w[slot * SLOT + S_KP] = 0
         self.gates[slot].release()
 
     def wait_parked(self, slot: int) -> None:
@@ -297,7 +298,7 @@ class ChildSide:
         self.my_gate = gate.gates[slot]
         self.modes = gate.modes
         self.cmd_seen = 0
-        self.released = False   # a lock released since this process last parked
+        self.released = False   # ksm_mmlist_lock released since this process last parked
 
     def wait_gate(self) -> None:
         while True:
@@ -330,6 +331,8 @@ class ChildSide:
         if mode != MUST and (mode == PASS or w[G_FREE] or (mode == KILL and not w[G_KILLS])):
             # no choice is made here: the process goes on (docs/EXPLORE.md)
             w[b + S_K] += 1
+            if mode == KILL:
+                w[b + S_KP] = code
             return
         w[b + S_CODE] = code
         w[b + S_ARG] = arg
@@ -375,11 +378,13 @@ class ChildSide:
             self.blocked(sched.BLK_LOCK, lk.lid, 0)
         elif op == "unlock":
             # the release of an mm's lock first reads the mm's row without a
-            # lock (the use-after-free check): after another release in
-            # this step, that read is a visible operation of its own
+            # lock (the use-after-free check); the row is written (the mm
+            # freed) only under ksm_mmlist_lock, so after a release of that
+            # lock in this step the read is a visible operation of its own
             if lk.mmrow >= 0 and self.released:
                 self.point(sched.CODE["unlock"], lk.lid)
-            self.released = True
+            if lk.cls == MMLIST:
+                self.released = True
             self.gate.w[self.b + S_K] += 1
         elif lk.cls == ZONE:
             self.gate.w[self.b + S_K] += 1

@@ -171,7 +171,9 @@ def trace(out: Outcome) -> list[str]:
             lines.append(f"{s.n:5d} {mark} {who:<14} SIGKILL at {where}")
             continue
         end = "exit" if s.after_code == -2 else describe(s.after_code, s.after_arg, out.names)
-        lines.append(f"{s.n:5d} {mark} {who:<14} {where} -> {end}")
+        notes = ([f"via {sched.POINTS[s.via]}"] if s.via else []) + [
+            f"signal {sig} to {out.names.get(pid, 'a process gone')}" for pid, sig in s.sent]
+        lines.append(f"{s.n:5d} {mark} {who:<14} {where} -> {end}" + (f"  [{'; '.join(notes)}]" if notes else ""))
     return lines
 
 
@@ -291,13 +293,15 @@ def explore(script: Script, o: Options, strategy: str = "dfs", preemptions: int 
 
 
 def replay(script: Script, s: Schedule, log_dir: str | None = None, gate: Gate | None = None,
-           **options: Any) -> Result:
-    """Run one schedule exactly (Diverged if it does not fit)."""
+           strict: bool = True, **options: Any) -> Result:
+    """Run one schedule exactly (Diverged if it does not fit); not
+    ``strict``: the deviations that fit, the default elsewhere (the same
+    choices on changed code: a fixed control)."""
     o = s.options(log_dir=log_dir, **options)
     g = gate or Gate()
     t0 = time.monotonic()
     try:
-        r = Replay(s)
+        r = Replay(s, strict)
         out = run_once(g, script, o, r)
         r.check_end(out)
     finally:

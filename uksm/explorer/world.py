@@ -55,6 +55,7 @@ from uksm.explorer.gate import (
     S_BLK,
     S_CODE,
     S_IN,
+    S_KP,
     S_OUT,
     S_SIG,
     S_STATE,
@@ -179,6 +180,8 @@ class Step:
     after_code: int = -1    # where it parked (-2: it exited, -3: killed)
     after_arg: int = 0
     explored: bool = True   # a step of the explored phase (a choice)
+    via: int = 0            # the last kill point it passed on the way (0: none)
+    sent: tuple[tuple[int, int], ...] = ()   # the signals it sent: (pid, signo)
 
     @property
     def preemption(self) -> bool:
@@ -592,31 +595,35 @@ class World:
             self.deliver(p.pid, signal.SIGKILL)
             return
         self.current = pid
-        self._run_one(p)
+        self._run_one(p, st)
         st.after_code = g.word(pid, S_CODE) if p.state != EXITED else -2
         st.after_arg = g.word(pid, S_ARG)
+        st.via = g.word(pid, S_KP)
 
-    def _run_one(self, p: Proc) -> None:
+    def _run_one(self, p: Proc, st: Step | None = None) -> None:
         g = self.gate
         if p.state == BLOCKED and g.word(p.id, S_BLK) == sched.BLK_TIME:
             g.w[G_CLOCK] = max(g.w[G_CLOCK], g.word(p.id, S_BA))
         while True:
             g.resume(p.id)
-            self._wait(p)
+            self._wait(p, st)
             if p.state == PARKED and g.word(p.id, S_CODE) in LOCK_CODES and not self.enabled(p):
                 continue   # a lock that is taken: it blocks on it now, in this step (CHESS)
             return
 
-    def _wait(self, p: Proc) -> None:
+    def _wait(self, p: Proc, st: Step | None = None) -> None:
         """The running process parked, blocked or exited: what it left us."""
         g = self.gate
         g.wait_parked(p.id)
         p.state = g.word(p.id, S_STATE)
         p.fresh = True
-        for i in range(g.w[G_NSIG]):   # the signals its step sent to others
-            arg = g.w[G_SIGS + i]
-            self.deliver(arg >> 8, arg & 0xff)
-        g.w[G_NSIG] = 0
+        if g.w[G_NSIG]:   # the signals its step sent to others
+            sent = tuple((g.w[G_SIGS + i] >> 8, g.w[G_SIGS + i] & 0xff) for i in range(g.w[G_NSIG]))
+            g.w[G_NSIG] = 0
+            if st is not None:
+                st.sent += sent
+            for pid, sig in sent:
+                self.deliver(pid, sig)
         if p.state == EXITED:
             self._exited(p)
             return

@@ -90,8 +90,8 @@ def mmput(cl: "Cluster", mm: MM, alloc: Allocator, log: Any) -> int:
             sched.point("exit_zapped", mm.id)
     if policy == "seed":
         path = ksm_exit(cl, mm, policy, log)
-    if sched.ON:
-        sched.point("ksm_exit", path)
+    if sched.ON:  # free_pgtables writes the VMA table and the PTEs without a lock: visible
+        sched.point("free_pgtables", mm.id)
     if not q[b + M_EXIT_STAGE] & XS_PGTABLES:
         free_pgtables(cl, mm)
         if sched.ON:

@@ -47,7 +47,7 @@ POINTS: tuple[str, ...] = (
     "lock", "trylock", "unlock", "blocked",
     "syscall", "syscall_ret",
     "fault", "fault_commit", "cow_commit",
-    "exit_users0", "exit_zapped", "ksm_exit", "exit_pgtables",
+    "exit_users0", "exit_zapped", "free_pgtables", "exit_pgtables",
     "ksmd_batch", "ksmd_mm", "ksmd_page",
     "run_store", "signal", "task_op", "idle", "recover", "reap",
     "unmerge_page", "sleep", "cmd",

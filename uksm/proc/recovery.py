@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 from uksm.kernel import fsck
 from uksm.kernel.cluster import Cluster
 from uksm.kernel.exit import mm_users_zero
-from uksm.kernel.ksm import repair_list
+from uksm.kernel.ksm import drop_orphaned_refs, repair_list
 from uksm.kernel.layout import (
     C_ALLOC,
     C_DAEMON,
@@ -167,6 +167,7 @@ class Recovery:
                 if owned.get(cl.mmlist.lid):
                     repair_list(cl)
                     self._post(cl.mmlist, owned.pop(cl.mmlist.lid))
+                drop_orphaned_refs(cl, self.sup.log)   # a slot freed, its mmdrop not yet done
                 if owned.get(cl.zone.lid):
                     rebuild_free_stack(cl, fsck.live_task_rows(cl))
                     self._post(cl.zone, owned.pop(cl.zone.lid))
