@@ -34,6 +34,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -209,6 +210,7 @@ class Outcome:
     procs: list[str]
     names: dict[int, str] = field(default_factory=dict)   # pid -> process name (this run's)
     raced: bool = False      # the script marked a race phase (Machine.race)
+    timing: dict[str, float] = field(default_factory=dict)   # World.timing
 
     @property
     def worst(self) -> Finding | None:
@@ -331,6 +333,12 @@ class World:
         self.workers = 0
         self.locks: dict[int, Lock] = {}
         self.cl: Cluster
+        # where the run's time went (tools/bench_explore.py --profile): the
+        # phases' wall seconds, and the explorer's waits for its processes
+        self.timing: dict[str, float] = {}
+        self._mark = time.perf_counter()
+        self.waited = 0.0
+        self.resumes = 0
 
     # ---- boot and the end ----------------------------------------------------------------------
     def boot(self) -> None:
@@ -342,6 +350,13 @@ class World:
         except BaseException:
             self._teardown()
             raise
+        self.lap("boot")
+
+    def lap(self, phase: str) -> None:
+        """The time since the last lap goes to ``phase``."""
+        now = time.perf_counter()
+        self.timing[phase] = self.timing.get(phase, 0.0) + now - self._mark
+        self._mark = now
 
     def _boot(self) -> None:
         o = self.o
@@ -359,6 +374,7 @@ class World:
     def race(self) -> None:
         """The script's race phase begins: from here the chooser chooses."""
         self.raced = True
+        self.lap("setup")
         if not self.explored:
             self.explored = True
             self._phase()
@@ -370,13 +386,18 @@ class World:
     def outcome(self) -> Outcome:
         """The checks at the end (unless the run ended stuck), the report,
         and the teardown."""
+        self.lap("race" if self.raced else "setup")
         try:
             report = self._final()
+            self.lap("checks")
         finally:
             self._teardown()
+            self.lap("teardown")
         names = {p.pid: p.name for p in self.procs.values()}
+        self.timing["waited"] = self.waited
+        self.timing["resumes"] = self.resumes
         return Outcome(self.steps, self.findings, report, [p.name for p in self.procs.values()],
-                       names, self.raced)
+                       names, self.raced, self.timing)
 
     # ---- processes -----------------------------------------------------------------------------
     def alloc_row(self, role: int, pid: int = 0) -> int:
@@ -614,7 +635,10 @@ class World:
     def _wait(self, p: Proc, st: Step | None = None) -> None:
         """The running process parked, blocked or exited: what it left us."""
         g = self.gate
+        t0 = time.perf_counter()
         g.wait_parked(p.id)
+        self.waited += time.perf_counter() - t0
+        self.resumes += 1
         p.state = g.word(p.id, S_STATE)
         p.fresh = True
         if g.w[G_NSIG]:   # the signals its step sent to others
@@ -787,6 +811,7 @@ class World:
         """Machine.close under the scheduler: every task exits through its
         path (a command, or it is exiting already), the reapers finish,
         ksmd frees what the exits left it and goes idle; then it stops."""
+        self.lap("race" if self.raced else "setup")
         for p in self.tasks():
             if p.state != EXITED and p.extra.get("kind") == "scripted" and not p.extra.get("exiting"):
                 p.extra["exiting"] = True
@@ -798,6 +823,7 @@ class World:
         if k is not None and k.state != EXITED:
             self.deliver(k.pid, signal.SIGTERM)   # ksmdctl.stop: it frees what it must, then stops
             self.run_until(lambda: k.state == EXITED, "ksmd to stop")
+        self.lap("close")
 
     def _settled(self) -> bool:
         if self.reap_queue or any(p.state != EXITED for p in self.procs.values() if p.role != "ksmd"):

@@ -506,7 +506,9 @@ class Ksmd:
                     # a writer (madvise, munmap, exit) waits: let it in
                     last_yield = n
                     task.unlock(mm.sem)
-                    if not sched.ON:  # (a controlled run: the unlock's point lets it in)
+                    if sched.ON:  # a controlled run: a yield, the others go first
+                        sched.sleep(0)
+                    else:
                         time.sleep(0.0005)
                     task.lock(mm.sem)
                     relook = True
