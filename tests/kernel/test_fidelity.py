@@ -174,7 +174,6 @@ def test_no_merge_in_an_area_made_unmergeable_while_ksmd_scans():
     merged.  (Before: ksmd went on with the area list taken before the
     drop and merged B's pages into the KSM page.)"""
     import races
-
     import uksm
 
     def script(m: uksm.Machine) -> None:
@@ -440,7 +439,6 @@ def test_run2_writer_interrupted_sets_run_back():
     import signal
 
     import races
-
     import uksm
 
     def script(m: uksm.Machine) -> None:
