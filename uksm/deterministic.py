@@ -18,14 +18,25 @@ slower than a free one, each step a round trip).
 """
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from uksm.api import HungTask, Machine, MachineError
-from uksm.proc.run import Convergence, RunOptions, all_stable, default_frames, oom_headroom, validate
+from uksm.proc.run import (
+    Convergence,
+    RunOptions,
+    all_stable,
+    default_frames,
+    make_log_dir,
+    oom_headroom,
+    validate,
+)
 
 
-def machine_of(o: RunOptions, max_tasks: int) -> Machine:
-    """The run's Machine: ``o``'s cluster on a schedule drawn from ``o.seed``."""
+def machine_of(o: RunOptions, max_tasks: int, prefix: str = "run") -> Machine:
+    """The run's Machine: ``o``'s cluster on a schedule drawn from ``o.seed``,
+    its logs in ``--log-dir`` or a new folder (as ``uksm run``'s)."""
+    o.log_dir = make_log_dir(f"{prefix}-deterministic-{o.seed}", o.log_dir)
     return Machine(deterministic=True, seed=o.seed, frames=o.frames or default_frames(o), max_pages=o.pages,
                    max_tasks=max_tasks, exit_policy=o.exit_policy, oom_rule=o.oom_rule,
                    hazards=tuple(o.hazards), run=o.run, pages_to_scan=o.pages_to_scan,
@@ -70,6 +81,8 @@ def run(o: RunOptions) -> tuple[dict[str, Any], int]:
     run, its steps and logical seconds) and the exit status."""
     validate(o)
     m = machine_of(o, o.workers * 2 + 8)
+    if not o.quiet:
+        print(f"uksm: deterministic run, seed {o.seed}: logs in {o.log_dir}", file=sys.stderr)
     extra: dict[str, Any] = {}
     with m:
         try:
@@ -83,7 +96,7 @@ def report_of(m: Machine, o: RunOptions, extra: dict[str, Any]) -> tuple[dict[st
     rep = dict(m.report or {})
     det = {"seed": o.seed, "schedule": rep.pop("schedule", ""), "steps": rep.pop("steps", 0),
            "logical_s": rep.pop("logical_s", 0.0)}
-    rep.update(workload=o.workload, duration_s=det["logical_s"], log_dir=o.log_dir or "",
+    rep.update(workload=o.workload, duration_s=det["logical_s"], log_dir=o.log_dir,
                exit_policy=o.exit_policy, oom_rule=o.oom_rule, hazards=list(o.hazards), scenario=o.scenario,
                ksmd_restarts=0, interrupted=None, deterministic=det, **extra)
     return rep, int(rep["status"])

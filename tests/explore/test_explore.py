@@ -17,10 +17,13 @@ import sys
 import pytest
 
 import uksm
+from uksm import logs
 from uksm.scenarios import SCENARIOS
 from uksm.testing import explore_or_fail
 
 UKSM = [sys.executable, "-m", "uksm"]
+# what differs between two replays of one schedule: times, pids (the *pid fields), the cluster's name
+TIMES = ("timestamp", "mono_ns", "ms", "t_last_ns", "waited_ms", "duration_s", "cluster")
 
 # each hazard: its scenario, the finding it gives, and the window a trace shows
 HAZARDS = {
@@ -91,6 +94,25 @@ def test_legacy_deadlock_found_shrunk_and_replayed_exactly():
     # no pid in a trace or a chain: two replays print the same text, byte for byte
     assert traces[0] == traces[1] == traces[2] == f["trace"]
     assert "pid" not in json.dumps(f["chain"]) + json.dumps(f["trace"])
+
+
+@pytest.mark.timeout(120)
+def test_a_replay_logs_the_same_events_in_the_same_order(tmp_path):
+    """Issue 21, item 2: a schedule replays the identical run -- the same
+    events in the same order in the logs, pids, times and the cluster's
+    name aside."""
+    sc = SCENARIOS["oom-unmerge"]
+    seen = []
+    for i in range(2):
+        d = tmp_path / str(i)
+        d.mkdir()
+        r = uksm.replay(sc.fn, "uksm2:oom-unmerge:legacy:2.6.32:-:0:0:race:-:25", log_dir=str(d),
+                        name=sc.name, **sc.options)
+        assert r.failures[0]["finding"] == "deadlock"
+        evs = sorted(logs.iter_events(str(d)), key=lambda e: e["mono_ns"])
+        seen.append([{k: v for k, v in e.items() if not k.endswith("pid") and k not in TIMES} for e in evs])
+    assert len(seen[0]) > 20 and seen[0] == seen[1]
+    assert {"ksm_enter", "oom_kill", "mm_exit_begin", "explore_finding"} <= {e["event"] for e in seen[0]}
 
 
 @pytest.mark.timeout(300)

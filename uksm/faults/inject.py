@@ -228,7 +228,8 @@ class Injector:
             self.interrupted = stop
             if self.deterministic:
                 from uksm.deterministic import machine_of
-                m = machine_of(o, o.workers + 8)
+                m = machine_of(o, o.workers + 8, "inject")
+                m.log_dir = o.log_dir or ""
             else:
                 m = uksm.Machine(frames=default_frames(o), max_pages=o.pages,
                                  max_tasks=o.workers + 8, exit_policy=o.exit_policy, hazards=o.hazards,
