@@ -25,10 +25,8 @@ from uksm.kernel.cluster import Cluster
 from uksm.kernel.exit import mm_users_zero, mmput
 from uksm.kernel.ksm import drop_orphaned_refs, repair_list
 from uksm.kernel.layout import (
-    C_ALLOC,
     C_DAEMON,
     C_MMAP,
-    C_MMLIST,
     C_PTL,
     C_WMUTEX,
     M_ID,
@@ -165,7 +163,7 @@ def _recover_and_reap(cl: Cluster, log: Any, side: ChildSide, job: dict[str, Any
     dead_row, dead_mm, dead_role = job["dead_row"], job["dead_mm"], job["dead_role"]
     sched.point("recover", dead_row)
     base = cl.tbase(dead_row)
-    these = {lid: lock_of(cl, lid) for lid in set(dead_locks(q, base))}
+    these = {lid: cl.lock_by_id(lid) for lid in set(dead_locks(q, base))}
     took = recover(q, these, cl.live_rows, [(dead_row, base)], {}, exact=True)
     owned = {lid: n for lid, n in took.items() if n}
     for lid, n in owned.items():
@@ -201,7 +199,7 @@ def _recover_and_reap(cl: Cluster, log: Any, side: ChildSide, job: dict[str, Any
                 cl.mrow(row).writer_waiting = 0
         for cls in (C_PTL, C_MMAP, C_WMUTEX, C_DAEMON):
             for lid in [x for x in owned if x >> 40 == cls]:
-                _post(lock_of(cl, lid), owned.pop(lid))
+                _post(cl.lock_by_id(lid), owned.pop(lid))
         q[S_RECOVERIES] += 1
         q[S_LOCK_RECOVERIES] += len(took)
         log.warning("recovery", dead=job["dead_name"], mm=dead_mm, frames_fixed=fixed, status=-9)
@@ -281,19 +279,6 @@ def _fsck(job: dict[str, Any], side: ChildSide) -> int:
         cl.close()
 
 
-def lock_of(cl: Cluster, lid: int) -> Lock:
-    """The lock with id ``lid`` (layout: class << 40 | mm id)."""
-    cls, mm = lid >> 40, lid & ((1 << 40) - 1)
-    if cls == C_DAEMON:
-        return cl.daemon
-    if cls == C_MMLIST:
-        return cl.mmlist
-    if cls == C_ALLOC:
-        return cl.zone
-    sem, wmx, ptl = cl.mm_locks(mm)
-    return {C_MMAP: sem, C_WMUTEX: wmx, C_PTL: ptl}[cls]
-
-
 def _post(lk: Lock, n: int) -> None:
     for _ in range(n):
         lk.sem.release()
@@ -301,4 +286,4 @@ def _post(lk: Lock, n: int) -> None:
 
 BODIES: dict[str, Body] = {"ksmd": _ksmd, "writer": _writer, "task": _task, "reaper": _reaper, "fsck": _fsck}
 
-__all__ = ["BODIES", "GateChannel", "Oops", "lock_of"]
+__all__ = ["BODIES", "GateChannel", "Oops"]

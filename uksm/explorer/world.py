@@ -39,7 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from uksm.explorer.bodies import BODIES, lock_of
+from uksm.explorer.bodies import BODIES
 from uksm.explorer.gate import (
     BLOCKED,
     EXITED,
@@ -499,7 +499,7 @@ class World:
     def lock(self, lid: int) -> Lock:
         lk = self.locks.get(lid)
         if lk is None:
-            lk = self.locks[lid] = lock_of(self.cl, lid)
+            lk = self.locks[lid] = self.cl.lock_by_id(lid)
         return lk
 
     def oom_view(self) -> tuple:
