@@ -41,6 +41,7 @@ class Failure:
     kills: int
     trace: list[str]
     after: int          # schedules run when it was found
+    events: list[dict[str, Any]] = field(default_factory=list)   # the trace, structured
 
     def as_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {"schedule": self.schedule, "finding": self.finding, "status": self.status,
@@ -50,6 +51,7 @@ class Failure:
             d["chain"] = self.chain
         d["detail"] = self.detail
         d["trace"] = self.trace
+        d["trace_events"] = self.events
         return d
 
 
@@ -155,25 +157,43 @@ def describe(code: int, arg: int, names: dict[int, str]) -> str:
     return f"{name} {arg}" if arg else name
 
 
-def trace(out: Outcome) -> list[str]:
-    """One line per step: who ran from which point to which, and where a
-    preemption or a kill fell."""
-    lines = []
+def trace_events(out: Outcome) -> list[dict[str, Any]]:
+    """The run's steps as structured events (what ``trace`` prints, and
+    what a timeline renders): the step, the process, its mark (``PRE`` a
+    preemption, ``CHO`` another choice where the process had given up the
+    CPU, ``KIL`` a kill, "" the default), the point it ran from and the one
+    it parked at (``exit``: its body ended), the last kill point it passed,
+    the signals it sent, and whether the step was a choice (``explored``).
+    No pid: two replays give the same events."""
+    events = []
     for s in out.steps:
-        who = out.procs[s.proc]
-        mark = "   "
+        mark = ""
         if s.action[0] == KILLED:
             mark = "KIL"
         elif s.explored and s.action != s.default:
             mark = "PRE" if s.preemption else "CHO"
-        where = describe(s.code, s.arg, out.names)
-        if s.action[0] == KILLED:
-            lines.append(f"{s.n:5d} {mark} {who:<14} SIGKILL at {where}")
+        to = ("SIGKILL" if s.action[0] == KILLED else "exit" if s.after_code == -2
+              else describe(s.after_code, s.after_arg, out.names))
+        events.append({"step": s.n, "proc": out.procs[s.proc], "mark": mark,
+                       "from": describe(s.code, s.arg, out.names), "to": to,
+                       "via": sched.POINTS[s.via] if s.via else "",
+                       "signals": [f"signal {sig} to {out.names.get(pid, 'a process gone')}" for pid, sig in s.sent],
+                       "explored": s.explored})
+    return events
+
+
+def trace(out: Outcome) -> list[str]:
+    """One line per step: who ran from which point to which, and where a
+    preemption or a kill fell (``trace_events``, as text)."""
+    lines = []
+    for e in trace_events(out):
+        mark = e["mark"] or "   "
+        if e["mark"] == "KIL":
+            lines.append(f"{e['step']:5d} {mark} {e['proc']:<14} SIGKILL at {e['from']}")
             continue
-        end = "exit" if s.after_code == -2 else describe(s.after_code, s.after_arg, out.names)
-        notes = ([f"via {sched.POINTS[s.via]}"] if s.via else []) + [
-            f"signal {sig} to {out.names.get(pid, 'a process gone')}" for pid, sig in s.sent]
-        lines.append(f"{s.n:5d} {mark} {who:<14} {where} -> {end}" + (f"  [{'; '.join(notes)}]" if notes else ""))
+        notes = ([f"via {e['via']}"] if e["via"] else []) + e["signals"]
+        lines.append(f"{e['step']:5d} {mark} {e['proc']:<14} {e['from']} -> {e['to']}"
+                     + (f"  [{'; '.join(notes)}]" if notes else ""))
     return lines
 
 
@@ -219,7 +239,7 @@ def failure_of(o: Options, out: Outcome, after: int) -> Failure:
     assert w is not None
     s = recorded(o, out)
     return Failure(str(s), w.kind, w.status, w.detail, w.chain, len(out.steps), s.preemptions,
-                   sum(1 for d in s.deviations if d.kind == KILLED), trace(out), after)
+                   sum(1 for d in s.deviations if d.kind == KILLED), trace(out), after, trace_events(out))
 
 
 def explore(script: Script, o: Options, strategy: str = "dfs", preemptions: int = 2, depth: int = 3,
@@ -314,5 +334,5 @@ def replay(script: Script, s: Schedule, log_dir: str | None = None, gate: Gate |
     return res
 
 
-__all__ = ["explore", "replay", "run_once", "shrink", "trace", "describe", "Result", "Failure", "Script",
-           "STRATEGIES"]
+__all__ = ["explore", "replay", "run_once", "shrink", "trace", "trace_events", "describe", "Result", "Failure",
+           "Script", "STRATEGIES"]
