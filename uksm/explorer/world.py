@@ -779,7 +779,7 @@ class World:
         if on_locks:
             wd = Watchdog(self.cl, 0, lambda r: None)
             first = next((p for p in on_locks if p.role in ("task", "writer", "reaper")), on_locks[0])
-            lines, _cycle = wd.chain(first.row, 0)
+            lines, _cycle, _links = wd.chain(first.row, 0)
             lines = [self.unpid(_no_seconds(x)) for x in lines]
             self.find("deadlock", f"every live process is blocked ({len(live)}): {lines[0]}", lines)
         else:

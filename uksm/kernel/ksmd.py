@@ -39,6 +39,7 @@ from uksm.kernel import killpoints, oom, sched
 from uksm.kernel.cluster import Cluster
 from uksm.kernel.ksm import break_cow, list_del, slot_next
 from uksm.kernel.layout import (
+    A_FREE_TOP,
     F_ANON,
     F_KSM,
     FR_COUNT,
@@ -201,6 +202,7 @@ class Ksmd:
         self.stop = False
         self.last_run = -1
         self.unmerge_gen = cl.q[H_UNMERGE_GEN]
+        self.visits: list[dict[str, Any]] = []  # this batch's visits of mms (scan_batch_end)
 
     # ---- the daemon loop (ksm_scan_thread) ---------------------------------
     def run(self) -> None:
@@ -209,6 +211,7 @@ class Ksmd:
         cl, q, task = self.cl, self.q, self.cl.task
         while not self.stop and not q[H_SHUTDOWN]:
             scanned = 0
+            batch = False
             t0 = time.monotonic_ns()
             scans_before = q[K_FULL_SCANS]
             task.lock(cl.daemon)
@@ -218,20 +221,23 @@ class Ksmd:
                 if run != self.last_run:
                     self.log.info("ksm_run", run=run, previous=self.last_run)
                     self.last_run = run
-                if run == 1 and q[L_HEAD_NEXT] != cl.head:
+                batch = run == 1 and q[L_HEAD_NEXT] != cl.head
+                if batch:
                     n = q[K_PAGES_TO_SCAN]
                     self.log.info("scan_batch_start", seqnr=q[L_SEQNR], pages_to_scan=n)
+                    self.visits = []
                     scanned = self.ksm_do_scan(n)
                 self.publish()
             finally:
                 task.unlock(cl.daemon)
             if self.should_flush(run, q[K_FULL_SCANS] != scans_before):
                 self.alloc.flush()
-            if scanned:
+            if batch:  # every scan_batch_start has its end (a trace's batch slice), 0 pages too
                 self.log.info("scan_batch_end", pages=scanned, ms=(time.monotonic_ns() - t0) / 1e6,
                               seqnr=q[L_SEQNR], pages_shared=q[K_PAGES_SHARED],
                               pages_sharing=q[K_PAGES_SHARING], pages_unshared=q[K_PAGES_UNSHARED],
-                              pages_volatile=q[K_PAGES_VOLATILE], full_scans=q[K_FULL_SCANS])
+                              pages_volatile=q[K_PAGES_VOLATILE], full_scans=q[K_FULL_SCANS],
+                              frames_used=cl.nframes - q[A_FREE_TOP], mms=self.visits)
             self.log_activity()
             if sched.ON:
                 # a controlled run: sleep_millisecs in logical time, the idle
@@ -439,7 +445,12 @@ class Ksmd:
                 if slot == head and not q[H_HAZARDS] & HZ_NO_SCAN_HEAD_CHECK:
                     break
             st = self.slot_state(slot)
+            t_mm = time.monotonic_ns()
             n, done = self.scan_mm(st, budget)
+            # the visit of this mm, for scan_batch_end (a trace's slice): no
+            # log line of its own, the batch's end carries them all
+            self.visits.append({"mm": st.mm_id, "start_ns": t_mm, "end_ns": time.monotonic_ns(),
+                                "pages": n, "done": done})
             scanned += n
             budget -= n
             if not done or q[L_SCAN_SLOT] == head:
