@@ -620,6 +620,13 @@ class World:
         st.after_code = g.word(pid, S_CODE) if p.state != EXITED else -2
         st.after_arg = g.word(pid, S_ARG)
         st.via = g.word(pid, S_KP)
+        if self.o.log_dir:   # the schedule in the logs: 'uksm logs DIR trace' draws its steps (category sched)
+            role = {"task": "worker"}.get(p.role, p.role)
+            if st.preemption:
+                self.log.info("preempt", step=n, role=role, pid=p.pid, proc=p.name)
+            self.log.info("schedule_step", step=n, role=role, pid=p.pid, proc=p.name,
+                          op=f"{sched.POINTS[st.code]} -> " + ("exit" if st.after_code == -2
+                                                              else sched.POINTS[st.after_code]))
 
     def _run_one(self, p: Proc, st: Step | None = None) -> None:
         g = self.gate
