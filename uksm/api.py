@@ -237,8 +237,9 @@ class _Controlled:
         out = self.outcome = w.outcome()
         r = out.report
         findings = [{"finding": f.kind, "detail": f.detail, "chain": f.chain} for f in out.findings]
-        hung = [{"role": "", "pid": 0, "lock": "", "waited_s": 0, "chain": f["chain"] or [f["detail"]]}
-                for f in findings if f["finding"] in ("deadlock", "hung")]
+        # (no pid, no seconds: a controlled run's deadlock is seen at once, by its chain)
+        hung = [{"role": f["finding"], "pid": 0, "lock": "the chain below", "waited_s": 0,
+                 "chain": f["chain"] or [f["detail"]]} for f in findings if f["finding"] in ("deadlock", "hung")]
         oops = [{"task": f["detail"].split(":")[0], "error": f["detail"], "where": "", "count": 1}
                 for f in findings if f["finding"] == "oops"]
         from uksm.host import shm as _shm

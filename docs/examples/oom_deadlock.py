@@ -28,8 +28,9 @@ def unmerge_under_pressure(policy: str, seed: int = 1) -> str:
         except uksm.HungTask as e:
             outcome = "deadlock: " + " / ".join(e.chain)
     assert m.report is not None
+    fs = m.report["fsck"]
     print(f"{policy}: {outcome}; report status {m.report['status']}, oom_killed "
-          f"{m.report['workers']['oom_killed']}, fsck {'clean' if m.report['fsck']['ok'] else 'FAILED'}, "
+          f"{m.report['workers']['oom_killed']}, fsck {'clean' if fs['ok'] else fs['errors'][0]}, "
           f"{m.report['steps']} steps")
     return outcome
 

@@ -69,13 +69,10 @@ FREE, IDLE, RUNNING, PARKED, BLOCKED, EXITED = range(6)
 PASS, VISIBLE, MUST, KILL = range(4)
 _MODE = {
     "start": PASS, "exit": PASS,
-    "lock": VISIBLE, "trylock": VISIBLE, "unlock": VISIBLE, "blocked": MUST,
-    "syscall": PASS, "syscall_ret": PASS,
-    "fault": PASS, "fault_commit": PASS, "cow_commit": PASS,
-    "exit_users0": PASS, "exit_zapped": PASS, "free_pgtables": VISIBLE, "exit_pgtables": PASS,
-    "ksmd_batch": MUST, "ksmd_mm": PASS, "ksmd_page": VISIBLE, "unmerge_page": VISIBLE,
-    "run_store": PASS, "signal": MUST, "task_op": VISIBLE, "idle": MUST, "recover": VISIBLE,
-    "reap": PASS, "sleep": MUST, "cmd": MUST,
+    "lock": VISIBLE, "trylock": VISIBLE, "unlock": VISIBLE, "blocked": MUST, "signal": MUST,
+    "recover": VISIBLE, "ksmd_page": VISIBLE, "unmerge_page": VISIBLE, "free_pgtables": VISIBLE,
+    "syscall": PASS, "syscall_ret": PASS, "fault_commit": PASS, "cow_commit": PASS,
+    "exit_users0": PASS, "exit_zapped": PASS, "exit_pgtables": PASS,
 }
 ZONE, MMLIST = 4, 5   # layout.C_ALLOC, C_MMLIST: zone_lock's and ksm_mmlist_lock's classes
 

@@ -842,7 +842,8 @@ class World:
     def _final(self) -> dict[str, Any]:
         cl, q = self.cl, self.cl.q
         stuck = any(f.kind in ("deadlock", "hung", "oops", "assertion") for f in self.findings)
-        fs: dict[str, Any] = {"ok": True, "errors": []}
+        fs: dict[str, Any] = {"ok": False, "errors": ["not checked: the run ended stuck (a deadlock, a "
+                                                      "hang, an oops, or the script raised)"]}
         if not stuck:
             mms = {i: m for i, m in self.mms.items() if m.words.id == i}
             errs = fsck.check(cl, mms, counters=False)
@@ -894,7 +895,7 @@ def _no_seconds(line: str) -> str:
 
 def _blk_name(kind: int) -> str:
     return {sched.BLK_NONE: "parked", sched.BLK_LOCK: "lock", sched.BLK_FRAMES: "frames",
-            sched.BLK_KSMD_IDLE: "ksmd idle", sched.BLK_COND: "a delay point",
+            sched.BLK_KSMD_IDLE: "ksmd idle",
             sched.BLK_TIME: "asleep", sched.BLK_CMD: "waits for a command",
             sched.BLK_DELAY: "a delay point"}.get(kind, "?")
 

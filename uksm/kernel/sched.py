@@ -9,31 +9,38 @@ In a controlled run (``uksm.explore``) every emulated process -- ksmd, a
 task, the writer of ``run``, the supervisor's recovery and reapers -- runs
 only when the scheduler says so, one at a time.  At each point the process
 publishes where it is (the point's code and an argument: a lock id, a page
-number) and parks; the scheduler resumes one of the parked processes.  The
-scheduler lives above the kernel (``uksm.explorer.gate`` installs the
-hooks below); the kernel only names its points:
+number) and may park; the scheduler resumes one of the parked processes.
+The scheduler lives above the kernel (``uksm.explorer.gate`` installs the
+hooks below, and decides which points park: docs/EXPLORE.md); the kernel
+only names its points:
 
-- every lock operation of the lock protocol: before ``lock``/``trylock``
-  (the point ``lock``, ``trylock``), after ``unlock`` (``unlock``); a wait
-  that would block is not a real ``sem_wait`` but ``blocked(BLK_LOCK,
-  lock id)``: the process stays parked, disabled, until the lock has a free
-  unit (CHESS's model of a blocking primitive) -- so "every live process
-  blocked" is a deadlock the scheduler sees at once;
-- the allocator's wait for free frames (``BLK_FRAMES``) and ksmd's idle
-  wait for work (``BLK_KSMD_IDLE``): conditions on shared words;
-- ksmd's loop (``ksmd_batch``, a yield where it would sleep
-  ``sleep_millisecs``), each mm (``ksmd_mm``) and page (``ksmd_page``);
+- every lock operation of the lock protocol: before ``lock``, ``trylock``
+  and ``unlock``; a wait that would block is not a real ``sem_wait`` but
+  ``blocked(BLK_LOCK, lock id)``: the process stays parked, disabled,
+  until the lock has a free unit (CHESS's model of a blocking primitive)
+  -- so "every live process blocked" is a deadlock the scheduler sees at
+  once;
+- the other waits (``blocked``): the allocator's for free frames
+  (``BLK_FRAMES``), ksmd's idle wait for work (``BLK_KSMD_IDLE``), a
+  scripted task's for its next command (``BLK_CMD``), a delay point's
+  barrier (``BLK_DELAY``); and ``sleep``: ksmd's ``sleep_millisecs``, a
+  worker's idle, in the run's logical time (``BLK_TIME``);
+- where a word is read or written outside the lock that protects it:
+  ksmd's scan and the unmerge per page (``ksmd_page``, ``unmerge_page``:
+  mm_users, the PTE, the page), the exit before ``free_pgtables`` (the VMA
+  table and the page tables);
+- a reaper before it reads a dead task's lock entries (``recover``); a
+  process about to SIGKILL itself at a kill point (``signal``);
 - syscall entry and return (``syscall``, ``syscall_ret``);
 - the fault's, the COW break's and the exit's commit points
   (``fault_commit``, ``cow_commit``, ``exit_users0``, ``exit_zapped``,
-  ``ksm_exit``, ``exit_pgtables``);
-- every kill point and delay point (``kp:<name>``): a kill point armed in a
-  controlled run is a point at which the scheduler delivers the signal,
-  and a delay point is a point, not a sleep.
+  ``exit_pgtables``);
+- every kill point and delay point (``kp:<name>``).
 
-Wall clocks have no meaning in a controlled run: ksmd's sleep is a yield,
-a blocked wait has no slices and no deadline, and the hung-task watchdog is
-replaced by the scheduler's deadlock check (docs/EXPLORE.md).
+Wall clocks have no meaning in a controlled run: a sleep is a yield on
+the run's clock, a blocked wait has no slices and no deadline, a delay
+point is a barrier, and the hung-task watchdog is replaced by the
+scheduler's deadlock check (docs/EXPLORE.md).
 """
 from __future__ import annotations
 
@@ -41,16 +48,14 @@ from collections.abc import Callable
 
 ON = False
 
-# the point names, by code (a schedule string and the trace carry codes)
+# the point names, by code (a schedule string and the trace carry codes;
+# 0 and 1 stand for a process's start and its end)
 POINTS: tuple[str, ...] = (
     "start", "exit",
-    "lock", "trylock", "unlock", "blocked",
-    "syscall", "syscall_ret",
-    "fault", "fault_commit", "cow_commit",
-    "exit_users0", "exit_zapped", "free_pgtables", "exit_pgtables",
-    "ksmd_batch", "ksmd_mm", "ksmd_page",
-    "run_store", "signal", "task_op", "idle", "recover", "reap",
-    "unmerge_page", "sleep", "cmd",
+    "lock", "trylock", "unlock", "blocked", "signal", "recover",
+    "ksmd_page", "unmerge_page", "free_pgtables",
+    "syscall", "syscall_ret", "fault_commit", "cow_commit",
+    "exit_users0", "exit_zapped", "exit_pgtables",
 )
 CODE = {n: i for i, n in enumerate(POINTS)}
 
@@ -64,15 +69,11 @@ def add_points(names: list[str]) -> None:
         CODE[n] = len(POINTS) + new.index(n)
     POINTS = POINTS + tuple(new)
 
-# points at which switching away is no preemption (the process gives the
-# CPU up: ksmd's sleep_millisecs, an idle task)
-YIELDS = frozenset({CODE["ksmd_batch"], CODE["idle"]})
-
 # what a parked, disabled process waits for (the scheduler evaluates it):
-# a lock's free unit, free frames, work for ksmd, the scenario, the
-# logical clock (a sleep), a command (a scripted task), and a delay
-# point's barrier (released when nothing else can run)
-BLK_NONE, BLK_LOCK, BLK_FRAMES, BLK_KSMD_IDLE, BLK_COND, BLK_TIME, BLK_CMD, BLK_DELAY = range(8)
+# a lock's free unit, free frames, work for ksmd, the logical clock (a
+# sleep), a command (a scripted task), and a delay point's barrier
+# (released when nothing else can run)
+BLK_NONE, BLK_LOCK, BLK_FRAMES, BLK_KSMD_IDLE, BLK_TIME, BLK_CMD, BLK_DELAY = range(7)
 
 _point: Callable[[int, int], None] | None = None
 _blocked: Callable[[int, int, int], None] | None = None
@@ -123,6 +124,6 @@ def signal(pid: int, signo: int) -> bool:
     return bool(ON and _signal is not None and _signal(pid, signo))
 
 
-__all__ = ["ON", "POINTS", "CODE", "YIELDS", "BLK_NONE", "BLK_LOCK", "BLK_FRAMES",
-           "BLK_KSMD_IDLE", "BLK_COND", "BLK_TIME", "BLK_CMD", "BLK_DELAY", "add_points", "install", "point",
+__all__ = ["ON", "POINTS", "CODE", "BLK_NONE", "BLK_LOCK", "BLK_FRAMES",
+           "BLK_KSMD_IDLE", "BLK_TIME", "BLK_CMD", "BLK_DELAY", "add_points", "install", "point",
            "blocked", "sleep", "now", "signal"]
