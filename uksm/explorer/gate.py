@@ -346,8 +346,9 @@ class ChildSide:
         self._park(BLOCKED)
 
     def sleep(self, ms: int) -> None:
-        """A timed sleep: blocked until the logical clock reaches now + ms
-        (the explorer moves the clock: see World.enabled)."""
+        """A sleep of ``ms`` of the run's logical time: a yield (the others
+        go first); when this process is chosen again the clock moves to the
+        sleep's end (World._run_one)."""
         self.blocked(sched.BLK_TIME, self.gate.w[G_CLOCK] + max(0, ms), ms)
 
     def signal(self, pid: int, signo: int) -> bool:

@@ -26,8 +26,9 @@ schedule string leaves out: it records only the steps that deviate
 The run's script -- a scenario, or a user's ``Machine`` script -- drives it
 from the explorer between steps: ``run_until`` steps the world until what
 the script waits for holds (``uksm.explorer.requests`` serves its
-requests).  Time is logical (``G_CLOCK``, milliseconds): a sleep ends when
-the clock reaches it, and the clock moves only when nothing else can run.
+requests).  Time is logical (``G_CLOCK``, milliseconds): a sleep is a
+yield -- the others go first -- and when the sleeper runs again the clock
+moves to the sleep's end.
 """
 from __future__ import annotations
 
@@ -286,7 +287,6 @@ class Options:
     kills: int = 0              # SIGKILL choices a run may make
     max_steps: int = 20000      # a run longer than this is a livelock (0: no bound)
     from_start: bool = False    # choices from the start (else from the script's Machine.race())
-    timed: bool = False         # a sleep waits for the logical clock (else it is a yield)
     log_dir: str | None = None
     config: dict[str, Any] = field(default_factory=dict)   # the cluster's (Config's) options
 
@@ -523,7 +523,7 @@ class World:
         if kind == sched.BLK_LOCK:
             return self.lock(a).sem.value > 0
         if kind == sched.BLK_TIME:
-            return not self.o.timed or g.w[G_CLOCK] >= a
+            return True   # a sleep is a yield: see step (the others first) and _run_one (the clock)
         fatal = q[self.cl.tbase(p.row) + T_FATAL]
         if kind == sched.BLK_CMD:
             return bool(fatal) or g.word(p.id, S_IN) != a
@@ -562,16 +562,13 @@ class World:
         return int(self.gate.w[G_CLOCK])
 
     def step(self, what: str = "") -> None:
-        """One step (or, when nothing can run: the clock moved on, or the
-        run found stuck and over)."""
+        """One step (or, when nothing can run: the run found stuck, and over)."""
         if self.ended:
             raise RunOver()
         self._start_reaper()
         live = self.live()
         en = self._enabled(live)
         if not en:
-            if self._tick(live):
-                return
             self._stuck(live, what)
             self.ended = True
             raise RunOver()
@@ -583,8 +580,7 @@ class World:
         g = self.gate
         cur = self.current
         cp = self.procs.get(cur)
-        cy = (cp is not None and cp.state == BLOCKED and g.word(cur, S_BLK) == sched.BLK_TIME
-              and not self.o.timed)
+        cy = cp is not None and cp.state == BLOCKED and g.word(cur, S_BLK) == sched.BLK_TIME
         if cy and len(en) > 1:
             # a sleep lets every other runnable process go first: no strategy
             # may starve the others by running a sleeper on
@@ -663,17 +659,6 @@ class World:
         if g.word(p.id, S_CODE) == sched.CODE["signal"] and p.state == PARKED:
             arg = g.word(p.id, S_ARG)
             self.deliver(arg >> 8, arg & 0xff)
-
-    def _tick(self, live: list[Proc]) -> bool:
-        """Nothing can run: the logical clock jumps to the next sleep's end.
-        False if nobody sleeps."""
-        g = self.gate
-        ends = [g.word(p.id, S_BA) for p in live if p.state == BLOCKED
-                and g.word(p.id, S_BLK) == sched.BLK_TIME]
-        if not ends:
-            return False
-        g.w[G_CLOCK] = max(g.w[G_CLOCK], min(ends))
-        return True
 
     def deliver(self, pid: int, sig: int) -> None:
         """A signal, delivered at this step: SIGKILL ends the process here
@@ -833,11 +818,11 @@ class World:
         self.lap("close")
 
     def _settled(self) -> bool:
+        """Every task and reaper done, and ksmd idle (nothing left for it)."""
         if self.reap_queue or any(p.state != EXITED for p in self.procs.values() if p.role != "ksmd"):
             return False
         k = self.ksmd
-        return k is None or k.state == EXITED or not self.enabled(k) and not (
-            k.state == BLOCKED and self.gate.word(k.id, S_BLK) == sched.BLK_TIME)
+        return k is None or k.state == EXITED or not self.enabled(k)
 
     def _final(self) -> dict[str, Any]:
         cl, q = self.cl, self.cl.q
