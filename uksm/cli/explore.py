@@ -37,7 +37,9 @@ def add_parser(sub: Any) -> None:
                    help="dfs: exhaustive within --preemptions (default); pct: probabilistic with "
                         "--depth; random")
     p.add_argument("--preemptions", type=int, default=2, metavar="K",
-                   help="dfs: at most K preemptions per schedule (default 2)")
+                   help="dfs: every schedule with at most K preemptions (default 2), in CHESS's "
+                        "order: all with 0, then 1, ... up to K; --json's schedules_by_preemptions "
+                        "counts them")
     p.add_argument("--depth", type=int, default=3, metavar="D", help="pct: bug depth d (default 3)")
     p.add_argument("--schedules", type=int, metavar="N", help="stop after N schedules")
     p.add_argument("--time-limit", type=float, metavar="S", help="stop after S seconds")
@@ -46,7 +48,8 @@ def add_parser(sub: Any) -> None:
                    help="also choose SIGKILLs: a task, ksmd or the writer killed at a point "
                         "(N per schedule; --kills alone: 1)")
     p.add_argument("--from-start", action="store_true",
-                   help="explore the scenario's setup too (default: from its race phase)")
+                   help="explore the scenario's setup too (default: from its race phase, "
+                        "Machine.race() in the scenario's script)")
     p.add_argument("--keep-going", action="store_true",
                    help="go on after a failure (one per kind of finding is reported)")
     p.add_argument("--no-shrink", action="store_true", help="report failures as found")
