@@ -27,11 +27,11 @@ UKSM = [sys.executable, "-m", "uksm"]
 def timeless(v: object) -> object:
     """An event without what differs between two replays of one schedule:
     times (``*_ns``, the durations, the timestamp), pids (``*pid``), the
-    cluster's name -- at any depth."""
+    cluster's name and instance (``boot_id``) -- at any depth."""
     if isinstance(v, dict):
         return {k: timeless(x) for k, x in v.items()
-                if not (k.endswith(("pid", "_ns")) or k in ("timestamp", "cluster", "ms", "waited_ms",
-                                                                  "duration_s"))}
+                if not (k.endswith(("pid", "_ns")) or k in ("timestamp", "cluster", "boot_id", "ms",
+                                                                  "waited_ms", "duration_s"))}
     if isinstance(v, list):
         return [timeless(x) for x in v]
     return v

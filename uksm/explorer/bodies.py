@@ -58,11 +58,12 @@ class Oops(Exception):
 def attach(job: dict[str, Any], side: ChildSide, role: str) -> tuple[Cluster, Any]:
     """This process on the run's cluster: its task row, the scheduling
     hook, lockdep (always on in a controlled run: a finding), a logger."""
-    cl = Cluster.attach(job["cluster"])
+    cl = Cluster.attach(job["cluster"], job["boot_id"])
     task = cl.bind(job["row"])
     hook(task, side)
     cl.q[task.base + T_PID] = os.getpid()
-    log = ulog.setup(role, job["cluster"], job.get("log_dir"), **({"mm": job["mm"]} if job.get("mm") else {}))
+    log = ulog.setup(role, job["cluster"], job.get("log_dir"), boot_id=job["boot_id"],
+                     **({"mm": job["mm"]} if job.get("mm") else {}))
     cl.lockdep_log = log
     return cl, log
 

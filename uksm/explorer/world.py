@@ -364,7 +364,7 @@ class World:
         q[H_SUPERVISOR_PID] = os.getpid()
         self.cl.bind(self.alloc_row(R_SUPERVISOR, os.getpid()))
         if o.log_dir:
-            self.log = ulog.setup("supervisor", self.name, o.log_dir)
+            self.log = ulog.setup("supervisor", self.name, o.log_dir, boot_id=self.cl.boot_id)
             self.log.info("explore_start", scenario=o.scenario, exit_policy=o.exit_policy,
                           hazards=list(o.hazards), seed=o.seed)
         q[H_STATE] = CS_RUNNING
@@ -427,7 +427,8 @@ class World:
             raise RuntimeError(f"more than {len(self.gate.gates)} processes in one controlled run")
         p = Proc(slot, role, name, row, **kw)
         self.procs[slot] = p
-        job = {"cluster": self.name, "row": row, "log_dir": self.o.log_dir, **job}
+        job = {"cluster": self.name, "boot_id": self.cl.boot_id, "row": row, "log_dir": self.o.log_dir,
+               **job}
         p.pid = self.gate.assign(slot, role, job)
         self.cl.q[self.cl.tbase(row) + T_PID] = p.pid
         self._wait(p)

@@ -29,14 +29,16 @@ PTEs are touched (the seed, and the 2023 fix).
 from __future__ import annotations
 
 import signal
+import sys
 import time
 from array import array
 from typing import Any
 
 import mmh3
 
+from uksm.host import shm
 from uksm.kernel import killpoints, oom, sched
-from uksm.kernel.cluster import Cluster
+from uksm.kernel.cluster import Cluster, add_task_args
 from uksm.kernel.ksm import break_cow, list_del, slot_next
 from uksm.kernel.layout import (
     A_FREE_TOP,
@@ -228,10 +230,15 @@ class Ksmd:
                     self.visits = []
                     scanned = self.ksm_do_scan(n)
                 self.publish()
+                # after the publish (a lockless reader sees the merges at
+                # once) and before the unlock: whoever reads under the
+                # mutex -- a report's snapshot, a run's convergence test --
+                # finds the frames these merges freed free, as the
+                # kernel's replace_page had freed each one at once
+                if self.should_flush(run, q[K_FULL_SCANS] != scans_before):
+                    self.alloc.flush()
             finally:
                 task.unlock(cl.daemon)
-            if self.should_flush(run, q[K_FULL_SCANS] != scans_before):
-                self.alloc.flush()
             if batch:  # every scan_batch_start has its end (a trace's batch slice), 0 pages too
                 self.log.info("scan_batch_end", pages=scanned, ms=(time.monotonic_ns() - t0) / 1e6,
                               seqnr=q[L_SEQNR], pages_shared=q[K_PAGES_SHARED],
@@ -842,17 +849,19 @@ def main(argv: list[str] | None = None) -> int:
     from uksm.host import log as ulog
     from uksm.kernel.layout import T_PID
     ap = argparse.ArgumentParser(prog="uksm-ksmd", description="the ksmd process of a cluster")
-    ap.add_argument("--cluster", required=True)
-    ap.add_argument("--task", type=int, required=True)
-    ap.add_argument("--log-dir")
+    add_task_args(ap)
     a = ap.parse_args(argv)
-    from uksm.host.lifeline import arm
+    from uksm.host.lifeline import EXIT_ORPHAN, arm
     arm()  # die with the supervisor
-    cl = Cluster.attach(a.cluster)
+    try:  # the cluster instance it was started for, or nothing is touched
+        cl = Cluster.attach(a.cluster, a.boot_id)
+    except shm.UksmError as e:
+        print(f"uksm-ksmd: {e}", file=sys.stderr)
+        return EXIT_ORPHAN
     cl.bind(a.task)
     import os
     cl.q[cl.tbase(a.task) + T_PID] = os.getpid()
-    log = ulog.setup("ksmd", a.cluster, a.log_dir)
+    log = ulog.setup("ksmd", a.cluster, a.log_dir, boot_id=a.boot_id)
     try:
         return run_ksmd(cl, log)
     finally:

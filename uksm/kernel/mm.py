@@ -51,11 +51,13 @@ from uksm.kernel.layout import (
     MAGIC,
     MAX_VMAS,
     MM_SIZE,
+    MS_BOOT_ID,
     MS_FREE,
     MS_FREEING,
     MS_ID,
     MS_LIVE,
     MS_MAGIC,
+    MS_PT_TOP,
     MS_VMAS_FREED,
     PAGE_SIZE,
     PT_OFF,
@@ -239,6 +241,28 @@ class MM:
     def pte(self, vpn: int) -> int:
         return self.pq[PT_OFF + vpn]
 
+    @property
+    def pt_top(self) -> int:
+        """The page table is backed (and walked whole) up to this vpn."""
+        return self.pq[MS_PT_TOP]
+
+    def back_page_table(self, end: int) -> bool:
+        """Back the page table's entries up to vpn ``end`` in /dev/shm
+        (sys_mmap, with mmap_sem held for write, before the VMA exists: a
+        fault can only write an entry below MS_PT_TOP), as the kernel
+        allocates page-table pages for what is used.  False if /dev/shm has
+        no room for them (a write to an unbacked entry would SIGBUS): the
+        kernel's pte_alloc failing, VM_FAULT_OOM."""
+        top = self.pq[MS_PT_TOP]
+        if end <= top:
+            return True
+        lo = (PT_OFF + top) * 8 // PAGE_SIZE * PAGE_SIZE
+        hi = min(self.seg.size, -(-(PT_OFF + end) * 8 // PAGE_SIZE) * PAGE_SIZE)
+        if hi > lo and not self.seg.populate(lo, hi - lo):
+            return False
+        self.pq[MS_PT_TOP] = min(self.cl.va_pages, (hi // 8) - PT_OFF)
+        return True
+
 
 # ---- creation and the last mmdrop ----------------------------------------------
 
@@ -251,7 +275,7 @@ def mm_create(cl: "Cluster", owner_row: int, worker_no: int) -> MM:
     try:
         row = next((r for r in range(cl.max_mms) if cl.mrow(r).id == 0), -1)
         if row < 0:
-            raise shm.UksmError(f"too many address spaces (max {cl.max_mms})", 2)
+            raise shm.UksmError(f"the mm table is full ({cl.max_mms} address spaces)", 1)
         mm_id = q[H_NEXT_MM_ID]
         q[H_NEXT_MM_ID] = mm_id + 1
         b = cl.mbase(row)
@@ -261,12 +285,17 @@ def mm_create(cl: "Cluster", owner_row: int, worker_no: int) -> MM:
         q[b + M_ID] = mm_id
     finally:
         task.unlock(cl.mmlist)
+    # the page table is sized for the whole address space but backed only
+    # as sys_mmap maps pages (MS_PT_TOP): the header and VMA table, in the
+    # first page, now
     size = (PT_OFF + cl.va_pages) * 8
-    seg = shm.create_segment(cl.name, f"mm{mm_id}", size)
+    seg = shm.create_segment(cl.name, f"mm{mm_id}", size, backed=PAGE_SIZE)
     shm.create_sem(cl.name, f"mm{mm_id}.sem", cl.rwsem_n)
     shm.create_sem(cl.name, f"mm{mm_id}.wmx", 1)
     shm.create_sem(cl.name, f"mm{mm_id}.ptl", 1)
     seg.q[MS_ID] = mm_id
+    seg.q[MS_BOOT_ID] = cl.boot_id
+    seg.q[MS_PT_TOP] = min(cl.va_pages, (PAGE_SIZE // 8) - PT_OFF)
     seg.q[MS_MAGIC] = MAGIC
     b = cl.mbase(row)
     q[b + M_USERS] = 1
@@ -279,10 +308,19 @@ def mm_create(cl: "Cluster", owner_row: int, worker_no: int) -> MM:
 
 
 def mm_attach(cl: "Cluster", mm_id: int) -> MM:
+    """Map address space ``mm_id`` of this cluster instance.  Its
+    segment is found by name; one made by another instance of the cluster
+    (a process outliving its cluster meets a newer one of the same name)
+    is refused before its semaphores are opened."""
     row = cl.mm_row(mm_id)
     if row < 0:
         raise shm.UksmError(f"address space mm{mm_id} does not exist", 1)
-    return MM(cl, mm_id, row, shm.attach_segment(cl.name, f"mm{mm_id}"))
+    seg = shm.attach_segment(cl.name, f"mm{mm_id}")
+    if seg.q[MS_BOOT_ID] != cl.boot_id:
+        seg.close()
+        raise shm.UksmError(f"address space mm{mm_id} belongs to another instance of cluster "
+                            f"{cl.name!r}", 1)
+    return MM(cl, mm_id, row, seg)
 
 
 def mm_objects(mm_id: int) -> list[tuple[str, str]]:

@@ -83,9 +83,12 @@ class KnobError(shm.UksmError):
 
 
 def _whole(name: str, raw: Any, lo: int, why: str) -> int:
-    """strict_strtoul: a decimal whole number (a trailing newline is fine)."""
+    """strict_strtoul(buf, 10, ...): a decimal whole number in ASCII digits
+    (a trailing newline is fine).  Not '0x10' (ksm.c passes base 10), and
+    not a digit of another script: str.isdigit() says yes to a full-width
+    '１' and int() reads it, where the kernel sees bytes that are no digit."""
     s = str(raw).strip()
-    if not s.isdigit():
+    if not (s.isascii() and s.isdigit()):
         raise KnobError(name, why)
     v = int(s, 10)
     if v < lo or v > UINT_MAX:
@@ -194,6 +197,15 @@ def recorded_supervisor(name: str) -> int:
         seg.close()
 
 
+def process_line(pid: int) -> str:
+    """A process's command line, for a message ('' if unreadable)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
 def not_running(name: str) -> shm.UksmError:
     """The plain explanation when no daemon answers for ``name`` (status 1)."""
     from uksm.kernel.cluster import pid_alive
@@ -204,12 +216,41 @@ def not_running(name: str) -> shm.UksmError:
                              f"'uksm cleanup --cluster {name}' removes what it left", EXIT_ERR)
     sup = recorded_supervisor(name)
     if sup and pid_alive(sup):
-        return shm.UksmError(f"cluster {name!r} is alive (supervisor pid {sup}) but has no control "
-                             f"daemon: it was started by 'uksm run', which cannot be driven from "
-                             f"here (status and top still read it)", EXIT_ERR)
+        line = process_line(sup)
+        return shm.UksmError(f"cluster {name!r} is alive but has no control daemon: its supervisor "
+                             f"is process {sup}" + (f" ({line})" if line else "")
+                             + ", a 'uksm run', 'uksm inject' or a script's uksm.Machine, which "
+                               "drives it itself: it cannot be driven from here, and it ends when "
+                               "that process ends it (status and top still read it)", EXIT_ERR)
     who = f"supervisor pid {sup} is gone" if sup else "no supervisor recorded"
     return shm.UksmError(f"cluster {name!r} is dead ({who}; {len(left)} POSIX objects left in "
                          f"/dev/shm): 'uksm cleanup --cluster {name}' removes them", EXIT_ERR)
+
+
+def name_taken(name: str, flag: str = "another name") -> shm.UksmError | None:
+    """Why a new cluster may not take ``name`` (status 2), or None: a
+    cluster of ``uksm up`` answers (``uksm down`` ends it), or another
+    process's cluster (``uksm run``, a script: only that process ends it),
+    or a dead one's objects (``uksm cleanup``).  ``flag``: how the caller
+    names its choice of name, for the advice."""
+    try:
+        ans = call(name, {"op": "ping"}, timeout=10)
+        if not ans.get("ok"):  # another user's daemon: EPERM
+            return shm.UksmError(f"cluster name {name!r} is in use: {ans.get('error')}; {flag}",
+                                 EXIT_USAGE)
+        return shm.UksmError(f"cluster {name!r} is already up (daemon pid {ans.get('pid')}, logs in "
+                             f"{ans.get('log_dir')}): 'uksm down --cluster {name}' first, or "
+                             f"{flag}", EXIT_USAGE)
+    except NotUp:
+        pass
+    except shm.UksmError:
+        return shm.UksmError(f"cluster {name!r} is already up (its control socket is taken): "
+                             f"{flag}", EXIT_USAGE)
+    if shm.leftovers(name):
+        mine = shm.owner(name) in (None, os.geteuid()) or os.geteuid() == 0
+        why = not_running(name) if mine else shm.not_yours(name)
+        return shm.UksmError(f"cluster name {name!r} is in use: {why}; or {flag}", EXIT_USAGE)
+    return None
 
 
 class NotUp(Exception):
