@@ -276,6 +276,21 @@ def test_a_delay_point_is_a_barrier_released_when_nothing_else_can_run():
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.timeout(120)
+def test_deterministic_inject_goes_on_when_no_task_is_ready(tmp_path):
+    """Every task killed and its replacement not yet ready: the driver
+    must let the controlled run move (it once spun for ever, the run
+    frozen between its steps), and a run of many kills has room for its
+    replacements and reapers."""
+    for extra in (["--workers", "1", "--kills", "3"], ["--workers", "2", "--kills", "30"]):
+        r = subprocess.run(UKSM + ["inject", "--deterministic", "--seed", "5", "--pages", "16", "--point",
+                                   "random", "--json", "--quiet", *extra],
+                           capture_output=True, text=True, timeout=100, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        j = json.loads(r.stdout)
+        assert j["inject"]["kills"] == int(extra[-1]) and j["workers"]["killed"] == int(extra[-1])
+
+
 @pytest.mark.parametrize("cmd", ["inject", "run"])
 def test_deterministic_run_and_inject_twice_identical(cmd, tmp_path):
     extra = (["--kills", "6", "--point", "random"] if cmd == "inject" else ["--duration", "0.5"])

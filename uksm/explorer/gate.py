@@ -48,7 +48,8 @@ import posix_ipc
 
 from uksm.kernel import sched
 
-MAXP = 48           # processes of one run (tasks, ksmd and its restarts, writers, reapers)
+MAXP = 256          # processes of one run (tasks, ksmd and its restarts, writers, reapers):
+                    # a deterministic inject's replacements and reapers count (two a kill)
 SLOT = 16           # words per slot
 GLOBAL = MAXP * SLOT   # the global words follow the slots
 G_FREE, G_KILLS, G_CLOCK, G_NSIG = range(GLOBAL, GLOBAL + 4)
@@ -97,6 +98,7 @@ class Gate:
         self.modes = modes()
         self.bodies: dict[str, Callable[[dict[str, Any], "ChildSide"], int]] = {}
         self.pid = os.getpid()
+        self.used = 0   # slots ever given a process: only these have words to clear or a pid
 
     @staticmethod
     def _sem(name: str) -> posix_ipc.Semaphore:
@@ -108,7 +110,7 @@ class Gate:
         """Before a run: every slot's run words cleared (its process, if
         any, stays in the pool), the globals zeroed."""
         w = self.w
-        for slot in range(MAXP):
+        for slot in range(self.used):
             b = slot * SLOT
             pid, st = w[b + S_PID], w[b + S_STATE]
             for f in range(SLOT):
@@ -127,7 +129,7 @@ class Gate:
                 break
 
     def close(self) -> None:
-        for slot in range(MAXP):
+        for slot in range(self.used):
             pid = self.w[slot * SLOT + S_PID]
             if pid:
                 self._kill(slot, pid)
@@ -186,6 +188,7 @@ class Gate:
         role in this run; it runs the role's body up to its first parking
         point.  Returns its pid."""
         b = slot * SLOT
+        self.used = max(self.used, slot + 1)
         if not self.w[b + S_PID]:
             self._fork(slot)
         self.put(slot, {"role": role, **args})

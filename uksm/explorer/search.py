@@ -113,7 +113,7 @@ def pool_cpu(gate: Gate) -> float:
     from uksm.explorer.gate import S_PID
     tick = os.sysconf("SC_CLK_TCK")
     total = 0.0
-    for slot in range(len(gate.gates)):
+    for slot in range(gate.used):
         pid = gate.word(slot, S_PID)
         if pid:
             try:

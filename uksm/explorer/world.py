@@ -40,6 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from uksm.errors import MachineError
 from uksm.explorer.bodies import BODIES
 from uksm.explorer.gate import (
     BLOCKED,
@@ -424,7 +425,8 @@ class World:
     def _spawn(self, role: str, name: str, row: int, job: dict[str, Any], **kw: Any) -> Proc:
         slot = len(self.procs)
         if slot >= len(self.gate.gates):
-            raise RuntimeError(f"more than {len(self.gate.gates)} processes in one controlled run")
+            raise MachineError(f"a controlled run has room for {len(self.gate.gates)} processes (tasks, "
+                               f"their reapers, ksmd, writers): this one needs more (fewer --kills)")
         p = Proc(slot, role, name, row, **kw)
         self.procs[slot] = p
         job = {"cluster": self.name, "boot_id": self.cl.boot_id, "row": row, "log_dir": self.o.log_dir,

@@ -174,7 +174,14 @@ class Injector:
                     self.unreached[mode] = self.unreached.get(mode, 0) + 1
                     i += 1
                     since = m.now()
-                m.wait(lambda: True, 1)  # reap meanwhile, and hear about a hung task
+                if self.deterministic:
+                    # a controlled run moves only while the script waits:
+                    # let it, or the replacements never become ready and
+                    # the logical clock never reaches POINT_BUDGET_S (a
+                    # free run's processes go on by themselves)
+                    m.sleep(0.001)
+                else:
+                    m.wait(lambda: True, 1)  # reap meanwhile, and hear about a hung task
             if not quiet and time.monotonic() - last >= 1.0:
                 last = time.monotonic()
                 print(f"uksm: {last - t0:6.1f}s [kills {self.delivered}/{self.kills}] "
