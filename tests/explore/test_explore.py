@@ -298,7 +298,7 @@ def test_deterministic_run_and_inject_twice_identical(cmd, tmp_path):
     for _ in range(2):
         r = subprocess.run(UKSM + [cmd, "--deterministic", "--seed", "7", "--workers", "3", "--pages", "16",
                                    "--churn-ms", "5", "--json", "--quiet", *extra],
-                           capture_output=True, text=True, timeout=240, cwd=tmp_path)
+                           capture_output=True, text=True, timeout=100, cwd=tmp_path)
         assert r.returncode == 0, r.stderr
         out.append(json.loads(r.stdout))
     a, b = out
