@@ -189,6 +189,9 @@ class _Local:
     def hung(self) -> list[dict[str, Any]]:
         return list(self.sup.hung)
 
+    def failed(self) -> str:
+        return self.sup.failed
+
     def abandon(self) -> None:
         from uksm.proc.daemon import _abandon
         self.d.close_tasks()
@@ -222,6 +225,9 @@ class _Remote:
     def hung(self) -> list[dict[str, Any]]:
         ans = self.request({"op": "ping"})
         return list(ans.get("hung_tasks", [])) if ans.get("ok") else []
+
+    def failed(self) -> str:
+        return ""   # the daemon's own waits end on it (a spawn answers with the error)
 
     def abandon(self) -> None:
         self.cl.close()
@@ -821,7 +827,10 @@ class Machine:
              what: str | Callable[[], str] | None = None) -> Any:
         """Call ``predicate()`` until it returns something true, and return
         that.  WaitTimeout after ``timeout`` seconds (naming ``what``);
-        HungTask at once if the watchdog reports a hung task meanwhile."""
+        HungTask at once if the watchdog reports a hung task meanwhile;
+        MachineError at once if a task died of its own error before it was
+        ready (what it wrote on stderr in the message): nothing it was to
+        do will happen."""
         if not callable(predicate):
             raise TypeError("predicate must be callable (with no arguments)")
         timeout = self._timeout(timeout)
@@ -843,6 +852,8 @@ class Machine:
             while True:
                 t.tick()
                 self._check_hung(label)
+                if t.failed():
+                    raise MachineError(f"while waiting for {label}: {t.failed()}")
                 v = predicate()
                 if v:
                     return v

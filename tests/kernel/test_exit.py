@@ -16,6 +16,8 @@ import pytest
 
 import uksm
 from helpers import booted, pump, run_json
+from helpers import echo_run as set_run
+from helpers import worker_ready as ready
 from uksm.host import shm
 from uksm.kernel import killpoints
 from uksm.kernel.layout import (
@@ -25,7 +27,6 @@ from uksm.kernel.layout import (
     M_SLOT_RMAP,
     M_SLOT_USED,
     S_MISMATCHES,
-    T_READY,
     stats_block,
 )
 
@@ -35,16 +36,6 @@ PID = os.getpid() % 100000
 
 def mm_objects(name: str, mm_id: int) -> list[str]:
     return [o for o in shm.leftovers(name) if f".mm{mm_id}" in o]
-
-
-def ready(sup, ch) -> bool:
-    return bool(sup.cl.q[sup.cl.tbase(ch.row) + T_READY])
-
-
-def set_run(sup, value: int) -> None:
-    """echo VALUE > run, by a writer task (for 2: it unmerges)."""
-    r = sup.write_run(value, timeout=60)
-    assert r["result"] == "done", r
 
 
 def finish(sup) -> dict:

@@ -14,11 +14,11 @@ from __future__ import annotations
 import os
 
 import pytest
-from test_exit import ready
 
 import races
 import uksm
 from helpers import booted, pump, run_json
+from helpers import worker_ready as ready
 from uksm import logs
 
 # cluster names carry the session's pid: two runs of the suite never collide

@@ -847,7 +847,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     from uksm.host import log as ulog
-    from uksm.kernel.layout import T_PID
+    from uksm.kernel.layout import T_PID, T_READY
     ap = argparse.ArgumentParser(prog="uksm-ksmd", description="the ksmd process of a cluster")
     add_task_args(ap)
     a = ap.parse_args(argv)
@@ -861,6 +861,7 @@ def main(argv: list[str] | None = None) -> int:
     cl.bind(a.task)
     import os
     cl.q[cl.tbase(a.task) + T_PID] = os.getpid()
+    cl.q[cl.tbase(a.task) + T_READY] = 1   # started: a death from now on is no failure to start
     log = ulog.setup("ksmd", a.cluster, a.log_dir, boot_id=a.boot_id)
     try:
         return run_ksmd(cl, log)
@@ -887,5 +888,9 @@ def run_ksmd(cl: Cluster, log: Any) -> int:
 
 
 if __name__ == "__main__":
+    # `python -m uksm.kernel.ksmd` runs this file as __main__: run it as the
+    # module uksm.kernel.ksmd instead, the one copy every other import sees
+    # (and the one a mutation run's mutants live in: dev/mutation.sh)
     from uksm.host.lifeline import exit_now
-    exit_now(main())  # uksm.host.lifeline: no finalization
+    from uksm.kernel import ksmd as this
+    exit_now(this.main())  # uksm.host.lifeline: no finalization

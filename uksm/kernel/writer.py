@@ -107,4 +107,7 @@ def write_run(cl: Cluster, value: int, oom_origin: bool, log: Any) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # run as the module uksm.kernel.writer, not as a second copy named
+    # __main__ (the one copy every import sees: see uksm/kernel/ksmd.py)
+    from uksm.kernel import writer as this
+    raise SystemExit(this.main())

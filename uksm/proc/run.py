@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from uksm.host import shm
-from uksm.host.exitcodes import EXIT_ERR, EXIT_USAGE
+from uksm.host.exitcodes import EXIT_ERR, EXIT_OK, EXIT_USAGE
 from uksm.host.exitcodes import interrupted as interrupted_status
 from uksm.host.lifeline import StopSignals
 from uksm.kernel.cluster import Config
@@ -228,6 +228,15 @@ def run_with(o: RunOptions, driver: Driver, prefix: str = "run") -> tuple[dict[s
                 sup.teardown()
             raise
     status = end["status"]
+    if o.workers and not end["integrity"]["pages_verified"] and not o.scenario:
+        # no task did its work to the end (each died, was killed or OOM-killed
+        # before verifying its pages): that is no success -- unless a
+        # scenario asked for it (oom-unmerge's writer may OOM-kill every worker)
+        w = end["workers"]
+        end["errors"].append(f"no page was verified: of {w['started']} workers, {w['killed']} killed, "
+                             f"{w['oom_killed']} OOM-killed, none verified its pages")
+        if status == EXIT_OK:
+            status = EXIT_ERR
     if stop():
         status = interrupted_status(status, stop.signo)
     report = build_report(name, o, t0, snap, end, log_dir, extra, interrupted=stop.name or None,
@@ -277,7 +286,8 @@ def print_report(r: dict[str, Any]) -> None:
           "slow: slot moved behind the cursor, down_write/up_write of mmap_sem, ksmd frees it; "
           "no slot: ksmd saw ksm_test_exit first and freed the slot)")
     i = r["integrity"]
-    print(f"  data     {i['pages_verified']} pages verified, {i['mismatches']} mismatches")
+    none = " (no worker verified its pages)" if not i["pages_verified"] and w["started"] else ""
+    print(f"  data     {i['pages_verified']} pages verified, {i['mismatches']} mismatches{none}")
     print(f"  fsck     {'clean' if r['fsck']['ok'] else 'FAILED'}")
     for e in r["fsck"]["errors"][:10]:
         print(f"           {e}")
@@ -418,14 +428,22 @@ def drive(sup: Supervisor, o: RunOptions, t0: float, progress: Progress,
     # --duration caps --until-merged (it does not switch it off): whichever comes first
     until_merged = o.until_merged or o.duration is None
     deadline = t0 + (o.duration if o.duration is not None else o.max_duration)
-    while time.monotonic() < deadline and not interrupted():
+    # why the loop ended (the run_end event): a test reads it, never the clock
+    ended = "--duration" if o.duration is not None else "--max-duration"
+    while time.monotonic() < deadline:
+        if interrupted():
+            ended = "ksmd oopsed in a row" if sup.given_up else "stop signal"
+            break
         sup.poll()
         sup.sweep()
-        if sup.hung:
+        if sup.hung or sup.failed:   # (a task that failed to start: said at once, in the report)
+            ended = "hung task" if sup.hung else "a task failed"
             break
         t = time.monotonic() - t0
         progress(sup, t, f"[{phase}] " if o.scenario else "")
-        if sup.workers_alive() == 0 and sup.recovery.dead_q.empty() and writer is None:
+        if sup.workers_alive() == 0 and sup.recovery.dead_q.empty() and writer is None and sup.settled():
+            # (every death accounted: one of its own error is a failure)
+            ended = "a task failed" if sup.failed else "no worker left"
             break  # (a run=2 writer still unmerging is waited for below: its result is the report's)
         conv.ready(q, sup.workers_ready())
         if until_merged:
@@ -433,9 +451,11 @@ def drive(sup: Supervisor, o: RunOptions, t0: float, progress: Progress,
                 rc = sup.run_writer_status(writer) if writer is not None else 0
                 if rc is not None:
                     extra["run_store"] = {"value": 2, "result": result_of(rc), "run": q[K_RUN]}
+                    ended = "run_store returned"
                     break
             elif q[K_RUN] != 1:
                 if sup.workers_ready():
+                    ended = f"nothing to merge (run {q[K_RUN]})"
                     break
             elif late and q[K_FULL_SCANS] >= 1 and sup.workers_ready():
                 sup.spawn_worker(o.pages, o.workload, o.seed, o.churn_ms, exit_after_write=True)
@@ -451,8 +471,10 @@ def drive(sup: Supervisor, o: RunOptions, t0: float, progress: Progress,
                 elif not o.scenario:
                     if o.demo_exits:
                         demo_exit_away_from_cursor(sup)
+                    ended = "converged"
                     break
         time.sleep(0.005)  # a few cheap looks (waitpid, the ready flags): convergence seen within 5 ms
+    sup.log.info("run_end", reason=ended, full_scans=q[K_FULL_SCANS])
     if writer is not None and "run_store" not in extra:
         extra["run_store"] = {"value": 2, "result": "hung" if sup.hung else "running", "run": q[K_RUN]}
     return bool(sup.hung), extra

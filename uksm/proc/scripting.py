@@ -293,7 +293,10 @@ class Tasks:
         if b"\n" not in tc.buf:  # EOF: the task is gone
             self.wait_finished(tc, f"task {tc.tid}'s death")
             tc.gone = self.how(tc)
-            raise ScriptError(f"task {tc.tid} died during {what}: it {tc.gone}", "died")
+            # one that died of its own error: in its words (Supervisor.task_failed)
+            failed = [e for e in self.host.sup.errors if f"(pid {tc.child.proc.pid})" in e]
+            raise ScriptError(f"task {tc.tid} died during {what}: "
+                              + (failed[0] if failed else f"it {tc.gone}"), "died")
         line, tc.buf = tc.buf.split(b"\n", 1)
         ans: dict[str, Any] = json.loads(line)
         return ans
