@@ -6,7 +6,8 @@ dependency, only a later one):
 
     cli            uksm.cli, every __main__ (uksm.__main__, uksm.logs.__main__)
     faults         uksm.faults (fault injection: inject, campaign, campaign_run)
-    api            uksm.api, uksm.testing, uksm (the curated __init__)
+    api            uksm.api, uksm.testing, uksm.scenarios, uksm.deterministic, uksm (the curated __init__)
+    explorer       uksm.explorer (controlled schedules: the gate, the world, the strategies)
     proc           uksm.proc   (supervisor, recovery, reaper, daemon, run, control)
     workers        uksm.workers (workers/: the tasks' programs)
     logs           uksm.logs   (reads log files: only the host below it)
@@ -35,9 +36,10 @@ ALLOWED = {
     "logs": {"errors", "host", "logs"},
     "workers": {"errors", "host", "kernel", "workers"},
     "proc": {"errors", "host", "kernel", "workers", "proc"},
-    "api": {"errors", "host", "kernel", "workers", "proc", "api"},
-    "faults": {"errors", "host", "kernel", "workers", "proc", "api", "logs", "faults"},
-    "cli": {"errors", "host", "kernel", "workers", "proc", "api", "logs", "faults", "cli"},
+    "explorer": {"errors", "host", "kernel", "workers", "proc", "explorer"},
+    "api": {"errors", "host", "kernel", "workers", "proc", "explorer", "api"},
+    "faults": {"errors", "host", "kernel", "workers", "proc", "explorer", "api", "logs", "faults"},
+    "cli": {"errors", "host", "kernel", "workers", "proc", "explorer", "api", "logs", "faults", "cli"},
 }
 
 
@@ -58,7 +60,7 @@ def layer(mod: str) -> str:
     parts = mod.split(".")
     if parts[-1] == "__main__":   # an entry point (python -m uksm, python -m uksm.logs): the CLI
         return "cli"
-    if len(parts) == 1 or parts[1] in ("api", "testing"):
+    if len(parts) == 1 or parts[1] in ("api", "testing", "scenarios", "deterministic"):
         return "api"
     return parts[1]
 

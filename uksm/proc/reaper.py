@@ -43,7 +43,6 @@ from uksm.kernel.exit import mmput
 from uksm.kernel.layout import (
     EXIT_PATHS,
     EXIT_REASONS,
-    MS_FREEING,
     R_REAPER,
     S_EXIT_NOSLOT,
     S_EXITED,
@@ -51,14 +50,13 @@ from uksm.kernel.layout import (
     S_MISMATCHES,
     S_PAGES_VERIFIED,
     S_REAPED,
-    TS_ALIVE,
     TS_DEAD,
     TS_REAPING,
     XS_MMDROP,
 )
 from uksm.kernel.locks import dead_locks
 from uksm.kernel.memory import Allocator
-from uksm.kernel.mm import MM, free_mm_objects
+from uksm.kernel.mm import MM, finish_frees
 from uksm.proc.children import Child, Death
 
 if TYPE_CHECKING:
@@ -260,15 +258,7 @@ class Reaper:
         self.sup.free_row(crow)
 
     def sweep(self) -> None:
-        cl = self.sup.cl
-        for r in range(cl.max_mms):
-            m = cl.mrow(r)
-            mm_id = m.id
-            if not mm_id or m.state != MS_FREEING or not m.freer_task:
-                continue
-            if cl.trow(m.freer_task - 1).state in (TS_ALIVE, TS_REAPING):
-                continue
-            free_mm_objects(cl, r, mm_id, self.sup.log)
+        finish_frees(self.sup.cl, self.sup.log)
         with self.sup.lock:
             # forget freed mms; their mappings go when the last user drops
             # them (the recovery thread may still hold a snapshot: no close())

@@ -340,6 +340,11 @@ def demo_exit_away_from_cursor(sup: Supervisor, timeout: float = 20.0) -> None:
         time.sleep(0.01)
 
 
+def oom_headroom(o: RunOptions) -> int:
+    """--scenario oom-unmerge: frames left above the merged state."""
+    return max(8, o.pages // 2)
+
+
 def all_stable(q: Any) -> bool:
     """Every rmap_item is in the stable tree: no page in the unstable tree
     (pages_unshared), none waiting for its checksum to settle
@@ -368,6 +373,41 @@ def merged_since(sup: Supervisor, scans: int) -> bool:
         cl.task.unlock(cl.daemon)
 
 
+class Convergence:
+    """``--until-merged``'s rule, fed at each look (``drive``, and the
+    deterministic run's driver, ``uksm.deterministic``): the counters
+    (pages_shared, pages_sharing, rmap_items) sampled at three full-scan
+    ends in a row, every worker ready, are equal; or, without churn,
+    ``stable_since(ready_scan + 2)`` (``merged_since``)."""
+
+    def __init__(self, churn: bool) -> None:
+        self.churn = churn
+        self.samples: list[tuple[int, int, int]] = []
+        self.last_scan = -1
+        # full_scans when every worker was first seen ready (None: one is
+        # not): the pass then in progress may have begun before the last
+        # write, the one after it (ending at ready_scan + 2) cannot have
+        self.ready_scan: int | None = None
+
+    def ready(self, q: Any, all_ready: bool) -> None:
+        if all_ready:
+            if self.ready_scan is None:
+                self.ready_scan = q[K_FULL_SCANS]
+        else:
+            self.ready_scan = None
+
+    def converged(self, q: Any, all_ready: bool, stable_since: Callable[[int], bool]) -> bool:
+        """Looked at once per full scan (False in between)."""
+        if q[K_FULL_SCANS] == self.last_scan:
+            return False
+        self.last_scan = q[K_FULL_SCANS]
+        if all_ready:
+            self.samples.append((q[K_PAGES_SHARED], q[K_PAGES_SHARING], q[K_RMAP_ITEMS]))
+        s = self.samples
+        return ((len(s) >= 3 and s[-1] == s[-2] == s[-3])
+                or (self.ready_scan is not None and not self.churn and stable_since(self.ready_scan + 2)))
+
+
 def drive(sup: Supervisor, o: RunOptions, t0: float, progress: Progress,
           interrupted) -> tuple[bool, dict[str, Any]]:
     """The foreground loop: until the duration, convergence, or the
@@ -390,12 +430,7 @@ def drive(sup: Supervisor, o: RunOptions, t0: float, progress: Progress,
     writer = None
     extra: dict[str, Any] = {}
     late = o.demo_exits  # the demo's last worker is still to start
-    samples: list[tuple[int, int, int]] = []
-    last_scan = -1
-    # full_scans when every worker was first seen ready (None: one is not):
-    # the pass then in progress may have begun before the last write, the
-    # one after it (ending at ready_scan + 2) cannot have
-    ready_scan: int | None = None
+    conv = Convergence(bool(o.churn_ms))
     phase = "merge"
     # --duration caps --until-merged (it does not switch it off): whichever comes first
     until_merged = o.until_merged or o.duration is None
@@ -417,11 +452,7 @@ def drive(sup: Supervisor, o: RunOptions, t0: float, progress: Progress,
             # (every death accounted: one of its own error is a failure)
             ended = "a task failed" if sup.failed else "no worker left"
             break  # (a run=2 writer still unmerging is waited for below: its result is the report's)
-        if sup.workers_ready():
-            if ready_scan is None:
-                ready_scan = q[K_FULL_SCANS]
-        else:
-            ready_scan = None
+        conv.ready(q, sup.workers_ready())
         if until_merged:
             if phase == "unmerge":
                 rc = sup.run_writer_status(writer) if writer is not None else 0
@@ -436,21 +467,15 @@ def drive(sup: Supervisor, o: RunOptions, t0: float, progress: Progress,
             elif late and q[K_FULL_SCANS] >= 1 and sup.workers_ready():
                 sup.spawn_worker(o.pages, o.workload, o.seed, o.churn_ms, exit_after_write=True)
                 late = False
-            elif q[K_FULL_SCANS] != last_scan:
-                last_scan = q[K_FULL_SCANS]
-                if sup.workers_ready():
-                    samples.append((q[K_PAGES_SHARED], q[K_PAGES_SHARING], q[K_RMAP_ITEMS]))
-                converged = ((len(samples) >= 3 and samples[-1] == samples[-2] == samples[-3])
-                             or (ready_scan is not None and not o.churn_ms
-                                 and merged_since(sup, ready_scan + 2)))
-                if converged and o.scenario == "oom-unmerge" and phase == "merge":
+            elif conv.converged(q, sup.workers_ready(), lambda scans: merged_since(sup, scans)):
+                if o.scenario == "oom-unmerge" and phase == "merge":
                     phase = "unmerge"
                     used = sup.cl.nframes - q[A_FREE_TOP]
-                    q[H_MEM_LIMIT] = used + max(8, o.pages // 2)
+                    q[H_MEM_LIMIT] = used + oom_headroom(o)
                     sup.log.info("ksm_knob", name="mem_limit", value=q[H_MEM_LIMIT])
                     writer = sup.start_run_writer(2)  # echo 2 > run, PF_OOM_ORIGIN as the policy's kernel
-                    samples.clear()
-                elif converged and not o.scenario:
+                    conv.samples.clear()
+                elif not o.scenario:
                     if o.demo_exits:
                         demo_exit_away_from_cursor(sup)
                     ended = "converged"

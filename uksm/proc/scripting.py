@@ -96,6 +96,94 @@ def _int(req: dict[str, Any], key: str, lo: int, hi: int, what: str) -> int:
     return v
 
 
+def _bytes(req: dict[str, Any], key: str, what: str) -> bytes:
+    v = req.get(key)
+    if not isinstance(v, str):
+        raise ScriptError(f"{what} must be bytes (base64 on the wire; got {type(v).__name__})",
+                          "type", EXIT_USAGE)
+    try:
+        return base64.b64decode(v, validate=True)
+    except ValueError:
+        raise ScriptError(f"{what}: not valid base64", "value", EXIT_USAGE)
+
+
+def task_command(req: dict[str, Any], pages: int) -> tuple[dict[str, Any] | None, str]:
+    """A script's command for a task of ``pages`` pages, checked (types,
+    ranges: bad input changes nothing) and put as the task takes it
+    (``uksm.workers.scripted``): (the command, what it is called in
+    errors); the command is None when there is nothing to do (an empty
+    fill, write or read).  Served the same way under a controlled
+    schedule (``uksm.explorer.requests``)."""
+    size = pages * PAGE_SIZE
+    cmd = req.get("cmd")
+    if cmd == "fill":
+        first = _int(req, "first", 0, pages - 1, "first page")
+        count = req.get("count")
+        if count is None:
+            count = pages - first
+        else:
+            count = _int(req, "count", 0, pages - first, f"count (from page {first})")
+        if "page" in req:
+            page = _bytes(req, "page", "page")
+            if len(page) != PAGE_SIZE:
+                raise ScriptError(f"fill value: {len(page)} bytes, not {PAGE_SIZE} (one page)",
+                                  "value", EXIT_USAGE)
+        else:
+            page = bytes([_int(req, "value", 0, 255, "fill value")]) * PAGE_SIZE
+        if not count:
+            return None, "fill"
+        return {"cmd": "fill", "first": first, "count": count,
+                "page": base64.b64encode(page).decode()}, "fill"
+    if cmd in ("write", "read"):
+        addr = req.get("addr")
+        if type(addr) is not int:
+            raise ScriptError(f"addr must be an int (got {type(addr).__name__} {addr!r})", "type",
+                              EXIT_USAGE)
+        if cmd == "write":
+            data = _bytes(req, "data", "data")
+            n = len(data)
+        else:
+            n = _int(req, "n", 0, 1 << 30, "n (bytes to read)")
+        if addr < 0 or addr + n > size:
+            raise ScriptError(f"{cmd} of {n} bytes at {addr:#x}: beyond the task's {pages} "
+                              f"pages ({size:#x} bytes): segfault (nothing done, the task lives on)",
+                              "segfault", EXIT_USAGE)
+        if not n:
+            return None, cmd
+        if cmd == "write":
+            return {"cmd": "write", "addr": addr, "data": base64.b64encode(data).decode()}, "write"
+        return {"cmd": "read", "addr": addr, "n": n}, "read"
+    if cmd == "madvise":
+        first = _int(req, "first", 0, pages - 1, "first page")
+        count = _int(req, "count", 1, pages - first, f"count (from page {first})")
+        advice = req.get("advice")
+        if not isinstance(advice, str):
+            raise ScriptError(f"advice must be a string, one of {', '.join(ADVICE)} "
+                              f"(got {advice!r})", "type", EXIT_USAGE)
+        if advice.upper() not in ADVICE:
+            raise ScriptError(f"unknown advice {advice!r} (one of: {', '.join(ADVICE)})",
+                              "value", EXIT_USAGE)
+        return ({"cmd": "madvise", "first": first, "count": count, "advice": advice.upper()},
+                f"madvise {advice.upper()}")
+    if cmd in ("verify", "exit"):
+        return {"cmd": cmd}, cmd
+    raise ScriptError(f"unknown task command {cmd!r} (fill, write, read, madvise, verify, fork, "
+                      f"exit)", "value", EXIT_USAGE)
+
+
+def task_answer(cmd: str, ans: dict[str, Any]) -> dict[str, Any]:
+    """What a script is told of a task's answer to ``cmd``."""
+    if cmd == "read":
+        return {"data": ans["data"]}
+    if cmd == "madvise":
+        return {"unmerged": ans.get("unmerged", 0)}
+    if cmd == "verify":
+        return {"pages": ans["pages"], "mismatches": ans["mismatches"]}
+    if cmd == "exit":
+        return {"path": ans["path"], "mismatches": ans["mismatches"]}
+    return {}
+
+
 class Host(Protocol):
     """What the scripts' requests use of the daemon's other requests
     (``uksm.proc.handlers.Requests``)."""
@@ -280,77 +368,18 @@ class Tasks:
     def do_task(self, req: dict[str, Any]) -> dict[str, Any]:
         """One command for a task: fill, write, read, madvise, verify, fork, exit."""
         tc = self.task(req)
-        size = tc.pages * PAGE_SIZE
-        cmd = req.get("cmd")
-        if cmd == "fork":
+        if req.get("cmd") == "fork":   # the task forks; its child is adopted here
             return self.fork(tc)
-        if cmd == "fill":
-            first = _int(req, "first", 0, tc.pages - 1, "first page")
-            count = req.get("count")
-            if count is None:
-                count = tc.pages - first
-            else:
-                count = _int(req, "count", 0, tc.pages - first, f"count (from page {first})")
-            if "page" in req:
-                page = self._bytes(req, "page", "page")
-                if len(page) != PAGE_SIZE:
-                    raise ScriptError(f"fill value: {len(page)} bytes, not {PAGE_SIZE} (one page)",
-                                      "value", EXIT_USAGE)
-            else:
-                page = bytes([_int(req, "value", 0, 255, "fill value")]) * PAGE_SIZE
-            out: dict[str, Any] = {}
-            if count:
-                self.command(tc, {"cmd": "fill", "first": first, "count": count,
-                                   "page": base64.b64encode(page).decode()}, "fill")
-            return out
-        if cmd in ("write", "read"):
-            addr = req.get("addr")
-            if type(addr) is not int:
-                raise ScriptError(f"addr must be an int (got {type(addr).__name__} {addr!r})", "type",
-                                  EXIT_USAGE)
-            if cmd == "write":
-                data = self._bytes(req, "data", "data")
-                n = len(data)
-            else:
-                n = _int(req, "n", 0, 1 << 30, "n (bytes to read)")
-            if addr < 0 or addr + n > size:
-                raise ScriptError(f"{cmd} of {n} bytes at {addr:#x}: beyond the task's {tc.pages} "
-                                  f"pages ({size:#x} bytes): segfault (nothing done, the task lives on)",
-                                  "segfault", EXIT_USAGE)
-            if cmd == "write":
-                if n:
-                    self.command(tc, {"cmd": "write", "addr": addr,
-                                       "data": base64.b64encode(data).decode()}, "write")
-                return {}
-            if not n:
-                return {"data": ""}
-            return {"data": self.command(tc, {"cmd": "read", "addr": addr, "n": n}, "read")["data"]}
-        if cmd == "madvise":
-            first = _int(req, "first", 0, tc.pages - 1, "first page")
-            count = _int(req, "count", 1, tc.pages - first, f"count (from page {first})")
-            advice = req.get("advice")
-            if not isinstance(advice, str):
-                raise ScriptError(f"advice must be a string, one of {', '.join(ADVICE)} "
-                                  f"(got {advice!r})", "type", EXIT_USAGE)
-            if advice.upper() not in ADVICE:
-                raise ScriptError(f"unknown advice {advice!r} (one of: {', '.join(ADVICE)})",
-                                  "value", EXIT_USAGE)
-            ans = self.command(tc, {"cmd": "madvise", "first": first, "count": count,
-                                     "advice": advice.upper()}, f"madvise {advice.upper()}")
-            return {"unmerged": ans.get("unmerged", 0)}
-        if cmd == "verify":
-            ans = self.command(tc, {"cmd": "verify"}, "verify")
-            return {"pages": ans["pages"], "mismatches": ans["mismatches"]}
-        if cmd == "exit":
-            ans = self.command(tc, {"cmd": "exit"}, "exit")
+        cmd, what = task_command(req, tc.pages)
+        if cmd is None:
+            return {"data": ""} if req.get("cmd") == "read" else {}
+        ans = self.command(tc, cmd, what)
+        if cmd["cmd"] == "exit":
             tc.extra.update(exited=True, path=ans["path"])
             self.wait_finished(tc, f"task {tc.tid}'s exit")
             tc.gone = self.how(tc)
             self.host.log.info("task_exit", worker=tc.tid, path=ans["path"], mismatches=ans["mismatches"])
-            return {"path": ans["path"], "mismatches": ans["mismatches"]}
-        raise ScriptError(f"unknown task command {cmd!r} (fill, write, read, madvise, verify, fork, "
-                          f"exit)",
-                          "value", EXIT_USAGE)
+        return task_answer(cmd["cmd"], ans)
 
     def fork(self, tc: TaskChan) -> dict[str, Any]:
         """fork(2) in a programmable task: the task forks in its own
@@ -412,17 +441,6 @@ class Tasks:
             raise ScriptError(f"task w{ch.worker_no}: its address space is gone", "exited")
         return {"pages": mm.pagemap((base >> PAGE_SHIFT) + first, count), "first": first,
                 "pid": ch.proc.pid, "mm": ch.mm}
-
-    @staticmethod
-    def _bytes(req: dict[str, Any], key: str, what: str) -> bytes:
-        v = req.get(key)
-        if not isinstance(v, str):
-            raise ScriptError(f"{what} must be bytes (base64 on the wire; got {type(v).__name__})",
-                              "type", EXIT_USAGE)
-        try:
-            return base64.b64decode(v, validate=True)
-        except ValueError:
-            raise ScriptError(f"{what}: not valid base64", "value", EXIT_USAGE)
 
     def do_task_stat(self, req: dict[str, Any]) -> dict[str, Any]:
         """/proc/PID/ksm_stat (and rss): read from the task's mm row."""
@@ -653,4 +671,5 @@ class Faults:
         return {"task": f"w{ch.worker_no}" if ch is not None else None, "mm": mm_id}
 
 
-__all__ = ["Tasks", "Faults", "Host", "ScriptError", "TaskChan", "ADVICE", "SIGNALS"]
+__all__ = ["Tasks", "Faults", "Host", "ScriptError", "TaskChan", "ADVICE", "SIGNALS", "task_command",
+           "task_answer"]
