@@ -179,8 +179,9 @@ class Worker:
             rng = random.Random(a.seed * 7919 + a.worker_no)
             next_churn = self.now()
             fork_s = 0.0 if a.forked else self.wl.fork_ms / 1000.0  # a child does not fork
-            next_fork = self.now() + fork_s
-            born = self.now()
+            # (the clock read only when used: in a controlled run each read is a step)
+            next_fork = self.now() + fork_s if fork_s else 0.0
+            born = self.now() if a.exit_after_ms else 0.0
             while not self.dying():
                 for i in vol:
                     if self.dying():
