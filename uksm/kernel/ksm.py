@@ -31,7 +31,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable
 
 from uksm.kernel import killpoints
-from uksm.kernel.layout import (H_KSM_UNSYNCED, H_UNMERGE_GEN, K_FULL_SCANS, K_PAGES_SHARED, K_PAGES_SHARING, K_PAGES_UNSHARED, K_PAGES_VOLATILE, K_RMAP_ITEMS, K_RUN, K_RUN_DONE, K_RUN_SEQ, K_STABLE_NODES, S_SLOTS_FREED, T_OOM_ORIGIN, T_EXIT_PATH, F_KSM, FRAME_SIZE, FR_FLAGS, H_HAZARDS, HZ_NO_FAST_PATH, HZ_NO_UNMERGE_EXIT_CHECK, L_HEAD_NEXT, L_HEAD_PREV, L_SCAN_ADDR, L_SCAN_SLOT, L_SEQNR, M_EXIT_PATH, M_FLAGS, M_ID, M_SLOT_RMAP, M_SLOT_USED, M_REFS, MMF_VM_MERGEABLE, P_FAST, P_LEGACY, P_SLOW, PT_OFF, PTE_PRESENT, REF_KSM, S_EXIT_FAST, S_EXIT_LEGACY, S_EXIT_SLOW, VM_MERGEABLE)
+from uksm.kernel.layout import (H_KSM_UNSYNCED, H_UNMERGE_GEN, K_FULL_SCANS, K_PAGES_SHARED, K_PAGES_SHARING, K_PAGES_UNSHARED, K_PAGES_VOLATILE, K_RMAP_ITEMS, K_RUN, K_RUN_DONE, K_RUN_SEQ, K_STABLE_NODES, S_SLOTS_FREED, T_OOM_ORIGIN, T_EXIT_PATH, F_KSM, FRAME_SIZE, FR_FLAGS, H_HAZARDS, HZ_NO_FAST_PATH, HZ_NO_UNMERGE_EXIT_CHECK, L_HEAD_NEXT, L_HEAD_PREV, L_SCAN_ADDR, L_SCAN_SLOT, L_SEQNR, M_EXIT_PATH, M_FLAGS, M_ID, M_RMAP_GONE, M_SLOT_RMAP, M_SLOT_USED, M_REFS, MMF_VM_MERGEABLE, P_FAST, P_LEGACY, P_SLOW, PT_OFF, PTE_PRESENT, REF_KSM, S_EXIT_FAST, S_EXIT_LEGACY, S_EXIT_SLOW, VM_MERGEABLE)
 from uksm.kernel.memory import Allocator, OutOfMemory
 from uksm.kernel.mm import MM, mm_attach, mmdrop
 from uksm.kernel.mmu import FAULT_EXITING, handle_mm_fault, ksm_test_exit
@@ -272,9 +272,17 @@ def unmerge_and_remove_all_rmap_items(cl: "Cluster", alloc: Allocator, log=None,
     VM_MERGEABLE areas (stopping at ksm_test_exit), remove its rmap_items,
     free the slot of an exiting mm.  The registrations stay.
 
+    An error stops the walk where it is ("goto error"): the mm being
+    unmerged and every mm after it keep their rmap_items, in the trees and
+    in the counters (2.6.32.67 mm/ksm.c), and the next run=1 merges again
+    only the pages that were broken.
+
     rmap_items and the trees are ksmd's private state here: the writer
-    zeroes what they publish (per-slot counts, the counters) and bumps
-    H_UNMERGE_GEN; ksmd, next holding the mutex, drops its copies.
+    marks each mm whose rmap_items it removed (M_RMAP_GONE, this walk's
+    H_UNMERGE_GEN) and zeroes what they publish (its per-mm counts);
+    ksmd, next holding the mutex, frees its copies and publishes the
+    counters (H_KSM_UNSYNCED until then).  After a whole walk every
+    rmap_item is gone: the counters are 0, set here.
     Returns 0 or -errno; on an error the cursor goes back to the head."""
     q, task = cl.q, cl.task
     task.lock(cl.mmlist)
@@ -283,11 +291,8 @@ def unmerge_and_remove_all_rmap_items(cl: "Cluster", alloc: Allocator, log=None,
     q[L_SCAN_ADDR] = 0
     task.unlock(cl.mmlist)
     err = 0
-    q[H_UNMERGE_GEN] += 1   # ksmd's rmap_items go, whatever happens below
-    q[H_KSM_UNSYNCED] += 1
-    for f in (K_PAGES_SHARED, K_PAGES_SHARING, K_PAGES_UNSHARED, K_PAGES_VOLATILE, K_RMAP_ITEMS,
-              K_STABLE_NODES):
-        q[f] = 0
+    gen = q[H_UNMERGE_GEN] + 1
+    q[H_UNMERGE_GEN] = gen
     while s != cl.head:
         mm = mm_attach(cl, cl.mrow(s).id)
         try:
@@ -322,9 +327,12 @@ def unmerge_and_remove_all_rmap_items(cl: "Cluster", alloc: Allocator, log=None,
             task.lock(cl.mmlist)
             nxt = slot_next(cl, s)
             q[L_SCAN_SLOT] = nxt
-            mm.words.slot_rmap = 0          # remove_trailing_rmap_items
+            if mm.words.rmap_items or mm.words.slot_rmap:
+                q[H_KSM_UNSYNCED] += 1      # ksmd counts them out at its next batch
+            mm.words.slot_rmap = 0          # remove_trailing_rmap_items(mm_slot, all)
             mm.words.rmap_items = 0
             mm.words.merging = 0
+            q[mm.base + M_RMAP_GONE] = gen
             if ksm_test_exit(cl, mm):
                 list_del(cl, s)
                 mm.words.slot_used = 0
@@ -347,6 +355,10 @@ def unmerge_and_remove_all_rmap_items(cl: "Cluster", alloc: Allocator, log=None,
         finally:
             mm.seg.close()
     if not err:
+        # every rmap_item removed: the counters are 0 now, as the kernel's
+        for f in (K_PAGES_SHARED, K_PAGES_SHARING, K_PAGES_UNSHARED, K_PAGES_VOLATILE,
+                  K_RMAP_ITEMS, K_STABLE_NODES):
+            q[f] = 0
         q[L_SEQNR] = 0            # ksm_scan.seqnr = 0
         q[K_FULL_SCANS] = 0       # full_scans_show prints seqnr
     return err

@@ -52,7 +52,7 @@ H_MEM_LIMIT = 23
 H_PENDING_FREE = 24
 H_KSM_UNSYNCED = 25   # slots a legacy __ksm_exit freed since ksmd last published (under ksm_thread_mutex)
 H_OOM_RULE = 26       # index in OOM_RULES: the OOM killer's victim choice, by kernel version
-H_UNMERGE_GEN = 27    # bumped by run_store's unmerge: ksmd drops its private rmap_items and trees
+H_UNMERGE_GEN = 27    # bumped by run_store's unmerge: ksmd drops the rmap_items of the mms marked M_RMAP_GONE
 HDR_END = 28
 
 # ---- /sys/kernel/mm/ksm: knobs (written by ctl) and counters (written by ksmd)
@@ -158,7 +158,10 @@ M_PAGES = 19
 M_CREATED_NS = 20
 M_FREER_TASK = 21
 M_WORKER_NO = 22
-MM_SIZE = 23
+# the unmerge generation (H_UNMERGE_GEN) whose run=2 removed this mm's
+# rmap_items (remove_trailing_rmap_items): ksmd frees its copies
+M_RMAP_GONE = 23
+MM_SIZE = 24
 
 STATS_NAMES = {
     "started": S_STARTED, "exited": S_EXITED, "exit_fast": S_EXIT_FAST,
