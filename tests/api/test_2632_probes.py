@@ -182,3 +182,33 @@ def test_stale_rmap_items_freed_as_the_scan_passes():
         assert m.ksm["pages_unshared"] == 2
         m.ksm["run"] = 2
     assert m.report["status"] == 0, m.report["fsck"]
+
+
+# ---- 7. knobs parse as strict_strtoul --------------------------------------------------
+
+@pytest.mark.timeout(60)
+def test_knobs_parse_as_strict_strtoul():
+    """pages_to_scan_store, sleep_millisecs_store, run_store:
+    "err = strict_strtoul(buf, 10, &val); if (err || val > UINT_MAX)
+    return -EINVAL;" -- decimal digits and at most one trailing newline
+    (lib/vsprintf.c), 0 allowed, UINT_MAX the 32-bit one; simple_strtoul
+    does not check overflow (the value wraps at 2^64)."""
+    with machine(run=0) as m:
+        for value, expect in ((0, 0), ("0", 0), (2**32 - 1, 2**32 - 1), ("12\n", 12),
+                              ("007", 7), (2**64 + 5, 5)):
+            m.ksm["pages_to_scan"] = value
+            assert m.ksm["pages_to_scan"] == expect, value
+        for bad in (2**32, " 5", "5 ", "5\n\n", "+5", "-1", -1, "", "\n", "0x10", "5\t"):
+            with pytest.raises(ValueError, match="EINVAL"):
+                m.ksm["pages_to_scan"] = bad
+            with pytest.raises(ValueError, match="EINVAL"):
+                m.ksm["sleep_millisecs"] = bad
+        assert m.ksm["pages_to_scan"] == 5
+        m.ksm["sleep_millisecs"] = 2**32 - 1
+        m.ksm["run"] = "01"
+        assert m.ksm["run"] == 1
+        m.ksm["run"] = "00\n"
+        for bad in ("3", " 1", "1 ", 2**32 + 1):
+            with pytest.raises(ValueError, match="EINVAL"):
+                m.ksm["run"] = bad
+        assert m.ksm["run"] == 0

@@ -251,7 +251,8 @@ def test_madv_unmergeable_interrupted_keeps_vm_mergeable(monkeypatch):
 def test_exit_noticed_after_the_loop_frees_the_slot_now(monkeypatch):
     """scan_get_next_rmap_item checks ksm_test_exit once more after its VMA
     loop: an exit that began during the walk of the last page is treated
-    as no area at all -- rmap_items removed, slot freed in this pass."""
+    as no area at all -- rmap_items removed, slot freed in this pass (by
+    the call after the last page: the batch that scanned it ended there)."""
     from helpers import booted
     from util_machine import Space, assert_fsck
 
@@ -277,7 +278,9 @@ def test_exit_noticed_after_the_loop_frees_the_slot_now(monkeypatch):
                 mm_users_zero(sup.cl, s.mm, _Null())
             return r
         monkeypatch.setattr(Ksmd, "cmp_and_merge_page", cmp_then_exit)
-        k.scan(n=4)                            # this mm's 4 pages: the batch ends with it
+        k.scan(n=4)                            # this mm's 4 pages: the batch ends on them
+        assert sup.cl.q[s.mm.base + M_SLOT_USED], "the cursor stays (ksm_do_scan's budget)"
+        k.scan(n=1)                            # the next call finds no page: after the loop
         assert not sup.cl.q[s.mm.base + M_SLOT_USED], "slot freed in this pass"
         assert k.k.rmap_items == 0
         s.exit()
@@ -482,3 +485,46 @@ def test_run2_writer_interrupted_sets_run_back(rep):
         s.exit(wait=False)
         assert sup.write_run(1)["result"] == "done"
         pump(sup, s.freed, what="ksmd frees the slot")
+
+
+# ---- issue 27, 6: a dead unstable-tree entry ends the search ---------------------------
+
+@pytest.mark.timeout(60)
+def test_dead_unstable_entry_ends_the_search_nothing_inserted(monkeypatch):
+    """unstable_tree_search_insert: "page2[0] = get_mergeable_page(
+    tree_rmap_item); if (!page2[0]) return NULL;" -- nothing inserted.
+    Three equal pages a, b, c in one pass; a's page goes between a and b:
+    b is not inserted, so c finds a's dead entry too and nothing merges
+    this pass; the next pass merges b and c."""
+    from helpers import booted
+    from util_machine import Space
+
+    from uksm.kernel.syscalls import MADV_MERGEABLE
+    with booted(cname("dead"), run=0, frames=64, va_pages=128) as sup:
+        k = InProcKsmd(sup, monkeypatch)
+        spaces = []
+        for _ in range(3):
+            s = Space(sup)
+            base = s.mmap(1)
+            fill_same(s, base, 1)
+            s.madvise(base, 1, MADV_MERGEABLE)
+            spaces.append((s, base))
+        k.scan(passes=2)                          # checksums; then a, b, c: a and b merge
+        a, _ = spaces[0]
+        assert k.k.pages_shared == 1 and k.k.pages_sharing == 2
+        for s, base in spaces:                    # COW-break all three: the KSM page goes
+            s.write(base, bytes([0x42]) * 4096)
+        k.scan()                                  # out of the stable tree: checksums again
+        k.scan(n=1)                               # the wrap, then a: into the unstable tree
+        assert k.k.pages_unshared >= 1
+        s, base = spaces[0]
+        s.madvise(base, 1, 4)                     # MADV_DONTNEED: a's entry is dead
+        k.scan(n=2)                               # b, c: each meets a's dead entry
+        assert k.k.pages_shared == 0 and k.k.pages_sharing == 0
+        k.scan(passes=2)                          # the pass ends; the next merges b and c
+        assert k.k.pages_shared == 1 and k.k.pages_sharing == 1
+        for s, _ in spaces:
+            s.exit(wait=False)
+        k.scan(passes=2)                          # ksmd frees what the slow paths left it
+        for s, _ in spaces:
+            assert s.freed()
