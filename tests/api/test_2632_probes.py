@@ -212,3 +212,29 @@ def test_knobs_parse_as_strict_strtoul():
             with pytest.raises(ValueError, match="EINVAL"):
                 m.ksm["run"] = bad
         assert m.ksm["run"] == 0
+
+
+# ---- 4. the OOM killer's badness starts from total_vm ----------------------------------
+
+@pytest.mark.timeout(120)
+def test_oom_badness_starts_from_total_vm():
+    """badness(): "points = mm->total_vm;" (2.6.32.67 mm/oom_kill.c),
+    then CPU time, run time, nice and capabilities, equal here.  A 64-page
+    task whose pages are all one KSM page is killed before a 32-page task
+    of private pages, though killing it gives back one frame."""
+    with machine(frames=96, max_pages=64, pages_to_scan=200, sleep_millisecs=2) as m:
+        big = m.task(64)
+        big.fill(7)
+        m.wait_merged()
+        mid = m.task(32)
+        mid.fill(bytes(range(256)) * 16)
+        for i in range(32):
+            mid.write(i * 4096, i.to_bytes(4, "little"))      # 32 private pages
+        small = m.task(16)
+        m.ksm["mem_limit"] = m.ksm["frames_used"] + 8
+        m.ksm["run"] = 0
+        for i in range(16):
+            small.write(i * 4096, (1000 + i).to_bytes(4, "little"))
+        with pytest.raises(uksm.TaskExited):
+            big.stat()                                          # the first victim
+        assert m.stats()["oom_killed"] >= 1
