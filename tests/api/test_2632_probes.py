@@ -238,3 +238,21 @@ def test_oom_badness_starts_from_total_vm():
         with pytest.raises(uksm.TaskExited):
             big.stat()                                          # the first victim
         assert m.stats()["oom_killed"] >= 1
+
+
+# ---- 8. a VMA table for every page, and -EAGAIN, not a dead task -------------------
+
+@pytest.mark.timeout(120)
+def test_every_page_its_own_area():
+    """2.6.32 allows max_map_count (65530) areas; uksm's table holds one
+    per page (the most a task can make).  A 200-page task with every
+    other page made UNMERGEABLE has 200 areas, and lives."""
+    with machine(run=0, max_pages=200, frames=512) as m:
+        t = m.task(200)
+        t.fill(4)
+        for i in range(0, 200, 2):
+            assert t.madvise(i, 1, "UNMERGEABLE") == 0
+        assert t.verify() == 200
+        t.write(199 * 4096, b"still here")
+        assert t.exit() in ("fast", "slow")
+    assert m.report["status"] == 0, m.report["fsck"]

@@ -528,3 +528,60 @@ def test_dead_unstable_entry_ends_the_search_nothing_inserted(monkeypatch):
         k.scan(passes=2)                          # ksmd frees what the slow paths left it
         for s, _ in spaces:
             assert s.freed()
+
+
+# ---- issue 27, 8 and 9: max_map_count and madvise's edge cases -------------------------
+
+@pytest.mark.timeout(60)
+def test_split_past_max_map_count_is_eagain_and_the_task_lives():
+    """split_vma: "if (mm->map_count >= sysctl_max_map_count) return
+    -ENOMEM;", which madvise_behavior returns as -EAGAIN and munmap as
+    -ENOMEM; the table is as it was, the task goes on."""
+    from helpers import booted
+    from util_machine import Space
+
+    from uksm.kernel.mm import SyscallError
+    from uksm.kernel.syscalls import MADV_MERGEABLE, MADV_UNMERGEABLE
+    with booted(cname("mmc"), run=0, frames=64, va_pages=128) as sup:
+        s = Space(sup)
+        base = s.mmap(8)
+        s.madvise(base, 8, MADV_MERGEABLE)
+        assert s.mm.max_map_count == 128
+        s.mm.max_map_count = 3
+        s.madvise(base + 2 * 4096, 1, MADV_UNMERGEABLE)      # 3 areas
+        before = s.mm.vmas()
+        with pytest.raises(SyscallError, match="EAGAIN") as ei:
+            s.madvise(base + 5 * 4096, 1, MADV_UNMERGEABLE)
+        assert ei.value.errno_name == "EAGAIN" and s.mm.vmas() == before
+        with pytest.raises(SyscallError, match="ENOMEM"):
+            s.munmap(base + 6 * 4096, 1)
+        assert s.mm.vmas() == before
+        s.write(base + 7 * 4096, b"alive")
+        s.exit()
+
+
+@pytest.mark.timeout(60)
+def test_madvise_over_a_hole_and_of_length_zero():
+    """sys_madvise: over a hole the advice goes to the mapped parts, then
+    -ENOMEM; a length of 0 returns 0 (2.6.32.67 mm/madvise.c)."""
+    from helpers import booted
+    from util_machine import Space
+
+    from uksm.kernel.layout import VM_MERGEABLE
+    from uksm.kernel.mm import SyscallError
+    from uksm.kernel.syscalls import MADV_DONTNEED, MADV_MERGEABLE, sys_madvise
+    with booted(cname("hole"), run=0, frames=64, va_pages=128) as sup:
+        s = Space(sup)
+        base = s.mmap(6)
+        s.munmap(base + 2 * 4096, 2)                         # a hole: pages 2, 3
+        assert sys_madvise(sup.cl, s.mm, s.alloc, base, 0, MADV_MERGEABLE) == 0
+        with pytest.raises(SyscallError, match="EINVAL"):
+            sys_madvise(sup.cl, s.mm, s.alloc, base + 1, 4096, MADV_MERGEABLE)
+        with pytest.raises(SyscallError, match="ENOMEM"):
+            s.madvise(base, 6, MADV_MERGEABLE)
+        assert [f & VM_MERGEABLE for (_i, _s, _e, f) in s.mm.vmas()] == [VM_MERGEABLE] * 2
+        s.write(base + 5 * 4096, b"x")
+        with pytest.raises(SyscallError, match="ENOMEM"):
+            s.madvise(base, 6, MADV_DONTNEED)
+        assert s.pfn(base + 5 * 4096) is None                 # zapped all the same
+        s.exit()

@@ -30,9 +30,9 @@ from typing import TYPE_CHECKING, Any
 from uksm.kernel import killpoints, oom
 from uksm.kernel.ksm import __ksm_exit
 from uksm.kernel.layout import (EXIT_POLICIES, H_EXIT_POLICY, M_EXIT_STAGE, M_ID, M_REFS, M_SLOT_USED, M_STATE,
-                     M_USERS, MAX_VMAS, MS_EXITING, MS_ZOMBIE, PAGE_SIZE, PT_OFF, REF_KSM,
+                     M_USERS, MS_EXITING, MS_NVMA, MS_ZOMBIE, PAGE_SIZE, PT_OFF, REF_KSM,
                      REF_USERS, MS_VMAS_FREED, H_SHUTDOWN, PTE_PRESENT, T_EXIT_PROGRESS,
-                     VM_LOCKED, VMA_OFF, VMA_SIZE, V_END, XS_KSM_EXIT, XS_MMDROP, XS_PGTABLES,
+                     VM_LOCKED, XS_KSM_EXIT, XS_MMDROP, XS_PGTABLES,
                      XS_USERS0, XS_ZAPPED, M_OOM_VICTIM, M_OWNER_PID)
 from uksm.kernel.memory import Allocator
 from uksm.kernel.mm import MM, mm_attach, mmdrop
@@ -186,8 +186,7 @@ def free_pgtables(cl: "Cluster", mm: MM) -> None:
     good: the leak the seed's checks prevent, and fsck reports."""
     pq = mm.pq
     pq[MS_VMAS_FREED] = 1  # the VMA table is destroyed: walking it is a bug (mm.VmaTableFreed)
-    for i in range(MAX_VMAS):
-        pq[VMA_OFF + i * VMA_SIZE + V_END] = 0
+    pq[MS_NVMA] = 0        # its rows go with the page-table pages punched below
     start = PT_OFF * 8
     first = (start + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
     for i in range(PT_OFF, min(first // 8, len(pq))):

@@ -234,15 +234,30 @@ FRAME_SIZE = 5
 F_ANON, F_KSM, F_FREEING = 1, 2, 4
 F_PCP = 8  # count 0, in the per-task list of task FR_AUX - 1 (uksm.kernel.memory)
 
-# ---- address-space segment: header, VMA table, page table
+# ---- address-space segment: header, page table, VMA table
+# MS_NVMA: mm->map_count, the VMA rows in use (rows 0..map_count-1: a new
+# row is written, then counted; a removed row is overwritten by the last)
 MS_MAGIC, MS_ID, MS_OWNER_PID, MS_NVMA = range(4)
 # set by exit_mmap's free_pgtables: the VMA table is destroyed (a walk oopses)
 MS_VMAS_FREED = 4
-MAX_VMAS = 64
 V_START, V_END, V_FLAGS = range(3)
 VMA_SIZE = 3
-VMA_OFF = 8
-PT_OFF = VMA_OFF + MAX_VMAS * VMA_SIZE
+PT_OFF = 8
+# sysctl_max_map_count's default (include/linux/mm.h, 2.6.32:
+# DEFAULT_MAX_MAP_COUNT = 65536 - MAPCOUNT_ELF_CORE_MARGIN(5) - 1)
+DEFAULT_MAX_MAP_COUNT = 65530
+
+
+def max_map_count(va_pages: int) -> int:
+    """The VMA rows of an address space of ``va_pages`` pages: one per
+    page (every page its own area, the most a task can make), at most
+    sysctl_max_map_count, as split_vma and mmap check it."""
+    return min(va_pages, DEFAULT_MAX_MAP_COUNT)
+
+
+def vma_off(va_pages: int) -> int:
+    """The VMA table's first word: after the page table."""
+    return PT_OFF + va_pages
 VM_READ, VM_WRITE, VM_MERGEABLE, VM_LOCKED = 1, 2, 4, 8
 # PTE: pfn << 2 | write << 1 | present; 0 is pte_none
 PTE_PRESENT, PTE_WRITE = 1, 2

@@ -25,9 +25,9 @@ from uksm.host import shm
 from uksm.kernel.views import MmRow
 from uksm.kernel.layout import (FIRST_VPN, M_CREATED_NS, M_EXIT_STAGE, M_FLAGS, M_ID, M_OWNER_PID,
                      M_OWNER_TASK, M_PAGES, M_REFS, M_RSS, M_STATE, M_USERS,
-                     M_WORKER_NO, MAX_VMAS, MM_SIZE, MS_FREE, MS_FREEING, MS_ID, MS_LIVE,
-                     MS_MAGIC, MS_VMAS_FREED, MAGIC, PAGE_SIZE, PT_OFF, REF_USERS, V_END, V_FLAGS,
-                     V_START, VM_MERGEABLE, VMA_OFF, VMA_SIZE, H_NEXT_MM_ID, M_FREER_TASK,
+                     M_WORKER_NO, MM_SIZE, MS_FREE, MS_FREEING, MS_ID, MS_LIVE,
+                     MS_MAGIC, MS_NVMA, MS_VMAS_FREED, MAGIC, PAGE_SIZE, PT_OFF, REF_USERS, V_END, V_FLAGS,
+                     V_START, VM_MERGEABLE, VMA_SIZE, max_map_count, vma_off, H_NEXT_MM_ID, M_FREER_TASK,
                      S_MM_FREED, M_SLOT_USED, M_KSM_MAPPED, M_OOM_VICTIM, M_EXIT_PATH,
                      M_RMAP_ITEMS, M_MERGING, M_WRITER_WAITING, M_SLOT_RMAP, XS_MMDROP)
 
@@ -35,12 +35,17 @@ if TYPE_CHECKING:
     from uksm.kernel.cluster import Cluster
 
 
-# each VMA row's offset in an mm's segment, in table order (find_vma's walk)
-VMA_BASES = tuple(VMA_OFF + i * VMA_SIZE for i in range(MAX_VMAS))
-
-
 class SegFault(Exception):
     """Access outside any VMA, or a write to a read-only one."""
+
+
+class SyscallError(SegFault):
+    """A system call that fails with -errno; the task lives on (relayed to
+    a script as a SegFault naming the errno)."""
+
+    def __init__(self, errno_name: str, msg: str) -> None:
+        super().__init__(f"{msg} ({errno_name})")
+        self.errno_name = errno_name
 
 
 class VmaTableFreed(Exception):
@@ -53,7 +58,8 @@ class VmaTableFreed(Exception):
 class MM:
     """An address space as one process sees it."""
 
-    __slots__ = ("cl", "id", "row", "base", "seg", "pq", "sem", "wmx", "ptl")
+    __slots__ = ("cl", "id", "row", "base", "seg", "pq", "sem", "wmx", "ptl", "vma_off",
+                 "max_map_count")
 
     def __init__(self, cl: "Cluster", mm_id: int, row: int, seg: shm.Segment) -> None:
         self.cl = cl
@@ -63,6 +69,8 @@ class MM:
         self.seg = seg
         self.pq = seg.q
         self.sem, self.wmx, self.ptl = cl.mm_locks(mm_id)
+        self.vma_off = vma_off(cl.va_pages)
+        self.max_map_count = max_map_count(cl.va_pages)
 
     # ---- mm_struct fields -------------------------------------------------
     @property
@@ -95,8 +103,9 @@ class MM:
         if pq[MS_VMAS_FREED]:
             raise VmaTableFreed(f"mm{self.id}: walking the VMAs after exit_mmap freed them")
         out = []
-        for i in range(MAX_VMAS):
-            b = VMA_OFF + i * VMA_SIZE
+        off = self.vma_off
+        for i in range(pq[MS_NVMA]):
+            b = off + i * VMA_SIZE
             end = pq[b + V_END]
             if end:
                 out.append((pq[b + V_START], end, pq[b + V_FLAGS], i))
@@ -111,9 +120,12 @@ class MM:
         pq = self.pq
         if pq[MS_VMAS_FREED]:
             raise VmaTableFreed(f"mm{self.id}: find_vma after exit_mmap freed the VMAs")
-        for b in VMA_BASES:
+        b = self.vma_off
+        end = b + pq[MS_NVMA] * VMA_SIZE
+        while b < end:
             if pq[b + V_START] <= vpn < pq[b + V_END]:
                 return b
+            b += VMA_SIZE
         return -1
 
     def find_vma(self, vpn: int) -> tuple[int, int, int, int] | None:
@@ -122,16 +134,23 @@ class MM:
         if b < 0:
             return None
         pq = self.pq
-        return ((b - VMA_OFF) // VMA_SIZE, pq[b + V_START], pq[b + V_END], pq[b + V_FLAGS])
+        return ((b - self.vma_off) // VMA_SIZE, pq[b + V_START], pq[b + V_END], pq[b + V_FLAGS])
 
-    def _free_vma_slot(self) -> int:
-        for i in range(MAX_VMAS):
-            if self.pq[VMA_OFF + i * VMA_SIZE + V_END] == 0:
-                return i
-        raise MemoryError("too many VMAs (ENOMEM)")
+    def _new_vma(self, start: int, end: int, flags: int, errno_name: str = "ENOMEM") -> int:
+        """A new row, counted once written (the commit).  Past
+        max_map_count: "if (mm->map_count >= sysctl_max_map_count) return
+        -ENOMEM;" (split_vma, mmap_region; madvise_behavior turns it into
+        -EAGAIN), the task lives."""
+        pq = self.pq
+        n = pq[MS_NVMA]
+        if n >= self.max_map_count:
+            raise SyscallError(errno_name, f"mm{self.id}: {n} areas, max_map_count {self.max_map_count}")
+        self._set_vma(n, start, end, flags)
+        pq[MS_NVMA] = n + 1  # commit
+        return n
 
     def _set_vma(self, i: int, start: int, end: int, flags: int) -> None:
-        b = VMA_OFF + i * VMA_SIZE
+        b = self.vma_off + i * VMA_SIZE
         pq = self.pq
         pq[b + V_END] = 0
         pq[b + V_START] = start
@@ -146,53 +165,62 @@ class MM:
                 break
             start = max(start, e)
         if start + npages > self.cl.va_pages:
-            raise MemoryError(f"address space full: {npages} pages do not fit (ENOMEM)")
+            raise SyscallError("ENOMEM", f"address space full: {npages} pages do not fit")
         return start
 
     def insert_vma(self, start: int, npages: int, flags: int) -> None:
-        self._set_vma(self._free_vma_slot(), start, start + npages, flags)
+        self._new_vma(start, start + npages, flags)
 
-    def split_range(self, start: int, end: int) -> list[int]:
-        """Split VMAs so that [start, end) is covered by whole VMAs; return
-        their indexes (split_vma).  Raises SegFault for a hole (ENOMEM)."""
+    def split_range(self, start: int, end: int, errno_name: str = "ENOMEM") -> tuple[list[int], bool]:
+        """Split VMAs so that [start, end) is covered by whole VMAs
+        (split_vma); return their indexes, and whether the range has holes
+        (the caller's -ENOMEM, after it has done its work on the mapped
+        parts, as madvise does).  A split past max_map_count raises
+        SyscallError(``errno_name``) with the table as it was."""
         pq = self.pq
-        for (i, s, e, f) in self.vmas():
-            if s < start < e:
-                self._set_vma(self._free_vma_slot(), start, e, f)
-                pq[VMA_OFF + i * VMA_SIZE + V_END] = start
-        for (i, s, e, f) in self.vmas():
-            if s < end < e:
-                self._set_vma(self._free_vma_slot(), end, e, f)
-                pq[VMA_OFF + i * VMA_SIZE + V_END] = end
+        for edge in (start, end):
+            for (i, s, e, f) in self.vmas():
+                if s < edge < e:
+                    self._new_vma(edge, e, f, errno_name)
+                    pq[self.vma_off + i * VMA_SIZE + V_END] = edge
         covered = [(s, e, i) for (i, s, e, _f) in self.vmas() if start <= s and e <= end]
         pos = start
         for (s, e, _i) in sorted(covered):
             if s != pos:
                 break
             pos = e
-        if pos != end:
-            raise SegFault(f"range {start << 12:#x}-{end << 12:#x} is not fully mapped (ENOMEM)")
-        return [i for (_s, _e, i) in covered]
+        return [i for (_s, _e, i) in covered], pos != end or not covered
 
     def vma_at(self, i: int) -> tuple[int, int, int]:
-        b = VMA_OFF + i * VMA_SIZE
+        b = self.vma_off + i * VMA_SIZE
         return self.pq[b + V_START], self.pq[b + V_END], self.pq[b + V_FLAGS]
 
     def set_vma_flags(self, i: int, flags: int) -> None:
-        self.pq[VMA_OFF + i * VMA_SIZE + V_FLAGS] = flags
+        self.pq[self.vma_off + i * VMA_SIZE + V_FLAGS] = flags
 
-    def remove_vma(self, i: int) -> None:
-        self.pq[VMA_OFF + i * VMA_SIZE + V_END] = 0
+    def remove_vmas(self, idx: list[int]) -> None:
+        """Remove rows, the highest first: each is overwritten by the last
+        row, then the count shrinks (for an instant the last area is in
+        two rows, which a walker tolerates; the removed one is gone)."""
+        pq = self.pq
+        for i in sorted(idx, reverse=True):
+            last = pq[MS_NVMA] - 1
+            if i != last:
+                s, e, f = self.vma_at(last)
+                self._set_vma(i, s, e, f)
+            pq[MS_NVMA] = last  # commit
 
     def merge_vmas(self) -> None:
         """vma_merge: join neighbours with equal flags (keeps the table small)."""
-        vs = self.vmas()
-        for a, b in zip(vs, vs[1:]):
-            if a[2] == b[1] and a[3] == b[3]:
-                self.pq[VMA_OFF + a[0] * VMA_SIZE + V_END] = b[2]
-                self.remove_vma(b[0])
-                return self.merge_vmas()
-        return None
+        while True:
+            vs = self.vmas()
+            for a, b in zip(vs, vs[1:]):
+                if a[2] == b[1] and a[3] == b[3]:
+                    self.pq[self.vma_off + a[0] * VMA_SIZE + V_END] = b[2]
+                    self.remove_vmas([b[0]])
+                    break
+            else:
+                return
 
     def mergeable_ranges(self) -> list[tuple[int, int]]:
         return [(s, e) for (_i, s, e, f) in self.vmas() if f & VM_MERGEABLE]
@@ -223,7 +251,7 @@ def mm_create(cl: "Cluster", owner_row: int, worker_no: int) -> MM:
         q[b + M_ID] = mm_id
     finally:
         task.unlock(cl.mmlist)
-    size = (PT_OFF + cl.va_pages) * 8
+    size = (vma_off(cl.va_pages) + max_map_count(cl.va_pages) * VMA_SIZE) * 8
     seg = shm.create_segment(cl.name, f"mm{mm_id}", size)
     shm.create_sem(cl.name, f"mm{mm_id}.sem", cl.rwsem_n)
     shm.create_sem(cl.name, f"mm{mm_id}.wmx", 1)
@@ -329,5 +357,5 @@ def pages_of(npages_or_bytes: int) -> int:
     return (npages_or_bytes + PAGE_SIZE - 1) // PAGE_SIZE
 
 
-__all__ = ["MM", "SegFault", "mm_create", "mm_attach", "mmdrop", "free_mm_objects",
+__all__ = ["MM", "SegFault", "SyscallError", "mm_create", "mm_attach", "mmdrop", "free_mm_objects",
            "mm_fields", "live_mm_rows"]
