@@ -322,7 +322,7 @@ def test_free_pgtables_clears_a_multi_page_table() -> None:
         head = list(pq[:PT_OFF])
         xmod.free_pgtables(cl, s.mm)
         assert [i for i in range(PT_OFF, len(pq)) if pq[i]] == []
-        assert list(pq[:MS_VMAS_FREED]) == head[:MS_VMAS_FREED] and pq[MS_VMAS_FREED] == 1
+        assert list(pq[:MS_NVMA]) == head[:MS_NVMA] and pq[MS_NVMA] == 0 and pq[MS_VMAS_FREED] == 1
         assert cl.q[s.mm.base + M_EXIT_STAGE] == ALL
         s.exit()
         assert_fsck(sup)

@@ -31,7 +31,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable
 
 from uksm.kernel import killpoints
-from uksm.kernel.layout import (H_KSM_UNSYNCED, H_UNMERGE_GEN, K_FULL_SCANS, K_PAGES_SHARED, K_PAGES_SHARING, K_PAGES_UNSHARED, K_PAGES_VOLATILE, K_RMAP_ITEMS, K_RUN, K_RUN_DONE, K_RUN_SEQ, K_STABLE_NODES, S_SLOTS_FREED, T_OOM_ORIGIN, T_EXIT_PATH, F_KSM, FRAME_SIZE, FR_FLAGS, H_HAZARDS, HZ_NO_FAST_PATH, HZ_NO_UNMERGE_EXIT_CHECK, L_HEAD_NEXT, L_HEAD_PREV, L_SCAN_ADDR, L_SCAN_SLOT, L_SEQNR, M_EXIT_PATH, M_FLAGS, M_ID, M_RMAP_GONE, M_SLOT_RMAP, M_SLOT_USED, M_REFS, MMF_VM_MERGEABLE, P_FAST, P_LEGACY, P_SLOW, PT_OFF, PTE_PRESENT, REF_KSM, S_EXIT_FAST, S_EXIT_LEGACY, S_EXIT_SLOW, VM_MERGEABLE)
+from uksm.kernel.layout import (H_KSM_UNSYNCED, H_UNMERGE_GEN, K_FULL_SCANS, K_PAGES_SHARED, K_PAGES_SHARING, K_PAGES_UNSHARED, K_PAGES_VOLATILE, K_RMAP_ITEMS, K_RUN, K_RUN_DONE, K_RUN_SEQ, K_STABLE_NODES, S_SLOTS_FREED, T_OOM_ORIGIN, T_EXIT_PATH, F_KSM, FRAME_SIZE, FR_FLAGS, H_HAZARDS, HZ_NO_FAST_PATH, HZ_NO_UNMERGE_EXIT_CHECK, L_HEAD_NEXT, L_HEAD_PREV, L_SCAN_ADDR, L_SCAN_SLOT, L_SEQNR, M_EXIT_PATH, M_FLAGS, M_ID, M_SLOT_RMAP, M_SLOT_USED, M_REFS, MMF_VM_MERGEABLE, P_FAST, P_LEGACY, P_SLOW, PT_OFF, PTE_PRESENT, REF_KSM, S_EXIT_FAST, S_EXIT_LEGACY, S_EXIT_SLOW, VM_MERGEABLE)
 from uksm.kernel.memory import Allocator, OutOfMemory
 from uksm.kernel.mm import MM, mm_attach, mmdrop
 from uksm.kernel.mmu import FAULT_EXITING, handle_mm_fault, ksm_test_exit
@@ -332,7 +332,7 @@ def unmerge_and_remove_all_rmap_items(cl: "Cluster", alloc: Allocator, log=None,
             mm.words.slot_rmap = 0          # remove_trailing_rmap_items(mm_slot, all)
             mm.words.rmap_items = 0
             mm.words.merging = 0
-            q[mm.base + M_RMAP_GONE] = gen
+            mm.words.rmap_gone = gen
             if ksm_test_exit(cl, mm):
                 list_del(cl, s)
                 mm.words.slot_used = 0

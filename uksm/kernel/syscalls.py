@@ -40,8 +40,8 @@ def _range(cl: "Cluster", addr: int, length: int) -> tuple[int, int]:
     if addr & (PAGE_SIZE - 1) or length <= 0 or addr < 0:
         raise SyscallError("EINVAL", f"invalid range {addr:#x}+{length}")
     start, end = addr >> PAGE_SHIFT, (addr + length + PAGE_SIZE - 1) >> PAGE_SHIFT
-    if end > cl.va_pages:
-        raise SyscallError("ENOMEM", f"range {addr:#x}+{length} is beyond the address space")
+    if end > cl.va_pages:  # do_munmap: "len > TASK_SIZE-start" -> -EINVAL
+        raise SyscallError("EINVAL", f"range {addr:#x}+{length} is beyond the address space")
     return start, end
 
 

@@ -20,7 +20,7 @@ from typing import Any, Generic, TypeVar, overload
 
 from uksm.kernel.layout import (M_CREATED_NS, M_EXIT_PATH, M_EXIT_STAGE, M_FLAGS, M_FREER_TASK,
                                 M_ID, M_KSM_MAPPED, M_MERGING, M_OOM_VICTIM, M_OWNER_PID,
-                                M_OWNER_TASK, M_PAGES, M_REFS, M_RMAP_ITEMS, M_RSS,
+                                M_OWNER_TASK, M_PAGES, M_REFS, M_RMAP_GONE, M_RMAP_ITEMS, M_RSS,
                                 M_SLOT_NEXT, M_SLOT_PREV, M_SLOT_RMAP, M_SLOT_USED, M_STATE,
                                 M_USERS, M_WORKER_NO, M_WRITER_WAITING, T_COW, T_EXIT_PATH,
                                 T_EXIT_PROGRESS, T_EXIT_REASON, T_FATAL, T_FAULTS, T_FLIGHT_MM,
@@ -120,6 +120,7 @@ class MmRow(Words):
     created_ns: Word[MmRow] = Word(M_CREATED_NS)
     freer_task: Word[MmRow] = Word(M_FREER_TASK)     # 1 + the row of the task freeing it
     worker_no: Word[MmRow] = Word(M_WORKER_NO)
+    rmap_gone: Word[MmRow] = Word(M_RMAP_GONE)       # the run=2 that removed its rmap_items
 
 
 __all__ = ["Word", "Words", "TaskRow", "MmRow"]
