@@ -26,8 +26,8 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -35,12 +35,12 @@ import pytest
 # before anything imports uksm.kernel.cluster, which reads it once
 os.environ["UKSM_LOCKDEP"] = "1"
 
-from helpers import Up, cluster_pids, uksm, wait_for  # noqa: E402
-from uksm.host import shm  # noqa: E402
-from uksm.kernel.cluster import pid_alive  # noqa: E402
-from uksm.proc.control import recorded_supervisor  # noqa: E402
+from helpers import Up, cluster_pids, uksm, wait_for
+from uksm.host import shm
+from uksm.kernel.cluster import pid_alive
+from uksm.proc.control import recorded_supervisor
 
-#: tools/checkers_off.py switches this fixture off (it then reports nothing),
+#: dev/checkers_off.py switches this fixture off (it then reports nothing),
 #: to count the tests that notice
 LEAK_CHECK_OFF = os.environ.get("UKSM_CHECKER_OFF") == "leak"
 _OUTER = os.environ.get("UKSM_TEST_SESSION", "")
@@ -240,5 +240,6 @@ def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Up]:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-            wait_for(lambda: not any(pid_alive(p) for p in pids), 10, what="SIGKILLed processes")
+            # called at once, within this iteration
+            wait_for(lambda: not any(pid_alive(p) for p in pids), 10, what="SIGKILLed processes")  # noqa: B023
         shm.remove_all(c.name)

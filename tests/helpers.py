@@ -7,10 +7,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
-
 from pathlib import Path
+from typing import Any
 
 from uksm.kernel.cluster import Cluster, Config, pid_alive
 from uksm.proc.supervisor import Supervisor

@@ -14,16 +14,47 @@ writes the fields it changes meanwhile.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from uksm.kernel.ksm import slot_next, slot_prev, slots
-from uksm.kernel.layout import (A_FREE_TOP, F_ANON, F_FREEING, F_KSM, FR_AUX, FR_COUNT, FR_FLAGS,
-                         FRAME_SIZE, K_PAGES_UNSHARED, L_HEAD_NEXT, L_HEAD_PREV, M_ID, M_KSM_MAPPED,
-                         M_EXIT_STAGE, M_MERGING, M_OWNER_TASK, M_REFS, M_RMAP_ITEMS, M_RSS,
-                         M_SLOT_NEXT, M_SLOT_PREV, M_SLOT_USED, M_STATE, M_USERS, MS_FREEING,
-                         PAGE_SIZE, PT_OFF, PTE_PRESENT, PTE_WRITE, REF_KSM, T_FLIGHT_MM,
-                         T_FLIGHT_PFN, T_FLIGHT_VPN, XS_USERS0)
+from uksm.kernel.layout import (
+    A_FREE_TOP,
+    F_ANON,
+    F_FREEING,
+    F_KSM,
+    FR_AUX,
+    FR_COUNT,
+    FR_FLAGS,
+    FRAME_SIZE,
+    K_PAGES_UNSHARED,
+    L_HEAD_NEXT,
+    L_HEAD_PREV,
+    M_EXIT_STAGE,
+    M_ID,
+    M_KSM_MAPPED,
+    M_MERGING,
+    M_OWNER_TASK,
+    M_REFS,
+    M_RMAP_ITEMS,
+    M_RSS,
+    M_SLOT_NEXT,
+    M_SLOT_PREV,
+    M_SLOT_USED,
+    M_STATE,
+    M_USERS,
+    MS_FREEING,
+    PAGE_SIZE,
+    PT_OFF,
+    PTE_PRESENT,
+    PTE_WRITE,
+    REF_KSM,
+    T_FLIGHT_MM,
+    T_FLIGHT_PFN,
+    T_FLIGHT_VPN,
+    XS_USERS0,
+)
 
 if TYPE_CHECKING:
     from uksm.kernel.cluster import Cluster
@@ -191,7 +222,7 @@ def plant_page_data(cl: "Cluster", mms: dict[int, "MM"], mm_id: int) -> Fault:
             mv[off] = old ^ 0xFF
 
             def undo() -> None:
-                mv[off] = old
+                mv[off] = old  # noqa: B023 -- returned at once: the loop goes no further
             return Fault("page data", [], undo, {"pfn": p >> 2})
     raise AssertionError(f"mm{mm_id} maps no ordinary page")
 

@@ -98,13 +98,12 @@ class Space:
         which ksmd does when the slow path left it the slot.  Returns the
         __ksm_exit path taken."""
         import helpers
-
+        from uksm.host.log import NULL_LOG
         from uksm.kernel.exit import mmput
-        from uksm.host.log import _Null
         path = 0
         if not self.exited:
             self.exited = True
-            path = mmput(self.cl, self.mm, self.alloc, _Null())
+            path = mmput(self.cl, self.mm, self.alloc, NULL_LOG)
             self.alloc.flush()
         if wait:
             helpers.pump(self.sup, self.freed, timeout, what=f"mm{self.mm.id} to be freed")
@@ -215,7 +214,6 @@ def set_run(sup: Any, run: int, timeout: float = 30.0) -> None:
     (as run_store does), then wait until ksmd has acted on it (for 2: the
     unmerge is complete)."""
     import helpers
-
     from uksm.kernel.ksm import run_store
     from uksm.kernel.layout import K_RUN_DONE
     cl, q = sup.cl, sup.cl.q

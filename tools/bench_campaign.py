@@ -28,7 +28,7 @@ def measure(parallel: int, a: argparse.Namespace, tmp: str) -> tuple[float, int,
             "--parallel", str(parallel), "--engine", a.engine, "--keep-logs", "none",
             "--out", out, "--quiet"]
     t0 = time.monotonic()
-    p = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.run(argv, capture_output=True, text=True)
     wall = time.monotonic() - t0
     with open(out) as f:
         rows = [json.loads(x) for x in f]

@@ -50,7 +50,7 @@ Usage::
 
     python3 tools/bench_ksm.py                       # 200,000 pages, 50 contents
     python3 tools/bench_ksm.py --pages 20000 --json  # smaller, one JSON object
-    python3 -m uksm.tools.bench_ksm --skip-kernel
+    python3 tools/bench_ksm.py --skip-kernel         # uksm only, /sys/kernel/mm/ksm untouched
 """
 from __future__ import annotations
 
@@ -224,14 +224,14 @@ def run_uksm(pages: int, distinct: int, workers: int, pages_to_scan: int, sleep_
              after: float, timeout: float, seed: int, log_dir: str | None, say: Any) -> dict[str, Any]:
     from uksm.host import log as ulog
     from uksm.host import shm
+    from uksm.kernel.ksm import run_store
     from uksm.kernel.layout import (
         K_FULL_SCANS,
         K_PAGES_SCANNED,
         K_PAGES_SHARED,
         K_PAGES_SHARING,
-        )
+    )
     from uksm.proc.supervisor import Supervisor
-    from uksm.kernel.ksm import run_store
 
     name = f"bench{os.getpid()}"
     per = split_pages(pages, workers)
@@ -502,7 +502,7 @@ def run_cli(pages: int, distinct: int, workers: int, pages_to_scan: int, sleep_m
         t0_ns = time.monotonic_ns()
         t0 = t0_ns / 1e9
         try:
-            p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            p = subprocess.run(cmd, capture_output=True, text=True,
                                timeout=timeout + 60)
         except BaseException as e:
             # timeout, Ctrl-C, SIGTERM: subprocess.run has SIGKILLed it; its
@@ -636,8 +636,8 @@ def table(r: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="bench_ksm", description=(__doc__ or "").split("\n\n")[0],
-        epilog="See the module docstring (python3 -c 'import uksm.tools.bench_ksm as b; "
-               "help(b)') for how to read the numbers.")
+        epilog="See the module docstring (python3 -m pydoc tools/bench_ksm.py) for how to "
+               "read the numbers.")
     ap.add_argument("--pages", type=int, default=200_000, help="pages in total (default 200000)")
     ap.add_argument("--distinct", type=int, default=50,
                     help="distinct page contents in total (default 50)")
@@ -752,8 +752,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{side}: warning: {w}")
         k = report.get("kernel") or {}
         if k.get("max_page_sharing"):
+            ours = (report.get("uksm") or {}).get("expected_shared", "-")
             print(f"kernel: max_page_sharing {k['max_page_sharing']}: expect pages_shared "
-                  f"{k['expected_shared']:,} (uksm has no cap: {(report.get('uksm') or {}).get('expected_shared', '-')})")
+                  f"{k['expected_shared']:,} (uksm has no cap: {ours})")
         if k.get("restore"):
             print(f"kernel settings after: {k['restore']['now']}")
         u = report.get("uksm") or {}

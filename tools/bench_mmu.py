@@ -53,10 +53,10 @@ def _loop_until(end: float, body) -> int:
 
 
 def child(a: argparse.Namespace) -> dict:
+    from uksm.host.log import NULL_LOG
     from uksm.kernel.cluster import Cluster
     from uksm.kernel.exit import mmput
     from uksm.kernel.layout import T_PID
-    from uksm.host.log import _Null
     from uksm.kernel.memory import PCP_BATCH, Allocator
     from uksm.kernel.mm import mm_attach
     from uksm.kernel.mmu import MMU
@@ -116,7 +116,7 @@ def child(a: argparse.Namespace) -> dict:
     # sanity: what the MMU holds is what was written
     assert mmu.read(base, PAGE) == data and mmu.read(base + (P - 1) * PAGE, PAGE) == data
     alloc.drain()
-    mmput(cl, mm, alloc, _Null())
+    mmput(cl, mm, alloc, NULL_LOG)
     alloc.flush()
     cl.close()
     return out

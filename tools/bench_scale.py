@@ -38,7 +38,7 @@ import sys
 import time
 from typing import Any
 
-from uksm.tools.bench_ksm import (
+from bench_ksm import (
     _sigterm,
     expected_counts,
     machine,

@@ -11,9 +11,20 @@ __all__ = ["Machine", "Task", "KillPoint", "MachineError", "MachineClosed", "Wai
            "HungTask", "TaskExited", "TaskDied", "SegFault", "IntegrityError", "KillPointMissed"]
 
 if TYPE_CHECKING:
-    from uksm.api import (HungTask, IntegrityError, KillPoint, KillPointMissed, Machine,
-                      MachineClosed, MachineError, SegFault, Task, TaskDied, TaskExited,
-                      WaitTimeout)
+    from uksm.api import (
+        HungTask,
+        IntegrityError,
+        KillPoint,
+        KillPointMissed,
+        Machine,
+        MachineClosed,
+        MachineError,
+        SegFault,
+        Task,
+        TaskDied,
+        TaskExited,
+        WaitTimeout,
+    )
 
 
 def __getattr__(name: str) -> Any:

@@ -36,14 +36,24 @@ import signal as _signal
 import tempfile
 import time
 import weakref
-from collections.abc import Iterator, MutableMapping
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable, Iterator, MutableMapping
+from typing import Any, NamedTuple
 
-from uksm.kernel import killpoints
+from uksm.errors import (
+    HungTask,
+    IntegrityError,
+    KillPointMissed,
+    MachineClosed,
+    MachineError,
+    SegFault,
+    TaskDied,
+    TaskExited,
+    WaitTimeout,
+)
 from uksm.host import shm
-from uksm.kernel.layout import KSM_FIELDS
+from uksm.kernel import killpoints
+from uksm.kernel.layout import EXIT_POLICIES, HAZARDS, KSM_FIELDS
 from uksm.proc.control import CTL_NAMES, WRITABLE, KnobError, ctl_values, read_state, validate_knob
-from uksm.kernel.layout import EXIT_POLICIES, HAZARDS
 
 DEFAULT_WAIT_S = 60.0
 _POLL_S = 0.01
@@ -60,58 +70,6 @@ def _close_forgotten() -> None:
             m.close()
         except Exception:
             pass
-
-
-# ---- exceptions --------------------------------------------------------------------------
-
-class MachineError(Exception):
-    """Something a Machine could not do (the base of uksm's exceptions).
-    Bad arguments raise the built-in TypeError, ValueError, KeyError or
-    PermissionError instead, and change nothing."""
-
-
-class MachineClosed(MachineError):
-    """The Machine was closed (or its cluster went down)."""
-
-
-class WaitTimeout(MachineError, TimeoutError):
-    """A wait ran out of time; the message names what it waited for."""
-
-
-class HungTask(MachineError):
-    """The hung-task watchdog reported a task blocked too long.
-    ``reports``: the watchdog's reports (role, pid, lock, waited_s, and the
-    wait-for ``chain``, one line per link)."""
-
-    def __init__(self, msg: str, reports: list[dict[str, Any]]) -> None:
-        chain = [line for r in reports[:1] for line in r.get("chain", [])]
-        super().__init__(msg + ("\n  " + "\n  ".join(chain) if chain else ""))
-        self.reports = reports
-        self.chain = chain
-
-
-class TaskExited(MachineError):
-    """The task has exited (or was killed): it takes no more commands."""
-
-
-class TaskDied(TaskExited):
-    """The task died while running the command (a kill point, the OOM
-    killer, a signal); its death was recovered and its exit run."""
-
-
-class SegFault(MachineError):
-    """An access outside the task's pages.  Nothing was done and the task
-    lives on (uksm reports a segfault to the script instead of killing the
-    task, so the script can go on with it)."""
-
-
-class IntegrityError(MachineError):
-    """A task's pages do not hold what it wrote (verify, exit)."""
-
-
-class KillPointMissed(MachineError):
-    """A task was driven towards a kill point and got through without
-    passing it (the point is disarmed again; see the message for why)."""
 
 
 class KillPoint(NamedTuple):
@@ -545,9 +503,19 @@ class Machine:
         """The machine's event counts (uksm's /proc/vmstat): tasks started
         and exited, by __ksm_exit path, killed, OOM-killed, reaped; deaths
         recovered (and locks taken over), merges, kill points hit."""
-        from uksm.kernel.layout import (S_EXIT_FAST, S_EXIT_LEGACY, S_EXIT_SLOW, S_EXITED, S_KILLED,
-                             S_LOCK_RECOVERIES, S_MERGES, S_OOM_KILLED, S_REAPED, S_RECOVERIES,
-                             S_STARTED)
+        from uksm.kernel.layout import (
+            S_EXIT_FAST,
+            S_EXIT_LEGACY,
+            S_EXIT_SLOW,
+            S_EXITED,
+            S_KILLED,
+            S_LOCK_RECOVERIES,
+            S_MERGES,
+            S_OOM_KILLED,
+            S_REAPED,
+            S_RECOVERIES,
+            S_STARTED,
+        )
         cl = self._t().cl
         names = {"started": S_STARTED, "exited": S_EXITED, "exit_fast": S_EXIT_FAST,
                  "exit_slow": S_EXIT_SLOW, "exit_legacy": S_EXIT_LEGACY, "killed": S_KILLED,

@@ -28,16 +28,33 @@ import socket
 import sys
 from typing import Any
 
+from uksm.workers.worker import Worker, parser
+
+from uksm.errors import SegFault, UksmError
 from uksm.host import log as ulog
 from uksm.host.lifeline import arm, exit_now
-from uksm.kernel.layout import (EXIT_PATHS, M_FLAGS, MMF_VM_MERGEABLE, PAGE_SIZE, PT_OFF, PTE_PRESENT,
-                         PTE_WRITE, T_EXIT_PATH, T_MISMATCHES, T_READY, VM_MERGEABLE)
+from uksm.kernel.layout import (
+    EXIT_PATHS,
+    M_FLAGS,
+    MMF_VM_MERGEABLE,
+    PAGE_SIZE,
+    PT_OFF,
+    PTE_PRESENT,
+    PTE_WRITE,
+    T_EXIT_PATH,
+    T_MISMATCHES,
+    T_READY,
+    VM_MERGEABLE,
+)
 from uksm.kernel.memory import OutOfMemory
-from uksm.kernel.mm import SegFault
-from uksm.host.shm import UksmError
-from uksm.kernel.syscalls import (MADV_DONTNEED, MADV_MERGEABLE, MADV_UNMERGEABLE, KsmInterrupted, sys_madvise,
-                                  sys_mmap)
-from uksm.workers.worker import Worker, parser
+from uksm.kernel.syscalls import (
+    MADV_DONTNEED,
+    MADV_MERGEABLE,
+    MADV_UNMERGEABLE,
+    KsmInterrupted,
+    sys_madvise,
+    sys_mmap,
+)
 
 ADVICE = {"MERGEABLE": MADV_MERGEABLE, "UNMERGEABLE": MADV_UNMERGEABLE, "DONTNEED": MADV_DONTNEED}
 EXIT_POINTS = ("ksm_exit_before_down_write", "ksm_exit_mmap_sem_write", "exit_mid_zap")

@@ -21,19 +21,32 @@ import signal
 import sys
 import time
 
+from uksm.workers.workloads import ZERO, Workload
+
 from uksm.host import log as ulog
+from uksm.host.lifeline import arm, exit_now
+from uksm.host.shm import UksmError
 from uksm.kernel import oom
 from uksm.kernel.cluster import Cluster
 from uksm.kernel.exit import mmput
-from uksm.host.lifeline import arm, exit_now
-from uksm.kernel.layout import (M_OWNER_PID, PAGE_SIZE, S_SIGNALS, T_EXIT_REASON, T_FATAL,
-                         T_MISMATCHES, T_PID, T_READY, T_VERIFIED, X_EXIT, X_OOM, X_SIGNAL)
+from uksm.kernel.layout import (
+    M_OWNER_PID,
+    PAGE_SIZE,
+    S_SIGNALS,
+    T_EXIT_REASON,
+    T_FATAL,
+    T_MISMATCHES,
+    T_PID,
+    T_READY,
+    T_VERIFIED,
+    X_EXIT,
+    X_OOM,
+    X_SIGNAL,
+)
 from uksm.kernel.memory import PCP_BATCH, Allocator, OutOfMemory
 from uksm.kernel.mm import mm_attach
 from uksm.kernel.mmu import MMU
-from uksm.host.shm import UksmError
 from uksm.kernel.syscalls import MADV_DONTNEED, MADV_MERGEABLE, sys_madvise, sys_mlockall, sys_mmap
-from uksm.workers.workloads import ZERO, Workload
 
 
 class Worker:
@@ -45,7 +58,6 @@ class Worker:
         self.tb = self.task.base
         self.q[self.tb + T_PID] = os.getpid()
         self.log = ulog.setup("worker", a.cluster, a.log_dir, mm=a.mm)
-        oom.set_logger(self.log)
         self.cl.watch_use_after_free(self.log)
         self.cl.lockdep_log = self.log
         self.task.on_wait = lambda name, ms, holders: self.log.info(
@@ -53,7 +65,7 @@ class Worker:
         self.mm = mm_attach(self.cl, a.mm)
         self.q[self.mm.base + M_OWNER_PID] = os.getpid()
         self.alloc = Allocator(self.cl, batch=PCP_BATCH)  # a per-task list of free frames
-        self.alloc.oom_killer = oom.out_of_memory
+        self.alloc.oom_killer = oom.oom_killer(self.log)
         self.mmu = MMU(self.cl, self.mm, self.alloc)
         self.wl = Workload(a.workload, a.seed, a.worker_no)
         self.version = [-1] * a.pages  # -1: never written, reads as zeros

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import struct
 
-from uksm.kernel.layout import PAGE_SIZE
 from uksm.host.shm import UksmError
+from uksm.kernel.layout import PAGE_SIZE
 
 NAMES = ("identical", "unique", "zero", "dup:K", "volatile", "vm")
 ZERO = bytes(PAGE_SIZE)

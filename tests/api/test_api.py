@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 
 import pytest
 
 import uksm
+from helpers import run_group
 from uksm.host import shm
 from uksm.kernel.cluster import pid_alive
-
-from helpers import ROOT, run_group
 
 _n = [0]
 
@@ -37,6 +35,13 @@ def test_public_names_are_curated():
     assert sorted(uksm.__all__) == sorted(
         ["Machine", "Task", "KillPoint", "MachineError", "MachineClosed", "WaitTimeout",
          "HungTask", "TaskExited", "TaskDied", "SegFault", "IntegrityError", "KillPointMissed"])
+    # one hierarchy: every exported exception is a MachineError, rooted in the
+    # CLI's UksmError; the emulated MMU raises the very SegFault the API exports
+    from uksm.errors import UksmError
+    from uksm.kernel import mmu
+    errs = [getattr(uksm, n) for n in uksm.__all__ if n not in ("Machine", "Task", "KillPoint")]
+    assert len(errs) == 9 and all(issubclass(e, uksm.MachineError) for e in errs)
+    assert issubclass(uksm.MachineError, UksmError) and mmu.SegFault is uksm.SegFault
 
 
 def test_tasks_merge_counters_exit_and_report():

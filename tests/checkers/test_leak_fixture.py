@@ -18,7 +18,6 @@ from helpers import ROOT, TESTS, run_group
 from uksm.host import shm
 from uksm.kernel.cluster import pid_alive
 
-
 LEAKY = '''
 import json, os, signal, subprocess, sys
 from helpers import booted, wait_for

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import time
 
 import pytest
 

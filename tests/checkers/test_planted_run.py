@@ -9,10 +9,10 @@ import re
 import signal
 
 import pytest
+from test_planted import _state, mms_of
 
 import planter
 from helpers import booted, pump, wait_for
-from test_planted import _state, mms_of
 from uksm.kernel.layout import T_READY
 
 

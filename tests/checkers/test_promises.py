@@ -13,13 +13,21 @@ import sys
 import pytest
 
 import planter
-from helpers import ROOT, run_group, wait_for
-from helpers import Up
-from uksm.kernel import fsck, killpoints
+from helpers import ROOT, Up, run_group, wait_for
 from uksm.host import shm
+from uksm.kernel import fsck, killpoints
 from uksm.kernel.cluster import pid_alive
-from uksm.kernel.layout import (H_KSMD_PID, K_PAGES_TO_SCAN, K_SLEEP_MS, R_WORKER, T_PID, T_READY, T_ROLE,
-                         T_STATE, TS_ALIVE)
+from uksm.kernel.layout import (
+    H_KSMD_PID,
+    K_PAGES_TO_SCAN,
+    K_SLEEP_MS,
+    R_WORKER,
+    T_PID,
+    T_READY,
+    T_ROLE,
+    T_STATE,
+    TS_ALIVE,
+)
 
 
 def worker_rows(cl) -> list[int]:

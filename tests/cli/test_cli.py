@@ -11,8 +11,8 @@ import sys
 import time
 
 import pytest
-from helpers import ROOT, booted, run_json, uksm, wait_for
 
+from helpers import ROOT, booted, run_json, uksm, wait_for
 from uksm.host import shm
 
 WORKLOADS = ["identical", "unique", "zero", "dup:3", "volatile", "vm"]

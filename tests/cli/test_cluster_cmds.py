@@ -29,7 +29,20 @@ import pytest
 from helpers import ROOT, Up, cluster_pids, reaped, uksm, wait_for
 from uksm.host import shm
 from uksm.kernel.cluster import pid_alive
-from uksm.kernel.layout import (KSM_FIELDS, A_FREE_TOP, EXIT_POLICIES, H_EXIT_POLICY, H_MEM_LIMIT, K_PAGES_SHARING, K_PAGES_TO_SCAN, K_RUN, K_RUN_DONE, K_RUN_SEQ, K_SLEEP_MS, MM_STATES)
+from uksm.kernel.layout import (
+    A_FREE_TOP,
+    EXIT_POLICIES,
+    H_EXIT_POLICY,
+    H_MEM_LIMIT,
+    K_PAGES_SHARING,
+    K_PAGES_TO_SCAN,
+    K_RUN,
+    K_RUN_DONE,
+    K_RUN_SEQ,
+    K_SLEEP_MS,
+    KSM_FIELDS,
+    MM_STATES,
+)
 from uksm.kernel.mm import live_mm_rows, mm_fields
 
 KSM = dict(KSM_FIELDS)   # the /sys/kernel/mm/ksm names and their words

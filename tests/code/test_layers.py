@@ -5,13 +5,17 @@ level imports included: an import inside a function is still a
 dependency, only a later one):
 
     cli            uksm.cli, uksm.__main__
-    tools          uksm.tools  (tools/: inject, campaign, benchmarks)
+    faults         uksm.faults (fault injection: inject, campaign, campaign_run)
     api            uksm.api, uksm.testing, uksm (the curated __init__)
     proc           uksm.proc   (supervisor, recovery, reaper, daemon, run, control)
     workers        uksm.workers (workers/: the tasks' programs)
     logs           uksm.logs   (reads log files: only the host below it)
     kernel         uksm.kernel (the emulated mm/ksm.c)
     host           uksm.host   (shm, lifeline, log, oops, exit codes)
+    errors         uksm.errors (the one exception hierarchy: imports nothing of uksm)
+
+tools/ (the benchmarks) and dev/ (maintainer tooling) are scripts run from
+a checkout, not installed modules: they are no layer.
 """
 from __future__ import annotations
 
@@ -21,18 +25,19 @@ import pathlib
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-# a package's folder in the source tree (workers/ and tools/ install as uksm.*)
-FOLDERS = {"uksm": ROOT / "uksm", "uksm.workers": ROOT / "workers", "uksm.tools": ROOT / "tools"}
+# a package's folder in the source tree (workers/ installs as uksm.workers)
+FOLDERS = {"uksm": ROOT / "uksm", "uksm.workers": ROOT / "workers"}
 # what each layer may import, itself included
 ALLOWED = {
-    "host": {"host"},
-    "kernel": {"host", "kernel"},
-    "logs": {"host", "logs"},
-    "workers": {"host", "kernel", "workers"},
-    "proc": {"host", "kernel", "workers", "proc"},
-    "api": {"host", "kernel", "workers", "proc", "api"},
-    "tools": {"host", "kernel", "workers", "proc", "api", "logs", "tools"},
-    "cli": {"host", "kernel", "workers", "proc", "api", "logs", "tools", "cli"},
+    "errors": {"errors"},
+    "host": {"errors", "host"},
+    "kernel": {"errors", "host", "kernel"},
+    "logs": {"errors", "host", "logs"},
+    "workers": {"errors", "host", "kernel", "workers"},
+    "proc": {"errors", "host", "kernel", "workers", "proc"},
+    "api": {"errors", "host", "kernel", "workers", "proc", "api"},
+    "faults": {"errors", "host", "kernel", "workers", "proc", "api", "logs", "faults"},
+    "cli": {"errors", "host", "kernel", "workers", "proc", "api", "logs", "faults", "cli"},
 }
 
 
@@ -43,7 +48,7 @@ def modules() -> dict[str, pathlib.Path]:
         for p in folder.rglob("*.py"):
             rel = p.relative_to(folder).with_suffix("")
             parts = [x for x in rel.parts if x != "__init__"]
-            if pkg == "uksm" and parts and parts[0] in ("workers", "tools"):
+            if pkg == "uksm" and parts and parts[0] == "workers":
                 continue
             out[".".join([pkg, *parts])] = p
     return out
@@ -147,3 +152,8 @@ def test_the_checks_can_fail() -> None:
     # the kernel's own modules are seen, with their imports
     assert "uksm.kernel.layout" in GRAPH["uksm.kernel.ksm"]
     assert "uksm.host.shm" in GRAPH["uksm.kernel.cluster"]
+    # the one exception hierarchy is below everything, the kernel's SegFault too
+    assert GRAPH["uksm.errors"] == set() and "uksm.errors" in GRAPH["uksm.kernel.mmu"]
+    # fault injection is seen in its own layer, under the CLI that runs it
+    assert "uksm.faults.campaign_run" in GRAPH["uksm.faults.campaign"]
+    assert {"uksm.faults.inject", "uksm.faults.campaign"} <= GRAPH["uksm.cli.main"]

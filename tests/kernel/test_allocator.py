@@ -16,9 +16,8 @@ import subprocess
 import sys
 
 import pytest
-from helpers import TESTS, booted, wait_for
-from util_machine import Space, assert_fsck, frames_used
 
+from helpers import TESTS, booted, wait_for
 from uksm.kernel.layout import (
     A_FREE_TOP,
     PAGE_SIZE,
@@ -29,7 +28,7 @@ from uksm.kernel.layout import (
     TS_FREE,
 )
 from uksm.kernel.memory import Allocator
-
+from util_machine import Space, assert_fsck, frames_used
 
 
 def overlaps(results: list[dict]) -> list[str]:
@@ -79,7 +78,7 @@ def test_concurrent_alloc_free_never_hands_out_a_frame_twice(tmp_path, children,
                      or any(p.poll() is not None for _o, p in procs), 60, what="children to attach")
             for r in rows:
                 cl.q[cl.tbase(r) + T_READY] = 1
-            for out, p in procs:
+            for _out, p in procs:
                 _o, err = p.communicate(timeout=90)
                 assert p.returncode == 0, f"child failed ({p.returncode}):\n{err}"
         finally:

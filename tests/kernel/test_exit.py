@@ -16,10 +16,19 @@ import pytest
 
 import uksm
 from helpers import booted, pump, run_json
-from uksm.kernel import killpoints
 from uksm.host import shm
-from uksm.kernel.layout import (H_KSMD_POINT, K_FULL_SCANS, M_ID, M_RMAP_ITEMS, M_SLOT_RMAP,
-                                M_SLOT_USED, S_MISMATCHES, T_READY, stats_block)
+from uksm.kernel import killpoints
+from uksm.kernel.layout import (
+    H_KSMD_POINT,
+    K_FULL_SCANS,
+    M_ID,
+    M_RMAP_ITEMS,
+    M_SLOT_RMAP,
+    M_SLOT_USED,
+    S_MISMATCHES,
+    T_READY,
+    stats_block,
+)
 
 # cluster names are per test session: two runs of the suite at once never collide
 PID = os.getpid() % 100000

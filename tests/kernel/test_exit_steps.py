@@ -17,13 +17,40 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+
 from helpers import booted
+from uksm.host.log import NULL_LOG
+from uksm.kernel import exit as xmod
+from uksm.kernel.layout import (
+    EXIT_POLICIES,
+    H_EXIT_POLICY,
+    L_SCAN_ADDR,
+    L_SCAN_SLOT,
+    M_EXIT_STAGE,
+    M_OOM_VICTIM,
+    M_SLOT_USED,
+    M_STATE,
+    M_USERS,
+    MS_EXITING,
+    MS_LIVE,
+    MS_NVMA,
+    MS_VMAS_FREED,
+    MS_ZOMBIE,
+    P_FAST,
+    P_LEGACY,
+    P_SLOW,
+    PT_OFF,
+    PTE_PRESENT,
+    T_EXIT_PROGRESS,
+    VM_LOCKED,
+    VMA_SIZE,
+    XS_KSM_EXIT,
+    XS_PGTABLES,
+    XS_USERS0,
+    XS_ZAPPED,
+)
 from util_log import RecLog
 from util_machine import PAGE, Space, assert_fsck, frames_used, set_run
-
-from uksm.kernel import exit as xmod
-from uksm.kernel.layout import (EXIT_POLICIES, H_EXIT_POLICY, L_SCAN_ADDR, L_SCAN_SLOT, M_EXIT_STAGE, M_OOM_VICTIM, M_SLOT_USED, M_STATE, M_USERS, MS_EXITING, MS_NVMA, MS_LIVE, MS_VMAS_FREED, MS_ZOMBIE, P_FAST, P_LEGACY, P_SLOW, PT_OFF, PTE_PRESENT, T_EXIT_PROGRESS, VM_LOCKED, VMA_SIZE, XS_KSM_EXIT, XS_PGTABLES, XS_USERS0, XS_ZAPPED)
-from uksm.host.log import _Null
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -125,7 +152,7 @@ def test_ksm_exit_runs_once_and_only_with_a_slot(machine: Any,
     cl.q[L_SCAN_ADDR] = 0
     cl.task.unlock(cl.mmlist)
     st = Steps(monkeypatch, cl)
-    log = _Null()
+    log = NULL_LOG
     assert xmod.mm_users_zero(cl, s.mm, log) is True
     assert xmod.mm_users_zero(cl, s.mm, log) is False      # idempotent
     assert xmod.ksm_exit(cl, s.mm, "seed", log) == P_SLOW
@@ -161,7 +188,7 @@ def test_mmput_after_a_half_done_exit_does_only_what_is_left(machine: Any, done:
     recorded and skipped, the others run once."""
     sup = machine
     s, a = _mergeable_space(sup)
-    log = _Null()
+    log = NULL_LOG
     cl, mm = sup.cl, s.mm
     xmod.mm_users_zero(cl, mm, log)
     if done & XS_ZAPPED:
@@ -191,7 +218,7 @@ def test_exit_mmap_unmap_and_free_pgtables(machine: Any) -> None:
     s.write(b, b"y")
     used = frames_used(cl)
     cl.q[s.mm.base + M_OOM_VICTIM] = 1
-    log = _Null()
+    log = NULL_LOG
     xmod.mm_users_zero(cl, s.mm, log)
     xmod.exit_mmap_unmap(cl, s.mm, s.alloc, log)
     s.alloc.flush()
@@ -310,7 +337,7 @@ def test_free_pgtables_clears_a_multi_page_table() -> None:
         s = Space(sup)
         a = s.mmap(8)
         s.fill(a, [b"\x09" * PAGE] * 8)
-        log = _Null()
+        log = NULL_LOG
         xmod.mm_users_zero(cl, s.mm, log)
         xmod.exit_mmap_unmap(cl, s.mm, s.alloc, log)
         s.alloc.flush()
@@ -355,8 +382,16 @@ def test_legacy_ksm_exit_removes_the_slot_and_steps_the_cursor(machine: Any) -> 
     the head with ``ksm_scan.seqnr++`` when it was the last.  An mm with
     no slot: 0, nothing changed, both locks given back."""
     from uksm.kernel import ksm as kmod
-    from uksm.kernel.layout import (H_KSM_UNSYNCED, L_SEQNR, M_EXIT_PATH, M_FLAGS, M_SLOT_RMAP,
-                                    MMF_VM_MERGEABLE, S_EXIT_LEGACY, T_EXIT_PATH)
+    from uksm.kernel.layout import (
+        H_KSM_UNSYNCED,
+        L_SEQNR,
+        M_EXIT_PATH,
+        M_FLAGS,
+        M_SLOT_RMAP,
+        MMF_VM_MERGEABLE,
+        S_EXIT_LEGACY,
+        T_EXIT_PATH,
+    )
     sup = machine
     cl = sup.cl
     q = cl.q
@@ -364,7 +399,7 @@ def test_legacy_ksm_exit_removes_the_slot_and_steps_the_cursor(machine: Any) -> 
     sp = [_mergeable_space(sup, 1)[0] for _ in range(3)]
     rows = [s.mm.row for s in sp]
     assert kmod.slots(cl) == rows
-    nul = _Null()
+    nul = NULL_LOG
     steps = ((1, rows[2], 0, [rows[0], rows[2]]), (2, cl.head, 1, [rows[0]]))
     for k, (victim, nxt, bump, left) in enumerate(steps):
         s = sp[victim]
@@ -431,7 +466,7 @@ def test_ksm_enter_and_exit_events_and_an_mm_without_a_slot(machine: Any) -> Non
         assert log.events == [("ksm_enter", {"mm": s.mm.id})]
         assert q[b + M_FLAGS] == (1 << 20) | MMF_VM_MERGEABLE and q[b + M_SLOT_USED] == 1
         assert kmod.slots(cl) == [s.mm.row]
-        xmod.mm_users_zero(cl, s.mm, _Null())
+        xmod.mm_users_zero(cl, s.mm, NULL_LOG)
         log.events.clear()
         kmod.__ksm_exit(cl, s.mm, legacy, log, policy)
         assert log.events[0] == ("ksm_exit", {"mm": s.mm.id, "path": path, "policy": policy})
@@ -441,13 +476,13 @@ def test_ksm_enter_and_exit_events_and_an_mm_without_a_slot(machine: Any) -> Non
         q[b + M_FLAGS] &= ~(1 << 20)
         s.exited = True
         _policy(sup, policy)
-        xmod.mmput(cl, s.mm, s.alloc, _Null())
+        xmod.mmput(cl, s.mm, s.alloc, NULL_LOG)
         _policy(sup, "seed")
         s.exit()
     t = Space(sup)
     t.write(t.mmap(1), b"f")
     fast, slow = q[S_EXIT_FAST], q[S_EXIT_SLOW]
-    assert kmod.__ksm_exit(cl, t.mm, False, None, "seed") == 0
+    assert kmod.__ksm_exit(cl, t.mm, False, NULL_LOG, "seed") == 0
     assert (q[S_EXIT_FAST], q[S_EXIT_SLOW]) == (fast, slow) and not cl.task.holds(cl.mmlist)
     t.exit()
     assert_fsck(sup)

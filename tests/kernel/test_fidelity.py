@@ -45,15 +45,14 @@ def test_fault_path_exit_check_only_in_the_seed(policy, installs):
     code before the seed install the page -- their exit_mmap, after
     __ksm_exit, frees it."""
     from helpers import booted
-    from util_machine import Space, assert_fsck
-
+    from uksm.host.log import NULL_LOG
     from uksm.kernel.exit import mm_users_zero
-    from uksm.host.log import _Null
     from uksm.kernel.mmu import FAULT_EXITING, FAULT_OK, handle_mm_fault
+    from util_machine import Space, assert_fsck
     with booted(cname("f" + policy[:2]), run=0, frames=64, va_pages=128, exit_policy=policy) as sup:
         s = Space(sup)
         base = s.mmap(2)
-        mm_users_zero(sup.cl, s.mm, _Null())       # exit began: ksm_test_exit(mm)
+        mm_users_zero(sup.cl, s.mm, NULL_LOG)       # exit began: ksm_test_exit(mm)
         sup.cl.task.lock(s.mm.sem)
         try:
             r = handle_mm_fault(sup.cl, s.alloc, s.mm, base >> 12, True, True)
@@ -73,10 +72,10 @@ class InProcKsmd:
     (run=0): its scans are then deterministic."""
 
     def __init__(self, sup, monkeypatch) -> None:
+        from uksm.host.log import NULL_LOG
         from uksm.kernel.ksmd import Ksmd
-        from uksm.host.log import _Null
         self.sup = sup
-        self.k = Ksmd(sup.cl, _Null())
+        self.k = Ksmd(sup.cl, NULL_LOG)
         # the test's Space shares this process's cached semaphores: a slot
         # freed here must not close them under it
         monkeypatch.setattr(sup.cl, "forget_mm", lambda _mm_id: None)
@@ -84,9 +83,8 @@ class InProcKsmd:
     def merged_space(self, npages: int):
         """A Space with ``npages`` equal pages, MADV_MERGEABLE, merged by
         three passes: (space, base address)."""
-        from util_machine import Space
-
         from uksm.kernel.syscalls import MADV_MERGEABLE
+        from util_machine import Space
         s = Space(self.sup)
         base = s.mmap(npages)
         fill_same(s, base, npages)
@@ -116,12 +114,10 @@ def test_unshared_ksm_page_goes_through_break_cow(monkeypatch):
     """ksm_do_scan replaces a now-unshared KSM page by an ordinary page with
     break_cow (down_read, ksm_test_exit, find_vma, VM_MERGEABLE, break_ksm),
     not with a bare break_ksm."""
-    from helpers import booted
-    from util_machine import Space, assert_fsck, is_ksm
-
     import uksm.kernel.ksmd as ksmd_mod
+    from helpers import booted
     from uksm.kernel.ksm import break_cow as real_break_cow
-    from uksm.kernel.syscalls import MADV_MERGEABLE
+    from util_machine import assert_fsck, is_ksm
     calls: list[int] = []
 
     def spy(cl, alloc, mm, vpn, log=None):
@@ -148,10 +144,9 @@ def test_break_cow_leaves_an_area_no_longer_mergeable(advice):
     """break_cow finds the VMA again under mmap_sem: an address unmapped or
     made UNMERGEABLE since ksmd saw it is not touched."""
     from helpers import booted
-    from util_machine import Space
-
     from uksm.kernel.ksm import break_cow
     from uksm.kernel.syscalls import MADV_MERGEABLE, MADV_UNMERGEABLE
+    from util_machine import Space
     with booted(cname("bv" + advice[:2]), run=0, frames=64, va_pages=128) as sup:
         s = Space(sup)
         base = s.mmap(2)
@@ -179,12 +174,11 @@ def test_no_merge_in_an_area_made_unmergeable_while_ksmd_scans(rep):
     merged.  (Before: ksmd went on with the area list taken before the
     drop and merged B's pages into the KSM page.)"""
     from helpers import booted, pump
-    from util_machine import Space, assert_fsck, is_ksm, set_run, wait_counts, wait_full_scans
-
     from uksm.kernel import killpoints
     from uksm.kernel.ksm import run_store
     from uksm.kernel.layout import H_KSMD_POINT
     from uksm.kernel.syscalls import MADV_MERGEABLE, MADV_UNMERGEABLE
+    from util_machine import Space, assert_fsck, is_ksm, set_run, wait_counts, wait_full_scans
     with booted(cname(f"nm{rep}"), run=1, frames=512, va_pages=400, pages_to_scan=2000,
                 sleep_ms=2) as sup:
         q = sup.cl.q
@@ -218,11 +212,11 @@ def test_madv_unmergeable_interrupted_keeps_vm_mergeable(monkeypatch):
     returns the error before "*vm_flags &= ~VM_MERGEABLE": the area keeps
     the flag (KSM pages remain in it) and madvise fails."""
     from helpers import booted
-    from util_machine import Space, assert_fsck, is_ksm
-
+    from uksm.host.log import NULL_LOG
     from uksm.kernel.ksm import ERESTARTSYS
     from uksm.kernel.layout import VM_MERGEABLE
-    from uksm.kernel.syscalls import MADV_MERGEABLE, MADV_UNMERGEABLE, KsmInterrupted, sys_madvise
+    from uksm.kernel.syscalls import MADV_UNMERGEABLE, KsmInterrupted, sys_madvise
+    from util_machine import assert_fsck, is_ksm
     with booted(cname("mi"), run=0, frames=64, va_pages=128) as sup:
         k = InProcKsmd(sup, monkeypatch)
         s, base = k.merged_space(8)
@@ -233,7 +227,7 @@ def test_madv_unmergeable_interrupted_keeps_vm_mergeable(monkeypatch):
             calls.append(1)
             return len(calls) > 3              # a signal arrives after 3 pages
         with pytest.raises(KsmInterrupted) as ei:
-            sys_madvise(sup.cl, s.mm, s.alloc, base, 8 * 4096, MADV_UNMERGEABLE, None, signal_pending)
+            sys_madvise(sup.cl, s.mm, s.alloc, base, 8 * 4096, MADV_UNMERGEABLE, NULL_LOG, signal_pending)
         assert ei.value.err == -ERESTARTSYS and ei.value.pages == 3
         vma = s.mm.find_vma(base >> 12)
         assert vma is not None and vma[3] & VM_MERGEABLE, "VM_MERGEABLE kept: KSM pages remain"
@@ -254,13 +248,12 @@ def test_exit_noticed_after_the_loop_frees_the_slot_now(monkeypatch):
     as no area at all -- rmap_items removed, slot freed in this pass (by
     the call after the last page: the batch that scanned it ended there)."""
     from helpers import booted
-    from util_machine import Space, assert_fsck
-
+    from uksm.host.log import NULL_LOG
     from uksm.kernel.exit import mm_users_zero
     from uksm.kernel.ksmd import Ksmd
     from uksm.kernel.layout import M_SLOT_USED
-    from uksm.host.log import _Null
     from uksm.kernel.syscalls import MADV_MERGEABLE
+    from util_machine import Space, assert_fsck
     with booted(cname("al"), run=0, frames=64, va_pages=128) as sup:
         k = InProcKsmd(sup, monkeypatch)
         s = Space(sup)
@@ -275,7 +268,7 @@ def test_exit_noticed_after_the_loop_frees_the_slot_now(monkeypatch):
         def cmp_then_exit(self, st, vpn, pfn):
             r = real(self, st, vpn, pfn)
             if vpn == last:               # the exit begins after the last page's checks
-                mm_users_zero(sup.cl, s.mm, _Null())
+                mm_users_zero(sup.cl, s.mm, NULL_LOG)
             return r
         monkeypatch.setattr(Ksmd, "cmp_and_merge_page", cmp_then_exit)
         k.scan(n=4)                            # this mm's 4 pages: the batch ends on them
@@ -292,10 +285,9 @@ def test_full_scans_is_seqnr_and_run2_resets_it():
     """full_scans_show prints ksm_scan.seqnr, which
     unmerge_and_remove_all_rmap_items sets to 0."""
     from helpers import booted
-    from util_machine import Space, ksm_stats, set_run, wait_full_scans
-
     from uksm.kernel.layout import L_SEQNR
     from uksm.kernel.syscalls import MADV_MERGEABLE
+    from util_machine import Space, ksm_stats, set_run, wait_full_scans
     with booted(cname("fs"), run=1, frames=64, va_pages=128, pages_to_scan=100, sleep_ms=1) as sup:
         s = Space(sup)
         base = s.mmap(4)
@@ -322,9 +314,8 @@ def test_one_batch_never_counts_two_full_scans(tmp_path):
     import json
 
     from helpers import booted
-    from util_machine import Space, wait_full_scans
-
     from uksm.kernel.syscalls import MADV_MERGEABLE
+    from util_machine import Space, wait_full_scans
     with booted(cname("wrap"), str(tmp_path), run=1, frames=64, va_pages=128,
                 pages_to_scan=10000, sleep_ms=5) as sup:
         s = Space(sup)
@@ -352,10 +343,9 @@ def test_writing_the_same_run_twice_does_nothing():
     """run_store: "if (ksm_run != flags)": a second run=2 is not a second
     unmerge (no new request for ksmd)."""
     from helpers import booted
-    from util_machine import set_run
-
     from uksm.kernel.ksm import run_store
     from uksm.kernel.layout import K_RUN_DONE, K_RUN_SEQ
+    from util_machine import set_run
     with booted(cname("r2"), run=1, frames=64, va_pages=128) as sup:
         q = sup.cl.q
         set_run(sup, 2)
@@ -370,10 +360,9 @@ def test_legacy_cursor_step_to_the_head_bumps_seqnr():
     """The pre-seed __ksm_exit (removed by the seed's diff): when the cursor
     steps off the exiting mm onto ksm_mm_head, "ksm_scan.seqnr++"."""
     from helpers import booted
-    from util_machine import Space
-
     from uksm.kernel.layout import L_SCAN_SLOT, L_SEQNR
     from uksm.kernel.syscalls import MADV_MERGEABLE
+    from util_machine import Space
     with booted(cname("lc"), run=0, frames=64, va_pages=128, exit_policy="legacy") as sup:
         q = sup.cl.q
         s = Space(sup)
@@ -393,10 +382,9 @@ def test_live_fsck_under_legacy_after_exit_freed_a_slot():
     under ksm_thread_mutex; ksmd's published counters catch up at its next
     batch.  A live fsck in between is not an rmap_items mismatch."""
     from helpers import booted, pump
-    from util_machine import Space, fsck_errors
-
     from uksm.kernel.layout import M_RMAP_ITEMS
     from uksm.kernel.syscalls import MADV_MERGEABLE
+    from util_machine import Space, fsck_errors
     with booted(cname("lf"), run=1, frames=64, va_pages=128, pages_to_scan=100, sleep_ms=1,
                 exit_policy="legacy") as sup:
         s = Space(sup)
@@ -421,12 +409,11 @@ def test_oom_victim_stuck_in_mmput_by_rule(rule, second_kill, monkeypatch):
     continue;" before the TIF_MEMDIE test) and kills another task; 4.1's
     oom_scan_process_thread sees TIF_MEMDIE first and kills nobody."""
     from helpers import booted
-    from util_machine import Space
-
+    from uksm.host.log import NULL_LOG
     from uksm.kernel import oom
     from uksm.kernel.exit import mm_users_zero
     from uksm.kernel.layout import M_OOM_VICTIM, M_OWNER_PID, stats_block
-    from uksm.host.log import _Null
+    from util_machine import Space
     sent: list[int] = []
     from types import SimpleNamespace
     monkeypatch.setattr(oom, "os", SimpleNamespace(kill=lambda pid, sig: sent.append(pid)))
@@ -439,10 +426,10 @@ def test_oom_victim_stuck_in_mmput_by_rule(rule, second_kill, monkeypatch):
                 s.write(base + i * 4096, b"\x01")
         q[stuck.mm.base + M_OWNER_PID] = 999_001
         q[other.mm.base + M_OWNER_PID] = 999_002
-        assert oom.out_of_memory(sup.cl, sup.cl.task) == 999_001   # the biggest first
+        assert oom.out_of_memory(sup.cl, sup.cl.task, sup.log) == 999_001   # the biggest first
         assert q[stuck.mm.base + M_OOM_VICTIM]
-        mm_users_zero(sup.cl, stuck.mm, _Null())                   # its exit began, pages not freed
-        got = oom.out_of_memory(sup.cl, sup.cl.task)
+        mm_users_zero(sup.cl, stuck.mm, NULL_LOG)                   # its exit began, pages not freed
+        got = oom.out_of_memory(sup.cl, sup.cl.task, sup.log)
         assert got == (999_002 if second_kill else 0)
         assert sent == ([999_001, 999_002] if second_kill else [999_001])
         assert stats_block(q)["oom_killed"] == (2 if second_kill else 1)
@@ -460,12 +447,11 @@ def test_run2_writer_interrupted_sets_run_back(rep):
     unmerge_ksm_pages return -ERESTARTSYS; run goes back to 0 and the
     write fails ("interrupted")."""
     from helpers import booted, pump
-    from util_machine import Space, assert_fsck, wait_counts
-
     from uksm.kernel import killpoints
     from uksm.kernel.layout import H_KSMD_POINT, K_RUN
     from uksm.kernel.syscalls import MADV_MERGEABLE
     from uksm.kernel.writer import result_of
+    from util_machine import Space, assert_fsck, wait_counts
     with booted(cname(f"wi{rep}"), run=1, frames=128, va_pages=128, pages_to_scan=500,
                 sleep_ms=1) as sup:
         q = sup.cl.q
@@ -497,9 +483,8 @@ def test_dead_unstable_entry_ends_the_search_nothing_inserted(monkeypatch):
     b is not inserted, so c finds a's dead entry too and nothing merges
     this pass; the next pass merges b and c."""
     from helpers import booted
-    from util_machine import Space
-
     from uksm.kernel.syscalls import MADV_MERGEABLE
+    from util_machine import Space
     with booted(cname("dead"), run=0, frames=64, va_pages=128) as sup:
         k = InProcKsmd(sup, monkeypatch)
         spaces = []
@@ -538,10 +523,9 @@ def test_split_past_max_map_count_is_eagain_and_the_task_lives():
     -ENOMEM;", which madvise_behavior returns as -EAGAIN and munmap as
     -ENOMEM; the table is as it was, the task goes on."""
     from helpers import booted
-    from util_machine import Space
-
-    from uksm.kernel.mm import SyscallError
+    from uksm.errors import SyscallError
     from uksm.kernel.syscalls import MADV_MERGEABLE, MADV_UNMERGEABLE
+    from util_machine import Space
     with booted(cname("mmc"), run=0, frames=64, va_pages=128) as sup:
         s = Space(sup)
         base = s.mmap(8)
@@ -565,11 +549,10 @@ def test_madvise_over_a_hole_and_of_length_zero():
     """sys_madvise: over a hole the advice goes to the mapped parts, then
     -ENOMEM; a length of 0 returns 0 (2.6.32.67 mm/madvise.c)."""
     from helpers import booted
-    from util_machine import Space
-
+    from uksm.errors import SyscallError
     from uksm.kernel.layout import VM_MERGEABLE
-    from uksm.kernel.mm import SyscallError
     from uksm.kernel.syscalls import MADV_DONTNEED, MADV_MERGEABLE, sys_madvise
+    from util_machine import Space
     with booted(cname("hole"), run=0, frames=64, va_pages=128) as sup:
         s = Space(sup)
         base = s.mmap(6)

@@ -13,11 +13,11 @@ import json
 import os
 
 import pytest
+from test_exit import ready, set_run
 
 from helpers import booted, pump, run_json
-from test_exit import finish, ready, set_run
-from uksm.kernel import killpoints
 from uksm import logs
+from uksm.kernel import killpoints
 from uksm.kernel.layout import H_KSMD_POINT, K_FULL_SCANS, stats_block
 
 # cluster names carry the session's pid: two runs of the suite never collide

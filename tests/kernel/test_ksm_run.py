@@ -21,15 +21,30 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+
 from helpers import booted
+from uksm.host.log import NULL_LOG
+from uksm.kernel import ksm as kmod
+from uksm.kernel.layout import (
+    K_RUN,
+    K_RUN_DONE,
+    K_RUN_SEQ,
+    L_SCAN_ADDR,
+    L_SCAN_SLOT,
+    M_EXIT_STAGE,
+    M_ID,
+    M_REFS,
+    M_SLOT_USED,
+    M_STATE,
+    M_USERS,
+    S_SLOTS_FREED,
+    T_OOM_ORIGIN,
+    XS_KSM_EXIT,
+    XS_USERS0,
+    XS_ZAPPED,
+)
 from util_log import RecLog
 from util_machine import PAGE, Space, assert_fsck, is_ksm, ksm_stats, set_run, wait_counts
-
-from uksm.kernel import ksm as kmod
-from uksm.kernel.layout import (K_RUN, K_RUN_DONE, K_RUN_SEQ, L_SCAN_ADDR, L_SCAN_SLOT, M_EXIT_STAGE,
-                         M_SLOT_USED, S_SLOTS_FREED, T_OOM_ORIGIN, XS_KSM_EXIT, XS_USERS0,
-                         XS_ZAPPED, M_ID, M_REFS, M_STATE, M_USERS)
-from uksm.host.log import _Null
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -170,7 +185,7 @@ def test_run2_frees_the_slot_of_an_exiting_mm(machine: Any) -> None:
     cl = sup.cl
     q = cl.q
     live, dying, addr = _merged_pair(sup, 3)
-    log = _Null()
+    log = NULL_LOG
     from uksm.kernel import exit as xmod
     # the dying task got as far as freeing its pages (the seed's order)
     xmod.mm_users_zero(cl, dying.mm, log)
@@ -227,15 +242,27 @@ def test_run2_unmerge_state_and_events(machine: Any, how_far: str) -> None:
     its page tables and VMAs after a slow-path __ksm_exit (the 2023 fix:
     its VMAs are not walked) -- loses its slot and its mm_count."""
     from uksm.kernel import exit as xmod
-    from uksm.kernel.layout import (H_KSM_UNSYNCED, H_UNMERGE_GEN, K_FULL_SCANS, K_PAGES_SHARED,
-                             K_PAGES_SHARING, K_STABLE_NODES, L_SEQNR, M_FLAGS, M_MERGING,
-                             M_RMAP_ITEMS, M_SLOT_RMAP, MMF_VM_MERGEABLE, P_SLOW)
+    from uksm.kernel.layout import (
+        H_KSM_UNSYNCED,
+        H_UNMERGE_GEN,
+        K_FULL_SCANS,
+        K_PAGES_SHARED,
+        K_PAGES_SHARING,
+        K_STABLE_NODES,
+        L_SEQNR,
+        M_FLAGS,
+        M_MERGING,
+        M_RMAP_ITEMS,
+        M_SLOT_RMAP,
+        MMF_VM_MERGEABLE,
+        P_SLOW,
+    )
     sup = machine
     cl = sup.cl
     q = cl.q
     live, dying, addr = _merged_pair(sup, 0 if how_far == "zapped" else 1)
     assert q[live.mm.base + M_SLOT_RMAP] > 0 and q[K_STABLE_NODES] == 1
-    nul = _Null()
+    nul = NULL_LOG
     xmod.mm_users_zero(cl, dying.mm, nul)
     xmod.exit_mmap_unmap(cl, dying.mm, dying.alloc, nul)
     dying.alloc.flush()
@@ -345,7 +372,7 @@ def test_run2_counts_every_range_and_an_exiting_mm_alone(machine: Any) -> None:
     set_run(sup, 0)
     a_sp.exit()
     # only an exiting mm left on the list: nothing walked, no error
-    nul = _Null()
+    nul = NULL_LOG
     xmod.mm_users_zero(cl, b_sp.mm, nul)
     xmod.exit_mmap_unmap(cl, b_sp.mm, b_sp.alloc, nul)
     b_sp.alloc.flush()

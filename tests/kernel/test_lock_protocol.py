@@ -26,18 +26,32 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
-from typing import Any, Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import posix_ipc
 import pytest
 
 from uksm.kernel import locks
-from uksm.kernel.layout import (C_ALLOC, C_DAEMON, C_FRAMES, C_MMAP, C_MMLIST, C_PTL,
-                         C_WMUTEX, E_HELD, E_LOCK, E_SINCE, E_SPINS, E_WORD,
-                         ESIZE, NCLASS, T_LOCKS, T_PID)
-from uksm.kernel.locks import (HELD, IDLE, RELEASING, WAITING, WRITER, Lock, LockAbort,
-                        PyTask, Task, lock_id, lock_name)
+from uksm.kernel.layout import (
+    C_ALLOC,
+    C_DAEMON,
+    C_FRAMES,
+    C_MMAP,
+    C_MMLIST,
+    C_PTL,
+    C_WMUTEX,
+    E_HELD,
+    E_LOCK,
+    E_SINCE,
+    E_SPINS,
+    E_WORD,
+    ESIZE,
+    NCLASS,
+    T_LOCKS,
+    T_PID,
+)
+from uksm.kernel.locks import HELD, IDLE, RELEASING, WAITING, WRITER, Lock, LockAbort, PyTask, Task, lock_id, lock_name
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -89,7 +103,7 @@ IMPLS = {"python": PyTask} if Task is PyTask else {"c": Task, "python": PyTask}
 
 @pytest.fixture(params=list(IMPLS))
 def tb(request: pytest.FixtureRequest) -> Iterator[Table]:
-    t = Table(f"tlkp{os.getpid()}", IMPLS[request.param])   # the full pid: tools/mutation_reap.py reads it
+    t = Table(f"tlkp{os.getpid()}", IMPLS[request.param])   # the full pid: dev/mutation_reap.py reads it
     try:
         yield t
     finally:
@@ -465,8 +479,8 @@ def test_uaf_hook_fires_only_for_a_freed_mm(tb: Table) -> None:
 # ---- reading entries from outside, and recovery -----------------------------------
 
 def test_entries_units_and_dead_locks(tb: Table) -> None:
-    a, b = tb.task(0), tb.task(1)
-    wm, sem, ptl = tb.lock(C_WMUTEX), tb.lock(C_MMAP, UNITS, mm=2), tb.lock(C_PTL, mm=2)
+    a, _b = tb.task(0), tb.task(1)
+    _wm, sem, ptl = tb.lock(C_WMUTEX), tb.lock(C_MMAP, UNITS, mm=2), tb.lock(C_PTL, mm=2)
     a.lock(sem)
     ens = locks.read_entries(tb.q, tb.rows(0, 1, 2), C_MMAP)
     assert [(en.row, en.pid, en.lid, en.state, en.writer, en.units()) for en in ens] == \
@@ -952,7 +966,8 @@ def test_lock_and_task_fields(tb: Table, monkeypatch: pytest.MonkeyPatch) -> Non
     sem = posix_ipc.Semaphore(f"/uksmtest.{tb.name}.g", posix_ipc.O_CREX, mode=0o600, initial_value=1)
     try:
         g = Lock(sem, 1, C_DAEMON)       # a global lock: no mm
-        assert (g.mm, g.lid, g.name, g.mmrow, g.units, g.cls) == (0, lock_id(C_DAEMON), "ksm_thread_mutex", -1, 1, C_DAEMON)
+        assert (g.mm, g.lid, g.name, g.mmrow, g.units, g.cls) == (0, lock_id(C_DAEMON), "ksm_thread_mutex", -1, 1,
+                                                                  C_DAEMON)
     finally:
         sem.unlink()
         sem.close()

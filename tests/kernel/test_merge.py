@@ -11,7 +11,10 @@ from __future__ import annotations
 import os
 
 import pytest
+
 from helpers import booted, pump, run_json
+from uksm.kernel.layout import M_FLAGS, M_SLOT_USED, MMF_VM_MERGEABLE, VM_MERGEABLE
+from uksm.kernel.syscalls import MADV_DONTNEED, MADV_UNMERGEABLE
 from util_machine import (
     PAGE,
     Space,
@@ -27,9 +30,6 @@ from util_machine import (
     wait_frames_used,
     wait_full_scans,
 )
-
-from uksm.kernel.layout import M_FLAGS, M_SLOT_USED, MMF_VM_MERGEABLE, VM_MERGEABLE
-from uksm.kernel.syscalls import MADV_DONTNEED, MADV_UNMERGEABLE
 
 
 def cname(tag: str) -> str:

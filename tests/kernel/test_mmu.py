@@ -10,7 +10,11 @@ from __future__ import annotations
 import os
 
 import pytest
+
 from helpers import booted
+from uksm.errors import SegFault
+from uksm.kernel.layout import FIRST_VPN, M_KSM_MAPPED, M_RSS, PT_OFF, T_COW, T_FAULTS
+from uksm.kernel.syscalls import MADV_DONTNEED, MADV_MERGEABLE
 from util_machine import (
     PAGE,
     Space,
@@ -22,10 +26,6 @@ from util_machine import (
     wait_counts,
     wait_frames_used,
 )
-
-from uksm.kernel.layout import FIRST_VPN, M_KSM_MAPPED, M_RSS, PT_OFF, T_COW, T_FAULTS
-from uksm.kernel.mm import SegFault
-from uksm.kernel.syscalls import MADV_DONTNEED, MADV_MERGEABLE
 
 pytestmark = pytest.mark.timeout(60)
 

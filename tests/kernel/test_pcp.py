@@ -12,8 +12,8 @@ import signal
 import pytest
 
 from helpers import booted, pump
-from util_machine import assert_fsck, frames_used
 from uksm.kernel.layout import F_PCP, FR_AUX, FR_COUNT, FR_FLAGS, FRAME_SIZE, T_READY
+from util_machine import assert_fsck, frames_used
 
 PID = os.getpid() % 100000
 FRAMES = 1 << 15  # free frames >> PCP_SHIFT: lists of up to 8 frames
@@ -79,10 +79,9 @@ def test_a_worker_killed_holding_its_list_leaks_nothing(point, tmp_path):
 def test_a_list_dev_shm_cannot_back_goes_back_whole(monkeypatch):
     """/dev/shm full when the list is backed: every frame of the batch goes
     back on the free stack, and the allocation takes the one-frame path."""
-    from util_machine import Space
-
     from uksm.kernel.layout import A_FREE_TOP
     from uksm.kernel.memory import PCP_BATCH
+    from util_machine import Space
     with booted(f"tpcf{PID}", run=0, frames=FRAMES, va_pages=PAGES + 64) as sup:
         cl = sup.cl
         s = Space(sup)

@@ -1,6 +1,6 @@
 """docs/EVENTS.md and the code agree on the log event names.
 
-Scans every ``*.py`` under ``uksm/``, ``workers/`` and ``tools/`` for log
+Scans every ``*.py`` under ``uksm/``, ``workers/``, ``tools/`` and ``dev/`` for log
 calls ``log.info("name"`` (also ``.warning``, ``.error``, ``.debug``,
 ``.critical``, ``.exception``; through ``log``, ``self.log``, ``_log``,
 ``self._log`` or ``LOG``) and ``emit("name"``, and compares the names with the
@@ -17,7 +17,7 @@ import pytest
 pytestmark = pytest.mark.timeout(60)
 
 ROOT = Path(__file__).resolve().parents[2]
-SCANNED = ("uksm", "workers", "tools")
+SCANNED = ("uksm", "workers", "tools", "dev")
 EVENTS_MD = ROOT / "docs" / "EVENTS.md"
 
 LOG_CALL = re.compile(
@@ -99,6 +99,6 @@ def test_every_emitted_event_is_documented() -> None:
 def test_every_documented_event_is_emitted() -> None:
     emitted = emitted_events()
     if not emitted:
-        pytest.skip("no log calls in uksm/, workers/, tools/ yet")
+        pytest.skip("no log calls in uksm/, workers/, tools/, dev/ yet")
     stale = documented_events() - set(emitted)
     assert not stale, f"documented in docs/EVENTS.md but emitted nowhere: {sorted(stale)}"

@@ -19,10 +19,10 @@ import pytest
 
 from helpers import ROOT, cluster_pids, uksm, wait_for
 from uksm.host import shm
-from uksm.kernel.cluster import Cluster, pid_alive
-from uksm.kernel.layout import R_WORKER, T_READY, T_ROLE
 from uksm.host.exitcodes import EXIT_ERR, EXIT_OOPS, signalled
 from uksm.host.oops import OOPS_LIMIT
+from uksm.kernel.cluster import Cluster, pid_alive
+from uksm.kernel.layout import R_WORKER, T_READY, T_ROLE
 
 SMALL = ("--workers", "2", "--pages", "32", "--quiet")
 
@@ -384,7 +384,7 @@ def test_an_oops_in_the_text_report(tmp_path) -> None:
                                 "--log-dir", str(tmp_path), "--workers", "1", "--pages", "16")
     assert status == EXIT_OOPS, out + err
     assert "Traceback" not in out + err
-    assert f"OOPS     ksmd: RuntimeError: test oops (UKSM_TEST_KSMD_OOPS=every) at " in out, out
+    assert "OOPS     ksmd: RuntimeError: test oops (UKSM_TEST_KSMD_OOPS=every) at " in out, out
     assert f"x{OOPS_LIMIT} (its traceback: the task's log)" in out, out
     assert shm.leftovers(cl) == [] and not cluster_pids(cl)
 
@@ -505,7 +505,7 @@ def test_two_runs_side_by_side_and_the_same_name_refused(tmp_path) -> None:
         assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     finally:
         outs = [finish(pa, a, 90), finish(pb, b, 90)]
-    for (out, err), cl, seed in zip(outs, (a, b), (1, 2)):
+    for (out, err), cl in zip(outs, (a, b)):
         r = report(out, err)
         assert r["status"] == 0 and r["cluster"] == cl, (r, err)
         assert r["workers"]["started"] == r["workers"]["exited"] == 2  # its own two, no more

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
-from helpers import booted, pump
 
+from helpers import booted, pump
 from uksm.host.shm import UksmError
 from uksm.kernel.layout import K_RUN
 from uksm.proc.runwriter import Wait

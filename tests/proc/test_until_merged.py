@@ -17,9 +17,8 @@ from typing import Any
 
 import pytest
 
-from uksm.host.log import _Null
-from uksm.kernel.layout import (K_FULL_SCANS, K_PAGES_SHARED, K_PAGES_SHARING, K_PAGES_UNSHARED,
-                                K_RMAP_ITEMS, K_RUN)
+from uksm.host.log import NULL_LOG
+from uksm.kernel.layout import K_FULL_SCANS, K_PAGES_SHARED, K_PAGES_SHARING, K_PAGES_UNSHARED, K_RMAP_ITEMS, K_RUN
 from uksm.proc.run import Progress, RunOptions, drive
 
 pytestmark = pytest.mark.timeout(30)
@@ -53,7 +52,7 @@ class ScriptedSup:
         self.hung: list[Any] = []
         self.ksmd = object()
         self.recovery = SimpleNamespace(dead_q=queue.Queue())
-        self.log = _Null()
+        self.log = NULL_LOG
         self.ready = False
 
     def poll(self) -> None:

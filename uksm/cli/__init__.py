@@ -1,3 +1,3 @@
 """The top layer: ``uksm``'s command line (main), the cluster commands,
 the task verbs, ``uksm top`` and ``uksm logs``.  Nothing imports it but
-``uksm.__main__`` and the tools that wrap a command."""
+``uksm.__main__``."""

@@ -16,14 +16,24 @@ import os
 import subprocess
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from uksm.cli.args import cluster_arg
+from uksm.cli.top import format_status, run_top
 from uksm.host import shm
 from uksm.host.exitcodes import EPILOG, EXIT_ERR, EXIT_INTEGRITY, EXIT_OK, EXIT_USAGE
-from uksm.cli.top import format_status, run_top
-from uksm.proc.control import (CTL_NAMES, NotUp, attach, call, ctl_values, not_running, read_state, request, validate_knob)
-
+from uksm.proc.control import (
+    CTL_NAMES,
+    NotUp,
+    attach,
+    call,
+    ctl_values,
+    not_running,
+    read_state,
+    request,
+    validate_knob,
+)
 
 # ---- argparse ----------------------------------------------------------------------------
 
@@ -138,7 +148,8 @@ def dispatch(a: argparse.Namespace) -> int:
 def up_spec(a: argparse.Namespace) -> dict[str, Any]:
     """Validate ``up``'s options (status 2, nothing started) and return the
     spec the daemon boots from."""
-    from uksm.proc.run import check_cluster_options, check_frames, check_log_dir, usage_error as bad
+    from uksm.proc.run import check_cluster_options, check_frames, check_log_dir
+    from uksm.proc.run import usage_error as bad
     shm.check_cluster_name(a.cluster)
     check_cluster_options(a, min_workers=0)
     max_workers = a.max_workers or max(a.workers, 32)

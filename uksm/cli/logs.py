@@ -11,9 +11,10 @@ from typing import Any, TextIO
 
 from uksm.cli.args import OneLineParser
 from uksm.host.exitcodes import EXIT_INTEGRITY, EXIT_OK, EXIT_USAGE
-from uksm.logs.read import Event, EXIT_PATHS, LogDirError, ReadStats, iter_events, format_fields
+from uksm.logs.read import EXIT_PATHS, Event, LogDirError, ReadStats, format_fields, iter_events
+from uksm.logs.report import PlotUnavailable, lock_class, lock_stats_events, plot, summarize_events, timeline_events
 from uksm.logs.rules import N_RULES, check_events
-from uksm.logs.report import (PlotUnavailable, lock_class, lock_stats_events, plot, summarize_events, timeline_events)
+
 
 def _table(
     rows: list[tuple[Any, ...]],

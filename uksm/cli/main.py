@@ -11,13 +11,11 @@ import os
 import signal
 import sys
 
+from uksm.cli.args import OneLineParser, cluster_arg
 from uksm.host import shm
-from uksm.kernel.layout import EXIT_POLICIES, HAZARDS, OOM_RULES
-
 from uksm.host.exitcodes import EPILOG, signalled
 from uksm.host.lifeline import SecondSignal
-from uksm.cli.args import OneLineParser, cluster_arg
-
+from uksm.kernel.layout import EXIT_POLICIES, HAZARDS, OOM_RULES
 
 STOP_HELP = ("SIGTERM, SIGHUP or SIGINT stops it in order (workers exit, ksmd frees, fsck, "
              "teardown; the report says 'interrupted', status 128+N); a second one kills every "
@@ -114,10 +112,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                        description="Run a cluster and kill workers mid-scan (at random, at ksmd's "
                                    "cursor, or at a named kill point), respawning replacements; "
                                    "then stop, check and report. " + STOP_HELP, epilog=EPILOG)
-    from uksm.tools.inject import add_arguments
+    from uksm.faults.inject import add_arguments
     add_arguments(p)
 
-    from uksm.tools.campaign import add_parser as add_campaign
+    from uksm.faults.campaign import add_parser as add_campaign
     add_campaign(sub)
 
     sub.add_parser("logs", help="analyse a run's logs: uksm logs DIR {summary,timeline,check,locks,plot}",
@@ -162,10 +160,10 @@ def dispatch(a: argparse.Namespace) -> int:
     if a.cmd == "cleanup":
         return cmd_cleanup(a)
     if a.cmd == "inject":
-        from uksm.tools.inject import run as inject_run
+        from uksm.faults.inject import run as inject_run
         return inject_run(a)
     if a.cmd == "campaign":
-        from uksm.tools.campaign import cmd_campaign
+        from uksm.faults.campaign import cmd_campaign
         return cmd_campaign(a)
     if a.cmd == "fsck":
         from uksm.cli import cluster as cluster_cmds

@@ -16,10 +16,10 @@ import time
 from typing import Any
 
 from uksm.host import shm
-from uksm.kernel.cluster import pid_alive
 from uksm.host.exitcodes import EXIT_ERR, EXIT_OK
-from uksm.proc.control import attach, not_running, read_state
+from uksm.kernel.cluster import pid_alive
 from uksm.kernel.layout import PAGE_SIZE
+from uksm.proc.control import attach, not_running, read_state
 
 
 def _mib(n: int) -> str:

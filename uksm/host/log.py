@@ -16,7 +16,8 @@ import datetime as _dt
 import logging
 import os
 import time
-from typing import Any, MutableMapping, TextIO
+from collections.abc import MutableMapping
+from typing import Any, TextIO
 
 import structlog
 
@@ -24,29 +25,31 @@ _files: list[TextIO] = []
 
 
 def _stamp(_logger: Any, method: str, ev: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    ev["timestamp"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds")[:-6] + "Z"
+    ev["timestamp"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="microseconds")[:-6] + "Z"
     ev["mono_ns"] = time.monotonic_ns()
     ev["level"] = method
     return ev
 
 
-class _Null:
-    """A logger that drops everything (no --log-dir, or logging off)."""
+def _drop(_logger: Any, _method: str, _ev: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    raise structlog.DropEvent
 
-    def __getattr__(self, _name: str) -> Any:
-        return self._drop
 
-    def _drop(self, *_a: Any, **_k: Any) -> None:
-        return None
-
-    def bind(self, **_k: Any) -> "_Null":
-        return self
+#: The logger where none is wanted (no --log-dir, an in-process test or
+#: benchmark): structlog's own, so that a logger is always present and no
+#: caller checks for None.  Filtering at CRITICAL makes every method below
+#: it a no-op (debug..error cost a call), and the one processor drops the
+#: rest; it writes nowhere, whatever structlog.configure() said.
+NULL_LOG: Any = structlog.wrap_logger(
+    structlog.ReturnLogger(), processors=[_drop],
+    wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL),
+).bind()
 
 
 def setup(role: str, cluster: str, log_dir: str | None, **fields: Any) -> Any:
     """Configure structlog for this process and return its logger."""
     if not log_dir:
-        return _Null()
+        return NULL_LOG
     os.makedirs(log_dir, exist_ok=True)
     f = open(os.path.join(log_dir, f"{role}-{os.getpid()}.jsonl"), "a", buffering=1)
     _files.append(f)
@@ -64,7 +67,7 @@ def thread_logger(role: str, cluster: str, log_dir: str | None, tag: str, **fiel
     its own file ``<role>-<pid>-<tag>.jsonl`` (one writer per file keeps each
     file in mono_ns order), same configuration."""
     if not log_dir:
-        return _Null()
+        return NULL_LOG
     f = open(os.path.join(log_dir, f"{role}-{os.getpid()}-{tag}.jsonl"), "a", buffering=1)
     _files.append(f)
     return structlog.wrap_logger(

@@ -15,6 +15,9 @@ import re
 
 import posix_ipc
 
+# shm.UksmError, the name most of uksm raises it by: the class is uksm.errors'
+from uksm.errors import UksmError
+
 SHM_DIR = "/dev/shm"
 # back a range with tmpfs pages now, failing (EFAULT/ENOMEM) where a write
 # would have raised SIGBUS (Linux 5.14; python's mmap knows it from 3.13)
@@ -42,14 +45,6 @@ def _zeros() -> memoryview:
 
 
 CLUSTER_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
-
-
-class UksmError(Exception):
-    """A user-facing error: printed as one line, never as a traceback."""
-
-    def __init__(self, msg: str, status: int = 1) -> None:
-        super().__init__(msg)
-        self.status = status
 
 
 def check_cluster_name(name: str) -> str:

@@ -6,5 +6,5 @@ copy-on-write) -> ksm (``__ksm_enter``, ``__ksm_exit``, ``break_cow``,
 ``run_store``) -> ksmd (``ksm_scan_thread``), exit (``exit_mm``,
 ``mmput``), oom, fsck, watchdog (khungtaskd), writer (a task writing
 ``/sys/kernel/mm/ksm/run``).  It imports only ``uksm.host``: it knows
-nothing of the supervisor, the tasks' programs, the CLI or the tools.
+nothing of the supervisor, the tasks' programs, the CLI or fault injection.
 """

@@ -1,5 +1,6 @@
 # The C core of uksm.kernel.locks (uksm/kernel/_lockcore.c).
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 source: str   # the first 16 hex digits of the C file's sha256 it was built from
 

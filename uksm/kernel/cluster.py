@@ -19,15 +19,56 @@ from typing import Any
 import posix_ipc
 
 from uksm.host import shm
-from uksm.kernel.layout import (A_FREE_TOP, C_ALLOC, C_DAEMON, C_MMAP, C_MMLIST, C_PTL, C_WMUTEX,
-                     CTL_FIXED_END, CS_STARTING, EXIT_POLICIES, FRAME_SIZE, H_CREATED_NS,
-                     H_EXIT_POLICY, H_HAZARDS, H_HUNG_TIMEOUT_MS, H_KSMD_POINT, H_OOM_RULE, OOM_RULES,
-                     H_LOCK_WAIT_MS, H_MAGIC, H_MAX_MMS, H_MAX_TASKS, H_NEXT_MM_ID,
-                     H_NFRAMES, H_RWSEM_N, H_STATE, H_VA_PAGES, H_VERSION, HAZARDS,
-                     K_PAGES_TO_SCAN, K_RUN, K_SLEEP_MS, L_HEAD_NEXT, L_HEAD_PREV,
-                     L_SCAN_SLOT, MAGIC, MM_SIZE, PAGE_SIZE, T_STATE, TASK_SIZE,
-                     TS_ALIVE, TS_REAPING, VERSION, M_ID,
-                     S_LOCKDEP, S_USE_AFTER_FREE, H_SUPERVISOR_PID)
+from uksm.host.log import NULL_LOG
+from uksm.kernel.layout import (
+    A_FREE_TOP,
+    C_ALLOC,
+    C_DAEMON,
+    C_MMAP,
+    C_MMLIST,
+    C_PTL,
+    C_WMUTEX,
+    CS_STARTING,
+    CTL_FIXED_END,
+    EXIT_POLICIES,
+    FRAME_SIZE,
+    H_CREATED_NS,
+    H_EXIT_POLICY,
+    H_HAZARDS,
+    H_HUNG_TIMEOUT_MS,
+    H_KSMD_POINT,
+    H_LOCK_WAIT_MS,
+    H_MAGIC,
+    H_MAX_MMS,
+    H_MAX_TASKS,
+    H_NEXT_MM_ID,
+    H_NFRAMES,
+    H_OOM_RULE,
+    H_RWSEM_N,
+    H_STATE,
+    H_SUPERVISOR_PID,
+    H_VA_PAGES,
+    H_VERSION,
+    HAZARDS,
+    K_PAGES_TO_SCAN,
+    K_RUN,
+    K_SLEEP_MS,
+    L_HEAD_NEXT,
+    L_HEAD_PREV,
+    L_SCAN_SLOT,
+    M_ID,
+    MAGIC,
+    MM_SIZE,
+    OOM_RULES,
+    PAGE_SIZE,
+    S_LOCKDEP,
+    S_USE_AFTER_FREE,
+    T_STATE,
+    TASK_SIZE,
+    TS_ALIVE,
+    TS_REAPING,
+    VERSION,
+)
 from uksm.kernel.locks import Lock, Task, holders_of, lock_name
 from uksm.kernel.views import MmRow, TaskRow
 
@@ -80,18 +121,23 @@ class Cluster:
         shm.check_room(name, ctl_size + fr_size + pool_size)
         made: list[tuple[str, str]] = []
         try:
-            self.ctl = shm.create_segment(name, "ctl", ctl_size); made.append(("shm", "ctl"))
+            self.ctl = shm.create_segment(name, "ctl", ctl_size)
+            made.append(("shm", "ctl"))
             # the creator first (the supervisor, or an in-process tool), before
             # any other object exists: whoever finds this cluster's objects
             # while it is being made can tell whose they are (a concurrent
             # test session's leak fixture must not take a booting cluster
             # for one left behind); the supervisor records itself again
             self.ctl.q[H_SUPERVISOR_PID] = os.getpid()
-            self.frames_seg = shm.create_segment(name, "frames", fr_size); made.append(("shm", "frames"))
-            self.pool = shm.create_segment(name, "pool", pool_size, sparse=True); made.append(("shm", "pool"))
+            self.frames_seg = shm.create_segment(name, "frames", fr_size)
+            made.append(("shm", "frames"))
+            self.pool = shm.create_segment(name, "pool", pool_size, sparse=True)
+            made.append(("shm", "pool"))
             for what in ("daemon", "mmlist", "zone"):
-                shm.create_sem(name, what, 1); made.append(("sem", what))
-            shm.create_sem(name, "killpoints", 0); made.append(("sem", "killpoints"))
+                shm.create_sem(name, what, 1)
+                made.append(("sem", what))
+            shm.create_sem(name, "killpoints", 0)
+            made.append(("sem", "killpoints"))
         except BaseException:
             for kind, what in made:
                 (shm.unlink_shm if kind == "shm" else shm.unlink_sem)(name, what)
@@ -177,7 +223,7 @@ class Cluster:
         return task
 
     # what lockdep reports go to (each process sets its logger)
-    lockdep_log: Any = None
+    lockdep_log: Any = NULL_LOG
 
     def _lockdep_report(self, kind: str, lk: Lock, held: int, op: str) -> None:
         """A lock taken against the order (locks.Task.lockdep_check): count
@@ -186,10 +232,9 @@ class Cluster:
         deadlock, if it was one (the watchdog then reports the hang)."""
         import traceback
         self.q[S_LOCKDEP] += 1  # racy, but only zero or not matters
+        chain = " <- ".join(f.name for f in reversed(traceback.extract_stack()[-9:-2]))
         log = self.lockdep_log
-        if log is not None:
-            chain = " <- ".join(f.name for f in reversed(traceback.extract_stack()[-9:-2]))
-            log.error("lockdep", kind=kind, lock=lk.name, held=lock_name(held), op=op, chain=chain)
+        log.error("lockdep", kind=kind, lock=lk.name, held=lock_name(held), op=op, chain=chain)
 
     def thread_view(self, row: int) -> "Cluster":
         """The same cluster for another thread of this process, locking as

@@ -29,11 +29,35 @@ from typing import TYPE_CHECKING, Any
 
 from uksm.kernel import killpoints, oom
 from uksm.kernel.ksm import __ksm_exit
-from uksm.kernel.layout import (EXIT_POLICIES, H_EXIT_POLICY, M_EXIT_STAGE, M_ID, M_REFS, M_SLOT_USED, M_STATE,
-                     M_USERS, MS_EXITING, MS_NVMA, MS_ZOMBIE, PAGE_SIZE, PT_OFF, REF_KSM,
-                     REF_USERS, MS_VMAS_FREED, H_SHUTDOWN, PTE_PRESENT, T_EXIT_PROGRESS,
-                     VM_LOCKED, XS_KSM_EXIT, XS_MMDROP, XS_PGTABLES,
-                     XS_USERS0, XS_ZAPPED, M_OOM_VICTIM, M_OWNER_PID)
+from uksm.kernel.layout import (
+    EXIT_POLICIES,
+    H_EXIT_POLICY,
+    H_SHUTDOWN,
+    M_EXIT_STAGE,
+    M_ID,
+    M_OOM_VICTIM,
+    M_OWNER_PID,
+    M_REFS,
+    M_SLOT_USED,
+    M_STATE,
+    M_USERS,
+    MS_EXITING,
+    MS_NVMA,
+    MS_VMAS_FREED,
+    MS_ZOMBIE,
+    PAGE_SIZE,
+    PT_OFF,
+    PTE_PRESENT,
+    REF_KSM,
+    REF_USERS,
+    T_EXIT_PROGRESS,
+    VM_LOCKED,
+    XS_KSM_EXIT,
+    XS_MMDROP,
+    XS_PGTABLES,
+    XS_USERS0,
+    XS_ZAPPED,
+)
 from uksm.kernel.memory import Allocator
 from uksm.kernel.mm import MM, mm_attach, mmdrop
 from uksm.kernel.mmu import handle_mm_fault, zap_range
@@ -68,7 +92,7 @@ def mmput(cl: "Cluster", mm: MM, alloc: Allocator, log: Any) -> int:
     return path
 
 
-def oom_kill_and_mmput(cl: "Cluster", task: Any, log: Any = None) -> int:
+def oom_kill_and_mmput(cl: "Cluster", task: Any, log: Any) -> int:
     """The OOM killer as a linux-next change of 2015 made it (hazard
     ``oom-mmput-in-task``): oom_kill_process itself ends up in mmput of the
     victim's mm, in the allocating task.  When that task is the run=2
@@ -86,7 +110,7 @@ def oom_kill_and_mmput(cl: "Cluster", task: Any, log: Any = None) -> int:
     steps are idempotent).  The report was on linux-next and was fixed in
     the OOM killer, never in KSM; its thread is not in the sources this
     project can search (the issue and shared/KSM-REFERENCE.md describe it)."""
-    pid = oom.out_of_memory(cl, task)
+    pid = oom.out_of_memory(cl, task, log)
     if pid <= 0:
         return pid
     q = cl.q

@@ -17,16 +17,57 @@ dead task had in flight, or was half-way through freeing), fix rss.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from itertools import compress
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING
 
 import mmh3
 import posix_ipc
 
 from uksm.kernel.ksm import slot_prev, slots
+from uksm.kernel.layout import (
+    A_FREE_TOP,
+    F_KSM,
+    FR_AUX,
+    FR_COUNT,
+    FR_FLAGS,
+    FR_KEY0,
+    FR_KEY1,
+    FRAME_SIZE,
+    H_KSM_UNSYNCED,
+    K_PAGES_SHARED,
+    K_PAGES_SHARING,
+    K_PAGES_UNSHARED,
+    K_PAGES_VOLATILE,
+    K_RMAP_ITEMS,
+    M_EXIT_STAGE,
+    M_ID,
+    M_KSM_MAPPED,
+    M_MERGING,
+    M_REFS,
+    M_RMAP_ITEMS,
+    M_RSS,
+    M_SLOT_USED,
+    M_STATE,
+    M_USERS,
+    MS_FREEING,
+    MS_ZOMBIE,
+    PAGE_SIZE,
+    PT_OFF,
+    PTE_PRESENT,
+    PTE_WRITE,
+    REF_KSM,
+    REF_USERS,
+    T_FLIGHT_MM,
+    T_FLIGHT_PFN,
+    T_FLIGHT_VPN,
+    TS_ALIVE,
+    TS_REAPING,
+    XS_MMDROP,
+    XS_USERS0,
+)
 from uksm.kernel.locks import take_raw
-from uksm.kernel.layout import (A_FREE_TOP, H_KSM_UNSYNCED, F_KSM, FR_AUX, FR_COUNT, FR_FLAGS, FR_KEY0, FR_KEY1, FRAME_SIZE, K_PAGES_SHARED, K_PAGES_SHARING, K_PAGES_UNSHARED, K_PAGES_VOLATILE, K_RMAP_ITEMS, M_EXIT_STAGE, M_ID, M_KSM_MAPPED, M_MERGING, M_REFS, M_RMAP_ITEMS, M_RSS, M_SLOT_USED, M_STATE, M_USERS, MS_FREEING, MS_ZOMBIE, PAGE_SIZE, PT_OFF, PTE_PRESENT, PTE_WRITE, REF_KSM, REF_USERS, T_FLIGHT_MM, T_FLIGHT_PFN, T_FLIGHT_VPN, TS_ALIVE, TS_REAPING, XS_MMDROP, XS_USERS0)
 from uksm.kernel.memory import held_at_zero
 
 if TYPE_CHECKING:

@@ -15,8 +15,9 @@ from __future__ import annotations
 import os
 import signal
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from uksm.host.log import NULL_LOG
 from uksm.kernel.layout import H_KSMD_POINT, H_KSMD_POINT_SIG, M_OWNER_PID, T_KILL_POINT, T_KILL_SIG
 
 if TYPE_CHECKING:
@@ -33,7 +34,8 @@ POINTS: dict[str, tuple[str, str]] = {
     "ksm_exit_mmap_sem_write": ("worker", "__ksm_exit slow path: holding mmap_sem for write"),
     "exit_mid_zap": ("worker", "exit_mmap: half of the pages zapped"),
     "ksmd_scan_mmap_sem": ("ksmd", "ksmd holds the mm's mmap_sem for read in scan_get_next_rmap_item: owner killed"),
-    "ksmd_between_wp_and_replace": ("ksmd", "ksmd has write-protected a page of the mm, not yet replaced it: owner killed"),
+    "ksmd_between_wp_and_replace": ("ksmd", "ksmd has write-protected a page of the mm, not yet replaced it: "
+                                            "owner killed"),
     "ksmd_break_cow": ("ksmd", "ksmd (unshared KSM page) or the run=2 writer (unmerge) is breaking COW "
                                "in the mm: owner killed"),
     "ksmd_scan_wrap": ("ksmd", "scan_get_next_rmap_item at ksm_mm_head: ksmd_should_run saw the list non-empty, "
@@ -76,7 +78,7 @@ def arm_ksmd(cl: "Cluster", name: str, sig: int) -> None:
     cl.q[H_KSMD_POINT] = INDEX[name]
 
 
-def hit(cl: "Cluster", name: str, log=None) -> None:
+def hit(cl: "Cluster", name: str, log: Any = NULL_LOG) -> None:
     """A worker passes point ``name``: die here if it is armed."""
     q, b = cl.q, cl.task.base
     if q[b + T_KILL_POINT] != INDEX[name]:
@@ -84,9 +86,8 @@ def hit(cl: "Cluster", name: str, log=None) -> None:
     q[b + T_KILL_POINT] = -1
     sig = q[b + T_KILL_SIG] or signal.SIGKILL
     cl.kill_points_sem.release()  # counted atomically
-    if log is not None:
-        log.info("kill_point", point=name, action="kill" if sig == signal.SIGKILL else "term",
-                 victim_pid=os.getpid())
+    log.info("kill_point", point=name, action="kill" if sig == signal.SIGKILL else "term",
+             victim_pid=os.getpid())
     os.kill(os.getpid(), sig)
 
 
@@ -97,15 +98,14 @@ def arm_ksmd_delay(cl: "Cluster", name: str, ms: int) -> None:
     cl.q[H_KSMD_POINT] = INDEX[name]
 
 
-def hit_ksmd(cl: "Cluster", name: str, mm_base: int, log=None) -> None:
+def hit_ksmd(cl: "Cluster", name: str, mm_base: int, log: Any = NULL_LOG) -> None:
     """ksmd passes point ``name`` inside the mm at row base ``mm_base``."""
     q = cl.q
     if q[H_KSMD_POINT] != INDEX[name]:
         return
     if q[H_KSMD_POINT_SIG] < 0:  # a delay point
         q[H_KSMD_POINT] = -1
-        if log is not None:
-            log.info("kill_point", point=name, action="delay", victim_pid=0)
+        log.info("kill_point", point=name, action="delay", victim_pid=0)
         time.sleep(-q[H_KSMD_POINT_SIG] / 1000.0)
         return
     pid = q[mm_base + M_OWNER_PID]
@@ -114,9 +114,8 @@ def hit_ksmd(cl: "Cluster", name: str, mm_base: int, log=None) -> None:
     q[H_KSMD_POINT] = -1
     sig = q[H_KSMD_POINT_SIG] or signal.SIGKILL
     cl.kill_points_sem.release()
-    if log is not None:
-        log.info("kill_point", point=name, action="kill" if sig == signal.SIGKILL else "term",
-                 victim_pid=pid)
+    log.info("kill_point", point=name, action="kill" if sig == signal.SIGKILL else "term",
+             victim_pid=pid)
     try:
         os.kill(pid, sig)
     except ProcessLookupError:

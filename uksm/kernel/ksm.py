@@ -28,10 +28,56 @@ leaf, taken under any of them.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
+from uksm.host.log import NULL_LOG
 from uksm.kernel import killpoints
-from uksm.kernel.layout import (H_KSM_UNSYNCED, H_UNMERGE_GEN, K_FULL_SCANS, K_PAGES_SHARED, K_PAGES_SHARING, K_PAGES_UNSHARED, K_PAGES_VOLATILE, K_RMAP_ITEMS, K_RUN, K_RUN_DONE, K_RUN_SEQ, K_STABLE_NODES, S_SLOTS_FREED, T_OOM_ORIGIN, T_EXIT_PATH, F_KSM, FRAME_SIZE, FR_FLAGS, H_HAZARDS, HZ_NO_FAST_PATH, HZ_NO_UNMERGE_EXIT_CHECK, L_HEAD_NEXT, L_HEAD_PREV, L_SCAN_ADDR, L_SCAN_SLOT, L_SEQNR, M_EXIT_PATH, M_FLAGS, M_ID, M_SLOT_RMAP, M_SLOT_USED, M_REFS, MMF_VM_MERGEABLE, P_FAST, P_LEGACY, P_SLOW, PT_OFF, PTE_PRESENT, REF_KSM, S_EXIT_FAST, S_EXIT_LEGACY, S_EXIT_SLOW, VM_MERGEABLE)
+from uksm.kernel.layout import (
+    F_KSM,
+    FR_FLAGS,
+    FRAME_SIZE,
+    H_HAZARDS,
+    H_KSM_UNSYNCED,
+    H_UNMERGE_GEN,
+    HZ_NO_FAST_PATH,
+    HZ_NO_UNMERGE_EXIT_CHECK,
+    K_FULL_SCANS,
+    K_PAGES_SHARED,
+    K_PAGES_SHARING,
+    K_PAGES_UNSHARED,
+    K_PAGES_VOLATILE,
+    K_RMAP_ITEMS,
+    K_RUN,
+    K_RUN_DONE,
+    K_RUN_SEQ,
+    K_STABLE_NODES,
+    L_HEAD_NEXT,
+    L_HEAD_PREV,
+    L_SCAN_ADDR,
+    L_SCAN_SLOT,
+    L_SEQNR,
+    M_EXIT_PATH,
+    M_FLAGS,
+    M_ID,
+    M_REFS,
+    M_SLOT_RMAP,
+    M_SLOT_USED,
+    MMF_VM_MERGEABLE,
+    P_FAST,
+    P_LEGACY,
+    P_SLOW,
+    PT_OFF,
+    PTE_PRESENT,
+    REF_KSM,
+    S_EXIT_FAST,
+    S_EXIT_LEGACY,
+    S_EXIT_SLOW,
+    S_SLOTS_FREED,
+    T_EXIT_PATH,
+    T_OOM_ORIGIN,
+    VM_MERGEABLE,
+)
 from uksm.kernel.memory import Allocator, OutOfMemory
 from uksm.kernel.mm import MM, mm_attach, mmdrop
 from uksm.kernel.mmu import FAULT_EXITING, handle_mm_fault, ksm_test_exit
@@ -114,7 +160,7 @@ def repair_list(cl: "Cluster") -> list[int]:
 
 # ---- __ksm_enter / __ksm_exit --------------------------------------------------
 
-def __ksm_enter(cl: "Cluster", mm: MM, log=None) -> None:
+def __ksm_enter(cl: "Cluster", mm: MM, log: Any = NULL_LOG) -> None:
     """__ksm_enter: give the mm a slot, just behind the scan cursor (to let
     the area settle a little before ksmd looks at it), set
     MMF_VM_MERGEABLE and raise mm_count.  Caller holds mmap_sem for write."""
@@ -131,11 +177,10 @@ def __ksm_enter(cl: "Cluster", mm: MM, log=None) -> None:
         q[b + M_FLAGS] |= MMF_VM_MERGEABLE
     finally:
         cl.task.unlock(cl.mmlist)
-    if log is not None:
-        log.info("ksm_enter", mm=mm.id)
+    log.info("ksm_enter", mm=mm.id)
 
 
-def __ksm_exit(cl: "Cluster", mm: MM, legacy: bool, log=None, policy: str = "seed") -> int:
+def __ksm_exit(cl: "Cluster", mm: MM, legacy: bool, log: Any = NULL_LOG, policy: str = "seed") -> int:
     """__ksm_exit.  Returns the path taken (P_FAST, P_SLOW, P_LEGACY) or 0
     when there was no slot (ksmd had already noticed and freed it).
 
@@ -179,8 +224,7 @@ def __ksm_exit(cl: "Cluster", mm: MM, legacy: bool, log=None, policy: str = "see
             task.unlock(cl.mmlist)
         finally:
             task.unlock(cl.daemon)
-        if log is not None:
-            log.info("ksm_exit", mm=mm.id, path="legacy", policy=policy)
+        log.info("ksm_exit", mm=mm.id, path="legacy", policy=policy)
         mmdrop(cl, s, mm.id, REF_KSM, log)
         return P_LEGACY
 
@@ -202,8 +246,8 @@ def __ksm_exit(cl: "Cluster", mm: MM, legacy: bool, log=None, policy: str = "see
             q[S_EXIT_SLOW] += 1
         q[b + M_EXIT_PATH] = path
         q[task.base + T_EXIT_PATH] = path  # the task's own record: the mm may go first
-        if log is not None:  # logged under the lock: ordered before ksmd's slot_freed
-            log.info("ksm_exit", mm=mm.id, path="fast" if path == P_FAST else "slow", policy=policy)
+        # logged under the lock: ordered before ksmd's slot_freed
+        log.info("ksm_exit", mm=mm.id, path="fast" if path == P_FAST else "slow", policy=policy)
     task.unlock(cl.mmlist)
     if path == P_FAST:
         mmdrop(cl, s, mm.id, REF_KSM, log)
@@ -217,7 +261,7 @@ def __ksm_exit(cl: "Cluster", mm: MM, legacy: bool, log=None, policy: str = "see
 
 # ---- /sys/kernel/mm/ksm/run ---------------------------------------------------
 
-def run_store(cl: "Cluster", value: int, alloc: "Allocator | None" = None, log=None,
+def run_store(cl: "Cluster", value: int, alloc: "Allocator | None" = None, log: Any = NULL_LOG,
                   stop: "Callable[[], bool] | None" = None, oom_origin: bool = False,
                   acquire: "Callable[[], None] | None" = None) -> tuple[int, int]:
     """run_store (echo VALUE > /sys/kernel/mm/ksm/run), in the writing
@@ -245,8 +289,7 @@ def run_store(cl: "Cluster", value: int, alloc: "Allocator | None" = None, log=N
         q[K_RUN] = value
         seq = q[K_RUN_SEQ] + 1
         q[K_RUN_SEQ] = seq
-        if log is not None:
-            log.info("ksm_knob", name="run", value=value)
+        log.info("ksm_knob", name="run", value=value)
         if value == 2:
             a = Allocator(cl) if alloc is None else alloc
             if oom_origin:
@@ -264,7 +307,7 @@ def run_store(cl: "Cluster", value: int, alloc: "Allocator | None" = None, log=N
     return seq, err
 
 
-def unmerge_and_remove_all_rmap_items(cl: "Cluster", alloc: Allocator, log=None,
+def unmerge_and_remove_all_rmap_items(cl: "Cluster", alloc: Allocator, log: Any = NULL_LOG,
                                       stop: "Callable[[], bool] | None" = None) -> int:
     """KSM_RUN_UNMERGE, by the writer of run (caller holds ksm_thread_mutex):
     walk every mm with the cursor (so an exiting mm sees it and takes the
@@ -315,8 +358,7 @@ def unmerge_and_remove_all_rmap_items(cl: "Cluster", alloc: Allocator, log=None,
                         break
             except OutOfMemory:
                 err = -ENOMEM   # break_ksm: VM_FAULT_OOM -> -ENOMEM (this task is the victim)
-            if log is not None:
-                log.info("unmerge", mm=mm.id, pages=pages, reason="run2")
+            log.info("unmerge", mm=mm.id, pages=pages, reason="run2")
             if err:
                 task.unlock(mm.sem)
                 task.lock(cl.mmlist)
@@ -340,8 +382,7 @@ def unmerge_and_remove_all_rmap_items(cl: "Cluster", alloc: Allocator, log=None,
                 q[S_SLOTS_FREED] += 1
                 task.unlock(cl.mmlist)
                 task.unlock(mm.sem)
-                if log is not None:
-                    log.info("slot_freed", mm=mm.id, by="unmerge")
+                log.info("slot_freed", mm=mm.id, by="unmerge")
                 mmdrop(cl, s, mm.id, REF_KSM, log)
             else:
                 # uksm's order: up_read before the list unlock, as the 2016
@@ -410,7 +451,7 @@ def unmerge_ksm_pages(cl: "Cluster", alloc: Allocator, mm: MM, start: int, end: 
     return n, 0
 
 
-def break_cow(cl: "Cluster", alloc: Allocator, mm: MM, vpn: int, log=None) -> bool:
+def break_cow(cl: "Cluster", alloc: Allocator, mm: MM, vpn: int, log: Any = NULL_LOG) -> bool:
     """break_cow (ksmd): down_read(mmap_sem), ksm_test_exit, find_vma: the
     address must still be in a VM_MERGEABLE area (the application may have
     unmapped it, or made it UNMERGEABLE, since ksmd last held mmap_sem),

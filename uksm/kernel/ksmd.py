@@ -38,14 +38,56 @@ import mmh3
 from uksm.kernel import killpoints, oom
 from uksm.kernel.cluster import Cluster
 from uksm.kernel.ksm import break_cow, list_del, slot_next
-from uksm.kernel.layout import (F_ANON, F_KSM, FR_COUNT, FR_FLAGS, FR_KEY0, FR_KEY1, FRAME_SIZE, K_FULL_SCANS,
-                     K_PAGES_SCANNED, K_PAGES_SHARED, K_PAGES_SHARING, K_PAGES_TO_SCAN,
-                     K_PAGES_UNSHARED, K_PAGES_VOLATILE, K_RMAP_ITEMS, K_RUN, K_SLEEP_MS, K_STABLE_NODES, H_KSM_UNSYNCED, H_UNMERGE_GEN, H_KSMD_POINT, L_HEAD_NEXT, L_SCAN_ADDR,
-                     L_SCAN_SLOT, L_SEQNR, M_FLAGS, M_ID, M_KSM_MAPPED, M_MERGING, M_RMAP_GONE,
-                     M_RMAP_ITEMS, M_SLOT_RMAP, M_SLOT_USED, M_WRITER_WAITING, MMF_VM_MERGEABLE,
-                     PAGE_SIZE, PT_OFF, PTE_PRESENT, PTE_WRITE, REF_KSM, S_COW_KSMD,
-                     S_MERGES, S_SLOTS_FREED, VM_MERGEABLE, H_SHUTDOWN, H_HAZARDS,
-                     HZ_NO_SCAN_HEAD_CHECK, HZ_UP_READ_AFTER_UNLOCK)
+from uksm.kernel.layout import (
+    F_ANON,
+    F_KSM,
+    FR_COUNT,
+    FR_FLAGS,
+    FR_KEY0,
+    FR_KEY1,
+    FRAME_SIZE,
+    H_HAZARDS,
+    H_KSM_UNSYNCED,
+    H_KSMD_POINT,
+    H_SHUTDOWN,
+    H_UNMERGE_GEN,
+    HZ_NO_SCAN_HEAD_CHECK,
+    HZ_UP_READ_AFTER_UNLOCK,
+    K_FULL_SCANS,
+    K_PAGES_SCANNED,
+    K_PAGES_SHARED,
+    K_PAGES_SHARING,
+    K_PAGES_TO_SCAN,
+    K_PAGES_UNSHARED,
+    K_PAGES_VOLATILE,
+    K_RMAP_ITEMS,
+    K_RUN,
+    K_SLEEP_MS,
+    K_STABLE_NODES,
+    L_HEAD_NEXT,
+    L_SCAN_ADDR,
+    L_SCAN_SLOT,
+    L_SEQNR,
+    M_FLAGS,
+    M_ID,
+    M_KSM_MAPPED,
+    M_MERGING,
+    M_RMAP_GONE,
+    M_RMAP_ITEMS,
+    M_SLOT_RMAP,
+    M_SLOT_USED,
+    M_WRITER_WAITING,
+    MMF_VM_MERGEABLE,
+    PAGE_SIZE,
+    PT_OFF,
+    PTE_PRESENT,
+    PTE_WRITE,
+    REF_KSM,
+    S_COW_KSMD,
+    S_MERGES,
+    S_SLOTS_FREED,
+    VM_MERGEABLE,
+)
 from uksm.kernel.memory import Allocator, free_frames
 from uksm.kernel.mm import MM, VmaTableFreed, mm_attach, mmdrop
 from uksm.kernel.mmu import ksm_test_exit
@@ -144,7 +186,7 @@ class Ksmd:
         self.poolmap = cl.pool.map  # slicing the mmap: one copy per page, cheapest compare
         self.log = log
         self.alloc = Allocator(cl)
-        self.alloc.oom_killer = oom.out_of_memory
+        self.alloc.oom_killer = oom.oom_killer(log)
         self.stable: dict[bytes, StableNode] = {}
         self.live: dict[int, StableNode] = {}   # nid -> node, for every node in the stable tree
         self.next_nid = 0
@@ -871,7 +913,6 @@ def main(argv: list[str] | None = None) -> int:
     import os
     cl.q[cl.tbase(a.task) + T_PID] = os.getpid()
     log = ulog.setup("ksmd", a.cluster, a.log_dir)
-    oom.set_logger(log)
     cl.watch_use_after_free(log)
     cl.lockdep_log = log
     cl.task.on_wait = lambda name, ms, holders: log.info("lock_wait", lock=name, holders=holders,

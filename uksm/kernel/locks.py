@@ -47,13 +47,28 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 import posix_ipc
 
-from uksm.kernel.layout import (C_FRAMES, E_HELD, E_LOCK, E_SINCE, E_SPINS, E_WORD, ESIZE,
-                                LOCK_CLASSES, M_ID, M_STATE, MS_FREE, MS_FREEING, NCLASS, T_LOCKS,
-                                T_PID)
+from uksm.kernel.layout import (
+    C_FRAMES,
+    E_HELD,
+    E_LOCK,
+    E_SINCE,
+    E_SPINS,
+    E_WORD,
+    ESIZE,
+    LOCK_CLASSES,
+    M_ID,
+    M_STATE,
+    MS_FREE,
+    MS_FREEING,
+    NCLASS,
+    T_LOCKS,
+    T_PID,
+)
 
 try:
     # the uncontended path in C (uksm/kernel/_lockcore.c), unless
@@ -579,6 +594,6 @@ def holders_of(q: memoryview, rows: Iterable[tuple[int, int]], lid: int) -> list
                                   or (en.writer and en.held > 0))]
 
 
-__all__ = ["Lock", "LockAbort", "LockTimeout", "Task", "PyTask", "IMPL", "Entry", "recover", "read_entries", "dead_locks",
-           "holders_of", "lock_id", "lock_name", "IDLE", "WAITING", "HELD",
+__all__ = ["Lock", "LockAbort", "LockTimeout", "Task", "PyTask", "IMPL", "Entry", "recover", "read_entries",
+           "dead_locks", "holders_of", "lock_id", "lock_name", "IDLE", "WAITING", "HELD",
            "RELEASING", "STATE_NAMES", "WAIT_SLICE"]

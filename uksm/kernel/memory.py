@@ -32,11 +32,28 @@ reads back as zeros, so a new anonymous page needs no clearing.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from uksm.kernel.layout import (A_FREE_TOP, C_FRAMES, F_ANON, F_FREEING, F_PCP, FR_AUX, FR_COUNT, FR_FLAGS,
-                     FRAME_SIZE, H_FRAMES_FREED, H_MEM_LIMIT, H_PENDING_FREE, PAGE_SIZE, T_FATAL, T_FLIGHT_MM,
-                     T_FLIGHT_PFN, T_FLIGHT_VPN)
+from uksm.kernel.layout import (
+    A_FREE_TOP,
+    C_FRAMES,
+    F_ANON,
+    F_FREEING,
+    F_PCP,
+    FR_AUX,
+    FR_COUNT,
+    FR_FLAGS,
+    FRAME_SIZE,
+    H_FRAMES_FREED,
+    H_MEM_LIMIT,
+    H_PENDING_FREE,
+    PAGE_SIZE,
+    T_FATAL,
+    T_FLIGHT_MM,
+    T_FLIGHT_PFN,
+    T_FLIGHT_VPN,
+)
 
 if TYPE_CHECKING:
     from uksm.kernel.cluster import Cluster

@@ -19,33 +19,63 @@ walker tolerates), so a writer SIGKILLed mid-way leaves a usable table.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from uksm.errors import SyscallError
 from uksm.host import shm
+from uksm.host.log import NULL_LOG
+from uksm.kernel.layout import (
+    FIRST_VPN,
+    H_NEXT_MM_ID,
+    M_CREATED_NS,
+    M_EXIT_PATH,
+    M_EXIT_STAGE,
+    M_FLAGS,
+    M_FREER_TASK,
+    M_ID,
+    M_KSM_MAPPED,
+    M_MERGING,
+    M_OOM_VICTIM,
+    M_OWNER_PID,
+    M_OWNER_TASK,
+    M_PAGES,
+    M_REFS,
+    M_RMAP_ITEMS,
+    M_RSS,
+    M_SLOT_RMAP,
+    M_SLOT_USED,
+    M_STATE,
+    M_USERS,
+    M_WORKER_NO,
+    M_WRITER_WAITING,
+    MAGIC,
+    MM_SIZE,
+    MS_FREE,
+    MS_FREEING,
+    MS_ID,
+    MS_LIVE,
+    MS_MAGIC,
+    MS_NVMA,
+    MS_VMAS_FREED,
+    PAGE_SIZE,
+    PT_OFF,
+    REF_USERS,
+    S_MM_FREED,
+    V_END,
+    V_FLAGS,
+    V_START,
+    VM_MERGEABLE,
+    VMA_SIZE,
+    XS_MMDROP,
+    max_map_count,
+    vma_off,
+)
 from uksm.kernel.views import MmRow
-from uksm.kernel.layout import (FIRST_VPN, M_CREATED_NS, M_EXIT_STAGE, M_FLAGS, M_ID, M_OWNER_PID,
-                     M_OWNER_TASK, M_PAGES, M_REFS, M_RSS, M_STATE, M_USERS,
-                     M_WORKER_NO, MM_SIZE, MS_FREE, MS_FREEING, MS_ID, MS_LIVE,
-                     MS_MAGIC, MS_NVMA, MS_VMAS_FREED, MAGIC, PAGE_SIZE, PT_OFF, REF_USERS, V_END, V_FLAGS,
-                     V_START, VM_MERGEABLE, VMA_SIZE, max_map_count, vma_off, H_NEXT_MM_ID, M_FREER_TASK,
-                     S_MM_FREED, M_SLOT_USED, M_KSM_MAPPED, M_OOM_VICTIM, M_EXIT_PATH,
-                     M_RMAP_ITEMS, M_MERGING, M_WRITER_WAITING, M_SLOT_RMAP, XS_MMDROP)
 
 if TYPE_CHECKING:
     from uksm.kernel.cluster import Cluster
 
 
-class SegFault(Exception):
-    """Access outside any VMA, or a write to a read-only one."""
-
-
-class SyscallError(SegFault):
-    """A system call that fails with -errno; the task lives on (relayed to
-    a script as a SegFault naming the errno)."""
-
-    def __init__(self, errno_name: str, msg: str) -> None:
-        super().__init__(f"{msg} ({errno_name})")
-        self.errno_name = errno_name
 
 
 class VmaTableFreed(Exception):
@@ -280,7 +310,7 @@ def mm_objects(mm_id: int) -> list[tuple[str, str]]:
             ("sem", f"mm{mm_id}.wmx"), ("sem", f"mm{mm_id}.ptl")]
 
 
-def mmdrop(cl: "Cluster", row: int, mm_id: int, ref: int, log=None) -> bool:
+def mmdrop(cl: "Cluster", row: int, mm_id: int, ref: int, log: Any = NULL_LOG) -> bool:
     """mmdrop: drop one reference of mm_count (REF_USERS or REF_KSM).
 
     Idempotent: dropping a reference already dropped does nothing, so the
@@ -302,9 +332,8 @@ def mmdrop(cl: "Cluster", row: int, mm_id: int, ref: int, log=None) -> bool:
         q[b + M_REFS] = refs
         if ref == REF_USERS:  # the exit's last step, in the same critical section
             q[b + M_EXIT_STAGE] |= XS_MMDROP
-        if log is not None:
-            log.info("mmdrop", mm=mm_id, ref="users" if ref == REF_USERS else "ksm",
-                     mm_count=bin(refs).count("1"))
+        log.info("mmdrop", mm=mm_id, ref="users" if ref == REF_USERS else "ksm",
+                 mm_count=bin(refs).count("1"))
         if refs:
             return False
         q[b + M_FREER_TASK] = task.row + 1
@@ -315,7 +344,7 @@ def mmdrop(cl: "Cluster", row: int, mm_id: int, ref: int, log=None) -> bool:
     return True
 
 
-def free_mm_objects(cl: "Cluster", row: int, mm_id: int, log=None) -> None:
+def free_mm_objects(cl: "Cluster", row: int, mm_id: int, log: Any = NULL_LOG) -> None:
     """__mmdrop's tail: unlink what the mm owned and release its row.
     Also run by the supervisor for a row left FREEING by a killed task."""
     for kind, what in mm_objects(mm_id):
@@ -329,8 +358,7 @@ def free_mm_objects(cl: "Cluster", row: int, mm_id: int, log=None) -> None:
         q[b + M_STATE] = MS_FREE
         q[b + M_ID] = 0
     task.unlock(cl.mmlist)
-    if log is not None:
-        log.info("mm_freed", mm=mm_id)
+    log.info("mm_freed", mm=mm_id)
 
 
 def mm_fields(cl: "Cluster", row: int) -> dict[str, int]:
@@ -357,5 +385,5 @@ def pages_of(npages_or_bytes: int) -> int:
     return (npages_or_bytes + PAGE_SIZE - 1) // PAGE_SIZE
 
 
-__all__ = ["MM", "SegFault", "SyscallError", "mm_create", "mm_attach", "mmdrop", "free_mm_objects",
+__all__ = ["MM", "mm_create", "mm_attach", "mmdrop", "free_mm_objects",
            "mm_fields", "live_mm_rows"]

@@ -30,12 +30,33 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from uksm.kernel.layout import (F_KSM, FR_COUNT, FR_FLAGS, FRAME_SIZE, HZ_NO_EXIT_CHECKS, H_EXIT_POLICY, H_HAZARDS, POL_SEED,
-                     M_KSM_MAPPED, M_RSS, M_USERS, PAGE_SHIFT, PAGE_SIZE, PT_OFF,
-                     PTE_PRESENT, PTE_WRITE, T_COW, T_FAULTS, T_KILL_POINT, V_FLAGS, VM_WRITE)
+from uksm.errors import SegFault
 from uksm.kernel import killpoints
+from uksm.kernel.layout import (
+    F_KSM,
+    FR_COUNT,
+    FR_FLAGS,
+    FRAME_SIZE,
+    H_EXIT_POLICY,
+    H_HAZARDS,
+    HZ_NO_EXIT_CHECKS,
+    M_KSM_MAPPED,
+    M_RSS,
+    M_USERS,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    POL_SEED,
+    PT_OFF,
+    PTE_PRESENT,
+    PTE_WRITE,
+    T_COW,
+    T_FAULTS,
+    T_KILL_POINT,
+    V_FLAGS,
+    VM_WRITE,
+)
 from uksm.kernel.memory import Allocator, OutOfMemory
-from uksm.kernel.mm import MM, SegFault
+from uksm.kernel.mm import MM
 
 if TYPE_CHECKING:
     from uksm.kernel.cluster import Cluster
@@ -292,5 +313,5 @@ class MMU:
         return b"".join(out)
 
 
-__all__ = ["MMU", "handle_mm_fault", "zap_range", "ksm_test_exit", "SegFault", "OutOfMemory",
+__all__ = ["MMU", "handle_mm_fault", "zap_range", "ksm_test_exit", "OutOfMemory",
            "FAULT_OK", "FAULT_EXITING"]

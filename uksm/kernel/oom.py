@@ -33,11 +33,33 @@ from __future__ import annotations
 import math
 import os
 import signal
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from uksm.kernel.layout import (A_FREE_TOP, H_OOM_RULE, OOM_2632, R_WRITER, T_FATAL, T_OOM_ORIGIN, T_PID,
-                     T_ROLE, T_STATE, TS_ALIVE, X_OOM, M_EXIT_STAGE, M_ID, M_OOM_VICTIM, M_OWNER_PID,
-                     M_PAGES, M_RSS, M_STATE, M_USERS, MS_LIVE, S_OOM_KILLED, XS_ZAPPED)
+from uksm.kernel.layout import (
+    A_FREE_TOP,
+    H_OOM_RULE,
+    M_EXIT_STAGE,
+    M_ID,
+    M_OOM_VICTIM,
+    M_OWNER_PID,
+    M_PAGES,
+    M_RSS,
+    M_STATE,
+    M_USERS,
+    MS_LIVE,
+    OOM_2632,
+    R_WRITER,
+    S_OOM_KILLED,
+    T_FATAL,
+    T_OOM_ORIGIN,
+    T_PID,
+    T_ROLE,
+    T_STATE,
+    TS_ALIVE,
+    X_OOM,
+    XS_ZAPPED,
+)
 
 if TYPE_CHECKING:
     from uksm.kernel.cluster import Cluster
@@ -45,12 +67,11 @@ if TYPE_CHECKING:
 
 OOM_SIGNAL = signal.SIGUSR1
 
-_log: Any = None
 
-
-def set_logger(log: Any) -> None:
-    global _log
-    _log = log
+def oom_killer(log: Any) -> Callable[["Cluster", "Task"], int]:
+    """out_of_memory as an Allocator's ``oom_killer``, its ``oom_kill``
+    event logged to ``log`` (the allocating process's logger)."""
+    return lambda cl, task: out_of_memory(cl, task, log)
 
 
 # lib/int_sqrt.c's int_sqrt: the integer square root
@@ -111,7 +132,7 @@ def badness(total_vm: int, pid: int) -> int:
     return points
 
 
-def out_of_memory(cl: "Cluster", task: "Task") -> int:
+def out_of_memory(cl: "Cluster", task: "Task", log: Any) -> int:
     """Kill the worst task unless a victim is already on its way out.
     Returns the victim's pid, or 0."""
     q = cl.q
@@ -168,9 +189,7 @@ def out_of_memory(cl: "Cluster", task: "Task") -> int:
             pid, mm_id, rss = q[b + M_OWNER_PID], q[b + M_ID], q[b + M_RSS]
     finally:
         task.unlock(cl.mmlist)
-    if _log is not None:
-        _log.warning("oom_kill", victim_pid=pid, victim_mm=mm_id, rss=rss,
-                     free_frames=q[A_FREE_TOP])
+    log.warning("oom_kill", victim_pid=pid, victim_mm=mm_id, rss=rss, free_frames=q[A_FREE_TOP])
     try:
         os.kill(pid, OOM_SIGNAL)
     except ProcessLookupError:

@@ -6,13 +6,26 @@ mmap/munmap/madvise(MERGEABLE|UNMERGEABLE) take mmap_sem for write, as
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
+from uksm.errors import SyscallError
+from uksm.host.log import NULL_LOG
 from uksm.kernel import killpoints
 from uksm.kernel.ksm import ERESTARTSYS, __ksm_enter, unmerge_ksm_pages
-from uksm.kernel.layout import (MMF_VM_MERGEABLE, PAGE_SHIFT, PAGE_SIZE, PT_OFF, PTE_PRESENT, VM_LOCKED, VM_MERGEABLE, VM_READ, VM_WRITE)
+from uksm.kernel.layout import (
+    MMF_VM_MERGEABLE,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    PT_OFF,
+    PTE_PRESENT,
+    VM_LOCKED,
+    VM_MERGEABLE,
+    VM_READ,
+    VM_WRITE,
+)
 from uksm.kernel.memory import Allocator
-from uksm.kernel.mm import MM, SyscallError
+from uksm.kernel.mm import MM
 from uksm.kernel.mmu import handle_mm_fault, zap_range
 
 if TYPE_CHECKING:
@@ -94,7 +107,7 @@ def sys_munmap(cl: "Cluster", mm: MM, alloc: Allocator, addr: int, length: int) 
 
 
 def sys_madvise(cl: "Cluster", mm: MM, alloc: Allocator, addr: int, length: int, advice: int,
-                log: Any = None, stop: Callable[[], bool] | None = None) -> int:
+                log: Any = NULL_LOG, stop: Callable[[], bool] | None = None) -> int:
     """sys_madvise (2.6.32.67 mm/madvise.c); returns pages unmerged for
     MADV_UNMERGEABLE, else 0.  Errors are SyscallError, the task lives:
 
@@ -162,7 +175,7 @@ def sys_madvise(cl: "Cluster", mm: MM, alloc: Allocator, addr: int, length: int,
         raise
     finally:
         mm.up_write()
-    if advice == MADV_UNMERGEABLE and log is not None:
+    if advice == MADV_UNMERGEABLE:
         log.info("unmerge", mm=mm.id, pages=n, reason="madvise")
     if err:
         raise KsmInterrupted(err, n)

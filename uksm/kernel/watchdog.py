@@ -14,9 +14,28 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-from uksm.kernel.layout import (A_FREE_TOP, C_FRAMES, E_LOCK, E_SINCE, E_WORD, ESIZE, NCLASS, ROLES, T_EXIT_PROGRESS, T_FAULTS, T_LOCKS, T_MM, T_PID, T_ROLE, XS_MMDROP, XS_USERS0, XS_ZAPPED)
+from uksm.kernel.layout import (
+    A_FREE_TOP,
+    C_FRAMES,
+    E_LOCK,
+    E_SINCE,
+    E_WORD,
+    ESIZE,
+    NCLASS,
+    ROLES,
+    T_EXIT_PROGRESS,
+    T_FAULTS,
+    T_LOCKS,
+    T_MM,
+    T_PID,
+    T_ROLE,
+    XS_MMDROP,
+    XS_USERS0,
+    XS_ZAPPED,
+)
 from uksm.kernel.locks import WAITING, holders_of, lock_name
 
 if TYPE_CHECKING:

@@ -25,10 +25,10 @@ import signal
 from typing import Any
 
 from uksm.host import log as ulog
+from uksm.host import oops
 from uksm.kernel import oom
 from uksm.kernel.cluster import Cluster
 from uksm.kernel.exit import oom_kill_and_mmput
-from uksm.host import oops
 from uksm.kernel.ksm import ENOMEM, run_store
 from uksm.kernel.layout import H_HAZARDS, HZ_OOM_MMPUT_IN_TASK, T_FATAL, T_PID, X_OOM, X_SIGNAL
 from uksm.kernel.memory import Allocator
@@ -63,7 +63,6 @@ def main(argv: list[str] | None = None) -> int:
     q = cl.q
     q[task.base + T_PID] = os.getpid()
     log = ulog.setup("writer", a.cluster, a.log_dir)
-    oom.set_logger(log)
     task.on_wait = lambda name, ms, holders: log.info("lock_wait", lock=name, holders=holders,
                                                        waited_ms=round(ms, 3))
     pending = {"signo": 0}
@@ -75,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     for s in (signal.SIGTERM, signal.SIGINT, oom.OOM_SIGNAL):
         signal.signal(s, on_signal)
     alloc = Allocator(cl)
-    alloc.oom_killer = oom.out_of_memory
+    alloc.oom_killer = oom.oom_killer(log)
     if q[H_HAZARDS] & HZ_OOM_MMPUT_IN_TASK:  # the 2015 linux-next self-deadlock
         alloc.oom_killer = lambda c, t: oom_kill_and_mmput(c, t, log)
     cl.watch_use_after_free(log)
@@ -84,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             _seq, err = run_store(cl, a.value, alloc, log, stop=lambda: bool(pending["signo"]),
                                   oom_origin=a.oom_origin)
-        except Exception as e:  # noqa: BLE001 -- an unexpected exception in kernel code: an oops
+        except Exception as e:  # an unexpected exception in kernel code: an oops
             return oops.report(log, e)  # the supervisor reads its channel
         status = (EXIT_DONE if not err else EXIT_OOM_KILLED
                   if err == -ENOMEM or q[task.base + T_FATAL] == X_OOM else EXIT_INTERRUPTED)

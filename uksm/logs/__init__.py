@@ -34,9 +34,9 @@ arguments, matplotlib missing for ``plot``), 4 ``check`` found violations.
 """
 from __future__ import annotations
 
-from uksm.logs.rules import CheckResult, check, check_events
 from uksm.logs.read import Event, LogDirError, ReadStats, iter_events, select
 from uksm.logs.report import lock_stats, plot, summarize, timeline
+from uksm.logs.rules import CheckResult, check, check_events
 
 __all__ = ["Event", "LogDirError", "ReadStats", "iter_events", "select", "summarize", "check",
            "check_events", "CheckResult", "lock_stats", "timeline", "plot"]

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 Event = dict[str, Any]
 
 #: Keys present on every line; left out when the "other fields" of an event

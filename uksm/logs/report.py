@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from uksm.logs.read import (Event, EXIT_PATHS, ReadStats, iter_events, select, _with_origin, _int, _num)
+from uksm.logs.read import EXIT_PATHS, Event, ReadStats, _int, _num, _with_origin, iter_events, select
 
 # ---------------------------------------------------------------------------
 # summary

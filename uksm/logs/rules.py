@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from uksm.logs.read import Event, iter_events, format_fields, _with_origin, _int
+from uksm.logs.read import Event, _int, _with_origin, format_fields, iter_events
 
 # ---------------------------------------------------------------------------
 # check

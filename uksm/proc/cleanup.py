@@ -24,8 +24,18 @@ import signal
 import time
 
 from uksm.host import shm
-from uksm.kernel.layout import (CTL_FIXED_END, H_CREATED_NS, H_MAGIC, H_MAX_TASKS, H_SUPERVISOR_PID, MAGIC,
-                     T_PID, T_STATE, TASK_SIZE, TS_FREE)
+from uksm.kernel.layout import (
+    CTL_FIXED_END,
+    H_CREATED_NS,
+    H_MAGIC,
+    H_MAX_TASKS,
+    H_SUPERVISOR_PID,
+    MAGIC,
+    T_PID,
+    T_STATE,
+    TASK_SIZE,
+    TS_FREE,
+)
 
 CHILD_MODULES = ("uksm.kernel.ksmd", "uksm.workers.worker", "uksm.kernel.writer")
 GONE_WAIT_S = 10.0

@@ -27,9 +27,33 @@ from typing import Any
 import posix_ipc
 
 from uksm.host import shm
-from uksm.kernel.layout import (CS_RUNNING, CS_STARTING, CS_STOPPED, CS_STOPPING, EXIT_PATHS, EXIT_POLICIES, H_CREATED_NS, H_EXIT_POLICY, H_HAZARDS, H_KSMD_PID, H_MAGIC, H_MEM_LIMIT, H_STATE, H_SUPERVISOR_PID, HAZARDS, K_RMAP_ITEMS, K_RUN_DONE, K_RUN_SEQ, K_STABLE_NODES, KSM_FIELDS, MAGIC, MM_STATES, ksm_block, stats_block)
-
 from uksm.host.exitcodes import EXIT_ERR, EXIT_USAGE
+from uksm.kernel.layout import (
+    CS_RUNNING,
+    CS_STARTING,
+    CS_STOPPED,
+    CS_STOPPING,
+    EXIT_PATHS,
+    EXIT_POLICIES,
+    H_CREATED_NS,
+    H_EXIT_POLICY,
+    H_HAZARDS,
+    H_KSMD_PID,
+    H_MAGIC,
+    H_MEM_LIMIT,
+    H_STATE,
+    H_SUPERVISOR_PID,
+    HAZARDS,
+    K_RMAP_ITEMS,
+    K_RUN_DONE,
+    K_RUN_SEQ,
+    K_STABLE_NODES,
+    KSM_FIELDS,
+    MAGIC,
+    MM_STATES,
+    ksm_block,
+    stats_block,
+)
 
 #: the cluster a command acts on without --cluster: $UKSM_CLUSTER, else "default"
 DEFAULT_CLUSTER = os.environ.get("UKSM_CLUSTER") or "default"
@@ -229,7 +253,7 @@ def call(name: str, req: dict[str, Any], timeout: float = REQUEST_TIMEOUT) -> di
             if not chunk:
                 break
             buf += chunk
-    except socket.timeout:
+    except TimeoutError:
         raise shm.UksmError(f"cluster {name!r}: no answer to {req.get('op')!r} within {timeout:.0f}s "
                             f"(the daemon is busy or stuck; its log folder says more)", EXIT_ERR)
     except (ConnectionResetError, BrokenPipeError):

@@ -44,14 +44,14 @@ import struct
 import sys
 import time
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from uksm.host import shm
 from uksm.host import log as ulog
-from uksm.host.exitcodes import EXIT_ERR, EXIT_HUNG, EXIT_OK, EXIT_USAGE
-from uksm.proc.control import not_running, sock_address
-from uksm.host.exitcodes import signalled
+from uksm.host import shm
+from uksm.host.exitcodes import EXIT_ERR, EXIT_HUNG, EXIT_OK, EXIT_USAGE, signalled
 from uksm.host.lifeline import STOP_SIGNALS, SecondSignal
+from uksm.proc.control import not_running, sock_address
 from uksm.proc.handlers import ROUND_S, Requests
 from uksm.proc.supervisor import Supervisor
 

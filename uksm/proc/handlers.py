@@ -21,12 +21,34 @@ import os
 import signal
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from uksm.host import shm
 from uksm.host.exitcodes import EXIT_ERR, EXIT_HUNG, EXIT_OK, EXIT_USAGE
 from uksm.kernel import fsck
-from uksm.kernel.layout import (A_FREE_TOP, CS_STOPPING, EXIT_PATHS, EXIT_POLICIES, H_EXIT_POLICY, H_KSMD_TASK, H_MEM_LIMIT, H_STATE, K_PAGES_TO_SCAN, K_RUN, K_SLEEP_MS, MM_STATES, MS_EXITING, MS_FREEING, S_EXIT_FAST, S_EXIT_LEGACY, S_EXIT_SLOW, S_REAPED, TS_DEAD, TS_FREE)
+from uksm.kernel.layout import (
+    A_FREE_TOP,
+    CS_STOPPING,
+    EXIT_PATHS,
+    EXIT_POLICIES,
+    H_EXIT_POLICY,
+    H_KSMD_TASK,
+    H_MEM_LIMIT,
+    H_STATE,
+    K_PAGES_TO_SCAN,
+    K_RUN,
+    K_SLEEP_MS,
+    MM_STATES,
+    MS_EXITING,
+    MS_FREEING,
+    S_EXIT_FAST,
+    S_EXIT_LEGACY,
+    S_EXIT_SLOW,
+    S_REAPED,
+    TS_DEAD,
+    TS_FREE,
+)
 from uksm.kernel.locks import HolderDied, Lock, LockTimeout
 from uksm.proc.control import WRITABLE, validate_knob
 from uksm.proc.scripting import Faults, Tasks

@@ -34,9 +34,16 @@ from typing import TYPE_CHECKING
 
 from uksm.host.oops import Oopses
 from uksm.kernel import fsck
-from uksm.kernel.layout import (H_KSMD_PID, H_KSMD_TASK, H_SHUTDOWN, K_FULL_SCANS, K_PAGES_SCANNED,
-                                K_RUN, R_KSMD, TS_DEAD)
-
+from uksm.kernel.layout import (
+    H_KSMD_PID,
+    H_KSMD_TASK,
+    H_SHUTDOWN,
+    K_FULL_SCANS,
+    K_PAGES_SCANNED,
+    K_RUN,
+    R_KSMD,
+    TS_DEAD,
+)
 from uksm.proc.children import Child
 
 if TYPE_CHECKING:

@@ -35,11 +35,24 @@ from uksm.host import log as ulog
 from uksm.kernel import oom
 from uksm.kernel.cluster import Cluster
 from uksm.kernel.exit import mmput
-from uksm.kernel.layout import (EXIT_PATHS, EXIT_REASONS, MS_FREEING, R_REAPER, S_EXIT_NOSLOT, S_EXITED, S_KILLED, S_MISMATCHES, S_PAGES_VERIFIED, S_REAPED, TS_ALIVE, TS_REAPING, XS_MMDROP)
+from uksm.kernel.layout import (
+    EXIT_PATHS,
+    EXIT_REASONS,
+    MS_FREEING,
+    R_REAPER,
+    S_EXIT_NOSLOT,
+    S_EXITED,
+    S_KILLED,
+    S_MISMATCHES,
+    S_PAGES_VERIFIED,
+    S_REAPED,
+    TS_ALIVE,
+    TS_REAPING,
+    XS_MMDROP,
+)
 from uksm.kernel.locks import dead_locks
 from uksm.kernel.memory import Allocator
 from uksm.kernel.mm import MM, free_mm_objects
-
 from uksm.proc.children import Child, Death
 
 if TYPE_CHECKING:
@@ -170,7 +183,7 @@ class Reaper:
             if mm0 is not None and mm0.words.id == ch.mm:
                 mm = MM(view, ch.mm, mm0.row, mm0.seg)
                 alloc = Allocator(view)
-                alloc.oom_killer = oom.out_of_memory
+                alloc.oom_killer = oom.oom_killer(self.sup.log)  # the supervisor's, as ever
                 mmput(view, mm, alloc, log)
                 alloc.flush()
             view.task.lock(view.mmlist)

@@ -38,11 +38,21 @@ from uksm.kernel import fsck
 from uksm.kernel.cluster import Cluster
 from uksm.kernel.exit import mm_users_zero
 from uksm.kernel.ksm import repair_list
-from uksm.kernel.layout import (C_ALLOC, C_DAEMON, C_MMAP, C_MMLIST, C_PTL, C_WMUTEX, S_LOCK_RECOVERIES, S_RECOVERIES, T_PID, TS_DEAD)
+from uksm.kernel.layout import (
+    C_ALLOC,
+    C_DAEMON,
+    C_MMAP,
+    C_MMLIST,
+    C_PTL,
+    C_WMUTEX,
+    S_LOCK_RECOVERIES,
+    S_RECOVERIES,
+    T_PID,
+    TS_DEAD,
+)
 from uksm.kernel.locks import Lock, LockAbort, dead_locks, lock_name, recover
 from uksm.kernel.memory import rebuild_free_stack
 from uksm.kernel.mm import MM
-
 from uksm.proc.children import Child, Death
 
 if TYPE_CHECKING:
@@ -166,7 +176,7 @@ class Recovery:
             cl.task.abort = lambda: self._more_dead(batch)
             try:
                 # ksm_test_exit must hold before anyone else can take their mmap_sem
-                for (r, ch, _rc) in batch:
+                for (_r, ch, _rc) in batch:
                     mm0 = self.sup.mms.get(ch.mm)
                     if mm0 is not None and mm0.words.id == ch.mm:
                         mm_users_zero(cl, MM(cl, ch.mm, mm0.row, mm0.seg), self.sup.log,

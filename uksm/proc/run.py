@@ -9,19 +9,35 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from uksm.host import shm
-from uksm.kernel.cluster import Config
-from uksm.kernel.layout import (A_FREE_TOP, EXIT_POLICIES, H_MEM_LIMIT, HAZARDS, OOM_RULES, K_FULL_SCANS, K_PAGES_SHARED, K_PAGES_SHARING, K_PAGES_UNSHARED, K_RMAP_ITEMS, K_RUN, L_SCAN_SLOT, PAGE_SIZE, ksm_block)
-from uksm.kernel.locks import LockTimeout
+from uksm.host.exitcodes import EXIT_ERR, EXIT_USAGE
 from uksm.host.exitcodes import interrupted as interrupted_status
-from uksm.kernel.ksm import slot_next, slots
 from uksm.host.lifeline import StopSignals
+from uksm.kernel.cluster import Config
+from uksm.kernel.ksm import slot_next, slots
+from uksm.kernel.layout import (
+    A_FREE_TOP,
+    EXIT_POLICIES,
+    H_MEM_LIMIT,
+    HAZARDS,
+    K_FULL_SCANS,
+    K_PAGES_SHARED,
+    K_PAGES_SHARING,
+    K_PAGES_UNSHARED,
+    K_RMAP_ITEMS,
+    K_RUN,
+    L_SCAN_SLOT,
+    OOM_RULES,
+    PAGE_SIZE,
+    ksm_block,
+)
+from uksm.kernel.locks import LockTimeout
 from uksm.proc.supervisor import Supervisor
 
-from uksm.host.exitcodes import EXIT_ERR, EXIT_USAGE
 SCENARIOS = ("oom-unmerge",)
 
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from uksm.host import shm
 from uksm.host.exitcodes import EXIT_ERR

@@ -27,13 +27,14 @@ import json
 import select
 import signal
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from uksm.kernel import killpoints
+from uksm.errors import UksmError
 from uksm.host.exitcodes import EXIT_ERR, EXIT_USAGE
-from uksm.kernel.layout import (EXIT_PATHS, H_KSMD_POINT, L_SCAN_SLOT, PAGE_SIZE, T_EXIT_PATH, T_KILL_POINT)
-from uksm.host.shm import UksmError
+from uksm.kernel import killpoints
+from uksm.kernel.layout import EXIT_PATHS, H_KSMD_POINT, L_SCAN_SLOT, PAGE_SIZE, T_EXIT_PATH, T_KILL_POINT
 
 if TYPE_CHECKING:
     from uksm.proc.supervisor import Child, Supervisor

@@ -20,15 +20,33 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from uksm.host import lifeline, shm
 from uksm.host import log as ulog
 from uksm.host.exitcodes import EXIT_ERR, EXIT_HUNG, EXIT_INTEGRITY, EXIT_OK, EXIT_OOPS
 from uksm.host.oops import FD_ENV
-from uksm.kernel import fsck, killpoints, oom
+from uksm.kernel import fsck, killpoints
 from uksm.kernel.cluster import Cluster, Config, destroy
-from uksm.kernel.layout import (CS_RUNNING, H_NEXT_WORKER, H_STATE, H_SUPERVISOR_PID, R_SUPERVISOR, R_WORKER, S_LOCKDEP, S_MISMATCHES, S_PAGES_VERIFIED, S_STARTED, S_USE_AFTER_FREE, TASK_SIZE, TS_ALIVE, TS_FREE, ksm_block, stats_block)
+from uksm.kernel.layout import (
+    CS_RUNNING,
+    H_NEXT_WORKER,
+    H_STATE,
+    H_SUPERVISOR_PID,
+    R_SUPERVISOR,
+    R_WORKER,
+    S_LOCKDEP,
+    S_MISMATCHES,
+    S_PAGES_VERIFIED,
+    S_STARTED,
+    S_USE_AFTER_FREE,
+    TASK_SIZE,
+    TS_ALIVE,
+    TS_FREE,
+    ksm_block,
+    stats_block,
+)
 from uksm.kernel.locks import LockTimeout
 from uksm.kernel.memory import frame_stats
 from uksm.kernel.mm import MM, mm_create
@@ -82,7 +100,6 @@ class Supervisor:
         self.cl.bind(row)
         self.log = ulog.setup("supervisor", self.name, self.log_dir)
         self.cl.lockdep_log = self.log
-        oom.set_logger(self.log)
         self.cl.task.on_wait = self.on_wait(self.log)
         self.log.info("cluster_start", workers=0, pages=0, frames=self.cfg.frames,
                       workload="", exit_policy=self.cfg.exit_policy, hazards=self.cfg.hazards,
@@ -210,7 +227,7 @@ class Supervisor:
         return self.reaper.settled()
 
     def start_ksmd(self) -> None:
-        """The hook a subclass overrides to run ksmd elsewhere (tools/profile_ksmd.py)."""
+        """The hook a subclass overrides to run ksmd elsewhere (dev/profile_ksmd.py)."""
         self.ksmdctl.start()
 
     def stop_ksmd(self) -> None:

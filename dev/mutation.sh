@@ -3,11 +3,11 @@
 # changes (mutants) of one module the tests that exercise it notice.
 #
 #   pip install -e '.[mutation]'
-#   tools/mutation.sh [MODULE [TEST_FILE ...]]
-#   tools/mutation.sh uksm/kernel/fsck.py tests/checkers/test_planted.py          (the default)
-#   tools/mutation.sh uksm/kernel/locks.py tests/kernel/test_lock_protocol.py
-#   tools/mutation.sh uksm/kernel/ksm.py tests/kernel/test_ksm_run.py
-#   tools/mutation.sh uksm/kernel/exit.py tests/kernel/test_exit_steps.py
+#   dev/mutation.sh [MODULE [TEST_FILE ...]]
+#   dev/mutation.sh uksm/kernel/fsck.py tests/checkers/test_planted.py          (the default)
+#   dev/mutation.sh uksm/kernel/locks.py tests/kernel/test_lock_protocol.py
+#   dev/mutation.sh uksm/kernel/ksm.py tests/kernel/test_ksm_run.py
+#   dev/mutation.sh uksm/kernel/exit.py tests/kernel/test_exit_steps.py
 #
 # mutmut runs in a copy of the committed tree (git archive HEAD) under a
 # temporary folder, at nice 19, one mutant at a time (the machine is
@@ -41,7 +41,7 @@ cat >> "$WORK/pyproject.toml" <<EOF
 [tool.mutmut]
 source_paths = ["uksm/"]
 only_mutate = ["$MODULE"]
-also_copy = ["workers/", "tools/", "README.md", "docs/"]
+also_copy = ["workers/", "tools/", "dev/", "README.md", "docs/"]
 pytest_add_cli_args_test_selection = [${sel%, }]
 pytest_add_cli_args = ["-p", "no:cacheprovider", "-x", "-q"]
 EOF
@@ -50,7 +50,7 @@ cd "$WORK"
 # it).  A mutant's test killed on its time limit leaves its cluster's ksmd,
 # workers and supervisors behind (its cleanup never ran): before each
 # mutant's tests (pytest_sessionstart in the forked child, one mutant at a
-# time) tools/mutation_reap.py kills what carries the marker and is not an
+# time) dev/mutation_reap.py kills what carries the marker and is not an
 # ancestor, and unlinks the objects of the run's dead clusters; and once
 # more at the end.  Only in the copy: the suite's conftest is not changed.
 MARK="mutation$$"
@@ -60,12 +60,12 @@ cat >> "$WORK/tests/conftest.py" <<EOF
 
 def pytest_sessionstart(session):
     import importlib.util
-    spec = importlib.util.spec_from_file_location("mutation_reap", "$WORK/tools/mutation_reap.py")
+    spec = importlib.util.spec_from_file_location("mutation_reap", "$WORK/dev/mutation_reap.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     mod.reap("$MARK", "$PIDS")
 EOF
-reap() { "$PY" "$WORK/tools/mutation_reap.py" "$MARK" "$PIDS" || true; }
+reap() { "$PY" "$WORK/dev/mutation_reap.py" "$MARK" "$PIDS" || true; }
 # MUTMUT_NAMES='GLOB ...' runs only those mutants (mutmut names, * allowed:
 # 'uksm.kernel.ksm.x___ksm_exit*'), e.g. to finish what a stopped run left
 # shellcheck disable=SC2086

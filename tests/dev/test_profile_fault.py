@@ -1,4 +1,4 @@
-"""tools/profile_fault.py runs at a tiny size and prints its breakdown of a
+"""dev/profile_fault.py runs at a tiny size and prints its breakdown of a
 first-touch fault and a mapped page write (no timed assertion: the pieces
 are only checked to be there and to add up)."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 
 from helpers import ROOT, run_group
 
-TOOL = os.path.join(ROOT, "tools", "profile_fault.py")
+TOOL = os.path.join(ROOT, "dev", "profile_fault.py")
 
 
 @pytest.mark.timeout(60)

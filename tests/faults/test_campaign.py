@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -242,7 +241,7 @@ def test_config_file_and_existing_out(tmp_path):
 def test_torn_last_line_is_ignored_and_isolated(tmp_path):
     """A campaign killed mid-write leaves a torn last line: --resume ignores
     it, and the next line starts on a line of its own."""
-    from uksm.tools.campaign import Sink, recorded
+    from uksm.faults.campaign import Sink, recorded
     out = tmp_path / "t.jsonl"
     out.write_text('{"run_id": "a", "status": "clean", "kills": 1}\n{"run_id": "b", "sta')
     assert set(recorded(str(out))) == {"a"}

@@ -1,5 +1,5 @@
 """Reap what a mutant's tests left behind, between two mutants of a mutation
-run (tools/mutation.sh), never in the suite.
+run (dev/mutation.sh), never in the suite.
 
 mutmut runs each mutant's tests in a child it forks, and kills that child
 on its CPU-time limit: the test's own cleanup (the ``booted`` context, the
@@ -17,7 +17,7 @@ pid of the run (a mutant's child or a reaped process, listed in the run's
 pid file) -- and a cluster's objects only once no process names it and its
 supervisor is dead.
 
-    python tools/mutation_reap.py MARK PIDFILE     (mutation.sh, at the end)
+    python dev/mutation_reap.py MARK PIDFILE     (mutation.sh, at the end)
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ signals, exit policies, hazard sets, workloads -- at one size (kills per
 run, workers, pages), given on the command line or in a TOML/JSON file
 (the same names; the command line wins).  Each element is a *run*: one
 ``uksm inject`` (``uksm run`` when ``kills`` is 0) in its own cluster, log
-folder and process group (see :mod:`uksm.tools.campaign_run`).  Its id is
+folder and process group (see :mod:`uksm.faults.campaign_run`).  Its id is
 a hash of its parameters, so a campaign can be resumed: ``--resume`` skips
 the runs already in the output file.
 
@@ -39,9 +39,9 @@ from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
+from uksm.errors import UksmError
+from uksm.faults.campaign_run import execute_run, reproduce, run_id
 from uksm.kernel.layout import EXIT_POLICIES, HAZARDS
-from uksm.host.shm import UksmError
-from uksm.tools.campaign_run import execute_run, reproduce, run_id
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 ENGINES = ("local", "ray")
@@ -275,7 +275,7 @@ def record_or_drop(r: dict[str, Any], sink: "Sink", stop: Stop) -> None:
 
 def run_local(todo: list[dict[str, Any]], a: argparse.Namespace, sink: Sink, stop: Stop) -> None:
     """A pool of --parallel threads, each waiting on one run's guard."""
-    from uksm.tools.campaign_run import abort_all
+    from uksm.faults.campaign_run import abort_all
     it = iter(todo)
     with ThreadPoolExecutor(max_workers=a.parallel) as pool:
         running: set[Future[dict[str, Any]]] = set()

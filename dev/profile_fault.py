@@ -22,14 +22,13 @@ each piece the best of ``--repeat`` rounds, in CPU microseconds per page
 The lock pairs and the copy are timed alone (timeit).  Nothing is left
 running or in /dev/shm afterwards.
 
-Usage: ``python tools/profile_fault.py [--pages 256] [--repeat 5] [--json]``
+Usage: ``python dev/profile_fault.py [--pages 256] [--repeat 5] [--json]``
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import sys
 import time
 import timeit
 from typing import Any
@@ -39,7 +38,7 @@ PAGE = 4096
 
 def measure(pages: int, repeat: int) -> dict[str, float]:
     from uksm.host import shm
-    from uksm.host.log import _Null
+    from uksm.host.log import NULL_LOG
     from uksm.kernel.cluster import Cluster, Config
     from uksm.kernel.exit import mmput
     from uksm.kernel.layout import R_WORKER, T_PID
@@ -127,7 +126,7 @@ def measure(pages: int, repeat: int) -> dict[str, float]:
                                    - out["pair_mmap_sem"] - 2 * out["pair_pte_lock"])
         out["rest_mapped_write"] = out["mapped_write"] - out["pair_pte_lock"] - out["copy"]
         alloc.drain()
-        mmput(cl, mm, alloc, _Null())
+        mmput(cl, mm, alloc, NULL_LOG)
         alloc.flush()
     finally:
         if cl is not None:

@@ -1,5 +1,5 @@
 """Unite the results of several mutation runs of one module (copies kept by
-``MUTMUT_KEEP=1 tools/mutation.sh``), never in the suite.
+``MUTMUT_KEEP=1 dev/mutation.sh``), never in the suite.
 
 mutmut names a mutant by its function and its index there, so two runs over
 the same source (comments and docstrings aside: mutmut does not mutate
@@ -8,9 +8,9 @@ mutant is killed by the union if some run killed it, a timeout if none
 killed it and some run timed out, a survivor if every run that tested it
 let it live, untested if no run had a test reaching it.
 
-    python tools/mutation_union.py uksm/kernel/locks.py COPY [COPY ...]
+    python dev/mutation_union.py uksm/kernel/locks.py COPY [COPY ...]
 
-Prints the score as tools/mutation.sh does, killed / (killed + survived +
+Prints the score as dev/mutation.sh does, killed / (killed + survived +
 timeouts), then every survivor by name (``mutmut show NAME`` in a copy
 gives its diff).
 """

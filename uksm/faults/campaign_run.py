@@ -5,7 +5,7 @@ turned into one result line.
 The same function, :func:`execute_run`, is what both engines execute: a
 thread of the local pool calls it, and a Ray task calls it on whichever
 node Ray picked.  It does not run ``uksm inject`` itself but through a
-*guard* (``python -m uksm.tools.campaign_run --guard``), a small process
+*guard* (``python -m uksm.faults.campaign_run --guard``), a small process
 that owns the run's lifetime:
 
 - the run is started in a new session (its own process group: the
@@ -175,7 +175,7 @@ def execute_run(params: dict[str, Any], log_root: str, keep_logs: str,
     os.makedirs(log_dir)
     argv = [*uksm_args(params), "--cluster", cluster, "--log-dir", log_dir, "--json", "--quiet"]
     t0 = time.monotonic()
-    g = subprocess.Popen([sys.executable, "-m", "uksm.tools.campaign_run", "--guard",
+    g = subprocess.Popen([sys.executable, "-m", "uksm.faults.campaign_run", "--guard",
                           str(os.getpid()), cluster, log_dir, str(timeout), "--", *argv],
                          stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
                          start_new_session=True)  # a terminal's Ctrl-C is the campaign's to handle
@@ -265,6 +265,6 @@ def result_line(params: dict[str, Any], code: int, r: dict[str, Any], duration: 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--guard"]:
         raise SystemExit(guard_main(sys.argv[2:]))
-    print("usage: python -m uksm.tools.campaign_run --guard PARENT_PID CLUSTER LOG_DIR TIMEOUT -- "
+    print("usage: python -m uksm.faults.campaign_run --guard PARENT_PID CLUSTER LOG_DIR TIMEOUT -- "
           "uksm ARGS... (run by uksm campaign)", file=sys.stderr)
     raise SystemExit(2)

@@ -25,7 +25,7 @@ as the process starts:
 ``none`` runs the same tests with every checker on: the control, which
 must show no failure, so that the failures above are the checkers' own.
 
-Usage: python tools/checkers_off.py [--checker NAME ...] [--tests PATH ...]
+Usage: python dev/checkers_off.py [--checker NAME ...] [--tests PATH ...]
 Prints one line per checker: tests run, tests failed, and their names with
 ``-v``.  Slow (a pytest run per checker): minutes, not a CI test.
 """
@@ -44,7 +44,7 @@ CHECKERS = ("none", "fsck", "verify", "logs", "watchdog", "leak")
 DEFAULT_TESTS = ("tests/checkers", "tests/logs")
 
 SITECUSTOMIZE = r'''
-"""Written by tools/checkers_off.py: switch one uksm checker off in this process."""
+"""Written by dev/checkers_off.py: switch one uksm checker off in this process."""
 import os
 import sys
 

@@ -35,20 +35,11 @@ import threading
 import time
 from typing import Any
 
-from uksm.tools.bench_ksm import (
-    expected_counts,
-    machine,
-    shielded,
-    split_pages,
-    start_workers,
-    uksm_config,
-)
-
 from uksm.host import log as ulog
 from uksm.host import shm
 from uksm.kernel.cluster import Cluster
-from uksm.kernel.ksmd import Ksmd
 from uksm.kernel.ksm import run_store
+from uksm.kernel.ksmd import Ksmd
 from uksm.kernel.layout import (
     H_KSMD_PID,
     H_KSMD_TASK,
@@ -61,6 +52,17 @@ from uksm.kernel.layout import (
     T_PID,
 )
 from uksm.proc.supervisor import Supervisor
+
+# the benchmark this profiles: tools/ is a folder of scripts, never installed
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+from bench_ksm import (
+    expected_counts,
+    machine,
+    shielded,
+    split_pages,
+    start_workers,
+    uksm_config,
+)
 
 
 class InProcessKsmdSupervisor(Supervisor):
@@ -118,7 +120,7 @@ def one_run(a: argparse.Namespace, profile: bool, say: Any) -> dict[str, Any]:
         kcl = Cluster.attach(name)
         kcl.bind(sup.ksmd_row)
         kcl.q[kcl.tbase(sup.ksmd_row) + T_PID] = os.getpid()
-        ksmd = TimedKsmd(kcl, ulog._Null())
+        ksmd = TimedKsmd(kcl, ulog.NULL_LOG)
         done: dict[str, Any] = {}
 
         def watch() -> None:

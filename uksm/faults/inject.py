@@ -1,7 +1,7 @@
 """Fault injection: kill workers while ksmd scans them, and check that the
 emulated kernel survives every kill with nothing lost.
 
-``uksm inject`` (or ``python -m uksm.tools.inject``) boots a cluster whose
+``uksm inject`` (or ``python -m uksm.faults.inject``) boots a cluster whose
 workers churn (refault, COW, re-advise) so that every code path is busy,
 then delivers ``--kills`` kills, one at a time, choosing the victim by
 ``--point``:
@@ -29,18 +29,18 @@ import argparse
 import json
 import os
 import random
-import signal
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import uksm
-from uksm.kernel import killpoints
-from uksm.kernel.layout import HAZARDS
+from uksm.errors import UksmError
 from uksm.host.exitcodes import interrupted as interrupted_status
 from uksm.host.lifeline import StopSignals
+from uksm.kernel import killpoints
+from uksm.kernel.layout import HAZARDS
 from uksm.proc.run import EXIT_USAGE, RunOptions, default_frames, validate
-from uksm.host.shm import UksmError
 
 SIGNALS = ("KILL", "TERM")
 # a worker point reached only by a task still to go through __ksm_enter:

@@ -1,5 +1,5 @@
 """Mutation testing of the lock protocol's C core (uksm/kernel/_lockcore.c),
-as tools/mutation.sh does for the Python modules (mutmut cannot mutate C).
+as dev/mutation.sh does for the Python modules (mutmut cannot mutate C).
 
 Each mutant is one small change a slip of the pen could make: a word
 transition dropped, moved or with the wrong sequence step, a semaphore
@@ -11,7 +11,7 @@ Python was built with, the mutant's own source hash, so that the
 protocol's tests in the copy.  A mutant is killed when a test fails.  The
 unmutated core must pass first (the control).
 
-Usage: ``python tools/mutation_lockcore.py [--list] [--keep] [NAME ...]``
+Usage: ``python dev/mutation_lockcore.py [--list] [--keep] [NAME ...]``
 Prints each mutant's verdict and the score; exit 0 when the control passed.
 """
 from __future__ import annotations
