@@ -4,9 +4,13 @@ scan_get_next_rmap_item, cmp_and_merge_page, try_to_merge_*).
 Private to this process: the rmap_items of each mm_slot, the stable tree
 and the unstable tree.  In the kernel the writer of run=2 removes them too
 (unmerge_and_remove_all_rmap_items, in its own context, under
-ksm_thread_mutex); here that writer (``uksm.kernel.writer``) unmerges the pages and
-zeroes what the rmap_items publish, and ksmd drops its copies at its next
-batch (``reconcile``, H_UNMERGE_GEN).  The trees are hash maps keyed by a 128-bit mmh3
+ksm_thread_mutex); here that writer (``uksm.kernel.writer``) unmerges the
+pages, marks the mms it finished and zeroes what their rmap_items publish,
+and ksmd drops its copies at its next batch (``reconcile``,
+H_UNMERGE_GEN).  At run=0 ksmd sleeps as the kernel's does, and takes the
+mutex only for such work left to it (``behind``).
+
+The trees are hash maps keyed by a 128-bit mmh3
 digest of the page; every merge still confirms the bytes are equal
 (``pages_identical``) under the protocol of the kernel's
 ``write_protect_page`` / ``replace_page``, so a hash collision can never merge
@@ -209,6 +213,9 @@ class Ksmd:
         signal.signal(signal.SIGINT, self._sigterm)
         cl, q, task = self.cl, self.q, self.cl.task
         while not self.stop and not q[H_SHUTDOWN]:
+            if not self.ksmd_should_run() and not self.behind():
+                self.wait_event()
+                continue
             scanned = 0
             t0 = time.monotonic_ns()
             scans_before = q[K_FULL_SCANS]
@@ -236,9 +243,30 @@ class Ksmd:
             self.log_activity()
             if run == 1 and q[L_HEAD_NEXT] != cl.head:
                 self.schedule_timeout(q[K_SLEEP_MS])
-            else:
-                time.sleep(0.01)  # wait_event_interruptible(ksmd_should_run)
         self.alloc.flush()
+
+    def ksmd_should_run(self) -> bool:
+        """ksmd_should_run: run=1 and an mm_slot on the list (a racy look,
+        as the kernel's: the batch reads both again under the mutex)."""
+        return self.q[K_RUN] == 1 and self.q[L_HEAD_NEXT] != self.cl.head
+
+    def behind(self) -> bool:
+        """Something to do under the mutex though ksmd should not scan: run
+        changed since the last look (logged, and the frames a batch gave
+        back flushed), or another task did what the kernel's does
+        synchronously and left ksmd its half -- a legacy __ksm_exit freed
+        a slot (H_KSM_UNSYNCED), run=2 unmerged (H_UNMERGE_GEN) -- which
+        ``reconcile`` finishes.  Anything else ksmd leaves alone while it
+        should not run, as the kernel's ksmd sleeps: a slot freed by a
+        fast-path exit costs nothing until the next batch."""
+        q = self.q
+        return (q[K_RUN] != self.last_run or q[H_UNMERGE_GEN] != self.unmerge_gen
+                or q[H_KSM_UNSYNCED] != 0)
+
+    def wait_event(self) -> None:
+        """wait_event_interruptible(ksm_thread_wait, ksmd_should_run() ||
+        kthread_should_stop()): idle, looking every 10 ms."""
+        time.sleep(0.01)
 
     def schedule_timeout(self, ms: int) -> None:
         """schedule_timeout_interruptible(msecs_to_jiffies(sleep_millisecs)):
