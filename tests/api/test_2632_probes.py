@@ -109,10 +109,14 @@ def test_failed_unmerge_keeps_the_rmap_items_it_had_not_removed():
 
 
 @pytest.mark.timeout(120)
-def test_failed_unmerge_frees_the_rmap_items_of_the_mms_it_finished():
+@pytest.mark.parametrize("ksmd", ["waiting", "asleep"])
+def test_failed_unmerge_frees_the_rmap_items_of_the_mms_it_finished(ksmd):
     """The mms finished before the error lost their rmap_items
     (remove_trailing_rmap_items): they exit by the fast path, and the
-    counters count only the others'."""
+    counters count only the others' -- when the write returns, as the
+    kernel's writer counted them out before it let ksm_thread_mutex go,
+    whether ksmd was waiting for that mutex or asleep for the ten
+    minutes of its sleep_millisecs."""
     with machine(frames=256, max_pages=64, exit_policy="shipped", pages_to_scan=200,
                  sleep_millisecs=5) as m:
         small = m.task(4)
@@ -120,6 +124,12 @@ def test_failed_unmerge_frees_the_rmap_items_of_the_mms_it_finished():
         small.fill(5)
         big.fill(5)
         m.wait_merged()
+        if ksmd == "asleep":
+            m.ksm["run"] = 0
+            m.ksm["sleep_millisecs"] = ASLEEP
+            n = m.ksm["full_scans"]
+            m.ksm["run"] = 1                              # one pass, then ksmd sleeps
+            m.wait(lambda: m.ksm["full_scans"] > n, timeout=30, what="one full scan")
         m.ksm["mem_limit"] = m.ksm["frames_used"] + 12   # small fits, big does not
         with pytest.raises(uksm.MachineError, match="oom-killed"):
             m.ksm["run"] = 2
@@ -128,8 +138,11 @@ def test_failed_unmerge_frees_the_rmap_items_of_the_mms_it_finished():
         assert c["pages_shared"] == 1 and c["pages_sharing"] == 39, c
         assert small.exit() == "fast"
         m.ksm["mem_limit"] = 0
-        m.ksm["run"] = 1
-        m.wait_merged()
+        if ksmd == "asleep":
+            m.ksm["run"] = 2          # a whole walk: nothing left for the sleeper
+        else:
+            m.ksm["run"] = 1
+            m.wait_merged()
     assert m.report["status"] == 0, m.report["fsck"]
 
 

@@ -6,9 +6,11 @@ and the unstable tree.  In the kernel the writer of run=2 removes them too
 (unmerge_and_remove_all_rmap_items, in its own context, under
 ksm_thread_mutex); here that writer (``uksm.kernel.writer``) unmerges the
 pages, marks the mms it finished and zeroes what their rmap_items publish,
-and ksmd drops its copies at its next batch (``reconcile``,
-H_UNMERGE_GEN).  At run=0 ksmd sleeps as the kernel's does, and takes the
-mutex only for such work left to it (``behind``).
+and ksmd drops its copies (``reconcile``, H_UNMERGE_GEN) -- at its next
+batch, or, when the unmerge failed part way and the counters must count
+what is left, at once, on the writer's behalf, before the writer lets the
+mutex go (``serve_unmerge``).  At run=0 ksmd sleeps as the kernel's does,
+and takes the mutex only for such work left to it (``behind``).
 
 The trees are hash maps keyed by a 128-bit mmh3
 digest of the page; every merge still confirms the bytes are equal
@@ -54,7 +56,9 @@ from uksm.kernel.layout import (
     H_KSM_UNSYNCED,
     H_KSMD_POINT,
     H_SHUTDOWN,
+    H_UNMERGE_DONE,
     H_UNMERGE_GEN,
+    H_UNMERGE_WAIT,
     HZ_NO_SCAN_HEAD_CHECK,
     HZ_UP_READ_AFTER_UNLOCK,
     K_FULL_SCANS,
@@ -212,6 +216,9 @@ class Ksmd:
         signal.signal(signal.SIGTERM, self._sigterm)
         signal.signal(signal.SIGINT, self._sigterm)
         cl, q, task = self.cl, self.q, self.cl.task
+        # a failed unmerge's writer waits, holding the mutex, for ksmd to
+        # free rmap_items: served at every slice of ksmd's wait for it
+        task.abort = self.serve_unmerge
         while not self.stop and not q[H_SHUTDOWN]:
             if not self.ksmd_should_run() and not self.behind():
                 self.wait_event()
@@ -231,6 +238,9 @@ class Ksmd:
                     self.log.info("scan_batch_start", seqnr=q[L_SEQNR], pages_to_scan=n)
                     scanned = self.ksm_do_scan(n)
                 self.publish()
+                # every unmerge reconciled above and published: a request
+                # left by a writer killed while it waited is no longer one
+                q[H_UNMERGE_DONE] = self.unmerge_gen
             finally:
                 task.unlock(cl.daemon)
             if self.should_flush(run, q[K_FULL_SCANS] != scans_before):
@@ -265,23 +275,45 @@ class Ksmd:
 
     def wait_event(self) -> None:
         """wait_event_interruptible(ksm_thread_wait, ksmd_should_run() ||
-        kthread_should_stop()): idle, looking every 10 ms."""
+        kthread_should_stop()): idle, looking every 10 ms, serving a failed
+        unmerge's writer meanwhile."""
+        self.serve_unmerge()
         time.sleep(0.01)
 
     def schedule_timeout(self, ms: int) -> None:
         """schedule_timeout_interruptible(msecs_to_jiffies(sleep_millisecs)):
         sleep between batches.  Nothing but kthread_stop ends it early (a
         write of run or sleep_millisecs does not), so it is cut short only
-        by the stop: a SIGTERM, or the cluster's shutdown."""
+        by the stop: a SIGTERM, or the cluster's shutdown.  A failed
+        unmerge's writer is served meanwhile (``serve_unmerge``)."""
         if ms <= 0:
             time.sleep(0)
             return
         end = time.monotonic() + ms / 1000.0
         while not self.stop and not self.q[H_SHUTDOWN]:
+            self.serve_unmerge()
             left = end - time.monotonic()
             if left <= 0:
                 return
-            time.sleep(min(left, 0.05))
+            time.sleep(min(left, 0.02))
+
+    def serve_unmerge(self) -> bool:
+        """A failed run=2's writer holds ksm_thread_mutex and waits for the
+        rmap_items of the mms it finished to be freed and counted out
+        (``ksm.ksmd_remove_rmap_items``): do that -- ``reconcile``, then
+        ``publish`` -- on its behalf and under its mutex, from a place
+        where ksmd is outside a batch (asleep, or waiting for that mutex:
+        this is ksmd's ``Task.abort`` hook, polled at every slice of a
+        blocked wait, and it never abandons one).  Never inside a batch,
+        where ksmd holds the mutex itself and a request left by a writer
+        killed while waiting is no longer one."""
+        q = self.q
+        gen = q[H_UNMERGE_WAIT]
+        if gen and gen != q[H_UNMERGE_DONE] and not self.cl.task.holds(self.cl.daemon):
+            self.reconcile()
+            self.publish()
+            q[H_UNMERGE_DONE] = gen
+        return False
 
     def should_flush(self, run: int, full_scan_done: bool) -> bool:
         """Give merged-away frames back (punch them out of the pool) in big

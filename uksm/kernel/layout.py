@@ -53,7 +53,13 @@ H_PENDING_FREE = 24
 H_KSM_UNSYNCED = 25   # slots a legacy __ksm_exit freed since ksmd last published (under ksm_thread_mutex)
 H_OOM_RULE = 26       # index in OOM_RULES: the OOM killer's victim choice, by kernel version
 H_UNMERGE_GEN = 27    # bumped by run_store's unmerge: ksmd drops the rmap_items of the mms marked M_RMAP_GONE
-HDR_END = 28
+# a failed unmerge's writer, still holding ksm_thread_mutex, asks ksmd to
+# free the rmap_items of the mms it finished (H_UNMERGE_WAIT: that
+# H_UNMERGE_GEN, 0 for none) and waits until ksmd has, and has published
+# the counters (H_UNMERGE_DONE: the last generation ksmd did so for)
+H_UNMERGE_WAIT = 28
+H_UNMERGE_DONE = 29
+HDR_END = 30
 
 # ---- /sys/kernel/mm/ksm: knobs (written by ctl) and counters (written by ksmd)
 K_RUN = HDR_END + 0

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from uksm.host import shm
 from uksm.host.exitcodes import EXIT_ERR
 from uksm.host.oops import Oopses
-from uksm.kernel.layout import EXIT_POLICIES, H_EXIT_POLICY, H_KSM_UNSYNCED, R_WRITER
+from uksm.kernel.layout import EXIT_POLICIES, H_EXIT_POLICY, R_WRITER
 from uksm.kernel.writer import result_of
 from uksm.proc.children import Child
 
@@ -101,24 +101,7 @@ class RunWriter:
         if sup.hung:
             return {"value": value, "status": None, "result": "hung"}
         rc = self.status(ch)
-        if value == 2:
-            self.counted(wait or self.sweeping)
         return {"value": value, "status": rc, "result": result_of(rc)}
-
-    def counted(self, wait: Wait, timeout: float = 5.0) -> None:
-        """After run=2: the kernel's writer removed the rmap_items and
-        counted them out before its write returned; here the writer marks
-        the mms whose rmap_items it removed and ksmd, which owns them,
-        counts them out at its next batch (H_KSM_UNSYNCED until then).
-        Wait for that, so that a script reads after the write what 2.6.32
-        shows -- not for a ksmd that is dead, stopped or asleep longer than
-        ``timeout`` (its counters then lag, as ``uksm ctl`` shows)."""
-        sup, q = self.sup, self.sup.cl.q
-
-        def settled() -> bool:
-            k = sup.ksmd
-            return not q[H_KSM_UNSYNCED] or k is None or k.proc.poll() is not None or bool(sup.hung)
-        wait(settled, timeout)
 
     def sweeping(self, pred: Callable[[], bool], timeout: float) -> bool:
         """The default wait: sweep between two looks."""
