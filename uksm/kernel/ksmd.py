@@ -241,10 +241,15 @@ class Ksmd:
                 # every unmerge reconciled above and published: a request
                 # left by a writer killed while it waited is no longer one
                 q[H_UNMERGE_DONE] = self.unmerge_gen
+                # after the publish (a lockless reader sees the merges at
+                # once) and before the unlock: whoever reads under the
+                # mutex -- a report's snapshot, a run's convergence test --
+                # finds the frames these merges freed free, as the
+                # kernel's replace_page had freed each one at once
+                if self.should_flush(run, q[K_FULL_SCANS] != scans_before):
+                    self.alloc.flush()
             finally:
                 task.unlock(cl.daemon)
-            if self.should_flush(run, q[K_FULL_SCANS] != scans_before):
-                self.alloc.flush()
             if scanned:
                 self.log.info("scan_batch_end", pages=scanned, ms=(time.monotonic_ns() - t0) / 1e6,
                               seqnr=q[L_SEQNR], pages_shared=q[K_PAGES_SHARED],
