@@ -246,10 +246,16 @@ def test_oom_badness_starts_from_total_vm():
         small = m.task(16)
         m.ksm["mem_limit"] = m.ksm["frames_used"] + 8
         m.ksm["run"] = 0
-        for i in range(16):
-            small.write(i * 4096, (1000 + i).to_bytes(4, "little"))
+        try:
+            for i in range(16):
+                small.write(i * 4096, (1000 + i).to_bytes(4, "little"))
+        except uksm.TaskExited:
+            # 2.6.32's select_bad_process passes over a victim that has
+            # released its mm ("if (!p->mm) continue;") before its memory is
+            # back: under load mid and then the allocating task may follow
+            pass
         with pytest.raises(uksm.TaskExited):
-            big.stat()                                          # the first victim
+            big.stat()          # the first victim: a ranking by RSS would never kill it
         assert m.stats()["oom_killed"] >= 1
 
 
