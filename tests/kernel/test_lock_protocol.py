@@ -243,6 +243,7 @@ def test_blocked_lock_shows_waiting_spins_then_holds(tb: Table) -> None:
 
     def holders(lid: int) -> list[int]:
         asked.append(lid)
+        assert holder.holds(mx), "asked once the wait is over: the holder is gone by then"
         return [42]
 
     waiter = tb.task(1, holders=holders, wait_log_ms=0)
@@ -266,7 +267,7 @@ def test_blocked_lock_shows_waiting_spins_then_holds(tb: Table) -> None:
     en = tb.entry(1, C_PTL)
     assert (en["state"], en["seq"], en["spins"], en["since"]) == (HELD, 2, 2, 0)
     assert value(mx) == 0 and waiter.holds(mx) and not holder.holds(mx)
-    # the wait was reported once, with what holders() said of this lock
+    # the wait was reported once, with what holders() said of this lock while it blocked
     assert len(waits) == 1 and waits[0][0] == mx.name and waits[0][1] > 0
     assert waits[0][2] == [42] and asked == [mx.lid]
     waiter.unlock(mx)

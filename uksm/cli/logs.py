@@ -1,5 +1,5 @@
-"""``uksm logs DIR {summary,timeline,check,locks,plot}``: the command line
-over ``uksm.logs``."""
+"""``uksm logs DIR {summary,timeline,check,locks,trace,plot}``: the command
+line over ``uksm.logs`` (the pictures: ``uksm.cli.pictures``)."""
 from __future__ import annotations
 
 import argparse
@@ -9,10 +9,12 @@ import os
 import sys
 from typing import Any, TextIO
 
+from uksm.cli import pictures
 from uksm.cli.args import OneLineParser
 from uksm.host.exitcodes import EXIT_INTEGRITY, EXIT_OK, EXIT_USAGE
+from uksm.logs.plots import PlotUnavailable
 from uksm.logs.read import EXIT_PATHS, Event, LogDirError, ReadStats, format_fields, iter_events
-from uksm.logs.report import PlotUnavailable, lock_class, lock_stats_events, plot, summarize_events, timeline_events
+from uksm.logs.report import lock_class, lock_stats_events, summarize_events, timeline_events
 from uksm.logs.rules import N_RULES, check_events
 
 
@@ -128,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Read a uksm run's log folder (one <role>-<pid>.jsonl file per process, "
             "merged in mono_ns order) and answer questions about the run. "
             "Invalid lines are skipped and counted. Exit status: 0 ok, 2 user "
-            "error, 4 check found violations."
+            "error, 4 check found violations or trace was given a broken log."
         ),
         epilog="Event names and fields: docs/EVENTS.md. Examples with jq and DuckDB: docs/LOGS.md.",
     )
@@ -178,28 +180,15 @@ def build_parser() -> argparse.ArgumentParser:
             "10 longest waits with waiter and holder pids."
         ),
     )
-    pl = sub.add_parser(
-        "plot",
-        help="PNG of pages_shared/sharing/unshared/volatile over time (needs matplotlib)",
-        description=(
-            "Plot pages_shared, pages_sharing, pages_unshared and pages_volatile from "
-            "scan_batch_end over time, with vertical lines for worker_exit (colour by how) "
-            "and dashed lines for kill_point, inject_kill and oom_kill. Needs matplotlib "
-            "(pip install 'uksm[plot]')."
-        ),
-    )
-    pl.add_argument("-o", "--output", required=True, metavar="FILE.png", help="image file to write")
+    pictures.add_parsers(sub)
     return parser
 
 
 def _run(args: argparse.Namespace, out: TextIO) -> int:
     log_dir: str = args.dir
     stats = ReadStats()
-    if args.command == "plot":
-        stats = plot(log_dir, args.output)
-        _warn_invalid(stats, log_dir)
-        print(f"wrote {args.output}", file=out)
-        return EXIT_OK
+    if args.command in ("trace", "plot"):
+        return pictures.run(args, out, _warn_invalid)
 
     events = iter_events(log_dir, stats)
     if args.command == "summary":

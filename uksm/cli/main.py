@@ -48,10 +48,17 @@ def _run_args(p: argparse.ArgumentParser, defaults_for_run: bool = True) -> None
                    help="seconds a task may block on one lock before it is reported (default 5)")
     g.add_argument("--churn-ms", type=int, default=0,
                    help="workers also refault, COW and re-advise a page every this many ms")
+    _trace_locks_arg(g)
     k = p.add_argument_group("ksm (as /sys/kernel/mm/ksm)")
     k.add_argument("--run", type=int, default=1, help="0 stop, 1 merge (default), 2 unmerge all")
     k.add_argument("--pages-to-scan", type=int, default=100, help="pages per batch (default 100)")
     k.add_argument("--sleep-ms", type=int, default=20, help="sleep between batches (default 20)")
+
+
+def _trace_locks_arg(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    p.add_argument("--trace-locks", action="store_true",
+                   help="log every lock taken and released (lock_acquire, lock_release: the "
+                        "lock slices of 'uksm logs DIR trace'); slower, the log much bigger")
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -114,11 +121,16 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                                    "then stop, check and report. " + STOP_HELP, epilog=EPILOG)
     from uksm.faults.inject import add_arguments
     add_arguments(p)
+    _trace_locks_arg(p)
 
     from uksm.faults.campaign import add_parser as add_campaign
     add_campaign(sub)
+    camp = sub.choices["campaign"]
+    camp.epilog = (camp.epilog or "") + ("  Its results as a picture: uksm campaign report OUT "
+                                         "-o FILE.png (--help).")
 
-    sub.add_parser("logs", help="analyse a run's logs: uksm logs DIR {summary,timeline,check,locks,plot}",
+    sub.add_parser("logs", help="analyse a run's logs: uksm logs DIR "
+                                "{summary,timeline,check,locks,trace,plot}",
                    add_help=False)
     from uksm.cli import cluster as cluster_cmds
     from uksm.cli import task as task_cli
@@ -132,11 +144,16 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "logs":
         from uksm.cli import logs as logs_cli
         return logs_cli.main(argv[1:])
+    if argv[:2] == ["campaign", "report"]:
+        from uksm.cli.pictures import campaign_report_main
+        return campaign_report_main(argv[2:])
     ap = build_parser("run" if argv and argv[0] == "run" else None)
     a = ap.parse_args(argv)
     if a.cmd is None:
         ap.print_help()
         return 2
+    if getattr(a, "trace_locks", False):
+        os.environ["UKSM_LOCKTRACE"] = "1"  # every process of the cluster inherits it (locktrace)
     try:
         return dispatch(a)
     except shm.UksmError as e:

@@ -37,6 +37,8 @@ import threading
 import time
 from typing import Any
 
+from uksm.logs.campaign import lock_recoveries_by_lock
+
 #: the parameters that define a run (and its id); the order is the order
 #: of the options in its command
 PARAMS = ("cmd", "seed", "point", "signal", "policy", "hazards", "workload", "kills",
@@ -218,6 +220,9 @@ def _result(params: dict[str, Any], code: int, out: str, duration: float, cluste
     # the guard killed by a signal: the run was stopped from outside, not a result
     res = result_line(params, EXIT_ABORTED if code < 0 else code, report, duration)
     res["node"], res["cluster"] = socket.gethostname(), cluster
+    # for uksm campaign report: when it ended, and its lock recoveries by lock (from its log)
+    res["ended"] = round(time.time(), 3)
+    res["lock_recoveries_by_lock"] = lock_recoveries_by_lock(log_dir)
     if res["status"] != "clean":
         try:
             with open(os.path.join(log_dir, "stderr.txt"), errors="replace") as f:

@@ -10,6 +10,7 @@ mm_struct it holds a count on.
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 from array import array
@@ -216,14 +217,33 @@ class Cluster:
 
     def new_task(self, row: int) -> Task:
         """Another Task handle (a supervisor thread) on ``row``."""
-        task = Task(self.q, self.tbase(row), row, holders=self.holders,
-                    wait_log_ms=self.q[H_LOCK_WAIT_MS])
+        task: Task
+        if os.environ.get("UKSM_LOCKTRACE") == "1":  # uksm.kernel.locktrace: off, no cost
+            from uksm.kernel.locktrace import TracedTask
+            traced = TracedTask(self.q, self.tbase(row), row, holders=self.holders,
+                                wait_log_ms=self.q[H_LOCK_WAIT_MS])
+            traced.on_lock = functools.partial(self._lock_event, row)
+            task = traced
+        else:
+            task = Task(self.q, self.tbase(row), row, holders=self.holders,
+                        wait_log_ms=self.q[H_LOCK_WAIT_MS])
         if LOCKDEP:
             task.lockdep = self._lockdep_report
         return task
 
-    # what lockdep reports go to (each process sets its logger)
+    # what lockdep reports (and lock events, UKSM_LOCKTRACE) go to: each
+    # process sets its logger, a reaper its own on its thread_view
     lockdep_log: Any = NULL_LOG
+
+    def _lock_event(self, row: int, op: str, lk: Lock, mode: str, waited_ns: int) -> None:
+        """A TracedTask's lock taken (``lock_acquire``, with the time the call
+        took) or about to be released (``lock_release``)."""
+        log = self.lockdep_log
+        if op == "acquire":
+            log.info("lock_acquire", lock=lk.name, mode=mode, task_row=row,
+                     waited_ms=round(waited_ns / 1e6, 3))
+        else:
+            log.info("lock_release", lock=lk.name, mode=mode, task_row=row)
 
     def _lockdep_report(self, kind: str, lk: Lock, held: int, op: str) -> None:
         """A lock taken against the order (locks.Task.lockdep_check): count

@@ -36,6 +36,7 @@ from uksm.host.log import NULL_LOG
 from uksm.kernel import killpoints
 from uksm.kernel.cluster import pid_alive
 from uksm.kernel.layout import (
+    A_FREE_TOP,
     F_KSM,
     FR_FLAGS,
     FRAME_SIZE,
@@ -368,7 +369,8 @@ def unmerge_and_remove_all_rmap_items(cl: "Cluster", alloc: Allocator, log: Any 
                         break
             except OutOfMemory:
                 err = -ENOMEM   # break_ksm: VM_FAULT_OOM -> -ENOMEM (this task is the victim)
-            log.info("unmerge", mm=mm.id, pages=pages, reason="run2")
+            log.info("unmerge", mm=mm.id, pages=pages, reason="run2",
+                     frames_used=cl.nframes - q[A_FREE_TOP])
             if err:
                 task.unlock(mm.sem)
                 task.lock(cl.mmlist)

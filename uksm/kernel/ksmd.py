@@ -45,6 +45,7 @@ from uksm.kernel import killpoints, oom
 from uksm.kernel.cluster import Cluster
 from uksm.kernel.ksm import break_cow, list_del, slot_next
 from uksm.kernel.layout import (
+    A_FREE_TOP,
     F_ANON,
     F_KSM,
     FR_COUNT,
@@ -210,6 +211,7 @@ class Ksmd:
         self.stop = False
         self.last_run = -1
         self.unmerge_gen = cl.q[H_UNMERGE_GEN]
+        self.visits: list[dict[str, Any]] = []  # this batch's visits of mms (scan_batch_end)
 
     # ---- the daemon loop (ksm_scan_thread) ---------------------------------
     def run(self) -> None:
@@ -224,6 +226,7 @@ class Ksmd:
                 self.wait_event()
                 continue
             scanned = 0
+            batch = False
             t0 = time.monotonic_ns()
             scans_before = q[K_FULL_SCANS]
             task.lock(cl.daemon)
@@ -233,9 +236,11 @@ class Ksmd:
                 if run != self.last_run:
                     self.log.info("ksm_run", run=run, previous=self.last_run)
                     self.last_run = run
-                if run == 1 and q[L_HEAD_NEXT] != cl.head:
+                batch = run == 1 and q[L_HEAD_NEXT] != cl.head
+                if batch:
                     n = q[K_PAGES_TO_SCAN]
                     self.log.info("scan_batch_start", seqnr=q[L_SEQNR], pages_to_scan=n)
+                    self.visits = []
                     scanned = self.ksm_do_scan(n)
                 self.publish()
                 # every unmerge reconciled above and published: a request
@@ -250,11 +255,12 @@ class Ksmd:
                     self.alloc.flush()
             finally:
                 task.unlock(cl.daemon)
-            if scanned:
+            if batch:  # every scan_batch_start has its end (a trace's batch slice), 0 pages too
                 self.log.info("scan_batch_end", pages=scanned, ms=(time.monotonic_ns() - t0) / 1e6,
                               seqnr=q[L_SEQNR], pages_shared=q[K_PAGES_SHARED],
                               pages_sharing=q[K_PAGES_SHARING], pages_unshared=q[K_PAGES_UNSHARED],
-                              pages_volatile=q[K_PAGES_VOLATILE], full_scans=q[K_FULL_SCANS])
+                              pages_volatile=q[K_PAGES_VOLATILE], full_scans=q[K_FULL_SCANS],
+                              frames_used=cl.nframes - q[A_FREE_TOP], mms=self.visits)
             self.log_activity()
             if run == 1 and q[L_HEAD_NEXT] != cl.head:
                 self.schedule_timeout(q[K_SLEEP_MS])
@@ -533,7 +539,12 @@ class Ksmd:
                 if slot == head and not q[H_HAZARDS] & HZ_NO_SCAN_HEAD_CHECK:
                     break
             st = self.slot_state(slot)
+            t_mm = time.monotonic_ns()
             n, done = self.scan_mm(st, budget)
+            # the visit of this mm, for scan_batch_end (a trace's slice): no
+            # log line of its own, the batch's end carries them all
+            self.visits.append({"mm": st.mm_id, "start_ns": t_mm, "end_ns": time.monotonic_ns(),
+                                "pages": n, "done": done})
             scanned += n
             budget -= n
             if not done or q[L_SCAN_SLOT] == head:

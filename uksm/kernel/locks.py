@@ -253,12 +253,17 @@ class PyTask:
         t0 = time.monotonic_ns()
         q[e + E_SINCE] = t0
         acquire = lk.sem.acquire
+        holders: list[int] | None = None
         while True:
             try:
                 acquire(WAIT_SLICE)
                 break
             except (posix_ipc.BusyError, posix_ipc.SignalError):
                 q[e + E_SPINS] += 1
+                if holders is None and self.holders is not None and self.on_wait is not None:
+                    # who blocks it, read while it is blocked (once it has the
+                    # lock they are gone): the lock_wait event's holders
+                    holders = self.holders(lk.lid)
                 stop = (LockAbort(lk.name) if self.abort is not None and self.abort()
                         else give_up() if give_up is not None else None)
                 if stop is not None:
@@ -269,8 +274,7 @@ class PyTask:
         q[e + E_SINCE] = 0
         waited = time.monotonic_ns() - t0
         if give_up is None and waited >= self.wait_log_ns and self.on_wait is not None:
-            holders = self.holders(lk.lid) if self.holders else []
-            self.on_wait(lk.name, waited / 1e6, holders)
+            self.on_wait(lk.name, waited / 1e6, holders or [])
 
     def lock(self, lk: Lock, check: bool = True) -> None:
         """mutex_lock / down_read: take one unit."""
@@ -400,9 +404,16 @@ class PyTask:
         self.q[self.ebase[cls] + E_SPINS] += 1
 
     def wait_end(self, cls: int = C_FRAMES) -> None:
+        """The wait is over; a long one is a ``lock_wait`` (on "frames"), as
+        a long wait on a semaphore is (no holders: frames have none)."""
         e = self.ebase[cls]
+        since = self.q[e + E_SINCE]
         self.q[e + E_SINCE] = 0
         self._set(e, IDLE)
+        if since and self.on_wait is not None:
+            waited = time.monotonic_ns() - since
+            if waited >= self.wait_log_ns:
+                self.on_wait(lock_name(self.q[e + E_LOCK]), waited / 1e6, [])
 
     def clear_entries(self) -> None:
         """Forget every entry (after recovery took over what they held)."""

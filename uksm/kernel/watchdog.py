@@ -72,13 +72,14 @@ class Watchdog:
             return f"reaper for mm{t.mm} (pid {t.pid})"
         return f"{role} (pid {t.pid})"
 
-    def waiting_on(self, row: int, now: int) -> tuple[int, int, float] | None:
-        """(class, lock id, seconds) of a blocked wait of this task."""
+    def waiting_on(self, row: int, now: int) -> tuple[int, int, float, int] | None:
+        """(class, lock id, seconds, since: mono_ns) of a blocked wait of this task."""
         q, b = self.cl.q, self.cl.tbase(row)
         for c in range(NCLASS):
             e = b + T_LOCKS + c * ESIZE
-            if q[e + E_WORD] & 3 == WAITING and q[e + E_SINCE]:
-                return c, q[e + E_LOCK], (now - q[e + E_SINCE]) / 1e9
+            since = q[e + E_SINCE]
+            if q[e + E_WORD] & 3 == WAITING and since:
+                return c, q[e + E_LOCK], (now - since) / 1e9, since
         return None
 
     def holder_rows(self, cls: int, lid: int) -> list[int]:
@@ -91,8 +92,13 @@ class Watchdog:
             pids = holders_of(q, rows, lid)
         return [r for (r, b) in rows if q[b + T_PID] in pids and q[b + T_PID] > 0]
 
-    def chain(self, row: int, now: int) -> tuple[list[str], bool]:
+    def chain(self, row: int, now: int) -> tuple[list[str], bool, list[dict[str, Any]]]:
+        """The wait-for chain from task ``row``: its lines for a person, whether
+        it closes a cycle (a deadlock), and each link as fields (pid, role,
+        lock, waited_s, holders' pids) for a program: ``uksm logs trace``
+        draws the waits of a hung run from them, up to its end."""
         lines: list[str] = []
+        waits: list[dict[str, Any]] = []
         seen = {row}
         cur = row
         cycle = False
@@ -101,7 +107,7 @@ class Watchdog:
             if w is None:
                 lines.append(f"{self.describe(cur)} is running (not blocked)")
                 break
-            cls, lid, secs = w
+            cls, lid, secs, since = w
             holders = [h for h in self.holder_rows(cls, lid) if h != cur]
             if cls == C_FRAMES:
                 what = f"free frames ({self.cl.q[A_FREE_TOP]} free) for {secs:.1f}s"
@@ -111,6 +117,13 @@ class Watchdog:
                 by = "held by "
             hd = ", ".join(self.describe(h) for h in holders) or "nobody alive"
             lines.append(f"{self.describe(cur)} waits for {what}, {by}{hd}")
+            q, b = self.cl.q, self.cl.tbase(cur)
+            r = q[b + T_ROLE]
+            waits.append({"pid": q[b + T_PID], "role": ROLES[r] if 0 <= r < len(ROLES) else "?",
+                          "mm": q[b + T_MM],
+                          "lock": "frames" if cls == C_FRAMES else lock_name(lid),
+                          "waited_s": round(secs, 3), "since_ns": since,
+                          "holders": [q[self.cl.tbase(h) + T_PID] for h in holders]})
             nxt = holders[0] if holders else None
             if nxt is None:
                 break
@@ -120,7 +133,7 @@ class Watchdog:
                 break
             seen.add(nxt)
             cur = nxt
-        return lines, cycle
+        return lines, cycle, waits
 
     def check_livelock(self, now: int) -> None:
         """A task in its exit (mm_users 0, mm not dropped) whose fault count
@@ -160,14 +173,15 @@ class Watchdog:
             w = self.waiting_on(row, now)
             if w is None:
                 continue
-            cls, lid, secs = w
+            cls, lid, secs, _since = w
             if secs * 1e9 < self.timeout_ns:
                 continue
             key = (row, lid, self.cl.q[b + T_LOCKS + cls * ESIZE + E_SINCE])
             if key in self.seen:
                 continue
             self.seen.add(key)
-            lines, cycle = self.chain(row, now)
+            lines, cycle, waits = self.chain(row, now)
             self.report({"pid": self.cl.q[b + T_PID], "role": ROLES[self.cl.q[b + T_ROLE]],
                          "lock": "frames" if cls == C_FRAMES else lock_name(lid),
-                         "waited_s": round(secs, 3), "deadlock": cycle, "chain": lines})
+                         "waited_s": round(secs, 3), "deadlock": cycle, "chain": lines,
+                         "waits": waits})

@@ -26,17 +26,23 @@ torn last line); blank lines are ignored. The count is reported by
 subcommands.
 
 The package: ``read`` (the stream), ``rules`` (the exit protocol's rules: ``check``), ``report``
-(summary, timeline, locks, plot); ``uksm.cli.logs`` is the command line.
+(summary, timeline, locks), ``trace`` (a Chrome/Perfetto trace), ``plots`` (the
+run's picture, a trace's), ``campaign`` (a campaign's results as a picture);
+``uksm.cli.logs`` is the command line.
 
 Subcommands: ``summary``, ``timeline --mm N``, ``check``, ``locks``,
-``plot -o FILE.png``. Exit status: 0 fine, 2 user error (bad folder, bad
-arguments, matplotlib missing for ``plot``), 4 ``check`` found violations.
+``trace -o FILE.json``, ``plot -o FILE.png``. Exit status: 0 fine, 2 user
+error (bad folder, bad arguments, matplotlib missing for ``plot``), 4
+``check`` found violations, or ``trace`` a broken log.
 """
 from __future__ import annotations
 
+from uksm.logs.plots import plot
 from uksm.logs.read import Event, LogDirError, ReadStats, iter_events, select
-from uksm.logs.report import lock_stats, plot, summarize, timeline
+from uksm.logs.report import lock_stats, summarize, timeline
 from uksm.logs.rules import CheckResult, check, check_events
+from uksm.logs.trace import BrokenLog, trace_events
 
 __all__ = ["Event", "LogDirError", "ReadStats", "iter_events", "select", "summarize", "check",
-           "check_events", "CheckResult", "lock_stats", "timeline", "plot"]
+           "check_events", "CheckResult", "lock_stats", "timeline", "plot", "trace_events",
+           "BrokenLog"]

@@ -1,5 +1,6 @@
 """Answers about a run: its summary, one address space's timeline, the
-lock waits, the plot (``uksm logs summary|timeline|locks|plot``)."""
+lock waits (``uksm logs summary|timeline|locks``; its pictures: ``plots``,
+``trace``)."""
 from __future__ import annotations
 
 import heapq
@@ -196,75 +197,3 @@ def lock_stats(log_dir: str | Path) -> dict[str, Any]:
     waiter and the holder pids. Keys: classes, instances, longest.
     """
     return lock_stats_events(iter_events(log_dir))
-
-
-# ---------------------------------------------------------------------------
-# plot
-# ---------------------------------------------------------------------------
-
-#: scan_batch_end counters drawn as lines, with their colours
-PLOT_SERIES = {
-    "pages_shared": "tab:blue",
-    "pages_sharing": "tab:orange",
-    "pages_unshared": "tab:green",
-    "pages_volatile": "tab:red",
-}
-#: worker_exit markers (solid vertical lines), coloured by how
-EXIT_COLOURS = {"exit": "tab:cyan", "signal": "tab:olive", "oom": "tab:purple", "sigkill": "black"}
-#: kill markers (dashed vertical lines)
-KILL_MARKERS = {"kill_point": "tab:brown", "inject_kill": "tab:pink", "oom_kill": "tab:gray"}
-
-
-class PlotUnavailable(Exception):
-    """matplotlib is not installed."""
-
-
-def plot(log_dir: str | Path, out: str | Path) -> ReadStats:
-    """Draw the KSM page counters over time with exit/kill markers into *out*."""
-    stats = ReadStats()
-    events = iter_events(log_dir, stats)  # folder errors first, then matplotlib
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as exc:
-        raise PlotUnavailable("plot needs matplotlib: pip install 'uksm[plot]'") from exc
-
-    origin, stream = _with_origin(events)
-    t: list[float] = []
-    series: dict[str, list[float]] = {k: [] for k in PLOT_SERIES}
-    marks: list[tuple[float, str, str]] = []  # (t_s, colour, label)
-    names = ("scan_batch_end", "worker_exit", *KILL_MARKERS)
-    for ev in select(stream, names=names):
-        ts = (ev["mono_ns"] - (origin or 0)) / 1e9
-        name = ev["event"]
-        if name == "scan_batch_end":
-            t.append(ts)
-            for k in PLOT_SERIES:
-                series[k].append(_num(ev.get(k)) or 0)
-        elif name == "worker_exit":
-            how = str(ev.get("how"))
-            marks.append((ts, EXIT_COLOURS.get(how, "grey"), f"worker_exit {how}"))
-        else:
-            marks.append((ts, KILL_MARKERS[name], name))
-
-    fig = Figure(figsize=(11, 5.5), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    for k, colour in PLOT_SERIES.items():
-        ax.plot(t, series[k], label=k, color=colour, linewidth=1.2)
-    seen: set[str] = set()
-    for ts, colour, label in marks:
-        dashed = not label.startswith("worker_exit")
-        ax.axvline(
-            ts, color=colour, alpha=0.7, linewidth=0.9, linestyle="--" if dashed else "-",
-            label=None if label in seen else label,
-        )
-        seen.add(label)
-    ax.set_xlabel("time (s since the run's first event)")
-    ax.set_ylabel("pages")
-    ax.set_title(f"KSM pages: {Path(log_dir).name}")
-    ax.grid(True, alpha=0.3)
-    if t or marks:
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
-    fig.savefig(out, dpi=110)
-    return stats

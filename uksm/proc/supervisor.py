@@ -247,7 +247,8 @@ class Supervisor:
     def _on_hung(self, report: dict[str, Any]) -> None:
         self.hung.append(report)
         self.log.error("hung_task", task_pid=report["pid"], task_role=report["role"],
-                       lock=report["lock"], waited_s=report["waited_s"], chain=report["chain"])
+                       lock=report["lock"], waited_s=report["waited_s"], chain=report["chain"],
+                       deadlock=report["deadlock"], waits=report.get("waits", []))
         if not self.quiet:
             print(f"uksm: INFO: task {report['role']} pid {report['pid']} blocked for more than "
                   f"{report['waited_s']:.1f} seconds", file=sys.stderr)
