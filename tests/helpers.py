@@ -63,6 +63,14 @@ def run_json(*args: str, timeout: float = 100) -> tuple[dict[str, Any], int]:
         raise AssertionError(f"no JSON on stdout (status {p.returncode}):\n{p.stdout}\n{p.stderr}")
 
 
+_names = iter(range(1, 1 << 30))
+
+
+def unique_name(prefix: str) -> str:
+    """A cluster name of this test session's own: prefix, pid, a count."""
+    return f"{prefix}{os.getpid() % 100000}x{next(_names)}"
+
+
 def wait_for(pred: Callable[[], Any], timeout: float = 30.0, step: float = 0.02, what: str = "") -> Any:
     """Wait for a condition (never a bare sleep): returns its value."""
     end = time.monotonic() + timeout

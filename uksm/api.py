@@ -30,10 +30,12 @@ from __future__ import annotations
 
 import atexit
 import base64
+import contextlib
 import itertools
 import os
 import signal as _signal
 import tempfile
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator, MutableMapping
@@ -52,7 +54,8 @@ from uksm.errors import (
 )
 from uksm.host import shm
 from uksm.kernel import killpoints
-from uksm.kernel.layout import EXIT_POLICIES, HAZARDS, KSM_FIELDS
+from uksm.kernel.layout import KSM_FIELDS
+from uksm.proc import options as opts
 from uksm.proc.control import CTL_NAMES, WRITABLE, KnobError, ctl_values, read_state, validate_knob
 
 DEFAULT_WAIT_S = 60.0
@@ -83,8 +86,14 @@ class KillPoint(NamedTuple):
 _KINDS: dict[str, type[Exception]] = {
     "type": TypeError, "value": ValueError, "segfault": SegFault, "unknown": KeyError,
     "exited": TaskExited, "died": TaskDied, "oom": TaskDied, "not_reached": KillPointMissed,
-    "timeout": WaitTimeout,
+    "timeout": WaitTimeout, "limit": MachineError,
 }
+
+
+def _bad_option(e: opts.OptionError) -> Exception:
+    """An option refused by ``uksm.proc.options``: the built-in exception
+    a bad argument raises (TypeError for a wrong type, else ValueError)."""
+    return (TypeError if e.kind == "type" else ValueError)(str(e))
 
 
 def _signame(sig: Any) -> str:
@@ -97,13 +106,57 @@ def _signame(sig: Any) -> str:
         return names[int(sig)]
     if not isinstance(sig, str):
         raise TypeError(f"signal must be 'KILL', 'TERM' or a signal number (got {type(sig).__name__})")
-    s = sig.upper().removeprefix("SIG")
-    if s not in ("KILL", "TERM"):
-        raise ValueError(f"signal {sig!r}: one of 'KILL', 'TERM'")
-    return s
+    try:
+        return opts.signal_name(opts.API, sig, "KILL")
+    except opts.OptionError as e:
+        raise _bad_option(e) from None
 
 
 # ---- transports: the same requests, in-process or over the daemon's socket ------------------
+
+class _SafePoints:
+    """Ctrl-C in a script whose process is the supervisor, noticed at a
+    safe point, as a task in the kernel notices a signal at its next one.
+
+    While a call of the Machine blocks (a request, a wait), SIGINT only
+    marks itself pending; the next round of the main loop's duties
+    (``Daemon.pump``, the safe point: no cluster lock held by this
+    process's main thread) raises KeyboardInterrupt there.  A
+    KeyboardInterrupt landing anywhere else could leave a cluster lock
+    taken by the supervisor's own row, which no recovery frees (its
+    holder is alive): close() would then hang on it.  Only the main
+    thread's default handler is replaced; a script's own SIGINT handler
+    is left alone."""
+
+    def __init__(self) -> None:
+        self.pending = False
+        self.depth = 0
+        self.old: Any = None
+
+    def _note(self, _signo: int, _frame: Any) -> None:
+        self.pending = True
+
+    def check(self) -> None:
+        """The safe point: a pending Ctrl-C is raised here."""
+        if self.pending:
+            self.pending = False
+            raise KeyboardInterrupt
+
+    def __enter__(self) -> "_SafePoints":
+        if (self.depth == 0 and threading.current_thread() is threading.main_thread()
+                and _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler):
+            self.old = _signal.signal(_signal.SIGINT, self._note)
+        self.depth += 1
+        return self
+
+    def __exit__(self, exc_type: Any, *_exc: Any) -> None:
+        self.depth -= 1
+        if self.depth == 0 and self.old is not None:
+            _signal.signal(_signal.SIGINT, self.old)
+            self.old = None
+            if exc_type is None:  # noticed after the last safe point: raised on the way out
+                self.check()
+
 
 class _Local:
     """This process is the cluster's supervisor: an in-process Daemon
@@ -111,7 +164,9 @@ class _Local:
 
     def __init__(self, name: str, spec: dict[str, Any]) -> None:
         from uksm.proc.daemon import Daemon
+        self.sp = _SafePoints()
         self.d = Daemon(name, spec, foreground=False)
+        self.d.safe_point = self.sp.check
         try:
             self.d.start()
         except BaseException:
@@ -121,8 +176,12 @@ class _Local:
         self.sup = self.d.sup
         self.cl = self.sup.cl
 
+    def blocking(self) -> _SafePoints:
+        return self.sp
+
     def request(self, req: dict[str, Any]) -> dict[str, Any]:
-        return self.d.run_request(req)
+        with self.sp:
+            return self.d.run_request(req)
 
     def tick(self) -> None:
         self.d.pump()
@@ -156,6 +215,9 @@ class _Remote:
 
     def tick(self) -> None:
         pass
+
+    def blocking(self) -> contextlib.nullcontext[None]:
+        return contextlib.nullcontext()  # a client: Ctrl-C anywhere leaves the cluster whole
 
     def hung(self) -> list[dict[str, Any]]:
         ans = self.request({"op": "ping"})
@@ -221,6 +283,8 @@ class Ksm(MutableMapping[str, Any]):
                                      "pages_volatile")}
 
     def __repr__(self) -> str:
+        if self._m._tr is None:
+            return f"<uksm.Ksm of machine {self._m.name}: closed>"
         return f"Ksm({dict(self)!r})"
 
 
@@ -243,8 +307,10 @@ class Task:
         self.path: str | None = None    # __ksm_exit path, once exited or killed
 
     def __repr__(self) -> str:
-        state = f"exited ({self.path})" if self.path is not None else "alive"
-        return f"<uksm.Task {self.id} pid {self.pid} {self.pages} pages {state}>"
+        state = (f"exited ({self.path})" if self.path is not None else
+                 "alive" if self._m._tr is not None else "stopped (its machine is closed)")
+        kind = "" if self.programmable else " built-in"
+        return f"<uksm.Task {self.id}{kind} pid {self.pid} {self.pages} pages {state}>"
 
     def _cmd(self, cmd: str, what: str, **kw: Any) -> dict[str, Any]:
         if not self.programmable:
@@ -342,52 +408,46 @@ class Machine:
                  pages_to_scan: int = 100, sleep_millisecs: int = 20, mem_limit: int = 0,
                  name: str | None = None, log_dir: str | None = None,
                  hung_task_timeout: float = 5.0) -> None:
-        from uksm.proc.run import RunOptions, check_cluster_options
-        for k, v in (("frames", frames), ("max_pages", max_pages), ("max_tasks", max_tasks),
-                     ("run", run), ("pages_to_scan", pages_to_scan),
-                     ("sleep_millisecs", sleep_millisecs), ("mem_limit", mem_limit)):
-            if type(v) is not int:
-                raise TypeError(f"{k} must be an int (got {type(v).__name__} {v!r})")
-        if isinstance(hung_task_timeout, bool) or not isinstance(hung_task_timeout, (int, float)):
-            raise TypeError("hung_task_timeout must be a number of seconds")
-        if exit_policy not in EXIT_POLICIES:
-            raise ValueError(f"exit_policy {exit_policy!r}: one of {', '.join(EXIT_POLICIES)}")
-        if isinstance(hazards, str) or any(h not in HAZARDS for h in hazards):
-            raise ValueError(f"hazards {hazards!r}: a list of {', '.join(HAZARDS)}")
-        if frames < 16 or max_pages < 1 or not 1 <= max_tasks <= 4096:
-            raise ValueError("frames must be >= 16, max_pages >= 1, max_tasks 1..4096")
-        if not 0 <= mem_limit <= frames:
-            raise ValueError(f"mem_limit {mem_limit}: 0 (none) .. frames ({frames})")
-        self._o = RunOptions(workers=0, pages=max_pages, frames=frames, workload="zero",
+        from uksm.proc.daemon import make_config
+        from uksm.proc.run import RunOptions
+        try:
+            opts.cluster(opts.API, frames=frames, run=run, pages_to_scan=pages_to_scan,
+                         sleep_millisecs=sleep_millisecs, exit_policy=exit_policy,
+                         hazards=hazards, hung_task_timeout=hung_task_timeout,
+                         workload="zero", max_tasks=max_tasks, max_pages=max_pages,
+                         mem_limit=mem_limit)
+        except opts.OptionError as e:
+            raise _bad_option(e) from None
+        if log_dir is not None and not os.path.isdir(log_dir):
+            raise ValueError(f"log_dir {log_dir!r}: no such directory")
+        self._o = RunOptions(workers=0, pages=max_pages, frames=frames, workload="script",
                              log_dir=log_dir, run=run, pages_to_scan=pages_to_scan,
                              sleep_ms=sleep_millisecs, exit_policy=exit_policy,
                              hazards=list(hazards), hung_task_timeout=float(hung_task_timeout))
-        try:
-            check_cluster_options(self._o, min_workers=0)
-        except shm.UksmError as e:
-            raise ValueError(str(e).replace("--", "").replace("-", "_")) from None
-        if log_dir is not None and not os.path.isdir(log_dir):
-            raise ValueError(f"log_dir {log_dir!r}: no such directory")
         self.name = name or f"m{os.getpid()}x{next(_names)}"
         try:
             shm.check_cluster_name(self.name)
         except shm.UksmError as e:
             raise ValueError(str(e)) from None
-        if shm.leftovers(self.name):
-            raise ValueError(f"cluster name {self.name!r} is in use")
-        self.log_dir = os.path.abspath(log_dir or tempfile.mkdtemp(prefix=f"uksm-{self.name}-"))
-        self._o.workload = "script"
+        from uksm.proc.control import name_taken
+        taken = name_taken(self.name)
+        if taken is not None:
+            raise ValueError(str(taken))
         spec = {"workers": 0, "pages": max_pages, "frames": frames, "workload": "zero", "seed": 0,
-                "log_dir": self.log_dir, "exit_policy": exit_policy, "hazards": list(hazards),
+                "log_dir": None, "exit_policy": exit_policy, "hazards": list(hazards),
                 "hung_task_timeout": float(hung_task_timeout), "churn_ms": 0, "run": run,
                 "pages_to_scan": pages_to_scan, "sleep_ms": sleep_millisecs,
                 "max_workers": max_tasks, "max_pages": max_pages}
+        try:  # the pool and one largest task's page table fit in /dev/shm
+            opts.room(opts.API, make_config(spec), max_pages)
+        except opts.OptionError as e:
+            raise _bad_option(e) from None
+        self.log_dir = spec["log_dir"] = os.path.abspath(
+            log_dir or tempfile.mkdtemp(prefix=f"uksm-{self.name}-"))
         self._init()
         self._t0 = time.monotonic()
         self._tr: _Local | _Remote | None = _Local(self.name, spec)
         _open.add(self)
-        if self._tr.sup.ksmd is not None:
-            self.pids.append(self._tr.sup.ksmd.proc.pid)
         if mem_limit:
             try:
                 self.ksm["mem_limit"] = mem_limit
@@ -400,7 +460,20 @@ class Machine:
         self.ksm = Ksm(self)
         self._tasks: dict[str, Task] = {}
         self._hung_raised = 0
-        self.pids: list[int] = []
+        self._pids: list[int] = []
+        # how errors name an option: "api" (max_pages), or "cli" (--max-pages)
+        # for the shell verbs (uksm.cli.task), which are calls of this API
+        self._by: opts.Spelling = opts.API
+
+    @property
+    def pids(self) -> list[int]:
+        """Every process this Machine started: ksmd (and its restarts), its
+        tasks and workers, and the writer tasks of ``run`` -- each ended by
+        ``close()``.  (Attached: the tasks started through it.)"""
+        t = self._tr
+        if isinstance(t, _Local):
+            self._pids = list(t.sup.started)
+        return list(self._pids)
 
     @classmethod
     def attach(cls, name: str) -> "Machine":
@@ -431,7 +504,7 @@ class Machine:
         return self._tr
 
     def _request(self, req: dict[str, Any], what: str) -> dict[str, Any]:
-        ans = self._t().request(req)
+        ans = self._t().request({**req, "by": self._by})
         if ans.get("ok"):
             return ans
         kind, msg = str(ans.get("kind", "")), str(ans.get("error", "request failed"))
@@ -440,7 +513,9 @@ class Machine:
             self._hung_raised = len(reports)  # raised here: a later wait does not raise it again
             raise HungTask(f"{what}: {msg}", reports)
         exc = _KINDS.get(kind) or (ValueError if ans.get("status") == 2 else MachineError)
-        raise exc(f"{what}: {msg}")
+        err = exc(f"{what}: {msg}")
+        err.answer = ans  # type: ignore[attr-defined]  # e.g. a partial spawn's "spawned"
+        raise err
 
     def _check_hung(self, what: str) -> None:
         hung = self._t().hung()
@@ -459,7 +534,7 @@ class Machine:
         ans = self._request({"op": "task_new", "pages": pages, "mergeable": mergeable}, "task")
         t = Task(self, ans["task"], int(ans["pid"]), int(ans["pages"]), int(ans["mm"]))
         self._tasks[t.id] = t
-        self.pids.append(t.pid)
+        self._pids.append(t.pid)
         return t
 
     def spawn(self, count: int = 1, pages: int = 64, workload: str = "vm", seed: int = 0,
@@ -470,34 +545,35 @@ class Machine:
         re-advise).  They take no commands; ``kill`` (also ``at`` a point
         their work passes), ``arm`` and ``stat`` work.  Returns once they
         have written their pages (``wait=False``: at once)."""
-        from uksm.workers.workloads import validate as wl_validate
-        if type(count) is not int or count < 1:
-            raise ValueError(f"count must be a whole number >= 1 (got {count!r})")
-        if type(pages) is not int or type(seed) is not int or type(churn_ms) is not int:
-            raise TypeError("pages, seed and churn_ms must be ints")
-        if not isinstance(workload, str):
-            raise TypeError("workload must be a string")
+        req = {"op": "spawn", "count": count, "pages": pages, "workload": workload, "seed": seed,
+               "churn_ms": churn_ms, "wait": bool(wait)}
+        try:  # checked here as the daemon checks it (its max_pages, on its side)
+            opts.spawn(self._by, req, {"pages": pages, "workload": workload, "seed": seed,
+                                       "churn_ms": churn_ms, "max_pages": opts.MAX_PAGES})
+        except opts.OptionError as e:
+            raise _bad_option(e) from None
         try:
-            wl_validate(workload)
-        except shm.UksmError as e:
-            raise ValueError(str(e)) from None
-        if churn_ms < 0:
-            raise ValueError(f"churn_ms must be >= 0 (got {churn_ms})")
-        ans = self._request({"op": "spawn", "count": count, "pages": pages, "workload": workload,
-                             "seed": seed, "churn_ms": churn_ms, "wait": bool(wait)}, "spawn")
+            ans = self._request(req, "spawn")
+        except MachineError as e:  # a partial spawn: the ones started are tasks all the same
+            self._add_workers(getattr(e, "answer", {}).get("spawned", []))
+            raise
+        return self._add_workers(ans["spawned"])
+
+    def _add_workers(self, spawned: list[dict[str, Any]]) -> list[Task]:
         out = [Task(self, w["worker"], int(w["pid"]), int(w["pages"]), int(w["mm"]),
-                    programmable=False) for w in ans["spawned"]]
+                    programmable=False) for w in spawned]
         for t in out:
             self._tasks[t.id] = t
-            self.pids.append(t.pid)
+            self._pids.append(t.pid)
         return out
 
     def tasks(self, ready: bool = False) -> list[Task]:
         """The live tasks and workers (programmable or built-in); with
         ``ready``, only those done starting (a built-in worker: its pages
         written)."""
-        ids = self._request({"op": "ping"}, "tasks")["ready" if ready else "workers"]
-        return [self._handle(str(i)) for i in ids]
+        ans = self._request({"op": "ping"}, "tasks")
+        info = {str(t["task"]): t for t in ans.get("tasks", [])}
+        return [self._handle(str(i), info.get(str(i))) for i in ans["ready" if ready else "workers"]]
 
     def stats(self) -> dict[str, int]:
         """The machine's event counts (uksm's /proc/vmstat): tasks started
@@ -531,9 +607,15 @@ class Machine:
         i = self._t().cl.q[H_KSMD_POINT]
         return killpoints.NAMES[i] if 0 <= i < len(killpoints.NAMES) else None
 
-    def _handle(self, tid: str) -> Task:
-        """The Task for an id (one started by the shell, on an attached machine)."""
-        return self._tasks.get(tid) or Task(self, tid)  # the daemon refuses what does not fit
+    def _handle(self, tid: str, info: dict[str, Any] | None = None) -> Task:
+        """The Task for an id; one this Machine did not start (by the shell,
+        on an attached machine) is made from ``info`` (ping's ``tasks``: its
+        pid, pages, mm and kind), or bare: the daemon refuses what does not fit."""
+        t = self._tasks.get(tid)
+        if t is None and info is not None:
+            t = self._tasks[tid] = Task(self, tid, int(info["pid"]), int(info["pages"]),
+                                        int(info["mm"]), bool(info["programmable"]))
+        return t or Task(self, tid)
 
     # -- waits
     def wait(self, predicate: Callable[[], Any], timeout: float = DEFAULT_WAIT_S,
@@ -543,27 +625,36 @@ class Machine:
         HungTask at once if the watchdog reports a hung task meanwhile."""
         if not callable(predicate):
             raise TypeError("predicate must be callable (with no arguments)")
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-            raise ValueError(f"timeout must be a positive number of seconds (got {timeout!r})")
+        timeout = self._timeout(timeout)
         t = self._t()
         label = what if isinstance(what, str) else getattr(predicate, "__name__", "a condition")
         end = time.monotonic() + timeout
-        while True:
-            t.tick()
-            self._check_hung(label)
-            v = predicate()
-            if v:
-                return v
-            if time.monotonic() > end:
-                detail = what() if callable(what) else label
-                raise WaitTimeout(f"timed out after {timeout}s waiting for {detail}")
-            time.sleep(_POLL_S)
+        with t.blocking():
+            while True:
+                t.tick()
+                self._check_hung(label)
+                v = predicate()
+                if v:
+                    return v
+                if time.monotonic() > end:
+                    detail = what() if callable(what) else label
+                    raise WaitTimeout(f"timed out after {timeout}s waiting for {detail}")
+                time.sleep(_POLL_S)
+
+    def _timeout(self, timeout: Any) -> float:
+        """A wait's timeout: a positive, finite number of seconds (NaN or
+        infinity would wait for ever)."""
+        try:
+            return opts.seconds(opts.TIMEOUT, timeout, self._by)
+        except opts.OptionError as e:
+            raise _bad_option(e) from None
 
     def wait_full_scans(self, n: int = 2, timeout: float = DEFAULT_WAIT_S) -> dict[str, int]:
         """Return once ``full_scans`` has advanced by ``n`` (what KSM test
         programs wait for), with the four counters then."""
         if type(n) is not int or n < 1:
             raise ValueError(f"n must be a whole number >= 1 (got {n!r})")
+        timeout = self._timeout(timeout)
         self._needs_ksmd("full scans")
         start = self.ksm["full_scans"]
         self.wait(lambda: self.ksm["full_scans"] >= start + n, timeout,
@@ -574,6 +665,7 @@ class Machine:
     def wait_merged(self, timeout: float = DEFAULT_WAIT_S) -> dict[str, int]:
         """Return once the four counters have not changed over two full
         scans (merging has settled), with the counters."""
+        timeout = self._timeout(timeout)
         self._needs_ksmd("merging to settle")
         samples: list[dict[str, int]] = []
         last = [-1]
@@ -631,6 +723,7 @@ class Machine:
         t = self._tr
         if t is None:
             return self.report
+        self._pids = self.pids
         self._tr = None
         _open.discard(self)
         if isinstance(t, _Remote):
@@ -647,6 +740,7 @@ class Machine:
             raise
         finally:
             t.d.close_tasks()
+            self._pids = list(sup.started)  # ksmd may have been restarted meanwhile
         self.report = build_report(self.name, self._o, self._t0, snap, end, self.log_dir)
         if any(isinstance(x._tr, _Local) for x in _open):
             # another machine of this process still logs: the log files are
@@ -677,6 +771,7 @@ class Machine:
         from uksm.host.lifeline import SecondSignal
         if exc_type is not None and issubclass(exc_type, SecondSignal) and self._tr is not None:
             # a second stop signal (uksm.host.lifeline): kill at once, remove every object
+            self._pids = self.pids
             t, self._tr = self._tr, None
             _open.discard(self)
             t.abandon()

@@ -12,7 +12,8 @@
      │   │   └─ SyscallError   a system call failed with -errno; the task lives
      │   ├─ IntegrityError
      │   └─ KillPointMissed
-     └─ (the process side's own: RequestError, KnobError, ScriptError)
+     └─ (the process side's own: RequestError, KnobError, ScriptError, OptionError and
+         LimitError of uksm.proc.options, StaleCluster of uksm.kernel.cluster)
 
 ``UksmError`` is what the CLI prints as ``uksm: MESSAGE`` and exits with
 its ``status``; ``MachineError`` is what ``uksm.Machine`` raises (its

@@ -2,11 +2,13 @@
 entry point, so installing uksm enables it) for writing KSM tests the way
 this repository does.
 
-- the ``machine`` fixture: a fresh ``uksm.Machine`` per test, closed after
-  it; the test fails if the machine left anything behind (a POSIX object,
-  a process), if fsck or a task's data check failed at the end, or if a
-  hung task was reported (unless the test expected it:
-  ``@pytest.mark.uksm_machine(expect_hung=True)``);
+- the ``machine`` fixture: a fresh ``uksm.Machine`` per test, closed as
+  the test's last step; the test fails (FAILED, not an ERROR at teardown)
+  if the machine left anything behind (a POSIX object, a process), if fsck
+  or a task's data check failed at the end, or if a hung task was reported
+  -- unless the test expects one,
+  ``@pytest.mark.uksm_machine(expect_hung=True)``, which then fails if
+  none was;
 - ``@pytest.mark.uksm_machine(**options)``: the Machine's options for
   that test (``frames``, ``exit_policy``, ``sleep_millisecs``, ...).
 
@@ -45,6 +47,46 @@ def leftovers(m: Any) -> list[str]:
     return out
 
 
+def problems_of(m: Any, expect_hung: bool) -> list[str]:
+    """Close ``m`` and say what is wrong at its end: what it left behind,
+    and a hung task (or, with ``expect_hung``, the absence of one)."""
+    m.close()
+    problems = leftovers(m)
+    hung = (m.report or {}).get("hung_tasks", [])
+    if hung and not expect_hung:
+        problems.append("hung task: " + " / ".join(hung[0].get("chain", [])))
+    if expect_hung and not hung:
+        problems.append("no hung task was reported, and the test expects one "
+                        "(uksm_machine(expect_hung=True))")
+    return problems
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: Any) -> Any:
+    """The machine is closed and checked as the test's last step, so that
+    what it left behind fails the test itself (FAILED), not its teardown
+    (an ERROR next to a PASSED)."""
+    try:
+        res = yield
+    except BaseException:
+        m = _checked(item)
+        if m is not None and m[1]:  # the test failed anyway: say what its machine left too
+            item.add_report_section("call", "uksm machine", "\n".join(m[1]))
+        raise
+    m = _checked(item)
+    if m is not None and m[1]:
+        pytest.fail(f"uksm machine {m[0].name}: " + "; ".join(m[1]), pytrace=False)
+    return res
+
+
+def _checked(item: Any) -> tuple[Any, list[str]] | None:
+    state = getattr(item, "_uksm_machine", None)
+    if state is None or state["checked"]:
+        return None
+    state["checked"] = True
+    return state["m"], problems_of(state["m"], state["expect_hung"])
+
+
 @pytest.fixture
 def machine(request: Any) -> Iterator[Any]:
     """A fresh uksm.Machine for the test (options from the uksm_machine
@@ -55,13 +97,14 @@ def machine(request: Any) -> Iterator[Any]:
     expect_hung = bool(opts.pop("expect_hung", False))
     opts.setdefault("name", f"pyt{os.getpid()}x{next(_seq)}")
     m = Machine(**opts)
+    state = {"m": m, "expect_hung": expect_hung, "checked": False}
+    request.node._uksm_machine = state
     try:
         yield m
     finally:
         m.close()
-    problems = leftovers(m)
-    hung = (m.report or {}).get("hung_tasks", [])
-    if hung and not expect_hung:
-        problems.append("hung task: " + " / ".join(hung[0].get("chain", [])))
-    if problems:
-        pytest.fail(f"uksm machine {m.name}: " + "; ".join(problems), pytrace=False)
+    if not state["checked"]:  # (a test that never ran its call: checked here)
+        state["checked"] = True
+        problems = problems_of(m, expect_hung)
+        if problems:
+            pytest.fail(f"uksm machine {m.name}: " + "; ".join(problems), pytrace=False)

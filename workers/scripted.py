@@ -32,7 +32,8 @@ from uksm.workers.worker import Worker, parser
 
 from uksm.errors import SegFault, UksmError
 from uksm.host import log as ulog
-from uksm.host.lifeline import arm, exit_now
+from uksm.host.lifeline import EXIT_ORPHAN, arm, exit_now
+from uksm.kernel.cluster import StaleCluster
 from uksm.kernel.layout import (
     EXIT_PATHS,
     M_FLAGS,
@@ -244,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     chan = socket.socket(fileno=a.cmd_fd)
     try:
         return ScriptedTask(a, chan).run()
+    except StaleCluster as e:
+        print(f"uksm-task: {e}", file=sys.stderr)
+        return EXIT_ORPHAN
     except UksmError as e:
         print(f"uksm-task: {e}", file=sys.stderr)
         return 1

@@ -24,10 +24,10 @@ import time
 from uksm.workers.workloads import ZERO, Workload
 
 from uksm.host import log as ulog
-from uksm.host.lifeline import arm, exit_now
+from uksm.host.lifeline import EXIT_ORPHAN, arm, exit_now
 from uksm.host.shm import UksmError
 from uksm.kernel import oom
-from uksm.kernel.cluster import Cluster
+from uksm.kernel.cluster import Cluster, StaleCluster, add_task_args
 from uksm.kernel.exit import mmput
 from uksm.kernel.layout import (
     M_OWNER_PID,
@@ -52,12 +52,13 @@ from uksm.kernel.syscalls import MADV_DONTNEED, MADV_MERGEABLE, sys_madvise, sys
 class Worker:
     def __init__(self, a: argparse.Namespace) -> None:
         self.a = a
-        self.cl = Cluster.attach(a.cluster)
+        # the cluster instance it was started for (StaleCluster: nothing touched)
+        self.cl = Cluster.attach(a.cluster, a.boot_id)
         self.task = self.cl.bind(a.task)
         self.q = self.cl.q
         self.tb = self.task.base
         self.q[self.tb + T_PID] = os.getpid()
-        self.log = ulog.setup("worker", a.cluster, a.log_dir, mm=a.mm)
+        self.log = ulog.setup("worker", a.cluster, a.log_dir, mm=a.mm, boot_id=a.boot_id)
         self.cl.watch_use_after_free(self.log)
         self.cl.lockdep_log = self.log
         self.task.on_wait = lambda name, ms, holders: self.log.info(
@@ -214,8 +215,7 @@ def parser(prog: str = "uksm-worker",
            description: str = "a worker process (started by the supervisor)") -> argparse.ArgumentParser:
     """The worker's command line (the supervisor's spawn_worker writes it)."""
     ap = argparse.ArgumentParser(prog=prog, description=description)
-    ap.add_argument("--cluster", required=True)
-    ap.add_argument("--task", type=int, required=True)
+    add_task_args(ap)
     ap.add_argument("--mm", type=int, required=True)
     ap.add_argument("--pages", type=int, required=True)
     ap.add_argument("--workload", default="vm")
@@ -229,7 +229,6 @@ def parser(prog: str = "uksm-worker",
     ap.add_argument("--no-touch", action="store_true",
                     help="madvise the area and never write it (LTP ksm05's task): "
                          "ksmd finds no page, the slot has no rmap_items")
-    ap.add_argument("--log-dir")
     return ap
 
 
@@ -239,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         w = Worker(a)
         return w.run()
+    except StaleCluster as e:
+        print(f"uksm-worker: {e}", file=sys.stderr)
+        return EXIT_ORPHAN
     except UksmError as e:
         print(f"uksm-worker: {e}", file=sys.stderr)
         return 1

@@ -129,8 +129,8 @@ def test_bad_input_names_the_problem_and_changes_nothing():
         t = m.task(pages=2)
         t.fill(9)
         bad = [
-            (lambda: m.task(pages=0), ValueError, "pages 0 is out of range"),
-            (lambda: m.task(pages="2"), TypeError, "pages must be an int"),
+            (lambda: m.task(pages=0), ValueError, "pages: must be at least 1"),
+            (lambda: m.task(pages="2"), TypeError, "pages: must be a whole number"),
             (lambda: m.task(pages=2, mergeable="yes"), TypeError, "mergeable"),
             (lambda: t.fill(256), ValueError, "fill value 256"),
             (lambda: t.fill(1.5), TypeError, "fill value must be an int"),

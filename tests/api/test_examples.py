@@ -42,16 +42,33 @@ def test_merges(machine):
 @pytest.mark.uksm_machine(run=0, hazards=["no-fast-path"], frames=64)
 def test_leaks_an_mm(machine):
     machine.task(pages=1).fill(1)   # exits with no fast path and no ksmd: never freed
+
+@pytest.mark.uksm_machine(expect_hung=True, frames=64)
+def test_expects_a_hang_that_never_comes(machine):
+    machine.task(pages=1).fill(1)
+
+@pytest.mark.uksm_machine(run=0, hazards=["no-fast-path"], frames=64)
+def test_fails_and_leaks(machine):
+    machine.task(pages=1).fill(1)
+    assert False, "the test's own failure"
 '''
 
 
 def test_pytest_plugin_fixture(tmp_path):
+    """The leak fails the test that leaked (FAILED, not an ERROR at teardown
+    beside a PASSED); expect_hung without a hang fails; a test failing on
+    its own also shows what its machine left."""
     (tmp_path / "test_user.py").write_text(PLUGIN_TESTS)
-    p = run_group([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+    p = run_group([sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider",
                    str(tmp_path / "test_user.py")], 100)
     out = p.stdout + p.stderr
-    assert "2 passed, 1 error" in out, out  # the leak fails at teardown
-    assert "test_leaks_an_mm" in out and "never freed" in out, out
+    assert "3 failed, 1 passed in" in out and "error" not in out.lower().split("passed in")[-1], out
+    failed = {ln.rsplit("::", 1)[-1] for ln in out.splitlines() if ln.startswith("FAILED ")}
+    assert failed == {"test_leaks_an_mm", "test_expects_a_hang_that_never_comes",
+                      "test_fails_and_leaks"}, out
+    assert "never freed" in out, out
+    assert "no hung task was reported" in out, out
+    assert "the test's own failure" in out and "uksm machine" in out, out
 
 
 def _python_blocks(path: str) -> list[str]:

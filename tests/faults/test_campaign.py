@@ -238,15 +238,67 @@ def test_config_file_and_existing_out(tmp_path):
     assert p.returncode == 2 and "--resume" in p.stderr
 
 
-def test_torn_last_line_is_ignored_and_isolated(tmp_path):
-    """A campaign killed mid-write leaves a torn last line: --resume ignores
-    it, and the next line starts on a line of its own."""
-    from uksm.faults.campaign import Sink, recorded
+def test_torn_last_line_is_repaired_and_said(tmp_path):
+    """A campaign killed mid-write leaves a torn last line: --resume cuts it
+    off and says so (it was kept, alone on its line, and the docs' own jq
+    recipe then failed on it), runs that run again, and the file is whole
+    JSON lines.  A damaged line elsewhere is refused, not appended to."""
     out = tmp_path / "t.jsonl"
-    out.write_text('{"run_id": "a", "status": "clean", "kills": 1}\n{"run_id": "b", "sta')
-    assert set(recorded(str(out))) == {"a"}
-    sink = Sink(str(out), 2, recorded(str(out)), quiet=True)
-    sink.add({"run_id": "b", "status": "clean", "kills": 2, "command": "uksm inject"})
-    sink.close()
-    assert set(recorded(str(out))) == {"a", "b"}
-    assert out.read_text().splitlines()[1] == '{"run_id": "b", "sta'
+    base = ["--seeds", "1-2", "--kills", "0", "--workers", "1", "--pages", "16", "--out", str(out),
+            "--parallel", "1"]
+    p = campaign(*base, timeout=90)
+    assert p.returncode == 0, p.stdout + p.stderr
+    first, second = out.read_text().splitlines()
+    out.write_text(first + "\n" + second[:25])          # killed while writing the second
+    p = campaign(*base, "--resume", timeout=90)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "its last line was torn (a campaign killed while writing it): removed it (25 bytes)" \
+        in p.stderr, p.stderr
+    rows = lines(out)                                    # every line is JSON again
+    assert len(rows) == 2 and rows[0] == json.loads(first)
+    assert {r["run_id"] for r in rows} == {json.loads(first)["run_id"], json.loads(second)["run_id"]}
+    jq = subprocess.run(["jq", "-c", "select(.status != \"clean\") | .command", str(out)],
+                        capture_output=True, text=True)
+    assert jq.returncode == 0 and jq.stdout == "", jq.stderr  # the docs' recipe reads it
+    out.write_text(first + "\nnot a result\n" + second + "\n")
+    p = campaign(*base, "--resume", timeout=60)
+    assert p.returncode == 2 and "line 2 is not a campaign result: refusing to append" in p.stderr
+    assert out.read_text() == first + "\nnot a result\n" + second + "\n"   # untouched
+
+
+def test_a_sweep_past_the_limit_is_one_line_at_once(tmp_path):
+    """--seeds 1-100000000 --dry-run built 1M-run lists until the kernel
+    killed it: the size is known before anything is expanded."""
+    p = uksm("campaign", "--seeds", "1-100000000", "--dry-run", timeout=30)
+    assert p.returncode == 2 and p.stdout == "", p.stdout[:200]
+    err = p.stderr.strip()
+    assert "\n" not in err and "= 100000000 runs, more than 100000: split it" in err, err
+    assert len(dry_ids("--seeds", "1-1000", "--points", "random,cursor")) == 2000
+
+
+@pytest.mark.parametrize("how", ["cli", "toml", "json"])
+def test_a_negative_seed_is_refused_however_written(how, tmp_path):
+    args = ["--seeds=-1"]
+    if how != "cli":
+        cfg = tmp_path / f"s.{how}"
+        cfg.write_text("seeds = [-1]\n" if how == "toml" else '{"seeds": [-1]}')
+        args = ["--config", str(cfg)]
+    p = uksm("campaign", "--dry-run", *args, timeout=30)
+    assert p.returncode == 2 and "seeds are whole numbers >= 0" in p.stderr, p.stderr
+
+
+def test_legacy_runs_at_slow_path_points_are_left_out_and_said(tmp_path):
+    """Under legacy the ksm_exit_* points are never reached: such a run
+    was recorded as a 'usage' failure; it is no run of the sweep."""
+    p = uksm("campaign", "--dry-run", "--seeds", "1-2", "--policies", "seed,legacy",
+             "--points", "ksm_exit_mmap_sem_write,exit_mid_zap", timeout=30)
+    assert p.returncode == 0, p.stderr
+    cmds = [x.split(None, 1)[1] for x in p.stdout.splitlines()]
+    assert len(cmds) == 6
+    assert not [c for c in cmds if "ksm_exit_mmap_sem_write" in c and "legacy" in c], cmds
+    assert ("left out of the sweep: 2 runs at ksm_exit_mmap_sem_write under policy legacy: "
+            "never reached there") in p.stderr, p.stderr
+    p = uksm("campaign", "--dry-run", "--policies", "legacy", "--points",
+             "ksm_exit_before_down_write", timeout=30)
+    assert p.returncode == 2 and "the sweep is empty (1 runs at ksm_exit_before_down_write" \
+        in p.stderr, p.stderr

@@ -469,13 +469,16 @@ def test_check_rule4_merge_before_exit_begin_but_logged_after_is_ok(tmp_path: Pa
 
 
 def test_check_unclean_run_not_freed_is_a_note(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A slot never freed in a run that did not stop is a note, not a
+    violation; but a run with no clean stop is no evidence of a pass."""
     evs = _drop(_plant_rule1_not_freed(clean_run()), "cluster_stop")
     d = write_run(tmp_path / "r", evs)
     assert check(d) == []
-    assert main([str(d), "check", "--json"]) == 0
+    assert main([str(d), "check", "--json"]) == 6
     out = json.loads(capsys.readouterr().out)
-    assert out["ok"] and out["clean_stop"] is False
+    assert not out["ok"] and out["clean_stop"] is False and out["violations"] == []
     assert any("mm 1" in n and "never freed" in n for n in out["notes"])
+    assert any("no cluster_stop" in m for m in out["missing"])
 
 
 def test_check_reenter_after_slot_freed_is_ok(tmp_path: Path) -> None:
@@ -582,3 +585,130 @@ def test_summary_streams_a_large_file(tmp_path: Path) -> None:
     assert s["lines"] == n + n // 1000
     assert size > 30_000_000
     assert peak < size / 20, (peak, size)
+
+
+# ---------------------------------------------------------------------------
+# evidence, and a folder of several clusters (issue 28: check passed on no
+# evidence; a reused log folder mixed 26 clusters)
+
+
+@pytest.mark.parametrize("content", [b"", bytes(range(256)) * 16], ids=["empty", "garbage"])
+def test_check_on_no_valid_event_fails_and_says_why(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes
+) -> None:
+    (tmp_path / "supervisor-1.jsonl").write_bytes(content)
+    assert main([str(tmp_path), "check"]) == 6
+    out = capsys.readouterr().out
+    assert "no evidence: no valid event" in out and "ok" not in out.split(), out
+    assert main([str(tmp_path), "check", "--json"]) == 6
+    j = json.loads(capsys.readouterr().out)
+    assert j["ok"] is False and j["status"] == 6 and j["clusters"] == []
+
+
+@pytest.mark.parametrize("drop", ["cluster_start", "cluster_stop"])
+def test_check_without_a_start_or_a_clean_stop_fails_and_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], drop: str
+) -> None:
+    d = write_run(tmp_path / "r", _drop(clean_run(), drop))
+    assert main([str(d), "check"]) == 6
+    out = capsys.readouterr().out
+    assert f"no evidence: no {drop}" in out, out
+    assert "incomplete:" in out and "ok: all" not in out, out
+
+
+def as_cluster(evs: list[dict[str, Any]], name: str, boot: int | None, t0: int) -> list[dict[str, Any]]:
+    """The events of a run as cluster ``name`` booted ``boot``, from mono_ns t0."""
+    out = []
+    for i, e in enumerate(stamp(evs)):
+        e = dict(e, cluster=name, mono_ns=t0 + i * STEP)
+        if "t_last_ns" in e:
+            e["t_last_ns"] = e["mono_ns"] - STEP // 2
+        if boot is not None:
+            e["boot_id"] = boot
+        out.append(e)
+    return out
+
+
+def reused_folder(tmp_path: Path) -> Path:
+    """One log folder, three clusters (as a reused Machine log_dir holds):
+    two boots of cluster "a" (the same mm ids, the same supervisor file),
+    then "b", SIGKILLed (no cluster_stop)."""
+    evs = (as_cluster(clean_run(), "a", 0x1a, T0)
+           + as_cluster(clean_run(), "a", 0x2b, T0 + 10**9)
+           + as_cluster(_drop(clean_run(), "cluster_stop"), "b", 0x3c, T0 + 2 * 10**9))
+    return write_run(tmp_path / "r", evs)
+
+
+def test_check_tells_the_clusters_of_a_folder_apart(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    d = reused_folder(tmp_path)
+    assert main([str(d), "check"]) == 6     # no violation: b did not stop cleanly
+    out = capsys.readouterr().out
+    assert "rule " not in out, out          # mixed, the two a's mm ids collided (freed twice...)
+    assert "cluster a@1a: ok: all 8 rules hold (4 mms)" in out, out
+    assert "cluster a@2b: ok: all 8 rules hold (4 mms)" in out, out
+    assert "b@3c: no evidence: no cluster_stop" in out, out
+    assert "3 clusters: 2 ok, 0 with violations, 1 incomplete" in out, out
+    assert main([str(d), "check", "--cluster", "a@2b"]) == 0
+    assert "ok: all 8 rules hold (4 mms)" in capsys.readouterr().out
+
+
+def test_summary_lists_the_clusters_and_never_reads_anothers_stop(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    d = reused_folder(tmp_path)
+    s = summarize(d)
+    assert [(c["cluster"], c["clean_stop"], c["status"]) for c in s["clusters"]] == [
+        ("a@1a", True, 0), ("a@2b", True, 0), ("b@3c", False, None)]
+    assert all(c["exits"]["fast"] == 2 for c in s["clusters"])
+    assert s["clean_stop"] is False and s["status"] is None
+    assert main([str(d), "summary", "--cluster", "b"]) == 0
+    text = capsys.readouterr().out
+    assert "no cluster_stop" in text and "clean stop" not in text, text
+    assert main([str(d), "summary"]) == 0
+    text = capsys.readouterr().out
+    assert "3 clusters in" in text and "a@1a" in text and "b@3c" in text, text
+
+
+def test_timeline_and_locks_of_a_folder_of_clusters_need_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    d = reused_folder(tmp_path)
+    for sub in (["timeline", "--mm", "1"], ["locks"]):
+        assert main([str(d), *sub]) == 2
+        err = capsys.readouterr().err
+        assert "3 clusters (a@1a, a@2b, b@3c): say which with --cluster" in err, err
+        assert main([str(d), *sub, "--cluster", "a"]) == 2    # two boots of a
+        capsys.readouterr()
+    assert main([str(d), "timeline", "--mm", "1", "--cluster", "a@2b", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows and all(r["boot_id"] == 0x2b for r in rows)
+
+
+def test_one_kill_at_a_point_counts_once(tmp_path: Path) -> None:
+    """kill(at=) logs inject_kill (mode point) as it arms and kill_point as
+    it fires: one kill.  A point armed and never reached is none."""
+    evs = clean_run()
+    _insert_after(evs, ("full_scan", {}),
+                  ev(CTL, "inject_kill", target_pid=204, mm=4, signal="TERM", mode="point"))
+    _insert_after(evs, ("full_scan", {}),
+                  ev(CTL, "inject_kill", target_pid=201, mm=1, signal="KILL", mode="point"))
+    assert summarize(write_run(tmp_path / "r", evs))["kills"] == 2  # as before: the random one
+    # and w4's kill_point; w1's point never fired
+
+
+def test_trace_and_plot_of_a_folder_of_clusters_need_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A picture of two clusters at once would draw one's mm ids and
+    counters over the other's: refused before anything is written."""
+    d = reused_folder(tmp_path)
+    out = tmp_path / "t.json"
+    for sub in (["trace", "-o", str(out)], ["plot", "-o", str(tmp_path / "p.png")]):
+        assert main([str(d), *sub]) == 2
+        err = capsys.readouterr().err
+        assert "3 clusters (a@1a, a@2b, b@3c): say which with --cluster" in err, err
+    assert not out.exists() and not (tmp_path / "p.png").exists()
+    assert main([str(d), "trace", "-o", str(out), "--cluster", "a@2b"]) == 0, capsys.readouterr()
+    capsys.readouterr()
+    assert json.loads(out.read_text())["traceEvents"]

@@ -501,7 +501,7 @@ def test_two_runs_side_by_side_and_the_same_name_refused(tmp_path) -> None:
         r = uksm("run", "--cluster", a, "--workers", "1", "--pages", "8", "--quiet", "--log-dir",
                  str(tmp_path), timeout=60)
         assert pa.poll() is None, "A ended before its name was tried again: make it slower"
-        assert r.returncode == 2 and "already in use" in r.stderr, r
+        assert r.returncode == 2 and "is in use" in r.stderr and "uksm run" in r.stderr, r
         assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     finally:
         outs = [finish(pa, a, 90), finish(pb, b, 90)]
@@ -544,7 +544,7 @@ def test_another_user_is_refused_and_changes_nothing(tmp_path) -> None:
             assert p.returncode in (1, 2), (args, p.returncode, p.stdout, p.stderr)
             assert p.stderr.count("\n") == 1 and "Traceback" not in p.stderr, (args, p.stderr)
             assert any(w in p.stderr for w in ("belongs to user root", "not the cluster's owner",
-                                               "already in use")), (args, p.stderr)
+                                               "already in use", "is in use")), (args, p.stderr)
         # the Python API: Machine.attach raises MachineError naming the owner
         attach = ("import sys, uksm\n"
                   "try:\n    uksm.Machine.attach(sys.argv[1])\n"

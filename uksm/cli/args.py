@@ -22,3 +22,11 @@ def cluster_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cluster", default=DEFAULT_CLUSTER,
                    help=f"cluster name (default: $UKSM_CLUSTER, else 'default'; now "
                         f"{DEFAULT_CLUSTER!r})")
+
+
+def log_cluster_arg(p: argparse.ArgumentParser) -> None:
+    """``uksm logs DIR ... --cluster NAME[@BOOT]``: the one cluster to read
+    of a folder that holds several (``uksm.logs.read.only_cluster``)."""
+    p.add_argument("--cluster", metavar="NAME[@BOOT]",
+                   help="only this cluster, when the folder holds several (a reused log folder): "
+                        "NAME, or NAME@BOOT for one boot of it (summary lists them)")

@@ -23,12 +23,14 @@ from uksm.cli.args import cluster_arg
 from uksm.cli.top import format_status, run_top
 from uksm.host import shm
 from uksm.host.exitcodes import EPILOG, EXIT_ERR, EXIT_INTEGRITY, EXIT_OK, EXIT_USAGE
+from uksm.proc import options
 from uksm.proc.control import (
     CTL_NAMES,
     NotUp,
     attach,
     call,
     ctl_values,
+    name_taken,
     not_running,
     read_state,
     request,
@@ -146,51 +148,35 @@ def dispatch(a: argparse.Namespace) -> int:
 # ---- up -----------------------------------------------------------------------------------
 
 def up_spec(a: argparse.Namespace) -> dict[str, Any]:
-    """Validate ``up``'s options (status 2, nothing started) and return the
-    spec the daemon boots from."""
+    """Validate ``up``'s options (``uksm.proc.options``: status 2, nothing
+    started) and return the spec the daemon boots from."""
+    from uksm.proc.daemon import make_config
     from uksm.proc.run import check_cluster_options, check_frames, check_log_dir
-    from uksm.proc.run import usage_error as bad
     shm.check_cluster_name(a.cluster)
     check_cluster_options(a, min_workers=0)
     max_workers = a.max_workers or max(a.workers, 32)
     max_pages = a.max_pages or max(a.pages, 1024)
-    if max_workers < max(a.workers, 1):
-        bad(f"--max-workers {max_workers} is less than --workers {a.workers}")
-    if max_pages < a.pages:
-        bad(f"--max-pages {max_pages} is less than --pages {a.pages}")
-    if max_workers > 4096:
-        bad("--max-workers: at most 4096")
-    if max_pages > 1 << 20:
-        bad("--max-pages: at most 1048576 (4 GiB per address space)")
+    options.cluster(options.CLI, max_tasks=max_workers, max_pages=max_pages)
+    options.limits(options.CLI, max_workers, max_pages, a.workers, a.pages)
     base = max(a.workers, 4) * a.pages
     frames = a.frames or base + max(64, base // 16)
     check_frames(frames, a.workers * a.pages, a)
     log_dir = a.log_dir
     if log_dir is not None:
         check_log_dir(log_dir)
-    return {"workers": a.workers, "pages": a.pages, "frames": frames, "workload": a.workload,
+    spec = {"workers": a.workers, "pages": a.pages, "frames": frames, "workload": a.workload,
             "seed": a.seed, "log_dir": os.path.abspath(log_dir) if log_dir else None,
             "exit_policy": a.exit_policy, "oom_rule": a.oom_rule, "hazards": list(a.hazard),
             "hung_task_timeout": a.hung_task_timeout, "churn_ms": a.churn_ms, "run": a.run,
             "pages_to_scan": a.pages_to_scan, "sleep_ms": a.sleep_ms,
             "max_workers": max_workers, "max_pages": max_pages}
+    options.room(options.CLI, make_config(spec), max_pages)
+    return spec
 
 
 def name_in_use(name: str) -> shm.UksmError | None:
     """Why ``up --cluster name`` must not start (status 2), or None."""
-    try:
-        ans = call(name, {"op": "ping"}, timeout=10)
-        return shm.UksmError(f"cluster {name!r} is already up (daemon pid {ans.get('pid')}, logs in "
-                             f"{ans.get('log_dir')}): 'uksm down --cluster {name}' first, or "
-                             f"another --cluster", EXIT_USAGE)
-    except NotUp:
-        pass
-    except shm.UksmError:
-        return shm.UksmError(f"cluster {name!r} is already up (its control socket is taken)", EXIT_USAGE)
-    if shm.leftovers(name):
-        e = not_running(name)
-        return shm.UksmError(f"cluster name {name!r} is in use: {e}", EXIT_USAGE)
-    return None
+    return name_taken(name, "another --cluster")
 
 
 def _print_up(ans: dict[str, Any], as_json: bool) -> None:
@@ -307,25 +293,27 @@ def print_down(r: dict[str, Any]) -> None:
 
 
 def cmd_spawn(a: argparse.Namespace) -> int:
-    if a.count < 1:
-        raise shm.UksmError(f"--count must be at least 1 (got {a.count})", EXIT_USAGE)
-    if a.pages is not None and a.pages < 1:
-        raise shm.UksmError(f"--pages must be at least 1 (got {a.pages})", EXIT_USAGE)
-    if a.churn_ms is not None and a.churn_ms < 0:
-        raise shm.UksmError(f"--churn-ms must be >= 0 (got {a.churn_ms})", EXIT_USAGE)
-    if a.workload is not None:
-        from uksm.workers.workloads import validate as wl_validate
-        wl_validate(a.workload)
     req = {"op": "spawn", "pages": a.pages, "workload": a.workload, "count": a.count,
-           "seed": a.seed, "churn_ms": a.churn_ms, "wait": a.wait}
-    ans = request(a.cluster, req)
+           "seed": a.seed, "churn_ms": a.churn_ms, "wait": a.wait, "by": options.CLI}
+    # what does not depend on the cluster is refused before asking it (the
+    # daemon checks the rest, with the same code): a stand-in for its defaults
+    options.spawn(options.CLI, req, {"pages": 1, "workload": "vm", "seed": 0, "churn_ms": 0,
+                                     "max_pages": options.MAX_PAGES})
+    shm.check_cluster_name(a.cluster)
+    try:
+        ans = call(a.cluster, req)
+    except NotUp:
+        raise not_running(a.cluster)
+    spawned = ans.get("spawned", [])
     if a.json:
         print(json.dumps(ans))
     else:
-        for w in ans["spawned"]:
+        for w in spawned:
             ready = "  ready" if w.get("ready") else ""
             print(f"{w['worker']}  pid {w['pid']}  mm{w['mm']}  {w['pages']} pages  "
                   f"{w['workload']}{ready}")
+    if not ans.get("ok"):  # refused (nothing started), or a partial spawn (those printed run on)
+        raise shm.UksmError(str(ans.get("error", "spawn failed")), int(ans.get("status", EXIT_ERR)))
     return EXIT_OK
 
 

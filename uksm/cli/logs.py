@@ -7,15 +7,25 @@ import itertools
 import json
 import os
 import sys
+from collections.abc import Iterable
 from typing import Any, TextIO
 
 from uksm.cli import pictures
-from uksm.cli.args import OneLineParser
-from uksm.host.exitcodes import EXIT_INTEGRITY, EXIT_OK, EXIT_USAGE
+from uksm.cli.args import OneLineParser, log_cluster_arg
+from uksm.host.exitcodes import EXIT_INTEGRITY, EXIT_NO_EVIDENCE, EXIT_OK, EXIT_USAGE
 from uksm.logs.plots import PlotUnavailable
-from uksm.logs.read import EXIT_PATHS, Event, LogDirError, ReadStats, format_fields, iter_events
+from uksm.logs.read import (
+    EXIT_PATHS,
+    Clusters,
+    Event,
+    LogDirError,
+    ReadStats,
+    format_fields,
+    iter_events,
+    only_cluster,
+)
 from uksm.logs.report import lock_class, lock_stats_events, summarize_events, timeline_events
-from uksm.logs.rules import N_RULES, check_events
+from uksm.logs.rules import N_RULES, CheckResult, check_events
 
 
 def _table(
@@ -37,12 +47,26 @@ def _table(
         print(line.rstrip(), file=out)
 
 
+def _stop(c: dict[str, Any]) -> str:
+    return f"clean stop, status {c['status']}" if c["clean_stop"] else "no cluster_stop"
+
+
 def _print_summary(s: dict[str, Any], log_dir: str, out: TextIO) -> None:
     ex = s["exits"]
-    stop = f"clean stop, status {s['status']}" if s["clean_stop"] else "no cluster_stop"
+    clusters = s["clusters"]
+    if len(clusters) > 1:
+        print(f"{len(clusters)} clusters in {log_dir}, each on its own (mm ids, exits and stops "
+              f"are per cluster; pick one with --cluster):", file=out)
+        _table([(c["cluster"], f"{c['duration_s']:.3f}s", c["lines"], _stop(c)) for c in clusters],
+               out, header=("cluster", "duration", "lines", "stop"))
+        print(f"\ntotals over the {len(clusters)} clusters", file=out)
+        stop = f"{sum(c['clean_stop'] for c in clusters)} of {len(clusters)} stopped cleanly"
+    else:
+        stop = _stop(s)
     _table(
         [
             ("run", log_dir),
+            *([("cluster", clusters[0]["cluster"])] if len(clusters) == 1 else []),
             ("files", s["files"]),
             ("lines", s["lines"]),
             ("invalid_lines", s["invalid_lines"]),
@@ -129,19 +153,26 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Read a uksm run's log folder (one <role>-<pid>.jsonl file per process, "
             "merged in mono_ns order) and answer questions about the run. "
-            "Invalid lines are skipped and counted. Exit status: 0 ok, 2 user "
-            "error, 4 check found violations or trace was given a broken log."
+            "Invalid lines are skipped and counted. A folder holding several clusters "
+            "(a reused log folder) is read cluster by cluster, never mixed. Exit status: 0 ok, "
+            "2 user error, 4 check found violations or trace was given a broken log, 6 check "
+            "found no evidence to judge."
         ),
         epilog="Event names and fields: docs/EVENTS.md. Examples with jq and DuckDB: docs/LOGS.md.",
     )
     parser.add_argument("dir", metavar="DIR", help="the run's log folder (holds *.jsonl files)")
     json_opt = OneLineParser(add_help=False)
     json_opt.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+    one = OneLineParser(add_help=False)
+    log_cluster_arg(one)
+    json_opt = OneLineParser(add_help=False, parents=[json_opt, one])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     sub.add_parser(
         "summary", parents=[json_opt],
         help="counts per event and role, exits by path, merges, kills, duration",
         description=(
+            "The clusters the folder holds (a reused log folder holds several: each is "
+            "summarised on its own, never mixed, then the totals). "
             "Counts per event and per role; exits by path (one per mm: the ksm_exit path, "
             "or the worker_exit path for mms that never reached ksm_exit) and reaped "
             "workers; merged pages, COW breaks, OOM kills, kills, hung tasks, lock "
@@ -167,8 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
             "only a note when the run has no cluster_stop); (2) every ksm_exit path=slow is "
             "followed by a slot_freed for that mm; (3) mm_freed only when the latest mmdrop "
             "of the mm left mm_count 0, at most once; (4) no merge whose t_last_ns is after "
-            "the mm's mm_exit_begin; (5) no hung_task. Exit 0 when all hold, 4 otherwise, "
-            "one violation per line."
+            "the mm's mm_exit_begin; (5) no hung_task; (6) no oops; (7) no use_after_free; "
+            "(8) no lockdep. Each cluster of the folder is checked on its own. Evidence is "
+            "required: no valid event, a cluster with no cluster_start, or one with no "
+            "cluster_stop (it did not stop cleanly) fails with status 6, said in the output. "
+            "Exit 0 when all rules hold on complete logs, 4 on violations (one per line), "
+            "6 on missing evidence, 2 on a usage error."
         ),
     )
     sub.add_parser(
@@ -184,16 +219,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _print_check(res: CheckResult, stats: ReadStats, log_dir: str, out: TextIO) -> None:
+    several = len(res.clusters) > 1
+    if not res.clusters:
+        print(f"no evidence: no valid event in {log_dir} ({stats.lines} lines read, "
+              f"{stats.invalid_lines} invalid): nothing was checked", file=out)
+        return
+    for r in res.clusters:
+        head = f"{r.cluster}: " if several else ""
+        for v in r.violations:
+            print(f"{head}{v}", file=out)
+        for n in r.notes:
+            print(f"{head}note: {n}", file=out)
+        for m in r.missing:
+            print(f"{head}no evidence: {m}", file=out)
+        who = f"cluster {r.cluster}: " if several or r.cluster else ""
+        if r.violations:
+            print(f"{who}{len(r.violations)} violations ({r.mms} mms)", file=out)
+        elif r.missing:
+            print(f"{who}incomplete: the {N_RULES} rules hold on what is there ({r.mms} mms), "
+                  f"but the logs lack the evidence (above)", file=out)
+        else:
+            print(f"{who}ok: all {N_RULES} rules hold ({r.mms} mms)", file=out)
+    if several:
+        bad = sum(1 for r in res.clusters if r.violations)
+        short = sum(1 for r in res.clusters if not r.violations and r.missing)
+        print(f"{len(res.clusters)} clusters: {len(res.clusters) - bad - short} ok, {bad} with "
+              f"violations, {short} incomplete", file=out)
+
+
 def _run(args: argparse.Namespace, out: TextIO) -> int:
     log_dir: str = args.dir
     stats = ReadStats()
+    want = getattr(args, "cluster", None)
     if args.command in ("trace", "plot"):
         return pictures.run(args, out, _warn_invalid)
 
-    events = iter_events(log_dir, stats)
+    events: Iterable[Event] = iter_events(log_dir, stats)
+    if want:
+        events = only_cluster(events, want)
+    seen = Clusters()
+    events = seen.watch(events)
     if args.command == "summary":
         s = summarize_events(events, stats)
         _warn_invalid(stats, log_dir, invalid=False)  # summary shows invalid_lines itself
+        if want and not s["clusters"]:
+            raise LogDirError(f"no cluster {want!r} in {log_dir}")
         if args.json:
             _dump_json(s, out)
         else:
@@ -202,6 +273,7 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
 
     if args.command == "timeline":
         rows = timeline_events(events, args.mm)
+        seen.one(f"timeline --mm {args.mm}")  # mm ids are per cluster
         _warn_invalid(stats, log_dir)
         if args.json:
             _dump_json(rows, out)
@@ -214,25 +286,25 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
     if args.command == "check":
         res = check_events(events)
         _warn_invalid(stats, log_dir)
+        status = EXIT_INTEGRITY if res.violations else EXIT_NO_EVIDENCE if not res.ok else EXIT_OK
         if args.json:
             _dump_json(
-                {"ok": not res.violations, "violations": res.violations, "notes": res.notes,
-                 "mms": res.mms, "clean_stop": res.clean_stop, "invalid_lines": stats.invalid_lines},
+                {"ok": res.ok, "status": status, "violations": res.violations,
+                 "notes": res.notes, "missing": res.missing, "mms": res.mms,
+                 "clean_stop": res.clean_stop, "invalid_lines": stats.invalid_lines,
+                 "clusters": [{"cluster": r.cluster, "ok": r.ok, "violations": r.violations,
+                               "notes": r.notes, "missing": r.missing, "mms": r.mms,
+                               "started": r.started, "clean_stop": r.clean_stop}
+                              for r in res.clusters]},
                 out,
             )
         else:
-            for v in res.violations:
-                print(v, file=out)
-            for n in res.notes:
-                print(f"note: {n}", file=out)
-            if not res.violations:
-                print(f"ok: all {N_RULES} rules hold ({res.mms} mms)", file=out)
-            else:
-                print(f"{len(res.violations)} violations ({res.mms} mms)", file=out)
-        return EXIT_INTEGRITY if res.violations else EXIT_OK
+            _print_check(res, stats, log_dir, out)
+        return status
 
     if args.command == "locks":
         ls = lock_stats_events(events)
+        seen.one("locks")  # lock names (mmap_sem:mmN) are per cluster
         _warn_invalid(stats, log_dir)
         if args.json:
             _dump_json(ls, out)

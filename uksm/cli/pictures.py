@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TextIO
 
-from uksm.cli.args import OneLineParser
+from uksm.cli.args import OneLineParser, log_cluster_arg
 from uksm.host.exitcodes import EXIT_INTEGRITY, EXIT_OK, EXIT_USAGE
-from uksm.logs.read import LogDirError, ReadStats, iter_events
+from uksm.logs.read import Clusters, Event, LogDirError, ReadStats, iter_events, only_cluster
 
 
 def _window_args(p: argparse.ArgumentParser) -> None:
@@ -35,6 +35,7 @@ def add_parsers(sub: Any) -> None:
             "could write (a lock released that was never taken, ...) is refused, status 4. "
             "The mapping: docs/LOGS.md."))
     tr.add_argument("-o", "--output", required=True, metavar="FILE.json", help="trace file to write")
+    log_cluster_arg(tr)
     tr.add_argument("--png", metavar="FILE.png",
                     help="also draw the trace as a timeline picture (needs matplotlib)")
     _window_args(tr)
@@ -47,6 +48,7 @@ def add_parsers(sub: Any) -> None:
             "task after another; ksmd's full scans as ticks, hung tasks, oopses and lockdep "
             "reports as marks. Needs matplotlib (pip install 'uksm[plot]')."))
     pl.add_argument("-o", "--output", required=True, metavar="FILE.png", help="image file to write")
+    log_cluster_arg(pl)
     _window_args(pl)
 
 
@@ -72,8 +74,13 @@ def run(a: argparse.Namespace, out: TextIO, warn: Callable[[ReadStats, str], Non
     _check_window(a)
     log_dir: str = a.dir
     stats = ReadStats()
-    events = iter(()) if _empty(log_dir) else iter_events(log_dir, stats)
-    title = Path(log_dir).resolve().name
+    events: Iterable[Event] = iter(()) if _empty(log_dir) else iter_events(log_dir, stats)
+    if a.cluster:
+        events = only_cluster(events, a.cluster)
+    # one cluster's picture: a folder of several (a reused log folder) is
+    # refused before anything is written, unless --cluster says which
+    events = Clusters().only_one(events, a.command)
+    title = Path(log_dir).resolve().name + (f" ({a.cluster})" if a.cluster else "")
     if a.command == "plot":
         plots.plot_events(events, a.output, title, a.t_from, a.t_to)
         warn(stats, log_dir)

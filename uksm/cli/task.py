@@ -26,11 +26,24 @@ from uksm.host.exitcodes import EXIT_ERR, EXIT_HUNG, EXIT_INTEGRITY, EXIT_OK, EX
 
 
 def _int(s: str) -> int:
-    """A whole number, decimal or 0x hex."""
+    """A whole number, decimal or 0x hex (the verbs' numbers: addresses,
+    pages, counts, values; a knob's value is not one of them: ``uksm ctl``
+    takes decimal, as sysfs does)."""
     try:
         return int(s, 0)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a whole number: {s!r}")
+
+
+def _data(a: argparse.Namespace) -> bytes:
+    """``task write``'s DATA: UTF-8 text, or with --hex two hex digits a byte."""
+    if not a.hex:
+        return bytes(a.data.encode())
+    try:
+        return bytes.fromhex(a.data)
+    except ValueError:
+        raise ValueError(f"DATA {a.data!r} with --hex: not hex digits, two a byte (e.g. "
+                         f"48690a for 'Hi\\n')") from None
 
 
 
@@ -127,7 +140,10 @@ def run_verb(a: argparse.Namespace) -> int:
         ((ValueError, TypeError, KeyError, uksm.SegFault), EXIT_USAGE), (uksm.MachineError, EXIT_ERR))
     m = None
     try:
+        if a.cmd == "task" and a.verb == "write":
+            _data(a)  # bad input is refused before the cluster is asked
         m = uksm.Machine.attach(a.cluster)
+        m._by = "cli"  # errors name the options as flags (--timeout, --pages)
         return _verb(m, a)
     except Exception as e:
         status = next((st for cls, st in statuses if isinstance(e, cls)), None)
@@ -173,7 +189,7 @@ def _verb(m: Any, a: argparse.Namespace) -> int:
     t = m._handle(a.task)
     verbs: dict[str, Callable[[], Any]] = {
         "fill": lambda: t.fill(a.value, a.first, a.count),
-        "write": lambda: t.write(a.addr, bytes.fromhex(a.data) if a.hex else a.data.encode()),
+        "write": lambda: t.write(a.addr, _data(a)),
         "madvise": lambda: t.madvise(a.first, a.count, a.advice),
         "verify": lambda: print(f"{t.verify()} pages verified"),
         "exit": lambda: print(t.exit()),

@@ -51,6 +51,11 @@ SIGNALS = ("KILL", "TERM")
 AXES: dict[str, list[Any]] = {"seeds": [1], "points": ["random"], "signals": ["KILL"],
                               "policies": ["seed"], "hazards": ["none"], "workloads": ["vm"]}
 SIZES: dict[str, int] = {"kills": 20, "workers": 2, "pages": 128}
+#: the most runs one sweep may expand to: each is a dict of its parameters
+#: (and, run, a line of --out and a folder of logs); a typo such as
+#: 1-100000000 must be a one-line error, not minutes of swapping before the
+#: kernel's OOM killer (1M seeds were 436 MB and 16 s to expand)
+MAX_RUNS = 100_000
 
 
 def bad(msg: str) -> None:
@@ -58,28 +63,32 @@ def bad(msg: str) -> None:
 
 
 # -- the sweep ---------------------------------------------------------------------
-def parse_seeds(v: Any) -> list[int]:
-    """``5``, ``"1-100"`` (inclusive), ``"1,2,7"``, or a list of those."""
+def parse_seeds(v: Any) -> list[range]:
+    """``5``, ``"1-100"`` (inclusive), ``"1,2,7"``, or a list of those (a
+    TOML or JSON list: the same rules), as ranges -- not expanded, so that
+    a sweep's size is known before anything is built.  A seed is a whole
+    number >= 0, whichever way it is written."""
     if isinstance(v, bool):
         bad(f"seeds: {v!r} is not a seed")
     if isinstance(v, int):
-        return [v]
+        if v < 0:
+            bad(f"seeds: {v} is not a seed (seeds are whole numbers >= 0)")
+        return [range(v, v + 1)]
     if isinstance(v, list):
-        return [s for x in v for s in parse_seeds(x)]
-    out: list[int] = []
+        return [r for x in v for r in parse_seeds(x)]
+    if not isinstance(v, str):
+        bad(f"seeds: {v!r} is not a seed or a range like 1-100")
+    out: list[range] = []
     for part in str(v).split(","):
         part = part.strip()
-        try:
-            if "-" in part:
-                lo, hi = part.split("-", 1)
-                a, b = int(lo), int(hi)
-                if b < a:
-                    bad(f"seeds: empty range {part!r}")
-                out.extend(range(a, b + 1))
-            else:
-                out.append(int(part))
-        except ValueError:
-            bad(f"seeds: {part!r} is not a seed or a range like 1-100")
+        lo, dash, hi = part.partition("-")
+        if not (lo.isascii() and lo.isdigit()) or (dash and not (hi.isascii() and hi.isdigit())):
+            bad(f"seeds: {part!r} is not a seed or a range like 1-100 (seeds are whole "
+                f"numbers >= 0)")
+        a, b = int(lo), int(hi) if dash else int(lo)
+        if b < a:
+            bad(f"seeds: empty range {part!r}")
+        out.append(range(a, b + 1))
     return out
 
 
@@ -115,13 +124,16 @@ def load_file(path: str) -> dict[str, Any]:
     return d
 
 
-def sweep(spec: dict[str, Any]) -> list[dict[str, Any]]:
+def sweep(spec: dict[str, Any], skipped: list[str] | None = None) -> list[dict[str, Any]]:
     """Expand a sweep into its runs (checked: a bad name is a usage error,
-    before anything runs).  Hazard sets are ``none`` or names joined by
-    ``+``."""
+    before anything runs; more than MAX_RUNS runs too, before any is
+    built).  Hazard sets are ``none`` or names joined by ``+``.  A kill
+    point the run's exit policy never passes (legacy's __ksm_exit has no
+    slow path) is no run: such combinations are left out, counted in
+    ``skipped`` with why (``uksm inject`` would refuse them as usage)."""
     from uksm.kernel import killpoints
     from uksm.workers.workloads import validate as wl_validate
-    seeds = parse_seeds(spec.get("seeds", AXES["seeds"]))
+    seed_ranges = parse_seeds(spec.get("seeds", AXES["seeds"]))
     ax = {k: as_list(k, spec.get(k, AXES[k])) for k in AXES if k != "seeds"}
     for k in SIZES:
         v = spec.get(k, SIZES[k])
@@ -150,15 +162,33 @@ def sweep(spec: dict[str, Any]) -> list[dict[str, Any]]:
         wl_validate(wl)
     if kills == 0:  # uksm run: kill point and signal mean nothing
         ax["points"], ax["signals"] = ["none"], ["none"]
+    n_seeds = sum(len(r) for r in seed_ranges)
+    size = n_seeds * len(ax["points"]) * len(ax["signals"]) * len(ax["policies"]) * len(hsets) \
+        * len(ax["workloads"])
+    if size > MAX_RUNS:
+        bad(f"the sweep is {n_seeds} seeds x {len(ax['points'])} points x "
+            f"{len(ax['signals'])} signals x {len(ax['policies'])} policies x {len(hsets)} hazard "
+            f"sets x {len(ax['workloads'])} workloads = {size} runs, more than {MAX_RUNS}: "
+            f"split it into campaigns of fewer seeds (e.g. --seeds 1-1000, then 1001-2000, "
+            f"each with its own --out)")
     runs: dict[str, dict[str, Any]] = {}
+    never: Counter[tuple[str, str]] = Counter()
+    seeds = itertools.chain.from_iterable(seed_ranges)
     for seed, pt, sig, pol, hz, wl in itertools.product(seeds, ax["points"], ax["signals"],
                                                         ax["policies"], hsets, ax["workloads"]):
+        if pt in killpoints.UNREACHABLE.get(pol, ()):
+            never[(pt, pol)] += 1
+            continue
         p = {"cmd": "inject" if kills else "run", "seed": seed, "point": pt, "signal": sig,
              "policy": pol, "hazards": hz, "workload": wl, "kills": kills, "workers": workers,
              "pages": pages}
         runs.setdefault(run_id(p), p)  # a sweep naming a value twice runs it once
+    why = [f"{n} runs at {pt} under policy {pol}: never reached there (no slow path)"
+           for (pt, pol), n in never.items()]
+    if skipped is not None:
+        skipped.extend(why)
     if not runs:
-        bad("the sweep is empty")
+        bad("the sweep is empty" + (f" ({'; '.join(why)})" if why else ""))
     return list(runs.values())
 
 
@@ -174,21 +204,56 @@ def spec_from_args(a: argparse.Namespace) -> dict[str, Any]:
 # -- results -------------------------------------------------------------------------
 def recorded(path: str) -> dict[str, dict[str, Any]]:
     """The runs already in an output file, by run id (the last line of a
-    run wins; a torn last line, from a campaign killed mid-write, is
-    ignored)."""
+    run wins).  Every line must be a result: ``repair`` has removed a torn
+    last line first; any other line that is not one is refused (a file
+    that is not this campaign's, or damaged: appending to it would hide
+    that, and its readers, jq or DuckDB, would fail on the line)."""
     out: dict[str, dict[str, Any]] = {}
     try:
-        with open(path) as f:
-            for line in f:
-                try:
-                    r = json.loads(line)
-                except json.JSONDecodeError:
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                if not raw.strip():
                     continue
-                if isinstance(r, dict) and "run_id" in r:
-                    out[r["run_id"]] = r
+                try:
+                    r = json.loads(raw)
+                except (ValueError, UnicodeDecodeError):
+                    r = None
+                if not isinstance(r, dict) or "run_id" not in r or "status" not in r:
+                    bad(f"--out {path}: line {n} is not a campaign result: refusing to append "
+                        f"to it (move the file, or remove the line)")
+                out[r["run_id"]] = r
     except FileNotFoundError:
         pass
     return out
+
+
+def repair(path: str) -> int:
+    """A torn last line (a campaign killed while writing it: no newline at
+    the end) is cut off, so that the file is whole lines again and the run
+    it was is run again.  Returns the bytes removed (0: nothing torn)."""
+    try:
+        f = open(path, "rb+")
+    except FileNotFoundError:
+        return 0
+    with f:
+        size = f.seek(0, os.SEEK_END)
+        if not size:
+            return 0
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return 0
+        pos = size
+        while pos > 0:  # back to the end of the last whole line
+            step = min(pos, 1 << 16)
+            f.seek(pos - step)
+            chunk = f.read(step)
+            nl = chunk.rfind(b"\n")
+            if nl >= 0:
+                pos = pos - step + nl + 1
+                break
+            pos -= step
+        f.truncate(pos)
+        return size - pos
 
 
 class Sink:
@@ -197,12 +262,7 @@ class Sink:
     and prints progress on stderr."""
 
     def __init__(self, path: str, total: int, done: dict[str, dict[str, Any]], quiet: bool) -> None:
-        self.f = open(path, "a")
-        if self.f.tell():
-            with open(path, "rb") as f:
-                f.seek(-1, os.SEEK_END)
-                if f.read(1) != b"\n":
-                    self.f.write("\n")  # a torn last line stays alone on its line
+        self.f = open(path, "a")  # whole lines only: repair() ran first
         self.total, self.quiet = total, quiet
         self.results = dict(done)
         self.new = 0
@@ -488,7 +548,10 @@ def add_parser(sub: Any) -> None:
 
 
 def cmd_campaign(a: argparse.Namespace) -> int:
-    runs = sweep(spec_from_args(a))
+    skipped: list[str] = []
+    runs = sweep(spec_from_args(a), skipped)
+    if skipped and not a.quiet:
+        print(f"campaign: left out of the sweep: {'; '.join(skipped)}", file=sys.stderr)
     if a.parallel < 1:
         bad("--parallel must be at least 1")
     if a.num_cpus <= 0 or a.memory_mib < 0 or a.max_retries < 0 or a.run_timeout < 0:
@@ -509,6 +572,11 @@ def cmd_campaign(a: argparse.Namespace) -> int:
     a.logs = os.path.abspath(a.logs or (out[:-6] if out.endswith(".jsonl") else out) + ".logs")
     os.makedirs(a.logs, exist_ok=True)
     ids = {run_id(p) for p in runs}
+    if a.resume:
+        cut = repair(out)
+        if cut:
+            print(f"campaign: --out {out}: its last line was torn (a campaign killed while "
+                  f"writing it): removed it ({cut} bytes); that run runs again", file=sys.stderr)
     done = {k: v for k, v in recorded(out).items() if k in ids} if a.resume else {}
     todo = [p for p in runs if run_id(p) not in done]
     if not a.quiet:

@@ -13,6 +13,7 @@ EXIT_USAGE = 2        # bad usage: a one-line error, nothing created
 EXIT_HUNG = 3         # khungtaskd reported a blocked task
 EXIT_INTEGRITY = 4    # data mismatches or an fsck failure
 EXIT_OOPS = 5         # ksmd raised (an oops), once or in a loop: see the report's "oops"
+EXIT_NO_EVIDENCE = 6  # uksm logs check: nothing to judge (no valid event, no cluster_start or stop)
 EXIT_SIGNAL_BASE = 128
 
 EPILOG = ("exit status: 0 all good, 2 bad usage, 3 a hung task was detected, 4 an integrity or "
@@ -31,4 +32,5 @@ def interrupted(status: int, signo: int) -> int:
 
 
 __all__ = ["EXIT_OK", "EXIT_ERR", "EXIT_USAGE", "EXIT_HUNG", "EXIT_INTEGRITY", "EXIT_OOPS",
+           "EXIT_NO_EVIDENCE",
            "EPILOG", "signalled", "interrupted"]

@@ -146,19 +146,23 @@ class Segment:
             pass  # a view still exported; the mapping goes with the process
 
 
-def create_segment(cluster: str, what: str, size: int, sparse: bool = False) -> Segment:
-    """A new segment; backed by tmpfs pages at once unless ``sparse`` (the
-    frame pool: its pages are backed as frames are allocated), so that no
-    write to it can SIGBUS later."""
+def create_segment(cluster: str, what: str, size: int, sparse: bool = False,
+                   backed: int | None = None) -> Segment:
+    """A new segment.  ``backed``: how many bytes from its start are backed
+    by tmpfs pages now (default: all, unless ``sparse``: the frame pool,
+    backed as frames are allocated), so that no write to them can SIGBUS
+    later; the rest is backed by whoever uses it, through ``populate``
+    (an address space's page table: ``uksm.kernel.syscalls.sys_mmap``)."""
     try:
         seg = Segment(obj_name(cluster, what), size, True, sparse)
     except posix_ipc.ExistentialError:
         raise UksmError(f"cluster {cluster!r} already exists ({what}); "
                         f"use another --cluster or 'uksm cleanup --cluster {cluster}'", 2)
-    if not sparse and not seg.populate(0, size):
+    n = (0 if sparse else size) if backed is None else min(size, backed)
+    if n and not seg.populate(0, n):
         seg.close()
         unlink_shm(cluster, what)
-        raise no_room(f"cluster {cluster!r}: {what} ({size >> 10} KiB)")
+        raise no_room(f"cluster {cluster!r}: {what} ({n >> 10} KiB)")
     return seg
 
 

@@ -33,6 +33,7 @@ from uksm.kernel.layout import (
     CTL_FIXED_END,
     EXIT_POLICIES,
     FRAME_SIZE,
+    H_BOOT_ID,
     H_CREATED_NS,
     H_EXIT_POLICY,
     H_HAZARDS,
@@ -96,7 +97,8 @@ class Config:
     sleep_ms: int = 20
 
 
-def _sizes(cfg: Config) -> tuple[int, int, int]:
+def sizes(cfg: Config) -> tuple[int, int, int]:
+    """Bytes of the control block, the frame table and the pool."""
     ctl = (CTL_FIXED_END + cfg.max_tasks * TASK_SIZE + cfg.max_mms * MM_SIZE) * 8
     frames = cfg.frames * (FRAME_SIZE + 1) * 8
     return ctl, frames, cfg.frames * PAGE_SIZE
@@ -116,9 +118,11 @@ class Cluster:
     def create(cls, name: str, cfg: Config) -> "Cluster":
         self = cls(name)
         if shm.leftovers(name):
-            raise shm.UksmError(f"cluster {name!r} already exists (or a dead one left objects); "
-                                f"'uksm down --cluster {name}' or 'uksm cleanup --cluster {name}'", 2)
-        ctl_size, fr_size, pool_size = _sizes(cfg)
+            raise shm.UksmError(f"cluster {name!r} already exists (or a dead one left objects): "
+                                f"whoever runs it ends it ('uksm down --cluster {name}' for one "
+                                f"started by 'uksm up'), 'uksm cleanup --cluster {name}' removes "
+                                f"a dead one's", 2)
+        ctl_size, fr_size, pool_size = sizes(cfg)
         shm.check_room(name, ctl_size + fr_size + pool_size)
         made: list[tuple[str, str]] = []
         try:
@@ -159,6 +163,7 @@ class Cluster:
         q[H_HUNG_TIMEOUT_MS] = cfg.hung_timeout_ms
         q[H_LOCK_WAIT_MS] = cfg.lock_wait_ms
         q[H_KSMD_POINT] = -1
+        q[H_BOOT_ID] = new_boot_id()
         q[K_RUN] = cfg.run
         q[K_PAGES_TO_SCAN] = cfg.pages_to_scan
         q[K_SLEEP_MS] = cfg.sleep_ms
@@ -175,10 +180,24 @@ class Cluster:
         return self
 
     @classmethod
-    def attach(cls, name: str) -> "Cluster":
+    def attach(cls, name: str, boot_id: int | None = None) -> "Cluster":
+        """Map a running cluster.  ``boot_id``: the instance a child was
+        started for (its ``--boot-id``).  A child outlives its cluster when
+        its supervisor goes on living (a script whose Machine closed while
+        the child was still starting): by the time it attaches, a newer
+        cluster may have the same name -- and its run=2 writer would unmerge
+        that one.  So a child checks the instance before it writes anything,
+        and one of an older instance (or of one not yet made) gets
+        ``StaleCluster``, having touched nothing."""
         self = cls(name)
         self.ctl = shm.attach_segment(name, "ctl")
-        if self.ctl.q[H_MAGIC] != MAGIC:
+        if self.ctl.q[H_MAGIC] != MAGIC or (boot_id is not None and self.ctl.q[H_BOOT_ID] != boot_id):
+            theirs = self.ctl.q[H_BOOT_ID]
+            self.ctl.close()
+            if boot_id is not None:
+                raise StaleCluster(f"cluster {name!r} is not the instance this task was started "
+                                   f"for (boot id {boot_id}, the cluster's {theirs}): its cluster "
+                                   f"is gone, and it leaves this one alone")
             raise shm.UksmError(f"cluster {name!r} is not initialised (booting, or a dead one: "
                                 f"'uksm cleanup --cluster {name}')", 1)
         self.frames_seg = shm.attach_segment(name, "frames")
@@ -189,6 +208,7 @@ class Cluster:
     def _open_globals(self) -> None:
         q = self.ctl.q
         self.q = q
+        self.boot_id = q[H_BOOT_ID]
         self.fq = self.frames_seg.q
         self.nframes = q[H_NFRAMES]
         self.max_tasks = q[H_MAX_TASKS]
@@ -355,6 +375,25 @@ class Cluster:
             seg.close()
 
 
+class StaleCluster(shm.UksmError):
+    """A child's cluster instance is gone (``Cluster.attach``'s boot id)."""
+
+
+def new_boot_id() -> int:
+    """A random, non-zero 48-bit id (exact as a JSON number in jq too)."""
+    return int.from_bytes(os.urandom(6), "little") or 1
+
+
+def add_task_args(ap: Any) -> None:
+    """The arguments every child task (ksmd, a worker, the run writer)
+    is started with (``Supervisor.child_args``)."""
+    ap.add_argument("--cluster", required=True)
+    ap.add_argument("--boot-id", type=int, required=True,
+                    help="the cluster instance (its header's boot id): checked before acting")
+    ap.add_argument("--task", type=int, required=True)
+    ap.add_argument("--log-dir")
+
+
 def destroy(name: str) -> list[str]:
     """Unlink every object of the cluster (teardown, or cleanup)."""
     return shm.remove_all(name)
@@ -376,4 +415,5 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-__all__ = ["Cluster", "Config", "destroy", "pid_alive"]
+__all__ = ["Cluster", "Config", "StaleCluster", "add_task_args", "destroy", "new_boot_id", "pid_alive",
+           "sizes"]

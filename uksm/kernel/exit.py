@@ -31,6 +31,7 @@ from uksm.kernel import killpoints, oom
 from uksm.kernel.ksm import __ksm_exit
 from uksm.kernel.layout import (
     EXIT_POLICIES,
+    FIRST_VPN,
     H_EXIT_POLICY,
     H_SHUTDOWN,
     M_EXIT_STAGE,
@@ -195,10 +196,11 @@ def exit_mmap_unmap(cl: "Cluster", mm: MM, alloc: Allocator, log: Any) -> None:
     an OOM kill was for is back, and the OOM killer may pick another victim
     if need be."""
     munlock_vma_pages_all(cl, mm, alloc)
-    half = cl.va_pages // 2
+    top = mm.pt_top  # no entry is set above it (sys_mmap backs what it maps)
+    half = min(top, FIRST_VPN + mm.words.pages // 2)  # the middle of what it mapped
     zap_range(cl, alloc, mm, 0, half)
     killpoints.hit(cl, "exit_mid_zap", log)
-    zap_range(cl, alloc, mm, half, cl.va_pages)
+    zap_range(cl, alloc, mm, half, top)
     _mark(cl, mm, XS_ZAPPED)
     mm.words.oom_victim = 0
 

@@ -113,7 +113,7 @@ def references(cl: "Cluster", mms: dict[int, "MM"]) -> tuple[list[int], dict[int
     for mm_id, mm in mms.items():
         pq = mm.pq
         rss = ksm = 0
-        for slot in range(PT_OFF, PT_OFF + cl.va_pages):
+        for slot in range(PT_OFF, PT_OFF + mm.pt_top):  # what is backed (MS_PT_TOP)
             pte = pq[slot]
             if pte:
                 pfn = pte >> 2
@@ -134,7 +134,7 @@ def references(cl: "Cluster", mms: dict[int, "MM"]) -> tuple[list[int], dict[int
 
 def _mapped_at(cl: "Cluster", mms: dict[int, "MM"], mm_id: int, vpn: int, pfn: int) -> bool:
     mm = mms.get(mm_id)
-    if mm is None or not 0 <= vpn < cl.va_pages:
+    if mm is None or not 0 <= vpn < mm.pt_top:
         return False
     pte = mm.pq[PT_OFF + vpn]
     return bool(pte) and pte >> 2 == pfn
@@ -209,7 +209,7 @@ def check(cl: "Cluster", mms: dict[int, "MM"], counters: bool = True) -> list[st
     # page tables and mm rows
     for mm_id, mm in mms.items():
         pq = mm.pq
-        for slot in range(PT_OFF, PT_OFF + cl.va_pages):
+        for slot in range(PT_OFF, PT_OFF + mm.pt_top):  # what is backed (MS_PT_TOP)
             pte = pq[slot]
             if not pte:
                 continue

@@ -35,14 +35,16 @@ PTEs are touched (the seed, and the 2023 fix).
 from __future__ import annotations
 
 import signal
+import sys
 import time
 from array import array
 from typing import Any
 
 import mmh3
 
+from uksm.host import shm
 from uksm.kernel import killpoints, oom
-from uksm.kernel.cluster import Cluster
+from uksm.kernel.cluster import Cluster, add_task_args
 from uksm.kernel.ksm import break_cow, list_del, slot_next
 from uksm.kernel.layout import (
     A_FREE_TOP,
@@ -978,17 +980,19 @@ def main(argv: list[str] | None = None) -> int:
     from uksm.host import log as ulog
     from uksm.kernel.layout import T_PID
     ap = argparse.ArgumentParser(prog="uksm-ksmd", description="the ksmd process of a cluster")
-    ap.add_argument("--cluster", required=True)
-    ap.add_argument("--task", type=int, required=True)
-    ap.add_argument("--log-dir")
+    add_task_args(ap)
     a = ap.parse_args(argv)
-    from uksm.host.lifeline import arm
+    from uksm.host.lifeline import EXIT_ORPHAN, arm
     arm()  # die with the supervisor
-    cl = Cluster.attach(a.cluster)
+    try:  # the cluster instance it was started for, or nothing is touched
+        cl = Cluster.attach(a.cluster, a.boot_id)
+    except shm.UksmError as e:
+        print(f"uksm-ksmd: {e}", file=sys.stderr)
+        return EXIT_ORPHAN
     cl.bind(a.task)
     import os
     cl.q[cl.tbase(a.task) + T_PID] = os.getpid()
-    log = ulog.setup("ksmd", a.cluster, a.log_dir)
+    log = ulog.setup("ksmd", a.cluster, a.log_dir, boot_id=a.boot_id)
     cl.watch_use_after_free(log)
     cl.lockdep_log = log
     cl.task.on_wait = lambda name, ms, holders: log.info("lock_wait", lock=name, holders=holders,

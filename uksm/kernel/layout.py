@@ -53,13 +53,18 @@ H_PENDING_FREE = 24
 H_KSM_UNSYNCED = 25   # slots a legacy __ksm_exit freed since ksmd last published (under ksm_thread_mutex)
 H_OOM_RULE = 26       # index in OOM_RULES: the OOM killer's victim choice, by kernel version
 H_UNMERGE_GEN = 27    # bumped by run_store's unmerge: ksmd drops the rmap_items of the mms marked M_RMAP_GONE
+# this instance of the cluster: a random 48-bit id, made at boot and given to
+# every child in its arguments (``--boot-id``); a child checks it before it
+# acts (``Cluster.attach``), so a straggler of an older cluster of the same
+# name never writes into a newer one (/proc/sys/kernel/random/boot_id's part)
+H_BOOT_ID = 28
 # a failed unmerge's writer, still holding ksm_thread_mutex, asks ksmd to
 # free the rmap_items of the mms it finished (H_UNMERGE_WAIT: that
 # H_UNMERGE_GEN, 0 for none) and waits until ksmd has, and has published
 # the counters (H_UNMERGE_DONE: the last generation ksmd did so for)
-H_UNMERGE_WAIT = 28
-H_UNMERGE_DONE = 29
-HDR_END = 30
+H_UNMERGE_WAIT = 29
+H_UNMERGE_DONE = 30
+HDR_END = 31
 
 # ---- /sys/kernel/mm/ksm: knobs (written by ctl) and counters (written by ksmd)
 K_RUN = HDR_END + 0
@@ -246,6 +251,15 @@ F_PCP = 8  # count 0, in the per-task list of task FR_AUX - 1 (uksm.kernel.memor
 MS_MAGIC, MS_ID, MS_OWNER_PID, MS_NVMA = range(4)
 # set by exit_mmap's free_pgtables: the VMA table is destroyed (a walk oopses)
 MS_VMAS_FREED = 4
+# the page table is backed (in /dev/shm) up to this vpn: sys_mmap backs the
+# entries of what it maps, before the VMA exists, and every walk of the
+# whole table stops here -- a task's table costs what it maps, not the
+# address space's size (a read of a tmpfs hole would allocate it)
+MS_PT_TOP = 5
+MS_BOOT_ID = 6    # the cluster instance that made this address space (H_BOOT_ID)
+# the VMA table is backed up to this row (MM.back_vma_table): a new row
+# past it backs the next page first, as vm_area_alloc allocates
+MS_VMA_TOP = 7
 V_START, V_END, V_FLAGS = range(3)
 VMA_SIZE = 3
 PT_OFF = 8

@@ -50,12 +50,15 @@ from uksm.kernel.layout import (
     M_WRITER_WAITING,
     MAGIC,
     MM_SIZE,
+    MS_BOOT_ID,
     MS_FREE,
     MS_FREEING,
     MS_ID,
     MS_LIVE,
     MS_MAGIC,
     MS_NVMA,
+    MS_PT_TOP,
+    MS_VMA_TOP,
     MS_VMAS_FREED,
     PAGE_SIZE,
     PT_OFF,
@@ -175,6 +178,8 @@ class MM:
         n = pq[MS_NVMA]
         if n >= self.max_map_count:
             raise SyscallError(errno_name, f"mm{self.id}: {n} areas, max_map_count {self.max_map_count}")
+        if not self.back_vma_table(n + 1):  # vm_area_alloc failing
+            raise SyscallError(errno_name, f"mm{self.id}: no room in /dev/shm for a VMA row")
         self._set_vma(n, start, end, flags)
         pq[MS_NVMA] = n + 1  # commit
         return n
@@ -259,6 +264,51 @@ class MM:
     def pte(self, vpn: int) -> int:
         return self.pq[PT_OFF + vpn]
 
+    @property
+    def pt_top(self) -> int:
+        """The page table is backed (and walked whole) up to this vpn."""
+        return self.pq[MS_PT_TOP]
+
+    def back_page_table(self, end: int) -> bool:
+        """Back the page table's entries up to vpn ``end`` in /dev/shm
+        (sys_mmap, with mmap_sem held for write, before the VMA exists: a
+        fault can only write an entry below MS_PT_TOP), as the kernel
+        allocates page-table pages for what is used.  False if /dev/shm has
+        no room for them (a write to an unbacked entry would SIGBUS): the
+        kernel's pte_alloc failing, VM_FAULT_OOM."""
+        top = self.pq[MS_PT_TOP]
+        if end <= top:
+            return True
+        hi = self._back(PT_OFF + top, PT_OFF + end)
+        if hi < 0:
+            return False
+        self.pq[MS_PT_TOP] = min(self.cl.va_pages, hi - PT_OFF)
+        return True
+
+    def back_vma_table(self, rows: int) -> bool:
+        """Back the VMA table's first ``rows`` rows (a new row, with
+        mmap_sem held for write, before it is written): False if /dev/shm
+        has no room, the kernel's vm_area_alloc failing (-ENOMEM)."""
+        top = self.pq[MS_VMA_TOP]
+        if rows <= top:
+            return True
+        off = self.vma_off
+        hi = self._back(off + top * VMA_SIZE, off + rows * VMA_SIZE)
+        if hi < 0:
+            return False
+        self.pq[MS_VMA_TOP] = min(self.max_map_count, (hi - off) // VMA_SIZE)
+        return True
+
+    def _back(self, lo: int, hi: int) -> int:
+        """Back the pages holding the segment's words [lo, hi); returns the
+        word where the backed run now ends (the end of the last page), -1
+        when /dev/shm has no room."""
+        a = lo * 8 // PAGE_SIZE * PAGE_SIZE
+        b = min(self.seg.size, -(-hi * 8 // PAGE_SIZE) * PAGE_SIZE)
+        if b > a and not self.seg.populate(a, b - a):
+            return -1
+        return b // 8
+
 
 # ---- creation and the last mmdrop ----------------------------------------------
 
@@ -271,7 +321,7 @@ def mm_create(cl: "Cluster", owner_row: int, worker_no: int) -> MM:
     try:
         row = next((r for r in range(cl.max_mms) if cl.mrow(r).id == 0), -1)
         if row < 0:
-            raise shm.UksmError(f"too many address spaces (max {cl.max_mms})", 2)
+            raise shm.UksmError(f"the mm table is full ({cl.max_mms} address spaces)", 1)
         mm_id = q[H_NEXT_MM_ID]
         q[H_NEXT_MM_ID] = mm_id + 1
         b = cl.mbase(row)
@@ -281,12 +331,18 @@ def mm_create(cl: "Cluster", owner_row: int, worker_no: int) -> MM:
         q[b + M_ID] = mm_id
     finally:
         task.unlock(cl.mmlist)
+    # sized for the whole address space and the most VMA rows it can
+    # have, backed only as used: the header and the first page table
+    # entries (the first page) now, more page table as sys_mmap maps
+    # pages (MS_PT_TOP), VMA rows as they are made (MS_VMA_TOP)
     size = (vma_off(cl.va_pages) + max_map_count(cl.va_pages) * VMA_SIZE) * 8
-    seg = shm.create_segment(cl.name, f"mm{mm_id}", size)
+    seg = shm.create_segment(cl.name, f"mm{mm_id}", size, backed=PAGE_SIZE)
     shm.create_sem(cl.name, f"mm{mm_id}.sem", cl.rwsem_n)
     shm.create_sem(cl.name, f"mm{mm_id}.wmx", 1)
     shm.create_sem(cl.name, f"mm{mm_id}.ptl", 1)
     seg.q[MS_ID] = mm_id
+    seg.q[MS_BOOT_ID] = cl.boot_id
+    seg.q[MS_PT_TOP] = min(cl.va_pages, (PAGE_SIZE // 8) - PT_OFF)
     seg.q[MS_MAGIC] = MAGIC
     b = cl.mbase(row)
     q[b + M_USERS] = 1
@@ -299,10 +355,19 @@ def mm_create(cl: "Cluster", owner_row: int, worker_no: int) -> MM:
 
 
 def mm_attach(cl: "Cluster", mm_id: int) -> MM:
+    """Map address space ``mm_id`` of this cluster instance.  Its
+    segment is found by name; one made by another instance of the cluster
+    (a process outliving its cluster meets a newer one of the same name)
+    is refused before its semaphores are opened."""
     row = cl.mm_row(mm_id)
     if row < 0:
         raise shm.UksmError(f"address space mm{mm_id} does not exist", 1)
-    return MM(cl, mm_id, row, shm.attach_segment(cl.name, f"mm{mm_id}"))
+    seg = shm.attach_segment(cl.name, f"mm{mm_id}")
+    if seg.q[MS_BOOT_ID] != cl.boot_id:
+        seg.close()
+        raise shm.UksmError(f"address space mm{mm_id} belongs to another instance of cluster "
+                            f"{cl.name!r}", 1)
+    return MM(cl, mm_id, row, seg)
 
 
 def mm_objects(mm_id: int) -> list[tuple[str, str]]:

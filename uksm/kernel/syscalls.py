@@ -24,7 +24,7 @@ from uksm.kernel.layout import (
     VM_READ,
     VM_WRITE,
 )
-from uksm.kernel.memory import Allocator
+from uksm.kernel.memory import Allocator, OutOfMemory
 from uksm.kernel.mm import MM
 from uksm.kernel.mmu import handle_mm_fault, zap_range
 
@@ -67,6 +67,8 @@ def sys_mmap(cl: "Cluster", mm: MM, length: int, prot: int = VM_READ | VM_WRITE)
     mm.down_write()
     try:
         start = mm.get_unmapped_area(npages)
+        if not mm.back_page_table(start + npages):  # the entries it maps are backed first
+            raise OutOfMemory(f"no room in /dev/shm for the page table of {npages} pages")
         mm.insert_vma(start, npages, prot)
         mm.words.pages += npages
     finally:

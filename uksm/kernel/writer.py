@@ -22,12 +22,14 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import sys
 from typing import Any
 
 from uksm.host import log as ulog
 from uksm.host import oops
+from uksm.host.shm import UksmError
 from uksm.kernel import oom
-from uksm.kernel.cluster import Cluster
+from uksm.kernel.cluster import Cluster, add_task_args
 from uksm.kernel.exit import oom_kill_and_mmput
 from uksm.kernel.ksm import ENOMEM, run_store
 from uksm.kernel.layout import H_HAZARDS, HZ_OOM_MMPUT_IN_TASK, T_FATAL, T_PID, X_OOM, X_SIGNAL
@@ -49,20 +51,22 @@ def result_of(status: int | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="uksm-writer",
                                  description="write /sys/kernel/mm/ksm/run of a cluster (run_store)")
-    ap.add_argument("--cluster", required=True)
-    ap.add_argument("--task", type=int, required=True)
+    add_task_args(ap)
     ap.add_argument("--value", type=int, required=True, choices=(0, 1, 2))
     ap.add_argument("--oom-origin", action="store_true",
                     help="PF_OOM_ORIGIN while unmerging (2.6.32 as released)")
-    ap.add_argument("--log-dir")
     a = ap.parse_args(argv)
-    from uksm.host.lifeline import arm
+    from uksm.host.lifeline import EXIT_ORPHAN, arm
     arm()  # die with the supervisor
-    cl = Cluster.attach(a.cluster)
+    try:  # the cluster instance it was started for, or nothing is touched
+        cl = Cluster.attach(a.cluster, a.boot_id)
+    except UksmError as e:
+        print(f"uksm-writer: run={a.value} not written: {e}", file=sys.stderr)
+        return EXIT_ORPHAN
     task = cl.bind(a.task)
     q = cl.q
     q[task.base + T_PID] = os.getpid()
-    log = ulog.setup("writer", a.cluster, a.log_dir)
+    log = ulog.setup("writer", a.cluster, a.log_dir, boot_id=a.boot_id)
     task.on_wait = lambda name, ms, holders: log.info("lock_wait", lock=name, holders=holders,
                                                        waited_ms=round(ms, 3))
     pending = {"signo": 0}

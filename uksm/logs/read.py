@@ -16,10 +16,10 @@ import heapq
 import itertools
 import json
 import operator
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 Event = dict[str, Any]
 
@@ -140,6 +140,97 @@ def iter_events(log_dir: str | Path, stats: ReadStats | None = None) -> Iterator
     return heapq.merge(
         *(_read_file(p, stats) for p in files), key=operator.itemgetter("mono_ns")
     )
+
+
+# ---------------------------------------------------------------------------
+# Clusters: a folder may hold several (a reused log_dir), never mixed
+# ---------------------------------------------------------------------------
+
+#: one cluster instance: its name, and the boot id of that boot (``boot_id``
+#: on every line, uksm.kernel.layout.H_BOOT_ID; None in logs older than it).
+#: Two clusters of one name at different times are two instances: their mm
+#: ids, slots and stops are their own.
+Instance = tuple[str, int | None]
+
+
+def instance_of(ev: Event) -> Instance:
+    name = ev.get("cluster")
+    return (name if isinstance(name, str) else "?", _int(ev.get("boot_id")))
+
+
+def label(inst: Instance) -> str:
+    """How a cluster instance is named to the user: ``NAME@BOOT`` (the boot
+    id in hex), or ``NAME`` for logs without boot ids."""
+    name, boot = inst
+    return name if boot is None else f"{name}@{boot:x}"
+
+
+class Clusters:
+    """The cluster instances a stream holds, in the order their first
+    event came (filled while the stream is consumed: ``watch``)."""
+
+    def __init__(self) -> None:
+        self.seen: dict[Instance, int] = {}
+
+    def watch(self, events: Iterable[Event]) -> Iterator[Event]:
+        seen = self.seen
+        for ev in events:
+            inst = instance_of(ev)
+            if inst not in seen:
+                seen[inst] = ev["mono_ns"]
+            yield ev
+
+    def labels(self) -> list[str]:
+        return [label(i) for i in self.seen]
+
+    def only_one(self, events: Iterable[Event], what: str) -> Iterator[Event]:
+        """``watch``, refusing the stream (LogDirError) at the first event of
+        a second cluster, before its consumer has written anything: the
+        rest is read to name every cluster in the message."""
+        for ev in self.watch(events):
+            if len(self.seen) > 1:
+                for _ in self.watch(events):
+                    pass
+                self.one(what)
+            yield ev
+
+    def one(self, what: str) -> None:
+        """``what`` mixes nothing: LogDirError if the stream held several
+        clusters (the user says which with ``--cluster``)."""
+        if len(self.seen) > 1:
+            raise LogDirError(f"{what}: the folder holds {len(self.seen)} clusters "
+                              f"({', '.join(self.labels())}): say which with --cluster")
+
+
+class Feedable(Protocol):
+    def feed(self, ev: Event) -> None: ...
+
+
+A = TypeVar("A", bound=Feedable)
+
+
+def by_cluster(events: Iterable[Event], make: Callable[[], A]) -> dict[Instance, A]:
+    """Route each event, in order, to its cluster's own accumulator (made by
+    ``make()`` at the cluster's first event): the one way the questions
+    that must not mix clusters (check, summary) read a stream."""
+    per: dict[Instance, A] = {}
+    for ev in events:
+        inst = instance_of(ev)
+        acc = per.get(inst)
+        if acc is None:
+            acc = per[inst] = make()
+        acc.feed(ev)
+    return per
+
+
+def only_cluster(events: Iterable[Event], want: str) -> Iterator[Event]:
+    """The events of the cluster(s) ``want`` names: ``NAME`` (every boot of
+    that name) or ``NAME@BOOT`` (one boot)."""
+    name, _, boot = want.partition("@")
+    for ev in events:
+        c, b = instance_of(ev)
+        if c == name and (not boot or (b is not None and f"{b:x}" == boot.lower())):
+            yield ev
 
 
 def _int(value: Any) -> int | None:

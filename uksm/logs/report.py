@@ -9,81 +9,162 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from uksm.logs.read import EXIT_PATHS, Event, ReadStats, _int, _num, _with_origin, iter_events, select
+from uksm.logs.read import (
+    EXIT_PATHS,
+    Event,
+    ReadStats,
+    _int,
+    _num,
+    _with_origin,
+    by_cluster,
+    iter_events,
+    select,
+)
+from uksm.logs.read import label as cluster_label
 
 # ---------------------------------------------------------------------------
 # summary
 # ---------------------------------------------------------------------------
 
 
-def summarize_events(events: Iterable[Event], stats: ReadStats | None = None) -> dict[str, Any]:
-    """Counts and totals over an event stream (see :func:`summarize`)."""
-    counts: dict[str, int] = {}
-    roles: dict[str, int] = {}
-    exits = dict.fromkeys(EXIT_PATHS, 0)
-    exits["reaped"] = 0
-    ksm_exit_mms: set[int | None] = set()
-    worker_exit_paths: list[tuple[int | None, str]] = []
-    merges = cow_breaks = 0
-    first_ns = last_ns = start_ns = stop_ns = None
-    status = None
+class _Summary:
+    """The counts of one cluster instance (``summarize_events`` keeps one
+    per cluster, so that nothing of two clusters is mixed: mm ids, exits,
+    the stop and its status are each cluster's own)."""
 
-    for ev in events:
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self.roles: dict[str, int] = {}
+        self.exits = dict.fromkeys(EXIT_PATHS, 0)
+        self.exits["reaped"] = 0
+        self.ksm_exit_mms: set[int | None] = set()
+        self.worker_exit_paths: list[tuple[int | None, str]] = []
+        self.merges = self.cow_breaks = self.kills = 0
+        self.first_ns: int | None = None
+        self.last_ns: int | None = None
+        self.start_ns: int | None = None
+        self.stop_ns: int | None = None
+        self.status: Any = None
+
+    def feed(self, ev: Event) -> None:
         name = ev["event"]
-        counts[name] = counts.get(name, 0) + 1
+        self.counts[name] = self.counts.get(name, 0) + 1
         role = ev.get("role")
         role = role if isinstance(role, str) else "?"
-        roles[role] = roles.get(role, 0) + 1
+        self.roles[role] = self.roles.get(role, 0) + 1
         mono = ev["mono_ns"]
-        if first_ns is None:
-            first_ns = mono
-        last_ns = mono
-
+        if self.first_ns is None:
+            self.first_ns = mono
+        self.last_ns = mono
         if name == "merge":
-            merges += _int(ev.get("count")) or 0
+            self.merges += _int(ev.get("count")) or 0
         elif name == "cow_break":
-            cow_breaks += _int(ev.get("count")) or 0
+            self.cow_breaks += _int(ev.get("count")) or 0
         elif name == "ksm_exit":
             path = ev.get("path")
             if path in EXIT_PATHS:
-                exits[path] += 1
-            ksm_exit_mms.add(_int(ev.get("mm")))
+                self.exits[path] += 1
+            self.ksm_exit_mms.add(_int(ev.get("mm")))
         elif name == "worker_exit":
             if ev.get("reaped") is True:
-                exits["reaped"] += 1
+                self.exits["reaped"] += 1
             path = ev.get("path")
             if isinstance(path, str):
-                worker_exit_paths.append((_int(ev.get("mm")), path))
+                self.worker_exit_paths.append((_int(ev.get("mm")), path))
+        elif name == "kill_point":
+            # a kill delivered at a point (one kill(at=) logs inject_kill when it
+            # arms, kill_point when it fires: counted once, here)
+            if ev.get("action") != "delay":
+                self.kills += 1
+        elif name == "inject_kill":
+            if ev.get("mode") != "point":  # a kill now; a point's is counted as it fires
+                self.kills += 1
         elif name == "cluster_start":
-            if start_ns is None:
-                start_ns = mono
+            if self.start_ns is None:
+                self.start_ns = mono
         elif name == "cluster_stop":
-            stop_ns = mono
-            status = ev.get("status")
+            self.stop_ns = mono
+            self.status = ev.get("status")
 
-    # One exit per mm: ksm_exit says how the slot went; worker_exit adds the
-    # mms that never reached ksm_exit (path "none": never entered KSM).
-    for mm, path in worker_exit_paths:
-        if mm not in ksm_exit_mms and path in EXIT_PATHS:
-            exits[path] += 1
+    def result(self) -> dict[str, Any]:
+        exits = dict(self.exits)
+        # One exit per mm: ksm_exit says how the slot went; worker_exit adds the
+        # mms that never reached ksm_exit (path "none": never entered KSM).
+        for mm, path in self.worker_exit_paths:
+            if mm not in self.ksm_exit_mms and path in EXIT_PATHS:
+                exits[path] += 1
+        begin = self.start_ns if self.start_ns is not None else self.first_ns
+        end = self.stop_ns if self.stop_ns is not None else self.last_ns
+        duration = (end - begin) / 1e9 if begin is not None and end is not None else 0.0
+        counts = self.counts
+        return {
+            "events": dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))),
+            "roles": dict(sorted(self.roles.items(), key=lambda kv: (-kv[1], kv[0]))),
+            "exits": exits,
+            "merges": self.merges,
+            "cow_breaks": self.cow_breaks,
+            "oom_kills": counts.get("oom_kill", 0),
+            "kills": self.kills,
+            "hung_tasks": counts.get("hung_task", 0),
+            "lock_recoveries": counts.get("lock_recovery", 0),
+            "duration_s": round(max(duration, 0.0), 6),
+            "started": self.start_ns is not None,
+            "clean_stop": self.stop_ns is not None,
+            "status": self.status,
+            "lines": sum(counts.values()),
+        }
 
-    begin = start_ns if start_ns is not None else first_ns
-    end = stop_ns if stop_ns is not None else last_ns
-    duration = (end - begin) / 1e9 if begin is not None and end is not None else 0.0
+
+def summarize_events(events: Iterable[Event], stats: ReadStats | None = None) -> dict[str, Any]:
+    """Counts and totals over an event stream (see :func:`summarize`): the
+    totals of every cluster in it, and ``clusters``, each cluster instance's
+    own summary (``cluster``: its label, ``boot_id``), in the order they
+    started.  ``clean_stop`` holds when every cluster stopped cleanly;
+    ``status`` is the one cluster's, or with several the first that is not
+    0 (None if one has no cluster_stop)."""
+    per = by_cluster(events, _Summary)
+    first_ns = min((a.first_ns for a in per.values() if a.first_ns is not None), default=None)
+    last_ns = max((a.last_ns for a in per.values() if a.last_ns is not None), default=None)
+    clusters = []
+    for inst, acc in per.items():
+        r = acc.result()
+        clusters.append({"cluster": cluster_label(inst), "name": inst[0], "boot_id": inst[1], **r})
     stats = stats or ReadStats()
+
+    def total(key: str) -> Any:
+        return sum(c[key] for c in clusters)
+
+    def merged(key: str) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for c in clusters:
+            for k, v in c[key].items():
+                out[k] = out.get(k, 0) + v
+        return dict(sorted(out.items(), key=lambda kv: (-kv[1], kv[0])))
+    exits = dict.fromkeys((*EXIT_PATHS, "reaped"), 0)
+    for c in clusters:
+        for k, v in c["exits"].items():
+            exits[k] += v
+    if len(clusters) == 1:
+        duration, status = clusters[0]["duration_s"], clusters[0]["status"]
+    else:
+        duration = (round((last_ns - first_ns) / 1e9, 6) if first_ns is not None and last_ns is not None
+                    else 0.0)
+        sts = [c["status"] for c in clusters]
+        status = None if None in sts else next((x for x in sts if x != 0), 0 if sts else None)
     return {
-        "events": dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))),
-        "roles": dict(sorted(roles.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "events": merged("events"),
+        "roles": merged("roles"),
         "exits": exits,
-        "merges": merges,
-        "cow_breaks": cow_breaks,
-        "oom_kills": counts.get("oom_kill", 0),
-        "kills": counts.get("kill_point", 0) + counts.get("inject_kill", 0),
-        "hung_tasks": counts.get("hung_task", 0),
-        "lock_recoveries": counts.get("lock_recovery", 0),
-        "duration_s": round(max(duration, 0.0), 6),
-        "clean_stop": stop_ns is not None,
+        "merges": total("merges"),
+        "cow_breaks": total("cow_breaks"),
+        "oom_kills": total("oom_kills"),
+        "kills": total("kills"),
+        "hung_tasks": total("hung_tasks"),
+        "lock_recoveries": total("lock_recoveries"),
+        "duration_s": duration,
+        "clean_stop": bool(clusters) and all(c["clean_stop"] for c in clusters),
         "status": status,
+        "clusters": clusters,
         "files": stats.files,
         "lines": stats.lines,
         "invalid_lines": stats.invalid_lines,

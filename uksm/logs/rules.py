@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from uksm.logs.read import Event, _int, _with_origin, format_fields, iter_events
+from uksm.logs.read import Event, _int, by_cluster, format_fields, iter_events, label
 
 # ---------------------------------------------------------------------------
 # check
@@ -34,10 +34,25 @@ class _MmState:
 
 @dataclass
 class CheckResult:
+    """What ``check`` found: the protocol's violations and notes, and
+    whether the logs are evidence at all (``missing``: no valid event, no
+    cluster_start, no cluster_stop -- a check that passes on nothing is
+    not a pass).  ``clusters``: one result per cluster instance in the
+    stream (each checked alone: mm ids, slots and stops are per cluster);
+    the lists above are theirs together, each line naming its cluster when
+    there are several."""
     violations: list[str]
     notes: list[str]
     mms: int
     clean_stop: bool
+    missing: list[str] = field(default_factory=list)
+    started: bool = True
+    cluster: str = ""
+    clusters: list["CheckResult"] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations and not self.missing
 
 
 N_RULES = 8
@@ -52,6 +67,7 @@ class _Checker:
         self.violations: list[str] = []
         self.notes: list[str] = []
         self.clean_stop = False
+        self.started = False
         self.handlers = {
             "ksm_enter": self._ksm_enter,
             "ksm_exit": self._ksm_exit,
@@ -164,31 +180,33 @@ class _Checker:
     def _use_after_free(self, ev: Event) -> None:
         self._violation(7, _int(ev.get("mm")), f"{self._desc(ev)}: operation on a freed mm's lock")
 
-    def feed(self, events: Iterable[Event]) -> None:
-        self.origin, stream = _with_origin(events)
-        handlers = self.handlers
-        for ev in stream:
-            name = ev["event"]
-            handler = handlers.get(name)
-            if handler is not None:
-                mm = _int(ev.get("mm"))
-                if mm is None:
-                    self.notes.append(f"{self._desc(ev)} has no integer mm: ignored")
-                    continue
-                st = self.mms.get(mm)
-                if st is None:
-                    st = self.mms[mm] = _MmState()
-                handler(ev, mm, st)
-            elif name == "hung_task":
-                self._hung_task(ev)
-            elif name == "oops":
-                self._oops(ev)
-            elif name == "use_after_free":
-                self._use_after_free(ev)
-            elif name == "lockdep":
-                self._lockdep(ev)
-            elif name == "cluster_stop":
-                self.clean_stop = True
+    def feed(self, ev: Event) -> None:
+        """One event of this cluster (in mono_ns order)."""
+        if self.origin is None:
+            self.origin = ev["mono_ns"]
+        name = ev["event"]
+        handler = self.handlers.get(name)
+        if handler is not None:
+            mm = _int(ev.get("mm"))
+            if mm is None:
+                self.notes.append(f"{self._desc(ev)} has no integer mm: ignored")
+                return
+            st = self.mms.get(mm)
+            if st is None:
+                st = self.mms[mm] = _MmState()
+            handler(ev, mm, st)
+        elif name == "hung_task":
+            self._hung_task(ev)
+        elif name == "oops":
+            self._oops(ev)
+        elif name == "use_after_free":
+            self._use_after_free(ev)
+        elif name == "lockdep":
+            self._lockdep(ev)
+        elif name == "cluster_stop":
+            self.clean_stop = True
+        elif name == "cluster_start":
+            self.started = True
 
     def finish(self) -> CheckResult:
         for mm in sorted(self.mms):
@@ -207,14 +225,38 @@ class _Checker:
                     self._violation(2, mm, text)
                 else:
                     self.notes.append(f"rule 2: mm {mm}: {text}; run has no cluster_stop")
-        return CheckResult(self.violations, self.notes, len(self.mms), self.clean_stop)
+        missing = []
+        if not self.started:
+            missing.append("no cluster_start: the logs do not hold the cluster's start "
+                           "(a folder holding part of a run?)")
+        if not self.clean_stop:
+            missing.append("no cluster_stop: the cluster did not stop cleanly (killed, or "
+                           "its log cut short): the exits it never ran are not judged")
+        return CheckResult(self.violations, self.notes, len(self.mms), self.clean_stop,
+                           missing, self.started)
 
 
 def check_events(events: Iterable[Event]) -> CheckResult:
-    """Run the protocol rules over an event stream; violations and notes."""
-    checker = _Checker()
-    checker.feed(events)
-    return checker.finish()
+    """Run the protocol rules over an event stream, each cluster instance
+    (``uksm.logs.read.instance_of``) alone; see :class:`CheckResult`."""
+    results = []
+    for inst, c in by_cluster(events, _Checker).items():
+        r = c.finish()
+        r.cluster = label(inst)
+        results.append(r)
+    if not results:
+        return CheckResult([], [], 0, False, ["no valid event: nothing to check"], False)
+    if len(results) == 1:
+        results[0].clusters = [results[0]]
+        return results[0]
+
+    def tag(r: CheckResult, lines: list[str]) -> list[str]:
+        return [f"{r.cluster}: {x}" for x in lines]
+    return CheckResult([x for r in results for x in tag(r, r.violations)],
+                       [x for r in results for x in tag(r, r.notes)],
+                       sum(r.mms for r in results), all(r.clean_stop for r in results),
+                       [x for r in results for x in tag(r, r.missing)],
+                       all(r.started for r in results), "", results)
 
 
 def check(log_dir: str | Path) -> list[str]:

@@ -90,7 +90,7 @@ def strict_strtoul(raw: Any) -> int | None:
     newline ("(len == (size_t)(tail - cp) + 1) && (*tail == '\\n')")."""
     s = str(raw)
     digits = s[:-1] if s.endswith("\n") else s
-    if not digits or not all("0" <= c <= "9" for c in digits):  # not str.isdigit: no "²"
+    if not digits or not all("0" <= c <= "9" for c in digits):  # ASCII: not a full-width "１", no "²"
         return None
     return int(digits, 10) & ULONG_MAX
 
@@ -214,6 +214,15 @@ def recorded_supervisor(name: str) -> int:
         seg.close()
 
 
+def process_line(pid: int) -> str:
+    """A process's command line, for a message ('' if unreadable)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
 def not_running(name: str) -> shm.UksmError:
     """The plain explanation when no daemon answers for ``name`` (status 1)."""
     from uksm.kernel.cluster import pid_alive
@@ -224,12 +233,41 @@ def not_running(name: str) -> shm.UksmError:
                              f"'uksm cleanup --cluster {name}' removes what it left", EXIT_ERR)
     sup = recorded_supervisor(name)
     if sup and pid_alive(sup):
-        return shm.UksmError(f"cluster {name!r} is alive (supervisor pid {sup}) but has no control "
-                             f"daemon: it was started by 'uksm run', which cannot be driven from "
-                             f"here (status and top still read it)", EXIT_ERR)
+        line = process_line(sup)
+        return shm.UksmError(f"cluster {name!r} is alive but has no control daemon: its supervisor "
+                             f"is process {sup}" + (f" ({line})" if line else "")
+                             + ", a 'uksm run', 'uksm inject' or a script's uksm.Machine, which "
+                               "drives it itself: it cannot be driven from here, and it ends when "
+                               "that process ends it (status and top still read it)", EXIT_ERR)
     who = f"supervisor pid {sup} is gone" if sup else "no supervisor recorded"
     return shm.UksmError(f"cluster {name!r} is dead ({who}; {len(left)} POSIX objects left in "
                          f"/dev/shm): 'uksm cleanup --cluster {name}' removes them", EXIT_ERR)
+
+
+def name_taken(name: str, flag: str = "another name") -> shm.UksmError | None:
+    """Why a new cluster may not take ``name`` (status 2), or None: a
+    cluster of ``uksm up`` answers (``uksm down`` ends it), or another
+    process's cluster (``uksm run``, a script: only that process ends it),
+    or a dead one's objects (``uksm cleanup``).  ``flag``: how the caller
+    names its choice of name, for the advice."""
+    try:
+        ans = call(name, {"op": "ping"}, timeout=10)
+        if not ans.get("ok"):  # another user's daemon: EPERM
+            return shm.UksmError(f"cluster name {name!r} is in use: {ans.get('error')}; {flag}",
+                                 EXIT_USAGE)
+        return shm.UksmError(f"cluster {name!r} is already up (daemon pid {ans.get('pid')}, logs in "
+                             f"{ans.get('log_dir')}): 'uksm down --cluster {name}' first, or "
+                             f"{flag}", EXIT_USAGE)
+    except NotUp:
+        pass
+    except shm.UksmError:
+        return shm.UksmError(f"cluster {name!r} is already up (its control socket is taken): "
+                             f"{flag}", EXIT_USAGE)
+    if shm.leftovers(name):
+        mine = shm.owner(name) in (None, os.geteuid()) or os.geteuid() == 0
+        why = not_running(name) if mine else shm.not_yours(name)
+        return shm.UksmError(f"cluster name {name!r} is in use: {why}; or {flag}", EXIT_USAGE)
+    return None
 
 
 class NotUp(Exception):

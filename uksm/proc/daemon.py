@@ -120,6 +120,9 @@ class Daemon:
         self.done = False
         self.hung_seen = 0
         self.t0 = time.monotonic()
+        # called first in every round of the main loop's duties: where an
+        # in-process Machine raises a Ctrl-C noticed meanwhile (uksm.api)
+        self.safe_point: Callable[[], None] = lambda: None
 
     # ---- start ------------------------------------------------------------------------
     def reserve(self) -> None:
@@ -152,7 +155,8 @@ class Daemon:
                                     own_groups=self.foreground)
         self.sup.boot()
         self.requests = Requests(self.name, spec, self.sup,
-                                 ulog.thread_logger("ctl", self.name, self.log_dir, "daemon"),
+                                 ulog.thread_logger("ctl", self.name, self.log_dir, "daemon",
+                                                    boot_id=self.sup.cl.boot_id),
                                  pump=self.pump, on_down=self._going_down, t0=self.t0)
         for _ in range(spec["workers"]):
             self.sup.spawn_worker(spec["pages"], spec["workload"], spec["seed"], spec["churn_ms"])
@@ -175,6 +179,7 @@ class Daemon:
     # ---- the main loop ------------------------------------------------------------------
     def pump(self) -> None:
         """One round of the main loop's duties (as uksm run's drive())."""
+        self.safe_point()
         sup = self.sup
         assert sup is not None
         sup.poll()

@@ -50,6 +50,7 @@ from uksm.kernel.layout import (
     TS_FREE,
 )
 from uksm.kernel.locks import HolderDied, Lock, LockTimeout
+from uksm.proc import options
 from uksm.proc.control import WRITABLE, validate_knob
 from uksm.proc.scripting import Faults, Tasks
 from uksm.proc.supervisor import Child, Supervisor
@@ -139,37 +140,35 @@ class Requests:
     def do_ping(self, _req: dict[str, Any]) -> dict[str, Any]:
         sup = self.sup
         with sup.lock:
-            workers = sorted(f"w{c.worker_no}" for c in sup.children.values())
-            ready = sorted(f"w{c.worker_no}" for c in sup.children.values()
-                           if sup.cl.trow(c.row).ready)
-        return {"cluster": self.name, "pid": os.getpid(), "log_dir": self.log_dir,
+            kids = list(sup.children.values())
+        workers = sorted(f"w{c.worker_no}" for c in kids)
+        ready = sorted(f"w{c.worker_no}" for c in kids if sup.cl.trow(c.row).ready)
+        # what a client needs to make a Task of a worker it did not start
+        tasks = [{"task": f"w{c.worker_no}", "pid": c.proc.pid, "pages": c.pages, "mm": c.mm,
+                  "programmable": f"w{c.worker_no}" in self.tasks.chans} for c in kids]
+        return {"cluster": self.name, "pid": os.getpid(), "log_dir": self.log_dir, "tasks": tasks,
                 "ksmd_pid": sup.ksmd.proc.pid if sup.ksmd is not None else 0,
                 "workers": workers, "ready": ready, "hung": len(sup.hung), "hung_tasks": list(sup.hung),
                 "uptime_s": round(time.monotonic() - self.t0, 3)}
 
     def do_spawn(self, req: dict[str, Any]) -> dict[str, Any]:
-        from uksm.workers.workloads import validate as wl_validate
+        """Start built-in workers: checked whole first (``uksm.proc.options``:
+        the options, and room for them all under ``max_workers``), so that a
+        refusal starts none.  A start failing midway (/dev/shm full) answers
+        what it did: the workers started (they run on), the error, status 1."""
         sup, spec = self.sup, self.spec
-        pages = int(req.get("pages") or spec["pages"])
-        workload = str(req.get("workload") or spec["workload"])
-        count = int(req.get("count", 1))
-        seed = int(spec["seed"] if req.get("seed") is None else req["seed"])
-        churn = int(spec["churn_ms"] if req.get("churn_ms") is None else req["churn_ms"])
-        if not 1 <= pages <= spec["max_pages"]:
-            raise RequestError(f"--pages must be 1..{spec['max_pages']} (the cluster was started "
-                               f"with --max-pages {spec['max_pages']})", EXIT_USAGE)
-        if count < 1:
-            raise RequestError(f"--count must be at least 1 (got {count})", EXIT_USAGE)
-        if churn < 0:
-            raise RequestError(f"--churn-ms must be >= 0 (got {churn})", EXIT_USAGE)
-        wl_validate(workload)
+        by = options.spelling(req)
+        sp = options.spawn(by, req, spec)
+        self.pump()
+        options.live_tasks(by, sup.workers_alive(), sp.count, int(spec["max_workers"]))
         kids: list[Child] = []
-        for _ in range(count):
+        failed: shm.UksmError | None = None
+        for _ in range(sp.count):
             try:
-                kids.append(sup.spawn_worker(pages, workload, seed, churn))
+                kids.append(sup.spawn_worker(sp.pages, sp.workload, sp.seed, sp.churn_ms))
             except shm.UksmError as e:
-                done = " ".join(f"w{c.worker_no}" for c in kids) or "none"
-                raise RequestError(f"{e} (spawned {len(kids)} of {count}: {done})", e.status)
+                failed = e
+                break
             self.pump()
         cl = sup.cl
 
@@ -181,20 +180,25 @@ class Requests:
             t = cl.trow(c.row)
             return not gone(c) and t.pid == c.proc.pid and bool(t.ready)
         note = ""
-        if req.get("wait"):
+        if req.get("wait") and kids:
             if not self.wait_until(lambda: all(ready(c) or gone(c) for c in kids), READY_WAIT_S,
                                    "spawn"):
                 note = f"not all ready after {READY_WAIT_S:.0f}s"
-        out = [{"worker": f"w{c.worker_no}", "pid": c.proc.pid, "mm": c.mm, "pages": pages,
-                "workload": workload, "ready": ready(c), "exited": gone(c)} for c in kids]
+        out = [{"worker": f"w{c.worker_no}", "pid": c.proc.pid, "mm": c.mm, "pages": sp.pages,
+                "workload": sp.workload, "ready": ready(c), "exited": gone(c)} for c in kids]
+        if failed is not None:
+            done = " ".join(f"w{c.worker_no}" for c in kids) or "none"
+            self.log.warning("spawn_partial", spawned=len(out), requested=sp.count,
+                             error=str(failed))
+            return {"ok": False, "status": EXIT_ERR, "spawned": out, "partial": True,
+                    "error": f"spawned {len(out)} of {sp.count} ({done}; they run on), then: "
+                             f"{failed}"}
         return {"spawned": out, "note": note}
 
     def do_kill(self, req: dict[str, Any]) -> dict[str, Any]:
         sup = self.sup
         cl, q = sup.cl, sup.cl.q
-        signame = str(req.get("signal", "TERM")).upper()
-        if signame not in ("TERM", "KILL"):
-            raise RequestError(f"--signal must be TERM or KILL (got {signame})", EXIT_USAGE)
+        signame = options.signal_name(options.spelling(req), req.get("signal"), "TERM")
         signo = signal.SIGTERM if signame == "TERM" else signal.SIGKILL
         self.pump()
         with sup.lock:

@@ -62,9 +62,7 @@ class KsmdCtl:
 
     def start(self) -> None:
         row = self.sup.alloc_row(R_KSMD)
-        args = ["uksm.kernel.ksmd", "--cluster", self.sup.name, "--task", str(row)]
-        if self.sup.log_dir:
-            args += ["--log-dir", self.sup.log_dir]
+        args = self.sup.child_args("uksm.kernel.ksmd", row)
         r, w = Oopses.channel()
         try:
             p = self.sup._popen(args, oops_fd=w)

@@ -178,7 +178,7 @@ class Reaper:
         view = self.sup.cl.thread_view(row)
         # dead_pid on every line: a trace's track for this reaper (its pid is the supervisor's)
         log = ulog.thread_logger("reaper", self.sup.name, self.sup.log_dir, f"r{row}-{ch.proc.pid}",
-                                 dead_pid=ch.proc.pid)
+                                 dead_pid=ch.proc.pid, boot_id=self.sup.cl.boot_id)
         view.task.on_wait = self.sup.on_wait(log)
         view.lockdep_log = log  # its lockdep reports and lock events (UKSM_LOCKTRACE) are the reaper's
         mm0 = self.sup.mms.get(ch.mm)

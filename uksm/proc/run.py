@@ -5,6 +5,7 @@ The report (``--json``) is one object; its exit status is one of
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 import tempfile
@@ -21,10 +22,8 @@ from uksm.kernel.cluster import Config
 from uksm.kernel.ksm import slot_next, slots
 from uksm.kernel.layout import (
     A_FREE_TOP,
-    EXIT_POLICIES,
     H_MEM_LIMIT,
     H_PENDING_FREE,
-    HAZARDS,
     K_FULL_SCANS,
     K_PAGES_SHARED,
     K_PAGES_SHARING,
@@ -32,11 +31,11 @@ from uksm.kernel.layout import (
     K_RMAP_ITEMS,
     K_RUN,
     L_SCAN_SLOT,
-    OOM_RULES,
-    PAGE_SIZE,
     ksm_block,
 )
 from uksm.kernel.locks import LockTimeout
+from uksm.proc import options
+from uksm.proc.options import CLI, Spelling
 from uksm.proc.supervisor import Supervisor
 
 SCENARIOS = ("oom-unmerge",)
@@ -71,66 +70,46 @@ def usage_error(msg: str) -> None:
     raise shm.UksmError(msg, EXIT_USAGE)
 
 
-def check_cluster_options(o: Any, min_workers: int = 1) -> None:
+def check_cluster_options(o: Any, by: Spelling = CLI, min_workers: int = 1) -> None:
     """The options ``run``, ``inject`` and ``up`` share (any object with
-    those attribute names): a one-line error (status 2), nothing created."""
-    from uksm.workers.workloads import validate as wl_validate
-    bad = usage_error
-    if o.workers < min_workers:
-        bad(f"--workers must be at least {min_workers} (got {o.workers})")
-    if o.pages < 1:
-        bad(f"--pages must be at least 1 (got {o.pages})")
-    if o.frames < 0:
-        bad(f"--frames must be positive (got {o.frames})")
-    if o.pages_to_scan < 1:
-        bad(f"--pages-to-scan must be at least 1 (got {o.pages_to_scan})")
-    if o.sleep_ms < 0:
-        bad(f"--sleep-ms must be >= 0 (got {o.sleep_ms})")
-    if o.run not in (0, 1, 2):
-        bad(f"--run must be 0, 1 or 2 (got {o.run}): invalid argument, as /sys/kernel/mm/ksm/run")
-    if o.hung_task_timeout <= 0:
-        bad("--hung-task-timeout must be positive")
-    if o.churn_ms < 0:
-        bad(f"--churn-ms must be >= 0 (got {o.churn_ms})")
-    wl_validate(o.workload)
+    those attribute names), checked by ``uksm.proc.options``: a one-line
+    error (status 2), nothing created."""
+    hazards = o.hazards if hasattr(o, "hazards") else o.hazard  # (argparse's --hazard)
+    options.cluster(by, frames=o.frames, run=o.run, pages_to_scan=o.pages_to_scan,
+                    sleep_millisecs=o.sleep_ms, exit_policy=o.exit_policy,
+                    oom_rule=o.oom_rule, hazards=list(hazards),
+                    hung_task_timeout=o.hung_task_timeout, churn_ms=o.churn_ms,
+                    workload=o.workload, workers=o.workers, min_workers=min_workers,
+                    pages=o.pages)
 
 
 def check_frames(frames: int, total: int, o: Any) -> None:
     """The pool: at most 16 GiB, and big enough unless ksmd can merge."""
-    if frames * PAGE_SIZE > 16 << 30:
-        what = (f"--frames {frames}" if getattr(o, "frames", 0) else
-                f"--workers {o.workers} x --pages {o.pages} need {frames} frames, which")
-        usage_error(f"{what} is {frames * PAGE_SIZE >> 30} GiB of emulated memory: "
-                    f"at most 16 GiB")
-    if frames < total and (o.run != 1 or o.workload.split(":")[0] in ("unique", "volatile")):
-        usage_error(f"{total} pages cannot fit in {frames} frames: nothing would merge them "
-                    f"(raise --frames, or use --run 1 with a mergeable workload)")
+    sized = ("" if getattr(o, "frames", 0) else
+             f"--workers {o.workers} x --pages {o.pages} need {frames} frames, which")
+    options.frames_fit(CLI, frames, total, o.run, o.workload, sized)
 
 
 def validate(o: RunOptions) -> None:
     """Bad input: a one-line error (UksmError, status 2), nothing created."""
     bad = usage_error
     check_cluster_options(o)
-    if o.duration is not None and o.duration <= 0:
+    if o.duration is not None and not (math.isfinite(o.duration) and o.duration > 0):
         bad(f"--duration must be positive (got {o.duration})")
-    if o.max_duration <= 0:
+    if not (math.isfinite(o.max_duration) and o.max_duration > 0):
         bad(f"--max-duration must be positive (got {o.max_duration})")
-    if o.exit_policy not in EXIT_POLICIES:
-        bad(f"unknown --exit-policy {o.exit_policy!r} (one of: {', '.join(EXIT_POLICIES)})")
-    if o.oom_rule not in OOM_RULES:
-        bad(f"unknown --oom-rule {o.oom_rule!r} (one of: {', '.join(OOM_RULES)})")
-    for h in o.hazards:
-        if h not in HAZARDS:
-            bad(f"unknown --hazard {h!r} (one of: {', '.join(HAZARDS)})")
     if o.scenario is not None and o.scenario not in SCENARIOS:
         bad(f"unknown --scenario {o.scenario!r} (one of: {', '.join(SCENARIOS)})")
     check_frames(o.frames or default_frames(o), o.workers * o.pages, o)
     if o.log_dir is not None:
         check_log_dir(o.log_dir)
     if o.cluster:
+        from uksm.proc.control import name_taken
         shm.check_cluster_name(o.cluster)
-        if shm.leftovers(o.cluster):
-            bad(f"cluster {o.cluster!r} is already in use ('uksm down' or 'uksm cleanup --cluster {o.cluster}')")
+        taken = name_taken(o.cluster, "another --cluster")
+        if taken is not None:
+            raise taken
+    options.room(CLI, make_config(o), o.pages, (options.WORKERS, options.PAGES, options.FRAMES))
 
 
 def check_log_dir(path: str) -> None:

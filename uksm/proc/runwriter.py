@@ -47,11 +47,9 @@ class RunWriter:
         if oom_origin is None:
             oom_origin = EXIT_POLICIES[q[H_EXIT_POLICY]] == "shipped"
         row = self.sup.alloc_row(R_WRITER)
-        args = ["uksm.kernel.writer", "--cluster", self.sup.name, "--task", str(row), "--value", str(value)]
+        args = self.sup.child_args("uksm.kernel.writer", row) + ["--value", str(value)]
         if oom_origin:
             args.append("--oom-origin")
-        if self.sup.log_dir:
-            args += ["--log-dir", self.sup.log_dir]
         r, w = Oopses.channel()
         try:
             p = self.sup._popen(args, oops_fd=w)

@@ -34,7 +34,17 @@ from typing import TYPE_CHECKING, Any, Protocol
 from uksm.errors import UksmError
 from uksm.host.exitcodes import EXIT_ERR, EXIT_USAGE
 from uksm.kernel import killpoints
-from uksm.kernel.layout import EXIT_PATHS, H_KSMD_POINT, L_SCAN_SLOT, PAGE_SIZE, T_EXIT_PATH, T_KILL_POINT
+from uksm.kernel.layout import (
+    EXIT_PATHS,
+    EXIT_POLICIES,
+    H_EXIT_POLICY,
+    H_KSMD_POINT,
+    L_SCAN_SLOT,
+    PAGE_SIZE,
+    T_EXIT_PATH,
+    T_KILL_POINT,
+)
+from uksm.proc import options
 
 if TYPE_CHECKING:
     from uksm.proc.supervisor import Child, Supervisor
@@ -220,19 +230,22 @@ class Tasks:
         """Start a programmable task; answer once its mmap and (unless
         mergeable is false) its MADV_MERGEABLE, i.e. __ksm_enter, are done."""
         sup = self.host.sup
-        pages = _int(req, "pages", 1, int(self.host.spec["max_pages"]), "pages")
+        by = options.spelling(req)
+        pages = options.task_pages(by, req.get("pages"), int(self.host.spec["max_pages"]))
         mergeable = req.get("mergeable", True)
         if not isinstance(mergeable, bool):
             raise ScriptError(f"mergeable must be True or False (got {mergeable!r})", "type", EXIT_USAGE)
+        self.host.pump()
+        options.live_tasks(by, sup.workers_alive(), 1, int(self.host.spec["max_workers"]))
         mine, theirs = socket.socketpair()
         try:
             extra = ("--cmd-fd", str(theirs.fileno())) + (() if mergeable else ("--no-mergeable",))
             try:
                 ch = sup.spawn_worker(pages, "zero", 0, program=TASK_PROGRAM, extra_args=extra,
                                       pass_fds=(theirs.fileno(),))
-            except UksmError as e:
+            except UksmError as e:  # no room (a table, /dev/shm): the machine's, not the input's
                 mine.close()
-                raise ScriptError(str(e), "value", e.status)
+                raise ScriptError(str(e), "limit", EXIT_ERR)
         finally:
             theirs.close()
         tc = TaskChan(f"w{ch.worker_no}", ch, mine, pages)
@@ -376,10 +389,7 @@ class Faults:
                 "cursor": self.do_cursor}
 
     def _signal(self, req: dict[str, Any]) -> str:
-        s = req.get("signal", "KILL")
-        if not isinstance(s, str) or s.upper() not in SIGNALS:
-            raise ScriptError(f"signal must be KILL or TERM (got {s!r})", "value", EXIT_USAGE)
-        return s.upper()
+        return options.signal_name(options.spelling(req), req.get("signal"), "KILL")
 
     def _point(self, req: dict[str, Any]) -> str | None:
         at = req.get("at")
@@ -392,7 +402,19 @@ class Faults:
             raise ScriptError(f"{at} is a point in ksmd, not in a task: arm it with "
                               f"m.arm({at!r}) (ksmd then kills the owner of the mm it is in)",
                               "value", EXIT_USAGE)
+        self._reachable(at)
         return at
+
+    def _reachable(self, point: str) -> None:
+        """Refuse, before anything is done, a point the cluster's exit
+        policy never passes (``uksm inject --point`` refuses it the same
+        way): legacy's __ksm_exit has no slow path, so driving a task there
+        would only use it up."""
+        policy = EXIT_POLICIES[self.host.sup.cl.q[H_EXIT_POLICY]]
+        if point not in killpoints.reachable(policy):
+            raise ScriptError(f"kill point {point} is never reached under exit policy {policy} "
+                              f"(its __ksm_exit has no slow path); nothing was done", "value",
+                              EXIT_USAGE)
 
     def do_task_kill(self, req: dict[str, Any]) -> dict[str, Any]:
         """Kill a task now, or (``at``) drive it to a kill point and let it
@@ -401,7 +423,7 @@ class Faults:
         at = self._point(req)
         ch = self.tasks.builtin(req)
         if ch is not None:
-            return self._kill_builtin(ch, signame, at)
+            return self._kill_builtin(ch, signame, at, options.spelling(req))
         tc = self.tasks.task(req)
         sup = self.host.sup
         cl, q = sup.cl, sup.cl.q
@@ -421,23 +443,30 @@ class Faults:
                     raise ScriptError(f"kill point {at} was not reached: {e}",
                                       "not_reached" if e.kind == "not_reached" else e.kind, e.status)
                 ans = {"died": True}
-            if ans.get("exited"):  # an exit point, but the exit went another way
+            passed = q[tb + T_KILL_POINT] != killpoints.INDEX[at]  # hit() disarms as it fires
+            if ans.get("exited"):  # an exit point: the task went through its whole exit
                 tc.extra.update(exited=True, path=ans["path"])
                 self.tasks.wait_finished(tc, f"task {tc.tid}'s exit")
                 tc.gone = self.tasks.how(tc)
-                raise ScriptError(f"kill point {at} was not reached: the task exited through "
-                                  f"the {ans['path']} path of __ksm_exit instead (it is gone)",
-                                  "not_reached")
-            if not ans.get("died"):
-                if q[tb + T_KILL_POINT] == killpoints.INDEX[at]:
-                    killpoints.disarm_worker(cl, tc.child.row)
-                    raise ScriptError(f"kill point {at} was not reached", "not_reached")
+                if not passed:
+                    raise ScriptError(f"kill point {at} was not reached: the task exited "
+                                      f"through the {ans['path']} path of __ksm_exit, which "
+                                      f"does not pass it (the task is gone)", "not_reached")
+                # passed, with SIGTERM: a task already in its exit notices the signal
+                # at no later safe point -- its exit runs to the end (2.6.32's
+                # do_exit is past every signal check), and its path is the answer
+                tc.extra["path"] = ans["path"]
+            elif not ans.get("died") and not passed:
+                killpoints.disarm_worker(cl, tc.child.row)
+                raise ScriptError(f"kill point {at} was not reached: the drive got through "
+                                  f"without passing it (disarmed; the task lives on)", "not_reached")
         self.tasks.wait_finished(tc, f"task {tc.tid}'s death")
         tc.gone = self.tasks.how(tc)
         return {"task": tc.tid, "signal": signame, "at": at, "returncode": tc.child.proc.returncode,
                 "path": tc.extra["path"], "result": tc.gone}
 
-    def _kill_builtin(self, ch: "Child", signame: str, at: str | None) -> dict[str, Any]:
+    def _kill_builtin(self, ch: "Child", signame: str, at: str | None,
+                      by: options.Spelling) -> dict[str, Any]:
         """A built-in worker (it takes no commands): killed now, or at a
         point its own work (churn) or its exit (a SIGTERM first) passes."""
         sup = self.host.sup
@@ -449,6 +478,7 @@ class Faults:
             if at == "ksm_enter_locked":
                 raise ScriptError(f"kill point {at} was not reached: worker {tid} is past its "
                                   f"__ksm_enter (use a task made with mergeable=False)", "not_reached")
+            self._reachable(at)
             hits = cl.kill_points_hit()
             killpoints.arm_worker(cl, ch.row, at, SIGNALS[signame])
             self.host.log.info("inject_kill", target_pid=ch.proc.pid, mm=ch.mm, signal=signame,
@@ -467,7 +497,7 @@ class Faults:
                     killpoints.disarm_worker(cl, ch.row)
                     raise ScriptError(f"kill point {at} was not reached: worker {tid} did not "
                                       f"pass it within {POINT_WAIT_S:.0f}s (is it churning? "
-                                      f"--churn-ms)", "not_reached")
+                                      f"{options.CHURN_MS.spelt(by)})", "not_reached")
                 self.host.wait_until(lambda: self.host.finished(ch), EXIT_WAIT_S, f"worker {tid}'s exit")
                 raise ScriptError(f"kill point {at} was not reached: worker {tid} exited without "
                                   f"passing it (its exit went another way)", "not_reached")
@@ -485,6 +515,8 @@ class Faults:
             raise ScriptError(f"unknown kill point {point!r}", "value", EXIT_USAGE)
         cl = self.host.sup.cl
         delay = req.get("delay_ms")
+        if point not in killpoints.KSMD_POINTS:
+            self._reachable(point)
         if point in killpoints.KSMD_POINTS:
             if req.get("task") is not None:
                 raise ScriptError(f"{point} is a ksmd point: it takes no task", "value", EXIT_USAGE)

@@ -89,6 +89,11 @@ class Supervisor:
         self.ksmdctl = KsmdCtl(self)
         self.runwriter = RunWriter(self)
         self.t0 = time.monotonic()
+        # every process started (_popen), registered or not: their pids (the
+        # API's m.pids), and those not yet seen exited, which teardown makes
+        # sure are gone before it unlinks anything
+        self.started: list[int] = []
+        self.procs: list[subprocess.Popen] = []
 
     # ---- boot ---------------------------------------------------------------
     def boot(self) -> None:
@@ -98,7 +103,7 @@ class Supervisor:
         q[H_SUPERVISOR_PID] = os.getpid()
         row = self.alloc_row(R_SUPERVISOR, os.getpid())
         self.cl.bind(row)
-        self.log = ulog.setup("supervisor", self.name, self.log_dir)
+        self.log = ulog.setup("supervisor", self.name, self.log_dir, boot_id=self.cl.boot_id)
         self.cl.lockdep_log = self.log
         self.cl.task.on_wait = self.on_wait(self.log)
         self.log.info("cluster_start", workers=0, pages=0, frames=self.cfg.frames,
@@ -133,12 +138,20 @@ class Supervisor:
                     t.start_ns = time.monotonic_ns()
                     t.state = TS_ALIVE      # last: the row is taken
                     return r
-        raise shm.UksmError(f"too many tasks (max {cl.max_tasks})", 2)
+        raise shm.UksmError(f"the task table is full ({cl.max_tasks} rows)", EXIT_ERR)
 
     def free_row(self, row: int) -> None:
         t = self.cl.trow(row)
         t.pid = 0
         t.state = TS_FREE
+
+    def child_args(self, program: str, row: int) -> list[str]:
+        """The command line of a child task (``uksm.kernel.cluster.add_task_args``):
+        its program, the cluster and the instance it belongs to (the boot
+        id it checks before acting), its row, the log folder."""
+        args = [program, "--cluster", self.name, "--boot-id", str(self.cl.boot_id),
+                "--task", str(row)]
+        return args + (["--log-dir", self.log_dir] if self.log_dir else [])
 
     def _popen(self, args: list[str], pass_fds: tuple[int, ...] = (),
                oops_fd: int = -1) -> subprocess.Popen:
@@ -151,8 +164,11 @@ class Supervisor:
         if oops_fd >= 0:
             env[FD_ENV] = str(oops_fd)
             pass_fds = (*pass_fds, oops_fd)
-        return subprocess.Popen([sys.executable, "-m", *args], stdin=subprocess.DEVNULL,
-                                env=env, process_group=0, pass_fds=pass_fds)
+        p = subprocess.Popen([sys.executable, "-m", *args], stdin=subprocess.DEVNULL,
+                             env=env, process_group=0, pass_fds=pass_fds)
+        self.started.append(p.pid)
+        self.procs = [x for x in self.procs if x.returncode is None] + [p]
+        return p
 
     def spawn_worker(self, pages: int, workload: str, seed: int, churn_ms: int = 0,
                      kill_point: str | None = None, kill_sig: int = signal.SIGKILL,
@@ -177,17 +193,15 @@ class Supervisor:
         t.pages = pages
         if kill_point:
             killpoints.arm_worker(cl, row, kill_point, kill_sig)
-        args = [program, "--cluster", self.name, "--task", str(row),
-                "--mm", str(mm.id), "--pages", str(pages), "--workload", workload,
-                "--seed", str(seed), "--worker-no", str(wno), "--churn-ms", str(churn_ms)]
+        args = self.child_args(program, row) + [
+            "--mm", str(mm.id), "--pages", str(pages), "--workload", workload,
+            "--seed", str(seed), "--worker-no", str(wno), "--churn-ms", str(churn_ms)]
         if exit_after_write:
             args.append("--exit-after-write")
         if no_touch:
             args.append("--no-touch")
         if mlock:
             args.append("--mlock")
-        if self.log_dir:
-            args += ["--log-dir", self.log_dir]
         p = self._popen(args + list(extra_args), pass_fds)
         t.pid = p.pid
         mm.words.owner_pid = p.pid
@@ -281,8 +295,12 @@ class Supervisor:
         finally:
             if locked:
                 cl.task.unlock(cl.daemon)
-        return {"ksm": ksm, "frames": frame_stats(cl),
-                "memory": {"host_bytes_resident": cl.pool_resident_bytes()}}
+        # the host's bytes first, then the frames: ksmd flushes the frames a
+        # batch freed after it drops the mutex (Ksmd.run), and a flush landing
+        # between the two reads then lowers frames used, never the bytes
+        # below what the frames counted need (resident >= used, as a reader expects)
+        resident = cl.pool_resident_bytes()
+        return {"ksm": ksm, "frames": frame_stats(cl), "memory": {"host_bytes_resident": resident}}
 
     # ---- teardown ------------------------------------------------------------------------
     def kill_all(self) -> None:
@@ -303,10 +321,79 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 pass
 
+    def stop_writers(self, timeout: float = 60.0) -> bool:
+        """SIGTERM every run= writer still running and wait until each has
+        returned and is settled.  A write its caller gave up on (a Ctrl-C in
+        ``m.ksm["run"] = 2``) is a pending signal to the writing task:
+        run_store stops with -ERESTARTSYS and puts run back to 0, as 2.6.32's
+        does; a writer still starting dies of the SIGTERM before it attaches.
+        Either way none outlives the cluster to write into another.  A
+        stray (``strays``) gets the same SIGTERM, and is waited for too."""
+        strays = self.strays()
+        self.end_strays(strays, signal.SIGTERM, 0)
+        ok = self._stop(self.writers, timeout, signal.SIGTERM)
+        return self.end_strays(strays, 0, timeout) and ok
+
+    def strays(self) -> list[int]:
+        """Children of this process started for this cluster (their command
+        line holds its boot id) that the process table does not hold: one
+        forked as its caller was interrupted -- a KeyboardInterrupt raised
+        inside Popen after the fork loses the Popen, and with it the child.
+        Found in /proc, by parent and command line."""
+        me, needle = os.getpid(), f"\0--boot-id\0{self.cl.boot_id}\0".encode()
+        with self.lock:
+            known = {c.proc.pid for c in (*self.children.values(), *self.writers.values())}
+            if self.ksmd is not None:
+                known.add(self.ksmd.proc.pid)
+        out = []
+        for pid in _children(me):
+            if pid in known:
+                continue
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if needle in f.read():
+                        out.append(pid)
+            except OSError:
+                continue
+        return out
+
+    def end_strays(self, pids: list[int], sig: int, timeout: float) -> bool:
+        """Signal the strays ``pids`` (``sig`` 0: none) and reap them, for up
+        to ``timeout`` seconds; True once every one is reaped.  Each is
+        added to ``started`` (m.pids): it was started."""
+        for pid in pids:
+            if pid not in self.started:
+                self.started.append(pid)
+            if sig:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+        left = list(pids)
+        end = time.monotonic() + timeout
+        while left:
+            for pid in list(left):
+                try:
+                    done, _status = os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    done = pid
+                if done:
+                    left.remove(pid)
+            if not left or time.monotonic() >= end:
+                break
+            time.sleep(0.005)
+        return not left
+
     def stop_workers(self, timeout: float = 60.0, sig: int = signal.SIGTERM) -> bool:
         """Tell every worker to exit and wait for their exits (and reapers)."""
+        return self._stop(self.children, timeout, sig)
+
+    def _stop(self, table: dict[int, Child], timeout: float, sig: int) -> bool:
+        """Signal every task of ``table`` (``children`` or ``writers``, under
+        ``self.lock``) and wait until reaping has emptied it and every death
+        is settled; False on a hung task or after ``timeout``."""
         with self.lock:
-            kids = list(self.children.values())
+            kids = list(table.values())
         for ch in kids:
             try:
                 ch.proc.send_signal(sig)
@@ -319,7 +406,7 @@ class Supervisor:
             if self.hung:
                 return False
             with self.lock:
-                alive = bool(self.children)
+                alive = bool(table)
             if not alive and self.settled():
                 return True
             time.sleep(0.005)  # the exits are seen within 5 ms: the run's end waits on this loop
@@ -355,7 +442,7 @@ class Supervisor:
             if self.hung:
                 status = EXIT_HUNG
                 self.kill_all()
-            elif not self.stop_workers():
+            elif not self.stop_writers() or not self.stop_workers():
                 status = EXIT_HUNG if self.hung else EXIT_ERR
                 if not self.hung:
                     self.errors.append("workers did not exit in time")
@@ -391,7 +478,22 @@ class Supervisor:
                 "status": status}
 
     def teardown(self) -> list[str]:
-        """Unlink every object; return what is still there."""
+        """Unlink every object; return what is still there.  Any process
+        started and still running here (one started as its caller was
+        interrupted, before it was registered; a stray) is SIGKILLed and
+        waited for first: nothing this cluster started outlives it."""
+        for p in self.procs:
+            if p.poll() is None:
+                try:
+                    p.kill()
+                except ProcessLookupError:
+                    pass
+                try:
+                    p.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    pass
+        if self.booted:
+            self.end_strays(self.strays(), signal.SIGKILL, 10)
         self.stop_ev.set()
         self.recovery.wake()
         for t in self.threads:
@@ -413,6 +515,28 @@ class Supervisor:
     def log_stop(self, status: int) -> None:
         self.log.info("cluster_stop", duration_s=round(time.monotonic() - self.t0, 3), status=status)
         ulog.close()
+
+
+def _children(pid: int) -> list[int]:
+    """The children of process ``pid``: each of its threads' /proc children
+    list (CONFIG_PROC_CHILDREN), else every process whose parent it is."""
+    try:
+        out: list[int] = []
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(x) for x in f.read().split()]
+        return out
+    except FileNotFoundError:
+        pass
+    out = []
+    for d in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{d}/stat", "rb") as f:
+                if d.isdigit() and int(f.read().rsplit(b")", 1)[1].split()[1]) == pid:
+                    out.append(int(d))
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
 
 
 __all__ = ["Supervisor", "Child", "Config"]
