@@ -141,3 +141,23 @@ def test_a_point_the_policy_never_reaches_is_a_usage_error():
                    "--exit-policy", "legacy"], 30)
     assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
     assert "never reached under --exit-policy legacy" in p.stderr
+
+
+@pytest.mark.timeout(120)
+def test_a_point_never_reached_again_ends_the_kills(tmp_path):
+    """no-exit-checks: ksmd walks a freed VMA table and oopses until it is
+    given up; its cursor never lands on a task again.  --point cursor used
+    to try for ever (a campaign run hit its 360 s timeout); now the point is
+    given up after --point-budget, the kills end, the oops is the status."""
+    r, status = inject("--kills", "20", "--point", "cursor", "--hazard", "no-exit-checks",
+                       "--point-budget", "3", "--workers", "2", "--pages", "64", "--seed", "1",
+                       "--log-dir", str(tmp_path), timeout=100)
+    i = r["inject"]
+    assert i["kills"] < 20 and i["unreached"] == {"cursor": 1}, i
+    assert status == 5 and r["oops"], (status, r["oops"], r["errors"])
+    assert r["ipc_leftovers"] == []
+
+
+def test_point_budget_must_be_positive():
+    p = run_group([sys.executable, "-m", "uksm", "inject", "--point-budget", "0"], 30)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and "--point-budget" in p.stderr

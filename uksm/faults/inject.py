@@ -51,16 +51,21 @@ COW_POINTS = ("ksmd_break_cow", "ksmd_break_ksm_window")
 # a kill that did not happen (the victim exited meanwhile, the point was not
 # on its way): counted as missed; a hung task or a closed machine ends the run
 FATAL = (uksm.HungTask, uksm.MachineClosed)
-# --point all: a point not reached for this long is skipped (counted in
-# the report's "unreached"), so that the run always ends
+# a point not reached for this long is given up (counted in the report's
+# "unreached"), so that the run always ends: --point all goes on to the
+# next point; a single point ends the kills (a ksmd that oopsed for good
+# never puts its cursor on a task again)
 POINT_BUDGET_S = 30.0
 
 
 class Injector:
     """The kills, one at a time, on a uksm.Machine: a script among others."""
 
-    def __init__(self, o: RunOptions, kills: int, sig: str, point: str, seed: int) -> None:
+    def __init__(self, o: RunOptions, kills: int, sig: str, point: str, seed: int,
+                 point_budget_s: float = POINT_BUDGET_S) -> None:
         self.o = o
+        self.point_budget_s = point_budget_s
+        self.gave_up = False  # a single --point not reached: the kills ended early
         self.kills = kills
         self.sig = sig
         self.point = point
@@ -162,10 +167,14 @@ class Injector:
                 since = time.monotonic()
             else:
                 self.missed += 1
-                if self.point == "all" and time.monotonic() - since > POINT_BUDGET_S:
-                    # not reached (the workload does not go there): on to
-                    # the next point rather than round this one for ever
+                if time.monotonic() - since > self.point_budget_s:
+                    # not reached (the workload does not go there, or ksmd
+                    # is gone): on to the next point rather than round this
+                    # one for ever; with one point, the kills end here
                     self.unreached[mode] = self.unreached.get(mode, 0) + 1
+                    if self.point != "all":
+                        self.gave_up = True
+                        break
                     i += 1
                     since = time.monotonic()
                 m.wait(lambda: True, 1)  # reap meanwhile, and hear about a hung task
@@ -177,6 +186,11 @@ class Injector:
         self.at_last = {"merges": st["merges"], "full_scans": m.ksm["full_scans"]}
         if self.interrupted():
             return  # a stop signal: straight to the orderly close
+        if self.gave_up:
+            # the point is not reached any more (ksmd gone, or the workload
+            # never goes there): no new work to wait for, only the check
+            self.live = m.fsck()
+            return
         self.top_up(m)
         # the last replacements started and scanned (mergeable), so that
         # every worker the close stops verifies its data -- and a worker
@@ -250,6 +264,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="random, cursor, a kill point name, or all (cycle through every point); "
                         "see --list-points")
     p.add_argument("--list-points", action="store_true", help="list the kill points and exit")
+    p.add_argument("--point-budget", type=float, default=POINT_BUDGET_S, metavar="S",
+                   help="seconds to keep trying a point not reached before giving it up (counted "
+                        "in the report's unreached): --point all goes on to the next point, a "
+                        f"single point ends the kills (default {POINT_BUDGET_S:g})")
     p.add_argument("--workers", type=int, default=4,
                    help="workers kept alive: a replacement is spawned after each kill (default 4)")
     p.add_argument("--pages", type=int, default=256, help="pages each worker maps (default 256)")
@@ -292,13 +310,15 @@ def run(a: argparse.Namespace) -> int:
                         f"(its __ksm_exit has no slow path)", EXIT_USAGE)
     if a.kills < 0:
         raise UksmError("--kills must be >= 0", EXIT_USAGE)
+    if not a.point_budget > 0:
+        raise UksmError("--point-budget must be > 0 seconds", EXIT_USAGE)
     o = RunOptions(workers=a.workers, pages=a.pages, workload=a.workload, seed=a.seed,
                    log_dir=a.log_dir, cluster=a.cluster, pages_to_scan=a.pages_to_scan,
                    sleep_ms=a.sleep_ms, exit_policy=a.exit_policy, hazards=a.hazard,
                    hung_task_timeout=a.hung_task_timeout, churn_ms=a.churn_ms,
                    quiet=a.quiet)
     validate(o)
-    report = Injector(o, a.kills, a.signal, a.point, a.seed).run()
+    report = Injector(o, a.kills, a.signal, a.point, a.seed, a.point_budget).run()
     status = report["status"]
     if status == 0 and not report["inject"]["live_fsck"]["ok"] and not report["interrupted"]:
         status = report["status"] = 4  # the running cluster failed fsck

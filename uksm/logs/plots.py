@@ -351,17 +351,16 @@ INSTANT_COLOURS = {"kill": "crimson", "exit": "darkorange", "recovery": "teal", 
                    "ksm": "steelblue", "sched": "magenta", "cluster": "grey"}
 
 
-def plot_trace(trace: dict[str, Any], out: str | Path, title: str, max_rows: int = 40) -> int:
-    """Draw a trace as a viewer shows it: the counters on top, then a row
-    per thread (processes in their sort order, at most ``max_rows``: the
-    busiest), its slices as bars (hatched: open at the end, or inferred),
-    instants as marks, flows as arrows.  Returns the rows left out."""
-    fig = _figure(13, 1)
-    evs = trace["traceEvents"]
+Row = tuple[int, int]  # (pid, tid): a thread's row in the trace
+
+
+def _trace_rows(evs: list[dict[str, Any]], max_rows: int) -> tuple[list[Row], list[str], int]:
+    """The rows a trace draws (processes in their sort order, at most
+    ``max_rows``: the busiest), their labels, and how many were left out."""
     pname: dict[int, str] = {}
     psort: dict[int, int] = {}
-    tname: dict[tuple[int, int], str] = {}
-    tsort: dict[tuple[int, int], int] = {}
+    tname: dict[Row, str] = {}
+    tsort: dict[Row, int] = {}
     for e in evs:
         if e["ph"] != "M":
             continue
@@ -374,7 +373,7 @@ def plot_trace(trace: dict[str, Any], out: str | Path, title: str, max_rows: int
             tname[(e["pid"], e["tid"])] = a["name"]
         elif e["name"] == "thread_sort_index":
             tsort[(e["pid"], e["tid"])] = a["sort_index"]
-    busy: dict[tuple[int, int], int] = {}
+    busy: dict[Row, int] = {}
     for e in evs:
         if e["ph"] in ("X", "i") and e.get("s") != "g":
             k = (e["pid"], e["tid"])
@@ -385,7 +384,13 @@ def plot_trace(trace: dict[str, Any], out: str | Path, title: str, max_rows: int
         keep = set(sorted(rows, key=lambda k: -busy[k])[:max_rows])
         left = len(rows) - max_rows
         rows = [r for r in rows if r in keep]
-    row_of = {k: i for i, k in enumerate(rows)}
+    labels = [f"{pname.get(pid, pid)} {pid}" if pid == tid else f"  {tname.get((pid, tid), tid)}"
+              for (pid, tid) in rows]
+    return rows, labels, left
+
+
+def _draw_counters(ax: Any, evs: list[dict[str, Any]], end: float) -> None:
+    """The trace's counter tracks, each value held until the next, or the end."""
     counters: dict[str, tuple[list[float], list[float]]] = {}
     for e in evs:
         if e["ph"] == "C":
@@ -393,26 +398,27 @@ def plot_trace(trace: dict[str, Any], out: str | Path, title: str, max_rows: int
                 xs, ys = counters.setdefault(f"{e['name']} {k}", ([], []))
                 xs.append(e["ts"] / 1e6)
                 ys.append(v)
-    end = max((e["ts"] + e.get("dur", 0) for e in evs if "ts" in e), default=0) / 1e6
-    fig.set_size_inches(13, 2.2 + 0.27 * len(rows) + 1.0)
-    ax_c, ax = fig.subplots(2, 1, sharex=True, height_ratios=[2.2, 0.27 * len(rows) + 0.4])
-    for name, (xs, ys) in sorted(counters.items()):  # each value holds until the next, or the end
+    for name, (xs, ys) in sorted(counters.items()):
         style = {"color": COUNTERS.get(name.split(" ")[-1], "black" if "limit" in name else "tab:gray"),
                  "linestyle": "--" if "limit" in name else "-"}
-        ax_c.step(xs + [end], ys + ys[-1:], where="post", label=name, linewidth=1.2, **style)
-    ax_c.set_ylabel("counters")
-    ax_c.grid(True, alpha=0.3)
+        ax.step(xs + [end], ys + ys[-1:], where="post", label=name, linewidth=1.2, **style)
+    ax.set_ylabel("counters")
+    ax.grid(True, alpha=0.3)
     if counters:
-        ax_c.legend(loc="upper left", fontsize="x-small", ncol=3, framealpha=0.8)
-    # one artist per row, depth and kind (tens of thousands of lock slices
-    # drawn one by one take minutes)
-    stacks: dict[tuple[int, int], list[float]] = {}
+        ax.legend(loc="upper left", fontsize="x-small", ncol=3, framealpha=0.8)
+
+
+def _draw_slices(ax: Any, evs: list[dict[str, Any]], row_of: dict[Row, int]) -> None:
+    """Slices as bars, a child thinner than its parent, hatched when open
+    at the end or inferred.  One artist per row, depth and kind: tens of
+    thousands of lock slices drawn one by one take minutes."""
+    stacks: dict[Row, list[float]] = {}
     bars: dict[tuple[int, int, str, bool], list[tuple[float, float]]] = {}
     for e in sorted((e for e in evs if e["ph"] == "X"), key=lambda e: (e["ts"], -e["dur"])):
         k = (e["pid"], e["tid"])
         if k not in row_of:
             continue
-        st = stacks.setdefault(k, [])  # ends of the enclosing slices: a child is drawn thinner
+        st = stacks.setdefault(k, [])  # ends of the enclosing slices
         while st and st[-1] <= e["ts"]:
             st.pop()
         a = e.get("args", {})
@@ -425,24 +431,29 @@ def plot_trace(trace: dict[str, Any], out: str | Path, title: str, max_rows: int
         ax.broken_barh(ranges, (y - h / 2, h), facecolor=SLICE_COLOURS.get(cat, "silver"),
                        edgecolor="black" if open_ else "none", hatch="///" if open_ else None,
                        linewidth=0.5)
+
+
+def _draw_instants_and_flows(ax: Any, evs: list[dict[str, Any]], row_of: dict[Row, int]) -> None:
+    """Instants as marks on their row (a global one as a red line across
+    all rows), flows as arrows from the waiter to what it waits for."""
     imarks: dict[str, tuple[list[float], list[int]]] = {}
-    for e in evs:
-        k = (e.get("pid", 0), e.get("tid", 0))
-        if e["ph"] == "i":
-            if e.get("s") == "g":
-                ax.axvline(e["ts"] / 1e6, color="red", linewidth=1.2, linestyle="--")
-                ax.annotate(e["name"], (e["ts"] / 1e6, -0.5), color="red", fontsize="small",
-                            xytext=(3, 3), textcoords="offset points", va="bottom")
-            elif k in row_of:
-                mx, my = imarks.setdefault(e["cat"], ([], []))
-                mx.append(e["ts"] / 1e6)
-                my.append(row_of[k])
-    for cat, (mx, my) in imarks.items():
-        ax.plot(mx, my, marker="v", markersize=4, linestyle="", color=INSTANT_COLOURS.get(cat, "grey"))
     flows: dict[Any, dict[str, Any]] = {}
     for e in evs:
+        k = (e.get("pid", 0), e.get("tid", 0))
         if e["ph"] in ("s", "f"):
             flows.setdefault(e["id"], {})[e["ph"]] = e
+        elif e["ph"] != "i":
+            continue
+        elif e.get("s") == "g":
+            ax.axvline(e["ts"] / 1e6, color="red", linewidth=1.2, linestyle="--")
+            ax.annotate(e["name"], (e["ts"] / 1e6, -0.5), color="red", fontsize="small",
+                        xytext=(3, 3), textcoords="offset points", va="bottom")
+        elif k in row_of:
+            mx, my = imarks.setdefault(e["cat"], ([], []))
+            mx.append(e["ts"] / 1e6)
+            my.append(row_of[k])
+    for cat, (mx, my) in imarks.items():
+        ax.plot(mx, my, marker="v", markersize=4, linestyle="", color=INSTANT_COLOURS.get(cat, "grey"))
     for f in flows.values():
         s, t = f.get("s"), f.get("f")
         if s is None or t is None:
@@ -452,27 +463,43 @@ def plot_trace(trace: dict[str, Any], out: str | Path, title: str, max_rows: int
             ax.annotate("", xy=(t["ts"] / 1e6, row_of[kt]), xytext=(s["ts"] / 1e6, row_of[ks]),
                         arrowprops={"arrowstyle": "->", "color": "black", "linewidth": 0.8,
                                     "connectionstyle": "arc3,rad=0.08"})
-    ax.set_yticks(range(len(rows)))
-    labels = []
-    for (pid, tid) in rows:
-        main = pid == tid
-        labels.append(f"{pname.get(pid, pid)} {pid}" if main
-                      else f"  {tname.get((pid, tid), tid)}")
-    ax.set_yticklabels(labels, fontsize="x-small")
-    ax.set_ylim(len(rows) - 0.5, -0.5)
-    ax.grid(True, axis="x", alpha=0.3)
-    ax.set_xlabel("time (s since the run's first event)" + (f"; {left} quieter rows not drawn" if left else ""))
+
+
+def _trace_legend(ax: Any) -> None:
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
     handles: list[Any] = [Patch(facecolor=c, label={"ksmd": "ksmd batch / scan mmN", "wait": "wait",
-                                         "lock": "lock held", "exit": "exit"}[k])
-               for k, c in SLICE_COLOURS.items()]
+                                                    "lock": "lock held", "exit": "exit"}[k])
+                          for k, c in SLICE_COLOURS.items()]
     handles.append(Patch(facecolor="white", edgecolor="black", hatch="///",
                          label="open at the end / inferred"))
     handles += [Line2D([], [], marker="v", linestyle="", color=c, label=k)
                 for k, c in INSTANT_COLOURS.items()]
     handles.append(Line2D([], [], color="black", label="waits for (flow)"))
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="x-small")
+
+
+def plot_trace(trace: dict[str, Any], out: str | Path, title: str, max_rows: int = 40) -> int:
+    """Draw a trace as a viewer shows it: the counters on top, then a row
+    per thread (processes in their sort order, at most ``max_rows``: the
+    busiest), its slices as bars (hatched: open at the end, or inferred),
+    instants as marks, flows as arrows.  Returns the rows left out."""
+    fig = _figure(13, 1)
+    evs = trace["traceEvents"]
+    rows, labels, left = _trace_rows(evs, max_rows)
+    row_of = {k: i for i, k in enumerate(rows)}
+    end = max((e["ts"] + e.get("dur", 0) for e in evs if "ts" in e), default=0) / 1e6
+    fig.set_size_inches(13, 2.2 + 0.27 * len(rows) + 1.0)
+    ax_c, ax = fig.subplots(2, 1, sharex=True, height_ratios=[2.2, 0.27 * len(rows) + 0.4])
+    _draw_counters(ax_c, evs, end)
+    _draw_slices(ax, evs, row_of)
+    _draw_instants_and_flows(ax, evs, row_of)
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels(labels, fontsize="x-small")
+    ax.set_ylim(len(rows) - 0.5, -0.5)
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.set_xlabel("time (s since the run's first event)" + (f"; {left} quieter rows not drawn" if left else ""))
+    _trace_legend(ax)
     fig.suptitle(title, fontsize="medium")
     fig.savefig(out, dpi=110)
     return left
