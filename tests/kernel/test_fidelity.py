@@ -476,16 +476,21 @@ def test_run2_writer_interrupted_sets_run_back(rep):
 # ---- issue 27, 6: a dead unstable-tree entry ends the search ---------------------------
 
 @pytest.mark.timeout(60)
-def test_dead_unstable_entry_ends_the_search_nothing_inserted(monkeypatch):
+@pytest.mark.parametrize("advice", ["dontneed", "unmergeable"])
+def test_dead_unstable_entry_ends_the_search_nothing_inserted(monkeypatch, advice):
     """unstable_tree_search_insert: "page2[0] = get_mergeable_page(
     tree_rmap_item); if (!page2[0]) return NULL;" -- nothing inserted.
-    Three equal pages a, b, c in one pass; a's page goes between a and b:
+    Three equal pages a, b, c in one pass; a's entry dies between a and b:
     b is not inserted, so c finds a's dead entry too and nothing merges
-    this pass; the next pass merges b and c."""
+    this pass; the next pass merges b and c.  The entry dies by DONTNEED
+    (no page: follow_page) or by MADV_UNMERGEABLE, which leaves a's page
+    in place but its area no longer VM_MERGEABLE: get_mergeable_page's
+    "if (!vma || !(vma->vm_flags & VM_MERGEABLE)) goto out"."""
     from helpers import booted
-    from uksm.kernel.syscalls import MADV_MERGEABLE
+    from uksm.kernel.layout import S_COW_KSMD
+    from uksm.kernel.syscalls import MADV_DONTNEED, MADV_MERGEABLE, MADV_UNMERGEABLE
     from util_machine import Space
-    with booted(cname("dead"), run=0, frames=64, va_pages=128) as sup:
+    with booted(cname(f"dead{advice[0]}"), run=0, frames=64, va_pages=128) as sup:
         k = InProcKsmd(sup, monkeypatch)
         spaces = []
         for _ in range(3):
@@ -503,9 +508,13 @@ def test_dead_unstable_entry_ends_the_search_nothing_inserted(monkeypatch):
         k.scan(n=1)                               # the wrap, then a: into the unstable tree
         assert k.k.pages_unshared >= 1
         s, base = spaces[0]
-        s.madvise(base, 1, 4)                     # MADV_DONTNEED: a's entry is dead
+        s.madvise(base, 1, MADV_DONTNEED if advice == "dontneed" else MADV_UNMERGEABLE)
+        cows = sup.cl.q[S_COW_KSMD]
         k.scan(n=2)                               # b, c: each meets a's dead entry
         assert k.k.pages_shared == 0 and k.k.pages_sharing == 0
+        # no merge tried, none undone: a merge into a's page would fail in
+        # try_to_merge_one_page and break_cow b's page back
+        assert sup.cl.q[S_COW_KSMD] == cows
         k.scan(passes=2)                          # the pass ends; the next merges b and c
         assert k.k.pages_shared == 1 and k.k.pages_sharing == 1
         for s, _ in spaces:
