@@ -399,8 +399,16 @@ class Ksmd:
         return st
 
     def drop_slot(self, st: SlotState) -> None:
-        """Forget a slot: remove its rmap_items from the trees, unmap the mm."""
+        """Forget a slot: remove its rmap_items from the trees, unmap the mm.
+        The mm's ksm_stat follows its rmap_items (each free decrements
+        mm->ksm_rmap_items in the kernel): 0 now, or a slot freed when no
+        VM_MERGEABLE area was left would show its last counts for ever
+        (publish writes only the slots ksmd still has)."""
         self.remove_all_rmap_items(st)
+        b = self.cl.mbase(st.row)
+        if self.q[b + M_ID] == st.mm_id:
+            self.q[b + M_RMAP_ITEMS] = st.nitems
+            self.q[b + M_MERGING] = st.merging
         if self.slots.get(st.row) is st:
             del self.slots[st.row]
         if st.merges or st.cows:
