@@ -51,8 +51,8 @@ from uksm.kernel.layout import (
     M_SLOT_USED,
     M_STATE,
     M_USERS,
-    MS_FREEING,
-    MS_ZOMBIE,
+    MMS_FREEING,
+    MMS_ZOMBIE,
     PAGE_SIZE,
     PT_OFF,
     PTE_PRESENT,
@@ -113,7 +113,7 @@ def references(cl: "Cluster", mms: dict[int, "MM"]) -> tuple[list[int], dict[int
     for mm_id, mm in mms.items():
         pq = mm.pq
         rss = ksm = 0
-        for slot in range(PT_OFF, PT_OFF + mm.pt_top):  # what is backed (MS_PT_TOP)
+        for slot in range(PT_OFF, PT_OFF + mm.pt_top):  # what is backed (SEG_PT_TOP)
             pte = pq[slot]
             if pte:
                 pfn = pte >> 2
@@ -209,7 +209,7 @@ def check(cl: "Cluster", mms: dict[int, "MM"], counters: bool = True) -> list[st
     # page tables and mm rows
     for mm_id, mm in mms.items():
         pq = mm.pq
-        for slot in range(PT_OFF, PT_OFF + mm.pt_top):  # what is backed (MS_PT_TOP)
+        for slot in range(PT_OFF, PT_OFF + mm.pt_top):  # what is backed (SEG_PT_TOP)
             pte = pq[slot]
             if not pte:
                 continue
@@ -260,7 +260,7 @@ def check_leaks(cl: "Cluster") -> list[str]:
         b = cl.mbase(r)
         if q[b + M_ID]:
             st = q[b + M_STATE]
-            why = "held by its mm_slot, ksmd not running" if st == MS_ZOMBIE else f"state {st}"
+            why = "held by its mm_slot, ksmd not running" if st == MMS_ZOMBIE else f"state {st}"
             errs.append(f"leak: mm{q[b + M_ID]} never freed ({why}; mm_count "
                         f"{bin(q[b + M_REFS]).count('1')})")
     used = cl.nframes - q[A_FREE_TOP]
@@ -320,7 +320,7 @@ def check_mm_rows(cl: "Cluster") -> list[str]:
     for r in range(cl.max_mms):
         b = cl.mbase(r)
         mm_id = q[b + M_ID]
-        if not mm_id or q[b + M_STATE] == MS_FREEING:
+        if not mm_id or q[b + M_STATE] == MMS_FREEING:
             continue
         refs = q[b + M_REFS]
         stage = q[b + M_EXIT_STAGE]

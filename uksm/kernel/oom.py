@@ -48,7 +48,7 @@ from uksm.kernel.layout import (
     M_RSS,
     M_STATE,
     M_USERS,
-    MS_LIVE,
+    MMS_LIVE,
     OOM_2632,
     R_WRITER,
     S_OOM_KILLED,
@@ -147,7 +147,7 @@ def out_of_memory(cl: "Cluster", task: "Task", log: Any) -> int:
             if not q[b + M_ID]:
                 continue
             memdie = q[b + M_OOM_VICTIM] and not q[b + M_EXIT_STAGE] & XS_ZAPPED
-            released = q[b + M_STATE] != MS_LIVE or q[b + M_USERS] == 0  # tsk->mm == NULL
+            released = q[b + M_STATE] != MMS_LIVE or q[b + M_USERS] == 0  # tsk->mm == NULL
             if rule == OOM_2632:
                 if released:
                     continue  # "if (!p->mm) continue;" comes first

@@ -139,7 +139,7 @@ class MmRow(Words):
     ``mm_slot`` (the slot links are under ksm_mmlist_lock)."""
     __slots__ = ()
     id: Word[MmRow] = Word(M_ID)
-    state: Word[MmRow] = Word(M_STATE)               # MS_FREE, MS_LIVE, MS_EXITING, MS_ZOMBIE, MS_FREEING
+    state: Word[MmRow] = Word(M_STATE)               # MMS_FREE, MMS_LIVE, MMS_EXITING, MMS_ZOMBIE, MMS_FREEING
     owner_pid: Word[MmRow] = Word(M_OWNER_PID)
     owner_task: Word[MmRow] = Word(M_OWNER_TASK)
     users: Word[MmRow] = Word(M_USERS)               # mm_users
