@@ -143,24 +143,32 @@ def _mapped_at(cl: "Cluster", mms: dict[int, "MM"], mm_id: int, vpn: int, pfn: i
 def check(cl: "Cluster", mms: dict[int, "MM"], counters: bool = True) -> list[str]:
     """Every invariant; the caller holds the world stopped (and
     ksm_thread_mutex when ``counters``).  Returns the errors found."""
-    q, fq = cl.q, cl.fq
-    errs: list[str] = []
     refs, per_mm = references(cl, mms)
-    live = live_task_rows(cl)
-    # frames.  The free stack and the frame table are read in bulk (C
-    # loops: tolist, set, compress) and only the frames that may break a
-    # rule go through the per-frame checks below, in pfn order as before:
-    # after a run every frame is free, and the per-frame loop over all of
-    # them was most of the final fsck's 50 ms, which every run's end waits for.
-    n = cl.nframes
-    top = q[A_FREE_TOP]
-    top_ok = 0 <= top <= n
-    if not top_ok:
-        # the stack holds at most every frame: a top outside is the fault,
-        # and with it nothing says which frames are free -- the per-frame
-        # checks below are skipped rather than report every frame
-        errs.append(f"free stack top {top} outside 0..{n}")
-        top = 0
+    errs, on_stack = check_free_stack(cl)
+    if on_stack is not None:
+        errs += check_frames(cl, refs, on_stack)
+    for mm in mms.values():
+        errs += check_page_table(cl, mm, on_stack or set())
+        errs += check_rss(cl, mm, per_mm[mm.id])
+    errs += check_mm_rows(cl)
+    if counters:
+        errs += check_counters(cl)
+    return errs
+
+
+def check_free_stack(cl: "Cluster") -> tuple[list[str], set[int] | None]:
+    """The free stack (the buddy allocator's free lists' stand-in): its top
+    in range, each entry a frame, none twice.  Returns the errors and the
+    frames on it, or None for a top outside the stack: then nothing says
+    which frames are free, and the per-frame checks are skipped rather
+    than report every frame."""
+    fq, n = cl.fq, cl.nframes
+    top = cl.q[A_FREE_TOP]
+    if not 0 <= top <= n:
+        # the stack holds at most every frame: a top outside is the fault
+        return [f"free stack top {top} outside 0..{n}"], None
+    errs: list[str] = []
+    # read in bulk (C loops: tolist, set); word by word only when bad
     stack = fq[cl.stack_off:cl.stack_off + top].tolist()
     on_stack = set(stack)
     if len(on_stack) != top or (top and not (0 <= min(stack) and max(stack) < n)):
@@ -173,6 +181,23 @@ def check(cl: "Cluster", mms: dict[int, "MM"], counters: bool = True) -> list[st
                 errs.append(f"frame {pfn} is on the free stack twice")
             else:
                 on_stack.add(pfn)
+    return errs, on_stack
+
+
+def check_frames(cl: "Cluster", refs: list[int], on_stack: set[int]) -> list[str]:
+    """Each frame (struct page) against what references it: a free frame
+    has no count, flags or mapping; a frame in use has page_count equal to
+    its references (PTEs, live in-flight holds), or is held at count 0 by a
+    live task freeing it; a KSM frame still holds its stable-tree key's bytes.
+
+    The frame table is read in bulk (C loops: tolist, set, compress) and
+    only the frames that may break a rule go through the per-frame checks,
+    in pfn order: after a run every frame is free, and the per-frame loop
+    over all of them was most of the final fsck's 50 ms, which every run's
+    end waits for."""
+    fq, n = cl.fq, cl.nframes
+    errs: list[str] = []
+    live = live_task_rows(cl)
     span = n * FRAME_SIZE
     # a free frame with a count, flags or a mapping, and every frame not free
     odd = (set(compress(range(n), fq[FR_COUNT:span:FRAME_SIZE].tolist()))
@@ -181,8 +206,6 @@ def check(cl: "Cluster", mms: dict[int, "MM"], counters: bool = True) -> list[st
     odd &= on_stack
     if len(on_stack) < n:
         odd |= set(range(n)).difference(on_stack)
-    if not top_ok:
-        odd = set()
     for pfn in sorted(odd):
         b = pfn * FRAME_SIZE
         count, flags = fq[b + FR_COUNT], fq[b + FR_FLAGS]
@@ -200,38 +223,53 @@ def check(cl: "Cluster", mms: dict[int, "MM"], counters: bool = True) -> list[st
         if count != refs[pfn]:
             what = "leaked (nothing maps it)" if refs[pfn] == 0 else "miscounted"
             errs.append(f"frame {pfn} {what}: count {count}, references {refs[pfn]}")
-        if flags & F_KSM and count:
-            p = pfn * PAGE_SIZE
-            d = mmh3.mmh3_x64_128_digest(cl.pool.mv[p:p + PAGE_SIZE])
-            if (int.from_bytes(d[:8], "little", signed=True) != fq[b + FR_KEY0]
-                    or int.from_bytes(d[8:], "little", signed=True) != fq[b + FR_KEY1]):
-                errs.append(f"KSM frame {pfn} no longer matches its stable-tree key")
-    # page tables and mm rows
-    for mm_id, mm in mms.items():
-        pq = mm.pq
-        for slot in range(PT_OFF, PT_OFF + mm.pt_top):  # what is backed (SEG_PT_TOP)
-            pte = pq[slot]
-            if not pte:
-                continue
-            pfn = pte >> 2
-            vpn = slot - PT_OFF
-            if not pte & PTE_PRESENT or not 0 <= pfn < cl.nframes:
-                errs.append(f"mm{mm_id} vpn {vpn:#x}: invalid PTE {pte:#x}")
-            elif pfn in on_stack:
-                errs.append(f"mm{mm_id} vpn {vpn:#x} maps free frame {pfn}")
-            elif pte & PTE_WRITE and fq[pfn * FRAME_SIZE + FR_FLAGS] & F_KSM:
-                errs.append(f"mm{mm_id} vpn {vpn:#x} maps KSM frame {pfn} writable")
-        b = mm.base
-        if q[b + M_ID] != mm_id:
-            continue
-        rss, ksm = per_mm[mm_id]
-        if q[b + M_RSS] != rss or q[b + M_KSM_MAPPED] != ksm:
-            errs.append(f"mm{mm_id}: rss {q[b + M_RSS]} / ksm-mapped {q[b + M_KSM_MAPPED]} "
-                        f"but the page table says {rss} / {ksm}")
-    errs += check_mm_rows(cl)
-    if counters:
-        errs += check_counters(cl)
+        if flags & F_KSM and stable_key_stale(cl, pfn):
+            errs.append(f"KSM frame {pfn} no longer matches its stable-tree key")
     return errs
+
+
+def stable_key_stale(cl: "Cluster", pfn: int) -> bool:
+    """A KSM frame's bytes no longer hash to the key its stable-tree node
+    was made with (FR_KEY0, FR_KEY1): written behind the write protection."""
+    fq, p = cl.fq, pfn * PAGE_SIZE
+    d = mmh3.mmh3_x64_128_digest(cl.pool.mv[p:p + PAGE_SIZE])
+    return (int.from_bytes(d[:8], "little", signed=True) != fq[pfn * FRAME_SIZE + FR_KEY0]
+            or int.from_bytes(d[8:], "little", signed=True) != fq[pfn * FRAME_SIZE + FR_KEY1])
+
+
+def check_page_table(cl: "Cluster", mm: "MM", on_stack: set[int]) -> list[str]:
+    """Every present PTE of ``mm`` maps a frame in use, and a KSM frame
+    only read-only (write_protect_page's rule: a write must fault and
+    break_cow)."""
+    fq, pq = cl.fq, mm.pq
+    errs: list[str] = []
+    for slot in range(PT_OFF, PT_OFF + mm.pt_top):  # what is backed (SEG_PT_TOP)
+        pte = pq[slot]
+        if not pte:
+            continue
+        pfn = pte >> 2
+        vpn = slot - PT_OFF
+        if not pte & PTE_PRESENT or not 0 <= pfn < cl.nframes:
+            errs.append(f"mm{mm.id} vpn {vpn:#x}: invalid PTE {pte:#x}")
+        elif pfn in on_stack:
+            errs.append(f"mm{mm.id} vpn {vpn:#x} maps free frame {pfn}")
+        elif pte & PTE_WRITE and fq[pfn * FRAME_SIZE + FR_FLAGS] & F_KSM:
+            errs.append(f"mm{mm.id} vpn {vpn:#x} maps KSM frame {pfn} writable")
+    return errs
+
+
+def check_rss(cl: "Cluster", mm: "MM", counted: tuple[int, int]) -> list[str]:
+    """``mm``'s rss (2.6.32's anon_rss) and KSM mappings against
+    ``counted``, what its page table maps (``references``); nothing for a
+    row that no longer holds ``mm``."""
+    m = mm.words
+    if m.id != mm.id:
+        return []
+    rss, ksm = counted
+    if m.rss != rss or m.ksm_mapped != ksm:
+        return [f"mm{mm.id}: rss {m.rss} / ksm-mapped {m.ksm_mapped} "
+                f"but the page table says {rss} / {ksm}"]
+    return []
 
 
 def check_live(cl: "Cluster", mms: dict[int, "MM"]) -> list[str]:
