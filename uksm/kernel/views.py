@@ -12,7 +12,8 @@ on the supervisor's paths (reaping, recovery, fsck, reports, the daemon)
 and too much on the hot ones, which keep raw indexing, each marked
 ``# hot path: raw words``: ksmd's scan loop (``uksm.kernel.ksmd``), the
 MMU's fault and access paths (``uksm.kernel.mmu``), the frame allocator
-(``uksm.kernel.memory``) and the lock protocol (``uksm.kernel.locks``).
+(``uksm.kernel.memory``), the lock protocol (``uksm.kernel.locks``) and
+fsck's walks over every frame and every PTE (``uksm.kernel.fsck``).
 """
 from __future__ import annotations
 
