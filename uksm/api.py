@@ -39,7 +39,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator, MutableMapping
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypedDict, cast
 
 from uksm.errors import (
     HungTask,
@@ -57,6 +57,12 @@ from uksm.kernel import killpoints
 from uksm.kernel.layout import KSM_FIELDS
 from uksm.proc import options as opts
 from uksm.proc.control import CTL_NAMES, WRITABLE, KnobError, ctl_values, read_state, validate_knob
+
+if TYPE_CHECKING:  # (uksm.proc.run and the daemon are imported on first use)
+    from uksm.kernel.watchdog import HungReport
+    from uksm.proc.handlers import DownReport
+    from uksm.proc.run import RunReport
+    from uksm.proc.supervisor import FsckResult
 
 DEFAULT_WAIT_S = 60.0
 _POLL_S = 0.01
@@ -186,7 +192,7 @@ class _Local:
     def tick(self) -> None:
         self.d.pump()
 
-    def hung(self) -> list[dict[str, Any]]:
+    def hung(self) -> list[HungReport]:
         return list(self.sup.hung)
 
     def abandon(self) -> None:
@@ -219,7 +225,7 @@ class _Remote:
     def blocking(self) -> contextlib.nullcontext[None]:
         return contextlib.nullcontext()  # a client: Ctrl-C anywhere leaves the cluster whole
 
-    def hung(self) -> list[dict[str, Any]]:
+    def hung(self) -> list[HungReport]:
         ans = self.request({"op": "ping"})
         return list(ans.get("hung_tasks", [])) if ans.get("ok") else []
 
@@ -393,6 +399,22 @@ class Task:
         self._m._request({"op": "disarm", "task": self.id}, f"{self.id}.disarm")
 
 
+class MachineStats(TypedDict):
+    """``m.stats()``: the machine's event counts (uksm's /proc/vmstat)."""
+    started: int
+    exited: int
+    exit_fast: int
+    exit_slow: int
+    exit_legacy: int
+    killed: int
+    oom_killed: int
+    reaped: int
+    recoveries: int          # deaths recovered
+    lock_recoveries: int     # locks taken over from the dead
+    merges: int
+    kill_points_hit: int
+
+
 # ---- the machine ---------------------------------------------------------------------------------
 
 class Machine:
@@ -456,7 +478,8 @@ class Machine:
                 raise
 
     def _init(self) -> None:
-        self.report: dict[str, Any] | None = None
+        # close()'s RunReport; an attached machine's down(): the daemon's DownReport
+        self.report: RunReport | DownReport | None = None
         self.ksm = Ksm(self)
         self._tasks: dict[str, Task] = {}
         self._hung_raised = 0
@@ -575,7 +598,7 @@ class Machine:
         info = {str(t["task"]): t for t in ans.get("tasks", [])}
         return [self._handle(str(i), info.get(str(i))) for i in ans["ready" if ready else "workers"]]
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> MachineStats:
         """The machine's event counts (uksm's /proc/vmstat): tasks started
         and exited, by __ksm_exit path, killed, OOM-killed, reaped; deaths
         recovered (and locks taken over), merges, kill points hit."""
@@ -593,13 +616,14 @@ class Machine:
             S_STARTED,
         )
         cl = self._t().cl
-        names = {"started": S_STARTED, "exited": S_EXITED, "exit_fast": S_EXIT_FAST,
-                 "exit_slow": S_EXIT_SLOW, "exit_legacy": S_EXIT_LEGACY, "killed": S_KILLED,
-                 "oom_killed": S_OOM_KILLED, "reaped": S_REAPED, "recoveries": S_RECOVERIES,
-                 "lock_recoveries": S_LOCK_RECOVERIES, "merges": S_MERGES}
-        out = {k: int(cl.q[i]) for k, i in names.items()}
-        out["kill_points_hit"] = cl.kill_points_hit()
-        return out
+        q = cl.q
+        return MachineStats(started=int(q[S_STARTED]), exited=int(q[S_EXITED]),
+                            exit_fast=int(q[S_EXIT_FAST]), exit_slow=int(q[S_EXIT_SLOW]),
+                            exit_legacy=int(q[S_EXIT_LEGACY]), killed=int(q[S_KILLED]),
+                            oom_killed=int(q[S_OOM_KILLED]), reaped=int(q[S_REAPED]),
+                            recoveries=int(q[S_RECOVERIES]),
+                            lock_recoveries=int(q[S_LOCK_RECOVERIES]), merges=int(q[S_MERGES]),
+                            kill_points_hit=cl.kill_points_hit())
 
     def armed(self) -> str | None:
         """The ksmd point armed now (None once it has fired, or none armed)."""
@@ -709,14 +733,14 @@ class Machine:
         ans = self._request({"op": "cursor"}, "scan_cursor")
         return None if ans["task"] is None else self._handle(str(ans["task"]))
 
-    def fsck(self) -> dict[str, Any]:
+    def fsck(self) -> FsckResult:
         """Every invariant of the live machine (ksm_thread_mutex held, the
         world stopped): ``{"ok": bool, "errors": [...]}``."""
         ans = self._request({"op": "fsck"}, "fsck")
         return {"ok": bool(ans["clean"]), "errors": list(ans["errors"])}
 
     # -- the end
-    def close(self) -> dict[str, Any] | None:
+    def close(self) -> RunReport | DownReport | None:
         """Stop every task through its exit path, let ksmd free the slow
         paths' slots, fsck, tear down (attached: just detach).  Returns
         ``m.report``.  Closing twice is harmless."""
@@ -741,16 +765,16 @@ class Machine:
         finally:
             t.d.close_tasks()
             self._pids = list(sup.started)  # ksmd may have been restarted meanwhile
-        self.report = build_report(self.name, self._o, self._t0, snap, end, self.log_dir)
+        self.report = report = build_report(self.name, self._o, self._t0, snap, end, self.log_dir)
         if any(isinstance(x._tr, _Local) for x in _open):
             # another machine of this process still logs: the log files are
             # the process's (uksm.host.log), closed with the last one
-            sup.log.info("cluster_stop", duration_s=self.report["duration_s"], status=end["status"])
+            sup.log.info("cluster_stop", duration_s=report["duration_s"], status=end["status"])
         else:
             sup.log_stop(end["status"])
-        return self.report
+        return report
 
-    def down(self) -> dict[str, Any]:
+    def down(self) -> RunReport | DownReport:
         """Attached machines: take the cluster down (``uksm down``); returns
         its report.  A machine of this process: close()."""
         t = self._t()
@@ -758,10 +782,11 @@ class Machine:
             rep = self.close()
             assert rep is not None
             return rep
-        self.report = self._request({"op": "down"}, "down")
+        # the daemon's JSON answer (handlers.DownReport): typed as it, unchecked, at the socket
+        self.report = rep = cast("DownReport", self._request({"op": "down"}, "down"))
         self._tr = None
         t.abandon()
-        return self.report
+        return rep
 
     def __enter__(self) -> "Machine":
         self._t()
