@@ -8,7 +8,8 @@ use, so that the emulator's own processes (ksmd, workers), which import
 from typing import TYPE_CHECKING, Any
 
 __all__ = ["Machine", "Task", "KillPoint", "MachineError", "MachineClosed", "WaitTimeout",
-           "HungTask", "TaskExited", "TaskDied", "SegFault", "IntegrityError", "KillPointMissed"]
+           "HungTask", "TaskExited", "TaskDied", "SegFault", "IntegrityError", "KillPointMissed",
+           "RunReport", "MachineStats"]
 
 if TYPE_CHECKING:
     from uksm.api import (
@@ -19,15 +20,20 @@ if TYPE_CHECKING:
         Machine,
         MachineClosed,
         MachineError,
+        MachineStats,
         SegFault,
         Task,
         TaskDied,
         TaskExited,
         WaitTimeout,
     )
+    from uksm.proc.run import RunReport
 
 
 def __getattr__(name: str) -> Any:
+    if name == "RunReport":  # the report's type (m.report, uksm run --json)
+        from uksm.proc.run import RunReport
+        return RunReport
     if name in __all__:
         from uksm import api
         return getattr(api, name)

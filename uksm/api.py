@@ -808,4 +808,5 @@ class Machine:
 
 
 __all__ = ["Machine", "Task", "KillPoint", "MachineError", "MachineClosed", "WaitTimeout",
-           "HungTask", "TaskExited", "TaskDied", "SegFault", "IntegrityError", "KillPointMissed"]
+           "HungTask", "TaskExited", "TaskDied", "SegFault", "IntegrityError", "KillPointMissed",
+           "MachineStats"]

@@ -93,6 +93,12 @@ class InjectReport(RunReport):
     inject: InjectBlock
 
 
+class RunOutput(RunReport, total=False):
+    """What a campaign's run prints (``uksm.faults.campaign_run``): an
+    InjectReport, or ``uksm run``'s RunReport (no kills: no ``inject``)."""
+    inject: InjectBlock
+
+
 class Injector:
     """The kills, one at a time, on a uksm.Machine: a script among others."""
 

@@ -211,7 +211,7 @@ def ksm_block(q: Any) -> KsmBlock:
     """The /sys/kernel/mm/ksm block, read from the cluster's words ``q``
     (the one place it is built: reports, ``uksm ctl``, the API).  Spelled
     out, not a loop over KSM_FIELDS, so that mypy checks the keys against
-    KsmBlock (tests/kernel/test_report_types.py checks the two agree)."""
+    KsmBlock (tests/api/test_report_types.py checks the two agree)."""
     return KsmBlock(run=q[K_RUN], pages_to_scan=q[K_PAGES_TO_SCAN], sleep_millisecs=q[K_SLEEP_MS],
                     pages_shared=q[K_PAGES_SHARED], pages_sharing=q[K_PAGES_SHARING],
                     pages_unshared=q[K_PAGES_UNSHARED], pages_volatile=q[K_PAGES_VOLATILE],
