@@ -17,12 +17,19 @@
 # MUTMUT_KEEP=1 keeps the copy and prints its path.
 #
 # mutmut runs a mutant against the tests that reached the mutated function
-# *in the pytest process* (its stats pass records them): code a test runs
-# in a subprocess (uksm run, a worker, ksmd) is not attributed, so choose
-# in-process tests (tests/kernel/test_lock_protocol.py, test_exit_steps.py,
-# test_ksm_run.py, the util_machine.Space tests).  Results of two runs over
-# the same source (mutant names are stable) can be united: see
-# docs/MUTATION.md.
+# (its stats pass records them).  It records the pytest process only; so
+# the copy also records the *subprocesses* (uksm run, a worker, ksmd, the
+# run= writer, a nested pytest): dev/mutation_hits.py, found by every
+# process of the run on PYTHONPATH as sitecustomize, writes the functions
+# each subprocess reached to a file of its own during the stats pass, and a
+# hook added to the copy's conftest gives them to the test that ran while
+# that process lived.  A mutant is then run against its subprocess-driven
+# tests too -- the mutant's name is in MUTANT_UNDER_TEST, which every
+# process inherits, and every child imports the copy's uksm
+# (uksm/host/pyexec.py) -- so those tests count.  Select them by module:
+# each test selected is run against each mutant it reaches, until one
+# fails.  Results of two runs over the same source (mutant names are
+# stable) can be united: see docs/MUTATION.md.
 set -eu
 MODULE=${1:-uksm/kernel/fsck.py}
 [ $# -gt 0 ] && shift
@@ -55,7 +62,30 @@ cd "$WORK"
 # more at the end.  Only in the copy: the suite's conftest is not changed.
 MARK="mutation$$"
 PIDS="$WORK/.mutation-pids"
+# the subprocesses' hits (dev/mutation_hits.py): sitecustomize for every
+# process of the run; the hook below hands them to the test
+HITS="$WORK/.mutation-hits"
+mkdir -p "$HITS" "$WORK/.mutation-site"
+cp "$WORK/dev/mutation_hits.py" "$WORK/.mutation-site/sitecustomize.py"
+export UKSM_MUTMUT_HITS="$HITS"
+export PYTHONPATH="$WORK/.mutation-site${PYTHONPATH:+:$PYTHONPATH}"
 cat >> "$WORK/tests/conftest.py" <<EOF
+
+
+def _mutation_hits():
+    import importlib.util
+    import sys
+    if "mutation_hits" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("mutation_hits", "$WORK/dev/mutation_hits.py")
+        sys.modules["mutation_hits"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["mutation_hits"])
+    return sys.modules["mutation_hits"]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    yield
+    _mutation_hits().attribute(item)
 
 
 def pytest_sessionstart(session):

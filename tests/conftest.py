@@ -1,26 +1,11 @@
 """Suite-wide guards: every test is checked for leaked processes and POSIX
-objects (a leak fails the test that caused it), and has a timeout
-(pytest-timeout, default in pyproject.toml) so a deadlock fails fast.
+objects (a leak fails the test that caused it: ``leakcheck`` says what
+counts as the session's), and has a timeout (pytest-timeout, default in
+pyproject.toml) so a deadlock fails fast.
 
-Only what this test session started counts, whatever its paths (a ksmd
-started with ``--log-dir`` under pytest's ``tmp_path`` has "pytest" in its
-command line and is still ours):
-
-- a process is the session's when its environment carries the
-  UKSM_TEST_SESSION marker of this session (inherited by everything a test
-  starts; a nested pytest run extends it, ``OUTER/INNER``, so its processes
-  are the outer session's too), or when its command line names
-  (``--cluster NAME``) a cluster of this session;
-- a cluster is the session's when its supervisor is this process or a
-  marked one, or a marked process names it; a cluster whose live
-  supervisor is someone else's, or that only someone else's processes
-  name, is foreign: clusters other people run on the same machine meanwhile
-  are not blamed on a test, and never touched.
-
-On a leak the fixture SIGKILLs the leaked processes first and waits until
-they are gone, then unlinks the objects of the leaking clusters (never
-those of a cluster with a process still running: it could be using them),
-then fails the test."""
+Skips: a test may skip only for a reason listed in ALLOWED_SKIPS (each
+with why it cannot run there); any other skip fails the session
+(``pytest_terminal_summary`` below), so nothing is skipped silently."""
 from __future__ import annotations
 
 import os
@@ -35,116 +20,15 @@ import pytest
 # before anything imports uksm.kernel.cluster, which reads it once
 os.environ["UKSM_LOCKDEP"] = "1"
 
-from helpers import Up, cluster_pids, uksm, wait_for
+import helpers
+import leakcheck
+from helpers import Up, cluster_pids, cmdline, cname, uksm, wait_for
 from uksm.host import shm
 from uksm.kernel.cluster import pid_alive
-from uksm.proc.control import recorded_supervisor
 
 #: dev/checkers_off.py switches this fixture off (it then reports nothing),
 #: to count the tests that notice
 LEAK_CHECK_OFF = os.environ.get("UKSM_CHECKER_OFF") == "leak"
-_OUTER = os.environ.get("UKSM_TEST_SESSION", "")
-SESSION = f"{_OUTER}/{os.getpid()}" if _OUTER else str(os.getpid())
-os.environ["UKSM_TEST_SESSION"] = SESSION
-SETTLE_S = 5.0     # processes and objects may take this long to go after a test
-KILL_WAIT_S = 5.0  # a SIGKILLed process is gone (or a zombie) within this
-
-
-def _read(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def _marker(pid: int) -> str | None:
-    try:
-        env = _read(f"/proc/{pid}/environ").split(b"\0")
-    except OSError:
-        return None
-    for kv in env:
-        if kv.startswith(b"UKSM_TEST_SESSION="):
-            return kv.split(b"=", 1)[1].decode(errors="replace")
-    return None
-
-
-def _mine(pid: int) -> bool:
-    """This process, or one whose environment carries this session's
-    marker (or a nested session's)."""
-    if pid == os.getpid():
-        return True
-    m = _marker(pid)
-    return m is not None and (m == SESSION or m.startswith(SESSION + "/"))
-
-
-def _processes() -> dict[tuple[int, str], str]:
-    """Every live (not zombie) process but this one: (pid, start time) ->
-    command line.  The start time tells a reused pid from the old one."""
-    out = {}
-    me = os.getpid()
-    for d in os.listdir("/proc"):
-        if not d.isdigit() or int(d) == me:
-            continue
-        try:
-            cmd = _read(f"/proc/{d}/cmdline").replace(b"\0", b" ").decode(errors="replace")
-            stat = _read(f"/proc/{d}/stat").decode(errors="replace").rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if stat[0] in ("Z", "X"):
-            continue
-        out[(int(d), stat[19])] = cmd.strip()
-    return out
-
-
-def _names_cluster(cmd: str, cluster: str) -> bool:
-    return f"--cluster {cluster} " in cmd + " "
-
-
-def _cluster(obj: str) -> str:
-    return (obj[4:] if obj.startswith("sem.") else obj).split(".")[1]
-
-
-def session_processes(procs: dict[tuple[int, str], str], clusters: set[str]) -> dict[tuple[int, str], str]:
-    """The session's processes among ``procs``: marked, or naming one of
-    the session's ``clusters``."""
-    return {k: c for k, c in procs.items()
-            if _mine(k[0]) or any(_names_cluster(c, n) for n in clusters)}
-
-
-def classify(clusters: set[str], procs: dict[tuple[int, str], str]) -> tuple[set[str], set[str]]:
-    """Split cluster names into (the session's, foreign).  A cluster is
-    the session's when its recorded supervisor (its creator, while it is
-    being made: Cluster.create records it first) is a live process of this
-    session; else when a process of this session names it; else when no
-    process names it at all (left behind: its supervisor died)."""
-    from uksm.kernel.cluster import pid_alive
-    mine, foreign = set(), set()
-    for name in clusters:
-        sup = recorded_supervisor(name)
-        naming = [k for k, c in procs.items() if _names_cluster(c, name)]
-        if sup and pid_alive(sup):
-            ours = _mine(sup)
-        elif any(_mine(k[0]) for k in naming):
-            ours = True
-        else:
-            ours = not naming   # dead supervisor, nobody at all uses it: left behind by us
-        (mine if ours else foreign).add(name)
-    return mine, foreign
-
-
-def _kill_and_wait(keys: list[tuple[int, str]]) -> list[tuple[int, str]]:
-    """SIGKILL, then wait until each is gone or a zombie; returns those
-    still running after KILL_WAIT_S."""
-    for pid, _st in keys:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    end = time.monotonic() + KILL_WAIT_S
-    while True:
-        now = _processes()
-        left = [k for k in keys if k in now]
-        if not left or time.monotonic() > end:
-            return left
-        time.sleep(0.02)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -167,87 +51,152 @@ def session_tmpdir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
             os.environ["TMPDIR"] = old_env
 
 
-def _own_test_objects() -> list[str]:
-    """/dev/shm entries ``uksmtest.*`` (outside the ``uksm.`` namespace, so
-    that no other session's fixture takes them) that carry this process's
-    pid in their name: a lock test's semaphores."""
-    import re
-    mine = re.compile(rf"(?<!\d){os.getpid()}(?!\d)")   # the whole number: not 12345 for 1234
-    try:
-        names = os.listdir("/dev/shm")
-    except OSError:
-        return []
-    return [n for n in names if n.startswith(("uksmtest.", "sem.uksmtest.")) and mine.search(n)]
+#: the part of a test's timeout kept for its fixtures' teardown (a cluster
+#: taken down, the leak check): its calls' budgets end before
+TEARDOWN_RESERVE_S = 20.0
+
+
+def test_timeout(item: pytest.Item) -> float:
+    """The item's pytest-timeout: its marker's, else the ini default."""
+    m = item.get_closest_marker("timeout")
+    if m is not None and m.args:
+        return float(m.args[0])
+    return float(item.config.getini("timeout") or 0) or 300.0
+
+
+_END = [0.0]   # when pytest-timeout ends the running test
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """The test's deadline (helpers.budget): pytest-timeout counts from its
+    setup on, and so does this; the reserve is for the teardown."""
+    t = test_timeout(item)
+    _END[0] = time.monotonic() + t
+    helpers.DEADLINE = _END[0] - min(TEARDOWN_RESERVE_S, t / 4)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    helpers.DEADLINE = _END[0] - 2.0   # the teardown has the reserve
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_logfinish(nodeid: str, location: tuple) -> None:
+    helpers.DEADLINE = None
 
 
 @pytest.fixture(autouse=True)
-def no_leaks():
+def no_leaks() -> Iterator[None]:
     """Fail the test if it leaves a uksm process or a POSIX object behind
     (the ``uksm.`` objects of its clusters, and the ``uksmtest.`` objects
     named with this process's pid that the in-process lock tests make)."""
-    shm_before = set(shm.leftovers())
-    own_before = set(_own_test_objects())
-    procs_before = set(_processes())
+    before = leakcheck.Snapshot()
     yield
-    own = sorted(set(_own_test_objects()) - own_before)
-    for o in own:
+    msg = before.leaks()
+    if msg and not LEAK_CHECK_OFF:
+        pytest.fail(msg, pytrace=False)
+
+
+def take_down(name: str) -> None:
+    """``uksm down``; whatever is still there then, SIGKILLed and removed."""
+    if shm.leftovers(name) or cluster_pids(name):
         try:
-            os.unlink(os.path.join("/dev/shm", o))
-        except FileNotFoundError:
+            uksm("down", "--cluster", name, timeout=40)
+        except AssertionError:   # run_group's "no answer within 40s (killed)"
             pass
-    deadline = time.monotonic() + SETTLE_S
-    seen: dict[str, frozenset[str]] = {}
-    while True:
-        objs = sorted(set(shm.leftovers()) - shm_before)
-        all_procs = {k: c for k, c in _processes().items() if k not in procs_before}
-        mine, foreign = classify({_cluster(o) for o in objs}, _processes())
-        # a leak stays put: a cluster whose objects changed since the last look
-        # is being made or torn down right now (another session's, caught
-        # between its ctl segment and the rest: no supervisor readable, nobody
-        # naming it), and is neither blamed nor removed until it holds still
-        now = {c: frozenset(o for o in objs if _cluster(o) == c) for c in mine}
-        mine = {c for c in mine if seen.get(c) == now[c]}
-        seen = now
-        objs = [o for o in objs if _cluster(o) in mine]
-        procs = session_processes(all_procs, mine)
-        if (not procs and not objs and not now) or time.monotonic() > deadline:
+    for _ in range(3):
+        pids = cluster_pids(name)
+        if not pids:
             break
-        time.sleep(0.05)
-    still = _kill_and_wait(list(procs))
-    for name in sorted(mine):
-        running = [k for k, c in _processes().items() if _names_cluster(c, name)]
-        if running:   # never pull the memory from under a running process
-            continue
-        shm.remove_all(name)
-    objs += own
-    if (procs or objs) and not LEAK_CHECK_OFF:
-        pytest.fail(f"test leaked processes {sorted(procs.values())} and/or POSIX objects {objs}"
-                    + (f"; still running after SIGKILL: {still}" if still else ""), pytrace=False)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        # called at once, within this iteration
+        wait_for(lambda: not any(pid_alive(p) for p in pids), 10, what="SIGKILLed processes")  # noqa: B023
+    shm.remove_all(name)
 
 
 @pytest.fixture
 def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Up]:
-    """A cluster name for one test, driven with ``uksm up`` (``helpers.Up``);
-    always taken down: ``uksm down``, else SIGKILL and removal."""
-    name = f"tc{os.getpid() % 10000}{request.node.name[5:11].replace('_', '')}{time.monotonic_ns() % 1000}"
-    c = Up(name[:32], tmp_path)
+    """A cluster name for one test, driven with ``uksm up`` (``helpers.Up``).
+    The test takes it down itself: if anything of it is still there a few
+    seconds after the test (a process, an object), the fixture takes it
+    down (``uksm down``, else SIGKILL and removal) and fails the test with
+    the leak fixture's message -- cleaning up silently would hide the leak
+    from the leak fixture, which runs after this one."""
+    c = Up(cname(f"tc{request.node.name[5:11].replace('_', '')}{time.monotonic_ns() % 1000}"), tmp_path)
+    yield c
     try:
-        yield c
-    finally:
-        if shm.leftovers(c.name) or cluster_pids(c.name):
-            try:
-                uksm("down", "--cluster", c.name, timeout=40)
-            except AssertionError:   # run_group's "no answer within 40s (killed)"
-                pass
-        for _ in range(3):
-            pids = cluster_pids(c.name)
-            if not pids:
-                break
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            # called at once, within this iteration
-            wait_for(lambda: not any(pid_alive(p) for p in pids), 10, what="SIGKILLed processes")  # noqa: B023
-        shm.remove_all(c.name)
+        wait_for(lambda: not cluster_pids(c.name) and not shm.leftovers(c.name), leakcheck.SETTLE_S,
+                 what=f"cluster {c.name} to be gone")
+    except AssertionError:
+        pass
+    pids = [f"{p} {cmdline(p)}" for p in cluster_pids(c.name)]
+    objs = shm.leftovers(c.name)
+    if pids or objs:
+        take_down(c.name)
+        if not LEAK_CHECK_OFF:
+            pytest.fail(leakcheck.leak_message(pids, objs, why=f"; cluster {c.name} was left up "
+                                               "(the cluster fixture took it down)"), pytrace=False)
+
+
+# ---- skips: only for a reason listed here ------------------------------------------------
+
+#: The only reasons a test may skip: each skip's reason starts with one of
+#: these keys (``helpers.skip_unless``), and says what its probe found.
+#: Any other skip -- an importorskip, a skipif on the wrong condition -- fails
+#: the session: a skip must never make a failing test look green.
+ALLOWED_SKIPS = {
+    "no-mount-namespace": "the test mounts a small tmpfs on /dev/shm in private mount and "
+                          "network namespaces (unshare -m -n), which needs CAP_SYS_ADMIN: root "
+                          "on a host, not in an unprivileged container",
+    "no-setuid": "the test runs commands as user nobody (setpriv --reuid), which needs "
+                 "CAP_SETUID and CAP_SETGID and a user nobody",
+    "no-c-core": "uksm was installed where no C compiler was found, so the lock protocol's "
+                 "C core was never built (setup.py: optional); its own tests cannot run",
+}
+
+_SKIPS: list[tuple[str, str]] = []
+
+
+def _skip_reason(report: pytest.CollectReport | pytest.TestReport) -> str:
+    lr = report.longrepr
+    return lr[2] if isinstance(lr, tuple) else str(lr)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped and not hasattr(report, "wasxfail"):
+        _SKIPS.append((report.nodeid, _skip_reason(report)))
+
+
+def pytest_collectreport(report: pytest.CollectReport) -> None:
+    if report.skipped:
+        _SKIPS.append((report.nodeid, _skip_reason(report)))
+
+
+def unexpected_skips() -> list[tuple[str, str]]:
+    return [(n, r) for n, r in _SKIPS
+            if not any(r.removeprefix("Skipped: ").startswith(k + ":") for k in ALLOWED_SKIPS)]
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if unexpected_skips() and exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    bad = unexpected_skips()
+    allowed = [(n, r) for n, r in _SKIPS if (n, r) not in bad]
+    if allowed:
+        terminalreporter.write_sep("-", f"{len(allowed)} skipped, each for an allowed reason "
+                                        "(conftest.ALLOWED_SKIPS)")
+        for n, r in allowed:
+            terminalreporter.write_line(f"{n}: {r}")
+    if bad:
+        terminalreporter.write_sep("=", f"{len(bad)} skipped for a reason not in "
+                                        "conftest.ALLOWED_SKIPS: the session fails", red=True)
+        for n, r in bad:
+            terminalreporter.write_line(f"{n}: {r}")

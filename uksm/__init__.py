@@ -7,12 +7,13 @@ use, so that the emulator's own processes (ksmd, workers), which import
 """
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["Machine", "Task", "KillPoint", "MachineError", "MachineClosed", "WaitTimeout",
-           "HungTask", "TaskExited", "TaskDied", "SegFault", "IntegrityError", "KillPointMissed",
-           "RunReport", "MachineStats"]
+__all__ = ["Machine", "Task", "KillPoint", "Exploration", "explore", "replay", "MachineError",
+           "MachineClosed", "WaitTimeout", "HungTask", "TaskExited", "TaskDied", "SegFault",
+           "IntegrityError", "KillPointMissed", "RunReport", "MachineStats"]
 
 if TYPE_CHECKING:
     from uksm.api import (
+        Exploration,
         HungTask,
         IntegrityError,
         KillPoint,
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
         TaskDied,
         TaskExited,
         WaitTimeout,
+        explore,
+        replay,
     )
     from uksm.proc.run import RunReport
 

@@ -39,7 +39,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator, MutableMapping
-from typing import TYPE_CHECKING, Any, NamedTuple, TypedDict, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, NotRequired, TypedDict, cast, final
 
 from uksm.errors import (
     HungTask,
@@ -54,7 +54,7 @@ from uksm.errors import (
 )
 from uksm.host import shm
 from uksm.kernel import killpoints
-from uksm.kernel.layout import KSM_FIELDS
+from uksm.kernel.layout import EXIT_POLICIES, KSM_FIELDS, OOM_RULES
 from uksm.proc import options as opts
 from uksm.proc.control import CTL_NAMES, WRITABLE, KnobError, ctl_values, read_state, validate_knob
 
@@ -62,7 +62,7 @@ if TYPE_CHECKING:  # (uksm.proc.run and the daemon are imported on first use)
     from uksm.kernel.watchdog import HungReport
     from uksm.proc.handlers import DownReport
     from uksm.proc.run import RunReport
-    from uksm.proc.supervisor import FsckResult
+    from uksm.proc.supervisor import FsckResult, Snapshot
 
 DEFAULT_WAIT_S = 60.0
 _POLL_S = 0.01
@@ -195,6 +195,9 @@ class _Local:
     def hung(self) -> list[HungReport]:
         return list(self.sup.hung)
 
+    def failed(self) -> str:
+        return self.sup.failed
+
     def abandon(self) -> None:
         from uksm.proc.daemon import _abandon
         self.d.close_tasks()
@@ -229,8 +232,138 @@ class _Remote:
         ans = self.request({"op": "ping"})
         return list(ans.get("hung_tasks", [])) if ans.get("ok") else []
 
+    def failed(self) -> str:
+        return ""   # the daemon's own waits end on it (a spawn answers with the error)
+
     def abandon(self) -> None:
         self.cl.close()
+
+
+@final
+class ControlledReport(TypedDict):
+    """A controlled run's report (``Machine(deterministic=True)``'s
+    ``m.report``, ``_Controlled.finish``): ``uksm run --json``'s blocks as
+    the explorer's world reports them (untyped there: ``Any``), its
+    findings, schedule and logical time.  ``uksm.deterministic.report_of``
+    makes ``uksm run --json``'s shape of it."""
+    cluster: str
+    ksm: Any          # Snapshot's blocks, built here
+    frames: Any
+    memory: Any
+    workers: Any      # the world's (uksm.explorer.world.Outcome.report: dict[str, Any])
+    integrity: Any
+    fsck: Any
+    hung_tasks: list[dict[str, Any]]   # a chain each (no pid, no seconds: not a HungReport)
+    ipc_leftovers: list[str]
+    errors: list[str]
+    oops: list[dict[str, Any]]
+    use_after_free: Any
+    lockdep: Any
+    status: int
+    findings: list[dict[str, Any]]
+    schedule: str
+    steps: int
+    logical_s: float
+    run_store: NotRequired[Any]
+
+
+class _Controlled:
+    """A controlled run (``uksm.explore``): the requests are served on its
+    World, every wait is logical (steps of the schedule, never wall time).
+    ``owned``: this Machine made the run (``Machine(deterministic=True)``,
+    ``Machine(schedule=...)``) and ends it; else an exploration does."""
+
+    def __init__(self, world: Any, max_pages: int, owned: bool) -> None:
+        from uksm.explorer.requests import Requests
+        self.world = world
+        self.r = Requests(world, max_pages)
+        self.owned = owned
+        self.outcome: Any = None
+
+    @property
+    def cl(self) -> Any:
+        return self.world.cl
+
+    def _over(self) -> MachineError:
+        """The run found itself stuck (or oopsed): what a script is told."""
+        f = self.world.findings[-1] if self.world.findings else None
+        if f is None:
+            return MachineClosed("the controlled run is over")
+        if f.kind in ("deadlock", "hung"):
+            return HungTask(f"{f.kind}: {f.detail}", [{"chain": f.chain}])
+        return MachineError(f"{f.kind}: {f.detail}")
+
+    def request(self, req: dict[str, Any]) -> dict[str, Any]:
+        from uksm.explorer.world import RunOver
+        try:
+            return self.r.request(req)
+        except RunOver:
+            if not self.owned:
+                raise
+            raise self._over() from None
+
+    def tick(self) -> None:
+        from uksm.explorer.world import RunOver
+        try:
+            self.r.tick()
+        except RunOver:
+            if not self.owned:
+                raise
+            raise self._over() from None
+
+    def now_s(self) -> float:
+        """The run's logical clock (ksmd's sleeps, the workers' idles)."""
+        from uksm.explorer.gate import G_CLOCK
+        return float(self.world.gate.w[G_CLOCK]) / 1000.0
+
+    def hung(self) -> list[dict[str, Any]]:
+        return []
+
+    def finish(self) -> ControlledReport:
+        """Every task exits, ksmd stops, the checks: the run's report, in
+        ``uksm run --json``'s shape (the ksm counters and frames as they
+        were before the close), with the run's findings, its schedule and
+        its logical time."""
+        from uksm.explorer.schedule import recorded
+        from uksm.explorer.world import RunOver
+        from uksm.kernel.layout import ksm_block
+        from uksm.kernel.memory import frame_stats
+        w = self.world
+        snap: Snapshot = {"ksm": ksm_block(w.cl.q), "frames": frame_stats(w.cl),
+                "memory": {"host_bytes_resident": w.cl.pool_resident_bytes()}}
+        try:
+            self.r.close()
+        except RunOver:
+            pass
+        logical_s = self.now_s()
+        out = self.outcome = w.outcome()
+        r = out.report
+        findings = [{"finding": f.kind, "detail": f.detail, "chain": f.chain} for f in out.findings]
+        # (no pid, no seconds: a controlled run's deadlock is seen at once, by its chain)
+        hung = [{"role": f["finding"], "pid": 0, "lock": "the chain below", "waited_s": 0,
+                 "chain": f["chain"] or [f["detail"]]} for f in findings if f["finding"] in ("deadlock", "hung")]
+        oops = [{"task": f["detail"].split(":")[0], "error": f["detail"], "where": "", "count": 1}
+                for f in findings if f["finding"] == "oops"]
+        from uksm.host import shm as _shm
+        rep: ControlledReport = {"cluster": w.name, **snap, "workers": r["workers"], "integrity": r["integrity"],
+               "fsck": r["fsck"], "hung_tasks": hung, "ipc_leftovers": _shm.leftovers(w.name),
+               "errors": [f"{f['finding']}: {f['detail']}" for f in findings
+                          if f["finding"] in ("use_after_free", "lockdep", "assertion")],
+               "oops": oops, "use_after_free": r["use_after_free"], "lockdep": r["lockdep"],
+               "status": out.status, "findings": findings, "schedule": str(recorded(w.o, out)),
+               "steps": len(out.steps), "logical_s": round(logical_s, 3)}
+        if "run_store" in r:
+            rep["run_store"] = r["run_store"]
+        if self.owned:
+            w.gate.close()
+        return rep
+
+    def abandon(self) -> None:
+        try:
+            self.world.outcome()
+        finally:
+            if self.owned:
+                self.world.gate.close()
 
 
 # ---- /sys/kernel/mm/ksm ---------------------------------------------------------------------
@@ -343,14 +476,18 @@ class Task:
         """Store ``data`` at byte offset ``addr`` (faults, COW breaks)."""
         self._cmd("write", "write", addr=addr, data=self._b64(data, "data"))
 
-    def read(self, addr: int, n: int) -> bytes:
-        """Load ``n`` bytes at byte offset ``addr``."""
-        return base64.b64decode(self._cmd("read", "read", addr=addr, n=n)["data"])
+    def read(self, addr: int, n: int) -> bytes | None:
+        """Load ``n`` bytes at byte offset ``addr`` (None inside ``with
+        m.race():``, where it does not wait)."""
+        ans = self._cmd("read", "read", addr=addr, n=n)
+        return None if ans.get("pending") else base64.b64decode(ans["data"])
 
-    def madvise(self, first: int, count: int, advice: str) -> int:
+    def madvise(self, first: int, count: int, advice: str) -> int | None:
         """madvise(pages first..first+count-1, MERGEABLE | UNMERGEABLE |
-        DONTNEED); returns the pages unmerged (UNMERGEABLE), else 0."""
-        return int(self._cmd("madvise", "madvise", first=first, count=count, advice=advice)["unmerged"])
+        DONTNEED); returns the pages unmerged (UNMERGEABLE), else 0 (None
+        inside ``with m.race():``)."""
+        ans = self._cmd("madvise", "madvise", first=first, count=count, advice=advice)
+        return None if ans.get("pending") else int(ans["unmerged"])
 
     def stat(self) -> dict[str, int]:
         """/proc/PID/ksm_stat: ksm_rmap_items, ksm_merging_pages; and rss."""
@@ -361,16 +498,21 @@ class Task:
         """Read back every page; IntegrityError if one does not hold what
         was written.  Returns the pages checked."""
         ans = self._cmd("verify", "verify")
+        if ans.get("pending"):
+            return 0
         if ans["mismatches"]:
             raise IntegrityError(f"task {self.id}: {ans['mismatches']} of {ans['pages']} pages do "
                                  f"not hold what was written")
         return int(ans["pages"])
 
-    def exit(self) -> str:
+    def exit(self) -> str | None:
         """Exit (verify, then exit_mm through the exit policy's path).
         Returns the __ksm_exit path: "fast", "slow", "legacy", or "none"
-        (ksmd had already freed its slot)."""
+        (ksmd had already freed its slot).  Inside ``with m.race():`` it
+        returns None at once; ``path`` is set at the block's end."""
         ans = self._cmd("exit", "exit")
+        if ans.get("pending"):
+            return None
         self.path = str(ans["path"])
         if ans["mismatches"]:
             raise IntegrityError(f"task {self.id}: {ans['mismatches']} pages did not hold what "
@@ -423,19 +565,30 @@ class Machine:
     (or ``close()``) stops every task through its own exit path, lets ksmd
     free what the slow paths left it, runs fsck and tears down, leaving
     nothing in /dev/shm and no process behind, also when the block
-    raises.  ``m.report`` is then ``uksm run --json``'s object."""
+    raises.  ``m.report`` is then ``uksm run --json``'s object.
+
+    ``Machine(deterministic=True, seed=S)`` runs the script on a
+    controlled schedule instead (uksm.explorer): one process at a time,
+    every choice drawn from ``seed``, every wait logical; the same script
+    and seed give the same run.  ``Machine(schedule=...)`` replays the
+    schedule an exploration or a deterministic run printed.  Both are
+    small by default only in ``uksm.explore``; here the options are as
+    given."""
+
+    _tr: "_Local | _Remote | _Controlled | None"
 
     def __init__(self, *, frames: int = 1024, max_pages: int = 1024, max_tasks: int = 16,
                  exit_policy: str = "seed", hazards: list[str] | tuple[str, ...] = (), run: int = 1,
                  pages_to_scan: int = 100, sleep_millisecs: int = 20, mem_limit: int = 0,
                  name: str | None = None, log_dir: str | None = None,
-                 hung_task_timeout: float = 5.0) -> None:
+                 hung_task_timeout: float = 5.0, oom_rule: str = "2.6.32", deterministic: bool = False,
+                 seed: int = 0, schedule: str | None = None) -> None:
         from uksm.proc.daemon import make_config
         from uksm.proc.run import RunOptions
         try:
             opts.cluster(opts.API, frames=frames, run=run, pages_to_scan=pages_to_scan,
                          sleep_millisecs=sleep_millisecs, exit_policy=exit_policy,
-                         hazards=hazards, hung_task_timeout=hung_task_timeout,
+                         oom_rule=oom_rule, hazards=hazards, hung_task_timeout=hung_task_timeout,
                          workload="zero", max_tasks=max_tasks, max_pages=max_pages,
                          mem_limit=mem_limit)
         except opts.OptionError as e:
@@ -444,7 +597,7 @@ class Machine:
             raise ValueError(f"log_dir {log_dir!r}: no such directory")
         self._o = RunOptions(workers=0, pages=max_pages, frames=frames, workload="script",
                              log_dir=log_dir, run=run, pages_to_scan=pages_to_scan,
-                             sleep_ms=sleep_millisecs, exit_policy=exit_policy,
+                             sleep_ms=sleep_millisecs, exit_policy=exit_policy, oom_rule=oom_rule,
                              hazards=list(hazards), hung_task_timeout=float(hung_task_timeout))
         self.name = name or f"m{os.getpid()}x{next(_names)}"
         try:
@@ -455,8 +608,20 @@ class Machine:
         taken = name_taken(self.name)
         if taken is not None:
             raise ValueError(str(taken))
+        if deterministic or schedule is not None:
+            if type(seed) is not int:
+                raise TypeError(f"seed must be an int (got {type(seed).__name__})")
+            self._init()
+            self._t0 = time.monotonic()
+            self.log_dir = log_dir or ""
+            self._boot_controlled(schedule, seed, log_dir, mem_limit, frames=frames, max_pages=max_pages,
+                                  max_tasks=max_tasks, exit_policy=exit_policy, hazards=tuple(hazards),
+                                  oom_rule=oom_rule, run=run, pages_to_scan=pages_to_scan,
+                                  sleep_millisecs=sleep_millisecs)
+            return
         spec = {"workers": 0, "pages": max_pages, "frames": frames, "workload": "zero", "seed": 0,
-                "log_dir": None, "exit_policy": exit_policy, "hazards": list(hazards),
+                "log_dir": None, "exit_policy": exit_policy, "oom_rule": oom_rule,
+                "hazards": list(hazards),
                 "hung_task_timeout": float(hung_task_timeout), "churn_ms": 0, "run": run,
                 "pages_to_scan": pages_to_scan, "sleep_ms": sleep_millisecs,
                 "max_workers": max_tasks, "max_pages": max_pages}
@@ -468,7 +633,7 @@ class Machine:
             log_dir or tempfile.mkdtemp(prefix=f"uksm-{self.name}-"))
         self._init()
         self._t0 = time.monotonic()
-        self._tr: _Local | _Remote | None = _Local(self.name, spec)
+        self._tr = _Local(self.name, spec)
         _open.add(self)
         if mem_limit:
             try:
@@ -477,9 +642,79 @@ class Machine:
                 self.close()
                 raise
 
+    def _boot_controlled(self, schedule: str | None, seed: int, log_dir: str | None, mem_limit: int,
+                         **opts: Any) -> None:
+        """This Machine's own controlled run: the schedule given (replayed
+        exactly), or one drawn from ``seed`` (a seeded random choice at
+        every step)."""
+        from uksm.explorer.gate import Gate
+        from uksm.explorer.schedule import BadSchedule, Replay, parse
+        from uksm.explorer.strategies import Random
+        from uksm.explorer.world import World
+        if schedule is not None:
+            try:
+                sch = parse(schedule)
+            except BadSchedule as e:
+                raise ValueError(str(e)) from None
+            opts.update(exit_policy=sch.exit_policy, hazards=sch.hazards, oom_rule=sch.oom_rule)
+            chooser: Any = Replay(sch)
+            o = controlled_options("script", seed=sch.seed, from_start=sch.from_start, log_dir=log_dir,
+                                   kills=sch.kills, **opts)
+        else:
+            chooser = Random(seed).next()
+            o = controlled_options("script", seed=seed, from_start=True, log_dir=log_dir, **opts)
+            o.max_steps = 0   # bounded by the script's own (logical) waits
+        gate = Gate()
+        w = World(gate, o, chooser)
+        try:
+            w.boot()
+        except BaseException:
+            gate.close()
+            raise
+        self.name = w.name
+        self._tr = _Controlled(w, int(opts["max_pages"]), owned=True)
+        _open.add(self)
+        if mem_limit:
+            self.ksm["mem_limit"] = mem_limit
+
+    @classmethod
+    def _controlled(cls, world: Any, max_pages: int) -> "Machine":
+        """A Machine on a run an exploration made (uksm.explore)."""
+        m = cls.__new__(cls)
+        m.name = world.name
+        m._init()
+        m._t0 = time.monotonic()
+        m.log_dir = world.o.log_dir or ""
+        m._tr = _Controlled(world, max_pages, owned=False)
+        return m
+
+    @property
+    def schedule(self) -> str | None:
+        """Under a controlled schedule: the string that replays this run
+        (``Machine(schedule=...)``, once it is over: after close());
+        else None."""
+        sched = self.report.get("schedule") if self.report is not None else None
+        return sched if isinstance(sched, str) else None
+
+    def race(self) -> "_Race":
+        """Under a controlled schedule: the race phase begins here -- an
+        exploration chooses from here on (``uksm.explore``), and inside
+        ``with m.race():`` every call is issued without waiting for its
+        operation (a task's commands still run in their order); the
+        block's end waits for them all.  Failures inside the block (a task
+        OOM-killed, the write of run interrupted) are not raised: the
+        tasks' ``path``, the counters and ``m.report`` tell."""
+        if not isinstance(self._t(), _Controlled):
+            raise MachineError("race() needs a controlled schedule: Machine(deterministic=True), "
+                               "Machine(schedule=...) or uksm.explore")
+        self._request({"op": "race", "phase": "mark"}, "race")
+        return _Race(self)
+
     def _init(self) -> None:
-        # close()'s RunReport; an attached machine's down(): the daemon's DownReport
-        self.report: RunReport | DownReport | None = None
+        self._tr = None
+        # close()'s RunReport; an attached machine's down(): the daemon's DownReport;
+        # a controlled run's: ControlledReport
+        self.report: RunReport | DownReport | ControlledReport | None = None
         self.ksm = Ksm(self)
         self._tasks: dict[str, Task] = {}
         self._hung_raised = 0
@@ -521,7 +756,7 @@ class Machine:
         return m
 
     # -- plumbing
-    def _t(self) -> _Local | _Remote:
+    def _t(self) -> "_Local | _Remote | _Controlled":
         if self._tr is None:
             raise MachineClosed(f"machine {self.name!r} is closed")
         return self._tr
@@ -646,17 +881,33 @@ class Machine:
              what: str | Callable[[], str] | None = None) -> Any:
         """Call ``predicate()`` until it returns something true, and return
         that.  WaitTimeout after ``timeout`` seconds (naming ``what``);
-        HungTask at once if the watchdog reports a hung task meanwhile."""
+        HungTask at once if the watchdog reports a hung task meanwhile;
+        MachineError at once if a task died of its own error before it was
+        ready (what it wrote on stderr in the message): nothing it was to
+        do will happen."""
         if not callable(predicate):
             raise TypeError("predicate must be callable (with no arguments)")
         timeout = self._timeout(timeout)
         t = self._t()
         label = what if isinstance(what, str) else getattr(predicate, "__name__", "a condition")
+        if isinstance(t, _Controlled):   # logical: the run's steps and clock, no sleep
+            end = t.now_s() + timeout
+            while True:
+                v = predicate()
+                if v:
+                    return v
+                if t.now_s() > end:
+                    detail = what() if callable(what) else label
+                    raise WaitTimeout(f"timed out after {timeout}s of the run's logical time waiting "
+                                      f"for {detail}")
+                t.tick()
         end = time.monotonic() + timeout
         with t.blocking():
             while True:
                 t.tick()
                 self._check_hung(label)
+                if t.failed():
+                    raise MachineError(f"while waiting for {label}: {t.failed()}")
                 v = predicate()
                 if v:
                     return v
@@ -672,6 +923,22 @@ class Machine:
             return opts.seconds(opts.TIMEOUT, timeout, self._by)
         except opts.OptionError as e:
             raise _bad_option(e) from None
+
+    def sleep(self, seconds: float) -> None:
+        """Let the machine run for ``seconds`` (of the run's logical time
+        under a controlled schedule), serving meanwhile."""
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds < 0:
+            raise ValueError(f"seconds must be a number >= 0 (got {seconds!r})")
+        t = self._t()
+        now: Callable[[], float] = t.now_s if isinstance(t, _Controlled) else time.monotonic
+        end = now() + seconds
+        self.wait(lambda: now() >= end, seconds + DEFAULT_WAIT_S, f"{seconds}s to pass")
+
+    def now(self) -> float:
+        """Seconds: the run's logical clock under a controlled schedule,
+        else the monotonic clock."""
+        t = self._t()
+        return t.now_s() if isinstance(t, _Controlled) else time.monotonic()
 
     def wait_full_scans(self, n: int = 2, timeout: float = DEFAULT_WAIT_S) -> dict[str, int]:
         """Return once ``full_scans`` has advanced by ``n`` (what KSM test
@@ -740,7 +1007,7 @@ class Machine:
         return {"ok": bool(ans["clean"]), "errors": list(ans["errors"])}
 
     # -- the end
-    def close(self) -> RunReport | DownReport | None:
+    def close(self) -> RunReport | DownReport | ControlledReport | None:
         """Stop every task through its exit path, let ksmd free the slow
         paths' slots, fsck, tear down (attached: just detach).  Returns
         ``m.report``.  Closing twice is harmless."""
@@ -752,6 +1019,9 @@ class Machine:
         _open.discard(self)
         if isinstance(t, _Remote):
             t.abandon()
+            return self.report
+        if isinstance(t, _Controlled):
+            self.report = t.finish()
             return self.report
         from uksm.proc.run import build_report
         sup = t.sup
@@ -774,7 +1044,7 @@ class Machine:
             sup.log_stop(end["status"])
         return report
 
-    def down(self) -> RunReport | DownReport:
+    def down(self) -> RunReport | DownReport | ControlledReport:
         """Attached machines: take the cluster down (``uksm down``); returns
         its report.  A machine of this process: close()."""
         t = self._t()
@@ -807,6 +1077,161 @@ class Machine:
         return f"<uksm.Machine {self.name} {'closed' if self._tr is None else 'running'}>"
 
 
-__all__ = ["Machine", "Task", "KillPoint", "MachineError", "MachineClosed", "WaitTimeout",
-           "HungTask", "TaskExited", "TaskDied", "SegFault", "IntegrityError", "KillPointMissed",
+class _Race:
+    """``with m.race():`` -- the calls inside run concurrently."""
+
+    def __init__(self, m: Machine) -> None:
+        self.m = m
+
+    def __enter__(self) -> Machine:
+        self.m._request({"op": "race", "phase": "begin"}, "race")
+        return self.m
+
+    def __exit__(self, exc_type: Any, *_exc: Any) -> None:
+        if exc_type is None:
+            ans = self.m._request({"op": "race", "phase": "end"}, "the race block")
+            for tid, path in ans.get("paths", {}).items():
+                if tid in self.m._tasks:
+                    self.m._tasks[tid].path = path
+
+
+def controlled_options(scenario: str, *, seed: int = 0, from_start: bool = False, log_dir: str | None = None,
+                       kills: int = 0, frames: int = 64, max_pages: int = 16, max_tasks: int = 16,
+                       exit_policy: str = "seed", hazards: tuple[str, ...] = (), oom_rule: str = "2.6.32",
+                       run: int = 1, pages_to_scan: int = 8, sleep_millisecs: int = 20) -> Any:
+    """A controlled run's options from a Machine's (small defaults: a run
+    is repeated thousands of times)."""
+    from uksm.explorer.world import Options
+    try:
+        opts.one_of(opts.EXIT_POLICY, exit_policy, opts.API, EXIT_POLICIES)
+        opts.one_of(opts.OOM_RULE, oom_rule, opts.API, OOM_RULES)
+        opts.check_hazards(hazards, opts.API)
+    except opts.OptionError as e:
+        raise _bad_option(e) from None
+    return Options(scenario=scenario, exit_policy=exit_policy, oom_rule=oom_rule, hazards=tuple(hazards),
+                   seed=seed, kills=kills, from_start=from_start, log_dir=log_dir,
+                   config={"frames": frames, "va_pages": max_pages + 16, "max_tasks": max_tasks,
+                           "max_mms": max_tasks + 2, "run": run, "pages_to_scan": pages_to_scan,
+                           "sleep_ms": sleep_millisecs})
+
+
+class Exploration:
+    """What ``uksm.explore`` found: the CLI's ``--json`` fields as
+    attributes (``explored``, ``distinct``, ``exhausted``, ``elapsed_s``,
+    ``schedules_per_s``, ``first_failure_after``, ``failures``, ``status``)
+    and ``replay(schedule)``, which runs one schedule again and returns its
+    result."""
+
+    def __init__(self, res: Any, replayer: Callable[[str], Any]) -> None:
+        self._res = res
+        self._replayer = replayer
+        j: dict[str, Any] = res.as_json()
+        self.json = j
+        self.scenario: str = j["scenario"]
+        self.strategy: str = j["strategy"]
+        self.explored: int = j["explored"]
+        self.distinct: int = j["distinct"]
+        self.exhausted: bool = j["exhausted"]
+        self.schedules_by_preemptions: dict[str, int] = j["schedules_by_preemptions"]
+        self.elapsed_s: float = j["elapsed_s"]
+        self.schedules_per_s: float = j["schedules_per_s"]
+        self.cpu_ms_per_schedule: float = j["cpu_ms_per_schedule"]
+        self.first_failure_after: int | None = j["first_failure_after"]
+        self.failures: list[dict[str, Any]] = j["failures"]
+        self.status: int = j["status"]
+        self.outcome = res.outcome   # a replay's run (its steps, findings, report)
+        from uksm.explorer.search import trace
+        self.trace: list[str] = trace(res.outcome) if res.outcome is not None else []   # a replay's
+
+    def replay(self, schedule: str) -> "Exploration":
+        return self._replayer(schedule)
+
+    def __repr__(self) -> str:
+        return (f"<uksm.Exploration {self.scenario}: {self.explored} schedules, "
+                f"{len(self.failures)} failure(s), exhausted {self.exhausted}>")
+
+
+def _script(scenario_fn: Callable[[Machine], Any], mem_limit: int, max_pages: int) -> Callable[[Any], None]:
+    """A scenario function as an explorer's script: a Machine on the run,
+    the function, the Machine's close (every task exits, ksmd stops)."""
+    def run(world: Any) -> None:
+        m = Machine._controlled(world, max_pages)
+        if mem_limit:
+            m.ksm["mem_limit"] = mem_limit
+        scenario_fn(m)
+        t = m._tr
+        assert isinstance(t, _Controlled)
+        t.r.close()
+    return run
+
+
+def explore(scenario_fn: Callable[[Machine], Any], *, strategy: str = "dfs", preemptions: int = 2,
+            schedules: int | None = None, kills: int | bool = False, depth: int = 3, seed: int = 0,
+            time_limit: float | None = None, keep_going: bool = False, shrink: bool = True,
+            from_start: bool = False, name: str | None = None, mem_limit: int = 0,
+            progress: Callable[[Any], None] | None = None, **machine_options: Any) -> Exploration:
+    """Explore the schedules of ``scenario_fn(m)``, a script on a
+    ``uksm.Machine`` (``m.task(pages)``, ``t.fill``, ``t.madvise``,
+    ``t.exit()``, ``m.ksm["run"] = 2``, ``m.wait_full_scans(n)``, ...):
+    each run is a fresh machine under a controlled schedule, checked after
+    the script and its close (deadlock, hung, oops, use after free,
+    lockdep, fsck, data, leaks; and ``assertion``: the script raised).
+    Choices begin at ``m.race()`` if the script calls it, else at once.
+    ``strategy``: ``dfs`` (every schedule of at most ``preemptions``
+    preemptions), ``pct`` (``depth``, ``seed``) or ``random`` (``seed``);
+    ``schedules`` and ``time_limit`` bound the search; ``kills``: also
+    choose SIGKILLs (True: one per schedule).  ``machine_options``: the
+    Machine's (``frames``, ``exit_policy``, ``hazards``, ``oom_rule``,
+    ``run``, ``pages_to_scan``, ``max_pages``: small defaults).
+    ``progress(result)`` is called every few seconds.  docs/EXPLORE.md."""
+    from uksm.explorer.search import STRATEGIES
+    from uksm.explorer.search import explore as run_explore
+    if not callable(scenario_fn):
+        raise TypeError("scenario_fn must be a function of a Machine")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy {strategy!r}: one of {', '.join(STRATEGIES)}")
+    for k, v in (("preemptions", preemptions), ("depth", depth), ("seed", seed)):
+        if type(v) is not int:
+            raise TypeError(f"{k} must be an int (got {type(v).__name__})")
+    label = str(name or getattr(scenario_fn, "__name__", "scenario"))
+    script = _script(scenario_fn, mem_limit, int(machine_options.get("max_pages", 16)))
+    o = controlled_options(label, seed=seed, from_start=from_start, kills=int(kills), **machine_options)
+    res = run_explore(script, o, strategy, preemptions, depth, schedules, time_limit, keep_going, shrink,
+                      progress)
+    return Exploration(res, lambda text: replay(scenario_fn, text, name=label, mem_limit=mem_limit,
+                                                **machine_options))
+
+
+def replay(scenario_fn: Callable[[Machine], Any], schedule: str, *, log_dir: str | None = None,
+           name: str | None = None, mem_limit: int = 0, strict: bool = True,
+           hazards: tuple[str, ...] | list[str] | None = None, **machine_options: Any) -> Exploration:
+    """Run ``scenario_fn`` once under ``schedule`` (a string an exploration
+    printed), exactly: ValueError if it does not parse, or if the run
+    diverges from it (naming the step).  ``log_dir``: the run's JSON logs.
+    ``strict=False``: take the schedule's choices where they fit and the
+    default elsewhere -- the same choices on changed code (``hazards``
+    given replaces the schedule's: the fixed code's control run)."""
+    from uksm.explorer.schedule import BadSchedule, parse
+    from uksm.explorer.search import replay as run_replay
+    from uksm.explorer.world import Diverged
+    try:
+        s = parse(schedule)
+    except BadSchedule as e:
+        raise ValueError(str(e)) from None
+    if hazards is not None:
+        s.hazards = tuple(hazards)
+    opts = dict(machine_options, exit_policy=s.exit_policy, hazards=s.hazards, oom_rule=s.oom_rule)
+    o = controlled_options(name or s.scenario, seed=s.seed, from_start=s.from_start, kills=s.kills,
+                           **opts)
+    script = _script(scenario_fn, mem_limit, int(machine_options.get("max_pages", 16)))
+    try:
+        res = run_replay(script, s, log_dir=log_dir, strict=strict, config=o.config)
+    except Diverged as e:
+        raise ValueError(str(e)) from None
+    return Exploration(res, lambda text: replay(scenario_fn, text, log_dir=log_dir, name=name,
+                                                mem_limit=mem_limit, **machine_options))
+
+
+__all__ = ["Machine", "Task", "KillPoint", "Exploration", "explore", "replay", "MachineError", "MachineClosed",
+           "WaitTimeout", "HungTask", "TaskExited", "TaskDied", "SegFault", "IntegrityError", "KillPointMissed",
            "MachineStats"]

@@ -10,7 +10,15 @@ this repository does.
   ``@pytest.mark.uksm_machine(expect_hung=True)``, which then fails if
   none was;
 - ``@pytest.mark.uksm_machine(**options)``: the Machine's options for
-  that test (``frames``, ``exit_policy``, ``sleep_millisecs``, ...).
+  that test (``frames``, ``exit_policy``, ``sleep_millisecs``, ...);
+- ``@pytest.mark.uksm_explore(**options)``: the test's body, with its
+  ``machine`` argument, is a scenario explored under controlled schedules
+  (``uksm.explore``: ``strategy``, ``preemptions``, ``schedules``,
+  ``kills`` and the Machine's options); the test fails with the first
+  failing schedule -- its finding, its trace and the line that replays it
+  -- if any run fails its checks or the body's own asserts;
+- ``explore_or_fail(scenario_fn, **options)``: the same, called from a
+  test (it returns the ``uksm.Exploration``).
 
 Nothing of uksm is imported until a test asks for the fixture.
 """
@@ -30,6 +38,42 @@ def pytest_configure(config: Any) -> None:
     config.addinivalue_line("markers", "uksm_machine(**options): options of the `machine` "
                                        "fixture's uksm.Machine (expect_hung=True: a hung task "
                                        "is what the test is about)")
+    config.addinivalue_line("markers", "uksm_explore(**options): explore the test's body, its "
+                                       "`machine` argument a controlled Machine, with uksm.explore's "
+                                       "options (strategy, preemptions, schedules, kills, and the "
+                                       "Machine's); fail with the first failing schedule")
+
+
+def explore_or_fail(scenario_fn: Any, **options: Any) -> Any:
+    """``uksm.explore(scenario_fn, **options)``; the calling test fails if
+    a schedule failed (the finding, the minimal schedule, its trace, and
+    the call that replays it).  Returns the Exploration."""
+    import uksm
+    res = uksm.explore(scenario_fn, **options)
+    if res.failures:
+        f = res.failures[0]
+        name = getattr(scenario_fn, "__name__", "scenario")
+        pytest.fail(f"uksm.explore({name}): {f['finding']} after {res.first_failure_after} schedule(s): "
+                    f"{f['detail']}\n  " + "\n  ".join(f.get("chain", []))
+                    + f"\nschedule: {f['schedule']}\nreplay: uksm.replay({name}, {f['schedule']!r})"
+                    + "\ntrace:\n  " + "\n  ".join(f["trace"]), pytrace=False)
+    return res
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: Any) -> Any:
+    """A test marked ``uksm_explore``: its body is the scenario."""
+    marker = pyfuncitem.get_closest_marker("uksm_explore")
+    if marker is None:
+        return None
+    fn = pyfuncitem.obj
+    args = {k: pyfuncitem.funcargs[k] for k in pyfuncitem._fixtureinfo.argnames if k != "machine"}
+
+    def scenario(m: Any) -> None:
+        fn(machine=m, **args)
+    scenario.__name__ = pyfuncitem.name
+    explore_or_fail(scenario, **marker.kwargs)
+    return True
 
 
 def leftovers(m: Any) -> list[str]:
@@ -92,6 +136,9 @@ def machine(request: Any) -> Iterator[Any]:
     """A fresh uksm.Machine for the test (options from the uksm_machine
     marker); fails the test if it leaves anything behind."""
     from uksm import Machine
+    if request.node.get_closest_marker("uksm_explore") is not None:
+        yield None   # the body runs on controlled machines (pytest_pyfunc_call)
+        return
     marker = request.node.get_closest_marker("uksm_machine")
     opts: dict[str, Any] = dict(marker.kwargs) if marker else {}
     expect_hung = bool(opts.pop("expect_hung", False))

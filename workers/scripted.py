@@ -26,7 +26,8 @@ import json
 import select
 import socket
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from uksm.workers.worker import Worker, parser
 
@@ -59,11 +60,52 @@ class NotReached(Exception):
     """A drive to a kill point found no way to reach it from this state."""
 
 
+class SocketChannel:
+    """The supervisor's commands on a socket (``--cmd-fd``): one JSON
+    object per line each way."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = b""
+
+    def send(self, obj: dict[str, Any]) -> None:
+        try:
+            self.sock.sendall(json.dumps(obj).encode() + b"\n")
+        except OSError:
+            pass  # the supervisor went away: the exit still runs
+
+    def recv(self, dying: Callable[[], bool]) -> dict[str, Any] | None:
+        """The next command; None at EOF (the supervisor closed its end:
+        exit, as a task whose session leader went away) or when
+        ``dying()`` (a fatal signal is pending)."""
+        while b"\n" not in self.buf:
+            if dying():
+                return None
+            r, _, _ = select.select([self.sock], [], [], IDLE_POLL_S)
+            if not r:
+                continue
+            chunk = self.sock.recv(1 << 20)
+            if not chunk:
+                return None
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        cmd = json.loads(line)
+        return cmd if isinstance(cmd, dict) else {}
+
+
+class Channel(Protocol):
+    """Where a scripted task's commands come from and its answers go: a
+    socket (``SocketChannel``), or a controlled run's slot (uksm.explore)."""
+
+    def send(self, obj: dict[str, Any]) -> None: ...
+
+    def recv(self, dying: Callable[[], bool]) -> dict[str, Any] | None: ...
+
+
 class ScriptedTask(Worker):
-    def __init__(self, a: Any, chan: socket.socket) -> None:
+    def __init__(self, a: Any, chan: Channel) -> None:
         super().__init__(a)
         self.chan = chan
-        self.buf = b""
         self.shadow = bytearray(a.pages * PAGE_SIZE)
         self.exited = False
 
@@ -71,30 +113,11 @@ class ScriptedTask(Worker):
     def expected(self, i: int) -> bytes:
         return bytes(self.shadow[i * PAGE_SIZE:(i + 1) * PAGE_SIZE])
 
-    # ---- the channel -------------------------------------------------------------------
     def send(self, obj: dict[str, Any]) -> None:
-        try:
-            self.chan.sendall(json.dumps(obj).encode() + b"\n")
-        except OSError:
-            pass  # the supervisor went away: the exit still runs
+        self.chan.send(obj)
 
     def recv(self) -> dict[str, Any] | None:
-        """The next command; None at EOF (the supervisor closed its end:
-        exit, as a task whose session leader went away) or when a fatal
-        signal is pending."""
-        while b"\n" not in self.buf:
-            if self.dying():
-                return None
-            r, _, _ = select.select([self.chan], [], [], IDLE_POLL_S)
-            if not r:
-                continue
-            chunk = self.chan.recv(1 << 20)
-            if not chunk:
-                return None
-            self.buf += chunk
-        line, self.buf = self.buf.split(b"\n", 1)
-        cmd = json.loads(line)
-        return cmd if isinstance(cmd, dict) else {}
+        return self.chan.recv(self.dying)
 
     # ---- the commands --------------------------------------------------------------------
     def _madvise(self, first: int, count: int, advice: int) -> int:
@@ -234,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     arm()  # die with the supervisor
     chan = socket.socket(fileno=a.cmd_fd)
     try:
-        return ScriptedTask(a, chan).run()
+        return ScriptedTask(a, SocketChannel(chan)).run()
     except StaleCluster as e:
         print(f"uksm-task: {e}", file=sys.stderr)
         return EXIT_ORPHAN

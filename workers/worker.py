@@ -26,7 +26,7 @@ from uksm.workers.workloads import ZERO, Workload
 from uksm.host import log as ulog
 from uksm.host.lifeline import EXIT_ORPHAN, arm, exit_now
 from uksm.host.shm import UksmError
-from uksm.kernel import oom
+from uksm.kernel import oom, sched
 from uksm.kernel.cluster import Cluster, StaleCluster, add_task_args
 from uksm.kernel.exit import mmput
 from uksm.kernel.layout import (
@@ -92,6 +92,12 @@ class Worker:
             except BlockingIOError:
                 pass
 
+    @staticmethod
+    def now() -> float:
+        """Seconds, for the churn's period: the run's logical clock in a
+        controlled run (uksm.kernel.sched), else the monotonic clock."""
+        return sched.now() / 1000.0 if sched.ON else time.monotonic()
+
     def dying(self) -> bool:
         return bool(self.q[self.tb + T_FATAL])
 
@@ -105,11 +111,21 @@ class Worker:
         (hazard oom-mmput-in-task: its mmput of the victim's mm) keep the
         head start the fault-injection scenarios were built on (woken at
         once, the victim's own exit won that race one run in six)."""
+        if sched.ON:  # a controlled run: logical time (uksm.kernel.sched)
+            sched.sleep(int(seconds * 1000))
+            return
         select.select([self.wake_r], [], [], seconds)
         try:
             os.read(self.wake_r, 256)
         except BlockingIOError:
             pass
+
+    def close(self) -> None:
+        """Let go of the cluster and the wake pipe (a process that lives on
+        after this worker: a controlled run's pool, uksm.explore)."""
+        for fd in (self.wake_r, self.wake_w):
+            os.close(fd)
+        self.cl.close()
 
     def expected(self, i: int) -> bytes:
         v = self.version[i]
@@ -138,16 +154,16 @@ class Worker:
             self.q[self.tb + T_READY] = 1
             vol = [i for i in range(a.pages) if self.wl.volatile(i)]
             rng = random.Random(a.seed * 7919 + a.worker_no)
-            next_churn = time.monotonic()
+            next_churn = self.now()
             while not self.dying():
                 for i in vol:
                     if self.dying():
                         break
                     self.version[i] = max(self.version[i], 0) + 1
                     self.write_page(i)
-                if a.churn_ms and time.monotonic() >= next_churn:
+                if a.churn_ms and self.now() >= next_churn:
                     self.churn(rng)
-                    next_churn = time.monotonic() + a.churn_ms / 1000.0
+                    next_churn = self.now() + a.churn_ms / 1000.0
                 if a.exit_after_write:
                     break
                 self.idle(0.002 if vol else 0.02)

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import sys
 
 import pytest
 
-from helpers import ROOT, run_group
+from helpers import ROOT, TESTS, failure_section, run_group
 
 EXAMPLES = sorted(glob.glob(os.path.join(ROOT, "docs", "examples", "*.py")))
 
@@ -31,7 +32,11 @@ def test_example_runs(path):
 
 
 PLUGIN_TESTS = '''
+import os, signal
 import pytest
+import uksm
+import planter
+from uksm.kernel.mm import mm_attach
 
 def test_merges(machine):
     a, b = machine.task(pages=2), machine.task(pages=2)
@@ -42,6 +47,40 @@ def test_merges(machine):
 @pytest.mark.uksm_machine(run=0, hazards=["no-fast-path"], frames=64)
 def test_leaks_an_mm(machine):
     machine.task(pages=1).fill(1)   # exits with no fast path and no ksmd: never freed
+
+def _plant(machine, t, plant):
+    cl = machine._t().cl
+    return plant(cl, {t.mm: mm_attach(cl, t.mm)})
+
+@pytest.mark.uksm_machine(run=0, frames=64)
+def test_bad_data(machine):
+    t = machine.task(pages=2)
+    t.write(0, b"written")
+    _plant(machine, t, lambda cl, mms: planter.plant_page_data(cl, mms, t.mm))   # never undone
+
+@pytest.mark.uksm_machine(run=0, frames=64)
+def test_bad_frames(machine):
+    machine.task(pages=2).fill(3)
+    planter.plant_free_counted(machine._t().cl, {})   # a free frame with a count: never undone
+
+def _hang(machine):
+    t = machine.task(pages=2)
+    t.fill(1)
+    machine.wait_full_scans(1)
+    machine.arm("ksmd_scan_mmap_sem", delay_ms=4000)   # ksmd stops there, holding the mutex
+    machine.wait(lambda: machine.armed() is None, timeout=30)
+    os.kill(t.pid, signal.SIGTERM)                      # its legacy __ksm_exit takes the mutex
+    with pytest.raises(uksm.HungTask):
+        machine.wait(lambda: False, timeout=30)
+
+@pytest.mark.uksm_machine(exit_policy="legacy", hung_task_timeout=0.5, sleep_millisecs=5)
+def test_hangs(machine):
+    _hang(machine)
+
+@pytest.mark.uksm_machine(exit_policy="legacy", hung_task_timeout=0.5, sleep_millisecs=5,
+                          expect_hung=True)
+def test_hangs_as_expected(machine):
+    _hang(machine)
 
 @pytest.mark.uksm_machine(expect_hung=True, frames=64)
 def test_expects_a_hang_that_never_comes(machine):
@@ -54,22 +93,32 @@ def test_fails_and_leaks(machine):
 '''
 
 
+@pytest.mark.timeout(150)
 def test_pytest_plugin_fixture(tmp_path):
-    """The leak fails the test that leaked (FAILED, not an ERROR at teardown
-    beside a PASSED); expect_hung without a hang fails; a test failing on
-    its own also shows what its machine left."""
+    """docs/API.md's plugin: the ``machine`` fixture fails the test itself
+    (FAILED, not an ERROR at teardown beside a PASSED) that leaves an object
+    behind, whose task's data does not verify at the end, whose fsck fails,
+    or in which a hung task was reported -- unless the test said it expects
+    one (``expect_hung=True``), when no hang fails it; a test failing on its
+    own also shows what its machine left."""
     (tmp_path / "test_user.py").write_text(PLUGIN_TESTS)
+    shutil.copy(os.path.join(TESTS, "planter.py"), tmp_path / "planter.py")
     p = run_group([sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider",
-                   str(tmp_path / "test_user.py")], 100)
+                   str(tmp_path / "test_user.py"), "--rootdir", str(tmp_path)], 130)
     out = p.stdout + p.stderr
-    assert "3 failed, 1 passed in" in out and "error" not in out.lower().split("passed in")[-1], out
+    assert "6 failed, 2 passed in" in out and "error" not in out.lower().split("passed in")[-1], out
     # pytest adds " - <message>" after the id when the terminal is wide enough
     failed = {ln.split(" - ", 1)[0].rsplit("::", 1)[-1] for ln in out.splitlines() if ln.startswith("FAILED ")}
-    assert failed == {"test_leaks_an_mm", "test_expects_a_hang_that_never_comes",
-                      "test_fails_and_leaks"}, out
-    assert "never freed" in out, out
-    assert "no hung task was reported" in out, out
-    assert "the test's own failure" in out and "uksm machine" in out, out
+    assert failed == {"test_leaks_an_mm", "test_bad_data", "test_bad_frames", "test_hangs",
+                      "test_expects_a_hang_that_never_comes", "test_fails_and_leaks"}, out
+    why = {t: failure_section(out, t) for t in failed}
+    assert "never freed" in why["test_leaks_an_mm"], out
+    assert "1 pages did not hold what their task wrote" in why["test_bad_data"], out
+    assert "fsck: " in why["test_bad_frames"] and "is free but has count 1" in why["test_bad_frames"], out
+    assert "hung task: " in why["test_hangs"] and "ksm_thread_mutex" in why["test_hangs"], out
+    assert "no hung task was reported" in why["test_expects_a_hang_that_never_comes"], out
+    assert "the test's own failure" in why["test_fails_and_leaks"], out
+    assert "uksm machine" in why["test_fails_and_leaks"] and "never freed" in why["test_fails_and_leaks"], out
 
 
 def _python_blocks(path: str) -> list[str]:

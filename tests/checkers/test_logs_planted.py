@@ -5,15 +5,13 @@ tests/checkers/test_planted.py rule 5 from a real hung task.  Here: the rest, ea
 in a copy of one short run's log folder."""
 from __future__ import annotations
 
-import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from helpers import run_json
+from helpers import rewrite_logs, run_json
 from uksm.cli.logs import main
 from uksm.logs import check
 
@@ -28,19 +26,6 @@ def real_run(tmp_path_factory) -> Path:
     assert status == 0, r
     assert check(d) == []
     return d
-
-
-def rewrite(src: Path, dst: Path, plant: Callable[[dict[str, Events]], None]) -> Path:
-    """Copy a log folder, letting ``plant`` edit the events of each file
-    (file name -> events in file order)."""
-    shutil.copytree(src, dst)
-    files = {f.name: [json.loads(ln) for ln in f.read_text().splitlines() if ln.strip()]
-             for f in dst.glob("*.jsonl")}
-    plant(files)
-    for name, evs in files.items():
-        evs.sort(key=lambda e: e["mono_ns"])
-        (dst / name).write_text("".join(json.dumps(e) + "\n" for e in evs))
-    return dst
 
 
 def _slow_mm(files: dict[str, Events]) -> int:
@@ -121,7 +106,7 @@ PLANTS = [(1, "never freed", rule1_never_freed),
 @pytest.mark.parametrize("rule,what,plant", PLANTS, ids=[p[2].__name__ for p in PLANTS])
 def test_check_fires_on_a_real_log_with_one_planted_event(real_run, tmp_path, capsys, rule, what, plant):
     mm: list[int | None] = []
-    d = rewrite(real_run, tmp_path / "planted", lambda files: mm.append(plant(files)))
+    d = rewrite_logs(real_run, tmp_path / "planted", lambda files: mm.append(plant(files)))
     who = f"mm {mm[0]}: " if mm[0] is not None else ""
     hits = [v for v in check(d) if v.startswith(f"rule {rule}: {who}") and what in v]
     assert hits, check(d)

@@ -4,16 +4,15 @@ the statuses `uksm run` derives from them.  Each boots its own small
 cluster (in this process: one at a time, the log is process-wide)."""
 from __future__ import annotations
 
-import os
 import re
 import signal
 
 import pytest
-from test_planted import _state, mms_of
 
 import planter
-from helpers import booted, pump, wait_for
+from helpers import booted, cname, proc_state, pump, wait_for
 from uksm.kernel.layout import T_READY
+from util_machine import live_mms
 
 
 @pytest.mark.timeout(60)
@@ -21,11 +20,11 @@ def test_verify_sees_a_changed_byte(tmp_path):
     """One byte of one ordinary page of a worker changed: its verify at exit
     counts the page (fsck checks no user data, so it stays clean), and the
     cluster's end status is 4."""
-    with booted(f"tverify{os.getpid() % 100000}", str(tmp_path), run=0, frames=128, va_pages=64,
+    with booted(cname("tverify"), str(tmp_path), run=0, frames=128, va_pages=64,
                 max_tasks=8, max_mms=4) as sup:
         ch = sup.spawn_worker(12, "unique", 3)
         pump(sup, lambda: sup.cl.q[sup.cl.tbase(ch.row) + T_READY], what="worker ready")
-        planter.plant_page_data(sup.cl, mms_of(sup), ch.mm)
+        planter.plant_page_data(sup.cl, live_mms(sup), ch.mm)
         end = sup.shutdown()
     assert end["integrity"] == {"pages_verified": 12, "mismatches": 1}, end
     assert end["fsck"]["ok"], end["fsck"]
@@ -40,11 +39,11 @@ def test_watchdog_reports_a_task_blocked_behind_a_stopped_holder(tmp_path):
     status is 3, and `uksm logs check` finds the hung task in the logs."""
     from uksm.cli.logs import main as logs_main
     log_dir = str(tmp_path)
-    with booted(f"thung{os.getpid() % 100000}", log_dir, run=1, frames=256, va_pages=64,
+    with booted(cname("thung"), log_dir, run=1, frames=256, va_pages=64,
                 max_tasks=8, max_mms=4, pages_to_scan=500, sleep_ms=2, hung_timeout_ms=300) as sup:
         ch = sup.spawn_worker(16, "dup:4", 1, churn_ms=2, kill_point="pte_lock_held",
                               kill_sig=signal.SIGSTOP)
-        wait_for(lambda: _state(ch.proc.pid) == "T", 30, what="the worker to stop in its pte lock")
+        wait_for(lambda: proc_state(ch.proc.pid) == "T", 30, what="the worker to stop in its pte lock")
         h = wait_for(lambda: sup.hung, 30, what="the hung-task report")[0]
         end = sup.shutdown()
         sup.log_stop(end["status"])
@@ -78,12 +77,12 @@ def test_run_exits_4_on_a_planted_fault(fault, tmp_path, monkeypatch, capsys):
 
         def planted_stop(self, *a, **k):
             if not planted:
-                mms = mms_of(self)
+                mms = live_mms(self)
                 planted.append(planter.plant_page_data(self.cl, mms, min(mms)))
             return stop_workers(self, *a, **k)
         monkeypatch.setattr(Supervisor, "stop_workers", planted_stop)
     status = cli.main(["run", "--workers", "2", "--pages", "16", "--workload", "unique", "--quiet",
-                       "--log-dir", str(tmp_path), "--cluster", f"trun4{fault}{os.getpid() % 100000}",
+                       "--log-dir", str(tmp_path), "--cluster", cname(f"trun4{fault}"),
                        "--pages-to-scan", "1000", "--sleep-ms", "5"])
     out = capsys.readouterr().out
     assert planted and status == 4, out

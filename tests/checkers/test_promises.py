@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,10 +14,9 @@ import sys
 import pytest
 
 import planter
-from helpers import ROOT, Up, run_group, wait_for
+from helpers import ROOT, Up, gone_or_zombie, proc_state, run_group, wait_for
 from uksm.host import shm
 from uksm.kernel import fsck, killpoints
-from uksm.kernel.cluster import pid_alive
 from uksm.kernel.layout import (
     H_KSMD_PID,
     K_PAGES_TO_SCAN,
@@ -80,14 +80,15 @@ def test_down_exits_3_after_a_hung_task(cluster: Up) -> None:
         row = wait_for(lambda: worker_rows(cl), 30, what="worker ready")[0]
         pid = cl.q[cl.tbase(row) + T_PID]
         killpoints.arm_worker(cl, row, "pte_lock_held", signal.SIGSTOP)
-        wait_for(lambda: open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "T", 30,
-                 what="the worker to stop in its pte lock")
+        wait_for(lambda: proc_state(pid) == "T", 30, what="the worker to stop in its pte lock")
     finally:
         cl.close()
     p = cluster("down")
     assert p.returncode == 3, p.stdout + p.stderr
-    assert "HUNG" in p.stdout or "hung" in (p.stdout + p.stderr).lower(), p.stdout
-    assert not pid_alive(pid) or open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+    # the report names the hung task: ksmd, blocked on the stopped worker's pte lock
+    assert re.search(r"^  HUNG     ksmd pid \d+ blocked on pte_lock\S* for [\d.]+s$", p.stdout, re.M), p.stdout
+    assert f"held by worker w1 (pid {pid}, mm" in p.stdout, p.stdout
+    assert gone_or_zombie(pid)
 
 
 @pytest.mark.timeout(100)

@@ -14,6 +14,7 @@ import tomllib
 import pytest
 
 import helpers
+from helpers import nested_session
 
 HERE = helpers.TESTS
 
@@ -134,3 +135,29 @@ def test_the_reading_finds_budgets() -> None:
     assert "Up" in CLASSES
     found = inner_budgets(PATHS["test_cluster_cmds.py"])
     assert any(c == "cluster" and b == CLASSES["Up"] for (_t, _l, c, b, _lim) in found), found
+
+
+SUMMED = '''
+import sys
+import pytest
+from helpers import run_group
+
+@pytest.mark.timeout(30)
+def test_budgets_that_add_up_past_the_timeout():
+    for _ in range(3):   # 3 x 20 s: each alone shorter than the test's 30 s
+        run_group([sys.executable, "-c", "import time; time.sleep(100)"], 20)
+'''
+
+
+@pytest.mark.timeout(90)
+def test_budgets_are_cut_to_the_time_the_test_has_left(tmp_path) -> None:
+    """The static reading above checks each budget alone; their sum may
+    exceed the test's timeout (three 20 s calls in a 30 s test).  So
+    helpers.budget cuts each call's budget to the time the test has left
+    (conftest sets the deadline from its pytest-timeout, less a reserve
+    for the teardown): the second call is cut, and the hang is ended by
+    run_group -- the group killed, its message -- not by pytest-timeout."""
+    rc, text = nested_session(tmp_path, "test_summed.py", SUMMED, 80)
+    assert rc == 1 and "1 failed" in text, text
+    assert "no answer within" in text and "cut to what the test had left" in text, text
+    assert "Timeout >" not in text, text   # pytest-timeout's "Failed: Timeout >30.0s"

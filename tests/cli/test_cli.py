@@ -8,11 +8,10 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
-from helpers import ROOT, booted, run_json, uksm, wait_for
+from helpers import ROOT, booted, cname, group_alive, log_events, run_json, uksm, wait_for
 from uksm.host import shm
 
 WORKLOADS = ["identical", "unique", "zero", "dup:3", "volatile", "vm"]
@@ -32,8 +31,32 @@ REPORT_KEYS = {
 }
 
 
-def name(tag: str) -> str:
-    return f"tcli{tag}{os.getpid() % 100000}"
+def merges(workload: str, workers: int, pages: int, seed: int = 0) -> tuple[int, int]:
+    """(pages_shared, pages_sharing) once everything is merged, from the
+    pages' contents alone: every content held by two or more stable pages
+    is one KSM page, and each of its other holders a sharer (volatile pages
+    never merge).  The contents are the workload's (its input), never
+    ksmd's answer."""
+    from collections import Counter
+
+    from uksm.workers.workloads import Workload
+    held: Counter[bytes] = Counter()
+    for w in range(1, workers + 1):
+        wl = Workload(workload, seed, w)
+        held.update(wl.content(i) for i in range(pages) if not wl.volatile(i))
+    groups = [n for n in held.values() if n >= 2]
+    return len(groups), sum(groups) - len(groups)
+
+
+def expected_merges(workload: str, workers: int, pages: int) -> set[tuple[int, int]]:
+    """What ``uksm run`` (until merged) reports: ``merges`` of every
+    worker -- or, for the demonstration (the vm workload, three workers or
+    more: uksm/proc/run.py, ``demo_exits``), of all but the two that exit on
+    their own before the end (the report's counters may be read before or
+    after ksmd has dropped the second one's pages)."""
+    if workload == "vm" and workers >= 3:
+        return {merges(workload, n, pages) for n in (workers - 2, workers - 1)}
+    return {merges(workload, workers, pages)}
 
 
 def check_keys(r: dict) -> None:
@@ -77,16 +100,13 @@ def test_run_every_workload(tmp_path, workload: str, workers: int) -> None:
     pages = 64
     r, status = run_json("--workload", workload, "--workers", str(workers), "--pages", str(pages),
                          "--pages-to-scan", "2000", "--sleep-ms", "0", "--log-dir", str(tmp_path),
-                         "--cluster", name(f"w{workers}{workload.replace(':', '')}"), timeout=80)
+                         "--cluster", cname(f"tcliw{workers}{workload.replace(':', '')}"), timeout=80)
     assert_clean_run(r, status, workers, pages)
     assert r["workload"] == workload
     k = r["ksm"]
     assert k["run"] == 1 and k["pages_to_scan"] == 2000 and k["sleep_millisecs"] == 0
     assert k["full_scans"] >= 2 and k["pages_scanned"] >= workers * pages
-    if workload in ("identical", "zero", "dup:3", "vm"):
-        assert k["pages_sharing"] > 0
-    if workload in ("unique", "volatile"):
-        assert k["pages_shared"] == k["pages_sharing"] == 0
+    assert (k["pages_shared"], k["pages_sharing"]) in expected_merges(workload, workers, pages), k
     assert r["memory"]["host_bytes_resident"] >= r["frames"]["used"] * 4096 * 0.9
 
 
@@ -114,7 +134,7 @@ def assert_usage_error(p: subprocess.CompletedProcess, word: str) -> None:
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("args,word", BAD, ids=[" ".join(a) for a, _w in BAD])
 def test_bad_input_is_one_line_and_status_2(tmp_path, args: list[str], word: str) -> None:
-    cl = name("bad")
+    cl = cname("tclibad")
     p = uksm("run", "--cluster", cl, "--log-dir", str(tmp_path), *args, timeout=50)
     assert_usage_error(p, word)
     assert shm.leftovers(cl) == []
@@ -123,7 +143,7 @@ def test_bad_input_is_one_line_and_status_2(tmp_path, args: list[str], word: str
 
 @pytest.mark.timeout(60)
 def test_bad_input_missing_log_dir(tmp_path) -> None:
-    cl = name("nolog")
+    cl = cname("tclinolog")
     missing = tmp_path / "not" / "there"
     p = uksm("run", "--cluster", cl, "--log-dir", str(missing), "--workers", "1", "--pages", "8",
              timeout=50)
@@ -133,7 +153,7 @@ def test_bad_input_missing_log_dir(tmp_path) -> None:
 
 @pytest.mark.timeout(60)
 def test_bad_input_cluster_name_in_use(tmp_path) -> None:
-    cl = name("busy")
+    cl = cname("tclibusy")
     with booted(cl, run=0, frames=16) as sup:
         mine = shm.leftovers(cl)
         assert mine
@@ -148,24 +168,9 @@ def test_bad_input_cluster_name_in_use(tmp_path) -> None:
     assert_usage_error(p, "cluster name")
 
 
-def group_alive(pgid: int) -> list[int]:
-    out = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                rest = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if rest[0] != "Z" and int(rest[2]) == pgid:
-            out.append(int(d))
-    return out
-
-
 @pytest.mark.timeout(90)
 def test_cleanup_after_a_crashed_run(tmp_path) -> None:
-    cl = name("crash")
+    cl = cname("tclicrash")
     p = subprocess.Popen([sys.executable, "-m", "uksm", "run", "--cluster", cl, "--duration", "60",
                           "--workers", "2", "--pages", "64", "--log-dir", str(tmp_path), "--quiet"],
                          cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -207,15 +212,13 @@ def test_run_help() -> None:
 
 @pytest.mark.timeout(100)
 def test_default_run_ends_by_itself_and_saves_memory(tmp_path) -> None:
-    t0 = time.monotonic()
     r, status = run_json("--log-dir", str(tmp_path), timeout=90)
-    took = time.monotonic() - t0
-    assert took < 60, took
     assert status == 0, r
     check_keys(r)
-    assert r["duration_s"] < 60
+    assert [e["reason"] for e in log_events(tmp_path, "run_end")] == ["converged"]   # by itself
     assert r["workload"] == "vm"
-    assert r["ksm"]["pages_sharing"] > 0
+    k = r["ksm"]
+    assert (k["pages_shared"], k["pages_sharing"]) in expected_merges("vm", 4, 1024), k
     assert r["frames"]["used"] < r["workers"]["started"] * 1024  # memory saved
     assert r["integrity"]["mismatches"] == 0 and r["fsck"]["ok"] and r["ipc_leftovers"] == []
     assert shm.leftovers(r["cluster"]) == []
@@ -234,11 +237,13 @@ def test_readme_first_command_prints_its_report(tmp_path) -> None:
     assert p.returncode == 0, p.stdout + p.stderr
     out = p.stdout
     m = re.match(r"cluster (\S+)  workload vm  ([\d.]+)s  exit policy seed  oom rule \S+\n", out)
-    assert m and float(m.group(2)) < 60, out
+    assert m, out
+    assert [e["reason"] for e in log_events(tmp_path, "run_end")] == ["converged"]   # by itself
     ksm = dict(re.findall(r"(\w+) (\d+)", "".join(out.splitlines(True)[1:3])))
     assert set(ksm) == {"run", "full_scans", "pages_scanned", "pages_shared", "pages_sharing",
                         "pages_unshared", "pages_volatile"}, out
-    assert ksm["run"] == "1" and int(ksm["pages_sharing"]) > 0 and int(ksm["full_scans"]) >= 2
+    assert ksm["run"] == "1" and int(ksm["full_scans"]) >= 2
+    assert (int(ksm["pages_shared"]), int(ksm["pages_sharing"])) in expected_merges("vm", 4, 1024), ksm
     mem = re.search(r"^  memory   frames used (\d+) of (\d+); pool resident [\d.]+ MiB; saved by merging "
                     r"(\d+) pages = [\d.]+ MiB$", out, re.M)
     assert mem and int(mem.group(3)) == int(ksm["pages_sharing"]), out
@@ -252,3 +257,41 @@ def test_readme_first_command_prints_its_report(tmp_path) -> None:
     assert re.search(rf"^  leftover POSIX objects: 0  logs: {re.escape(str(tmp_path))}$", out, re.M), out
     assert "HUNG" not in out and "  error " not in out
     assert shm.leftovers(m.group(1)) == []
+
+
+@pytest.mark.timeout(120)
+def test_default_log_folders_are_new_and_never_removed(tmp_path) -> None:
+    """README: without --log-dir, ``uksm run`` and ``uksm up`` log into a new
+    ``./uksm-logs/<cluster>-<time>`` and ``uksm inject`` into a new
+    ``uksm-<cluster>-*`` in $TMPDIR; uksm never removes a log folder (a
+    failing run's least of all)."""
+    cwd, tmp = tmp_path / "here", tmp_path / "tmp"
+    cwd.mkdir()
+    tmp.mkdir()
+    env = dict(os.environ, TMPDIR=str(tmp))
+
+    def uksm_here(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "uksm", *args], cwd=cwd, env=env,
+                              capture_output=True, text=True, timeout=80)
+
+    a, b, c, d = cname("tclilogA"), cname("tclilogB"), cname("tclilogC"), cname("tclilogD")
+    p = uksm_here("run", "--cluster", a, "--workers", "1", "--pages", "8", "--quiet")
+    assert p.returncode == 0, p.stderr
+    (da,) = (cwd / "uksm-logs").glob(f"{a}-*")
+    assert re.fullmatch(rf"{a}-\d{{8}}-\d{{6}}", da.name) and f"logs: {da}" in p.stdout, p.stdout
+    files_a = sorted(f.name for f in da.iterdir())
+    assert any(f.startswith("supervisor-") for f in files_a) and any(f.startswith("ksmd-") for f in files_a)
+    p = uksm_here("run", "--cluster", b, "--frames", "16", "--quiet")         # fails: nothing verified
+    assert p.returncode == 1, p.stdout
+    (db,) = (cwd / "uksm-logs").glob(f"{b}-*")
+    assert uksm_here("up", "--cluster", c, "--workers", "1", "--pages", "8").returncode == 0
+    assert uksm_here("down", "--cluster", c).returncode == 0
+    (dc,) = (cwd / "uksm-logs").glob(f"{c}-*")
+    p = uksm_here("inject", "--cluster", d, "--kills", "1", "--workers", "2", "--pages", "16", "--quiet")
+    assert p.returncode == 0, p.stdout + p.stderr
+    (dd,) = tmp.glob(f"uksm-{d}-*")
+    # every folder is still there, with what it held
+    assert sorted(f.name for f in da.iterdir()) == files_a
+    for folder in (db, dc, dd):
+        assert any(f.name.startswith("supervisor-") for f in folder.iterdir()), folder
+    assert sorted(x.name for x in (cwd / "uksm-logs").iterdir()) == sorted([da.name, db.name, dc.name])

@@ -11,12 +11,14 @@ autouse leak checker of conftest.py would fail it otherwise).
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import pty
 import select
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -26,11 +28,10 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, Up, cluster_pids, reaped, uksm, wait_for
+from helpers import ROOT, Up, cluster_pids, log_events, reaped, require, uksm, wait_for
 from uksm.host import shm
 from uksm.kernel.cluster import pid_alive
 from uksm.kernel.layout import (
-    A_FREE_TOP,
     EXIT_POLICIES,
     H_EXIT_POLICY,
     H_MEM_LIMIT,
@@ -40,12 +41,13 @@ from uksm.kernel.layout import (
     K_RUN_DONE,
     K_RUN_SEQ,
     K_SLEEP_MS,
-    KSM_FIELDS,
-    MM_STATES,
 )
 from uksm.kernel.mm import live_mm_rows, mm_fields
 
-KSM = dict(KSM_FIELDS)   # the /sys/kernel/mm/ksm names and their words
+#: docs/CLUSTER.md: ``ctl`` prints "the nine /sys/kernel/mm/ksm values" first,
+#: as ``grep . /sys/kernel/mm/ksm/*`` (written out here, not read from the code)
+SYSFS_KSM = ["run", "pages_to_scan", "sleep_millisecs", "pages_shared", "pages_sharing",
+             "pages_unshared", "pages_volatile", "full_scans", "pages_scanned"]
 
 
 @pytest.mark.timeout(90)
@@ -71,7 +73,7 @@ def test_up_drive_down(cluster: Up) -> None:
         p = cluster("ctl")
         assert p.returncode == 0
         lines = dict(ln.split(" ", 1) for ln in p.stdout.splitlines())
-        assert list(lines)[:9] == list(KSM)
+        assert list(lines)[:9] == SYSFS_KSM
         assert {"exit_policy", "mem_limit", "frames_total", "frames_used", "frames_free"} <= set(lines)
         assert lines["frames_total"] == "1024" and lines["exit_policy"] == "seed"
 
@@ -79,22 +81,30 @@ def test_up_drive_down(cluster: Up) -> None:
         p = cluster("ctl", "run=2")
         assert p.returncode == 0, p.stderr
         assert q[K_RUN] == 2 and q[K_RUN_DONE] == q[K_RUN_SEQ]
-        for k in ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile"):
-            assert q[KSM[k]] == 0, k
         st = cluster.json("status")
-        assert st["ksm"] == {k: q[i] for k, i in KSM.items()}
-        assert st["frames"] == {"total": 1024, "used": 1024 - q[A_FREE_TOP], "free": q[A_FREE_TOP]}
-        assert st["frames"]["used"] == 2 * 64 + 2 * 48  # every page unmerged again
-        assert st["memory"]["host_bytes_resident"] > 0
-        rows = {mm_fields(cl, r)["id"]: mm_fields(cl, r) for r in live_mm_rows(cl)}
-        assert {m["mm"] for m in st["mms"]} == set(rows)
+        # what run=2 leaves, known without asking the code: everything
+        # unmerged, the knobs as set at up (pages_to_scan's default 100)
+        assert {k: st["ksm"][k] for k in SYSFS_KSM[:7]} == {
+            "run": 2, "pages_to_scan": 100, "sleep_millisecs": 5, "pages_shared": 0,
+            "pages_sharing": 0, "pages_unshared": 0, "pages_volatile": 0}, st["ksm"]
+        # ctl (text, another process) says the same
+        ctl = dict(ln.split(" ", 1) for ln in cluster("ctl").stdout.splitlines())
+        assert {k: int(ctl[k]) for k in SYSFS_KSM} == st["ksm"]
+        used = 2 * 64 + 2 * 48     # every page of the four workers, unmerged again
+        assert st["frames"] == {"total": 1024, "used": used, "free": 1024 - used}
+        assert st["memory"]["host_bytes_resident"] >= used * 4096
+        pages = {"w1": 64, "w2": 64, "w3": 48, "w4": 48}
+        pids = {w["worker"]: w["pid"] for w in sp["spawned"]}
+        assert sorted(m["worker"] for m in st["mms"]) == sorted(pages)
         for m in st["mms"]:
-            f = rows[m["mm"]]
-            assert m["worker"] == f"w{f['worker_no']}" and m["owner_pid"] == f["owner_pid"]
-            assert m["state"] == MM_STATES[f["state"]] == "live"
-            for k in ("pages", "rss", "ksm_rmap_items", "ksm_merging_pages", "mm_users", "mm_count"):
-                assert m[k] == f[k], k
-            assert m["ksm_merging_pages"] == 0 and m["rss"] == m["pages"]
+            w = m["worker"]
+            assert m["state"] == "live" and m["owner_alive"] and m["pages"] == m["rss"] == pages[w], m
+            assert m["owner_pid"] == pids.get(w, m["owner_pid"]) and m["owner_pid"] in cluster_pids(cluster.name)
+            # run=2 dropped every rmap_item and KSM page, and kept each live
+            # mm's slot (2.6.32's unmerge frees only exiting mms' slots):
+            # mm_count is the users' reference and the slot's
+            assert (m["ksm_rmap_items"], m["ksm_merging_pages"], m["mm_users"], m["mm_count"]) == \
+                (0, 0, 1, 2), m
 
         # invalid values: refused with the kernel's reasoning, nothing written
         p = cluster("ctl", "run=3")
@@ -141,13 +151,11 @@ def test_up_drive_down(cluster: Up) -> None:
     assert not pid_alive(daemon) and not cluster_pids(cluster.name)
     assert shm.leftovers(cluster.name) == []
     # the logs say what the daemon did
-    ctl_log = [json.loads(ln) for f in cluster.log_dir.glob("ctl-*.jsonl") for ln in f.read_text().splitlines()]
     # run is written by the writer task (run_store), the other knobs by the daemon
-    writer_log = [json.loads(ln) for f in cluster.log_dir.glob("writer-*.jsonl")
-                  for ln in f.read_text().splitlines()]
-    knobs = [(e["name"], e["value"]) for e in ctl_log + writer_log if e["event"] == "ksm_knob"]
+    knobs = [(e["name"], e["value"]) for e in log_events(cluster.log_dir, "ksm_knob")
+             if e["role"] in ("ctl", "writer")]
     assert ("run", 2) in knobs and ("pages_to_scan", 50) in knobs
-    assert [e["signal"] for e in ctl_log if e["event"] == "inject_kill"] == ["TERM", "KILL"]
+    assert [e["signal"] for e in log_events(cluster.log_dir, "inject_kill", role="ctl")] == ["TERM", "KILL"]
     # gone: said plainly
     p = cluster("status")
     assert p.returncode == 1 and "does not exist" in p.stderr
@@ -320,3 +328,166 @@ def test_foreground_for_a_service_manager(cluster: Up, tmp_path: Path) -> None:
             p.wait()
         ns.close()
     assert shm.leftovers(cluster.name) == [] and not cluster_pids(cluster.name)
+
+
+# ---- docs/CLUSTER.md's promises, one by one ----------------------------------------------------
+
+def _request(name: str, req: dict) -> socket.socket:
+    """Connect to the cluster's control socket and send one request; the
+    answer is read later (``_answer``).  connect() returns at once: the
+    connection waits in the daemon's listen queue, in connect order."""
+    from uksm.proc.control import sock_address
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(60)
+    s.connect(sock_address(name))
+    s.sendall(json.dumps(req).encode() + b"\n")
+    return s
+
+
+def _answer(s: socket.socket) -> dict:
+    buf = b""
+    with s:
+        while not buf.endswith(b"\n"):
+            chunk = s.recv(1 << 16)
+            if not chunk:
+                break
+            buf += chunk
+    return json.loads(buf)
+
+
+@pytest.mark.timeout(90)
+def test_requests_queued_behind_down_are_answered_went_down(cluster: Up) -> None:
+    """"Requests still queued when `down` finishes are answered `went
+    down`": the daemon frozen (SIGSTOP), a down and a ctl queued behind it
+    in that order, the daemon thawed."""
+    daemon = cluster.up("--workers", "1", "--pages", "16")["pid"]
+    os.kill(daemon, signal.SIGSTOP)
+    try:
+        down = _request(cluster.name, {"op": "down"})
+        late = _request(cluster.name, {"op": "ctl", "set": {"pages_to_scan": 7}})
+    finally:
+        os.kill(daemon, signal.SIGCONT)
+    d = _answer(down)
+    assert d["ok"] and d["status"] == 0, d
+    assert _answer(late) == {"ok": False, "status": 1, "error": f"cluster {cluster.name!r} went down"}
+    wait_for(lambda: not cluster_pids(cluster.name), 10, what="the daemon to exit")
+
+
+def _top(name: str) -> tuple[int, int]:
+    """``uksm top`` on a pseudo-terminal: (pid, the pty's fd), once it shows the cluster."""
+    env = dict(os.environ, TERM="xterm", LINES="40", COLUMNS="120")
+    pid, fd = pty.fork()
+    if pid == 0:
+        try:
+            os.chdir(ROOT)
+            os.execvpe(sys.executable, [sys.executable, "-m", "uksm", "top", "--cluster", name,
+                                        "--interval", "0.2"], env)
+        finally:
+            os._exit(127)
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    assert name.encode() in _read_pty(fd, name.encode(), 20)
+    return pid, fd
+
+
+def _top_status(pid: int, fd: int) -> int:
+    """top's exit status once it ends by itself (its pty read to EOF)."""
+    try:
+        _read_pty(fd, b"\0never", 20)        # until EOF: top has ended
+        _pid, st = os.waitpid(pid, 0)
+        return os.waitstatus_to_exitcode(st)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.timeout(90)
+def test_top_exits_by_itself_when_the_cluster_goes_down_or_dies(cluster: Up) -> None:
+    """CLUSTER.md: top "exits by itself if the cluster goes down (0) or
+    dies (1)"."""
+    cluster.up("--workers", "1", "--pages", "16")
+    pid, fd = _top(cluster.name)
+    with reaped_pid(pid):
+        assert cluster("down").returncode == 0
+        assert _top_status(pid, fd) == 0
+    cluster.up("--workers", "1", "--pages", "16")
+    pid, fd = _top(cluster.name)
+    with reaped_pid(pid):
+        for p in cluster_pids(cluster.name):   # the daemon, ksmd, the worker: not top
+            if p != pid:
+                os.kill(p, signal.SIGKILL)
+        assert _top_status(pid, fd) == 1
+    assert cluster("cleanup").returncode == 0
+
+
+@contextlib.contextmanager
+def reaped_pid(pid: int):
+    """A child forked by the test: never outlives it."""
+    try:
+        yield
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+
+
+@pytest.mark.timeout(90)
+def test_status_uptime_owner_alive_and_a_daemon_that_does_not_answer(cluster: Up) -> None:
+    """status --json: ``uptime_s`` grows; ``owner_alive`` is false for an
+    address space whose owner has gone (a slow-path exit waiting for ksmd);
+    ``daemon`` is null when the daemon does not answer within a second
+    (here: stopped), and the rest of status still comes from the shared
+    memory; ``spawn --pages`` beyond ``--max-pages`` is refused, status 2."""
+    info = cluster.up("--workers", "2", "--pages", "16", "--workload", "identical", "--max-pages", "32",
+                      "--sleep-ms", "5")
+    p = cluster("spawn", "--pages", "33")
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.strip() == "uksm: --pages: must be 1..32 (the machine's --max-pages is 32)"
+    st1 = cluster.json("status")
+    assert st1["daemon"] == {"pid": info["pid"], "log_dir": str(cluster.log_dir), "hung_tasks": []}
+    cl = cluster.attach()
+    try:
+        wait_for(lambda: cl.q[K_PAGES_SHARING] == 31, 30, what="both workers' pages merged")
+    finally:
+        cl.close()
+    assert cluster("ctl", "run=0").returncode == 0      # ksmd keeps the rmap_items, frees nothing
+    k = cluster.json("kill", "w1")["killed"][0]
+    assert k["result"] == "exited through its own exit path; mm1 waiting-ksmd (ksm_exit slow)", k
+    st2 = cluster.json("status")
+    assert st2["uptime_s"] > st1["uptime_s"] >= 0
+    w1 = next(m for m in st2["mms"] if m["worker"] == "w1")
+    w2 = next(m for m in st2["mms"] if m["worker"] == "w2")
+    assert (w1["state"], w1["owner_alive"]) == ("waiting-ksmd", False), w1
+    assert (w2["state"], w2["owner_alive"]) == ("live", True), w2
+    os.kill(info["pid"], signal.SIGSTOP)
+    try:
+        st3 = cluster.json("status")
+        assert st3["daemon"] is None and st3["supervisor_pid"] == info["pid"], st3
+        assert st3["uptime_s"] >= st2["uptime_s"] and len(st3["mms"]) == 2
+        text = cluster("status").stdout
+        assert "daemon: not answering (busy with a request, or a 'uksm run' cluster)" in text, text
+    finally:
+        os.kill(info["pid"], signal.SIGCONT)
+    assert cluster("ctl", "run=1").returncode == 0
+    assert cluster("down").returncode == 0
+
+
+@pytest.mark.timeout(90)
+def test_the_default_cluster_name(tmp_path) -> None:
+    """Without --cluster and without $UKSM_CLUSTER, every command means the
+    cluster named ``default`` -- tried in private mount and network
+    namespaces (a /dev/shm and abstract sockets of its own), never beside
+    another user's ``default``."""
+    require("no-mount-namespace")
+    env = {k: v for k, v in os.environ.items() if k != "UKSM_CLUSTER"}
+    script = (f"mount -t tmpfs -o size=64m tmpfs /dev/shm || exit 99\n"
+              f"PY={sys.executable}\n"
+              f"$PY -m uksm up --workers 1 --pages 8 --log-dir {tmp_path} --json > {tmp_path}/up.json\n"
+              f"$PY -m uksm status --json > {tmp_path}/st.json\n"
+              f"$PY -m uksm down --json > {tmp_path}/down.json; echo down $?\n"
+              f"echo left $(ls -A /dev/shm | wc -l)\n")
+    p = subprocess.run(["unshare", "-m", "-n", "--propagation", "private", "sh", "-c", script], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=80)
+    assert p.stdout.endswith("down 0\nleft 0\n"), (p.stdout, p.stderr)
+    for f in ("up.json", "st.json", "down.json"):
+        assert json.loads((tmp_path / f).read_text())["cluster"] == "default", f

@@ -70,6 +70,7 @@ def test_the_default_max_workers_is_a_limit(cluster: Up) -> None:
     assert p.returncode == 1 and "--max-workers 32: 0 tasks are alive, 32 more may start" in \
         one_line(p)
     assert live_workers(cluster) == []
+    assert cluster.json("down")["status"] == 0
 
 
 def test_a_spawn_failing_midway_says_what_it_did(monkeypatch, capsys) -> None:

@@ -4,9 +4,10 @@ docs/DESIGN.md's picture, checked from every module's imports (function-
 level imports included: an import inside a function is still a
 dependency, only a later one):
 
-    cli            uksm.cli, uksm.__main__
+    cli            uksm.cli, every __main__ (uksm.__main__, uksm.logs.__main__)
     faults         uksm.faults (fault injection: inject, campaign, campaign_run)
-    api            uksm.api, uksm.testing, uksm (the curated __init__)
+    api            uksm.api, uksm.testing, uksm.scenarios, uksm.deterministic, uksm (the curated __init__)
+    explorer       uksm.explorer (controlled schedules: the gate, the world, the strategies)
     proc           uksm.proc   (supervisor, recovery, reaper, daemon, run, control)
     workers        uksm.workers (workers/: the tasks' programs)
     logs           uksm.logs   (reads log files: only the host below it)
@@ -35,9 +36,10 @@ ALLOWED = {
     "logs": {"errors", "host", "logs"},
     "workers": {"errors", "host", "kernel", "workers"},
     "proc": {"errors", "host", "kernel", "workers", "proc"},
-    "api": {"errors", "host", "kernel", "workers", "proc", "api"},
-    "faults": {"errors", "host", "kernel", "workers", "proc", "api", "logs", "faults"},
-    "cli": {"errors", "host", "kernel", "workers", "proc", "api", "logs", "faults", "cli"},
+    "explorer": {"errors", "host", "kernel", "workers", "proc", "explorer"},
+    "api": {"errors", "host", "kernel", "workers", "proc", "explorer", "api"},
+    "faults": {"errors", "host", "kernel", "workers", "proc", "explorer", "api", "logs", "faults"},
+    "cli": {"errors", "host", "kernel", "workers", "proc", "explorer", "api", "logs", "faults", "cli"},
 }
 
 
@@ -56,10 +58,10 @@ def modules() -> dict[str, pathlib.Path]:
 
 def layer(mod: str) -> str:
     parts = mod.split(".")
-    if len(parts) == 1 or parts[1] in ("api", "testing"):
-        return "api"
-    if parts[1] == "__main__":
+    if parts[-1] == "__main__":   # an entry point (python -m uksm, python -m uksm.logs): the CLI
         return "cli"
+    if len(parts) == 1 or parts[1] in ("api", "testing", "scenarios", "deterministic"):
+        return "api"
     return parts[1]
 
 
@@ -100,9 +102,14 @@ def test_the_picture_covers_every_module() -> None:
     assert {layer(m) for m in GRAPH} == set(ALLOWED), "a module outside the layers"
 
 
+def upward(mod: str, deps: set[str]) -> list[str]:
+    """What ``mod`` imports from a layer it may not import."""
+    return sorted(d for d in deps if layer(d) not in ALLOWED[layer(mod)])
+
+
 @pytest.mark.parametrize("mod", sorted(GRAPH))
 def test_imports_go_downwards(mod: str) -> None:
-    bad = sorted(d for d in GRAPH[mod] if layer(d) not in ALLOWED[layer(mod)])
+    bad = upward(mod, GRAPH[mod])
     assert not bad, f"{mod} ({layer(mod)}) imports {bad} from above it"
 
 
@@ -145,10 +152,24 @@ def test_no_import_cycles() -> None:
     assert cycles(GRAPH) == []
 
 
-def test_the_checks_can_fail() -> None:
-    """The checkers themselves, on graphs made wrong on purpose."""
+def test_the_checks_can_fail(tmp_path: pathlib.Path) -> None:
+    """The checkers themselves, on code and graphs made wrong on purpose."""
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == [["a", "b", "c"]]
-    assert "host" not in ALLOWED["host"] - {"host"} and "proc" not in ALLOWED["kernel"]
+    # an import from above, at function level, in a kernel module: read and refused
+    bad = tmp_path / "bad.py"
+    bad.write_text("def f():\n    from uksm.proc import supervisor\n    import uksm.cli.main\n")
+    deps = imports("uksm.kernel.bad", bad, set(GRAPH))
+    assert deps == {"uksm.proc.supervisor", "uksm.cli.main"}
+    assert upward("uksm.kernel.bad", deps) == ["uksm.cli.main", "uksm.proc.supervisor"]
+    # each layer refuses the layers above it, and only those
+    order = ["errors", "host", "kernel", "workers", "proc", "api", "faults", "cli"]
+    for i, lay in enumerate(order):
+        assert set(order[:i + 1]) <= ALLOWED[lay] and not set(order[i + 1:]) & ALLOWED[lay], lay
+    assert "logs" not in ALLOWED["kernel"] and ALLOWED["logs"] == {"errors", "host", "logs"}
+    # a type-only import is no dependency
+    typed = tmp_path / "typed.py"
+    typed.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from uksm.proc import supervisor\n")
+    assert imports("uksm.kernel.typed", typed, set(GRAPH)) == set()
     # the kernel's own modules are seen, with their imports
     assert "uksm.kernel.layout" in GRAPH["uksm.kernel.ksm"]
     assert "uksm.host.shm" in GRAPH["uksm.kernel.cluster"]

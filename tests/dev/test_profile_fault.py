@@ -1,6 +1,12 @@
 """dev/profile_fault.py runs at a tiny size and prints its breakdown of a
-first-touch fault and a mapped page write (no timed assertion: the pieces
-are only checked to be there and to add up)."""
+first-touch fault and a mapped page write.  No timed assertion; and the
+``rest_*`` pieces are not checked at all: they are the remainder by
+definition (the whole minus the parts), so any check of the sum would
+hold whatever the tool measured.  What is checked is what the tool could
+get wrong: every piece there and measured (positive), the refill pieces
+nested inside the first-touch total they are timed within (one clock, one
+interval inside the other), and the per-task list refilled in batches.
+"""
 from __future__ import annotations
 
 import json
@@ -20,12 +26,12 @@ def test_the_pieces_are_there_and_add_up():
     assert p.returncode == 0, p.stdout + p.stderr
     r = json.loads(p.stdout)
     assert r["list_size"] > 1, "the worker's list refills in batches"
-    assert r["refill_host"] > 0 and r["first_touch"] > r["refill_host"] + r["pair_mmap_sem"]
-    parts = (r["refill_host"] + r["refill_python"] + r["pair_mmap_sem"] + 2 * r["pair_pte_lock"]
-             + r["rest_first_touch"])
-    assert parts == pytest.approx(r["first_touch"])
-    assert r["rest_mapped_write"] + r["pair_pte_lock"] + r["copy"] == pytest.approx(r["mapped_write"])
-    assert all(r[k] > 0 for k in ("pair_pte_lock", "pair_bare_semaphore", "copy", "find_vma"))
+    timed = ("first_touch", "refill_host", "refill_python", "pair_mmap_sem", "pair_pte_lock",
+             "pair_bare_semaphore", "copy", "find_vma", "mapped_write")
+    assert all(r[k] > 0 for k in timed), r
+    # the refills' time is measured inside the first-touch loop's, on the same clock
+    assert r["refill_host"] + r["refill_python"] <= r["first_touch"], r
+    assert set(r) == {*timed, "list_size", "rest_first_touch", "rest_mapped_write", "loadavg_1m"}, r
 
 
 @pytest.mark.timeout(60)

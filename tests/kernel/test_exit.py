@@ -16,17 +16,17 @@ import pytest
 
 import uksm
 from helpers import booted, pump, run_json
+from helpers import echo_run as set_run
+from helpers import worker_ready as ready
 from uksm.host import shm
 from uksm.kernel import killpoints
 from uksm.kernel.layout import (
-    H_KSMD_POINT,
     K_FULL_SCANS,
     M_ID,
     M_RMAP_ITEMS,
     M_SLOT_RMAP,
     M_SLOT_USED,
     S_MISMATCHES,
-    T_READY,
     stats_block,
 )
 
@@ -36,16 +36,6 @@ PID = os.getpid() % 100000
 
 def mm_objects(name: str, mm_id: int) -> list[str]:
     return [o for o in shm.leftovers(name) if f".mm{mm_id}" in o]
-
-
-def ready(sup, ch) -> bool:
-    return bool(sup.cl.q[sup.cl.tbase(ch.row) + T_READY])
-
-
-def set_run(sup, value: int) -> None:
-    """echo VALUE > run, by a writer task (for 2: it unmerges)."""
-    r = sup.write_run(value, timeout=60)
-    assert r["result"] == "done", r
 
 
 def finish(sup) -> dict:
@@ -202,32 +192,22 @@ def test_hazard_no_fast_path_leaks_the_mm(hazard, expect_ok, tmp_path):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("hazards,leak", [([], False), (["no-exit-checks"], True)])
-@pytest.mark.parametrize("rep", range(3))
-def test_hazard_no_exit_checks_leaks_a_frame(hazards, leak, rep):
-    """ksmd's break_ksm sees a KSM page; before it faults, exit_mmap zaps the
-    page table (the window is held open with a delay point).  With the
-    seed's ksm_test_exit check the fault installs nothing; without it, it
-    reinstates a page that the page-table teardown then loses: fsck finds
-    the leaked frame."""
-    name = f"thz{rep}p{PID}"
-    with booted(name, run=1, frames=1024, va_pages=256, pages_to_scan=1000, sleep_ms=1,
-                hazards=hazards) as sup:
-        q = sup.cl.q
-        ch = sup.spawn_worker(64, "identical", rep)
-        pump(sup, lambda: ready(sup, ch) and q[K_FULL_SCANS] >= 3, what="merged")
-        killpoints.arm_ksmd_delay(sup.cl, "ksmd_break_ksm_window", 400)
-        w = sup.start_run_writer(2)   # the run=2 writer unmerges
-        pump(sup, lambda: q[H_KSMD_POINT] == -1, what="the unmerger in the window")
-        ch.proc.terminate()   # exit_mmap zaps while the unmerger sleeps in the window
-        pump(sup, lambda: ch.row not in sup.children, what="worker exit")
-        pump(sup, lambda: sup.run_writer_status(w) is not None, what="unmerge done")
-        fs = finish(sup)
-        leaked = [e for e in fs["errors"] if "leaked" in e]
-        if leak:
-            assert leaked, fs["errors"]
-        else:
-            assert fs["ok"], fs["errors"]
+@pytest.mark.parametrize("fixed", [True, False], ids=["fixed", "hazard"])
+def test_hazard_no_exit_checks_leaks_a_frame(fixed):
+    """The run=2 writer's break_ksm sees a KSM page; before it faults,
+    exit_mmap zaps the page table (the window, kp:ksmd_break_ksm_window,
+    reached by a schedule: tests/races.py).  With the seed's ksm_test_exit
+    check the fault installs nothing; without it, it reinstates a page
+    that the page-table teardown then loses: fsck finds the leaked frame."""
+    import races
+    r = races.replay("no-exit-checks", fixed)
+    assert races.window("no-exit-checks", r.trace), r.trace
+    fs = r.outcome.report["fsck"]
+    leaked = [e for e in fs["errors"] if "leaked" in e]
+    if fixed:
+        assert fs["ok"] and r.status == 0, fs["errors"]
+    else:
+        assert leaked and r.status == 4 and r.failures[0]["finding"] == "fsck", fs["errors"]
 
 
 @pytest.mark.timeout(60)

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from helpers import booted
+from helpers import RecLog, booted
 from uksm.host.log import NULL_LOG
 from uksm.kernel import exit as xmod
 from uksm.kernel.layout import (
@@ -51,7 +51,6 @@ from uksm.kernel.layout import (
     XS_USERS0,
     XS_ZAPPED,
 )
-from util_log import RecLog
 from util_machine import PAGE, Space, assert_fsck, frames_used, set_run
 
 pytestmark = pytest.mark.timeout(60)

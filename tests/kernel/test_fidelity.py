@@ -163,45 +163,38 @@ def test_break_cow_leaves_an_area_no_longer_mergeable(advice):
 
 # ---- 6. never merge in an area made UNMERGEABLE or unmapped meanwhile ------------------
 
-@pytest.mark.timeout(90)
-@pytest.mark.parametrize("rep", range(3))
-def test_no_merge_in_an_area_made_unmergeable_while_ksmd_scans(rep):
+@pytest.mark.timeout(120)
+def test_no_merge_in_an_area_made_unmergeable_while_ksmd_scans():
     """Two mergeable areas A and B of one mm, B's pages equal to A's merged
-    KSM page.  ksmd is held (delay point) at the start of scan_mm with
+    KSM page.  ksmd is held (a delay point: under the scheduler, a barrier
+    released when nothing else can run) at the start of scan_mm with
     mmap_sem for read; MADV_UNMERGEABLE on B waits for it, ksmd lets the
     writer in, re-takes mmap_sem.  The kernel's scan_get_next_rmap_item
     does find_vma per page: B is no longer VM_MERGEABLE, nothing of it is
     merged.  (Before: ksmd went on with the area list taken before the
     drop and merged B's pages into the KSM page.)"""
-    from helpers import booted, pump
-    from uksm.kernel import killpoints
-    from uksm.kernel.ksm import run_store
-    from uksm.kernel.layout import H_KSMD_POINT
-    from uksm.kernel.syscalls import MADV_MERGEABLE, MADV_UNMERGEABLE
-    from util_machine import Space, assert_fsck, is_ksm, set_run, wait_counts, wait_full_scans
-    with booted(cname(f"nm{rep}"), run=1, frames=512, va_pages=400, pages_to_scan=2000,
-                sleep_ms=2) as sup:
-        q = sup.cl.q
-        s = Space(sup)
-        a = s.mmap(128)
-        s.mmap(1)                               # a gap: A and B stay two VMAs
-        b = s.mmap(64)
-        fill_same(s, a, 128)
-        fill_same(s, b, 64)
-        s.madvise(a, 128, MADV_MERGEABLE)
-        wait_counts(sup, pages_shared=1, pages_sharing=127)
-        set_run(sup, 0)
-        s.madvise(b, 64, MADV_MERGEABLE)
-        killpoints.arm_ksmd_delay(sup.cl, "ksmd_scan_mmap_sem", 600)
-        run_store(sup.cl, 1)                    # ksmd's next batch: scan_mm of this mm
-        pump(sup, lambda: q[H_KSMD_POINT] == -1, what="ksmd held with mmap_sem")
-        s.madvise(b, 64, MADV_UNMERGEABLE)      # waits for ksmd to let the writer in
-        wait_full_scans(sup, 2)
-        merged_b = [i for i in range(64) if is_ksm(sup.cl, s.pfn(b + i * 4096))]
-        assert merged_b == [], f"pages of the UNMERGEABLE area merged: {merged_b[:8]}"
-        assert all(is_ksm(sup.cl, s.pfn(a + i * 4096)) for i in range(128))
-        assert_fsck(sup, [s])
-        s.exit()
+    import races
+    import uksm
+
+    def script(m: uksm.Machine) -> None:
+        t = m.task(pages=4, mergeable=False)
+        t.fill(7)
+        t.madvise(0, 2, "MERGEABLE")                        # A
+        m.wait(lambda: m.ksm["pages_sharing"] == 1, what="A merged")
+        m.ksm["run"] = 0
+        t.madvise(2, 2, "MERGEABLE")                        # B: equal to A's KSM page
+        m.arm("ksmd_scan_mmap_sem", delay_ms=600)
+        m.ksm["run"] = 1                                    # ksmd's next batch: scan_mm of this mm
+        m.wait(lambda: m.armed() is None, what="ksmd held with mmap_sem")
+        assert t.madvise(2, 2, "UNMERGEABLE") == 0          # waits for ksmd to let the writer in
+        m.wait_full_scans(2)
+        assert t.stat()["ksm_merging_pages"] == 2, t.stat()  # A's two; nothing of B
+    r = races.default_run(script, frames=64, max_pages=4)
+    assert r.status == 0, r.failures
+    st = races.steps(r.trace)
+    i = races.first(st, "ksmd", "-> blocked on a delay point  [via kp:ksmd_scan_mmap_sem]")
+    assert i >= 0 and any(p == "t1" and "-> blocked mmap_sem:mm1" in x for p, x in races.until(st, i, "ksmd")), \
+        r.trace   # the window: ksmd held with mmap_sem, the madvise waiting for it
 
 
 # ---- 7. the smaller ones ------------------------------------------------------------------
@@ -437,34 +430,34 @@ def test_oom_victim_stuck_in_mmput_by_rule(rule, second_kill, monkeypatch):
 
 # ---- 3. the writer of run unmerges, and can be interrupted -------------------------------
 
-@pytest.mark.timeout(60)
-@pytest.mark.parametrize("rep", range(2))
-def test_run2_writer_interrupted_sets_run_back(rep):
-    """run_store in the writer's context: a signal while it unmerges makes
-    unmerge_ksm_pages return -ERESTARTSYS; run goes back to 0 and the
-    write fails ("interrupted")."""
-    from helpers import booted, pump
-    from uksm.kernel import killpoints
-    from uksm.kernel.layout import H_KSMD_POINT, K_RUN
-    from uksm.kernel.syscalls import MADV_MERGEABLE
-    from uksm.kernel.writer import result_of
-    from util_machine import Space, assert_fsck, wait_counts
-    with booted(cname(f"wi{rep}"), run=1, frames=128, va_pages=128, pages_to_scan=500,
-                sleep_ms=1) as sup:
-        q = sup.cl.q
-        s = Space(sup)
-        base = s.mmap(16)
-        fill_same(s, base, 16)
-        s.madvise(base, 16, MADV_MERGEABLE)
-        wait_counts(sup, pages_shared=1, pages_sharing=15)
-        killpoints.arm_ksmd_delay(sup.cl, "ksmd_break_ksm_window", 500)
-        w = sup.start_run_writer(2)
-        pump(sup, lambda: q[H_KSMD_POINT] == -1, what="the writer unmerging")
-        w.proc.terminate()                      # a signal for the writer (SIGTERM)
-        rc = pump(sup, lambda: sup.run_writer_status(w) is not None and [sup.run_writer_status(w)],
-                  what="the write to return")[0]
-        assert result_of(rc) == "interrupted" and q[K_RUN] == 0
-        assert_fsck(sup, [s], counters=False)
-        s.exit(wait=False)
-        assert sup.write_run(1)["result"] == "done"
-        pump(sup, s.freed, what="ksmd frees the slot")
+@pytest.mark.timeout(120)
+def test_run2_writer_interrupted_sets_run_back():
+    """run_store in the writer's context: a signal while it unmerges (the
+    writer held at kp:ksmd_break_ksm_window: a barrier under the
+    scheduler) makes unmerge_ksm_pages return -ERESTARTSYS; run goes back
+    to 0 and the write fails ("interrupted").  Then run=1 merges again."""
+    import signal
+
+    import races
+    import uksm
+
+    def script(m: uksm.Machine) -> None:
+        t = m.task(pages=4)
+        t.fill(7)
+        m.wait(lambda: m.ksm["pages_sharing"] == 3, what="merged")
+        m.arm("ksmd_break_ksm_window", delay_ms=500)
+        with m.race():
+            m.ksm["run"] = 2                                  # the writer unmerges
+            m.wait(lambda: m.armed() is None, what="the writer in the window")
+            w = m._tr.world                                   # (the supervisor's view)
+            writer = next(p for p in w.procs.values() if p.role == "writer" and not p.status)
+            w.deliver(writer.pid, signal.SIGTERM)             # a signal for the writer
+        assert m.ksm["run"] == 0
+        m.ksm["run"] = 1
+        m.wait(lambda: m.ksm["pages_sharing"] == 3, what="merged again")
+    r = races.default_run(script, frames=64, max_pages=4)
+    assert r.status == 0, r.failures
+    assert r.outcome.report["run_store"] == {"value": 1, "result": "done", "run": 1}
+    st = races.steps(r.trace)
+    assert races.first(st, "writer(2)", "-> blocked on a delay point  [via kp:ksmd_break_ksm_window]") >= 0
+    assert races.first(st, "writer(2)", "-> exit") > races.first(st, "writer(2)", "delay point")

@@ -1,24 +1,25 @@
 """Later KSM races on a flag (issue 11): each hazard removes one fix, a
 detector catches the race it reopens, and the fixed code stays clean under
-the very same test.  The race windows are held open with ksmd delay points,
-so each test hits its race every time; each runs a few times.
+the very same schedule.  The race windows are reached by a schedule
+(tests/races.py: found by exploring a scenario, replayed exactly), never
+by a sleep, and each fixed control shows from its trace that the window
+was reached:
 
 - no-scan-head-check (CVE-2011-2183): detector, the ksmd oops;
 - up-read-after-unlock (2016): detector, use_after_free;
-- no-unmerge-exit-check (2023): detector, the ksmd oops.
+- no-unmerge-exit-check (2023): detector, the writer's oops.
 """
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
-from test_exit import ready, set_run
 
+import races
+import uksm
 from helpers import booted, pump, run_json
+from helpers import worker_ready as ready
 from uksm import logs
-from uksm.kernel import killpoints
-from uksm.kernel.layout import H_KSMD_POINT, K_FULL_SCANS, stats_block
 
 # cluster names carry the session's pid: two runs of the suite never collide
 PID = os.getpid() % 100000
@@ -30,116 +31,90 @@ def events(log_dir, name: str) -> list[dict]:
     return [ev for ev in logs.iter_events(log_dir) if ev["event"] == name]
 
 
-def ksm05_exit_in_window(sup, point: str, ms: int, seed: int) -> None:
-    """LTP ksm05's task (madvise, touch nothing) exits by the fast path
-    while ksmd, started by run=1, waits at delay point ``point``."""
-    q = sup.cl.q
-    ch = sup.spawn_worker(8, "identical", seed, no_touch=True)
-    pump(sup, lambda: ready(sup, ch), what="madvise done")
-    killpoints.arm_ksmd_delay(sup.cl, point, ms)
-    set_run(sup, 1)
-    pump(sup, lambda: q[H_KSMD_POINT] == -1, what="ksmd in the window")
-    ch.proc.terminate()
-    pump(sup, lambda: ch.row not in sup.children, what="the task's exit")
+def race(hazard: str, fixed: bool, log_dir) -> uksm.Exploration:
+    """The hazard's schedule (or, fixed, its choices on the fixed code),
+    its window reached (both sides at their points in the trace)."""
+    r = races.replay(hazard, fixed, log_dir=str(log_dir))
+    assert races.window(hazard, r.trace), r.trace
+    return r
 
 
-def ksmd_batch_over(sup) -> None:
-    """run=0 through a writer: it takes ksm_thread_mutex, which ksmd holds
-    for its whole batch (the delay included)."""
-    sup.write_run(0, timeout=30)
-
-
-def assert_oops(sup, tmp_path, frame: str, exc: str, task: str) -> None:
+def assert_oops(r, log_dir, frame: str, exc: str, task: str) -> None:
     """The detector: an exception in kernel code (``task``: ksmd, or the
-    run=2 writer) is an oops: the run fails with status 5, the report's
-    ``oops`` names it, and the logs have its traceback (``oops``, rule 6
-    of ``logs check``).  (Checked through the report's text and the log
-    event only, so that it holds for either oops machinery the lead keeps.)"""
-    pump(sup, lambda: events(tmp_path, "oops"), what=f"the {task}'s oops")
-    end = sup.shutdown()
-    assert end["status"] == 5, end
-    assert exc in json.dumps(end["oops"]), end["oops"]
-    oops = events(tmp_path, "oops")
+    run=2 writer) is an oops: the run fails with status 5, the finding
+    names it, and the logs have its traceback (``oops``, rule 6 of ``logs
+    check``)."""
+    assert r.status == 5 and r.failures[0]["finding"] == "oops", r.failures
+    assert exc in r.failures[0]["detail"] and r.failures[0]["detail"].startswith(task)
+    oops = events(log_dir, "oops")
     assert len(oops) == 1 and oops[0]["role"] == task, oops
     assert exc in oops[0]["tb"] and frame in oops[0]["tb"], oops[0]["tb"]
-    assert any(v.startswith("rule 6: oops") for v in logs.check(tmp_path))
+    assert any(v.startswith("rule 6: oops") for v in logs.check(log_dir))
 
 
-def assert_clean(sup, tmp_path) -> None:
+def assert_clean(sup, log_dir) -> None:
     end = sup.shutdown()
     assert end["status"] == 0 and not end["oops"] and not end["use_after_free"], end
-    assert logs.check(tmp_path) == []
+    assert logs.check(log_dir) == []
 
 
-@pytest.mark.timeout(60)
-@pytest.mark.parametrize("hazards", [[], ["no-scan-head-check"]], ids=["fixed", "hazard"])
-@pytest.mark.parametrize("rep", range(3))
-def test_cve_2011_2183_scan_reaches_the_list_head(hazards, rep, tmp_path):
+def assert_clean_run(r, log_dir) -> None:
+    rep = r.outcome.report
+    assert r.status == 0 and not r.failures and not rep["use_after_free"] and rep["fsck"]["ok"], r.failures
+    assert logs.check(log_dir) == []
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("fixed", [True, False], ids=["fixed", "hazard"])
+def test_cve_2011_2183_scan_reaches_the_list_head(fixed, tmp_path):
     """ksm05's task: it madvises and exits before any scan.  ksmd saw the
-    list non-empty (ksmd_should_run) and stops before taking the list lock;
-    the task exits by the fast path, emptying the list; ksmd steps from the
-    list head to ... the list head, whose mm is NULL."""
-    with booted(f"thead{rep}{len(hazards)}{PID}", str(tmp_path), run=0, hazards=hazards, **SMALL) as sup:
-        q = sup.cl.q
-        ksm05_exit_in_window(sup, "ksmd_scan_wrap", 2000, rep)
-        assert stats_block(q)["exit_fast"] == 1  # the list is empty, ksmd still in the window
-        if hazards:
-            assert_oops(sup, tmp_path, "slot_state", "NullPointerDereference", "ksmd")
-        else:
-            ksmd_batch_over(sup)
-            assert_clean(sup, tmp_path)
+    list non-empty (ksmd_should_run) and stops before taking the list lock
+    (kp:ksmd_scan_wrap); the task exits by the fast path, emptying the
+    list; ksmd steps from the list head to ... the list head, whose mm is
+    NULL.  With the 2011 re-check ksmd sees the head and stops."""
+    r = race("no-scan-head-check", fixed, tmp_path)
+    assert r.outcome.report["workers"]["exit_fast"] == 1   # the list emptied while ksmd was in the window
+    if fixed:
+        assert_clean_run(r, tmp_path)
+    else:
+        assert_oops(r, tmp_path, "slot_state", "NullPointerDereference", "ksmd")
 
 
-@pytest.mark.timeout(60)
-@pytest.mark.parametrize("hazards", [[], ["up-read-after-unlock"]], ids=["fixed", "hazard"])
-@pytest.mark.parametrize("rep", range(3))
-def test_2016_up_read_after_the_list_lock(hazards, rep, tmp_path):
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("fixed", [True, False], ids=["fixed", "hazard"])
+def test_2016_up_read_after_the_list_lock(fixed, tmp_path):
     """ksmd finishes an mm with no rmap_items and moves the cursor on under
     the list lock.  Dropping the list lock before mmap_sem lets the task
     exit by the fast path and free its mm first: ksmd's up_read is then on
-    a freed mm (the delay point holds the window open).  With the 2016
-    order the task's exit comes after the up_read and nothing is flagged."""
-    with booted(f"tuaf{rep}{len(hazards)}{PID}", str(tmp_path), run=0, hazards=hazards, **SMALL) as sup:
-        q = sup.cl.q
-        ksm05_exit_in_window(sup, "ksmd_between_unlocks", 1500, rep)
-        ksmd_batch_over(sup)
-        if hazards:
-            assert stats_block(q)["exit_fast"] == 1  # (fixed: the exit waits for the list lock, then
-            #                              takes the fast path or finds ksmd freed the slot)
-            pump(sup, lambda: events(tmp_path, "use_after_free"), what="the use_after_free event")
-            end = sup.shutdown()
-            assert end["status"] == 1 and end["use_after_free"] >= 1, end
-            assert any("use after free" in e for e in end["errors"])
-            ev = events(tmp_path, "use_after_free")[0]
-            assert ev["role"] == "ksmd" and ev["lock"].startswith("mmap_sem:") and ev["op"] == "unlock"
-            assert any(v.startswith("rule 7:") for v in logs.check(tmp_path))
-        else:
-            assert_clean(sup, tmp_path)
+    a freed mm.  With the 2016 order (up_read first) the same choices let
+    the task exit only after the up_read, and nothing is flagged."""
+    r = race("up-read-after-unlock", fixed, tmp_path)
+    assert r.outcome.report["workers"]["exit_fast"] == 1
+    if fixed:
+        assert_clean_run(r, tmp_path)
+        return
+    assert r.status == 1 and r.failures[0]["finding"] == "use_after_free", r.failures
+    assert r.outcome.report["use_after_free"] >= 1
+    ev = events(tmp_path, "use_after_free")[0]
+    assert ev["role"] == "ksmd" and ev["lock"].startswith("mmap_sem:") and ev["op"] == "unlock"
+    assert any(v.startswith("rule 7:") for v in logs.check(tmp_path))
 
 
-@pytest.mark.timeout(60)
-@pytest.mark.parametrize("hazards", [[], ["no-unmerge-exit-check"]], ids=["fixed", "hazard"])
-@pytest.mark.parametrize("rep", range(2))
-def test_2023_unmerge_walks_a_torn_down_mm(hazards, rep, tmp_path):
-    """A task with rmap_items exits by the slow path while ksmd is stopped:
-    its exit completes (exit_mmap destroys the VMA table) and its slot
-    waits for ksmd.  run=2 then walks it: without the ksm_test_exit
-    re-check after mmap_sem, unmerge iterates the destroyed VMAs."""
-    with booted(f"tvma{rep}{len(hazards)}{PID}", str(tmp_path), run=1, hazards=hazards, **SMALL) as sup:
-        q = sup.cl.q
-        ch = sup.spawn_worker(16, "identical", rep)
-        pump(sup, lambda: ready(sup, ch) and q[K_FULL_SCANS] >= 2, what="scanned")
-        set_run(sup, 0)
-        ch.proc.terminate()
-        pump(sup, lambda: ch.row not in sup.children, what="the task's exit")
-        assert stats_block(q)["exit_slow"] == 1
-        r = sup.write_run(2, timeout=30)   # the writer unmerges (run_store)
-        if hazards:
-            assert r["status"] == 70, r
-            assert_oops(sup, tmp_path, "unmerge_and_remove_all_rmap_items", "VmaTableFreed", "writer")
-        else:
-            assert r["result"] == "done", r
-            assert_clean(sup, tmp_path)
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("fixed", [True, False], ids=["fixed", "hazard"])
+def test_2023_unmerge_walks_a_torn_down_mm(fixed, tmp_path):
+    """A task with rmap_items exits by the slow path (exit_mmap destroys
+    the VMA table; its slot waits for ksmd) before run=2's unmerge reaches
+    its mm: without the ksm_test_exit re-check after mmap_sem, unmerge
+    iterates the destroyed VMAs.  With it, the writer skips the mm and the
+    write of run is done."""
+    r = race("no-unmerge-exit-check", fixed, tmp_path)
+    assert r.outcome.report["workers"]["exit_slow"] >= 1
+    if fixed:
+        assert r.outcome.report["run_store"]["result"] == "done", r.outcome.report
+        assert_clean_run(r, tmp_path)
+    else:
+        assert_oops(r, tmp_path, "unmerge_and_remove_all_rmap_items", "VmaTableFreed", "writer")
 
 
 @pytest.mark.timeout(60)

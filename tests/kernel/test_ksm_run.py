@@ -16,13 +16,12 @@ The test thread is the writer task (util_machine.Space, ksmd stopped).
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from helpers import booted
+from helpers import RecLog, booted, cname
 from uksm.host.log import NULL_LOG
 from uksm.kernel import ksm as kmod
 from uksm.kernel.layout import (
@@ -44,15 +43,16 @@ from uksm.kernel.layout import (
     XS_USERS0,
     XS_ZAPPED,
 )
-from util_log import RecLog
 from util_machine import PAGE, Space, assert_fsck, is_ksm, ksm_stats, set_run, wait_counts
 
 pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture
-def machine() -> Iterator[Any]:
-    with booted(f"tkrun{os.getpid() % 100000}", run=0, frames=64, va_pages=64,
+def supervisor() -> Iterator[Any]:
+    """A cluster booted in this process, ksmd stopped (not the plugin's
+    ``machine`` fixture: this one yields the Supervisor)."""
+    with booted(cname("tkrun"), run=0, frames=64, va_pages=64,
                 pages_to_scan=1000, sleep_ms=1) as sup:
         yield sup
 
@@ -72,9 +72,9 @@ class UnmergeSpy:
         return self.err
 
 
-def test_run_store_changes_run_only_when_the_value_changes(machine: Any,
+def test_run_store_changes_run_only_when_the_value_changes(supervisor: Any,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    cl = machine.cl
+    cl = supervisor.cl
     q = cl.q
     spy = UnmergeSpy(monkeypatch, cl)
     seq0 = q[K_RUN_SEQ]
@@ -94,9 +94,9 @@ def test_run_store_changes_run_only_when_the_value_changes(machine: Any,
     assert q[cl.task.base + T_OOM_ORIGIN] == 0
 
 
-def test_run2_sets_pf_oom_origin_while_it_unmerges(machine: Any,
+def test_run2_sets_pf_oom_origin_while_it_unmerges(supervisor: Any,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    cl = machine.cl
+    cl = supervisor.cl
     q = cl.q
     spy = UnmergeSpy(monkeypatch, cl)
     seq, err = kmod.run_store(cl, 2, oom_origin=True)
@@ -106,11 +106,11 @@ def test_run2_sets_pf_oom_origin_while_it_unmerges(machine: Any,
 
 
 @pytest.mark.parametrize("oom_origin", [False, True])
-def test_run2_error_stops_ksm_and_clears_the_flag(machine: Any, monkeypatch: pytest.MonkeyPatch,
+def test_run2_error_stops_ksm_and_clears_the_flag(supervisor: Any, monkeypatch: pytest.MonkeyPatch,
                                                   oom_origin: bool) -> None:
     """-ERESTARTSYS or -ENOMEM from the unmerge: run goes back to 0
     (ksm_run = KSM_RUN_STOP), the error is returned, the write is done."""
-    cl = machine.cl
+    cl = supervisor.cl
     q = cl.q
     spy = UnmergeSpy(monkeypatch, cl, err=-kmod.ERESTARTSYS)
     seq, err = kmod.run_store(cl, 2, oom_origin=oom_origin)
@@ -121,10 +121,10 @@ def test_run2_error_stops_ksm_and_clears_the_flag(machine: Any, monkeypatch: pyt
     assert not cl.task.holds(cl.daemon)
 
 
-def test_run_store_takes_the_mutex_the_callers_way(machine: Any) -> None:
+def test_run_store_takes_the_mutex_the_callers_way(supervisor: Any) -> None:
     """``acquire``: the mutex taken another way (the supervisor's writer
     thread, abortable); run_store still releases it."""
-    cl = machine.cl
+    cl = supervisor.cl
     calls: list[int] = []
 
     def acquire() -> None:
@@ -141,8 +141,8 @@ def _linked(cl: Any) -> list[int]:
     return kmod.slots(cl)
 
 
-def test_list_del_with_a_wrong_back_link(machine: Any) -> None:
-    sup = machine
+def test_list_del_with_a_wrong_back_link(supervisor: Any) -> None:
+    sup = supervisor
     cl = sup.cl
     sp = [Space(sup, 910 + i) for i in range(3)]
     for s in sp:
@@ -181,8 +181,8 @@ def test_list_del_with_a_wrong_back_link(machine: Any) -> None:
     assert_fsck(sup)
 
 
-def test_run2_frees_the_slot_of_an_exiting_mm(machine: Any) -> None:
-    sup = machine
+def test_run2_frees_the_slot_of_an_exiting_mm(supervisor: Any) -> None:
+    sup = supervisor
     cl = sup.cl
     q = cl.q
     live, dying, addr = _merged_pair(sup, 3)
@@ -235,7 +235,7 @@ def _merged_pair(sup: Any, tag: int) -> tuple[Space, Space, dict]:
 
 
 @pytest.mark.parametrize("how_far", ["zapped", "slow_path_and_pgtables"])
-def test_run2_unmerge_state_and_events(machine: Any, how_far: str) -> None:
+def test_run2_unmerge_state_and_events(supervisor: Any, how_far: str) -> None:
     """What KSM_RUN_UNMERGE leaves: ksmd's published state zeroed
     (counters, per-slot rmap counts) and H_UNMERGE_GEN / H_KSM_UNSYNCED
     bumped once for ksmd; the live mm unmerged (the event says how many
@@ -258,7 +258,7 @@ def test_run2_unmerge_state_and_events(machine: Any, how_far: str) -> None:
         MMF_VM_MERGEABLE,
         P_SLOW,
     )
-    sup = machine
+    sup = supervisor
     cl = sup.cl
     q = cl.q
     live, dying, addr = _merged_pair(sup, 0 if how_far == "zapped" else 1)
@@ -315,12 +315,12 @@ def test_run2_unmerge_state_and_events(machine: Any, how_far: str) -> None:
     assert_fsck(sup)
 
 
-def test_run2_interrupted_puts_the_cursor_back(machine: Any) -> None:
+def test_run2_interrupted_puts_the_cursor_back(supervisor: Any) -> None:
     """A signal while run=2 unmerges (-ERESTARTSYS): the cursor goes back
     to the head, run to 0, the counters stay zeroed for ksmd to rebuild,
     and full_scans is left alone."""
     from uksm.kernel.layout import H_UNMERGE_GEN, K_FULL_SCANS
-    sup = machine
+    sup = supervisor
     cl = sup.cl
     q = cl.q
     live, other, addr = _merged_pair(sup, 2)
@@ -344,14 +344,14 @@ def test_run2_interrupted_puts_the_cursor_back(machine: Any) -> None:
     assert_fsck(sup)
 
 
-def test_run2_counts_every_range_and_an_exiting_mm_alone(machine: Any) -> None:
+def test_run2_counts_every_range_and_an_exiting_mm_alone(supervisor: Any) -> None:
     """The unmerge event counts the pages of every mergeable range of an
     mm (two here: a page in the middle was left unmergeable); an unmerge
     whose only mm is exiting (nothing walked) is no error; H_UNMERGE_GEN
     grows by one per unmerge, from wherever it was."""
     from uksm.kernel import exit as xmod
     from uksm.kernel.layout import H_UNMERGE_GEN
-    sup = machine
+    sup = supervisor
     cl = sup.cl
     q = cl.q
     a_sp, b_sp = Space(sup, 950), Space(sup, 951)
@@ -390,13 +390,13 @@ def test_run2_counts_every_range_and_an_exiting_mm_alone(machine: Any) -> None:
     assert_fsck(sup)
 
 
-def test_run_store_unmerges_with_the_callers_allocator(machine: Any,
+def test_run_store_unmerges_with_the_callers_allocator(supervisor: Any,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """The writer's own allocator (its per-task frames, its pending frees)
     does the unmerge and is flushed at the end; a fresh one only if the
     caller has none."""
     from uksm.kernel.memory import Allocator
-    cl = machine.cl
+    cl = supervisor.cl
     used: list[Any] = []
     monkeypatch.setattr(kmod, "unmerge_and_remove_all_rmap_items",
                         lambda cl, alloc, log=None, stop=None: used.append(alloc) or 0)
@@ -411,13 +411,13 @@ def test_run_store_unmerges_with_the_callers_allocator(machine: Any,
 
 
 
-def test_ksm_enter_reads_its_own_slot_word(machine: Any) -> None:
+def test_ksm_enter_reads_its_own_slot_word(supervisor: Any) -> None:
     """__ksm_enter returns early only if *this* mm already has a slot:
     whatever the neighbouring mm rows hold (here every word of the row
     before set), a second MADV_MERGEABLE is a no-op and a first one links
     the slot behind the cursor."""
     from uksm.kernel.layout import MM_SIZE  # every word of a row
-    sup = machine
+    sup = supervisor
     cl = sup.cl
     q = cl.q
     a, b = Space(sup, 950), Space(sup, 951)

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from test_lock_protocol import IMPLS, Table
 
+from locktable import IMPLS, Table
 from uksm.kernel.layout import C_DAEMON, C_MMAP, C_PTL, C_WMUTEX
 from uksm.kernel.locks import LockAbort
 from uksm.kernel.locktrace import LockTracing

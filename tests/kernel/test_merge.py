@@ -8,11 +8,9 @@ who maps which frame, which frames are KSM pages, what the data reads.
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 
-from helpers import booted, pump, run_json
+from helpers import booted, cname, pump, run_json
 from uksm.kernel.layout import M_FLAGS, M_SLOT_USED, MMF_VM_MERGEABLE, VM_MERGEABLE
 from uksm.kernel.syscalls import MADV_DONTNEED, MADV_UNMERGEABLE
 from util_machine import (
@@ -32,15 +30,11 @@ from util_machine import (
 )
 
 
-def cname(tag: str) -> str:
-    return f"tmerge{tag}{os.getpid() % 100000}"
-
-
 def merged_run(tmp_path, workload: str, workers: int, pages: int) -> tuple[dict, dict]:
     """uksm run until merged; returns the report's ksm and frames blocks."""
     r, status = run_json("--workload", workload, "--workers", str(workers), "--pages", str(pages),
                          "--pages-to-scan", "5000", "--sleep-ms", "0", "--log-dir", str(tmp_path),
-                         "--cluster", cname(f"{workload.replace(':', '')}{workers}"), timeout=100)
+                         "--cluster", cname(f"tmerge{workload.replace(':', '')}{workers}"), timeout=100)
     assert status == 0, r
     assert r["integrity"]["mismatches"] == 0 and r["fsck"]["ok"] and r["ipc_leftovers"] == []
     return r["ksm"], r["frames"]
@@ -106,7 +100,7 @@ def test_tiny_address_space(tmp_path, workload: str, pages: int, expect: tuple) 
 def test_volatile_pages_never_merge_at_the_default_rate(tmp_path) -> None:
     r, status = run_json("--workload", "volatile", "--workers", "2", "--pages", "64",
                          "--pages-to-scan", "100", "--sleep-ms", "20", "--duration", "4",
-                         "--log-dir", str(tmp_path), "--cluster", cname("vol"), timeout=50)
+                         "--log-dir", str(tmp_path), "--cluster", cname("tmergevol"), timeout=50)
     assert status == 0, r
     assert r["integrity"]["mismatches"] == 0 and r["fsck"]["ok"] and r["ipc_leftovers"] == []
     k = r["ksm"]
@@ -119,7 +113,7 @@ def test_volatile_pages_never_merge_at_the_default_rate(tmp_path) -> None:
 # ---- the selftests, in-process ---------------------------------------------------------
 
 def booted_fast(tag: str, **kw):
-    return booted(cname(tag), run=1, pages_to_scan=5000, sleep_ms=0, frames=kw.pop("frames", 256),
+    return booted(cname("tmerge" + tag), run=1, pages_to_scan=5000, sleep_ms=0, frames=kw.pop("frames", 256),
                   va_pages=kw.pop("va_pages", 256), **kw)
 
 

@@ -7,11 +7,9 @@ After each step fsck (with the world stopped) must be clean.
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 
-from helpers import booted
+from helpers import booted, cname
 from uksm.errors import SegFault
 from uksm.kernel.layout import FIRST_VPN, M_KSM_MAPPED, M_RSS, PT_OFF, T_COW, T_FAULTS
 from uksm.kernel.syscalls import MADV_DONTNEED, MADV_MERGEABLE
@@ -30,10 +28,6 @@ from util_machine import (
 pytestmark = pytest.mark.timeout(60)
 
 
-def cname(tag: str) -> str:
-    return f"tmmu{tag}{os.getpid() % 100000}"
-
-
 _SRC = bytes(i % 251 + 1 for i in range(8 * PAGE))
 
 
@@ -48,7 +42,7 @@ def page_table(s: Space) -> list[int]:
 
 
 def test_first_touch_faults_in_a_zero_filled_frame() -> None:
-    with booted(cname("a"), run=0, frames=64, va_pages=256) as sup:
+    with booted(cname("tmmua"), run=0, frames=64, va_pages=256) as sup:
         s = Space(sup)
         base = s.mmap(4)
         assert s.pfn(base) is None and s.rss() == 0
@@ -76,7 +70,7 @@ def test_first_touch_faults_in_a_zero_filled_frame() -> None:
 
 
 def test_read_of_untouched_page_is_zero_and_allocates_nothing() -> None:
-    with booted(cname("b"), run=0, frames=64, va_pages=256) as sup:
+    with booted(cname("tmmub"), run=0, frames=64, va_pages=256) as sup:
         s = Space(sup)
         base = s.mmap(8)
         used0 = frames_used(sup.cl)
@@ -92,7 +86,7 @@ def test_read_of_untouched_page_is_zero_and_allocates_nothing() -> None:
 
 
 def test_unaligned_write_and_read_across_three_pages() -> None:
-    with booted(cname("c"), run=0, frames=64, va_pages=256) as sup:
+    with booted(cname("tmmuc"), run=0, frames=64, va_pages=256) as sup:
         s = Space(sup)
         base = s.mmap(6)
         # starts 100 bytes before the end of page 1, ends 100 bytes into page 3
@@ -134,7 +128,7 @@ def test_unaligned_write_and_read_across_three_pages() -> None:
 
 
 def test_write_to_ksm_page_breaks_cow() -> None:
-    with booted(cname("d"), run=1, pages_to_scan=5000, sleep_ms=0, frames=64,
+    with booted(cname("tmmud"), run=1, pages_to_scan=5000, sleep_ms=0, frames=64,
                 va_pages=256) as sup:
         cl = sup.cl
         s = Space(sup)
@@ -188,7 +182,7 @@ def test_write_to_ksm_page_breaks_cow() -> None:
 
 @pytest.mark.parametrize("how", ["read", "write"])
 def test_access_outside_any_vma_segfaults_and_changes_nothing(how: str) -> None:
-    with booted(cname("e" + how[0]), run=0, frames=64, va_pages=256) as sup:
+    with booted(cname("tmmue" + how[0]), run=0, frames=64, va_pages=256) as sup:
         cl = sup.cl
         s = Space(sup)
         a = s.mmap(4)
@@ -231,7 +225,7 @@ def test_madvise_past_the_end_of_the_address_space_fails_cleanly() -> None:
     space: an error (SegFault, as ENOMEM/EINVAL), no lock left held,
     nothing unmapped."""
     from uksm.kernel.syscalls import MADV_UNMERGEABLE
-    with booted(cname("i"), run=0, frames=64, va_pages=64) as sup:
+    with booted(cname("tmmui"), run=0, frames=64, va_pages=64) as sup:
         cl = sup.cl
         s = Space(sup)
         n = cl.va_pages - FIRST_VPN
@@ -254,7 +248,7 @@ def test_madvise_past_the_end_of_the_address_space_fails_cleanly() -> None:
 
 
 def test_madv_dontneed_frees_frames() -> None:
-    with booted(cname("f"), run=0, frames=64, va_pages=256) as sup:
+    with booted(cname("tmmuf"), run=0, frames=64, va_pages=256) as sup:
         cl = sup.cl
         s = Space(sup)
         base = s.mmap(16)
@@ -279,7 +273,7 @@ def test_madv_dontneed_frees_frames() -> None:
 
 
 def test_munmap_splits_frees_and_unmaps() -> None:
-    with booted(cname("g"), run=0, frames=64, va_pages=256) as sup:
+    with booted(cname("tmmug"), run=0, frames=64, va_pages=256) as sup:
         cl = sup.cl
         s = Space(sup)
         base = s.mmap(10)
@@ -318,7 +312,7 @@ def test_munmap_splits_frees_and_unmaps() -> None:
 
 def test_rss_and_fault_accounting_with_several_address_spaces() -> None:
     """Two address spaces share the frame pool but never a frame (no KSM)."""
-    with booted(cname("h"), run=0, frames=64, va_pages=256) as sup:
+    with booted(cname("tmmuh"), run=0, frames=64, va_pages=256) as sup:
         cl = sup.cl
         s1, s2 = Space(sup, 901), Space(sup, 902)
         a1, a2 = s1.mmap(8), s2.mmap(8)

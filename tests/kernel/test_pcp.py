@@ -11,11 +11,10 @@ import signal
 
 import pytest
 
-from helpers import booted, pump
+from helpers import PID, booted, pump
 from uksm.kernel.layout import F_PCP, FR_AUX, FR_COUNT, FR_FLAGS, FRAME_SIZE, T_READY
 from util_machine import assert_fsck, frames_used
 
-PID = os.getpid() % 100000
 FRAMES = 1 << 15  # free frames >> PCP_SHIFT: lists of up to 8 frames
 PAGES = 100
 

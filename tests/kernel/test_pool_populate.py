@@ -11,9 +11,9 @@ import os
 
 import pytest
 
+from helpers import PID
 from uksm.host import shm
 
-PID = os.getpid() % 100000
 PAGE = 4096
 
 

@@ -98,7 +98,6 @@ def test_every_emitted_event_is_documented() -> None:
 
 def test_every_documented_event_is_emitted() -> None:
     emitted = emitted_events()
-    if not emitted:
-        pytest.skip("no log calls in uksm/, workers/, tools/, dev/ yet")
+    assert len(emitted) > 40, "the scanner found (almost) no log call: it is broken, not the code"
     stale = documented_events() - set(emitted)
     assert not stale, f"documented in docs/EVENTS.md but emitted nowhere: {sorted(stale)}"

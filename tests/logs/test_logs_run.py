@@ -4,11 +4,11 @@ the logs, `check` passes on them, and catches a violation planted in a copy."""
 from __future__ import annotations
 
 import json
-import shutil
+import sys
 
 import pytest
 
-from helpers import run_json, uksm
+from helpers import log_events, rewrite_logs, run_group, run_json, uksm
 
 
 def summary(d) -> dict:
@@ -41,6 +41,16 @@ def test_summary_agrees_with_run(tmp_path):
     agree(r, s)
     assert s["merges"] > 0 and s["invalid_lines"] == 0
     assert check(tmp_path)[0] == 0
+    # docs/LOGS.md: `python3 -m uksm.logs DIR COMMAND` is the same as `python3 -m uksm logs
+    # DIR COMMAND` (helpers.uksm), which is `uksm logs DIR COMMAND`
+    for cmd in (["summary"], ["summary", "--json"], ["check"]):
+        a = uksm("logs", str(tmp_path), *cmd)
+        b = run_group([sys.executable, "-m", "uksm.logs", str(tmp_path), *cmd], 60)
+        assert (b.returncode, b.stdout, b.stderr) == (a.returncode, a.stdout, a.stderr), (cmd, b)
+    assert json.loads(run_group([sys.executable, "-m", "uksm.logs", str(tmp_path), "summary", "--json"],
+                                60).stdout) == s
+    bad = run_group([sys.executable, "-m", "uksm.logs", str(tmp_path / "none"), "summary"], 60)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "not found" in bad.stderr, bad
 
 
 @pytest.mark.timeout(180)
@@ -71,30 +81,27 @@ def test_check_catches_violations_planted_in_a_real_log(tmp_path):
                          "--pages-to-scan", "1000", "--sleep-ms", "2", "--log-dir", str(run_dir),
                          timeout=100)
     assert status == 0 and check(run_dir)[0] == 0
-    events = [json.loads(line) for f in run_dir.glob("*.jsonl") for line in f.open()]
+    events = log_events(run_dir)
     begin = next(e for e in events if e["event"] == "mm_exit_begin")
     mm = begin["mm"]
+
+    def into_ksmd(event: dict):
+        """Add ``event`` to ksmd's file of a copy (its place in time kept)."""
+        def plant(files):
+            next(evs for name, evs in files.items() if name.startswith("ksmd-")).append(event)
+        return plant
     # a merge into the mm after its exit began
-    bad = tmp_path / "bad_merge"
-    shutil.copytree(run_dir, bad)
-    late = dict(begin, event="merge", role="ksmd", count=1, t_last_ns=begin["mono_ns"] + 1,
-                mono_ns=begin["mono_ns"] + 2)
-    ksmd_file = next(bad.glob("ksmd-*.jsonl"))
-    lines = ksmd_file.read_text().splitlines()
-    lines.append(json.dumps(late))
-    lines.sort(key=lambda line: json.loads(line)["mono_ns"])
-    ksmd_file.write_text("\n".join(lines) + "\n")
+    bad = rewrite_logs(run_dir, tmp_path / "bad_merge", into_ksmd(
+        dict(begin, event="merge", role="ksmd", count=1, t_last_ns=begin["mono_ns"] + 1,
+             mono_ns=begin["mono_ns"] + 2)))
     rc, out = check(bad)
     assert rc == 4, out
     assert any("merge" in line and f"mm {mm}" in line for line in out.splitlines()), out
     # a slot freed twice
-    twice = tmp_path / "twice"
-    shutil.copytree(run_dir, twice)
     freed = [e for e in events if e["event"] in ("slot_freed", "ksm_exit") and e["mm"] == mm]
     last = max(e["mono_ns"] for e in events)
     dup = dict(freed[-1], event="slot_freed", role="ksmd", by="ksmd", mono_ns=last + 10)
     dup.pop("path", None)
-    with next(twice.glob("ksmd-*.jsonl")).open("a") as f:
-        f.write(json.dumps(dup) + "\n")
+    twice = rewrite_logs(run_dir, tmp_path / "twice", into_ksmd(dup))
     rc, out = check(twice)
     assert rc == 4, out

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_logs import CTL, KSMD, SUP, T0, W1, W2, W3, clean_run, ev, stamp, write_run
-from tracecheck import flow_edges, instant_counts, names, of, validate
 
+from logsynth import CTL, KSMD, SUP, T0, W1, W2, W3, clean_run, ev, stamp, write_run
+from tracecheck import flow_edges, instant_counts, names, of, validate
 from uksm.cli.logs import main
 from uksm.logs import BrokenLog, trace_events
 from uksm.logs.plots import _lanes, gather, plot_events

@@ -9,9 +9,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from tracecheck import flow_edges, instant_counts, names, of, validate
 
 from helpers import run_json, uksm
+from tracecheck import flow_edges, instant_counts, names, of, validate
 from uksm.logs.trace import COUNTER_PID, FOLDED
 
 

@@ -4,17 +4,13 @@ and the cluster still stops cleanly and leaves nothing behind; the report
 says what happened."""
 from __future__ import annotations
 
-import os
 import signal
 
 import pytest
 
-from helpers import booted, pump
+from helpers import PID, booted, pump
 from uksm.host import shm
 from uksm.kernel.layout import T_READY, stats_block
-
-# cluster names are per test session: two runs of the suite at once never collide
-PID = os.getpid() % 100000
 
 
 @pytest.mark.timeout(90)

@@ -2,18 +2,15 @@
 the caller's ``wait`` doing its main-loop duties (issue 15)."""
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 
 import pytest
 
-from helpers import booted, pump
+from helpers import PID, booted, pump
 from uksm.host.shm import UksmError
 from uksm.kernel.layout import K_RUN
 from uksm.proc.runwriter import Wait
-
-PID = os.getpid() % 100000
 
 
 def pumping(sup, calls: list[int]) -> Wait:

@@ -50,6 +50,7 @@ class ScriptedSup:
         self.cl = SimpleNamespace(q=defaultdict(int), task=_Task(), daemon=object())
         self.cl.q[K_RUN] = 1
         self.hung: list[Any] = []
+        self.failed = ""    # no task failed to start
         self.ksmd = object()
         self.recovery = SimpleNamespace(dead_q=queue.Queue())
         self.log = NULL_LOG
@@ -69,6 +70,9 @@ class ScriptedSup:
 
     def workers_ready(self) -> bool:
         return self.ready
+
+    def settled(self) -> bool:
+        return True
 
 
 def stops_at(script: list[State], churn_ms: int = 0) -> int:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from uksm.cli.args import cluster_arg
 from uksm.cli.top import format_status, run_top
-from uksm.host import shm
+from uksm.host import pyexec, shm
 from uksm.host.exitcodes import EPILOG, EXIT_ERR, EXIT_INTEGRITY, EXIT_OK, EXIT_USAGE
 from uksm.proc import options
 from uksm.proc.control import (
@@ -206,8 +206,8 @@ def cmd_up(a: argparse.Namespace) -> int:
                           on_ready=lambda ans: _print_up(ans, a.json))
     out_path = os.path.join(spec["log_dir"], "daemon.out")
     with open(out_path, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "uksm.proc.daemon", "--cluster", name,
-                                 "--spec", json.dumps(spec)],
+        proc = subprocess.Popen(pyexec.argv("uksm.proc.daemon", "--cluster", name,
+                                            "--spec", json.dumps(spec)), env=pyexec.env(),
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                 start_new_session=True, close_fds=True, cwd="/")
     deadline = time.monotonic() + 60.0
@@ -289,6 +289,8 @@ def print_down(r: DownReport) -> None:
         print(f"           {e}")
     for h in r["hung_tasks"]:
         print(f"  HUNG     {h['role']} pid {h['pid']} blocked on {h['lock']} for {h['waited_s']}s")
+        for line in h["chain"]:   # who holds what it waits for (as uksm run's report)
+            print(f"           {line}")
     left = r["ipc_leftovers"]
     print(f"  leftover POSIX objects: {len(left)}{': ' + ' '.join(left[:8]) if left else ''}")
     for e in r.get("errors", []):

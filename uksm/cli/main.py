@@ -92,6 +92,12 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                         "seconds (default 60)")
     p.add_argument("--scenario", choices=["oom-unmerge"],
                    help="oom-unmerge: merge, shrink memory to the merged state, run=2 (the seed's deadlock)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="run on a controlled schedule drawn from --seed: one process at a time, "
+                        "every choice (the workloads, the churn, the interleaving) from the seed, "
+                        "time logical (ksmd's sleeps, the churn, --duration are steps of the run's "
+                        "clock): the same seed replays the same run, and the report gives the "
+                        "schedule string (docs/EXPLORE.md)")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     if only == "run":
@@ -128,6 +134,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     camp = sub.choices["campaign"]
     camp.epilog = (camp.epilog or "") + ("  Its results as a picture: uksm campaign report OUT "
                                          "-o FILE.png (--help).")
+    from uksm.cli.explore import add_parser as add_explore
+    add_explore(sub)
 
     sub.add_parser("logs", help="analyse a run's logs: uksm logs DIR "
                                 "{summary,timeline,check,locks,trace,plot}",
@@ -182,6 +190,9 @@ def dispatch(a: argparse.Namespace) -> int:
     if a.cmd == "campaign":
         from uksm.faults.campaign import cmd_campaign
         return cmd_campaign(a)
+    if a.cmd == "explore":
+        from uksm.cli.explore import cmd_explore
+        return cmd_explore(a)
     if a.cmd == "fsck":
         from uksm.cli import cluster as cluster_cmds
         return cluster_cmds.cmd_fsck(a)
@@ -200,7 +211,11 @@ def cmd_run(a: argparse.Namespace) -> int:
                    pages_to_scan=a.pages_to_scan, sleep_ms=a.sleep_ms, exit_policy=a.exit_policy,
                    oom_rule=a.oom_rule, hazards=a.hazard, hung_task_timeout=a.hung_task_timeout, scenario=a.scenario,
                    churn_ms=a.churn_ms, quiet=a.quiet)
-    report, status = run_cluster(o)
+    if a.deterministic:
+        from uksm.deterministic import run as run_deterministic
+        report, status = run_deterministic(o)
+    else:
+        report, status = run_cluster(o)
     if a.json:
         print(json.dumps(report))
     else:

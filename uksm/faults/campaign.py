@@ -364,8 +364,7 @@ def run_ray(todo: list[RunParams], a: argparse.Namespace, sink: Sink, stop: Stop
     except ImportError:
         bad("--engine ray needs Ray: pip install 'uksm[ray]'")
     from ray.exceptions import RayError, TaskCancelledError
-    # a Ray job's driver (ray job submit, a KubeRay RayJob) finds its cluster in RAY_ADDRESS
-    address = a.address or os.environ.get("RAY_ADDRESS")
+    address = a.address    # --address, else $RAY_ADDRESS (cmd_campaign)
     started = not address
     if address:
         ray.init(address=address, log_to_driver=False)
@@ -559,6 +558,9 @@ def cmd_campaign(a: argparse.Namespace) -> int:
         bad("--num-cpus must be positive, --memory-mib, --max-retries and --run-timeout >= 0")
     if a.address and a.engine != "ray":
         bad("--address is for --engine ray")
+    if a.engine == "ray" and not a.address:
+        # a Ray job's driver (ray job submit, a KubeRay RayJob) finds its cluster in RAY_ADDRESS
+        a.address = os.environ.get("RAY_ADDRESS") or None
     a.memory_mib = a.memory_mib or default_memory_mib(runs)
     if a.dry_run:
         for p in runs:
@@ -583,7 +585,8 @@ def cmd_campaign(a: argparse.Namespace) -> int:
     if not a.quiet:
         print(f"campaign: {len(runs)} runs, {len(runs) - len(todo)} already recorded, "
               f"{len(todo)} to run on {a.engine}"
-              + (f" ({a.parallel} at once)" if a.engine == "local" or not a.address else "")
+              + (f" ({a.parallel} at once)" if a.engine == "local" or not a.address
+                 else f" at {a.address}")
               + f"; results in {out}, "
               f"logs under {a.logs}", file=sys.stderr)
     sink = Sink(out, len(runs), {k: v for k, v in done.items()}, a.quiet)

@@ -37,6 +37,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, NotRequired, TypedDict
 
+from uksm.host import pyexec
 from uksm.logs.campaign import lock_recoveries_by_lock
 
 if TYPE_CHECKING:  # (the guard process does not import the supervisor's side)
@@ -168,8 +169,8 @@ def guard_main(argv: list[str]) -> int:
     if os.getppid() != stub:  # the stub died before the prctl
         aborted = True
     with open(os.path.join(log_dir, "stderr.txt"), "wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "uksm", *cmd], stdout=sys.stdout.fileno(),
-                                stderr=err, start_new_session=True)
+        proc = subprocess.Popen(pyexec.argv("uksm", *cmd), stdout=sys.stdout.fileno(),
+                                stderr=err, start_new_session=True, env=pyexec.env())
     end = time.monotonic() + timeout
     status = None
     while status is None and not aborted and time.monotonic() < end:
@@ -224,9 +225,9 @@ def execute_run(params: RunParams, log_root: str, keep_logs: str,
     os.makedirs(log_dir)
     argv = [*uksm_args(params), "--cluster", cluster, "--log-dir", log_dir, "--json", "--quiet"]
     t0 = time.monotonic()
-    g = subprocess.Popen([sys.executable, "-m", "uksm.faults.campaign_run", "--guard",
-                          str(os.getpid()), cluster, log_dir, str(timeout), "--", *argv],
-                         stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+    g = subprocess.Popen(pyexec.argv("uksm.faults.campaign_run", "--guard",
+                                     str(os.getpid()), cluster, log_dir, str(timeout), "--", *argv),
+                         stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=pyexec.env(),
                          start_new_session=True)  # a terminal's Ctrl-C is the campaign's to handle
     with _lock:
         _guards.add(g.pid)

@@ -20,8 +20,12 @@ A replacement is spawned after each kill so that scanning goes on.  After
 the last kill the run waits until ksmd has merged new work again, then
 stops every worker (each verifies its data), lets ksmd free what the slow
 paths left, runs fsck and tears down.  The report is ``uksm run``'s plus an
-``inject`` block.  Deterministic from ``--seed`` (victims, instants,
-points), up to the scheduler.
+``inject`` block.  The victims, instants and points come from ``--seed``;
+the interleaving from the host's scheduler -- unless ``--deterministic``:
+then the same driver runs on a ``uksm.Machine(deterministic=True)``, every
+choice of the schedule from the seed too and every wait logical (the
+instants between kills, the waits for ksmd, the points' budget), so a seed
+replays the whole run (docs/EXPLORE.md).
 """
 from __future__ import annotations
 
@@ -103,8 +107,9 @@ class Injector:
     """The kills, one at a time, on a uksm.Machine: a script among others."""
 
     def __init__(self, o: RunOptions, kills: int, sig: str, point: str, seed: int,
-                 point_budget_s: float = POINT_BUDGET_S) -> None:
+                 deterministic: bool = False, point_budget_s: float = POINT_BUDGET_S) -> None:
         self.o = o
+        self.deterministic = deterministic
         self.point_budget_s = point_budget_s
         self.gave_up = False  # a single --point not reached: the kills ended early
         self.kills = kills
@@ -136,7 +141,7 @@ class Injector:
         if not kids:
             return False
         victim = self.rng.choice(kids)
-        time.sleep(self.rng.random() * 0.03)
+        m.sleep(self.rng.random() * 0.03)
         victim.kill(self.sig)
         return True
 
@@ -186,7 +191,7 @@ class Injector:
         m.wait_full_scans(2, timeout=120)
         points = killpoints.reachable(self.o.exit_policy) if self.point == "all" else [self.point]
         i = 0
-        since = time.monotonic()  # trying this point since
+        since = m.now()  # trying this point since (the run's clock: logical when deterministic)
         while self.delivered < self.kills and not self.interrupted():
             self.top_up(m)
             mode = points[i % len(points)]
@@ -205,10 +210,10 @@ class Injector:
                 self.delivered += 1
                 self.by_point[mode] = self.by_point.get(mode, 0) + 1
                 i += 1
-                since = time.monotonic()
+                since = m.now()
             else:
                 self.missed += 1
-                if time.monotonic() - since > self.point_budget_s:
+                if m.now() - since > self.point_budget_s:
                     # not reached (the workload does not go there, or ksmd
                     # is gone): on to the next point rather than round this
                     # one for ever; with one point, the kills end here
@@ -217,8 +222,15 @@ class Injector:
                         self.gave_up = True
                         break
                     i += 1
-                    since = time.monotonic()
-                m.wait(lambda: True, 1)  # reap meanwhile, and hear about a hung task
+                    since = m.now()
+                if self.deterministic:
+                    # a controlled run moves only while the script waits:
+                    # let it, or the replacements never become ready and
+                    # the logical clock never reaches the point budget (a
+                    # free run's processes go on by themselves)
+                    m.sleep(0.001)
+                else:
+                    m.wait(lambda: True, 1)  # reap meanwhile, and hear about a hung task
             if not quiet and time.monotonic() - last >= 1.0:
                 last = time.monotonic()
                 print(f"uksm: {last - t0:6.1f}s [kills {self.delivered}/{self.kills}] "
@@ -275,11 +287,16 @@ class Injector:
         # a second one raises SecondSignal: killed at once, every object removed
         with StopSignals() as stop:
             self.interrupted = stop
-            m = uksm.Machine(frames=default_frames(o), max_pages=o.pages,
-                             max_tasks=o.workers + 8, exit_policy=o.exit_policy, hazards=o.hazards,
-                             pages_to_scan=o.pages_to_scan, sleep_millisecs=o.sleep_ms,
-                             name=o.cluster or f"inject{os.getpid()}", log_dir=o.log_dir,
-                             hung_task_timeout=o.hung_task_timeout)
+            if self.deterministic:
+                from uksm.deterministic import machine_of
+                m = machine_of(o, o.workers + 8, "inject")
+                m.log_dir = o.log_dir or ""
+            else:
+                m = uksm.Machine(frames=default_frames(o), max_pages=o.pages,
+                                 max_tasks=o.workers + 8, exit_policy=o.exit_policy, hazards=o.hazards,
+                                 pages_to_scan=o.pages_to_scan, sleep_millisecs=o.sleep_ms,
+                                 name=o.cluster or f"inject{os.getpid()}", log_dir=o.log_dir,
+                                 hung_task_timeout=o.hung_task_timeout)
             if not o.quiet:
                 print(f"uksm: cluster {m.name}: logs in {m.log_dir}", file=sys.stderr)
             with m:
@@ -288,9 +305,15 @@ class Injector:
                 except uksm.HungTask:
                     self.hung = True
                 st, fs = m.stats(), m.ksm["full_scans"]
-        # a Machine of this process: its report is build_report's (not a daemon's DownReport)
+        block = self.block(st, fs)
+        if self.deterministic:  # the controlled run's report, in uksm run's shape
+            from uksm.deterministic import report_of
+            rep = report_of(m, o, {"inject": block})[0]
+            return {**rep, "inject": block}
+        # a Machine of this process: its report is build_report's (not a
+        # daemon's DownReport, nor a controlled run's)
         assert m.report is not None and "duration_s" in m.report
-        report: InjectReport = {**m.report, "inject": self.block(st, fs)}
+        report: InjectReport = {**m.report, "inject": block}
         if stop():
             report["interrupted"] = stop.name
             report["status"] = interrupted_status(report["status"], stop.signo)
@@ -316,8 +339,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workload", default="vm",
                    help="what the workers write, as for 'uksm run --workload' (default vm)")
     p.add_argument("--seed", type=int, default=0,
-                   help="seeds the victims' choice and the workloads: a failing run is replayed "
-                        "with the same seed (default 0)")
+                   help="seeds the victims' choice and the workloads (default 0); with "
+                        "--deterministic the schedule too: the whole run replays")
+    p.add_argument("--deterministic", action="store_true",
+                   help="run on a controlled schedule drawn from --seed: one process at a time, "
+                        "every wait logical; the same seed gives the same run (the same counters, "
+                        "exit paths and kills)"),
     p.add_argument("--churn-ms", type=int, default=5, help="worker activity period (default 5)")
     p.add_argument("--pages-to-scan", type=int, default=500, help="ksmd's pages_to_scan (default 500)")
     p.add_argument("--sleep-ms", type=int, default=5, help="ksmd's sleep_millisecs (default 5)")
@@ -360,7 +387,7 @@ def run(a: argparse.Namespace) -> int:
                    hung_task_timeout=a.hung_task_timeout, churn_ms=a.churn_ms,
                    quiet=a.quiet)
     validate(o)
-    report = Injector(o, a.kills, a.signal, a.point, a.seed, a.point_budget).run()
+    report = Injector(o, a.kills, a.signal, a.point, a.seed, a.deterministic, a.point_budget).run()
     status = report["status"]
     if status == 0 and not report["inject"]["live_fsck"]["ok"] and not report["interrupted"]:
         status = report["status"] = 4  # the running cluster failed fsck

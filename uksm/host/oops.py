@@ -42,6 +42,7 @@ OOPS_STATUS = 70          # ksmd's exit status after an oops (sysexits' EX_SOFTW
 OOPS_LIMIT = 3            # oopses in a row before the supervisor gives up
 BACKOFF_S = (0.1, 2.0)    # first restart delay, the most it doubles to
 FD_ENV = "UKSM_OOPS_FD"
+LAST: list[str] = []      # this process's last oops: (error, where), for a controlled run's report
 TEST_ENV = "UKSM_TEST_KSMD_OOPS"
 
 
@@ -59,6 +60,7 @@ def report(log: Any, e: BaseException) -> int:
     ``oops`` event; its role says which task), tell the supervisor, return
     the exit status."""
     error, where = signature(e)
+    LAST[:] = [error, where]
     tb = "".join(traceback.format_exception(type(e), e, e.__traceback__))
     log.error("oops", error=error, where=where, tb=tb)
     fd = os.environ.get(FD_ENV)

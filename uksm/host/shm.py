@@ -223,10 +223,14 @@ def attach_segment(cluster: str, what: str, sparse: bool = False) -> Segment:
                         f"'uksm cleanup --cluster {cluster}' removes a dead one's leftovers", 1)
 
 
-def create_sem(cluster: str, what: str, value: int) -> posix_ipc.Semaphore:
+def create_sem(cluster: str, what: str, value: int) -> None:
+    """Make a named semaphore (its users open it by name: ``open_sem``).
+    The creator's own handle is closed at once: an open handle is a
+    mapping, and a supervisor that makes thousands of address spaces
+    (a long-lived cluster, an exploration) would run out of them."""
     try:
-        return posix_ipc.Semaphore(obj_name(cluster, what), posix_ipc.O_CREX,
-                                   mode=0o600, initial_value=value)
+        posix_ipc.Semaphore(obj_name(cluster, what), posix_ipc.O_CREX, mode=0o600,
+                            initial_value=value).close()
     except posix_ipc.ExistentialError:
         raise UksmError(f"cluster {cluster!r} already exists (semaphore {what})", 2)
     except OSError as e:  # a named semaphore is a file in /dev/shm too

@@ -336,6 +336,18 @@ class Cluster:
             self._mm_locks[mm_id] = lk
         return lk
 
+    def lock_by_id(self, lid: int) -> Lock:
+        """The lock whose id is ``lid`` (``locks.lock_id``: class << 40 | mm id)."""
+        cls, mm = lid >> 40, lid & ((1 << 40) - 1)
+        if cls == C_DAEMON:
+            return self.daemon
+        if cls == C_MMLIST:
+            return self.mmlist
+        if cls == C_ALLOC:
+            return self.zone
+        sem, wmx, ptl = self.mm_locks(mm)
+        return {C_MMAP: sem, C_WMUTEX: wmx, C_PTL: ptl}[cls]
+
     def watch_use_after_free(self, log: Any) -> None:
         """Check, before every operation on an mm's lock by this task, that
         the mm is still alive (its row still holds it, not being freed):

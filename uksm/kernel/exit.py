@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from uksm.kernel import killpoints, oom
+from uksm.kernel import killpoints, oom, sched
 from uksm.kernel.ksm import __ksm_exit
 from uksm.kernel.layout import (
     EXIT_POLICIES,
@@ -80,15 +80,23 @@ def mmput(cl: "Cluster", mm: MM, alloc: Allocator, log: Any) -> int:
     q, b = cl.q, mm.base
     policy = EXIT_POLICIES[q[H_EXIT_POLICY]]
     mm_users_zero(cl, mm, log)
+    if sched.ON:  # the exit's commit points (uksm.kernel.sched)
+        sched.point("exit_users0", mm.id)
     path = 0
     if policy != "seed":
         path = ksm_exit(cl, mm, policy, log)
     if not q[b + M_EXIT_STAGE] & XS_ZAPPED:
         exit_mmap_unmap(cl, mm, alloc, log)
+        if sched.ON:
+            sched.point("exit_zapped", mm.id)
     if policy == "seed":
         path = ksm_exit(cl, mm, policy, log)
+    if sched.ON:  # free_pgtables writes the VMA table and the PTEs without a lock: visible
+        sched.point("free_pgtables", mm.id)
     if not q[b + M_EXIT_STAGE] & XS_PGTABLES:
         free_pgtables(cl, mm)
+        if sched.ON:
+            sched.point("exit_pgtables", mm.id)
     if not q[b + M_EXIT_STAGE] & XS_MMDROP:
         if q[b + M_REFS] & REF_KSM:
             q[b + M_STATE] = MS_ZOMBIE  # waiting for ksmd to free the slot

@@ -18,6 +18,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from uksm.host.log import NULL_LOG
+from uksm.kernel import sched
 from uksm.kernel.layout import H_KSMD_POINT, H_KSMD_POINT_SIG, M_OWNER_PID, T_KILL_POINT, T_KILL_SIG
 
 if TYPE_CHECKING:
@@ -59,6 +60,10 @@ UNREACHABLE: dict[str, tuple[str, ...]] = {
 def reachable(policy: str) -> list[str]:
     """The kill points a task can reach under exit policy ``policy``."""
     return [n for n in NAMES if n not in UNREACHABLE.get(policy, ())]
+
+
+# every kill point is a scheduling point of a controlled run (uksm.kernel.sched)
+sched.add_points([f"kp:{n}" for n in NAMES])
 WORKER_POINTS = [n for n, (who, _d) in POINTS.items() if who == "worker"]
 KSMD_POINTS = [n for n, (who, _d) in POINTS.items() if who == "ksmd"]
 
@@ -79,16 +84,24 @@ def arm_ksmd(cl: "Cluster", name: str, sig: int) -> None:
 
 
 def hit(cl: "Cluster", name: str, log: Any = NULL_LOG) -> None:
-    """A worker passes point ``name``: die here if it is armed."""
+    """A worker passes point ``name``: die here if it is armed.  In a
+    controlled run every pass is a scheduling point (a kill choice when
+    the run may make one), and the signal of an armed one is delivered
+    there by the scheduler (``sched.signal``)."""
     q, b = cl.q, cl.task.base
     if q[b + T_KILL_POINT] != INDEX[name]:
+        if sched.ON:
+            sched.point("kp:" + name)
         return
     q[b + T_KILL_POINT] = -1
     sig = q[b + T_KILL_SIG] or signal.SIGKILL
     cl.kill_points_sem.release()  # counted atomically
     log.info("kill_point", point=name, action="kill" if sig == signal.SIGKILL else "term",
              victim_pid=os.getpid())
-    os.kill(os.getpid(), sig)
+    if sched.ON:
+        sched.point("kp:" + name)
+    if not sched.signal(os.getpid(), sig):
+        os.kill(os.getpid(), sig)
 
 
 def arm_ksmd_delay(cl: "Cluster", name: str, ms: int) -> None:
@@ -99,14 +112,23 @@ def arm_ksmd_delay(cl: "Cluster", name: str, ms: int) -> None:
 
 
 def hit_ksmd(cl: "Cluster", name: str, mm_base: int, log: Any = NULL_LOG) -> None:
-    """ksmd passes point ``name`` inside the mm at row base ``mm_base``."""
+    """ksmd passes point ``name`` inside the mm at row base ``mm_base``.
+    In a controlled run every pass is a scheduling point, a delay point is
+    a barrier, not a sleep: ksmd waits there until nothing else can run
+    (the scheduler releases it), and a kill is delivered by the scheduler
+    at this step."""
     q = cl.q
+    if sched.ON:
+        sched.point("kp:" + name)
     if q[H_KSMD_POINT] != INDEX[name]:
         return
     if q[H_KSMD_POINT_SIG] < 0:  # a delay point
         q[H_KSMD_POINT] = -1
         log.info("kill_point", point=name, action="delay", victim_pid=0)
-        time.sleep(-q[H_KSMD_POINT_SIG] / 1000.0)
+        if sched.ON:
+            sched.blocked(sched.BLK_DELAY)
+        else:
+            time.sleep(-q[H_KSMD_POINT_SIG] / 1000.0)
         return
     pid = q[mm_base + M_OWNER_PID]
     if pid <= 0:
@@ -116,6 +138,8 @@ def hit_ksmd(cl: "Cluster", name: str, mm_base: int, log: Any = NULL_LOG) -> Non
     cl.kill_points_sem.release()
     log.info("kill_point", point=name, action="kill" if sig == signal.SIGKILL else "term",
              victim_pid=pid)
+    if sched.signal(pid, sig):
+        return
     try:
         os.kill(pid, sig)
     except ProcessLookupError:

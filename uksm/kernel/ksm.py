@@ -32,7 +32,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from uksm.host.log import NULL_LOG
-from uksm.kernel import killpoints
+from uksm.kernel import killpoints, sched
 from uksm.kernel.layout import (
     A_FREE_TOP,
     F_KSM,
@@ -157,6 +157,30 @@ def repair_list(cl: "Cluster") -> list[int]:
         q[L_SCAN_SLOT] = cl.head
         q[L_SCAN_ADDR] = 0
     return order
+
+
+def drop_orphaned_refs(cl: "Cluster", log: Any = NULL_LOG) -> list[int]:
+    """After a death: the mm_count reference of a slot already freed.
+    Whoever frees a slot -- ksmd at an exiting mm, __ksm_exit's fast and
+    legacy paths, run=2's unmerge -- unlinks it under ksm_mmlist_lock and
+    then, the lock dropped, mmdrop(REF_KSM)s; killed between the two, it
+    leaves REF_KSM held with no slot, and nobody would ever drop it (the
+    mm is never freed: fsck's "mm_slot absent but the slot's mm_count
+    reference is held").  Drop it for the dead (mmdrop is idempotent: a
+    live freer still on its way finds it dropped).  Caller must not hold
+    ksm_mmlist_lock.  Returns the mm ids dropped for.  (Found by uksm
+    explore --kills: ksmd SIGKILLed just before its mmdrop.)"""
+    q, task = cl.q, cl.task
+    task.lock(cl.mmlist)
+    try:
+        orphans = [(r, q[cl.mbase(r) + M_ID]) for r in range(cl.max_mms)
+                   if q[cl.mbase(r) + M_ID] and q[cl.mbase(r) + M_REFS] & REF_KSM
+                   and not q[cl.mbase(r) + M_SLOT_USED]]
+    finally:
+        task.unlock(cl.mmlist)
+    for r, mm_id in orphans:
+        mmdrop(cl, r, mm_id, REF_KSM, log)
+    return [mm_id for _r, mm_id in orphans]
 
 
 # ---- __ksm_enter / __ksm_exit --------------------------------------------------
@@ -429,6 +453,8 @@ def unmerge_ksm_pages(cl: "Cluster", alloc: Allocator, mm: MM, start: int, end: 
     n = 0
     pq, fq = mm.pq, cl.fq
     for vpn in range(start, end):
+        if sched.ON:  # a controlled run's point per page: mm_users, the PTE are lockless here
+            sched.point("unmerge_page", vpn)
         if ksm_test_exit(cl, mm):
             break
         if stop is not None and stop():

@@ -37,7 +37,7 @@ from typing import Any
 import mmh3
 
 from uksm.host import shm
-from uksm.kernel import killpoints, oom
+from uksm.kernel import killpoints, oom, sched
 from uksm.kernel.cluster import Cluster, add_task_args
 from uksm.kernel.ksm import break_cow, list_del, slot_next
 from uksm.kernel.layout import (
@@ -246,7 +246,14 @@ class Ksmd:
                               pages_volatile=q[K_PAGES_VOLATILE], full_scans=q[K_FULL_SCANS],
                               frames_used=cl.nframes - q[A_FREE_TOP], mms=self.visits)
             self.log_activity()
-            if run == 1 and q[L_HEAD_NEXT] != cl.head:
+            if sched.ON:
+                # a controlled run: sleep_millisecs in logical time, the idle
+                # wait (ksmd_should_run) a wait for run or the list to change
+                if run == 1 and q[L_HEAD_NEXT] != cl.head:
+                    sched.sleep(q[K_SLEEP_MS])
+                else:
+                    sched.blocked(sched.BLK_KSMD_IDLE, run)
+            elif run == 1 and q[L_HEAD_NEXT] != cl.head:
                 ms = q[K_SLEEP_MS]
                 time.sleep(ms / 1000.0 if ms > 0 else 0)
             else:
@@ -517,10 +524,18 @@ class Ksmd:
                     # a writer (madvise, munmap, exit) waits: let it in
                     last_yield = n
                     task.unlock(mm.sem)
-                    time.sleep(0.0005)
+                    if sched.ON:  # a controlled run: a yield, the others go first
+                        sched.sleep(0)
+                    else:
+                        time.sleep(0.0005)
                     task.lock(mm.sem)
                     relook = True
                     break
+                if sched.ON:
+                    # a controlled run's point per page: what follows reads
+                    # words others write without a lock ksmd holds (mm_users,
+                    # the PTE, the page), so another process may go first
+                    sched.point("ksmd_page", v)
                 if ksm_test_exit(cl, mm):
                     exiting = True
                     break
@@ -832,7 +847,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     from uksm.host import log as ulog
-    from uksm.kernel.layout import T_PID
+    from uksm.kernel.layout import T_PID, T_READY
     ap = argparse.ArgumentParser(prog="uksm-ksmd", description="the ksmd process of a cluster")
     add_task_args(ap)
     a = ap.parse_args(argv)
@@ -846,23 +861,36 @@ def main(argv: list[str] | None = None) -> int:
     cl.bind(a.task)
     import os
     cl.q[cl.tbase(a.task) + T_PID] = os.getpid()
+    cl.q[cl.tbase(a.task) + T_READY] = 1   # started: a death from now on is no failure to start
     log = ulog.setup("ksmd", a.cluster, a.log_dir, boot_id=a.boot_id)
+    try:
+        return run_ksmd(cl, log)
+    finally:
+        ulog.close()
+
+
+def run_ksmd(cl: Cluster, log: Any) -> int:
+    """This process, bound to ksmd's row in ``cl``, is ksmd until it is
+    stopped (0) or oopses (the oops status, uksm.host.oops): its body in a
+    normal run (``main``) and in a controlled one (uksm.explorer)."""
+    from uksm.host import oops
     cl.watch_use_after_free(log)
     cl.lockdep_log = log
     cl.task.on_wait = lambda name, ms, holders: log.info("lock_wait", lock=name, holders=holders,
                                                           waited_ms=round(ms, 3))
-    from uksm.host import oops
     try:
         ksmd = Ksmd(cl, log)
         oops.install_test_hook(ksmd)
         ksmd.run()
     except Exception as e:  # a bug: an oops, logged once, not a traceback loop (uksm.host.oops)
         return oops.report(log, e)
-    finally:
-        ulog.close()
     return 0
 
 
 if __name__ == "__main__":
+    # `python -m uksm.kernel.ksmd` runs this file as __main__: run it as the
+    # module uksm.kernel.ksmd instead, the one copy every other import sees
+    # (and the one a mutation run's mutants live in: dev/mutation.sh)
     from uksm.host.lifeline import exit_now
-    exit_now(main())  # uksm.host.lifeline: no finalization
+    from uksm.kernel import ksmd as this
+    exit_now(this.main())  # uksm.host.lifeline: no finalization

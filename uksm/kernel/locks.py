@@ -211,6 +211,10 @@ class PyTask:
         # lockdep (Cluster.watch_lock_order): called with (kind, lock taken,
         # lock id held, operation) for every lock taken against the order
         self.lockdep: Callable[[str, Lock, int, str], None] | None = None
+        # a controlled run's scheduling point (uksm.kernel.sched): called
+        # with ("lock"|"trylock"|"unlock", lk) before the operation, and
+        # ("blocked", lk) instead of every slice of a blocked wait
+        self.sched: Callable[[str, Lock], None] | None = None
 
     # -- lockdep ----------------------------------------------------------
     def lockdep_check(self, lk: Lock, op: str, from_cls: int = -1) -> None:
@@ -253,6 +257,19 @@ class PyTask:
         t0 = time.monotonic_ns()
         q[e + E_SINCE] = t0
         acquire = lk.sem.acquire
+        if self.sched is not None:
+            # a controlled run: blocking is modelled, never real -- parked,
+            # disabled until the lock has a free unit (the entry stays
+            # WAITING, as a blocked waiter's); no slices, no deadline
+            while True:
+                self.sched("blocked", lk)
+                try:
+                    acquire(0)
+                    break
+                except posix_ipc.BusyError:
+                    q[e + E_SPINS] += 1
+            q[e + E_SINCE] = 0
+            return
         holders: list[int] | None = None
         while True:
             try:
@@ -279,6 +296,8 @@ class PyTask:
     def lock(self, lk: Lock, check: bool = True) -> None:
         """mutex_lock / down_read: take one unit."""
         # hot path: raw words (uksm.kernel.views: a view read is 56 ns against 20 raw)
+        if self.sched is not None:
+            self.sched("lock", lk)
         if self.uaf is not None and lk.mmrow >= 0 and mm_freed(self.q, lk):
             self.uaf(lk, "lock")
         if check and self.lockdep is not None:
@@ -307,6 +326,8 @@ class PyTask:
         """mutex_trylock / down_read_trylock (cannot deadlock: only a
         recursive trylock is reported)."""
         # hot path: raw words (uksm.kernel.views: a view read is 56 ns against 20 raw)
+        if self.sched is not None:
+            self.sched("trylock", lk)
         if self.uaf is not None and lk.mmrow >= 0 and mm_freed(self.q, lk):
             self.uaf(lk, "trylock")
         if self.lockdep is not None and self.holds(lk):
@@ -348,6 +369,8 @@ class PyTask:
     def unlock(self, lk: Lock) -> None:
         """mutex_unlock / up_read."""
         # hot path: raw words (uksm.kernel.views: a view read is 56 ns against 20 raw)
+        if self.sched is not None:
+            self.sched("unlock", lk)
         if self.uaf is not None and lk.mmrow >= 0 and mm_freed(self.q, lk):
             self.uaf(lk, "unlock")
         q = self.q
@@ -483,7 +506,7 @@ def read_entries(q: memoryview, rows: Iterable[tuple[int, int]], cls: int) -> li
 def recover(q: memoryview, locks: dict[int, Lock],
             live_rows: Callable[[], list[tuple[int, int]]],
             dead_rows: list[tuple[int, int]], owned: dict[int, int] | None = None,
-            deadline_s: float = 30.0) -> dict[int, int]:
+            deadline_s: float = 30.0, exact: bool = False) -> dict[int, int]:
     """Take over the units that dead tasks hold of each lock in ``locks``.
 
     ``live_rows()`` is asked again at every round: a task that dies while
@@ -493,6 +516,13 @@ def recover(q: memoryview, locks: dict[int, Lock],
     the caller on the dead's behalf}; the caller repairs what each lock
     protects and then posts them.  The free units drained on the way are
     posted back before returning.
+
+    ``exact``: every live task is parked at a scheduling point of a
+    controlled run (``uksm.kernel.sched``), and a point is never inside
+    window A or B: no live entry is in a transition, no post can come
+    while we look.  Then one drain and one snapshot decide, with the same
+    arithmetic -- the three-snapshot rule above only stands in for that
+    knowledge when the tasks run freely.
     """
     owned = owned or {}
     progress.clear()
@@ -523,7 +553,8 @@ def recover(q: memoryview, locks: dict[int, Lock],
             h.append(snap)
             progress[lk.name] = {"drained": drained[lid],
                                  "snapshots": [{str(r): list(v) for r, v in x.items()} for x in h[-3:]]}
-            if len(h) >= 3 and _stable(h[-3], h[-2], h[-1]):
+            if (exact and not any(w & 3 == RELEASING for (w, _h, _s) in snap.values())) \
+                    or (len(h) >= 3 and _stable(h[-3], h[-2], h[-1])):
                 live = sum(_units(w, held) for (w, held, _s) in h[-1].values())
                 dead = lk.units - drained[lid] - live - owned.get(lid, 0)
                 if dead < 0:  # cannot happen if every task follows the protocol

@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypedDict
 
+from uksm.kernel import sched
 from uksm.kernel.layout import (
     A_FREE_TOP,
     C_FRAMES,
@@ -155,7 +156,11 @@ class Allocator:
                         # frees) are not an OOM: wait for them
                         self.oom_killer(cl, task)
                     seq = self.q[H_FRAMES_FREED]
-                    for _ in range(50):
+                    if sched.ON:
+                        # a controlled run: disabled until frames are freed
+                        # or what the OOM killer decides by has changed
+                        sched.blocked(sched.BLK_FRAMES, seq, int(fatal_ok))
+                    for _ in range(0 if sched.ON else 50):
                         if self.q[H_FRAMES_FREED] != seq or self.q[A_FREE_TOP]:
                             break
                         time.sleep(0.002)

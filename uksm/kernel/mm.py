@@ -63,6 +63,8 @@ from uksm.kernel.layout import (
     PT_OFF,
     REF_USERS,
     S_MM_FREED,
+    TS_ALIVE,
+    TS_REAPING,
     V_END,
     V_FLAGS,
     V_START,
@@ -375,6 +377,24 @@ def free_mm_objects(cl: "Cluster", row: int, mm_id: int, log: Any = NULL_LOG) ->
         q[b + M_ID] = 0
     task.unlock(cl.mmlist)
     log.info("mm_freed", mm=mm_id)
+
+
+def finish_frees(cl: "Cluster", log: Any = NULL_LOG) -> list[int]:
+    """An mm row left MS_FREEING by a task that died inside ``__mmdrop``
+    (its freer, M_FREER_TASK, no longer alive): free its objects now
+    (the supervisor's sweep, a controlled run's reaper).  Returns the mm
+    ids freed."""
+    out = []
+    for r in range(cl.max_mms):
+        m = cl.mrow(r)
+        mm_id = m.id
+        if not mm_id or m.state != MS_FREEING or not m.freer_task:
+            continue
+        if cl.trow(m.freer_task - 1).state in (TS_ALIVE, TS_REAPING):
+            continue
+        free_mm_objects(cl, r, mm_id, log)
+        out.append(mm_id)
+    return out
 
 
 def mm_fields(cl: "Cluster", row: int) -> dict[str, int]:

@@ -31,7 +31,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from uksm.errors import SegFault
-from uksm.kernel import killpoints
+from uksm.kernel import killpoints, sched
 from uksm.kernel.layout import (
     F_KSM,
     FR_COUNT,
@@ -123,7 +123,7 @@ def handle_mm_fault(cl: "Cluster", alloc: Allocator, mm: MM, vpn: int, write: bo
     # the common case without alloc_frame's call layers (0.06 us of a
     # first touch): a frame off the task's list, in flight (see in_flight)
     new = alloc.in_flight(mm.id, vpn, pcp.pop()) if pcp else alloc.alloc_frame(mm.id, vpn, not for_ksmd)
-    if not for_ksmd and q[tb + T_KILL_POINT] >= 0:  # a point armed (the call only then: 0.05 us)
+    if not for_ksmd and (q[tb + T_KILL_POINT] >= 0 or sched.ON):  # armed (the call only then: 0.05 us)
         killpoints.hit(cl, "fault_after_alloc")
     if pte:
         # copy before installing: the old frame is write-protected (a KSM
@@ -159,6 +159,8 @@ def handle_mm_fault(cl: "Cluster", alloc: Allocator, mm: MM, vpn: int, write: bo
         q[task.base + T_COW] += 1
     else:
         q[b + M_RSS] += 1
+    if sched.ON:  # the fault's commit point (uksm.kernel.sched), the pte lock held
+        sched.point("cow_commit" if pte else "fault_commit", vpn)
     task.unlock(mm.ptl)
     if alloc.pending and not for_ksmd:
         alloc.flush()  # a freed KSM page: give it back now (ksmd flushes in runs)

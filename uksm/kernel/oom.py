@@ -32,6 +32,7 @@ import signal
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from uksm.kernel import sched
 from uksm.kernel.layout import (
     A_FREE_TOP,
     H_OOM_RULE,
@@ -128,6 +129,8 @@ def out_of_memory(cl: "Cluster", task: "Task", log: Any) -> int:
     finally:
         task.unlock(cl.mmlist)
     log.warning("oom_kill", victim_pid=pid, victim_mm=mm_id, rss=rss, free_frames=q[A_FREE_TOP])
+    if sched.signal(pid, OOM_SIGNAL):  # a controlled run: delivered at this step
+        return pid
     try:
         os.kill(pid, OOM_SIGNAL)
     except ProcessLookupError:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from uksm.errors import SegFault
 from uksm.host.log import NULL_LOG
-from uksm.kernel import killpoints
+from uksm.kernel import killpoints, sched
 from uksm.kernel.ksm import ERESTARTSYS, __ksm_enter, unmerge_ksm_pages
 from uksm.kernel.layout import (
     MMF_VM_MERGEABLE,
@@ -45,6 +45,20 @@ class KsmInterrupted(Exception):
 MADV_DONTNEED = 4
 MADV_MERGEABLE = 12
 MADV_UNMERGEABLE = 13
+# x86-64's numbers: the argument of a controlled run's syscall points
+NR_MMAP, NR_MUNMAP, NR_MADVISE, NR_MLOCKALL = 9, 11, 28, 151
+
+
+def syscall_entry(nr: int) -> None:
+    """Syscall entry: a scheduling point of a controlled run."""
+    if sched.ON:
+        sched.point("syscall", nr)
+
+
+def syscall_return(nr: int) -> None:
+    """Syscall return: a scheduling point of a controlled run."""
+    if sched.ON:
+        sched.point("syscall_ret", nr)
 
 
 def _range(cl: "Cluster", addr: int, length: int) -> tuple[int, int]:
@@ -73,6 +87,7 @@ def sys_mmap(cl: "Cluster", mm: MM, length: int, prot: int = VM_READ | VM_WRITE)
     npages = (length + PAGE_SIZE - 1) // PAGE_SIZE
     if npages <= 0:
         raise SegFault("mmap of zero length (EINVAL)")
+    syscall_entry(NR_MMAP)
     mm.down_write()
     try:
         start = mm.get_unmapped_area(npages)
@@ -82,6 +97,7 @@ def sys_mmap(cl: "Cluster", mm: MM, length: int, prot: int = VM_READ | VM_WRITE)
         mm.words.pages += npages
     finally:
         mm.up_write()
+    syscall_return(NR_MMAP)
     return start << PAGE_SHIFT
 
 
@@ -90,6 +106,7 @@ def sys_mlockall(cl: "Cluster", mm: MM, alloc: Allocator) -> int:
     accessible ones faulted in (mlock_vma_pages_range; a PROT_NONE area
     stays unpopulated).  Returns pages faulted in."""
     n = 0
+    syscall_entry(NR_MLOCKALL)
     mm.down_write()
     try:
         for (i, s, e, f) in mm.vmas():
@@ -102,11 +119,13 @@ def sys_mlockall(cl: "Cluster", mm: MM, alloc: Allocator) -> int:
                     n += 1
     finally:
         mm.up_write()
+    syscall_return(NR_MLOCKALL)
     return n
 
 
 def sys_munmap(cl: "Cluster", mm: MM, alloc: Allocator, addr: int, length: int) -> None:
     start, end = _range(cl, addr, length)
+    syscall_entry(NR_MUNMAP)
     mm.down_write()
     try:
         idx = mm.split_range(start, end)
@@ -116,12 +135,14 @@ def sys_munmap(cl: "Cluster", mm: MM, alloc: Allocator, addr: int, length: int) 
         mm.words.pages -= end - start
     finally:
         mm.up_write()
+    syscall_return(NR_MUNMAP)
 
 
 def sys_madvise(cl: "Cluster", mm: MM, alloc: Allocator, addr: int, length: int, advice: int,
                 log: Any = NULL_LOG, stop: Callable[[], bool] | None = None) -> int:
     """madvise; returns pages unmerged for MADV_UNMERGEABLE, else 0."""
     start, end = _range(cl, addr, length)
+    syscall_entry(NR_MADVISE)
     if advice == MADV_DONTNEED:
         cl.task.lock(mm.sem)
         try:
@@ -129,6 +150,7 @@ def sys_madvise(cl: "Cluster", mm: MM, alloc: Allocator, addr: int, length: int,
             zap_range(cl, alloc, mm, start, end)
         finally:
             cl.task.unlock(mm.sem)
+        syscall_return(NR_MADVISE)
         return 0
     if advice not in (MADV_MERGEABLE, MADV_UNMERGEABLE):
         raise SegFault(f"madvise advice {advice} (EINVAL)")
@@ -163,6 +185,7 @@ def sys_madvise(cl: "Cluster", mm: MM, alloc: Allocator, addr: int, length: int,
         mm.up_write()
     if advice == MADV_UNMERGEABLE:
         log.info("unmerge", mm=mm.id, pages=n, reason="madvise")
+    syscall_return(NR_MADVISE)
     if err:
         raise KsmInterrupted(err, n)
     return n

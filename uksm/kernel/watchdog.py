@@ -31,7 +31,6 @@ from uksm.kernel.layout import (
     T_LOCKS,
     T_MM,
     T_PID,
-    T_ROLE,
     XS_MMDROP,
     XS_USERS0,
     XS_ZAPPED,
@@ -87,9 +86,16 @@ class Watchdog:
                     pass
         return loop
 
+    def role(self, row: int) -> str:
+        """The task's role by name; "?" for a word uksm has no name for (a
+        torn row must not stop the report: the loop would swallow the
+        IndexError, and the hung task would never be reported)."""
+        r = self.cl.trow(row).role
+        return ROLES[r] if 0 <= r < len(ROLES) else "?"
+
     def describe(self, row: int) -> str:
         t = self.cl.trow(row)
-        role = ROLES[t.role] if 0 <= t.role < len(ROLES) else "?"
+        role = self.role(row)
         if role == "worker":
             return f"worker w{t.worker_no} (pid {t.pid}, mm{t.mm})"
         if role == "reaper":
@@ -142,8 +148,7 @@ class Watchdog:
             hd = ", ".join(self.describe(h) for h in holders) or "nobody alive"
             lines.append(f"{self.describe(cur)} waits for {what}, {by}{hd}")
             q, b = self.cl.q, self.cl.tbase(cur)
-            r = q[b + T_ROLE]
-            waits.append({"pid": q[b + T_PID], "role": ROLES[r] if 0 <= r < len(ROLES) else "?",
+            waits.append({"pid": q[b + T_PID], "role": self.role(cur),
                           "mm": q[b + T_MM],
                           "lock": "frames" if cls == C_FRAMES else lock_name(lid),
                           "waited_s": round(secs, 3), "since_ns": since,
@@ -187,7 +192,7 @@ class Watchdog:
             line = (f"{self.describe(row)} keeps faulting in its exit without progress: "
                     f"{faults - last[0]} faults in {secs:.1f}s, exit stage {stage}, "
                     f"progress {progress} (a livelock: munlock at exit with the seed's fault-path check?)")
-            self.report({"pid": q[b + T_PID], "role": ROLES[q[b + T_ROLE]], "lock": "none (livelock)",
+            self.report({"pid": q[b + T_PID], "role": self.role(row), "lock": "none (livelock)",
                          "waited_s": round(secs, 3), "deadlock": False, "chain": [line]})
 
     def check(self) -> None:
@@ -205,7 +210,7 @@ class Watchdog:
                 continue
             self.seen.add(key)
             lines, cycle, waits = self.chain(row, now)
-            self.report({"pid": self.cl.q[b + T_PID], "role": ROLES[self.cl.q[b + T_ROLE]],
+            self.report({"pid": self.cl.q[b + T_PID], "role": self.role(row),
                          "lock": "frames" if cls == C_FRAMES else lock_name(lid),
                          "waited_s": round(secs, 3), "deadlock": cycle, "chain": lines,
                          "waits": waits})

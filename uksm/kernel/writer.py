@@ -64,9 +64,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"uksm-writer: run={a.value} not written: {e}", file=sys.stderr)
         return EXIT_ORPHAN
     task = cl.bind(a.task)
-    q = cl.q
-    q[task.base + T_PID] = os.getpid()
+    cl.q[task.base + T_PID] = os.getpid()
     log = ulog.setup("writer", a.cluster, a.log_dir, boot_id=a.boot_id)
+    try:
+        return write_run(cl, a.value, a.oom_origin, log)
+    finally:
+        ulog.close()
+
+
+def write_run(cl: Cluster, value: int, oom_origin: bool, log: Any) -> int:
+    """This task, bound to its row in ``cl``, writes ``value`` to run:
+    run_store with its signal handling and its OOM killer.  Returns the
+    exit status (EXIT_DONE, EXIT_INTERRUPTED, EXIT_OOM_KILLED, or the
+    oops status).  The writer's body in a normal run (``main``) and in a
+    controlled one (uksm.explorer)."""
+    q, task = cl.q, cl.task
     task.on_wait = lambda name, ms, holders: log.info("lock_wait", lock=name, holders=holders,
                                                        waited_ms=round(ms, 3))
     pending = {"signo": 0}
@@ -84,19 +96,18 @@ def main(argv: list[str] | None = None) -> int:
     cl.watch_use_after_free(log)
     cl.lockdep_log = log
     try:
-        try:
-            _seq, err = run_store(cl, a.value, alloc, log, stop=lambda: bool(pending["signo"]),
-                                  oom_origin=a.oom_origin)
-        except Exception as e:  # an unexpected exception in kernel code: an oops
-            return oops.report(log, e)  # the supervisor reads its channel
-        status = (EXIT_DONE if not err else EXIT_OOM_KILLED
-                  if err == -ENOMEM or q[task.base + T_FATAL] == X_OOM else EXIT_INTERRUPTED)
-        log.info("run_store", value=a.value, err=err, result=RESULTS[status],
-                 oom_origin=a.oom_origin)
-        return status
-    finally:
-        ulog.close()
+        _seq, err = run_store(cl, value, alloc, log, stop=lambda: bool(pending["signo"]),
+                              oom_origin=oom_origin)
+    except Exception as e:  # an unexpected exception in kernel code: an oops
+        return oops.report(log, e)  # the supervisor reads its channel
+    status = (EXIT_DONE if not err else EXIT_OOM_KILLED
+              if err == -ENOMEM or q[task.base + T_FATAL] == X_OOM else EXIT_INTERRUPTED)
+    log.info("run_store", value=value, err=err, result=RESULTS[status], oom_origin=oom_origin)
+    return status
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # run as the module uksm.kernel.writer, not as a second copy named
+    # __main__ (the one copy every import sees: see uksm/kernel/ksmd.py)
+    from uksm.kernel import writer as this
+    raise SystemExit(this.main())

@@ -197,6 +197,12 @@ class Requests:
             if not self.wait_until(lambda: all(ready(c) or gone(c) for c in kids), READY_WAIT_S,
                                    "spawn"):
                 note = f"not all ready after {READY_WAIT_S:.0f}s"
+            # one that died of its own error (Supervisor.task_failed) fails the spawn, in its words
+            self.wait_until(sup.settled, READY_WAIT_S, "spawn")
+            with sup.lock:
+                died = [e for e in sup.errors for c in kids if gone(c) and f"(pid {c.proc.pid})" in e]
+            if died:
+                raise RequestError(died[0], EXIT_ERR)
         out = [{"worker": f"w{c.worker_no}", "pid": c.proc.pid, "mm": c.mm, "pages": sp.pages,
                 "workload": sp.workload, "ready": ready(c), "exited": gone(c)} for c in kids]
         if failed is not None:

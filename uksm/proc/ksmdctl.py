@@ -45,6 +45,7 @@ from uksm.kernel.layout import (
     TS_DEAD,
 )
 from uksm.proc.children import Child
+from uksm.proc.reaper import own_error
 
 if TYPE_CHECKING:
     from uksm.proc.supervisor import Supervisor
@@ -145,7 +146,7 @@ class KsmdCtl:
         counts cleared: they died with it), a new ksmd takes over the list --
         including the slots that slow-path exits left it to free."""
         self.sup.free_row(row)
-        if not self.sup.stop_ev.is_set() and not self.given_up:
+        if not self.sup.stop_ev.is_set() and not self.given_up and not self.sup.failed:
             with self.sup.lock:  # the main loop starts it (it owns the children), after the backoff
                 self.restart_at = time.monotonic() + self.ksmd_delay
 
@@ -175,6 +176,10 @@ class KsmdCtl:
                 if self.sup.ksmd is not k:
                     return
                 self.sup.log.error("ksmd_died", status=k.proc.returncode)
+                if not cl.trow(k.row).ready and own_error(k.proc.returncode):
+                    # it never started (an import error): a new one would
+                    # die the same way -- the cluster fails, at once
+                    self.sup.task_failed(k, k.proc.returncode, ready=False)
                 # counted before ksmd is None (under the lock, as stop_ksmd
                 # takes the channel): shutdown's report never misses it
                 self.oopsed(k.proc.returncode)

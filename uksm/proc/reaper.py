@@ -21,6 +21,11 @@ counts a death in ``recovery.pending_deaths`` in the same critical
 section, so that ``settled`` never sees a death neither listed nor
 pending.
 
+A child that died of its own error (``own_error``: an exit status, or a
+signal nobody sends a task -- not a kill, not the OOM killer, which a
+worker notices and exits through ``exit_task`` with status 0) is not
+"killed": ``Supervisor.task_failed`` reports it, and the run fails.
+
 ``sweep``: an mm row left MS_FREEING by a task that died inside
 ``__mmdrop`` is freed here (``free_mm_objects``).
 """
@@ -38,7 +43,6 @@ from uksm.kernel.exit import mmput
 from uksm.kernel.layout import (
     EXIT_PATHS,
     EXIT_REASONS,
-    MS_FREEING,
     R_REAPER,
     S_EXIT_NOSLOT,
     S_EXITED,
@@ -46,17 +50,26 @@ from uksm.kernel.layout import (
     S_MISMATCHES,
     S_PAGES_VERIFIED,
     S_REAPED,
-    TS_ALIVE,
     TS_REAPING,
     XS_MMDROP,
 )
 from uksm.kernel.locks import dead_locks
 from uksm.kernel.memory import Allocator
-from uksm.kernel.mm import MM, free_mm_objects
+from uksm.kernel.mm import MM, finish_frees
 from uksm.proc.children import Child, Death
 
 if TYPE_CHECKING:
     from uksm.proc.supervisor import Supervisor
+
+#: the signals that end a task from outside: a kill (``uksm kill``, inject,
+#: a kill point, the reboot button of a hung cluster), a stop signal, or the
+#: OOM killer's (a task it picks before its handler is in place dies of it)
+KILLS = frozenset({signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, oom.OOM_SIGNAL})
+
+
+def own_error(status: int | None) -> bool:
+    """A wait status of a task that died of its own error."""
+    return status is not None and (status > 0 or (status < 0 and -status not in KILLS))
 
 
 class Reaper:
@@ -131,6 +144,9 @@ class Reaper:
         cl = view or self.sup.cl
         q = cl.q
         tr = cl.trow(row)
+        if own_error(ch.proc.returncode):
+            self.sup.task_failed(ch, ch.proc.returncode, ready=bool(tr.ready))
+            how = "error"
         reason = EXIT_REASONS[tr.exit_reason] if how is None else how
         path = EXIT_PATHS[tr.exit_path]
         t = cl.task
@@ -189,9 +205,10 @@ class Reaper:
                 alloc.oom_killer = oom.oom_killer(self.sup.log)  # the supervisor's, as ever
                 mmput(view, mm, alloc, log)
                 alloc.flush()
-            view.task.lock(view.mmlist)
-            q[S_KILLED] += 1
-            view.task.unlock(view.mmlist)
+            if not own_error(ch.proc.returncode):   # (one that failed is no kill)
+                view.task.lock(view.mmlist)
+                q[S_KILLED] += 1
+                view.task.unlock(view.mmlist)
             self.account_exit(row, ch, reaped=True, view=view,
                                how="sigkill" if ch.proc.returncode == -signal.SIGKILL
                                else EXIT_REASONS[t.exit_reason])
@@ -201,15 +218,7 @@ class Reaper:
             log.error("reaper_failed", error=repr(e), tb=traceback.format_exc())
 
     def sweep(self) -> None:
-        cl = self.sup.cl
-        for r in range(cl.max_mms):
-            m = cl.mrow(r)
-            mm_id = m.id
-            if not mm_id or m.state != MS_FREEING or not m.freer_task:
-                continue
-            if cl.trow(m.freer_task - 1).state in (TS_ALIVE, TS_REAPING):
-                continue
-            free_mm_objects(cl, r, mm_id, self.sup.log)
+        finish_frees(self.sup.cl, self.sup.log)
         with self.sup.lock:
             # forget freed mms; their mappings go when the last user drops
             # them (the recovery thread may still hold a snapshot: no close())

@@ -37,12 +37,10 @@ from typing import TYPE_CHECKING
 from uksm.kernel import fsck
 from uksm.kernel.cluster import Cluster
 from uksm.kernel.exit import mm_users_zero
-from uksm.kernel.ksm import repair_list
+from uksm.kernel.ksm import drop_orphaned_refs, repair_list
 from uksm.kernel.layout import (
-    C_ALLOC,
     C_DAEMON,
     C_MMAP,
-    C_MMLIST,
     C_PTL,
     C_WMUTEX,
     S_LOCK_RECOVERIES,
@@ -119,17 +117,6 @@ class Recovery:
                 with self.sup.lock:
                     self.pending_deaths -= len(batch)
 
-    def lock_for(self, cl: Cluster, lid: int) -> Lock:
-        cls, mm = lid >> 40, lid & ((1 << 40) - 1)
-        if cls == C_DAEMON:
-            return cl.daemon
-        if cls == C_MMLIST:
-            return cl.mmlist
-        if cls == C_ALLOC:
-            return cl.zone
-        sem, wmx, ptl = cl.mm_locks(mm)
-        return {C_MMAP: sem, C_WMUTEX: wmx, C_PTL: ptl}[cls]
-
     def recover(self, batch: list[Death]) -> None:
         """Take over what the dead held, repair, release; then reap them."""
         owned: dict[int, int] = {}
@@ -152,7 +139,7 @@ class Recovery:
             new = [(r, cl.tbase(r)) for (r, _c, _rc) in batch if r not in done_rows]
             if new:
                 lids = {lid for (_r, b) in new for lid in dead_locks(q, b)}
-                these = {lid: self.lock_for(cl, lid) for lid in lids}
+                these = {lid: cl.lock_by_id(lid) for lid in lids}
                 took = recover(q, these, cl.live_rows, new, owned)
                 for lid, n in took.items():
                     if n:
@@ -167,6 +154,7 @@ class Recovery:
                 if owned.get(cl.mmlist.lid):
                     repair_list(cl)
                     self._post(cl.mmlist, owned.pop(cl.mmlist.lid))
+                drop_orphaned_refs(cl, self.sup.log)   # a slot freed, its mmdrop not yet done
                 if owned.get(cl.zone.lid):
                     rebuild_free_stack(cl, fsck.live_task_rows(cl))
                     self._post(cl.zone, owned.pop(cl.zone.lid))

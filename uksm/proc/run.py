@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, NotRequired, TypedDict
 
 from uksm.host import shm
-from uksm.host.exitcodes import EXIT_ERR, EXIT_USAGE
+from uksm.host.exitcodes import EXIT_ERR, EXIT_OK, EXIT_USAGE
 from uksm.host.exitcodes import interrupted as interrupted_status
 from uksm.host.lifeline import StopSignals
 from uksm.kernel.cluster import Config
@@ -256,6 +256,15 @@ def run_with(o: RunOptions, driver: Driver, prefix: str = "run") -> tuple[RunRep
                 sup.teardown()
             raise
     status = end["status"]
+    if o.workers and not end["integrity"]["pages_verified"] and not o.scenario:
+        # no task did its work to the end (each died, was killed or OOM-killed
+        # before verifying its pages): that is no success -- unless a
+        # scenario asked for it (oom-unmerge's writer may OOM-kill every worker)
+        w = end["workers"]
+        end["errors"].append(f"no page was verified: of {w['started']} workers, {w['killed']} killed, "
+                             f"{w['oom_killed']} OOM-killed, none verified its pages")
+        if status == EXIT_OK:
+            status = EXIT_ERR
     if stop():
         status = interrupted_status(status, stop.signo)
     report = build_report(name, o, t0, snap, end, log_dir, extra, interrupted=stop.name or None,
@@ -305,7 +314,8 @@ def print_report(r: RunReport) -> None:
           "slow: slot moved behind the cursor, down_write/up_write of mmap_sem, ksmd frees it; "
           "no slot: ksmd saw ksm_test_exit first and freed the slot)")
     i = r["integrity"]
-    print(f"  data     {i['pages_verified']} pages verified, {i['mismatches']} mismatches")
+    none = " (no worker verified its pages)" if not i["pages_verified"] and w["started"] else ""
+    print(f"  data     {i['pages_verified']} pages verified, {i['mismatches']} mismatches{none}")
     print(f"  fsck     {'clean' if r['fsck']['ok'] else 'FAILED'}")
     for e in r["fsck"]["errors"][:10]:
         print(f"           {e}")
@@ -351,6 +361,11 @@ def demo_exit_away_from_cursor(sup: Supervisor, timeout: float = 20.0) -> None:
         time.sleep(0.01)
 
 
+def oom_headroom(o: RunOptions) -> int:
+    """--scenario oom-unmerge: frames left above the merged state."""
+    return max(8, o.pages // 2)
+
+
 def all_stable(q: Any) -> bool:
     """Every rmap_item is in the stable tree: no page in the unstable tree
     (pages_unshared), none waiting for its checksum to settle
@@ -379,6 +394,41 @@ def merged_since(sup: Supervisor, scans: int) -> bool:
         cl.task.unlock(cl.daemon)
 
 
+class Convergence:
+    """``--until-merged``'s rule, fed at each look (``drive``, and the
+    deterministic run's driver, ``uksm.deterministic``): the counters
+    (pages_shared, pages_sharing, rmap_items) sampled at three full-scan
+    ends in a row, every worker ready, are equal; or, without churn,
+    ``stable_since(ready_scan + 2)`` (``merged_since``)."""
+
+    def __init__(self, churn: bool) -> None:
+        self.churn = churn
+        self.samples: list[tuple[int, int, int]] = []
+        self.last_scan = -1
+        # full_scans when every worker was first seen ready (None: one is
+        # not): the pass then in progress may have begun before the last
+        # write, the one after it (ending at ready_scan + 2) cannot have
+        self.ready_scan: int | None = None
+
+    def ready(self, q: Any, all_ready: bool) -> None:
+        if all_ready:
+            if self.ready_scan is None:
+                self.ready_scan = q[K_FULL_SCANS]
+        else:
+            self.ready_scan = None
+
+    def converged(self, q: Any, all_ready: bool, stable_since: Callable[[int], bool]) -> bool:
+        """Looked at once per full scan (False in between)."""
+        if q[K_FULL_SCANS] == self.last_scan:
+            return False
+        self.last_scan = q[K_FULL_SCANS]
+        if all_ready:
+            self.samples.append((q[K_PAGES_SHARED], q[K_PAGES_SHARING], q[K_RMAP_ITEMS]))
+        s = self.samples
+        return ((len(s) >= 3 and s[-1] == s[-2] == s[-3])
+                or (self.ready_scan is not None and not self.churn and stable_since(self.ready_scan + 2)))
+
+
 def drive(sup: Supervisor, o: RunOptions, t0: float, progress: Progress,
           interrupted: Callable[[], bool]) -> tuple[bool, RunExtra]:
     """The foreground loop: until the duration, convergence, or the
@@ -401,61 +451,58 @@ def drive(sup: Supervisor, o: RunOptions, t0: float, progress: Progress,
     writer = None
     extra: RunExtra = {}
     late = o.demo_exits  # the demo's last worker is still to start
-    samples: list[tuple[int, int, int]] = []
-    last_scan = -1
-    # full_scans when every worker was first seen ready (None: one is not):
-    # the pass then in progress may have begun before the last write, the
-    # one after it (ending at ready_scan + 2) cannot have
-    ready_scan: int | None = None
+    conv = Convergence(bool(o.churn_ms))
     phase = "merge"
     # --duration caps --until-merged (it does not switch it off): whichever comes first
     until_merged = o.until_merged or o.duration is None
     deadline = t0 + (o.duration if o.duration is not None else o.max_duration)
-    while time.monotonic() < deadline and not interrupted():
+    # why the loop ended (the run_end event): a test reads it, never the clock
+    ended = "--duration" if o.duration is not None else "--max-duration"
+    while time.monotonic() < deadline:
+        if interrupted():
+            ended = "ksmd oopsed in a row" if sup.given_up else "stop signal"
+            break
         sup.poll()
         sup.sweep()
-        if sup.hung:
+        if sup.hung or sup.failed:   # (a task that failed to start: said at once, in the report)
+            ended = "hung task" if sup.hung else "a task failed"
             break
         t = time.monotonic() - t0
         progress(sup, t, f"[{phase}] " if o.scenario else "")
-        if sup.workers_alive() == 0 and sup.recovery.dead_q.empty() and writer is None:
+        if sup.workers_alive() == 0 and sup.recovery.dead_q.empty() and writer is None and sup.settled():
+            # (every death accounted: one of its own error is a failure)
+            ended = "a task failed" if sup.failed else "no worker left"
             break  # (a run=2 writer still unmerging is waited for below: its result is the report's)
-        if sup.workers_ready():
-            if ready_scan is None:
-                ready_scan = q[K_FULL_SCANS]
-        else:
-            ready_scan = None
+        conv.ready(q, sup.workers_ready())
         if until_merged:
             if phase == "unmerge":
                 rc = sup.run_writer_status(writer) if writer is not None else 0
                 if rc is not None:
                     extra["run_store"] = {"value": 2, "result": result_of(rc), "run": q[K_RUN]}
+                    ended = "run_store returned"
                     break
             elif q[K_RUN] != 1:
                 if sup.workers_ready():
+                    ended = f"nothing to merge (run {q[K_RUN]})"
                     break
             elif late and q[K_FULL_SCANS] >= 1 and sup.workers_ready():
                 sup.spawn_worker(o.pages, o.workload, o.seed, o.churn_ms, exit_after_write=True)
                 late = False
-            elif q[K_FULL_SCANS] != last_scan:
-                last_scan = q[K_FULL_SCANS]
-                if sup.workers_ready():
-                    samples.append((q[K_PAGES_SHARED], q[K_PAGES_SHARING], q[K_RMAP_ITEMS]))
-                converged = ((len(samples) >= 3 and samples[-1] == samples[-2] == samples[-3])
-                             or (ready_scan is not None and not o.churn_ms
-                                 and merged_since(sup, ready_scan + 2)))
-                if converged and o.scenario == "oom-unmerge" and phase == "merge":
+            elif conv.converged(q, sup.workers_ready(), lambda scans: merged_since(sup, scans)):
+                if o.scenario == "oom-unmerge" and phase == "merge":
                     phase = "unmerge"
                     used = sup.cl.nframes - q[A_FREE_TOP]
-                    q[H_MEM_LIMIT] = used + max(8, o.pages // 2)
+                    q[H_MEM_LIMIT] = used + oom_headroom(o)
                     sup.log.info("ksm_knob", name="mem_limit", value=q[H_MEM_LIMIT])
                     writer = sup.start_run_writer(2)  # echo 2 > run, PF_OOM_ORIGIN as the policy's kernel
-                    samples.clear()
-                elif converged and not o.scenario:
+                    conv.samples.clear()
+                elif not o.scenario:
                     if o.demo_exits:
                         demo_exit_away_from_cursor(sup)
+                    ended = "converged"
                     break
         time.sleep(0.005)  # a few cheap looks (waitpid, the ready flags): convergence seen within 5 ms
+    sup.log.info("run_end", reason=ended, full_scans=q[K_FULL_SCANS])
     if writer is not None and "run_store" not in extra:
         extra["run_store"] = {"value": 2, "result": "hung" if sup.hung else "running", "run": q[K_RUN]}
     return bool(sup.hung), extra

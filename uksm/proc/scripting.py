@@ -90,6 +90,94 @@ def _int(req: dict[str, Any], key: str, lo: int, hi: int, what: str) -> int:
     return v
 
 
+def _bytes(req: dict[str, Any], key: str, what: str) -> bytes:
+    v = req.get(key)
+    if not isinstance(v, str):
+        raise ScriptError(f"{what} must be bytes (base64 on the wire; got {type(v).__name__})",
+                          "type", EXIT_USAGE)
+    try:
+        return base64.b64decode(v, validate=True)
+    except ValueError:
+        raise ScriptError(f"{what}: not valid base64", "value", EXIT_USAGE)
+
+
+def task_command(req: dict[str, Any], pages: int) -> tuple[dict[str, Any] | None, str]:
+    """A script's command for a task of ``pages`` pages, checked (types,
+    ranges: bad input changes nothing) and put as the task takes it
+    (``uksm.workers.scripted``): (the command, what it is called in
+    errors); the command is None when there is nothing to do (an empty
+    fill, write or read).  Served the same way under a controlled
+    schedule (``uksm.explorer.requests``)."""
+    size = pages * PAGE_SIZE
+    cmd = req.get("cmd")
+    if cmd == "fill":
+        first = _int(req, "first", 0, pages - 1, "first page")
+        count = req.get("count")
+        if count is None:
+            count = pages - first
+        else:
+            count = _int(req, "count", 0, pages - first, f"count (from page {first})")
+        if "page" in req:
+            page = _bytes(req, "page", "page")
+            if len(page) != PAGE_SIZE:
+                raise ScriptError(f"fill value: {len(page)} bytes, not {PAGE_SIZE} (one page)",
+                                  "value", EXIT_USAGE)
+        else:
+            page = bytes([_int(req, "value", 0, 255, "fill value")]) * PAGE_SIZE
+        if not count:
+            return None, "fill"
+        return {"cmd": "fill", "first": first, "count": count,
+                "page": base64.b64encode(page).decode()}, "fill"
+    if cmd in ("write", "read"):
+        addr = req.get("addr")
+        if type(addr) is not int:
+            raise ScriptError(f"addr must be an int (got {type(addr).__name__} {addr!r})", "type",
+                              EXIT_USAGE)
+        if cmd == "write":
+            data = _bytes(req, "data", "data")
+            n = len(data)
+        else:
+            n = _int(req, "n", 0, 1 << 30, "n (bytes to read)")
+        if addr < 0 or addr + n > size:
+            raise ScriptError(f"{cmd} of {n} bytes at {addr:#x}: beyond the task's {pages} "
+                              f"pages ({size:#x} bytes): segfault (nothing done, the task lives on)",
+                              "segfault", EXIT_USAGE)
+        if not n:
+            return None, cmd
+        if cmd == "write":
+            return {"cmd": "write", "addr": addr, "data": base64.b64encode(data).decode()}, "write"
+        return {"cmd": "read", "addr": addr, "n": n}, "read"
+    if cmd == "madvise":
+        first = _int(req, "first", 0, pages - 1, "first page")
+        count = _int(req, "count", 1, pages - first, f"count (from page {first})")
+        advice = req.get("advice")
+        if not isinstance(advice, str):
+            raise ScriptError(f"advice must be a string, one of {', '.join(ADVICE)} "
+                              f"(got {advice!r})", "type", EXIT_USAGE)
+        if advice.upper() not in ADVICE:
+            raise ScriptError(f"unknown advice {advice!r} (one of: {', '.join(ADVICE)})",
+                              "value", EXIT_USAGE)
+        return ({"cmd": "madvise", "first": first, "count": count, "advice": advice.upper()},
+                f"madvise {advice.upper()}")
+    if cmd in ("verify", "exit"):
+        return {"cmd": cmd}, cmd
+    raise ScriptError(f"unknown task command {cmd!r} (fill, write, read, madvise, verify, exit)",
+                      "value", EXIT_USAGE)
+
+
+def task_answer(cmd: str, ans: dict[str, Any]) -> dict[str, Any]:
+    """What a script is told of a task's answer to ``cmd``."""
+    if cmd == "read":
+        return {"data": ans["data"]}
+    if cmd == "madvise":
+        return {"unmerged": ans.get("unmerged", 0)}
+    if cmd == "verify":
+        return {"pages": ans["pages"], "mismatches": ans["mismatches"]}
+    if cmd == "exit":
+        return {"path": ans["path"], "mismatches": ans["mismatches"]}
+    return {}
+
+
 class Host(Protocol):
     """What the scripts' requests use of the daemon's other requests
     (``uksm.proc.handlers.Requests``)."""
@@ -205,7 +293,10 @@ class Tasks:
         if b"\n" not in tc.buf:  # EOF: the task is gone
             self.wait_finished(tc, f"task {tc.tid}'s death")
             tc.gone = self.how(tc)
-            raise ScriptError(f"task {tc.tid} died during {what}: it {tc.gone}", "died")
+            # one that died of its own error: in its words (Supervisor.task_failed)
+            failed = [e for e in self.host.sup.errors if f"(pid {tc.child.proc.pid})" in e]
+            raise ScriptError(f"task {tc.tid} died during {what}: "
+                              + (failed[0] if failed else f"it {tc.gone}"), "died")
         line, tc.buf = tc.buf.split(b"\n", 1)
         ans: dict[str, Any] = json.loads(line)
         return ans
@@ -263,85 +354,16 @@ class Tasks:
     def do_task(self, req: dict[str, Any]) -> dict[str, Any]:
         """One command for a task: fill, write, read, madvise, verify, exit."""
         tc = self.task(req)
-        size = tc.pages * PAGE_SIZE
-        cmd = req.get("cmd")
-        if cmd == "fill":
-            first = _int(req, "first", 0, tc.pages - 1, "first page")
-            count = req.get("count")
-            if count is None:
-                count = tc.pages - first
-            else:
-                count = _int(req, "count", 0, tc.pages - first, f"count (from page {first})")
-            if "page" in req:
-                page = self._bytes(req, "page", "page")
-                if len(page) != PAGE_SIZE:
-                    raise ScriptError(f"fill value: {len(page)} bytes, not {PAGE_SIZE} (one page)",
-                                      "value", EXIT_USAGE)
-            else:
-                page = bytes([_int(req, "value", 0, 255, "fill value")]) * PAGE_SIZE
-            out: dict[str, Any] = {}
-            if count:
-                self.command(tc, {"cmd": "fill", "first": first, "count": count,
-                                   "page": base64.b64encode(page).decode()}, "fill")
-            return out
-        if cmd in ("write", "read"):
-            addr = req.get("addr")
-            if type(addr) is not int:
-                raise ScriptError(f"addr must be an int (got {type(addr).__name__} {addr!r})", "type",
-                                  EXIT_USAGE)
-            if cmd == "write":
-                data = self._bytes(req, "data", "data")
-                n = len(data)
-            else:
-                n = _int(req, "n", 0, 1 << 30, "n (bytes to read)")
-            if addr < 0 or addr + n > size:
-                raise ScriptError(f"{cmd} of {n} bytes at {addr:#x}: beyond the task's {tc.pages} "
-                                  f"pages ({size:#x} bytes): segfault (nothing done, the task lives on)",
-                                  "segfault", EXIT_USAGE)
-            if cmd == "write":
-                if n:
-                    self.command(tc, {"cmd": "write", "addr": addr,
-                                       "data": base64.b64encode(data).decode()}, "write")
-                return {}
-            if not n:
-                return {"data": ""}
-            return {"data": self.command(tc, {"cmd": "read", "addr": addr, "n": n}, "read")["data"]}
-        if cmd == "madvise":
-            first = _int(req, "first", 0, tc.pages - 1, "first page")
-            count = _int(req, "count", 1, tc.pages - first, f"count (from page {first})")
-            advice = req.get("advice")
-            if not isinstance(advice, str):
-                raise ScriptError(f"advice must be a string, one of {', '.join(ADVICE)} "
-                                  f"(got {advice!r})", "type", EXIT_USAGE)
-            if advice.upper() not in ADVICE:
-                raise ScriptError(f"unknown advice {advice!r} (one of: {', '.join(ADVICE)})",
-                                  "value", EXIT_USAGE)
-            ans = self.command(tc, {"cmd": "madvise", "first": first, "count": count,
-                                     "advice": advice.upper()}, f"madvise {advice.upper()}")
-            return {"unmerged": ans.get("unmerged", 0)}
-        if cmd == "verify":
-            ans = self.command(tc, {"cmd": "verify"}, "verify")
-            return {"pages": ans["pages"], "mismatches": ans["mismatches"]}
-        if cmd == "exit":
-            ans = self.command(tc, {"cmd": "exit"}, "exit")
+        cmd, what = task_command(req, tc.pages)
+        if cmd is None:
+            return {"data": ""} if req.get("cmd") == "read" else {}
+        ans = self.command(tc, cmd, what)
+        if cmd["cmd"] == "exit":
             tc.extra.update(exited=True, path=ans["path"])
             self.wait_finished(tc, f"task {tc.tid}'s exit")
             tc.gone = self.how(tc)
             self.host.log.info("task_exit", worker=tc.tid, path=ans["path"], mismatches=ans["mismatches"])
-            return {"path": ans["path"], "mismatches": ans["mismatches"]}
-        raise ScriptError(f"unknown task command {cmd!r} (fill, write, read, madvise, verify, exit)",
-                          "value", EXIT_USAGE)
-
-    @staticmethod
-    def _bytes(req: dict[str, Any], key: str, what: str) -> bytes:
-        v = req.get(key)
-        if not isinstance(v, str):
-            raise ScriptError(f"{what} must be bytes (base64 on the wire; got {type(v).__name__})",
-                              "type", EXIT_USAGE)
-        try:
-            return base64.b64decode(v, validate=True)
-        except ValueError:
-            raise ScriptError(f"{what}: not valid base64", "value", EXIT_USAGE)
+        return task_answer(cmd["cmd"], ans)
 
     def do_task_stat(self, req: dict[str, Any]) -> dict[str, Any]:
         """/proc/PID/ksm_stat (and rss): read from the task's mm row."""
@@ -556,4 +578,5 @@ class Faults:
         return {"task": f"w{ch.worker_no}" if ch is not None else None, "mm": mm_id}
 
 
-__all__ = ["Tasks", "Faults", "Host", "ScriptError", "TaskChan", "ADVICE", "SIGNALS"]
+__all__ = ["Tasks", "Faults", "Host", "ScriptError", "TaskChan", "ADVICE", "SIGNALS", "task_command",
+           "task_answer"]

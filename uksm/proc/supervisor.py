@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypedDict
 
-from uksm.host import lifeline, shm
+from uksm.host import lifeline, pyexec, shm
 from uksm.host import log as ulog
 from uksm.host.exitcodes import EXIT_ERR, EXIT_HUNG, EXIT_INTEGRITY, EXIT_OK, EXIT_OOPS
 from uksm.host.oops import FD_ENV, OopsRecord
@@ -53,6 +53,7 @@ from uksm.kernel.locks import LockTimeout
 from uksm.kernel.memory import FrameStats, frame_stats
 from uksm.kernel.mm import MM, mm_create
 from uksm.kernel.watchdog import HungReport, Watchdog
+from uksm.proc.childerr import StderrTee
 from uksm.proc.children import Child
 from uksm.proc.ksmdctl import KsmdCtl
 from uksm.proc.reaper import Reaper
@@ -124,6 +125,12 @@ class Supervisor:
         self.threads: list[threading.Thread] = []
         self.ksmd: Child | None = None    # under self.lock
         self.errors: list[str] = []
+        # the first task that died of its own error before it was ready
+        # (task_failed): the cluster cannot do what it was asked, and every
+        # wait ends on it at once
+        self.failed = ""
+        self._failures_said: set[tuple[str, str, str]] = set()
+        self.stderr: StderrTee | None = None   # the children's stderr (boot starts it)
         self.booted = False
         self.reaper = Reaper(self)
         self.recovery = Recovery(self)
@@ -140,6 +147,7 @@ class Supervisor:
     def boot(self) -> None:
         self.cl = Cluster.create(self.name, self.cfg)
         self.booted = True
+        self.stderr = StderrTee()
         q = self.cl.q
         q[H_SUPERVISOR_PID] = os.getpid()
         row = self.alloc_row(R_SUPERVISOR, os.getpid())
@@ -200,16 +208,54 @@ class Supervisor:
         with this process), in its own process group (a Ctrl-C at the
         terminal is the supervisor's to handle, not ksmd's).  ``pass_fds``:
         descriptors the child inherits (a scripted task's command socket);
-        ``oops_fd``: ksmd's end of its oops channel (``uksm.host.oops``)."""
-        env = lifeline.child_env()
+        ``oops_fd``: ksmd's end of its oops channel (``uksm.host.oops``).
+        The child imports the same uksm as this process (``uksm.host.pyexec``);
+        its stderr goes through ``self.stderr`` (what it says, kept)."""
+        env = pyexec.env(lifeline.child_env())
         if oops_fd >= 0:
             env[FD_ENV] = str(oops_fd)
             pass_fds = (*pass_fds, oops_fd)
-        p = subprocess.Popen([sys.executable, "-m", *args], stdin=subprocess.DEVNULL,
-                             env=env, process_group=0, pass_fds=pass_fds)
+        assert self.stderr is not None
+        err_r, err_w = self.stderr.open()
+        try:
+            p = subprocess.Popen(pyexec.argv(*args), stdin=subprocess.DEVNULL, stderr=err_w,
+                                 env=env, process_group=0, pass_fds=pass_fds)
+        except BaseException:
+            os.close(err_r)
+            raise
+        finally:
+            os.close(err_w)
+        self.stderr.watch(err_r, p.pid)
         self.started.append(p.pid)
         self.procs = [x for x in self.procs if x.returncode is None] + [p]
         return p
+
+    def task_failed(self, ch: Child, status: int, ready: bool) -> None:
+        """``ch`` died of its own error (an exit status, or a signal nobody
+        sent it: not a kill, not the OOM killer): the run fails (status 1),
+        the error in its report, said at once in one line with the last
+        line the task wrote on stderr.  One that died before it was ready
+        (``ready`` False) fails the cluster: ``failed`` ends every wait."""
+        who = f"{ch.role} w{ch.worker_no}" if ch.role == "worker" else ch.role
+        how = (f"status {status}" if status >= 0
+               else f"signal {signal.Signals(-status).name}" if -status in signal.valid_signals()
+               else f"signal {-status}")
+        said = self.stderr.tail(ch.proc.pid) if self.stderr is not None else ""
+        msg = (f"{who} (pid {ch.proc.pid}) died of its own error"
+               + ("" if ready else " before it was ready") + f" ({how})" + (f": {said}" if said else ""))
+        with self.lock:
+            self.errors.append(msg)
+            if not ready and not self.failed:
+                self.failed = msg
+            # said once per kind of failure: sixteen workers dying of one
+            # import error are one line, not sixteen
+            new = (ch.role, how, said) not in self._failures_said
+            self._failures_said.add((ch.role, how, said))
+        self.log.error("task_failed", task_pid=ch.proc.pid, task_role=ch.role, status=status,
+                       ready=ready, stderr=said)
+        if new and not self.quiet:   # one write: the children's stderr goes to the same file
+            sys.stderr.write(f"uksm: {msg}\n")
+            sys.stderr.flush()
 
     def spawn_worker(self, pages: int, workload: str, seed: int, churn_ms: int = 0,
                      kill_point: str | None = None, kill_sig: int = signal.SIGKILL,
@@ -544,6 +590,9 @@ class Supervisor:
         except Exception:
             pass
         self.ksmdctl.close_oops_fd()
+        if self.stderr is not None:
+            self.stderr.close()
+            self.stderr = None
         destroy(self.name)
         with self.lock:
             writers = list(self.writers.values())
