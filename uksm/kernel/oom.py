@@ -21,12 +21,16 @@ Which victims block a new choice depends on the kernel (``--oom-rule``):
   cleared only after mmput returns.  A victim stuck in __ksm_exit blocks
   every further kill: the 4.1-stable hang of 2016.
 
-Badness is the victim's *private* resident frames (RSS minus PTEs mapping
-KSM pages): what killing it gives back.  A task being unmerged by run=2
-grows there, so it is the one picked, as in the seed's scenario.
+Badness is each rule's own (``badness``): 2.6.32's starts from
+``mm->total_vm`` -- the pages mapped, not what killing the task gives
+back: a task whose pages are all one KSM page scores its full size --
+then divides by CPU and run time and adjusts for nice and capabilities;
+4.1's oom_badness counts RSS (and swap, none here).  Ties go to the first
+task in the mm table (for_each_process: creation order).
 """
 from __future__ import annotations
 
+import math
 import os
 import signal
 from collections.abc import Callable
@@ -38,9 +42,9 @@ from uksm.kernel.layout import (
     H_OOM_RULE,
     M_EXIT_STAGE,
     M_ID,
-    M_KSM_MAPPED,
     M_OOM_VICTIM,
     M_OWNER_PID,
+    M_PAGES,
     M_RSS,
     M_STATE,
     M_USERS,
@@ -71,6 +75,64 @@ def oom_killer(log: Any) -> Callable[["Cluster", "Task"], int]:
     return lambda cl, task: out_of_memory(cl, task, log)
 
 
+# lib/int_sqrt.c's int_sqrt: the integer square root
+def int_sqrt(x: int) -> int:
+    return math.isqrt(x)
+
+
+HZ = 1000           # CONFIG_HZ_1000
+SHIFT_HZ = 10       # include/linux/timex.h, for HZ 1000
+CAP_SYS_RAWIO, CAP_SYS_ADMIN, CAP_SYS_RESOURCE = 17, 21, 24
+
+
+def _proc_task(pid: int) -> tuple[int, float, int] | None:
+    """(utime + stime in jiffies, seconds since it started, CapEff) of a
+    real process, from /proc; None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+        with open(f"/proc/{pid}/status") as f:
+            cap = next(int(ln.split()[1], 16) for ln in f if ln.startswith("CapEff:"))
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, StopIteration, ValueError):
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()   # after "pid (comm) "
+    tick = os.sysconf("SC_CLK_TCK")
+    cpu = (int(fields[11]) + int(fields[12])) * HZ // tick       # utime + stime
+    return cpu, uptime - int(fields[19]) / tick, cap              # starttime
+
+
+def badness(total_vm: int, pid: int) -> int:
+    """2.6.32's badness(p, uptime) for a task whose mm maps ``total_vm``
+    pages, with the inputs the task's real process has
+    (2.6.32.67 mm/oom_kill.c).  Left out: the children's half-sizes (no
+    task here has a child with an mm of its own), the cpuset test (no
+    cpusets: every task's nodes overlap) and oom_adj (never set: 0).
+    PF_OOM_ORIGIN's ULONG_MAX is the caller's (the run=2 writer)."""
+    points = total_vm                        # "points = mm->total_vm;"
+    t = _proc_task(pid)
+    if t is None:
+        return points
+    jiffies, run_s, cap = t
+    cpu_time = jiffies >> (SHIFT_HZ + 3)     # "CPU time is in tens of seconds"
+    run_time = int(run_s) >> 10              # "and run time is in thousands of seconds"
+    if cpu_time:
+        points //= int_sqrt(cpu_time)
+    if run_time:
+        points //= int_sqrt(int_sqrt(run_time))
+    try:
+        if os.getpriority(os.PRIO_PROCESS, pid) > 0:
+            points *= 2                      # "Niced processes are most likely less important"
+    except OSError:
+        pass
+    if cap & (1 << CAP_SYS_ADMIN | 1 << CAP_SYS_RESOURCE):
+        points //= 4                         # "Superuser processes are usually more important"
+    if cap & 1 << CAP_SYS_RAWIO:
+        points //= 4                         # "direct hardware access"
+    return points
+
+
 def out_of_memory(cl: "Cluster", task: "Task", log: Any) -> int:
     """Kill the worst task unless a victim is already on its way out.
     Returns the victim's pid, or 0."""
@@ -98,7 +160,7 @@ def out_of_memory(cl: "Cluster", task: "Task", log: Any) -> int:
                     continue
             if q[b + M_OWNER_PID] <= 0:
                 continue
-            score = q[b + M_RSS] - q[b + M_KSM_MAPPED]
+            score = badness(q[b + M_PAGES], q[b + M_OWNER_PID]) if rule == OOM_2632 else q[b + M_RSS]
             if score > best:
                 best, victim = score, r
         # the writer of run=2 (uksm.kernel.writer): a user task with an mm, so a
