@@ -375,26 +375,7 @@ def unmerge_and_remove_all_rmap_items(cl: "Cluster", alloc: Allocator, log: Any 
         mm = mm_attach(cl, cl.mrow(s).id)
         try:
             task.lock(mm.sem)
-            pages = 0
-            try:
-                # "mm/ksm: fix race with VMA iteration and mm_struct teardown"
-                # (2023): ksm_test_exit before walking the VMAs, which an
-                # exit_mmap may already have destroyed (free_pgtables marks
-                # the table; mm.vmas() then oopses).  Hazard
-                # no-unmerge-exit-check drops only this check.
-                walk = q[H_HAZARDS] & HZ_NO_UNMERGE_EXIT_CHECK or not ksm_test_exit(cl, mm)
-                for (start, end) in (mm.mergeable_ranges() if walk else []):
-                    if ksm_test_exit(cl, mm):
-                        break
-                    killpoints.hit_ksmd(cl, "ksmd_break_cow", mm.base, log)
-                    k, err = unmerge_ksm_pages(cl, alloc, mm, start, end, False, stop, points=True)
-                    pages += k
-                    if err:
-                        break
-            except OutOfMemory:
-                err = -ENOMEM   # break_ksm: VM_FAULT_OOM -> -ENOMEM (this task is the victim)
-            log.info("unmerge", mm=mm.id, pages=pages, reason="run2",
-                     frames_used=cl.nframes - q[A_FREE_TOP])
+            err = unmerge_vmas(cl, alloc, mm, log, stop)
             if err:
                 task.unlock(mm.sem)
                 task.lock(cl.mmlist)
@@ -402,32 +383,8 @@ def unmerge_and_remove_all_rmap_items(cl: "Cluster", alloc: Allocator, log: Any 
                 q[L_SCAN_ADDR] = 0
                 task.unlock(cl.mmlist)
                 break
-            task.lock(cl.mmlist)
-            nxt = slot_next(cl, s)
-            q[L_SCAN_SLOT] = nxt
-            removed = removed or bool(mm.words.rmap_items or mm.words.slot_rmap)
-            mm.words.slot_rmap = 0          # remove_trailing_rmap_items(mm_slot, all)
-            mm.words.rmap_items = 0
-            mm.words.merging = 0
-            mm.words.rmap_gone = gen
-            if ksm_test_exit(cl, mm):
-                list_del(cl, s)
-                mm.words.slot_used = 0
-                mm.words.flags &= ~MMF_VM_MERGEABLE
-                q[S_SLOTS_FREED] += 1
-                task.unlock(cl.mmlist)
-                task.unlock(mm.sem)
-                log.info("slot_freed", mm=mm.id, by="unmerge")
-                mmdrop(cl, s, mm.id, REF_KSM, log)
-            else:
-                # uksm's order: up_read before the list unlock, as the 2016
-                # fix ("ksm: fix conflict between mmput and
-                # scan_get_next_rmap_item") ordered scan_get_next_rmap_item;
-                # 2.6.32's unmerge unlocked the list first, leaving the same
-                # window (a fast-path exit freeing the mm before the up_read)
-                task.unlock(mm.sem)
-                task.unlock(cl.mmlist)
-            s = nxt
+            s, had_items = unmerge_next_mm(cl, mm, s, gen, log)
+            removed = removed or had_items
         finally:
             mm.seg.close()
     if not err:
@@ -440,6 +397,74 @@ def unmerge_and_remove_all_rmap_items(cl: "Cluster", alloc: Allocator, log: Any 
     elif removed:
         ksmd_remove_rmap_items(cl, gen)
     return err
+
+
+def unmerge_vmas(cl: "Cluster", alloc: Allocator, mm: MM, log: Any = NULL_LOG,
+                 stop: "Callable[[], bool] | None" = None) -> int:
+    """unmerge_and_remove_all_rmap_items' walk of one mm, "for (vma =
+    mm->mmap; vma; vma = vma->vm_next)": unmerge_ksm_pages over each
+    VM_MERGEABLE area, stopping at ksm_test_exit.  Caller holds mmap_sem
+    for read.  Returns 0 or -errno (the caller's "goto error")."""
+    q = cl.q
+    err = 0
+    pages = 0
+    try:
+        # "mm/ksm: fix race with VMA iteration and mm_struct teardown"
+        # (2023): ksm_test_exit before walking the VMAs, which an
+        # exit_mmap may already have destroyed (free_pgtables marks
+        # the table; mm.vmas() then oopses).  Hazard
+        # no-unmerge-exit-check drops only this check.
+        walk = q[H_HAZARDS] & HZ_NO_UNMERGE_EXIT_CHECK or not ksm_test_exit(cl, mm)
+        for (start, end) in (mm.mergeable_ranges() if walk else []):
+            if ksm_test_exit(cl, mm):
+                break
+            killpoints.hit_ksmd(cl, "ksmd_break_cow", mm.base, log)
+            k, err = unmerge_ksm_pages(cl, alloc, mm, start, end, False, stop, points=True)
+            pages += k
+            if err:
+                break
+    except OutOfMemory:
+        err = -ENOMEM   # break_ksm: VM_FAULT_OOM -> -ENOMEM (this task is the victim)
+    log.info("unmerge", mm=mm.id, pages=pages, reason="run2",
+             frames_used=cl.nframes - q[A_FREE_TOP])
+    return err
+
+
+def unmerge_next_mm(cl: "Cluster", mm: MM, s: int, gen: int, log: Any = NULL_LOG) -> tuple[int, bool]:
+    """unmerge_and_remove_all_rmap_items' end of one mm whose walk
+    succeeded, at slot ``s`` (caller holds its mmap_sem for read, released here):
+    remove_trailing_rmap_items(mm_slot, all) -- here the mm marked as walk
+    ``gen``'s (M_RMAP_GONE) and its published counts zeroed: ksmd frees its
+    copies --, the cursor on to the next slot under ksm_mmlist_lock, and
+    the slot freed if the mm exits.  Returns (the next slot, whether the
+    mm had rmap_items)."""
+    q, task = cl.q, cl.task
+    task.lock(cl.mmlist)
+    nxt = slot_next(cl, s)
+    q[L_SCAN_SLOT] = nxt
+    had_items = bool(mm.words.rmap_items or mm.words.slot_rmap)
+    mm.words.slot_rmap = 0          # remove_trailing_rmap_items(mm_slot, all)
+    mm.words.rmap_items = 0
+    mm.words.merging = 0
+    mm.words.rmap_gone = gen
+    if ksm_test_exit(cl, mm):
+        list_del(cl, s)
+        mm.words.slot_used = 0
+        mm.words.flags &= ~MMF_VM_MERGEABLE
+        q[S_SLOTS_FREED] += 1
+        task.unlock(cl.mmlist)
+        task.unlock(mm.sem)
+        log.info("slot_freed", mm=mm.id, by="unmerge")
+        mmdrop(cl, s, mm.id, REF_KSM, log)
+    else:
+        # uksm's order: up_read before the list unlock, as the 2016
+        # fix ("ksm: fix conflict between mmput and
+        # scan_get_next_rmap_item") ordered scan_get_next_rmap_item;
+        # 2.6.32's unmerge unlocked the list first, leaving the same
+        # window (a fast-path exit freeing the mm before the up_read)
+        task.unlock(mm.sem)
+        task.unlock(cl.mmlist)
+    return nxt, had_items
 
 
 def ksmd_remove_rmap_items(cl: "Cluster", gen: int) -> bool:
