@@ -44,7 +44,7 @@ from uksm.kernel.layout import (
     M_SLOT_USED,
     M_STATE,
     M_USERS,
-    MS_FREEING,
+    MMS_FREEING,
     PAGE_SIZE,
     PT_OFF,
     PTE_PRESENT,
@@ -467,11 +467,11 @@ def plant_exit_in_flight(cl: "Cluster", mms: dict[int, "MM"]) -> Fault:
 
 
 def plant_mm_freeing(cl: "Cluster", mms: dict[int, "MM"]) -> Fault:
-    """An mm row being freed (MS_FREEING: mm_count 0, its objects going):
+    """An mm row being freed (MMS_FREEING: mm_count 0, its objects going):
     not a live mm with a zero mm_count."""
     st = Store()
     free = next(r for r in range(cl.max_mms) if not cl.q[cl.mbase(r) + M_ID])
-    st.set(cl.q, cl.mbase(free) + M_STATE, MS_FREEING)
+    st.set(cl.q, cl.mbase(free) + M_STATE, MMS_FREEING)
     st.set(cl.q, cl.mbase(free) + M_ID, 999)
     return Fault("mm being freed", [], st.undo)
 

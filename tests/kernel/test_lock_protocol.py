@@ -180,9 +180,28 @@ def test_trylock_success_and_failure(tb: Table) -> None:
     assert (en["lock"], en["seq"], en["state"]) == (mx.lid, 2, HELD)
     assert b.trylock(mx) is False
     en = tb.entry(1, C_MMLIST)
-    # a failed trylock leaves the entry idle (two transitions), no unit taken
-    assert (en["lock"], en["seq"], en["state"]) == (mx.lid, 2, IDLE)
+    # a failed trylock leaves the entry as it was (two transitions: WAITING
+    # and back), no unit taken
+    assert (en["lock"], en["seq"], en["state"]) == (0, 2, IDLE)
     assert value(mx) == 0
+    a.unlock(mx)
+    assert value(mx) == 1
+
+
+def test_a_holders_failed_trylock_keeps_its_entry_held(tb: Table) -> None:
+    """A holder's trylock of what it holds (lockdep's "recursive") fails
+    and must leave the entry HELD: left IDLE, recover() counted the unit
+    the live holder still had as a dead task's, and the semaphore ended
+    one unit over (test_lockcore's random SIGKILLs, 1 run in ~50)."""
+    a = tb.task(0)
+    mx = tb.lock(C_MMLIST)
+    a.lock(mx)
+    assert a.trylock(mx) is False
+    en = tb.entry(0, C_MMLIST)
+    assert (en["lock"], en["seq"], en["state"]) == (mx.lid, 4, HELD)
+    # b dies holding nothing: recovery finds no unit of b's
+    got = locks.recover(tb.q, {mx.lid: mx}, lambda: tb.rows(0), tb.rows(1), deadline_s=20)
+    assert got == {mx.lid: 0} and value(mx) == 0
     a.unlock(mx)
     assert value(mx) == 1
 
@@ -412,16 +431,16 @@ def test_uaf_hook_fires_only_for_a_freed_mm(tb: Table) -> None:
     """The hook is called when the lock's mm row holds another mm or is
     being freed or free (mm_freed), never for a live or exiting mm: the
     exit path still takes an exiting mm's locks."""
-    from uksm.kernel.layout import M_ID, M_STATE, MS_EXITING, MS_FREE, MS_FREEING, MS_LIVE
+    from uksm.kernel.layout import M_ID, M_STATE, MMS_EXITING, MMS_FREE, MMS_FREEING, MMS_LIVE
     t = tb.task(0)
     ops: list[str] = []
     t.uaf = lambda lk, op: ops.append(op)
     ptl = tb.lock(C_PTL, mm=5)
     ptl.mmrow, ptl.mmbase = 3, 3 * ROW   # row 3's words stand for the mm row
-    for mm_id, state, calls in ((5, MS_LIVE, []), (5, MS_EXITING, []),
-                                (5, MS_FREEING, ["lock", "unlock", "trylock", "unlock"]),
-                                (5, MS_FREE, ["lock", "unlock", "trylock", "unlock"]),
-                                (6, MS_LIVE, ["lock", "unlock", "trylock", "unlock"])):
+    for mm_id, state, calls in ((5, MMS_LIVE, []), (5, MMS_EXITING, []),
+                                (5, MMS_FREEING, ["lock", "unlock", "trylock", "unlock"]),
+                                (5, MMS_FREE, ["lock", "unlock", "trylock", "unlock"]),
+                                (6, MMS_LIVE, ["lock", "unlock", "trylock", "unlock"])):
         tb.q[3 * ROW + M_ID], tb.q[3 * ROW + M_STATE] = mm_id, state
         ops.clear()
         t.lock(ptl)
@@ -1094,16 +1113,16 @@ def test_take_raw_takes_a_unit_or_gives_up_when_a_holder_died(tb: Table) -> None
 
 
 def test_mm_freed_is_a_row_reused_or_being_freed() -> None:
-    from uksm.kernel.layout import M_ID, M_STATE, MS_EXITING, MS_FREE, MS_FREEING, MS_LIVE
+    from uksm.kernel.layout import M_ID, M_STATE, MMS_EXITING, MMS_FREE, MMS_FREEING, MMS_LIVE
     q = memoryview(bytearray(8 * 64)).cast("q")
     lk = Lock(None, 1, C_PTL, mm=5)            # type: ignore[arg-type]  (no semaphore needed)
     lk.mmbase = 16
-    q[16 + M_ID], q[16 + M_STATE] = 5, MS_LIVE
+    q[16 + M_ID], q[16 + M_STATE] = 5, MMS_LIVE
     assert not locks.mm_freed(q, lk)
-    q[16 + M_STATE] = MS_EXITING                # exiting is not freed: its locks are still used
+    q[16 + M_STATE] = MMS_EXITING                # exiting is not freed: its locks are still used
     assert not locks.mm_freed(q, lk)
-    for st in (MS_FREEING, MS_FREE):
+    for st in (MMS_FREEING, MMS_FREE):
         q[16 + M_STATE] = st
         assert locks.mm_freed(q, lk)
-    q[16 + M_ID], q[16 + M_STATE] = 6, MS_LIVE  # the row now holds another mm
+    q[16 + M_ID], q[16 + M_STATE] = 6, MMS_LIVE  # the row now holds another mm
     assert locks.mm_freed(q, lk)

@@ -66,7 +66,7 @@ enum { IDLE = 0, WAITING = 1, HELD = 2, RELEASING = 3 };
 
 /* the layout's offsets, given once by locks.py (layout()) */
 static Py_ssize_t E_LOCK = -1, E_WORD = -1, M_ID = -1, M_STATE = -1;
-static int64_t MS_FREEING = -1, MS_FREE = -1;
+static int64_t MMS_FREEING = -1, MMS_FREE = -1;
 
 static PyObject *SemaphoreType;   /* posix_ipc.Semaphore */
 static PyObject *s_close;
@@ -404,7 +404,7 @@ static int mm_freed(LockObject *lk, Words *ws)
         return 1;      /* the row holds another mm (M_STATE not read: as the reference) */
     if (py_load(ws, b + M_STATE, &state) < 0)
         return -1;
-    return state == MS_FREEING || state == MS_FREE;
+    return state == MMS_FREEING || state == MMS_FREE;
 }
 
 /* A hook's or method's result, dropped: 0, or -1 when it raised. */
@@ -483,13 +483,15 @@ static int check_lock(PyObject *o)
 /* The first half of lock and trylock: E_LOCK, the word -> WAITING, one
  * sem_trywait [window A].  Returns 1 taken, 0 busy (the buffer held, *e and
  * *w set for the second half), -1 error (the buffer given back). */
-static int take_try(TaskObject *t, LockObject *lk, Words *ws, Py_ssize_t *e, int64_t *w)
+static int take_try(TaskObject *t, LockObject *lk, Words *ws, Py_ssize_t *e, int64_t *w,
+                    int64_t *prev)
 {
     if (words_get(t, ws) < 0)
         return -1;
     *e = entry_of(t, lk, ws);
     if (*e < 0)
         goto fail;
+    *prev = ld(ws, *e + E_LOCK);
     st(ws, *e + E_LOCK, lk->lid);
     *w = ld(ws, *e + E_WORD);
     st(ws, *e + E_WORD, (*w & ~7LL) + 8 + WAITING);
@@ -541,7 +543,8 @@ static PyObject *Task_lock(TaskObject *self, PyObject *const *args, Py_ssize_t n
     Words ws;
     Py_ssize_t e;
     int64_t w;
-    int got = take_try(self, lk, &ws, &e, &w);
+    int64_t prev;
+    int got = take_try(self, lk, &ws, &e, &w, &prev);
     if (got < 0)
         return NULL;
     if (!got) {
@@ -594,10 +597,20 @@ static PyObject *Task_trylock(TaskObject *self, PyObject *o)
     Words ws;
     Py_ssize_t e;
     int64_t w;
-    int got = take_try(self, lk, &ws, &e, &w);
+    int64_t prev;
+    int got = take_try(self, lk, &ws, &e, &w, &prev);
     if (got < 0)
         return NULL;
-    st(&ws, e + E_WORD, (w & ~7LL) + 16 + (got ? HELD : IDLE));
+    if (got) {
+        st(&ws, e + E_WORD, (w & ~7LL) + 16 + HELD);
+    } else {
+        /* busy: the entry back as it was (lock and state).  A holder's
+         * trylock of what it holds (lockdep's "recursive") left it IDLE,
+         * and recover() then counted the unit it still held as a dead
+         * task's (test_lockcore's random SIGKILLs, 1 run in ~50). */
+        st(&ws, e + E_LOCK, prev);
+        st(&ws, e + E_WORD, (w & ~7LL) + 16 + (w & 7));
+    }
     PyBuffer_Release(&ws.view);
     return PyBool_FromLong(got);
 }
@@ -662,18 +675,18 @@ static PyTypeObject TaskType = {
     .tp_members = Task_members,
 };
 
-/* layout(E_LOCK, E_WORD, M_ID, M_STATE, MS_FREEING, MS_FREE) */
+/* layout(E_LOCK, E_WORD, M_ID, M_STATE, MMS_FREEING, MMS_FREE) */
 static PyObject *set_layout(PyObject *mod, PyObject *args)
 {
     long long el, ew, mi, ms, mf, mfr;
     if (!PyArg_ParseTuple(args, "LLLLLL", &el, &ew, &mi, &ms, &mf, &mfr))
         return NULL;
-    E_LOCK = el; E_WORD = ew; M_ID = mi; M_STATE = ms; MS_FREEING = mf; MS_FREE = mfr;
+    E_LOCK = el; E_WORD = ew; M_ID = mi; M_STATE = ms; MMS_FREEING = mf; MMS_FREE = mfr;
     Py_RETURN_NONE;
 }
 
 static PyMethodDef module_methods[] = {
-    {"layout", set_layout, METH_VARARGS, "the layout's offsets: E_LOCK, E_WORD, M_ID, M_STATE, MS_FREEING, MS_FREE"},
+    {"layout", set_layout, METH_VARARGS, "the layout's offsets: E_LOCK, E_WORD, M_ID, M_STATE, MMS_FREEING, MMS_FREE"},
     {NULL}
 };
 
