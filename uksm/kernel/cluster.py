@@ -274,7 +274,9 @@ class Cluster:
         deadlock, if it was one (the watchdog then reports the hang)."""
         import traceback
         self.q[S_LOCKDEP] += 1  # racy, but only zero or not matters
-        chain = " <- ".join(f.name for f in reversed(traceback.extract_stack()[-9:-2]))
+        # 8 frames: from the lock up to the OOM kill that ran an exit inside
+        # the unmerger (oom_kill_and_mmput ... __ksm_exit_seed, down_write)
+        chain = " <- ".join(f.name for f in reversed(traceback.extract_stack()[-10:-2]))
         log = self.lockdep_log
         log.error("lockdep", kind=kind, lock=lk.name, held=lock_name(held), op=op, chain=chain)
 

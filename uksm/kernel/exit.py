@@ -34,14 +34,6 @@ from uksm.kernel.layout import (
     FIRST_VPN,
     H_EXIT_POLICY,
     H_SHUTDOWN,
-    M_EXIT_STAGE,
-    M_ID,
-    M_OOM_VICTIM,
-    M_OWNER_PID,
-    M_REFS,
-    M_SLOT_USED,
-    M_STATE,
-    M_USERS,
     MMS_EXITING,
     MMS_ZOMBIE,
     PAGE_SIZE,
@@ -51,7 +43,6 @@ from uksm.kernel.layout import (
     REF_USERS,
     SEG_NVMA,
     SEG_VMAS_FREED,
-    T_EXIT_PROGRESS,
     VM_LOCKED,
     XS_KSM_EXIT,
     XS_MMDROP,
@@ -74,15 +65,15 @@ def _mark(cl: "Cluster", mm: MM, bit: int) -> None:
 def mmput(cl: "Cluster", mm: MM, alloc: Allocator, log: Any) -> int:
     """Drop the last mm_users and tear the address space down.
     Returns the __ksm_exit path taken (layout.P_*), 0 if none."""
-    q, b = cl.q, mm.base
-    policy = EXIT_POLICIES[q[H_EXIT_POLICY]]
+    w = mm.words
+    policy = EXIT_POLICIES[cl.q[H_EXIT_POLICY]]
     mm_users_zero(cl, mm, log)
     if sched.ON:  # the exit's commit points (uksm.kernel.sched)
         sched.point("exit_users0", mm.id)
     path = 0
     if policy != "seed":
         path = ksm_exit(cl, mm, policy, log)
-    if not q[b + M_EXIT_STAGE] & XS_ZAPPED:
+    if not w.exit_stage & XS_ZAPPED:
         exit_mmap_unmap(cl, mm, alloc, log)
         if sched.ON:
             sched.point("exit_zapped", mm.id)
@@ -90,13 +81,13 @@ def mmput(cl: "Cluster", mm: MM, alloc: Allocator, log: Any) -> int:
         path = ksm_exit(cl, mm, policy, log)
     if sched.ON:  # free_pgtables writes the VMA table and the PTEs without a lock: visible
         sched.point("free_pgtables", mm.id)
-    if not q[b + M_EXIT_STAGE] & XS_PGTABLES:
+    if not w.exit_stage & XS_PGTABLES:
         free_pgtables(cl, mm)
         if sched.ON:
             sched.point("exit_pgtables", mm.id)
-    if not q[b + M_EXIT_STAGE] & XS_MMDROP:
-        if q[b + M_REFS] & REF_KSM:
-            q[b + M_STATE] = MMS_ZOMBIE  # waiting for ksmd to free the slot
+    if not w.exit_stage & XS_MMDROP:
+        if w.refs & REF_KSM:
+            w.state = MMS_ZOMBIE  # waiting for ksmd to free the slot
         mmdrop(cl, mm.row, mm.id, REF_USERS, log)  # marks XS_MMDROP with the drop
     return path
 
@@ -122,11 +113,10 @@ def oom_kill_and_mmput(cl: "Cluster", task: Any, log: Any) -> int:
     pid = oom.out_of_memory(cl, task, log)
     if pid <= 0:
         return pid
-    q = cl.q
     for r in range(cl.max_mms):
-        b = cl.mbase(r)
-        if q[b + M_ID] and q[b + M_OWNER_PID] == pid and q[b + M_OOM_VICTIM]:
-            mm = mm_attach(cl, q[b + M_ID])
+        row = cl.mrow(r)
+        if row.id and row.owner_pid == pid and row.oom_victim:
+            mm = mm_attach(cl, row.id)
             mmput(cl, mm, Allocator(cl), log)
             break
     return pid
@@ -140,18 +130,18 @@ def mm_users_zero(cl: "Cluster", mm: MM, log: Any, ptl_held: bool = False) -> bo
     ordered before this point or not done at all -- and the event is logged
     inside, so the logs' order is the real one.  Returns False if already
     done (idempotent: a reaper may repeat it)."""
-    q, b, task = cl.q, mm.base, cl.task
-    if q[b + M_EXIT_STAGE] & XS_USERS0:
+    w, task = mm.words, cl.task
+    if w.exit_stage & XS_USERS0:
         return False
     if not ptl_held:
         task.lock(mm.ptl)
     try:
         task.lock(cl.mmlist)
-        done = not q[b + M_EXIT_STAGE] & XS_USERS0 and q[b + M_ID] == mm.id
+        done = not w.exit_stage & XS_USERS0 and w.id == mm.id
         if done:
-            q[b + M_USERS] = 0
-            q[b + M_STATE] = MMS_EXITING
-            q[b + M_EXIT_STAGE] |= XS_USERS0
+            w.users = 0
+            w.state = MMS_EXITING
+            w.exit_stage |= XS_USERS0
         task.unlock(cl.mmlist)
         if done:
             log.info("mm_exit_begin", mm=mm.id)
@@ -163,11 +153,11 @@ def mm_users_zero(cl: "Cluster", mm: MM, log: Any, ptl_held: bool = False) -> bo
 
 def ksm_exit(cl: "Cluster", mm: MM, policy: str, log: Any) -> int:
     """ksm_exit: call __ksm_exit if the mm has a slot (MMF_VM_MERGEABLE)."""
-    q, b = cl.q, mm.base
-    if q[b + M_EXIT_STAGE] & XS_KSM_EXIT:
+    w = mm.words
+    if w.exit_stage & XS_KSM_EXIT:
         return 0
     path = 0
-    if q[b + M_SLOT_USED]:
+    if w.slot_used:
         path = __ksm_exit(cl, mm, policy == "legacy", log, policy)
     _mark(cl, mm, XS_KSM_EXIT)
     return path
@@ -187,14 +177,14 @@ def munlock_vma_pages_all(cl: "Cluster", mm: MM, alloc: Allocator) -> None:
     T_EXIT_PROGRESS; a retry that installs nothing does not, so the
     watchdog sees faults without progress.  (H_SHUTDOWN ends the loop:
     the machine is being torn down, the livelock already reported.)"""
-    q, task = cl.q, cl.task
+    q, me = cl.q, cl.trow(cl.task.row)
     for (i, s, e, f) in mm.vmas():
         if not f & VM_LOCKED:
             continue
         for vpn in range(s, e):
             while not mm.pq[PT_OFF + vpn] & PTE_PRESENT and not q[H_SHUTDOWN]:
                 handle_mm_fault(cl, alloc, mm, vpn, False)  # follow_page failed: fault, retry
-            q[task.base + T_EXIT_PROGRESS] += 1
+            me.exit_progress += 1
         mm.set_vma_flags(i, f & ~VM_LOCKED)
 
 

@@ -64,7 +64,6 @@ from uksm.kernel.layout import (
     L_SCAN_ADDR,
     L_SCAN_SLOT,
     L_SEQNR,
-    M_EXIT_PATH,
     M_FLAGS,
     M_ID,
     M_REFS,
@@ -81,7 +80,6 @@ from uksm.kernel.layout import (
     S_EXIT_LEGACY,
     S_EXIT_SLOW,
     S_SLOTS_FREED,
-    T_EXIT_PATH,
     T_OOM_ORIGIN,
     VM_MERGEABLE,
 )
@@ -226,58 +224,72 @@ def __ksm_exit(cl: "Cluster", mm: MM, legacy: bool, log: Any = NULL_LOG, policy:
     """__ksm_exit.  Returns the path taken (P_FAST, P_SLOW, P_LEGACY) or 0
     when there was no slot (ksmd had already noticed and freed it).
 
-    Seed (and shipped): under ksm_mmlist_lock only.  Fast path when the slot
-    has no rmap_items and is not at the cursor: unlink, free, clear the
-    flag, mmdrop -- not just an optimisation: with ksmd not running, the
-    mm_count raised by __ksm_enter would otherwise never be dropped.
-    Otherwise the slow path: move the slot just after the cursor so ksmd
-    soon frees it, and down_write/up_write mmap_sem to wait out any ksmd
-    or unmerge work still inside this mm (break_cow) before page tables go.
-
-    Legacy (before the seed): take ksm_thread_mutex and remove the slot and
-    (via ksmd's reconciliation) its rmap_items here -- which deadlocks when
-    ksmd holds the mutex while it waits for memory this exit would free.
-    """
-    q, b, s = cl.q, mm.base, mm.row
-    task = cl.task
+    ``legacy``: the code before the seed (``__ksm_exit_legacy``); else the
+    seed's, which 2.6.32 shipped too (``__ksm_exit_seed``: the policies
+    ``seed`` and ``shipped`` differ in where exit_mmap calls it, not in it;
+    ``policy`` is only logged)."""
     if legacy:
-        task.lock(cl.daemon)
-        try:
-            task.lock(cl.mmlist)
-            if not q[b + M_SLOT_USED] or q[b + M_ID] != mm.id:
-                task.unlock(cl.mmlist)
-                return 0
-            if q[L_SCAN_SLOT] == s:  # step the cursor off, as the pre-seed __ksm_exit did
-                q[L_SCAN_SLOT] = slot_next(cl, s)
-                q[L_SCAN_ADDR] = 0
-                if q[L_SCAN_SLOT] == cl.head:  # "if (ksm_scan.mm_slot == &ksm_mm_head)
-                    q[L_SEQNR] += 1            #      ksm_scan.seqnr++;" (removed by the seed)
-            list_del(cl, s)
-            q[b + M_SLOT_USED] = 0
-            q[b + M_SLOT_RMAP] = 0
-            q[b + M_FLAGS] &= ~MMF_VM_MERGEABLE
-            q[b + M_EXIT_PATH] = P_LEGACY
-            q[task.base + T_EXIT_PATH] = P_LEGACY
-            q[S_EXIT_LEGACY] += 1
-            # the kernel's legacy exit removed the rmap_items here and
-            # updated the counters; ksmd's are private to it, so they stay
-            # as last published until its next batch: say so to fsck
-            q[H_KSM_UNSYNCED] += 1
-            task.unlock(cl.mmlist)
-        finally:
-            task.unlock(cl.daemon)
-        log.info("ksm_exit", mm=mm.id, path="legacy", policy=policy)
-        mmdrop(cl, s, mm.id, REF_KSM, log)
-        return P_LEGACY
+        return __ksm_exit_legacy(cl, mm, log, policy)
+    return __ksm_exit_seed(cl, mm, log, policy)
 
+
+def __ksm_exit_legacy(cl: "Cluster", mm: MM, log: Any, policy: str) -> int:
+    """__ksm_exit before the seed: take ksm_thread_mutex and remove the
+    slot and (via ksmd's reconciliation) its rmap_items here -- which
+    deadlocks when ksmd holds the mutex while it waits for memory this exit
+    would free.  Returns P_LEGACY, or 0 when there was no slot."""
+    q, w, s = cl.q, mm.words, mm.row
+    task = cl.task
+    task.lock(cl.daemon)
+    try:
+        task.lock(cl.mmlist)
+        if not w.slot_used or w.id != mm.id:
+            task.unlock(cl.mmlist)
+            return 0
+        if q[L_SCAN_SLOT] == s:  # step the cursor off, as the pre-seed __ksm_exit did
+            q[L_SCAN_SLOT] = slot_next(cl, s)
+            q[L_SCAN_ADDR] = 0
+            if q[L_SCAN_SLOT] == cl.head:  # "if (ksm_scan.mm_slot == &ksm_mm_head)
+                q[L_SEQNR] += 1            #      ksm_scan.seqnr++;" (removed by the seed)
+        list_del(cl, s)
+        w.slot_used = 0
+        w.slot_rmap = 0
+        w.flags &= ~MMF_VM_MERGEABLE
+        w.exit_path = P_LEGACY
+        cl.trow(task.row).exit_path = P_LEGACY
+        q[S_EXIT_LEGACY] += 1
+        # the kernel's legacy exit removed the rmap_items here and
+        # updated the counters; ksmd's are private to it, so they stay
+        # as last published until its next batch: say so to fsck
+        q[H_KSM_UNSYNCED] += 1
+        task.unlock(cl.mmlist)
+    finally:
+        task.unlock(cl.daemon)
+    log.info("ksm_exit", mm=mm.id, path="legacy", policy=policy)
+    mmdrop(cl, s, mm.id, REF_KSM, log)
+    return P_LEGACY
+
+
+def __ksm_exit_seed(cl: "Cluster", mm: MM, log: Any, policy: str) -> int:
+    """__ksm_exit of the seed (and of 2.6.32 as shipped): under
+    ksm_mmlist_lock only.  Fast path when the slot has no rmap_items and is
+    not at the cursor: unlink, free, clear the flag, mmdrop -- not just an
+    optimisation: with ksmd not running, the mm_count raised by
+    __ksm_enter would otherwise never be dropped.  Otherwise the slow path:
+    move the slot just after the cursor so ksmd soon frees it, and
+    down_write/up_write mmap_sem to wait out any ksmd or unmerge work still
+    inside this mm (break_cow) before page tables go.  Returns P_FAST,
+    P_SLOW, or 0 when there was no slot."""
+    q, w, s = cl.q, mm.words, mm.row
+    task = cl.task
     task.lock(cl.mmlist)
     path = 0
-    if q[b + M_SLOT_USED] and q[b + M_ID] == mm.id:
+    if w.slot_used and w.id == mm.id:
         at_cursor = q[L_SCAN_SLOT] == s
-        if not at_cursor and q[b + M_SLOT_RMAP] == 0 and not q[H_HAZARDS] & HZ_NO_FAST_PATH:
+        if not at_cursor and w.slot_rmap == 0 and not q[H_HAZARDS] & HZ_NO_FAST_PATH:
             list_del(cl, s)
-            q[b + M_SLOT_USED] = 0
-            q[b + M_FLAGS] &= ~MMF_VM_MERGEABLE
+            w.slot_used = 0
+            w.flags &= ~MMF_VM_MERGEABLE
             path = P_FAST
             q[S_EXIT_FAST] += 1
         else:
@@ -286,8 +298,8 @@ def __ksm_exit(cl: "Cluster", mm: MM, legacy: bool, log: Any = NULL_LOG, policy:
                 list_add_after(cl, s, q[L_SCAN_SLOT])
             path = P_SLOW
             q[S_EXIT_SLOW] += 1
-        q[b + M_EXIT_PATH] = path
-        q[task.base + T_EXIT_PATH] = path  # the task's own record: the mm may go first
+        w.exit_path = path
+        cl.trow(task.row).exit_path = path  # the task's own record: the mm may go first
         # logged under the lock: ordered before ksmd's slot_freed
         log.info("ksm_exit", mm=mm.id, path="fast" if path == P_FAST else "slow", policy=policy)
     task.unlock(cl.mmlist)
@@ -299,7 +311,6 @@ def __ksm_exit(cl: "Cluster", mm: MM, legacy: bool, log: Any = NULL_LOG, policy:
         killpoints.hit(cl, "ksm_exit_mmap_sem_write", log)
         mm.up_write()
     return path
-
 
 # ---- /sys/kernel/mm/ksm/run ---------------------------------------------------
 
@@ -386,26 +397,7 @@ def unmerge_and_remove_all_rmap_items(cl: "Cluster", alloc: Allocator, log: Any 
         mm = mm_attach(cl, cl.mrow(s).id)
         try:
             task.lock(mm.sem)
-            pages = 0
-            try:
-                # "mm/ksm: fix race with VMA iteration and mm_struct teardown"
-                # (2023): ksm_test_exit before walking the VMAs, which an
-                # exit_mmap may already have destroyed (free_pgtables marks
-                # the table; mm.vmas() then oopses).  Hazard
-                # no-unmerge-exit-check drops only this check.
-                walk = q[H_HAZARDS] & HZ_NO_UNMERGE_EXIT_CHECK or not ksm_test_exit(cl, mm)
-                for (start, end) in (mm.mergeable_ranges() if walk else []):
-                    if ksm_test_exit(cl, mm):
-                        break
-                    killpoints.hit_ksmd(cl, "ksmd_break_cow", mm.base, log)
-                    k, err = unmerge_ksm_pages(cl, alloc, mm, start, end, False, stop, points=True)
-                    pages += k
-                    if err:
-                        break
-            except OutOfMemory:
-                err = -ENOMEM   # break_ksm: VM_FAULT_OOM -> -ENOMEM (this task is the victim)
-            log.info("unmerge", mm=mm.id, pages=pages, reason="run2",
-                     frames_used=cl.nframes - q[A_FREE_TOP])
+            err = unmerge_vmas(cl, alloc, mm, log, stop)
             if err:
                 task.unlock(mm.sem)
                 task.lock(cl.mmlist)
@@ -413,32 +405,8 @@ def unmerge_and_remove_all_rmap_items(cl: "Cluster", alloc: Allocator, log: Any 
                 q[L_SCAN_ADDR] = 0
                 task.unlock(cl.mmlist)
                 break
-            task.lock(cl.mmlist)
-            nxt = slot_next(cl, s)
-            q[L_SCAN_SLOT] = nxt
-            removed = removed or bool(mm.words.rmap_items or mm.words.slot_rmap)
-            mm.words.slot_rmap = 0          # remove_trailing_rmap_items(mm_slot, all)
-            mm.words.rmap_items = 0
-            mm.words.merging = 0
-            mm.words.rmap_gone = gen
-            if ksm_test_exit(cl, mm):
-                list_del(cl, s)
-                mm.words.slot_used = 0
-                mm.words.flags &= ~MMF_VM_MERGEABLE
-                q[S_SLOTS_FREED] += 1
-                task.unlock(cl.mmlist)
-                task.unlock(mm.sem)
-                log.info("slot_freed", mm=mm.id, by="unmerge")
-                mmdrop(cl, s, mm.id, REF_KSM, log)
-            else:
-                # uksm's order: up_read before the list unlock, as the 2016
-                # fix ("ksm: fix conflict between mmput and
-                # scan_get_next_rmap_item") ordered scan_get_next_rmap_item;
-                # 2.6.32's unmerge unlocked the list first, leaving the same
-                # window (a fast-path exit freeing the mm before the up_read)
-                task.unlock(mm.sem)
-                task.unlock(cl.mmlist)
-            s = nxt
+            s, had_items = unmerge_next_mm(cl, mm, s, gen, log)
+            removed = removed or had_items
         finally:
             mm.seg.close()
     if not err:
@@ -451,6 +419,74 @@ def unmerge_and_remove_all_rmap_items(cl: "Cluster", alloc: Allocator, log: Any 
     elif removed:
         ksmd_remove_rmap_items(cl, gen)
     return err
+
+
+def unmerge_vmas(cl: "Cluster", alloc: Allocator, mm: MM, log: Any = NULL_LOG,
+                 stop: "Callable[[], bool] | None" = None) -> int:
+    """unmerge_and_remove_all_rmap_items' walk of one mm, "for (vma =
+    mm->mmap; vma; vma = vma->vm_next)": unmerge_ksm_pages over each
+    VM_MERGEABLE area, stopping at ksm_test_exit.  Caller holds mmap_sem
+    for read.  Returns 0 or -errno (the caller's "goto error")."""
+    q = cl.q
+    err = 0
+    pages = 0
+    try:
+        # "mm/ksm: fix race with VMA iteration and mm_struct teardown"
+        # (2023): ksm_test_exit before walking the VMAs, which an
+        # exit_mmap may already have destroyed (free_pgtables marks
+        # the table; mm.vmas() then oopses).  Hazard
+        # no-unmerge-exit-check drops only this check.
+        walk = q[H_HAZARDS] & HZ_NO_UNMERGE_EXIT_CHECK or not ksm_test_exit(cl, mm)
+        for (start, end) in (mm.mergeable_ranges() if walk else []):
+            if ksm_test_exit(cl, mm):
+                break
+            killpoints.hit_ksmd(cl, "ksmd_break_cow", mm.base, log)
+            k, err = unmerge_ksm_pages(cl, alloc, mm, start, end, False, stop, points=True)
+            pages += k
+            if err:
+                break
+    except OutOfMemory:
+        err = -ENOMEM   # break_ksm: VM_FAULT_OOM -> -ENOMEM (this task is the victim)
+    log.info("unmerge", mm=mm.id, pages=pages, reason="run2",
+             frames_used=cl.nframes - q[A_FREE_TOP])
+    return err
+
+
+def unmerge_next_mm(cl: "Cluster", mm: MM, s: int, gen: int, log: Any = NULL_LOG) -> tuple[int, bool]:
+    """unmerge_and_remove_all_rmap_items' end of one mm whose walk
+    succeeded, at slot ``s`` (caller holds its mmap_sem for read, released here):
+    remove_trailing_rmap_items(mm_slot, all) -- here the mm marked as walk
+    ``gen``'s (M_RMAP_GONE) and its published counts zeroed: ksmd frees its
+    copies --, the cursor on to the next slot under ksm_mmlist_lock, and
+    the slot freed if the mm exits.  Returns (the next slot, whether the
+    mm had rmap_items)."""
+    q, task = cl.q, cl.task
+    task.lock(cl.mmlist)
+    nxt = slot_next(cl, s)
+    q[L_SCAN_SLOT] = nxt
+    had_items = bool(mm.words.rmap_items or mm.words.slot_rmap)
+    mm.words.slot_rmap = 0          # remove_trailing_rmap_items(mm_slot, all)
+    mm.words.rmap_items = 0
+    mm.words.merging = 0
+    mm.words.rmap_gone = gen
+    if ksm_test_exit(cl, mm):
+        list_del(cl, s)
+        mm.words.slot_used = 0
+        mm.words.flags &= ~MMF_VM_MERGEABLE
+        q[S_SLOTS_FREED] += 1
+        task.unlock(cl.mmlist)
+        task.unlock(mm.sem)
+        log.info("slot_freed", mm=mm.id, by="unmerge")
+        mmdrop(cl, s, mm.id, REF_KSM, log)
+    else:
+        # uksm's order: up_read before the list unlock, as the 2016
+        # fix ("ksm: fix conflict between mmput and
+        # scan_get_next_rmap_item") ordered scan_get_next_rmap_item;
+        # 2.6.32's unmerge unlocked the list first, leaving the same
+        # window (a fast-path exit freeing the mm before the up_read)
+        task.unlock(mm.sem)
+        task.unlock(cl.mmlist)
+    return nxt, had_items
 
 
 def ksmd_remove_rmap_items(cl: "Cluster", gen: int) -> bool:

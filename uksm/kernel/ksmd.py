@@ -588,10 +588,11 @@ class Ksmd:
 
     def scan_mm(self, st: SlotState, budget: int) -> tuple[int, bool]:
         """scan_get_next_rmap_item for the mm at the cursor, called until
-        ``budget`` pages are scanned: each page present in a VM_MERGEABLE
-        area from ksm_scan.address gets its rmap_item (get_next_rmap_item)
-        and goes through ksm_do_scan's body.  Returns (pages scanned,
-        whether the mm is finished: then the cursor has moved on).
+        ``budget`` pages are scanned: down_read(mmap_sem) and ksm_test_exit
+        before find_vma, then the walk of its VM_MERGEABLE areas from
+        ksm_scan.address (``scan_get_next_rmap_item``), then either the
+        cursor kept or the end of the mm (``next_mm``).  Returns (pages
+        scanned, whether the mm is finished: then the cursor has moved on).
 
         The budget is checked before the next page is looked for, as
         ksm_do_scan's "while (scan_npages--)" does: after its last page the
@@ -608,12 +609,39 @@ class Ksmd:
         # hot path: raw words (uksm.kernel.views: a view read is 56 ns against 20 raw)
         cl, q, task = self.cl, self.q, self.cl.task
         mm = st.mm
-        pq, fq, live = mm.pq, self.fq, self.live
         seqnr = q[L_SEQNR]
         task.lock(mm.sem)
         killpoints.hit_ksmd(cl, "ksmd_scan_mmap_sem", mm.base, self.log)
         exiting = ksm_test_exit(cl, mm)
-        addr = start_addr = q[L_SCAN_ADDR]
+        start_addr = q[L_SCAN_ADDR]
+        n, addr, lo, found, exiting = self.scan_get_next_rmap_item(st, start_addr, budget, seqnr, exiting)
+        if n >= budget and not exiting:
+            # ksm_do_scan's budget ran out right after a page: the cursor
+            # stays here, at the next address, however few pages are left
+            q[L_SCAN_ADDR] = addr
+            task.unlock(mm.sem)
+            return n, False
+        self.next_mm(st, exiting, lo, start_addr == 0 and not found, seqnr)
+        return n, True
+
+    def scan_get_next_rmap_item(self, st: SlotState, addr: int, budget: int, seqnr: int,
+                                exiting: bool) -> tuple[int, int, int, bool, bool]:
+        """scan_get_next_rmap_item's walk, "for (; vma; vma = vma->vm_next)"
+        and "while (ksm_scan.address < vma->vm_end)", with ksm_do_scan's body
+        for each page found: every page present in a VM_MERGEABLE area from
+        ``addr`` gets its rmap_item (get_next_rmap_item, which frees the
+        ones passed) and goes to cmp_and_merge_page, or, a KSM page of the
+        stable tree mapped once, to ``replace_unshared_ksm_page``.  Caller
+        holds mmap_sem for read (dropped and re-taken here: the area is
+        found again and ksm_test_exit re-checked after each re-take).  Stops
+        after ``budget`` pages, when the mm exits (``exiting``: from the
+        start too) or past its last area.  Returns (pages scanned, the next
+        address, ``lo`` -- the rmap_items below it are the ones this pass
+        met --, whether a VM_MERGEABLE area was met, exiting)."""
+        # hot path: raw words (uksm.kernel.views: a view read is 56 ns against 20 raw)
+        cl, q, task = self.cl, self.q, self.cl.task
+        mm = st.mm
+        pq, fq, live = mm.pq, self.fq, self.live
         # ksm_scan.rmap_item: the rmap_items below ``lo`` are the ones this
         # pass has met (every page below ksm_scan.address that got one)
         lo = addr
@@ -670,17 +698,7 @@ class Ksmd:
                 node = live.get(where) if where >= 0 else None
                 if node is not None and node.kpfn == pfn and fq[pfn * FRAME_SIZE + FR_FLAGS] & F_KSM:
                     if fq[pfn * FRAME_SIZE + FR_COUNT] == 1:
-                        # ksm_do_scan: replace a now-unshared KSM page by an
-                        # ordinary page (break_cow takes mmap_sem itself)
-                        task.unlock(mm.sem)
-                        if break_cow(cl, self.alloc, mm, vpn, self.log):
-                            self._cow(st)
-                        task.lock(mm.sem)
-                        self.remove_rmap_item_from_tree(st, vpn)
-                        npte = pq[PT_OFF + vpn]
-                        if npte & PTE_PRESENT:  # "rmap_item->oldchecksum = calc_checksum(page)"
-                            p = (npte >> 2) * PAGE_SIZE
-                            st.set_csum(vpn, digest(self.pool[p:p + PAGE_SIZE]))
+                        self.replace_unshared_ksm_page(st, vpn)
                         relook = True
                         break
                     continue
@@ -690,20 +708,21 @@ class Ksmd:
             addr = v
             if relook and ksm_test_exit(cl, mm):  # re-check after every re-take
                 exiting = True
-        if n >= budget and not exiting:
-            # ksm_do_scan's budget ran out right after a page: the cursor
-            # stays here, at the next address, however few pages are left
-            q[L_SCAN_ADDR] = addr
-            task.unlock(mm.sem)
-            return n, False
-        if not exiting and ksm_test_exit(cl, mm):
-            exiting = True  # scan_get_next_rmap_item's check after the loop
-        if exiting:
-            addr = start_addr = lo = 0  # ksm_scan.address = 0, rmap_item = the list head
-            found = False
-        self.remove_trailing_rmap_items(st, lo)
-        self.next_mm(st, exiting or (start_addr == 0 and not found), seqnr)
-        return n, True
+        return n, addr, lo, found, exiting
+
+    def replace_unshared_ksm_page(self, st: SlotState, vpn: int) -> None:
+        """ksm_do_scan's "Replace now-unshared ksm page by ordinary page"
+        (the rmap_item is in the stable tree and its KSM page is mapped
+        once): break_cow (which takes mmap_sem itself), then
+        remove_rmap_item_from_tree and "rmap_item->oldchecksum =
+        calc_checksum(page)".  Caller holds mmap_sem for read, dropped and
+        taken again here: it must find the area again."""
+        self.up_read_break_cow(st, vpn)
+        self.remove_rmap_item_from_tree(st, vpn)
+        npte = st.mm.pq[PT_OFF + vpn]
+        if npte & PTE_PRESENT:  # "rmap_item->oldchecksum = calc_checksum(page)"
+            p = (npte >> 2) * PAGE_SIZE
+            st.set_csum(vpn, digest(self.pool[p:p + PAGE_SIZE]))
 
     def remove_rmap_items(self, st: SlotState, lo: int, hi: int) -> None:
         """Free the rmap_items of pages lo..hi-1 (get_next_rmap_item's loop
@@ -727,21 +746,29 @@ class Ksmd:
         else:
             self.remove_rmap_items(st, lo, len(st.seen))
 
-    def next_mm(self, st: SlotState, free_slot: bool, seqnr: int) -> None:
-        """The end of scan_get_next_rmap_item's walk of one mm (caller holds
-        its mmap_sem for read): move the cursor to the next slot under
-        ksm_mmlist_lock; with ``free_slot`` (ksm_scan.address == 0: the mm
-        exits, or has no VM_MERGEABLE area left) do what __ksm_exit would.
-        Back at the list head: ksm_scan.seqnr++."""
+    def next_mm(self, st: SlotState, exiting: bool, lo: int, no_vmas: bool, seqnr: int) -> None:
+        """The end of scan_get_next_rmap_item's walk of one mm, after its
+        VMA loop (caller holds its mmap_sem for read, released here): the
+        last ksm_test_exit (exiting: "ksm_scan.address = 0; ksm_scan.rmap_item
+        = list_entry(&slot->rmap_list...)"), remove_trailing_rmap_items
+        above ``lo``, then the cursor on to the next slot under
+        ksm_mmlist_lock; when ksm_scan.address is 0 (the mm exits, or
+        ``no_vmas``: a walk from address 0 met no VM_MERGEABLE area) do
+        what __ksm_exit would.  Back at the list head: ksm_scan.seqnr++."""
         cl, q, task = self.cl, self.q, self.cl.task
         mm = st.mm
+        if not exiting and ksm_test_exit(cl, mm):
+            exiting = True  # scan_get_next_rmap_item's check after the loop
+        if exiting:
+            lo = 0  # ksm_scan.address = 0, rmap_item = the list head
+        self.remove_trailing_rmap_items(st, lo)
         task.lock(cl.mmlist)
         nxt = slot_next(cl, st.row)
         q[L_SCAN_SLOT] = nxt
         q[L_SCAN_ADDR] = 0
         b = mm.base
         q[b + M_SLOT_RMAP] = st.nitems
-        if free_slot:
+        if exiting or no_vmas:
             # no VM_MERGEABLE area left (exit, or all unmapped): do what
             # __ksm_exit would, holding mmap_sem throughout.  The slot's
             # mm_count reference (dropped by our mmdrop below) keeps the mm
@@ -775,10 +802,18 @@ class Ksmd:
             q[L_SEQNR] = seqnr + 1  # published as full_scans at batch end
             self.log.info("full_scan", seqnr=seqnr + 1)
 
-    def _cow(self, st: SlotState) -> None:
-        st.cows += 1
-        st.t_cow = time.monotonic_ns()
-        self.q[S_COW_KSMD] += 1
+    def up_read_break_cow(self, st: SlotState, vpn: int) -> None:
+        """break_cow from the scan, whose caller holds the mm's mmap_sem for
+        read: up_read (break_cow takes it itself, as the kernel's ksmd calls
+        it without), break_cow, down_read again -- the caller must find the
+        area again.  Counts the COW broken."""
+        task = self.cl.task
+        task.unlock(st.mm.sem)
+        if break_cow(self.cl, self.alloc, st.mm, vpn, self.log):
+            st.cows += 1
+            st.t_cow = time.monotonic_ns()
+            self.q[S_COW_KSMD] += 1
+        task.lock(st.mm.sem)
 
     # ---- cmp_and_merge_page ---------------------------------------------------
     def cmp_and_merge_page(self, st: SlotState, vpn: int, pfn: int) -> bool:
@@ -800,11 +835,7 @@ class Ksmd:
         if self.fq[pfn * FRAME_SIZE + FR_FLAGS] & F_KSM:
             # a KSM page outside the stable tree (its node went, or a break
             # failed earlier): cmp_and_merge_page's break_cow, "try again now"
-            cl, task = self.cl, self.cl.task
-            task.unlock(st.mm.sem)
-            if break_cow(cl, self.alloc, st.mm, vpn, self.log):
-                self._cow(st)
-            task.lock(st.mm.sem)
+            self.up_read_break_cow(st, vpn)
             return False
         o = vpn * CSUM
         if not st.csum.startswith(key, o):  # no copy: csum[o:o + CSUM] != key
@@ -904,10 +935,7 @@ class Ksmd:
         # the KSM page has one mapping: give it back as an ordinary page
         # (2.6.32's try_to_merge_two_pages: when try_to_merge_with_ksm_page
         # fails for the second page, up_read, then break_cow of the first)
-        task.unlock(mm.sem)
-        if break_cow(cl, self.alloc, mm, vpn, self.log):
-            self._cow(st)
-        task.lock(mm.sem)
+        self.up_read_break_cow(st, vpn)
         return False
 
     @staticmethod
