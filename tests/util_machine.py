@@ -29,16 +29,40 @@ class Space:
     ``mm_create`` (as fork would), an allocator and an MMU, and the system
     calls on it.  ``exit()`` runs mmput and waits until the mm is freed."""
 
-    def __init__(self, sup: Any, worker_no: int = 900) -> None:
+    def __init__(self, sup: Any, worker_no: int = 900, mm: Any = None) -> None:
         from uksm.kernel.memory import Allocator
         from uksm.kernel.mm import mm_create
         from uksm.kernel.mmu import MMU
         self.sup = sup
         self.cl = sup.cl
-        self.mm = mm_create(self.cl, self.cl.task.row, worker_no)
+        self.mm = mm if mm is not None else mm_create(self.cl, self.cl.task.row, worker_no)
         self.alloc = Allocator(self.cl)
         self.mmu = MMU(self.cl, self.mm, self.alloc)
         self.exited = False
+
+    def fork(self, pending: Any = None, view: Any = None) -> tuple["Space | None", int]:
+        """fork from the test thread (``uksm.kernel.fork.dup_mm``): the new
+        task's row and mm made as the supervisor makes them
+        (``Supervisor.new_task``).  Returns (the child's Space, 0), or
+        (None, -errno) with the row freed.  The child's Space is driven by
+        the test thread too (its own row keeps nothing after the fork).
+        ``view``: fork as another task (``Cluster.thread_view`` of its row,
+        from another thread), while this thread's task holds locks."""
+        from uksm.host.log import NULL_LOG
+        from uksm.kernel.fork import dup_mm
+        from uksm.kernel.mm import mm_attach
+        row, mm, _wno = self.sup.new_task(1, pid=os.getpid())
+        if view is None:
+            err = dup_mm(self.cl, self.mm, row, mm.id, NULL_LOG, pending)
+        else:
+            parent = mm_attach(view, self.mm.id)
+            try:
+                err = dup_mm(view, parent, row, mm.id, NULL_LOG, pending)
+            finally:
+                parent.seg.close()
+                view.forget_mm(parent.id)
+        self.sup.free_row(row)
+        return (None, err) if err else (Space(self.sup, mm=mm), 0)
 
     # -- system calls
     def mmap(self, npages: int) -> int:

@@ -454,7 +454,8 @@ class Task:
     def _cmd(self, cmd: str, what: str, **kw: Any) -> dict[str, Any]:
         if not self.programmable:
             raise TypeError(f"{self.id}.{what}: {self.id} is a built-in worker (m.spawn): it takes "
-                            f"no commands, only kill, arm and stat")
+                            f"no commands, only kill, arm, stat and pagemap (a W+fork workload "
+                            f"forks by itself)")
         return self._m._request({"op": "task", "task": self.id, "cmd": cmd, **kw},
                                 f"{self.id}.{what}")
 
@@ -488,6 +489,35 @@ class Task:
         inside ``with m.race():``)."""
         ans = self._cmd("madvise", "madvise", first=first, count=count, advice=advice)
         return None if ans.get("pending") else int(ans["unmerged"])
+
+    def fork(self) -> "Task":
+        """fork(2): a new programmable task whose address space is this
+        one's copy (2.6.32's dup_mmap: the same VMAs, every page shared
+        copy-on-write -- write-protected in both, KSM pages mapped as they
+        are --, and, if this task's mm is in KSM, the child's too: ksm_fork's
+        __ksm_enter).  A write in either breaks COW for that one only.
+        Returns the child once it runs.  OSError: EAGAIN when the machine
+        has no room for one more task (``max_tasks``), ENOMEM when the copy
+        cannot get its page table -- this task goes on as it was; TaskDied
+        when a fatal signal came during the fork (-ERESTARTNOINTR: this
+        task exits)."""
+        ans = self._cmd("fork", "fork")
+        t = Task(self._m, ans["task"], int(ans["pid"]), int(ans["pages"]), int(ans["mm"]))
+        self._m._tasks[t.id] = t
+        self._m._pids.append(t.pid)
+        return t
+
+    def pagemap(self, first: int = 0, count: int | None = None) -> list[dict[str, Any]]:
+        """Pages first..first+count-1 (default: to the end), one dict each,
+        as /proc/PID/pagemap, /proc/kpageflags and /proc/kpagecount tell
+        them: ``present``, ``frame`` (the emulated PFN, None when not
+        present), ``ksm`` (KPF_KSM), ``write_protected`` (the PTE is
+        read-only: a KSM page, or shared copy-on-write after a fork) and
+        ``mapcount`` (the PTEs mapping the frame, in every task).
+        ValueError for a range outside the task's pages."""
+        ans = self._m._request({"op": "task_pagemap", "task": self.id, "first": first,
+                                "count": count}, f"{self.id}.pagemap")
+        return list(ans["pages"])
 
     def stat(self) -> dict[str, int]:
         """/proc/PID/ksm_stat: ksm_rmap_items, ksm_merging_pages; and rss."""
@@ -770,6 +800,8 @@ class Machine:
             reports = self._t().hung()
             self._hung_raised = len(reports)  # raised here: a later wait does not raise it again
             raise HungTask(f"{what}: {msg}", reports)
+        if kind == "errno":   # a system call's error (fork): the OSError os.fork would raise
+            raise OSError(int(ans["errno"]), f"{what}: {msg}")
         exc = _KINDS.get(kind) or (ValueError if ans.get("status") == 2 else MachineError)
         err = exc(f"{what}: {msg}")
         err.answer = ans  # type: ignore[attr-defined]  # e.g. a partial spawn's "spawned"

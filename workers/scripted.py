@@ -18,14 +18,22 @@ its data as the built-in workers do.
 Fatal signals are noticed between two commands (the safe point), as a
 worker notices them between two page operations: SIGTERM then exits
 through the exit path; SIGKILL leaves the exit to the supervisor's reaper.
+
+``fork`` makes a child task (``Worker.fork``: the supervisor's new task,
+``uksm.kernel.fork.dup_mm``'s copy); the answer carries this task's shadow,
+which the supervisor hands the child as the first line on its own socket:
+a task started ``--forked`` waits for it before it says it is ready.
 """
 from __future__ import annotations
 
 import base64
+import errno
 import json
+import os
 import select
 import socket
 import sys
+import zlib
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -35,6 +43,8 @@ from uksm.errors import SegFault, UksmError
 from uksm.host import log as ulog
 from uksm.host.lifeline import EXIT_ORPHAN, arm, exit_now
 from uksm.kernel.cluster import StaleCluster
+from uksm.kernel.fork import ERESTARTNOINTR
+from uksm.kernel.killpoints import FORK_POINTS
 from uksm.kernel.layout import (
     EXIT_PATHS,
     M_FLAGS,
@@ -65,6 +75,18 @@ IDLE_POLL_S = 0.05   # how often an idle task looks for a pending fatal signal
 
 class NotReached(Exception):
     """A drive to a kill point found no way to reach it from this state."""
+
+
+class ForkFailed(Exception):
+    """fork returned -errno.  The task lives on, but after -ERESTARTNOINTR
+    (a fatal signal is pending) it exits at its next safe point."""
+
+    def __init__(self, err: int) -> None:
+        self.errno = -err
+        name = "ERESTARTNOINTR" if self.errno == ERESTARTNOINTR else errno.errorcode.get(self.errno, "?")
+        why = ("a fatal signal is pending" if self.errno == ERESTARTNOINTR
+               else os.strerror(self.errno))
+        super().__init__(f"fork failed: {name} ({why})")
 
 
 class SocketChannel:
@@ -114,10 +136,13 @@ class ScriptedTask(Worker):
         super().__init__(a)
         self.chan = chan
         self.shadow = bytearray(a.pages * PAGE_SIZE)
+        self.known = not a.forked   # a forked task knows its pages once its parent's shadow came
         self.exited = False
 
     # what page i should hold: the script's writes (Worker.verify reads this)
-    def expected(self, i: int) -> bytes:
+    def expected(self, i: int) -> bytes | None:
+        if not self.known:
+            return None   # a forked task whose parent's shadow never came: nothing to check
         return bytes(self.shadow[i * PAGE_SIZE:(i + 1) * PAGE_SIZE])
 
     def send(self, obj: dict[str, Any]) -> None:
@@ -168,7 +193,18 @@ class ScriptedTask(Worker):
             return self.exit_now()
         if op == "drive":
             return self.drive(cmd["point"])
+        if op == "fork":
+            return self.fork_cmd()
         raise ValueError(f"unknown command {op!r}")
+
+    def fork_cmd(self) -> dict[str, Any]:
+        """fork: the child's pid and task row, and our shadow for it (what
+        each page holds: the child's pages are ours)."""
+        pid, crow = self.fork()
+        if pid < 0:
+            raise ForkFailed(pid)
+        return {"pid": pid, "row": crow,
+                "shadow": base64.b64encode(zlib.compress(bytes(self.shadow), 1)).decode()}
 
     def exit_now(self) -> dict[str, Any]:
         self.exit_task()
@@ -198,7 +234,7 @@ class ScriptedTask(Worker):
         elif point == "zone_lock_held":        # DONTNEED frees present frames under zone_lock
             if not self._pte(0) & PTE_PRESENT:
                 self._rewrite(0)
-            keep = self.expected(0)
+            keep = bytes(self.shadow[:PAGE_SIZE])
             self._madvise(0, 1, MADV_DONTNEED)
             self._write(0, keep)
         elif point == "pte_lock_held":         # a user write across two present pages
@@ -211,6 +247,13 @@ class ScriptedTask(Worker):
             vma = self.mm.find_vma(self.base // PAGE_SIZE)
             merg = vma is not None and bool(vma[3] & VM_MERGEABLE)
             self._madvise(0, 1, MADV_MERGEABLE if merg else MADV_UNMERGEABLE)
+        elif point in FORK_POINTS:              # a fork (inside dup_mm), with a page to copy
+            if not self._pte(0) & PTE_PRESENT:
+                self._rewrite(0)
+            pid, crow = self.fork()
+            if pid < 0:
+                return {"reached": False}   # SIGTERM there: the fork was undone (ERESTARTNOINTR)
+            return {"reached": False, "forked_row": crow}   # got through: a child nobody adopts
         elif point == "ksm_enter_locked":       # the first MADV_MERGEABLE
             if self.q[self.mm.base + M_FLAGS] & MMF_VM_MERGEABLE:
                 raise NotReached("the task went through __ksm_enter already (it was made "
@@ -223,10 +266,18 @@ class ScriptedTask(Worker):
     # ---- the life of the task ---------------------------------------------------------------
     def run(self) -> int:
         try:
-            self.base = sys_mmap(self.cl, self.mm, self.a.pages * PAGE_SIZE)
-            if self.a.mergeable:
-                sys_madvise(self.cl, self.mm, self.alloc, self.base, self.a.pages * PAGE_SIZE,
-                            MADV_MERGEABLE, self.log)
+            if self.a.forked:  # our parent's copy: its shadow comes first
+                self.base = self.mapping_base()
+                first = self.recv()
+                if first is None:
+                    return self.exit_task()
+                self.shadow[:] = zlib.decompress(base64.b64decode(first["shadow"]))
+                self.known = True
+            else:
+                self.base = sys_mmap(self.cl, self.mm, self.a.pages * PAGE_SIZE)
+                if self.a.mergeable:
+                    sys_madvise(self.cl, self.mm, self.alloc, self.base, self.a.pages * PAGE_SIZE,
+                                MADV_MERGEABLE, self.log)
         except OutOfMemory:
             self.send({"ok": False, "kind": "oom", "error": "out of memory while starting"})
             return self.exit_task()
@@ -244,6 +295,8 @@ class ScriptedTask(Worker):
                 ans = {"ok": False, "kind": "segfault", "error": f"madvise: {e}"}
             except NotReached as e:
                 ans = {"ok": False, "kind": "not_reached", "error": str(e)}
+            except ForkFailed as e:
+                ans = {"ok": False, "kind": "errno", "errno": e.errno, "error": str(e)}
             except OutOfMemory:
                 self._fatal_oom()
                 ans = {"ok": False, "kind": "oom", "error": "killed by the OOM killer"}

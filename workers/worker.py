@@ -8,6 +8,11 @@ until a fatal signal: SIGTERM/SIGINT (exit normally: verify every page
 against what it wrote, then the exit path) or the OOM killer's signal
 (exit at once).  SIGKILL leaves the exit to the supervisor's reaper.
 
+A ``W+fork`` worker also forks (``fork``) every so often; its children are
+workers started ``--forked``: their address space is the parent's copy
+(``uksm.kernel.fork``), they write the parent's contents (``--content-wno``),
+and they exit on their own after ``--exit-after-ms``.
+
 Fatal signals are noticed at safe points (between page operations, and in
 the allocator's wait), as a killed task notices TIF_SIGPENDING.
 """
@@ -29,8 +34,14 @@ from uksm.host.shm import UksmError
 from uksm.kernel import oom, sched
 from uksm.kernel.cluster import Cluster, StaleCluster, add_task_args
 from uksm.kernel.exit import mmput
+from uksm.kernel.fork import dup_mm
 from uksm.kernel.layout import (
+    FORK_ASK,
+    FORK_DONE,
+    FORK_GO,
+    FORK_NONE,
     M_OWNER_PID,
+    PAGE_SHIFT,
     PAGE_SIZE,
     S_SIGNALS,
     T_EXIT_REASON,
@@ -47,6 +58,9 @@ from uksm.kernel.memory import PCP_BATCH, Allocator, OutOfMemory
 from uksm.kernel.mm import mm_attach
 from uksm.kernel.mmu import MMU
 from uksm.kernel.syscalls import MADV_DONTNEED, MADV_MERGEABLE, sys_madvise, sys_mlockall, sys_mmap
+
+UNKNOWN = -2        # a forked child's inherited volatile page: what it holds is its parent's to know
+FORK_POLL_S = 0.002  # how often a forking task looks for the supervisor's answer
 
 
 class Worker:
@@ -68,8 +82,9 @@ class Worker:
         self.alloc = Allocator(self.cl, batch=PCP_BATCH)  # a per-task list of free frames
         self.alloc.oom_killer = oom.oom_killer(self.log)
         self.mmu = MMU(self.cl, self.mm, self.alloc)
-        self.wl = Workload(a.workload, a.seed, a.worker_no)
-        self.version = [-1] * a.pages  # -1: never written, reads as zeros
+        # a forked child writes its parent's contents (--content-wno)
+        self.wl = Workload(a.workload, a.seed, a.content_wno or a.worker_no)
+        self.version = [-1] * a.pages  # -1: never written, reads as zeros; UNKNOWN: inherited
         self.base = 0
         self.cows_logged = 0
         self.signo = 0
@@ -81,6 +96,9 @@ class Worker:
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)
+        # the supervisor starts us with them blocked (Supervisor.start_worker):
+        # one sent while we started is noticed now, at our first safe point
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
 
     def _fatal(self, signo: int, _frame: object) -> None:
         if not self.q[self.tb + T_FATAL]:
@@ -127,25 +145,30 @@ class Worker:
             os.close(fd)
         self.cl.close()
 
-    def expected(self, i: int) -> bytes:
+    def expected(self, i: int) -> bytes | None:
+        """What page i holds, None if only the parent knew (UNKNOWN)."""
         v = self.version[i]
-        return ZERO if v < 0 else self.wl.content(i, v)
+        return None if v == UNKNOWN else ZERO if v < 0 else self.wl.content(i, v)
 
     def write_page(self, i: int, n: int = 1) -> None:
         """Write pages i..i+n-1 (one MMU write: it may span pages)."""
         for j in range(i, i + n):
             self.version[j] = max(self.version[j], 0)
-        data = self.expected(i) if n == 1 else b"".join(self.expected(j) for j in range(i, i + n))
+        data = b"".join(self.wl.content(j, self.version[j]) if self.version[j] >= 0 else ZERO
+                        for j in range(i, i + n))
         self.mmu.write(self.base + i * PAGE_SIZE, data)
 
     def run(self) -> int:
         a = self.a
         try:
-            self.base = sys_mmap(self.cl, self.mm, a.pages * PAGE_SIZE)
-            sys_madvise(self.cl, self.mm, self.alloc, self.base, a.pages * PAGE_SIZE,
-                        MADV_MERGEABLE, self.log)
+            if a.forked:
+                self.inherit()
+            else:
+                self.base = sys_mmap(self.cl, self.mm, a.pages * PAGE_SIZE)
+                sys_madvise(self.cl, self.mm, self.alloc, self.base, a.pages * PAGE_SIZE,
+                            MADV_MERGEABLE, self.log)
             for i in range(a.pages):
-                if self.dying() or a.no_touch:
+                if self.dying() or a.no_touch or a.forked:
                     break
                 self.write_page(i)
             if a.mlock:  # mlockall, with a PROT_NONE area mlock cannot populate
@@ -155,6 +178,10 @@ class Worker:
             vol = [i for i in range(a.pages) if self.wl.volatile(i)]
             rng = random.Random(a.seed * 7919 + a.worker_no)
             next_churn = self.now()
+            fork_s = 0.0 if a.forked else self.wl.fork_ms / 1000.0  # a child does not fork
+            # (the clock read only when used: in a controlled run each read is a step)
+            next_fork = self.now() + fork_s if fork_s else 0.0
+            born = self.now() if a.exit_after_ms else 0.0
             while not self.dying():
                 for i in vol:
                     if self.dying():
@@ -164,12 +191,65 @@ class Worker:
                 if a.churn_ms and self.now() >= next_churn:
                     self.churn(rng)
                     next_churn = self.now() + a.churn_ms / 1000.0
-                if a.exit_after_write:
+                if fork_s and self.now() >= next_fork:
+                    self.fork()
+                    next_fork = self.now() + fork_s
+                if a.exit_after_write or (a.exit_after_ms and
+                                          self.now() - born >= a.exit_after_ms / 1000.0):
                     break
                 self.idle(0.002 if vol else 0.02)
         except OutOfMemory:
             self._fatal(oom.OOM_SIGNAL, None)
         return self.exit_task()
+
+    def inherit(self) -> None:
+        """A forked child's start: its address space is the parent's copy
+        (dup_mm did it before this process ran), mapped where the parent's
+        was.  The parent's contents are known but for its volatile pages,
+        which it rewrote at its own pace: UNKNOWN until this child writes
+        them, first thing (COW breaks: the pages become its own), with its
+        first page."""
+        self.base = self.mapping_base()
+        for i in range(self.a.pages):
+            self.version[i] = UNKNOWN if self.wl.volatile(i) else 0
+        for i in range(self.a.pages):
+            if self.dying():
+                return
+            if self.version[i] == UNKNOWN or i == 0:
+                self.version[i] = max(self.version[i], 0)
+                self.write_page(i)
+
+    def mapping_base(self) -> int:
+        """Where our one mapping starts (a forked child's: where its
+        parent's was, the lowest VMA of the copy)."""
+        self.task.lock(self.mm.sem)
+        try:
+            return self.mm.vmas()[0][1] << PAGE_SHIFT
+        finally:
+            self.task.unlock(self.mm.sem)
+
+    def fork(self) -> tuple[int, int]:
+        """fork(2), the parent's side: ask the supervisor for the new task
+        (T_FORK: uksm.proc.forks), copy our address space into it
+        (``uksm.kernel.fork.dup_mm``), wait for the fork to return.
+        Returns (the child's pid, or -errno; the child's task row, -1 if
+        none was made).  A fatal signal pending fails it (-ERESTARTNOINTR)."""
+        t = self.cl.trow(self.task.row)
+        t.fork_pid = 0
+        t.fork = FORK_ASK
+        while t.fork == FORK_ASK:
+            time.sleep(FORK_POLL_S)
+        st = t.fork
+        if st != FORK_GO:       # refused: -EAGAIN (no room), -ENOMEM
+            t.fork = FORK_NONE
+            return st, -1
+        crow = t.fork_child - 1
+        t.fork_err = dup_mm(self.cl, self.mm, crow, self.cl.trow(crow).mm, self.log,
+                            pending=self.dying)
+        t.fork = FORK_DONE
+        while t.fork == FORK_DONE:
+            time.sleep(FORK_POLL_S)
+        return t.fork_pid, crow
 
     def exit_task(self) -> int:
         """do_exit: note the fatal signal, verify the data (unless OOM
@@ -218,13 +298,17 @@ class Worker:
 
     def verify(self) -> None:
         """Read back every page and compare with what was written."""
-        bad = 0
+        bad = checked = 0
         for i in range(self.a.pages):
-            if self.mmu.read(self.base + i * PAGE_SIZE, PAGE_SIZE) != self.expected(i):
+            want = self.expected(i)
+            if want is None:
+                continue   # inherited, not yet rewritten: only the parent knew it
+            checked += 1
+            if self.mmu.read(self.base + i * PAGE_SIZE, PAGE_SIZE) != want:
                 bad += 1
-        self.q[self.tb + T_VERIFIED] = self.a.pages
+        self.q[self.tb + T_VERIFIED] = checked
         self.q[self.tb + T_MISMATCHES] = bad
-        self.log.info("worker_verify", mm=self.mm.id, pages_verified=self.a.pages, mismatches=bad)
+        self.log.info("worker_verify", mm=self.mm.id, pages_verified=checked, mismatches=bad)
 
 
 def parser(prog: str = "uksm-worker",
@@ -245,6 +329,13 @@ def parser(prog: str = "uksm-worker",
     ap.add_argument("--no-touch", action="store_true",
                     help="madvise the area and never write it (LTP ksm05's task): "
                          "ksmd finds no page, the slot has no rmap_items")
+    ap.add_argument("--forked", action="store_true",
+                    help="a forked child: the address space is the parent's copy (no mmap, "
+                         "no madvise, no first write)")
+    ap.add_argument("--content-wno", type=int, default=0,
+                    help="write the contents of this worker number (a forked child: its parent's)")
+    ap.add_argument("--exit-after-ms", type=int, default=0,
+                    help="exit (verify, the exit path) after this long (a forked child's life)")
     return ap
 
 

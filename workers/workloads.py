@@ -8,6 +8,15 @@
 - ``volatile``: every page is rewritten continuously (never stable);
 - ``vm`` (default): like guests booted from one image -- most pages from a
   shared base image, some zero, some unique, some volatile.
+
+Any of them with ``+fork`` (``vm+fork``, ``dup:8+fork:500``): the worker
+also forks a child every ``FORK_MS`` milliseconds (or the number given),
+as a shell or a server does -- the child maps the parent's pages
+copy-on-write, rewrites its volatile ones, churns like its parent, and
+exits after ``CHILD_LIFE`` periods; a child does not fork.  A fork the
+machine has no room for (its task limit) fails with EAGAIN and the worker
+goes on.  So a run, ``uksm inject`` or a campaign goes through forks too:
+the kill points inside fork, a kill at any instant of one.
 """
 from __future__ import annotations
 
@@ -17,6 +26,9 @@ from uksm.host.shm import UksmError
 from uksm.kernel.layout import PAGE_SIZE
 
 NAMES = ("identical", "unique", "zero", "dup:K", "volatile", "vm")
+FORK = "+fork"
+FORK_MS = 1000     # a W+fork worker's fork period, by default
+CHILD_LIFE = 2     # a forked child lives this many fork periods, then exits
 ZERO = bytes(PAGE_SIZE)
 _pack = struct.Struct("<QQ").pack
 M64 = (1 << 64) - 1
@@ -49,6 +61,7 @@ class Workload:
         self.seed = seed
         self.wno = wno
         self.k = 0
+        spec, self.fork_ms = split_fork(spec)
         name = spec
         if spec.startswith("dup:"):
             name = "dup"
@@ -59,7 +72,8 @@ class Workload:
             if self.k < 1:
                 raise UksmError(f"bad workload {spec!r}: dup:K needs K >= 1", 2)
         elif spec not in ("identical", "unique", "zero", "volatile", "vm"):
-            raise UksmError(f"unknown workload {spec!r} (one of: {', '.join(NAMES)})", 2)
+            raise UksmError(f"unknown workload {spec!r} (one of: {', '.join(NAMES)}; any of "
+                            f"them {FORK} or {FORK}:MS)", 2)
         self.name = name
         # dup:K's pages, made once (a page costs ~1 us to make, ~10 to fault in)
         self.dup_pages = [page(K_DUP, seed, r) for r in range(self.k)] if 0 < self.k <= DUP_CACHE else []
@@ -91,6 +105,21 @@ class Workload:
         if c == 2:
             return page(K_UNIQUE, s, self.wno, i)
         return page(K_VOL, s, self.wno, i, version)
+
+
+def split_fork(spec: str) -> tuple[str, int]:
+    """``W+fork`` or ``W+fork:MS``: (W, the fork period in ms); (spec, 0)
+    for a workload that does not fork."""
+    base, plus, tail = spec.partition(FORK)
+    if not plus:
+        return spec, 0
+    if not tail:
+        return base, FORK_MS
+    ms = tail[1:]
+    if tail[:1] != ":" or not (ms.isascii() and ms.isdigit()) or int(ms) < 1:
+        raise UksmError(f"bad workload {spec!r}: {FORK} or {FORK}:MS, MS a whole number of "
+                        f"milliseconds >= 1", 2)
+    return base, int(ms)
 
 
 def validate(spec: str) -> str:

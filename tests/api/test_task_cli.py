@@ -64,6 +64,19 @@ def test_shell_verbs_drive_tasks_like_the_api(tmp_path):
         # every exit takes the path __ksm_exit chooses, no ksmd freeing a slot first
         uksm("ctl", "run=0", *c, check=True)
         assert uksm("task", "cursor", *c, check=True).stdout.strip() == cursor_task(name)
+        f = uksm("task", "fork", b, *c, check=True).stdout.strip()     # b's copy, w3
+        assert f.startswith("w") and f not in (a, b)
+        assert uksm("task", "read", f, "0", "2", *c, check=True).stdout.strip() == "0707"
+        rows = [ln.split() for ln in uksm("task", "pagemap", f, "1", "2", *c, check=True)
+                .stdout.splitlines()]
+        pb = [ln.split() for ln in uksm("task", "pagemap", b, *c, check=True).stdout.splitlines()]
+        assert rows[0] == ["page", "present", "frame", "ksm", "wp", "mapcount"] == pb[0]
+        # pages 1 and 2 of the copy: b's frames (one KSM page), write-protected
+        assert [r[:5] for r in rows[1:]] == [r[:5] for r in pb[2:4]] and rows[1][3:5] == ["1", "1"]
+        p = uksm("task", "pagemap", f, "4", *c)
+        assert p.returncode == 2 and "first page 4 is out of range (0..3)" in p.stderr, p.stderr
+        # its slot (ksm_fork), no rmap_items (ksmd stopped), not at the cursor: the fast path
+        assert uksm("task", "exit", f, *c, check=True).stdout.strip() == "fast"
         p = uksm("kill", a, "--at", "cow_after_copy", "--signal", "KILL", *c, check=True)
         assert p.stdout.strip() == "slow"                 # its slot holds rmap_items
         p = uksm("task", "fill", a, "1", *c)

@@ -31,6 +31,12 @@ HELD_AT = {
     "ksm_exit_before_down_write": set(),
     "ksm_exit_mmap_sem_write": W,
     "exit_mid_zap": set(),
+    # dup_mmap: the parent's mmap_sem (and writer mutex) on its row, the new
+    # mm's on the new task's row (dead with it: uksm.proc.forks), and while
+    # a page table is copied that row's pte lock and zone_lock too
+    "fork_before_ksm_enter": W,
+    "fork_copy_locked": W | {"pte_lock", "zone_lock"},
+    "fork_after_copy": W,
 }
 
 
@@ -106,6 +112,32 @@ def test_kills_mid_scan(mode, sig, seed, tmp_path):
     assert r["integrity"]["pages_verified"] == verifiers * 256, r["integrity"]
     if sig == "KILL":
         assert r["workers"]["killed"] == 25, r["workers"]
+
+
+@pytest.mark.timeout(300)
+def test_kills_among_forking_workers(tmp_path):
+    """Issue 22: inject with W+fork workers -- a victim may be a parent
+    mid-fork (its half-made child undone with it) or a forked child; a
+    child may exit on its own between the victim's choice and the kill.
+    Nothing is lost: every kill delivered and recovered, forks made and
+    finished, fsck clean, no data mismatch, no object left."""
+    r, status = inject("--point", "random", "--signal", "KILL", "--kills", "25", "--seed", "5",
+                       "--workload", "vm+fork:100", "--workers", "4", "--pages", "64",
+                       "--log-dir", str(tmp_path))
+    assert_clean(r, status, 25)
+    events = list(iter_events(tmp_path))
+    # every victim ended: by the SIGKILL, or -- a forked child whose life
+    # ran out as the kill came -- through its own exit (verified)
+    how = {e["worker_pid"]: e["how"] for e in events if e["event"] == "worker_exit"}
+    victims = [how.get(e["target_pid"]) for e in events if e["event"] == "inject_kill"]
+    assert len(victims) == 25 and set(victims) <= {"sigkill", "exit"}, victims
+    assert victims.count("sigkill") == r["workers"]["killed"] >= 20, r["workers"]
+    forks = [e for e in events if e["event"] == "fork"]
+    children = [e for e in events if e["event"] == "fork_child"]
+    assert len(children) >= 5 and len(forks) >= len(children), (len(forks), len(children))
+    assert all(e["ksm_enter"] for e in forks if e["err"] == 0)   # a vm worker's mm is in KSM
+    # every task started ended (killed, exited, or undone mid-fork), the forked ones too
+    assert r["workers"]["started"] == r["workers"]["exited"] >= 4 + len(children)
 
 
 def test_list_points():

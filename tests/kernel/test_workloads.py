@@ -92,7 +92,12 @@ def test_pages_are_never_all_zero_and_equal_only_for_equal_arguments():
 
 
 @pytest.mark.parametrize("spec,msg", [
-    ("nope", "unknown workload 'nope' (one of: identical, unique, zero, dup:K, volatile, vm)"),
+    ("nope", "unknown workload 'nope' (one of: identical, unique, zero, dup:K, volatile, vm; "
+             "any of them +fork or +fork:MS)"),
+    ("vm+fork:x", "bad workload 'vm+fork:x': +fork or +fork:MS, MS a whole number of "
+                  "milliseconds >= 1"),
+    ("vm+fork:0", "bad workload 'vm+fork:0': +fork or +fork:MS, MS a whole number of "
+                  "milliseconds >= 1"),
     ("dup:x", "bad workload 'dup:x': dup:K needs a whole number K >= 1"),
     ("dup:0", "bad workload 'dup:0': dup:K needs K >= 1"),
     ("dup:-3", "bad workload 'dup:-3': dup:K needs K >= 1"),

@@ -58,7 +58,7 @@ def test_task_commands_say_why_they_cannot_be_done(cluster: Up) -> None:
     cluster.up("--workers", "1", "--pages", "8")
     ans = raw(cluster.name, b'{"op": "task", "task": "w1", "cmd": "fill", "value": 1}\n')
     assert ans == {"ok": False, "status": 2, "kind": "value", "error": (
-        "w1 is a built-in worker ('uksm spawn', m.spawn): it takes no commands, only kill, arm and stat")}
+        "w1 is a built-in worker ('uksm spawn', m.spawn): it takes no commands, only kill, arm, stat and pagemap")}
     t = raw(cluster.name, b'{"op": "task_new", "pages": 2}\n')
     assert t["ok"] and t["task"] == "w2" and t["pages"] == 2, t
     ans = raw(cluster.name, b'{"op": "task", "task": "w7", "cmd": "fill", "value": 1}\n')

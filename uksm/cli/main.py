@@ -31,7 +31,9 @@ def _run_args(p: argparse.ArgumentParser, defaults_for_run: bool = True) -> None
                    help="frame pool size (default: every page unmerged, plus 1/16 slack)")
     g.add_argument("--workload", default="vm",
                    help="identical, unique, zero, dup:K, volatile, vm (default vm: like VMs "
-                        "booted from one image)")
+                        "booted from one image); any of them +fork or +fork:MS (vm+fork:200): "
+                        "each worker also forks a child every MS ms (default 1000), which "
+                        "lives two periods")
     g.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
     g.add_argument("--log-dir", help="an existing folder for the JSON logs "
                                     "(default: a new one under ./uksm-logs)")

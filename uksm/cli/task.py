@@ -17,6 +17,7 @@ wait timed out; 3 a hung task was reported; 4 a task's data did not verify.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -82,6 +83,23 @@ def add_parsers(sub: Any) -> None:
     q.add_argument("count", type=_int)
     q.add_argument("advice", help="MERGEABLE, UNMERGEABLE or DONTNEED")
     cluster_arg(q)
+    q = ts.add_parser("fork", help="fork a task; prints the child's id (its address space the "
+                                   "parent's copy-on-write copy)")
+    q.add_argument("task")
+    cluster_arg(q)
+    q = ts.add_parser("pagemap", help="each page's frame, KSM flag, write protection and mapcount "
+                                      "(as /proc/PID/pagemap, kpageflags, kpagecount)",
+                      description="One line per page: the page, present or not, the frame it maps "
+                                  "(the emulated PFN), ksm (KPF_KSM), wp (the PTE is read-only: a "
+                                  "KSM page, or shared copy-on-write after a fork) and mapcount (the "
+                                  "PTEs mapping that frame, in every task). Works on built-in "
+                                  "workers too.")
+    q.add_argument("task")
+    q.add_argument("first", type=_int, nargs="?", default=0, help="first page (default 0)")
+    q.add_argument("count", type=_int, nargs="?", default=None,
+                   help="pages (default: to the last one)")
+    q.add_argument("--json", action="store_true", help="one JSON list of the pages' dicts")
+    cluster_arg(q)
     for verb, what in (("stat", "ksm_rmap_items, ksm_merging_pages and rss, as /proc/PID/ksm_stat"),
                        ("verify", "check every page holds what was written (status 4 if not)"),
                        ("exit", "exit through the exit path; prints the __ksm_exit path")):
@@ -137,7 +155,8 @@ def run_verb(a: argparse.Namespace) -> int:
         return EXIT_OK
     statuses: tuple[tuple[Any, int], ...] = (
         (uksm.HungTask, EXIT_HUNG), (uksm.IntegrityError, EXIT_INTEGRITY),
-        ((ValueError, TypeError, KeyError, uksm.SegFault), EXIT_USAGE), (uksm.MachineError, EXIT_ERR))
+        ((ValueError, TypeError, KeyError, uksm.SegFault), EXIT_USAGE), (uksm.MachineError, EXIT_ERR),
+        (OSError, EXIT_ERR))   # a fork's EAGAIN or ENOMEM
     m = None
     try:
         if a.cmd == "task" and a.verb == "write":
@@ -193,9 +212,21 @@ def _verb(m: Any, a: argparse.Namespace) -> int:
         "madvise": lambda: t.madvise(a.first, a.count, a.advice),
         "verify": lambda: print(f"{t.verify()} pages verified"),
         "exit": lambda: print(t.exit()),
+        "fork": lambda: print(t.fork().id),
         "kill": lambda: print(t.kill(a.signal, at=a.at)),
         "stat": lambda: _print_counters(t.stat()),
     }
+    if v == "pagemap":
+        pages = t.pagemap(a.first, a.count)
+        if a.json:
+            print(json.dumps(pages))
+            return EXIT_OK
+        print(f"{'page':>7} {'present':>7} {'frame':>8} {'ksm':>3} {'wp':>2} {'mapcount':>8}")
+        for i, p in enumerate(pages, a.first):
+            frame = "-" if p["frame"] is None else str(p["frame"])
+            print(f"{i:>7} {int(p['present']):>7} {frame:>8} {int(p['ksm']):>3} "
+                  f"{int(p['write_protected']):>2} {p['mapcount']:>8}")
+        return EXIT_OK
     if v == "read":
         data = t.read(a.addr, a.n)
         if a.raw:

@@ -125,7 +125,9 @@ class GateChannel:
 
 
 TASK_DEFAULTS = {"workload": "zero", "seed": 0, "worker_no": 0, "churn_ms": 0, "exit_after_write": False,
-                 "mlock": False, "no_touch": False, "log_dir": None, "mergeable": True}
+                 "mlock": False, "no_touch": False, "log_dir": None, "mergeable": True,
+                 # uksm.workers.worker's fork options: a controlled run's task is not forked
+                 "forked": False, "content_wno": 0, "exit_after_ms": 0}
 
 
 def _task(job: dict[str, Any], side: ChildSide) -> int:

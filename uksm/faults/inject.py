@@ -153,8 +153,10 @@ class Injector:
         return True
 
     def kill_at_point(self, m: uksm.Machine, name: str) -> bool:
-        if name in SPAWN_POINTS:
-            m.task(pages=min(self.o.pages, 16), mergeable=False).kill(self.sig, at=name)
+        if name in SPAWN_POINTS or name in killpoints.FORK_POINTS:
+            # a programmable task, driven there: its first MADV_MERGEABLE, or a fork
+            m.task(pages=min(self.o.pages, 16), mergeable=name not in SPAWN_POINTS).kill(
+                self.sig, at=name)
             self.respawned += 1
             return True
         if name in killpoints.KSMD_POINTS:

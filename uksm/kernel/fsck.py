@@ -5,7 +5,8 @@ With every pte lock and zone_lock held ("the world stopped") a frame's
 count must equal the PTEs that map it plus the frames live tasks hold in
 flight; the free stack must be exactly the free frames; a KSM frame is
 mapped read-only everywhere and still holds the bytes its stable-tree key
-was computed from; every mm's rss and KSM mappings match its page table;
+was computed from; a frame mapped more than once (a fork's copy-on-write)
+is read-only in each mapping; every mm's rss and KSM mappings match its page table;
 mm_count (the reference bits) matches the references that exist; the slot
 list is well formed; ksmd's counters add up (read under ksm_thread_mutex,
 which ksmd publishes them under).
@@ -144,7 +145,7 @@ def check(cl: "Cluster", mms: dict[int, "MM"], counters: bool = True) -> list[st
     if on_stack is not None:
         errs += check_frames(cl, refs, on_stack)
     for mm in mms.values():
-        errs += check_page_table(cl, mm, on_stack or set())
+        errs += check_page_table(cl, mm, on_stack or set(), refs)
         errs += check_rss(cl, mm, per_mm[mm.id])
     errs += check_mm_rows(cl)
     if counters:
@@ -236,10 +237,10 @@ def stable_key_stale(cl: "Cluster", pfn: int) -> bool:
             or int.from_bytes(d[8:], "little", signed=True) != fq[pfn * FRAME_SIZE + FR_KEY1])
 
 
-def check_page_table(cl: "Cluster", mm: "MM", on_stack: set[int]) -> list[str]:
+def check_page_table(cl: "Cluster", mm: "MM", on_stack: set[int], refs: list[int]) -> list[str]:
     """Every present PTE of ``mm`` maps a frame in use, and a KSM frame
     only read-only (write_protect_page's rule: a write must fault and
-    break_cow)."""
+    break_cow), and a frame of ``refs`` mappings > 1 too (fork's COW)."""
     fq, pq = cl.fq, mm.pq
     errs: list[str] = []
     # hot path: raw words (every PTE: through mm.pte(vpn), 41 us against 20
@@ -256,6 +257,11 @@ def check_page_table(cl: "Cluster", mm: "MM", on_stack: set[int]) -> list[str]:
             errs.append(f"mm{mm.id} vpn {vpn:#x} maps free frame {pfn}")
         elif pte & PTE_WRITE and fq[pfn * FRAME_SIZE + FR_FLAGS] & F_KSM:
             errs.append(f"mm{mm.id} vpn {vpn:#x} maps KSM frame {pfn} writable")
+        elif pte & PTE_WRITE and refs[pfn] > 1:
+            # fork's copy_one_pte write-protects a page in both tasks:
+            # a writable mapping of a shared page writes into the other's
+            errs.append(f"mm{mm.id} vpn {vpn:#x} maps frame {pfn} writable, shared by "
+                        f"{refs[pfn]} mappings (copy-on-write lost)")
     return errs
 
 
@@ -322,6 +328,17 @@ def check_counters(cl: "Cluster") -> list[str]:
         # counters still include its rmap_items until ksmd reconciles
         return errs
     rows = [m for r in range(cl.max_mms) if (m := cl.mrow(r)).id and m.slot_used]
+    for r in range(cl.max_mms):
+        m = cl.mrow(r)
+        if not m.id:
+            continue
+        if not m.slot_used and (m.rmap_items or m.merging):
+            # no mm_slot, so no rmap_items: its last ones were freed with it
+            errs.append(f"counters: mm{m.id} has no mm_slot but ksm_rmap_items {m.rmap_items}, "
+                        f"ksm_merging_pages {m.merging}")
+        elif m.merging > m.rmap_items:
+            errs.append(f"counters: mm{m.id} ksm_merging_pages {m.merging} > ksm_rmap_items "
+                        f"{m.rmap_items}")
     per = sum(m.rmap_items for m in rows)
     if per != rmap:
         errs.append(f"counters: rmap_items {rmap} but the mms' ksm_rmap_items add up to {per}")

@@ -34,6 +34,11 @@ POINTS: dict[str, tuple[str, str]] = {
     "ksm_exit_before_down_write": ("worker", "__ksm_exit slow path: list updated, before down_write(mmap_sem)"),
     "ksm_exit_mmap_sem_write": ("worker", "__ksm_exit slow path: holding mmap_sem for write"),
     "exit_mid_zap": ("worker", "exit_mmap: half of the pages zapped"),
+    "fork_before_ksm_enter": ("worker", "dup_mmap: both mmap_sems held for write (the new mm's on the new "
+                                        "task's row), ksm_fork's __ksm_enter not yet run"),
+    "fork_copy_locked": ("worker", "copy_page_range: holding the new task's pte lock and zone_lock, a "
+                                   "page table half copied"),
+    "fork_after_copy": ("worker", "dup_mmap: every VMA and page table copied, both mmap_sems still held"),
     "ksmd_scan_mmap_sem": ("ksmd", "ksmd holds the mm's mmap_sem for read in scan_get_next_rmap_item: owner killed"),
     "ksmd_between_wp_and_replace": ("ksmd", "ksmd has write-protected a page of the mm, not yet replaced it: "
                                             "owner killed"),
@@ -49,6 +54,8 @@ POINTS: dict[str, tuple[str, str]] = {
                                       "(arm with a delay to widen the window the seed closed)"),
 }
 NAMES = list(POINTS)
+# the points inside fork (uksm.kernel.fork): a task passes them when it forks
+FORK_POINTS = ("fork_before_ksm_enter", "fork_copy_locked", "fork_after_copy")
 INDEX = {n: i for i, n in enumerate(NAMES)}
 # points an exit policy never passes: before the seed, __ksm_exit took
 # ksm_thread_mutex and never mmap_sem (there was no slow path)

@@ -191,8 +191,19 @@ def drop_orphaned_refs(cl: "Cluster", log: Any = NULL_LOG) -> list[int]:
 
 def __ksm_enter(cl: "Cluster", mm: MM, log: Any = NULL_LOG) -> None:
     """__ksm_enter: give the mm a slot, just behind the scan cursor (to let
-    the area settle a little before ksmd looks at it), set
-    MMF_VM_MERGEABLE and raise mm_count.  Caller holds mmap_sem for write."""
+    the area settle a little before ksmd looks at it; "when fork is
+    followed by immediate exec, we don't want ksmd to waste time setting
+    up and tearing down an rmap_list"), set MMF_VM_MERGEABLE and raise
+    mm_count.  Caller holds mmap_sem for write (madvise's, or dup_mmap's
+    of the new mm: ksm_fork).
+
+    The place is 2.6.32.67 mm/ksm.c line 1432, unconditionally:
+    ``list_add_tail(&mm_slot->mm_list, &ksm_scan.mm_slot->mm_list)`` --
+    just before the slot ksmd scans next, so a new mm (a fork's child
+    included) waits a whole pass; with the cursor at ksm_mm_head (between
+    passes), at the list's end.  (Later kernels add a KSM_RUN_UNMERGE case,
+    inserting at the list's end so that run=2 does not miss a child's
+    KSM pages; 2.6.32 has only this line.)"""
     q, b = cl.q, mm.base
     cl.task.lock(cl.mmlist)
     try:
@@ -202,7 +213,7 @@ def __ksm_enter(cl: "Cluster", mm: MM, log: Any = NULL_LOG) -> None:
         q[b + M_REFS] |= REF_KSM      # atomic_inc(&mm->mm_count)
         q[b + M_SLOT_USED] = 1
         killpoints.hit(cl, "ksm_enter_locked", log)
-        list_add_after(cl, mm.row, slot_prev(cl, q[L_SCAN_SLOT]))  # list_add_tail(cursor)
+        list_add_after(cl, mm.row, slot_prev(cl, q[L_SCAN_SLOT]))  # mm/ksm.c:1432 list_add_tail
         q[b + M_FLAGS] |= MMF_VM_MERGEABLE
     finally:
         cl.task.unlock(cl.mmlist)

@@ -80,7 +80,10 @@ K_RMAP_ITEMS = HDR_END + 9
 K_RUN_SEQ = HDR_END + 10
 K_RUN_DONE = HDR_END + 11
 K_STABLE_NODES = HDR_END + 12
-KSM_END = HDR_END + 13
+# 2.6.32's ksm_max_kernel_pages: at most this many KSM pages (stable tree
+# nodes), 0 for no limit; ksm_init's default is totalram_pages / 4
+K_MAX_KERNEL_PAGES = HDR_END + 13
+KSM_END = HDR_END + 14
 
 # ---- stats: updated under ksm_mmlist_lock (or by their single writer)
 S_STARTED = KSM_END + 0
@@ -143,7 +146,22 @@ T_SEED = 21
 T_EXIT_PATH = 22
 T_OOM_ORIGIN = 23    # PF_OOM_ORIGIN: the run=2 writer while it unmerges (the OOM killer's first choice)
 T_EXIT_PROGRESS = 24  # bumped at every step of this task's exit (the livelock watchdog's clock)
-T_FIXED = 25
+# fork (uksm.kernel.fork, uksm.proc.forks): the parent's request to the
+# supervisor, which plays copy_process's process-table half (the new task's
+# row, its mm, its process), and the parent's dup_mm in between:
+# T_FORK: FORK_ASK (the parent asks), FORK_GO (the new task's row is
+# T_FORK_CHILD - 1, its mm made), FORK_DONE (dup_mm returned T_FORK_ERR),
+# 0 again once the fork returned (T_FORK_PID: the child's pid, or the
+# negative errno); a refusal (-EAGAIN) in place of FORK_GO
+T_FORK = 25
+T_FORK_CHILD = 26     # 1 + the row of the task being made, while the fork is in flight
+T_FORK_ERR = 27       # dup_mm's result: 0 or -errno
+T_FORK_PID = 28       # what fork returned: the child's pid, or -errno
+T_FORK_PARENT = 29    # in the new task's row, until its process runs: 1 + the parent's row
+# the parent's pid (task->real_parent: the OOM killer's children of a task),
+# 1 (init) once the parent is gone, 0 for a task the supervisor started
+T_PPID = 30
+T_FIXED = 31
 
 # ---- mm table row: mm_struct fused with its mm_slot (slot index == row index)
 M_ID = 0
@@ -184,6 +202,7 @@ STATS_NAMES = {
 #: /sys/kernel/mm/ksm's knobs and counters, in its order, by their word
 KSM_FIELDS: tuple[tuple[str, int], ...] = (
     ("run", K_RUN), ("pages_to_scan", K_PAGES_TO_SCAN), ("sleep_millisecs", K_SLEEP_MS),
+    ("max_kernel_pages", K_MAX_KERNEL_PAGES),
     ("pages_shared", K_PAGES_SHARED), ("pages_sharing", K_PAGES_SHARING),
     ("pages_unshared", K_PAGES_UNSHARED), ("pages_volatile", K_PAGES_VOLATILE),
     ("full_scans", K_FULL_SCANS), ("pages_scanned", K_PAGES_SCANNED),
@@ -195,6 +214,7 @@ class KsmBlock(TypedDict):
     run: int
     pages_to_scan: int
     sleep_millisecs: int
+    max_kernel_pages: int
     pages_shared: int
     pages_sharing: int
     pages_unshared: int
@@ -222,6 +242,7 @@ def ksm_block(q: Any) -> KsmBlock:
     out, not a loop over KSM_FIELDS, so that mypy checks the keys against
     KsmBlock (tests/api/test_report_types.py checks the two agree)."""
     return KsmBlock(run=q[K_RUN], pages_to_scan=q[K_PAGES_TO_SCAN], sleep_millisecs=q[K_SLEEP_MS],
+                    max_kernel_pages=q[K_MAX_KERNEL_PAGES],
                     pages_shared=q[K_PAGES_SHARED], pages_sharing=q[K_PAGES_SHARING],
                     pages_unshared=q[K_PAGES_UNSHARED], pages_volatile=q[K_PAGES_VOLATILE],
                     full_scans=q[K_FULL_SCANS], pages_scanned=q[K_PAGES_SCANNED])
@@ -275,6 +296,8 @@ MMF_VM_MERGEABLE = 1
 # reaper finishing a SIGKILLed task's exit does only the steps not marked.
 XS_USERS0, XS_ZAPPED, XS_KSM_EXIT, XS_PGTABLES, XS_MMDROP = 1, 2, 4, 8, 16
 EXIT_PATHS = ("none", "fast", "slow", "legacy")
+# T_FORK's states (a negative value is the supervisor's refusal, -errno)
+FORK_NONE, FORK_ASK, FORK_GO, FORK_DONE = range(4)
 P_NONE, P_FAST, P_SLOW, P_LEGACY = range(4)
 
 # ---- frame table (struct page) and free stack

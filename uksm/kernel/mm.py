@@ -25,7 +25,11 @@ from uksm.errors import SyscallError
 from uksm.host import shm
 from uksm.host.log import NULL_LOG
 from uksm.kernel.layout import (
+    F_KSM,
     FIRST_VPN,
+    FR_COUNT,
+    FR_FLAGS,
+    FRAME_SIZE,
     H_NEXT_MM_ID,
     M_CREATED_NS,
     M_EXIT_PATH,
@@ -55,6 +59,8 @@ from uksm.kernel.layout import (
     MMS_LIVE,
     PAGE_SIZE,
     PT_OFF,
+    PTE_PRESENT,
+    PTE_WRITE,
     REF_USERS,
     S_MM_FREED,
     SEG_BOOT_ID,
@@ -265,6 +271,33 @@ class MM:
     # ---- page table ---------------------------------------------------------
     def pte(self, vpn: int) -> int:
         return self.pq[PT_OFF + vpn]
+
+    def pagemap(self, vpn: int, count: int) -> list[dict[str, Any]]:
+        """What /proc/PID/pagemap (present, the PFN), /proc/kpageflags
+        (KPF_KSM) and /proc/kpagecount (page_mapcount) tell of pages
+        vpn..vpn+count-1, and whether the PTE is write-protected (not in
+        /proc: a COW or KSM mapping): one dict per page.  Without a lock,
+        as pagemap_read walks the page table under mmap_sem only (ksmd's
+        replace_page runs then too): each frame's count and flags are read
+        between two reads of its PTE, again if it changed meanwhile."""
+        pq, fq = self.pq, self.cl.fq
+        top = self.pt_top
+        out = []
+        for v in range(vpn, vpn + count):
+            while True:
+                pte = pq[PT_OFF + v] if v < top else 0
+                if not pte & PTE_PRESENT:
+                    out.append({"present": False, "frame": None, "ksm": False,
+                                "write_protected": False, "mapcount": 0})
+                    break
+                pfn = pte >> 2
+                b = pfn * FRAME_SIZE
+                mapcount, flags = fq[b + FR_COUNT], fq[b + FR_FLAGS]
+                if pq[PT_OFF + v] == pte:
+                    out.append({"present": True, "frame": pfn, "ksm": bool(flags & F_KSM),
+                                "write_protected": not pte & PTE_WRITE, "mapcount": mapcount})
+                    break
+        return out
 
     @property
     def pt_top(self) -> int:

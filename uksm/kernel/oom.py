@@ -62,6 +62,32 @@ def oom_killer(log: Any) -> Callable[["Cluster", "Task"], int]:
     return lambda cl, task: out_of_memory(cl, task, log)
 
 
+def children_mms(cl: "Cluster", pid: int) -> list[tuple[int, int]]:
+    """(start_ns, mm row) of each child of task ``pid`` (forked by it)
+    with an mm of its own still in use, oldest first (p->children's
+    order).  Caller holds ksm_mmlist_lock."""
+    kids = []
+    for r in range(cl.max_tasks):
+        t = cl.trow(r)
+        if t.ppid == pid and t.state == TS_ALIVE and t.pid > 0 and t.mm:
+            row = cl.mm_row(t.mm)
+            if row >= 0 and cl.mrow(row).users and cl.mrow(row).owner_pid == t.pid:
+                kids.append((t.start_ns, row))
+    return sorted(kids)
+
+
+def child_to_kill(cl: "Cluster", pid: int) -> int | None:
+    """oom_kill_process's "Try to kill a child first" (2.6.32.67
+    mm/oom_kill.c): the mm row of the first child of task ``pid`` (forked
+    by it, oldest first: p->children's order) with an mm of its own
+    still in use (oom_kill_task skips one without: "if (!p->mm) return
+    1"); None when it has none.  4.1 sacrifices a child too (the one of
+    highest badness): the oldest is taken under both rules.  Caller holds
+    ksm_mmlist_lock."""
+    kids = children_mms(cl, pid)
+    return kids[0][1] if kids else None
+
+
 # lib/int_sqrt.c's int_sqrt: the integer square root
 def int_sqrt(x: int) -> int:
     return math.isqrt(x)
@@ -90,14 +116,16 @@ def _proc_task(pid: int) -> tuple[int, float, int] | None:
     return cpu, uptime - int(fields[19]) / tick, cap              # starttime
 
 
-def badness(total_vm: int, pid: int) -> int:
+def badness(total_vm: int, pid: int, children_vm: tuple[int, ...] = ()) -> int:
     """2.6.32's badness(p, uptime) for a task whose mm maps ``total_vm``
-    pages, with the inputs the task's real process has
-    (2.6.32.67 mm/oom_kill.c).  Left out: the children's half-sizes (no
-    task here has a child with an mm of its own), the cpuset test (no
-    cpusets: every task's nodes overlap) and oom_adj (never set: 0).
+    pages, whose forked children with mms of their own map
+    ``children_vm``, with the inputs the task's real process has
+    (2.6.32.67 mm/oom_kill.c).  Left out: the cpuset test (no cpusets:
+    every task's nodes overlap) and oom_adj (never set: 0).
     PF_OOM_ORIGIN's ULONG_MAX is the caller's (the run=2 writer)."""
     points = total_vm                        # "points = mm->total_vm;"
+    for vm in children_vm:                   # "if (child->mm != mm && child->mm)"
+        points += vm // 2 + 1                # "points += child->mm->total_vm/2 + 1;"
     t = _proc_task(pid)
     if t is None:
         return points
@@ -147,7 +175,11 @@ def out_of_memory(cl: "Cluster", task: "Task", log: Any) -> int:
                     continue
             if m.owner_pid <= 0:
                 continue
-            score = badness(m.pages, m.owner_pid) if rule == OOM_2632 else m.rss
+            if rule == OOM_2632:
+                kids = tuple(cl.mrow(k).pages for _, k in children_mms(cl, m.owner_pid))
+                score = badness(m.pages, m.owner_pid, kids)
+            else:
+                score = m.rss
             if score > best:
                 best, victim = score, r
         # the writer of run=2 (uksm.kernel.writer): a user task with an mm, so a
@@ -155,6 +187,7 @@ def out_of_memory(cl: "Cluster", task: "Task", log: Any) -> int:
         # while it lives; with PF_OOM_ORIGIN it is chosen before anyone
         # (2.6.32 badness(): ULONG_MAX; 4.1: oom_task_origin -> SELECT)
         origin = -1
+        chosen = 0
         for r in range(cl.max_tasks):
             t = cl.trow(r)
             if t.role != R_WRITER or t.state != TS_ALIVE or t.pid <= 0:
@@ -171,13 +204,18 @@ def out_of_memory(cl: "Cluster", task: "Task", log: Any) -> int:
         elif victim is None:
             return 0
         else:
+            chosen = cl.mrow(victim).owner_pid
+            kid = child_to_kill(cl, chosen)   # oom_kill_process: a child first
+            if kid is not None:
+                victim = kid
             m = cl.mrow(victim)
             m.oom_victim = 1
             q[S_OOM_KILLED] += 1
             pid, mm_id, rss = m.owner_pid, m.id, m.rss
     finally:
         task.unlock(cl.mmlist)
-    log.warning("oom_kill", victim_pid=pid, victim_mm=mm_id, rss=rss, free_frames=q[A_FREE_TOP])
+    log.warning("oom_kill", victim_pid=pid, victim_mm=mm_id, rss=rss, free_frames=q[A_FREE_TOP],
+                **({"child_of": chosen} if origin < 0 and pid != chosen else {}))
     if sched.signal(pid, OOM_SIGNAL):  # a controlled run: delivered at this step
         return pid
     try:

@@ -54,6 +54,11 @@ from uksm.kernel.layout import (
     T_FLIGHT_PFN,
     T_FLIGHT_VPN,
     T_FOR_ROW,
+    T_FORK,
+    T_FORK_CHILD,
+    T_FORK_ERR,
+    T_FORK_PARENT,
+    T_FORK_PID,
     T_KILL_POINT,
     T_KILL_SIG,
     T_MISMATCHES,
@@ -61,6 +66,7 @@ from uksm.kernel.layout import (
     T_OOM_ORIGIN,
     T_PAGES,
     T_PID,
+    T_PPID,
     T_READY,
     T_ROLE,
     T_SEED,
@@ -133,6 +139,12 @@ class TaskRow(Words):
     exit_path: Word[TaskRow] = Word(T_EXIT_PATH)
     oom_origin: Word[TaskRow] = Word(T_OOM_ORIGIN)   # PF_OOM_ORIGIN
     exit_progress: Word[TaskRow] = Word(T_EXIT_PROGRESS)
+    fork: Word[TaskRow] = Word(T_FORK)               # FORK_ASK, FORK_GO, FORK_DONE, or -errno
+    fork_child: Word[TaskRow] = Word(T_FORK_CHILD)   # 1 + the new task's row, a fork in flight
+    fork_err: Word[TaskRow] = Word(T_FORK_ERR)
+    fork_pid: Word[TaskRow] = Word(T_FORK_PID)
+    fork_parent: Word[TaskRow] = Word(T_FORK_PARENT)  # a task being made: 1 + its parent's row
+    ppid: Word[TaskRow] = Word(T_PPID)               # its parent's pid (1: reparented to init)
 
 
 class MmRow(Words):

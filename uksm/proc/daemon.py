@@ -154,6 +154,7 @@ class Daemon:
         self.sup = DaemonSupervisor(self.name, make_config(spec), self.log_dir, quiet=False,
                                     own_groups=self.foreground)
         self.sup.boot()
+        self.sup.forks.max_live = spec["max_workers"]   # forked tasks count among them
         self.requests = Requests(self.name, spec, self.sup,
                                  ulog.thread_logger("ctl", self.name, self.log_dir, "daemon",
                                                     boot_id=self.sup.cl.boot_id),
@@ -298,8 +299,10 @@ class Daemon:
         try:
             ans = fn(req)
         except shm.UksmError as e:
+            err = getattr(e, "errno", 0)   # a system call's (fork's) error number, when it has one
             return {"ok": False, "error": str(e), "status": e.status,
-                    "kind": getattr(e, "kind", "hung" if e.status == EXIT_HUNG else "")}
+                    "kind": getattr(e, "kind", "hung" if e.status == EXIT_HUNG else ""),
+                    **({"errno": err} if err else {})}
         except Exception as e:  # a bug: say so, keep serving
             print(f"uksm: request {op!r} failed:\n{traceback.format_exc()}", file=sys.stderr,
                   flush=True)

@@ -220,7 +220,9 @@ def frames_fit(by: Spelling, frames: int, total: int, run: int, workload_name: s
         what = sized_from or f"{FRAMES.spelt(by)} {frames}"
         raise OptionError(FRAMES, by, f"{what} is {frames * PAGE_SIZE >> 30} GiB of emulated "
                                       f"memory: at most {MAX_POOL_BYTES >> 30} GiB")
-    if frames < total and (run != 1 or workload_name.split(":")[0] in ("unique", "volatile")):
+    from uksm.workers.workloads import split_fork
+    if frames < total and (run != 1 or split_fork(workload_name)[0].split(":")[0] in ("unique",
+                                                                                   "volatile")):
         raise OptionError(FRAMES, by, f"{total} pages cannot fit in {frames} frames: nothing "
                                       f"would merge them (raise {FRAMES.spelt(by)}, or use "
                                       f"{RUN.spelt(by)} 1 with a mergeable workload)")

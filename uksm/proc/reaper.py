@@ -34,7 +34,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from uksm.host import log as ulog
 from uksm.kernel import oom
@@ -50,6 +50,7 @@ from uksm.kernel.layout import (
     S_MISMATCHES,
     S_PAGES_VERIFIED,
     S_REAPED,
+    TS_DEAD,
     TS_REAPING,
     XS_MMDROP,
 )
@@ -125,11 +126,19 @@ class Reaper:
         """Take an exited child off the list; False if the other thread
         (poll or detect_deaths) already did.  ``dead``: it goes to recovery,
         counted in pending_deaths in the same critical section, so that
-        settled() never sees it neither listed nor pending."""
+        settled() never sees it neither listed nor pending.  A fork it had
+        in flight dies with it: the new task's row is dead from here (its
+        locks are recovered with the parent's, its mm torn down by the
+        parent's reaper, ``undo_fork``), in the critical section where
+        ``Forks.finish`` would have started it (uksm.proc.forks)."""
         with self.sup.lock:
             got = self.sup.children.pop(row, None) is not None
             if got and dead:
                 self.sup.recovery.pending_deaths += 1
+                crow = self.sup.cl.trow(row).fork_child - 1
+                if crow >= 0:
+                    self.sup.cl.trow(crow).state = TS_DEAD
+                    self.sup.forks.inflight.pop(row, None)
             return got
 
     def exit_complete(self, row: int, ch: Child) -> bool:
@@ -161,6 +170,9 @@ class Reaper:
         t.unlock(cl.mmlist)
         self.sup.log.info("worker_exit", worker=f"w{ch.worker_no}", worker_pid=ch.proc.pid, mm=ch.mm,
                       how=reason, path=path, reaped=reaped)
+        for r in range(cl.max_tasks):   # forget_original_parent: its children go to init
+            if cl.trow(r).ppid == ch.proc.pid:
+                cl.trow(r).ppid = 1
         self.sup.free_row(row)
 
     def detect_deaths(self) -> None:
@@ -199,6 +211,9 @@ class Reaper:
         view.lockdep_log = log  # its lockdep reports and lock events (UKSM_LOCKTRACE) are the reaper's
         mm0 = self.sup.mms.get(ch.mm)
         try:
+            if t.fork_child:   # it died forking: the half-made child goes first
+                self.undo_fork(t.fork_child - 1, log)
+                t.fork_child = 0
             if mm0 is not None and mm0.words.id == ch.mm:
                 mm = MM(view, ch.mm, mm0.row, mm0.seg)
                 alloc = Allocator(view)
@@ -216,6 +231,31 @@ class Reaper:
             import traceback
             self.sup.errors.append(f"reaper of pid {ch.proc.pid} failed: {e!r}")
             log.error("reaper_failed", error=repr(e), tb=traceback.format_exc())
+
+    def undo_fork(self, crow: int, log: Any) -> None:
+        """bad_fork_cleanup_mm for a task whose process never ran (its
+        parent died forking, or its process could not be made): the exit
+        of its mm, run on its own row (``mmput``: what the copy mapped is
+        unmapped, a slot ksm_fork gave it goes by __ksm_exit), then the
+        row is freed.  Each step is idempotent: a mmput the parent began
+        (its own bad_fork_cleanup_mm, when it died in it) is finished."""
+        cl = self.sup.cl
+        t = cl.trow(crow)
+        t.kill_point = -1
+        t.pid = os.getpid()
+        t.state = TS_REAPING
+        mm_id = t.mm
+        mm0 = self.sup.mms.get(mm_id)
+        if mm0 is not None and mm0.words.id == mm_id:
+            view = cl.thread_view(crow)
+            view.task.on_wait = self.sup.on_wait(log)
+            view.lockdep_log = log
+            alloc = Allocator(view)
+            alloc.oom_killer = oom.oom_killer(self.sup.log)
+            mmput(view, MM(view, mm_id, mm0.row, mm0.seg), alloc, log)
+            alloc.flush()
+        log.info("fork_undone", child_row=crow, child_mm=mm_id)
+        self.sup.free_row(crow)
 
     def sweep(self) -> None:
         finish_frees(self.sup.cl, self.sup.log)

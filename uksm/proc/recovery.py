@@ -138,7 +138,11 @@ class Recovery:
         done_rows: set[int] = set()
         nrec = 0
         while True:
-            new = [(r, cl.tbase(r)) for (r, _c, _rc) in batch if r not in done_rows]
+            # a dead parent's fork in flight: the new task's row holds the
+            # new mm's locks (uksm.kernel.fork), dead with it (Reaper._claim)
+            rows = [r for (r, _c, _rc) in batch]
+            rows += [c - 1 for r in rows if (c := cl.trow(r).fork_child)]
+            new = [(r, cl.tbase(r)) for r in rows if r not in done_rows]
             if new:
                 lids = {lid for (_r, b) in new for lid in dead_locks(q, b)}
                 these = {lid: cl.lock_by_id(lid) for lid in lids}
@@ -165,12 +169,17 @@ class Recovery:
             # that death joins the batch and the loop goes round again
             cl.task.abort = lambda: self._more_dead(batch)
             try:
-                # ksm_test_exit must hold before anyone else can take their mmap_sem
+                # ksm_test_exit must hold before anyone else can take their
+                # mmap_sem: the dead tasks' mms, and a half-made child's
+                dead_mms = [ch.mm for (_r, ch, _rc) in batch]
+                dead_mms += [cl.trow(c - 1).mm for (r, _c, _rc) in batch
+                             if (c := cl.trow(r).fork_child)]
+                for mm_id in dead_mms:
+                    mm0 = self.sup.mms.get(mm_id)
+                    if mm0 is not None and mm0.words.id == mm_id:
+                        mm_users_zero(cl, MM(cl, mm_id, mm0.row, mm0.seg), self.sup.log,
+                                      ptl_held=mm_id in owned_ptl)
                 for (_r, ch, _rc) in batch:
-                    mm0 = self.sup.mms.get(ch.mm)
-                    if mm0 is not None and mm0.words.id == ch.mm:
-                        mm_users_zero(cl, MM(cl, ch.mm, mm0.row, mm0.seg), self.sup.log,
-                                      ptl_held=ch.mm in owned_ptl)
                     if ch.role == "ksmd":  # its rmap_items died with it
                         cl.task.lock(cl.mmlist)
                         for s in range(cl.max_mms):

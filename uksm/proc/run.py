@@ -168,7 +168,12 @@ def make_log_dir(name: str, given: str | None) -> str:
 
 
 def default_frames(o: RunOptions) -> int:
-    return o.workers * o.pages + max(64, o.workers * o.pages // 16)
+    """Every worker's pages and a sixteenth more; a W+fork worker's
+    children (CHILD_LIFE of them alive at a time, each may break COW on
+    every page before ksmd merges it back) as much again each."""
+    from uksm.workers.workloads import CHILD_LIFE, split_fork
+    tasks = o.workers * (1 + CHILD_LIFE if split_fork(o.workload)[1] else 1)
+    return tasks * o.pages + max(64, tasks * o.pages // 16)
 
 
 def make_config(o: RunOptions) -> Config:
@@ -236,6 +241,8 @@ def run_with(o: RunOptions, driver: Driver, prefix: str = "run") -> tuple[RunRep
     with StopSignals() as stop:
         try:
             sup.boot()
+            from uksm.workers.workloads import CHILD_LIFE
+            sup.forks.max_live = o.workers * (1 + CHILD_LIFE)  # a W+fork worker's children
             sup.log.info("run_options", workers=o.workers, pages=o.pages, workload=o.workload,
                          seed=o.seed, scenario=o.scenario)
             for _ in range(o.workers - 1 if o.demo_exits else o.workers):

@@ -34,17 +34,22 @@ from typing import TYPE_CHECKING, Any, Protocol
 from uksm.errors import UksmError
 from uksm.host.exitcodes import EXIT_ERR, EXIT_USAGE
 from uksm.kernel import killpoints
+from uksm.kernel.fork import ERESTARTNOINTR
 from uksm.kernel.layout import (
     EXIT_PATHS,
     EXIT_POLICIES,
+    FIRST_VPN,
     H_EXIT_POLICY,
     H_KSMD_POINT,
+    H_NEXT_WORKER,
     L_SCAN_SLOT,
+    PAGE_SHIFT,
     PAGE_SIZE,
     T_EXIT_PATH,
     T_KILL_POINT,
 )
 from uksm.proc import options
+from uksm.workers.workloads import split_fork
 
 if TYPE_CHECKING:
     from uksm.proc.supervisor import Child, Supervisor
@@ -62,9 +67,10 @@ READY_WAIT_S = 60.0      # a new task through __ksm_enter
 class ScriptError(UksmError):
     """A request of a script refused or failed; ``kind`` says how."""
 
-    def __init__(self, msg: str, kind: str, status: int = EXIT_ERR) -> None:
+    def __init__(self, msg: str, kind: str, status: int = EXIT_ERR, errno: int = 0) -> None:
         super().__init__(msg, status)
         self.kind = kind
+        self.errno = errno   # kind "errno": a system call's (fork's) error number
 
 
 @dataclass
@@ -161,8 +167,8 @@ def task_command(req: dict[str, Any], pages: int) -> tuple[dict[str, Any] | None
                 f"madvise {advice.upper()}")
     if cmd in ("verify", "exit"):
         return {"cmd": cmd}, cmd
-    raise ScriptError(f"unknown task command {cmd!r} (fill, write, read, madvise, verify, exit)",
-                      "value", EXIT_USAGE)
+    raise ScriptError(f"unknown task command {cmd!r} (fill, write, read, madvise, verify, fork, "
+                      f"exit)", "value", EXIT_USAGE)
 
 
 def task_answer(cmd: str, ans: dict[str, Any]) -> dict[str, Any]:
@@ -209,7 +215,8 @@ class Tasks:
         self.chans: dict[str, TaskChan] = {}
 
     def handlers(self) -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:
-        return {"task_new": self.do_task_new, "task": self.do_task, "task_stat": self.do_task_stat}
+        return {"task_new": self.do_task_new, "task": self.do_task, "task_stat": self.do_task_stat,
+                "task_pagemap": self.do_task_pagemap}
 
     # ---- a task's channel ------------------------------------------------------------------
     def task(self, req: dict[str, Any], alive: bool = True) -> TaskChan:
@@ -220,7 +227,11 @@ class Tasks:
         if tc is None:
             if self.builtin(req) is not None:
                 raise ScriptError(f"{tid} is a built-in worker ('uksm spawn', m.spawn): it takes "
-                                  f"no commands, only kill, arm and stat", "value", EXIT_USAGE)
+                                  f"no commands, only kill, arm, stat and pagemap", "value", EXIT_USAGE)
+            if self.was_worker(tid):
+                # a built-in worker gone since the caller listed it (a
+                # forked child exits on its own: uksm.proc.forks)
+                raise ScriptError(f"task {tid} has exited", "exited")
             known = " ".join(sorted(self.chans)) or "none"
             raise ScriptError(f"no programmable task {tid!r} in cluster {self.host.name!r} (tasks: "
                               f"{known})", "unknown", EXIT_ERR)
@@ -309,11 +320,14 @@ class Tasks:
         ans = self._answer(tc, what)
         if not ans.get("ok"):
             kind = str(ans.get("kind", "value"))
-            if kind == "oom":  # it is exiting: let it finish
+            errno = int(ans.get("errno", 0))
+            if kind == "errno" and errno == ERESTARTNOINTR:
+                kind = "died"   # a fatal signal was pending: the task exits now
+            if kind in ("oom", "died"):  # it is exiting: let it finish
                 self.wait_finished(tc, f"task {tc.tid}'s exit")
                 tc.gone = self.how(tc)
             raise ScriptError(f"task {tc.tid}: {what}: {ans.get('error')}", kind,
-                              EXIT_USAGE if kind in ("value", "segfault") else EXIT_ERR)
+                              EXIT_USAGE if kind in ("value", "segfault") else EXIT_ERR, errno)
         return ans
 
     # ---- requests ----------------------------------------------------------------------------
@@ -352,8 +366,10 @@ class Tasks:
         return {"task": tc.tid, "pid": ch.proc.pid, "mm": ch.mm, "pages": pages, "base": tc.base}
 
     def do_task(self, req: dict[str, Any]) -> dict[str, Any]:
-        """One command for a task: fill, write, read, madvise, verify, exit."""
+        """One command for a task: fill, write, read, madvise, verify, fork, exit."""
         tc = self.task(req)
+        if req.get("cmd") == "fork":   # the task forks; its child is adopted here
+            return self.fork(tc)
         cmd, what = task_command(req, tc.pages)
         if cmd is None:
             return {"data": ""} if req.get("cmd") == "read" else {}
@@ -364,6 +380,67 @@ class Tasks:
             tc.gone = self.how(tc)
             self.host.log.info("task_exit", worker=tc.tid, path=ans["path"], mismatches=ans["mismatches"])
         return task_answer(cmd["cmd"], ans)
+
+    def fork(self, tc: TaskChan) -> dict[str, Any]:
+        """fork(2) in a programmable task: the task forks in its own
+        process (``Worker.fork``: the supervisor's half, ``uksm.proc.forks``,
+        is served while this waits, by the pump); the child, started on
+        its new row, is adopted here: its command socket, the parent's
+        shadow as its first line, its ready answer.  -EAGAIN when the
+        machine has no room for one more task (``max_tasks``), -ENOMEM when
+        the copy cannot get its page table: the parent as it was."""
+        sup = self.host.sup
+        ans = self.command(tc, {"cmd": "fork"}, "fork")
+        with sup.lock:
+            ch = sup.children.get(int(ans["row"]))
+        if ch is None or ch.chan is None or ch.proc.pid != int(ans["pid"]):
+            raise ScriptError(f"task {tc.tid}: fork: the child (pid {ans['pid']}) died before it "
+                              f"started", "died")
+        child = TaskChan(f"w{ch.worker_no}", ch, ch.chan, tc.pages, tc.base)
+        ch.chan = None
+        self.chans[child.tid] = child
+        try:
+            child.sock.sendall(json.dumps({"shadow": ans["shadow"]}).encode() + b"\n")
+        except OSError:
+            pass  # it died: _answer finds the EOF
+        ready = self._answer(child, "start", READY_WAIT_S)
+        if not ready.get("ok"):
+            self.wait_finished(child, f"task {child.tid}'s exit")
+            child.gone = self.how(child)
+            raise ScriptError(f"task {child.tid} (forked from {tc.tid}) could not start: "
+                              f"{ready.get('error')}", str(ready.get("kind", "died")))
+        self.host.log.info("task_fork", worker=tc.tid, child=child.tid, child_pid=ch.proc.pid,
+                           mm=tc.child.mm, child_mm=ch.mm)
+        return {"task": child.tid, "pid": ch.proc.pid, "mm": ch.mm, "pages": child.pages,
+                "base": child.base}
+
+    def release_child(self, row: int) -> None:
+        """A forked programmable task nobody adopts: its socket closed, it
+        exits (its parent's shadow never came: it checks nothing)."""
+        with self.host.sup.lock:
+            ch = self.host.sup.children.get(row)
+        if ch is not None and ch.chan is not None:
+            ch.chan.close()
+            ch.chan = None
+
+    def do_task_pagemap(self, req: dict[str, Any]) -> dict[str, Any]:
+        """/proc/PID/pagemap of a task's pages first..first+count-1, with
+        /proc/kpageflags' KPF_KSM and /proc/kpagecount for each frame:
+        read from its page table and the frame table (``MM.pagemap``)."""
+        ch = self.any_worker(req)
+        tc = self.chans.get(str(req.get("task")))
+        pages = ch.pages
+        first = _int(req, "first", 0, pages - 1, "first page")
+        count = req.get("count")
+        count = pages - first if count is None else _int(req, "count", 0, pages - first,
+                                                         f"count (from page {first})")
+        base = tc.base if tc is not None else FIRST_VPN << PAGE_SHIFT
+        sup = self.host.sup
+        mm = sup.mms.get(ch.mm)
+        if mm is None or not mm.alive():
+            raise ScriptError(f"task w{ch.worker_no}: its address space is gone", "exited")
+        return {"pages": mm.pagemap((base >> PAGE_SHIFT) + first, count), "first": first,
+                "pid": ch.proc.pid, "mm": ch.mm}
 
     def do_task_stat(self, req: dict[str, Any]) -> dict[str, Any]:
         """/proc/PID/ksm_stat (and rss): read from the task's mm row."""
@@ -376,6 +453,12 @@ class Tasks:
         f = mm_fields(cl, row)
         return {"ksm_rmap_items": f["ksm_rmap_items"], "ksm_merging_pages": f["ksm_merging_pages"],
                 "rss": f["rss"], "pid": ch.proc.pid, "mm": ch.mm}
+
+    def was_worker(self, tid: str) -> bool:
+        """``tid`` names a worker this machine started (w1..w<last>)."""
+        n = tid[1:]
+        return (tid[:1] == "w" and n.isascii() and n.isdigit()
+                and 1 <= int(n) <= self.host.sup.cl.q[H_NEXT_WORKER])
 
     def builtin(self, req: dict[str, Any]) -> "Child | None":
         """A built-in worker (``spawn``) named by the request, None when
@@ -390,9 +473,11 @@ class Tasks:
         return kids.get(tid)
 
     def close_tasks(self) -> None:
-        for tc in self.chans.values():
+        with self.host.sup.lock:   # and a forked child's not adopted (its fork's caller died)
+            socks = [ch.chan for ch in self.host.sup.children.values() if ch.chan is not None]
+        for sock in [tc.sock for tc in self.chans.values()] + socks:
             try:
-                tc.sock.close()
+                sock.close()
             except OSError:
                 pass
 
@@ -466,6 +551,8 @@ class Faults:
                                       "not_reached" if e.kind == "not_reached" else e.kind, e.status)
                 ans = {"died": True}
             passed = q[tb + T_KILL_POINT] != killpoints.INDEX[at]  # hit() disarms as it fires
+            if "forked_row" in ans:   # a drive's fork that got through: its child, unadopted, exits
+                self.tasks.release_child(int(ans["forked_row"]))
             if ans.get("exited"):  # an exit point: the task went through its whole exit
                 tc.extra.update(exited=True, path=ans["path"])
                 self.tasks.wait_finished(tc, f"task {tc.tid}'s exit")
@@ -497,9 +584,15 @@ class Faults:
         if at is None:
             self.host.do_kill({"workers": [tid], "signal": signame})
         else:
-            if at == "ksm_enter_locked":
+            forks = split_fork(ch.workload)[1] > 0
+            if at == "ksm_enter_locked" and not forks:
                 raise ScriptError(f"kill point {at} was not reached: worker {tid} is past its "
-                                  f"__ksm_enter (use a task made with mergeable=False)", "not_reached")
+                                  f"__ksm_enter and does not fork (use a task made with "
+                                  f"mergeable=False, or a W+fork workload)", "not_reached")
+            if at in killpoints.FORK_POINTS and not forks:
+                raise ScriptError(f"kill point {at} was not reached: worker {tid} does not fork "
+                                  f"(its workload {ch.workload!r}: a W+fork workload forks; a "
+                                  f"programmable task forks with t.fork())", "not_reached")
             self._reachable(at)
             hits = cl.kill_points_hit()
             killpoints.arm_worker(cl, ch.row, at, SIGNALS[signame])

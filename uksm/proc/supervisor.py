@@ -55,10 +55,13 @@ from uksm.kernel.mm import MM, mm_create
 from uksm.kernel.watchdog import HungReport, Watchdog
 from uksm.proc.childerr import StderrTee
 from uksm.proc.children import Child
+from uksm.proc.forks import Forks
 from uksm.proc.ksmdctl import KsmdCtl
 from uksm.proc.reaper import Reaper
 from uksm.proc.recovery import Recovery
 from uksm.proc.runwriter import RunWriter
+
+WORKER_PROGRAM = "uksm.workers.worker"
 
 
 class HostMemory(TypedDict):
@@ -136,6 +139,7 @@ class Supervisor:
         self.recovery = Recovery(self)
         self.ksmdctl = KsmdCtl(self)
         self.runwriter = RunWriter(self)
+        self.forks = Forks(self)
         self.t0 = time.monotonic()
         # every process started (_popen), registered or not: their pids (the
         # API's m.pids), and those not yet seen exited, which teardown makes
@@ -260,13 +264,31 @@ class Supervisor:
     def spawn_worker(self, pages: int, workload: str, seed: int, churn_ms: int = 0,
                      kill_point: str | None = None, kill_sig: int = signal.SIGKILL,
                      exit_after_write: bool = False, no_touch: bool = False, mlock: bool = False,
-                     program: str = "uksm.workers.worker", extra_args: tuple[str, ...] = (),
+                     program: str = WORKER_PROGRAM, extra_args: tuple[str, ...] = (),
                      pass_fds: tuple[int, ...] = ()) -> Child:
-        """fork + exec a worker: its row and address space first.
+        """fork + exec a worker: its row and address space first
+        (``new_task``), then its process (``start_worker``).
         ``program``: another worker program taking the same options and
         ``extra_args`` (a programmable task: uksm.workers.scripted)."""
+        row, mm, wno = self.new_task(pages)
+        if kill_point:
+            killpoints.arm_worker(self.cl, row, kill_point, kill_sig)
+        flags = [f for f, on in (("--exit-after-write", exit_after_write), ("--no-touch", no_touch),
+                                 ("--mlock", mlock)) if on]
+        try:
+            return self.start_worker(row, mm, wno, pages, workload, seed, churn_ms, program,
+                                     (*flags, *extra_args), pass_fds)
+        except BaseException:
+            self.abandon_task(row, mm)
+            raise
+
+    def new_task(self, pages: int, pid: int = 0) -> tuple[int, MM, int]:
+        """A new task's row (dup_task_struct's part: the row is the
+        task_struct), its worker number and its empty address space
+        (mm_alloc): the half of fork and exec before the process runs.
+        ``pid``: who acts on the row meanwhile (a forking parent)."""
         cl, q = self.cl, self.cl.q
-        row = self.alloc_row(R_WORKER)
+        row = self.alloc_row(R_WORKER, pid)
         with self.lock:
             wno = q[H_NEXT_WORKER] = q[H_NEXT_WORKER] + 1
         try:
@@ -278,24 +300,43 @@ class Supervisor:
         t.mm = mm.id
         t.worker_no = wno
         t.pages = pages
-        if kill_point:
-            killpoints.arm_worker(cl, row, kill_point, kill_sig)
+        with self.lock:
+            self.mms[mm.id] = mm
+        return row, mm, wno
+
+    def abandon_task(self, row: int, mm: MM) -> None:
+        """A task made by ``new_task`` whose process never ran: its mm
+        dropped (nothing mapped, no slot: the last mmdrop frees it), its row
+        freed."""
+        from uksm.kernel.layout import REF_USERS
+        from uksm.kernel.mm import mmdrop
+        mmdrop(self.cl, mm.row, mm.id, REF_USERS, self.log)
+        self.free_row(row)
+
+    def start_worker(self, row: int, mm: MM, wno: int, pages: int, workload: str, seed: int,
+                     churn_ms: int, program: str = WORKER_PROGRAM, extra_args: tuple[str, ...] = (),
+                     pass_fds: tuple[int, ...] = (), content_wno: int = 0, base: int = 0) -> Child:
+        """exec the worker on a row and mm of ``new_task`` (wake_up_new_task)."""
+        cl, q = self.cl, self.cl.q
+        t = cl.trow(row)
         args = self.child_args(program, row) + [
             "--mm", str(mm.id), "--pages", str(pages), "--workload", workload,
             "--seed", str(seed), "--worker-no", str(wno), "--churn-ms", str(churn_ms)]
-        if exit_after_write:
-            args.append("--exit-after-write")
-        if no_touch:
-            args.append("--no-touch")
-        if mlock:
-            args.append("--mlock")
-        p = self._popen(args + list(extra_args), pass_fds)
+        # started with SIGTERM and SIGINT blocked, which the worker unblocks
+        # once its handlers are in (uksm.workers.worker): a stop that finds
+        # it starting -- a fork's child, a replacement -- is then an exit
+        # through its own path, never a death before it could take one
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+        try:
+            p = self._popen(args + list(extra_args), pass_fds)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
         t.pid = p.pid
         mm.words.owner_pid = p.pid
-        child = Child(row, p, "worker", mm.id, wno, pages, workload)
+        child = Child(row, p, "worker", mm.id, wno, pages, workload, program=program, seed=seed,
+                      churn_ms=churn_ms, content_wno=content_wno or wno, base=base)
         with self.lock:
             self.children[row] = child
-            self.mms[mm.id] = mm
         cl.task.lock(cl.mmlist)
         q[S_STARTED] += 1
         cl.task.unlock(cl.mmlist)
@@ -320,6 +361,7 @@ class Supervisor:
         unclean ones go to recovery)."""
         self.ksmdctl.restart_if_due()
         self.reaper.poll()
+        self.forks.poll()
 
     def sweep(self) -> None:
         self.reaper.sweep()
@@ -393,6 +435,7 @@ class Supervisor:
     def kill_all(self) -> None:
         """A hung cluster: SIGKILL every process (the reboot button)."""
         self.stop_ev.set()
+        self.forks.close()
         with self.lock:
             procs = [c.proc for c in self.children.values()] + [c.proc for c in self.writers.values()]
         if self.ksmd is not None:
@@ -479,15 +522,21 @@ class Supervisor:
         """Signal every task of ``table`` (``children`` or ``writers``, under
         ``self.lock``) and wait until reaping has emptied it and every death
         is settled; False on a hung task or after ``timeout``."""
-        with self.lock:
-            kids = list(table.values())
-        for ch in kids:
-            try:
-                ch.proc.send_signal(sig)
-            except ProcessLookupError:
-                pass
+        if table is self.children:
+            self.forks.close()   # no new task from here (a fork asked now: EAGAIN)
+        told: set[int] = set()
         end = time.monotonic() + timeout
         while time.monotonic() < end:
+            # every task of the table, also one a fork in flight started
+            # since (its parent, told already, could not take it back)
+            with self.lock:
+                kids = [ch for ch in table.values() if ch.proc.pid not in told]
+            for ch in kids:
+                told.add(ch.proc.pid)
+                try:
+                    ch.proc.send_signal(sig)
+                except ProcessLookupError:
+                    pass
             self.poll()
             self.sweep()
             if self.hung:
