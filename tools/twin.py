@@ -40,7 +40,7 @@ use_zero_pages=0, smart_scan=1, advisor_mode=none.
 
 Usage::
 
-    python3 tools/twin.py                  # the default walk, a table
+    python3 tools/twin.py                  # the full walk, a table
     python3 tools/twin.py --walk merge --json
     python3 tools/twin.py --list           # the walks and their steps
 
@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import errno
 import fcntl
 import json
 import mmap
@@ -66,6 +65,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
+
+from uksm.errors import UksmError
 
 PAGE = 4096
 LOCK = "/tmp/hostksm.lock"
@@ -116,7 +117,7 @@ def walks(pages: int) -> dict[str, Walk]:
     merge = Walk("merge", "two tasks of identical pages merge, one page COW-broken",
                  [Step("merge", _spawn("A", pages, 4) + _spawn("B", pages, 4)),
                   Step("cow", [("fill", "A", 5, 1, 0xAA)])])
-    full = Walk("walk", "merge, COW, unmerge, fork (and a write in the child), exit, re-advise",
+    full = Walk("full", "merge, COW, unmerge, fork (and a write in the child), exit, re-advise",
                 [Step("merge", _spawn("A", pages, 4) + _spawn("B", pages, 4)),
                  Step("cow", [("fill", "A", 5, 1, 0xAA)]),
                  Step("unmerge-B", [("madvise", "B", 0, pages, "UNMERGEABLE")]),
@@ -554,7 +555,8 @@ def main(argv: list[str] | None = None) -> int:
                "The host's KSM knobs are always restored (run=2, run=0, pages_to_scan=100, "
                "sleep_millisecs=20, max_page_sharing=256, use_zero_pages=0, smart_scan=1, "
                "advisor_mode=none). See docs/TWIN.md.")
-    ap.add_argument("--walk", default="walk", help="which walk (default: walk; --list shows them)")
+    ap.add_argument("--walk", default="full",
+                    help="which walk (default: full; --list shows them and their steps)")
     ap.add_argument("--pages", type=int, default=32, help="pages per task, 8..1024 (default 32)")
     ap.add_argument("--scans", type=int, default=None,
                     help="full scans waited for after each step, 2..20 (default 3: the first "
@@ -632,6 +634,6 @@ if __name__ == "__main__":
     except KeyboardInterrupt:
         print("twin: interrupted (the host's KSM knobs were restored)", file=sys.stderr)
         sys.exit(130)
-    except (OSError, RuntimeError, TimeoutError) as e:
+    except (OSError, RuntimeError, TimeoutError, UksmError) as e:
         print(f"twin: {type(e).__name__}: {e}", file=sys.stderr)
         sys.exit(2)
