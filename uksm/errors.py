@@ -9,6 +9,7 @@
      │   ├─ HungTask
      │   ├─ TaskExited ── TaskDied
      │   ├─ SegFault           an access outside any VMA (the emulated MMU's too)
+     │   │   └─ SyscallError   a system call failed with -errno; the task lives
      │   ├─ IntegrityError
      │   └─ KillPointMissed
      └─ (the process side's own: RequestError, KnobError, ScriptError, OptionError and
@@ -77,6 +78,16 @@ class SegFault(MachineError):
     killing the task, so the script can go on with it)."""
 
 
+class SyscallError(SegFault):
+    """A system call that fails with -errno (mmap, munmap, madvise:
+    EINVAL, ENOMEM, EAGAIN); the task lives on.  ``errno_name`` names the
+    errno; a script sees it as the SegFault it is, naming the errno."""
+
+    def __init__(self, errno_name: str, msg: str) -> None:
+        super().__init__(f"{msg} ({errno_name})")
+        self.errno_name = errno_name
+
+
 class IntegrityError(MachineError):
     """A task's pages do not hold what it wrote (verify, exit)."""
 
@@ -87,4 +98,4 @@ class KillPointMissed(MachineError):
 
 
 __all__ = ["UksmError", "MachineError", "MachineClosed", "WaitTimeout", "HungTask", "TaskExited",
-           "TaskDied", "SegFault", "IntegrityError", "KillPointMissed"]
+           "TaskDied", "SegFault", "SyscallError", "IntegrityError", "KillPointMissed"]

@@ -59,7 +59,14 @@ from uksm.kernel.layout import (
     VM_MERGEABLE,
 )
 from uksm.kernel.memory import OutOfMemory
-from uksm.kernel.syscalls import MADV_DONTNEED, MADV_MERGEABLE, MADV_UNMERGEABLE, sys_madvise, sys_mmap
+from uksm.kernel.syscalls import (
+    MADV_DONTNEED,
+    MADV_MERGEABLE,
+    MADV_UNMERGEABLE,
+    KsmInterrupted,
+    sys_madvise,
+    sys_mmap,
+)
 
 ADVICE = {"MERGEABLE": MADV_MERGEABLE, "UNMERGEABLE": MADV_UNMERGEABLE, "DONTNEED": MADV_DONTNEED}
 EXIT_POINTS = ("ksm_exit_before_down_write", "ksm_exit_mmap_sem_write", "exit_mid_zap")
@@ -146,8 +153,9 @@ class ScriptedTask(Worker):
 
     # ---- the commands --------------------------------------------------------------------
     def _madvise(self, first: int, count: int, advice: int) -> int:
+        # a pending fatal signal interrupts an unmerge (-ERESTARTSYS)
         n = sys_madvise(self.cl, self.mm, self.alloc, self.base + first * PAGE_SIZE,
-                        count * PAGE_SIZE, advice, self.log)
+                        count * PAGE_SIZE, advice, self.log, stop=self.dying)
         if advice == MADV_DONTNEED:  # the pages read as zeros from now on
             self.shadow[first * PAGE_SIZE:(first + count) * PAGE_SIZE] = bytes(count * PAGE_SIZE)
         return n
@@ -283,6 +291,8 @@ class ScriptedTask(Worker):
                 ans = {"ok": True, **self.do(cmd)}
             except SegFault as e:
                 ans = {"ok": False, "kind": "segfault", "error": str(e)}
+            except KsmInterrupted as e:  # the signal is pending: the task dies at once
+                ans = {"ok": False, "kind": "segfault", "error": f"madvise: {e}"}
             except NotReached as e:
                 ans = {"ok": False, "kind": "not_reached", "error": str(e)}
             except ForkFailed as e:

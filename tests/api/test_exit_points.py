@@ -32,10 +32,18 @@ def merged(m: uksm.Machine, n: int = 3) -> list[uksm.Task]:
                                           ("ksm_exit_mmap_sem_write", ("slow",)),
                                           ("exit_mid_zap", ("fast", "slow", "none"))])
 def test_term_at_an_exit_point_returns_the_exit_path(point, paths):
+    """ksmd is stopped across the exit: under the seed's placement
+    __ksm_exit runs after exit_mmap's unmap, and a batch in between sees
+    ksm_test_exit, frees the slot first, and the exit takes no path
+    (the slow-path points missed).  run=0, written under ksm_thread_mutex,
+    keeps every batch out of that window; run=1 then lets ksmd free the
+    slot the slow path left it."""
     with machine() as m:
         ts = merged(m)
         hits = m.stats()["kill_points_hit"]
+        m.ksm["run"] = 0
         assert ts[0].kill("TERM", at=point) in paths
+        m.ksm["run"] = 1
         assert m.stats()["kill_points_hit"] == hits + 1       # it was passed, once
         assert ts[0].path in paths
         with pytest.raises(uksm.TaskExited):

@@ -114,3 +114,30 @@ def test_fsck_reports_each_planted_fault(merged, name, plant, where):
         fault, errs = offline_fsck(sup, plant)
     assert_reports(errs, fault)
     assert sup.live_fsck()["errors"] == [], "the fault was undone"
+
+
+def _voluntary_switches(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(ln.split()[1]) for ln in f if ln.startswith("voluntary_ctxt_switches:"))
+
+
+@pytest.mark.timeout(60)
+def test_idle_ksmd_leaves_a_planted_fault_alone(merged):
+    """The live plants rely on ksmd at run=0 doing nothing, as the
+    kernel's ksmd sleeps in wait_event until ksmd_should_run().  A slot
+    freed but still listed (M_SLOT_USED 0) is what ksmd's reconcile drops
+    its rmap_items for: an idle ksmd that reconciled would do so while the
+    fault is in place, and the counters stay wrong after the undo ("rmap_items
+    24 but the mms' ksm_rmap_items add up to 48").  The window is reached
+    when ksmd has gone round its idle loop several times with the fault in
+    place: each round sleeps, a voluntary context switch of its process."""
+    sup = merged
+    assert sup.live_fsck()["errors"] == []
+    pid = sup.ksmd.proc.pid
+    fault = planter.plant_slot_freed_listed(sup.cl, live_mms(sup))
+    try:
+        start = _voluntary_switches(pid)
+        wait_for(lambda: _voluntary_switches(pid) >= start + 5, 30, what="ksmd's idle rounds")
+    finally:
+        fault.undo()
+    assert sup.live_fsck()["errors"] == []

@@ -110,8 +110,9 @@ def test_up_drive_down(cluster: Up) -> None:
         p = cluster("ctl", "run=3")
         assert p.returncode == 2
         assert p.stderr.strip() == "uksm: run: invalid argument (EINVAL): must be 0, 1 or 2"
-        for bad in ("pages_to_scan=0", "sleep_millisecs=-1", "exit_policy=none", "mem_limit=99999",
-                    "nosuch=1", "pages_shared=0", "run=", "nosuch"):
+        # (pages_to_scan=0 is valid: strict_strtoul's 0 <= UINT_MAX; 2^32 and a blank are not)
+        for bad in ("pages_to_scan=4294967296", "pages_to_scan= 5", "sleep_millisecs=-1", "exit_policy=none",
+                    "mem_limit=99999", "nosuch=1", "pages_shared=0", "run=", "nosuch"):
             p = cluster("ctl", bad)
             assert p.returncode == 2, (bad, p.stderr)
             assert p.stderr.startswith("uksm: ") and p.stderr.count("\n") == 1, p.stderr

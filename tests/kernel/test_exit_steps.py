@@ -31,9 +31,9 @@ from uksm.kernel.layout import (
     M_SLOT_USED,
     M_STATE,
     M_USERS,
-    MAX_VMAS,
     MS_EXITING,
     MS_LIVE,
+    MS_NVMA,
     MS_VMAS_FREED,
     MS_ZOMBIE,
     P_FAST,
@@ -42,9 +42,7 @@ from uksm.kernel.layout import (
     PT_OFF,
     PTE_PRESENT,
     T_EXIT_PROGRESS,
-    V_END,
     VM_LOCKED,
-    VMA_OFF,
     VMA_SIZE,
     XS_KSM_EXIT,
     XS_PGTABLES,
@@ -234,7 +232,7 @@ def test_exit_mmap_unmap_and_free_pgtables(machine: Any) -> None:
     pq = s.mm.pq
     assert cl.q[s.mm.base + M_EXIT_STAGE] == ALL
     assert pq[MS_VMAS_FREED] == 1
-    assert all(pq[VMA_OFF + i * VMA_SIZE + V_END] == 0 for i in range(MAX_VMAS))
+    assert pq[MS_NVMA] == 0                      # mm->map_count: no area left
     assert all(pq[PT_OFF + v] == 0 for v in range(cl.va_pages))
     s.exit()
     assert s.freed()
@@ -344,13 +342,13 @@ def test_free_pgtables_clears_a_multi_page_table() -> None:
         s.alloc.flush()
         xmod.ksm_exit(cl, s.mm, "seed", log)
         pq = s.mm.pq
-        assert len(pq) == PT_OFF + 1024 and len(pq) * 8 > PAGE
+        assert len(pq) == s.mm.vma_off + s.mm.max_map_count * VMA_SIZE and len(pq) * 8 > PAGE
         for i in range(PT_OFF, len(pq)):   # whatever a buggy COW break left
             pq[i] = 3 + (i << 2)
-        head = list(pq[:VMA_OFF])
+        head = list(pq[:PT_OFF])
         xmod.free_pgtables(cl, s.mm)
         assert [i for i in range(PT_OFF, len(pq)) if pq[i]] == []
-        assert list(pq[:MS_VMAS_FREED]) == head[:MS_VMAS_FREED] and pq[MS_VMAS_FREED] == 1
+        assert list(pq[:MS_NVMA]) == head[:MS_NVMA] and pq[MS_NVMA] == 0 and pq[MS_VMAS_FREED] == 1
         assert cl.q[s.mm.base + M_EXIT_STAGE] == ALL
         s.exit()
         assert_fsck(sup)

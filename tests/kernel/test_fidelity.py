@@ -238,7 +238,8 @@ def test_madv_unmergeable_interrupted_keeps_vm_mergeable(monkeypatch):
 def test_exit_noticed_after_the_loop_frees_the_slot_now(monkeypatch):
     """scan_get_next_rmap_item checks ksm_test_exit once more after its VMA
     loop: an exit that began during the walk of the last page is treated
-    as no area at all -- rmap_items removed, slot freed in this pass."""
+    as no area at all -- rmap_items removed, slot freed in this pass (by
+    the call after the last page: the batch that scanned it ended there)."""
     from helpers import booted
     from uksm.host.log import NULL_LOG
     from uksm.kernel.exit import mm_users_zero
@@ -263,7 +264,9 @@ def test_exit_noticed_after_the_loop_frees_the_slot_now(monkeypatch):
                 mm_users_zero(sup.cl, s.mm, NULL_LOG)
             return r
         monkeypatch.setattr(Ksmd, "cmp_and_merge_page", cmp_then_exit)
-        k.scan(n=4)                            # this mm's 4 pages: the batch ends with it
+        k.scan(n=4)                            # this mm's 4 pages: the batch ends on them
+        assert sup.cl.q[s.mm.base + M_SLOT_USED], "the cursor stays (ksm_do_scan's budget)"
+        k.scan(n=1)                            # the next call finds no page: after the loop
         assert not sup.cl.q[s.mm.base + M_SLOT_USED], "slot freed in this pass"
         assert k.k.rmap_items == 0
         s.exit()
@@ -461,3 +464,153 @@ def test_run2_writer_interrupted_sets_run_back():
     st = races.steps(r.trace)
     assert races.first(st, "writer(2)", "-> blocked on a delay point  [via kp:ksmd_break_ksm_window]") >= 0
     assert races.first(st, "writer(2)", "-> exit") > races.first(st, "writer(2)", "delay point")
+
+
+# ---- issue 27, 6: a dead unstable-tree entry ends the search ---------------------------
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("advice", ["dontneed", "unmergeable"])
+def test_dead_unstable_entry_ends_the_search_nothing_inserted(monkeypatch, advice):
+    """unstable_tree_search_insert: "page2[0] = get_mergeable_page(
+    tree_rmap_item); if (!page2[0]) return NULL;" -- nothing inserted.
+    Three equal pages a, b, c in one pass; a's entry dies between a and b:
+    b is not inserted, so c finds a's dead entry too and nothing merges
+    this pass; the next pass merges b and c.  The entry dies by DONTNEED
+    (no page: follow_page) or by MADV_UNMERGEABLE, which leaves a's page
+    in place but its area no longer VM_MERGEABLE: get_mergeable_page's
+    "if (!vma || !(vma->vm_flags & VM_MERGEABLE)) goto out"."""
+    from helpers import booted
+    from uksm.kernel.layout import S_COW_KSMD
+    from uksm.kernel.syscalls import MADV_DONTNEED, MADV_MERGEABLE, MADV_UNMERGEABLE
+    from util_machine import Space
+    with booted(cname(f"dead{advice[0]}"), run=0, frames=64, va_pages=128) as sup:
+        k = InProcKsmd(sup, monkeypatch)
+        spaces = []
+        for _ in range(3):
+            s = Space(sup)
+            base = s.mmap(1)
+            fill_same(s, base, 1)
+            s.madvise(base, 1, MADV_MERGEABLE)
+            spaces.append((s, base))
+        k.scan(passes=2)                          # checksums; then a, b, c: a and b merge
+        a, _ = spaces[0]
+        assert k.k.pages_shared == 1 and k.k.pages_sharing == 2
+        for s, base in spaces:                    # COW-break all three: the KSM page goes
+            s.write(base, bytes([0x42]) * 4096)
+        k.scan()                                  # out of the stable tree: checksums again
+        k.scan(n=1)                               # the wrap, then a: into the unstable tree
+        assert k.k.pages_unshared >= 1
+        s, base = spaces[0]
+        s.madvise(base, 1, MADV_DONTNEED if advice == "dontneed" else MADV_UNMERGEABLE)
+        cows = sup.cl.q[S_COW_KSMD]
+        k.scan(n=2)                               # b, c: each meets a's dead entry
+        assert k.k.pages_shared == 0 and k.k.pages_sharing == 0
+        # no merge tried, none undone: a merge into a's page would fail in
+        # try_to_merge_one_page and break_cow b's page back
+        assert sup.cl.q[S_COW_KSMD] == cows
+        k.scan(passes=2)                          # the pass ends; the next merges b and c
+        assert k.k.pages_shared == 1 and k.k.pages_sharing == 1
+        for s, _ in spaces:
+            s.exit(wait=False)
+        k.scan(passes=2)                          # ksmd frees what the slow paths left it
+        for s, _ in spaces:
+            assert s.freed()
+
+
+# ---- issue 27, 8 and 9: max_map_count and madvise's edge cases -------------------------
+
+@pytest.mark.timeout(60)
+def test_split_past_max_map_count_is_eagain_and_the_task_lives():
+    """split_vma: "if (mm->map_count >= sysctl_max_map_count) return
+    -ENOMEM;", which madvise_behavior returns as -EAGAIN and munmap as
+    -ENOMEM; the table is as it was, the task goes on."""
+    from helpers import booted
+    from uksm.errors import SyscallError
+    from uksm.kernel.syscalls import MADV_MERGEABLE, MADV_UNMERGEABLE
+    from util_machine import Space
+    with booted(cname("mmc"), run=0, frames=64, va_pages=128) as sup:
+        s = Space(sup)
+        base = s.mmap(8)
+        s.madvise(base, 8, MADV_MERGEABLE)
+        assert s.mm.max_map_count == 128
+        s.mm.max_map_count = 3
+        s.madvise(base + 2 * 4096, 1, MADV_UNMERGEABLE)      # 3 areas
+        before = s.mm.vmas()
+        with pytest.raises(SyscallError, match="EAGAIN") as ei:
+            s.madvise(base + 5 * 4096, 1, MADV_UNMERGEABLE)
+        assert ei.value.errno_name == "EAGAIN" and s.mm.vmas() == before
+        with pytest.raises(SyscallError, match="ENOMEM"):
+            s.munmap(base + 6 * 4096, 1)
+        assert s.mm.vmas() == before
+        s.write(base + 7 * 4096, b"alive")
+        s.exit()
+
+
+@pytest.mark.timeout(60)
+def test_vma_rows_are_backed_as_they_are_made(monkeypatch):
+    """The VMA table, sized for one row per page, costs /dev/shm the rows in
+    use (MS_VMA_TOP): every row made is backed first, a page at a time; a
+    row /dev/shm has no room for is -ENOMEM (vm_area_alloc), -EAGAIN from
+    madvise, and the table is as it was."""
+    from helpers import booted
+    from uksm.errors import SyscallError
+    from uksm.kernel.layout import MS_NVMA, MS_VMA_TOP, VMA_SIZE
+    from uksm.kernel.syscalls import MADV_MERGEABLE, MADV_UNMERGEABLE
+    from util_machine import Space
+    with booted(cname("vmab"), run=0, frames=512, va_pages=1024) as sup:
+        s = Space(sup)
+        pq = s.mm.pq
+        assert pq[MS_VMA_TOP] == 0                          # nothing made, nothing backed
+        base = s.mmap(900)
+        per_page = 4096 // (VMA_SIZE * 8)
+        assert 1 == pq[MS_NVMA] <= pq[MS_VMA_TOP] <= per_page + 1
+        s.madvise(base, 900, MADV_MERGEABLE)
+        i = 0
+        while i < 400:                                      # 400 areas: three pages of rows
+            s.madvise(base + i * 4096, 1, MADV_UNMERGEABLE)
+            assert pq[MS_NVMA] <= pq[MS_VMA_TOP]
+            i += 2
+        assert pq[MS_NVMA] == 400 and pq[MS_VMA_TOP] < 400 + per_page + 1
+        top = pq[MS_VMA_TOP]
+        seg_t, off0 = type(s.mm.seg), s.mm.vma_off * 8
+        orig = seg_t.populate                               # /dev/shm full for VMA rows
+        monkeypatch.setattr(seg_t, "populate", lambda seg, off, n: off < off0 and orig(seg, off, n))
+        with pytest.raises(SyscallError, match="EAGAIN"):   # the backed rows used, then a split fails
+            while i < 900:
+                before = s.mm.vmas()
+                s.madvise(base + i * 4096, 1, MADV_UNMERGEABLE)
+                i += 2
+        assert pq[MS_VMA_TOP] == top and s.mm.vmas() == before and top - 1 <= pq[MS_NVMA] <= top
+        with pytest.raises(SyscallError, match="ENOMEM"):
+            for _ in range(2):
+                s.mmap(1)
+        assert pq[MS_NVMA] == top
+        monkeypatch.undo()
+        s.write(base, b"alive")
+        s.exit()
+
+
+@pytest.mark.timeout(60)
+def test_madvise_over_a_hole_and_of_length_zero():
+    """sys_madvise: over a hole the advice goes to the mapped parts, then
+    -ENOMEM; a length of 0 returns 0 (2.6.32.67 mm/madvise.c)."""
+    from helpers import booted
+    from uksm.errors import SyscallError
+    from uksm.kernel.layout import VM_MERGEABLE
+    from uksm.kernel.syscalls import MADV_DONTNEED, MADV_MERGEABLE, sys_madvise
+    from util_machine import Space
+    with booted(cname("hole"), run=0, frames=64, va_pages=128) as sup:
+        s = Space(sup)
+        base = s.mmap(6)
+        s.munmap(base + 2 * 4096, 2)                         # a hole: pages 2, 3
+        assert sys_madvise(sup.cl, s.mm, s.alloc, base, 0, MADV_MERGEABLE) == 0
+        with pytest.raises(SyscallError, match="EINVAL"):
+            sys_madvise(sup.cl, s.mm, s.alloc, base + 1, 4096, MADV_MERGEABLE)
+        with pytest.raises(SyscallError, match="ENOMEM"):
+            s.madvise(base, 6, MADV_MERGEABLE)
+        assert [f & VM_MERGEABLE for (_i, _s, _e, f) in s.mm.vmas()] == [VM_MERGEABLE] * 2
+        s.write(base + 5 * 4096, b"x")
+        with pytest.raises(SyscallError, match="ENOMEM"):
+            s.madvise(base, 6, MADV_DONTNEED)
+        assert s.pfn(base + 5 * 4096) is None                 # zapped all the same
+        s.exit()

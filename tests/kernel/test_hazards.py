@@ -181,8 +181,16 @@ def test_2015_oom_mmput_in_the_unmerging_task(hazards, tmp_path):
     allocation's OOM kill runs the victim's mmput in the unmerger itself,
     and __ksm_exit's slow path takes down_write on that same semaphore.
     lockdep names it; the watchdog then reports the hang.  Without the
-    hazard the same scenario completes with no lockdep report."""
-    args = ["--scenario", "oom-unmerge", "--workers", "4", "--pages", "256",
+    hazard the same scenario completes with no lockdep report.
+
+    The window is the OOM victim being the mm the writer is unmerging.
+    2.6.32's badness() ranks by total_vm, which ties between equal
+    workers, and the tie goes to the first task -- not necessarily the
+    first mm on the slot list, whose order depends on where ksmd's cursor
+    stood at each __ksm_enter.  One worker is the schedule that makes the
+    mm being unmerged the victim; its 256 identical pages (one KSM page)
+    need more than mem_limit leaves to unmerge."""
+    args = ["--scenario", "oom-unmerge", "--workers", "1", "--workload", "identical", "--pages", "256",
             "--pages-to-scan", "1000", "--sleep-ms", "5", "--hung-task-timeout", "2",
             "--log-dir", str(tmp_path)]
     for h in hazards:
@@ -194,6 +202,10 @@ def test_2015_oom_mmput_in_the_unmerging_task(hazards, tmp_path):
         assert ev["role"] == "writer" and ev["kind"] == "recursive" and ev["op"] == "down_write"
         assert ev["lock"] == ev["held"] and ev["lock"].startswith("mmap_sem:")
         assert "oom_kill_and_mmput" in ev["chain"] and "ksm_exit" in ev["chain"]
+        # the window: the victim's mmap_sem is the one the writer holds
+        assert ev["lock"] == f"mmap_sem:mm{events(tmp_path, 'oom_kill')[0]['victim_mm']}"
     else:
         assert status == 0 and r["lockdep"] == 0 and r["workers"]["oom_killed"] >= 1, r
         assert events(tmp_path, "lockdep") == []
+        # the window was reached: the victim was the mm being unmerged
+        assert events(tmp_path, "oom_kill")[0]["victim_mm"] == events(tmp_path, "unmerge")[0]["mm"]

@@ -237,8 +237,10 @@ def _merged_pair(sup: Any, tag: int) -> tuple[Space, Space, dict]:
 @pytest.mark.parametrize("how_far", ["zapped", "slow_path_and_pgtables"])
 def test_run2_unmerge_state_and_events(supervisor: Any, how_far: str) -> None:
     """What KSM_RUN_UNMERGE leaves: ksmd's published state zeroed
-    (counters, per-slot rmap counts) and H_UNMERGE_GEN / H_KSM_UNSYNCED
-    bumped once for ksmd; the live mm unmerged (the event says how many
+    (counters, per-slot rmap counts) and H_UNMERGE_GEN bumped once for
+    ksmd; H_KSM_UNSYNCED untouched (a whole walk leaves every counter 0
+    and consistent: nothing for fsck to excuse, nothing to wait for); the
+    live mm unmerged (the event says how many
     pages) and still registered; the exiting mm -- pages freed, or even
     its page tables and VMAs after a slow-path __ksm_exit (the 2023 fix:
     its VMAs are not walked) -- loses its slot and its mm_count."""
@@ -291,7 +293,7 @@ def test_run2_unmerge_state_and_events(supervisor: Any, how_far: str) -> None:
                           ("unmerge", {"mm": dying.mm.id, "pages": 0, "reason": "run2", "frames_used": used}),
                           ("slot_freed", {"mm": dying.mm.id, "by": "unmerge"}),
                           ("mmdrop", {"mm": dying.mm.id, "ref": "ksm", "mm_count": 1})]
-    assert (q[H_UNMERGE_GEN], q[H_KSM_UNSYNCED], q[S_SLOTS_FREED]) == (gen + 1, unsynced + 1, freed0 + 1)
+    assert (q[H_UNMERGE_GEN], q[H_KSM_UNSYNCED], q[S_SLOTS_FREED]) == (gen + 1, unsynced, freed0 + 1)
     assert (q[K_PAGES_SHARED], q[K_PAGES_SHARING], q[K_STABLE_NODES]) == (0, 0, 0)
     assert (q[K_FULL_SCANS], q[L_SEQNR]) == (0, 0)
     assert (q[L_SCAN_SLOT], q[L_SCAN_ADDR]) == (cl.head, 0)
@@ -317,8 +319,8 @@ def test_run2_unmerge_state_and_events(supervisor: Any, how_far: str) -> None:
 
 def test_run2_interrupted_puts_the_cursor_back(supervisor: Any) -> None:
     """A signal while run=2 unmerges (-ERESTARTSYS): the cursor goes back
-    to the head, run to 0, the counters stay zeroed for ksmd to rebuild,
-    and full_scans is left alone."""
+    to the head, run to 0, and full_scans is left alone; stopped in the
+    first mm, the unmerge removed no rmap_item: every counter as it was."""
     from uksm.kernel.layout import H_UNMERGE_GEN, K_FULL_SCANS
     sup = supervisor
     cl = sup.cl
@@ -331,6 +333,8 @@ def test_run2_interrupted_puts_the_cursor_back(supervisor: Any) -> None:
     assert err == -kmod.ERESTARTSYS
     assert (q[K_RUN], q[L_SCAN_SLOT], q[L_SCAN_ADDR]) == (0, cl.head, 0)
     assert q[K_FULL_SCANS] == scans and scans > 0
+    k = ksm_stats(cl)
+    assert (k["pages_shared"], k["pages_sharing"], k["pages_unshared"]) == (1, 7, 0)
     assert q[H_UNMERGE_GEN] == gen + 1
     assert [e for e, _f in log.events] == ["ksm_knob", "unmerge"]
     assert log.events[1][1]["mm"] == live.mm.id
@@ -341,6 +345,54 @@ def test_run2_interrupted_puts_the_cursor_back(supervisor: Any) -> None:
     live.exit()           # slow paths: ksmd (running) frees the slots
     other.exit()
     set_run(sup, 0)
+    assert_fsck(sup)
+
+
+@pytest.mark.parametrize("ksmd", ["running", "stopped"])
+def test_run2_failing_in_the_second_mm_counts_out_the_first(supervisor: Any, ksmd: str) -> None:
+    """unmerge_and_remove_all_rmap_items stops at an error in the second
+    mm: the first one's rmap_items were removed and counted out before
+    the write returns -- by ksmd, on the writer's behalf, while the writer
+    still holds ksm_thread_mutex (ksm.ksmd_remove_rmap_items) -- and the
+    second keeps its four, on the one stable node: pages_shared 1,
+    pages_sharing 3, as 2.6.32's remove_trailing_rmap_items leaves them.
+    With ksmd stopped nobody can count them out: the counters are left
+    as they were and H_KSM_UNSYNCED tells fsck."""
+    from uksm.kernel.layout import H_KSM_UNSYNCED, H_UNMERGE_WAIT, K_RMAP_ITEMS, M_RMAP_ITEMS
+    sup = supervisor
+    cl = sup.cl
+    q = cl.q
+    a, b, _addr = _merged_pair(sup, 4 if ksmd == "running" else 5)
+    first, second = (a, b) if _linked(cl)[0] == a.mm.row else (b, a)
+    if ksmd == "stopped":
+        sup.stop_ksmd()
+    unsynced = q[H_KSM_UNSYNCED]
+    calls = [0]
+
+    def stop() -> bool:   # signal_pending: from the second mm's first page
+        calls[0] += 1
+        return calls[0] > 4
+    seq, err = kmod.run_store(cl, 2, first.alloc, NULL_LOG, stop=stop)
+    assert err == -kmod.ERESTARTSYS and calls[0] == 5
+    assert q[first.mm.base + M_RMAP_ITEMS] == 0 and q[second.mm.base + M_RMAP_ITEMS] == 4
+    assert q[H_UNMERGE_WAIT] == 0
+    k = ksm_stats(cl)
+    if ksmd == "running":
+        assert (k["pages_shared"], k["pages_sharing"], k["pages_unshared"], q[K_RMAP_ITEMS]) == (1, 3, 0, 4)
+        assert q[H_KSM_UNSYNCED] == 0
+        set_run(sup, 1)       # ksmd merges the first mm's four pages again
+        wait_counts(sup, pages_shared=1, pages_sharing=7)
+        assert_fsck(sup, [a, b])
+        a.exit()              # slow paths: ksmd (running) frees the slots
+        b.exit()
+        set_run(sup, 0)
+    else:
+        assert (k["pages_shared"], k["pages_sharing"], q[K_RMAP_ITEMS]) == (1, 7, 8)
+        assert q[H_KSM_UNSYNCED] == unsynced + 1
+        seq, err = kmod.run_store(cl, 2, first.alloc, NULL_LOG)   # a whole walk: all gone
+        assert err == 0 and q[K_RMAP_ITEMS] == 0
+        a.exit()              # fast paths: no rmap_items, the cursor at the head
+        b.exit()
     assert_fsck(sup)
 
 

@@ -68,7 +68,7 @@ from uksm.explorer.gate import (
 from uksm.host import log as ulog
 from uksm.host import oops as host_oops
 from uksm.kernel import fsck, oom, sched
-from uksm.kernel.cluster import Cluster, Config, destroy
+from uksm.kernel.cluster import Cluster, Config, destroy, pid_alive
 from uksm.kernel.layout import (
     CS_RUNNING,
     EXIT_PATHS,
@@ -76,12 +76,16 @@ from uksm.kernel.layout import (
     EXIT_REASONS,
     H_EXIT_POLICY,
     H_FRAMES_FREED,
+    H_KSM_UNSYNCED,
     H_KSMD_PID,
     H_KSMD_TASK,
     H_PENDING_FREE,
     H_SHUTDOWN,
     H_STATE,
     H_SUPERVISOR_PID,
+    H_UNMERGE_DONE,
+    H_UNMERGE_GEN,
+    H_UNMERGE_WAIT,
     K_RUN,
     L_HEAD_NEXT,
     M_EXIT_STAGE,
@@ -515,6 +519,12 @@ class World:
                    for b in (cl.tbase(r) for r in range(cl.max_tasks)) if q[b + T_ROLE] == R_WRITER)
         return mms, ws, q[H_PENDING_FREE]
 
+    def unmerge_waits(self) -> bool:
+        """A failed run=2's writer waits for ksmd to free the rmap_items of
+        the mms it finished (ksm.ksmd_remove_rmap_items)."""
+        q = self.cl.q
+        return q[H_UNMERGE_WAIT] != 0 and q[H_UNMERGE_WAIT] != q[H_UNMERGE_DONE]
+
     def enabled(self, p: Proc) -> bool:
         g = self.gate
         if p.state == PARKED:
@@ -524,7 +534,9 @@ class World:
         q = self.cl.q
         kind, a, b = g.word(p.id, S_BLK), g.word(p.id, S_BA), g.word(p.id, S_BB)
         if kind == sched.BLK_LOCK:
-            return self.lock(a).sem.value > 0
+            # ksmd waiting for the mutex a failed run=2's writer holds is
+            # woken to serve it (Ksmd.serve_unmerge, its Task.abort hook)
+            return self.lock(a).sem.value > 0 or (p.role == "ksmd" and self.unmerge_waits())
         if kind == sched.BLK_TIME:
             return True   # a sleep is a yield: see step (the others first) and _run_one (the clock)
         fatal = q[self.cl.tbase(p.row) + T_FATAL]
@@ -533,9 +545,12 @@ class World:
         if kind == sched.BLK_FRAMES:
             return (q[H_FRAMES_FREED] != a or free_frames(self.cl) > 0 or bool(b and fatal)
                     or self.oom_view() != p.oom_view)
-        if kind == sched.BLK_KSMD_IDLE:
+        if kind == sched.BLK_KSMD_IDLE:  # ksmd_should_run, or Ksmd.behind (b: its unmerge_gen)
             return (p.stop or bool(q[H_SHUTDOWN]) or q[K_RUN] != a
-                    or (q[K_RUN] == 1 and q[L_HEAD_NEXT] != self.cl.head))
+                    or (q[K_RUN] == 1 and q[L_HEAD_NEXT] != self.cl.head)
+                    or q[H_UNMERGE_GEN] != b or q[H_KSM_UNSYNCED] != 0 or self.unmerge_waits())
+        if kind == sched.BLK_UNMERGE:  # ksm.ksmd_remove_rmap_items: served, or no ksmd to serve it
+            return q[H_UNMERGE_DONE] == a or bool(q[H_SHUTDOWN]) or not pid_alive(q[H_KSMD_PID])
         return False   # BLK_DELAY: looked at in _enabled
 
     def _enabled(self, live: list[Proc]) -> tuple[int, ...]:
@@ -885,7 +900,7 @@ def _blk_name(kind: int) -> str:
     return {sched.BLK_NONE: "parked", sched.BLK_LOCK: "lock", sched.BLK_FRAMES: "frames",
             sched.BLK_KSMD_IDLE: "ksmd idle",
             sched.BLK_TIME: "asleep", sched.BLK_CMD: "waits for a command",
-            sched.BLK_DELAY: "a delay point"}.get(kind, "?")
+            sched.BLK_DELAY: "a delay point", sched.BLK_UNMERGE: "ksmd's unmerge service"}.get(kind, "?")
 
 
 __all__ = ["World", "Options", "Outcome", "Finding", "Step", "View", "Default", "Diverged", "RunOver",

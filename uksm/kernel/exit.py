@@ -42,8 +42,8 @@ from uksm.kernel.layout import (
     M_SLOT_USED,
     M_STATE,
     M_USERS,
-    MAX_VMAS,
     MS_EXITING,
+    MS_NVMA,
     MS_VMAS_FREED,
     MS_ZOMBIE,
     PAGE_SIZE,
@@ -52,10 +52,7 @@ from uksm.kernel.layout import (
     REF_KSM,
     REF_USERS,
     T_EXIT_PROGRESS,
-    V_END,
     VM_LOCKED,
-    VMA_OFF,
-    VMA_SIZE,
     XS_KSM_EXIT,
     XS_MMDROP,
     XS_PGTABLES,
@@ -223,8 +220,7 @@ def free_pgtables(cl: "Cluster", mm: MM) -> None:
     good: the leak the seed's checks prevent, and fsck reports."""
     pq = mm.pq
     pq[MS_VMAS_FREED] = 1  # the VMA table is destroyed: walking it is a bug (mm.VmaTableFreed)
-    for i in range(MAX_VMAS):
-        pq[VMA_OFF + i * VMA_SIZE + V_END] = 0
+    pq[MS_NVMA] = 0        # its rows go with the page-table pages punched below
     start = PT_OFF * 8
     first = (start + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
     for i in range(PT_OFF, min(first // 8, len(pq))):

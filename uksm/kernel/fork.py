@@ -64,6 +64,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from uksm.errors import SyscallError
 from uksm.host.log import NULL_LOG
 from uksm.kernel import killpoints
 from uksm.kernel.exit import mmput
@@ -194,7 +195,7 @@ def dup_mm(cl: "Cluster", parent: MM, child_row: int, child_mm: int, log: Any = 
     try:
         try:
             copied, entered = dup_mmap(cl, ccl, child, parent, log)
-        except OutOfMemory:
+        except (OutOfMemory, SyscallError):   # a page table or a VMA row (vm_area_alloc)
             err = -ENOMEM
         if not err and pending is not None and pending():
             err = -ERESTARTNOINTR

@@ -291,6 +291,17 @@ def check_counters(cl: "Cluster") -> list[str]:
         # counters still include its rmap_items until ksmd reconciles
         return errs
     rows = [cl.mbase(r) for r in range(cl.max_mms) if (m := cl.mrow(r)).id and m.slot_used]
+    for r in range(cl.max_mms):
+        m = cl.mrow(r)
+        if not m.id:
+            continue
+        if not m.slot_used and (m.rmap_items or m.merging):
+            # no mm_slot, so no rmap_items: its last ones were freed with it
+            errs.append(f"counters: mm{m.id} has no mm_slot but ksm_rmap_items {m.rmap_items}, "
+                        f"ksm_merging_pages {m.merging}")
+        elif m.merging > m.rmap_items:
+            errs.append(f"counters: mm{m.id} ksm_merging_pages {m.merging} > ksm_rmap_items "
+                        f"{m.rmap_items}")
     per = sum(q[b + M_RMAP_ITEMS] for b in rows)
     if per != rmap:
         errs.append(f"counters: rmap_items {rmap} but the mms' ksm_rmap_items add up to {per}")

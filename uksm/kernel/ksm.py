@@ -28,11 +28,13 @@ leaf, taken under any of them.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from uksm.host.log import NULL_LOG
 from uksm.kernel import killpoints, sched
+from uksm.kernel.cluster import pid_alive
 from uksm.kernel.layout import (
     A_FREE_TOP,
     F_KSM,
@@ -40,7 +42,11 @@ from uksm.kernel.layout import (
     FRAME_SIZE,
     H_HAZARDS,
     H_KSM_UNSYNCED,
+    H_KSMD_PID,
+    H_SHUTDOWN,
+    H_UNMERGE_DONE,
     H_UNMERGE_GEN,
+    H_UNMERGE_WAIT,
     HZ_NO_FAST_PATH,
     HZ_NO_UNMERGE_EXIT_CHECK,
     K_FULL_SCANS,
@@ -351,9 +357,20 @@ def unmerge_and_remove_all_rmap_items(cl: "Cluster", alloc: Allocator, log: Any 
     VM_MERGEABLE areas (stopping at ksm_test_exit), remove its rmap_items,
     free the slot of an exiting mm.  The registrations stay.
 
+    An error stops the walk where it is ("goto error"): the mm being
+    unmerged and every mm after it keep their rmap_items, in the trees and
+    in the counters (2.6.32.67 mm/ksm.c), and the next run=1 merges again
+    only the pages that were broken.
+
     rmap_items and the trees are ksmd's private state here: the writer
-    zeroes what they publish (per-slot counts, the counters) and bumps
-    H_UNMERGE_GEN; ksmd, next holding the mutex, drops its copies.
+    marks each mm whose rmap_items it removed (M_RMAP_GONE, this walk's
+    H_UNMERGE_GEN) and zeroes what they publish (its per-mm counts);
+    ksmd frees its copies.  The counters are right before the mutex is
+    released, as the kernel's, whose remove_trailing_rmap_items counted
+    each rmap_item out as it freed it: after a whole walk every rmap_item
+    is gone and they are 0, set here; after an error the writer has ksmd
+    count out the finished mms' rmap_items while it still holds the mutex
+    (``ksmd_remove_rmap_items``).
     Returns 0 or -errno; on an error the cursor goes back to the head."""
     q, task = cl.q, cl.task
     task.lock(cl.mmlist)
@@ -362,11 +379,9 @@ def unmerge_and_remove_all_rmap_items(cl: "Cluster", alloc: Allocator, log: Any 
     q[L_SCAN_ADDR] = 0
     task.unlock(cl.mmlist)
     err = 0
-    q[H_UNMERGE_GEN] += 1   # ksmd's rmap_items go, whatever happens below
-    q[H_KSM_UNSYNCED] += 1
-    for f in (K_PAGES_SHARED, K_PAGES_SHARING, K_PAGES_UNSHARED, K_PAGES_VOLATILE, K_RMAP_ITEMS,
-              K_STABLE_NODES):
-        q[f] = 0
+    removed = False   # some mm finished had rmap_items: the counters change
+    gen = q[H_UNMERGE_GEN] + 1
+    q[H_UNMERGE_GEN] = gen
     while s != cl.head:
         mm = mm_attach(cl, cl.mrow(s).id)
         try:
@@ -401,9 +416,11 @@ def unmerge_and_remove_all_rmap_items(cl: "Cluster", alloc: Allocator, log: Any 
             task.lock(cl.mmlist)
             nxt = slot_next(cl, s)
             q[L_SCAN_SLOT] = nxt
-            mm.words.slot_rmap = 0          # remove_trailing_rmap_items
+            removed = removed or bool(mm.words.rmap_items or mm.words.slot_rmap)
+            mm.words.slot_rmap = 0          # remove_trailing_rmap_items(mm_slot, all)
             mm.words.rmap_items = 0
             mm.words.merging = 0
+            mm.words.rmap_gone = gen
             if ksm_test_exit(cl, mm):
                 list_del(cl, s)
                 mm.words.slot_used = 0
@@ -425,9 +442,47 @@ def unmerge_and_remove_all_rmap_items(cl: "Cluster", alloc: Allocator, log: Any 
         finally:
             mm.seg.close()
     if not err:
+        # every rmap_item removed: the counters are 0 now, as the kernel's
+        for f in (K_PAGES_SHARED, K_PAGES_SHARING, K_PAGES_UNSHARED, K_PAGES_VOLATILE,
+                  K_RMAP_ITEMS, K_STABLE_NODES):
+            q[f] = 0
         q[L_SEQNR] = 0            # ksm_scan.seqnr = 0
         q[K_FULL_SCANS] = 0       # full_scans_show prints seqnr
+    elif removed:
+        ksmd_remove_rmap_items(cl, gen)
     return err
+
+
+def ksmd_remove_rmap_items(cl: "Cluster", gen: int) -> bool:
+    """The rest of remove_trailing_rmap_items for the mms a failed unmerge
+    finished (walk ``gen``), before the writer releases ksm_thread_mutex
+    (caller holds it): ksmd, which owns the rmap_items, frees them and
+    publishes the counters (``Ksmd.serve_unmerge``), from wherever it waits
+    outside a batch -- for this mutex, or asleep -- on the writer's
+    behalf, and the writer waits for that.  Only a failed walk needs it:
+    after a whole one every counter is 0.  Counted out one by one in the
+    kernel, they are known only to ksmd here: how many stable nodes the
+    rmap_items left behind still hold (pages_shared against
+    pages_sharing) is in its trees.
+
+    Returns False, the counters left as they were (H_KSM_UNSYNCED tells
+    fsck), when no ksmd runs (its rmap_items died with it: recovery
+    cleared the per-mm counts, and the next ksmd publishes its own) or the
+    cluster is shutting down."""
+    q = cl.q
+    q[H_UNMERGE_WAIT] = gen
+    try:
+        while q[H_UNMERGE_DONE] != gen:
+            if q[H_SHUTDOWN] or not pid_alive(q[H_KSMD_PID]):
+                q[H_KSM_UNSYNCED] += 1
+                return False
+            if sched.ON:  # parked until ksmd has served it (World.enabled, BLK_UNMERGE)
+                sched.blocked(sched.BLK_UNMERGE, gen)
+            else:
+                time.sleep(0.002)
+        return True
+    finally:
+        q[H_UNMERGE_WAIT] = 0
 
 
 # ---- breaking COW on KSM pages ----------------------------------------------------

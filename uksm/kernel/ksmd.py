@@ -4,9 +4,15 @@ scan_get_next_rmap_item, cmp_and_merge_page, try_to_merge_*).
 Private to this process: the rmap_items of each mm_slot, the stable tree
 and the unstable tree.  In the kernel the writer of run=2 removes them too
 (unmerge_and_remove_all_rmap_items, in its own context, under
-ksm_thread_mutex); here that writer (``uksm.kernel.writer``) unmerges the pages and
-zeroes what the rmap_items publish, and ksmd drops its copies at its next
-batch (``reconcile``, H_UNMERGE_GEN).  The trees are hash maps keyed by a 128-bit mmh3
+ksm_thread_mutex); here that writer (``uksm.kernel.writer``) unmerges the
+pages, marks the mms it finished and zeroes what their rmap_items publish,
+and ksmd drops its copies (``reconcile``, H_UNMERGE_GEN) -- at its next
+batch, or, when the unmerge failed part way and the counters must count
+what is left, at once, on the writer's behalf, before the writer lets the
+mutex go (``serve_unmerge``).  At run=0 ksmd sleeps as the kernel's does,
+and takes the mutex only for such work left to it (``behind``).
+
+The trees are hash maps keyed by a 128-bit mmh3
 digest of the page; every merge still confirms the bytes are equal
 (``pages_identical``) under the protocol of the kernel's
 ``write_protect_page`` / ``replace_page``, so a hash collision can never merge
@@ -53,7 +59,9 @@ from uksm.kernel.layout import (
     H_KSM_UNSYNCED,
     H_KSMD_POINT,
     H_SHUTDOWN,
+    H_UNMERGE_DONE,
     H_UNMERGE_GEN,
+    H_UNMERGE_WAIT,
     HZ_NO_SCAN_HEAD_CHECK,
     HZ_UP_READ_AFTER_UNLOCK,
     K_FULL_SCANS,
@@ -75,6 +83,7 @@ from uksm.kernel.layout import (
     M_ID,
     M_KSM_MAPPED,
     M_MERGING,
+    M_RMAP_GONE,
     M_RMAP_ITEMS,
     M_SLOT_RMAP,
     M_SLOT_USED,
@@ -91,7 +100,7 @@ from uksm.kernel.layout import (
     VM_MERGEABLE,
 )
 from uksm.kernel.memory import Allocator, free_frames
-from uksm.kernel.mm import MM, mm_attach, mmdrop
+from uksm.kernel.mm import MM, VmaTableFreed, mm_attach, mmdrop
 from uksm.kernel.mmu import ksm_test_exit
 
 digest = mmh3.mmh3_x64_128_digest
@@ -211,7 +220,13 @@ class Ksmd:
         signal.signal(signal.SIGTERM, self._sigterm)
         signal.signal(signal.SIGINT, self._sigterm)
         cl, q, task = self.cl, self.q, self.cl.task
+        # a failed unmerge's writer waits, holding the mutex, for ksmd to
+        # free rmap_items: served at every slice of ksmd's wait for it
+        task.abort = self.serve_unmerge
         while not self.stop and not q[H_SHUTDOWN]:
+            if not self.ksmd_should_run() and not self.behind():
+                self.wait_event()
+                continue
             scanned = 0
             batch = False
             t0 = time.monotonic_ns()
@@ -230,6 +245,9 @@ class Ksmd:
                     self.visits = []
                     scanned = self.ksm_do_scan(n)
                 self.publish()
+                # every unmerge reconciled above and published: a request
+                # left by a writer killed while it waited is no longer one
+                q[H_UNMERGE_DONE] = self.unmerge_gen
                 # after the publish (a lockless reader sees the merges at
                 # once) and before the unlock: whoever reads under the
                 # mutex -- a report's snapshot, a run's convergence test --
@@ -246,19 +264,79 @@ class Ksmd:
                               pages_volatile=q[K_PAGES_VOLATILE], full_scans=q[K_FULL_SCANS],
                               frames_used=cl.nframes - q[A_FREE_TOP], mms=self.visits)
             self.log_activity()
-            if sched.ON:
-                # a controlled run: sleep_millisecs in logical time, the idle
-                # wait (ksmd_should_run) a wait for run or the list to change
-                if run == 1 and q[L_HEAD_NEXT] != cl.head:
-                    sched.sleep(q[K_SLEEP_MS])
-                else:
-                    sched.blocked(sched.BLK_KSMD_IDLE, run)
-            elif run == 1 and q[L_HEAD_NEXT] != cl.head:
-                ms = q[K_SLEEP_MS]
-                time.sleep(ms / 1000.0 if ms > 0 else 0)
-            else:
-                time.sleep(0.01)  # wait_event_interruptible(ksmd_should_run)
+            if run == 1 and q[L_HEAD_NEXT] != cl.head:
+                self.schedule_timeout(q[K_SLEEP_MS])
         self.alloc.flush()
+
+    def ksmd_should_run(self) -> bool:
+        """ksmd_should_run: run=1 and an mm_slot on the list (a racy look,
+        as the kernel's: the batch reads both again under the mutex)."""
+        return self.q[K_RUN] == 1 and self.q[L_HEAD_NEXT] != self.cl.head
+
+    def behind(self) -> bool:
+        """Something to do under the mutex though ksmd should not scan: run
+        changed since the last look (logged, and the frames a batch gave
+        back flushed), or another task did what the kernel's does
+        synchronously and left ksmd its half -- a legacy __ksm_exit freed
+        a slot (H_KSM_UNSYNCED), run=2 unmerged (H_UNMERGE_GEN) -- which
+        ``reconcile`` finishes.  Anything else ksmd leaves alone while it
+        should not run, as the kernel's ksmd sleeps: a slot freed by a
+        fast-path exit costs nothing until the next batch."""
+        q = self.q
+        return (q[K_RUN] != self.last_run or q[H_UNMERGE_GEN] != self.unmerge_gen
+                or q[H_KSM_UNSYNCED] != 0)
+
+    def wait_event(self) -> None:
+        """wait_event_interruptible(ksm_thread_wait, ksmd_should_run() ||
+        kthread_should_stop()): idle, looking every 10 ms, serving a failed
+        unmerge's writer meanwhile."""
+        self.serve_unmerge()
+        if sched.ON:
+            # a controlled run: parked until run or the list changes, or
+            # something is behind (World.enabled, BLK_KSMD_IDLE)
+            sched.blocked(sched.BLK_KSMD_IDLE, self.q[K_RUN], self.unmerge_gen)
+        else:
+            time.sleep(0.01)
+
+    def schedule_timeout(self, ms: int) -> None:
+        """schedule_timeout_interruptible(msecs_to_jiffies(sleep_millisecs)):
+        sleep between batches.  Nothing but kthread_stop ends it early (a
+        write of run or sleep_millisecs does not), so it is cut short only
+        by the stop: a SIGTERM, or the cluster's shutdown.  A failed
+        unmerge's writer is served meanwhile (``serve_unmerge``).  A
+        controlled run sleeps in logical time: a yield, others go first."""
+        if sched.ON:
+            sched.sleep(ms)
+            self.serve_unmerge()
+            return
+        if ms <= 0:
+            time.sleep(0)
+            return
+        end = time.monotonic() + ms / 1000.0
+        while not self.stop and not self.q[H_SHUTDOWN]:
+            self.serve_unmerge()
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(left, 0.02))
+
+    def serve_unmerge(self) -> bool:
+        """A failed run=2's writer holds ksm_thread_mutex and waits for the
+        rmap_items of the mms it finished to be freed and counted out
+        (``ksm.ksmd_remove_rmap_items``): do that -- ``reconcile``, then
+        ``publish`` -- on its behalf and under its mutex, from a place
+        where ksmd is outside a batch (asleep, or waiting for that mutex:
+        this is ksmd's ``Task.abort`` hook, polled at every slice of a
+        blocked wait, and it never abandons one).  Never inside a batch,
+        where ksmd holds the mutex itself and a request left by a writer
+        killed while waiting is no longer one."""
+        q = self.q
+        gen = q[H_UNMERGE_WAIT]
+        if gen and gen != q[H_UNMERGE_DONE] and not self.cl.task.holds(self.cl.daemon):
+            self.reconcile()
+            self.publish()
+            q[H_UNMERGE_DONE] = gen
+        return False
 
     def should_flush(self, run: int, full_scan_done: bool) -> bool:
         """Give merged-away frames back (punch them out of the pool) in big
@@ -321,8 +399,16 @@ class Ksmd:
         return st
 
     def drop_slot(self, st: SlotState) -> None:
-        """Forget a slot: remove its rmap_items from the trees, unmap the mm."""
+        """Forget a slot: remove its rmap_items from the trees, unmap the mm.
+        The mm's ksm_stat follows its rmap_items (each free decrements
+        mm->ksm_rmap_items in the kernel): 0 now, or a slot freed when no
+        VM_MERGEABLE area was left would show its last counts for ever
+        (publish writes only the slots ksmd still has)."""
         self.remove_all_rmap_items(st)
+        b = self.cl.mbase(st.row)
+        if self.q[b + M_ID] == st.mm_id:
+            self.q[b + M_RMAP_ITEMS] = st.nitems
+            self.q[b + M_MERGING] = st.merging
         if self.slots.get(st.row) is st:
             del self.slots[st.row]
         if st.merges or st.cows:
@@ -334,16 +420,20 @@ class Ksmd:
         """Drop the private state of slots freed behind ksmd's back: the
         legacy __ksm_exit removes the slot itself (under this mutex), and a
         killed task's slot may be freed by its reaper on the fast path.
-        After run_store's unmerge (H_UNMERGE_GEN moved: the writer removed
-        every rmap_item, under this mutex), drop them all, and the trees."""
+        After run_store's unmerge (H_UNMERGE_GEN moved), free the
+        rmap_items of the mms it finished (M_RMAP_GONE newer than the last
+        unmerge seen here: remove_trailing_rmap_items, done in the writer
+        in the kernel); a failed unmerge leaves the others theirs.  The
+        unstable tree goes too (the unmerge left the cursor at the head:
+        the next batch resets it anyway)."""
         q = self.q
         if q[H_UNMERGE_GEN] != self.unmerge_gen:
-            self.unmerge_gen = q[H_UNMERGE_GEN]
             for st in self.slots.values():
-                self.remove_all_rmap_items(st)
-            for node in list(self.stable.values()):
-                self.remove_node_from_stable_tree(node)
-            self.live.clear()
+                if q[self.cl.mbase(st.row) + M_RMAP_GONE] > self.unmerge_gen:
+                    self.remove_all_rmap_items(st)
+            self.unmerge_gen = q[H_UNMERGE_GEN]
+            for node in [n for n in self.stable.values() if not n.mapcount]:
+                self.remove_node_from_stable_tree(node)  # rb_erase of its last rmap_item
             self.unstable.clear()
         for row, st in list(self.slots.items()):
             b = self.cl.mbase(row)
@@ -407,6 +497,12 @@ class Ksmd:
         node.rows[st.row] = node.rows.get(st.row, 0) + 1
         st.tree[vpn] = node.nid
         st.merging += 1
+        # struct rmap_item: "union { unsigned int oldchecksum; /* when
+        # unstable */ struct rmap_item *next; /* when stable */ }" -- in the
+        # stable tree the checksum is gone, and remove_rmap_item_from_tree's
+        # "rmap_item->next = NULL" leaves it 0: a page that leaves the
+        # stable tree waits one more pass before the unstable tree
+        st.set_csum(vpn, NO_CSUM)
 
     def remove_node_from_stable_tree(self, node: StableNode) -> None:
         """Every rmap_item on the node leaves the tree (counted out here;
@@ -431,6 +527,17 @@ class Ksmd:
 
     # ---- the scan (ksm_do_scan + scan_get_next_rmap_item) --------------------
     def ksm_do_scan(self, budget: int) -> int:
+        """ksm_do_scan(scan_npages) with scan_get_next_rmap_item's walk of
+        the mm_slot list: scan at most ``budget`` pages.  Returns the pages
+        scanned.
+
+        The batch ends when the budget runs out, right after a page
+        ("while (scan_npages--)"): the cursor stays on that mm, at the next
+        address, even after its last page -- the next batch finds nothing
+        more there, finishes the mm and moves on (goto next_mm).  It also
+        ends when the walk comes back to the list head (seqnr++, return
+        NULL): so a pass whose pages fill the budget exactly ends with one
+        empty batch, as in 2.6.32."""
         cl, q, task = self.cl, self.q, self.cl.task
         head = cl.head
         scanned = 0
@@ -461,10 +568,11 @@ class Ksmd:
             scanned += n
             budget -= n
             if not done or q[L_SCAN_SLOT] == head:
-                # a full scan ended: scan_get_next_rmap_item returns NULL
-                # after ksm_scan.seqnr++, and ksm_do_scan returns -- one
-                # batch never counts two full scans (full_scans is what KSM
-                # test programs wait on)
+                # the budget ran out (the cursor stays), or a full scan
+                # ended: scan_get_next_rmap_item returns NULL after
+                # ksm_scan.seqnr++, and ksm_do_scan returns -- one batch
+                # never counts two full scans (full_scans is what KSM test
+                # programs wait on)
                 break
         self.pages_scanned += scanned
         return scanned
@@ -478,10 +586,17 @@ class Ksmd:
         return None
 
     def scan_mm(self, st: SlotState, budget: int) -> tuple[int, bool]:
-        """Scan pages of the mm at the cursor from ksm_scan.address, at most
-        ``budget`` (scan_get_next_rmap_item + ksm_do_scan, for one mm).
-        Returns (pages scanned, whether the mm is finished: then the cursor
-        has moved on).
+        """scan_get_next_rmap_item for the mm at the cursor, called until
+        ``budget`` pages are scanned: each page present in a VM_MERGEABLE
+        area from ksm_scan.address gets its rmap_item (get_next_rmap_item)
+        and goes through ksm_do_scan's body.  Returns (pages scanned,
+        whether the mm is finished: then the cursor has moved on).
+
+        The budget is checked before the next page is looked for, as
+        ksm_do_scan's "while (scan_npages--)" does: after its last page the
+        mm is not finished yet, the cursor stays, and only the next call
+        (the next batch) finds no page, removes the trailing rmap_items and
+        moves on.
 
         The kernel takes mmap_sem and calls find_vma(mm, ksm_scan.address)
         for every page.  Here mmap_sem is held across a run of pages (the
@@ -498,28 +613,24 @@ class Ksmd:
         killpoints.hit_ksmd(cl, "ksmd_scan_mmap_sem", mm.base, self.log)
         exiting = ksm_test_exit(cl, mm)
         addr = start_addr = q[L_SCAN_ADDR]
+        # ksm_scan.rmap_item: the rmap_items below ``lo`` are the ones this
+        # pass has met (every page below ksm_scan.address that got one)
+        lo = addr
         n = 0
         found = False   # met a VM_MERGEABLE area (the kernel's ksm_scan.address != 0)
-        more = False    # the budget ran out with pages of this mm left
         last_yield = -1
         wait_flag = mm.base + M_WRITER_WAITING
-        while not exiting:
+        while not exiting and n < budget:
             rng = self.next_mergeable(mm, addr)  # find_vma(mm, ksm_scan.address)
             if rng is None:
                 break
             start, end = rng
             found = True
-            if n >= budget:
-                more = True
-                break
             v = max(addr, start)
             relook = False
             st.grow(end)
             seen, tree = st.seen, st.tree
-            while v < end:
-                if n >= budget:
-                    more = True
-                    break
+            while v < end and n < budget:
                 if not n & 63 and n != last_yield and q[wait_flag]:
                     # a writer (madvise, munmap, exit) waits: let it in
                     last_yield = n
@@ -545,6 +656,9 @@ class Ksmd:
                     continue
                 pfn = pte >> 2
                 vpn = v
+                if vpn != lo:
+                    self.remove_rmap_items(st, lo, vpn)  # get_next_rmap_item: the ones passed
+                lo = vpn + 1
                 if seen[vpn] == NO_ITEM:  # get_next_rmap_item: a new rmap_item (csum zero)
                     st.nitems += 1
                     self.rmap_items += 1
@@ -563,7 +677,7 @@ class Ksmd:
                         task.lock(mm.sem)
                         self.remove_rmap_item_from_tree(st, vpn)
                         npte = pq[PT_OFF + vpn]
-                        if npte & PTE_PRESENT:
+                        if npte & PTE_PRESENT:  # "rmap_item->oldchecksum = calc_checksum(page)"
                             p = (npte >> 2) * PAGE_SIZE
                             st.set_csum(vpn, digest(self.pool[p:p + PAGE_SIZE]))
                         relook = True
@@ -575,37 +689,58 @@ class Ksmd:
             addr = v
             if relook and ksm_test_exit(cl, mm):  # re-check after every re-take
                 exiting = True
-            if more or exiting:
-                break
-        if not exiting and ksm_test_exit(cl, mm):
-            exiting = True  # scan_get_next_rmap_item's check after the loop
-        if exiting:
-            addr = 0
-            more = False
-        if more:
+        if n >= budget and not exiting:
+            # ksm_do_scan's budget ran out right after a page: the cursor
+            # stays here, at the next address, however few pages are left
             q[L_SCAN_ADDR] = addr
             task.unlock(mm.sem)
             return n, False
-        # end of this mm: remove_trailing_rmap_items (every item this pass did
-        # not meet: its page went away or its area is no longer mergeable)
-        seen = st.seen
+        if not exiting and ksm_test_exit(cl, mm):
+            exiting = True  # scan_get_next_rmap_item's check after the loop
         if exiting:
+            addr = start_addr = lo = 0  # ksm_scan.address = 0, rmap_item = the list head
+            found = False
+        self.remove_trailing_rmap_items(st, lo)
+        self.next_mm(st, exiting or (start_addr == 0 and not found), seqnr)
+        return n, True
+
+    def remove_rmap_items(self, st: SlotState, lo: int, hi: int) -> None:
+        """Free the rmap_items of pages lo..hi-1 (get_next_rmap_item's loop
+        over the ones the scan passed: their page went away, or their area
+        is no longer mergeable): out of the tree, then freed."""
+        seen = st.seen
+        hi = min(hi, len(seen))
+        gone = [v for v in range(lo, hi) if seen[v] != NO_ITEM]
+        for v in gone:
+            self.remove_rmap_item_from_tree(st, v)
+            seen[v] = NO_ITEM
+            st.set_csum(v, NO_CSUM)
+        st.nitems -= len(gone)
+        self.rmap_items -= len(gone)
+
+    def remove_trailing_rmap_items(self, st: SlotState, lo: int) -> None:
+        """remove_trailing_rmap_items: every rmap_item above the last one
+        this pass met (all of them when the mm exits)."""
+        if lo == 0:
             self.remove_all_rmap_items(st)
         else:
-            stale = [v for v, s in enumerate(seen) if s != seqnr and s != NO_ITEM]
-            for v in stale:
-                self.remove_rmap_item_from_tree(st, v)
-                seen[v] = NO_ITEM
-                st.set_csum(v, NO_CSUM)
-            st.nitems -= len(stale)
-            self.rmap_items -= len(stale)
+            self.remove_rmap_items(st, lo, len(st.seen))
+
+    def next_mm(self, st: SlotState, free_slot: bool, seqnr: int) -> None:
+        """The end of scan_get_next_rmap_item's walk of one mm (caller holds
+        its mmap_sem for read): move the cursor to the next slot under
+        ksm_mmlist_lock; with ``free_slot`` (ksm_scan.address == 0: the mm
+        exits, or has no VM_MERGEABLE area left) do what __ksm_exit would.
+        Back at the list head: ksm_scan.seqnr++."""
+        cl, q, task = self.cl, self.q, self.cl.task
+        mm = st.mm
         task.lock(cl.mmlist)
         nxt = slot_next(cl, st.row)
         q[L_SCAN_SLOT] = nxt
         q[L_SCAN_ADDR] = 0
         b = mm.base
         q[b + M_SLOT_RMAP] = st.nitems
-        if exiting or (start_addr == 0 and not found):
+        if free_slot:
             # no VM_MERGEABLE area left (exit, or all unmapped): do what
             # __ksm_exit would, holding mmap_sem throughout.  The slot's
             # mm_count reference (dropped by our mmdrop below) keeps the mm
@@ -638,7 +773,6 @@ class Ksmd:
         if nxt == cl.head:
             q[L_SEQNR] = seqnr + 1  # published as full_scans at batch end
             self.log.info("full_scan", seqnr=seqnr + 1)
-        return n, True
 
     def _cow(self, st: SlotState) -> None:
         st.cows += 1
@@ -676,36 +810,59 @@ class Ksmd:
             st.csum[o:o + CSUM] = key  # volatile: changed since the last pass
             return True
         ref = item_ref(st.row, vpn)
-        tree_ref = self.unstable.get(key)
-        if tree_ref is None or tree_ref == ref or not self.get_mergeable_page(tree_ref, key):
-            if tree_ref is not None and tree_ref != ref:
-                self.remove_ref_from_tree(tree_ref)
-            self.unstable[key] = ref
-            st.tree[vpn] = IN_UNSTABLE
-            self.pages_unshared += 1
-            return True
-        return self.try_to_merge_two_pages(st, vpn, pfn, tree_ref)
+        tree_ref = self.unstable.get(key)  # unstable_tree_search_insert
+        if tree_ref is not None and tree_ref != ref:
+            tpfn = self.get_mergeable_page(tree_ref)
+            if tpfn < 0:
+                # "page2[0] = get_mergeable_page(tree_rmap_item); if
+                # (!page2[0]) return NULL;": a dead entry ends the search
+                # and nothing is inserted (2.6.32.67 mm/ksm.c); the page
+                # waits for the next pass, when the tree has been reset
+                return True
+            if tpfn == pfn:
+                return True  # "if (page == page2[0]) ... return NULL;"
+            p = tpfn * PAGE_SIZE
+            if not self.fq[tpfn * FRAME_SIZE + FR_FLAGS] & F_KSM \
+                    and digest(self.pool[p:p + PAGE_SIZE]) == key:
+                return self.try_to_merge_two_pages(st, vpn, pfn, tree_ref)
+            # its page changed since it was filed (or became a KSM page):
+            # the kernel's memcmp walk would pass that node by and insert
+            # beside it; a hash map has one entry per key, so it is replaced
+            self.remove_ref_from_tree(tree_ref)
+        self.unstable[key] = ref
+        st.tree[vpn] = IN_UNSTABLE
+        self.pages_unshared += 1
+        return True
 
     def _merged(self, st: SlotState) -> None:
         st.merges += 1
         st.t_merge = self.t_last_merge
         self.merges += 1  # S_MERGES is published at batch end
 
-    def get_mergeable_page(self, ref: int, key: bytes) -> bool:
-        """The unstable-tree item's page is still there, anonymous, not KSM,
-        in a live mm, with the content it was filed under (racy read: the
-        merge confirms under the pte lock)."""
+    def get_mergeable_page(self, ref: int) -> int:
+        """get_mergeable_page for an unstable-tree item: its page frame, or
+        -1 when it is gone -- the mm exits, the address is in no
+        VM_MERGEABLE area, no page is present, or it is not anonymous.
+        A racy read: ksmd holds only the scanned mm's mmap_sem (never two),
+        where the kernel takes this mm's for read; the merge confirms under
+        the pte lock, and a VMA table freed by exit_mmap meanwhile is a
+        page gone."""
         st = self.slots.get(ref >> 32)
         if st is None or ksm_test_exit(self.cl, st.mm):
-            return False
-        pte = st.mm.pq[PT_OFF + (ref & VPN_MASK)]
-        if not pte & PTE_PRESENT:
-            return False
+            return -1
+        vpn = ref & VPN_MASK
+        try:
+            if not self.vma_mergeable(st.mm, vpn):  # !(vma->vm_flags & VM_MERGEABLE)
+                return -1
+        except VmaTableFreed:
+            return -1
+        pte = st.mm.pq[PT_OFF + vpn]
+        if not pte & PTE_PRESENT:  # follow_page: no page
+            return -1
         pfn = pte >> 2
-        if self.fq[pfn * FRAME_SIZE + FR_FLAGS] & F_KSM:
-            return False
-        p = pfn * PAGE_SIZE
-        return digest(self.pool[p:p + PAGE_SIZE]) == key
+        if not self.fq[pfn * FRAME_SIZE + FR_FLAGS] & F_ANON:  # !PageAnon(page)
+            return -1
+        return pfn
 
     def try_to_merge_two_pages(self, st: SlotState, vpn: int, pfn: int, tree_ref: int) -> bool:
         """Make this page a KSM page in place, then merge the unstable tree

@@ -52,13 +52,19 @@ H_MEM_LIMIT = 23
 H_PENDING_FREE = 24
 H_KSM_UNSYNCED = 25   # slots a legacy __ksm_exit freed since ksmd last published (under ksm_thread_mutex)
 H_OOM_RULE = 26       # index in OOM_RULES: the OOM killer's victim choice, by kernel version
-H_UNMERGE_GEN = 27    # bumped by run_store's unmerge: ksmd drops its private rmap_items and trees
+H_UNMERGE_GEN = 27    # bumped by run_store's unmerge: ksmd drops the rmap_items of the mms marked M_RMAP_GONE
 # this instance of the cluster: a random 48-bit id, made at boot and given to
 # every child in its arguments (``--boot-id``); a child checks it before it
 # acts (``Cluster.attach``), so a straggler of an older cluster of the same
 # name never writes into a newer one (/proc/sys/kernel/random/boot_id's part)
 H_BOOT_ID = 28
-HDR_END = 29
+# a failed unmerge's writer, still holding ksm_thread_mutex, asks ksmd to
+# free the rmap_items of the mms it finished (H_UNMERGE_WAIT: that
+# H_UNMERGE_GEN, 0 for none) and waits until ksmd has, and has published
+# the counters (H_UNMERGE_DONE: the last generation ksmd did so for)
+H_UNMERGE_WAIT = 29
+H_UNMERGE_DONE = 30
+HDR_END = 31
 
 # ---- /sys/kernel/mm/ksm: knobs (written by ctl) and counters (written by ksmd)
 K_RUN = HDR_END + 0
@@ -178,7 +184,10 @@ M_PAGES = 19
 M_CREATED_NS = 20
 M_FREER_TASK = 21
 M_WORKER_NO = 22
-MM_SIZE = 23
+# the unmerge generation (H_UNMERGE_GEN) whose run=2 removed this mm's
+# rmap_items (remove_trailing_rmap_items): ksmd frees its copies
+M_RMAP_GONE = 23
+MM_SIZE = 24
 
 STATS_NAMES = {
     "started": S_STARTED, "exited": S_EXITED, "exit_fast": S_EXIT_FAST,
@@ -253,7 +262,9 @@ FRAME_SIZE = 5
 F_ANON, F_KSM, F_FREEING = 1, 2, 4
 F_PCP = 8  # count 0, in the per-task list of task FR_AUX - 1 (uksm.kernel.memory)
 
-# ---- address-space segment: header, VMA table, page table
+# ---- address-space segment: header, page table, VMA table
+# MS_NVMA: mm->map_count, the VMA rows in use (rows 0..map_count-1: a new
+# row is written, then counted; a removed row is overwritten by the last)
 MS_MAGIC, MS_ID, MS_OWNER_PID, MS_NVMA = range(4)
 # set by exit_mmap's free_pgtables: the VMA table is destroyed (a walk oopses)
 MS_VMAS_FREED = 4
@@ -263,11 +274,27 @@ MS_VMAS_FREED = 4
 # address space's size (a read of a tmpfs hole would allocate it)
 MS_PT_TOP = 5
 MS_BOOT_ID = 6    # the cluster instance that made this address space (H_BOOT_ID)
-MAX_VMAS = 64
+# the VMA table is backed up to this row (MM.back_vma_table): a new row
+# past it backs the next page first, as vm_area_alloc allocates
+MS_VMA_TOP = 7
 V_START, V_END, V_FLAGS = range(3)
 VMA_SIZE = 3
-VMA_OFF = 8
-PT_OFF = VMA_OFF + MAX_VMAS * VMA_SIZE
+PT_OFF = 8
+# sysctl_max_map_count's default (include/linux/mm.h, 2.6.32:
+# DEFAULT_MAX_MAP_COUNT = 65536 - MAPCOUNT_ELF_CORE_MARGIN(5) - 1)
+DEFAULT_MAX_MAP_COUNT = 65530
+
+
+def max_map_count(va_pages: int) -> int:
+    """The VMA rows of an address space of ``va_pages`` pages: one per
+    page (every page its own area, the most a task can make), at most
+    sysctl_max_map_count, as split_vma and mmap check it."""
+    return min(va_pages, DEFAULT_MAX_MAP_COUNT)
+
+
+def vma_off(va_pages: int) -> int:
+    """The VMA table's first word: after the page table."""
+    return PT_OFF + va_pages
 VM_READ, VM_WRITE, VM_MERGEABLE, VM_LOCKED = 1, 2, 4, 8
 # PTE: pfn << 2 | write << 1 | present; 0 is pte_none
 PTE_PRESENT, PTE_WRITE = 1, 2

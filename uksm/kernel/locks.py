@@ -260,7 +260,9 @@ class PyTask:
         if self.sched is not None:
             # a controlled run: blocking is modelled, never real -- parked,
             # disabled until the lock has a free unit (the entry stays
-            # WAITING, as a blocked waiter's); no slices, no deadline
+            # WAITING, as a blocked waiter's); no slices, no deadline.
+            # Woken without one, the abort hook has its look, as after a
+            # slice (ksmd serving a failed unmerge's writer)
             while True:
                 self.sched("blocked", lk)
                 try:
@@ -268,6 +270,11 @@ class PyTask:
                     break
                 except posix_ipc.BusyError:
                     q[e + E_SPINS] += 1
+                    if self.abort is not None and self.abort():
+                        q[e + E_SINCE] = 0
+                        w = q[e + E_WORD]
+                        q[e + E_WORD] = (w & ~7) + 8 + IDLE
+                        raise LockAbort(lk.name) from None
             q[e + E_SINCE] = 0
             return
         holders: list[int] | None = None

@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from uksm.errors import SegFault
+from uksm.errors import SyscallError
 from uksm.host import shm
 from uksm.host.log import NULL_LOG
 from uksm.kernel.layout import (
@@ -53,7 +53,6 @@ from uksm.kernel.layout import (
     M_WORKER_NO,
     M_WRITER_WAITING,
     MAGIC,
-    MAX_VMAS,
     MM_SIZE,
     MS_BOOT_ID,
     MS_FREE,
@@ -61,7 +60,9 @@ from uksm.kernel.layout import (
     MS_ID,
     MS_LIVE,
     MS_MAGIC,
+    MS_NVMA,
     MS_PT_TOP,
+    MS_VMA_TOP,
     MS_VMAS_FREED,
     PAGE_SIZE,
     PT_OFF,
@@ -75,9 +76,10 @@ from uksm.kernel.layout import (
     V_FLAGS,
     V_START,
     VM_MERGEABLE,
-    VMA_OFF,
     VMA_SIZE,
     XS_MMDROP,
+    max_map_count,
+    vma_off,
 )
 from uksm.kernel.views import MmRow
 
@@ -85,8 +87,6 @@ if TYPE_CHECKING:
     from uksm.kernel.cluster import Cluster
 
 
-# each VMA row's offset in an mm's segment, in table order (find_vma's walk)
-VMA_BASES = tuple(VMA_OFF + i * VMA_SIZE for i in range(MAX_VMAS))
 
 
 class VmaTableFreed(Exception):
@@ -99,7 +99,8 @@ class VmaTableFreed(Exception):
 class MM:
     """An address space as one process sees it."""
 
-    __slots__ = ("cl", "id", "row", "base", "seg", "pq", "sem", "wmx", "ptl")
+    __slots__ = ("cl", "id", "row", "base", "seg", "pq", "sem", "wmx", "ptl", "vma_off",
+                 "max_map_count")
 
     def __init__(self, cl: "Cluster", mm_id: int, row: int, seg: shm.Segment) -> None:
         self.cl = cl
@@ -109,6 +110,8 @@ class MM:
         self.seg = seg
         self.pq = seg.q
         self.sem, self.wmx, self.ptl = cl.mm_locks(mm_id)
+        self.vma_off = vma_off(cl.va_pages)
+        self.max_map_count = max_map_count(cl.va_pages)
 
     # ---- mm_struct fields -------------------------------------------------
     @property
@@ -141,8 +144,9 @@ class MM:
         if pq[MS_VMAS_FREED]:
             raise VmaTableFreed(f"mm{self.id}: walking the VMAs after exit_mmap freed them")
         out = []
-        for i in range(MAX_VMAS):
-            b = VMA_OFF + i * VMA_SIZE
+        off = self.vma_off
+        for i in range(pq[MS_NVMA]):
+            b = off + i * VMA_SIZE
             end = pq[b + V_END]
             if end:
                 out.append((pq[b + V_START], end, pq[b + V_FLAGS], i))
@@ -157,9 +161,12 @@ class MM:
         pq = self.pq
         if pq[MS_VMAS_FREED]:
             raise VmaTableFreed(f"mm{self.id}: find_vma after exit_mmap freed the VMAs")
-        for b in VMA_BASES:
+        b = self.vma_off
+        end = b + pq[MS_NVMA] * VMA_SIZE
+        while b < end:
             if pq[b + V_START] <= vpn < pq[b + V_END]:
                 return b
+            b += VMA_SIZE
         return -1
 
     def find_vma(self, vpn: int) -> tuple[int, int, int, int] | None:
@@ -168,16 +175,25 @@ class MM:
         if b < 0:
             return None
         pq = self.pq
-        return ((b - VMA_OFF) // VMA_SIZE, pq[b + V_START], pq[b + V_END], pq[b + V_FLAGS])
+        return ((b - self.vma_off) // VMA_SIZE, pq[b + V_START], pq[b + V_END], pq[b + V_FLAGS])
 
-    def _free_vma_slot(self) -> int:
-        for i in range(MAX_VMAS):
-            if self.pq[VMA_OFF + i * VMA_SIZE + V_END] == 0:
-                return i
-        raise MemoryError("too many VMAs (ENOMEM)")
+    def _new_vma(self, start: int, end: int, flags: int, errno_name: str = "ENOMEM") -> int:
+        """A new row, counted once written (the commit).  Past
+        max_map_count: "if (mm->map_count >= sysctl_max_map_count) return
+        -ENOMEM;" (split_vma, mmap_region; madvise_behavior turns it into
+        -EAGAIN), the task lives."""
+        pq = self.pq
+        n = pq[MS_NVMA]
+        if n >= self.max_map_count:
+            raise SyscallError(errno_name, f"mm{self.id}: {n} areas, max_map_count {self.max_map_count}")
+        if not self.back_vma_table(n + 1):  # vm_area_alloc failing
+            raise SyscallError(errno_name, f"mm{self.id}: no room in /dev/shm for a VMA row")
+        self._set_vma(n, start, end, flags)
+        pq[MS_NVMA] = n + 1  # commit
+        return n
 
     def _set_vma(self, i: int, start: int, end: int, flags: int) -> None:
-        b = VMA_OFF + i * VMA_SIZE
+        b = self.vma_off + i * VMA_SIZE
         pq = self.pq
         pq[b + V_END] = 0
         pq[b + V_START] = start
@@ -192,53 +208,62 @@ class MM:
                 break
             start = max(start, e)
         if start + npages > self.cl.va_pages:
-            raise MemoryError(f"address space full: {npages} pages do not fit (ENOMEM)")
+            raise SyscallError("ENOMEM", f"address space full: {npages} pages do not fit")
         return start
 
     def insert_vma(self, start: int, npages: int, flags: int) -> None:
-        self._set_vma(self._free_vma_slot(), start, start + npages, flags)
+        self._new_vma(start, start + npages, flags)
 
-    def split_range(self, start: int, end: int) -> list[int]:
-        """Split VMAs so that [start, end) is covered by whole VMAs; return
-        their indexes (split_vma).  Raises SegFault for a hole (ENOMEM)."""
+    def split_range(self, start: int, end: int, errno_name: str = "ENOMEM") -> tuple[list[int], bool]:
+        """Split VMAs so that [start, end) is covered by whole VMAs
+        (split_vma); return their indexes, and whether the range has holes
+        (the caller's -ENOMEM, after it has done its work on the mapped
+        parts, as madvise does).  A split past max_map_count raises
+        SyscallError(``errno_name``) with the table as it was."""
         pq = self.pq
-        for (i, s, e, f) in self.vmas():
-            if s < start < e:
-                self._set_vma(self._free_vma_slot(), start, e, f)
-                pq[VMA_OFF + i * VMA_SIZE + V_END] = start
-        for (i, s, e, f) in self.vmas():
-            if s < end < e:
-                self._set_vma(self._free_vma_slot(), end, e, f)
-                pq[VMA_OFF + i * VMA_SIZE + V_END] = end
+        for edge in (start, end):
+            for (i, s, e, f) in self.vmas():
+                if s < edge < e:
+                    self._new_vma(edge, e, f, errno_name)
+                    pq[self.vma_off + i * VMA_SIZE + V_END] = edge
         covered = [(s, e, i) for (i, s, e, _f) in self.vmas() if start <= s and e <= end]
         pos = start
         for (s, e, _i) in sorted(covered):
             if s != pos:
                 break
             pos = e
-        if pos != end:
-            raise SegFault(f"range {start << 12:#x}-{end << 12:#x} is not fully mapped (ENOMEM)")
-        return [i for (_s, _e, i) in covered]
+        return [i for (_s, _e, i) in covered], pos != end or not covered
 
     def vma_at(self, i: int) -> tuple[int, int, int]:
-        b = VMA_OFF + i * VMA_SIZE
+        b = self.vma_off + i * VMA_SIZE
         return self.pq[b + V_START], self.pq[b + V_END], self.pq[b + V_FLAGS]
 
     def set_vma_flags(self, i: int, flags: int) -> None:
-        self.pq[VMA_OFF + i * VMA_SIZE + V_FLAGS] = flags
+        self.pq[self.vma_off + i * VMA_SIZE + V_FLAGS] = flags
 
-    def remove_vma(self, i: int) -> None:
-        self.pq[VMA_OFF + i * VMA_SIZE + V_END] = 0
+    def remove_vmas(self, idx: list[int]) -> None:
+        """Remove rows, the highest first: each is overwritten by the last
+        row, then the count shrinks (for an instant the last area is in
+        two rows, which a walker tolerates; the removed one is gone)."""
+        pq = self.pq
+        for i in sorted(idx, reverse=True):
+            last = pq[MS_NVMA] - 1
+            if i != last:
+                s, e, f = self.vma_at(last)
+                self._set_vma(i, s, e, f)
+            pq[MS_NVMA] = last  # commit
 
     def merge_vmas(self) -> None:
         """vma_merge: join neighbours with equal flags (keeps the table small)."""
-        vs = self.vmas()
-        for a, b in zip(vs, vs[1:]):
-            if a[2] == b[1] and a[3] == b[3]:
-                self.pq[VMA_OFF + a[0] * VMA_SIZE + V_END] = b[2]
-                self.remove_vma(b[0])
-                return self.merge_vmas()
-        return None
+        while True:
+            vs = self.vmas()
+            for a, b in zip(vs, vs[1:]):
+                if a[2] == b[1] and a[3] == b[3]:
+                    self.pq[self.vma_off + a[0] * VMA_SIZE + V_END] = b[2]
+                    self.remove_vmas([b[0]])
+                    break
+            else:
+                return
 
     def mergeable_ranges(self) -> list[tuple[int, int]]:
         return [(s, e) for (_i, s, e, f) in self.vmas() if f & VM_MERGEABLE]
@@ -289,12 +314,35 @@ class MM:
         top = self.pq[MS_PT_TOP]
         if end <= top:
             return True
-        lo = (PT_OFF + top) * 8 // PAGE_SIZE * PAGE_SIZE
-        hi = min(self.seg.size, -(-(PT_OFF + end) * 8 // PAGE_SIZE) * PAGE_SIZE)
-        if hi > lo and not self.seg.populate(lo, hi - lo):
+        hi = self._back(PT_OFF + top, PT_OFF + end)
+        if hi < 0:
             return False
-        self.pq[MS_PT_TOP] = min(self.cl.va_pages, (hi // 8) - PT_OFF)
+        self.pq[MS_PT_TOP] = min(self.cl.va_pages, hi - PT_OFF)
         return True
+
+    def back_vma_table(self, rows: int) -> bool:
+        """Back the VMA table's first ``rows`` rows (a new row, with
+        mmap_sem held for write, before it is written): False if /dev/shm
+        has no room, the kernel's vm_area_alloc failing (-ENOMEM)."""
+        top = self.pq[MS_VMA_TOP]
+        if rows <= top:
+            return True
+        off = self.vma_off
+        hi = self._back(off + top * VMA_SIZE, off + rows * VMA_SIZE)
+        if hi < 0:
+            return False
+        self.pq[MS_VMA_TOP] = min(self.max_map_count, (hi - off) // VMA_SIZE)
+        return True
+
+    def _back(self, lo: int, hi: int) -> int:
+        """Back the pages holding the segment's words [lo, hi); returns the
+        word where the backed run now ends (the end of the last page), -1
+        when /dev/shm has no room."""
+        a = lo * 8 // PAGE_SIZE * PAGE_SIZE
+        b = min(self.seg.size, -(-hi * 8 // PAGE_SIZE) * PAGE_SIZE)
+        if b > a and not self.seg.populate(a, b - a):
+            return -1
+        return b // 8
 
 
 # ---- creation and the last mmdrop ----------------------------------------------
@@ -318,10 +366,11 @@ def mm_create(cl: "Cluster", owner_row: int, worker_no: int) -> MM:
         q[b + M_ID] = mm_id
     finally:
         task.unlock(cl.mmlist)
-    # the page table is sized for the whole address space but backed only
-    # as sys_mmap maps pages (MS_PT_TOP): the header and VMA table, in the
-    # first page, now
-    size = (PT_OFF + cl.va_pages) * 8
+    # sized for the whole address space and the most VMA rows it can
+    # have, backed only as used: the header and the first page table
+    # entries (the first page) now, more page table as sys_mmap maps
+    # pages (MS_PT_TOP), VMA rows as they are made (MS_VMA_TOP)
+    size = (vma_off(cl.va_pages) + max_map_count(cl.va_pages) * VMA_SIZE) * 8
     seg = shm.create_segment(cl.name, f"mm{mm_id}", size, backed=PAGE_SIZE)
     shm.create_sem(cl.name, f"mm{mm_id}.sem", cl.rwsem_n)
     shm.create_sem(cl.name, f"mm{mm_id}.wmx", 1)

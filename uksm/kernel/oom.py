@@ -21,12 +21,16 @@ Which victims block a new choice depends on the kernel (``--oom-rule``):
   cleared only after mmput returns.  A victim stuck in __ksm_exit blocks
   every further kill: the 4.1-stable hang of 2016.
 
-Badness is the victim's *private* resident frames (RSS minus PTEs mapping
-KSM pages): what killing it gives back.  A task being unmerged by run=2
-grows there, so it is the one picked, as in the seed's scenario.
+Badness is each rule's own (``badness``): 2.6.32's starts from
+``mm->total_vm`` -- the pages mapped, not what killing the task gives
+back: a task whose pages are all one KSM page scores its full size --
+then divides by CPU and run time and adjusts for nice and capabilities;
+4.1's oom_badness counts RSS (and swap, none here).  Ties go to the first
+task in the mm table (for_each_process: creation order).
 """
 from __future__ import annotations
 
+import math
 import os
 import signal
 from collections.abc import Callable
@@ -38,9 +42,9 @@ from uksm.kernel.layout import (
     H_OOM_RULE,
     M_EXIT_STAGE,
     M_ID,
-    M_KSM_MAPPED,
     M_OOM_VICTIM,
     M_OWNER_PID,
+    M_PAGES,
     M_RSS,
     M_STATE,
     M_USERS,
@@ -71,14 +75,10 @@ def oom_killer(log: Any) -> Callable[["Cluster", "Task"], int]:
     return lambda cl, task: out_of_memory(cl, task, log)
 
 
-def child_to_kill(cl: "Cluster", pid: int) -> int | None:
-    """oom_kill_process's "Try to kill a child first" (2.6.32.67
-    mm/oom_kill.c): the mm row of the first child of task ``pid`` (forked
-    by it, oldest first: p->children's order) with an mm of its own
-    still in use (oom_kill_task skips one without: "if (!p->mm) return
-    1"); None when it has none.  4.1 sacrifices a child too (the one of
-    highest badness): the oldest is taken under both rules.  Caller holds
-    ksm_mmlist_lock."""
+def children_mms(cl: "Cluster", pid: int) -> list[tuple[int, int]]:
+    """(start_ns, mm row) of each child of task ``pid`` (forked by it)
+    with an mm of its own still in use, oldest first (p->children's
+    order).  Caller holds ksm_mmlist_lock."""
     q = cl.q
     kids = []
     for r in range(cl.max_tasks):
@@ -87,7 +87,79 @@ def child_to_kill(cl: "Cluster", pid: int) -> int | None:
             row = cl.mm_row(t.mm)
             if row >= 0 and q[cl.mbase(row) + M_USERS] and q[cl.mbase(row) + M_OWNER_PID] == t.pid:
                 kids.append((t.start_ns, row))
-    return min(kids)[1] if kids else None
+    return sorted(kids)
+
+
+def child_to_kill(cl: "Cluster", pid: int) -> int | None:
+    """oom_kill_process's "Try to kill a child first" (2.6.32.67
+    mm/oom_kill.c): the mm row of the first child of task ``pid`` (forked
+    by it, oldest first: p->children's order) with an mm of its own
+    still in use (oom_kill_task skips one without: "if (!p->mm) return
+    1"); None when it has none.  4.1 sacrifices a child too (the one of
+    highest badness): the oldest is taken under both rules.  Caller holds
+    ksm_mmlist_lock."""
+    kids = children_mms(cl, pid)
+    return kids[0][1] if kids else None
+
+
+# lib/int_sqrt.c's int_sqrt: the integer square root
+def int_sqrt(x: int) -> int:
+    return math.isqrt(x)
+
+
+HZ = 1000           # CONFIG_HZ_1000
+SHIFT_HZ = 10       # include/linux/timex.h, for HZ 1000
+CAP_SYS_RAWIO, CAP_SYS_ADMIN, CAP_SYS_RESOURCE = 17, 21, 24
+
+
+def _proc_task(pid: int) -> tuple[int, float, int] | None:
+    """(utime + stime in jiffies, seconds since it started, CapEff) of a
+    real process, from /proc; None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+        with open(f"/proc/{pid}/status") as f:
+            cap = next(int(ln.split()[1], 16) for ln in f if ln.startswith("CapEff:"))
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, StopIteration, ValueError):
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()   # after "pid (comm) "
+    tick = os.sysconf("SC_CLK_TCK")
+    cpu = (int(fields[11]) + int(fields[12])) * HZ // tick       # utime + stime
+    return cpu, uptime - int(fields[19]) / tick, cap              # starttime
+
+
+def badness(total_vm: int, pid: int, children_vm: tuple[int, ...] = ()) -> int:
+    """2.6.32's badness(p, uptime) for a task whose mm maps ``total_vm``
+    pages, whose forked children with mms of their own map
+    ``children_vm``, with the inputs the task's real process has
+    (2.6.32.67 mm/oom_kill.c).  Left out: the cpuset test (no cpusets:
+    every task's nodes overlap) and oom_adj (never set: 0).
+    PF_OOM_ORIGIN's ULONG_MAX is the caller's (the run=2 writer)."""
+    points = total_vm                        # "points = mm->total_vm;"
+    for vm in children_vm:                   # "if (child->mm != mm && child->mm)"
+        points += vm // 2 + 1                # "points += child->mm->total_vm/2 + 1;"
+    t = _proc_task(pid)
+    if t is None:
+        return points
+    jiffies, run_s, cap = t
+    cpu_time = jiffies >> (SHIFT_HZ + 3)     # "CPU time is in tens of seconds"
+    run_time = int(run_s) >> 10              # "and run time is in thousands of seconds"
+    if cpu_time:
+        points //= int_sqrt(cpu_time)
+    if run_time:
+        points //= int_sqrt(int_sqrt(run_time))
+    try:
+        if os.getpriority(os.PRIO_PROCESS, pid) > 0:
+            points *= 2                      # "Niced processes are most likely less important"
+    except OSError:
+        pass
+    if cap & (1 << CAP_SYS_ADMIN | 1 << CAP_SYS_RESOURCE):
+        points //= 4                         # "Superuser processes are usually more important"
+    if cap & 1 << CAP_SYS_RAWIO:
+        points //= 4                         # "direct hardware access"
+    return points
 
 
 def out_of_memory(cl: "Cluster", task: "Task", log: Any) -> int:
@@ -117,7 +189,12 @@ def out_of_memory(cl: "Cluster", task: "Task", log: Any) -> int:
                     continue
             if q[b + M_OWNER_PID] <= 0:
                 continue
-            score = q[b + M_RSS] - q[b + M_KSM_MAPPED]
+            if rule == OOM_2632:
+                pid = q[b + M_OWNER_PID]
+                kids = tuple(q[cl.mbase(k) + M_PAGES] for _, k in children_mms(cl, pid))
+                score = badness(q[b + M_PAGES], pid, kids)
+            else:
+                score = q[b + M_RSS]
             if score > best:
                 best, victim = score, r
         # the writer of run=2 (uksm.kernel.writer): a user task with an mm, so a
@@ -143,7 +220,9 @@ def out_of_memory(cl: "Cluster", task: "Task", log: Any) -> int:
             return 0
         else:
             chosen = q[cl.mbase(victim) + M_OWNER_PID]
-            victim = child_to_kill(cl, chosen) or victim   # oom_kill_process: a child first
+            kid = child_to_kill(cl, chosen)   # oom_kill_process: a child first
+            if kid is not None:
+                victim = kid
             b = cl.mbase(victim)
             q[b + M_OOM_VICTIM] = 1
             q[S_OOM_KILLED] += 1

@@ -71,9 +71,10 @@ def add_points(names: list[str]) -> None:
 
 # what a parked, disabled process waits for (the scheduler evaluates it):
 # a lock's free unit, free frames, work for ksmd, the logical clock (a
-# sleep), a command (a scripted task), and a delay point's barrier
-# (released when nothing else can run)
-BLK_NONE, BLK_LOCK, BLK_FRAMES, BLK_KSMD_IDLE, BLK_TIME, BLK_CMD, BLK_DELAY = range(7)
+# sleep), a command (a scripted task), a delay point's barrier
+# (released when nothing else can run), and ksmd's service of a failed
+# run=2 (ksm.ksmd_remove_rmap_items: the writer waits, holding the mutex)
+BLK_NONE, BLK_LOCK, BLK_FRAMES, BLK_KSMD_IDLE, BLK_TIME, BLK_CMD, BLK_DELAY, BLK_UNMERGE = range(8)
 
 _point: Callable[[int, int], None] | None = None
 _blocked: Callable[[int, int, int], None] | None = None
@@ -124,6 +125,6 @@ def signal(pid: int, signo: int) -> bool:
     return bool(ON and _signal is not None and _signal(pid, signo))
 
 
-__all__ = ["ON", "POINTS", "CODE", "BLK_NONE", "BLK_LOCK", "BLK_FRAMES",
-           "BLK_KSMD_IDLE", "BLK_TIME", "BLK_CMD", "BLK_DELAY", "add_points", "install", "point",
+__all__ = ["ON", "POINTS", "CODE", "BLK_NONE", "BLK_LOCK", "BLK_FRAMES", "BLK_KSMD_IDLE",
+           "BLK_TIME", "BLK_CMD", "BLK_DELAY", "BLK_UNMERGE", "add_points", "install", "point",
            "blocked", "sleep", "now", "signal"]

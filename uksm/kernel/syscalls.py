@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from uksm.errors import SegFault
+from uksm.errors import SyscallError
 from uksm.host.log import NULL_LOG
 from uksm.kernel import killpoints, sched
 from uksm.kernel.ksm import ERESTARTSYS, __ksm_enter, unmerge_ksm_pages
@@ -62,23 +62,14 @@ def syscall_return(nr: int) -> None:
 
 
 def _range(cl: "Cluster", addr: int, length: int) -> tuple[int, int]:
+    """munmap's checks: an aligned start, a length > 0, inside the address
+    space (EINVAL otherwise)."""
     if addr & (PAGE_SIZE - 1) or length <= 0 or addr < 0:
-        raise SegFault(f"invalid range {addr:#x}+{length} (EINVAL)")
+        raise SyscallError("EINVAL", f"invalid range {addr:#x}+{length}")
     start, end = addr >> PAGE_SHIFT, (addr + length + PAGE_SIZE - 1) >> PAGE_SHIFT
-    if end > cl.va_pages:
-        raise SegFault(f"range {addr:#x}+{length} is beyond the address space (ENOMEM)")
+    if end > cl.va_pages:  # do_munmap: "len > TASK_SIZE-start" -> -EINVAL
+        raise SyscallError("EINVAL", f"range {addr:#x}+{length} is beyond the address space")
     return start, end
-
-
-def _mapped(mm: MM, start: int, end: int, addr: int) -> None:
-    """madvise's ENOMEM: every page of the range must be in a VMA."""
-    pos = start
-    for (_i, s, e, _f) in mm.vmas():
-        if s <= pos < e:
-            pos = e
-        if pos >= end:
-            return
-    raise SegFault(f"madvise range from {addr:#x} is not fully mapped (ENOMEM)")
 
 
 def sys_mmap(cl: "Cluster", mm: MM, length: int, prot: int = VM_READ | VM_WRITE) -> int:
@@ -86,7 +77,7 @@ def sys_mmap(cl: "Cluster", mm: MM, length: int, prot: int = VM_READ | VM_WRITE)
     flags (0 is PROT_NONE)."""
     npages = (length + PAGE_SIZE - 1) // PAGE_SIZE
     if npages <= 0:
-        raise SegFault("mmap of zero length (EINVAL)")
+        raise SyscallError("EINVAL", "mmap of zero length")
     syscall_entry(NR_MMAP)
     mm.down_write()
     try:
@@ -128,11 +119,10 @@ def sys_munmap(cl: "Cluster", mm: MM, alloc: Allocator, addr: int, length: int) 
     syscall_entry(NR_MUNMAP)
     mm.down_write()
     try:
-        idx = mm.split_range(start, end)
+        idx, _holes = mm.split_range(start, end)  # do_munmap: a hole is no error
         zap_range(cl, alloc, mm, start, end)
-        for i in idx:
-            mm.remove_vma(i)
-        mm.words.pages -= end - start
+        mm.words.pages -= sum(e - s for (s, e, _f) in map(mm.vma_at, idx))
+        mm.remove_vmas(idx)
     finally:
         mm.up_write()
     syscall_return(NR_MUNMAP)
@@ -140,28 +130,51 @@ def sys_munmap(cl: "Cluster", mm: MM, alloc: Allocator, addr: int, length: int) 
 
 def sys_madvise(cl: "Cluster", mm: MM, alloc: Allocator, addr: int, length: int, advice: int,
                 log: Any = NULL_LOG, stop: Callable[[], bool] | None = None) -> int:
-    """madvise; returns pages unmerged for MADV_UNMERGEABLE, else 0."""
-    start, end = _range(cl, addr, length)
+    """sys_madvise (2.6.32.67 mm/madvise.c); returns pages unmerged for
+    MADV_UNMERGEABLE, else 0.  Errors are SyscallError, the task lives:
+
+    - an unaligned start, a negative length: -EINVAL; a length of 0: 0
+      ("if (end == start) goto out;" with error 0);
+    - a range over holes: the advice is applied to the mapped parts, then
+      -ENOMEM ("If the interval [start,end) covers some unmapped address
+      ranges, just ignore them, but return -ENOMEM at the end");
+    - a split past max_map_count: -EAGAIN (madvise_behavior: "if (error
+      == -ENOMEM) error = -EAGAIN;");
+    - MADV_UNMERGEABLE stopped by a pending signal (``stop()``):
+      KsmInterrupted, -ERESTARTSYS ("if (signal_pending(current)) err =
+      -ERESTARTSYS;", unmerge_ksm_pages)."""
+    if advice not in (MADV_DONTNEED, MADV_MERGEABLE, MADV_UNMERGEABLE):
+        raise SyscallError("EINVAL", f"madvise advice {advice}")  # !madvise_behavior_valid
+    if addr & (PAGE_SIZE - 1) or addr < 0 or length < 0:
+        raise SyscallError("EINVAL", f"invalid range {addr:#x}+{length}")
+    if length == 0:
+        return 0
+    start, asked = addr >> PAGE_SHIFT, (addr + length + PAGE_SIZE - 1) >> PAGE_SHIFT
+    end = min(asked, cl.va_pages)  # above it nothing is mapped: a hole
+    holes = end != asked
     syscall_entry(NR_MADVISE)
     if advice == MADV_DONTNEED:
         cl.task.lock(mm.sem)
         try:
-            _mapped(mm, start, end, addr)
-            zap_range(cl, alloc, mm, start, end)
+            for (_i, s, e, _f) in mm.vmas():
+                if s < end and e > start:
+                    zap_range(cl, alloc, mm, max(s, start), min(e, end))
+            holes = holes or _holes(mm, start, end)
         finally:
             cl.task.unlock(mm.sem)
         syscall_return(NR_MADVISE)
+        if holes:
+            raise SyscallError("ENOMEM", f"madvise range from {addr:#x} is not fully mapped")
         return 0
-    if advice not in (MADV_MERGEABLE, MADV_UNMERGEABLE):
-        raise SegFault(f"madvise advice {advice} (EINVAL)")
     mm.down_write()
     n = err = 0
     try:
-        idx = mm.split_range(start, end)
+        idx, gaps = mm.split_range(start, end, "EAGAIN")
+        holes = holes or gaps
         killpoints.hit(cl, "madvise_mmap_sem_write", log)
         if advice == MADV_MERGEABLE:
             # ksm_madvise: __ksm_enter the first time, then VM_MERGEABLE
-            if not mm.words.flags & MMF_VM_MERGEABLE:
+            if idx and not mm.words.flags & MMF_VM_MERGEABLE:
                 __ksm_enter(cl, mm, log)
             for i in idx:
                 mm.set_vma_flags(i, mm.vma_at(i)[2] | VM_MERGEABLE)
@@ -181,6 +194,9 @@ def sys_madvise(cl: "Cluster", mm: MM, alloc: Allocator, addr: int, length: int,
                     break
                 mm.set_vma_flags(i, f & ~VM_MERGEABLE)
         mm.merge_vmas()
+    except SyscallError:
+        mm.merge_vmas()  # a split that was made is joined again: the table as it was
+        raise
     finally:
         mm.up_write()
     if advice == MADV_UNMERGEABLE:
@@ -188,5 +204,17 @@ def sys_madvise(cl: "Cluster", mm: MM, alloc: Allocator, addr: int, length: int,
     syscall_return(NR_MADVISE)
     if err:
         raise KsmInterrupted(err, n)
+    if holes:
+        raise SyscallError("ENOMEM", f"madvise range from {addr:#x} is not fully mapped")
     return n
 
+
+def _holes(mm: MM, start: int, end: int) -> bool:
+    """Some page of [start, end) is in no VMA."""
+    pos = start
+    for (_i, s, e, _f) in mm.vmas():
+        if s <= pos < e:
+            pos = e
+        if pos >= end:
+            return False
+    return True

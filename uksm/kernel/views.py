@@ -32,6 +32,7 @@ from uksm.kernel.layout import (
     M_OWNER_TASK,
     M_PAGES,
     M_REFS,
+    M_RMAP_GONE,
     M_RMAP_ITEMS,
     M_RSS,
     M_SLOT_NEXT,
@@ -172,6 +173,7 @@ class MmRow(Words):
     created_ns: Word[MmRow] = Word(M_CREATED_NS)
     freer_task: Word[MmRow] = Word(M_FREER_TASK)     # 1 + the row of the task freeing it
     worker_no: Word[MmRow] = Word(M_WORKER_NO)
+    rmap_gone: Word[MmRow] = Word(M_RMAP_GONE)       # the run=2 that removed its rmap_items
 
 
 __all__ = ["Word", "Words", "TaskRow", "MmRow"]

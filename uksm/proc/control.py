@@ -71,7 +71,8 @@ CTL_NAMES: tuple[str, ...] = tuple(n for n, _ in KSM_FIELDS) + (
     "exit_policy", "mem_limit", "frames_total", "frames_used", "frames_free")
 #: the names ``uksm ctl KEY=VALUE`` may write
 WRITABLE: tuple[str, ...] = ("run", "pages_to_scan", "sleep_millisecs", "exit_policy", "mem_limit")
-UINT_MAX = (1 << 31) - 1
+UINT_MAX = (1 << 32) - 1
+ULONG_MAX = (1 << 64) - 1
 
 
 class KnobError(shm.UksmError):
@@ -82,16 +83,32 @@ class KnobError(shm.UksmError):
         super().__init__(f"{name}: {text} ({errno_name}): {why}", EXIT_USAGE)
 
 
-def _whole(name: str, raw: Any, lo: int, why: str) -> int:
-    """strict_strtoul(buf, 10, ...): a decimal whole number in ASCII digits
-    (a trailing newline is fine).  Not '0x10' (ksm.c passes base 10), and
-    not a digit of another script: str.isdigit() says yes to a full-width
-    '１' and int() reads it, where the kernel sees bytes that are no digit."""
-    s = str(raw).strip()
-    if not (s.isascii() and s.isdigit()):
+def strict_strtoul(raw: Any) -> int | None:
+    """lib/vsprintf.c's strict_strtoul(cp, 10, &res), None for -EINVAL:
+    decimal digits (simple_strtoul: no sign, no blank, no overflow check --
+    the value wraps at ULONG_MAX + 1), then the end of the string or one
+    newline ("(len == (size_t)(tail - cp) + 1) && (*tail == '\\n')")."""
+    s = str(raw)
+    digits = s[:-1] if s.endswith("\n") else s
+    if not digits or not all("0" <= c <= "9" for c in digits):  # ASCII: not a full-width "１", no "²"
+        return None
+    return int(digits, 10) & ULONG_MAX
+
+
+def _uint(name: str, raw: Any, why: str) -> int:
+    """The kernel's knob stores: "err = strict_strtoul(buf, 10, &val);
+    if (err || val > UINT_MAX) return -EINVAL;" (2.6.32.67 mm/ksm.c)."""
+    v = strict_strtoul(raw)
+    if v is None or v > UINT_MAX:
         raise KnobError(name, why)
-    v = int(s, 10)
-    if v < lo or v > UINT_MAX:
+    return v
+
+
+def _whole(name: str, raw: Any, lo: int, why: str) -> int:
+    """uksm's own knobs (mem_limit): a decimal whole number, as the
+    kernel's (``_uint``), at least ``lo``."""
+    v = _uint(name, raw, why)
+    if v < lo:
         raise KnobError(name, why)
     return v
 
@@ -100,14 +117,14 @@ def validate_knob(name: str, raw: Any, nframes: int | None = None) -> int | str:
     """The value ``name=raw`` writes, or KnobError (EINVAL, EACCES) with the
     kernel's reasoning.  ``nframes``: the pool size, when known (mem_limit)."""
     if name == "run":
-        s = str(raw).strip()
-        if s not in ("0", "1", "2"):
+        v = _uint(name, raw, "must be 0, 1 or 2")
+        if v > 2:  # "if (flags > KSM_RUN_UNMERGE) return -EINVAL;"
             raise KnobError(name, "must be 0, 1 or 2")
-        return int(s)
+        return v
     if name == "pages_to_scan":
-        return _whole(name, raw, 1, "must be a whole number greater than 0")
+        return _uint(name, raw, f"must be a whole number 0..{UINT_MAX}")
     if name == "sleep_millisecs":
-        return _whole(name, raw, 0, "must be a whole number of milliseconds >= 0")
+        return _uint(name, raw, f"must be a whole number of milliseconds 0..{UINT_MAX}")
     if name == "exit_policy":
         s = str(raw).strip()
         if s not in EXIT_POLICIES:

@@ -43,6 +43,8 @@ from uksm.kernel.layout import (
     C_MMAP,
     C_PTL,
     C_WMUTEX,
+    H_KSM_UNSYNCED,
+    H_UNMERGE_WAIT,
     S_LOCK_RECOVERIES,
     S_RECOVERIES,
     T_PID,
@@ -195,6 +197,12 @@ class Recovery:
             row = cl.mm_row(lid & ((1 << 40) - 1)) if lid >> 40 == C_MMAP else -1
             if row >= 0:  # a writer died waiting or holding: nobody waits now
                 cl.mrow(row).writer_waiting = 0
+        if cl.daemon.lid in owned and q[H_UNMERGE_WAIT]:
+            # a run=2 writer died waiting for ksmd to count out what its
+            # failed unmerge removed: nobody waits now, and the counters
+            # wait for ksmd's next reconcile (fsck is told)
+            q[H_UNMERGE_WAIT] = 0
+            q[H_KSM_UNSYNCED] += 1
         for cls in (C_PTL, C_MMAP, C_WMUTEX, C_DAEMON):
             for lid in [x for x in owned if x >> 40 == cls]:
                 self._post(locks[lid], owned.pop(lid))

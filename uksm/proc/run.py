@@ -23,6 +23,7 @@ from uksm.kernel.ksm import slot_next, slots
 from uksm.kernel.layout import (
     A_FREE_TOP,
     H_MEM_LIMIT,
+    H_PENDING_FREE,
     K_FULL_SCANS,
     K_PAGES_SHARED,
     K_PAGES_SHARING,
@@ -470,7 +471,10 @@ def drive(sup: Supervisor, o: RunOptions, t0: float, progress: Progress,
             elif conv.converged(q, sup.workers_ready(), lambda scans: merged_since(sup, scans)):
                 if o.scenario == "oom-unmerge" and phase == "merge":
                     phase = "unmerge"
-                    used = sup.cl.nframes - q[A_FREE_TOP]
+                    # the merged state: frames merged away but still on
+                    # their way back (ksmd flushes them just after the
+                    # batch that freed them) are not in it
+                    used = sup.cl.nframes - q[A_FREE_TOP] - q[H_PENDING_FREE]
                     q[H_MEM_LIMIT] = used + oom_headroom(o)
                     sup.log.info("ksm_knob", name="mem_limit", value=q[H_MEM_LIMIT])
                     writer = sup.start_run_writer(2)  # echo 2 > run, PF_OOM_ORIGIN as the policy's kernel
