@@ -76,6 +76,10 @@ RESTORE = (("run", "2"), ("run", "0"), ("pages_to_scan", "100"), ("sleep_millise
            ("advisor_mode", "none"))
 #: the per-task ksm_stat lines both give
 STAT_FIELDS = ("ksm_rmap_items", "ksm_merging_pages")
+#: the largest task: no walk then maps one content more than 256 times, so
+#: the kernel's max_page_sharing (4.13; 2.6.32 has no cap) never splits a
+#: KSM page (the fork-unmergeable walk's task A is one content)
+MAX_PAGES = 256
 
 
 class BadInput(Exception):
@@ -149,8 +153,31 @@ def pattern(maps: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             if p["ksm"]:
                 ksm.append(where)
             mapcount[where] = p["mapcount"]
-    groups = sorted(sorted(g) for g in by_frame.values())
+    groups = sorted(sorted(g, key=_page_key) for g in by_frame.values())
     return {"frames": groups, "ksm": ksm, "mapcount": mapcount}
+
+
+def _page_key(name: str) -> tuple[str, int]:
+    t, i = name.split(":")
+    return t, int(i)
+
+
+def difference(key: str, k: Any, u: Any, most: int = 3) -> str:
+    """What one side has and the other has not, in a line or two."""
+    if key == "frames":
+        ks, us = set(map(tuple, k)), set(map(tuple, u))
+        only = [(w, sorted(a - b)) for w, a, b in (("kernel", ks, us), ("uksm", us, ks))]
+        return "; ".join(f"frames only in {w}: " + ", ".join(f"[{spans(list(g))}]" for g in gs[:most])
+                         + (f" (+{len(gs) - most})" if len(gs) > most else "")
+                         for w, gs in only if gs)
+    if key == "ksm":
+        kp, up = set(k), set(u)
+        return "; ".join(f"KSM only in {w}: {spans(sorted(a - b, key=_page_key))}"
+                         for w, a, b in (("kernel", kp, up), ("uksm", up, kp)) if a - b)
+    pages = sorted(set(k) | set(u), key=_page_key)
+    diff = [f"{p} {k.get(p)}/{u.get(p)}" for p in pages if k.get(p) != u.get(p)]
+    return (f"mapcount kernel/uksm: {', '.join(diff[:most])}"
+            + (f" (+{len(diff) - most})" if len(diff) > most else ""))
 
 
 def spans(names: list[str]) -> str:
@@ -204,7 +231,7 @@ def rows(step: str, k: dict[str, Any], u: dict[str, Any]) -> list[dict[str, Any]
         row = {"step": step, "field": f, "kernel": summary(f, kv), "uksm": summary(f, uv),
                "agree": kv == uv}
         if kv != uv:
-            row["detail"] = {"kernel": kv, "uksm": uv}
+            row["difference"] = difference(f, kv, uv)
         out.append(row)
     return out
 
@@ -557,7 +584,9 @@ def main(argv: list[str] | None = None) -> int:
                "advisor_mode=none). See docs/TWIN.md.")
     ap.add_argument("--walk", default="full",
                     help="which walk (default: full; --list shows them and their steps)")
-    ap.add_argument("--pages", type=int, default=32, help="pages per task, 8..1024 (default 32)")
+    ap.add_argument("--pages", type=int, default=32,
+                    help=f"pages per task, 8..{MAX_PAGES} (default 32; at most 256 mappings of "
+                         f"one KSM page, the kernel's max_page_sharing)")
     ap.add_argument("--scans", type=int, default=None,
                     help="full scans waited for after each step, 2..20 (default 3: the first "
                          "may have begun before the step)")
@@ -572,8 +601,9 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:
         return 0 if e.code == 0 else 2
     try:
-        if not 8 <= a.pages <= 1024:
-            raise BadInput(f"--pages: 8 .. 1024 (got {a.pages})")
+        if not 8 <= a.pages <= MAX_PAGES:
+            raise BadInput(f"--pages: 8 .. {MAX_PAGES} (got {a.pages}; more would map one KSM "
+                           f"page more than max_page_sharing=256 times, a cap since 4.13)")
         if a.scans is not None and not 2 <= a.scans <= 20:
             raise BadInput(f"--scans: 2 .. 20 (got {a.scans})")
         if not 1 <= a.timeout <= 3600:
@@ -620,9 +650,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(table(rs))
         for r in rs:
-            if "detail" in r:
-                print(f"{r['step']} {r['field']}: kernel {r['detail']['kernel']}\n"
-                      f"{' ' * len(r['step'])} {' ' * len(r['field'])}  uksm   {r['detail']['uksm']}")
+            if "difference" in r:
+                print(f"{r['step']}: {r['difference']}")
         print(f"walk {walk.name}: {sum(r['agree'] for r in rs)}/{len(rs)} agree "
               f"(uksm {t1 - t0:.1f} s, kernel {platform.release()} {t2 - t1:.1f} s)")
     return 0 if ok else 1

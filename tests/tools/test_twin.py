@@ -87,3 +87,29 @@ def test_twin_lists_its_walks():
     p = twin("--list", timeout=30)
     assert p.returncode == 0 and p.stdout.startswith("full: "), p.stdout + p.stderr
     assert "  fork-A: fork A C" in p.stdout and "fork-unmergeable:" in p.stdout
+
+
+def test_twin_rows_say_no_where_the_two_differ():
+    """The comparison itself, on two made-up snapshots: a counter, a
+    ksm_stat line and the frame sharing that differ are each a NO row
+    with what differs; what is equal is a yes."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import twin as tw
+
+    def snap(sharing: int, rmap_b: int, split: bool) -> dict:
+        page = {"present": True, "ksm": True, "mapcount": 4}
+        maps = {t: [{**page, "frame": 7 if not (split and t == "B") else 8 + i} for i in range(2)]
+                for t in "AB"}
+        return {"ksm": {"pages_shared": 1, "pages_sharing": sharing},
+                "stat": {"A": {"ksm_rmap_items": 2, "ksm_merging_pages": 2},
+                         "B": {"ksm_rmap_items": rmap_b, "ksm_merging_pages": 2}},
+                "pagemap": tw.pattern(maps)}
+
+    same = tw.rows("s", snap(3, 2, False), snap(3, 2, False))
+    assert all(r["agree"] for r in same) and len(same) == 9
+    diff = {r["field"]: r for r in tw.rows("s", snap(3, 0, False), snap(1, 2, True))}
+    assert [f for f, r in diff.items() if not r["agree"]] == ["pages_sharing", "B ksm_rmap_items",
+                                                              "frames", "mapcount"]
+    assert diff["frames"]["difference"] == ("frames only in kernel: [A0-1 B0-1]; "
+                                            "frames only in uksm: [A0-1], [B0], [B1]")
+    assert diff["pages_shared"]["agree"] and diff["ksm"]["agree"]
