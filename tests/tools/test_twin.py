@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from helpers import ROOT, run_group
+from helpers import ROOT, require, run_group
 
 TWIN = os.path.join(ROOT, "tools", "twin.py")
 KSM = "/sys/kernel/mm/ksm"
@@ -113,3 +113,14 @@ def test_twin_rows_say_no_where_the_two_differ():
     assert diff["frames"]["difference"] == ("frames only in kernel: [A0-1 B0-1]; "
                                             "frames only in uksm: [A0-1], [B0], [B1]")
     assert diff["pages_shared"]["agree"] and diff["ksm"]["agree"] and diff["mapcount"]["agree"]
+
+
+def test_twin_as_another_user_says_why_in_one_line():
+    """Not root: refused before anything is touched (the host's knobs are
+    root's), in one line with status 2."""
+    require("no-setuid")
+    p = run_group(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                   sys.executable, TWIN], 30)
+    assert p.returncode == 2 and p.stdout == "", p.stdout + p.stderr
+    reason = ("needs root" if os.path.isdir(KSM) else "is missing")
+    assert len(p.stderr.splitlines()) == 1 and reason in p.stderr, p.stderr
