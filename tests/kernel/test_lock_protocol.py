@@ -180,9 +180,28 @@ def test_trylock_success_and_failure(tb: Table) -> None:
     assert (en["lock"], en["seq"], en["state"]) == (mx.lid, 2, HELD)
     assert b.trylock(mx) is False
     en = tb.entry(1, C_MMLIST)
-    # a failed trylock leaves the entry idle (two transitions), no unit taken
-    assert (en["lock"], en["seq"], en["state"]) == (mx.lid, 2, IDLE)
+    # a failed trylock leaves the entry as it was (two transitions: WAITING
+    # and back), no unit taken
+    assert (en["lock"], en["seq"], en["state"]) == (0, 2, IDLE)
     assert value(mx) == 0
+    a.unlock(mx)
+    assert value(mx) == 1
+
+
+def test_a_holders_failed_trylock_keeps_its_entry_held(tb: Table) -> None:
+    """A holder's trylock of what it holds (lockdep's "recursive") fails
+    and must leave the entry HELD: left IDLE, recover() counted the unit
+    the live holder still had as a dead task's, and the semaphore ended
+    one unit over (test_lockcore's random SIGKILLs, 1 run in ~50)."""
+    a = tb.task(0)
+    mx = tb.lock(C_MMLIST)
+    a.lock(mx)
+    assert a.trylock(mx) is False
+    en = tb.entry(0, C_MMLIST)
+    assert (en["lock"], en["seq"], en["state"]) == (mx.lid, 4, HELD)
+    # b dies holding nothing: recovery finds no unit of b's
+    got = locks.recover(tb.q, {mx.lid: mx}, lambda: tb.rows(0), tb.rows(1), deadline_s=20)
+    assert got == {mx.lid: 0} and value(mx) == 0
     a.unlock(mx)
     assert value(mx) == 1
 

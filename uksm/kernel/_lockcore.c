@@ -483,13 +483,15 @@ static int check_lock(PyObject *o)
 /* The first half of lock and trylock: E_LOCK, the word -> WAITING, one
  * sem_trywait [window A].  Returns 1 taken, 0 busy (the buffer held, *e and
  * *w set for the second half), -1 error (the buffer given back). */
-static int take_try(TaskObject *t, LockObject *lk, Words *ws, Py_ssize_t *e, int64_t *w)
+static int take_try(TaskObject *t, LockObject *lk, Words *ws, Py_ssize_t *e, int64_t *w,
+                    int64_t *prev)
 {
     if (words_get(t, ws) < 0)
         return -1;
     *e = entry_of(t, lk, ws);
     if (*e < 0)
         goto fail;
+    *prev = ld(ws, *e + E_LOCK);
     st(ws, *e + E_LOCK, lk->lid);
     *w = ld(ws, *e + E_WORD);
     st(ws, *e + E_WORD, (*w & ~7LL) + 8 + WAITING);
@@ -541,7 +543,8 @@ static PyObject *Task_lock(TaskObject *self, PyObject *const *args, Py_ssize_t n
     Words ws;
     Py_ssize_t e;
     int64_t w;
-    int got = take_try(self, lk, &ws, &e, &w);
+    int64_t prev;
+    int got = take_try(self, lk, &ws, &e, &w, &prev);
     if (got < 0)
         return NULL;
     if (!got) {
@@ -594,10 +597,20 @@ static PyObject *Task_trylock(TaskObject *self, PyObject *o)
     Words ws;
     Py_ssize_t e;
     int64_t w;
-    int got = take_try(self, lk, &ws, &e, &w);
+    int64_t prev;
+    int got = take_try(self, lk, &ws, &e, &w, &prev);
     if (got < 0)
         return NULL;
-    st(&ws, e + E_WORD, (w & ~7LL) + 16 + (got ? HELD : IDLE));
+    if (got) {
+        st(&ws, e + E_WORD, (w & ~7LL) + 16 + HELD);
+    } else {
+        /* busy: the entry back as it was (lock and state).  A holder's
+         * trylock of what it holds (lockdep's "recursive") left it IDLE,
+         * and recover() then counted the unit it still held as a dead
+         * task's (test_lockcore's random SIGKILLs, 1 run in ~50). */
+        st(&ws, e + E_LOCK, prev);
+        st(&ws, e + E_WORD, (w & ~7LL) + 16 + (w & 7));
+    }
     PyBuffer_Release(&ws.view);
     return PyBool_FromLong(got);
 }

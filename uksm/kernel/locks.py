@@ -339,8 +339,18 @@ class PyTask:
             self.uaf(lk, "trylock")
         if self.lockdep is not None and self.holds(lk):
             self.lockdep("recursive", lk, lk.lid, "trylock")
+        q = self.q
+        prev = q[self.ebase[lk.cls] + E_LOCK]
         e, w, got = self._take_try(lk)
-        self.q[e + E_WORD] = (w & ~7) + 16 + (HELD if got else IDLE)
+        if got:
+            q[e + E_WORD] = (w & ~7) + 16 + HELD
+        else:
+            # busy: the entry back as it was (lock and state).  A holder's
+            # trylock of what it holds (lockdep's "recursive") left it
+            # IDLE, and recover() then counted the unit it still held as
+            # a dead task's (test_lockcore's random SIGKILLs, 1 run in ~50)
+            q[e + E_LOCK] = prev
+            q[e + E_WORD] = (w & ~7) + 16 + (w & 7)
         return got
 
     def lock_bounded(self, lk: Lock, timeout: float, between: Callable[[], bool]) -> None:
