@@ -114,7 +114,8 @@ def add_parsers(sub: Any, run_args: Callable[..., None]) -> None:
                                    "line. KEY: one value. KEY=VALUE ...: write knobs (run 0/1/2 "
                                    "is written by a writer task running run_store, and returns when "
                                    "its write does (for 2: the unmerge done, or failed); "
-                                   "pages_to_scan > 0; sleep_millisecs >= 0; exit_policy "
+                                   "pages_to_scan > 0; sleep_millisecs >= 0; max_kernel_pages KSM pages, "
+                                   "0 = no limit; exit_policy "
                                    "seed|shipped|legacy; mem_limit frames, 0 = none).",
                        epilog=EPILOG, formatter_class=fmt)
     cluster_arg(p)

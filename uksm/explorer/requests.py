@@ -33,6 +33,7 @@ from uksm.kernel.layout import (
     H_EXIT_POLICY,
     H_KSMD_POINT,
     H_MEM_LIMIT,
+    K_MAX_KERNEL_PAGES,
     K_PAGES_TO_SCAN,
     K_RUN,
     K_SLEEP_MS,
@@ -261,6 +262,7 @@ class Requests:
                 self._write_run(int(value))
             else:
                 idx = {"pages_to_scan": K_PAGES_TO_SCAN, "sleep_millisecs": K_SLEEP_MS,
+                       "max_kernel_pages": K_MAX_KERNEL_PAGES,
                        "mem_limit": H_MEM_LIMIT, "exit_policy": H_EXIT_POLICY}[name]
                 ent["previous"] = q[idx] if name != "exit_policy" else EXIT_POLICIES[q[idx]]
                 q[idx] = EXIT_POLICIES.index(str(value)) if name == "exit_policy" else int(value)

@@ -52,6 +52,7 @@ from uksm.kernel.layout import (
     H_VA_PAGES,
     H_VERSION,
     HAZARDS,
+    K_MAX_KERNEL_PAGES,
     K_PAGES_TO_SCAN,
     K_RUN,
     K_SLEEP_MS,
@@ -167,6 +168,7 @@ class Cluster:
         q[K_RUN] = cfg.run
         q[K_PAGES_TO_SCAN] = cfg.pages_to_scan
         q[K_SLEEP_MS] = cfg.sleep_ms
+        q[K_MAX_KERNEL_PAGES] = cfg.frames // 4  # ksm_init: "ksm_max_kernel_pages = totalram_pages / 4;"
         head = cfg.max_mms
         q[L_HEAD_NEXT] = q[L_HEAD_PREV] = q[L_SCAN_SLOT] = head
         # every frame free: the free stack holds them all, lowest on top

@@ -65,6 +65,7 @@ from uksm.kernel.layout import (
     HZ_NO_SCAN_HEAD_CHECK,
     HZ_UP_READ_AFTER_UNLOCK,
     K_FULL_SCANS,
+    K_MAX_KERNEL_PAGES,
     K_PAGES_SCANNED,
     K_PAGES_SHARED,
     K_PAGES_SHARING,
@@ -866,7 +867,14 @@ class Ksmd:
 
     def try_to_merge_two_pages(self, st: SlotState, vpn: int, pfn: int, tree_ref: int) -> bool:
         """Make this page a KSM page in place, then merge the unstable tree
-        item's page into it; on failure, break COW on this one again."""
+        item's page into it; on failure, break COW on this one again.
+        Past max_kernel_pages nothing is done: 2.6.32 refused before its
+        alloc_page ("The number of nodes in the stable tree is the number
+        of kernel pages that we hold."), the tree item stays where it is
+        and this page enters no tree (2.6.33 removed the knob)."""
+        limit = self.q[K_MAX_KERNEL_PAGES]
+        if limit and limit <= self.pages_shared:
+            return True
         # hot path: raw words (uksm.kernel.views: a view read is 56 ns against 20 raw)
         cl, task = self.cl, self.cl.task
         mm = st.mm

@@ -80,7 +80,10 @@ K_RMAP_ITEMS = HDR_END + 9
 K_RUN_SEQ = HDR_END + 10
 K_RUN_DONE = HDR_END + 11
 K_STABLE_NODES = HDR_END + 12
-KSM_END = HDR_END + 13
+# 2.6.32's ksm_max_kernel_pages: at most this many KSM pages (stable tree
+# nodes), 0 for no limit; ksm_init's default is totalram_pages / 4
+K_MAX_KERNEL_PAGES = HDR_END + 13
+KSM_END = HDR_END + 14
 
 # ---- stats: updated under ksm_mmlist_lock (or by their single writer)
 S_STARTED = KSM_END + 0
@@ -199,6 +202,7 @@ STATS_NAMES = {
 #: /sys/kernel/mm/ksm's knobs and counters, in its order, by their word
 KSM_FIELDS: tuple[tuple[str, int], ...] = (
     ("run", K_RUN), ("pages_to_scan", K_PAGES_TO_SCAN), ("sleep_millisecs", K_SLEEP_MS),
+    ("max_kernel_pages", K_MAX_KERNEL_PAGES),
     ("pages_shared", K_PAGES_SHARED), ("pages_sharing", K_PAGES_SHARING),
     ("pages_unshared", K_PAGES_UNSHARED), ("pages_volatile", K_PAGES_VOLATILE),
     ("full_scans", K_FULL_SCANS), ("pages_scanned", K_PAGES_SCANNED),

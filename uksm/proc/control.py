@@ -70,7 +70,8 @@ REQUEST_TIMEOUT = 300.0
 CTL_NAMES: tuple[str, ...] = tuple(n for n, _ in KSM_FIELDS) + (
     "exit_policy", "mem_limit", "frames_total", "frames_used", "frames_free")
 #: the names ``uksm ctl KEY=VALUE`` may write
-WRITABLE: tuple[str, ...] = ("run", "pages_to_scan", "sleep_millisecs", "exit_policy", "mem_limit")
+WRITABLE: tuple[str, ...] = ("run", "pages_to_scan", "sleep_millisecs", "max_kernel_pages", "exit_policy",
+                             "mem_limit")
 UINT_MAX = (1 << 32) - 1
 ULONG_MAX = (1 << 64) - 1
 
@@ -125,6 +126,13 @@ def validate_knob(name: str, raw: Any, nframes: int | None = None) -> int | str:
         return _uint(name, raw, f"must be a whole number 0..{UINT_MAX}")
     if name == "sleep_millisecs":
         return _uint(name, raw, f"must be a whole number of milliseconds 0..{UINT_MAX}")
+    if name == "max_kernel_pages":
+        # max_kernel_pages_store: "err = strict_strtoul(buf, 10, &nr_pages);
+        # if (err) return -EINVAL;" -- an unsigned long, no UINT_MAX test
+        pages = strict_strtoul(raw)
+        if pages is None:
+            raise KnobError(name, "must be a whole number of KSM pages (0: no limit)")
+        return pages
     if name == "exit_policy":
         s = str(raw).strip()
         if s not in EXIT_POLICIES:

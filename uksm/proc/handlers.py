@@ -36,6 +36,7 @@ from uksm.kernel.layout import (
     H_KSMD_TASK,
     H_MEM_LIMIT,
     H_STATE,
+    K_MAX_KERNEL_PAGES,
     K_PAGES_TO_SCAN,
     K_RUN,
     K_SLEEP_MS,
@@ -294,6 +295,9 @@ class Requests:
             elif name == "sleep_millisecs":
                 ent["previous"] = q[K_SLEEP_MS]
                 q[K_SLEEP_MS] = int(value)
+            elif name == "max_kernel_pages":
+                ent["previous"] = q[K_MAX_KERNEL_PAGES]
+                q[K_MAX_KERNEL_PAGES] = int(value)
             elif name == "exit_policy":
                 ent["previous"] = EXIT_POLICIES[q[H_EXIT_POLICY]]
                 q[H_EXIT_POLICY] = EXIT_POLICIES.index(str(value))
