@@ -239,6 +239,10 @@ def run_uksm(walk: Walk, pages: int, say: Callable[[str], None],
     ntasks = sum(1 for s in walk.steps for a in s.actions if a[0] in ("task", "fork"))
     with uksm.Machine(frames=max(256, 4 * pages * ntasks), max_pages=pages, max_tasks=ntasks + 2,
                       pages_to_scan=max(100, 4 * pages * ntasks), sleep_millisecs=5) as m:
+        if "max_kernel_pages" in m.ksm:
+            # 2.6.32's cap on KSM pages (default frames/4): 2.6.33 removed
+            # it, the host has none
+            m.ksm["max_kernel_pages"] = 0
         tasks: dict[str, Any] = {}
         for step in walk.steps:
             for a in step.actions:
