@@ -19,7 +19,7 @@ WORKLOADS = ["identical", "unique", "zero", "dup:3", "volatile", "vm"]
 # issue 2: the report has (at least) these keys
 REPORT_KEYS = {
     "cluster": None, "workload": None, "duration_s": None,
-    "ksm": {"run", "pages_to_scan", "sleep_millisecs", "pages_shared", "pages_sharing",
+    "ksm": {"run", "pages_to_scan", "sleep_millisecs", "max_kernel_pages", "pages_shared", "pages_sharing",
             "pages_unshared", "pages_volatile", "full_scans", "pages_scanned"},
     "frames": {"total", "used", "free"},
     "memory": {"host_bytes_resident"},

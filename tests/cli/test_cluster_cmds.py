@@ -44,10 +44,10 @@ from uksm.kernel.layout import (
 )
 from uksm.kernel.mm import live_mm_rows, mm_fields
 
-#: docs/CLUSTER.md: ``ctl`` prints "the nine /sys/kernel/mm/ksm values" first,
+#: docs/CLUSTER.md: ``ctl`` prints "the ten /sys/kernel/mm/ksm values" first,
 #: as ``grep . /sys/kernel/mm/ksm/*`` (written out here, not read from the code)
-SYSFS_KSM = ["run", "pages_to_scan", "sleep_millisecs", "pages_shared", "pages_sharing",
-             "pages_unshared", "pages_volatile", "full_scans", "pages_scanned"]
+SYSFS_KSM = ["run", "pages_to_scan", "sleep_millisecs", "max_kernel_pages", "pages_shared",
+             "pages_sharing", "pages_unshared", "pages_volatile", "full_scans", "pages_scanned"]
 
 
 @pytest.mark.timeout(90)
@@ -73,7 +73,7 @@ def test_up_drive_down(cluster: Up) -> None:
         p = cluster("ctl")
         assert p.returncode == 0
         lines = dict(ln.split(" ", 1) for ln in p.stdout.splitlines())
-        assert list(lines)[:9] == SYSFS_KSM
+        assert list(lines)[:10] == SYSFS_KSM
         assert {"exit_policy", "mem_limit", "frames_total", "frames_used", "frames_free"} <= set(lines)
         assert lines["frames_total"] == "1024" and lines["exit_policy"] == "seed"
 
@@ -84,8 +84,9 @@ def test_up_drive_down(cluster: Up) -> None:
         st = cluster.json("status")
         # what run=2 leaves, known without asking the code: everything
         # unmerged, the knobs as set at up (pages_to_scan's default 100)
-        assert {k: st["ksm"][k] for k in SYSFS_KSM[:7]} == {
-            "run": 2, "pages_to_scan": 100, "sleep_millisecs": 5, "pages_shared": 0,
+        assert {k: st["ksm"][k] for k in SYSFS_KSM[:8]} == {
+            "run": 2, "pages_to_scan": 100, "sleep_millisecs": 5, "max_kernel_pages": 1024 // 4,
+            "pages_shared": 0,
             "pages_sharing": 0, "pages_unshared": 0, "pages_volatile": 0}, st["ksm"]
         # ctl (text, another process) says the same
         ctl = dict(ln.split(" ", 1) for ln in cluster("ctl").stdout.splitlines())
