@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 __all__ = ["Machine", "Task", "KillPoint", "Exploration", "explore", "replay", "MachineError",
            "MachineClosed", "WaitTimeout", "HungTask", "TaskExited", "TaskDied", "SegFault",
-           "IntegrityError", "KillPointMissed"]
+           "IntegrityError", "KillPointMissed", "RunReport", "MachineStats"]
 
 if TYPE_CHECKING:
     from uksm.api import (
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
         Machine,
         MachineClosed,
         MachineError,
+        MachineStats,
         SegFault,
         Task,
         TaskDied,
@@ -29,9 +30,13 @@ if TYPE_CHECKING:
         explore,
         replay,
     )
+    from uksm.proc.run import RunReport
 
 
 def __getattr__(name: str) -> Any:
+    if name == "RunReport":  # the report's type (m.report, uksm run --json)
+        from uksm.proc.run import RunReport
+        return RunReport
     if name in __all__:
         from uksm import api
         return getattr(api, name)

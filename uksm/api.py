@@ -39,7 +39,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator, MutableMapping
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, NotRequired, TypedDict, cast, final
 
 from uksm.errors import (
     HungTask,
@@ -57,6 +57,12 @@ from uksm.kernel import killpoints
 from uksm.kernel.layout import EXIT_POLICIES, KSM_FIELDS, OOM_RULES
 from uksm.proc import options as opts
 from uksm.proc.control import CTL_NAMES, WRITABLE, KnobError, ctl_values, read_state, validate_knob
+
+if TYPE_CHECKING:  # (uksm.proc.run and the daemon are imported on first use)
+    from uksm.kernel.watchdog import HungReport
+    from uksm.proc.handlers import DownReport
+    from uksm.proc.run import RunReport
+    from uksm.proc.supervisor import FsckResult, Snapshot
 
 DEFAULT_WAIT_S = 60.0
 _POLL_S = 0.01
@@ -186,7 +192,7 @@ class _Local:
     def tick(self) -> None:
         self.d.pump()
 
-    def hung(self) -> list[dict[str, Any]]:
+    def hung(self) -> list[HungReport]:
         return list(self.sup.hung)
 
     def failed(self) -> str:
@@ -222,7 +228,7 @@ class _Remote:
     def blocking(self) -> contextlib.nullcontext[None]:
         return contextlib.nullcontext()  # a client: Ctrl-C anywhere leaves the cluster whole
 
-    def hung(self) -> list[dict[str, Any]]:
+    def hung(self) -> list[HungReport]:
         ans = self.request({"op": "ping"})
         return list(ans.get("hung_tasks", [])) if ans.get("ok") else []
 
@@ -231,6 +237,34 @@ class _Remote:
 
     def abandon(self) -> None:
         self.cl.close()
+
+
+@final
+class ControlledReport(TypedDict):
+    """A controlled run's report (``Machine(deterministic=True)``'s
+    ``m.report``, ``_Controlled.finish``): ``uksm run --json``'s blocks as
+    the explorer's world reports them (untyped there: ``Any``), its
+    findings, schedule and logical time.  ``uksm.deterministic.report_of``
+    makes ``uksm run --json``'s shape of it."""
+    cluster: str
+    ksm: Any          # Snapshot's blocks, built here
+    frames: Any
+    memory: Any
+    workers: Any      # the world's (uksm.explorer.world.Outcome.report: dict[str, Any])
+    integrity: Any
+    fsck: Any
+    hung_tasks: list[dict[str, Any]]   # a chain each (no pid, no seconds: not a HungReport)
+    ipc_leftovers: list[str]
+    errors: list[str]
+    oops: list[dict[str, Any]]
+    use_after_free: Any
+    lockdep: Any
+    status: int
+    findings: list[dict[str, Any]]
+    schedule: str
+    steps: int
+    logical_s: float
+    run_store: NotRequired[Any]
 
 
 class _Controlled:
@@ -285,7 +319,7 @@ class _Controlled:
     def hung(self) -> list[dict[str, Any]]:
         return []
 
-    def finish(self) -> dict[str, Any]:
+    def finish(self) -> ControlledReport:
         """Every task exits, ksmd stops, the checks: the run's report, in
         ``uksm run --json``'s shape (the ksm counters and frames as they
         were before the close), with the run's findings, its schedule and
@@ -295,7 +329,7 @@ class _Controlled:
         from uksm.kernel.layout import ksm_block
         from uksm.kernel.memory import frame_stats
         w = self.world
-        snap = {"ksm": ksm_block(w.cl.q), "frames": frame_stats(w.cl),
+        snap: Snapshot = {"ksm": ksm_block(w.cl.q), "frames": frame_stats(w.cl),
                 "memory": {"host_bytes_resident": w.cl.pool_resident_bytes()}}
         try:
             self.r.close()
@@ -311,7 +345,7 @@ class _Controlled:
         oops = [{"task": f["detail"].split(":")[0], "error": f["detail"], "where": "", "count": 1}
                 for f in findings if f["finding"] == "oops"]
         from uksm.host import shm as _shm
-        rep = {"cluster": w.name, **snap, "workers": r["workers"], "integrity": r["integrity"],
+        rep: ControlledReport = {"cluster": w.name, **snap, "workers": r["workers"], "integrity": r["integrity"],
                "fsck": r["fsck"], "hung_tasks": hung, "ipc_leftovers": _shm.leftovers(w.name),
                "errors": [f"{f['finding']}: {f['detail']}" for f in findings
                           if f["finding"] in ("use_after_free", "lockdep", "assertion")],
@@ -537,6 +571,22 @@ class Task:
         self._m._request({"op": "disarm", "task": self.id}, f"{self.id}.disarm")
 
 
+class MachineStats(TypedDict):
+    """``m.stats()``: the machine's event counts (uksm's /proc/vmstat)."""
+    started: int
+    exited: int
+    exit_fast: int
+    exit_slow: int
+    exit_legacy: int
+    killed: int
+    oom_killed: int
+    reaped: int
+    recoveries: int          # deaths recovered
+    lock_recoveries: int     # locks taken over from the dead
+    merges: int
+    kill_points_hit: int
+
+
 # ---- the machine ---------------------------------------------------------------------------------
 
 class Machine:
@@ -673,7 +723,8 @@ class Machine:
         """Under a controlled schedule: the string that replays this run
         (``Machine(schedule=...)``, once it is over: after close());
         else None."""
-        return (self.report or {}).get("schedule")
+        sched = self.report.get("schedule") if self.report is not None else None
+        return sched if isinstance(sched, str) else None
 
     def race(self) -> "_Race":
         """Under a controlled schedule: the race phase begins here -- an
@@ -691,7 +742,9 @@ class Machine:
 
     def _init(self) -> None:
         self._tr = None
-        self.report: dict[str, Any] | None = None
+        # close()'s RunReport; an attached machine's down(): the daemon's DownReport;
+        # a controlled run's: ControlledReport
+        self.report: RunReport | DownReport | ControlledReport | None = None
         self.ksm = Ksm(self)
         self._tasks: dict[str, Task] = {}
         self._hung_raised = 0
@@ -812,7 +865,7 @@ class Machine:
         info = {str(t["task"]): t for t in ans.get("tasks", [])}
         return [self._handle(str(i), info.get(str(i))) for i in ans["ready" if ready else "workers"]]
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> MachineStats:
         """The machine's event counts (uksm's /proc/vmstat): tasks started
         and exited, by __ksm_exit path, killed, OOM-killed, reaped; deaths
         recovered (and locks taken over), merges, kill points hit."""
@@ -830,13 +883,14 @@ class Machine:
             S_STARTED,
         )
         cl = self._t().cl
-        names = {"started": S_STARTED, "exited": S_EXITED, "exit_fast": S_EXIT_FAST,
-                 "exit_slow": S_EXIT_SLOW, "exit_legacy": S_EXIT_LEGACY, "killed": S_KILLED,
-                 "oom_killed": S_OOM_KILLED, "reaped": S_REAPED, "recoveries": S_RECOVERIES,
-                 "lock_recoveries": S_LOCK_RECOVERIES, "merges": S_MERGES}
-        out = {k: int(cl.q[i]) for k, i in names.items()}
-        out["kill_points_hit"] = cl.kill_points_hit()
-        return out
+        q = cl.q
+        return MachineStats(started=int(q[S_STARTED]), exited=int(q[S_EXITED]),
+                            exit_fast=int(q[S_EXIT_FAST]), exit_slow=int(q[S_EXIT_SLOW]),
+                            exit_legacy=int(q[S_EXIT_LEGACY]), killed=int(q[S_KILLED]),
+                            oom_killed=int(q[S_OOM_KILLED]), reaped=int(q[S_REAPED]),
+                            recoveries=int(q[S_RECOVERIES]),
+                            lock_recoveries=int(q[S_LOCK_RECOVERIES]), merges=int(q[S_MERGES]),
+                            kill_points_hit=cl.kill_points_hit())
 
     def armed(self) -> str | None:
         """The ksmd point armed now (None once it has fired, or none armed)."""
@@ -978,14 +1032,14 @@ class Machine:
         ans = self._request({"op": "cursor"}, "scan_cursor")
         return None if ans["task"] is None else self._handle(str(ans["task"]))
 
-    def fsck(self) -> dict[str, Any]:
+    def fsck(self) -> FsckResult:
         """Every invariant of the live machine (ksm_thread_mutex held, the
         world stopped): ``{"ok": bool, "errors": [...]}``."""
         ans = self._request({"op": "fsck"}, "fsck")
         return {"ok": bool(ans["clean"]), "errors": list(ans["errors"])}
 
     # -- the end
-    def close(self) -> dict[str, Any] | None:
+    def close(self) -> RunReport | DownReport | ControlledReport | None:
         """Stop every task through its exit path, let ksmd free the slow
         paths' slots, fsck, tear down (attached: just detach).  Returns
         ``m.report``.  Closing twice is harmless."""
@@ -1013,16 +1067,16 @@ class Machine:
         finally:
             t.d.close_tasks()
             self._pids = list(sup.started)  # ksmd may have been restarted meanwhile
-        self.report = build_report(self.name, self._o, self._t0, snap, end, self.log_dir)
+        self.report = report = build_report(self.name, self._o, self._t0, snap, end, self.log_dir)
         if any(isinstance(x._tr, _Local) for x in _open):
             # another machine of this process still logs: the log files are
             # the process's (uksm.host.log), closed with the last one
-            sup.log.info("cluster_stop", duration_s=self.report["duration_s"], status=end["status"])
+            sup.log.info("cluster_stop", duration_s=report["duration_s"], status=end["status"])
         else:
             sup.log_stop(end["status"])
-        return self.report
+        return report
 
-    def down(self) -> dict[str, Any]:
+    def down(self) -> RunReport | DownReport | ControlledReport:
         """Attached machines: take the cluster down (``uksm down``); returns
         its report.  A machine of this process: close()."""
         t = self._t()
@@ -1030,10 +1084,11 @@ class Machine:
             rep = self.close()
             assert rep is not None
             return rep
-        self.report = self._request({"op": "down"}, "down")
+        # the daemon's JSON answer (handlers.DownReport): typed as it, unchecked, at the socket
+        self.report = rep = cast("DownReport", self._request({"op": "down"}, "down"))
         self._tr = None
         t.abandon()
-        return self.report
+        return rep
 
     def __enter__(self) -> "Machine":
         self._t()
@@ -1210,4 +1265,5 @@ def replay(scenario_fn: Callable[[Machine], Any], schedule: str, *, log_dir: str
 
 
 __all__ = ["Machine", "Task", "KillPoint", "Exploration", "explore", "replay", "MachineError", "MachineClosed",
-           "WaitTimeout", "HungTask", "TaskExited", "TaskDied", "SegFault", "IntegrityError", "KillPointMissed"]
+           "WaitTimeout", "HungTask", "TaskExited", "TaskDied", "SegFault", "IntegrityError", "KillPointMissed",
+           "MachineStats"]

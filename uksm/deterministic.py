@@ -19,9 +19,12 @@ slower than a free one, each step a round trip).
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from uksm.api import HungTask, Machine, MachineError
+
+if TYPE_CHECKING:
+    from uksm.proc.run import RunReport
 from uksm.proc.run import (
     Convergence,
     RunOptions,
@@ -75,7 +78,7 @@ def drive(m: Machine, o: RunOptions) -> dict[str, Any]:
     return extra
 
 
-def run(o: RunOptions) -> tuple[dict[str, Any], int]:
+def run(o: RunOptions) -> tuple[RunReport, int]:
     """``uksm run --deterministic``: the report (``uksm run --json``'s
     shape, plus ``deterministic``: the seed, the schedule that replays the
     run, its steps and logical seconds) and the exit status."""
@@ -92,14 +95,16 @@ def run(o: RunOptions) -> tuple[dict[str, Any], int]:
     return report_of(m, o, extra)
 
 
-def report_of(m: Machine, o: RunOptions, extra: dict[str, Any]) -> tuple[dict[str, Any], int]:
-    rep = dict(m.report or {})
+def report_of(m: Machine, o: RunOptions, extra: dict[str, Any]) -> tuple[RunReport, int]:
+    rep: dict[str, Any] = dict(m.report or {})
     det = {"seed": o.seed, "schedule": rep.pop("schedule", ""), "steps": rep.pop("steps", 0),
            "logical_s": rep.pop("logical_s", 0.0)}
     rep.update(workload=o.workload, duration_s=det["logical_s"], log_dir=o.log_dir,
                exit_policy=o.exit_policy, oom_rule=o.oom_rule, hazards=list(o.hazards), scenario=o.scenario,
                ksmd_restarts=0, interrupted=None, deterministic=det, **extra)
-    return rep, int(rep["status"])
+    # every RunReport key, from the ControlledReport and the options (the
+    # world's blocks are untyped: the cast is not checked further)
+    return cast("RunReport", rep), int(rep["status"])
 
 
 __all__ = ["run", "drive", "machine_of", "report_of"]

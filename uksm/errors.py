@@ -24,6 +24,7 @@ raise these.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 
@@ -54,10 +55,10 @@ class HungTask(MachineError):
     ``reports``: the watchdog's reports (role, pid, lock, waited_s, and the
     wait-for ``chain``, one line per link)."""
 
-    def __init__(self, msg: str, reports: list[dict[str, Any]]) -> None:
+    def __init__(self, msg: str, reports: Sequence[Mapping[str, Any]]) -> None:
         chain = [line for r in reports[:1] for line in r.get("chain", [])]
         super().__init__(msg + ("\n  " + "\n  ".join(chain) if chain else ""))
-        self.reports = reports
+        self.reports = list(reports)  # uksm.kernel.watchdog.HungReport each
         self.chain = chain
 
 

@@ -36,13 +36,14 @@ def test_public_names_are_curated():
     assert sorted(uksm.__all__) == sorted(
         ["Machine", "Task", "KillPoint", "MachineError", "MachineClosed", "WaitTimeout",
          "HungTask", "TaskExited", "TaskDied", "SegFault", "IntegrityError", "KillPointMissed",
-         "Exploration", "explore", "replay"])
+         "Exploration", "explore", "replay", "RunReport", "MachineStats"])
     # one hierarchy: every exported exception is a MachineError, rooted in the
     # CLI's UksmError; the emulated MMU raises the very SegFault the API exports
     from uksm.errors import UksmError
     from uksm.kernel import mmu
     errs = [getattr(uksm, n) for n in uksm.__all__
-            if n not in ("Machine", "Task", "KillPoint", "Exploration", "explore", "replay")]
+            if n not in ("Machine", "Task", "KillPoint", "Exploration", "explore", "replay",
+                          "RunReport", "MachineStats")]
     assert len(errs) == 9 and all(issubclass(e, uksm.MachineError) for e in errs)
     assert issubclass(uksm.MachineError, UksmError) and mmu.SegFault is uksm.SegFault
 

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from uksm.cli.args import cluster_arg
 from uksm.cli.top import format_status, run_top
@@ -36,6 +36,9 @@ from uksm.proc.control import (
     request,
     validate_knob,
 )
+
+if TYPE_CHECKING:
+    from uksm.proc.handlers import DownReport
 
 # ---- argparse ----------------------------------------------------------------------------
 
@@ -254,7 +257,8 @@ def _last_error(path: str) -> str:
 
 def cmd_down(a: argparse.Namespace) -> int:
     from uksm.kernel.cluster import pid_alive
-    ans = request(a.cluster, {"op": "down"})
+    # the daemon's JSON answer (handlers.DownReport): typed as it, unchecked, at the socket
+    ans = cast("DownReport", request(a.cluster, {"op": "down"}))
     pid = int(ans.get("pid", 0))
     end = time.monotonic() + 15.0
     while pid and pid_alive(pid) and time.monotonic() < end:
@@ -270,7 +274,7 @@ def cmd_down(a: argparse.Namespace) -> int:
     return int(ans["status"])
 
 
-def print_down(r: dict[str, Any]) -> None:
+def print_down(r: DownReport) -> None:
     w = r["workers"]
     print(f"cluster {r['cluster']} down after {r['uptime_s']:.1f}s")
     print(f"  workers  {r['stopped']} stopped now; over the cluster's life: started "

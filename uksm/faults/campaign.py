@@ -40,7 +40,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
 from uksm.errors import UksmError
-from uksm.faults.campaign_run import execute_run, reproduce, run_id
+from uksm.faults.campaign_run import CampaignLine, RunParams, execute_run, reproduce, run_id
 from uksm.kernel.layout import EXIT_POLICIES, HAZARDS
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
@@ -124,7 +124,7 @@ def load_file(path: str) -> dict[str, Any]:
     return d
 
 
-def sweep(spec: dict[str, Any], skipped: list[str] | None = None) -> list[dict[str, Any]]:
+def sweep(spec: dict[str, Any], skipped: list[str] | None = None) -> list[RunParams]:
     """Expand a sweep into its runs (checked: a bad name is a usage error,
     before anything runs; more than MAX_RUNS runs too, before any is
     built).  Hazard sets are ``none`` or names joined by ``+``.  A kill
@@ -171,7 +171,7 @@ def sweep(spec: dict[str, Any], skipped: list[str] | None = None) -> list[dict[s
             f"sets x {len(ax['workloads'])} workloads = {size} runs, more than {MAX_RUNS}: "
             f"split it into campaigns of fewer seeds (e.g. --seeds 1-1000, then 1001-2000, "
             f"each with its own --out)")
-    runs: dict[str, dict[str, Any]] = {}
+    runs: dict[str, RunParams] = {}
     never: Counter[tuple[str, str]] = Counter()
     seeds = itertools.chain.from_iterable(seed_ranges)
     for seed, pt, sig, pol, hz, wl in itertools.product(seeds, ax["points"], ax["signals"],
@@ -179,7 +179,7 @@ def sweep(spec: dict[str, Any], skipped: list[str] | None = None) -> list[dict[s
         if pt in killpoints.UNREACHABLE.get(pol, ()):
             never[(pt, pol)] += 1
             continue
-        p = {"cmd": "inject" if kills else "run", "seed": seed, "point": pt, "signal": sig,
+        p: RunParams = {"cmd": "inject" if kills else "run", "seed": seed, "point": pt, "signal": sig,
              "policy": pol, "hazards": hz, "workload": wl, "kills": kills, "workers": workers,
              "pages": pages}
         runs.setdefault(run_id(p), p)  # a sweep naming a value twice runs it once
@@ -202,13 +202,13 @@ def spec_from_args(a: argparse.Namespace) -> dict[str, Any]:
 
 
 # -- results -------------------------------------------------------------------------
-def recorded(path: str) -> dict[str, dict[str, Any]]:
+def recorded(path: str) -> dict[str, CampaignLine]:
     """The runs already in an output file, by run id (the last line of a
     run wins).  Every line must be a result: ``repair`` has removed a torn
     last line first; any other line that is not one is refused (a file
     that is not this campaign's, or damaged: appending to it would hide
     that, and its readers, jq or DuckDB, would fail on the line)."""
-    out: dict[str, dict[str, Any]] = {}
+    out: dict[str, CampaignLine] = {}
     try:
         with open(path, "rb") as f:
             for n, raw in enumerate(f, 1):
@@ -261,7 +261,7 @@ class Sink:
     or, if the campaign dies mid-write, ignored by ``recorded``), counts,
     and prints progress on stderr."""
 
-    def __init__(self, path: str, total: int, done: dict[str, dict[str, Any]], quiet: bool) -> None:
+    def __init__(self, path: str, total: int, done: dict[str, CampaignLine], quiet: bool) -> None:
         self.f = open(path, "a")  # whole lines only: repair() ran first
         self.total, self.quiet = total, quiet
         self.results = dict(done)
@@ -271,7 +271,7 @@ class Sink:
         self.t0 = time.monotonic()
         self.last = 0.0
 
-    def add(self, r: dict[str, Any]) -> None:
+    def add(self, r: CampaignLine) -> None:
         self.f.write(json.dumps(r, sort_keys=True) + "\n")
         self.f.flush()
         self.results[r["run_id"]] = r
@@ -323,22 +323,23 @@ class Stop:
         return bool(self.signum)
 
 
-def record_or_drop(r: dict[str, Any], sink: "Sink", stop: Stop) -> None:
+def record_or_drop(r: CampaignLine, sink: "Sink", stop: Stop) -> None:
     """Record a finished run, except a failure while stopping: it may be
     the stop's doing (a run interrupted by its guard), so it is neither
     recorded nor kept (its logs go too: --resume runs it again)."""
+    logs = r.get("logs")
     if r["status"] == "clean" or (r["status"] != "aborted" and not stop):
         sink.add(r)
-    elif r.get("logs"):
-        shutil.rmtree(r["logs"], ignore_errors=True)
+    elif logs:
+        shutil.rmtree(logs, ignore_errors=True)
 
 
-def run_local(todo: list[dict[str, Any]], a: argparse.Namespace, sink: Sink, stop: Stop) -> None:
+def run_local(todo: list[RunParams], a: argparse.Namespace, sink: Sink, stop: Stop) -> None:
     """A pool of --parallel threads, each waiting on one run's guard."""
     from uksm.faults.campaign_run import abort_all
     it = iter(todo)
     with ThreadPoolExecutor(max_workers=a.parallel) as pool:
-        running: set[Future[dict[str, Any]]] = set()
+        running: set[Future[CampaignLine]] = set()
         while True:
             while not stop and len(running) < a.parallel:
                 p = next(it, None)
@@ -355,7 +356,7 @@ def run_local(todo: list[dict[str, Any]], a: argparse.Namespace, sink: Sink, sto
             sink.progress(len(running))
 
 
-def run_ray(todo: list[dict[str, Any]], a: argparse.Namespace, sink: Sink, stop: Stop) -> list[str]:
+def run_ray(todo: list[RunParams], a: argparse.Namespace, sink: Sink, stop: Stop) -> list[str]:
     """Every run a Ray task; returns the ids of runs lost more often than
     --max-retries (not failed: not recorded, --resume runs them again)."""
     try:
@@ -372,7 +373,7 @@ def run_ray(todo: list[dict[str, Any]], a: argparse.Namespace, sink: Sink, stop:
                  object_store_memory=128 << 20)
     lost: list[str] = []
     aborted: list[str] = []   # runs cancelled by the stop: their guards clean up
-    pending: dict[Any, dict[str, Any]] = {}
+    pending: dict[Any, RunParams] = {}
     try:
         task = ray.remote(_ray_run).options(num_cpus=a.num_cpus, memory=a.memory_mib << 20,
                                             max_retries=a.max_retries, retry_exceptions=False)
@@ -439,7 +440,7 @@ def guards_done(log_root: str, rids: list[str], timeout: float = 30.0) -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def _ray_run(params: dict[str, Any], log_root: str, keep_logs: str, timeout: float) -> dict[str, Any]:
+def _ray_run(params: RunParams, log_root: str, keep_logs: str, timeout: float) -> CampaignLine:
     """The Ray task: one run on the node Ray chose.  It needs room in that
     node's /dev/shm for its frame pool and address spaces: a node without
     is an error of the node (the task fails, the run is reported lost and
@@ -451,14 +452,14 @@ def _ray_run(params: dict[str, Any], log_root: str, keep_logs: str, timeout: flo
     return execute_run(params, log_root, keep_logs, timeout)
 
 
-def run_timeout(a: argparse.Namespace, p: dict[str, Any]) -> float:
+def run_timeout(a: argparse.Namespace, p: RunParams) -> float:
     if a.run_timeout:
         return float(a.run_timeout)
     # generous: a hang is the watchdog's to report (status hung); this is the last resort
     return 300.0 + 6.0 * p["kills"] + p["workers"] * p["pages"] / 100
 
 
-def default_memory_mib(runs: list[dict[str, Any]]) -> int:
+def default_memory_mib(runs: list[RunParams]) -> int:
     """What one run needs: a Python process each (supervisor, ksmd,
     workers, the guard), plus its frame pool in /dev/shm."""
     return max((r["workers"] + 3) * 60 + r["workers"] * r["pages"] * 2 * 4096 // 2**20 + 16
@@ -466,7 +467,7 @@ def default_memory_mib(runs: list[dict[str, Any]]) -> int:
 
 
 # -- the summary ----------------------------------------------------------------------
-def summary(runs: list[dict[str, Any]], sink: Sink, lost: list[str], elapsed: float) -> bool:
+def summary(runs: list[RunParams], sink: Sink, lost: list[str], elapsed: float) -> bool:
     """Print the summary on stdout; True if every run is recorded and clean."""
     res = [sink.results[run_id(p)] for p in runs if run_id(p) in sink.results]
     missing = len(runs) - len(res)

@@ -35,10 +35,14 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any, NotRequired, TypedDict
 
 from uksm.host import pyexec
 from uksm.logs.campaign import lock_recoveries_by_lock
+
+if TYPE_CHECKING:  # (the guard process does not import the supervisor's side)
+    from uksm.faults.inject import InjectExits, RunOutput
+    from uksm.proc.supervisor import FsckResult
 
 #: the parameters that define a run (and its id); the order is the order
 #: of the options in its command
@@ -52,14 +56,57 @@ EXIT_TIMEOUT, EXIT_ABORTED = 124, 143
 PR_SET_PDEATHSIG = 1
 
 
-def run_id(params: dict[str, Any]) -> str:
+class RunParams(TypedDict):
+    """A run of a campaign: the keys of PARAMS (``campaign.sweep`` makes them)."""
+    cmd: str             # inject, or run (no kills)
+    seed: int
+    point: str           # "none" for a run
+    signal: str          # "none" for a run
+    policy: str
+    hazards: list[str]
+    workload: str
+    kills: int           # requested
+    workers: int
+    pages: int
+
+
+class CampaignLine(RunParams):
+    """One line of a campaign's output file (``execute_run``): the run's
+    parameters, what became of it, and how to reproduce it.  ``kills`` is
+    the kills delivered (the parameter's, requested, is in ``command``)."""
+    run_id: str
+    status: str          # STATUS_NAMES'
+    exit_code: int
+    recoveries: int
+    lock_recoveries: int
+    exits: InjectExits
+    fsck_ok: bool        # the final fsck and the live one after the kills
+    fsck_errors: list[str]
+    mismatches: int
+    pages_verified: int
+    hung_tasks: int
+    leftovers: int
+    errors: list[str]
+    duration_s: float
+    command: str
+    # set once the guard has returned (not for a run aborted in this process)
+    node: NotRequired[str]
+    cluster: NotRequired[str]
+    ended: NotRequired[float]
+    lock_recoveries_by_lock: NotRequired[dict[str, int]]
+    stderr_tail: NotRequired[str]       # a run not clean: its stderr's end
+    logs: NotRequired[str | None]       # its log folder, if kept
+
+
+def run_id(params: RunParams) -> str:
     """A stable id from the parameters alone (not from the campaign, the
     order or the engine): the key of ``--resume``."""
-    canon = json.dumps({k: params[k] for k in PARAMS}, sort_keys=True, separators=(",", ":"))
+    canon = json.dumps({k: v for k, v in params.items() if k in PARAMS}, sort_keys=True,
+                       separators=(",", ":"))
     return hashlib.sha1(canon.encode()).hexdigest()[:12]
 
 
-def uksm_args(params: dict[str, Any]) -> list[str]:
+def uksm_args(params: RunParams) -> list[str]:
     """The ``uksm`` arguments of a run (without cluster, logs and output)."""
     p = params
     args = [p["cmd"]]
@@ -72,7 +119,7 @@ def uksm_args(params: dict[str, Any]) -> list[str]:
     return args
 
 
-def reproduce(params: dict[str, Any]) -> str:
+def reproduce(params: RunParams) -> str:
     """The one-machine command that reproduces the run."""
     return " ".join(["uksm", *uksm_args(params)])
 
@@ -164,8 +211,8 @@ def abort_all() -> None:
             pass
 
 
-def execute_run(params: dict[str, Any], log_root: str, keep_logs: str,
-                timeout: float) -> dict[str, Any]:
+def execute_run(params: RunParams, log_root: str, keep_logs: str,
+                timeout: float) -> CampaignLine:
     """Run one campaign run to its end and return its result line.  A run
     that fails is a result (a status), never an exception: only the loss
     of this process (or its node) makes the engine retry it."""
@@ -194,7 +241,7 @@ def execute_run(params: dict[str, Any], log_root: str, keep_logs: str,
         g.send_signal(signal.SIGTERM)
         g.communicate()
         shutil.rmtree(log_dir, ignore_errors=True)
-        res = result_line(params, EXIT_ABORTED, {}, time.monotonic() - t0)
+        res = result_line(params, EXIT_ABORTED, None, time.monotonic() - t0)
     finally:
         with _lock:
             _guards.discard(g.pid)
@@ -212,12 +259,13 @@ def _wait(g: subprocess.Popen[str]) -> str:
             continue
 
 
-def _result(params: dict[str, Any], code: int, out: str, duration: float, cluster: str,
-            log_dir: str, keep_logs: str) -> dict[str, Any]:
-    try:
-        report: dict[str, Any] = json.loads(out)
+def _result(params: RunParams, code: int, out: str, duration: float, cluster: str,
+            log_dir: str, keep_logs: str) -> CampaignLine:
+    report: RunOutput | None
+    try:  # (the run's JSON, trusted to be its report: json.loads is untyped)
+        report = json.loads(out) or None
     except json.JSONDecodeError:
-        report = {}
+        report = None
     # the guard killed by a signal: the run was stopped from outside, not a result
     res = result_line(params, EXIT_ABORTED if code < 0 else code, report, duration)
     res["node"], res["cluster"] = socket.gethostname(), cluster
@@ -238,31 +286,33 @@ def _result(params: dict[str, Any], code: int, out: str, duration: float, cluste
     return res
 
 
-def result_line(params: dict[str, Any], code: int, r: dict[str, Any], duration: float) -> dict[str, Any]:
-    """The result of a run from its exit status and its JSON report (empty
-    when the run produced none: crashed, timed out)."""
-    inj = r.get("inject", {})
-    w = r.get("workers", {})
-    fsck = r.get("fsck", {})
-    live = inj.get("live_fsck", {"ok": True, "errors": []})
+def result_line(params: RunParams, code: int, r: RunOutput | None, duration: float) -> CampaignLine:
+    """The result of a run from its exit status and its JSON report (None
+    when the run produced none: crashed, timed out).  Each block is read
+    with a default: a report missing one still gives a line."""
+    inj = r.get("inject") if r is not None else None
+    w = r.get("workers") if r is not None else None
+    integrity = r.get("integrity") if r is not None else None
+    fsck: FsckResult = (r.get("fsck") if r is not None else None) or {"ok": False, "errors": []}
+    live: FsckResult = (inj.get("live_fsck") if inj else None) or {"ok": True, "errors": []}
     status = STATUS_NAMES.get(code, "error")
     if code == 0 and not r:
         status = "error"  # exit 0 but no report: not a clean run
     return {
-        "run_id": run_id(params), **{k: params[k] for k in PARAMS},
+        "run_id": run_id(params), **params,
         "status": status, "exit_code": code,
-        "kills": inj.get("kills", 0),
-        "recoveries": inj.get("recoveries", 0),
-        "lock_recoveries": inj.get("lock_recoveries", 0),
-        "exits": {"fast": w.get("exit_fast", 0), "slow": w.get("exit_slow", 0),
-                  "legacy": w.get("exit_legacy", 0), "reaped": w.get("reaped", 0)},
+        "kills": inj.get("kills", 0) if inj else 0,
+        "recoveries": inj.get("recoveries", 0) if inj else 0,
+        "lock_recoveries": inj.get("lock_recoveries", 0) if inj else 0,
+        "exits": {"fast": w.get("exit_fast", 0) if w else 0, "slow": w.get("exit_slow", 0) if w else 0,
+                  "legacy": w.get("exit_legacy", 0) if w else 0, "reaped": w.get("reaped", 0) if w else 0},
         "fsck_ok": bool(fsck.get("ok")) and bool(live.get("ok")),
         "fsck_errors": (fsck.get("errors", []) + live.get("errors", []))[:10],
-        "mismatches": r.get("integrity", {}).get("mismatches", 0),
-        "pages_verified": r.get("integrity", {}).get("pages_verified", 0),
-        "hung_tasks": len(r.get("hung_tasks", [])),
-        "leftovers": len(r.get("ipc_leftovers", [])),
-        "errors": r.get("errors", [])[:10],
+        "mismatches": integrity.get("mismatches", 0) if integrity else 0,
+        "pages_verified": integrity.get("pages_verified", 0) if integrity else 0,
+        "hung_tasks": len(r.get("hung_tasks", [])) if r else 0,
+        "leftovers": len(r.get("ipc_leftovers", [])) if r else 0,
+        "errors": r.get("errors", [])[:10] if r else [],
         "duration_s": round(duration, 3),
         "command": reproduce(params),
     }

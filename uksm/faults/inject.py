@@ -36,15 +36,17 @@ import random
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TypedDict
 
 import uksm
+from uksm.api import MachineStats
 from uksm.errors import UksmError
 from uksm.host.exitcodes import interrupted as interrupted_status
 from uksm.host.lifeline import StopSignals
 from uksm.kernel import killpoints
 from uksm.kernel.layout import HAZARDS
-from uksm.proc.run import EXIT_USAGE, RunOptions, default_frames, validate
+from uksm.proc.run import EXIT_USAGE, RunOptions, RunReport, default_frames, validate
+from uksm.proc.supervisor import FsckResult
 
 SIGNALS = ("KILL", "TERM")
 # a worker point reached only by a task still to go through __ksm_enter:
@@ -60,6 +62,45 @@ FATAL = (uksm.HungTask, uksm.MachineClosed)
 # next point; a single point ends the kills (a ksmd that oopsed for good
 # never puts its cursor on a task again)
 POINT_BUDGET_S = 30.0
+
+
+class InjectExits(TypedDict):
+    """The __ksm_exit paths taken, over the run (``m.stats()``'s)."""
+    fast: int
+    slow: int
+    legacy: int
+    reaped: int
+
+
+class InjectBlock(TypedDict):
+    """The report's ``inject``: the kills and what the cluster did about them."""
+    kills: int                     # delivered
+    requested: int
+    signal: str
+    mode: str                      # --point: random, cursor, all, or a kill point
+    by_signal: dict[str, int]
+    by_point: dict[str, int]
+    missed_attempts: int
+    unreached: dict[str, int]      # points given up after --point-budget
+    kill_points_hit: int
+    respawned: int
+    exits: InjectExits
+    lock_recoveries: int
+    recoveries: int
+    merges_after_kills: int
+    live_fsck: FsckResult          # fsck of the running cluster after the kills
+    full_scans_after_kills: int
+
+
+class InjectReport(RunReport):
+    """``uksm inject --json``'s object: ``uksm run``'s report and the ``inject`` block."""
+    inject: InjectBlock
+
+
+class RunOutput(RunReport, total=False):
+    """What a campaign's run prints (``uksm.faults.campaign_run``): an
+    InjectReport, or ``uksm run``'s RunReport (no kills: no ``inject``)."""
+    inject: InjectBlock
 
 
 class Injector:
@@ -80,7 +121,7 @@ class Injector:
         self.missed = 0
         self.respawned = 0
         self.at_last: dict[str, int] = {"merges": 0, "full_scans": 0}
-        self.live: dict[str, Any] = {"ok": False, "errors": ["not run"]}
+        self.live: FsckResult = {"ok": False, "errors": ["not run"]}
         self.interrupted: Callable[[], bool] = lambda: False  # a stop signal (uksm.host.lifeline)
         self.unreached: dict[str, int] = {}  # --point all: points given up after POINT_BUDGET_S
         self.hung = False
@@ -227,7 +268,7 @@ class Injector:
             pass  # reported: merges_after_kills 0
         self.live = m.fsck()
 
-    def block(self, m: uksm.Machine, st: dict[str, int], full_scans: int) -> dict[str, Any]:
+    def block(self, st: MachineStats, full_scans: int) -> InjectBlock:
         return {"kills": self.delivered, "requested": self.kills, "signal": self.sig,
                 "mode": self.point, "by_signal": {self.sig: self.delivered},
                 "by_point": dict(self.by_point), "missed_attempts": self.missed,
@@ -240,7 +281,7 @@ class Injector:
                 "live_fsck": self.live,
                 "full_scans_after_kills": full_scans - self.at_last["full_scans"]}
 
-    def run(self) -> dict[str, Any]:
+    def run(self) -> InjectReport:
         """Boot a Machine, drive the kills, close it; the report (uksm
         run's, with an ``inject`` block)."""
         o = self.o
@@ -266,15 +307,19 @@ class Injector:
                 except uksm.HungTask:
                     self.hung = True
                 st, fs = m.stats(), m.ksm["full_scans"]
-        report = dict(m.report or {})
+        block = self.block(st, fs)
+        if self.deterministic:  # the controlled run's report, in uksm run's shape
+            from uksm.deterministic import report_of
+            rep = report_of(m, o, {"inject": block})[0]
+            return {**rep, "inject": block}
+        # a Machine of this process: its report is build_report's (not a
+        # daemon's DownReport, nor a controlled run's)
+        assert m.report is not None and "duration_s" in m.report
+        report: InjectReport = {**m.report, "inject": block}
         if stop():
             report["interrupted"] = stop.name
             report["status"] = interrupted_status(report["status"], stop.signo)
         report["workload"] = o.workload
-        report["inject"] = self.block(m, st, fs)
-        if self.deterministic:
-            from uksm.deterministic import report_of
-            report = report_of(m, o, {"inject": report["inject"]})[0]
         return report
 
 

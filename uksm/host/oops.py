@@ -36,7 +36,7 @@ import json
 import os
 import traceback
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 OOPS_STATUS = 70          # ksmd's exit status after an oops (sysexits' EX_SOFTWARE)
 OOPS_LIMIT = 3            # oopses in a row before the supervisor gives up
@@ -90,6 +90,14 @@ def install_test_hook(ksmd: Any) -> None:
             raise RuntimeError(f"test oops ({TEST_ENV}=once)")
         return scan(budget)
     ksmd.ksm_do_scan = oopsing_scan
+
+
+class OopsRecord(TypedDict):
+    """An entry of the report's ``oops``: one distinct oops, with its count."""
+    task: str    # who oopsed so first: ksmd, writer
+    error: str   # "Type: message"
+    where: str   # the innermost frame: "file.py:LINE in function"
+    count: int
 
 
 # ---- in the supervisor ---------------------------------------------------------------------------
@@ -150,10 +158,10 @@ class Oopses:
     def restarted(self, progress: tuple[int, int]) -> None:
         self.progress = progress
 
-    def block(self) -> list[dict[str, Any]]:
+    def block(self) -> list[OopsRecord]:
         """The report's ``oops``: each distinct oops once, with its count."""
         return [{"task": self.task.get((e, w), "ksmd"), "error": e, "where": w, "count": n}
                 for (e, w), n in self.seen.items()]
 
 
-__all__ = ["OOPS_LIMIT", "OOPS_STATUS", "Oopses", "install_test_hook", "report", "signature"]
+__all__ = ["OOPS_LIMIT", "OOPS_STATUS", "Oopses", "OopsRecord", "install_test_hook", "report", "signature"]

@@ -17,7 +17,7 @@ Segments of a cluster ``C``:
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypedDict
 
 PAGE_SIZE = 4096
 PAGE_SHIFT = 12
@@ -209,15 +209,50 @@ KSM_FIELDS: tuple[tuple[str, int], ...] = (
 )
 
 
-def ksm_block(q: Any) -> dict[str, int]:
+class KsmBlock(TypedDict):
+    """/sys/kernel/mm/ksm: the knobs and counters of KSM_FIELDS, in its order."""
+    run: int
+    pages_to_scan: int
+    sleep_millisecs: int
+    pages_shared: int
+    pages_sharing: int
+    pages_unshared: int
+    pages_volatile: int
+    full_scans: int
+    pages_scanned: int
+
+
+class TaskStats(TypedDict):
+    """The tasks' counters of STATS_NAMES (the report's ``workers``)."""
+    started: int
+    exited: int
+    exit_fast: int
+    exit_slow: int
+    exit_legacy: int
+    exit_noslot: int
+    killed: int
+    oom_killed: int
+    reaped: int
+
+
+def ksm_block(q: Any) -> KsmBlock:
     """The /sys/kernel/mm/ksm block, read from the cluster's words ``q``
-    (the one place it is built: reports, ``uksm ctl``, the API)."""
-    return {n: q[i] for n, i in KSM_FIELDS}
+    (the one place it is built: reports, ``uksm ctl``, the API).  Spelled
+    out, not a loop over KSM_FIELDS, so that mypy checks the keys against
+    KsmBlock (tests/api/test_report_types.py checks the two agree)."""
+    return KsmBlock(run=q[K_RUN], pages_to_scan=q[K_PAGES_TO_SCAN], sleep_millisecs=q[K_SLEEP_MS],
+                    pages_shared=q[K_PAGES_SHARED], pages_sharing=q[K_PAGES_SHARING],
+                    pages_unshared=q[K_PAGES_UNSHARED], pages_volatile=q[K_PAGES_VOLATILE],
+                    full_scans=q[K_FULL_SCANS], pages_scanned=q[K_PAGES_SCANNED])
 
 
-def stats_block(q: Any) -> dict[str, int]:
-    """The tasks' counters (started, exited, each exit path, killed, ...)."""
-    return {n: q[i] for n, i in STATS_NAMES.items()}
+def stats_block(q: Any) -> TaskStats:
+    """The tasks' counters (started, exited, each exit path, killed, ...),
+    spelled out as ksm_block is."""
+    return TaskStats(started=q[S_STARTED], exited=q[S_EXITED], exit_fast=q[S_EXIT_FAST],
+                     exit_slow=q[S_EXIT_SLOW], exit_legacy=q[S_EXIT_LEGACY],
+                     exit_noslot=q[S_EXIT_NOSLOT], killed=q[S_KILLED], oom_killed=q[S_OOM_KILLED],
+                     reaped=q[S_REAPED])
 
 # lock classes: the index of the lock entry in a task row.  A task holds at
 # most one lock of each class at a time (ksmd drops one mm's mmap_sem before

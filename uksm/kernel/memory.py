@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict
 
 from uksm.kernel import sched
 from uksm.kernel.layout import (
@@ -344,7 +344,14 @@ def free_frames(cl: "Cluster") -> int:
     return max(0, min(top, limit - (cl.nframes - top))) if limit else top
 
 
-def frame_stats(cl: "Cluster") -> dict[str, int]:
+class FrameStats(TypedDict):
+    """The report's ``frames``: the pool's frames, used and free."""
+    total: int
+    used: int
+    free: int
+
+
+def frame_stats(cl: "Cluster") -> FrameStats:
     top = cl.q[A_FREE_TOP]
     return {"total": cl.nframes, "used": cl.nframes - top, "free": free_frames(cl)}
 

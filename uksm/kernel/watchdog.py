@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, NotRequired, TypedDict
 
 from uksm.kernel.layout import (
     A_FREE_TOP,
@@ -41,8 +41,32 @@ if TYPE_CHECKING:
     from uksm.kernel.cluster import Cluster
 
 
+class LockWait(TypedDict):
+    """One link of a wait-for chain, as fields: ``uksm logs trace`` draws it."""
+    pid: int
+    role: str
+    mm: int
+    lock: str
+    waited_s: float
+    since_ns: int
+    holders: list[int]
+
+
+class HungReport(TypedDict):
+    """khungtaskd's report of one blocked (or livelocked) task: the
+    ``hung_task`` event, an entry of the run report's ``hung_tasks``,
+    ``uksm.HungTask.reports``."""
+    pid: int
+    role: str
+    lock: str              # "frames" for the allocator's wait, "none (livelock)"
+    waited_s: float
+    deadlock: bool         # the chain closes a cycle
+    chain: list[str]       # its lines, for a person
+    waits: NotRequired[list[LockWait]]  # its links (not for a livelock: no wait)
+
+
 class Watchdog:
-    def __init__(self, cl: "Cluster", timeout_s: float, report: Callable[[dict[str, Any]], None],
+    def __init__(self, cl: "Cluster", timeout_s: float, report: Callable[[HungReport], None],
                  period_s: float = 0.2) -> None:
         self.cl = cl
         self.timeout_ns = int(timeout_s * 1e9)
@@ -98,13 +122,13 @@ class Watchdog:
             pids = holders_of(q, rows, lid)
         return [r for (r, b) in rows if q[b + T_PID] in pids and q[b + T_PID] > 0]
 
-    def chain(self, row: int, now: int) -> tuple[list[str], bool, list[dict[str, Any]]]:
+    def chain(self, row: int, now: int) -> tuple[list[str], bool, list[LockWait]]:
         """The wait-for chain from task ``row``: its lines for a person, whether
         it closes a cycle (a deadlock), and each link as fields (pid, role,
         lock, waited_s, holders' pids) for a program: ``uksm logs trace``
         draws the waits of a hung run from them, up to its end."""
         lines: list[str] = []
-        waits: list[dict[str, Any]] = []
+        waits: list[LockWait] = []
         seen = {row}
         cur = row
         cycle = False

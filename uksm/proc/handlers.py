@@ -22,7 +22,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, final
 
 from uksm.host import shm
 from uksm.host.exitcodes import EXIT_ERR, EXIT_HUNG, EXIT_OK, EXIT_USAGE
@@ -54,7 +54,7 @@ from uksm.kernel.locks import HolderDied, Lock, LockTimeout
 from uksm.proc import options
 from uksm.proc.control import WRITABLE, validate_knob
 from uksm.proc.scripting import Faults, Tasks
-from uksm.proc.supervisor import Child, Supervisor
+from uksm.proc.supervisor import Child, Shutdown, Supervisor
 
 ROUND_S = 0.02            # the main loop's period (uksm run's); waits sleep half a round
 LOCK_TIMEOUT_S = 30.0     # ksm_thread_mutex, for ctl run= and fsck
@@ -65,6 +65,19 @@ FSCK_WAIT_S = 20.0        # fsck: stopping the world, exits in flight to settle
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 
+
+
+@final
+class DownReport(Shutdown):
+    """``uksm down --json``'s object (the daemon's answer to ``down``;
+    ``Machine.down()`` of an attached machine): shutdown's blocks, and the
+    daemon's.  Final: a reader tells it from ``RunReport`` by a key."""
+    ok: bool
+    cluster: str
+    pid: int             # the daemon's
+    uptime_s: float
+    stopped: int         # workers alive when down came
+    log_dir: str
 
 class RequestError(shm.UksmError):
     """A request refused or failed: its message goes back to the client."""
@@ -388,10 +401,9 @@ class Requests:
                 "ms": round(ms, 3), "note": note}
 
     def do_down(self, _req: dict[str, Any]) -> dict[str, Any]:
-        report = self.down()
-        return report
+        return dict(self.down())
 
-    def down(self) -> dict[str, Any]:
+    def down(self) -> DownReport:
         """What ``uksm run`` does after its loop: workers out through their
         exit paths, ksmd frees what is left, stop ksmd, final fsck, teardown."""
         sup = self.sup

@@ -12,7 +12,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 from uksm.host import shm
 from uksm.host.exitcodes import EXIT_ERR, EXIT_OK, EXIT_USAGE
@@ -36,9 +36,39 @@ from uksm.kernel.layout import (
 from uksm.kernel.locks import LockTimeout
 from uksm.proc import options
 from uksm.proc.options import CLI, Spelling
-from uksm.proc.supervisor import Supervisor
+from uksm.proc.supervisor import Shutdown, Snapshot, Supervisor
 
 SCENARIOS = ("oom-unmerge",)
+
+
+class RunStore(TypedDict):
+    """A scenario's write of run (``echo 2 > run``): how it ended."""
+    value: int
+    result: str    # uksm.kernel.writer.result_of: "ok", "-ENOMEM", ...; "hung", "running"
+    run: int       # run now
+
+
+class RunExtra(TypedDict, total=False):
+    """The blocks a driver adds to the report."""
+    run_store: RunStore
+
+
+class RunReport(Snapshot, Shutdown):
+    """``uksm run --json``'s object, and ``uksm.Machine.report``: the
+    snapshot taken before shutdown (``ksm``, ``frames``, ``memory``),
+    shutdown's blocks (``workers`` ... ``status``), and the run's own
+    keys below.  ``uksm inject`` adds an ``inject`` block
+    (``uksm.faults.inject.InjectReport``)."""
+    cluster: str
+    workload: str
+    duration_s: float
+    log_dir: str
+    exit_policy: str
+    oom_rule: str
+    hazards: list[str]
+    scenario: str | None
+    run_store: NotRequired[RunStore]   # the oom-unmerge scenario's
+    interrupted: str | None            # the stop signal's name, if one ended the run
 
 
 @dataclass
@@ -172,7 +202,7 @@ class Progress:
               file=sys.stderr)
 
 
-def run_cluster(o: RunOptions) -> tuple[dict[str, Any], int]:
+def run_cluster(o: RunOptions) -> tuple[RunReport, int]:
     """``uksm run``: the foreground loop is ``drive``."""
     if o.scenario == "oom-unmerge":
         o.until_merged = True
@@ -190,10 +220,10 @@ def run_cluster(o: RunOptions) -> tuple[dict[str, Any], int]:
     return run_with(o, lambda sup, t0, progress, interrupted: drive(sup, o, t0, progress, interrupted))
 
 
-Driver = Callable[[Supervisor, float, "Progress", Callable[[], bool]], tuple[bool, dict[str, Any]]]
+Driver = Callable[[Supervisor, float, "Progress", Callable[[], bool]], tuple[bool, RunExtra]]
 
 
-def run_with(o: RunOptions, driver: Driver, prefix: str = "run") -> tuple[dict[str, Any], int]:
+def run_with(o: RunOptions, driver: Driver, prefix: str = "run") -> tuple[RunReport, int]:
     """Boot a cluster with ``o``'s workers, let ``driver`` run it (it
     returns whether a task hung, and extra report blocks), then stop the
     workers through their exit paths, let ksmd free what they left, stop
@@ -206,7 +236,6 @@ def run_with(o: RunOptions, driver: Driver, prefix: str = "run") -> tuple[dict[s
     sup = Supervisor(name, make_config(o), log_dir, quiet=o.quiet)
     t0 = time.monotonic()
     progress = Progress(o.quiet)
-    snap: dict[str, Any] = {}
     # SIGTERM/SIGHUP/SIGINT: the loop ends, the shutdown below runs in order;
     # a second one raises SecondSignal: kill at once, remove every object
     with StopSignals() as stop:
@@ -228,7 +257,6 @@ def run_with(o: RunOptions, driver: Driver, prefix: str = "run") -> tuple[dict[s
                     print(f"uksm: {stop.name}: stopping cluster {name} in order (workers exit, "
                           f"ksmd frees, fsck, teardown); again to kill it at once", file=sys.stderr)
             snap = sup.snapshot()
-            extra = {k: (v() if callable(v) else v) for k, v in extra.items()}
             end = sup.shutdown()
         except BaseException:
             if sup.booted:
@@ -253,9 +281,9 @@ def run_with(o: RunOptions, driver: Driver, prefix: str = "run") -> tuple[dict[s
     return report, status
 
 
-def build_report(name: str, o: RunOptions, t0: float, snap: dict[str, Any], end: dict[str, Any],
-                 log_dir: str, extra: dict[str, Any] | None = None, interrupted: str | None = None,
-                 status: int | None = None) -> dict[str, Any]:
+def build_report(name: str, o: RunOptions, t0: float, snap: Snapshot, end: Shutdown,
+                 log_dir: str, extra: RunExtra | None = None, interrupted: str | None = None,
+                 status: int | None = None) -> RunReport:
     """``uksm run --json``'s object (also ``uksm.Machine.report``): the
     snapshot taken before shutdown, and shutdown's blocks.  ``interrupted``:
     the stop signal's name, if one ended the run; ``status``: the run's
@@ -270,7 +298,7 @@ def build_report(name: str, o: RunOptions, t0: float, snap: dict[str, Any], end:
             "status": end["status"] if status is None else status}
 
 
-def print_report(r: dict[str, Any]) -> None:
+def print_report(r: RunReport) -> None:
     """build_report's dict for a human (``uksm run`` without --json, ``uksm inject``)."""
     k, fr, w = r["ksm"], r["frames"], r["workers"]
     mem = r["memory"]["host_bytes_resident"]
@@ -410,7 +438,7 @@ class Convergence:
 
 
 def drive(sup: Supervisor, o: RunOptions, t0: float, progress: Progress,
-          interrupted) -> tuple[bool, dict[str, Any]]:
+          interrupted: Callable[[], bool]) -> tuple[bool, RunExtra]:
     """The foreground loop: until the duration, convergence, or the
     scenario's end.  Returns whether a hung task was reported, and the
     scenario's report block (the run=2 write's result).
@@ -429,7 +457,7 @@ def drive(sup: Supervisor, o: RunOptions, t0: float, progress: Progress,
     from uksm.kernel.writer import result_of
     q = sup.cl.q
     writer = None
-    extra: dict[str, Any] = {}
+    extra: RunExtra = {}
     late = o.demo_exits  # the demo's last worker is still to start
     conv = Convergence(bool(o.churn_ms))
     phase = "merge"

@@ -21,12 +21,12 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypedDict
 
 from uksm.host import lifeline, pyexec, shm
 from uksm.host import log as ulog
 from uksm.host.exitcodes import EXIT_ERR, EXIT_HUNG, EXIT_INTEGRITY, EXIT_OK, EXIT_OOPS
-from uksm.host.oops import FD_ENV
+from uksm.host.oops import FD_ENV, OopsRecord
 from uksm.kernel import fsck, killpoints
 from uksm.kernel.cluster import Cluster, Config, destroy
 from uksm.kernel.layout import (
@@ -44,13 +44,15 @@ from uksm.kernel.layout import (
     TASK_SIZE,
     TS_ALIVE,
     TS_FREE,
+    KsmBlock,
+    TaskStats,
     ksm_block,
     stats_block,
 )
 from uksm.kernel.locks import LockTimeout
-from uksm.kernel.memory import frame_stats
+from uksm.kernel.memory import FrameStats, frame_stats
 from uksm.kernel.mm import MM, mm_create
-from uksm.kernel.watchdog import Watchdog
+from uksm.kernel.watchdog import HungReport, Watchdog
 from uksm.proc.childerr import StderrTee
 from uksm.proc.children import Child
 from uksm.proc.forks import Forks
@@ -60,6 +62,45 @@ from uksm.proc.recovery import Recovery
 from uksm.proc.runwriter import RunWriter
 
 WORKER_PROGRAM = "uksm.workers.worker"
+
+
+class HostMemory(TypedDict):
+    host_bytes_resident: int   # the frame pool's resident bytes (the host's RSS of it)
+
+
+class Snapshot(TypedDict):
+    """``Supervisor.snapshot``: the counters, frames and host memory."""
+    ksm: KsmBlock
+    frames: FrameStats
+    memory: HostMemory
+
+
+class Integrity(TypedDict):
+    """What the tasks read back at their exits."""
+    pages_verified: int
+    mismatches: int
+
+
+class FsckResult(TypedDict):
+    """fsck's verdict (the report's ``fsck``, ``m.fsck()``, inject's ``live_fsck``)."""
+    ok: bool
+    errors: list[str]
+
+
+class Shutdown(TypedDict):
+    """``Supervisor.shutdown``: the end-of-cluster blocks of the report,
+    and the exit status (``uksm.host.exitcodes``)."""
+    workers: TaskStats
+    integrity: Integrity
+    fsck: FsckResult
+    hung_tasks: list[HungReport]
+    ipc_leftovers: list[str]       # POSIX objects still there after teardown
+    errors: list[str]
+    oops: list[OopsRecord]
+    ksmd_restarts: int
+    use_after_free: int            # lock operations on a freed mm
+    lockdep: int                   # locks taken against the lock order
+    status: int
 
 
 class Supervisor:
@@ -83,7 +124,7 @@ class Supervisor:
         self.mms: dict[int, MM] = {}
         self.stop_ev = threading.Event()
         self.lock = threading.RLock()   # children/writers/mms maps, row allocation
-        self.hung: list[dict[str, Any]] = []
+        self.hung: list[HungReport] = []
         self.threads: list[threading.Thread] = []
         self.ksmd: Child | None = None    # under self.lock
         self.errors: list[str] = []
@@ -346,7 +387,7 @@ class Supervisor:
             return {i: m for i, m in self.mms.items() if m.words.id == i}
 
     # ---- the watchdog's report ------------------------------------------------------
-    def _on_hung(self, report: dict[str, Any]) -> None:
+    def _on_hung(self, report: HungReport) -> None:
         self.hung.append(report)
         self.log.error("hung_task", task_pid=report["pid"], task_role=report["role"],
                        lock=report["lock"], waited_s=report["waited_s"], chain=report["chain"],
@@ -366,7 +407,7 @@ class Supervisor:
         with self.lock:
             return all(self.cl.trow(r).ready for r in self.children)
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> Snapshot:
         """Counters, frames, host memory.  The counters are read under
         ksm_thread_mutex (a consistent publish) unless ksmd keeps it for
         more than a second (a deadlocked cluster): then as they are."""
@@ -507,21 +548,21 @@ class Supervisor:
             time.sleep(0.005)  # the exits are seen within 5 ms: the run's end waits on this loop
         return False
 
-    def live_fsck(self) -> dict[str, Any]:
+    def live_fsck(self) -> FsckResult:
         """fsck on the running cluster (``fsck.check_live``).  Called from
         the main loop's thread."""
         errs = fsck.check_live(self.cl, self.live_mms())
         self.log.info("fsck", ok=not errs, errors=len(errs), first=errs[:5])
         return {"ok": not errs, "errors": errs}
 
-    def final_fsck(self) -> dict[str, Any]:
+    def final_fsck(self) -> FsckResult:
         """After every task has gone: the invariants, and the leak report."""
         self.sweep()
         errs = fsck.check(self.cl, self.live_mms(), counters=False) + fsck.check_leaks(self.cl)
         self.log.info("fsck", ok=not errs, errors=len(errs), first=errs[:5])
         return {"ok": not errs, "errors": errs}
 
-    def shutdown(self) -> dict[str, Any]:
+    def shutdown(self) -> Shutdown:
         """What every cluster does at its end (``uksm run``, ``inject``,
         ``down``): workers out through their own exit paths, ksmd frees what
         the slow paths left it, ksmd stops, the final fsck, teardown; or, if
@@ -531,7 +572,7 @@ class Supervisor:
         anything else)."""
         q = self.cl.q
         status = EXIT_OK
-        fs: dict[str, Any] = {"ok": False,
+        fs: FsckResult = {"ok": False,
                               "errors": ["not checked: the cluster was stopped after a hung task"]}
         try:
             if self.hung:
@@ -547,7 +588,7 @@ class Supervisor:
                 self.stop_ksmd()
                 fs = self.final_fsck()
             workers = stats_block(q)
-            integrity = {"pages_verified": q[S_PAGES_VERIFIED], "mismatches": q[S_MISMATCHES]}
+            integrity: Integrity = {"pages_verified": q[S_PAGES_VERIFIED], "mismatches": q[S_MISMATCHES]}
             uaf, lockdep = q[S_USE_AFTER_FREE], q[S_LOCKDEP]
         except BaseException:
             self.kill_all()
@@ -637,4 +678,5 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-__all__ = ["Supervisor", "Child", "Config"]
+__all__ = ["Supervisor", "Child", "Config", "Snapshot", "Shutdown", "FsckResult", "Integrity",
+           "HostMemory"]
