@@ -214,6 +214,7 @@ class KsmBlock(TypedDict):
     run: int
     pages_to_scan: int
     sleep_millisecs: int
+    max_kernel_pages: int
     pages_shared: int
     pages_sharing: int
     pages_unshared: int
@@ -241,6 +242,7 @@ def ksm_block(q: Any) -> KsmBlock:
     out, not a loop over KSM_FIELDS, so that mypy checks the keys against
     KsmBlock (tests/api/test_report_types.py checks the two agree)."""
     return KsmBlock(run=q[K_RUN], pages_to_scan=q[K_PAGES_TO_SCAN], sleep_millisecs=q[K_SLEEP_MS],
+                    max_kernel_pages=q[K_MAX_KERNEL_PAGES],
                     pages_shared=q[K_PAGES_SHARED], pages_sharing=q[K_PAGES_SHARING],
                     pages_unshared=q[K_PAGES_UNSHARED], pages_volatile=q[K_PAGES_VOLATILE],
                     full_scans=q[K_FULL_SCANS], pages_scanned=q[K_PAGES_SCANNED])
