@@ -61,7 +61,7 @@ MUTANTS: dict[str, tuple[str, str, str]] = {
                "    if (t->uaf == NULL || t->uaf == Py_None || lk->mmrow < 0)\n        return 0;",
                "    return 0;"),
     "uaf_freeing": ("mm_freed: FREEING not counted as freed",
-                    "state == MS_FREEING || ", ""),
+                    "state == MMS_FREEING || ", ""),
     "no_lockdep": ("lock: lockdep_check never called",
                    "    if (check && self->lockdep != NULL", "    if (0 && self->lockdep != NULL"),
     "lockdep_unchecked": ("lock: check=False ignored",

@@ -44,7 +44,7 @@ from uksm.kernel.layout import (
     M_SLOT_USED,
     M_STATE,
     M_USERS,
-    MS_FREEING,
+    MMS_FREEING,
     PAGE_SIZE,
     PT_OFF,
     PTE_PRESENT,
@@ -304,7 +304,10 @@ def plant_mm_counter(cl: "Cluster", mms: dict[int, "MM"], field_: int) -> Fault:
         msg = r"counters: rmap_items \d+ but the mms' ksm_rmap_items add up to \d+$"
     else:
         msg = r"counters: shared \+ sharing = \d+ but the mms' ksm_merging_pages add up to \d+$"
-    return Fault("mm counter", [msg], st.undo)
+    expect = [msg]
+    if cl.q[b + M_MERGING] > cl.q[b + M_RMAP_ITEMS]:   # every rmap_item of the mm merged
+        expect.append(r"counters: mm\d+ ksm_merging_pages \d+ > ksm_rmap_items \d+$")
+    return Fault("mm counter", expect, st.undo)
 
 
 # ---- the mm_slot list and mm_count --------------------------------------------------------------
@@ -383,8 +386,9 @@ def plant_mm_count_zero(cl: "Cluster", mms: dict[int, "MM"]) -> Fault:
 
 def plant_slot_freed_listed(cl: "Cluster", mms: dict[int, "MM"]) -> Fault:
     """M_SLOT_USED cleared on a slot still on the list (free_mm_slot without
-    its list_del): the slot's reference is still held, and ksmd's per-mm
-    counters of that mm no longer count."""
+    its list_del): the slot's reference is still held, ksmd's per-mm
+    counters of that mm no longer count, and an mm without a slot that
+    counts rmap_items is wrong on its own."""
     st = Store()
     r = slot_rows(cl)[0]
     b = cl.mbase(r)
@@ -397,6 +401,8 @@ def plant_slot_freed_listed(cl: "Cluster", mms: dict[int, "MM"]) -> Fault:
     if cl.q[b + M_MERGING]:
         expect.insert(1 if cl.q[b + M_RMAP_ITEMS] else 0,
                       r"counters: shared \+ sharing = \d+ but the mms' ksm_merging_pages add up to \d+$")
+    if cl.q[b + M_RMAP_ITEMS] or cl.q[b + M_MERGING]:   # and the slotless mm still counts some
+        expect.append(rf"counters: mm{mm} has no mm_slot but ksm_rmap_items \d+, ksm_merging_pages \d+$")
     return Fault("slot freed but listed", expect, st.undo)
 
 
@@ -467,11 +473,11 @@ def plant_exit_in_flight(cl: "Cluster", mms: dict[int, "MM"]) -> Fault:
 
 
 def plant_mm_freeing(cl: "Cluster", mms: dict[int, "MM"]) -> Fault:
-    """An mm row being freed (MS_FREEING: mm_count 0, its objects going):
+    """An mm row being freed (MMS_FREEING: mm_count 0, its objects going):
     not a live mm with a zero mm_count."""
     st = Store()
     free = next(r for r in range(cl.max_mms) if not cl.q[cl.mbase(r) + M_ID])
-    st.set(cl.q, cl.mbase(free) + M_STATE, MS_FREEING)
+    st.set(cl.q, cl.mbase(free) + M_STATE, MMS_FREEING)
     st.set(cl.q, cl.mbase(free) + M_ID, 999)
     return Fault("mm being freed", [], st.undo)
 

@@ -31,16 +31,16 @@ from uksm.kernel.layout import (
     M_SLOT_USED,
     M_STATE,
     M_USERS,
-    MS_EXITING,
-    MS_LIVE,
-    MS_NVMA,
-    MS_VMAS_FREED,
-    MS_ZOMBIE,
+    MMS_EXITING,
+    MMS_LIVE,
+    MMS_ZOMBIE,
     P_FAST,
     P_LEGACY,
     P_SLOW,
     PT_OFF,
     PTE_PRESENT,
+    SEG_NVMA,
+    SEG_VMAS_FREED,
     T_EXIT_PROGRESS,
     VM_LOCKED,
     VMA_SIZE,
@@ -165,7 +165,7 @@ def test_ksm_exit_runs_once_and_only_with_a_slot(machine: Any,
     s.alloc.flush()
     assert st.names().count("__ksm_exit") == 1
     assert st.names()[-2:] == ["free_pgtables", "mmdrop"]
-    assert cl.q[s.mm.base + M_STATE] == MS_ZOMBIE   # waiting for ksmd to free the slot
+    assert cl.q[s.mm.base + M_STATE] == MMS_ZOMBIE   # waiting for ksmd to free the slot
     set_run(sup, 1)                 # ksmd frees the slot, drops the last mm_count
     s.exit()
     set_run(sup, 0)
@@ -231,8 +231,8 @@ def test_exit_mmap_unmap_and_free_pgtables(machine: Any) -> None:
     xmod.free_pgtables(cl, s.mm)
     pq = s.mm.pq
     assert cl.q[s.mm.base + M_EXIT_STAGE] == ALL
-    assert pq[MS_VMAS_FREED] == 1
-    assert pq[MS_NVMA] == 0                      # mm->map_count: no area left
+    assert pq[SEG_VMAS_FREED] == 1
+    assert pq[SEG_NVMA] == 0                      # mm->map_count: no area left
     assert all(pq[PT_OFF + v] == 0 for v in range(cl.va_pages))
     s.exit()
     assert s.freed()
@@ -283,7 +283,7 @@ def test_mm_users_zero(machine: Any) -> None:
     s = Space(sup)
     s.write(s.mmap(1), b"u")
     b = s.mm.base
-    assert q[b + M_USERS] >= 1 and q[b + M_STATE] == MS_LIVE
+    assert q[b + M_USERS] >= 1 and q[b + M_STATE] == MMS_LIVE
     log = RecLog()
     # a stale MM whose row now holds another mm id: nothing done
     real_id = s.mm.id
@@ -292,7 +292,7 @@ def test_mm_users_zero(machine: Any) -> None:
         assert xmod.mm_users_zero(cl, s.mm, log) is False
     finally:
         s.mm.id = real_id
-    assert q[b + M_STATE] == MS_LIVE and q[b + M_EXIT_STAGE] == 0 and log.events == []
+    assert q[b + M_STATE] == MMS_LIVE and q[b + M_EXIT_STAGE] == 0 and log.events == []
     assert not cl.task.holds(s.mm.ptl) and not cl.task.holds(cl.mmlist)
     ptl_value = s.mm.ptl.sem.value
     held_inside: list[bool] = []
@@ -305,7 +305,7 @@ def test_mm_users_zero(machine: Any) -> None:
     log = PtlLog()
     assert xmod.mm_users_zero(cl, s.mm, log) is True
     assert held_inside == [True], "the event is logged under the mm's pte lock"
-    assert (q[b + M_USERS], q[b + M_STATE], q[b + M_EXIT_STAGE]) == (0, MS_EXITING, XS_USERS0)
+    assert (q[b + M_USERS], q[b + M_STATE], q[b + M_EXIT_STAGE]) == (0, MMS_EXITING, XS_USERS0)
     assert log.events == [("mm_exit_begin", {"mm": real_id})]
     assert s.mm.ptl.sem.value == ptl_value and cl.mmlist.sem.value == 1
     assert not cl.task.holds(s.mm.ptl) and not cl.task.holds(cl.mmlist)
@@ -348,7 +348,7 @@ def test_free_pgtables_clears_a_multi_page_table() -> None:
         head = list(pq[:PT_OFF])
         xmod.free_pgtables(cl, s.mm)
         assert [i for i in range(PT_OFF, len(pq)) if pq[i]] == []
-        assert list(pq[:MS_NVMA]) == head[:MS_NVMA] and pq[MS_NVMA] == 0 and pq[MS_VMAS_FREED] == 1
+        assert list(pq[:SEG_NVMA]) == head[:SEG_NVMA] and pq[SEG_NVMA] == 0 and pq[SEG_VMAS_FREED] == 1
         assert cl.q[s.mm.base + M_EXIT_STAGE] == ALL
         s.exit()
         assert_fsck(sup)

@@ -549,29 +549,29 @@ def test_split_past_max_map_count_is_eagain_and_the_task_lives():
 @pytest.mark.timeout(60)
 def test_vma_rows_are_backed_as_they_are_made(monkeypatch):
     """The VMA table, sized for one row per page, costs /dev/shm the rows in
-    use (MS_VMA_TOP): every row made is backed first, a page at a time; a
+    use (SEG_VMA_TOP): every row made is backed first, a page at a time; a
     row /dev/shm has no room for is -ENOMEM (vm_area_alloc), -EAGAIN from
     madvise, and the table is as it was."""
     from helpers import booted
     from uksm.errors import SyscallError
-    from uksm.kernel.layout import MS_NVMA, MS_VMA_TOP, VMA_SIZE
+    from uksm.kernel.layout import SEG_NVMA, SEG_VMA_TOP, VMA_SIZE
     from uksm.kernel.syscalls import MADV_MERGEABLE, MADV_UNMERGEABLE
     from util_machine import Space
     with booted(cname("vmab"), run=0, frames=512, va_pages=1024) as sup:
         s = Space(sup)
         pq = s.mm.pq
-        assert pq[MS_VMA_TOP] == 0                          # nothing made, nothing backed
+        assert pq[SEG_VMA_TOP] == 0                          # nothing made, nothing backed
         base = s.mmap(900)
         per_page = 4096 // (VMA_SIZE * 8)
-        assert 1 == pq[MS_NVMA] <= pq[MS_VMA_TOP] <= per_page + 1
+        assert 1 == pq[SEG_NVMA] <= pq[SEG_VMA_TOP] <= per_page + 1
         s.madvise(base, 900, MADV_MERGEABLE)
         i = 0
         while i < 400:                                      # 400 areas: three pages of rows
             s.madvise(base + i * 4096, 1, MADV_UNMERGEABLE)
-            assert pq[MS_NVMA] <= pq[MS_VMA_TOP]
+            assert pq[SEG_NVMA] <= pq[SEG_VMA_TOP]
             i += 2
-        assert pq[MS_NVMA] == 400 and pq[MS_VMA_TOP] < 400 + per_page + 1
-        top = pq[MS_VMA_TOP]
+        assert pq[SEG_NVMA] == 400 and pq[SEG_VMA_TOP] < 400 + per_page + 1
+        top = pq[SEG_VMA_TOP]
         seg_t, off0 = type(s.mm.seg), s.mm.vma_off * 8
         orig = seg_t.populate                               # /dev/shm full for VMA rows
         monkeypatch.setattr(seg_t, "populate", lambda seg, off, n: off < off0 and orig(seg, off, n))
@@ -580,11 +580,11 @@ def test_vma_rows_are_backed_as_they_are_made(monkeypatch):
                 before = s.mm.vmas()
                 s.madvise(base + i * 4096, 1, MADV_UNMERGEABLE)
                 i += 2
-        assert pq[MS_VMA_TOP] == top and s.mm.vmas() == before and top - 1 <= pq[MS_NVMA] <= top
+        assert pq[SEG_VMA_TOP] == top and s.mm.vmas() == before and top - 1 <= pq[SEG_NVMA] <= top
         with pytest.raises(SyscallError, match="ENOMEM"):
             for _ in range(2):
                 s.mmap(1)
-        assert pq[MS_NVMA] == top
+        assert pq[SEG_NVMA] == top
         monkeypatch.undo()
         s.write(base, b"alive")
         s.exit()

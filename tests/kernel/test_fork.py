@@ -269,3 +269,16 @@ def test_a_fork_during_run_2_is_missed_as_in_2_6_32() -> None:
         import helpers
         helpers.pump(sup, lambda: frames_used(cl) == 0 and not ksm.slots(cl), 30)
         assert_fsck(sup)
+
+
+def test_badness_adds_half_of_each_forked_childs_total_vm():
+    """2.6.32's badness(): "points += child->mm->total_vm/2 + 1" for each
+    child with an mm of its own, before the CPU and run time divide (a
+    pid that is gone: nothing divides)."""
+    import subprocess
+
+    from uksm.kernel import oom
+    p = subprocess.Popen(["true"])
+    p.wait()
+    assert oom.badness(100, p.pid) == 100
+    assert oom.badness(100, p.pid, (10, 21)) == 100 + (5 + 1) + (10 + 1)

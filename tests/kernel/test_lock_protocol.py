@@ -431,16 +431,16 @@ def test_uaf_hook_fires_only_for_a_freed_mm(tb: Table) -> None:
     """The hook is called when the lock's mm row holds another mm or is
     being freed or free (mm_freed), never for a live or exiting mm: the
     exit path still takes an exiting mm's locks."""
-    from uksm.kernel.layout import M_ID, M_STATE, MS_EXITING, MS_FREE, MS_FREEING, MS_LIVE
+    from uksm.kernel.layout import M_ID, M_STATE, MMS_EXITING, MMS_FREE, MMS_FREEING, MMS_LIVE
     t = tb.task(0)
     ops: list[str] = []
     t.uaf = lambda lk, op: ops.append(op)
     ptl = tb.lock(C_PTL, mm=5)
     ptl.mmrow, ptl.mmbase = 3, 3 * ROW   # row 3's words stand for the mm row
-    for mm_id, state, calls in ((5, MS_LIVE, []), (5, MS_EXITING, []),
-                                (5, MS_FREEING, ["lock", "unlock", "trylock", "unlock"]),
-                                (5, MS_FREE, ["lock", "unlock", "trylock", "unlock"]),
-                                (6, MS_LIVE, ["lock", "unlock", "trylock", "unlock"])):
+    for mm_id, state, calls in ((5, MMS_LIVE, []), (5, MMS_EXITING, []),
+                                (5, MMS_FREEING, ["lock", "unlock", "trylock", "unlock"]),
+                                (5, MMS_FREE, ["lock", "unlock", "trylock", "unlock"]),
+                                (6, MMS_LIVE, ["lock", "unlock", "trylock", "unlock"])):
         tb.q[3 * ROW + M_ID], tb.q[3 * ROW + M_STATE] = mm_id, state
         ops.clear()
         t.lock(ptl)
@@ -1113,16 +1113,16 @@ def test_take_raw_takes_a_unit_or_gives_up_when_a_holder_died(tb: Table) -> None
 
 
 def test_mm_freed_is_a_row_reused_or_being_freed() -> None:
-    from uksm.kernel.layout import M_ID, M_STATE, MS_EXITING, MS_FREE, MS_FREEING, MS_LIVE
+    from uksm.kernel.layout import M_ID, M_STATE, MMS_EXITING, MMS_FREE, MMS_FREEING, MMS_LIVE
     q = memoryview(bytearray(8 * 64)).cast("q")
     lk = Lock(None, 1, C_PTL, mm=5)            # type: ignore[arg-type]  (no semaphore needed)
     lk.mmbase = 16
-    q[16 + M_ID], q[16 + M_STATE] = 5, MS_LIVE
+    q[16 + M_ID], q[16 + M_STATE] = 5, MMS_LIVE
     assert not locks.mm_freed(q, lk)
-    q[16 + M_STATE] = MS_EXITING                # exiting is not freed: its locks are still used
+    q[16 + M_STATE] = MMS_EXITING                # exiting is not freed: its locks are still used
     assert not locks.mm_freed(q, lk)
-    for st in (MS_FREEING, MS_FREE):
+    for st in (MMS_FREEING, MMS_FREE):
         q[16 + M_STATE] = st
         assert locks.mm_freed(q, lk)
-    q[16 + M_ID], q[16 + M_STATE] = 6, MS_LIVE  # the row now holds another mm
+    q[16 + M_ID], q[16 + M_STATE] = 6, MMS_LIVE  # the row now holds another mm
     assert locks.mm_freed(q, lk)

@@ -149,13 +149,13 @@ def test_c_core_bad_input(sem: posix_ipc.Semaphore) -> None:
         Task(memoryview(bytearray(800)), ROW, 1)   # bytes, not int64 words
     with pytest.raises(ValueError, match="class"):
         Lock(sem, 1, 99)
-    from uksm.kernel.layout import E_LOCK, E_WORD, M_ID, M_STATE, MS_FREE, MS_FREEING
+    from uksm.kernel.layout import E_LOCK, E_WORD, M_ID, M_STATE, MMS_FREE, MMS_FREEING
     locks._lockcore.layout(-1, -1, -1, -1, 0, 0)      # as if locks.py had not given the offsets
     try:
         with pytest.raises(RuntimeError, match="layout"):
             t.lock(Lock(sem, 1, C_PTL, mm=1))
     finally:
-        locks._lockcore.layout(E_LOCK, E_WORD, M_ID, M_STATE, MS_FREEING, MS_FREE)
+        locks._lockcore.layout(E_LOCK, E_WORD, M_ID, M_STATE, MMS_FREEING, MMS_FREE)
     short = Task(memoryview(bytearray(8 * 10)).cast("q"), 0, 0)   # the row does not fit
     lk = Lock(sem, 1, C_PTL, mm=1)
     with pytest.raises(IndexError):

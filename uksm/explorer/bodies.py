@@ -31,8 +31,8 @@ from uksm.kernel.layout import (
     C_WMUTEX,
     M_ID,
     M_STATE,
-    MS_EXITING,
-    MS_FREEING,
+    MMS_EXITING,
+    MMS_FREEING,
     R_REAPER,
     S_LOCK_RECOVERIES,
     S_RECOVERIES,
@@ -183,7 +183,7 @@ def _recover_and_reap(cl: Cluster, log: Any, side: ChildSide, job: dict[str, Any
     live = {}
     for r in range(cl.max_mms):
         b = cl.mbase(r)
-        if q[b + M_ID] and q[b + M_STATE] != MS_FREEING:   # (a freeing mm's objects are unlinked)
+        if q[b + M_ID] and q[b + M_STATE] != MMS_FREEING:   # (a freeing mm's objects are unlinked)
             live[q[b + M_ID]] = mm_attach(cl, q[b + M_ID])
     try:
         mm0 = live.get(dead_mm) if dead_mm else None
@@ -262,13 +262,13 @@ def _fsck(job: dict[str, Any], side: ChildSide) -> int:
             q = cl.q
             for r in range(cl.max_mms):
                 b = cl.mbase(r)
-                if q[b + M_ID] and q[b + M_STATE] != MS_FREEING:
+                if q[b + M_ID] and q[b + M_STATE] != MMS_FREEING:
                     live[q[b + M_ID]] = mm_attach(cl, q[b + M_ID])
             with world_stopped(cl, live):
                 cl.task.lock(cl.mmlist)
                 try:
                     errs = fsck.check(cl, live, counters=True)
-                    exiting = [i for i, m in live.items() if m.words.state == MS_EXITING]
+                    exiting = [i for i, m in live.items() if m.words.state == MMS_EXITING]
                 finally:
                     cl.task.unlock(cl.mmlist)
         finally:

@@ -66,7 +66,7 @@ enum { IDLE = 0, WAITING = 1, HELD = 2, RELEASING = 3 };
 
 /* the layout's offsets, given once by locks.py (layout()) */
 static Py_ssize_t E_LOCK = -1, E_WORD = -1, M_ID = -1, M_STATE = -1;
-static int64_t MS_FREEING = -1, MS_FREE = -1;
+static int64_t MMS_FREEING = -1, MMS_FREE = -1;
 
 static PyObject *SemaphoreType;   /* posix_ipc.Semaphore */
 static PyObject *s_close;
@@ -404,7 +404,7 @@ static int mm_freed(LockObject *lk, Words *ws)
         return 1;      /* the row holds another mm (M_STATE not read: as the reference) */
     if (py_load(ws, b + M_STATE, &state) < 0)
         return -1;
-    return state == MS_FREEING || state == MS_FREE;
+    return state == MMS_FREEING || state == MMS_FREE;
 }
 
 /* A hook's or method's result, dropped: 0, or -1 when it raised. */
@@ -675,18 +675,18 @@ static PyTypeObject TaskType = {
     .tp_members = Task_members,
 };
 
-/* layout(E_LOCK, E_WORD, M_ID, M_STATE, MS_FREEING, MS_FREE) */
+/* layout(E_LOCK, E_WORD, M_ID, M_STATE, MMS_FREEING, MMS_FREE) */
 static PyObject *set_layout(PyObject *mod, PyObject *args)
 {
     long long el, ew, mi, ms, mf, mfr;
     if (!PyArg_ParseTuple(args, "LLLLLL", &el, &ew, &mi, &ms, &mf, &mfr))
         return NULL;
-    E_LOCK = el; E_WORD = ew; M_ID = mi; M_STATE = ms; MS_FREEING = mf; MS_FREE = mfr;
+    E_LOCK = el; E_WORD = ew; M_ID = mi; M_STATE = ms; MMS_FREEING = mf; MMS_FREE = mfr;
     Py_RETURN_NONE;
 }
 
 static PyMethodDef module_methods[] = {
-    {"layout", set_layout, METH_VARARGS, "the layout's offsets: E_LOCK, E_WORD, M_ID, M_STATE, MS_FREEING, MS_FREE"},
+    {"layout", set_layout, METH_VARARGS, "the layout's offsets: E_LOCK, E_WORD, M_ID, M_STATE, MMS_FREEING, MMS_FREE"},
     {NULL}
 };
 

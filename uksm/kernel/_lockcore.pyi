@@ -4,7 +4,7 @@ from typing import Any
 
 source: str   # the first 16 hex digits of the C file's sha256 it was built from
 
-def layout(e_lock: int, e_word: int, m_id: int, m_state: int, ms_freeing: int, ms_free: int) -> None: ...
+def layout(e_lock: int, e_word: int, m_id: int, m_state: int, mms_freeing: int, mms_free: int) -> None: ...
 
 class LockCore:
     sem: Any

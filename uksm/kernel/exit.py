@@ -42,15 +42,15 @@ from uksm.kernel.layout import (
     M_SLOT_USED,
     M_STATE,
     M_USERS,
-    MS_EXITING,
-    MS_NVMA,
-    MS_VMAS_FREED,
-    MS_ZOMBIE,
+    MMS_EXITING,
+    MMS_ZOMBIE,
     PAGE_SIZE,
     PT_OFF,
     PTE_PRESENT,
     REF_KSM,
     REF_USERS,
+    SEG_NVMA,
+    SEG_VMAS_FREED,
     T_EXIT_PROGRESS,
     VM_LOCKED,
     XS_KSM_EXIT,
@@ -96,7 +96,7 @@ def mmput(cl: "Cluster", mm: MM, alloc: Allocator, log: Any) -> int:
             sched.point("exit_pgtables", mm.id)
     if not q[b + M_EXIT_STAGE] & XS_MMDROP:
         if q[b + M_REFS] & REF_KSM:
-            q[b + M_STATE] = MS_ZOMBIE  # waiting for ksmd to free the slot
+            q[b + M_STATE] = MMS_ZOMBIE  # waiting for ksmd to free the slot
         mmdrop(cl, mm.row, mm.id, REF_USERS, log)  # marks XS_MMDROP with the drop
     return path
 
@@ -150,7 +150,7 @@ def mm_users_zero(cl: "Cluster", mm: MM, log: Any, ptl_held: bool = False) -> bo
         done = not q[b + M_EXIT_STAGE] & XS_USERS0 and q[b + M_ID] == mm.id
         if done:
             q[b + M_USERS] = 0
-            q[b + M_STATE] = MS_EXITING
+            q[b + M_STATE] = MMS_EXITING
             q[b + M_EXIT_STAGE] |= XS_USERS0
         task.unlock(cl.mmlist)
         if done:
@@ -219,8 +219,8 @@ def free_pgtables(cl: "Cluster", mm: MM) -> None:
     by a COW break that did not check ksm_test_exit) loses its frame for
     good: the leak the seed's checks prevent, and fsck reports."""
     pq = mm.pq
-    pq[MS_VMAS_FREED] = 1  # the VMA table is destroyed: walking it is a bug (mm.VmaTableFreed)
-    pq[MS_NVMA] = 0        # its rows go with the page-table pages punched below
+    pq[SEG_VMAS_FREED] = 1  # the VMA table is destroyed: walking it is a bug (mm.VmaTableFreed)
+    pq[SEG_NVMA] = 0        # its rows go with the page-table pages punched below
     start = PT_OFF * 8
     first = (start + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
     for i in range(PT_OFF, min(first // 8, len(pq))):

@@ -280,9 +280,12 @@ TS_FREE, TS_ALIVE, TS_DEAD, TS_REAPING = range(4)
 EXIT_REASONS = ("none", "exit", "signal", "oom", "sigkill")
 X_NONE, X_EXIT, X_SIGNAL, X_OOM, X_SIGKILL = range(5)
 
-# M_STATE
+# M_STATE: the mm states, MMS_ as the task states are TS_ and the cluster's
+# CS_.  (They were MS_, the prefix the address-space segment's header words
+# had too, so MS_FREEING == MS_VMAS_FREED == 4 and a state stored in a header
+# word, or the reverse, read as right; the header words are SEG_ now.)
 MM_STATES = ("free", "live", "exiting", "waiting-ksmd", "freeing")
-MS_FREE, MS_LIVE, MS_EXITING, MS_ZOMBIE, MS_FREEING = range(5)
+MMS_FREE, MMS_LIVE, MMS_EXITING, MMS_ZOMBIE, MMS_FREEING = range(5)
 # M_REFS: mm_count as a set of references, so that dropping one is an
 # idempotent single store (a reaper may redo the drop of a killed task):
 # REF_USERS is the one count all mm_users hold together, REF_KSM the mm_slot's
@@ -304,20 +307,23 @@ F_ANON, F_KSM, F_FREEING = 1, 2, 4
 F_PCP = 8  # count 0, in the per-task list of task FR_AUX - 1 (uksm.kernel.memory)
 
 # ---- address-space segment: header, page table, VMA table
-# MS_NVMA: mm->map_count, the VMA rows in use (rows 0..map_count-1: a new
+# SEG_: the header words of /uksm.C.mmN, named for the segment they head (the
+# control segment's are H_); indexed in the segment's own words (``mm.pq``),
+# never in the cluster's ``q`` as the M_ and T_ rows are
+# SEG_NVMA: mm->map_count, the VMA rows in use (rows 0..map_count-1: a new
 # row is written, then counted; a removed row is overwritten by the last)
-MS_MAGIC, MS_ID, MS_OWNER_PID, MS_NVMA = range(4)
+SEG_MAGIC, SEG_ID, SEG_OWNER_PID, SEG_NVMA = range(4)
 # set by exit_mmap's free_pgtables: the VMA table is destroyed (a walk oopses)
-MS_VMAS_FREED = 4
+SEG_VMAS_FREED = 4
 # the page table is backed (in /dev/shm) up to this vpn: sys_mmap backs the
 # entries of what it maps, before the VMA exists, and every walk of the
 # whole table stops here -- a task's table costs what it maps, not the
 # address space's size (a read of a tmpfs hole would allocate it)
-MS_PT_TOP = 5
-MS_BOOT_ID = 6    # the cluster instance that made this address space (H_BOOT_ID)
+SEG_PT_TOP = 5
+SEG_BOOT_ID = 6    # the cluster instance that made this address space (H_BOOT_ID)
 # the VMA table is backed up to this row (MM.back_vma_table): a new row
 # past it backs the next page first, as vm_area_alloc allocates
-MS_VMA_TOP = 7
+SEG_VMA_TOP = 7
 V_START, V_END, V_FLAGS = range(3)
 VMA_SIZE = 3
 PT_OFF = 8

@@ -63,8 +63,8 @@ from uksm.kernel.layout import (
     LOCK_CLASSES,
     M_ID,
     M_STATE,
-    MS_FREE,
-    MS_FREEING,
+    MMS_FREE,
+    MMS_FREEING,
     NCLASS,
     T_LOCKS,
     T_PID,
@@ -79,7 +79,7 @@ try:
 except ImportError:
     _lockcore = None  # type: ignore[assignment]
 else:
-    _lockcore.layout(E_LOCK, E_WORD, M_ID, M_STATE, MS_FREEING, MS_FREE)
+    _lockcore.layout(E_LOCK, E_WORD, M_ID, M_STATE, MMS_FREEING, MMS_FREE)
 IMPL = "python" if _lockcore is None else "c"   # which one Task is
 
 IDLE, WAITING, HELD, RELEASING = 0, 1, 2, 3
@@ -179,7 +179,7 @@ def mm_freed(q: memoryview, lk: Lock) -> bool:
     lock operations: a hook called on every mm lock operation cost ksmd
     0.43 us per lock/unlock pair)."""
     b = lk.mmbase
-    return q[b + M_ID] != lk.mm or q[b + M_STATE] in (MS_FREEING, MS_FREE)
+    return q[b + M_ID] != lk.mm or q[b + M_STATE] in (MMS_FREEING, MMS_FREE)
 
 
 class PyTask:

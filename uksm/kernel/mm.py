@@ -54,22 +54,22 @@ from uksm.kernel.layout import (
     M_WRITER_WAITING,
     MAGIC,
     MM_SIZE,
-    MS_BOOT_ID,
-    MS_FREE,
-    MS_FREEING,
-    MS_ID,
-    MS_LIVE,
-    MS_MAGIC,
-    MS_NVMA,
-    MS_PT_TOP,
-    MS_VMA_TOP,
-    MS_VMAS_FREED,
+    MMS_FREE,
+    MMS_FREEING,
+    MMS_LIVE,
     PAGE_SIZE,
     PT_OFF,
     PTE_PRESENT,
     PTE_WRITE,
     REF_USERS,
     S_MM_FREED,
+    SEG_BOOT_ID,
+    SEG_ID,
+    SEG_MAGIC,
+    SEG_NVMA,
+    SEG_PT_TOP,
+    SEG_VMA_TOP,
+    SEG_VMAS_FREED,
     TS_ALIVE,
     TS_REAPING,
     V_END,
@@ -141,11 +141,11 @@ class MM:
     def vmas(self) -> list[tuple[int, int, int, int]]:
         """(index, start vpn, end vpn, flags), sorted by start."""
         pq = self.pq
-        if pq[MS_VMAS_FREED]:
+        if pq[SEG_VMAS_FREED]:
             raise VmaTableFreed(f"mm{self.id}: walking the VMAs after exit_mmap freed them")
         out = []
         off = self.vma_off
-        for i in range(pq[MS_NVMA]):
+        for i in range(pq[SEG_NVMA]):
             b = off + i * VMA_SIZE
             end = pq[b + V_END]
             if end:
@@ -159,10 +159,10 @@ class MM:
         The fault's hot path reads the flags from it: no tuple built (a
         fault's find_vma cost 0.22 us, this 0.1)."""
         pq = self.pq
-        if pq[MS_VMAS_FREED]:
+        if pq[SEG_VMAS_FREED]:
             raise VmaTableFreed(f"mm{self.id}: find_vma after exit_mmap freed the VMAs")
         b = self.vma_off
-        end = b + pq[MS_NVMA] * VMA_SIZE
+        end = b + pq[SEG_NVMA] * VMA_SIZE
         while b < end:
             if pq[b + V_START] <= vpn < pq[b + V_END]:
                 return b
@@ -183,13 +183,13 @@ class MM:
         -ENOMEM;" (split_vma, mmap_region; madvise_behavior turns it into
         -EAGAIN), the task lives."""
         pq = self.pq
-        n = pq[MS_NVMA]
+        n = pq[SEG_NVMA]
         if n >= self.max_map_count:
             raise SyscallError(errno_name, f"mm{self.id}: {n} areas, max_map_count {self.max_map_count}")
         if not self.back_vma_table(n + 1):  # vm_area_alloc failing
             raise SyscallError(errno_name, f"mm{self.id}: no room in /dev/shm for a VMA row")
         self._set_vma(n, start, end, flags)
-        pq[MS_NVMA] = n + 1  # commit
+        pq[SEG_NVMA] = n + 1  # commit
         return n
 
     def _set_vma(self, i: int, start: int, end: int, flags: int) -> None:
@@ -247,11 +247,11 @@ class MM:
         two rows, which a walker tolerates; the removed one is gone)."""
         pq = self.pq
         for i in sorted(idx, reverse=True):
-            last = pq[MS_NVMA] - 1
+            last = pq[SEG_NVMA] - 1
             if i != last:
                 s, e, f = self.vma_at(last)
                 self._set_vma(i, s, e, f)
-            pq[MS_NVMA] = last  # commit
+            pq[SEG_NVMA] = last  # commit
 
     def merge_vmas(self) -> None:
         """vma_merge: join neighbours with equal flags (keeps the table small)."""
@@ -302,36 +302,36 @@ class MM:
     @property
     def pt_top(self) -> int:
         """The page table is backed (and walked whole) up to this vpn."""
-        return self.pq[MS_PT_TOP]
+        return self.pq[SEG_PT_TOP]
 
     def back_page_table(self, end: int) -> bool:
         """Back the page table's entries up to vpn ``end`` in /dev/shm
         (sys_mmap, with mmap_sem held for write, before the VMA exists: a
-        fault can only write an entry below MS_PT_TOP), as the kernel
+        fault can only write an entry below SEG_PT_TOP), as the kernel
         allocates page-table pages for what is used.  False if /dev/shm has
         no room for them (a write to an unbacked entry would SIGBUS): the
         kernel's pte_alloc failing, VM_FAULT_OOM."""
-        top = self.pq[MS_PT_TOP]
+        top = self.pq[SEG_PT_TOP]
         if end <= top:
             return True
         hi = self._back(PT_OFF + top, PT_OFF + end)
         if hi < 0:
             return False
-        self.pq[MS_PT_TOP] = min(self.cl.va_pages, hi - PT_OFF)
+        self.pq[SEG_PT_TOP] = min(self.cl.va_pages, hi - PT_OFF)
         return True
 
     def back_vma_table(self, rows: int) -> bool:
         """Back the VMA table's first ``rows`` rows (a new row, with
         mmap_sem held for write, before it is written): False if /dev/shm
         has no room, the kernel's vm_area_alloc failing (-ENOMEM)."""
-        top = self.pq[MS_VMA_TOP]
+        top = self.pq[SEG_VMA_TOP]
         if rows <= top:
             return True
         off = self.vma_off
         hi = self._back(off + top * VMA_SIZE, off + rows * VMA_SIZE)
         if hi < 0:
             return False
-        self.pq[MS_VMA_TOP] = min(self.max_map_count, (hi - off) // VMA_SIZE)
+        self.pq[SEG_VMA_TOP] = min(self.max_map_count, (hi - off) // VMA_SIZE)
         return True
 
     def _back(self, lo: int, hi: int) -> int:
@@ -362,30 +362,30 @@ def mm_create(cl: "Cluster", owner_row: int, worker_no: int) -> MM:
         b = cl.mbase(row)
         for f in range(MM_SIZE):
             q[b + f] = 0
-        q[b + M_STATE] = MS_FREEING  # reserved; made live below
+        q[b + M_STATE] = MMS_FREEING  # reserved; made live below
         q[b + M_ID] = mm_id
     finally:
         task.unlock(cl.mmlist)
     # sized for the whole address space and the most VMA rows it can
     # have, backed only as used: the header and the first page table
     # entries (the first page) now, more page table as sys_mmap maps
-    # pages (MS_PT_TOP), VMA rows as they are made (MS_VMA_TOP)
+    # pages (SEG_PT_TOP), VMA rows as they are made (SEG_VMA_TOP)
     size = (vma_off(cl.va_pages) + max_map_count(cl.va_pages) * VMA_SIZE) * 8
     seg = shm.create_segment(cl.name, f"mm{mm_id}", size, backed=PAGE_SIZE)
     shm.create_sem(cl.name, f"mm{mm_id}.sem", cl.rwsem_n)
     shm.create_sem(cl.name, f"mm{mm_id}.wmx", 1)
     shm.create_sem(cl.name, f"mm{mm_id}.ptl", 1)
-    seg.q[MS_ID] = mm_id
-    seg.q[MS_BOOT_ID] = cl.boot_id
-    seg.q[MS_PT_TOP] = min(cl.va_pages, (PAGE_SIZE // 8) - PT_OFF)
-    seg.q[MS_MAGIC] = MAGIC
+    seg.q[SEG_ID] = mm_id
+    seg.q[SEG_BOOT_ID] = cl.boot_id
+    seg.q[SEG_PT_TOP] = min(cl.va_pages, (PAGE_SIZE // 8) - PT_OFF)
+    seg.q[SEG_MAGIC] = MAGIC
     b = cl.mbase(row)
     q[b + M_USERS] = 1
     q[b + M_REFS] = REF_USERS
     q[b + M_OWNER_TASK] = owner_row
     q[b + M_WORKER_NO] = worker_no
     q[b + M_CREATED_NS] = time.time_ns()
-    q[b + M_STATE] = MS_LIVE
+    q[b + M_STATE] = MMS_LIVE
     return MM(cl, mm_id, row, seg)
 
 
@@ -398,7 +398,7 @@ def mm_attach(cl: "Cluster", mm_id: int) -> MM:
     if row < 0:
         raise shm.UksmError(f"address space mm{mm_id} does not exist", 1)
     seg = shm.attach_segment(cl.name, f"mm{mm_id}")
-    if seg.q[MS_BOOT_ID] != cl.boot_id:
+    if seg.q[SEG_BOOT_ID] != cl.boot_id:
         seg.close()
         raise shm.UksmError(f"address space mm{mm_id} belongs to another instance of cluster "
                             f"{cl.name!r}", 1)
@@ -437,7 +437,7 @@ def mmdrop(cl: "Cluster", row: int, mm_id: int, ref: int, log: Any = NULL_LOG) -
         if refs:
             return False
         q[b + M_FREER_TASK] = task.row + 1
-        q[b + M_STATE] = MS_FREEING
+        q[b + M_STATE] = MMS_FREEING
     finally:
         task.unlock(cl.mmlist)
     free_mm_objects(cl, row, mm_id, log)
@@ -455,14 +455,14 @@ def free_mm_objects(cl: "Cluster", row: int, mm_id: int, log: Any = NULL_LOG) ->
     task.lock(cl.mmlist)
     if q[b + M_ID] == mm_id:
         q[S_MM_FREED] += 1
-        q[b + M_STATE] = MS_FREE
+        q[b + M_STATE] = MMS_FREE
         q[b + M_ID] = 0
     task.unlock(cl.mmlist)
     log.info("mm_freed", mm=mm_id)
 
 
 def finish_frees(cl: "Cluster", log: Any = NULL_LOG) -> list[int]:
-    """An mm row left MS_FREEING by a task that died inside ``__mmdrop``
+    """An mm row left MMS_FREEING by a task that died inside ``__mmdrop``
     (its freer, M_FREER_TASK, no longer alive): free its objects now
     (the supervisor's sweep, a controlled run's reaper).  Returns the mm
     ids freed."""
@@ -470,7 +470,7 @@ def finish_frees(cl: "Cluster", log: Any = NULL_LOG) -> list[int]:
     for r in range(cl.max_mms):
         m = cl.mrow(r)
         mm_id = m.id
-        if not mm_id or m.state != MS_FREEING or not m.freer_task:
+        if not mm_id or m.state != MMS_FREEING or not m.freer_task:
             continue
         if cl.trow(m.freer_task - 1).state in (TS_ALIVE, TS_REAPING):
             continue
@@ -496,7 +496,7 @@ def mm_fields(cl: "Cluster", row: int) -> dict[str, int]:
 
 
 def live_mm_rows(cl: "Cluster") -> list[int]:
-    return [r for r in range(cl.max_mms) if (m := cl.mrow(r)).id and m.state != MS_FREE]
+    return [r for r in range(cl.max_mms) if (m := cl.mrow(r)).id and m.state != MMS_FREE]
 
 
 def pages_of(npages_or_bytes: int) -> int:

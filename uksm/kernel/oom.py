@@ -40,23 +40,10 @@ from uksm.kernel import sched
 from uksm.kernel.layout import (
     A_FREE_TOP,
     H_OOM_RULE,
-    M_EXIT_STAGE,
-    M_ID,
-    M_OOM_VICTIM,
-    M_OWNER_PID,
-    M_PAGES,
-    M_RSS,
-    M_STATE,
-    M_USERS,
-    MS_LIVE,
+    MMS_LIVE,
     OOM_2632,
     R_WRITER,
     S_OOM_KILLED,
-    T_FATAL,
-    T_OOM_ORIGIN,
-    T_PID,
-    T_ROLE,
-    T_STATE,
     TS_ALIVE,
     X_OOM,
     XS_ZAPPED,
@@ -79,13 +66,12 @@ def children_mms(cl: "Cluster", pid: int) -> list[tuple[int, int]]:
     """(start_ns, mm row) of each child of task ``pid`` (forked by it)
     with an mm of its own still in use, oldest first (p->children's
     order).  Caller holds ksm_mmlist_lock."""
-    q = cl.q
     kids = []
     for r in range(cl.max_tasks):
         t = cl.trow(r)
         if t.ppid == pid and t.state == TS_ALIVE and t.pid > 0 and t.mm:
             row = cl.mm_row(t.mm)
-            if row >= 0 and q[cl.mbase(row) + M_USERS] and q[cl.mbase(row) + M_OWNER_PID] == t.pid:
+            if row >= 0 and cl.mrow(row).users and cl.mrow(row).owner_pid == t.pid:
                 kids.append((t.start_ns, row))
     return sorted(kids)
 
@@ -172,11 +158,11 @@ def out_of_memory(cl: "Cluster", task: "Task", log: Any) -> int:
     try:
         best = -1
         for r in range(cl.max_mms):
-            b = cl.mbase(r)
-            if not q[b + M_ID]:
+            m = cl.mrow(r)
+            if not m.id:
                 continue
-            memdie = q[b + M_OOM_VICTIM] and not q[b + M_EXIT_STAGE] & XS_ZAPPED
-            released = q[b + M_STATE] != MS_LIVE or q[b + M_USERS] == 0  # tsk->mm == NULL
+            memdie = m.oom_victim and not m.exit_stage & XS_ZAPPED
+            released = m.state != MMS_LIVE or m.users == 0  # tsk->mm == NULL
             if rule == OOM_2632:
                 if released:
                     continue  # "if (!p->mm) continue;" comes first
@@ -187,14 +173,13 @@ def out_of_memory(cl: "Cluster", task: "Task", log: Any) -> int:
                     return 0  # TIF_MEMDIE -> OOM_SCAN_ABORT, mm or not
                 if released:
                     continue
-            if q[b + M_OWNER_PID] <= 0:
+            if m.owner_pid <= 0:
                 continue
             if rule == OOM_2632:
-                pid = q[b + M_OWNER_PID]
-                kids = tuple(q[cl.mbase(k) + M_PAGES] for _, k in children_mms(cl, pid))
-                score = badness(q[b + M_PAGES], pid, kids)
+                kids = tuple(cl.mrow(k).pages for _, k in children_mms(cl, m.owner_pid))
+                score = badness(m.pages, m.owner_pid, kids)
             else:
-                score = q[b + M_RSS]
+                score = m.rss
             if score > best:
                 best, victim = score, r
         # the writer of run=2 (uksm.kernel.writer): a user task with an mm, so a
@@ -204,29 +189,29 @@ def out_of_memory(cl: "Cluster", task: "Task", log: Any) -> int:
         origin = -1
         chosen = 0
         for r in range(cl.max_tasks):
-            t = cl.tbase(r)
-            if q[t + T_ROLE] != R_WRITER or q[t + T_STATE] != TS_ALIVE or q[t + T_PID] <= 0:
+            t = cl.trow(r)
+            if t.role != R_WRITER or t.state != TS_ALIVE or t.pid <= 0:
                 continue
-            if q[t + T_FATAL] == X_OOM:
+            if t.fatal == X_OOM:
                 return 0
-            if q[t + T_OOM_ORIGIN]:
+            if t.oom_origin:
                 origin = r
         if origin >= 0:
-            t = cl.tbase(origin)
-            q[t + T_FATAL] = X_OOM  # TIF_MEMDIE: its own allocations now fail
+            t = cl.trow(origin)
+            t.fatal = X_OOM  # TIF_MEMDIE: its own allocations now fail
             q[S_OOM_KILLED] += 1
-            pid, mm_id, rss = q[t + T_PID], 0, 0
+            pid, mm_id, rss = t.pid, 0, 0
         elif victim is None:
             return 0
         else:
-            chosen = q[cl.mbase(victim) + M_OWNER_PID]
+            chosen = cl.mrow(victim).owner_pid
             kid = child_to_kill(cl, chosen)   # oom_kill_process: a child first
             if kid is not None:
                 victim = kid
-            b = cl.mbase(victim)
-            q[b + M_OOM_VICTIM] = 1
+            m = cl.mrow(victim)
+            m.oom_victim = 1
             q[S_OOM_KILLED] += 1
-            pid, mm_id, rss = q[b + M_OWNER_PID], q[b + M_ID], q[b + M_RSS]
+            pid, mm_id, rss = m.owner_pid, m.id, m.rss
     finally:
         task.unlock(cl.mmlist)
     log.warning("oom_kill", victim_pid=pid, victim_mm=mm_id, rss=rss, free_frames=q[A_FREE_TOP],

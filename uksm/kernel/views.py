@@ -12,7 +12,8 @@ on the supervisor's paths (reaping, recovery, fsck, reports, the daemon)
 and too much on the hot ones, which keep raw indexing, each marked
 ``# hot path: raw words``: ksmd's scan loop (``uksm.kernel.ksmd``), the
 MMU's fault and access paths (``uksm.kernel.mmu``), the frame allocator
-(``uksm.kernel.memory``) and the lock protocol (``uksm.kernel.locks``).
+(``uksm.kernel.memory``), the lock protocol (``uksm.kernel.locks``) and
+fsck's walks over every frame and every PTE (``uksm.kernel.fsck``).
 """
 from __future__ import annotations
 
@@ -151,7 +152,7 @@ class MmRow(Words):
     ``mm_slot`` (the slot links are under ksm_mmlist_lock)."""
     __slots__ = ()
     id: Word[MmRow] = Word(M_ID)
-    state: Word[MmRow] = Word(M_STATE)               # MS_FREE, MS_LIVE, MS_EXITING, MS_ZOMBIE, MS_FREEING
+    state: Word[MmRow] = Word(M_STATE)               # MMS_FREE, MMS_LIVE, MMS_EXITING, MMS_ZOMBIE, MMS_FREEING
     owner_pid: Word[MmRow] = Word(M_OWNER_PID)
     owner_task: Word[MmRow] = Word(M_OWNER_TASK)
     users: Word[MmRow] = Word(M_USERS)               # mm_users

@@ -299,9 +299,10 @@ class Daemon:
         try:
             ans = fn(req)
         except shm.UksmError as e:
+            err = getattr(e, "errno", 0)   # a system call's (fork's) error number, when it has one
             return {"ok": False, "error": str(e), "status": e.status,
                     "kind": getattr(e, "kind", "hung" if e.status == EXIT_HUNG else ""),
-                    "errno": getattr(e, "errno", 0)}
+                    **({"errno": err} if err else {})}
         except Exception as e:  # a bug: say so, keep serving
             print(f"uksm: request {op!r} failed:\n{traceback.format_exc()}", file=sys.stderr,
                   flush=True)

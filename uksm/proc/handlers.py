@@ -41,8 +41,8 @@ from uksm.kernel.layout import (
     K_RUN,
     K_SLEEP_MS,
     MM_STATES,
-    MS_EXITING,
-    MS_FREEING,
+    MMS_EXITING,
+    MMS_FREEING,
     S_EXIT_FAST,
     S_EXIT_LEGACY,
     S_EXIT_SLOW,
@@ -375,7 +375,7 @@ class Requests:
                         try:
                             errs = fsck.check(cl, mms, counters=True)
                             exiting = [i for i, m in mms.items() if m.words.id == i
-                                       and m.words.state in (MS_EXITING, MS_FREEING)]
+                                       and m.words.state in (MMS_EXITING, MMS_FREEING)]
                             used = cl.nframes - q[A_FREE_TOP]
                         finally:
                             cl.task.unlock(cl.mmlist)

@@ -26,7 +26,7 @@ signal nobody sends a task -- not a kill, not the OOM killer, which a
 worker notices and exits through ``exit_task`` with status 0) is not
 "killed": ``Supervisor.task_failed`` reports it, and the run fails.
 
-``sweep``: an mm row left MS_FREEING by a task that died inside
+``sweep``: an mm row left MMS_FREEING by a task that died inside
 ``__mmdrop`` is freed here (``free_mm_objects``).
 """
 from __future__ import annotations
