@@ -155,6 +155,9 @@ ALLOWED_SKIPS = {
                           "on a host, not in an unprivileged container",
     "no-setuid": "the test runs commands as user nobody (setpriv --reuid), which needs "
                  "CAP_SETUID and CAP_SETGID and a user nobody",
+    "no-host-ksm": "the twin (tools/twin.py) compares uksm with the host kernel's KSM: it needs "
+                   "/sys/kernel/mm/ksm (CONFIG_KSM), root to write its knobs and read PFNs, and "
+                   "/proc/PID/ksm_stat (Linux 6.1 or later); CI here has all three",
     "no-c-core": "uksm was installed where no C compiler was found, so the lock protocol's "
                  "C core was never built (setup.py: optional); its own tests cannot run",
 }

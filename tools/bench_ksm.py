@@ -63,9 +63,9 @@ import platform
 import signal
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
+
+from hostksm import shielded
 
 PAGE = 4096
 KSM_DIR = "/sys/kernel/mm/ksm"
@@ -77,23 +77,7 @@ KERNEL_DEFAULTS = (("run", "0"), ("pages_to_scan", "100"), ("sleep_millisecs", "
 def _sigterm(_s: int, _f: Any) -> None:
     raise KeyboardInterrupt("SIGTERM")
 
-
-@contextmanager
-def shielded() -> Iterator[None]:
-    """Clean-up that a second Ctrl-C / SIGTERM must not cut short: the
-    signal is remembered and raised once the block is done."""
-    got: list[int] = []
-    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    for s in old:
-        signal.signal(s, lambda signo, _f: got.append(signo))
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-        if got:
-            raise KeyboardInterrupt("interrupted during clean-up (clean-up completed)")
-
+# shielded (a clean-up a second signal cannot cut short) is hostksm's
 
 # ---- machine ----------------------------------------------------------------------
 

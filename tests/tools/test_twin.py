@@ -1,0 +1,126 @@
+"""tools/twin.py (issue 22 item 7): the same walk on uksm and on this
+machine's KSM agrees field by field, and the host's knobs are put back.
+Where the host has no KSM the twin itself says so in one line (status 2),
+checked here against a sysfs folder that does not exist."""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sys
+
+import pytest
+
+from helpers import ROOT, require, run_group
+
+TWIN = os.path.join(ROOT, "tools", "twin.py")
+KSM = "/sys/kernel/mm/ksm"
+#: what twin.py must leave behind (the brief's defaults for the shared host)
+RESTORED = {"run": "0", "pages_to_scan": "100", "sleep_millisecs": "20", "max_page_sharing": "256",
+            "use_zero_pages": "0", "smart_scan": "1", "advisor_mode": "[none] scan-time"}
+
+
+def twin(*args: str, timeout: float = 60):
+    return run_group([sys.executable, TWIN, *args], timeout)
+
+
+def host_ksm_missing() -> str | None:
+    if not os.path.isdir(KSM):
+        return f"no-host-ksm: {KSM} is missing (a kernel without CONFIG_KSM)"
+    if os.geteuid() != 0:
+        return "no-host-ksm: not root"
+    if not os.path.exists("/proc/self/ksm_stat"):
+        return "no-host-ksm: no /proc/PID/ksm_stat (a kernel before 6.1)"
+    return None
+
+
+def knobs() -> dict[str, str]:
+    """The host's knobs, read under the lock every user of them takes."""
+    with open("/tmp/hostksm.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        out = {}
+        for k in RESTORED:
+            if os.path.exists(os.path.join(KSM, k)):
+                with open(os.path.join(KSM, k)) as g:
+                    out[k] = g.read().strip()
+        return out
+
+
+@pytest.mark.timeout(90)
+def test_twin_agrees_with_the_host_kernel():
+    why = host_ksm_missing()
+    if why:
+        pytest.skip(why)
+    p = twin("--json", "-q", timeout=70)
+    r = json.loads(p.stdout) if p.stdout.startswith("{") else None
+    assert r is not None, f"status {p.returncode}\n{p.stdout}\n{p.stderr}"
+    bad = [x for x in r["rows"] if not x["agree"]]
+    assert not bad and p.returncode == 0, json.dumps(bad, indent=1) + p.stderr
+    got = {(x["step"], x["field"]): (x["kernel"], x["uksm"]) for x in r["rows"]}
+    # the walk did what it says, on both: merged, COW, unmerged, forked, exited
+    assert got["merge", "pages_sharing"] == (60, 60)
+    assert got["cow", "A ksm_merging_pages"] == (31, 31)
+    assert got["unmerge-B", "B ksm_rmap_items"] == (0, 0)
+    assert got["fork-A", "C ksm_merging_pages"] == (31, 31)
+    assert got["fork-A", "pages_sharing"] == (58, 58)
+    assert got["exit-C", "pages_sharing"] == (27, 27)
+    assert "C0-4" in got["fork-A", "ksm"][0] and "C0" not in got["cow-C", "ksm"][0]
+    assert knobs() == {k: v for k, v in RESTORED.items() if k in knobs()}
+
+
+def test_twin_without_host_ksm_says_why_in_one_line(tmp_path):
+    p = twin("--sysfs", str(tmp_path / "no-ksm"), timeout=30)
+    assert p.returncode == 2 and p.stdout == "", p.stdout + p.stderr
+    assert p.stderr.splitlines() == [f"twin: no host KSM to compare with: {tmp_path}/no-ksm is "
+                                     "missing (a kernel without CONFIG_KSM?)"], p.stderr
+
+
+@pytest.mark.parametrize("args,msg", [(["--walk", "nope"], "--walk: no walk 'nope'"),
+                                      (["--pages", "300"], "--pages: 8 .. 256 (got 300; more would map"),
+                                      (["--scans", "1"], "--scans: 2 .. 20 (got 1)")])
+def test_twin_bad_input_is_one_line(args, msg):
+    p = twin(*args, timeout=30)
+    assert p.returncode == 2 and len(p.stderr.splitlines()) == 1 and msg in p.stderr, p.stderr
+
+
+def test_twin_lists_its_walks():
+    p = twin("--list", timeout=30)
+    assert p.returncode == 0 and p.stdout.startswith("full: "), p.stdout + p.stderr
+    assert "  fork-A: fork A C" in p.stdout and "fork-unmergeable:" in p.stdout
+
+
+def test_twin_rows_say_no_where_the_two_differ():
+    """The comparison itself, on two made-up snapshots: a counter, a
+    ksm_stat line and the frame sharing that differ are each a NO row
+    with what differs; what is equal is a yes."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import twin as tw
+
+    def snap(sharing: int, rmap_b: int, split: bool) -> dict:
+        page = {"present": True, "ksm": True, "mapcount": 4}
+        maps = {t: [{**page, "frame": 7 if not (split and t == "B") else 8 + i} for i in range(2)]
+                for t in "AB"}
+        return {"ksm": {"pages_shared": 1, "pages_sharing": sharing},
+                "stat": {"A": {"ksm_rmap_items": 2, "ksm_merging_pages": 2},
+                         "B": {"ksm_rmap_items": rmap_b, "ksm_merging_pages": 2}},
+                "pagemap": tw.pattern(maps)}
+
+    same = tw.rows("s", snap(3, 2, False), snap(3, 2, False))
+    assert all(r["agree"] for r in same) and len(same) == 9
+    diff = {r["field"]: r for r in tw.rows("s", snap(3, 0, False), snap(1, 2, True))}
+    assert [f for f, r in diff.items() if not r["agree"]] == ["pages_sharing", "B ksm_rmap_items",
+                                                              "frames"]
+    assert diff["frames"]["difference"] == ("frames only in kernel: [A0-1 B0-1]; "
+                                            "frames only in uksm: [A0-1], [B0], [B1]")
+    assert diff["pages_shared"]["agree"] and diff["ksm"]["agree"] and diff["mapcount"]["agree"]
+
+
+def test_twin_as_another_user_says_why_in_one_line():
+    """Not root: refused before anything is touched (the host's knobs are
+    root's), in one line with status 2."""
+    require("no-setuid")
+    p = run_group(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                   sys.executable, TWIN], 30)
+    assert p.returncode == 2 and p.stdout == "", p.stdout + p.stderr
+    reason = ("needs root" if os.path.isdir(KSM) else "is missing")
+    assert len(p.stderr.splitlines()) == 1 and reason in p.stderr, p.stderr
