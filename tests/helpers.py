@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from uksm.kernel.cluster import Cluster, Config, pid_alive
+from uksm.proc.control import process_line
 from uksm.proc.supervisor import Supervisor
 
 #: the project's root; TESTS: this folder (the tests are in its subfolders, by subsystem)
@@ -81,11 +82,7 @@ def group_alive(pgid: int) -> list[int]:
 
 def cmdline(pid: int) -> str:
     """The command line, words joined by spaces ("" once gone)."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return ""
+    return process_line(pid)
 
 
 # ---- a pytest session inside a test -------------------------------------------------------
