@@ -122,7 +122,7 @@ def test_kills_among_forking_workers(tmp_path):
     Nothing is lost: every kill delivered and recovered, forks made and
     finished, fsck clean, no data mismatch, no object left."""
     r, status = inject("--point", "random", "--signal", "KILL", "--kills", "25", "--seed", "5",
-                       "--workload", "vm+fork:100", "--workers", "4", "--pages", "64",
+                       "--workload", "vm+fork:50", "--workers", "4", "--pages", "64",
                        "--log-dir", str(tmp_path))
     assert_clean(r, status, 25)
     events = list(iter_events(tmp_path))
@@ -132,6 +132,9 @@ def test_kills_among_forking_workers(tmp_path):
     victims = [how.get(e["target_pid"]) for e in events if e["event"] == "inject_kill"]
     assert len(victims) == 25 and set(victims) <= {"sigkill", "exit"}, victims
     assert victims.count("sigkill") == r["workers"]["killed"] >= 20, r["workers"]
+    # how many forks a run makes is the host's choice (a worker forks every
+    # 50 ms of its life, and the kills end lives early): 30-57 children in
+    # 8 runs here, where fork:100 gave 1-12 and failed CI once (4 < 5)
     forks = [e for e in events if e["event"] == "fork"]
     children = [e for e in events if e["event"] == "fork_child"]
     assert len(children) >= 5 and len(forks) >= len(children), (len(forks), len(children))
