@@ -41,7 +41,7 @@ from uksm.kernel.layout import (
     T_KILL_POINT,
 )
 from uksm.proc.control import validate_knob
-from uksm.proc.scripting import SIGNALS, ScriptError, _int, task_answer, task_command
+from uksm.proc.scripting import SIGNALS, ScriptError, _int, task_answer, task_command, task_failure
 
 EXIT_POINTS = ("ksm_exit_before_down_write", "ksm_exit_mmap_sem_write", "exit_mid_zap")
 POINT_WAIT_MS = 10_000   # a worker driven to a kill point (scripting.POINT_WAIT_S, logical)
@@ -53,7 +53,7 @@ class Requests:
     def __init__(self, world: World, max_pages: int) -> None:
         self.w = world
         self.max_pages = max_pages
-        self.by_tid: dict[str, Proc] = {}
+        self.by_tid = world.by_tid   # the world's: a fork's child is there as it starts
         self.racing = 0
         self.issued: list[tuple[str, Callable[[], bool], Callable[[], None]]] = []
 
@@ -155,6 +155,8 @@ class Requests:
 
     def do_task(self, req: dict[str, Any]) -> dict[str, Any]:
         p = self.task(req)
+        if req.get("cmd") == "fork":
+            return self.fork(p)
         cmd, what = task_command(req, p.pages)
         if cmd is None:
             return {"data": ""} if req.get("cmd") == "read" else {}
@@ -195,19 +197,50 @@ class Requests:
         if not ans.get("ok") and ans.get("kind") not in ("oom", "died"):
             p.extra.setdefault("errors", []).append(f"task {p.tid}: {ans.get('error')}")
 
-    def _result(self, p: Proc, cmd: dict[str, Any], what: str) -> dict[str, Any]:
+    def _checked(self, p: Proc, cmd: dict[str, Any], what: str) -> dict[str, Any]:
+        """Its answer to ``cmd``; ScriptError if it failed (a task that is
+        exiting meanwhile is let finish first)."""
         ans = self._answer(p, what)
         self._note(p, cmd, ans)
         if not ans.get("ok"):
-            kind = str(ans.get("kind", "value"))
-            if kind == "oom":
+            err = task_failure(p.tid, what, ans)
+            if err.kind in ("oom", "died"):   # it is exiting: let it finish
                 p.extra["exiting"] = True
                 self.w.run_until(lambda: self._gone(p), f"task {p.tid}'s exit")
-            raise ScriptError(f"task {p.tid}: {what}: {ans.get('error')}", kind,
-                              EXIT_USAGE if kind in ("value", "segfault") else EXIT_ERR)
+            raise err
+        return ans
+
+    def _result(self, p: Proc, cmd: dict[str, Any], what: str) -> dict[str, Any]:
+        ans = self._checked(p, cmd, what)
         if cmd["cmd"] == "exit":
             self.w.run_until(lambda: self._gone(p), f"task {p.tid}'s exit")
         return task_answer(cmd["cmd"], ans)
+
+    def fork(self, p: Proc) -> dict[str, Any]:
+        """fork(2) in a scripted task (``Tasks.fork`` of a normal run): the
+        task forks in its own process, the world answers its requests for
+        the new task (``World._fork_answer``); the child, started on its
+        row, is sent the parent's shadow as its first command and answers
+        once it runs.  Not in a race block: the script is given the child
+        (a Task) only once it runs."""
+        if self.racing:
+            raise ScriptError(f"task {p.tid}: fork inside 'with m.race():' is not served under a "
+                              f"controlled schedule (a race block does not wait, and fork returns "
+                              f"the child): fork after m.race() instead, where it races too",
+                              "value", EXIT_USAGE)
+        self.w.command(p, {"cmd": "fork"})
+        ans = self._checked(p, {"cmd": "fork"}, "fork")
+        c = next((x for x in self.w.tasks() if x.row == int(ans["row"]) and x.pid == int(ans["pid"])),
+                 None)
+        if c is None or self._gone(c):
+            raise ScriptError(f"task {p.tid}: fork: the child (pid {ans['pid']}) died before it started",
+                              "died")
+        self.w.command(c, {"shadow": ans["shadow"]})
+        ready = self._answer(c, "start")
+        if not ready.get("ok"):
+            raise ScriptError(f"task {c.tid} (forked from {p.tid}) could not start: {ready.get('error')}",
+                              str(ready.get("kind", "died")))
+        return {"task": c.tid, "pid": c.pid, "mm": c.mm, "pages": c.pages, "base": ready["base"]}
 
     def do_task_stat(self, req: dict[str, Any]) -> dict[str, Any]:
         from uksm.kernel.mm import mm_fields

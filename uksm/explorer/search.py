@@ -150,7 +150,8 @@ def describe(code: int, arg: int, names: dict[int, str]) -> str:
         return "blocked on " + {-sched.BLK_FRAMES: "free frames", -sched.BLK_KSMD_IDLE: "work (idle)",
                                 -sched.BLK_DELAY: "a delay point", -sched.BLK_TIME: "sleep",
                                 -sched.BLK_CMD: "a command",
-                                -sched.BLK_UNMERGE: "ksmd's unmerge service"}.get(arg, "?")
+                                -sched.BLK_UNMERGE: "ksmd's unmerge service",
+                                -sched.BLK_FORK: "its fork's answer"}.get(arg, "?")
     if name in ("lock", "trylock", "unlock", "blocked"):
         return f"{name} {lock_name(arg)}"
     if name == "signal":

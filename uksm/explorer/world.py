@@ -69,11 +69,22 @@ from uksm.host import log as ulog
 from uksm.host import oops as host_oops
 from uksm.kernel import fsck, oom, sched
 from uksm.kernel.cluster import Cluster, Config, destroy, pid_alive
+from uksm.kernel.fork import (
+    EAGAIN,
+    forget_original_parent,
+    fork_adopt,
+    fork_go,
+    fork_refuse,
+    fork_return,
+    fork_room,
+)
 from uksm.kernel.layout import (
     CS_RUNNING,
     EXIT_PATHS,
     EXIT_POLICIES,
     EXIT_REASONS,
+    FORK_ASK,
+    FORK_DONE,
     H_EXIT_POLICY,
     H_FRAMES_FREED,
     H_KSM_UNSYNCED,
@@ -108,6 +119,7 @@ from uksm.kernel.layout import (
     S_STARTED,
     S_USE_AFTER_FREE,
     T_FATAL,
+    T_FORK,
     T_OOM_ORIGIN,
     T_PID,
     T_ROLE,
@@ -336,6 +348,7 @@ class World:
         self.ended = False
         self.log: Any = ulog.NULL_LOG
         self.workers = 0
+        self.by_tid: dict[str, Proc] = {}   # the tasks, by their id for the script (w1, w2, ...)
         self.locks: dict[int, Lock] = {}
         self.cl: Cluster
         # where the run's time went (tools/bench_explore.py --profile): the
@@ -448,12 +461,13 @@ class World:
         self.ksmd = p
         return p
 
-    def spawn_task(self, pages: int, kind: str = "scripted", **job: Any) -> Proc:
-        """A task (a user process): its row and address space first, as
-        fork/exec would; ``kind``: "scripted" (commands from the script)
-        or "worker" (a built-in workload)."""
-        cl, q = self.cl, self.cl.q
-        row = self.alloc_row(R_WORKER)
+    def new_task(self, pages: int, pid: int = 0) -> tuple[int, MM, int]:
+        """A new task's row and empty address space (dup_task_struct and
+        mm_alloc: the half of fork and exec before the process runs), and
+        its number.  ``pid``: who acts on the row meanwhile (a forking
+        parent)."""
+        cl = self.cl
+        row = self.alloc_row(R_WORKER, pid)
         self.workers += 1
         n = self.workers
         mm = mm_create(cl, row, n)
@@ -462,11 +476,76 @@ class World:
         t.worker_no = n
         t.pages = pages
         self.mms[mm.id] = mm
-        q[S_STARTED] += 1
-        p = self._spawn("task", f"t{n}", row, {"kind": kind, "mm": mm.id, "pages": pages, "worker_no": n,
-                                               **job}, mm=mm.id, pages=pages, tid=f"w{n}")
+        return row, mm, n
+
+    def spawn_task(self, pages: int, kind: str = "scripted", **job: Any) -> Proc:
+        """A task (a user process): its row and address space first, as
+        fork/exec would; ``kind``: "scripted" (commands from the script)
+        or "worker" (a built-in workload)."""
+        row, mm, n = self.new_task(pages)
+        return self._start_task(row, mm, n, pages, {"kind": kind, **job})
+
+    def _start_task(self, row: int, mm: MM, n: int, pages: int, job: dict[str, Any]) -> Proc:
+        """The task's process on its row and mm (wake_up_new_task)."""
+        self.cl.q[S_STARTED] += 1
+        job = {"mm": mm.id, "pages": pages, "worker_no": n, **job}
+        p = self._spawn("task", f"t{n}", row, job, mm=mm.id, pages=pages, tid=f"w{n}")
+        p.extra.update(kind=job["kind"], job=job)
         mm.words.owner_pid = p.pid
+        self.by_tid[p.tid] = p
         return p
+
+    # ---- fork: copy_process's process-table half (uksm.proc.forks in a normal run) ------------
+    def _fork_answer(self, p: Proc) -> None:
+        """Task ``p`` waits for its fork's answer (BLK_FORK, in its row's
+        T_FORK): given now, as the step that asked ends, while the world
+        stands still (the supervisor's ``Forks.poll`` in a normal run)."""
+        st = self.cl.q[self.cl.tbase(p.row) + T_FORK]
+        if st == FORK_ASK:
+            self._fork_serve(p)
+        elif st == FORK_DONE:
+            self._fork_finish(p)
+
+    def _fork_serve(self, p: Proc) -> None:
+        """The new task's row and empty mm, given to the parent (FORK_GO),
+        or -EAGAIN when the run's tables have no room (Forks.serve)."""
+        cl = self.cl
+        live = [x for x in self.tasks() if x.state != EXITED]
+        inflight = sum(1 for x in live if cl.trow(x.row).fork_child)
+        if not fork_room(cl, len(live) + inflight):
+            fork_refuse(cl, p.row, -EAGAIN)
+            self.log.info("fork_refused", worker=p.tid, mm=p.mm, err=-EAGAIN)
+            return
+        crow, _mm, _n = self.new_task(p.pages, pid=p.pid)
+        fork_adopt(cl, crow, p.row, p.pid)
+        fork_go(cl, p.row, crow)
+
+    def _fork_finish(self, p: Proc) -> None:
+        """dup_mm returned: the child's process on its row -- a scripted
+        task's child takes commands (its parent's shadow first), a
+        built-in worker's goes on with the parent's workload minus
+        ``+fork`` for its life (Forks.start) --, or (an error: the parent
+        tore the mm down) the row freed.  Then the fork returns."""
+        from uksm.workers.workloads import fork_child
+        cl = self.cl
+        t = cl.trow(p.row)
+        crow = t.fork_child - 1
+        t.fork_child = 0
+        if t.fork_err:
+            self.free_row(crow)
+            fork_return(cl, p.row, t.fork_err)
+            return
+        ct = cl.trow(crow)
+        ct.fork_parent = 0
+        pj = p.extra["job"]
+        job = {k: pj[k] for k in ("kind", "workload", "seed", "churn_ms") if k in pj}
+        job.update(forked=True, content_wno=pj.get("content_wno") or pj["worker_no"])
+        if job["kind"] == "worker":
+            job["workload"], job["exit_after_ms"] = fork_child(str(pj.get("workload", "vm")))
+        c = self._start_task(crow, self.mms[ct.mm], ct.worker_no, p.pages, job)
+        c.extra["parent"] = p.tid
+        self.log.info("fork_child", worker=p.tid, mm=p.mm, child=c.tid, child_mm=c.mm)
+        fork_return(cl, p.row, c.pid)
 
     def spawn_writer(self, value: int, oom_origin: bool | None = None) -> Proc:
         """echo VALUE > run: the writer task (run_store in its own
@@ -549,6 +628,8 @@ class World:
             return (p.stop or bool(q[H_SHUTDOWN]) or q[K_RUN] != a
                     or (q[K_RUN] == 1 and q[L_HEAD_NEXT] != self.cl.head)
                     or q[H_UNMERGE_GEN] != b or q[H_KSM_UNSYNCED] != 0 or self.unmerge_waits())
+        if kind == sched.BLK_FORK:   # answered as the step that asked ends (_fork_answer)
+            return q[self.cl.tbase(p.row) + T_FORK] != a
         if kind == sched.BLK_UNMERGE:  # ksm.ksmd_remove_rmap_items: served, or no ksmd to serve it
             return q[H_UNMERGE_DONE] == a or bool(q[H_SHUTDOWN]) or not pid_alive(q[H_KSMD_PID])
         return False   # BLK_DELAY: looked at in _enabled
@@ -674,6 +755,8 @@ class World:
             return
         if p.state == BLOCKED and g.word(p.id, S_BLK) == sched.BLK_FRAMES:
             p.oom_view = self.oom_view()
+        if p.state == BLOCKED and g.word(p.id, S_BLK) == sched.BLK_FORK:
+            self._fork_answer(p)
         if g.word(p.id, S_CODE) == sched.CODE["signal"] and p.state == PARKED:
             arg = g.word(p.id, S_ARG)
             self.deliver(arg >> 8, arg & 0xff)
@@ -694,6 +777,9 @@ class World:
             if p.role == "reaper":
                 return
             q[self.cl.tbase(p.row) + T_STATE] = TS_DEAD
+            crow = self.cl.trow(p.row).fork_child - 1
+            if crow >= 0:   # a fork in flight dies with its parent (Reaper._claim)
+                self.cl.trow(crow).state = TS_DEAD
             self.reap_queue.append(p)
             return
         b = self.cl.tbase(p.row)
@@ -728,6 +814,8 @@ class World:
         elif p.role == "reaper":
             d = p.dead
             assert d is not None
+            if p.extra.get("child_row", -1) >= 0:
+                self.free_row(p.extra["child_row"])   # the half-made child, undone (undo_fork)
             if d.role == "task":
                 self.account_exit(d, reaped=True, how="sigkill")
             elif d.role == "ksmd":
@@ -755,6 +843,7 @@ class World:
             q[S_KILLED] += 1
         self.log.info("worker_exit", mm=tr.mm, how=how or EXIT_REASONS[tr.exit_reason], path=path,
                       reaped=reaped)
+        forget_original_parent(cl, p.pid)   # its children go to init
         self.free_row(row)
 
     def _start_reaper(self) -> None:
@@ -764,10 +853,13 @@ class World:
             return
         dead = self.reap_queue.pop(0)
         row = self.alloc_row(R_SUPERVISOR, os.getpid())
+        crow = self.cl.trow(dead.row).fork_child - 1   # its fork in flight: undone by its reaper
         p = self._spawn("reaper", f"reaper({dead.name})", row,
                         {"dead_row": dead.row, "dead_mm": dead.mm, "dead_role": dead.role,
-                         "dead_name": dead.name}, dead=dead)
+                         "dead_name": dead.name, "child_row": crow,
+                         "child_mm": self.cl.trow(crow).mm if crow >= 0 else 0}, dead=dead)
         p.dead = dead
+        p.extra["child_row"] = crow
 
     def _stuck(self, live: list[Proc], what: str) -> None:
         """No process can run, and the script waits for ``what``: a
@@ -900,7 +992,8 @@ def _blk_name(kind: int) -> str:
     return {sched.BLK_NONE: "parked", sched.BLK_LOCK: "lock", sched.BLK_FRAMES: "frames",
             sched.BLK_KSMD_IDLE: "ksmd idle",
             sched.BLK_TIME: "asleep", sched.BLK_CMD: "waits for a command",
-            sched.BLK_DELAY: "a delay point", sched.BLK_UNMERGE: "ksmd's unmerge service"}.get(kind, "?")
+            sched.BLK_DELAY: "a delay point", sched.BLK_UNMERGE: "ksmd's unmerge service",
+            sched.BLK_FORK: "its fork's answer"}.get(kind, "?")
 
 
 __all__ = ["World", "Options", "Outcome", "Finding", "Step", "View", "Default", "Diverged", "RunOver",

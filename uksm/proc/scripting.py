@@ -184,6 +184,18 @@ def task_answer(cmd: str, ans: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
+def task_failure(tid: str, what: str, ans: dict[str, Any]) -> ScriptError:
+    """A task's failed answer as the script is told it (its ``kind``; a
+    fork's -ERESTARTNOINTR is a death: a fatal signal was pending, the
+    task exits now).  Served the same way under a controlled schedule."""
+    kind = str(ans.get("kind", "value"))
+    errno = int(ans.get("errno", 0))
+    if kind == "errno" and errno == ERESTARTNOINTR:
+        kind = "died"
+    return ScriptError(f"task {tid}: {what}: {ans.get('error')}", kind,
+                       EXIT_USAGE if kind in ("value", "segfault") else EXIT_ERR, errno)
+
+
 class Host(Protocol):
     """What the scripts' requests use of the daemon's other requests
     (``uksm.proc.handlers.Requests``)."""
@@ -319,15 +331,11 @@ class Tasks:
             pass  # it died: _answer finds the EOF
         ans = self._answer(tc, what)
         if not ans.get("ok"):
-            kind = str(ans.get("kind", "value"))
-            errno = int(ans.get("errno", 0))
-            if kind == "errno" and errno == ERESTARTNOINTR:
-                kind = "died"   # a fatal signal was pending: the task exits now
-            if kind in ("oom", "died"):  # it is exiting: let it finish
+            err = task_failure(tc.tid, what, ans)
+            if err.kind in ("oom", "died"):  # it is exiting: let it finish
                 self.wait_finished(tc, f"task {tc.tid}'s exit")
                 tc.gone = self.how(tc)
-            raise ScriptError(f"task {tc.tid}: {what}: {ans.get('error')}", kind,
-                              EXIT_USAGE if kind in ("value", "segfault") else EXIT_ERR, errno)
+            raise err
         return ans
 
     # ---- requests ----------------------------------------------------------------------------
