@@ -30,6 +30,7 @@ from uksm.host.exitcodes import EXIT_ERR, EXIT_HUNG, EXIT_USAGE
 from uksm.kernel import killpoints
 from uksm.kernel.layout import (
     EXIT_POLICIES,
+    FIRST_VPN,
     H_EXIT_POLICY,
     H_KSMD_POINT,
     H_MEM_LIMIT,
@@ -38,10 +39,20 @@ from uksm.kernel.layout import (
     K_RUN,
     K_SLEEP_MS,
     L_SCAN_SLOT,
+    PAGE_SHIFT,
     T_KILL_POINT,
 )
 from uksm.proc.control import validate_knob
-from uksm.proc.scripting import SIGNALS, ScriptError, _int, task_answer, task_command, task_failure
+from uksm.proc.scripting import (
+    SIGNALS,
+    ScriptError,
+    _int,
+    task_answer,
+    task_command,
+    task_failure,
+    task_pagemap,
+    task_stat,
+)
 
 EXIT_POINTS = ("ksm_exit_before_down_write", "ksm_exit_mmap_sem_write", "exit_mid_zap")
 POINT_WAIT_MS = 10_000   # a worker driven to a kill point (scripting.POINT_WAIT_S, logical)
@@ -151,6 +162,7 @@ class Requests:
         ans = self._answer(p, "start")
         if not ans.get("ok"):
             raise ScriptError(f"task {p.tid} could not start: {ans.get('error')}", str(ans.get("kind", "died")))
+        p.extra["base"] = ans["base"]
         return {"task": p.tid, "pid": p.pid, "mm": p.mm, "pages": pages, "base": ans["base"]}
 
     def do_task(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -240,17 +252,21 @@ class Requests:
         if not ready.get("ok"):
             raise ScriptError(f"task {c.tid} (forked from {p.tid}) could not start: {ready.get('error')}",
                               str(ready.get("kind", "died")))
+        c.extra["base"] = ready["base"]
         return {"task": c.tid, "pid": c.pid, "mm": c.mm, "pages": c.pages, "base": ready["base"]}
 
     def do_task_stat(self, req: dict[str, Any]) -> dict[str, Any]:
-        from uksm.kernel.mm import mm_fields
-        p = self.task(req)
-        row = self.cl.mm_row(p.mm)
-        if row < 0:
-            raise ScriptError(f"task {p.tid}: its address space is gone", "exited")
-        f = mm_fields(self.cl, row)
-        return {"ksm_rmap_items": f["ksm_rmap_items"], "ksm_merging_pages": f["ksm_merging_pages"],
-                "rss": f["rss"], "pid": p.pid, "mm": p.mm}
+        """/proc/PID/ksm_stat (and rss): ``scripting.task_stat``."""
+        p = self.task(req, alive=False)
+        return task_stat(self.cl, p.tid, p.mm, p.pid)
+
+    def do_task_pagemap(self, req: dict[str, Any]) -> dict[str, Any]:
+        """/proc/PID/pagemap: ``scripting.task_pagemap``, on the mm the
+        world made (a built-in worker's mapping is the first, a scripted
+        task's where its start said)."""
+        p = self.task(req, alive=False)
+        base = int(p.extra.get("base", FIRST_VPN << PAGE_SHIFT))
+        return task_pagemap(req, p.tid, p.pages, base, self.w.mms.get(p.mm), p.pid)
 
     def do_spawn(self, req: dict[str, Any]) -> dict[str, Any]:
         """Built-in workers (their workload, churn and idle on the run's
@@ -276,7 +292,10 @@ class Requests:
 
     def do_ping(self, _req: dict[str, Any]) -> dict[str, Any]:
         live = [p for p in self.by_tid.values() if p.state != EXITED]
-        return {"workers": sorted(p.tid for p in live),
+        # what a client needs to make a Task of a worker it did not start (a fork's child)
+        tasks = [{"task": p.tid, "pid": p.pid, "pages": p.pages, "mm": p.mm,
+                  "programmable": p.extra.get("kind") == "scripted"} for p in live]
+        return {"workers": sorted(p.tid for p in live), "tasks": tasks,
                 "ready": sorted(p.tid for p in live if self.cl.trow(p.row).ready),
                 "hung": 0, "hung_tasks": []}
 

@@ -52,6 +52,7 @@ from uksm.proc import options
 from uksm.workers.workloads import split_fork
 
 if TYPE_CHECKING:
+    from uksm.kernel.mm import MM
     from uksm.proc.supervisor import Child, Supervisor
 
 TASK_PROGRAM = "uksm.workers.scripted"
@@ -194,6 +195,35 @@ def task_failure(tid: str, what: str, ans: dict[str, Any]) -> ScriptError:
         kind = "died"
     return ScriptError(f"task {tid}: {what}: {ans.get('error')}", kind,
                        EXIT_USAGE if kind in ("value", "segfault") else EXIT_ERR, errno)
+
+
+def task_pagemap(req: dict[str, Any], tid: str, pages: int, base: int, mm: "MM | None",
+                 pid: int) -> dict[str, Any]:
+    """/proc/PID/pagemap of pages first..first+count-1 of a task of
+    ``pages`` pages mapped at ``base``, with /proc/kpageflags' KPF_KSM and
+    /proc/kpagecount for each frame: read from its page table and the
+    frame table (``MM.pagemap``).  Served the same way under a controlled
+    schedule."""
+    first = _int(req, "first", 0, pages - 1, "first page")
+    count = req.get("count")
+    count = pages - first if count is None else _int(req, "count", 0, pages - first,
+                                                     f"count (from page {first})")
+    if mm is None or not mm.alive():
+        raise ScriptError(f"task {tid}: its address space is gone", "exited")
+    return {"pages": mm.pagemap((base >> PAGE_SHIFT) + first, count), "first": first, "pid": pid,
+            "mm": mm.id}
+
+
+def task_stat(cl: Any, tid: str, mm_id: int, pid: int) -> dict[str, Any]:
+    """/proc/PID/ksm_stat (and rss) of a task: read from its mm row.
+    Served the same way under a controlled schedule."""
+    from uksm.kernel.mm import mm_fields
+    row = cl.mm_row(mm_id)
+    if row < 0:
+        raise ScriptError(f"task {tid}: its address space is gone", "exited")
+    f = mm_fields(cl, row)
+    return {"ksm_rmap_items": f["ksm_rmap_items"], "ksm_merging_pages": f["ksm_merging_pages"],
+            "rss": f["rss"], "pid": pid, "mm": mm_id}
 
 
 class Host(Protocol):
@@ -432,35 +462,17 @@ class Tasks:
             ch.chan = None
 
     def do_task_pagemap(self, req: dict[str, Any]) -> dict[str, Any]:
-        """/proc/PID/pagemap of a task's pages first..first+count-1, with
-        /proc/kpageflags' KPF_KSM and /proc/kpagecount for each frame:
-        read from its page table and the frame table (``MM.pagemap``)."""
+        """/proc/PID/pagemap of a task's pages (``task_pagemap``)."""
         ch = self.any_worker(req)
         tc = self.chans.get(str(req.get("task")))
-        pages = ch.pages
-        first = _int(req, "first", 0, pages - 1, "first page")
-        count = req.get("count")
-        count = pages - first if count is None else _int(req, "count", 0, pages - first,
-                                                         f"count (from page {first})")
         base = tc.base if tc is not None else FIRST_VPN << PAGE_SHIFT
-        sup = self.host.sup
-        mm = sup.mms.get(ch.mm)
-        if mm is None or not mm.alive():
-            raise ScriptError(f"task w{ch.worker_no}: its address space is gone", "exited")
-        return {"pages": mm.pagemap((base >> PAGE_SHIFT) + first, count), "first": first,
-                "pid": ch.proc.pid, "mm": ch.mm}
+        return task_pagemap(req, f"w{ch.worker_no}", ch.pages, base, self.host.sup.mms.get(ch.mm),
+                            ch.proc.pid)
 
     def do_task_stat(self, req: dict[str, Any]) -> dict[str, Any]:
         """/proc/PID/ksm_stat (and rss): read from the task's mm row."""
-        from uksm.kernel.mm import mm_fields
         ch = self.any_worker(req)
-        cl = self.host.sup.cl
-        row = cl.mm_row(ch.mm)
-        if row < 0:
-            raise ScriptError(f"task w{ch.worker_no}: its address space is gone", "exited")
-        f = mm_fields(cl, row)
-        return {"ksm_rmap_items": f["ksm_rmap_items"], "ksm_merging_pages": f["ksm_merging_pages"],
-                "rss": f["rss"], "pid": ch.proc.pid, "mm": ch.mm}
+        return task_stat(self.host.sup.cl, f"w{ch.worker_no}", ch.mm, ch.proc.pid)
 
     def was_worker(self, tid: str) -> bool:
         """``tid`` names a worker this machine started (w1..w<last>)."""
