@@ -47,6 +47,8 @@ from uksm.proc.scripting import (
     SIGNALS,
     ScriptError,
     _int,
+    builtin_reaches,
+    point_reachable,
     task_answer,
     task_command,
     task_failure,
@@ -348,6 +350,10 @@ class Requests:
             raise ScriptError(f"{at} is a point in ksmd, not in a task: arm it with m.arm({at!r})",
                               "value", EXIT_USAGE)
         p = self.task(req)
+        if at is not None:   # refused at once, as the daemon refuses them (scripting.Faults)
+            point_reachable(self.cl, at)
+            if p.extra.get("kind") == "worker":
+                builtin_reaches(p.tid, str(p.extra["job"].get("workload", "vm")), at)
         if at is None:
             self.w.deliver(p.pid, SIGNALS[signame])
         else:
@@ -363,18 +369,42 @@ class Requests:
             raise ScriptError(f"kill point {at} was not reached: {p.tid} did not pass it within "
                               f"{POINT_WAIT_MS} ms of the run's logical time", "not_reached")
         if not self._gone(p):
-            ans = self.w.take_answer(p)
-            killpoints.disarm_worker(self.cl, p.row)
-            if ans.get("exited"):
-                p.extra.update(exited=True, path=ans["path"])
-                self.w.run_until(lambda: self._gone(p), f"task {p.tid}'s exit")
-                raise ScriptError(f"kill point {at} was not reached: the task exited through the "
-                                  f"{ans['path']} path of __ksm_exit instead (it is gone)", "not_reached")
-            raise ScriptError(f"kill point {at} was not reached: {ans.get('error', 'not on the way')}",
-                              "not_reached")
+            self._survived(p, str(at))
         path = str(p.extra.get("path", "none"))
         return {"task": p.tid, "signal": signame, "at": at, "returncode": p.status, "path": path,
                 "result": self.how(p)}
+
+    def _survived(self, p: Proc, at: str) -> None:
+        """The task answered its drive (or exit) alive: it passed the point
+        with SIGTERM -- it exits at its next safe point, or (an exit point)
+        its exit ran to the end -- or it did not pass it (Faults.do_task_kill's
+        reading: ``killpoints.hit`` disarms the point as it fires)."""
+        ans = self.w.take_answer(p)
+        passed = self.cl.q[self.cl.tbase(p.row) + T_KILL_POINT] != killpoints.INDEX[at]
+        killpoints.disarm_worker(self.cl, p.row)
+        self._release_child(ans)
+        if ans.get("exited"):
+            p.extra.update(exited=True, path=ans["path"])
+            self.w.run_until(lambda: self._gone(p), f"task {p.tid}'s exit")
+            if not passed:
+                raise ScriptError(f"kill point {at} was not reached: the task exited through the "
+                                  f"{ans['path']} path of __ksm_exit instead (it is gone)", "not_reached")
+            return
+        if not passed:
+            raise ScriptError(f"kill point {at} was not reached: {ans.get('error', 'not on the way')}",
+                              "not_reached")
+        p.extra["exiting"] = True   # SIGTERM pending: it exits at its next safe point
+        self.w.run_until(lambda: self._gone(p), f"task {p.tid}'s exit")
+
+    def _release_child(self, ans: dict[str, Any]) -> None:
+        """A drive's fork that got through: its child, which nobody adopts,
+        is told to stop (its parent's shadow never comes: it checks nothing),
+        as ``Tasks.release_child`` closes its socket."""
+        c = next((x for x in self.w.tasks() if x.row == ans.get("forked_row") and x.state != EXITED
+                  and x.extra.get("parent")), None)
+        if c is not None:
+            c.extra["exiting"] = True
+            self.w.deliver(c.pid, signal.SIGTERM)
 
     def do_arm(self, req: dict[str, Any]) -> dict[str, Any]:
         """A ksmd point: a kill of the mm's owner, or a delay -- under the

@@ -226,6 +226,34 @@ def task_stat(cl: Any, tid: str, mm_id: int, pid: int) -> dict[str, Any]:
             "rss": f["rss"], "pid": pid, "mm": mm_id}
 
 
+def point_reachable(cl: Any, point: str) -> None:
+    """Refuse, before anything is done, a point the cluster's exit
+    policy never passes (``uksm inject --point`` refuses it the same
+    way): legacy's __ksm_exit has no slow path, so driving a task there
+    would only use it up."""
+    policy = EXIT_POLICIES[cl.q[H_EXIT_POLICY]]
+    if point not in killpoints.reachable(policy):
+        raise ScriptError(f"kill point {point} is never reached under exit policy {policy} "
+                          f"(its __ksm_exit has no slow path); nothing was done", "value",
+                          EXIT_USAGE)
+
+
+def builtin_reaches(tid: str, workload: str, at: str) -> None:
+    """Refuse at once a kill point a built-in worker of ``workload`` never
+    passes: __ksm_enter and the points inside fork are passed only by a
+    W+fork worker (its forks; a child's __ksm_enter is in its parent's
+    fork)."""
+    forks = split_fork(workload)[1] > 0
+    if at == "ksm_enter_locked" and not forks:
+        raise ScriptError(f"kill point {at} was not reached: worker {tid} is past its "
+                          f"__ksm_enter and does not fork (use a task made with "
+                          f"mergeable=False, or a W+fork workload)", "not_reached")
+    if at in killpoints.FORK_POINTS and not forks:
+        raise ScriptError(f"kill point {at} was not reached: worker {tid} does not fork "
+                          f"(its workload {workload!r}: a W+fork workload forks; a "
+                          f"programmable task forks with t.fork())", "not_reached")
+
+
 class Host(Protocol):
     """What the scripts' requests use of the daemon's other requests
     (``uksm.proc.handlers.Requests``)."""
@@ -533,15 +561,7 @@ class Faults:
         return at
 
     def _reachable(self, point: str) -> None:
-        """Refuse, before anything is done, a point the cluster's exit
-        policy never passes (``uksm inject --point`` refuses it the same
-        way): legacy's __ksm_exit has no slow path, so driving a task there
-        would only use it up."""
-        policy = EXIT_POLICIES[self.host.sup.cl.q[H_EXIT_POLICY]]
-        if point not in killpoints.reachable(policy):
-            raise ScriptError(f"kill point {point} is never reached under exit policy {policy} "
-                              f"(its __ksm_exit has no slow path); nothing was done", "value",
-                              EXIT_USAGE)
+        point_reachable(self.host.sup.cl, point)
 
     def do_task_kill(self, req: dict[str, Any]) -> dict[str, Any]:
         """Kill a task now, or (``at``) drive it to a kill point and let it
@@ -604,15 +624,7 @@ class Faults:
         if at is None:
             self.host.do_kill({"workers": [tid], "signal": signame})
         else:
-            forks = split_fork(ch.workload)[1] > 0
-            if at == "ksm_enter_locked" and not forks:
-                raise ScriptError(f"kill point {at} was not reached: worker {tid} is past its "
-                                  f"__ksm_enter and does not fork (use a task made with "
-                                  f"mergeable=False, or a W+fork workload)", "not_reached")
-            if at in killpoints.FORK_POINTS and not forks:
-                raise ScriptError(f"kill point {at} was not reached: worker {tid} does not fork "
-                                  f"(its workload {ch.workload!r}: a W+fork workload forks; a "
-                                  f"programmable task forks with t.fork())", "not_reached")
+            builtin_reaches(tid, ch.workload, at)
             self._reachable(at)
             hits = cl.kill_points_hit()
             killpoints.arm_worker(cl, ch.row, at, SIGNALS[signame])
