@@ -193,6 +193,10 @@ def dup_mm(cl: "Cluster", parent: MM, child_row: int, child_mm: int, log: Any = 
     ccl = cl.thread_view(child_row)       # the new task_struct's row
     ccl.task.uaf = cl.task.uaf            # its lock operations checked, waits logged, as ours
     ccl.task.on_wait = cl.task.on_wait
+    # scheduled as ours in a controlled run (uksm.kernel.sched): a wait for
+    # the new mm's pte lock -- held by a live fsck stopping the world -- is
+    # then a modelled wait, never a real one the scheduler cannot see
+    ccl.task.sched = cl.task.sched
     child = mm_attach(ccl, child_mm)
     err = copied = 0
     entered = False
