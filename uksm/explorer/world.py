@@ -660,6 +660,11 @@ class World:
         """The run's logical clock."""
         return int(self.gate.w[G_CLOCK])
 
+    def can_step(self) -> bool:
+        """A step would run something (a reaper to start, an enabled
+        process): ``step`` would not find the run stuck."""
+        return not self.ended and bool(self.reap_queue or self._enabled(self.live()))
+
     def step(self, what: str = "") -> None:
         """One step (or, when nothing can run: the run found stuck, and over)."""
         if self.ended:
