@@ -42,3 +42,46 @@ def test_a_wait_that_holds_when_nothing_can_run_is_no_hang():
         with pytest.raises(uksm.HungTask, match="hung: nothing can run"):
             m.wait(lambda: m.ksm["full_scans"] > 0)
     assert m.report["findings"][0]["finding"] == "hung"
+
+
+def churn_through_slots(m: uksm.Machine, capacity: int) -> tuple:
+    """More processes over the run than the gate has slots: tasks that
+    exit, are killed (a reaper each) and fork, one after another."""
+    m._tr.world.capacity = capacity   # type: ignore[union-attr]  # the gate's 256, made small
+    seen = []
+    for i in range(6):
+        t = m.task(pages=2)
+        t.fill(i)
+        if i % 3 == 0:
+            seen.append(t.kill())
+        elif i % 3 == 1:
+            c = t.fork()
+            seen += [c.verify(), t.exit(), c.exit()]
+        else:
+            seen.append(t.exit())
+    return tuple(seen), m.stats()
+
+
+@pytest.mark.timeout(120)
+def test_a_controlled_run_reuses_the_slots_of_processes_reaped():
+    """The gate has a fixed number of slots (256); a run that starts more
+    processes than that over its life -- uksm inject --deterministic with
+    many kills -- reuses the slot of one that is over (the lowest: a replay
+    reuses the same), and replays exactly."""
+    runs = []
+    for kw in ({"deterministic": True, "seed": 4}, None):
+        kw = kw or {"schedule": runs[0][2]}
+        with uksm.Machine(frames=64, max_pages=4, **kw) as m:
+            seen = churn_through_slots(m, 4)
+        assert m.report["status"] == 0 and m.report["fsck"]["ok"], m.report["findings"]
+        runs.append((seen, m.report["workers"], m.report["schedule"], m.report["steps"]))
+    assert runs[0] == runs[1]
+    assert runs[0][1]["started"] == 8 and runs[0][1]["killed"] == 2   # 6 tasks, 2 children; 2 reapers
+    # no room at all: every slot is a live process -- one line, the run ends cleanly
+    with uksm.Machine(deterministic=True, seed=4, frames=64, max_pages=4) as m:
+        m._tr.world.capacity = 3   # type: ignore[union-attr]
+        m.task(pages=1)
+        m.task(pages=1)
+        with pytest.raises(uksm.MachineError, match="room for 3 processes at once"):
+            m.task(pages=1)
+    assert m.report["fsck"]["ok"]

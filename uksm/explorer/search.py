@@ -176,7 +176,7 @@ def trace_events(out: Outcome) -> list[dict[str, Any]]:
             mark = "PRE" if s.preemption else "CHO"
         to = ("SIGKILL" if s.action[0] == KILLED else "exit" if s.after_code == -2
               else describe(s.after_code, s.after_arg, out.names))
-        events.append({"step": s.n, "proc": out.procs[s.proc], "mark": mark,
+        events.append({"step": s.n, "proc": s.who or out.procs[s.proc], "mark": mark,
                        "from": describe(s.code, s.arg, out.names), "to": to,
                        "via": sched.POINTS[s.via] if s.via else "",
                        "signals": [f"signal {sig} to {out.names.get(pid, 'a process gone')}" for pid, sig in s.sent],

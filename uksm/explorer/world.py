@@ -109,6 +109,7 @@ from uksm.kernel.layout import (
     R_SUPERVISOR,
     R_WORKER,
     R_WRITER,
+    REF_USERS,
     S_EXIT_NOSLOT,
     S_EXITED,
     S_KILLED,
@@ -136,7 +137,7 @@ from uksm.kernel.layout import (
 )
 from uksm.kernel.locks import Lock
 from uksm.kernel.memory import free_frames
-from uksm.kernel.mm import MM, mm_create
+from uksm.kernel.mm import MM, mm_create, mmdrop
 from uksm.kernel.watchdog import Watchdog
 
 RUN, KILLED = 0, 1
@@ -176,6 +177,7 @@ class Proc:
     stop: bool = False      # ksmd asked to stop (SIGTERM delivered)
     fresh: bool = True      # parked at a point no kill choice was offered at yet
     answers: int = 0        # a task's answers read (S_OUT)
+    reused: bool = False    # its slot went to another process (World._slot): nothing of it is read there
     oom_view: Any = None    # what the OOM killer saw when it blocked for frames
     dead: "Proc | None" = None   # a reaper's dead process
     tid: str = ""           # a task's id for the script (w1, w2, ...)
@@ -201,6 +203,7 @@ class Step:
     explored: bool = True   # a step of the explored phase (a choice)
     via: int = 0            # the last kill point it passed on the way (0: none)
     sent: tuple[tuple[int, int], ...] = ()   # the signals it sent: (pid, signo)
+    who: str = ""           # its name (a slot may be another process's later: World._slot)
 
     @property
     def preemption(self) -> bool:
@@ -334,7 +337,9 @@ class World:
         self.o = o
         self.chooser = chooser
         self.name = f"x{os.getpid()}n{_runs}"
-        self.procs: dict[int, Proc] = {}
+        self.procs: dict[int, Proc] = {}   # by slot: the process there now
+        self.every: list[Proc] = []        # every process of the run, in order of start
+        self.capacity = len(gate.gates)
         self.mms: dict[int, MM] = {}
         self.steps: list[Step] = []
         self.findings: list[Finding] = []
@@ -411,7 +416,7 @@ class World:
         finally:
             self._teardown()
             self.lap("teardown")
-        names = {p.pid: p.name for p in self.procs.values()}
+        names = {p.pid: p.name for p in self.every}
         self.timing["waited"] = self.waited
         self.timing["resumes"] = self.resumes
         return Outcome(self.steps, self.findings, report, [p.name for p in self.procs.values()],
@@ -439,13 +444,39 @@ class World:
         t.pid = 0
         t.state = TS_FREE
 
+    def _slot(self) -> int:
+        """The slot for a new process: the next never used; once all of
+        the gate's are, the lowest whose process is over and forgotten
+        (``_reusable``) -- the lowest, so that a replay reuses the same.
+        Reuse begins only when the gate is full: a run that fits keeps
+        its process numbers, and so do the schedules recorded before."""
+        if len(self.procs) < self.capacity:
+            return len(self.procs)
+        slot = next((i for i, q in sorted(self.procs.items()) if self._reusable(q)), -1)
+        if slot < 0:
+            raise MachineError(f"a controlled run has room for {self.capacity} processes at once (tasks, "
+                               f"their reapers, ksmd, writers): this one needs more")
+        return slot
+
+    def _reusable(self, q: Proc) -> bool:
+        """``q`` is over and nothing will look at its slot again: exited,
+        its answers taken, not waiting for its reaper (a dead task or
+        ksmd), not the reaper of a death still being accounted."""
+        if q.state != EXITED or q.reused or q is self.ksmd or q in self.reap_queue:
+            return False
+        if q.role in ("task", "fsck") and self.answered(q):
+            return False
+        return not any(r.dead is q and r.state != EXITED for r in self.procs.values())
+
     def _spawn(self, role: str, name: str, row: int, job: dict[str, Any], **kw: Any) -> Proc:
-        slot = len(self.procs)
-        if slot >= len(self.gate.gates):
-            raise MachineError(f"a controlled run has room for {len(self.gate.gates)} processes (tasks, "
-                               f"their reapers, ksmd, writers): this one needs more (fewer --kills)")
+        slot = self._slot()
+        if slot in self.procs:   # reused
+            self.procs[slot].reused = True
+            self.gate.set_word(slot, S_SIG, 0)   # nothing meant for the old one reaches the new
         p = Proc(slot, role, name, row, **kw)
+        p.answers = self.gate.word(slot, S_OUT)   # (a reused slot's count goes on)
         self.procs[slot] = p
+        self.every.append(p)
         job = {"cluster": self.name, "boot_id": self.cl.boot_id, "row": row, "log_dir": self.o.log_dir,
                **job}
         p.pid = self.gate.assign(slot, role, job)
@@ -487,6 +518,12 @@ class World:
 
     def _start_task(self, row: int, mm: MM, n: int, pages: int, job: dict[str, Any]) -> Proc:
         """The task's process on its row and mm (wake_up_new_task)."""
+        try:
+            self._slot()   # room for its process, or none made (Supervisor.abandon_task)
+        except MachineError:
+            mmdrop(self.cl, mm.row, mm.id, REF_USERS, self.log)
+            self.free_row(row)
+            raise
         self.cl.q[S_STARTED] += 1
         job = {"mm": mm.id, "pages": pages, "worker_no": n, **job}
         p = self._spawn("task", f"t{n}", row, job, mm=mm.id, pages=pages, tid=f"w{n}")
@@ -574,7 +611,7 @@ class World:
         self.gate.put(p.id, cmd)
 
     def answered(self, p: Proc) -> bool:
-        return self.gate.word(p.id, S_OUT) != p.answers
+        return not p.reused and self.gate.word(p.id, S_OUT) != p.answers
 
     def take_answer(self, p: Proc) -> dict[str, Any]:
         p.answers = self.gate.word(p.id, S_OUT)
@@ -705,7 +742,7 @@ class World:
                            f"which is not {'killable' if kind == KILLED else 'enabled'} there "
                            f"(enabled: {', '.join(self.procs[i].name for i in en)})")
         st = Step(n, en, cur, cy, killable, a, d, pid, g.word(pid, S_CODE), g.word(pid, S_ARG),
-                  explored=self.explored)
+                  explored=self.explored, who=p.name)
         for i in killable:
             self.procs[i].fresh = False
         self.steps.append(st)
@@ -874,7 +911,7 @@ class World:
         for p in live:   # a lock taken meanwhile: let its waiter say so (CHESS's disabled try)
             if p.state == PARKED and g.word(p.id, S_CODE) in LOCK_CODES:
                 st = Step(len(self.steps), (), self.current, False, (), (RUN, p.id), (RUN, p.id), p.id,
-                          g.word(p.id, S_CODE), g.word(p.id, S_ARG), explored=False)
+                          g.word(p.id, S_CODE), g.word(p.id, S_ARG), explored=False, who=p.name)
                 self.steps.append(st)
                 g.resume(p.id)
                 self._wait(p)
@@ -897,7 +934,7 @@ class World:
     def unpid(self, line: str) -> str:
         """A line with this run's pids replaced by process names (a
         replay's pids differ: its text must not)."""
-        names = {p.pid: p.name for p in self.procs.values() if p.pid}
+        names = {p.pid: p.name for p in self.every if p.pid}
         return re.sub(r"\bpid (\d+)", lambda m: names.get(int(m[1]), "pid ?"), line)
 
     def _livelock(self, n: int) -> None:
