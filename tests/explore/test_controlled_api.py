@@ -85,3 +85,18 @@ def test_a_controlled_run_reuses_the_slots_of_processes_reaped():
         with pytest.raises(uksm.MachineError, match="room for 3 processes at once"):
             m.task(pages=1)
     assert m.report["fsck"]["ok"]
+
+
+@pytest.mark.timeout(120)
+def test_what_is_not_served_under_control_says_so():
+    with uksm.Machine(deterministic=True, seed=1, frames=64, max_pages=4) as m:
+        t = m.task(pages=2)
+        t.fill(1)
+        with m.race():
+            with pytest.raises(ValueError, match="fork inside 'with m.race\\(\\):' is not served under a "
+                                                 "controlled schedule"):
+                t.fork()
+        with pytest.raises(ValueError, match="'down' is not served under a controlled schedule"):
+            m.down()
+        assert t.fork().read(0, 2) == b"\x01\x01"   # after the block: served
+    assert m.report["status"] == 0, m.report["findings"]
