@@ -124,4 +124,5 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
     Scenario("run2-vs-exit", run2_vs_exit),
 ]}
 
-__all__ = ["SCENARIOS", "Scenario", "oom_unmerge", "oom_merge", "exit_vs_ksmd", "madvise_vs_ksmd", "ksm05", "run2_vs_exit"]
+__all__ = ["SCENARIOS", "Scenario", "oom_unmerge", "oom_merge", "exit_vs_ksmd", "madvise_vs_ksmd", "ksm05",
+           "run2_vs_exit"]
