@@ -16,6 +16,7 @@ import pytest
 import uksm
 from races import DEFAULT, default_run, steps, until
 from uksm import logs
+from uksm.kernel import sched
 from uksm.scenarios import SCENARIOS
 
 # the first schedule `uksm explore --scenario oom-merge --exit-policy legacy` finds
@@ -37,7 +38,7 @@ def test_a_failed_allocation_merges_nothing_and_leaks_nothing():
     seen = {}
 
     def script(m: uksm.Machine) -> None:
-        two_equal_tasks(m)
+        a, b = two_equal_tasks(m)
         m.arm("ksmd_alloc_kpage", fail=True)
         seen["failed"] = m.wait_full_scans(2)   # checksums, then the merge that fails
         seen["armed"] = m.armed()
@@ -45,13 +46,16 @@ def test_a_failed_allocation_merges_nothing_and_leaks_nothing():
         seen["fsck"] = m.fsck()["ok"]
         seen["next"] = m.wait_full_scans(1)
         m.wait(lambda: m.ksm["frames_used"] == 1, what="the merged-away frame freed")
+        a.write(0, b"a")   # both COW: the KSM page's last reference goes
+        b.write(0, b"b")
+        seen["fsck_after_cow"] = m.fsck()["ok"]   # ksmd's row holds no stale in-flight kpage
     r = default_run(script)
     assert not r.failures and r.status == 0, [(f["finding"], f["detail"]) for f in r.failures]
     assert seen["armed"] is None   # it fired
     # the tree page stays in the unstable tree, this one in none; both pages and nothing more in use
     assert seen["failed"] == {"pages_shared": 0, "pages_sharing": 0, "pages_unshared": 1,
                               "pages_volatile": 1}, seen
-    assert seen["frames"] == 2 and seen["fsck"], seen
+    assert seen["frames"] == 2 and seen["fsck"] and seen["fsck_after_cow"], seen
     assert (seen["next"]["pages_shared"], seen["next"]["pages_sharing"]) == (1, 1), seen
 
 
@@ -113,6 +117,32 @@ def test_a_kill_at_the_allocation_is_recovered():
     assert (seen["k"]["pages_shared"], seen["k"]["pages_sharing"]) == (0, 0), seen
 
 
+@pytest.mark.timeout(60)
+def test_the_first_page_leaving_puts_kpage_back():
+    """The first page's task exits while ksmd is held at the allocation
+    (its exit waits for the mmap_sem ksmd holds): ksmd finds it exiting
+    ("if (ksm_test_exit(mm1)) goto out;"), merges nothing and puts the
+    unmapped kpage back ("put_page(kpage)"); nothing stays in flight."""
+    seen = {}
+
+    def script(m: uksm.Machine) -> None:
+        a, b = two_equal_tasks(m)
+        m.wait_full_scans(1)
+        m.arm("ksmd_alloc_kpage", delay_ms=1)
+        m.wait(lambda: m.armed() is None, what="ksmd at the allocation")
+        b.exit()
+        seen["k"] = m.wait_full_scans(1)
+        a.write(0, b"a")
+        seen["fsck"] = m.fsck()["ok"]
+        seen["frames"] = m.ksm["frames_used"]
+    r = default_run(script)
+    assert not r.failures and r.status == 0, [(f["finding"], f["detail"]) for f in r.failures]
+    st = steps(r.trace)
+    held = next(i for i, (p, x) in enumerate(st) if p == "ksmd" and "-> blocked on a delay point" in x)
+    assert any(p == "t2" for p, _x in until(st, held, "ksmd")), r.trace   # the exit began in the window
+    assert seen["fsck"] and seen["frames"] == 1 and seen["k"]["pages_shared"] == 0, seen
+
+
 def oom_window(trace: list[str]) -> bool:
     """ksmd, waiting for a frame for the KSM page, OOM-killed t1, and t1's
     exit ran (to its end, or until it blocked) before ksmd went on."""
@@ -146,3 +176,33 @@ def test_only_the_allocation_can_be_made_to_fail():
     m = uksm.Machine.__new__(uksm.Machine)
     with pytest.raises(ValueError, match="ksmd_alloc_kpage"):
         m.arm("ksmd_scan_wrap", fail=True)
+
+
+@pytest.mark.timeout(60)
+def test_ksmd_killed_with_its_kpage_in_flight_or_mapped_once():
+    """A SIGKILL of ksmd inside try_to_merge_two_pages, at the two commit
+    points: kpage allocated and copied but mapped nowhere (in flight on
+    ksmd's row: the recovery's rebuild frees it), and kpage mapped by the
+    first page alone (a KSM page outside any stable tree: the restarted
+    ksmd breaks it).  Either way fsck is clean, nothing leaks, the data
+    holds, and the pages merge again."""
+    seen: dict[str, object] = {}
+
+    def script(m: uksm.Machine) -> None:
+        a, b = two_equal_tasks(m)
+        m.wait(lambda: m.ksm["pages_sharing"] == 1 and m.ksm["frames_used"] == 1, what="merged again")
+        seen["data"] = (a.read(0, 4096), b.read(0, 4096))
+        seen["fsck"] = m.fsck()["ok"]
+        seen["recoveries"] = m.stats()["recoveries"]
+    free_run = "uksm2:script:seed:2.6.32:-:0:1:start:-:-1"   # SIGKILL choices allowed, none taken
+    st = steps(uksm.replay(script, free_run).trace)
+    at = next(i for i, (p, x) in enumerate(st) if p == "ksmd" and x.endswith("-> kp:ksmd_alloc_kpage"))
+    # ksmd parked at merge_into_kpage's pte lock (kpage in flight), then at the tree page's
+    # mmap_sem (kpage mapped by the first page)
+    for step, where in ((at + 2, "lock pte_lock:mm2"), (at + 3, "lock mmap_sem:mm1")):
+        assert st[step - 1][1].endswith("-> " + where), st[step - 1]
+        seen.clear()
+        r = uksm.replay(script, free_run.replace(":-:-1", f":{step}.k0.{sched.CODE['lock']}:-1"))
+        assert not r.failures and r.status == 0, [(f["finding"], f["detail"]) for f in r.failures]
+        assert any(f"KIL ksmd           SIGKILL at {where}" in x for x in r.trace), r.trace
+        assert seen == {"data": (b"\1" * 4096,) * 2, "fsck": True, "recoveries": 1}, seen
