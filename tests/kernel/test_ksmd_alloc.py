@@ -30,6 +30,21 @@ def two_equal_tasks(m: uksm.Machine) -> tuple[uksm.Task, uksm.Task]:
     return a, b
 
 
+def held_at_the_allocation(m: uksm.Machine) -> tuple[uksm.Task, uksm.Task]:
+    """Two equal pages checksummed; ksmd's next pass is held at the KSM
+    page's allocation (a delay point: under the scheduler a barrier,
+    released when nothing else can run) when this returns."""
+    a, b = two_equal_tasks(m)
+    m.wait_full_scans(1)
+    m.arm("ksmd_alloc_kpage", delay_ms=1)
+    m.wait(lambda: m.armed() is None, what="ksmd at the allocation")
+    return a, b
+
+
+def held_step(st: list[tuple[str, str]]) -> int:
+    return next(i for i, (p, x) in enumerate(st) if p == "ksmd" and "-> blocked on a delay point" in x)
+
+
 @pytest.mark.timeout(60)
 def test_a_failed_allocation_merges_nothing_and_leaks_nothing():
     """fail_page_alloc at the KSM page's allocation: that pass merges
@@ -69,10 +84,7 @@ def test_the_second_merge_failing_breaks_cow_on_the_first(tmp_path):
     seen = {}
 
     def script(m: uksm.Machine) -> None:
-        a, _b = two_equal_tasks(m)
-        m.wait_full_scans(1)
-        m.arm("ksmd_alloc_kpage", delay_ms=1)
-        m.wait(lambda: m.armed() is None, what="ksmd at the allocation")
+        a, _b = held_at_the_allocation(m)
         a.write(0, b"\7" * 64)   # the unstable tree's page changes inside the window
         seen["after"] = m.wait_full_scans(1)
         m.wait(lambda: m.ksm["frames_used"] == 2, what="the KSM page freed")
@@ -80,7 +92,7 @@ def test_the_second_merge_failing_breaks_cow_on_the_first(tmp_path):
     r = uksm.replay(script, DEFAULT, log_dir=str(tmp_path))
     assert not r.failures and r.status == 0, [(f["finding"], f["detail"]) for f in r.failures]
     st = steps(r.trace)
-    held = next(i for i, (p, x) in enumerate(st) if p == "ksmd" and "-> blocked on a delay point" in x)
+    held = held_step(st)
     assert any(p == "t1" and "lock pte_lock:mm1" in x for p, x in until(st, held, "ksmd")), r.trace
     # the break is the same batch's, before ksmd sleeps (not the next pass's, which would break
     # a KSM page outside the stable tree too)
@@ -126,10 +138,7 @@ def test_the_first_page_leaving_puts_kpage_back():
     seen = {}
 
     def script(m: uksm.Machine) -> None:
-        a, b = two_equal_tasks(m)
-        m.wait_full_scans(1)
-        m.arm("ksmd_alloc_kpage", delay_ms=1)
-        m.wait(lambda: m.armed() is None, what="ksmd at the allocation")
+        a, b = held_at_the_allocation(m)
         b.exit()
         seen["k"] = m.wait_full_scans(1)
         a.write(0, b"a")
@@ -138,7 +147,7 @@ def test_the_first_page_leaving_puts_kpage_back():
     r = default_run(script)
     assert not r.failures and r.status == 0, [(f["finding"], f["detail"]) for f in r.failures]
     st = steps(r.trace)
-    held = next(i for i, (p, x) in enumerate(st) if p == "ksmd" and "-> blocked on a delay point" in x)
+    held = held_step(st)
     assert any(p == "t2" for p, _x in until(st, held, "ksmd")), r.trace   # the exit began in the window
     assert seen["fsck"] and seen["frames"] == 1 and seen["k"]["pages_shared"] == 0, seen
 
