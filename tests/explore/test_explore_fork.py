@@ -130,6 +130,19 @@ def test_kills_chosen_inside_fork_recovered():
     res = uksm.explore(fork_or_die, strategy="random", seed=4, kills=1, schedules=30, keep_going=True,
                        shrink=False)
     assert res.explored == 30 and not res.failures, [(f["finding"], f["detail"]) for f in res.failures]
+    # the parent SIGKILLed once its fork has returned, before it runs again
+    # (copy_process done, not yet back in user space): the child lives on,
+    # nobody adopts it, and the close stops it (it once took the close's
+    # exit command for its parent's shadow: an oops)
+    default = uksm.replay(fork_or_die, "uksm2:fork_or_die:seed:2.6.32:-:0:1:race:-:-1")
+    st = steps(default.trace)
+    back = [i for i, (p, x) in enumerate(st) if p == "t1" and x.split("->")[0].endswith("its fork's answer ")]
+    sch = f"uksm2:fork_or_die:seed:2.6.32:-:0:1:race:{back[-1]}.k1.{sched.CODE['blocked']}:-1"
+    orphan = uksm.replay(fork_or_die, sch, strict=False)
+    assert orphan.status == 0 and not orphan.failures, orphan.failures
+    ts = steps(orphan.trace)
+    assert any(p == "t1" and "SIGKILL at blocked on its fork's answer" in x for p, x in ts), orphan.trace
+    assert any(p == "t2" and x.endswith("-> exit") for p, x in ts), orphan.trace
 
 
 @pytest.mark.timeout(120)

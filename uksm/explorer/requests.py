@@ -169,6 +169,10 @@ class Requests:
 
     def do_task(self, req: dict[str, Any]) -> dict[str, Any]:
         p = self.task(req)
+        if p.extra.get("kind") != "scripted" or ("parent" in p.extra and not p.extra.get("adopted")):
+            raise ScriptError(f"{p.tid} is a built-in worker, or a forked child nobody adopted (its "
+                              f"fork's caller died before the fork returned): it takes no commands, "
+                              f"only kill, arm, stat and pagemap", "value", EXIT_USAGE)
         if req.get("cmd") == "fork":
             return self.fork(p)
         cmd, what = task_command(req, p.pages)
@@ -249,6 +253,7 @@ class Requests:
         if c is None or self._gone(c):
             raise ScriptError(f"task {p.tid}: fork: the child (pid {ans['pid']}) died before it started",
                               "died")
+        c.extra["adopted"] = True
         self.w.command(c, {"shadow": ans["shadow"]})
         ready = self._answer(c, "start")
         if not ready.get("ok"):
@@ -296,7 +301,8 @@ class Requests:
         live = [p for p in self.by_tid.values() if p.state != EXITED]
         # what a client needs to make a Task of a worker it did not start (a fork's child)
         tasks = [{"task": p.tid, "pid": p.pid, "pages": p.pages, "mm": p.mm,
-                  "programmable": p.extra.get("kind") == "scripted"} for p in live]
+                  "programmable": p.extra.get("kind") == "scripted"
+                  and ("parent" not in p.extra or bool(p.extra.get("adopted")))} for p in live]
         return {"workers": sorted(p.tid for p in live), "tasks": tasks,
                 "ready": sorted(p.tid for p in live if self.cl.trow(p.row).ready),
                 "hung": 0, "hung_tasks": []}

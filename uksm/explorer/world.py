@@ -957,10 +957,17 @@ class World:
         ksmd frees what the exits left it and goes idle; then it stops."""
         self.lap("race" if self.raced else "setup")
         for p in self.tasks():
-            if p.state != EXITED and p.extra.get("kind") == "scripted" and not p.extra.get("exiting"):
+            orphan = "parent" in p.extra and not p.extra.get("adopted")
+            if p.state == EXITED:
+                continue
+            if p.extra.get("kind") == "scripted" and not p.extra.get("exiting") and not orphan:
                 p.extra["exiting"] = True
                 self.command(p, {"cmd": "exit"})
-            elif p.state != EXITED and p.extra.get("kind") == "worker":
+            elif p.extra.get("kind") == "worker" or (orphan and not p.extra.get("exiting")):
+                # a scripted child nobody adopted (its fork's caller died before
+                # its answer) waits for its parent's shadow: told to stop, as
+                # the supervisor's close_tasks closes its socket
+                p.extra["exiting"] = True
                 self.deliver(p.pid, signal.SIGTERM)
         self.run_until(self._settled, "every task's exit")
         k = self.ksmd
