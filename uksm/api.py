@@ -54,7 +54,7 @@ from uksm.errors import (
 )
 from uksm.host import shm
 from uksm.kernel import killpoints
-from uksm.kernel.layout import EXIT_POLICIES, KSM_FIELDS, OOM_RULES
+from uksm.kernel.layout import EXIT_POLICIES, KERNELS, KSM_FIELDS, OOM_RULES
 from uksm.proc import options as opts
 from uksm.proc.control import CTL_NAMES, WRITABLE, KnobError, ctl_values, read_state, validate_knob
 
@@ -597,6 +597,11 @@ class Machine:
     nothing in /dev/shm and no process behind, also when the block
     raises.  ``m.report`` is then ``uksm run --json``'s object.
 
+    ``kernel``: whose mm/ksm.c the machine emulates, ``"2.6.32"`` (the
+    default) or ``"6.18"`` (its sysfs knobs and counters, /proc/PID/ksm_stat
+    in ``t.stat()``, prctl PR_SET_MEMORY_MERGE; docs/KERNEL-MAP.md's 6.18
+    column says what is emulated); ``m.kernel`` reads it back.
+
     ``Machine(deterministic=True, seed=S)`` runs the script on a
     controlled schedule instead (uksm.explorer): one process at a time,
     every choice drawn from ``seed``, every wait logical; the same script
@@ -612,14 +617,14 @@ class Machine:
                  pages_to_scan: int = 100, sleep_millisecs: int = 20, mem_limit: int = 0,
                  name: str | None = None, log_dir: str | None = None,
                  hung_task_timeout: float = 5.0, oom_rule: str = "2.6.32", deterministic: bool = False,
-                 seed: int = 0, schedule: str | None = None) -> None:
+                 seed: int = 0, schedule: str | None = None, kernel: str = "2.6.32") -> None:
         from uksm.proc.daemon import make_config
         from uksm.proc.run import RunOptions
         try:
             opts.cluster(opts.API, frames=frames, run=run, pages_to_scan=pages_to_scan,
                          sleep_millisecs=sleep_millisecs, exit_policy=exit_policy,
-                         oom_rule=oom_rule, hazards=hazards, hung_task_timeout=hung_task_timeout,
-                         workload="zero", max_tasks=max_tasks, max_pages=max_pages,
+                         oom_rule=oom_rule, kernel=kernel, hazards=hazards,
+                         hung_task_timeout=hung_task_timeout, workload="zero", max_tasks=max_tasks, max_pages=max_pages,
                          mem_limit=mem_limit)
         except opts.OptionError as e:
             raise _bad_option(e) from None
@@ -628,7 +633,7 @@ class Machine:
         self._o = RunOptions(workers=0, pages=max_pages, frames=frames, workload="script",
                              log_dir=log_dir, run=run, pages_to_scan=pages_to_scan,
                              sleep_ms=sleep_millisecs, exit_policy=exit_policy, oom_rule=oom_rule,
-                             hazards=list(hazards), hung_task_timeout=float(hung_task_timeout))
+                             kernel=kernel, hazards=list(hazards), hung_task_timeout=float(hung_task_timeout))
         self.name = name or f"m{os.getpid()}x{next(_names)}"
         try:
             shm.check_cluster_name(self.name)
@@ -646,11 +651,11 @@ class Machine:
             self.log_dir = log_dir or ""
             self._boot_controlled(schedule, seed, log_dir, mem_limit, frames=frames, max_pages=max_pages,
                                   max_tasks=max_tasks, exit_policy=exit_policy, hazards=tuple(hazards),
-                                  oom_rule=oom_rule, run=run, pages_to_scan=pages_to_scan,
+                                  oom_rule=oom_rule, kernel=kernel, run=run, pages_to_scan=pages_to_scan,
                                   sleep_millisecs=sleep_millisecs)
             return
         spec = {"workers": 0, "pages": max_pages, "frames": frames, "workload": "zero", "seed": 0,
-                "log_dir": None, "exit_policy": exit_policy, "oom_rule": oom_rule,
+                "log_dir": None, "exit_policy": exit_policy, "oom_rule": oom_rule, "kernel": kernel,
                 "hazards": list(hazards),
                 "hung_task_timeout": float(hung_task_timeout), "churn_ms": 0, "run": run,
                 "pages_to_scan": pages_to_scan, "sleep_ms": sleep_millisecs,
@@ -686,7 +691,8 @@ class Machine:
                 sch = parse(schedule)
             except BadSchedule as e:
                 raise ValueError(str(e)) from None
-            opts.update(exit_policy=sch.exit_policy, hazards=sch.hazards, oom_rule=sch.oom_rule)
+            opts.update(exit_policy=sch.exit_policy, hazards=sch.hazards, oom_rule=sch.oom_rule,
+                        kernel=sch.kernel)
             chooser: Any = Replay(sch)
             o = controlled_options("script", seed=sch.seed, from_start=sch.from_start, log_dir=log_dir,
                                    kills=sch.kills, **opts)
@@ -717,6 +723,12 @@ class Machine:
         m.log_dir = world.o.log_dir or ""
         m._tr = _Controlled(world, max_pages, owned=False)
         return m
+
+    @property
+    def kernel(self) -> str:
+        """Whose mm/ksm.c this machine emulates: "2.6.32" or "6.18"
+        (the cluster's header, as booted)."""
+        return str(self._t().cl.kernel)
 
     @property
     def schedule(self) -> str | None:
@@ -1130,17 +1142,20 @@ class _Race:
 def controlled_options(scenario: str, *, seed: int = 0, from_start: bool = False, log_dir: str | None = None,
                        kills: int = 0, frames: int = 64, max_pages: int = 16, max_tasks: int = 16,
                        exit_policy: str = "seed", hazards: tuple[str, ...] = (), oom_rule: str = "2.6.32",
-                       run: int = 1, pages_to_scan: int = 8, sleep_millisecs: int = 20) -> Any:
+                       run: int = 1, pages_to_scan: int = 8, sleep_millisecs: int = 20,
+                       kernel: str = "2.6.32") -> Any:
     """A controlled run's options from a Machine's (small defaults: a run
     is repeated thousands of times)."""
     from uksm.explorer.world import Options
     try:
         opts.one_of(opts.EXIT_POLICY, exit_policy, opts.API, EXIT_POLICIES)
         opts.one_of(opts.OOM_RULE, oom_rule, opts.API, OOM_RULES)
+        opts.one_of(opts.KERNEL, kernel, opts.API, KERNELS)
         opts.check_hazards(hazards, opts.API)
     except opts.OptionError as e:
         raise _bad_option(e) from None
-    return Options(scenario=scenario, exit_policy=exit_policy, oom_rule=oom_rule, hazards=tuple(hazards),
+    return Options(scenario=scenario, exit_policy=exit_policy, oom_rule=oom_rule, kernel=kernel,
+                   hazards=tuple(hazards),
                    seed=seed, kills=kills, from_start=from_start, log_dir=log_dir,
                    config={"frames": frames, "va_pages": max_pages + 16, "max_tasks": max_tasks,
                            "max_mms": max_tasks + 2, "run": run, "pages_to_scan": pages_to_scan,
@@ -1213,7 +1228,7 @@ def explore(scenario_fn: Callable[[Machine], Any], *, strategy: str = "dfs", pre
     preemptions), ``pct`` (``depth``, ``seed``) or ``random`` (``seed``);
     ``schedules`` and ``time_limit`` bound the search; ``kills``: also
     choose SIGKILLs (True: one per schedule).  ``machine_options``: the
-    Machine's (``frames``, ``exit_policy``, ``hazards``, ``oom_rule``,
+    Machine's (``frames``, ``exit_policy``, ``hazards``, ``oom_rule``, ``kernel``,
     ``run``, ``pages_to_scan``, ``max_pages``: small defaults).
     ``progress(result)`` is called every few seconds.  docs/EXPLORE.md."""
     from uksm.explorer.search import STRATEGIES
@@ -1252,7 +1267,8 @@ def replay(scenario_fn: Callable[[Machine], Any], schedule: str, *, log_dir: str
         raise ValueError(str(e)) from None
     if hazards is not None:
         s.hazards = tuple(hazards)
-    opts = dict(machine_options, exit_policy=s.exit_policy, hazards=s.hazards, oom_rule=s.oom_rule)
+    opts = dict(machine_options, exit_policy=s.exit_policy, hazards=s.hazards, oom_rule=s.oom_rule,
+                kernel=s.kernel)
     o = controlled_options(name or s.scenario, seed=s.seed, from_start=s.from_start, kills=s.kills,
                            **opts)
     script = _script(scenario_fn, mem_limit, int(machine_options.get("max_pages", 16)))

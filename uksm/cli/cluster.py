@@ -170,7 +170,8 @@ def up_spec(a: argparse.Namespace) -> dict[str, Any]:
         check_log_dir(log_dir)
     spec = {"workers": a.workers, "pages": a.pages, "frames": frames, "workload": a.workload,
             "seed": a.seed, "log_dir": os.path.abspath(log_dir) if log_dir else None,
-            "exit_policy": a.exit_policy, "oom_rule": a.oom_rule, "hazards": list(a.hazard),
+            "exit_policy": a.exit_policy, "oom_rule": a.oom_rule, "kernel": a.kernel,
+            "hazards": list(a.hazard),
             "hung_task_timeout": a.hung_task_timeout, "churn_ms": a.churn_ms, "run": a.run,
             "pages_to_scan": a.pages_to_scan, "sleep_ms": a.sleep_ms,
             "max_workers": max_workers, "max_pages": max_pages}

@@ -64,7 +64,10 @@ H_BOOT_ID = 28
 # the counters (H_UNMERGE_DONE: the last generation ksmd did so for)
 H_UNMERGE_WAIT = 29
 H_UNMERGE_DONE = 30
-HDR_END = 31
+# index in KERNELS: whose mm/ksm.c the cluster emulates (Config.kernel,
+# ``--kernel``); every 6.18 difference in the code tests Cluster.modern
+H_KERNEL = 31
+HDR_END = 32
 
 # ---- /sys/kernel/mm/ksm: knobs (written by ctl) and counters (written by ksmd)
 K_RUN = HDR_END + 0
@@ -83,7 +86,38 @@ K_STABLE_NODES = HDR_END + 12
 # 2.6.32's ksm_max_kernel_pages: at most this many KSM pages (stable tree
 # nodes), 0 for no limit; ksm_init's default is totalram_pages / 4
 K_MAX_KERNEL_PAGES = HDR_END + 13
-KSM_END = HDR_END + 14
+# 6.18's /sys/kernel/mm/ksm (KERNELS' "6.18"; unused under 2.6.32, where
+# these files do not exist).  Defaults as mm/ksm.c of 6.18 initialises them
+# (checked against this machine's 6.18 too), written at boot by Cluster.create.
+# 4.13, 2c653d0ee2ae "ksm: introduce ksm_max_page_sharing per page
+# deduplication limit": ksm_max_page_sharing = 256 (>= 2; EBUSY while
+# pages_shared != 0), the chains/dups counters, and the prune period
+K_MAX_PAGE_SHARING = HDR_END + 14
+K_STABLE_NODE_CHAINS = HDR_END + 15
+K_STABLE_NODE_DUPS = HDR_END + 16
+K_STABLE_NODE_CHAINS_PRUNE_MS = HDR_END + 17   # ksm_stable_node_chains_prune_millisecs = 2000
+# 4.11, e86c59b1b12d "mm/ksm: improve deduplication of zero pages with
+# colouring": ksm_use_zero_pages (default false); 6.6, e2942062e01d "ksm:
+# count all zero pages placed by KSM": ksm_zero_pages
+K_USE_ZERO_PAGES = HDR_END + 18
+K_ZERO_PAGES = HDR_END + 19
+# 3.9, 90bd6fd31c80 "ksm: allow trees per NUMA node": ksm_merge_across_nodes
+# = 1 (uksm has one node: the knob and its EBUSY rule only)
+K_MERGE_ACROSS_NODES = HDR_END + 20
+# 6.7, "mm/ksm: add "smart" page scanning mode": ksm_smart_scan = true,
+# ksm_pages_skipped
+K_SMART_SCAN = HDR_END + 21
+K_PAGES_SKIPPED = HDR_END + 22
+# 6.8, 4e5fa4f5eff6 "mm/ksm: add ksm advisor": ksm_advisor (ADVISOR_MODES'
+# index: KSM_ADVISOR_NONE 0, KSM_ADVISOR_SCAN_TIME 1), ksm_advisor_max_cpu =
+# 70, ksm_advisor_target_scan_time = 200 (s), ksm_advisor_min_pages_to_scan
+# = 500, ksm_advisor_max_pages_to_scan = 30000
+K_ADVISOR_MODE = HDR_END + 23
+K_ADVISOR_MAX_CPU = HDR_END + 24
+K_ADVISOR_TARGET_SCAN_TIME = HDR_END + 25
+K_ADVISOR_MIN_PAGES_TO_SCAN = HDR_END + 26
+K_ADVISOR_MAX_PAGES_TO_SCAN = HDR_END + 27
+KSM_END = HDR_END + 28
 
 # ---- stats: updated under ksm_mmlist_lock (or by their single writer)
 S_STARTED = KSM_END + 0
@@ -190,7 +224,10 @@ M_WORKER_NO = 22
 # the unmerge generation (H_UNMERGE_GEN) whose run=2 removed this mm's
 # rmap_items (remove_trailing_rmap_items): ksmd frees its copies
 M_RMAP_GONE = 23
-MM_SIZE = 24
+# 6.6, e2942062e01d "ksm: count all zero pages placed by KSM":
+# mm->ksm_zero_pages, the zero pages KSM placed in this mm (use_zero_pages)
+M_ZERO_PAGES = 24
+MM_SIZE = 25
 
 STATS_NAMES = {
     "started": S_STARTED, "exited": S_EXITED, "exit_fast": S_EXIT_FAST,
@@ -292,6 +329,10 @@ MMS_FREE, MMS_LIVE, MMS_EXITING, MMS_ZOMBIE, MMS_FREEING = range(5)
 # (raised by __ksm_enter, dropped by whoever frees the slot).
 REF_USERS, REF_KSM = 1, 2
 MMF_VM_MERGEABLE = 1
+# 6.4, d7597f59d1d3 "mm: add new api to enable ksm per process":
+# prctl(PR_SET_MEMORY_MERGE, 1) sets MMF_VM_MERGE_ANY: every compatible VMA,
+# now and later, is VM_MERGEABLE (6.18 only)
+MMF_VM_MERGE_ANY = 2
 # M_EXIT_STAGE: the exit steps done, as bits; each step is idempotent, so a
 # reaper finishing a SIGKILLed task's exit does only the steps not marked.
 XS_USERS0, XS_ZAPPED, XS_KSM_EXIT, XS_PGTABLES, XS_MMDROP = 1, 2, 4, 8, 16
@@ -361,6 +402,12 @@ HZ_UP_READ_AFTER_UNLOCK, HZ_NO_UNMERGE_EXIT_CHECK, HZ_OOM_MMPUT_IN_TASK = 8, 16,
 # first, so a victim stuck in its exit blocks every further kill)
 OOM_RULES = ("2.6.32", "4.1")
 OOM_2632, OOM_41 = range(2)
+# whose mm/ksm.c the cluster emulates (H_KERNEL): 2.6.32 (the default), or
+# 6.18's, for what a user can see (docs/KERNEL-MAP.md's 6.18 column)
+KERNELS = ("2.6.32", "6.18")
+KV_2632, KV_618 = range(2)
+# 6.8's advisor_mode, as sysfs spells them (KSM_ADVISOR_NONE, KSM_ADVISOR_SCAN_TIME)
+ADVISOR_MODES = ("none", "scan-time")
 
 # cluster states
 CS_STARTING, CS_RUNNING, CS_STOPPING, CS_STOPPED = range(4)
