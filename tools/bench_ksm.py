@@ -51,6 +51,13 @@ Usage::
     python3 tools/bench_ksm.py                       # 200,000 pages, 50 contents
     python3 tools/bench_ksm.py --pages 20000 --json  # smaller, one JSON object
     python3 tools/bench_ksm.py --skip-kernel         # uksm only, /sys/kernel/mm/ksm untouched
+    python3 tools/bench_ksm.py --kernel 6.18         # uksm as 6.18, against this 6.18
+
+``--kernel 6.18`` (issue 23) boots uksm with ``kernel="6.18"`` (its
+max_page_sharing 256 and smart_scan 1, as the host's own defaults) and
+stops both clocks at the same point: every page merged
+(``pages_shared + pages_sharing == N``), whatever the split into KSM
+pages -- like with like against this machine's 6.18.
 """
 from __future__ import annotations
 
@@ -143,12 +150,14 @@ def split_pages(pages: int, workers: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(workers)]
 
 
-def uksm_config(pages: int, workers: int, pages_to_scan: int, sleep_ms: int, run: int = 0):
+def uksm_config(pages: int, workers: int, pages_to_scan: int, sleep_ms: int, run: int = 0,
+                kernel: str = "2.6.32"):
     from uksm.kernel.cluster import Config
     per = split_pages(pages, workers)
     return Config(frames=pages + max(64, pages // 16), max_tasks=workers * 2 + 32,
                   max_mms=workers * 3 + 32, va_pages=max(per) + 80, run=run,
-                  pages_to_scan=pages_to_scan, sleep_ms=sleep_ms, hung_timeout_ms=30_000)
+                  pages_to_scan=pages_to_scan, sleep_ms=sleep_ms, hung_timeout_ms=30_000,
+                  kernel=kernel)
 
 
 def start_workers(sup: Any, pages: int, distinct: int, workers: int, seed: int,
@@ -177,17 +186,20 @@ def start_workers(sup: Any, pages: int, distinct: int, workers: int, seed: int,
 
 
 def wait_merged(sup: Any, t0: float, shared: int, sharing: int, timeout: float, say: Any,
-                label: str, tick: Any = None) -> float:
+                label: str, tick: Any = None, any_split: bool = False) -> float:
     """Poll the cluster (every ~2 ms) until ``pages_shared == shared`` and
-    ``pages_sharing == sharing``; ``tick(now)`` at every poll.  Returns the
-    seconds since ``t0``; RuntimeError on a cluster error or the timeout."""
+    ``pages_sharing == sharing`` (``any_split``: until their sum is, as the
+    kernel's side waits: --kernel 6.18); ``tick(now)`` at every poll.
+    Returns the seconds since ``t0``; RuntimeError on a cluster error or
+    the timeout."""
     from uksm.kernel.layout import K_PAGES_SCANNED, K_PAGES_SHARED, K_PAGES_SHARING
     q = sup.cl.q
     scanned0, last = q[K_PAGES_SCANNED], t0
     while True:
         sup.poll()
         now = time.monotonic()
-        if q[K_PAGES_SHARED] == shared and q[K_PAGES_SHARING] == sharing:
+        if (q[K_PAGES_SHARED] + q[K_PAGES_SHARING] == shared + sharing if any_split
+                else q[K_PAGES_SHARED] == shared and q[K_PAGES_SHARING] == sharing):
             return now - t0
         if sup.errors:
             raise RuntimeError("; ".join(sup.errors))
@@ -204,7 +216,8 @@ def wait_merged(sup: Any, t0: float, shared: int, sharing: int, timeout: float, 
 
 
 def run_uksm(pages: int, distinct: int, workers: int, pages_to_scan: int, sleep_ms: int,
-             after: float, timeout: float, seed: int, log_dir: str | None, say: Any) -> dict[str, Any]:
+             after: float, timeout: float, seed: int, log_dir: str | None, say: Any,
+             kernel: str = "2.6.32") -> dict[str, Any]:
     from uksm.host import log as ulog
     from uksm.host import shm
     from uksm.kernel.ksm import run_store
@@ -219,7 +232,8 @@ def run_uksm(pages: int, distinct: int, workers: int, pages_to_scan: int, sleep_
     name = f"bench{os.getpid()}"
     per = split_pages(pages, workers)
     exp_shared, exp_sharing = expected_counts(pages, distinct, per)
-    sup = Supervisor(name, uksm_config(pages, workers, pages_to_scan, sleep_ms), log_dir, quiet=True)
+    sup = Supervisor(name, uksm_config(pages, workers, pages_to_scan, sleep_ms, kernel=kernel), log_dir,
+                     quiet=True)
     res: dict[str, Any] = {"cluster": name, "workers": workers, "pages_per_worker": per[0],
                            "expected_shared": exp_shared, "expected_sharing": exp_sharing}
     clean = False
@@ -234,7 +248,8 @@ def run_uksm(pages: int, distinct: int, workers: int, pages_to_scan: int, sleep_
         cpu0 = proc_cpu_s(kpid)
         t0 = time.monotonic()
         run_store(sup.cl, 1)
-        dt = wait_merged(sup, t0, exp_shared, exp_sharing, timeout, say, "uksm")
+        dt = wait_merged(sup, t0, exp_shared, exp_sharing, timeout, say, "uksm",
+                         any_split=kernel != "2.6.32")
         cpu1 = proc_cpu_s(kpid)
         scanned = q[K_PAGES_SCANNED] - scanned0
         if cpu0 is not None and cpu1 is not None:
@@ -459,7 +474,7 @@ def merged_at(log_dir: str, shared: int, sharing: int) -> int | None:
 
 
 def run_cli(pages: int, distinct: int, workers: int, pages_to_scan: int, sleep_ms: int,
-            timeout: float, say: Any) -> dict[str, Any]:
+            timeout: float, say: Any, kernel: str = "2.6.32") -> dict[str, Any]:
     """``uksm run --until-merged`` as a user types it, timed from the
     command's start to its exit (``e2e_s``, goal 2): boot, workers filling
     their pages, ksmd merging, the rule that tells it nothing is left to
@@ -480,7 +495,8 @@ def run_cli(pages: int, distinct: int, workers: int, pages_to_scan: int, sleep_m
         cmd = [sys.executable, "-m", "uksm", "run", "--cluster", name, "--workers", str(workers),
                "--pages", str(per), "--workload", f"dup:{distinct}", "--pages-to-scan",
                str(pages_to_scan), "--sleep-ms", str(sleep_ms), "--until-merged",
-               "--max-duration", str(int(timeout)), "--log-dir", logs, "--json", "--quiet"]
+               "--max-duration", str(int(timeout)), "--log-dir", logs, "--json", "--quiet",
+               "--kernel", kernel]
         say(f"  uksm run: {workers} workers x {per} pages, dup:{distinct}, until merged")
         t0_ns = time.monotonic_ns()
         t0 = t0_ns / 1e9
@@ -498,12 +514,15 @@ def run_cli(pages: int, distinct: int, workers: int, pages_to_scan: int, sleep_m
                 raise RuntimeError(f"uksm run did not finish in {timeout + 60:.0f}s") from None
             raise
         dt = time.monotonic() - t0
+        try:
+            rep = json.loads(p.stdout)
+        except ValueError:
+            rep = {}
         want = expected_counts(per * workers, distinct, [per])
+        k = rep.get("ksm") or {}
+        if kernel != "2.6.32" and k.get("pages_shared", 0) + k.get("pages_sharing", 0) == pages:
+            want = (k["pages_shared"], k["pages_sharing"])   # 6.18: any split into KSM pages
         m_ns = merged_at(logs, *want)
-    try:
-        rep = json.loads(p.stdout)
-    except ValueError:
-        rep = {}
     if p.returncode != 0:
         raise RuntimeError(f"uksm run exited with status {p.returncode}: "
                            f"{(p.stderr.strip().splitlines() or ['?'])[-1]}")
@@ -640,6 +659,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="leave /sys/kernel/mm/ksm alone (no kernel figures, no ratios)")
     ap.add_argument("--skip-run", action="store_true",
                     help="skip goal 2's `uksm run --until-merged` from nothing")
+    ap.add_argument("--kernel", default="2.6.32", choices=("2.6.32", "6.18"),
+                    help="uksm's kernel (default 2.6.32); 6.18: like with like against this 6.18, "
+                         "both clocks stopped once every page is merged")
     ap.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     a = ap.parse_args(argv)
     if a.pages < 1 or a.distinct < 1 or a.workers < 1 or a.pages_to_scan < 1 or a.sleep_ms < 0:
@@ -659,7 +681,8 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "machine": machine(),
         "layout": {"pages": a.pages, "distinct": a.distinct, "workers": a.workers,
-                   "pages_to_scan": a.pages_to_scan, "sleep_millisecs": a.sleep_ms},
+                   "pages_to_scan": a.pages_to_scan, "sleep_millisecs": a.sleep_ms,
+                   "uksm_kernel": a.kernel},
     }
     status = 0
     runs: dict[str, list[dict[str, Any]]] = {}
@@ -670,10 +693,11 @@ def main(argv: list[str] | None = None) -> int:
             if not a.skip_uksm:
                 sides.append(("uksm", lambda: run_uksm(
                     a.pages, a.distinct, a.workers, a.pages_to_scan, a.sleep_ms, a.after,
-                    a.timeout, a.seed, a.log_dir, say)))
+                    a.timeout, a.seed, a.log_dir, say, a.kernel)))
             if not a.skip_run:
                 sides.append(("uksm_run", lambda: run_cli(
-                    a.pages, a.distinct, a.workers, a.pages_to_scan, a.sleep_ms, a.timeout, say)))
+                    a.pages, a.distinct, a.workers, a.pages_to_scan, a.sleep_ms, a.timeout, say,
+                    a.kernel)))
             if not a.skip_kernel and "skipped" not in (runs.get("kernel") or [{}])[-1]:
                 sides.append(("kernel", lambda: run_kernel(
                     a.pages, a.distinct, a.pages_to_scan, a.sleep_ms, a.after, a.timeout, say)))
@@ -710,7 +734,7 @@ def main(argv: list[str] | None = None) -> int:
         lay = report["layout"]
         print(f"layout: {lay['pages']:,} pages, {lay['distinct']} distinct contents, "
               f"pages_to_scan {lay['pages_to_scan']}, sleep_millisecs {lay['sleep_millisecs']} "
-              f"(uksm: {lay['workers']} workers)")
+              f"(uksm: {lay['workers']} workers, kernel {lay['uksm_kernel']})")
         print(table(report))
         ur = report.get("uksm_run") or {}
         if "e2e_s" in ur:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import atexit
 import base64
 import contextlib
+import errno
 import itertools
 import os
 import signal as _signal
@@ -54,9 +55,17 @@ from uksm.errors import (
 )
 from uksm.host import shm
 from uksm.kernel import killpoints
-from uksm.kernel.layout import EXIT_POLICIES, KSM_FIELDS, OOM_RULES
+from uksm.kernel.layout import EXIT_POLICIES, KERNELS, KSM_FIELDS, KSM_FIELDS_618, OOM_RULES, ksm_block_618
 from uksm.proc import options as opts
-from uksm.proc.control import CTL_NAMES, WRITABLE, KnobError, ctl_values, read_state, validate_knob
+from uksm.proc.control import (
+    KnobError,
+    ctl_names,
+    ctl_values,
+    missing_file,
+    read_state,
+    validate_knob,
+    writable,
+)
 
 if TYPE_CHECKING:  # (uksm.proc.run and the daemon are imported on first use)
     from uksm.kernel.watchdog import HungReport
@@ -373,41 +382,58 @@ class _Controlled:
 # ---- /sys/kernel/mm/ksm ---------------------------------------------------------------------
 
 class Ksm(MutableMapping[str, Any]):
-    """``m.ksm``: the names of /sys/kernel/mm/ksm (and ``uksm ctl``).
-    Reads come from the cluster's memory; a write is ``uksm ctl
-    KEY=VALUE``: checked first (ValueError for EINVAL, PermissionError for
-    a read-only counter, KeyError for an unknown name: nothing written),
-    and ``run`` returns once ksmd has acted on it (run=2: all unmerged)."""
+    """``m.ksm``: the names of /sys/kernel/mm/ksm (and ``uksm ctl``), of
+    the machine's kernel: 2.6.32's, or 6.18's (``Machine(kernel="6.18")``:
+    no max_kernel_pages; max_page_sharing, use_zero_pages, smart_scan,
+    advisor_mode -- read as sysfs prints it, "[none] scan-time" --,
+    general_profit ...).  Reads come from the cluster's memory; a write is
+    ``uksm ctl KEY=VALUE``: checked first as the kernel's store checks it
+    (ValueError for EINVAL or ERANGE, OSError EBUSY for max_page_sharing or
+    merge_across_nodes while pages are shared, PermissionError for a
+    read-only counter, KeyError for a name the kernel has no file for:
+    nothing written), and ``run`` returns once ksmd has acted on it (run=2:
+    all unmerged)."""
 
     _FIELDS = dict(KSM_FIELDS)
+    _FIELDS_618 = {n: w for n, w in KSM_FIELDS_618 if w >= 0 and n != "advisor_mode"}
 
     def __init__(self, m: "Machine") -> None:
         self._m = m
 
+    def _modern(self) -> bool:
+        return bool(self._m._t().cl.modern)
+
     def _name(self, key: Any) -> str:
         if not isinstance(key, str):
             raise TypeError(f"ksm knob names are strings (got {type(key).__name__})")
-        if key not in CTL_NAMES:
-            raise KeyError(f"{key!r}: no such knob or counter (one of: {', '.join(CTL_NAMES)})")
+        modern = self._modern()
+        if key not in ctl_names(modern):
+            raise KeyError(missing_file(key, modern))
         return key
 
     def __getitem__(self, key: str) -> Any:
         key = self._name(key)
         cl = self._m._t().cl
-        idx = self._FIELDS.get(key)
+        idx = (self._FIELDS_618 if cl.modern else self._FIELDS).get(key)
         if idx is not None:
             return int(cl.q[idx])
+        if cl.modern and key in ("general_profit", "advisor_mode"):  # computed at each read, as sysfs
+            return ksm_block_618(cl.q)[key]  # type: ignore[literal-required]
         return dict(ctl_values(read_state(cl)))[key]
 
     def __setitem__(self, key: str, value: Any) -> None:
         key = self._name(key)
-        if key not in WRITABLE:
-            raise PermissionError(f"{key}: a read-only counter (EACCES); writable: {', '.join(WRITABLE)}")
+        cl = self._m._t().cl
+        rw = writable(cl.modern)
+        if key not in rw:
+            raise PermissionError(f"{key}: a read-only counter (EACCES); writable: {', '.join(rw)}")
         if isinstance(value, bool) or not isinstance(value, (int, str)):
             raise TypeError(f"{key}: the value must be an int or a string (got {type(value).__name__})")
         try:
-            validate_knob(key, value, self._m._t().cl.nframes)
+            validate_knob(key, value, cl.nframes, cl=cl)
         except KnobError as e:
+            if e.errno_name == "EBUSY":
+                raise OSError(errno.EBUSY, str(e)) from None
             raise ValueError(str(e)) from None
         self._m._request({"op": "ctl", "knobs": [[key, value]]}, f"ksm[{key!r}] = {value!r}")
 
@@ -415,10 +441,10 @@ class Ksm(MutableMapping[str, Any]):
         raise PermissionError(f"{self._name(key)}: knobs cannot be deleted")
 
     def __iter__(self) -> Iterator[str]:
-        return iter(CTL_NAMES)
+        return iter(ctl_names(self._modern()))
 
     def __len__(self) -> int:
-        return len(CTL_NAMES)
+        return len(ctl_names(self._modern()))
 
     def counters(self) -> dict[str, int]:
         """The four counters the KSM tests check, read together."""
@@ -494,6 +520,19 @@ class Task:
         ans = self._cmd("madvise", "madvise", first=first, count=count, advice=advice)
         return None if ans.get("pending") else int(ans["unmerged"])
 
+    def prctl(self, option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int | None:
+        """prctl(2) in the task, as the machine's kernel has it.  Under 6.18
+        (6.4, d7597f59d1d3) PR_SET_MEMORY_MERGE (67): ``arg2`` 1 makes every
+        area of the task mergeable, now and later (new mappings, and a
+        child of ``fork()`` inherits it), 0 unmerges every area and clears
+        VM_MERGEABLE on all of them (24139c07f413); PR_GET_MEMORY_MERGE
+        (68) returns 0 or 1.  OSError EINVAL for arg3..arg5 not 0 (and
+        arg2 for 68), for any other option, and for both under 2.6.32,
+        which has no such option.  Returns 0 (or 68's answer); None inside
+        ``with m.race():``."""
+        ans = self._cmd("prctl", "prctl", option=option, arg2=arg2, arg3=arg3, arg4=arg4, arg5=arg5)
+        return None if ans.get("pending") else int(ans["ret"])
+
     def fork(self) -> "Task":
         """fork(2): a new programmable task whose address space is this
         one's copy (2.6.32's dup_mmap: the same VMAs, every page shared
@@ -523,10 +562,17 @@ class Task:
                                 "count": count}, f"{self.id}.pagemap")
         return list(ans["pages"])
 
-    def stat(self) -> dict[str, int]:
-        """/proc/PID/ksm_stat: ksm_rmap_items, ksm_merging_pages; and rss."""
+    def stat(self) -> dict[str, Any]:
+        """/proc/PID/ksm_stat of the machine's kernel, then ``rss``.  Under
+        2.6.32: ksm_rmap_items, ksm_merging_pages.  Under 6.18 the file's six
+        fields (fs/proc/base.c proc_pid_ksm_stat): ksm_rmap_items,
+        ksm_zero_pages, ksm_merging_pages, ksm_process_profit (ints: the
+        profit may be negative), ksm_merge_any and ksm_mergeable ("yes" or
+        "no", as the file prints them)."""
+        from uksm.kernel.ksm_stat import KSM_STAT_618, YES_NO
         ans = self._m._request({"op": "task_stat", "task": self.id}, f"{self.id}.stat")
-        return {k: int(ans[k]) for k in ("ksm_rmap_items", "ksm_merging_pages", "rss")}
+        names = KSM_STAT_618 if "ksm_merge_any" in ans else ("ksm_rmap_items", "ksm_merging_pages")
+        return {k: (str(ans[k]) if k in YES_NO else int(ans[k])) for k in (*names, "rss")}
 
     def verify(self) -> int:
         """Read back every page; IntegrityError if one does not hold what
@@ -601,6 +647,11 @@ class Machine:
     nothing in /dev/shm and no process behind, also when the block
     raises.  ``m.report`` is then ``uksm run --json``'s object.
 
+    ``kernel``: whose mm/ksm.c the machine emulates, ``"2.6.32"`` (the
+    default) or ``"6.18"`` (its sysfs knobs and counters, /proc/PID/ksm_stat
+    in ``t.stat()``, prctl PR_SET_MEMORY_MERGE; docs/KERNEL-MAP.md's 6.18
+    column says what is emulated); ``m.kernel`` reads it back.
+
     ``Machine(deterministic=True, seed=S)`` runs the script on a
     controlled schedule instead (uksm.explorer): one process at a time,
     every choice drawn from ``seed``, every wait logical; the same script
@@ -616,14 +667,14 @@ class Machine:
                  pages_to_scan: int = 100, sleep_millisecs: int = 20, mem_limit: int = 0,
                  name: str | None = None, log_dir: str | None = None,
                  hung_task_timeout: float = 5.0, oom_rule: str = "2.6.32", deterministic: bool = False,
-                 seed: int = 0, schedule: str | None = None) -> None:
+                 seed: int = 0, schedule: str | None = None, kernel: str = "2.6.32") -> None:
         from uksm.proc.daemon import make_config
         from uksm.proc.run import RunOptions
         try:
             opts.cluster(opts.API, frames=frames, run=run, pages_to_scan=pages_to_scan,
                          sleep_millisecs=sleep_millisecs, exit_policy=exit_policy,
-                         oom_rule=oom_rule, hazards=hazards, hung_task_timeout=hung_task_timeout,
-                         workload="zero", max_tasks=max_tasks, max_pages=max_pages,
+                         oom_rule=oom_rule, kernel=kernel, hazards=hazards,
+                         hung_task_timeout=hung_task_timeout, workload="zero", max_tasks=max_tasks, max_pages=max_pages,
                          mem_limit=mem_limit)
         except opts.OptionError as e:
             raise _bad_option(e) from None
@@ -632,7 +683,7 @@ class Machine:
         self._o = RunOptions(workers=0, pages=max_pages, frames=frames, workload="script",
                              log_dir=log_dir, run=run, pages_to_scan=pages_to_scan,
                              sleep_ms=sleep_millisecs, exit_policy=exit_policy, oom_rule=oom_rule,
-                             hazards=list(hazards), hung_task_timeout=float(hung_task_timeout))
+                             kernel=kernel, hazards=list(hazards), hung_task_timeout=float(hung_task_timeout))
         self.name = name or f"m{os.getpid()}x{next(_names)}"
         try:
             shm.check_cluster_name(self.name)
@@ -650,11 +701,11 @@ class Machine:
             self.log_dir = log_dir or ""
             self._boot_controlled(schedule, seed, log_dir, mem_limit, frames=frames, max_pages=max_pages,
                                   max_tasks=max_tasks, exit_policy=exit_policy, hazards=tuple(hazards),
-                                  oom_rule=oom_rule, run=run, pages_to_scan=pages_to_scan,
+                                  oom_rule=oom_rule, kernel=kernel, run=run, pages_to_scan=pages_to_scan,
                                   sleep_millisecs=sleep_millisecs)
             return
         spec = {"workers": 0, "pages": max_pages, "frames": frames, "workload": "zero", "seed": 0,
-                "log_dir": None, "exit_policy": exit_policy, "oom_rule": oom_rule,
+                "log_dir": None, "exit_policy": exit_policy, "oom_rule": oom_rule, "kernel": kernel,
                 "hazards": list(hazards),
                 "hung_task_timeout": float(hung_task_timeout), "churn_ms": 0, "run": run,
                 "pages_to_scan": pages_to_scan, "sleep_ms": sleep_millisecs,
@@ -690,7 +741,8 @@ class Machine:
                 sch = parse(schedule)
             except BadSchedule as e:
                 raise ValueError(str(e)) from None
-            opts.update(exit_policy=sch.exit_policy, hazards=sch.hazards, oom_rule=sch.oom_rule)
+            opts.update(exit_policy=sch.exit_policy, hazards=sch.hazards, oom_rule=sch.oom_rule,
+                        kernel=sch.kernel)
             chooser: Any = Replay(sch)
             o = controlled_options("script", seed=sch.seed, from_start=sch.from_start, log_dir=log_dir,
                                    kills=sch.kills, **opts)
@@ -721,6 +773,12 @@ class Machine:
         m.log_dir = world.o.log_dir or ""
         m._tr = _Controlled(world, max_pages, owned=False)
         return m
+
+    @property
+    def kernel(self) -> str:
+        """Whose mm/ksm.c this machine emulates: "2.6.32" or "6.18"
+        (the cluster's header, as booted)."""
+        return str(self._t().cl.kernel)
 
     @property
     def schedule(self) -> str | None:
@@ -1147,17 +1205,20 @@ class _Race:
 def controlled_options(scenario: str, *, seed: int = 0, from_start: bool = False, log_dir: str | None = None,
                        kills: int = 0, frames: int = 64, max_pages: int = 16, max_tasks: int = 16,
                        exit_policy: str = "seed", hazards: tuple[str, ...] = (), oom_rule: str = "2.6.32",
-                       run: int = 1, pages_to_scan: int = 8, sleep_millisecs: int = 20) -> Any:
+                       run: int = 1, pages_to_scan: int = 8, sleep_millisecs: int = 20,
+                       kernel: str = "2.6.32") -> Any:
     """A controlled run's options from a Machine's (small defaults: a run
     is repeated thousands of times)."""
     from uksm.explorer.world import Options
     try:
         opts.one_of(opts.EXIT_POLICY, exit_policy, opts.API, EXIT_POLICIES)
         opts.one_of(opts.OOM_RULE, oom_rule, opts.API, OOM_RULES)
+        opts.one_of(opts.KERNEL, kernel, opts.API, KERNELS)
         opts.check_hazards(hazards, opts.API)
     except opts.OptionError as e:
         raise _bad_option(e) from None
-    return Options(scenario=scenario, exit_policy=exit_policy, oom_rule=oom_rule, hazards=tuple(hazards),
+    return Options(scenario=scenario, exit_policy=exit_policy, oom_rule=oom_rule, kernel=kernel,
+                   hazards=tuple(hazards),
                    seed=seed, kills=kills, from_start=from_start, log_dir=log_dir,
                    config={"frames": frames, "va_pages": max_pages + 16, "max_tasks": max_tasks,
                            "max_mms": max_tasks + 2, "run": run, "pages_to_scan": pages_to_scan,
@@ -1230,7 +1291,7 @@ def explore(scenario_fn: Callable[[Machine], Any], *, strategy: str = "dfs", pre
     preemptions), ``pct`` (``depth``, ``seed``) or ``random`` (``seed``);
     ``schedules`` and ``time_limit`` bound the search; ``kills``: also
     choose SIGKILLs (True: one per schedule).  ``machine_options``: the
-    Machine's (``frames``, ``exit_policy``, ``hazards``, ``oom_rule``,
+    Machine's (``frames``, ``exit_policy``, ``hazards``, ``oom_rule``, ``kernel``,
     ``run``, ``pages_to_scan``, ``max_pages``: small defaults).
     ``progress(result)`` is called every few seconds.  docs/EXPLORE.md."""
     from uksm.explorer.search import STRATEGIES
@@ -1269,7 +1330,8 @@ def replay(scenario_fn: Callable[[Machine], Any], schedule: str, *, log_dir: str
         raise ValueError(str(e)) from None
     if hazards is not None:
         s.hazards = tuple(hazards)
-    opts = dict(machine_options, exit_policy=s.exit_policy, hazards=s.hazards, oom_rule=s.oom_rule)
+    opts = dict(machine_options, exit_policy=s.exit_policy, hazards=s.hazards, oom_rule=s.oom_rule,
+                kernel=s.kernel)
     o = controlled_options(name or s.scenario, seed=s.seed, from_start=s.from_start, kills=s.kills,
                            **opts)
     script = _script(scenario_fn, mem_limit, int(machine_options.get("max_pages", 16)))

@@ -41,7 +41,7 @@ def machine_of(o: RunOptions, max_tasks: int, prefix: str = "run") -> Machine:
     its logs in ``--log-dir`` or a new folder (as ``uksm run``'s)."""
     o.log_dir = make_log_dir(f"{prefix}-deterministic-{o.seed}", o.log_dir)
     return Machine(deterministic=True, seed=o.seed, frames=o.frames or default_frames(o), max_pages=o.pages,
-                   max_tasks=max_tasks, exit_policy=o.exit_policy, oom_rule=o.oom_rule,
+                   max_tasks=max_tasks, exit_policy=o.exit_policy, oom_rule=o.oom_rule, kernel=o.kernel,
                    hazards=tuple(o.hazards), run=o.run, pages_to_scan=o.pages_to_scan,
                    sleep_millisecs=o.sleep_ms, log_dir=o.log_dir)
 
@@ -100,7 +100,8 @@ def report_of(m: Machine, o: RunOptions, extra: dict[str, Any]) -> tuple[RunRepo
     det = {"seed": o.seed, "schedule": rep.pop("schedule", ""), "steps": rep.pop("steps", 0),
            "logical_s": rep.pop("logical_s", 0.0)}
     rep.update(workload=o.workload, duration_s=det["logical_s"], log_dir=o.log_dir,
-               exit_policy=o.exit_policy, oom_rule=o.oom_rule, hazards=list(o.hazards), scenario=o.scenario,
+               exit_policy=o.exit_policy, oom_rule=o.oom_rule, kernel=o.kernel, hazards=list(o.hazards),
+               scenario=o.scenario,
                ksmd_restarts=0, interrupted=None, deterministic=det, **extra)
     # every RunReport key, from the ControlledReport and the options (the
     # world's blocks are untyped: the cast is not checked further)

@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 from uksm.host.exitcodes import EPILOG, EXIT_USAGE
-from uksm.kernel.layout import EXIT_POLICIES, HAZARDS, OOM_RULES
+from uksm.kernel.layout import EXIT_POLICIES, HAZARDS, KERNELS, OOM_RULES
 
 
 def add_parser(sub: Any) -> None:
@@ -31,6 +31,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--exit-policy", default="seed", choices=EXIT_POLICIES,
                    help="__ksm_exit as in the seed fix (default), shipped or legacy")
     p.add_argument("--oom-rule", default="2.6.32", choices=OOM_RULES, help="the OOM killer's rule")
+    p.add_argument("--kernel", default="2.6.32", choices=KERNELS,
+                   help="whose mm/ksm.c: 2.6.32 (default) or 6.18 (the schedule string carries it)")
     p.add_argument("--hazard", action="append", default=[], choices=list(HAZARDS), metavar="HAZARD",
                    help="switch off one later fix (repeatable): " + ", ".join(HAZARDS))
     p.add_argument("--strategy", default="dfs", choices=STRATEGIES,
@@ -107,7 +109,7 @@ def cmd_explore(a: argparse.Namespace) -> int:
     res = explore(sc.fn, name=sc.name, strategy=a.strategy, preemptions=a.preemptions, depth=a.depth,
                   seed=a.seed, kills=a.kills, schedules=a.schedules, time_limit=a.time_limit,
                   keep_going=a.keep_going, shrink=not a.no_shrink, from_start=a.from_start,
-                  progress=progress, exit_policy=a.exit_policy, oom_rule=a.oom_rule,
+                  progress=progress, exit_policy=a.exit_policy, oom_rule=a.oom_rule, kernel=a.kernel,
                   hazards=tuple(a.hazard), **sc.options)
     if a.log_dir:
         for f in res.failures:

@@ -15,7 +15,7 @@ from uksm.cli.args import OneLineParser, cluster_arg
 from uksm.host import shm
 from uksm.host.exitcodes import EPILOG, signalled
 from uksm.host.lifeline import SecondSignal
-from uksm.kernel.layout import EXIT_POLICIES, HAZARDS, OOM_RULES
+from uksm.kernel.layout import EXIT_POLICIES, HAZARDS, KERNELS, OOM_RULES
 
 STOP_HELP = ("SIGTERM, SIGHUP or SIGINT stops it in order (workers exit, ksmd frees, fsck, "
              "teardown; the report says 'interrupted', status 128+N); a second one kills every "
@@ -44,6 +44,9 @@ def _run_args(p: argparse.ArgumentParser, defaults_for_run: bool = True) -> None
                    help="the OOM killer's victim choice: 2.6.32 (default: a task whose mm is "
                         "released, e.g. stuck in __ksm_exit, is passed over and another killed) "
                         "or 4.1 (a victim not yet exited blocks every further kill)")
+    g.add_argument("--kernel", default="2.6.32", choices=KERNELS,
+                   help="whose mm/ksm.c to emulate: 2.6.32 (default) or 6.18 (its sysfs knobs and "
+                        "counters, /proc/PID/ksm_stat, prctl PR_SET_MEMORY_MERGE; docs/KERNEL-MAP.md)")
     g.add_argument("--hazard", action="append", default=[], choices=list(HAZARDS),
                    help="switch off one part of the fix (repeatable)")
     g.add_argument("--hung-task-timeout", type=float, default=5.0,
@@ -211,7 +214,8 @@ def cmd_run(a: argparse.Namespace) -> int:
                    seed=a.seed, duration=a.duration, until_merged=a.until_merged,
                    max_duration=a.max_duration, log_dir=a.log_dir, cluster=a.cluster, run=a.run,
                    pages_to_scan=a.pages_to_scan, sleep_ms=a.sleep_ms, exit_policy=a.exit_policy,
-                   oom_rule=a.oom_rule, hazards=a.hazard, hung_task_timeout=a.hung_task_timeout, scenario=a.scenario,
+                   oom_rule=a.oom_rule, kernel=a.kernel, hazards=a.hazard, hung_task_timeout=a.hung_task_timeout,
+                   scenario=a.scenario,
                    churn_ms=a.churn_ms, quiet=a.quiet)
     if a.deterministic:
         from uksm.deterministic import run as run_deterministic

@@ -42,7 +42,7 @@ from uksm.kernel.layout import (
     PAGE_SHIFT,
     T_KILL_POINT,
 )
-from uksm.proc.control import validate_knob
+from uksm.proc.control import CTL_OWN, validate_knob
 from uksm.proc.scripting import (
     SIGNALS,
     ScriptError,
@@ -265,7 +265,7 @@ class Requests:
     def do_task_stat(self, req: dict[str, Any]) -> dict[str, Any]:
         """/proc/PID/ksm_stat (and rss): ``scripting.task_stat``."""
         p = self.task(req, alive=False)
-        return task_stat(self.cl, p.tid, p.mm, p.pid)
+        return task_stat(self.cl, p.tid, p.mm, self.w.mms.get(p.mm), p.pid)
 
     def do_task_pagemap(self, req: dict[str, Any]) -> dict[str, Any]:
         """/proc/PID/pagemap: ``scripting.task_pagemap``, on the mm the
@@ -313,11 +313,18 @@ class Requests:
         knobs = req.get("knobs")
         if not isinstance(knobs, list) or not knobs:
             raise ScriptError("ctl: no KEY=VALUE given", "value", EXIT_USAGE)
-        todo = [(str(k), validate_knob(str(k), v, self.cl.nframes)) for k, v in knobs]
+        todo = [(str(k), validate_knob(str(k), v, self.cl.nframes, cl=self.cl)) for k, v in knobs]
         applied = []
         for name, value in todo:
             ent: dict[str, Any] = {"name": name, "value": value}
-            if name == "run":
+            if self.cl.modern and name not in ("run", *CTL_OWN):
+                # 6.18's stores (uksm.proc.sysfs618); one request runs at a
+                # time between two scheduled steps, so the EBUSY check made
+                # by validate_knob still holds here
+                from uksm.proc.sysfs618 import store
+                ent["previous"] = store(name, value, q)
+                self.w.log.info("ksm_knob", name=name, value=value)
+            elif name == "run":
                 ent["previous"] = q[K_RUN]
                 self._write_run(int(value))
             else:

@@ -3,12 +3,15 @@
 ::
 
     uksm2:oom-unmerge:legacy:2.6.32:-:0:0:race:40.2.5/57.k1.9:168
+    uksm2:oom-unmerge:seed:2.6.32:-:0:0:race:-:168:6.18
 
 Fields, ``:``-separated: the format's version; the scenario; the exit
 policy; the OOM rule; the hazards (``-`` for none, else ``,``-joined); the
 seed; the SIGKILL choices allowed; where the choices begin (``race``: at
 the script's ``Machine.race()``, ``start``: from the first step); the
-*deviations*; the run's number of steps.  A deviation ``STEP.PROC.CODE``
+*deviations*; the run's number of steps; and, for a kernel other than
+2.6.32, the kernel (``--kernel 6.18``: an eleventh field, so that every
+2.6.32 schedule reads as it always did).  A deviation ``STEP.PROC.CODE``
 says: at step STEP, run process PROC, which is parked at point CODE
 (``uksm.kernel.sched.POINTS``); ``STEP.kPROC.CODE``: SIGKILL it there.
 Every other step takes the default choice (``World.View.default``), so a
@@ -24,7 +27,7 @@ from dataclasses import dataclass, field
 
 from uksm.explorer.world import KILLED, RUN, Action, Diverged, Options, Outcome, View
 from uksm.kernel import sched
-from uksm.kernel.layout import EXIT_POLICIES, HAZARDS, OOM_RULES
+from uksm.kernel.layout import EXIT_POLICIES, HAZARDS, KERNELS, OOM_RULES
 
 VERSION = "uksm2"
 _DEV = re.compile(r"^(\d+)\.(k?)(\d+)\.(\d+)$")
@@ -57,21 +60,23 @@ class Schedule:
     from_start: bool = False
     deviations: list[Deviation] = field(default_factory=list)
     steps: int = -1
+    kernel: str = "2.6.32"     # KERNELS: an eleventh field when not 2.6.32
 
     def __str__(self) -> str:
         return ":".join([VERSION, self.scenario, self.exit_policy, self.oom_rule,
                          ",".join(self.hazards) or "-", str(self.seed), str(self.kills),
                          FROM[self.from_start],
-                         "/".join(str(d) for d in self.deviations) or "-", str(self.steps)])
+                         "/".join(str(d) for d in self.deviations) or "-", str(self.steps)]
+                        + ([self.kernel] if self.kernel != KERNELS[0] else []))
 
     def options(self, **kw: object) -> Options:
         return Options(scenario=self.scenario, exit_policy=self.exit_policy, oom_rule=self.oom_rule,
-                       hazards=self.hazards, seed=self.seed, kills=self.kills, from_start=self.from_start,
-                       **kw)  # type: ignore[arg-type]
+                       kernel=self.kernel, hazards=self.hazards, seed=self.seed, kills=self.kills,
+                       from_start=self.from_start, **kw)  # type: ignore[arg-type]
 
     def with_deviations(self, devs: list[Deviation], steps: int = -1) -> "Schedule":
         return Schedule(self.scenario, self.exit_policy, self.oom_rule, self.hazards, self.seed,
-                        self.kills, self.from_start, list(devs), steps)
+                        self.kills, self.from_start, list(devs), steps, self.kernel)
 
     @property
     def preemptions(self) -> int:
@@ -80,12 +85,15 @@ class Schedule:
 
 def parse(text: str) -> Schedule:
     f = text.strip().split(":")
-    if len(f) != 10 or f[0] != VERSION:
+    if len(f) not in (10, 11) or f[0] != VERSION:
         old = " (a schedule of an older uksm: its points are numbered otherwise)" \
             if f and f[0] == "uksm1" else ""
         raise BadSchedule(f"not a schedule: {text.strip()[:60]!r} (expected {VERSION}:SCENARIO:POLICY:"
-                          f"OOM_RULE:HAZARDS:SEED:KILLS:FROM:DEVIATIONS:STEPS){old}")
-    _v, scen, pol, rule, hz, seed, kills, frm, devs, steps = f
+                          f"OOM_RULE:HAZARDS:SEED:KILLS:FROM:DEVIATIONS:STEPS[:KERNEL]){old}")
+    _v, scen, pol, rule, hz, seed, kills, frm, devs, steps = f[:10]
+    kernel = f[10] if len(f) == 11 else KERNELS[0]
+    if kernel not in KERNELS:
+        raise BadSchedule(f"schedule: unknown kernel {kernel!r} (one of: {', '.join(KERNELS)})")
     if pol not in EXIT_POLICIES:
         raise BadSchedule(f"schedule: unknown exit policy {pol!r}")
     if rule not in OOM_RULES:
@@ -109,7 +117,8 @@ def parse(text: str) -> Schedule:
         if out and d.step <= out[-1].step:
             raise BadSchedule(f"schedule: deviations out of order at {tok!r}")
         out.append(d)
-    return Schedule(scen, pol, rule, hazards, int(seed), int(kills), frm == "start", out, int(steps))
+    return Schedule(scen, pol, rule, hazards, int(seed), int(kills), frm == "start", out, int(steps),
+                    kernel)
 
 
 def recorded(o: Options, out: Outcome) -> Schedule:
@@ -117,7 +126,7 @@ def recorded(o: Options, out: Outcome) -> Schedule:
     devs = [Deviation(s.n, s.action[0], s.action[1], s.code) for s in out.steps
             if s.explored and s.action != s.default]
     return Schedule(o.scenario, o.exit_policy, o.oom_rule, tuple(o.hazards), o.seed, o.kills,
-                    o.from_start, devs, len(out.steps))
+                    o.from_start, devs, len(out.steps), o.kernel)
 
 
 def fits(d: Deviation, v: View) -> bool:

@@ -302,6 +302,7 @@ class Options:
     scenario: str = "oom-unmerge"
     exit_policy: str = "seed"
     oom_rule: str = "2.6.32"
+    kernel: str = "2.6.32"     # KERNELS: whose mm/ksm.c
     hazards: tuple[str, ...] = ()
     seed: int = 0
     kills: int = 0              # SIGKILL choices a run may make
@@ -320,6 +321,7 @@ def config_of(o: Options) -> Config:
     cfg.hazards = list(o.hazards)
     cfg.exit_policy = o.exit_policy
     cfg.oom_rule = o.oom_rule
+    cfg.kernel = o.kernel
     return cfg
 
 

@@ -41,7 +41,7 @@ from typing import Any
 
 from uksm.errors import UksmError
 from uksm.faults.campaign_run import CampaignLine, RunParams, execute_run, reproduce, run_id
-from uksm.kernel.layout import EXIT_POLICIES, HAZARDS
+from uksm.kernel.layout import EXIT_POLICIES, HAZARDS, KERNELS
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 ENGINES = ("local", "ray")
@@ -117,7 +117,7 @@ def load_file(path: str) -> dict[str, Any]:
         bad(f"--config {path}: {e}")
     if not isinstance(d, dict):
         bad(f"--config {path}: expected a table/object of sweep keys")
-    known = set(AXES) | set(SIZES)
+    known = set(AXES) | set(SIZES) | {"kernel"}
     unknown = sorted(set(d) - known)
     if unknown:
         bad(f"--config {path}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
@@ -160,6 +160,9 @@ def sweep(spec: dict[str, Any], skipped: list[str] | None = None) -> list[RunPar
         hsets.append(sorted(set(names)))
     for wl in ax["workloads"]:
         wl_validate(wl)
+    kernel = spec.get("kernel", KERNELS[0])
+    if kernel not in KERNELS:
+        bad(f"kernel: unknown {kernel!r} (one of: {', '.join(KERNELS)})")
     if kills == 0:  # uksm run: kill point and signal mean nothing
         ax["points"], ax["signals"] = ["none"], ["none"]
     n_seeds = sum(len(r) for r in seed_ranges)
@@ -182,6 +185,8 @@ def sweep(spec: dict[str, Any], skipped: list[str] | None = None) -> list[RunPar
         p: RunParams = {"cmd": "inject" if kills else "run", "seed": seed, "point": pt, "signal": sig,
              "policy": pol, "hazards": hz, "workload": wl, "kills": kills, "workers": workers,
              "pages": pages}
+        if kernel != KERNELS[0]:  # absent under 2.6.32: its runs keep their ids
+            p["kernel"] = kernel
         runs.setdefault(run_id(p), p)  # a sweep naming a value twice runs it once
     why = [f"{n} runs at {pt} under policy {pol}: never reached there (no slow path)"
            for (pt, pol), n in never.items()]
@@ -194,7 +199,7 @@ def sweep(spec: dict[str, Any], skipped: list[str] | None = None) -> list[RunPar
 
 def spec_from_args(a: argparse.Namespace) -> dict[str, Any]:
     spec = load_file(a.config) if a.config else {}
-    for k in list(AXES) + list(SIZES):
+    for k in list(AXES) + list(SIZES) + ["kernel"]:
         v = getattr(a, k)
         if v is not None:
             spec[k] = v
@@ -519,6 +524,8 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--kills", type=int, help=f"kills per run (default {SIZES['kills']}; 0: uksm run)")
     s.add_argument("--workers", type=int, help=f"workers per run (default {SIZES['workers']})")
     s.add_argument("--pages", type=int, help=f"pages per worker (default {SIZES['pages']})")
+    s.add_argument("--kernel", choices=KERNELS,
+                   help="whose mm/ksm.c every run emulates: 2.6.32 (default) or 6.18")
     o = p.add_argument_group("output")
     o.add_argument("--out", default="campaign.jsonl", help="results, one JSON line per run, "
                                                            "appended (default campaign.jsonl)")

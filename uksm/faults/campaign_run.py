@@ -47,7 +47,7 @@ if TYPE_CHECKING:  # (the guard process does not import the supervisor's side)
 #: the parameters that define a run (and its id); the order is the order
 #: of the options in its command
 PARAMS = ("cmd", "seed", "point", "signal", "policy", "hazards", "workload", "kills",
-          "workers", "pages")
+          "workers", "pages", "kernel")
 
 #: what a run's exit status means (uksm's statuses, plus the guard's own)
 STATUS_NAMES = {0: "clean", 1: "error", 2: "usage", 3: "hung", 4: "integrity",
@@ -68,6 +68,7 @@ class RunParams(TypedDict):
     kills: int           # requested
     workers: int
     pages: int
+    kernel: NotRequired[str]   # "6.18"; absent under 2.6.32 (its run ids as before)
 
 
 class CampaignLine(RunParams):
@@ -116,6 +117,8 @@ def uksm_args(params: RunParams) -> list[str]:
              "--workers", str(p["workers"]), "--pages", str(p["pages"])]
     for h in p["hazards"]:
         args += ["--hazard", h]
+    if "kernel" in p:
+        args += ["--kernel", p["kernel"]]
     return args
 
 

@@ -44,7 +44,7 @@ from uksm.errors import UksmError
 from uksm.host.exitcodes import interrupted as interrupted_status
 from uksm.host.lifeline import StopSignals
 from uksm.kernel import killpoints
-from uksm.kernel.layout import HAZARDS
+from uksm.kernel.layout import HAZARDS, KERNELS
 from uksm.proc.run import EXIT_USAGE, RunOptions, RunReport, default_frames, validate
 from uksm.proc.supervisor import FsckResult
 
@@ -296,6 +296,7 @@ class Injector:
             else:
                 m = uksm.Machine(frames=default_frames(o), max_pages=o.pages,
                                  max_tasks=o.workers + 8, exit_policy=o.exit_policy, hazards=o.hazards,
+                                 kernel=o.kernel,
                                  pages_to_scan=o.pages_to_scan, sleep_millisecs=o.sleep_ms,
                                  name=o.cluster or f"inject{os.getpid()}", log_dir=o.log_dir,
                                  hung_task_timeout=o.hung_task_timeout)
@@ -355,6 +356,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "in 2.6.32, or before it")
     p.add_argument("--hazard", action="append", default=[], choices=list(HAZARDS),
                    help="switch off one part of the fix (repeatable)")
+    p.add_argument("--kernel", default="2.6.32", choices=KERNELS,
+                   help="whose mm/ksm.c: 2.6.32 (default) or 6.18")
     p.add_argument("--hung-task-timeout", type=float, default=10.0,
                    help="seconds a task may wait for a lock before the watchdog reports it (default 10)")
     p.add_argument("--cluster", default="", help="the cluster's name (default inject<pid>)")
@@ -385,7 +388,7 @@ def run(a: argparse.Namespace) -> int:
         raise UksmError("--point-budget must be > 0 seconds", EXIT_USAGE)
     o = RunOptions(workers=a.workers, pages=a.pages, workload=a.workload, seed=a.seed,
                    log_dir=a.log_dir, cluster=a.cluster, pages_to_scan=a.pages_to_scan,
-                   sleep_ms=a.sleep_ms, exit_policy=a.exit_policy, hazards=a.hazard,
+                   sleep_ms=a.sleep_ms, exit_policy=a.exit_policy, hazards=a.hazard, kernel=a.kernel,
                    hung_task_timeout=a.hung_task_timeout, churn_ms=a.churn_ms,
                    quiet=a.quiet)
     validate(o)

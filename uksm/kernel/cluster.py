@@ -38,6 +38,7 @@ from uksm.kernel.layout import (
     H_EXIT_POLICY,
     H_HAZARDS,
     H_HUNG_TIMEOUT_MS,
+    H_KERNEL,
     H_KSMD_POINT,
     H_LOCK_WAIT_MS,
     H_MAGIC,
@@ -52,10 +53,20 @@ from uksm.kernel.layout import (
     H_VA_PAGES,
     H_VERSION,
     HAZARDS,
+    K_ADVISOR_MAX_CPU,
+    K_ADVISOR_MAX_PAGES_TO_SCAN,
+    K_ADVISOR_MIN_PAGES_TO_SCAN,
+    K_ADVISOR_TARGET_SCAN_TIME,
     K_MAX_KERNEL_PAGES,
+    K_MAX_PAGE_SHARING,
+    K_MERGE_ACROSS_NODES,
     K_PAGES_TO_SCAN,
     K_RUN,
     K_SLEEP_MS,
+    K_SMART_SCAN,
+    K_STABLE_NODE_CHAINS_PRUNE_MS,
+    KERNELS,
+    KV_618,
     L_HEAD_NEXT,
     L_HEAD_PREV,
     L_SCAN_SLOT,
@@ -90,6 +101,7 @@ class Config:
     va_pages: int = 4096
     exit_policy: str = "seed"
     oom_rule: str = "2.6.32"
+    kernel: str = "2.6.32"      # KERNELS: whose mm/ksm.c (H_KERNEL)
     hazards: list[str] = field(default_factory=list)
     hung_timeout_ms: int = 5000
     lock_wait_ms: int = 100
@@ -160,6 +172,7 @@ class Cluster:
         q[H_NEXT_MM_ID] = 1
         q[H_EXIT_POLICY] = EXIT_POLICIES.index(cfg.exit_policy)
         q[H_OOM_RULE] = OOM_RULES.index(cfg.oom_rule)
+        q[H_KERNEL] = KERNELS.index(cfg.kernel)
         q[H_HAZARDS] = sum(HAZARDS[h] for h in cfg.hazards)
         q[H_HUNG_TIMEOUT_MS] = cfg.hung_timeout_ms
         q[H_LOCK_WAIT_MS] = cfg.lock_wait_ms
@@ -169,6 +182,7 @@ class Cluster:
         q[K_PAGES_TO_SCAN] = cfg.pages_to_scan
         q[K_SLEEP_MS] = cfg.sleep_ms
         q[K_MAX_KERNEL_PAGES] = cfg.frames // 4  # ksm_init: "ksm_max_kernel_pages = totalram_pages / 4;"
+        init_618_knobs(q)
         head = cfg.max_mms
         q[L_HEAD_NEXT] = q[L_HEAD_PREV] = q[L_SCAN_SLOT] = head
         # every frame free: the free stack holds them all, lowest on top
@@ -218,6 +232,7 @@ class Cluster:
         self.rwsem_n = q[H_RWSEM_N]
         self.va_pages = q[H_VA_PAGES]
         self.head = self.max_mms
+        self.kernel_index = q[H_KERNEL]
         self.task_off = CTL_FIXED_END
         self.mm_off = CTL_FIXED_END + self.max_tasks * TASK_SIZE
         self.stack_off = self.nframes * FRAME_SIZE
@@ -227,6 +242,16 @@ class Cluster:
         # kill points hit: a semaphore used as a counter, since sem_post is
         # the one atomic increment every process here has
         self.kill_points_sem = shm.open_sem(self.name, "killpoints")
+
+    @property
+    def kernel(self) -> str:
+        """Whose mm/ksm.c this cluster emulates: "2.6.32" or "6.18" (H_KERNEL)."""
+        return KERNELS[self.kernel_index]
+
+    @property
+    def modern(self) -> bool:
+        """True under 6.18: every 6.18 difference in the code tests this."""
+        return self.kernel_index == KV_618
 
     def kill_points_hit(self) -> int:
         return int(self.kill_points_sem.value)
@@ -391,6 +416,20 @@ class Cluster:
             seg.close()
 
 
+def init_618_knobs(q: Any) -> None:
+    """6.18's sysfs knobs at their mm/ksm.c initial values (reserved
+    under 2.6.32 too, where no file shows them); the counters start at 0."""
+    q[K_MAX_PAGE_SHARING] = 256             # 4.13, 2c653d0ee2ae: ksm_max_page_sharing = 256
+    q[K_STABLE_NODE_CHAINS_PRUNE_MS] = 2000  # 4.13: ksm_stable_node_chains_prune_millisecs = 2000
+    q[K_MERGE_ACROSS_NODES] = 1             # 3.9, 90bd6fd31c80: ksm_merge_across_nodes = 1
+    q[K_SMART_SCAN] = 1                     # 6.7 "mm/ksm: add "smart" page scanning mode": true
+    q[K_ADVISOR_MAX_CPU] = 70               # 6.8, 4e5fa4f5eff6 "mm/ksm: add ksm advisor"
+    q[K_ADVISOR_TARGET_SCAN_TIME] = 200     # seconds
+    q[K_ADVISOR_MIN_PAGES_TO_SCAN] = 500
+    q[K_ADVISOR_MAX_PAGES_TO_SCAN] = 30000
+    # use_zero_pages 0 (4.11), advisor_mode 0 (KSM_ADVISOR_NONE): the zeroed segment's
+
+
 class StaleCluster(shm.UksmError):
     """A child's cluster instance is gone (``Cluster.attach``'s boot id)."""
 
@@ -431,5 +470,5 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-__all__ = ["Cluster", "Config", "StaleCluster", "add_task_args", "destroy", "new_boot_id", "pid_alive",
-           "sizes"]
+__all__ = ["Cluster", "Config", "StaleCluster", "add_task_args", "destroy", "init_618_knobs", "new_boot_id",
+           "pid_alive", "sizes"]

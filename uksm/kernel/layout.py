@@ -64,7 +64,10 @@ H_BOOT_ID = 28
 # the counters (H_UNMERGE_DONE: the last generation ksmd did so for)
 H_UNMERGE_WAIT = 29
 H_UNMERGE_DONE = 30
-HDR_END = 31
+# index in KERNELS: whose mm/ksm.c the cluster emulates (Config.kernel,
+# ``--kernel``); every 6.18 difference in the code tests Cluster.modern
+H_KERNEL = 31
+HDR_END = 32
 
 # ---- /sys/kernel/mm/ksm: knobs (written by ctl) and counters (written by ksmd)
 K_RUN = HDR_END + 0
@@ -83,7 +86,38 @@ K_STABLE_NODES = HDR_END + 12
 # 2.6.32's ksm_max_kernel_pages: at most this many KSM pages (stable tree
 # nodes), 0 for no limit; ksm_init's default is totalram_pages / 4
 K_MAX_KERNEL_PAGES = HDR_END + 13
-KSM_END = HDR_END + 14
+# 6.18's /sys/kernel/mm/ksm (KERNELS' "6.18"; unused under 2.6.32, where
+# these files do not exist).  Defaults as mm/ksm.c of 6.18 initialises them
+# (checked against this machine's 6.18 too), written at boot by Cluster.create.
+# 4.13, 2c653d0ee2ae "ksm: introduce ksm_max_page_sharing per page
+# deduplication limit": ksm_max_page_sharing = 256 (>= 2; EBUSY while
+# pages_shared != 0), the chains/dups counters, and the prune period
+K_MAX_PAGE_SHARING = HDR_END + 14
+K_STABLE_NODE_CHAINS = HDR_END + 15
+K_STABLE_NODE_DUPS = HDR_END + 16
+K_STABLE_NODE_CHAINS_PRUNE_MS = HDR_END + 17   # ksm_stable_node_chains_prune_millisecs = 2000
+# 4.11, e86c59b1b12d "mm/ksm: improve deduplication of zero pages with
+# colouring": ksm_use_zero_pages (default false); 6.6, e2942062e01d "ksm:
+# count all zero pages placed by KSM": ksm_zero_pages
+K_USE_ZERO_PAGES = HDR_END + 18
+K_ZERO_PAGES = HDR_END + 19
+# 3.9, 90bd6fd31c80 "ksm: allow trees per NUMA node": ksm_merge_across_nodes
+# = 1 (uksm has one node: the knob and its EBUSY rule only)
+K_MERGE_ACROSS_NODES = HDR_END + 20
+# 6.7, "mm/ksm: add "smart" page scanning mode": ksm_smart_scan = true,
+# ksm_pages_skipped
+K_SMART_SCAN = HDR_END + 21
+K_PAGES_SKIPPED = HDR_END + 22
+# 6.8, 4e5fa4f5eff6 "mm/ksm: add ksm advisor": ksm_advisor (ADVISOR_MODES'
+# index: KSM_ADVISOR_NONE 0, KSM_ADVISOR_SCAN_TIME 1), ksm_advisor_max_cpu =
+# 70, ksm_advisor_target_scan_time = 200 (s), ksm_advisor_min_pages_to_scan
+# = 500, ksm_advisor_max_pages_to_scan = 30000
+K_ADVISOR_MODE = HDR_END + 23
+K_ADVISOR_MAX_CPU = HDR_END + 24
+K_ADVISOR_TARGET_SCAN_TIME = HDR_END + 25
+K_ADVISOR_MIN_PAGES_TO_SCAN = HDR_END + 26
+K_ADVISOR_MAX_PAGES_TO_SCAN = HDR_END + 27
+KSM_END = HDR_END + 28
 
 # ---- stats: updated under ksm_mmlist_lock (or by their single writer)
 S_STARTED = KSM_END + 0
@@ -190,7 +224,10 @@ M_WORKER_NO = 22
 # the unmerge generation (H_UNMERGE_GEN) whose run=2 removed this mm's
 # rmap_items (remove_trailing_rmap_items): ksmd frees its copies
 M_RMAP_GONE = 23
-MM_SIZE = 24
+# 6.6, e2942062e01d "ksm: count all zero pages placed by KSM":
+# mm->ksm_zero_pages, the zero pages KSM placed in this mm (use_zero_pages)
+M_ZERO_PAGES = 24
+MM_SIZE = 25
 
 STATS_NAMES = {
     "started": S_STARTED, "exited": S_EXITED, "exit_fast": S_EXIT_FAST,
@@ -208,6 +245,32 @@ KSM_FIELDS: tuple[tuple[str, int], ...] = (
     ("full_scans", K_FULL_SCANS), ("pages_scanned", K_PAGES_SCANNED),
 )
 
+#: 6.18's /sys/kernel/mm/ksm, by their word: run, pages_to_scan and
+#: sleep_millisecs first (as KSM_FIELDS), then 6.18 mm/ksm.c's ksm_attrs
+#: order; max_kernel_pages is gone (2.6.33, "ksm: remove unswappable
+#: max_kernel_pages").  Two are not words: general_profit (computed at each
+#: read, as general_profit_show does: -1 here) and advisor_mode (the word is
+#: the ADVISOR_MODES index; it reads as sysfs prints it, "[none] scan-time")
+KSM_FIELDS_618: tuple[tuple[str, int], ...] = (
+    ("run", K_RUN), ("pages_to_scan", K_PAGES_TO_SCAN), ("sleep_millisecs", K_SLEEP_MS),
+    ("pages_scanned", K_PAGES_SCANNED), ("pages_shared", K_PAGES_SHARED),
+    ("pages_sharing", K_PAGES_SHARING), ("pages_unshared", K_PAGES_UNSHARED),
+    ("pages_volatile", K_PAGES_VOLATILE), ("pages_skipped", K_PAGES_SKIPPED),
+    ("ksm_zero_pages", K_ZERO_PAGES), ("full_scans", K_FULL_SCANS),
+    ("merge_across_nodes", K_MERGE_ACROSS_NODES), ("max_page_sharing", K_MAX_PAGE_SHARING),
+    ("stable_node_chains", K_STABLE_NODE_CHAINS), ("stable_node_dups", K_STABLE_NODE_DUPS),
+    ("stable_node_chains_prune_millisecs", K_STABLE_NODE_CHAINS_PRUNE_MS),
+    ("use_zero_pages", K_USE_ZERO_PAGES), ("general_profit", -1), ("smart_scan", K_SMART_SCAN),
+    ("advisor_mode", K_ADVISOR_MODE), ("advisor_max_cpu", K_ADVISOR_MAX_CPU),
+    ("advisor_min_pages_to_scan", K_ADVISOR_MIN_PAGES_TO_SCAN),
+    ("advisor_max_pages_to_scan", K_ADVISOR_MAX_PAGES_TO_SCAN),
+    ("advisor_target_scan_time", K_ADVISOR_TARGET_SCAN_TIME),
+)
+#: sizeof(struct ksm_rmap_item) on 64-bit 6.18: what general_profit and
+#: ksm_process_profit charge per rmap_item (6.4, d21077fbc2fc "mm: add new
+#: KSM process and sysfs knobs")
+KSM_RMAP_ITEM_SIZE = 64
+
 
 class KsmBlock(TypedDict):
     """/sys/kernel/mm/ksm: the knobs and counters of KSM_FIELDS, in its order."""
@@ -223,6 +286,34 @@ class KsmBlock(TypedDict):
     pages_scanned: int
 
 
+class KsmBlock618(TypedDict):
+    """6.18's /sys/kernel/mm/ksm: the fields of KSM_FIELDS_618, in its order."""
+    run: int
+    pages_to_scan: int
+    sleep_millisecs: int
+    pages_scanned: int
+    pages_shared: int
+    pages_sharing: int
+    pages_unshared: int
+    pages_volatile: int
+    pages_skipped: int
+    ksm_zero_pages: int
+    full_scans: int
+    merge_across_nodes: int
+    max_page_sharing: int
+    stable_node_chains: int
+    stable_node_dups: int
+    stable_node_chains_prune_millisecs: int
+    use_zero_pages: int
+    general_profit: int
+    smart_scan: int
+    advisor_mode: str
+    advisor_max_cpu: int
+    advisor_min_pages_to_scan: int
+    advisor_max_pages_to_scan: int
+    advisor_target_scan_time: int
+
+
 class TaskStats(TypedDict):
     """The tasks' counters of STATS_NAMES (the report's ``workers``)."""
     started: int
@@ -236,16 +327,56 @@ class TaskStats(TypedDict):
     reaped: int
 
 
-def ksm_block(q: Any) -> KsmBlock:
-    """The /sys/kernel/mm/ksm block, read from the cluster's words ``q``
-    (the one place it is built: reports, ``uksm ctl``, the API).  Spelled
-    out, not a loop over KSM_FIELDS, so that mypy checks the keys against
-    KsmBlock (tests/api/test_report_types.py checks the two agree)."""
+def ksm_block(q: Any) -> KsmBlock | KsmBlock618:
+    """The /sys/kernel/mm/ksm block of the cluster's kernel (H_KERNEL),
+    read from its words ``q`` (the one place it is built: reports, ``uksm
+    ctl``, the API): 2.6.32's (KsmBlock), or 6.18's (KsmBlock618)."""
+    if q[H_KERNEL] == KV_618:
+        return ksm_block_618(q)
+    return ksm_block_2632(q)
+
+
+def ksm_block_2632(q: Any) -> KsmBlock:
+    """2.6.32's block.  Spelled out, not a loop over KSM_FIELDS, so that
+    mypy checks the keys against KsmBlock (tests/api/test_report_types.py
+    checks the two agree)."""
     return KsmBlock(run=q[K_RUN], pages_to_scan=q[K_PAGES_TO_SCAN], sleep_millisecs=q[K_SLEEP_MS],
                     max_kernel_pages=q[K_MAX_KERNEL_PAGES],
                     pages_shared=q[K_PAGES_SHARED], pages_sharing=q[K_PAGES_SHARING],
                     pages_unshared=q[K_PAGES_UNSHARED], pages_volatile=q[K_PAGES_VOLATILE],
                     full_scans=q[K_FULL_SCANS], pages_scanned=q[K_PAGES_SCANNED])
+
+
+def general_profit(q: Any) -> int:
+    """6.18's general_profit_show: "(ksm_pages_sharing +
+    atomic_long_read(&ksm_zero_pages)) * PAGE_SIZE - ksm_rmap_items *
+    sizeof(struct ksm_rmap_item)" (6.4, d21077fbc2fc; ksm_zero_pages added
+    in 6.6, e2942062e01d), a signed long: negative while rmap_items cost
+    more than the merging saves."""
+    return (q[K_PAGES_SHARING] + q[K_ZERO_PAGES]) * PAGE_SIZE - q[K_RMAP_ITEMS] * KSM_RMAP_ITEM_SIZE
+
+
+def advisor_mode_text(mode: int) -> str:
+    """advisor_mode_show: the modes with the current one in brackets."""
+    return " ".join(f"[{m}]" if i == mode else m for i, m in enumerate(ADVISOR_MODES))
+
+
+def ksm_block_618(q: Any) -> KsmBlock618:
+    """6.18's block, spelled out as ksm_block_2632 is (KsmBlock618)."""
+    return KsmBlock618(
+        run=q[K_RUN], pages_to_scan=q[K_PAGES_TO_SCAN], sleep_millisecs=q[K_SLEEP_MS],
+        pages_scanned=q[K_PAGES_SCANNED], pages_shared=q[K_PAGES_SHARED],
+        pages_sharing=q[K_PAGES_SHARING], pages_unshared=q[K_PAGES_UNSHARED],
+        pages_volatile=q[K_PAGES_VOLATILE], pages_skipped=q[K_PAGES_SKIPPED],
+        ksm_zero_pages=q[K_ZERO_PAGES], full_scans=q[K_FULL_SCANS],
+        merge_across_nodes=q[K_MERGE_ACROSS_NODES], max_page_sharing=q[K_MAX_PAGE_SHARING],
+        stable_node_chains=q[K_STABLE_NODE_CHAINS], stable_node_dups=q[K_STABLE_NODE_DUPS],
+        stable_node_chains_prune_millisecs=q[K_STABLE_NODE_CHAINS_PRUNE_MS],
+        use_zero_pages=q[K_USE_ZERO_PAGES], general_profit=general_profit(q),
+        smart_scan=q[K_SMART_SCAN], advisor_mode=advisor_mode_text(q[K_ADVISOR_MODE]),
+        advisor_max_cpu=q[K_ADVISOR_MAX_CPU], advisor_min_pages_to_scan=q[K_ADVISOR_MIN_PAGES_TO_SCAN],
+        advisor_max_pages_to_scan=q[K_ADVISOR_MAX_PAGES_TO_SCAN],
+        advisor_target_scan_time=q[K_ADVISOR_TARGET_SCAN_TIME])
 
 
 def stats_block(q: Any) -> TaskStats:
@@ -292,6 +423,10 @@ MMS_FREE, MMS_LIVE, MMS_EXITING, MMS_ZOMBIE, MMS_FREEING = range(5)
 # (raised by __ksm_enter, dropped by whoever frees the slot).
 REF_USERS, REF_KSM = 1, 2
 MMF_VM_MERGEABLE = 1
+# 6.4, d7597f59d1d3 "mm: add new api to enable ksm per process":
+# prctl(PR_SET_MEMORY_MERGE, 1) sets MMF_VM_MERGE_ANY: every compatible VMA,
+# now and later, is VM_MERGEABLE (6.18 only)
+MMF_VM_MERGE_ANY = 2
 # M_EXIT_STAGE: the exit steps done, as bits; each step is idempotent, so a
 # reaper finishing a SIGKILLed task's exit does only the steps not marked.
 XS_USERS0, XS_ZAPPED, XS_KSM_EXIT, XS_PGTABLES, XS_MMDROP = 1, 2, 4, 8, 16
@@ -361,6 +496,12 @@ HZ_UP_READ_AFTER_UNLOCK, HZ_NO_UNMERGE_EXIT_CHECK, HZ_OOM_MMPUT_IN_TASK = 8, 16,
 # first, so a victim stuck in its exit blocks every further kill)
 OOM_RULES = ("2.6.32", "4.1")
 OOM_2632, OOM_41 = range(2)
+# whose mm/ksm.c the cluster emulates (H_KERNEL): 2.6.32 (the default), or
+# 6.18's, for what a user can see (docs/KERNEL-MAP.md's 6.18 column)
+KERNELS = ("2.6.32", "6.18")
+KV_2632, KV_618 = range(2)
+# 6.8's advisor_mode, as sysfs spells them (KSM_ADVISOR_NONE, KSM_ADVISOR_SCAN_TIME)
+ADVISOR_MODES = ("none", "scan-time")
 
 # cluster states
 CS_STARTING, CS_RUNNING, CS_STOPPING, CS_STOPPED = range(4)

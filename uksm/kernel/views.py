@@ -44,6 +44,7 @@ from uksm.kernel.layout import (
     M_USERS,
     M_WORKER_NO,
     M_WRITER_WAITING,
+    M_ZERO_PAGES,
     T_COW,
     T_EXIT_PATH,
     T_EXIT_PROGRESS,
@@ -157,7 +158,7 @@ class MmRow(Words):
     owner_task: Word[MmRow] = Word(M_OWNER_TASK)
     users: Word[MmRow] = Word(M_USERS)               # mm_users
     refs: Word[MmRow] = Word(M_REFS)                 # mm_count, as REF_USERS | REF_KSM bits
-    flags: Word[MmRow] = Word(M_FLAGS)               # MMF_VM_MERGEABLE
+    flags: Word[MmRow] = Word(M_FLAGS)               # MMF_VM_MERGEABLE, MMF_VM_MERGE_ANY (6.18)
     rss: Word[MmRow] = Word(M_RSS)
     ksm_mapped: Word[MmRow] = Word(M_KSM_MAPPED)
     rmap_items: Word[MmRow] = Word(M_RMAP_ITEMS)
@@ -173,6 +174,7 @@ class MmRow(Words):
     pages: Word[MmRow] = Word(M_PAGES)
     created_ns: Word[MmRow] = Word(M_CREATED_NS)
     freer_task: Word[MmRow] = Word(M_FREER_TASK)     # 1 + the row of the task freeing it
+    zero_pages: Word[MmRow] = Word(M_ZERO_PAGES)     # mm->ksm_zero_pages (6.6; 6.18 only)
     worker_no: Word[MmRow] = Word(M_WORKER_NO)
     rmap_gone: Word[MmRow] = Word(M_RMAP_GONE)       # the run=2 that removed its rmap_items
 

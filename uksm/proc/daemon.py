@@ -79,6 +79,7 @@ def make_config(spec: dict[str, Any]) -> Any:
                    workload=spec["workload"], seed=spec["seed"], log_dir=spec["log_dir"],
                    run=spec["run"], pages_to_scan=spec["pages_to_scan"], sleep_ms=spec["sleep_ms"],
                    exit_policy=spec["exit_policy"], oom_rule=spec.get("oom_rule", "2.6.32"),
+                   kernel=spec.get("kernel", "2.6.32"),
                    hazards=list(spec["hazards"]),
                    hung_task_timeout=spec["hung_task_timeout"], churn_ms=spec["churn_ms"])
     return run_make_config(o)

@@ -35,7 +35,7 @@ from typing import Any, Literal
 from uksm.errors import UksmError
 from uksm.host.exitcodes import EXIT_ERR, EXIT_USAGE
 from uksm.host.shm import SHM_DIR, shm_free_bytes
-from uksm.kernel.layout import EXIT_POLICIES, HAZARDS, OOM_RULES, PAGE_SIZE
+from uksm.kernel.layout import EXIT_POLICIES, HAZARDS, KERNELS, OOM_RULES, PAGE_SIZE
 
 Spelling = Literal["cli", "api"]
 CLI: Spelling = "cli"
@@ -73,6 +73,7 @@ PAGES_TO_SCAN = Option("pages_to_scan", "--pages-to-scan")
 SLEEP_MS = Option("sleep_millisecs", "--sleep-ms")
 EXIT_POLICY = Option("exit_policy", "--exit-policy")
 OOM_RULE = Option("oom_rule", "--oom-rule")
+KERNEL = Option("kernel", "--kernel")
 HAZARD = Option("hazards", "--hazard")
 HUNG_TIMEOUT = Option("hung_task_timeout", "--hung-task-timeout")
 MEM_LIMIT = Option("mem_limit", "mem_limit")  # a knob: uksm ctl mem_limit=N
@@ -161,6 +162,7 @@ def check_hazards(v: Any, by: Spelling) -> list[str]:
 
 def cluster(by: Spelling, *, frames: Any = 0, run: Any = 1, pages_to_scan: Any = 100,
             sleep_millisecs: Any = 20, exit_policy: Any = "seed", oom_rule: Any = "2.6.32",
+            kernel: Any = "2.6.32",
             hazards: Any = (), hung_task_timeout: Any = 5.0, churn_ms: Any = 0,
             workload: Any = "vm", workers: Any = None, min_workers: int = 1,
             pages: Any = None, max_tasks: Any = None, max_pages: Any = None,
@@ -193,6 +195,7 @@ def cluster(by: Spelling, *, frames: Any = 0, run: Any = 1, pages_to_scan: Any =
     whole(SLEEP_MS, sleep_millisecs, by, 0, UINT_MAX)
     one_of(EXIT_POLICY, exit_policy, by, EXIT_POLICIES)
     one_of(OOM_RULE, oom_rule, by, OOM_RULES)
+    one_of(KERNEL, kernel, by, KERNELS)
     check_hazards(hazards, by)
     seconds(HUNG_TIMEOUT, hung_task_timeout, by)
     whole(CHURN_MS, churn_ms, by, 0)

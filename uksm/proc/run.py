@@ -65,6 +65,7 @@ class RunReport(Snapshot, Shutdown):
     log_dir: str
     exit_policy: str
     oom_rule: str
+    kernel: str                        # whose mm/ksm.c (KERNELS)
     hazards: list[str]
     scenario: str | None
     run_store: NotRequired[RunStore]   # the oom-unmerge scenario's
@@ -88,6 +89,7 @@ class RunOptions:
     sleep_ms: int = 20
     exit_policy: str = "seed"
     oom_rule: str = "2.6.32"
+    kernel: str = "2.6.32"
     hazards: list[str] = field(default_factory=list)
     hung_task_timeout: float = 5.0
     scenario: str | None = None
@@ -107,7 +109,7 @@ def check_cluster_options(o: Any, by: Spelling = CLI, min_workers: int = 1) -> N
     hazards = o.hazards if hasattr(o, "hazards") else o.hazard  # (argparse's --hazard)
     options.cluster(by, frames=o.frames, run=o.run, pages_to_scan=o.pages_to_scan,
                     sleep_millisecs=o.sleep_ms, exit_policy=o.exit_policy,
-                    oom_rule=o.oom_rule, hazards=list(hazards),
+                    oom_rule=o.oom_rule, kernel=o.kernel, hazards=list(hazards),
                     hung_task_timeout=o.hung_task_timeout, churn_ms=o.churn_ms,
                     workload=o.workload, workers=o.workers, min_workers=min_workers,
                     pages=o.pages)
@@ -180,7 +182,7 @@ def make_config(o: RunOptions) -> Config:
     n = o.workers
     return Config(frames=o.frames or default_frames(o), max_tasks=n * 2 + 32, max_mms=n * 3 + 32,
                   va_pages=o.pages + 80, exit_policy=o.exit_policy, oom_rule=o.oom_rule,
-                  hazards=list(o.hazards),
+                  kernel=o.kernel, hazards=list(o.hazards),
                   hung_timeout_ms=int(o.hung_task_timeout * 1000), run=o.run,
                   pages_to_scan=o.pages_to_scan, sleep_ms=o.sleep_ms)
 
@@ -291,7 +293,8 @@ def build_report(name: str, o: RunOptions, t0: float, snap: Snapshot, end: Shutd
     return {"cluster": name, "workload": o.workload, "duration_s": round(time.monotonic() - t0, 3),
             **snap, "workers": end["workers"], "integrity": end["integrity"], "fsck": end["fsck"],
             "hung_tasks": end["hung_tasks"], "ipc_leftovers": end["ipc_leftovers"],
-            "log_dir": log_dir, "exit_policy": o.exit_policy, "oom_rule": o.oom_rule, "hazards": o.hazards,
+            "log_dir": log_dir, "exit_policy": o.exit_policy, "oom_rule": o.oom_rule, "kernel": o.kernel,
+            "hazards": o.hazards,
             "scenario": o.scenario, **(extra or {}), "errors": end["errors"],
             "oops": end["oops"], "ksmd_restarts": end["ksmd_restarts"],
             "use_after_free": end["use_after_free"], "lockdep": end["lockdep"], "interrupted": interrupted,
@@ -305,7 +308,8 @@ def print_report(r: RunReport) -> None:
     total_pages = fr["total"]
     saved = k["pages_sharing"]
     print(f"cluster {r['cluster']}  workload {r['workload']}  {r['duration_s']:.1f}s  "
-          f"exit policy {r['exit_policy']}  oom rule {r.get('oom_rule', '2.6.32')}")
+          f"exit policy {r['exit_policy']}  oom rule {r.get('oom_rule', '2.6.32')}"
+          + (f"  kernel {r['kernel']}" if r.get("kernel", "2.6.32") != "2.6.32" else ""))
     print(f"  ksm      run {k['run']}  full_scans {k['full_scans']}  pages_scanned {k['pages_scanned']}")
     print(f"           pages_shared {k['pages_shared']}  pages_sharing {k['pages_sharing']}  "
           f"pages_unshared {k['pages_unshared']}  pages_volatile {k['pages_volatile']}")

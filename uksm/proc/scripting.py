@@ -168,8 +168,21 @@ def task_command(req: dict[str, Any], pages: int) -> tuple[dict[str, Any] | None
                 f"madvise {advice.upper()}")
     if cmd in ("verify", "exit"):
         return {"cmd": cmd}, cmd
-    raise ScriptError(f"unknown task command {cmd!r} (fill, write, read, madvise, verify, fork, "
-                      f"exit)", "value", EXIT_USAGE)
+    if cmd == "prctl":
+        # prctl(option, arg2, arg3, arg4, arg5): five unsigned longs (a
+        # negative int is the C cast's two's complement, as -1UL)
+        vals = []
+        for k in ("option", "arg2", "arg3", "arg4", "arg5"):
+            v = req.get(k, 0)
+            if isinstance(v, bool) or type(v) is not int:
+                raise ScriptError(f"prctl {k} must be an int (got {type(v).__name__} {v!r})", "type",
+                                  EXIT_USAGE)
+            if not -(1 << 63) <= v < 1 << 64:
+                raise ScriptError(f"prctl {k} {v} does not fit an unsigned long", "value", EXIT_USAGE)
+            vals.append(v & ((1 << 64) - 1))
+        return {"cmd": "prctl", "option": vals[0], "args": vals[1:]}, f"prctl {vals[0]}"
+    raise ScriptError(f"unknown task command {cmd!r} (fill, write, read, madvise, prctl, verify, "
+                      f"fork, exit)", "value", EXIT_USAGE)
 
 
 def task_answer(cmd: str, ans: dict[str, Any]) -> dict[str, Any]:
@@ -178,6 +191,8 @@ def task_answer(cmd: str, ans: dict[str, Any]) -> dict[str, Any]:
         return {"data": ans["data"]}
     if cmd == "madvise":
         return {"unmerged": ans.get("unmerged", 0)}
+    if cmd == "prctl":
+        return {"ret": ans.get("ret", 0)}
     if cmd == "verify":
         return {"pages": ans["pages"], "mismatches": ans["mismatches"]}
     if cmd == "exit":
@@ -214,16 +229,15 @@ def task_pagemap(req: dict[str, Any], tid: str, pages: int, base: int, mm: "MM |
             "mm": mm.id}
 
 
-def task_stat(cl: Any, tid: str, mm_id: int, pid: int) -> dict[str, Any]:
-    """/proc/PID/ksm_stat (and rss) of a task: read from its mm row.
-    Served the same way under a controlled schedule."""
-    from uksm.kernel.mm import mm_fields
+def task_stat(cl: Any, tid: str, mm_id: int, mm: "MM | None", pid: int) -> dict[str, Any]:
+    """/proc/PID/ksm_stat (and rss) of a task, as the cluster's kernel
+    shows it: read from its mm row (``uksm.kernel.ksm_stat``).  Served
+    the same way under a controlled schedule."""
+    from uksm.kernel.ksm_stat import ksm_stat
     row = cl.mm_row(mm_id)
     if row < 0:
         raise ScriptError(f"task {tid}: its address space is gone", "exited")
-    f = mm_fields(cl, row)
-    return {"ksm_rmap_items": f["ksm_rmap_items"], "ksm_merging_pages": f["ksm_merging_pages"],
-            "rss": f["rss"], "pid": pid, "mm": mm_id}
+    return {**ksm_stat(cl, row, mm), "pid": pid, "mm": mm_id}
 
 
 def point_reachable(cl: Any, point: str) -> None:
@@ -498,9 +512,10 @@ class Tasks:
                             ch.proc.pid)
 
     def do_task_stat(self, req: dict[str, Any]) -> dict[str, Any]:
-        """/proc/PID/ksm_stat (and rss): read from the task's mm row."""
+        """/proc/PID/ksm_stat (and rss) of the cluster's kernel: ``task_stat``."""
         ch = self.any_worker(req)
-        return task_stat(self.host.sup.cl, f"w{ch.worker_no}", ch.mm, ch.proc.pid)
+        sup = self.host.sup
+        return task_stat(sup.cl, f"w{ch.worker_no}", ch.mm, sup.mms.get(ch.mm), ch.proc.pid)
 
     def was_worker(self, tid: str) -> bool:
         """``tid`` names a worker this machine started (w1..w<last>)."""
