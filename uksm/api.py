@@ -311,8 +311,12 @@ class _Controlled:
                 raise
             raise self._over() from None
 
-    def tick(self) -> None:
+    def tick(self, quiet: bool = False) -> None:
+        """One step; ``quiet``: none when no process can run (else that is
+        the run's end: a deadlock or a hang)."""
         from uksm.explorer.world import RunOver
+        if quiet and not self.world.can_step():
+            return
         try:
             self.r.tick()
         except RunOver:
@@ -982,6 +986,12 @@ class Machine:
         label = what if isinstance(what, str) else getattr(predicate, "__name__", "a condition")
         if isinstance(t, _Controlled):   # logical: the run's steps and clock, no sleep
             end = t.now_s() + timeout
+            # a step first, as a free run's wait serves its duties first (the
+            # tick below): a wait is where the machine moves, also when what
+            # it waits for holds already -- else a script polling with
+            # m.wait(lambda: True) or m.sleep(0) froze the run.  (None when
+            # nothing can run: that is a finding only if the wait goes on.)
+            t.tick(quiet=True)
             while True:
                 v = predicate()
                 if v:

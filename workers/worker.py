@@ -237,8 +237,7 @@ class Worker:
         t = self.cl.trow(self.task.row)
         t.fork_pid = 0
         t.fork = FORK_ASK
-        while t.fork == FORK_ASK:
-            time.sleep(FORK_POLL_S)
+        self.fork_wait(FORK_ASK)
         st = t.fork
         if st != FORK_GO:       # refused: -EAGAIN (no room), -ENOMEM
             t.fork = FORK_NONE
@@ -247,9 +246,20 @@ class Worker:
         t.fork_err = dup_mm(self.cl, self.mm, crow, self.cl.trow(crow).mm, self.log,
                             pending=self.dying)
         t.fork = FORK_DONE
-        while t.fork == FORK_DONE:
-            time.sleep(FORK_POLL_S)
+        self.fork_wait(FORK_DONE)
         return t.fork_pid, crow
+
+    def fork_wait(self, state: int) -> None:
+        """Wait until the owner of the process table answers (T_FORK moves
+        on from ``state``): polled in a normal run; in a controlled run a
+        modelled wait (BLK_FORK), which the explorer's world answers as
+        the step that asked ends (uksm.explorer.world)."""
+        t = self.cl.trow(self.task.row)
+        while t.fork == state:
+            if sched.ON:
+                sched.blocked(sched.BLK_FORK, state)
+            else:
+                time.sleep(FORK_POLL_S)
 
     def exit_task(self) -> int:
         """do_exit: note the fatal signal, verify the data (unless OOM

@@ -122,6 +122,14 @@ def split_fork(spec: str) -> tuple[str, int]:
     return base, int(ms)
 
 
+
+def fork_child(spec: str) -> tuple[str, int]:
+    """What a ``W+fork:MS`` worker's forked child runs: W (a child does
+    not fork), and its life in ms (``CHILD_LIFE`` fork periods, then it
+    exits on its own)."""
+    workload, fork_ms = split_fork(spec)
+    return workload, CHILD_LIFE * fork_ms
+
 def validate(spec: str) -> str:
     Workload(spec, 0, 0)
     return spec

@@ -23,6 +23,7 @@ from uksm.host import oops as host_oops
 from uksm.kernel import fsck, oom, sched
 from uksm.kernel.cluster import Cluster
 from uksm.kernel.exit import mm_users_zero, mmput
+from uksm.kernel.fork import undo_fork
 from uksm.kernel.ksm import drop_orphaned_refs, repair_list
 from uksm.kernel.layout import (
     C_DAEMON,
@@ -164,10 +165,13 @@ def _reaper(job: dict[str, Any], side: ChildSide) -> int:
 def _recover_and_reap(cl: Cluster, log: Any, side: ChildSide, job: dict[str, Any]) -> int:
     task, q = cl.task, cl.q
     dead_row, dead_mm, dead_role = job["dead_row"], job["dead_mm"], job["dead_role"]
+    # a dead parent's fork in flight: the new task's row holds the new mm's
+    # locks (uksm.kernel.fork), dead with it (World.deliver)
+    child_row, child_mm = job.get("child_row", -1), job.get("child_mm", 0)
     sched.point("recover", dead_row)
-    base = cl.tbase(dead_row)
-    these = {lid: cl.lock_by_id(lid) for lid in set(dead_locks(q, base))}
-    took = recover(q, these, cl.live_rows, [(dead_row, base)], {}, exact=True)
+    rows = [(r, cl.tbase(r)) for r in (dead_row, child_row) if r >= 0]
+    these = {lid: cl.lock_by_id(lid) for lid in {x for (_r, b) in rows for x in dead_locks(q, b)}}
+    took = recover(q, these, cl.live_rows, rows, {}, exact=True)
     owned = {lid: n for lid, n in took.items() if n}
     for lid, n in owned.items():
         log.warning("lock_recovery", lock=lock_name(lid), units=n, dead=job["dead_name"], state="taken over")
@@ -186,9 +190,11 @@ def _recover_and_reap(cl: Cluster, log: Any, side: ChildSide, job: dict[str, Any
         if q[b + M_ID] and q[b + M_STATE] != MMS_FREEING:   # (a freeing mm's objects are unlinked)
             live[q[b + M_ID]] = mm_attach(cl, q[b + M_ID])
     try:
-        mm0 = live.get(dead_mm) if dead_mm else None
-        if mm0 is not None:
-            mm_users_zero(cl, mm0, log, ptl_held=dead_mm in owned_ptl)
+        # ksm_test_exit must hold before anyone else can take their
+        # mmap_sem: the dead task's mm, and a half-made child's
+        for mm_id in (dead_mm, child_mm):
+            if mm_id and mm_id in live:
+                mm_users_zero(cl, live[mm_id], log, ptl_held=mm_id in owned_ptl)
         if dead_role == "ksmd":
             task.lock(cl.mmlist)
             for s in range(cl.max_mms):
@@ -206,25 +212,34 @@ def _recover_and_reap(cl: Cluster, log: Any, side: ChildSide, job: dict[str, Any
         q[S_RECOVERIES] += 1
         q[S_LOCK_RECOVERIES] += len(took)
         log.warning("recovery", dead=job["dead_name"], mm=dead_mm, frames_fixed=fixed, status=-9)
+        if child_row >= 0:   # it died forking: the half-made child goes first (bad_fork_cleanup_mm)
+            hook(cl.bind(child_row), side)
+            _lockdep(cl)
+            undo_fork(cl, child_row, live.get(child_mm), os.getpid(), log, oom.oom_killer(log))
+        mm0 = live.get(dead_mm) if dead_mm else None
         if dead_role != "task" or mm0 is None or q[mm0.base + M_ID] != dead_mm:
             return 0
-        t = cl.trow(dead_row)
-        t.kill_point = -1
-        t.for_row = dead_row
-        t.role = R_REAPER
-        t.pid = os.getpid()
-        t.state = TS_REAPING
-        rtask = cl.bind(dead_row)      # the dead task's exit, on its row (lockdep as any task's)
-        hook(rtask, side)
-        _lockdep(cl)
-        alloc = Allocator(cl)
-        alloc.oom_killer = oom.oom_killer(log)
-        mmput(cl, mm0, alloc, log)
-        alloc.flush()
+        _exit_dead(cl, log, side, dead_row, mm0)
         return 0
     finally:
         for mm in live.values():
             mm.seg.close()
+
+
+def _exit_dead(cl: Cluster, log: Any, side: ChildSide, dead_row: int, mm0: Any) -> None:
+    """The dead task's exit, on its row (lockdep as any task's): mmput."""
+    t = cl.trow(dead_row)
+    t.kill_point = -1
+    t.for_row = dead_row
+    t.role = R_REAPER
+    t.pid = os.getpid()
+    t.state = TS_REAPING
+    hook(cl.bind(dead_row), side)
+    _lockdep(cl)
+    alloc = Allocator(cl)
+    alloc.oom_killer = oom.oom_killer(log)
+    mmput(cl, mm0, alloc, log)
+    alloc.flush()
 
 
 @contextmanager

@@ -30,6 +30,7 @@ from uksm.host.exitcodes import EXIT_ERR, EXIT_HUNG, EXIT_USAGE
 from uksm.kernel import killpoints
 from uksm.kernel.layout import (
     EXIT_POLICIES,
+    FIRST_VPN,
     H_EXIT_POLICY,
     H_KSMD_POINT,
     H_MEM_LIMIT,
@@ -38,10 +39,22 @@ from uksm.kernel.layout import (
     K_RUN,
     K_SLEEP_MS,
     L_SCAN_SLOT,
+    PAGE_SHIFT,
     T_KILL_POINT,
 )
 from uksm.proc.control import CTL_OWN, validate_knob
-from uksm.proc.scripting import SIGNALS, ScriptError, _int, task_answer, task_command
+from uksm.proc.scripting import (
+    SIGNALS,
+    ScriptError,
+    _int,
+    builtin_reaches,
+    point_reachable,
+    task_answer,
+    task_command,
+    task_failure,
+    task_pagemap,
+    task_stat,
+)
 
 EXIT_POINTS = ("ksm_exit_before_down_write", "ksm_exit_mmap_sem_write", "exit_mid_zap")
 POINT_WAIT_MS = 10_000   # a worker driven to a kill point (scripting.POINT_WAIT_S, logical)
@@ -53,7 +66,7 @@ class Requests:
     def __init__(self, world: World, max_pages: int) -> None:
         self.w = world
         self.max_pages = max_pages
-        self.by_tid: dict[str, Proc] = {}
+        self.by_tid = world.by_tid   # the world's: a fork's child is there as it starts
         self.racing = 0
         self.issued: list[tuple[str, Callable[[], bool], Callable[[], None]]] = []
 
@@ -151,10 +164,17 @@ class Requests:
         ans = self._answer(p, "start")
         if not ans.get("ok"):
             raise ScriptError(f"task {p.tid} could not start: {ans.get('error')}", str(ans.get("kind", "died")))
+        p.extra["base"] = ans["base"]
         return {"task": p.tid, "pid": p.pid, "mm": p.mm, "pages": pages, "base": ans["base"]}
 
     def do_task(self, req: dict[str, Any]) -> dict[str, Any]:
         p = self.task(req)
+        if p.extra.get("kind") != "scripted" or ("parent" in p.extra and not p.extra.get("adopted")):
+            raise ScriptError(f"{p.tid} is a built-in worker, or a forked child nobody adopted (its "
+                              f"fork's caller died before the fork returned): it takes no commands, "
+                              f"only kill, arm, stat and pagemap", "value", EXIT_USAGE)
+        if req.get("cmd") == "fork":
+            return self.fork(p)
         cmd, what = task_command(req, p.pages)
         if cmd is None:
             return {"data": ""} if req.get("cmd") == "read" else {}
@@ -195,27 +215,65 @@ class Requests:
         if not ans.get("ok") and ans.get("kind") not in ("oom", "died"):
             p.extra.setdefault("errors", []).append(f"task {p.tid}: {ans.get('error')}")
 
-    def _result(self, p: Proc, cmd: dict[str, Any], what: str) -> dict[str, Any]:
+    def _checked(self, p: Proc, cmd: dict[str, Any], what: str) -> dict[str, Any]:
+        """Its answer to ``cmd``; ScriptError if it failed (a task that is
+        exiting meanwhile is let finish first)."""
         ans = self._answer(p, what)
         self._note(p, cmd, ans)
         if not ans.get("ok"):
-            kind = str(ans.get("kind", "value"))
-            if kind == "oom":
+            err = task_failure(p.tid, what, ans)
+            if err.kind in ("oom", "died"):   # it is exiting: let it finish
                 p.extra["exiting"] = True
                 self.w.run_until(lambda: self._gone(p), f"task {p.tid}'s exit")
-            raise ScriptError(f"task {p.tid}: {what}: {ans.get('error')}", kind,
-                              EXIT_USAGE if kind in ("value", "segfault") else EXIT_ERR)
+            raise err
+        return ans
+
+    def _result(self, p: Proc, cmd: dict[str, Any], what: str) -> dict[str, Any]:
+        ans = self._checked(p, cmd, what)
         if cmd["cmd"] == "exit":
             self.w.run_until(lambda: self._gone(p), f"task {p.tid}'s exit")
         return task_answer(cmd["cmd"], ans)
 
+    def fork(self, p: Proc) -> dict[str, Any]:
+        """fork(2) in a scripted task (``Tasks.fork`` of a normal run): the
+        task forks in its own process, the world answers its requests for
+        the new task (``World._fork_answer``); the child, started on its
+        row, is sent the parent's shadow as its first command and answers
+        once it runs.  Not in a race block: the script is given the child
+        (a Task) only once it runs."""
+        if self.racing:
+            raise ScriptError(f"task {p.tid}: fork inside 'with m.race():' is not served under a "
+                              f"controlled schedule (a race block does not wait, and fork returns "
+                              f"the child): fork after m.race() instead, where it races too",
+                              "value", EXIT_USAGE)
+        self.w.command(p, {"cmd": "fork"})
+        ans = self._checked(p, {"cmd": "fork"}, "fork")
+        c = next((x for x in self.w.tasks() if x.row == int(ans["row"]) and x.pid == int(ans["pid"])),
+                 None)
+        if c is None or self._gone(c):
+            raise ScriptError(f"task {p.tid}: fork: the child (pid {ans['pid']}) died before it started",
+                              "died")
+        c.extra["adopted"] = True
+        self.w.command(c, {"shadow": ans["shadow"]})
+        ready = self._answer(c, "start")
+        if not ready.get("ok"):
+            raise ScriptError(f"task {c.tid} (forked from {p.tid}) could not start: {ready.get('error')}",
+                              str(ready.get("kind", "died")))
+        c.extra["base"] = ready["base"]
+        return {"task": c.tid, "pid": c.pid, "mm": c.mm, "pages": c.pages, "base": ready["base"]}
+
     def do_task_stat(self, req: dict[str, Any]) -> dict[str, Any]:
-        from uksm.kernel.ksm_stat import ksm_stat
-        p = self.task(req)
-        row = self.cl.mm_row(p.mm)
-        if row < 0:
-            raise ScriptError(f"task {p.tid}: its address space is gone", "exited")
-        return {**ksm_stat(self.cl, row, self.w.mms.get(p.mm)), "pid": p.pid, "mm": p.mm}
+        """/proc/PID/ksm_stat (and rss): ``scripting.task_stat``."""
+        p = self.task(req, alive=False)
+        return task_stat(self.cl, p.tid, p.mm, self.w.mms.get(p.mm), p.pid)
+
+    def do_task_pagemap(self, req: dict[str, Any]) -> dict[str, Any]:
+        """/proc/PID/pagemap: ``scripting.task_pagemap``, on the mm the
+        world made (a built-in worker's mapping is the first, a scripted
+        task's where its start said)."""
+        p = self.task(req, alive=False)
+        base = int(p.extra.get("base", FIRST_VPN << PAGE_SHIFT))
+        return task_pagemap(req, p.tid, p.pages, base, self.w.mms.get(p.mm), p.pid)
 
     def do_spawn(self, req: dict[str, Any]) -> dict[str, Any]:
         """Built-in workers (their workload, churn and idle on the run's
@@ -241,7 +299,11 @@ class Requests:
 
     def do_ping(self, _req: dict[str, Any]) -> dict[str, Any]:
         live = [p for p in self.by_tid.values() if p.state != EXITED]
-        return {"workers": sorted(p.tid for p in live),
+        # what a client needs to make a Task of a worker it did not start (a fork's child)
+        tasks = [{"task": p.tid, "pid": p.pid, "pages": p.pages, "mm": p.mm,
+                  "programmable": p.extra.get("kind") == "scripted"
+                  and ("parent" not in p.extra or bool(p.extra.get("adopted")))} for p in live]
+        return {"workers": sorted(p.tid for p in live), "tasks": tasks,
                 "ready": sorted(p.tid for p in live if self.cl.trow(p.row).ready),
                 "hung": 0, "hung_tasks": []}
 
@@ -301,6 +363,10 @@ class Requests:
             raise ScriptError(f"{at} is a point in ksmd, not in a task: arm it with m.arm({at!r})",
                               "value", EXIT_USAGE)
         p = self.task(req)
+        if at is not None:   # refused at once, as the daemon refuses them (scripting.Faults)
+            point_reachable(self.cl, at)
+            if p.extra.get("kind") == "worker":
+                builtin_reaches(p.tid, str(p.extra["job"].get("workload", "vm")), at)
         if at is None:
             self.w.deliver(p.pid, SIGNALS[signame])
         else:
@@ -316,18 +382,42 @@ class Requests:
             raise ScriptError(f"kill point {at} was not reached: {p.tid} did not pass it within "
                               f"{POINT_WAIT_MS} ms of the run's logical time", "not_reached")
         if not self._gone(p):
-            ans = self.w.take_answer(p)
-            killpoints.disarm_worker(self.cl, p.row)
-            if ans.get("exited"):
-                p.extra.update(exited=True, path=ans["path"])
-                self.w.run_until(lambda: self._gone(p), f"task {p.tid}'s exit")
-                raise ScriptError(f"kill point {at} was not reached: the task exited through the "
-                                  f"{ans['path']} path of __ksm_exit instead (it is gone)", "not_reached")
-            raise ScriptError(f"kill point {at} was not reached: {ans.get('error', 'not on the way')}",
-                              "not_reached")
+            self._survived(p, str(at))
         path = str(p.extra.get("path", "none"))
         return {"task": p.tid, "signal": signame, "at": at, "returncode": p.status, "path": path,
                 "result": self.how(p)}
+
+    def _survived(self, p: Proc, at: str) -> None:
+        """The task answered its drive (or exit) alive: it passed the point
+        with SIGTERM -- it exits at its next safe point, or (an exit point)
+        its exit ran to the end -- or it did not pass it (Faults.do_task_kill's
+        reading: ``killpoints.hit`` disarms the point as it fires)."""
+        ans = self.w.take_answer(p)
+        passed = self.cl.q[self.cl.tbase(p.row) + T_KILL_POINT] != killpoints.INDEX[at]
+        killpoints.disarm_worker(self.cl, p.row)
+        self._release_child(ans)
+        if ans.get("exited"):
+            p.extra.update(exited=True, path=ans["path"])
+            self.w.run_until(lambda: self._gone(p), f"task {p.tid}'s exit")
+            if not passed:
+                raise ScriptError(f"kill point {at} was not reached: the task exited through the "
+                                  f"{ans['path']} path of __ksm_exit instead (it is gone)", "not_reached")
+            return
+        if not passed:
+            raise ScriptError(f"kill point {at} was not reached: {ans.get('error', 'not on the way')}",
+                              "not_reached")
+        p.extra["exiting"] = True   # SIGTERM pending: it exits at its next safe point
+        self.w.run_until(lambda: self._gone(p), f"task {p.tid}'s exit")
+
+    def _release_child(self, ans: dict[str, Any]) -> None:
+        """A drive's fork that got through: its child, which nobody adopts,
+        is told to stop (its parent's shadow never comes: it checks nothing),
+        as ``Tasks.release_child`` closes its socket."""
+        c = next((x for x in self.w.tasks() if x.row == ans.get("forked_row") and x.state != EXITED
+                  and x.extra.get("parent")), None)
+        if c is not None:
+            c.extra["exiting"] = True
+            self.w.deliver(c.pid, signal.SIGTERM)
 
     def do_arm(self, req: dict[str, Any]) -> dict[str, Any]:
         """A ksmd point: a kill of the mm's owner, or a delay -- under the

@@ -150,7 +150,8 @@ def describe(code: int, arg: int, names: dict[int, str]) -> str:
         return "blocked on " + {-sched.BLK_FRAMES: "free frames", -sched.BLK_KSMD_IDLE: "work (idle)",
                                 -sched.BLK_DELAY: "a delay point", -sched.BLK_TIME: "sleep",
                                 -sched.BLK_CMD: "a command",
-                                -sched.BLK_UNMERGE: "ksmd's unmerge service"}.get(arg, "?")
+                                -sched.BLK_UNMERGE: "ksmd's unmerge service",
+                                -sched.BLK_FORK: "its fork's answer"}.get(arg, "?")
     if name in ("lock", "trylock", "unlock", "blocked"):
         return f"{name} {lock_name(arg)}"
     if name == "signal":
@@ -175,7 +176,7 @@ def trace_events(out: Outcome) -> list[dict[str, Any]]:
             mark = "PRE" if s.preemption else "CHO"
         to = ("SIGKILL" if s.action[0] == KILLED else "exit" if s.after_code == -2
               else describe(s.after_code, s.after_arg, out.names))
-        events.append({"step": s.n, "proc": out.procs[s.proc], "mark": mark,
+        events.append({"step": s.n, "proc": s.who or out.procs[s.proc], "mark": mark,
                        "from": describe(s.code, s.arg, out.names), "to": to,
                        "via": sched.POINTS[s.via] if s.via else "",
                        "signals": [f"signal {sig} to {out.names.get(pid, 'a process gone')}" for pid, sig in s.sent],

@@ -69,11 +69,22 @@ from uksm.host import log as ulog
 from uksm.host import oops as host_oops
 from uksm.kernel import fsck, oom, sched
 from uksm.kernel.cluster import Cluster, Config, destroy, pid_alive
+from uksm.kernel.fork import (
+    EAGAIN,
+    forget_original_parent,
+    fork_adopt,
+    fork_go,
+    fork_refuse,
+    fork_return,
+    fork_room,
+)
 from uksm.kernel.layout import (
     CS_RUNNING,
     EXIT_PATHS,
     EXIT_POLICIES,
     EXIT_REASONS,
+    FORK_ASK,
+    FORK_DONE,
     H_EXIT_POLICY,
     H_FRAMES_FREED,
     H_KSM_UNSYNCED,
@@ -98,6 +109,7 @@ from uksm.kernel.layout import (
     R_SUPERVISOR,
     R_WORKER,
     R_WRITER,
+    REF_USERS,
     S_EXIT_NOSLOT,
     S_EXITED,
     S_KILLED,
@@ -108,6 +120,7 @@ from uksm.kernel.layout import (
     S_STARTED,
     S_USE_AFTER_FREE,
     T_FATAL,
+    T_FORK,
     T_OOM_ORIGIN,
     T_PID,
     T_ROLE,
@@ -124,7 +137,7 @@ from uksm.kernel.layout import (
 )
 from uksm.kernel.locks import Lock
 from uksm.kernel.memory import free_frames
-from uksm.kernel.mm import MM, mm_create
+from uksm.kernel.mm import MM, mm_create, mmdrop
 from uksm.kernel.watchdog import Watchdog
 
 RUN, KILLED = 0, 1
@@ -164,6 +177,7 @@ class Proc:
     stop: bool = False      # ksmd asked to stop (SIGTERM delivered)
     fresh: bool = True      # parked at a point no kill choice was offered at yet
     answers: int = 0        # a task's answers read (S_OUT)
+    reused: bool = False    # its slot went to another process (World._slot): nothing of it is read there
     oom_view: Any = None    # what the OOM killer saw when it blocked for frames
     dead: "Proc | None" = None   # a reaper's dead process
     tid: str = ""           # a task's id for the script (w1, w2, ...)
@@ -189,6 +203,7 @@ class Step:
     explored: bool = True   # a step of the explored phase (a choice)
     via: int = 0            # the last kill point it passed on the way (0: none)
     sent: tuple[tuple[int, int], ...] = ()   # the signals it sent: (pid, signo)
+    who: str = ""           # its name (a slot may be another process's later: World._slot)
 
     @property
     def preemption(self) -> bool:
@@ -324,7 +339,9 @@ class World:
         self.o = o
         self.chooser = chooser
         self.name = f"x{os.getpid()}n{_runs}"
-        self.procs: dict[int, Proc] = {}
+        self.procs: dict[int, Proc] = {}   # by slot: the process there now
+        self.every: list[Proc] = []        # every process of the run, in order of start
+        self.capacity = len(gate.gates)
         self.mms: dict[int, MM] = {}
         self.steps: list[Step] = []
         self.findings: list[Finding] = []
@@ -338,6 +355,7 @@ class World:
         self.ended = False
         self.log: Any = ulog.NULL_LOG
         self.workers = 0
+        self.by_tid: dict[str, Proc] = {}   # the tasks, by their id for the script (w1, w2, ...)
         self.locks: dict[int, Lock] = {}
         self.cl: Cluster
         # where the run's time went (tools/bench_explore.py --profile): the
@@ -400,7 +418,7 @@ class World:
         finally:
             self._teardown()
             self.lap("teardown")
-        names = {p.pid: p.name for p in self.procs.values()}
+        names = {p.pid: p.name for p in self.every}
         self.timing["waited"] = self.waited
         self.timing["resumes"] = self.resumes
         return Outcome(self.steps, self.findings, report, [p.name for p in self.procs.values()],
@@ -428,13 +446,39 @@ class World:
         t.pid = 0
         t.state = TS_FREE
 
+    def _slot(self) -> int:
+        """The slot for a new process: the next never used; once all of
+        the gate's are, the lowest whose process is over and forgotten
+        (``_reusable``) -- the lowest, so that a replay reuses the same.
+        Reuse begins only when the gate is full: a run that fits keeps
+        its process numbers, and so do the schedules recorded before."""
+        if len(self.procs) < self.capacity:
+            return len(self.procs)
+        slot = next((i for i, q in sorted(self.procs.items()) if self._reusable(q)), -1)
+        if slot < 0:
+            raise MachineError(f"a controlled run has room for {self.capacity} processes at once (tasks, "
+                               f"their reapers, ksmd, writers): this one needs more")
+        return slot
+
+    def _reusable(self, q: Proc) -> bool:
+        """``q`` is over and nothing will look at its slot again: exited,
+        its answers taken, not waiting for its reaper (a dead task or
+        ksmd), not the reaper of a death still being accounted."""
+        if q.state != EXITED or q.reused or q is self.ksmd or q in self.reap_queue:
+            return False
+        if q.role in ("task", "fsck") and self.answered(q):
+            return False
+        return not any(r.dead is q and r.state != EXITED for r in self.procs.values())
+
     def _spawn(self, role: str, name: str, row: int, job: dict[str, Any], **kw: Any) -> Proc:
-        slot = len(self.procs)
-        if slot >= len(self.gate.gates):
-            raise MachineError(f"a controlled run has room for {len(self.gate.gates)} processes (tasks, "
-                               f"their reapers, ksmd, writers): this one needs more (fewer --kills)")
+        slot = self._slot()
+        if slot in self.procs:   # reused
+            self.procs[slot].reused = True
+            self.gate.set_word(slot, S_SIG, 0)   # nothing meant for the old one reaches the new
         p = Proc(slot, role, name, row, **kw)
+        p.answers = self.gate.word(slot, S_OUT)   # (a reused slot's count goes on)
         self.procs[slot] = p
+        self.every.append(p)
         job = {"cluster": self.name, "boot_id": self.cl.boot_id, "row": row, "log_dir": self.o.log_dir,
                **job}
         p.pid = self.gate.assign(slot, role, job)
@@ -450,12 +494,13 @@ class World:
         self.ksmd = p
         return p
 
-    def spawn_task(self, pages: int, kind: str = "scripted", **job: Any) -> Proc:
-        """A task (a user process): its row and address space first, as
-        fork/exec would; ``kind``: "scripted" (commands from the script)
-        or "worker" (a built-in workload)."""
-        cl, q = self.cl, self.cl.q
-        row = self.alloc_row(R_WORKER)
+    def new_task(self, pages: int, pid: int = 0) -> tuple[int, MM, int]:
+        """A new task's row and empty address space (dup_task_struct and
+        mm_alloc: the half of fork and exec before the process runs), and
+        its number.  ``pid``: who acts on the row meanwhile (a forking
+        parent)."""
+        cl = self.cl
+        row = self.alloc_row(R_WORKER, pid)
         self.workers += 1
         n = self.workers
         mm = mm_create(cl, row, n)
@@ -464,11 +509,82 @@ class World:
         t.worker_no = n
         t.pages = pages
         self.mms[mm.id] = mm
-        q[S_STARTED] += 1
-        p = self._spawn("task", f"t{n}", row, {"kind": kind, "mm": mm.id, "pages": pages, "worker_no": n,
-                                               **job}, mm=mm.id, pages=pages, tid=f"w{n}")
+        return row, mm, n
+
+    def spawn_task(self, pages: int, kind: str = "scripted", **job: Any) -> Proc:
+        """A task (a user process): its row and address space first, as
+        fork/exec would; ``kind``: "scripted" (commands from the script)
+        or "worker" (a built-in workload)."""
+        row, mm, n = self.new_task(pages)
+        return self._start_task(row, mm, n, pages, {"kind": kind, **job})
+
+    def _start_task(self, row: int, mm: MM, n: int, pages: int, job: dict[str, Any]) -> Proc:
+        """The task's process on its row and mm (wake_up_new_task)."""
+        try:
+            self._slot()   # room for its process, or none made (Supervisor.abandon_task)
+        except MachineError:
+            mmdrop(self.cl, mm.row, mm.id, REF_USERS, self.log)
+            self.free_row(row)
+            raise
+        self.cl.q[S_STARTED] += 1
+        job = {"mm": mm.id, "pages": pages, "worker_no": n, **job}
+        p = self._spawn("task", f"t{n}", row, job, mm=mm.id, pages=pages, tid=f"w{n}")
+        p.extra.update(kind=job["kind"], job=job)
         mm.words.owner_pid = p.pid
+        self.by_tid[p.tid] = p
         return p
+
+    # ---- fork: copy_process's process-table half (uksm.proc.forks in a normal run) ------------
+    def _fork_answer(self, p: Proc) -> None:
+        """Task ``p`` waits for its fork's answer (BLK_FORK, in its row's
+        T_FORK): given now, as the step that asked ends, while the world
+        stands still (the supervisor's ``Forks.poll`` in a normal run)."""
+        st = self.cl.q[self.cl.tbase(p.row) + T_FORK]
+        if st == FORK_ASK:
+            self._fork_serve(p)
+        elif st == FORK_DONE:
+            self._fork_finish(p)
+
+    def _fork_serve(self, p: Proc) -> None:
+        """The new task's row and empty mm, given to the parent (FORK_GO),
+        or -EAGAIN when the run's tables have no room (Forks.serve)."""
+        cl = self.cl
+        live = [x for x in self.tasks() if x.state != EXITED]
+        inflight = sum(1 for x in live if cl.trow(x.row).fork_child)
+        if not fork_room(cl, len(live) + inflight):
+            fork_refuse(cl, p.row, -EAGAIN)
+            self.log.info("fork_refused", worker=p.tid, mm=p.mm, err=-EAGAIN)
+            return
+        crow, _mm, _n = self.new_task(p.pages, pid=p.pid)
+        fork_adopt(cl, crow, p.row, p.pid)
+        fork_go(cl, p.row, crow)
+
+    def _fork_finish(self, p: Proc) -> None:
+        """dup_mm returned: the child's process on its row -- a scripted
+        task's child takes commands (its parent's shadow first), a
+        built-in worker's goes on with the parent's workload minus
+        ``+fork`` for its life (Forks.start) --, or (an error: the parent
+        tore the mm down) the row freed.  Then the fork returns."""
+        from uksm.workers.workloads import fork_child
+        cl = self.cl
+        t = cl.trow(p.row)
+        crow = t.fork_child - 1
+        t.fork_child = 0
+        if t.fork_err:
+            self.free_row(crow)
+            fork_return(cl, p.row, t.fork_err)
+            return
+        ct = cl.trow(crow)
+        ct.fork_parent = 0
+        pj = p.extra["job"]
+        job = {k: pj[k] for k in ("kind", "workload", "seed", "churn_ms") if k in pj}
+        job.update(forked=True, content_wno=pj.get("content_wno") or pj["worker_no"])
+        if job["kind"] == "worker":
+            job["workload"], job["exit_after_ms"] = fork_child(str(pj.get("workload", "vm")))
+        c = self._start_task(crow, self.mms[ct.mm], ct.worker_no, p.pages, job)
+        c.extra["parent"] = p.tid
+        self.log.info("fork_child", worker=p.tid, mm=p.mm, child=c.tid, child_mm=c.mm)
+        fork_return(cl, p.row, c.pid)
 
     def spawn_writer(self, value: int, oom_origin: bool | None = None) -> Proc:
         """echo VALUE > run: the writer task (run_store in its own
@@ -497,7 +613,7 @@ class World:
         self.gate.put(p.id, cmd)
 
     def answered(self, p: Proc) -> bool:
-        return self.gate.word(p.id, S_OUT) != p.answers
+        return not p.reused and self.gate.word(p.id, S_OUT) != p.answers
 
     def take_answer(self, p: Proc) -> dict[str, Any]:
         p.answers = self.gate.word(p.id, S_OUT)
@@ -551,6 +667,8 @@ class World:
             return (p.stop or bool(q[H_SHUTDOWN]) or q[K_RUN] != a
                     or (q[K_RUN] == 1 and q[L_HEAD_NEXT] != self.cl.head)
                     or q[H_UNMERGE_GEN] != b or q[H_KSM_UNSYNCED] != 0 or self.unmerge_waits())
+        if kind == sched.BLK_FORK:   # answered as the step that asked ends (_fork_answer)
+            return q[self.cl.tbase(p.row) + T_FORK] != a
         if kind == sched.BLK_UNMERGE:  # ksm.ksmd_remove_rmap_items: served, or no ksmd to serve it
             return q[H_UNMERGE_DONE] == a or bool(q[H_SHUTDOWN]) or not pid_alive(q[H_KSMD_PID])
         return False   # BLK_DELAY: looked at in _enabled
@@ -580,6 +698,11 @@ class World:
     def now_ms(self) -> int:
         """The run's logical clock."""
         return int(self.gate.w[G_CLOCK])
+
+    def can_step(self) -> bool:
+        """A step would run something (a reaper to start, an enabled
+        process): ``step`` would not find the run stuck."""
+        return not self.ended and bool(self.reap_queue or self._enabled(self.live()))
 
     def step(self, what: str = "") -> None:
         """One step (or, when nothing can run: the run found stuck, and over)."""
@@ -621,7 +744,7 @@ class World:
                            f"which is not {'killable' if kind == KILLED else 'enabled'} there "
                            f"(enabled: {', '.join(self.procs[i].name for i in en)})")
         st = Step(n, en, cur, cy, killable, a, d, pid, g.word(pid, S_CODE), g.word(pid, S_ARG),
-                  explored=self.explored)
+                  explored=self.explored, who=p.name)
         for i in killable:
             self.procs[i].fresh = False
         self.steps.append(st)
@@ -676,6 +799,8 @@ class World:
             return
         if p.state == BLOCKED and g.word(p.id, S_BLK) == sched.BLK_FRAMES:
             p.oom_view = self.oom_view()
+        if p.state == BLOCKED and g.word(p.id, S_BLK) == sched.BLK_FORK:
+            self._fork_answer(p)
         if g.word(p.id, S_CODE) == sched.CODE["signal"] and p.state == PARKED:
             arg = g.word(p.id, S_ARG)
             self.deliver(arg >> 8, arg & 0xff)
@@ -696,6 +821,9 @@ class World:
             if p.role == "reaper":
                 return
             q[self.cl.tbase(p.row) + T_STATE] = TS_DEAD
+            crow = self.cl.trow(p.row).fork_child - 1
+            if crow >= 0:   # a fork in flight dies with its parent (Reaper._claim)
+                self.cl.trow(crow).state = TS_DEAD
             self.reap_queue.append(p)
             return
         b = self.cl.tbase(p.row)
@@ -730,6 +858,8 @@ class World:
         elif p.role == "reaper":
             d = p.dead
             assert d is not None
+            if p.extra.get("child_row", -1) >= 0:
+                self.free_row(p.extra["child_row"])   # the half-made child, undone (undo_fork)
             if d.role == "task":
                 self.account_exit(d, reaped=True, how="sigkill")
             elif d.role == "ksmd":
@@ -757,6 +887,7 @@ class World:
             q[S_KILLED] += 1
         self.log.info("worker_exit", mm=tr.mm, how=how or EXIT_REASONS[tr.exit_reason], path=path,
                       reaped=reaped)
+        forget_original_parent(cl, p.pid)   # its children go to init
         self.free_row(row)
 
     def _start_reaper(self) -> None:
@@ -766,10 +897,13 @@ class World:
             return
         dead = self.reap_queue.pop(0)
         row = self.alloc_row(R_SUPERVISOR, os.getpid())
+        crow = self.cl.trow(dead.row).fork_child - 1   # its fork in flight: undone by its reaper
         p = self._spawn("reaper", f"reaper({dead.name})", row,
                         {"dead_row": dead.row, "dead_mm": dead.mm, "dead_role": dead.role,
-                         "dead_name": dead.name}, dead=dead)
+                         "dead_name": dead.name, "child_row": crow,
+                         "child_mm": self.cl.trow(crow).mm if crow >= 0 else 0}, dead=dead)
         p.dead = dead
+        p.extra["child_row"] = crow
 
     def _stuck(self, live: list[Proc], what: str) -> None:
         """No process can run, and the script waits for ``what``: a
@@ -779,7 +913,7 @@ class World:
         for p in live:   # a lock taken meanwhile: let its waiter say so (CHESS's disabled try)
             if p.state == PARKED and g.word(p.id, S_CODE) in LOCK_CODES:
                 st = Step(len(self.steps), (), self.current, False, (), (RUN, p.id), (RUN, p.id), p.id,
-                          g.word(p.id, S_CODE), g.word(p.id, S_ARG), explored=False)
+                          g.word(p.id, S_CODE), g.word(p.id, S_ARG), explored=False, who=p.name)
                 self.steps.append(st)
                 g.resume(p.id)
                 self._wait(p)
@@ -802,7 +936,7 @@ class World:
     def unpid(self, line: str) -> str:
         """A line with this run's pids replaced by process names (a
         replay's pids differ: its text must not)."""
-        names = {p.pid: p.name for p in self.procs.values() if p.pid}
+        names = {p.pid: p.name for p in self.every if p.pid}
         return re.sub(r"\bpid (\d+)", lambda m: names.get(int(m[1]), "pid ?"), line)
 
     def _livelock(self, n: int) -> None:
@@ -825,10 +959,17 @@ class World:
         ksmd frees what the exits left it and goes idle; then it stops."""
         self.lap("race" if self.raced else "setup")
         for p in self.tasks():
-            if p.state != EXITED and p.extra.get("kind") == "scripted" and not p.extra.get("exiting"):
+            orphan = "parent" in p.extra and not p.extra.get("adopted")
+            if p.state == EXITED:
+                continue
+            if p.extra.get("kind") == "scripted" and not p.extra.get("exiting") and not orphan:
                 p.extra["exiting"] = True
                 self.command(p, {"cmd": "exit"})
-            elif p.state != EXITED and p.extra.get("kind") == "worker":
+            elif p.extra.get("kind") == "worker" or (orphan and not p.extra.get("exiting")):
+                # a scripted child nobody adopted (its fork's caller died before
+                # its answer) waits for its parent's shadow: told to stop, as
+                # the supervisor's close_tasks closes its socket
+                p.extra["exiting"] = True
                 self.deliver(p.pid, signal.SIGTERM)
         self.run_until(self._settled, "every task's exit")
         k = self.ksmd
@@ -902,7 +1043,8 @@ def _blk_name(kind: int) -> str:
     return {sched.BLK_NONE: "parked", sched.BLK_LOCK: "lock", sched.BLK_FRAMES: "frames",
             sched.BLK_KSMD_IDLE: "ksmd idle",
             sched.BLK_TIME: "asleep", sched.BLK_CMD: "waits for a command",
-            sched.BLK_DELAY: "a delay point", sched.BLK_UNMERGE: "ksmd's unmerge service"}.get(kind, "?")
+            sched.BLK_DELAY: "a delay point", sched.BLK_UNMERGE: "ksmd's unmerge service",
+            sched.BLK_FORK: "its fork's answer"}.get(kind, "?")
 
 
 __all__ = ["World", "Options", "Outcome", "Finding", "Step", "View", "Default", "Diverged", "RunOver",

@@ -71,6 +71,8 @@ from uksm.kernel.exit import mmput
 from uksm.kernel.ksm import ENOMEM, __ksm_enter
 from uksm.kernel.layout import (
     F_KSM,
+    FORK_GO,
+    FORK_NONE,
     FR_COUNT,
     FR_FLAGS,
     FRAME_SIZE,
@@ -81,6 +83,8 @@ from uksm.kernel.layout import (
     MMF_VM_MERGEABLE,
     PT_OFF,
     PTE_WRITE,
+    TS_FREE,
+    TS_REAPING,
     VM_LOCKED,
 )
 from uksm.kernel.memory import Allocator, OutOfMemory
@@ -198,6 +202,10 @@ def dup_mm(cl: "Cluster", parent: MM, child_row: int, child_mm: int, log: Any = 
     ccl = cl.thread_view(child_row)       # the new task_struct's row
     ccl.task.uaf = cl.task.uaf            # its lock operations checked, waits logged, as ours
     ccl.task.on_wait = cl.task.on_wait
+    # scheduled as ours in a controlled run (uksm.kernel.sched): a wait for
+    # the new mm's pte lock -- held by a live fsck stopping the world -- is
+    # then a modelled wait, never a real one the scheduler cannot see
+    ccl.task.sched = cl.task.sched
     child = mm_attach(ccl, child_mm)
     err = copied = 0
     entered = False
@@ -220,5 +228,89 @@ def dup_mm(cl: "Cluster", parent: MM, child_row: int, child_mm: int, log: Any = 
     return err
 
 
+# ---- copy_process's process-table words (the owner of the process table's half) ----------------
+# A forking task asks in its own row (T_FORK = FORK_ASK) and waits; the
+# owner of the process table -- the supervisor in a normal run
+# (uksm.proc.forks), the explorer's world in a controlled one
+# (uksm.explorer.world) -- answers in the same row.  What those answers
+# write is the same for both, and is here; how each makes the row, the mm
+# and the child's process is its own.
+
+def fork_room(cl: "Cluster", live: int, max_live: int | None = None) -> bool:
+    """One more task fits (copy_process's RLIMIT_NPROC / threads-max
+    check): fewer than ``max_live`` (default: the task table) tasks alive
+    or being made, a free task row and a free mm row (a new task takes one
+    of each)."""
+    if live >= (max_live or cl.max_tasks):
+        return False
+    return (any(cl.trow(r).state == TS_FREE for r in range(cl.max_tasks))
+            and any(cl.mrow(r).id == 0 for r in range(cl.max_mms)))
+
+
+def fork_adopt(cl: "Cluster", crow: int, row: int, ppid: int) -> None:
+    """The new task's row (dup_task_struct) belongs to the parent's fork
+    until its process runs; its real_parent (the OOM killer's children of
+    a task) is the parent's pid."""
+    ct = cl.trow(crow)
+    ct.fork_parent = row + 1
+    ct.ppid = ppid
+
+
+def fork_go(cl: "Cluster", row: int, crow: int) -> None:
+    """The parent may copy its mm into the new task's (FORK_GO).  From
+    here a death of the parent takes the half-made child with it
+    (T_FORK_CHILD: its recovery takes over both rows' locks, its reaper
+    runs ``undo_fork``)."""
+    t = cl.trow(row)
+    t.fork_child = crow + 1
+    t.fork_err = 0
+    t.fork = FORK_GO
+
+
+def fork_refuse(cl: "Cluster", row: int, err: int) -> None:
+    """The fork fails before any copy (-EAGAIN, -ENOMEM): no new task."""
+    t = cl.trow(row)
+    t.fork_pid = err
+    t.fork = err
+
+
+def fork_return(cl: "Cluster", row: int, result: int) -> None:
+    """The fork returns: the child's pid, or -errno (T_FORK back to
+    FORK_NONE is the parent's fork(2) returning)."""
+    t = cl.trow(row)
+    t.fork_pid = result
+    t.fork = FORK_NONE
+
+
+def undo_fork(view: "Cluster", crow: int, mm: MM | None, pid: int, log: Any = NULL_LOG,
+              oom_killer: Any = None) -> None:
+    """bad_fork_cleanup_mm for a task whose process never ran (its parent
+    died forking, or its process could not be made): the exit of its mm
+    ``mm`` (attached through ``view``, which is bound to ``crow``'s row:
+    the exit runs on the new task's own row), ``mmput`` -- what the copy
+    mapped is unmapped, a slot ksm_fork gave it goes by __ksm_exit.  Idempotent: a mmput the parent began (its
+    own bad_fork_cleanup_mm, when it died in it) is finished.  ``pid``:
+    who acts on the row now.  The caller frees the row."""
+    t = view.trow(crow)
+    t.kill_point = -1
+    t.pid = pid
+    t.state = TS_REAPING
+    if mm is not None:
+        alloc = Allocator(view)
+        alloc.oom_killer = oom_killer
+        mmput(view, mm, alloc, log)
+        alloc.flush()
+    log.info("fork_undone", child_row=crow, child_mm=t.mm)
+
+
+def forget_original_parent(cl: "Cluster", pid: int) -> None:
+    """forget_original_parent (kernel/exit.c): a task's children go to
+    init once it has exited."""
+    for r in range(cl.max_tasks):
+        if cl.trow(r).ppid == pid:
+            cl.trow(r).ppid = 1
+
+
 __all__ = ["dup_mm", "dup_mmap", "copy_page_range", "ksm_fork", "ERESTARTNOINTR", "EAGAIN",
-           "PTRS_PER_PTE"]
+           "PTRS_PER_PTE", "fork_room", "fork_adopt", "fork_go", "fork_refuse", "fork_return",
+           "undo_fork", "forget_original_parent"]

@@ -23,7 +23,8 @@ only names its points:
 - the other waits (``blocked``): the allocator's for free frames
   (``BLK_FRAMES``), ksmd's idle wait for work (``BLK_KSMD_IDLE``), a
   scripted task's for its next command (``BLK_CMD``), a delay point's
-  barrier (``BLK_DELAY``); and ``sleep``: ksmd's ``sleep_millisecs``, a
+  barrier (``BLK_DELAY``), a forking task's for the process table's
+  answer (``BLK_FORK``); and ``sleep``: ksmd's ``sleep_millisecs``, a
   worker's idle, in the run's logical time (``BLK_TIME``);
 - where a word is read or written outside the lock that protects it:
   ksmd's scan and the unmerge per page (``ksmd_page``, ``unmerge_page``:
@@ -73,8 +74,10 @@ def add_points(names: list[str]) -> None:
 # a lock's free unit, free frames, work for ksmd, the logical clock (a
 # sleep), a command (a scripted task), a delay point's barrier
 # (released when nothing else can run), and ksmd's service of a failed
-# run=2 (ksm.ksmd_remove_rmap_items: the writer waits, holding the mutex)
-BLK_NONE, BLK_LOCK, BLK_FRAMES, BLK_KSMD_IDLE, BLK_TIME, BLK_CMD, BLK_DELAY, BLK_UNMERGE = range(8)
+# run=2 (ksm.ksmd_remove_rmap_items: the writer waits, holding the mutex);
+# a forking task's wait for the process table's answer in its row (T_FORK
+# no longer ``a``: uksm.kernel.fork's FORK_ASK and FORK_DONE)
+BLK_NONE, BLK_LOCK, BLK_FRAMES, BLK_KSMD_IDLE, BLK_TIME, BLK_CMD, BLK_DELAY, BLK_UNMERGE, BLK_FORK = range(9)
 
 _point: Callable[[int, int], None] | None = None
 _blocked: Callable[[int, int, int], None] | None = None
@@ -126,5 +129,5 @@ def signal(pid: int, signo: int) -> bool:
 
 
 __all__ = ["ON", "POINTS", "CODE", "BLK_NONE", "BLK_LOCK", "BLK_FRAMES", "BLK_KSMD_IDLE",
-           "BLK_TIME", "BLK_CMD", "BLK_DELAY", "BLK_UNMERGE", "add_points", "install", "point",
+           "BLK_TIME", "BLK_CMD", "BLK_DELAY", "BLK_UNMERGE", "BLK_FORK", "add_points", "install", "point",
            "blocked", "sleep", "now", "signal"]

@@ -42,13 +42,21 @@ import socket
 from typing import TYPE_CHECKING
 
 from uksm.errors import UksmError
-from uksm.kernel.fork import EAGAIN, ERESTARTNOINTR
+from uksm.kernel.fork import (
+    EAGAIN,
+    ERESTARTNOINTR,
+    fork_adopt,
+    fork_go,
+    fork_refuse,
+    fork_return,
+    fork_room,
+)
 from uksm.kernel.ksm import ENOMEM
-from uksm.kernel.layout import FORK_ASK, FORK_DONE, FORK_GO, FORK_NONE, TS_FREE
+from uksm.kernel.layout import FORK_ASK, FORK_DONE
 from uksm.kernel.mm import MM
 from uksm.proc.children import Child
 from uksm.proc.scripting import TASK_PROGRAM
-from uksm.workers.workloads import CHILD_LIFE, split_fork
+from uksm.workers.workloads import fork_child
 
 if TYPE_CHECKING:
     from uksm.proc.supervisor import Supervisor
@@ -77,22 +85,18 @@ class Forks:
                 self.finish(row, ch)
 
     def room(self) -> bool:
-        """One more task fits: the live-task limit, a free task row and a
-        free mm row (a new task takes one of each)."""
-        sup, cl = self.sup, self.sup.cl
+        """One more task fits (``uksm.kernel.fork.fork_room``): the
+        live-task limit, a free task row and a free mm row."""
+        sup = self.sup
         with sup.lock:
             live = len(sup.children) + len(self.inflight)
-        if live >= (self.max_live or cl.max_tasks):
-            return False
-        return (any(cl.trow(r).state == TS_FREE for r in range(cl.max_tasks))
-                and any(cl.mrow(r).id == 0 for r in range(cl.max_mms)))
+        return fork_room(sup.cl, live, self.max_live)
 
     def serve(self, row: int, ch: Child) -> None:
         """The new task's row and empty mm, given to the parent
         (FORK_GO); or the refusal, -EAGAIN (-ENOMEM when /dev/shm has no
         room for the new mm)."""
         sup, cl = self.sup, self.sup.cl
-        t = cl.trow(row)
         if self.closed or not self.room():
             self._answer(row, ch, -EAGAIN)
             return
@@ -101,23 +105,19 @@ class Forks:
         except UksmError:  # the tables were checked: /dev/shm had no room for the mm
             self._answer(row, ch, -ENOMEM)
             return
-        cl.trow(crow).fork_parent = row + 1
-        cl.trow(crow).ppid = ch.proc.pid      # real_parent (the OOM killer's children of a task)
+        fork_adopt(cl, crow, row, ch.proc.pid)
         with sup.lock:
             alive = sup.children.get(row) is ch
             if alive:
-                t.fork_child = crow + 1   # from here a death of the parent takes the child
+                # from here a death of the parent takes the child (Reaper._claim);
+                # the commit: the parent copies its mm into it now
+                fork_go(cl, row, crow)
                 self.inflight[row] = crow
         if not alive:
             sup.abandon_task(crow, mm)
-            return
-        t.fork_err = 0
-        t.fork = FORK_GO   # commit: the parent copies its mm into it now
 
     def _answer(self, row: int, ch: Child, err: int) -> None:
-        t = self.sup.cl.trow(row)
-        t.fork_pid = err
-        t.fork = err
+        fork_refuse(self.sup.cl, row, err)
         self.sup.log.info("fork_refused", worker=f"w{ch.worker_no}", mm=ch.mm, err=err)
 
     def finish(self, row: int, ch: Child) -> None:
@@ -151,9 +151,7 @@ class Forks:
                 sup.log.warning("fork_failed", worker=f"w{ch.worker_no}", error=str(e))
                 err = -EAGAIN
                 sup.reaper.undo_fork(crow, sup.log)   # its mm's exit, on its row
-        if err:
-            t.fork_pid = err
-        t.fork = FORK_NONE   # the fork returns
+        fork_return(cl, row, err or t.fork_pid)
 
     def start(self, parent: Child, crow: int, mm: MM) -> Child:
         """The child's process (exec of the parent's program on the new
@@ -163,7 +161,7 @@ class Forks:
         ``uksm.proc.scripting`` adopts."""
         sup, cl = self.sup, self.sup.cl
         ct = cl.trow(crow)
-        workload, fork_ms = split_fork(parent.workload)
+        workload, life = fork_child(parent.workload)
         if parent.program == TASK_PROGRAM:
             mine, theirs = socket.socketpair()
             try:
@@ -178,7 +176,6 @@ class Forks:
                 theirs.close()
             ch.chan = mine
         else:
-            life = CHILD_LIFE * fork_ms
             ch = sup.start_worker(crow, mm, ct.worker_no, parent.pages, workload, parent.seed,
                                   parent.churn_ms, parent.program or "uksm.workers.worker",
                                   ("--forked", "--content-wno", str(parent.content_wno),

@@ -40,6 +40,7 @@ from uksm.host import log as ulog
 from uksm.kernel import oom
 from uksm.kernel.cluster import Cluster
 from uksm.kernel.exit import mmput
+from uksm.kernel.fork import forget_original_parent, undo_fork
 from uksm.kernel.layout import (
     EXIT_PATHS,
     EXIT_REASONS,
@@ -170,9 +171,7 @@ class Reaper:
         t.unlock(cl.mmlist)
         self.sup.log.info("worker_exit", worker=f"w{ch.worker_no}", worker_pid=ch.proc.pid, mm=ch.mm,
                       how=reason, path=path, reaped=reaped)
-        for r in range(cl.max_tasks):   # forget_original_parent: its children go to init
-            if cl.trow(r).ppid == ch.proc.pid:
-                cl.trow(r).ppid = 1
+        forget_original_parent(cl, ch.proc.pid)   # its children go to init
         self.sup.free_row(row)
 
     def detect_deaths(self) -> None:
@@ -233,28 +232,17 @@ class Reaper:
             log.error("reaper_failed", error=repr(e), tb=traceback.format_exc())
 
     def undo_fork(self, crow: int, log: Any) -> None:
-        """bad_fork_cleanup_mm for a task whose process never ran (its
-        parent died forking, or its process could not be made): the exit
-        of its mm, run on its own row (``mmput``: what the copy mapped is
-        unmapped, a slot ksm_fork gave it goes by __ksm_exit), then the
-        row is freed.  Each step is idempotent: a mmput the parent began
-        (its own bad_fork_cleanup_mm, when it died in it) is finished."""
+        """bad_fork_cleanup_mm for a task whose process never ran
+        (``uksm.kernel.fork.undo_fork``, on its own row), then the row is
+        freed."""
         cl = self.sup.cl
-        t = cl.trow(crow)
-        t.kill_point = -1
-        t.pid = os.getpid()
-        t.state = TS_REAPING
-        mm_id = t.mm
+        mm_id = cl.trow(crow).mm
         mm0 = self.sup.mms.get(mm_id)
-        if mm0 is not None and mm0.words.id == mm_id:
-            view = cl.thread_view(crow)
-            view.task.on_wait = self.sup.on_wait(log)
-            view.lockdep_log = log
-            alloc = Allocator(view)
-            alloc.oom_killer = oom.oom_killer(self.sup.log)
-            mmput(view, MM(view, mm_id, mm0.row, mm0.seg), alloc, log)
-            alloc.flush()
-        log.info("fork_undone", child_row=crow, child_mm=mm_id)
+        view = cl.thread_view(crow)
+        view.task.on_wait = self.sup.on_wait(log)
+        view.lockdep_log = log
+        mm = MM(view, mm_id, mm0.row, mm0.seg) if mm0 is not None and mm0.words.id == mm_id else None
+        undo_fork(view, crow, mm, os.getpid(), log, oom.oom_killer(self.sup.log))
         self.sup.free_row(crow)
 
     def sweep(self) -> None:

@@ -52,6 +52,7 @@ from uksm.proc import options
 from uksm.workers.workloads import split_fork
 
 if TYPE_CHECKING:
+    from uksm.kernel.mm import MM
     from uksm.proc.supervisor import Child, Supervisor
 
 TASK_PROGRAM = "uksm.workers.scripted"
@@ -199,6 +200,74 @@ def task_answer(cmd: str, ans: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
+def task_failure(tid: str, what: str, ans: dict[str, Any]) -> ScriptError:
+    """A task's failed answer as the script is told it (its ``kind``; a
+    fork's -ERESTARTNOINTR is a death: a fatal signal was pending, the
+    task exits now).  Served the same way under a controlled schedule."""
+    kind = str(ans.get("kind", "value"))
+    errno = int(ans.get("errno", 0))
+    if kind == "errno" and errno == ERESTARTNOINTR:
+        kind = "died"
+    return ScriptError(f"task {tid}: {what}: {ans.get('error')}", kind,
+                       EXIT_USAGE if kind in ("value", "segfault") else EXIT_ERR, errno)
+
+
+def task_pagemap(req: dict[str, Any], tid: str, pages: int, base: int, mm: "MM | None",
+                 pid: int) -> dict[str, Any]:
+    """/proc/PID/pagemap of pages first..first+count-1 of a task of
+    ``pages`` pages mapped at ``base``, with /proc/kpageflags' KPF_KSM and
+    /proc/kpagecount for each frame: read from its page table and the
+    frame table (``MM.pagemap``).  Served the same way under a controlled
+    schedule."""
+    first = _int(req, "first", 0, pages - 1, "first page")
+    count = req.get("count")
+    count = pages - first if count is None else _int(req, "count", 0, pages - first,
+                                                     f"count (from page {first})")
+    if mm is None or not mm.alive():
+        raise ScriptError(f"task {tid}: its address space is gone", "exited")
+    return {"pages": mm.pagemap((base >> PAGE_SHIFT) + first, count), "first": first, "pid": pid,
+            "mm": mm.id}
+
+
+def task_stat(cl: Any, tid: str, mm_id: int, mm: "MM | None", pid: int) -> dict[str, Any]:
+    """/proc/PID/ksm_stat (and rss) of a task, as the cluster's kernel
+    shows it: read from its mm row (``uksm.kernel.ksm_stat``).  Served
+    the same way under a controlled schedule."""
+    from uksm.kernel.ksm_stat import ksm_stat
+    row = cl.mm_row(mm_id)
+    if row < 0:
+        raise ScriptError(f"task {tid}: its address space is gone", "exited")
+    return {**ksm_stat(cl, row, mm), "pid": pid, "mm": mm_id}
+
+
+def point_reachable(cl: Any, point: str) -> None:
+    """Refuse, before anything is done, a point the cluster's exit
+    policy never passes (``uksm inject --point`` refuses it the same
+    way): legacy's __ksm_exit has no slow path, so driving a task there
+    would only use it up."""
+    policy = EXIT_POLICIES[cl.q[H_EXIT_POLICY]]
+    if point not in killpoints.reachable(policy):
+        raise ScriptError(f"kill point {point} is never reached under exit policy {policy} "
+                          f"(its __ksm_exit has no slow path); nothing was done", "value",
+                          EXIT_USAGE)
+
+
+def builtin_reaches(tid: str, workload: str, at: str) -> None:
+    """Refuse at once a kill point a built-in worker of ``workload`` never
+    passes: __ksm_enter and the points inside fork are passed only by a
+    W+fork worker (its forks; a child's __ksm_enter is in its parent's
+    fork)."""
+    forks = split_fork(workload)[1] > 0
+    if at == "ksm_enter_locked" and not forks:
+        raise ScriptError(f"kill point {at} was not reached: worker {tid} is past its "
+                          f"__ksm_enter and does not fork (use a task made with "
+                          f"mergeable=False, or a W+fork workload)", "not_reached")
+    if at in killpoints.FORK_POINTS and not forks:
+        raise ScriptError(f"kill point {at} was not reached: worker {tid} does not fork "
+                          f"(its workload {workload!r}: a W+fork workload forks; a "
+                          f"programmable task forks with t.fork())", "not_reached")
+
+
 class Host(Protocol):
     """What the scripts' requests use of the daemon's other requests
     (``uksm.proc.handlers.Requests``)."""
@@ -334,15 +403,11 @@ class Tasks:
             pass  # it died: _answer finds the EOF
         ans = self._answer(tc, what)
         if not ans.get("ok"):
-            kind = str(ans.get("kind", "value"))
-            errno = int(ans.get("errno", 0))
-            if kind == "errno" and errno == ERESTARTNOINTR:
-                kind = "died"   # a fatal signal was pending: the task exits now
-            if kind in ("oom", "died"):  # it is exiting: let it finish
+            err = task_failure(tc.tid, what, ans)
+            if err.kind in ("oom", "died"):  # it is exiting: let it finish
                 self.wait_finished(tc, f"task {tc.tid}'s exit")
                 tc.gone = self.how(tc)
-            raise ScriptError(f"task {tc.tid}: {what}: {ans.get('error')}", kind,
-                              EXIT_USAGE if kind in ("value", "segfault") else EXIT_ERR, errno)
+            raise err
         return ans
 
     # ---- requests ----------------------------------------------------------------------------
@@ -439,34 +504,18 @@ class Tasks:
             ch.chan = None
 
     def do_task_pagemap(self, req: dict[str, Any]) -> dict[str, Any]:
-        """/proc/PID/pagemap of a task's pages first..first+count-1, with
-        /proc/kpageflags' KPF_KSM and /proc/kpagecount for each frame:
-        read from its page table and the frame table (``MM.pagemap``)."""
+        """/proc/PID/pagemap of a task's pages (``task_pagemap``)."""
         ch = self.any_worker(req)
         tc = self.chans.get(str(req.get("task")))
-        pages = ch.pages
-        first = _int(req, "first", 0, pages - 1, "first page")
-        count = req.get("count")
-        count = pages - first if count is None else _int(req, "count", 0, pages - first,
-                                                         f"count (from page {first})")
         base = tc.base if tc is not None else FIRST_VPN << PAGE_SHIFT
-        sup = self.host.sup
-        mm = sup.mms.get(ch.mm)
-        if mm is None or not mm.alive():
-            raise ScriptError(f"task w{ch.worker_no}: its address space is gone", "exited")
-        return {"pages": mm.pagemap((base >> PAGE_SHIFT) + first, count), "first": first,
-                "pid": ch.proc.pid, "mm": ch.mm}
+        return task_pagemap(req, f"w{ch.worker_no}", ch.pages, base, self.host.sup.mms.get(ch.mm),
+                            ch.proc.pid)
 
     def do_task_stat(self, req: dict[str, Any]) -> dict[str, Any]:
-        """/proc/PID/ksm_stat (and rss) of the cluster's kernel: read from
-        the task's mm row (``uksm.kernel.ksm_stat``)."""
-        from uksm.kernel.ksm_stat import ksm_stat
+        """/proc/PID/ksm_stat (and rss) of the cluster's kernel: ``task_stat``."""
         ch = self.any_worker(req)
         sup = self.host.sup
-        row = sup.cl.mm_row(ch.mm)
-        if row < 0:
-            raise ScriptError(f"task w{ch.worker_no}: its address space is gone", "exited")
-        return {**ksm_stat(sup.cl, row, sup.mms.get(ch.mm)), "pid": ch.proc.pid, "mm": ch.mm}
+        return task_stat(sup.cl, f"w{ch.worker_no}", ch.mm, sup.mms.get(ch.mm), ch.proc.pid)
 
     def was_worker(self, tid: str) -> bool:
         """``tid`` names a worker this machine started (w1..w<last>)."""
@@ -527,15 +576,7 @@ class Faults:
         return at
 
     def _reachable(self, point: str) -> None:
-        """Refuse, before anything is done, a point the cluster's exit
-        policy never passes (``uksm inject --point`` refuses it the same
-        way): legacy's __ksm_exit has no slow path, so driving a task there
-        would only use it up."""
-        policy = EXIT_POLICIES[self.host.sup.cl.q[H_EXIT_POLICY]]
-        if point not in killpoints.reachable(policy):
-            raise ScriptError(f"kill point {point} is never reached under exit policy {policy} "
-                              f"(its __ksm_exit has no slow path); nothing was done", "value",
-                              EXIT_USAGE)
+        point_reachable(self.host.sup.cl, point)
 
     def do_task_kill(self, req: dict[str, Any]) -> dict[str, Any]:
         """Kill a task now, or (``at``) drive it to a kill point and let it
@@ -598,15 +639,7 @@ class Faults:
         if at is None:
             self.host.do_kill({"workers": [tid], "signal": signame})
         else:
-            forks = split_fork(ch.workload)[1] > 0
-            if at == "ksm_enter_locked" and not forks:
-                raise ScriptError(f"kill point {at} was not reached: worker {tid} is past its "
-                                  f"__ksm_enter and does not fork (use a task made with "
-                                  f"mergeable=False, or a W+fork workload)", "not_reached")
-            if at in killpoints.FORK_POINTS and not forks:
-                raise ScriptError(f"kill point {at} was not reached: worker {tid} does not fork "
-                                  f"(its workload {ch.workload!r}: a W+fork workload forks; a "
-                                  f"programmable task forks with t.fork())", "not_reached")
+            builtin_reaches(tid, ch.workload, at)
             self._reachable(at)
             hits = cl.kill_points_hit()
             killpoints.arm_worker(cl, ch.row, at, SIGNALS[signame])
