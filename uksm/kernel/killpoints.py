@@ -52,6 +52,9 @@ POINTS: dict[str, tuple[str, str]] = {
     "ksmd_break_ksm_window": ("ksmd", "break_ksm (ksmd or the run=2 writer) saw a KSM page and is about "
                                       "to fault it for write "
                                       "(arm with a delay to widen the window the seed closed)"),
+    "ksmd_before_stable_insert": ("ksmd", "6.18 only: a new KSM page mapped by both pages, not yet linked in "
+                                          "the stable tree (stable_tree_insert, where it may become a "
+                                          "chain's dup): the second page's owner killed"),
 }
 NAMES = list(POINTS)
 # the points inside fork (uksm.kernel.fork): a task passes them when it forks
@@ -62,11 +65,17 @@ INDEX = {n: i for i, n in enumerate(NAMES)}
 UNREACHABLE: dict[str, tuple[str, ...]] = {
     "legacy": ("ksm_exit_before_down_write", "ksm_exit_mmap_sem_write"),
 }
+# points only one kernel passes (KERNELS): 6.18's stable_tree_insert window
+# (2.6.32's ksmd links its node with no call between, and no scheduling
+# point there: its controlled schedules stay as they were)
+KERNEL_ONLY: dict[str, str] = {"ksmd_before_stable_insert": "6.18"}
 
 
-def reachable(policy: str) -> list[str]:
-    """The kill points a task can reach under exit policy ``policy``."""
-    return [n for n in NAMES if n not in UNREACHABLE.get(policy, ())]
+def reachable(policy: str, kernel: str = "2.6.32") -> list[str]:
+    """The kill points a task can reach under exit policy ``policy`` and
+    kernel ``kernel``."""
+    return [n for n in NAMES if n not in UNREACHABLE.get(policy, ())
+            and KERNEL_ONLY.get(n, kernel) == kernel]
 
 
 # every kill point is a scheduling point of a controlled run (uksm.kernel.sched)
