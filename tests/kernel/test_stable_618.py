@@ -270,3 +270,28 @@ def test_unmerge_by_unshare_maps_the_copy_read_only() -> None:
         assert len({p >> 2 for p in ptes}) == 3 and s.read(ro, 3 * PAGE) == bytes(3 * PAGE)
         assert_fsck(sup, [s])
         exit_all_clean(sup, s)
+
+
+@pytest.mark.parametrize("kernel", ["6.18", "2.6.32"])
+def test_fsck_checks_the_chain_counters(kernel: str) -> None:
+    """fsck's chain invariants: a dup only in a chain, no more dups or
+    shared pages than the tree's KSM pages, max_page_sharing >= 2; no
+    chain at all under 2.6.32."""
+    from uksm.kernel.fsck import check_chains
+    from uksm.kernel.layout import K_PAGES_SHARED, K_STABLE_NODES
+    with booted(cname("t618c" + kernel.replace(".", "")), run=0, kernel=kernel, frames=64,
+                va_pages=64) as sup:
+        cl, q = sup.cl, sup.cl.q
+        assert check_chains(cl) == []
+        q[K_STABLE_NODE_CHAINS], q[K_STABLE_NODE_DUPS], q[K_STABLE_NODES] = 1, 2, 3
+        q[K_PAGES_SHARED] = 3
+        assert (check_chains(cl) == []) == (kernel == "6.18")
+        if kernel == "6.18":
+            q[K_STABLE_NODE_CHAINS] = 0
+            assert "stable_node_dups 2 with stable_node_chains 0" in check_chains(cl)[0]
+            q[K_STABLE_NODE_CHAINS], q[K_PAGES_SHARED] = 1, 4
+            assert "pages_shared 4 >" in check_chains(cl)[0]
+            q[K_PAGES_SHARED], q[K_MAX_PAGE_SHARING] = 3, 1
+            assert check_chains(cl) == ["knob: max_page_sharing 1 < 2"]
+            q[K_MAX_PAGE_SHARING] = 256
+        q[K_STABLE_NODE_CHAINS] = q[K_STABLE_NODE_DUPS] = q[K_STABLE_NODES] = q[K_PAGES_SHARED] = 0
