@@ -137,6 +137,23 @@ def expected_counts(pages: int, distinct: int, per_region: list[int]) -> tuple[i
     return contents, pages - contents
 
 
+def expected_counts_capped(distinct: int, per_region: list[int], limit: int) -> tuple[int, int]:
+    """(pages_shared, pages_sharing) when fully merged under 6.18's
+    max_page_sharing ``limit`` (4.13): each content's c copies (page i of
+    every region holds content i mod distinct) make c // limit full KSM
+    pages and one more of the rest, unless one page is left alone
+    (ksm_tests.c check_ksm_merge's formula, per content)."""
+    shared = sharing = 0
+    for c in range(distinct):
+        n = sum(r // distinct + (1 if c < r % distinct else 0) for r in per_region)
+        if n < 2:
+            continue
+        k = n // limit + (1 if n % limit >= 2 else 0)
+        shared += k
+        sharing += n - k - (1 if n % limit == 1 else 0)
+    return shared, sharing
+
+
 # ---- uksm -------------------------------------------------------------------------
 
 def split_pages(pages: int, workers: int) -> list[int]:
@@ -144,12 +161,14 @@ def split_pages(pages: int, workers: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(workers)]
 
 
-def uksm_config(pages: int, workers: int, pages_to_scan: int, sleep_ms: int, run: int = 0):
+def uksm_config(pages: int, workers: int, pages_to_scan: int, sleep_ms: int, run: int = 0,
+                kernel: str = "2.6.32"):
     from uksm.kernel.cluster import Config
     per = split_pages(pages, workers)
     return Config(frames=pages + max(64, pages // 16), max_tasks=workers * 2 + 32,
                   max_mms=workers * 3 + 32, va_pages=max(per) + 80, run=run,
-                  pages_to_scan=pages_to_scan, sleep_ms=sleep_ms, hung_timeout_ms=30_000)
+                  pages_to_scan=pages_to_scan, sleep_ms=sleep_ms, hung_timeout_ms=30_000,
+                  kernel=kernel)
 
 
 def start_workers(sup: Any, pages: int, distinct: int, workers: int, seed: int,
@@ -205,7 +224,8 @@ def wait_merged(sup: Any, t0: float, shared: int, sharing: int, timeout: float, 
 
 
 def run_uksm(pages: int, distinct: int, workers: int, pages_to_scan: int, sleep_ms: int,
-             after: float, timeout: float, seed: int, log_dir: str | None, say: Any) -> dict[str, Any]:
+             after: float, timeout: float, seed: int, log_dir: str | None, say: Any,
+             kernel: str = "2.6.32") -> dict[str, Any]:
     from uksm.host import log as ulog
     from uksm.host import shm
     from uksm.kernel.ksm import run_store
@@ -220,8 +240,11 @@ def run_uksm(pages: int, distinct: int, workers: int, pages_to_scan: int, sleep_
     name = f"bench{os.getpid()}"
     per = split_pages(pages, workers)
     exp_shared, exp_sharing = expected_counts(pages, distinct, per)
-    sup = Supervisor(name, uksm_config(pages, workers, pages_to_scan, sleep_ms), log_dir, quiet=True)
-    res: dict[str, Any] = {"cluster": name, "workers": workers, "pages_per_worker": per[0],
+    if kernel != "2.6.32":   # 6.18's max_page_sharing (256 at boot) caps each KSM page, as the host's
+        exp_shared, exp_sharing = expected_counts_capped(distinct, per, 256)
+    sup = Supervisor(name, uksm_config(pages, workers, pages_to_scan, sleep_ms, kernel=kernel), log_dir,
+                     quiet=True)
+    res: dict[str, Any] = {"cluster": name, "kernel": kernel, "workers": workers, "pages_per_worker": per[0],
                            "expected_shared": exp_shared, "expected_sharing": exp_sharing}
     clean = False
     try:
@@ -641,6 +664,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="leave /sys/kernel/mm/ksm alone (no kernel figures, no ratios)")
     ap.add_argument("--skip-run", action="store_true",
                     help="skip goal 2's `uksm run --until-merged` from nothing")
+    ap.add_argument("--kernel", default="2.6.32", choices=("2.6.32", "6.18"),
+                    help="the uksm half's mm/ksm.c (6.18: like with like against this 6.18, "
+                         "max_page_sharing 256 on both sides)")
     ap.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     a = ap.parse_args(argv)
     if a.pages < 1 or a.distinct < 1 or a.workers < 1 or a.pages_to_scan < 1 or a.sleep_ms < 0:
@@ -671,7 +697,7 @@ def main(argv: list[str] | None = None) -> int:
             if not a.skip_uksm:
                 sides.append(("uksm", lambda: run_uksm(
                     a.pages, a.distinct, a.workers, a.pages_to_scan, a.sleep_ms, a.after,
-                    a.timeout, a.seed, a.log_dir, say)))
+                    a.timeout, a.seed, a.log_dir, say, a.kernel)))
             if not a.skip_run:
                 sides.append(("uksm_run", lambda: run_cli(
                     a.pages, a.distinct, a.workers, a.pages_to_scan, a.sleep_ms, a.timeout, say)))
