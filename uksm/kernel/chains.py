@@ -19,9 +19,10 @@ docs/KERNEL-MAP.md: the kernel's rbtree walk meets a chain on the path of
 a search for *any* content, and prunes it there when it is due
 (chain_prune, every stable_node_chains_prune_millisecs) or frees it when
 it is empty (stable_node_dup_any); a hash map meets only its own key.  So
-every search here first meets every chain that is due or empty
+every batch here first meets every chain that is due or empty
 (``meet_chains``) -- what the kernel does in a tree of one content (every
-search passes the root), and more often than the kernel in a big tree.
+search passes the root) to within a batch, and more often than the
+kernel in a big tree.  The clock is read once a batch (``jiffies``).
 
 Nothing here is shared memory: the trees are ksmd's private state, and the
 counters are published with the others under ksm_thread_mutex
@@ -33,7 +34,16 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from uksm.kernel import sched
-from uksm.kernel.layout import K_MAX_PAGE_SHARING, K_STABLE_NODE_CHAINS_PRUNE_MS
+from uksm.kernel.layout import (
+    F_KSM,
+    FR_COUNT,
+    FR_FLAGS,
+    FR_KEY0,
+    FR_KEY1,
+    FRAME_SIZE,
+    K_MAX_PAGE_SHARING,
+    K_STABLE_NODE_CHAINS_PRUNE_MS,
+)
 
 NEVER = 1 << 62
 
@@ -80,12 +90,14 @@ def now_ms() -> int:
 class StableTree618:
     """The 6.18 half of ksmd's stable tree (mixed into ``Ksmd``)."""
     q: Any
+    fq: Any
     stable: dict[bytes, StableNode]
     live: dict[int, StableNode]
     chains: dict[int, StableNode]   # nid -> chain (ksm_stable_node_chains = len)
     ndups: int                      # ksm_stable_node_dups
     next_nid: int
     next_meet: int                  # meet_chains does nothing before this (ms)
+    jiffies: int                    # the clock (ms), read at each batch's start
 
     if TYPE_CHECKING:
         def get_ksm_page(self, node: StableNode) -> bool: ...
@@ -114,11 +126,13 @@ class StableTree618:
         chain = StableNode(self.next_nid, -1, dup.key)
         self.next_nid += 1
         chain.dups = []
-        chain.prune_at = now_ms()       # chain->chain_prune_time = jiffies
+        chain.prune_at = self.jiffies   # chain->chain_prune_time = jiffies
         self.chains[chain.nid] = chain  # ksm_stable_node_chains++
         self.stable[dup.key] = chain
         self.stable_node_chain_add_dup(dup, chain)
         self.next_meet = min(self.next_meet, chain.prune_at + self.q[K_STABLE_NODE_CHAINS_PRUNE_MS])
+        # (a knob write lowering the period is seen at the next meet_chains
+        # that runs: next_meet is a hint, the chains' own prune_at decides)
         return chain
 
     def stable_node_chain_add_dup(self, dup: StableNode, chain: StableNode) -> None:
@@ -162,20 +176,30 @@ class StableTree618:
         stable_node_chains_prune_millisecs per chain) walks every dup; if
         just one is left, and it has room, the chain collapses into it
         (ksm_stable_node_chains--, ksm_stable_node_dups--).  A dup with room
-        for one more after this merge moves to the head of the chain."""
-        assert chain.dups is not None
-        now = now_ms()
-        if prune and now >= chain.prune_at + self.q[K_STABLE_NODE_CHAINS_PRUNE_MS]:
-            chain.prune_at = now
-        else:
-            prune = False
+        for one more after this merge moves to the head of the chain.
+        The clock is ``jiffies``, read once a batch (``meet_chains``)."""
+        dups = chain.dups
+        assert dups is not None
+        if prune:
+            if self.jiffies >= chain.prune_at + self.q[K_STABLE_NODE_CHAINS_PRUNE_MS]:
+                chain.prune_at = self.jiffies
+            else:
+                prune = False
+        limit = self.q[K_MAX_PAGE_SHARING]
+        fq = self.fq
         found: StableNode | None = None
-        nr = 0
-        for dup in list(chain.dups):   # hlist_for_each_entry_safe
-            if self.stale(dup):
+        nr = i = 0
+        while i < len(dups):   # hlist_for_each_entry_safe: a stale dup leaves the list
+            dup = dups[i]
+            b = dup.kpfn * FRAME_SIZE   # get_ksm_page, inline (the scan's hot path)
+            if not (fq[b + FR_FLAGS] & F_KSM and fq[b + FR_COUNT] > 0
+                    and fq[b + FR_KEY0] == dup.k0 and fq[b + FR_KEY1] == dup.k1):
+                self.remove_node_from_stable_tree(dup)
                 continue
             nr += 1
-            if self.is_page_sharing_candidate(dup) and (found is None or dup.mapcount > found.mapcount):
+            i += 1
+            n = dup.mapcount   # is_page_sharing_candidate, inline: the scan's hot path
+            if n and n < limit and (found is None or n > found.mapcount):
                 found = dup
                 if not prune:
                     break
@@ -185,23 +209,21 @@ class StableTree618:
             # "There's just one entry and it is below the deduplication
             # limit so drop the chain": rb_replace_node(chain, found)
             self.chains.pop(chain.nid, None)
-            chain.dups.clear()
+            dups.clear()
             found.chain = None
             self.ndups -= 1
             self.stable[found.key] = found
-        elif chain.dups[0] is not found and self.is_page_sharing_candidate(found, 1):
-            chain.dups.remove(found)
-            chain.dups.insert(0, found)
+        elif dups[0] is not found and self.is_page_sharing_candidate(found, 1):
+            dups.remove(found)
+            dups.insert(0, found)
         return found
 
     def meet_chains(self) -> None:
-        """The chains a search walks past: in the kernel, the rbtree path of
-        any search; here every chain that is due for pruning (chain_prune)
-        or empty (stable_node_dup_any frees it).  Nothing to do, one
-        comparison, until the earliest chain is due."""
-        now = now_ms()
-        if now < self.next_meet:
-            return
+        """The chains a search walks past -- in the kernel, the rbtree path
+        of any search; here, at a batch's start (``Ksmd.ksm_do_scan``, once
+        ``jiffies`` reaches ``next_meet``), every chain that is due for
+        pruning (chain_prune) or empty (stable_node_dup_any frees it)."""
+        now = self.jiffies
         ms = self.q[K_STABLE_NODE_CHAINS_PRUNE_MS]
         nxt = NEVER
         for chain in list(self.chains.values()):
@@ -238,8 +260,6 @@ class StableTree618:
             node = self.own_node(key, pfn)
             if node is not None:
                 return node
-        if self.chains:
-            self.meet_chains()
         while True:
             node = self.stable.get(key)
             if node is None:
@@ -247,7 +267,8 @@ class StableTree618:
             if node.dups is None:   # __stable_node_chain on a plain node
                 if self.stale(node):
                     continue
-                return node if self.is_page_sharing_candidate(node) else None
+                n = node.mapcount   # is_page_sharing_candidate, inline
+                return node if n and n < self.q[K_MAX_PAGE_SHARING] else None
             dup = self.stable_node_dup(node, True)   # chain_prune
             if dup is not None:
                 return dup

@@ -44,7 +44,7 @@ import mmh3
 
 from uksm.host import shm
 from uksm.kernel import killpoints, oom, sched
-from uksm.kernel.chains import NEVER, StableNode, StableTree618
+from uksm.kernel.chains import NEVER, StableNode, StableTree618, now_ms
 from uksm.kernel.cluster import Cluster, add_task_args
 from uksm.kernel.ksm import break_cow, list_del, slot_next
 from uksm.kernel.layout import (
@@ -189,6 +189,7 @@ class Ksmd(StableTree618):
         self.chains: dict[int, StableNode] = {}   # nid -> chain: ksm_stable_node_chains
         self.ndups = 0                            # ksm_stable_node_dups
         self.next_meet = NEVER
+        self.jiffies = 0
         self.slots: dict[int, SlotState] = {}
         self.pages_shared = 0
         self.pages_sharing = 0
@@ -545,6 +546,10 @@ class Ksmd(StableTree618):
         cl, q, task = self.cl, self.q, self.cl.task
         head = cl.head
         scanned = 0
+        if self.modern:   # 6.18: jiffies for this batch; the chains a search would pass
+            self.jiffies = now_ms()
+            if self.chains and self.jiffies >= self.next_meet:
+                self.meet_chains()
         while budget > 0:
             slot = q[L_SCAN_SLOT]
             if slot == head:
@@ -835,9 +840,12 @@ class Ksmd(StableTree618):
         key = digest(self.pool[p:p + PAGE_SIZE])
         if self.modern:  # chains, dups, max_page_sharing (4.13, 2c653d0ee2ae)
             node = self.stable_tree_search(key, pfn, bool(self.fq[pfn * FRAME_SIZE + FR_FLAGS] & F_KSM))
-        else:
-            node = self.stable.get(key)
-        if node is not None:
+            if node is not None:   # a live KSM page with room (or this very page, forked)
+                if node.kpfn == pfn or self.try_to_merge_one_page(st.mm, vpn, pfn, node):
+                    self.stable_tree_append(st, vpn, node)
+                    self._merged(st)
+                return True
+        elif (node := self.stable.get(key)) is not None:
             if self.get_ksm_page(node):
                 if node.kpfn == pfn or self.try_to_merge_one_page(st.mm, vpn, pfn, node):
                     self.stable_tree_append(st, vpn, node)
