@@ -52,6 +52,11 @@ POINTS: dict[str, tuple[str, str]] = {
     "ksmd_break_ksm_window": ("ksmd", "break_ksm (ksmd or the run=2 writer) saw a KSM page and is about "
                                       "to fault it for write "
                                       "(arm with a delay to widen the window the seed closed)"),
+    # last in the list: a point's code is its index (a stored schedule names codes)
+    "ksmd_alloc_kpage": ("ksmd", "try_to_merge_two_pages (2.6.32) is about to alloc_page the new KSM "
+                                 "page, holding ksm_thread_mutex and the mm's mmap_sem for read: owner "
+                                 "killed (arm with a delay to hold ksmd there; arm to fail: "
+                                 "fail_page_alloc, the allocation fails and nothing is merged)"),
     "ksmd_before_stable_insert": ("ksmd", "6.18 only: a new KSM page mapped by both pages, not yet linked in "
                                           "the stable tree (stable_tree_insert, where it may become a "
                                           "chain's dup): the second page's owner killed"),
@@ -69,6 +74,12 @@ UNREACHABLE: dict[str, tuple[str, ...]] = {
 # (2.6.32's ksmd links its node with no call between, and no scheduling
 # point there: its controlled schedules stay as they were)
 KERNEL_ONLY: dict[str, str] = {"ksmd_before_stable_insert": "6.18"}
+
+
+# points where an allocation can be made to fail (CONFIG_FAIL_PAGE_ALLOC's
+# fail_page_alloc, once): ``arm_ksmd_fail``
+FAIL_POINTS = ("ksmd_alloc_kpage",)
+FAIL = 1 << 16   # H_KSMD_POINT_SIG for "fail here" (a signal is 1..64, a delay negative)
 
 
 def reachable(policy: str, kernel: str = "2.6.32") -> list[str]:
@@ -127,17 +138,31 @@ def arm_ksmd_delay(cl: "Cluster", name: str, ms: int) -> None:
     cl.q[H_KSMD_POINT] = INDEX[name]
 
 
-def hit_ksmd(cl: "Cluster", name: str, mm_base: int, log: Any = NULL_LOG) -> None:
+def arm_ksmd_fail(cl: "Cluster", name: str) -> None:
+    """Make the allocation at point ``name`` fail (once), as
+    fail_page_alloc does: the caller's failure path, on demand."""
+    if name not in FAIL_POINTS:
+        raise ValueError(f"{name}: only {', '.join(FAIL_POINTS)} can be made to fail")
+    cl.q[H_KSMD_POINT_SIG] = FAIL
+    cl.q[H_KSMD_POINT] = INDEX[name]
+
+
+def hit_ksmd(cl: "Cluster", name: str, mm_base: int, log: Any = NULL_LOG) -> bool:
     """ksmd passes point ``name`` inside the mm at row base ``mm_base``.
     In a controlled run every pass is a scheduling point, a delay point is
     a barrier, not a sleep: ksmd waits there until nothing else can run
     (the scheduler releases it), and a kill is delivered by the scheduler
-    at this step."""
+    at this step.  True when the point was armed to fail (``arm_ksmd_fail``):
+    the caller fails what it was about to do."""
     q = cl.q
     if sched.ON:
         sched.point("kp:" + name)
     if q[H_KSMD_POINT] != INDEX[name]:
-        return
+        return False
+    if q[H_KSMD_POINT_SIG] == FAIL:
+        q[H_KSMD_POINT] = -1
+        log.info("kill_point", point=name, action="fail", victim_pid=0)
+        return True
     if q[H_KSMD_POINT_SIG] < 0:  # a delay point
         q[H_KSMD_POINT] = -1
         log.info("kill_point", point=name, action="delay", victim_pid=0)
@@ -145,18 +170,18 @@ def hit_ksmd(cl: "Cluster", name: str, mm_base: int, log: Any = NULL_LOG) -> Non
             sched.blocked(sched.BLK_DELAY)
         else:
             time.sleep(-q[H_KSMD_POINT_SIG] / 1000.0)
-        return
+        return False
     pid = q[mm_base + M_OWNER_PID]
     if pid <= 0:
-        return
+        return False
     q[H_KSMD_POINT] = -1
     sig = q[H_KSMD_POINT_SIG] or signal.SIGKILL
     cl.kill_points_sem.release()
     log.info("kill_point", point=name, action="kill" if sig == signal.SIGKILL else "term",
              victim_pid=pid)
-    if sched.signal(pid, sig):
-        return
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
+    if not sched.signal(pid, sig):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+    return False
