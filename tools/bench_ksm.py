@@ -51,6 +51,13 @@ Usage::
     python3 tools/bench_ksm.py                       # 200,000 pages, 50 contents
     python3 tools/bench_ksm.py --pages 20000 --json  # smaller, one JSON object
     python3 tools/bench_ksm.py --skip-kernel         # uksm only, /sys/kernel/mm/ksm untouched
+    python3 tools/bench_ksm.py --kernel 6.18         # uksm as 6.18, against this 6.18
+
+``--kernel 6.18`` (issue 23) boots uksm with ``kernel="6.18"`` (its
+max_page_sharing 256 and smart_scan 1, as the host's own defaults) and
+stops both clocks at the same point: every page merged
+(``pages_shared + pages_sharing == N``), whatever the split into KSM
+pages -- like with like against this machine's 6.18.
 """
 from __future__ import annotations
 
@@ -136,23 +143,6 @@ def expected_counts(pages: int, distinct: int, per_region: list[int]) -> tuple[i
     return contents, pages - contents
 
 
-def expected_counts_capped(distinct: int, per_region: list[int], limit: int) -> tuple[int, int]:
-    """(pages_shared, pages_sharing) when fully merged under 6.18's
-    max_page_sharing ``limit`` (4.13): each content's c copies (page i of
-    every region holds content i mod distinct) make c // limit full KSM
-    pages and one more of the rest, unless one page is left alone
-    (ksm_tests.c check_ksm_merge's formula, per content)."""
-    shared = sharing = 0
-    for c in range(distinct):
-        n = sum(r // distinct + (1 if c < r % distinct else 0) for r in per_region)
-        if n < 2:
-            continue
-        k = n // limit + (1 if n % limit >= 2 else 0)
-        shared += k
-        sharing += n - k - (1 if n % limit == 1 else 0)
-    return shared, sharing
-
-
 # ---- uksm -------------------------------------------------------------------------
 
 def split_pages(pages: int, workers: int) -> list[int]:
@@ -196,17 +186,20 @@ def start_workers(sup: Any, pages: int, distinct: int, workers: int, seed: int,
 
 
 def wait_merged(sup: Any, t0: float, shared: int, sharing: int, timeout: float, say: Any,
-                label: str, tick: Any = None) -> float:
+                label: str, tick: Any = None, any_split: bool = False) -> float:
     """Poll the cluster (every ~2 ms) until ``pages_shared == shared`` and
-    ``pages_sharing == sharing``; ``tick(now)`` at every poll.  Returns the
-    seconds since ``t0``; RuntimeError on a cluster error or the timeout."""
+    ``pages_sharing == sharing`` (``any_split``: until their sum is, as the
+    kernel's side waits: --kernel 6.18); ``tick(now)`` at every poll.
+    Returns the seconds since ``t0``; RuntimeError on a cluster error or
+    the timeout."""
     from uksm.kernel.layout import K_PAGES_SCANNED, K_PAGES_SHARED, K_PAGES_SHARING
     q = sup.cl.q
     scanned0, last = q[K_PAGES_SCANNED], t0
     while True:
         sup.poll()
         now = time.monotonic()
-        if q[K_PAGES_SHARED] == shared and q[K_PAGES_SHARING] == sharing:
+        if (q[K_PAGES_SHARED] + q[K_PAGES_SHARING] == shared + sharing if any_split
+                else q[K_PAGES_SHARED] == shared and q[K_PAGES_SHARING] == sharing):
             return now - t0
         if sup.errors:
             raise RuntimeError("; ".join(sup.errors))
@@ -239,11 +232,9 @@ def run_uksm(pages: int, distinct: int, workers: int, pages_to_scan: int, sleep_
     name = f"bench{os.getpid()}"
     per = split_pages(pages, workers)
     exp_shared, exp_sharing = expected_counts(pages, distinct, per)
-    if kernel != "2.6.32":   # 6.18's max_page_sharing (256 at boot) caps each KSM page, as the host's
-        exp_shared, exp_sharing = expected_counts_capped(distinct, per, 256)
     sup = Supervisor(name, uksm_config(pages, workers, pages_to_scan, sleep_ms, kernel=kernel), log_dir,
                      quiet=True)
-    res: dict[str, Any] = {"cluster": name, "kernel": kernel, "workers": workers, "pages_per_worker": per[0],
+    res: dict[str, Any] = {"cluster": name, "workers": workers, "pages_per_worker": per[0],
                            "expected_shared": exp_shared, "expected_sharing": exp_sharing}
     clean = False
     try:
@@ -257,7 +248,8 @@ def run_uksm(pages: int, distinct: int, workers: int, pages_to_scan: int, sleep_
         cpu0 = proc_cpu_s(kpid)
         t0 = time.monotonic()
         run_store(sup.cl, 1)
-        dt = wait_merged(sup, t0, exp_shared, exp_sharing, timeout, say, "uksm")
+        dt = wait_merged(sup, t0, exp_shared, exp_sharing, timeout, say, "uksm",
+                         any_split=kernel != "2.6.32")
         cpu1 = proc_cpu_s(kpid)
         scanned = q[K_PAGES_SCANNED] - scanned0
         if cpu0 is not None and cpu1 is not None:
@@ -482,7 +474,7 @@ def merged_at(log_dir: str, shared: int, sharing: int) -> int | None:
 
 
 def run_cli(pages: int, distinct: int, workers: int, pages_to_scan: int, sleep_ms: int,
-            timeout: float, say: Any) -> dict[str, Any]:
+            timeout: float, say: Any, kernel: str = "2.6.32") -> dict[str, Any]:
     """``uksm run --until-merged`` as a user types it, timed from the
     command's start to its exit (``e2e_s``, goal 2): boot, workers filling
     their pages, ksmd merging, the rule that tells it nothing is left to
@@ -503,7 +495,8 @@ def run_cli(pages: int, distinct: int, workers: int, pages_to_scan: int, sleep_m
         cmd = [sys.executable, "-m", "uksm", "run", "--cluster", name, "--workers", str(workers),
                "--pages", str(per), "--workload", f"dup:{distinct}", "--pages-to-scan",
                str(pages_to_scan), "--sleep-ms", str(sleep_ms), "--until-merged",
-               "--max-duration", str(int(timeout)), "--log-dir", logs, "--json", "--quiet"]
+               "--max-duration", str(int(timeout)), "--log-dir", logs, "--json", "--quiet",
+               "--kernel", kernel]
         say(f"  uksm run: {workers} workers x {per} pages, dup:{distinct}, until merged")
         t0_ns = time.monotonic_ns()
         t0 = t0_ns / 1e9
@@ -521,12 +514,15 @@ def run_cli(pages: int, distinct: int, workers: int, pages_to_scan: int, sleep_m
                 raise RuntimeError(f"uksm run did not finish in {timeout + 60:.0f}s") from None
             raise
         dt = time.monotonic() - t0
+        try:
+            rep = json.loads(p.stdout)
+        except ValueError:
+            rep = {}
         want = expected_counts(per * workers, distinct, [per])
+        k = rep.get("ksm") or {}
+        if kernel != "2.6.32" and k.get("pages_shared", 0) + k.get("pages_sharing", 0) == pages:
+            want = (k["pages_shared"], k["pages_sharing"])   # 6.18: any split into KSM pages
         m_ns = merged_at(logs, *want)
-    try:
-        rep = json.loads(p.stdout)
-    except ValueError:
-        rep = {}
     if p.returncode != 0:
         raise RuntimeError(f"uksm run exited with status {p.returncode}: "
                            f"{(p.stderr.strip().splitlines() or ['?'])[-1]}")
@@ -664,8 +660,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-run", action="store_true",
                     help="skip goal 2's `uksm run --until-merged` from nothing")
     ap.add_argument("--kernel", default="2.6.32", choices=("2.6.32", "6.18"),
-                    help="the uksm half's mm/ksm.c (6.18: like with like against this 6.18, "
-                         "max_page_sharing 256 on both sides)")
+                    help="uksm's kernel (default 2.6.32); 6.18: like with like against this 6.18, "
+                         "both clocks stopped once every page is merged")
     ap.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     a = ap.parse_args(argv)
     if a.pages < 1 or a.distinct < 1 or a.workers < 1 or a.pages_to_scan < 1 or a.sleep_ms < 0:
@@ -685,7 +681,8 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "machine": machine(),
         "layout": {"pages": a.pages, "distinct": a.distinct, "workers": a.workers,
-                   "pages_to_scan": a.pages_to_scan, "sleep_millisecs": a.sleep_ms},
+                   "pages_to_scan": a.pages_to_scan, "sleep_millisecs": a.sleep_ms,
+                   "uksm_kernel": a.kernel},
     }
     status = 0
     runs: dict[str, list[dict[str, Any]]] = {}
@@ -699,7 +696,8 @@ def main(argv: list[str] | None = None) -> int:
                     a.timeout, a.seed, a.log_dir, say, a.kernel)))
             if not a.skip_run:
                 sides.append(("uksm_run", lambda: run_cli(
-                    a.pages, a.distinct, a.workers, a.pages_to_scan, a.sleep_ms, a.timeout, say)))
+                    a.pages, a.distinct, a.workers, a.pages_to_scan, a.sleep_ms, a.timeout, say,
+                    a.kernel)))
             if not a.skip_kernel and "skipped" not in (runs.get("kernel") or [{}])[-1]:
                 sides.append(("kernel", lambda: run_kernel(
                     a.pages, a.distinct, a.pages_to_scan, a.sleep_ms, a.after, a.timeout, say)))
@@ -736,7 +734,7 @@ def main(argv: list[str] | None = None) -> int:
         lay = report["layout"]
         print(f"layout: {lay['pages']:,} pages, {lay['distinct']} distinct contents, "
               f"pages_to_scan {lay['pages_to_scan']}, sleep_millisecs {lay['sleep_millisecs']} "
-              f"(uksm: {lay['workers']} workers)")
+              f"(uksm: {lay['workers']} workers, kernel {lay['uksm_kernel']})")
         print(table(report))
         ur = report.get("uksm_run") or {}
         if "e2e_s" in ur:

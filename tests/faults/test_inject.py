@@ -205,3 +205,17 @@ def test_a_point_never_reached_again_ends_the_kills(tmp_path):
 def test_point_budget_must_be_positive():
     p = run_group([sys.executable, "-m", "uksm", "inject", "--point-budget", "0"], 30)
     assert p.returncode == 2 and "Traceback" not in p.stderr and "--point-budget" in p.stderr
+
+
+@pytest.mark.timeout(120)
+def test_inject_under_618(tmp_path):
+    """``uksm inject --kernel 6.18`` (issue 23): kills through 6.18's
+    machine, recovered and clean, the report's ksm block 6.18's; a
+    campaign carries the kernel into each run's command."""
+    r, status = inject("--kernel", "6.18", "--kills", "5", "--workers", "2", "--pages", "32",
+                       "--log-dir", str(tmp_path))
+    assert_clean(r, status, 5)
+    assert r["kernel"] == "6.18" and "max_page_sharing" in r["ksm"] and "max_kernel_pages" not in r["ksm"]
+    p = run_group([sys.executable, "-m", "uksm", "campaign", "--kernel", "6.18", "--dry-run",
+                   "--out", str(tmp_path / "c.jsonl")], 60)
+    assert p.returncode == 0 and p.stdout.rstrip().endswith("--kernel 6.18"), p.stdout + p.stderr
