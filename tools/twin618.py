@@ -172,7 +172,10 @@ def stable_cases() -> list[Case]:
     """ksm_tests.c -M, check_ksm_merge's max_page_sharing formula, LTP ksm06's
     one-node half, and what 6.18 does with a KSM page mapped once, stale
     dups, an emptied chain and a forked KSM page (tests/kernel/test_stable_618.py
-    checks the same on uksm alone)."""
+    checks the same on uksm alone).  The tree-* cases' numbers are no
+    program's: they are what 6.18's mm/ksm.c gives (stable_node_dup,
+    chain_prune, stable_node_dup_any, max_page_sharing_bypass), as this
+    machine's 6.18 gave them (docs/TWIN.md)."""
     out = [_tree_case("ksm_tests-M", "ksm_tests.c -M -p 10", 256,
                       [Step("merge", _same(10), scans=3)], {"merge": (1, 9, 0, 0)})]
     for n, m in ((10, 3), (11, 3), (8, 2), (5, 2)):
@@ -183,17 +186,18 @@ def stable_cases() -> list[Case]:
                           [Step("merge", _same(100), scans=3)], {"merge": (1, 99, 0, 0)}))
     out.append(_tree_case("tree-once", "6.18's ksm_do_scan: a KSM page mapped once stays one", 256,
                           [Step("merge", _same(2), scans=3), Step("write", [("fill", "A", 1, 1, 0x31)], scans=3)],
-                          {}))
+                          {"write": (1, 0, 0, 0)}))
     out.append(_tree_case("tree-prune", "chain_prune: max 2, 0 ms; pages 0-1 discarded, page 3 written", 2,
                           [Step("merge", _same(4), scans=3),
                            Step("discard", [("madvise", "A", 0, 2, "DONTNEED"), ("fill", "A", 3, 1, 0x33)],
-                                scans=3)], {}, prune_ms=0))
+                                scans=3)], {"merge": (2, 2, 1, 2), "discard": (1, 0, 0, 0)}, prune_ms=0))
     out.append(_tree_case("tree-empty", "stable_node_dup_any: max 2, 5 pages; 4 written, 0-3 discarded", 2,
                           [Step("merge", _same(5), scans=3),
                            Step("discard", [("fill", "A", 4, 1, 0x34), ("madvise", "A", 0, 4, "DONTNEED")],
-                                scans=3)], {}))
+                                scans=3)], {"merge": (2, 2, 1, 2), "discard": (0, 0, 0, 0)}))
     out.append(_tree_case("tree-fork", "max_page_sharing_bypass: max 2, 2 pages merged, then a fork", 2,
-                          [Step("merge", _same(2), scans=3), Step("fork", [("fork", "A", "B")], scans=3)], {}))
+                          [Step("merge", _same(2), scans=3), Step("fork", [("fork", "A", "B")], scans=3)],
+                          {"fork": (1, 3, 0, 0)}))
     return out
 
 

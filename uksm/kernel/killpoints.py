@@ -57,9 +57,11 @@ POINTS: dict[str, tuple[str, str]] = {
                                  "page, holding ksm_thread_mutex and the mm's mmap_sem for read: owner "
                                  "killed (arm with a delay to hold ksmd there; arm to fail: "
                                  "fail_page_alloc, the allocation fails and nothing is merged)"),
-    "ksmd_before_stable_insert": ("ksmd", "6.18 only: a new KSM page mapped by both pages, not yet linked in "
-                                          "the stable tree (stable_tree_insert, where it may become a "
-                                          "chain's dup): the second page's owner killed"),
+    "ksmd_before_stable_insert": ("ksmd", "6.18 only: a page merged into a KSM page (a dup of a chain, "
+                                          "perhaps), its rmap_item not yet appended; or a new KSM page "
+                                          "mapped by both pages, not yet in the stable tree "
+                                          "(stable_tree_insert, where it may become a chain's dup): the "
+                                          "page's owner killed"),
 }
 NAMES = list(POINTS)
 # the points inside fork (uksm.kernel.fork): a task passes them when it forks

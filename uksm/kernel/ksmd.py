@@ -845,6 +845,9 @@ class Ksmd(StableTree618):
             node = self.stable_tree_search(key, pfn, bool(self.fq[pfn * FRAME_SIZE + FR_FLAGS] & F_KSM))
             if node is not None:   # a live KSM page with room (or this very page, forked)
                 if node.kpfn == pfn or self.try_to_merge_one_page(st.mm, vpn, pfn, node):
+                    # merged, its rmap_item not yet on the node (the dup it
+                    # chose counts it only from stable_tree_append on)
+                    killpoints.hit_ksmd(self.cl, "ksmd_before_stable_insert", st.mm.base, self.log)
                     self.stable_tree_append(st, vpn, node)
                     self._merged(st)
                 return True
