@@ -18,8 +18,8 @@ LOCK = "/tmp/hostksm.lock"
 #: what the host's knobs are put back to, in this order (run=2 first: unmerge
 #: everything; max_page_sharing can only be written with no KSM page left)
 RESTORE = (("run", "2"), ("run", "0"), ("pages_to_scan", "100"), ("sleep_millisecs", "20"),
-           ("max_page_sharing", "256"), ("use_zero_pages", "0"), ("smart_scan", "1"),
-           ("advisor_mode", "none"))
+           ("max_page_sharing", "256"), ("stable_node_chains_prune_millisecs", "2000"),
+           ("use_zero_pages", "0"), ("smart_scan", "1"), ("advisor_mode", "none"))
 
 
 class HostKsm:

@@ -39,7 +39,10 @@ LTP_PAGES = 32
 LTP_TOTAL = 3 * LTP_PAGES
 #: LTP ksm05's children (LTP: as many as fit in its runtime, >= 10 s)
 KSM05_CHILDREN = 10
-COUNTERS = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile")
+COUNTERS = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile",
+            "stable_node_chains", "stable_node_dups")
+#: the fields the stable-tree cases compare (branch stable618)
+TREE = ("pages_shared", "pages_sharing", "stable_node_chains", "stable_node_dups")
 
 Action = tuple[Any, ...]
 
@@ -134,8 +137,68 @@ def cases() -> dict[str, Case]:
               ("write", "pages_sharing")],
              [("write", "pages_shared", "==", 0), ("write", "pages_sharing", "==", 0)]),
     ]
-    out += [ksm01(), ksm05()]
+    out += [ksm01(), ksm05()] + stable_cases()
     return {c.name: c for c in out}
+
+
+def merge_check(n: int, m: int) -> tuple[int, int]:
+    """ksm_tests.c check_ksm_merge's expectation for n pages of one content
+    and max_page_sharing m: "if (page_count % max_page_sharing == 0 ||
+    page_count % max_page_sharing == 1)" shared = n / m, sharing = shared *
+    (m - 1); else shared = n / m + 1, sharing = n - shared."""
+    if n % m in (0, 1):
+        return n // m, n // m * (m - 1)
+    return n // m + 1, n - (n // m + 1)
+
+
+def _tree_case(name: str, source: str, limit: int, steps: list[Step], asserts: dict[str, tuple[int, ...]],
+               prune_ms: int = 2000) -> Case:
+    """6.18's stable tree (4.13, 2c653d0ee2ae): one task, max_page_sharing
+    ``limit``, each step's TREE fields compared; ``asserts``: step ->
+    (shared, sharing[, chains, dups]) the source asserts."""
+    exact = [(s.name, f) for s in steps for f in TREE]
+    checks = [(step, f, "==", v) for step, vals in asserts.items() for f, v in zip(TREE, vals)]
+    knobs = {"smart_scan": "0", "max_page_sharing": str(limit),
+             "stable_node_chains_prune_millisecs": str(prune_ms)}
+    return Case(name, source, steps, exact, checks, knobs)
+
+
+def _same(n: int) -> list[Action]:
+    """n pages of '*' (ksm_tests.c: memset(map, '*', ...)), MADV_MERGEABLE."""
+    return [("run", 1), ("task", "A", n), ("fill", "A", 0, n, ord("*")), ("madvise", "A", 0, n, "MERGEABLE")]
+
+
+def stable_cases() -> list[Case]:
+    """ksm_tests.c -M, check_ksm_merge's max_page_sharing formula, LTP ksm06's
+    one-node half, and what 6.18 does with a KSM page mapped once, stale
+    dups, an emptied chain and a forked KSM page (tests/kernel/test_stable_618.py
+    checks the same on uksm alone).  The tree-* cases' numbers are no
+    program's: they are what 6.18's mm/ksm.c gives (stable_node_dup,
+    chain_prune, stable_node_dup_any, max_page_sharing_bypass), as this
+    machine's 6.18 gave them (docs/TWIN.md)."""
+    out = [_tree_case("ksm_tests-M", "ksm_tests.c -M -p 10", 256,
+                      [Step("merge", _same(10), scans=3)], {"merge": (1, 9, 0, 0)})]
+    for n, m in ((10, 3), (11, 3), (8, 2), (5, 2)):
+        shared, sharing = merge_check(n, m)
+        out.append(_tree_case(f"merge-{n}-{m}", f"ksm_tests.c check_ksm_merge, {n} pages, max_page_sharing {m}",
+                              m, [Step("merge", _same(n), scans=3)], {"merge": (shared, sharing, 1, shared)}))
+    out.append(_tree_case("ksm06", "LTP ksm06, merge_across_nodes=1 on one node: 100 pages, max 100", 100,
+                          [Step("merge", _same(100), scans=3)], {"merge": (1, 99, 0, 0)}))
+    out.append(_tree_case("tree-once", "6.18's ksm_do_scan: a KSM page mapped once stays one", 256,
+                          [Step("merge", _same(2), scans=3), Step("write", [("fill", "A", 1, 1, 0x31)], scans=3)],
+                          {"write": (1, 0, 0, 0)}))
+    out.append(_tree_case("tree-prune", "chain_prune: max 2, 0 ms; pages 0-1 discarded, page 3 written", 2,
+                          [Step("merge", _same(4), scans=3),
+                           Step("discard", [("madvise", "A", 0, 2, "DONTNEED"), ("fill", "A", 3, 1, 0x33)],
+                                scans=3)], {"merge": (2, 2, 1, 2), "discard": (1, 0, 0, 0)}, prune_ms=0))
+    out.append(_tree_case("tree-empty", "stable_node_dup_any: max 2, 5 pages; 4 written, 0-3 discarded", 2,
+                          [Step("merge", _same(5), scans=3),
+                           Step("discard", [("fill", "A", 4, 1, 0x34), ("madvise", "A", 0, 4, "DONTNEED")],
+                                scans=3)], {"merge": (2, 2, 1, 2), "discard": (0, 0, 0, 0)}))
+    out.append(_tree_case("tree-fork", "max_page_sharing_bypass: max 2, 2 pages merged, then a fork", 2,
+                          [Step("merge", _same(2), scans=3), Step("fork", [("fork", "A", "B")], scans=3)],
+                          {"fork": (1, 3, 0, 0)}))
+    return out
 
 
 def ksm01() -> Case:

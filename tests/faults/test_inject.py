@@ -82,8 +82,11 @@ def assert_clean(r: dict, status: int, kills: int) -> None:
 @pytest.mark.parametrize("sig", ["KILL", "TERM"])
 @pytest.mark.parametrize("point", killpoints.NAMES)
 def test_every_kill_point(point, sig, tmp_path):
+    # a point one kernel alone passes runs under that kernel (6.18's
+    # ksmd_before_stable_insert: every new KSM page passes it there)
+    kernel = killpoints.KERNEL_ONLY.get(point, "2.6.32")
     r, status = inject("--point", point, "--signal", sig, "--kills", "2", "--workers", "3",
-                       "--pages", "128", "--log-dir", str(tmp_path))
+                       "--pages", "128", "--kernel", kernel, "--log-dir", str(tmp_path))
     assert_clean(r, status, 2)
     assert r["inject"]["kill_points_hit"] >= 2
     if sig == "KILL":
@@ -169,6 +172,12 @@ def test_point_all_under_legacy_skips_the_slow_path_points_and_ends(tmp_path):
     assert i["kills"] == n + 1 and i["unreached"] == {}, i
     assert not set(i["by_point"]) & set(killpoints.UNREACHABLE["legacy"]), i["by_point"]
     assert r["fsck"]["ok"] and r["integrity"]["mismatches"] == 0 and r["ipc_leftovers"] == []
+
+
+def test_a_point_of_another_kernel_is_a_usage_error():
+    p = run_group([sys.executable, "-m", "uksm", "inject", "--point", "ksmd_before_stable_insert"], 30)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
+    assert "only kernel 6.18 passes it" in p.stderr
 
 
 def test_a_point_the_policy_never_reaches_is_a_usage_error():

@@ -17,6 +17,7 @@ TWIN = os.path.join(ROOT, "tools", "twin.py")
 KSM = "/sys/kernel/mm/ksm"
 #: what twin.py must leave behind (the brief's defaults for the shared host)
 RESTORED = {"run": "0", "pages_to_scan": "100", "sleep_millisecs": "20", "max_page_sharing": "256",
+            "stable_node_chains_prune_millisecs": "2000",
             "use_zero_pages": "0", "smart_scan": "1", "advisor_mode": "[none] scan-time"}
 
 

@@ -179,7 +179,7 @@ def sweep(spec: dict[str, Any], skipped: list[str] | None = None) -> list[RunPar
     seeds = itertools.chain.from_iterable(seed_ranges)
     for seed, pt, sig, pol, hz, wl in itertools.product(seeds, ax["points"], ax["signals"],
                                                         ax["policies"], hsets, ax["workloads"]):
-        if pt in killpoints.UNREACHABLE.get(pol, ()):
+        if pt not in killpoints.reachable(pol, kernel) and pt in killpoints.NAMES:
             never[(pt, pol)] += 1
             continue
         p: RunParams = {"cmd": "inject" if kills else "run", "seed": seed, "point": pt, "signal": sig,

@@ -191,7 +191,7 @@ class Injector:
         t0 = last = time.monotonic()
         m.spawn(self.o.workers, self.o.pages, self.o.workload, self.o.seed, self.o.churn_ms)
         m.wait_full_scans(2, timeout=120)
-        points = killpoints.reachable(self.o.exit_policy) if self.point == "all" else [self.point]
+        points = killpoints.reachable(self.o.exit_policy, self.o.kernel) if self.point == "all" else [self.point]
         i = 0
         since = m.now()  # trying this point since (the run's clock: logical when deterministic)
         while self.delivered < self.kills and not self.interrupted():
@@ -382,6 +382,9 @@ def run(a: argparse.Namespace) -> int:
     if a.point in killpoints.UNREACHABLE.get(a.exit_policy, ()):
         raise UksmError(f"--point {a.point}: never reached under --exit-policy {a.exit_policy} "
                         f"(its __ksm_exit has no slow path)", EXIT_USAGE)
+    if killpoints.KERNEL_ONLY.get(a.point, a.kernel) != a.kernel:
+        raise UksmError(f"--point {a.point}: only kernel {killpoints.KERNEL_ONLY[a.point]} passes it "
+                        f"(--kernel {a.kernel})", EXIT_USAGE)
     if a.kills < 0:
         raise UksmError("--kills must be >= 0", EXIT_USAGE)
     if not a.point_budget > 0:

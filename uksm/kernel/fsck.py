@@ -44,11 +44,15 @@ from uksm.kernel.layout import (
     FR_KEY1,
     FRAME_SIZE,
     H_KSM_UNSYNCED,
+    K_MAX_PAGE_SHARING,
     K_PAGES_SHARED,
     K_PAGES_SHARING,
     K_PAGES_UNSHARED,
     K_PAGES_VOLATILE,
     K_RMAP_ITEMS,
+    K_STABLE_NODE_CHAINS,
+    K_STABLE_NODE_DUPS,
+    K_STABLE_NODES,
     MMS_FREEING,
     MMS_ZOMBIE,
     PAGE_SIZE,
@@ -339,6 +343,7 @@ def check_counters(cl: "Cluster") -> list[str]:
     if shared + sharing + unshared + volatile != rmap or volatile < 0:
         errs.append(f"counters: shared {shared} + sharing {sharing} + unshared {unshared} + "
                     f"volatile {volatile} != rmap_items {rmap}")
+    errs += check_chains(cl)
     if q[H_KSM_UNSYNCED]:
         # a legacy __ksm_exit freed a slot since ksmd's last batch: the
         # counters still include its rmap_items until ksmd reconciles
@@ -362,6 +367,30 @@ def check_counters(cl: "Cluster") -> list[str]:
     if merging != shared + sharing:
         errs.append(f"counters: shared + sharing = {shared + sharing} but the mms' "
                     f"ksm_merging_pages add up to {merging}")
+    return errs
+
+
+def check_chains(cl: "Cluster") -> list[str]:
+    """The stable tree's chain invariants, on the published counters (one
+    snapshot, under ksm_thread_mutex).  6.18 (4.13, 2c653d0ee2ae): a dup
+    lives only in a chain (a chain may be empty a while: freed when a
+    search meets it), every dup and every plain node is one KSM page
+    (K_STABLE_NODES counts them), pages_shared counts the ones with an
+    rmap_item, and max_page_sharing is at least 2
+    (max_page_sharing_store).  2.6.32 has no chains."""
+    q = cl.q
+    chains, dups, nodes = q[K_STABLE_NODE_CHAINS], q[K_STABLE_NODE_DUPS], q[K_STABLE_NODES]
+    if not cl.modern:
+        return [f"counters: stable_node_chains {chains}, stable_node_dups {dups} under 2.6.32"] \
+            if chains or dups else []
+    errs = []
+    if chains < 0 or dups < 0 or (dups and not chains):
+        errs.append(f"counters: stable_node_dups {dups} with stable_node_chains {chains}")
+    if dups > nodes or q[K_PAGES_SHARED] > nodes:
+        errs.append(f"counters: stable_node_dups {dups} or pages_shared {q[K_PAGES_SHARED]} > the "
+                    f"stable tree's KSM pages {nodes}")
+    if q[K_MAX_PAGE_SHARING] < 2:
+        errs.append(f"knob: max_page_sharing {q[K_MAX_PAGE_SHARING]} < 2")
     return errs
 
 

@@ -57,6 +57,11 @@ POINTS: dict[str, tuple[str, str]] = {
                                  "page, holding ksm_thread_mutex and the mm's mmap_sem for read: owner "
                                  "killed (arm with a delay to hold ksmd there; arm to fail: "
                                  "fail_page_alloc, the allocation fails and nothing is merged)"),
+    "ksmd_before_stable_insert": ("ksmd", "6.18 only: a page merged into a KSM page (a dup of a chain, "
+                                          "perhaps), its rmap_item not yet appended; or a new KSM page "
+                                          "mapped by both pages, not yet in the stable tree "
+                                          "(stable_tree_insert, where it may become a chain's dup): the "
+                                          "page's owner killed"),
 }
 NAMES = list(POINTS)
 # the points inside fork (uksm.kernel.fork): a task passes them when it forks
@@ -67,6 +72,10 @@ INDEX = {n: i for i, n in enumerate(NAMES)}
 UNREACHABLE: dict[str, tuple[str, ...]] = {
     "legacy": ("ksm_exit_before_down_write", "ksm_exit_mmap_sem_write"),
 }
+# points only one kernel passes (KERNELS): 6.18's stable_tree_insert window
+# (2.6.32's ksmd links its node with no call between, and no scheduling
+# point there: its controlled schedules stay as they were)
+KERNEL_ONLY: dict[str, str] = {"ksmd_before_stable_insert": "6.18"}
 
 
 # points where an allocation can be made to fail (CONFIG_FAIL_PAGE_ALLOC's
@@ -75,9 +84,11 @@ FAIL_POINTS = ("ksmd_alloc_kpage",)
 FAIL = 1 << 16   # H_KSMD_POINT_SIG for "fail here" (a signal is 1..64, a delay negative)
 
 
-def reachable(policy: str) -> list[str]:
-    """The kill points a task can reach under exit policy ``policy``."""
-    return [n for n in NAMES if n not in UNREACHABLE.get(policy, ())]
+def reachable(policy: str, kernel: str = "2.6.32") -> list[str]:
+    """The kill points a task can reach under exit policy ``policy`` and
+    kernel ``kernel``."""
+    return [n for n in NAMES if n not in UNREACHABLE.get(policy, ())
+            and KERNEL_ONLY.get(n, kernel) == kernel]
 
 
 # every kill point is a scheduling point of a controlled run (uksm.kernel.sched)

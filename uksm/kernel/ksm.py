@@ -58,6 +58,8 @@ from uksm.kernel.layout import (
     K_RUN,
     K_RUN_DONE,
     K_RUN_SEQ,
+    K_STABLE_NODE_CHAINS,
+    K_STABLE_NODE_DUPS,
     K_STABLE_NODES,
     L_HEAD_NEXT,
     L_HEAD_PREV,
@@ -415,7 +417,9 @@ def unmerge_and_remove_all_rmap_items(cl: "Cluster", alloc: Allocator, log: Any 
     if not err:
         # every rmap_item removed: the counters are 0 now, as the kernel's
         for f in (K_PAGES_SHARED, K_PAGES_SHARING, K_PAGES_UNSHARED, K_PAGES_VOLATILE,
-                  K_RMAP_ITEMS, K_STABLE_NODES):
+                  K_RMAP_ITEMS, K_STABLE_NODES,
+                  # 6.18: remove_all_stable_nodes freed every chain and dup (4.13)
+                  K_STABLE_NODE_CHAINS, K_STABLE_NODE_DUPS):
             q[f] = 0
         q[L_SEQNR] = 0            # ksm_scan.seqnr = 0
         q[K_FULL_SCANS] = 0       # full_scans_show prints seqnr
@@ -531,15 +535,25 @@ def break_ksm(cl: "Cluster", alloc: Allocator, mm: MM, vpn: int, for_ksmd: bool,
     """break_ksm: fault the page for write while it is still a KSM page.
     Caller holds mmap_sem.  Returns FAULT_EXITING when the mm exits.
     ``points``: the unmerger's kill points (ksmd, or the run=2 writer:
-    default ``for_ksmd``); a killable writer faults with for_ksmd False."""
+    default ``for_ksmd``); a killable writer faults with for_ksmd False.
+
+    6.18 (6.2, series "mm/ksm: break_ksm() cleanups and fixes": 6cce3314b928
+    "mm/ksm: fix KSM COW breaking with userfaultfd-wp via
+    FAULT_FLAG_UNSHARE", "mm/ksm: convert break_ksm() to use
+    walk_page_range_vma()"): an unshare fault, not a fake write -- a
+    read-only area is unmerged too (2.6.32's write fault here is a SIGSEGV
+    in uksm's fault path), and the copy is mapped read-only and clean: the
+    first write after the unmerge faults again and reuses the page.  The
+    walk skips pte_none entries, as 2.6.32's follow_page did."""
     pq, fq = mm.pq, cl.fq
+    unshare = cl.modern
     while True:
         pte = pq[PT_OFF + vpn]
         if not pte & PTE_PRESENT or not fq[(pte >> 2) * FRAME_SIZE + FR_FLAGS] & F_KSM:
             return 0
         if for_ksmd if points is None else points:  # the window: exit_mmap may zap the page table here
             killpoints.hit_ksmd(cl, "ksmd_break_ksm_window", mm.base)
-        if handle_mm_fault(cl, alloc, mm, vpn, True, for_ksmd) == FAULT_EXITING:
+        if handle_mm_fault(cl, alloc, mm, vpn, True, for_ksmd, unshare) == FAULT_EXITING:
             return FAULT_EXITING
 
 

@@ -43,6 +43,7 @@ import mmh3
 
 from uksm.host import shm
 from uksm.kernel import killpoints, oom, sched
+from uksm.kernel.chains import NEVER, StableNode, StableTree618, now_ms
 from uksm.kernel.cluster import Cluster, add_task_args
 from uksm.kernel.ksm import break_cow, list_del, slot_next
 from uksm.kernel.layout import (
@@ -74,6 +75,8 @@ from uksm.kernel.layout import (
     K_RMAP_ITEMS,
     K_RUN,
     K_SLEEP_MS,
+    K_STABLE_NODE_CHAINS,
+    K_STABLE_NODE_DUPS,
     K_STABLE_NODES,
     L_HEAD_NEXT,
     L_SCAN_ADDR,
@@ -110,11 +113,6 @@ class NullPointerDereference(Exception):
     """A dereference the kernel would have done through a NULL pointer."""
 
 
-def key_ints(key: bytes) -> tuple[int, int]:
-    return (int.from_bytes(key[:8], "little", signed=True),
-            int.from_bytes(key[8:], "little", signed=True))
-
-
 # struct rmap_item is not an object here but a page index (vpn) into its
 # slot's arrays (SlotState): an object, a dict entry, a checksum bytes
 # object and a set membership per page cost ~250 bytes (issue 14), the
@@ -136,25 +134,6 @@ VPN_MASK = (1 << 32) - 1
 
 def item_ref(row: int, vpn: int) -> int:
     return row << 32 | vpn
-
-
-class StableNode:
-    """A KSM page in the stable tree: its frame, and how many rmap_items map
-    it (``mapcount``; ``rows``: how many of them are each slot's, so that
-    remove_node_from_stable_tree can count them all out at once).  Its
-    rmap_items name it by ``nid``, never reused: once the node has left the
-    tree (Ksmd.live), an rmap_item naming it is in no tree -- what the
-    kernel's remove_node_from_stable_tree does to each rmap_item on the
-    node's list, done when the rmap_item is next looked at."""
-    __slots__ = ("nid", "kpfn", "key", "k0", "k1", "mapcount", "rows")
-
-    def __init__(self, nid: int, kpfn: int, key: bytes) -> None:
-        self.nid = nid
-        self.kpfn = kpfn
-        self.key = key
-        self.k0, self.k1 = key_ints(key)
-        self.mapcount = 0
-        self.rows: dict[int, int] = {}
 
 
 class SlotState:
@@ -189,7 +168,7 @@ class SlotState:
         self.csum[vpn * CSUM:(vpn + 1) * CSUM] = key
 
 
-class Ksmd:
+class Ksmd(StableTree618):
     def __init__(self, cl: Cluster, log: Any) -> None:
         self.cl = cl
         self.q = cl.q
@@ -203,6 +182,14 @@ class Ksmd:
         self.live: dict[int, StableNode] = {}   # nid -> node, for every node in the stable tree
         self.next_nid = 0
         self.unstable: dict[bytes, int] = {}    # key -> item_ref
+        # 6.18's stable tree (kernel="6.18", Cluster.modern): chains and dups
+        # under max_page_sharing (uksm.kernel.chains: 4.13, 2c653d0ee2ae);
+        # 2.6.32 has none
+        self.modern = cl.modern
+        self.chains: dict[int, StableNode] = {}   # nid -> chain: ksm_stable_node_chains
+        self.ndups = 0                            # ksm_stable_node_dups
+        self.next_meet = NEVER
+        self.jiffies = 0
         self.slots: dict[int, SlotState] = {}
         self.pages_shared = 0
         self.pages_sharing = 0
@@ -379,6 +366,12 @@ class Ksmd:
         q[S_MERGES] = self.merges
         q[H_KSM_UNSYNCED] = 0  # reconcile() dropped the slots legacy exits freed
         q[K_STABLE_NODES] = len(self.stable)
+        if self.modern:
+            # 4.13, 2c653d0ee2ae: stable_node_chains, stable_node_dups (a
+            # chain is no KSM page: K_STABLE_NODES counts the dups instead)
+            q[K_STABLE_NODE_CHAINS] = len(self.chains)
+            q[K_STABLE_NODE_DUPS] = self.ndups
+            q[K_STABLE_NODES] = len(self.stable) - len(self.chains) + self.ndups
         for row, st in self.slots.items():
             b = self.cl.mbase(row)
             if q[b + M_ID] == st.mm_id:
@@ -433,7 +426,9 @@ class Ksmd:
                 if q[self.cl.mbase(st.row) + M_RMAP_GONE] > self.unmerge_gen:
                     self.remove_all_rmap_items(st)
             self.unmerge_gen = q[H_UNMERGE_GEN]
-            for node in [n for n in self.stable.values() if not n.mapcount]:
+            if self.modern:
+                self.remove_all_stable_nodes()  # chains too (remove_stable_node_chain)
+            for node in [n for n in self.stable.values() if not n.mapcount and n.dups is None]:
                 self.remove_node_from_stable_tree(node)  # rb_erase of its last rmap_item
             self.unstable.clear()
         for row, st in list(self.slots.items()):
@@ -454,6 +449,13 @@ class Ksmd:
             node = self.live.get(where)
             if node is None:
                 return  # remove_node_from_stable_tree counted it out already
+            if self.modern and self.stale(node):
+                # 6.18's remove_rmap_item_from_tree takes the page first
+                # (get_ksm_page(stable_node, GET_KSM_PAGE_LOCK)): a page gone
+                # removes the node, every rmap_item counted out and a dup
+                # out of its chain (stable_node_dups drops) -- 2.6.32 had no
+                # stable_node (the rmap_item was the tree node)
+                return
             node.mapcount -= 1
             rows, row = node.rows, st.row
             left = rows[row] - 1
@@ -465,7 +467,7 @@ class Ksmd:
                 self.pages_sharing -= 1
             else:
                 self.pages_shared -= 1
-                if self.stable.get(node.key) is not node:
+                if node.chain is None and self.stable.get(node.key) is not node:
                     del self.live[where]  # replaced in the tree meanwhile: nothing maps it now
             st.merging -= 1
         else:
@@ -516,7 +518,9 @@ class Ksmd:
                 self.slots[row].merging -= k
             node.mapcount = 0
             node.rows.clear()
-        if self.stable.get(node.key) is node:
+        if node.chain is not None:
+            self.stable_node_dup_del(node)   # 6.18: a dup leaves its chain (stable_node_dup_del)
+        elif self.stable.get(node.key) is node:
             del self.stable[node.key]
 
     def get_ksm_page(self, node: StableNode) -> bool:
@@ -542,6 +546,10 @@ class Ksmd:
         cl, q, task = self.cl, self.q, self.cl.task
         head = cl.head
         scanned = 0
+        if self.modern:   # 6.18: jiffies for this batch; the chains a search would pass
+            self.jiffies = now_ms()
+            if self.chains and self.jiffies >= self.next_meet:
+                self.meet_chains()
         while budget > 0:
             slot = q[L_SCAN_SLOT]
             if slot == head:
@@ -697,7 +705,13 @@ class Ksmd:
                 where = tree[vpn]
                 node = live.get(where) if where >= 0 else None
                 if node is not None and node.kpfn == pfn and fq[pfn * FRAME_SIZE + FR_FLAGS] & F_KSM:
-                    if fq[pfn * FRAME_SIZE + FR_COUNT] == 1:
+                    # 2.6.32's "Replace now-unshared ksm page by ordinary
+                    # page"; gone since 2.6.33 (its ksm_do_scan: "if
+                    # (!PageKsm(page) || !in_stable_tree(rmap_item))
+                    # cmp_and_merge_page"), and 6.18's cmp_and_merge_page
+                    # returns at "rmap_item->head == stable_node": a KSM
+                    # page mapped once stays one (pages_shared 1, sharing 0)
+                    if fq[pfn * FRAME_SIZE + FR_COUNT] == 1 and not self.modern:
                         self.replace_unshared_ksm_page(st, vpn)
                         relook = True
                         break
@@ -827,8 +841,17 @@ class Ksmd:
             self.remove_rmap_item_from_tree(st, vpn)
         p = pfn * PAGE_SIZE
         key = digest(self.pool[p:p + PAGE_SIZE])
-        node = self.stable.get(key)
-        if node is not None:
+        if self.modern:  # chains, dups, max_page_sharing (4.13, 2c653d0ee2ae)
+            node = self.stable_tree_search(key, pfn, bool(self.fq[pfn * FRAME_SIZE + FR_FLAGS] & F_KSM))
+            if node is not None:   # a live KSM page with room (or this very page, forked)
+                if node.kpfn == pfn or self.try_to_merge_one_page(st.mm, vpn, pfn, node):
+                    # merged, its rmap_item not yet on the node (the dup it
+                    # chose counts it only from stable_tree_append on)
+                    killpoints.hit_ksmd(self.cl, "ksmd_before_stable_insert", st.mm.base, self.log)
+                    self.stable_tree_append(st, vpn, node)
+                    self._merged(st)
+                return True
+        elif (node := self.stable.get(key)) is not None:
             if self.get_ksm_page(node):
                 if node.kpfn == pfn or self.try_to_merge_one_page(st.mm, vpn, pfn, node):
                     self.stable_tree_append(st, vpn, node)
@@ -930,7 +953,7 @@ class Ksmd:
         mapped frame; with both pages mapped it is such a page mapped
         twice, left as it is until the pages are written or unmerged."""
         limit = self.q[K_MAX_KERNEL_PAGES]
-        if limit and limit <= self.pages_shared:
+        if limit and limit <= self.pages_shared and not self.modern:  # 6.18: no such knob
             return True
         # hot path: raw words (uksm.kernel.views: a view read is 56 ns against 20 raw)
         task = self.cl.task
@@ -957,8 +980,14 @@ class Ksmd:
             task.lock(mm.sem)
         if ok:
             self.remove_rmap_item_from_tree(tst, tvpn)
-            self.stable[node.key] = node
-            self.live[node.nid] = node
+            if self.modern:
+                # the new KSM page is mapped twice and not in the tree yet:
+                # 6.18's stable_tree_insert may make it a chain's dup here
+                killpoints.hit_ksmd(self.cl, "ksmd_before_stable_insert", tmm.base, self.log)
+                self.stable_tree_insert(node)
+            else:
+                self.stable[node.key] = node
+                self.live[node.nid] = node
             self.stable_tree_append(st, vpn, node)
             self.stable_tree_append(tst, tvpn, node)
             self._merged(tst)
@@ -1059,8 +1088,10 @@ class Ksmd:
                 return None
             key = digest(self.pool[kp:kp + PAGE_SIZE])  # kpage is ksmd's alone: stable
             old = self.stable.get(key)
-            if old is not None and self.get_ksm_page(old):
-                return None  # raced with an equal KSM page: next pass merges it
+            if old is not None and not self.modern and self.get_ksm_page(old):
+                # raced with an equal KSM page: next pass merges it (6.18:
+                # stable_tree_insert makes the new page a dup instead)
+                return None
             node = StableNode(self.next_nid, kpfn, key)
             self.next_nid += 1
             kb = kpfn * FRAME_SIZE

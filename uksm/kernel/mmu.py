@@ -76,8 +76,13 @@ def ksm_test_exit(cl: "Cluster", mm: MM) -> bool:
 
 
 def handle_mm_fault(cl: "Cluster", alloc: Allocator, mm: MM, vpn: int, write: bool,
-                    for_ksmd: bool = False) -> int:
+                    for_ksmd: bool = False, unshare: bool = False) -> int:
     """Fault page ``vpn`` of ``mm`` in (for write: make it writable).
+
+    ``unshare`` (with ``write``; 6.2, "mm: add FAULT_FLAG_UNSHARE", used by
+    6.18's break_ksm): copy a shared page without the write's side effects
+    -- the area need not be writable, and the copy is mapped read-only
+    (wp_page_copy: no maybe_mkwrite), so the next write reuses it.
 
     Caller holds ``mm``'s mmap_sem (read or write).  Raises SegFault outside
     a VMA, OutOfMemory when the faulting task is dying.  Returns
@@ -88,7 +93,7 @@ def handle_mm_fault(cl: "Cluster", alloc: Allocator, mm: MM, vpn: int, write: bo
     vb = mm.vma_base(vpn)  # find_vma
     if vb < 0:
         raise SegFault(f"segfault at {vpn << PAGE_SHIFT:#x} (mm{mm.id}): no VMA")
-    if write and not pq[vb + V_FLAGS] & VM_WRITE:
+    if write and not unshare and not pq[vb + V_FLAGS] & VM_WRITE:
         raise SegFault(f"segfault at {vpn << PAGE_SHIFT:#x} (mm{mm.id}): VMA is read-only")
     task, q, fq = cl.task, cl.q, cl.fq
     tb = task.base
@@ -148,7 +153,7 @@ def handle_mm_fault(cl: "Cluster", alloc: Allocator, mm: MM, vpn: int, write: bo
         task.unlock(mm.ptl)
         alloc.flush()
         return FAULT_EXITING if exiting else FAULT_OK
-    pq[slot] = (new << 2) | PW
+    pq[slot] = (new << 2) | (PTE_PRESENT if unshare else PW)
     alloc.installed()
     if pte:
         task.lock(cl.zone)

@@ -246,7 +246,11 @@ def point_reachable(cl: Any, point: str) -> None:
     way): legacy's __ksm_exit has no slow path, so driving a task there
     would only use it up."""
     policy = EXIT_POLICIES[cl.q[H_EXIT_POLICY]]
-    if point not in killpoints.reachable(policy):
+    kernel = cl.kernel
+    if killpoints.KERNEL_ONLY.get(point, kernel) != kernel:
+        raise ScriptError(f"kill point {point} is passed only under kernel "
+                          f"{killpoints.KERNEL_ONLY[point]}; nothing was done", "value", EXIT_USAGE)
+    if point not in killpoints.reachable(policy, kernel):
         raise ScriptError(f"kill point {point} is never reached under exit policy {policy} "
                           f"(its __ksm_exit has no slow path); nothing was done", "value",
                           EXIT_USAGE)
