@@ -191,7 +191,7 @@ class Injector:
         t0 = last = time.monotonic()
         m.spawn(self.o.workers, self.o.pages, self.o.workload, self.o.seed, self.o.churn_ms)
         m.wait_full_scans(2, timeout=120)
-        points = killpoints.reachable(self.o.exit_policy) if self.point == "all" else [self.point]
+        points = killpoints.reachable(self.o.exit_policy, self.o.kernel) if self.point == "all" else [self.point]
         i = 0
         since = m.now()  # trying this point since (the run's clock: logical when deterministic)
         while self.delivered < self.kills and not self.interrupted():

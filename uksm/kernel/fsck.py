@@ -49,6 +49,9 @@ from uksm.kernel.layout import (
     K_PAGES_UNSHARED,
     K_PAGES_VOLATILE,
     K_RMAP_ITEMS,
+    K_ZERO_PAGES,
+    M_ID,
+    M_ZERO_PAGES,
     MMS_FREEING,
     MMS_ZOMBIE,
     PAGE_SIZE,
@@ -57,10 +60,12 @@ from uksm.kernel.layout import (
     PTE_WRITE,
     REF_KSM,
     REF_USERS,
+    S_ZERO_FORKED,
     TS_ALIVE,
     TS_REAPING,
     XS_MMDROP,
     XS_USERS0,
+    ZERO_PFN,
 )
 from uksm.kernel.locks import take_raw
 from uksm.kernel.memory import held_at_zero
@@ -105,6 +110,11 @@ def references(cl: "Cluster", mms: dict[int, "MM"]) -> tuple[list[int], dict[int
     fq = cl.fq
     refs = [0] * cl.nframes
     per_mm: dict[int, tuple[int, int]] = {}
+    # 6.18: the zero page's reservation is a reference (cluster.reserve_zero_page),
+    # and a zero PTE is not in rss (replace_page's dec_mm_counter)
+    zero = ZERO_PFN if cl.modern else -1
+    if zero >= 0:
+        refs[zero] += 1
     for mm_id, mm in mms.items():
         pq = mm.pq
         rss = ksm = 0
@@ -119,7 +129,8 @@ def references(cl: "Cluster", mms: dict[int, "MM"]) -> tuple[list[int], dict[int
                     refs[pfn] += 1
                     if fq[pfn * FRAME_SIZE + FR_FLAGS] & F_KSM:
                         ksm += 1
-                rss += 1
+                if pfn != zero:
+                    rss += 1
         per_mm[mm_id] = (rss, ksm)
     for r in live_task_rows(cl):
         t = cl.trow(r)
@@ -147,9 +158,39 @@ def check(cl: "Cluster", mms: dict[int, "MM"], counters: bool = True) -> list[st
     for mm in mms.values():
         errs += check_page_table(cl, mm, on_stack or set(), refs)
         errs += check_rss(cl, mm, per_mm[mm.id])
+    if cl.modern:
+        errs += check_zero_pages(cl, mms)
     errs += check_mm_rows(cl)
     if counters:
         errs += check_counters(cl)
+    return errs
+
+
+def zero_ptes(cl: "Cluster", mms: dict[int, "MM"]) -> dict[int, int]:
+    """6.18: per mm, the PTEs that map the zero page (every one KSM-placed:
+    is_ksm_zero_pte)."""
+    want = ZERO_PFN << 2 | PTE_PRESENT
+    return {mm_id: mm.pq[PT_OFF:PT_OFF + mm.pt_top].tolist().count(want) for mm_id, mm in mms.items()}
+
+
+def check_zero_pages(cl: "Cluster", mms: dict[int, "MM"]) -> list[str]:
+    """6.18's ksm_zero_pages (6.6, e2942062e01d; per mm 6080d19f0704)
+    against the page tables: each mm's count is its zero PTEs, and the
+    global one is all of them less those a fork copied (layout.S_ZERO_FORKED:
+    this machine's 6.18 does not add those to the global count).  The
+    counts change under the mm's pte lock and zone_lock, with the PTE
+    (ksm618.replace_with_zero_page, mmu.ksm_might_unmap_zero_page)."""
+    errs = []
+    per = zero_ptes(cl, mms)
+    for mm_id, mm in mms.items():
+        have = cl.q[mm.base + M_ZERO_PAGES]
+        if cl.q[mm.base + M_ID] == mm_id and have != per[mm_id]:
+            errs.append(f"mm{mm_id}: ksm_zero_pages {have} but the page table maps the zero page "
+                        f"{per[mm_id]} times")
+    want = sum(per.values()) - cl.q[S_ZERO_FORKED]
+    if cl.q[K_ZERO_PAGES] != want:
+        errs.append(f"ksm_zero_pages {cl.q[K_ZERO_PAGES]} but the page tables say {want} "
+                    f"({sum(per.values())} zero PTEs, {cl.q[S_ZERO_FORKED]} of them copied by fork)")
     return errs
 
 
@@ -423,6 +464,12 @@ def rebuild(cl: "Cluster", mms: dict[int, "MM"]) -> int:
         m = mm.words
         if m.id == mm_id:
             m.rss, m.ksm_mapped = per_mm[mm_id]
+    if cl.modern:  # a task (ksmd) killed between a zero PTE and its count: recount
+        per = zero_ptes(cl, mms)
+        for mm_id, mm in mms.items():
+            if cl.q[mm.base + M_ID] == mm_id:
+                cl.q[mm.base + M_ZERO_PAGES] = per[mm_id]
+        cl.q[K_ZERO_PAGES] = sum(per.values()) - cl.q[S_ZERO_FORKED]
     rebuild_free_stack(cl, live)
     return fixed
 

@@ -52,6 +52,10 @@ POINTS: dict[str, tuple[str, str]] = {
     "ksmd_break_ksm_window": ("ksmd", "break_ksm (ksmd or the run=2 writer) saw a KSM page and is about "
                                       "to fault it for write "
                                       "(arm with a delay to widen the window the seed closed)"),
+    # 6.18 only (use_zero_pages): uksm.kernel.ksm618.replace_with_zero_page
+    "ksmd_zero_before_count": ("ksmd", "6.18, use_zero_pages: ksmd has replaced a zero-filled page of the "
+                                       "mm by the shared zero page, not yet counted it in ksm_zero_pages "
+                                       "(pte lock and zone_lock held): owner killed"),
 }
 NAMES = list(POINTS)
 # the points inside fork (uksm.kernel.fork): a task passes them when it forks
@@ -64,9 +68,15 @@ UNREACHABLE: dict[str, tuple[str, ...]] = {
 }
 
 
-def reachable(policy: str) -> list[str]:
-    """The kill points a task can reach under exit policy ``policy``."""
-    return [n for n in NAMES if n not in UNREACHABLE.get(policy, ())]
+# points only one kernel's code passes (Config.kernel): 6.18's zero page
+KERNEL_ONLY: dict[str, str] = {"ksmd_zero_before_count": "6.18"}
+
+
+def reachable(policy: str, kernel: str = "2.6.32") -> list[str]:
+    """The kill points a task can reach under exit policy ``policy`` and
+    ``kernel``'s mm/ksm.c."""
+    return [n for n in NAMES if n not in UNREACHABLE.get(policy, ())
+            and KERNEL_ONLY.get(n, kernel) == kernel]
 
 
 # every kill point is a scheduling point of a controlled run (uksm.kernel.sched)

@@ -517,8 +517,12 @@ class Faults:
         policy never passes (``uksm inject --point`` refuses it the same
         way): legacy's __ksm_exit has no slow path, so driving a task there
         would only use it up."""
-        policy = EXIT_POLICIES[self.host.sup.cl.q[H_EXIT_POLICY]]
-        if point not in killpoints.reachable(policy):
+        cl = self.host.sup.cl
+        policy = EXIT_POLICIES[cl.q[H_EXIT_POLICY]]
+        if killpoints.KERNEL_ONLY.get(point, cl.kernel) != cl.kernel:
+            raise ScriptError(f"kill point {point} is in {killpoints.KERNEL_ONLY[point]}'s code only "
+                              f"(this cluster runs {cl.kernel}'s); nothing was done", "value", EXIT_USAGE)
+        if point not in killpoints.reachable(policy, cl.kernel):
             raise ScriptError(f"kill point {point} is never reached under exit policy {policy} "
                               f"(its __ksm_exit has no slow path); nothing was done", "value",
                               EXIT_USAGE)
