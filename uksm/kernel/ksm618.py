@@ -136,14 +136,14 @@ class Advisor:
         """advisor_stop_scan: a full scan ended (before ksm_scan.seqnr++)."""
         self.follow_mode(q)
         if self.mode == ADVISOR_SCAN_TIME and self.start_scan:
-            self.scan_time_advisor(q)
+            self.scan_time_advisor(q, time.monotonic_ns(), time.process_time_ns())
 
-    def scan_time_advisor(self, q: Any) -> None:
+    def scan_time_advisor(self, q: Any, now_ns: int, cpu_time: int) -> None:
         """scan_time_advisor, word for word (unsigned long arithmetic:
-        every division truncates)."""
-        scan_time = (time.monotonic_ns() - self.start_scan) // 1_000_000 // 1000
+        every division truncates), at ``now_ns`` (ktime_get()) with ksmd's
+        CPU time ``cpu_time`` (task_sched_runtime(current)), both in ns."""
+        scan_time = (now_ns - self.start_scan) // 1_000_000 // 1000   # ms, then "div_s64(..., MSEC_PER_SEC)"
         scan_time = scan_time or 1
-        cpu_time = time.process_time_ns()
         cpu_time_diff_ms = (cpu_time - self.cpu_time) // 1000 // 1000
         cpu_percent = (cpu_time_diff_ms * 100) // (scan_time * 1000)
         cpu_percent = cpu_percent or 1
@@ -164,8 +164,7 @@ class Advisor:
         self.change = change
         self.scan_time = scan_time
         self.cpu_time = cpu_time
-        q[K_PAGES_TO_SCAN] = pages
-        self.last = {"scan_time": scan_time, "pages_to_scan": pages, "cpu_percent": cpu_percent}
+        q[K_PAGES_TO_SCAN] = pages   # trace_ksm_advisor(scan_time, pages, cpu_percent)
 
 
 # ---- the zero page (4.11; counted since 6.6) --------------------------------
