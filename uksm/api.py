@@ -31,6 +31,7 @@ from __future__ import annotations
 import atexit
 import base64
 import contextlib
+import errno
 import itertools
 import os
 import signal as _signal
@@ -54,9 +55,17 @@ from uksm.errors import (
 )
 from uksm.host import shm
 from uksm.kernel import killpoints
-from uksm.kernel.layout import EXIT_POLICIES, KERNELS, KSM_FIELDS, OOM_RULES
+from uksm.kernel.layout import EXIT_POLICIES, KERNELS, KSM_FIELDS, KSM_FIELDS_618, OOM_RULES, ksm_block_618
 from uksm.proc import options as opts
-from uksm.proc.control import CTL_NAMES, WRITABLE, KnobError, ctl_values, read_state, validate_knob
+from uksm.proc.control import (
+    KnobError,
+    ctl_names,
+    ctl_values,
+    missing_file,
+    read_state,
+    validate_knob,
+    writable,
+)
 
 if TYPE_CHECKING:  # (uksm.proc.run and the daemon are imported on first use)
     from uksm.kernel.watchdog import HungReport
@@ -369,41 +378,58 @@ class _Controlled:
 # ---- /sys/kernel/mm/ksm ---------------------------------------------------------------------
 
 class Ksm(MutableMapping[str, Any]):
-    """``m.ksm``: the names of /sys/kernel/mm/ksm (and ``uksm ctl``).
-    Reads come from the cluster's memory; a write is ``uksm ctl
-    KEY=VALUE``: checked first (ValueError for EINVAL, PermissionError for
-    a read-only counter, KeyError for an unknown name: nothing written),
-    and ``run`` returns once ksmd has acted on it (run=2: all unmerged)."""
+    """``m.ksm``: the names of /sys/kernel/mm/ksm (and ``uksm ctl``), of
+    the machine's kernel: 2.6.32's, or 6.18's (``Machine(kernel="6.18")``:
+    no max_kernel_pages; max_page_sharing, use_zero_pages, smart_scan,
+    advisor_mode -- read as sysfs prints it, "[none] scan-time" --,
+    general_profit ...).  Reads come from the cluster's memory; a write is
+    ``uksm ctl KEY=VALUE``: checked first as the kernel's store checks it
+    (ValueError for EINVAL or ERANGE, OSError EBUSY for max_page_sharing or
+    merge_across_nodes while pages are shared, PermissionError for a
+    read-only counter, KeyError for a name the kernel has no file for:
+    nothing written), and ``run`` returns once ksmd has acted on it (run=2:
+    all unmerged)."""
 
     _FIELDS = dict(KSM_FIELDS)
+    _FIELDS_618 = {n: w for n, w in KSM_FIELDS_618 if w >= 0 and n != "advisor_mode"}
 
     def __init__(self, m: "Machine") -> None:
         self._m = m
 
+    def _modern(self) -> bool:
+        return bool(self._m._t().cl.modern)
+
     def _name(self, key: Any) -> str:
         if not isinstance(key, str):
             raise TypeError(f"ksm knob names are strings (got {type(key).__name__})")
-        if key not in CTL_NAMES:
-            raise KeyError(f"{key!r}: no such knob or counter (one of: {', '.join(CTL_NAMES)})")
+        modern = self._modern()
+        if key not in ctl_names(modern):
+            raise KeyError(missing_file(key, modern))
         return key
 
     def __getitem__(self, key: str) -> Any:
         key = self._name(key)
         cl = self._m._t().cl
-        idx = self._FIELDS.get(key)
+        idx = (self._FIELDS_618 if cl.modern else self._FIELDS).get(key)
         if idx is not None:
             return int(cl.q[idx])
+        if cl.modern and key in ("general_profit", "advisor_mode"):  # computed at each read, as sysfs
+            return ksm_block_618(cl.q)[key]  # type: ignore[literal-required]
         return dict(ctl_values(read_state(cl)))[key]
 
     def __setitem__(self, key: str, value: Any) -> None:
         key = self._name(key)
-        if key not in WRITABLE:
-            raise PermissionError(f"{key}: a read-only counter (EACCES); writable: {', '.join(WRITABLE)}")
+        cl = self._m._t().cl
+        rw = writable(cl.modern)
+        if key not in rw:
+            raise PermissionError(f"{key}: a read-only counter (EACCES); writable: {', '.join(rw)}")
         if isinstance(value, bool) or not isinstance(value, (int, str)):
             raise TypeError(f"{key}: the value must be an int or a string (got {type(value).__name__})")
         try:
-            validate_knob(key, value, self._m._t().cl.nframes)
+            validate_knob(key, value, cl.nframes, cl=cl)
         except KnobError as e:
+            if e.errno_name == "EBUSY":
+                raise OSError(errno.EBUSY, str(e)) from None
             raise ValueError(str(e)) from None
         self._m._request({"op": "ctl", "knobs": [[key, value]]}, f"ksm[{key!r}] = {value!r}")
 
@@ -411,10 +437,10 @@ class Ksm(MutableMapping[str, Any]):
         raise PermissionError(f"{self._name(key)}: knobs cannot be deleted")
 
     def __iter__(self) -> Iterator[str]:
-        return iter(CTL_NAMES)
+        return iter(ctl_names(self._modern()))
 
     def __len__(self) -> int:
-        return len(CTL_NAMES)
+        return len(ctl_names(self._modern()))
 
     def counters(self) -> dict[str, int]:
         """The four counters the KSM tests check, read together."""

@@ -25,11 +25,12 @@ from uksm.host import pyexec, shm
 from uksm.host.exitcodes import EPILOG, EXIT_ERR, EXIT_INTEGRITY, EXIT_OK, EXIT_USAGE
 from uksm.proc import options
 from uksm.proc.control import (
-    CTL_NAMES,
     NotUp,
     attach,
     call,
+    ctl_names,
     ctl_values,
+    missing_file,
     name_taken,
     not_running,
     read_state,
@@ -119,7 +120,13 @@ def add_parsers(sub: Any, run_args: Callable[..., None]) -> None:
                                    "its write does (for 2: the unmerge done, or failed); "
                                    "pages_to_scan > 0; sleep_millisecs >= 0; max_kernel_pages KSM pages, "
                                    "0 = no limit; exit_policy "
-                                   "seed|shipped|legacy; mem_limit frames, 0 = none).",
+                                   "seed|shipped|legacy; mem_limit frames, 0 = none). A cluster "
+                                   "up with --kernel 6.18 has 6.18's files instead (no "
+                                   "max_kernel_pages; max_page_sharing, merge_across_nodes, "
+                                   "use_zero_pages, smart_scan, advisor_*, general_profit ...), each "
+                                   "write refused as 6.18's store refuses it (EINVAL, ERANGE; EBUSY "
+                                   "for max_page_sharing and merge_across_nodes while pages_shared "
+                                   "is not 0).",
                        epilog=EPILOG, formatter_class=fmt)
     cluster_arg(p)
     p.add_argument("assign", nargs="*", metavar="KEY[=VALUE]")
@@ -373,24 +380,28 @@ def cmd_ctl(a: argparse.Namespace) -> int:
         knobs: list[list[Any]] = []
         for w in writes:
             k, _, v = w.partition("=")
-            k = k.strip()
-            validate_knob(k, v)  # refuse at once, before asking the cluster
-            knobs.append([k, v])
+            knobs.append([k.strip(), v])
+        cl = attach(name)  # its kernel's names and stores (the daemon checks again)
+        try:
+            for k, v in knobs:
+                validate_knob(k, v, cl.nframes, cl=cl)  # refuse at once, before asking the cluster
+        finally:
+            cl.close()
         ans = request(name, {"op": "ctl", "knobs": knobs})
         for ap in ans["applied"]:
             extra = f"; run_store done in {ap['wait_s']:.2f}s" if "wait_s" in ap else ""
             print(f"{ap['name']} {ap['value']} (was {ap['previous']}{extra})")
         return EXIT_OK
-    for k in reads:
-        if k not in CTL_NAMES:
-            raise shm.UksmError(f"{k}: no such knob or counter (one of: {', '.join(CTL_NAMES)})",
-                                EXIT_USAGE)
     cl = attach(name)
     try:
+        names = ctl_names(cl.modern)
+        for k in reads:
+            if k not in names:
+                raise shm.UksmError(missing_file(k, cl.modern), EXIT_USAGE)
         vals = dict(ctl_values(read_state(cl)))
     finally:
         cl.close()
-    for k in reads or list(CTL_NAMES):
+    for k in reads or list(names):
         print(f"{k} {vals[k]}")
     return EXIT_OK
 

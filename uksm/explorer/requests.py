@@ -40,7 +40,7 @@ from uksm.kernel.layout import (
     L_SCAN_SLOT,
     T_KILL_POINT,
 )
-from uksm.proc.control import validate_knob
+from uksm.proc.control import CTL_OWN, validate_knob
 from uksm.proc.scripting import SIGNALS, ScriptError, _int, task_answer, task_command
 
 EXIT_POINTS = ("ksm_exit_before_down_write", "ksm_exit_mmap_sem_write", "exit_mid_zap")
@@ -253,11 +253,18 @@ class Requests:
         knobs = req.get("knobs")
         if not isinstance(knobs, list) or not knobs:
             raise ScriptError("ctl: no KEY=VALUE given", "value", EXIT_USAGE)
-        todo = [(str(k), validate_knob(str(k), v, self.cl.nframes)) for k, v in knobs]
+        todo = [(str(k), validate_knob(str(k), v, self.cl.nframes, cl=self.cl)) for k, v in knobs]
         applied = []
         for name, value in todo:
             ent: dict[str, Any] = {"name": name, "value": value}
-            if name == "run":
+            if self.cl.modern and name not in ("run", *CTL_OWN):
+                # 6.18's stores (uksm.proc.sysfs618); one request runs at a
+                # time between two scheduled steps, so the EBUSY check made
+                # by validate_knob still holds here
+                from uksm.proc.sysfs618 import store
+                ent["previous"] = store(name, value, q)
+                self.w.log.info("ksm_knob", name=name, value=value)
+            elif name == "run":
                 ent["previous"] = q[K_RUN]
                 self._write_run(int(value))
             else:

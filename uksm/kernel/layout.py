@@ -252,6 +252,32 @@ KSM_FIELDS: tuple[tuple[str, int], ...] = (
     ("full_scans", K_FULL_SCANS), ("pages_scanned", K_PAGES_SCANNED),
 )
 
+#: 6.18's /sys/kernel/mm/ksm, by their word: run, pages_to_scan and
+#: sleep_millisecs first (as KSM_FIELDS), then 6.18 mm/ksm.c's ksm_attrs
+#: order; max_kernel_pages is gone (2.6.33, "ksm: remove unswappable
+#: max_kernel_pages").  Two are not words: general_profit (computed at each
+#: read, as general_profit_show does: -1 here) and advisor_mode (the word is
+#: the ADVISOR_MODES index; it reads as sysfs prints it, "[none] scan-time")
+KSM_FIELDS_618: tuple[tuple[str, int], ...] = (
+    ("run", K_RUN), ("pages_to_scan", K_PAGES_TO_SCAN), ("sleep_millisecs", K_SLEEP_MS),
+    ("pages_scanned", K_PAGES_SCANNED), ("pages_shared", K_PAGES_SHARED),
+    ("pages_sharing", K_PAGES_SHARING), ("pages_unshared", K_PAGES_UNSHARED),
+    ("pages_volatile", K_PAGES_VOLATILE), ("pages_skipped", K_PAGES_SKIPPED),
+    ("ksm_zero_pages", K_ZERO_PAGES), ("full_scans", K_FULL_SCANS),
+    ("merge_across_nodes", K_MERGE_ACROSS_NODES), ("max_page_sharing", K_MAX_PAGE_SHARING),
+    ("stable_node_chains", K_STABLE_NODE_CHAINS), ("stable_node_dups", K_STABLE_NODE_DUPS),
+    ("stable_node_chains_prune_millisecs", K_STABLE_NODE_CHAINS_PRUNE_MS),
+    ("use_zero_pages", K_USE_ZERO_PAGES), ("general_profit", -1), ("smart_scan", K_SMART_SCAN),
+    ("advisor_mode", K_ADVISOR_MODE), ("advisor_max_cpu", K_ADVISOR_MAX_CPU),
+    ("advisor_min_pages_to_scan", K_ADVISOR_MIN_PAGES_TO_SCAN),
+    ("advisor_max_pages_to_scan", K_ADVISOR_MAX_PAGES_TO_SCAN),
+    ("advisor_target_scan_time", K_ADVISOR_TARGET_SCAN_TIME),
+)
+#: sizeof(struct ksm_rmap_item) on 64-bit 6.18: what general_profit and
+#: ksm_process_profit charge per rmap_item (6.4, d21077fbc2fc "mm: add new
+#: KSM process and sysfs knobs")
+KSM_RMAP_ITEM_SIZE = 64
+
 
 class KsmBlock(TypedDict):
     """/sys/kernel/mm/ksm: the knobs and counters of KSM_FIELDS, in its order."""
@@ -267,6 +293,34 @@ class KsmBlock(TypedDict):
     pages_scanned: int
 
 
+class KsmBlock618(TypedDict):
+    """6.18's /sys/kernel/mm/ksm: the fields of KSM_FIELDS_618, in its order."""
+    run: int
+    pages_to_scan: int
+    sleep_millisecs: int
+    pages_scanned: int
+    pages_shared: int
+    pages_sharing: int
+    pages_unshared: int
+    pages_volatile: int
+    pages_skipped: int
+    ksm_zero_pages: int
+    full_scans: int
+    merge_across_nodes: int
+    max_page_sharing: int
+    stable_node_chains: int
+    stable_node_dups: int
+    stable_node_chains_prune_millisecs: int
+    use_zero_pages: int
+    general_profit: int
+    smart_scan: int
+    advisor_mode: str
+    advisor_max_cpu: int
+    advisor_min_pages_to_scan: int
+    advisor_max_pages_to_scan: int
+    advisor_target_scan_time: int
+
+
 class TaskStats(TypedDict):
     """The tasks' counters of STATS_NAMES (the report's ``workers``)."""
     started: int
@@ -280,16 +334,56 @@ class TaskStats(TypedDict):
     reaped: int
 
 
-def ksm_block(q: Any) -> KsmBlock:
-    """The /sys/kernel/mm/ksm block, read from the cluster's words ``q``
-    (the one place it is built: reports, ``uksm ctl``, the API).  Spelled
-    out, not a loop over KSM_FIELDS, so that mypy checks the keys against
-    KsmBlock (tests/api/test_report_types.py checks the two agree)."""
+def ksm_block(q: Any) -> KsmBlock | KsmBlock618:
+    """The /sys/kernel/mm/ksm block of the cluster's kernel (H_KERNEL),
+    read from its words ``q`` (the one place it is built: reports, ``uksm
+    ctl``, the API): 2.6.32's (KsmBlock), or 6.18's (KsmBlock618)."""
+    if q[H_KERNEL] == KV_618:
+        return ksm_block_618(q)
+    return ksm_block_2632(q)
+
+
+def ksm_block_2632(q: Any) -> KsmBlock:
+    """2.6.32's block.  Spelled out, not a loop over KSM_FIELDS, so that
+    mypy checks the keys against KsmBlock (tests/api/test_report_types.py
+    checks the two agree)."""
     return KsmBlock(run=q[K_RUN], pages_to_scan=q[K_PAGES_TO_SCAN], sleep_millisecs=q[K_SLEEP_MS],
                     max_kernel_pages=q[K_MAX_KERNEL_PAGES],
                     pages_shared=q[K_PAGES_SHARED], pages_sharing=q[K_PAGES_SHARING],
                     pages_unshared=q[K_PAGES_UNSHARED], pages_volatile=q[K_PAGES_VOLATILE],
                     full_scans=q[K_FULL_SCANS], pages_scanned=q[K_PAGES_SCANNED])
+
+
+def general_profit(q: Any) -> int:
+    """6.18's general_profit_show: "(ksm_pages_sharing +
+    atomic_long_read(&ksm_zero_pages)) * PAGE_SIZE - ksm_rmap_items *
+    sizeof(struct ksm_rmap_item)" (6.4, d21077fbc2fc; ksm_zero_pages added
+    in 6.6, e2942062e01d), a signed long: negative while rmap_items cost
+    more than the merging saves."""
+    return (q[K_PAGES_SHARING] + q[K_ZERO_PAGES]) * PAGE_SIZE - q[K_RMAP_ITEMS] * KSM_RMAP_ITEM_SIZE
+
+
+def advisor_mode_text(mode: int) -> str:
+    """advisor_mode_show: the modes with the current one in brackets."""
+    return " ".join(f"[{m}]" if i == mode else m for i, m in enumerate(ADVISOR_MODES))
+
+
+def ksm_block_618(q: Any) -> KsmBlock618:
+    """6.18's block, spelled out as ksm_block_2632 is (KsmBlock618)."""
+    return KsmBlock618(
+        run=q[K_RUN], pages_to_scan=q[K_PAGES_TO_SCAN], sleep_millisecs=q[K_SLEEP_MS],
+        pages_scanned=q[K_PAGES_SCANNED], pages_shared=q[K_PAGES_SHARED],
+        pages_sharing=q[K_PAGES_SHARING], pages_unshared=q[K_PAGES_UNSHARED],
+        pages_volatile=q[K_PAGES_VOLATILE], pages_skipped=q[K_PAGES_SKIPPED],
+        ksm_zero_pages=q[K_ZERO_PAGES], full_scans=q[K_FULL_SCANS],
+        merge_across_nodes=q[K_MERGE_ACROSS_NODES], max_page_sharing=q[K_MAX_PAGE_SHARING],
+        stable_node_chains=q[K_STABLE_NODE_CHAINS], stable_node_dups=q[K_STABLE_NODE_DUPS],
+        stable_node_chains_prune_millisecs=q[K_STABLE_NODE_CHAINS_PRUNE_MS],
+        use_zero_pages=q[K_USE_ZERO_PAGES], general_profit=general_profit(q),
+        smart_scan=q[K_SMART_SCAN], advisor_mode=advisor_mode_text(q[K_ADVISOR_MODE]),
+        advisor_max_cpu=q[K_ADVISOR_MAX_CPU], advisor_min_pages_to_scan=q[K_ADVISOR_MIN_PAGES_TO_SCAN],
+        advisor_max_pages_to_scan=q[K_ADVISOR_MAX_PAGES_TO_SCAN],
+        advisor_target_scan_time=q[K_ADVISOR_TARGET_SCAN_TIME])
 
 
 def stats_block(q: Any) -> TaskStats:

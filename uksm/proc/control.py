@@ -49,6 +49,7 @@ from uksm.kernel.layout import (
     K_RUN_SEQ,
     K_STABLE_NODES,
     KSM_FIELDS,
+    KSM_FIELDS_618,
     MAGIC,
     MM_STATES,
     ksm_block,
@@ -66,22 +67,58 @@ REQUEST_TIMEOUT = 300.0
 
 # ---- the /sys/kernel/mm/ksm block ------------------------------------------------
 
-#: every name ``uksm ctl`` prints, in order
-CTL_NAMES: tuple[str, ...] = tuple(n for n, _ in KSM_FIELDS) + (
-    "exit_policy", "mem_limit", "frames_total", "frames_used", "frames_free")
-#: the names ``uksm ctl KEY=VALUE`` may write
+#: uksm's own names after the kernel's (the emulation's knobs and the frame pool)
+CTL_OWN: tuple[str, ...] = ("exit_policy", "mem_limit", "frames_total", "frames_used", "frames_free")
+#: every name ``uksm ctl`` prints under 2.6.32, in order
+CTL_NAMES: tuple[str, ...] = tuple(n for n, _ in KSM_FIELDS) + CTL_OWN
+#: ... and under 6.18 (KSM_FIELDS_618: no max_kernel_pages, 6.18's files)
+CTL_NAMES_618: tuple[str, ...] = tuple(n for n, _ in KSM_FIELDS_618) + CTL_OWN
+#: the names ``uksm ctl KEY=VALUE`` may write under 2.6.32
 WRITABLE: tuple[str, ...] = ("run", "pages_to_scan", "sleep_millisecs", "max_kernel_pages", "exit_policy",
                              "mem_limit")
+#: ... and under 6.18 (its rw files, uksm.proc.sysfs618)
+WRITABLE_618: tuple[str, ...] = ("run", "pages_to_scan", "sleep_millisecs", "merge_across_nodes",
+                                 "max_page_sharing", "stable_node_chains_prune_millisecs", "use_zero_pages",
+                                 "smart_scan", "advisor_mode", "advisor_max_cpu",
+                                 "advisor_min_pages_to_scan", "advisor_max_pages_to_scan",
+                                 "advisor_target_scan_time", "exit_policy", "mem_limit")
+
+
+def ctl_names(modern: bool) -> tuple[str, ...]:
+    """What ``uksm ctl`` and ``m.ksm`` show for a cluster (``Cluster.modern``: 6.18)."""
+    return CTL_NAMES_618 if modern else CTL_NAMES
+
+
+def writable(modern: bool) -> tuple[str, ...]:
+    return WRITABLE_618 if modern else WRITABLE
+
+
+def missing_file(name: str, modern: bool) -> str:
+    """Why ``name`` is not a knob of this cluster's kernel, as a missing
+    sysfs file: one of the other kernel's, or none at all."""
+    kernel, other = ("6.18", "2.6.32") if modern else ("2.6.32", "6.18")
+    if name in ctl_names(not modern):
+        return (f"{name!r}: no such file in {kernel}'s /sys/kernel/mm/ksm (it is {other}'s: a "
+                f"cluster booted with --kernel {other}, Machine(kernel={other!r}))")
+    return f"{name!r}: no such knob or counter (one of: {', '.join(ctl_names(modern))})"
 UINT_MAX = (1 << 32) - 1
 ULONG_MAX = (1 << 64) - 1
 
 
 class KnobError(shm.UksmError):
-    """A knob write refused as the kernel would refuse it (status 2)."""
+    """A knob write refused as the kernel would refuse it (status 2; EBUSY,
+    a refusal of the cluster's state, not of the value: status 1)."""
 
     def __init__(self, name: str, why: str, errno_name: str = "EINVAL") -> None:
-        text = {"EINVAL": "invalid argument", "EACCES": "permission denied"}[errno_name]
-        super().__init__(f"{name}: {text} ({errno_name}): {why}", EXIT_USAGE)
+        text = {"EINVAL": "invalid argument", "EACCES": "permission denied",
+                "ERANGE": "numerical result out of range", "EBUSY": "device or resource busy"}[errno_name]
+        super().__init__(f"{name}: {text} ({errno_name}): {why}",
+                         EXIT_ERR if errno_name == "EBUSY" else EXIT_USAGE)
+        self.errno_name = errno_name
+
+
+class NoSuchKnob(shm.UksmError):
+    """A name this cluster's kernel has no file for (status 2; the API's KeyError)."""
 
 
 def strict_strtoul(raw: Any) -> int | None:
@@ -114,9 +151,21 @@ def _whole(name: str, raw: Any, lo: int, why: str) -> int:
     return v
 
 
-def validate_knob(name: str, raw: Any, nframes: int | None = None) -> int | str:
-    """The value ``name=raw`` writes, or KnobError (EINVAL, EACCES) with the
-    kernel's reasoning.  ``nframes``: the pool size, when known (mem_limit)."""
+def validate_knob(name: str, raw: Any, nframes: int | None = None, cl: Any = None) -> int | str:
+    """The value ``name=raw`` writes, or KnobError (EINVAL, EACCES; under
+    6.18 also ERANGE, EBUSY) with the kernel's reasoning.  ``nframes``: the
+    pool size, when known (mem_limit).  ``cl``: the cluster, when known:
+    its kernel's names and stores (6.18's: uksm.proc.sysfs618, checked
+    against the cluster's state), else 2.6.32's names and values."""
+    modern = cl is not None and bool(cl.modern)
+    if cl is not None and name not in ctl_names(modern):
+        raise NoSuchKnob(missing_file(name, modern), EXIT_USAGE)
+    if modern and name in WRITABLE_618 and name not in CTL_OWN:
+        from uksm.proc.sysfs618 import StoreError, validate
+        try:
+            return validate(name, raw, cl.q)
+        except StoreError as e:
+            raise KnobError(name, e.why, e.errno_name) from None
     if name == "run":
         v = _uint(name, raw, "must be 0, 1 or 2")
         if v > 2:  # "if (flags > KSM_RUN_UNMERGE) return -EINVAL;"
@@ -143,9 +192,9 @@ def validate_knob(name: str, raw: Any, nframes: int | None = None) -> int | str:
         if nframes is not None and v > nframes:
             raise KnobError(name, f"must be at most {nframes} (the frames in the pool; 0: no limit)")
         return v
-    if name in CTL_NAMES:
+    if name in ctl_names(modern):
         raise KnobError(name, "a read-only counter", "EACCES")
-    raise shm.UksmError(f"{name}: no such knob (writable: {', '.join(WRITABLE)}; "
+    raise shm.UksmError(f"{name}: no such knob (writable: {', '.join(writable(modern))}; "
                         f"'uksm ctl' lists them all)", EXIT_USAGE)
 
 

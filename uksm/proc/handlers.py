@@ -52,7 +52,7 @@ from uksm.kernel.layout import (
 )
 from uksm.kernel.locks import HolderDied, Lock, LockTimeout
 from uksm.proc import options
-from uksm.proc.control import WRITABLE, validate_knob
+from uksm.proc.control import CTL_OWN, validate_knob, writable
 from uksm.proc.scripting import Faults, Tasks
 from uksm.proc.supervisor import Child, Shutdown, Supervisor
 
@@ -294,12 +294,14 @@ class Requests:
         todo: list[tuple[str, int | str]] = []
         for item in knobs:  # every value is checked before any is written
             name, raw = str(item[0]), item[1]
-            todo.append((name, validate_knob(name, raw, cl.nframes)))
+            todo.append((name, validate_knob(name, raw, cl.nframes, cl=cl)))
         applied = []
         for name, value in todo:
-            assert name in WRITABLE
+            assert name in writable(cl.modern)
             ent: dict[str, Any] = {"name": name, "value": value}
-            if name == "run":
+            if cl.modern and name not in ("run", *CTL_OWN):
+                ent["previous"] = self.store_618(name, value)
+            elif name == "run":
                 ent["previous"] = q[K_RUN]
                 ent["wait_s"] = self.write_run(int(value))
             elif name == "pages_to_scan":
@@ -322,6 +324,25 @@ class Requests:
                                if name == "exit_policy" else value)
             applied.append(ent)
         return {"applied": applied}
+
+    def store_618(self, name: str, value: int | str) -> int | str:
+        """A 6.18 knob's store (uksm.proc.sysfs618.store).  max_page_sharing
+        and merge_across_nodes take ksm_thread_mutex, as their stores do,
+        and check pages_shared again under it: ksmd (which holds it while
+        it scans) cannot have made a KSM page since the check."""
+        from uksm.proc.sysfs618 import BUSY_WHILE_SHARED, StoreError, store, validate
+        cl = self.sup.cl
+        if name not in BUSY_WHILE_SHARED:
+            return store(name, value, cl.q)
+        self.lock_pumped(cl.daemon, LOCK_TIMEOUT_S, name)
+        try:
+            try:
+                validate(name, value, cl.q)
+            except StoreError as e:
+                raise RequestError(f"{name}: device or resource busy ({e.errno_name}): {e.why}", EXIT_ERR)
+            return store(name, value, cl.q)
+        finally:
+            cl.task.unlock(cl.daemon)
 
     def write_run(self, value: int) -> float:
         """echo VALUE > /sys/kernel/mm/ksm/run: a writer task runs run_store

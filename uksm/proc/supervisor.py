@@ -45,6 +45,7 @@ from uksm.kernel.layout import (
     TS_ALIVE,
     TS_FREE,
     KsmBlock,
+    KsmBlock618,
     TaskStats,
     ksm_block,
     stats_block,
@@ -70,7 +71,7 @@ class HostMemory(TypedDict):
 
 class Snapshot(TypedDict):
     """``Supervisor.snapshot``: the counters, frames and host memory."""
-    ksm: KsmBlock
+    ksm: KsmBlock | KsmBlock618     # the cluster's kernel's /sys/kernel/mm/ksm
     frames: FrameStats
     memory: HostMemory
 
