@@ -75,6 +75,7 @@ from uksm.kernel.layout import (
     FR_COUNT,
     FR_FLAGS,
     FRAME_SIZE,
+    K_ZERO_PAGES,
     M_FLAGS,
     M_KSM_MAPPED,
     M_RSS,
@@ -82,7 +83,6 @@ from uksm.kernel.layout import (
     MMF_VM_MERGEABLE,
     PT_OFF,
     PTE_WRITE,
-    S_ZERO_FORKED,
     VM_LOCKED,
 )
 from uksm.kernel.memory import Allocator, OutOfMemory
@@ -151,11 +151,15 @@ def copy_page_range(cl: "Cluster", ccl: "Cluster", child: MM, parent: MM, start:
             q[child.base + M_KSM_MAPPED] += ksm
             if zero:
                 # 6.18: dup_mm's memcpy gives the child the parent's
-                # mm->ksm_zero_pages, which counts exactly these PTEs; the
-                # global ksm_zero_pages is not raised (no Donet Tom fork
-                # fix on this machine's 6.18): S_ZERO_FORKED keeps fsck's books
+                # mm->ksm_zero_pages, which counts exactly these PTEs, and
+                # ksm_fork adds them to the global ksm_zero_pages (Donet
+                # Tom, "mm/ksm: fix incorrect KSM counter handling in
+                # mm_struct during fork": else each child's exit took its
+                # copies off a count that never had them).  This machine's
+                # 6.18 does: 10 zero pages, fork, global 20, child exit 10.
+                # Under zone_lock, as ksm_map_zero_page's updates.
                 q[child.base + M_ZERO_PAGES] += zero
-                q[S_ZERO_FORKED] += zero
+                q[K_ZERO_PAGES] += zero
             copied += rss + zero
         finally:
             task.unlock(ccl.zone)

@@ -60,7 +60,6 @@ from uksm.kernel.layout import (
     PTE_WRITE,
     REF_KSM,
     REF_USERS,
-    S_ZERO_FORKED,
     TS_ALIVE,
     TS_REAPING,
     XS_MMDROP,
@@ -176,9 +175,8 @@ def zero_ptes(cl: "Cluster", mms: dict[int, "MM"]) -> dict[int, int]:
 def check_zero_pages(cl: "Cluster", mms: dict[int, "MM"]) -> list[str]:
     """6.18's ksm_zero_pages (6.6, e2942062e01d; per mm 6080d19f0704)
     against the page tables: each mm's count is its zero PTEs, and the
-    global one is all of them less those a fork copied (layout.S_ZERO_FORKED:
-    this machine's 6.18 does not add those to the global count).  The
-    counts change under the mm's pte lock and zone_lock, with the PTE
+    global one all of them (a fork adds its copies: fork.copy_page_range).
+    The counts change under the mm's pte lock and zone_lock, with the PTE
     (ksm618.replace_with_zero_page, mmu.ksm_might_unmap_zero_page)."""
     errs = []
     per = zero_ptes(cl, mms)
@@ -187,10 +185,10 @@ def check_zero_pages(cl: "Cluster", mms: dict[int, "MM"]) -> list[str]:
         if cl.q[mm.base + M_ID] == mm_id and have != per[mm_id]:
             errs.append(f"mm{mm_id}: ksm_zero_pages {have} but the page table maps the zero page "
                         f"{per[mm_id]} times")
-    want = sum(per.values()) - cl.q[S_ZERO_FORKED]
+    want = sum(per.values())
     if cl.q[K_ZERO_PAGES] != want:
-        errs.append(f"ksm_zero_pages {cl.q[K_ZERO_PAGES]} but the page tables say {want} "
-                    f"({sum(per.values())} zero PTEs, {cl.q[S_ZERO_FORKED]} of them copied by fork)")
+        errs.append(f"ksm_zero_pages {cl.q[K_ZERO_PAGES]} but the page tables map the zero page "
+                    f"{want} times")
     return errs
 
 
@@ -469,7 +467,7 @@ def rebuild(cl: "Cluster", mms: dict[int, "MM"]) -> int:
         for mm_id, mm in mms.items():
             if cl.q[mm.base + M_ID] == mm_id:
                 cl.q[mm.base + M_ZERO_PAGES] = per[mm_id]
-        cl.q[K_ZERO_PAGES] = sum(per.values()) - cl.q[S_ZERO_FORKED]
+        cl.q[K_ZERO_PAGES] = sum(per.values())
     rebuild_free_stack(cl, live)
     return fixed
 

@@ -143,14 +143,7 @@ S_EXIT_NOSLOT = KSM_END + 19   # exits that found no mm_slot: ksmd freed it firs
 # detectors (racy increments: only "zero or not" matters)
 S_USE_AFTER_FREE = KSM_END + 20  # lock operations on a freed mm (locks.Task.uaf)
 S_LOCKDEP = KSM_END + 21         # locks taken against the order, or twice (lockdep)
-# 6.18: KSM-placed zero PTEs a fork copied into a child (copy_present_pte
-# copies the dirty zero PTE, dup_mm's memcpy the parent's
-# mm->ksm_zero_pages) without adding them to the global ksm_zero_pages --
-# this machine's 6.18 has no Donet Tom fork fix, which adds them in
-# ksm_fork -- so ksm_zero_pages equals the zero PTEs present minus this
-# (fsck's rule; the global count may go below 0 as the children exit)
-S_ZERO_FORKED = KSM_END + 22
-STATS_END = KSM_END + 23
+STATS_END = KSM_END + 22
 
 # ---- ksm_mm_head, ksm_scan (under ksm_mmlist_lock) and the free-stack top (under zone_lock)
 L_HEAD_NEXT = STATS_END + 0
