@@ -37,6 +37,7 @@ from uksm.kernel.ksm import slot_prev, slots
 from uksm.kernel.layout import (
     A_FREE_TOP,
     F_KSM,
+    F_ZERO,
     FR_AUX,
     FR_COUNT,
     FR_FLAGS,
@@ -346,6 +347,15 @@ def check_leaks(cl: "Cluster") -> list[str]:
             why = "held by its mm_slot, ksmd not running" if st == MMS_ZOMBIE else f"state {st}"
             errs.append(f"leak: mm{m.id} never freed ({why}; mm_count {bin(m.refs).count('1')})")
     used = cl.nframes - cl.q[A_FREE_TOP]
+    if cl.modern:
+        # 6.18: the zero page is reserved for ever (cluster.reserve_zero_page),
+        # its count back to the reservation alone, and nothing counted in it
+        used -= 1
+        zb = ZERO_PFN * FRAME_SIZE
+        if cl.fq[zb + FR_COUNT] != 1 or not cl.fq[zb + FR_FLAGS] & F_ZERO:
+            errs.append(f"leak: the zero page's count is {cl.fq[zb + FR_COUNT]} after every task exited")
+        if cl.q[K_ZERO_PAGES]:
+            errs.append(f"ksm_zero_pages is {cl.q[K_ZERO_PAGES]} after every task exited")
     if used:
         errs.append(f"leak: {used} frames still in use after every task exited")
     return errs
