@@ -9,9 +9,9 @@ import os
 import sys
 
 import pytest
+from test_twin import RESTORED, host_ksm_missing, knobs
 
 from helpers import ROOT, run_group
-from test_twin import RESTORED, host_ksm_missing, knobs
 
 TWIN618 = os.path.join(ROOT, "tools", "twin618.py")
 
@@ -59,7 +59,6 @@ def test_not_skipped_is_the_rule():
     """twin618's formula against the rule's own code."""
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     import twin618
-
     from uksm.kernel.ksm618 import should_skip_rmap_item
 
     class Slot:
