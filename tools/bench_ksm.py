@@ -144,12 +144,14 @@ def split_pages(pages: int, workers: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(workers)]
 
 
-def uksm_config(pages: int, workers: int, pages_to_scan: int, sleep_ms: int, run: int = 0):
+def uksm_config(pages: int, workers: int, pages_to_scan: int, sleep_ms: int, run: int = 0,
+                kernel: str = "2.6.32"):
     from uksm.kernel.cluster import Config
     per = split_pages(pages, workers)
     return Config(frames=pages + max(64, pages // 16), max_tasks=workers * 2 + 32,
                   max_mms=workers * 3 + 32, va_pages=max(per) + 80, run=run,
-                  pages_to_scan=pages_to_scan, sleep_ms=sleep_ms, hung_timeout_ms=30_000)
+                  pages_to_scan=pages_to_scan, sleep_ms=sleep_ms, hung_timeout_ms=30_000,
+                  kernel=kernel)
 
 
 def start_workers(sup: Any, pages: int, distinct: int, workers: int, seed: int,
@@ -178,17 +180,20 @@ def start_workers(sup: Any, pages: int, distinct: int, workers: int, seed: int,
 
 
 def wait_merged(sup: Any, t0: float, shared: int, sharing: int, timeout: float, say: Any,
-                label: str, tick: Any = None) -> float:
+                label: str, tick: Any = None, any_split: bool = False) -> float:
     """Poll the cluster (every ~2 ms) until ``pages_shared == shared`` and
-    ``pages_sharing == sharing``; ``tick(now)`` at every poll.  Returns the
-    seconds since ``t0``; RuntimeError on a cluster error or the timeout."""
+    ``pages_sharing == sharing`` (``any_split``: until their sum is, as the
+    kernel side waits: 6.18's max_page_sharing splits a content over more
+    KSM pages); ``tick(now)`` at every poll.  Returns the seconds since
+    ``t0``; RuntimeError on a cluster error or the timeout."""
     from uksm.kernel.layout import K_PAGES_SCANNED, K_PAGES_SHARED, K_PAGES_SHARING
     q = sup.cl.q
     scanned0, last = q[K_PAGES_SCANNED], t0
     while True:
         sup.poll()
         now = time.monotonic()
-        if q[K_PAGES_SHARED] == shared and q[K_PAGES_SHARING] == sharing:
+        if q[K_PAGES_SHARED] == shared and q[K_PAGES_SHARING] == sharing \
+                or any_split and q[K_PAGES_SHARED] + q[K_PAGES_SHARING] == shared + sharing:
             return now - t0
         if sup.errors:
             raise RuntimeError("; ".join(sup.errors))
@@ -205,7 +210,8 @@ def wait_merged(sup: Any, t0: float, shared: int, sharing: int, timeout: float, 
 
 
 def run_uksm(pages: int, distinct: int, workers: int, pages_to_scan: int, sleep_ms: int,
-             after: float, timeout: float, seed: int, log_dir: str | None, say: Any) -> dict[str, Any]:
+             after: float, timeout: float, seed: int, log_dir: str | None, say: Any,
+             kernel: str = "2.6.32") -> dict[str, Any]:
     from uksm.host import log as ulog
     from uksm.host import shm
     from uksm.kernel.ksm import run_store
@@ -220,7 +226,8 @@ def run_uksm(pages: int, distinct: int, workers: int, pages_to_scan: int, sleep_
     name = f"bench{os.getpid()}"
     per = split_pages(pages, workers)
     exp_shared, exp_sharing = expected_counts(pages, distinct, per)
-    sup = Supervisor(name, uksm_config(pages, workers, pages_to_scan, sleep_ms), log_dir, quiet=True)
+    sup = Supervisor(name, uksm_config(pages, workers, pages_to_scan, sleep_ms, kernel=kernel), log_dir,
+                     quiet=True)
     res: dict[str, Any] = {"cluster": name, "workers": workers, "pages_per_worker": per[0],
                            "expected_shared": exp_shared, "expected_sharing": exp_sharing}
     clean = False
@@ -235,7 +242,8 @@ def run_uksm(pages: int, distinct: int, workers: int, pages_to_scan: int, sleep_
         cpu0 = proc_cpu_s(kpid)
         t0 = time.monotonic()
         run_store(sup.cl, 1)
-        dt = wait_merged(sup, t0, exp_shared, exp_sharing, timeout, say, "uksm")
+        dt = wait_merged(sup, t0, exp_shared, exp_sharing, timeout, say, "uksm",
+                         any_split=kernel != "2.6.32")
         cpu1 = proc_cpu_s(kpid)
         scanned = q[K_PAGES_SCANNED] - scanned0
         if cpu0 is not None and cpu1 is not None:
@@ -641,6 +649,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="leave /sys/kernel/mm/ksm alone (no kernel figures, no ratios)")
     ap.add_argument("--skip-run", action="store_true",
                     help="skip goal 2's `uksm run --until-merged` from nothing")
+    ap.add_argument("--kernel", default="2.6.32", choices=("2.6.32", "6.18"),
+                    help="whose mm/ksm.c uksm's ksmd runs (default 2.6.32); 6.18 compares like "
+                         "with like on a 6.18 host (smart_scan as the host's, 1 by default)")
     ap.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     a = ap.parse_args(argv)
     if a.pages < 1 or a.distinct < 1 or a.workers < 1 or a.pages_to_scan < 1 or a.sleep_ms < 0:
@@ -660,7 +671,8 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "machine": machine(),
         "layout": {"pages": a.pages, "distinct": a.distinct, "workers": a.workers,
-                   "pages_to_scan": a.pages_to_scan, "sleep_millisecs": a.sleep_ms},
+                   "pages_to_scan": a.pages_to_scan, "sleep_millisecs": a.sleep_ms,
+                   "kernel": a.kernel},
     }
     status = 0
     runs: dict[str, list[dict[str, Any]]] = {}
@@ -671,7 +683,7 @@ def main(argv: list[str] | None = None) -> int:
             if not a.skip_uksm:
                 sides.append(("uksm", lambda: run_uksm(
                     a.pages, a.distinct, a.workers, a.pages_to_scan, a.sleep_ms, a.after,
-                    a.timeout, a.seed, a.log_dir, say)))
+                    a.timeout, a.seed, a.log_dir, say, a.kernel)))
             if not a.skip_run:
                 sides.append(("uksm_run", lambda: run_cli(
                     a.pages, a.distinct, a.workers, a.pages_to_scan, a.sleep_ms, a.timeout, say)))
