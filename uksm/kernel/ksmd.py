@@ -46,7 +46,13 @@ from uksm.host import shm
 from uksm.kernel import killpoints, oom, sched
 from uksm.kernel.cluster import Cluster, add_task_args
 from uksm.kernel.ksm import break_cow, list_del, slot_next
-from uksm.kernel.ksm618 import ZERO_KEY, Advisor, should_skip_rmap_item, try_to_merge_with_zero_page
+from uksm.kernel.ksm618 import (
+    SKIP_MIN_AGE,
+    ZERO_KEY,
+    Advisor,
+    should_skip_rmap_item,
+    try_to_merge_with_zero_page,
+)
 from uksm.kernel.layout import (
     A_FREE_TOP,
     F_ANON,
@@ -687,7 +693,7 @@ class Ksmd:
             v = max(addr, start)
             relook = False
             st.grow(end)
-            seen, tree = st.seen, st.tree
+            seen, tree, ages = st.seen, st.tree, st.age
             while v < end and n < budget:
                 if not n & 63 and n != last_yield and q[wait_flag]:
                     # a writer (madvise, munmap, exit) waits: let it in
@@ -713,10 +719,7 @@ class Ksmd:
                     v += 1
                     continue
                 pfn = pte >> 2
-                if pfn == zero_pfn:
-                    # 6.18: a KSM-placed zero PTE is no anonymous folio
-                    # (folio_walk_start finds none): no rmap_item, and the
-                    # one it had is freed as passed
+                if pfn == zero_pfn:  # 6.18: a zero PTE has no folio: no rmap_item (the old one is passed)
                     v += 1
                     continue
                 vpn = v
@@ -727,12 +730,15 @@ class Ksmd:
                     st.nitems += 1
                     self.rmap_items += 1
                 seen[vpn] = seqnr
-                if smart and not fq[pfn * FRAME_SIZE + FR_FLAGS] & F_KSM \
-                        and should_skip_rmap_item(self, st, vpn):
-                    # 6.7 smart scan: skipped, "goto next_page" -- not
-                    # scanned, so not in pages_scanned nor in the budget
-                    v += 1
-                    continue
+                if smart and not fq[pfn * FRAME_SIZE + FR_FLAGS] & F_KSM:
+                    # 6.7 smart scan (should_skip_rmap_item): the young only age (inline); a
+                    # skipped page is "goto next_page": not in pages_scanned, nor the budget
+                    age = ages[vpn]
+                    if age < SKIP_MIN_AGE:
+                        ages[vpn] = age + 1
+                    elif should_skip_rmap_item(self, st, vpn):
+                        v += 1
+                        continue
                 n += 1
                 v += 1
                 where = tree[vpn]
