@@ -48,7 +48,7 @@ from collections.abc import Callable
 from typing import Any
 
 from hostksm import HostKsm, host_lock, shielded
-from twin import HostTask, end_host_tasks, start_host_task, table
+from twin import HostTask, _sigterm, end_host_tasks, start_host_task, table
 
 CASES = ("Z0", "Z1", "unmerge-zero", "ksm07")
 KSM07_SCANS = 30
@@ -179,10 +179,6 @@ def run_kernel(case: str, host: HostKsm, say: Callable[[str], None], timeout: fl
 def rows(case: str, k: dict[str, Any], u: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"step": case, "field": f, "kernel": k[f], "uksm": u.get(f), "agree": k[f] == u.get(f)}
             for f in k]
-
-
-def _sigterm(_s: int, _f: Any) -> None:
-    raise KeyboardInterrupt("SIGTERM")
 
 
 def main(argv: list[str] | None = None) -> int:

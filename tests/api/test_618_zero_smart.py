@@ -16,6 +16,8 @@ tools/twin618.py runs the same cases on this machine's KSM."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -68,14 +70,22 @@ def test_ksm_tests_Z(use_zero_pages):
         assert m.ksm["ksm_zero_pages"] == 0   # zap_pte_range's ksm_might_unmap_zero_page
 
 
-def test_unmerge_zero_pages():
-    """ksm_functional_tests.c test_unmerge_zero_pages, on 2 MiB."""
-    with uksm.Machine(name=f"z6u{os.getpid()}", kernel="6.18", frames=1100, max_pages=512,
-                      sleep_millisecs=0, pages_to_scan=2000) as m:
+@contextmanager
+def zero_pages_merged(tag: str, pages: int, frames: int, pages_to_scan: int) -> Iterator[tuple]:
+    """A 6.18 machine with use_zero_pages 1 and a task of ``pages`` zero
+    pages, after two full scans (checksum, then the zero page)."""
+    with uksm.Machine(name=f"z6{tag}{os.getpid()}", kernel="6.18", frames=frames, max_pages=pages,
+                      sleep_millisecs=0, pages_to_scan=pages_to_scan) as m:
         m.ksm["use_zero_pages"] = 1
-        t = m.task(pages=512)
+        t = m.task(pages=pages)
         t.fill(0)
         m.wait_full_scans(2)
+        yield m, t
+
+
+def test_unmerge_zero_pages():
+    """ksm_functional_tests.c test_unmerge_zero_pages, on 2 MiB."""
+    with zero_pages_merged("u", 512, 1100, 2000) as (m, t):
         assert zero_pages_of(m, t) == 512, "'ksm_zero_pages' updated after merging"
         t.madvise(0, 256, "UNMERGEABLE")
         assert zero_pages_of(m, t) == 256, "'ksm_zero_pages' updated after unmerging"
@@ -93,12 +103,7 @@ def test_zero_pages_fork_run2_and_exit_keep_the_count():
     """A fork copies the zero PTEs and adds them to the global count (this
     machine's 6.18: 10, fork, 20); run=2 unshares them all; exit takes
     what is left; fsck agrees at each step."""
-    with uksm.Machine(name=f"z6f{os.getpid()}", kernel="6.18", frames=256, max_pages=16,
-                      sleep_millisecs=0, pages_to_scan=100) as m:
-        m.ksm["use_zero_pages"] = 1
-        t = m.task(pages=10)
-        t.fill(0)
-        m.wait_full_scans(2)
+    with zero_pages_merged("f", 10, 256, 100) as (m, t):
         assert m.ksm["ksm_zero_pages"] == 10
         c = t.fork()
         assert (m.ksm["ksm_zero_pages"], zero_pages_of(m, c), zero_pages_of(m, t)) == (20, 10, 10)
