@@ -9,9 +9,8 @@ import os
 import sys
 
 import pytest
-from test_twin import RESTORED, host_ksm_missing, knobs
 
-from helpers import ROOT, run_group
+from helpers import RESTORED, ROOT, host_ksm_missing, knobs, run_group
 
 TWIN618 = os.path.join(ROOT, "tools", "twin618.py")
 
