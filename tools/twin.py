@@ -290,16 +290,38 @@ def _pagemap_of(addr: int, pages: int) -> list[dict[str, Any]]:
     return out
 
 
+def read_ksm_stat() -> dict[str, Any]:
+    """/proc/self/ksm_stat: "name N" lines as ints, "name: yes|no" as strings."""
+    out: dict[str, Any] = {}
+    with open("/proc/self/ksm_stat") as f:
+        for ln in f:
+            k, v = ln.split()
+            out[k.rstrip(":")] = int(v) if v.lstrip("-").isdigit() else v
+    return out
+
+
+def _prctl(option: int, *args: int) -> int:
+    """prctl(2) through the C library: its return, or -errno."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
+    ret = int(libc.prctl(option, *(list(args) + [0] * 4)[:4]))
+    return -ctypes.get_errno() if ret < 0 else ret
+
+
 def _task_main(sock: socket.socket, pages: int) -> None:
-    """A task: one private anonymous mapping, commands from the socket
-    (one JSON datagram each, a file descriptor with "fork")."""
+    """A task: one private anonymous mapping (no THP: each page its own, as
+    uksm's), commands from the socket (one JSON datagram each, a file
+    descriptor with "fork")."""
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)   # forked children reap themselves
     signal.signal(signal.SIGINT, signal.SIG_IGN)    # the driver ends us, by "exit" or EOF
     m = mmap.mmap(-1, pages * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        m.madvise(mmap.MADV_NOHUGEPAGE)
     ref = ctypes.c_char.from_buffer(m)
     addr = ctypes.addressof(ref)
     del ref
-    advice = {"MERGEABLE": mmap.MADV_MERGEABLE, "UNMERGEABLE": mmap.MADV_UNMERGEABLE}
+    advice = {"MERGEABLE": mmap.MADV_MERGEABLE, "UNMERGEABLE": mmap.MADV_UNMERGEABLE,
+              "DONTNEED": mmap.MADV_DONTNEED}
     while True:
         data, fds, _f, _a = socket.recv_fds(sock, 1 << 16, 1)
         if not data:
@@ -323,9 +345,16 @@ def _task_main(sock: socket.socket, pages: int) -> None:
                 os.close(fds[0])
                 ans["pid"] = pid
             elif op == "stat":
-                with open("/proc/self/ksm_stat") as f:
-                    ans["stat"] = {k: int(v) for k, v in
-                                   (ln.split() for ln in f if ln.split()[0] in STAT_FIELDS)}
+                ans["stat"] = read_ksm_stat()
+            elif op == "write":
+                m[c["offset"]] = c["value"]
+            elif op == "prctl":
+                ans["ret"] = _prctl(c["option"], *c["args"])
+            elif op == "segv":   # LTP ksm05's child: "*(char *)NULL = 0;"
+                import resource
+                resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+                signal.signal(signal.SIGSEGV, signal.SIG_DFL)
+                ctypes.string_at(0)
             elif op == "pagemap":
                 ans["pages"] = _pagemap_of(addr, pages)
             elif op == "exit":
@@ -341,6 +370,7 @@ class HostTask:
 
     def __init__(self, name: str, sock: socket.socket, pid: int) -> None:
         self.name, self.sock, self.pid = name, sock, pid
+        self.proc: Any = None   # a fresh task's Popen (kept: never reaped behind our back)
 
     def cmd(self, op: str, fds: list[int] | None = None, **kw: Any) -> dict[str, Any]:
         socket.send_fds(self.sock, [json.dumps({"op": op, **kw}).encode()], fds or [])
@@ -353,8 +383,25 @@ class HostTask:
         return ans
 
 
-def start_host_task(name: str, pages: int) -> HostTask:
+def start_host_task(name: str, pages: int, fresh: bool = False) -> HostTask:
+    """A task process: forked from this one, or with ``fresh`` a new
+    Python (exec'd): it then shares no page with this driver.  (A forked
+    task under PR_SET_MEMORY_MERGE makes every page it still shares
+    copy-on-write with the driver mergeable, and KSM merges such a page in
+    place: a KSM page then stays mapped in the driver after the task is
+    gone, which max_page_sharing and merge_across_nodes answer with EBUSY
+    until the driver exits.)"""
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    if fresh:
+        import subprocess
+        prog = ("import socket, sys; sys.path.insert(0, sys.argv[1]); import twin; "
+                "twin._task_main(socket.socket(fileno=int(sys.argv[2])), int(sys.argv[3]))")
+        proc = subprocess.Popen([sys.executable, "-c", prog, os.path.dirname(os.path.abspath(__file__)),
+                                 str(b.fileno()), str(pages)], pass_fds=[b.fileno()])
+        b.close()
+        t = HostTask(name, a, proc.pid)
+        t.proc = proc
+        return t
     pid = os.fork()
     if pid == 0:   # the task: never returns into the driver's code
         code = 0
@@ -471,6 +518,59 @@ def table(rs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def table_618(rs: list[dict[str, Any]]) -> str:
+    """--kernel 6.18's rows: case, step, field, what the source asserts,
+    the kernel's value, uksm's, agree."""
+    head = ("case", "step", "field", "source asserts", "kernel", "uksm", "agree")
+    cells = [head] + [(r["case"], r["step"], r["field"], r.get("assert", "-"), str(r["kernel"]),
+                       str(r["uksm"]), "yes" if r["agree"] else "NO") for r in rs]
+    w = [max(len(c[i]) for c in cells) for i in range(len(head))]
+    lines = [" | ".join(c[i].ljust(w[i]) for i in range(len(head))).rstrip() for c in cells]
+    lines.insert(1, "-+-".join("-" * x for x in w))
+    return "\n".join(lines)
+
+
+def main_618(a: argparse.Namespace) -> int:
+    """``--kernel 6.18``: every case (or --case) on uksm, then on the host."""
+    import twin618
+    cs = twin618.cases()
+    if a.list:
+        for c in cs.values():
+            print(f"{c.name}: {c.source}")
+            for s in c.steps:
+                print(f"  {s.name} (+{s.scans} scans): " + "; ".join(" ".join(map(str, x)) for x in s.actions))
+        return 0
+    unknown = [n for n in a.case if n not in cs]
+    if unknown:
+        raise BadInput(f"--case: no case {', '.join(unknown)} (cases: {', '.join(cs)})")
+    host = HostKsm(a.sysfs)
+    why = host.unavailable()
+    if why:
+        raise BadInput(f"no host KSM to compare with: {why}")
+
+    def say(msg: str) -> None:
+        if not a.quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    signal.signal(signal.SIGTERM, _sigterm)
+    rs: list[dict[str, Any]] = []
+    t0 = time.monotonic()
+    for c in (cs[n] for n in (a.case or list(cs))):
+        say(f"twin: case {c.name} ({c.source})")
+        u = twin618.run_uksm(c, say, a.timeout)
+        k = twin618.run_kernel(c, host, say, a.timeout)
+        rs += twin618.judge(c, k, u)
+    ok = all(r["agree"] for r in rs)
+    if a.json:
+        print(json.dumps({"kernel_mode": "6.18", "kernel": platform.release(), "agree": ok,
+                          "elapsed_s": round(time.monotonic() - t0, 2), "rows": rs}, indent=1))
+    else:
+        print(table_618(rs))
+        print(f"{len({r['case'] for r in rs})} cases: {sum(bool(r['agree']) for r in rs)}/{len(rs)} "
+              f"rows agree (kernel {platform.release()}, {time.monotonic() - t0:.1f} s)")
+    return 0 if ok else 1
+
+
 def _sigterm(_s: int, _f: Any) -> None:
     raise KeyboardInterrupt("SIGTERM")
 
@@ -486,6 +586,12 @@ def main(argv: list[str] | None = None) -> int:
                "The host's KSM knobs are always restored (run=2, run=0, pages_to_scan=100, "
                "sleep_millisecs=20, max_page_sharing=256, use_zero_pages=0, smart_scan=1, "
                "advisor_mode=none). See docs/TWIN.md.")
+    ap.add_argument("--kernel", default="2.6.32", choices=("2.6.32", "6.18"),
+                    help="2.6.32 (default): the walks, uksm as 2.6.32; 6.18: the ported 6.x test "
+                         "programs (tools/twin618.py: ksm_functional_tests, ksm_tests -U, LTP ksm01 "
+                         "and ksm05) on uksm with kernel=\"6.18\" and on this kernel")
+    ap.add_argument("--case", action="append", default=[],
+                    help="with --kernel 6.18: only this case (repeatable; --list shows them)")
     ap.add_argument("--walk", default="full",
                     help="which walk (default: full; --list shows them and their steps)")
     ap.add_argument("--pages", type=int, default=32,
@@ -512,6 +618,10 @@ def main(argv: list[str] | None = None) -> int:
             raise BadInput(f"--scans: 2 .. 20 (got {a.scans})")
         if not 1 <= a.timeout <= 3600:
             raise BadInput(f"--timeout: 1 .. 3600 seconds (got {a.timeout})")
+        if a.kernel == "6.18":
+            return main_618(a)
+        if a.case:
+            raise BadInput("--case is for --kernel 6.18 (the 2.6.32 twin has --walk)")
         ws = walks(a.pages)
         if a.list:
             for w in ws.values():

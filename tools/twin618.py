@@ -1,242 +1,371 @@
-#!/usr/bin/env python3
-"""twin618: 6.18's zero pages and smart scan, on uksm (kernel="6.18") and on
-this machine's KSM, case by case (issue 23 item 4; tools/twin.py's style
-and its task processes).
+"""twin --kernel 6.18: the public 6.x KSM test programs, run on uksm under
+``kernel="6.18"`` and on this machine's 6.18 KSM, compared case by case.
 
-The cases, with what their sources assert:
+Each *case* is a port of one test of a public program -- the kernel's
+selftests (tools/testing/selftests/mm/ksm_functional_tests.c, ksm_tests.c)
+and LTP (testcases/kernel/mem/ksm/ksm01.c, ksm05.c) -- as steps of actions
+on tasks (``tools/twin.py``'s task processes on the host; ``m.task`` on
+uksm), each followed by a wait for full scans, and the *assertions its
+source makes* (``Case.asserts``).  After each step both sides are read the
+same way (``snapshot``); a row compares one field of one step:
 
-- ``Z0``, ``Z1``: ksm_tests.c ``-Z -p 10 -z 0|1`` (check_ksm_zero_page_merge):
-  ten zero pages, MADV_MERGEABLE, run=1, full_scans + 2: pages_shared 1,
-  pages_sharing 9 with use_zero_pages 0; 0 and 0 with 1, where the pages
-  map the kernel's zero page instead (ksm_zero_pages 10, 6.6);
-- ``unmerge-zero``: ksm_functional_tests.c test_unmerge_zero_pages: 512
-  zero pages merged (the task's ksm_zero_pages 512), MADV_UNMERGEABLE on
-  the first half (256), a distinct write to each page of the second half
-  (0), and then no two pages on one frame.  ksmd is stopped (run=0) after
-  the merge on both sides, so that nothing merges again meanwhile;
-- ``ksm07``: LTP ksm07: smart_scan 1, one page of 'a', pages_to_scan 100,
-  sleep 0; after at least 30 full scans run=0: pages_skipped grew by at
-  least half the full scans (LTP's check), and exactly as
-  should_skip_rmap_item says for one page met at every full scan (the
-  pages scanned are its looks: scans 1-4, 6, 9, 14, then every 9th).
+- ``exact`` fields must be equal (the counters the source checks, the
+  pages of the task's area that map a KSM page, whether two of them share
+  a frame -- the selftests' ``range_maps_duplicates`` --, prctl's returns);
+- an asserted field agrees when the source's assertion holds on both (a
+  number the source checks only as ``> 0``, e.g. ``ksm_merging_pages`` of a
+  process under PR_SET_MEMORY_MERGE, where the host's count takes in the
+  Python interpreter's own memory, every area of which merge_any made
+  mergeable).
 
-Compared per case: the global counters (relative to before the case on
-the host), the task's ksm_zero_pages (/proc/PID/ksm_stat), how many
-distinct frames the task's pages map, and ksm07's two checks.  The host's
-KSM is used under ``flock /tmp/hostksm.lock`` and its knobs ALWAYS
-restored (tools/hostksm.py: run=2, run=0, pages_to_scan=100,
-sleep_millisecs=20, max_page_sharing=256, use_zero_pages=0, smart_scan=1,
-advisor_mode=none).
-
-Usage::
-
-    python3 tools/twin618.py            # every case, a table
-    python3 tools/twin618.py --case Z1 --json
-
-Exit status: 0 all agree, 1 some field differs, 2 bad input or no host KSM.
+``tests/api/test_ports618.py`` runs the uksm side of every case and checks
+the sources' assertions; ``python3 tools/twin.py --kernel 6.18`` runs both
+sides (docs/TWIN.md has the table).
 """
 from __future__ import annotations
 
-import argparse
-import json
+import errno
 import os
-import platform
 import signal
-import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
-from hostksm import HostKsm, host_lock, shielded
-from twin import HostTask, _sigterm, end_host_tasks, start_host_task, table
-
-CASES = ("Z0", "Z1", "unmerge-zero", "ksm07")
-KSM07_SCANS = 30
 PAGE = 4096
+PR_SET_MEMORY_MERGE, PR_GET_MEMORY_MERGE = 67, 68
+#: LTP ksm01 scaled: three tasks of this many pages (LTP: 128 MB each)
+LTP_PAGES = 32
+LTP_TOTAL = 3 * LTP_PAGES
+#: LTP ksm05's children (LTP: as many as fit in its runtime, >= 10 s)
+KSM05_CHILDREN = 10
+COUNTERS = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile")
+
+Action = tuple[Any, ...]
 
 
-def not_skipped(scans: int) -> int:
-    """The looks should_skip_rmap_item (6.7) gives one page in ``scans``
-    full scans: 1-4, 6, 9, 14, then every 9th (tests/api/test_618_zero_smart.py)."""
-    return len([k for k in (1, 2, 3, 4, 6, 9, 14) if k <= scans]) + max(0, scans - 14) // 9
+@dataclass
+class Step:
+    name: str
+    actions: list[Action]
+    scans: int = 2          # full scans waited after the actions (0: read at once)
+    paused: bool = False    # LTP's ksm_group_check: run=0 while reading, then back
 
 
-def distinct_frames(pages: list[dict[str, Any]]) -> int:
-    return len({p["frame"] for p in pages if p["present"]})
+@dataclass
+class Case:
+    name: str
+    source: str
+    steps: list[Step]
+    exact: list[tuple[str, str]]                  # (step, field) compared for equality
+    asserts: list[tuple[str, str, str, Any]] = field(default_factory=list)  # (step, field, op, value)
+    knobs: dict[str, str] = field(default_factory=dict)   # set before the case (both sides)
 
 
-def ksm07_fields(scans: int, skipped: int, scanned: int) -> dict[str, Any]:
-    return {"ksm07 passes (skipped >= scans/2)": skipped >= scans * 50 // 100,
-            "skips as should_skip_rmap_item": scanned == not_skipped(scans) and skipped + scanned == scans}
+def _merge_steps(task: str, pages: int, value: int, how: str) -> list[Action]:
+    """__mmap_and_merge_range: ksm_stop (run=2), the area filled with one
+    value, MADV_MERGEABLE or PR_SET_MEMORY_MERGE, ksm_start (run=1; the step
+    waits two full scans)."""
+    acts: list[Action] = [("run", 2), ("task", task, pages), ("fill", task, 0, pages, value)]
+    acts.append(("madvise", task, 0, pages, "MERGEABLE") if how == "madvise"
+                else ("prctl", task, PR_SET_MEMORY_MERGE, 1))
+    return acts + [("run", 1)]
 
 
-# ---- uksm ---------------------------------------------------------------------------------------
+def _ltp_fill(contents: str) -> list[Action]:
+    """LTP ksm01's children write their contents: a letter per child; an
+    upper case one is the letter with the last byte 'e'."""
+    acts: list[Action] = []
+    for t, c in zip("ABC", contents):
+        acts.append(("fill", t, 0, LTP_PAGES, ord(c.lower())))
+        if c.isupper():
+            acts.append(("write", t, LTP_PAGES * PAGE - 1, ord("e")))
+    return acts
 
-def run_uksm(case: str, timeout: float) -> dict[str, Any]:
+
+def cases() -> dict[str, Case]:
+    n = 512   # ksm_functional_tests: "const unsigned int size = 2 * MiB;"
+    merged = [("merge", "A ksm_merging_pages", ">", 0)]   # "No pages got merged" otherwise
+    out = [
+        Case("unmerge", "ksm_functional_tests.c test_unmerge",
+             [Step("merge", _merge_steps("A", n, 0xCF, "madvise")),
+              Step("unmerge", [("madvise", "A", 0, n, "UNMERGEABLE")], scans=0)],
+             [("merge", "A ksm_merging_pages"), ("merge", "A ksm_pages"), ("merge", "A dups"),
+              ("unmerge", "A ksm_pages"), ("unmerge", "A dups")],
+             merged + [("unmerge", "A dups", "==", False)]),
+        Case("unmerge_discarded", "ksm_functional_tests.c test_unmerge_discarded",
+             [Step("merge", _merge_steps("A", n, 0xCF, "madvise")),
+              Step("discard-unmerge", [("madvise", "A", 0, n // 2, "DONTNEED"),
+                                       ("madvise", "A", 0, n, "UNMERGEABLE")], scans=0)],
+             [("merge", "A ksm_pages"), ("discard-unmerge", "A present"),
+              ("discard-unmerge", "A ksm_pages"), ("discard-unmerge", "A dups")],
+             merged + [("discard-unmerge", "A dups", "==", False)]),
+        Case("prctl", "ksm_functional_tests.c test_prctl (and kernel/sys.c's EINVAL)",
+             [Step("set-get", [("task", "A", 1), ("prctl", "A", PR_SET_MEMORY_MERGE, 1),
+                               ("prctl", "A", PR_GET_MEMORY_MERGE),
+                               ("prctl", "A", PR_SET_MEMORY_MERGE, 0),
+                               ("prctl", "A", PR_GET_MEMORY_MERGE),
+                               ("prctl", "A", PR_SET_MEMORY_MERGE, 1, 1),
+                               ("prctl", "A", PR_GET_MEMORY_MERGE, 1)], scans=0)],
+             [("set-get", f"A prctl#{i}") for i in range(6)],
+             [("set-get", "A prctl#0", "==", 0), ("set-get", "A prctl#1", "==", 1),
+              ("set-get", "A prctl#2", "==", 0), ("set-get", "A prctl#3", "==", 0),
+              ("set-get", "A prctl#4", "==", -22), ("set-get", "A prctl#5", "==", -22)]),
+        Case("prctl_fork", "ksm_functional_tests.c test_prctl_fork (test_child_ksm)",
+             [Step("fork-merge", [("run", 2), ("task", "A", n), ("prctl", "A", PR_SET_MEMORY_MERGE, 1),
+                                  ("fork", "A", "C"), ("prctl", "C", PR_GET_MEMORY_MERGE),
+                                  ("fill", "C", 0, n, 0xCF), ("run", 1)]),
+              Step("clear", [("prctl", "A", PR_SET_MEMORY_MERGE, 0)], scans=0)],
+             [("fork-merge", "C prctl#0"), ("fork-merge", "C ksm_pages"), ("fork-merge", "C dups"),
+              ("clear", "A prctl#1")],
+             [("fork-merge", "C prctl#0", "==", 1), ("fork-merge", "C ksm_merging_pages", ">", 0),
+              ("clear", "A prctl#1", "==", 0)]),
+        Case("prctl_unmerge", "ksm_functional_tests.c test_prctl_unmerge",
+             [Step("merge", _merge_steps("A", n, 0xCF, "prctl")),
+              Step("unmerge", [("prctl", "A", PR_SET_MEMORY_MERGE, 0)], scans=0)],
+             [("merge", "A ksm_pages"), ("merge", "A dups"), ("unmerge", "A ksm_pages"),
+              ("unmerge", "A dups")],
+             merged + [("unmerge", "A dups", "==", False)]),
+        Case("ksm_tests-U", "ksm_tests.c -U (check_ksm_unmerge)",
+             [Step("merge", [("run", 2), ("task", "A", 2), ("fill", "A", 0, 2, ord("*")),
+                             ("madvise", "A", 0, 2, "MERGEABLE"), ("run", 1)]),
+              Step("write", [("write", "A", 0, ord("-")), ("write", "A", PAGE, ord("+"))], scans=1)],
+             [("merge", "pages_shared"), ("merge", "pages_sharing"), ("write", "pages_shared"),
+              ("write", "pages_sharing")],
+             [("write", "pages_shared", "==", 0), ("write", "pages_sharing", "==", 0)]),
+    ]
+    out += [ksm01(), ksm05()]
+    return {c.name: c for c in out}
+
+
+def ksm01() -> Case:
+    """LTP ksm01 (create_same_memory, ksm_group_check; smart_scan 0 and
+    max_page_sharing = every page, as LTP sets them): the counters after 3
+    full scans of each step, read with ksmd paused; then run=2."""
+    t = LTP_TOTAL
+    table = [("caa", 2, t - 2, 0), ("cba", 3, t - 3, 0), ("ddd", 1, t - 1, 0), ("dDd", 1, t - 2, 1)]
+    setup: list[Action] = [("run", 2), ("knob", "max_page_sharing", str(t)), ("run", 1)]
+    for name in "ABC":
+        setup += [("task", name, LTP_PAGES), ("madvise", name, 0, LTP_PAGES, "MERGEABLE")]
+    steps = [Step(c, (setup if i == 0 else []) + _ltp_fill(c), scans=3, paused=True)
+             for i, (c, _s, _g, _u) in enumerate(table)]
+    steps.append(Step("run=2", [("run", 2)], scans=0))
+    asserts = []
+    for c, shared, sharing, unshared in table + [("run=2", 0, 0, 0)]:
+        asserts += [(c, "pages_shared", "==", shared), (c, "pages_sharing", "==", sharing),
+                    (c, "pages_unshared", "==", unshared), (c, "pages_volatile", "==", 0)]
+    return Case("ksm01", "LTP ksm01 (smart_scan 0), three tasks of 32 pages", steps,
+                [(s, f) for (s, f, _o, _v) in asserts], asserts, {"smart_scan": "0"})
+
+
+def ksm05() -> Case:
+    """LTP ksm05 (CVE-2011-2183): children madvise a page MERGEABLE and
+    die of SIGSEGV; the kernel (ksmd) survives: it goes on scanning."""
+    # a task that stays: ksmd sleeps while no mm is in KSM (ksmd_should_run),
+    # so that its full scans show it alive after the children
+    acts: list[Action] = [("run", 1), ("task", "A", 2), ("fill", "A", 0, 2, 5),
+                          ("madvise", "A", 0, 2, "MERGEABLE")]
+    for i in range(KSM05_CHILDREN):
+        acts += [("task", f"S{i}", 1), ("madvise", f"S{i}", 0, 1, "MERGEABLE"), ("segv", f"S{i}")]
+    return Case("ksm05", "LTP ksm05 (CVE-2011-2183)", [Step("segv", acts, scans=2)],
+                [("segv", "fatal"), ("segv", "alive")],
+                [("segv", "fatal", "==", KSM05_CHILDREN), ("segv", "alive", "==", True)])
+
+
+# ---- what a snapshot holds, and how a case is judged -----------------------------------------
+
+def area_facts(pages: list[dict[str, Any]]) -> dict[str, Any]:
+    """A task's area from its pagemap: pages present, pages mapping a KSM
+    page, and whether two present pages share a frame (range_maps_duplicates)."""
+    frames = [p["frame"] for p in pages if p["present"]]
+    return {"present": len(frames), "ksm_pages": sum(1 for p in pages if p["present"] and p["ksm"]),
+            "dups": len(set(frames)) != len(frames)}
+
+
+def holds(op: str, got: Any, want: Any) -> bool:
+    return bool(got == want if op == "==" else got is not None and got > want)
+
+
+def judge(case: Case, k: list[dict[str, Any]] | None, u: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The case's rows: each exact field (agree: equal) and each asserted
+    one (agree: the source's assertion holds on both); ``k`` None: uksm only."""
+    names = [s.name for s in case.steps]
+    rows: list[dict[str, Any]] = []
+    checks = {(s, f): (o, v) for (s, f, o, v) in case.asserts}
+    for step, f in dict.fromkeys(case.exact + [(s, f) for (s, f, _o, _v) in case.asserts]):
+        i = names.index(step)
+        uv = u[i].get(f)
+        kv = k[i].get(f) if k is not None else None
+        row: dict[str, Any] = {"case": case.name, "step": step, "field": f, "kernel": kv, "uksm": uv}
+        if (step, f) in checks:
+            o, v = checks[(step, f)]
+            row["assert"] = f"{o} {v}"
+            row["uksm_holds"] = holds(o, uv, v)
+            row["kernel_holds"] = holds(o, kv, v) if k is not None else None
+        exact = (step, f) in case.exact
+        row["agree"] = None if k is None else (kv == uv if exact else
+                                               bool(row["uksm_holds"] and row["kernel_holds"]))
+        rows.append(row)
+    return rows
+
+
+# ---- uksm ---------------------------------------------------------------------------------
+
+def run_uksm(case: Case, say: Callable[[str], None], timeout: float = 60.0) -> list[dict[str, Any]]:
+    """The case on a uksm Machine(kernel="6.18")."""
     import uksm
-    from uksm.kernel.layout import M_ID, M_ZERO_PAGES
-
-    def zero_pages(m: Any, t: Any) -> int:
-        cl = m._t().cl
-        return next(int(cl.q[cl.mbase(r) + M_ZERO_PAGES]) for r in range(cl.max_mms)
-                    if cl.q[cl.mbase(r) + M_ID] == t.mm)
-
-    pages = 512 if case == "unmerge-zero" else 10
-    with uksm.Machine(kernel="6.18", frames=2 * pages + 64, max_pages=pages, sleep_millisecs=0,
-                      pages_to_scan=100 if case == "ksm07" else 5000, run=0) as m:
-        if case == "ksm07":
-            t = m.task(pages=1)
-            t.fill(ord("a"))
-            m.ksm["run"] = 1
-            m.wait_full_scans(KSM07_SCANS, timeout=timeout)
-            m.ksm["run"] = 0
-            return ksm07_fields(m.ksm["full_scans"], m.ksm["pages_skipped"], m.ksm["pages_scanned"])
-        m.ksm["use_zero_pages"] = 0 if case == "Z0" else 1
-        t = m.task(pages=pages, mergeable=False)
-        t.fill(0)
-        t.madvise(0, pages, "MERGEABLE")
-        m.ksm["run"] = 1
-        c = m.wait_full_scans(2, timeout=timeout)
-        out: dict[str, Any] = {"pages_shared": c["pages_shared"], "pages_sharing": c["pages_sharing"],
-                               "ksm_zero_pages": m.ksm["ksm_zero_pages"],
-                               "task ksm_zero_pages": zero_pages(m, t), "frames": distinct_frames(t.pagemap())}
-        if case == "unmerge-zero":
-            m.ksm["run"] = 0
-            t.madvise(0, pages // 2, "UNMERGEABLE")
-            out["after unmerge of half"] = zero_pages(m, t)
-            for i in range(pages // 2, pages):
-                t.write(i * PAGE, (i * PAGE).to_bytes(4, "little"))
-            out["after writes"] = zero_pages(m, t)
-            out["frames after"] = distinct_frames(t.pagemap())
-        return out
+    tasks: dict[str, Any] = {}
+    pages = max(a[2] for s in case.steps for a in s.actions if a[0] == "task")
+    ntasks = sum(1 for s in case.steps for a in s.actions if a[0] in ("task", "fork"))
+    snaps: list[dict[str, Any]] = []
+    res: dict[str, Any] = {"fatal": 0}
+    with uksm.Machine(kernel="6.18", frames=max(256, 3 * pages * min(ntasks, 4)), max_pages=pages,
+                      max_tasks=ntasks + 4, pages_to_scan=5000, sleep_millisecs=5) as m:
+        for k, v in case.knobs.items():
+            m.ksm[k] = v
+        for step in case.steps:
+            for a in step.actions:
+                _uksm_action(m, tasks, res, a)
+            if step.scans:
+                m.wait_full_scans(step.scans, timeout=timeout)
+            run = m.ksm["run"]
+            if step.paused and run == 1:
+                m.ksm["run"] = 0
+            snap = {**res, **{c: m.ksm[c] for c in COUNTERS}, "alive": True}
+            for name, t in tasks.items():
+                snap.update({f"{name} {f}": v for f, v in area_facts(t.pagemap()).items()})
+                snap.update({f"{name} {f}": v for f, v in t.stat().items()})
+            if step.paused and run == 1:
+                m.ksm["run"] = 1
+            snaps.append(snap)
+            say(f"  uksm: {case.name}/{step.name}: shared {snap['pages_shared']} "
+                f"sharing {snap['pages_sharing']}")
+    return snaps
 
 
-# ---- the kernel ---------------------------------------------------------------------------------
-
-def proc_zero_pages(pid: int) -> int:
-    with open(f"/proc/{pid}/ksm_stat") as f:
-        return next(int(ln.split()[1]) for ln in f if ln.split()[0] == "ksm_zero_pages")
-
-
-def wait_scans(host: HostKsm, n: int, timeout: float) -> None:
-    s0, end = host.int("full_scans"), time.monotonic() + timeout
-    while host.int("full_scans") < s0 + n:
-        if time.monotonic() > end:
-            raise TimeoutError(f"kernel: {n} full scans not done in {timeout:.0f}s")
-        time.sleep(0.002)
-
-
-def run_kernel(case: str, host: HostKsm, say: Callable[[str], None], timeout: float) -> dict[str, Any]:
-    tasks: list[HostTask] = []
-    with host_lock(say, timeout):
+def _uksm_action(m: Any, tasks: dict[str, Any], res: dict[str, Any], a: Action) -> None:
+    op = a[0]
+    if op == "run":
+        m.ksm["run"] = a[1]
+    elif op == "knob":
+        m.ksm[a[1]] = a[2]
+    elif op == "task":
+        tasks[a[1]] = m.task(pages=a[2], mergeable=False)
+    elif op == "fill":
+        tasks[a[1]].fill(a[4], a[2], a[3])
+    elif op == "write":
+        tasks[a[1]].write(a[2], bytes([a[3]]))
+    elif op == "madvise":
+        tasks[a[1]].madvise(a[2], a[3], a[4])
+    elif op == "prctl":
+        n = sum(1 for k in res if k.startswith(f"{a[1]} prctl#"))
         try:
-            host.write("run", "2")          # ksm_tests' main: unmerge everything first
+            res[f"{a[1]} prctl#{n}"] = tasks[a[1]].prctl(*a[2:])
+        except OSError as e:
+            res[f"{a[1]} prctl#{n}"] = -(e.errno or 0)
+    elif op == "fork":
+        tasks[a[2]] = tasks[a[1]].fork()
+    elif op == "segv":   # a fatal signal: the task's exit runs as a killed task's
+        tasks.pop(a[1]).kill("KILL")
+        res["fatal"] += 1
+
+
+# ---- the kernel ------------------------------------------------------------------------------
+
+def run_kernel(case: Case, host: Any, say: Callable[[str], None], timeout: float = 60.0) -> list[dict[str, Any]]:
+    """The case on this machine's KSM, under the host lock, knobs restored."""
+    from hostksm import host_lock, shielded
+    from twin import end_host_tasks
+    snaps: list[dict[str, Any]] = []
+    with host_lock(say, timeout):
+        base = {f: host.int(f) for f in ("pages_shared", "pages_sharing")}
+        tasks: dict[str, Any] = {}
+        alive: list[Any] = []
+        res: dict[str, Any] = {"fatal": 0}
+        try:
             host.write("run", "0")
-            knobs = {"sleep_millisecs": "0", "advisor_mode": "none", "max_page_sharing": "256",
-                     "smart_scan": "1", "pages_to_scan": "100" if case == "ksm07" else "5000",
-                     "use_zero_pages": "0" if case in ("Z0", "ksm07") else "1"}
-            for name, value in knobs.items():
-                host.write(name, value)
-            if case == "ksm07":
-                t = start_host_task("A", 1)
-                tasks.append(t)
-                t.cmd("fill", first=0, count=1, value=ord("a"))
-                t.cmd("madvise", first=0, count=1, advice="MERGEABLE")
-                b = {f: host.int(f) for f in ("full_scans", "pages_skipped", "pages_scanned")}
-                host.write("run", "1")
-                wait_scans(host, KSM07_SCANS, timeout)
-                host.write("run", "0")
-                d = {f: host.int(f) - b[f] for f in b}
-                return ksm07_fields(d["full_scans"], d["pages_skipped"], d["pages_scanned"])
-            pages = 512 if case == "unmerge-zero" else 10
-            base = {f: host.int(f) for f in ("pages_shared", "pages_sharing", "ksm_zero_pages")}
-            t = start_host_task("A", pages)
-            tasks.append(t)
-            t.cmd("fill", first=0, count=pages, value=0)
-            t.cmd("madvise", first=0, count=pages, advice="MERGEABLE")
-            host.write("run", "1")
-            wait_scans(host, 2, timeout)
-            out: dict[str, Any] = {f: host.int(f) - base[f] for f in base}
-            out["task ksm_zero_pages"] = proc_zero_pages(t.pid)
-            out["frames"] = distinct_frames(t.cmd("pagemap")["pages"])
-            if case == "unmerge-zero":
-                host.write("run", "0")
-                t.cmd("madvise", first=0, count=pages // 2, advice="UNMERGEABLE")
-                out["after unmerge of half"] = proc_zero_pages(t.pid)
-                for i in range(pages // 2, pages):   # a different value in each page
-                    t.cmd("fill", first=i, count=1, value=1 + i % 255)
-                out["after writes"] = proc_zero_pages(t.pid)
-                out["frames after"] = distinct_frames(t.cmd("pagemap")["pages"])
-            return out
+            for name, value in (("pages_to_scan", "5000"), ("sleep_millisecs", "5"),
+                                ("use_zero_pages", "0"), ("advisor_mode", "none"),
+                                ("max_page_sharing", "256"), ("smart_scan", "1"), *case.knobs.items()):
+                if host.read(name).split()[0] != value:
+                    host.write(name, value)
+            for step in case.steps:
+                for a in step.actions:
+                    _kernel_action(host, tasks, alive, res, a)
+                s0, end = host.int("full_scans"), time.monotonic() + timeout
+                while host.int("full_scans") < s0 + step.scans:
+                    if time.monotonic() > end:
+                        raise TimeoutError(f"kernel: {step.scans} full scans not done in {timeout:.0f}s")
+                    time.sleep(0.002)
+                snaps.append(_kernel_snapshot(host, tasks, res, base, step.paused))
+                say(f"  kernel: {case.name}/{step.name}: shared {snaps[-1]['pages_shared']} "
+                    f"sharing {snaps[-1]['pages_sharing']}")
         finally:
             with shielded():
-                end_host_tasks(tasks)
+                end_host_tasks(alive)
                 errors = host.restore()
                 if errors:
                     say(f"  kernel: WARNING: knobs not all restored: {errors}")
+    return snaps
 
 
-def rows(case: str, k: dict[str, Any], u: dict[str, Any]) -> list[dict[str, Any]]:
-    return [{"step": case, "field": f, "kernel": k[f], "uksm": u.get(f), "agree": k[f] == u.get(f)}
-            for f in k]
+def _kernel_snapshot(host: Any, tasks: dict[str, Any], res: dict[str, Any], base: dict[str, int],
+                     paused: bool) -> dict[str, Any]:
+    run = host.read("run")
+    if paused and run == "1":
+        host.write("run", "0")
+    snap = {**res, **{c: host.int(c) - base.get(c, 0) for c in COUNTERS}, "alive": True}
+    for name, t in tasks.items():
+        snap.update({f"{name} {f}": v for f, v in area_facts(t.cmd("pagemap")["pages"]).items()})
+        snap.update({f"{name} {f}": v for f, v in t.cmd("stat")["stat"].items()})
+    if paused and run == "1":
+        host.write("run", "1")
+    return snap
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="twin618.py", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Run ksm_tests -Z (use_zero_pages 0 and 1), ksm_functional_tests' "
-                    "test_unmerge_zero_pages and LTP ksm07 on uksm (kernel 6.18) and on this "
-                    "machine's KSM (needs root), and compare their numbers.",
-        epilog="Exit status: 0 all agree, 1 some field differs, 2 bad input or no host KSM. "
-               "The host's KSM knobs are always restored.")
-    ap.add_argument("--case", action="append", choices=CASES,
-                    help="a case (repeatable; default: all)")
-    ap.add_argument("--sysfs", default="/sys/kernel/mm/ksm", help="the host's KSM folder")
-    ap.add_argument("--timeout", type=float, default=60.0, help="seconds each wait may take (default 60)")
-    ap.add_argument("--json", action="store_true", help="one JSON object instead of the table")
-    ap.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
-    try:
-        a = ap.parse_args(argv)
-    except SystemExit as e:
-        return 0 if e.code == 0 else 2
-    host = HostKsm(a.sysfs)
-    why = host.unavailable()
-    if why is None and not os.path.exists(os.path.join(a.sysfs, "smart_scan")):
-        why = f"{a.sysfs}/smart_scan is missing (a kernel before 6.7)"
-    if why:
-        print(f"twin618: no host KSM to compare with: {why}", file=sys.stderr)
-        return 2
-    if not 1 <= a.timeout <= 3600:
-        print(f"twin618: --timeout: 1 .. 3600 seconds (got {a.timeout})", file=sys.stderr)
-        return 2
-
-    def say(msg: str) -> None:
-        if not a.quiet:
-            print(msg, file=sys.stderr, flush=True)
-
-    signal.signal(signal.SIGTERM, _sigterm)
-    rs: list[dict[str, Any]] = []
-    for case in a.case or CASES:
-        say(f"twin618: {case}: uksm")
-        u = run_uksm(case, a.timeout)
-        say(f"twin618: {case}: kernel")
-        k = run_kernel(case, host, say, a.timeout)
-        rs += rows(case, k, u)
-    ok = all(r["agree"] for r in rs)
-    if a.json:
-        print(json.dumps({"kernel": platform.release(), "agree": ok, "rows": rs}, indent=1))
-    else:
-        print(table(rs))
-        print(f"{sum(r['agree'] for r in rs)}/{len(rs)} agree (kernel {platform.release()})")
-    return 0 if ok else 1
+def _kernel_action(host: Any, tasks: dict[str, Any], alive: list[Any], res: dict[str, Any],
+                   a: Action) -> None:
+    from twin import fork_host_task, start_host_task
+    op = a[0]
+    if op in ("run", "knob"):
+        name, value = ("run", str(a[1])) if op == "run" else (a[1], a[2])
+        for attempt in range(20):
+            try:
+                host.write(name, value)
+                break
+            except OSError as e:
+                # max_page_sharing's EBUSY: remove_all_stable_nodes could not
+                # remove a stale stable node yet (its folio busy): a moment later it can
+                if e.errno != errno.EBUSY or attempt == 19:
+                    state = {k: host.read(k) for k in ("run", "pages_shared", "pages_sharing",
+                                                       "stable_node_chains", "stable_node_dups")}
+                    raise OSError(e.errno, f"{name}={value}: {e.strerror} ({state})") from None
+                time.sleep(0.05)
+    elif op == "task":
+        tasks[a[1]] = start_host_task(a[1], a[2], fresh=True)
+        alive.append(tasks[a[1]])
+    elif op == "fill":
+        tasks[a[1]].cmd("fill", first=a[2], count=a[3], value=a[4])
+    elif op == "write":
+        tasks[a[1]].cmd("write", offset=a[2], value=a[3])
+    elif op == "madvise":
+        tasks[a[1]].cmd("madvise", first=a[2], count=a[3], advice=a[4])
+    elif op == "prctl":
+        n = sum(1 for k in res if k.startswith(f"{a[1]} prctl#"))
+        res[f"{a[1]} prctl#{n}"] = tasks[a[1]].cmd("prctl", option=a[2], args=list(a[3:]))["ret"]
+    elif op == "fork":
+        tasks[a[2]] = fork_host_task(tasks[a[1]], a[2])
+        alive.append(tasks[a[2]])
+    elif op == "segv":
+        t = tasks.pop(a[1])
+        alive.remove(t)
+        import json
+        import socket
+        socket.send_fds(t.sock, [json.dumps({"op": "segv"}).encode()], [])
+        _pid, status = os.waitpid(t.pid, 0)
+        t.sock.close()
+        if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSEGV:
+            res["fatal"] += 1
 
 
-if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("twin618: interrupted (the host's KSM knobs were restored)", file=sys.stderr)
-        sys.exit(130)
-    except (OSError, RuntimeError, TimeoutError) as e:
-        print(f"twin618: {type(e).__name__}: {e}", file=sys.stderr)
-        sys.exit(2)
+__all__ = ["Case", "Step", "area_facts", "cases", "judge", "run_kernel", "run_uksm"]

@@ -516,6 +516,19 @@ class Task:
         ans = self._cmd("madvise", "madvise", first=first, count=count, advice=advice)
         return None if ans.get("pending") else int(ans["unmerged"])
 
+    def prctl(self, option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int | None:
+        """prctl(2) in the task, as the machine's kernel has it.  Under 6.18
+        (6.4, d7597f59d1d3) PR_SET_MEMORY_MERGE (67): ``arg2`` 1 makes every
+        area of the task mergeable, now and later (new mappings, and a
+        child of ``fork()`` inherits it), 0 unmerges every area and clears
+        VM_MERGEABLE on all of them (24139c07f413); PR_GET_MEMORY_MERGE
+        (68) returns 0 or 1.  OSError EINVAL for arg3..arg5 not 0 (and
+        arg2 for 68), for any other option, and for both under 2.6.32,
+        which has no such option.  Returns 0 (or 68's answer); None inside
+        ``with m.race():``."""
+        ans = self._cmd("prctl", "prctl", option=option, arg2=arg2, arg3=arg3, arg4=arg4, arg5=arg5)
+        return None if ans.get("pending") else int(ans["ret"])
+
     def fork(self) -> "Task":
         """fork(2): a new programmable task whose address space is this
         one's copy (2.6.32's dup_mmap: the same VMAs, every page shared
@@ -545,10 +558,17 @@ class Task:
                                 "count": count}, f"{self.id}.pagemap")
         return list(ans["pages"])
 
-    def stat(self) -> dict[str, int]:
-        """/proc/PID/ksm_stat: ksm_rmap_items, ksm_merging_pages; and rss."""
+    def stat(self) -> dict[str, Any]:
+        """/proc/PID/ksm_stat of the machine's kernel, then ``rss``.  Under
+        2.6.32: ksm_rmap_items, ksm_merging_pages.  Under 6.18 the file's six
+        fields (fs/proc/base.c proc_pid_ksm_stat): ksm_rmap_items,
+        ksm_zero_pages, ksm_merging_pages, ksm_process_profit (ints: the
+        profit may be negative), ksm_merge_any and ksm_mergeable ("yes" or
+        "no", as the file prints them)."""
+        from uksm.kernel.ksm_stat import KSM_STAT_618, YES_NO
         ans = self._m._request({"op": "task_stat", "task": self.id}, f"{self.id}.stat")
-        return {k: int(ans[k]) for k in ("ksm_rmap_items", "ksm_merging_pages", "rss")}
+        names = KSM_STAT_618 if "ksm_merge_any" in ans else ("ksm_rmap_items", "ksm_merging_pages")
+        return {k: (str(ans[k]) if k in YES_NO else int(ans[k])) for k in (*names, "rss")}
 
     def verify(self) -> int:
         """Read back every page; IntegrityError if one does not hold what

@@ -39,7 +39,7 @@ from typing import Any, Protocol
 
 from uksm.workers.worker import Worker, parser
 
-from uksm.errors import SegFault, UksmError
+from uksm.errors import SegFault, SyscallError, UksmError
 from uksm.host import log as ulog
 from uksm.host.lifeline import EXIT_ORPHAN, arm, exit_now
 from uksm.kernel.cluster import StaleCluster
@@ -66,6 +66,7 @@ from uksm.kernel.syscalls import (
     KsmInterrupted,
     sys_madvise,
     sys_mmap,
+    sys_prctl,
 )
 
 ADVICE = {"MERGEABLE": MADV_MERGEABLE, "UNMERGEABLE": MADV_UNMERGEABLE, "DONTNEED": MADV_DONTNEED}
@@ -87,6 +88,15 @@ class ForkFailed(Exception):
         why = ("a fatal signal is pending" if self.errno == ERESTARTNOINTR
                else os.strerror(self.errno))
         super().__init__(f"fork failed: {name} ({why})")
+
+
+class SyscallFailed(Exception):
+    """A system call the script sees as the OSError the C library's
+    wrapper raises (prctl): -errno, the task lives on."""
+
+    def __init__(self, e: SyscallError) -> None:
+        self.errno = getattr(errno, e.errno_name)
+        super().__init__(str(e))
 
 
 class SocketChannel:
@@ -195,6 +205,15 @@ class ScriptedTask(Worker):
             return self.drive(cmd["point"])
         if op == "fork":
             return self.fork_cmd()
+        if op == "prctl":
+            try:   # a pending fatal signal interrupts PR_SET_MEMORY_MERGE 0's unmerge
+                a2, a3, a4, a5 = cmd["args"]
+                return {"ret": sys_prctl(self.cl, self.mm, self.alloc, cmd["option"], a2, a3, a4, a5,
+                                         log=self.log, stop=self.dying)}
+            except KsmInterrupted:
+                raise
+            except SyscallError as e:
+                raise SyscallFailed(e) from None
         raise ValueError(f"unknown command {op!r}")
 
     def fork_cmd(self) -> dict[str, Any]:
@@ -295,7 +314,7 @@ class ScriptedTask(Worker):
                 ans = {"ok": False, "kind": "segfault", "error": f"madvise: {e}"}
             except NotReached as e:
                 ans = {"ok": False, "kind": "not_reached", "error": str(e)}
-            except ForkFailed as e:
+            except (ForkFailed, SyscallFailed) as e:
                 ans = {"ok": False, "kind": "errno", "errno": e.errno, "error": str(e)}
             except OutOfMemory:
                 self._fatal_oom()

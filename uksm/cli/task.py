@@ -24,6 +24,7 @@ from typing import Any
 
 from uksm.cli.args import cluster_arg
 from uksm.host.exitcodes import EXIT_ERR, EXIT_HUNG, EXIT_INTEGRITY, EXIT_OK, EXIT_USAGE
+from uksm.kernel.ksm_stat import ksm_stat_text
 
 
 def _int(s: str) -> int:
@@ -83,6 +84,17 @@ def add_parsers(sub: Any) -> None:
     q.add_argument("count", type=_int)
     q.add_argument("advice", help="MERGEABLE, UNMERGEABLE or DONTNEED")
     cluster_arg(q)
+    q = ts.add_parser("prctl", help="prctl(OPTION, ARG2..ARG5) in a task; prints what it returns",
+                      description="Under --kernel 6.18: 67 (PR_SET_MEMORY_MERGE) with ARG2 1 makes "
+                                  "every area of the task mergeable, now and later, 0 unmerges "
+                                  "them all; 68 (PR_GET_MEMORY_MERGE) prints 0 or 1. EINVAL "
+                                  "(status 1) for a non-zero ARG3..ARG5, any other option, and "
+                                  "under 2.6.32, which has neither.")
+    q.add_argument("task")
+    q.add_argument("option", type=_int)
+    for n in ("arg2", "arg3", "arg4", "arg5"):
+        q.add_argument(n, type=_int, nargs="?", default=0)
+    cluster_arg(q)
     q = ts.add_parser("fork", help="fork a task; prints the child's id (its address space the "
                                    "parent's copy-on-write copy)")
     q.add_argument("task")
@@ -100,7 +112,8 @@ def add_parsers(sub: Any) -> None:
                    help="pages (default: to the last one)")
     q.add_argument("--json", action="store_true", help="one JSON list of the pages' dicts")
     cluster_arg(q)
-    for verb, what in (("stat", "ksm_rmap_items, ksm_merging_pages and rss, as /proc/PID/ksm_stat"),
+    for verb, what in (("stat", "/proc/PID/ksm_stat, and rss: ksm_rmap_items, ksm_merging_pages "
+                                "(2.6.32); 6.18's six lines under --kernel 6.18"),
                        ("verify", "check every page holds what was written (status 4 if not)"),
                        ("exit", "exit through the exit path; prints the __ksm_exit path")):
         q = ts.add_parser(verb, help=what)
@@ -213,8 +226,9 @@ def _verb(m: Any, a: argparse.Namespace) -> int:
         "verify": lambda: print(f"{t.verify()} pages verified"),
         "exit": lambda: print(t.exit()),
         "fork": lambda: print(t.fork().id),
+        "prctl": lambda: print(t.prctl(a.option, a.arg2, a.arg3, a.arg4, a.arg5)),
         "kill": lambda: print(t.kill(a.signal, at=a.at)),
-        "stat": lambda: _print_counters(t.stat()),
+        "stat": lambda: print(ksm_stat_text(t.stat()), end=""),
     }
     if v == "pagemap":
         pages = t.pagemap(a.first, a.count)

@@ -210,14 +210,12 @@ class Requests:
         return task_answer(cmd["cmd"], ans)
 
     def do_task_stat(self, req: dict[str, Any]) -> dict[str, Any]:
-        from uksm.kernel.mm import mm_fields
+        from uksm.kernel.ksm_stat import ksm_stat
         p = self.task(req)
         row = self.cl.mm_row(p.mm)
         if row < 0:
             raise ScriptError(f"task {p.tid}: its address space is gone", "exited")
-        f = mm_fields(self.cl, row)
-        return {"ksm_rmap_items": f["ksm_rmap_items"], "ksm_merging_pages": f["ksm_merging_pages"],
-                "rss": f["rss"], "pid": p.pid, "mm": p.mm}
+        return {**ksm_stat(self.cl, row, self.w.mms.get(p.mm)), "pid": p.pid, "mm": p.mm}
 
     def do_spawn(self, req: dict[str, Any]) -> dict[str, Any]:
         """Built-in workers (their workload, churn and idle on the run's

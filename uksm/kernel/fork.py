@@ -80,6 +80,7 @@ from uksm.kernel.layout import (
     M_KSM_MAPPED,
     M_RSS,
     M_ZERO_PAGES,
+    MMF_VM_MERGE_ANY,
     MMF_VM_MERGEABLE,
     PT_OFF,
     PTE_WRITE,
@@ -99,7 +100,15 @@ PTRS_PER_PTE = 512     # PTEs per page-table page: copy_pte_range's unit
 def ksm_fork(cl: "Cluster", child: MM, parent: MM, log: Any = NULL_LOG) -> bool:
     """ksm_fork (include/linux/ksm.h, 2.6.32): "if (test_bit(MMF_VM_MERGEABLE,
     &oldmm->flags)) return __ksm_enter(mm);".  The caller holds both
-    mmap_sems for write.  True if the child entered KSM."""
+    mmap_sems for write.  True if the child entered KSM.  Under 6.18 the
+    child also inherits MMF_VM_MERGE_ANY (prctl PR_SET_MEMORY_MERGE): 6.4,
+    d7597f59d1d3 "mm: add new api to enable ksm per process" copies it in
+    ksm_fork; since 6.7, 3c6f33b7273a "mm/ksm: support fork/exec for
+    prctl", MMF_INIT_MASK carries it.  (This machine's 6.18 does not reset
+    the child's ksm_rmap_items / ksm_merging_pages at fork -- the later
+    "fork-counter" fix; uksm's child starts at 0, as that fix does.)"""
+    if cl.modern and cl.q[parent.base + M_FLAGS] & MMF_VM_MERGE_ANY:
+        child.words.flags |= MMF_VM_MERGE_ANY   # (the child is not yet visible: no racing writer)
     if not cl.q[parent.base + M_FLAGS] & MMF_VM_MERGEABLE:
         return False
     __ksm_enter(cl, child, log)

@@ -1,5 +1,6 @@
 """The system calls a worker makes on its address space: mmap, munmap,
-madvise (MADV_MERGEABLE, MADV_UNMERGEABLE, MADV_DONTNEED), mlock.
+madvise (MADV_MERGEABLE, MADV_UNMERGEABLE, MADV_DONTNEED), mlock; and,
+under 6.18, prctl(PR_SET_MEMORY_MERGE / PR_GET_MEMORY_MERGE).
 
 mmap/munmap/madvise(MERGEABLE|UNMERGEABLE) take mmap_sem for write, as
 ``madvise_need_mmap_write`` says; DONTNEED takes it for read.
@@ -14,6 +15,7 @@ from uksm.host.log import NULL_LOG
 from uksm.kernel import killpoints, sched
 from uksm.kernel.ksm import ERESTARTSYS, __ksm_enter, unmerge_ksm_pages
 from uksm.kernel.layout import (
+    MMF_VM_MERGE_ANY,
     MMF_VM_MERGEABLE,
     PAGE_SHIFT,
     PAGE_SIZE,
@@ -46,7 +48,9 @@ MADV_DONTNEED = 4
 MADV_MERGEABLE = 12
 MADV_UNMERGEABLE = 13
 # x86-64's numbers: the argument of a controlled run's syscall points
-NR_MMAP, NR_MUNMAP, NR_MADVISE, NR_MLOCKALL = 9, 11, 28, 151
+NR_MMAP, NR_MUNMAP, NR_MADVISE, NR_MLOCKALL, NR_PRCTL = 9, 11, 28, 151, 157
+# include/uapi/linux/prctl.h (6.4, d7597f59d1d3 "mm: add new api to enable ksm per process")
+PR_SET_MEMORY_MERGE, PR_GET_MEMORY_MERGE = 67, 68
 
 
 def syscall_entry(nr: int) -> None:
@@ -72,9 +76,11 @@ def _range(cl: "Cluster", addr: int, length: int) -> tuple[int, int]:
     return start, end
 
 
-def sys_mmap(cl: "Cluster", mm: MM, length: int, prot: int = VM_READ | VM_WRITE) -> int:
+def sys_mmap(cl: "Cluster", mm: MM, length: int, prot: int = VM_READ | VM_WRITE,
+             log: Any = NULL_LOG) -> int:
     """mmap(NULL, length, prot, MAP_PRIVATE|MAP_ANONYMOUS); ``prot`` as VMA
-    flags (0 is PROT_NONE)."""
+    flags (0 is PROT_NONE).  Under 6.18 an mm with MMF_VM_MERGE_ANY (prctl
+    PR_SET_MEMORY_MERGE) gets its new area VM_MERGEABLE at once."""
     npages = (length + PAGE_SIZE - 1) // PAGE_SIZE
     if npages <= 0:
         raise SyscallError("EINVAL", "mmap of zero length")
@@ -84,6 +90,16 @@ def sys_mmap(cl: "Cluster", mm: MM, length: int, prot: int = VM_READ | VM_WRITE)
         start = mm.get_unmapped_area(npages)
         if not mm.back_page_table(start + npages):  # the entries it maps are backed first
             raise OutOfMemory(f"no room in /dev/shm for the page table of {npages} pages")
+        if cl.modern and mm.words.flags & MMF_VM_MERGE_ANY:
+            # 6.17 "mm: prevent KSM from breaking VMA merging for new VMAs":
+            # __mmap_region's ksm_vma_flags makes the area VM_MERGEABLE before
+            # it exists (so it merges with its mergeable neighbours).  The
+            # kernel keeps a live mm's slot; uksm's ksmd frees the slot of an
+            # mm left with no mergeable area (its MMF_VM_MERGEABLE cleared):
+            # enter it again, or the new area would never be scanned
+            if not mm.words.flags & MMF_VM_MERGEABLE:
+                __ksm_enter(cl, mm, log)
+            prot |= VM_MERGEABLE
         mm.insert_vma(start, npages, prot)
         mm.words.pages += npages
     finally:
@@ -207,6 +223,94 @@ def sys_madvise(cl: "Cluster", mm: MM, alloc: Allocator, addr: int, length: int,
     if holes:
         raise SyscallError("ENOMEM", f"madvise range from {addr:#x} is not fully mapped")
     return n
+
+
+def sys_prctl(cl: "Cluster", mm: MM, alloc: Allocator, option: int, arg2: int = 0, arg3: int = 0,
+              arg4: int = 0, arg5: int = 0, log: Any = NULL_LOG,
+              stop: Callable[[], bool] | None = None) -> int:
+    """prctl(2), its two KSM options as 6.18's kernel/sys.c does them (6.4,
+    d7597f59d1d3 "mm: add new api to enable ksm per process"): returns 0,
+    or PR_GET_MEMORY_MERGE's 0/1.  Any other option, and these under
+    2.6.32 (which has neither), is SyscallError EINVAL ("default: error =
+    -EINVAL;"): uksm emulates no other prctl.
+
+    - PR_SET_MEMORY_MERGE: "if (arg3 || arg4 || arg5) return -EINVAL;",
+      then under mmap_write_lock: arg2 != 0 ksm_enable_merge_any, 0
+      ksm_disable_merge_any (which unmerges: 6.4, 24139c07f413 "mm/ksm:
+      unmerge and clear VM_MERGEABLE when setting PR_SET_MEMORY_MERGE=0");
+    - PR_GET_MEMORY_MERGE: "if (arg2 || arg3 || arg4 || arg5) return
+      -EINVAL;", then "!!test_bit(MMF_VM_MERGE_ANY, &me->mm->flags)"."""
+    if not cl.modern or option not in (PR_SET_MEMORY_MERGE, PR_GET_MEMORY_MERGE):
+        raise SyscallError("EINVAL", f"prctl option {option}: not one of this kernel's"
+                           + ("" if cl.modern else " (2.6.32 has no PR_SET_MEMORY_MERGE)"))
+    if option == PR_GET_MEMORY_MERGE:
+        if arg2 or arg3 or arg4 or arg5:
+            raise SyscallError("EINVAL", "PR_GET_MEMORY_MERGE takes no argument")
+        return int(bool(mm.words.flags & MMF_VM_MERGE_ANY))
+    if arg3 or arg4 or arg5:
+        raise SyscallError("EINVAL", "PR_SET_MEMORY_MERGE: arg3, arg4 and arg5 must be 0")
+    syscall_entry(NR_PRCTL)
+    mm.down_write()
+    n = err = 0
+    try:
+        if arg2:
+            ksm_enable_merge_any(cl, mm, log)
+        else:
+            n, err = ksm_disable_merge_any(cl, mm, alloc, log, stop)
+    finally:
+        mm.up_write()
+    syscall_return(NR_PRCTL)
+    if err:
+        raise KsmInterrupted(err, n)
+    return 0
+
+
+def ksm_enable_merge_any(cl: "Cluster", mm: MM, log: Any = NULL_LOG) -> None:
+    """ksm_enable_merge_any (6.18 mm/ksm.c): __ksm_enter if the mm is not
+    in KSM yet, set MMF_VM_MERGE_ANY, ksm_add_vmas (every area: uksm's are
+    all private anonymous, vma_ksm_compatible).  Caller holds mmap_sem for
+    write (ksmd clears MMF_VM_MERGEABLE only under mmap_sem: the flag word's
+    read-modify-write is not lost)."""
+    if mm.words.flags & MMF_VM_MERGE_ANY:
+        return
+    if not mm.words.flags & MMF_VM_MERGEABLE:
+        __ksm_enter(cl, mm, log)
+    mm.words.flags |= MMF_VM_MERGE_ANY
+    for (i, _s, _e, f) in mm.vmas():       # ksm_add_vmas: __ksm_add_vma each
+        if not f & VM_MERGEABLE:
+            mm.set_vma_flags(i, f | VM_MERGEABLE)
+    mm.merge_vmas()
+    log.info("ksm_merge_any", mm=mm.id, on=1)
+
+
+def ksm_disable_merge_any(cl: "Cluster", mm: MM, alloc: Allocator, log: Any = NULL_LOG,
+                          stop: Callable[[], bool] | None = None) -> tuple[int, int]:
+    """ksm_disable_merge_any (6.18): ksm_del_vmas -- every VM_MERGEABLE area
+    unmerged (unmerge_ksm_pages) and its flag cleared, MADV_MERGEABLE ones
+    too --, then MMF_VM_MERGE_ANY cleared.  All or nothing: if an unmerge
+    fails (a fatal signal pending: -ERESTARTSYS) ksm_add_vmas makes every
+    area mergeable again and the flag stays.  Returns (pages unmerged,
+    0 or -errno).  Caller holds mmap_sem for write."""
+    if not mm.words.flags & MMF_VM_MERGE_ANY:
+        return 0, 0
+    n = err = 0
+    for (i, s, e, f) in mm.vmas():         # __ksm_del_vma, in address order
+        if not f & VM_MERGEABLE:
+            continue
+        k, err = unmerge_ksm_pages(cl, alloc, mm, s, e, False, stop)
+        n += k
+        if err:
+            break
+        mm.set_vma_flags(i, f & ~VM_MERGEABLE)
+    if err:
+        for (i, _s, _e, f) in mm.vmas():   # ksm_add_vmas
+            mm.set_vma_flags(i, f | VM_MERGEABLE)
+    else:
+        mm.words.flags &= ~MMF_VM_MERGE_ANY
+    mm.merge_vmas()
+    log.info("unmerge", mm=mm.id, pages=n, reason="prctl")
+    log.info("ksm_merge_any", mm=mm.id, on=int(bool(err)))
+    return n, err
 
 
 def _holes(mm: MM, start: int, end: int) -> bool:

@@ -167,8 +167,21 @@ def task_command(req: dict[str, Any], pages: int) -> tuple[dict[str, Any] | None
                 f"madvise {advice.upper()}")
     if cmd in ("verify", "exit"):
         return {"cmd": cmd}, cmd
-    raise ScriptError(f"unknown task command {cmd!r} (fill, write, read, madvise, verify, fork, "
-                      f"exit)", "value", EXIT_USAGE)
+    if cmd == "prctl":
+        # prctl(option, arg2, arg3, arg4, arg5): five unsigned longs (a
+        # negative int is the C cast's two's complement, as -1UL)
+        vals = []
+        for k in ("option", "arg2", "arg3", "arg4", "arg5"):
+            v = req.get(k, 0)
+            if isinstance(v, bool) or type(v) is not int:
+                raise ScriptError(f"prctl {k} must be an int (got {type(v).__name__} {v!r})", "type",
+                                  EXIT_USAGE)
+            if not -(1 << 63) <= v < 1 << 64:
+                raise ScriptError(f"prctl {k} {v} does not fit an unsigned long", "value", EXIT_USAGE)
+            vals.append(v & ((1 << 64) - 1))
+        return {"cmd": "prctl", "option": vals[0], "args": vals[1:]}, f"prctl {vals[0]}"
+    raise ScriptError(f"unknown task command {cmd!r} (fill, write, read, madvise, prctl, verify, "
+                      f"fork, exit)", "value", EXIT_USAGE)
 
 
 def task_answer(cmd: str, ans: dict[str, Any]) -> dict[str, Any]:
@@ -177,6 +190,8 @@ def task_answer(cmd: str, ans: dict[str, Any]) -> dict[str, Any]:
         return {"data": ans["data"]}
     if cmd == "madvise":
         return {"unmerged": ans.get("unmerged", 0)}
+    if cmd == "prctl":
+        return {"ret": ans.get("ret", 0)}
     if cmd == "verify":
         return {"pages": ans["pages"], "mismatches": ans["mismatches"]}
     if cmd == "exit":
@@ -443,16 +458,15 @@ class Tasks:
                 "pid": ch.proc.pid, "mm": ch.mm}
 
     def do_task_stat(self, req: dict[str, Any]) -> dict[str, Any]:
-        """/proc/PID/ksm_stat (and rss): read from the task's mm row."""
-        from uksm.kernel.mm import mm_fields
+        """/proc/PID/ksm_stat (and rss) of the cluster's kernel: read from
+        the task's mm row (``uksm.kernel.ksm_stat``)."""
+        from uksm.kernel.ksm_stat import ksm_stat
         ch = self.any_worker(req)
-        cl = self.host.sup.cl
-        row = cl.mm_row(ch.mm)
+        sup = self.host.sup
+        row = sup.cl.mm_row(ch.mm)
         if row < 0:
             raise ScriptError(f"task w{ch.worker_no}: its address space is gone", "exited")
-        f = mm_fields(cl, row)
-        return {"ksm_rmap_items": f["ksm_rmap_items"], "ksm_merging_pages": f["ksm_merging_pages"],
-                "rss": f["rss"], "pid": ch.proc.pid, "mm": ch.mm}
+        return {**ksm_stat(sup.cl, row, sup.mms.get(ch.mm)), "pid": ch.proc.pid, "mm": ch.mm}
 
     def was_worker(self, tid: str) -> bool:
         """``tid`` names a worker this machine started (w1..w<last>)."""
