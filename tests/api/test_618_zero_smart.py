@@ -22,18 +22,15 @@ from contextlib import contextmanager
 import pytest
 
 import uksm
-from uksm.kernel.layout import M_ID, M_ZERO_PAGES, ZERO_PFN
+from uksm.kernel.ksm618 import lonely_page_looks
+from uksm.kernel.layout import ZERO_PFN
 
 pytestmark = pytest.mark.timeout(120)
 
 
-def zero_pages_of(m: uksm.Machine, t: uksm.Task) -> int:
-    """/proc/PID/ksm_stat's ksm_zero_pages: the task's mm row's word."""
-    cl = m._t().cl
-    for r in range(cl.max_mms):
-        if cl.q[cl.mbase(r) + M_ID] == t.mm:
-            return int(cl.q[cl.mbase(r) + M_ZERO_PAGES])
-    raise LookupError(f"no mm {t.mm}")
+def zero_pages_of(t: uksm.Task) -> int:
+    """/proc/PID/ksm_stat's ksm_zero_pages (6.6, 6080d19f0704)."""
+    return int(t.stat()["ksm_zero_pages"])
 
 
 def shared_sharing(n: int, m: int = 256) -> tuple[int, int]:
@@ -60,7 +57,7 @@ def test_ksm_tests_Z(use_zero_pages):
         c = m.wait_full_scans(2)
         want = shared_sharing(0 if use_zero_pages else 10)
         assert (c["pages_shared"], c["pages_sharing"]) == want == ((0, 0) if use_zero_pages else (1, 9))
-        assert m.ksm["ksm_zero_pages"] == zero_pages_of(m, t) == (10 if use_zero_pages else 0)
+        assert m.ksm["ksm_zero_pages"] == zero_pages_of(t) == (10 if use_zero_pages else 0)
         pm = t.pagemap()
         if use_zero_pages:   # every page maps the zero page, read-only, no KSM page
             assert {(p["frame"], p["ksm"], p["write_protected"]) for p in pm} == {(ZERO_PFN, False, True)}
@@ -86,12 +83,12 @@ def zero_pages_merged(tag: str, pages: int, frames: int, pages_to_scan: int) -> 
 def test_unmerge_zero_pages():
     """ksm_functional_tests.c test_unmerge_zero_pages, on 2 MiB."""
     with zero_pages_merged("u", 512, 1100, 2000) as (m, t):
-        assert zero_pages_of(m, t) == 512, "'ksm_zero_pages' updated after merging"
+        assert zero_pages_of(t) == 512, "'ksm_zero_pages' updated after merging"
         t.madvise(0, 256, "UNMERGEABLE")
-        assert zero_pages_of(m, t) == 256, "'ksm_zero_pages' updated after unmerging"
+        assert zero_pages_of(t) == 256, "'ksm_zero_pages' updated after unmerging"
         for i in range(256, 512):                  # *((unsigned int *)&map[offs]) = offs
             t.write(i * 4096, (i * 4096).to_bytes(4, "little"))
-        assert zero_pages_of(m, t) == 0, "'ksm_zero_pages' updated after write fault"
+        assert zero_pages_of(t) == 0, "'ksm_zero_pages' updated after write fault"
         frames = [p["frame"] for p in t.pagemap() if p["present"]]
         assert len(frames) == len(set(frames)) == 512, "KSM zero pages were unmerged"
         assert t.read(0, 256 * 4096) == bytes(256 * 4096)   # the unmerged half: zeros again
@@ -106,12 +103,12 @@ def test_zero_pages_fork_run2_and_exit_keep_the_count():
     with zero_pages_merged("f", 10, 256, 100) as (m, t):
         assert m.ksm["ksm_zero_pages"] == 10
         c = t.fork()
-        assert (m.ksm["ksm_zero_pages"], zero_pages_of(m, c), zero_pages_of(m, t)) == (20, 10, 10)
+        assert (m.ksm["ksm_zero_pages"], zero_pages_of(c), zero_pages_of(t)) == (20, 10, 10)
         assert m.fsck() == {"ok": True, "errors": []}
         c.exit()
         assert m.ksm["ksm_zero_pages"] == 10
         m.ksm["run"] = 2
-        assert (m.ksm["ksm_zero_pages"], zero_pages_of(m, t)) == (0, 0)
+        assert (m.ksm["ksm_zero_pages"], zero_pages_of(t)) == (0, 0)
         assert t.read(0, 10 * 4096) == bytes(10 * 4096)
         assert m.fsck() == {"ok": True, "errors": []}
 
@@ -137,14 +134,6 @@ def test_2632_has_no_zero_page():
             m.ksm["ksm_zero_pages"]
 
 
-def not_skipped(scans: int) -> int:
-    """How often should_skip_rmap_item lets one lonely page through in its
-    first ``scans`` full scans: scans 1-4, 6, 9, 14, then every 9th
-    (skip_age: 1, 2, 4, then 8 scans skipped after each look)."""
-    looks = [k for k in (1, 2, 3, 4, 6, 9, 14) if k <= scans]
-    return len(looks) + (max(0, scans - 14) // 9)
-
-
 def test_ltp_ksm07_smart_scan_skips_a_lonely_page():
     """LTP ksm07: one page of 'a', pages_to_scan 100, sleep 0, smart_scan
     on; then run=0 and the counters.  One batch is one full scan here
@@ -161,7 +150,7 @@ def test_ltp_ksm07_smart_scan_skips_a_lonely_page():
         m.ksm["run"] = 0
         scans, skipped, scanned = m.ksm["full_scans"], m.ksm["pages_skipped"], m.ksm["pages_scanned"]
         assert scans >= 30
-        assert scanned == not_skipped(scans) and skipped == scans - scanned
+        assert scanned == lonely_page_looks(scans) and skipped == scans - scanned
         assert skipped >= scans * 50 // 100       # ksm07's check
         assert t.stat()["ksm_rmap_items"] == 1    # a skipped page keeps its rmap_item
 

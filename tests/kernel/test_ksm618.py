@@ -9,7 +9,7 @@ from array import array
 
 import pytest
 
-from uksm.kernel.ksm618 import U8_MAX, Advisor, should_skip_rmap_item, skip_age
+from uksm.kernel.ksm618 import U8_MAX, Advisor, lonely_page_looks, should_skip_rmap_item, skip_age
 from uksm.kernel.layout import (
     K_ADVISOR_MAX_CPU,
     K_ADVISOR_MAX_PAGES_TO_SCAN,
@@ -57,6 +57,16 @@ def test_one_lonely_page_is_skipped_by_the_rule():
     assert ksmd.pages_skipped == ksmd.removed == 31
     # LTP ksm07's check over any window of a few scans past the start
     assert ksmd.pages_skipped >= 40 * 50 // 100
+
+
+def test_lonely_page_looks_is_the_rule():
+    """The closed form (LTP ksm07's expectation in tools/twin618.py and
+    the machine tests) against the rule's own code, over 300 scans."""
+    ksmd, st = _Ksmd(), _Slot()
+    looks = 0
+    for scans in range(1, 300):
+        looks += not should_skip_rmap_item(ksmd, st, 0)  # type: ignore[arg-type]
+        assert lonely_page_looks(scans) == looks, scans
 
 
 def test_age_stops_at_u8_max():

@@ -61,6 +61,29 @@ def test_twin_618_cases_agree_with_the_host_kernel():
     assert p.returncode == 2 and "--case: no case nope" in p.stderr, p.stderr
 
 
+@pytest.mark.timeout(90)
+def test_twin_618_zero_pages_and_smart_scan_agree_with_the_host_kernel():
+    """--kernel 6.18's zero-page and smart-scan cases (issue 23): ksm_tests
+    -Z with use_zero_pages 1, test_unmerge_zero_pages and LTP ksm07, row by
+    row against this kernel; the knobs put back (use_zero_pages 0)."""
+    why = host_ksm_missing()
+    if why:
+        pytest.skip(why)
+    p = twin("--kernel", "6.18", "--case", "ksm_tests-Z1", "--case", "unmerge_zero_pages",
+             "--case", "ksm07", "--json", "-q", timeout=80)
+    r = json.loads(p.stdout) if p.stdout.startswith("{") else None
+    assert r is not None, f"status {p.returncode}\n{p.stdout}\n{p.stderr}"
+    bad = [x for x in r["rows"] if not x["agree"]]
+    assert not bad and p.returncode == 0, json.dumps(bad, indent=1) + p.stderr
+    got = {(x["case"], x["step"], x["field"]): (x["kernel"], x["uksm"]) for x in r["rows"]}
+    assert got["ksm_tests-Z1", "merge", "pages_sharing"] == (0, 0)
+    assert got["ksm_tests-Z1", "merge", "A ksm_zero_pages"] == (10, 10)
+    assert [got["unmerge_zero_pages", s, "A ksm_zero_pages"] for s in ("merge", "unmerge-half", "write-half")] \
+        == [(512, 512), (256, 256), (0, 0)]
+    assert got["ksm07", "scan", "looks as should_skip_rmap_item"] == (True, True)
+    assert knobs() == {k: v for k, v in RESTORED.items() if k in knobs()}
+
+
 def test_twin_without_host_ksm_says_why_in_one_line(tmp_path):
     p = twin("--sysfs", str(tmp_path / "no-ksm"), timeout=30)
     assert p.returncode == 2 and p.stdout == "", p.stdout + p.stderr

@@ -89,6 +89,14 @@ def should_skip_rmap_item(ksmd: "Ksmd", st: "SlotState", vpn: int) -> bool:
     return True
 
 
+def lonely_page_looks(scans: int) -> int:
+    """The closed form of the rule for one rmap_item met at every full
+    scan from its first: how many of ``scans`` scans look at it (the
+    others skip it) -- scans 1-4, 6, 9, 14, then every 9th (skip_age's
+    1, 2, 4, then 8 skipped scans after each look).  LTP ksm07's case."""
+    return len([k for k in (1, 2, 3, 4, 6, 9, 14) if k <= scans]) + max(0, scans - 14) // 9
+
+
 # ---- the scan-time advisor (6.8) -------------------------------------------
 KSM_ADVISOR_MIN_CPU = 10
 EWMA_WEIGHT = 30
