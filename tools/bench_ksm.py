@@ -65,11 +65,10 @@ import sys
 import time
 from typing import Any
 
-from hostksm import shielded
+from hostksm import RESTORE, HostKsm, host_lock, shielded
 
 PAGE = 4096
 KSM_DIR = "/sys/kernel/mm/ksm"
-KERNEL_DEFAULTS = (("run", "0"), ("pages_to_scan", "100"), ("sleep_millisecs", "20"))
 
 
 # ---- signals: Ctrl-C / SIGTERM end the run, never the clean-up -------------------
@@ -311,23 +310,15 @@ def kernel_unavailable() -> str | None:
 
 
 def restore_kernel() -> dict[str, Any]:
-    """run=2 (unmerge everything), then run=0, pages_to_scan=100,
-    sleep_millisecs=20.  Each step is tried even if one before failed."""
-    errors = []
-    for attempt in range(3):
-        try:
-            kwrite("run", "2")
-            break
-        except OSError as e:  # EINTR / ENOMEM from the unmerge: try again
-            errors.append(f"run=2: {e}")
-            time.sleep(0.1 * (attempt + 1))
-    for name, value in KERNEL_DEFAULTS:
-        try:
-            kwrite(name, value)
-        except OSError as e:
-            errors.append(f"{name}={value}: {e}")
-    now = {n: kread(n) for n, _v in KERNEL_DEFAULTS}
-    ok = all(now[n] == v for n, v in KERNEL_DEFAULTS)
+    """Every knob put back as tools/hostksm.py's RESTORE has it (run=2,
+    then run=0, pages_to_scan=100, sleep_millisecs=20, max_page_sharing=256,
+    use_zero_pages=0, smart_scan=1, advisor_mode=none), each write tried even
+    if one before failed: the twin and this bench leave the host alike."""
+    errors = HostKsm(KSM_DIR).restore()
+    want = [(n, v) for n, v in RESTORE if n != "run" and os.path.exists(os.path.join(KSM_DIR, n))]
+    want.append(("run", "0"))
+    now = {n: kread(n) for n, _v in want}
+    ok = all(now[n] == v or (n == "advisor_mode" and f"[{v}]" in (now[n] or "")) for n, v in want)
     return {"restored": ok, "now": now, "errors": errors}
 
 
@@ -348,6 +339,14 @@ def fill_region(m: mmap.mmap, pages: int, distinct: int) -> None:
 
 def run_kernel(pages: int, distinct: int, pages_to_scan: int, sleep_ms: int, after: float,
                timeout: float, say: Any) -> dict[str, Any]:
+    """The host's ksmd on the same pages: one user of the host's KSM at a
+    time (flock /tmp/hostksm.lock, as tools/twin.py takes it)."""
+    with host_lock(say, timeout=600):
+        return _run_kernel(pages, distinct, pages_to_scan, sleep_ms, after, timeout, say)
+
+
+def _run_kernel(pages: int, distinct: int, pages_to_scan: int, sleep_ms: int, after: float,
+                timeout: float, say: Any) -> dict[str, Any]:
     why = kernel_unavailable()
     if why:
         return {"skipped": why}

@@ -1072,13 +1072,20 @@ class Machine:
         """Every named kill point, with where it is (worker or ksmd)."""
         return [KillPoint(n, who, desc) for n, (who, desc) in killpoints.POINTS.items()]
 
-    def arm(self, point: str, sig: int | str = "KILL", delay_ms: int | None = None) -> None:
+    def arm(self, point: str, sig: int | str = "KILL", delay_ms: int | None = None,
+            fail: bool = False) -> None:
         """Arm a ksmd point: when ksmd passes it inside some mm it kills
         that mm's owner (``sig``), or with ``delay_ms`` stops there that long
-        (once).  Task points are armed with ``Task.arm`` or ``Task.kill(at=)``."""
+        (once), or with ``fail`` makes the allocation there fail (once, as
+        the kernel's fail_page_alloc; ``ksmd_alloc_kpage`` only).  Task
+        points are armed with ``Task.arm`` or ``Task.kill(at=)``."""
         req: dict[str, Any] = {"op": "arm", "point": point, "signal": _signame(sig)}
         if delay_ms is not None:
             req["delay_ms"] = delay_ms
+        if fail:
+            if point not in killpoints.FAIL_POINTS:
+                raise ValueError(f"{point}: only {', '.join(killpoints.FAIL_POINTS)} can be made to fail")
+            req["fail"] = True
         self._request(req, f"arm {point}")
 
     def disarm(self) -> None:

@@ -39,6 +39,23 @@ def oom_unmerge(m: Machine) -> None:
         m.ksm["run"] = 2
 
 
+def oom_merge(m: Machine) -> None:
+    """2.6.32's try_to_merge_two_pages allocates the new KSM page: two
+    tasks' equal pages, checksummed by one full scan and not merged yet,
+    memory limited to what they use; the next scan's merge finds no
+    frame for the KSM page while ksmd holds ksm_thread_mutex, and
+    OOM-kills a task, whose exit the exit policy decides (the seed's first
+    sentence: under ``legacy`` the victim waits for that mutex in
+    __ksm_exit)."""
+    a, b = m.task(pages=1), m.task(pages=1)
+    a.fill(1)
+    b.fill(1)
+    m.wait_full_scans(1)   # rmap_items and checksums: the next pass merges
+    m.ksm["mem_limit"] = m.ksm["frames_used"]   # the two pages, no headroom
+    with m.race():
+        m.wait_full_scans(1)
+
+
 def exit_vs_ksmd(m: Machine) -> None:
     """Two tasks exit while ksmd scans: one with an rmap_item (the slow
     path, or no slot if ksmd frees it first) and LTP ksm05's (madvised,
@@ -115,6 +132,7 @@ class Scenario:
 
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
     Scenario("oom-unmerge", oom_unmerge),
+    Scenario("oom-merge", oom_merge),
     Scenario("exit-vs-ksmd", exit_vs_ksmd),
     Scenario("madvise-vs-ksmd", madvise_vs_ksmd),
     Scenario("ksm05", ksm05, {"run": 0}),
@@ -122,5 +140,5 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
     Scenario("zero-vs-exit", zero_vs_exit, {"kernel": "6.18"}),
 ]}
 
-__all__ = ["SCENARIOS", "Scenario", "oom_unmerge", "exit_vs_ksmd", "madvise_vs_ksmd", "ksm05", "run2_vs_exit",
-           "zero_vs_exit"]
+__all__ = ["SCENARIOS", "Scenario", "oom_unmerge", "oom_merge", "exit_vs_ksmd", "madvise_vs_ksmd", "ksm05",
+           "run2_vs_exit", "zero_vs_exit"]

@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 import bench_ksm
 import bench_mmu
 import bench_scale
+import hostksm
 
 GOAL = re.compile(r"^goal (\d): (.+): .*target ([<>]=) ([\d.]+): (met|NOT met|not measured)(?:;.*)?$", re.M)
 
@@ -108,29 +109,42 @@ def test_merged_at_reads_the_last_merge_of_the_first_batch_at_the_expected_count
 @pytest.mark.timeout(30)
 def test_kernel_half_restores_the_knobs_on_error(tmp_path, monkeypatch):
     """The kernel half, pointed at a fake sysfs folder whose counters never
-    move, times out -- and still writes run=0, pages_to_scan=100,
-    sleep_millisecs=20 back (after run=2).  MADV_MERGEABLE is swapped for a
-    no-op advice: the real KSM is not involved."""
+    move, times out -- and still writes every knob back as tools/hostksm.py
+    does (run=2, run=0, pages_to_scan, sleep_millisecs, max_page_sharing,
+    use_zero_pages, smart_scan, advisor_mode), under the host lock.
+    MADV_MERGEABLE is swapped for a no-op advice: the real KSM is not
+    involved, and the lock is a file of this test's own."""
+    sysfs = tmp_path / "ksm"
+    sysfs.mkdir()
     for name, v in (("run", "0"), ("pages_to_scan", "100"), ("sleep_millisecs", "20"),
                     ("pages_shared", "0"), ("pages_sharing", "0"), ("pages_scanned", "0"),
-                    ("full_scans", "0"), ("max_page_sharing", "256")):
-        (tmp_path / name).write_text(v + "\n")
+                    ("full_scans", "0"), ("max_page_sharing", "2"), ("use_zero_pages", "1"),
+                    ("smart_scan", "0"), ("advisor_mode", "none [scan-time]")):
+        (sysfs / name).write_text(v + "\n")
     written: list[tuple[str, str]] = []
-    real = bench_ksm.kwrite
+    real, real_host = bench_ksm.kwrite, hostksm.HostKsm.write
 
     def spy(name: str, value: str) -> None:
         written.append((name, value))
         real(name, value)
-    monkeypatch.setattr(bench_ksm, "KSM_DIR", str(tmp_path))
+
+    def host_spy(self: hostksm.HostKsm, name: str, value: str) -> None:
+        written.append((name, value))
+        real_host(self, name, value)
+    monkeypatch.setattr(bench_ksm, "KSM_DIR", str(sysfs))
     monkeypatch.setattr(bench_ksm, "kwrite", spy)
+    monkeypatch.setattr(hostksm.HostKsm, "write", host_spy)
+    monkeypatch.setattr(hostksm, "LOCK", str(tmp_path / "lock"))
     monkeypatch.setattr(mmap, "MADV_MERGEABLE", mmap.MADV_NORMAL)
     with pytest.raises(RuntimeError, match="kernel not merged"):
         bench_ksm.run_kernel(64, 4, 5000, 0, 0.0, 0.3, lambda _m: None)
     assert ("run", "1") in written and ("pages_to_scan", "5000") in written
-    assert written[-4:] == [("run", "2"), ("run", "0"), ("pages_to_scan", "100"),
-                            ("sleep_millisecs", "20")]
-    assert {n: (tmp_path / n).read_text() for n in ("run", "pages_to_scan", "sleep_millisecs")} == \
-        {"run": "0", "pages_to_scan": "100", "sleep_millisecs": "20"}
+    assert written[-8:] == list(hostksm.RESTORE), written
+    assert {n: (sysfs / n).read_text() for n, _v in hostksm.RESTORE} == \
+        {"run": "0", "pages_to_scan": "100", "sleep_millisecs": "20", "max_page_sharing": "256",
+         "use_zero_pages": "0", "smart_scan": "1", "advisor_mode": "none"}
+    assert (tmp_path / "lock").exists()   # taken (and released: the fd is closed)
+    assert bench_ksm.restore_kernel()["restored"]
 
 
 @pytest.mark.timeout(60)

@@ -338,7 +338,9 @@ class Requests:
             raise ScriptError(f"unknown kill point {point!r}", "value", EXIT_USAGE)
         s = str(req.get("signal", "KILL")).upper()
         if point in killpoints.KSMD_POINTS:
-            if req.get("delay_ms") is not None:
+            if req.get("fail"):  # fail_page_alloc (ValueError at a point that allocates nothing)
+                killpoints.arm_ksmd_fail(self.cl, point)
+            elif req.get("delay_ms") is not None:
                 killpoints.arm_ksmd_delay(self.cl, point, _int(req, "delay_ms", 1, 60_000, "delay_ms"))
             else:
                 killpoints.arm_ksmd(self.cl, point, SIGNALS[s])

@@ -59,6 +59,7 @@ from uksm.kernel.layout import (
     PT_OFF,
     PTE_PRESENT,
     PTE_WRITE,
+    R_KSMD,
     REF_KSM,
     REF_USERS,
     TS_ALIVE,
@@ -163,6 +164,21 @@ def check(cl: "Cluster", mms: dict[int, "MM"], counters: bool = True) -> list[st
     errs += check_mm_rows(cl)
     if counters:
         errs += check_counters(cl)
+        errs += check_ksmd_flight(cl)
+    return errs
+
+
+def check_ksmd_flight(cl: "Cluster") -> list[str]:
+    """Outside a batch ksmd holds no frame in flight: every frame it
+    allocates -- try_to_merge_two_pages' kpage (2.6.32), break_cow's
+    copy -- is mapped or put back before the batch lets ksm_thread_mutex
+    go, which the caller holds.  A kpage left named on ksmd's row would
+    be counted as referenced after its last mapping went."""
+    errs = []
+    for r in live_task_rows(cl):
+        t = cl.trow(r)
+        if t.role == R_KSMD and t.flight_pfn >= 0:
+            errs.append(f"ksmd holds frame {t.flight_pfn} in flight outside a batch")
     return errs
 
 

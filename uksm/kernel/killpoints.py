@@ -52,7 +52,12 @@ POINTS: dict[str, tuple[str, str]] = {
     "ksmd_break_ksm_window": ("ksmd", "break_ksm (ksmd or the run=2 writer) saw a KSM page and is about "
                                       "to fault it for write "
                                       "(arm with a delay to widen the window the seed closed)"),
-    # 6.18 only (use_zero_pages): uksm.kernel.ksm618.replace_with_zero_page
+    "ksmd_alloc_kpage": ("ksmd", "try_to_merge_two_pages (2.6.32) is about to alloc_page the new KSM "
+                                 "page, holding ksm_thread_mutex and the mm's mmap_sem for read: owner "
+                                 "killed (arm with a delay to hold ksmd there; arm to fail: "
+                                 "fail_page_alloc, the allocation fails and nothing is merged)"),
+    # 6.18 only (use_zero_pages): uksm.kernel.ksm618.replace_with_zero_page.  New
+    # points go last: a point's code is its index (a stored schedule names codes)
     "ksmd_zero_before_count": ("ksmd", "6.18, use_zero_pages: ksmd has replaced a zero-filled page of the "
                                        "mm by the shared zero page, not yet counted it in ksm_zero_pages "
                                        "(pte lock and zone_lock held): owner killed"),
@@ -68,6 +73,10 @@ UNREACHABLE: dict[str, tuple[str, ...]] = {
 }
 
 
+# points where an allocation can be made to fail (CONFIG_FAIL_PAGE_ALLOC's
+# fail_page_alloc, once): ``arm_ksmd_fail``
+FAIL_POINTS = ("ksmd_alloc_kpage",)
+FAIL = 1 << 16   # H_KSMD_POINT_SIG for "fail here" (a signal is 1..64, a delay negative)
 # points only one kernel's code passes (Config.kernel): 6.18's zero page
 KERNEL_ONLY: dict[str, str] = {"ksmd_zero_before_count": "6.18"}
 
@@ -128,17 +137,31 @@ def arm_ksmd_delay(cl: "Cluster", name: str, ms: int) -> None:
     cl.q[H_KSMD_POINT] = INDEX[name]
 
 
-def hit_ksmd(cl: "Cluster", name: str, mm_base: int, log: Any = NULL_LOG) -> None:
+def arm_ksmd_fail(cl: "Cluster", name: str) -> None:
+    """Make the allocation at point ``name`` fail (once), as
+    fail_page_alloc does: the caller's failure path, on demand."""
+    if name not in FAIL_POINTS:
+        raise ValueError(f"{name}: only {', '.join(FAIL_POINTS)} can be made to fail")
+    cl.q[H_KSMD_POINT_SIG] = FAIL
+    cl.q[H_KSMD_POINT] = INDEX[name]
+
+
+def hit_ksmd(cl: "Cluster", name: str, mm_base: int, log: Any = NULL_LOG) -> bool:
     """ksmd passes point ``name`` inside the mm at row base ``mm_base``.
     In a controlled run every pass is a scheduling point, a delay point is
     a barrier, not a sleep: ksmd waits there until nothing else can run
     (the scheduler releases it), and a kill is delivered by the scheduler
-    at this step."""
+    at this step.  True when the point was armed to fail (``arm_ksmd_fail``):
+    the caller fails what it was about to do."""
     q = cl.q
     if sched.ON:
         sched.point("kp:" + name)
     if q[H_KSMD_POINT] != INDEX[name]:
-        return
+        return False
+    if q[H_KSMD_POINT_SIG] == FAIL:
+        q[H_KSMD_POINT] = -1
+        log.info("kill_point", point=name, action="fail", victim_pid=0)
+        return True
     if q[H_KSMD_POINT_SIG] < 0:  # a delay point
         q[H_KSMD_POINT] = -1
         log.info("kill_point", point=name, action="delay", victim_pid=0)
@@ -146,18 +169,18 @@ def hit_ksmd(cl: "Cluster", name: str, mm_base: int, log: Any = NULL_LOG) -> Non
             sched.blocked(sched.BLK_DELAY)
         else:
             time.sleep(-q[H_KSMD_POINT_SIG] / 1000.0)
-        return
+        return False
     pid = q[mm_base + M_OWNER_PID]
     if pid <= 0:
-        return
+        return False
     q[H_KSMD_POINT] = -1
     sig = q[H_KSMD_POINT_SIG] or signal.SIGKILL
     cl.kill_points_sem.release()
     log.info("kill_point", point=name, action="kill" if sig == signal.SIGKILL else "term",
              victim_pid=pid)
-    if sched.signal(pid, sig):
-        return
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
+    if not sched.signal(pid, sig):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+    return False

@@ -19,11 +19,10 @@ digest of the page; every merge still confirms the bytes are equal
 different pages.  The digest doubles as ``oldchecksum``: a page must keep
 the same content for one full scan before it may enter the unstable tree.
 
-A new KSM page is made in place, as since 2.6.33 (Hugh Dickins, "ksm:
-share anon page without allocating", 2009; ``try_to_merge_two_pages``
-with ``kpage == NULL``): the first page is write-protected and marked KSM,
-the second is merged into it; ksmd never allocates to merge.  (2.6.32
-allocated a fresh page there.)
+A new KSM page is allocated, as 2.6.32 did (``try_to_merge_two_pages``:
+``alloc_page``, the first page copied and merged into it, then the
+second): ksmd's own way into memory pressure and the OOM killer, holding
+ksm_thread_mutex.  (2.6.33 made the first page the KSM page in place.)
 
 Locking, per batch: ksm_thread_mutex for the whole batch; the scanned mm's
 mmap_sem for read across a run of its pages (dropped to let a waiting
@@ -111,7 +110,7 @@ from uksm.kernel.layout import (
     VM_MERGEABLE,
     ZERO_PFN,
 )
-from uksm.kernel.memory import Allocator, free_frames
+from uksm.kernel.memory import Allocator, OutOfMemory, free_frames
 from uksm.kernel.mm import MM, VmaTableFreed, mm_attach, mmdrop
 from uksm.kernel.mmu import ksm_test_exit
 
@@ -967,21 +966,49 @@ class Ksmd:
         return pfn
 
     def try_to_merge_two_pages(self, st: SlotState, vpn: int, pfn: int, tree_ref: int) -> bool:
-        """Make this page a KSM page in place, then merge the unstable tree
-        item's page into it; on failure, break COW on this one again.
-        Past max_kernel_pages nothing is done: 2.6.32 refused before its
-        alloc_page ("The number of nodes in the stable tree is the number
-        of kernel pages that we hold."), the tree item stays where it is
-        and this page enters no tree (2.6.33 removed the knob)."""
+        """try_to_merge_two_pages as 2.6.32 did it (2.6.32.67 mm/ksm.c
+        822-871): a new KSM page is allocated (``alloc_kpage``), this page
+        is copied into it and merged into it (``merge_into_kpage``), then
+        the unstable tree item's page is merged into it too; when that
+        fails the KSM page has one pte: break_cow on this page.  A failed
+        allocation merges nothing (-EFAULT): this page enters no tree.
+        Past max_kernel_pages nothing is done (lines 831-833: "The number
+        of nodes in the stable tree is the number of kernel pages that we
+        hold."), the tree item stays where it is and this page enters no
+        tree (2.6.33 removed the knob).  Caller holds st's mmap_sem for
+        read; returns False if it was dropped meanwhile (the caller finds
+        the area again).
+
+        2.6.33's in-place form ("ksm: share anon page without allocating":
+        this page itself made the KSM page) is not kept: it differs only
+        in never allocating, which is what 2.6.32 must show -- ksmd meeting
+        memory pressure and the OOM killer while it holds
+        ksm_thread_mutex (the seed's first sentence).
+
+        Crash consistency, a SIGKILL of ksmd at each step (its recovery
+        rebuilds every frame count from the page tables and in-flight
+        frames of live tasks, and the restarted ksmd has empty trees):
+        before the allocation nothing is changed; with kpage allocated and
+        not mapped (in flight on ksmd's row) the rebuild finds no
+        reference and frees it; with kpage mapped by this page alone it is
+        a KSM page outside any stable tree, which the next ksmd meets and
+        breaks (cmp_and_merge_page's break_cow), fsck counting it as any
+        mapped frame; with both pages mapped it is such a page mapped
+        twice, left as it is until the pages are written or unmerged."""
         limit = self.q[K_MAX_KERNEL_PAGES]
         if limit and limit <= self.pages_shared:
             return True
         # hot path: raw words (uksm.kernel.views: a view read is 56 ns against 20 raw)
-        cl, task = self.cl, self.cl.task
+        task = self.cl.task
         mm = st.mm
-        node = self.make_ksm_page(mm, vpn, pfn)
-        if node is None:
-            return True
+        kpfn, kept = self.alloc_kpage(mm, vpn)
+        if kpfn < 0:  # "if (!kpage) return err;" (line 839)
+            return kept
+        node = self.merge_into_kpage(mm, vpn, pfn, kpfn) if kept or self.still_mapped(mm, vpn, pfn) else None
+        if node is None:  # "out: put_page(kpage);" (line 869): it was mapped nowhere
+            self.put_kpage(kpfn)
+            return kept
+        # "err = try_to_merge_with_ksm_page(mm2, addr2, page2, kpage);" (line 858)
         tst, tvpn = self.slots[tree_ref >> 32], tree_ref & VPN_MASK  # get_mergeable_page saw it
         tmm = tst.mm
         other = tmm is not mm
@@ -989,7 +1016,7 @@ class Ksmd:
             task.unlock(mm.sem)  # ksmd never holds two mm's mmap_sem
             task.lock(tmm.sem)
         tpte = tmm.pq[PT_OFF + tvpn]
-        ok = (not ksm_test_exit(cl, tmm) and bool(tpte & PTE_PRESENT)
+        ok = (not ksm_test_exit(self.cl, tmm) and bool(tpte & PTE_PRESENT)
               and self.try_to_merge_one_page(tmm, tvpn, tpte >> 2, node))
         if other:
             task.unlock(tmm.sem)
@@ -1001,12 +1028,64 @@ class Ksmd:
             self.stable_tree_append(st, vpn, node)
             self.stable_tree_append(tst, tvpn, node)
             self._merged(tst)
-            return not other
-        # the KSM page has one mapping: give it back as an ordinary page
-        # (2.6.32's try_to_merge_two_pages: when try_to_merge_with_ksm_page
-        # fails for the second page, up_read, then break_cow of the first)
+            return kept and not other
+        # "If that fails, we have a ksm page with only one pte pointing to
+        # it: so break it." (lines 860-865): up_read, break_cow(mm1, addr1)
         self.up_read_break_cow(st, vpn)
         return False
+
+    def alloc_kpage(self, mm: MM, vpn: int) -> tuple[int, bool]:
+        """"kpage = alloc_page(GFP_HIGHUSER);" (2.6.32.67 mm/ksm.c 838), in
+        ksmd, holding ksm_thread_mutex for the whole batch: the frame, in
+        flight on ksmd's row for (mm, vpn), or -1 when it failed; and
+        whether the caller's mmap_sem stayed held throughout.
+
+        The kernel's ksmd holds no mmap_sem here (scan_get_next_rmap_item
+        dropped it).  This one does, across a run of pages: the fast path
+        (a free frame, no wait) is taken with it held -- nothing there
+        waits for anyone -- and for the slow path it is dropped first, so
+        that what the OOM killer's victim must take to exit (its own
+        mmap_sem, in exit_mmap or the slow __ksm_exit) is not held by the
+        allocating ksmd: only ksm_thread_mutex is, as in the kernel -- the
+        seed's deadlock under the ``legacy`` exit policy (the victim waits
+        for that mutex in __ksm_exit, ksmd for the victim's memory), none
+        under ``seed`` and ``shipped``.  ksmd is never an OOM victim (a
+        kernel thread has no mm), so order-0's slowpath retries for ever;
+        it fails only when armed to (kill point ``ksmd_alloc_kpage``: the
+        kernel's fail_page_alloc) or when ksmd is told to stop."""
+        cl, task = self.cl, self.cl.task
+        if killpoints.hit_ksmd(cl, "ksmd_alloc_kpage", mm.base, self.log):
+            return -1, True
+        kpfn = self.alloc.alloc_frame_nowait(mm.id, vpn)
+        if kpfn >= 0:
+            return kpfn, True
+        task.unlock(mm.sem)
+        try:
+            kpfn = self.alloc.alloc_frame(mm.id, vpn, False, lambda: self.stop or bool(self.q[H_SHUTDOWN]))
+        except OutOfMemory:
+            kpfn = -1
+        self.log.info("ksmd_alloc", mm=mm.id, got=kpfn >= 0, free_frames=free_frames(self.cl))
+        task.lock(mm.sem)  # the caller finds the area again (returns False)
+        return kpfn, False
+
+    def still_mapped(self, mm: MM, vpn: int, pfn: int) -> bool:
+        """After mmap_sem was re-taken: "down_read(&mm1->mmap_sem); if
+        (ksm_test_exit(mm1)) ..." (2.6.32.67 mm/ksm.c 842-846), before any
+        VMA or PTE is looked at; the page must still be there."""
+        if ksm_test_exit(self.cl, mm):
+            return False
+        return mm.pq[PT_OFF + vpn] >> 2 == pfn
+
+    def put_kpage(self, kpfn: int) -> None:
+        """put_page(kpage) of a kpage mapped nowhere: its last reference,
+        freed.  Off ksmd's row first: a SIGKILL between the two leaves a
+        frame at count 1 that nothing references, which the recovery's
+        rebuild frees."""
+        cl, task = self.cl, self.cl.task
+        task.lock(cl.zone)
+        self.alloc.installed()  # not in flight any more
+        self.alloc.put_frame(kpfn)
+        task.unlock(cl.zone)
 
     @staticmethod
     def vma_mergeable(mm: MM, vpn: int) -> bool:
@@ -1015,33 +1094,53 @@ class Ksmd:
         vma = mm.find_vma(vpn)
         return vma is not None and bool(vma[3] & VM_MERGEABLE)
 
-    def make_ksm_page(self, mm: MM, vpn: int, pfn: int) -> StableNode | None:
-        """write_protect_page + set_page_stable_node on the page itself.
-        Caller holds mmap_sem (read) and has checked ksm_test_exit."""
-        cl, task, fq, pq = self.cl, self.cl.task, self.fq, mm.pq
-        if not self.vma_mergeable(mm, vpn):  # try_to_merge_one_page(vma, page, NULL)
+    def merge_into_kpage(self, mm: MM, vpn: int, pfn: int, kpfn: int) -> StableNode | None:
+        """"copy_user_highpage(kpage, page1, addr1, vma); err =
+        try_to_merge_one_page(vma, page1, kpage);" (2.6.32.67 mm/ksm.c
+        852-853): the copy, then under the pte lock write_protect_page,
+        pages_identical (the page may have changed before it was
+        write-protected) and replace_page, whose page_add_ksm_rmap makes
+        kpage a KSM page.  The PTE takes over the allocation's reference
+        (the kernel's get_page in replace_page and put_page at the end of
+        try_to_merge_two_pages, netted).  Caller holds mmap_sem (read) and
+        has checked ksm_test_exit.  The node, not yet in the tree; None if
+        nothing was merged (kpage still in flight)."""
+        cl, task, fq, pq, pool = self.cl, self.cl.task, self.fq, mm.pq, self.poolmap
+        if not self.vma_mergeable(mm, vpn):  # "vma = find_vma(mm1, addr1); if (!vma ..."
             return None
+        p, kp = pfn * PAGE_SIZE, kpfn * PAGE_SIZE
+        self.pool[kp:kp + PAGE_SIZE] = self.pool[p:p + PAGE_SIZE]  # copy_user_highpage
+        slot = PT_OFF + vpn
         task.lock(mm.ptl)
         try:
-            pte = pq[PT_OFF + vpn]
+            pte = pq[slot]
             b = pfn * FRAME_SIZE
             if pte >> 2 != pfn or not pte & PTE_PRESENT or fq[b + FR_COUNT] != 1 \
-                    or fq[b + FR_FLAGS] & F_KSM or not fq[b + FR_FLAGS] & F_ANON or ksm_test_exit(cl, mm):
+                    or fq[b + FR_FLAGS] & (F_KSM | F_ANON) != F_ANON or ksm_test_exit(cl, mm):
                 return None
-            if pte & PTE_WRITE:
-                pq[PT_OFF + vpn] = pte & ~PTE_WRITE
-            p = pfn * PAGE_SIZE
-            key = digest(self.pool[p:p + PAGE_SIZE])  # stable from here on
-            node = StableNode(self.next_nid, pfn, key)
-            self.next_nid += 1
+            if pte & PTE_WRITE:  # write_protect_page
+                pte &= ~PTE_WRITE
+                pq[slot] = pte
+            if pool[p:p + PAGE_SIZE] != pool[kp:kp + PAGE_SIZE]:  # pages_identical
+                return None
+            key = digest(self.pool[kp:kp + PAGE_SIZE])  # kpage is ksmd's alone: stable
             old = self.stable.get(key)
             if old is not None and self.get_ksm_page(old):
                 return None  # raced with an equal KSM page: next pass merges it
-            fq[b + FR_KEY0] = node.k0
-            fq[b + FR_KEY1] = node.k1
+            node = StableNode(self.next_nid, kpfn, key)
+            self.next_nid += 1
+            kb = kpfn * FRAME_SIZE
+            fq[kb + FR_KEY0] = node.k0
+            fq[kb + FR_KEY1] = node.k1
             task.lock(cl.zone)
-            fq[b + FR_FLAGS] |= F_KSM
-            task.unlock(cl.zone)
+            try:
+                fq[kb + FR_FLAGS] |= F_KSM  # page_add_ksm_rmap: PageKsm
+                pq[slot] = (kpfn << 2) | PTE_PRESENT  # replace_page
+                self.alloc.installed()
+                self.alloc.put_frame(pfn)
+                self.t_last_merge = time.monotonic_ns()  # under the pte lock: see mm_users_zero
+            finally:
+                task.unlock(cl.zone)
             self.q[mm.base + M_KSM_MAPPED] += 1
             return node
         finally:

@@ -126,7 +126,8 @@ class Allocator:
         fq[b + FR_AUX] = 0
         return pfn
 
-    def alloc_frame(self, mm: int, vpn: int, fatal_ok: bool = True) -> int:
+    def alloc_frame(self, mm: int, vpn: int, fatal_ok: bool = True,
+                    give_up: Callable[[], bool] | None = None) -> int:
         """alloc_page(GFP_HIGHUSER_MOVABLE): a zero-filled frame with count 1,
         in flight for (mm, vpn) until ``installed``.
 
@@ -134,7 +135,9 @@ class Allocator:
         killer (at most one victim on its way out at a time, as
         out_of_memory does), wait for frames and retry -- never giving up on
         our own.  Only a task that is itself dying (a fatal signal pending:
-        the OOM victim, say) gets OutOfMemory, as VM_FAULT_OOM.
+        the OOM victim, say) gets OutOfMemory, as VM_FAULT_OOM; and a
+        caller's ``give_up`` (ksmd told to stop: a wait for memory must not
+        outlive the cluster) ends the wait with OutOfMemory too.
         """
         pfn = self._take(mm, vpn)
         if pfn >= 0:
@@ -145,7 +148,7 @@ class Allocator:
             while True:
                 if self.pending:
                     self.flush()
-                elif fatal_ok and self.q[task.base + T_FATAL]:
+                elif (fatal_ok and self.q[task.base + T_FATAL]) or (give_up is not None and give_up()):
                     raise OutOfMemory()
                 else:
                     if not waiting:
@@ -173,6 +176,13 @@ class Allocator:
         finally:
             if waiting:
                 task.wait_end(C_FRAMES)
+
+    def alloc_frame_nowait(self, mm: int, vpn: int) -> int:
+        """The allocation's fast path alone (get_page_from_freelist before
+        the slowpath): a frame in flight for (mm, vpn), or -1 without
+        waiting, flushing or invoking the OOM killer."""
+        pfn = self._take(mm, vpn)
+        return pfn if pfn >= 0 else -1
 
     def _take(self, mm: int, vpn: int) -> int:
         """A frame off the per-task list or the free stack, its page backed

@@ -653,7 +653,9 @@ class Faults:
         if point in killpoints.KSMD_POINTS:
             if req.get("task") is not None:
                 raise ScriptError(f"{point} is a ksmd point: it takes no task", "value", EXIT_USAGE)
-            if delay is not None:
+            if req.get("fail"):  # fail_page_alloc (ValueError at a point that allocates nothing)
+                killpoints.arm_ksmd_fail(cl, point)
+            elif delay is not None:
                 killpoints.arm_ksmd_delay(cl, point, _int(req, "delay_ms", 1, 60_000, "delay_ms"))
             else:
                 killpoints.arm_ksmd(cl, point, SIGNALS[self._signal(req)])
