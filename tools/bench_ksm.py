@@ -51,6 +51,14 @@ Usage::
     python3 tools/bench_ksm.py                       # 200,000 pages, 50 contents
     python3 tools/bench_ksm.py --pages 20000 --json  # smaller, one JSON object
     python3 tools/bench_ksm.py --skip-kernel         # uksm only, /sys/kernel/mm/ksm untouched
+    python3 tools/bench_ksm.py --kernel 6.18         # uksm as 6.18, against this 6.18
+
+``--kernel 6.18`` (issue 23) boots uksm with ``kernel="6.18"`` (its
+max_page_sharing 256 and smart_scan 1, as the host's own defaults) and
+stops both clocks at the same point: every page merged
+(``pages_shared + pages_sharing == N``), whatever the split into KSM
+pages -- like with like against this machine's 6.18.  The kernel's half
+holds ``flock /tmp/hostksm.lock`` (tools/hostksm.py), in both modes.
 """
 from __future__ import annotations
 
@@ -182,17 +190,17 @@ def wait_merged(sup: Any, t0: float, shared: int, sharing: int, timeout: float, 
                 label: str, tick: Any = None, any_split: bool = False) -> float:
     """Poll the cluster (every ~2 ms) until ``pages_shared == shared`` and
     ``pages_sharing == sharing`` (``any_split``: until their sum is, as the
-    kernel side waits: 6.18's max_page_sharing splits a content over more
-    KSM pages); ``tick(now)`` at every poll.  Returns the seconds since
-    ``t0``; RuntimeError on a cluster error or the timeout."""
+    kernel's side waits: --kernel 6.18); ``tick(now)`` at every poll.
+    Returns the seconds since ``t0``; RuntimeError on a cluster error or
+    the timeout."""
     from uksm.kernel.layout import K_PAGES_SCANNED, K_PAGES_SHARED, K_PAGES_SHARING
     q = sup.cl.q
     scanned0, last = q[K_PAGES_SCANNED], t0
     while True:
         sup.poll()
         now = time.monotonic()
-        if q[K_PAGES_SHARED] == shared and q[K_PAGES_SHARING] == sharing \
-                or any_split and q[K_PAGES_SHARED] + q[K_PAGES_SHARING] == shared + sharing:
+        if (q[K_PAGES_SHARED] + q[K_PAGES_SHARING] == shared + sharing if any_split
+                else q[K_PAGES_SHARED] == shared and q[K_PAGES_SHARING] == sharing):
             return now - t0
         if sup.errors:
             raise RuntimeError("; ".join(sup.errors))
@@ -350,6 +358,12 @@ def _run_kernel(pages: int, distinct: int, pages_to_scan: int, sleep_ms: int, af
     why = kernel_unavailable()
     if why:
         return {"skipped": why}
+    with host_lock(say, timeout):   # the host's KSM: one user at a time
+        return _run_kernel(pages, distinct, pages_to_scan, sleep_ms, after, timeout, say)
+
+
+def _run_kernel(pages: int, distinct: int, pages_to_scan: int, sleep_ms: int, after: float,
+                timeout: float, say: Any) -> dict[str, Any]:
     before = {n: kread(n) for n in ("run", "pages_to_scan", "sleep_millisecs", "pages_shared",
                                     "pages_sharing", "max_page_sharing", "advisor_mode",
                                     "smart_scan", "use_zero_pages")}
@@ -467,7 +481,7 @@ def merged_at(log_dir: str, shared: int, sharing: int) -> int | None:
 
 
 def run_cli(pages: int, distinct: int, workers: int, pages_to_scan: int, sleep_ms: int,
-            timeout: float, say: Any) -> dict[str, Any]:
+            timeout: float, say: Any, kernel: str = "2.6.32") -> dict[str, Any]:
     """``uksm run --until-merged`` as a user types it, timed from the
     command's start to its exit (``e2e_s``, goal 2): boot, workers filling
     their pages, ksmd merging, the rule that tells it nothing is left to
@@ -488,7 +502,8 @@ def run_cli(pages: int, distinct: int, workers: int, pages_to_scan: int, sleep_m
         cmd = [sys.executable, "-m", "uksm", "run", "--cluster", name, "--workers", str(workers),
                "--pages", str(per), "--workload", f"dup:{distinct}", "--pages-to-scan",
                str(pages_to_scan), "--sleep-ms", str(sleep_ms), "--until-merged",
-               "--max-duration", str(int(timeout)), "--log-dir", logs, "--json", "--quiet"]
+               "--max-duration", str(int(timeout)), "--log-dir", logs, "--json", "--quiet",
+               "--kernel", kernel]
         say(f"  uksm run: {workers} workers x {per} pages, dup:{distinct}, until merged")
         t0_ns = time.monotonic_ns()
         t0 = t0_ns / 1e9
@@ -506,12 +521,15 @@ def run_cli(pages: int, distinct: int, workers: int, pages_to_scan: int, sleep_m
                 raise RuntimeError(f"uksm run did not finish in {timeout + 60:.0f}s") from None
             raise
         dt = time.monotonic() - t0
+        try:
+            rep = json.loads(p.stdout)
+        except ValueError:
+            rep = {}
         want = expected_counts(per * workers, distinct, [per])
+        k = rep.get("ksm") or {}
+        if kernel != "2.6.32" and k.get("pages_shared", 0) + k.get("pages_sharing", 0) == pages:
+            want = (k["pages_shared"], k["pages_sharing"])   # 6.18: any split into KSM pages
         m_ns = merged_at(logs, *want)
-    try:
-        rep = json.loads(p.stdout)
-    except ValueError:
-        rep = {}
     if p.returncode != 0:
         raise RuntimeError(f"uksm run exited with status {p.returncode}: "
                            f"{(p.stderr.strip().splitlines() or ['?'])[-1]}")
@@ -649,8 +667,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-run", action="store_true",
                     help="skip goal 2's `uksm run --until-merged` from nothing")
     ap.add_argument("--kernel", default="2.6.32", choices=("2.6.32", "6.18"),
-                    help="whose mm/ksm.c uksm's ksmd runs (default 2.6.32); 6.18 compares like "
-                         "with like on a 6.18 host (smart_scan as the host's, 1 by default)")
+                    help="uksm's kernel (default 2.6.32); 6.18: like with like against this 6.18, "
+                         "both clocks stopped once every page is merged")
     ap.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     a = ap.parse_args(argv)
     if a.pages < 1 or a.distinct < 1 or a.workers < 1 or a.pages_to_scan < 1 or a.sleep_ms < 0:
@@ -671,7 +689,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
         "layout": {"pages": a.pages, "distinct": a.distinct, "workers": a.workers,
                    "pages_to_scan": a.pages_to_scan, "sleep_millisecs": a.sleep_ms,
-                   "kernel": a.kernel},
+                   "uksm_kernel": a.kernel},
     }
     status = 0
     runs: dict[str, list[dict[str, Any]]] = {}
@@ -685,7 +703,8 @@ def main(argv: list[str] | None = None) -> int:
                     a.timeout, a.seed, a.log_dir, say, a.kernel)))
             if not a.skip_run:
                 sides.append(("uksm_run", lambda: run_cli(
-                    a.pages, a.distinct, a.workers, a.pages_to_scan, a.sleep_ms, a.timeout, say)))
+                    a.pages, a.distinct, a.workers, a.pages_to_scan, a.sleep_ms, a.timeout, say,
+                    a.kernel)))
             if not a.skip_kernel and "skipped" not in (runs.get("kernel") or [{}])[-1]:
                 sides.append(("kernel", lambda: run_kernel(
                     a.pages, a.distinct, a.pages_to_scan, a.sleep_ms, a.after, a.timeout, say)))
@@ -722,7 +741,7 @@ def main(argv: list[str] | None = None) -> int:
         lay = report["layout"]
         print(f"layout: {lay['pages']:,} pages, {lay['distinct']} distinct contents, "
               f"pages_to_scan {lay['pages_to_scan']}, sleep_millisecs {lay['sleep_millisecs']} "
-              f"(uksm: {lay['workers']} workers)")
+              f"(uksm: {lay['workers']} workers, kernel {lay['uksm_kernel']})")
         print(table(report))
         ur = report.get("uksm_run") or {}
         if "e2e_s" in ur:

@@ -214,3 +214,17 @@ def test_zero_page_kill_point_under_618(sig, tmp_path):
     assert r["inject"]["kill_points_hit"] >= 2
     if sig == "KILL":
         assert r["workers"]["reaped"] >= 1 and r["inject"]["recoveries"] >= 1
+
+
+@pytest.mark.timeout(120)
+def test_inject_under_618(tmp_path):
+    """``uksm inject --kernel 6.18`` (issue 23): kills through 6.18's
+    machine, recovered and clean, the report's ksm block 6.18's; a
+    campaign carries the kernel into each run's command."""
+    r, status = inject("--kernel", "6.18", "--kills", "5", "--workers", "2", "--pages", "32",
+                       "--log-dir", str(tmp_path))
+    assert_clean(r, status, 5)
+    assert r["kernel"] == "6.18" and "max_page_sharing" in r["ksm"] and "max_kernel_pages" not in r["ksm"]
+    p = run_group([sys.executable, "-m", "uksm", "campaign", "--kernel", "6.18", "--dry-run",
+                   "--out", str(tmp_path / "c.jsonl")], 60)
+    assert p.returncode == 0 and p.stdout.rstrip().endswith("--kernel 6.18"), p.stdout + p.stderr

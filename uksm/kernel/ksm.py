@@ -70,6 +70,7 @@ from uksm.kernel.layout import (
     M_REFS,
     M_SLOT_RMAP,
     M_SLOT_USED,
+    MMF_VM_MERGE_ANY,
     MMF_VM_MERGEABLE,
     P_FAST,
     P_LEGACY,
@@ -290,7 +291,9 @@ def __ksm_exit_seed(cl: "Cluster", mm: MM, log: Any, policy: str) -> int:
         if not at_cursor and w.slot_rmap == 0 and not q[H_HAZARDS] & HZ_NO_FAST_PATH:
             list_del(cl, s)
             w.slot_used = 0
-            w.flags &= ~MMF_VM_MERGEABLE
+            # 6.18's easy_to_free also clears MMF_VM_MERGE_ANY (6.4,
+            # d7597f59d1d3); never set under 2.6.32
+            w.flags &= ~(MMF_VM_MERGEABLE | MMF_VM_MERGE_ANY)
             path = P_FAST
             q[S_EXIT_FAST] += 1
         else:
@@ -473,7 +476,7 @@ def unmerge_next_mm(cl: "Cluster", mm: MM, s: int, gen: int, log: Any = NULL_LOG
     if ksm_test_exit(cl, mm):
         list_del(cl, s)
         mm.words.slot_used = 0
-        mm.words.flags &= ~MMF_VM_MERGEABLE
+        mm.words.flags &= ~(MMF_VM_MERGEABLE | MMF_VM_MERGE_ANY)  # (MERGE_ANY: 6.18's, as __ksm_exit)
         q[S_SLOTS_FREED] += 1
         task.unlock(cl.mmlist)
         task.unlock(mm.sem)

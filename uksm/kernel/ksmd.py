@@ -98,6 +98,7 @@ from uksm.kernel.layout import (
     M_SLOT_RMAP,
     M_SLOT_USED,
     M_WRITER_WAITING,
+    MMF_VM_MERGE_ANY,
     MMF_VM_MERGEABLE,
     PAGE_SIZE,
     PT_OFF,
@@ -823,7 +824,10 @@ class Ksmd:
             list_del(cl, st.row)
             q[b + M_SLOT_USED] = 0
             q[b + M_SLOT_RMAP] = 0
-            q[b + M_FLAGS] &= ~MMF_VM_MERGEABLE
+            # an exiting mm loses MMF_VM_MERGE_ANY too, as 6.18's scan frees
+            # its slot (6.4, d7597f59d1d3); a live one left with no mergeable
+            # area keeps it: its next mmap enters KSM again (sys_mmap)
+            q[b + M_FLAGS] &= ~(MMF_VM_MERGEABLE | (MMF_VM_MERGE_ANY if exiting else 0))
             q[S_SLOTS_FREED] += 1
             task.unlock(mm.sem)
             task.unlock(cl.mmlist)
