@@ -349,16 +349,10 @@ def run_kernel(pages: int, distinct: int, pages_to_scan: int, sleep_ms: int, aft
                timeout: float, say: Any) -> dict[str, Any]:
     """The host's ksmd on the same pages: one user of the host's KSM at a
     time (flock /tmp/hostksm.lock, as tools/twin.py takes it)."""
-    with host_lock(say, timeout=600):
-        return _run_kernel(pages, distinct, pages_to_scan, sleep_ms, after, timeout, say)
-
-
-def _run_kernel(pages: int, distinct: int, pages_to_scan: int, sleep_ms: int, after: float,
-                timeout: float, say: Any) -> dict[str, Any]:
     why = kernel_unavailable()
     if why:
         return {"skipped": why}
-    with host_lock(say, timeout):   # the host's KSM: one user at a time
+    with host_lock(say, timeout=600):
         return _run_kernel(pages, distinct, pages_to_scan, sleep_ms, after, timeout, say)
 
 
