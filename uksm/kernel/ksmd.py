@@ -232,7 +232,7 @@ class Ksmd:
         # use_zero_pages (read at each batch's start)
         self.modern = cl.modern
         self.zero_pfn = ZERO_PFN if self.modern else -1
-        self.pages_skipped = 0
+        self.pages_skipped = cl.q[K_PAGES_SKIPPED] if self.modern else 0   # a restarted ksmd goes on counting
         self.advisor = Advisor()
         self.smart_scan = False
         self.use_zero_pages = False
