@@ -57,8 +57,7 @@ Usage::
 max_page_sharing 256 and smart_scan 1, as the host's own defaults) and
 stops both clocks at the same point: every page merged
 (``pages_shared + pages_sharing == N``), whatever the split into KSM
-pages -- like with like against this machine's 6.18.  The kernel's half
-holds ``flock /tmp/hostksm.lock`` (tools/hostksm.py), in both modes.
+pages -- like with like against this machine's 6.18.
 """
 from __future__ import annotations
 
@@ -349,15 +348,15 @@ def run_kernel(pages: int, distinct: int, pages_to_scan: int, sleep_ms: int, aft
                timeout: float, say: Any) -> dict[str, Any]:
     """The host's ksmd on the same pages: one user of the host's KSM at a
     time (flock /tmp/hostksm.lock, as tools/twin.py takes it)."""
-    why = kernel_unavailable()
-    if why:
-        return {"skipped": why}
     with host_lock(say, timeout=600):
         return _run_kernel(pages, distinct, pages_to_scan, sleep_ms, after, timeout, say)
 
 
 def _run_kernel(pages: int, distinct: int, pages_to_scan: int, sleep_ms: int, after: float,
                 timeout: float, say: Any) -> dict[str, Any]:
+    why = kernel_unavailable()
+    if why:
+        return {"skipped": why}
     before = {n: kread(n) for n in ("run", "pages_to_scan", "sleep_millisecs", "pages_shared",
                                     "pages_sharing", "max_page_sharing", "advisor_mode",
                                     "smart_scan", "use_zero_pages")}

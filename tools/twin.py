@@ -484,12 +484,7 @@ def run_kernel(walk: Walk, host: HostKsm, say: Callable[[str], None],
                         t = tasks.pop(name)
                         alive.remove(t)
                         end_host_tasks([t])
-                s0, end = host.int("full_scans"), time.monotonic() + timeout
-                while host.int("full_scans") < s0 + step.scans:
-                    if time.monotonic() > end:
-                        raise TimeoutError(f"kernel: {step.scans} full scans not done in "
-                                           f"{timeout:.0f}s (step {step.name})")
-                    time.sleep(0.002)
+                wait_host_scans(host, step.scans, timeout, step.name)
                 ksm = {f: host.int(f) - base[f] for f in base}
                 snaps.append({"ksm": ksm,
                               "stat": {n: t.cmd("stat")["stat"] for n, t in tasks.items()},
@@ -498,12 +493,34 @@ def run_kernel(walk: Walk, host: HostKsm, say: Callable[[str], None],
                 say(f"  kernel: {step.name}: shared {ksm['pages_shared']} "
                     f"sharing {ksm['pages_sharing']}")
         finally:
-            with shielded():
-                end_host_tasks(alive)
-                errors = host.restore()
-                if errors:
-                    say(f"  kernel: WARNING: knobs not all restored: {errors}")
+            clean_up(host, alive, say)
     return snaps
+
+
+def wait_host_scans(host: HostKsm, n: int, timeout: float, step: str) -> None:
+    """Until the host's full_scans has advanced by ``n`` (0: at once)."""
+    s0, end = host.int("full_scans"), time.monotonic() + timeout
+    while host.int("full_scans") < s0 + n:
+        if time.monotonic() > end:
+            raise TimeoutError(f"kernel: {n} full scans not done in {timeout:.0f}s (step {step})")
+        time.sleep(0.002)
+
+
+def clean_up(host: HostKsm, alive: list[HostTask], say: Callable[[str], None]) -> None:
+    """The task processes ended, the knobs restored: a second signal cannot cut it short."""
+    with shielded():
+        end_host_tasks(alive)
+        errors = host.restore()
+        if errors:
+            say(f"  kernel: WARNING: knobs not all restored: {errors}")
+
+
+def print_steps(title: str, steps: list[Any], scans: bool = False) -> None:
+    """--list: a walk's or a case's steps, one line each."""
+    print(title)
+    for s in steps:
+        print(f"  {s.name}{f' (+{s.scans} scans)' if scans else ''}: "
+              + "; ".join(" ".join(map(str, x)) for x in s.actions))
 
 
 # ---- the command line -----------------------------------------------------------------------
@@ -536,9 +553,7 @@ def main_618(a: argparse.Namespace) -> int:
     cs = twin618.cases()
     if a.list:
         for c in cs.values():
-            print(f"{c.name}: {c.source}")
-            for s in c.steps:
-                print(f"  {s.name} (+{s.scans} scans): " + "; ".join(" ".join(map(str, x)) for x in s.actions))
+            print_steps(f"{c.name}: {c.source}", c.steps, scans=True)
         return 0
     unknown = [n for n in a.case if n not in cs]
     if unknown:
@@ -625,9 +640,7 @@ def main(argv: list[str] | None = None) -> int:
         ws = walks(a.pages)
         if a.list:
             for w in ws.values():
-                print(f"{w.name}: {w.about}")
-                for s in w.steps:
-                    print(f"  {s.name}: " + "; ".join(" ".join(map(str, x)) for x in s.actions))
+                print_steps(f"{w.name}: {w.about}", w.steps)
             return 0
         if a.walk not in ws:
             raise BadInput(f"--walk: no walk {a.walk!r} (walks: {', '.join(ws)})")

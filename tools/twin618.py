@@ -333,8 +333,8 @@ def _uksm_action(m: Any, tasks: dict[str, Any], res: dict[str, Any], a: Action) 
 
 def run_kernel(case: Case, host: Any, say: Callable[[str], None], timeout: float = 60.0) -> list[dict[str, Any]]:
     """The case on this machine's KSM, under the host lock, knobs restored."""
-    from hostksm import host_lock, shielded
-    from twin import end_host_tasks
+    from hostksm import host_lock
+    from twin import clean_up, wait_host_scans
     snaps: list[dict[str, Any]] = []
     with host_lock(say, timeout):
         base = {f: host.int(f) for f in ("pages_shared", "pages_sharing", "ksm_zero_pages", "pages_skipped",
@@ -352,20 +352,12 @@ def run_kernel(case: Case, host: Any, say: Callable[[str], None], timeout: float
             for step in case.steps:
                 for a in step.actions:
                     _kernel_action(host, tasks, alive, res, a)
-                s0, end = host.int("full_scans"), time.monotonic() + timeout
-                while host.int("full_scans") < s0 + step.scans:
-                    if time.monotonic() > end:
-                        raise TimeoutError(f"kernel: {step.scans} full scans not done in {timeout:.0f}s")
-                    time.sleep(0.002)
+                wait_host_scans(host, step.scans, timeout, f"{case.name}/{step.name}")
                 snaps.append(_kernel_snapshot(host, tasks, res, base, step.paused))
                 say(f"  kernel: {case.name}/{step.name}: shared {snaps[-1]['pages_shared']} "
                     f"sharing {snaps[-1]['pages_sharing']}")
         finally:
-            with shielded():
-                end_host_tasks(alive)
-                errors = host.restore()
-                if errors:
-                    say(f"  kernel: WARNING: knobs not all restored: {errors}")
+            clean_up(host, alive, say)
     return snaps
 
 

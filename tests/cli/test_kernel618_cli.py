@@ -21,6 +21,7 @@ def test_a_618_cluster_from_the_shell(tmp_path):
         names = [ln.split(" ", 1)[0] for ln in uksm("ctl", *c, check=True).stdout.splitlines()]
         assert names[:len(KSM_FIELDS_618)] == [n for n, _ in KSM_FIELDS_618]
         assert uksm("ctl", "advisor_mode", *c, check=True).stdout == "advisor_mode [none] scan-time\n"
+        assert "kernel 6.18" in uksm("status", *c, check=True).stdout.splitlines()[0]
         for bad, status, text in ((("max_kernel_pages",), 2, "no such file in 6.18"),
                                   (("max_kernel_pages=5",), 2, "no such file in 6.18"),
                                   (("max_page_sharing=1",), 2, "EINVAL"),

@@ -312,21 +312,22 @@ def test_deterministic_run_and_inject_twice_identical(cmd, tmp_path):
     assert a["ksm"]["full_scans"] >= 2 and a["fsck"]["ok"]
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 def test_explore_under_618_carries_the_kernel_in_its_schedule():
     """--kernel 6.18 (issue 23): the exploration runs 6.18's machine, and
     the schedule string it prints carries the kernel (an eleventh field,
     absent under 2.6.32) so that a replay boots the same kernel; a
     kernel the schedule does not know is one line, status 2."""
-    r, status = cli("--kernel", "6.18", "--scenario", "ksm05", "--hazard", "no-scan-head-check")
+    r, status = cli("--kernel", "6.18", "--scenario", "ksm05", "--hazard", "no-scan-head-check", timeout=60)
     assert status == 5 and r["failures"], r
     sched = r["failures"][0]["schedule"]
     assert sched.startswith("uksm2:ksm05:") and sched.endswith(":6.18"), sched
-    again, status2 = cli("--replay", sched)
+    again, status2 = cli("--replay", sched, timeout=60)
     assert status2 == 5 and again["failures"][0]["schedule"] == sched
-    clean, status3 = cli("--kernel", "6.18", "--scenario", "ksm05", "--schedules", "10")
+    clean, status3 = cli("--kernel", "6.18", "--scenario", "ksm05", "--schedules", "10", timeout=60)
     assert status3 == 0 and clean["explored"] == 10 and not clean["failures"]
-    assert ":6.18" not in cli("--scenario", "ksm05", "--hazard", "no-scan-head-check")[0]["failures"][0]["schedule"]
+    plain = cli("--scenario", "ksm05", "--hazard", "no-scan-head-check", timeout=60)[0]
+    assert ":6.18" not in plain["failures"][0]["schedule"]
     bad = subprocess.run(UKSM + ["explore", "--replay", sched[:-4] + "5.0"], capture_output=True,
                          text=True, timeout=30)
     assert bad.returncode == 2 and "unknown kernel '5.0'" in bad.stderr, bad.stderr

@@ -222,7 +222,7 @@ def test_inject_under_618(tmp_path):
     machine, recovered and clean, the report's ksm block 6.18's; a
     campaign carries the kernel into each run's command."""
     r, status = inject("--kernel", "6.18", "--kills", "5", "--workers", "2", "--pages", "32",
-                       "--log-dir", str(tmp_path))
+                       "--log-dir", str(tmp_path), timeout=90)
     assert_clean(r, status, 5)
     assert r["kernel"] == "6.18" and "max_page_sharing" in r["ksm"] and "max_kernel_pages" not in r["ksm"]
     p = run_group([sys.executable, "-m", "uksm", "campaign", "--kernel", "6.18", "--dry-run",

@@ -32,6 +32,8 @@ def format_status(st: dict[str, Any]) -> list[str]:
     sup = f"{st['supervisor_pid']}" + ("" if st["supervisor_alive"] else " (gone)")
     ksmd = f"{st['ksmd_pid']}" + ("" if st["ksmd_alive"] else " (not running)")
     hz = f"  hazards {','.join(st['hazards'])}" if st["hazards"] else ""
+    if st.get("kernel", "2.6.32") != "2.6.32":   # said only when not the default
+        hz += f"  kernel {st['kernel']}"
     out = [
         f"cluster {st['cluster']}  {st['state']}  up {st['uptime_s']:.0f}s  supervisor {sup}  "
         f"ksmd {ksmd}  exit_policy {st['exit_policy']}{hz}",

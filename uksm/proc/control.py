@@ -233,6 +233,7 @@ def read_state(cl: Any) -> dict[str, Any]:
         "ksm": ksm_block(q),
         "ksm_internal": {"rmap_items": q[K_RMAP_ITEMS], "stable_nodes": q[K_STABLE_NODES],
                          "run_seq": q[K_RUN_SEQ], "run_done": q[K_RUN_DONE]},
+        "kernel": cl.kernel,      # whose mm/ksm.c (H_KERNEL): its ksm block's fields
         "exit_policy": EXIT_POLICIES[pol] if 0 <= pol < len(EXIT_POLICIES) else str(pol),
         "hazards": [h for h, bit in HAZARDS.items() if q[H_HAZARDS] & bit],
         "mem_limit": q[H_MEM_LIMIT],
