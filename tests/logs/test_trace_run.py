@@ -15,14 +15,34 @@ from tracecheck import flow_edges, instant_counts, names, of, validate
 from uksm.logs.trace import COUNTER_PID, FOLDED
 
 
+def torn_tails(d: Path) -> int:
+    """Files whose last line is torn: a process SIGKILLed at the end of a
+    hung run may leave one (a write that crosses a page of the page cache
+    stops short on a fatal signal).  Only the last line may be torn."""
+    return sum(1 for f in d.glob("*.jsonl") if (t := f.read_text()) and not t.endswith("\n"))
+
+
 def events_of(d: Path) -> list[dict]:
-    return [json.loads(line) for f in d.glob("*.jsonl") for line in f.open() if line.strip()]
+    """Every event of the run; a torn last line of a file is left out,
+    any other line that does not parse fails the test."""
+    evs = []
+    for f in d.glob("*.jsonl"):
+        text = f.read_text()
+        lines = text.split("\n")
+        if not text.endswith("\n"):
+            lines.pop()   # the torn tail (torn_tails)
+        evs += [json.loads(line) for line in lines if line.strip()]
+    return evs
 
 
 def trace(d: Path, tmp_path: Path) -> dict:
     out = tmp_path / "t.json"
     p = uksm("logs", str(d), "trace", "-o", str(out), "--png", str(tmp_path / "t.png"), check=True)
-    assert "wrote" in p.stdout and p.stderr == ""
+    assert "wrote" in p.stdout
+    torn = torn_tails(d)
+    # the reader skips a torn line and says so on stderr; nothing else is said
+    assert p.stderr == "" if not torn else p.stderr.startswith(f"warning: skipped {torn} invalid lines"), \
+        p.stderr
     return json.loads(out.read_text())
 
 
