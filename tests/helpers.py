@@ -10,6 +10,7 @@ test thread), ``planter`` (faults planted for the checkers to find),
 ``logsynth`` (synthetic log folders) and ``tracecheck`` (a trace's checks)."""
 from __future__ import annotations
 
+import fcntl
 import functools
 import json
 import os
@@ -373,3 +374,34 @@ class Up:
 
     def attach(self) -> Cluster:
         return Cluster.attach(self.name)
+
+
+# ---- the host's KSM (tools/twin.py, tools/twin618.py) -------------------------------------
+
+HOST_KSM = "/sys/kernel/mm/ksm"
+#: what the twins must leave behind (the brief's defaults for the shared host)
+RESTORED = {"run": "0", "pages_to_scan": "100", "sleep_millisecs": "20", "max_page_sharing": "256",
+            "stable_node_chains_prune_millisecs": "2000",
+            "use_zero_pages": "0", "smart_scan": "1", "advisor_mode": "[none] scan-time"}
+
+
+def host_ksm_missing() -> str | None:
+    if not os.path.isdir(HOST_KSM):
+        return f"no-host-ksm: {HOST_KSM} is missing (a kernel without CONFIG_KSM)"
+    if os.geteuid() != 0:
+        return "no-host-ksm: not root"
+    if not os.path.exists("/proc/self/ksm_stat"):
+        return "no-host-ksm: no /proc/PID/ksm_stat (a kernel before 6.1)"
+    return None
+
+
+def knobs() -> dict[str, str]:
+    """The host's knobs, read under the lock every user of them takes."""
+    with open("/tmp/hostksm.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        out = {}
+        for k in RESTORED:
+            if os.path.exists(os.path.join(HOST_KSM, k)):
+                with open(os.path.join(HOST_KSM, k)) as g:
+                    out[k] = g.read().strip()
+        return out

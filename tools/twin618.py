@@ -3,7 +3,8 @@
 
 Each *case* is a port of one test of a public program -- the kernel's
 selftests (tools/testing/selftests/mm/ksm_functional_tests.c, ksm_tests.c)
-and LTP (testcases/kernel/mem/ksm/ksm01.c, ksm05.c) -- as steps of actions
+and LTP (testcases/kernel/mem/ksm/ksm01.c, ksm05.c, ksm07.c), with the
+zero-page cases (ksm_tests -Z, test_unmerge_zero_pages) -- as steps of actions
 on tasks (``tools/twin.py``'s task processes on the host; ``m.task`` on
 uksm), each followed by a wait for full scans, and the *assertions its
 source makes* (``Case.asserts``).  After each step both sides are read the
@@ -41,8 +42,13 @@ LTP_TOTAL = 3 * LTP_PAGES
 KSM05_CHILDREN = 10
 COUNTERS = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile",
             "stable_node_chains", "stable_node_dups")
-#: the fields the stable-tree cases compare (branch stable618)
+#: the fields the stable-tree cases compare (stable_cases)
 TREE = ("pages_shared", "pages_sharing", "stable_node_chains", "stable_node_dups")
+#: read too, the host's relative to the case's start (full_scans as it is:
+#: the cases that use it begin with run=2, which resets it on both sides)
+SCAN_COUNTERS = ("ksm_zero_pages", "full_scans", "pages_skipped", "pages_scanned")
+#: LTP ksm07: full scans waited for (LTP waits "at least 3", in fact many more)
+KSM07_SCANS = 30
 
 Action = tuple[Any, ...]
 
@@ -137,7 +143,7 @@ def cases() -> dict[str, Case]:
               ("write", "pages_sharing")],
              [("write", "pages_shared", "==", 0), ("write", "pages_sharing", "==", 0)]),
     ]
-    out += [ksm01(), ksm05()] + stable_cases()
+    out += [ksm01(), ksm05()] + stable_cases() + zero_page_cases() + [ksm07()]
     return {c.name: c for c in out}
 
 
@@ -199,6 +205,61 @@ def stable_cases() -> list[Case]:
                           [Step("merge", _same(2), scans=3), Step("fork", [("fork", "A", "B")], scans=3)],
                           {"fork": (1, 3, 0, 0)}))
     return out
+
+
+
+
+
+def zero_page_cases() -> list[Case]:
+    """use_zero_pages (4.11, e86c59b1b12d) and ksm_zero_pages (6.6):
+    ksm_tests.c -Z -p 10 -z 0|1 (check_ksm_zero_page_merge: 1 shared and
+    9 sharing, or 0 and 0, each through assert_ksm_pages_count's
+    max_page_sharing formula), and ksm_functional_tests.c
+    test_unmerge_zero_pages (512, then 256 after MADV_UNMERGEABLE of the
+    first half, then 0 after a write to each page of the second half --
+    a different byte of each, so that none merges again meanwhile -- and
+    no two pages on one frame)."""
+    out = []
+    for use, (shared, sharing, zero) in ((0, (1, 9, 0)), (1, (0, 0, 10))):
+        asserts = [("merge", "pages_shared", "==", shared), ("merge", "pages_sharing", "==", sharing),
+                   ("merge", "ksm_zero_pages", "==", zero), ("merge", "A ksm_zero_pages", "==", zero)]
+        out.append(Case(f"ksm_tests-Z{use}", f"ksm_tests.c -Z -p 10 -z {use} (check_ksm_zero_page_merge)",
+                        [Step("merge", _merge_steps("A", 10, 0, "madvise"))],
+                        [(s, f) for (s, f, _o, _v) in asserts] + [("merge", "A dups")], asserts,
+                        {"use_zero_pages": str(use)}))
+    n = 512
+    writes: list[Action] = [("write", "A", i * PAGE + i - n // 2, 1) for i in range(n // 2, n)]
+    asserts = [("merge", "A ksm_zero_pages", "==", n), ("unmerge-half", "A ksm_zero_pages", "==", n // 2),
+               ("write-half", "A ksm_zero_pages", "==", 0), ("write-half", "A dups", "==", False)]
+    out.append(Case("unmerge_zero_pages", "ksm_functional_tests.c test_unmerge_zero_pages",
+                    [Step("merge", _merge_steps("A", n, 0, "madvise")),
+                     Step("unmerge-half", [("madvise", "A", 0, n // 2, "UNMERGEABLE")], scans=0),
+                     Step("write-half", writes, scans=0)],
+                    [(s, f) for (s, f, _o, _v) in asserts] + [("merge", "ksm_zero_pages")], asserts,
+                    {"use_zero_pages": "1"}))
+    return out
+
+
+def ksm07() -> Case:
+    """LTP ksm07 (6.7's smart scan): one page of 'a', pages_to_scan 100,
+    sleep 0, smart_scan 1; read after KSM07_SCANS full scans with ksmd
+    paused.  LTP checks pages_skipped >= half the full scans; the rule
+    (should_skip_rmap_item) gives the exact split for one page met at every
+    full scan since run=2 reset them (uksm.kernel.ksm618.lonely_page_looks)."""
+    steps = [Step("scan", [("run", 2), ("task", "A", 1), ("fill", "A", 0, 1, ord("a")),
+                           ("madvise", "A", 0, 1, "MERGEABLE"), ("run", 1)], scans=KSM07_SCANS, paused=True)]
+    asserts = [("scan", "skipped >= scans/2", "==", True), ("scan", "looks as should_skip_rmap_item", "==", True)]
+    return Case("ksm07", "LTP ksm07 (smart_scan 1)", steps, [(s, f) for (s, f, _o, _v) in asserts], asserts,
+                {"smart_scan": "1", "pages_to_scan": "100", "sleep_millisecs": "0"})
+
+
+def scan_facts(snap: dict[str, Any]) -> dict[str, Any]:
+    """ksm07's two checks from a snapshot's full_scans, pages_skipped and
+    pages_scanned."""
+    from uksm.kernel.ksm618 import lonely_page_looks
+    scans, skipped, scanned = snap["full_scans"], snap["pages_skipped"], snap["pages_scanned"]
+    return {"skipped >= scans/2": skipped >= scans * 50 // 100,
+            "looks as should_skip_rmap_item": scanned == lonely_page_looks(scans) and skipped + scanned == scans}
 
 
 def ksm01() -> Case:
@@ -294,7 +355,8 @@ def run_uksm(case: Case, say: Callable[[str], None], timeout: float = 60.0) -> l
             run = m.ksm["run"]
             if step.paused and run == 1:
                 m.ksm["run"] = 0
-            snap = {**res, **{c: m.ksm[c] for c in COUNTERS}, "alive": True}
+            snap = {**res, **{c: m.ksm[c] for c in COUNTERS + SCAN_COUNTERS}, "alive": True}
+            snap.update(scan_facts(snap))
             for name, t in tasks.items():
                 snap.update({f"{name} {f}": v for f, v in area_facts(t.pagemap()).items()})
                 snap.update({f"{name} {f}": v for f, v in t.stat().items()})
@@ -341,7 +403,8 @@ def run_kernel(case: Case, host: Any, say: Callable[[str], None], timeout: float
     from twin import clean_up, wait_host_scans
     snaps: list[dict[str, Any]] = []
     with host_lock(say, timeout):
-        base = {f: host.int(f) for f in ("pages_shared", "pages_sharing")}
+        base = {f: host.int(f) for f in ("pages_shared", "pages_sharing", "ksm_zero_pages", "pages_skipped",
+                                         "pages_scanned")}
         tasks: dict[str, Any] = {}
         alive: list[Any] = []
         res: dict[str, Any] = {"fatal": 0}
@@ -369,7 +432,8 @@ def _kernel_snapshot(host: Any, tasks: dict[str, Any], res: dict[str, Any], base
     run = host.read("run")
     if paused and run == "1":
         host.write("run", "0")
-    snap = {**res, **{c: host.int(c) - base.get(c, 0) for c in COUNTERS}, "alive": True}
+    snap = {**res, **{c: host.int(c) - base.get(c, 0) for c in COUNTERS + SCAN_COUNTERS}, "alive": True}
+    snap.update(scan_facts(snap))
     for name, t in tasks.items():
         snap.update({f"{name} {f}": v for f, v in area_facts(t.cmd("pagemap")["pages"]).items()})
         snap.update({f"{name} {f}": v for f, v in t.cmd("stat")["stat"].items()})

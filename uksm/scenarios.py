@@ -104,6 +104,21 @@ def run2_vs_exit(m: Machine) -> None:
         t1.exit()
 
 
+def zero_vs_exit(m: Machine) -> None:
+    """6.18, use_zero_pages: ksmd maps a task's two zero pages to the zero
+    page (the PTE store, then ksm_zero_pages: 6.18's new commit point)
+    while the task writes one of them (COW of the zero page) and exits
+    (zap: ksm_might_unmap_zero_page); fsck wants the count to match the
+    zero PTEs, and 0 at the end."""
+    m.ksm["use_zero_pages"] = 1
+    t = m.task(pages=2)
+    t.fill(0)
+    m.wait_full_scans(1)    # the checksums are stable: the next look merges
+    with m.race():
+        t.write(0, b"\1")
+        t.exit()
+
+
 @dataclass
 class Scenario:
     name: str
@@ -122,7 +137,8 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
     Scenario("madvise-vs-ksmd", madvise_vs_ksmd),
     Scenario("ksm05", ksm05, {"run": 0}),
     Scenario("run2-vs-exit", run2_vs_exit),
+    Scenario("zero-vs-exit", zero_vs_exit, {"kernel": "6.18"}),
 ]}
 
 __all__ = ["SCENARIOS", "Scenario", "oom_unmerge", "oom_merge", "exit_vs_ksmd", "madvise_vs_ksmd", "ksm05",
-           "run2_vs_exit"]
+           "run2_vs_exit", "zero_vs_exit"]

@@ -1,7 +1,8 @@
 """The public 6.x KSM test programs, ported (issue 23, step 5): each case
 of tools/twin618.py -- ksm_functional_tests.c test_unmerge,
 test_unmerge_discarded, test_prctl, test_prctl_fork, test_prctl_unmerge;
-ksm_tests.c -U; LTP ksm01 (smart_scan 0) and ksm05 -- runs on
+ksm_tests.c -U and -Z (use_zero_pages 0 and 1), test_unmerge_zero_pages;
+LTP ksm01 (smart_scan 0), ksm05 and ksm07 (smart_scan 1) -- runs on
 ``Machine(kernel="6.18")`` and must give what its source asserts.
 (tools/twin.py --kernel 6.18 runs the same cases on this machine's kernel
 too: docs/TWIN.md.)"""
@@ -27,6 +28,9 @@ EXACT = {
     "prctl_unmerge": {("merge", "A ksm_pages"): 512, ("unmerge", "A ksm_pages"): 0,
                       ("unmerge", "A ksm_mergeable"): "no"},
     "ksm_tests-U": {("merge", "pages_shared"): 1, ("merge", "pages_sharing"): 1},
+    "ksm_tests-Z0": {("merge", "A dups"): True},
+    "ksm_tests-Z1": {("merge", "A dups"): True, ("merge", "A ksm_pages"): 0},   # the zero page is no KSM page
+    "unmerge_zero_pages": {("merge", "ksm_zero_pages"): 512, ("write-half", "A present"): 512},
 }
 
 

@@ -86,7 +86,7 @@ def test_the_block_of_each_kernel_and_its_keyerrors():
         m.ksm["advisor_mode"] = "none"
         assert m.ksm["pages_to_scan"] == 100
         m.ksm["pages_to_scan"] = 500
-        m.ksm["smart_scan"] = 0            # (smart_scan's skips are zero618's)
+        m.ksm["smart_scan"] = 0            # (smart_scan would skip pages)
         a, b = m.task(pages=8), m.task(pages=8)
         a.fill(7)
         b.fill(7)

@@ -4,47 +4,17 @@ Where the host has no KSM the twin itself says so in one line (status 2),
 checked here against a sysfs folder that does not exist."""
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import sys
 
 import pytest
 
-from helpers import ROOT, require, run_group
+from helpers import HOST_KSM, RESTORED, ROOT, host_ksm_missing, knobs, require, run_group
 
 TWIN = os.path.join(ROOT, "tools", "twin.py")
-KSM = "/sys/kernel/mm/ksm"
-#: what twin.py must leave behind (the brief's defaults for the shared host)
-RESTORED = {"run": "0", "pages_to_scan": "100", "sleep_millisecs": "20", "max_page_sharing": "256",
-            "stable_node_chains_prune_millisecs": "2000",
-            "use_zero_pages": "0", "smart_scan": "1", "advisor_mode": "[none] scan-time"}
-
-
 def twin(*args: str, timeout: float = 60):
     return run_group([sys.executable, TWIN, *args], timeout)
-
-
-def host_ksm_missing() -> str | None:
-    if not os.path.isdir(KSM):
-        return f"no-host-ksm: {KSM} is missing (a kernel without CONFIG_KSM)"
-    if os.geteuid() != 0:
-        return "no-host-ksm: not root"
-    if not os.path.exists("/proc/self/ksm_stat"):
-        return "no-host-ksm: no /proc/PID/ksm_stat (a kernel before 6.1)"
-    return None
-
-
-def knobs() -> dict[str, str]:
-    """The host's knobs, read under the lock every user of them takes."""
-    with open("/tmp/hostksm.lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        out = {}
-        for k in RESTORED:
-            if os.path.exists(os.path.join(KSM, k)):
-                with open(os.path.join(KSM, k)) as g:
-                    out[k] = g.read().strip()
-        return out
 
 
 @pytest.mark.timeout(90)
@@ -89,6 +59,29 @@ def test_twin_618_cases_agree_with_the_host_kernel():
     assert knobs() == {k: v for k, v in RESTORED.items() if k in knobs()}
     p = twin("--kernel", "6.18", "--case", "nope", timeout=30)
     assert p.returncode == 2 and "--case: no case nope" in p.stderr, p.stderr
+
+
+@pytest.mark.timeout(90)
+def test_twin_618_zero_pages_and_smart_scan_agree_with_the_host_kernel():
+    """--kernel 6.18's zero-page and smart-scan cases (issue 23): ksm_tests
+    -Z with use_zero_pages 1, test_unmerge_zero_pages and LTP ksm07, row by
+    row against this kernel; the knobs put back (use_zero_pages 0)."""
+    why = host_ksm_missing()
+    if why:
+        pytest.skip(why)
+    p = twin("--kernel", "6.18", "--case", "ksm_tests-Z1", "--case", "unmerge_zero_pages",
+             "--case", "ksm07", "--json", "-q", timeout=80)
+    r = json.loads(p.stdout) if p.stdout.startswith("{") else None
+    assert r is not None, f"status {p.returncode}\n{p.stdout}\n{p.stderr}"
+    bad = [x for x in r["rows"] if not x["agree"]]
+    assert not bad and p.returncode == 0, json.dumps(bad, indent=1) + p.stderr
+    got = {(x["case"], x["step"], x["field"]): (x["kernel"], x["uksm"]) for x in r["rows"]}
+    assert got["ksm_tests-Z1", "merge", "pages_sharing"] == (0, 0)
+    assert got["ksm_tests-Z1", "merge", "A ksm_zero_pages"] == (10, 10)
+    assert [got["unmerge_zero_pages", s, "A ksm_zero_pages"] for s in ("merge", "unmerge-half", "write-half")] \
+        == [(512, 512), (256, 256), (0, 0)]
+    assert got["ksm07", "scan", "looks as should_skip_rmap_item"] == (True, True)
+    assert knobs() == {k: v for k, v in RESTORED.items() if k in knobs()}
 
 
 def test_twin_without_host_ksm_says_why_in_one_line(tmp_path):
@@ -145,5 +138,5 @@ def test_twin_as_another_user_says_why_in_one_line():
     p = run_group(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
                    sys.executable, TWIN], 30)
     assert p.returncode == 2 and p.stdout == "", p.stdout + p.stderr
-    reason = ("needs root" if os.path.isdir(KSM) else "is missing")
+    reason = ("needs root" if os.path.isdir(HOST_KSM) else "is missing")
     assert len(p.stderr.splitlines()) == 1 and reason in p.stderr, p.stderr

@@ -192,6 +192,11 @@ class Injector:
         m.spawn(self.o.workers, self.o.pages, self.o.workload, self.o.seed, self.o.churn_ms)
         m.wait_full_scans(2, timeout=120)
         points = killpoints.reachable(self.o.exit_policy, self.o.kernel) if self.point == "all" else [self.point]
+        if "ksmd_zero_before_count" in points:
+            # 6.18's zero-page merge runs only with use_zero_pages (off by
+            # default): on, so that ksmd passes the point (the vm workload's
+            # zero pages)
+            m.ksm["use_zero_pages"] = 1
         i = 0
         since = m.now()  # trying this point since (the run's clock: logical when deterministic)
         while self.delivered < self.kills and not self.interrupted():

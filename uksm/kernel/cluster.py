@@ -32,6 +32,9 @@ from uksm.kernel.layout import (
     CS_STARTING,
     CTL_FIXED_END,
     EXIT_POLICIES,
+    F_ZERO,
+    FR_COUNT,
+    FR_FLAGS,
     FRAME_SIZE,
     H_BOOT_ID,
     H_CREATED_NS,
@@ -82,6 +85,7 @@ from uksm.kernel.layout import (
     TS_ALIVE,
     TS_REAPING,
     VERSION,
+    ZERO_PFN,
 )
 from uksm.kernel.locks import Lock, Task, holders_of, lock_name
 from uksm.kernel.views import MmRow, TaskRow
@@ -191,6 +195,8 @@ class Cluster:
         sb = cfg.frames * FRAME_SIZE
         self.frames_seg.q[sb:sb + cfg.frames] = array("q", range(cfg.frames - 1, -1, -1))
         q[A_FREE_TOP] = cfg.frames
+        if cfg.kernel == KERNELS[KV_618]:
+            reserve_zero_page(self.frames_seg.q, q)
         self._open_globals()
         q[H_MAGIC] = MAGIC
         return self
@@ -428,6 +434,17 @@ def init_618_knobs(q: Any) -> None:
     q[K_ADVISOR_MIN_PAGES_TO_SCAN] = 500
     q[K_ADVISOR_MAX_PAGES_TO_SCAN] = 30000
     # use_zero_pages 0 (4.11), advisor_mode 0 (KSM_ADVISOR_NONE): the zeroed segment's
+
+
+def reserve_zero_page(fq: Any, q: Any) -> None:
+    """6.18: the shared zero page (layout.ZERO_PFN, F_ZERO) off the free
+    stack, where it is on top (the lowest frame), before any task runs:
+    count 1, its reservation, never dropped (4.11, e86c59b1b12d "mm/ksm:
+    improve deduplication of zero pages with colouring": ksmd maps it)."""
+    b = ZERO_PFN * FRAME_SIZE
+    fq[b + FR_COUNT] = 1
+    fq[b + FR_FLAGS] = F_ZERO
+    q[A_FREE_TOP] -= 1
 
 
 class StaleCluster(shm.UksmError):

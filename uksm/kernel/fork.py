@@ -71,14 +71,17 @@ from uksm.kernel.exit import mmput
 from uksm.kernel.ksm import ENOMEM, __ksm_enter
 from uksm.kernel.layout import (
     F_KSM,
+    F_ZERO,
     FORK_GO,
     FORK_NONE,
     FR_COUNT,
     FR_FLAGS,
     FRAME_SIZE,
+    K_ZERO_PAGES,
     M_FLAGS,
     M_KSM_MAPPED,
     M_RSS,
+    M_ZERO_PAGES,
     MMF_VM_MERGE_ANY,
     MMF_VM_MERGEABLE,
     PT_OFF,
@@ -135,7 +138,7 @@ def copy_page_range(cl: "Cluster", ccl: "Cluster", child: MM, parent: MM, start:
         task.lock(child.ptl)      # dst_ptl (see the module's note on src_ptl)
         task.lock(ccl.zone)       # the counts raised here (get_page)
         try:
-            rss = ksm = 0
+            rss = ksm = zero = 0
             for slot in range(PT_OFF + lo, PT_OFF + hi):
                 pte = ppq[slot]
                 if not pte:
@@ -145,17 +148,32 @@ def copy_page_range(cl: "Cluster", ccl: "Cluster", child: MM, parent: MM, start:
                     ppq[slot] = pte
                 b = (pte >> 2) * FRAME_SIZE
                 fq[b + FR_COUNT] += 1          # get_page (page_dup_rmap)
-                if fq[b + FR_FLAGS] & F_KSM:
+                flags = fq[b + FR_FLAGS]
+                if flags & F_KSM:
                     ksm += 1
                 cpq[slot] = pte
-                rss += 1
+                if flags & F_ZERO:
+                    zero += 1  # 6.18: a KSM-placed zero PTE, copied as is; not in rss
+                else:
+                    rss += 1
                 if rss == 1:
                     # the parent dies holding the new task's pte lock and
                     # zone_lock, a page table half copied
                     killpoints.hit(cl, "fork_copy_locked", log)
             q[child.base + M_RSS] += rss       # add_mm_rss
             q[child.base + M_KSM_MAPPED] += ksm
-            copied += rss
+            if zero:
+                # 6.18: dup_mm's memcpy gives the child the parent's
+                # mm->ksm_zero_pages, which counts exactly these PTEs, and
+                # ksm_fork adds them to the global ksm_zero_pages (Donet
+                # Tom, "mm/ksm: fix incorrect KSM counter handling in
+                # mm_struct during fork": else each child's exit took its
+                # copies off a count that never had them).  This machine's
+                # 6.18 does: 10 zero pages, fork, global 20, child exit 10.
+                # Under zone_lock, as ksm_map_zero_page's updates.
+                q[child.base + M_ZERO_PAGES] += zero
+                q[K_ZERO_PAGES] += zero
+            copied += rss + zero
         finally:
             task.unlock(ccl.zone)
             task.unlock(child.ptl)

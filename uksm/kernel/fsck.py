@@ -37,6 +37,7 @@ from uksm.kernel.ksm import slot_prev, slots
 from uksm.kernel.layout import (
     A_FREE_TOP,
     F_KSM,
+    F_ZERO,
     FR_AUX,
     FR_COUNT,
     FR_FLAGS,
@@ -53,6 +54,9 @@ from uksm.kernel.layout import (
     K_STABLE_NODE_CHAINS,
     K_STABLE_NODE_DUPS,
     K_STABLE_NODES,
+    K_ZERO_PAGES,
+    M_ID,
+    M_ZERO_PAGES,
     MMS_FREEING,
     MMS_ZOMBIE,
     PAGE_SIZE,
@@ -66,6 +70,7 @@ from uksm.kernel.layout import (
     TS_REAPING,
     XS_MMDROP,
     XS_USERS0,
+    ZERO_PFN,
 )
 from uksm.kernel.locks import take_raw
 from uksm.kernel.memory import held_at_zero
@@ -110,6 +115,11 @@ def references(cl: "Cluster", mms: dict[int, "MM"]) -> tuple[list[int], dict[int
     fq = cl.fq
     refs = [0] * cl.nframes
     per_mm: dict[int, tuple[int, int]] = {}
+    # 6.18: the zero page's reservation is a reference (cluster.reserve_zero_page),
+    # and a zero PTE is not in rss (replace_page's dec_mm_counter)
+    zero = ZERO_PFN if cl.modern else -1
+    if zero >= 0:
+        refs[zero] += 1
     for mm_id, mm in mms.items():
         pq = mm.pq
         rss = ksm = 0
@@ -124,7 +134,8 @@ def references(cl: "Cluster", mms: dict[int, "MM"]) -> tuple[list[int], dict[int
                     refs[pfn] += 1
                     if fq[pfn * FRAME_SIZE + FR_FLAGS] & F_KSM:
                         ksm += 1
-                rss += 1
+                if pfn != zero:
+                    rss += 1
         per_mm[mm_id] = (rss, ksm)
     for r in live_task_rows(cl):
         t = cl.trow(r)
@@ -152,6 +163,8 @@ def check(cl: "Cluster", mms: dict[int, "MM"], counters: bool = True) -> list[st
     for mm in mms.values():
         errs += check_page_table(cl, mm, on_stack or set(), refs)
         errs += check_rss(cl, mm, per_mm[mm.id])
+    if cl.modern:
+        errs += check_zero_pages(cl, mms)
     errs += check_mm_rows(cl)
     if counters:
         errs += check_counters(cl)
@@ -170,6 +183,33 @@ def check_ksmd_flight(cl: "Cluster") -> list[str]:
         t = cl.trow(r)
         if t.role == R_KSMD and t.flight_pfn >= 0:
             errs.append(f"ksmd holds frame {t.flight_pfn} in flight outside a batch")
+    return errs
+
+
+def zero_ptes(cl: "Cluster", mms: dict[int, "MM"]) -> dict[int, int]:
+    """6.18: per mm, the PTEs that map the zero page (every one KSM-placed:
+    is_ksm_zero_pte)."""
+    want = ZERO_PFN << 2 | PTE_PRESENT
+    return {mm_id: mm.pq[PT_OFF:PT_OFF + mm.pt_top].tolist().count(want) for mm_id, mm in mms.items()}
+
+
+def check_zero_pages(cl: "Cluster", mms: dict[int, "MM"]) -> list[str]:
+    """6.18's ksm_zero_pages (6.6, e2942062e01d; per mm 6080d19f0704)
+    against the page tables: each mm's count is its zero PTEs, and the
+    global one all of them (a fork adds its copies: fork.copy_page_range).
+    The counts change under the mm's pte lock and zone_lock, with the PTE
+    (ksm618.replace_with_zero_page, mmu.ksm_might_unmap_zero_page)."""
+    errs = []
+    per = zero_ptes(cl, mms)
+    for mm_id, mm in mms.items():
+        have = cl.q[mm.base + M_ZERO_PAGES]
+        if cl.q[mm.base + M_ID] == mm_id and have != per[mm_id]:
+            errs.append(f"mm{mm_id}: ksm_zero_pages {have} but the page table maps the zero page "
+                        f"{per[mm_id]} times")
+    want = sum(per.values())
+    if cl.q[K_ZERO_PAGES] != want:
+        errs.append(f"ksm_zero_pages {cl.q[K_ZERO_PAGES]} but the page tables map the zero page "
+                    f"{want} times")
     return errs
 
 
@@ -327,6 +367,15 @@ def check_leaks(cl: "Cluster") -> list[str]:
             why = "held by its mm_slot, ksmd not running" if st == MMS_ZOMBIE else f"state {st}"
             errs.append(f"leak: mm{m.id} never freed ({why}; mm_count {bin(m.refs).count('1')})")
     used = cl.nframes - cl.q[A_FREE_TOP]
+    if cl.modern:
+        # 6.18: the zero page is reserved for ever (cluster.reserve_zero_page),
+        # its count back to the reservation alone, and nothing counted in it
+        used -= 1
+        zb = ZERO_PFN * FRAME_SIZE
+        if cl.fq[zb + FR_COUNT] != 1 or not cl.fq[zb + FR_FLAGS] & F_ZERO:
+            errs.append(f"leak: the zero page's count is {cl.fq[zb + FR_COUNT]} after every task exited")
+        if cl.q[K_ZERO_PAGES]:
+            errs.append(f"ksm_zero_pages is {cl.q[K_ZERO_PAGES]} after every task exited")
     if used:
         errs.append(f"leak: {used} frames still in use after every task exited")
     return errs
@@ -468,6 +517,12 @@ def rebuild(cl: "Cluster", mms: dict[int, "MM"]) -> int:
         m = mm.words
         if m.id == mm_id:
             m.rss, m.ksm_mapped = per_mm[mm_id]
+    if cl.modern:  # a task (ksmd) killed between a zero PTE and its count: recount
+        per = zero_ptes(cl, mms)
+        for mm_id, mm in mms.items():
+            if cl.q[mm.base + M_ID] == mm_id:
+                cl.q[mm.base + M_ZERO_PAGES] = per[mm_id]
+        cl.q[K_ZERO_PAGES] = sum(per.values())
     rebuild_free_stack(cl, live)
     return fixed
 

@@ -52,7 +52,6 @@ POINTS: dict[str, tuple[str, str]] = {
     "ksmd_break_ksm_window": ("ksmd", "break_ksm (ksmd or the run=2 writer) saw a KSM page and is about "
                                       "to fault it for write "
                                       "(arm with a delay to widen the window the seed closed)"),
-    # last in the list: a point's code is its index (a stored schedule names codes)
     "ksmd_alloc_kpage": ("ksmd", "try_to_merge_two_pages (2.6.32) is about to alloc_page the new KSM "
                                  "page, holding ksm_thread_mutex and the mm's mmap_sem for read: owner "
                                  "killed (arm with a delay to hold ksmd there; arm to fail: "
@@ -62,6 +61,11 @@ POINTS: dict[str, tuple[str, str]] = {
                                           "mapped by both pages, not yet in the stable tree "
                                           "(stable_tree_insert, where it may become a chain's dup): the "
                                           "page's owner killed"),
+    # 6.18 only (use_zero_pages): uksm.kernel.ksm618.replace_with_zero_page.  New
+    # points go last: a point's code is its index (a stored schedule names codes)
+    "ksmd_zero_before_count": ("ksmd", "6.18, use_zero_pages: ksmd has replaced a zero-filled page of the "
+                                       "mm by the shared zero page, not yet counted it in ksm_zero_pages "
+                                       "(pte lock and zone_lock held): owner killed"),
 }
 NAMES = list(POINTS)
 # the points inside fork (uksm.kernel.fork): a task passes them when it forks
@@ -74,8 +78,9 @@ UNREACHABLE: dict[str, tuple[str, ...]] = {
 }
 # points only one kernel passes (KERNELS): 6.18's stable_tree_insert window
 # (2.6.32's ksmd links its node with no call between, and no scheduling
-# point there: its controlled schedules stay as they were)
-KERNEL_ONLY: dict[str, str] = {"ksmd_before_stable_insert": "6.18"}
+# point there: its controlled schedules stay as they were) and 6.18's zero
+# page (use_zero_pages: uksm.kernel.ksm618)
+KERNEL_ONLY: dict[str, str] = {"ksmd_before_stable_insert": "6.18", "ksmd_zero_before_count": "6.18"}
 
 
 # points where an allocation can be made to fail (CONFIG_FAIL_PAGE_ALLOC's

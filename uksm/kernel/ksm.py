@@ -38,6 +38,7 @@ from uksm.kernel.cluster import pid_alive
 from uksm.kernel.layout import (
     A_FREE_TOP,
     F_KSM,
+    F_ZERO,
     FR_FLAGS,
     FRAME_SIZE,
     H_HAZARDS,
@@ -549,7 +550,10 @@ def break_ksm(cl: "Cluster", alloc: Allocator, mm: MM, vpn: int, for_ksmd: bool,
     unshare = cl.modern
     while True:
         pte = pq[PT_OFF + vpn]
-        if not pte & PTE_PRESENT or not fq[(pte >> 2) * FRAME_SIZE + FR_FLAGS] & F_KSM:
+        # 6.18 also unshares a KSM-placed zero page (6.6, 1a8e84305783 "ksm:
+        # support unsharing KSM-placed zero pages": is_ksm_zero_pte); F_ZERO
+        # is never set under 2.6.32
+        if not pte & PTE_PRESENT or not fq[(pte >> 2) * FRAME_SIZE + FR_FLAGS] & (F_KSM | F_ZERO):
             return 0
         if for_ksmd if points is None else points:  # the window: exit_mmap may zap the page table here
             killpoints.hit_ksmd(cl, "ksmd_break_ksm_window", mm.base)
@@ -579,7 +583,7 @@ def unmerge_ksm_pages(cl: "Cluster", alloc: Allocator, mm: MM, start: int, end: 
         if stop is not None and stop():
             return n, -ERESTARTSYS
         pte = pq[PT_OFF + vpn]
-        if pte & PTE_PRESENT and fq[(pte >> 2) * FRAME_SIZE + FR_FLAGS] & F_KSM:
+        if pte & PTE_PRESENT and fq[(pte >> 2) * FRAME_SIZE + FR_FLAGS] & (F_KSM | F_ZERO):  # 6.6: zero too
             if break_ksm(cl, alloc, mm, vpn, for_ksmd, points) == FAULT_EXITING:
                 break
             n += 1

@@ -46,6 +46,13 @@ from uksm.kernel import killpoints, oom, sched
 from uksm.kernel.chains import NEVER, StableNode, StableTree618, now_ms
 from uksm.kernel.cluster import Cluster, add_task_args
 from uksm.kernel.ksm import break_cow, list_del, slot_next
+from uksm.kernel.ksm618 import (
+    SKIP_MIN_AGE,
+    ZERO_KEY,
+    Advisor,
+    should_skip_rmap_item,
+    try_to_merge_with_zero_page,
+)
 from uksm.kernel.layout import (
     A_FREE_TOP,
     F_ANON,
@@ -69,15 +76,18 @@ from uksm.kernel.layout import (
     K_PAGES_SCANNED,
     K_PAGES_SHARED,
     K_PAGES_SHARING,
+    K_PAGES_SKIPPED,
     K_PAGES_TO_SCAN,
     K_PAGES_UNSHARED,
     K_PAGES_VOLATILE,
     K_RMAP_ITEMS,
     K_RUN,
     K_SLEEP_MS,
+    K_SMART_SCAN,
     K_STABLE_NODE_CHAINS,
     K_STABLE_NODE_DUPS,
     K_STABLE_NODES,
+    K_USE_ZERO_PAGES,
     L_HEAD_NEXT,
     L_SCAN_ADDR,
     L_SCAN_SLOT,
@@ -102,6 +112,7 @@ from uksm.kernel.layout import (
     S_MERGES,
     S_SLOTS_FREED,
     VM_MERGEABLE,
+    ZERO_PFN,
 )
 from uksm.kernel.memory import Allocator, OutOfMemory, free_frames
 from uksm.kernel.mm import MM, VmaTableFreed, mm_attach, mmdrop
@@ -140,7 +151,7 @@ class SlotState:
     """ksmd's private half of an mm_slot: its rmap_list, as arrays indexed
     by page number (in address order, as the kernel keeps rmap_list)."""
     __slots__ = ("row", "mm_id", "mm", "seen", "tree", "csum", "nitems", "merging", "merges",
-                 "t_merge", "cows", "t_cow")
+                 "t_merge", "cows", "t_cow", "age", "skips")
 
     def __init__(self, row: int, mm: MM) -> None:
         self.row = row
@@ -149,6 +160,10 @@ class SlotState:
         self.seen = array("i")
         self.tree = array("q")
         self.csum = bytearray()
+        # 6.7's rmap_item->age and ->remaining_skips (smart scan, 6.18 only;
+        # uksm.kernel.ksm618.should_skip_rmap_item): 0 for a new rmap_item
+        self.age = bytearray()
+        self.skips = bytearray()
         self.nitems = 0   # rmap_items of this slot (seen[v] != NO_ITEM)
         self.merging = 0
         self.merges = 0
@@ -163,6 +178,8 @@ class SlotState:
             self.seen.extend(array("i", [NO_ITEM]) * k)
             self.tree.extend(array("q", [NOT_IN_TREE]) * k)
             self.csum.extend(bytes(CSUM * k))
+            self.age.extend(bytes(k))
+            self.skips.extend(bytes(k))
 
     def set_csum(self, vpn: int, key: bytes) -> None:
         self.csum[vpn * CSUM:(vpn + 1) * CSUM] = key
@@ -196,6 +213,16 @@ class Ksmd(StableTree618):
         self.pages_unshared = 0
         self.rmap_items = 0
         self.pages_scanned = 0
+        # 6.18 (Cluster.modern): the zero page's frame (-1: none, so the
+        # scan's test of every PTE against it never holds under 2.6.32),
+        # pages_skipped, the advisor, and the batch's smart_scan and
+        # use_zero_pages (read at each batch's start)
+        self.modern = cl.modern
+        self.zero_pfn = ZERO_PFN if self.modern else -1
+        self.pages_skipped = cl.q[K_PAGES_SKIPPED] if self.modern else 0   # a restarted ksmd goes on counting
+        self.advisor = Advisor()
+        self.smart_scan = False
+        self.use_zero_pages = False
         self.merges = 0
         self.t_last_merge = 0
         self.stop = False
@@ -228,6 +255,9 @@ class Ksmd(StableTree618):
                     self.last_run = run
                 batch = run == 1 and q[L_HEAD_NEXT] != cl.head
                 if batch:
+                    if self.modern:
+                        self.smart_scan = bool(q[K_SMART_SCAN])
+                        self.use_zero_pages = bool(q[K_USE_ZERO_PAGES])
                     n = q[K_PAGES_TO_SCAN]
                     self.log.info("scan_batch_start", seqnr=q[L_SEQNR], pages_to_scan=n)
                     self.visits = []
@@ -362,6 +392,8 @@ class Ksmd(StableTree618):
                                   - self.pages_sharing - self.pages_unshared)
         q[K_RMAP_ITEMS] = self.rmap_items
         q[K_PAGES_SCANNED] = self.pages_scanned
+        if self.modern:
+            q[K_PAGES_SKIPPED] = self.pages_skipped   # 6.7 "mm/ksm: add pages_skipped metric"
         q[K_FULL_SCANS] = q[L_SEQNR]  # full_scans_show: "ksm_scan.seqnr" (so run=2 resets it)
         q[S_MERGES] = self.merges
         q[H_KSM_UNSYNCED] = 0  # reconcile() dropped the slots legacy exits freed
@@ -489,7 +521,7 @@ class Ksmd(StableTree618):
             self.remove_rmap_item_from_tree(st, v)
         self.rmap_items -= st.nitems
         st.nitems = 0
-        del st.seen[:], st.tree[:], st.csum[:]
+        del st.seen[:], st.tree[:], st.csum[:], st.age[:], st.skips[:]
 
     def stable_tree_append(self, st: SlotState, vpn: int, node: StableNode) -> None:
         if node.mapcount:
@@ -553,6 +585,8 @@ class Ksmd(StableTree618):
         while budget > 0:
             slot = q[L_SCAN_SLOT]
             if slot == head:
+                if self.modern:
+                    self.advisor.advisor_start_scan(q)   # 6.8, 4e5fa4f5eff6
                 self.unstable.clear()  # root_unstable_tree = RB_ROOT
                 # the window of CVE-2011-2183: ksmd_should_run saw the list
                 # non-empty, and the last mm may leave before the lock
@@ -650,6 +684,7 @@ class Ksmd(StableTree618):
         cl, q, task = self.cl, self.q, self.cl.task
         mm = st.mm
         pq, fq, live = mm.pq, self.fq, self.live
+        zero_pfn, smart = self.zero_pfn, self.smart_scan
         # ksm_scan.rmap_item: the rmap_items below ``lo`` are the ones this
         # pass has met (every page below ksm_scan.address that got one)
         lo = addr
@@ -666,7 +701,7 @@ class Ksmd(StableTree618):
             v = max(addr, start)
             relook = False
             st.grow(end)
-            seen, tree = st.seen, st.tree
+            seen, tree, ages = st.seen, st.tree, st.age
             while v < end and n < budget:
                 if not n & 63 and n != last_yield and q[wait_flag]:
                     # a writer (madvise, munmap, exit) waits: let it in
@@ -692,6 +727,9 @@ class Ksmd(StableTree618):
                     v += 1
                     continue
                 pfn = pte >> 2
+                if pfn == zero_pfn:  # 6.18: a zero PTE has no folio: no rmap_item (the old one is passed)
+                    v += 1
+                    continue
                 vpn = v
                 if vpn != lo:
                     self.remove_rmap_items(st, lo, vpn)  # get_next_rmap_item: the ones passed
@@ -700,6 +738,15 @@ class Ksmd(StableTree618):
                     st.nitems += 1
                     self.rmap_items += 1
                 seen[vpn] = seqnr
+                if smart and not fq[pfn * FRAME_SIZE + FR_FLAGS] & F_KSM:
+                    # 6.7 smart scan (should_skip_rmap_item): the young only age (inline); a
+                    # skipped page is "goto next_page": not in pages_scanned, nor the budget
+                    age = ages[vpn]
+                    if age < SKIP_MIN_AGE:
+                        ages[vpn] = age + 1
+                    elif should_skip_rmap_item(self, st, vpn):
+                        v += 1
+                        continue
                 n += 1
                 v += 1
                 where = tree[vpn]
@@ -749,6 +796,7 @@ class Ksmd(StableTree618):
             self.remove_rmap_item_from_tree(st, v)
             seen[v] = NO_ITEM
             st.set_csum(v, NO_CSUM)
+            st.age[v] = st.skips[v] = 0
         st.nitems -= len(gone)
         self.rmap_items -= len(gone)
 
@@ -816,6 +864,8 @@ class Ksmd(StableTree618):
             killpoints.hit_ksmd(cl, "ksmd_between_unlocks", b, self.log)
             task.unlock(cl.mmlist)
         if nxt == cl.head:
+            if self.modern:
+                self.advisor.advisor_stop_scan(q)   # 6.8, 4e5fa4f5eff6: before seqnr++
             q[L_SEQNR] = seqnr + 1  # published as full_scans at batch end
             self.log.info("full_scan", seqnr=seqnr + 1)
 
@@ -841,6 +891,8 @@ class Ksmd(StableTree618):
             self.remove_rmap_item_from_tree(st, vpn)
         p = pfn * PAGE_SIZE
         key = digest(self.pool[p:p + PAGE_SIZE])
+        if self.use_zero_pages and key == ZERO_KEY and self.zero_page_first(st, vpn, pfn, key):
+            return True
         if self.modern:  # chains, dups, max_page_sharing (4.13, 2c653d0ee2ae)
             node = self.stable_tree_search(key, pfn, bool(self.fq[pfn * FRAME_SIZE + FR_FLAGS] & F_KSM))
             if node is not None:   # a live KSM page with room (or this very page, forked)
@@ -891,6 +943,24 @@ class Ksmd(StableTree618):
         st.tree[vpn] = IN_UNSTABLE
         self.pages_unshared += 1
         return True
+
+    def zero_page_first(self, st: SlotState, vpn: int, pfn: int, key: bytes) -> bool:
+        """6.18's cmp_and_merge_page for an all-zero page under
+        use_zero_pages (4.11, e86c59b1b12d): the checksum test first ("if
+        (rmap_item->oldchecksum != checksum) ... return"), then
+        try_to_merge_with_zero_page, both before the stable tree search.
+        True when the page is done with; False to go on to the trees (the
+        merge failed: a page not really empty, or busy)."""
+        if self.fq[pfn * FRAME_SIZE + FR_FLAGS] & F_KSM:
+            return False   # page_stable_node(page): 6.18 takes the KSM branch
+        o = vpn * CSUM
+        if not st.csum.startswith(key, o):
+            st.csum[o:o + CSUM] = key
+            return True
+        if try_to_merge_with_zero_page(self, st, vpn, pfn):
+            self._merged(st)
+            return True
+        return False
 
     def _merged(self, st: SlotState) -> None:
         st.merges += 1

@@ -440,6 +440,20 @@ FR_COUNT, FR_FLAGS, FR_AUX, FR_KEY0, FR_KEY1 = range(5)
 FRAME_SIZE = 5
 F_ANON, F_KSM, F_FREEING = 1, 2, 4
 F_PCP = 8  # count 0, in the per-task list of task FR_AUX - 1 (uksm.kernel.memory)
+# 6.18 only: the emulated shared zero page (ZERO_PAGE(0), my_zero_pfn).  4.11,
+# e86c59b1b12d "mm/ksm: improve deduplication of zero pages with colouring":
+# with use_zero_pages ksmd maps an all-zero page to it (replace_page with
+# kpage = ZERO_PAGE) instead of merging it into a KSM page.  Cluster.create
+# takes frame ZERO_PFN off the free stack before anything runs and keeps it
+# for ever: count 1 (a reservation, as the kernel's zero page is
+# PageReserved) plus one per PTE that maps it (the kernel's zero PTE is
+# pte_special and takes no reference: uksm counts it so that fork's
+# get_page, fsck's "count equals references" and the recovery rebuild stay
+# one rule for every frame).  Every zero PTE of uksm is KSM-placed (a read
+# of an untouched page maps nothing), so each is what 6.6's
+# is_ksm_zero_pte (zero pfn and pte_dirty) names.
+F_ZERO = 16
+ZERO_PFN = 0
 
 # ---- address-space segment: header, page table, VMA table
 # SEG_: the header words of /uksm.C.mmN, named for the segment they head (the

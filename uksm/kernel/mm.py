@@ -26,6 +26,7 @@ from uksm.host import shm
 from uksm.host.log import NULL_LOG
 from uksm.kernel.layout import (
     F_KSM,
+    F_ZERO,
     FIRST_VPN,
     FR_COUNT,
     FR_FLAGS,
@@ -293,6 +294,8 @@ class MM:
                 pfn = pte >> 2
                 b = pfn * FRAME_SIZE
                 mapcount, flags = fq[b + FR_COUNT], fq[b + FR_FLAGS]
+                if flags & F_ZERO:
+                    mapcount -= 1  # 6.18's zero page: its reservation is no mapping
                 if pq[PT_OFF + v] == pte:
                     out.append({"present": True, "frame": pfn, "ksm": bool(flags & F_KSM),
                                 "write_protected": not pte & PTE_WRITE, "mapcount": mapcount})

@@ -28,21 +28,24 @@ it changed (a replaced frame may be freed and reused at any time).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from uksm.errors import SegFault
 from uksm.kernel import killpoints, sched
 from uksm.kernel.layout import (
     F_KSM,
+    F_ZERO,
     FR_COUNT,
     FR_FLAGS,
     FRAME_SIZE,
     H_EXIT_POLICY,
     H_HAZARDS,
     HZ_NO_EXIT_CHECKS,
+    K_ZERO_PAGES,
     M_KSM_MAPPED,
     M_RSS,
     M_USERS,
+    M_ZERO_PAGES,
     PAGE_SHIFT,
     PAGE_SIZE,
     POL_SEED,
@@ -73,6 +76,27 @@ def ksm_test_exit(cl: "Cluster", mm: MM) -> bool:
     if cl.q[H_HAZARDS] & HZ_NO_EXIT_CHECKS:
         return False
     return cl.q[mm.base + M_USERS] == 0
+
+
+def ksm_map_zero_page(q: Any, mbase: int) -> None:
+    """ksm_map_zero_page (6.6, e2942062e01d "ksm: count all zero pages
+    placed by KSM"; 6080d19f0704 per mm): one more KSM-placed zero page,
+    globally and in the mm at ``mbase``.  Caller holds the mm's pte lock
+    (which orders the per-mm count with every unmap of its PTEs) and
+    zone_lock, which makes the global count's update atomic: 6.10's
+    "mm/ksm: fix ksm_zero_pages accounting" (Chengming Zhou) made both
+    atomic_long_t, because ksmd's ++ and the page-table side's -- raced
+    and users read -1."""
+    q[K_ZERO_PAGES] += 1
+    q[mbase + M_ZERO_PAGES] += 1
+
+
+def ksm_might_unmap_zero_page(q: Any, mbase: int) -> None:
+    """ksm_might_unmap_zero_page (include/linux/ksm.h, 6.6): a KSM-placed
+    zero PTE of the mm at ``mbase`` is unmapped or replaced.  Caller holds
+    that mm's pte lock and zone_lock (see ksm_map_zero_page)."""
+    q[K_ZERO_PAGES] -= 1
+    q[mbase + M_ZERO_PAGES] -= 1
 
 
 def handle_mm_fault(cl: "Cluster", alloc: Allocator, mm: MM, vpn: int, write: bool,
@@ -157,8 +181,17 @@ def handle_mm_fault(cl: "Cluster", alloc: Allocator, mm: MM, vpn: int, write: bo
     alloc.installed()
     if pte:
         task.lock(cl.zone)
-        if fq[old * FRAME_SIZE + FR_FLAGS] & F_KSM:
+        oflags = fq[old * FRAME_SIZE + FR_FLAGS]
+        if oflags & F_KSM:
             q[b + M_KSM_MAPPED] -= 1
+        elif oflags & F_ZERO:
+            # 6.18 (6.6, 6080d19f0704 "ksm: add ksm zero pages for each
+            # process"): wp_page_copy replacing a KSM-placed zero page,
+            # ksm_might_unmap_zero_page; the new page is anonymous again
+            # (replace_page's dec_mm_counter undone).  break_ksm's
+            # FAULT_FLAG_UNSHARE of a zero PTE (unmerge) comes here too
+            ksm_might_unmap_zero_page(q, b)
+            q[b + M_RSS] += 1
         alloc.put_frame(old)
         task.unlock(cl.zone)
         q[task.base + T_COW] += 1
@@ -190,9 +223,15 @@ def zap_range(cl: "Cluster", alloc: Allocator, mm: MM, start: int, end: int) -> 
                 continue
             pq[slot] = 0
             pfn = pte >> 2
-            if fq[pfn * FRAME_SIZE + FR_FLAGS] & F_KSM:
+            flags = fq[pfn * FRAME_SIZE + FR_FLAGS]
+            if flags & F_KSM:
                 q[mm.base + M_KSM_MAPPED] -= 1
-            q[mm.base + M_RSS] -= 1
+            if flags & F_ZERO:
+                # 6.18: zap_present_pte's ksm_might_unmap_zero_page (6.6),
+                # munmap, DONTNEED and exit_mmap alike; not in rss
+                ksm_might_unmap_zero_page(q, mm.base)
+            else:
+                q[mm.base + M_RSS] -= 1
             alloc.put_frame(pfn)
             n += 1
             if n == 1:
@@ -321,4 +360,5 @@ class MMU:
 
 
 __all__ = ["MMU", "handle_mm_fault", "zap_range", "ksm_test_exit", "OutOfMemory",
+           "ksm_map_zero_page", "ksm_might_unmap_zero_page",
            "FAULT_OK", "FAULT_EXITING"]
