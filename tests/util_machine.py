@@ -149,8 +149,10 @@ def is_ksm(cl: Any, pfn: int) -> bool:
 
 
 def frames_used(cl: Any) -> int:
+    """Frames off the free stack, less 6.18's shared zero page: reserved at
+    boot (cluster.reserve_zero_page) and never freed, it is no task's."""
     from uksm.kernel.layout import A_FREE_TOP
-    return cl.nframes - cl.q[A_FREE_TOP]
+    return cl.nframes - cl.q[A_FREE_TOP] - (1 if cl.modern else 0)
 
 
 def wait_frames_used(sup: Any, n: int, timeout: float = 30.0) -> None:
