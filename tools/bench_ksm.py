@@ -760,8 +760,10 @@ def main(argv: list[str] | None = None) -> int:
         k = report.get("kernel") or {}
         if k.get("max_page_sharing"):
             ours = (report.get("uksm") or {}).get("expected_shared", "-")
+            # uksm caps mappings per KSM page only as 6.18 (chains and dups, 4.13)
+            cap = "as 6.18, chains and dups" if report["layout"]["uksm_kernel"] == "6.18" else "2.6.32: no cap"
             print(f"kernel: max_page_sharing {k['max_page_sharing']}: expect pages_shared "
-                  f"{k['expected_shared']:,} (uksm has no cap: {ours})")
+                  f"{k['expected_shared']:,} (uksm, {cap}: {ours})")
         if k.get("restore"):
             print(f"kernel settings after: {k['restore']['now']}")
         u = report.get("uksm") or {}
