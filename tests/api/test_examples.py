@@ -17,7 +17,7 @@ EXAMPLES = sorted(glob.glob(os.path.join(ROOT, "docs", "examples", "*.py")))
 
 def test_examples_exist():
     names = {os.path.basename(p) for p in EXAMPLES}
-    assert {"counter_walk.py", "kill_at_cursor.py", "oom_deadlock.py"} <= names
+    assert {"counter_walk.py", "kill_at_cursor.py", "oom_deadlock.py", "selftests_618.py"} <= names
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=os.path.basename)
@@ -29,6 +29,10 @@ def test_example_runs(path):
         assert "seed: unmerged" in p.stdout and "status 0" in p.stdout, p.stdout
     if path.endswith("counter_walk.py"):
         assert p.stdout.count("run 1:") == 4, p.stdout
+    if path.endswith("selftests_618.py"):   # each program ran its checks, the machine closed clean
+        for line in ("pages_shared, pages_sharing: (1, 9)", "ksm_zero_pages: (10, 10)",
+                     "child after PR_SET_MEMORY_MERGE 0: 0", "pages skipped", "status 0, fsck clean"):
+            assert line in p.stdout, p.stdout
 
 
 PLUGIN_TESTS = '''
