@@ -17,6 +17,17 @@ def twin(*args: str, timeout: float = 60):
     return run_group([sys.executable, TWIN, *args], timeout)
 
 
+def twin618_rows(cases: list[str], timeout: float) -> dict[tuple[str, str, str], tuple[object, object]]:
+    """``twin.py --kernel 6.18`` on ``cases``: every row agrees and the
+    status is 0; returns (case, step, field) -> (kernel, uksm)."""
+    p = twin("--kernel", "6.18", *(a for c in cases for a in ("--case", c)), "--json", "-q", timeout=timeout)
+    r = json.loads(p.stdout) if p.stdout.startswith("{") else None
+    assert r is not None, f"status {p.returncode}\n{p.stdout}\n{p.stderr}"
+    bad = [x for x in r["rows"] if not x["agree"]]
+    assert not bad and p.returncode == 0, json.dumps(bad, indent=1) + p.stderr
+    return {(x["case"], x["step"], x["field"]): (x["kernel"], x["uksm"]) for x in r["rows"]}
+
+
 @pytest.mark.timeout(90)
 def test_twin_agrees_with_the_host_kernel():
     why = host_ksm_missing()
@@ -47,12 +58,7 @@ def test_twin_618_cases_agree_with_the_host_kernel():
     why = host_ksm_missing()
     if why:
         pytest.skip(why)
-    p = twin("--kernel", "6.18", "--case", "prctl", "--case", "ksm_tests-U", "--json", "-q", timeout=70)
-    r = json.loads(p.stdout) if p.stdout.startswith("{") else None
-    assert r is not None, f"status {p.returncode}\n{p.stdout}\n{p.stderr}"
-    bad = [x for x in r["rows"] if not x["agree"]]
-    assert not bad and p.returncode == 0, json.dumps(bad, indent=1) + p.stderr
-    got = {(x["case"], x["step"], x["field"]): (x["kernel"], x["uksm"]) for x in r["rows"]}
+    got = twin618_rows(["prctl", "ksm_tests-U"], timeout=70)
     assert got["prctl", "set-get", "A prctl#1"] == (1, 1)
     assert got["prctl", "set-get", "A prctl#4"] == (-22, -22)       # arg3 != 0: EINVAL
     assert got["ksm_tests-U", "write", "pages_sharing"] == (0, 0)
@@ -69,13 +75,7 @@ def test_twin_618_zero_pages_and_smart_scan_agree_with_the_host_kernel():
     why = host_ksm_missing()
     if why:
         pytest.skip(why)
-    p = twin("--kernel", "6.18", "--case", "ksm_tests-Z1", "--case", "unmerge_zero_pages",
-             "--case", "ksm07", "--json", "-q", timeout=80)
-    r = json.loads(p.stdout) if p.stdout.startswith("{") else None
-    assert r is not None, f"status {p.returncode}\n{p.stdout}\n{p.stderr}"
-    bad = [x for x in r["rows"] if not x["agree"]]
-    assert not bad and p.returncode == 0, json.dumps(bad, indent=1) + p.stderr
-    got = {(x["case"], x["step"], x["field"]): (x["kernel"], x["uksm"]) for x in r["rows"]}
+    got = twin618_rows(["ksm_tests-Z1", "unmerge_zero_pages", "ksm07"], timeout=80)
     assert got["ksm_tests-Z1", "merge", "pages_sharing"] == (0, 0)
     assert got["ksm_tests-Z1", "merge", "A ksm_zero_pages"] == (10, 10)
     assert [got["unmerge_zero_pages", s, "A ksm_zero_pages"] for s in ("merge", "unmerge-half", "write-half")] \
