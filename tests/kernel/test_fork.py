@@ -274,11 +274,10 @@ def test_a_fork_during_run_2_is_missed_as_in_2_6_32() -> None:
 def test_badness_adds_half_of_each_forked_childs_total_vm():
     """2.6.32's badness(): "points += child->mm->total_vm/2 + 1" for each
     child with an mm of its own, before the CPU and run time divide (a
-    pid that is gone: nothing divides)."""
-    import subprocess
-
+    pid that cannot exist -- past pid_max -- : nothing divides; a pid
+    that has merely exited may be reused by another process meanwhile)."""
     from uksm.kernel import oom
-    p = subprocess.Popen(["true"])
-    p.wait()
-    assert oom.badness(100, p.pid) == 100
-    assert oom.badness(100, p.pid, (10, 21)) == 100 + (5 + 1) + (10 + 1)
+    with open("/proc/sys/kernel/pid_max") as f:
+        gone = int(f.read()) + 1
+    assert oom.badness(100, gone) == 100
+    assert oom.badness(100, gone, (10, 21)) == 100 + (5 + 1) + (10 + 1)
