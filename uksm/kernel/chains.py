@@ -188,7 +188,7 @@ class StableTree618:
         limit = self.q[K_MAX_PAGE_SHARING]
         fq = self.fq
         found: StableNode | None = None
-        nr = i = 0
+        i = 0
         while i < len(dups):   # hlist_for_each_entry_safe: a stale dup leaves the list
             dup = dups[i]
             b = dup.kpfn * FRAME_SIZE   # get_ksm_page, inline (the scan's hot path)
@@ -196,7 +196,6 @@ class StableTree618:
                     and fq[b + FR_KEY0] == dup.k0 and fq[b + FR_KEY1] == dup.k1):
                 self.remove_node_from_stable_tree(dup)
                 continue
-            nr += 1
             i += 1
             n = dup.mapcount   # is_page_sharing_candidate, inline: the scan's hot path
             if n and n < limit and (found is None or n > found.mapcount):
@@ -205,9 +204,12 @@ class StableTree618:
                     break
         if found is None:
             return None
-        if prune and nr == 1:
-            # "There's just one entry and it is below the deduplication
-            # limit so drop the chain": rb_replace_node(chain, found)
+        if len(dups) == 1:
+            # hlist_is_singular_node(&found->hlist_dup, &stable_node->hlist),
+            # pruning or not (the walk may have stopped at ``found``: the
+            # list itself is what counts): "There's just one entry and it is
+            # below the deduplication limit so drop the chain":
+            # rb_replace_node(chain, found)
             self.chains.pop(chain.nid, None)
             dups.clear()
             found.chain = None

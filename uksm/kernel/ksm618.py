@@ -204,7 +204,10 @@ def try_to_merge_with_zero_page(ksmd: "Ksmd", st: "SlotState", vpn: int, pfn: in
         if ksmd.poolmap[p:p + PAGE_SIZE] != ZERO_BYTES:  # pages_identical(page, ZERO_PAGE)
             return False
         if ksm_test_exit(cl, mm):
-            return False
+            # uksm's own re-check, under the pte lock (mm_users goes to 0
+            # under it, DESIGN.md): an exiting mm is done with, as "vma out
+            # of date" is -- never sent on into the trees
+            return True
         return replace_with_zero_page(ksmd, mm, vpn, pfn)
     finally:
         task.unlock(mm.ptl)

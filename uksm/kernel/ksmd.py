@@ -946,9 +946,12 @@ class Ksmd(StableTree618):
 
     def zero_page_first(self, st: SlotState, vpn: int, pfn: int, key: bytes) -> bool:
         """6.18's cmp_and_merge_page for an all-zero page under
-        use_zero_pages (4.11, e86c59b1b12d): the checksum test first ("if
-        (rmap_item->oldchecksum != checksum) ... return"), then
-        try_to_merge_with_zero_page, both before the stable tree search.
+        use_zero_pages (added in 4.11, e86c59b1b12d, where the zero-page
+        merge came after stable_tree_search; 6.18's order -- the checksum
+        test first ("if (rmap_item->oldchecksum != checksum) ... return"),
+        then try_to_merge_with_zero_page, both before the stable tree
+        search -- is a later reorder, not cited here by its commit; uksm
+        applies it to zero pages only, docs/KERNEL-MAP.md).
         True when the page is done with; False to go on to the trees (the
         merge failed: a page not really empty, or busy)."""
         if self.fq[pfn * FRAME_SIZE + FR_FLAGS] & F_KSM:
