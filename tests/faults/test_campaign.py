@@ -466,9 +466,23 @@ def test_ray_address_from_the_environment_is_joined(tmp_path):
         assert len(raylets) == 1, raylets                                      # the head's only
         assert [r["status"] for r in jsonl(tmp_path / "r.jsonl")] == ["clean"]
     finally:
-        for pid in ray_head_processes(temp):
-            os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: not ray_head_processes(temp), 30, what="the Ray head's processes gone")
+        # every process of the head, remembered as found: Ray's agents are
+        # found through their raylet's pid (ray_head_processes), and once the
+        # raylet is killed and reaped they no longer are -- yet they outlive
+        # it a moment (a CI run's leak check caught ray::DashboardAgent and
+        # ray::RuntimeEnvAgent so), so each round kills all seen till none lives
+        seen: set[int] = set()
+
+        def head_gone() -> bool:
+            seen.update(ray_head_processes(temp))
+            alive = [pid for pid in seen if proc_state(pid) not in ("", "Z")]
+            for pid in alive:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            return not alive
+        wait_for(head_gone, 30, what="the Ray head's processes gone")
         shutil.rmtree(temp, ignore_errors=True)
 
 
